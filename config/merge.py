@@ -1,0 +1,130 @@
+"""Merging layers by precedence into one validated, immutable ``Snapshot`` with provenance.
+
+The whole candidate is validated at once: a value that is fine alone but
+invalid beside another is caught, and every problem names its key and the
+layer whose value won (or the layer that sent an unreadable one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import InvalidChange, Problem, UsageError
+from .keys import get_dotted, unflatten
+from .schema import iter_leaves
+from .sources import LAYERS, Layer
+
+DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
+
+
+def parse_precedence(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"defaults,files,etcd,env,cli"`` -> a tuple, lowest first; every layer exactly once."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    if sorted(names) != sorted(LAYERS) or len(set(names)) != len(names):
+        raise UsageError(
+            f"--precedence must name each of {','.join(LAYERS)} exactly once, got {','.join(names)}"
+        )
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A merged, validated configuration: frozen, built aside and swapped whole.
+
+    ``values`` is the nested JSON form sent to clients; ``flat`` the same by
+    dotted key; ``sources`` the winning layer of every key; ``layers`` what
+    every layer said (flat), for ``explain``.
+    """
+
+    model: BaseModel
+    values: Mapping[str, Any]
+    flat: Mapping[str, Any]
+    sources: Mapping[str, str]
+    layers: Mapping[str, Mapping[str, Any]]
+    precedence: tuple[str, ...]
+
+    def winner(self, key: str) -> str:
+        return self.sources[key]
+
+
+def _loc_to_key(loc: Iterable[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _known(key: str, leaves: frozenset[str]) -> bool:
+    """A key is known if it is a leaf or lies inside a leaf (a dict-typed field)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in leaves for i in range(1, len(parts) + 1))
+
+
+def merge_layers(
+    schema: type[BaseModel],
+    layers: Iterable[Layer],
+    precedence: Sequence[str] = DEFAULT_PRECEDENCE,
+) -> Snapshot:
+    """Merge ``layers`` (lowest precedence first per ``precedence``) and validate the result.
+
+    Raises ``InvalidChange`` listing every problem: unknown keys, unreadable
+    values, and schema violations, each with the key and its layer.
+    """
+    by_name = {layer.name: layer for layer in layers}
+    order = [name for name in precedence if name in by_name]
+    leaves = frozenset(leaf.key for leaf in iter_leaves(schema))
+
+    problems: list[Problem] = []
+    merged: dict[str, Any] = {}
+    winners: dict[str, str] = {}
+    for name in order:
+        layer = by_name[name]
+        problems.extend(layer.problems)
+        for key, value in layer.values.items():
+            if not _known(key, leaves):
+                problems.append(Problem(key, name, "not a key of the schema", value))
+                continue
+            merged[key] = value
+            winners[key] = name
+    if problems:
+        raise InvalidChange(problems)
+
+    try:
+        nested = unflatten(merged)
+    except ValueError as exc:
+        raise InvalidChange([Problem("", "", str(exc))]) from exc
+    try:
+        model = schema.model_validate(nested)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            key = _loc_to_key(err["loc"])
+            leaf = next((k for k in winners if key == k or key.startswith(k + ".")), key)
+            problems.append(Problem(leaf, winners.get(leaf, "defaults"), err["msg"], err["input"]))
+        raise InvalidChange(problems) from exc
+
+    values = model.model_dump(mode="json")
+    flat = {leaf: get_dotted(values, leaf) for leaf in sorted(leaves, key=_leaf_order(schema))}
+    sources = {key: winners.get(key, "defaults") for key in flat}
+    said = {name: MappingProxyType(dict(by_name[name].values)) for name in order}
+    return Snapshot(
+        model=model,
+        values=MappingProxyType(values),
+        flat=MappingProxyType(flat),
+        sources=MappingProxyType(sources),
+        layers=MappingProxyType(said),
+        precedence=tuple(precedence),
+    )
+
+
+def _leaf_order(schema: type[BaseModel]) -> Any:
+    position = {leaf.key: i for i, leaf in enumerate(iter_leaves(schema))}
+    return position.__getitem__
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat keys whose value differs between two flat mappings (removed keys map to None)."""
+    changed = {k: v for k, v in new.items() if k not in old or old[k] != v}
+    changed.update({k: None for k in old if k not in new})
+    return changed

@@ -1,0 +1,111 @@
+"""The built-in parameter schema, the restart-only marker, and loading a user's schema.
+
+A schema is any pydantic model whose fields are sections (nested models) or
+leaves. Keys are dotted paths into it (``train.lr``). A leaf marked
+``json_schema_extra={"live": False}`` is restart-only: the daemon never
+hot-pushes it and reports a change to it as pending a restart.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+from .errors import SchemaLoadError
+
+RESTART_ONLY: dict[str, Any] = {"live": False}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+class TrainParams(_Section):
+    lr: float = Field(1e-3, gt=0, description="base learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="L2 / decoupled weight decay")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum, or beta1 for Adam")
+    grad_clip: float | None = Field(None, gt=0, description="max gradient norm; null = off")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup length in steps")
+    batch_size: int = Field(32, gt=0, description="batch size", json_schema_extra=RESTART_ONLY)
+
+
+class SamplingSchema(_Section):
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass kept")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    min_p: float = Field(0.0, ge=0, lt=1, description="drop tokens below min_p * max prob")
+    repetition_penalty: float = Field(1.0, gt=0, description="1 = off")
+    max_new_tokens: int = Field(256, gt=0, description="tokens generated per request")
+
+
+class MLParams(BaseModel):
+    """hotknob's built-in schema: a ``train`` and a ``sampling`` section."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    train: TrainParams = Field(default_factory=TrainParams)
+    sampling: SamplingSchema = Field(default_factory=SamplingSchema)
+
+
+DEFAULT_SCHEMA = "hotknob.config.schema:MLParams"
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A leaf field of a schema: its dotted key and whether it may be hot-pushed."""
+
+    key: str
+    field: FieldInfo
+    live: bool
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _is_live(field: FieldInfo) -> bool:
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("live") is False)
+
+
+def iter_leaves(model: type[BaseModel], prefix: str = "") -> Iterator[Leaf]:
+    """Every leaf of ``model`` in declaration order, nested sections flattened."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if _is_section(field.annotation):
+            yield from iter_leaves(field.annotation, f"{key}.")
+        else:
+            yield Leaf(key, field, _is_live(field))
+
+
+def leaf_map(model: type[BaseModel]) -> dict[str, Leaf]:
+    return {leaf.key: leaf for leaf in iter_leaves(model)}
+
+
+def restart_only_keys(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(leaf.key for leaf in iter_leaves(model) if not leaf.live)
+
+
+def load_schema(spec: str) -> type[BaseModel]:
+    """Import ``module:Class`` and check it is a pydantic model class."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SchemaLoadError(f"schema {spec!r} must look like 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise SchemaLoadError(f"cannot import schema module {module_name!r}: {exc}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise SchemaLoadError(f"module {module_name!r} has no {attr!r}") from None
+    if not (isinstance(target, type) and issubclass(target, BaseModel)):
+        raise SchemaLoadError(f"schema {spec!r} is not a pydantic model class")
+    return target

@@ -1,0 +1,262 @@
+"""The layer sources: defaults, files, etcd, env and CLI, each read into a ``Layer``.
+
+A ``Layer`` is one source's say: a flat mapping of dotted keys to plain values,
+and for each key where it came from (a file, an env var, an etcd key). No
+source validates; the merge does that for the whole candidate at once, so a
+problem is reported with the key and the layer it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+from pydantic_settings import EnvSettingsSource
+from pydantic_settings.exceptions import SettingsError
+
+from .errors import LayerError, Problem, UsageError
+from .keys import flatten, key_from_etcd, parse_text
+from .schema import iter_leaves
+
+LAYERS = ("defaults", "files", "etcd", "env", "cli")
+LIVE_LAYERS = frozenset({"files", "etcd"})
+DEFAULT_ENV_PREFIX = "HOTKNOB_PARAM_"
+MAX_FILE_BYTES = 4 * 1024 * 1024
+FILE_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source's values (flat dotted keys), where each came from, and what it could not read."""
+
+    name: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+    origins: Mapping[str, str] = field(default_factory=dict)
+    problems: tuple[Problem, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+        object.__setattr__(self, "origins", MappingProxyType(dict(self.origins)))
+
+    def without(self, keys: Iterable[str]) -> Layer:
+        """This layer less ``keys`` and their problems (used to drop rejected keys)."""
+        drop = set(keys)
+        return Layer(
+            self.name,
+            {k: v for k, v in self.values.items() if k not in drop},
+            {k: v for k, v in self.origins.items() if k not in drop},
+            tuple(p for p in self.problems if p.key not in drop),
+        )
+
+
+def _leaf_keys(schema: type[BaseModel]) -> frozenset[str]:
+    return frozenset(leaf.key for leaf in iter_leaves(schema))
+
+
+def defaults_layer(schema: type[BaseModel]) -> Layer:
+    """The schema's own defaults; a required field without one is simply absent."""
+    values: dict[str, Any] = {}
+    for leaf in iter_leaves(schema):
+        if not leaf.field.is_required():
+            default = leaf.field.get_default(call_default_factory=True)
+            values[leaf.key] = to_jsonable_python(default)
+    return Layer("defaults", values, dict.fromkeys(values, "schema"))
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and YAML aliases (no alias bombs)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases are not allowed in config files", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _json_object_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _reject_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_config_text(text: str, kind: str) -> Any:
+    if kind == "yaml":
+        return yaml.load(text, Loader=_StrictYamlLoader)
+    if kind == "toml":
+        return tomllib.loads(text)
+    return json.loads(
+        text, object_pairs_hook=_json_object_no_duplicates, parse_constant=_reject_json_constant
+    )
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse one config file (YAML, TOML or JSON by extension) into a nested dict.
+
+    Raises ``LayerError`` (layer ``files``) naming the file and the reason for a
+    missing, unreadable, empty, oversized, non-UTF-8 or unparsable file, or one
+    whose top level is not a mapping.
+    """
+    path = Path(path)
+    kind = FILE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise LayerError(
+            "files", f"{path}: unknown config format {path.suffix!r} (use .yaml, .toml or .json)"
+        )
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise LayerError("files", f"{path}: no such file") from None
+    except OSError as exc:
+        raise LayerError("files", f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise LayerError("files", f"{path}: larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LayerError("files", f"{path}: not valid UTF-8 (byte {exc.start})") from exc
+    if not text.strip():
+        raise LayerError("files", f"{path}: file is empty")
+    try:
+        parsed = parse_config_text(text, kind)
+    except RecursionError:
+        raise LayerError("files", f"{path}: nested too deeply") from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise LayerError("files", f"{path}: not valid {kind.upper()}: {reason}") from exc
+    if not isinstance(parsed, dict):
+        raise LayerError("files", f"{path}: the top level must be a mapping of sections")
+    return parsed
+
+
+def files_layer(schema: type[BaseModel], files: Sequence[tuple[Path, Mapping[str, Any]]]) -> Layer:
+    """Merge parsed files in order (a later file wins key by key)."""
+    leaves = _leaf_keys(schema)
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for path, nested in files:
+        for key, value in flatten(nested, leaves=leaves).items():
+            values[key] = value
+            origins[key] = str(path)
+    return Layer("files", values, origins)
+
+
+def read_files_layer(schema: type[BaseModel], paths: Sequence[Path]) -> Layer:
+    return files_layer(schema, [(Path(p), read_config_file(Path(p))) for p in paths])
+
+
+# --- etcd --------------------------------------------------------------------------------------
+
+
+def etcd_layer(app: str, kvs: Mapping[str, bytes | str]) -> Layer:
+    """The etcd layer from a consistent prefix read (full etcd path -> raw value)."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    problems: list[Problem] = []
+    for path, raw in kvs.items():
+        key = key_from_etcd(app, path)
+        if key is None:
+            continue
+        origins[key] = path
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            problems.append(Problem(key, "etcd", "value is not valid UTF-8"))
+            continue
+        values[key] = parse_text(text)
+    return Layer("etcd", values, origins, tuple(problems))
+
+
+# --- env ---------------------------------------------------------------------------------------
+
+
+def env_layer(
+    schema: type[BaseModel],
+    prefix: str = DEFAULT_ENV_PREFIX,
+    environ: Mapping[str, str] | None = None,
+) -> Layer:
+    """``PREFIX_SECTION__FIELD=<json text>`` variables, read with pydantic-settings' env source.
+
+    A variable with the prefix that names no field is reported as a problem
+    rather than ignored, so a typo in a container spec does not go unnoticed.
+    """
+    source = EnvSettingsSource(
+        schema,  # type: ignore[arg-type]  # any model works; the source reads only its fields
+        env_prefix=prefix,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
+    if environ is None:
+        environ = os.environ
+    else:
+        source.env_vars = {k.lower(): v for k, v in environ.items()}
+    try:
+        nested = source()
+    except SettingsError as exc:
+        raise LayerError("env", f"environment variable under {prefix}: {exc}") from exc
+    leaves = _leaf_keys(schema)
+    values: dict[str, Any] = {}
+    for key, value in flatten(nested, leaves=leaves).items():
+        values[key] = parse_text(value) if isinstance(value, str) else value
+    origins = {key: prefix + key.upper().replace(".", "__") for key in values}
+    problems = []
+    lowered = prefix.lower()
+    for name in environ:
+        if name.lower().startswith(lowered):
+            key = name[len(prefix) :].lower().replace("__", ".")
+            top = key.split(".", 1)[0]
+            if top not in schema.model_fields:
+                problems.append(Problem(key, "env", f"{name} names no field of the schema"))
+    return Layer("env", values, origins, tuple(problems))
+
+
+# --- cli ---------------------------------------------------------------------------------------
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``train.lr=0.0003`` -> ``("train.lr", 0.0003)``; the value is JSON text or a bare word."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UsageError(f"expected KEY=VALUE (e.g. train.lr=0.0003), got {text!r}")
+    return key, parse_text(value)
+
+
+def cli_layer(assignments: Sequence[str]) -> Layer:
+    values: dict[str, Any] = {}
+    for text in assignments:
+        key, value = parse_assignment(text)
+        values[key] = value
+    return Layer("cli", values, dict.fromkeys(values, "--set"))

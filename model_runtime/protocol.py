@@ -1,0 +1,196 @@
+"""The hotknob socket protocol, version 1: one definition for both ends.
+
+Stdlib only: the daemon imports this module and nothing else of the runtime,
+and the runtime imports it without pulling torch or any daemon dependency.
+
+Framing: a Unix stream socket carrying JSON objects, one per line, UTF-8,
+each line at most ``MAX_LINE_BYTES`` including its newline. Messages:
+
+======================  =========================================================
+client -> daemon        ``{"type":"hello","protocol":1,"client":"trainer-0","pid":123}``
+daemon -> client        ``{"type":"snapshot","version":7,"revision":1234,
+                        "values":{...},"sources":{"train.lr":"etcd",...}}``
+daemon -> client        ``{"type":"update","version":8,"revision":1240,
+                        "changed":{"train.lr":0.0001},"values":{...}}``
+client -> daemon        ``{"type":"applied","version":8,"step":1200}``
+client -> daemon        ``{"type":"metrics","step":1200,"latest":{...},"window":{...}}``
+daemon -> client        ``{"type":"event",...}`` (only to ``watch`` subscribers)
+either                  ``{"type":"error","error":"..."}``
+======================  =========================================================
+
+A malformed message is answered with ``error`` and that connection alone is
+closed. Receivers ignore fields they do not know, so fields can be added
+without a protocol bump.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+PROTOCOL_VERSION: Final = 1
+MAX_LINE_BYTES: Final = 1024 * 1024
+
+HELLO: Final = "hello"
+SNAPSHOT: Final = "snapshot"
+UPDATE: Final = "update"
+APPLIED: Final = "applied"
+METRICS: Final = "metrics"
+EVENT: Final = "event"
+ERROR: Final = "error"
+
+CLIENT_TYPES: Final = frozenset({HELLO, APPLIED, METRICS})
+DAEMON_TYPES: Final = frozenset({SNAPSHOT, UPDATE, EVENT, ERROR})
+
+
+class ProtocolError(ValueError):
+    """A line that is not a valid protocol-1 message; the text says why."""
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """One message as a newline-terminated UTF-8 JSON line.
+
+    Raises ``ProtocolError`` if the line would exceed ``MAX_LINE_BYTES`` or
+    the message holds a value JSON cannot carry (NaN and infinities included).
+    """
+    try:
+        text = json.dumps(message, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"cannot encode message: {exc}") from exc
+    data = text.encode("utf-8") + b"\n"
+    if len(data) > MAX_LINE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not a valid JSON number")
+
+
+def decode(line: bytes | str) -> dict[str, Any]:
+    """Parse one line into a message dict with a string ``type``.
+
+    Checks only the framing (size, UTF-8, JSON object, ``type``); the meaning
+    of each field is checked by ``validate_client_message`` or by the client.
+    """
+    if isinstance(line, str):
+        line = line.encode("utf-8")
+    if len(line) > MAX_LINE_BYTES:
+        raise ProtocolError(f"line of {len(line)} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("line is not valid UTF-8") from exc
+    try:
+        message = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"line is not JSON: {exc.msg} at column {exc.colno}") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError("message must be a JSON object")
+    kind = message.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError('message needs a string "type"')
+    return message
+
+
+def _require_int(message: Mapping[str, Any], field: str, *, minimum: int = 0) -> int:
+    value = message.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ProtocolError(f'"{message["type"]}" needs an integer "{field}" >= {minimum}')
+    return value
+
+
+def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> None:
+    """Check a message a client sent to the daemon; raise ``ProtocolError`` if invalid.
+
+    ``hello`` must come first and only once; ``applied`` and ``metrics`` only after it.
+    """
+    kind = message["type"]
+    if kind not in CLIENT_TYPES:
+        raise ProtocolError(f'unknown message type "{kind}" from a client')
+    if kind == HELLO:
+        if said_hello:
+            raise ProtocolError('"hello" was already sent on this connection')
+        protocol = message.get("protocol")
+        if protocol != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"unsupported protocol {protocol!r}: this daemon speaks {PROTOCOL_VERSION}"
+            )
+        client = message.get("client", "")
+        if not isinstance(client, str) or len(client) > 256:
+            raise ProtocolError('"client" must be a string of at most 256 characters')
+        if "pid" in message:
+            _require_int(message, "pid")
+        return
+    if not said_hello:
+        raise ProtocolError(f'"{kind}" before "hello"')
+    if kind == APPLIED:
+        _require_int(message, "version")
+        _require_int(message, "step")
+    elif kind == METRICS:
+        _require_int(message, "step")
+        latest = message.get("latest")
+        if not isinstance(latest, dict):
+            raise ProtocolError('"metrics" needs an object "latest"')
+
+
+def hello(client: str, pid: int | None = None, **extra: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "type": HELLO,
+        "protocol": PROTOCOL_VERSION,
+        "client": client,
+        "pid": os.getpid() if pid is None else pid,
+    }
+    message.update(extra)
+    return message
+
+
+def snapshot(
+    version: int, revision: int, values: Mapping[str, Any], sources: Mapping[str, str]
+) -> dict[str, Any]:
+    return {
+        "type": SNAPSHOT,
+        "version": version,
+        "revision": revision,
+        "values": values,
+        "sources": sources,
+    }
+
+
+def update(
+    version: int, revision: int, changed: Mapping[str, Any], values: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {
+        "type": UPDATE,
+        "version": version,
+        "revision": revision,
+        "changed": changed,
+        "values": values,
+    }
+
+
+def applied(version: int, step: int, **extra: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": APPLIED, "version": version, "step": step}
+    message.update(extra)
+    return message
+
+
+def error(text: str) -> dict[str, Any]:
+    return {"type": ERROR, "error": text}
+
+
+def default_socket_path(app: str, env: Mapping[str, str] | None = None) -> Path:
+    """Where the daemon of ``app`` listens unless ``--socket``/``HOTKNOB_SOCKET`` says otherwise.
+
+    ``$XDG_RUNTIME_DIR/hotknob/<app>.sock``, else ``/tmp/hotknob-<uid>/<app>.sock``.
+    """
+    env = os.environ if env is None else env
+    explicit = env.get("HOTKNOB_SOCKET")
+    if explicit:
+        return Path(explicit)
+    runtime_dir = env.get("XDG_RUNTIME_DIR")
+    folder = Path(runtime_dir) / "hotknob" if runtime_dir else Path(f"/tmp/hotknob-{os.getuid()}")
+    return folder / f"{app}.sock"

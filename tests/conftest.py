@@ -1,0 +1,72 @@
+"""Suite-wide fixtures: every test must leave no thread and no child process behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+pytest_plugins = ["tests.fixtures_etcd"]
+
+# Threads owned by libraries for the life of the process, not by a test.
+_PROCESS_LIFETIME_THREADS = (
+    "grpc",  # gRPC's own polling/executor threads
+    "ThreadPoolExecutor",
+    "asyncio_",
+    "pydevd",
+)
+
+
+def _child_pids() -> set[int]:
+    me = os.getpid()
+    children: set[int] = set()
+    try:
+        with open(f"/proc/{me}/task/{me}/children") as f:
+            children.update(int(p) for p in f.read().split())
+    except OSError:
+        pass
+    live = set()
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            live.add(pid)
+    return live
+
+
+def _test_threads() -> set[threading.Thread]:
+    return {
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread()
+        and t.is_alive()
+        and not t.name.startswith(_PROCESS_LIFETIME_THREADS)
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads_or_processes() -> Iterator[None]:
+    """Fail the test if it leaves a thread or a child process running."""
+    threads_before = _test_threads()
+    children_before = _child_pids()
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        leaked_threads = _test_threads() - threads_before
+        leaked_children = _child_pids() - children_before
+        if not (leaked_threads or leaked_children) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    problems = []
+    if leaked_threads:
+        problems.append("threads: " + ", ".join(sorted(t.name for t in leaked_threads)))
+    if leaked_children:
+        problems.append("child processes: " + ", ".join(map(str, sorted(leaked_children))))
+    if problems:
+        pytest.fail("test leaked " + "; ".join(problems), pytrace=False)

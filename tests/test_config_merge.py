@@ -1,0 +1,274 @@
+"""Precedence pair by pair, provenance, coercion and bad input for the config layers."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from hotknob.config import (
+    DEFAULT_PRECEDENCE,
+    InvalidChange,
+    LayerError,
+    MLParams,
+    SchemaLoadError,
+    UsageError,
+    cli_layer,
+    defaults_layer,
+    env_layer,
+    etcd_layer,
+    files_layer,
+    load_schema,
+    merge_layers,
+    parse_precedence,
+    read_config_file,
+    restart_only_keys,
+)
+from hotknob.config.sources import Layer
+
+APP = "job"
+
+
+def layer_setting(name: str, key: str, text: str) -> Layer:
+    """A layer of kind ``name`` setting ``key`` to JSON ``text``, built by its real source."""
+    if name == "defaults":
+        return defaults_layer(MLParams)
+    if name == "files":
+        section, field = key.split(".")
+        return files_layer(MLParams, [(Path("c.yaml"), {section: {field: float(text)}})])
+    if name == "etcd":
+        return etcd_layer(APP, {f"/hotknob/{APP}/config/{key.replace('.', '/')}": text.encode()})
+    if name == "env":
+        env = {"HOTKNOB_PARAM_" + key.upper().replace(".", "__"): text}
+        return env_layer(MLParams, environ=env)
+    return cli_layer([f"{key}={text}"])
+
+
+VALUES = {"defaults": None, "files": "0.2", "etcd": "0.3", "env": "0.4", "cli": "0.5"}
+
+
+@pytest.mark.parametrize(
+    ("low", "high"), list(itertools.pairwise(DEFAULT_PRECEDENCE)), ids=lambda x: x
+)
+def test_each_adjacent_pair_in_default_order(low: str, high: str) -> None:
+    layers = [defaults_layer(MLParams)]
+    for name in (low, high):
+        if name != "defaults":
+            layers.append(layer_setting(name, "train.lr", VALUES[name]))
+    snap = merge_layers(MLParams, layers)
+    assert snap.sources["train.lr"] == high
+    assert snap.flat["train.lr"] == float(VALUES[high])
+    assert snap.layers[low]["train.lr"] == (1e-3 if low == "defaults" else float(VALUES[low]))
+
+
+REORDERED = ("defaults", "env", "cli", "files", "etcd")
+
+
+@pytest.mark.parametrize(("low", "high"), list(itertools.pairwise(REORDERED)), ids=lambda x: x)
+def test_each_adjacent_pair_in_reordered_precedence(low: str, high: str) -> None:
+    order = parse_precedence(",".join(REORDERED))
+    layers = [defaults_layer(MLParams)]
+    layers += [layer_setting(n, "train.lr", VALUES[n]) for n in (low, high) if n != "defaults"]
+    snap = merge_layers(MLParams, layers, order)
+    assert snap.sources["train.lr"] == high
+
+
+def test_all_layers_provenance_for_every_key() -> None:
+    layers = [
+        defaults_layer(MLParams),
+        layer_setting("files", "sampling.top_p", "0.8"),
+        layer_setting("etcd", "train.lr", "0.01"),
+        layer_setting("env", "train.momentum", "0.5"),
+        layer_setting("cli", "sampling.temperature", "0"),
+    ]
+    snap = merge_layers(MLParams, layers)
+    assert (
+        set(snap.sources)
+        == set(snap.flat)
+        == {
+            "train.lr",
+            "train.weight_decay",
+            "train.momentum",
+            "train.grad_clip",
+            "train.warmup_steps",
+            "train.batch_size",
+            "sampling.temperature",
+            "sampling.top_p",
+            "sampling.top_k",
+            "sampling.min_p",
+            "sampling.repetition_penalty",
+            "sampling.max_new_tokens",
+        }
+    )
+    assert snap.sources["sampling.top_p"] == "files"
+    assert snap.sources["train.lr"] == "etcd"
+    assert snap.sources["train.momentum"] == "env"
+    assert snap.sources["sampling.temperature"] == "cli"
+    assert snap.sources["train.weight_decay"] == "defaults"
+    assert snap.values["sampling"]["temperature"] == 0.0
+
+
+def test_type_coercion_from_json_text() -> None:
+    snap = merge_layers(
+        MLParams,
+        [
+            defaults_layer(MLParams),
+            cli_layer(["train.warmup_steps=100", "train.grad_clip=null", "sampling.top_k=5"]),
+            layer_setting("env", "train.lr", "3e-4"),
+        ],
+    )
+    assert snap.flat["train.warmup_steps"] == 100
+    assert snap.flat["train.grad_clip"] is None
+    assert snap.flat["sampling.top_k"] == 5
+    assert snap.flat["train.lr"] == pytest.approx(3e-4)
+
+
+def test_later_file_wins_key_by_key(tmp_path: Path) -> None:
+    a = tmp_path / "a.yaml"
+    a.write_text("train:\n  lr: 0.1\n  momentum: 0.5\n")
+    b = tmp_path / "b.toml"
+    b.write_text("[train]\nlr = 0.2\n")
+    c = tmp_path / "c.json"
+    c.write_text('{"sampling": {"top_k": 7}}')
+    files = [(p, read_config_file(p)) for p in (a, b, c)]
+    snap = merge_layers(MLParams, [defaults_layer(MLParams), files_layer(MLParams, files)])
+    assert snap.flat["train.lr"] == 0.2
+    assert snap.flat["train.momentum"] == 0.5
+    assert snap.flat["sampling.top_k"] == 7
+
+
+@pytest.mark.parametrize(
+    ("assignment", "fragment"),
+    [
+        ("train.lr=-1", "greater than 0"),
+        ("train.lr=banana", "valid number"),
+        ("sampling.top_p=2.0", "less than or equal to 1"),
+        ("train.momentum=1", "less than 1"),
+        ("train.batch_size=0", "greater than 0"),
+        ("sampling.top_k=1.5", "valid integer"),
+        ("train.lr=NaN", "finite number"),
+        ("train.lr=[1]", "valid number"),
+    ],
+)
+def test_invalid_values_name_key_and_layer(assignment: str, fragment: str) -> None:
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(MLParams, [defaults_layer(MLParams), cli_layer([assignment])])
+    problem = info.value.problems[0]
+    assert problem.key == assignment.split("=")[0]
+    assert problem.layer == "cli"
+    assert fragment in problem.reason
+
+
+def test_unknown_key_from_each_layer_is_named() -> None:
+    for layer in (
+        etcd_layer(APP, {f"/hotknob/{APP}/config/train/bogus": b"1"}),
+        cli_layer(["nosuch.key=1"]),
+        files_layer(MLParams, [(Path("x.yaml"), {"train": {"lr": 0.1, "typo": 1}})]),
+    ):
+        with pytest.raises(InvalidChange) as info:
+            merge_layers(MLParams, [defaults_layer(MLParams), layer])
+        assert info.value.problems[0].layer == layer.name
+        assert "not a key of the schema" in str(info.value)
+
+
+def test_env_var_naming_no_field_is_reported() -> None:
+    layer = env_layer(MLParams, environ={"HOTKNOB_PARAM_TRIAN__LR": "0.1"})
+    with pytest.raises(InvalidChange, match="HOTKNOB_PARAM_TRIAN__LR names no field"):
+        merge_layers(MLParams, [defaults_layer(MLParams), layer])
+
+
+def test_etcd_value_not_utf8_is_a_problem() -> None:
+    layer = etcd_layer(APP, {f"/hotknob/{APP}/config/train/lr": b"\xff\xfe"})
+    with pytest.raises(InvalidChange, match=r"train.lr \(from etcd\): value is not valid UTF-8"):
+        merge_layers(MLParams, [defaults_layer(MLParams), layer])
+
+
+def test_etcd_keys_outside_prefix_are_ignored() -> None:
+    layer = etcd_layer(APP, {"/hotknob/other/config/train/lr": b"5", "/elsewhere": b"x"})
+    assert dict(layer.values) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fragment"),
+    [
+        ("empty.yaml", b"", "file is empty"),
+        ("blank.json", b"   \n", "file is empty"),
+        ("bad.yaml", b"train: [1, 2\n", "not valid YAML"),
+        ("bad.json", b'{"train": ', "not valid JSON"),
+        ("bad.toml", b"[train\nlr=1", "not valid TOML"),
+        ("latin1.yaml", "train:\n  lr: 0.1 # caf\xe9\n".encode("latin-1"), "not valid UTF-8"),
+        ("list.yaml", b"- 1\n- 2\n", "top level must be a mapping"),
+        ("dup.yaml", b"train:\n  lr: 1\n  lr: 2\n", "duplicate key"),
+        ("dup.json", b'{"train": {"lr": 1, "lr": 2}}', "duplicate key"),
+        ("alias.yaml", b"a: &x [1]\nb: *x\n", "aliases are not allowed"),
+        ("nan.json", b'{"train": {"lr": NaN}}', "not allowed"),
+        ("conf.ini", b"[train]\n", "unknown config format"),
+    ],
+)
+def test_unreadable_files_get_a_clear_error(
+    tmp_path: Path, name: str, content: bytes, fragment: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(LayerError) as info:
+        read_config_file(path)
+    assert str(path) in str(info.value)
+    assert fragment in str(info.value)
+    assert info.value.layer == "files"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(LayerError, match="no such file"):
+        read_config_file(tmp_path / "nope.yaml")
+
+
+def test_deeply_nested_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LayerError):
+        read_config_file(path)
+
+
+def test_malformed_set_is_a_usage_error() -> None:
+    for bad in ("train.lr", "=1", "train..lr=1"):
+        with pytest.raises(UsageError):
+            cli_layer([bad])
+
+
+def test_bare_word_is_a_string_where_the_schema_wants_one() -> None:
+    from pydantic import BaseModel
+
+    class Opt(BaseModel):
+        name: str = "adam"
+        lr: float = 0.1
+
+    class Schema(BaseModel):
+        opt: Opt = Opt()
+
+    snap = merge_layers(Schema, [defaults_layer(Schema), cli_layer(["opt.name=cosine"])])
+    assert snap.flat["opt.name"] == "cosine"
+    snap = merge_layers(Schema, [defaults_layer(Schema), cli_layer(['opt.name="1e-3"'])])
+    assert snap.flat["opt.name"] == "1e-3"
+
+
+def test_precedence_must_name_every_layer_once() -> None:
+    for bad in ("defaults,files,etcd,env", "defaults,files,etcd,env,cli,cli", "a,b,c,d,e"):
+        with pytest.raises(UsageError):
+            parse_precedence(bad)
+
+
+def test_restart_only_marker() -> None:
+    assert restart_only_keys(MLParams) == {"train.batch_size"}
+
+
+def test_load_schema_errors() -> None:
+    assert load_schema("hotknob.config.schema:MLParams") is MLParams
+    with pytest.raises(SchemaLoadError, match="cannot import"):
+        load_schema("no_such_module_xyz:Thing")
+    with pytest.raises(SchemaLoadError, match="has no"):
+        load_schema("hotknob.config.schema:Nope")
+    with pytest.raises(SchemaLoadError, match="not a pydantic model"):
+        load_schema("hotknob.config.schema:load_schema")
+    with pytest.raises(SchemaLoadError, match="must look like"):
+        load_schema("justamodule")
