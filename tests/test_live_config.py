@@ -1,0 +1,423 @@
+"""LiveConfig against a real protocol-1 server on a real Unix socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from hotknob.model_runtime import DaemonUnavailable, LiveConfig
+from hotknob.model_runtime.errors import LiveConfigError
+
+from .daemon_stub import DaemonStub
+
+BASE: dict[str, Any] = {
+    "train": {"lr": 0.001, "momentum": 0.9, "weight_decay": 0.0},
+    "sampling": {"temperature": 1.0, "top_p": 1.0},
+}
+
+
+def with_values(**sections: dict[str, Any]) -> dict[str, Any]:
+    values = {name: dict(section) for name, section in BASE.items()}
+    for name, overrides in sections.items():
+        values[name].update(overrides)
+    return values
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    # Short on purpose: a Unix socket path may hold at most 107 bytes.
+    folder = tempfile.mkdtemp(prefix="hk-")
+    yield os.path.join(folder, "d.sock")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def stub(sock_path: str) -> Iterator[DaemonStub]:
+    with DaemonStub(sock_path, BASE, version=7) as server:
+        yield server
+
+
+@pytest.fixture
+def live(stub: DaemonStub) -> Iterator[LiveConfig]:
+    with LiveConfig.connect(stub.path, timeout=5, client="trainer-0") as client:
+        yield client
+
+
+def acks(stub: DaemonStub) -> list[tuple[int, int]]:
+    return [(m["version"], m["step"]) for m in stub.messages("applied")]
+
+
+def test_connect_applies_the_first_snapshot(stub: DaemonStub, live: LiveConfig) -> None:
+    assert live.version == 7
+    assert live.revision == 100
+    assert live.pending_version == 7
+    assert live["train.lr"] == 0.001
+    assert live["sampling"]["top_p"] == 1.0
+    assert live.values["train"]["momentum"] == 0.9
+    assert "train.lr" in live and "train.nope" not in live
+    assert live.get("train.nope", "d") == "d"
+    with pytest.raises(KeyError):
+        live["train.nope"]
+    hello = stub.messages("hello")[0]
+    assert hello["client"] == "trainer-0" and hello["protocol"] == 1
+    assert hello["pid"] == os.getpid()
+    stub.wait_for(lambda: acks(stub) == [(7, 0)])
+
+
+def test_values_are_read_only(live: LiveConfig) -> None:
+    with pytest.raises(TypeError):
+        live.values["train"]["lr"] = 1.0
+    with pytest.raises(TypeError):
+        live.values["extra"] = {}
+
+
+def test_default_client_name_and_hello_extra(stub: DaemonStub) -> None:
+    with LiveConfig.connect(stub.path, timeout=5, role="eval"):
+        hello = stub.messages("hello")[0]
+    assert hello["client"] == f"{socket.gethostname()}-{os.getpid()}"
+    assert hello["role"] == "eval"
+
+
+def test_socket_found_from_env_and_from_app(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with DaemonStub(sock_path, BASE):
+        monkeypatch.setenv("HOTKNOB_SOCKET", sock_path)
+        with LiveConfig.connect(timeout=5) as live:
+            assert live.socket_path == sock_path
+    folder = os.path.dirname(sock_path)
+    monkeypatch.delenv("HOTKNOB_SOCKET")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", folder)
+    os.mkdir(os.path.join(folder, "hotknob"))
+    app_path = os.path.join(folder, "hotknob", "myjob.sock")
+    with DaemonStub(app_path, BASE):
+        with LiveConfig.connect(app="myjob", timeout=5) as live:
+            assert live.socket_path == app_path
+        monkeypatch.setenv("HOTKNOB_APP", "myjob")
+        with LiveConfig.connect(timeout=5) as live:
+            assert live.socket_path == app_path
+
+
+def test_no_daemon_raises_daemon_unavailable_quickly(sock_path: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(DaemonUnavailable) as info:
+        LiveConfig.connect(sock_path, timeout=0.5, app="myjob")
+    assert time.monotonic() - started < 4
+    message = str(info.value)
+    assert sock_path in message
+    assert "hotknob run --app myjob" in message
+    assert info.value.exit_code == 3
+    assert isinstance(info.value, LiveConfigError)
+
+
+def test_distributed_is_refused_honestly(stub: DaemonStub) -> None:
+    with pytest.raises(ValueError, match="distributed"):
+        LiveConfig.connect(stub.path, timeout=1, distributed=True)
+
+
+def test_update_is_invisible_until_apply(stub: DaemonStub, live: LiveConfig) -> None:
+    assert live.apply(1) is False
+    version = stub.push(with_values(train={"lr": 0.0005}))
+    eventually(lambda: live.pending_version == version)
+    assert live["train.lr"] == 0.001
+    assert live.version == 7
+    assert live.apply(2) is True
+    assert live["train.lr"] == 0.0005
+    assert live.version == version == 8
+    assert live.revision == 101
+    assert live.apply(3) is False
+    stub.wait_for(lambda: (8, 2) in acks(stub))
+
+
+def test_updates_between_applies_coalesce(stub: DaemonStub, live: LiveConfig) -> None:
+    seen: list[float] = []
+    live.on_change("train.lr", seen.append)
+    for lr in (0.01, 0.02, 0.03):
+        stub.push(with_values(train={"lr": lr}))
+    eventually(lambda: live.pending_version == 10)
+    assert live.apply(50) is True
+    assert live.apply(51) is False
+    assert live["train.lr"] == 0.03
+    assert seen == [0.03]
+    stub.wait_for(lambda: len(acks(stub)) == 2)
+    time.sleep(0.05)
+    assert acks(stub) == [(7, 0), (10, 50)]
+
+
+def test_on_change_fires_once_per_real_change(stub: DaemonStub, live: LiveConfig) -> None:
+    lr_seen: list[float] = []
+    temp_seen: list[tuple[float, float]] = []
+    sections: list[Mapping[str, Any]] = []
+    live.on_change("train.lr", lr_seen.append)
+    live.on_change("sampling.temperature", lambda new, old: temp_seen.append((new, old)))
+    live.on_change("train", sections.append)
+
+    stub.push(with_values(sampling={"temperature": 0.7}))
+    eventually(lambda: live.pending_version == 8)
+    live.apply(1)
+    assert lr_seen == [] and sections == []
+    assert temp_seen == [(0.7, 1.0)]
+
+    stub.push(with_values(sampling={"temperature": 0.7}, train={"lr": 0.1, "momentum": 0.5}))
+    eventually(lambda: live.pending_version == 9)
+    live.apply(2)
+    assert lr_seen == [0.1]
+    assert temp_seen == [(0.7, 1.0)]
+    assert len(sections) == 1 and sections[0]["momentum"] == 0.5
+
+
+def test_removed_handle_stops_callbacks(stub: DaemonStub, live: LiveConfig) -> None:
+    seen: list[float] = []
+    handle = live.on_change("train.lr", seen.append)
+    handle.remove()
+    handle.remove()
+    assert handle.removed
+    stub.push(with_values(train={"lr": 0.2}))
+    eventually(lambda: live.pending_version == 8)
+    live.apply(1)
+    assert seen == []
+
+
+def test_raising_callback_is_reported_and_others_still_run(
+    stub: DaemonStub, live: LiveConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[float] = []
+
+    def broken(value: float) -> None:
+        raise RuntimeError("no such knob")
+
+    live.on_change("train.lr", broken)
+    live.on_change("train.lr", seen.append)
+    stub.push(with_values(train={"lr": 0.3}))
+    eventually(lambda: live.pending_version == 8)
+    assert live.apply(4) is True
+    assert seen == [0.3]
+    assert live["train.lr"] == 0.3
+    stub.wait_for(lambda: len(stub.messages("applied")) == 2)
+    ack = stub.messages("applied")[1]
+    assert (ack["version"], ack["step"]) == (8, 4)
+    assert ack["errors"] == [{"key": "train.lr", "error": "RuntimeError: no such knob"}]
+    assert "live_callback_failed" in caplog.text
+    assert "errors" not in stub.messages("applied")[0]
+
+
+class RecordingBinding:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.fail = fail
+        self.state = {"applies": 0}
+
+    def apply(self, values: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
+        self.calls.append((dict(values), dict(changed)))
+        self.state["applies"] += 1
+        if self.fail:
+            raise ValueError("rejected")
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = dict(state)
+
+
+def test_bindings_get_flat_values_and_the_changed_subset(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    broken, binding = RecordingBinding(fail=True), RecordingBinding()
+    live.add_binding(broken)
+    handle = live.add_binding(binding)
+    stub.push(with_values(train={"lr": 0.05}))
+    eventually(lambda: live.pending_version == 8)
+    live.apply(3)
+    values, changed = binding.calls[0]
+    assert changed == {"train.lr": 0.05}
+    assert values["train.lr"] == 0.05 and values["sampling.top_p"] == 1.0
+    assert len(broken.calls) == 1
+    stub.wait_for(lambda: len(acks(stub)) == 2)
+    assert stub.messages("applied")[1]["errors"] == [
+        {"binding": "RecordingBinding", "error": "ValueError: rejected"}
+    ]
+    handle.remove()
+    stub.push(with_values(train={"lr": 0.06}))
+    eventually(lambda: live.pending_version == 9)
+    live.apply(4)
+    assert len(binding.calls) == 1 and len(broken.calls) == 2
+
+
+def test_daemon_restart_keeps_values_and_picks_up_the_new_state(
+    sock_path: str,
+) -> None:
+    seen: list[float] = []
+    with DaemonStub(sock_path, BASE, version=7) as first:
+        live = LiveConfig.connect(sock_path, timeout=5)
+        live.on_change("train.lr", seen.append)
+        first.wait_for(lambda: first.connections == 1)
+    try:
+        time.sleep(0.1)
+        assert live.apply(1) is False
+        assert live.version == 7 and live["train.lr"] == 0.001
+
+        with DaemonStub(sock_path, with_values(train={"lr": 0.004}), version=9) as second:
+            eventually(lambda: live.pending_version == 9)
+            assert live["train.lr"] == 0.001
+            assert live.apply(2) is True
+            assert live["train.lr"] == 0.004 and live.version == 9
+            assert seen == [0.004]
+            second.wait_for(lambda: acks(second) == [(9, 2)])
+    finally:
+        live.close()
+
+
+def test_restart_with_same_values_records_the_version_without_callbacks(
+    sock_path: str,
+) -> None:
+    seen: list[Any] = []
+    with DaemonStub(sock_path, BASE, version=7):
+        live = LiveConfig.connect(sock_path, timeout=5)
+        live.on_change("train", seen.append)
+    try:
+        with DaemonStub(sock_path, BASE, version=7) as same:
+            # Nothing to apply: the client tells the daemon what it has in force.
+            same.wait_for(lambda: acks(same) == [(7, 0)])
+            assert live.pending_version == 7 and live.apply(1) is False
+        with DaemonStub(sock_path, BASE, version=12) as newer:
+            eventually(lambda: live.pending_version == 12)
+            assert live.apply(5) is True
+            assert live.version == 12 and seen == []
+            newer.wait_for(lambda: acks(newer) == [(12, 5)])
+    finally:
+        live.close()
+
+
+def test_malformed_line_from_the_daemon_drops_only_that_connection(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    stub.send_raw(b"this is not json\n")
+    stub.wait_for(lambda: len(stub.messages("hello")) == 2)
+    assert live["train.lr"] == 0.001
+    version = stub.push(with_values(train={"lr": 0.009}))
+    eventually(lambda: live.pending_version == version)
+    assert live.apply(1) is True and live["train.lr"] == 0.009
+
+
+def test_state_dict_round_trip(stub: DaemonStub, live: LiveConfig) -> None:
+    binding = RecordingBinding()
+    live.add_binding(binding)
+    stub.push(with_values(train={"lr": 0.02}))
+    eventually(lambda: live.pending_version == 8)
+    live.apply(11)
+    saved = live.state_dict()
+    assert saved["version"] == 8 and saved["step"] == 11
+    assert saved["values"]["train"]["lr"] == 0.02
+    assert saved["bindings"] == [{"applies": 1}]
+    saved["values"]["train"]["lr"] = 99.0  # a plain copy: editing it changes nothing live
+    assert live["train.lr"] == 0.02
+
+    with (
+        DaemonStub(stub.path + "2", BASE, version=3) as older,
+        LiveConfig.connect(older.path, timeout=5) as resumed,
+    ):
+        resumed_binding = RecordingBinding()
+        resumed.add_binding(resumed_binding)
+        seen: list[float] = []
+        resumed.on_change("train.lr", seen.append)
+        resumed.load_state_dict(saved)
+        assert resumed.version == 8 and resumed["train.lr"] == 99.0
+        assert seen == [99.0]
+        assert resumed_binding.state["applies"] == 2  # restored 1, then the load's apply
+        assert resumed.apply(12) is False  # the daemon's version 3 is older
+
+        # An edit made after the resume is a real change, whatever its version number.
+        assert older.push(with_values(train={"lr": 0.25})) == 4
+        eventually(lambda: resumed.pending_version == 4)
+        assert resumed.apply(13) is True and resumed["train.lr"] == 0.25
+
+
+def test_newer_daemon_state_wins_over_a_loaded_checkpoint(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    saved = live.state_dict()
+    saved["values"]["train"]["lr"] = 0.123
+    saved["version"] = 5
+    live.load_state_dict(saved)
+    assert live["train.lr"] == 0.123 and live.version == 5
+    assert live.pending_version == 7
+    assert live.apply(1) is True
+    assert live["train.lr"] == 0.001 and live.version == 7
+
+
+def test_load_state_dict_rejects_garbage(live: LiveConfig) -> None:
+    with pytest.raises(ValueError, match="state_dict"):
+        live.load_state_dict({"version": "x", "revision": 1, "values": {}})
+    with pytest.raises(ValueError, match="bindings"):
+        live.load_state_dict({"version": 1, "revision": 1, "values": {}, "bindings": [{}]})
+
+
+def test_bind_optimizer_starts_from_and_follows_live_values(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    torch = pytest.importorskip("torch")
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.SGD(params, lr=1.0, momentum=0.0)
+    live.bind_optimizer(optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+    assert optimizer.param_groups[0]["momentum"] == pytest.approx(0.9)
+    stub.push(with_values(train={"lr": 0.04}))
+    eventually(lambda: live.pending_version == 8)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+    live.apply(1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.04)
+
+
+def test_close_is_idempotent_and_stops_the_thread(stub: DaemonStub) -> None:
+    live = LiveConfig.connect(stub.path, timeout=5)
+    live.close()
+    live.close()
+    assert live.apply(1) is False
+    stub.wait_for(lambda: stub.connections == 0)
+
+
+def test_import_does_not_pull_torch_or_pydantic() -> None:
+    code = (
+        "import sys, hotknob.model_runtime; "
+        "assert 'torch' not in sys.modules, 'torch'; "
+        "assert 'pydantic' not in sys.modules, 'pydantic'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_client_name_carries_the_rank_only_if_torch_distributed_is_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hotknob.model_runtime.client import _default_client_name
+
+    base = f"{socket.gethostname()}-{os.getpid()}"
+    monkeypatch.delitem(sys.modules, "torch.distributed", raising=False)
+    assert _default_client_name() == base
+    fake = types.SimpleNamespace(
+        is_available=lambda: True, is_initialized=lambda: True, get_rank=lambda: 3
+    )
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake)
+    assert _default_client_name() == f"{base}-rank3"
+    fake.is_initialized = lambda: False
+    assert _default_client_name() == base
