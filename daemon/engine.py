@@ -1,0 +1,338 @@
+"""The engine: every change is merged and validated whole, versioned, persisted and published.
+
+The engine owns the current layers and the last good ``Snapshot``. A live
+change (an etcd revision, a new set of file contents) becomes a candidate:
+the accepted layers with that one layer replaced. A valid candidate gets the
+next version, is saved as last-known-good and published; an invalid one is
+logged with key, layer and reason and changes nothing. Restart-only keys keep
+the value the daemon started with and are reported as pending a restart.
+
+All methods run on one thread (the daemon's event loop); the engine does no
+network I/O itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from hotknob.config import (
+    InvalidChange,
+    Layer,
+    Snapshot,
+    changed_keys,
+    etcd_layer,
+    files_layer,
+    merge_layers,
+    restart_only_keys,
+)
+from hotknob.config.keys import key_from_etcd
+
+from .logs import get_logger
+from .socket_server import Published
+from .state import SavedState, StateStore
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+def _noop(_: Any) -> None:
+    return None
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        schema: type[BaseModel],
+        app: str,
+        precedence: Sequence[str],
+        layers: Iterable[Layer],
+        store: StateStore | None = None,
+        publish: Callable[[Published], None] = _noop,
+        broadcast: EventSink = _noop,
+        on_accepted: Callable[[str, int], None] = lambda layer, version: None,
+        on_rejected: Callable[[str], None] = lambda layer: None,
+    ):
+        self.schema = schema
+        self.app = app
+        self.precedence = tuple(precedence)
+        self.layers: dict[str, Layer] = {layer.name: layer for layer in layers}
+        self.store = store
+        self._publish = publish
+        self._broadcast = broadcast
+        self._on_accepted = on_accepted
+        self._on_rejected = on_rejected
+        self._restart_only = restart_only_keys(schema)
+        self._running: dict[str, Any] = {}
+        self.pending_restart: dict[str, Any] = {}
+        self.snapshot: Snapshot | None = None
+        self.current: Published | None = None
+        self.version = 0
+        self.revision = 0
+        self.state_write_error: str | None = None
+        self.last_change_seconds = 0.0
+        self.log = get_logger("hotknob.engine", app=app)
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def start(self, etcd: Mapping[str, bytes] | None, revision: int) -> Published:
+        """Build the first snapshot; with ``etcd`` None, serve the last-known-good etcd values.
+
+        Raises ``InvalidChange`` if the layers that are not live (defaults, env,
+        cli) or the files are invalid: the daemon must not start on them.
+        """
+        saved = self.store.load() if self.store else None
+        if saved:
+            self.version = saved.version
+        if etcd is None:
+            saved_etcd = saved.etcd if saved else {}
+            self.layers["etcd"] = Layer("etcd", saved_etcd, dict.fromkeys(saved_etcd, "saved"))
+            revision = saved.revision if saved else 0
+            self.log.warning(
+                "serving_last_known_good",
+                version=self.version,
+                revision=revision,
+                state_file=str(self.store.path) if self.store else None,
+                found=saved is not None,
+            )
+        else:
+            self.layers["etcd"] = etcd_layer(self.app, {})
+        snapshot = self._merge_sanitized(etcd, revision) if etcd is not None else self._merge()
+        self._running = {k: snapshot.flat[k] for k in self._restart_only if k in snapshot.flat}
+        published = self._published(snapshot, revision)
+        if saved is None or dict(saved.values) != dict(published.values):
+            self.version += 1
+            published = self._published(snapshot, revision)
+        self._commit(snapshot, published)
+        self.log.info("config_loaded", version=self.version, revision=revision)
+        return published
+
+    # --- live changes --------------------------------------------------------------------------
+
+    def on_etcd_snapshot(self, kvs: Mapping[str, bytes], revision: int) -> None:
+        """A full read of the prefix (after a resync): diff against what is in force."""
+        before = self.layers["etcd"].values
+        snapshot = self._merge_sanitized(kvs, revision)
+        edited = changed_keys(before, self.layers["etcd"].values)
+        self._accept(snapshot, "etcd", revision, edited)
+
+    def on_etcd_change(
+        self, revision: int, puts: Mapping[str, bytes], deletes: Iterable[str]
+    ) -> None:
+        """All events of one etcd revision: one change, accepted or rejected whole."""
+        current = self.layers["etcd"]
+        values = dict(current.values)
+        origins = dict(current.origins)
+        edited: dict[str, Any] = {}
+        decoded: dict[str, bytes] = {}
+        for path in deletes:
+            key = key_from_etcd(self.app, path)
+            if key is not None and key in values:
+                del values[key]
+                origins.pop(key, None)
+                edited[key] = None
+        for path, raw in puts.items():
+            key = key_from_etcd(self.app, path)
+            if key is not None:
+                decoded[path] = raw
+        update = etcd_layer(self.app, decoded)
+        values.update(update.values)
+        origins.update(update.origins)
+        edited.update(update.values)
+        edited.update({p.key: None for p in update.problems})
+        candidate = Layer("etcd", values, origins, update.problems)
+        self._try_layer(candidate, revision, edited)
+
+    def on_files(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
+        """New parsed contents of the config files (the watcher has already deduplicated)."""
+        candidate = files_layer(self.schema, files)
+        edited = changed_keys(self.layers["files"].values, candidate.values)
+        self._try_layer(candidate, self.revision, edited)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _merge(self) -> Snapshot:
+        return merge_layers(self.schema, self.layers.values(), self.precedence)
+
+    def _merge_sanitized(self, kvs: Mapping[str, bytes], revision: int) -> Snapshot:
+        """Merge a full etcd read; keys that are invalid are dropped one round at a time."""
+        candidate = etcd_layer(self.app, kvs)
+        others = [layer for name, layer in self.layers.items() if name != "etcd"]
+        while True:
+            try:
+                snapshot = merge_layers(self.schema, [*others, candidate], self.precedence)
+            except InvalidChange as exc:
+                bad = {p.key for p in exc.problems if p.layer == "etcd"}
+                if not bad:
+                    raise
+                self._log_rejected("etcd", revision, exc, {k: candidate.values.get(k) for k in bad})
+                candidate = candidate.without(bad)
+                continue
+            self.layers["etcd"] = candidate
+            return snapshot
+
+    def _try_layer(self, candidate: Layer, revision: int, edited: Mapping[str, Any]) -> None:
+        layers = dict(self.layers)
+        layers[candidate.name] = candidate
+        try:
+            snapshot = merge_layers(self.schema, layers.values(), self.precedence)
+        except InvalidChange as exc:
+            self._log_rejected(candidate.name, revision, exc, edited)
+            return
+        self.layers = layers
+        self._accept(snapshot, candidate.name, revision, edited)
+
+    def _accept(
+        self, snapshot: Snapshot, layer: str, revision: int, edited: Mapping[str, Any]
+    ) -> None:
+        started = time.perf_counter()
+        if revision:
+            self.revision = max(self.revision, revision)
+        self._report_shadowed(snapshot, layer, edited)
+        self._track_restart_only(snapshot, layer)
+        assert self.current is not None
+        candidate = self._published(snapshot, self.revision)
+        changed = changed_keys(self.current.flat, candidate.flat)
+        if not changed:
+            self.snapshot = snapshot
+            return
+        old = {k: self.current.flat.get(k) for k in changed}
+        self.version += 1
+        published = self._published(snapshot, self.revision)
+        self._commit(snapshot, published)
+        self.log.info(
+            "change_accepted",
+            key=",".join(changed),
+            old=old,
+            new=changed,
+            layer=layer,
+            version=self.version,
+            revision=self.revision,
+        )
+        self._broadcast(
+            {
+                "type": "event",
+                "event": "change_accepted",
+                "layer": layer,
+                "version": self.version,
+                "revision": self.revision,
+                "changed": changed,
+                "old": old,
+                "time": time.time(),
+            }
+        )
+        self._on_accepted(layer, self.version)
+        self.last_change_seconds = time.perf_counter() - started
+
+    def _commit(self, snapshot: Snapshot, published: Published) -> None:
+        self.snapshot = snapshot
+        self.current = published
+        self._publish(published)
+        if self.store is None:
+            return
+        saved = SavedState(
+            version=published.version,
+            revision=published.revision,
+            values=published.values,
+            etcd=dict(self.layers["etcd"].values),
+        )
+        try:
+            self.store.save(saved)
+            self.state_write_error = None
+        except OSError as exc:
+            self.state_write_error = f"{self.store.path}: {exc.strerror or exc}"
+            self.log.error("state_write_failed", path=str(self.store.path), error=str(exc))
+
+    def _published(self, snapshot: Snapshot, revision: int) -> Published:
+        flat = dict(snapshot.flat)
+        flat.update(self._running)
+        values = _deep_copy(snapshot.values)
+        for key, value in self._running.items():
+            _set_dotted(values, key, value)
+        return Published(
+            version=self.version,
+            revision=revision,
+            values=values,
+            sources=dict(snapshot.sources),
+            flat=flat,
+        )
+
+    def _track_restart_only(self, snapshot: Snapshot, layer: str) -> None:
+        for key, running in self._running.items():
+            wanted = snapshot.flat.get(key)
+            if wanted != running:
+                if self.pending_restart.get(key, running) != wanted:
+                    self.log.warning(
+                        "restart_pending", key=key, running=running, wanted=wanted, layer=layer
+                    )
+                self.pending_restart[key] = wanted
+            else:
+                self.pending_restart.pop(key, None)
+
+    def _report_shadowed(self, snapshot: Snapshot, layer: str, edited: Mapping[str, Any]) -> None:
+        rank = {name: i for i, name in enumerate(self.precedence)}
+        for key in edited:
+            winner = snapshot.sources.get(key)
+            if winner is not None and rank.get(winner, -1) > rank.get(layer, -1):
+                self.log.warning(
+                    "update_shadowed",
+                    key=key,
+                    layer=layer,
+                    value=edited[key],
+                    winner=winner,
+                    effective=snapshot.flat.get(key),
+                )
+
+    def _log_rejected(
+        self, layer: str, revision: int, exc: InvalidChange, edited: Mapping[str, Any]
+    ) -> None:
+        problems = [
+            {"key": p.key, "layer": p.layer, "reason": p.reason, "value": _short(p.value)}
+            for p in exc.problems
+        ]
+        self.log.warning(
+            "change_rejected",
+            key=",".join(p["key"] for p in problems),
+            layer=layer,
+            value={k: _short(v) for k, v in edited.items()},
+            reason=str(exc),
+            revision=revision,
+            version=self.version,
+        )
+        self._broadcast(
+            {
+                "type": "event",
+                "event": "change_rejected",
+                "layer": layer,
+                "revision": revision,
+                "version": self.version,
+                "problems": problems,
+                "time": time.time(),
+            }
+        )
+        self._on_rejected(layer)
+
+
+def _short(value: Any, limit: int = 200) -> Any:
+    if isinstance(value, str | bytes) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} chars)"
+    if isinstance(value, int | float | bool | str) or value is None:
+        return value
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    *sections, leaf = key.split(".")
+    node = values
+    for part in sections:
+        node = node.setdefault(part, {})
+    node[leaf] = value
