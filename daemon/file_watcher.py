@@ -1,0 +1,325 @@
+"""Watch config files through their folders and report each real content change once.
+
+A file is watched through the folder that holds it, never through its inode:
+an editor's write-then-rename, an in-place write, ``git checkout`` and a
+Kubernetes ConfigMap ``..data`` symlink swap all replace or rewrite what the
+*name* points at, and only the folder sees every one of those. Any event in a
+watched folder (other than a mere open or read) is only a signal: after a quiet
+moment (the debounce) every file is read again and the result is compared with
+the last good state. So:
+
+- a save that emits several filesystem events is one change, and a ``touch``
+  is none (the parsed contents are equal);
+- a half-written or unparsable file changes nothing: ``on_error`` is told, and
+  the last good state stays in force until the file parses again;
+- a file that is briefly absent (deleted mid-rename) is waited for; it is an
+  error only if it is still missing ``missing_grace_s`` later.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from hotknob.config.errors import LayerError
+from hotknob.config.sources import read_config_file
+
+# Opened and closed-without-write are left out: they are what our own reads cause. Attribute
+# changes stay in: a chmod can make an unreadable file readable.
+_EVENTS_OF_INTEREST: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    FileAttribEvent,
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+]
+
+
+@dataclass(frozen=True)
+class FileLayerState:
+    """Each watched file with its parsed contents, in the order given (a later file wins)."""
+
+    files: tuple[tuple[Path, Mapping[str, Any]], ...]
+
+
+def _fingerprint(value: Any) -> Hashable:
+    """A comparable form of parsed contents that tells ``1``, ``1.0`` and ``true`` apart."""
+    if isinstance(value, Mapping):
+        return ("map", tuple(sorted((repr(k), _fingerprint(v)) for k, v in value.items())))
+    if isinstance(value, list | tuple):
+        return ("list", tuple(_fingerprint(v) for v in value))
+    return (type(value).__qualname__, repr(value))
+
+
+class _Signal(FileSystemEventHandler):
+    """Turns every event delivered to it into one call of ``notify``; the event itself is unused."""
+
+    def __init__(self, notify: Callable[[], None]):
+        self._notify = notify
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self._notify()
+
+
+def _watched_folders(paths: Sequence[Path]) -> list[Path]:
+    """The folder of each path, plus the real file's folder when a symlink leads elsewhere.
+
+    A symlink into a subfolder of its own folder (the ConfigMap layout) needs no
+    extra watch: the swap of ``..data`` happens in the link's own folder.
+    """
+    folders: list[Path] = []
+    for path in paths:
+        folder = Path(os.path.abspath(path)).parent
+        candidates = [folder]
+        real_folder = Path(os.path.realpath(path)).parent
+        if not real_folder.is_relative_to(Path(os.path.realpath(folder))):
+            candidates.append(real_folder)
+        for candidate in candidates:
+            if candidate not in folders:
+                folders.append(candidate)
+    return folders
+
+
+class FileLayerWatcher:
+    """Watches config files through their folders with watchdog; reports each real change once.
+
+    ``on_change`` and ``on_error`` run on the watcher's own thread (or on the
+    caller's, for ``reload``), one at a time and in order; they must not block
+    for long. ``on_change`` gets the whole new state, never a partial one.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        on_change: Callable[[FileLayerState], None],
+        *,
+        on_error: Callable[[Path, Exception], None] | None = None,
+        debounce_s: float = 0.05,
+        max_wait_s: float = 0.5,
+        missing_grace_s: float = 0.5,
+        read_file: Callable[[Path], Mapping[str, Any]] = read_config_file,
+        log: Any = None,
+    ):
+        if not paths:
+            raise ValueError("FileLayerWatcher needs at least one path")
+        self._paths = tuple(Path(p) for p in paths)
+        self._on_change = on_change
+        self._on_error = on_error
+        self._debounce_s = debounce_s
+        self._max_wait_s = max(max_wait_s, debounce_s)
+        self._missing_grace_s = missing_grace_s
+        self._read_file = read_file
+        self._log = log if log is not None else structlog.get_logger(__name__)
+
+        self._state: FileLayerState | None = None
+        self._fingerprint: Hashable = None
+        self._check_lock = threading.RLock()
+        self._reported: dict[Path, str] = {}
+        self._missing_since: float | None = None
+
+        self._cond = threading.Condition()
+        self._due: float | None = None
+        self._first_event: float | None = None
+        self._stopping = False
+        self._observer: Any = None
+        self._worker: threading.Thread | None = None
+
+    @property
+    def state(self) -> FileLayerState:
+        if self._state is None:
+            raise RuntimeError("FileLayerWatcher.start() has not been called")
+        return self._state
+
+    def start(self) -> FileLayerState:
+        """Read every file once, then watch their folders; returns the initial state.
+
+        Raises ``LayerError`` (and starts nothing) if any file is missing or
+        unreadable. A change made between the first read and the watch being in
+        place is not lost: the files are read once more as soon as it is.
+        """
+        if self._state is not None or self._stopping:
+            raise RuntimeError("a FileLayerWatcher can be started once, and not after stop()")
+        files = []
+        for path in self._paths:
+            try:
+                files.append((path, self._read_file(path)))
+            except OSError as exc:
+                raise LayerError("files", f"{path}: cannot read: {exc}") from exc
+        initial = FileLayerState(tuple(files))
+
+        observer = Observer()
+        signal = _Signal(self._signal)
+        try:
+            for folder in _watched_folders(self._paths):
+                observer.schedule(
+                    signal, str(folder), recursive=False, event_filter=_EVENTS_OF_INTEREST
+                )
+            observer.start()
+        except OSError as exc:
+            observer.unschedule_all()
+            raise LayerError("files", f"cannot watch config folders: {exc}") from exc
+        self._swap(initial)
+        self._observer = observer
+        self._worker = threading.Thread(target=self._run, name="hotknob-file-watcher", daemon=True)
+        self._worker.start()
+        self._signal()
+        self._log.info("config_files_watched", paths=[str(p) for p in self._paths])
+        return self.state
+
+    def reload(self) -> None:
+        """Read every file now (SIGHUP); report a change only if the contents differ.
+
+        Unlike a filesystem event, an explicit reload reports a missing or
+        invalid file at once, even one it reported before.
+        """
+        if self._state is None:
+            raise RuntimeError("FileLayerWatcher.start() has not been called")
+        self._check(explicit=True)
+
+    def stop(self) -> None:
+        """Stop watching; joins the observer's threads and the worker. Idempotent."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join()
+
+    # --- the debounce --------------------------------------------------------------------------
+
+    def _signal(self) -> None:
+        """A folder event: (re)arm the trailing debounce, bounded by ``max_wait_s``."""
+        with self._cond:
+            now = time.monotonic()
+            if self._first_event is None:
+                self._first_event = now
+            self._due = min(now + self._debounce_s, self._first_event + self._max_wait_s)
+            self._cond.notify_all()
+
+    def _recheck_at(self, when: float) -> None:
+        with self._cond:
+            if self._due is None or when < self._due:
+                self._due = when
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and self._due is None:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                assert self._due is not None
+                delay = self._due - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                self._due = None
+                self._first_event = None
+            try:
+                self._check(explicit=False)
+            except Exception:
+                self._log.exception("config_file_check_failed")
+
+    # --- reading and comparing -----------------------------------------------------------------
+
+    def _check(self, *, explicit: bool) -> None:
+        with self._check_lock:
+            files: list[tuple[Path, Mapping[str, Any]]] = []
+            missing: list[tuple[Path, Exception]] = []
+            invalid: list[tuple[Path, Exception]] = []
+            for path in self._paths:
+                try:
+                    files.append((path, self._read_file(path)))
+                except (LayerError, OSError) as exc:
+                    if os.path.exists(path):
+                        invalid.append((path, exc))
+                    else:
+                        missing.append((path, exc))
+            for path, error in invalid:
+                self._report(path, error, explicit)
+            if missing:
+                self._handle_missing(missing, explicit)
+            else:
+                self._missing_since = None
+            if invalid or missing:
+                return
+            self._reported.clear()
+            new_state = FileLayerState(tuple(files))
+            old_state = self.state
+            if not self._swap(new_state):
+                return
+            changed = [
+                str(path)
+                for (path, new), (_, old) in zip(new_state.files, old_state.files, strict=True)
+                if _fingerprint(new) != _fingerprint(old)
+            ]
+            self._log.info("config_files_changed", paths=changed)
+            try:
+                self._on_change(new_state)
+            except Exception:
+                self._log.exception("config_file_callback_failed", callback="on_change")
+
+    def _handle_missing(self, missing: list[tuple[Path, Exception]], explicit: bool) -> None:
+        now = time.monotonic()
+        if self._missing_since is None:
+            self._missing_since = now
+        overdue = now - self._missing_since >= self._missing_grace_s
+        if explicit or overdue:
+            for path, exc in missing:
+                self._report(path, exc, explicit)
+        else:
+            self._recheck_at(self._missing_since + self._missing_grace_s)
+
+    def _swap(self, state: FileLayerState) -> bool:
+        fingerprint = _fingerprint([contents for _, contents in state.files])
+        if self._state is not None and fingerprint == self._fingerprint:
+            return False
+        self._state, self._fingerprint = state, fingerprint
+        return True
+
+    def _report(self, path: Path, exc: Exception, explicit: bool) -> None:
+        """Tell ``on_error`` once per distinct problem (every time, for an explicit reload)."""
+        reason = str(exc)
+        if not explicit and self._reported.get(path) == reason:
+            return
+        self._reported[path] = reason
+        self._log.warning("config_file_invalid", path=str(path), reason=reason)
+        if self._on_error is not None:
+            try:
+                self._on_error(path, exc)
+            except Exception:
+                self._log.exception("config_file_callback_failed", callback="on_error")
