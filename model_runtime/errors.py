@@ -3,6 +3,7 @@
 ::
 
     LiveConfigError (1)           base; ``exit_code`` matches hotknob's CLI codes
+    +-- InvalidValue (1)          a live value a binding cannot use (checked before writing)
     +-- DaemonUnavailable (3)     no daemon answered on the socket in time (retryable)
 
 Kept apart from ``hotknob.config.errors`` on purpose: importing that package
@@ -18,6 +19,10 @@ class LiveConfigError(Exception):
     """Base of the runtime's errors."""
 
     exit_code = 1
+
+
+class InvalidValue(LiveConfigError):
+    """A value a binding refuses (not a number, out of range); nothing was written."""
 
 
 class DaemonUnavailable(LiveConfigError):

@@ -1,0 +1,330 @@
+"""OptimizerBinding against real torch optimizers and schedulers on CPU."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.optim import lr_scheduler as lrs
+
+from hotknob.model_runtime.errors import InvalidValue
+from hotknob.model_runtime.optim import OptimizerBinding
+
+LR = "train.lr"
+WD = "train.weight_decay"
+MOM = "train.momentum"
+
+
+def _model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+
+
+def _sgd(base: float, momentum: float = 0.9) -> torch.optim.SGD:
+    """Two groups at a 10:1 ratio, as in a body / head split."""
+    m = _model()
+    groups: list[dict[str, Any]] = [
+        {"params": m[0].parameters()},
+        {"params": m[1].parameters(), "lr": base / 10},
+    ]
+    return torch.optim.SGD(groups, lr=base, momentum=momentum, weight_decay=0.01)
+
+
+def _train_step(opt: torch.optim.Optimizer) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    loss = sum((p**2).sum() for p in params)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _lrs(opt: torch.optim.Optimizer) -> list[float]:
+    return [float(g["lr"]) for g in opt.param_groups]
+
+
+def _set(binding: OptimizerBinding, **kv: float) -> None:
+    values = {f"train.{k}": v for k, v in kv.items()}
+    binding.apply(values, values)
+
+
+# --- no scheduler ------------------------------------------------------------------------
+
+
+def test_lr_weight_decay_momentum_reach_every_group_and_ratio_is_kept() -> None:
+    opt = _sgd(0.1)
+    binding = OptimizerBinding(opt, lr=LR, weight_decay=WD, momentum=MOM)
+    assert binding.ratios == pytest.approx((1.0, 0.1))
+
+    _set(binding, lr=0.5, weight_decay=0.2, momentum=0.5)
+
+    assert _lrs(opt) == pytest.approx([0.5, 0.05])
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.2]
+    assert [g["momentum"] for g in opt.param_groups] == [0.5, 0.5]
+    _train_step(opt)  # the optimizer still steps with the written values
+    assert binding.base_lr == 0.5
+
+
+def test_first_bind_with_equal_values_changes_nothing() -> None:
+    opt = _sgd(0.1)
+    before = [dict(g) for g in opt.param_groups]
+    binding = OptimizerBinding(opt)
+    _set(binding, lr=0.1, weight_decay=0.01, momentum=0.9)
+    assert [dict(g) for g in opt.param_groups] == before
+
+
+def test_only_changed_keys_are_applied() -> None:
+    opt = _sgd(0.1)
+    binding = OptimizerBinding(opt)
+    values = {LR: 0.3, WD: 0.5, MOM: 0.1}
+    binding.apply(values, {LR: 0.3})
+    assert _lrs(opt) == pytest.approx([0.3, 0.03])
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.01]
+    assert [g["momentum"] for g in opt.param_groups] == [0.9, 0.9]
+
+
+def test_key_bound_to_none_and_missing_values_are_ignored() -> None:
+    opt = _sgd(0.1)
+    binding = OptimizerBinding(opt, momentum=None)
+    binding.apply({LR: 0.2, MOM: 0.1}, {LR: 0.2, MOM: 0.1, WD: 0.3})  # WD absent from values
+    assert _lrs(opt) == pytest.approx([0.2, 0.02])
+    assert [g["momentum"] for g in opt.param_groups] == [0.9, 0.9]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.01]
+
+
+def test_custom_key_names() -> None:
+    opt = _sgd(0.1)
+    binding = OptimizerBinding(opt, lr="opt.base_lr", weight_decay=None, momentum=None)
+    binding.apply({"opt.base_lr": 0.4, LR: 9.0}, {"opt.base_lr": 0.4, LR: 9.0})
+    assert _lrs(opt) == pytest.approx([0.4, 0.04])
+
+
+def test_tensor_lr_is_filled_in_place() -> None:
+    m = _model()
+    opt = torch.optim.Adam(m.parameters(), lr=torch.tensor(0.01), capturable=False)
+    lr_tensor = opt.param_groups[0]["lr"]
+    ptr = lr_tensor.data_ptr()
+    binding = OptimizerBinding(opt)
+    _set(binding, lr=0.002)
+    assert opt.param_groups[0]["lr"] is lr_tensor
+    assert lr_tensor.data_ptr() == ptr
+    assert float(lr_tensor) == pytest.approx(0.002)
+    _train_step(opt)
+
+
+def test_tensor_lr_with_scheduler_keeps_identity_and_last_lr_agrees() -> None:
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=torch.tensor(0.1))
+    sched = lrs.StepLR(opt, step_size=2, gamma=0.5)
+    lr_tensor = opt.param_groups[0]["lr"]
+    binding = OptimizerBinding(opt, sched)
+    _train_step(opt)
+    sched.step()
+    _set(binding, lr=0.01)
+    assert opt.param_groups[0]["lr"] is lr_tensor
+    assert float(lr_tensor) == pytest.approx(0.01)
+    assert float(sched.get_last_lr()[0]) == pytest.approx(float(lr_tensor))
+
+
+def test_adam_momentum_sets_beta1_and_keeps_beta2() -> None:
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    binding = OptimizerBinding(opt)
+    _set(binding, momentum=0.8, weight_decay=0.05)
+    assert opt.param_groups[0]["betas"] == (0.8, 0.95)
+    assert opt.param_groups[0]["weight_decay"] == 0.05
+    assert "momentum" not in opt.param_groups[0]
+    _train_step(opt)
+
+
+def test_keys_a_group_lacks_are_not_added() -> None:
+    m = _model()
+    opt = torch.optim.Adagrad(m.parameters(), lr=0.1)  # no momentum, no betas
+    binding = OptimizerBinding(opt)
+    _set(binding, momentum=0.5)
+    assert "momentum" not in opt.param_groups[0]
+    assert "betas" not in opt.param_groups[0]
+
+
+def test_invalid_values_raise_and_change_nothing() -> None:
+    opt = _sgd(0.1)
+    binding = OptimizerBinding(opt)
+    before = [dict(g) for g in opt.param_groups]
+    for bad in ({LR: 0.0}, {LR: -1.0}, {LR: math.nan}, {LR: "fast"}, {MOM: 1.0}, {WD: -0.1}):
+        with pytest.raises(InvalidValue):
+            binding.apply({WD: 0.5, **bad}, {WD: 0.5, **bad})
+    assert [dict(g) for g in opt.param_groups] == before
+
+
+def test_param_group_added_after_bind_is_refused() -> None:
+    opt = _sgd(0.1)
+    binding = OptimizerBinding(opt)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5})
+    with pytest.raises(InvalidValue, match="bind it again"):
+        _set(binding, lr=0.2)
+    assert _lrs(opt) == pytest.approx([0.1, 0.01, 0.5])
+
+
+def test_binding_state_round_trip() -> None:
+    opt = _sgd(0.1)
+    binding = OptimizerBinding(opt)
+    _set(binding, lr=0.3)
+    state = binding.state_dict()
+    other = OptimizerBinding(_sgd(0.2))
+    other.load_state_dict(state)
+    assert other.ratios == binding.ratios
+    assert other.base_lr == pytest.approx(0.3)
+    with pytest.raises(InvalidValue):
+        OptimizerBinding(torch.optim.SGD(_model().parameters(), lr=0.1)).load_state_dict(state)
+
+
+# --- schedulers --------------------------------------------------------------------------
+
+SchedulerFactory = Callable[[torch.optim.Optimizer, float], Any]
+
+SCHEDULERS: dict[str, SchedulerFactory] = {
+    "StepLR": lambda o, b: lrs.StepLR(o, step_size=3, gamma=0.5),
+    "ExponentialLR": lambda o, b: lrs.ExponentialLR(o, gamma=0.9),
+    "CosineAnnealingLR": lambda o, b: lrs.CosineAnnealingLR(o, T_max=10),
+    "CosineAnnealingLR-eta_min": lambda o, b: lrs.CosineAnnealingLR(o, T_max=10, eta_min=1e-3),
+    "LambdaLR": lambda o, b: lrs.LambdaLR(o, lambda e: 0.9**e),
+    "PolynomialLR": lambda o, b: lrs.PolynomialLR(o, total_iters=12, power=2.0),
+    "OneCycleLR": lambda o, b: lrs.OneCycleLR(o, max_lr=[b, b / 10], total_steps=20),
+    "CyclicLR": lambda o, b: lrs.CyclicLR(
+        o, base_lr=[b, b / 10], max_lr=[2 * b, b / 5], step_size_up=3
+    ),
+    "CosineAnnealingWarmRestarts": lambda o, b: lrs.CosineAnnealingWarmRestarts(
+        o, T_0=4, eta_min=1e-3
+    ),
+    "SequentialLR": lambda o, b: lrs.SequentialLR(
+        o,
+        [lrs.LinearLR(o, 0.1, total_iters=3), lrs.CosineAnnealingLR(o, T_max=10, eta_min=1e-3)],
+        milestones=[3],
+    ),
+    "ChainedScheduler": lambda o, b: lrs.ChainedScheduler(
+        [lrs.ExponentialLR(o, gamma=0.9), lrs.StepLR(o, step_size=3, gamma=0.5)]
+    ),
+}
+NO_FLOOR = {"CosineAnnealingLR-eta_min", "CosineAnnealingWarmRestarts", "SequentialLR"}
+
+
+def _assert_last_lr_agrees(sched: Any, opt: torch.optim.Optimizer) -> None:
+    assert [float(x) for x in sched.get_last_lr()] == _lrs(opt)
+
+
+def _run(name: str, base: float, steps: int, change_at: int | None) -> list[list[float]]:
+    """Step a fresh optimizer + scheduler; at ``change_at`` set the live base to base * 0.1."""
+    opt = _sgd(base)
+    sched = SCHEDULERS[name](opt, base)
+    binding = OptimizerBinding(opt, sched)
+    _set(binding, lr=base)  # the first bind: values equal to what is configured
+    seen = []
+    for t in range(steps):
+        if t == change_at:
+            before = _lrs(opt)
+            _set(binding, lr=base * 0.1)
+            if name not in NO_FLOOR:
+                assert _lrs(opt) == pytest.approx([x * 0.1 for x in before], rel=1e-12)
+            _assert_last_lr_agrees(sched, opt)
+            again = _lrs(opt), [list(map(float, sched.get_last_lr()))]
+            _set(binding, lr=base * 0.1)  # the same value twice: a no-op
+            assert (_lrs(opt), [list(map(float, sched.get_last_lr()))]) == again
+        seen.append(_lrs(opt))
+        _train_step(opt)
+        sched.step()
+        _assert_last_lr_agrees(sched, opt)
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("change_at", [1, 4, 7])
+def test_live_base_change_is_reshaped_by_the_schedule(name: str, change_at: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        live = _run(name, 1.0, 15, change_at)
+        reference = _run(name, 0.1, 15, None)
+        original = _run(name, 1.0, 15, None)
+    assert live[:change_at] == original[:change_at]
+    for t in range(change_at, 15):
+        assert live[t] == pytest.approx(reference[t], rel=1e-9, abs=1e-12), f"step {t}"
+
+
+def test_one_cycle_group_keys_and_base_lrs_are_scaled() -> None:
+    opt = _sgd(1.0)
+    sched = lrs.OneCycleLR(opt, max_lr=[1.0, 0.1], total_steps=20)
+    binding = OptimizerBinding(opt, sched)
+    keys = ("initial_lr", "max_lr", "min_lr")
+    before = [g[k] for g in opt.param_groups for k in keys]
+    base_lrs = list(sched.base_lrs)
+    for _ in range(3):
+        _train_step(opt)
+        sched.step()
+    _set(binding, lr=0.5)
+    after = [g[k] for g in opt.param_groups for k in keys]
+    assert after == pytest.approx([v * 0.5 for v in before])
+    assert sched.base_lrs == pytest.approx([b * 0.5 for b in base_lrs])
+    assert binding.base_lr == 0.5
+
+
+def test_lambda_lr_base_lrs_and_initial_lr_are_rebased() -> None:
+    opt = _sgd(1.0)
+    sched = lrs.LambdaLR(opt, lambda e: 1.0 / (1 + e))
+    binding = OptimizerBinding(opt, sched)
+    _set(binding, lr=0.2)
+    assert sched.base_lrs == pytest.approx([0.2, 0.02])
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.2, 0.02])
+
+
+def _plateau_run(change_at: int | None, metrics: list[float]) -> list[list[float]]:
+    opt = _sgd(1.0)
+    sched = lrs.ReduceLROnPlateau(opt, factor=0.5, patience=1, min_lr=[1e-3, 1e-4])
+    binding = OptimizerBinding(opt, sched)
+    seen = []
+    for t, metric in enumerate(metrics):
+        if t == change_at:
+            before = _lrs(opt)
+            _set(binding, lr=0.1)
+            assert _lrs(opt) == pytest.approx([x * 0.1 for x in before])
+            assert sched.min_lrs == pytest.approx([1e-4, 1e-5])
+            _assert_last_lr_agrees(sched, opt)
+        seen.append(_lrs(opt))
+        _train_step(opt)
+        sched.step(metric)
+        _assert_last_lr_agrees(sched, opt)
+    return seen
+
+
+def test_reduce_on_plateau_scales_current_lr_and_later_cuts_multiply_it() -> None:
+    metrics = [1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.8, 0.8, 0.8, 0.8]
+    original = _plateau_run(None, metrics)
+    live = _plateau_run(5, metrics)
+    assert original[5] == pytest.approx([0.5, 0.05])  # one cut before the change
+    assert live[5] == pytest.approx([0.05, 0.005])
+    assert original[9] == pytest.approx([0.125, 0.0125])  # two later cuts ...
+    assert live[9] == pytest.approx([0.0125, 0.00125])  # ... multiply the new value
+    for t in range(5, len(metrics)):
+        assert live[t] == pytest.approx([x * 0.1 for x in original[t]])
+
+
+def test_unknown_scheduler_falls_back_to_rebase() -> None:
+    class Halving(lrs.LRScheduler):
+        def get_lr(self) -> list[float | torch.Tensor]:
+            return [b * 0.5 ** (self.last_epoch // 2) for b in self.base_lrs]
+
+    opt = _sgd(1.0)
+    sched = Halving(opt)
+    binding = OptimizerBinding(opt, sched)
+    for _ in range(3):
+        _train_step(opt)
+        sched.step()
+    assert _lrs(opt) == pytest.approx([0.5, 0.05])
+    _set(binding, lr=0.1)
+    assert _lrs(opt) == pytest.approx([0.05, 0.005])
+    assert sched.base_lrs == pytest.approx([0.1, 0.01])
+    _assert_last_lr_agrees(sched, opt)
+    _train_step(opt)
+    sched.step()
+    assert _lrs(opt) == pytest.approx([0.025, 0.0025])
