@@ -124,7 +124,15 @@ def _leaf_order(schema: type[BaseModel]) -> Any:
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """Flat keys whose value differs between two flat mappings (removed keys map to None)."""
-    changed = {k: v for k, v in new.items() if k not in old or old[k] != v}
-    changed.update({k: None for k in old if k not in new})
+    """The flat keys whose value differs between two states, mapped to the new value.
+
+    The type counts (``1`` to ``1.0`` or to ``true`` is a change); a key that is
+    gone from ``new`` maps to ``None``.
+    """
+    changed = {
+        key: value
+        for key, value in new.items()
+        if key not in old or type(old[key]) is not type(value) or old[key] != value
+    }
+    changed.update((key, None) for key in old if key not in new)
     return changed

@@ -1,0 +1,556 @@
+"""The daemon's Unix-socket server: protocol 1, one writer per client, updates coalesced.
+
+The engine runs in the same event loop and hands over each accepted state as a
+frozen ``Published`` value; ``publish`` only records it and wakes the writers,
+so it never blocks and never fails because of a client.
+
+What is guaranteed:
+
+- Safety of the path: the folder is created 0700 and the socket is 0600 before
+  it listens; every peer's uid is checked with ``SO_PEERCRED`` and a uid that is
+  not allowed gets an ``error`` and is closed. A stale socket file (nothing
+  listening) is replaced; a live daemon's socket is never taken over
+  (``SocketInUse``), and anything that is not a socket is never removed.
+- Order: ``hello`` first, answered at once by a ``snapshot`` of ``current()``;
+  then one ``update`` per state the client has not yet been sent.
+- Coalescing: each client has one pending slot and its own writer task. A client
+  that reads slowly receives fewer updates, each with ``changed`` computed
+  against what *it* was last sent, and always ends on the newest state; it never
+  delays other clients. The daemon's memory per client is bounded: the writer
+  waits for the transport to drain after each line, a client whose drain stays
+  blocked past ``drain_timeout`` or whose buffer passes ``max_write_buffer`` is
+  disconnected.
+- Errors: a malformed line, an unknown type, a wrong protocol, a message before
+  ``hello``, a line over ``protocol.MAX_LINE_BYTES`` or invalid UTF-8 gets an
+  ``error`` line and that connection alone is closed.
+- Callbacks (``on_applied``, ``on_metrics``, ``on_disconnect``) run in the loop;
+  an exception in one is logged (``callback_failed``), never propagated.
+
+Log events: ``socket_listening``, ``stale_socket_removed``, ``client_connected``,
+``client_disconnected``, ``client_refused``, ``client_error``, ``callback_failed``,
+``event_dropped``, ``publish_out_of_order``, ``socket_closed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from hotknob.config.errors import HotknobError
+from hotknob.config.merge import changed_keys
+from hotknob.model_runtime import protocol
+
+DEFAULT_MAX_WRITE_BUFFER = 4 * 1024 * 1024
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+CLOSE_GRACE_S = 2.0
+
+_PEERCRED = struct.Struct("3i")
+_HELLO_FIELDS = frozenset({"type", "protocol", "client", "pid"})
+
+
+class SocketPathError(HotknobError):
+    """The socket path cannot be used: not a socket, an unsafe folder, or bind failed."""
+
+
+class SocketInUse(SocketPathError):
+    """A live daemon already listens on the socket path; it is never taken over."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """One accepted state as the engine publishes it; frozen and swapped whole."""
+
+    version: int
+    revision: int
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    flat: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A client that said ``hello``. ``pid`` is the one it announced, else its peer pid."""
+
+    id: int
+    name: str
+    pid: int | None
+    uid: int
+    connected_at: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    peer_pid: int | None = None
+
+    @property
+    def watch(self) -> bool:
+        """Whether the client subscribed to ``event`` messages (``"watch": true``)."""
+        return self.extra.get("watch") is True
+
+
+class _Stuck(Exception):
+    """The client is not reading; it is disconnected so it cannot hold memory."""
+
+
+class _Connection:
+    def __init__(
+        self,
+        conn_id: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        uid: int,
+        peer_pid: int,
+        log: Any,
+    ):
+        self.id = conn_id
+        self.reader = reader
+        self.writer = writer
+        self.uid = uid
+        self.peer_pid = peer_pid
+        self.log = log
+        self.connected_at = time.time()
+        self.info: ClientInfo | None = None
+        self.pending: Published | None = None
+        self.last_sent: Published | None = None
+        self.events: deque[bytes] = deque()
+        self.event_bytes = 0
+        self.wake = asyncio.Event()
+        self.writer_task: asyncio.Task[None] | None = None
+        self.reason: str | None = None
+
+    @property
+    def closing(self) -> bool:
+        return self.writer.transport.is_closing()
+
+    def drop(self, reason: str, *, reply: str | None = None, abort: bool = False) -> None:
+        """Close this connection, first sending ``reply`` as an ``error`` line if given."""
+        if self.reason is None:
+            self.reason = reason
+        transport = self.writer.transport
+        if transport.is_closing():
+            return
+        if reply is not None and not abort:
+            self.writer.write(protocol.encode(protocol.error(reply[:4096])))
+        if abort:
+            transport.abort()
+        else:
+            transport.close()
+
+    async def wait_closed(self) -> None:
+        """Wait for the transport to finish closing; abort it after ``CLOSE_GRACE_S``."""
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_GRACE_S)
+        except TimeoutError:
+            self.writer.transport.abort()
+        except Exception:  # the peer's own error while closing: nothing left to do
+            pass
+
+
+class SocketServer:
+    """Serves protocol 1 on a Unix socket; start once, ``close`` idempotently.
+
+    ``publish``, ``broadcast_event`` and the ``clients`` property must be called
+    from the event loop the server was started in.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        current: Callable[[], Published],
+        *,
+        on_applied: Callable[[ClientInfo, dict[str, Any]], None] | None = None,
+        on_metrics: Callable[[ClientInfo, dict[str, Any]], None] | None = None,
+        on_disconnect: Callable[[ClientInfo], None] | None = None,
+        allowed_uids: frozenset[int] | None = None,
+        log: Any = None,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
+    ):
+        self._path = Path(path)
+        self._current = current
+        self._on_applied = on_applied
+        self._on_metrics = on_metrics
+        self._on_disconnect = on_disconnect
+        self._allowed_uids = frozenset({os.getuid()}) if allowed_uids is None else allowed_uids
+        self._log = log if log is not None else structlog.get_logger(__name__)
+        self._max_write_buffer = max_write_buffer
+        self._drain_timeout = drain_timeout
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+        self._conns: dict[int, _Connection] = {}
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._next_id = 1
+        self._last_version: int | None = None
+        self._encoded: dict[int | None, bytes] = {}
+        self._encoded_version: int | None = None
+        self._close_task: asyncio.Task[None] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def clients(self) -> list[ClientInfo]:
+        """Every connected client that has said ``hello``, oldest first."""
+        return [conn.info for conn in self._conns.values() if conn.info is not None]
+
+    @property
+    def write_buffer_bytes(self) -> int:
+        """Bytes the daemon holds for clients right now (transport buffers and queued events)."""
+        return sum(
+            conn.writer.transport.get_write_buffer_size() + conn.event_bytes
+            for conn in self._conns.values()
+        )
+
+    async def start(self) -> None:
+        """Listen on the path. Raises ``SocketInUse`` or ``SocketPathError``."""
+        if self._server is not None or self._close_task is not None:
+            raise RuntimeError("a SocketServer is started once")
+        self._prepare_folder()
+        self._clear_stale_socket()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                sock.bind(str(self._path))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise SocketInUse(f"{self._path}: another daemon took it just now") from exc
+                raise SocketPathError(f"cannot bind {self._path}: {exc}") from exc
+            self._inode = os.stat(self._path).st_ino
+            # Not yet listening: nobody can connect before the mode is 0600.
+            os.chmod(self._path, 0o600)
+            self._server = await asyncio.start_unix_server(
+                self._handle, sock=sock, limit=protocol.MAX_LINE_BYTES - 1
+            )
+        except BaseException:
+            sock.close()
+            self._remove_socket_file()
+            raise
+        self._log.info("socket_listening", path=str(self._path))
+
+    def publish(self, new: Published) -> None:
+        """Make ``new`` the state every client converges to; a version not newer is ignored."""
+        if self._last_version is not None and new.version <= self._last_version:
+            if new.version < self._last_version:
+                self._log.warning(
+                    "publish_out_of_order", version=new.version, last_version=self._last_version
+                )
+            return
+        self._last_version = new.version
+        for conn in self._conns.values():
+            if conn.info is not None:
+                conn.pending = new
+                conn.wake.set()
+
+    def broadcast_event(self, event: Mapping[str, Any]) -> None:
+        """Send ``event`` (its fields, with ``"type": "event"``) to every ``watch`` client.
+
+        Events are not coalesced: a watcher that lets more than ``max_write_buffer``
+        bytes of them queue up is disconnected.
+        """
+        try:
+            data = protocol.encode({**event, "type": protocol.EVENT})
+        except protocol.ProtocolError as exc:
+            self._log.error("event_dropped", error=str(exc))
+            return
+        for conn in self._conns.values():
+            if conn.info is None or not conn.info.watch or conn.closing:
+                continue
+            if conn.event_bytes + len(data) > self._max_write_buffer:
+                conn.log.warning("client_error", error="too slow to take events")
+                conn.drop("too slow to take events", abort=True)
+                continue
+            conn.events.append(data)
+            conn.event_bytes += len(data)
+            conn.wake.set()
+
+    async def close(self) -> None:
+        """Stop listening, remove the socket file, close every client; safe to call twice."""
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._remove_socket_file()
+        for conn in list(self._conns.values()):
+            conn.drop("daemon closing")
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=CLOSE_GRACE_S)
+        for conn in list(self._conns.values()):
+            conn.writer.transport.abort()  # a client that would not take its last bytes
+        if self._handlers:
+            _, late = await asyncio.wait(set(self._handlers), timeout=CLOSE_GRACE_S)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._log.info("socket_closed", path=str(self._path))
+
+    def _prepare_folder(self) -> None:
+        folder = self._path.parent
+        try:
+            folder.mkdir(mode=0o700, parents=True)
+            os.chmod(folder, 0o700)
+            return
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise SocketPathError(f"cannot create {folder}: {exc}") from exc
+        st = os.stat(folder)
+        if not stat.S_ISDIR(st.st_mode):
+            raise SocketPathError(f"{folder} is not a folder")
+        if st.st_uid not in (os.getuid(), 0):
+            raise SocketPathError(f"{folder} belongs to uid {st.st_uid}, not to this user")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise SocketPathError(
+                f"{folder} is writable by others: anyone could replace the socket"
+            )
+
+    def _clear_stale_socket(self) -> None:
+        try:
+            st = os.lstat(self._path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketPathError(f"{self._path} exists and is not a socket; not replacing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        try:
+            code = probe.connect_ex(str(self._path))
+        finally:
+            probe.close()
+        if code == errno.ENOENT:
+            return
+        if code != errno.ECONNREFUSED:
+            detail = "a daemon is listening" if code in (0, errno.EAGAIN) else os.strerror(code)
+            raise SocketInUse(f"{self._path} is in use ({detail}); not taking it over")
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+        self._log.info("stale_socket_removed", path=str(self._path))
+
+    def _remove_socket_file(self) -> None:
+        """Unlink the socket only if it is still the one this server bound."""
+        try:
+            if self._inode is not None and os.lstat(self._path).st_ino == self._inode:
+                self._path.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn_id = self._next_id
+        self._next_id += 1
+        try:
+            raw = writer.get_extra_info("socket").getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size
+            )
+            peer_pid, uid, _gid = _PEERCRED.unpack(raw)
+        except OSError as exc:
+            self._log.warning("client_refused", client_id=conn_id, reason=f"no credentials: {exc}")
+            writer.transport.abort()
+            return
+        log = self._log.bind(client_id=conn_id, uid=uid, peer_pid=peer_pid)
+        conn = _Connection(conn_id, reader, writer, uid, peer_pid, log)
+        try:
+            if uid not in self._allowed_uids:
+                conn.log.warning("client_refused", reason="uid not allowed")
+                conn.drop("refused", reply=f"uid {uid} may not use this socket")
+            elif self._close_task is not None:
+                conn.drop("daemon closing")
+            else:
+                self._conns[conn_id] = conn
+                conn.writer_task = asyncio.create_task(self._write_loop(conn))
+                await self._read_loop(conn)
+        finally:
+            await self._finish(conn)
+
+    async def _read_loop(self, conn: _Connection) -> None:
+        """Handle lines until EOF or an error; a last line without a newline still counts."""
+        eof = False
+        while not eof and not conn.closing:
+            try:
+                line = await conn.reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:
+                line, eof = exc.partial, True
+            except asyncio.LimitOverrunError:
+                self._reject(conn, f"line exceeds the {protocol.MAX_LINE_BYTES}-byte limit")
+                return
+            except OSError as exc:
+                conn.reason = conn.reason or f"read failed: {exc}"
+                return
+            if conn.closing:
+                return
+            if line.strip() and not self._handle_line(conn, line):
+                return
+        conn.reason = conn.reason or "closed"
+
+    def _handle_line(self, conn: _Connection, line: bytes) -> bool:
+        """Act on one line; False when the connection is to be closed."""
+        try:
+            message = protocol.decode(line)
+            if message["type"] == protocol.ERROR:
+                conn.log.warning("client_error", error=str(message.get("error")), side="client")
+                conn.drop("the client reported an error")
+                return False
+            protocol.validate_client_message(message, said_hello=conn.info is not None)
+        except protocol.ProtocolError as exc:
+            self._reject(conn, str(exc))
+            return False
+        self._dispatch(conn, message)
+        return True
+
+    def _reject(self, conn: _Connection, reason: str) -> None:
+        conn.log.warning("client_error", error=reason)
+        self._flush_pending(conn)
+        conn.drop(f"protocol error: {reason}", reply=reason)
+
+    def _dispatch(self, conn: _Connection, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == protocol.HELLO:
+            self._accept_hello(conn, message)
+            return
+        assert conn.info is not None
+        if kind == protocol.APPLIED:
+            self._call(conn, self._on_applied, conn.info, message)
+        elif kind == protocol.METRICS:
+            self._call(conn, self._on_metrics, conn.info, message)
+
+    def _accept_hello(self, conn: _Connection, message: dict[str, Any]) -> None:
+        pid = message.get("pid", conn.peer_pid)
+        info = ClientInfo(
+            id=conn.id,
+            name=message.get("client", ""),
+            pid=pid,
+            uid=conn.uid,
+            connected_at=conn.connected_at,
+            extra={k: v for k, v in message.items() if k not in _HELLO_FIELDS},
+            peer_pid=conn.peer_pid,
+        )
+        try:
+            state = self._current()
+        except Exception as exc:
+            conn.log.exception("client_error", error="current() failed")
+            conn.drop("no state to send", reply=f"the daemon has no state to send: {exc}")
+            return
+        conn.info = info
+        conn.log = conn.log.bind(client=info.name, pid=pid)
+        conn.log.info("client_connected", **info.extra)
+        conn.pending = state
+        conn.wake.set()
+
+    def _call(self, conn: _Connection, callback: Callable[..., None] | None, *args: Any) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:
+            conn.log.exception("callback_failed", callback=getattr(callback, "__name__", "?"))
+
+    async def _write_loop(self, conn: _Connection) -> None:
+        try:
+            while True:
+                await conn.wake.wait()
+                conn.wake.clear()
+                while conn.events:
+                    data = conn.events.popleft()
+                    conn.event_bytes -= len(data)
+                    await self._send(conn, data)
+                target, conn.pending = conn.pending, None
+                if target is None:
+                    continue
+                if conn.last_sent is not None and target.version <= conn.last_sent.version:
+                    continue
+                await self._send(conn, self._message_for(conn.last_sent, target))
+                conn.last_sent = target
+        except _Stuck as exc:
+            conn.log.warning("client_error", error=str(exc))
+            conn.drop(str(exc), abort=True)
+        except protocol.ProtocolError as exc:
+            conn.log.error("client_error", error=f"cannot encode the state: {exc}")
+            conn.drop("state not encodable", reply=f"the daemon cannot send its state: {exc}")
+            await conn.wait_closed()
+        except OSError as exc:
+            conn.drop(f"write failed: {exc}", abort=True)
+        except Exception:
+            conn.log.exception("client_error", error="internal error in the writer")
+            conn.drop("internal error", abort=True)
+
+    async def _send(self, conn: _Connection, data: bytes) -> None:
+        transport = conn.writer.transport
+        if transport.is_closing():
+            raise ConnectionResetError("connection closing")
+        if transport.get_write_buffer_size() > self._max_write_buffer:
+            raise _Stuck(f"not reading: over {self._max_write_buffer} bytes waiting")
+        conn.writer.write(data)
+        if transport.get_write_buffer_size() == 0:
+            return
+        try:
+            await asyncio.wait_for(conn.writer.drain(), self._drain_timeout)
+        except TimeoutError:
+            raise _Stuck(f"not reading: blocked for {self._drain_timeout:g} s") from None
+
+    def _message_for(self, sent: Published | None, target: Published) -> bytes:
+        """The encoded snapshot (``sent`` is None) or update; shared by clients at one version."""
+        if self._encoded_version != target.version:
+            self._encoded = {}
+            self._encoded_version = target.version
+        key = None if sent is None else sent.version
+        data = self._encoded.get(key)
+        if data is None:
+            if sent is None:
+                message = protocol.snapshot(
+                    target.version, target.revision, target.values, target.sources
+                )
+            else:
+                changed = changed_keys(sent.flat, target.flat)
+                message = protocol.update(target.version, target.revision, changed, target.values)
+            data = protocol.encode(message)
+            self._encoded[key] = data
+        return data
+
+    async def _finish(self, conn: _Connection) -> None:
+        self._conns.pop(conn.id, None)
+        if conn.writer_task is not None:
+            conn.writer_task.cancel()
+            await asyncio.wait({conn.writer_task})
+        if conn.reason == "closed":
+            self._flush_pending(conn)
+        conn.drop(conn.reason or "closed")
+        await conn.wait_closed()
+        if conn.info is not None:
+            conn.log.info("client_disconnected", reason=conn.reason or "closed")
+            self._call(conn, self._on_disconnect, conn.info)
+
+    def _flush_pending(self, conn: _Connection) -> None:
+        """Before an orderly close, send what is still pending: ``echo hello | socat`` gets
+        its snapshot, and an error line comes after the states it follows. The close that
+        follows flushes it, within ``CLOSE_GRACE_S``."""
+        target = conn.pending
+        if target is None or conn.closing:
+            return
+        if conn.last_sent is not None and target.version <= conn.last_sent.version:
+            return
+        with contextlib.suppress(protocol.ProtocolError):
+            conn.writer.write(self._message_for(conn.last_sent, target))
