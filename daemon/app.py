@@ -1,0 +1,350 @@
+"""``hotknob run``: the sidecar's lifecycle — start in order, serve, stop in reverse.
+
+Start: static layers (defaults, env, cli) and the files are read and must be
+valid; etcd is read at one revision and watched from the next (or, if etcd
+cannot be reached within ``etcd_start_timeout``, the last-known-good from the
+state dir is served and the watch keeps retrying); the socket opens last,
+when there is a configuration to serve. The event loop owns the engine:
+watcher threads hand their events over with ``call_soon_threadsafe``, the
+one hop from a library thread into the loop.
+
+Signals only request things: SIGTERM/SIGINT a stop (a second SIGINT forces
+it), SIGHUP a re-read of the files. Stop runs in reverse start order and
+is bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hotknob.config import Layer, files_layer
+from hotknob.model_runtime.protocol import default_socket_path
+
+from .context import Context
+from .engine import Engine
+from .etcd_store import EtcdChange, EtcdStore
+from .etcd_watcher import EtcdWatcher
+from .file_watcher import FileLayerState, FileLayerWatcher
+from .logs import get_logger
+from .metrics import Metrics, MetricsServer
+from .socket_server import ClientInfo, Published, SocketServer
+from .state import StateStore
+from .status import StatusPublisher
+
+
+@dataclass
+class DaemonOptions:
+    socket_path: Path
+    state_dir: Path
+    metrics_addr: str | None = None
+    node: str = field(default_factory=socket.gethostname)
+    etcd_start_timeout: float = 1.0
+    status_ttl: int = 10
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "hotknob"
+
+
+class Daemon:
+    def __init__(self, ctx: Context, layers: list[Layer], options: DaemonOptions):
+        self.ctx = ctx
+        self.options = options
+        self.static_layers = layers
+        self.log = get_logger("hotknob.daemon", app=ctx.app)
+        self.metrics = Metrics()
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._early: list[Callable[[], None]] = []
+        self._initial_etcd: tuple[Mapping[str, bytes], int] | None = None
+        self._initial_event = asyncio.Event()
+        self._revisions: OrderedDict[int, int] = OrderedDict()
+        self.engine: Engine | None = None
+        self.server: SocketServer | None = None
+        self.files: FileLayerWatcher | None = None
+        self.etcd: EtcdWatcher | None = None
+        self.status: StatusPublisher | None = None
+        self.http: MetricsServer | None = None
+        self.etcd_connected = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._start()
+            self._install_signals()
+            self.ready.set()
+            self.log.info(
+                "daemon_ready",
+                socket=str(self.options.socket_path),
+                version=self.engine.version if self.engine else 0,
+                etcd=self.etcd_connected,
+            )
+            await self.stopping.wait()
+        finally:
+            await self._stop()
+        return 0
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    async def _start(self) -> None:
+        ctx = self.ctx
+        file_state = self._start_files()
+        layers = [*self.static_layers, files_layer(ctx.schema, file_state.files)]
+        self.server = SocketServer(
+            self.options.socket_path,
+            self._current,
+            on_applied=self._on_applied,
+            on_metrics=self._on_metrics,
+            on_disconnect=self._on_disconnect,
+        )
+        server = self.server
+        self.metrics.clients.set_function(lambda: len(server.clients))
+        self.engine = Engine(
+            schema=ctx.schema,
+            app=ctx.app,
+            precedence=ctx.precedence,
+            layers=layers,
+            store=StateStore(self.options.state_dir, ctx.app),
+            publish=self._publish,
+            broadcast=self.server.broadcast_event,
+            on_accepted=lambda layer, version: self.metrics.accepted.labels(layer).inc(),
+            on_rejected=lambda layer: self.metrics.rejected.labels(layer).inc(),
+        )
+        kvs, revision = await self._start_etcd()
+        self.engine.start(kvs, revision)
+        self._started = True
+        for replay in self._early:
+            replay()
+        self._early.clear()
+        await self.server.start()
+        if ctx.etcd is not None:
+            assert ctx.etcd is not None
+            options = ctx.etcd
+            self.status = StatusPublisher(
+                lambda: EtcdStore(options), ctx.app, self.options.node, ttl=self.options.status_ttl
+            )
+            self.status.start()
+        if self.options.metrics_addr:
+            self.http = MetricsServer(self.options.metrics_addr, self.metrics, self.health)
+            self.http.start()
+
+    def _start_files(self) -> FileLayerState:
+        if not self.ctx.config_files:
+            return FileLayerState(files=())
+        self.files = FileLayerWatcher(
+            list(self.ctx.config_files),
+            on_change=lambda state: self._post(self._on_files, state),
+        )
+        return self.files.start()
+
+    async def _start_etcd(self) -> tuple[Mapping[str, bytes] | None, int]:
+        if self.ctx.etcd is None:
+            self.log.info("etcd_disabled", reason="no --etcd-endpoints")
+            return {}, 0
+        self.etcd = EtcdWatcher(
+            self.ctx.etcd,
+            self.ctx.prefix,
+            on_snapshot=lambda kvs, rev: self._post(self._on_etcd_snapshot, kvs, rev),
+            on_change=lambda change: self._post(self._on_etcd_change, change),
+            on_connection=lambda up, detail: self._post(self._on_etcd_connection, up, detail),
+        )
+        self.etcd.start()
+        try:
+            await asyncio.wait_for(self._initial_event.wait(), self.options.etcd_start_timeout)
+        except TimeoutError:
+            self.log.warning(
+                "etcd_unavailable_at_start",
+                endpoints=",".join(self.ctx.etcd.endpoints),
+                waited_s=self.options.etcd_start_timeout,
+            )
+            return None, 0
+        assert self._initial_etcd is not None
+        kvs, revision = self._initial_etcd
+        self._initial_etcd = None
+        return kvs, revision
+
+    async def _stop(self) -> None:
+        deadline = time.monotonic() + 5.0
+        if self.http:
+            self.http.stop()
+        if self.server:
+            await self.server.close()
+        loop = asyncio.get_running_loop()
+        blocking = [w.stop for w in (self.status, self.etcd, self.files) if w is not None]
+        for stop in blocking:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, stop), remaining)
+            except TimeoutError:
+                self.log.warning("stop_timed_out", component=getattr(stop, "__qualname__", ""))
+        self._remove_signals()
+        self.log.info("daemon_stopped")
+
+    # --- signals -------------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        interrupts = 0
+
+        def on_interrupt() -> None:
+            nonlocal interrupts
+            interrupts += 1
+            if interrupts > 1:
+                self.log.warning("forced_exit")
+                os._exit(130)
+            self.request_stop()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        except (RuntimeError, ValueError):
+            pass  # not the main thread (tests run a daemon in a thread): no signals there
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            try:
+                loop.remove_signal_handler(sig)
+            except (RuntimeError, ValueError):
+                pass
+
+    def _on_sighup(self) -> None:
+        self.log.info("files_reload_requested")
+        if self.files is not None:
+            asyncio.get_running_loop().run_in_executor(None, self.files.reload)
+
+    # --- events from other threads ---------------------------------------------------------------
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._dispatch, fn, args)
+        except RuntimeError:
+            pass  # the loop closed while a watcher was still stopping
+
+    def _dispatch(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # the daemon never dies of one event
+            self.log.exception("event_failed", handler=getattr(fn, "__name__", ""), error=str(exc))
+
+    def _on_etcd_snapshot(self, kvs: Mapping[str, bytes], revision: int) -> None:
+        if not self._started:
+            self._initial_etcd = (kvs, revision)
+            self._initial_event.set()
+            return
+        assert self.engine is not None
+        self.engine.on_etcd_snapshot(kvs, revision)
+
+    def _on_etcd_change(self, change: EtcdChange) -> None:
+        if not self._started:
+            self._early.append(lambda: self._on_etcd_change(change))
+            return
+        assert self.engine is not None
+        self.engine.on_etcd_change(change.revision, change.puts, change.deletes)
+
+    def _on_etcd_connection(self, up: bool, detail: str) -> None:
+        was = self.etcd_connected
+        self.etcd_connected = up
+        self.metrics.etcd_connected.set(1 if up else 0)
+        if up and not was and self._started:
+            self.metrics.watch_resumes.inc()
+            self.log.info("etcd_reconnected", detail=detail)
+        elif not up and was:
+            self.log.warning("etcd_disconnected", detail=detail)
+
+    def _on_files(self, state: FileLayerState) -> None:
+        if not self._started:
+            self._early.append(lambda: self._on_files(state))
+            return
+        assert self.engine is not None
+        self.engine.on_files(state.files)
+
+    # --- engine and server glue ---------------------------------------------------------------
+
+    def _current(self) -> Published:
+        assert self.engine is not None and self.engine.current is not None
+        return self.engine.current
+
+    def _publish(self, published: Published) -> None:
+        self._revisions[published.version] = published.revision
+        while len(self._revisions) > 1024:
+            self._revisions.popitem(last=False)
+        self.metrics.version.set(published.version)
+        self.metrics.revision.set(published.revision)
+        if self.engine is not None:
+            self.metrics.last_change_latency.set(self.engine.last_change_seconds)
+        if self.server is not None:
+            self.server.publish(published)
+
+    def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "client": client.name,
+            "pid": client.pid,
+            "node": self.options.node,
+        }
+        entry.update({k: v for k, v in client.extra.items() if k in ("rank", "world_size")})
+        return entry
+
+    def _on_applied(self, client: ClientInfo, message: dict[str, Any]) -> None:
+        version = int(message["version"])
+        entry = self._client_entry(client)
+        entry.update(
+            version=version,
+            revision=self._revisions.get(version),
+            step=message["step"],
+            time=time.time(),
+        )
+        if message.get("errors"):
+            entry["errors"] = message["errors"]
+        self.log.info("change_applied", client=client.name, version=version, step=message["step"])
+        if self.status is not None:
+            self.status.publish(client.name, entry)
+
+    def _on_metrics(self, client: ClientInfo, message: dict[str, Any]) -> None:
+        for name, value in message.get("latest", {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.metrics.client_metric.labels(client.name, str(name)).set(value)
+
+    def _on_disconnect(self, client: ClientInfo) -> None:
+        if self.status is not None:
+            self.status.remove(client.name)
+
+    def health(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "ok": bool(self.ready.is_set() and engine and engine.current),
+            "version": engine.version if engine else 0,
+            "revision": engine.revision if engine else 0,
+            "etcd_connected": self.etcd_connected if self.ctx.etcd else None,
+            "clients": len(self.server.clients) if self.server else 0,
+            "pending_restart": engine.pending_restart if engine else {},
+            "state_write_error": engine.state_write_error if engine else None,
+        }
+
+
+def run_daemon(ctx: Context, layers: list[Layer], options: DaemonOptions) -> int:
+    """Run a daemon on this thread until SIGTERM/SIGINT; raise HotknobError for bad start input."""
+    return asyncio.run(Daemon(ctx, layers, options).run())
+
+
+def socket_path_for(app: str, explicit: str | None) -> Path:
+    return Path(explicit) if explicit else default_socket_path(app)

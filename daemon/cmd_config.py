@@ -1,0 +1,125 @@
+"""``get``, ``explain`` and ``validate``: reading the configuration and where it came from."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hotknob.config import InvalidChange, LayerError, Snapshot, UsageError, merge_layers
+from hotknob.config.sources import LIVE_LAYERS, defaults_layer, files_layer, read_config_file
+
+from .context import Context, current_snapshot
+from .table import dumps, fmt, render
+
+Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+
+
+def register(add: Add) -> None:
+    p = add("get", cmd_get, "print the effective value of KEY, or of every key")
+    p.add_argument("key", nargs="?")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("explain", cmd_explain, "show per key each layer's value and which layer won")
+    p.add_argument("key", nargs="?")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("validate", cmd_validate, "check config files against the schema (for git hooks, CI)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+
+
+def _select(snapshot: Snapshot, key: str | None) -> list[str]:
+    if key is None:
+        return list(snapshot.flat)
+    if key in snapshot.flat:
+        return [key]
+    inside = [k for k in snapshot.flat if k.startswith(key + ".")]
+    if not inside:
+        raise UsageError(f"{key}: not a key of the schema")
+    return inside
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    ctx = Context.from_args(args)
+    snapshot, _ = current_snapshot(ctx, args)
+    keys = _select(snapshot, args.key)
+    if args.json:
+        if args.key in snapshot.flat:
+            print(dumps(snapshot.flat[args.key]))
+        else:
+            print(dumps({k: snapshot.flat[k] for k in keys}))
+    elif args.key in snapshot.flat:
+        print(fmt(snapshot.flat[args.key]))
+    else:
+        print(render(["KEY", "VALUE"], [[k, fmt(snapshot.flat[k])] for k in keys]))
+    return 0
+
+
+def explain_rows(snapshot: Snapshot, keys: list[str]) -> list[dict[str, Any]]:
+    rank = {name: i for i, name in enumerate(snapshot.precedence)}
+    rows = []
+    for key in keys:
+        winner = snapshot.sources[key]
+        layers = {name: said[key] for name, said in snapshot.layers.items() if key in said}
+        shadowed = [name for name in layers if name in LIVE_LAYERS and rank[name] < rank[winner]]
+        rows.append(
+            {
+                "key": key,
+                "value": snapshot.flat[key],
+                "from": winner,
+                "layers": layers,
+                "shadowed": shadowed,
+            }
+        )
+    return rows
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    ctx = Context.from_args(args)
+    snapshot, revision = current_snapshot(ctx, args)
+    rows = explain_rows(snapshot, _select(snapshot, args.key))
+    if args.json:
+        print(dumps({"revision": revision, "precedence": list(ctx.precedence), "keys": rows}))
+        return 0
+    order = list(ctx.precedence)
+    table = []
+    for row in rows:
+        cells = []
+        for name in order:
+            if name not in row["layers"]:
+                cells.append("-")
+            else:
+                mark = "*" if name in row["shadowed"] else ""
+                cells.append(fmt(row["layers"][name]) + mark)
+        table.append([row["key"], fmt(row["value"]), row["from"], *cells])
+    print(render(["KEY", "VALUE", "FROM", *order], table))
+    if any(row["shadowed"] for row in rows):
+        print("\n* a live value (files or etcd) shadowed by a higher layer: it has no effect")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Each file alone over the defaults: prints ``file: key: reason`` lines, exit 1 if any."""
+    ctx = Context.from_args(args)
+    failures = 0
+    for name in args.files:
+        path = Path(name)
+        try:
+            parsed = read_config_file(path)
+            merge_layers(
+                ctx.schema,
+                [defaults_layer(ctx.schema), files_layer(ctx.schema, [(path, parsed)])],
+                ctx.precedence,
+            )
+        except LayerError as exc:
+            failures += 1
+            print(str(exc))
+        except InvalidChange as exc:
+            failures += 1
+            for problem in exc.problems:
+                print(f"{path}: {problem.key}: {problem.reason}")
+    if failures:
+        return 1
+    print(f"{len(args.files)} file(s) valid")
+    return 0

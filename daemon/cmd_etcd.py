@@ -1,0 +1,197 @@
+"""``set``, ``unset``, ``history`` and ``rollback``: validated writes to etcd, one transaction each.
+
+Every write is checked first: the resulting configuration is merged with all
+the layers this command can see and validated whole, so an invalid value
+writes nothing. Keys a higher layer shadows are written but reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from hotknob.config import InvalidChange, Layer, Problem, UsageError, etcd_layer, merge_layers
+from hotknob.config.keys import etcd_key, key_from_etcd, to_text
+from hotknob.config.merge import changed_keys
+from hotknob.config.sources import parse_assignment
+
+from .context import Context, read_all_layers
+from .table import dumps, fmt, render
+
+Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+
+
+def register(add: Add) -> None:
+    p = add("set", cmd_set, "validate, then write KEY=VALUE pairs to etcd in one transaction")
+    p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("unset", cmd_unset, "delete keys from etcd in one transaction")
+    p.add_argument("keys", nargs="+", metavar="KEY")
+    p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("history", cmd_history, "past values of KEY (or of every key) from etcd's revisions")
+    p.add_argument("key", nargs="?")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("rollback", cmd_rollback, "restore the whole config to its state at a revision")
+    p.add_argument("--to-revision", type=int, required=True, metavar="REV")
+    p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _validate_etcd_state(
+    ctx: Context, layers: list[Layer], new_etcd: Mapping[str, Any]
+) -> tuple[Any, list[str]]:
+    """Merge with ``new_etcd`` as the etcd layer; return the snapshot and shadowed keys."""
+    others = [layer for layer in layers if layer.name != "etcd"]
+    candidate = Layer("etcd", new_etcd, dict.fromkeys(new_etcd, "set"))
+    snapshot = merge_layers(ctx.schema, [*others, candidate], ctx.precedence)
+    rank = {n: i for i, n in enumerate(ctx.precedence)}
+    shadowed = [k for k in new_etcd if rank.get(snapshot.sources.get(k, "etcd"), 0) > rank["etcd"]]
+    return snapshot, shadowed
+
+
+def _print_diff(diff: Mapping[str, tuple[Any, Any]], as_json: bool, header: str) -> None:
+    if as_json:
+        print(dumps({k: {"old": o, "new": n} for k, (o, n) in diff.items()}))
+        return
+    print(header)
+    if not diff:
+        print("(no change)")
+        return
+    print(
+        render(
+            ["KEY", "OLD", "NEW"],
+            [
+                [k, "-" if o is None else fmt(o), "(deleted)" if n is None else fmt(n)]
+                for k, (o, n) in diff.items()
+            ],
+        )
+    )
+
+
+def _warn_shadowed(snapshot: Any, keys: list[str]) -> None:
+    for key in keys:
+        print(
+            f"hotknob: warning: {key} is shadowed by the {snapshot.sources[key]} layer "
+            f"(effective value {fmt(snapshot.flat[key])}): the etcd value has no effect "
+            "while that is set",
+            file=sys.stderr,
+        )
+
+
+def _write(
+    ctx: Context,
+    args: argparse.Namespace,
+    puts: Mapping[str, Any],
+    deletes: list[str],
+    header: str,
+) -> int:
+    """Validate the etcd layer after ``puts``/``deletes`` (dotted keys) and commit them at once."""
+    layers, _, revision = read_all_layers(ctx, args)
+    current = next(layer for layer in layers if layer.name == "etcd")
+    new_etcd = dict(current.values)
+    for key in deletes:
+        new_etcd.pop(key, None)
+    new_etcd.update(puts)
+    snapshot, shadowed = _validate_etcd_state(ctx, layers, new_etcd)
+    # Store the validated (coerced) value, so etcd holds what the schema accepted.
+    texts = {etcd_key(ctx.app, k): to_text(snapshot.flat.get(k, v)) for k, v in puts.items()}
+    diff = {
+        k: (current.values.get(k), None if k in deletes and k not in puts else new_etcd.get(k))
+        for k in changed_keys(current.values, new_etcd)
+    }
+    if args.dry_run:
+        _print_diff(diff, args.json, f"dry run at revision {revision}: would write")
+        _warn_shadowed(snapshot, shadowed)
+        return 0
+    with ctx.store() as store:
+        written = store.commit(texts, [etcd_key(ctx.app, k) for k in deletes])
+    if args.json:
+        print(dumps({"revision": written, "changed": {k: n for k, (_, n) in diff.items()}}))
+    else:
+        _print_diff(diff, False, f"{header} at revision {written}")
+    _warn_shadowed(snapshot, shadowed)
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    ctx = Context.from_args(args)
+    puts: dict[str, Any] = {}
+    for pair in args.pairs:
+        key, value = parse_assignment(pair)
+        puts[key] = value
+    return _write(ctx, args, puts, [], "wrote")
+
+
+def cmd_unset(args: argparse.Namespace) -> int:
+    ctx = Context.from_args(args)
+    return _write(ctx, args, {}, list(args.keys), "deleted")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    ctx = Context.from_args(args)
+    if args.limit <= 0:
+        raise UsageError("--limit must be positive")
+    target = etcd_key(ctx.app, args.key) if args.key else ctx.prefix
+    with ctx.store() as store:
+        result = store.history(target, prefix=args.key is None, limit=args.limit)
+    rows = [
+        {
+            "key": key_from_etcd(ctx.app, entry.key) or entry.key,
+            "value": None if entry.value is None else entry.value.decode("utf-8", "replace"),
+            "revision": entry.revision,
+            "time": None,
+        }
+        for entry in result.entries
+    ]
+    note = "older history was compacted away" if result.reached_compaction else None
+    if args.json:
+        print(dumps({"entries": rows, "note": note}))
+        return 0
+    table = [
+        [
+            r["revision"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])) if r["time"] else "-",
+            r["key"],
+            "(deleted)" if r["value"] is None else r["value"],
+        ]
+        for r in rows
+    ]
+    print(render(["REVISION", "TIME", "KEY", "VALUE"], table) if table else "(no history)")
+    if note:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    ctx = Context.from_args(args)
+    with ctx.store() as store:
+        then, _ = store.read_prefix(ctx.prefix, revision=args.to_revision)
+    old = etcd_layer(ctx.app, then)
+    if old.problems:
+        raise InvalidChange(list(old.problems))
+    layers, _, _ = read_all_layers(ctx, args)
+    current = next(layer for layer in layers if layer.name == "etcd")
+    puts = {k: v for k, v in old.values.items() if current.values.get(k, _ABSENT) != v}
+    deletes = [k for k in current.values if k not in old.values]
+    if not puts and not deletes:
+        print(f"the config already equals its state at revision {args.to_revision}")
+        return 0
+    try:
+        return _write(ctx, args, puts, deletes, f"rolled back to revision {args.to_revision}")
+    except InvalidChange as exc:
+        problems = [
+            Problem(p.key, p.layer, f"rollback target invalid: {p.reason}") for p in exc.problems
+        ]
+        raise InvalidChange(problems) from None
+
+
+_ABSENT = object()

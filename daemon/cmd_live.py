@@ -1,0 +1,171 @@
+"""``run``, ``watch`` and ``status``: the daemon itself and what it shows of live processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hotknob.config import Unavailable
+from hotknob.config.keys import status_prefix
+from hotknob.model_runtime import protocol
+
+from .context import Context, static_layers
+from .table import dumps, fmt, render
+
+Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+
+
+def register(add: Add) -> None:
+    p = add("run", cmd_run, "run the sidecar daemon: watch etcd and files, push changes")
+    p.add_argument("--node", default=None, help="node name in status keys (default: hostname)")
+    p.add_argument(
+        "--etcd-start-timeout",
+        type=float,
+        default=1.0,
+        help="seconds to wait for etcd at start before serving the last-known-good",
+    )
+    p.add_argument("--status-ttl", type=int, default=10, help="lease TTL of status entries")
+
+    p = add("watch", cmd_watch, "stream accepted and rejected changes as they happen")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--count", type=int, default=0, help="exit after N events (0 = until Ctrl-C)")
+
+    p = add("status", cmd_status, "show every connected process and what it applied")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    from .demo import cmd_demo, register_demo
+
+    register_demo(add, cmd_demo)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import logs
+    from .app import DaemonOptions, default_state_dir, run_daemon, socket_path_for
+
+    logs.configure(level=args.log_level)
+    ctx = Context.from_args(args)
+    options = DaemonOptions(
+        socket_path=socket_path_for(ctx.app, args.socket),
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
+        metrics_addr=args.metrics_addr,
+        etcd_start_timeout=args.etcd_start_timeout,
+        status_ttl=args.status_ttl,
+    )
+    if args.node:
+        options.node = args.node
+    return run_daemon(ctx, static_layers(ctx, args), options)
+
+
+def _connect(path: Path, timeout: float = 3.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise Unavailable(
+            f"no hotknob daemon at {path} ({exc.strerror or exc}): start one with `hotknob run`"
+        ) from exc
+    return sock
+
+
+def _describe(event: dict[str, Any]) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
+    kind = event.get("event", "?")
+    if kind == "change_accepted":
+        changes = " ".join(
+            f"{k}={fmt(v)} (was {fmt(event.get('old', {}).get(k))})"
+            for k, v in event.get("changed", {}).items()
+        )
+        return (
+            f"{when} accepted v{event.get('version')} rev {event.get('revision')} "
+            f"[{event.get('layer')}] {changes}"
+        )
+    if kind == "change_rejected":
+        reasons = "; ".join(f"{p.get('key')}: {p.get('reason')}" for p in event.get("problems", []))
+        return f"{when} REJECTED rev {event.get('revision')} [{event.get('layer')}] {reasons}"
+    if kind == "change_reverted":
+        return f"{when} REVERTED {json.dumps(event.get('restored', {}))}: {event.get('reason')}"
+    return f"{when} {kind} {json.dumps(event)}"
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .app import socket_path_for
+
+    path = socket_path_for(args.app, args.socket)
+    sock = _connect(path)
+    sock.settimeout(None)
+    try:
+        sock.sendall(protocol.encode(protocol.hello("hotknob-watch", watch=True)))
+        reader = sock.makefile("rb")
+        seen = 0
+        for line in reader:
+            message = protocol.decode(line)
+            kind = message.get("type")
+            if kind == protocol.SNAPSHOT:
+                if not args.json:
+                    print(
+                        f"watching {args.app}: version {message['version']} "
+                        f"rev {message['revision']} (Ctrl-C to stop)",
+                        flush=True,
+                    )
+                continue
+            if kind == protocol.ERROR:
+                raise Unavailable(f"daemon refused: {message.get('error')}")
+            if kind != protocol.EVENT:
+                continue
+            print(json.dumps(message) if args.json else _describe(message), flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+        else:
+            raise Unavailable(f"the daemon at {path} closed the connection")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ctx = Context.from_args(args)
+    prefix = status_prefix(ctx.app)
+    with ctx.store() as store:
+        kvs, revision = store.read_prefix(prefix)
+    entries = []
+    now = time.time()
+    for key, raw in sorted(kvs.items()):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        entry["key"] = key[len(prefix) :]
+        entries.append(entry)
+    if args.json:
+        print(dumps({"revision": revision, "processes": entries}))
+        return 0
+    if not entries:
+        print(f"no process of app {ctx.app!r} has reported (revision {revision})")
+        return 0
+    rows = []
+    for e in entries:
+        age = now - float(e.get("time", now))
+        rank = e.get("rank")
+        rows.append(
+            [
+                e["key"] + (f" (rank {rank})" if rank is not None else ""),
+                e.get("version", "-"),
+                e.get("revision") if e.get("revision") is not None else "-",
+                e.get("step", "-"),
+                f"{age:.1f}s",
+                e.get("pid", "-"),
+                "; ".join(x.get("error", "") for x in e.get("errors", [])) or "",
+            ]
+        )
+    print(render(["PROCESS", "VERSION", "REVISION", "STEP", "AGE", "PID", "ERRORS"], rows))
+    return 0

@@ -1,0 +1,117 @@
+"""What a command needs from its options: the schema, the static layers, and etcd.
+
+Reading the layers is kept here so that ``run``, ``get``, ``explain`` and
+``set`` see the same configuration the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from hotknob.config import (
+    Layer,
+    Snapshot,
+    cli_layer,
+    defaults_layer,
+    env_layer,
+    etcd_layer,
+    load_schema,
+    merge_layers,
+    parse_precedence,
+    read_files_layer,
+)
+from hotknob.config.keys import config_prefix
+
+from .etcd_store import EtcdOptions, EtcdStore
+
+
+@dataclass(frozen=True)
+class Context:
+    app: str
+    schema: type[BaseModel]
+    precedence: tuple[str, ...]
+    config_files: tuple[Path, ...]
+    etcd: EtcdOptions | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Context:
+        return cls(
+            app=args.app,
+            schema=load_schema(args.schema),
+            precedence=parse_precedence(args.precedence),
+            config_files=tuple(Path(p) for p in args.config),
+            etcd=etcd_options(args),
+        )
+
+    @contextmanager
+    def store(self) -> Iterator[EtcdStore]:
+        """An etcd client for one command; ``Unavailable`` if no endpoints were given."""
+        from hotknob.config import UsageError
+
+        if self.etcd is None:
+            raise UsageError("no etcd endpoints: pass --etcd-endpoints or HOTKNOB_ETCD_ENDPOINTS")
+        store = EtcdStore(self.etcd)
+        try:
+            yield store
+        finally:
+            store.close()
+
+    @property
+    def prefix(self) -> str:
+        return config_prefix(self.app)
+
+
+def etcd_options(args: argparse.Namespace) -> EtcdOptions | None:
+    if not args.etcd_endpoints:
+        return None
+    return EtcdOptions.from_strings(
+        args.etcd_endpoints,
+        user=args.etcd_user,
+        password=args.etcd_password,
+        ca_cert=args.etcd_ca,
+        cert_cert=args.etcd_cert,
+        cert_key=args.etcd_key,
+        timeout=args.etcd_timeout,
+    )
+
+
+def static_layers(ctx: Context, args: argparse.Namespace) -> list[Layer]:
+    """The layers that do not change while a daemon runs: defaults, env and cli."""
+    return [
+        defaults_layer(ctx.schema),
+        env_layer(ctx.schema, prefix=args.env_prefix),
+        cli_layer(args.assignments),
+    ]
+
+
+def read_all_layers(
+    ctx: Context, args: argparse.Namespace
+) -> tuple[list[Layer], Mapping[str, bytes], int]:
+    """Every layer as it stands now; etcd is read once, at one revision."""
+    layers = static_layers(ctx, args)
+    layers.append(read_files_layer(ctx.schema, ctx.config_files))
+    kvs: Mapping[str, bytes] = {}
+    revision = 0
+    if ctx.etcd is not None:
+        with ctx.store() as store:
+            kvs, revision = store.read_prefix(ctx.prefix)
+    layers.append(etcd_layer(ctx.app, kvs))
+    return layers, kvs, revision
+
+
+def current_snapshot(ctx: Context, args: argparse.Namespace) -> tuple[Snapshot, int]:
+    layers, _, revision = read_all_layers(ctx, args)
+    return merge_layers(ctx.schema, layers, ctx.precedence), revision
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: jsonable(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,136 @@
+"""Publishing what each connected process applied to etcd, on a lease, so dead ones vanish.
+
+Entries live at ``/hotknob/<app>/status/<node>/<client>`` as JSON (version,
+revision, step, time, pid, rank, errors, metrics). All writes happen on this
+publisher's own thread: the event loop only drops the newest entry per
+client into a dict, so a slow or absent etcd never delays a change. The
+lease is kept alive every ``ttl / 3`` and re-granted if etcd lost it; on
+stop the lease is revoked, which removes every entry of this daemon at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from hotknob.config import HotknobError
+from hotknob.config.keys import status_prefix
+
+from .etcd_store import EtcdStore
+from .logs import get_logger
+
+_DELETE = object()
+
+
+class StatusPublisher:
+    def __init__(
+        self,
+        store_factory: Callable[[], EtcdStore],
+        app: str,
+        node: str,
+        *,
+        ttl: int = 10,
+    ):
+        self._store_factory = store_factory
+        self.prefix = f"{status_prefix(app)}{node}/"
+        self.ttl = ttl
+        self._pending: dict[str, Any] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="hotknob-status", daemon=True)
+        self._store: EtcdStore | None = None
+        self._lease: int | None = None
+        self._current: dict[str, dict[str, Any]] = {}
+        self.log = get_logger("hotknob.status", node=node)
+
+    def key(self, client: str) -> str:
+        return self.prefix + client.replace("/", "_")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def publish(self, client: str, entry: Mapping[str, Any]) -> None:
+        with self._cond:
+            self._pending[self.key(client)] = dict(entry)
+            self._cond.notify()
+
+    def remove(self, client: str) -> None:
+        with self._cond:
+            self._pending[self.key(client)] = _DELETE
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        next_keepalive = 0.0
+        while True:
+            with self._cond:
+                timeout = max(0.0, next_keepalive - time.monotonic())
+                if not self._pending and not self._stopping:
+                    self._cond.wait(timeout=timeout)
+                if self._stopping:
+                    break
+                batch, self._pending = self._pending, {}
+            try:
+                store = self._connect()
+                for key, entry in batch.items():
+                    if entry is _DELETE:
+                        self._current.pop(key, None)
+                    else:
+                        self._current[key] = entry
+                if time.monotonic() >= next_keepalive:
+                    if self._keepalive(store):
+                        batch = dict(self._current)  # a new lease: every entry is written again
+                    next_keepalive = time.monotonic() + self.ttl / 3
+                for key, entry in batch.items():
+                    if entry is _DELETE:
+                        store.commit({}, [key])
+                    else:
+                        store.put(key, json.dumps(entry, allow_nan=False), lease=self._lease)
+            except (HotknobError, OSError, ValueError) as exc:
+                self.log.warning("status_publish_failed", error=str(exc))
+                self._drop_store()
+                with self._cond:
+                    # Keep what could not be written, unless something newer arrived.
+                    for key, entry in batch.items():
+                        self._pending.setdefault(key, entry)
+                    self._cond.wait(timeout=1.0)
+                next_keepalive = 0.0
+        self._shutdown()
+
+    def _connect(self) -> EtcdStore:
+        if self._store is None:
+            self._store = self._store_factory()
+            self._lease = None
+        return self._store
+
+    def _keepalive(self, store: EtcdStore) -> bool:
+        """Refresh the lease; True if a new one had to be granted."""
+        if self._lease is not None and store.keepalive(self._lease):
+            return False
+        self._lease = store.grant_lease(self.ttl)
+        return True
+
+    def _drop_store(self) -> None:
+        if self._store is not None:
+            try:
+                self._store.close()
+            except Exception:
+                pass
+        self._store = None
+
+    def _shutdown(self) -> None:
+        if self._store is not None and self._lease is not None:
+            try:
+                self._store.revoke(self._lease)
+            except HotknobError as exc:
+                self.log.warning("lease_revoke_failed", error=str(exc))
+        self._drop_store()

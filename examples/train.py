@@ -1,0 +1,94 @@
+"""A small real training run that takes its hyper-parameters live from a hotknob daemon.
+
+Run a daemon first (``hotknob run --app demo --config examples/config.yaml``),
+then ``python examples/train.py --app demo``; while it trains, change the
+learning rate with ``hotknob set --app demo train.lr=0.01`` and watch the
+``lr`` column change at the next step.
+
+Each step prints ``step loss lr version``; ``--log FILE`` also writes one JSON
+object per step, which ``hotknob demo`` plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+from torch import nn
+
+from hotknob.model_runtime import LiveConfig
+
+
+def make_data(n: int, dim: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, dim, generator=generator)
+    w = torch.randn(dim, 1, generator=generator)
+    y = torch.sin(x @ w) + 0.5 * (x[:, :1] ** 2) + 0.05 * torch.randn(n, 1, generator=generator)
+    return x, y
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--app", default=None, help="daemon app name (or HOTKNOB_APP)")
+    parser.add_argument("--socket", default=None, help="daemon socket (or HOTKNOB_SOCKET)")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step")
+    parser.add_argument("--scheduler", choices=["none", "cosine", "step"], default="none")
+    parser.add_argument("--log", default=None, help="write one JSON line per step here")
+    parser.add_argument("--print-every", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    x, y = make_data(4096, 16, generator)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
+    live = LiveConfig.connect(socket=args.socket, app=args.app, timeout=30)
+    optimizer = torch.optim.SGD(model.parameters(), lr=live["train.lr"], momentum=0.0)
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    if args.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
+    elif args.scheduler == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.steps // 4, gamma=0.5)
+    live.bind_optimizer(optimizer, scheduler)
+    log = open(args.log, "a", buffering=1) if args.log else None  # noqa: SIM115 - closed below
+    print(f"connected: version {live.version}, lr {live['train.lr']}", flush=True)
+    try:
+        for step in range(args.steps):
+            changed = live.apply(step)  # the safe point: pending changes land here, acked
+            batch = torch.randint(0, x.shape[0], (64,), generator=generator)
+            loss = nn.functional.mse_loss(model(x[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip = live["train.grad_clip"]
+            if clip:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            value = loss.item()
+            lr = optimizer.param_groups[0]["lr"]
+            if hasattr(live, "report"):
+                live.report(step, loss=value)
+            record = {"step": step, "loss": value, "lr": lr, "version": live.version}
+            if changed:
+                record["applied"] = live.version
+                print(f"step {step}: applied version {live.version}, lr now {lr:.6g}", flush=True)
+            if log:
+                log.write(json.dumps(record) + "\n")
+            if step % args.print_every == 0 or not math.isfinite(value):
+                print(f"step {step:5d}  loss {value:.5f}  lr {lr:.6g}  v{live.version}", flush=True)
+            if args.step_delay:
+                time.sleep(args.step_delay)
+    finally:
+        if log:
+            log.close()
+        live.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

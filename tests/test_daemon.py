@@ -1,0 +1,238 @@
+"""``hotknob run`` end to end: real etcd, real files, a real daemon process, raw socket clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_proc import DaemonProcess, RawClient
+from tests.etcd_server import EtcdServer, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+APP = "t"
+P = f"/hotknob/{APP}/config/"
+
+
+def put(etcd: EtcdServer, key: str, value: str) -> None:
+    etcd.etcdctl("put", "--", P + key, value)
+
+
+def test_put_and_two_key_txn_each_arrive_as_one_update(etcd: EtcdServer, tmp_path: Path) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        v0 = client.snapshot["version"]
+        assert client.snapshot["values"]["train"]["lr"] == 1e-3
+        assert client.snapshot["sources"]["train.lr"] == "defaults"
+
+        put(etcd, "train/lr", "0.02")
+        update = client.next_update()
+        assert update["version"] == v0 + 1
+        assert update["changed"] == {"train.lr": 0.02}
+        assert update["values"]["train"]["lr"] == 0.02
+
+        etcd.etcdctl(
+            "txn",
+            input=f"\nput {P}train/lr 0.03\nput {P}train/momentum 0.5\n\n\n",
+        )
+        update = client.next_update()
+        assert update["version"] == v0 + 2
+        assert update["changed"] == {"train.lr": 0.03, "train.momentum": 0.5}
+        assert client.no_message(0.5), "a transaction must arrive as exactly one update"
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [("train/lr", "-1"), ("train/lr", "banana"), ("sampling/top_p", "2.0"), ("train/bogus", "1")],
+)
+def test_invalid_values_reach_no_client(
+    etcd: EtcdServer, tmp_path: Path, key: str, raw: str
+) -> None:
+    put(etcd, "train/lr", "0.05")
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        put(etcd, key, raw)
+        put(etcd, "sampling/temperature", "0.5")  # a later valid change still goes through
+        update = client.next_update()
+        assert update["changed"] == {"sampling.temperature": 0.5}
+        assert update["values"]["train"]["lr"] == 0.05
+        assert update["values"]["sampling"]["top_p"] == 1.0
+        assert "bogus" not in update["values"]["train"]
+        rejected = daemon.events("change_rejected")
+        assert rejected and key.replace("/", ".") in rejected[0]["key"]
+        assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_etcd_killed_and_restarted_during_a_stream(etcd: EtcdServer, tmp_path: Path) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        versions = [client.snapshot["version"]]
+        written = []
+        for i in range(1, 31):
+            if i == 11:
+                etcd.kill()
+                etcd.restart()
+            value = f"0.5{i:02d}"
+            put(etcd, "train/lr", value)
+            written.append(float(value))
+        seen_lr = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            update = client.next_update(timeout=20)
+            versions.append(update["version"])
+            seen_lr.append(update["values"]["train"]["lr"])
+            if seen_lr[-1] == written[-1]:
+                break
+        assert seen_lr[-1] == written[-1]
+        assert versions == list(range(versions[0], versions[0] + len(versions)))
+        assert seen_lr == sorted(seen_lr), "values arrive in order"
+        assert len(seen_lr) == len(set(seen_lr)), "no change arrives twice"
+        assert set(seen_lr) == set(written), "no accepted change is lost"
+
+
+def test_compaction_while_disconnected_resyncs(etcd: EtcdServer, tmp_path: Path) -> None:
+    put(etcd, "train/lr", "0.01")
+    put(etcd, "train/momentum", "0.5")
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        daemon.signal(signal.SIGSTOP)  # frozen: it cannot see what happens next
+        try:
+            etcd.kill()  # its watch stream breaks; it must resume from its last revision + 1
+            etcd.restart()
+            for i in range(5):
+                put(etcd, "train/lr", f"0.0{i + 2}")
+            etcd.etcdctl("del", P + "train/momentum")
+            header = json.loads(etcd.etcdctl("get", P, "--prefix", "-w", "json").stdout)["header"]
+            etcd.etcdctl("compact", str(header["revision"]))  # ...which is now compacted away
+        finally:
+            daemon.signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        values = client.snapshot["values"]
+        while time.monotonic() < deadline and not (
+            values["train"]["lr"] == 0.06 and values["train"]["momentum"] == 0.9
+        ):
+            values = client.next_update(timeout=25)["values"]
+        assert values["train"]["lr"] == 0.06
+        assert values["train"]["momentum"] == 0.9  # the delete was seen: back to the default
+
+
+def test_start_with_etcd_down_serves_last_known_good_then_reconciles(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    put(etcd, "train/lr", "0.07")
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        assert client.snapshot["values"]["train"]["lr"] == 0.07
+        first_version = client.snapshot["version"]
+    etcd.stop()
+    daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint)
+    with daemon, RawClient(daemon.socket_path) as client:
+        assert client.snapshot["values"]["train"]["lr"] == 0.07
+        assert client.snapshot["version"] == first_version
+        assert daemon.events("serving_last_known_good")
+        etcd.restart()
+        put(etcd, "train/lr", "0.08")
+        update = client.next_update(timeout=30)
+        assert update["values"]["train"]["lr"] == 0.08
+        assert update["version"] == first_version + 1
+
+
+def test_file_edit_is_one_update_and_half_written_file_none(tmp_path: Path) -> None:
+    config = tmp_path / "conf" / "params.yaml"
+    config.parent.mkdir()
+    config.write_text("train:\n  lr: 0.1\n")
+    with (
+        DaemonProcess(tmp_path, configs=[config]) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        assert client.snapshot["sources"]["train.lr"] == "files"
+        tmp = config.with_name(".params.yaml.tmp")
+        tmp.write_text("train:\n  lr: 0.2\n")
+        os.replace(tmp, config)
+        update = client.next_update()
+        assert update["changed"] == {"train.lr": 0.2}
+        config.write_text("train:\n  lr: [0.3\n")  # half-written: not valid YAML
+        assert client.no_message(1.0)
+        config.write_text("train:\n  lr: 0.3\n")
+        assert client.next_update()["changed"] == {"train.lr": 0.3}
+        config.write_text("train:\n  lr: -5\n")  # parses, but invalid: rejected
+        assert client.no_message(1.0)
+        assert daemon.events("change_rejected")
+
+
+def test_sighup_rereads_files(tmp_path: Path) -> None:
+    config = tmp_path / "params.json"
+    config.write_text('{"train": {"lr": 0.1}}')
+    with (
+        DaemonProcess(tmp_path, configs=[config]) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        daemon.signal(signal.SIGHUP)
+        assert client.no_message(0.5)  # unchanged contents: no change
+        config.write_text('{"train": {"lr": 0.4}}')
+        daemon.signal(signal.SIGHUP)
+        assert client.next_update()["values"]["train"]["lr"] == 0.4
+
+
+def test_twenty_clients_one_stuck(etcd: EtcdServer, tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon:
+        stuck = RawClient(daemon.socket_path, name="stuck")
+        clients = [RawClient(daemon.socket_path, name=f"c{i}") for i in range(19)]
+        try:
+            for i in range(1, 21):
+                put(etcd, "train/lr", f"0.{i:02d}")
+                for client in clients:
+                    update = client.next_update(timeout=10)
+                    assert update["values"]["train"]["lr"] == float(f"0.{i:02d}")
+        finally:
+            for client in [stuck, *clients]:
+                client.close()
+
+
+def test_sigterm_stops_cleanly_and_removes_socket(etcd: EtcdServer, tmp_path: Path) -> None:
+    metrics_port = free_port()
+    daemon = DaemonProcess(
+        tmp_path, endpoints=etcd.endpoint, extra=["--metrics-addr", f"127.0.0.1:{metrics_port}"]
+    ).start()
+    try:
+        with RawClient(daemon.socket_path):
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5)
+            health = json.loads(body.read())
+            assert health["ok"] is True and health["etcd_connected"] is True
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+            assert b"hotknob_config_version" in text
+            assert b"hotknob_clients_connected 1.0" in text
+            started = time.monotonic()
+            daemon.signal(signal.SIGTERM)
+            assert daemon.proc is not None
+            assert daemon.proc.wait(timeout=5) == 0
+            assert time.monotonic() - started < 5
+        assert not daemon.socket_path.exists()
+        assert daemon.events("daemon_stopped")
+    finally:
+        daemon.stop()
+
+
+def test_invalid_start_input_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    from tests.daemon_proc import run_cli
+
+    done = run_cli("run", "--socket", str(tmp_path / "s.sock"), "--set", "train.lr=-1")
+    assert done.returncode == 1
+    assert "train.lr (from cli)" in done.stderr
+    assert "Traceback" not in done.stderr
