@@ -1,0 +1,159 @@
+"""The runtime against a real daemon and real etcd: step-boundary apply, acks, status, restarts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hotknob.model_runtime import LiveConfig
+from tests.daemon_proc import DaemonProcess, run_cli
+from tests.etcd_server import EtcdServer
+
+pytestmark = pytest.mark.timeout(90)
+
+APP = "t"
+P = f"/hotknob/{APP}/config/"
+
+
+def wait_pending(live: LiveConfig, version: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while live.pending_version < version:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"version {version} never reached the process")
+        time.sleep(0.005)
+
+
+def make_optimizer() -> torch.optim.Optimizer:
+    model = torch.nn.Linear(4, 1)
+    return torch.optim.SGD(
+        [{"params": [model.weight]}, {"params": [model.bias], "lr": 1.0}], lr=0.1, momentum=0.9
+    )
+
+
+def status_entries(etcd: EtcdServer) -> list[dict]:
+    done = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["processes"]
+
+
+def test_put_lands_at_the_next_apply_and_is_acknowledged(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    with DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--node", "n1"]) as daemon:
+        opt = make_optimizer()
+        with LiveConfig.connect(socket=daemon.socket_path, timeout=10, client="trainer") as live:
+            live.bind_optimizer(opt)
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-2])
+            for step in range(3):
+                live.apply(step)
+            v = live.version
+            etcd.etcdctl("put", P + "train/lr", "0.004")
+            wait_pending(live, v + 1)
+            # Received but not applied: the optimizer is untouched until the safe point.
+            assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+            assert live["train.lr"] == pytest.approx(1e-3)
+            assert live.apply(3) is True
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.004, 0.04])
+            assert live.version == v + 1
+
+            etcd.etcdctl(
+                "txn", input=f"\nput {P}train/lr 0.002\nput {P}train/momentum 0.5\n\n\n"
+            )
+            wait_pending(live, v + 2)
+            assert live.apply(4) is True
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.002)
+            assert opt.param_groups[0]["momentum"] == pytest.approx(0.5)
+
+            deadline = time.monotonic() + 10
+            while True:
+                entries = status_entries(etcd)
+                mine = [e for e in entries if e["client"] == "trainer"]
+                if mine and mine[0]["version"] == v + 2:
+                    break
+                assert time.monotonic() < deadline, entries
+                time.sleep(0.1)
+            assert mine[0]["step"] == 4
+            assert mine[0]["key"] == "n1/trainer"
+            assert mine[0]["revision"] > 0
+        # The process closed: its entry goes when the daemon sees the disconnect.
+        deadline = time.monotonic() + 10
+        while any(e["client"] == "trainer" for e in status_entries(etcd)):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_status_entry_of_a_dead_daemon_vanishes_with_its_lease(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    daemon = DaemonProcess(
+        tmp_path, endpoints=etcd.endpoint, extra=["--node", "n2", "--status-ttl", "2"]
+    ).start()
+    try:
+        with LiveConfig.connect(socket=daemon.socket_path, timeout=10, client="p") as live:
+            etcd.etcdctl("put", P + "train/lr", "0.3")
+            wait_pending(live, live.version + 1)
+            live.apply(7)
+            deadline = time.monotonic() + 10
+            while not any(e["client"] == "p" for e in status_entries(etcd)):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            daemon.kill()  # no clean shutdown: only the lease can clean up
+            deadline = time.monotonic() + 15
+            while any(e["client"] == "p" for e in status_entries(etcd)):
+                assert time.monotonic() < deadline, "entry outlived its lease"
+                time.sleep(0.2)
+    finally:
+        daemon.stop()
+
+
+def test_daemon_killed_and_restarted_mid_training(etcd: EtcdServer, tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint).start()
+    opt = make_optimizer()
+    try:
+        with LiveConfig.connect(socket=daemon.socket_path, timeout=10) as live:
+            live.bind_optimizer(opt)
+            etcd.etcdctl("put", P + "train/lr", "0.05")
+            wait_pending(live, live.version + 1)
+            step = 0
+            live.apply(step)
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+            daemon.kill()
+            for _ in range(50):  # training goes on with its last values
+                step += 1
+                assert live.apply(step) is False
+                assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+            daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint).start()
+            etcd.etcdctl("put", P + "train/lr", "0.06")
+            deadline = time.monotonic() + 20
+            while opt.param_groups[0]["lr"] != pytest.approx(0.06):
+                assert time.monotonic() < deadline, "change after restart never landed"
+                step += 1
+                live.apply(step)
+                time.sleep(0.01)
+            assert live["train.lr"] == pytest.approx(0.06)
+    finally:
+        daemon.stop()
+
+
+def test_sampling_change_reaches_an_inference_loop(etcd: EtcdServer, tmp_path: Path) -> None:
+    from hotknob.model_runtime.sampling import SamplingParams, sample
+
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        LiveConfig.connect(socket=daemon.socket_path, timeout=10) as live,
+    ):
+        params = SamplingParams.from_values(live.values)
+        live.on_change("sampling", lambda _: None)
+        logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+        gen = torch.Generator().manual_seed(0)
+        etcd.etcdctl("put", P + "sampling/temperature", "0")
+        wait_pending(live, live.version + 1)
+        assert params.temperature == 1.0
+        if live.apply(1):
+            params = SamplingParams.from_values(live.values)
+        assert params.temperature == 0.0
+        assert all(int(sample(logits, params, gen)[0]) == 1 for _ in range(20))
