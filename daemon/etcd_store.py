@@ -1,0 +1,635 @@
+"""The one adapter between hotknob and the etcd client library (``pyetcd``).
+
+Every call into the client lives here, so the client can be swapped by rewriting this
+module alone. What it guarantees to callers:
+
+- reads of a prefix are one range request: one consistent state and its revision;
+- ``commit`` is one transaction: all puts and deletes land at one revision, or nothing
+  does (a failed compare raises ``ConflictError`` and writes nothing);
+- every client or gRPC error is mapped here, with ``raise ... from exc``::
+
+      HotknobError
+      +-- Unavailable            cannot reach etcd (retryable); one line naming the endpoints
+      +-- AuthError              bad credentials or no permission
+      +-- CompactedError         the revision asked for was compacted away
+      +-- ConflictError          a compare in ``commit`` failed; nothing was written
+      +-- InvalidInput           a bad request (future revision, duplicate key in a commit)
+      +-- UsageError             a malformed endpoint
+
+  The password never appears in a message or a repr;
+- an expired or invalid auth token rebuilds the client once and retries (the client
+  library never refreshes its token).
+
+``watch_prefix`` is the low-level stream used by ``EtcdWatcher``: it groups each watch
+response's events by revision, so one transaction is one ``EtcdChange``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+import pyetcd
+from pyetcd import etcdrpc
+from pyetcd import exceptions as etcd_exc
+
+from hotknob.config.errors import HotknobError, InvalidInput, Unavailable, UsageError
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 2379
+# etcd answers client pings more often than every 5 s with GOAWAY "too_many_pings".
+_MIN_KEEPALIVE_S = 5.0
+# etcd cuts a watch catch-up response after this many revisions (mvcc watchBatchMaxRevs).
+_WATCH_BATCH_REVS = 1000
+# With no event promised, how long a history replay waits for a first batch.
+_QUIET_S = 1.0
+
+
+class AuthError(HotknobError):
+    """etcd refused the credentials, or the user lacks permission for the operation."""
+
+    exit_code = 1
+
+
+class CompactedError(HotknobError):
+    """The revision asked for is older than etcd's compaction point.
+
+    ``compact_revision`` is the oldest revision still readable when etcd says so (a
+    watch does), else ``None`` (a read at a revision does not).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, compact_revision: int | None = None) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
+
+
+class ConflictError(HotknobError):
+    """A compare in ``commit`` failed, so nothing was written.
+
+    ``current`` maps each key whose mod revision differed from the expectation to its
+    mod revision now (0: the key does not exist).
+    """
+
+    exit_code = 1
+
+    def __init__(self, current: Mapping[str, int]) -> None:
+        self.current = dict(current)
+        detail = ", ".join(f"{k} is at revision {r}" for k, r in sorted(self.current.items()))
+        super().__init__(f"etcd keys changed concurrently ({detail or 'unknown keys'})")
+
+
+class _TokenExpired(AuthError):
+    """An auth token etcd no longer accepts; the caller rebuilds the client and retries."""
+
+
+@dataclass(frozen=True)
+class EtcdOptions:
+    """How to reach etcd. ``password`` is left out of the repr, and of every message."""
+
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_cert: str | None = None
+    cert_cert: str | None = None
+    cert_key: str | None = None
+    timeout: float = 5.0
+    time_retry: float = 1.0
+    keepalive_time: float = _MIN_KEEPALIVE_S
+    keepalive_timeout: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise UsageError("no etcd endpoints given")
+        for text in self.endpoints:
+            parse_endpoint(text)
+        if (self.user is None) != (self.password is None):
+            raise UsageError("etcd auth needs both a user and a password")
+
+    @classmethod
+    def from_strings(
+        cls,
+        endpoints_csv: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        ca_cert: str | None = None,
+        cert_cert: str | None = None,
+        cert_key: str | None = None,
+        timeout: float = 5.0,
+        time_retry: float = 1.0,
+    ) -> EtcdOptions:
+        """Options from a comma-separated endpoint list, as given on a command line."""
+        endpoints = tuple(part.strip() for part in endpoints_csv.split(",") if part.strip())
+        return cls(
+            endpoints=endpoints,
+            user=user or None,
+            password=password or None,
+            ca_cert=ca_cert or None,
+            cert_cert=cert_cert or None,
+            cert_key=cert_key or None,
+            timeout=timeout,
+            time_retry=time_retry,
+        )
+
+    def describe(self) -> str:
+        """The endpoints, for messages: ``127.0.0.1:2379,10.0.0.2:2379``."""
+        return ",".join(self.endpoints)
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_cert is not None or self.cert_cert is not None
+
+
+def parse_endpoint(text: str) -> tuple[str, int, bool | None]:
+    """``host:port``, ``http://host:port`` or ``https://host:port`` → (host, port, secure).
+
+    ``secure`` is ``None`` when no scheme says so (TLS options then decide). IPv6 hosts
+    are written in brackets: ``[::1]:2379``.
+    """
+    rest, secure = text.strip(), None
+    for scheme, is_secure in (("http://", False), ("https://", True)):
+        if rest.lower().startswith(scheme):
+            rest, secure = rest[len(scheme) :], is_secure
+    rest = rest.rstrip("/")
+    host, port_text = rest, ""
+    if rest.startswith("["):
+        host, _, after = rest[1:].partition("]")
+        port_text = after[1:] if after.startswith(":") else after
+    elif rest.count(":") == 1:
+        host, port_text = rest.split(":")
+    try:
+        port = int(port_text) if port_text else DEFAULT_PORT
+    except ValueError:
+        port = -1
+    if not host or "/" in rest or not 0 < port < 65536:
+        raise UsageError(
+            f"malformed etcd endpoint {text!r} (want host:port or http(s)://host:port)"
+        )
+    return host, port, secure
+
+
+@dataclass(frozen=True)
+class EtcdChange:
+    """All events of one etcd revision under a prefix: one transaction is one change."""
+
+    revision: int
+    puts: Mapping[str, bytes]
+    deletes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One key's state as changed at ``revision``; ``value`` is ``None`` for a delete."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
+@dataclass(frozen=True)
+class History:
+    """Entries newest first. ``reached_compaction``: older history was compacted away."""
+
+    entries: list[HistoryEntry]
+    reached_compaction: bool
+
+
+WatchItem: TypeAlias = list[EtcdChange] | HotknobError
+
+
+@dataclass(frozen=True)
+class _Batch:
+    header_revision: int
+    changes: list[EtcdChange]
+
+
+def group_by_revision(events: Iterable[tuple[int, str, bytes | None]]) -> list[EtcdChange]:
+    """(revision, key, value or None for a delete) events → one ``EtcdChange`` per revision.
+
+    A watch response can hold several revisions (a catch-up after a reconnect); within
+    one revision a later event for the same key wins. Order of revisions is kept.
+    """
+    grouped: dict[int, tuple[dict[str, bytes], set[str]]] = {}
+    for revision, key, value in events:
+        puts, deletes = grouped.setdefault(revision, ({}, set()))
+        if value is None:
+            puts.pop(key, None)
+            deletes.add(key)
+        else:
+            deletes.discard(key)
+            puts[key] = value
+    return [
+        EtcdChange(revision, puts, frozenset(deletes))
+        for revision, (puts, deletes) in sorted(grouped.items())
+    ]
+
+
+def _key(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8")
+
+
+def _rpc_error(exc: BaseException) -> grpc.RpcError | None:
+    """The gRPC error behind ``exc``; the client re-raises its own types from inside it."""
+    for candidate in (exc, exc.__context__, exc.__cause__):
+        if isinstance(candidate, grpc.RpcError):
+            return candidate
+    return None
+
+
+def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobError:
+    """Translate a client/gRPC error from ``what`` (e.g. "read /p/") into hotknob's tree."""
+    if isinstance(exc, HotknobError):
+        return exc
+    where = options.describe()
+    if isinstance(exc, etcd_exc.RevisionCompactedError):
+        rev = exc.compacted_revision
+        return CompactedError(f"etcd {what}: revision compacted (oldest kept: {rev})", rev)
+    rpc = _rpc_error(exc)
+    code = rpc.code() if rpc is not None and hasattr(rpc, "code") else None
+    details = ""
+    if rpc is not None and hasattr(rpc, "details"):
+        details = (rpc.details() or "").splitlines()[0] if rpc.details() else ""
+    details = details.removeprefix("etcdserver: ")
+    if code == grpc.StatusCode.UNAUTHENTICATED or "auth token" in details:
+        return _TokenExpired(f"etcd {what}: {details or 'unauthenticated'}")
+    if "authentication" in details or code == grpc.StatusCode.PERMISSION_DENIED:
+        user = f" as user {options.user!r}" if options.user else ""
+        return AuthError(f"etcd {what}{user} at {where}: {details}")
+    if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
+        return CompactedError(f"etcd {what}: {details}")
+    if code == grpc.StatusCode.OUT_OF_RANGE and "future" in details:
+        return InvalidInput(f"etcd {what}: {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput(f"etcd {what}: {details}")
+    if isinstance(exc, etcd_exc.NoServerAvailableError):
+        reason = "no endpoint available (all failed recently)"
+    elif isinstance(exc, etcd_exc.ConnectionTimeoutError | etcd_exc.WatchTimedOut) or (
+        code == grpc.StatusCode.DEADLINE_EXCEEDED
+    ):
+        reason = f"no answer within {options.timeout:g}s"
+    elif isinstance(exc, etcd_exc.ConnectionFailedError) or code == grpc.StatusCode.UNAVAILABLE:
+        reason = f"connection failed ({details})" if details else "connection failed"
+    elif code == grpc.StatusCode.CANCELLED:
+        reason = "request cancelled (client closed)"
+    else:
+        reason = details or type(exc).__name__
+    return Unavailable(f"cannot reach etcd at {where} ({what}): {reason}")
+
+
+class EtcdStore:
+    """Reads, transactional writes, history and leases against one etcd cluster.
+
+    Thread-safe: calls may come from several threads. The client is built on first use
+    (no I/O in ``__init__``) and rebuilt after an auth-token error. After ``close()``
+    every call raises ``Unavailable``.
+    """
+
+    def __init__(self, options: EtcdOptions) -> None:
+        self.options = options
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._closed = False
+        self._watch_threads: list[threading.Thread] = []
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({self.options.describe()})"
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        o = self.options
+        return [
+            ("grpc.keepalive_time_ms", int(max(o.keepalive_time, _MIN_KEEPALIVE_S) * 1000)),
+            ("grpc.keepalive_timeout_ms", int(o.keepalive_timeout * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(o.keepalive_timeout * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+
+    def _build(self) -> Any:
+        o = self.options
+        creds = None
+        if o.tls or any(parse_endpoint(e)[2] for e in o.endpoints):
+            try:
+                if o.ca_cert is not None:
+                    creds = pyetcd.MultiEndpointEtcd3Client.get_secure_creds(
+                        o.ca_cert, cert_key=o.cert_key, cert_cert=o.cert_cert
+                    )
+                else:
+                    creds = grpc.ssl_channel_credentials()
+            except OSError as exc:
+                raise UsageError(f"cannot read etcd TLS files: {exc}") from exc
+        endpoints = []
+        for text in o.endpoints:
+            host, port, secure = parse_endpoint(text)
+            is_secure = secure if secure is not None else o.tls
+            endpoints.append(
+                pyetcd.Endpoint(
+                    host,
+                    port,
+                    secure=is_secure,
+                    creds=creds if is_secure else None,
+                    time_retry=o.time_retry,
+                    opts=self._grpc_options(),
+                )
+            )
+        try:
+            client = pyetcd.MultiEndpointEtcd3Client(
+                endpoints, timeout=o.timeout, user=o.user, password=o.password, failover=True
+            )
+        except Exception as exc:
+            for endpoint in endpoints:
+                endpoint.close()
+            raise map_error(exc, o, "authenticate") from exc
+        if not any(e.secure for e in endpoints):
+            # gRPC refuses call credentials on a plaintext channel; the token also
+            # travels as metadata, which is all etcd reads.
+            client.call_credentials = None
+        return client
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._closed:
+                raise Unavailable(f"etcd client for {self.options.describe()} is closed")
+            if self._client is None:
+                self._client = self._build()
+            return self._client
+
+    def _drop(self, client: Any) -> None:
+        with self._lock:
+            if self._client is client:
+                self._client = None
+        client.close()
+
+    def _call(self, what: str, fn: Callable[[Any], T], *, idempotent: bool = True) -> T:
+        """Run ``fn(client)``; map errors; rebuild once on a stale token; fail over reads."""
+        tries = 1 + (len(self.options.endpoints) - 1 if idempotent else 0)
+        rebuilt = False
+        while True:
+            client = self._connect()
+            try:
+                return fn(client)
+            except Exception as exc:
+                err = map_error(exc, self.options, what)
+                if isinstance(err, _TokenExpired) and not rebuilt:
+                    rebuilt = True
+                    self._drop(client)
+                    continue
+                tries -= 1
+                if isinstance(err, Unavailable) and tries > 0 and not self._closed:
+                    continue
+                raise err from exc
+
+    def read_prefix(self, prefix: str, revision: int | None = None) -> tuple[dict[str, bytes], int]:
+        """Every key under ``prefix`` and its value, at ``revision`` (default: now).
+
+        Returns the values and the response header's revision: the state is consistent
+        at that revision, so a watch from revision + 1 misses nothing.
+        """
+        rev = None if revision is None or revision <= 0 else revision
+        response = self._call(
+            f"read {prefix}", lambda c: c.get_prefix_response(prefix, revision=rev)
+        )
+        values = {_key(kv.key): bytes(kv.value) for kv in response.kvs}
+        return values, int(response.header.revision)
+
+    def history(self, key_or_prefix: str, *, prefix: bool, limit: int) -> History:
+        """The latest ``limit`` changes to a key (or every key under a prefix), newest first.
+
+        etcd keeps history as events, and reads at a revision cannot see deletes, so
+        this replays a watch from the oldest revision kept (etcd's compaction point,
+        then ``reached_compaction`` is set) up to the current revision. etcd sends the
+        catch-up in batches of whole revisions, each headed by the then-current
+        revision and holding every event up to it unless cut at ``_WATCH_BATCH_REVS``.
+        """
+        what = f"history of {key_or_prefix}"
+        if prefix:
+            response = self._call(what, lambda c: c.get_prefix_response(key_or_prefix))
+        else:
+            response = self._call(what, lambda c: c.get_response(key_or_prefix))
+        head = int(response.header.revision)
+        newest = max((int(kv.mod_revision) for kv in response.kvs), default=0)
+        start, compacted = 1, False
+        while True:
+            try:
+                changes = self._replay(key_or_prefix, prefix, start, head, newest)
+                break
+            except CompactedError as exc:
+                if exc.compact_revision is None or exc.compact_revision <= start:
+                    raise
+                start, compacted = exc.compact_revision, True
+        entries: list[HistoryEntry] = []
+        for change in reversed(changes):
+            entries += [HistoryEntry(k, None, change.revision) for k in sorted(change.deletes)]
+            entries += [HistoryEntry(k, v, change.revision) for k, v in sorted(change.puts.items())]
+        entries.sort(key=lambda e: (-e.revision, e.key))
+        return History(entries[:limit], compacted)
+
+    def _replay(
+        self, key: str, prefix: bool, start: int, head: int, newest: int
+    ) -> list[EtcdChange]:
+        """All changes in [start, head]; ``newest >= start`` promises at least one event."""
+        got: queue.SimpleQueue[_Batch | HotknobError] = queue.SimpleQueue()
+        client, watch_id = self._add_watch(key, prefix, start, got.put)
+        changes: list[EtcdChange] = []
+        try:
+            while True:
+                expect = bool(changes) or newest >= start
+                try:
+                    item = got.get(timeout=self.options.timeout if expect else _QUIET_S)
+                except queue.Empty:
+                    if expect:
+                        reason = f"no answer within {self.options.timeout:g}s"
+                        raise Unavailable(
+                            f"cannot reach etcd at {self.options.describe()} "
+                            f"(history of {key}): {reason}"
+                        ) from None
+                    return changes
+                if isinstance(item, HotknobError):
+                    raise item
+                changes += [c for c in item.changes if c.revision <= head]
+                last = item.changes[-1].revision if item.changes else 0
+                if last >= head or (
+                    item.header_revision >= head and len(item.changes) < _WATCH_BATCH_REVS
+                ):
+                    return changes
+        finally:
+            with contextlib.suppress(Exception):
+                client.cancel_watch(watch_id)
+
+    def commit(
+        self,
+        puts: Mapping[str, str | bytes],
+        deletes: Iterable[str] = (),
+        *,
+        expect_mod_revisions: Mapping[str, int] | None = None,
+    ) -> int:
+        """Write all ``puts`` and ``deletes`` in ONE transaction; return its revision.
+
+        ``expect_mod_revisions`` maps keys to the mod revision they must still have
+        (0: the key must not exist); if any differs, ``ConflictError`` is raised and
+        nothing is written. Not retried on another endpoint: a lost answer could hide a
+        write that landed.
+        """
+        deletes = tuple(deletes)
+        clash = set(puts) & set(deletes)
+        if clash:
+            raise InvalidInput(f"a commit cannot both put and delete {sorted(clash)}")
+        expected = dict(expect_mod_revisions or {})
+
+        def txn(c: Any) -> tuple[bool, list[Any]]:
+            t = c.transactions
+            compare = [t.mod(k) == rev for k, rev in expected.items()]
+            success = [t.put(k, _bytes(v)) for k, v in puts.items()]
+            success += [t.delete(k) for k in deletes]
+            failure = [t.get(k) for k in expected]
+            ok, responses = c.transaction(compare=compare, success=success, failure=failure)
+            return bool(ok), list(responses)
+
+        ok, responses = self._call(f"commit {len(puts) + len(deletes)} keys", txn, idempotent=False)
+        if not ok:
+            current = {}
+            for key, found in zip(expected, responses, strict=True):
+                mod = int(found[0][1].mod_revision) if found else 0
+                if mod != expected[key]:
+                    current[key] = mod
+            raise ConflictError(current)
+        for response in responses:
+            kind = response.WhichOneof("response")
+            return int(getattr(response, kind).header.revision)
+        return self.current_revision()
+
+    def put(self, key: str, value: str | bytes, lease: int | None = None) -> int:
+        """Put one key (optionally on a lease); return the revision it created."""
+        response = self._call(
+            f"put {key}", lambda c: c.put(key, _bytes(value), lease=lease), idempotent=False
+        )
+        return int(response.header.revision)
+
+    def current_revision(self) -> int:
+        """etcd's current revision (from a member status; needs no read permission)."""
+
+        def status(c: Any) -> Any:
+            return c.maintenancestub.Status(
+                etcdrpc.StatusRequest(),
+                c.timeout,
+                credentials=c.call_credentials,
+                metadata=c.metadata,
+            )
+
+        return int(self._call("status", status).header.revision)
+
+    def probe(self, prefix: str) -> int:
+        """A cheap linearizable read (count only) under ``prefix``; returns the revision.
+
+        Fails on a hung member and on one cut off from its cluster's leader, which is
+        what the watcher's watchdog relies on.
+        """
+        response = self._call(
+            f"probe {prefix}",
+            lambda c: c.get_prefix_response(prefix, count_only=True),
+            idempotent=False,
+        )
+        return int(response.header.revision)
+
+    def compact(self, revision: int) -> None:
+        """Drop history before ``revision`` (reads and watches below it then fail)."""
+        self._call(f"compact at {revision}", lambda c: c.compact(revision))
+
+    def grant_lease(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds; returns its id."""
+        lease = self._call(f"grant lease ttl={ttl}", lambda c: c.lease(ttl), idempotent=False)
+        return int(lease.id)
+
+    def keepalive(self, lease: int) -> int:
+        """Refresh a lease; returns its remaining TTL in seconds (0: it has expired)."""
+        responses = self._call(f"keep lease {lease} alive", lambda c: list(c.refresh_lease(lease)))
+        return int(responses[0].TTL) if responses else 0
+
+    def revoke(self, lease: int) -> None:
+        """Revoke a lease (its keys vanish). Revoking an unknown lease is not an error."""
+        try:
+            self._call(f"revoke lease {lease}", lambda c: c.revoke_lease(lease))
+        except HotknobError as exc:
+            if "lease not found" not in str(exc):
+                raise
+
+    def watch_prefix(
+        self, prefix: str, start_revision: int, deliver: Callable[[WatchItem], None]
+    ) -> None:
+        """Stream changes under ``prefix`` from ``start_revision`` into ``deliver``.
+
+        ``deliver`` runs on the client's watch thread and must be quick. It gets a list
+        of changes (one per revision, possibly empty: a progress notice) or a mapped
+        error, after which the stream is over. The stream ends when the store closes.
+        """
+
+        def on_batch(item: _Batch | HotknobError) -> None:
+            deliver(item if isinstance(item, HotknobError) else item.changes)
+
+        self._add_watch(prefix, True, start_revision, on_batch)
+
+    def _add_watch(
+        self,
+        key: str,
+        prefix: bool,
+        start_revision: int,
+        deliver: Callable[[_Batch | HotknobError], None],
+    ) -> tuple[Any, int]:
+        """Register a watch; returns (client, watch id) so that it can be cancelled."""
+        options = self.options
+        what = f"watch {key}"
+
+        def on_response(item: Any) -> None:
+            if isinstance(item, BaseException) or item is None:
+                deliver(map_error(item or etcd_exc.ConnectionFailedError(), options, what))
+                return
+            events = (
+                (
+                    int(e.mod_revision),
+                    _key(e.key),
+                    None if isinstance(e, pyetcd.events.DeleteEvent) else bytes(e.value),
+                )
+                for e in item.events
+            )
+            deliver(_Batch(int(item.header.revision), group_by_revision(events)))
+
+        def add(c: Any) -> tuple[Any, int]:
+            if prefix:
+                watch_id = c.add_watch_prefix_callback(
+                    key, on_response, start_revision=start_revision
+                )
+            else:
+                watch_id = c.add_watch_callback(key, on_response, start_revision=start_revision)
+            thread = getattr(c.watcher, "_callback_thread", None)
+            if isinstance(thread, threading.Thread):
+                with self._lock:
+                    self._watch_threads.append(thread)
+            return c, int(watch_id)
+
+        return self._call(f"{what} from revision {start_revision}", add, idempotent=False)
+
+    def close(self, join_timeout: float = 5.0) -> None:
+        """Close the client: cancels calls and watches, and waits for the watch thread."""
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+            threads, self._watch_threads = self._watch_threads, []
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(join_timeout)

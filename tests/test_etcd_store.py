@@ -1,0 +1,230 @@
+"""EtcdStore against a real etcd: reads, one-transaction commits, history, leases, errors."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+
+from hotknob.config.errors import InvalidInput, Unavailable, UsageError
+from hotknob.daemon.etcd_store import (
+    AuthError,
+    CompactedError,
+    ConflictError,
+    EtcdChange,
+    EtcdOptions,
+    EtcdStore,
+    HistoryEntry,
+    WatchItem,
+    group_by_revision,
+    parse_endpoint,
+)
+from tests.etcd_server import EtcdServer, free_port
+
+P = "/hotknob/test/config/"
+
+
+@pytest.fixture
+def store(etcd: EtcdServer):
+    s = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,), timeout=3.0))
+    yield s
+    s.close()
+
+
+def test_parse_endpoint_forms() -> None:
+    assert parse_endpoint("10.0.0.1:2380") == ("10.0.0.1", 2380, None)
+    assert parse_endpoint("http://etcd:2379") == ("etcd", 2379, False)
+    assert parse_endpoint("https://etcd") == ("etcd", 2379, True)
+    assert parse_endpoint("[::1]:4000") == ("::1", 4000, None)
+    for bad in ("", "host:port", "host:0", "http://a/b:1"):
+        with pytest.raises(UsageError):
+            parse_endpoint(bad)
+
+
+def test_options_from_strings_hides_password() -> None:
+    opts = EtcdOptions.from_strings(" a:1, https://b:2 ,", user="u", password="s3cret")
+    assert opts.endpoints == ("a:1", "https://b:2")
+    assert "s3cret" not in repr(opts)
+    with pytest.raises(UsageError):
+        EtcdOptions.from_strings("a:1", user="u")
+
+
+def test_group_by_revision_keeps_order_and_last_event_wins() -> None:
+    changes = group_by_revision(
+        [(7, "/a", b"1"), (7, "/b", b"2"), (8, "/a", None), (9, "/c", b"3"), (9, "/c", None)]
+    )
+    assert changes == [
+        EtcdChange(7, {"/a": b"1", "/b": b"2"}, frozenset()),
+        EtcdChange(8, {}, frozenset({"/a"})),
+        EtcdChange(9, {}, frozenset({"/c"})),
+    ]
+
+
+def test_read_prefix_is_one_consistent_state(store: EtcdStore) -> None:
+    r1 = store.commit({P + "train/lr": "0.1", P + "train/momentum": "0.9"})
+    store.put("/elsewhere", "x")
+    r2 = store.commit({P + "train/lr": "0.2"}, [P + "train/momentum"])
+    values, rev = store.read_prefix(P)
+    assert values == {P + "train/lr": b"0.2"}
+    assert rev == r2 == store.current_revision()
+    old, old_rev = store.read_prefix(P, revision=r1)
+    assert old == {P + "train/lr": b"0.1", P + "train/momentum": b"0.9"}
+    assert old_rev == r2  # the header tells the current revision, the data is as of r1
+
+
+def test_commit_writes_all_keys_at_one_revision(store: EtcdStore, etcd: EtcdServer) -> None:
+    rev = store.commit({P + "a": "1", P + "b": b"2"})
+    out = etcd.etcdctl("get", "--prefix", P, "-w", "json").stdout
+    assert out.count(f'"mod_revision":{rev}') == 2
+
+
+def test_commit_with_failed_compare_raises_and_writes_nothing(store: EtcdStore) -> None:
+    first = store.commit({P + "a": "1"})
+    before = store.current_revision()
+    with pytest.raises(ConflictError) as info:
+        store.commit(
+            {P + "a": "2", P + "b": "2"},
+            expect_mod_revisions={P + "a": first - 1, P + "b": 0},
+        )
+    assert info.value.current == {P + "a": first}
+    assert store.read_prefix(P)[0] == {P + "a": b"1"}
+    assert store.current_revision() == before
+
+
+def test_commit_mod_revision_zero_means_key_must_not_exist(store: EtcdStore) -> None:
+    rev = store.commit({P + "new": "1"}, expect_mod_revisions={P + "new": 0})
+    with pytest.raises(ConflictError):
+        store.commit({P + "new": "2"}, expect_mod_revisions={P + "new": 0})
+    assert store.commit({P + "new": "3"}, expect_mod_revisions={P + "new": rev}) == rev + 1
+
+
+def test_commit_rejects_put_and_delete_of_one_key(store: EtcdStore) -> None:
+    with pytest.raises(InvalidInput):
+        store.commit({P + "a": "1"}, [P + "a"])
+
+
+def test_history_of_a_key_with_deletes(store: EtcdStore) -> None:
+    key = P + "train/lr"
+    r1 = store.put(key, "0.1")
+    store.put("/other", "noise")
+    r2 = store.put(key, "0.2")
+    r3 = store.commit({}, [key])
+    store.put("/other", "noise2")
+    r4 = store.put(key, "0.4")
+    history = store.history(key, prefix=False, limit=10)
+    assert history.entries == [
+        HistoryEntry(key, b"0.4", r4),
+        HistoryEntry(key, None, r3),
+        HistoryEntry(key, b"0.2", r2),
+        HistoryEntry(key, b"0.1", r1),
+    ]
+    assert not history.reached_compaction
+    assert store.history(key, prefix=False, limit=2).entries == history.entries[:2]
+
+
+def test_history_of_a_key_that_is_deleted_now(store: EtcdStore) -> None:
+    key = P + "gone"
+    r1 = store.put(key, "1")
+    r2 = store.commit({}, [key])
+    store.put(P + "other", "x")
+    assert store.history(key, prefix=False, limit=5).entries == [
+        HistoryEntry(key, None, r2),
+        HistoryEntry(key, b"1", r1),
+    ]
+    assert store.history(P + "never", prefix=False, limit=5).entries == []
+
+
+def test_history_of_a_prefix_groups_a_transaction(store: EtcdStore) -> None:
+    r1 = store.commit({P + "a": "1", P + "b": "1"})
+    r2 = store.commit({P + "a": "2"}, [P + "b"])
+    entries = store.history(P, prefix=True, limit=10).entries
+    assert entries == [
+        HistoryEntry(P + "a", b"2", r2),
+        HistoryEntry(P + "b", None, r2),
+        HistoryEntry(P + "a", b"1", r1),
+        HistoryEntry(P + "b", b"1", r1),
+    ]
+
+
+def test_history_stops_cleanly_at_compaction(store: EtcdStore) -> None:
+    key = P + "k"
+    revs = [store.put(key, str(i)) for i in range(6)]
+    store.compact(revs[3])
+    history = store.history(key, prefix=False, limit=10)
+    assert history.reached_compaction
+    # the compaction point itself is still readable; nothing before it is reported
+    assert [e.revision for e in history.entries] == [revs[5], revs[4], revs[3]]
+    assert [e.value for e in history.entries] == [b"5", b"4", b"3"]
+    with pytest.raises(CompactedError):
+        store.read_prefix(P, revision=revs[1])
+
+
+def test_read_at_a_future_revision_is_invalid_input(store: EtcdStore) -> None:
+    with pytest.raises(InvalidInput, match="future"):
+        store.read_prefix(P, revision=store.current_revision() + 100)
+
+
+def test_lease_lifecycle(store: EtcdStore) -> None:
+    lease = store.grant_lease(30)
+    store.put(P + "status/me", "alive", lease=lease)
+    assert 0 < store.keepalive(lease) <= 30
+    store.revoke(lease)
+    assert store.read_prefix(P)[0] == {}
+    assert store.keepalive(lease) == 0
+    store.revoke(lease)  # idempotent
+
+
+def test_watch_prefix_from_a_revision_and_after_compaction(store: EtcdStore) -> None:
+    _, start = store.read_prefix(P)
+    rev = store.commit({P + "a": "1", P + "b": "2"})
+    got: queue.SimpleQueue[WatchItem] = queue.SimpleQueue()
+    store.watch_prefix(P, start + 1, got.put)
+    assert got.get(timeout=5) == [EtcdChange(rev, {P + "a": b"1", P + "b": b"2"}, frozenset())]
+    store.put(P + "a", "2")
+    store.compact(store.put(P + "a", "3"))
+    compacted: queue.SimpleQueue[WatchItem] = queue.SimpleQueue()
+    store.watch_prefix(P, start + 1, compacted.put)
+    item = compacted.get(timeout=5)
+    assert isinstance(item, CompactedError)
+    assert item.compact_revision == rev + 2
+
+
+def test_unreachable_endpoint_is_one_clear_line_without_password() -> None:
+    port = free_port()
+    opts = EtcdOptions(endpoints=(f"127.0.0.1:{port}",), user="root", password="hunter2",
+                       timeout=1.0)  # fmt: skip
+    store = EtcdStore(opts)
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as info:
+        store.read_prefix(P)
+    assert time.monotonic() - started < 10  # a generous bound only against a hang
+    message = str(info.value)
+    assert f"127.0.0.1:{port}" in message and "\n" not in message
+    assert "hunter2" not in message and "hunter2" not in repr(store)
+    store.close()
+
+
+def test_closed_store_raises_unavailable(store: EtcdStore) -> None:
+    store.put(P + "a", "1")
+    store.close()
+    with pytest.raises(Unavailable):
+        store.read_prefix(P)
+
+
+def test_auth_wrong_password_and_token_expiry() -> None:
+    with EtcdServer(extra_args=("--auth-token", "simple", "--auth-token-ttl", "1")) as etcd:
+        etcd.etcdctl("user", "add", "root:rootpw")
+        etcd.etcdctl("auth", "enable")
+        bad = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,), user="root", password="nope"))
+        with pytest.raises(AuthError) as info:
+            bad.read_prefix(P)
+        assert "nope" not in str(info.value)
+        bad.close()
+        good = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,), user="root", password="rootpw"))
+        try:
+            good.put(P + "a", "1")
+            time.sleep(2.5)  # the simple token expires after its TTL without use
+            assert good.read_prefix(P)[0] == {P + "a": b"1"}
+        finally:
+            good.close()
