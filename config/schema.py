@@ -9,9 +9,11 @@ hot-pushes it and reports a change to it as pending a restart.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
@@ -64,7 +66,7 @@ class Leaf:
     live: bool
 
 
-def _is_section(annotation: Any) -> bool:
+def _is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
@@ -96,6 +98,11 @@ def load_schema(spec: str) -> type[BaseModel]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SchemaLoadError(f"schema {spec!r} must look like 'package.module:ClassName'")
+    # Like ``python -m``, look in the working directory too, so a console script run
+    # from a repository root (a git hook, CI) finds the schema that lives there.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:

@@ -29,7 +29,7 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
-def common_options() -> argparse.ArgumentParser:
+def common_options() -> _Parser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("common options")
     g.add_argument("--app", default=_env("HOTKNOB_APP", "default"), help="application name")

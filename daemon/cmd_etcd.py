@@ -8,17 +8,21 @@ writes nothing. Keys a higher layer shadows are written but reported.
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from hotknob.config import InvalidChange, Layer, Problem, UsageError, etcd_layer, merge_layers
-from hotknob.config.keys import etcd_key, key_from_etcd, to_text
+from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, to_text
 from hotknob.config.merge import changed_keys
 from hotknob.config.sources import parse_assignment
 
 from .context import Context, read_all_layers
+from .etcd_store import EtcdStore
 from .table import dumps, fmt, render
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -102,16 +106,19 @@ def _write(
         new_etcd.pop(key, None)
     new_etcd.update(puts)
     snapshot, shadowed = _validate_etcd_state(ctx, layers, new_etcd)
-    # Store the validated (coerced) value, so etcd holds what the schema accepted.
-    texts = {etcd_key(ctx.app, k): to_text(snapshot.flat.get(k, v)) for k, v in puts.items()}
+    texts = {etcd_key(ctx.app, k): to_text(v) for k, v in puts.items()}
     diff = {
         k: (current.values.get(k), None if k in deletes and k not in puts else new_etcd.get(k))
         for k in changed_keys(current.values, new_etcd)
     }
-    if args.dry_run:
-        _print_diff(diff, args.json, f"dry run at revision {revision}: would write")
+    if args.dry_run or not diff:
+        title = f"dry run at revision {revision}: would write" if args.dry_run else "nothing to do"
+        _print_diff(diff, args.json, title)
         _warn_shadowed(snapshot, shadowed)
         return 0
+    texts[meta_key(ctx.app)] = json.dumps(
+        {"time": time.time(), "by": f"{getpass.getuser()}@{socket.gethostname()}", "what": header}
+    )
     with ctx.store() as store:
         written = store.commit(texts, [etcd_key(ctx.app, k) for k in deletes])
     if args.json:
@@ -143,12 +150,14 @@ def cmd_history(args: argparse.Namespace) -> int:
     target = etcd_key(ctx.app, args.key) if args.key else ctx.prefix
     with ctx.store() as store:
         result = store.history(target, prefix=args.key is None, limit=args.limit)
-    rows = [
+        times = _write_times(store, ctx.app)
+    rows: list[dict[str, Any]] = [
         {
             "key": key_from_etcd(ctx.app, entry.key) or entry.key,
             "value": None if entry.value is None else entry.value.decode("utf-8", "replace"),
             "revision": entry.revision,
-            "time": None,
+            "time": times.get(entry.revision, {}).get("time"),
+            "by": times.get(entry.revision, {}).get("by"),
         }
         for entry in result.entries
     ]
@@ -160,12 +169,16 @@ def cmd_history(args: argparse.Namespace) -> int:
         [
             r["revision"],
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])) if r["time"] else "-",
+            r["by"] or "-",
             r["key"],
             "(deleted)" if r["value"] is None else r["value"],
         ]
         for r in rows
     ]
-    print(render(["REVISION", "TIME", "KEY", "VALUE"], table) if table else "(no history)")
+    headers = ["REVISION", "TIME", "BY", "KEY", "VALUE"]
+    print(render(headers, table) if table else "(no history)")
+    if any(r["time"] is None for r in rows):
+        print("(TIME and BY are known for changes made with hotknob; etcd keeps no timestamps)")
     if note:
         print(f"note: {note}")
     return 0
@@ -195,3 +208,24 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 _ABSENT = object()
+
+
+def meta_key(app: str) -> str:
+    """Written in the same transaction as every change made with hotknob: who and when.
+
+    It lies outside the config prefix, so daemons never see it; ``history``
+    reads it back by revision, since etcd itself keeps no timestamps.
+    """
+    return f"{ROOT}/{app}/meta/last-write"
+
+
+def _write_times(store: EtcdStore, app: str) -> dict[int, dict[str, Any]]:
+    found: dict[int, dict[str, Any]] = {}
+    for entry in store.history(meta_key(app), prefix=False, limit=10_000).entries:
+        if entry.value is None:
+            continue
+        try:
+            found[entry.revision] = json.loads(entry.value)
+        except ValueError:
+            continue
+    return found

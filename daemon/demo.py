@@ -137,9 +137,14 @@ class Demo:
         )  # fmt: skip
         self.procs.append(trainer_proc)
         plan = [
-            (int(args.steps * 0.35), ["train.lr=0.02"], "the loss has plateaued: lower lr"),
-            (int(args.steps * 0.7), ["train.lr=0.005", "train.momentum=0.5"], "two keys, one txn"),
+            (int(args.steps * 0.35), ["train.lr=0.2"], "the loss is stuck: raise lr"),
+            (
+                int(args.steps * 0.7),
+                ["train.lr=0.05", "train.momentum=0.5"],
+                "anneal: lower lr and add momentum, two keys in one transaction",
+            ),
         ]
+        plan_steps = [at for at, _, _ in plan] + [args.steps]
         while trainer_proc.poll() is None:
             records = _read_log(log_path)
             step = records[-1]["step"] if records else -1
@@ -155,6 +160,10 @@ class Demo:
         self.say("where the changes landed")
         for r in landed:
             print(f"version {r['applied']} applied at step {r['step']}: lr {r['lr']:.6g}")
+        for end in plan_steps:
+            window = [r["loss"] for r in records if end - 50 <= r["step"] < end]
+            if window:
+                print(f"mean loss, steps {end - 50}-{end - 1}: {sum(window) / len(window):.4f}")
         if len(landed) < 2:
             raise HotknobError(f"expected 2 live changes to land, saw {len(landed)}")
         self.say("hotknob history train.lr")
@@ -186,7 +195,14 @@ def plot(records: list[dict[str, Any]], output: Path) -> None:
 
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    ax_loss.plot(steps, [r["loss"] for r in records], lw=0.8, color="tab:blue")
+    losses = [r["loss"] for r in records]
+    window = 20
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(losses))
+    ]
+    ax_loss.plot(steps, losses, lw=0.6, color="tab:blue", alpha=0.35, label="loss")
+    ax_loss.plot(steps, smooth, lw=1.8, color="tab:blue", label=f"mean of last {window}")
+    ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("hotknob demo: learning rate changed live, no restart")

@@ -24,9 +24,11 @@ from hotknob.model_runtime import LiveConfig
 
 
 def make_data(n: int, dim: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and the outputs of a random teacher network, plus a little noise."""
     x = torch.randn(n, dim, generator=generator)
-    w = torch.randn(dim, 1, generator=generator)
-    y = torch.sin(x @ w) + 0.5 * (x[:, :1] ** 2) + 0.05 * torch.randn(n, 1, generator=generator)
+    w1 = torch.randn(dim, 32, generator=generator) / 4
+    w2 = torch.randn(32, 1, generator=generator)
+    y = torch.tanh(x @ w1) @ w2 + 0.05 * torch.randn(n, 1, generator=generator)
     return x, y
 
 

@@ -1,0 +1,222 @@
+"""The operator CLI against a real etcd: exit codes, one-line errors, set/unset/history/rollback/watch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_proc import DaemonProcess, hotknob_cmd, run_cli
+from tests.etcd_server import EtcdServer
+
+pytestmark = pytest.mark.timeout(90)
+
+APP = "cli"
+P = f"/hotknob/{APP}/config/"
+
+
+def hk(
+    etcd: EtcdServer, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, "--app", APP, "--etcd-endpoints", etcd.endpoint, env=env)
+
+
+def revision(etcd: EtcdServer) -> int:
+    out = etcd.etcdctl("get", "/", "--prefix", "--keys-only", "-w", "json").stdout
+    return int(json.loads(out)["header"]["revision"])
+
+
+def etcd_value(etcd: EtcdServer, key: str) -> str | None:
+    out = etcd.etcdctl("get", P + key, "--print-value-only").stdout.strip()
+    return out or None
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], code: int) -> str:
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_help_on_every_subcommand() -> None:
+    done = run_cli("--help")
+    assert done.returncode == 0
+    for command in "run get explain validate set unset history rollback watch status demo".split():
+        assert command in done.stdout
+        sub = run_cli(command, "--help")
+        assert sub.returncode == 0, (command, sub.stderr)
+        assert "--app" in sub.stdout
+
+
+def test_get_and_explain_show_provenance(etcd: EtcdServer, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr: 0.1\n  momentum: 0.3\nsampling:\n  top_p: 0.9\n")
+    etcd.etcdctl("put", P + "train/lr", "0.01")
+    env = {"HOTKNOB_PARAM_TRAIN__MOMENTUM": "0.4"}
+    etcd.etcdctl("put", P + "train/momentum", "0.2")  # shadowed by env
+    done = hk(etcd, "get", "train.lr", "--config", str(config), env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "0.01"
+    done = hk(
+        etcd, "explain", "--json", "--config", str(config), "--set", "sampling.top_k=3", env=env
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["key"]: row for row in json.loads(done.stdout)["keys"]}
+    assert rows["train.lr"]["from"] == "etcd"
+    assert rows["train.lr"]["layers"] == {"defaults": 0.001, "files": 0.1, "etcd": 0.01}
+    assert rows["train.momentum"]["from"] == "env"
+    assert rows["train.momentum"]["shadowed"] == ["files", "etcd"]
+    assert rows["sampling.top_p"]["from"] == "files"
+    assert rows["sampling.top_k"]["from"] == "cli"
+    assert rows["train.weight_decay"]["from"] == "defaults"
+    table = hk(etcd, "explain", "train.momentum", "--config", str(config), env=env).stdout
+    assert "0.2*" in table and "shadowed by a higher layer" in table
+
+
+def test_error_exit_codes(etcd: EtcdServer, tmp_path: Path) -> None:
+    line = one_line_error(
+        run_cli("get", "--etcd-endpoints", "127.0.0.1:1", "--etcd-timeout", "1"), 3
+    )
+    assert "cannot reach etcd" in line
+    line = one_line_error(hk(etcd, "get", "--set", "train.lr"), 2)
+    assert "KEY=VALUE" in line
+    line = one_line_error(hk(etcd, "get", "--set", "train.lr=-1"), 1)
+    assert "train.lr (from cli)" in line
+    line = one_line_error(hk(etcd, "get", "--config", str(tmp_path / "missing.yaml")), 1)
+    assert "no such file" in line
+    line = one_line_error(run_cli("get", "--schema", "nope.mod:X"), 1)
+    assert "cannot import schema module" in line
+    line = one_line_error(run_cli("explain", "--precedence", "cli,env"), 2)
+    assert "--precedence" in line
+    one_line_error(run_cli("frobnicate"), 2)
+    etcd.etcdctl("put", P + "train/lr", "banana")
+    line = one_line_error(hk(etcd, "get"), 1)
+    assert "train.lr (from etcd)" in line
+
+
+def test_validate_files(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[train]\nlr = 0.01\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n  nope: 2\n")
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(b"\xff\xfe{")
+    assert run_cli("validate", str(good)).returncode == 0
+    done = run_cli("validate", str(good), str(bad), str(broken))
+    assert done.returncode == 1
+    assert f"{bad}: train.nope: not a key of the schema" in done.stdout
+    assert f"{broken}: not valid UTF-8" in done.stdout
+
+
+def test_set_two_keys_is_one_revision(etcd: EtcdServer) -> None:
+    before = revision(etcd)
+    done = hk(etcd, "set", "train.lr=1e-4", "train.momentum=0.8")
+    assert done.returncode == 0, done.stderr
+    assert revision(etcd) == before + 1
+    assert etcd_value(etcd, "train/lr") == "0.0001"
+    assert etcd_value(etcd, "train/momentum") == "0.8"
+
+
+def test_invalid_set_writes_nothing(etcd: EtcdServer) -> None:
+    before = revision(etcd)
+    line = one_line_error(hk(etcd, "set", "train.lr=0.5", "sampling.top_p=2"), 1)
+    assert "sampling.top_p" in line and "less than or equal to 1" in line
+    line = one_line_error(hk(etcd, "set", "train.nosuch=1"), 1)
+    assert "train.nosuch" in line
+    assert revision(etcd) == before
+    assert etcd_value(etcd, "train/lr") is None
+
+
+def test_dry_run_and_shadow_warning(etcd: EtcdServer) -> None:
+    before = revision(etcd)
+    done = hk(etcd, "set", "train.lr=0.3", "--dry-run")
+    assert done.returncode == 0 and "0.3" in done.stdout
+    assert revision(etcd) == before
+    done = hk(etcd, "set", "train.lr=0.3", env={"HOTKNOB_PARAM_TRAIN__LR": "0.9"})
+    assert done.returncode == 0
+    assert "train.lr is shadowed by the env layer" in done.stderr
+    assert etcd_value(etcd, "train/lr") == "0.3"
+
+
+def test_unset_is_one_transaction(etcd: EtcdServer) -> None:
+    hk(etcd, "set", "train.lr=0.3", "train.momentum=0.2")
+    before = revision(etcd)
+    done = hk(etcd, "unset", "train.lr", "train.momentum")
+    assert done.returncode == 0, done.stderr
+    assert revision(etcd) == before + 1
+    assert etcd_value(etcd, "train/lr") is None and etcd_value(etcd, "train/momentum") is None
+
+
+def test_history_and_compaction(etcd: EtcdServer) -> None:
+    for value in ("0.1", "0.2", "0.3"):
+        assert hk(etcd, "set", f"train.lr={value}").returncode == 0
+    etcd.etcdctl("put", P + "train/lr", "0.4")  # not through hotknob: no time known
+    done = hk(etcd, "history", "train.lr", "--json")
+    entries = json.loads(done.stdout)["entries"]
+    assert [e["value"] for e in entries] == ["0.4", "0.3", "0.2", "0.1"]
+    assert entries[0]["time"] is None and entries[1]["time"] is not None
+    revs = [e["revision"] for e in entries]
+    assert revs == sorted(revs, reverse=True)
+    etcd.etcdctl("compact", str(revs[1]))
+    done = hk(etcd, "history", "train.lr")
+    assert done.returncode == 0, done.stderr
+    assert "0.4" in done.stdout and "0.1" not in done.stdout
+    assert "compacted" in done.stdout
+    limited = json.loads(hk(etcd, "history", "--limit", "1", "--json").stdout)["entries"]
+    assert len(limited) == 1
+
+
+def test_rollback_restores_in_one_revision(etcd: EtcdServer) -> None:
+    hk(etcd, "set", "train.lr=0.1", "train.momentum=0.5")
+    target = revision(etcd)
+    hk(etcd, "set", "train.lr=0.2")
+    hk(etcd, "set", "sampling.top_k=5")
+    dry = hk(etcd, "rollback", "--to-revision", str(target), "--dry-run")
+    assert dry.returncode == 0 and "0.2" in dry.stdout
+    before = revision(etcd)
+    done = hk(etcd, "rollback", "--to-revision", str(target))
+    assert done.returncode == 0, done.stderr
+    assert revision(etcd) == before + 1
+    assert etcd_value(etcd, "train/lr") == "0.1"
+    assert etcd_value(etcd, "sampling/top_k") is None
+    assert etcd_value(etcd, "train/momentum") == "0.5"
+
+
+def test_watch_prints_changes_made_with_etcdctl(etcd: EtcdServer, tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path, app=APP, endpoints=etcd.endpoint) as daemon:
+        watch = subprocess.Popen(
+            hotknob_cmd("watch", "--app", APP, "--socket", str(daemon.socket_path), "--count", "2"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert watch.stdout is not None
+            first = watch.stdout.readline()
+            assert "watching" in first
+            etcd.etcdctl("put", P + "train/lr", "0.25")
+            etcd.etcdctl("put", "--", P + "train/lr", "-3")
+            out, err = watch.communicate(timeout=20)
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait()
+        lines = out.strip().splitlines()
+        assert "accepted" in lines[0] and "train.lr=0.25" in lines[0]
+        assert "REJECTED" in lines[1] and "train.lr" in lines[1]
+        assert watch.returncode == 0, err
+
+
+def test_watch_without_daemon_is_exit_3(tmp_path: Path) -> None:
+    line = one_line_error(run_cli("watch", "--socket", str(tmp_path / "none.sock")), 3)
+    assert "no hotknob daemon" in line
+
+
+def test_status_lists_nothing_cleanly(etcd: EtcdServer) -> None:
+    done = hk(etcd, "status")
+    assert done.returncode == 0 and "has reported" in done.stdout
+    started = time.monotonic()
+    assert time.monotonic() - started < 10
