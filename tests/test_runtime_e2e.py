@@ -40,9 +40,7 @@ def status_entries(etcd: EtcdServer) -> list[dict]:
     return json.loads(done.stdout)["processes"]
 
 
-def test_put_lands_at_the_next_apply_and_is_acknowledged(
-    etcd: EtcdServer, tmp_path: Path
-) -> None:
+def test_put_lands_at_the_next_apply_and_is_acknowledged(etcd: EtcdServer, tmp_path: Path) -> None:
     with DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--node", "n1"]) as daemon:
         opt = make_optimizer()
         with LiveConfig.connect(socket=daemon.socket_path, timeout=10, client="trainer") as live:
@@ -60,9 +58,7 @@ def test_put_lands_at_the_next_apply_and_is_acknowledged(
             assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.004, 0.04])
             assert live.version == v + 1
 
-            etcd.etcdctl(
-                "txn", input=f"\nput {P}train/lr 0.002\nput {P}train/momentum 0.5\n\n\n"
-            )
+            etcd.etcdctl("txn", input=f"\nput {P}train/lr 0.002\nput {P}train/momentum 0.5\n\n\n")
             wait_pending(live, v + 2)
             assert live.apply(4) is True
             assert opt.param_groups[0]["lr"] == pytest.approx(0.002)
