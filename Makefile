@@ -35,7 +35,7 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test: lint unit
+test: lint unit install-check
 
 demo: $(STAMP)
 	$(BIN)/hotknob demo
@@ -46,14 +46,16 @@ bench: $(STAMP)
 faults: $(STAMP)
 	HOTKNOB_FAULT_EPISODES=$${HOTKNOB_FAULT_EPISODES:-100} $(BIN)/python -m pytest tests/test_faults.py -p no:randomly
 
-# Installs the project non-editable into a throwaway venv and checks that the packages and the
-# console script work from site-packages (CI runs this beside the editable install).
+# Installs the project non-editable (a built wheel) into a folder of its own and checks that the
+# three packages and the console script work from there, beside the editable install in .venv.
 install-check: $(STAMP)
 	rm -rf build/install-check
-	$(PYTHON) -m venv --system-site-packages build/install-check
-	build/install-check/bin/python -m pip install -q --no-deps .
-	cd /tmp && $(CURDIR)/build/install-check/bin/python -c "import hotknob.config, hotknob.daemon, hotknob.model_runtime, sys; assert 'site-packages' in hotknob.config.__file__, hotknob.config.__file__"
-	build/install-check/bin/hotknob --help >/dev/null
+	$(BIN)/python -m pip install -q --no-deps --target build/install-check .
+	cd /tmp && PYTHONPATH=$(CURDIR)/build/install-check $(CURDIR)/$(BIN)/python -c \
+		"import hotknob.config as c, hotknob.daemon.cli, hotknob.model_runtime as r; \
+		 assert '/build/install-check/' in c.__file__ and '/build/install-check/' in r.__file__, c.__file__; \
+		 print('non-editable install OK:', c.__file__)"
+	PYTHONPATH=$(CURDIR)/build/install-check build/install-check/bin/hotknob --help >/dev/null
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache demo.png
