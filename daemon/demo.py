@@ -116,6 +116,7 @@ class Demo:
     def run(self) -> int:
         args = self.args
         trainer = _find_trainer(args.trainer)
+        print(f"working folder: {self.tmp} (removed at the end)", flush=True)
         endpoints = self.start_etcd()
         config = self.tmp / "config.yaml"
         shutil.copy(trainer.parent / "config.yaml", config)

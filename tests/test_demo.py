@@ -1,0 +1,94 @@
+"""``hotknob demo`` end to end, shorter: a real PNG, live changes landed, nothing left running."""
+
+from __future__ import annotations
+
+import re
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_proc import hotknob_cmd
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def workdir_of(output: str) -> str:
+    match = re.search(r"working folder: (\S+)", output)
+    assert match, output
+    return match.group(1)
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    png = tmp_path / "demo.png"
+    done = subprocess.run(
+        hotknob_cmd("demo", "--steps", "160", "--step-delay", "0.03", "--output", str(png)),
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    landed = re.findall(r"version (\d+) applied at step (\d+)", done.stdout)
+    assert len(landed) == 2, done.stdout
+    steps = [int(step) for _, step in landed]
+    assert 56 <= steps[0] < steps[1] < 160  # each landed after its `hotknob set` at 35 % / 70 %
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 600 and height >= 400
+    assert len(data) > 20_000, "a plot with two panels and data is not this small"
+    workdir = workdir_of(done.stdout)
+    assert not Path(workdir).exists()
+    assert processes_mentioning(workdir) == []
+
+
+def test_demo_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        hotknob_cmd(
+            "demo", "--steps", "2000", "--step-delay", "0.02", "--output", str(tmp_path / "x.png")
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    output = ""
+    deadline = time.monotonic() + 60
+    while "training train.py" not in output:
+        line = proc.stdout.readline()
+        assert line and time.monotonic() < deadline, output
+        output += line
+    workdir = workdir_of(output)
+    assert processes_mentioning(workdir), "the demo's daemon should be running"
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, output + rest
+    assert "stopping everything" in rest
+    deadline = time.monotonic() + 10
+    while processes_mentioning(workdir):
+        assert time.monotonic() < deadline, "a process the demo started outlived it"
+        time.sleep(0.1)
+    assert not (tmp_path / "x.png").exists()
