@@ -2,15 +2,19 @@
 
 Two threads share one object and never wait on each other:
 
-* a background thread owns the socket. It says ``hello``, reads snapshots and
-  updates, and keeps only the newest one as *pending* (``update.values``
-  carries the whole state, so coalescing is a replacement). After the daemon
-  goes away it reconnects with capped, jittered backoff. It never touches a
+* a background thread (``connection.DaemonConnection``) owns the socket. Every
+  snapshot and update it reads is frozen into a ``_State`` there and kept as
+  *pending* (``update.values`` carries the whole state, so coalescing is a
+  replacement), and in a short history of received states. It never touches a
   binding or a callback.
 * the training thread calls ``apply(step)`` at its safe point. With nothing
   pending that is one attribute compare; otherwise it takes the pending state,
   runs bindings and callbacks for the keys that changed, and queues the
   ``applied`` acknowledgement, which the background thread sends.
+
+Under torch.distributed (``connect(distributed=True)``) ``apply`` instead asks
+``distributed.StepSync`` every ``sync_every`` calls which received state every
+rank applies; see that module for the protocol.
 
 ``values``, ``version`` and ``live[key]`` always describe what the process has
 applied, never what is merely pending.
@@ -18,12 +22,12 @@ applied, never what is merely pending.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
+import json
 import logging
 import os
-import random
-import selectors
 import socket as _socket
 import sys
 import threading
@@ -32,18 +36,21 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from . import protocol
 from .binding import Binding, Handle
+from .connection import DaemonConnection
 from .errors import DaemonUnavailable
+from .reporting import MetricsReporter
+
+if TYPE_CHECKING:
+    from .distributed import StepSync
 
 log = logging.getLogger("hotknob.model_runtime")
 
-_BACKOFF_MIN = 0.05
-_BACKOFF_MAX = 2.0
-_CONNECT_TIMEOUT = 1.0
 _STATE_DICT_FORMAT = 1
+_HISTORY = 64
 _MISSING: Any = object()
 
 
@@ -97,21 +104,32 @@ def _prefixes(keys: Iterator[str] | list[str]) -> set[str]:
     return touched
 
 
+def _digest(values: Mapping[str, Any]) -> int:
+    """A 63-bit fingerprint of ``values``: equal values give equal digests on every host."""
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=repr)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
 @dataclass(frozen=True, slots=True)
 class _State:
-    """One whole configuration as the daemon sent it, frozen once, off the training thread."""
+    """One whole configuration as the daemon sent it, frozen once, off the training thread.
+
+    ``digest`` identifies the values across processes (ranks compare it), since
+    ``version`` is numbered by each daemon on its own.
+    """
 
     version: int
     revision: int
     values: Mapping[str, Any]
     flat: dict[str, Any]
     flat_view: Mapping[str, Any]
+    digest: int
 
     @classmethod
     def build(cls, version: int, revision: int, values: Mapping[str, Any]) -> _State:
         frozen = _freeze(values)
         flat = _flatten(frozen)
-        return cls(version, revision, frozen, flat, MappingProxyType(flat))
+        return cls(version, revision, frozen, flat, MappingProxyType(flat), _digest(values))
 
     def same_as(self, other: _State) -> bool:
         return self.version == other.version and self.flat == other.flat
@@ -181,31 +199,41 @@ class LiveConfig:
     * After the daemon goes away the last values stay in force and the client
       reconnects in the background; a restarted daemon's state is applied at the
       next ``apply`` only where it differs.
+    * Under torch.distributed (``connect(distributed=True)``) every rank applies
+      the same values at the same ``apply`` call; see ``docs/distributed.md``.
     """
 
-    def __init__(self, path: str, client: str, hello_extra: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        path: str,
+        client: str,
+        hello_extra: Mapping[str, Any],
+        sync: StepSync | None = None,
+    ) -> None:
         """Use ``connect``; this only prepares the object and starts nothing."""
         self._path = path
-        self._hello = protocol.hello(client, **hello_extra)
+        self._sync = sync
         self._pending: _State | None = None
         self._applied = _NOTHING
         self._applied_step = 0
         self._latest: _State | None = None
+        self._received: deque[_State] = deque(maxlen=_HISTORY)
         self._lock = threading.Lock()
         self._first_state = threading.Event()
-        self._stop = threading.Event()
-        self._outbox: deque[bytes] = deque()
-        self._last_error = ""
         self._ids = itertools.count()
         self._bindings: dict[int, Binding] = {}
         self._callbacks: dict[int, _Callback] = {}
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         self._closed = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"hotknob-live-config[{client}]", daemon=True
+        self._conn = DaemonConnection(
+            path,
+            protocol.hello(client, **hello_extra),
+            self._on_message,
+            name=f"hotknob-live-config[{client}]",
         )
+        self._reporter = MetricsReporter(self._conn.send, name=f"hotknob-reporter[{client}]")
+        # ``live.report(step, loss=...)``: bound directly, since a delegating method would
+        # double the per-step cost (see model_runtime/reporting.py and ``report`` below).
+        self.report = self._reporter.report
 
     @classmethod
     def connect(
@@ -217,6 +245,7 @@ class LiveConfig:
         client: str | None = None,
         distributed: bool = False,
         process_group: Any = None,
+        sync_every: int | None = None,
         **hello_extra: Any,
     ) -> LiveConfig:
         """Connect to the daemon and apply its first snapshot before returning.
@@ -227,21 +256,38 @@ class LiveConfig:
         ``-rankN`` when torch.distributed is already initialised). Extra keyword
         arguments travel in the ``hello`` message.
 
+        ``distributed=True`` (the default group) or ``process_group=pg`` makes
+        every rank of the initialised group apply the same values at the same
+        ``apply`` call, agreed every ``sync_every`` calls (default
+        ``distributed.DEFAULT_SYNC_EVERY``). Then ``connect`` is a collective:
+        every rank of the group calls it, and ``rank``/``world_size`` travel in
+        the hello; the client name always ends in ``-rankN``.
+
         Raises ``DaemonUnavailable`` if no snapshot arrives within ``timeout``
-        seconds, and ``ValueError`` if distributed apply is requested: this
-        version applies per process only.
+        seconds (under a group: on every rank, if any rank got none), and
+        ``ValueError`` for a distributed request without an initialised group.
         """
+        sync = None
+        name = client or _default_client_name()
         if distributed or process_group is not None:
-            raise ValueError("distributed apply is not available in this version")
+            from .distributed import StepSync
+
+            sync = StepSync(process_group, sync_every)
+            name = sync.client_name(name)
+            hello_extra = {**sync.hello_fields(), **hello_extra}
+        elif sync_every is not None:
+            raise ValueError("sync_every needs distributed=True or a process_group")
         app_name = app or os.environ.get("HOTKNOB_APP") or "default"
         if socket is not None:
             path = os.fspath(socket)
         else:
             path = str(protocol.default_socket_path(app_name))
-        live = cls(path, client or _default_client_name(), hello_extra)
-        live._thread.start()
-        if not live._first_state.wait(timeout):
-            reason = live._last_error
+        live = cls(path, name, hello_extra, sync)
+        live._conn.start()
+        got_state = live._first_state.wait(timeout)
+        everyone = got_state if sync is None else sync.all_true(got_state)
+        if not everyone:
+            reason = live._conn.last_error if not got_state else "another rank got no snapshot"
             live.close()
             raise DaemonUnavailable(
                 f"no hotknob daemon at {path} after {timeout:g} s: start one with "
@@ -250,7 +296,10 @@ class LiveConfig:
                 path=path,
                 app=app_name,
             )
-        live._apply_pending(0)
+        if sync is None:
+            live._apply_pending(0)
+        else:
+            sync.agree(live, 0)
         return live
 
     # -- what the process has applied -------------------------------------------------
@@ -304,7 +353,13 @@ class LiveConfig:
         Bindings, then ``on_change`` callbacks, run here in the calling thread for
         the keys whose values changed. The ``applied`` acknowledgement carries the
         version and ``step`` and is sent by the background thread.
+
+        Under a process group this is a collective every ``sync_every`` calls:
+        every rank must call it the same number of times; it applies the state
+        the ranks agree on, which may be older than the newest received.
         """
+        if self._sync is not None:
+            return self._sync.at_step(self, step)
         if self._pending is None:
             return False
         return self._apply_pending(step)
@@ -316,10 +371,33 @@ class LiveConfig:
                 return False
             old, self._applied = self._applied, new
             self._applied_step = step
-        errors = self._run_hooks(old, new)
-        extra: dict[str, Any] = {"errors": errors} if errors else {}
-        self._send(protocol.applied(new.version, step, **extra))
+        self._after_apply(old, new, step, ack=True)
         return True
+
+    def _apply_state(self, new: _State, step: int, *, ack: bool) -> None:
+        """Apply ``new`` (chosen by the ranks' agreement), pending or not.
+
+        The pending state is cleared if it holds the same values. ``ack`` is False
+        for values that came from another rank, whose version is another daemon's.
+        """
+        with self._lock:
+            pending = self._pending
+            if pending is not None and pending.digest == new.digest:
+                self._pending = None
+            old, self._applied = self._applied, new
+            self._applied_step = step
+        self._after_apply(old, new, step, ack=ack)
+
+    def _after_apply(self, old: _State, new: _State, step: int, *, ack: bool) -> None:
+        errors = self._run_hooks(old, new)
+        if ack:
+            extra: dict[str, Any] = {"errors": errors} if errors else {}
+            self._conn.send(protocol.applied(new.version, step, **extra))
+
+    def _received_states(self) -> tuple[_State, ...]:
+        """The last ``_HISTORY`` states received from the daemon, oldest first."""
+        with self._lock:
+            return tuple(self._received)
 
     def _run_hooks(self, old: _State, new: _State) -> list[dict[str, str]]:
         changed = {k: v for k, v in new.flat.items() if old.flat.get(k, _MISSING) != v}
@@ -394,6 +472,14 @@ class LiveConfig:
         binding.apply(values, values)
         return self.add_binding(binding)
 
+    # -- reporting (model_runtime/reporting.py) ----------------------------------------
+    #
+    # ``live.report(step, **metrics)`` (bound in ``__init__``) records numbers at
+    # ``step``, e.g. ``live.report(step, loss=loss.item())``. Cheap enough for every
+    # step: no lock, no system call. The values since the last message are sent about
+    # every ``$HOTKNOB_REPORT_EVERY_S`` seconds (default 1); the daemon shows them in
+    # ``status`` and checks guards on them.
+
     # -- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -461,12 +547,8 @@ class LiveConfig:
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        self._wake()
-        if self._thread.is_alive():
-            self._thread.join()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._reporter.stop()
+        self._conn.close()
 
     def __enter__(self) -> Self:
         return self
@@ -477,120 +559,20 @@ class LiveConfig:
     def __repr__(self) -> str:
         return f"<LiveConfig {self._path} version={self.version} pending={self.pending_version}>"
 
-    # -- the background thread ---------------------------------------------------------
+    # -- on the background thread ------------------------------------------------------
 
-    def _send(self, message: Mapping[str, Any]) -> None:
-        """Queue a message for the background thread; never blocks the caller."""
-        if self._closed:
-            return
-        try:
-            self._outbox.append(protocol.encode(message))
-        except protocol.ProtocolError:
-            log.exception("live_message_unencodable type=%s", message.get("type"))
-            return
-        self._wake()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):  # a full pipe already wakes the thread
-            pass
-
-    def _run(self) -> None:
-        delay = _BACKOFF_MIN
-        connected_before = False
-        while not self._stop.is_set():
-            try:
-                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-                try:
-                    sock.settimeout(_CONNECT_TIMEOUT)
-                    sock.connect(self._path)
-                    if connected_before:
-                        log.info("live_reconnected path=%s", self._path)
-                    connected_before = True
-                    if self._serve(sock):
-                        delay = _BACKOFF_MIN
-                    if not self._stop.is_set():
-                        log.warning(
-                            "live_disconnected path=%s error=%s", self._path, self._last_error
-                        )
-                finally:
-                    sock.close()
-            except OSError as exc:
-                self._last_error = exc.strerror or str(exc)
-            except Exception as exc:  # the thread must outlive any surprise
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("live_client_error path=%s", self._path)
-            if self._stop.wait(delay * random.uniform(0.5, 1.0)):
-                break
-            delay = min(delay * 2, _BACKOFF_MAX)
-
-    def _serve(self, sock: _socket.socket) -> bool:
-        """Talk on one connection until EOF, an error or ``close``; True if a state came."""
-        sock.setblocking(False)
-        self._outbox.clear()  # acks of an earlier connection; a fresh snapshot follows
-        out = bytearray(protocol.encode(self._hello))
-        inbuf = bytearray()
-        got_state = False
-        with selectors.DefaultSelector() as sel:
-            sel.register(sock, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
-            try:
-                while not self._stop.is_set():
-                    while self._outbox:
-                        out += self._outbox.popleft()
-                    sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0))
-                    for key, mask in sel.select():
-                        if key.fileobj == self._wake_r:
-                            self._drain_wake()
-                            continue
-                        if mask & selectors.EVENT_WRITE:
-                            del out[: sock.send(out)]
-                        if mask & selectors.EVENT_READ:
-                            data = sock.recv(65536)
-                            if not data:
-                                self._last_error = "the daemon closed the connection"
-                                return got_state
-                            inbuf += data
-                            got_state |= self._read_lines(inbuf)
-            except OSError as exc:
-                self._last_error = exc.strerror or str(exc)
-            except protocol.ProtocolError as exc:
-                self._last_error = f"protocol error: {exc}"
-        return got_state
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _read_lines(self, inbuf: bytearray) -> bool:
-        got_state = False
-        while (end := inbuf.find(b"\n")) >= 0:
-            line = bytes(inbuf[: end + 1])
-            del inbuf[: end + 1]
-            message = protocol.decode(line)
-            kind = message["type"]
-            if kind in (protocol.SNAPSHOT, protocol.UPDATE):
-                self._receive(_state_from_message(message), kind == protocol.SNAPSHOT)
-                got_state = True
-            elif kind == protocol.ERROR:
-                self._last_error = f"daemon: {message.get('error')}"
-                log.warning("live_daemon_error path=%s error=%s", self._path, message.get("error"))
-        if len(inbuf) >= protocol.MAX_LINE_BYTES:
-            raise protocol.ProtocolError("line exceeds the size limit")
-        return got_state
+    def _on_message(self, message: Mapping[str, Any], is_snapshot: bool) -> None:
+        self._receive(_state_from_message(message), is_snapshot)
 
     def _receive(self, state: _State, is_snapshot: bool) -> None:
         """Keep ``state`` as pending unless it is exactly what is already applied."""
         with self._lock:
             self._latest = state
+            self._received.append(state)
             applied = self._applied
             up_to_date = state.same_as(applied)
             self._pending = None if up_to_date else state
             step = self._applied_step
         if up_to_date and is_snapshot:
-            self._send(protocol.applied(applied.version, step))
+            self._conn.send(protocol.applied(applied.version, step))
         self._first_state.set()

@@ -127,7 +127,7 @@ def test_no_daemon_raises_daemon_unavailable_quickly(sock_path: str) -> None:
     assert isinstance(info.value, LiveConfigError)
 
 
-def test_distributed_is_refused_honestly(stub: DaemonStub) -> None:
+def test_distributed_needs_an_initialised_group(stub: DaemonStub) -> None:
     with pytest.raises(ValueError, match="distributed"):
         LiveConfig.connect(stub.path, timeout=1, distributed=True)
 

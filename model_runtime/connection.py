@@ -1,0 +1,175 @@
+"""The socket to the daemon, owned by one background thread.
+
+``DaemonConnection`` says ``hello``, hands every ``snapshot`` and ``update`` to
+its ``on_state`` callback, and sends what ``send`` queued. After the daemon goes
+away it reconnects with capped, jittered backoff and says ``hello`` again (the
+daemon answers with a fresh snapshot). It never touches a binding, a callback of
+the user, or torch: the training thread only ever queues messages, so it never
+waits on the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import selectors
+import socket as _socket
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import protocol
+
+log = logging.getLogger("hotknob.model_runtime")
+
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 2.0
+_CONNECT_TIMEOUT = 1.0
+
+StateCallback = Callable[[Mapping[str, Any], bool], None]
+"""``on_state(message, is_snapshot)``; may raise ``ProtocolError`` to drop the connection."""
+
+
+class DaemonConnection:
+    """One client connection to a daemon's socket, kept up until ``close``.
+
+    ``start`` launches the thread; ``close`` stops and joins it (idempotent).
+    ``send`` never blocks: messages queued while disconnected are dropped on the
+    next connect, because the daemon's fresh snapshot supersedes them.
+    """
+
+    def __init__(
+        self, path: str, hello: Mapping[str, Any], on_state: StateCallback, *, name: str
+    ) -> None:
+        self.path = path
+        self._hello = dict(hello)
+        self._on_state = on_state
+        self._stop = threading.Event()
+        self._outbox: deque[bytes] = deque()
+        self.last_error = ""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        """Queue ``message`` for the thread; never blocks the caller."""
+        if self._closed:
+            return
+        try:
+            self._outbox.append(protocol.encode(message))
+        except protocol.ProtocolError:
+            log.exception("live_message_unencodable type=%s", message.get("type"))
+            return
+        self._wake()
+
+    def close(self) -> None:
+        """Stop and join the thread and close the socket; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # a full pipe already wakes the thread
+            pass
+
+    def _run(self) -> None:
+        delay = _BACKOFF_MIN
+        connected_before = False
+        while not self._stop.is_set():
+            try:
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(_CONNECT_TIMEOUT)
+                    sock.connect(self.path)
+                    if connected_before:
+                        log.info("live_reconnected path=%s", self.path)
+                    connected_before = True
+                    if self._serve(sock):
+                        delay = _BACKOFF_MIN
+                    if not self._stop.is_set():
+                        log.warning(
+                            "live_disconnected path=%s error=%s", self.path, self.last_error
+                        )
+                finally:
+                    sock.close()
+            except OSError as exc:
+                self.last_error = exc.strerror or str(exc)
+            except Exception as exc:  # the thread must outlive any surprise
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("live_client_error path=%s", self.path)
+            if self._stop.wait(delay * random.uniform(0.5, 1.0)):
+                break
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _serve(self, sock: _socket.socket) -> bool:
+        """Talk on one connection until EOF, an error or ``close``; True if a state came."""
+        sock.setblocking(False)
+        self._outbox.clear()  # acks of an earlier connection; a fresh snapshot follows
+        out = bytearray(protocol.encode(self._hello))
+        inbuf = bytearray()
+        got_state = False
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            try:
+                while not self._stop.is_set():
+                    while self._outbox:
+                        out += self._outbox.popleft()
+                    sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0))
+                    for key, mask in sel.select():
+                        if key.fileobj == self._wake_r:
+                            self._drain_wake()
+                            continue
+                        if mask & selectors.EVENT_WRITE:
+                            del out[: sock.send(out)]
+                        if mask & selectors.EVENT_READ:
+                            data = sock.recv(65536)
+                            if not data:
+                                self.last_error = "the daemon closed the connection"
+                                return got_state
+                            inbuf += data
+                            got_state |= self._read_lines(inbuf)
+            except OSError as exc:
+                self.last_error = exc.strerror or str(exc)
+            except protocol.ProtocolError as exc:
+                self.last_error = f"protocol error: {exc}"
+        return got_state
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _read_lines(self, inbuf: bytearray) -> bool:
+        got_state = False
+        while (end := inbuf.find(b"\n")) >= 0:
+            line = bytes(inbuf[: end + 1])
+            del inbuf[: end + 1]
+            message = protocol.decode(line)
+            kind = message["type"]
+            if kind in (protocol.SNAPSHOT, protocol.UPDATE):
+                self._on_state(message, kind == protocol.SNAPSHOT)
+                got_state = True
+            elif kind == protocol.ERROR:
+                self.last_error = f"daemon: {message.get('error')}"
+                log.warning("live_daemon_error path=%s error=%s", self.path, message.get("error"))
+        if len(inbuf) >= protocol.MAX_LINE_BYTES:
+            raise protocol.ProtocolError("line exceeds the size limit")
+        return got_state

@@ -1,0 +1,197 @@
+"""Step-consistent apply under torch.distributed: every rank, the same values, the same step.
+
+Each rank talks to its own node's daemon, so a change reaches the ranks at
+different times, or (a daemon stalled or restarting) late. ``StepSync`` makes
+the ranks of one process group agree, with the group's own collectives, on
+which received state to apply; it runs in the training thread, inside
+``LiveConfig.apply`` (and once in ``LiveConfig.connect``), never in a background
+thread.
+
+The protocol, every ``sync_every``-th ``apply`` call (counted in calls, so every
+rank syncs at the same call whatever steps it passes):
+
+1. Every rank puts the digest ``d`` of the newest state its daemon sent into one
+   ``all_reduce(MIN)`` of ``[d, -d]``. Equal minimum and maximum mean every rank
+   holds the same values: each applies its own newest state. This is the whole
+   cost in the steady state: one collective of two int64.
+2. Otherwise (a change is still on its way to some node) the ranks
+   ``all_gather`` their newest ``(revision, digest)``. The target is the newest
+   state of the rank with the lowest etcd revision (ties: the lowest rank): the
+   newest state that every rank has received or passed.
+3. One ``all_reduce(MIN)`` says whether every rank still holds the target's
+   values in its history of the last 64 received states. If so, each applies its
+   own copy. If not (a daemon coalesced past it), the owning rank sends the
+   values with ``broadcast_object_list``, and every rank applies those.
+
+Every decision is a function of the collectives' results, so all ranks run the
+same collectives and apply the same values, whatever the timing. A rank whose
+daemon is away keeps reporting its last state, so the group keeps the last
+agreed values and applies nothing newer until every rank holds it.
+
+torch is imported only when a ``StepSync`` is built. Under NCCL the tensors live
+on the current CUDA device: call ``torch.cuda.set_device`` before ``connect``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import LiveConfig, _State
+
+log = logging.getLogger("hotknob.model_runtime")
+
+DEFAULT_SYNC_EVERY = 16
+"""Calls to ``apply`` between two agreements; see ``docs/distributed.md`` for the figures."""
+
+
+def choose_source(held: Sequence[tuple[int, int]]) -> int:
+    """The group rank whose newest state every rank applies, given each rank's newest.
+
+    ``held[r]`` is rank ``r``'s newest ``(revision, digest)``. etcd revisions are
+    global, so the lowest one is the newest state that every rank has reached;
+    among equal revisions (node-local layers differ) the lowest rank wins.
+    """
+    return min(range(len(held)), key=lambda r: (held[r][0], r))
+
+
+class StepSync:
+    """The collectives behind a distributed ``LiveConfig``; built by ``LiveConfig.connect``.
+
+    Raises ``ValueError`` if torch.distributed is not initialised, if this process
+    is not in ``group``, or if ``sync_every`` is not a positive integer.
+    """
+
+    def __init__(self, group: Any = None, sync_every: int | None = None) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "distributed apply needs an initialised torch.distributed process group: "
+                "call torch.distributed.init_process_group() before LiveConfig.connect()"
+            )
+        every = DEFAULT_SYNC_EVERY if sync_every is None else sync_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"sync_every must be an integer >= 1, not {sync_every!r}")
+        self._torch = torch
+        self._dist = dist
+        self._group = group
+        self.group_rank = dist.get_rank(group)
+        if self.group_rank < 0:
+            raise ValueError("this process is not a member of the given process_group")
+        self.group_size = dist.get_world_size(group)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.sync_every = every
+        self._countdown = every
+        nccl = str(dist.get_backend(group)) == "nccl"
+        self._device = (
+            torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        )
+        self._warned: set[int] = set()
+
+    def client_name(self, name: str) -> str:
+        """``name`` ending in ``-rankN``, so the ranks sharing a daemon stay apart in status."""
+        suffix = f"-rank{self.rank}"
+        return name if name.endswith(suffix) else name + suffix
+
+    def hello_fields(self) -> dict[str, int]:
+        return {"rank": self.rank, "world_size": self.world_size}
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank iff ``flag`` is True on every rank (one collective)."""
+        return self._min([1 if flag else 0])[0] == 1
+
+    def at_step(self, live: LiveConfig, step: int) -> bool:
+        """``LiveConfig.apply`` under a group: a countdown, and an agreement when it runs out."""
+        self._countdown -= 1
+        if self._countdown > 0:
+            return False
+        self._countdown = self.sync_every
+        return self.agree(live, step)
+
+    def agree(self, live: LiveConfig, step: int) -> bool:
+        """Run the protocol now and apply the agreed state; True if one was applied."""
+        newest = live._latest
+        assert newest is not None, "agree() before the first state"
+        low, neg_high = self._min([newest.digest, -newest.digest])
+        if low == -neg_high:
+            return self._install(live, newest, step, ack=True)
+        held = self._gather(newest.revision, newest.digest)
+        source = choose_source(held)
+        revision, digest = held[source]
+        mine = newest if newest.digest == digest else _find(live._received_states(), digest)
+        if revision == newest.revision and digest != newest.digest and digest not in self._warned:
+            self._warned.add(digest)
+            log.warning(
+                "live_ranks_disagree revision=%d: daemons hold different values at one etcd "
+                "revision (node-local layers differ?); rank %d's values win",
+                revision,
+                source,
+            )
+        if self.all_true(mine is not None):
+            assert mine is not None
+            return self._install(live, mine, step, ack=True)
+        payload = self._broadcast(mine, source)
+        if mine is not None:
+            return self._install(live, mine, step, ack=True)
+        from .client import _State
+
+        state = _State.build(payload["version"], payload["revision"], payload["values"])
+        return self._install(live, state, step, ack=False)
+
+    @staticmethod
+    def _install(live: LiveConfig, state: _State, step: int, *, ack: bool) -> bool:
+        applied = live._applied
+        if state is applied or (
+            state.digest == applied.digest
+            and state.version == applied.version
+            and state.revision == applied.revision
+        ):
+            return False
+        live._apply_state(state, step, ack=ack)
+        return True
+
+    # -- collectives: tensors on the group's device, results as Python ints ---------------
+
+    def _tensor(self, values: list[int]) -> Any:
+        return self._torch.tensor(values, dtype=self._torch.int64).to(self._device)
+
+    def _min(self, values: list[int]) -> list[int]:
+        tensor = self._tensor(values)
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MIN, group=self._group)
+        return [int(v) for v in tensor.tolist()]
+
+    def _gather(self, revision: int, digest: int) -> list[tuple[int, int]]:
+        mine = self._tensor([revision, digest])
+        parts = [self._torch.empty_like(mine) for _ in range(self.group_size)]
+        self._dist.all_gather(parts, mine, group=self._group)
+        return [(int(p[0]), int(p[1])) for p in parts]
+
+    def _broadcast(self, mine: _State | None, source: int) -> dict[str, Any]:
+        from .client import _thaw
+
+        payload: list[Any] = [None]
+        if self.group_rank == source:
+            assert mine is not None
+            payload[0] = {
+                "version": mine.version,
+                "revision": mine.revision,
+                "values": _thaw(mine.values),
+            }
+        self._dist.broadcast_object_list(
+            payload, group=self._group, group_src=source, device=self._device
+        )
+        result: dict[str, Any] = payload[0]
+        return result
+
+
+def _find(states: Sequence[_State], digest: int) -> _State | None:
+    """The newest of ``states`` with these values, else None."""
+    for state in reversed(states):
+        if state.digest == digest:
+            return state
+    return None

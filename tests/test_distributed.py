@@ -1,0 +1,324 @@
+"""Four torch.distributed ranks on two daemons apply every change at the same step.
+
+Two "nodes": two real ``hotknob run`` processes on one real etcd, each with its
+own socket; ranks 0 and 1 talk to daemon A, ranks 2 and 3 to daemon B. The ranks
+are real processes training a small DDP model over gloo. While a stream of lr
+changes goes into etcd, daemon B is frozen (SIGSTOP) for a while, so its ranks
+fall behind. Every rank's per-step lr log must be identical, the last put must
+land, and the ranks on A must visibly hold newer values back while B is frozen.
+
+The workers run this module as a script (``python -m tests.test_distributed``).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon_proc import DaemonProcess, run_cli
+from tests.etcd_server import EtcdServer
+
+pytestmark = pytest.mark.timeout(90)
+
+APP = "t"
+P = f"/hotknob/{APP}/config/"
+WORLD = 4
+SYNC_EVERY = 4
+MAX_STEPS = 6000
+INITIAL_LR = 0.5
+PUT_LRS = [round(0.01 * (i + 1), 4) for i in range(10)]
+FROZEN = range(3, 8)  # daemon B is stopped from before put 3 to after put 7
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the worker: one rank, in its own process ------------------------------------------
+
+
+def _agreed_flag(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def worker(rank: int, rdzv: str, socket_path: str, out: Path) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hotknob.model_runtime import LiveConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    live = LiveConfig.connect(
+        socket=socket_path, timeout=20, distributed=True, sync_every=SYNC_EVERY
+    )
+    live.bind_optimizer(opt)
+    (out / f"ready-{rank}").touch()
+    gen = torch.Generator().manual_seed(rank)
+    lrs: list[float] = []
+    applied: list[list[Any]] = [[0, live.version, live.revision, live["train.lr"]]]
+    held, max_held = 0, 0
+    step = 0
+    while step < MAX_STEPS:
+        x = torch.randn(16, 8, generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if live.apply(step):
+            applied.append([step, live.version, live.revision, live["train.lr"]])
+        lrs.append(opt.param_groups[0]["lr"])
+        held = held + 1 if live.pending_version > live.version else 0
+        max_held = max(max_held, held)
+        if live["train.lr"] == PUT_LRS[-1]:
+            break
+        if step % 50 == 0 and _agreed_flag((out / "abort").exists()):
+            break
+        step += 1
+        time.sleep(0.002)
+    result = {"rank": rank, "lrs": lrs, "applied": applied, "max_held": max_held}
+    (out / f"result-{rank}.tmp").write_text(json.dumps(result))
+    (out / f"result-{rank}.tmp").rename(out / f"result-{rank}.json")
+    deadline = time.monotonic() + 60
+    while not (out / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    live.close()
+    dist.destroy_process_group()
+
+
+def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
+    """Two ranks, each with its own stub daemon, driven through the protocol's cases.
+
+    Each phase pushes to the stubs, waits until the push reached this rank, meets
+    the other rank at a barrier, then calls ``apply``: the outcome does not depend
+    on timing, only on what each rank holds.
+    """
+    import torch.distributed as dist
+
+    from hotknob.model_runtime import LiveConfig
+    from tests.daemon_stub import DaemonStub
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=2)
+    base = {"train": {"lr": 0.001}}
+    steps: list[list[Any]] = []
+    with DaemonStub(str(out / f"stub-{rank}.sock"), base) as stub:
+        live = LiveConfig.connect(stub.path, timeout=10, distributed=True, sync_every=3)
+        step = 0
+
+        def phase(lr: float | None, revision: int | None = None, calls: int = 3) -> None:
+            nonlocal step
+            if lr is not None:
+                if revision is not None:
+                    stub.revision = revision - 1
+                version = stub.push({"train": {"lr": lr}})
+                stub.wait_for(lambda: live.pending_version == version)
+            dist.barrier()
+            for _ in range(calls):
+                step += 1
+                steps.append([step, live.apply(step), live["train.lr"]])
+
+        phase(0.002)  # both receive it: applied at the 3rd call only
+        phase(0.003 if rank == 0 else None)  # rank 1 has nothing newer: nothing is applied
+        phase(None if rank == 0 else 0.004, revision=103)  # rank 1 jumps past 0.003
+        phase(0.004 if rank == 0 else None, revision=103)  # now both hold 0.004
+        phase(0.005 if rank == 0 else 0.006, revision=104)  # same revision, other values
+        last_ack = 5 if rank == 0 else 3  # rank 1's daemon never sent 0.003 nor 0.005
+        stub.wait_for(lambda: stub.messages("applied")[-1]["version"] == last_ack)
+        acked = [m["version"] for m in stub.messages("applied")]
+        live.close()
+    result = {"steps": steps, "acked": acked, "version": live.version}
+    (out / f"proto-{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+# -- the tests --------------------------------------------------------------------------
+
+
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    procs: Sequence[subprocess.Popen[bytes]] = (),
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        for p in procs:
+            if p.poll() not in (None, 0):
+                raise AssertionError(f"a worker exited with {p.returncode} while waiting: {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out: {what}")
+        time.sleep(0.02)
+
+
+def status_entries(etcd: EtcdServer) -> list[dict[str, Any]]:
+    done = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint, "--json")
+    assert done.returncode == 0, done.stderr
+    entries: list[dict[str, Any]] = json.loads(done.stdout)["processes"]
+    return entries
+
+
+def test_four_ranks_two_daemons_apply_every_change_at_the_same_step(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
+
+    etcd.etcdctl("put", P + "train/lr", str(INITIAL_LR))
+    out = tmp_path / "out"
+    out.mkdir()
+    node_a = DaemonProcess(tmp_path / "a", endpoints=etcd.endpoint, extra=["--node", "nA"])
+    node_b = DaemonProcess(tmp_path / "b", endpoints=etcd.endpoint, extra=["--node", "nB"])
+    writer = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,)))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        node_a.start()
+        node_b.start()
+        for rank in range(WORLD):
+            daemon = node_a if rank < 2 else node_b
+            log = open(out / f"worker-{rank}.log", "wb")  # noqa: SIM115 (the child keeps it)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tests.test_distributed", str(rank),
+                     str(tmp_path / "rdzv"), str(daemon.socket_path), str(out)],
+                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+            log.close()
+        ready = [out / f"ready-{r}" for r in range(WORLD)]
+        wait_for(lambda: all(p.exists() for p in ready), 45, "ranks ready", procs)
+
+        revisions = []
+        for i, lr in enumerate(PUT_LRS):
+            if i == FROZEN.start:
+                node_b.signal(signal.SIGSTOP)
+            if i == FROZEN.stop:
+                time.sleep(0.4)  # A's ranks hold the newest puts; B's have none of them
+                node_b.signal(signal.SIGCONT)
+            revisions.append(writer.put(P + "train/lr", json.dumps(lr)))
+            time.sleep(0.12)
+
+        wait_for(
+            lambda: all((out / f"result-{r}.json").exists() for r in range(WORLD)),
+            45,
+            "every rank finished",
+            procs,
+        )
+        results = [json.loads((out / f"result-{r}.json").read_text()) for r in range(WORLD)]
+
+        # While the ranks are still connected, status shows all four with their ranks,
+        # each at the last put's revision.
+        def all_acknowledged() -> bool:
+            entries = status_entries(etcd)
+            ranks = sorted(e.get("rank", -1) for e in entries)
+            return ranks == [0, 1, 2, 3] and all(e["revision"] == revisions[-1] for e in entries)
+
+        wait_for(all_acknowledged, 15, "status shows ranks 0..3 at the last revision")
+        entries = status_entries(etcd)
+        assert {e["node"] for e in entries} == {"nA", "nB"}
+        assert all(e["world_size"] == WORLD for e in entries)
+        assert all(e["client"].endswith(f"-rank{e['rank']}") for e in entries)
+    finally:
+        if node_b.proc is not None and node_b.proc.poll() is None:
+            node_b.signal(signal.SIGCONT)
+        (out / "abort").touch()
+        (out / "release").touch()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        writer.close()
+        node_a.stop()
+        node_b.stop()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, (out / f"worker-{r}.log").read_text()
+
+    first = results[0]
+    for other in results[1:]:
+        assert other["lrs"] == first["lrs"], f"rank {other['rank']} applied at other steps"
+        assert other["applied"] == first["applied"], f"rank {other['rank']} applied other states"
+    assert first["lrs"][-1] == PUT_LRS[-1], "the last change never landed"
+    applied_revisions = [rev for _, _, rev, _ in first["applied"][1:]]
+    assert applied_revisions == sorted(set(applied_revisions)), "applied out of order or twice"
+    assert set(applied_revisions) <= set(revisions)
+    for _, _, rev, lr in first["applied"][1:]:
+        assert lr == PUT_LRS[revisions.index(rev)]
+    # The freeze was felt: A's ranks held newer values back for several agreements.
+    assert min(results[0]["max_held"], results[1]["max_held"]) >= 3 * SYNC_EVERY
+    print(
+        f"steps={len(first['lrs'])} applied={len(first['applied']) - 1} of {len(PUT_LRS)} puts, "
+        f"held back on node A for up to {results[0]['max_held']} steps"
+    )
+
+
+def test_choose_source_takes_the_lowest_revision_then_the_lowest_rank() -> None:
+    from hotknob.model_runtime.distributed import choose_source
+
+    assert choose_source([(5, 1), (7, 2), (5, 3)]) == 0
+    assert choose_source([(9, 1), (7, 2), (7, 3), (8, 4)]) == 1
+    assert choose_source([(0, 4)]) == 0
+
+
+def test_protocol_cases_two_ranks_each_with_its_own_daemon(tmp_path: Path) -> None:
+    procs = []
+    for rank in range(2):
+        log = open(tmp_path / f"proto-{rank}.log", "wb")  # noqa: SIM115 (the child keeps it)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.test_distributed", "protocol", str(rank),
+                 str(tmp_path / "rdzv"), str(tmp_path)],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        log.close()
+    try:
+        for p in procs:
+            p.wait(timeout=45)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, (tmp_path / f"proto-{rank}.log").read_text()
+    r0, r1 = (json.loads((tmp_path / f"proto-{r}.json").read_text()) for r in range(2))
+    assert r0["steps"] == r1["steps"]
+    lr_at = {step: lr for step, _, lr in r0["steps"]}
+    applied_at = [step for step, applied, _ in r0["steps"] if applied]
+    # 1: both hold 0.002, applied at the 3rd call (sync_every=3), not before.
+    assert [lr_at[s] for s in (1, 2, 3)] == [0.001, 0.001, 0.002]
+    # 2: only rank 0 holds 0.003: the ranks keep 0.002.
+    assert [lr_at[s] for s in (4, 5, 6)] == [0.002] * 3
+    # 3: rank 1 jumped to 0.004 (revision 103) past 0.003 (revision 102): the agreed
+    # state is 0.003, which rank 1 never received; rank 0 broadcasts it.
+    assert lr_at[9] == 0.003
+    # 4: both hold 0.004.
+    assert lr_at[12] == 0.004
+    # 5: the daemons disagree at one revision: rank 0's values win on both.
+    assert lr_at[15] == 0.005
+    assert applied_at == [3, 9, 12, 15]
+    # Rank 1 never acknowledges values that its own daemon did not send (0.003).
+    assert r1["acked"] == [1, 2, 3]
+    assert r0["acked"] == [1, 2, 3, 4, 5]
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "protocol":
+        protocol_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    else:
+        worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
