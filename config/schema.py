@@ -13,9 +13,9 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
 
 from .errors import SchemaLoadError
@@ -91,6 +91,20 @@ def leaf_map(model: type[BaseModel]) -> dict[str, Leaf]:
 
 def restart_only_keys(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(leaf.key for leaf in iter_leaves(model) if not leaf.live)
+
+
+SECRET_MASK = "**********"
+
+
+def _is_secret(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, SecretStr | SecretBytes):
+        return True
+    return any(_is_secret(arg) for arg in get_args(annotation))
+
+
+def secret_keys(model: type[BaseModel]) -> frozenset[str]:
+    """Leaves typed ``SecretStr``/``SecretBytes`` (or optional ones): never shown or logged."""
+    return frozenset(leaf.key for leaf in iter_leaves(model) if _is_secret(leaf.field.annotation))
 
 
 def load_schema(spec: str) -> type[BaseModel]:

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic_core import to_jsonable_python
 from pydantic_settings import EnvSettingsSource
 from pydantic_settings.exceptions import SettingsError
@@ -68,6 +68,8 @@ def defaults_layer(schema: type[BaseModel]) -> Layer:
     for leaf in iter_leaves(schema):
         if not leaf.field.is_required():
             default = leaf.field.get_default(call_default_factory=True)
+            if isinstance(default, SecretStr | SecretBytes):
+                default = default.get_secret_value()  # the value, not its "****" rendering
             values[leaf.key] = to_jsonable_python(default)
     return Layer("defaults", values, dict.fromkeys(values, "schema"))
 

@@ -17,6 +17,10 @@ from hotknob.config.sources import DEFAULT_ENV_PREFIX
 
 Handler = Callable[[argparse.Namespace], int]
 
+# gRPC's C core prints its own INFO lines (a failed TLS handshake, say) to stderr; the error
+# that matters reaches the user as hotknob's one line. Set before grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so usage errors share the one-line path."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hotknob.config import InvalidChange, LayerError, Snapshot, UsageError, merge_layers
+from hotknob.config.schema import SECRET_MASK, secret_keys
 from hotknob.config.sources import LIVE_LAYERS, defaults_layer, files_layer, read_config_file
 
 from .context import Context, current_snapshot
@@ -58,10 +59,13 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def explain_rows(snapshot: Snapshot, keys: list[str]) -> list[dict[str, Any]]:
     rank = {name: i for i, name in enumerate(snapshot.precedence)}
+    secrets = secret_keys(type(snapshot.model))
     rows = []
     for key in keys:
         winner = snapshot.sources[key]
         layers = {name: said[key] for name, said in snapshot.layers.items() if key in said}
+        if key in secrets:
+            layers = {name: SECRET_MASK if v is not None else v for name, v in layers.items()}
         shadowed = [name for name in layers if name in LIVE_LAYERS and rank[name] < rank[winner]]
         rows.append(
             {

@@ -1,0 +1,540 @@
+"""Bad input everywhere: every one gets a clear error, nothing invalid reaches a client.
+
+Three levels, each counting the inputs it tried (``INPUTS``; the last test checks
+the total reaches 1,000 and records it):
+
+- pure functions, with hypothesis, for volume: etcd values through the etcd layer
+  and the merge, sequences of etcd changes through the ``Engine`` (every state it
+  publishes must validate), config file bytes through the file reader, and protocol
+  lines through the decoder;
+- a real ``hotknob run`` on a real etcd, fed a few hundred bad etcd values and keys
+  (hypothesis-generated plus the classics: NaN, ±inf, huge numbers, a 1 MiB string,
+  nested junk, keys outside the schema and outside the prefix), with a live client
+  that validates every state it receives against ``MLParams``;
+- the same daemon's socket, fed garbage, over-long and partial lines, a client that
+  never reads, 200 connections at once, a wrong protocol version and messages out
+  of order: each gets an ``error`` line and only that connection closes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from hotknob.config import (
+    InvalidChange,
+    LayerError,
+    MLParams,
+    defaults_layer,
+    etcd_layer,
+    files_layer,
+    merge_layers,
+    read_config_file,
+)
+from hotknob.config.keys import config_prefix, flatten
+from hotknob.config.schema import iter_leaves
+from hotknob.daemon.engine import Engine
+from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
+from hotknob.daemon.socket_server import Published
+from hotknob.model_runtime import LiveConfig, protocol
+from tests.daemon_proc import DaemonProcess, RawClient
+from tests.etcd_server import EtcdServer
+from tests.fault_episodes import Trainer, thaw, wait_for
+from tests.figures import record
+
+pytestmark = pytest.mark.timeout(120)
+
+APP = "bad"
+PREFIX = config_prefix(APP)
+LEAVES = [leaf.key for leaf in iter_leaves(MLParams)]
+INPUTS: Counter[str] = Counter()
+REJECTED: Counter[str] = Counter()
+ACCEPTED: Counter[str] = Counter()
+FAST = settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+# --- strategies ----------------------------------------------------------------------------------
+
+json_junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+classic_values = st.sampled_from(
+    [
+        "NaN", "nan", "Infinity", "-Infinity", "inf", "1e309", "-1e309", "1e-400",
+        "9" * 400, "-" + "9" * 400, "9" * 5000, "", " ", "null", "true", "[]", "{}",
+        '"0.1"', "0x10", "1_000", "0.1.2", "\x00", '{"lr": 0.1}', "[0.1]", "x" * (1 << 20),
+    ]
+)  # fmt: skip
+etcd_text = (
+    classic_values
+    | st.text(max_size=40)
+    | json_junk.map(json.dumps)
+    | st.floats().map(repr)
+    | st.integers(min_value=-(10**30), max_value=10**30).map(str)
+)
+etcd_raw = etcd_text.map(lambda t: t.encode("utf-8", "surrogatepass")) | st.binary(max_size=40)
+schema_or_junk_key = st.sampled_from(LEAVES) | st.sampled_from(
+    ["train.bogus", "bogus.x", "train.lr.deeper", "train", "sampling", "a.b.c.d", "x"]
+)
+
+
+def path_of(key: str) -> str:
+    return PREFIX + key.replace(".", "/")
+
+
+def assert_clear(exc: InvalidChange) -> None:
+    assert exc.problems, "an InvalidChange names its problems"
+    for problem in exc.problems:
+        assert problem.reason and problem.layer in ("etcd", "files", "defaults", ""), problem
+        assert str(problem)
+
+
+def assert_deliverable(values: Any) -> None:
+    """What a client would receive: validates against the schema and encodes as protocol JSON."""
+    MLParams.model_validate(values)
+    protocol.encode(protocol.snapshot(1, 1, values, {}))
+    for value in flatten(values).values():
+        assert not (isinstance(value, float) and not math.isfinite(value)), values
+
+
+# --- pure: etcd values, engine, files, protocol lines ---------------------------------------------
+
+
+@settings(FAST, max_examples=400)
+@given(st.dictionaries(schema_or_junk_key, etcd_raw, min_size=1, max_size=4))
+def test_etcd_values_yield_a_valid_state_or_a_clear_error(kvs: dict[str, bytes]) -> None:
+    INPUTS["etcd values (merge)"] += len(kvs)
+    layer = etcd_layer(APP, {path_of(k): v for k, v in kvs.items()})
+    try:
+        snapshot = merge_layers(MLParams, [defaults_layer(MLParams), layer])
+    except InvalidChange as exc:
+        assert_clear(exc)
+        REJECTED["etcd values (merge)"] += len(kvs)
+        return
+    assert_deliverable(thaw(snapshot.values))
+
+
+# Valid for every float leaf, so that some changes are accepted and then published.
+plausible_raw = st.floats(0.01, 0.9).map(lambda f: repr(f).encode())
+change = st.tuples(
+    st.dictionaries(
+        st.sampled_from(LEAVES) | schema_or_junk_key,
+        plausible_raw | plausible_raw | etcd_raw,
+        max_size=3,
+    ),
+    st.lists(schema_or_junk_key, max_size=2),
+)
+
+
+@settings(FAST, max_examples=150)
+@given(st.lists(change, min_size=1, max_size=8))
+def test_engine_publishes_only_valid_states_with_rising_versions(
+    changes: list[tuple[dict[str, bytes], list[str]]],
+) -> None:
+    published: list[Published] = []
+    engine = Engine(
+        schema=MLParams,
+        app=APP,
+        precedence=("defaults", "files", "etcd", "env", "cli"),
+        layers=[defaults_layer(MLParams), files_layer(MLParams, [])],
+        publish=published.append,
+    )
+    engine.start({}, 1)
+    for revision, (puts, deletes) in enumerate(changes, start=2):
+        INPUTS["etcd changes (engine)"] += 1
+        before = engine.current
+        engine.on_etcd_change(
+            revision, {path_of(k): v for k, v in puts.items()}, [path_of(k) for k in deletes]
+        )
+        if engine.current is not before:
+            ACCEPTED["etcd changes (engine)"] += 1
+    versions = [p.version for p in published]
+    assert versions == sorted(set(versions))
+    for state in published:
+        assert_deliverable(thaw(state.values))
+
+
+def _nest(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+classic_files = st.sampled_from(
+    [
+        ("yaml", b"a: &a [1,2]\nb: &b [*a,*a,*a,*a]\nc: [*b,*b,*b,*b]\n"),  # an alias bomb
+        ("yaml", b"train:\n  lr: 0.1\n  lr: 0.2\n"),  # duplicate keys
+        ("json", b'{"train": {"lr": 0.1, "lr": 0.2}}'),
+        ("toml", b"[train]\nlr = 0.1\nlr = 0.2\n"),
+        ("json", _nest(100_000).encode()),
+        ("yaml", ("[" * 100_000).encode()),
+        ("yaml", "train:\n  lr: 0.1\n".encode("utf-16")),
+        ("json", '{"train": {"lr": "\xe9"}}'.encode("latin-1")),
+        ("yaml", b"\x00\x01\x02\xff\xfe"),
+        ("json", b'{"train": {"lr": NaN}}'),
+        ("json", b'{"train": {"lr": Infinity}}'),
+        ("yaml", b"train:\n  lr: .nan\n"),
+        ("yaml", b"train:\n  lr: .inf\n"),
+        ("yaml", b"- 1\n- 2\n"),
+        ("toml", b"train = 1\n"),
+        ("yaml", b"!!python/object/apply:os.system ['true']\n"),
+        ("yaml", b""),
+        ("json", b"   \n"),
+    ]
+)
+valid_doc = st.fixed_dictionaries(
+    {
+        "train": st.fixed_dictionaries(
+            {"lr": st.floats(1e-5, 1.0), "warmup_steps": st.integers(0, 9)}
+        )
+    }
+)
+
+
+def _render(kind: str, doc: dict[str, Any]) -> bytes:
+    if kind == "json":
+        return json.dumps(doc).encode()
+    if kind == "toml":
+        train = doc["train"]
+        return f"[train]\nlr = {train['lr']!r}\nwarmup_steps = {train['warmup_steps']}\n".encode()
+    train = doc["train"]
+    return f"train:\n  lr: {train['lr']!r}\n  warmup_steps: {train['warmup_steps']}\n".encode()
+
+
+truncated_files = st.tuples(
+    st.sampled_from(["yaml", "json", "toml"]), valid_doc, st.floats(0, 1)
+).map(lambda t: (t[0], (data := _render(t[0], t[1]))[: int(len(data) * t[2])]))
+random_files = st.tuples(st.sampled_from(["yaml", "json", "toml"]), st.binary(max_size=200))
+text_files = st.tuples(
+    st.sampled_from(["yaml", "json", "toml"]), st.text(max_size=200).map(str.encode)
+)
+
+
+@settings(FAST, max_examples=300)
+@given(classic_files | truncated_files | random_files | text_files)
+def test_config_files_parse_to_a_valid_state_or_a_clear_error(
+    tmp_path_factory: pytest.TempPathFactory, case: tuple[str, bytes]
+) -> None:
+    kind, data = case
+    INPUTS["config files"] += 1
+    path = tmp_path_factory.getbasetemp() / f"params.{kind}"
+    path.write_bytes(data)
+    try:
+        parsed = read_config_file(path)
+    except LayerError as exc:
+        assert exc.layer == "files" and str(path) in str(exc) and "\n" not in str(exc), exc
+        REJECTED["config files"] += 1
+        return
+    try:
+        snapshot = merge_layers(
+            MLParams, [defaults_layer(MLParams), files_layer(MLParams, [(path, parsed)])]
+        )
+    except InvalidChange as exc:
+        assert_clear(exc)
+        REJECTED["config files"] += 1
+        return
+    assert_deliverable(thaw(snapshot.values))
+
+
+client_message = st.fixed_dictionaries(
+    {"type": st.sampled_from(["hello", "applied", "metrics", "snapshot", "bogus", ""])},
+    optional={
+        "protocol": st.integers(-1, 3) | st.text(max_size=3) | st.none(),
+        "client": st.text(max_size=300) | st.integers(),
+        "pid": st.integers(-5, 10) | st.text(max_size=3),
+        "version": st.integers(-5, 10) | st.floats() | st.booleans(),
+        "step": st.integers(-5, 10) | st.none(),
+        "latest": st.dictionaries(st.text(max_size=5), st.floats(), max_size=2) | st.integers(),
+    },
+)
+protocol_lines = (
+    st.binary(max_size=200)
+    | st.text(max_size=200).map(str.encode)
+    | json_junk.map(lambda v: json.dumps(v).encode())
+    | client_message.map(lambda m: json.dumps(m).encode())
+)
+
+
+@settings(FAST, max_examples=250)
+@given(protocol_lines, st.booleans())
+def test_protocol_lines_are_a_message_or_a_clear_error(line: bytes, said_hello: bool) -> None:
+    INPUTS["protocol lines (decoder)"] += 1
+    try:
+        message = protocol.decode(line)
+        protocol.validate_client_message(message, said_hello=said_hello)
+    except protocol.ProtocolError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        REJECTED["protocol lines (decoder)"] += 1
+        return
+    assert message["type"] in protocol.CLIENT_TYPES
+
+
+# --- a real daemon on a real etcd ----------------------------------------------------------------
+
+
+class LiveSetup:
+    def __init__(self, folder: Path):
+        self.etcd = EtcdServer("bad-input")
+        self.daemon = DaemonProcess(
+            folder, app=APP, endpoints=self.etcd.endpoint, extra=["--etcd-timeout", "2"]
+        )
+        self.store: EtcdStore | None = None
+        self.live: LiveConfig | None = None
+        self.trainer: Trainer | None = None
+        self.watcher: RawClient | None = None
+
+    def start(self) -> LiveSetup:
+        self.etcd.start()
+        self.daemon.start()
+        self.store = EtcdStore(EtcdOptions(endpoints=(self.etcd.endpoint,), timeout=5))
+        self.live = LiveConfig.connect(socket=self.daemon.socket_path, timeout=10, client="t")
+        self.trainer = Trainer(self.live).start()
+        self.watcher = RawClient(self.daemon.socket_path, name="observer")
+        return self
+
+    def close(self) -> None:
+        for closer in (self.trainer and self.trainer.stop, self.live and self.live.close):
+            if closer:
+                closer()
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.store is not None:
+            self.store.close()
+        self.daemon.stop()
+        self.etcd.close()
+
+    def alive(self) -> bool:
+        return self.daemon.proc is not None and self.daemon.proc.poll() is None
+
+    def received(self) -> list[dict[str, Any]]:
+        """Every message the observer has been sent so far (it reads only when asked)."""
+        assert self.watcher is not None
+        out = []
+        while not self.watcher.no_message(0.05):
+            out.append(self.watcher.next())
+        return out
+
+
+@pytest.fixture(scope="module")
+def live_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSetup]:
+    setup = LiveSetup(tmp_path_factory.mktemp("bad-daemon"))
+    try:
+        yield setup.start()
+    finally:
+        setup.close()
+
+
+def _verdicts(setup: LiveSetup) -> tuple[set[int], set[int]]:
+    accepted = {int(e["revision"]) for e in setup.daemon.events("change_accepted")}
+    rejected = {int(e["revision"]) for e in setup.daemon.events("change_rejected")}
+    return accepted, rejected
+
+
+MUST_REJECT = [
+    ("train.lr", "NaN"), ("train.lr", "Infinity"), ("train.lr", "-Infinity"), ("train.lr", "1e309"),
+    ("train.lr", "-1"), ("train.lr", "x" * (1 << 20)), ("train.lr", '{"a": [1, {"b": null}]}'),
+    ("train.warmup_steps", "9" * 5000), ("train.warmup_steps", "1.5"), ("train.momentum", "true"),
+    ("sampling.top_p", "[]"), ("sampling.top_k", "-3"), ("train.bogus", "1"), ("bogus.x", "1"),
+    ("train.lr.deeper", "1"), ("train", "{}"),
+]  # fmt: skip
+
+
+def test_bad_etcd_values_through_a_real_daemon(live_setup: LiveSetup) -> None:
+    store = live_setup.store
+    assert store is not None
+    writes: list[tuple[int, str, bytes]] = []
+
+    for key, raw in MUST_REJECT:
+        writes.append((store.commit({path_of(key): raw}), key, raw.encode()))
+    for outside in ("/hotknob/other/config/train/lr", "/hotknob/bad/configx/train/lr",
+                    "/hotknob/bad/status/n/x", "/hotknob/bad", "/elsewhere/train/lr"):  # fmt: skip
+        store.commit({outside: "-1"})
+        INPUTS["etcd keys outside the prefix (daemon)"] += 1
+
+    @settings(FAST, max_examples=220, phases=[Phase.generate])
+    @given(schema_or_junk_key, etcd_raw)
+    def feed(key: str, raw: bytes) -> None:
+        writes.append((store.commit({path_of(key): raw}), key, raw))
+
+    feed()
+    sentinel = store.commit({path_of("sampling.max_new_tokens"): "777"})
+    wait_for("the sentinel", lambda: sentinel in _verdicts(live_setup)[0], 30)
+    INPUTS["etcd values (daemon)"] += len(writes)
+
+    assert live_setup.alive()
+    accepted, rejected = _verdicts(live_setup)
+    silent = [(rev, key, raw[:60]) for rev, key, raw in writes if rev not in accepted | rejected]
+    for rev, key, head in silent:  # no verdict only when the value equals the one in force
+        assert key in LEAVES, (rev, key, head)
+    must = [rev for rev, _, _ in writes[: len(MUST_REJECT)]]
+    assert not [r for r in must if r not in rejected], "a must-reject value was not rejected"
+    REJECTED["etcd values (daemon)"] += sum(1 for rev, _, _ in writes if rev in rejected)
+    for event in live_setup.daemon.events("change_rejected"):
+        assert event["reason"] and event["key"] is not None and len(json.dumps(event)) < 20_000
+
+    for message in live_setup.received():
+        if message["type"] in ("snapshot", "update"):
+            assert_deliverable(message["values"])
+    wait_for("the client to apply the sentinel", lambda: live_setup.live is not None
+             and live_setup.live["sampling.max_new_tokens"] == 777)  # fmt: skip
+    assert live_setup.trainer is not None
+    assert not live_setup.trainer.invalid and not live_setup.trainer.errors
+
+
+# --- the daemon's socket -------------------------------------------------------------------------
+
+
+def exchange(path: Path, data: bytes, *, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Send ``data`` on a fresh connection, read until the daemon closes it; the lines it sent."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # EOF: a last line without a newline still counts
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon closed mid-send (an over-long line): its reply is still readable
+        received = b""
+        try:
+            while chunk := sock.recv(1 << 16):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    return [json.loads(line) for line in received.splitlines() if line.strip()]
+
+
+def assert_error_then_closed(replies: list[dict[str, Any]], fragment: str = "") -> None:
+    assert replies and replies[-1]["type"] == "error", replies
+    assert fragment in replies[-1]["error"], replies[-1]
+    for reply in replies[:-1]:
+        assert reply["type"] == "snapshot"
+        assert_deliverable(reply["values"])
+
+
+@settings(FAST, max_examples=120, phases=[Phase.generate])
+@given(line=protocol_lines)
+def test_socket_garbage_gets_an_error_and_closes_only_that_connection(
+    live_setup: LiveSetup, line: bytes
+) -> None:
+    INPUTS["socket lines (daemon)"] += 1
+    line = line.replace(b"\n", b" ")
+    if not line.strip():
+        line = b"\x00"
+    try:
+        message = protocol.decode(line)
+        protocol.validate_client_message(message, said_hello=False)
+    except protocol.ProtocolError:
+        assert_error_then_closed(exchange(live_setup.daemon.socket_path, line + b"\n"))
+        REJECTED["socket lines (daemon)"] += 1
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # a valid hello: a snapshot
+        sock.settimeout(5)
+        sock.connect(str(live_setup.daemon.socket_path))
+        sock.sendall(line + b"\n")
+        first = sock.makefile("rb").readline()
+    assert protocol.decode(first)["type"] == "snapshot"
+
+
+SOCKET_CASES = [
+    (b'{"type":"hello","protocol":2,"client":"x"}\n', "unsupported protocol 2"),
+    (b'{"type":"hello","protocol":"1","client":"x"}\n', "unsupported protocol"),
+    (b'{"type":"applied","version":1,"step":1}\n', '"applied" before "hello"'),
+    (b'{"type":"metrics","step":1,"latest":{}}\n', '"metrics" before "hello"'),
+    (protocol.encode(protocol.hello("x")) * 2, '"hello" was already sent'),
+    (protocol.encode(protocol.hello("x")) + b'{"type":"applied","version":-1,"step":0}\n',
+     'integer "version"'),
+    (protocol.encode(protocol.hello("x")) + b'{"type":"snapshot"}\n', "unknown message type"),
+    (b'{"type":"hello","protocol":1,"client":"' + b"c" * 300 + b'"}\n', "at most 256"),
+    (b'{"type":"hello","protocol":1,"pid":-4}\n', 'integer "pid"'),
+    (b"[1,2,3]\n", "JSON object"),
+    (b'{"type":"hello","protocol":NaN}\n', "not a valid JSON number"),
+    (b"\xff\xfe\n", "not valid UTF-8"),
+    (b"x" * (protocol.MAX_LINE_BYTES + 10) + b"\n", "byte limit"),
+    (b'{"type": 7}\n', 'string "type"'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("data", "fragment"), SOCKET_CASES)
+def test_socket_protocol_violations(live_setup: LiveSetup, data: bytes, fragment: str) -> None:
+    INPUTS["socket protocol cases (daemon)"] += 1
+    assert_error_then_closed(exchange(live_setup.daemon.socket_path, data), fragment)
+    REJECTED["socket protocol cases (daemon)"] += 1
+    assert live_setup.alive()
+
+
+def test_partial_lines_a_client_that_never_reads_and_200_connections(
+    live_setup: LiveSetup,
+) -> None:
+    path = live_setup.daemon.socket_path
+    store = live_setup.store
+    assert store is not None
+    # A partial line, then EOF: the last line without a newline still counts (here: a hello).
+    replies = exchange(path, protocol.encode(protocol.hello("partial")).rstrip(b"\n"))
+    assert [r["type"] for r in replies] == ["snapshot"]
+    # A partial line that stays open: nothing is answered, nothing breaks.
+    dangling = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dangling.connect(str(path))
+    dangling.sendall(b'{"type":"hel')
+    # A client that says hello and then never reads, with a tiny receive buffer.
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(str(path))
+    stuck.sendall(protocol.encode(protocol.hello("never-reads")))
+    crowd: list[RawClient] = []
+    try:
+        for i in range(200):
+            crowd.append(RawClient(path, name=f"crowd-{i}"))
+        INPUTS["socket connections at once (daemon)"] += len(crowd) + 2
+        for i in range(300):  # 300 changes the stuck client never reads
+            store.commit({path_of("train.warmup_steps"): str(1000 + i)})
+        for client in crowd:
+            wait_update = client.next_update
+            values = wait_update(timeout=20)["values"]
+            while values["train"]["warmup_steps"] != 1299:
+                values = wait_update(timeout=20)["values"]
+            assert_deliverable(values)
+        assert live_setup.alive()
+    finally:
+        for client in crowd:
+            client.close()
+        dangling.close()
+        stuck.close()
+
+
+def test_zz_inputs_tried_reach_one_thousand() -> None:
+    needed = {
+        "etcd values (merge)",
+        "config files",
+        "etcd values (daemon)",
+        "socket lines (daemon)",
+    }
+    if not needed <= set(INPUTS):
+        pytest.skip("counts inputs only when the whole module runs")
+    total = sum(INPUTS.values())
+    assert total >= 1000, INPUTS
+    assert ACCEPTED["etcd changes (engine)"] > 0, "the engine test must also see valid changes"
+    record(
+        "bad-input",
+        command="pytest tests/test_bad_input.py",
+        inputs_total=total,
+        inputs=dict(INPUTS),
+        rejected_with_a_clear_error=dict(REJECTED),
+        engine_changes_published=ACCEPTED["etcd changes (engine)"],
+        invalid_values_delivered=0,
+        daemon_crashes=0,
+    )
