@@ -62,9 +62,11 @@ class DaemonProcess:
         if not endpoints:
             self.env.pop("HOTKNOB_ETCD_ENDPOINTS", None)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     def start(self, timeout: float = 20.0) -> DaemonProcess:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
             hotknob_cmd(*self.args), stdout=log, stderr=log, env=self.env, stdin=subprocess.DEVNULL
@@ -74,15 +76,19 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            if self.socket_path.exists() and "daemon_ready" in self.log():
+            if "daemon_ready" in self.log(since_start=True):
                 return self
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"daemon not ready in {timeout} s:\n{self.log()}")
 
-    def log(self) -> str:
+    def log(self, *, since_start: bool = False) -> str:
+        """The daemon's log; with ``since_start``, only what this run wrote."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                if since_start:
+                    f.seek(self._log_start)
+                return f.read().decode(errors="replace")
         except OSError:
             return ""
 
