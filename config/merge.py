@@ -118,6 +118,34 @@ def merge_layers(
     )
 
 
+def merge_dropping_invalid(
+    schema: type[BaseModel],
+    layers: Iterable[Layer],
+    precedence: Sequence[str] = DEFAULT_PRECEDENCE,
+    *,
+    layer: str = "etcd",
+) -> tuple[Snapshot, list[Problem]]:
+    """Merge, dropping the keys of ``layer`` that make the result invalid, as the daemon does.
+
+    A live layer can hold a value nobody validated (written with etcdctl); the
+    daemon never applies it, so views of the configuration must not fail on it.
+    Returns the snapshot and the problems of the dropped keys. Problems in any
+    other layer still raise ``InvalidChange``.
+    """
+    current = list(layers)
+    dropped: list[Problem] = []
+    while True:
+        try:
+            return merge_layers(schema, current, precedence), dropped
+        except InvalidChange as exc:
+            bad = [p for p in exc.problems if p.layer == layer]
+            if not bad:
+                raise
+            dropped.extend(bad)
+            keys = {p.key for p in bad}
+            current = [lay.without(keys) if lay.name == layer else lay for lay in current]
+
+
 def _leaf_order(schema: type[BaseModel]) -> Any:
     position = {leaf.key: i for i, leaf in enumerate(iter_leaves(schema))}
     return position.__getitem__

@@ -7,6 +7,7 @@ Reading the layers is kept here so that ``run``, ``get``, ``explain`` and
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,11 +24,12 @@ from hotknob.config import (
     env_layer,
     etcd_layer,
     load_schema,
-    merge_layers,
     parse_precedence,
     read_files_layer,
 )
+from hotknob.config.errors import Problem
 from hotknob.config.keys import config_prefix
+from hotknob.config.merge import merge_dropping_invalid
 
 from .etcd_store import EtcdOptions, EtcdStore
 
@@ -107,11 +109,18 @@ def read_all_layers(
 
 
 def current_snapshot(ctx: Context, args: argparse.Namespace) -> tuple[Snapshot, int]:
+    """The configuration a daemon started now would serve; etcd keys it would reject are
+    left out, each with a warning line on stderr."""
     layers, _, revision = read_all_layers(ctx, args)
-    return merge_layers(ctx.schema, layers, ctx.precedence), revision
+    snapshot, dropped = merge_dropping_invalid(ctx.schema, layers, ctx.precedence)
+    warn_dropped(dropped)
+    return snapshot, revision
 
 
-def jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: jsonable(v) for k, v in value.items()}
-    return value
+def warn_dropped(dropped: list[Problem]) -> None:
+    for problem in dropped:
+        print(
+            f"hotknob: warning: ignoring etcd value of {problem.key}: {problem.reason}",
+            file=sys.stderr,
+        )
+

@@ -93,9 +93,20 @@ def test_error_exit_codes(etcd: EtcdServer, tmp_path: Path) -> None:
     line = one_line_error(run_cli("explain", "--precedence", "cli,env"), 2)
     assert "--precedence" in line
     one_line_error(run_cli("frobnicate"), 2)
-    etcd.etcdctl("put", P + "train/lr", "banana")
-    line = one_line_error(hk(etcd, "get"), 1)
-    assert "train.lr (from etcd)" in line
+
+
+def test_a_rejected_etcd_value_is_ignored_as_the_daemon_does(etcd: EtcdServer) -> None:
+    etcd.etcdctl("put", P + "train/lr", "banana")  # written around hotknob's validation
+    done = hk(etcd, "get", "train.lr")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0.001"
+    assert "ignoring etcd value of train.lr" in done.stderr
+    done = hk(etcd, "set", "train.momentum=0.5")  # an unrelated bad key does not block a set
+    assert done.returncode == 0, done.stderr
+    assert etcd_value(etcd, "train/momentum") == "0.5"
+    assert etcd_value(etcd, "train/lr") == "banana"
+    assert hk(etcd, "set", "train.lr=0.01").returncode == 0  # ...and it can be fixed
+    assert hk(etcd, "get", "train.lr").stdout.strip() == "0.01"
 
 
 def test_validate_files(tmp_path: Path) -> None:
