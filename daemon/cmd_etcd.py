@@ -18,11 +18,12 @@ from typing import Any
 
 from hotknob.config import InvalidChange, Layer, Problem, UsageError, etcd_layer, merge_layers
 from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, to_text
-from hotknob.config.merge import changed_keys
+from hotknob.config.merge import changed_keys, merge_dropping_invalid
 from hotknob.config.sources import parse_assignment
 
-from .context import Context, read_all_layers
+from .context import Context, read_all_layers, warn_dropped
 from .etcd_store import EtcdStore
+from .guard_records import GuardSpec, add_guard_options, describe, record_for_set, spec_from_args
 from .table import dumps, fmt, render
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -33,6 +34,7 @@ def register(add: Add) -> None:
     p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_guard_options(p)  # --guard, --window, --patience, --guard-file (guard_records.py)
 
     p = add("unset", cmd_unset, "delete keys from etcd in one transaction")
     p.add_argument("keys", nargs="+", metavar="KEY")
@@ -97,11 +99,19 @@ def _write(
     puts: Mapping[str, Any],
     deletes: list[str],
     header: str,
+    guard: GuardSpec | None = None,
 ) -> int:
-    """Validate the etcd layer after ``puts``/``deletes`` (dotted keys) and commit them at once."""
+    """Validate the etcd layer after ``puts``/``deletes`` (dotted keys) and commit them at once.
+
+    With ``guard``, its record (see guard_records.py) is written in the same transaction."""
     layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
-    new_etcd = dict(current.values)
+    # Keys already in etcd that the daemon rejects are left as they are, and out of the check.
+    _, dropped = merge_dropping_invalid(ctx.schema, layers, ctx.precedence)
+    ignored = {p.key for p in dropped} - set(puts) - set(deletes)
+    warn_dropped([p for p in dropped if p.key in ignored])
+    base = {k: v for k, v in current.values.items() if k not in ignored}
+    new_etcd = dict(base)
     for key in deletes:
         new_etcd.pop(key, None)
     new_etcd.update(puts)
@@ -109,7 +119,7 @@ def _write(
     texts = {etcd_key(ctx.app, k): to_text(v) for k, v in puts.items()}
     diff = {
         k: (current.values.get(k), None if k in deletes and k not in puts else new_etcd.get(k))
-        for k in changed_keys(current.values, new_etcd)
+        for k in changed_keys(base, new_etcd)
     }
     if args.dry_run or not diff:
         title = f"dry run at revision {revision}: would write" if args.dry_run else "nothing to do"
@@ -120,22 +130,35 @@ def _write(
         {"time": time.time(), "by": f"{getpass.getuser()}@{socket.gethostname()}", "what": header}
     )
     with ctx.store() as store:
+        record = None
+        if guard is not None:
+            guard_path, record = record_for_set(store, ctx.app, guard, diff, current.values)
+            texts[guard_path] = record.to_json()
         written = store.commit(texts, [etcd_key(ctx.app, k) for k in deletes])
     if args.json:
-        print(dumps({"revision": written, "changed": {k: n for k, (_, n) in diff.items()}}))
+        result: dict[str, Any] = {
+            "revision": written,
+            "changed": {k: n for k, (_, n) in diff.items()},
+        }
+        if record is not None:
+            result["guard"] = record.id
+        print(dumps(result))
     else:
         _print_diff(diff, False, f"{header} at revision {written}")
+        if record is not None:
+            print(describe(record))
     _warn_shadowed(snapshot, shadowed)
     return 0
 
 
 def cmd_set(args: argparse.Namespace) -> int:
+    guard = spec_from_args(args)  # a malformed guard is refused before anything is read
     ctx = Context.from_args(args)
     puts: dict[str, Any] = {}
     for pair in args.pairs:
         key, value = parse_assignment(pair)
         puts[key] = value
-    return _write(ctx, args, puts, [], "wrote")
+    return _write(ctx, args, puts, [], "wrote", guard)
 
 
 def cmd_unset(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ from hotknob.config.keys import status_prefix
 from hotknob.model_runtime import protocol
 
 from .context import Context, static_layers
+from .guard_records import guards_table, read_records
+from .reports import metrics_summary
 from .table import dumps, fmt, render
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -137,6 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     prefix = status_prefix(ctx.app)
     with ctx.store() as store:
         kvs, revision = store.read_prefix(prefix)
+        guards = read_records(store, ctx.app)
     entries = []
     now = time.time()
     for key, raw in sorted(kvs.items()):
@@ -147,8 +150,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         entry["key"] = key[len(prefix) :]
         entries.append(entry)
     if args.json:
-        print(dumps({"revision": revision, "processes": entries}))
+        records = [json.loads(g.to_json()) for g in guards]
+        print(dumps({"revision": revision, "processes": entries, "guards": records}))
         return 0
+    if guards:
+        headers = ["GUARD", "STATE", "CHANGE", "EXPR", "OUTCOME"]
+        print(render(headers, guards_table(guards)) + "\n")
     if not entries:
         print(f"no process of app {ctx.app!r} has reported (revision {revision})")
         return 0
@@ -165,7 +172,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{age:.1f}s",
                 e.get("pid", "-"),
                 "; ".join(x.get("error", "") for x in e.get("errors", [])) or "",
+                metrics_summary(e),
             ]
         )
-    print(render(["PROCESS", "VERSION", "REVISION", "STEP", "AGE", "PID", "ERRORS"], rows))
+    headers = ["PROCESS", "VERSION", "REVISION", "STEP", "AGE", "PID", "ERRORS", "METRICS"]
+    print(render(headers, rows))
     return 0

@@ -26,6 +26,7 @@ without a protocol bump.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -135,6 +136,32 @@ def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> 
         latest = message.get("latest")
         if not isinstance(latest, dict):
             raise ProtocolError('"metrics" needs an object "latest"')
+
+
+NON_FINITE: Final = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def encode_number(value: float) -> float | str:
+    """A reported float as JSON can carry it: finite as is, else ``"nan"``, ``"inf"``, ``"-inf"``.
+
+    JSON has no NaN, and a NaN loss is exactly what a guard must see.
+    """
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "nan"
+    return "inf" if value > 0 else "-inf"
+
+
+def decode_number(raw: Any) -> float | None:
+    """The inverse of ``encode_number``; ``None`` for anything that is not a reported number."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        return NON_FINITE.get(raw.strip().lower())
+    return None
 
 
 def hello(client: str, pid: int | None = None, **extra: Any) -> dict[str, Any]:

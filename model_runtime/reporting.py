@@ -30,33 +30,18 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import protocol
+
 log = logging.getLogger("hotknob.model_runtime")
 
 DEFAULT_REPORT_EVERY_S = 1.0
 DEFAULT_WINDOW = 32
 REPORT_EVERY_ENV = "HOTKNOB_REPORT_EVERY_S"
 MAX_METRICS = 256
-NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
-def encode_value(value: float) -> float | str:
-    """A float as JSON can carry it: finite as is, else ``"nan"``, ``"inf"`` or ``"-inf"``."""
-    if math.isfinite(value):
-        return value
-    if math.isnan(value):
-        return "nan"
-    return "inf" if value > 0 else "-inf"
-
-
-def decode_value(raw: Any) -> float | None:
-    """The inverse of ``encode_value``; ``None`` for anything that is not a reported number."""
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int | float):
-        return float(raw)
-    if isinstance(raw, str):
-        return NON_FINITE.get(raw.strip().lower())
-    return None
+encode_value = protocol.encode_number
+decode_value = protocol.decode_number
 
 
 def report_every_from_env(default: float = DEFAULT_REPORT_EVERY_S) -> float:

@@ -1,0 +1,436 @@
+"""The guard language: a tiny, safe expression over reported metrics, parsed and never ``eval``ed.
+
+A guard says what must keep holding after a change, e.g. ``loss < 1.5 * baseline``::
+
+    guard      := comparison ("and" comparison)*
+    comparison := sum ("<" | "<=" | ">" | ">=" | "==" | "!=") sum
+    sum        := product (("+" | "-") product)*
+    product    := unary ("*" unary)*
+    unary      := "-" unary | atom
+    atom       := NUMBER | METRIC | "baseline" | "baseline" "(" METRIC ")" | "(" guard-or-sum ")"
+
+``METRIC`` is a name a process reports (``loss``, ``grad_norm``, ``eval.loss``).
+A bare ``baseline`` means the baseline of the one metric named in the same
+comparison; ``baseline(name)`` names it explicitly. Parentheses group either
+arithmetic or whole conditions; the parser checks that numbers and conditions
+are not mixed (``(loss < 1) * 2`` is refused). Comparisons do not chain.
+
+Malformed input raises ``GuardSyntaxError`` (an ``InvalidInput``, exit code 1)
+whose message names the 1-based column and what was expected there. Evaluation
+is plain float arithmetic over a mapping: nothing in the text can reach Python.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from hotknob.config.errors import InvalidInput
+
+MAX_GUARD_CHARS = 1000
+MAX_DEPTH = 64
+BASELINE = "baseline"
+_KEYWORDS = frozenset({"and", BASELINE})
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+_ARITH: dict[str, Callable[[float, float], float]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+}
+
+
+class GuardSyntaxError(InvalidInput):
+    """A guard that cannot be parsed; ``position`` is the 0-based offset of the problem."""
+
+    def __init__(self, text: str, position: int, problem: str) -> None:
+        self.text = text
+        self.position = position
+        self.problem = problem
+        near = text[position : position + 12]
+        where = f'near "{near}"' if near else "at the end"
+        super().__init__(f'invalid guard "{text}": {problem} at column {position + 1} ({where})')
+
+
+# --- tokens --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    kind: str  # "num", "name", "op", "end"
+    text: str
+    position: int
+    value: float = 0.0
+
+
+def _is_name_start(ch: str) -> bool:
+    return ch.isascii() and (ch.isalpha() or ch == "_")
+
+
+def _is_name_char(ch: str) -> bool:
+    return ch.isascii() and (ch.isalnum() or ch in "_.")
+
+
+def tokenize(text: str) -> list[Token]:
+    """Numbers, names, operators and parentheses; anything else is a ``GuardSyntaxError``."""
+    if len(text) > MAX_GUARD_CHARS:
+        raise GuardSyntaxError(text[:40] + "...", 0, f"longer than {MAX_GUARD_CHARS} characters")
+    tokens: list[Token] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in " \t":
+            i += 1
+        elif ch.isascii() and (ch.isdigit() or (ch == "." and text[i + 1 : i + 2].isdigit())):
+            start = i
+            while i < n and text[i].isascii() and (text[i].isdigit() or text[i] == "."):
+                i += 1
+            if i < n and text[i] in "eE":
+                j = i + 1
+                if j < n and text[j] in "+-":
+                    j += 1
+                if j < n and text[j].isascii() and text[j].isdigit():
+                    i = j
+                    while i < n and text[i].isascii() and text[i].isdigit():
+                        i += 1
+            literal = text[start:i]
+            if i < n and _is_name_char(text[i]):
+                raise GuardSyntaxError(text, start, f'malformed number "{literal}{text[i]}"')
+            try:
+                value = float(literal)
+            except ValueError:
+                raise GuardSyntaxError(text, start, f'malformed number "{literal}"') from None
+            tokens.append(Token("num", literal, start, value))
+        elif _is_name_start(ch):
+            start = i
+            while i < n and _is_name_char(text[i]):
+                i += 1
+            name = text[start:i]
+            if name.endswith(".") or ".." in name:
+                raise GuardSyntaxError(text, start, f'malformed metric name "{name}"')
+            tokens.append(Token("name", name, start))
+        elif text.startswith(("<=", ">=", "==", "!="), i):
+            tokens.append(Token("op", text[i : i + 2], i))
+            i += 2
+        elif ch in "<>+-*()":
+            tokens.append(Token("op", ch, i))
+            i += 1
+        else:
+            hint = " (use 'and')" if ch == "&" else ""
+            hint = " (division is not supported: multiply instead)" if ch == "/" else hint
+            raise GuardSyntaxError(text, i, f'unexpected character "{ch}"{hint}')
+    tokens.append(Token("end", "", n))
+    return tokens
+
+
+# --- the syntax tree ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Num:
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    name: str | None  # None: the metric of the enclosing comparison, resolved by the parser
+
+
+@dataclass(frozen=True, slots=True)
+class Neg:
+    operand: Numeric
+
+
+@dataclass(frozen=True, slots=True)
+class Arith:
+    op: str
+    left: Numeric
+    right: Numeric
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    op: str
+    left: Numeric
+    right: Numeric
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    parts: tuple[Condition, ...]
+
+
+Numeric: TypeAlias = Num | Metric | Baseline | Neg | Arith
+Condition: TypeAlias = Compare | And
+Node: TypeAlias = Numeric | Condition
+
+
+class MissingValue(KeyError):
+    """A metric (or its baseline) the guard needs is not in the mapping given."""
+
+
+def _numeric_names(node: Numeric, metrics: set[str], baselines: set[str | None]) -> None:
+    if isinstance(node, Metric):
+        metrics.add(node.name)
+    elif isinstance(node, Baseline):
+        baselines.add(node.name)
+    elif isinstance(node, Neg):
+        _numeric_names(node.operand, metrics, baselines)
+    elif isinstance(node, Arith):
+        _numeric_names(node.left, metrics, baselines)
+        _numeric_names(node.right, metrics, baselines)
+
+
+def _bind_baseline(node: Numeric, name: str) -> Numeric:
+    """``node`` with every bare ``baseline`` bound to the metric ``name``."""
+    if isinstance(node, Baseline) and node.name is None:
+        return Baseline(name)
+    if isinstance(node, Neg):
+        return Neg(_bind_baseline(node.operand, name))
+    if isinstance(node, Arith):
+        return Arith(node.op, _bind_baseline(node.left, name), _bind_baseline(node.right, name))
+    return node
+
+
+# --- the parser --------------------------------------------------------------------------
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens = tokenize(text)
+        self.i = 0
+        self.depth = 0
+
+    @property
+    def tok(self) -> Token:
+        return self.tokens[self.i]
+
+    def fail(self, problem: str, token: Token | None = None) -> GuardSyntaxError:
+        return GuardSyntaxError(self.text, (token or self.tok).position, problem)
+
+    def take(self, kind: str, text: str | None = None) -> Token | None:
+        tok = self.tok
+        if tok.kind == kind and (text is None or tok.text == text):
+            self.i += 1
+            return tok
+        return None
+
+    def parse(self) -> Condition:
+        if self.tok.kind == "end":
+            raise self.fail("empty guard: expected a condition such as 'loss < 1.5 * baseline'")
+        start = self.tok
+        node = self.expression()
+        if self.tok.kind != "end":
+            raise self.fail(f'unexpected "{self.tok.text}"')
+        if not isinstance(node, Compare | And):
+            raise self.fail("a guard must be a condition (a comparison such as 'loss < 2')", start)
+        return node
+
+    def expression(self) -> Node:
+        """A condition joined by ``and``, or a lone arithmetic expression inside parentheses."""
+        first_tok = self.tok
+        first = self.comparison()
+        if self.tok.text != "and" or self.tok.kind != "name":
+            return first
+        parts = [self.condition(first, first_tok)]
+        while self.take("name", "and"):
+            tok = self.tok
+            parts.append(self.condition(self.comparison(), tok))
+        return And(
+            tuple(p for part in parts for p in (part.parts if isinstance(part, And) else (part,)))
+        )
+
+    def condition(self, node: Node, token: Token) -> Condition:
+        if not isinstance(node, Compare | And):
+            raise self.fail("'and' joins conditions, not numbers", token)
+        return node
+
+    def comparison(self) -> Node:
+        left_tok = self.tok
+        left = self.sum()
+        op = self.tok
+        if op.kind != "op" or op.text not in _COMPARE:
+            return left
+        self.i += 1
+        right_tok = self.tok
+        right = self.sum()
+        if self.tok.kind == "op" and self.tok.text in _COMPARE:
+            raise self.fail("comparisons do not chain: join them with 'and'")
+        lhs = self.numeric(left, left_tok)
+        rhs = self.numeric(right, right_tok)
+        metrics: set[str] = set()
+        baselines: set[str | None] = set()
+        _numeric_names(lhs, metrics, baselines)
+        _numeric_names(rhs, metrics, baselines)
+        if None in baselines:
+            if len(metrics) != 1:
+                raise self.fail(
+                    "a bare 'baseline' needs exactly one metric in its comparison "
+                    f"(found {len(metrics)}): write baseline(name)",
+                    left_tok,
+                )
+            (name,) = metrics
+            lhs, rhs = _bind_baseline(lhs, name), _bind_baseline(rhs, name)
+        return Compare(op.text, lhs, rhs)
+
+    def numeric(self, node: Node, token: Token) -> Numeric:
+        if isinstance(node, Compare | And):
+            raise self.fail("expected a number here, found a condition", token)
+        return node
+
+    def sum(self) -> Node:
+        left_tok = self.tok
+        node = self.product()
+        while self.tok.kind == "op" and self.tok.text in "+-":
+            op = self.tok.text
+            self.i += 1
+            right_tok = self.tok
+            right = self.product()
+            node = Arith(op, self.numeric(node, left_tok), self.numeric(right, right_tok))
+        return node
+
+    def product(self) -> Node:
+        left_tok = self.tok
+        node = self.unary()
+        while self.take("op", "*"):
+            right_tok = self.tok
+            right = self.unary()
+            node = Arith("*", self.numeric(node, left_tok), self.numeric(right, right_tok))
+        return node
+
+    def unary(self) -> Node:
+        minus = self.take("op", "-")
+        if minus is None:
+            return self.atom()
+        self.enter()
+        tok = self.tok
+        operand = self.numeric(self.unary(), tok)
+        self.depth -= 1
+        if isinstance(operand, Num):
+            return Num(-operand.value)
+        return Neg(operand)
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.fail(f"nested more than {MAX_DEPTH} levels deep")
+
+    def atom(self) -> Node:
+        tok = self.tok
+        if self.take("num"):
+            return Num(tok.value)
+        if self.take("op", "("):
+            self.enter()
+            node = self.expression()
+            self.depth -= 1
+            if not self.take("op", ")"):
+                raise self.fail(f'expected ")" to close the "(" at column {tok.position + 1}')
+            return node
+        if tok.kind == "name" and tok.text == BASELINE:
+            self.i += 1
+            if not self.take("op", "("):
+                return Baseline(None)
+            name = self.tok
+            if name.kind != "name" or name.text in _KEYWORDS:
+                raise self.fail("expected a metric name inside baseline(...)")
+            self.i += 1
+            if not self.take("op", ")"):
+                raise self.fail('expected ")" after the metric name')
+            return Baseline(name.text)
+        if tok.kind == "name" and tok.text not in _KEYWORDS:
+            self.i += 1
+            return Metric(tok.text)
+        found = "the end" if tok.kind == "end" else f'"{tok.text}"'
+        raise self.fail(f"expected a number, a metric name, 'baseline' or \"(\", found {found}")
+
+
+# --- evaluation --------------------------------------------------------------------------
+
+
+def _value(node: Numeric, values: Mapping[str, float], baselines: Mapping[str, float]) -> float:
+    if isinstance(node, Num):
+        return node.value
+    if isinstance(node, Metric):
+        if node.name not in values:
+            raise MissingValue(node.name)
+        return float(values[node.name])
+    if isinstance(node, Baseline):
+        assert node.name is not None
+        if node.name not in baselines:
+            raise MissingValue(f"baseline({node.name})")
+        return float(baselines[node.name])
+    if isinstance(node, Neg):
+        return -_value(node.operand, values, baselines)
+    left = _value(node.left, values, baselines)
+    right = _value(node.right, values, baselines)
+    return _ARITH[node.op](left, right)
+
+
+def _holds(node: Condition, values: Mapping[str, float], baselines: Mapping[str, float]) -> bool:
+    if isinstance(node, And):
+        return all(_holds(part, values, baselines) for part in node.parts)
+    left = _value(node.left, values, baselines)
+    right = _value(node.right, values, baselines)
+    if math.isnan(left) or math.isnan(right):
+        return False
+    return _COMPARE[node.op](left, right)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A parsed guard: ``metrics`` are the names it reads, ``baselines`` those it compares
+    against their baseline."""
+
+    text: str
+    root: Condition
+    metrics: frozenset[str]
+    baselines: frozenset[str]
+
+    def holds(self, values: Mapping[str, float], baselines: Mapping[str, float]) -> bool:
+        """Whether the condition holds; NaN on either side of a comparison fails it.
+
+        Raises ``MissingValue`` if a metric or baseline it reads is not given.
+        """
+        return _holds(self.root, values, baselines)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _collect(node: Node, metrics: set[str], baselines: set[str]) -> None:
+    if isinstance(node, And):
+        for part in node.parts:
+            _collect(part, metrics, baselines)
+    elif isinstance(node, Compare):
+        _collect(node.left, metrics, baselines)
+        _collect(node.right, metrics, baselines)
+    else:
+        found: set[str | None] = set()
+        _numeric_names(node, metrics, found)
+        baselines.update(name for name in found if name is not None)
+
+
+def parse_guard(text: str) -> Guard:
+    """Parse ``text``; raise ``GuardSyntaxError`` naming the column of the first problem."""
+    if not isinstance(text, str):
+        raise GuardSyntaxError(str(text), 0, "a guard must be text")
+    root = _Parser(text).parse()
+    metrics: set[str] = set()
+    baselines: set[str] = set()
+    _collect(root, metrics, baselines)
+    return Guard(text.strip(), root, frozenset(metrics), frozenset(baselines))

@@ -1,0 +1,295 @@
+"""Guarded changes as stored in etcd: the record, how ``set --guard`` builds it, how it is read.
+
+A guarded ``hotknob set`` writes, in the same transaction as the change, one
+record at ``/hotknob/<app>/guards/<id>`` (JSON)::
+
+    {"id": "...", "guard": "loss < 1.5 * baseline", "window": 300, "patience": 3,
+     "keys": {"train.lr": {"old": 0.0003, "existed": true, "new": 3.0}},
+     "baselines": {"<node>/<client>": {"loss": 0.41}},
+     "state": "armed", "created": 1700000000.0, "by": "me@host"}
+
+Because the record and the changed keys are written by one transaction, they
+share its revision R: while the record is ``armed`` it is never rewritten, so its
+mod revision *is* R, and "nobody changed the keys since" means "their mod
+revision is still R". Daemons end a guard by rewriting the record once, with
+``state`` ``reverted``, ``passed`` or ``superseded`` and an ``outcome``; every
+such write compares the record's mod revision to R, so exactly one ending wins.
+
+The baselines are read by ``set`` from what the daemons publish in the status
+entries just before the change is written: each process's mean of its last 32
+reported values of each metric the guard takes a baseline of. So they are
+"the reports before the change", and they survive a daemon restart with the
+record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import math
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hotknob.config import InvalidInput, UsageError
+from hotknob.config.keys import ROOT, status_prefix
+from hotknob.config.sources import read_config_file
+
+from .etcd_store import EtcdStore
+from .guard_lang import Guard, parse_guard
+from .reports import decode_value
+
+ARMED, REVERTED, PASSED, SUPERSEDED = "armed", "reverted", "passed", "superseded"
+STATES = (ARMED, REVERTED, PASSED, SUPERSEDED)
+DEFAULT_PATIENCE = 3
+
+
+def guards_prefix(app: str) -> str:
+    return f"{ROOT}/{app}/guards/"
+
+
+def guard_key(app: str, guard_id: str) -> str:
+    return guards_prefix(app) + guard_id
+
+
+def new_guard_id() -> str:
+    """Sortable by creation time, unique without coordination: ``20240101T120000-3fa2c1``."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    """What the operator asked for: the parsed guard, its window (steps) and patience."""
+
+    guard: Guard
+    window: int
+    patience: int = DEFAULT_PATIENCE
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    old: Any
+    existed: bool
+    new: Any
+
+
+@dataclass
+class GuardRecord:
+    id: str
+    guard: str
+    window: int
+    patience: int
+    keys: dict[str, KeyChange]
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    state: str = ARMED
+    created: float = 0.0
+    by: str = ""
+    outcome: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["keys"] = {k: asdict(v) for k, v in self.keys.items()}
+        if self.outcome is None:
+            data.pop("outcome")
+        return json.dumps(data, allow_nan=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> GuardRecord:
+        """Parse a stored record; ``ValueError`` naming the problem if it is not one."""
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("a guard record must be a JSON object")
+        try:
+            keys = {
+                str(k): KeyChange(v.get("old"), bool(v.get("existed", True)), v.get("new"))
+                for k, v in dict(data["keys"]).items()
+            }
+            baselines = {
+                str(proc): {str(m): float(x) for m, x in dict(values).items()}
+                for proc, values in dict(data.get("baselines") or {}).items()
+            }
+            record = cls(
+                id=str(data["id"]),
+                guard=str(data["guard"]),
+                window=int(data["window"]),
+                patience=int(data.get("patience", DEFAULT_PATIENCE)),
+                keys=keys,
+                baselines=baselines,
+                state=str(data.get("state", ARMED)),
+                created=float(data.get("created", 0.0)),
+                by=str(data.get("by", "")),
+                outcome=data.get("outcome"),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed guard record: {exc!r}") from exc
+        if record.state not in STATES or record.window < 1 or record.patience < 1 or not keys:
+            raise ValueError("malformed guard record: bad state, window, patience or keys")
+        return record
+
+
+# --- building one, for ``set --guard`` ------------------------------------------------------
+
+
+def add_guard_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "guarded change (revert it by itself if the reported metrics get worse)"
+    )
+    g.add_argument("--guard", metavar="EXPR", help="e.g. 'loss < 1.5 * baseline'")
+    g.add_argument("--window", type=int, metavar="STEPS", help="steps to watch after the change")
+    g.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        help=f"failed reports in a row (default {DEFAULT_PATIENCE})",
+    )
+    g.add_argument("--guard-file", metavar="FILE", help="guard, window, patience in YAML/TOML/JSON")
+
+
+def spec_from_args(args: argparse.Namespace) -> GuardSpec | None:
+    """The guard asked for on the command line or in ``--guard-file``; None if none.
+
+    Raises ``GuardSyntaxError``/``InvalidInput`` (exit 1) for a malformed guard or
+    file and ``UsageError`` (exit 2) for options that do not fit together, before
+    anything is read from or written to etcd.
+    """
+    text: Any = args.guard
+    window: Any = args.window
+    patience: Any = args.patience
+    if args.guard_file:
+        if args.guard:
+            raise UsageError("give either --guard or --guard-file, not both")
+        data = read_config_file(Path(args.guard_file))
+        unknown = sorted(set(data) - {"guard", "window", "patience"})
+        if unknown:
+            raise InvalidInput(f"{args.guard_file}: unknown field(s) {', '.join(unknown)}")
+        text = data.get("guard")
+        window = window if window is not None else data.get("window")
+        patience = patience if patience is not None else data.get("patience")
+        if not isinstance(text, str):
+            raise InvalidInput(f"{args.guard_file}: needs a text field 'guard'")
+    if text is None:
+        if window is not None or patience is not None:
+            raise UsageError("--window and --patience need --guard or --guard-file")
+        return None
+    guard = parse_guard(text)
+    if window is None:
+        raise UsageError("a guard needs --window STEPS (how long to watch the change)")
+    patience = DEFAULT_PATIENCE if patience is None else patience
+    for name, value in (("window", window), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"--{name} must be a whole number >= 1, got {value!r}")
+    return GuardSpec(guard, window, patience)
+
+
+def read_baselines(
+    store: EtcdStore, app: str, metrics: frozenset[str]
+) -> dict[str, dict[str, float]]:
+    """Each reporting process's recent mean of each of ``metrics``, from the status entries.
+
+    Raises ``InvalidInput`` if one of ``metrics`` has no finite value from any
+    process: a baseline needs reports from before the change.
+    """
+    if not metrics:
+        return {}
+    prefix = status_prefix(app)
+    kvs, _ = store.read_prefix(prefix)
+    baselines: dict[str, dict[str, float]] = {}
+    for key, raw in sorted(kvs.items()):
+        try:
+            means = json.loads(raw).get("metrics", {}).get("mean", {})
+        except (ValueError, AttributeError):
+            continue
+        found = {}
+        for name in metrics:
+            value = decode_value(means.get(name)) if isinstance(means, dict) else None
+            if value is not None and math.isfinite(value):
+                found[name] = value
+        if found:
+            baselines[key[len(prefix) :]] = found
+    missing = sorted(m for m in metrics if not any(m in b for b in baselines.values()))
+    if missing:
+        raise InvalidInput(
+            f"no process of app {app!r} reports {', '.join(missing)} yet: the guard's baseline "
+            "is taken from reports before the change (call live.report in the run), "
+            "or write the guard without 'baseline'"
+        )
+    return baselines
+
+
+def build_record(
+    spec: GuardSpec,
+    diff: Mapping[str, tuple[Any, Any]],
+    previous: Mapping[str, Any],
+    baselines: dict[str, dict[str, float]],
+) -> GuardRecord:
+    """The record for a change of the dotted keys in ``diff`` (old, new), given the etcd
+    values before it (``previous``, to tell a key that was absent from one set to null)."""
+    keys = {k: KeyChange(old, k in previous, new) for k, (old, new) in diff.items()}
+    return GuardRecord(
+        id=new_guard_id(),
+        guard=spec.guard.text,
+        window=spec.window,
+        patience=spec.patience,
+        keys=keys,
+        baselines=baselines,
+        created=time.time(),
+        by=f"{getpass.getuser()}@{socket.gethostname()}",
+    )
+
+
+def describe(record: GuardRecord) -> str:
+    keys = ", ".join(sorted(record.keys))
+    return (
+        f"guard {record.id}: {record.guard} (window {record.window} steps, "
+        f"patience {record.patience}) on {keys}"
+    )
+
+
+# --- reading them back, for ``status`` --------------------------------------------------------
+
+
+def read_records(store: EtcdStore, app: str) -> list[GuardRecord]:
+    """Every well-formed guard record of ``app``, oldest first."""
+    kvs, _ = store.read_prefix(guards_prefix(app))
+    records = []
+    for _, raw in sorted(kvs.items()):
+        try:
+            records.append(GuardRecord.from_json(raw))
+        except ValueError:
+            continue
+    return records
+
+
+def record_for_set(
+    store: EtcdStore,
+    app: str,
+    spec: GuardSpec,
+    diff: Mapping[str, tuple[Any, Any]],
+    previous: Mapping[str, Any],
+) -> tuple[str, GuardRecord]:
+    """The etcd key and record that ``set --guard`` writes in its transaction.
+
+    Raises ``InvalidInput`` when the guard needs a baseline that no process reports.
+    """
+    record = build_record(spec, diff, previous, read_baselines(store, app, spec.guard.baselines))
+    return guard_key(app, record.id), record
+
+
+def guards_table(records: list[GuardRecord], limit: int = 10) -> list[list[Any]]:
+    """Rows ``GUARD, STATE, KEYS, EXPR, OUTCOME`` for ``status``: armed ones, then the newest."""
+    armed = [r for r in records if r.state == ARMED]
+    ended = [r for r in records if r.state != ARMED][-limit:]
+    rows = []
+    for r in [*armed, *ended]:
+        keys = ", ".join(
+            f"{k}={json.dumps(c.new)} (was {json.dumps(c.old) if c.existed else 'unset'})"
+            for k, c in sorted(r.keys.items())
+        )
+        reason = (r.outcome or {}).get("reason", "")
+        rows.append([r.id, r.state, keys, f"{r.guard} (window {r.window})", reason])
+    return rows

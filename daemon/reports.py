@@ -1,0 +1,163 @@
+"""What processes report with ``live.report``: decoding ``metrics`` messages, keeping recent ones.
+
+A ``metrics`` message carries, per metric, the values reported since the
+process's previous message (``window``, oldest first) and the newest one
+(``latest``). Non-finite values travel as ``"nan"``, ``"inf"``, ``"-inf"``
+(JSON has no NaN); ``decode_value`` reads them back. Anything that is not a
+number is dropped, so a newer client's extra fields never break a daemon.
+
+``ClientReports`` keeps, per connected process, its last ``HISTORY`` values of
+each metric; ``status_fields`` is what the daemon publishes in the process's
+status entry (JSON-safe: non-finite values are written as the same strings).
+All methods run on the daemon's event loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotknob.model_runtime import protocol
+
+HISTORY = 32
+
+
+decode_value = protocol.decode_number
+encode_value = protocol.encode_number
+
+
+@dataclass(frozen=True)
+class Report:
+    """One decoded ``metrics`` message: ``window`` always holds at least ``latest``."""
+
+    step: int
+    latest: dict[str, float]
+    window: dict[str, list[float]]
+
+    def value(self, metric: str) -> float | None:
+        """The mean of the values reported since the previous message (NaN if any is NaN)."""
+        values = self.window.get(metric)
+        if not values:
+            return None
+        return (
+            math.fsum(values) / len(values) if all(map(math.isfinite, values)) else _worst(values)
+        )
+
+    def values(self) -> dict[str, float]:
+        return {name: v for name in self.window if (v := self.value(name)) is not None}
+
+    def non_finite(self, metrics: frozenset[str] | set[str]) -> dict[str, float]:
+        """Each of ``metrics`` that was reported as NaN or ±inf, with that value."""
+        found: dict[str, float] = {}
+        for name in metrics:
+            bad = [v for v in self.window.get(name, ()) if not math.isfinite(v)]
+            if bad:
+                found[name] = bad[0]
+        return found
+
+
+def _worst(values: list[float]) -> float:
+    for v in values:
+        if math.isnan(v):
+            return v
+    return next(v for v in values if not math.isfinite(v))
+
+
+def decode_report(message: Mapping[str, Any]) -> Report:
+    """A validated ``metrics`` message (``step`` and ``latest`` checked by the protocol)."""
+    latest: dict[str, float] = {}
+    for name, raw in dict(message.get("latest") or {}).items():
+        value = decode_value(raw)
+        if value is not None:
+            latest[str(name)] = value
+    window: dict[str, list[float]] = {}
+    raw_window = message.get("window")
+    if isinstance(raw_window, Mapping):
+        for name, raws in raw_window.items():
+            if not isinstance(raws, list):
+                continue
+            decoded = [v for v in map(decode_value, raws) if v is not None]
+            if decoded:
+                window[str(name)] = decoded
+    for name, value in latest.items():
+        if name not in window:
+            window[name] = [value]
+    return Report(int(message["step"]), latest, window)
+
+
+@dataclass
+class _Recent:
+    step: int = 0
+    time: float = 0.0
+    latest: dict[str, float] = field(default_factory=dict)
+    history: dict[str, deque[float]] = field(default_factory=dict)
+
+
+class ClientReports:
+    """The recent reports of each connected process, by client name."""
+
+    def __init__(self, history: int = HISTORY) -> None:
+        self._history = history
+        self._clients: dict[str, _Recent] = {}
+        self._entries: dict[str, dict[str, Any]] = {}
+
+    def add(self, client: str, report: Report) -> None:
+        recent = self._clients.setdefault(client, _Recent())
+        recent.step = report.step
+        recent.time = time.time()
+        recent.latest.update(report.latest)
+        for name, values in report.window.items():
+            recent.history.setdefault(name, deque(maxlen=self._history)).extend(values)
+
+    def forget(self, client: str) -> None:
+        self._clients.pop(client, None)
+        self._entries.pop(client, None)
+
+    def means(self, client: str) -> dict[str, float]:
+        """The mean of each metric's last ``HISTORY`` values (NaN if any of them is)."""
+        recent = self._clients.get(client)
+        if recent is None:
+            return {}
+        return {n: math.fsum(h) / len(h) for n, h in recent.history.items() if h}
+
+    def status_fields(self, client: str) -> dict[str, Any]:
+        """``{"metrics": {"step", "time", "latest", "mean"}}`` for the status entry, or ``{}``."""
+        recent = self._clients.get(client)
+        if recent is None or not recent.latest:
+            return {}
+        return {
+            "metrics": {
+                "step": recent.step,
+                "time": recent.time,
+                "latest": {k: encode_value(v) for k, v in sorted(recent.latest.items())},
+                "mean": {k: encode_value(v) for k, v in sorted(self.means(client).items())},
+            }
+        }
+
+    def status_entry(
+        self, client: str, fields: Mapping[str, Any], *, replace: bool
+    ) -> dict[str, Any]:
+        """The whole status entry of ``client``: its stored fields plus its latest metrics.
+
+        ``fields`` become the stored fields if ``replace`` (a new acknowledgement) or
+        if none are stored yet (metrics before any acknowledgement).
+        """
+        if replace or client not in self._entries:
+            self._entries[client] = dict(fields)
+        return {**self._entries[client], **self.status_fields(client)}
+
+
+def metrics_summary(entry: Mapping[str, Any], limit: int = 4) -> str:
+    """``loss=0.412 grad_norm=1.3`` from a status entry's latest metrics, for ``status``."""
+    latest = (entry.get("metrics") or {}).get("latest") or {}
+    parts = []
+    for name, raw in sorted(latest.items())[:limit]:
+        value = decode_value(raw)
+        parts.append(f"{name}={value:.4g}" if value is not None else f"{name}=?")
+    if len(latest) > limit:
+        parts.append(f"(+{len(latest) - limit})")
+    return " ".join(parts)

@@ -1,0 +1,126 @@
+"""An outside tuner: reads the loss a run reports and halves ``train.lr`` on a plateau, live.
+
+It needs nothing but the ``hotknob`` command line: ``hotknob status --json``
+shows what every process reported with ``live.report`` (the mean of its last
+32 values of each metric), ``hotknob get train.lr`` the rate in force, and
+``hotknob set train.lr=...`` changes it; the run applies it at its next step,
+without a restart. Run it beside a training run::
+
+    hotknob run --app demo --config examples/config.yaml --etcd-endpoints 127.0.0.1:2379 &
+    python examples/train.py --app demo --steps 5000 --step-delay 0.01 &
+    python examples/tune_live.py --app demo --etcd-endpoints 127.0.0.1:2379 \\
+        --config examples/config.yaml
+
+Every ``--interval`` seconds it takes the mean reported loss over all
+processes. If that has not improved on the best seen by ``--min-improvement``
+(relative) for ``--patience`` looks in a row, it sets ``train.lr`` to
+``--factor`` times its value. Each change may carry a guard
+(``--guard 'loss < 1.5 * baseline'``), so a change that hurts undoes itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def hotknob(common: list[str], *args: str) -> Any:
+    """Run one ``hotknob`` command with ``--json``; its output, parsed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "hotknob.daemon.cli", *args, *common, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip() or f"hotknob {args[0]} exited {done.returncode}")
+    return json.loads(done.stdout)
+
+
+def reported_loss(common: list[str], metric: str) -> tuple[float, int] | None:
+    """The mean of the processes' recent ``metric`` and the furthest step, or None."""
+    values, steps = [], []
+    for proc in hotknob(common, "status")["processes"]:
+        reported = proc.get("metrics") or {}
+        value = (reported.get("mean") or {}).get(metric)
+        if isinstance(value, int | float):
+            values.append(float(value))
+            steps.append(int(reported.get("step", 0)))
+    if not values:
+        return None
+    return sum(values) / len(values), max(steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--app", default=None, help="daemon app name (or HOTKNOB_APP)")
+    parser.add_argument("--etcd-endpoints", default=None, help="(or HOTKNOB_ETCD_ENDPOINTS)")
+    parser.add_argument("--config", action="append", default=[], help="as given to the daemon")
+    parser.add_argument("--metric", default="loss")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
+    parser.add_argument("--patience", type=int, default=3, help="looks without improvement")
+    parser.add_argument("--min-improvement", type=float, default=0.02, help="relative")
+    parser.add_argument("--factor", type=float, default=0.5)
+    parser.add_argument("--min-lr", type=float, default=1e-4)
+    parser.add_argument("--max-changes", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds, then stop")
+    parser.add_argument(
+        "--guard", default=None, help="guard each change, e.g. 'loss < 2 * baseline'"
+    )
+    parser.add_argument("--window", type=int, default=200, help="steps, with --guard")
+    args = parser.parse_args(argv)
+
+    common: list[str] = []
+    if args.app:
+        common += ["--app", args.app]
+    if args.etcd_endpoints:
+        common += ["--etcd-endpoints", args.etcd_endpoints]
+    for path in args.config:
+        common += ["--config", path]
+
+    started = time.monotonic()
+    best, stale, changes, last_step = float("inf"), 0, 0, -1
+    while time.monotonic() - started < args.duration and changes < args.max_changes:
+        time.sleep(args.interval)
+        seen = reported_loss(common, args.metric)
+        if seen is None:
+            print(f"{time.monotonic() - started:5.1f}s  waiting for {args.metric} reports")
+            continue
+        value, step = seen
+        if step == last_step:
+            continue  # nothing new since the last look
+        last_step = step
+        if value < best * (1 - args.min_improvement):
+            best, stale = value, 0
+        else:
+            stale += 1
+        print(
+            f"{time.monotonic() - started:5.1f}s  step {step:5d}  {args.metric} {value:.4f}  "
+            f"best {best:.4f}  plateau {stale}/{args.patience}",
+            flush=True,
+        )
+        if stale < args.patience:
+            continue
+        lr = float(hotknob(common, "get", "train.lr"))
+        new_lr = lr * args.factor
+        if new_lr < args.min_lr:
+            print(f"train.lr {lr:g} is at the floor ({args.min_lr:g}): done", flush=True)
+            break
+        guard = ["--guard", args.guard, "--window", str(args.window)] if args.guard else []
+        written = hotknob(common, "set", f"train.lr={new_lr:.6g}", *guard)
+        changes += 1
+        print(
+            f"{time.monotonic() - started:5.1f}s  plateau: train.lr {lr:g} -> {new_lr:.6g} "
+            f"(etcd revision {written['revision']})",
+            flush=True,
+        )
+        best, stale = value, 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

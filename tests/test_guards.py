@@ -1,0 +1,386 @@
+"""Guarded changes end to end: real etcd, a real daemon, a real training run or raw clients."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotknob.daemon.cli import main as cli_main
+from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
+from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
+from tests.etcd_server import EtcdServer, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+APP = "t"
+P = f"/hotknob/{APP}/config/"
+G = f"/hotknob/{APP}/guards/"
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "examples" / "train.py"
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, every: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def kv(etcd: EtcdServer, key: str) -> tuple[str | None, int]:
+    """A key's value (None if absent) and mod revision, read with etcdctl."""
+    out = json.loads(etcd.etcdctl("get", key, "-w", "json").stdout)
+    kvs = out.get("kvs") or []
+    if not kvs:
+        return None, 0
+    return base64.b64decode(kvs[0]["value"]).decode(), int(kvs[0]["mod_revision"])
+
+
+def head_revision(etcd: EtcdServer) -> int:
+    out = json.loads(etcd.etcdctl("get", "/", "--prefix", "--keys-only", "-w", "json").stdout)
+    return int(out["header"]["revision"])
+
+
+def read_prefix(etcd: EtcdServer, prefix: str) -> dict[str, Any]:
+    """Every JSON value under ``prefix`` by key (etcdctl: quicker than a CLI run to poll)."""
+    out = json.loads(etcd.etcdctl("get", prefix, "--prefix", "-w", "json").stdout)
+    return {
+        base64.b64decode(item["key"]).decode(): json.loads(base64.b64decode(item["value"]))
+        for item in out.get("kvs") or []
+    }
+
+
+def status_json(etcd: EtcdServer) -> dict[str, Any]:
+    done = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint, "--json")
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def guard_records(etcd: EtcdServer) -> list[dict[str, Any]]:
+    return list(read_prefix(etcd, G).values())
+
+
+def processes(etcd: EtcdServer) -> list[dict[str, Any]]:
+    return [{**v, "key": k} for k, v in read_prefix(etcd, f"/hotknob/{APP}/status/").items()]
+
+
+def guarded_set(etcd: EtcdServer, *args: str) -> dict[str, Any]:
+    done = run_cli("set", "--app", APP, "--etcd-endpoints", etcd.endpoint, "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def metrics(step: int, **values: Any) -> dict[str, Any]:
+    return {
+        "type": "metrics",
+        "step": step,
+        "latest": {k: v for k, v in values.items()},
+        "window": {k: [v] for k, v in values.items()},
+    }
+
+
+class Watch:
+    """``hotknob watch`` against a daemon, its lines read on a thread into a queue."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        self.proc = subprocess.Popen(
+            hotknob_cmd("watch", "--app", APP, "--socket", str(daemon.socket_path)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, name="test-watch-reader")
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def until(self, fragment: str, timeout: float = 30.0) -> list[str]:
+        """Lines up to and including the first that holds ``fragment``."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while not seen or fragment not in seen[-1]:
+            try:
+                seen.append(self.lines.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"watch printed no {fragment!r} line: {seen}") from None
+        return seen
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.thread.join(timeout=10)
+
+
+# --- a real training run ------------------------------------------------------------------
+
+
+def test_a_diverging_lr_is_reverted_by_its_guard_and_training_recovers(
+    etcd: EtcdServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  lr: 0.1\n  grad_clip: 1.0\n  momentum: 0.0\n")
+    etcd.etcdctl("put", P + "train/lr", "0.1")  # the value the revert must put back
+    step_log = tmp_path / "steps.jsonl"
+    daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint, configs=[config]).start()
+    train_args = ["--socket", str(daemon.socket_path), "--steps", "20000", "--step-delay", "0.01"]
+    train = subprocess.Popen(
+        [sys.executable, str(TRAIN), *train_args, "--log", str(step_log), "--print-every", "1000"],
+        env={**os.environ, "HOTKNOB_REPORT_EVERY_S": "0.1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        # The baseline needs reports from before the change: let the loss settle a little.
+        def settled() -> bool:
+            mine = [p for p in processes(etcd) if "metrics" in p]
+            return bool(mine) and mine[0]["metrics"]["step"] >= 200
+
+        wait_for("the run to report 200 steps", settled, timeout=60, every=0.2)
+        baseline = processes(etcd)[0]["metrics"]["mean"]["loss"]
+
+        watch = Watch(daemon)
+        store = EtcdStore(EtcdOptions.from_strings(etcd.endpoint))
+        try:
+            watch.until("watching")
+            # In this process, so that the unrelated change below surely comes before the
+            # revert (a CLI process takes longer to exit than the guard takes to trip).
+            argv = ["set", "--app", APP, "--etcd-endpoints", etcd.endpoint, "--json"]
+            guard = ["--guard", "loss < 1.5 * baseline", "--window", "300"]
+            code = cli_main([*argv, *guard, "train.lr=2.0"])
+            # A later, unrelated change: the revert must leave it alone.
+            unrelated = store.commit({P + "sampling/temperature": "0.5"})
+            assert code == 0
+            out = json.loads(capsys.readouterr().out)
+            guarded = out["revision"]
+            shown = watch.until("REVERTED")[-1]
+        finally:
+            store.close()
+            watch.close()
+        assert '{"train.lr": 0.1}' in shown and "failed on 3 reports in a row" in shown
+
+        (reverted,) = daemon.events("change_reverted")
+        assert reverted["restored"] == {"train.lr": 0.1}
+        assert reverted["replaced"] == {"train.lr": 2.0}
+        assert reverted["guarded_revision"] == guarded
+        assert "failed on 3 reports in a row" in reverted["reason"]
+        assert len(reverted["evidence"]) == 3
+        assert all(e["values"]["loss"] >= 1.5 * baseline for e in reverted["evidence"])
+        revert = reverted["revision"]
+        assert guarded < unrelated < revert
+
+        # ONE etcd revision restored the key, ended the guard and annotated who did it.
+        assert kv(etcd, P + "train/lr") == ("0.1", revert)
+        assert kv(etcd, f"{G}{out['guard']}")[1] == revert
+        assert kv(etcd, f"/hotknob/{APP}/meta/last-write")[1] == revert
+        assert kv(etcd, P + "sampling/temperature") == ("0.5", unrelated)
+        (record,) = status_json(etcd)["guards"]
+        assert record["state"] == "reverted" and record["outcome"]["revision"] == guarded
+
+        # Training goes on with the old lr and recovers.
+        def steps() -> list[dict[str, Any]]:
+            return [json.loads(line) for line in step_log.read_text().splitlines() if line]
+
+        def recovered() -> list[dict[str, Any]] | None:
+            rows = steps()
+            back = [i for i, r in enumerate(rows) if r["lr"] == pytest.approx(2.0)]
+            return rows if back and len(rows) > back[-1] + 150 else None
+
+        rows = wait_for("150 steps after the revert", recovered, timeout=60, every=0.2)
+        assert train.poll() is None, "training must not stop"
+    finally:
+        train.send_signal(signal.SIGINT)
+        try:
+            train.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            train.kill()
+            train.wait()
+        daemon.stop()
+
+    lrs = [r["lr"] for r in rows]
+    first_bad = lrs.index(pytest.approx(2.0))
+    last_bad = max(i for i, lr in enumerate(lrs) if lr == pytest.approx(2.0))
+    # Both changes landed at step boundaries: an apply at the first step of each lr.
+    assert "applied" in rows[first_bad]
+    assert "applied" in rows[last_bad + 1] and lrs[last_bad + 1] == pytest.approx(0.1)
+    assert all(lr == pytest.approx(2.0) for lr in lrs[first_bad : last_bad + 1])
+    assert last_bad - first_bad < 300, "reverted within the window"
+    losses = [r["loss"] for r in rows]
+    peak = max(losses[first_bad : last_bad + 1])
+    assert peak > 3 * baseline, "the loss exploded"
+    tail = losses[-100:]
+    assert sum(tail) / len(tail) < 1.5 * baseline, "training recovered"
+    assert all(r["version"] >= rows[first_bad]["version"] for r in rows[first_bad:])
+
+
+# --- raw clients: precise reports -------------------------------------------------------------
+
+
+def report_until_published(client: RawClient, etcd: EtcdServer, name: str, steps: range) -> None:
+    for step in steps:
+        client.send(metrics(step, loss=1.0))
+
+    def published() -> bool:
+        mine = [p for p in processes(etcd) if p["client"] == name]
+        return bool(mine) and mine[0].get("metrics", {}).get("step") == steps[-1]
+
+    wait_for("the reports in status", published)
+
+
+def test_a_guard_that_holds_reverts_nothing_and_is_marked_passed(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    port = free_port()
+    guard_file = tmp_path / "guard.yaml"
+    guard_file.write_text("guard: loss < 2 * baseline and loss > 0\nwindow: 20\npatience: 2\n")
+    extra = ["--node", "n1", "--metrics-addr", f"127.0.0.1:{port}"]
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=extra) as daemon,
+        RawClient(daemon.socket_path, "c1") as client,
+    ):
+        client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        report_until_published(client, etcd, "c1", range(1, 6))
+        entry = status_json(etcd)["processes"][0]
+        assert entry["key"] == "n1/c1"
+        assert entry["metrics"]["latest"] == {"loss": 1.0}
+        assert entry["metrics"]["mean"] == {"loss": 1.0}
+        exposition = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'hotknob_client_metric{client="c1",metric="loss"} 1.0' in exposition
+
+        out = guarded_set(etcd, "train.lr=0.05", "--guard-file", str(guard_file))
+        update = client.next_update()
+        assert update["changed"] == {"train.lr": 0.05}
+        client.send({"type": "applied", "version": update["version"], "step": 10})
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        # One bad report, then good ones: patience 2 is not exhausted.
+        client.send(metrics(11, loss=2.5))
+        for step in range(12, 32):
+            client.send(metrics(step, loss=1.5))
+
+        def ended() -> dict[str, Any] | None:
+            records = [r for r in guard_records(etcd) if r["state"] != "armed"]
+            return records[0] if records else None
+
+        record = wait_for("the guard to end", ended)
+        assert record["id"] == out["guard"]
+        assert record["state"] == "passed"
+        assert record["guard"] == "loss < 2 * baseline and loss > 0"
+        assert record["baselines"] == {"n1/c1": {"loss": 1.0}}
+        assert record["window"] == 20 and record["patience"] == 2
+        assert kv(etcd, P + "train/lr")[0] == "0.05"
+        assert kv(etcd, P + "train/lr")[1] == out["revision"]
+        assert not daemon.events("change_reverted")
+        text = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint)
+        assert "passed" in text.stdout and "loss=1.5" in text.stdout, text.stdout
+
+
+def test_a_guard_survives_a_daemon_restart_and_nan_reverts_at_once(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--node", "n1"]).start()
+    try:
+        with RawClient(daemon.socket_path, "c1") as client:
+            client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+            report_until_published(client, etcd, "c1", range(1, 4))
+            out = guarded_set(
+                etcd, "train.lr=0.5", "--guard", "loss < 10 * baseline", "--window", "1000"
+            )
+            update = client.next_update()
+            client.send({"type": "applied", "version": update["version"], "step": 5})
+            wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        daemon.stop()
+        assert not daemon.events("change_reverted")
+        assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
+
+        daemon.start()
+        wait_for("the guard armed again", lambda: len(daemon.events("guard_armed")) == 2)
+        with RawClient(daemon.socket_path, "c1") as client:
+            assert client.snapshot["values"]["train"]["lr"] == 0.5
+            client.send({"type": "applied", "version": client.snapshot["version"], "step": 6})
+            client.send(metrics(7, loss=1.0))
+            client.send(metrics(8, loss="nan"))
+            update = client.next_update()
+            # train.lr was unset before the guarded change: the revert deletes it again.
+            assert update["changed"] == {"train.lr": 0.001}
+        (event,) = daemon.events("change_reverted")
+        assert event["reason"] == "c1 reported loss=nan at step 8"
+        assert event["restored"] == {"train.lr": None}
+        assert kv(etcd, P + "train/lr") == (None, 0)
+        (record,) = guard_records(etcd)
+        assert record["state"] == "reverted"
+        assert kv(etcd, G + record["id"])[1] == event["revision"]
+    finally:
+        daemon.stop()
+
+
+def test_a_change_made_after_the_guarded_one_wins_over_the_guard(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path, "c1") as client,
+    ):
+        client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "50")
+        update = client.next_update()
+        client.send({"type": "applied", "version": update["version"], "step": 1})
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        etcd.etcdctl("put", P + "train/lr", "0.25")  # someone else's later edit
+        for step in range(2, 6):
+            client.send(metrics(step, loss=5.0))
+        wait_for("the guard to stand down", lambda: daemon.events("guard_superseded"))
+        assert kv(etcd, P + "train/lr")[0] == "0.25"
+        assert not daemon.events("change_reverted")
+        (record,) = guard_records(etcd)
+        assert record["state"] == "superseded"
+
+
+# --- refused before anything is written ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["--guard", "loss < * 2", "--window", "300"], 1, "at column 8"),
+        (["--guard", "loss < 1.5 / baseline", "--window", "9"], 1, "division is not supported"),
+        (["--guard", "loss < 1.5 * baseline", "--window", "300"], 1, "no process of app"),
+        (["--guard", "loss < 2"], 2, "needs --window"),
+        (["--window", "300"], 2, "need --guard"),
+        (["--guard", "loss < 2", "--window", "0"], 2, "--window must be"),
+    ],
+)
+def test_a_bad_guard_is_refused_before_anything_is_written(
+    etcd: EtcdServer, args: list[str], code: int, fragment: str
+) -> None:
+    before = head_revision(etcd)
+    done = run_cli("set", "--app", APP, "--etcd-endpoints", etcd.endpoint, "train.lr=3e-4", *args)
+    assert done.returncode == code, done.stderr
+    assert fragment in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, "one clear line, no traceback"
+    assert head_revision(etcd) == before
+    assert kv(etcd, P + "train/lr") == (None, 0)
