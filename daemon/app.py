@@ -19,8 +19,9 @@ import asyncio
 import os
 import signal
 import socket
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +35,10 @@ from .engine import Engine
 from .etcd_store import EtcdChange, EtcdStore
 from .etcd_watcher import EtcdWatcher
 from .file_watcher import FileLayerState, FileLayerWatcher
+from .guards import GuardManager
 from .logs import get_logger
 from .metrics import Metrics, MetricsServer
+from .reports import ClientReports, decode_report
 from .socket_server import ClientInfo, Published, SocketServer
 from .state import StateStore
 from .status import StatusPublisher
@@ -71,11 +74,16 @@ class Daemon:
         self._initial_etcd: tuple[Mapping[str, bytes], int] | None = None
         self._initial_event = asyncio.Event()
         self._revisions: OrderedDict[int, int] = OrderedDict()
+        self._etcd_inbox: deque[EtcdChange | tuple[Mapping[str, bytes], int]] = deque()
+        self._etcd_lock = threading.Lock()
+        self._etcd_drain_posted = False
         self.engine: Engine | None = None
         self.server: SocketServer | None = None
         self.files: FileLayerWatcher | None = None
         self.etcd: EtcdWatcher | None = None
         self.status: StatusPublisher | None = None
+        self.guards: GuardManager | None = None
+        self.reports = ClientReports()
         self.http: MetricsServer | None = None
         self.etcd_connected = False
 
@@ -139,6 +147,14 @@ class Daemon:
                 lambda: EtcdStore(options), ctx.app, self.options.node, ttl=self.options.status_ttl
             )
             self.status.start()
+            self.guards = GuardManager(
+                app=ctx.app,
+                node=self.options.node,
+                options=options,
+                post=self._post,
+                broadcast=self.server.broadcast_event,
+            )
+            self.guards.start()
         if self.options.metrics_addr:
             self.http = MetricsServer(self.options.metrics_addr, self.metrics, self.health)
             self.http.start()
@@ -159,8 +175,8 @@ class Daemon:
         self.etcd = EtcdWatcher(
             self.ctx.etcd,
             self.ctx.prefix,
-            on_snapshot=lambda kvs, rev: self._post(self._on_etcd_snapshot, kvs, rev),
-            on_change=lambda change: self._post(self._on_etcd_change, change),
+            on_snapshot=lambda kvs, rev: self._queue_etcd((kvs, rev)),
+            on_change=self._queue_etcd,
             on_connection=lambda up, detail: self._post(self._on_etcd_connection, up, detail),
         )
         self.etcd.start()
@@ -185,7 +201,8 @@ class Daemon:
         if self.server:
             await self.server.close()
         loop = asyncio.get_running_loop()
-        blocking = [w.stop for w in (self.status, self.etcd, self.files) if w is not None]
+        components = (self.guards, self.status, self.etcd, self.files)
+        blocking = [w.stop for w in components if w is not None]
         for stop in blocking:
             remaining = max(0.1, deadline - time.monotonic())
             try:
@@ -246,6 +263,36 @@ class Daemon:
         except Exception as exc:  # the daemon never dies of one event
             self.log.exception("event_failed", handler=getattr(fn, "__name__", ""), error=str(exc))
 
+    def _queue_etcd(self, item: EtcdChange | tuple[Mapping[str, bytes], int]) -> None:
+        """On the watcher's thread: queue a change or a full read, in order.
+
+        One drain on the loop takes everything waiting, so a burst of revisions costs
+        one wake-up of the loop and one group commit (``Engine.on_etcd_changes``).
+        """
+        with self._etcd_lock:
+            self._etcd_inbox.append(item)
+            if self._etcd_drain_posted:
+                return
+            self._etcd_drain_posted = True
+        self._post(self._drain_etcd)
+
+    def _drain_etcd(self) -> None:
+        with self._etcd_lock:
+            items = list(self._etcd_inbox)
+            self._etcd_inbox.clear()
+            self._etcd_drain_posted = False
+        changes: list[EtcdChange] = []
+        for item in items:
+            if isinstance(item, EtcdChange):
+                changes.append(item)
+                continue
+            if changes:
+                self._dispatch(self._on_etcd_changes, (changes,))
+                changes = []
+            self._dispatch(self._on_etcd_snapshot, item)
+        if changes:
+            self._dispatch(self._on_etcd_changes, (changes,))
+
     def _on_etcd_snapshot(self, kvs: Mapping[str, bytes], revision: int) -> None:
         if not self._started:
             self._initial_etcd = (kvs, revision)
@@ -254,12 +301,12 @@ class Daemon:
         assert self.engine is not None
         self.engine.on_etcd_snapshot(kvs, revision)
 
-    def _on_etcd_change(self, change: EtcdChange) -> None:
+    def _on_etcd_changes(self, changes: list[EtcdChange]) -> None:
         if not self._started:
-            self._early.append(lambda: self._on_etcd_change(change))
+            self._early.append(lambda: self._on_etcd_changes(changes))
             return
         assert self.engine is not None
-        self.engine.on_etcd_change(change.revision, change.puts, change.deletes)
+        self.engine.on_etcd_changes((c.revision, c.puts, c.deletes) for c in changes)
 
     def _on_etcd_connection(self, up: bool, detail: str) -> None:
         was = self.etcd_connected
@@ -316,15 +363,30 @@ class Daemon:
         if message.get("errors"):
             entry["errors"] = message["errors"]
         self.log.info("change_applied", client=client.name, version=version, step=message["step"])
+        if self.guards is not None:
+            self.guards.on_applied(client.name, entry["revision"], int(message["step"]))
         if self.status is not None:
-            self.status.publish(client.name, entry)
+            self.status.publish(
+                client.name, self.reports.status_entry(client.name, entry, replace=True)
+            )
 
     def _on_metrics(self, client: ClientInfo, message: dict[str, Any]) -> None:
-        for name, value in message.get("latest", {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                self.metrics.client_metric.labels(client.name, str(name)).set(value)
+        report = decode_report(message)
+        self.reports.add(client.name, report)
+        for name, value in report.latest.items():
+            self.metrics.client_metric.labels(client.name, name).set(value)
+        if self.guards is not None:
+            self.guards.on_report(client.name, report)
+        if self.status is not None:
+            entry = self.reports.status_entry(
+                client.name, self._client_entry(client), replace=False
+            )
+            self.status.publish(client.name, entry)
 
     def _on_disconnect(self, client: ClientInfo) -> None:
+        self.reports.forget(client.name)
+        if self.guards is not None:
+            self.guards.on_disconnect(client.name)
         if self.status is not None:
             self.status.remove(client.name)
 

@@ -71,7 +71,17 @@ class Demo:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.etcd: Any = None
         self.common: list[str] = []
-        self.changes: list[dict[str, Any]] = []
+
+    def spawn(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start a child and register it for cleanup, with Ctrl-C held off in between,
+        so no child can be started and then forgotten."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc = subprocess.Popen(cmd, **kwargs)
+            self.procs.append(proc)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        return proc
 
     def say(self, text: str) -> None:
         print(f"\n== {text}", flush=True)
@@ -101,10 +111,9 @@ class Demo:
 
     def start_daemon(self, sock: Path) -> None:
         with open(self.tmp / "daemon.log", "wb") as log:
-            proc = subprocess.Popen(
+            proc = self.spawn(
                 _hotknob("run", *self.common, "--log-level", "info"), stdout=log, stderr=log
             )
-        self.procs.append(proc)
         deadline = time.monotonic() + 20
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -132,11 +141,10 @@ class Demo:
 
         log_path = self.tmp / "train.jsonl"
         self.say(f"training {trainer.name} for {args.steps} steps")
-        trainer_proc = subprocess.Popen(
+        trainer_proc = self.spawn(
             [sys.executable, str(trainer), "--socket", str(sock), "--steps", str(args.steps),
              "--step-delay", str(args.step_delay), "--log", str(log_path), "--print-every", "50"],
         )  # fmt: skip
-        self.procs.append(trainer_proc)
         plan = [
             (int(args.steps * 0.35), ["train.lr=0.2"], "the loss is stuck: raise lr"),
             (

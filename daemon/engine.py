@@ -31,6 +31,7 @@ from hotknob.config import (
     restart_only_keys,
 )
 from hotknob.config.keys import key_from_etcd
+from hotknob.config.schema import SECRET_MASK, secret_keys
 
 from .logs import get_logger
 from .socket_server import Published
@@ -67,6 +68,7 @@ class Engine:
         self._on_accepted = on_accepted
         self._on_rejected = on_rejected
         self._restart_only = restart_only_keys(schema)
+        self._secrets = secret_keys(schema)
         self._running: dict[str, Any] = {}
         self.pending_restart: dict[str, Any] = {}
         self.snapshot: Snapshot | None = None
@@ -75,6 +77,8 @@ class Engine:
         self.revision = 0
         self.state_write_error: str | None = None
         self.last_change_seconds = 0.0
+        self._batching = False
+        self._deferred: Published | None = None
         self.log = get_logger("hotknob.engine", app=app)
 
     # --- start ---------------------------------------------------------------------------------
@@ -119,6 +123,27 @@ class Engine:
         snapshot = self._merge_sanitized(kvs, revision)
         edited = changed_keys(before, self.layers["etcd"].values)
         self._accept(snapshot, "etcd", revision, edited)
+
+    def on_etcd_changes(
+        self, changes: Iterable[tuple[int, Mapping[str, bytes], Iterable[str]]]
+    ) -> None:
+        """Etcd revisions that arrived together (a burst), oldest first: a group commit.
+
+        Each revision is accepted or rejected on its own, exactly as ``on_etcd_change``
+        does; only the newest accepted state is saved and published, once, at the end,
+        so a burst costs one save and one push instead of one per revision. Clients
+        coalesce to the newest state anyway; nothing runs on the loop in between, so no
+        client can see a state before it is saved.
+        """
+        self._batching = True
+        try:
+            for revision, puts, deletes in changes:
+                self.on_etcd_change(revision, puts, deletes)
+        finally:
+            self._batching = False
+            deferred, self._deferred = self._deferred, None
+            if deferred is not None:
+                self._save_and_publish(deferred)
 
     def on_etcd_change(
         self, revision: int, puts: Mapping[str, bytes], deletes: Iterable[str]
@@ -231,9 +256,20 @@ class Engine:
     def _commit(self, snapshot: Snapshot, published: Published) -> None:
         self.snapshot = snapshot
         self.current = published
-        self._publish(published)
-        if self.store is None:
+        if self._batching:
+            self._deferred = published
             return
+        self._save_and_publish(published)
+
+    def _save_and_publish(self, published: Published) -> None:
+        if self.store is not None:
+            self._save(published)
+        # Saved first: a daemon killed right after a push restarts at this version, so the
+        # version a client saw is never reissued for different values.
+        self._publish(published)
+
+    def _save(self, published: Published) -> None:
+        assert self.store is not None
         saved = SavedState(
             version=published.version,
             revision=published.revision,
@@ -282,7 +318,7 @@ class Engine:
                     "update_shadowed",
                     key=key,
                     layer=layer,
-                    value=edited[key],
+                    value=self._shown(key, edited[key]),
                     winner=winner,
                     effective=snapshot.flat.get(key),
                 )
@@ -291,14 +327,19 @@ class Engine:
         self, layer: str, revision: int, exc: InvalidChange, edited: Mapping[str, Any]
     ) -> None:
         problems = [
-            {"key": p.key, "layer": p.layer, "reason": p.reason, "value": _short(p.value)}
+            {
+                "key": p.key,
+                "layer": p.layer,
+                "reason": p.reason,
+                "value": _short(self._shown(p.key, p.value)),
+            }
             for p in exc.problems
         ]
         self.log.warning(
             "change_rejected",
             key=",".join(p["key"] for p in problems),
             layer=layer,
-            value={k: _short(v) for k, v in edited.items()},
+            value={k: _short(self._shown(k, v)) for k, v in edited.items()},
             reason=str(exc),
             revision=revision,
             version=self.version,
@@ -315,6 +356,10 @@ class Engine:
             }
         )
         self._on_rejected(layer)
+
+    def _shown(self, key: str, value: Any) -> Any:
+        """``value`` as it may appear in a log or an event: a secret key's value is masked."""
+        return SECRET_MASK if key in self._secrets and value is not None else value
 
 
 def _short(value: Any, limit: int = 200) -> Any:

@@ -81,13 +81,19 @@ def _fingerprint(value: Any) -> Hashable:
 
 
 class _Signal(FileSystemEventHandler):
-    """Turns every event delivered to it into one call of ``notify``; the event itself is unused."""
+    """Turns every event delivered to it into one call of ``notify(complete)``.
 
-    def __init__(self, notify: Callable[[], None]):
+    ``complete`` is True for a rename onto one of ``targets``: an atomic save (or a
+    ConfigMap ``..data`` swap) has finished, so the file can be read at once.
+    """
+
+    def __init__(self, notify: Callable[[bool], None], targets: frozenset[str]):
         self._notify = notify
+        self._targets = targets
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        self._notify()
+        dest = getattr(event, "dest_path", "")
+        self._notify(bool(dest) and os.fsdecode(dest) in self._targets)
 
 
 def _watched_folders(paths: Sequence[Path]) -> list[Path]:
@@ -124,6 +130,7 @@ class FileLayerWatcher:
         *,
         on_error: Callable[[Path, Exception], None] | None = None,
         debounce_s: float = 0.05,
+        settle_s: float = 0.01,
         max_wait_s: float = 0.5,
         missing_grace_s: float = 0.5,
         read_file: Callable[[Path], Mapping[str, Any]] = read_config_file,
@@ -135,6 +142,7 @@ class FileLayerWatcher:
         self._on_change = on_change
         self._on_error = on_error
         self._debounce_s = debounce_s
+        self._settle_s = min(settle_s, debounce_s)
         self._max_wait_s = max(max_wait_s, debounce_s)
         self._missing_grace_s = missing_grace_s
         self._read_file = read_file
@@ -149,6 +157,7 @@ class FileLayerWatcher:
         self._cond = threading.Condition()
         self._due: float | None = None
         self._first_event: float | None = None
+        self._early_due: float | None = None
         self._stopping = False
         self._observer: Any = None
         self._worker: threading.Thread | None = None
@@ -177,9 +186,12 @@ class FileLayerWatcher:
         initial = FileLayerState(tuple(files))
 
         observer = Observer()
-        signal = _Signal(self._signal)
+        folders = _watched_folders(self._paths)
+        targets = {os.path.abspath(p) for p in self._paths}
+        targets.update(os.path.join(folder, "..data") for folder in folders)
+        signal = _Signal(self._signal, frozenset(targets))
         try:
-            for folder in _watched_folders(self._paths):
+            for folder in folders:
                 observer.schedule(
                     signal, str(folder), recursive=False, event_filter=_EVENTS_OF_INTEREST
                 )
@@ -220,13 +232,24 @@ class FileLayerWatcher:
 
     # --- the debounce --------------------------------------------------------------------------
 
-    def _signal(self) -> None:
-        """A folder event: (re)arm the trailing debounce, bounded by ``max_wait_s``."""
+    def _signal(self, complete: bool = False) -> None:
+        """A folder event: (re)arm the trailing debounce, bounded by ``max_wait_s``.
+
+        A rename onto a watched name (``complete``) is a finished atomic save: the
+        check comes ``settle_s`` later, and the events that trail the same rename
+        within that moment do not push it back.
+        """
         with self._cond:
             now = time.monotonic()
-            if self._first_event is None:
-                self._first_event = now
-            self._due = min(now + self._debounce_s, self._first_event + self._max_wait_s)
+            if complete:
+                self._early_due = now + self._settle_s
+                self._due = (
+                    self._early_due if self._due is None else min(self._due, self._early_due)
+                )
+            elif self._early_due is None or now > self._early_due:
+                if self._first_event is None:
+                    self._first_event = now
+                self._due = min(now + self._debounce_s, self._first_event + self._max_wait_s)
             self._cond.notify_all()
 
     def _recheck_at(self, when: float) -> None:
@@ -249,6 +272,7 @@ class FileLayerWatcher:
                     continue
                 self._due = None
                 self._first_event = None
+                self._early_due = None
             try:
                 self._check(explicit=False)
             except Exception:

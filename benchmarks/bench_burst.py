@@ -1,0 +1,91 @@
+"""Burst: 2,000 etcd puts per second for 5 s, delivered to one client process.
+
+One daemon and etcd, one ``LiveConfig`` process spinning ``apply(step)``. ``WRITERS``
+writer threads (each its own etcd client) share the puts so that one slow put does not
+hold back the schedule. The client is expected to coalesce (it sees the newest value
+at each apply, not every value); what matters is that the daemon keeps up:
+
+- the last value of the burst is applied ≤ 100 ms after it was put;
+- the delivery lag does not grow through the burst: "lag growth" is the median lag of
+  the values applied in the last fifth of the burst minus that of the first fifth
+  (a queue that grows shows up as a lag that climbs); goal ≤ 10 ms;
+- the daemon's RSS (``VmRSS``) grows ≤ 10 MB from idle (one client connected) to
+  just after the burst, and stays ≤ 75 MB.
+
+The achieved put rate is reported too: if the writer cannot reach the target on a
+busy machine, the figures hold for the rate reached.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.support import (
+    Daemon,
+    Etcd,
+    Figure,
+    Worker,
+    at_most,
+    drive,
+    live_worker,
+    start_workers,
+    stop_all,
+)
+
+NAME = "burst"
+RATE = 2000.0
+WRITERS = 4
+
+
+def _lag_growth_ms(sent: dict[int, float], records: list[tuple[int, float]]) -> float:
+    start, end = min(sent.values()), max(sent.values())
+    span = end - start
+    lags = [(sent[v], (t - sent[v]) * 1000) for v, t in records if v in sent]
+    first = [lag for ts, lag in lags if ts <= start + span / 5]
+    last = [lag for ts, lag in lags if ts >= end - span / 5]
+    if not first or not last:
+        return float("nan")
+    return statistics.median(last) - statistics.median(first)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    seconds = 1.0 if quick else 5.0
+    count = int(RATE * seconds)
+    workdir = Path(tempfile.mkdtemp(prefix="hotknob-bench-"))
+    etcd = daemon = None
+    workers: list[Worker] = []
+    try:
+        etcd = Etcd().start()
+        daemon = Daemon(workdir, endpoint=etcd.endpoint).start()
+        workers = [live_worker(workdir, daemon.socket_path, timeout=seconds + 30)]
+        start_workers(workers)
+        time.sleep(0.5)
+        rss_idle = daemon.rss_mb()
+        sent, results, _ = drive(etcd, workers, count, RATE, threads=WRITERS, settle_s=1.0)
+        rss_after = daemon.rss_mb()
+    finally:
+        stop_all(etcd, daemon, *workers)
+        shutil.rmtree(workdir, ignore_errors=True)
+    records = [(v, t) for v, t in results[0]["clients"][0]]
+    last = count
+    applied_last = [t for v, t in records if v == last]
+    last_ms = (applied_last[0] - sent[last]) * 1000 if applied_last else float("nan")
+    span = max(sent.values()) - min(sent.values())
+    figures = [
+        Figure("puts per second reached", (count - 1) / span if span > 0 else None, "1/s"),
+        at_most("last put -> applied", last_ms, 100, "ms"),
+        at_most("lag growth through the burst", _lag_growth_ms(sent, records), 10, "ms"),
+        Figure("daemon RSS idle (1 client)", rss_idle, "MB"),
+        at_most("daemon RSS after the burst", rss_after, 75, "MB"),
+        at_most("daemon RSS growth", rss_after - rss_idle, 10, "MB"),
+        Figure("values applied (coalesced)", len(records) - 1, f"of {count}"),
+    ]
+    return {
+        "figures": [f.as_dict() for f in figures],
+        "params": {"rate_per_s": RATE, "seconds": seconds, "puts": count, "writers": WRITERS},
+    }

@@ -1,0 +1,86 @@
+"""etcd put → applied in a client process, against a bare etcd watch in the same run.
+
+One etcd, one ``hotknob run`` watching it, and two child processes: one with a
+``LiveConfig`` that spins ``apply(step)`` (a ``POLL_S`` sleep between calls) and records
+when each value is applied, and one with a bare etcd-sdk-python prefix watch that
+records when its callback sees each value (the baseline: what any Python process
+watching etcd itself would get). A writer puts values at a steady rate; both latencies
+are measured from the moment just before the same put, on the same clock. The first
+``WARMUP`` values are left out (connections and caches warming up).
+
+Goal: hotknob's p50 ≤ 1.4 x and p99 ≤ 1.3 x the baseline's (confd, rendering a file,
+measured 1.4 x / 1.3 x on this kind of machine).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.support import (
+    Daemon,
+    Etcd,
+    Figure,
+    Worker,
+    at_most,
+    drive,
+    latencies_ms,
+    live_worker,
+    percentile,
+    start_workers,
+    stop_all,
+    watch_worker,
+)
+
+NAME = "etcd_latency"
+WARMUP = 10
+RATE = 50.0
+POLL_S = 5e-5
+
+
+def measure(count: int, rate: float = RATE) -> dict[str, list[float]]:
+    """Latencies in ms (after the warm-up) of the LiveConfig and the baseline processes."""
+    workdir = Path(tempfile.mkdtemp(prefix="hotknob-bench-"))
+    etcd = daemon = None
+    workers: list[Worker] = []
+    try:
+        etcd = Etcd().start()
+        daemon = Daemon(workdir, endpoint=etcd.endpoint).start()
+        timeout = count / rate + 30
+        workers = [
+            live_worker(workdir, daemon.socket_path, timeout=timeout, poll_s=POLL_S),
+            watch_worker(workdir, etcd.endpoint, timeout=timeout),
+        ]
+        start_workers(workers)
+        sent, results, _ = drive(etcd, workers, WARMUP + count, rate)
+        measured = {v: t for v, t in sent.items() if v > WARMUP}
+        live, base = (latencies_ms(measured, r["clients"][0]) for r in results)
+        return {"hotknob": live, "baseline": base}
+    finally:
+        stop_all(etcd, daemon, *workers)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def figures(hotknob: list[float], baseline: list[float], sent: int) -> list[Figure]:
+    h50, h99 = percentile(hotknob, 50), percentile(hotknob, 99)
+    b50, b99 = percentile(baseline, 50), percentile(baseline, 99)
+    return [
+        Figure("baseline watch p50", b50, "ms"),
+        Figure("baseline watch p99", b99, "ms"),
+        Figure("hotknob applied p50", h50, "ms"),
+        Figure("hotknob applied p99", h99, "ms"),
+        at_most("p50 / baseline p50", h50 / b50, 1.4, "x", "<= 1.4x"),
+        at_most("p99 / baseline p99", h99 / b99, 1.3, "x", "<= 1.3x"),
+        Figure("values applied", len(hotknob), f"of {sent}"),
+    ]
+
+
+def run(quick: bool) -> dict[str, Any]:
+    count = 100 if quick else 500
+    lat = measure(count)
+    return {
+        "figures": [f.as_dict() for f in figures(lat["hotknob"], lat["baseline"], count)],
+        "params": {"puts": count, "rate_per_s": RATE, "warmup": WARMUP, "poll_s": POLL_S},
+    }

@@ -1,0 +1,128 @@
+"""The benchmark harness runs and writes valid results; no test here judges a time.
+
+``python -m benchmarks --quick`` is run once, for real (etcd, daemons, client
+processes), and its JSON is checked for shape only: figures, goals, a verdict per
+figure, and the machine description. Speed is for ``docs/performance.md``, never
+for a unit test on a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.__main__ import FAMILIES, families, normalize, render_table, summarize
+from benchmarks.support import Figure, at_most, latencies_ms, percentile
+
+ROOT = Path(__file__).resolve().parent.parent
+MACHINE_KEYS = {"cpu_model", "cores", "memory_gb", "python", "torch", "etcd"}
+FIGURE_KEYS = {"name", "value", "unit", "goal", "ok"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quick_run_writes_every_family_with_figures_and_verdicts(
+    quick_run: tuple[dict[str, Any], str],
+) -> None:
+    report, stdout = quick_run
+    assert report["format"] == 1 and report["quick"] is True
+    assert set(report["machine"]) >= MACHINE_KEYS
+    assert isinstance(report["machine"]["cores"], int) and report["machine"]["cores"] >= 1
+    assert report["machine"]["etcd"], "the etcd version must be recorded"
+    assert set(report["benchmarks"]) == set(families())
+    for name, result in report["benchmarks"].items():
+        if name == "distributed" and result["status"] == "absent":
+            continue
+        assert result["status"] == "ok", (name, result.get("error"))
+        assert result["figures"], name
+        for fig in result["figures"]:
+            assert set(fig) == FIGURE_KEYS, (name, fig)
+            assert fig["ok"] in (True, False, None)
+            assert fig["value"] is None or isinstance(fig["value"], int | float)
+            if fig["ok"] is not None:
+                assert fig["goal"], (name, fig["name"])
+    summary = report["summary"]
+    goals = [f for r in report["benchmarks"].values() for f in r["figures"] if f["ok"] is not None]
+    assert summary["goals"] == len(goals) >= 10
+    assert summary["passed"] + len(summary["missed"]) == summary["goals"]
+    assert summary["errors"] == []
+    assert "benchmark" in stdout and "goals met" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quick_run_latencies_rest_on_values_that_arrived(
+    quick_run: tuple[dict[str, Any], str],
+) -> None:
+    """Each latency family counts the values it measured, and at least one arrived.
+
+    Not all of them need to: a client that falls behind coalesces to the newest value.
+    """
+    report, _ = quick_run
+    for name, figure in (("etcd_latency", "values applied"), ("file_latency", "saves applied")):
+        fig = next(f for f in report["benchmarks"][name]["figures"] if f["name"] == figure)
+        due = int(fig["unit"].removeprefix("of "))
+        assert 0 < fig["value"] <= due, (name, fig)
+
+
+def test_percentile_interpolates_and_is_nan_for_nothing() -> None:
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert math.isnan(percentile([], 50))
+
+
+def test_latencies_pair_each_received_value_with_its_send_time() -> None:
+    sent = {1: 10.0, 2: 11.0}
+    assert latencies_ms(sent, [(1, 10.002), (2, 11.5), (3, 12.0)]) == pytest.approx([2.0, 500.0])
+
+
+def test_a_goal_is_missed_by_a_missing_value() -> None:
+    assert at_most("x", 5.0, 5.0, "ms").ok is True
+    assert at_most("x", 5.1, 5.0, "ms").ok is False
+    assert at_most("x", float("nan"), 5.0, "ms").ok is False
+    assert Figure("x", float("nan"), "ms").as_dict()["value"] is None
+
+
+def test_a_family_returning_plain_numbers_is_normalized_into_figures() -> None:
+    result = normalize({"step_ms": 1.5, "note": "text"})
+    assert result["figures"] == [
+        {"name": "step_ms", "value": 1.5, "unit": "", "goal": "", "ok": None}
+    ]
+    shaped = normalize({"figures": [{"name": "a", "value": 2, "goal": "<= 3", "pass": True}]})
+    assert shaped["figures"][0]["ok"] is True
+
+
+def test_table_and_summary_show_misses_and_errors() -> None:
+    results: dict[str, dict[str, Any]] = {
+        "a": {"status": "ok", "figures": [at_most("f", 9.0, 5.0, "ms").as_dict()]},
+        "b": {"status": "error", "figures": [], "error": "RuntimeError: boom"},
+    }
+    table = render_table(results)
+    assert "MISS" in table and "ERROR" in table and "boom" in table
+    summary = summarize(results)
+    assert summary == {"goals": 1, "passed": 0, "missed": ["a: f"], "errors": ["b"]}
+
+
+def test_the_issue_families_come_first() -> None:
+    assert families()[: len(FAMILIES)] == list(FAMILIES)
