@@ -12,7 +12,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -123,4 +122,3 @@ def warn_dropped(dropped: list[Problem]) -> None:
             f"hotknob: warning: ignoring etcd value of {problem.key}: {problem.reason}",
             file=sys.stderr,
         )
-
