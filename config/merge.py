@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from .errors import InvalidChange, Problem, UsageError
 from .keys import get_dotted, unflatten
-from .schema import iter_leaves
+from .schema import iter_leaves, secret_keys
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
@@ -104,7 +104,7 @@ def merge_layers(
             problems.append(Problem(leaf, winners.get(leaf, "defaults"), err["msg"], err["input"]))
         raise InvalidChange(problems) from exc
 
-    values = model.model_dump(mode="json")
+    values = _reveal_secrets(model, model.model_dump(mode="json"))
     flat = {leaf: get_dotted(values, leaf) for leaf in sorted(leaves, key=_leaf_order(schema))}
     sources = {key: winners.get(key, "defaults") for key in flat}
     said = {name: MappingProxyType(dict(by_name[name].values)) for name in order}
@@ -144,6 +144,28 @@ def merge_dropping_invalid(
             dropped.extend(bad)
             keys = {p.key for p in bad}
             current = [lay.without(keys) if lay.name == layer else lay for lay in current]
+
+
+def _reveal_secrets(model: BaseModel, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each secret's real value, not pydantic's ``**********``.
+
+    Clients need the real value (they get it over a socket only their own user can
+    open); everything that shows values to people masks them (``mask_secrets``).
+    """
+    for key in secret_keys(type(model)):
+        node: Any = model
+        for part in key.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, SecretStr | SecretBytes):
+            secret = node.get_secret_value()
+            if isinstance(secret, bytes):
+                secret = secret.decode("utf-8", "replace")
+            *sections, leaf = key.split(".")
+            target = values
+            for part in sections:
+                target = target[part]
+            target[leaf] = secret
+    return values
 
 
 def _leaf_order(schema: type[BaseModel]) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard, get_args
 
@@ -105,6 +105,11 @@ def _is_secret(annotation: Any) -> bool:
 def secret_keys(model: type[BaseModel]) -> frozenset[str]:
     """Leaves typed ``SecretStr``/``SecretBytes`` (or optional ones): never shown or logged."""
     return frozenset(leaf.key for leaf in iter_leaves(model) if _is_secret(leaf.field.annotation))
+
+
+def mask_secrets(values: Mapping[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
+    """``values`` (flat dotted keys) with each secret key's value replaced by the mask."""
+    return {k: SECRET_MASK if k in secrets and v is not None else v for k, v in values.items()}
 
 
 def load_schema(spec: str) -> type[BaseModel]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hotknob.config import InvalidChange, LayerError, Snapshot, UsageError, merge_layers
-from hotknob.config.schema import SECRET_MASK, secret_keys
+from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
 from hotknob.config.sources import LIVE_LAYERS, defaults_layer, files_layer, read_config_file
 
 from .context import Context, current_snapshot
@@ -45,15 +45,16 @@ def cmd_get(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
     snapshot, _ = current_snapshot(ctx, args)
     keys = _select(snapshot, args.key)
+    flat = mask_secrets(dict(snapshot.flat), secret_keys(ctx.schema))
     if args.json:
-        if args.key in snapshot.flat:
-            print(dumps(snapshot.flat[args.key]))
+        if args.key in flat:
+            print(dumps(flat[args.key]))
         else:
-            print(dumps({k: snapshot.flat[k] for k in keys}))
-    elif args.key in snapshot.flat:
-        print(fmt(snapshot.flat[args.key]))
+            print(dumps({k: flat[k] for k in keys}))
+    elif args.key in flat:
+        print(fmt(flat[args.key]))
     else:
-        print(render(["KEY", "VALUE"], [[k, fmt(snapshot.flat[k])] for k in keys]))
+        print(render(["KEY", "VALUE"], [[k, fmt(flat[k])] for k in keys]))
     return 0
 
 
@@ -64,13 +65,15 @@ def explain_rows(snapshot: Snapshot, keys: list[str]) -> list[dict[str, Any]]:
     for key in keys:
         winner = snapshot.sources[key]
         layers = {name: said[key] for name, said in snapshot.layers.items() if key in said}
+        value = snapshot.flat[key]
         if key in secrets:
             layers = {name: SECRET_MASK if v is not None else v for name, v in layers.items()}
+            value = SECRET_MASK if value is not None else value
         shadowed = [name for name in layers if name in LIVE_LAYERS and rank[name] < rank[winner]]
         rows.append(
             {
                 "key": key,
-                "value": snapshot.flat[key],
+                "value": value,
                 "from": winner,
                 "layers": layers,
                 "shadowed": shadowed,

@@ -31,7 +31,7 @@ from hotknob.config import (
     restart_only_keys,
 )
 from hotknob.config.keys import key_from_etcd
-from hotknob.config.schema import SECRET_MASK, secret_keys
+from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
 
 from .logs import get_logger
 from .socket_server import Published
@@ -225,10 +225,11 @@ class Engine:
         if not changed:
             self.snapshot = snapshot
             return
-        old = {k: self.current.flat.get(k) for k in changed}
+        old = mask_secrets({k: self.current.flat.get(k) for k in changed}, self._secrets)
         self.version += 1
         published = self._published(snapshot, self.revision)
         self._commit(snapshot, published)
+        changed = mask_secrets(changed, self._secrets)
         self.log.info(
             "change_accepted",
             key=",".join(changed),
@@ -320,7 +321,7 @@ class Engine:
                     layer=layer,
                     value=self._shown(key, edited[key]),
                     winner=winner,
-                    effective=snapshot.flat.get(key),
+                    effective=self._shown(key, snapshot.flat.get(key)),
                 )
 
     def _log_rejected(

@@ -272,3 +272,16 @@ def test_load_schema_errors() -> None:
         load_schema("hotknob.config.schema:load_schema")
     with pytest.raises(SchemaLoadError, match="must look like"):
         load_schema("justamodule")
+
+
+def test_snapshot_holds_real_secret_values_and_mask_hides_them() -> None:
+    from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
+    from tests.secret_schema import Params
+
+    snap = merge_layers(
+        Params, [defaults_layer(Params), cli_layer(["service.api_key=a-long-secret-value"])]
+    )
+    assert snap.flat["service.api_key"] == "a-long-secret-value"
+    assert snap.values["service"]["api_key"] == "a-long-secret-value"
+    masked = mask_secrets(snap.flat, secret_keys(Params))
+    assert masked["service.api_key"] == SECRET_MASK
