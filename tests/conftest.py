@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -48,6 +50,14 @@ def _test_threads() -> set[threading.Thread]:
         and t.is_alive()
         and not t.name.startswith(_PROCESS_LIFETIME_THREADS)
     }
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    """A socket path in a fresh folder, short on purpose: a Unix socket path holds 107 bytes."""
+    folder = tempfile.mkdtemp(prefix="hk-")
+    yield os.path.join(folder, "d.sock")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

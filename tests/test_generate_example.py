@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -54,13 +51,6 @@ gen = _load_example()
 @pytest.fixture(scope="module")
 def model() -> Any:
     return gen.build_model(seed=0, train_seconds=0)
-
-
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    folder = tempfile.mkdtemp(prefix="hk-")  # short: a socket path holds at most 107 bytes
-    yield os.path.join(folder, "d.sock")
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

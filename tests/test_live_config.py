@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -38,14 +36,6 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.005)
-
-
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    # Short on purpose: a Unix socket path may hold at most 107 bytes.
-    folder = tempfile.mkdtemp(prefix="hk-")
-    yield os.path.join(folder, "d.sock")
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
