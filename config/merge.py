@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from .errors import InvalidChange, Problem, UsageError
-from .keys import get_dotted, unflatten
+from .keys import unflatten
 from .schema import iter_leaves, secret_keys
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
+_KNOWN_CACHE_LIMIT = 4096
 
 
 def parse_precedence(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -62,6 +64,59 @@ def _known(key: str, leaves: frozenset[str]) -> bool:
     return any(".".join(parts[:i]) in leaves for i in range(1, len(parts) + 1))
 
 
+@dataclass(frozen=True)
+class _SchemaFacts:
+    """What a merge needs to know of a schema, worked out once per schema class.
+
+    A merge runs per live change (thousands a second in a burst); walking the
+    schema's fields each time was most of its cost. Schema classes do not change
+    once defined, so the facts are cached by class.
+    """
+
+    leaves: frozenset[str]
+    ordered: tuple[tuple[str, tuple[str, ...]], ...]
+    paths: dict[str, tuple[str, ...]]
+    secrets: frozenset[str]
+    known: dict[str, bool]
+
+    def is_known(self, key: str) -> bool:
+        known = self.known.get(key)
+        if known is None:
+            known = _known(key, self.leaves)
+            if len(self.known) < _KNOWN_CACHE_LIMIT:  # junk keys must not grow it for ever
+                self.known[key] = known
+        return known
+
+
+@lru_cache(maxsize=64)
+def _facts(schema: type[BaseModel]) -> _SchemaFacts:
+    keys = [leaf.key for leaf in iter_leaves(schema)]
+    ordered = tuple((key, tuple(key.split("."))) for key in keys)
+    return _SchemaFacts(frozenset(keys), ordered, dict(ordered), secret_keys(schema), {})
+
+
+def _nest_leaves(flat: Mapping[str, Any], paths: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """``unflatten`` for keys that are all leaves of the schema (no clash is possible)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, leaf = paths[key]
+        node = nested
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _leaf_value(values: Mapping[str, Any], key: str, path: tuple[str, ...]) -> Any:
+    node: Any = values
+    try:
+        for part in path:
+            node = node[part]
+    except (KeyError, TypeError, IndexError):
+        raise KeyError(key) from None
+    return node
+
+
 def merge_layers(
     schema: type[BaseModel],
     layers: Iterable[Layer],
@@ -74,16 +129,25 @@ def merge_layers(
     """
     by_name = {layer.name: layer for layer in layers}
     order = [name for name in precedence if name in by_name]
-    leaves = frozenset(leaf.key for leaf in iter_leaves(schema))
+    facts = _facts(schema)
+    is_known = facts.is_known
 
     problems: list[Problem] = []
     merged: dict[str, Any] = {}
     winners: dict[str, str] = {}
+    leaves = facts.leaves
+    all_leaves = True
     for name in order:
         layer = by_name[name]
         problems.extend(layer.problems)
-        for key, value in layer.values.items():
-            if not _known(key, leaves):
+        values = layer.values
+        if leaves.issuperset(values):  # the usual case: every key a leaf, checked at C speed
+            merged.update(values)
+            winners.update(dict.fromkeys(values, name))
+            continue
+        all_leaves = False
+        for key, value in values.items():
+            if not is_known(key):
                 problems.append(Problem(key, name, "not a key of the schema", value))
                 continue
             merged[key] = value
@@ -92,7 +156,7 @@ def merge_layers(
         raise InvalidChange(problems)
 
     try:
-        nested = unflatten(merged)
+        nested = _nest_leaves(merged, facts.paths) if all_leaves else unflatten(merged)
     except ValueError as exc:
         raise InvalidChange([Problem("", "", str(exc))]) from exc
     try:
@@ -104,10 +168,11 @@ def merge_layers(
             problems.append(Problem(leaf, winners.get(leaf, "defaults"), err["msg"], err["input"]))
         raise InvalidChange(problems) from exc
 
-    values = _reveal_secrets(model, model.model_dump(mode="json"))
-    flat = {leaf: get_dotted(values, leaf) for leaf in sorted(leaves, key=_leaf_order(schema))}
+    values = _reveal_secrets(model, model.model_dump(mode="json"), facts.secrets)
+    flat = {key: _leaf_value(values, key, path) for key, path in facts.ordered}
     sources = {key: winners.get(key, "defaults") for key in flat}
-    said = {name: MappingProxyType(dict(by_name[name].values)) for name in order}
+    # A layer's values are already a read-only copy of its own (``Layer.__post_init__``).
+    said = {name: by_name[name].values for name in order}
     return Snapshot(
         model=model,
         values=MappingProxyType(values),
@@ -146,13 +211,15 @@ def merge_dropping_invalid(
             current = [lay.without(keys) if lay.name == layer else lay for lay in current]
 
 
-def _reveal_secrets(model: BaseModel, values: dict[str, Any]) -> dict[str, Any]:
+def _reveal_secrets(
+    model: BaseModel, values: dict[str, Any], secrets: frozenset[str]
+) -> dict[str, Any]:
     """``values`` with each secret's real value, not pydantic's ``**********``.
 
     Clients need the real value (they get it over a socket only their own user can
     open); everything that shows values to people masks them (``mask_secrets``).
     """
-    for key in secret_keys(type(model)):
+    for key in secrets:
         node: Any = model
         for part in key.split("."):
             node = getattr(node, part, None)
@@ -166,11 +233,6 @@ def _reveal_secrets(model: BaseModel, values: dict[str, Any]) -> dict[str, Any]:
                 target = target[part]
             target[leaf] = secret
     return values
-
-
-def _leaf_order(schema: type[BaseModel]) -> Any:
-    position = {leaf.key: i for i, leaf in enumerate(iter_leaves(schema))}
-    return position.__getitem__
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,10 @@ from .reports import ClientReports, decode_report
 from .socket_server import ClientInfo, Published, SocketServer
 from .state import StateStore
 from .status import StatusPublisher
+
+STATUS_EVERY_S = 0.2
+GROUP_COMMIT_S = 0.002
+PUSH_EVERY_S = 0.002
 
 
 @dataclass
@@ -77,6 +81,13 @@ class Daemon:
         self._etcd_inbox: deque[EtcdChange | tuple[Mapping[str, bytes], int]] = deque()
         self._etcd_lock = threading.Lock()
         self._etcd_drain_posted = False
+        self._accepted_counters: dict[str, Any] = {}
+        self._status_due: dict[str, dict[str, Any]] = {}
+        self._status_timer: asyncio.TimerHandle | None = None
+        self._status_sent_at = float("-inf")
+        self._push_due: Published | None = None
+        self._push_timer: asyncio.TimerHandle | None = None
+        self._pushed_at = float("-inf")
         self.engine: Engine | None = None
         self.server: SocketServer | None = None
         self.files: FileLayerWatcher | None = None
@@ -130,7 +141,7 @@ class Daemon:
             store=StateStore(self.options.state_dir, ctx.app),
             publish=self._publish,
             broadcast=self.server.broadcast_event,
-            on_accepted=lambda layer, version: self.metrics.accepted.labels(layer).inc(),
+            on_accepted=self._count_accepted,
             on_rejected=lambda layer: self.metrics.rejected.labels(layer).inc(),
         )
         kvs, revision = await self._start_etcd()
@@ -196,6 +207,9 @@ class Daemon:
 
     async def _stop(self) -> None:
         deadline = time.monotonic() + 5.0
+        for timer in (self._status_timer, self._push_timer):
+            if timer is not None:
+                timer.cancel()
         if self.http:
             self.http.stop()
         if self.server:
@@ -209,6 +223,10 @@ class Daemon:
                 await asyncio.wait_for(loop.run_in_executor(None, stop), remaining)
             except TimeoutError:
                 self.log.warning("stop_timed_out", component=getattr(stop, "__qualname__", ""))
+        if self.engine is not None:
+            # Nothing is published any more (the socket is closed, the watchers stopped):
+            # the final state is saved now, marked clean.
+            self.engine.close()
         self._remove_signals()
         self.log.info("daemon_stopped")
 
@@ -264,7 +282,7 @@ class Daemon:
             self.log.exception("event_failed", handler=getattr(fn, "__name__", ""), error=str(exc))
 
     def _queue_etcd(self, item: EtcdChange | tuple[Mapping[str, bytes], int]) -> None:
-        """On the watcher's thread: queue a change or a full read, in order.
+        """On the etcd client's watch thread: queue a change or a full read, in order.
 
         One drain on the loop takes everything waiting, so a burst of revisions costs
         one wake-up of the loop and one group commit (``Engine.on_etcd_changes``).
@@ -277,21 +295,46 @@ class Daemon:
         self._post(self._drain_etcd)
 
     def _drain_etcd(self) -> None:
-        with self._etcd_lock:
-            items = list(self._etcd_inbox)
-            self._etcd_inbox.clear()
-            self._etcd_drain_posted = False
-        changes: list[EtcdChange] = []
-        for item in items:
+        """Hand everything queued to the engine, in order: runs of changes as group commits.
+
+        Changes that arrive while a group is being accepted join it (up to
+        ``GROUP_COMMIT_S`` of work), so under a burst the daemon pushes, and clients
+        acknowledge, once per group rather than once per revision; a lone change is
+        pushed at once. If more is left, the drain is posted again, after whatever else
+        waits on the loop.
+        """
+        deadline = time.monotonic() + GROUP_COMMIT_S
+        while time.monotonic() < deadline:
+            item = self._next_etcd_item()
+            if item is None:
+                return
             if isinstance(item, EtcdChange):
-                changes.append(item)
-                continue
-            if changes:
-                self._dispatch(self._on_etcd_changes, (changes,))
-                changes = []
-            self._dispatch(self._on_etcd_snapshot, item)
-        if changes:
-            self._dispatch(self._on_etcd_changes, (changes,))
+                self._dispatch(self._on_etcd_changes, (self._etcd_run(item, deadline),))
+            else:
+                self._dispatch(self._on_etcd_snapshot, item)
+        with self._etcd_lock:
+            if not self._etcd_inbox:
+                self._etcd_drain_posted = False
+                return
+        asyncio.get_running_loop().call_soon(self._drain_etcd)
+
+    def _next_etcd_item(self) -> EtcdChange | tuple[Mapping[str, bytes], int] | None:
+        with self._etcd_lock:
+            if self._etcd_inbox:
+                return self._etcd_inbox.popleft()
+            self._etcd_drain_posted = False
+            return None
+
+    def _etcd_run(self, first: EtcdChange, deadline: float) -> Iterator[EtcdChange]:
+        """``first`` and the changes queued behind it, up to a full read or ``deadline``."""
+        yield first
+        while time.monotonic() < deadline:
+            with self._etcd_lock:
+                if not self._etcd_inbox or not isinstance(self._etcd_inbox[0], EtcdChange):
+                    return
+                change = self._etcd_inbox.popleft()
+            assert isinstance(change, EtcdChange)
+            yield change
 
     def _on_etcd_snapshot(self, kvs: Mapping[str, bytes], revision: int) -> None:
         if not self._started:
@@ -301,9 +344,10 @@ class Daemon:
         assert self.engine is not None
         self.engine.on_etcd_snapshot(kvs, revision)
 
-    def _on_etcd_changes(self, changes: list[EtcdChange]) -> None:
+    def _on_etcd_changes(self, changes: Iterable[EtcdChange]) -> None:
         if not self._started:
-            self._early.append(lambda: self._on_etcd_changes(changes))
+            early = list(changes)
+            self._early.append(lambda: self._on_etcd_changes(early))
             return
         assert self.engine is not None
         self.engine.on_etcd_changes((c.revision, c.puts, c.deletes) for c in changes)
@@ -327,11 +371,42 @@ class Daemon:
 
     # --- engine and server glue ---------------------------------------------------------------
 
+    def _count_accepted(self, layer: str, version: int) -> None:
+        counter = self._accepted_counters.get(layer)
+        if counter is None:
+            counter = self._accepted_counters[layer] = self.metrics.accepted.labels(layer)
+        counter.inc()
+
     def _current(self) -> Published:
         assert self.engine is not None and self.engine.current is not None
         return self.engine.current
 
     def _publish(self, published: Published) -> None:
+        """Push ``published`` to the clients now, or, if the last push was under
+        ``PUSH_EVERY_S`` ago, when that much time has passed (the newest state wins).
+
+        A change that comes alone is pushed at once; in a burst, clients get at most one
+        update per ``PUSH_EVERY_S``, so that decoding, applying and acknowledging every
+        revision does not take the CPU the daemon needs to keep up.
+        """
+        self._push_due = published
+        if self._push_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._pushed_at + PUSH_EVERY_S - loop.time()
+        if wait <= 0:
+            self._push()
+        else:
+            self._push_timer = loop.call_later(wait, self._push)
+
+    def _push(self) -> None:
+        self._push_timer = None
+        published, self._push_due = self._push_due, None
+        if published is None:
+            return
+        self._pushed_at = asyncio.get_running_loop().time()
+        if self.server is not None:
+            self.server.publish(published)
         self._revisions[published.version] = published.revision
         while len(self._revisions) > 1024:
             self._revisions.popitem(last=False)
@@ -339,8 +414,6 @@ class Daemon:
         self.metrics.revision.set(published.revision)
         if self.engine is not None:
             self.metrics.last_change_latency.set(self.engine.last_change_seconds)
-        if self.server is not None:
-            self.server.publish(published)
 
     def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -362,13 +435,39 @@ class Daemon:
         )
         if message.get("errors"):
             entry["errors"] = message["errors"]
-        self.log.info("change_applied", client=client.name, version=version, step=message["step"])
+        # Debug only: with many clients every version brings one ack per client.
+        self.log.debug("change_applied", client=client.name, version=version, step=message["step"])
         if self.guards is not None:
             self.guards.on_applied(client.name, entry["revision"], int(message["step"]))
         if self.status is not None:
-            self.status.publish(
-                client.name, self.reports.status_entry(client.name, entry, replace=True)
+            self._status_due[client.name] = self.reports.status_entry(
+                client.name, entry, replace=True
             )
+            self._schedule_status()
+
+    def _schedule_status(self) -> None:
+        """Hand acknowledged states to the status publisher at most every ``STATUS_EVERY_S``.
+
+        Every version brings one ack per client; each status entry is an etcd write, which
+        in a burst or with many clients would compete with the changes themselves. The
+        newest entry per client wins; the first ack after a quiet spell goes at once.
+        """
+        if self._status_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._status_sent_at + STATUS_EVERY_S - loop.time()
+        if wait <= 0:
+            self._flush_status()
+        else:
+            self._status_timer = loop.call_later(wait, self._flush_status)
+
+    def _flush_status(self) -> None:
+        self._status_timer = None
+        self._status_sent_at = asyncio.get_running_loop().time()
+        due, self._status_due = self._status_due, {}
+        if self.status is not None:
+            for name, entry in due.items():
+                self.status.publish(name, entry)
 
     def _on_metrics(self, client: ClientInfo, message: dict[str, Any]) -> None:
         report = decode_report(message)
@@ -381,9 +480,11 @@ class Daemon:
             entry = self.reports.status_entry(
                 client.name, self._client_entry(client), replace=False
             )
+            self._status_due.pop(client.name, None)  # this entry is newer: it includes the ack
             self.status.publish(client.name, entry)
 
     def _on_disconnect(self, client: ClientInfo) -> None:
+        self._status_due.pop(client.name, None)
         self.reports.forget(client.name)
         if self.guards is not None:
             self.guards.on_disconnect(client.name)

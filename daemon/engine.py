@@ -1,11 +1,20 @@
-"""The engine: every change is merged and validated whole, versioned, persisted and published.
+"""The engine: every change is merged and validated whole, versioned, published and persisted.
 
 The engine owns the current layers and the last good ``Snapshot``. A live
 change (an etcd revision, a new set of file contents) becomes a candidate:
 the accepted layers with that one layer replaced. A valid candidate gets the
-next version, is saved as last-known-good and published; an invalid one is
-logged with key, layer and reason and changes nothing. Restart-only keys keep
+next version and is published, then logged (``change_accepted``); an invalid one
+is logged with key, layer and reason and changes nothing. Restart-only keys keep
 the value the daemon started with and are reported as pending a restart.
+
+Versions strictly increase across restarts, crashes included, and no disk write
+waits on the push path (see ``state``): a version is published only under the
+version ceiling already on disk (raising it, with fsync, once per
+``VERSION_BLOCK`` versions); the last-known-good snapshot is saved by a background
+writer, coalesced; ``close`` saves the final state synchronously and marks it clean.
+At start, a clean saved state with the same values keeps its version (clients apply
+nothing); otherwise the version starts above everything the last daemon could have
+published.
 
 All methods run on one thread (the daemon's event loop); the engine does no
 network I/O itself.
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +45,7 @@ from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
 
 from .logs import get_logger
 from .socket_server import Published
-from .state import SavedState, StateStore
+from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -78,7 +88,11 @@ class Engine:
         self.state_write_error: str | None = None
         self.last_change_seconds = 0.0
         self._batching = False
-        self._deferred: Published | None = None
+        self._deferred: tuple[Snapshot, int] | None = None
+        self._after_push: list[Callable[[], None]] = []
+        self._flat: dict[str, Any] = {}
+        self._closed = False
+        self._writer = StateWriter(store, self._on_saved) if store is not None else None
         self.log = get_logger("hotknob.engine", app=app)
 
     # --- start ---------------------------------------------------------------------------------
@@ -90,15 +104,13 @@ class Engine:
         cli) or the files are invalid: the daemon must not start on them.
         """
         saved = self.store.load() if self.store else None
-        if saved:
-            self.version = saved.version
         if etcd is None:
             saved_etcd = saved.etcd if saved else {}
             self.layers["etcd"] = Layer("etcd", saved_etcd, dict.fromkeys(saved_etcd, "saved"))
             revision = saved.revision if saved else 0
             self.log.warning(
                 "serving_last_known_good",
-                version=self.version,
+                version=saved.version if saved else 0,
                 revision=revision,
                 state_file=str(self.store.path) if self.store else None,
                 found=saved is not None,
@@ -108,17 +120,47 @@ class Engine:
         snapshot = self._merge_sanitized(etcd, revision) if etcd is not None else self._merge()
         self._running = {k: snapshot.flat[k] for k in self._restart_only if k in snapshot.flat}
         published = self._published(snapshot, revision)
-        if saved is None or dict(saved.values) != dict(published.values):
-            self.version += 1
-            published = self._published(snapshot, revision)
-        self._commit(snapshot, published)
+        if saved is None:
+            self.version = 1
+        elif saved.clean and dict(saved.values) == dict(published.values):
+            self.version = saved.version
+        else:
+            self.version = saved.next_version()
+        published = self._published(snapshot, revision)
+        self.snapshot, self.current, self._flat = snapshot, published, dict(published.flat)
+        if self.store is not None:
+            # Before anything is served: the file no longer says "clean", and the ceiling
+            # covers this version.
+            self._reserve(published)
+        self._publish(published)
         self.log.info("config_loaded", version=self.version, revision=revision)
         return published
+
+    def close(self) -> None:
+        """Stop taking changes; save the final state synchronously, marked clean.
+
+        Called once the daemon publishes nothing more (its socket is closed): a restart
+        on the same values may then keep this version.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        if self.store is None or self.current is None:
+            return
+        saved = self._saved(self.current, ceiling=self.store.ceiling, clean=True)
+        try:
+            self.store.save(saved)
+        except OSError as exc:
+            self._write_failed(exc)
 
     # --- live changes --------------------------------------------------------------------------
 
     def on_etcd_snapshot(self, kvs: Mapping[str, bytes], revision: int) -> None:
         """A full read of the prefix (after a resync): diff against what is in force."""
+        if self._closed:
+            return
         before = self.layers["etcd"].values
         snapshot = self._merge_sanitized(kvs, revision)
         edited = changed_keys(before, self.layers["etcd"].values)
@@ -130,10 +172,9 @@ class Engine:
         """Etcd revisions that arrived together (a burst), oldest first: a group commit.
 
         Each revision is accepted or rejected on its own, exactly as ``on_etcd_change``
-        does; only the newest accepted state is saved and published, once, at the end,
-        so a burst costs one save and one push instead of one per revision. Clients
-        coalesce to the newest state anyway; nothing runs on the loop in between, so no
-        client can see a state before it is saved.
+        does, and gets its own version and ``change_accepted`` line; only the newest
+        accepted state is built, published and saved, once, at the end, so a burst costs
+        one push instead of one per revision. Clients coalesce to the newest state anyway.
         """
         self._batching = True
         try:
@@ -143,12 +184,15 @@ class Engine:
             self._batching = False
             deferred, self._deferred = self._deferred, None
             if deferred is not None:
-                self._save_and_publish(deferred)
+                self._save_and_publish(self._published(*deferred))
+            self._run_after_push()
 
     def on_etcd_change(
         self, revision: int, puts: Mapping[str, bytes], deletes: Iterable[str]
     ) -> None:
         """All events of one etcd revision: one change, accepted or rejected whole."""
+        if self._closed:
+            return
         current = self.layers["etcd"]
         values = dict(current.values)
         origins = dict(current.origins)
@@ -174,6 +218,8 @@ class Engine:
 
     def on_files(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
         """New parsed contents of the config files (the watcher has already deduplicated)."""
+        if self._closed:
+            return
         candidate = files_layer(self.schema, files)
         edited = changed_keys(self.layers["files"].values, candidate.values)
         self._try_layer(candidate, self.revision, edited)
@@ -217,72 +263,118 @@ class Engine:
         started = time.perf_counter()
         if revision:
             self.revision = max(self.revision, revision)
-        self._report_shadowed(snapshot, layer, edited)
-        self._track_restart_only(snapshot, layer)
-        assert self.current is not None
-        candidate = self._published(snapshot, self.revision)
-        changed = changed_keys(self.current.flat, candidate.flat)
+        # Warnings only: they wait until after the push (``_run_after_push``).
+        self._after_push.append(partial(self._report_shadowed, snapshot, layer, edited))
+        self._after_push.append(partial(self._track_restart_only, snapshot, layer))
+        flat = dict(snapshot.flat)
+        flat.update(self._running)
+        changed = changed_keys(self._flat, flat)
         if not changed:
             self.snapshot = snapshot
+            if not self._batching:
+                self._run_after_push()
             return
-        old = mask_secrets({k: self.current.flat.get(k) for k in changed}, self._secrets)
+        old = mask_secrets({k: self._flat.get(k) for k in changed}, self._secrets)
         self.version += 1
-        published = self._published(snapshot, self.revision)
-        self._commit(snapshot, published)
-        changed = mask_secrets(changed, self._secrets)
+        self._flat = flat
+        self.snapshot = snapshot
+        if self._batching:
+            self._deferred = (snapshot, self.revision)
+        else:
+            self._save_and_publish(self._published(snapshot, self.revision))
+        self._after_push.append(
+            partial(
+                self._accepted,
+                layer,
+                self.version,
+                self.revision,
+                mask_secrets(changed, self._secrets),
+                old,
+            )
+        )
+        if not self._batching:
+            self._run_after_push()
+        self.last_change_seconds = time.perf_counter() - started
+
+    def _accepted(
+        self, layer: str, version: int, revision: int, changed: dict[str, Any], old: dict[str, Any]
+    ) -> None:
+        """Log and announce an accepted change; runs after its state was pushed."""
         self.log.info(
             "change_accepted",
             key=",".join(changed),
             old=old,
             new=changed,
             layer=layer,
-            version=self.version,
-            revision=self.revision,
+            version=version,
+            revision=revision,
         )
         self._broadcast(
             {
                 "type": "event",
                 "event": "change_accepted",
                 "layer": layer,
-                "version": self.version,
-                "revision": self.revision,
+                "version": version,
+                "revision": revision,
                 "changed": changed,
                 "old": old,
                 "time": time.time(),
             }
         )
-        self._on_accepted(layer, self.version)
-        self.last_change_seconds = time.perf_counter() - started
+        self._on_accepted(layer, version)
 
-    def _commit(self, snapshot: Snapshot, published: Published) -> None:
-        self.snapshot = snapshot
-        self.current = published
-        if self._batching:
-            self._deferred = published
-            return
-        self._save_and_publish(published)
+    def _run_after_push(self) -> None:
+        pending, self._after_push = self._after_push, []
+        for announce in pending:
+            announce()
 
     def _save_and_publish(self, published: Published) -> None:
-        if self.store is not None:
-            self._save(published)
-        # Saved first: a daemon killed right after a push restarts at this version, so the
-        # version a client saw is never reissued for different values.
-        self._publish(published)
+        self.current = published
+        if self.store is None:
+            self._publish(published)
+        elif published.version > self.store.ceiling:
+            self._reserve(published)
+            self._publish(published)
+        else:
+            self._publish(published)
+            # After the push: the writer's thread then competes with nothing on the way out.
+            assert self._writer is not None
+            self._writer.submit(self._saved(published, ceiling=self.store.ceiling))
 
-    def _save(self, published: Published) -> None:
+    def _reserve(self, published: Published) -> None:
+        """Save ``published`` now, with a ceiling ``VERSION_BLOCK`` above it (rare: one
+        version in ``VERSION_BLOCK``). On failure the ceiling stays, so the next change
+        tries again; the change is still published, as the daemon must keep serving."""
         assert self.store is not None
-        saved = SavedState(
+        saved = self._saved(published, ceiling=published.version + VERSION_BLOCK)
+        try:
+            self.store.save(saved)
+        except OSError as exc:
+            self._write_failed(exc)
+            return
+        self.state_write_error = None
+
+    def _saved(self, published: Published, *, ceiling: int, clean: bool = False) -> SavedState:
+        return SavedState(
             version=published.version,
             revision=published.revision,
             values=published.values,
             etcd=dict(self.layers["etcd"].values),
+            version_ceiling=ceiling,
+            clean=clean,
         )
-        try:
-            self.store.save(saved)
+
+    def _on_saved(self, error: OSError | None) -> None:
+        """The background writer's report, on its thread."""
+        if error is None:
             self.state_write_error = None
-        except OSError as exc:
-            self.state_write_error = f"{self.store.path}: {exc.strerror or exc}"
-            self.log.error("state_write_failed", path=str(self.store.path), error=str(exc))
+        else:
+            self._write_failed(error)
+
+    def _write_failed(self, exc: OSError) -> None:
+        assert self.store is not None
+        self.state_write_error = f"{self.store.path}: {exc.strerror or exc}"
+        self.log.error("state_write_failed", path=str(self.store.path), error=str(exc))
 
     def _published(self, snapshot: Snapshot, revision: int) -> Published:
         flat = dict(snapshot.flat)

@@ -18,9 +18,14 @@ The contract (each point is tested against a real etcd):
   but silent;
 - ``on_connection(connected, detail)`` reports each transition, for status and logs.
 
-Callbacks run on the watcher's thread, in order, and must be quick: the consumer hands
-the data to its own loop. An exception in a callback is logged and does not stop the
-watch. Only ``etcd_store`` talks to the client library.
+Callbacks run in order and must be quick: the consumer hands the data to its own loop.
+``on_change`` runs on the client library's watch thread, straight from the watch
+response (no hand-over to another thread on the way); ``on_snapshot`` and
+``on_connection`` run on the watcher's own thread, which reads snapshots, reconnects
+and probes a silent stream. They never run at the same time: a snapshot is read
+before its watch starts, and a stream's changes end before it is replaced. An
+exception in a callback is logged and does not stop the watch. Only ``etcd_store``
+talks to the client library.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import dataclasses
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -93,6 +99,7 @@ class EtcdWatcher:
         self._store: EtcdStore | None = None
         self._queue: queue.SimpleQueue[WatchItem | object] | None = None
         self._last_revision = 0
+        self._last_message = 0.0
         self._connected: bool | None = None
         self._started = False
 
@@ -157,7 +164,8 @@ class EtcdWatcher:
                     self._call(self._on_snapshot, values, revision)
                     need_snapshot = False
                     self._ready.set()
-                store.watch_prefix(self.prefix, self._last_revision + 1, inbox.put)
+                self._last_message = time.monotonic()
+                store.watch_prefix(self.prefix, self._last_revision + 1, self._deliver_to(inbox))
                 self._set_connected(
                     True, f"watching {self.prefix} on {endpoint} from {self._last_revision + 1}"
                 )
@@ -177,24 +185,45 @@ class EtcdWatcher:
         with self._lock:
             self._store = self._queue = None
 
-    def _pump(self, store: EtcdStore, inbox: queue.SimpleQueue[WatchItem | object]) -> None:
-        """Deliver changes until the stream fails (raises) or the watcher stops (returns)."""
-        while not self._stopping.is_set():
-            try:
-                item = inbox.get(timeout=self._hung_after)
-            except queue.Empty:
-                store.probe(self.prefix)
-                continue
-            if item is _STOP:
+    def _deliver_to(
+        self, inbox: queue.SimpleQueue[WatchItem | object]
+    ) -> Callable[[WatchItem], None]:
+        """The stream's callback, on the library's watch thread: changes go straight to
+        ``on_change``; an error goes to ``inbox``, for this watcher's thread to act on."""
+
+        def deliver(item: WatchItem) -> None:
+            if self._stopping.is_set() or self._queue is not inbox:
+                return  # stopping, or a stream already replaced
+            self._last_message = time.monotonic()
+            if not isinstance(item, list):
+                inbox.put(item)
                 return
-            if isinstance(item, HotknobError):
-                raise item
-            assert isinstance(item, list)
             for change in item:
                 if change.revision <= self._last_revision:
                     continue
                 self._last_revision = change.revision
                 self._call(self._on_change, change)
+
+        return deliver
+
+    def _pump(self, store: EtcdStore, inbox: queue.SimpleQueue[WatchItem | object]) -> None:
+        """Watch over the stream until it fails (raises) or the watcher stops (returns).
+
+        After ``hung_after`` seconds without a message on the stream, probe the server.
+        """
+        while not self._stopping.is_set():
+            silent = time.monotonic() - self._last_message
+            try:
+                item = inbox.get(timeout=max(0.0, self._hung_after - silent))
+            except queue.Empty:
+                if time.monotonic() - self._last_message >= self._hung_after:
+                    store.probe(self.prefix)
+                    self._last_message = time.monotonic()
+                continue
+            if item is _STOP:
+                return
+            if isinstance(item, HotknobError):
+                raise item
 
     def _set_connected(self, connected: bool, detail: str) -> None:
         if self._connected == connected:

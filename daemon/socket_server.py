@@ -1,8 +1,10 @@
 """The daemon's Unix-socket server: protocol 1, one writer per client, updates coalesced.
 
 The engine runs in the same event loop and hands over each accepted state as a
-frozen ``Published`` value; ``publish`` only records it and wakes the writers,
-so it never blocks and never fails because of a client.
+frozen ``Published`` value. ``publish`` never blocks and never fails because of a
+client: to a client whose transport holds nothing back and whose writer is idle it
+writes the update at once (the fast path: no task wake-up per client); to any
+other it records the state and wakes that client's writer, which coalesces.
 
 What is guaranteed:
 
@@ -125,6 +127,7 @@ class _Connection:
         self.events: deque[bytes] = deque()
         self.event_bytes = 0
         self.wake = asyncio.Event()
+        self.busy = False
         self.writer_task: asyncio.Task[None] | None = None
         self.reason: str | None = None
 
@@ -248,9 +251,33 @@ class SocketServer:
             return
         self._last_version = new.version
         for conn in self._conns.values():
-            if conn.info is not None:
+            if conn.info is None:
+                continue
+            if not self._write_now(conn, new):
                 conn.pending = new
                 conn.wake.set()
+
+    def _write_now(self, conn: _Connection, new: Published) -> bool:
+        """The fast path: write ``new`` at once if nothing is queued for ``conn``, its
+        writer is idle and its transport holds nothing back. False: leave it to the writer.
+        """
+        sent = conn.last_sent
+        if (
+            sent is None
+            or conn.busy
+            or conn.wake.is_set()
+            or conn.events
+            or conn.closing
+            or conn.writer.transport.get_write_buffer_size()
+        ):
+            return False
+        try:
+            data = self._message_for(sent, new)
+        except protocol.ProtocolError:
+            return False  # the writer reports it and closes the connection
+        conn.writer.write(data)
+        conn.last_sent = new
+        return True
 
     def broadcast_event(self, event: Mapping[str, Any]) -> None:
         """Send ``event`` (its fields, with ``"type": "event"``) to every ``watch`` client.
@@ -258,13 +285,16 @@ class SocketServer:
         Events are not coalesced: a watcher that lets more than ``max_write_buffer``
         bytes of them queue up is disconnected.
         """
+        watching = [c for c in self._conns.values() if c.info is not None and c.info.watch]
+        if not watching:
+            return
         try:
             data = protocol.encode({**event, "type": protocol.EVENT})
         except protocol.ProtocolError as exc:
             self._log.error("event_dropped", error=str(exc))
             return
-        for conn in self._conns.values():
-            if conn.info is None or not conn.info.watch or conn.closing:
+        for conn in watching:
+            if conn.closing:
                 continue
             if conn.event_bytes + len(data) > self._max_write_buffer:
                 conn.log.warning("client_error", error="too slow to take events")
@@ -471,7 +501,9 @@ class SocketServer:
     async def _write_loop(self, conn: _Connection) -> None:
         try:
             while True:
+                conn.busy = False
                 await conn.wake.wait()
+                conn.busy = True
                 conn.wake.clear()
                 while conn.events:
                     data = conn.events.popleft()

@@ -1,9 +1,22 @@
-"""The last-known-good state: the accepted snapshot and its version, written atomically.
+"""The last-known-good state and the version reservation, kept in one file off the push path.
 
 The file survives a daemon restart so that versions keep increasing and a
 daemon started while etcd is down can serve the values it last accepted.
-A write is all-or-nothing (temp file, fsync, rename); a failed write is
-reported to the caller and never takes the daemon down.
+
+Versions are reserved in blocks so that no change waits for a disk: the file
+records a ``version_ceiling``, and the daemon never publishes a version above the
+ceiling that is on disk. Raising the ceiling (``save_now``, with fsync) happens once
+per ``VERSION_BLOCK`` versions. The snapshot itself is written by ``StateWriter`` on
+a thread of its own, coalesced to the newest state. A daemon that starts after a
+crash (even a SIGKILL right after a push, before any snapshot was saved) begins
+above the ceiling, so it never reissues a version a client may have seen. Only a
+clean stop writes ``clean: true``, with the final state, synchronously: that daemon
+published nothing after it, so a restart on the same values keeps its version.
+
+A write is all-or-nothing (temp file, fsync, rename); writes are serialised, a
+snapshot older than the one on disk is never written over it, and the ceiling on
+disk never goes down. A failed write is reported to the caller (``save_now``) or to
+``on_error`` (the writer) and never takes the daemon down.
 """
 
 from __future__ import annotations
@@ -11,57 +24,103 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 FORMAT = 1
+VERSION_BLOCK = 1000
+_WRITER_LINGER_S = 0.25
+_WRITER_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True)
 class SavedState:
+    """``version_ceiling``: no version above it was published; ``clean``: a clean stop
+    wrote this, and nothing was published after it."""
+
     version: int
     revision: int
     values: Mapping[str, Any]
     etcd: Mapping[str, Any] = field(default_factory=dict)
     saved_at: float = 0.0
+    version_ceiling: int = 0
+    clean: bool = False
+
+    def next_version(self) -> int:
+        """The lowest version a new daemon may publish for values that differ from these."""
+        if self.clean:
+            return self.version + 1
+        return max(self.version, self.version_ceiling) + 1
 
 
 class StateStore:
-    """``<state-dir>/<app>.json`` holding the last accepted state."""
+    """``<state-dir>/<app>.state.json``; ``save`` may be called from several threads."""
 
     def __init__(self, state_dir: Path, app: str):
         self.path = Path(state_dir) / f"{app}.state.json"
+        self._lock = threading.Lock()
+        self._written_version = -1
+        self._ceiling = 0
+
+    @property
+    def ceiling(self) -> int:
+        """The highest version ceiling this store has put on disk (0 before the first)."""
+        return self._ceiling
 
     def load(self) -> SavedState | None:
-        """The saved state, or None if there is none or it cannot be read (never raises)."""
+        """The saved state, or None if there is none or it cannot be read (never raises).
+
+        A file written before versions were reserved (no ``version_ceiling``) was saved
+        before every push, so its version is the highest published: it counts as clean.
+        """
         try:
             data = json.loads(self.path.read_text("utf-8"))
             if data.get("format") != FORMAT:
                 return None
+            version = int(data["version"])
+            reserved = "version_ceiling" in data
             return SavedState(
-                version=int(data["version"]),
+                version=version,
                 revision=int(data["revision"]),
                 values=dict(data["values"]),
                 etcd=dict(data.get("etcd", {})),
                 saved_at=float(data.get("saved_at", 0.0)),
+                version_ceiling=int(data["version_ceiling"]) if reserved else version,
+                clean=bool(data.get("clean", False)) if reserved else True,
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
-    def save(self, state: SavedState) -> None:
-        """Write ``state`` atomically; raises OSError if the directory is not writable or full."""
-        payload = {
-            "format": FORMAT,
-            "version": state.version,
-            "revision": state.revision,
-            "values": state.values,
-            "etcd": state.etcd,
-            "saved_at": time.time(),
-        }
-        text = json.dumps(payload, sort_keys=True, allow_nan=False)
+    def save(self, state: SavedState) -> bool:
+        """Write ``state`` atomically; False if a newer snapshot is already on disk.
+
+        The ceiling written is the highest ever given to this store. Raises OSError if
+        the folder is not writable or full.
+        """
+        with self._lock:
+            if state.version < self._written_version:
+                return False
+            ceiling = max(self._ceiling, state.version_ceiling)
+            payload = {
+                "format": FORMAT,
+                "version": state.version,
+                "revision": state.revision,
+                "values": state.values,
+                "etcd": state.etcd,
+                "saved_at": time.time(),
+                "version_ceiling": ceiling,
+                "clean": state.clean,
+            }
+            self._write(json.dumps(payload, sort_keys=True, allow_nan=False))
+            self._written_version = state.version
+            self._ceiling = ceiling
+            return True
+
+    def _write(self, text: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
@@ -76,3 +135,92 @@ class StateStore:
             except OSError:
                 pass
             raise
+
+
+class StateWriter:
+    """Saves the newest submitted state on a background thread; never blocks the caller.
+
+    States submitted while a write is in progress coalesce: only the newest is written
+    next, and writes are at least ``interval_s`` apart, so a burst of changes costs a
+    few writes, not one each. The thread starts on demand and ends after ``linger_s``
+    idle, so an idle daemon holds no thread for it. ``on_result(error)`` runs on that
+    thread after each write (``None`` on success). ``flush`` waits until everything
+    submitted is written (or has failed); ``close`` flushes and stops accepting states.
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        on_result: Callable[[OSError | None], None],
+        *,
+        linger_s: float = _WRITER_LINGER_S,
+        interval_s: float = _WRITER_INTERVAL_S,
+        name: str = "hotknob-state-writer",
+    ):
+        self.store = store
+        self._on_result = on_result
+        self._linger_s = linger_s
+        self._interval_s = interval_s
+        self._name = name
+        self._cond = threading.Condition()
+        self._pending: SavedState | None = None
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, state: SavedState) -> None:
+        """Have ``state`` written soon, replacing any state not yet written."""
+        with self._cond:
+            if self._closed:
+                return
+            self._pending = state
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            else:
+                self._cond.notify()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until no state is pending or being written; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Write what is pending, then stop the thread; later submits are ignored."""
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        next_write = 0.0
+        while True:
+            with self._cond:
+                if self._pending is None and not self._closed:
+                    self._cond.wait(self._linger_s)
+                pause = next_write - time.monotonic()
+                if pause > 0 and not self._closed:
+                    self._cond.wait_for(lambda: self._closed, pause)
+                state, self._pending = self._pending, None
+                if state is None:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                self._busy = True
+            next_write = time.monotonic() + self._interval_s
+            error: OSError | None = None
+            try:
+                self.store.save(state)
+            except OSError as exc:
+                error = exc
+            try:
+                self._on_result(error)
+            except Exception:  # a failing reporter must not stop the saving
+                pass
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()

@@ -22,18 +22,13 @@ applied, never what is merely pending.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import itertools
-import json
 import logging
 import os
-import socket as _socket
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Self
@@ -106,30 +101,48 @@ def _prefixes(keys: Iterator[str] | list[str]) -> set[str]:
 
 def _digest(values: Mapping[str, Any]) -> int:
     """A 63-bit fingerprint of ``values``: equal values give equal digests on every host."""
+    import hashlib
+    import json
+
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=repr)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
 
 
-@dataclass(frozen=True, slots=True)
 class _State:
     """One whole configuration as the daemon sent it, frozen once, off the training thread.
 
     ``digest`` identifies the values across processes (ranks compare it), since
-    ``version`` is numbered by each daemon on its own.
+    ``version`` is numbered by each daemon on its own. It is computed on first use
+    (only distributed sync needs it), from a plain copy of the frozen values.
     """
 
-    version: int
-    revision: int
-    values: Mapping[str, Any]
-    flat: dict[str, Any]
-    flat_view: Mapping[str, Any]
-    digest: int
+    __slots__ = ("_digest", "flat", "flat_view", "revision", "values", "version")
+
+    def __init__(
+        self,
+        version: int,
+        revision: int,
+        values: Mapping[str, Any],
+        flat: dict[str, Any],
+    ) -> None:
+        self.version = version
+        self.revision = revision
+        self.values = values
+        self.flat = flat
+        self.flat_view: Mapping[str, Any] = MappingProxyType(flat)
+        self._digest: int | None = None
 
     @classmethod
     def build(cls, version: int, revision: int, values: Mapping[str, Any]) -> _State:
         frozen = _freeze(values)
-        flat = _flatten(frozen)
-        return cls(version, revision, frozen, flat, MappingProxyType(flat), _digest(values))
+        return cls(version, revision, frozen, _flatten(frozen))
+
+    @property
+    def digest(self) -> int:
+        digest = self._digest
+        if digest is None:
+            digest = self._digest = _digest(_thaw(self.values))
+        return digest
 
     def same_as(self, other: _State) -> bool:
         return self.version == other.version and self.flat == other.flat
@@ -149,14 +162,18 @@ def _state_from_message(message: Mapping[str, Any]) -> _State:
     return _State.build(message["version"], message["revision"], values)
 
 
-@dataclass(frozen=True, slots=True)
 class _Callback:
-    key: str
-    fn: Callable[..., None]
-    wants_old: bool
+    __slots__ = ("fn", "key", "wants_old")
+
+    def __init__(self, key: str, fn: Callable[..., None], wants_old: bool) -> None:
+        self.key = key
+        self.fn = fn
+        self.wants_old = wants_old
 
 
 def _wants_old(fn: Callable[..., None]) -> bool:
+    import inspect
+
     try:
         inspect.signature(fn).bind(None, None)
     except TypeError:
@@ -172,7 +189,9 @@ def _binding_state(binding: Binding) -> Any:
 
 
 def _default_client_name() -> str:
-    name = f"{_socket.gethostname()}-{os.getpid()}"
+    import socket
+
+    name = f"{socket.gethostname()}-{os.getpid()}"
     dist = sys.modules.get("torch.distributed")  # only if the process already imported it
     if dist is not None:
         try:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import selectors
-import socket as _socket
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
+
+if TYPE_CHECKING:
+    import socket as _socket
 
 log = logging.getLogger("hotknob.model_runtime")
 
@@ -88,6 +88,11 @@ class DaemonConnection:
             pass
 
     def _run(self) -> None:
+        # Imported here, on the connection's thread: ``import hotknob.model_runtime`` stays
+        # cheap for processes that never connect.
+        import random
+        import socket as _socket
+
         delay = _BACKOFF_MIN
         connected_before = False
         while not self._stop.is_set():
@@ -118,6 +123,8 @@ class DaemonConnection:
 
     def _serve(self, sock: _socket.socket) -> bool:
         """Talk on one connection until EOF, an error or ``close``; True if a state came."""
+        import selectors
+
         sock.setblocking(False)
         self._outbox.clear()  # acks of an earlier connection; a fresh snapshot follows
         out = bytearray(protocol.encode(self._hello))

@@ -96,6 +96,13 @@ def wait_for(what: str, done: Callable[[], bool], timeout: float = CONVERGE_S) -
         time.sleep(0.01)
 
 
+def _saved_version(state_file: Path) -> int | None:
+    try:
+        return int(json.loads(state_file.read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 class Trainer:
     """A training loop in a thread: ``apply`` every 2 ms, recording what each apply brought."""
 
@@ -481,8 +488,17 @@ class FaultHarness:
         assert not missing, f"accepted writes at revisions {missing} never logged as accepted"
         assert not unrejected, f"invalid writes at revisions {unrejected} not logged as rejected"
         assert self._event_failed == 0, "the daemon logged event_failed"
-        saved = json.loads((self.daemon.state_dir / f"{APP}.state.json").read_text())
-        assert saved["version"] == self.live.version, (saved["version"], self.live.version)
+        # The snapshot is saved in the background, shortly after the push (the version is
+        # reserved on disk before it): wait for it rather than expect it already there.
+        state_file = self.daemon.state_dir / f"{APP}.state.json"
+        try:
+            wait_for(
+                "the saved state to reach the client's version",
+                lambda: _saved_version(state_file) == self.live.version,
+                timeout=5.0,
+            )
+        except AssertionError:
+            raise AssertionError((_saved_version(state_file), self.live.version)) from None
 
     def _daemon_log(self) -> str:
         return self.daemon.log() if self.daemon is not None else ""

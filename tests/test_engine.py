@@ -87,36 +87,122 @@ def test_invalid_change_is_rejected_and_last_good_stays(
     assert engine.version == 2 and engine.current.flat["train.lr"] == 0.03
 
 
-def test_version_increases_across_restarts_and_identical_start_keeps_it(tmp_path: Path) -> None:
+def test_version_increases_across_restarts_and_identical_clean_start_keeps_it(
+    tmp_path: Path,
+) -> None:
     engine = make_engine(tmp_path)
     files_start(engine)
     engine.start({P + "train/lr": b"0.01"}, 5)
     engine.on_etcd_change(6, {P + "train/lr": b"0.02"}, [])
     assert engine.version == 2
+    engine.close()
     again = make_engine(tmp_path)
     files_start(again)
     again.start({P + "train/lr": b"0.02"}, 6)
-    assert again.version == 2  # same values: same version, clients apply nothing
+    assert again.version == 2  # clean stop, same values: same version, clients apply nothing
+    again.close()
     third = make_engine(tmp_path)
     files_start(third)
     third.start({P + "train/lr": b"0.05"}, 9)
-    assert third.version == 3
+    assert third.version == 3  # after a clean stop nothing above 2 was ever published
+    third.close()
+
+
+def test_restart_after_a_crash_starts_above_every_version_reserved(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.01"}, 5)
+    for revision in range(6, 9):
+        engine.on_etcd_change(revision, {P + "train/lr": str(revision / 100).encode()}, [])
+    assert engine.version == 4
+    assert engine._writer is not None
+    engine._writer.flush()  # the saved snapshot is the newest; still no clean stop
+    again = make_engine(tmp_path)
+    files_start(again)
+    again.start({P + "train/lr": b"0.08"}, 8)  # the same values: still a new version
+    assert again.version > 4
+    again.close()
+
+
+def test_kill_right_after_a_push_never_reissues_its_version(tmp_path: Path) -> None:
+    """The disk as a SIGKILL would leave it: the push happened, its snapshot was never saved.
+
+    The state file is copied as it was right before the push (only the synchronous
+    start write had happened) and put back after it; a restart on other values must
+    not publish the pushed version again.
+    """
+    published: list[Published] = []
+    engine = make_engine(tmp_path, published=published)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.01"}, 5)
+    state_file = tmp_path / f"{APP}.state.json"
+    before_push = state_file.read_bytes()
+    engine.on_etcd_change(6, {P + "train/lr": b"0.02"}, [])
+    pushed = published[-1]
+    assert pushed.version == 2 and pushed.flat["train.lr"] == 0.02
+    assert engine._writer is not None
+    engine._writer.flush()  # joined here only so that nothing writes after the copy below
+    state_file.write_bytes(before_push)
+    for lr in (b"0.01", b"0.03"):
+        restarted = make_engine(tmp_path)
+        files_start(restarted)
+        restarted.start({P + "train/lr": lr}, 7)
+        assert restarted.version > pushed.version
+        assert restarted._writer is not None
+        restarted._writer.flush()
+        state_file.write_bytes(before_push)
+
+
+def test_versions_past_a_reserved_block_are_reserved_before_they_are_pushed(
+    tmp_path: Path,
+) -> None:
+    engine = make_engine(tmp_path)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.01"}, 5)
+    first_ceiling = engine.store.ceiling if engine.store else 0
+    assert first_ceiling >= engine.version
+    engine.version = first_ceiling  # as if a block's worth of versions had been pushed
+    engine.on_etcd_change(6, {P + "train/lr": b"0.02"}, [])
+    assert engine.version == first_ceiling + 1
+    assert engine.store is not None
+    saved = engine.store.load()
+    assert saved is not None and saved.version_ceiling > engine.version
+    assert saved.version == engine.version  # written synchronously with the new ceiling
+    engine.close()
 
 
 def test_start_without_etcd_serves_last_known_good(tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
     files_start(engine)
     engine.start({P + "train/lr": b"0.07"}, 5)
+    engine.close()
     later = make_engine(tmp_path)
     files_start(later)
     with capture_logs() as logs:
         later.start(None, 0)
     assert later.current is not None and later.current.flat["train.lr"] == 0.07
     assert later.current.revision == 5
+    assert later.version == 1  # clean stop, same values
     assert any(e["event"] == "serving_last_known_good" for e in logs)
     # etcd comes back with a newer value: a resync diff makes it one change.
     later.on_etcd_snapshot({P + "train/lr": b"0.08"}, 12)
     assert later.current.flat["train.lr"] == 0.08 and later.version == 2
+    later.close()
+
+
+def test_start_without_etcd_after_a_crash_serves_the_newest_saved_values(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.07"}, 5)
+    engine.on_etcd_change(6, {P + "train/lr": b"0.09"}, [])
+    assert engine._writer is not None
+    engine._writer.flush()
+    later = make_engine(tmp_path)
+    files_start(later)
+    later.start(None, 0)
+    assert later.current is not None and later.current.flat["train.lr"] == 0.09
+    assert later.version > engine.version
+    later.close()
 
 
 def test_shadowed_live_edit_is_logged_not_published(tmp_path: Path) -> None:
@@ -195,6 +281,9 @@ def test_state_dir_that_is_a_file_is_reported_not_fatal(tmp_path: Path) -> None:
     files_start(engine)
     with capture_logs() as logs:
         engine.start({P + "train/lr": b"0.01"}, 1)
-    engine.on_etcd_change(2, {P + "train/lr": b"0.02"}, [])
+        engine.on_etcd_change(2, {P + "train/lr": b"0.02"}, [])
     assert engine.version == 2
-    assert any(e["event"] == "state_write_failed" for e in logs)
+    failed = [e for e in logs if e["event"] == "state_write_failed"]
+    assert len(failed) == 2  # the start and the change: each tries to reserve its version
+    assert engine.state_write_error is not None
+    engine.close()
