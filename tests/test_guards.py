@@ -184,7 +184,7 @@ def test_a_diverging_lr_is_reverted_by_its_guard_and_training_recovers(
             watch.close()
         assert '{"train.lr": 0.1}' in shown and "failed on 3 reports in a row" in shown
 
-        (reverted,) = daemon.events("change_reverted")
+        (reverted,) = wait_for("the revert logged", lambda: daemon.events("change_reverted"))
         assert reverted["restored"] == {"train.lr": 0.1}
         assert reverted["replaced"] == {"train.lr": 2.0}
         assert reverted["guarded_revision"] == guarded
@@ -327,7 +327,8 @@ def test_a_guard_survives_a_daemon_restart_and_nan_reverts_at_once(
             update = client.next_update()
             # train.lr was unset before the guarded change: the revert deletes it again.
             assert update["changed"] == {"train.lr": 0.001}
-        (event,) = daemon.events("change_reverted")
+        # The restored value can reach the client before the revert's log line is written.
+        (event,) = wait_for("the revert logged", lambda: daemon.events("change_reverted"))
         assert event["reason"] == "c1 reported loss=nan at step 8"
         assert event["restored"] == {"train.lr": None}
         assert kv(etcd, P + "train/lr") == (None, 0)
