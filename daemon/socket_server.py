@@ -40,7 +40,6 @@ import contextlib
 import errno
 import os
 import socket
-import stat
 import struct
 import time
 from collections import deque
@@ -51,9 +50,10 @@ from typing import Any
 
 import structlog
 
-from hotknob.config.errors import HotknobError
 from hotknob.config.merge import changed_keys
 from hotknob.model_runtime import protocol
+
+from .socket_path import SocketInUse, SocketPathError, clear_stale_socket, prepare_folder
 
 DEFAULT_MAX_WRITE_BUFFER = 4 * 1024 * 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
@@ -61,14 +61,6 @@ CLOSE_GRACE_S = 2.0
 
 _PEERCRED = struct.Struct("3i")
 _HELLO_FIELDS = frozenset({"type", "protocol", "client", "pid"})
-
-
-class SocketPathError(HotknobError):
-    """The socket path cannot be used: not a socket, an unsafe folder, or bind failed."""
-
-
-class SocketInUse(SocketPathError):
-    """A live daemon already listens on the socket path; it is never taken over."""
 
 
 @dataclass(frozen=True)
@@ -219,8 +211,9 @@ class SocketServer:
         """Listen on the path. Raises ``SocketInUse`` or ``SocketPathError``."""
         if self._server is not None or self._close_task is not None:
             raise RuntimeError("a SocketServer is started once")
-        self._prepare_folder()
-        self._clear_stale_socket()
+        prepare_folder(self._path.parent)
+        if clear_stale_socket(self._path):
+            self._log.info("stale_socket_removed", path=str(self._path))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
@@ -329,48 +322,6 @@ class SocketServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._log.info("socket_closed", path=str(self._path))
-
-    def _prepare_folder(self) -> None:
-        folder = self._path.parent
-        try:
-            folder.mkdir(mode=0o700, parents=True)
-            os.chmod(folder, 0o700)
-            return
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise SocketPathError(f"cannot create {folder}: {exc}") from exc
-        st = os.stat(folder)
-        if not stat.S_ISDIR(st.st_mode):
-            raise SocketPathError(f"{folder} is not a folder")
-        if st.st_uid not in (os.getuid(), 0):
-            raise SocketPathError(f"{folder} belongs to uid {st.st_uid}, not to this user")
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise SocketPathError(
-                f"{folder} is writable by others: anyone could replace the socket"
-            )
-
-    def _clear_stale_socket(self) -> None:
-        try:
-            st = os.lstat(self._path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SocketPathError(f"{self._path} exists and is not a socket; not replacing it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.setblocking(False)
-        try:
-            code = probe.connect_ex(str(self._path))
-        finally:
-            probe.close()
-        if code == errno.ENOENT:
-            return
-        if code != errno.ECONNREFUSED:
-            detail = "a daemon is listening" if code in (0, errno.EAGAIN) else os.strerror(code)
-            raise SocketInUse(f"{self._path} is in use ({detail}); not taking it over")
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
-        self._log.info("stale_socket_removed", path=str(self._path))
 
     def _remove_socket_file(self) -> None:
         """Unlink the socket only if it is still the one this server bound."""
