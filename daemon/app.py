@@ -42,6 +42,7 @@ from .reports import ClientReports, decode_report
 from .socket_server import ClientInfo, Published, SocketServer
 from .state import StateStore
 from .status import StatusPublisher
+from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
 GROUP_COMMIT_S = 0.002
@@ -82,12 +83,16 @@ class Daemon:
         self._etcd_lock = threading.Lock()
         self._etcd_drain_posted = False
         self._accepted_counters: dict[str, Any] = {}
+        # Every version brings one ack per client, and each status entry is an etcd write
+        # that in a burst or with many clients would compete with the changes themselves:
+        # entries go to the publisher at most every STATUS_EVERY_S, the newest per client.
         self._status_due: dict[str, dict[str, Any]] = {}
-        self._status_timer: asyncio.TimerHandle | None = None
-        self._status_sent_at = float("-inf")
+        self._status_soon = Throttle(STATUS_EVERY_S, self._flush_status)
+        # A change that comes alone is pushed at once; in a burst, clients get at most one
+        # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every
+        # revision does not take the CPU the daemon needs to keep up.
         self._push_due: Published | None = None
-        self._push_timer: asyncio.TimerHandle | None = None
-        self._pushed_at = float("-inf")
+        self._push_soon = Throttle(PUSH_EVERY_S, self._push)
         self.engine: Engine | None = None
         self.server: SocketServer | None = None
         self.files: FileLayerWatcher | None = None
@@ -207,9 +212,8 @@ class Daemon:
 
     async def _stop(self) -> None:
         deadline = time.monotonic() + 5.0
-        for timer in (self._status_timer, self._push_timer):
-            if timer is not None:
-                timer.cancel()
+        self._status_soon.cancel()
+        self._push_soon.cancel()
         if self.http:
             self.http.stop()
         if self.server:
@@ -382,29 +386,14 @@ class Daemon:
         return self.engine.current
 
     def _publish(self, published: Published) -> None:
-        """Push ``published`` to the clients now, or, if the last push was under
-        ``PUSH_EVERY_S`` ago, when that much time has passed (the newest state wins).
-
-        A change that comes alone is pushed at once; in a burst, clients get at most one
-        update per ``PUSH_EVERY_S``, so that decoding, applying and acknowledging every
-        revision does not take the CPU the daemon needs to keep up.
-        """
+        """Push ``published`` to the clients, now or within ``PUSH_EVERY_S`` (newest wins)."""
         self._push_due = published
-        if self._push_timer is not None:
-            return
-        loop = asyncio.get_running_loop()
-        wait = self._pushed_at + PUSH_EVERY_S - loop.time()
-        if wait <= 0:
-            self._push()
-        else:
-            self._push_timer = loop.call_later(wait, self._push)
+        self._push_soon()
 
     def _push(self) -> None:
-        self._push_timer = None
         published, self._push_due = self._push_due, None
         if published is None:
             return
-        self._pushed_at = asyncio.get_running_loop().time()
         if self.server is not None:
             self.server.publish(published)
         self._revisions[published.version] = published.revision
@@ -443,27 +432,9 @@ class Daemon:
             self._status_due[client.name] = self.reports.status_entry(
                 client.name, entry, replace=True
             )
-            self._schedule_status()
-
-    def _schedule_status(self) -> None:
-        """Hand acknowledged states to the status publisher at most every ``STATUS_EVERY_S``.
-
-        Every version brings one ack per client; each status entry is an etcd write, which
-        in a burst or with many clients would compete with the changes themselves. The
-        newest entry per client wins; the first ack after a quiet spell goes at once.
-        """
-        if self._status_timer is not None:
-            return
-        loop = asyncio.get_running_loop()
-        wait = self._status_sent_at + STATUS_EVERY_S - loop.time()
-        if wait <= 0:
-            self._flush_status()
-        else:
-            self._status_timer = loop.call_later(wait, self._flush_status)
+            self._status_soon()
 
     def _flush_status(self) -> None:
-        self._status_timer = None
-        self._status_sent_at = asyncio.get_running_loop().time()
         due, self._status_due = self._status_due, {}
         if self.status is not None:
             for name, entry in due.items():
