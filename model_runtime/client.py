@@ -3,7 +3,7 @@
 Two threads share one object and never wait on each other:
 
 * a background thread (``connection.DaemonConnection``) owns the socket. Every
-  snapshot and update it reads is frozen into a ``_State`` there and kept as
+  snapshot and update it reads is frozen into a ``State`` there and kept as
   *pending* (``update.values`` carries the whole state, so coalescing is a
   replacement), and in a short history of received states. It never touches a
   binding or a callback.
@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Self
@@ -37,6 +37,15 @@ from . import protocol
 from .binding import Binding, Handle
 from .connection import DaemonConnection
 from .errors import DaemonUnavailable
+from .received import (
+    MISSING,
+    NOTHING,
+    State,
+    get_dotted,
+    prefixes,
+    state_from_message,
+    thaw,
+)
 from .reporting import MetricsReporter
 
 if TYPE_CHECKING:
@@ -46,120 +55,6 @@ log = logging.getLogger("hotknob.model_runtime")
 
 _STATE_DICT_FORMAT = 1
 _HISTORY = 64
-_MISSING: Any = object()
-
-
-def _freeze(value: Any) -> Any:
-    """A read-only deep copy: mappings become mapping proxies, lists become tuples."""
-    if isinstance(value, Mapping):
-        return MappingProxyType({str(k): _freeze(v) for k, v in value.items()})
-    if isinstance(value, list | tuple):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    """A plain, mutable deep copy of a frozen value (dicts and lists)."""
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
-    return value
-
-
-def _flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Leaves by dotted key; a non-empty mapping is a section, anything else a leaf."""
-    flat: dict[str, Any] = {}
-    for key, value in nested.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def _get_dotted(nested: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
-    node: Any = nested
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            if default is _MISSING:
-                raise KeyError(key)
-            return default
-        node = node[part]
-    return node
-
-
-def _prefixes(keys: Iterator[str] | list[str]) -> set[str]:
-    """Every section path and key touched: ``a.b.c`` gives ``a``, ``a.b``, ``a.b.c``."""
-    touched: set[str] = set()
-    for key in keys:
-        parts = key.split(".")
-        touched.update(".".join(parts[: i + 1]) for i in range(len(parts)))
-    return touched
-
-
-def _digest(values: Mapping[str, Any]) -> int:
-    """A 63-bit fingerprint of ``values``: equal values give equal digests on every host."""
-    import hashlib
-    import json
-
-    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=repr)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
-
-
-class _State:
-    """One whole configuration as the daemon sent it, frozen once, off the training thread.
-
-    ``digest`` identifies the values across processes (ranks compare it), since
-    ``version`` is numbered by each daemon on its own. It is computed on first use
-    (only distributed sync needs it), from a plain copy of the frozen values.
-    """
-
-    __slots__ = ("_digest", "flat", "flat_view", "revision", "values", "version")
-
-    def __init__(
-        self,
-        version: int,
-        revision: int,
-        values: Mapping[str, Any],
-        flat: dict[str, Any],
-    ) -> None:
-        self.version = version
-        self.revision = revision
-        self.values = values
-        self.flat = flat
-        self.flat_view: Mapping[str, Any] = MappingProxyType(flat)
-        self._digest: int | None = None
-
-    @classmethod
-    def build(cls, version: int, revision: int, values: Mapping[str, Any]) -> _State:
-        frozen = _freeze(values)
-        return cls(version, revision, frozen, _flatten(frozen))
-
-    @property
-    def digest(self) -> int:
-        digest = self._digest
-        if digest is None:
-            digest = self._digest = _digest(_thaw(self.values))
-        return digest
-
-    def same_as(self, other: _State) -> bool:
-        return self.version == other.version and self.flat == other.flat
-
-
-_NOTHING = _State.build(-1, 0, {})
-
-
-def _state_from_message(message: Mapping[str, Any]) -> _State:
-    for field in ("version", "revision"):
-        value = message.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise protocol.ProtocolError(f'"{message["type"]}" needs an integer "{field}" >= 0')
-    values = message.get("values")
-    if not isinstance(values, dict):
-        raise protocol.ProtocolError(f'"{message["type"]}" needs an object "values"')
-    return _State.build(message["version"], message["revision"], values)
 
 
 class _Callback:
@@ -232,11 +127,11 @@ class LiveConfig:
         """Use ``connect``; this only prepares the object and starts nothing."""
         self._path = path
         self._sync = sync
-        self._pending: _State | None = None
-        self._applied = _NOTHING
+        self._pending: State | None = None
+        self._applied = NOTHING
         self._applied_step = 0
-        self._latest: _State | None = None
-        self._received: deque[_State] = deque(maxlen=_HISTORY)
+        self._latest: State | None = None
+        self._received: deque[State] = deque(maxlen=_HISTORY)
         self._lock = threading.Lock()
         self._first_state = threading.Event()
         self._ids = itertools.count()
@@ -326,8 +221,8 @@ class LiveConfig:
     def __getitem__(self, key: str) -> Any:
         """The applied value at a dotted key (a leaf, or a read-only section mapping)."""
         state = self._applied
-        value = state.flat.get(key, _MISSING)
-        return _get_dotted(state.values, key) if value is _MISSING else value
+        value = state.flat.get(key, MISSING)
+        return get_dotted(state.values, key) if value is MISSING else value
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
@@ -339,7 +234,7 @@ class LiveConfig:
         return True
 
     def get(self, key: str, default: Any = None) -> Any:
-        return _get_dotted(self._applied.values, key, default)
+        return get_dotted(self._applied.values, key, default)
 
     @property
     def values(self) -> Mapping[str, Any]:
@@ -393,7 +288,7 @@ class LiveConfig:
         self._after_apply(old, new, step, ack=True)
         return True
 
-    def _apply_state(self, new: _State, step: int, *, ack: bool) -> None:
+    def _apply_state(self, new: State, step: int, *, ack: bool) -> None:
         """Apply ``new`` (chosen by the ranks' agreement), pending or not.
 
         The pending state is cleared if it holds the same values. ``ack`` is False
@@ -407,19 +302,19 @@ class LiveConfig:
             self._applied_step = step
         self._after_apply(old, new, step, ack=ack)
 
-    def _after_apply(self, old: _State, new: _State, step: int, *, ack: bool) -> None:
+    def _after_apply(self, old: State, new: State, step: int, *, ack: bool) -> None:
         errors = self._run_hooks(old, new)
         if ack:
             extra: dict[str, Any] = {"errors": errors} if errors else {}
             self._conn.send(protocol.applied(new.version, step, **extra))
 
-    def _received_states(self) -> tuple[_State, ...]:
+    def _received_states(self) -> tuple[State, ...]:
         """The last ``_HISTORY`` states received from the daemon, oldest first."""
         with self._lock:
             return tuple(self._received)
 
-    def _run_hooks(self, old: _State, new: _State) -> list[dict[str, str]]:
-        changed = {k: v for k, v in new.flat.items() if old.flat.get(k, _MISSING) != v}
+    def _run_hooks(self, old: State, new: State) -> list[dict[str, str]]:
+        changed = {k: v for k, v in new.flat.items() if old.flat.get(k, MISSING) != v}
         if not changed:
             return []
         errors: list[dict[str, str]] = []
@@ -431,14 +326,14 @@ class LiveConfig:
                 name = type(binding).__name__
                 log.exception("live_binding_failed binding=%s version=%d", name, new.version)
                 errors.append({"binding": name, "error": f"{type(exc).__name__}: {exc}"})
-        touched = _prefixes(list(changed))
+        touched = prefixes(list(changed))
         for callback in list(self._callbacks.values()):
             if callback.key not in touched:
                 continue
             value = self[callback.key]
             try:
                 if callback.wants_old:
-                    callback.fn(value, _get_dotted(old.values, callback.key, None))
+                    callback.fn(value, get_dotted(old.values, callback.key, None))
                 else:
                     callback.fn(value)
             except Exception as exc:
@@ -513,7 +408,7 @@ class LiveConfig:
             "version": state.version,
             "revision": state.revision,
             "step": self._applied_step,
-            "values": _thaw(state.values),
+            "values": thaw(state.values),
             "bindings": bindings,
         }
 
@@ -531,7 +426,7 @@ class LiveConfig:
             fmt = state_dict.get("format", _STATE_DICT_FORMAT)
             if fmt != _STATE_DICT_FORMAT:
                 raise ValueError(f"unsupported LiveConfig state_dict format {fmt!r}")
-            loaded = _state_from_message({"type": "state_dict", **state_dict})
+            loaded = state_from_message({"type": "state_dict", **state_dict})
         except protocol.ProtocolError as exc:
             raise ValueError(f"not a LiveConfig state_dict: {exc}") from exc
         step = state_dict.get("step", 0)
@@ -581,9 +476,9 @@ class LiveConfig:
     # -- on the background thread ------------------------------------------------------
 
     def _on_message(self, message: Mapping[str, Any], is_snapshot: bool) -> None:
-        self._receive(_state_from_message(message), is_snapshot)
+        self._receive(state_from_message(message), is_snapshot)
 
-    def _receive(self, state: _State, is_snapshot: bool) -> None:
+    def _receive(self, state: State, is_snapshot: bool) -> None:
         """Keep ``state`` as pending unless it is exactly what is already applied."""
         with self._lock:
             self._latest = state

@@ -39,7 +39,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .client import LiveConfig, _State
+    from .client import LiveConfig
+    from .received import State
 
 log = logging.getLogger("hotknob.model_runtime")
 
@@ -138,13 +139,13 @@ class StepSync:
         payload = self._broadcast(mine, source)
         if mine is not None:
             return self._install(live, mine, step, ack=True)
-        from .client import _State
+        from .received import State
 
-        state = _State.build(payload["version"], payload["revision"], payload["values"])
+        state = State.build(payload["version"], payload["revision"], payload["values"])
         return self._install(live, state, step, ack=False)
 
     @staticmethod
-    def _install(live: LiveConfig, state: _State, step: int, *, ack: bool) -> bool:
+    def _install(live: LiveConfig, state: State, step: int, *, ack: bool) -> bool:
         applied = live._applied
         if state is applied or (
             state.digest == applied.digest
@@ -171,8 +172,8 @@ class StepSync:
         self._dist.all_gather(parts, mine, group=self._group)
         return [(int(p[0]), int(p[1])) for p in parts]
 
-    def _broadcast(self, mine: _State | None, source: int) -> dict[str, Any]:
-        from .client import _thaw
+    def _broadcast(self, mine: State | None, source: int) -> dict[str, Any]:
+        from .received import thaw
 
         payload: list[Any] = [None]
         if self.group_rank == source:
@@ -180,7 +181,7 @@ class StepSync:
             payload[0] = {
                 "version": mine.version,
                 "revision": mine.revision,
-                "values": _thaw(mine.values),
+                "values": thaw(mine.values),
             }
         self._dist.broadcast_object_list(
             payload, group=self._group, group_src=source, device=self._device
@@ -189,7 +190,7 @@ class StepSync:
         return result
 
 
-def _find(states: Sequence[_State], digest: int) -> _State | None:
+def _find(states: Sequence[State], digest: int) -> State | None:
     """The newest of ``states`` with these values, else None."""
     for state in reversed(states):
         if state.digest == digest:

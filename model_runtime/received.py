@@ -1,0 +1,129 @@
+"""What the runtime received from the daemon: whole configurations, frozen once.
+
+A ``State`` is built on the connection's thread, off the training thread: the
+values are deep-frozen (read-only mappings and tuples) and flattened to dotted
+keys once, so ``apply`` only compares and swaps references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from . import protocol
+
+MISSING: Any = object()
+
+
+def freeze(value: Any) -> Any:
+    """A read-only deep copy: mappings become mapping proxies, lists become tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k): freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """A plain, mutable deep copy of a frozen value (dicts and lists)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Leaves by dotted key; a non-empty mapping is a section, anything else a leaf."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def get_dotted(nested: Mapping[str, Any], key: str, default: Any = MISSING) -> Any:
+    node: Any = nested
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if default is MISSING:
+                raise KeyError(key)
+            return default
+        node = node[part]
+    return node
+
+
+def prefixes(keys: Iterator[str] | list[str]) -> set[str]:
+    """Every section path and key touched: ``a.b.c`` gives ``a``, ``a.b``, ``a.b.c``."""
+    touched: set[str] = set()
+    for key in keys:
+        parts = key.split(".")
+        touched.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return touched
+
+
+def digest_of(values: Mapping[str, Any]) -> int:
+    """A 63-bit fingerprint of ``values``: equal values give equal digests on every host."""
+    import hashlib
+    import json
+
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=repr)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
+class State:
+    """One whole configuration as the daemon sent it, frozen once, off the training thread.
+
+    ``digest`` identifies the values across processes (ranks compare it), since
+    ``version`` is numbered by each daemon on its own. It is computed on first use
+    (only distributed sync needs it), from a plain copy of the frozen values.
+    """
+
+    __slots__ = ("_digest", "flat", "flat_view", "revision", "values", "version")
+
+    def __init__(
+        self,
+        version: int,
+        revision: int,
+        values: Mapping[str, Any],
+        flat: dict[str, Any],
+    ) -> None:
+        self.version = version
+        self.revision = revision
+        self.values = values
+        self.flat = flat
+        self.flat_view: Mapping[str, Any] = MappingProxyType(flat)
+        self._digest: int | None = None
+
+    @classmethod
+    def build(cls, version: int, revision: int, values: Mapping[str, Any]) -> State:
+        frozen = freeze(values)
+        return cls(version, revision, frozen, flatten(frozen))
+
+    @property
+    def digest(self) -> int:
+        digest = self._digest
+        if digest is None:
+            digest = self._digest = digest_of(thaw(self.values))
+        return digest
+
+    def same_as(self, other: State) -> bool:
+        return self.version == other.version and self.flat == other.flat
+
+
+NOTHING = State.build(-1, 0, {})
+
+
+def state_from_message(message: Mapping[str, Any]) -> State:
+    for field in ("version", "revision"):
+        value = message.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise protocol.ProtocolError(f'"{message["type"]}" needs an integer "{field}" >= 0')
+    values = message.get("values")
+    if not isinstance(values, dict):
+        raise protocol.ProtocolError(f'"{message["type"]}" needs an object "values"')
+    return State.build(message["version"], message["revision"], values)
