@@ -3,7 +3,7 @@
 Two threads share one object and never wait on each other:
 
 * a background thread (``connection.DaemonConnection``) owns the socket. Every
-  snapshot and update it reads is frozen into a ``State`` there and kept as
+  snapshot and update it reads is frozen into a ``received.State`` there and kept as
   *pending* (``update.values`` carries the whole state, so coalescing is a
   replacement), and in a short history of received states. It never touches a
   binding or a callback.
