@@ -87,6 +87,9 @@ def _no_constants(name: str) -> Any:
     raise ValueError(name)
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)  # made once: stateless, shared
+
+
 def parse_text(text: str) -> Any:
     """A JSON-text value (``0.0003``, ``true``, ``"cosine"``); a bare word stays a string.
 
@@ -95,7 +98,7 @@ def parse_text(text: str) -> Any:
     """
     stripped = text.strip()
     try:
-        return json.loads(stripped, parse_constant=_no_constants)
+        return _DECODER.decode(stripped)
     except ValueError:
         return text
 

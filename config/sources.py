@@ -187,6 +187,19 @@ def etcd_layer(app: str, kvs: Mapping[str, bytes | str]) -> Layer:
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     problems: list[Problem] = []
+    read_etcd_values(app, kvs, values, origins, problems)
+    return Layer("etcd", values, origins, tuple(problems))
+
+
+def read_etcd_values(
+    app: str,
+    kvs: Mapping[str, bytes | str],
+    values: dict[str, Any],
+    origins: dict[str, str],
+    problems: list[Problem],
+) -> None:
+    """Parse etcd paths and raw values into ``values`` and ``origins`` (by dotted key);
+    a value that cannot be read goes to ``problems``. Paths outside ``app`` are skipped."""
     for path, raw in kvs.items():
         key = key_from_etcd(app, path)
         if key is None:
@@ -198,7 +211,6 @@ def etcd_layer(app: str, kvs: Mapping[str, bytes | str]) -> Layer:
             problems.append(Problem(key, "etcd", "value is not valid UTF-8"))
             continue
         values[key] = parse_text(text)
-    return Layer("etcd", values, origins, tuple(problems))
 
 
 # --- env ---------------------------------------------------------------------------------------

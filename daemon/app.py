@@ -46,6 +46,7 @@ from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
 GROUP_COMMIT_S = 0.002
+DRAIN_EVERY_S = 0.002
 PUSH_EVERY_S = 0.002
 
 
@@ -82,6 +83,10 @@ class Daemon:
         self._etcd_inbox: deque[EtcdChange | tuple[Mapping[str, bytes], int]] = deque()
         self._etcd_lock = threading.Lock()
         self._etcd_drain_posted = False
+        # A change that comes alone is taken at once; in a burst the loop takes what has
+        # queued at most every DRAIN_EVERY_S, and in between leaves the interpreter to the
+        # etcd client's threads, which must keep reading the watch stream (see _queue_etcd).
+        self._drain_soon = Throttle(DRAIN_EVERY_S, self._drain_etcd)
         self._accepted_counters: dict[str, Any] = {}
         # Every version brings one ack per client, and each status entry is an etcd write
         # that in a burst or with many clients would compete with the changes themselves:
@@ -214,6 +219,7 @@ class Daemon:
         deadline = time.monotonic() + 5.0
         self._status_soon.cancel()
         self._push_soon.cancel()
+        self._drain_soon.cancel()
         if self.http:
             self.http.stop()
         if self.server:
@@ -289,14 +295,18 @@ class Daemon:
         """On the etcd client's watch thread: queue a change or a full read, in order.
 
         One drain on the loop takes everything waiting, so a burst of revisions costs
-        one wake-up of the loop and one group commit (``Engine.on_etcd_changes``).
+        one wake-up of the loop and one group commit (``Engine.on_etcd_changes``), and
+        drains come at most every ``DRAIN_EVERY_S``. That spacing matters under a burst:
+        this thread and the client library's need the interpreter lock to read the watch
+        stream, and a loop that took each revision as it came would hold the lock nearly
+        all the time, so that the stream, not the daemon, fell behind.
         """
         with self._etcd_lock:
             self._etcd_inbox.append(item)
             if self._etcd_drain_posted:
                 return
             self._etcd_drain_posted = True
-        self._post(self._drain_etcd)
+        self._post(self._drain_soon)
 
     def _drain_etcd(self) -> None:
         """Hand everything queued to the engine, in order: runs of changes as group commits.
@@ -305,7 +315,7 @@ class Daemon:
         ``GROUP_COMMIT_S`` of work), so under a burst the daemon pushes, and clients
         acknowledge, once per group rather than once per revision; a lone change is
         pushed at once. If more is left, the drain is posted again, after whatever else
-        waits on the loop.
+        waits on the loop, and runs when ``DRAIN_EVERY_S`` has passed since this one began.
         """
         deadline = time.monotonic() + GROUP_COMMIT_S
         while time.monotonic() < deadline:
@@ -320,7 +330,7 @@ class Daemon:
             if not self._etcd_inbox:
                 self._etcd_drain_posted = False
                 return
-        asyncio.get_running_loop().call_soon(self._drain_etcd)
+        asyncio.get_running_loop().call_soon(self._drain_soon)
 
     def _next_etcd_item(self) -> EtcdChange | tuple[Mapping[str, bytes], int] | None:
         with self._etcd_lock:

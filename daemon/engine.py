@@ -40,8 +40,10 @@ from hotknob.config import (
     merge_layers,
     restart_only_keys,
 )
+from hotknob.config.errors import Problem
 from hotknob.config.keys import key_from_etcd
 from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
+from hotknob.config.sources import read_etcd_values
 
 from .logs import get_logger
 from .socket_server import Published
@@ -71,6 +73,7 @@ class Engine:
         self.schema = schema
         self.app = app
         self.precedence = tuple(precedence)
+        self._rank = {name: i for i, name in enumerate(self.precedence)}
         self.layers: dict[str, Layer] = {layer.name: layer for layer in layers}
         self.store = store
         self._publish = publish
@@ -197,23 +200,19 @@ class Engine:
         values = dict(current.values)
         origins = dict(current.origins)
         edited: dict[str, Any] = {}
-        decoded: dict[str, bytes] = {}
         for path in deletes:
             key = key_from_etcd(self.app, path)
             if key is not None and key in values:
                 del values[key]
                 origins.pop(key, None)
                 edited[key] = None
-        for path, raw in puts.items():
-            key = key_from_etcd(self.app, path)
-            if key is not None:
-                decoded[path] = raw
-        update = etcd_layer(self.app, decoded)
-        values.update(update.values)
-        origins.update(update.origins)
-        edited.update(update.values)
-        edited.update({p.key: None for p in update.problems})
-        candidate = Layer("etcd", values, origins, update.problems)
+        put: dict[str, Any] = {}
+        problems: list[Problem] = []
+        read_etcd_values(self.app, puts, put, origins, problems)
+        values.update(put)
+        edited.update(put)
+        edited.update((problem.key, None) for problem in problems)
+        candidate = Layer("etcd", values, origins, tuple(problems))
         self._try_layer(candidate, revision, edited)
 
     def on_files(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
@@ -403,7 +402,7 @@ class Engine:
                 self.pending_restart.pop(key, None)
 
     def _report_shadowed(self, snapshot: Snapshot, layer: str, edited: Mapping[str, Any]) -> None:
-        rank = {name: i for i, name in enumerate(self.precedence)}
+        rank = self._rank
         for key in edited:
             winner = snapshot.sources.get(key)
             if winner is not None and rank.get(winner, -1) > rank.get(layer, -1):

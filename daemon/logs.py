@@ -3,11 +3,18 @@
 Events are stable snake_case names (``change_accepted``, ``change_rejected``,
 ``update_shadowed``, ``etcd_reconnected``) with bound context. Secrets never
 reach a log line: values of keys the schema marks secret are masked before
-they are logged, by the caller, and ``password`` fields are dropped here.
+they are logged, by the caller, and fields named like a credential
+(``password``, ``token``, ``secret``) are masked here.
+
+The daemon logs one line per accepted change, so a burst of thousands of etcd
+revisions a second is thousands of lines: the chain is kept short (the check of
+field names is cached per name, and each line is one ``write`` and ``flush``).
 """
 
 from __future__ import annotations
 
+import functools
+import json as _json
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -16,13 +23,29 @@ from typing import Any
 import structlog
 
 _SENSITIVE = ("password", "token", "secret")
+MASK = "**********"
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_sensitive(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SENSITIVE)
 
 
 def _drop_sensitive(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for name in list(event):
-        if any(word in name.lower() for word in _SENSITIVE):
-            event[name] = "**********"
+    for name in event:
+        if _is_sensitive(name):
+            event[name] = MASK
     return event
+
+
+# One encoder for every line (``json.dumps`` with options builds a new one per call);
+# what JSON cannot carry is logged as its ``repr``.
+_ENCODER = _json.JSONEncoder(default=repr)
+
+
+def _dumps(event: Any, **_: Any) -> str:
+    return _ENCODER.encode(event)
 
 
 def configure(*, json: bool | None = None, level: str = "info") -> None:
@@ -30,7 +53,7 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
@@ -46,7 +69,7 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     # Library loggers (grpc, watchdog) go to stderr at warning and above, never as tracebacks.

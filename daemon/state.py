@@ -165,6 +165,7 @@ class StateWriter:
         self._cond = threading.Condition()
         self._pending: SavedState | None = None
         self._busy = False
+        self._idle = False  # the thread waits for a state (not in its pause between writes)
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -177,7 +178,9 @@ class StateWriter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            else:
+            elif self._idle:
+                # Only an idle thread needs waking: one in its pause takes the newest
+                # state when the pause ends, so a burst of submits costs no wake-ups.
                 self._cond.notify()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -200,7 +203,9 @@ class StateWriter:
         while True:
             with self._cond:
                 if self._pending is None and not self._closed:
+                    self._idle = True
                     self._cond.wait(self._linger_s)
+                    self._idle = False
                 pause = next_write - time.monotonic()
                 if pause > 0 and not self._closed:
                     self._cond.wait_for(lambda: self._closed, pause)

@@ -51,6 +51,16 @@ class ProtocolError(ValueError):
     """A line that is not a valid protocol-1 message; the text says why."""
 
 
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"{name} is not a valid JSON number")
+
+
+# Made once: ``json.dumps`` and ``json.loads`` build a new encoder or decoder on every
+# call that passes options. Both are stateless between calls, so threads may share them.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def encode(message: Mapping[str, Any]) -> bytes:
     """One message as a newline-terminated UTF-8 JSON line.
 
@@ -58,17 +68,13 @@ def encode(message: Mapping[str, Any]) -> bytes:
     the message holds a value JSON cannot carry (NaN and infinities included).
     """
     try:
-        text = json.dumps(message, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        text = _ENCODER.encode(message)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot encode message: {exc}") from exc
     data = text.encode("utf-8") + b"\n"
     if len(data) > MAX_LINE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
     return data
-
-
-def _reject_constant(name: str) -> Any:
-    raise ProtocolError(f"{name} is not a valid JSON number")
 
 
 def decode(line: bytes | str) -> dict[str, Any]:
@@ -86,7 +92,7 @@ def decode(line: bytes | str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ProtocolError("line is not valid UTF-8") from exc
     try:
-        message = json.loads(text, parse_constant=_reject_constant)
+        message = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"line is not JSON: {exc.msg} at column {exc.colno}") from exc
     if not isinstance(message, dict):
