@@ -10,6 +10,13 @@ are measured from the moment just before the same put, on the same clock. The fi
 
 Goal: hotknob's p50 ≤ 1.4 x and p99 ≤ 1.3 x the baseline's (confd, rendering a file,
 measured 1.4 x / 1.3 x on this kind of machine).
+
+A third reading, in the same run, is the floor of the architecture (``relay`` in
+``benchmarks.worker``): the same watch handing each value through an asyncio loop
+and a Unix socket to a reader thread in another process, polled like the
+``LiveConfig`` — every hop hotknob makes, none of its work. hotknob / floor is what
+the daemon's and the runtime's own work adds; floor / baseline is what the sidecar
+design costs whatever that work is.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from benchmarks.support import (
     latencies_ms,
     live_worker,
     percentile,
+    relay_workers,
     start_workers,
     stop_all,
     watch_worker,
@@ -41,7 +49,7 @@ POLL_S = 5e-5
 
 
 def measure(count: int, rate: float = RATE) -> dict[str, list[float]]:
-    """Latencies in ms (after the warm-up) of the LiveConfig and the baseline processes."""
+    """Latencies in ms (after the warm-up) of the LiveConfig, the baseline and the floor."""
     workdir = Path(tempfile.mkdtemp(prefix="hotknob-bench-"))
     etcd = daemon = None
     workers: list[Worker] = []
@@ -49,30 +57,43 @@ def measure(count: int, rate: float = RATE) -> dict[str, list[float]]:
         etcd = Etcd().start()
         daemon = Daemon(workdir, endpoint=etcd.endpoint).start()
         timeout = count / rate + 30
-        workers = [
+        relay_server, relay = relay_workers(workdir, etcd.endpoint, timeout=timeout)
+        workers = [relay_server]
+        start_workers(workers)
+        readers = [
             live_worker(workdir, daemon.socket_path, timeout=timeout, poll_s=POLL_S),
             watch_worker(workdir, etcd.endpoint, timeout=timeout),
+            relay,
         ]
-        start_workers(workers)
-        sent, results, _ = drive(etcd, workers, WARMUP + count, rate)
+        workers += readers
+        start_workers(readers)
+        sent, results, _ = drive(etcd, [*readers, relay_server], WARMUP + count, rate)
         measured = {v: t for v, t in sent.items() if v > WARMUP}
-        live, base = (latencies_ms(measured, r["clients"][0]) for r in results)
-        return {"hotknob": live, "baseline": base}
+        live, base, floor = (latencies_ms(measured, r["clients"][0]) for r in results[:3])
+        return {"hotknob": live, "baseline": base, "floor": floor}
     finally:
         stop_all(etcd, daemon, *workers)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def figures(hotknob: list[float], baseline: list[float], sent: int) -> list[Figure]:
+def figures(
+    hotknob: list[float], baseline: list[float], floor: list[float], sent: int
+) -> list[Figure]:
     h50, h99 = percentile(hotknob, 50), percentile(hotknob, 99)
     b50, b99 = percentile(baseline, 50), percentile(baseline, 99)
+    f50, f99 = percentile(floor, 50), percentile(floor, 99)
     return [
         Figure("baseline watch p50", b50, "ms"),
         Figure("baseline watch p99", b99, "ms"),
+        Figure("architecture floor p50", f50, "ms"),
+        Figure("architecture floor p99", f99, "ms"),
         Figure("hotknob applied p50", h50, "ms"),
         Figure("hotknob applied p99", h99, "ms"),
         at_most("p50 / baseline p50", h50 / b50, 1.4, "x", "<= 1.4x"),
         at_most("p99 / baseline p99", h99 / b99, 1.3, "x", "<= 1.3x"),
+        Figure("floor p50 / baseline p50", f50 / b50, "x"),
+        Figure("floor p99 / baseline p99", f99 / b99, "x"),
+        Figure("hotknob p50 - floor p50 (its own work)", h50 - f50, "ms"),
         Figure("values applied", len(hotknob), f"of {sent}"),
     ]
 
@@ -81,6 +102,8 @@ def run(quick: bool) -> dict[str, Any]:
     count = 100 if quick else 500
     lat = measure(count)
     return {
-        "figures": [f.as_dict() for f in figures(lat["hotknob"], lat["baseline"], count)],
+        "figures": [
+            f.as_dict() for f in figures(lat["hotknob"], lat["baseline"], lat["floor"], count)
+        ],
         "params": {"puts": count, "rate_per_s": RATE, "warmup": WARMUP, "poll_s": POLL_S},
     }

@@ -326,6 +326,19 @@ def watch_worker(workdir: Path, endpoint: str, *, timeout: float) -> Worker:
     return Worker("watch", ["--endpoint", endpoint, "--timeout", str(timeout)], workdir)
 
 
+def relay_workers(workdir: Path, endpoint: str, *, timeout: float) -> list[Worker]:
+    """The architecture floor (see ``benchmarks.worker``): its server, then its client.
+    Start the server first: the client connects to the server's socket."""
+    path = str(workdir / "relay.sock")
+    server = Worker(
+        "relay-server",
+        ["--endpoint", endpoint, "--socket", path, "--timeout", str(timeout)],
+        workdir,
+    )
+    client = Worker("relay", ["--socket", path, "--timeout", str(timeout)], workdir)
+    return [server, client]
+
+
 def paced_puts(
     puts: Sequence[Callable[[int], None]], values: Sequence[int], rate: float
 ) -> dict[int, float]:

@@ -9,6 +9,14 @@ Roles:
 - ``watch``: a bare etcd-sdk-python prefix watch (the baseline), recording
   ``(value, time.monotonic())`` in the watch callback.
 
+- ``relay-server`` and ``relay``: the floor of hotknob's architecture with none of its
+  work. The server is a bare prefix watch whose callback hands each value to an
+  asyncio loop (``call_soon_threadsafe``), which writes it as a JSON line to every
+  client of a Unix socket; the client has a reader thread that keeps the newest value
+  as pending, and a loop that polls it like ``live`` (same ``--poll``). Same hops as
+  hotknob (watch thread -> loop -> socket -> reader thread -> polling loop); no
+  merge, validation, versions or state.
+
 Each prints ``ready`` once it is connected, stops when every client has seen
 ``STOP_VALUE`` (or after ``--timeout`` seconds), and writes its records to ``--out``
 as JSON: ``{"clients": [[[value, time], ...], ...], "pid": PID}``.
@@ -91,9 +99,107 @@ def run_watch(args: argparse.Namespace) -> dict[str, Any]:
     return {"clients": [records]}
 
 
+def run_relay_server(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+
+    import pyetcd
+
+    host, port = args.endpoint.rsplit(":", 1)
+    client = pyetcd.client(host=host, port=int(port), timeout=10)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        writers: list[asyncio.StreamWriter] = []
+        done = asyncio.Event()
+
+        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            await reader.read()
+
+        def push(value: int) -> None:
+            line = (json.dumps({"value": value}) + "\n").encode()
+            for writer in writers:
+                writer.write(line)
+            if value == STOP_VALUE:
+                loop.call_later(0.2, done.set)
+
+        def on_response(response: Any) -> None:
+            if isinstance(response, BaseException) or response is None:
+                loop.call_soon_threadsafe(done.set)
+                return
+            for event in response.events:
+                loop.call_soon_threadsafe(push, int(event.value))
+
+        server = await asyncio.start_unix_server(on_client, args.socket)
+        watch_id = client.add_watch_prefix_callback(CONFIG_PREFIX, on_response)
+        _ready()
+        try:
+            await asyncio.wait_for(done.wait(), args.timeout)
+        finally:
+            client.cancel_watch(watch_id)
+            server.close()
+            for writer in writers:
+                writer.close()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        client.close()
+    return {"clients": []}
+
+
+def run_relay(args: argparse.Namespace) -> dict[str, Any]:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            sock.connect(args.socket)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    pending: list[int | None] = [None]
+
+    def read() -> None:
+        buffer = b""
+        while data := sock.recv(65536):
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                pending[0] = json.loads(line)["value"]
+
+    threading.Thread(target=read, name="relay-reader", daemon=True).start()
+    records: list[tuple[int, float]] = []
+    _ready()
+    deadline = time.monotonic() + args.timeout
+    try:
+        while time.monotonic() < deadline:
+            value = pending[0]
+            if value is not None:
+                pending[0] = None
+                records.append((value, time.monotonic()))
+                if value == STOP_VALUE:
+                    break
+            time.sleep(args.poll)
+    finally:
+        sock.close()
+    return {"clients": [records]}
+
+
+ROLES = {
+    "live": run_live,
+    "watch": run_watch,
+    "relay-server": run_relay_server,
+    "relay": run_relay,
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.worker")
-    parser.add_argument("role", choices=["live", "watch"])
+    parser.add_argument("role", choices=sorted(ROLES))
     parser.add_argument("--out", required=True)
     parser.add_argument("--socket")
     parser.add_argument("--endpoint")
@@ -101,7 +207,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--poll", type=float, default=5e-5)
     args = parser.parse_args()
-    result = run_live(args) if args.role == "live" else run_watch(args)
+    result = ROLES[args.role](args)
     result["pid"] = os.getpid()
     with open(args.out, "w") as f:
         json.dump(result, f)

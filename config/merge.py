@@ -107,14 +107,22 @@ def _nest_leaves(flat: Mapping[str, Any], paths: Mapping[str, tuple[str, ...]]) 
     return nested
 
 
-def _leaf_value(values: Mapping[str, Any], key: str, path: tuple[str, ...]) -> Any:
-    node: Any = values
+def _leaf_values(
+    values: Mapping[str, Any], ordered: tuple[tuple[str, tuple[str, ...]], ...]
+) -> dict[str, Any]:
+    """Every leaf of the nested ``values`` by dotted key, in schema order (one loop: this
+    runs for every candidate state)."""
+    flat: dict[str, Any] = {}
+    key = ""
     try:
-        for part in path:
-            node = node[part]
+        for key, path in ordered:
+            node: Any = values
+            for part in path:
+                node = node[part]
+            flat[key] = node
     except (KeyError, TypeError, IndexError):
         raise KeyError(key) from None
-    return node
+    return flat
 
 
 def merge_layers(
@@ -169,7 +177,7 @@ def merge_layers(
         raise InvalidChange(problems) from exc
 
     values = _reveal_secrets(model, model.model_dump(mode="json"), facts.secrets)
-    flat = {key: _leaf_value(values, key, path) for key, path in facts.ordered}
+    flat = _leaf_values(values, facts.ordered)
     sources = {key: winners.get(key, "defaults") for key in flat}
     # A layer's values are already a read-only copy of its own (``Layer.__post_init__``).
     said = {name: by_name[name].values for name in order}

@@ -91,7 +91,7 @@ class Engine:
         self.state_write_error: str | None = None
         self.last_change_seconds = 0.0
         self._batching = False
-        self._deferred: tuple[Snapshot, int] | None = None
+        self._deferred: tuple[Snapshot, int, dict[str, Any]] | None = None
         self._after_push: list[Callable[[], None]] = []
         self._flat: dict[str, Any] = {}
         self._closed = False
@@ -278,9 +278,9 @@ class Engine:
         self._flat = flat
         self.snapshot = snapshot
         if self._batching:
-            self._deferred = (snapshot, self.revision)
+            self._deferred = (snapshot, self.revision, flat)
         else:
-            self._save_and_publish(self._published(snapshot, self.revision))
+            self._save_and_publish(self._published(snapshot, self.revision, flat))
         self._after_push.append(
             partial(
                 self._accepted,
@@ -375,9 +375,14 @@ class Engine:
         self.state_write_error = f"{self.store.path}: {exc.strerror or exc}"
         self.log.error("state_write_failed", path=str(self.store.path), error=str(exc))
 
-    def _published(self, snapshot: Snapshot, revision: int) -> Published:
-        flat = dict(snapshot.flat)
-        flat.update(self._running)
+    def _published(
+        self, snapshot: Snapshot, revision: int, flat: dict[str, Any] | None = None
+    ) -> Published:
+        """What clients get: ``snapshot`` with the restart-only keys at their running values
+        (``flat``, if given, is already that, by dotted key)."""
+        if flat is None:
+            flat = dict(snapshot.flat)
+            flat.update(self._running)
         values = _deep_copy(snapshot.values)
         for key, value in self._running.items():
             _set_dotted(values, key, value)
@@ -464,7 +469,8 @@ def _short(value: Any, limit: int = 200) -> Any:
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+    """A copy of the sections of a JSON-form value (plain dicts), so that they can be edited."""
+    return {k: _deep_copy(v) if type(v) is dict else v for k, v in values.items()}
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:

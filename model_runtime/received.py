@@ -25,6 +25,24 @@ def freeze(value: Any) -> Any:
     return value
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _freeze_section(section: Mapping[str, Any], prefix: str, flat: dict[str, Any]) -> Any:
+    """``freeze`` and ``flatten`` in one pass over a state's values (built for every update
+    on the connection's thread): a non-empty mapping is a section, anything else a leaf."""
+    frozen: dict[str, Any] = {}
+    for key, value in section.items():
+        dotted = f"{prefix}{key}"
+        if type(value) in _SCALARS:
+            frozen[str(key)] = flat[dotted] = value
+        elif isinstance(value, Mapping) and value:
+            frozen[str(key)] = _freeze_section(value, dotted + ".", flat)
+        else:
+            frozen[str(key)] = flat[dotted] = freeze(value)
+    return MappingProxyType(frozen)
+
+
 def thaw(value: Any) -> Any:
     """A plain, mutable deep copy of a frozen value (dicts and lists)."""
     if isinstance(value, Mapping):
@@ -32,18 +50,6 @@ def thaw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [thaw(v) for v in value]
     return value
-
-
-def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Leaves by dotted key; a non-empty mapping is a section, anything else a leaf."""
-    flat: dict[str, Any] = {}
-    for key, value in nested.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
 
 
 def get_dotted(nested: Mapping[str, Any], key: str, default: Any = MISSING) -> Any:
@@ -101,8 +107,9 @@ class State:
 
     @classmethod
     def build(cls, version: int, revision: int, values: Mapping[str, Any]) -> State:
-        frozen = freeze(values)
-        return cls(version, revision, frozen, flatten(frozen))
+        flat: dict[str, Any] = {}
+        frozen = _freeze_section(values, "", flat)
+        return cls(version, revision, frozen, flat)
 
     @property
     def digest(self) -> int:
