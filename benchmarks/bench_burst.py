@@ -13,7 +13,11 @@ at each apply, not every value); what matters is that the daemon keeps up:
   just after the burst, and stays ≤ 75 MB.
 
 The achieved put rate is reported too: if the writer cannot reach the target on a
-busy machine, the figures hold for the rate reached.
+busy machine, the figures hold for the rate reached. A second round on the same etcd
+gives the same burst to a bare etcd-sdk-python watch alone (the daemon and its client
+stopped, so that they do not share the machine): the figures of that round say what
+the machine and the client library can do, as the baseline of the latency benchmark
+does.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from benchmarks.support import (
     at_most,
     drive,
     live_worker,
+    reset_value,
     start_workers,
     stop_all,
+    watch_worker,
 )
 
 NAME = "burst"
@@ -54,6 +60,23 @@ def _lag_growth_ms(sent: dict[int, float], records: list[tuple[int, float]]) -> 
     return statistics.median(last) - statistics.median(first)
 
 
+def _last_value(etcd: Etcd) -> int:
+    """With several writers the value put last by the schedule need not be the one etcd
+    ordered last: the burst's last value is what etcd held just before the stop value."""
+    client = etcd.client()
+    try:
+        _, stop = client.get(ETCD_KEY)
+        held, _ = client.get(ETCD_KEY, revision=stop.mod_revision - 1)
+    finally:
+        client.close()
+    return int(held)
+
+
+def _last_ms(sent: dict[int, float], records: list[tuple[int, float]], last: int) -> float:
+    seen = [t for v, t in records if v == last]
+    return (seen[0] - sent[last]) * 1000 if seen else float("nan")
+
+
 def run(quick: bool) -> dict[str, Any]:
     seconds = 1.0 if quick else 5.0
     count = int(RATE * seconds)
@@ -69,30 +92,37 @@ def run(quick: bool) -> dict[str, Any]:
         rss_idle = daemon.rss_mb()
         sent, results, _ = drive(etcd, workers, count, RATE, threads=WRITERS, settle_s=1.0)
         rss_after = daemon.rss_mb()
-        # With several writers the value put last by the schedule need not be the one etcd
-        # ordered last: the burst's last value is what etcd held just before the stop value.
-        client = etcd.client()
-        try:
-            _, stop = client.get(ETCD_KEY)
-            held, _ = client.get(ETCD_KEY, revision=stop.mod_revision - 1)
-        finally:
-            client.close()
-        last = int(held)
+        last = _last_value(etcd)
+        stop_all(daemon, *workers)
+        daemon, workers = None, []
+        # The baseline round: the same burst, a bare watch alone on the machine.
+        reset_value(etcd)
+        workers = [watch_worker(workdir, etcd.endpoint, timeout=seconds + 30)]
+        start_workers(workers)
+        base_sent, base_results, _ = drive(
+            etcd, workers, count, RATE, threads=WRITERS, settle_s=1.0, first=count + 1
+        )
+        base_last = _last_value(etcd)
     finally:
         stop_all(etcd, daemon, *workers)
         shutil.rmtree(workdir, ignore_errors=True)
     records = [(v, t) for v, t in results[0]["clients"][0]]
-    applied_last = [t for v, t in records if v == last]
-    last_ms = (applied_last[0] - sent[last]) * 1000 if applied_last else float("nan")
+    base_records = [(v, t) for v, t in base_results[0]["clients"][0]]
     span = max(sent.values()) - min(sent.values())
     figures = [
         Figure("puts per second reached", (count - 1) / span if span > 0 else None, "1/s"),
-        at_most("last put -> applied", last_ms, 100, "ms"),
+        at_most("last put -> applied", _last_ms(sent, records, last), 100, "ms"),
         at_most("lag growth through the burst", _lag_growth_ms(sent, records), 10, "ms"),
         Figure("daemon RSS idle (1 client)", rss_idle, "MB"),
         at_most("daemon RSS after the burst", rss_after, 75, "MB"),
         at_most("daemon RSS growth", rss_after - rss_idle, 10, "MB"),
         Figure("values applied (coalesced)", len(records) - 1, f"of {count}"),
+        Figure(
+            "baseline watch alone: last put -> seen",
+            _last_ms(base_sent, base_records, base_last),
+            "ms",
+        ),
+        Figure("baseline watch alone: lag growth", _lag_growth_ms(base_sent, base_records), "ms"),
     ]
     return {
         "figures": [f.as_dict() for f in figures],
