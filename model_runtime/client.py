@@ -314,6 +314,8 @@ class LiveConfig:
             return tuple(self._received)
 
     def _run_hooks(self, old: State, new: State) -> list[dict[str, str]]:
+        if not self._bindings and not self._callbacks:
+            return []
         changed = {k: v for k, v in new.flat.items() if old.flat.get(k, MISSING) != v}
         if not changed:
             return []

@@ -131,13 +131,17 @@ class DaemonConnection:
         inbuf = bytearray()
         got_state = False
         with selectors.DefaultSelector() as sel:
-            sel.register(sock, selectors.EVENT_READ)
+            interest = selectors.EVENT_READ | selectors.EVENT_WRITE
+            sel.register(sock, interest)
             sel.register(self._wake_r, selectors.EVENT_READ)
             try:
                 while not self._stop.is_set():
                     while self._outbox:
                         out += self._outbox.popleft()
-                    sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0))
+                    wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0)
+                    if wanted != interest:  # a system call: only when it changes
+                        sel.modify(sock, wanted)
+                        interest = wanted
                     for key, mask in sel.select():
                         if key.fileobj == self._wake_r:
                             self._drain_wake()
