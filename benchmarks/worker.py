@@ -114,6 +114,7 @@ def run_relay_server(args: argparse.Namespace) -> dict[str, Any]:
 
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             writers.append(writer)
+            writer.write(b"{}\n")  # the client is ready once it reads this: it gets every value
             await reader.read()
 
         def push(value: int) -> None:
@@ -162,9 +163,15 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
                 raise
             time.sleep(0.01)
     pending: list[int | None] = [None]
+    greeting = b""
+    while b"\n" not in greeting:  # the server has registered this client
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the relay server closed the connection")
+        greeting += chunk
 
     def read() -> None:
-        buffer = b""
+        buffer = greeting.split(b"\n", 1)[1]
         while data := sock.recv(65536):
             buffer += data
             while b"\n" in buffer:
