@@ -19,10 +19,9 @@ import asyncio
 import os
 import signal
 import socket
-import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from hotknob.model_runtime.protocol import default_socket_path
 
 from .context import Context
 from .engine import Engine
+from .etcd_feed import EtcdFeed
 from .etcd_store import EtcdChange, EtcdStore
 from .etcd_watcher import EtcdWatcher
 from .file_watcher import FileLayerState, FileLayerWatcher
@@ -45,8 +45,6 @@ from .status import StatusPublisher
 from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
-GROUP_COMMIT_S = 0.002
-DRAIN_EVERY_S = 0.002
 PUSH_EVERY_S = 0.002
 
 
@@ -80,13 +78,10 @@ class Daemon:
         self._initial_etcd: tuple[Mapping[str, bytes], int] | None = None
         self._initial_event = asyncio.Event()
         self._revisions: OrderedDict[int, int] = OrderedDict()
-        self._etcd_inbox: deque[EtcdChange | tuple[Mapping[str, bytes], int]] = deque()
-        self._etcd_lock = threading.Lock()
-        self._etcd_drain_posted = False
-        # A change that comes alone is taken at once; in a burst the loop takes what has
-        # queued at most every DRAIN_EVERY_S, and in between leaves the interpreter to the
-        # etcd client's threads, which must keep reading the watch stream (see _queue_etcd).
-        self._drain_soon = Throttle(DRAIN_EVERY_S, self._drain_etcd)
+        # Changes and full reads from the etcd watch thread, to the engine in group commits.
+        self._etcd_feed = EtcdFeed(
+            self._post, self._on_etcd_changes, self._on_etcd_snapshot, guard=self._dispatch
+        )
         self._accepted_counters: dict[str, Any] = {}
         # Every version brings one ack per client, and each status entry is an etcd write
         # that in a burst or with many clients would compete with the changes themselves:
@@ -196,8 +191,8 @@ class Daemon:
         self.etcd = EtcdWatcher(
             self.ctx.etcd,
             self.ctx.prefix,
-            on_snapshot=lambda kvs, rev: self._queue_etcd((kvs, rev)),
-            on_change=self._queue_etcd,
+            on_snapshot=lambda kvs, rev: self._etcd_feed.put((kvs, rev)),
+            on_change=self._etcd_feed.put,
             on_connection=lambda up, detail: self._post(self._on_etcd_connection, up, detail),
         )
         self.etcd.start()
@@ -219,7 +214,7 @@ class Daemon:
         deadline = time.monotonic() + 5.0
         self._status_soon.cancel()
         self._push_soon.cancel()
-        self._drain_soon.cancel()
+        self._etcd_feed.cancel()
         if self.http:
             self.http.stop()
         if self.server:
@@ -290,65 +285,6 @@ class Daemon:
             fn(*args)
         except Exception as exc:  # the daemon never dies of one event
             self.log.exception("event_failed", handler=getattr(fn, "__name__", ""), error=str(exc))
-
-    def _queue_etcd(self, item: EtcdChange | tuple[Mapping[str, bytes], int]) -> None:
-        """On the etcd client's watch thread: queue a change or a full read, in order.
-
-        One drain on the loop takes everything waiting, so a burst of revisions costs
-        one wake-up of the loop and one group commit (``Engine.on_etcd_changes``), and
-        drains come at most every ``DRAIN_EVERY_S``. That spacing matters under a burst:
-        this thread and the client library's need the interpreter lock to read the watch
-        stream, and a loop that took each revision as it came would hold the lock nearly
-        all the time, so that the stream, not the daemon, fell behind.
-        """
-        with self._etcd_lock:
-            self._etcd_inbox.append(item)
-            if self._etcd_drain_posted:
-                return
-            self._etcd_drain_posted = True
-        self._post(self._drain_soon)
-
-    def _drain_etcd(self) -> None:
-        """Hand everything queued to the engine, in order: runs of changes as group commits.
-
-        Changes that arrive while a group is being accepted join it (up to
-        ``GROUP_COMMIT_S`` of work), so under a burst the daemon pushes, and clients
-        acknowledge, once per group rather than once per revision; a lone change is
-        pushed at once. If more is left, the drain is posted again, after whatever else
-        waits on the loop, and runs when ``DRAIN_EVERY_S`` has passed since this one began.
-        """
-        deadline = time.monotonic() + GROUP_COMMIT_S
-        while time.monotonic() < deadline:
-            item = self._next_etcd_item()
-            if item is None:
-                return
-            if isinstance(item, EtcdChange):
-                self._dispatch(self._on_etcd_changes, (self._etcd_run(item, deadline),))
-            else:
-                self._dispatch(self._on_etcd_snapshot, item)
-        with self._etcd_lock:
-            if not self._etcd_inbox:
-                self._etcd_drain_posted = False
-                return
-        asyncio.get_running_loop().call_soon(self._drain_soon)
-
-    def _next_etcd_item(self) -> EtcdChange | tuple[Mapping[str, bytes], int] | None:
-        with self._etcd_lock:
-            if self._etcd_inbox:
-                return self._etcd_inbox.popleft()
-            self._etcd_drain_posted = False
-            return None
-
-    def _etcd_run(self, first: EtcdChange, deadline: float) -> Iterator[EtcdChange]:
-        """``first`` and the changes queued behind it, up to a full read or ``deadline``."""
-        yield first
-        while time.monotonic() < deadline:
-            with self._etcd_lock:
-                if not self._etcd_inbox or not isinstance(self._etcd_inbox[0], EtcdChange):
-                    return
-                change = self._etcd_inbox.popleft()
-            assert isinstance(change, EtcdChange)
-            yield change
 
     def _on_etcd_snapshot(self, kvs: Mapping[str, bytes], revision: int) -> None:
         if not self._started:

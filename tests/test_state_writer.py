@@ -5,6 +5,7 @@ Real files in a temporary state dir; the store is wrapped only to count its save
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_a_burst_of_submits_is_a_few_writes_and_the_newest_is_on_disk(tmp_path: 
     assert len(store.saved) <= elapsed / 0.1 + 2, (len(store.saved), elapsed)
     assert store.saved == sorted(store.saved)
     assert store.saved[-1] == 500
-    gaps = [b - a for a, b in zip(store.saved_at, store.saved_at[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(store.saved_at)]
     assert all(gap >= 0.1 * 0.9 for gap in gaps), gaps
     loaded = store.load()
     assert loaded is not None and loaded.version == 500

@@ -1,0 +1,162 @@
+"""The hand-over of etcd changes from the watch thread to the loop, on a real event loop.
+
+A pure component (no etcd here; the daemon tests drive it from a real watch): order,
+group commits, full reads as boundaries, nothing lost when a handler fails, one
+wake-up of the loop per drain, and drains spaced under a burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from hotknob.daemon.etcd_feed import EtcdFeed
+from hotknob.daemon.etcd_types import EtcdChange
+
+
+def change(revision: int) -> EtcdChange:
+    return EtcdChange(revision, {"/hotknob/t/config/train/lr": str(revision).encode()}, ())
+
+
+class Recorder:
+    """The feed on a loop running in a thread of its own, with what it handed over."""
+
+    def __init__(self, **options: float) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.events: list[tuple[str, Any, float]] = []
+        self.posts = 0
+        self.lock = threading.Lock()
+        self.take: Callable[[Iterable[EtcdChange]], list[int]] = lambda run: [
+            c.revision for c in run
+        ]
+        self.feed = EtcdFeed(self.post, self.on_changes, self.on_snapshot, **options)
+
+    def post(self, fn: Callable[[], None]) -> None:
+        with self.lock:
+            self.posts += 1
+        self.loop.call_soon_threadsafe(fn)
+
+    def on_changes(self, changes: Iterable[EtcdChange]) -> None:
+        started = time.monotonic()
+        self.events.append(("changes", self.take(changes), started))
+
+    def on_snapshot(self, kvs: Mapping[str, bytes], revision: int) -> None:
+        self.events.append(("snapshot", revision, time.monotonic()))
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, self.events
+            time.sleep(0.005)
+
+    def delivered(self) -> list[int]:
+        return [r for kind, revs, _ in self.events if kind == "changes" for r in revs]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def test_a_lone_change_is_handed_over_at_once_and_the_next_waits_for_the_spacing() -> None:
+    rec = Recorder(drain_every=0.3)
+    try:
+        put_at = time.monotonic()
+        rec.feed.put(change(1))
+        rec.wait_for(lambda: len(rec.events) == 1)
+        assert rec.events[0][1] == [1]
+        assert rec.events[0][2] - put_at < 0.25  # not held back by the spacing
+        rec.feed.put(change(2))
+        rec.wait_for(lambda: len(rec.events) == 2)
+        assert rec.events[1][1] == [2]
+        assert rec.events[1][2] - rec.events[0][2] >= 0.3 * 0.95
+    finally:
+        rec.close()
+
+
+def test_changes_queued_together_are_one_group_and_a_full_read_ends_it() -> None:
+    rec = Recorder(group_commit=10.0)
+    block = threading.Event()
+    rec.loop.call_soon_threadsafe(block.wait)  # the loop is busy while the watch thread puts
+    try:
+        for revision in range(1, 51):
+            rec.feed.put(change(revision))
+        rec.feed.put(({"/hotknob/t/config/train/lr": b"9"}, 51))
+        for revision in range(52, 101):
+            rec.feed.put(change(revision))
+        block.set()
+        rec.wait_for(lambda: len(rec.delivered()) == 99)
+        kinds = [(kind, revs if kind == "snapshot" else len(revs)) for kind, revs, _ in rec.events]
+        assert kinds == [("changes", 50), ("snapshot", 51), ("changes", 49)]
+        assert rec.delivered() == [*range(1, 51), *range(52, 101)]
+        assert rec.posts == 1  # one wake-up of the loop for the whole burst
+    finally:
+        rec.close()
+
+
+def test_changes_a_failing_handler_did_not_take_come_next_in_order() -> None:
+    failures: list[str] = []
+
+    def guard(fn: Callable[..., None], args: tuple[object, ...]) -> None:
+        try:
+            fn(*args)
+        except RuntimeError as exc:
+            failures.append(str(exc))
+
+    rec = Recorder(group_commit=10.0)
+    rec.feed = EtcdFeed(rec.post, rec.on_changes, rec.on_snapshot, guard=guard)
+    calls = [0]
+
+    def take(run: Iterable[EtcdChange]) -> list[int]:
+        calls[0] += 1
+        taken = []
+        for c in run:
+            taken.append(c.revision)
+            if calls[0] == 1 and len(taken) == 3:
+                rec.events.append(("changes", taken, time.monotonic()))
+                raise RuntimeError("engine failed at revision 3")
+        return taken
+
+    rec.take = take
+    block = threading.Event()
+    rec.loop.call_soon_threadsafe(block.wait)
+    try:
+        for revision in range(1, 11):
+            rec.feed.put(change(revision))
+        block.set()
+        rec.wait_for(lambda: len(rec.delivered()) == 10)
+        assert failures == ["engine failed at revision 3"]
+        assert [revs for _, revs, _ in rec.events] == [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    finally:
+        rec.close()
+
+
+def test_a_burst_from_another_thread_arrives_whole_in_order_with_drains_spaced() -> None:
+    rec = Recorder(drain_every=0.01)
+    try:
+        total = 3000
+
+        def burst() -> None:
+            for revision in range(1, total + 1):
+                rec.feed.put(change(revision))
+                if revision % 50 == 0:
+                    time.sleep(0.001)
+
+        writer = threading.Thread(target=burst)
+        writer.start()
+        writer.join()
+        rec.wait_for(lambda: len(rec.delivered()) == total)
+        assert rec.delivered() == list(range(1, total + 1))
+        starts = [t for _, _, t in rec.events]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert all(gap >= 0.01 * 0.9 for gap in gaps), min(gaps)
+        assert rec.posts <= len(rec.events)  # at most one wake-up per drain
+        assert len(rec.events) < total / 5  # grouped, not one drain per revision
+    finally:
+        rec.close()
