@@ -31,7 +31,7 @@ from .throttle import Throttle
 GROUP_COMMIT_S = 0.002
 DRAIN_EVERY_S = 0.002
 
-Snapshot = tuple[Mapping[str, bytes], int]
+FullRead = tuple[Mapping[str, bytes], int]
 Guard = Callable[[Callable[..., None], tuple[object, ...]], None]
 
 
@@ -62,12 +62,12 @@ class EtcdFeed:
         self._on_snapshot = on_snapshot
         self._guard = guard
         self._group_commit = group_commit
-        self._inbox: deque[EtcdChange | Snapshot] = deque()
+        self._inbox: deque[EtcdChange | FullRead] = deque()
         self._lock = threading.Lock()
         self._posted = False  # a drain is posted or scheduled
         self._drain_soon = Throttle(drain_every, self._drain)
 
-    def put(self, item: EtcdChange | Snapshot) -> None:
+    def put(self, item: EtcdChange | FullRead) -> None:
         """Queue a change or a full read (on the watch thread); never blocks on the loop."""
         with self._lock:
             self._inbox.append(item)
@@ -98,7 +98,7 @@ class EtcdFeed:
         # ``drain_every`` has passed since this drain began.
         asyncio.get_running_loop().call_soon(self._drain_soon)
 
-    def _next(self) -> EtcdChange | Snapshot | None:
+    def _next(self) -> EtcdChange | FullRead | None:
         with self._lock:
             if self._inbox:
                 return self._inbox.popleft()
