@@ -9,7 +9,7 @@ Two threads share one object and never wait on each other:
   binding or a callback.
 * the training thread calls ``apply(step)`` at its safe point. With nothing
   pending that is one attribute compare; otherwise it takes the pending state,
-  runs bindings and callbacks for the keys that changed, and queues the
+  runs bindings and callbacks (``hooks.Hooks``) for the keys that changed, and queues the
   ``applied`` acknowledgement, which the background thread sends.
 
 Under torch.distributed (``connect(distributed=True)``) ``apply`` instead asks
@@ -22,27 +22,23 @@ applied, never what is merely pending.
 
 from __future__ import annotations
 
-import itertools
-import logging
 import os
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from functools import partial
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Self
 
 from . import protocol
 from .binding import Binding, Handle
 from .connection import DaemonConnection
 from .errors import DaemonUnavailable
+from .hooks import Hooks
 from .received import (
     MISSING,
     NOTHING,
     State,
     get_dotted,
-    prefixes,
     state_from_message,
     thaw,
 )
@@ -51,36 +47,8 @@ from .reporting import MetricsReporter
 if TYPE_CHECKING:
     from .distributed import StepSync
 
-log = logging.getLogger("hotknob.model_runtime")
-
 _STATE_DICT_FORMAT = 1
 _HISTORY = 64
-
-
-class _Callback:
-    __slots__ = ("fn", "key", "wants_old")
-
-    def __init__(self, key: str, fn: Callable[..., None], wants_old: bool) -> None:
-        self.key = key
-        self.fn = fn
-        self.wants_old = wants_old
-
-
-def _wants_old(fn: Callable[..., None]) -> bool:
-    import inspect
-
-    try:
-        inspect.signature(fn).bind(None, None)
-    except TypeError:
-        return False
-    except ValueError:  # no signature (some builtins): call with the new value only
-        return False
-    return True
-
-
-def _binding_state(binding: Binding) -> Any:
-    save = getattr(binding, "state_dict", None)
-    return save() if callable(save) else None
 
 
 def _default_client_name() -> str:
@@ -134,9 +102,7 @@ class LiveConfig:
         self._received: deque[State] = deque(maxlen=_HISTORY)
         self._lock = threading.Lock()
         self._first_state = threading.Event()
-        self._ids = itertools.count()
-        self._bindings: dict[int, Binding] = {}
-        self._callbacks: dict[int, _Callback] = {}
+        self._hooks = Hooks()
         self._closed = False
         self._conn = DaemonConnection(
             path,
@@ -303,7 +269,7 @@ class LiveConfig:
         self._after_apply(old, new, step, ack=ack)
 
     def _after_apply(self, old: State, new: State, step: int, *, ack: bool) -> None:
-        errors = self._run_hooks(old, new)
+        errors = self._hooks.run(old, new)
         if ack:
             extra: dict[str, Any] = {"errors": errors} if errors else {}
             self._conn.send(protocol.applied(new.version, step, **extra))
@@ -312,36 +278,6 @@ class LiveConfig:
         """The last ``_HISTORY`` states received from the daemon, oldest first."""
         with self._lock:
             return tuple(self._received)
-
-    def _run_hooks(self, old: State, new: State) -> list[dict[str, str]]:
-        if not self._bindings and not self._callbacks:
-            return []
-        changed = {k: v for k, v in new.flat.items() if old.flat.get(k, MISSING) != v}
-        if not changed:
-            return []
-        errors: list[dict[str, str]] = []
-        changed_view = MappingProxyType(changed)
-        for binding in list(self._bindings.values()):
-            try:
-                binding.apply(new.flat_view, changed_view)
-            except Exception as exc:
-                name = type(binding).__name__
-                log.exception("live_binding_failed binding=%s version=%d", name, new.version)
-                errors.append({"binding": name, "error": f"{type(exc).__name__}: {exc}"})
-        touched = prefixes(list(changed))
-        for callback in list(self._callbacks.values()):
-            if callback.key not in touched:
-                continue
-            value = self[callback.key]
-            try:
-                if callback.wants_old:
-                    callback.fn(value, get_dotted(old.values, callback.key, None))
-                else:
-                    callback.fn(value)
-            except Exception as exc:
-                log.exception("live_callback_failed key=%s version=%d", callback.key, new.version)
-                errors.append({"key": callback.key, "error": f"{type(exc).__name__}: {exc}"})
-        return errors
 
     # -- registrations -----------------------------------------------------------------
 
@@ -352,18 +288,14 @@ class LiveConfig:
         when any key under it changes). Not called for the values in force at
         registration; read ``live[key]`` for those.
         """
-        ident = next(self._ids)
-        self._callbacks[ident] = _Callback(key, fn, _wants_old(fn))
-        return Handle(partial(self._callbacks.pop, ident, None))
+        return self._hooks.on_change(key, fn)
 
     def add_binding(self, binding: Binding) -> Handle:
         """Register ``binding``; it runs in every ``apply`` that changes a value.
 
         Bindings run in registration order, before ``on_change`` callbacks.
         """
-        ident = next(self._ids)
-        self._bindings[ident] = binding
-        return Handle(partial(self._bindings.pop, ident, None))
+        return self._hooks.add_binding(binding)
 
     def bind_optimizer(
         self,
@@ -404,7 +336,7 @@ class LiveConfig:
         Plain dicts and lists only, so ``torch.save`` and JSON both carry it.
         """
         state = self._applied
-        bindings = [_binding_state(b) for b in self._bindings.values()]
+        bindings = self._hooks.binding_states()
         return {
             "format": _STATE_DICT_FORMAT,
             "version": state.version,
@@ -432,29 +364,14 @@ class LiveConfig:
         except protocol.ProtocolError as exc:
             raise ValueError(f"not a LiveConfig state_dict: {exc}") from exc
         step = state_dict.get("step", 0)
-        self._load_binding_states(state_dict.get("bindings") or [])
+        self._hooks.load_binding_states(state_dict.get("bindings") or [])
         with self._lock:
             old, self._applied = self._applied, loaded
             self._applied_step = step if isinstance(step, int) else 0
             latest = self._latest
             newer = latest is not None and latest.version > loaded.version
             self._pending = latest if newer else None
-        self._run_hooks(old, loaded)
-
-    def _load_binding_states(self, saved: list[Any]) -> None:
-        bindings = list(self._bindings.values())
-        if any(s is not None for s in saved) and len(saved) != len(bindings):
-            raise ValueError(
-                f"checkpoint holds state for {len(saved)} bindings but {len(bindings)} are "
-                "registered: bind the same objects before load_state_dict"
-            )
-        for binding, state in zip(bindings, saved, strict=False):
-            if state is None:
-                continue
-            load = getattr(binding, "load_state_dict", None)
-            if not callable(load):
-                raise ValueError(f"{type(binding).__name__} cannot load its checkpointed state")
-            load(state)
+        self._hooks.run(old, loaded)
 
     # -- lifecycle ---------------------------------------------------------------------
 
