@@ -38,8 +38,9 @@ from .file_watcher import FileLayerState, FileLayerWatcher
 from .guards import GuardManager
 from .logs import get_logger
 from .metrics import Metrics, MetricsServer
+from .published import ClientInfo, Published
 from .reports import ClientReports, decode_report
-from .socket_server import ClientInfo, Published, SocketServer
+from .socket_server import SocketServer
 from .state import StateStore
 from .status import StatusPublisher
 from .throttle import Throttle

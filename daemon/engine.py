@@ -46,7 +46,7 @@ from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
 from hotknob.config.sources import read_etcd_values
 
 from .logs import get_logger
-from .socket_server import Published
+from .published import Published
 from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
 
 EventSink = Callable[[dict[str, Any]], None]

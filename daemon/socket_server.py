@@ -41,10 +41,7 @@ import errno
 import os
 import socket
 import struct
-import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,102 +50,17 @@ import structlog
 from hotknob.config.merge import changed_keys
 from hotknob.model_runtime import protocol
 
+from .published import ClientInfo, Published
+from .socket_conn import CLOSE_GRACE_S, Connection, Stuck
 from .socket_path import SocketInUse, SocketPathError, clear_stale_socket, prepare_folder
+
+__all__ = ["ClientInfo", "Published", "SocketInUse", "SocketPathError", "SocketServer"]
 
 DEFAULT_MAX_WRITE_BUFFER = 4 * 1024 * 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
-CLOSE_GRACE_S = 2.0
 
 _PEERCRED = struct.Struct("3i")
 _HELLO_FIELDS = frozenset({"type", "protocol", "client", "pid"})
-
-
-@dataclass(frozen=True)
-class Published:
-    """One accepted state as the engine publishes it; frozen and swapped whole."""
-
-    version: int
-    revision: int
-    values: Mapping[str, Any]
-    sources: Mapping[str, str]
-    flat: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    """A client that said ``hello``. ``pid`` is the one it announced, else its peer pid."""
-
-    id: int
-    name: str
-    pid: int | None
-    uid: int
-    connected_at: float
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    peer_pid: int | None = None
-
-    @property
-    def watch(self) -> bool:
-        """Whether the client subscribed to ``event`` messages (``"watch": true``)."""
-        return self.extra.get("watch") is True
-
-
-class _Stuck(Exception):
-    """The client is not reading; it is disconnected so it cannot hold memory."""
-
-
-class _Connection:
-    def __init__(
-        self,
-        conn_id: int,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        uid: int,
-        peer_pid: int,
-        log: Any,
-    ):
-        self.id = conn_id
-        self.reader = reader
-        self.writer = writer
-        self.uid = uid
-        self.peer_pid = peer_pid
-        self.log = log
-        self.connected_at = time.time()
-        self.info: ClientInfo | None = None
-        self.pending: Published | None = None
-        self.last_sent: Published | None = None
-        self.events: deque[bytes] = deque()
-        self.event_bytes = 0
-        self.wake = asyncio.Event()
-        self.busy = False
-        self.writer_task: asyncio.Task[None] | None = None
-        self.reason: str | None = None
-
-    @property
-    def closing(self) -> bool:
-        return self.writer.transport.is_closing()
-
-    def drop(self, reason: str, *, reply: str | None = None, abort: bool = False) -> None:
-        """Close this connection, first sending ``reply`` as an ``error`` line if given."""
-        if self.reason is None:
-            self.reason = reason
-        transport = self.writer.transport
-        if transport.is_closing():
-            return
-        if reply is not None and not abort:
-            self.writer.write(protocol.encode(protocol.error(reply[:4096])))
-        if abort:
-            transport.abort()
-        else:
-            transport.close()
-
-    async def wait_closed(self) -> None:
-        """Wait for the transport to finish closing; abort it after ``CLOSE_GRACE_S``."""
-        try:
-            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_GRACE_S)
-        except TimeoutError:
-            self.writer.transport.abort()
-        except Exception:  # the peer's own error while closing: nothing left to do
-            pass
 
 
 class SocketServer:
@@ -182,7 +94,7 @@ class SocketServer:
         self._drain_timeout = drain_timeout
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
-        self._conns: dict[int, _Connection] = {}
+        self._conns: dict[int, Connection] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
         self._next_id = 1
         self._last_version: int | None = None
@@ -250,7 +162,7 @@ class SocketServer:
                 conn.pending = new
                 conn.wake.set()
 
-    def _write_now(self, conn: _Connection, new: Published) -> bool:
+    def _write_now(self, conn: Connection, new: Published) -> bool:
         """The fast path: write ``new`` at once if nothing is queued for ``conn``, its
         writer is idle and its transport holds nothing back. False: leave it to the writer.
         """
@@ -353,7 +265,7 @@ class SocketServer:
             writer.transport.abort()
             return
         log = self._log.bind(client_id=conn_id, uid=uid, peer_pid=peer_pid)
-        conn = _Connection(conn_id, reader, writer, uid, peer_pid, log)
+        conn = Connection(conn_id, reader, writer, uid, peer_pid, log)
         try:
             if uid not in self._allowed_uids:
                 conn.log.warning("client_refused", reason="uid not allowed")
@@ -367,7 +279,7 @@ class SocketServer:
         finally:
             await self._finish(conn)
 
-    async def _read_loop(self, conn: _Connection) -> None:
+    async def _read_loop(self, conn: Connection) -> None:
         """Handle lines until EOF or an error; a last line without a newline still counts."""
         eof = False
         while not eof and not conn.closing:
@@ -387,7 +299,7 @@ class SocketServer:
                 return
         conn.reason = conn.reason or "closed"
 
-    def _handle_line(self, conn: _Connection, line: bytes) -> bool:
+    def _handle_line(self, conn: Connection, line: bytes) -> bool:
         """Act on one line; False when the connection is to be closed."""
         try:
             message = protocol.decode(line)
@@ -402,12 +314,12 @@ class SocketServer:
         self._dispatch(conn, message)
         return True
 
-    def _reject(self, conn: _Connection, reason: str) -> None:
+    def _reject(self, conn: Connection, reason: str) -> None:
         conn.log.warning("client_error", error=reason)
         self._flush_pending(conn)
         conn.drop(f"protocol error: {reason}", reply=reason)
 
-    def _dispatch(self, conn: _Connection, message: dict[str, Any]) -> None:
+    def _dispatch(self, conn: Connection, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == protocol.HELLO:
             self._accept_hello(conn, message)
@@ -418,7 +330,7 @@ class SocketServer:
         elif kind == protocol.METRICS:
             self._call(conn, self._on_metrics, conn.info, message)
 
-    def _accept_hello(self, conn: _Connection, message: dict[str, Any]) -> None:
+    def _accept_hello(self, conn: Connection, message: dict[str, Any]) -> None:
         pid = message.get("pid", conn.peer_pid)
         info = ClientInfo(
             id=conn.id,
@@ -441,7 +353,7 @@ class SocketServer:
         conn.pending = state
         conn.wake.set()
 
-    def _call(self, conn: _Connection, callback: Callable[..., None] | None, *args: Any) -> None:
+    def _call(self, conn: Connection, callback: Callable[..., None] | None, *args: Any) -> None:
         if callback is None:
             return
         try:
@@ -449,7 +361,7 @@ class SocketServer:
         except Exception:
             conn.log.exception("callback_failed", callback=getattr(callback, "__name__", "?"))
 
-    async def _write_loop(self, conn: _Connection) -> None:
+    async def _write_loop(self, conn: Connection) -> None:
         try:
             while True:
                 conn.busy = False
@@ -467,7 +379,7 @@ class SocketServer:
                     continue
                 await self._send(conn, self._message_for(conn.last_sent, target))
                 conn.last_sent = target
-        except _Stuck as exc:
+        except Stuck as exc:
             conn.log.warning("client_error", error=str(exc))
             conn.drop(str(exc), abort=True)
         except protocol.ProtocolError as exc:
@@ -480,19 +392,19 @@ class SocketServer:
             conn.log.exception("client_error", error="internal error in the writer")
             conn.drop("internal error", abort=True)
 
-    async def _send(self, conn: _Connection, data: bytes) -> None:
+    async def _send(self, conn: Connection, data: bytes) -> None:
         transport = conn.writer.transport
         if transport.is_closing():
             raise ConnectionResetError("connection closing")
         if transport.get_write_buffer_size() > self._max_write_buffer:
-            raise _Stuck(f"not reading: over {self._max_write_buffer} bytes waiting")
+            raise Stuck(f"not reading: over {self._max_write_buffer} bytes waiting")
         conn.writer.write(data)
         if transport.get_write_buffer_size() == 0:
             return
         try:
             await asyncio.wait_for(conn.writer.drain(), self._drain_timeout)
         except TimeoutError:
-            raise _Stuck(f"not reading: blocked for {self._drain_timeout:g} s") from None
+            raise Stuck(f"not reading: blocked for {self._drain_timeout:g} s") from None
 
     def _message_for(self, sent: Published | None, target: Published) -> bytes:
         """The encoded snapshot (``sent`` is None) or update; shared by clients at one version."""
@@ -513,7 +425,7 @@ class SocketServer:
             self._encoded[key] = data
         return data
 
-    async def _finish(self, conn: _Connection) -> None:
+    async def _finish(self, conn: Connection) -> None:
         self._conns.pop(conn.id, None)
         if conn.writer_task is not None:
             conn.writer_task.cancel()
@@ -526,7 +438,7 @@ class SocketServer:
             conn.log.info("client_disconnected", reason=conn.reason or "closed")
             self._call(conn, self._on_disconnect, conn.info)
 
-    def _flush_pending(self, conn: _Connection) -> None:
+    def _flush_pending(self, conn: Connection) -> None:
         """Before an orderly close, send what is still pending: ``echo hello | socat`` gets
         its snapshot, and an error line comes after the states it follows. The close that
         follows flushes it, within ``CLOSE_GRACE_S``."""
