@@ -25,7 +25,7 @@ def change(revision: int) -> EtcdChange:
 class Recorder:
     """The feed on a loop running in a thread of its own, with what it handed over."""
 
-    def __init__(self, **options: float) -> None:
+    def __init__(self, **options: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -109,8 +109,7 @@ def test_changes_a_failing_handler_did_not_take_come_next_in_order() -> None:
         except RuntimeError as exc:
             failures.append(str(exc))
 
-    rec = Recorder(group_commit=10.0)
-    rec.feed = EtcdFeed(rec.post, rec.on_changes, rec.on_snapshot, guard=guard)
+    rec = Recorder(group_commit=10.0, guard=guard)
     calls = [0]
 
     def take(run: Iterable[EtcdChange]) -> list[int]:
