@@ -4,9 +4,12 @@ Start: static layers (defaults, env, cli) and the files are read and must be
 valid; etcd is read at one revision and watched from the next (or, if etcd
 cannot be reached within ``etcd_start_timeout``, the last-known-good from the
 state dir is served and the watch keeps retrying); the socket opens last,
-when there is a configuration to serve. The event loop owns the engine:
-watcher threads hand their events over with ``call_soon_threadsafe``, the
-one hop from a library thread into the loop.
+when there is a configuration to serve. The event loop runs the engine, with
+one exception: watcher threads hand their events over with
+``call_soon_threadsafe``, the one hop from a library thread into the loop, but
+an etcd change that comes alone is handled on the watch thread itself, validated,
+published and written to the clients without that hop (``_take_inline``). The
+engine and the push state are used under ``_lock`` from either thread.
 
 Signals only request things: SIGTERM/SIGINT a stop (a second SIGINT forces
 it), SIGHUP a re-read of the files. Stop runs in reverse start order and
@@ -19,9 +22,10 @@ import asyncio
 import os
 import signal
 import socket
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,11 +83,23 @@ class Daemon:
         self._initial_etcd: tuple[Mapping[str, bytes], int] | None = None
         self._initial_event = asyncio.Event()
         self._revisions: OrderedDict[int, int] = OrderedDict()
-        # Changes and full reads from the etcd watch thread, to the engine in group commits.
+        # Held while the engine or the push state is used: by the loop's handlers, and by
+        # the etcd watch thread while it handles a lone change itself.
+        self._lock = threading.RLock()
+        self._loop_thread: int | None = None
+        self._inline_ok = False  # started, early events replayed, not stopping
+        # Changes and full reads from the etcd watch thread, to the engine in group commits
+        # (or, for a change that comes alone, on the watch thread itself).
         self._etcd_feed = EtcdFeed(
-            self._post, self._on_etcd_changes, self._on_etcd_snapshot, guard=self._dispatch
+            self._post,
+            self._on_etcd_changes,
+            self._on_etcd_snapshot,
+            guard=self._dispatch,
+            inline=self._take_inline,
         )
         self._accepted_counters: dict[str, Any] = {}
+        self._changes_inline = self.metrics.etcd_changes.labels("watch_thread")
+        self._changes_in_loop = self.metrics.etcd_changes.labels("loop")
         # Every version brings one ack per client, and each status entry is an etcd write
         # that in a burst or with many clients would compete with the changes themselves:
         # entries go to the publisher at most every STATUS_EVERY_S, the newest per client.
@@ -108,6 +124,7 @@ class Daemon:
 
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         try:
             await self._start()
             self._install_signals()
@@ -146,16 +163,18 @@ class Daemon:
             layers=layers,
             store=StateStore(self.options.state_dir, ctx.app),
             publish=self._publish,
-            broadcast=self.server.broadcast_event,
+            broadcast=self._broadcast,
             on_accepted=self._count_accepted,
             on_rejected=lambda layer: self.metrics.rejected.labels(layer).inc(),
         )
         kvs, revision = await self._start_etcd()
-        self.engine.start(kvs, revision)
+        with self._lock:
+            self.engine.start(kvs, revision)
         self._started = True
         for replay in self._early:
             replay()
         self._early.clear()
+        self._inline_ok = True
         await self.server.start()
         if ctx.etcd is not None:
             assert ctx.etcd is not None
@@ -213,6 +232,7 @@ class Daemon:
 
     async def _stop(self) -> None:
         deadline = time.monotonic() + 5.0
+        self._inline_ok = False
         self._status_soon.cancel()
         self._push_soon.cancel()
         self._etcd_feed.cancel()
@@ -232,7 +252,8 @@ class Daemon:
         if self.engine is not None:
             # Nothing is published any more (the socket is closed, the watchers stopped):
             # the final state is saved now, marked clean.
-            self.engine.close()
+            with self._lock:
+                self.engine.close()
         self._remove_signals()
         self.log.info("daemon_stopped")
 
@@ -293,7 +314,8 @@ class Daemon:
             self._initial_event.set()
             return
         assert self.engine is not None
-        self.engine.on_etcd_snapshot(kvs, revision)
+        with self._lock:
+            self.engine.on_etcd_snapshot(kvs, revision)
 
     def _on_etcd_changes(self, changes: Iterable[EtcdChange]) -> None:
         if not self._started:
@@ -301,7 +323,23 @@ class Daemon:
             self._early.append(lambda: self._on_etcd_changes(early))
             return
         assert self.engine is not None
-        self.engine.on_etcd_changes((c.revision, c.puts, c.deletes) for c in changes)
+        counter = self._changes_in_loop if self._on_loop() else self._changes_inline
+        with self._lock:
+            self.engine.on_etcd_changes(_counted(changes, counter))
+
+    def _take_inline(self, change: EtcdChange) -> bool:
+        """A lone etcd change, on the watch thread: accept or reject it and push it here.
+
+        Declined (False: the loop takes it, in order) until the daemon has started and
+        replayed what came early, and while a push is due on the loop: a state the loop
+        is holding back must not be overtaken."""
+        if not self._inline_ok:
+            return False
+        with self._lock:
+            if not self._inline_ok or self._push_due is not None or not self._push_soon.idle():
+                return False
+            self._dispatch(self._on_etcd_changes, ([change],))
+        return True
 
     def _on_etcd_connection(self, up: bool, detail: str) -> None:
         was = self.etcd_connected
@@ -318,7 +356,8 @@ class Daemon:
             self._early.append(lambda: self._on_files(state))
             return
         assert self.engine is not None
-        self.engine.on_files(state.files)
+        with self._lock:
+            self.engine.on_files(state.files)
 
     # --- engine and server glue ---------------------------------------------------------------
 
@@ -332,24 +371,44 @@ class Daemon:
         assert self.engine is not None and self.engine.current is not None
         return self.engine.current
 
+    def _on_loop(self) -> bool:
+        return self._loop_thread in (None, threading.get_ident())
+
     def _publish(self, published: Published) -> None:
-        """Push ``published`` to the clients, now or within ``PUSH_EVERY_S`` (newest wins)."""
+        """Push ``published`` to the clients, now or within ``PUSH_EVERY_S`` (newest wins).
+
+        On the watch thread (a lone change, ``_take_inline``), now: the push throttle
+        was idle, and it counts this push."""
         self._push_due = published
-        self._push_soon()
+        if self._on_loop():
+            self._push_soon()
+        else:
+            self._push_soon.ran()
+            self._push()
+
+    def _broadcast(self, event: dict[str, Any]) -> None:
+        """An event for ``watch`` clients; sent from the loop, whichever thread has it."""
+        assert self.server is not None
+        if self._on_loop():
+            self.server.broadcast_event(event)
+        else:
+            self._post(self.server.broadcast_event, event)
 
     def _push(self) -> None:
-        published, self._push_due = self._push_due, None
-        if published is None:
-            return
-        if self.server is not None:
-            self.server.publish(published)
-        self._revisions[published.version] = published.revision
-        while len(self._revisions) > 1024:
-            self._revisions.popitem(last=False)
-        self.metrics.version.set(published.version)
-        self.metrics.revision.set(published.revision)
-        if self.engine is not None:
-            self.metrics.last_change_latency.set(self.engine.last_change_seconds)
+        with self._lock:
+            published, self._push_due = self._push_due, None
+            if published is None:
+                return
+            # Before the push: a client's ack can come back before ``publish`` returns.
+            self._revisions[published.version] = published.revision
+            while len(self._revisions) > 1024:
+                self._revisions.popitem(last=False)
+            if self.server is not None:
+                self.server.publish(published)
+            self.metrics.version.set(published.version)
+            self.metrics.revision.set(published.revision)
+            if self.engine is not None:
+                self.metrics.last_change_latency.set(self.engine.last_change_seconds)
 
     def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -417,9 +476,18 @@ class Daemon:
             "revision": engine.revision if engine else 0,
             "etcd_connected": self.etcd_connected if self.ctx.etcd else None,
             "clients": len(self.server.clients) if self.server else 0,
-            "pending_restart": engine.pending_restart if engine else {},
+            "pending_restart": dict(engine.pending_restart) if engine else {},
             "state_write_error": engine.state_write_error if engine else None,
         }
+
+
+def _counted(
+    changes: Iterable[EtcdChange], counter: Any
+) -> Iterator[tuple[int, Mapping[str, bytes], Iterable[str]]]:
+    """The engine's form of each change, counted as the engine takes it (a group is lazy)."""
+    for change in changes:
+        counter.inc()
+        yield change.revision, change.puts, change.deletes
 
 
 def run_daemon(ctx: Context, layers: list[Layer], options: DaemonOptions) -> int:

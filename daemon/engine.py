@@ -16,7 +16,9 @@ At start, a clean saved state with the same values keeps its version (clients ap
 nothing); otherwise the version starts above everything the last daemon could have
 published.
 
-All methods run on one thread (the daemon's event loop); the engine does no
+Calls are serialized by the caller (the daemon holds one lock around them: they come
+from its event loop, or from the etcd watch thread for a change that comes alone);
+``publish`` and ``broadcast`` are called on the calling thread. The engine does no
 network I/O itself.
 """
 

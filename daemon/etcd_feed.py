@@ -9,7 +9,16 @@ revision)``) into one queue; the loop drains it. Guarantees:
   ends a run. Items the handler did not take (it raised) stay queued, in order;
 - a change that comes alone is handed over at once; under a burst a drain runs at most
   every ``drain_every`` seconds, takes at most ``group_commit`` seconds of work, and
-  costs the watch thread one wake-up of the loop, not one per revision.
+  costs the watch thread one wake-up of the loop, not one per revision;
+- with an ``inline`` handler, a change that comes alone (nothing queued, nothing handed
+  over in the last ``drain_every`` seconds) is offered to it on the watch thread itself,
+  with no hand-over to the loop at all; one it declines (returns False) is queued as
+  usual, first in line. The handler is serialized with the loop's handlers by its owner.
+
+Why inline: on a machine whose idle CPUs sleep, every thread woken costs a wake-up
+and runs its first code slowly; the watch thread is already running when a change
+arrives. Measured in ``docs/performance.md``: the lone change reaches clients
+~0.2 ms sooner.
 
 The spacing matters under a burst: the watch thread and the client library's own
 thread need the interpreter lock to read the watch stream, and a loop that took each
@@ -54,6 +63,7 @@ class EtcdFeed:
         on_snapshot: Callable[[Mapping[str, bytes], int], None],
         *,
         guard: Guard = _call,
+        inline: Callable[[EtcdChange], bool] | None = None,
         drain_every: float = DRAIN_EVERY_S,
         group_commit: float = GROUP_COMMIT_S,
     ) -> None:
@@ -61,19 +71,45 @@ class EtcdFeed:
         self._on_changes = on_changes
         self._on_snapshot = on_snapshot
         self._guard = guard
+        self._inline = inline
+        self._drain_every = drain_every
         self._group_commit = group_commit
         self._inbox: deque[EtcdChange | FullRead] = deque()
         self._lock = threading.Lock()
-        self._posted = False  # a drain is posted or scheduled
+        self._posted = False  # a drain is posted or scheduled, or a change is being handled
+        self._handed_at = float("-inf")  # when a change was last handed over
         self._drain_soon = Throttle(drain_every, self._drain)
 
     def put(self, item: EtcdChange | FullRead) -> None:
-        """Queue a change or a full read (on the watch thread); never blocks on the loop."""
+        """Queue a change or a full read (on the watch thread); never blocks on the loop.
+
+        A lone change may be handled right here by the ``inline`` handler."""
         with self._lock:
-            self._inbox.append(item)
+            lone = (
+                self._inline is not None
+                and not self._posted
+                and isinstance(item, EtcdChange)
+                and time.monotonic() - self._handed_at >= self._drain_every
+            )
+            if not lone:
+                self._inbox.append(item)
             if self._posted:
                 return
             self._posted = True
+        if lone:
+            assert self._inline is not None and isinstance(item, EtcdChange)
+            taken = True  # one that raised was handed over: it is not handed over twice
+            try:
+                taken = self._inline(item)
+            finally:
+                with self._lock:
+                    self._handed_at = time.monotonic()
+                    if not taken:
+                        self._inbox.appendleft(item)
+                    queued = bool(self._inbox)
+                    self._posted = queued
+            if not queued:
+                return
         self._post(self._drain_soon)
 
     def cancel(self) -> None:
@@ -101,6 +137,7 @@ class EtcdFeed:
     def _next(self) -> EtcdChange | FullRead | None:
         with self._lock:
             if self._inbox:
+                self._handed_at = time.monotonic()
                 return self._inbox.popleft()
             self._posted = False
             return None
@@ -113,6 +150,7 @@ class EtcdFeed:
             with self._lock:
                 if not self._inbox or not isinstance(self._inbox[0], EtcdChange):
                     return
+                self._handed_at = time.monotonic()
                 change = self._inbox.popleft()
             assert isinstance(change, EtcdChange)
             yield change

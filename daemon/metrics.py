@@ -34,6 +34,13 @@ class Metrics:
         self.etcd_connected = Gauge(
             "hotknob_etcd_connected", "1 if the etcd watch is up", registry=r
         )
+        self.etcd_changes = Counter(
+            "hotknob_etcd_changes",
+            "etcd revisions taken, by where: on the watch thread (a change that came alone)"
+            " or handed to the event loop (in group commits)",
+            ["path"],
+            registry=r,
+        )
         self.watch_resumes = Counter(
             "hotknob_etcd_watch_resumes", "times the etcd watch was resumed", registry=r
         )

@@ -1,10 +1,13 @@
 """The daemon's Unix-socket server: protocol 1, one writer per client, updates coalesced.
 
-The engine runs in the same event loop and hands over each accepted state as a
-frozen ``Published`` value. ``publish`` never blocks and never fails because of a
-client: to a client whose transport holds nothing back and whose writer is idle it
-writes the update at once (the fast path: no task wake-up per client); to any
-other it records the state and wakes that client's writer, which coalesces.
+The engine hands over each accepted state as a frozen ``Published`` value, on the
+event loop or on the thread that accepted it (the etcd watch thread, for a change
+that comes alone: no hand-over to the loop on the way out). ``publish`` never blocks
+and never fails because of a client: to a client whose transport holds nothing back
+and whose writer is idle it writes the update at once (the fast path: no task
+wake-up per client; from another thread, through a duplicate of the socket, see
+``socket_conn``); to any other it records the state and wakes that client's writer,
+which coalesces.
 
 What is guaranteed:
 
@@ -41,6 +44,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -66,8 +70,9 @@ _HELLO_FIELDS = frozenset({"type", "protocol", "client", "pid"})
 class SocketServer:
     """Serves protocol 1 on a Unix socket; start once, ``close`` idempotently.
 
-    ``publish``, ``broadcast_event`` and the ``clients`` property must be called
-    from the event loop the server was started in.
+    ``publish`` may be called from any thread (publishes are serialized, and a version
+    not newer than the last is ignored); ``broadcast_event`` and the ``clients``
+    property must be called from the event loop the server was started in.
     """
 
     def __init__(
@@ -100,6 +105,12 @@ class SocketServer:
         self._last_version: int | None = None
         self._encoded: dict[int | None, bytes] = {}
         self._encoded_version: int | None = None
+        self._loop_thread: int | None = None
+        # Held while a state is published (and while a new client takes its first one):
+        # a client registers either before a publish, which then offers it the state,
+        # or after, and gets the state from ``current()``.
+        self._publish_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
         self._close_task: asyncio.Task[None] | None = None
 
     @property
@@ -123,6 +134,7 @@ class SocketServer:
         """Listen on the path. Raises ``SocketInUse`` or ``SocketPathError``."""
         if self._server is not None or self._close_task is not None:
             raise RuntimeError("a SocketServer is started once")
+        self._loop_thread = threading.get_ident()
         prepare_folder(self._path.parent)
         if clear_stale_socket(self._path):
             self._log.info("stale_socket_removed", path=str(self._path))
@@ -147,40 +159,40 @@ class SocketServer:
         self._log.info("socket_listening", path=str(self._path))
 
     def publish(self, new: Published) -> None:
-        """Make ``new`` the state every client converges to; a version not newer is ignored."""
-        if self._last_version is not None and new.version <= self._last_version:
-            if new.version < self._last_version:
-                self._log.warning(
-                    "publish_out_of_order", version=new.version, last_version=self._last_version
-                )
-            return
-        self._last_version = new.version
-        for conn in self._conns.values():
-            if conn.info is None:
-                continue
-            if not self._write_now(conn, new):
-                conn.pending = new
-                conn.wake.set()
+        """Make ``new`` the state every client converges to; a version not newer is ignored.
 
-    def _write_now(self, conn: Connection, new: Published) -> bool:
+        Any thread: off the loop, an idle client is written to at once and any other
+        gets ``new`` from its writer, woken through the loop."""
+        on_loop = self._loop_thread in (None, threading.get_ident())
+        with self._publish_lock:
+            if self._last_version is not None and new.version <= self._last_version:
+                if new.version < self._last_version:
+                    self._log.warning(
+                        "publish_out_of_order", version=new.version, last_version=self._last_version
+                    )
+                return
+            self._last_version = new.version
+            for conn in list(self._conns.values()):
+                with conn.lock:
+                    if conn.info is None or self._write_now(conn, new, on_loop):
+                        continue
+                    conn.offer(new)
+                conn.wake_writer(on_loop)
+
+    def _write_now(self, conn: Connection, new: Published, on_loop: bool) -> bool:
         """The fast path: write ``new`` at once if nothing is queued for ``conn``, its
-        writer is idle and its transport holds nothing back. False: leave it to the writer.
-        """
-        sent = conn.last_sent
-        if (
-            sent is None
-            or conn.busy
-            or conn.wake.is_set()
-            or conn.events
-            or conn.closing
-            or conn.writer.transport.get_write_buffer_size()
-        ):
+        writer is idle and its transport holds nothing back. False: leave it to the
+        writer. The caller holds ``conn.lock``."""
+        if not conn.idle():
             return False
         try:
-            data = self._message_for(sent, new)
+            data = self._message_for(conn.last_sent, new)
         except protocol.ProtocolError:
             return False  # the writer reports it and closes the connection
-        conn.writer.write(data)
+        if on_loop:
+            conn.write(data)
+        elif not conn.send_from_thread(data):
+            return False
         conn.last_sent = new
         return True
 
@@ -205,8 +217,9 @@ class SocketServer:
                 conn.log.warning("client_error", error="too slow to take events")
                 conn.drop("too slow to take events", abort=True)
                 continue
-            conn.events.append(data)
-            conn.event_bytes += len(data)
+            with conn.lock:
+                conn.events.append(data)
+                conn.event_bytes += len(data)
             conn.wake.set()
 
     async def close(self) -> None:
@@ -273,6 +286,7 @@ class SocketServer:
             elif self._close_task is not None:
                 conn.drop("daemon closing")
             else:
+                conn.open_side_channel()
                 self._conns[conn_id] = conn
                 conn.writer_task = asyncio.create_task(self._write_loop(conn))
                 await self._read_loop(conn)
@@ -341,16 +355,18 @@ class SocketServer:
             extra={k: v for k, v in message.items() if k not in _HELLO_FIELDS},
             peer_pid=conn.peer_pid,
         )
-        try:
-            state = self._current()
-        except Exception as exc:
-            conn.log.exception("client_error", error="current() failed")
-            conn.drop("no state to send", reply=f"the daemon has no state to send: {exc}")
-            return
-        conn.info = info
+        with self._publish_lock:
+            try:
+                state = self._current()
+            except Exception as exc:
+                conn.log.exception("client_error", error="current() failed")
+                conn.drop("no state to send", reply=f"the daemon has no state to send: {exc}")
+                return
+            with conn.lock:
+                conn.info = info
+                conn.offer(state)
         conn.log = conn.log.bind(client=info.name, pid=pid)
         conn.log.info("client_connected", **info.extra)
-        conn.pending = state
         conn.wake.set()
 
     def _call(self, conn: Connection, callback: Callable[..., None] | None, *args: Any) -> None:
@@ -366,13 +382,16 @@ class SocketServer:
             while True:
                 conn.busy = False
                 await conn.wake.wait()
-                conn.busy = True
-                conn.wake.clear()
+                with conn.lock:
+                    conn.busy = True
+                    conn.wake.clear()
                 while conn.events:
-                    data = conn.events.popleft()
-                    conn.event_bytes -= len(data)
+                    with conn.lock:
+                        data = conn.events.popleft()
+                        conn.event_bytes -= len(data)
                     await self._send(conn, data)
-                target, conn.pending = conn.pending, None
+                with conn.lock:
+                    target, conn.pending = conn.pending, None
                 if target is None:
                     continue
                 if conn.last_sent is not None and target.version <= conn.last_sent.version:
@@ -398,7 +417,7 @@ class SocketServer:
             raise ConnectionResetError("connection closing")
         if transport.get_write_buffer_size() > self._max_write_buffer:
             raise Stuck(f"not reading: over {self._max_write_buffer} bytes waiting")
-        conn.writer.write(data)
+        conn.write(data)
         if transport.get_write_buffer_size() == 0:
             return
         try:
@@ -408,22 +427,25 @@ class SocketServer:
 
     def _message_for(self, sent: Published | None, target: Published) -> bytes:
         """The encoded snapshot (``sent`` is None) or update; shared by clients at one version."""
-        if self._encoded_version != target.version:
-            self._encoded = {}
-            self._encoded_version = target.version
         key = None if sent is None else sent.version
-        data = self._encoded.get(key)
-        if data is None:
-            if sent is None:
-                message = protocol.snapshot(
-                    target.version, target.revision, target.values, target.sources
-                )
-            else:
-                changed = changed_keys(sent.flat, target.flat)
-                message = protocol.update(target.version, target.revision, changed, target.values)
-            data = protocol.encode(message)
-            self._encoded[key] = data
-        return data
+        with self._encode_lock:
+            if self._encoded_version != target.version:
+                self._encoded = {}
+                self._encoded_version = target.version
+            data = self._encoded.get(key)
+            if data is None:
+                if sent is None:
+                    message = protocol.snapshot(
+                        target.version, target.revision, target.values, target.sources
+                    )
+                else:
+                    changed = changed_keys(sent.flat, target.flat)
+                    message = protocol.update(
+                        target.version, target.revision, changed, target.values
+                    )
+                data = protocol.encode(message)
+                self._encoded[key] = data
+            return data
 
     async def _finish(self, conn: Connection) -> None:
         self._conns.pop(conn.id, None)
@@ -442,10 +464,11 @@ class SocketServer:
         """Before an orderly close, send what is still pending: ``echo hello | socat`` gets
         its snapshot, and an error line comes after the states it follows. The close that
         follows flushes it, within ``CLOSE_GRACE_S``."""
-        target = conn.pending
-        if target is None or conn.closing:
-            return
-        if conn.last_sent is not None and target.version <= conn.last_sent.version:
-            return
-        with contextlib.suppress(protocol.ProtocolError):
-            conn.writer.write(self._message_for(conn.last_sent, target))
+        with conn.lock:
+            target = conn.pending
+            if target is None or conn.closing:
+                return
+            if conn.last_sent is not None and target.version <= conn.last_sent.version:
+                return
+            with contextlib.suppress(protocol.ProtocolError):
+                conn.write(self._message_for(conn.last_sent, target))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 
@@ -11,7 +12,9 @@ class Throttle:
     when that time is up, however many calls came in between.
 
     The caller keeps the newest state to act on; ``fn`` reads it. So a lone event is
-    handled at once, and a burst costs one run per ``every``. Loop thread only.
+    handled at once, and a burst costs one run per ``every``. Loop thread only, but for
+    ``idle`` and ``ran``: a caller that ran ``fn`` itself on another thread (serialized
+    with the loop by its own lock) checks ``idle()`` first and then calls ``ran()``.
     """
 
     def __init__(self, every: float, fn: Callable[[], None]):
@@ -23,16 +26,23 @@ class Throttle:
     def __call__(self) -> None:
         if self._timer is not None:
             return
-        loop = asyncio.get_running_loop()
-        wait = self._ran_at + self.every - loop.time()
+        wait = self._ran_at + self.every - time.monotonic()
         if wait <= 0:
             self._run()
         else:
-            self._timer = loop.call_later(wait, self._run)
+            self._timer = asyncio.get_running_loop().call_later(wait, self._run)
+
+    def idle(self) -> bool:
+        """Whether a call now would run ``fn`` at once (no run due, none in the last ``every``)."""
+        return self._timer is None and time.monotonic() - self._ran_at >= self.every
+
+    def ran(self) -> None:
+        """``fn``'s work was just done by the caller: the next run waits ``every`` from now."""
+        self._ran_at = time.monotonic()
 
     def _run(self) -> None:
         self._timer = None
-        self._ran_at = asyncio.get_running_loop().time()
+        self._ran_at = time.monotonic()
         self._fn()
 
     def cancel(self) -> None:

@@ -236,3 +236,29 @@ def test_invalid_start_input_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "train.lr (from cli)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_lone_change_is_pushed_from_the_watch_thread(etcd: EtcdServer, tmp_path: Path) -> None:
+    """No hand-over to the event loop for a change that comes alone (docs/performance.md)."""
+    metrics_port = free_port()
+    with (
+        DaemonProcess(
+            tmp_path,
+            endpoints=etcd.endpoint,
+            extra=["--metrics-addr", f"127.0.0.1:{metrics_port}"],
+        ) as daemon,
+        RawClient(daemon.socket_path, watch=True) as client,
+    ):
+        for i, lr in enumerate(("0.02", "0.03")):
+            put(etcd, "train/lr", lr)
+            update = client.next_update()
+            assert update["values"]["train"]["lr"] == float(lr)
+            event = client.next()  # the watcher's event comes from the loop, after the push
+            assert event["type"] == "event" and event["event"] == "change_accepted"
+            assert event["version"] == update["version"]
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+            assert f'hotknob_etcd_changes_total{{path="watch_thread"}} {i + 1}.0'.encode() in text
+        assert b'hotknob_etcd_changes_total{path="loop"} 0.0' in text
+        put(etcd, "train/lr", "-1")  # rejected on the watch thread: reaches no client
+        assert client.next()["event"] == "change_rejected"
+        assert daemon.events("change_rejected")

@@ -2,7 +2,8 @@
 
 A pure component (no etcd here; the daemon tests drive it from a real watch): order,
 group commits, full reads as boundaries, nothing lost when a handler fails, one
-wake-up of the loop per drain, and drains spaced under a burst.
+wake-up of the loop per drain, drains spaced under a burst, and a lone change handled
+on the watch thread itself when an inline handler takes it.
 """
 
 from __future__ import annotations
@@ -157,5 +158,90 @@ def test_a_burst_from_another_thread_arrives_whole_in_order_with_drains_spaced()
         assert all(gap >= 0.01 * 0.9 for gap in gaps), min(gaps)
         assert rec.posts <= len(rec.events)  # at most one wake-up per drain
         assert len(rec.events) < total / 5  # grouped, not one drain per revision
+    finally:
+        rec.close()
+
+
+class Inline:
+    """An inline handler that records the revisions it took and on which thread."""
+
+    def __init__(self, accept: Callable[[EtcdChange], bool] = lambda c: True) -> None:
+        self.accept = accept
+        self.taken: list[tuple[int, int]] = []
+
+    def __call__(self, c: EtcdChange) -> bool:
+        if not self.accept(c):
+            return False
+        self.taken.append((c.revision, threading.get_ident()))
+        return True
+
+
+def test_a_lone_change_is_taken_on_the_watch_thread_without_waking_the_loop() -> None:
+    inline = Inline()
+    rec = Recorder(drain_every=0.05, inline=inline)
+    try:
+        rec.feed.put(change(1))
+        assert inline.taken == [(1, threading.get_ident())]  # done before put returned
+        time.sleep(0.06)
+        rec.feed.put(change(2))
+        assert [r for r, _ in inline.taken] == [1, 2]
+        assert rec.posts == 0 and rec.events == []
+    finally:
+        rec.close()
+
+
+def test_a_change_close_behind_another_goes_through_the_loop_in_order() -> None:
+    inline = Inline()
+    rec = Recorder(drain_every=0.5, inline=inline)
+    try:
+        for revision in range(1, 6):  # a burst: only the first comes alone
+            rec.feed.put(change(revision))
+        rec.wait_for(lambda: len(rec.delivered()) == 4)
+        assert [r for r, _ in inline.taken] == [1]
+        assert rec.delivered() == [2, 3, 4, 5]
+        rec.wait_for(lambda: not rec.feed._posted)
+        time.sleep(0.55)
+        rec.feed.put(change(6))  # alone again
+        assert [r for r, _ in inline.taken] == [1, 6]
+    finally:
+        rec.close()
+
+
+def test_a_declined_change_is_queued_first_and_a_full_read_is_never_taken_inline() -> None:
+    inline = Inline(accept=lambda c: c.revision != 1)
+    rec = Recorder(drain_every=0.05, inline=inline)
+    block = threading.Event()
+    rec.loop.call_soon_threadsafe(block.wait)  # the loop is busy: nothing drains yet
+    try:
+        rec.feed.put(change(1))  # declined: queued
+        rec.feed.put(change(2))  # a drain is due: queued behind it, not taken inline
+        rec.feed.put(({"/hotknob/t/config/train/lr": b"9"}, 3))
+        block.set()
+        rec.wait_for(lambda: len(rec.events) == 2)
+        assert inline.taken == []
+        assert [(kind, revs) for kind, revs, _ in rec.events] == [
+            ("changes", [1, 2]),
+            ("snapshot", 3),
+        ]
+        assert rec.posts == 1
+    finally:
+        rec.close()
+
+
+def test_a_change_whose_inline_handler_raises_is_not_handed_over_again() -> None:
+    def fail(c: EtcdChange) -> bool:
+        raise RuntimeError("engine failed")
+
+    rec = Recorder(drain_every=0.01, inline=fail)
+    try:
+        try:
+            rec.feed.put(change(1))
+        except RuntimeError as exc:
+            assert str(exc) == "engine failed"
+        else:
+            raise AssertionError("the handler's error reaches the watch thread's own guard")
+        time.sleep(0.05)
+        assert rec.events == [] and rec.posts == 0
+        assert not rec.feed._posted  # the feed is free for the next change
     finally:
         rec.close()

@@ -610,3 +610,86 @@ def test_a_half_closed_client_still_gets_its_snapshot(
     message = c.recv()
     assert message is not None and message["type"] == "snapshot"
     assert c.recv() is None
+
+
+def test_states_published_from_another_thread_arrive_whole_and_in_order(
+    harness: Harness, clients: list[Client]
+) -> None:
+    """The watch thread publishes a lone etcd change itself; the loop meanwhile sends
+    events, greets new clients and flushes what a thread's write left over."""
+    blob = {f"k{i:04d}": f"{i:04d}" * 25 for i in range(1000)}  # about 110 KB: partial writes
+    first = connect(harness, clients)
+    first.send(protocol.hello("watcher", watch=True))
+    assert (first.recv() or {}).get("type") == "snapshot"
+    readers = [first]
+    final = 120
+
+    def publish_all() -> None:  # on this test's thread: not the server's loop
+        for version in range(2, final + 1):
+            state = make_state(version, lr=version / 1000, blob=blob if version % 3 else None)
+            harness.state = state
+            harness.server.publish(state)
+            if version % 10 == 0:
+                event = {"event": "change_accepted", "version": version}
+                harness.loop.call_soon_threadsafe(harness.server.broadcast_event, event)
+                late = connect(harness, clients)  # greeted on the loop while this thread goes on
+                late.send(protocol.hello(f"late-{version}"))
+                readers.append(late)
+            time.sleep(0.001)
+
+    publisher = threading.Thread(target=publish_all)
+    publisher.start()
+    seen: dict[int, list[int]] = {}
+    try:
+        done = [False] * 16
+        while publisher.is_alive() or not all(done[: len(readers)]):
+            for i, reader in enumerate(list(readers)):
+                if done[i]:
+                    continue
+                message = reader.recv()  # each line must decode whole
+                assert message is not None
+                if message["type"] == "event":
+                    continue
+                seen.setdefault(i, []).append(message["version"])
+                assert message["values"]["train"]["lr"] == message["version"] / 1000 or (
+                    message["version"] == 1
+                )
+                done[i] = message["version"] == final
+    finally:
+        publisher.join(DEADLINE_S)
+    for versions in seen.values():
+        assert versions == sorted(set(versions)), "versions must strictly increase"
+    assert len(seen) == len(readers) == 1 + final // 10
+    assert harness.events("publish_out_of_order") == []
+
+
+def test_what_a_thread_could_not_write_is_finished_by_the_loop_before_anything_else(
+    harness: Harness, clients: list[Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hotknob.daemon import socket_conn
+
+    carried: list[int] = []
+    flush = socket_conn.Connection._flush_carry
+
+    def counting_flush(conn: socket_conn.Connection) -> None:
+        carried.append(len(conn._carry or b""))
+        flush(conn)
+
+    monkeypatch.setattr(socket_conn.Connection, "_flush_carry", counting_flush)
+    blob = {f"k{i:05d}": f"{i:05d}" * 40 for i in range(2000)}  # about 460 KB a state
+    slow = connect(harness, clients)
+    slow.hello("slow")  # then reads nothing while states pile up
+    final = 6
+    for version in range(2, final + 1):
+        harness.state = make_state(version, lr=version / 1000, blob=blob)
+        harness.server.publish(harness.state)  # from this thread, not the loop
+    event = {"event": "change_accepted", "version": final}
+    harness.call(lambda: harness.server.broadcast_event(event))  # not a watcher: not sent
+    assert carried and carried[0] > 0, "the socket took part of a state: the loop sent the rest"
+    versions = []
+    while not versions or versions[-1] != final:
+        message = slow.recv()
+        assert message is not None and message["type"] == "update"
+        assert message["values"]["train"]["lr"] == message["version"] / 1000
+        versions.append(message["version"])
+    assert versions == sorted(set(versions)) and versions[-1] == final

@@ -40,3 +40,22 @@ def test_cancel_drops_the_pending_run() -> None:
         return runs
 
     assert asyncio.run(scenario()) == ["ran"]
+
+
+def test_idle_and_ran_let_another_thread_run_the_work_itself() -> None:
+    async def scenario() -> list[str]:
+        runs: list[str] = []
+        throttle = Throttle(0.05, lambda: runs.append("loop"))
+        assert throttle.idle()
+        throttle.ran()  # the caller did the work itself (on another thread)
+        assert not throttle.idle()
+        throttle()  # within the interval: held back, not run at once
+        assert runs == []
+        assert not throttle.idle()  # a run is due
+        await asyncio.sleep(0.08)
+        assert runs == ["loop"]
+        await asyncio.sleep(0.06)
+        assert throttle.idle()
+        return runs
+
+    assert asyncio.run(scenario()) == ["loop"]
