@@ -275,32 +275,32 @@ class Engine:
             if not self._batching:
                 self._run_after_push()
             return
-        old = mask_secrets({k: self._flat.get(k) for k in changed}, self._secrets)
+        before, self._flat = self._flat, flat
         self.version += 1
-        self._flat = flat
         self.snapshot = snapshot
         if self._batching:
             self._deferred = (snapshot, self.revision, flat)
         else:
             self._save_and_publish(self._published(snapshot, self.revision, flat))
         self._after_push.append(
-            partial(
-                self._accepted,
-                layer,
-                self.version,
-                self.revision,
-                mask_secrets(changed, self._secrets),
-                old,
-            )
+            partial(self._accepted, layer, self.version, self.revision, changed, before)
         )
         if not self._batching:
             self._run_after_push()
         self.last_change_seconds = time.perf_counter() - started
 
     def _accepted(
-        self, layer: str, version: int, revision: int, changed: dict[str, Any], old: dict[str, Any]
+        self,
+        layer: str,
+        version: int,
+        revision: int,
+        changed: dict[str, Any],
+        before: Mapping[str, Any],
     ) -> None:
-        """Log and announce an accepted change; runs after its state was pushed."""
+        """Log and announce an accepted change; runs after its state was pushed.
+        ``before`` is the state it replaced, by dotted key."""
+        old = mask_secrets({k: before.get(k) for k in changed}, self._secrets)
+        changed = mask_secrets(changed, self._secrets)
         self.log.info(
             "change_accepted",
             key=",".join(changed),
@@ -385,9 +385,18 @@ class Engine:
         if flat is None:
             flat = dict(snapshot.flat)
             flat.update(self._running)
-        values = _deep_copy(snapshot.values)
-        for key, value in self._running.items():
-            _set_dotted(values, key, value)
+        wanted = snapshot.flat
+        held = {
+            k: v
+            for k, v in self._running.items()
+            if k not in wanted or type(wanted[k]) is not type(v) or wanted[k] != v
+        }
+        if held:  # a restart-only key's new value waits for a restart: sections are copied
+            values = _deep_copy(snapshot.values)
+            for key, value in held.items():
+                _set_dotted(values, key, value)
+        else:  # the sections are shared with the snapshot: neither is ever edited
+            values = dict(snapshot.values)
         return Published(
             version=self.version,
             revision=revision,

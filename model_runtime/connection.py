@@ -47,7 +47,8 @@ class DaemonConnection:
         self._hello = dict(hello)
         self._on_state = on_state
         self._stop = threading.Event()
-        self._outbox: deque[bytes] = deque()
+        # Messages to send, encoded by the thread: ``send`` runs in the training step.
+        self._outbox: deque[Mapping[str, Any]] = deque()
         self.last_error = ""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -59,14 +60,10 @@ class DaemonConnection:
         self._thread.start()
 
     def send(self, message: Mapping[str, Any]) -> None:
-        """Queue ``message`` for the thread; never blocks the caller."""
+        """Queue ``message`` for the thread, which encodes and sends it; never blocks."""
         if self._closed:
             return
-        try:
-            self._outbox.append(protocol.encode(message))
-        except protocol.ProtocolError:
-            log.exception("live_message_unencodable type=%s", message.get("type"))
-            return
+        self._outbox.append(message)
         self._wake()
 
     def close(self) -> None:
@@ -137,7 +134,7 @@ class DaemonConnection:
             try:
                 while not self._stop.is_set():
                     while self._outbox:
-                        out += self._outbox.popleft()
+                        self._encode_into(out, self._outbox.popleft())
                     wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0)
                     if wanted != interest:  # a system call: only when it changes
                         sel.modify(sock, wanted)
@@ -160,6 +157,13 @@ class DaemonConnection:
             except protocol.ProtocolError as exc:
                 self.last_error = f"protocol error: {exc}"
         return got_state
+
+    @staticmethod
+    def _encode_into(out: bytearray, message: Mapping[str, Any]) -> None:
+        try:
+            out += protocol.encode(message)
+        except protocol.ProtocolError:
+            log.exception("live_message_unencodable type=%s", message.get("type"))
 
     def _drain_wake(self) -> None:
         try:
