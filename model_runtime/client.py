@@ -408,4 +408,5 @@ class LiveConfig:
             step = self._applied_step
         if up_to_date and is_snapshot:
             self._conn.send(protocol.applied(applied.version, step))
-        self._first_state.set()
+        if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough
+            self._first_state.set()

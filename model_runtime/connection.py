@@ -1,11 +1,14 @@
 """The socket to the daemon, owned by one background thread.
 
 ``DaemonConnection`` says ``hello``, hands every ``snapshot`` and ``update`` to
-its ``on_state`` callback, and sends what ``send`` queued. After the daemon goes
-away it reconnects with capped, jittered backoff and says ``hello`` again (the
-daemon answers with a fresh snapshot). It never touches a binding, a callback of
-the user, or torch: the training thread only ever queues messages, so it never
-waits on the socket.
+its ``on_state`` callback, and writes what ``send`` could not. After the daemon
+goes away it reconnects with capped, jittered backoff and says ``hello`` again
+(the daemon answers with a fresh snapshot). It never touches a binding, a callback
+of the user, or torch. The training thread never waits on the socket: ``send``
+(an ``applied`` ack, in ``apply``) writes without blocking, and what the socket
+does not take at once is left to the thread. Writing the ack there, rather than
+waking the thread to write it, keeps ``apply`` from handing the interpreter lock
+to that thread in the middle of a step (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +38,8 @@ class DaemonConnection:
     """One client connection to a daemon's socket, kept up until ``close``.
 
     ``start`` launches the thread; ``close`` stops and joins it (idempotent).
-    ``send`` never blocks: messages queued while disconnected are dropped on the
-    next connect, because the daemon's fresh snapshot supersedes them.
+    ``send`` may be called from any thread and never blocks; messages sent while
+    disconnected are dropped, because the daemon's fresh snapshot supersedes them.
     """
 
     def __init__(
@@ -47,8 +49,12 @@ class DaemonConnection:
         self._hello = dict(hello)
         self._on_state = on_state
         self._stop = threading.Event()
-        # Messages to send, encoded by the thread: ``send`` runs in the training step.
-        self._outbox: deque[Mapping[str, Any]] = deque()
+        # ``send`` writes straight to the socket when nothing is waiting to go out: no
+        # wake-up of this connection's thread in the training step. What the socket does
+        # not take goes to ``_out``, which the thread writes; both under ``_send_lock``.
+        self._send_lock = threading.Lock()
+        self._sock: _socket.socket | None = None
+        self._out = bytearray()
         self.last_error = ""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -60,11 +66,31 @@ class DaemonConnection:
         self._thread.start()
 
     def send(self, message: Mapping[str, Any]) -> None:
-        """Queue ``message`` for the thread, which encodes and sends it; never blocks."""
+        """Send ``message`` now if the socket takes it, else queue it for the thread; never
+        blocks. Dropped while disconnected: the next snapshot supersedes it."""
         if self._closed:
             return
-        self._outbox.append(message)
-        self._wake()
+        try:
+            data = protocol.encode(message)
+        except protocol.ProtocolError:
+            log.exception("live_message_unencodable type=%s", message.get("type"))
+            return
+        with self._send_lock:
+            sock = self._sock
+            if sock is None:
+                return
+            if not self._out:
+                try:
+                    sent = sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    return  # the thread sees the broken connection and reconnects
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            self._out += data
+        self._wake()  # the thread writes the rest when the socket can take it
 
     def close(self) -> None:
         """Stop and join the thread and close the socket; idempotent."""
@@ -123,8 +149,9 @@ class DaemonConnection:
         import selectors
 
         sock.setblocking(False)
-        self._outbox.clear()  # acks of an earlier connection; a fresh snapshot follows
-        out = bytearray(protocol.encode(self._hello))
+        with self._send_lock:  # the hello goes first; acks of an earlier connection are gone
+            self._out = bytearray(protocol.encode(self._hello))
+            self._sock = sock
         inbuf = bytearray()
         got_state = False
         with selectors.DefaultSelector() as sel:
@@ -133,9 +160,7 @@ class DaemonConnection:
             sel.register(self._wake_r, selectors.EVENT_READ)
             try:
                 while not self._stop.is_set():
-                    while self._outbox:
-                        self._encode_into(out, self._outbox.popleft())
-                    wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0)
+                    wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0)
                     if wanted != interest:  # a system call: only when it changes
                         sel.modify(sock, wanted)
                         interest = wanted
@@ -144,7 +169,8 @@ class DaemonConnection:
                             self._drain_wake()
                             continue
                         if mask & selectors.EVENT_WRITE:
-                            del out[: sock.send(out)]
+                            with self._send_lock:
+                                del self._out[: sock.send(self._out)]
                         if mask & selectors.EVENT_READ:
                             data = sock.recv(65536)
                             if not data:
@@ -156,14 +182,11 @@ class DaemonConnection:
                 self.last_error = exc.strerror or str(exc)
             except protocol.ProtocolError as exc:
                 self.last_error = f"protocol error: {exc}"
+            finally:
+                with self._send_lock:
+                    self._sock = None
+                    self._out = bytearray()
         return got_state
-
-    @staticmethod
-    def _encode_into(out: bytearray, message: Mapping[str, Any]) -> None:
-        try:
-            out += protocol.encode(message)
-        except protocol.ProtocolError:
-            log.exception("live_message_unencodable type=%s", message.get("type"))
 
     def _drain_wake(self) -> None:
         try:

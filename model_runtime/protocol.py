@@ -92,7 +92,12 @@ def decode(line: bytes | str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ProtocolError("line is not valid UTF-8") from exc
     try:
-        message = _DECODER.decode(text)
+        if text[:1].isspace():
+            message = _DECODER.decode(text)
+        else:  # the usual line: ``raw_decode`` skips ``decode``'s two whitespace regexes
+            message, end = _DECODER.raw_decode(text)
+            if end != len(text) and not text[end:].isspace():
+                raise json.JSONDecodeError("Extra data", text, end)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"line is not JSON: {exc.msg} at column {exc.colno}") from exc
     if not isinstance(message, dict):

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -411,3 +412,57 @@ def test_client_name_carries_the_rank_only_if_torch_distributed_is_up(
     assert _default_client_name() == f"{base}-rank3"
     fake.is_initialized = lambda: False
     assert _default_client_name() == base
+
+
+def test_apply_writes_its_ack_without_waking_the_connection_thread(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    stub.wait_for(lambda: acks(stub) == [(7, 0)])
+    wakes: list[int] = []
+    wake = live._conn._wake
+    live._conn._wake = lambda: (wakes.append(1), wake())[1]  # type: ignore[method-assign]
+    version = stub.push(with_values(train={"lr": 0.5}))
+    eventually(lambda: live.pending_version == version)
+    assert live.apply(3)
+    stub.wait_for(lambda: acks(stub) == [(7, 0), (version, 3)])
+    assert wakes == []  # written by the applying thread: the socket took it whole
+
+
+def test_what_the_socket_cannot_take_is_written_by_the_thread_whole_and_in_order(
+    sock_path: str,
+) -> None:
+    """A daemon that stops reading: messages pile up in the client, none is lost or cut."""
+    from hotknob.model_runtime import protocol
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(1)
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        accepted.append(conn)
+        assert protocol.decode(conn.makefile("rb").readline())["type"] == "hello"
+        conn.sendall(protocol.encode(protocol.snapshot(1, 1, BASE, {})))
+
+    server = threading.Thread(target=serve)
+    server.start()
+    with LiveConfig.connect(sock_path, timeout=5, client="slow") as live:
+        server.join(5)
+        conn = accepted[0]
+        reader = conn.makefile("rb")
+        pad = "x" * 2000
+        for seq in range(300):  # about 600 KB: more than the socket holds
+            live._conn.send({"type": "metrics", "seq": seq, "pad": pad})
+        assert live._conn._out, "the socket took only part: the thread holds the rest"
+        seen = []
+        while len(seen) < 300:
+            message = protocol.decode(reader.readline())
+            if message["type"] == "applied":
+                continue
+            seen.append(message["seq"])
+            assert message["pad"] == pad
+        assert seen == list(range(300))
+        conn.close()
+    listener.close()
