@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from hotknob.model_runtime import protocol
@@ -108,7 +109,7 @@ class Connection:
             return False  # the reader or the writer task sees the broken connection
         if sent < len(data):
             self._carry = data[sent:]
-            self._loop.call_soon_threadsafe(self._flush_carry)
+            self._on_loop(self._flush_carry)
         return True
 
     def offer(self, state: Published) -> None:
@@ -120,7 +121,13 @@ class Connection:
         if on_loop:
             self.wake.set()
         else:
-            self._loop.call_soon_threadsafe(self.wake.set)
+            self._on_loop(self.wake.set)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn)
+        except RuntimeError:
+            pass  # the loop is closed: the daemon has stopped serving
 
     def _flush_carry(self) -> None:
         with self.lock:
