@@ -14,9 +14,10 @@ measured 1.4 x / 1.3 x on this kind of machine).
 A third reading, in the same run, is the floor of the architecture (``relay`` in
 ``benchmarks.worker``): the same watch handing each value through an asyncio loop
 and a Unix socket to a reader thread in another process, polled like the
-``LiveConfig`` — every hop hotknob makes, none of its work. hotknob / floor is what
-the daemon's and the runtime's own work adds; floor / baseline is what the sidecar
-design costs whatever that work is.
+``LiveConfig`` — the hops of a sidecar with an event loop, none of hotknob's work
+(hotknob itself skips the hop to its loop for a change that comes alone).
+hotknob − floor is what the daemon's and the runtime's own work adds, less that hop;
+floor / baseline is what such a sidecar costs whatever its work is.
 """
 
 from __future__ import annotations

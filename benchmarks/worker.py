@@ -13,9 +13,10 @@ Roles:
   work. The server is a bare prefix watch whose callback hands each value to an
   asyncio loop (``call_soon_threadsafe``), which writes it as a JSON line to every
   client of a Unix socket; the client has a reader thread that keeps the newest value
-  as pending, and a loop that polls it like ``live`` (same ``--poll``). Same hops as
-  hotknob (watch thread -> loop -> socket -> reader thread -> polling loop); no
-  merge, validation, versions or state.
+  as pending, and a loop that polls it like ``live`` (same ``--poll``). The hops of a
+  sidecar with an event loop (watch thread -> loop -> socket -> reader thread ->
+  polling loop; hotknob skips the second for a change that comes alone); no merge,
+  validation, versions or state.
 
 Each prints ``ready`` once it is connected, stops when every client has seen
 ``STOP_VALUE`` (or after ``--timeout`` seconds), and writes its records to ``--out``
