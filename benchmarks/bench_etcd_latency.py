@@ -16,7 +16,7 @@ A third reading, in the same run, is the floor of the architecture (``relay`` in
 and a Unix socket to a reader thread in another process, polled like the
 ``LiveConfig`` — the hops of a sidecar with an event loop, none of hotknob's work
 (hotknob itself skips the hop to its loop for a change that comes alone).
-hotknob − floor is what the daemon's and the runtime's own work adds, less that hop;
+hotknob - floor is what the daemon's and the runtime's own work adds, less that hop;
 floor / baseline is what such a sidecar costs whatever its work is.
 """
 
