@@ -262,3 +262,45 @@ def test_a_lone_change_is_pushed_from_the_watch_thread(etcd: EtcdServer, tmp_pat
         put(etcd, "train/lr", "-1")  # rejected on the watch thread: reaches no client
         assert client.next()["event"] == "change_rejected"
         assert daemon.events("change_rejected")
+
+
+def test_etcd_changes_on_the_watch_thread_and_file_edits_on_the_loop_interleave(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """Both ways into the engine at once: one state sequence, versions only increase."""
+    import threading
+
+    config = tmp_path / "params.yaml"
+    config.write_text("sampling:\n  temperature: 0.5\n")
+    temperatures = [round(0.5 + i / 100, 2) for i in range(1, 13)]
+    lrs = [round(0.01 + i / 1000, 3) for i in range(1, 13)]
+
+    def edit_files() -> None:
+        for t in temperatures:
+            tmp = config.with_name(".params.yaml.tmp")
+            tmp.write_text(f"sampling:\n  temperature: {t}\n")
+            os.replace(tmp, config)
+            time.sleep(0.07)
+
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, configs=[config]) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        editor = threading.Thread(target=edit_files)
+        editor.start()
+        for lr in lrs:
+            put(etcd, "train/lr", str(lr))
+        editor.join()
+        versions = [client.snapshot["version"]]
+        values = client.snapshot["values"]
+        while (values["train"]["lr"], values["sampling"]["temperature"]) != (
+            lrs[-1],
+            temperatures[-1],
+        ):
+            update = client.next_update()
+            versions.append(update["version"])
+            values = update["values"]
+            assert values["train"]["lr"] in [1e-3, *lrs]
+            assert values["sampling"]["temperature"] in [0.5, *temperatures]
+        assert versions == sorted(set(versions))
+        assert not daemon.events("event_failed")
