@@ -4,12 +4,12 @@ Start: static layers (defaults, env, cli) and the files are read and must be
 valid; etcd is read at one revision and watched from the next (or, if etcd
 cannot be reached within ``etcd_start_timeout``, the last-known-good from the
 state dir is served and the watch keeps retrying); the socket opens last,
-when there is a configuration to serve. The event loop runs the engine, with
-one exception: watcher threads hand their events over with
-``call_soon_threadsafe``, the one hop from a library thread into the loop, but
-an etcd change that comes alone is handled on the watch thread itself, validated,
-published and written to the clients without that hop (``_take_inline``). The
-engine and the push state are used under ``_lock`` from either thread.
+when there is a configuration to serve. The event loop runs the engine:
+watcher threads hand their events over with ``call_soon_threadsafe``, the one
+hop from a library thread into the loop — except an etcd change that comes
+alone, which the watch thread validates, publishes and writes to the clients
+itself (``_take_inline``), without that hop. Either way the engine and the push
+state are used under ``_lock``.
 
 Signals only request things: SIGTERM/SIGINT a stop (a second SIGINT forces
 it), SIGHUP a re-read of the files. Stop runs in reverse start order and
