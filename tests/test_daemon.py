@@ -257,8 +257,8 @@ def test_a_lone_change_is_pushed_from_the_watch_thread(etcd: EtcdServer, tmp_pat
             assert event["type"] == "event" and event["event"] == "change_accepted"
             assert event["version"] == update["version"]
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
-            assert f'hotknob_etcd_changes_total{{path="watch_thread"}} {i + 1}.0'.encode() in text
-        assert b'hotknob_etcd_changes_total{path="loop"} 0.0' in text
+            assert _metric(text, "hotknob_etcd_changes_total", path="watch_thread") == i + 1
+        assert _metric(text, "hotknob_etcd_changes_total", path="loop") == 0
         put(etcd, "train/lr", "-1")  # rejected on the watch thread: reaches no client
         assert client.next()["event"] == "change_rejected"
         assert daemon.events("change_rejected")
@@ -304,3 +304,59 @@ def test_etcd_changes_on_the_watch_thread_and_file_edits_on_the_loop_interleave(
             assert values["sampling"]["temperature"] in [0.5, *temperatures]
         assert versions == sorted(set(versions))
         assert not daemon.events("event_failed")
+
+
+def test_bursts_go_through_the_loop_and_a_lone_change_never_overtakes_them(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """Bursts (grouped on the loop, pushes held back) alternate with lone changes (taken
+    on the watch thread): the client ends on the last value, no push comes out of order."""
+    from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
+
+    metrics_port = free_port()
+    store = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,), timeout=5))
+    try:
+        with (
+            DaemonProcess(
+                tmp_path,
+                endpoints=etcd.endpoint,
+                extra=["--metrics-addr", f"127.0.0.1:{metrics_port}"],
+            ) as daemon,
+            RawClient(daemon.socket_path) as client,
+        ):
+            value = 0
+            for _ in range(5):
+                for _ in range(60):  # back to back: a burst
+                    value += 1
+                    store.put(P + "train/warmup_steps", str(value))
+                time.sleep(0.003)
+                value += 1
+                store.put(P + "train/warmup_steps", str(value))  # then one alone
+                time.sleep(0.02)
+            versions = [client.snapshot["version"]]
+            values = client.snapshot["values"]
+            while values["train"]["warmup_steps"] != value:
+                update = client.next_update()
+                versions.append(update["version"])
+                values = update["values"]
+            assert versions == sorted(set(versions))
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+            counts = {
+                path: _metric(text, "hotknob_etcd_changes_total", path=path)
+                for path in ("watch_thread", "loop")
+            }
+            assert counts["watch_thread"] + counts["loop"] == value
+            assert counts["watch_thread"] >= 1 and counts["loop"] > 0
+            assert not daemon.events("publish_out_of_order")
+            assert not daemon.events("event_failed")
+    finally:
+        store.close()
+
+
+def _metric(exposition: bytes, name: str, **labels: str) -> float:
+    """One sample's value from a Prometheus exposition."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in exposition.decode().splitlines():
+        if line.startswith(f"{name}{{{wanted}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{wanted}}} not in the exposition")
