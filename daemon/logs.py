@@ -18,7 +18,7 @@ import json as _json
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -48,14 +48,18 @@ def _dumps(event: Any, **_: Any) -> str:
     return _ENCODER.encode(event)
 
 
-def configure(*, json: bool | None = None, level: str = "info") -> None:
-    """Configure structlog for the process (the daemon and the CLI call this once)."""
+def configure(*, json: bool | None = None, level: str = "info", file: TextIO | None = None) -> None:
+    """Configure structlog for the process (the daemon and the CLI call this once).
+
+    Lines go to ``file``, stderr by default (a benchmark that runs the engine in its
+    own process writes them where they cost what they cost in the daemon, unseen)."""
+    out = sys.stderr if file is None else file
     if json is None:
-        json = not sys.stderr.isatty()
+        json = not out.isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_dumps)
         if json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     structlog.configure(
         processors=[
@@ -68,7 +72,7 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
     # Library loggers (grpc, watchdog) go to stderr at warning and above, never as tracebacks.
