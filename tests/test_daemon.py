@@ -240,15 +240,8 @@ def test_invalid_start_input_is_one_line_and_exit_1(tmp_path: Path) -> None:
 
 def test_a_lone_change_is_pushed_from_the_watch_thread(etcd: EtcdServer, tmp_path: Path) -> None:
     """No hand-over to the event loop for a change that comes alone (docs/performance.md)."""
-    metrics_port = free_port()
-    with (
-        DaemonProcess(
-            tmp_path,
-            endpoints=etcd.endpoint,
-            extra=["--metrics-addr", f"127.0.0.1:{metrics_port}"],
-        ) as daemon,
-        RawClient(daemon.socket_path, watch=True) as client,
-    ):
+    daemon_proc, metrics_port = daemon_with_metrics(tmp_path, etcd)
+    with daemon_proc as daemon, RawClient(daemon.socket_path, watch=True) as client:
         for i, lr in enumerate(("0.02", "0.03")):
             put(etcd, "train/lr", lr)
             update = client.next_update()
@@ -256,9 +249,7 @@ def test_a_lone_change_is_pushed_from_the_watch_thread(etcd: EtcdServer, tmp_pat
             event = client.next()  # the watcher's event comes from the loop, after the push
             assert event["type"] == "event" and event["event"] == "change_accepted"
             assert event["version"] == update["version"]
-            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
-            assert _metric(text, "hotknob_etcd_changes_total", path="watch_thread") == i + 1
-        assert _metric(text, "hotknob_etcd_changes_total", path="loop") == 0
+            assert etcd_changes_by_path(metrics_port) == {"watch_thread": i + 1, "loop": 0}
         put(etcd, "train/lr", "-1")  # rejected on the watch thread: reaches no client
         assert client.next()["event"] == "change_rejected"
         assert daemon.events("change_rejected")
@@ -313,17 +304,10 @@ def test_bursts_go_through_the_loop_and_a_lone_change_never_overtakes_them(
     on the watch thread): the client ends on the last value, no push comes out of order."""
     from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 
-    metrics_port = free_port()
+    daemon_proc, metrics_port = daemon_with_metrics(tmp_path, etcd)
     store = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,), timeout=5))
     try:
-        with (
-            DaemonProcess(
-                tmp_path,
-                endpoints=etcd.endpoint,
-                extra=["--metrics-addr", f"127.0.0.1:{metrics_port}"],
-            ) as daemon,
-            RawClient(daemon.socket_path) as client,
-        ):
+        with daemon_proc as daemon, RawClient(daemon.socket_path) as client:
             value = 0
             for _ in range(5):
                 for _ in range(60):  # back to back: a burst
@@ -340,11 +324,7 @@ def test_bursts_go_through_the_loop_and_a_lone_change_never_overtakes_them(
                 versions.append(update["version"])
                 values = update["values"]
             assert versions == sorted(set(versions))
-            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
-            counts = {
-                path: _metric(text, "hotknob_etcd_changes_total", path=path)
-                for path in ("watch_thread", "loop")
-            }
+            counts = etcd_changes_by_path(metrics_port)
             assert counts["watch_thread"] + counts["loop"] == value
             assert counts["watch_thread"] >= 1 and counts["loop"] > 0
             assert not daemon.events("publish_out_of_order")
@@ -353,10 +333,19 @@ def test_bursts_go_through_the_loop_and_a_lone_change_never_overtakes_them(
         store.close()
 
 
-def _metric(exposition: bytes, name: str, **labels: str) -> float:
-    """One sample's value from a Prometheus exposition."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in exposition.decode().splitlines():
-        if line.startswith(f"{name}{{{wanted}}} "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name}{{{wanted}}} not in the exposition")
+def daemon_with_metrics(tmp_path: Path, etcd: EtcdServer) -> tuple[DaemonProcess, int]:
+    """A daemon on ``etcd`` serving its metrics, and the metrics port."""
+    port = free_port()
+    extra = ["--metrics-addr", f"127.0.0.1:{port}"]
+    return DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=extra), port
+
+
+def etcd_changes_by_path(metrics_port: int) -> dict[str, float]:
+    """``hotknob_etcd_changes_total`` by path: taken on the watch thread or on the loop."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    counts = {}
+    for path in ("watch_thread", "loop"):
+        sample = f'hotknob_etcd_changes_total{{path="{path}"}} '
+        [line] = [line for line in text.splitlines() if line.startswith(sample)]
+        counts[path] = float(line.removeprefix(sample))
+    return counts
