@@ -38,18 +38,17 @@ from .engine import Engine
 from .etcd_feed import EtcdFeed
 from .etcd_store import EtcdChange, EtcdStore
 from .etcd_watcher import EtcdWatcher
+from .feedback import ClientFeedback
 from .file_watcher import FileLayerState, FileLayerWatcher
 from .guards import GuardManager
 from .logs import get_logger
 from .metrics import Metrics, MetricsServer
-from .published import ClientInfo, Published
-from .reports import ClientReports, decode_report
+from .published import Published
 from .socket_server import SocketServer
 from .state import StateStore
 from .status import StatusPublisher
 from .throttle import Throttle
 
-STATUS_EVERY_S = 0.2
 PUSH_EVERY_S = 0.002
 
 
@@ -100,11 +99,9 @@ class Daemon:
         self._accepted_counters: dict[str, Any] = {}
         self._changes_inline = self.metrics.etcd_changes.labels("watch_thread")
         self._changes_in_loop = self.metrics.etcd_changes.labels("loop")
-        # Every version brings one ack per client, and each status entry is an etcd write
-        # that in a burst or with many clients would compete with the changes themselves:
-        # entries go to the publisher at most every STATUS_EVERY_S, the newest per client.
-        self._status_due: dict[str, dict[str, Any]] = {}
-        self._status_soon = Throttle(STATUS_EVERY_S, self._flush_status)
+        self.feedback = ClientFeedback(
+            app=ctx.app, node=options.node, metrics=self.metrics, revision_of=self._revisions.get
+        )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
         # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every
         # revision does not take the CPU the daemon needs to keep up.
@@ -116,7 +113,6 @@ class Daemon:
         self.etcd: EtcdWatcher | None = None
         self.status: StatusPublisher | None = None
         self.guards: GuardManager | None = None
-        self.reports = ClientReports()
         self.http: MetricsServer | None = None
         self.etcd_connected = False
 
@@ -150,9 +146,9 @@ class Daemon:
         self.server = SocketServer(
             self.options.socket_path,
             self._current,
-            on_applied=self._on_applied,
-            on_metrics=self._on_metrics,
-            on_disconnect=self._on_disconnect,
+            on_applied=self.feedback.on_applied,
+            on_metrics=self.feedback.on_metrics,
+            on_disconnect=self.feedback.on_disconnect,
         )
         server = self.server
         self.metrics.clients.set_function(lambda: len(server.clients))
@@ -183,6 +179,7 @@ class Daemon:
                 lambda: EtcdStore(options), ctx.app, self.options.node, ttl=self.options.status_ttl
             )
             self.status.start()
+            self.feedback.status = self.status
             self.guards = GuardManager(
                 app=ctx.app,
                 node=self.options.node,
@@ -191,6 +188,7 @@ class Daemon:
                 broadcast=self.server.broadcast_event,
             )
             self.guards.start()
+            self.feedback.guards = self.guards
         if self.options.metrics_addr:
             self.http = MetricsServer(self.options.metrics_addr, self.metrics, self.health)
             self.http.start()
@@ -233,7 +231,7 @@ class Daemon:
     async def _stop(self) -> None:
         deadline = time.monotonic() + 5.0
         self._inline_ok = False
-        self._status_soon.cancel()
+        self.feedback.cancel()
         self._push_soon.cancel()
         self._etcd_feed.cancel()
         if self.http:
@@ -409,64 +407,6 @@ class Daemon:
             self.metrics.revision.set(published.revision)
             if self.engine is not None:
                 self.metrics.last_change_latency.set(self.engine.last_change_seconds)
-
-    def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "client": client.name,
-            "pid": client.pid,
-            "node": self.options.node,
-        }
-        entry.update({k: v for k, v in client.extra.items() if k in ("rank", "world_size")})
-        return entry
-
-    def _on_applied(self, client: ClientInfo, message: dict[str, Any]) -> None:
-        version = int(message["version"])
-        entry = self._client_entry(client)
-        entry.update(
-            version=version,
-            revision=self._revisions.get(version),
-            step=message["step"],
-            time=time.time(),
-        )
-        if message.get("errors"):
-            entry["errors"] = message["errors"]
-        # Debug only: with many clients every version brings one ack per client.
-        self.log.debug("change_applied", client=client.name, version=version, step=message["step"])
-        if self.guards is not None:
-            self.guards.on_applied(client.name, entry["revision"], int(message["step"]))
-        if self.status is not None:
-            self._status_due[client.name] = self.reports.status_entry(
-                client.name, entry, replace=True
-            )
-            self._status_soon()
-
-    def _flush_status(self) -> None:
-        due, self._status_due = self._status_due, {}
-        if self.status is not None:
-            for name, entry in due.items():
-                self.status.publish(name, entry)
-
-    def _on_metrics(self, client: ClientInfo, message: dict[str, Any]) -> None:
-        report = decode_report(message)
-        self.reports.add(client.name, report)
-        for name, value in report.latest.items():
-            self.metrics.client_metric.labels(client.name, name).set(value)
-        if self.guards is not None:
-            self.guards.on_report(client.name, report)
-        if self.status is not None:
-            entry = self.reports.status_entry(
-                client.name, self._client_entry(client), replace=False
-            )
-            self._status_due.pop(client.name, None)  # this entry is newer: it includes the ack
-            self.status.publish(client.name, entry)
-
-    def _on_disconnect(self, client: ClientInfo) -> None:
-        self._status_due.pop(client.name, None)
-        self.reports.forget(client.name)
-        if self.guards is not None:
-            self.guards.on_disconnect(client.name)
-        if self.status is not None:
-            self.status.remove(client.name)
 
     def health(self) -> dict[str, Any]:
         engine = self.engine
