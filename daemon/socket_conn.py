@@ -109,7 +109,7 @@ class Connection:
             return False  # the reader or the writer task sees the broken connection
         if sent < len(data):
             self._carry = data[sent:]
-            self._on_loop(self._flush_carry)
+            self._call_soon(self._flush_carry)
         return True
 
     def offer(self, state: Published) -> None:
@@ -121,9 +121,9 @@ class Connection:
         if on_loop:
             self.wake.set()
         else:
-            self._on_loop(self.wake.set)
+            self._call_soon(self.wake.set)
 
-    def _on_loop(self, fn: Callable[[], None]) -> None:
+    def _call_soon(self, fn: Callable[[], None]) -> None:
         try:
             self._loop.call_soon_threadsafe(fn)
         except RuntimeError:
