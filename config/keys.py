@@ -58,7 +58,10 @@ def flatten(
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"train.lr": 1}`` -> ``{"train": {"lr": 1}}``; a leaf and a section may not clash."""
+    """``{"train.lr": 1}`` -> ``{"train": {"lr": 1}}``; a leaf and a section may not clash.
+
+    A mapping value is copied, never edited: ``{"tags": {"a": 1}, "tags.b": 2}`` gives
+    ``{"tags": {"a": 1, "b": 2}}`` and leaves the caller's ``{"a": 1}`` as it was."""
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         parts = key.split(".")
@@ -70,8 +73,14 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = child
         if isinstance(node.get(parts[-1]), dict):
             raise ValueError(f"key {key!r} conflicts with a section of the same name")
-        node[parts[-1]] = value
+        node[parts[-1]] = _copied(value)
     return nested
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
 
 
 def get_dotted(nested: Mapping[str, Any], key: str) -> Any:

@@ -7,6 +7,7 @@ layer whose value won (or the layer that sent an unreadable one).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -176,8 +177,13 @@ def merge_layers(
             problems.append(Problem(leaf, winners.get(leaf, "defaults"), err["msg"], err["input"]))
         raise InvalidChange(problems) from exc
 
-    values = _reveal_secrets(model, model.model_dump(mode="json"), facts.secrets)
-    flat = _leaf_values(values, facts.ordered)
+    values, flat = _dumped(model, facts)
+    problems = [
+        Problem(key, winners.get(key, "defaults"), _NOT_FINITE, flat[key])
+        for key in _non_finite(flat)
+    ]
+    if problems:  # a schema that allows NaN or infinity: no client could be sent it
+        raise InvalidChange(problems)
     sources = {key: winners.get(key, "defaults") for key in flat}
     # A layer's values are already a read-only copy of its own (``Layer.__post_init__``).
     said = {name: by_name[name].values for name in order}
@@ -189,6 +195,63 @@ def merge_layers(
         layers=MappingProxyType(said),
         precedence=tuple(precedence),
     )
+
+
+def leaf_input(
+    schema: type[BaseModel], layers: Mapping[str, Layer], precedence: Sequence[str]
+) -> dict[str, Any] | None:
+    """What ``merge_layers`` validates, flat: each key's value from the highest layer
+    that has it. None if a layer holds a key that is not a leaf of the schema, or a
+    problem: only ``merge_layers`` deals with those."""
+    leaves = _facts(schema).leaves
+    merged: dict[str, Any] = {}
+    for name in precedence:
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        if layer.problems or not leaves.issuperset(layer.values):
+            return None
+        merged.update(layer.values)
+    return merged
+
+
+def validate_leaves(
+    schema: type[BaseModel], leaves: Mapping[str, Any]
+) -> tuple[BaseModel, dict[str, Any], dict[str, Any]]:
+    """Validate a ``leaf_input`` (every key a leaf of ``schema``): the model, its values
+    (JSON form, secrets revealed) and the same by dotted key, as ``merge_layers`` makes
+    them. Raises ``ValidationError`` or ``InvalidChange``; ``merge_layers`` says which
+    layer is to blame."""
+    facts = _facts(schema)
+    model = schema.model_validate(_nest_leaves(leaves, facts.paths))
+    values, flat = _dumped(model, facts)
+    bad = _non_finite(flat)
+    if bad:
+        raise InvalidChange([Problem(key, "", _NOT_FINITE, flat[key]) for key in bad])
+    return model, values, flat
+
+
+_NOT_FINITE = "must be a finite number (the socket protocol cannot carry NaN or infinity)"
+
+
+def _non_finite(flat: Mapping[str, Any]) -> list[str]:
+    """The keys whose value is, or holds, a float that is NaN or infinite."""
+    return [key for key, value in flat.items() if not _finite(value)]
+
+
+def _finite(value: Any) -> bool:
+    if type(value) is float:
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _dumped(model: BaseModel, facts: _SchemaFacts) -> tuple[dict[str, Any], dict[str, Any]]:
+    values = _reveal_secrets(model, model.model_dump(mode="json"), facts.secrets)
+    return values, _leaf_values(values, facts.ordered)
 
 
 def merge_dropping_invalid(

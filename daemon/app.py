@@ -321,9 +321,8 @@ class Daemon:
             self._early.append(lambda: self._on_etcd_changes(early))
             return
         assert self.engine is not None
-        counter = self._changes_in_loop if self._on_loop() else self._changes_inline
         with self._lock:
-            self.engine.on_etcd_changes(_counted(changes, counter))
+            self.engine.on_etcd_changes(_counted(changes, self._changes_in_loop))
 
     def _take_inline(self, change: EtcdChange) -> bool:
         """A lone etcd change, on the watch thread: accept or reject it and push it here.
@@ -336,8 +335,15 @@ class Daemon:
         with self._lock:
             if not self._inline_ok or self._push_due is not None or not self._push_soon.idle():
                 return False
-            self._dispatch(self._on_etcd_changes, ([change],))
+            self._dispatch(self._on_lone_etcd_change, (change,))
         return True
+
+    def _on_lone_etcd_change(self, change: EtcdChange) -> None:
+        assert self.engine is not None
+        try:  # not a group: the engine may push it with the least work first
+            self.engine.on_etcd_change(change.revision, change.puts, change.deletes)
+        finally:
+            self._changes_inline.inc()
 
     def _on_etcd_connection(self, up: bool, detail: str) -> None:
         was = self.etcd_connected

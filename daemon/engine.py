@@ -28,9 +28,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from hotknob.config import (
     InvalidChange,
@@ -44,7 +45,8 @@ from hotknob.config import (
 )
 from hotknob.config.errors import Problem
 from hotknob.config.keys import key_from_etcd
-from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
+from hotknob.config.merge import leaf_input, validate_leaves
+from hotknob.config.schema import SECRET_MASK, iter_leaves, mask_secrets, secret_keys
 from hotknob.config.sources import read_etcd_values
 
 from .logs import get_logger
@@ -83,6 +85,7 @@ class Engine:
         self._on_accepted = on_accepted
         self._on_rejected = on_rejected
         self._restart_only = restart_only_keys(schema)
+        self._leaf_keys = frozenset(leaf.key for leaf in iter_leaves(schema)) - self._restart_only
         self._secrets = secret_keys(schema)
         self._running: dict[str, Any] = {}
         self.pending_restart: dict[str, Any] = {}
@@ -96,6 +99,11 @@ class Engine:
         self._deferred: tuple[Snapshot, int, dict[str, Any]] | None = None
         self._after_push: list[Callable[[], None]] = []
         self._flat: dict[str, Any] = {}
+        # ``_take_puts``: the layers' merged leaves, and the layers they were merged from.
+        self._leaf_input: dict[str, Any] | None = None
+        self._leaf_input_of: tuple[Layer, ...] = ()
+        self._fast_keys: frozenset[str] = frozenset()  # leaves no layer above etcd sets
+        self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
         self._closed = False
         self._writer = StateWriter(store, self._on_saved) if store is not None else None
         self.log = get_logger("hotknob.engine", app=app)
@@ -198,6 +206,8 @@ class Engine:
         """All events of one etcd revision: one change, accepted or rejected whole."""
         if self._closed:
             return
+        if not deletes and not self._batching and self._take_puts(revision, puts):
+            return
         current = self.layers["etcd"]
         values = dict(current.values)
         origins = dict(current.origins)
@@ -226,6 +236,75 @@ class Engine:
         self._try_layer(candidate, self.revision, edited)
 
     # --- internals -----------------------------------------------------------------------------
+
+    def _take_puts(self, revision: int, puts: Mapping[str, bytes]) -> bool:
+        """The usual live change, with the least work before the push: values put at leaves
+        of the schema that no layer above etcd sets, while no restart-only key is held back.
+
+        The candidate is the merged leaves with the new values, validated whole, as the
+        general path validates it; its state is pushed first, and the etcd layer, the
+        snapshot and the reports are built after (docs/performance.md: on this kind of
+        machine each object built before the push cost the change microseconds).
+        False, with nothing done: the general path takes the change (an invalid one,
+        one that changes nothing, or one of another kind).
+        """
+        layers = tuple(self.layers.values())
+        if layers != self._leaf_input_of:
+            self._leaf_input_of = layers
+            self._leaf_input = leaf_input(self.schema, self.layers, self.precedence)
+            above = [self.layers[n].values for n in self._above_etcd if n in self.layers]
+            self._fast_keys = self._leaf_keys.difference(*above)
+        base = self._leaf_input
+        current = self.snapshot
+        if base is None or current is None or self.pending_restart:
+            return False
+        put: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        problems: list[Problem] = []
+        read_etcd_values(self.app, puts, put, origins, problems)
+        if problems or not put or not self._fast_keys.issuperset(put):
+            return False
+        leaves = {**base, **put}
+        try:
+            model, values, flat = validate_leaves(self.schema, leaves)
+        except (ValidationError, InvalidChange):
+            return False  # the general path says why, and who is to blame
+        changed = changed_keys(self._flat, flat)
+        if not changed or any(
+            key not in flat or type(flat[key]) is not type(value) or flat[key] != value
+            for key, value in self._running.items()
+        ):
+            return False  # nothing to push, or a restart-only key's value to hold back
+        before, self._flat = self._flat, flat
+        self.version += 1
+        self.revision = max(self.revision, revision)
+        sources = dict(current.sources)
+        sources.update(dict.fromkeys(put, "etcd"))
+        etcd = self.layers["etcd"]
+        etcd_values = {**etcd.values, **put}
+        published = Published(self.version, self.revision, values, sources, flat)
+        self._save_and_publish(published, etcd_values)
+        self.layers = {
+            **self.layers,
+            "etcd": Layer("etcd", etcd_values, {**etcd.origins, **origins}),
+        }
+        self._leaf_input, self._leaf_input_of = leaves, tuple(self.layers.values())  # same keys
+        self.snapshot = Snapshot(
+            model=model,
+            values=MappingProxyType(values),
+            flat=MappingProxyType(flat),
+            sources=MappingProxyType(sources),
+            layers=MappingProxyType(
+                {name: self.layers[name].values for name in self.precedence if name in self.layers}
+            ),
+            precedence=self.precedence,
+        )
+        self._after_push.append(partial(self._track_restart_only, self.snapshot, "etcd"))
+        self._after_push.append(
+            partial(self._accepted, "etcd", self.version, self.revision, changed, before)
+        )
+        self._run_after_push()
+        return True
 
     def _merge(self) -> Snapshot:
         return merge_layers(self.schema, self.layers.values(), self.precedence)
@@ -329,25 +408,29 @@ class Engine:
         for announce in pending:
             announce()
 
-    def _save_and_publish(self, published: Published) -> None:
+    def _save_and_publish(
+        self, published: Published, etcd: Mapping[str, Any] | None = None
+    ) -> None:
+        """Publish ``published`` and save it with ``etcd``'s values (default: the etcd
+        layer's)."""
         self.current = published
         if self.store is None:
             self._publish(published)
         elif published.version > self.store.ceiling:
-            self._reserve(published)
+            self._reserve(published, etcd)
             self._publish(published)
         else:
             self._publish(published)
             # After the push: the writer's thread then competes with nothing on the way out.
             assert self._writer is not None
-            self._writer.submit(self._saved(published, ceiling=self.store.ceiling))
+            self._writer.submit(self._saved(published, ceiling=self.store.ceiling, etcd=etcd))
 
-    def _reserve(self, published: Published) -> None:
+    def _reserve(self, published: Published, etcd: Mapping[str, Any] | None = None) -> None:
         """Save ``published`` now, with a ceiling ``VERSION_BLOCK`` above it (rare: one
         version in ``VERSION_BLOCK``). On failure the ceiling stays, so the next change
         tries again; the change is still published, as the daemon must keep serving."""
         assert self.store is not None
-        saved = self._saved(published, ceiling=published.version + VERSION_BLOCK)
+        saved = self._saved(published, ceiling=published.version + VERSION_BLOCK, etcd=etcd)
         try:
             self.store.save(saved)
         except OSError as exc:
@@ -355,12 +438,19 @@ class Engine:
             return
         self.state_write_error = None
 
-    def _saved(self, published: Published, *, ceiling: int, clean: bool = False) -> SavedState:
+    def _saved(
+        self,
+        published: Published,
+        *,
+        ceiling: int,
+        clean: bool = False,
+        etcd: Mapping[str, Any] | None = None,
+    ) -> SavedState:
         return SavedState(
             version=published.version,
             revision=published.revision,
             values=published.values,
-            etcd=dict(self.layers["etcd"].values),
+            etcd=dict(self.layers["etcd"].values if etcd is None else etcd),
             version_ceiling=ceiling,
             clean=clean,
         )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel, Field
 
 from hotknob.config import (
     DEFAULT_PRECEDENCE,
@@ -25,6 +27,7 @@ from hotknob.config import (
     read_config_file,
     restart_only_keys,
 )
+from hotknob.config.keys import unflatten
 from hotknob.config.sources import Layer
 
 APP = "job"
@@ -285,3 +288,29 @@ def test_snapshot_holds_real_secret_values_and_mask_hides_them() -> None:
     assert snap.values["service"]["api_key"] == "a-long-secret-value"
     masked = mask_secrets(snap.flat, secret_keys(Params))
     assert masked["service.api_key"] == SECRET_MASK
+
+
+def test_unflatten_copies_mappings_it_merges_into() -> None:
+    whole = {"a": 1, "deep": {"b": 2}}
+    nested = unflatten({"tags": whole, "tags.c": 3, "tags.deep.d": 4})
+    assert nested == {"tags": {"a": 1, "deep": {"b": 2, "d": 4}, "c": 3}}
+    assert whole == {"a": 1, "deep": {"b": 2}}  # the layer's own value is not edited
+
+
+class Loose(BaseModel):
+    """A schema whose floats accept NaN and infinity, as pydantic's do by default."""
+
+    x: float = 1.0
+    weights: dict[str, float] = Field(default_factory=dict)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [({"x": "NaN"}, "x"), ({"x": 1e999}, "x"), ({"weights": {"a": "-Infinity"}}, "weights")],
+)
+def test_a_value_no_client_could_be_sent_is_rejected(values: dict[str, Any], key: str) -> None:
+    with pytest.raises(InvalidChange) as caught:
+        merge_layers(Loose, [defaults_layer(Loose), Layer("etcd", values)])
+    (problem,) = caught.value.problems
+    assert (problem.key, problem.layer) == (key, "etcd")
+    assert "finite" in problem.reason

@@ -1,0 +1,253 @@
+"""The engine's short path for a lone etcd change (``Engine._take_puts``).
+
+A change that only puts values at leaves no layer above etcd sets is validated and
+pushed before the etcd layer, the snapshot and the reports are built. It must be the
+same change the general path makes: the same versions, published states, snapshot,
+layers, saved state and events, for every sequence of changes, valid or not. The
+general path is what a group of changes takes (``on_etcd_changes``), so the two are
+compared side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from structlog.testing import capture_logs
+
+from hotknob.config import cli_layer, defaults_layer, env_layer, files_layer
+from hotknob.config.merge import DEFAULT_PRECEDENCE
+from hotknob.daemon import engine as engine_module
+from hotknob.daemon.engine import Engine
+from hotknob.daemon.published import Published
+from hotknob.daemon.state import VERSION_BLOCK, StateStore
+
+APP = "short"
+P = f"/hotknob/{APP}/config/"
+
+
+class Band(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lo: float = Field(0.0, ge=0)
+    hi: float = 1.0
+    token: SecretStr = Field(SecretStr("default-token"), min_length=4)
+
+    @model_validator(mode="after")
+    def ordered(self) -> Band:
+        if self.lo > self.hi:
+            raise ValueError("lo must not exceed hi")
+        return self
+
+
+class Params(BaseModel):
+    """Cross-field rules, a secret, a restart-only key and a dict-typed field."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    band: Band = Field(default_factory=Band)
+    steps: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, json_schema_extra={"live": False})
+    tags: dict[str, int] = Field(default_factory=dict)
+
+
+PATHS = ["band/lo", "band/hi", "band/token", "steps", "workers", "tags", "tags/x", "nope"]
+RAWS = [b"0", b"0.5", b"2", b"-1", b"7", b'"long-token"', b'"ab"', b'{"a": 1}', b"NaN", b"\xff"]
+
+
+def make(tmp: Path, environ: dict[str, str], published: list[Published]) -> Engine:
+    events: list[dict[str, Any]] = []
+    engine = Engine(
+        schema=Params,
+        app=APP,
+        precedence=DEFAULT_PRECEDENCE,
+        layers=[
+            defaults_layer(Params),
+            env_layer(Params, environ=environ),
+            cli_layer([]),
+            files_layer(Params, []),
+        ],
+        store=StateStore(tmp, APP),
+        publish=published.append,
+        broadcast=events.append,
+    )
+    engine.events = events  # type: ignore[attr-defined]
+    return engine
+
+
+def seen(engine: Engine, published: list[Published]) -> str:
+    """Everything a change leaves behind, comparable between two engines (as JSON text:
+    a rejected NaN is reported as NaN, which is not equal to itself)."""
+    snapshot = engine.snapshot
+    assert snapshot is not None
+    events = [{k: v for k, v in e.items() if k != "time"} for e in engine.events]  # type: ignore[attr-defined]
+    return json.dumps(
+        {
+            "published": [(p.version, p.revision, p.values, p.sources, p.flat) for p in published],
+            "snapshot": (
+                dict(snapshot.values),
+                dict(snapshot.flat),
+                dict(snapshot.sources),
+                {name: dict(values) for name, values in snapshot.layers.items()},
+            ),
+            "layers": {
+                name: (dict(lay.values), dict(lay.origins)) for name, lay in engine.layers.items()
+            },
+            "version": (engine.version, engine.revision),
+            "pending": dict(engine.pending_restart),
+            "events": events,
+        },
+        sort_keys=True,
+        default=repr,
+    )
+
+
+def saved(engine: Engine) -> Any:
+    assert engine._writer is not None and engine.store is not None
+    engine._writer.flush()
+    state = engine.store.load()
+    assert state is not None
+    return (state.version, state.revision, dict(state.values), dict(state.etcd))
+
+
+GOOD = {
+    "band/lo": [b"0", b"0.25", b"0.5"],
+    "band/hi": [b"0.5", b"2", b"7"],
+    "band/token": [b'"long-token"', b'"other-token"'],
+    "steps": [b"2", b"3", b"7"],
+    "tags": [b'{"a": 1}', b"{}"],
+}
+usual = st.sampled_from(sorted(GOOD)).flatmap(
+    lambda path: st.tuples(
+        st.sampled_from(GOOD[path]).map(lambda raw: {path: raw}), st.just(set[str]())
+    )
+)
+anything = st.tuples(
+    st.dictionaries(st.sampled_from(PATHS), st.sampled_from(RAWS), max_size=2),
+    st.sets(st.sampled_from(PATHS), max_size=1),
+)
+change = st.one_of(usual, usual, anything)  # mostly the usual change, which may take it
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    changes=st.lists(change, min_size=1, max_size=12),
+    shadow=st.booleans(),
+)
+def test_short_path_does_what_the_general_path_does(
+    tmp_path_factory: pytest.TempPathFactory,
+    changes: list[tuple[dict[str, bytes], set[str]]],
+    shadow: bool,
+) -> None:
+    environ = {"HOTKNOB_PARAM_BAND__HI": "3"} if shadow else {}
+    short_out: list[Published] = []
+    general_out: list[Published] = []
+    short = make(tmp_path_factory.mktemp("short"), environ, short_out)
+    general = make(tmp_path_factory.mktemp("general"), environ, general_out)
+    for engine in (short, general):
+        engine.start({P + "steps": b"2"}, 1)
+    for revision, (puts, deletes) in enumerate(changes, start=2):
+        put = {P + path: raw for path, raw in puts.items()}
+        gone = frozenset(P + path for path in deletes)
+        short.on_etcd_change(revision, put, gone)
+        general.on_etcd_changes([(revision, put, gone)])
+        assert seen(short, short_out) == seen(general, general_out)
+    assert saved(short) == saved(general)
+    short.close()
+    general.close()
+
+
+def short_path_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the general path fail loudly: what still works took the short path."""
+
+    def no_merge(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the general merge ran")
+
+    monkeypatch.setattr(engine_module, "merge_layers", no_merge)
+
+
+def test_a_lone_valid_put_takes_the_short_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published: list[Published] = []
+    engine = make(tmp_path, {}, published)
+    engine.start({}, 1)
+    short_path_only(monkeypatch)
+    with capture_logs() as logs:
+        engine.on_etcd_change(2, {P + "band/lo": b"0.5", P + "band/token": b'"long-token"'}, [])
+    assert engine.version == 2 and published[-1].flat["band.lo"] == 0.5
+    assert published[-1].values["band"]["token"] == "long-token"  # clients get the secret
+    assert published[-1].sources["band.lo"] == "etcd"
+    assert engine.layers["etcd"].origins["band.lo"] == P + "band/lo"
+    accepted = [e for e in logs if e["event"] == "change_accepted"]
+    assert accepted and accepted[0]["version"] == 2
+    assert accepted[0]["new"]["band.token"] != "long-token"  # the log masks it
+
+
+def test_versions_reserved_on_the_short_path_save_the_new_etcd_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make(tmp_path, {}, [])
+    engine.start({}, 1)
+    short_path_only(monkeypatch)
+    assert engine.store is not None
+    for step in range(2, VERSION_BLOCK + 3):
+        engine.on_etcd_change(step, {P + "steps": str(step).encode()}, [])
+        if engine.version == engine.store.ceiling - VERSION_BLOCK:  # just reserved, synchronously
+            state = engine.store.load()
+            assert state is not None and state.etcd["steps"] == step
+    assert engine.store.ceiling > VERSION_BLOCK
+
+
+@pytest.mark.parametrize(
+    ("environ", "before", "puts", "deletes", "why"),
+    [
+        ({"HOTKNOB_PARAM_BAND__HI": "3"}, {}, {"band/hi": b"2"}, [], "a layer above etcd sets it"),
+        ({}, {}, {"workers": b"4"}, [], "restart-only"),
+        ({}, {"workers": b"4"}, {"steps": b"3"}, [], "a restart-only value held back"),
+        ({}, {}, {"band/lo": b"5"}, [], "invalid with another key"),
+        ({}, {}, {"tags/x": b"1"}, [], "inside a dict-typed field"),
+        ({}, {}, {"nope": b"1"}, [], "not a key"),
+        ({}, {}, {"steps": b"NaN"}, [], "not a number"),
+        ({}, {"steps": b"3"}, {}, ["steps"], "a delete"),
+        ({}, {"steps": b"3"}, {"steps": b"3"}, [], "nothing changes"),
+    ],
+)
+def test_other_changes_take_the_general_path(
+    tmp_path: Path,
+    environ: dict[str, str],
+    before: dict[str, bytes],
+    puts: dict[str, bytes],
+    deletes: list[str],
+    why: str,
+) -> None:
+    engine = make(tmp_path, environ, [])
+    engine.start({}, 1)
+    engine.on_etcd_changes([(2, {P + k: v for k, v in before.items()}, frozenset())])
+    merges: list[int] = []
+    real = engine_module.merge_layers
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        merges.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module, "merge_layers", counted)
+        engine.on_etcd_change(3, {P + k: v for k, v in puts.items()}, [P + k for k in deletes])
+    assert merges, why
+
+
+def test_a_rejected_change_leaves_the_etcd_layer_as_it_was(tmp_path: Path) -> None:
+    engine = make(tmp_path, {}, [])
+    engine.start({P + "tags": b'{"a": 1}'}, 1)
+    before = engine.layers["etcd"]
+    engine.on_etcd_change(2, {P + "tags/x": b"0.5", P + "workers": b"0.5"}, [])
+    assert engine.version == 1 and engine.layers["etcd"] is before
+    assert dict(before.values) == {"tags": {"a": 1}}
