@@ -102,14 +102,15 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constants)  # made once: stateles
 def parse_text(text: str) -> Any:
     """A JSON-text value (``0.0003``, ``true``, ``"cosine"``); a bare word stays a string.
 
-    ``NaN`` and ``Infinity`` are not JSON and stay strings, so the schema rejects
-    them for a number field instead of letting them through as floats.
+    ``NaN`` and ``Infinity`` are not JSON and stay strings: a number field rejects them
+    (and a float the schema lets through as NaN or infinity, the merge rejects).
     """
     stripped = text.strip()
-    try:
-        return _DECODER.decode(stripped)
+    try:  # ``raw_decode``: ``decode`` would run two whitespace regexes, cold, per value
+        value, end = _DECODER.raw_decode(stripped)
     except ValueError:
         return text
+    return value if end == len(stripped) else text
 
 
 def to_text(value: Any) -> str:

@@ -180,7 +180,7 @@ def merge_layers(
     values, flat = _dumped(model, facts)
     problems = [
         Problem(key, winners.get(key, "defaults"), _NOT_FINITE, flat[key])
-        for key in _non_finite(flat)
+        for key in non_finite(flat)
     ]
     if problems:  # a schema that allows NaN or infinity: no client could be sent it
         raise InvalidChange(problems)
@@ -220,23 +220,25 @@ def validate_leaves(
 ) -> tuple[BaseModel, dict[str, Any], dict[str, Any]]:
     """Validate a ``leaf_input`` (every key a leaf of ``schema``): the model, its values
     (JSON form, secrets revealed) and the same by dotted key, as ``merge_layers`` makes
-    them. Raises ``ValidationError`` or ``InvalidChange``; ``merge_layers`` says which
-    layer is to blame."""
+    them, except that NaN and infinity are let through: the caller checks what changed
+    with ``non_finite``. Raises ``ValidationError``; ``merge_layers`` says which layer
+    is to blame."""
     facts = _facts(schema)
     model = schema.model_validate(_nest_leaves(leaves, facts.paths))
-    values, flat = _dumped(model, facts)
-    bad = _non_finite(flat)
-    if bad:
-        raise InvalidChange([Problem(key, "", _NOT_FINITE, flat[key]) for key in bad])
-    return model, values, flat
+    return (model, *_dumped(model, facts))
 
 
 _NOT_FINITE = "must be a finite number (the socket protocol cannot carry NaN or infinity)"
 
 
-def _non_finite(flat: Mapping[str, Any]) -> list[str]:
+def non_finite(flat: Mapping[str, Any]) -> list[str]:
     """The keys whose value is, or holds, a float that is NaN or infinite."""
-    return [key for key, value in flat.items() if not _finite(value)]
+    return [
+        key
+        for key, value in flat.items()
+        if (type(value) is float and not math.isfinite(value))
+        or (type(value) in (dict, list) and not _finite(value))
+    ]
 
 
 def _finite(value: Any) -> bool:

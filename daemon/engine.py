@@ -45,7 +45,7 @@ from hotknob.config import (
 )
 from hotknob.config.errors import Problem
 from hotknob.config.keys import key_from_etcd
-from hotknob.config.merge import leaf_input, validate_leaves
+from hotknob.config.merge import leaf_input, non_finite, validate_leaves
 from hotknob.config.schema import SECRET_MASK, iter_leaves, mask_secrets, secret_keys
 from hotknob.config.sources import read_etcd_values
 
@@ -58,6 +58,10 @@ EventSink = Callable[[dict[str, Any]], None]
 
 def _noop(_: Any) -> None:
     return None
+
+
+def _same(published: Published) -> Published:
+    return published
 
 
 class Engine:
@@ -96,7 +100,7 @@ class Engine:
         self.state_write_error: str | None = None
         self.last_change_seconds = 0.0
         self._batching = False
-        self._deferred: tuple[Snapshot, int, dict[str, Any]] | None = None
+        self._deferred: Callable[[], Published] | None = None  # a group's newest state
         self._after_push: list[Callable[[], None]] = []
         self._flat: dict[str, Any] = {}
         # ``_take_puts``: the layers' merged leaves, and the layers they were merged from.
@@ -197,7 +201,7 @@ class Engine:
             self._batching = False
             deferred, self._deferred = self._deferred, None
             if deferred is not None:
-                self._save_and_publish(self._published(*deferred))
+                self._save_and_publish(deferred())
             self._run_after_push()
 
     def on_etcd_change(
@@ -206,7 +210,7 @@ class Engine:
         """All events of one etcd revision: one change, accepted or rejected whole."""
         if self._closed:
             return
-        if not deletes and not self._batching and self._take_puts(revision, puts):
+        if not deletes and self._take_puts(revision, puts):
             return
         current = self.layers["etcd"]
         values = dict(current.values)
@@ -267,12 +271,16 @@ class Engine:
         leaves = {**base, **put}
         try:
             model, values, flat = validate_leaves(self.schema, leaves)
-        except (ValidationError, InvalidChange):
+        except ValidationError:
             return False  # the general path says why, and who is to blame
-        changed = changed_keys(self._flat, flat)
-        if not changed or any(
-            key not in flat or type(flat[key]) is not type(value) or flat[key] != value
-            for key, value in self._running.items()
+        changed = changed_keys(self._flat, flat)  # what is in force is finite: check these
+        if (
+            not changed
+            or non_finite(changed)
+            or any(
+                key not in flat or type(flat[key]) is not type(value) or flat[key] != value
+                for key, value in self._running.items()
+            )
         ):
             return False  # nothing to push, or a restart-only key's value to hold back
         before, self._flat = self._flat, flat
@@ -283,7 +291,10 @@ class Engine:
         etcd = self.layers["etcd"]
         etcd_values = {**etcd.values, **put}
         published = Published(self.version, self.revision, values, sources, flat)
-        self._save_and_publish(published, etcd_values)
+        if self._batching:  # the group's newest state is published once, at its end
+            self._deferred = partial(_same, published)
+        else:
+            self._save_and_publish(published, etcd_values)
         self.layers = {
             **self.layers,
             "etcd": Layer("etcd", etcd_values, {**etcd.origins, **origins}),
@@ -303,7 +314,8 @@ class Engine:
         self._after_push.append(
             partial(self._accepted, "etcd", self.version, self.revision, changed, before)
         )
-        self._run_after_push()
+        if not self._batching:
+            self._run_after_push()
         return True
 
     def _merge(self) -> Snapshot:
@@ -358,7 +370,7 @@ class Engine:
         self.version += 1
         self.snapshot = snapshot
         if self._batching:
-            self._deferred = (snapshot, self.revision, flat)
+            self._deferred = partial(self._published, snapshot, self.revision, flat)
         else:
             self._save_and_publish(self._published(snapshot, self.revision, flat))
         self._after_push.append(

@@ -134,31 +134,63 @@ anything = st.tuples(
 change = st.one_of(usual, usual, anything)  # mostly the usual change, which may take it
 
 
+def general_only(engine: Engine) -> Engine:
+    """``engine`` with the short path turned off: the reference the short path must match."""
+    engine._take_puts = lambda revision, puts: False  # type: ignore[method-assign]
+    return engine
+
+
+Changes = list[tuple[dict[str, bytes], set[str]]]
+
+
+def as_events(changes: Changes) -> list[tuple[int, dict[str, bytes], frozenset[str]]]:
+    return [
+        (revision, {P + path: raw for path, raw in puts.items()}, frozenset(P + p for p in gone))
+        for revision, (puts, gone) in enumerate(changes, start=2)
+    ]
+
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(
-    changes=st.lists(change, min_size=1, max_size=12),
-    shadow=st.booleans(),
-)
+@given(changes=st.lists(change, min_size=1, max_size=12), shadow=st.booleans())
 def test_short_path_does_what_the_general_path_does(
-    tmp_path_factory: pytest.TempPathFactory,
-    changes: list[tuple[dict[str, bytes], set[str]]],
-    shadow: bool,
+    tmp_path_factory: pytest.TempPathFactory, changes: Changes, shadow: bool
 ) -> None:
     environ = {"HOTKNOB_PARAM_BAND__HI": "3"} if shadow else {}
     short_out: list[Published] = []
     general_out: list[Published] = []
     short = make(tmp_path_factory.mktemp("short"), environ, short_out)
-    general = make(tmp_path_factory.mktemp("general"), environ, general_out)
+    general = general_only(make(tmp_path_factory.mktemp("general"), environ, general_out))
     for engine in (short, general):
         engine.start({P + "steps": b"2"}, 1)
-    for revision, (puts, deletes) in enumerate(changes, start=2):
-        put = {P + path: raw for path, raw in puts.items()}
-        gone = frozenset(P + path for path in deletes)
-        short.on_etcd_change(revision, put, gone)
-        general.on_etcd_changes([(revision, put, gone)])
+    for revision, puts, gone in as_events(changes):
+        short.on_etcd_change(revision, puts, gone)
+        general.on_etcd_change(revision, puts, gone)
         assert seen(short, short_out) == seen(general, general_out)
+    assert saved(short) == saved(general)
+    short.close()
+    general.close()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(changes=st.lists(change, min_size=1, max_size=12), cut=st.integers(0, 12))
+def test_a_group_on_the_short_path_does_what_the_general_path_does(
+    tmp_path_factory: pytest.TempPathFactory, changes: Changes, cut: int
+) -> None:
+    """A burst: each revision on its own, one push per group, at its end."""
+    short_out: list[Published] = []
+    general_out: list[Published] = []
+    short = make(tmp_path_factory.mktemp("short"), {}, short_out)
+    general = general_only(make(tmp_path_factory.mktemp("general"), {}, general_out))
+    events = as_events(changes)
+    for engine in (short, general):
+        engine.start({P + "steps": b"2"}, 1)
+        engine.on_etcd_changes(events[:cut])
+        engine.on_etcd_changes(events[cut:])
+    assert seen(short, short_out) == seen(general, general_out)
     assert saved(short) == saved(general)
     short.close()
     general.close()
