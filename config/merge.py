@@ -197,35 +197,58 @@ def merge_layers(
     )
 
 
+@dataclass(frozen=True)
+class LeafInput:
+    """What ``merge_layers`` validates when every key is a leaf of the schema: each
+    key's value from the highest layer that has it, nested as the model's input. Never
+    edited: ``with_leaves`` makes another."""
+
+    nested: Mapping[str, Any]
+
+    def with_leaves(self, schema: type[BaseModel], values: Mapping[str, Any]) -> LeafInput:
+        """This input with ``values`` (leaves of ``schema``) replaced: only the sections on
+        their paths are copied."""
+        paths = _facts(schema).paths
+        nested = dict(self.nested)
+        copied: set[tuple[str, ...]] = set()
+        for key in values:
+            *sections, leaf = paths[key]
+            node = nested
+            for depth, part in enumerate(sections, start=1):
+                if tuple(sections[:depth]) not in copied:
+                    copied.add(tuple(sections[:depth]))
+                    node[part] = dict(node.get(part) or {})
+                node = node[part]
+            node[leaf] = values[key]
+        return LeafInput(nested)
+
+
 def leaf_input(
     schema: type[BaseModel], layers: Mapping[str, Layer], precedence: Sequence[str]
-) -> dict[str, Any] | None:
-    """What ``merge_layers`` validates, flat: each key's value from the highest layer
-    that has it. None if a layer holds a key that is not a leaf of the schema, or a
-    problem: only ``merge_layers`` deals with those."""
-    leaves = _facts(schema).leaves
+) -> LeafInput | None:
+    """What ``merge_layers`` validates, from ``layers``. None if a layer holds a key that
+    is not a leaf of the schema, or a problem: only ``merge_layers`` deals with those."""
+    facts = _facts(schema)
     merged: dict[str, Any] = {}
     for name in precedence:
         layer = layers.get(name)
         if layer is None:
             continue
-        if layer.problems or not leaves.issuperset(layer.values):
+        if layer.problems or not facts.leaves.issuperset(layer.values):
             return None
         merged.update(layer.values)
-    return merged
+    return LeafInput(_nest_leaves(merged, facts.paths))
 
 
 def validate_leaves(
-    schema: type[BaseModel], leaves: Mapping[str, Any]
+    schema: type[BaseModel], leaves: LeafInput
 ) -> tuple[BaseModel, dict[str, Any], dict[str, Any]]:
-    """Validate a ``leaf_input`` (every key a leaf of ``schema``): the model, its values
-    (JSON form, secrets revealed) and the same by dotted key, as ``merge_layers`` makes
-    them, except that NaN and infinity are let through: the caller checks what changed
-    with ``non_finite``. Raises ``ValidationError``; ``merge_layers`` says which layer
-    is to blame."""
-    facts = _facts(schema)
-    model = schema.model_validate(_nest_leaves(leaves, facts.paths))
-    return (model, *_dumped(model, facts))
+    """Validate a ``LeafInput``: the model, its values (JSON form, secrets revealed) and
+    the same by dotted key, as ``merge_layers`` makes them, except that NaN and infinity
+    are let through: the caller checks what changed with ``non_finite``. Raises
+    ``ValidationError``; ``merge_layers`` says which layer is to blame."""
+    model = schema.model_validate(leaves.nested)
+    return (model, *_dumped(model, _facts(schema)))
 
 
 _NOT_FINITE = "must be a finite number (the socket protocol cannot carry NaN or infinity)"

@@ -45,7 +45,7 @@ from hotknob.config import (
 )
 from hotknob.config.errors import Problem
 from hotknob.config.keys import key_from_etcd
-from hotknob.config.merge import leaf_input, non_finite, validate_leaves
+from hotknob.config.merge import LeafInput, leaf_input, non_finite, validate_leaves
 from hotknob.config.schema import SECRET_MASK, iter_leaves, mask_secrets, secret_keys
 from hotknob.config.sources import read_etcd_values
 
@@ -104,7 +104,7 @@ class Engine:
         self._after_push: list[Callable[[], None]] = []
         self._flat: dict[str, Any] = {}
         # ``_take_puts``: the layers' merged leaves, and the layers they were merged from.
-        self._leaf_input: dict[str, Any] | None = None
+        self._leaf_input: LeafInput | None = None
         self._leaf_input_of: tuple[Layer, ...] = ()
         self._fast_keys: frozenset[str] = frozenset()  # leaves no layer above etcd sets
         self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
@@ -268,7 +268,7 @@ class Engine:
         read_etcd_values(self.app, puts, put, origins, problems)
         if problems or not put or not self._fast_keys.issuperset(put):
             return False
-        leaves = {**base, **put}
+        leaves = base.with_leaves(self.schema, put)
         try:
             model, values, flat = validate_leaves(self.schema, leaves)
         except ValidationError:

@@ -28,6 +28,7 @@ from hotknob.config import (
     restart_only_keys,
 )
 from hotknob.config.keys import unflatten
+from hotknob.config.merge import leaf_input, validate_leaves
 from hotknob.config.sources import Layer
 
 APP = "job"
@@ -314,3 +315,27 @@ def test_a_value_no_client_could_be_sent_is_rejected(values: dict[str, Any], key
     (problem,) = caught.value.problems
     assert (problem.key, problem.layer) == (key, "etcd")
     assert "finite" in problem.reason
+
+
+def test_leaf_input_with_leaves_copies_only_the_sections_it_changes() -> None:
+    layers = {
+        "defaults": defaults_layer(MLParams),
+        "etcd": Layer("etcd", {"train.lr": 0.5}),
+    }
+    base = leaf_input(MLParams, layers, DEFAULT_PRECEDENCE)
+    assert base is not None and base.nested["train"]["lr"] == 0.5
+    changed = base.with_leaves(MLParams, {"train.lr": 0.25, "train.momentum": 0.5})
+    assert changed.nested["train"]["lr"] == 0.25 and changed.nested["train"]["momentum"] == 0.5
+    assert base.nested["train"]["lr"] == 0.5  # the input it came from is not edited
+    assert changed.nested["sampling"] is base.nested["sampling"]  # untouched: shared
+    assert (
+        validate_leaves(MLParams, changed)[2]
+        == merge_layers(
+            MLParams, [*layers.values(), Layer("cli", {"train.lr": 0.25, "train.momentum": 0.5})]
+        ).flat
+    )
+
+
+def test_leaf_input_is_none_when_a_layer_holds_more_than_leaves() -> None:
+    inside = Layer("etcd", {"train": {"lr": 0.1}})  # a section given whole, not a leaf
+    assert leaf_input(MLParams, {"etcd": inside}, DEFAULT_PRECEDENCE) is None
