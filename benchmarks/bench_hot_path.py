@@ -105,7 +105,7 @@ def daemon_side(count: int, gap: float) -> float:
             written.clear()
             started = time.perf_counter()
             puts = {PREFIX + "train/warmup_steps": str(i + 1).encode()}
-            engine.on_etcd_changes([(10 + i, puts, ())])
+            engine.on_etcd_change(10 + i, puts, frozenset())  # as the watch thread does
             if written:
                 latencies.append(written[0] - started)
         return statistics.median(latencies)

@@ -5,7 +5,10 @@ change (an etcd revision, a new set of file contents) becomes a candidate:
 the accepted layers with that one layer replaced. A valid candidate gets the
 next version and is published, then logged (``change_accepted``); an invalid one
 is logged with key, layer and reason and changes nothing. Restart-only keys keep
-the value the daemon started with and are reported as pending a restart.
+the value the daemon started with and are reported as pending a restart. The usual
+etcd change, values put at leaves that no higher layer sets, takes a short path
+(``_take_puts``): the same candidate, validated and pushed before the layer and the
+snapshot are built; ``tests/test_engine_short_path.py`` holds it to the general one.
 
 Versions strictly increase across restarts, crashes included, and no disk write
 waits on the push path (see ``state``): a version is published only under the
@@ -46,14 +49,13 @@ from hotknob.config import (
 from hotknob.config.errors import Problem
 from hotknob.config.keys import key_from_etcd
 from hotknob.config.merge import LeafInput, leaf_input, non_finite, validate_leaves
-from hotknob.config.schema import SECRET_MASK, iter_leaves, mask_secrets, secret_keys
+from hotknob.config.schema import iter_leaves, secret_keys
 from hotknob.config.sources import read_etcd_values
 
+from .announce import Announcer, EventSink
 from .logs import get_logger
 from .published import Published
 from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
-
-EventSink = Callable[[dict[str, Any]], None]
 
 
 def _noop(_: Any) -> None:
@@ -81,16 +83,11 @@ class Engine:
         self.schema = schema
         self.app = app
         self.precedence = tuple(precedence)
-        self._rank = {name: i for i, name in enumerate(self.precedence)}
         self.layers: dict[str, Layer] = {layer.name: layer for layer in layers}
         self.store = store
         self._publish = publish
-        self._broadcast = broadcast
-        self._on_accepted = on_accepted
-        self._on_rejected = on_rejected
         self._restart_only = restart_only_keys(schema)
         self._leaf_keys = frozenset(leaf.key for leaf in iter_leaves(schema)) - self._restart_only
-        self._secrets = secret_keys(schema)
         self._running: dict[str, Any] = {}
         self.pending_restart: dict[str, Any] = {}
         self.snapshot: Snapshot | None = None
@@ -111,6 +108,14 @@ class Engine:
         self._closed = False
         self._writer = StateWriter(store, self._on_saved) if store is not None else None
         self.log = get_logger("hotknob.engine", app=app)
+        self._announce = Announcer(
+            self.log,
+            precedence=self.precedence,
+            secrets=secret_keys(schema),
+            broadcast=broadcast,
+            on_accepted=on_accepted,
+            on_rejected=on_rejected,
+        )
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -312,7 +317,7 @@ class Engine:
         )
         self._after_push.append(partial(self._track_restart_only, self.snapshot, "etcd"))
         self._after_push.append(
-            partial(self._accepted, "etcd", self.version, self.revision, changed, before)
+            partial(self._announce.accepted, "etcd", self.version, self.revision, changed, before)
         )
         if not self._batching:
             self._run_after_push()
@@ -332,7 +337,8 @@ class Engine:
                 bad = {p.key for p in exc.problems if p.layer == "etcd"}
                 if not bad:
                     raise
-                self._log_rejected("etcd", revision, exc, {k: candidate.values.get(k) for k in bad})
+                dropped = {k: candidate.values.get(k) for k in bad}
+                self._announce.rejected("etcd", revision, self.version, exc, dropped)
                 candidate = candidate.without(bad)
                 continue
             self.layers["etcd"] = candidate
@@ -344,7 +350,7 @@ class Engine:
         try:
             snapshot = merge_layers(self.schema, layers.values(), self.precedence)
         except InvalidChange as exc:
-            self._log_rejected(candidate.name, revision, exc, edited)
+            self._announce.rejected(candidate.name, revision, self.version, exc, edited)
             return
         self.layers = layers
         self._accept(snapshot, candidate.name, revision, edited)
@@ -356,7 +362,7 @@ class Engine:
         if revision:
             self.revision = max(self.revision, revision)
         # Warnings only: they wait until after the push (``_run_after_push``).
-        self._after_push.append(partial(self._report_shadowed, snapshot, layer, edited))
+        self._after_push.append(partial(self._announce.shadowed, snapshot, layer, edited))
         self._after_push.append(partial(self._track_restart_only, snapshot, layer))
         flat = dict(snapshot.flat)
         flat.update(self._running)
@@ -374,46 +380,11 @@ class Engine:
         else:
             self._save_and_publish(self._published(snapshot, self.revision, flat))
         self._after_push.append(
-            partial(self._accepted, layer, self.version, self.revision, changed, before)
+            partial(self._announce.accepted, layer, self.version, self.revision, changed, before)
         )
         if not self._batching:
             self._run_after_push()
         self.last_change_seconds = time.perf_counter() - started
-
-    def _accepted(
-        self,
-        layer: str,
-        version: int,
-        revision: int,
-        changed: dict[str, Any],
-        before: Mapping[str, Any],
-    ) -> None:
-        """Log and announce an accepted change; runs after its state was pushed.
-        ``before`` is the state it replaced, by dotted key."""
-        old = mask_secrets({k: before.get(k) for k in changed}, self._secrets)
-        changed = mask_secrets(changed, self._secrets)
-        self.log.info(
-            "change_accepted",
-            key=",".join(changed),
-            old=old,
-            new=changed,
-            layer=layer,
-            version=version,
-            revision=revision,
-        )
-        self._broadcast(
-            {
-                "type": "event",
-                "event": "change_accepted",
-                "layer": layer,
-                "version": version,
-                "revision": revision,
-                "changed": changed,
-                "old": old,
-                "time": time.time(),
-            }
-        )
-        self._on_accepted(layer, version)
 
     def _run_after_push(self) -> None:
         pending, self._after_push = self._after_push, []
@@ -518,67 +489,6 @@ class Engine:
                 self.pending_restart[key] = wanted
             else:
                 self.pending_restart.pop(key, None)
-
-    def _report_shadowed(self, snapshot: Snapshot, layer: str, edited: Mapping[str, Any]) -> None:
-        rank = self._rank
-        for key in edited:
-            winner = snapshot.sources.get(key)
-            if winner is not None and rank.get(winner, -1) > rank.get(layer, -1):
-                self.log.warning(
-                    "update_shadowed",
-                    key=key,
-                    layer=layer,
-                    value=self._shown(key, edited[key]),
-                    winner=winner,
-                    effective=self._shown(key, snapshot.flat.get(key)),
-                )
-
-    def _log_rejected(
-        self, layer: str, revision: int, exc: InvalidChange, edited: Mapping[str, Any]
-    ) -> None:
-        problems = [
-            {
-                "key": p.key,
-                "layer": p.layer,
-                "reason": p.reason,
-                "value": _short(self._shown(p.key, p.value)),
-            }
-            for p in exc.problems
-        ]
-        self.log.warning(
-            "change_rejected",
-            key=",".join(p["key"] for p in problems),
-            layer=layer,
-            value={k: _short(self._shown(k, v)) for k, v in edited.items()},
-            reason=str(exc),
-            revision=revision,
-            version=self.version,
-        )
-        self._broadcast(
-            {
-                "type": "event",
-                "event": "change_rejected",
-                "layer": layer,
-                "revision": revision,
-                "version": self.version,
-                "problems": problems,
-                "time": time.time(),
-            }
-        )
-        self._on_rejected(layer)
-
-    def _shown(self, key: str, value: Any) -> Any:
-        """``value`` as it may appear in a log or an event: a secret key's value is masked."""
-        return SECRET_MASK if key in self._secrets and value is not None else value
-
-
-def _short(value: Any, limit: int = 200) -> Any:
-    if isinstance(value, str | bytes) and len(value) > limit:
-        return f"{value[:limit]!r}... ({len(value)} chars)"
-    if isinstance(value, int | float | bool | str) or value is None:
-        return value
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:

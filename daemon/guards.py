@@ -46,6 +46,7 @@ from typing import Any
 from hotknob.config import HotknobError
 from hotknob.config.keys import etcd_key, to_text
 
+from .announce import EventSink
 from .etcd_store import ConflictError, EtcdChange, EtcdOptions, EtcdStore
 from .etcd_watcher import EtcdWatcher
 from .guard_lang import Guard, GuardSyntaxError, MissingValue, parse_guard
@@ -62,7 +63,6 @@ from .logs import get_logger
 from .reports import Report, encode_value
 
 Post = Callable[..., None]
-EventSink = Callable[[dict[str, Any]], None]
 _ACKS_KEPT = 64
 _EVIDENCE_KEPT = 8
 

@@ -232,7 +232,8 @@ class LiveConfig:
 
         Bindings, then ``on_change`` callbacks, run here in the calling thread for
         the keys whose values changed. The ``applied`` acknowledgement carries the
-        version and ``step`` and is sent by the background thread.
+        version and ``step``; it is written here without blocking (what the socket does
+        not take at once is left to the background thread).
 
         Under a process group this is a collective every ``sync_every`` calls:
         every rank must call it the same number of times; it applies the state

@@ -1,0 +1,140 @@
+"""What the engine says about each change: its log line and its event for ``watch`` clients.
+
+An accepted change is announced after its state was pushed (``change_accepted``, with
+the old and new values); a rejected one at once (``change_rejected``, with every
+problem's key, layer and reason); a live edit that a higher layer hides is a warning
+(``update_shadowed``). Secret values are masked in all of them; long values are cut.
+The daemon's counters hear of each through ``on_accepted`` / ``on_rejected``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from hotknob.config import InvalidChange, Snapshot
+from hotknob.config.schema import SECRET_MASK, mask_secrets
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class Announcer:
+    def __init__(
+        self,
+        log: Any,
+        *,
+        precedence: Sequence[str],
+        secrets: frozenset[str],
+        broadcast: EventSink,
+        on_accepted: Callable[[str, int], None],
+        on_rejected: Callable[[str], None],
+    ) -> None:
+        self.log = log
+        self._rank = {name: i for i, name in enumerate(precedence)}
+        self._secrets = secrets
+        self._broadcast = broadcast
+        self._on_accepted = on_accepted
+        self._on_rejected = on_rejected
+
+    def accepted(
+        self,
+        layer: str,
+        version: int,
+        revision: int,
+        changed: dict[str, Any],
+        before: Mapping[str, Any],
+    ) -> None:
+        """An accepted change; ``before`` is the state it replaced, by dotted key."""
+        old = mask_secrets({k: before.get(k) for k in changed}, self._secrets)
+        changed = mask_secrets(changed, self._secrets)
+        self.log.info(
+            "change_accepted",
+            key=",".join(changed),
+            old=old,
+            new=changed,
+            layer=layer,
+            version=version,
+            revision=revision,
+        )
+        self._broadcast(
+            {
+                "type": "event",
+                "event": "change_accepted",
+                "layer": layer,
+                "version": version,
+                "revision": revision,
+                "changed": changed,
+                "old": old,
+                "time": time.time(),
+            }
+        )
+        self._on_accepted(layer, version)
+
+    def shadowed(self, snapshot: Snapshot, layer: str, edited: Mapping[str, Any]) -> None:
+        """Warn of each key ``layer`` edited whose value a higher layer's still wins."""
+        rank = self._rank
+        for key in edited:
+            winner = snapshot.sources.get(key)
+            if winner is not None and rank.get(winner, -1) > rank.get(layer, -1):
+                self.log.warning(
+                    "update_shadowed",
+                    key=key,
+                    layer=layer,
+                    value=self.shown(key, edited[key]),
+                    winner=winner,
+                    effective=self.shown(key, snapshot.flat.get(key)),
+                )
+
+    def rejected(
+        self,
+        layer: str,
+        revision: int,
+        version: int,
+        exc: InvalidChange,
+        edited: Mapping[str, Any],
+    ) -> None:
+        """A rejected change of ``layer``; ``version`` is the one still in force."""
+        problems = [
+            {
+                "key": p.key,
+                "layer": p.layer,
+                "reason": p.reason,
+                "value": _short(self.shown(p.key, p.value)),
+            }
+            for p in exc.problems
+        ]
+        self.log.warning(
+            "change_rejected",
+            key=",".join(p["key"] for p in problems),
+            layer=layer,
+            value={k: _short(self.shown(k, v)) for k, v in edited.items()},
+            reason=str(exc),
+            revision=revision,
+            version=version,
+        )
+        self._broadcast(
+            {
+                "type": "event",
+                "event": "change_rejected",
+                "layer": layer,
+                "revision": revision,
+                "version": version,
+                "problems": problems,
+                "time": time.time(),
+            }
+        )
+        self._on_rejected(layer)
+
+    def shown(self, key: str, value: Any) -> Any:
+        """``value`` as it may appear in a log or an event: a secret key's value is masked."""
+        return SECRET_MASK if key in self._secrets and value is not None else value
+
+
+def _short(value: Any, limit: int = 200) -> Any:
+    if isinstance(value, str | bytes) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} chars)"
+    if isinstance(value, int | float | bool | str) or value is None:
+        return value
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
