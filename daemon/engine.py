@@ -62,10 +62,6 @@ def _noop(_: Any) -> None:
     return None
 
 
-def _same(published: Published) -> Published:
-    return published
-
-
 class Engine:
     def __init__(
         self,
@@ -257,6 +253,7 @@ class Engine:
         False, with nothing done: the general path takes the change (an invalid one,
         one that changes nothing, or one of another kind).
         """
+        started = time.perf_counter()
         layers = tuple(self.layers.values())
         if layers != self._leaf_input_of:
             self._leaf_input_of = layers
@@ -279,14 +276,7 @@ class Engine:
         except ValidationError:
             return False  # the general path says why, and who is to blame
         changed = changed_keys(self._flat, flat)  # what is in force is finite: check these
-        if (
-            not changed
-            or non_finite(changed)
-            or any(
-                key not in flat or type(flat[key]) is not type(value) or flat[key] != value
-                for key, value in self._running.items()
-            )
-        ):
+        if not changed or non_finite(changed) or self._held_back(flat):
             return False  # nothing to push, or a restart-only key's value to hold back
         before, self._flat = self._flat, flat
         self.version += 1
@@ -297,7 +287,7 @@ class Engine:
         etcd_values = {**etcd.values, **put}
         published = Published(self.version, self.revision, values, sources, flat)
         if self._batching:  # the group's newest state is published once, at its end
-            self._deferred = partial(_same, published)
+            self._deferred = lambda: published
         else:
             self._save_and_publish(published, etcd_values)
         self.layers = {
@@ -321,6 +311,7 @@ class Engine:
         )
         if not self._batching:
             self._run_after_push()
+        self.last_change_seconds = time.perf_counter() - started
         return True
 
     def _merge(self) -> Snapshot:
@@ -458,12 +449,7 @@ class Engine:
         if flat is None:
             flat = dict(snapshot.flat)
             flat.update(self._running)
-        wanted = snapshot.flat
-        held = {
-            k: v
-            for k, v in self._running.items()
-            if k not in wanted or type(wanted[k]) is not type(v) or wanted[k] != v
-        }
+        held = self._held_back(snapshot.flat)
         if held:  # a restart-only key's new value waits for a restart: sections are copied
             values = _deep_copy(snapshot.values)
             for key, value in held.items():
@@ -477,6 +463,15 @@ class Engine:
             sources=dict(snapshot.sources),
             flat=flat,
         )
+
+    def _held_back(self, wanted: Mapping[str, Any]) -> dict[str, Any]:
+        """The restart-only keys whose running value differs from ``wanted`` (by dotted
+        key; the type counts), with that running value."""
+        return {
+            k: v
+            for k, v in self._running.items()
+            if k not in wanted or type(wanted[k]) is not type(v) or wanted[k] != v
+        }
 
     def _track_restart_only(self, snapshot: Snapshot, layer: str) -> None:
         for key, running in self._running.items():
