@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -53,13 +54,27 @@ from hotknob.config.schema import iter_leaves, secret_keys
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink
-from .logs import get_logger
+from .logs import get_logger, held
 from .published import Published
 from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
 
 
 def _noop(_: Any) -> None:
     return None
+
+
+@dataclass
+class _Pending:
+    """The short path's accepted changes whose etcd layer and snapshot are not built yet
+    (within a group commit): the newest state and every value put since the last build."""
+
+    model: BaseModel
+    values: dict[str, Any]
+    flat: dict[str, Any]
+    version: int
+    revision: int
+    put: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
 
 
 class Engine:
@@ -93,7 +108,8 @@ class Engine:
         self.state_write_error: str | None = None
         self.last_change_seconds = 0.0
         self._batching = False
-        self._deferred: Callable[[], Published] | None = None  # a group's newest state
+        self._deferred: Callable[[], Published | None] | None = None  # a group's newest state
+        self._pending: _Pending | None = None  # only within a group: see ``_settle``
         self._after_push: list[Callable[[], None]] = []
         self._flat: dict[str, Any] = {}
         # ``_take_puts``: the layers' merged leaves, and the layers they were merged from.
@@ -201,8 +217,9 @@ class Engine:
         finally:
             self._batching = False
             deferred, self._deferred = self._deferred, None
-            if deferred is not None:
-                self._save_and_publish(deferred())
+            published = deferred() if deferred is not None else None
+            if published is not None:
+                self._save_and_publish(published)
             self._run_after_push()
 
     def on_etcd_change(
@@ -213,6 +230,9 @@ class Engine:
             return
         if not deletes and self._take_puts(revision, puts):
             return
+        published = self._settle()  # the general path starts from built layers
+        if published is not None:  # within a group: its state so far, unless one is accepted
+            self._deferred = lambda: published
         current = self.layers["etcd"]
         values = dict(current.values)
         origins = dict(current.origins)
@@ -249,20 +269,22 @@ class Engine:
         The candidate is the merged leaves with the new values, validated whole, as the
         general path validates it; its state is pushed first, and the etcd layer, the
         snapshot and the reports are built after (docs/performance.md: on this kind of
-        machine each object built before the push cost the change microseconds).
+        machine each object built before the push cost the change microseconds). In a
+        group commit the layer and the snapshot are built once, for the group's last such
+        change (``_settle``), not for each revision.
         False, with nothing done: the general path takes the change (an invalid one,
         one that changes nothing, or one of another kind).
         """
         started = time.perf_counter()
-        layers = tuple(self.layers.values())
-        if layers != self._leaf_input_of:
-            self._leaf_input_of = layers
-            self._leaf_input = leaf_input(self.schema, self.layers, self.precedence)
-            above = [self.layers[n].values for n in self._above_etcd if n in self.layers]
-            self._fast_keys = self._leaf_keys.difference(*above)
+        if self._pending is None:
+            layers = tuple(self.layers.values())
+            if layers != self._leaf_input_of:
+                self._leaf_input_of = layers
+                self._leaf_input = leaf_input(self.schema, self.layers, self.precedence)
+                above = [self.layers[n].values for n in self._above_etcd if n in self.layers]
+                self._fast_keys = self._leaf_keys.difference(*above)
         base = self._leaf_input
-        current = self.snapshot
-        if base is None or current is None or self.pending_restart:
+        if base is None or self.snapshot is None or self.pending_restart:
             return False
         put: dict[str, Any] = {}
         origins: dict[str, str] = {}
@@ -278,41 +300,66 @@ class Engine:
         changed = changed_keys(self._flat, flat)  # what is in force is finite: check these
         if not changed or non_finite(changed) or self._held_back(flat):
             return False  # nothing to push, or a restart-only key's value to hold back
+        # No restart-only key is pending or held back: ``_track_restart_only`` has nothing
+        # to do for this change.
         before, self._flat = self._flat, flat
         self.version += 1
         self.revision = max(self.revision, revision)
-        sources = dict(current.sources)
-        sources.update(dict.fromkeys(put, "etcd"))
-        etcd = self.layers["etcd"]
-        etcd_values = {**etcd.values, **put}
-        published = Published(self.version, self.revision, values, sources, flat)
-        if self._batching:  # the group's newest state is published once, at its end
-            self._deferred = lambda: published
+        self._leaf_input = leaves
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = _Pending(model, values, flat, self.version, self.revision)
         else:
-            self._save_and_publish(published, etcd_values)
+            pending.model, pending.values, pending.flat = model, values, flat
+            pending.version, pending.revision = self.version, self.revision
+        pending.put.update(put)
+        pending.origins.update(origins)
+        self._after_push.append(
+            partial(self._announce.accepted, "etcd", self.version, self.revision, changed, before)
+        )
+        if self._batching:  # the group's newest state is built and published at its end
+            self._deferred = self._settle
+        else:
+            self._settle(push=self._save_and_publish)
+            self._run_after_push()
+        self.last_change_seconds = time.perf_counter() - started
+        return True
+
+    def _settle(
+        self, push: Callable[[Published, Mapping[str, Any]], None] | None = None
+    ) -> Published | None:
+        """Build what the short path left pending: the etcd layer with its puts, the
+        snapshot and the state to publish, which ``push`` gets (with the etcd values to
+        save) before the layer and the snapshot are built. None if nothing was pending."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        assert self.snapshot is not None
+        sources = dict(self.snapshot.sources)
+        sources.update(dict.fromkeys(pending.put, "etcd"))
+        etcd = self.layers["etcd"]
+        etcd_values = {**etcd.values, **pending.put}
+        published = Published(
+            pending.version, pending.revision, pending.values, sources, pending.flat
+        )
+        if push is not None:
+            push(published, etcd_values)
         self.layers = {
             **self.layers,
-            "etcd": Layer("etcd", etcd_values, {**etcd.origins, **origins}),
+            "etcd": Layer("etcd", etcd_values, {**etcd.origins, **pending.origins}),
         }
-        self._leaf_input, self._leaf_input_of = leaves, tuple(self.layers.values())  # same keys
+        self._leaf_input_of = tuple(self.layers.values())  # ``_leaf_input``: the same keys
         self.snapshot = Snapshot(
-            model=model,
-            values=MappingProxyType(values),
-            flat=MappingProxyType(flat),
+            model=pending.model,
+            values=MappingProxyType(pending.values),
+            flat=MappingProxyType(pending.flat),
             sources=MappingProxyType(sources),
             layers=MappingProxyType(
                 {name: self.layers[name].values for name in self.precedence if name in self.layers}
             ),
             precedence=self.precedence,
         )
-        self._after_push.append(partial(self._track_restart_only, self.snapshot, "etcd"))
-        self._after_push.append(
-            partial(self._announce.accepted, "etcd", self.version, self.revision, changed, before)
-        )
-        if not self._batching:
-            self._run_after_push()
-        self.last_change_seconds = time.perf_counter() - started
-        return True
+        return published
 
     def _merge(self) -> Snapshot:
         return merge_layers(self.schema, self.layers.values(), self.precedence)
@@ -379,8 +426,9 @@ class Engine:
 
     def _run_after_push(self) -> None:
         pending, self._after_push = self._after_push, []
-        for announce in pending:
-            announce()
+        with held():  # a group's lines: flushed once
+            for announce in pending:
+                announce()
 
     def _save_and_publish(
         self, published: Published, etcd: Mapping[str, Any] | None = None

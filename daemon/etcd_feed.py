@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from .etcd_types import EtcdChange
 from .throttle import Throttle
 
-GROUP_COMMIT_S = 0.002
-DRAIN_EVERY_S = 0.002
+GROUP_COMMIT_S = 0.005
+DRAIN_EVERY_S = 0.005
 
 FullRead = tuple[Mapping[str, bytes], int]
 Guard = Callable[[Callable[..., None], tuple[object, ...]], None]

@@ -283,3 +283,56 @@ def test_a_rejected_change_leaves_the_etcd_layer_as_it_was(tmp_path: Path) -> No
     engine.on_etcd_change(2, {P + "tags/x": b"0.5", P + "workers": b"0.5"}, [])
     assert engine.version == 1 and engine.layers["etcd"] is before
     assert dict(before.values) == {"tags": {"a": 1}}
+
+
+def test_a_group_builds_its_layer_and_snapshot_once_and_ends_on_its_newest_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within a group the short path leaves the etcd layer and the snapshot to be built
+    once; a change the general path takes in between starts from them built."""
+    published: list[Published] = []
+    engine = make(tmp_path, {}, published)
+    engine.start({}, 1)
+    built: list[int] = []
+    real = engine_module.Snapshot
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Snapshot", counted)
+    engine.on_etcd_changes(
+        [
+            (2, {P + "steps": b"3"}, frozenset()),
+            (3, {P + "band/lo": b"0.5"}, frozenset()),
+            (4, {P + "steps": b"4"}, frozenset()),
+        ]
+    )
+    assert len(built) == 1 and len(published) == 2  # the start's state, then the group's
+    assert engine.version == 4 and published[-1].version == 4 and published[-1].revision == 4
+    assert dict(engine.layers["etcd"].values) == {"steps": 4, "band.lo": 0.5}
+    assert engine.snapshot is not None and engine.snapshot.flat["steps"] == 4
+    assert engine.snapshot.sources["band.lo"] == "etcd"
+
+    engine.on_etcd_changes(
+        [
+            (5, {P + "steps": b"5"}, frozenset()),  # short
+            (6, {P + "band/lo": b"7"}, frozenset()),  # lo > hi: the general path rejects it
+        ]
+    )
+    assert engine.version == 5 and published[-1].version == 5 and published[-1].revision == 5
+    assert published[-1].flat["steps"] == 5 and published[-1].flat["band.lo"] == 0.5
+    assert dict(engine.layers["etcd"].values) == {"steps": 5, "band.lo": 0.5}
+
+    engine.on_etcd_changes(
+        [
+            (7, {P + "steps": b"6"}, frozenset()),  # short
+            (8, {}, frozenset({P + "band/lo"})),  # a delete: the general path accepts it
+            (9, {P + "steps": b"7"}, frozenset()),  # short again, from the general path's state
+        ]
+    )
+    assert engine.version == 8 and published[-1].version == 8
+    assert published[-1].flat["steps"] == 7 and published[-1].flat["band.lo"] == 0.0
+    assert published[-1].sources["band.lo"] == "defaults"
+    assert dict(engine.layers["etcd"].values) == {"steps": 7}
+    assert engine.snapshot is not None and dict(engine.snapshot.flat) == dict(published[-1].flat)
