@@ -56,6 +56,7 @@ from hotknob.config.sources import read_etcd_values
 from .announce import Announcer, EventSink
 from .logs import get_logger, held
 from .published import Published
+from .restart_only import RestartOnly
 from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
 
 
@@ -97,10 +98,8 @@ class Engine:
         self.layers: dict[str, Layer] = {layer.name: layer for layer in layers}
         self.store = store
         self._publish = publish
-        self._restart_only = restart_only_keys(schema)
-        self._leaf_keys = frozenset(leaf.key for leaf in iter_leaves(schema)) - self._restart_only
-        self._running: dict[str, Any] = {}
-        self.pending_restart: dict[str, Any] = {}
+        restart_only = restart_only_keys(schema)
+        self._leaf_keys = frozenset(leaf.key for leaf in iter_leaves(schema)) - restart_only
         self.snapshot: Snapshot | None = None
         self.current: Published | None = None
         self.version = 0
@@ -120,6 +119,7 @@ class Engine:
         self._closed = False
         self._writer = StateWriter(store, self._on_saved) if store is not None else None
         self.log = get_logger("hotknob.engine", app=app)
+        self._restart = RestartOnly(restart_only, self.log)
         self._announce = Announcer(
             self.log,
             precedence=self.precedence,
@@ -128,6 +128,11 @@ class Engine:
             on_accepted=on_accepted,
             on_rejected=on_rejected,
         )
+
+    @property
+    def pending_restart(self) -> Mapping[str, Any]:
+        """Restart-only keys whose wanted value waits for a restart, with that value."""
+        return self._restart.pending
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -152,7 +157,7 @@ class Engine:
         else:
             self.layers["etcd"] = etcd_layer(self.app, {})
         snapshot = self._merge_sanitized(etcd, revision) if etcd is not None else self._merge()
-        self._running = {k: snapshot.flat[k] for k in self._restart_only if k in snapshot.flat}
+        self._restart.start(snapshot.flat)
         published = self._published(snapshot, revision)
         if saved is None:
             self.version = 1
@@ -284,7 +289,7 @@ class Engine:
                 above = [self.layers[n].values for n in self._above_etcd if n in self.layers]
                 self._fast_keys = self._leaf_keys.difference(*above)
         base = self._leaf_input
-        if base is None or self.snapshot is None or self.pending_restart:
+        if base is None or self.snapshot is None or self._restart.pending:
             return False
         put: dict[str, Any] = {}
         origins: dict[str, str] = {}
@@ -298,10 +303,10 @@ class Engine:
         except ValidationError:
             return False  # the general path says why, and who is to blame
         changed = changed_keys(self._flat, flat)  # what is in force is finite: check these
-        if not changed or non_finite(changed) or self._held_back(flat):
+        if not changed or non_finite(changed) or self._restart.held_back(flat):
             return False  # nothing to push, or a restart-only key's value to hold back
-        # No restart-only key is pending or held back: ``_track_restart_only`` has nothing
-        # to do for this change.
+        # No restart-only key is pending or held back: ``RestartOnly.track`` has nothing to
+        # do for this change.
         before, self._flat = self._flat, flat
         self.version += 1
         self.revision = max(self.revision, revision)
@@ -401,9 +406,9 @@ class Engine:
             self.revision = max(self.revision, revision)
         # Warnings only: they wait until after the push (``_run_after_push``).
         self._after_push.append(partial(self._announce.shadowed, snapshot, layer, edited))
-        self._after_push.append(partial(self._track_restart_only, snapshot, layer))
+        self._after_push.append(partial(self._restart.track, snapshot, layer))
         flat = dict(snapshot.flat)
-        flat.update(self._running)
+        flat.update(self._restart.running)
         changed = changed_keys(self._flat, flat)
         if not changed:
             self.snapshot = snapshot
@@ -496,14 +501,8 @@ class Engine:
         (``flat``, if given, is already that, by dotted key)."""
         if flat is None:
             flat = dict(snapshot.flat)
-            flat.update(self._running)
-        held = self._held_back(snapshot.flat)
-        if held:  # a restart-only key's new value waits for a restart: sections are copied
-            values = _deep_copy(snapshot.values)
-            for key, value in held.items():
-                _set_dotted(values, key, value)
-        else:  # the sections are shared with the snapshot: neither is ever edited
-            values = dict(snapshot.values)
+            flat.update(self._restart.running)
+        values = self._restart.in_force(snapshot.values, snapshot.flat)
         return Published(
             version=self.version,
             revision=revision,
@@ -511,37 +510,3 @@ class Engine:
             sources=dict(snapshot.sources),
             flat=flat,
         )
-
-    def _held_back(self, wanted: Mapping[str, Any]) -> dict[str, Any]:
-        """The restart-only keys whose running value differs from ``wanted`` (by dotted
-        key; the type counts), with that running value."""
-        return {
-            k: v
-            for k, v in self._running.items()
-            if k not in wanted or type(wanted[k]) is not type(v) or wanted[k] != v
-        }
-
-    def _track_restart_only(self, snapshot: Snapshot, layer: str) -> None:
-        for key, running in self._running.items():
-            wanted = snapshot.flat.get(key)
-            if wanted != running:
-                if self.pending_restart.get(key, running) != wanted:
-                    self.log.warning(
-                        "restart_pending", key=key, running=running, wanted=wanted, layer=layer
-                    )
-                self.pending_restart[key] = wanted
-            else:
-                self.pending_restart.pop(key, None)
-
-
-def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of the sections of a JSON-form value (plain dicts), so that they can be edited."""
-    return {k: _deep_copy(v) if type(v) is dict else v for k, v in values.items()}
-
-
-def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
-    *sections, leaf = key.split(".")
-    node = values
-    for part in sections:
-        node = node.setdefault(part, {})
-    node[leaf] = value

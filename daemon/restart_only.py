@@ -1,0 +1,75 @@
+"""Restart-only keys: clients keep the value such a key had when the daemon started.
+
+A field marked restart-only (``json_schema_extra={"live": False}``) is never hot-pushed.
+A change to it is still validated and accepted into the layers and the snapshot
+(``explain`` shows it), but what clients get keeps the running value, and the key is
+reported as pending a restart (``restart_pending``, once per new wanted value) until
+its wanted value is the running one again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hotknob.config import Snapshot
+
+
+class RestartOnly:
+    def __init__(self, keys: frozenset[str], log: Any):
+        self.keys = keys
+        self.running: dict[str, Any] = {}  # by dotted key: the values clients keep
+        self.pending: dict[str, Any] = {}  # by dotted key: the values a restart would bring
+        self._log = log
+
+    def start(self, flat: Mapping[str, Any]) -> None:
+        """The daemon started with ``flat`` (by dotted key): those values are the running ones."""
+        self.running = {key: flat[key] for key in self.keys if key in flat}
+
+    def held_back(self, wanted: Mapping[str, Any]) -> dict[str, Any]:
+        """The keys whose running value differs from ``wanted`` (by dotted key; the type
+        counts), with that running value."""
+        return {
+            k: v
+            for k, v in self.running.items()
+            if k not in wanted or type(wanted[k]) is not type(v) or wanted[k] != v
+        }
+
+    def in_force(self, values: Mapping[str, Any], flat: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` (nested, JSON form; ``flat`` the same by dotted key) as clients get
+        them: with the running values. The sections are shared with ``values`` unless a
+        value is held back (then they are copies): neither is ever edited."""
+        held = self.held_back(flat)
+        if not held:
+            return dict(values)
+        copied = _deep_copy(values)
+        for key, value in held.items():
+            _set_dotted(copied, key, value)
+        return copied
+
+    def track(self, snapshot: Snapshot, layer: str) -> None:
+        """Update what is pending after ``layer``'s change made ``snapshot``; warn of a new
+        wanted value."""
+        for key, running in self.running.items():
+            wanted = snapshot.flat.get(key)
+            if wanted != running:
+                if self.pending.get(key, running) != wanted:
+                    self._log.warning(
+                        "restart_pending", key=key, running=running, wanted=wanted, layer=layer
+                    )
+                self.pending[key] = wanted
+            else:
+                self.pending.pop(key, None)
+
+
+def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the sections of a JSON-form value (plain dicts), so that they can be edited."""
+    return {k: _deep_copy(v) if type(v) is dict else v for k, v in values.items()}
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    *sections, leaf = key.split(".")
+    node = values
+    for part in sections:
+        node = node.setdefault(part, {})
+    node[leaf] = value
