@@ -281,7 +281,7 @@ class Engine:
         one that changes nothing, or one of another kind).
         """
         started = time.perf_counter()
-        if self._pending is None:
+        if self._pending is None:  # else ``self.layers`` lags; ``_leaf_input`` is current
             layers = tuple(self.layers.values())
             if layers != self._leaf_input_of:
                 self._leaf_input_of = layers
