@@ -430,10 +430,10 @@ class Engine:
         self.last_change_seconds = time.perf_counter() - started
 
     def _run_after_push(self) -> None:
-        pending, self._after_push = self._after_push, []
+        reports, self._after_push = self._after_push, []
         with held():  # a group's lines: flushed once
-            for announce in pending:
-                announce()
+            for report in reports:
+                report()
 
     def _save_and_publish(
         self, published: Published, etcd: Mapping[str, Any] | None = None
