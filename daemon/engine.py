@@ -54,7 +54,7 @@ from hotknob.config.schema import iter_leaves, secret_keys
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink
-from .logs import get_logger, held
+from .logs import get_logger
 from .published import Published
 from .restart_only import RestartOnly
 from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
@@ -431,9 +431,8 @@ class Engine:
 
     def _run_after_push(self) -> None:
         reports, self._after_push = self._after_push, []
-        with held():  # a group's lines: flushed once
-            for report in reports:
-                report()
+        for report in reports:
+            report()
 
     def _save_and_publish(
         self, published: Published, etcd: Mapping[str, Any] | None = None

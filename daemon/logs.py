@@ -9,19 +9,17 @@ they are logged, by the caller, and fields named like a credential
 The daemon logs one line per accepted change, so a burst of thousands of etcd
 revisions a second is thousands of lines: the chain is kept short (the check of
 field names is cached per name, the time stamp's date and time are formatted once a
-second), and the lines of a group commit are flushed once, at its end (``held``).
+second, and each line is one ``write``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json as _json
 import logging
 import sys
-import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -70,51 +68,6 @@ def _stamp_utc(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
     return event
 
 
-class LineWriter:
-    """structlog's logger: each message is one line, written whole under a lock and flushed
-    at once, unless lines are ``held`` (then when the last hold ends)."""
-
-    def __init__(self, file: TextIO):
-        self._file = file
-        self._lock = threading.Lock()
-        self._holds = 0
-
-    def msg(self, message: str) -> None:
-        with self._lock:
-            self._file.write(message + "\n")
-            if not self._holds:
-                self._file.flush()
-
-    log = debug = info = warn = warning = msg
-    fatal = failure = err = error = critical = exception = msg
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        with self._lock:
-            self._holds += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._holds -= 1
-                if not self._holds:
-                    self._file.flush()
-
-
-_writer: LineWriter | None = None
-
-
-@contextlib.contextmanager
-def held() -> Iterator[None]:
-    """Lines logged inside are flushed together when it ends (a group commit's lines)."""
-    writer = _writer
-    if writer is None:
-        yield
-        return
-    with writer.held():
-        yield
-
-
 def configure(*, json: bool | None = None, level: str = "info", file: TextIO | None = None) -> None:
     """Configure structlog for the process (the daemon and the CLI call this once).
 
@@ -128,8 +81,6 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
         if json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
-    global _writer
-    writer = _writer = LineWriter(out)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -141,7 +92,7 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=lambda *_: writer,
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
     # Library loggers (grpc, watchdog) go to stderr at warning and above, never as tracebacks.

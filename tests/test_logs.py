@@ -76,32 +76,3 @@ def test_the_time_stamp_is_structlogs_iso_utc_form(captured: io.StringIO) -> Non
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
     when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     assert before - datetime.timedelta(milliseconds=1) <= when <= after
-
-
-class CountingFile(io.StringIO):
-    def __init__(self) -> None:
-        super().__init__()
-        self.flushes = 0
-
-    def flush(self) -> None:
-        self.flushes += 1
-        super().flush()
-
-
-def test_lines_are_flushed_one_by_one_or_together_when_held() -> None:
-    out = CountingFile()
-    logs.configure(json=True, file=out)
-    try:
-        log = logs.get_logger("hotknob.test")
-        log.info("alone")
-        assert out.flushes == 1
-        with logs.held():
-            log.info("first")
-            with logs.held():
-                log.info("second")
-            log.info("third")
-            assert out.flushes == 1  # written, not flushed yet
-        assert out.flushes == 2
-        assert [line["event"] for line in lines(out)] == ["alone", "first", "second", "third"]
-    finally:
-        structlog.reset_defaults()
