@@ -67,13 +67,11 @@ def _noop(_: Any) -> None:
 @dataclass
 class _Pending:
     """The short path's accepted changes whose etcd layer and snapshot are not built yet
-    (within a group commit): the newest state and every value put since the last build."""
+    (within a group commit): the newest model and values (its version, revision and
+    flat values are the engine's own) and every value put since the last build."""
 
     model: BaseModel
     values: dict[str, Any]
-    flat: dict[str, Any]
-    version: int
-    revision: int
     put: dict[str, Any] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
 
@@ -313,10 +311,9 @@ class Engine:
         self._leaf_input = leaves
         pending = self._pending
         if pending is None:
-            pending = self._pending = _Pending(model, values, flat, self.version, self.revision)
+            pending = self._pending = _Pending(model, values)
         else:
-            pending.model, pending.values, pending.flat = model, values, flat
-            pending.version, pending.revision = self.version, self.revision
+            pending.model, pending.values = model, values
         pending.put.update(put)
         pending.origins.update(origins)
         self._after_push.append(
@@ -335,7 +332,8 @@ class Engine:
     ) -> Published | None:
         """Build what the short path left pending: the etcd layer with its puts, the
         snapshot and the state to publish, which ``push`` gets (with the etcd values to
-        save) before the layer and the snapshot are built. None if nothing was pending."""
+        save) before the layer and the snapshot are built. None if nothing was pending.
+        Called before anything else changes the version (the general path settles first)."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
@@ -344,9 +342,7 @@ class Engine:
         sources.update(dict.fromkeys(pending.put, "etcd"))
         etcd = self.layers["etcd"]
         etcd_values = {**etcd.values, **pending.put}
-        published = Published(
-            pending.version, pending.revision, pending.values, sources, pending.flat
-        )
+        published = Published(self.version, self.revision, pending.values, sources, self._flat)
         if push is not None:
             push(published, etcd_values)
         self.layers = {
@@ -357,7 +353,7 @@ class Engine:
         self.snapshot = Snapshot(
             model=pending.model,
             values=MappingProxyType(pending.values),
-            flat=MappingProxyType(pending.flat),
+            flat=MappingProxyType(self._flat),
             sources=MappingProxyType(sources),
             layers=MappingProxyType(
                 {name: self.layers[name].values for name in self.precedence if name in self.layers}

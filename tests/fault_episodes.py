@@ -23,6 +23,7 @@ restart it. Everything is bounded by deadlines, and ``close`` stops all of it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -523,9 +524,8 @@ class FaultHarness:
         A change is pushed first and logged just after (``docs/performance.md``): a client
         can have applied it a moment before its line is written. What is still missing
         after the wait, ``check`` reports."""
-        deadline = time.monotonic() + timeout
-        while not self._reported(writes) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with contextlib.suppress(AssertionError):
+            wait_for("the daemon's log lines", lambda: self._reported(writes), timeout)
 
     def _scan_logs(self) -> None:
         """Read new lines of every daemon log: accepted/rejected revisions, handler failures."""
