@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from hotknob.config.keys import flatten
 from hotknob.config.sources import read_config_file
 from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from hotknob.model_runtime import LiveConfig
+from hotknob.model_runtime.received import thaw
 from tests.daemon_proc import DaemonProcess
 from tests.etcd_server import EtcdServer
 
@@ -71,14 +72,6 @@ while True:
     live.apply(0)
     time.sleep(0.05)
 """
-
-
-def thaw(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [thaw(v) for v in value]
-    return value
 
 
 def schedule(seed: int, count: int) -> list[str]:
