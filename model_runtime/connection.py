@@ -8,7 +8,9 @@ of the user, or torch. The training thread never waits on the socket: ``send``
 (an ``applied`` ack, in ``apply``) writes without blocking, and what the socket
 does not take at once is left to the thread. Writing the ack there, rather than
 waking the thread to write it, keeps ``apply`` from handing the interpreter lock
-to that thread in the middle of a step (docs/performance.md).
+to that thread in the middle of a step (docs/performance.md). A malformed message
+from the daemon is answered with ``error``, as the protocol asks of either end; then
+the connection closes and is made again.
 """
 
 from __future__ import annotations
@@ -182,11 +184,22 @@ class DaemonConnection:
                 self.last_error = exc.strerror or str(exc)
             except protocol.ProtocolError as exc:
                 self.last_error = f"protocol error: {exc}"
+                self._say_error(sock, str(exc))
             finally:
                 with self._send_lock:
                     self._sock = None
                     self._out = bytearray()
         return got_state
+
+    def _say_error(self, sock: _socket.socket, text: str) -> None:
+        """Tell the daemon why this connection is closing (best effort, never blocks)."""
+        with self._send_lock:
+            if self._out:  # a line may be half written: an error now would garble it
+                return
+            try:
+                sock.send(protocol.encode(protocol.error(text[:1000])))
+            except (OSError, protocol.ProtocolError):
+                pass  # the connection closes anyway
 
     def _drain_wake(self) -> None:
         try:

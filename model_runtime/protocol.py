@@ -34,6 +34,9 @@ from typing import Any, Final
 
 PROTOCOL_VERSION: Final = 1
 MAX_LINE_BYTES: Final = 1024 * 1024
+MAX_INT: Final = 2**63 - 1
+"""The largest version, revision, step or pid a message may carry (etcd's revisions and
+torch's tensors that carry them between ranks are 64-bit)."""
 
 HELLO: Final = "hello"
 SNAPSHOT: Final = "snapshot"
@@ -55,10 +58,19 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not a valid JSON number")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent; one too large for a float (``1e999``,
+    which Python reads as infinity) is refused like ``Infinity``."""
+    value = float(text)
+    if math.isinf(value):
+        raise ProtocolError(f"{text} is out of range for a float")
+    return value
+
+
 # Made once: ``json.dumps`` and ``json.loads`` build a new encoder or decoder on every
 # call that passes options. Both are stateless between calls, so threads may share them.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
@@ -100,6 +112,8 @@ def decode(line: bytes | str) -> dict[str, Any]:
                 raise json.JSONDecodeError("Extra data", text, end)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"line is not JSON: {exc.msg} at column {exc.colno}") from exc
+    except RecursionError:
+        raise ProtocolError("line is nested too deeply to decode") from None
     if not isinstance(message, dict):
         raise ProtocolError("message must be a JSON object")
     kind = message.get("type")
@@ -108,11 +122,25 @@ def decode(line: bytes | str) -> dict[str, Any]:
     return message
 
 
-def _require_int(message: Mapping[str, Any], field: str, *, minimum: int = 0) -> int:
+def require_int(message: Mapping[str, Any], field: str, *, minimum: int = 0) -> int:
+    """``message[field]``, an integer from ``minimum`` to ``MAX_INT``; else ``ProtocolError``."""
     value = message.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ProtocolError(f'"{message["type"]}" needs an integer "{field}" >= {minimum}')
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
+        raise ProtocolError(
+            f'"{message["type"]}" needs an integer "{field}" from {minimum} to {MAX_INT}'
+        )
     return value
+
+
+def _require_errors(message: Mapping[str, Any]) -> None:
+    """An ``applied`` message's optional ``errors``: a list of objects of strings (what
+    failed and why), which the daemon shows in ``status``."""
+    errors = message.get("errors", [])
+    if not isinstance(errors, list) or not all(
+        isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())
+        for entry in errors
+    ):
+        raise ProtocolError('"errors" must be a list of objects whose values are strings')
 
 
 def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> None:
@@ -135,15 +163,16 @@ def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> 
         if not isinstance(client, str) or len(client) > 256:
             raise ProtocolError('"client" must be a string of at most 256 characters')
         if "pid" in message:
-            _require_int(message, "pid")
+            require_int(message, "pid")
         return
     if not said_hello:
         raise ProtocolError(f'"{kind}" before "hello"')
     if kind == APPLIED:
-        _require_int(message, "version")
-        _require_int(message, "step")
+        require_int(message, "version")
+        require_int(message, "step")
+        _require_errors(message)
     elif kind == METRICS:
-        _require_int(message, "step")
+        require_int(message, "step")
         latest = message.get("latest")
         if not isinstance(latest, dict):
             raise ProtocolError('"metrics" needs an object "latest"')

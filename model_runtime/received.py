@@ -126,10 +126,8 @@ NOTHING = State.build(-1, 0, {})
 
 
 def state_from_message(message: Mapping[str, Any]) -> State:
-    for field in ("version", "revision"):
-        value = message.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise protocol.ProtocolError(f'"{message["type"]}" needs an integer "{field}" >= 0')
+    protocol.require_int(message, "version")
+    protocol.require_int(message, "revision")
     values = message.get("values")
     if not isinstance(values, dict):
         raise protocol.ProtocolError(f'"{message["type"]}" needs an object "values"')

@@ -1,0 +1,69 @@
+"""The socket protocol's own checks (``model_runtime/protocol.py``), for either end.
+
+A line is a message or a ``ProtocolError`` that says why, never another exception:
+the daemon answers a ``ProtocolError`` with ``error`` and the runtime does the same.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hotknob.model_runtime import protocol
+from hotknob.model_runtime.received import state_from_message
+
+
+def test_a_line_nested_too_deeply_is_a_protocol_error() -> None:
+    line = b'{"type":"hello","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    with pytest.raises(protocol.ProtocolError, match="nested too deeply"):
+        protocol.decode(line)
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "1.5e400"])
+def test_a_number_too_large_for_a_float_is_refused_like_infinity(number: str) -> None:
+    line = b'{"type":"update","version":1,"revision":1,"values":{"train":{"lr":NUMBER}}}'
+    with pytest.raises(protocol.ProtocolError, match="out of range"):
+        protocol.decode(line.replace(b"NUMBER", number.encode()))
+
+
+def test_ordinary_floats_still_decode_exactly() -> None:
+    values = {"lr": 3e-4, "tiny": 5e-324, "big": 1.7976931348623157e308, "neg": -0.0}
+    line = protocol.encode(protocol.update(1, 1, {}, values))
+    assert protocol.decode(line)["values"] == values
+
+
+@pytest.mark.parametrize("field", ["version", "revision"])
+def test_a_state_numbered_past_64_bits_is_refused(field: str) -> None:
+    message = {"type": "update", "version": 1, "revision": 1, "values": {}}
+    state_from_message({**message, field: protocol.MAX_INT})
+    with pytest.raises(protocol.ProtocolError, match=f'"{field}" from 0 to'):
+        state_from_message({**message, field: protocol.MAX_INT + 1})
+
+
+def _hello_then(message: dict[str, object]) -> None:
+    protocol.validate_client_message(message, said_hello=True)
+
+
+def test_applied_numbers_are_bounded() -> None:
+    _hello_then({"type": "applied", "version": protocol.MAX_INT, "step": 0})
+    for field in ("version", "step"):
+        bad = {"type": "applied", "version": 1, "step": 1, field: 2**64}
+        with pytest.raises(protocol.ProtocolError, match=f'integer "{field}"'):
+            _hello_then(bad)
+
+
+@pytest.mark.parametrize(
+    "errors",
+    [["boom"], [[1, 2]], {"key": "x"}, [{"key": 1}], "boom"],
+)
+def test_applied_errors_must_be_objects_of_strings(errors: object) -> None:
+    with pytest.raises(protocol.ProtocolError, match='"errors"'):
+        _hello_then({"type": "applied", "version": 1, "step": 1, "errors": errors})
+
+
+def test_applied_errors_as_the_runtime_sends_them_are_valid() -> None:
+    errors = [{"binding": "OptimizerBinding", "error": "InvalidValue: no"}, {"key": "a.b"}]
+    message = protocol.decode(protocol.encode(protocol.applied(3, 9, errors=errors)))
+    _hello_then(message)
+    assert json.loads(protocol.encode(message))["errors"] == errors
