@@ -98,7 +98,8 @@ class LiveConfig:
         self._pending: State | None = None
         self._applied = NOTHING
         self._applied_step = 0
-        self._latest: State | None = None
+        self._latest: State | None = None  # the newest state to converge to
+        self._superseded: State | None = None  # the daemon's state a checkpoint replaced
         self._received: deque[State] = deque(maxlen=_HISTORY)
         self._lock = threading.Lock()
         self._first_state = threading.Event()
@@ -354,8 +355,11 @@ class LiveConfig:
         loading), then bindings and callbacks see the keys the checkpoint
         changed, so every bound object agrees with ``values``. If the daemon has
         already sent a newer version than the checkpoint's, that state becomes
-        pending and wins at the next ``apply``; anything the daemon sends after
-        the load is a new edit and is applied as usual.
+        pending and wins at the next ``apply``; else the checkpoint stays in force,
+        under torch.distributed too, and the daemon's state it replaced does not come
+        back by itself (a reconnect that re-sends exactly that state changes nothing).
+        Anything else the daemon sends after the load is a new edit and is applied as
+        usual.
         """
         try:
             fmt = state_dict.get("format", _STATE_DICT_FORMAT)
@@ -372,6 +376,9 @@ class LiveConfig:
             latest = self._latest
             newer = latest is not None and latest.version > loaded.version
             self._pending = latest if newer else None
+            if not newer:
+                self._superseded = latest
+                self._latest = loaded  # what the ranks converge to, under a group
         self._hooks.run(old, loaded)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -399,13 +406,23 @@ class LiveConfig:
         self._receive(state_from_message(message), is_snapshot)
 
     def _receive(self, state: State, is_snapshot: bool) -> None:
-        """Keep ``state`` as pending unless it is exactly what is already applied."""
+        """Keep ``state`` as pending unless it is exactly what is already applied, or the
+        daemon's state a loaded checkpoint replaced, sent again."""
         with self._lock:
-            self._latest = state
             self._received.append(state)
             applied = self._applied
-            up_to_date = state.same_as(applied)
-            self._pending = None if up_to_date else state
+            superseded = self._superseded
+            if (
+                superseded is not None
+                and state.same_as(superseded)
+                and state.revision == superseded.revision
+            ):
+                up_to_date = True  # sent again: the loaded checkpoint stays in force
+            else:
+                self._superseded = None  # a new edit: from now on, the daemon's state wins
+                self._latest = state
+                up_to_date = state.same_as(applied)
+                self._pending = None if up_to_date else state
             step = self._applied_step
         if up_to_date and is_snapshot:
             self._conn.send(protocol.applied(applied.version, step))

@@ -6,7 +6,8 @@ Registered and run on the training thread only (in ``LiveConfig.apply`` or
 * bindings run in registration order, before callbacks; both only when some value
   changed, and bindings see every flat value plus the subset that changed;
 * a callback on a leaf (``train.lr``) or a section (``train``) fires once when any
-  key under it changed, with the new value, and the old one if it takes two arguments;
+  key under it changed or went away, with the new value (None for a key that is gone),
+  and the old one if it takes two arguments;
 * one that raises is logged and reported in the returned errors (they go to the
   daemon in the ``applied`` acknowledgement); the others still run;
 * with nothing registered, running them costs one check.
@@ -49,8 +50,9 @@ def _wants_old(fn: Callable[..., None]) -> bool:
 
 
 def _value(state: State, key: str) -> Any:
+    """The value at ``key`` (a leaf or a section); None if ``state`` has no such key."""
     value = state.flat.get(key, MISSING)
-    return get_dotted(state.values, key) if value is MISSING else value
+    return get_dotted(state.values, key, None) if value is MISSING else value
 
 
 class Hooks:
@@ -77,18 +79,19 @@ class Hooks:
         if not self._bindings and not self._callbacks:
             return []
         changed = {k: v for k, v in new.flat.items() if old.flat.get(k, MISSING) != v}
-        if not changed:
+        removed = old.flat.keys() - new.flat.keys()  # a daemon restarted on another schema
+        if not changed and not removed:
             return []
         errors: list[dict[str, str]] = []
         changed_view = MappingProxyType(changed)
-        for binding in list(self._bindings.values()):
+        for binding in list(self._bindings.values()) if changed else ():
             try:
                 binding.apply(new.flat_view, changed_view)
             except Exception as exc:
                 name = type(binding).__name__
                 log.exception("live_binding_failed binding=%s version=%d", name, new.version)
                 errors.append({"binding": name, "error": f"{type(exc).__name__}: {exc}"})
-        touched = prefixes(list(changed))
+        touched = prefixes([*changed, *removed])
         for callback in list(self._callbacks.values()):
             if callback.key not in touched:
                 continue

@@ -140,6 +140,13 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
         last_ack = 5 if rank == 0 else 3  # rank 1's daemon never sent 0.003 nor 0.005
         stub.wait_for(lambda: stub.messages("applied")[-1]["version"] == last_ack)
         acked = [m["version"] for m in stub.messages("applied")]
+        # 6: a checkpoint loaded on every rank stays in force over the daemons' older
+        # states, as in a single process; 7: an edit after it is applied.
+        saved = live.state_dict()
+        saved["version"], saved["values"]["train"]["lr"] = 99, 0.5
+        live.load_state_dict(saved)
+        phase(None)
+        phase(0.007)
         live.close()
     result = {"steps": steps, "acked": acked, "version": live.version}
     (out / f"proto-{rank}.json").write_text(json.dumps(result))
@@ -311,7 +318,10 @@ def test_protocol_cases_two_ranks_each_with_its_own_daemon(tmp_path: Path) -> No
     assert lr_at[12] == 0.004
     # 5: the daemons disagree at one revision: rank 0's values win on both.
     assert lr_at[15] == 0.005
-    assert applied_at == [3, 9, 12, 15]
+    # 6: the loaded checkpoint holds; 7: the edit after it is applied on both.
+    assert [lr_at[s] for s in (16, 17, 18)] == [0.5] * 3
+    assert [lr_at[s] for s in (19, 20, 21)] == [0.5, 0.5, 0.007]
+    assert applied_at == [3, 9, 12, 15, 21]
     # Rank 1 never acknowledges values that its own daemon did not send (0.003).
     assert r1["acked"] == [1, 2, 3]
     assert r0["acked"] == [1, 2, 3, 4, 5]

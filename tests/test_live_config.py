@@ -303,6 +303,9 @@ def test_malformed_line_from_the_daemon_drops_only_that_connection(
     stub.send_raw(b"this is not json\n")
     stub.wait_for(lambda: len(stub.messages("hello")) == 2)
     assert live["train.lr"] == 0.001
+    # Either end answers a malformed message with ``error`` before it closes.
+    (said,) = stub.messages("error")
+    assert said["error"].startswith("line is not JSON")
     version = stub.push(with_values(train={"lr": 0.009}))
     eventually(lambda: live.pending_version == version)
     assert live.apply(1) is True and live["train.lr"] == 0.009
@@ -352,6 +355,55 @@ def test_newer_daemon_state_wins_over_a_loaded_checkpoint(
     assert live.pending_version == 7
     assert live.apply(1) is True
     assert live["train.lr"] == 0.001 and live.version == 7
+
+
+def test_a_loaded_checkpoint_outlives_a_reconnect_that_resends_the_replaced_state(
+    sock_path: str,
+) -> None:
+    with DaemonStub(sock_path, BASE, version=3):
+        live = LiveConfig.connect(sock_path, timeout=5)
+        saved = live.state_dict()
+        saved["version"], saved["values"]["train"]["lr"] = 8, 99.0
+        live.load_state_dict(saved)
+        assert live.apply(1) is False and live["train.lr"] == 99.0
+    try:
+        # The daemon comes back with the state the checkpoint replaced: nothing was
+        # edited, so the checkpoint stays in force (and the daemon hears what is).
+        with DaemonStub(sock_path, BASE, version=3) as same:
+            same.wait_for(lambda: acks(same) == [(8, 0)])  # the checkpoint's step
+            assert live.pending_version == 8 and live.apply(2) is False
+            assert live["train.lr"] == 99.0
+            # An edit is a real change, whatever its version number; after it the
+            # daemon's state wins again, the replaced one included.
+            assert same.push(with_values(train={"lr": 0.25})) == 4
+            eventually(lambda: live.pending_version == 4)
+            assert live.apply(3) is True and live["train.lr"] == 0.25
+        with DaemonStub(sock_path, BASE, version=3):
+            eventually(lambda: live.pending_version == 3)
+            assert live.apply(4) is True and live["train.lr"] == 0.001
+    finally:
+        live.close()
+
+
+def test_section_callbacks_fire_when_a_key_under_them_goes_away(sock_path: str) -> None:
+    with DaemonStub(sock_path, BASE, version=7):
+        live = LiveConfig.connect(sock_path, timeout=5)
+    try:
+        sections: list[dict[str, Any]] = []
+        leaves: list[Any] = []
+        untouched: list[Any] = []
+        live.on_change("sampling", lambda new: sections.append(dict(new)))
+        live.on_change("sampling.top_p", lambda new, old: leaves.append((new, old)))
+        live.on_change("train", untouched.append)
+        fewer = {"train": dict(BASE["train"]), "sampling": {"temperature": 1.0}}
+        with DaemonStub(sock_path, fewer, version=8):  # restarted on another schema
+            eventually(lambda: live.pending_version == 8)
+            assert live.apply(1) is True
+        assert sections == [{"temperature": 1.0}]
+        assert leaves == [(None, BASE["sampling"]["top_p"])]
+        assert untouched == []
+    finally:
+        live.close()
 
 
 def test_load_state_dict_rejects_garbage(live: LiveConfig) -> None:
