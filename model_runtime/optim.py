@@ -108,9 +108,10 @@ class OptimizerBinding:
     the optimizer and scheduler exactly as they were. Applying the value that
     is already in force changes nothing, bit for bit.
 
-    Group ratios are taken at construction, relative to group 0's base rate
-    (the scheduler's base, else the group's current lr); a live lr ``L`` gives
-    group ``i`` the base ``L * ratio_i``.
+    Group ratios are taken at construction, relative to the base rate (the
+    scheduler's base, else the group's current lr) of the first group whose base is
+    not 0, the reference group; a live lr ``L`` gives group ``i`` the base
+    ``L * ratio_i``. A group whose base is 0 (frozen) keeps ratio 0 and stays at 0.
     """
 
     def __init__(
@@ -133,17 +134,22 @@ class OptimizerBinding:
         self._own_bases: list[float] | None = None
         if bases is None:
             bases = self._own_bases = [_num(g["lr"]) for g in optimizer.param_groups]
-        self._ratios = [b / bases[0] if bases[0] != 0 else 1.0 for b in bases]
+        reference = next((b for b in bases if b != 0), 0.0)
+        self._ratios = [b / reference if reference != 0 else 1.0 for b in bases]
 
     @property
     def ratios(self) -> tuple[float, ...]:
-        """Each group's base rate relative to group 0's, as fixed at bind time."""
+        """Each group's base rate relative to the reference group's, as fixed at bind time."""
         return tuple(self._ratios)
 
     @property
     def base_lr(self) -> float:
-        """Group 0's base rate in force now: what a live lr value sets."""
-        return self._bases()[0]
+        """The reference group's base rate in force now: what a live lr value sets."""
+        return self._bases()[self._reference()]
+
+    def _reference(self) -> int:
+        """The reference group: the first whose ratio is not 0."""
+        return next((i for i, r in enumerate(self._ratios) if r != 0), 0)
 
     def apply(self, values: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
         """Apply the bound keys that changed; see the class docstring for the guarantees."""
@@ -204,6 +210,13 @@ class OptimizerBinding:
         groups = self.optimizer.param_groups
         old_bases = self._bases()
         new_bases = [live * r for r in self._ratios]
+        if live == old_bases[self._reference()]:
+            # The value in force: a group whose base is that value times its ratio keeps
+            # it bit for bit (``live * ratio`` may differ from it in the last place).
+            new_bases = [
+                old if math.isclose(old, new, rel_tol=1e-12, abs_tol=0.0) else new
+                for old, new in zip(old_bases, new_bases, strict=True)
+            ]
         schedulers = list({id(s): s for s in _walk(self.scheduler)}.values())
         one_cycle = any(isinstance(s, lrs.OneCycleLR) for s in schedulers)
         floor = _floor(self.scheduler)
@@ -213,16 +226,17 @@ class OptimizerBinding:
             if new == old:
                 continue
             touched = True
-            if old == 0:
-                _put(group, "lr", new)
-                continue
-            f = new / old
+            f = new / old if old != 0 else 0.0
 
-            def scaled(x: Any, f: float = f, old: float = old, new: float = new) -> float:
+            def scaled(
+                x: Any, floor_kind: bool = False, f: float = f, old: float = old, new: float = new
+            ) -> float:
                 v = _num(x)
+                if old == 0:  # from 0 nothing scales: a base becomes ``new``, a floor stays
+                    return v if floor_kind else new
                 return new if v == old else v * f
 
-            if self.scheduler is None:
+            if self.scheduler is None or old == 0:
                 _put(group, "lr", new)
             elif old != floor:
                 cur = _num(group["lr"])
@@ -231,12 +245,12 @@ class OptimizerBinding:
                 _put(group, "lr", _num(group["lr"]) * f)
             for key in ("initial_lr", *(("max_lr", "min_lr") if one_cycle else ())):
                 if key in group:
-                    _put(group, key, scaled(group[key]))
+                    _put(group, key, scaled(group[key], key == "min_lr"))
             for s in schedulers:
                 for attr in ("base_lrs", "max_lrs", "min_lrs"):
                     seq = getattr(s, attr, None)
                     if isinstance(seq, list) and len(seq) == len(groups):
-                        _put(seq, i, scaled(seq[i]))
+                        _put(seq, i, scaled(seq[i], attr == "min_lrs"))
         if self._own_bases is not None:
             self._own_bases = new_bases
         if touched:

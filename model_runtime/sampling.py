@@ -42,10 +42,10 @@ class SamplingParams:
             want = int if f.type in (int, "int") else float
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise InvalidValue(f"sampling.{f.name}: expected a number, got {v!r}")
-            if want is int and v != int(v):
-                raise InvalidValue(f"sampling.{f.name}: expected an integer, got {v!r}")
             if not math.isfinite(v):
                 raise InvalidValue(f"sampling.{f.name}: expected a finite number, got {v!r}")
+            if want is int and v != int(v):
+                raise InvalidValue(f"sampling.{f.name}: expected an integer, got {v!r}")
             object.__setattr__(self, f.name, want(v))
         checks = (
             ("temperature", self.temperature >= 0, ">= 0"),

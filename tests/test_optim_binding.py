@@ -76,6 +76,52 @@ def test_first_bind_with_equal_values_changes_nothing() -> None:
     assert [dict(g) for g in opt.param_groups] == before
 
 
+def test_first_bind_with_the_value_in_force_keeps_every_group_bit_for_bit() -> None:
+    # 0.001266 / 0.002286 * 0.002286 is 0.0012659999999999998: a ratio does not round-trip.
+    m = _model()
+    opt = torch.optim.SGD(
+        [{"params": m[0].parameters(), "lr": 0.002286}, {"params": m[1].parameters()}],
+        lr=0.001266,
+    )
+    binding = OptimizerBinding(opt)
+    _set(binding, lr=0.002286)
+    assert _lrs(opt) == [0.002286, 0.001266]
+    _set(binding, lr=0.004)  # another value: the ratio applies as usual
+    assert _lrs(opt) == pytest.approx([0.004, 0.004 * 0.001266 / 0.002286])
+
+
+def test_a_frozen_group_stays_frozen_and_the_others_keep_their_ratio() -> None:
+    m = _model()
+    frozen = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(
+        [
+            {"params": frozen.parameters(), "lr": 0.0},
+            {"params": m[0].parameters(), "lr": 1e-3},
+            {"params": m[1].parameters(), "lr": 2e-3},
+        ],
+        lr=1e-3,
+    )
+    binding = OptimizerBinding(opt)
+    assert binding.ratios == (0.0, 1.0, 2.0)
+    assert binding.base_lr == 1e-3  # the first group whose base is not 0 is the reference
+    _set(binding, lr=4e-3)
+    assert _lrs(opt) == [0.0, 4e-3, 8e-3]
+    assert OptimizerBinding(opt).ratios == (0.0, 1.0, 2.0)  # bound again: the same
+
+
+def test_groups_all_at_zero_take_the_live_lr_and_the_schedule_follows_it() -> None:
+    opt = _sgd(0.0)
+    sched = lrs.LambdaLR(opt, lambda epoch: 0.5**epoch)
+    binding = OptimizerBinding(opt, sched)
+    assert binding.ratios == (1.0, 1.0)  # no base to take a ratio from
+    _set(binding, lr=0.1)
+    assert _lrs(opt) == [0.1, 0.1]
+    assert sched.base_lrs == [0.1, 0.1]  # else the schedule would take it back to 0
+    _train_step(opt)
+    sched.step()
+    assert _lrs(opt) == pytest.approx([0.05, 0.05])
+
+
 def test_only_changed_keys_are_applied() -> None:
     opt = _sgd(0.1)
     binding = OptimizerBinding(opt)
@@ -328,3 +374,26 @@ def test_unknown_scheduler_falls_back_to_rebase() -> None:
     _train_step(opt)
     sched.step()
     assert _lrs(opt) == pytest.approx([0.025, 0.0025])
+
+
+def test_resume_binding_first_then_loading_keeps_the_plateau_cuts() -> None:
+    """The order ``docs/schedulers.md`` gives for a resume: bind, then load the optimizer's,
+    the scheduler's and the binding's state (``LiveConfig.load_state_dict``)."""
+    opt = _sgd(1e-2)
+    sched = lrs.ReduceLROnPlateau(opt, factor=0.1, patience=0)
+    binding = OptimizerBinding(opt, sched)
+    for loss in (1.0, 2.0, 3.0):
+        sched.step(loss)
+    assert _lrs(opt) == pytest.approx([1e-4, 1e-5])  # two cuts
+    saved = {"opt": opt.state_dict(), "sched": sched.state_dict(), "bind": binding.state_dict()}
+
+    opt2 = _sgd(1e-2)
+    sched2 = lrs.ReduceLROnPlateau(opt2, factor=0.1, patience=0)
+    binding2 = OptimizerBinding(opt2, sched2)
+    _set(binding2, lr=1e-2)  # what ``bind_optimizer`` does with the live value
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    binding2.load_state_dict(saved["bind"])
+    assert _lrs(opt2) == pytest.approx([1e-4, 1e-5])
+    _set(binding2, lr=5e-3)  # a live change after the resume scales what the cuts left
+    assert _lrs(opt2) == pytest.approx([5e-5, 5e-6])

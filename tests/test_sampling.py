@@ -61,6 +61,9 @@ def test_params_are_checked_and_coerced() -> None:
         {"repetition_penalty": 0.0},
         {"max_new_tokens": 0},
         {"temperature": math.nan},
+        {"top_k": math.inf},
+        {"max_new_tokens": -math.inf},
+        {"top_k": math.nan},
         {"top_k": True},
         {"temperature": "hot"},
     ):
