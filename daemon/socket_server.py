@@ -185,6 +185,8 @@ class SocketServer:
         writer. The caller holds ``conn.lock``."""
         if not conn.idle():
             return False
+        if conn.last_sent is not None and new.version <= conn.last_sent.version:
+            return True  # its snapshot already had this state (a push held back by the throttle)
         try:
             data = self._message_for(conn.last_sent, new)
         except protocol.ProtocolError:

@@ -250,6 +250,21 @@ def test_a_snapshot_is_the_newest_state_and_late_clients_get_no_stale_update(
     assert update is not None and update["version"] == 6 and update["changed"] == {"train.lr": 0.3}
 
 
+def test_a_push_of_the_state_a_snapshot_already_had_sends_nothing(
+    harness: Harness, clients: list[Client]
+) -> None:
+    # The engine's current state runs ahead of a push the throttle holds back: a client
+    # that says hello in between gets it in its snapshot, and the push must not repeat it.
+    harness.publish(make_state(1))
+    harness.state = make_state(2, lr=0.5)
+    c = connect(harness, clients)
+    assert c.hello()["version"] == 2
+    harness.publish(make_state(2, lr=0.5))  # the push the throttle held back
+    harness.publish(make_state(3, lr=0.6))
+    update = c.recv()  # the next line is version 3's update, nothing before it
+    assert update is not None and update["version"] == 3 and update["changed"] == {"train.lr": 0.6}
+
+
 def _version_of(line: bytes) -> int:
     match = re.search(rb'"version":(\d+)', line[:200])
     assert match is not None, line[:200]
