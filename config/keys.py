@@ -57,22 +57,33 @@ def flatten(
     return flat
 
 
+class KeyClash(ValueError):
+    """Two keys of one flat mapping that cannot both be nested: ``key`` lies below
+    ``other``'s value (not a mapping), or ``other`` lies below ``key``'s."""
+
+    def __init__(self, key: str, other: str):
+        self.key = key
+        self.other = other
+        super().__init__(f"key {key!r} conflicts with key {other!r}")
+
+
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     """``{"train.lr": 1}`` -> ``{"train": {"lr": 1}}``; a leaf and a section may not clash.
 
     A mapping value is copied, never edited: ``{"tags": {"a": 1}, "tags.b": 2}`` gives
-    ``{"tags": {"a": 1, "b": 2}}`` and leaves the caller's ``{"a": 1}`` as it was."""
+    ``{"tags": {"a": 1, "b": 2}}`` and leaves the caller's ``{"a": 1}`` as it was.
+    Raises ``KeyClash`` naming both keys of a clash."""
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         parts = key.split(".")
         node = nested
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1], start=1):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(f"key {key!r} conflicts with the value at {part!r}")
+                raise KeyClash(key, ".".join(parts[:depth]))
             node = child
         if isinstance(node.get(parts[-1]), dict):
-            raise ValueError(f"key {key!r} conflicts with a section of the same name")
+            raise KeyClash(key, next((k for k in flat if k.startswith(key + ".")), key))
         node[parts[-1]] = _copied(value)
     return nested
 
@@ -102,13 +113,14 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constants)  # made once: stateles
 def parse_text(text: str) -> Any:
     """A JSON-text value (``0.0003``, ``true``, ``"cosine"``); a bare word stays a string.
 
-    ``NaN`` and ``Infinity`` are not JSON and stay strings: a number field rejects them
-    (and a float the schema lets through as NaN or infinity, the merge rejects).
+    So does text nested too deeply to decode (``[[[[...``): the schema rejects it with a
+    clear reason. ``NaN`` and ``Infinity`` are not JSON and stay strings: a number field
+    rejects them (and a float the schema lets through as NaN or infinity, the merge rejects).
     """
     stripped = text.strip()
     try:  # ``raw_decode``: ``decode`` would run two whitespace regexes, cold, per value
         value, end = _DECODER.raw_decode(stripped)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deeply to decode: a string, rejected
         return text
     return value if end == len(stripped) else text
 

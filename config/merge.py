@@ -7,8 +7,9 @@ layer whose value won (or the layer that sent an unreadable one).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
@@ -17,8 +18,8 @@ from typing import Any
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from .errors import InvalidChange, Problem, UsageError
-from .keys import unflatten
-from .schema import iter_leaves, secret_keys
+from .keys import KeyClash, unflatten
+from .schema import iter_leaves, mapping_keys, secret_keys
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
@@ -59,10 +60,13 @@ def _loc_to_key(loc: Iterable[Any]) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _known(key: str, leaves: frozenset[str]) -> bool:
-    """A key is known if it is a leaf or lies inside a leaf (a dict-typed field)."""
+def _known(key: str, leaves: frozenset[str], mappings: frozenset[str]) -> bool:
+    """A key is known if it is a leaf or lies below a leaf that holds a mapping (a dict-typed
+    field); a key below any other leaf (``train.lr.x``) is not a key of the schema."""
+    if key in leaves:
+        return True
     parts = key.split(".")
-    return any(".".join(parts[:i]) in leaves for i in range(1, len(parts) + 1))
+    return any(".".join(parts[:i]) in mappings for i in range(1, len(parts)))
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class _SchemaFacts:
     """
 
     leaves: frozenset[str]
+    mappings: frozenset[str]
     ordered: tuple[tuple[str, tuple[str, ...]], ...]
     paths: dict[str, tuple[str, ...]]
     secrets: frozenset[str]
@@ -83,7 +88,7 @@ class _SchemaFacts:
     def is_known(self, key: str) -> bool:
         known = self.known.get(key)
         if known is None:
-            known = _known(key, self.leaves)
+            known = _known(key, self.leaves, self.mappings)
             if len(self.known) < _KNOWN_CACHE_LIMIT:  # junk keys must not grow it for ever
                 self.known[key] = known
         return known
@@ -93,7 +98,9 @@ class _SchemaFacts:
 def _facts(schema: type[BaseModel]) -> _SchemaFacts:
     keys = [leaf.key for leaf in iter_leaves(schema)]
     ordered = tuple((key, tuple(key.split("."))) for key in keys)
-    return _SchemaFacts(frozenset(keys), ordered, dict(ordered), secret_keys(schema), {})
+    return _SchemaFacts(
+        frozenset(keys), mapping_keys(schema), ordered, dict(ordered), secret_keys(schema), {}
+    )
 
 
 def _nest_leaves(flat: Mapping[str, Any], paths: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
@@ -166,8 +173,8 @@ def merge_layers(
 
     try:
         nested = _nest_leaves(merged, facts.paths) if all_leaves else unflatten(merged)
-    except ValueError as exc:
-        raise InvalidChange([Problem("", "", str(exc))]) from exc
+    except KeyClash as exc:  # a key below a mapping leaf, and that leaf set to a non-mapping
+        raise InvalidChange(_clash(exc, merged, winners)) from exc
     try:
         model = schema.model_validate(nested)
     except ValidationError as exc:
@@ -184,6 +191,10 @@ def merge_layers(
     ]
     if problems:  # a schema that allows NaN or infinity: no client could be sent it
         raise InvalidChange(problems)
+    too_large = oversized(values, flat)
+    if too_large is not None:
+        key, reason = too_large
+        raise InvalidChange([Problem(key, winners.get(key, "defaults"), reason, flat[key])])
     sources = {key: winners.get(key, "defaults") for key in flat}
     # A layer's values are already a read-only copy of its own (``Layer.__post_init__``).
     said = {name: by_name[name].values for name in order}
@@ -195,6 +206,15 @@ def merge_layers(
         layers=MappingProxyType(said),
         precedence=tuple(precedence),
     )
+
+
+def _clash(exc: KeyClash, merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:
+    """Both keys of a clash, each with its own layer, so that a live layer's key can be
+    dropped whichever of the two it is."""
+    return [
+        Problem(key, winners[key], f"conflicts with {other} (from {winners[other]})", merged[key])
+        for key, other in ((exc.key, exc.other), (exc.other, exc.key))
+    ]
 
 
 @dataclass(frozen=True)
@@ -253,6 +273,33 @@ def validate_leaves(
 
 _NOT_FINITE = "must be a finite number (the socket protocol cannot carry NaN or infinity)"
 
+MAX_STATE_BYTES = 448 * 1024
+"""The most a state's values may take as JSON. A protocol line holds at most 1 MiB, and an
+``update`` carries the values twice over at worst (as ``values`` and as ``changed``), a
+``snapshot`` the values and their sources: this leaves both room to spare."""
+
+
+def state_bytes(values: Mapping[str, Any]) -> int:
+    """The size of ``values`` (sections are plain dicts) as JSON, as the protocol sends it."""
+    return len(_STATE_ENCODER.encode(dict(values)).encode("utf-8"))
+
+
+_STATE_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def oversized(values: Mapping[str, Any], flat: Mapping[str, Any]) -> tuple[str, str] | None:
+    """None if ``values`` fit in ``MAX_STATE_BYTES``; else the key of the largest value and
+    why the state cannot be sent (to blame that key's layer)."""
+    size = state_bytes(values)
+    if size <= MAX_STATE_BYTES:
+        return None
+    sizes = {key: state_bytes({"": value}) for key, value in flat.items()}
+    key = max(sizes, key=sizes.__getitem__)
+    return key, (
+        f"makes the configuration {size} bytes as JSON, over the {MAX_STATE_BYTES} that "
+        f"the socket protocol carries (this value: {sizes[key]} bytes)"
+    )
+
 
 def non_finite(flat: Mapping[str, Any]) -> list[str]:
     """The keys whose value is, or holds, a float that is NaN or infinite."""
@@ -285,13 +332,18 @@ def merge_dropping_invalid(
     precedence: Sequence[str] = DEFAULT_PRECEDENCE,
     *,
     layer: str = "etcd",
+    on_drop: Callable[[InvalidChange, list[Problem]], None] | None = None,
 ) -> tuple[Snapshot, list[Problem]]:
     """Merge, dropping the keys of ``layer`` that make the result invalid, as the daemon does.
 
     A live layer can hold a value nobody validated (written with etcdctl); the
     daemon never applies it, so views of the configuration must not fail on it.
-    Returns the snapshot and the problems of the dropped keys. Problems in any
-    other layer still raise ``InvalidChange``.
+    Keys are dropped one round at a time: first those a problem names with ``layer``;
+    failing those (a rule across fields, which pydantic reports on a section or on the
+    whole model), the keys of ``layer`` at, under or above the problems' keys, else all
+    of them. ``on_drop(error, problems)`` hears of each round. Returns the snapshot and
+    the problems of the dropped keys. If the other layers are invalid without ``layer``,
+    their ``InvalidChange`` is raised: then ``layer`` is not to blame.
     """
     current = list(layers)
     dropped: list[Problem] = []
@@ -301,10 +353,38 @@ def merge_dropping_invalid(
         except InvalidChange as exc:
             bad = [p for p in exc.problems if p.layer == layer]
             if not bad:
-                raise
+                bad = _blamed_for_a_rule(schema, current, precedence, layer, exc)
             dropped.extend(bad)
+            if on_drop is not None:
+                on_drop(exc, bad)
             keys = {p.key for p in bad}
             current = [lay.without(keys) if lay.name == layer else lay for lay in current]
+
+
+def _blamed_for_a_rule(
+    schema: type[BaseModel],
+    layers: list[Layer],
+    precedence: Sequence[str],
+    name: str,
+    exc: InvalidChange,
+) -> list[Problem]:
+    """The keys of layer ``name`` to drop for problems that name none of its keys; re-raises
+    the other layers' own ``InvalidChange`` if they are invalid without it."""
+    live = next((lay for lay in layers if lay.name == name and lay.values), None)
+    if live is None:
+        raise exc
+    merge_layers(schema, [lay for lay in layers if lay.name != name], precedence)
+    reasons = {p.key: p.reason for p in exc.problems}
+    near = {
+        key: reason
+        for key in live.values
+        for at, reason in reasons.items()
+        if at and (key == at or key.startswith(at + ".") or at.startswith(key + "."))
+    }
+    if not near:  # a rule over the whole model
+        text = "; ".join(sorted(set(reasons.values())))
+        near = dict.fromkeys(live.values, text)
+    return [Problem(key, name, reason, live.values[key]) for key, reason in near.items()]
 
 
 def _reveal_secrets(

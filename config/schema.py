@@ -13,7 +13,8 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeGuard, get_args
+from types import UnionType
+from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
@@ -83,6 +84,25 @@ def iter_leaves(model: type[BaseModel], prefix: str = "") -> Iterator[Leaf]:
             yield from iter_leaves(field.annotation, f"{key}.")
         else:
             yield Leaf(key, field, _is_live(field))
+
+
+def holds_mapping(annotation: Any) -> bool:
+    """Whether a leaf of this type holds a mapping (``dict[str, float]``, an optional model or
+    dict): only below such a leaf may a dotted key go on (``weights.head``)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return holds_mapping(get_args(annotation)[0])
+    if origin is Union or origin is UnionType:
+        return any(holds_mapping(arg) for arg in get_args(annotation))
+    kind = origin if origin is not None else annotation
+    return isinstance(kind, type) and issubclass(kind, Mapping | BaseModel)
+
+
+def mapping_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The leaves of ``model`` that hold a mapping (see ``holds_mapping``)."""
+    return frozenset(
+        leaf.key for leaf in iter_leaves(model) if holds_mapping(leaf.field.annotation)
+    )
 
 
 def leaf_map(model: type[BaseModel]) -> dict[str, Leaf]:

@@ -31,6 +31,7 @@ LAYERS = ("defaults", "files", "etcd", "env", "cli")
 LIVE_LAYERS = frozenset({"files", "etcd"})
 DEFAULT_ENV_PREFIX = "HOTKNOB_PARAM_"
 MAX_FILE_BYTES = 4 * 1024 * 1024
+MAX_FILE_DEPTH = 64  # mappings and lists within one another: far beyond any real config
 FILE_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 
 
@@ -92,6 +93,15 @@ class _StrictYamlLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # a list or mapping as a key (``? [a, b]``)
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    "found unhashable key",
+                    key_node.start_mark,
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -127,8 +137,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """Parse one config file (YAML, TOML or JSON by extension) into a nested dict.
 
     Raises ``LayerError`` (layer ``files``) naming the file and the reason for a
-    missing, unreadable, empty, oversized, non-UTF-8 or unparsable file, or one
-    whose top level is not a mapping.
+    missing, unreadable, empty, oversized, non-UTF-8 or unparsable file, one nested
+    more than ``MAX_FILE_DEPTH`` levels deep, or one whose top level is not a mapping.
+    What it returns is at most that deep, so code that walks it recursively is safe.
     """
     path = Path(path)
     kind = FILE_SUFFIXES.get(path.suffix.lower())
@@ -154,13 +165,34 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         parsed = parse_config_text(text, kind)
     except RecursionError:
-        raise LayerError("files", f"{path}: nested too deeply") from None
+        raise LayerError("files", _too_deep(path)) from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         raise LayerError("files", f"{path}: not valid {kind.upper()}: {reason}") from exc
     if not isinstance(parsed, dict):
         raise LayerError("files", f"{path}: the top level must be a mapping of sections")
+    if _depth_exceeds(parsed, MAX_FILE_DEPTH):
+        raise LayerError("files", _too_deep(path))
     return parsed
+
+
+def _too_deep(path: Path) -> str:
+    return f"{path}: nested too deeply (more than {MAX_FILE_DEPTH} levels)"
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether mappings and lists lie more than ``limit`` levels within one another (without
+    recursion: a parser accepts depths that a recursive walk does not survive)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def files_layer(schema: type[BaseModel], files: Sequence[tuple[Path, Mapping[str, Any]]]) -> Layer:

@@ -64,6 +64,38 @@ def _validate_etcd_state(
     return snapshot, shadowed
 
 
+_BELOW_SHADOWING = ("defaults", "files")
+
+
+def _rejected_on_top(
+    ctx: Context, layers: list[Layer], etcd_values: Mapping[str, Any]
+) -> list[Problem]:
+    """The etcd keys that would be rejected if etcd were the highest layer: merged over the
+    defaults and the files alone, without the env and cli layers that may shadow them now.
+
+    A value an env var or ``--set`` shadows has no effect while they are set, but takes
+    effect as soon as a daemon runs without them: it is checked all the same. Keys are
+    dropped one round at a time, as the daemon does; problems of the files themselves
+    (a file value that env or cli shadows) are not this check's to report.
+    """
+    below = [layer for layer in layers if layer.name in _BELOW_SHADOWING]
+    order = (*(name for name in ctx.precedence if name in _BELOW_SHADOWING), "etcd")
+    values = dict(etcd_values)
+    found: list[Problem] = []
+    while True:
+        candidate = Layer("etcd", values, dict.fromkeys(values, "set"))
+        try:
+            merge_layers(ctx.schema, [*below, candidate], order)
+        except InvalidChange as exc:
+            bad = [p for p in exc.problems if p.layer == "etcd"]
+            if bad:
+                found.extend(bad)
+                for problem in bad:
+                    values.pop(problem.key, None)
+                continue
+        return found
+
+
 def _print_diff(diff: Mapping[str, tuple[Any, Any]], as_json: bool, header: str) -> None:
     if as_json:
         print(dumps({k: {"old": o, "new": n} for k, (o, n) in diff.items()}))
@@ -106,17 +138,26 @@ def _write(
     With ``guard``, its record (see guard_records.py) is written in the same transaction."""
     layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
-    # Keys already in etcd that the daemon rejects are left as they are, and out of the check.
+    touched = {*puts, *deletes}
+    # Keys already in etcd that the daemon rejects are left as they are, and out of the check;
+    # so are those that would be rejected but for a higher layer that shadows them.
     _, dropped = merge_dropping_invalid(ctx.schema, layers, ctx.precedence)
-    ignored = {p.key for p in dropped} - set(puts) - set(deletes)
+    ignored = {p.key for p in dropped} - touched
     warn_dropped([p for p in dropped if p.key in ignored])
+    for problem in _rejected_on_top(ctx, layers, current.values):
+        if problem.key not in touched and problem.key not in ignored:
+            ignored.add(problem.key)
+            _warn_invalid_shadowed(problem)
     base = {k: v for k, v in current.values.items() if k not in ignored}
     new_etcd = dict(base)
     for key in deletes:
         new_etcd.pop(key, None)
     new_etcd.update(puts)
     snapshot, shadowed = _validate_etcd_state(ctx, layers, new_etcd)
-    texts = {etcd_key(ctx.app, k): to_text(v) for k, v in puts.items()}
+    rejected = _rejected_on_top(ctx, layers, new_etcd)
+    if rejected:  # valid only because env or cli shadows it: it must not be written either
+        raise InvalidChange(rejected)
+    texts = {etcd_key(ctx.app, k): _text(k, v) for k, v in puts.items()}
     diff = {
         k: (current.values.get(k), None if k in deletes and k not in puts else new_etcd.get(k))
         for k in changed_keys(base, new_etcd)
@@ -149,6 +190,23 @@ def _write(
             print(describe(record))
     _warn_shadowed(snapshot, shadowed)
     return 0
+
+
+def _warn_invalid_shadowed(problem: Problem) -> None:
+    print(
+        f"hotknob: warning: the etcd value of {problem.key} is invalid ({problem.reason}); "
+        "it has no effect only while a higher layer sets that key",
+        file=sys.stderr,
+    )
+
+
+def _text(key: str, value: Any) -> str:
+    """``to_text``, or ``InvalidChange`` for a value JSON cannot carry (validation catches
+    those first; this keeps the promise of one clear line if a schema lets one through)."""
+    try:
+        return to_text(value)
+    except (ValueError, TypeError) as exc:
+        raise InvalidChange([Problem(key, "etcd", f"cannot be stored as JSON: {exc}")]) from None
 
 
 def cmd_set(args: argparse.Namespace) -> int:
@@ -208,6 +266,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    if args.to_revision < 1:  # etcd reads a revision of 0 or less as "now"
+        raise UsageError(f"--to-revision must be a revision (1 or more), got {args.to_revision}")
     ctx = Context.from_args(args)
     with ctx.store() as store:
         then, _ = store.read_prefix(ctx.prefix, revision=args.to_revision)
@@ -248,7 +308,16 @@ def _write_times(store: EtcdStore, app: str) -> dict[int, dict[str, Any]]:
         if entry.value is None:
             continue
         try:
-            found[entry.revision] = json.loads(entry.value)
+            record = json.loads(entry.value)
         except ValueError:
             continue
+        if isinstance(record, dict):  # written around hotknob, it may be anything
+            found[entry.revision] = {
+                "time": record.get("time") if _is_time(record.get("time")) else None,
+                "by": record.get("by") if isinstance(record.get("by"), str) else None,
+            }
     return found
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e11

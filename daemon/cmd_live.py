@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from hotknob.config import Unavailable
 from hotknob.config.keys import status_prefix
@@ -146,6 +148,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             entry = json.loads(raw)
         except ValueError:
+            entry = None
+        if not isinstance(entry, dict):  # not what a daemon writes: written around hotknob
+            print(
+                f"hotknob: warning: skipping status entry {key[len(prefix) :]}: not a JSON object",
+                file=sys.stderr,
+            )
             continue
         entry["key"] = key[len(prefix) :]
         entries.append(entry)
@@ -161,20 +169,48 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for e in entries:
-        age = now - float(e.get("time", now))
+        when = e.get("time")
+        age = f"{now - when:.1f}s" if _is_number(when) and math.isfinite(when) else "-"
         rank = e.get("rank")
         rows.append(
             [
-                e["key"] + (f" (rank {rank})" if rank is not None else ""),
-                e.get("version", "-"),
-                e.get("revision") if e.get("revision") is not None else "-",
-                e.get("step", "-"),
-                f"{age:.1f}s",
-                e.get("pid", "-"),
-                "; ".join(x.get("error", "") for x in e.get("errors", [])) or "",
-                metrics_summary(e),
+                e["key"] + (f" (rank {fmt(rank)})" if rank is not None else ""),
+                fmt(e.get("version", "-")),
+                fmt(e.get("revision")) if e.get("revision") is not None else "-",
+                fmt(e.get("step", "-")),
+                age,
+                fmt(e.get("pid", "-")),
+                _errors_text(e.get("errors")),
+                _metrics_text(e),
             ]
         )
     headers = ["PROCESS", "VERSION", "REVISION", "STEP", "AGE", "PID", "ERRORS", "METRICS"]
     print(render(headers, rows))
     return 0
+
+
+# A status entry is whatever a client reported, published as it came, or anything written
+# around hotknob: each field is shown only in the shape hotknob writes, or as text.
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _errors_text(errors: Any) -> str:
+    """``errors`` of a status entry: a list of ``{"error": ...}`` objects, one line."""
+    if not errors:
+        return ""
+    items = errors if isinstance(errors, list) else [errors]
+    return "; ".join(
+        fmt(x["error"]) if isinstance(x, dict) and "error" in x else fmt(x) for x in items
+    )
+
+
+def _metrics_text(entry: dict[str, Any]) -> str:
+    metrics = entry.get("metrics")
+    if metrics is None:
+        return ""
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("latest", {}), dict):
+        return "?"
+    return metrics_summary(entry)

@@ -49,7 +49,15 @@ from hotknob.config import (
 )
 from hotknob.config.errors import Problem
 from hotknob.config.keys import key_from_etcd
-from hotknob.config.merge import LeafInput, leaf_input, non_finite, validate_leaves
+from hotknob.config.merge import (
+    MAX_STATE_BYTES,
+    LeafInput,
+    leaf_input,
+    merge_dropping_invalid,
+    non_finite,
+    state_bytes,
+    validate_leaves,
+)
 from hotknob.config.schema import iter_leaves, secret_keys
 from hotknob.config.sources import read_etcd_values
 
@@ -58,6 +66,12 @@ from .logs import get_logger
 from .published import Published
 from .restart_only import RestartOnly
 from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
+
+
+def _growth_bound(puts: Mapping[str, bytes]) -> int:
+    """At most how many bytes of JSON ``puts`` add to the state: a value's JSON is at most
+    six times its text (a control character becomes ``\\u00XX``), plus quotes and its key."""
+    return sum(6 * len(raw) + len(path) + 16 for path, raw in puts.items())
 
 
 def _noop(_: Any) -> None:
@@ -113,6 +127,9 @@ class Engine:
         self._leaf_input: LeafInput | None = None
         self._leaf_input_of: tuple[Layer, ...] = ()
         self._fast_keys: frozenset[str] = frozenset()  # leaves no layer above etcd sets
+        # How many bytes of JSON the state may still grow by before ``MAX_STATE_BYTES``:
+        # measured when a merge is accepted, spent by the short path at a bound per put.
+        self._room = 0
         self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
         self._closed = False
         self._writer = StateWriter(store, self._on_saved) if store is not None else None
@@ -154,7 +171,9 @@ class Engine:
             )
         else:
             self.layers["etcd"] = etcd_layer(self.app, {})
-        snapshot = self._merge_sanitized(etcd, revision) if etcd is not None else self._merge()
+        # The saved values too: written under an older schema, they may not fit this one.
+        read = etcd_layer(self.app, etcd) if etcd is not None else self.layers["etcd"]
+        snapshot = self._merge_sanitized(read, revision)
         self._restart.start(snapshot.flat)
         published = self._published(snapshot, revision)
         if saved is None:
@@ -165,6 +184,7 @@ class Engine:
             self.version = saved.next_version()
         published = self._published(snapshot, revision)
         self.snapshot, self.current, self._flat = snapshot, published, dict(published.flat)
+        self._room = MAX_STATE_BYTES - state_bytes(snapshot.values)
         if self.store is not None:
             # Before anything is served: the file no longer says "clean", and the ceiling
             # covers this version.
@@ -199,7 +219,7 @@ class Engine:
         if self._closed:
             return
         before = self.layers["etcd"].values
-        snapshot = self._merge_sanitized(kvs, revision)
+        snapshot = self._merge_sanitized(etcd_layer(self.app, kvs), revision)
         edited = changed_keys(before, self.layers["etcd"].values)
         self._accept(snapshot, "etcd", revision, edited)
 
@@ -289,6 +309,9 @@ class Engine:
         base = self._leaf_input
         if base is None or self.snapshot is None or self._restart.pending:
             return False
+        growth = _growth_bound(puts)
+        if growth > self._room:
+            return False  # the general path measures the state it would make
         put: dict[str, Any] = {}
         origins: dict[str, str] = {}
         problems: list[Problem] = []
@@ -306,6 +329,7 @@ class Engine:
         # No restart-only key is pending or held back: ``RestartOnly.track`` has nothing to
         # do for this change.
         before, self._flat = self._flat, flat
+        self._room -= growth
         self.version += 1
         self.revision = max(self.revision, revision)
         self._leaf_input = leaves
@@ -365,23 +389,22 @@ class Engine:
     def _merge(self) -> Snapshot:
         return merge_layers(self.schema, self.layers.values(), self.precedence)
 
-    def _merge_sanitized(self, kvs: Mapping[str, bytes], revision: int) -> Snapshot:
-        """Merge a full etcd read; keys that are invalid are dropped one round at a time."""
-        candidate = etcd_layer(self.app, kvs)
+    def _merge_sanitized(self, candidate: Layer, revision: int) -> Snapshot:
+        """Merge a whole etcd layer (a full read, or the saved values); the keys that make
+        it invalid are dropped one round at a time (``merge_dropping_invalid``), each round
+        announced as a rejection. Raises ``InvalidChange`` only if the other layers are
+        invalid without etcd."""
+
+        def announce(exc: InvalidChange, problems: list[Problem]) -> None:
+            dropped = {p.key: candidate.values.get(p.key) for p in problems}
+            self._announce.rejected("etcd", revision, self.version, exc, dropped)
+
         others = [layer for name, layer in self.layers.items() if name != "etcd"]
-        while True:
-            try:
-                snapshot = merge_layers(self.schema, [*others, candidate], self.precedence)
-            except InvalidChange as exc:
-                bad = {p.key for p in exc.problems if p.layer == "etcd"}
-                if not bad:
-                    raise
-                dropped = {k: candidate.values.get(k) for k in bad}
-                self._announce.rejected("etcd", revision, self.version, exc, dropped)
-                candidate = candidate.without(bad)
-                continue
-            self.layers["etcd"] = candidate
-            return snapshot
+        snapshot, problems = merge_dropping_invalid(
+            self.schema, [*others, candidate], self.precedence, on_drop=announce
+        )
+        self.layers["etcd"] = candidate.without(p.key for p in problems)
+        return snapshot
 
     def _try_layer(self, candidate: Layer, revision: int, edited: Mapping[str, Any]) -> None:
         layers = dict(self.layers)
@@ -412,6 +435,7 @@ class Engine:
                 self._run_after_push()
             return
         before, self._flat = self._flat, flat
+        self._room = MAX_STATE_BYTES - state_bytes(snapshot.values)
         self.version += 1
         self.snapshot = snapshot
         if self._batching:

@@ -12,6 +12,9 @@ the last good state. So:
   is none (the parsed contents are equal);
 - a half-written or unparsable file changes nothing: ``on_error`` is told, and
   the last good state stays in force until the file parses again;
+- a file written in place is read once its writer closes it, not while a slow
+  writer pauses (where the platform reports closes: inotify does), or at the
+  latest ``close_wait_s`` after the first write, should the writer keep it open;
 - a file that is briefly absent (deleted mid-rename) is waited for; it is an
   error only if it is still missing ``missing_grace_s`` later.
 """
@@ -43,6 +46,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.utils import UnsupportedLibcError
 
 from hotknob.config.errors import LayerError
 from hotknob.config.sources import read_config_file
@@ -72,7 +76,10 @@ class FileLayerState:
 
 
 def _fingerprint(value: Any) -> Hashable:
-    """A comparable form of parsed contents that tells ``1``, ``1.0`` and ``true`` apart."""
+    """A comparable form of parsed contents that tells ``1``, ``1.0`` and ``true`` apart.
+
+    Recursive: ``read_config_file`` returns nothing nested more than ``MAX_FILE_DEPTH``
+    levels deep (a ``read_file`` given in its place must keep to that too)."""
     if isinstance(value, Mapping):
         return ("map", tuple(sorted((repr(k), _fingerprint(v)) for k, v in value.items())))
     if isinstance(value, list | tuple):
@@ -80,20 +87,51 @@ def _fingerprint(value: Any) -> Hashable:
     return (type(value).__qualname__, repr(value))
 
 
+def _reports_closes(observer: Any) -> bool:
+    """Whether ``observer`` reports a file closed after a write (inotify does; others don't)."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except (ImportError, UnsupportedLibcError):  # not on this platform
+        return False
+    return isinstance(observer, InotifyObserver)
+
+
 class _Signal(FileSystemEventHandler):
     """Turns every event delivered to it into one call of ``notify(complete)``.
 
     ``complete`` is True for a rename onto one of ``targets``: an atomic save (or a
-    ConfigMap ``..data`` swap) has finished, so the file can be read at once.
+    ConfigMap ``..data`` swap) has finished, so the file can be read at once. Before
+    that, ``written(path, closed)`` is told of each write to a file and each close
+    after one.
     """
 
-    def __init__(self, notify: Callable[[bool], None], targets: frozenset[str]):
+    def __init__(
+        self,
+        notify: Callable[[bool], None],
+        written: Callable[[str, bool], None],
+        targets: frozenset[str],
+    ):
         self._notify = notify
-        self._targets = targets
+        self._written = written
+        self.targets = targets  # replaced whole when the watched folders change
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileModifiedEvent | FileClosedEvent):
+            self._written(os.fsdecode(event.src_path), isinstance(event, FileClosedEvent))
         dest = getattr(event, "dest_path", "")
-        self._notify(bool(dest) and os.fsdecode(dest) in self._targets)
+        self._notify(bool(dest) and os.fsdecode(dest) in self.targets)
+
+
+def _targets(paths: Sequence[Path], folders: Sequence[Path]) -> frozenset[str]:
+    """The names a rename onto which finishes a save: each file, and each folder's ``..data``."""
+    targets = {os.path.abspath(p) for p in paths}
+    targets.update(os.path.join(folder, "..data") for folder in folders)
+    return frozenset(targets)
+
+
+def _names(paths: Sequence[Path]) -> frozenset[str]:
+    """The names events may give each file by: as given, and where a symlink leads."""
+    return frozenset(name for p in paths for name in (os.path.abspath(p), os.path.realpath(p)))
 
 
 def _watched_folders(paths: Sequence[Path]) -> list[Path]:
@@ -133,6 +171,7 @@ class FileLayerWatcher:
         settle_s: float = 0.01,
         max_wait_s: float = 0.5,
         missing_grace_s: float = 0.5,
+        close_wait_s: float = 2.0,
         read_file: Callable[[Path], Mapping[str, Any]] = read_config_file,
         log: Any = None,
     ):
@@ -145,6 +184,7 @@ class FileLayerWatcher:
         self._settle_s = min(settle_s, debounce_s)
         self._max_wait_s = max(max_wait_s, debounce_s)
         self._missing_grace_s = missing_grace_s
+        self._close_wait_s = max(close_wait_s, 0.0)
         self._read_file = read_file
         self._log = log if log is not None else structlog.get_logger(__name__)
 
@@ -158,8 +198,13 @@ class FileLayerWatcher:
         self._due: float | None = None
         self._first_event: float | None = None
         self._early_due: float | None = None
+        self._names = _names(self._paths)
+        self._open_since: dict[str, float] = {}  # a watched file written, not yet closed
+        self._await_close = False
         self._stopping = False
         self._observer: Any = None
+        self._handler: _Signal | None = None
+        self._watches: dict[Path, Any] = {}
         self._worker: threading.Thread | None = None
 
     @property
@@ -187,12 +232,11 @@ class FileLayerWatcher:
 
         observer = Observer()
         folders = _watched_folders(self._paths)
-        targets = {os.path.abspath(p) for p in self._paths}
-        targets.update(os.path.join(folder, "..data") for folder in folders)
-        signal = _Signal(self._signal, frozenset(targets))
+        signal = _Signal(self._signal, self._written, _targets(self._paths, folders))
+        watches = {}
         try:
             for folder in folders:
-                observer.schedule(
+                watches[folder] = observer.schedule(
                     signal, str(folder), recursive=False, event_filter=_EVENTS_OF_INTEREST
                 )
             observer.start()
@@ -200,7 +244,8 @@ class FileLayerWatcher:
             observer.unschedule_all()
             raise LayerError("files", f"cannot watch config folders: {exc}") from exc
         self._swap(initial)
-        self._observer = observer
+        self._observer, self._handler, self._watches = observer, signal, watches
+        self._await_close = _reports_closes(observer)
         self._worker = threading.Thread(target=self._run, name="hotknob-file-watcher", daemon=True)
         self._worker.start()
         self._signal()
@@ -252,6 +297,27 @@ class FileLayerWatcher:
                 self._due = min(now + self._debounce_s, self._first_event + self._max_wait_s)
             self._cond.notify_all()
 
+    def _written(self, name: str, closed: bool) -> None:
+        """A file was written (``closed`` False) or closed after a write: if it is one of
+        the watched files, a check waits for the close (see ``_writes_open_until``)."""
+        if name not in self._names:
+            return
+        with self._cond:
+            if closed:
+                self._open_since.pop(name, None)
+            else:
+                self._open_since.setdefault(name, time.monotonic())
+
+    def _writes_open_until(self, now: float) -> float | None:
+        """When the check that is due may read the files: None for now, or, while a watched
+        file written in place is still open, at its close (which signals) or at the latest
+        ``close_wait_s`` after its first write. Called with ``_cond`` held."""
+        if not self._await_close or not self._open_since:
+            return None
+        limit = self._close_wait_s
+        self._open_since = {n: t for n, t in self._open_since.items() if now - t < limit}
+        return min(self._open_since.values()) + limit if self._open_since else None
+
     def _recheck_at(self, when: float) -> None:
         with self._cond:
             if self._due is None or when < self._due:
@@ -266,9 +332,14 @@ class FileLayerWatcher:
                 if self._stopping:
                     return
                 assert self._due is not None
-                delay = self._due - time.monotonic()
+                now = time.monotonic()
+                delay = self._due - now
                 if delay > 0:
                     self._cond.wait(delay)
+                    continue
+                closing = self._writes_open_until(now)
+                if closing is not None:  # a writer is still at it: wait for its close
+                    self._due = closing
                     continue
                 self._due = None
                 self._first_event = None
@@ -282,40 +353,86 @@ class FileLayerWatcher:
 
     def _check(self, *, explicit: bool) -> None:
         with self._check_lock:
-            files: list[tuple[Path, Mapping[str, Any]]] = []
-            missing: list[tuple[Path, Exception]] = []
-            invalid: list[tuple[Path, Exception]] = []
-            for path in self._paths:
-                try:
-                    files.append((path, self._read_file(path)))
-                except (LayerError, OSError) as exc:
-                    if os.path.exists(path):
-                        invalid.append((path, exc))
-                    else:
-                        missing.append((path, exc))
-            for path, error in invalid:
-                self._report(path, error, explicit)
-            if missing:
-                self._handle_missing(missing, explicit)
-            else:
-                self._missing_since = None
-            if invalid or missing:
-                return
-            self._reported.clear()
-            new_state = FileLayerState(tuple(files))
-            old_state = self.state
-            if not self._swap(new_state):
-                return
-            changed = [
-                str(path)
-                for (path, new), (_, old) in zip(new_state.files, old_state.files, strict=True)
-                if _fingerprint(new) != _fingerprint(old)
-            ]
-            self._log.info("config_files_changed", paths=changed)
             try:
-                self._on_change(new_state)
-            except Exception:
-                self._log.exception("config_file_callback_failed", callback="on_change")
+                self._read_and_compare(explicit=explicit)
+            finally:
+                self._follow_links()
+
+    def _follow_links(self) -> None:
+        """Watch the folders the files are in now, and only those (and know the files by
+        the names they have now).
+
+        A symlink swapped to a file in another folder (``ln -sfn``, a rename of a new
+        link) moves the real file out of the folders watched so far: its folder is
+        watched from now on, the old one no longer, and the files are read once more,
+        so an edit made before the new watch was in place is not lost. A folder that
+        cannot be watched is logged and tried again at the next check.
+        """
+        self._names = _names(self._paths)
+        observer, handler = self._observer, self._handler
+        if observer is None or handler is None:
+            return
+        folders = _watched_folders(self._paths)
+        if set(folders) == set(self._watches):
+            return
+        added = False
+        for folder in folders:
+            if folder in self._watches:
+                continue
+            try:
+                self._watches[folder] = observer.schedule(
+                    handler, str(folder), recursive=False, event_filter=_EVENTS_OF_INTEREST
+                )
+            except OSError as exc:
+                self._log.warning("config_folder_watch_failed", folder=str(folder), error=str(exc))
+                continue
+            added = True
+        for folder in [f for f in self._watches if f not in folders]:
+            watch = self._watches.pop(folder)
+            try:
+                observer.unschedule(watch)
+            except (KeyError, OSError):  # already gone with its folder
+                pass
+        handler.targets = _targets(self._paths, folders)
+        self._log.info("config_folders_watched", folders=[str(f) for f in self._watches])
+        if added:
+            self._signal()
+
+    def _read_and_compare(self, *, explicit: bool) -> None:
+        files: list[tuple[Path, Mapping[str, Any]]] = []
+        missing: list[tuple[Path, Exception]] = []
+        invalid: list[tuple[Path, Exception]] = []
+        for path in self._paths:
+            try:
+                files.append((path, self._read_file(path)))
+            except (LayerError, OSError) as exc:
+                if os.path.exists(path):
+                    invalid.append((path, exc))
+                else:
+                    missing.append((path, exc))
+        for path, error in invalid:
+            self._report(path, error, explicit)
+        if missing:
+            self._handle_missing(missing, explicit)
+        else:
+            self._missing_since = None
+        if invalid or missing:
+            return
+        self._reported.clear()
+        new_state = FileLayerState(tuple(files))
+        old_state = self.state
+        if not self._swap(new_state):
+            return
+        changed = [
+            str(path)
+            for (path, new), (_, old) in zip(new_state.files, old_state.files, strict=True)
+            if _fingerprint(new) != _fingerprint(old)
+        ]
+        self._log.info("config_files_changed", paths=changed)
+        try:
+            self._on_change(new_state)
+        except Exception:
+            self._log.exception("config_file_callback_failed", callback="on_change")
 
     def _handle_missing(self, missing: list[tuple[Path, Exception]], explicit: bool) -> None:
         now = time.monotonic()

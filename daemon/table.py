@@ -6,12 +6,25 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
+
+def _plain(value: Any) -> Any:
+    """A value that is not JSON already (a date a YAML or TOML file said), in JSON form; what
+    has none is shown as text. Raw layer values reach ``explain`` unvalidated."""
+    try:
+        return to_jsonable_python(value)
+    except (ValueError, TypeError):
+        return str(value)
+
 
 def fmt(value: Any) -> str:
     """A value as JSON text, the same form a user types into ``set``."""
+    if not isinstance(value, str | int | float | bool | list | dict | None):
+        value = _plain(value)
     if isinstance(value, str):
         return value
-    return json.dumps(value, separators=(",", ":"))
+    return json.dumps(value, separators=(",", ":"), default=_plain)
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -24,4 +37,4 @@ def render(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=False)
+    return json.dumps(data, indent=2, sort_keys=False, default=_plain)

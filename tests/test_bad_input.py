@@ -350,7 +350,7 @@ MUST_REJECT = [
     ("train.lr", "-1"), ("train.lr", "x" * (1 << 20)), ("train.lr", '{"a": [1, {"b": null}]}'),
     ("train.warmup_steps", "9" * 5000), ("train.warmup_steps", "1.5"), ("train.momentum", "true"),
     ("sampling.top_p", "[]"), ("sampling.top_k", "-3"), ("train.bogus", "1"), ("bogus.x", "1"),
-    ("train.lr.deeper", "1"), ("train", "{}"),
+    ("train.lr.deeper", "1"), ("train", "{}"), ("train.lr", "[" * 50_000),
 ]  # fmt: skip
 
 
@@ -466,6 +466,10 @@ SOCKET_CASES = [
     (b"\xff\xfe\n", "not valid UTF-8"),
     (b"x" * (protocol.MAX_LINE_BYTES + 10) + b"\n", "byte limit"),
     (b'{"type": 7}\n', 'string "type"'),
+    (b'{"type":"hello","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "nested too deeply"),
+    (b'{"type":"hello","protocol":1,"pid":1e999}\n', "out of range"),
+    (protocol.encode(protocol.hello("x")) + b'{"type":"applied","version":1,"step":1,'
+     b'"errors":["boom"]}\n', '"errors" must be'),
 ]  # fmt: skip
 
 

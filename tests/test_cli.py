@@ -232,3 +232,118 @@ def test_status_lists_nothing_cleanly(etcd: EtcdServer) -> None:
     assert done.returncode == 0 and "has reported" in done.stdout
     started = time.monotonic()
     assert time.monotonic() - started < 10
+
+
+DEEP = "[" * 50_000  # decodes to nothing: nested too deeply for a recursive JSON decoder
+
+
+def test_a_value_nested_too_deeply_is_a_clear_error_from_every_layer(etcd: EtcdServer) -> None:
+    line = one_line_error(hk(etcd, "get", "--set", f"train.lr={DEEP}"), 1)
+    assert "train.lr (from cli)" in line and "valid number" in line
+    line = one_line_error(hk(etcd, "get", env={"HOTKNOB_PARAM_TRAIN__LR": DEEP}), 1)
+    assert "train.lr (from env)" in line
+    line = one_line_error(hk(etcd, "set", f"train.lr={DEEP}"), 1)
+    assert "train.lr (from etcd)" in line
+    etcd.etcdctl("put", P + "train/lr", DEEP)  # written around hotknob: ignored, as by a daemon
+    done = hk(etcd, "get", "train.lr")
+    assert done.returncode == 0 and done.stdout.strip() == "0.001", done.stderr[-300:]
+    assert "ignoring etcd value of train.lr" in done.stderr
+
+
+def test_a_key_below_a_leaf_in_etcd_is_ignored_and_can_be_unset(etcd: EtcdServer) -> None:
+    etcd.etcdctl("put", P + "train/lr/x", "1")  # train.lr is a float: nothing lies below it
+    for command in (("get", "train.lr"), ("explain", "train.lr")):
+        done = hk(etcd, *command)
+        assert done.returncode == 0, done.stderr
+        assert "ignoring etcd value of train.lr.x: not a key of the schema" in done.stderr
+    assert hk(etcd, "get", "train.lr").stdout.strip() == "0.001"
+    done = hk(etcd, "set", "train.lr.y=1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "hotknob: train.lr.y (from etcd): not a key of the schema" in done.stderr
+    assert hk(etcd, "set", "train.lr=0.01").returncode == 0
+    done = hk(etcd, "unset", "train.lr.x")
+    assert done.returncode == 0, done.stderr
+    assert etcd_value(etcd, "train/lr/x") is None and etcd_value(etcd, "train/lr") == "0.01"
+
+
+def test_a_daemon_starts_past_bad_etcd_keys_and_rejects_each(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    etcd.etcdctl("put", P + "train/lr/x", "1")
+    etcd.etcdctl("put", P + "train/momentum", DEEP)
+    with DaemonProcess(tmp_path, app=APP, endpoints=etcd.endpoint) as daemon:
+        rejected = {e["key"] for e in daemon.events("change_rejected")}
+        assert {"train.lr.x", "train.momentum"} <= rejected, rejected
+        log = daemon.log()
+    assert "Traceback" not in log and "RecursionError" not in log
+
+
+def test_set_checks_a_value_a_higher_layer_shadows(etcd: EtcdServer) -> None:
+    env = {"HOTKNOB_PARAM_TRAIN__LR": "0.1"}
+    before = revision(etcd)
+    line = one_line_error(hk(etcd, "set", "train.lr=-5", env=env), 1)
+    assert "train.lr (from etcd)" in line and "greater than 0" in line
+    line = one_line_error(hk(etcd, "set", "train.lr=-5", "--set", "train.lr=0.1"), 1)
+    assert "train.lr (from etcd)" in line
+    line = one_line_error(hk(etcd, "set", "train.lr=1e400", "--dry-run", env=env), 1)
+    assert "train.lr (from etcd)" in line and "finite" in line
+    assert revision(etcd) == before and etcd_value(etcd, "train/lr") is None
+    # One already there (written around hotknob) is reported, and blocks no other change.
+    etcd.etcdctl("put", "--", P + "train/lr", "-5")
+    done = hk(etcd, "set", "train.momentum=0.5", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "etcd value of train.lr is invalid" in done.stderr
+    assert etcd_value(etcd, "train/momentum") == "0.5" and etcd_value(etcd, "train/lr") == "-5"
+
+
+def test_rollback_to_a_revision_below_one_is_a_usage_error(etcd: EtcdServer) -> None:
+    hk(etcd, "set", "train.lr=0.1")
+    before = revision(etcd)
+    for rev in ("0", "-5"):
+        line = one_line_error(hk(etcd, "rollback", "--to-revision", rev), 2)
+        assert "--to-revision" in line
+    assert revision(etcd) == before
+
+
+def test_explain_shows_a_shadowed_value_that_is_not_json(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr: 2020-01-01\n")  # a date: shadowed, so the merge is fine
+    args = ("--config", str(config), "--set", "train.lr=0.1")
+    done = run_cli("explain", "train.lr", *args)
+    assert done.returncode == 0, done.stderr
+    assert "2020-01-01*" in done.stdout
+    done = run_cli("explain", "--json", *args)
+    assert done.returncode == 0, done.stderr
+    rows = {row["key"]: row for row in json.loads(done.stdout)["keys"]}
+    assert rows["train.lr"]["layers"]["files"] == "2020-01-01"
+
+
+def test_files_no_parser_refuses_are_refused_clearly(tmp_path: Path) -> None:
+    unhashable = tmp_path / "unhashable.yaml"
+    unhashable.write_text("? [a, b]\n: 1\n")
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"a":' * 990 + "1" + "}" * 990)  # parses, but no config is this deep
+    done = run_cli("validate", str(unhashable), str(deep))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-300:]
+    assert f"{unhashable}: not valid YAML" in done.stdout and "unhashable key" in done.stdout
+    assert f"{deep}: nested too deeply" in done.stdout
+    for path in (unhashable, deep):
+        line = one_line_error(run_cli("get", "--config", str(path)), 1)
+        assert str(path) in line
+
+
+def test_status_shows_entries_of_any_shape(etcd: EtcdServer) -> None:
+    status = f"/hotknob/{APP}/status/"
+    etcd.etcdctl("put", status + "node1/a", "[1, 2]")
+    etcd.etcdctl("put", status + "node1/b", "not json")
+    odd = {"time": "soon", "errors": ["boom", {"error": "bad"}, 3], "metrics": [1], "rank": [0]}
+    etcd.etcdctl("put", status + "node1/c", json.dumps(odd))
+    etcd.etcdctl("put", status + "node1/d", json.dumps({"errors": "oops", "time": 1e300}))
+    done = hk(etcd, "status")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-300:]
+    assert "boom; bad; 3" in done.stdout and "oops" in done.stdout
+    assert "skipping status entry node1/a" in done.stderr
+    done = hk(etcd, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    keys = [p["key"] for p in json.loads(done.stdout)["processes"]]
+    assert keys == ["node1/c", "node1/d"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from pydantic import BaseModel, Field
@@ -27,9 +27,11 @@ from hotknob.config import (
     read_config_file,
     restart_only_keys,
 )
-from hotknob.config.keys import unflatten
-from hotknob.config.merge import leaf_input, validate_leaves
-from hotknob.config.sources import Layer
+from hotknob.config.keys import parse_text, unflatten
+from hotknob.config.merge import leaf_input, merge_dropping_invalid, validate_leaves
+from hotknob.config.schema import mapping_keys
+from hotknob.config.sources import MAX_FILE_DEPTH, Layer
+from tests.banded_schema import Banded
 
 APP = "job"
 
@@ -207,6 +209,10 @@ def test_etcd_keys_outside_prefix_are_ignored() -> None:
         ("dup.json", b'{"train": {"lr": 1, "lr": 2}}', "duplicate key"),
         ("alias.yaml", b"a: &x [1]\nb: *x\n", "aliases are not allowed"),
         ("nan.json", b'{"train": {"lr": NaN}}', "not allowed"),
+        ("unhashable.yaml", b"? [a, b]\n: 1\n", "found unhashable key"),
+        ("unhashable-set.yaml", b"train: !!set {? {a: 1}}\n", "found unhashable key"),
+        ("deep.json", ('{"a":' * 990 + "1" + "}" * 990).encode(), "nested too deeply"),
+        ("deep.yaml", b"a:\n" + b"".join(b"  " * i + b"- \n" for i in range(1, 70)), "deeply"),
         ("conf.ini", b"[train]\n", "unknown config format"),
     ],
 )
@@ -232,6 +238,96 @@ def test_deeply_nested_file_is_refused(tmp_path: Path) -> None:
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(LayerError):
         read_config_file(path)
+
+
+def test_nesting_up_to_the_limit_is_read_and_beyond_it_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{"a":' * (MAX_FILE_DEPTH - 1) + "[1]" + "}" * (MAX_FILE_DEPTH - 1))
+    assert read_config_file(path)["a"]["a"]
+    path.write_text('{"a":' * (MAX_FILE_DEPTH - 1) + "[[1]]" + "}" * (MAX_FILE_DEPTH - 1))
+    with pytest.raises(LayerError, match=f"more than {MAX_FILE_DEPTH} levels"):
+        read_config_file(path)
+
+
+def test_a_value_nested_too_deeply_to_decode_is_a_string_the_schema_rejects() -> None:
+    deep = "[" * 50_000
+    assert parse_text(deep) == deep
+    for layer in (
+        cli_layer([f"train.lr={deep}"]),
+        env_layer(MLParams, environ={"HOTKNOB_PARAM_TRAIN__LR": deep}),
+        etcd_layer(APP, {f"/hotknob/{APP}/config/train/lr": deep.encode()}),
+    ):
+        with pytest.raises(InvalidChange) as info:
+            merge_layers(MLParams, [defaults_layer(MLParams), layer])
+        (problem,) = info.value.problems
+        assert (problem.key, problem.layer) == ("train.lr", layer.name)
+        assert "valid number" in problem.reason
+
+
+def test_a_key_below_a_leaf_that_is_no_mapping_is_not_a_key_of_the_schema() -> None:
+    etcd = etcd_layer(APP, {f"/hotknob/{APP}/config/train/lr/x": b"1"})
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(MLParams, [defaults_layer(MLParams), etcd])
+    (problem,) = info.value.problems
+    assert (problem.key, problem.layer) == ("train.lr.x", "etcd")
+    assert problem.reason == "not a key of the schema"
+    snap, dropped = merge_dropping_invalid(MLParams, [defaults_layer(MLParams), etcd])
+    assert snap.flat["train.lr"] == 0.001 and [p.key for p in dropped] == ["train.lr.x"]
+
+
+def test_a_key_below_a_mapping_leaf_clashing_with_a_non_mapping_names_both() -> None:
+    cli = cli_layer(["weights.head=0.5"])
+    etcd = Layer("etcd", {"weights": "x"})  # a non-mapping where the cli reaches inside
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(Loose, [defaults_layer(Loose), etcd, cli])
+    found = {(p.key, p.layer, p.reason) for p in info.value.problems}
+    assert found == {
+        ("weights.head", "cli", "conflicts with weights (from etcd)"),
+        ("weights", "etcd", "conflicts with weights.head (from cli)"),
+    }
+    snap, dropped = merge_dropping_invalid(Loose, [defaults_layer(Loose), etcd, cli])
+    assert snap.flat["weights"] == {"head": 0.5}
+    assert [(p.key, p.layer) for p in dropped] == [("weights", "etcd")]
+
+
+def test_a_broken_rule_across_fields_drops_the_live_keys_behind_it() -> None:
+    defaults = defaults_layer(Banded)
+    etcd = Layer("etcd", {"band.lo": 5.0, "steps": 3})  # lo > hi: pydantic blames "band"
+    dropped_rounds: list[list[str]] = []
+    snap, dropped = merge_dropping_invalid(
+        Banded,
+        [defaults, etcd],
+        on_drop=lambda exc, problems: dropped_rounds.append([p.key for p in problems]),
+    )
+    assert snap.flat == {"band.lo": 0.0, "band.hi": 1.0, "steps": 3}
+    assert [(p.key, p.layer, p.value) for p in dropped] == [("band.lo", "etcd", 5.0)]
+    assert "lo must not exceed hi" in dropped[0].reason
+    assert dropped_rounds == [["band.lo"]]
+
+    # A rule over the whole model names no section: every key of the live layer goes.
+    wide = Layer("etcd", {"band.hi": 20.0, "steps": 9})
+    snap, dropped = merge_dropping_invalid(Banded, [defaults, wide])
+    assert snap.flat["steps"] == 1 and sorted(p.key for p in dropped) == ["band.hi", "steps"]
+
+    # Broken without the live layer too: not its fault, and nothing of it is dropped.
+    cli = cli_layer(["band.lo=5"])
+    with pytest.raises(InvalidChange, match="lo must not exceed hi"):
+        merge_dropping_invalid(Banded, [defaults, etcd, cli])
+
+
+def test_which_leaves_hold_a_mapping() -> None:
+    class Section(BaseModel):
+        a: int = 1
+
+    class Schema(BaseModel):
+        plain: float = 1.0
+        words: list[dict[str, int]] = []
+        table: dict[str, int] = {}
+        maybe_table: Optional[dict[str, int]] = None  # noqa: UP045 (the typing form, too)
+        maybe_section: Section | None = None
+        section: Section = Section()
+
+    assert mapping_keys(Schema) == {"table", "maybe_table", "maybe_section"}
 
 
 def test_malformed_set_is_a_usage_error() -> None:

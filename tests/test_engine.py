@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 from structlog.testing import capture_logs
 
 from hotknob.config import InvalidChange, MLParams, cli_layer, defaults_layer, env_layer
@@ -18,6 +19,7 @@ from hotknob.config.merge import DEFAULT_PRECEDENCE
 from hotknob.daemon.engine import Engine
 from hotknob.daemon.socket_server import Published
 from hotknob.daemon.state import StateStore
+from tests.banded_schema import Banded
 
 APP = "eng"
 P = f"/hotknob/{APP}/config/"
@@ -259,6 +261,103 @@ def test_invalid_keys_in_start_snapshot_are_dropped(tmp_path: Path) -> None:
     assert engine.current.flat["train.lr"] == 1e-3
     assert engine.current.flat["train.momentum"] == 0.4
     assert any(e["event"] == "change_rejected" for e in logs)
+
+
+def banded_engine(tmp_path: Path, schema: type[BaseModel] = Banded, *extra: Any) -> Engine:
+    return Engine(
+        schema=schema,
+        app=APP,
+        precedence=DEFAULT_PRECEDENCE,
+        layers=[defaults_layer(schema), env_layer(schema, environ={}), cli_layer([]), *extra],
+        store=StateStore(tmp_path, APP),
+    )
+
+
+def test_a_full_read_that_breaks_a_rule_across_fields_drops_only_the_keys_behind_it(
+    tmp_path: Path,
+) -> None:
+    engine = banded_engine(tmp_path)
+    with capture_logs() as logs:
+        engine.start({P + "steps": b"3", P + "band/lo": b"5"}, 10)  # lo > hi
+    assert engine.current is not None
+    assert engine.current.flat == {"band.lo": 0.0, "band.hi": 1.0, "steps": 3}
+    (rejected,) = [e for e in logs if e["event"] == "change_rejected"]
+    assert "band.lo" in str(rejected) and "lo must not exceed hi" in str(rejected)
+
+    # The same after a compaction (a resync): the valid key is taken, the other dropped.
+    engine.on_etcd_snapshot({P + "steps": b"4", P + "band/lo": b"7"}, 20)
+    assert engine.current.flat == {"band.lo": 0.0, "band.hi": 1.0, "steps": 4}
+    assert engine.layers["etcd"].values == {"steps": 4}
+    engine.close()
+
+
+def test_a_rule_broken_without_etcd_still_refuses_to_start(tmp_path: Path) -> None:
+    engine = banded_engine(tmp_path, Banded, cli_layer(["band.lo=5"]))
+    with pytest.raises(InvalidChange, match="lo must not exceed hi"):
+        engine.start({P + "steps": b"3"}, 10)
+
+
+def test_a_key_below_a_leaf_in_etcd_is_dropped_at_start_and_resync(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path)
+    files_start(engine)
+    engine.start({P + "train/lr/x": b"1", P + "train/momentum": b"0.4"}, 3)
+    assert engine.current is not None and engine.current.flat["train.momentum"] == 0.4
+    engine.on_etcd_snapshot({P + "train/lr/x": b"1", P + "train/momentum": b"0.5"}, 9)
+    assert engine.current.flat["train.momentum"] == 0.5
+    engine.close()
+
+
+def test_saved_etcd_values_the_schema_no_longer_has_are_dropped_without_etcd(
+    tmp_path: Path,
+) -> None:
+    class Older(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        lr: float = Field(0.1, gt=0)
+        note: str = ""
+
+    class Newer(BaseModel):  # the next release of the user's schema has no ``note``
+        model_config = ConfigDict(extra="forbid")
+        lr: float = Field(0.1, gt=0)
+
+    old = banded_engine(tmp_path, Older)
+    old.start({P + "lr": b"0.5", P + "note": b'"hi"'}, 3)
+    old.close()
+    new = banded_engine(tmp_path, Newer)
+    with capture_logs() as logs:
+        new.start(None, 0)  # etcd unreachable: the last-known-good values
+    assert new.current is not None and new.current.flat == {"lr": 0.5}
+    assert any(e["event"] == "change_rejected" for e in logs)
+    new.close()
+
+
+def test_a_state_too_large_for_the_socket_protocol_is_rejected(tmp_path: Path) -> None:
+    from hotknob.config.merge import MAX_STATE_BYTES
+
+    class Noted(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        lr: float = Field(0.1, gt=0)
+        note: str = ""
+        other: str = ""
+
+    published: list[Published] = []
+    engine = Engine(
+        schema=Noted,
+        app=APP,
+        precedence=DEFAULT_PRECEDENCE,
+        layers=[defaults_layer(Noted), env_layer(Noted, environ={}), cli_layer([])],
+        store=StateStore(tmp_path, APP),
+        publish=published.append,
+    )
+    half = b'"' + b"x" * (MAX_STATE_BYTES // 2) + b'"'
+    engine.start({P + "note": half}, 1)  # half the limit: it fits
+    with capture_logs() as logs:
+        engine.on_etcd_change(2, {P + "other": half}, [])  # together they do not
+    assert engine.current is not None and engine.current.flat["other"] == ""
+    (rejected,) = [e for e in logs if e["event"] == "change_rejected"]
+    assert "over the" in str(rejected) and "socket protocol" in str(rejected)
+    engine.on_etcd_change(3, {P + "lr": b"0.2"}, [])  # a small change still goes through
+    assert engine.current.flat["lr"] == 0.2 and published[-1].version == engine.version
+    engine.close()
 
 
 def test_invalid_static_layer_refuses_to_start(tmp_path: Path) -> None:

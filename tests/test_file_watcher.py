@@ -325,6 +325,65 @@ def test_symlink_to_a_file_in_another_folder_follows_the_real_file(tmp_path: Pat
     assert recorder.contents() == {"train": {"lr": 0.7, "momentum": 0.9}}
 
 
+def test_a_symlink_swapped_to_a_file_in_a_new_folder_is_followed(tmp_path: Path) -> None:
+    for name in ("v1", "v2", "links"):
+        (tmp_path / name).mkdir()
+    first, second = tmp_path / "v1" / "config.yaml", tmp_path / "v2" / "config.yaml"
+    first.write_text(lr_yaml(0.1))
+    second.write_text(lr_yaml(0.2))
+    link = tmp_path / "links" / "config.yaml"
+    os.symlink(first, link)
+    with watching(link) as (_, recorder):
+        os.symlink(second, tmp_path / "links" / ".new")
+        os.rename(tmp_path / "links" / ".new", link)  # an atomic swap, as ``ln -sfn`` does
+        recorder.wait_for(lambda: len(recorder.changes) >= 1)
+        second.write_text(lr_yaml(0.3))  # the new real file, edited in place
+        recorder.wait_for(lambda: len(recorder.changes) >= 2)
+        first.write_text(lr_yaml(0.4))  # the old one is no longer followed
+        recorder.settle()
+    assert [c.files[0][1]["train"]["lr"] for c in recorder.changes] == [0.2, 0.3]
+    assert recorder.errors == []
+
+
+def test_a_yaml_file_with_an_unhashable_key_is_reported(tmp_path: Path) -> None:
+    target = tmp_path / "config.yaml"
+    target.write_text(lr_yaml(0.1))
+    with watching(target) as (_, recorder):
+        target.write_text("? [a, b]\n: 1\n")
+        recorder.wait_for(lambda: len(recorder.errors) >= 1)
+        recorder.settle()
+    assert recorder.changes == []
+    (path, exc), *_ = recorder.errors
+    assert path == target and isinstance(exc, LayerError) and "unhashable key" in str(exc)
+
+
+def test_a_file_written_in_place_is_read_once_its_writer_closes_it(tmp_path: Path) -> None:
+    target = tmp_path / "config.yaml"
+    target.write_text(lr_yaml(0.1))
+    with watching(target, close_wait_s=DEADLINE_S) as (_, recorder):
+        with open(target, "w") as f:
+            f.write("train:\n  lr: 0.5")  # parses as it stands: "e-3" is still to come
+            f.flush()
+            time.sleep(MAX_WAIT_S + GRACE_S)  # the writer pauses for longer than any debounce
+            f.write("e-3\n  momentum: 0.9\n")
+        recorder.wait_for(lambda: len(recorder.changes) >= 1)
+        recorder.settle()
+    assert [c.files[0][1] for c in recorder.changes] == [{"train": {"lr": 5e-4, "momentum": 0.9}}]
+    assert recorder.errors == []
+
+
+def test_a_file_its_writer_keeps_open_is_read_after_close_wait(tmp_path: Path) -> None:
+    target = tmp_path / "config.yaml"
+    target.write_text(lr_yaml(0.1))
+    with watching(target, close_wait_s=MAX_WAIT_S) as (_, recorder):
+        with open(target, "w") as f:
+            f.write(lr_yaml(0.2))
+            f.flush()
+            recorder.wait_for(lambda: len(recorder.changes) >= 1)  # while it is still open
+        recorder.settle()
+    assert [c.files[0][1]["train"]["lr"] for c in recorder.changes] == [0.2]
+
+
 def test_reload_reports_a_change_once(tmp_path: Path) -> None:
     target = tmp_path / "config.yaml"
     target.write_text(lr_yaml(0.1))
