@@ -167,12 +167,13 @@ def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> 
         return
     if not said_hello:
         raise ProtocolError(f'"{kind}" before "hello"')
+    # A step is the training loop's own count, whatever it starts from (some count from -1).
     if kind == APPLIED:
         require_int(message, "version")
-        require_int(message, "step")
+        require_int(message, "step", minimum=-MAX_INT)
         _require_errors(message)
     elif kind == METRICS:
-        require_int(message, "step")
+        require_int(message, "step", minimum=-MAX_INT)
         latest = message.get("latest")
         if not isinstance(latest, dict):
             raise ProtocolError('"metrics" needs an object "latest"')

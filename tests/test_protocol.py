@@ -47,8 +47,12 @@ def _hello_then(message: dict[str, object]) -> None:
 
 def test_applied_numbers_are_bounded() -> None:
     _hello_then({"type": "applied", "version": protocol.MAX_INT, "step": 0})
-    for field in ("version", "step"):
-        bad = {"type": "applied", "version": 1, "step": 1, field: 2**64}
+    # A step is the loop's own count: one below 0 must not get the client disconnected
+    # (its acks would be refused again after every reconnect).
+    _hello_then({"type": "applied", "version": 1, "step": -1})
+    _hello_then({"type": "metrics", "step": -protocol.MAX_INT, "latest": {}})
+    for field, value in (("version", -1), ("version", 2**64), ("step", 2**64)):
+        bad = {"type": "applied", "version": 1, "step": 1, field: value}
         with pytest.raises(protocol.ProtocolError, match=f'integer "{field}"'):
             _hello_then(bad)
 
