@@ -249,7 +249,13 @@ def test_a_lone_change_is_pushed_from_the_watch_thread(etcd: EtcdServer, tmp_pat
             event = client.next()  # the watcher's event comes from the loop, after the push
             assert event["type"] == "event" and event["event"] == "change_accepted"
             assert event["version"] == update["version"]
-            assert etcd_changes_by_path(metrics_port) == {"watch_thread": i + 1, "loop": 0}
+            # Counted once the watch thread is done with the change, which may be just
+            # after its event went out from the loop.
+            expected = {"watch_thread": i + 1, "loop": 0}
+            deadline = time.monotonic() + 5
+            while (counts := etcd_changes_by_path(metrics_port)) != expected:
+                assert time.monotonic() < deadline, counts
+                time.sleep(0.01)
         put(etcd, "train/lr", "-1")  # rejected on the watch thread: reaches no client
         assert client.next()["event"] == "change_rejected"
         assert daemon.events("change_rejected")
