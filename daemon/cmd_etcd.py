@@ -17,12 +17,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hotknob.config import InvalidChange, Layer, Problem, UsageError, etcd_layer, merge_layers
+from hotknob.config.errors import HotknobError
 from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, to_text
 from hotknob.config.merge import changed_keys, merge_dropping_invalid
 from hotknob.config.sources import parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
-from .etcd_store import EtcdStore
+from .etcd_store import ConflictError, EtcdStore
 from .guard_records import GuardSpec, add_guard_options, describe, record_for_set, spec_from_args
 from .table import dumps, fmt, render
 
@@ -135,7 +136,10 @@ def _write(
 ) -> int:
     """Validate the etcd layer after ``puts``/``deletes`` (dotted keys) and commit them at once.
 
-    With ``guard``, its record (see guard_records.py) is written in the same transaction."""
+    With ``guard``, its record (see guard_records.py) is written in the same transaction.
+    The commit holds only if no other write made with hotknob (each writes ``meta_key``)
+    landed since the state that was checked was read; else nothing is written and the
+    command fails, to be run again."""
     layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
     touched = {*puts, *deletes}
@@ -175,7 +179,17 @@ def _write(
         if guard is not None:
             guard_path, record = record_for_set(store, ctx.app, guard, diff, current.values)
             texts[guard_path] = record.to_json()
-        written = store.commit(texts, [etcd_key(ctx.app, k) for k in deletes])
+        checked = {meta_key(ctx.app): store.mod_revision(meta_key(ctx.app), revision)}
+        try:
+            written = store.commit(
+                texts, [etcd_key(ctx.app, k) for k in deletes], expect_mod_revisions=checked
+            )
+        except ConflictError as exc:
+            (landed,) = exc.current.values()
+            raise ConcurrentWrite(
+                f"another write landed at revision {landed} after this one was checked "
+                f"(at revision {revision}); nothing was written: run it again"
+            ) from None
     if args.json:
         result: dict[str, Any] = {
             "revision": written,
@@ -190,6 +204,12 @@ def _write(
             print(describe(record))
     _warn_shadowed(snapshot, shadowed)
     return 0
+
+
+class ConcurrentWrite(HotknobError):
+    """Another hotknob write landed between reading and committing: nothing was written."""
+
+    exit_code = 1
 
 
 def _warn_invalid_shadowed(problem: Problem) -> None:

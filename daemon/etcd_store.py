@@ -258,9 +258,10 @@ class EtcdStore:
         values = {_key(kv.key): bytes(kv.value) for kv in response.kvs}
         return values, int(response.header.revision)
 
-    def mod_revision(self, key: str) -> int:
-        """The revision that last changed ``key`` (0 if the key does not exist)."""
-        response = self._call(f"read {key}", lambda c: c.get_response(key))
+    def mod_revision(self, key: str, revision: int | None = None) -> int:
+        """The revision that last changed ``key`` as of ``revision`` (default: now); 0 if
+        the key did not exist then."""
+        response = self._call(f"read {key}", lambda c: c.get_response(key, revision=revision))
         return int(response.kvs[0].mod_revision) if response.kvs else 0
 
     def history(self, key_or_prefix: str, *, prefix: bool, limit: int) -> History:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -347,3 +348,27 @@ def test_status_shows_entries_of_any_shape(etcd: EtcdServer) -> None:
     assert done.returncode == 0, done.stderr
     keys = [p["key"] for p in json.loads(done.stdout)["processes"]]
     assert keys == ["node1/c", "node1/d"]
+
+
+def test_a_write_landing_while_set_checks_makes_it_fail_and_write_nothing(
+    etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hotknob.daemon import cli, etcd_store
+
+    commit = etcd_store.EtcdStore.commit
+
+    def commit_after_another_write(self: etcd_store.EtcdStore, *args: Any, **kw: Any) -> int:
+        # Another operator's set (its own process) lands after this one read and checked.
+        assert hk(etcd, "set", "train.momentum=0.5").returncode == 0
+        return commit(self, *args, **kw)
+
+    monkeypatch.setattr(etcd_store.EtcdStore, "commit", commit_after_another_write)
+    code = cli.main(["set", "train.lr=0.02", "--app", APP, "--etcd-endpoints", etcd.endpoint])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "another write landed" in err and "nothing was written: run it again" in err
+    assert etcd_value(etcd, "train/lr") is None
+    assert etcd_value(etcd, "train/momentum") == "0.5"
+    monkeypatch.setattr(etcd_store.EtcdStore, "commit", commit)
+    assert cli.main(["set", "train.lr=0.02", "--app", APP, "--etcd-endpoints", etcd.endpoint]) == 0
+    assert etcd_value(etcd, "train/lr") == "0.02"
