@@ -122,8 +122,10 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         try:
-            await self._start()
+            # Before the start, which may wait for etcd: a SIGHUP or SIGTERM then must not
+            # kill the daemon (a reload during the start is taken like any early event).
             self._install_signals()
+            await self._start()
             self.ready.set()
             self.log.info(
                 "daemon_ready",
@@ -141,6 +143,8 @@ class Daemon:
 
     async def _start(self) -> None:
         ctx = self.ctx
+        if self.options.metrics_addr:  # bound first: a port in use stops the start cleanly
+            self.http = MetricsServer(self.options.metrics_addr, self.metrics, self.health)
         file_state = self._start_files()
         layers = [*self.static_layers, files_layer(ctx.schema, file_state.files)]
         self.server = SocketServer(
@@ -189,8 +193,7 @@ class Daemon:
             )
             self.guards.start()
             self.feedback.guards = self.guards
-        if self.options.metrics_addr:
-            self.http = MetricsServer(self.options.metrics_addr, self.metrics, self.health)
+        if self.http is not None:
             self.http.start()
 
     def _start_files(self) -> FileLayerState:
@@ -286,8 +289,17 @@ class Daemon:
 
     def _on_sighup(self) -> None:
         self.log.info("files_reload_requested")
-        if self.files is not None:
-            asyncio.get_running_loop().run_in_executor(None, self.files.reload)
+        files = self.files
+        if files is None:
+            return
+
+        def reread() -> None:
+            files.reload()  # what changed on disk reaches ``_on_files`` as usual
+            # And what the files say is offered again, changed or not: contents the engine
+            # rejected before may fit now (another layer changed since).
+            self._post(self._on_files, files.state)
+
+        asyncio.get_running_loop().run_in_executor(None, reread)
 
     # --- events from other threads ---------------------------------------------------------------
 

@@ -10,6 +10,7 @@ status publisher and the guards are set once the daemon has started them.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,9 @@ class ClientFeedback:
 
     def on_disconnect(self, client: ClientInfo) -> None:
         self._status_due.pop(client.name, None)
+        for name in self.reports.metric_names(client.name):  # its series go with it
+            with contextlib.suppress(KeyError):
+                self.metrics.client_metric.remove(client.name, name)
         self.reports.forget(client.name)
         if self.guards is not None:
             self.guards.on_disconnect(client.name)

@@ -93,7 +93,11 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:  # a port in use, an address not of this host
+            reason = exc.strerror or str(exc)
+            raise UsageError(f"--metrics-addr {addr}: cannot listen: {reason}") from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="hotknob-metrics", daemon=True

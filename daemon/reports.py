@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +41,7 @@ class Report:
     def value(self, metric: str) -> float | None:
         """The mean of the values reported since the previous message (NaN if any is NaN)."""
         values = self.window.get(metric)
-        if not values:
-            return None
-        return (
-            math.fsum(values) / len(values) if all(map(math.isfinite, values)) else _worst(values)
-        )
+        return _mean(values) if values else None
 
     def values(self) -> dict[str, float]:
         return {name: v for name in self.window if (v := self.value(name)) is not None}
@@ -60,7 +56,18 @@ class Report:
         return found
 
 
-def _worst(values: list[float]) -> float:
+def _mean(values: Sequence[float]) -> float:
+    """The mean of ``values``: the worst non-finite one if any is (NaN first), and no
+    overflow for large finite ones (``fsum`` of ``1e308`` and ``1e308`` overflows)."""
+    if not all(map(math.isfinite, values)):
+        return _worst(values)
+    try:
+        return math.fsum(values) / len(values)
+    except OverflowError:
+        return math.fsum(v / len(values) for v in values)
+
+
+def _worst(values: Sequence[float]) -> float:
     for v in values:
         if math.isnan(v):
             return v
@@ -113,6 +120,11 @@ class ClientReports:
         for name, values in report.window.items():
             recent.history.setdefault(name, deque(maxlen=self._history)).extend(values)
 
+    def metric_names(self, client: str) -> list[str]:
+        """Every metric ``client`` has reported (while it is remembered)."""
+        recent = self._clients.get(client)
+        return [] if recent is None else sorted({*recent.latest, *recent.history})
+
     def forget(self, client: str) -> None:
         self._clients.pop(client, None)
         self._entries.pop(client, None)
@@ -122,7 +134,7 @@ class ClientReports:
         recent = self._clients.get(client)
         if recent is None:
             return {}
-        return {n: math.fsum(h) / len(h) for n, h in recent.history.items() if h}
+        return {n: _mean(h) for n, h in recent.history.items() if h}
 
     def status_fields(self, client: str) -> dict[str, Any]:
         """``{"metrics": {"step", "time", "latest", "mean"}}`` for the status entry, or ``{}``."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -355,3 +357,78 @@ def etcd_changes_by_path(metrics_port: int) -> dict[str, float]:
         [line] = [line for line in text.splitlines() if line.startswith(sample)]
         counts[path] = float(line.removeprefix(sample))
     return counts
+
+
+def test_sighup_offers_the_files_again_even_unchanged(etcd: EtcdServer, tmp_path: Path) -> None:
+    """A file edit rejected as a whole may fit once another layer changes: SIGHUP offers
+    the files to the engine again, changed on disk or not."""
+    config = tmp_path / "params.yaml"
+    config.write_text("train:\n  lr: 0.1\n  momentum: 0.9\n")
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, configs=[config]) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        config.write_text("train:\n  lr: -1\n  momentum: 0.5\n")  # rejected: lr
+        deadline = time.monotonic() + 10
+        while not daemon.events("change_rejected"):
+            assert time.monotonic() < deadline, "the edit was never rejected"
+            time.sleep(0.05)
+        put(etcd, "train/lr", "0.01")  # etcd, above files, now sets lr: the file would fit
+        assert client.next_update()["values"]["train"] == {
+            **client.snapshot["values"]["train"],
+            "lr": 0.01,
+        }
+        daemon.signal(signal.SIGHUP)
+        assert client.next_update()["values"]["train"]["momentum"] == 0.5
+
+
+def test_signals_while_the_start_waits_for_etcd(tmp_path: Path) -> None:
+    """SIGHUP during the start (etcd unreachable for now) is taken, not fatal; SIGTERM
+    then stops the daemon cleanly once the start is over."""
+    from tests.daemon_proc import hotknob_cmd
+
+    config = tmp_path / "p.yaml"
+    config.write_text("train:\n  lr: 0.1\n")
+    log_path = tmp_path / "d.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            hotknob_cmd(
+                "run", "--app", "t", "--socket", str(tmp_path / "s" / "t.sock"),
+                "--state-dir", str(tmp_path / "st"), "--config", str(config),
+                "--etcd-endpoints", f"127.0.0.1:{free_port()}", "--etcd-start-timeout", "3",
+            ),
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while "config_files_watched" not in log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert proc.poll() is None, log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+        assert "files_reload_requested" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    from tests.daemon_proc import run_cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        sock = tmp_path / "s" / "t.sock"
+        done = run_cli(
+            "run", "--socket", str(sock), "--state-dir", str(tmp_path / "st"),
+            "--metrics-addr", f"127.0.0.1:{port}",
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"--metrics-addr 127.0.0.1:{port}: cannot listen" in done.stderr
+    assert not sock.exists()
