@@ -221,6 +221,9 @@ class Engine:
         before = self.layers["etcd"].values
         snapshot = self._merge_sanitized(etcd_layer(self.app, kvs), revision)
         edited = changed_keys(before, self.layers["etcd"].values)
+        # Below the revision in force: etcd was restored from a backup, and its count
+        # goes on from there. Published revisions follow etcd's, as clients compare them.
+        self.revision = min(self.revision, revision)
         self._accept(snapshot, "etcd", revision, edited)
 
     def on_etcd_changes(

@@ -9,7 +9,9 @@ The contract (each point is tested against a real etcd):
 - after any error the watch resumes from the last delivered revision + 1 (never from
   the snapshot revision), with capped, jittered backoff, trying the endpoints in turn;
 - when etcd has compacted past that revision, the prefix is read again in full and
-  delivered through ``on_snapshot``; the consumer diffs it against what it had;
+  delivered through ``on_snapshot``; the consumer diffs it against what it had. So it
+  is when etcd comes back below that revision (restored from a backup): its revisions
+  then count from the backup's, and the consumer must take them as they are;
 - a hung server (alive but silent, e.g. SIGSTOP) is detected within
   ``hung_after + options.timeout`` seconds: after ``hung_after`` seconds without a
   message the watcher probes with a linearizable read, and a failed probe counts as a
@@ -158,6 +160,8 @@ class EtcdWatcher:
                     break
                 self._store, self._queue = store, inbox
             try:
+                if not need_snapshot and self._went_back(store):
+                    need_snapshot = True
                 if need_snapshot:
                     values, revision = store.read_prefix(self.prefix)
                     self._last_revision = revision
@@ -184,6 +188,22 @@ class EtcdWatcher:
                 store.close()
         with self._lock:
             self._store = self._queue = None
+
+    def _went_back(self, store: EtcdStore) -> bool:
+        """Whether etcd is now below the last revision delivered: restored from a backup
+        (or replaced). A watch from that revision + 1 would wait for a future the cluster
+        may never reach, and skip every change up to it: the prefix is read again."""
+        now = store.current_revision()
+        if now >= self._last_revision:
+            return False
+        log.warning(
+            "etcd_revision_went_back",
+            prefix=self.prefix,
+            last_delivered=self._last_revision,
+            now=now,
+            detail="etcd restored from a backup? reading the prefix again",
+        )
+        return True
 
     def _deliver_to(
         self, inbox: queue.SimpleQueue[WatchItem | object]
