@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from hotknob.config import Unavailable
+from hotknob.config import Unavailable, UsageError
 from hotknob.config.keys import status_prefix
 from hotknob.model_runtime import protocol
 
@@ -52,6 +52,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .app import DaemonOptions, default_state_dir, run_daemon, socket_path_for
 
     logs.configure(level=args.log_level)
+    if args.status_ttl < 2:  # its lease is kept alive every third of it: 0 would spin
+        raise UsageError(f"--status-ttl must be 2 seconds or more, got {args.status_ttl}")
+    if not args.etcd_start_timeout >= 0:
+        raise UsageError(f"--etcd-start-timeout must be 0 or more, got {args.etcd_start_timeout}")
     ctx = Context.from_args(args)
     options = DaemonOptions(
         socket_path=socket_path_for(ctx.app, args.socket),

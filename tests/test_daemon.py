@@ -240,6 +240,22 @@ def test_invalid_start_input_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--status-ttl", "0", "--status-ttl must be 2 seconds or more, got 0"),
+        ("--etcd-start-timeout", "-1", "--etcd-start-timeout must be 0 or more"),
+    ],
+)
+def test_nonsense_timings_are_a_usage_error(
+    tmp_path: Path, flag: str, value: str, says: str
+) -> None:
+    from tests.daemon_proc import run_cli
+
+    done = run_cli("run", "--socket", str(tmp_path / "s.sock"), flag, value)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_lone_change_is_pushed_from_the_watch_thread(etcd: EtcdServer, tmp_path: Path) -> None:
     """No hand-over to the event loop for a change that comes alone (docs/performance.md)."""
     daemon_proc, metrics_port = daemon_with_metrics(tmp_path, etcd)
