@@ -119,15 +119,17 @@ class SocketServer:
 
     @property
     def clients(self) -> list[ClientInfo]:
-        """Every connected client that has said ``hello``, oldest first."""
-        return [conn.info for conn in self._conns.values() if conn.info is not None]
+        """Every connected client that has said ``hello``, oldest first. Any thread: the
+        metrics endpoint reads it while the loop adds and drops connections, so the
+        connections are copied in one step (C code, under the interpreter lock) first."""
+        return [conn.info for conn in tuple(self._conns.values()) if conn.info is not None]
 
     @property
     def write_buffer_bytes(self) -> int:
         """Bytes the daemon holds for clients right now (transport buffers and queued events)."""
         return sum(
             conn.writer.transport.get_write_buffer_size() + conn.event_bytes
-            for conn in self._conns.values()
+            for conn in tuple(self._conns.values())
         )
 
     async def start(self) -> None:
