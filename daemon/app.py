@@ -220,16 +220,13 @@ class Daemon:
         try:
             await asyncio.wait_for(self._initial_event.wait(), self.options.etcd_start_timeout)
         except TimeoutError:
-            if self._initial_etcd is not None:  # it came as the wait timed out: take it
-                kvs, revision = self._initial_etcd
-                self._initial_etcd = None
-                return kvs, revision
-            self.log.warning(
-                "etcd_unavailable_at_start",
-                endpoints=",".join(self.ctx.etcd.endpoints),
-                waited_s=self.options.etcd_start_timeout,
-            )
-            return None, 0
+            if self._initial_etcd is None:  # else it came just as the wait timed out
+                self.log.warning(
+                    "etcd_unavailable_at_start",
+                    endpoints=",".join(self.ctx.etcd.endpoints),
+                    waited_s=self.options.etcd_start_timeout,
+                )
+                return None, 0
         assert self._initial_etcd is not None
         kvs, revision = self._initial_etcd
         self._initial_etcd = None
