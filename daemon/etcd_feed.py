@@ -96,21 +96,22 @@ class EtcdFeed:
             if self._posted:
                 return
             self._posted = True
-        if lone:
-            assert self._inline is not None and isinstance(item, EtcdChange)
-            taken = True  # one that raised was handed over: it is not handed over twice
-            try:
-                taken = self._inline(item)
-            finally:
-                with self._lock:
-                    self._handed_at = time.monotonic()
-                    if not taken:
-                        self._inbox.appendleft(item)
-                    queued = bool(self._inbox)
-                    self._posted = queued
-            if not queued:
-                return
-        self._post(self._drain_soon)
+        if not lone:
+            self._post(self._drain_soon)
+            return
+        assert self._inline is not None and isinstance(item, EtcdChange)
+        taken = True  # one that raised was handed over: it is not handed over twice
+        try:
+            taken = self._inline(item)
+        finally:  # even if it raised: what was queued meanwhile must not wait for ever
+            with self._lock:
+                self._handed_at = time.monotonic()
+                if not taken:
+                    self._inbox.appendleft(item)
+                queued = bool(self._inbox)
+                self._posted = queued
+            if queued:
+                self._post(self._drain_soon)
 
     def cancel(self) -> None:
         """Drop a scheduled drain (at stop; loop thread). Queued items are not handed over."""

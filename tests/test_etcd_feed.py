@@ -245,3 +245,25 @@ def test_a_change_whose_inline_handler_raises_is_not_handed_over_again() -> None
         assert not rec.feed._posted  # the feed is free for the next change
     finally:
         rec.close()
+
+
+def test_changes_queued_while_an_inline_handler_raises_are_still_drained() -> None:
+    holder: dict[str, Recorder] = {}
+
+    def fail_after_another_arrives(c: EtcdChange) -> bool:
+        # Another change comes from another thread while this one is being handled.
+        other = threading.Thread(target=holder["rec"].feed.put, args=(change(2),))
+        other.start()
+        other.join()
+        raise RuntimeError("engine failed")
+
+    rec = holder["rec"] = Recorder(drain_every=0.01, inline=fail_after_another_arrives)
+    try:
+        try:
+            rec.feed.put(change(1))
+        except RuntimeError:
+            pass
+        rec.wait_for(lambda: rec.delivered() == [2])
+        assert rec.posts == 1
+    finally:
+        rec.close()
