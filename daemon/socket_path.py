@@ -1,15 +1,16 @@
 """Making a socket path safe to listen on, before the server binds it.
 
 The folder is created 0700 (or, if it exists, must belong to this user or root
-and must not be writable by others unless sticky); a stale socket file (nothing
-listening) is removed; a live daemon's socket, and anything that is not a
-socket, is never touched.
+and must not be writable by others unless sticky); one daemon at a time holds the
+path (a lock file beside the socket); a stale socket file (nothing listening) is
+removed; a live daemon's socket, and anything that is not a socket, is never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 import stat
@@ -43,6 +44,24 @@ def prepare_folder(folder: Path) -> None:
         raise SocketPathError(f"{folder} belongs to uid {st.st_uid}, not to this user")
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
         raise SocketPathError(f"{folder} is writable by others: anyone could replace the socket")
+
+
+def lock_socket_path(path: Path) -> int:
+    """Hold ``<path>.lock`` (an advisory lock, for the life of the returned descriptor):
+    one daemon at a time prepares, binds and serves ``path``. Without it, a daemon between
+    its bind and its listen refuses connections like a stale socket, and another one
+    starting at that moment would remove its socket. Raises ``SocketInUse``."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SocketPathError(f"cannot open {lock_path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SocketInUse(f"{path} is in use (another daemon holds {lock_path})") from None
+    return fd
 
 
 def clear_stale_socket(path: Path) -> bool:

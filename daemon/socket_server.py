@@ -56,7 +56,13 @@ from hotknob.model_runtime import protocol
 
 from .published import ClientInfo, Published
 from .socket_conn import CLOSE_GRACE_S, Connection, Stuck
-from .socket_path import SocketInUse, SocketPathError, clear_stale_socket, prepare_folder
+from .socket_path import (
+    SocketInUse,
+    SocketPathError,
+    clear_stale_socket,
+    lock_socket_path,
+    prepare_folder,
+)
 
 __all__ = ["ClientInfo", "Published", "SocketInUse", "SocketPathError", "SocketServer"]
 
@@ -99,6 +105,7 @@ class SocketServer:
         self._drain_timeout = drain_timeout
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
+        self._lock_fd: int | None = None
         self._conns: dict[int, Connection] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
         self._next_id = 1
@@ -138,8 +145,13 @@ class SocketServer:
             raise RuntimeError("a SocketServer is started once")
         self._loop_thread = threading.get_ident()
         prepare_folder(self._path.parent)
-        if clear_stale_socket(self._path):
-            self._log.info("stale_socket_removed", path=str(self._path))
+        self._lock_fd = lock_socket_path(self._path)  # held until ``close``
+        try:
+            if clear_stale_socket(self._path):
+                self._log.info("stale_socket_removed", path=str(self._path))
+        except BaseException:
+            self._release_lock()
+            raise
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
@@ -157,6 +169,7 @@ class SocketServer:
         except BaseException:
             sock.close()
             self._remove_socket_file()
+            self._release_lock()
             raise
         self._log.info("socket_listening", path=str(self._path))
 
@@ -251,6 +264,12 @@ class SocketServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._log.info("socket_closed", path=str(self._path))
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # the lock goes with it
 
     def _remove_socket_file(self) -> None:
         """Unlink the socket only if it is still the one this server bound."""

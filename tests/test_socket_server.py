@@ -474,6 +474,30 @@ def test_a_live_daemon_is_not_taken_over(harness: Harness, clients: list[Client]
     assert connect(harness, clients).hello()["version"] == 1
 
 
+def test_a_daemon_bound_but_not_yet_listening_is_not_taken_over(short_dir: Path) -> None:
+    """Between its bind and its listen a daemon refuses connections like a stale socket;
+    the lock it holds from before its bind keeps another one from removing its socket."""
+    from hotknob.daemon.socket_path import lock_socket_path
+
+    h = Harness(short_dir)
+    try:
+        h.path.parent.mkdir(mode=0o700)
+        lock = lock_socket_path(h.path)  # the first daemon, caught between bind and listen
+        bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound.bind(str(h.path))
+        inode = os.stat(h.path).st_ino
+        with pytest.raises(SocketInUse, match="another daemon holds"):
+            h.run(h.server.start())
+        assert os.stat(h.path).st_ino == inode  # its socket is still there
+        bound.close()
+        os.close(lock)  # the first one is gone (its socket file left behind): now it starts
+        h.path.unlink()
+        h.start()
+        assert h.server.clients == []
+    finally:
+        h.stop()
+
+
 def test_a_file_that_is_not_a_socket_is_never_removed(short_dir: Path) -> None:
     h = Harness(short_dir)
     try:
