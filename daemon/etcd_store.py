@@ -198,14 +198,24 @@ class EtcdStore:
                     opts=self._grpc_options(),
                 )
             )
-        try:
-            client = pyetcd.MultiEndpointEtcd3Client(
-                endpoints, timeout=o.timeout, user=o.user, password=o.password, failover=True
-            )
-        except Exception as exc:
-            for endpoint in endpoints:
-                endpoint.close()
-            raise map_error(exc, o, "authenticate") from exc
+        # With credentials the client authenticates at once, on an endpoint it picks at
+        # random and without failing over: one dead member must not fail the build, so an
+        # endpoint that cannot be reached is tried again (another pick), a few times each.
+        attempts = 3 * len(endpoints) if o.user else 1
+        while True:
+            try:
+                client = pyetcd.MultiEndpointEtcd3Client(
+                    endpoints, timeout=o.timeout, user=o.user, password=o.password, failover=True
+                )
+                break
+            except Exception as exc:
+                err = map_error(exc, o, "authenticate")
+                attempts -= 1
+                if isinstance(err, Unavailable) and attempts > 0:
+                    continue
+                for endpoint in endpoints:
+                    endpoint.close()
+                raise err from exc
         if not any(e.secure for e in endpoints):
             # gRPC refuses call credentials on a plaintext channel; the token also
             # travels as metadata, which is all etcd reads.

@@ -173,3 +173,25 @@ def test_member_hung_while_changes_flow(etcd_cluster: EtcdCluster, tmp_path: Pat
     recover, lag = run_scenario(etcd_cluster, follower, tmp_path, EtcdServer.pause)
     print(f"\nmember SIGSTOP: first change after the hang delivered {recover:.2f} s after it "
           f"({lag * 1000:.0f} ms after its put was accepted)")  # fmt: skip
+
+
+def test_with_credentials_one_dead_member_does_not_fail_a_new_client(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    """The client authenticates on a member it picks at random, with no fail-over: a dead
+    one is tried again rather than failing the command or the daemon's reconnect."""
+    leader = etcd_cluster.leader()
+    leader.etcdctl("user", "add", "root", "--new-user-password", "rootpw")
+    leader.etcdctl("user", "grant-role", "root", "root")
+    leader.etcdctl("auth", "enable")
+    leader.etcdctl("--user", "root:rootpw", "put", "/hotknob/t/config/train/lr", "0.5")
+    dead = next(m for m in etcd_cluster.members if m is not leader)
+    dead.kill()
+    options = EtcdOptions(endpoints=tuple(etcd_cluster.endpoints), user="root", password="rootpw")
+    for _ in range(10):  # each a new client: a new random pick
+        store = EtcdStore(options)
+        try:
+            values, _ = store.read_prefix("/hotknob/t/config/")
+        finally:
+            store.close()
+        assert values == {"/hotknob/t/config/train/lr": b"0.5"}
