@@ -92,7 +92,7 @@ class DaemonConnection:
                     return
                 data = data[sent:]
             self._out += data
-        self._wake()  # the thread writes the rest when the socket can take it
+            self._wake()  # the thread writes the rest; under the lock: ``close`` closes the pipe
 
     def close(self) -> None:
         """Stop and join the thread and close the socket; idempotent."""
@@ -103,10 +103,14 @@ class DaemonConnection:
         self._wake()
         if self._thread.is_alive():
             self._thread.join()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._send_lock:  # a ``send`` on another thread must not write to a closed fd
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def _wake(self) -> None:
+        if self._wake_w < 0:  # closed
+            return
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):  # a full pipe already wakes the thread
