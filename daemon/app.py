@@ -190,6 +190,7 @@ class Daemon:
                 options=options,
                 post=self._post,
                 broadcast=self.server.broadcast_event,
+                config=lambda: self.engine,
             )
             self.guards.start()
             self.feedback.guards = self.guards

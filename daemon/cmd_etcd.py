@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hotknob.config import InvalidChange, Layer, Problem, UsageError, etcd_layer, merge_layers
+from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
 from hotknob.config.errors import HotknobError
 from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, to_text
 from hotknob.config.merge import changed_keys, merge_dropping_invalid
 from hotknob.config.sources import parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
+from .etcd_checks import rejected_on_top, validate_etcd_state
 from .etcd_store import ConflictError, EtcdStore
 from .guard_records import GuardSpec, add_guard_options, describe, record_for_set, spec_from_args
 from .table import dumps, fmt, render
@@ -51,50 +52,6 @@ def register(add: Add) -> None:
     p.add_argument("--to-revision", type=int, required=True, metavar="REV")
     p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def _validate_etcd_state(
-    ctx: Context, layers: list[Layer], new_etcd: Mapping[str, Any]
-) -> tuple[Any, list[str]]:
-    """Merge with ``new_etcd`` as the etcd layer; return the snapshot and shadowed keys."""
-    others = [layer for layer in layers if layer.name != "etcd"]
-    candidate = Layer("etcd", new_etcd, dict.fromkeys(new_etcd, "set"))
-    snapshot = merge_layers(ctx.schema, [*others, candidate], ctx.precedence)
-    rank = {n: i for i, n in enumerate(ctx.precedence)}
-    shadowed = [k for k in new_etcd if rank.get(snapshot.sources.get(k, "etcd"), 0) > rank["etcd"]]
-    return snapshot, shadowed
-
-
-_BELOW_SHADOWING = ("defaults", "files")
-
-
-def _rejected_on_top(
-    ctx: Context, layers: list[Layer], etcd_values: Mapping[str, Any]
-) -> list[Problem]:
-    """The etcd keys that would be rejected if etcd were the highest layer: merged over the
-    defaults and the files alone, without the env and cli layers that may shadow them now.
-
-    A value an env var or ``--set`` shadows has no effect while they are set, but takes
-    effect as soon as a daemon runs without them: it is checked all the same. Keys are
-    dropped one round at a time, as the daemon does; problems of the files themselves
-    (a file value that env or cli shadows) are not this check's to report.
-    """
-    below = [layer for layer in layers if layer.name in _BELOW_SHADOWING]
-    order = (*(name for name in ctx.precedence if name in _BELOW_SHADOWING), "etcd")
-    values = dict(etcd_values)
-    found: list[Problem] = []
-    while True:
-        candidate = Layer("etcd", values, dict.fromkeys(values, "set"))
-        try:
-            merge_layers(ctx.schema, [*below, candidate], order)
-        except InvalidChange as exc:
-            bad = [p for p in exc.problems if p.layer == "etcd"]
-            if bad:
-                found.extend(bad)
-                for problem in bad:
-                    values.pop(problem.key, None)
-                continue
-        return found
 
 
 def _print_diff(diff: Mapping[str, tuple[Any, Any]], as_json: bool, header: str) -> None:
@@ -148,7 +105,7 @@ def _write(
     _, dropped = merge_dropping_invalid(ctx.schema, layers, ctx.precedence)
     ignored = {p.key for p in dropped} - touched
     warn_dropped([p for p in dropped if p.key in ignored])
-    for problem in _rejected_on_top(ctx, layers, current.values):
+    for problem in rejected_on_top(ctx.schema, ctx.precedence, layers, current.values):
         if problem.key not in touched and problem.key not in ignored:
             ignored.add(problem.key)
             _warn_invalid_shadowed(problem)
@@ -157,8 +114,8 @@ def _write(
     for key in deletes:
         new_etcd.pop(key, None)
     new_etcd.update(puts)
-    snapshot, shadowed = _validate_etcd_state(ctx, layers, new_etcd)
-    rejected = _rejected_on_top(ctx, layers, new_etcd)
+    snapshot, shadowed = validate_etcd_state(ctx.schema, ctx.precedence, layers, new_etcd)
+    rejected = rejected_on_top(ctx.schema, ctx.precedence, layers, new_etcd)
     if rejected:  # valid only because env or cli shadows it: it must not be written either
         raise InvalidChange(rejected)
     texts = {etcd_key(ctx.app, k): _text(k, v) for k, v in puts.items()}

@@ -426,11 +426,16 @@ def _collect(node: Node, metrics: set[str], baselines: set[str]) -> None:
 
 
 def parse_guard(text: str) -> Guard:
-    """Parse ``text``; raise ``GuardSyntaxError`` naming the column of the first problem."""
+    """Parse ``text``; raise ``GuardSyntaxError`` naming the column of the first problem.
+
+    A guard must read at least one reported metric (``baseline(loss) > 1`` or ``1 < 2``
+    reads none: no report could ever make it fail or let it pass)."""
     if not isinstance(text, str):
         raise GuardSyntaxError(str(text), 0, "a guard must be text")
     root = _Parser(text).parse()
     metrics: set[str] = set()
     baselines: set[str] = set()
     _collect(root, metrics, baselines)
+    if not metrics:  # a baseline alone is a constant: such a guard could never end
+        raise GuardSyntaxError(text, 0, "a guard must read at least one reported metric")
     return Guard(text.strip(), root, frozenset(metrics), frozenset(baselines))

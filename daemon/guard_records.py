@@ -12,7 +12,8 @@ Because the record and the changed keys are written by one transaction, they
 share its revision R: while the record is ``armed`` it is never rewritten, so its
 mod revision *is* R, and "nobody changed the keys since" means "their mod
 revision is still R". Daemons end a guard by rewriting the record once, with
-``state`` ``reverted``, ``passed`` or ``superseded`` and an ``outcome``; every
+``state`` ``reverted``, ``passed``, ``superseded`` or ``blocked`` (it failed, but
+no revert the daemon would accept exists) and an ``outcome`` (an object); every
 such write compares the record's mod revision to R, so exactly one ending wins.
 
 The baselines are read by ``set`` from what the daemons publish in the status
@@ -45,7 +46,8 @@ from .guard_lang import Guard, parse_guard
 from .reports import decode_value
 
 ARMED, REVERTED, PASSED, SUPERSEDED = "armed", "reverted", "passed", "superseded"
-STATES = (ARMED, REVERTED, PASSED, SUPERSEDED)
+BLOCKED = "blocked"
+STATES = (ARMED, REVERTED, PASSED, SUPERSEDED, BLOCKED)
 DEFAULT_PATIENCE = 3
 
 
@@ -100,10 +102,19 @@ class GuardRecord:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> GuardRecord:
-        """Parse a stored record; ``ValueError`` naming the problem if it is not one."""
-        data = json.loads(raw)
+        """Parse a stored record; ``ValueError`` naming the problem if it is not one.
+
+        Records may be written around hotknob: nothing else is raised, whatever the
+        JSON holds (a window of ``1e999``, an ``outcome`` that is not an object)."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"malformed guard record: not JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ValueError("a guard record must be a JSON object")
+        outcome = data.get("outcome")
+        if outcome is not None and not isinstance(outcome, dict):
+            raise ValueError("malformed guard record: outcome must be an object")
         try:
             keys = {
                 str(k): KeyChange(v.get("old"), bool(v.get("existed", True)), v.get("new"))
@@ -123,10 +134,10 @@ class GuardRecord:
                 state=str(data.get("state", ARMED)),
                 created=float(data.get("created", 0.0)),
                 by=str(data.get("by", "")),
-                outcome=data.get("outcome"),
+                outcome=outcome,
             )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"malformed guard record: {exc!r}") from exc
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"malformed guard record: {exc!r}") from None
         if record.state not in STATES or record.window < 1 or record.patience < 1 or not keys:
             raise ValueError("malformed guard record: bad state, window, patience or keys")
         return record

@@ -11,16 +11,28 @@ records and, for its own processes:
   on the mean of the values reported since the previous report, against that
   process's baseline (else the mean of all processes' baselines), and
   ``patience`` failures in a row revert;
-* when every watched process that reported has passed its window, the guard
-  has *passed*.
+* every report after that acknowledgement is checked for NaN and ±inf; if a
+  process's step goes below the start of its window (it reloaded an earlier
+  checkpoint), its window starts again at that step;
+* when every watched process that reported has passed its window, on this
+  daemon and, as their status entries show, on every other daemon of the app,
+  the guard has *passed*. A process of another daemon is taken as done once its
+  status shows a report at or after (its latest acknowledgement's step +
+  ``window``): never earlier than its own daemon would say.
 
 A revert is ONE etcd transaction: the previous values of exactly the changed
 keys (deleting the ones the change created), the record marked ``reverted``
 with the evidence, and the who/when annotation. It compares the mod revision
 of the record and of each changed key with R, so it lands only if nobody has
 changed those keys since (else the guard is marked ``superseded``) and only
-once across daemons. Then ``change_reverted`` is logged and sent to ``watch``
-clients; the config watcher delivers the restored values like any other change.
+once across daemons. Before it is written, the etcd layer in force with the
+old values restored is merged and validated as ``set`` does it: an old value
+the daemon rejects (it was never in force) is deleted instead, so that what
+was in force comes back; if the daemon would still reject the revert (a rule
+across fields that a later edit now relies on), nothing is restored and the
+guard ends ``blocked``, with the reason. Then ``change_reverted`` is logged and
+sent to ``watch`` clients; the config watcher delivers the restored values
+like any other change.
 
 Guards survive a restart: an armed record read at start is armed again (its
 mod revision is R, since armed records are never rewritten); processes are
@@ -35,36 +47,56 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
-from hotknob.config import HotknobError
-from hotknob.config.keys import etcd_key, to_text
+from pydantic import BaseModel
+
+from hotknob.config import HotknobError, InvalidChange, Layer, Problem
+from hotknob.config.keys import etcd_key, status_prefix, to_text
 
 from .announce import EventSink
+from .etcd_checks import rejected_on_top, validate_etcd_state
 from .etcd_store import ConflictError, EtcdChange, EtcdOptions, EtcdStore
 from .etcd_watcher import EtcdWatcher
 from .guard_lang import Guard, GuardSyntaxError, MissingValue, parse_guard
 from .guard_records import (
     ARMED,
+    BLOCKED,
     PASSED,
     REVERTED,
     SUPERSEDED,
     GuardRecord,
+    KeyChange,
     guard_key,
     guards_prefix,
 )
 from .logs import get_logger
-from .reports import Report, encode_value
+from .reports import Report, encode_value, mean_of
+from .status import status_name
 
 Post = Callable[..., None]
 _ACKS_KEPT = 64
 _EVIDENCE_KEPT = 8
+_REMOTE_CHECK_EVERY_S = 0.5
+_OUTCOME_LOGGED_APART = frozenset({"revision", "time", "node"})
+
+
+class ConfigInForce(Protocol):
+    """What a revert is validated against: the daemon's engine (schema, precedence, layers)."""
+
+    @property
+    def schema(self) -> type[BaseModel]: ...
+
+    @property
+    def precedence(self) -> tuple[str, ...]: ...
+
+    @property
+    def layers(self) -> Mapping[str, Layer]: ...
 
 
 def _meta_key(app: str) -> str:
@@ -87,10 +119,17 @@ class _Active:
     reported: set[str] = field(default_factory=set)
     passed: set[str] = field(default_factory=set)
     busy: bool = False
+    checking: bool = False  # a read of the other daemons' processes is in flight
+    checked_at: float = 0.0
+    waiting: list[str] = field(default_factory=list)  # their processes still in the window
 
 
 class GuardManager:
-    """Guards of one app on one daemon. ``start``/``stop`` own a watch thread and a worker."""
+    """Guards of one app on one daemon. ``start``/``stop`` own a watch thread and a worker.
+
+    ``config`` gives the configuration in force (the daemon's engine), which a revert is
+    validated against. Without one (None), reverts are written as recorded, unvalidated.
+    """
 
     def __init__(
         self,
@@ -100,10 +139,12 @@ class GuardManager:
         options: EtcdOptions,
         post: Post,
         broadcast: EventSink,
+        config: Callable[[], ConfigInForce | None] | None = None,
     ) -> None:
         self.app = app
         self.node = node
         self._post = post
+        self._config = config
         self._broadcast = broadcast
         self._store = EtcdStore(options)
         self._watcher = EtcdWatcher(
@@ -154,10 +195,17 @@ class GuardManager:
             self._maybe_passed(guard_id, active)
 
     def on_report(self, client: str, report: Report) -> None:
+        """Check ``report`` for every guard that watches ``client`` (one that acknowledged
+        the change). A step below the window's start means the process went back to an
+        earlier checkpoint: its window starts again at that step (so it is watched for
+        ``window`` steps from there), and the report is checked like any other."""
         for guard_id, active in list(self._active.items()):
             start = active.started.get(client)
-            if active.busy or start is None or report.step < start:
+            if active.busy or start is None:
                 continue
+            if report.step < start:
+                start = active.started[client] = report.step
+                active.passed.discard(client)
             self._check(guard_id, active, client, start, report)
 
     def _check(
@@ -187,7 +235,9 @@ class GuardManager:
                     "client": client,
                     "step": report.step,
                     "values": _jsonable(values),
-                    "baselines": _jsonable({m: baselines[m] for m in guard.baselines}),
+                    "baselines": _jsonable(
+                        {m: baselines[m] for m in guard.baselines if m in baselines}
+                    ),
                 }
             )
             del failures[:-_EVIDENCE_KEPT]
@@ -205,17 +255,48 @@ class GuardManager:
             self._maybe_passed(guard_id, active)
 
     def _baselines(self, record: GuardRecord, client: str) -> dict[str, float]:
-        own = record.baselines.get(f"{self.node}/{client}")
-        if own is not None:
-            return own
+        """``client``'s own baseline of each metric, else the mean of all processes' ones."""
         pooled: dict[str, list[float]] = {}
         for values in record.baselines.values():
             for name, value in values.items():
                 pooled.setdefault(name, []).append(value)
-        return {name: math.fsum(vs) / len(vs) for name, vs in pooled.items()}
+        means = {name: mean_of(vs) for name, vs in pooled.items()}
+        return {**means, **record.baselines.get(status_name(self.node, client), {})}
 
     def _maybe_passed(self, guard_id: str, active: _Active) -> None:
+        """Pass the guard once this daemon's watched processes are done and, as their
+        status entries show, no other daemon's process may still be inside the window."""
         if active.busy or not active.reported or not active.reported <= active.passed:
+            return
+        now = time.monotonic()
+        if active.checking or now - active.checked_at < _REMOTE_CHECK_EVERY_S:
+            return  # the next report (of any process) asks again
+        active.checking, active.checked_at = True, now
+        future = self._worker.submit(self._store.read_prefix, status_prefix(self.app))
+        self._then(future, self._remote_checked, guard_id, active)
+
+    def _remote_checked(
+        self,
+        guard_id: str,
+        active: _Active,
+        result: tuple[Mapping[str, bytes], int] | BaseException,
+    ) -> None:
+        active.checking = False
+        if self._active.get(guard_id) is not active or active.busy:
+            return
+        if not active.reported or not active.reported <= active.passed:
+            return  # a process went back to an earlier step meanwhile
+        if isinstance(result, BaseException):
+            self.log.warning("guard_check_failed", guard=guard_id, error=str(result))
+            return
+        kvs, _ = result
+        waiting = remote_in_window(
+            kvs, status_prefix(self.app), self.node, active.guard.metrics, active
+        )
+        if waiting:
+            if waiting != active.waiting:
+                self.log.info("guard_waiting", guard=guard_id, processes=",".join(waiting))
+            active.waiting = waiting
             return
         outcome = {
             "reason": f"held for {active.record.window} steps",
@@ -232,15 +313,18 @@ class GuardManager:
             if record is None:
                 continue
             seen.add(record.id)
-            if record.state != ARMED:
-                self._drop(record.id, record)
-            elif record.id not in self._active and record.id not in self._resolving:
-                self._resolving.add(record.id)
-                future = self._worker.submit(self._mod_revision, guard_key(self.app, record.id))
-                self._then(future, self._arm_resolved, record)
+            self._each(path, self._take_snapshot_record, record)
         for guard_id in list(self._active):
             if guard_id not in seen:
                 self._drop(guard_id, None)
+
+    def _take_snapshot_record(self, record: GuardRecord) -> None:
+        if record.state != ARMED:
+            self._drop(record.id, record)
+        elif record.id not in self._active and record.id not in self._resolving:
+            self._resolving.add(record.id)
+            future = self._worker.submit(self._mod_revision, guard_key(self.app, record.id))
+            self._then(future, self._arm_resolved, record)
 
     def _on_change(self, change: EtcdChange) -> None:
         for path in change.deletes:
@@ -249,15 +333,25 @@ class GuardManager:
             record = self._parse(path, raw)
             if record is None:
                 continue
-            if record.state != ARMED:
-                self._drop(record.id, record)
-            elif record.id not in self._active:
-                self._arm(record, change.revision)
+            self._each(path, self._take_changed_record, record, change.revision)
+
+    def _take_changed_record(self, record: GuardRecord, revision: int) -> None:
+        if record.state != ARMED:
+            self._drop(record.id, record)
+        elif record.id not in self._active:
+            self._arm(record, revision)
+
+    def _each(self, path: str, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` for one record: a surprise in one never stops the others."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.log.exception("guard_record_failed", key=path, error=str(exc))
 
     def _parse(self, path: str, raw: bytes) -> GuardRecord | None:
         try:
             record = GuardRecord.from_json(raw)
-        except ValueError as exc:
+        except Exception as exc:  # from_json says ValueError; a record must never stop the rest
             self.log.warning("guard_record_invalid", key=path, error=str(exc))
             return None
         if guard_key(self.app, record.id) != path:
@@ -306,13 +400,22 @@ class GuardManager:
         self, guard_id: str, active: _Active, reason: str, evidence: list[dict[str, Any]]
     ) -> None:
         record = active.record
-        outcome = {"reason": reason, "evidence": evidence}
-        puts = {
-            etcd_key(self.app, k): to_text(change.old)
-            for k, change in record.keys.items()
-            if change.existed
-        }
-        deletes = [etcd_key(self.app, k) for k, change in record.keys.items() if not change.existed]
+        outcome: dict[str, Any] = {"reason": reason, "evidence": evidence}
+        try:
+            restore, delete = self._plan_revert(record.keys)
+        except InvalidChange as exc:
+            why = "; ".join(str(p) for p in exc.problems)
+            outcome["reason"] = f"{reason}; not reverted, the daemon would reject it: {why}"
+            outcome["rejected"] = [str(p) for p in exc.problems]
+            self._finish(guard_id, active, BLOCKED, outcome)
+            return
+        except (TypeError, ValueError) as exc:  # an old value JSON cannot carry: as recorded
+            self.log.warning("guard_revert_unchecked", guard=guard_id, error=str(exc))
+            restore = {k: c.old for k, c in record.keys.items() if c.existed}
+            delete = [k for k, c in record.keys.items() if not c.existed]
+        outcome["restored"] = {k: restore.get(k) for k in sorted(record.keys)}
+        puts = {etcd_key(self.app, k): to_text(v) for k, v in restore.items()}
+        deletes = [etcd_key(self.app, k) for k in delete]
         puts[_meta_key(self.app)] = json.dumps(
             {
                 "time": time.time(),
@@ -321,6 +424,43 @@ class GuardManager:
             }
         )
         self._finish(guard_id, active, REVERTED, outcome, puts, deletes)
+
+    def _plan_revert(self, keys: Mapping[str, KeyChange]) -> tuple[dict[str, Any], list[str]]:
+        """The old values to put back and the keys to delete (dotted), checked as ``set``
+        checks a write: the etcd layer in force with them, merged with the other layers.
+
+        An old value that the daemon rejects on its own (it was never in force: written
+        around hotknob, or invalid under this schema) is deleted instead, so that the
+        value in force before the change comes back. Raises ``InvalidChange`` naming the
+        problems if the daemon would reject the revert even so.
+        """
+        config = self._config() if self._config is not None else None
+        restore = {k: c.old for k, c in keys.items() if c.existed}
+        delete = [k for k, c in keys.items() if not c.existed]
+        if config is None or "etcd" not in config.layers:
+            return restore, delete
+        schema, precedence = config.schema, tuple(config.precedence)
+        layers = list(dict(config.layers).values())
+        in_force = next(layer for layer in layers if layer.name == "etcd").values
+        while True:
+            values = {k: v for k, v in in_force.items() if k not in keys}
+            values.update(restore)
+            problems: list[Problem] = []
+            try:
+                validate_etcd_state(schema, precedence, layers, values)
+            except InvalidChange as exc:
+                problems = list(exc.problems)
+            if not problems:  # valid only because env or cli shadows it: not written either
+                on_top = rejected_on_top(schema, precedence, layers, values)
+                problems = [p for p in on_top if p.key in restore]
+            if not problems:
+                return restore, delete
+            own = [p for p in problems if p.layer == "etcd" and p.key in restore]
+            if not own:
+                raise InvalidChange(problems)
+            for problem in own:
+                del restore[problem.key]
+                delete.append(problem.key)
 
     def _finish(
         self,
@@ -361,7 +501,6 @@ class GuardManager:
             if guard_key(self.app, guard_id) in result.current:
                 self._active.pop(guard_id, None)  # another daemon ended it; the watch says how
                 return
-            self.log.info("guard_superseded", guard=guard_id, changed=sorted(result.current))
             outcome = {"reason": "the guarded keys were changed since", "changed": result.current}
             self._finish(guard_id, active, SUPERSEDED, outcome)
             return
@@ -374,7 +513,9 @@ class GuardManager:
         self._active.pop(guard_id, None)
         outcome = ended.outcome or {}
         if ended.state == REVERTED:
-            restored = {k: c.old if c.existed else None for k, c in record.keys.items()}
+            restored = outcome.get("restored") or {
+                k: c.old if c.existed else None for k, c in record.keys.items()
+            }
             replaced = {k: c.new for k, c in record.keys.items()}
             self.log.warning(
                 "change_reverted",
@@ -402,13 +543,23 @@ class GuardManager:
                 }
             )
         else:
-            self.log.info("guard_" + ended.state, guard=guard_id, revision=result, **outcome)
+            fields = {k: v for k, v in outcome.items() if k not in _OUTCOME_LOGGED_APART}
+            log = self.log.warning if ended.state == BLOCKED else self.log.info
+            log(
+                "guard_" + ended.state,
+                guard=guard_id,
+                key=",".join(sorted(record.keys)),
+                guarded_revision=active.revision,
+                revision=result,
+                **fields,
+            )
             self._broadcast(
                 {
                     "type": "event",
                     "event": "guard_" + ended.state,
                     "guard": guard_id,
                     "reason": outcome.get("reason"),
+                    "guarded_revision": active.revision,
                     "revision": result,
                     "time": time.time(),
                 }
@@ -432,3 +583,45 @@ class GuardManager:
             self._post(fn, *args, result)
 
         future.add_done_callback(done)
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def remote_in_window(
+    kvs: Mapping[str, bytes], prefix: str, node: str, metrics: frozenset[str], active: _Active
+) -> list[str]:
+    """The processes of other daemons (status entries under ``prefix``) that may still be
+    inside the window of ``active``'s guard, by name (``<node>/<client>``).
+
+    One is taken as watched if its status says it reports a metric the guard reads and
+    it acknowledged a state of the guarded revision or later (as on its own daemon, a
+    process the change never reached is not watched); it is done once its newest
+    report is at or after the step of its latest such acknowledgement + ``window``.
+    That step is never before the one its window started at, so a process is never
+    taken as done before its own daemon would say so.
+    """
+    waiting = []
+    for key, raw in sorted(kvs.items()):
+        name = key[len(prefix) :]
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        owner = entry.get("node")
+        if owner == node or (not isinstance(owner, str) and name.startswith(node + "/")):
+            continue  # this daemon's own: known exactly
+        reported = entry.get("metrics")
+        latest = reported.get("latest") if isinstance(reported, dict) else None
+        if not isinstance(latest, dict) or not metrics.intersection(latest):
+            continue
+        revision, acked_at = entry.get("revision"), entry.get("step")
+        if not _is_int(revision) or revision < active.revision:
+            continue
+        step = reported.get("step") if isinstance(reported, dict) else None
+        if not _is_int(acked_at) or not _is_int(step) or step < acked_at + active.record.window:
+            waiting.append(name)
+    return waiting

@@ -41,7 +41,7 @@ class Report:
     def value(self, metric: str) -> float | None:
         """The mean of the values reported since the previous message (NaN if any is NaN)."""
         values = self.window.get(metric)
-        return _mean(values) if values else None
+        return mean_of(values) if values else None
 
     def values(self) -> dict[str, float]:
         return {name: v for name in self.window if (v := self.value(name)) is not None}
@@ -56,7 +56,7 @@ class Report:
         return found
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean_of(values: Sequence[float]) -> float:
     """The mean of ``values``: the worst non-finite one if any is (NaN first), and no
     overflow for large finite ones (``fsum`` of ``1e308`` and ``1e308`` overflows)."""
     if not all(map(math.isfinite, values)):
@@ -134,7 +134,7 @@ class ClientReports:
         recent = self._clients.get(client)
         if recent is None:
             return {}
-        return {n: _mean(h) for n, h in recent.history.items() if h}
+        return {n: mean_of(h) for n, h in recent.history.items() if h}
 
     def status_fields(self, client: str) -> dict[str, Any]:
         """``{"metrics": {"step", "time", "latest", "mean"}}`` for the status entry, or ``{}``."""

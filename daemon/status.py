@@ -25,6 +25,15 @@ from .logs import get_logger
 _DELETE = object()
 
 
+def status_name(node: str, client: str) -> str:
+    """A process's name under the status prefix, ``<node>/<client>``: a ``/`` in the client's
+    name is written ``_``, so that the name is one level below the node's.
+
+    The baselines a guarded ``set`` stores are keyed by it, so guards look them up by it.
+    """
+    return f"{node}/{client.replace('/', '_')}"
+
+
 class StatusPublisher:
     def __init__(
         self,
@@ -35,6 +44,8 @@ class StatusPublisher:
         ttl: int = 10,
     ):
         self._store_factory = store_factory
+        self._app = app
+        self.node = node
         self.prefix = f"{status_prefix(app)}{node}/"
         self.ttl = ttl
         self._pending: dict[str, Any] = {}
@@ -47,7 +58,7 @@ class StatusPublisher:
         self.log = get_logger("hotknob.status", node=node)
 
     def key(self, client: str) -> str:
-        return self.prefix + client.replace("/", "_")
+        return status_prefix(self._app) + status_name(self.node, client)
 
     def start(self) -> None:
         self._thread.start()

@@ -7,8 +7,10 @@ lock or make a system call on the training thread:
   metric's list. That is all it does (a few hundred nanoseconds).
 * a small background thread wakes every ``report_every_s`` seconds. If
   anything was reported since its last look, it takes, for each metric, the
-  values appended since then (at most the newest ``window`` of them) and hands
-  one ``metrics`` message to ``send`` (the client's outbox).
+  values appended since then (at most the newest ``window`` of them, and ahead
+  of those the first NaN or infinity among the older ones, so that a non-finite
+  value always reaches the daemon's guards) and hands one ``metrics`` message
+  to ``send`` (the client's outbox).
 
 Taking values is ``n = len(buf); chunk = buf[n - k:n]; del buf[:n]``: each
 step is one atomic list operation, so a value appended meanwhile lands after
@@ -16,7 +18,8 @@ index ``n`` and is taken next time; nothing is lost or sent twice.
 
 On the wire (protocol 1, ``{"type":"metrics","step":S,"latest":{...},"window":{...}}``)
 ``latest`` holds only the metrics reported since the previous message, and
-``window`` their values since then, oldest first. JSON has no NaN or
+``window`` their values since then, oldest first. ``step`` is the step given to
+the newest ``report``, as it is (a loop may count from below 0). JSON has no NaN or
 infinity, so non-finite values travel as the strings ``"nan"``, ``"inf"`` and
 ``"-inf"`` (see ``encode_value``/``decode_value``).
 """
@@ -81,7 +84,7 @@ class MetricsReporter:
         self.window = window
         self._send = send
         self._buffers: dict[str, list[Any]] = {}
-        self._step = -1
+        self._step: int | None = None  # None: nothing reported yet
         self._reports = 0
         self._taken = 0
         self._bad: set[str] = set()
@@ -140,21 +143,44 @@ class MetricsReporter:
             return None
         self._taken = reports
         step = self._step
+        if step is None:
+            return None
         latest: dict[str, float | str] = {}
         window: dict[str, list[float | str]] = {}
         for name, buf in list(self._buffers.items()):
             end = len(buf)
             if end == 0:
                 continue
-            chunk = buf[max(0, end - self.window) : end]
+            cut = max(0, end - self.window)
+            chunk = buf[cut:end]
+            older = buf[:cut]
             del buf[:end]
             values = self._convert(name, chunk)
+            dropped = self._first_non_finite(older)
+            if dropped is not None:
+                values.insert(0, dropped)
             if values:
                 window[name] = values
                 latest[name] = values[-1]
         if not latest:
             return None
-        return {"type": "metrics", "step": max(step, 0), "latest": latest, "window": window}
+        return {"type": "metrics", "step": step, "latest": latest, "window": window}
+
+    @staticmethod
+    def _first_non_finite(values: list[Any]) -> str | None:
+        """The first NaN or infinity among ``values`` (as sent), or None; others are skipped."""
+        for raw in values:
+            if isinstance(raw, bool):
+                continue
+            try:
+                value = float(raw)
+            except (TypeError, ValueError, OverflowError):
+                continue
+            if not math.isfinite(value):
+                encoded = encode_value(value)
+                assert isinstance(encoded, str)
+                return encoded
+        return None
 
     def _convert(self, name: str, chunk: list[Any]) -> list[float | str]:
         out: list[float | str] = []

@@ -49,12 +49,13 @@ def test_arithmetic_operators_and_unary_minus() -> None:
 
 
 def test_precedence_multiplication_binds_tighter_and_left_associative() -> None:
-    assert holds("1 + 2 * 3 == 7", {})
-    assert holds("(1 + 2) * 3 == 9", {})
-    assert holds("10 - 3 - 2 == 5", {})  # (10 - 3) - 2, not 10 - (3 - 2)
-    assert holds("2 * 3 + 1 == 7", {})
-    assert holds("-2 * 3 == -6", {})
-    assert holds("1 + 1 < 3 and 2 * 2 == 4", {})
+    # (A guard must read a metric: ``x`` stands in for a number.)
+    assert holds("x + 2 * 3 == 7", {"x": 1})
+    assert holds("(x + 2) * 3 == 9", {"x": 1})
+    assert holds("10 - 3 - x == 5", {"x": 2})  # (10 - 3) - 2, not 10 - (3 - 2)
+    assert holds("2 * 3 + x == 7", {"x": 1})
+    assert holds("-x * 3 == -6", {"x": 2})
+    assert holds("x + 1 < 3 and 2 * 2 == 4", {"x": 1})
 
 
 def test_and_needs_every_part() -> None:
@@ -169,3 +170,11 @@ def test_depth_and_length_are_bounded() -> None:
         parse_guard("x < " + "1 + " * 400 + "1")
     with pytest.raises(GuardSyntaxError, match="nested more than"):
         parse_guard("-" * (MAX_DEPTH + 1) + "x < 1")
+
+
+@pytest.mark.parametrize("text", ["baseline(loss) > 100", "1 < 2", "-(3) == 2 * 1.5 and 1 < 2"])
+def test_a_guard_that_reads_no_metric_is_refused(text: str) -> None:
+    # No report could make it fail or let it pass: armed, it would never end.
+    with pytest.raises(GuardSyntaxError, match="must read at least one reported metric"):
+        parse_guard(text)
+    assert parse_guard("loss < baseline(loss) + 1").metrics == {"loss"}

@@ -95,6 +95,14 @@ def metrics(step: int, **values: Any) -> dict[str, Any]:
     }
 
 
+def next_event(watcher: RawClient, name: str) -> dict[str, Any]:
+    """The first ``event`` message called ``name`` that a ``watch`` connection gets."""
+    while True:
+        message = watcher.next(timeout=10)
+        if message.get("type") == "event" and message.get("event") == name:
+            return message
+
+
 class Watch:
     """``hotknob watch`` against a daemon, its lines read on a thread into a queue."""
 
@@ -261,6 +269,7 @@ def test_a_guard_that_holds_reverts_nothing_and_is_marked_passed(
     extra = ["--node", "n1", "--metrics-addr", f"127.0.0.1:{port}"]
     with (
         DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=extra) as daemon,
+        RawClient(daemon.socket_path, "w", watch=True) as watcher,
         RawClient(daemon.socket_path, "c1") as client,
     ):
         client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
@@ -297,6 +306,12 @@ def test_a_guard_that_holds_reverts_nothing_and_is_marked_passed(
         assert not daemon.events("change_reverted")
         text = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint)
         assert "passed" in text.stdout and "loss=1.5" in text.stdout, text.stdout
+        # Logged and sent to watchers (the outcome's own revision must not clash).
+        (logged,) = wait_for("guard_passed logged", lambda: daemon.events("guard_passed"))
+        assert logged["guard"] == out["guard"] and logged["reason"] == "held for 20 steps"
+        assert logged["guarded_revision"] == out["revision"] and logged["clients"] == ["c1"]
+        event = next_event(watcher, "guard_passed")
+        assert event["guard"] == out["guard"] and event["revision"] > out["revision"]
 
 
 def test_a_guard_survives_a_daemon_restart_and_nan_reverts_at_once(
@@ -344,10 +359,11 @@ def test_a_change_made_after_the_guarded_one_wins_over_the_guard(
 ) -> None:
     with (
         DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path, "w", watch=True) as watcher,
         RawClient(daemon.socket_path, "c1") as client,
     ):
         client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
-        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "50")
+        out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "50")
         update = client.next_update()
         client.send({"type": "applied", "version": update["version"], "step": 1})
         wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
@@ -359,6 +375,268 @@ def test_a_change_made_after_the_guarded_one_wins_over_the_guard(
         assert not daemon.events("change_reverted")
         (record,) = guard_records(etcd)
         assert record["state"] == "superseded"
+        event = next_event(watcher, "guard_superseded")
+        assert event["guard"] == out["guard"] and "changed since" in event["reason"]
+
+
+def test_a_revert_deletes_an_old_value_the_daemon_had_rejected(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    etcd.etcdctl("put", "--", P + "train/lr", "-1")  # written around hotknob: never in force
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path, "c1") as client,
+    ):
+        before = client.snapshot["values"]["train"]["lr"]
+        assert before == 0.001
+        client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        out = guarded_set(etcd, "train.lr=2.0", "--guard", "loss < 3", "--window", "50")
+        update = client.next_update()
+        client.send({"type": "applied", "version": update["version"], "step": 1})
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        client.send(metrics(2, loss="inf"))
+        # What was in force before the change comes back: the default, not the -1.
+        assert client.next_update()["changed"] == {"train.lr": before}
+        (event,) = wait_for("the revert logged", lambda: daemon.events("change_reverted"))
+        assert (
+            event["restored"] == {"train.lr": None} and event["guarded_revision"] == out["revision"]
+        )
+        assert kv(etcd, P + "train/lr") == (None, 0)
+        (record,) = guard_records(etcd)
+        assert record["state"] == "reverted" and record["outcome"]["restored"] == {"train.lr": None}
+        # Rejected once, when the daemon read it at its start; the revert was taken.
+        (rejected,) = daemon.events("change_rejected")
+        assert rejected["revision"] < out["revision"]
+
+
+def test_a_revert_the_daemon_would_reject_ends_the_guard_blocked(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    schema = ["--schema", "tests.banded_schema:Banded"]
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=schema) as daemon,
+        RawClient(daemon.socket_path, "w", watch=True) as watcher,
+        RawClient(daemon.socket_path, "c1") as client,
+    ):
+        client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        out = guarded_set(etcd, *schema, "band.hi=20", "--guard", "loss < 3", "--window", "50")
+        update = client.next_update()
+        client.send({"type": "applied", "version": update["version"], "step": 1})
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        # A later, valid edit of another key that holds only while hi is 20.
+        later = guarded_set(etcd, *schema, "band.lo=15")
+        update = client.next_update()
+        client.send({"type": "applied", "version": update["version"], "step": 2})
+        client.send(metrics(3, loss=5.0))
+        client.send(metrics(4, loss=5.0))
+        client.send(metrics(5, loss=5.0))
+        record = wait_for(
+            "the guard to end", lambda: [r for r in guard_records(etcd) if r["state"] != "armed"]
+        )[0]
+        assert record["state"] == "blocked"
+        reason = record["outcome"]["reason"]
+        assert "failed on 3 reports in a row" in reason and "not reverted" in reason, reason
+        assert "lo must not exceed hi" in reason, reason
+        # Nothing was restored: the configuration the daemon serves stays valid and whole.
+        assert kv(etcd, P + "band/hi") == ("20", out["revision"])
+        assert kv(etcd, P + "band/lo") == ("15", later["revision"])
+        (logged,) = wait_for("guard_blocked logged", lambda: daemon.events("guard_blocked"))
+        assert logged["level"] == "warning" and logged["reason"] == reason
+        assert next_event(watcher, "guard_blocked")["guard"] == out["guard"]
+        assert not daemon.events("change_reverted") and not daemon.events("change_rejected")
+        assert client.no_message()
+        assert (
+            "blocked" in run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint).stdout
+        )
+
+
+def test_a_process_whose_own_baseline_lacks_a_metric_is_judged_on_the_pooled_one(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--node", "n1"]) as daemon,
+        RawClient(daemon.socket_path, "c1") as c1,
+        RawClient(daemon.socket_path, "c2") as c2,
+    ):
+        for client in (c1, c2):
+            client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        c1.send(metrics(1, loss=1.0))  # c1 reported only loss before the change
+        c2.send(metrics(1, loss=1.0, grad=4.0))
+        wait_for("both in status", lambda: sum("metrics" in p for p in processes(etcd)) == 2)
+        guard = "loss < 2 * baseline and grad < 2 * baseline"
+        guarded_set(etcd, "train.lr=0.5", "--guard", guard, "--window", "100", "--patience", "1")
+        assert guard_records(etcd)[0]["baselines"] == {
+            "n1/c1": {"loss": 1.0},
+            "n1/c2": {"loss": 1.0, "grad": 4.0},
+        }
+        for client in (c1, c2):
+            update = client.next_update()
+            client.send({"type": "applied", "version": update["version"], "step": 2})
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        c1.send(metrics(3, loss=1.0, grad=7.0))  # grad within 2x c2's 4.0 (the pooled one)
+        c1.send(metrics(4, loss=50.0, grad=1.0))  # loss 50x c1's own: fails
+        (event,) = wait_for("the revert", lambda: daemon.events("change_reverted"))
+        (evidence,) = event["evidence"]
+        assert evidence["step"] == 4 and evidence["baselines"] == {"loss": 1.0, "grad": 4.0}
+        assert not daemon.events("callback_failed") and not daemon.events("event_failed")
+
+
+def test_a_client_name_with_a_slash_is_judged_on_its_own_baseline(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--node", "n1"]) as daemon,
+        RawClient(daemon.socket_path, "job/a") as a,
+        RawClient(daemon.socket_path, "job/b") as b,
+    ):
+        for client in (a, b):
+            client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        a.send(metrics(1, loss=1.0))
+        b.send(metrics(1, loss=10.0))
+        wait_for("both in status", lambda: sum("metrics" in p for p in processes(etcd)) == 2)
+        guard = ["--guard", "loss < 2 * baseline", "--window", "100", "--patience", "1"]
+        guarded_set(etcd, "train.lr=0.5", *guard)
+        assert set(guard_records(etcd)[0]["baselines"]) == {"n1/job_a", "n1/job_b"}
+        for client in (a, b):
+            update = client.next_update()
+            client.send({"type": "applied", "version": update["version"], "step": 2})
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        a.send(metrics(3, loss=5.0))  # 5x its own 1.0 (under 2x the pooled mean, 5.5)
+        (event,) = wait_for("the revert", lambda: daemon.events("change_reverted"))
+        assert event["evidence"][0]["baselines"] == {"loss": 1.0}
+
+
+def test_a_process_that_goes_back_to_an_earlier_step_is_watched_from_there(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path, "c1") as client,
+    ):
+        client.send({"type": "applied", "version": client.snapshot["version"], "step": 1000})
+        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
+        update = client.next_update()
+        client.send({"type": "applied", "version": update["version"], "step": 1000})
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        client.send(metrics(1001, loss=1.0))
+        # It reloads its step-900 checkpoint (same process): its window starts again at 900,
+        # and every report is checked (before, none below step 1000 was).
+        client.send(metrics(900, loss=1.0))
+        client.send(metrics(915, loss=1.0))
+        client.send(metrics(916, loss="nan"))
+        (event,) = wait_for("the revert on NaN", lambda: daemon.events("change_reverted"))
+        assert event["reason"] == "c1 reported loss=nan at step 916"
+        (record,) = guard_records(etcd)
+        assert record["state"] == "reverted"
+
+
+def test_a_guard_passes_only_when_every_node_s_processes_are_done(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        DaemonProcess(tmp_path / "a", endpoints=etcd.endpoint, extra=["--node", "n1"]) as d1,
+        DaemonProcess(tmp_path / "b", endpoints=etcd.endpoint, extra=["--node", "n2"]) as d2,
+        RawClient(d1.socket_path, "c1") as c1,
+        RawClient(d2.socket_path, "c2") as c2,
+    ):
+        for client in (c1, c2):
+            client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
+        for client in (c1, c2):
+            update = client.next_update()
+            client.send({"type": "applied", "version": update["version"], "step": 10})
+        wait_for("armed on both", lambda: d1.events("guard_armed") and d2.events("guard_armed"))
+
+        def c2_in_status() -> bool:
+            return any(p["key"].endswith("n2/c2") and p.get("metrics") for p in processes(etcd))
+
+        c2.send(metrics(11, loss=1.0))  # n2's process: mid-window
+        wait_for("c2's report in status", c2_in_status)
+        for step in range(11, 32):  # n1's process runs through its window
+            c1.send(metrics(step, loss=1.0))
+        # n1 has asked whether n2's process is done, and was told no.
+        wait_for("n1 to wait for n2", lambda: d1.events("guard_waiting"))
+        assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+        # Once n2's process is done too, n2 sees that n1's are (from their status): passed.
+        wait_for(
+            "c1's last report in status",
+            lambda: any(
+                p["key"].endswith("n1/c1") and p["metrics"]["step"] == 31 for p in processes(etcd)
+            ),
+        )
+        c2.send(metrics(30, loss=1.0))
+        record = wait_for(
+            "the guard to pass", lambda: [r for r in guard_records(etcd) if r["state"] != "armed"]
+        )[0]
+        assert record["state"] == "passed" and record["outcome"]["node"] == "n2"
+        assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
+
+
+def test_a_process_of_another_node_still_in_its_window_can_revert(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        DaemonProcess(tmp_path / "a", endpoints=etcd.endpoint, extra=["--node", "n1"]) as d1,
+        DaemonProcess(tmp_path / "b", endpoints=etcd.endpoint, extra=["--node", "n2"]) as d2,
+        RawClient(d1.socket_path, "c1") as c1,
+        RawClient(d2.socket_path, "c2") as c2,
+    ):
+        for client in (c1, c2):
+            client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
+        for client in (c1, c2):
+            update = client.next_update()
+            client.send({"type": "applied", "version": update["version"], "step": 10})
+        wait_for("armed on both", lambda: d1.events("guard_armed") and d2.events("guard_armed"))
+        c2.send(metrics(11, loss=1.0))
+        wait_for(
+            "c2's report in status",
+            lambda: any(p["key"].endswith("n2/c2") and p.get("metrics") for p in processes(etcd)),
+        )
+        for step in range(11, 32):
+            c1.send(metrics(step, loss=1.0))
+        wait_for("n1 to wait for n2", lambda: d1.events("guard_waiting"))
+        c2.send(metrics(15, loss="nan"))  # inside c2's window
+        (event,) = wait_for("the revert", lambda: d2.events("change_reverted"))
+        assert event["reason"] == "c2 reported loss=nan at step 15"
+        assert [r["state"] for r in guard_records(etcd)] == ["reverted"]
+
+
+def test_malformed_records_are_skipped_and_the_others_armed(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    keys = {"train.lr": {"old": 0.1, "existed": True, "new": 0.2}}
+    bad = [
+        {"id": "0a", "guard": "loss < 3", "window": 1e999, "patience": 3, "keys": keys},
+        {"id": "0b", "guard": "loss < 3", "window": 10, "state": "passed", "outcome": "held"},
+        {"id": "0c", "guard": "1 < 2", "window": 10, "keys": keys},  # reads no metric
+        {"id": "0d", "guard": "loss < 3", "window": "soon", "keys": keys},
+    ]
+    for record in bad:
+        text = json.dumps(record).replace("Infinity", "1e999")
+        etcd.etcdctl("put", G + str(record["id"]), text)
+    etcd.etcdctl("put", G + "0e", "[" * 20_000 + "]" * 20_000)  # too deep for a parser
+    out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "100")
+    done = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint, "--json")
+    assert done.returncode == 0, done.stderr
+    # 0c is a record (its guard is checked when it is armed); the others are not shown.
+    assert {r["id"] for r in json.loads(done.stdout)["guards"]} == {"0c", out["guard"]}
+    text = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint)
+    assert text.returncode == 0 and out["guard"] in text.stdout, text.stderr
+    with DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon:
+        (armed,) = wait_for("the valid guard armed", lambda: daemon.events("guard_armed"))
+        assert armed["guard"] == out["guard"]
+        wait_for(
+            "every bad record reported", lambda: len(daemon.events("guard_record_invalid")) >= 5
+        )
+        invalid = daemon.events("guard_record_invalid")
+        names = {e.get("key", e.get("guard", "")).rsplit("/", 1)[-1] for e in invalid}
+        assert names == {"0a", "0b", "0c", "0d", "0e"}
+        assert not daemon.events("event_failed") and not daemon.events("guard_record_failed")
 
 
 # --- refused before anything is written ------------------------------------------------------
@@ -373,6 +651,7 @@ def test_a_change_made_after_the_guarded_one_wins_over_the_guard(
         (["--guard", "loss < 2"], 2, "needs --window"),
         (["--window", "300"], 2, "need --guard"),
         (["--guard", "loss < 2", "--window", "0"], 2, "--window must be"),
+        (["--guard", "baseline(loss) > 1", "--window", "5"], 1, "read at least one reported"),
     ],
 )
 def test_a_bad_guard_is_refused_before_anything_is_written(

@@ -148,3 +148,47 @@ def test_report_interval_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
         MetricsReporter(lambda m: None, window=0)
     with pytest.raises(ValueError):
         MetricsReporter(lambda m: None, report_every_s=math.inf)
+
+
+def test_the_step_is_sent_as_reported_even_below_zero() -> None:
+    reporter, _ = make()
+    reporter.report(-100, loss=1.0)
+    message = reporter.take()
+    assert message is not None and message["step"] == -100  # as the acks carry it
+    protocol.validate_client_message(protocol.decode(protocol.encode(message)), said_hello=True)
+    reporter.report(0, loss=1.0)
+    assert reporter.take() == {
+        "type": "metrics",
+        "step": 0,
+        "latest": {"loss": 1.0},
+        "window": {"loss": [1.0]},
+    }
+    reporter.stop()
+
+
+def test_a_non_finite_value_older_than_the_window_is_still_sent() -> None:
+    from hotknob.daemon.reports import decode_report
+
+    reporter, _ = make(window=4)
+    reporter.report(1, loss=1.0, grad=2.0)
+    reporter.report(2, loss=math.inf, grad=math.nan)  # one overflowed step
+    reporter.report(3, loss=-math.inf)  # only the first non-finite one is kept
+    for step in range(4, 12):
+        reporter.report(step, loss=float(step), grad=1.0)
+    message = reporter.take()
+    assert message is not None
+    # The newest 4, and ahead of them (oldest first) the first NaN/inf of those dropped.
+    assert message["window"] == {"loss": ["inf", 8.0, 9.0, 10.0, 11.0], "grad": ["nan"] + [1.0] * 4}
+    assert message["latest"] == {"loss": 11.0, "grad": 1.0}
+    report = decode_report(protocol.decode(protocol.encode(message)))
+    assert report.non_finite(frozenset({"loss"})) == {"loss": math.inf}
+    assert math.isnan(report.non_finite(frozenset({"grad"}))["grad"])
+    for step in range(12, 20):  # nothing non-finite: exactly the newest 4
+        reporter.report(step, loss=1.0)
+    assert reporter.take() == {
+        "type": "metrics",
+        "step": 19,
+        "latest": {"loss": 1.0},
+        "window": {"loss": [1.0] * 4},
+    }
+    reporter.stop()

@@ -1,0 +1,64 @@
+"""Checks of a new etcd layer before it is written: by ``set``/``unset``/``rollback`` and by a
+guard's revert. What the daemon would do with it is what counts: merged with the other
+layers it must be valid, and so must it be without the layers that may shadow it now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from hotknob.config import InvalidChange, Layer, Problem, merge_layers
+from hotknob.config.merge import Snapshot
+
+_BELOW_SHADOWING = ("defaults", "files")
+
+
+def validate_etcd_state(
+    schema: type[BaseModel],
+    precedence: Sequence[str],
+    layers: Sequence[Layer],
+    new_etcd: Mapping[str, Any],
+) -> tuple[Snapshot, list[str]]:
+    """Merge with ``new_etcd`` as the etcd layer; the snapshot and the etcd keys a higher
+    layer shadows. Raises ``InvalidChange``."""
+    others = [layer for layer in layers if layer.name != "etcd"]
+    candidate = Layer("etcd", new_etcd, dict.fromkeys(new_etcd, "set"))
+    snapshot = merge_layers(schema, [*others, candidate], precedence)
+    rank = {n: i for i, n in enumerate(precedence)}
+    shadowed = [k for k in new_etcd if rank.get(snapshot.sources.get(k, "etcd"), 0) > rank["etcd"]]
+    return snapshot, shadowed
+
+
+def rejected_on_top(
+    schema: type[BaseModel],
+    precedence: Sequence[str],
+    layers: Sequence[Layer],
+    etcd_values: Mapping[str, Any],
+) -> list[Problem]:
+    """The etcd keys that would be rejected if etcd were the highest layer: merged over the
+    defaults and the files alone, without the env and cli layers that may shadow them now.
+
+    A value an env var or ``--set`` shadows has no effect while they are set, but takes
+    effect as soon as a daemon runs without them: it is checked all the same. Keys are
+    dropped one round at a time, as the daemon does; problems of the files themselves
+    (a file value that env or cli shadows) are not this check's to report.
+    """
+    below = [layer for layer in layers if layer.name in _BELOW_SHADOWING]
+    order = (*(name for name in precedence if name in _BELOW_SHADOWING), "etcd")
+    values = dict(etcd_values)
+    found: list[Problem] = []
+    while True:
+        candidate = Layer("etcd", values, dict.fromkeys(values, "set"))
+        try:
+            merge_layers(schema, [*below, candidate], order)
+        except InvalidChange as exc:
+            bad = [p for p in exc.problems if p.layer == "etcd"]
+            if bad:
+                found.extend(bad)
+                for problem in bad:
+                    values.pop(problem.key, None)
+                continue
+        return found
