@@ -12,7 +12,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -530,9 +531,13 @@ def test_a_process_that_goes_back_to_an_earlier_step_is_watched_from_there(
         assert record["state"] == "reverted"
 
 
-def test_a_guard_passes_only_when_every_node_s_processes_are_done(
+@contextmanager
+def two_nodes_mid_window(
     etcd: EtcdServer, tmp_path: Path
-) -> None:
+) -> Iterator[tuple[DaemonProcess, DaemonProcess, RawClient, RawClient, dict[str, Any]]]:
+    """Two daemons (nodes n1, n2), a process on each, a guarded change with a window of 20
+    that both applied at step 10; n2's process has reported once, n1's ran through its
+    window, and n1 waits for n2's."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with (
@@ -548,17 +553,23 @@ def test_a_guard_passes_only_when_every_node_s_processes_are_done(
             update = client.next_update()
             client.send({"type": "applied", "version": update["version"], "step": 10})
         wait_for("armed on both", lambda: d1.events("guard_armed") and d2.events("guard_armed"))
-
-        def c2_in_status() -> bool:
-            return any(p["key"].endswith("n2/c2") and p.get("metrics") for p in processes(etcd))
-
         c2.send(metrics(11, loss=1.0))  # n2's process: mid-window
-        wait_for("c2's report in status", c2_in_status)
+        wait_for(
+            "c2's report in status",
+            lambda: any(p["key"].endswith("n2/c2") and p.get("metrics") for p in processes(etcd)),
+        )
         for step in range(11, 32):  # n1's process runs through its window
             c1.send(metrics(step, loss=1.0))
         # n1 has asked whether n2's process is done, and was told no.
         wait_for("n1 to wait for n2", lambda: d1.events("guard_waiting"))
         assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+        yield d1, d2, c1, c2, out
+
+
+def test_a_guard_passes_only_when_every_node_s_processes_are_done(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    with two_nodes_mid_window(etcd, tmp_path) as (_, _, _, c2, out):
         # Once n2's process is done too, n2 sees that n1's are (from their status): passed.
         wait_for(
             "c1's last report in status",
@@ -577,29 +588,7 @@ def test_a_guard_passes_only_when_every_node_s_processes_are_done(
 def test_a_process_of_another_node_still_in_its_window_can_revert(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    with (
-        DaemonProcess(tmp_path / "a", endpoints=etcd.endpoint, extra=["--node", "n1"]) as d1,
-        DaemonProcess(tmp_path / "b", endpoints=etcd.endpoint, extra=["--node", "n2"]) as d2,
-        RawClient(d1.socket_path, "c1") as c1,
-        RawClient(d2.socket_path, "c2") as c2,
-    ):
-        for client in (c1, c2):
-            client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
-        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
-        for client in (c1, c2):
-            update = client.next_update()
-            client.send({"type": "applied", "version": update["version"], "step": 10})
-        wait_for("armed on both", lambda: d1.events("guard_armed") and d2.events("guard_armed"))
-        c2.send(metrics(11, loss=1.0))
-        wait_for(
-            "c2's report in status",
-            lambda: any(p["key"].endswith("n2/c2") and p.get("metrics") for p in processes(etcd)),
-        )
-        for step in range(11, 32):
-            c1.send(metrics(step, loss=1.0))
-        wait_for("n1 to wait for n2", lambda: d1.events("guard_waiting"))
+    with two_nodes_mid_window(etcd, tmp_path) as (_, d2, _, c2, _):
         c2.send(metrics(15, loss="nan"))  # inside c2's window
         (event,) = wait_for("the revert", lambda: d2.events("change_reverted"))
         assert event["reason"] == "c2 reported loss=nan at step 15"
