@@ -173,11 +173,14 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
 
     def read() -> None:
         buffer = greeting.split(b"\n", 1)[1]
-        while data := sock.recv(65536):
-            buffer += data
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                pending[0] = json.loads(line)["value"]
+        try:
+            while data := sock.recv(65536):
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    pending[0] = json.loads(line)["value"]
+        except OSError:  # the loop below closed the socket: the run is over
+            return
 
     threading.Thread(target=read, name="relay-reader", daemon=True).start()
     records: list[tuple[int, float]] = []
