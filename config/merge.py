@@ -191,7 +191,7 @@ def merge_layers(
     ]
     if problems:  # a schema that allows NaN or infinity: no client could be sent it
         raise InvalidChange(problems)
-    too_large = oversized(values, flat)
+    too_large = oversized(values, flat, winners)
     if too_large is not None:
         key, reason = too_large
         raise InvalidChange([Problem(key, winners.get(key, "defaults"), reason, flat[key])])
@@ -210,10 +210,23 @@ def merge_layers(
 
 def _clash(exc: KeyClash, merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:
     """Both keys of a clash, each with its own layer, so that a live layer's key can be
-    dropped whichever of the two it is."""
+    dropped whichever of the two it is. A side that lies inside a mapping leaf's value
+    (``model.w.head`` of ``model.w: {"head": 1}``) is named by that leaf."""
+
+    def owner(key: str) -> str:
+        if key in winners:
+            return key
+        return next((k for k in winners if key.startswith(k + ".")), key)
+
+    one, other = owner(exc.key), owner(exc.other)
     return [
-        Problem(key, winners[key], f"conflicts with {other} (from {winners[other]})", merged[key])
-        for key, other in ((exc.key, exc.other), (exc.other, exc.key))
+        Problem(
+            a,
+            winners.get(a, "defaults"),
+            f"conflicts with {b} (from {winners.get(b)})",
+            merged.get(a),
+        )
+        for a, b in ((one, other), (other, one))
     ]
 
 
@@ -287,14 +300,18 @@ def state_bytes(values: Mapping[str, Any]) -> int:
 _STATE_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-def oversized(values: Mapping[str, Any], flat: Mapping[str, Any]) -> tuple[str, str] | None:
-    """None if ``values`` fit in ``MAX_STATE_BYTES``; else the key of the largest value and
-    why the state cannot be sent (to blame that key's layer)."""
+def oversized(
+    values: Mapping[str, Any], flat: Mapping[str, Any], winners: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """None if ``values`` fit in ``MAX_STATE_BYTES``; else the key to blame and why the state
+    cannot be sent: the largest value a layer other than the defaults set (a live one can
+    drop it), else the largest value."""
     size = state_bytes(values)
     if size <= MAX_STATE_BYTES:
         return None
     sizes = {key: state_bytes({"": value}) for key, value in flat.items()}
-    key = max(sizes, key=sizes.__getitem__)
+    given = [key for key in sizes if winners.get(key, "defaults") != "defaults"]
+    key = max(given or sizes, key=sizes.__getitem__)
     return key, (
         f"makes the configuration {size} bytes as JSON, over the {MAX_STATE_BYTES} that "
         f"the socket protocol carries (this value: {sizes[key]} bytes)"

@@ -87,8 +87,10 @@ def iter_leaves(model: type[BaseModel], prefix: str = "") -> Iterator[Leaf]:
 
 
 def holds_mapping(annotation: Any) -> bool:
-    """Whether a leaf of this type holds a mapping (``dict[str, float]``, an optional model or
-    dict): only below such a leaf may a dotted key go on (``weights.head``)."""
+    """Whether a leaf of this type may hold a mapping (``dict[str, float]``, an optional model
+    or dict, ``Any``): only below such a leaf may a dotted key go on (``weights.head``)."""
+    if annotation is Any or annotation is object:
+        return True
     origin = get_origin(annotation)
     if origin is Annotated:
         return holds_mapping(get_args(annotation)[0])

@@ -46,16 +46,34 @@ def prepare_folder(folder: Path) -> None:
         raise SocketPathError(f"{folder} is writable by others: anyone could replace the socket")
 
 
-def lock_socket_path(path: Path) -> int:
+def lock_socket_path(path: Path) -> int | None:
     """Hold ``<path>.lock`` (an advisory lock, for the life of the returned descriptor):
     one daemon at a time prepares, binds and serves ``path``. Without it, a daemon between
     its bind and its listen refuses connections like a stale socket, and another one
-    starting at that moment would remove its socket. Raises ``SocketInUse``."""
+    starting at that moment would remove its socket. Raises ``SocketInUse``.
+
+    The lock file stays when the daemon stops (removing it would race with the next one)
+    and is readable by all (``0644``): a lock needs only a read descriptor, so in a folder
+    users share (sticky, like ``/tmp``) another user's daemon can take it later. None if
+    the file cannot be opened at all (a stranger's, unreadable): then the path is served
+    unlocked, as the socket's own checks still guard it.
+    """
     lock_path = path.with_name(path.name + ".lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise SocketPathError(f"cannot open {lock_path}: {exc.strerror or exc}") from exc
+    fd = None
+    while fd is None:
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:  # created here, then opened as above (by whichever daemon made it)
+                os.close(os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise SocketPathError(f"cannot create {lock_path}: {exc.strerror or exc}") from exc
+        except PermissionError:
+            return None
+        except OSError as exc:
+            raise SocketPathError(f"cannot open {lock_path}: {exc.strerror or exc}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -58,19 +58,10 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not a valid JSON number")
 
 
-def _finite_float(text: str) -> float:
-    """A JSON number with a fraction or exponent; one too large for a float (``1e999``,
-    which Python reads as infinity) is refused like ``Infinity``."""
-    value = float(text)
-    if math.isinf(value):
-        raise ProtocolError(f"{text} is out of range for a float")
-    return value
-
-
 # Made once: ``json.dumps`` and ``json.loads`` build a new encoder or decoder on every
 # call that passes options. Both are stateless between calls, so threads may share them.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def encode(message: Mapping[str, Any]) -> bytes:

@@ -17,12 +17,22 @@ MISSING: Any = object()
 
 
 def freeze(value: Any) -> Any:
-    """A read-only deep copy: mappings become mapping proxies, lists become tuples."""
+    """A read-only deep copy: mappings become mapping proxies, lists become tuples.
+    Raises ``ProtocolError`` for a float that is not finite (see ``_finite``)."""
     if isinstance(value, Mapping):
         return MappingProxyType({str(k): freeze(v) for k, v in value.items()})
     if isinstance(value, list | tuple):
         return tuple(freeze(v) for v in value)
+    if type(value) is float:
+        _finite(value)
     return value
+
+
+def _finite(value: float) -> None:
+    """A number too large for a float (``1e999``) decodes as infinity: the daemon never
+    sends one (it refuses NaN and infinity), and no training process may get one."""
+    if value - value != 0.0:  # inf - inf and nan - nan are nan
+        raise protocol.ProtocolError(f"a value is not a finite number: {value!r}")
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -35,6 +45,8 @@ def _freeze_section(section: Mapping[str, Any], prefix: str, flat: dict[str, Any
     for key, value in section.items():
         dotted = f"{prefix}{key}"
         if type(value) in _SCALARS:
+            if type(value) is float:
+                _finite(value)
             frozen[str(key)] = flat[dotted] = value
         elif isinstance(value, Mapping) and value:
             frozen[str(key)] = _freeze_section(value, dotted + ".", flat)

@@ -323,3 +323,44 @@ def test_secret_values_appear_in_no_log_explain_status_or_event(
     )
     for secret in SECRETS:
         assert secret not in shown, f"secret {secret!r} was shown"
+
+
+def _lock_as(uid: int, path: Path) -> str:
+    """``lock_socket_path(path)`` in a forked child running as ``uid``: what it got."""
+    from hotknob.daemon.socket_path import lock_socket_path
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: system calls and _exit only
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            fd = lock_socket_path(path)
+            result = "unlocked" if fd is None else "locked"
+        except Exception as exc:
+            result = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, result.encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        os.waitpid(pid, 0)
+        return os.read(read_end, 4096).decode()
+    finally:
+        os.close(read_end)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_a_lock_file_in_a_shared_folder_does_not_lock_out_another_user(
+    open_workdir: Path,
+) -> None:
+    shared = open_workdir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # sticky and open to all, like /tmp
+    path = shared / "app.sock"
+    assert _lock_as(NOBODY, path) == "locked"  # its daemon ran and stopped: the file stays
+    assert stat.S_IMODE(os.stat(shared / "app.sock.lock").st_mode) == 0o644
+    assert _lock_as(1, path) == "locked"  # another user's daemon takes the same path later
+    # A lock file it cannot even read (made by hand, 0600): served unlocked, not refused.
+    os.chmod(shared / "app.sock.lock", 0o600)
+    assert _lock_as(1, path) == "unlocked"

@@ -467,7 +467,7 @@ SOCKET_CASES = [
     (b"x" * (protocol.MAX_LINE_BYTES + 10) + b"\n", "byte limit"),
     (b'{"type": 7}\n', 'string "type"'),
     (b'{"type":"hello","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "nested too deeply"),
-    (b'{"type":"hello","protocol":1,"pid":1e999}\n', "out of range"),
+    (b'{"type":"hello","protocol":1,"pid":1e999}\n', 'integer "pid"'),
     (protocol.encode(protocol.hello("x")) + b'{"type":"applied","version":1,"step":1,'
      b'"errors":["boom"]}\n', '"errors" must be'),
 ]  # fmt: skip

@@ -435,3 +435,44 @@ def test_leaf_input_with_leaves_copies_only_the_sections_it_changes() -> None:
 def test_leaf_input_is_none_when_a_layer_holds_more_than_leaves() -> None:
     inside = Layer("etcd", {"train": {"lr": 0.1}})  # a section given whole, not a leaf
     assert leaf_input(MLParams, {"etcd": inside}, DEFAULT_PRECEDENCE) is None
+
+
+class _Open(BaseModel):
+    """Leaves that hold a mapping: a dict, and ``Any``."""
+
+    w: dict[str, Any] = Field(default_factory=lambda: {"head": 1.0})
+    extra: Any = Field(default_factory=dict)
+    prompt: str = ""
+    note: str = ""
+    lr: float = 0.1
+
+
+def test_keys_below_an_any_leaf_are_keys_of_the_schema() -> None:
+    etcd = Layer("etcd", {"extra.dropout": 0.1})
+    snap = merge_layers(_Open, [defaults_layer(_Open), etcd])
+    assert snap.flat["extra"] == {"dropout": 0.1}
+
+
+def test_a_clash_inside_a_mapping_leaf_names_the_leaf_and_drops_the_live_key() -> None:
+    etcd = Layer("etcd", {"w.head.x": 2.0, "lr": 0.5})  # w.head holds 1.0, not a mapping
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Open, [defaults_layer(_Open), etcd])
+    assert {(p.key, p.layer) for p in info.value.problems} == {
+        ("w.head.x", "etcd"),
+        ("w", "defaults"),
+    }
+    snap, dropped = merge_dropping_invalid(_Open, [defaults_layer(_Open), etcd])
+    assert [p.key for p in dropped] == ["w.head.x"] and snap.flat["lr"] == 0.5
+
+
+def test_a_state_too_large_blames_the_value_a_live_layer_set() -> None:
+    from hotknob.config.merge import MAX_STATE_BYTES
+
+    defaults = Layer("defaults", {**defaults_layer(_Open).values, "prompt": "p" * 300_000})
+    etcd = Layer("etcd", {"note": "n" * (MAX_STATE_BYTES - 250_000), "lr": 0.5})
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Open, [defaults, etcd])
+    ((key, layer),) = {(p.key, p.layer) for p in info.value.problems}
+    assert (key, layer) == ("note", "etcd")  # not the larger default: it cannot be dropped
+    snap, dropped = merge_dropping_invalid(_Open, [defaults, etcd])
+    assert [p.key for p in dropped] == ["note"] and snap.flat["lr"] == 0.5

@@ -483,6 +483,7 @@ def test_a_daemon_bound_but_not_yet_listening_is_not_taken_over(short_dir: Path)
     try:
         h.path.parent.mkdir(mode=0o700)
         lock = lock_socket_path(h.path)  # the first daemon, caught between bind and listen
+        assert lock is not None
         bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         bound.bind(str(h.path))
         inode = os.stat(h.path).st_ino
