@@ -56,8 +56,8 @@ class ClientFeedback:
         if self.guards is not None:
             self.guards.on_applied(client.name, entry["revision"], int(message["step"]))
         if self.status is not None:
-            self._status_due[client.name] = self.reports.status_entry(
-                client.name, entry, replace=True
+            self._status_due[client.name] = self._with_guards(
+                client.name, self.reports.status_entry(client.name, entry, replace=True)
             )
             self._status_soon()
 
@@ -73,7 +73,7 @@ class ClientFeedback:
                 client.name, self._client_entry(client), replace=False
             )
             self._status_due.pop(client.name, None)  # this entry is newer: it includes the ack
-            self.status.publish(client.name, entry)
+            self.status.publish(client.name, self._with_guards(client.name, entry))
 
     def on_disconnect(self, client: ClientInfo) -> None:
         self._status_due.pop(client.name, None)
@@ -85,6 +85,12 @@ class ClientFeedback:
             self.guards.on_disconnect(client.name)
         if self.status is not None:
             self.status.remove(client.name)
+
+    def _with_guards(self, client: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """``entry`` with the windows of the guards watching ``client`` (other daemons read
+        them to know when a guard may pass), if any."""
+        windows = self.guards.windows_of(client) if self.guards is not None else {}
+        return {**entry, "guards": windows} if windows else entry
 
     def cancel(self) -> None:
         """Drop a status flush still due (at stop)."""

@@ -140,6 +140,10 @@ class GuardRecord:
             raise ValueError(f"malformed guard record: {exc!r}") from None
         if record.state not in STATES or record.window < 1 or record.patience < 1 or not keys:
             raise ValueError("malformed guard record: bad state, window, patience or keys")
+        try:  # what the daemon writes back and status prints: no NaN or infinity anywhere
+            record.to_json()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed guard record: {exc}") from None
         return record
 
 

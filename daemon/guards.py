@@ -184,15 +184,32 @@ class GuardManager:
         for active in self._active.values():
             if client not in active.started and revision >= active.revision:
                 active.started[client] = step
+                active.passed.discard(client)  # back under that name: watched anew
 
     def on_disconnect(self, client: str) -> None:
+        """A process that went away mid-window is no longer waited for; one that had
+        completed its window still counts as done (it may go as soon as it is)."""
         self._acks.pop(client, None)
         for guard_id, active in list(self._active.items()):
             active.started.pop(client, None)
             active.failures.pop(client, None)
-            active.reported.discard(client)
-            active.passed.discard(client)
+            if client not in active.passed:
+                active.reported.discard(client)
             self._maybe_passed(guard_id, active)
+
+    def windows_of(self, client: str) -> dict[str, dict[str, Any]]:
+        """For ``client``'s status entry: each guard watching it, with the step its window
+        started at, whether it reported what the guard reads since, and whether its window
+        is done. Other daemons read it to know when the guard may pass."""
+        return {
+            guard_id: {
+                "from": start,
+                "reported": client in active.reported,
+                "done": client in active.passed,
+            }
+            for guard_id, active in self._active.items()
+            if (start := active.started.get(client)) is not None
+        }
 
     def on_report(self, client: str, report: Report) -> None:
         """Check ``report`` for every guard that watches ``client`` (one that acknowledged
@@ -290,9 +307,7 @@ class GuardManager:
             self.log.warning("guard_check_failed", guard=guard_id, error=str(result))
             return
         kvs, _ = result
-        waiting = remote_in_window(
-            kvs, status_prefix(self.app), self.node, active.guard.metrics, active
-        )
+        waiting = remote_in_window(kvs, status_prefix(self.app), self.node, guard_id)
         if waiting:
             if waiting != active.waiting:
                 self.log.info("guard_waiting", guard=guard_id, processes=",".join(waiting))
@@ -455,12 +470,12 @@ class GuardManager:
                 problems = [p for p in on_top if p.key in restore]
             if not problems:
                 return restore, delete
-            own = [p for p in problems if p.layer == "etcd" and p.key in restore]
+            own = {p.key for p in problems if p.layer == "etcd" and p.key in restore}
             if not own:
                 raise InvalidChange(problems)
-            for problem in own:
-                del restore[problem.key]
-                delete.append(problem.key)
+            for key in sorted(own):  # a key may be named twice (a union's members)
+                del restore[key]
+                delete.append(key)
 
     def _finish(
         self,
@@ -589,19 +604,11 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def remote_in_window(
-    kvs: Mapping[str, bytes], prefix: str, node: str, metrics: frozenset[str], active: _Active
-) -> list[str]:
-    """The processes of other daemons (status entries under ``prefix``) that may still be
-    inside the window of ``active``'s guard, by name (``<node>/<client>``).
-
-    One is taken as watched if its status says it reports a metric the guard reads and
-    it acknowledged a state of the guarded revision or later (as on its own daemon, a
-    process the change never reached is not watched); it is done once its newest
-    report is at or after the step of its latest such acknowledgement + ``window``.
-    That step is never before the one its window started at, so a process is never
-    taken as done before its own daemon would say so.
-    """
+def remote_in_window(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
+    """The processes of other daemons (status entries under ``prefix``) that are still
+    inside the window of guard ``guard_id``, by name (``<node>/<client>``): as their own
+    daemon says in their entry (``GuardManager.windows_of``), watched (they reported what
+    the guard reads since the change reached them) and not done."""
     waiting = []
     for key, raw in sorted(kvs.items()):
         name = key[len(prefix) :]
@@ -614,14 +621,10 @@ def remote_in_window(
         owner = entry.get("node")
         if owner == node or (not isinstance(owner, str) and name.startswith(node + "/")):
             continue  # this daemon's own: known exactly
-        reported = entry.get("metrics")
-        latest = reported.get("latest") if isinstance(reported, dict) else None
-        if not isinstance(latest, dict) or not metrics.intersection(latest):
-            continue
-        revision, acked_at = entry.get("revision"), entry.get("step")
-        if not _is_int(revision) or revision < active.revision:
-            continue
-        step = reported.get("step") if isinstance(reported, dict) else None
-        if not _is_int(acked_at) or not _is_int(step) or step < acked_at + active.record.window:
+        windows = entry.get("guards")
+        window = windows.get(guard_id) if isinstance(windows, dict) else None
+        if not isinstance(window, dict):
+            continue  # not watched by this guard on its daemon
+        if window.get("reported") is True and window.get("done") is not True:
             waiting.append(name)
     return waiting

@@ -7,6 +7,8 @@ one layer set: what the merge does with such a problem is what the tests check.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -34,3 +36,18 @@ class Banded(BaseModel):
         if self.band.hi - self.band.lo > 10 and self.steps > 5:
             raise ValueError("a wide band takes at most 5 steps")
         return self
+
+
+class ClippedTrain(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, gt=0)
+    clip: float | Literal["auto"] = 1.0  # pydantic reports a bad value once per member
+
+
+class Clipped(BaseModel):
+    """A union-typed leaf: ``--schema tests.banded_schema:Clipped``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: ClippedTrain = Field(default_factory=ClippedTrain)
