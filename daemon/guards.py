@@ -45,6 +45,7 @@ thread like the config watcher.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -122,6 +123,7 @@ class _Active:
     checking: bool = False  # a read of the other daemons' processes is in flight
     checked_at: float = 0.0
     waiting: list[str] = field(default_factory=list)  # their processes still in the window
+    recheck: asyncio.TimerHandle | None = None  # the next look at the others, when due
 
 
 class GuardManager:
@@ -158,6 +160,7 @@ class GuardManager:
         self._active: dict[str, _Active] = {}
         self._resolving: set[str] = set()
         self._acks: dict[str, deque[tuple[int, int]]] = {}
+        self._stopped = False
         self.log = get_logger("hotknob.guards", app=app, node=node)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -167,6 +170,7 @@ class GuardManager:
 
     def stop(self) -> None:
         """Blocking: stop the watch, finish or drop queued etcd calls, close the client."""
+        self._stopped = True
         self._watcher.stop()
         self._worker.shutdown(wait=True, cancel_futures=True)
         self._store.close()
@@ -286,11 +290,30 @@ class GuardManager:
         if active.busy or not active.reported or not active.reported <= active.passed:
             return
         now = time.monotonic()
-        if active.checking or now - active.checked_at < _REMOTE_CHECK_EVERY_S:
-            return  # the next report (of any process) asks again
+        if active.checking:
+            return  # its answer comes back to ``_remote_checked``
+        if now - active.checked_at < _REMOTE_CHECK_EVERY_S:
+            self._recheck(guard_id, active, active.checked_at + _REMOTE_CHECK_EVERY_S - now)
+            return
         active.checking, active.checked_at = True, now
         future = self._worker.submit(self._store.read_prefix, status_prefix(self.app))
         self._then(future, self._remote_checked, guard_id, active)
+
+    def _recheck(self, guard_id: str, active: _Active, delay: float) -> None:
+        """Ask ``_maybe_passed`` again in ``delay`` seconds (once; on the loop)."""
+        if active.recheck is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (a test driving the manager by hand)
+            return
+
+        def again() -> None:
+            active.recheck = None
+            if not self._stopped and self._active.get(guard_id) is active:
+                self._maybe_passed(guard_id, active)
+
+        active.recheck = loop.call_later(delay, again)
 
     def _remote_checked(
         self,
@@ -305,6 +328,7 @@ class GuardManager:
             return  # a process went back to an earlier step meanwhile
         if isinstance(result, BaseException):
             self.log.warning("guard_check_failed", guard=guard_id, error=str(result))
+            self._recheck(guard_id, active, _REMOTE_CHECK_EVERY_S)
             return
         kvs, _ = result
         waiting = remote_in_window(kvs, status_prefix(self.app), self.node, guard_id)
@@ -312,6 +336,8 @@ class GuardManager:
             if waiting != active.waiting:
                 self.log.info("guard_waiting", guard=guard_id, processes=",".join(waiting))
             active.waiting = waiting
+            # Asked again, whether or not anyone reports: all may have stopped by now.
+            self._recheck(guard_id, active, _REMOTE_CHECK_EVERY_S)
             return
         outcome = {
             "reason": f"held for {active.record.window} steps",
