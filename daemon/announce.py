@@ -93,8 +93,13 @@ class Announcer:
         version: int,
         exc: InvalidChange,
         edited: Mapping[str, Any],
+        in_force: Mapping[str, Any],
     ) -> None:
-        """A rejected change of ``layer``; ``version`` is the one still in force."""
+        """A rejected change of ``layer``: the values it would have set (``edited``, None
+        for a key it removed) and those still in force (``in_force``, by dotted key), of
+        ``version``."""
+        new = {k: _short(self.shown(k, v)) for k, v in edited.items()}
+        old = {k: _short(self.shown(k, in_force.get(k))) for k in edited}
         problems = [
             {
                 "key": p.key,
@@ -108,7 +113,8 @@ class Announcer:
             "change_rejected",
             key=",".join(p["key"] for p in problems),
             layer=layer,
-            value={k: _short(self.shown(k, v)) for k, v in edited.items()},
+            old=old,
+            new=new,
             reason=str(exc),
             revision=revision,
             version=version,
@@ -120,6 +126,8 @@ class Announcer:
                 "layer": layer,
                 "revision": revision,
                 "version": version,
+                "old": old,
+                "new": new,
                 "problems": problems,
                 "time": time.time(),
             }

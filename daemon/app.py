@@ -258,7 +258,8 @@ class Daemon:
             with self._lock:
                 self.engine.close()
         self._remove_signals()
-        self.log.info("daemon_stopped")
+        if self.ready.is_set():  # a start that failed says so in its one error line
+            self.log.info("daemon_stopped")
 
     # --- signals -------------------------------------------------------------------------------
 

@@ -183,6 +183,7 @@ class Engine:
         else:
             self.version = saved.next_version()
         published = self._published(snapshot, revision)
+        self.revision = revision  # what later changes of any layer are published at
         self.snapshot, self.current, self._flat = snapshot, published, dict(published.flat)
         self._room = MAX_STATE_BYTES - state_bytes(snapshot.values)
         if self.store is not None:
@@ -400,7 +401,7 @@ class Engine:
 
         def announce(exc: InvalidChange, problems: list[Problem]) -> None:
             dropped = {p.key: candidate.values.get(p.key) for p in problems}
-            self._announce.rejected("etcd", revision, self.version, exc, dropped)
+            self._announce.rejected("etcd", revision, self.version, exc, dropped, self._flat)
 
         others = [layer for name, layer in self.layers.items() if name != "etcd"]
         snapshot, problems = merge_dropping_invalid(
@@ -415,7 +416,7 @@ class Engine:
         try:
             snapshot = merge_layers(self.schema, layers.values(), self.precedence)
         except InvalidChange as exc:
-            self._announce.rejected(candidate.name, revision, self.version, exc, edited)
+            self._announce.rejected(candidate.name, revision, self.version, exc, edited, self._flat)
             return
         self.layers = layers
         self._accept(snapshot, candidate.name, revision, edited)

@@ -5,9 +5,32 @@ a torch binding is first used (``LiveConfig.bind_optimizer``, ``.optim``,
 ``.sampling``), never before.
 """
 
-from .binding import Binding, Handle, StatefulBinding
-from .client import LiveConfig
-from .errors import DaemonUnavailable, LiveConfigError
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .binding import Binding, Handle, StatefulBinding
+    from .client import LiveConfig
+    from .errors import DaemonUnavailable, LiveConfigError
+
+# Loaded on first use: the daemon imports ``protocol`` from this package and needs
+# nothing else of it (``LiveConfig`` brings the connection and state modules).
+_HOMES = {
+    "Binding": ".binding",
+    "Handle": ".binding",
+    "StatefulBinding": ".binding",
+    "LiveConfig": ".client",
+    "DaemonUnavailable": ".errors",
+    "LiveConfigError": ".errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(home, __name__), name)
+
 
 __all__ = [
     "Binding",

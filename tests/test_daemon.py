@@ -236,8 +236,10 @@ def test_invalid_start_input_is_one_line_and_exit_1(tmp_path: Path) -> None:
 
     done = run_cli("run", "--socket", str(tmp_path / "s.sock"), "--set", "train.lr=-1")
     assert done.returncode == 1
-    assert "train.lr (from cli)" in done.stderr
+    lines = done.stderr.strip().splitlines()  # the daemon's log, then the one error line
+    assert lines[-1].startswith("hotknob: train.lr (from cli)")
     assert "Traceback" not in done.stderr
+    assert "daemon_stopped" not in done.stderr  # it never started
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,11 @@ def test_invalid_change_is_rejected_and_last_good_stays(
     rejected = [e for e in logs if e["event"] == "change_rejected"]
     assert len(rejected) == 1
     assert rejected[0]["layer"] == "etcd"
-    assert path.replace("/", ".") in rejected[0]["key"]
+    key = path.replace("/", ".")
+    assert key in rejected[0]["key"]
+    # What it would have set, and what stays in force instead (DESIGN: key, old, new).
+    assert list(rejected[0]["new"]) == [key]
+    assert rejected[0]["old"] == {key: engine.current.flat.get(key)}
     # A later good change still goes through: the bad key is not kept in the layer.
     engine.on_etcd_change(7, {P + "train/lr": b"0.03"}, [])
     assert engine.version == 2 and engine.current.flat["train.lr"] == 0.03
@@ -358,6 +362,23 @@ def test_a_state_too_large_for_the_socket_protocol_is_rejected(tmp_path: Path) -
     engine.on_etcd_change(3, {P + "lr": b"0.2"}, [])  # a small change still goes through
     assert engine.current.flat["lr"] == 0.2 and published[-1].version == engine.version
     engine.close()
+
+
+def test_changes_after_a_start_are_published_at_the_revision_it_started_from(
+    tmp_path: Path,
+) -> None:
+    first = make_engine(tmp_path)
+    files_start(first)
+    first.start({P + "train/lr": b"0.5"}, 17)
+    first.close()
+    for etcd in ({P + "train/lr": b"0.5"}, None):  # etcd read at 17, or its saved values
+        published: list[Published] = []
+        engine = make_engine(tmp_path, published=published)
+        files_start(engine)
+        assert engine.start(etcd, 17 if etcd else 0).revision == 17
+        engine.on_files([(tmp_path / "c.yaml", {"train": {"momentum": 0.5}})])
+        assert published[-1].version == engine.version and published[-1].revision == 17
+        engine.close()
 
 
 def test_invalid_static_layer_refuses_to_start(tmp_path: Path) -> None:
