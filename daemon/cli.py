@@ -26,7 +26,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so usage errors share the one-line path."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        # ``hotknob: set: ...`` (main prints the ``hotknob:``), not ``hotknob: hotknob set:``
+        command = self.prog.partition(" ")[2]
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def _env(name: str, default: str | None = None) -> str | None:

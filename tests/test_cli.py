@@ -372,3 +372,10 @@ def test_a_write_landing_while_set_checks_makes_it_fail_and_write_nothing(
     monkeypatch.setattr(etcd_store.EtcdStore, "commit", commit)
     assert cli.main(["set", "train.lr=0.02", "--app", APP, "--etcd-endpoints", etcd.endpoint]) == 0
     assert etcd_value(etcd, "train/lr") == "0.02"
+
+
+def test_a_usage_error_names_the_program_once() -> None:
+    top = run_cli("get", "--nope")
+    assert one_line_error(top, 2) == "hotknob: unrecognized arguments: --nope"
+    sub = run_cli("set")
+    assert one_line_error(sub, 2) == "hotknob: set: the following arguments are required: KEY=VALUE"
