@@ -644,16 +644,7 @@ def two_nodes_mid_window(
     """Two daemons (nodes n1, n2), a process on each, a guarded change with a window of 20
     that both applied at step 10; n2's process has reported once, n1's ran through its
     window, and n1 waits for n2's."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    with (
-        DaemonProcess(tmp_path / "a", endpoints=etcd.endpoint, extra=["--node", "n1"]) as d1,
-        DaemonProcess(tmp_path / "b", endpoints=etcd.endpoint, extra=["--node", "n2"]) as d2,
-        RawClient(d1.socket_path, "c1") as c1,
-        RawClient(d2.socket_path, "c2") as c2,
-    ):
-        for client in (c1, c2):
-            client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+    with two_nodes(etcd, tmp_path) as (d1, d2, c1, c2):
         out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
         for client in (c1, c2):
             update = client.next_update()
