@@ -118,6 +118,12 @@ class _Signal(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, FileModifiedEvent | FileClosedEvent):
             self._written(os.fsdecode(event.src_path), isinstance(event, FileClosedEvent))
+        elif isinstance(event, FileDeletedEvent | FileMovedEvent):
+            # The name now leads to another file (renamed onto) or to none: a writer that
+            # still holds the old one is not writing what the name holds.
+            self._written(os.fsdecode(event.src_path), True)
+            if isinstance(event, FileMovedEvent):
+                self._written(os.fsdecode(event.dest_path), True)
         dest = getattr(event, "dest_path", "")
         self._notify(bool(dest) and os.fsdecode(dest) in self.targets)
 

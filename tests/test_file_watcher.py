@@ -524,3 +524,22 @@ def test_stop_joins_every_thread_and_is_idempotent(tmp_path: Path) -> None:
     assert set(threading.enumerate()) == threads_before
     watcher.stop()
     assert set(threading.enumerate()) == threads_before
+
+
+def test_a_save_by_rename_is_not_held_back_by_a_writer_of_the_file_it_replaced(
+    tmp_path: Path,
+) -> None:
+    """One process appended to the file and keeps it open; an editor then saves by rename.
+    The name now leads to the new file: the save is read as usual, not after the wait
+    for the other writer's close (an hour here, longer than the recorder waits)."""
+    target = tmp_path / "config.yaml"
+    target.write_text(lr_yaml(0.1))
+    with watching(target, close_wait_s=3600.0) as (_, recorder), open(target, "a") as holder:
+        holder.write("# a note\n")
+        holder.flush()
+        time.sleep(DEBOUNCE_S)  # its write has been seen
+        staged = tmp_path / ".config.yaml.tmp"
+        staged.write_text(lr_yaml(0.2))
+        os.replace(staged, target)
+        recorder.wait_for(lambda: len(recorder.changes) >= 1)
+    assert recorder.contents() == {"train": {"lr": 0.2, "momentum": 0.9}}
