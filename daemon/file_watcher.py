@@ -140,6 +140,16 @@ def _names(paths: Sequence[Path]) -> frozenset[str]:
     return frozenset(name for p in paths for name in (os.path.abspath(p), os.path.realpath(p)))
 
 
+_FOLDER_RETRY_S = 0.5  # how often a folder that cannot be watched (not there) is tried
+
+
+def _inode(folder: Path) -> int | None:
+    try:
+        return os.stat(folder).st_ino
+    except OSError:
+        return None
+
+
 def _watched_folders(paths: Sequence[Path]) -> list[Path]:
     """The folder of each path, plus the real file's folder when a symlink leads elsewhere.
 
@@ -211,6 +221,7 @@ class FileLayerWatcher:
         self._observer: Any = None
         self._handler: _Signal | None = None
         self._watches: dict[Path, Any] = {}
+        self._watch_inodes: dict[Path, int | None] = {}  # of each folder, when its watch began
         self._worker: threading.Thread | None = None
 
     @property
@@ -251,6 +262,7 @@ class FileLayerWatcher:
             raise LayerError("files", f"cannot watch config folders: {exc}") from exc
         self._swap(initial)
         self._observer, self._handler, self._watches = observer, signal, watches
+        self._watch_inodes = {folder: _inode(folder) for folder in watches}
         self._await_close = _reports_closes(observer)
         self._worker = threading.Thread(target=self._run, name="hotknob-file-watcher", daemon=True)
         self._worker.start()
@@ -371,17 +383,27 @@ class FileLayerWatcher:
         A symlink swapped to a file in another folder (``ln -sfn``, a rename of a new
         link) moves the real file out of the folders watched so far: its folder is
         watched from now on, the old one no longer, and the files are read once more,
-        so an edit made before the new watch was in place is not lost. A folder that
-        cannot be watched is logged and tried again at the next check.
+        so an edit made before the new watch was in place is not lost. A folder deleted
+        (and maybe made again) is watched anew; one that cannot be watched (not there)
+        is logged and tried again every ``_FOLDER_RETRY_S``.
         """
         self._names = _names(self._paths)
         observer, handler = self._observer, self._handler
         if observer is None or handler is None:
             return
         folders = _watched_folders(self._paths)
-        if set(folders) == set(self._watches):
+        # A folder deleted (or deleted and made again) took its watch with it.
+        gone = [f for f, ino in self._watch_inodes.items() if _inode(f) != ino]
+        if set(folders) == set(self._watches) and not gone:
             return
-        added = False
+        for folder in [f for f in self._watches if f not in folders or f in gone]:
+            watch = self._watches.pop(folder)
+            self._watch_inodes.pop(folder, None)
+            try:
+                observer.unschedule(watch)
+            except (KeyError, OSError):  # already gone with its folder
+                pass
+        added = unwatched = False
         for folder in folders:
             if folder in self._watches:
                 continue
@@ -391,18 +413,16 @@ class FileLayerWatcher:
                 )
             except OSError as exc:
                 self._log.warning("config_folder_watch_failed", folder=str(folder), error=str(exc))
+                unwatched = True
                 continue
+            self._watch_inodes[folder] = _inode(folder)
             added = True
-        for folder in [f for f in self._watches if f not in folders]:
-            watch = self._watches.pop(folder)
-            try:
-                observer.unschedule(watch)
-            except (KeyError, OSError):  # already gone with its folder
-                pass
         handler.targets = _targets(self._paths, folders)
         self._log.info("config_folders_watched", folders=[str(f) for f in self._watches])
         if added:
             self._signal()
+        if unwatched:  # no event can come from there: look again in a while
+            self._recheck_at(time.monotonic() + _FOLDER_RETRY_S)
 
     def _read_and_compare(self, *, explicit: bool) -> None:
         files: list[tuple[Path, Mapping[str, Any]]] = []

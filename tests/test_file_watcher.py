@@ -543,3 +543,20 @@ def test_a_save_by_rename_is_not_held_back_by_a_writer_of_the_file_it_replaced(
         os.replace(staged, target)
         recorder.wait_for(lambda: len(recorder.changes) >= 1)
     assert recorder.contents() == {"train": {"lr": 0.2, "momentum": 0.9}}
+
+
+def test_a_folder_deleted_and_made_again_is_watched_again(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    target = conf / "config.yaml"
+    target.write_text(lr_yaml(0.1))
+    with watching(target) as (_, recorder):
+        shutil.rmtree(conf)  # its watch goes with it
+        recorder.wait_for(lambda: len(recorder.errors) >= 1)  # reported missing
+        conf.mkdir()
+        target.write_text(lr_yaml(0.2))
+        recorder.wait_for(lambda: len(recorder.changes) >= 1)
+        assert recorder.contents() == {"train": {"lr": 0.2, "momentum": 0.9}}
+        target.write_text(lr_yaml(0.3))  # and watched from then on
+        recorder.wait_for(lambda: len(recorder.changes) >= 2)
+    assert recorder.contents() == {"train": {"lr": 0.3, "momentum": 0.9}}
