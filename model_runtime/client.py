@@ -154,6 +154,7 @@ class LiveConfig:
             from .distributed import StepSync
 
             sync = StepSync(process_group, sync_every)
+            sync.check_same_settings()
             name = sync.client_name(name)
             hello_extra = {**sync.hello_fields(), **hello_extra}
         elif sync_every is not None:

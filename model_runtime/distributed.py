@@ -62,7 +62,9 @@ class StepSync:
     """The collectives behind a distributed ``LiveConfig``; built by ``LiveConfig.connect``.
 
     Raises ``ValueError`` if torch.distributed is not initialised, if this process
-    is not in ``group``, or if ``sync_every`` is not a positive integer.
+    is not in ``group``, or if ``sync_every`` is not a positive integer; and, after one
+    collective (``check_same_settings``), on every rank if the ranks were given
+    different ``sync_every``: their agreements would fall on different ``apply`` calls.
     """
 
     def __init__(self, group: Any = None, sync_every: int | None = None) -> None:
@@ -93,6 +95,15 @@ class StepSync:
             torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         )
         self._warned: set[int] = set()
+
+    def check_same_settings(self) -> None:
+        """One collective: ``ValueError`` on every rank unless all have this ``sync_every``."""
+        low, neg_high = self._min([self.sync_every, -self.sync_every])
+        if low != -neg_high:
+            raise ValueError(
+                f"the ranks were given different sync_every (from {low} to {-neg_high}): "
+                "every rank must pass the same, or their agreements fall on different steps"
+            )
 
     def client_name(self, name: str) -> str:
         """``name`` ending in ``-rankN``, so the ranks sharing a daemon stay apart in status."""

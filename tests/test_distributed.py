@@ -117,6 +117,12 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
     base = {"train": {"lr": 0.001}}
     steps: list[list[Any]] = []
     with DaemonStub(str(out / f"stub-{rank}.sock"), base) as stub:
+        # 0: ranks given different sync_every are refused on every rank, at connect.
+        try:
+            LiveConfig.connect(stub.path, timeout=10, distributed=True, sync_every=2 + 2 * rank)
+            refused = ""
+        except ValueError as exc:
+            refused = str(exc)
         live = LiveConfig.connect(stub.path, timeout=10, distributed=True, sync_every=3)
         step = 0
 
@@ -148,7 +154,7 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
         phase(None)
         phase(0.007)
         live.close()
-    result = {"steps": steps, "acked": acked, "version": live.version}
+    result = {"steps": steps, "acked": acked, "version": live.version, "refused": refused}
     (out / f"proto-{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -304,6 +310,7 @@ def test_protocol_cases_two_ranks_each_with_its_own_daemon(tmp_path: Path) -> No
     for rank, p in enumerate(procs):
         assert p.returncode == 0, (tmp_path / f"proto-{rank}.log").read_text()
     r0, r1 = (json.loads((tmp_path / f"proto-{r}.json").read_text()) for r in range(2))
+    assert "different sync_every (from 2 to 4)" in r0["refused"] == r1["refused"]
     assert r0["steps"] == r1["steps"]
     lr_at = {step: lr for step, _, lr in r0["steps"]}
     applied_at = [step for step, applied, _ in r0["steps"] if applied]
