@@ -25,13 +25,18 @@ APP = "eng"
 P = f"/hotknob/{APP}/config/"
 
 
-def make_engine(tmp_path: Path, *extra: Any, published: list[Published] | None = None) -> Engine:
+def make_engine(
+    tmp_path: Path,
+    *extra: Any,
+    published: list[Published] | None = None,
+    schema: type[BaseModel] = MLParams,
+) -> Engine:
     sink = published if published is not None else []
     return Engine(
-        schema=MLParams,
+        schema=schema,
         app=APP,
         precedence=DEFAULT_PRECEDENCE,
-        layers=[defaults_layer(MLParams), env_layer(MLParams, environ={}), cli_layer([]), *extra],
+        layers=[defaults_layer(schema), env_layer(schema, environ={}), cli_layer([]), *extra],
         store=StateStore(tmp_path, APP),
         publish=sink.append,
     )
@@ -267,20 +272,10 @@ def test_invalid_keys_in_start_snapshot_are_dropped(tmp_path: Path) -> None:
     assert any(e["event"] == "change_rejected" for e in logs)
 
 
-def banded_engine(tmp_path: Path, schema: type[BaseModel] = Banded, *extra: Any) -> Engine:
-    return Engine(
-        schema=schema,
-        app=APP,
-        precedence=DEFAULT_PRECEDENCE,
-        layers=[defaults_layer(schema), env_layer(schema, environ={}), cli_layer([]), *extra],
-        store=StateStore(tmp_path, APP),
-    )
-
-
 def test_a_full_read_that_breaks_a_rule_across_fields_drops_only_the_keys_behind_it(
     tmp_path: Path,
 ) -> None:
-    engine = banded_engine(tmp_path)
+    engine = make_engine(tmp_path, schema=Banded)
     with capture_logs() as logs:
         engine.start({P + "steps": b"3", P + "band/lo": b"5"}, 10)  # lo > hi
     assert engine.current is not None
@@ -296,7 +291,7 @@ def test_a_full_read_that_breaks_a_rule_across_fields_drops_only_the_keys_behind
 
 
 def test_a_rule_broken_without_etcd_still_refuses_to_start(tmp_path: Path) -> None:
-    engine = banded_engine(tmp_path, Banded, cli_layer(["band.lo=5"]))
+    engine = make_engine(tmp_path, cli_layer(["band.lo=5"]), schema=Banded)
     with pytest.raises(InvalidChange, match="lo must not exceed hi"):
         engine.start({P + "steps": b"3"}, 10)
 
@@ -323,10 +318,10 @@ def test_saved_etcd_values_the_schema_no_longer_has_are_dropped_without_etcd(
         model_config = ConfigDict(extra="forbid")
         lr: float = Field(0.1, gt=0)
 
-    old = banded_engine(tmp_path, Older)
+    old = make_engine(tmp_path, schema=Older)
     old.start({P + "lr": b"0.5", P + "note": b'"hi"'}, 3)
     old.close()
-    new = banded_engine(tmp_path, Newer)
+    new = make_engine(tmp_path, schema=Newer)
     with capture_logs() as logs:
         new.start(None, 0)  # etcd unreachable: the last-known-good values
     assert new.current is not None and new.current.flat == {"lr": 0.5}
@@ -344,14 +339,7 @@ def test_a_state_too_large_for_the_socket_protocol_is_rejected(tmp_path: Path) -
         other: str = ""
 
     published: list[Published] = []
-    engine = Engine(
-        schema=Noted,
-        app=APP,
-        precedence=DEFAULT_PRECEDENCE,
-        layers=[defaults_layer(Noted), env_layer(Noted, environ={}), cli_layer([])],
-        store=StateStore(tmp_path, APP),
-        publish=published.append,
-    )
+    engine = make_engine(tmp_path, published=published, schema=Noted)
     half = b'"' + b"x" * (MAX_STATE_BYTES // 2) + b'"'
     engine.start({P + "note": half}, 1)  # half the limit: it fits
     with capture_logs() as logs:
