@@ -1,6 +1,7 @@
-"""Checks of a new etcd layer before it is written: by ``set``/``unset``/``rollback`` and by a
-guard's revert. What the daemon would do with it is what counts: merged with the other
-layers it must be valid, and so must it be without the layers that may shadow it now.
+"""Checks of a new etcd layer before it is written: by ``set``/``unset``/``rollback`` and by
+a guard's revert (``revert_plan``). What the daemon would do with it is what counts: merged
+with the other layers it must be valid, and so must it be without the layers that may
+shadow it now.
 """
 
 from __future__ import annotations
@@ -62,3 +63,42 @@ def rejected_on_top(
                     values.pop(problem.key, None)
                 continue
         return found
+
+
+def revert_plan(
+    schema: type[BaseModel],
+    precedence: Sequence[str],
+    layers: Sequence[Layer],
+    keys: Sequence[str],
+    old: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[str]]:
+    """The etcd values to put back for ``keys`` (``old``: the ones they had; a key not in
+    it did not exist) and the keys to delete, checked as ``set`` checks a write: the etcd
+    layer of ``layers`` with them, merged with the other layers, also as the top layer.
+
+    An old value that the daemon rejects on its own (written around hotknob, or invalid
+    under this schema) is deleted instead: what the layers below etcd say comes back.
+    Raises ``InvalidChange`` naming the problems if the daemon would reject it even so.
+    """
+    restore = dict(old)
+    delete = [k for k in keys if k not in old]
+    in_force = next(layer for layer in layers if layer.name == "etcd").values
+    while True:
+        values = {k: v for k, v in in_force.items() if k not in keys}
+        values.update(restore)
+        problems: list[Problem] = []
+        try:
+            validate_etcd_state(schema, precedence, layers, values)
+        except InvalidChange as exc:
+            problems = list(exc.problems)
+        if not problems:  # valid only because env or cli shadows it: not written either
+            on_top = rejected_on_top(schema, precedence, layers, values)
+            problems = [p for p in on_top if p.key in restore]
+        if not problems:
+            return restore, delete
+        own = {p.key for p in problems if p.layer == "etcd" and p.key in restore}
+        if not own:
+            raise InvalidChange(problems)
+        for key in sorted(own):  # a key may be named twice (a union's members)
+            del restore[key]
+            delete.append(key)

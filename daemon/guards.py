@@ -57,11 +57,11 @@ from typing import Any, Protocol, TypeGuard
 
 from pydantic import BaseModel
 
-from hotknob.config import HotknobError, InvalidChange, Layer, Problem
+from hotknob.config import HotknobError, InvalidChange, Layer
 from hotknob.config.keys import etcd_key, status_prefix, to_text
 
 from .announce import EventSink
-from .etcd_checks import rejected_on_top, validate_etcd_state
+from .etcd_checks import revert_plan
 from .etcd_store import ConflictError, EtcdChange, EtcdOptions, EtcdStore
 from .etcd_watcher import EtcdWatcher
 from .guard_lang import Guard, GuardSyntaxError, MissingValue, parse_guard
@@ -78,7 +78,7 @@ from .guard_records import (
 )
 from .logs import get_logger
 from .reports import Report, encode_value, mean_of
-from .status import status_name
+from .status import remote_in_window, status_name
 
 Post = Callable[..., None]
 _ACKS_KEPT = 64
@@ -467,41 +467,14 @@ class GuardManager:
         self._finish(guard_id, active, REVERTED, outcome, puts, deletes)
 
     def _plan_revert(self, keys: Mapping[str, KeyChange]) -> tuple[dict[str, Any], list[str]]:
-        """The old values to put back and the keys to delete (dotted), checked as ``set``
-        checks a write: the etcd layer in force with them, merged with the other layers.
-
-        An old value that the daemon rejects on its own (it was never in force: written
-        around hotknob, or invalid under this schema) is deleted instead, so that the
-        value in force before the change comes back. Raises ``InvalidChange`` naming the
-        problems if the daemon would reject the revert even so.
-        """
+        """The old values to put back and the keys to delete (dotted), checked against the
+        configuration in force (``revert_plan``); unchecked without one."""
+        old = {k: c.old for k, c in keys.items() if c.existed}
         config = self._config() if self._config is not None else None
-        restore = {k: c.old for k, c in keys.items() if c.existed}
-        delete = [k for k, c in keys.items() if not c.existed]
         if config is None or "etcd" not in config.layers:
-            return restore, delete
-        schema, precedence = config.schema, tuple(config.precedence)
+            return old, [k for k in keys if k not in old]
         layers = list(dict(config.layers).values())
-        in_force = next(layer for layer in layers if layer.name == "etcd").values
-        while True:
-            values = {k: v for k, v in in_force.items() if k not in keys}
-            values.update(restore)
-            problems: list[Problem] = []
-            try:
-                validate_etcd_state(schema, precedence, layers, values)
-            except InvalidChange as exc:
-                problems = list(exc.problems)
-            if not problems:  # valid only because env or cli shadows it: not written either
-                on_top = rejected_on_top(schema, precedence, layers, values)
-                problems = [p for p in on_top if p.key in restore]
-            if not problems:
-                return restore, delete
-            own = {p.key for p in problems if p.layer == "etcd" and p.key in restore}
-            if not own:
-                raise InvalidChange(problems)
-            for key in sorted(own):  # a key may be named twice (a union's members)
-                del restore[key]
-                delete.append(key)
+        return revert_plan(config.schema, tuple(config.precedence), layers, list(keys), old)
 
     def _finish(
         self,
@@ -628,29 +601,3 @@ class GuardManager:
 
 def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def remote_in_window(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
-    """The processes of other daemons (status entries under ``prefix``) that are still
-    inside the window of guard ``guard_id``, by name (``<node>/<client>``): as their own
-    daemon says in their entry (``GuardManager.windows_of``), watched (they reported what
-    the guard reads since the change reached them) and not done."""
-    waiting = []
-    for key, raw in sorted(kvs.items()):
-        name = key[len(prefix) :]
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            continue
-        if not isinstance(entry, dict):
-            continue
-        owner = entry.get("node")
-        if owner == node or (not isinstance(owner, str) and name.startswith(node + "/")):
-            continue  # this daemon's own: known exactly
-        windows = entry.get("guards")
-        window = windows.get(guard_id) if isinstance(windows, dict) else None
-        if not isinstance(window, dict):
-            continue  # not watched by this guard on its daemon
-        if window.get("reported") is True and window.get("done") is not True:
-            waiting.append(name)
-    return waiting

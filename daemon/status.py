@@ -145,3 +145,29 @@ class StatusPublisher:
             except HotknobError as exc:
                 self.log.warning("lease_revoke_failed", error=str(exc))
         self._drop_store()
+
+
+def remote_in_window(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
+    """The processes of other daemons (status entries under ``prefix``) that are still
+    inside the window of guard ``guard_id``, by name (``<node>/<client>``): as their own
+    daemon says in their entry (``GuardManager.windows_of``), watched (they reported what
+    the guard reads since the change reached them) and not done."""
+    waiting = []
+    for key, raw in sorted(kvs.items()):
+        name = key[len(prefix) :]
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        owner = entry.get("node")
+        if owner == node or (not isinstance(owner, str) and name.startswith(node + "/")):
+            continue  # this daemon's own: known exactly
+        windows = entry.get("guards")
+        window = windows.get(guard_id) if isinstance(windows, dict) else None
+        if not isinstance(window, dict):
+            continue  # not watched by this guard on its daemon
+        if window.get("reported") is True and window.get("done") is not True:
+            waiting.append(name)
+    return waiting
