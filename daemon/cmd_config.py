@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hotknob.config import InvalidChange, LayerError, Snapshot, UsageError, merge_layers
+from hotknob.config import InvalidChange, LayerError, Snapshot, merge_layers
+from hotknob.config.errors import InvalidInput
 from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
 from hotknob.config.sources import LIVE_LAYERS, defaults_layer, files_layer, read_config_file
 
@@ -37,7 +38,7 @@ def _select(snapshot: Snapshot, key: str | None) -> list[str]:
         return [key]
     inside = [k for k in snapshot.flat if k.startswith(key + ".")]
     if not inside:
-        raise UsageError(f"{key}: not a key of the schema")
+        raise InvalidInput(f"{key}: not a key of the schema")
     return inside
 
 

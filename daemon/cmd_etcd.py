@@ -17,9 +17,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
-from hotknob.config.errors import HotknobError
+from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, to_text
 from hotknob.config.merge import changed_keys, merge_dropping_invalid
+from hotknob.config.schema import leaf_map
 from hotknob.config.sources import parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
@@ -39,7 +40,9 @@ def register(add: Add) -> None:
     add_guard_options(p)  # --guard, --window, --patience, --guard-file (guard_records.py)
 
     p = add("unset", cmd_unset, "delete keys from etcd in one transaction")
-    p.add_argument("keys", nargs="+", metavar="KEY")
+    p.add_argument(
+        "keys", nargs="+", metavar="KEY", help="a key, or a section: every etcd value under it"
+    )
     p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -99,6 +102,7 @@ def _write(
     command fails, to be run again."""
     layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
+    deletes = _deleted_keys(ctx, current.values, deletes)
     touched = {*puts, *deletes}
     # Keys already in etcd that the daemon rejects are left as they are, and out of the check;
     # so are those that would be rejected but for a higher layer that shadows them.
@@ -161,6 +165,20 @@ def _write(
             print(describe(record))
     _warn_shadowed(snapshot, shadowed)
     return 0
+
+
+def _deleted_keys(ctx: Context, in_etcd: Mapping[str, Any], keys: list[str]) -> list[str]:
+    """The etcd keys that ``unset keys`` deletes: each key set in etcd, and every one set
+    under a section. A key that is neither in the schema nor in etcd is a mistake (a
+    typo would otherwise print "nothing to do"): ``InvalidInput``."""
+    leaves = leaf_map(ctx.schema)
+    found: dict[str, None] = {}
+    for key in keys:
+        below = [k for k in in_etcd if k == key or k.startswith(key + ".")]
+        if not below and not any(k == key or k.startswith(key + ".") for k in leaves):
+            raise InvalidInput(f"{key}: not a key of the schema, and etcd holds no value under it")
+        found.update(dict.fromkeys(below))
+    return list(found)
 
 
 class ConcurrentWrite(HotknobError):

@@ -91,6 +91,9 @@ def test_error_exit_codes(etcd: EtcdServer, tmp_path: Path) -> None:
     assert "no such file" in line
     line = one_line_error(run_cli("get", "--schema", "nope.mod:X"), 1)
     assert "cannot import schema module" in line
+    for command in ("get", "explain"):  # invalid input, as for set: 1, not a usage error
+        line = one_line_error(hk(etcd, command, "train.nope"), 1)
+        assert line == "hotknob: train.nope: not a key of the schema"
     line = one_line_error(run_cli("explain", "--precedence", "cli,env"), 2)
     assert "--precedence" in line
     one_line_error(run_cli("frobnicate"), 2)
@@ -161,6 +164,25 @@ def test_unset_is_one_transaction(etcd: EtcdServer) -> None:
     assert done.returncode == 0, done.stderr
     assert revision(etcd) == before + 1
     assert etcd_value(etcd, "train/lr") is None and etcd_value(etcd, "train/momentum") is None
+
+
+def test_unset_of_a_section_and_of_a_typo(etcd: EtcdServer) -> None:
+    hk(etcd, "set", "train.lr=0.3", "train.momentum=0.2", "sampling.top_p=0.5")
+    before = revision(etcd)
+    line = one_line_error(hk(etcd, "unset", "trian.lr"), 1)  # was "nothing to do", exit 0
+    assert "trian.lr: not a key of the schema" in line
+    assert revision(etcd) == before
+    done = hk(etcd, "unset", "sampling.top_k")  # a key of the schema with no etcd value
+    assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr
+    done = hk(etcd, "unset", "train", "--json")  # every etcd value under the section
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["changed"] == {"train.lr": None, "train.momentum": None}
+    assert revision(etcd) == before + 1
+    assert etcd_value(etcd, "train/lr") is None and etcd_value(etcd, "train/momentum") is None
+    assert etcd_value(etcd, "sampling/top_p") == "0.5"
+    etcd.etcdctl("put", P + "retired/knob", "1")  # a key an older schema had: can be cleaned up
+    done = hk(etcd, "unset", "retired")
+    assert done.returncode == 0 and etcd_value(etcd, "retired/knob") is None, done.stderr
 
 
 def test_history_and_compaction(etcd: EtcdServer) -> None:
