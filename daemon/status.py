@@ -24,6 +24,10 @@ from .logs import get_logger
 
 _DELETE = object()
 
+WARN_EVERY_S = 60.0
+"""While etcd stays unreachable the publisher retries every second, but says so only on the
+first failure and then at most this often (with the count), and once when it recovers."""
+
 
 def status_name(node: str, client: str) -> str:
     """A process's name under the status prefix, ``<node>/<client>``: a ``/`` in the client's
@@ -55,6 +59,8 @@ class StatusPublisher:
         self._store: EtcdStore | None = None
         self._lease: int | None = None
         self._current: dict[str, dict[str, Any]] = {}
+        self._failures = 0
+        self._warned_at = float("-inf")
         self.log = get_logger("hotknob.status", node=node)
 
     def key(self, client: str) -> str:
@@ -106,8 +112,9 @@ class StatusPublisher:
                         store.commit({}, [key])
                     else:
                         store.put(key, json.dumps(entry, allow_nan=False), lease=self._lease)
+                self._succeeded()
             except (HotknobError, OSError, ValueError) as exc:
-                self.log.warning("status_publish_failed", error=str(exc))
+                self._failed(exc)
                 self._drop_store()
                 with self._cond:
                     # Keep what could not be written, unless something newer arrived.
@@ -116,6 +123,21 @@ class StatusPublisher:
                     self._cond.wait(timeout=1.0)
                 next_keepalive = 0.0
         self._shutdown()
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        if self._failures == 1 or now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            self.log.warning(
+                "status_publish_failed", error=str(exc), failures=self._failures, retry_s=1.0
+            )
+
+    def _succeeded(self) -> None:
+        if self._failures:
+            self.log.info("status_publish_recovered", failures=self._failures)
+            self._failures = 0
+            self._warned_at = float("-inf")
 
     def _connect(self) -> EtcdStore:
         if self._store is None:
