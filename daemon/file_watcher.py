@@ -15,6 +15,8 @@ the last good state. So:
 - a file written in place is read once its writer closes it, not while a slow
   writer pauses (where the platform reports closes: inotify does), or at the
   latest ``close_wait_s`` after the first write, should the writer keep it open;
+  meanwhile a change to another watched file is reported as usual, with the held
+  file's last contents;
 - a file that is briefly absent (deleted mid-rename) is waited for; it is an
   error only if it is still missing ``missing_grace_s`` later.
 """
@@ -317,7 +319,7 @@ class FileLayerWatcher:
 
     def _written(self, name: str, closed: bool) -> None:
         """A file was written (``closed`` False) or closed after a write: if it is one of
-        the watched files, a check waits for the close (see ``_writes_open_until``)."""
+        the watched files, checks keep its last contents until the close (see ``_run``)."""
         if name not in self._names:
             return
         with self._cond:
@@ -327,9 +329,10 @@ class FileLayerWatcher:
                 self._open_since.setdefault(name, time.monotonic())
 
     def _writes_open_until(self, now: float) -> float | None:
-        """When the check that is due may read the files: None for now, or, while a watched
-        file written in place is still open, at its close (which signals) or at the latest
-        ``close_wait_s`` after its first write. Called with ``_cond`` held."""
+        """None if every watched file may be read now; else, while one written in place is
+        still open (its name stays in ``_open_since``), when to read it at the latest:
+        ``close_wait_s`` after its first write (its close signals sooner). Called with
+        ``_cond`` held."""
         if not self._await_close or not self._open_since:
             return None
         limit = self._close_wait_s
@@ -355,24 +358,23 @@ class FileLayerWatcher:
                 if delay > 0:
                     self._cond.wait(delay)
                     continue
-                closing = self._writes_open_until(now)
-                if closing is not None:  # a writer is still at it: wait for its close
-                    self._due = closing
-                    continue
-                self._due = None
+                # A file a writer still holds keeps its last contents in this check, and is
+                # read at its close (which signals) or when its wait runs out (``_due``).
+                self._due = self._writes_open_until(now)
+                held = frozenset(self._open_since) if self._due is not None else frozenset()
                 self._first_event = None
                 self._early_due = None
             try:
-                self._check(explicit=False)
+                self._check(explicit=False, held=held)
             except Exception:
                 self._log.exception("config_file_check_failed")
 
     # --- reading and comparing -----------------------------------------------------------------
 
-    def _check(self, *, explicit: bool) -> None:
+    def _check(self, *, explicit: bool, held: frozenset[str] = frozenset()) -> None:
         with self._check_lock:
             try:
-                self._read_and_compare(explicit=explicit)
+                self._read_and_compare(explicit=explicit, held=held)
             finally:
                 self._follow_links()
 
@@ -424,11 +426,16 @@ class FileLayerWatcher:
         if unwatched:  # no event can come from there: look again in a while
             self._recheck_at(time.monotonic() + _FOLDER_RETRY_S)
 
-    def _read_and_compare(self, *, explicit: bool) -> None:
+    def _read_and_compare(self, *, explicit: bool, held: frozenset[str]) -> None:
+        """Read every file (but those in ``held``, names of files a writer still has open,
+        which keep their last good contents) and report the new state if it differs."""
         files: list[tuple[Path, Mapping[str, Any]]] = []
         missing: list[tuple[Path, Exception]] = []
         invalid: list[tuple[Path, Exception]] = []
-        for path in self._paths:
+        for path, last in zip(self._paths, self.state.files, strict=True):
+            if held and not held.isdisjoint(_names([path])):
+                files.append(last)
+                continue
             try:
                 files.append((path, self._read_file(path)))
             except (LayerError, OSError) as exc:

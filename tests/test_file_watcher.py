@@ -545,6 +545,32 @@ def test_a_save_by_rename_is_not_held_back_by_a_writer_of_the_file_it_replaced(
     assert recorder.contents() == {"train": {"lr": 0.2, "momentum": 0.9}}
 
 
+def test_a_save_of_another_file_is_not_held_back_by_a_writer_of_this_one(tmp_path: Path) -> None:
+    """One file is being written in place by a slow writer; another is saved meanwhile. The
+    other's change is reported at once, with the held file's last contents; the held file
+    is read when its writer closes it (the wait for that close is an hour here)."""
+    held, other = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    held.write_text(lr_yaml(0.1))
+    other.write_text("sampling:\n  top_p: 0.9\n")
+    with watching(held, other, close_wait_s=3600.0) as (_, recorder):
+        with open(held, "w") as writer:
+            writer.write("train:\n  lr: 0.5")  # parses as it stands: "e-3" is still to come
+            writer.flush()
+            time.sleep(MAX_WAIT_S)  # its write has been seen
+            staged = tmp_path / ".b.yaml.tmp"
+            staged.write_text("sampling:\n  top_p: 0.5\n")
+            os.replace(staged, other)
+            recorder.wait_for(lambda: len(recorder.changes) >= 1)
+            assert recorder.contents(file=0) == {"train": {"lr": 0.1, "momentum": 0.9}}
+            assert recorder.contents(file=1) == {"sampling": {"top_p": 0.5}}
+            writer.write("e-3\n")
+        recorder.wait_for(lambda: len(recorder.changes) >= 2)
+        recorder.settle()
+    assert len(recorder.changes) == 2 and recorder.errors == []
+    assert recorder.contents(file=0) == {"train": {"lr": 5e-4}}
+    assert recorder.contents(file=1) == {"sampling": {"top_p": 0.5}}
+
+
 def test_a_folder_deleted_and_made_again_is_watched_again(tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     conf.mkdir()
