@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import describe_machine
+from benchmarks.machine import describe_machine, wait_until_quiet
 
 # The families, in table order; "distributed" is run when its module is present.
 FAMILIES = (
@@ -170,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     results: dict[str, dict[str, Any]] = {}
     for name in chosen:
-        print(f"benchmarks: {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_family(name, args.quick)
+        waited, idle = wait_until_quiet(max_s=2.0 if args.quick else 10.0)
+        print(
+            f"benchmarks: {name} ... (after {waited:.1f} s for the CPUs to be quiet)",
+            file=sys.stderr,
+            flush=True,
+        )
+        results[name] = {**run_family(name, args.quick), "quiet_wait_s": waited, "idle": idle}
     report["duration_s"] = round(time.monotonic() - started, 2)
     report["benchmarks"] = results
     report["summary"] = summarize(results)

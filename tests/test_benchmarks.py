@@ -55,6 +55,7 @@ def test_quick_run_writes_every_family_with_figures_and_verdicts(
         if name == "distributed" and result["status"] == "absent":
             continue
         assert result["status"] == "ok", (name, result.get("error"))
+        assert 0 <= result["quiet_wait_s"] <= 3, (name, result["quiet_wait_s"])
         assert result["figures"], name
         for fig in result["figures"]:
             assert set(fig) == FIGURE_KEYS, (name, fig)
