@@ -115,6 +115,10 @@ class Daemon:
         self.guards: GuardManager | None = None
         self.http: MetricsServer | None = None
         self.etcd_connected = False
+        # Set when the watcher reports etcd lost (also before the first connection, when
+        # etcd is down at start): only coming back after that is a resume.
+        self._etcd_lost = False
+        self._etcd_at_start = False  # the first etcd snapshot arrived within the start
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -131,7 +135,7 @@ class Daemon:
                 "daemon_ready",
                 socket=str(self.options.socket_path),
                 version=self.engine.version if self.engine else 0,
-                etcd=self.etcd_connected,
+                etcd=self._etcd_at_start,
             )
             await self.stopping.wait()
         finally:
@@ -155,7 +159,8 @@ class Daemon:
             on_disconnect=self.feedback.on_disconnect,
         )
         server = self.server
-        self.metrics.clients.set_function(lambda: len(server.clients))
+        self.metrics.clients.set_function(lambda: _count(server, watch=False))
+        self.metrics.watchers.set_function(lambda: _count(server, watch=True))
         self.engine = Engine(
             schema=ctx.schema,
             app=ctx.app,
@@ -168,6 +173,7 @@ class Daemon:
             on_rejected=lambda layer: self.metrics.rejected.labels(layer).inc(),
         )
         kvs, revision = await self._start_etcd()
+        self._etcd_at_start = ctx.etcd is not None and kvs is not None
         with self._lock:
             self.engine.start(kvs, revision)
         self._started = True
@@ -196,6 +202,8 @@ class Daemon:
             self.feedback.guards = self.guards
         if self.http is not None:
             self.http.start()
+            # The port chosen, when asked for port 0, is known only from here.
+            self.log.info("metrics_listening", host=self.http.host, port=self.http.port)
 
     def _start_files(self) -> FileLayerState:
         if not self.ctx.config_files:
@@ -361,14 +369,19 @@ class Daemon:
             self._changes_inline.inc()
 
     def _on_etcd_connection(self, up: bool, detail: str) -> None:
+        """The watcher's transitions. Its first ``up`` (whenever the start's read and
+        watch succeed) is no resume: only one after a reported loss is counted."""
         was = self.etcd_connected
         self.etcd_connected = up
         self.metrics.etcd_connected.set(1 if up else 0)
-        if up and not was and self._started:
+        if up and not was and self._etcd_lost:
+            self._etcd_lost = False
             self.metrics.watch_resumes.inc()
             self.log.info("etcd_reconnected", detail=detail)
-        elif not up and was:
-            self.log.warning("etcd_disconnected", detail=detail)
+        elif not up:
+            self._etcd_lost = True
+            if was:
+                self.log.warning("etcd_disconnected", detail=detail)
 
     def _on_files(self, state: FileLayerState) -> None:
         if not self._started:
@@ -430,16 +443,30 @@ class Daemon:
                 self.metrics.last_change_latency.set(self.engine.last_change_seconds)
 
     def health(self) -> dict[str, Any]:
+        """For ``/healthz`` (the HTTP thread). Not ok before the first snapshot is in force,
+        nor once the socket path no longer leads to the socket this daemon bound (removed
+        or replaced): processes cannot reach the daemon then, though it still runs."""
         engine = self.engine
+        server = self.server
+        socket_file = server.socket_file() if server else "not_listening"
         return {
-            "ok": bool(self.ready.is_set() and engine and engine.current),
+            "ok": bool(self.ready.is_set() and engine and engine.current and socket_file == "ok"),
+            "socket": socket_file,
             "version": engine.version if engine else 0,
             "revision": engine.revision if engine else 0,
             "etcd_connected": self.etcd_connected if self.ctx.etcd else None,
-            "clients": len(self.server.clients) if self.server else 0,
+            "clients": _count(server, watch=False),
+            "watchers": _count(server, watch=True),
             "pending_restart": dict(engine.pending_restart) if engine else {},
             "state_write_error": engine.state_write_error if engine else None,
         }
+
+
+def _count(server: SocketServer | None, *, watch: bool) -> int:
+    """Connected clients that said ``hello``: processes, or ``watch`` sessions."""
+    if server is None:
+        return 0
+    return sum(1 for client in server.clients if client.watch is watch)
 
 
 def _counted(

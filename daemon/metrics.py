@@ -7,6 +7,7 @@ one process, as they do in the tests.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hotknob.config import UsageError
+from hotknob.config.sources import LIVE_LAYERS
+
+REQUEST_TIMEOUT_S = 10.0
+"""How long a connection to the metrics port may stay silent: each one holds a thread."""
 
 
 class Metrics:
@@ -30,7 +35,14 @@ class Metrics:
         self.rejected = Counter(
             "hotknob_changes_rejected", "rejected changes", ["layer"], registry=r
         )
-        self.clients = Gauge("hotknob_clients_connected", "connected processes", registry=r)
+        self.clients = Gauge(
+            "hotknob_clients_connected",
+            "connected processes (hello said, not watch sessions)",
+            registry=r,
+        )
+        self.watchers = Gauge(
+            "hotknob_watchers_connected", "connected watch sessions (hotknob watch)", registry=r
+        )
         self.etcd_connected = Gauge(
             "hotknob_etcd_connected", "1 if the etcd watch is up", registry=r
         )
@@ -56,25 +68,61 @@ class Metrics:
             registry=r,
         )
 
+        # The layers whose changes are counted, each series there from the start at 0: a
+        # rate() or an alert on them has data before the first change.
+        for layer in sorted(LIVE_LAYERS):
+            self.accepted.labels(layer)
+            self.rejected.labels(layer)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
+    """``host:port``, ``[v6-host]:port`` or a bare IPv6 address with its port after the
+    last colon (``::1:9108``); an empty host is loopback. Raises ``UsageError``."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise UsageError(f"--metrics-addr must be host:port, got {addr!r}")
-    return host or "127.0.0.1", int(port)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if number > 65535:
+        raise UsageError(f"--metrics-addr {addr}: port must be 0 to 65535, got {number}")
+    return host or "127.0.0.1", number
+
+
+def _resolve(addr: str, host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
+    """The address family and socket address to listen on: the first that getaddrinfo
+    gives, so that an IPv6 host gets an IPv6 socket. Raises ``UsageError``."""
+    try:
+        found = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise UsageError(f"--metrics-addr {addr}: cannot listen: {reason}") from None
+    if not found:
+        raise UsageError(f"--metrics-addr {addr}: cannot listen: no address for {host!r}")
+    family, _type, _proto, _name, sockaddr = found[0]
+    return family, sockaddr
 
 
 class MetricsServer:
     """Serves ``/metrics`` and ``/healthz`` (JSON from ``health()``) on a background thread."""
 
     def __init__(self, addr: str, metrics: Metrics, health: Callable[[], dict[str, Any]]):
-        host, port = parse_addr(addr)
+        family, sockaddr = _resolve(addr, *parse_addr(addr))
         metrics_ref, health_ref = metrics, health
 
+        class Server(ThreadingHTTPServer):
+            address_family = family
+
         class Handler(BaseHTTPRequestHandler):
+            # A connection that sends nothing (or stops halfway) is closed after this,
+            # not kept with its thread for ever.
+            timeout = REQUEST_TIMEOUT_S
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] == "/metrics":
                     body, ctype, code = metrics_ref.exposition(), CONTENT_TYPE_LATEST, 200
@@ -94,7 +142,7 @@ class MetricsServer:
                 return None
 
         try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
+            self._server = Server(sockaddr, Handler)
         except OSError as exc:  # a port in use, an address not of this host
             reason = exc.strerror or str(exc)
             raise UsageError(f"--metrics-addr {addr}: cannot listen: {reason}") from None
@@ -102,6 +150,10 @@ class MetricsServer:
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="hotknob-metrics", daemon=True
         )
+
+    @property
+    def host(self) -> str:
+        return str(self._server.server_address[0])
 
     @property
     def port(self) -> int:

@@ -28,12 +28,15 @@ What is guaranteed:
 - Errors: a malformed line, an unknown type, a wrong protocol, a message before
   ``hello``, a line over ``protocol.MAX_LINE_BYTES`` or invalid UTF-8 gets an
   ``error`` line and that connection alone is closed.
+- Names: each connected client's ``ClientInfo.name`` is unique. A ``hello`` with a
+  name another connection has gets ``<name>-2`` (or the first free number), logged
+  as ``client_renamed``; the client is told nothing (the protocol has no field for it).
 - Callbacks (``on_applied``, ``on_metrics``, ``on_disconnect``) run in the loop;
   an exception in one is logged (``callback_failed``), never propagated.
 
 Log events: ``socket_listening``, ``stale_socket_removed``, ``client_connected``,
-``client_disconnected``, ``client_refused``, ``client_error``, ``callback_failed``,
-``event_dropped``, ``publish_out_of_order``, ``socket_closed``.
+``client_renamed``, ``client_disconnected``, ``client_refused``, ``client_error``,
+``callback_failed``, ``event_dropped``, ``publish_out_of_order``, ``socket_closed``.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class SocketServer:
         self._max_write_buffer = max_write_buffer
         self._drain_timeout = drain_timeout
         self._server: asyncio.AbstractServer | None = None
-        self._inode: int | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file
         self._lock_fd: int | None = None
         self._conns: dict[int, Connection] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -160,7 +163,8 @@ class SocketServer:
                 if exc.errno == errno.EADDRINUSE:
                     raise SocketInUse(f"{self._path}: another daemon took it just now") from exc
                 raise SocketPathError(f"cannot bind {self._path}: {exc}") from exc
-            self._inode = os.stat(self._path).st_ino
+            st = os.stat(self._path)
+            self._bound = (st.st_dev, st.st_ino)
             # Not yet listening: nobody can connect before the mode is 0600.
             os.chmod(self._path, 0o600)
             self._server = await asyncio.start_unix_server(
@@ -266,6 +270,20 @@ class SocketServer:
             self._log.info("socket_closed", path=str(self._path))
         self._release_lock()
 
+    def socket_file(self) -> str:
+        """Whether the path still leads to the socket this server bound: ``"ok"``,
+        ``"missing"`` (removed: nobody can connect any more) or ``"replaced"`` (another
+        file is there now); ``"not_listening"`` before the start and after the close. Any
+        thread."""
+        bound = self._bound
+        if bound is None or self._server is None or self._close_task is not None:
+            return "not_listening"
+        try:
+            st = os.stat(self._path)
+        except OSError:  # removed, or a folder on the way is gone or closed to us
+            return "missing"
+        return "ok" if (st.st_dev, st.st_ino) == bound else "replaced"
+
     def _release_lock(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
@@ -274,7 +292,8 @@ class SocketServer:
     def _remove_socket_file(self) -> None:
         """Unlink the socket only if it is still the one this server bound."""
         try:
-            if self._inode is not None and os.lstat(self._path).st_ino == self._inode:
+            st = os.lstat(self._path)
+            if self._bound is not None and (st.st_dev, st.st_ino) == self._bound:
                 self._path.unlink()
         except FileNotFoundError:
             pass
@@ -367,11 +386,28 @@ class SocketServer:
         elif kind == protocol.METRICS:
             self._call(conn, self._on_metrics, conn.info, message)
 
+    def _unique_name(self, requested: str) -> str:
+        """``requested``, or if a connected client has it, ``requested-2``, ``-3``... (the
+        first free one): what the daemon keeps per client (status entries, metric series,
+        guard windows) is keyed by name, and two processes under one name would overwrite
+        each other's and the first to leave would take both with it. A ``/`` becomes ``_``
+        in a status key, so names equal after that count as the same. Loop thread."""
+        taken = {c.info.name.replace("/", "_") for c in self._conns.values() if c.info is not None}
+        name, n = requested, 1
+        while name.replace("/", "_") in taken:
+            n += 1
+            name = f"{requested}-{n}"
+        return name
+
     def _accept_hello(self, conn: Connection, message: dict[str, Any]) -> None:
         pid = message.get("pid", conn.peer_pid)
+        requested = message.get("client", "")
+        name = self._unique_name(requested)
+        if name != requested:
+            conn.log.info("client_renamed", requested=requested, client=name, pid=pid)
         info = ClientInfo(
             id=conn.id,
-            name=message.get("client", ""),
+            name=name,
             pid=pid,
             uid=conn.uid,
             connected_at=conn.connected_at,

@@ -1,0 +1,279 @@
+"""``--metrics-addr``: what ``/metrics`` and ``/healthz`` say, and how the address is taken.
+
+Real daemons (``tests/daemon_proc.py``), real etcd where etcd matters, real sockets.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotknob.daemon import metrics as metrics_module
+from hotknob.daemon.metrics import Metrics, MetricsServer, parse_addr
+from tests.daemon_proc import DaemonProcess, RawClient, run_cli
+from tests.etcd_server import EtcdServer, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+APP = "t"
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def health(port: int) -> tuple[int, dict[str, Any]]:
+    code, body = get(f"http://127.0.0.1:{port}/healthz")
+    return code, json.loads(body)
+
+
+def samples(port: int) -> dict[str, float]:
+    """Every sample of ``/metrics``, by its name with labels."""
+    _, text = get(f"http://127.0.0.1:{port}/metrics")
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+    return result
+
+
+def daemon(tmp_path: Path, *, endpoints: str | None = None, extra: tuple[str, ...] = ()) -> Any:
+    port = free_port()
+    args = ["--metrics-addr", f"127.0.0.1:{port}", *extra]
+    return DaemonProcess(tmp_path, app=APP, endpoints=endpoints, extra=args), port
+
+
+# --- /healthz and the socket file ------------------------------------------------------------
+
+
+def test_healthz_is_not_ok_once_the_socket_file_is_removed_or_replaced(tmp_path: Path) -> None:
+    proc, port = daemon(tmp_path)
+    with proc:
+        code, body = health(port)
+        assert code == 200 and body["ok"] is True and body["socket"] == "ok", body
+        os.unlink(proc.socket_path)  # processes now get FileNotFoundError
+        code, body = health(port)
+        assert code == 503 and body["ok"] is False and body["socket"] == "missing", body
+        with socket.socket(socket.AF_UNIX) as other:  # another socket at the same path
+            other.bind(str(proc.socket_path))
+            code, body = health(port)
+            assert code == 503 and body["socket"] == "replaced", body
+        os.unlink(proc.socket_path)
+    assert proc.proc is not None and proc.proc.returncode == 0
+
+
+# --- names: one per connection ---------------------------------------------------------------
+
+
+def test_two_processes_with_one_name_keep_their_own_status_and_series(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    proc, port = daemon(tmp_path, endpoints=etcd.endpoint, extra=("--node", "n1"))
+    status = f"/hotknob/{APP}/status/n1/"
+
+    def entries() -> dict[str, dict[str, Any]]:
+        out = etcd.etcdctl("get", "--prefix", status, "-w", "json").stdout
+        kvs = json.loads(out).get("kvs", [])
+        return {_b64(kv["key"]).removeprefix(status): json.loads(_b64(kv["value"])) for kv in kvs}
+
+    def loss_series() -> dict[str, float]:
+        prefix = "hotknob_client_metric{"
+        return {k: v for k, v in samples(port).items() if k.startswith(prefix)}
+
+    with (
+        proc,
+        RawClient(proc.socket_path, "trainer", pid=1111) as a,
+        RawClient(proc.socket_path, "trainer", pid=2222) as b,
+    ):
+        for client, step, loss in ((a, 10, 0.1), (b, 99, 7.0)):
+            client.send({"type": "applied", "version": 1, "step": step})
+            client.send({"type": "metrics", "step": step, "latest": {"loss": loss}})
+        wait_for(
+            lambda: (
+                {(n, e["pid"], e.get("step")) for n, e in entries().items()}
+                == {("trainer", 1111, 10), ("trainer-2", 2222, 99)}
+            ),
+            "two status entries",
+        )
+        assert loss_series() == {
+            'hotknob_client_metric{client="trainer",metric="loss"}': 0.1,
+            'hotknob_client_metric{client="trainer-2",metric="loss"}': 7.0,
+        }
+        [renamed] = proc.events("client_renamed")
+        assert renamed["requested"] == "trainer" and renamed["client"] == "trainer-2"
+        a.close()  # the first to leave takes only its own entry and series
+        wait_for(lambda: set(entries()) == {"trainer-2"}, "only the second one's entry")
+        assert loss_series() == {'hotknob_client_metric{client="trainer-2",metric="loss"}': 7.0}
+        assert entries()["trainer-2"]["pid"] == 2222
+        # A third one under that name takes the first free one again.
+        with RawClient(proc.socket_path, "trainer", pid=3333) as c:
+            c.send({"type": "applied", "version": 1, "step": 5})
+            wait_for(
+                lambda: entries().get("trainer", {}).get("pid") == 3333,
+                "the name freed taken again",
+            )
+
+
+def _b64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+# --- the address --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("addr", "expected"),
+    [
+        ("[::1]:9108", ("::1", 9108)),
+        ("::1:0", ("::1", 0)),
+        ("[::]:0", ("::", 0)),
+        (":9108", ("127.0.0.1", 9108)),
+        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_metrics_addr_forms(addr: str, expected: tuple[str, int]) -> None:
+    assert parse_addr(addr) == expected
+
+
+@pytest.mark.parametrize("addr", ["[::1]:0", "::1:0"])
+def test_an_ipv6_metrics_addr_serves_and_the_bound_port_is_logged(
+    tmp_path: Path, addr: str
+) -> None:
+    proc = DaemonProcess(tmp_path, app=APP, extra=["--metrics-addr", addr])
+    with proc:
+        [listening] = proc.events("metrics_listening")
+        assert listening["host"] == "::1" and listening["port"] > 0, listening
+        code, body = get(f"http://[::1]:{listening['port']}/healthz")
+        assert code == 200 and json.loads(body)["ok"] is True
+
+
+def test_the_port_chosen_for_port_zero_is_logged(tmp_path: Path) -> None:
+    proc = DaemonProcess(tmp_path, app=APP, extra=["--metrics-addr", "127.0.0.1:0"])
+    with proc:
+        [listening] = proc.events("metrics_listening")
+        assert listening["host"] == "127.0.0.1" and listening["port"] > 0
+        assert health(listening["port"])[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("addr", "says"),
+    [
+        ("127.0.0.1:99999", "--metrics-addr 127.0.0.1:99999: port must be 0 to 65535, got 99999"),
+        ("no-such-host.invalid:9999", "--metrics-addr no-such-host.invalid:9999: cannot listen"),
+    ],
+)
+def test_a_bad_metrics_addr_is_one_line_and_exit_2(tmp_path: Path, addr: str, says: str) -> None:
+    sock = tmp_path / "s" / "t.sock"
+    done = run_cli(
+        "run", "--socket", str(sock), "--state-dir", str(tmp_path / "st"), "--metrics-addr", addr
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"hotknob: {says}"), done.stderr
+    assert not sock.exists()
+
+
+# --- etcd: resumes ----------------------------------------------------------------------------
+
+
+def test_no_resume_is_counted_at_start_only_after_a_loss(etcd: EtcdServer, tmp_path: Path) -> None:
+    proc, port = daemon(tmp_path, endpoints=etcd.endpoint)
+    with proc:
+        [ready] = proc.events("daemon_ready")
+        assert ready["etcd"] is True  # the first snapshot came within the start
+        wait_for(lambda: samples(port)["hotknob_etcd_connected"] == 1, "etcd connected")
+        time.sleep(0.5)  # the watcher's first "up" has been handled by now
+        assert samples(port)["hotknob_etcd_watch_resumes_total"] == 0
+        assert not proc.events("etcd_reconnected")
+        etcd.restart()
+        wait_for(lambda: proc.events("etcd_reconnected"), "a reconnect after the restart", 30)
+        assert samples(port)["hotknob_etcd_watch_resumes_total"] == 1
+        # The daemon's own line (the watchers log theirs too, with their prefix).
+        assert len([e for e in proc.events("etcd_disconnected") if "app" in e]) == 1
+
+
+# --- who is counted ---------------------------------------------------------------------------
+
+
+def test_watch_sessions_are_not_counted_as_processes(tmp_path: Path) -> None:
+    proc, port = daemon(tmp_path)
+    with proc:
+        counted = ("hotknob_clients_connected", "hotknob_watchers_connected")
+
+        def counts() -> tuple[float, ...]:
+            values = samples(port)
+            body = health(port)[1]
+            return (*(values[name] for name in counted), body["clients"], body["watchers"])
+
+        assert counts() == (0, 0, 0, 0)
+        with (
+            RawClient(proc.socket_path, "hotknob-watch", watch=True),
+            RawClient(proc.socket_path, "hotknob-watch", watch=True),
+            RawClient(proc.socket_path, "p1"),
+        ):
+            assert counts() == (1, 2, 1, 2)
+        wait_for(lambda: counts() == (0, 0, 0, 0), "nobody counted once all left")
+
+
+# --- the HTTP server's connections -------------------------------------------------------------
+
+
+def test_an_idle_connection_to_the_metrics_port_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Shorter than the daemon's 10 s, for the test; raising=False: the attribute is the
+    # knob this test is about.
+    monkeypatch.setattr(metrics_module, "REQUEST_TIMEOUT_S", 0.5, raising=False)
+    server = MetricsServer("127.0.0.1:0", Metrics(), lambda: {"ok": True})
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as idle:
+            idle.settimeout(5)
+            started = time.monotonic()
+            try:
+                data = idle.recv(1024)
+            except TimeoutError:
+                data = None
+            assert data == b"", "an idle connection was kept open"
+            assert time.monotonic() - started < 3
+        assert health(server.port) == (200, {"ok": True})  # others are served as before
+    finally:
+        server.stop()
+
+
+def test_the_default_request_timeout_is_ten_seconds() -> None:
+    assert getattr(metrics_module, "REQUEST_TIMEOUT_S", None) == 10.0
+
+
+# --- series there from the start ----------------------------------------------------------------
+
+
+def test_change_counters_have_a_series_per_live_layer_from_the_start(tmp_path: Path) -> None:
+    proc, port = daemon(tmp_path)
+    with proc:
+        values = samples(port)
+    for counter in ("hotknob_changes_accepted_total", "hotknob_changes_rejected_total"):
+        for layer in ("etcd", "files"):
+            assert values.get(f'{counter}{{layer="{layer}"}}') == 0, (counter, layer)
