@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Self
@@ -104,6 +105,10 @@ class LiveConfig:
         self._lock = threading.Lock()
         self._first_state = threading.Event()
         self._hooks = Hooks()
+        # One binding per optimizer (``bind_optimizer``); weak, so a forgotten one is freed.
+        self._optimizer_handles: weakref.WeakKeyDictionary[Any, Handle] = (
+            weakref.WeakKeyDictionary()
+        )
         self._closed = False
         self._conn = DaemonConnection(
             path,
@@ -312,7 +317,11 @@ class LiveConfig:
         """Drive ``optimizer``'s param groups (and ``scheduler``) from live values.
 
         The optimizer takes the applied values at once, then follows every apply.
-        A key given as ``None`` is left alone. Imports torch only here.
+        A key given as ``None`` is left alone. Binding an optimizer again replaces
+        its earlier binding (two would apply every change twice, which compounds
+        under ``ReduceLROnPlateau``); that is how its group ratios are taken anew.
+        A value the binding refuses now (``InvalidValue``) is raised here, and no new
+        binding is made (an earlier one stays). Imports torch only here.
         """
         from .optim import OptimizerBinding
 
@@ -321,7 +330,12 @@ class LiveConfig:
         )
         values = self._applied.flat_view
         binding.apply(values, values)
-        return self.add_binding(binding)
+        earlier = self._optimizer_handles.pop(optimizer, None)
+        if earlier is not None:
+            earlier.remove()
+        handle = self.add_binding(binding)
+        self._optimizer_handles[optimizer] = handle
+        return handle
 
     # -- reporting (model_runtime/reporting.py) ----------------------------------------
     #

@@ -9,7 +9,8 @@ step ``group["lr"]`` recursively, ``LambdaLR`` recomputes from ``base_lrs``,
 
 * the current ``group["lr"]`` becomes ``lr * f`` (for the cosine kinds with a
   floor ``eta_min``: ``eta_min + (lr - eta_min)*(B - eta_min)/(B0 - eta_min)``,
-  which is ``lr * f`` when ``eta_min`` is 0);
+  which is ``lr * f`` when ``eta_min`` is 0; a group whose ``B0`` is ``eta_min``
+  takes its place in the schedule from another group, else the closed form);
 * ``scheduler.base_lrs`` and ``group["initial_lr"]`` are scaled by ``f``;
 * OneCycleLR's ``group["max_lr"]`` / ``["min_lr"]``, CyclicLR's ``max_lrs`` and
   ReduceLROnPlateau's ``min_lrs`` are scaled by ``f``;
@@ -19,9 +20,11 @@ step ``group["lr"]`` recursively, ``LambdaLR`` recomputes from ``base_lrs``,
 The trajectory after the change is then the one a run started at base ``B``
 would follow from the same step. ``docs/schedulers.md`` has the table.
 
-Several param groups keep the ratios they had when the binding was made. A
-tensor learning rate (capturable or compiled optimizers) is written in place
-with ``fill_`` and never replaced, so graphs that captured it see the change.
+Several param groups keep the learning-rate and weight-decay ratios they had
+when the binding was made; a group whose momentum was 0 while another's was not
+stays at 0. A tensor learning rate (capturable or compiled optimizers) is
+written in place with ``fill_`` and never replaced, so graphs that captured it
+see the change.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def _scheduler_bases(scheduler: Any, optimizer: Optimizer) -> list[float] | None
     if scheduler is None or isinstance(scheduler, lrs.ReduceLROnPlateau):
         return None
     if isinstance(scheduler, lrs.OneCycleLR):
+        if not all("max_lr" in g for g in optimizer.param_groups):
+            return None  # a group added after the scheduler was made
         return [_num(g["max_lr"]) for g in optimizer.param_groups]
     for child in getattr(scheduler, "_schedulers", ()) or ():
         bases = _scheduler_bases(child, optimizer)
@@ -80,38 +85,100 @@ def _scheduler_bases(scheduler: Any, optimizer: Optimizer) -> list[float] | None
     return None
 
 
-def _floor(scheduler: Any) -> float:
-    """The absolute floor the active schedule anneals towards (cosine ``eta_min``), else 0."""
+def _cosine(scheduler: Any) -> Any:
+    """The active cosine schedule, whose ``eta_min`` is an absolute floor, else None."""
     if isinstance(scheduler, _FLOORED):
-        return float(scheduler.eta_min)
+        return scheduler
     if isinstance(scheduler, lrs.SequentialLR):
         active = bisect_right(scheduler._milestones, scheduler.last_epoch)
-        return _floor(scheduler._schedulers[active])
-    return 0.0
+        return _cosine(scheduler._schedulers[active])
+    return None
+
+
+def _cosine_position(scheduler: Any) -> float:
+    """Where a cosine schedule stands between its base (1) and its floor (0), from its
+    closed form."""
+    if isinstance(scheduler, lrs.CosineAnnealingWarmRestarts):
+        return (1 + math.cos(math.pi * scheduler.T_cur / scheduler.T_i)) / 2
+    return (1 + math.cos(math.pi * scheduler.last_epoch / scheduler.T_max)) / 2
 
 
 def _finite(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | torch.Tensor):
         raise InvalidValue(f"{key}: expected a number, got {value!r}")
-    v = _num(value)
+    try:
+        v = _num(value)
+    except OverflowError:
+        raise InvalidValue(
+            f"{key}: expected a finite number, got an integer too large for a float"
+        ) from None
     if not math.isfinite(v):
         raise InvalidValue(f"{key}: expected a finite number, got {v!r}")
     return v
+
+
+def _check_lr(key: str, v: float) -> None:
+    if v <= 0:
+        raise InvalidValue(f"{key}: learning rate must be > 0, got {v!r}")
+
+
+def _check_weight_decay(key: str, v: float) -> None:
+    if v < 0:
+        raise InvalidValue(f"{key}: weight decay must be >= 0, got {v!r}")
+
+
+def _check_momentum(key: str, v: float) -> None:
+    if not 0 <= v < 1:
+        raise InvalidValue(f"{key}: momentum must be in [0, 1), got {v!r}")
+
+
+def _momentum_of(group: Mapping[str, Any]) -> float | None:
+    """A group's momentum (``betas[0]`` for the Adam kinds), or None if it has neither."""
+    if "momentum" in group:
+        return _num(group["momentum"])
+    if "betas" in group:
+        return _num(group["betas"][0])
+    return None
+
+
+def _ratios(values: list[float]) -> list[float]:
+    """Each value relative to the first that is not 0; all 1 when every value is 0."""
+    reference = next((v for v in values if v != 0), 0.0)
+    return [v / reference if reference != 0 else 1.0 for v in values]
+
+
+def _groups_changed(key: str) -> InvalidValue:
+    return InvalidValue(f"{key}: the optimizer's param groups changed since bind: bind it again")
 
 
 class OptimizerBinding:
     """Binds live keys to an optimizer's param groups (and its scheduler, if any).
 
     ``apply(values, changed)`` acts only on bound keys present in both
-    ``changed`` and ``values``; a key bound to ``None`` is never touched.
-    Values are checked before anything is written, so a rejected apply leaves
-    the optimizer and scheduler exactly as they were. Applying the value that
-    is already in force changes nothing, bit for bit.
+    ``changed`` and ``values``; a key bound to ``None`` is never touched. The
+    keys are independent: each is checked before anything of it is written, so
+    a rejected key leaves its settings exactly as they were, and the other keys
+    of the same apply are still applied; ``InvalidValue``, raised after them,
+    names every rejected key. Applying the value that is already in force
+    changes nothing, bit for bit.
 
-    Group ratios are taken at construction, relative to the base rate (the
-    scheduler's base, else the group's current lr) of the first group whose base is
-    not 0, the reference group; a live lr ``L`` gives group ``i`` the base
-    ``L * ratio_i``. A group whose base is 0 (frozen) keeps ratio 0 and stays at 0.
+    Per-group rules are fixed at construction (bind again to change them):
+
+    * lr: ratios relative to the base rate (the scheduler's base, else the
+      group's current lr) of the first group whose base is not 0, the reference
+      group; a live lr ``L`` gives group ``i`` the base ``L * ratio_i``. A group
+      whose base is 0 (frozen) keeps ratio 0 and stays at 0.
+    * weight_decay: the same rule on each group's ``weight_decay``; a live ``W``
+      gives group ``i`` ``W * ratio_i``, so a no-decay group (0) stays at 0.
+      If every group is at 0, every group takes ``W``.
+    * momentum (``betas[0]`` for the Adam kinds): every group takes the live
+      value, except that a group at 0 while another group is not stays at 0.
+
+    After ``optimizer.add_param_group`` lr and weight_decay are refused until the
+    optimizer is bound again (the new group has no ratio); so is momentum if a
+    group is held at 0. With no scheduler given, lr is refused while a param
+    group has ``initial_lr``: torch's schedulers add it, and a schedule the
+    binding does not know about would undo each live change at its next step.
     """
 
     def __init__(
@@ -123,7 +190,8 @@ class OptimizerBinding:
         weight_decay: str | None = "train.weight_decay",
         momentum: str | None = "train.momentum",
     ) -> None:
-        if not optimizer.param_groups:
+        groups = optimizer.param_groups
+        if not groups:
             raise InvalidValue("optimizer has no param groups")
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -133,9 +201,16 @@ class OptimizerBinding:
         bases = _scheduler_bases(scheduler, optimizer)
         self._own_bases: list[float] | None = None
         if bases is None:
-            bases = self._own_bases = [_num(g["lr"]) for g in optimizer.param_groups]
-        reference = next((b for b in bases if b != 0), 0.0)
-        self._ratios = [b / reference if reference != 0 else 1.0 for b in bases]
+            bases = self._own_bases = [_num(g["lr"]) for g in groups]
+        self._ratios = _ratios(bases)
+        # A group without the key is never written; 0 keeps it out of the reference choice.
+        self._wd_ratios = _ratios(
+            [_num(g["weight_decay"]) if "weight_decay" in g else 0.0 for g in groups]
+        )
+        momenta = [_momentum_of(g) for g in groups]
+        present = [m for m in momenta if m is not None]
+        mixed = 0 in present and any(m != 0 for m in present)
+        self._momentum_held = [mixed and m == 0 for m in momenta]
 
     @property
     def ratios(self) -> tuple[float, ...]:
@@ -143,9 +218,14 @@ class OptimizerBinding:
         return tuple(self._ratios)
 
     @property
+    def weight_decay_ratios(self) -> tuple[float, ...]:
+        """Each group's weight decay relative to the reference group's, as fixed at bind time."""
+        return tuple(self._wd_ratios)
+
+    @property
     def base_lr(self) -> float:
         """The reference group's base rate in force now: what a live lr value sets."""
-        return self._bases()[self._reference()]
+        return self._bases(self.lr_key or "lr")[self._reference()]
 
     def _reference(self) -> int:
         """The reference group: the first whose ratio is not 0."""
@@ -153,62 +233,77 @@ class OptimizerBinding:
 
     def apply(self, values: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
         """Apply the bound keys that changed; see the class docstring for the guarantees."""
-
-        def wanted(key: str | None) -> float | None:
+        errors: list[str] = []
+        for key, check, write in (
+            (self.lr_key, _check_lr, self._apply_lr),
+            (self.weight_decay_key, _check_weight_decay, self._apply_weight_decay),
+            (self.momentum_key, _check_momentum, self._apply_momentum),
+        ):
             if key is None or key not in changed or key not in values:
-                return None
-            return _finite(key, values[key])
-
-        lr = wanted(self.lr_key)
-        wd = wanted(self.weight_decay_key)
-        mom = wanted(self.momentum_key)
-        if lr is not None and lr <= 0:
-            raise InvalidValue(f"{self.lr_key}: learning rate must be > 0, got {lr!r}")
-        if wd is not None and wd < 0:
-            raise InvalidValue(f"{self.weight_decay_key}: weight decay must be >= 0, got {wd!r}")
-        if mom is not None and not 0 <= mom < 1:
-            raise InvalidValue(f"{self.momentum_key}: momentum must be in [0, 1), got {mom!r}")
-
-        if lr is not None:
-            self._apply_lr(lr)
-        if wd is not None:
-            for group in self.optimizer.param_groups:
-                if "weight_decay" in group:
-                    _put(group, "weight_decay", wd)
-        if mom is not None:
-            for group in self.optimizer.param_groups:
-                self._apply_momentum(group, mom)
+                continue
+            try:
+                v = _finite(key, values[key])
+                check(key, v)
+                write(key, v)  # refuses with InvalidValue before it writes anything
+            except InvalidValue as exc:
+                errors.append(str(exc))
+        if errors:
+            raise InvalidValue("; ".join(errors))
 
     def state_dict(self) -> dict[str, Any]:
         """The binding's own state: group ratios and, where no scheduler keeps one, the bases."""
         own = None if self._own_bases is None else list(self._own_bases)
-        return {"ratios": list(self._ratios), "own_bases": own}
+        return {
+            "ratios": list(self._ratios),
+            "own_bases": own,
+            "weight_decay_ratios": list(self._wd_ratios),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ratios (and own bases) saved by :meth:`state_dict` for the same groups."""
+        """Restore what :meth:`state_dict` saved for the same groups.
+
+        A state saved before weight-decay ratios were kept has none: the ones taken
+        at bind stay.
+        """
         n = len(self.optimizer.param_groups)
         ratios = [float(r) for r in state["ratios"]]
         own = state.get("own_bases")
-        if len(ratios) != n or (own is not None and len(own) != n):
+        saved_wd = state.get("weight_decay_ratios")
+        wd_ratios = None if saved_wd is None else [float(r) for r in saved_wd]
+        if (
+            len(ratios) != n
+            or (own is not None and len(own) != n)
+            or (wd_ratios is not None and len(wd_ratios) != n)
+        ):
             raise InvalidValue(
                 f"binding state is for {len(ratios)} param groups, optimizer has {n}"
             )
         self._ratios = ratios
         if own is not None and self._own_bases is not None:
             self._own_bases = [float(b) for b in own]
+        if wd_ratios is not None:
+            self._wd_ratios = wd_ratios
 
-    def _bases(self) -> list[float]:
+    def _bases(self, key: str) -> list[float]:
         n = len(self.optimizer.param_groups)
+        if len(self._ratios) != n:
+            raise _groups_changed(key)
         bases = _scheduler_bases(self.scheduler, self.optimizer)
         if bases is None:
             bases = self._own_bases
-        if bases is None or len(bases) != n or len(self._ratios) != n:
-            raise InvalidValue("the optimizer's param groups changed since bind: bind it again")
+        if bases is None or len(bases) != n:
+            raise _groups_changed(key)
         return list(bases)
 
-    def _apply_lr(self, live: float) -> None:
+    def _apply_lr(self, key: str, live: float) -> None:
         groups = self.optimizer.param_groups
-        old_bases = self._bases()
+        if self.scheduler is None and any("initial_lr" in g for g in groups):
+            raise InvalidValue(
+                f"{key}: the optimizer has a learning-rate scheduler the binding was not given "
+                "(its param groups have initial_lr): pass it as scheduler= to bind_optimizer, "
+                "or its schedule undoes live changes"
+            )
+        old_bases = self._bases(key)
         new_bases = [live * r for r in self._ratios]
         if live == old_bases[self._reference()]:
             # The value in force: a group whose base is that value times its ratio keeps
@@ -219,7 +314,9 @@ class OptimizerBinding:
             ]
         schedulers = list({id(s): s for s in _walk(self.scheduler)}.values())
         one_cycle = any(isinstance(s, lrs.OneCycleLR) for s in schedulers)
-        floor = _floor(self.scheduler)
+        cosine = _cosine(self.scheduler)
+        floor = float(cosine.eta_min) if cosine is not None else 0.0
+        current = [_num(g["lr"]) for g in groups]  # as they were before any group is written
         touched = False
         for i, group in enumerate(groups):
             old, new = old_bases[i], new_bases[i]
@@ -239,13 +336,15 @@ class OptimizerBinding:
             if self.scheduler is None or old == 0:
                 _put(group, "lr", new)
             elif old != floor:
-                cur = _num(group["lr"])
-                _put(group, "lr", floor + (cur - floor) * (new - floor) / (old - floor))
+                _put(group, "lr", floor + (current[i] - floor) * (new - floor) / (old - floor))
             else:
-                _put(group, "lr", _num(group["lr"]) * f)
-            for key in ("initial_lr", *(("max_lr", "min_lr") if one_cycle else ())):
-                if key in group:
-                    _put(group, key, scaled(group[key], key == "min_lr"))
+                # A base at the cosine floor stays there, so its lr tells nothing of where
+                # the schedule stands; take that from the others or from the closed form.
+                position = _position(cosine, old_bases, current, floor)
+                _put(group, "lr", floor + (new - floor) * position)
+            for k in ("initial_lr", *(("max_lr", "min_lr") if one_cycle else ())):
+                if k in group:
+                    _put(group, k, scaled(group[k], k == "min_lr"))
             for s in schedulers:
                 for attr in ("base_lrs", "max_lrs", "min_lrs"):
                     seq = getattr(s, attr, None)
@@ -261,13 +360,59 @@ class OptimizerBinding:
                         for g in groups
                     ]
 
-    @staticmethod
-    def _apply_momentum(group: dict[str, Any], m: float) -> None:
-        if "momentum" in group:
-            _put(group, "momentum", m)
-        elif "betas" in group:
-            betas = group["betas"]
-            if isinstance(betas[0], torch.Tensor):
-                betas[0].fill_(m)
-            else:
-                group["betas"] = (m, *tuple(betas)[1:])
+    def _apply_weight_decay(self, key: str, live: float) -> None:
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self._wd_ratios):
+            raise _groups_changed(key)
+        having = [i for i, g in enumerate(groups) if "weight_decay" in g]
+        if not having:
+            return
+        current = [_num(g.get("weight_decay", 0.0)) for g in groups]
+        reference = next((i for i in having if self._wd_ratios[i] != 0), having[0])
+        in_force = current[reference] == live
+        for i in having:
+            new = live * self._wd_ratios[i]
+            if in_force and math.isclose(current[i], new, rel_tol=1e-12, abs_tol=0.0):
+                continue  # as for lr: ``live * ratio`` may differ from it in the last place
+            _put(groups[i], "weight_decay", new)
+
+    def _apply_momentum(self, key: str, m: float) -> None:
+        groups = self.optimizer.param_groups
+        held = self._momentum_held
+        if len(groups) != len(held) and any(held):
+            raise _groups_changed(key)  # which groups are held is known only for those at bind
+        rmsprop = isinstance(self.optimizer, torch.optim.RMSprop)
+        for i, group in enumerate(groups):
+            if i < len(held) and held[i]:
+                continue
+            if "momentum" in group:
+                _put(group, "momentum", m)
+                if rmsprop and m > 0:
+                    self._add_momentum_buffers(group)
+            elif "betas" in group:
+                betas = group["betas"]
+                if isinstance(betas[0], torch.Tensor):
+                    betas[0].fill_(m)
+                else:
+                    group["betas"] = (m, *tuple(betas)[1:])
+
+    def _add_momentum_buffers(self, group: Mapping[str, Any]) -> None:
+        """Give each param of an RMSprop group that has state the zero ``momentum_buffer``
+        RMSprop makes at a param's first step, but only if momentum is > 0 then: its
+        later steps read the buffer whenever momentum is > 0."""
+        state = self.optimizer.state
+        for p in group["params"]:
+            param_state = state.get(p)
+            if param_state and "momentum_buffer" not in param_state:
+                param_state["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
+
+
+def _position(cosine: Any, bases: list[float], lrs_now: list[float], floor: float) -> float:
+    """Where a cosine schedule stands, 1 at the base and 0 at the floor: from the first
+    group whose base is not the floor, else from the schedule's closed form."""
+    for base, lr in zip(bases, lrs_now, strict=True):
+        if base != floor:
+            return (lr - floor) / (base - floor)
+    return _cosine_position(cosine)

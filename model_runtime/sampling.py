@@ -20,6 +20,8 @@ from .errors import InvalidValue
 
 __all__ = ["SamplingParams", "filter_logits", "sample"]
 
+_F32_TINY = 2.0**-149  # float32's smallest positive value: smaller rounds to 0 there
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -42,7 +44,14 @@ class SamplingParams:
             want = int if f.type in (int, "int") else float
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise InvalidValue(f"sampling.{f.name}: expected a number, got {v!r}")
-            if not math.isfinite(v):
+            try:
+                finite = math.isfinite(v)
+            except OverflowError:
+                raise InvalidValue(
+                    f"sampling.{f.name}: expected a finite number, got an integer too large "
+                    "for a float"
+                ) from None
+            if not finite:
                 raise InvalidValue(f"sampling.{f.name}: expected a finite number, got {v!r}")
             if want is int and v != int(v):
                 raise InvalidValue(f"sampling.{f.name}: expected an integer, got {v!r}")
@@ -101,7 +110,8 @@ def filter_logits(
     logits: Tensor, params: SamplingParams, prev_tokens: Tensor | None = None
 ) -> Tensor:
     """The float32 logits ``[batch, vocab]`` that :func:`sample` draws from; dropped tokens
-    are ``-inf`` and every row keeps at least one token.
+    are ``-inf`` and every row keeps at least one token. With a temperature other than 1
+    each row is shifted so that its largest logit is 0.
 
     ``prev_tokens`` (``[batch, seq]`` or ``[seq]``, long) names already generated tokens
     for the repetition penalty; ids outside ``[0, vocab)`` (padding) are ignored.
@@ -116,7 +126,14 @@ def filter_logits(
         top = out.argmax(dim=1, keepdim=True)
         return _keep_only(out, torch.zeros_like(out, dtype=torch.bool).scatter_(1, top, True))
     if params.temperature != 1.0:
-        out = out / params.temperature
+        # Each row's max goes to 0 first (the softmax and every filter below are unchanged
+        # by the shift), so a tiny temperature sends the other tokens to -inf rather than
+        # the top ones to +inf, where the softmax turns them into nan.
+        out = out - out.amax(dim=1, keepdim=True)
+        if params.temperature >= _F32_TINY:
+            out = out / params.temperature
+        else:  # it would round to 0 in float32, and the max's 0 / 0 be nan: take the limit
+            out = out.masked_fill(out < 0, -math.inf)
     if 0 < params.top_k < vocab:
         idx = out.topk(params.top_k, dim=1).indices
         out = _keep_only(out, torch.zeros_like(out, dtype=torch.bool).scatter_(1, idx, True))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch.optim import lr_scheduler as lrs
 
+from hotknob.model_runtime import LiveConfig
 from hotknob.model_runtime.errors import InvalidValue
 from hotknob.model_runtime.optim import OptimizerBinding
+
+from .daemon_stub import DaemonStub
 
 LR = "train.lr"
 WD = "train.weight_decay"
@@ -199,10 +202,31 @@ def test_invalid_values_raise_and_change_nothing() -> None:
     opt = _sgd(0.1)
     binding = OptimizerBinding(opt)
     before = [dict(g) for g in opt.param_groups]
-    for bad in ({LR: 0.0}, {LR: -1.0}, {LR: math.nan}, {LR: "fast"}, {MOM: 1.0}, {WD: -0.1}):
+    for bad in ({LR: 0.0}, {LR: -1.0}, {LR: math.nan}, {LR: "fast"}, {LR: 10**400}, {MOM: 1.0}):
         with pytest.raises(InvalidValue):
-            binding.apply({WD: 0.5, **bad}, {WD: 0.5, **bad})
+            binding.apply(bad, bad)
+    with pytest.raises(InvalidValue):
+        binding.apply({WD: -0.1}, {WD: -0.1})
     assert [dict(g) for g in opt.param_groups] == before
+
+
+def test_an_invalid_key_leaves_its_settings_and_the_valid_keys_are_applied() -> None:
+    opt = _sgd(0.1)
+    binding = OptimizerBinding(opt)
+    values = {LR: -1.0, WD: 0.05, MOM: 0.5}
+    with pytest.raises(InvalidValue, match=r"^train\.lr: learning rate"):
+        binding.apply(values, values)
+    assert _lrs(opt) == [0.1, 0.01]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.05]
+    assert [g["momentum"] for g in opt.param_groups] == [0.5, 0.5]
+
+    values = {LR: 0.2, WD: -1.0, MOM: 2.0}
+    with pytest.raises(InvalidValue) as raised:
+        binding.apply(values, values)
+    assert WD in str(raised.value) and MOM in str(raised.value)  # every invalid key named
+    assert _lrs(opt) == pytest.approx([0.2, 0.02])
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.05]
+    assert [g["momentum"] for g in opt.param_groups] == [0.5, 0.5]
 
 
 def test_param_group_added_after_bind_is_refused() -> None:
@@ -212,6 +236,31 @@ def test_param_group_added_after_bind_is_refused() -> None:
     with pytest.raises(InvalidValue, match="bind it again"):
         _set(binding, lr=0.2)
     assert _lrs(opt) == pytest.approx([0.1, 0.01, 0.5])
+
+
+def test_lr_refused_for_added_groups_does_not_block_momentum() -> None:
+    opt = _sgd(0.1)
+    binding = OptimizerBinding(opt)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5})
+    with pytest.raises(InvalidValue) as raised:
+        _set(binding, lr=0.2, weight_decay=0.3, momentum=0.5)
+    # lr and weight decay have no ratio for the new group; momentum needs none
+    assert f"{LR}: the optimizer's param groups changed" in str(raised.value)
+    assert f"{WD}: the optimizer's param groups changed" in str(raised.value)
+    assert _lrs(opt) == pytest.approx([0.1, 0.01, 0.5])
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.01, 0.01]
+    assert [g["momentum"] for g in opt.param_groups] == [0.5, 0.5, 0.5]
+
+
+def test_one_cycle_param_group_added_after_bind_is_refused() -> None:
+    opt = _sgd(1.0)
+    sched = lrs.OneCycleLR(opt, max_lr=[1.0, 0.1], total_steps=20)
+    binding = OptimizerBinding(opt, sched)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5})
+    before = _lrs(opt)
+    with pytest.raises(InvalidValue, match="bind it again"):
+        _set(binding, lr=0.2)
+    assert _lrs(opt) == before
 
 
 def test_binding_state_round_trip() -> None:
@@ -397,3 +446,242 @@ def test_resume_binding_first_then_loading_keeps_the_plateau_cuts() -> None:
     assert _lrs(opt2) == pytest.approx([1e-4, 1e-5])
     _set(binding2, lr=5e-3)  # a live change after the resume scales what the cuts left
     assert _lrs(opt2) == pytest.approx([5e-5, 5e-6])
+
+
+# --- weight decay and momentum per group -------------------------------------------------
+
+
+def _adamw_decay_and_no_decay(wd: float = 0.1) -> torch.optim.AdamW:
+    """The usual split: weights decay, biases (and norms) do not."""
+    m = _model()
+    decay = [p for n, p in m.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in m.named_parameters() if n.endswith("bias")]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3,
+    )
+
+
+def _wds(opt: torch.optim.Optimizer) -> list[float]:
+    return [float(g["weight_decay"]) for g in opt.param_groups]
+
+
+def test_a_no_decay_group_stays_at_zero() -> None:
+    opt = _adamw_decay_and_no_decay(0.1)
+    binding = OptimizerBinding(opt)
+    assert binding.weight_decay_ratios == (1.0, 0.0)
+    _set(binding, weight_decay=0.1)  # the value in force, as at bind
+    assert _wds(opt) == [0.1, 0.0]
+    _set(binding, weight_decay=0.05)
+    assert _wds(opt) == [0.05, 0.0]
+    _train_step(opt)
+
+
+def test_weight_decay_keeps_group_ratios_and_the_value_in_force_bit_for_bit() -> None:
+    m = _model()
+    frozen = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(
+        [
+            {"params": frozen.parameters(), "weight_decay": 0.0},
+            {"params": m[0].parameters(), "weight_decay": 0.002286},
+            {"params": m[1].parameters(), "weight_decay": 0.001266},
+        ],
+        lr=0.1,
+    )
+    binding = OptimizerBinding(opt)
+    _set(binding, weight_decay=0.002286)
+    assert _wds(opt) == [0.0, 0.002286, 0.001266]  # not 0.0012659999999999998
+    _set(binding, weight_decay=0.004)
+    assert _wds(opt) == pytest.approx([0.0, 0.004, 0.004 * 0.001266 / 0.002286])
+
+
+def test_groups_all_without_weight_decay_all_take_the_live_value() -> None:
+    opt = _sgd(0.1)
+    for group in opt.param_groups:
+        group["weight_decay"] = 0.0
+    binding = OptimizerBinding(opt)
+    assert binding.weight_decay_ratios == (1.0, 1.0)
+    _set(binding, weight_decay=0.03)
+    assert _wds(opt) == [0.03, 0.03]
+
+
+def test_weight_decay_ratios_are_checkpointed_and_old_states_still_load() -> None:
+    binding = OptimizerBinding(_adamw_decay_and_no_decay(0.1))
+    state = binding.state_dict()
+    assert state["weight_decay_ratios"] == [1.0, 0.0]
+
+    other_opt = _adamw_decay_and_no_decay(0.1)
+    for group in other_opt.param_groups:
+        group["weight_decay"] = 0.2  # bound while the groups were equal ...
+    other = OptimizerBinding(other_opt)
+    other.load_state_dict(state)  # ... the checkpoint's ratios win
+    assert other.weight_decay_ratios == (1.0, 0.0)
+    _set(other, weight_decay=0.05)
+    assert _wds(other_opt) == [0.05, 0.0]
+
+    old_format = {"ratios": state["ratios"], "own_bases": state["own_bases"]}
+    again = OptimizerBinding(_adamw_decay_and_no_decay(0.1))
+    again.load_state_dict(old_format)  # saved before weight-decay ratios were kept
+    assert again.weight_decay_ratios == (1.0, 0.0)
+
+
+def test_a_group_without_momentum_stays_at_zero() -> None:
+    m = _model()
+    sgd = torch.optim.SGD(
+        [{"params": m[0].parameters(), "momentum": 0.9}, {"params": m[1].parameters()}],
+        lr=0.1,
+        momentum=0.0,
+    )
+    binding = OptimizerBinding(sgd)
+    _set(binding, momentum=0.5)
+    assert [g["momentum"] for g in sgd.param_groups] == [0.5, 0.0]
+
+    adam = torch.optim.Adam(
+        [{"params": m[0].parameters()}, {"params": m[1].parameters(), "betas": (0.0, 0.99)}],
+        lr=1e-3,
+        betas=(0.9, 0.999),
+    )
+    binding = OptimizerBinding(adam)
+    _set(binding, momentum=0.8)
+    assert [g["betas"] for g in adam.param_groups] == [(0.8, 0.999), (0.0, 0.99)]
+
+
+def test_groups_all_without_momentum_all_take_the_live_value() -> None:
+    opt = _sgd(0.1, momentum=0.0)
+    binding = OptimizerBinding(opt)
+    _set(binding, momentum=0.7)
+    assert [g["momentum"] for g in opt.param_groups] == [0.7, 0.7]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_rmsprop_momentum_from_zero_after_its_first_step(foreach: bool) -> None:
+    m = _model()
+    opt = torch.optim.RMSprop(m.parameters(), lr=1e-3, foreach=foreach)  # momentum 0
+    binding = OptimizerBinding(opt)
+    _train_step(opt)  # state made without a momentum buffer
+    _set(binding, momentum=0.9)
+    for p in m.parameters():
+        assert torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p))
+    _train_step(opt)
+    assert all(opt.state[p]["momentum_buffer"].abs().sum() > 0 for p in m.parameters())
+
+
+# --- a scheduler the binding was not given ----------------------------------------------
+
+
+@pytest.mark.parametrize("made", ["before bind", "after bind"])
+def test_a_scheduler_not_given_to_the_binding_refuses_lr(made: str) -> None:
+    opt = _sgd(1.0)
+    sched = lrs.LambdaLR(opt, lambda e: 0.9**e) if made == "before bind" else None
+    binding = OptimizerBinding(opt)
+    if sched is None:
+        sched = lrs.LambdaLR(opt, lambda e: 0.9**e)
+    _train_step(opt)
+    sched.step()
+    before = _lrs(opt)
+    with pytest.raises(InvalidValue, match="pass it as scheduler= to bind_optimizer"):
+        _set(binding, lr=0.1, weight_decay=0.2)
+    assert _lrs(opt) == before
+    assert _wds(opt) == [0.2, 0.2]  # the other keys still apply
+
+
+# --- cosine: a group whose base is the floor ----------------------------------------------
+
+
+def _cosine_run(
+    kind: str, bases: list[float], steps: int, change: tuple[int, float] | None
+) -> list[list[float]]:
+    m = _model()
+    groups = [{"params": p.parameters(), "lr": b} for p, b in zip(m, bases, strict=True)]
+    opt = torch.optim.SGD(groups, lr=bases[0])
+    sched: Any
+    if kind == "CosineAnnealingLR":
+        sched = lrs.CosineAnnealingLR(opt, T_max=10, eta_min=0.01)
+    else:
+        sched = lrs.CosineAnnealingWarmRestarts(opt, T_0=4, T_mult=2, eta_min=0.01)
+    binding = OptimizerBinding(opt, sched)
+    seen = []
+    for t in range(steps):
+        if change is not None and t == change[0]:
+            _set(binding, lr=change[1])
+        seen.append(_lrs(opt))
+        _train_step(opt)
+        sched.step()
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["CosineAnnealingLR", "CosineAnnealingWarmRestarts"])
+@pytest.mark.parametrize(
+    ("bases", "new_base"),
+    [
+        ([0.1, 0.01], 0.01),  # the second group sits at eta_min; another group tells where
+        ([0.01, 0.01], 0.1),  # every group at eta_min: the closed form tells where
+    ],
+)
+def test_cosine_group_at_eta_min_follows_the_rule(
+    kind: str, bases: list[float], new_base: float
+) -> None:
+    for at in (3, 6):
+        live = _cosine_run(kind, bases, 12, (at, new_base))
+        reference = _cosine_run(kind, [b * new_base / bases[0] for b in bases], 12, None)
+        for t in range(at, 12):
+            assert live[t] == pytest.approx(reference[t], rel=1e-9), f"change at {at}, step {t}"
+
+
+# --- through LiveConfig -------------------------------------------------------------------
+
+
+@pytest.fixture
+def stub(sock_path: str) -> Iterator[DaemonStub]:
+    with DaemonStub(sock_path, {"train": {"lr": 1.0, "weight_decay": 0.01, "momentum": 0.9}}) as s:
+        yield s
+
+
+@pytest.fixture
+def live(stub: DaemonStub) -> Iterator[LiveConfig]:
+    with LiveConfig.connect(stub.path, timeout=5) as client:
+        yield client
+
+
+def _push_and_apply(stub: DaemonStub, live: LiveConfig, lr: float, step: int) -> None:
+    version = stub.push({"train": {"lr": lr, "weight_decay": 0.01, "momentum": 0.9}})
+    stub.wait_for(lambda: live.pending_version == version)
+    live.apply(step)
+
+
+def test_binding_an_optimizer_again_replaces_its_binding(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    opt = _sgd(1.0)
+    sched = lrs.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    first = live.bind_optimizer(opt, sched)
+    second = live.bind_optimizer(opt, sched)
+    assert first.removed and not second.removed
+    assert len(live.state_dict()["bindings"]) == 1
+    _push_and_apply(stub, live, 0.1, 1)
+    assert _lrs(opt) == pytest.approx([0.1, 0.01])  # one change, not two
+    first.remove()  # the replaced handle no longer touches the new binding
+    _push_and_apply(stub, live, 0.05, 2)
+    assert _lrs(opt) == pytest.approx([0.05, 0.005])
+
+
+def test_a_refused_rebind_keeps_the_earlier_binding(stub: DaemonStub, live: LiveConfig) -> None:
+    opt = _sgd(1.0)
+    first = live.bind_optimizer(opt)
+    lrs.StepLR(opt, step_size=3)  # a scheduler now, not given to the new binding
+    with pytest.raises(InvalidValue, match="initial_lr"):
+        live.bind_optimizer(opt)
+    assert not first.removed
+    assert len(live.state_dict()["bindings"]) == 1
+
+
+def test_bind_refuses_an_optimizer_whose_scheduler_was_not_given(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    opt = _sgd(0.5)
+    lrs.StepLR(opt, step_size=3)
+    with pytest.raises(InvalidValue, match="initial_lr"):
+        live.bind_optimizer(opt)
+    assert live.state_dict()["bindings"] == []  # nothing left registered
+    _push_and_apply(stub, live, 0.1, 1)
+    assert _lrs(opt) == [0.5, 0.05]

@@ -66,6 +66,8 @@ def test_params_are_checked_and_coerced() -> None:
         {"top_k": math.nan},
         {"top_k": True},
         {"temperature": "hot"},
+        {"max_new_tokens": 10**400},  # too large for a float
+        {"temperature": 10**400},
     ):
         with pytest.raises(InvalidValue):
             SamplingParams(**bad)
@@ -168,6 +170,26 @@ def test_entropy_is_monotone_in_temperature(logits: torch.Tensor) -> None:
     ]
     for sharp, flat in itertools.pairwise(top):
         assert (sharp >= flat - 1e-6).all()
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-46, 1e-300])
+def test_a_tiny_temperature_samples_the_top_tokens(temperature: float) -> None:
+    logits = torch.tensor([[5.0, 4.0, 1.0, -3.0], [1.0, 2.0, 2.0, -math.inf]])
+    params = SamplingParams(temperature=temperature)
+    filtered = filter_logits(logits, params)
+    assert not filtered.isnan().any()
+    assert _kept(filtered).tolist() == [[True, False, False, False], [False, True, True, False]]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, params, generator=g) for _ in range(50)])
+    assert (draws[:, 0] == 0).all()
+    assert set(draws[:, 1].tolist()) == {1, 2}  # a tie at the top stays a tie
+
+
+def test_temperature_shift_leaves_the_distribution_alone() -> None:
+    logits = _logits(batch=3, vocab=20)
+    for t in (0.3, 2.5):
+        probs = filter_logits(logits, SamplingParams(temperature=t)).softmax(dim=1)
+        assert torch.allclose(probs, (logits / t).softmax(dim=1), atol=1e-6)
 
 
 def test_seeded_generator_is_deterministic() -> None:
