@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
+from pydantic_core.core_schema import ErrorType
 
 from .errors import InvalidChange, Problem, UsageError
 from .keys import KeyClash, unflatten
@@ -181,7 +182,8 @@ def merge_layers(
         for err in exc.errors(include_url=False):
             key = _loc_to_key(err["loc"])
             leaf = next((k for k in winners if key == k or key.startswith(k + ".")), key)
-            problems.append(Problem(leaf, winners.get(leaf, "defaults"), err["msg"], err["input"]))
+            reason = _reason(err["type"], err["msg"], facts.secrets, key, leaf)
+            problems.append(Problem(leaf, winners.get(leaf, "defaults"), reason, err["input"]))
         raise InvalidChange(problems) from exc
 
     values, flat = _dumped(model, facts)
@@ -206,6 +208,28 @@ def merge_layers(
         layers=MappingProxyType(said),
         precedence=tuple(precedence),
     )
+
+
+_CUSTOM_ERROR_TYPES = frozenset({"value_error", "assertion_error"})
+"""The error types of a schema's own validators (a ``ValueError`` or an ``assert``): their
+message is whatever the validator wrote, and it may quote the value. So may that of a
+``PydanticCustomError``, whose type is the validator's own: any type pydantic does not
+define counts too."""
+
+_PYDANTIC_ERROR_TYPES = frozenset(get_args(ErrorType))
+
+
+def _reason(error_type: str, message: str, secrets: frozenset[str], key: str, leaf: str) -> str:
+    """The reason a Problem gives for a pydantic error. For a secret key, a message that a
+    schema's validator wrote is withheld, since it may quote the secret; pydantic's own
+    messages ("String should have at least 12 characters") never hold the input."""
+    custom = error_type in _CUSTOM_ERROR_TYPES or error_type not in _PYDANTIC_ERROR_TYPES
+    if custom and (key in secrets or leaf in secrets):
+        return (
+            "refused by a validator of the schema (its message is withheld for a secret "
+            f"key; error type {error_type})"
+        )
+    return message
 
 
 def _clash(exc: KeyClash, merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import UnionType
 from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
@@ -124,14 +124,49 @@ def _is_secret(annotation: Any) -> bool:
     return any(_is_secret(arg) for arg in get_args(annotation))
 
 
-def secret_keys(model: type[BaseModel]) -> frozenset[str]:
+class SecretKeys(frozenset[str]):
+    """The secret leaves of a schema, which also know the schema's other leaves.
+
+    A value under a key that is not a leaf (a section key holding a JSON object, a
+    mistyped key) may well be a secret meant for a leaf nearby: when the schema has any
+    secret, such a value is never shown either (``hides``). A plain frozenset of keys
+    masks those keys only.
+    """
+
+    leaves: frozenset[str]
+
+    def __new__(cls, secrets: Iterable[str], leaves: Iterable[str]) -> SecretKeys:
+        made = super().__new__(cls, secrets)
+        made.leaves = frozenset(leaves)
+        return made
+
+
+def secret_keys(model: type[BaseModel]) -> SecretKeys:
     """Leaves typed ``SecretStr``/``SecretBytes`` (or optional ones): never shown or logged."""
-    return frozenset(leaf.key for leaf in iter_leaves(model) if _is_secret(leaf.field.annotation))
+    leaves = list(iter_leaves(model))
+    return SecretKeys(
+        (leaf.key for leaf in leaves if _is_secret(leaf.field.annotation)),
+        (leaf.key for leaf in leaves),
+    )
+
+
+def hides(key: str, secrets: frozenset[str]) -> bool:
+    """Whether the value of ``key`` must not be shown: a secret key, or, for a schema with
+    secrets (``SecretKeys``), any key that is not a leaf of it."""
+    if key in secrets:
+        return True
+    return bool(secrets) and isinstance(secrets, SecretKeys) and key not in secrets.leaves
+
+
+def shown_value(key: str, value: Any, secrets: frozenset[str]) -> Any:
+    """``value`` as it may be shown to people or logged: the mask if ``key`` ``hides`` it
+    (None stays None: that a key is unset is no secret)."""
+    return SECRET_MASK if value is not None and hides(key, secrets) else value
 
 
 def mask_secrets(values: Mapping[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
-    """``values`` (flat dotted keys) with each secret key's value replaced by the mask."""
-    return {k: SECRET_MASK if k in secrets and v is not None else v for k, v in values.items()}
+    """``values`` (flat dotted keys) with each hidden key's value (``hides``) masked."""
+    return {k: shown_value(k, v, secrets) for k, v in values.items()}
 
 
 def load_schema(spec: str) -> type[BaseModel]:

@@ -3,7 +3,8 @@
 An accepted change is announced after its state was pushed (``change_accepted``, with
 the old and new values); a rejected one at once (``change_rejected``, with every
 problem's key, layer and reason); a live edit that a higher layer hides is a warning
-(``update_shadowed``). Secret values are masked in all of them; long values are cut.
+(``update_shadowed``). Secret values are masked in all of them, and so, for a schema with
+secrets, are the values of keys that are not leaves of it; long values are cut.
 The daemon's counters hear of each through ``on_accepted`` / ``on_rejected``.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hotknob.config import InvalidChange, Snapshot
-from hotknob.config.schema import SECRET_MASK, mask_secrets
+from hotknob.config.schema import mask_secrets, shown_value
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -135,8 +136,10 @@ class Announcer:
         self._on_rejected(layer)
 
     def shown(self, key: str, value: Any) -> Any:
-        """``value`` as it may appear in a log or an event: a secret key's value is masked."""
-        return SECRET_MASK if key in self._secrets and value is not None else value
+        """``value`` as it may appear in a log or an event: a secret key's value is masked,
+        and so, for a schema with secrets, is that of a key that is not one of its leaves
+        (``hides``): a section key holding a JSON object, a mistyped key."""
+        return shown_value(key, value, self._secrets)
 
 
 def _short(value: Any, limit: int = 200) -> Any:

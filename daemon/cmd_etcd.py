@@ -20,7 +20,7 @@ from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
 from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, to_text
 from hotknob.config.merge import changed_keys, merge_dropping_invalid
-from hotknob.config.schema import leaf_map
+from hotknob.config.schema import leaf_map, secret_keys, shown_value
 from hotknob.config.sources import parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
@@ -57,7 +57,19 @@ def register(add: Add) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _print_diff(diff: Mapping[str, tuple[Any, Any]], as_json: bool, header: str) -> None:
+def _shown_diff(
+    diff: Mapping[str, tuple[Any, Any]], secrets: frozenset[str]
+) -> dict[str, tuple[Any, Any]]:
+    """``diff`` as it may be shown: the values of secret keys (``hides``) masked."""
+    return {
+        k: (shown_value(k, o, secrets), shown_value(k, n, secrets)) for k, (o, n) in diff.items()
+    }
+
+
+def _print_diff(
+    diff: Mapping[str, tuple[Any, Any]], as_json: bool, header: str, secrets: frozenset[str]
+) -> None:
+    diff = _shown_diff(diff, secrets)
     if as_json:
         print(dumps({k: {"old": o, "new": n} for k, (o, n) in diff.items()}))
         return
@@ -76,11 +88,12 @@ def _print_diff(diff: Mapping[str, tuple[Any, Any]], as_json: bool, header: str)
     )
 
 
-def _warn_shadowed(snapshot: Any, keys: list[str]) -> None:
+def _warn_shadowed(snapshot: Any, keys: list[str], secrets: frozenset[str]) -> None:
     for key in keys:
+        effective = shown_value(key, snapshot.flat[key], secrets)
         print(
             f"hotknob: warning: {key} is shadowed by the {snapshot.sources[key]} layer "
-            f"(effective value {fmt(snapshot.flat[key])}): the etcd value has no effect "
+            f"(effective value {fmt(effective)}): the etcd value has no effect "
             "while that is set",
             file=sys.stderr,
         )
@@ -93,16 +106,22 @@ def _write(
     deletes: list[str],
     header: str,
     guard: GuardSpec | None = None,
+    *,
+    sections: bool = False,
 ) -> int:
     """Validate the etcd layer after ``puts``/``deletes`` (dotted keys) and commit them at once.
 
-    With ``guard``, its record (see guard_records.py) is written in the same transaction.
+    With ``sections`` (``unset``), a key in ``deletes`` also stands for every etcd key under
+    it, and one that is neither in the schema nor in etcd is refused (``_deleted_keys``);
+    without it (``rollback``) exactly the keys given are deleted. With ``guard``, its
+    record (see guard_records.py) is written in the same transaction.
     The commit holds only if no other write made with hotknob (each writes ``meta_key``)
     landed since the state that was checked was read; else nothing is written and the
     command fails, to be run again."""
     layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
-    deletes = _deleted_keys(ctx, current.values, deletes)
+    if sections:
+        deletes = _deleted_keys(ctx, current.values, deletes)
     touched = {*puts, *deletes}
     # Keys already in etcd that the daemon rejects are left as they are, and out of the check;
     # so are those that would be rejected but for a higher layer that shadows them.
@@ -127,10 +146,11 @@ def _write(
         k: (current.values.get(k), None if k in deletes and k not in puts else new_etcd.get(k))
         for k in changed_keys(base, new_etcd)
     }
+    secrets = secret_keys(ctx.schema)
     if args.dry_run or not diff:
         title = f"dry run at revision {revision}: would write" if args.dry_run else "nothing to do"
-        _print_diff(diff, args.json, title)
-        _warn_shadowed(snapshot, shadowed)
+        _print_diff(diff, args.json, title, secrets)
+        _warn_shadowed(snapshot, shadowed, secrets)
         return 0
     texts[meta_key(ctx.app)] = json.dumps(
         {"time": time.time(), "by": f"{getpass.getuser()}@{socket.gethostname()}", "what": header}
@@ -138,7 +158,9 @@ def _write(
     with ctx.store() as store:
         record = None
         if guard is not None:
-            guard_path, record = record_for_set(store, ctx.app, guard, diff, current.values)
+            guard_path, record = record_for_set(
+                store, ctx.app, guard, diff, current.values, secrets
+            )
             texts[guard_path] = record.to_json()
         checked = {meta_key(ctx.app): store.mod_revision(meta_key(ctx.app), revision)}
         try:
@@ -154,16 +176,16 @@ def _write(
     if args.json:
         result: dict[str, Any] = {
             "revision": written,
-            "changed": {k: n for k, (_, n) in diff.items()},
+            "changed": {k: n for k, (_, n) in _shown_diff(diff, secrets).items()},
         }
         if record is not None:
             result["guard"] = record.id
         print(dumps(result))
     else:
-        _print_diff(diff, False, f"{header} at revision {written}")
+        _print_diff(diff, False, f"{header} at revision {written}", secrets)
         if record is not None:
             print(describe(record))
-    _warn_shadowed(snapshot, shadowed)
+    _warn_shadowed(snapshot, shadowed, secrets)
     return 0
 
 
@@ -216,7 +238,7 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 def cmd_unset(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
-    return _write(ctx, args, {}, list(args.keys), "deleted")
+    return _write(ctx, args, {}, list(args.keys), "deleted", sections=True)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -227,16 +249,21 @@ def cmd_history(args: argparse.Namespace) -> int:
     with ctx.store() as store:
         result = store.history(target, prefix=args.key is None, limit=args.limit)
         times = _write_times(store, ctx.app)
-    rows: list[dict[str, Any]] = [
-        {
-            "key": key_from_etcd(ctx.app, entry.key) or entry.key,
-            "value": None if entry.value is None else entry.value.decode("utf-8", "replace"),
-            "revision": entry.revision,
-            "time": times.get(entry.revision, {}).get("time"),
-            "by": times.get(entry.revision, {}).get("by"),
-        }
-        for entry in result.entries
-    ]
+    secrets = secret_keys(ctx.schema)
+    rows: list[dict[str, Any]] = []
+    for entry in result.entries:
+        key = key_from_etcd(ctx.app, entry.key) or entry.key
+        value = None if entry.value is None else entry.value.decode("utf-8", "replace")
+        rows.append(
+            {
+                "key": key,
+                # The stored text whole: a section key's JSON object may hold a secret.
+                "value": shown_value(key, value, secrets),
+                "revision": entry.revision,
+                "time": times.get(entry.revision, {}).get("time"),
+                "by": times.get(entry.revision, {}).get("by"),
+            }
+        )
     note = "older history was compacted away" if result.reached_compaction else None
     if args.json:
         print(dumps({"entries": rows, "note": note}))

@@ -14,10 +14,11 @@ from typing import Any, TypeGuard
 
 from hotknob.config import Unavailable, UsageError
 from hotknob.config.keys import status_prefix
+from hotknob.config.schema import secret_keys
 from hotknob.model_runtime import protocol
 
 from .context import Context, static_layers
-from .guard_records import guards_table, read_records
+from .guard_records import guards_table, read_records, shown_record
 from .reports import metrics_summary
 from .table import dumps, fmt, render
 
@@ -161,13 +162,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         entry["key"] = key[len(prefix) :]
         entries.append(entry)
+    # A guarded change's values stay in its record (a revert writes them back); what is
+    # shown of a secret key's is the mask.
+    secrets = secret_keys(ctx.schema)
     if args.json:
-        records = [json.loads(g.to_json()) for g in guards]
+        records = [shown_record(g, secrets) for g in guards]
         print(dumps({"revision": revision, "processes": entries, "guards": records}))
         return 0
     if guards:
         headers = ["GUARD", "STATE", "CHANGE", "EXPR", "OUTCOME"]
-        print(render(headers, guards_table(guards)) + "\n")
+        print(render(headers, guards_table(guards, secrets=secrets)) + "\n")
     if not entries:
         print(f"no process of app {ctx.app!r} has reported (revision {revision})")
         return 0

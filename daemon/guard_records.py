@@ -8,6 +8,10 @@ record at ``/hotknob/<app>/guards/<id>`` (JSON)::
      "baselines": {"<node>/<client>": {"loss": 0.41}},
      "state": "armed", "created": 1700000000.0, "by": "me@host"}
 
+A key the schema keeps secret carries ``"secret": true``: the record holds its
+real old value (a revert writes it back), and whatever shows the record (``status``,
+the daemon's log and ``watch``) masks it, even where the schema is not at hand.
+
 Because the record and the changed keys are written by one transaction, they
 share its revision R: while the record is ``armed`` it is never rewritten, so its
 mod revision *is* R, and "nobody changed the keys since" means "their mod
@@ -39,6 +43,7 @@ from typing import Any
 
 from hotknob.config import InvalidInput, UsageError
 from hotknob.config.keys import ROOT, status_prefix
+from hotknob.config.schema import SECRET_MASK, hides
 from hotknob.config.sources import read_config_file
 
 from .etcd_store import EtcdStore
@@ -78,6 +83,13 @@ class KeyChange:
     old: Any
     existed: bool
     new: Any
+    secret: bool = False  # its values are never shown (the schema's ``hides``)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not self.secret:  # records of other keys stay as they were
+            data.pop("secret")
+        return data
 
 
 @dataclass
@@ -95,7 +107,7 @@ class GuardRecord:
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["keys"] = {k: asdict(v) for k, v in self.keys.items()}
+        data["keys"] = {k: v.to_dict() for k, v in self.keys.items()}
         if self.outcome is None:
             data.pop("outcome")
         return json.dumps(data, allow_nan=False, sort_keys=True)
@@ -117,7 +129,12 @@ class GuardRecord:
             raise ValueError("malformed guard record: outcome must be an object")
         try:
             keys = {
-                str(k): KeyChange(v.get("old"), bool(v.get("existed", True)), v.get("new"))
+                str(k): KeyChange(
+                    v.get("old"),
+                    bool(v.get("existed", True)),
+                    v.get("new"),
+                    v.get("secret") is True,
+                )
                 for k, v in dict(data["keys"]).items()
             }
             baselines = {
@@ -241,10 +258,14 @@ def build_record(
     diff: Mapping[str, tuple[Any, Any]],
     previous: Mapping[str, Any],
     baselines: dict[str, dict[str, float]],
+    secrets: frozenset[str] = frozenset(),
 ) -> GuardRecord:
     """The record for a change of the dotted keys in ``diff`` (old, new), given the etcd
-    values before it (``previous``, to tell a key that was absent from one set to null)."""
-    keys = {k: KeyChange(old, k in previous, new) for k, (old, new) in diff.items()}
+    values before it (``previous``, to tell a key that was absent from one set to null);
+    the keys that ``secrets`` hides are marked secret."""
+    keys = {
+        k: KeyChange(old, k in previous, new, hides(k, secrets)) for k, (old, new) in diff.items()
+    }
     return GuardRecord(
         id=new_guard_id(),
         guard=spec.guard.text,
@@ -286,23 +307,59 @@ def record_for_set(
     spec: GuardSpec,
     diff: Mapping[str, tuple[Any, Any]],
     previous: Mapping[str, Any],
+    secrets: frozenset[str] = frozenset(),
 ) -> tuple[str, GuardRecord]:
     """The etcd key and record that ``set --guard`` writes in its transaction.
 
     Raises ``InvalidInput`` when the guard needs a baseline that no process reports.
     """
-    record = build_record(spec, diff, previous, read_baselines(store, app, spec.guard.baselines))
+    baselines = read_baselines(store, app, spec.guard.baselines)
+    record = build_record(spec, diff, previous, baselines, secrets)
     return guard_key(app, record.id), record
 
 
-def guards_table(records: list[GuardRecord], limit: int = 10) -> list[list[Any]]:
-    """Rows ``GUARD, STATE, KEYS, EXPR, OUTCOME`` for ``status``: armed ones, then the newest."""
+def hidden_keys(record: GuardRecord, secrets: frozenset[str] = frozenset()) -> set[str]:
+    """The keys of ``record`` whose values must not be shown: those marked secret in it,
+    and those ``secrets`` (the schema at hand) hides."""
+    return {k for k, c in record.keys.items() if c.secret or hides(k, secrets)}
+
+
+def masked_if(value: Any, hidden: bool) -> Any:
+    """``value``, or the mask if it is ``hidden`` (None stays None: an unset key is no secret)."""
+    return SECRET_MASK if hidden and value is not None else value
+
+
+def _text(value: Any, hidden: bool) -> str:
+    return SECRET_MASK if hidden and value is not None else json.dumps(value)
+
+
+def shown_record(record: GuardRecord, secrets: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``record`` as JSON for people (``status --json``): the old and new values of its hidden
+    keys (``hidden_keys``) masked, in ``keys`` and in the ``restored`` of its outcome."""
+    hidden = hidden_keys(record, secrets)
+    data: dict[str, Any] = json.loads(record.to_json())
+    for key, change in data["keys"].items():
+        for name in ("old", "new"):
+            change[name] = masked_if(change.get(name), key in hidden)
+    restored = (data.get("outcome") or {}).get("restored")
+    if isinstance(restored, dict):
+        data["outcome"]["restored"] = {k: masked_if(v, k in hidden) for k, v in restored.items()}
+    return data
+
+
+def guards_table(
+    records: list[GuardRecord], limit: int = 10, secrets: frozenset[str] = frozenset()
+) -> list[list[Any]]:
+    """Rows ``GUARD, STATE, KEYS, EXPR, OUTCOME`` for ``status``: armed ones, then the newest.
+    Values of hidden keys (``hidden_keys``) are masked."""
     armed = [r for r in records if r.state == ARMED]
     ended = [r for r in records if r.state != ARMED][-limit:]
     rows = []
     for r in [*armed, *ended]:
+        hidden = hidden_keys(r, secrets)
         keys = ", ".join(
-            f"{k}={json.dumps(c.new)} (was {json.dumps(c.old) if c.existed else 'unset'})"
+            f"{k}={_text(c.new, k in hidden)} "
+            f"(was {_text(c.old, k in hidden) if c.existed else 'unset'})"
             for k, c in sorted(r.keys.items())
         )
         reason = (r.outcome or {}).get("reason", "")

@@ -59,6 +59,7 @@ from pydantic import BaseModel
 
 from hotknob.config import HotknobError, InvalidChange, Layer
 from hotknob.config.keys import etcd_key, status_prefix, to_text
+from hotknob.config.schema import secret_keys
 
 from .announce import EventSink
 from .etcd_checks import revert_plan
@@ -75,6 +76,8 @@ from .guard_records import (
     KeyChange,
     guard_key,
     guards_prefix,
+    hidden_keys,
+    masked_if,
 )
 from .logs import get_logger
 from .reports import Report, encode_value, mean_of
@@ -454,7 +457,12 @@ class GuardManager:
             self.log.warning("guard_revert_unchecked", guard=guard_id, error=str(exc))
             restore = {k: c.old for k, c in record.keys.items() if c.existed}
             delete = [k for k, c in record.keys.items() if not c.existed]
-        outcome["restored"] = {k: restore.get(k) for k in sorted(record.keys)}
+        # What was put back, as the record and the log show it: a secret's value is masked
+        # (the record's ``keys`` keep the real one).
+        hidden = self._hidden(record)
+        outcome["restored"] = {
+            k: masked_if(restore.get(k), k in hidden) for k in sorted(record.keys)
+        }
         puts = {etcd_key(self.app, k): to_text(v) for k, v in restore.items()}
         deletes = [etcd_key(self.app, k) for k in delete]
         puts[_meta_key(self.app)] = json.dumps(
@@ -465,6 +473,14 @@ class GuardManager:
             }
         )
         self._finish(guard_id, active, REVERTED, outcome, puts, deletes)
+
+    def _hidden(self, record: GuardRecord) -> set[str]:
+        """The keys of ``record`` whose values are never shown: marked secret in it, or
+        hidden by the schema in force."""
+        config = self._config() if self._config is not None else None
+        return hidden_keys(
+            record, secret_keys(config.schema) if config is not None else frozenset()
+        )
 
     def _plan_revert(self, keys: Mapping[str, KeyChange]) -> tuple[dict[str, Any], list[str]]:
         """The old values to put back and the keys to delete (dotted), checked against the
@@ -527,10 +543,13 @@ class GuardManager:
         self._active.pop(guard_id, None)
         outcome = ended.outcome or {}
         if ended.state == REVERTED:
-            restored = outcome.get("restored") or {
+            hidden = self._hidden(record)
+            recorded: Any = outcome.get("restored")
+            put_back: dict[str, Any] = recorded or {
                 k: c.old if c.existed else None for k, c in record.keys.items()
             }
-            replaced = {k: c.new for k, c in record.keys.items()}
+            restored = {k: masked_if(v, k in hidden) for k, v in put_back.items()}
+            replaced = {k: masked_if(c.new, k in hidden) for k, c in record.keys.items()}
             self.log.warning(
                 "change_reverted",
                 guard=guard_id,

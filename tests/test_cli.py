@@ -220,6 +220,18 @@ def test_rollback_restores_in_one_revision(etcd: EtcdServer) -> None:
     assert etcd_value(etcd, "train/momentum") == "0.5"
 
 
+def test_rollback_deletes_a_stray_section_key_alone(etcd: EtcdServer) -> None:
+    """A key at a section's path (written around hotknob) that the target revision lacks is
+    deleted by itself: the keys under it that the target has stay."""
+    hk(etcd, "set", "train.lr=0.1", "train.momentum=0.5")
+    target = revision(etcd)
+    etcd.etcdctl("put", P + "train", '{"lr": 0.3}')
+    done = hk(etcd, "rollback", "--to-revision", str(target))
+    assert done.returncode == 0, done.stderr
+    assert etcd_value(etcd, "train") is None
+    assert etcd_value(etcd, "train/lr") == "0.1" and etcd_value(etcd, "train/momentum") == "0.5"
+
+
 def test_watch_prints_changes_made_with_etcdctl(etcd: EtcdServer, tmp_path: Path) -> None:
     with DaemonProcess(tmp_path, app=APP, endpoints=etcd.endpoint) as daemon:
         watch = subprocess.Popen(
