@@ -27,8 +27,20 @@ def fmt(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=_plain)
 
 
+# Control characters in a cell (a client's name, a value from etcd) would break a row or the
+# terminal: each is shown escaped, as Python writes it in a string literal.
+_ESCAPES = {
+    **{i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]},
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
 def render(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    """A plain-text table, columns aligned; control characters in cells escaped."""
+    body = [[str(c).translate(_ESCAPES) for c in row] for row in rows]
+    cells = [[str(h) for h in headers], *body]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
