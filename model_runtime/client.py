@@ -282,6 +282,15 @@ class LiveConfig:
             extra: dict[str, Any] = {"errors": errors} if errors else {}
             self._conn.send(protocol.applied(new.version, step, **extra))
 
+    def _take_back_superseded(self) -> None:
+        """Make the daemon's state that a loaded checkpoint replaced the newest again (the
+        ranks found a daemon newer than the checkpoint: ``StepSync.agree``)."""
+        with self._lock:
+            superseded, self._superseded = self._superseded, None
+            if superseded is not None:
+                self._latest = superseded
+                self._pending = None if superseded.same_as(self._applied) else superseded
+
     def _received_states(self) -> tuple[State, ...]:
         """The last ``_HISTORY`` states received from the daemon, oldest first."""
         with self._lock:
@@ -371,10 +380,15 @@ class LiveConfig:
         changed, so every bound object agrees with ``values``. If the daemon has
         already sent a newer version than the checkpoint's, that state becomes
         pending and wins at the next ``apply``; else the checkpoint stays in force,
-        under torch.distributed too, and the daemon's state it replaced does not come
-        back by itself (a reconnect that re-sends exactly that state changes nothing).
-        Anything else the daemon sends after the load is a new edit and is applied as
-        usual.
+        and the daemon's state it replaced does not come back by itself (a reconnect
+        that re-sends exactly that state changes nothing). Anything else the daemon
+        sends after the load is a new edit and is applied as usual.
+
+        Under torch.distributed the ranks decide together, at the next agreement:
+        each rank's daemon numbers its versions itself, so one rank may find its
+        daemon newer than the checkpoint where another does not. If any rank does,
+        every rank takes its daemon's state back and the ranks agree on it as on any
+        change; else the checkpoint stays in force on every rank.
         """
         try:
             fmt = state_dict.get("format", _STATE_DICT_FORMAT)
@@ -394,6 +408,8 @@ class LiveConfig:
             if not newer:
                 self._superseded = latest
                 self._latest = loaded  # what the ranks converge to, under a group
+        if self._sync is not None:
+            self._sync.loaded(newer=newer)
         self._hooks.run(old, loaded)
 
     # -- lifecycle ---------------------------------------------------------------------

@@ -11,9 +11,15 @@ The protocol, every ``sync_every``-th ``apply`` call (counted in calls, so every
 rank syncs at the same call whatever steps it passes):
 
 1. Every rank puts the digest ``d`` of the newest state its daemon sent into one
-   ``all_reduce(MIN)`` of ``[d, -d]``. Equal minimum and maximum mean every rank
+   ``all_reduce(MIN)`` of ``[d, -d, -v]``. Equal minimum and maximum mean every rank
    holds the same values: each applies its own newest state. This is the whole
-   cost in the steady state: one collective of two int64.
+   cost in the steady state: one collective of three int64. ``v`` is a rank's vote
+   on a checkpoint loaded since the last agreement (0: none, 1: the checkpoint is
+   newer than this rank's daemon's state, 2: the daemon's is newer). If any rank
+   votes 2, every rank takes its daemon's state back from the checkpoint and goes
+   on to step 2, so that all end on the same values (each daemon numbers its own
+   versions: the ranks can disagree on which is newer, and one that kept the
+   checkpoint would hold the others back until the next edit).
 2. Otherwise (a change is still on its way to some node) the ranks
    ``all_gather`` their newest ``(revision, digest)``. The target is the newest
    state of the rank with the lowest etcd revision (ties: the lowest rank): the
@@ -95,6 +101,7 @@ class StepSync:
             torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         )
         self._warned: set[int] = set()
+        self._vote = 0  # on a checkpoint loaded since the last agreement (see the module doc)
 
     def check_same_settings(self) -> None:
         """One collective: ``ValueError`` on every rank unless all have this ``sync_every``."""
@@ -117,6 +124,11 @@ class StepSync:
         """True on every rank iff ``flag`` is True on every rank (one collective)."""
         return self._min([1 if flag else 0])[0] == 1
 
+    def loaded(self, *, newer: bool) -> None:
+        """A checkpoint was loaded; ``newer`` if this rank's daemon had sent a newer state.
+        The ranks decide at the next agreement (``agree``)."""
+        self._vote = max(self._vote, 2 if newer else 1)
+
     def at_step(self, live: LiveConfig, step: int) -> bool:
         """``LiveConfig.apply`` under a group: a countdown, and an agreement when it runs out."""
         self._countdown -= 1
@@ -129,8 +141,13 @@ class StepSync:
         """Run the protocol now and apply the agreed state; True if one was applied."""
         newest = live._latest
         assert newest is not None, "agree() before the first state"
-        low, neg_high = self._min([newest.digest, -newest.digest])
-        if low == -neg_high:
+        low, neg_high, neg_vote = self._min([newest.digest, -newest.digest, -self._vote])
+        self._vote = 0
+        if -neg_vote == 2:  # a daemon is newer than the loaded checkpoint somewhere
+            live._take_back_superseded()
+            newest = live._latest
+            assert newest is not None
+        elif low == -neg_high:
             return self._install(live, newest, step, ack=True)
         held = self._gather(newest.revision, newest.digest)
         source = choose_source(held)

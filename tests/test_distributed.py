@@ -153,6 +153,17 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
         live.load_state_dict(saved)
         phase(None)
         phase(0.007)
+        # 8: a checkpoint saved before the last edit, at rank 0's version 5 and revision
+        # 104; the edit (revision 105) is version 6 for rank 0's daemon, 4 for rank 1's.
+        # Rank 0's daemon is newer than the checkpoint, rank 1's is not: both ranks go
+        # back to their daemons' states at the next agreement. (Rank 1 kept the
+        # checkpoint alone, and its lower revision won: the ranks stayed on it.)
+        saved = live.state_dict()
+        assert saved["revision"] == 105
+        saved["version"], saved["revision"], saved["values"]["train"]["lr"] = 5, 104, 0.8
+        live.load_state_dict(saved)
+        phase(None)
+        phase(None)
         live.close()
     result = {"steps": steps, "acked": acked, "version": live.version, "refused": refused}
     (out / f"proto-{rank}.json").write_text(json.dumps(result))
@@ -328,7 +339,9 @@ def test_protocol_cases_two_ranks_each_with_its_own_daemon(tmp_path: Path) -> No
     # 6: the loaded checkpoint holds; 7: the edit after it is applied on both.
     assert [lr_at[s] for s in (16, 17, 18)] == [0.5] * 3
     assert [lr_at[s] for s in (19, 20, 21)] == [0.5, 0.5, 0.007]
-    assert applied_at == [3, 9, 12, 15, 21]
+    # 8: any rank's daemon newer than the checkpoint: both take their daemons' state back.
+    assert [lr_at[s] for s in (22, 23, 24, 25, 26, 27)] == [0.8, 0.8, 0.007, 0.007, 0.007, 0.007]
+    assert applied_at == [3, 9, 12, 15, 21, 24]
     # Rank 1 never acknowledges values that its own daemon did not send (0.003).
     assert r1["acked"] == [1, 2, 3]
     assert r0["acked"] == [1, 2, 3, 4, 5]
