@@ -29,14 +29,88 @@ def etcd_key(app: str, key: str) -> str:
 
 
 def key_from_etcd(app: str, etcd_path: str) -> str | None:
-    """The dotted key of an etcd path under ``app``'s prefix, or None if it lies outside."""
+    """The dotted key of an etcd path under ``app``'s prefix; None if it lies outside, or
+    if it names no key at all (``etcd_path_fault`` says why)."""
     prefix = config_prefix(app)
     if not etcd_path.startswith(prefix):
         return None
-    rest = etcd_path[len(prefix) :].strip("/")
-    if not rest or "//" in rest:
+    rest = etcd_path[len(prefix) :]
+    if _path_fault(rest) is not None:
         return None
     return rest.replace("/", ".")
+
+
+def etcd_path_fault(app: str, etcd_path: str) -> str | None:
+    """Why an etcd path under ``app``'s prefix names no key; None if it names one or lies
+    outside the prefix.
+
+    One key has one path: ``train.lr`` is ``train/lr``, and only that. Were ``train.lr``,
+    ``train/lr/`` or ``//train/lr`` read as the same key, deleting one of them would drop
+    a value another still holds, and which one wins would depend on the order they were
+    read in. So a path with an empty segment or a dot in a segment is no key of any
+    schema, nor is one that is not valid UTF-8 (no client could be sent its name)."""
+    prefix = config_prefix(app)
+    if not etcd_path.startswith(prefix):
+        return None
+    return _path_fault(etcd_path[len(prefix) :])
+
+
+_NOT_A_KEY = "not a key of the schema"
+
+
+def _path_fault(rest: str) -> str | None:
+    if not rest or rest[0] == "/" or rest[-1] == "/" or "//" in rest:
+        return f"{_NOT_A_KEY}: an empty path segment (a doubled, leading or trailing '/')"
+    if "." in rest:
+        return f"{_NOT_A_KEY}: a '.' inside a path segment (keys are paths like train/lr)"
+    if not is_text(rest):
+        return f"{_NOT_A_KEY}: the path is not valid UTF-8"
+    return None
+
+
+def shown_text(text: str) -> str:
+    """``text`` as it can be printed and sent: a byte that was not UTF-8 (carried by Python
+    as a lone surrogate) as ``\\xff``, any other lone surrogate as ``\\ud800``."""
+    if is_text(text):
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+LONE_SURROGATE = "not valid text (a lone surrogate)"
+
+
+class NotText(ValueError):
+    """Text that holds a lone surrogate, or parses into a value that does: JSON's
+    ``"\\ud800"``, or a byte that was not UTF-8 which Python carried as one (environment
+    variables, command-line arguments). It cannot be written as UTF-8, so no client could
+    ever be sent it, nor the state that holds it."""
+
+    def __init__(self) -> None:
+        super().__init__(LONE_SURROGATE)
+
+
+def is_text(value: Any) -> bool:
+    """Whether every string in ``value`` (the keys of its mappings too) can be written as
+    UTF-8, that is, holds no lone surrogate. Without recursion: values may nest deeply."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    return False
+        elif isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return True
 
 
 def flatten(
@@ -116,13 +190,21 @@ def parse_text(text: str) -> Any:
     So does text nested too deeply to decode (``[[[[...``): the schema rejects it with a
     clear reason. ``NaN`` and ``Infinity`` are not JSON and stay strings: a number field
     rejects them (and a float the schema lets through as NaN or infinity, the merge rejects).
+    Raises ``NotText`` if the value holds a lone surrogate (``"\\ud800"``), which JSON
+    allows and UTF-8 cannot carry.
     """
     stripped = text.strip()
     try:  # ``raw_decode``: ``decode`` would run two whitespace regexes, cold, per value
         value, end = _DECODER.raw_decode(stripped)
     except (ValueError, RecursionError):  # nested too deeply to decode: a string, rejected
-        return text
-    return value if end == len(stripped) else text
+        value, end = text, -1
+    if end != len(stripped):
+        value = text
+    # Only an escape (``\\u``) or text that is not ASCII can give a lone surrogate: the
+    # usual value skips the walk.
+    if (not stripped.isascii() or "\\u" in stripped) and not is_text(value):
+        raise NotText()
+    return value
 
 
 def to_text(value: Any) -> str:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 from pydantic_core.core_schema import ErrorType
 
 from .errors import InvalidChange, Problem, UsageError
-from .keys import KeyClash, unflatten
+from .keys import LONE_SURROGATE, KeyClash, is_text, unflatten
 from .schema import iter_leaves, mapping_keys, secret_keys
 from .sources import LAYERS, Layer
 
@@ -193,7 +193,10 @@ def merge_layers(
     ]
     if problems:  # a schema that allows NaN or infinity: no client could be sent it
         raise InvalidChange(problems)
-    too_large = oversized(values, flat, winners)
+    try:
+        too_large = oversized(values, flat, winners)
+    except UnicodeEncodeError:  # a lone surrogate, which UTF-8 cannot carry to a client
+        raise InvalidChange(_not_text(flat, winners)) from None
     if too_large is not None:
         key, reason = too_large
         raise InvalidChange([Problem(key, winners.get(key, "defaults"), reason, flat[key])])
@@ -340,6 +343,23 @@ def oversized(
         f"makes the configuration {size} bytes as JSON, over the {MAX_STATE_BYTES} that "
         f"the socket protocol carries (this value: {sizes[key]} bytes)"
     )
+
+
+def _not_text(flat: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:
+    """A problem for each key whose value holds a lone surrogate. The layers refuse such
+    text where they parse it; this catches one that a schema's default or validator
+    made. The value is left out: no log line or event could carry it either."""
+    keys = not_text(flat) or [""]  # every string of a state is in some leaf's value
+    return [Problem(key, winners.get(key, "defaults"), LONE_SURROGATE) for key in keys]
+
+
+_PLAIN = frozenset({float, int, bool, type(None)})
+
+
+def not_text(flat: Mapping[str, Any]) -> list[str]:
+    """The keys whose value is, or holds, a string with a lone surrogate (one loop that
+    passes numbers by: this runs for every change the engine's short path takes)."""
+    return [key for key, value in flat.items() if type(value) not in _PLAIN and not is_text(value)]
 
 
 def non_finite(flat: Mapping[str, Any]) -> list[str]:

@@ -23,8 +23,17 @@ from pydantic_core import to_jsonable_python
 from pydantic_settings import EnvSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
-from .errors import LayerError, Problem, UsageError
-from .keys import flatten, key_from_etcd, parse_text
+from .errors import InvalidChange, LayerError, Problem, UsageError
+from .keys import (
+    LONE_SURROGATE,
+    NotText,
+    etcd_path_fault,
+    flatten,
+    is_text,
+    key_from_etcd,
+    parse_text,
+    shown_text,
+)
 from .schema import iter_leaves
 
 LAYERS = ("defaults", "files", "etcd", "env", "cli")
@@ -138,7 +147,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
     Raises ``LayerError`` (layer ``files``) naming the file and the reason for a
     missing, unreadable, empty, oversized, non-UTF-8 or unparsable file, one nested
-    more than ``MAX_FILE_DEPTH`` levels deep, or one whose top level is not a mapping.
+    more than ``MAX_FILE_DEPTH`` levels deep, one whose top level is not a mapping, or
+    one with a lone surrogate (an escape such as ``"\\ud800"``, which JSON and YAML
+    allow and UTF-8 cannot carry) in a key or a value.
     What it returns is at most that deep, so code that walks it recursively is safe.
     """
     path = Path(path)
@@ -173,7 +184,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise LayerError("files", f"{path}: the top level must be a mapping of sections")
     if _depth_exceeds(parsed, MAX_FILE_DEPTH):
         raise LayerError("files", _too_deep(path))
+    where = _lone_surrogate_at(parsed) if "\\" in text else None  # only escapes make one
+    if where is not None:
+        raise LayerError("files", f"{path}: {where}: {LONE_SURROGATE}", key=where)
     return parsed
+
+
+def _lone_surrogate_at(parsed: dict[str, Any]) -> str | None:
+    """The dotted path (printable) of the first key or value of ``parsed`` that holds a
+    lone surrogate; None if there is none. ``parsed`` is at most ``MAX_FILE_DEPTH`` deep."""
+    for name, value in parsed.items():
+        shown = shown_text(str(name))
+        if not is_text(name):
+            return shown
+        if isinstance(value, dict):
+            below = _lone_surrogate_at(value)
+            if below is not None:
+                return f"{shown}.{below}"
+        elif not is_text(value):
+            return shown
+    return None
 
 
 def _too_deep(path: Path) -> str:
@@ -231,10 +261,15 @@ def read_etcd_values(
     problems: list[Problem],
 ) -> None:
     """Parse etcd paths and raw values into ``values`` and ``origins`` (by dotted key);
-    a value that cannot be read goes to ``problems``. Paths outside ``app`` are skipped."""
+    a value that cannot be read goes to ``problems``, and so does a path under the prefix
+    that names no key (``etcd_path_fault``), by its whole path, so that it can never be
+    taken for a real key. Paths outside ``app`` are skipped."""
     for path, raw in kvs.items():
         key = key_from_etcd(app, path)
         if key is None:
+            fault = etcd_path_fault(app, path)
+            if fault is not None:
+                problems.append(Problem(shown_text(path), "etcd", fault))
             continue
         origins[key] = path
         try:
@@ -242,7 +277,10 @@ def read_etcd_values(
         except UnicodeDecodeError:
             problems.append(Problem(key, "etcd", "value is not valid UTF-8"))
             continue
-        values[key] = parse_text(text)
+        try:
+            values[key] = parse_text(text)
+        except NotText:
+            problems.append(Problem(key, "etcd", LONE_SURROGATE))
 
 
 # --- env ---------------------------------------------------------------------------------------
@@ -274,35 +312,69 @@ def env_layer(
         raise LayerError("env", f"environment variable under {prefix}: {exc}") from exc
     leaves = _leaf_keys(schema)
     values: dict[str, Any] = {}
-    for key, value in flatten(nested, leaves=leaves).items():
-        values[key] = parse_text(value) if isinstance(value, str) else value
-    origins = {key: prefix + key.upper().replace(".", "__") for key in values}
     problems = []
+    for key, value in flatten(nested, leaves=leaves).items():
+        # A byte that is not UTF-8 in a variable reaches Python as a lone surrogate, and
+        # pydantic-settings decodes a section's JSON itself: check what it gives, too.
+        try:
+            values[key] = _env_value(value)
+        except NotText:
+            name = prefix + key.upper().replace(".", "__")
+            problems.append(Problem(shown_text(key), "env", f"{name}: {LONE_SURROGATE}"))
+    origins = {key: prefix + key.upper().replace(".", "__") for key in values}
     lowered = prefix.lower()
     for name in environ:
         if name.lower().startswith(lowered):
             key = name[len(prefix) :].lower().replace("__", ".")
             top = key.split(".", 1)[0]
             if top not in schema.model_fields:
-                problems.append(Problem(key, "env", f"{name} names no field of the schema"))
+                shown = shown_text(name)
+                problems.append(
+                    Problem(shown_text(key), "env", f"{shown} names no field of the schema")
+                )
     return Layer("env", values, origins, tuple(problems))
+
+
+def _env_value(value: Any) -> Any:
+    """A variable's value as pydantic-settings gave it: its text parsed, else as it is;
+    raises ``NotText`` if it holds a lone surrogate."""
+    if isinstance(value, str):
+        return parse_text(value)
+    if not is_text(value):
+        raise NotText()
+    return value
 
 
 # --- cli ---------------------------------------------------------------------------------------
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``train.lr=0.0003`` -> ``("train.lr", 0.0003)``; the value is JSON text or a bare word."""
+    """``train.lr=0.0003`` -> ``("train.lr", 0.0003)``; the value is JSON text or a bare word.
+
+    Raises ``UsageError`` for text that is not ``KEY=VALUE``, and ``InvalidChange`` (layer
+    ``cli``) for a key or value that holds a lone surrogate (``"\\ud800"``, or a byte that
+    is not UTF-8 in the argument)."""
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise UsageError(f"expected KEY=VALUE (e.g. train.lr=0.0003), got {text!r}")
-    return key, parse_text(value)
+    if not is_text(key):
+        raise InvalidChange([Problem(shown_text(key), "cli", f"the key is {LONE_SURROGATE}")])
+    try:
+        return key, parse_text(value)
+    except NotText:
+        raise InvalidChange([Problem(key, "cli", LONE_SURROGATE)]) from None
 
 
 def cli_layer(assignments: Sequence[str]) -> Layer:
+    """The ``--set`` assignments; a value that is not valid text is a problem of the layer."""
     values: dict[str, Any] = {}
+    problems: list[Problem] = []
     for text in assignments:
-        key, value = parse_assignment(text)
+        try:
+            key, value = parse_assignment(text)
+        except InvalidChange as exc:
+            problems.extend(exc.problems)
+            continue
         values[key] = value
-    return Layer("cli", values, dict.fromkeys(values, "--set"))
+    return Layer("cli", values, dict.fromkeys(values, "--set"), tuple(problems))

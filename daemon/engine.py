@@ -55,6 +55,7 @@ from hotknob.config.merge import (
     leaf_input,
     merge_dropping_invalid,
     non_finite,
+    not_text,
     state_bytes,
     validate_leaves,
 )
@@ -244,10 +245,12 @@ class Engine:
         finally:
             self._batching = False
             deferred, self._deferred = self._deferred, None
-            published = deferred() if deferred is not None else None
-            if published is not None:
-                self._save_and_publish(published)
-            self._run_after_push()
+            try:
+                published = deferred() if deferred is not None else None
+                if published is not None:
+                    self._save_and_publish(published)
+            finally:  # a push that raised must not hold the group's reports back
+                self._run_after_push()
 
     def on_etcd_change(
         self, revision: int, puts: Mapping[str, bytes], deletes: Iterable[str]
@@ -328,8 +331,10 @@ class Engine:
         except ValidationError:
             return False  # the general path says why, and who is to blame
         changed = changed_keys(self._flat, flat)  # what is in force is finite: check these
-        if not changed or non_finite(changed) or self._restart.held_back(flat):
-            return False  # nothing to push, or a restart-only key's value to hold back
+        if not changed or non_finite(changed) or not_text(changed):
+            return False  # nothing to push, or what no client could be sent: the merge says why
+        if self._restart.held_back(flat):
+            return False  # a restart-only key's value to hold back
         # No restart-only key is pending or held back: ``RestartOnly.track`` has nothing to
         # do for this change.
         before, self._flat = self._flat, flat
@@ -350,8 +355,10 @@ class Engine:
         if self._batching:  # the group's newest state is built and published at its end
             self._deferred = self._settle
         else:
-            self._settle(push=self._save_and_publish)
-            self._run_after_push()
+            try:
+                self._settle(push=self._save_and_publish)
+            finally:
+                self._run_after_push()
         self.last_change_seconds = time.perf_counter() - started
         return True
 
@@ -361,7 +368,13 @@ class Engine:
         """Build what the short path left pending: the etcd layer with its puts, the
         snapshot and the state to publish, which ``push`` gets (with the etcd values to
         save) before the layer and the snapshot are built. None if nothing was pending.
-        Called before anything else changes the version (the general path settles first)."""
+        Called before anything else changes the version (the general path settles first).
+
+        The layer and the snapshot are built even if ``push`` raises: the version, the
+        values in force and ``current`` already are this state's, and the pending change
+        is taken. Left unbuilt, they would keep the state before it, and the next change
+        of the general path would start from that (publishing a value etcd no longer
+        holds)."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
@@ -371,8 +384,21 @@ class Engine:
         etcd = self.layers["etcd"]
         etcd_values = {**etcd.values, **pending.put}
         published = Published(self.version, self.revision, pending.values, sources, self._flat)
-        if push is not None:
-            push(published, etcd_values)
+        try:
+            if push is not None:
+                push(published, etcd_values)
+        finally:
+            self._build(pending, etcd, etcd_values, sources)
+        return published
+
+    def _build(
+        self,
+        pending: _Pending,
+        etcd: Layer,
+        etcd_values: dict[str, Any],
+        sources: dict[str, str],
+    ) -> None:
+        """``_settle``'s etcd layer and snapshot, for the state already in force."""
         self.layers = {
             **self.layers,
             "etcd": Layer("etcd", etcd_values, {**etcd.origins, **pending.origins}),
@@ -388,7 +414,6 @@ class Engine:
             ),
             precedence=self.precedence,
         )
-        return published
 
     def _merge(self) -> Snapshot:
         return merge_layers(self.schema, self.layers.values(), self.precedence)
@@ -442,15 +467,16 @@ class Engine:
         self._room = MAX_STATE_BYTES - state_bytes(snapshot.values)
         self.version += 1
         self.snapshot = snapshot
-        if self._batching:
-            self._deferred = partial(self._published, snapshot, self.revision, flat)
-        else:
-            self._save_and_publish(self._published(snapshot, self.revision, flat))
         self._after_push.append(
             partial(self._announce.accepted, layer, self.version, self.revision, changed, before)
         )
-        if not self._batching:
-            self._run_after_push()
+        if self._batching:
+            self._deferred = partial(self._published, snapshot, self.revision, flat)
+        else:
+            try:  # the state is in force before the push: a push that raises leaves it whole
+                self._save_and_publish(self._published(snapshot, self.revision, flat))
+            finally:
+                self._run_after_push()
         self.last_change_seconds = time.perf_counter() - started
 
     def _run_after_push(self) -> None:

@@ -68,13 +68,19 @@ def encode(message: Mapping[str, Any]) -> bytes:
     """One message as a newline-terminated UTF-8 JSON line.
 
     Raises ``ProtocolError`` if the line would exceed ``MAX_LINE_BYTES`` or
-    the message holds a value JSON cannot carry (NaN and infinities included).
+    the message holds a value JSON cannot carry (NaN and infinities included) or
+    text UTF-8 cannot (a lone surrogate, which JSON text itself allows).
     """
     try:
         text = _ENCODER.encode(message)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot encode message: {exc}") from exc
-    data = text.encode("utf-8") + b"\n"
+    try:
+        data = text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(
+            f"cannot encode message: not valid text (a lone surrogate at character {exc.start})"
+        ) from None
     if len(data) > MAX_LINE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
     return data
