@@ -10,15 +10,20 @@ module alone. What it guarantees to callers:
 
       HotknobError
       +-- Unavailable            cannot reach etcd (retryable); one line naming the endpoints
+      |   +-- TooLargeError      a message from etcd over the receive limit
       +-- AuthError              bad credentials or no permission
       +-- CompactedError         the revision asked for was compacted away
       +-- ConflictError          a compare in ``commit`` failed; nothing was written
-      +-- InvalidInput           a bad request (future revision, duplicate key in a commit)
+      +-- InvalidInput           a bad request (duplicate key in a commit)
+      |   +-- FutureRevisionError  a read at a revision etcd has not reached
       +-- UsageError             a malformed endpoint
 
   The password never appears in a message or a repr;
-- an expired or invalid auth token rebuilds the client once and retries (the client
-  library never refreshes its token).
+- an expired or invalid auth token is renewed once and the call retried (the client
+  library never refreshes its token). The token is renewed on the same client, so a
+  watch that client carries goes on;
+- a call that may be retried moves to the next endpoint first, whatever the error
+  (the client library itself moves only on a few gRPC codes).
 
 ``watch_prefix`` is the low-level stream used by ``EtcdWatcher``: it groups each watch
 response's events by revision, so one transaction is one ``EtcdChange``.
@@ -37,6 +42,7 @@ import grpc
 import pyetcd
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
+from pyetcd.client import EtcdTokenCallCredentials
 
 from hotknob.config.errors import HotknobError, InvalidInput, Unavailable, UsageError
 
@@ -47,9 +53,11 @@ from .etcd_types import (
     ConflictError,
     EtcdChange,
     EtcdOptions,
+    FutureRevisionError,
     History,
     HistoryEntry,
     TokenExpired,
+    TooLargeError,
     group_by_revision,
     parse_endpoint,
 )
@@ -61,8 +69,10 @@ __all__ = [
     "EtcdChange",
     "EtcdOptions",
     "EtcdStore",
+    "FutureRevisionError",
     "History",
     "HistoryEntry",
+    "TooLargeError",
     "group_by_revision",
     "map_error",
     "parse_endpoint",
@@ -101,6 +111,20 @@ def _rpc_error(exc: BaseException) -> grpc.RpcError | None:
     return None
 
 
+def _next_endpoint(client: Any) -> None:
+    """Make ``client``'s next call go to another endpoint.
+
+    The client library moves on only after UNAVAILABLE, DEADLINE_EXCEEDED or INTERNAL;
+    an endpoint that answers anything else (an HTTP 404 from a proxy or a wrong port is
+    UNIMPLEMENTED) would be asked again. Marking it failed makes the library pick the
+    next one that has not failed (for ``time_retry`` seconds); its cached stubs are
+    bound to the old channel, so they go too.
+    """
+    with contextlib.suppress(Exception):
+        client.endpoint_in_use.fail()
+        client._clear_old_stubs()
+
+
 def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobError:
     """Translate a client/gRPC error from ``what`` (e.g. "read /p/") into hotknob's tree."""
     if isinstance(exc, HotknobError):
@@ -123,7 +147,9 @@ def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobErr
     if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
         return CompactedError(f"etcd {what}: {details}")
     if code == grpc.StatusCode.OUT_OF_RANGE and "future" in details:
-        return InvalidInput(f"etcd {what}: {details}")
+        return FutureRevisionError(f"etcd {what}: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return TooLargeError(f"cannot take etcd's answer from {where} ({what}): {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(f"etcd {what}: {details}")
     if isinstance(exc, etcd_exc.NoServerAvailableError):
@@ -154,6 +180,7 @@ class EtcdStore:
         self._lock = threading.Lock()
         self._client: Any = None
         self._closed = False
+        self._auth_lock = threading.Lock()
         self._watch_threads: list[threading.Thread] = []
 
     def __repr__(self) -> str:
@@ -169,6 +196,11 @@ class EtcdStore:
             ("grpc.keepalive_permit_without_calls", 0),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            # etcd sends every revision a watch missed in one message, and a range read
+            # in one: gRPC's default 4 MiB limit refused those outright.
+            ("grpc.max_receive_message_length", o.max_receive_bytes),
+            # etcd itself bounds a request (--max-request-bytes) and says so clearly.
+            ("grpc.max_send_message_length", -1),
         ]
 
     def _build(self) -> Any:
@@ -237,23 +269,57 @@ class EtcdStore:
         client.close()
 
     def _call(self, what: str, fn: Callable[[Any], T], *, idempotent: bool = True) -> T:
-        """Run ``fn(client)``; map errors; rebuild once on a stale token; fail over reads."""
+        """Run ``fn(client)``; map errors; renew a stale token once; fail over reads."""
         tries = 1 + (len(self.options.endpoints) - 1 if idempotent else 0)
-        rebuilt = False
+        renewed = False
         while True:
             client = self._connect()
+            token = client.metadata
             try:
                 return fn(client)
             except Exception as exc:
                 err = map_error(exc, self.options, what)
-                if isinstance(err, TokenExpired) and not rebuilt:
-                    rebuilt = True
-                    self._drop(client)
+                if isinstance(err, TokenExpired) and not renewed:
+                    renewed = True
+                    if self.options.user is None:
+                        self._drop(client)  # nothing to log in with: a fresh client
+                    else:
+                        self._renew_token(client, token)
                     continue
                 tries -= 1
                 if isinstance(err, Unavailable) and tries > 0 and not self._closed:
+                    _next_endpoint(client)
                     continue
                 raise err from exc
+
+    def _renew_token(self, client: Any, stale: Any) -> None:
+        """Log in again and give ``client`` the new token, for the calls that follow.
+
+        The client is kept, not rebuilt: closing it would also end the watch it carries
+        (etcd checks the token when a watch is created, not on each event), and with a
+        short token TTL an idle watcher's probe would then break its own watch every
+        few seconds. ``stale`` is the token the failed call used: when another thread
+        has renewed it meanwhile, that one is used.
+        """
+        o = self.options
+        with self._auth_lock:
+            if client.metadata is not stale:
+                return
+            request = etcdrpc.AuthenticateRequest(name=o.user, password=o.password)
+            try:
+                response = client.authstub.Authenticate(request, client.timeout)
+            except Exception as exc:
+                raise map_error(exc, o, "authenticate") from exc
+            client.metadata = (("token", response.token),)
+            if client.call_credentials is not None:
+                client.call_credentials = grpc.metadata_call_credentials(
+                    EtcdTokenCallCredentials(response.token)
+                )
+            # A watch stream the library opens later on this client takes these.
+            watcher = client._stubs.get("watcher")
+            if watcher is not None:
+                watcher._metadata = client.metadata
+                watcher._credentials = client.call_credentials
 
     def read_prefix(self, prefix: str, revision: int | None = None) -> tuple[dict[str, bytes], int]:
         """Every key under ``prefix`` and its value, at ``revision`` (default: now).
@@ -261,12 +327,33 @@ class EtcdStore:
         Returns the values and the response header's revision: the state is consistent
         at that revision, so a watch from revision + 1 misses nothing.
         """
+        values, _, header_revision = self.read_prefix_state(prefix, revision)
+        return values, header_revision
+
+    def read_prefix_state(
+        self, prefix: str, revision: int | None = None
+    ) -> tuple[dict[str, bytes], dict[str, int], int]:
+        """As ``read_prefix``, with each key's mod revision: (values, mod revisions,
+        header revision)."""
         rev = None if revision is None or revision <= 0 else revision
         response = self._call(
             f"read {prefix}", lambda c: c.get_prefix_response(prefix, revision=rev)
         )
         values = {_key(kv.key): bytes(kv.value) for kv in response.kvs}
-        return values, int(response.header.revision)
+        mods = {_key(kv.key): int(kv.mod_revision) for kv in response.kvs}
+        return values, mods, int(response.header.revision)
+
+    def prefix_mod_revisions(self, prefix: str, revision: int) -> dict[str, int]:
+        """Each key under ``prefix`` as of ``revision`` and the revision that last changed
+        it; keys only, no values. Raises ``CompactedError`` below etcd's compaction point
+        and ``FutureRevisionError`` above its current revision."""
+        if revision <= 0:
+            raise InvalidInput(f"no revision {revision} to read {prefix} at")
+        response = self._call(
+            f"read {prefix} at revision {revision}",
+            lambda c: c.get_prefix_response(prefix, revision=revision, keys_only=True),
+        )
+        return {_key(kv.key): int(kv.mod_revision) for kv in response.kvs}
 
     def mod_revision(self, key: str, revision: int | None = None) -> int:
         """The revision that last changed ``key`` as of ``revision`` (default: now); 0 if

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from hotknob.config.errors import HotknobError, UsageError
+from hotknob.config.errors import HotknobError, InvalidInput, Unavailable, UsageError
 
 DEFAULT_PORT = 2379
 # etcd answers client pings more often than every 5 s with GOAWAY "too_many_pings".
@@ -53,7 +53,24 @@ class ConflictError(HotknobError):
 
 
 class TokenExpired(AuthError):
-    """An auth token etcd no longer accepts; the caller rebuilds the client and retries."""
+    """An auth token etcd no longer accepts; the caller authenticates again and retries."""
+
+
+class FutureRevisionError(InvalidInput):
+    """A read asked for a revision etcd has not reached.
+
+    For a watcher that resumes, this means etcd went back: restored from a backup, or
+    replaced by a newer cluster.
+    """
+
+
+class TooLargeError(Unavailable):
+    """A message from etcd was over the client's receive limit (gRPC RESOURCE_EXHAUSTED).
+
+    A watch catch-up that hits it is not retried as is (it would fail the same way): the
+    watcher reads the prefix again instead, which is one current state, not every
+    revision missed.
+    """
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,10 @@ class EtcdOptions:
     time_retry: float = 1.0
     keepalive_time: float = MIN_KEEPALIVE_S
     keepalive_timeout: float = 3.0
+    # The largest message taken from etcd, in bytes; -1: no limit. gRPC's own default
+    # (4 MiB) is below what etcd sends in one watch catch-up or one range read of a
+    # prefix that holds a few large values, so it is lifted; a test sets a small one.
+    max_receive_bytes: int = -1
 
     def __post_init__(self) -> None:
         if not self.endpoints:

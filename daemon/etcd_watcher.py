@@ -6,12 +6,20 @@ The contract (each point is tested against a real etcd):
   write between the read and the watch is not lost;
 - every revision under the prefix arrives exactly once, in order, as one
   ``EtcdChange`` (a multi-key transaction is one change), through ``on_change``;
+- the first read asks the next endpoint when one fails or has not answered within
+  ``next_after`` seconds, keeps the earlier reads going and takes the first answer,
+  so one hung member does not hold up the start;
 - after any error the watch resumes from the last delivered revision + 1 (never from
-  the snapshot revision), with capped, jittered backoff, trying the endpoints in turn;
+  the snapshot revision), with capped, jittered backoff, trying the endpoints in turn.
+  The backoff starts again from its shortest delay only after a stream that delivered
+  something or stayed up ``stable_after`` seconds;
 - when etcd has compacted past that revision, the prefix is read again in full and
   delivered through ``on_snapshot``; the consumer diffs it against what it had. So it
-  is when etcd comes back below that revision (restored from a backup): its revisions
-  then count from the backup's, and the consumer must take them as they are;
+  is when a catch-up is too large for the client to take, and when etcd's history no
+  longer leads to what was delivered: before each resume the keys under the prefix as
+  of the last delivered revision are read (keys and mod revisions only) and compared.
+  That catches etcd restored from a backup (below that revision) and etcd wiped and
+  written again (possibly past it); the consumer takes the new revisions as they are;
 - a hung server (alive but silent, e.g. SIGSTOP) is detected within
   ``hung_after + options.timeout`` seconds: after ``hung_after`` seconds without a
   message the watcher probes with a linearizable read, and a failed probe counts as a
@@ -38,6 +46,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeAlias
 
 import structlog
 
@@ -47,12 +56,30 @@ from hotknob.daemon.etcd_store import (
     EtcdChange,
     EtcdOptions,
     EtcdStore,
+    FutureRevisionError,
+    TooLargeError,
     WatchItem,
 )
 
 log = structlog.get_logger(__name__)
 
 _STOP = object()
+
+# A full read: values, each key's mod revision, and the revision it is consistent at.
+_State: TypeAlias = tuple[dict[str, bytes], dict[str, int], int]
+
+
+def _close_soon(stores: list[EtcdStore]) -> None:
+    """Close ``stores`` on a thread of their own: a store still logging in holds its lock
+    until that ends, and the caller must not wait for it."""
+    if not stores:
+        return
+
+    def close() -> None:
+        for store in stores:
+            store.close()
+
+    threading.Thread(target=close, name="hotknob-etcd-close", daemon=True).start()
 
 
 class Backoff:
@@ -85,6 +112,8 @@ class EtcdWatcher:
         hung_after: float = 3.0,
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
+        stable_after: float = 3.0,
+        next_after: float = 0.25,
         name: str = "hotknob-etcd-watch",
     ) -> None:
         self.options = options
@@ -94,14 +123,20 @@ class EtcdWatcher:
         self._on_connection = on_connection
         self._hung_after = hung_after
         self._backoff = Backoff(backoff_initial, backoff_max)
+        self._stable_after = stable_after
+        self._next_after = next_after
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._store: EtcdStore | None = None
+        self._racing: list[EtcdStore] = []  # the stores of a first read under way
         self._queue: queue.SimpleQueue[WatchItem | object] | None = None
         self._last_revision = 0
+        # Each key under the prefix as delivered, and the revision that last changed it.
+        self._mods: dict[str, int] = {}
         self._last_message = 0.0
+        self._delivered = False  # the current stream has handed over a message
         self._connected: bool | None = None
         self._started = False
 
@@ -133,11 +168,12 @@ class EtcdWatcher:
         """Stop the thread and close the client; safe to call twice or before ``start``."""
         with self._lock:
             self._stopping.set()
-            store, pending = self._store, self._queue
+            store, pending, racing = self._store, self._queue, list(self._racing)
         if pending is not None:
             pending.put(_STOP)
         if store is not None:
             store.close()
+        _close_soon(racing)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -152,56 +188,201 @@ class EtcdWatcher:
         attempt = 0
         need_snapshot = True
         while not self._stopping.is_set():
-            endpoint = endpoints[attempt % len(endpoints)]
-            store = EtcdStore(dataclasses.replace(self.options, endpoints=(endpoint,)))
             inbox: queue.SimpleQueue[WatchItem | object] = queue.SimpleQueue()
-            with self._lock:
-                if self._stopping.is_set():
-                    break
-                self._store, self._queue = store, inbox
+            store: EtcdStore | None = None
+            watching_since: float | None = None
             try:
-                if not need_snapshot and self._went_back(store):
+                first: _State | None = None
+                if need_snapshot and not self._ready.is_set() and len(endpoints) > 1:
+                    attempt, store, first = self._read_from_any()
+                else:
+                    store = self._new_store(endpoints[attempt % len(endpoints)])
+                if not self._adopt(store, inbox):
+                    break
+                endpoint = endpoints[attempt % len(endpoints)]
+                if not need_snapshot and self._history_changed(store):
                     need_snapshot = True
                 if need_snapshot:
-                    values, revision = store.read_prefix(self.prefix)
-                    self._last_revision = revision
+                    values, mods, revision = (
+                        first if first is not None else store.read_prefix_state(self.prefix)
+                    )
+                    self._last_revision, self._mods = revision, mods
                     self._call(self._on_snapshot, values, revision)
                     need_snapshot = False
                     self._ready.set()
                 self._last_message = time.monotonic()
+                self._delivered = False
                 store.watch_prefix(self.prefix, self._last_revision + 1, self._deliver_to(inbox))
+                watching_since = time.monotonic()
                 self._set_connected(
                     True, f"watching {self.prefix} on {endpoint} from {self._last_revision + 1}"
                 )
-                self._backoff.reset()
                 self._pump(store, inbox)
-            except CompactedError as exc:
-                log.info("etcd_resync", prefix=self.prefix, reason=str(exc))
-                need_snapshot = True
             except HotknobError as exc:
                 if self._stopping.is_set():
                     break
+                # Compacted: the revisions missed are gone. Too large: the same watch
+                # would fail the same way. Either way one full read replaces them (a
+                # failed full read is an error like any other).
+                if isinstance(exc, CompactedError) or (
+                    isinstance(exc, TooLargeError) and not need_snapshot
+                ):
+                    log.info("etcd_resync", prefix=self.prefix, reason=str(exc))
+                    need_snapshot = True
+                    continue
+                # Only a stream that worked for a while earns a quick retry: one that
+                # fails as soon as it is made would otherwise be made again at once,
+                # over and over.
+                if watching_since is not None and (
+                    self._delivered or time.monotonic() - watching_since >= self._stable_after
+                ):
+                    self._backoff.reset()
                 self._set_connected(False, str(exc))
                 attempt += 1
                 self._stopping.wait(self._backoff.next())
             finally:
-                store.close()
+                if store is not None:
+                    store.close()
         with self._lock:
             self._store = self._queue = None
 
-    def _went_back(self, store: EtcdStore) -> bool:
-        """Whether etcd is now below the last revision delivered: restored from a backup
-        (or replaced). A watch from that revision + 1 would wait for a future the cluster
-        may never reach, and skip every change up to it: the prefix is read again."""
-        now = store.current_revision()
-        if now >= self._last_revision:
+    def _new_store(self, endpoint: str) -> EtcdStore:
+        return EtcdStore(dataclasses.replace(self.options, endpoints=(endpoint,)))
+
+    def _adopt(self, store: EtcdStore, inbox: queue.SimpleQueue[WatchItem | object]) -> bool:
+        """Make ``store`` and ``inbox`` the current ones (``stop`` closes them); False when
+        stopping."""
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            self._store, self._queue = store, inbox
+            return True
+
+    def _read_from_any(self) -> tuple[int, EtcdStore, _State]:
+        """The first full read, from the endpoints in overlapping turns; the first
+        answer is taken.
+
+        Tried one after the other, one hung member (its sockets open, nothing answered)
+        would hold the read for ``options.timeout`` before the next endpoint is asked:
+        longer than a daemon waits for etcd at its start, so it would start without
+        etcd's values although another member answers at once. So the next endpoint is
+        asked as soon as one fails, or when none has answered within ``next_after``
+        seconds, while the earlier reads go on; healthy endpoints answer well within
+        that, so the first in the list is the one used, as before. An endpoint that
+        failed is asked again every ``next_after`` seconds while one that has not
+        failed yet is still out (for up to ``options.timeout``): the survivors of a
+        hung leader refuse reads until they have elected another, which takes a second
+        or two.
+
+        Returns the index of the endpoint that answered, its store (kept, to watch on)
+        and what it read. The other stores are closed, which ends their reads. When
+        none answers, raises the error of the first endpoint in the list.
+        """
+        endpoints = self.options.endpoints
+        stores = [self._new_store(endpoint) for endpoint in endpoints]
+        results: queue.SimpleQueue[tuple[int, _State | HotknobError]] = queue.SimpleQueue()
+
+        def read(index: int) -> None:
+            got: _State | HotknobError
+            try:
+                got = stores[index].read_prefix_state(self.prefix)
+            except HotknobError as exc:
+                got = exc
+            except Exception as exc:  # the race must hear from every reader
+                got = HotknobError(f"etcd read {self.prefix} on {endpoints[index]}: {exc!r}")
+            results.put((index, got))
+
+        with self._lock:
+            stopping = self._stopping.is_set()
+            if not stopping:
+                self._racing = stores
+        if stopping:
+            _close_soon(stores)
+            raise HotknobError("stopping")
+        out: set[int] = set()  # endpoints with a read under way
+        again: dict[int, float] = {}  # endpoints that failed: when to ask them again
+        errors: dict[int, HotknobError] = {}
+        asked = 0  # endpoints asked at least once (the first ``asked`` of the list)
+        began = last_new = time.monotonic()
+
+        def ask(index: int) -> None:
+            out.add(index)
+            name = f"{self._thread.name}-read-{index}"
+            threading.Thread(target=read, args=(index,), name=name, daemon=True).start()
+
+        winner: tuple[int, _State] | None = None
+        try:
+            ask(0)
+            asked = 1
+            while winner is None and (out or again) and not self._stopping.is_set():
+                now = time.monotonic()
+                for index in [i for i, at in again.items() if at <= now]:
+                    del again[index]
+                    ask(index)
+                wake = [*again.values()]
+                if asked < len(stores):
+                    wake.append(last_new + self._next_after)
+                try:
+                    index, got = results.get(timeout=max(0.0, min(wake) - now) if wake else None)
+                except queue.Empty:
+                    if asked < len(stores) and time.monotonic() >= last_new + self._next_after:
+                        ask(asked)
+                        asked, last_new = asked + 1, time.monotonic()
+                    continue
+                out.discard(index)
+                if not isinstance(got, HotknobError):
+                    winner = (index, got)
+                    break
+                errors[index] = got
+                if asked < len(stores):
+                    ask(asked)
+                    asked, last_new = asked + 1, time.monotonic()
+                # Asked again only while an endpoint that has not failed yet is still
+                # out (it may be hung): with every endpoint down, the race ends at once.
+                fresh_out = any(i not in errors for i in out)
+                if fresh_out and time.monotonic() - began < self.options.timeout:
+                    again[index] = time.monotonic() + self._next_after
+        finally:
+            with self._lock:
+                self._racing = []
+            _close_soon([s for i, s in enumerate(stores) if winner is None or i != winner[0]])
+        if winner is None:
+            if not errors:
+                raise HotknobError("stopping")
+            raise errors[min(errors)]
+        return winner[0], stores[winner[0]], winner[1]
+
+    def _history_changed(self, store: EtcdStore) -> bool:
+        """Whether etcd's history no longer leads to what was delivered.
+
+        A watch from the last delivered revision + 1 is right only on the same history.
+        etcd restored from a backup is below that revision; a cluster wiped and written
+        again may be past it, with other changes at the same revisions, and a watch
+        would then skip its earlier revisions. Both show in the keys under the prefix
+        as of that revision and the revisions that last changed them: read keys-only,
+        compared with what was delivered. Compacted, the read raises ``CompactedError``
+        and the prefix is read again all the same. One small read per reconnect, none
+        while a stream is up.
+        """
+        try:
+            now = store.prefix_mod_revisions(self.prefix, self._last_revision)
+        except FutureRevisionError:
+            log.warning(
+                "etcd_revision_went_back",
+                prefix=self.prefix,
+                last_delivered=self._last_revision,
+                detail="etcd restored from a backup? reading the prefix again",
+            )
+            return True
+        if now == self._mods:
             return False
+        differ = [k for k in now.keys() | self._mods.keys() if now.get(k) != self._mods.get(k)]
         log.warning(
-            "etcd_revision_went_back",
+            "etcd_history_changed",
             prefix=self.prefix,
             last_delivered=self._last_revision,
-            now=now,
-            detail="etcd restored from a backup? reading the prefix again",
+            keys_differing=len(differ),
+            detail="etcd replaced or wiped and written again? reading the prefix again",
         )
         return True
 
@@ -218,10 +399,15 @@ class EtcdWatcher:
             if not isinstance(item, list):
                 inbox.put(item)
                 return
+            self._delivered = True
             for change in item:
                 if change.revision <= self._last_revision:
                     continue
                 self._last_revision = change.revision
+                for key in change.deletes:
+                    self._mods.pop(key, None)
+                for key in change.puts:
+                    self._mods[key] = change.revision
                 self._call(self._on_change, change)
 
         return deliver
