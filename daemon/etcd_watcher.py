@@ -113,7 +113,7 @@ class EtcdWatcher:
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
         stable_after: float = 3.0,
-        next_after: float = 0.25,
+        next_after: float = 0.5,
         name: str = "hotknob-etcd-watch",
     ) -> None:
         self.options = options

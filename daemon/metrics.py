@@ -93,8 +93,9 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 def _resolve(addr: str, host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
-    """The address family and socket address to listen on: the first that getaddrinfo
-    gives, so that an IPv6 host gets an IPv6 socket. Raises ``UsageError``."""
+    """The address family and socket address to listen on: IPv4 if the host has an IPv4
+    address, else the first that getaddrinfo gives (an IPv6 host gets an IPv6 socket).
+    Raises ``UsageError``."""
     try:
         found = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
@@ -104,7 +105,12 @@ def _resolve(addr: str, host: str, port: int) -> tuple[socket.AddressFamily, tup
         raise UsageError(f"--metrics-addr {addr}: cannot listen: {reason}") from None
     if not found:
         raise UsageError(f"--metrics-addr {addr}: cannot listen: no address for {host!r}")
-    family, _type, _proto, _name, sockaddr = found[0]
+    # A name such as localhost may resolve to both families, IPv6 first: IPv4 then, which
+    # is what such a name meant before IPv6 was supported here and what scrapers configured
+    # with 127.0.0.1 reach. An address written in IPv6 form resolves to IPv6 alone.
+    family, _type, _proto, _name, sockaddr = next(
+        (f for f in found if f[0] == socket.AF_INET), found[0]
+    )
     return family, sockaddr
 
 

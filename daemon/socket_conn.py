@@ -154,7 +154,10 @@ class Connection:
             if not abort:
                 self._write_carry()  # a line a thread began is finished before the close
                 if reply is not None:
-                    self.writer.write(protocol.encode(protocol.error(reply[:4096])))
+                    # The reply may quote what the client sent, which may not be valid text
+                    # (a lone surrogate): escaped, so that the error line can be written.
+                    text = reply[:4096].encode("utf-8", "backslashreplace").decode("utf-8")
+                    self.writer.write(protocol.encode(protocol.error(text)))
             if abort:
                 transport.abort()
             else:

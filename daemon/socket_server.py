@@ -517,7 +517,12 @@ class SocketServer:
         await conn.wait_closed()
         if conn.info is not None:
             conn.log.info("client_disconnected", reason=conn.reason or "closed")
-            self._call(conn, self._on_disconnect, conn.info)
+            # A process that reconnected at once has its name again (this connection had
+            # left ``_conns`` before the close was awaited): what is kept under that name
+            # (status entry, metric series, guard windows) is now the new connection's.
+            name = conn.info.name
+            if not any(c.info is not None and c.info.name == name for c in self._conns.values()):
+                self._call(conn, self._on_disconnect, conn.info)
 
     def _flush_pending(self, conn: Connection) -> None:
         """Before an orderly close, send what is still pending: ``echo hello | socat`` gets

@@ -277,3 +277,16 @@ def test_change_counters_have_a_series_per_live_layer_from_the_start(tmp_path: P
     for counter in ("hotknob_changes_accepted_total", "hotknob_changes_rejected_total"):
         for layer in ("etcd", "files"):
             assert values.get(f'{counter}{{layer="{layer}"}}') == 0, (counter, layer)
+
+
+def test_a_host_with_both_families_listens_on_ipv4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``localhost`` resolves to ::1 first on many hosts; a scraper set up with 127.0.0.1
+    must still reach it, as it did before IPv6 hosts were supported."""
+    from hotknob.daemon import metrics
+
+    v6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 9108, 0, 0))
+    v4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 9108))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [v6, v4])
+    assert metrics._resolve("localhost:9108", "localhost", 9108) == (socket.AF_INET, v4[4])
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [v6])
+    assert metrics._resolve("[::1]:9108", "::1", 9108) == (socket.AF_INET6, v6[4])
