@@ -19,7 +19,7 @@ from .guards import GuardManager
 from .logs import get_logger
 from .metrics import Metrics
 from .published import ClientInfo
-from .reports import ClientReports, decode_report
+from .reports import MAX_METRICS, MAX_NAME_CHARS, ClientReports, decode_report
 from .status import StatusPublisher
 from .throttle import Throttle
 
@@ -38,6 +38,7 @@ class ClientFeedback:
         self.reports = ClientReports()
         self.log = get_logger("hotknob.daemon", app=app)
         self._status_due: dict[str, dict[str, Any]] = {}
+        self._warned_names: set[str] = set()  # clients told their extra names are dropped
         self._status_soon = Throttle(STATUS_EVERY_S, self._flush_status)
 
     def on_applied(self, client: ClientInfo, message: dict[str, Any]) -> None:
@@ -62,8 +63,17 @@ class ClientFeedback:
             self._status_soon()
 
     def on_metrics(self, client: ClientInfo, message: dict[str, Any]) -> None:
-        report = decode_report(message)
-        self.reports.add(client.name, report)
+        report, refused = self.reports.add(client.name, decode_report(message))
+        if refused and client.name not in self._warned_names:
+            self._warned_names.add(client.name)  # once per connection: it may send them forever
+            self.log.warning(
+                "client_metrics_dropped",
+                client=client.name,
+                max_metrics=MAX_METRICS,
+                max_name_chars=MAX_NAME_CHARS,
+                dropped=len(refused),
+                example=refused[0][:80],
+            )
         for name, value in report.latest.items():
             self.metrics.client_metric.labels(client.name, name).set(value)
         if self.guards is not None:
@@ -81,6 +91,7 @@ class ClientFeedback:
             with contextlib.suppress(KeyError):
                 self.metrics.client_metric.remove(client.name, name)
         self.reports.forget(client.name)
+        self._warned_names.discard(client.name)
         if self.guards is not None:
             self.guards.on_disconnect(client.name)
         if self.status is not None:

@@ -10,10 +10,17 @@ number is dropped, so a newer client's extra fields never break a daemon.
 each metric; ``status_fields`` is what the daemon publishes in the process's
 status entry (JSON-safe: non-finite values are written as the same strings).
 All methods run on the daemon's event loop.
+
+A client speaking the protocol by hand is not held to the runtime's limits, so the
+daemon keeps them itself: at most ``MAX_METRICS`` names per process, each at most
+``MAX_NAME_CHARS`` characters (others are dropped before Prometheus, guards or
+status see them), and a status entry's metrics part of at most
+``STATUS_METRICS_BYTES`` as JSON, far below etcd's default request limit of 1.5 MiB.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import deque
@@ -24,6 +31,12 @@ from typing import Any
 from hotknob.model_runtime import protocol
 
 HISTORY = 32
+MAX_METRICS = 256
+"""Metric names kept per process: the runtime's own limit (``model_runtime.reporting``)."""
+MAX_NAME_CHARS = 200
+"""The longest metric name kept, in characters: the runtime's own limit too."""
+STATUS_METRICS_BYTES = 256 * 1024
+"""The most a status entry's ``metrics`` part takes as JSON; names past it are left out."""
 
 
 decode_value = protocol.decode_number
@@ -112,13 +125,40 @@ class ClientReports:
         self._clients: dict[str, _Recent] = {}
         self._entries: dict[str, dict[str, Any]] = {}
 
-    def add(self, client: str, report: Report) -> None:
+    def add(self, client: str, report: Report) -> tuple[Report, list[str]]:
+        """Keep ``report`` of ``client``; return it without the names refused, and those.
+
+        A name is refused if it is longer than ``MAX_NAME_CHARS``, or new once the
+        client has ``MAX_METRICS`` names: that bounds the memory and Prometheus series
+        one client costs, whatever it sends.
+        """
         recent = self._clients.setdefault(client, _Recent())
+        report, refused = self._admit(recent, report)
         recent.step = report.step
         recent.time = time.time()
         recent.latest.update(report.latest)
         for name, values in report.window.items():
             recent.history.setdefault(name, deque(maxlen=self._history)).extend(values)
+        return report, refused
+
+    @staticmethod
+    def _admit(recent: _Recent, report: Report) -> tuple[Report, list[str]]:
+        known = recent.history  # every name kept has its history (``window`` has them all)
+        room = MAX_METRICS - len(known)
+        refused = []
+        for name in report.window:
+            if name in known:
+                continue
+            if len(name) > MAX_NAME_CHARS or room <= 0:
+                refused.append(name)
+            else:
+                room -= 1
+        if not refused:
+            return report, refused
+        out = set(refused)
+        latest = {k: v for k, v in report.latest.items() if k not in out}
+        window = {k: v for k, v in report.window.items() if k not in out}
+        return Report(report.step, latest, window), refused
 
     def metric_names(self, client: str) -> list[str]:
         """Every metric ``client`` has reported (while it is remembered)."""
@@ -141,14 +181,13 @@ class ClientReports:
         recent = self._clients.get(client)
         if recent is None or not recent.latest:
             return {}
-        return {
-            "metrics": {
-                "step": recent.step,
-                "time": recent.time,
-                "latest": {k: encode_value(v) for k, v in sorted(recent.latest.items())},
-                "mean": {k: encode_value(v) for k, v in sorted(self.means(client).items())},
-            }
+        metrics: dict[str, Any] = {
+            "step": recent.step,
+            "time": recent.time,
+            "latest": {k: encode_value(v) for k, v in sorted(recent.latest.items())},
+            "mean": {k: encode_value(v) for k, v in sorted(self.means(client).items())},
         }
+        return {"metrics": _bounded(metrics)}
 
     def status_entry(
         self, client: str, fields: Mapping[str, Any], *, replace: bool
@@ -161,6 +200,35 @@ class ClientReports:
         if replace or client not in self._entries:
             self._entries[client] = dict(fields)
         return {**self._entries[client], **self.status_fields(client)}
+
+
+def _bounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with ``latest`` and ``mean`` cut to fit ``STATUS_METRICS_BYTES`` as JSON.
+
+    One entry too large for etcd would be refused whole, so names are kept in order
+    while they fit and the rest are counted in ``omitted``. The exact size is measured
+    only when a cheap upper bound says it may be too large: ``json.dumps`` writes at
+    most 12 bytes per character (an escaped surrogate pair) and 24 per number.
+    """
+    latest, mean = metrics["latest"], metrics["mean"]
+    names = sorted({*latest, *mean})
+    if sum(12 * len(name) + 32 for name in names) * 2 + 200 <= STATUS_METRICS_BYTES:
+        return metrics
+    if len(json.dumps(metrics)) <= STATUS_METRICS_BYTES:
+        return metrics
+    budget = STATUS_METRICS_BYTES - 200  # the braces, step, time and ``omitted``
+    kept: dict[str, dict[str, Any]] = {"latest": {}, "mean": {}}
+    for name in names:
+        key = len(json.dumps(name)) + 2
+        size = sum(key + len(json.dumps(part[name])) for part in (latest, mean) if name in part)
+        if size > budget:
+            break
+        budget -= size
+        for label, part in (("latest", latest), ("mean", mean)):
+            if name in part:
+                kept[label][name] = part[name]
+    omitted = len(names) - len(kept["latest"].keys() | kept["mean"].keys())
+    return {**metrics, **kept, "omitted": omitted}
 
 
 def metrics_summary(entry: Mapping[str, Any], limit: int = 4) -> str:

@@ -6,6 +6,11 @@ publisher's own thread: the event loop only drops the newest entry per
 client into a dict, so a slow or absent etcd never delays a change. The
 lease is kept alive every ``ttl / 3`` and re-granted if etcd lost it; on
 stop the lease is revoked, which removes every entry of this daemon at once.
+
+One entry that etcd refuses (too large for its request limit) must not hold back
+the others: an entry over ``MAX_ENTRY_BYTES`` is written without its ``metrics``
+and ``errors``, and one etcd still refuses is skipped with a warning (once, until
+that key is written again), while the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from hotknob.config import HotknobError
+from hotknob.config import HotknobError, InvalidInput
 from hotknob.config.keys import status_prefix
 
 from .etcd_store import EtcdStore
+from .etcd_types import TooLargeError
 from .logs import get_logger
 
 _DELETE = object()
@@ -27,6 +33,13 @@ _DELETE = object()
 WARN_EVERY_S = 60.0
 """While etcd stays unreachable the publisher retries every second, but says so only on the
 first failure and then at most this often (with the count), and once when it recovers."""
+
+MAX_ENTRY_BYTES = 1024 * 1024
+"""The largest entry written whole: etcd refuses a request over 1.5 MiB by default."""
+
+_SHED = ("metrics", "errors")
+"""What an oversized entry is written without (listed in its ``left_out``): the parts that
+grow with what its client sends."""
 
 
 def status_name(node: str, client: str) -> str:
@@ -61,6 +74,7 @@ class StatusPublisher:
         self._current: dict[str, dict[str, Any]] = {}
         self._failures = 0
         self._warned_at = float("-inf")
+        self._refused: set[str] = set()  # keys whose entry etcd refused, until written again
         self.log = get_logger("hotknob.status", node=node)
 
     def key(self, client: str) -> str:
@@ -110,8 +124,9 @@ class StatusPublisher:
                 for key, entry in batch.items():
                     if entry is _DELETE:
                         store.commit({}, [key])
+                        self._refused.discard(key)
                     else:
-                        store.put(key, json.dumps(entry, allow_nan=False), lease=self._lease)
+                        self._put(store, key, entry)
                 self._succeeded()
             except (HotknobError, OSError, ValueError) as exc:
                 self._failed(exc)
@@ -123,6 +138,48 @@ class StatusPublisher:
                     self._cond.wait(timeout=1.0)
                 next_keepalive = 0.0
         self._shutdown()
+
+    def _put(self, store: EtcdStore, key: str, entry: Mapping[str, Any]) -> None:
+        """Write one entry. etcd refusing it (``InvalidInput``: too large for its request
+        limit; ``TooLargeError``: over its gRPC message limit) is this entry's problem, not
+        etcd's: it is written without its large parts, or else skipped, with a warning,
+        and the batch goes on. An unreachable etcd still fails the batch, to be retried."""
+        try:
+            whole = json.dumps(entry, allow_nan=False)
+        except ValueError as exc:  # not JSON: retrying would fail the same way, every second
+            self._refuse(key, "status_entry_skipped", reason=str(exc))
+            return
+        reason = f"{len(whole)} bytes, over {MAX_ENTRY_BYTES}"
+        for text in self._candidates(entry, whole):
+            try:
+                store.put(key, text, lease=self._lease)
+            except (InvalidInput, TooLargeError) as exc:
+                reason = str(exc)
+                continue
+            if text is whole:
+                self._refused.discard(key)
+            else:
+                self._refuse(key, "status_entry_trimmed", bytes=len(whole), reason=reason)
+            return
+        self._refuse(key, "status_entry_skipped", bytes=len(whole), reason=reason)
+
+    @staticmethod
+    def _candidates(entry: Mapping[str, Any], whole: str) -> Iterator[str]:
+        """What to try to write for ``entry``: whole if not too large, then without the
+        parts that grow with what its client sends (made only if needed)."""
+        if len(whole) <= MAX_ENTRY_BYTES:
+            yield whole
+        left_out = [name for name in _SHED if name in entry]
+        if left_out:
+            rest = {k: v for k, v in entry.items() if k not in left_out}
+            yield json.dumps({**rest, "left_out": left_out}, allow_nan=False)
+
+    def _refuse(self, key: str, event: str, **fields: Any) -> None:
+        """Warn about ``key``'s entry once, until it is written whole again (a client
+        whose reports stay too large would otherwise bring one warning a second)."""
+        if key not in self._refused:
+            self._refused.add(key)
+            self.log.warning(event, key=key, **fields)
 
     def _failed(self, exc: Exception) -> None:
         self._failures += 1

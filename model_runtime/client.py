@@ -22,6 +22,7 @@ applied, never what is merely pending.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -43,13 +44,19 @@ from .received import (
     state_from_message,
     thaw,
 )
-from .reporting import MetricsReporter
+from .reporting import MetricsReporter, step_number
 
 if TYPE_CHECKING:
     from .distributed import StepSync
 
+log = logging.getLogger("hotknob.model_runtime")
+
 _STATE_DICT_FORMAT = 1
 _HISTORY = 64
+
+
+def _report_nothing(step: int, **metrics: Any) -> None:
+    """``report`` after ``close``."""
 
 
 def _default_client_name() -> str:
@@ -278,9 +285,30 @@ class LiveConfig:
 
     def _after_apply(self, old: State, new: State, step: int, *, ack: bool) -> None:
         errors = self._hooks.run(old, new)
+        # The ack needs an ``int`` step (``apply(np.int64(3))`` is common with ``np.arange``).
+        # A step that is no integer at all does not stop the apply: raising here, after
+        # the values changed, would leave them applied but unannounced, and raising before
+        # would make a run with such a step crash at the first live change, maybe hours in,
+        # for a step the apply itself does not need. It is logged at each such apply (one
+        # per change, not per step) and the change goes unacknowledged: ``status`` does not
+        # show it and guards do not watch the process, as they could not place its window.
+        try:
+            number = step_number(step)
+        except (TypeError, ValueError) as exc:
+            log.error(
+                "live_apply_step_unusable version=%d step=%.80r error=%s: applied, but the "
+                "daemon is not told; pass apply() an integer step",
+                new.version,
+                step,
+                exc,
+            )
+            return
+        with self._lock:
+            if self._applied is new:
+                self._applied_step = number  # what a reconnect's ack and ``state_dict`` carry
         if ack:
             extra: dict[str, Any] = {"errors": errors} if errors else {}
-            self._conn.send(protocol.applied(new.version, step, **extra))
+            self._conn.send(protocol.applied(new.version, number, **extra))
 
     def _take_back_superseded(self) -> None:
         """Make the daemon's state that a loaded checkpoint replaced the newest again (the
@@ -420,6 +448,7 @@ class LiveConfig:
             return
         self._closed = True
         self._reporter.stop()
+        self.report = _report_nothing  # nothing is sent any more: keep nothing either
         self._conn.close()
 
     def __enter__(self) -> Self:

@@ -109,6 +109,14 @@ def decode(line: bytes | str) -> dict[str, Any]:
                 raise json.JSONDecodeError("Extra data", text, end)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"line is not JSON: {exc.msg} at column {exc.colno}") from exc
+    except ProtocolError:
+        raise  # a NaN or Infinity, refused by ``_reject_constant``
+    except ValueError as exc:
+        # Python's own limit on the digits of an integer it reads (4300 by default): valid
+        # JSON, but not a number this end takes. The first clause only: the rest is advice
+        # for whoever runs the interpreter, not for the peer.
+        reason = str(exc).split(";")[0]
+        raise ProtocolError(f"line cannot be decoded: {reason}") from None
     except RecursionError:
         raise ProtocolError("line is nested too deeply to decode") from None
     if not isinstance(message, dict):
@@ -192,11 +200,18 @@ def encode_number(value: float) -> float | str:
 
 
 def decode_number(raw: Any) -> float | None:
-    """The inverse of ``encode_number``; ``None`` for anything that is not a reported number."""
+    """The inverse of ``encode_number``; ``None`` for anything that is not a reported number.
+
+    An integer too large for a float is an infinity of its sign, as a float literal too
+    large (``1e999``) already is when decoded.
+    """
     if isinstance(raw, bool):
         return None
     if isinstance(raw, int | float):
-        return float(raw)
+        try:
+            return float(raw)
+        except OverflowError:
+            return math.inf if raw > 0 else -math.inf
     if isinstance(raw, str):
         return NON_FINITE.get(raw.strip().lower())
     return None

@@ -19,15 +19,31 @@ index ``n`` and is taken next time; nothing is lost or sent twice.
 On the wire (protocol 1, ``{"type":"metrics","step":S,"latest":{...},"window":{...}}``)
 ``latest`` holds only the metrics reported since the previous message, and
 ``window`` their values since then, oldest first. ``step`` is the step given to
-the newest ``report``, as it is (a loop may count from below 0). JSON has no NaN or
-infinity, so non-finite values travel as the strings ``"nan"``, ``"inf"`` and
-``"-inf"`` (see ``encode_value``/``decode_value``).
+the newest ``report`` (a loop may count from below 0), made an ``int`` on the
+sending thread by ``step_number``: a numpy or torch integer, or a float with no
+fraction, is one; anything else cannot be sent as a step, so what was reported
+with it is dropped, with one warning. JSON has no NaN or infinity, so non-finite
+values travel as the strings ``"nan"``, ``"inf"`` and ``"-inf"`` (see
+``encode_value``/``decode_value``).
+
+Limits, so that one message always fits the protocol's 1 MiB line: at most
+``MAX_METRICS`` names per process and ``MAX_NAME_CHARS`` characters per name (a
+name past either is dropped, with one warning for each of the two reasons), and at
+most ``window + 1`` values per name per message. The worst case with the default
+window (32): a 200-character name JSON-escapes to at most 1,202 bytes (a control
+character is written ``\\u001f``), a value to at most 24 (``-1.7976931348623157e+308``),
+so a name costs at most about 1,228 bytes in ``latest`` and 1,205 + 25 per value in
+``window``: 256 names of 33 values come to about 834 KB. That holds up to
+``FITTING_WINDOW`` (64) values; a reporter built with a larger window cuts each
+window of an oversized message down to that many (keeping a NaN or infinity).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import numbers
+import operator
 import os
 import threading
 from collections.abc import Callable
@@ -41,10 +57,40 @@ DEFAULT_REPORT_EVERY_S = 1.0
 DEFAULT_WINDOW = 32
 REPORT_EVERY_ENV = "HOTKNOB_REPORT_EVERY_S"
 MAX_METRICS = 256
+"""Metric names one process may report; the daemon keeps no more per process either."""
+MAX_NAME_CHARS = 200
+"""The longest metric name, in characters; the daemon refuses longer ones too."""
+FITTING_WINDOW = 64
+"""The most values per name for which ``MAX_METRICS`` names always fit one message."""
 
 
 encode_value = protocol.encode_number
 decode_value = protocol.decode_number
+
+
+def step_number(step: Any) -> int:
+    """``step`` as the ``int`` a message carries; ``TypeError``/``ValueError`` if it is none.
+
+    Anything with ``__index__`` (a numpy or torch integer) is that integer, and a real
+    number with no fraction (``5.0``, ``np.float32(5)``) is its value. A bool, a
+    fraction, NaN, an infinity, a number past the protocol's 64-bit bound, or anything
+    else (a string, a float tensor) is refused: the daemon would disconnect a client
+    that sent it, and JSON cannot carry the others.
+    """
+    if isinstance(step, bool):
+        raise TypeError("a step must be an integer, not a bool")
+    try:
+        number = operator.index(step)
+    except TypeError:
+        if not isinstance(step, numbers.Real):
+            raise TypeError(f"a step must be an integer, not {type(step).__name__}") from None
+        value = float(step)
+        if not value.is_integer():
+            raise ValueError(f"a step must be a whole number, not {step!r}") from None
+        number = int(value)
+    if not -protocol.MAX_INT <= number <= protocol.MAX_INT:
+        raise ValueError(f"a step must be within +-{protocol.MAX_INT}, not {number}")
+    return number
 
 
 def report_every_from_env(default: float = DEFAULT_REPORT_EVERY_S) -> float:
@@ -66,6 +112,7 @@ class MetricsReporter:
     (idempotent), and no thread starts after it. Values should be Python numbers
     (``loss.item()``): they are converted with ``float()`` on the sending thread,
     and a value that cannot be converted is dropped with one warning per metric.
+    After ``stop``, ``report`` keeps nothing.
     """
 
     def __init__(
@@ -84,10 +131,18 @@ class MetricsReporter:
         self.window = window
         self._send = send
         self._buffers: dict[str, list[Any]] = {}
-        self._step: int | None = None  # None: nothing reported yet
+        self._step: Any = None  # as given to the newest ``report``: converted when sent
         self._reports = 0
         self._taken = 0
         self._bad: set[str] = set()
+        # Names refused by ``report`` (written only there, read by the sending thread,
+        # which warns once per reason): how many times, and the latest such name.
+        self._too_many = 0
+        self._too_many_name = ""
+        self._too_long = 0
+        self._too_long_name = ""
+        self._warned_names: set[str] = set()
+        self._warned_step = False
         self._take_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -101,12 +156,26 @@ class MetricsReporter:
         for name, value in metrics.items():
             buf = buffers.get(name)
             if buf is None:
-                if len(buffers) >= MAX_METRICS:
+                # A new name is rare: the only place that checks limits or starts the thread.
+                if len(buffers) >= MAX_METRICS or len(name) > MAX_NAME_CHARS or self._stopped:
+                    self._refuse(name)
                     continue
                 buf = buffers[name] = []
-                self.start()  # a new metric is rare: the only place that may start the thread
+                self.start()
             buf.append(value)
         self._reports += 1
+
+    def _refuse(self, name: str) -> None:
+        """Count a name ``report`` does not keep; the sending thread warns about it."""
+        if self._stopped:
+            return
+        if len(name) > MAX_NAME_CHARS:
+            self._too_long += 1
+            self._too_long_name = name
+        else:
+            self._too_many += 1
+            self._too_many_name = name
+        self.start()  # so that the warning is not held back until ``stop``
 
     def start(self) -> None:
         """Start the sending thread (idempotent; never after ``stop``)."""
@@ -123,12 +192,17 @@ class MetricsReporter:
         if self._thread.is_alive():
             self._thread.join()
         self.flush()
+        # Nothing is sent after this: drop the buffers so that a ``report`` still made
+        # (through a reference kept to this method) finds no name and keeps nothing.
+        self._buffers = {}
 
     def flush(self) -> bool:
         """Send one message now if anything was reported since the last; True if one was sent."""
         message = self.take()
         if message is None:
             return False
+        if self.window > FITTING_WINDOW:
+            _fit_windows(message["window"])
         self._send(message)
         return True
 
@@ -138,12 +212,26 @@ class MetricsReporter:
             return self._take()
 
     def _take(self) -> dict[str, Any] | None:
+        self._warn_refused_names()
         reports = self._reports
         if reports == self._taken:
             return None
         self._taken = reports
-        step = self._step
-        if step is None:
+        raw_step = self._step  # set by every ``report`` before it counts itself
+        try:
+            step = step_number(raw_step)
+        except (TypeError, ValueError) as exc:
+            # No step to send them with: the values go, or they would pile up.
+            for buf in list(self._buffers.values()):
+                del buf[: len(buf)]
+            if not self._warned_step:
+                self._warned_step = True
+                log.warning(
+                    "live_report_step_unusable step=%.80r error=%s: what is reported with such a "
+                    "step is dropped; pass report() an integer step",
+                    raw_step,
+                    exc,
+                )
             return None
         latest: dict[str, float | str] = {}
         window: dict[str, list[float | str]] = {}
@@ -165,6 +253,22 @@ class MetricsReporter:
         if not latest:
             return None
         return {"type": "metrics", "step": step, "latest": latest, "window": window}
+
+    def _warn_refused_names(self) -> None:
+        for reason, count, name, limit in (
+            ("more_than_max_metrics", self._too_many, self._too_many_name, MAX_METRICS),
+            ("name_too_long", self._too_long, self._too_long_name, MAX_NAME_CHARS),
+        ):
+            if count and reason not in self._warned_names:
+                self._warned_names.add(reason)
+                log.warning(
+                    "live_metric_names_dropped reason=%s limit=%d dropped_so_far=%d name=%.80r: "
+                    "such names are not reported (warned once)",
+                    reason,
+                    limit,
+                    count,
+                    name,
+                )
 
     @staticmethod
     def _first_non_finite(values: list[Any]) -> str | None:
@@ -201,3 +305,23 @@ class MetricsReporter:
                 self.flush()
             except Exception:  # the thread must outlive any surprise
                 log.exception("live_report_failed")
+
+
+def _fit_windows(window: dict[str, list[float | str]]) -> None:
+    """Cut each of ``window``'s lists to its newest ``FITTING_WINDOW`` values if the message
+    might not fit one line (only a reporter with a larger window gets here), keeping
+    ahead of them the first NaN or infinity cut off, as ``_take`` does.
+
+    The bound is linear in the number of values: about 2,433 bytes per name plus 25 per
+    value, so ``MAX_METRICS * FITTING_WINDOW`` values in all fit however they are spread.
+    """
+    if sum(map(len, window.values())) <= FITTING_WINDOW * MAX_METRICS:
+        return
+    for name, values in window.items():
+        if len(values) > FITTING_WINDOW:
+            cut = len(values) - FITTING_WINDOW
+            kept = values[cut:]
+            first_bad = next((v for v in values[:cut] if isinstance(v, str)), None)
+            if first_bad is not None:
+                kept.insert(0, first_bad)
+            window[name] = kept

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
+
+from structlog.testing import capture_logs
 
 from hotknob.daemon.feedback import ClientFeedback
 from hotknob.daemon.metrics import Metrics
 from hotknob.daemon.published import ClientInfo
-from hotknob.daemon.reports import ClientReports, decode_report
+from hotknob.daemon.reports import (
+    MAX_METRICS,
+    MAX_NAME_CHARS,
+    STATUS_METRICS_BYTES,
+    ClientReports,
+    decode_report,
+)
+from hotknob.model_runtime import reporting
 
 
 def _report(step: int, **window: list[float]) -> dict[str, object]:
@@ -45,3 +55,52 @@ def test_a_disconnected_client_takes_its_metric_series_with_it() -> None:
     assert 'client="gone"' not in text
     assert 'hotknob_client_metric{client="stays",metric="loss"} 2.0' in text
     feedback.on_disconnect(gone)  # twice: nothing left to remove, and no error
+
+
+def test_a_huge_integer_value_is_an_infinity_not_a_lost_report() -> None:
+    metrics = Metrics()
+    feedback = ClientFeedback(app="a", node="n", metrics=metrics, revision_of=lambda v: None)
+    client = ClientInfo(id=1, name="c", pid=1, uid=0, connected_at=time.time())
+    feedback.on_metrics(client, {"type": "metrics", "step": 1, "latest": {"loss": 10**400, "x": 1}})
+    assert feedback.reports.means("c") == {"loss": math.inf, "x": 1.0}
+
+
+def test_a_client_keeps_at_most_max_metrics_names_with_one_warning() -> None:
+    metrics = Metrics()
+    feedback = ClientFeedback(app="a", node="n", metrics=metrics, revision_of=lambda v: None)
+    wide = ClientInfo(id=1, name="wide", pid=1, uid=0, connected_at=time.time())
+    with capture_logs() as logs:
+        for part in range(3):  # 450 names, and a long one in each message
+            names = [f"p{part}.{i}" for i in range(150)] + ["z" * (MAX_NAME_CHARS + 1)]
+            feedback.on_metrics(wide, _report(part, **{n: [1.0] for n in names}))
+    kept = feedback.reports.metric_names("wide")
+    assert len(kept) == MAX_METRICS and "z" * (MAX_NAME_CHARS + 1) not in kept
+    assert {f"p0.{i}" for i in range(150)} <= set(kept)  # the first ones stay
+    text = metrics.exposition().decode()
+    assert text.count('hotknob_client_metric{client="wide"') == MAX_METRICS
+    warned = [e for e in logs if e["event"] == "client_metrics_dropped"]
+    assert len(warned) == 1 and warned[0]["client"] == "wide", warned
+    # Known names still update; the cap is on names, not on reports.
+    feedback.on_metrics(wide, _report(9, **{"p0.0": [5.0]}))
+    assert feedback.reports.means("wide")["p0.0"] == 3.0
+    feedback.on_disconnect(wide)
+    assert 'client="wide"' not in metrics.exposition().decode()
+
+
+def test_the_metrics_part_of_a_status_entry_is_bounded() -> None:
+    reports = ClientReports()
+    # The most a client may keep: 256 names of 200 characters, each written by
+    # ``json.dumps`` as 12 bytes (an escaped surrogate pair): about 1.2 MB unbounded.
+    wide = {f"{i:03d}" + "\U0001f600" * (MAX_NAME_CHARS - 3): [1.5] for i in range(MAX_METRICS)}
+    reports.add("wide", decode_report(_report(1, **wide)))
+    fields = reports.status_fields("wide")["metrics"]
+    assert len(json.dumps(fields)) <= STATUS_METRICS_BYTES
+    kept = list(fields["latest"])
+    assert kept == sorted(wide)[: len(kept)] and list(fields["mean"]) == kept
+    assert fields["omitted"] == MAX_METRICS - len(kept) > 0
+    reports.add("small", decode_report(_report(1, loss=[1.0])))
+    assert "omitted" not in reports.status_fields("small")["metrics"]
+
+
+def test_the_daemon_keeps_the_runtimes_limits() -> None:
+    assert (MAX_METRICS, MAX_NAME_CHARS) == (reporting.MAX_METRICS, reporting.MAX_NAME_CHARS)

@@ -74,3 +74,29 @@ def test_applied_errors_as_the_runtime_sends_them_are_valid() -> None:
     message = protocol.decode(protocol.encode(protocol.applied(3, 9, errors=errors)))
     _hello_then(message)
     assert json.loads(protocol.encode(message))["errors"] == errors
+
+
+@pytest.mark.parametrize("where", ["value", "step", "value after a space"])
+def test_an_integer_past_pythons_digit_limit_is_a_protocol_error(where: str) -> None:
+    # Valid JSON, but ``int()`` refuses more than 4300 digits with a plain ValueError,
+    # which the daemon would not answer with ``error``.
+    digits = b"9" * 5000
+    line = {
+        "value": b'{"type":"metrics","step":1,"latest":{"loss":' + digits + b"}}",
+        "step": b'{"type":"metrics","step":' + digits + b',"latest":{"loss":1}}',
+        "value after a space": b' {"type":"metrics","step":1,"latest":{"loss":' + digits + b"}}",
+    }[where]
+    with pytest.raises(protocol.ProtocolError, match="4300 digits"):
+        protocol.decode(line)
+
+
+def test_a_nan_is_still_refused_as_such() -> None:
+    with pytest.raises(protocol.ProtocolError, match="NaN is not a valid JSON number"):
+        protocol.decode(b'{"type":"metrics","step":1,"latest":{"loss":NaN}}')
+
+
+def test_an_integer_too_large_for_a_float_decodes_as_an_infinity() -> None:
+    message = protocol.decode(b'{"type":"metrics","step":1,"latest":{"a":9' + b"9" * 400 + b"}}")
+    assert protocol.decode_number(message["latest"]["a"]) == float("inf")
+    assert protocol.decode_number(-(10**400)) == float("-inf")
+    assert protocol.decode_number(10**300) == 1e300

@@ -133,7 +133,8 @@ def test_the_thread_starts_with_the_first_metric_sends_on_time_and_stops_with_a_
     assert sent[-1]["latest"] == {"loss": 3.0} and sent[-1]["step"] == 2
     assert not any(t.name == "hotknob-reporter[test]" for t in threading.enumerate())
     reporter.stop()  # idempotent
-    reporter.report(3, loss=4.0)  # after stop: kept, never sent, no thread
+    reporter.report(3, loss=4.0)  # after stop: not kept, never sent, no thread
+    assert reporter._buffers == {} and reporter.take() is None
     assert not any(t.name == "hotknob-reporter[test]" for t in threading.enumerate())
 
 

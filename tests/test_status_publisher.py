@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -57,3 +58,58 @@ def test_an_unreachable_etcd_is_logged_once_then_sparingly_then_recovered(
     (recovered,) = [e for e in logs if e["event"] == "status_publish_recovered"]
     assert recovered["failures"] == failures
     assert logs.index(recovered) > logs.index(failed[-1])
+
+
+def _value(etcd: EtcdServer, key: str) -> dict[str, Any] | None:
+    text = etcd.etcdctl("get", key, "--print-value-only").stdout.strip()
+    return json.loads(text) if text else None
+
+
+def test_an_entry_etcd_refuses_does_not_hold_back_the_others() -> None:
+    # An etcd that takes requests of at most 64 KiB, to refuse an entry without megabytes.
+    server = EtcdServer(extra_args=["--max-request-bytes", str(64 * 1024)]).start()
+    options = EtcdOptions(endpoints=(server.endpoint,), timeout=3.0)
+    publisher = StatusPublisher(lambda: EtcdStore(options), "app", "node1", ttl=6)
+    wide = {"version": 1, "metrics": {"latest": {f"m{i}": 1.0 for i in range(10_000)}}}
+    huge = {"version": 1, "note": "x" * 100_000}  # too large even without its metrics
+    try:
+        with capture_logs() as logs:
+            publisher.start()
+            for round_ in range(3):  # every second write of the same entries: still once
+                publisher.publish("wide", {**wide, "step": round_})
+                publisher.publish("huge", {**huge, "step": round_})
+                publisher.publish("good", {"version": 1, "step": round_})
+                good = {"version": 1, "step": round_}
+                _wait_for(lambda: _value(server, publisher.key("good")) == good)  # noqa: B023
+            _wait_for(lambda: (_value(server, publisher.key("wide")) or {}).get("step") == 2)
+            assert _value(server, publisher.key("wide")) == {
+                "version": 1,
+                "step": 2,
+                "left_out": ["metrics"],
+            }
+            assert _value(server, publisher.key("huge")) is None
+            publisher.publish("huge", {"version": 2, "step": 3})  # small again: written
+            _wait_for(lambda: _value(server, publisher.key("huge")) == {"version": 2, "step": 3})
+        events = [e["event"] for e in logs]
+        assert "status_publish_failed" not in events, logs
+        assert events.count("status_entry_trimmed") == 1, logs
+        assert events.count("status_entry_skipped") == 1, logs
+    finally:
+        publisher.stop()
+        server.close()
+
+
+def test_an_entry_over_the_size_bound_is_written_without_its_large_parts(
+    etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(status, "MAX_ENTRY_BYTES", 2000)
+    options = EtcdOptions(endpoints=(etcd.endpoint,), timeout=3.0)
+    publisher = StatusPublisher(lambda: EtcdStore(options), "app", "node1", ttl=6)
+    errors = [{"binding": "B", "error": "e" * 3000}]
+    publisher.start()
+    try:
+        publisher.publish("p", {"version": 4, "errors": errors, "metrics": {"latest": {}}})
+        _wait_for(lambda: _value(etcd, publisher.key("p")) is not None)
+        assert _value(etcd, publisher.key("p")) == {"version": 4, "left_out": ["metrics", "errors"]}
+    finally:
+        publisher.stop()
