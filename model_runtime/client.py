@@ -26,7 +26,6 @@ import logging
 import os
 import sys
 import threading
-import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Self
@@ -57,6 +56,23 @@ _HISTORY = 64
 
 def _report_nothing(step: int, **metrics: Any) -> None:
     """``report`` after ``close``."""
+
+
+def _text_only(error: Mapping[str, str]) -> dict[str, str]:
+    """An ack's error entry with text that is not valid UTF-8 (an exception quoting a path
+    of undecodable bytes) escaped: else the whole ack could not be sent."""
+    return {k: v.encode("utf-8", "backslashreplace").decode("utf-8") for k, v in error.items()}
+
+
+def _innermost(optimizer: Any) -> Any:
+    """The optimizer a wrapper drives (its ``optimizer`` attribute, a few levels down), or
+    ``optimizer`` itself: a wrapper shares the inner one's param groups and state."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
+            break
+        optimizer = inner
+    return optimizer
 
 
 def _default_client_name() -> str:
@@ -112,10 +128,9 @@ class LiveConfig:
         self._lock = threading.Lock()
         self._first_state = threading.Event()
         self._hooks = Hooks()
-        # One binding per optimizer (``bind_optimizer``); weak, so a forgotten one is freed.
-        self._optimizer_handles: weakref.WeakKeyDictionary[Any, Handle] = (
-            weakref.WeakKeyDictionary()
-        )
+        # ``bind_optimizer``'s bindings, by ``id`` of the optimizer they drive (a wrapper's
+        # inner one), so that binding it again for a key replaces the binding of that key.
+        self._optimizer_bindings: dict[int, list[tuple[Handle, Any]]] = {}
         self._closed = False
         self._conn = DaemonConnection(
             path,
@@ -307,7 +322,7 @@ class LiveConfig:
             if self._applied is new:
                 self._applied_step = number  # what a reconnect's ack and ``state_dict`` carry
         if ack:
-            extra: dict[str, Any] = {"errors": errors} if errors else {}
+            extra: dict[str, Any] = {"errors": [_text_only(e) for e in errors]} if errors else {}
             self._conn.send(protocol.applied(new.version, number, **extra))
 
     def _take_back_superseded(self) -> None:
@@ -354,11 +369,15 @@ class LiveConfig:
         """Drive ``optimizer``'s param groups (and ``scheduler``) from live values.
 
         The optimizer takes the applied values at once, then follows every apply.
-        A key given as ``None`` is left alone. Binding an optimizer again replaces
-        its earlier binding (two would apply every change twice, which compounds
-        under ``ReduceLROnPlateau``); that is how its group ratios are taken anew.
-        A value the binding refuses now (``InvalidValue``) is raised here, and no new
-        binding is made (an earlier one stays). Imports torch only here.
+        A key given as ``None`` is left alone. Binding an optimizer again (or a
+        wrapper around it that shares its param groups, found by its ``optimizer``
+        attribute) for a key it is already bound for replaces that binding (two
+        would apply every change twice, which compounds under
+        ``ReduceLROnPlateau``); that is how its group ratios are taken anew, but
+        for what a live 0 hid (``OptimizerBinding.inherit``). A binding for other
+        keys stays. A bind refused (``InvalidValue``: a value, or a scheduler not
+        given) writes nothing, and the earlier binding stays. Imports torch only
+        here.
         """
         from .optim import OptimizerBinding
 
@@ -366,12 +385,18 @@ class LiveConfig:
             optimizer, scheduler, lr=lr, weight_decay=weight_decay, momentum=momentum
         )
         values = self._applied.flat_view
+        table = self._optimizer_bindings
+        slot = id(_innermost(optimizer))
+        kept = [(h, b) for h, b in table.get(slot, []) if not h.removed]
+        replaced = [(h, b) for h, b in kept if b.keys & binding.keys]
+        for _, earlier in replaced:
+            binding.inherit(earlier)
+        binding.check(values)
         binding.apply(values, values)
-        earlier = self._optimizer_handles.pop(optimizer, None)
-        if earlier is not None:
-            earlier.remove()
+        for earlier_handle, _ in replaced:
+            earlier_handle.remove()
         handle = self.add_binding(binding)
-        self._optimizer_handles[optimizer] = handle
+        table[slot] = [(h, b) for h, b in kept if not h.removed] + [(handle, binding)]
         return handle
 
     # -- reporting (model_runtime/reporting.py) ----------------------------------------
@@ -430,10 +455,14 @@ class LiveConfig:
         with self._lock:
             old, self._applied = self._applied, loaded
             self._applied_step = step if isinstance(step, int) else 0
-            latest = self._latest
+            # The daemon's newest state: the one an earlier checkpoint replaced, if one did.
+            latest = self._superseded or self._latest
             newer = latest is not None and latest.version > loaded.version
             self._pending = latest if newer else None
-            if not newer:
+            if newer:
+                self._superseded = None
+                self._latest = latest
+            else:
                 self._superseded = latest
                 self._latest = loaded  # what the ranks converge to, under a group
         if self._sync is not None:

@@ -213,6 +213,12 @@ class OptimizerBinding:
         self._momentum_held = [mixed and m == 0 for m in momenta]
 
     @property
+    def keys(self) -> frozenset[str]:
+        """The live keys this binding drives."""
+        bound = (self.lr_key, self.weight_decay_key, self.momentum_key)
+        return frozenset(k for k in bound if k is not None)
+
+    @property
     def ratios(self) -> tuple[float, ...]:
         """Each group's base rate relative to the reference group's, as fixed at bind time."""
         return tuple(self._ratios)
@@ -284,6 +290,55 @@ class OptimizerBinding:
         if wd_ratios is not None:
             self._wd_ratios = wd_ratios
 
+    def _check_no_unknown_scheduler(self, key: str) -> None:
+        if self.scheduler is None and any("initial_lr" in g for g in self.optimizer.param_groups):
+            raise InvalidValue(
+                f"{key}: the optimizer has a learning-rate scheduler the binding was not given "
+                "(its param groups have initial_lr): pass it as scheduler= to bind_optimizer, "
+                "or its schedule undoes live changes; if none drives it any more (one used "
+                "for a warmup and dropped, or state loaded from a run that had one), remove "
+                "the key: for g in optimizer.param_groups: g.pop('initial_lr', None)"
+            )
+
+    def check(self, values: Mapping[str, Any]) -> None:
+        """Raise ``InvalidValue`` naming every bound key of ``values`` that ``apply`` would
+        refuse for its value or for a scheduler it was not given; write nothing. Run at
+        bind, so that a refused bind leaves the optimizer as it was."""
+        errors: list[str] = []
+        for key, check in (
+            (self.lr_key, _check_lr),
+            (self.weight_decay_key, _check_weight_decay),
+            (self.momentum_key, _check_momentum),
+        ):
+            if key is None or key not in values:
+                continue
+            try:
+                check(key, _finite(key, values[key]))
+                if key == self.lr_key:
+                    self._check_no_unknown_scheduler(key)
+            except InvalidValue as exc:
+                errors.append(str(exc))
+        if errors:
+            raise InvalidValue("; ".join(errors))
+
+    def inherit(self, earlier: OptimizerBinding) -> None:
+        """Take over what ``earlier`` (a binding of the same optimizer, being replaced) knew
+        and the param groups no longer show: the weight-decay ratios when every group's
+        weight decay is 0 now (a live 0 set them all), and which groups' momentum is held
+        at 0 when every group's momentum is 0 now (a live 0 again). Groups added since
+        keep what this binding took from them. Anything the groups do show is theirs: to
+        give a no-decay group decay, or a held group momentum, set it in the optimizer
+        and bind again."""
+        groups = self.optimizer.param_groups
+        known = min(len(groups), len(earlier._wd_ratios))
+        decays = [_num(g["weight_decay"]) for g in groups if "weight_decay" in g]
+        if earlier.weight_decay_key is not None and decays and not any(decays):
+            self._wd_ratios[:known] = earlier._wd_ratios[:known]
+        momenta = {m for m in (_momentum_of(g) for g in groups) if m is not None}
+        if earlier.momentum_key is not None and momenta == {0.0}:
+            known = min(len(groups), len(earlier._momentum_held))
+            self._momentum_held[:known] = earlier._momentum_held[:known]
+
     def _bases(self, key: str) -> list[float]:
         n = len(self.optimizer.param_groups)
         if len(self._ratios) != n:
@@ -297,12 +352,7 @@ class OptimizerBinding:
 
     def _apply_lr(self, key: str, live: float) -> None:
         groups = self.optimizer.param_groups
-        if self.scheduler is None and any("initial_lr" in g for g in groups):
-            raise InvalidValue(
-                f"{key}: the optimizer has a learning-rate scheduler the binding was not given "
-                "(its param groups have initial_lr): pass it as scheduler= to bind_optimizer, "
-                "or its schedule undoes live changes"
-            )
+        self._check_no_unknown_scheduler(key)
         old_bases = self._bases(key)
         new_bases = [live * r for r in self._ratios]
         if live == old_bases[self._reference()]:
@@ -381,13 +431,12 @@ class OptimizerBinding:
         held = self._momentum_held
         if len(groups) != len(held) and any(held):
             raise _groups_changed(key)  # which groups are held is known only for those at bind
-        rmsprop = isinstance(self.optimizer, torch.optim.RMSprop)
         for i, group in enumerate(groups):
             if i < len(held) and held[i]:
                 continue
             if "momentum" in group:
                 _put(group, "momentum", m)
-                if rmsprop and m > 0:
+                if m > 0:
                     self._add_momentum_buffers(group)
             elif "betas" in group:
                 betas = group["betas"]
@@ -399,11 +448,13 @@ class OptimizerBinding:
     def _add_momentum_buffers(self, group: Mapping[str, Any]) -> None:
         """Give each param of an RMSprop group that has state the zero ``momentum_buffer``
         RMSprop makes at a param's first step, but only if momentum is > 0 then: its
-        later steps read the buffer whenever momentum is > 0."""
-        state = self.optimizer.state
+        later steps read the buffer whenever momentum is > 0. RMSprop's state is known by
+        its ``square_avg`` rather than by the optimizer's class, so that a wrapper around
+        one (which shares its param groups and state) is covered too."""
+        state = getattr(self.optimizer, "state", None) or {}
         for p in group["params"]:
             param_state = state.get(p)
-            if param_state and "momentum_buffer" not in param_state:
+            if param_state and "square_avg" in param_state and "momentum_buffer" not in param_state:
                 param_state["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format
                 )

@@ -357,6 +357,41 @@ def test_newer_daemon_state_wins_over_a_loaded_checkpoint(
     assert live["train.lr"] == 0.001 and live.version == 7
 
 
+def test_a_second_checkpoint_is_compared_with_the_daemon_not_with_the_first(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    """The daemon sent version 7. Checkpoint A (version 9) stays; checkpoint B (version 8)
+    loaded after it stays too: it is newer than the daemon's state. (B was compared with
+    A, found older, and A came back at the next apply.)"""
+    first = live.state_dict()
+    first["version"], first["values"]["train"]["lr"] = 9, 0.9
+    live.load_state_dict(first)
+    second = live.state_dict()
+    second["version"], second["values"]["train"]["lr"] = 8, 0.5
+    live.load_state_dict(second)
+    assert live.apply(1) is False and live["train.lr"] == 0.5 and live.version == 8
+    # And one older than the daemon's state gives way to it, whatever came before.
+    third = live.state_dict()
+    third["version"], third["values"]["train"]["lr"] = 6, 0.6
+    live.load_state_dict(third)
+    assert live.apply(2) is True and live["train.lr"] == 0.001 and live.version == 7
+
+
+def test_an_ack_whose_error_text_is_not_valid_utf8_is_still_sent(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    def fails(value: float) -> None:
+        raise ValueError("cannot read /data/run-\udcff/ckpt")  # a path of undecodable bytes
+
+    live.on_change("train.lr", fails)
+    version = stub.push(with_values(train={"lr": 0.5}))
+    eventually(lambda: live.pending_version == version)
+    assert live.apply(3) is True
+    stub.wait_for(lambda: (version, 3) in acks(stub))
+    [ack] = [m for m in stub.messages("applied") if m["version"] == version]
+    assert "run-\\udcff" in ack["errors"][0]["error"]
+
+
 def test_a_loaded_checkpoint_outlives_a_reconnect_that_resends_the_replaced_state(
     sock_path: str,
 ) -> None:

@@ -685,3 +685,88 @@ def test_bind_refuses_an_optimizer_whose_scheduler_was_not_given(
     assert live.state_dict()["bindings"] == []  # nothing left registered
     _push_and_apply(stub, live, 0.1, 1)
     assert _lrs(opt) == [0.5, 0.05]
+
+
+class _Wrapper:
+    """An optimizer wrapper of the common kind: it keeps the real one as ``optimizer`` and
+    shares its param groups and state."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+
+def test_a_wrapped_rmsprop_gets_its_momentum_buffers() -> None:
+    m = _model()
+    opt = torch.optim.RMSprop(m.parameters(), lr=1e-3)  # momentum 0
+    binding = OptimizerBinding(_Wrapper(opt))  # type: ignore[arg-type]
+    _train_step(opt)
+    _set(binding, momentum=0.9)
+    _train_step(opt)  # raised KeyError: 'momentum_buffer'
+    assert all(opt.state[p]["momentum_buffer"].abs().sum() > 0 for p in m.parameters())
+
+
+def test_binding_a_wrapper_of_a_bound_optimizer_replaces_that_binding(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    opt = _sgd(1.0)
+    sched = lrs.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    first = live.bind_optimizer(opt, sched)
+    live.bind_optimizer(_Wrapper(opt), sched)
+    assert first.removed and len(live.state_dict()["bindings"]) == 1
+    _push_and_apply(stub, live, 0.1, 1)
+    assert _lrs(opt) == pytest.approx([0.1, 0.01])  # one change, not two
+
+
+def test_bindings_for_other_keys_of_one_optimizer_are_kept(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    opt = _sgd(1.0)
+    lr_only = live.bind_optimizer(opt, lr="train.lr", weight_decay=None, momentum=None)
+    live.bind_optimizer(opt, lr=None, weight_decay="train.weight_decay", momentum=None)
+    assert not lr_only.removed
+    _push_and_apply(stub, live, 0.5, 1)
+    assert _lrs(opt) == pytest.approx([0.5, 0.05])
+
+
+def test_a_rebind_after_a_live_zero_keeps_the_no_decay_group(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    m = _model()
+    groups: list[dict[str, Any]] = [
+        {"params": m[0].parameters(), "weight_decay": 0.1},
+        {"params": m[1].parameters(), "weight_decay": 0.0},  # biases and norms
+    ]
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    live.bind_optimizer(opt)
+    version = stub.push({"train": {"lr": 1.0, "weight_decay": 0.0, "momentum": 0.9}})
+    stub.wait_for(lambda: live.pending_version == version)
+    live.apply(1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
+    live.bind_optimizer(opt)  # e.g. after add_param_group; every group is at 0 now
+    version = stub.push({"train": {"lr": 1.0, "weight_decay": 0.05, "momentum": 0.9}})
+    stub.wait_for(lambda: live.pending_version == version)
+    live.apply(2)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_a_refused_bind_writes_nothing(stub: DaemonStub, live: LiveConfig) -> None:
+    opt = _sgd(0.5, momentum=0.3)
+    lrs.StepLR(opt, step_size=3)  # a scheduler not given to the binding
+    before = [dict(g, params=None) for g in opt.param_groups]
+    with pytest.raises(InvalidValue, match="initial_lr"):
+        live.bind_optimizer(opt)
+    assert [dict(g, params=None) for g in opt.param_groups] == before
