@@ -55,6 +55,25 @@ def etcd_path_fault(app: str, etcd_path: str) -> str | None:
     return _path_fault(etcd_path[len(prefix) :])
 
 
+def key_path_fault(key: str) -> str | None:
+    """Why the dotted ``key`` has no etcd path that reads back as ``key``; None if it has
+    one (``etcd_key``, which ``key_from_etcd`` then reads back as ``key``).
+
+    Its parts become the path's segments, so none may be empty, and none may hold a
+    ``/``: ``weights.c/`` would be written at ``weights/c/``, a path no reader takes for a
+    key, and ``weights.a/b`` at ``weights/a/b``, read back as ``weights.a.b``. Such a key
+    of a mapping is set by writing the mapping whole (``weights={"a/b": 1}``)."""
+    parts = key.split(".")
+    if any(not part for part in parts):
+        return "an empty part (a doubled, leading or trailing '.')"
+    if any("/" in part for part in parts):
+        return (
+            "a '/' inside a part, which etcd would take for a separator "
+            "(set the mapping that holds it whole instead)"
+        )
+    return _path_fault(key.replace(".", "/"))
+
+
 _NOT_A_KEY = "not a key of the schema"
 
 

@@ -104,6 +104,12 @@ def _facts(schema: type[BaseModel]) -> _SchemaFacts:
     )
 
 
+def is_known(schema: type[BaseModel], key: str) -> bool:
+    """Whether ``key`` is a key of ``schema``, as the merge takes it: a leaf, or a key under
+    a leaf that holds a mapping (``weights.head``)."""
+    return _facts(schema).is_known(key)
+
+
 def _nest_leaves(flat: Mapping[str, Any], paths: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
     """``unflatten`` for keys that are all leaves of the schema (no clash is possible)."""
     nested: dict[str, Any] = {}

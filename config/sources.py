@@ -244,12 +244,16 @@ def read_files_layer(schema: type[BaseModel], paths: Sequence[Path]) -> Layer:
 # --- etcd --------------------------------------------------------------------------------------
 
 
-def etcd_layer(app: str, kvs: Mapping[str, bytes | str]) -> Layer:
-    """The etcd layer from a consistent prefix read (full etcd path -> raw value)."""
+def etcd_layer(
+    app: str, kvs: Mapping[str, bytes | str], *, faults: list[Problem] | None = None
+) -> Layer:
+    """The etcd layer from a consistent prefix read (full etcd path -> raw value); with
+    ``faults``, the paths that name no key go there instead of into the layer's problems
+    (``read_etcd_values``)."""
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     problems: list[Problem] = []
-    read_etcd_values(app, kvs, values, origins, problems)
+    read_etcd_values(app, kvs, values, origins, problems, faults=faults)
     return Layer("etcd", values, origins, tuple(problems))
 
 
@@ -259,17 +263,24 @@ def read_etcd_values(
     values: dict[str, Any],
     origins: dict[str, str],
     problems: list[Problem],
+    *,
+    faults: list[Problem] | None = None,
 ) -> None:
     """Parse etcd paths and raw values into ``values`` and ``origins`` (by dotted key);
     a value that cannot be read goes to ``problems``, and so does a path under the prefix
     that names no key (``etcd_path_fault``), by its whole path, so that it can never be
-    taken for a real key. Paths outside ``app`` are skipped."""
+    taken for a real key. Paths outside ``app`` are skipped.
+
+    Such a path goes to ``faults`` instead, if given: a caller that ignores it (with a
+    warning) while it takes or refuses the values of the keys as they are. It is no key,
+    so it cannot make a configuration invalid."""
     for path, raw in kvs.items():
         key = key_from_etcd(app, path)
         if key is None:
             fault = etcd_path_fault(app, path)
             if fault is not None:
-                problems.append(Problem(shown_text(path), "etcd", fault))
+                found = Problem(shown_text(path), "etcd", fault)
+                (problems if faults is None else faults).append(found)
             continue
         origins[key] = path
         try:

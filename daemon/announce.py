@@ -3,8 +3,10 @@
 An accepted change is announced after its state was pushed (``change_accepted``, with
 the old and new values); a rejected one at once (``change_rejected``, with every
 problem's key, layer and reason); a live edit that a higher layer hides is a warning
-(``update_shadowed``). Secret values are masked in all of them, and so, for a schema with
-secrets, are the values of keys that are not leaves of it; long values are cut.
+(``update_shadowed``), and so is an etcd path that names no key (``etcd_path_ignored``,
+without its value). Secret values are masked in all of them, and so, for a schema with
+secrets, are the values of keys that are not leaves of it nor under a leaf that holds a
+mapping; long values are cut.
 The daemon's counters hear of each through ``on_accepted`` / ``on_rejected``.
 """
 
@@ -15,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hotknob.config import InvalidChange, Snapshot
+from hotknob.config.errors import Problem
 from hotknob.config.schema import mask_secrets, shown_value
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -135,10 +138,30 @@ class Announcer:
         )
         self._on_rejected(layer)
 
+    def ignored(self, revision: int, faults: Sequence[Problem]) -> None:
+        """Etcd paths under the prefix that name no key (``train.lr``, ``train//lr``): each
+        is ignored, with one warning naming it, and the rest of its change goes on. Its
+        value is left out: the path does not say whether a secret was meant."""
+        for fault in faults:
+            self.log.warning(
+                "etcd_path_ignored", path=fault.key, reason=fault.reason, revision=revision
+            )
+            self._broadcast(
+                {
+                    "type": "event",
+                    "event": "etcd_path_ignored",
+                    "path": fault.key,
+                    "reason": fault.reason,
+                    "revision": revision,
+                    "time": time.time(),
+                }
+            )
+
     def shown(self, key: str, value: Any) -> Any:
         """``value`` as it may appear in a log or an event: a secret key's value is masked,
-        and so, for a schema with secrets, is that of a key that is not one of its leaves
-        (``hides``): a section key holding a JSON object, a mistyped key."""
+        and so, for a schema with secrets, is that of a key that is neither one of its
+        leaves nor under a leaf that holds a mapping (``hides``): a section key holding a
+        JSON object, a mistyped key."""
         return shown_value(key, value, self._secrets)
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
 from hotknob.config.errors import HotknobError, InvalidInput
-from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, to_text
-from hotknob.config.merge import changed_keys, merge_dropping_invalid
+from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, key_path_fault, to_text
+from hotknob.config.merge import changed_keys, is_known, merge_dropping_invalid
 from hotknob.config.schema import leaf_map, secret_keys, shown_value
 from hotknob.config.sources import parse_assignment
 
@@ -192,12 +192,19 @@ def _write(
 def _deleted_keys(ctx: Context, in_etcd: Mapping[str, Any], keys: list[str]) -> list[str]:
     """The etcd keys that ``unset keys`` deletes: each key set in etcd, and every one set
     under a section. A key that is neither in the schema nor in etcd is a mistake (a
-    typo would otherwise print "nothing to do"): ``InvalidInput``."""
+    typo would otherwise print "nothing to do"): ``InvalidInput``. A key of the schema is
+    one the merge takes (``is_known``: a leaf, or a key under a leaf that holds a mapping,
+    such as ``weights.head``), or a section; deleting one that etcd no longer holds is
+    "nothing to do", so that ``unset`` can be run twice."""
     leaves = leaf_map(ctx.schema)
     found: dict[str, None] = {}
     for key in keys:
         below = [k for k in in_etcd if k == key or k.startswith(key + ".")]
-        if not below and not any(k == key or k.startswith(key + ".") for k in leaves):
+        if (
+            not below
+            and not is_known(ctx.schema, key)
+            and not any(k.startswith(key + ".") for k in leaves)
+        ):
             raise InvalidInput(f"{key}: not a key of the schema, and etcd holds no value under it")
         found.update(dict.fromkeys(below))
     return list(found)
@@ -232,6 +239,9 @@ def cmd_set(args: argparse.Namespace) -> int:
     puts: dict[str, Any] = {}
     for pair in args.pairs:
         key, value = parse_assignment(pair)
+        fault = key_path_fault(key)
+        if fault is not None:  # written, it would be a path that every reader refuses
+            raise InvalidChange([Problem(key, "etcd", f"has no etcd path: {fault}")])
         puts[key] = value
     return _write(ctx, args, puts, [], "wrote", guard)
 
@@ -293,9 +303,20 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
     with ctx.store() as store:
         then, _ = store.read_prefix(ctx.prefix, revision=args.to_revision)
-    old = etcd_layer(ctx.app, then)
+    # A path that names no key (``train.lr``, ``train//lr``) cannot be restored as a key,
+    # and is not one that the rollback could make invalid: it is skipped with a warning,
+    # and whatever etcd holds at that path now is left as it is. A value that cannot be
+    # read refuses the rollback.
+    faults: list[Problem] = []
+    old = etcd_layer(ctx.app, then, faults=faults)
     if old.problems:
         raise InvalidChange(list(old.problems))
+    for fault in faults:
+        print(
+            f"hotknob: warning: ignoring etcd value of {fault.key} at revision "
+            f"{args.to_revision}: {fault.reason}; rollback leaves that path as it is",
+            file=sys.stderr,
+        )
     layers, _, _ = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
     puts = {k: v for k, v in old.values.items() if current.values.get(k, _ABSENT) != v}

@@ -173,7 +173,7 @@ class Engine:
         else:
             self.layers["etcd"] = etcd_layer(self.app, {})
         # The saved values too: written under an older schema, they may not fit this one.
-        read = etcd_layer(self.app, etcd) if etcd is not None else self.layers["etcd"]
+        read = self._read_etcd(etcd, revision) if etcd is not None else self.layers["etcd"]
         snapshot = self._merge_sanitized(read, revision)
         self._restart.start(snapshot.flat)
         published = self._published(snapshot, revision)
@@ -221,7 +221,7 @@ class Engine:
         if self._closed:
             return
         before = self.layers["etcd"].values
-        snapshot = self._merge_sanitized(etcd_layer(self.app, kvs), revision)
+        snapshot = self._merge_sanitized(self._read_etcd(kvs, revision), revision)
         edited = changed_keys(before, self.layers["etcd"].values)
         # Below the revision in force: etcd was restored from a backup, and its count
         # goes on from there. Published revisions follow etcd's, as clients compare them.
@@ -255,7 +255,11 @@ class Engine:
     def on_etcd_change(
         self, revision: int, puts: Mapping[str, bytes], deletes: Iterable[str]
     ) -> None:
-        """All events of one etcd revision: one change, accepted or rejected whole."""
+        """All events of one etcd revision: one change, accepted or rejected whole. A path
+        in it that names no key (``train.lr``, ``train//lr``: ``etcd_path_fault``) is no
+        part of the change: it is ignored with a warning (``etcd_path_ignored``), as every
+        reader of etcd ignores it, and the keys beside it are taken or refused as if it
+        were not there. A key outside the schema is part of the change, and refuses it."""
         if self._closed:
             return
         if not deletes and self._take_puts(revision, puts):
@@ -275,7 +279,12 @@ class Engine:
                 edited[key] = None
         put: dict[str, Any] = {}
         problems: list[Problem] = []
-        read_etcd_values(self.app, puts, put, origins, problems)
+        faults: list[Problem] = []
+        read_etcd_values(self.app, puts, put, origins, problems, faults=faults)
+        if faults:  # paths that name no key: ignored, each with a warning; the rest goes on
+            self._announce.ignored(revision, faults)
+            if not put and not problems and not edited:
+                return
         values.update(put)
         edited.update(put)
         edited.update((problem.key, None) for problem in problems)
@@ -414,6 +423,15 @@ class Engine:
             ),
             precedence=self.precedence,
         )
+
+    def _read_etcd(self, kvs: Mapping[str, bytes], revision: int) -> Layer:
+        """The etcd layer of a full read; each path in it that names no key is ignored
+        with a warning, as in a change (``on_etcd_change``)."""
+        faults: list[Problem] = []
+        layer = etcd_layer(self.app, kvs, faults=faults)
+        if faults:
+            self._announce.ignored(revision, faults)
+        return layer
 
     def _merge(self) -> Snapshot:
         return merge_layers(self.schema, self.layers.values(), self.precedence)

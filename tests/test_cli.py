@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, Field
 
+from hotknob.config.schema import TrainParams
 from tests.daemon_proc import DaemonProcess, hotknob_cmd, run_cli
 from tests.etcd_server import EtcdServer
 
@@ -17,6 +19,14 @@ pytestmark = pytest.mark.timeout(90)
 
 APP = "cli"
 P = f"/hotknob/{APP}/config/"
+WEIGHTED = ["--schema", "tests.test_cli:Weighted"]
+
+
+class Weighted(BaseModel):
+    """A schema with a mapping field: ``--schema tests.test_cli:Weighted``."""
+
+    train: TrainParams = Field(default_factory=TrainParams)
+    weights: dict[str, float] = Field(default_factory=dict)
 
 
 def hk(
@@ -413,3 +423,64 @@ def test_a_usage_error_names_the_program_once() -> None:
     assert one_line_error(top, 2) == "hotknob: unrecognized arguments: --nope"
     sub = run_cli("set")
     assert one_line_error(sub, 2) == "hotknob: set: the following arguments are required: KEY=VALUE"
+
+
+def test_set_refuses_a_key_whose_etcd_path_no_reader_takes_for_it(etcd: EtcdServer) -> None:
+    """``weights.c/`` would be written at ``weights/c/`` (no key), ``weights.a/b`` at
+    ``weights/a/b`` (read back as ``weights.a.b``): refused, and nothing is written."""
+    before = revision(etcd)
+    for pair in ("weights.c/=1", "weights.a/b=1", "weights./c=1"):
+        line = one_line_error(hk(etcd, "set", *WEIGHTED, pair, "train.lr=0.5"), 1)
+        key = pair.split("=")[0]
+        assert line.startswith(f"hotknob: {key} (from etcd): has no etcd path: a '/' inside"), line
+    assert revision(etcd) == before
+    done = hk(etcd, "set", *WEIGHTED, 'weights={"a/b": 1}')  # the mapping written whole
+    assert done.returncode == 0, done.stderr
+    got = hk(etcd, "get", *WEIGHTED, "weights", "--json")
+    assert json.loads(got.stdout) == {"a/b": 1.0}, got.stderr
+
+
+def test_unset_of_a_key_of_a_mapping_field_twice(etcd: EtcdServer) -> None:
+    assert hk(etcd, "set", *WEIGHTED, "weights.head=0.5").returncode == 0
+    done = hk(etcd, "unset", *WEIGHTED, "weights.head")
+    assert done.returncode == 0 and etcd_value(etcd, "weights/head") is None, done.stderr
+    before = revision(etcd)
+    done = hk(etcd, "unset", *WEIGHTED, "weights.head")  # as `unset train.lr` twice
+    assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr
+    done = hk(etcd, "unset", *WEIGHTED, "weights.never.set")
+    assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr
+    assert revision(etcd) == before
+    line = one_line_error(hk(etcd, "unset", *WEIGHTED, "train.lr.x"), 1)
+    assert "train.lr.x: not a key of the schema" in line
+
+
+def test_rollback_skips_paths_that_are_no_keys_and_leaves_them(etcd: EtcdServer) -> None:
+    """The target revision held paths that name no key: they cannot be restored as keys,
+    and rollback neither writes nor deletes them; the keys are rolled back."""
+    hk(etcd, "set", "train.lr=0.1")
+    etcd.etcdctl("put", P + "train.momentum", "0.3")
+    etcd.etcdctl("put", P + "train//weight_decay", "0.1")
+    target = revision(etcd)
+    hk(etcd, "set", "train.lr=0.2")
+    etcd.etcdctl("del", P + "train.momentum")
+    before = revision(etcd)
+    done = hk(etcd, "rollback", "--to-revision", str(target))
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert revision(etcd) == before + 1
+    assert etcd_value(etcd, "train/lr") == "0.1"
+    assert etcd_value(etcd, "train.momentum") is None  # not written back
+    assert etcd_value(etcd, "train//weight_decay") == "0.1"  # not deleted
+    for path in ("train.momentum", "train//weight_decay"):
+        warning = f"ignoring etcd value of {P}{path} at revision {target}: not a key"
+        assert warning in done.stderr and "rollback leaves that path as it is" in done.stderr
+
+
+def test_rollback_to_a_value_that_cannot_be_read_is_refused(etcd: EtcdServer) -> None:
+    hk(etcd, "set", "train.lr=0.1")
+    etcd.etcdctl("put", P + "train/momentum", '"\\ud800"')
+    target = revision(etcd)
+    hk(etcd, "set", "train.momentum=0.2")
+    before = revision(etcd)
+    line = one_line_error(hk(etcd, "rollback", "--to-revision", str(target)), 1)
+    assert "train.momentum (from etcd): not valid text" in line
+    assert revision(etcd) == before

@@ -27,8 +27,8 @@ from hotknob.config import (
     read_config_file,
     restart_only_keys,
 )
-from hotknob.config.keys import parse_text, unflatten
-from hotknob.config.merge import leaf_input, merge_dropping_invalid, validate_leaves
+from hotknob.config.keys import etcd_key, key_from_etcd, key_path_fault, parse_text, unflatten
+from hotknob.config.merge import is_known, leaf_input, merge_dropping_invalid, validate_leaves
 from hotknob.config.schema import mapping_keys
 from hotknob.config.sources import MAX_FILE_DEPTH, Layer
 from tests.banded_schema import Banded
@@ -476,3 +476,26 @@ def test_a_state_too_large_blames_the_value_a_live_layer_set() -> None:
     assert (key, layer) == ("note", "etcd")  # not the larger default: it cannot be dropped
     snap, dropped = merge_dropping_invalid(_Open, [defaults, etcd])
     assert [p.key for p in dropped] == ["note"] and snap.flat["lr"] == 0.5
+
+
+# --- keys that etcd can hold -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["train.lr", "weights.head", "weights.a b", "weights.é", "x"])
+def test_a_key_with_an_etcd_path_reads_back_from_it_as_itself(key: str) -> None:
+    assert key_path_fault(key) is None
+    assert key_from_etcd(APP, etcd_key(APP, key)) == key
+
+
+@pytest.mark.parametrize(
+    "key", ["weights.c/", "weights.a/b", "weights./c", "train..lr", ".lr", "lr.", "a/b"]
+)
+def test_a_key_whose_etcd_path_reads_back_as_another_or_none_has_a_fault(key: str) -> None:
+    assert key_path_fault(key) is not None
+    assert key_from_etcd(APP, etcd_key(APP, key)) != key
+
+
+def test_a_key_under_a_mapping_leaf_is_known_and_one_under_another_leaf_is_not() -> None:
+    assert is_known(Loose, "weights") and is_known(Loose, "weights.head")
+    assert is_known(Loose, "weights.a.b")  # what the mapping holds is the schema's to check
+    assert not is_known(Loose, "x.y") and not is_known(Loose, "nope")

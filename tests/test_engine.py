@@ -30,6 +30,7 @@ def make_engine(
     *extra: Any,
     published: list[Published] | None = None,
     schema: type[BaseModel] = MLParams,
+    events: list[dict[str, Any]] | None = None,
 ) -> Engine:
     sink = published if published is not None else []
     return Engine(
@@ -39,6 +40,7 @@ def make_engine(
         layers=[defaults_layer(schema), env_layer(schema, environ={}), cli_layer([]), *extra],
         store=StateStore(tmp_path, APP),
         publish=sink.append,
+        broadcast=(events if events is not None else []).append,
     )
 
 
@@ -395,3 +397,82 @@ def test_state_dir_that_is_a_file_is_reported_not_fatal(tmp_path: Path) -> None:
     assert len(failed) == 2  # the start and the change: each tries to reserve its version
     assert engine.state_write_error is not None
     engine.close()
+
+
+# --- etcd paths that name no key ---------------------------------------------------------------
+
+STRAYS = ["train//weight_decay", "train.x", "train/lr/", "train.weight_decay"]
+
+
+@pytest.mark.parametrize("stray", STRAYS)
+@pytest.mark.parametrize("with_delete", [False, True])
+def test_a_path_that_is_no_key_is_ignored_and_the_keys_beside_it_are_applied(
+    tmp_path: Path, stray: str, with_delete: bool
+) -> None:
+    """Every reader of etcd ignores such a path (README): the daemon too, so the value
+    written beside it is in force, as ``hotknob get`` says it is."""
+    published: list[Published] = []
+    events: list[dict[str, Any]] = []
+    engine = make_engine(tmp_path, published=published, events=events)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.01", P + "sampling/top_k": b"5"}, 5)
+    deletes = [P + "sampling/top_k"] if with_delete else []
+    with capture_logs() as logs:
+        engine.on_etcd_change(6, {P + "train/lr": b"0.5", P + stray: b"0.1"}, deletes)
+    assert engine.version == 2 and published[-1].flat["train.lr"] == 0.5
+    assert published[-1].flat["train.weight_decay"] == 0.0
+    assert published[-1].flat["sampling.top_k"] == (0 if with_delete else 5)
+    expected = {"train.lr": 0.5} if with_delete else {"train.lr": 0.5, "sampling.top_k": 5}
+    assert dict(engine.layers["etcd"].values) == expected
+    assert not [e for e in logs if e["event"] == "change_rejected"]
+    (ignored,) = [e for e in logs if e["event"] == "etcd_path_ignored"]
+    assert (ignored["path"], ignored["revision"], ignored["log_level"]) == (P + stray, 6, "warning")
+    assert ignored["reason"].startswith("not a key of the schema: ")
+    (event,) = [e for e in events if e["event"] == "etcd_path_ignored"]
+    assert event["path"] == P + stray and "value" not in event and "0.1" not in str(event)
+
+
+def test_a_change_of_paths_that_are_no_keys_alone_changes_nothing(tmp_path: Path) -> None:
+    published: list[Published] = []
+    engine = make_engine(tmp_path, published=published)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.01"}, 5)
+    with capture_logs() as logs:
+        engine.on_etcd_change(6, {P + "train.lr": b"0.5", P + "train//lr": b"0.5"}, [])
+    assert engine.version == 1 and len(published) == 1
+    ignored = [e["path"] for e in logs if e["event"] == "etcd_path_ignored"]
+    assert ignored == [P + "train.lr", P + "train//lr"]
+    assert [e["event"] for e in logs if e["log_level"] != "warning"] == []
+
+
+def test_beside_a_path_that_is_no_key_an_invalid_value_or_unknown_key_still_refuses(
+    tmp_path: Path,
+) -> None:
+    """Only paths that name no key are left out of a change: a key outside the schema, or
+    an invalid value, is part of it and refuses it whole, as before."""
+    published: list[Published] = []
+    engine = make_engine(tmp_path, published=published)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.01"}, 5)
+    for revision, bad in enumerate(["train/lr", "train/not_a_field"], start=6):
+        puts = {P + "train/momentum": b"0.5", P + bad: b"-1", P + "train.x": b"1"}
+        with capture_logs() as logs:
+            engine.on_etcd_change(revision, puts, [])
+        (rejected,) = [e for e in logs if e["event"] == "change_rejected"]
+        assert rejected["key"] == bad.replace("/", ".")
+        assert [e["path"] for e in logs if e["event"] == "etcd_path_ignored"] == [P + "train.x"]
+    assert engine.version == 1 and published[-1].flat["train.momentum"] == 0.9
+
+
+def test_a_full_read_ignores_paths_that_are_no_keys_with_a_warning(tmp_path: Path) -> None:
+    published: list[Published] = []
+    engine = make_engine(tmp_path, published=published)
+    files_start(engine)
+    with capture_logs() as logs:
+        engine.start({P + "train/lr": b"0.01", P + "train.lr": b"0.3"}, 5)
+    assert [e["path"] for e in logs if e["event"] == "etcd_path_ignored"] == [P + "train.lr"]
+    assert not [e for e in logs if e["event"] == "change_rejected"]
+    with capture_logs() as logs:
+        engine.on_etcd_snapshot({P + "train/lr": b"0.02", P + "//train/lr": b"0.3"}, 9)
+    assert [e["path"] for e in logs if e["event"] == "etcd_path_ignored"] == [P + "//train/lr"]
+    assert engine.version == 2 and published[-1].flat["train.lr"] == 0.02

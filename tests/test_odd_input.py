@@ -36,6 +36,7 @@ from hotknob.config.merge import DEFAULT_PRECEDENCE, merge_dropping_invalid
 from hotknob.config.schema import TrainParams
 from hotknob.config.sources import parse_assignment
 from hotknob.daemon.engine import Engine
+from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from hotknob.daemon.published import Published
 from hotknob.daemon.state import StateStore
 from hotknob.model_runtime import protocol
@@ -310,7 +311,7 @@ def test_engine_never_takes_an_alias_for_its_key(tmp_path: Path) -> None:
     engine = make_engine(tmp_path, published)
     engine.start({P + "train/lr": b"0.1"}, 3)
     for revision, alias in enumerate(["train.lr", "train/lr/", "//train/lr"], start=4):
-        engine.on_etcd_change(revision, {P + alias: b"0.2"}, [])  # rejected
+        engine.on_etcd_change(revision, {P + alias: b"0.2"}, [])  # ignored
         engine.on_etcd_change(revision, {}, [P + alias])  # deleting it changes nothing
     assert engine.version == 1 and len(published) == 1
     assert engine.snapshot is not None and engine.snapshot.flat["train.lr"] == 0.1
@@ -335,17 +336,34 @@ def test_daemon_and_cli_with_lone_surrogates_and_aliases_in_etcd(
             assert values["service"]["url"] == "http://localhost:8000"
             version = client.snapshot["version"]
             etcd.etcdctl("put", P + "service/url", '"http://\\udfff"')  # rejected
-            etcd.etcdctl("put", P + "train/lr/", "0.3")  # rejected
+            etcd.etcdctl("put", P + "train/lr/", "0.3")  # ignored
             etcd.etcdctl("del", P + "train.lr")  # changes nothing
             etcd.etcdctl("put", P + "train/lr", "0.05")
             update = client.next_update()
             assert update["version"] == version + 1
             assert update["changed"] == {"train.lr": 0.05}
+            # One transaction: the key is applied, the path beside it that is no key ignored.
+            store = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,)))
+            try:
+                store.commit({P + "train/momentum": "0.5", P + "train//weight_decay": "0.1"})
+            finally:
+                store.close()
+            update = client.next_update()
+            assert update["version"] == version + 2
+            assert update["changed"] == {"train.momentum": 0.5}
         with RawClient(daemon.socket_path, name="late") as late:
             assert late.snapshot["values"]["train"]["lr"] == 0.05
+            assert late.snapshot["values"]["train"]["weight_decay"] == 0.0
         rejected = " ".join(e["reason"] for e in daemon.events("change_rejected"))
-        assert "service.url (from etcd): not valid text (a lone surrogate)" in rejected
-        assert f"{P}train/lr/ (from etcd): not a key of the schema" in rejected
+        assert rejected.startswith("service.url (from etcd): not valid text (a lone surrogate)")
+        assert "not a key of the schema" not in rejected
+        ignored = [(e["path"], e["reason"]) for e in daemon.events("etcd_path_ignored")]
+        assert [path for path, _ in ignored] == [
+            P + "train.lr",
+            P + "train/lr/",
+            P + "train//weight_decay",
+        ]
+        assert all(reason.startswith("not a key of the schema: ") for _, reason in ignored)
         assert daemon.proc is not None and daemon.proc.poll() is None
         assert "Traceback" not in daemon.log()
 

@@ -8,7 +8,9 @@ way in and asserts that none of them appears in what was printed or logged.
 from __future__ import annotations
 
 import base64
+import copy
 import json
+import pickle
 import signal
 import subprocess
 import time
@@ -17,8 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from hotknob.config.schema import SECRET_MASK, MLParams, mask_secrets, secret_keys
+from hotknob.config.schema import (
+    SECRET_MASK,
+    MLParams,
+    SecretKeys,
+    TrainParams,
+    hides,
+    mask_secrets,
+    secret_keys,
+)
 from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
 from tests.etcd_server import EtcdServer
 from tests.secret_schema import Params
@@ -30,6 +41,26 @@ P = f"/hotknob/{APP}/config/"
 G = f"/hotknob/{APP}/guards/"
 SCHEMA = ["--schema", "tests.secret_schema:Params"]
 CHECKED = ["--schema", "tests.secret_schema:Checked"]
+MAPPED = ["--schema", "tests.test_secrets_hidden:Mapped"]
+
+
+class Vault(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = "http://localhost:8000"
+    api_key: SecretStr = SecretStr("default-api-key-0000")
+
+
+class Mapped(BaseModel):
+    """A schema with a secret, a mapping of plain values and a mapping of secrets:
+    ``--schema tests.test_secrets_hidden:Mapped``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainParams = Field(default_factory=TrainParams)
+    vault: Vault = Field(default_factory=Vault)
+    weights: dict[str, float] = Field(default_factory=dict)
+    tokens: dict[str, SecretStr] = Field(default_factory=dict)
 
 
 def hk(
@@ -125,7 +156,81 @@ def test_keys_outside_a_schema_with_secrets_are_hidden_and_others_shown() -> Non
     assert not hides("train.lrr", plain) and not hides("train", plain)
 
 
+def test_a_key_of_a_mapping_field_is_shown_or_hidden_as_that_field_is() -> None:
+    secrets = secret_keys(Mapped)
+    for shown in ("weights", "weights.head", "weights.a.b", "train.lr", "vault.url"):
+        assert not hides(shown, secrets), shown
+    for hidden in ("tokens", "tokens.a", "vault.api_key", "vault.api_key.x", "vault.x", "weight"):
+        assert hides(hidden, secrets), hidden
+    masked = mask_secrets({"weights.head": 0.5, "tokens.a": "t", "weightz.a": 1}, secrets)
+    assert masked == {"weights.head": 0.5, "tokens.a": SECRET_MASK, "weightz.a": SECRET_MASK}
+    # A plain set of keys hides those keys and the keys under them.
+    assert hides("tokens.a", frozenset({"tokens"})) and not hides("weights.a", frozenset({"x"}))
+
+
+@pytest.mark.parametrize(
+    "made",
+    [
+        copy.copy,
+        copy.deepcopy,
+        lambda s: pickle.loads(pickle.dumps(s)),
+        lambda s: s.copy(),
+        lambda s: s | {"x.y"},
+        lambda s: frozenset({"x.y"}) | s,
+        lambda s: s & {"vault.api_key"},
+        lambda s: frozenset({"vault.api_key", "x.y"}) & s,
+        lambda s: s - {"tokens"},
+        lambda s: (frozenset({"x.y"}) - s) | s,
+        lambda s: s ^ {"x.y"},
+        lambda s: s.union({"x.y"}, {"z"}),
+        lambda s: s.intersection(s),
+        lambda s: s.difference(set()),
+        lambda s: s.symmetric_difference(set()),
+    ],
+)
+def test_secret_keys_keep_their_schema_through_copies_pickles_and_set_operations(
+    made: Callable[[SecretKeys], frozenset[str]],
+) -> None:
+    """A plain frozenset in their place would silently show a mistyped key's value."""
+    secrets = secret_keys(Mapped)
+    other = made(secrets)
+    assert "vault.api_key" in other
+    assert hides("vault.api_keyy", other) and hides("vault.api_key", other)
+    assert not hides("train.lr", other)
+    assert isinstance(other, SecretKeys)
+    assert other.leaves == secrets.leaves and other.mappings == secrets.mappings
+    assert not hides("weights.head", other)
+
+
+def test_secret_keys_cannot_be_edited() -> None:
+    secrets = secret_keys(Mapped)
+    with pytest.raises(AttributeError):
+        secrets.leaves = frozenset()
+    assert "train.lr" in secrets.leaves
+
+
 # --- the CLI ----------------------------------------------------------------------------------
+
+
+def test_a_key_of_a_mapping_field_is_shown_and_one_of_a_secret_mapping_is_not(
+    etcd: EtcdServer,
+) -> None:
+    token = "mapped-token-secret-1111"
+    shown = {"set": ok(hk(etcd, "set", "weights.head=0.5", schema=MAPPED))}
+    assert "weights.head  -    0.5" in shown["set"] and SECRET_MASK not in shown["set"]
+    done = hk(etcd, "set", "--json", "weights.tail=0.25", f"tokens.a={token}", schema=MAPPED)
+    shown["set --json"] = ok(done)
+    assert json.loads(done.stdout)["changed"] == {"weights.tail": 0.25, "tokens.a": SECRET_MASK}
+    shown["history"] = ok(hk(etcd, "history", "--json", schema=MAPPED))
+    values = {e["key"]: e["value"] for e in json.loads(shown["history"])["entries"]}
+    assert values == {"weights.head": "0.5", "weights.tail": "0.25", "tokens.a": SECRET_MASK}
+    guard = ["--guard", "loss < 100", "--window", "5"]
+    shown["set --guard"] = ok(hk(etcd, "set", "weights.head=0.75", *guard, schema=MAPPED))
+    (record,) = guard_records(etcd)
+    assert record["keys"]["weights.head"] == {"old": 0.5, "existed": True, "new": 0.75}
+    shown["status"] = ok(hk(etcd, "status", schema=MAPPED))
+    assert "weights.head=0.75 (was 0.5)" in shown["status"]
+    assert_hidden((token,), **shown)
 
 
 def test_set_history_unset_and_rollback_show_no_secret(etcd: EtcdServer) -> None:
