@@ -222,6 +222,8 @@ def test_report_after_close_does_nothing(stub: DaemonStub) -> None:
     live.report(1, loss=2.0)
     report(2, loss=3.0)  # the reporter's own method, kept from before the close
     assert live._reporter._buffers == {}
+    # What close sent arrives at the stub's own pace; nothing after it was kept to send.
+    stub.wait_for(lambda: bool(stub.messages("metrics")))
     assert [m["latest"] for m in stub.messages("metrics")] == [{"loss": 1.0}]
 
 
