@@ -307,6 +307,19 @@ class LiveConfig:
         # for a step the apply itself does not need. It is logged at each such apply (one
         # per change, not per step) and the change goes unacknowledged: ``status`` does not
         # show it and guards do not watch the process, as they could not place its window.
+        if type(step) is int and -protocol.MAX_INT <= step <= protocol.MAX_INT:
+            number = step  # the common case, on the training thread: nothing to convert
+        else:
+            number = self._step_for_ack(step, new)
+            if number is None:
+                return
+        if ack:
+            extra: dict[str, Any] = {"errors": [_text_only(e) for e in errors]} if errors else {}
+            self._conn.send(protocol.applied(new.version, number, **extra))
+
+    def _step_for_ack(self, step: Any, new: State) -> int | None:
+        """``step`` converted for the ack (and kept for a reconnect's ack and ``state_dict``),
+        or None, logged, if it is no integer at all."""
         try:
             number = step_number(step)
         except (TypeError, ValueError) as exc:
@@ -317,13 +330,11 @@ class LiveConfig:
                 step,
                 exc,
             )
-            return
+            return None
         with self._lock:
             if self._applied is new:
                 self._applied_step = number  # what a reconnect's ack and ``state_dict`` carry
-        if ack:
-            extra: dict[str, Any] = {"errors": [_text_only(e) for e in errors]} if errors else {}
-            self._conn.send(protocol.applied(new.version, number, **extra))
+        return number
 
     def _take_back_superseded(self) -> None:
         """Make the daemon's state that a loaded checkpoint replaced the newest again (the
