@@ -307,9 +307,8 @@ class LiveConfig:
         # for a step the apply itself does not need. It is logged at each such apply (one
         # per change, not per step) and the change goes unacknowledged: ``status`` does not
         # show it and guards do not watch the process, as they could not place its window.
-        if type(step) is int and -protocol.MAX_INT <= step <= protocol.MAX_INT:
-            number = step  # the common case, on the training thread: nothing to convert
-        else:
+        number: int | None = step  # the common case, on the training thread: nothing to do
+        if type(step) is not int or not -protocol.MAX_INT <= step <= protocol.MAX_INT:
             number = self._step_for_ack(step, new)
             if number is None:
                 return
