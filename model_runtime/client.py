@@ -307,11 +307,12 @@ class LiveConfig:
         # for a step the apply itself does not need. It is logged at each such apply (one
         # per change, not per step) and the change goes unacknowledged: ``status`` does not
         # show it and guards do not watch the process, as they could not place its window.
-        number: int | None = step  # the common case, on the training thread: nothing to do
+        number = step  # the common case, on the training thread: nothing to do
         if type(step) is not int or not -protocol.MAX_INT <= step <= protocol.MAX_INT:
-            number = self._step_for_ack(step, new)
-            if number is None:
+            converted = self._step_for_ack(step, new)
+            if converted is None:
                 return
+            number = converted
         if ack:
             extra: dict[str, Any] = {"errors": [_text_only(e) for e in errors]} if errors else {}
             self._conn.send(protocol.applied(new.version, number, **extra))
