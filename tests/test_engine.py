@@ -429,7 +429,8 @@ def test_a_path_that_is_no_key_is_ignored_and_the_keys_beside_it_are_applied(
     assert (ignored["path"], ignored["revision"], ignored["log_level"]) == (P + stray, 6, "warning")
     assert ignored["reason"].startswith("not a key of the schema: ")
     (event,) = [e for e in events if e["event"] == "etcd_path_ignored"]
-    assert event["path"] == P + stray and "value" not in event and "0.1" not in str(event)
+    assert event["path"] == P + stray and "value" not in event
+    assert "0.1" not in str({k: v for k, v in event.items() if k != "time"})  # the value
 
 
 def test_a_change_of_paths_that_are_no_keys_alone_changes_nothing(tmp_path: Path) -> None:
