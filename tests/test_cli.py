@@ -454,7 +454,7 @@ def test_unset_of_a_key_of_a_mapping_field_twice(etcd: EtcdServer) -> None:
     assert "train.lr.x: not a key of the schema" in line
 
 
-def test_rollback_skips_paths_that_are_no_keys_and_leaves_them(etcd: EtcdServer) -> None:
+def test_rollback_leaves_paths_that_are_no_keys_as_they_are(etcd: EtcdServer) -> None:
     """The target revision held paths that name no key: they cannot be restored as keys,
     and rollback neither writes nor deletes them; the keys are rolled back."""
     hk(etcd, "set", "train.lr=0.1")
