@@ -199,8 +199,6 @@ class EtcdStore:
             # etcd sends every revision a watch missed in one message, and a range read
             # in one: gRPC's default 4 MiB limit refused those outright.
             ("grpc.max_receive_message_length", o.max_receive_bytes),
-            # etcd itself bounds a request (--max-request-bytes) and says so clearly.
-            ("grpc.max_send_message_length", -1),
         ]
 
     def _build(self) -> Any:

@@ -87,10 +87,13 @@ class EtcdOptions:
     time_retry: float = 1.0
     keepalive_time: float = MIN_KEEPALIVE_S
     keepalive_timeout: float = 3.0
-    # The largest message taken from etcd, in bytes; -1: no limit. gRPC's own default
-    # (4 MiB) is below what etcd sends in one watch catch-up or one range read of a
-    # prefix that holds a few large values, so it is lifted; a test sets a small one.
-    max_receive_bytes: int = -1
+    # The largest message taken from etcd, in bytes. gRPC's own default (4 MiB) is below
+    # what etcd sends in one watch catch-up or one range read of a prefix that holds a
+    # few large values, so it is raised; a watch still over it falls back to a full read.
+    # Not -1 (no limit): measured alternated, that setting made every lone change
+    # ~40 us slower to arrive, where 64 MiB costs nothing measurable. A test sets a
+    # small one.
+    max_receive_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.endpoints:
