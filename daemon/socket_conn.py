@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from hotknob.config.keys import shown_text
 from hotknob.model_runtime import protocol
 
 from .published import ClientInfo, Published
@@ -156,7 +157,7 @@ class Connection:
                 if reply is not None:
                     # The reply may quote what the client sent, which may not be valid text
                     # (a lone surrogate): escaped, so that the error line can be written.
-                    text = reply[:4096].encode("utf-8", "backslashreplace").decode("utf-8")
+                    text = shown_text(reply[:4096])
                     self.writer.write(protocol.encode(protocol.error(text)))
             if abort:
                 transport.abort()

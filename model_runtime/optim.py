@@ -239,18 +239,26 @@ class OptimizerBinding:
 
     def apply(self, values: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
         """Apply the bound keys that changed; see the class docstring for the guarantees."""
+        self._each(values, changed, write=True)
+
+    def _each(self, values: Mapping[str, Any], keys: Mapping[str, Any], *, write: bool) -> None:
+        """Check each bound key of ``keys`` that ``values`` holds and, with ``write``, apply
+        it; then raise one ``InvalidValue`` naming every key refused."""
         errors: list[str] = []
-        for key, check, write in (
+        for key, check, apply_key in (
             (self.lr_key, _check_lr, self._apply_lr),
             (self.weight_decay_key, _check_weight_decay, self._apply_weight_decay),
             (self.momentum_key, _check_momentum, self._apply_momentum),
         ):
-            if key is None or key not in changed or key not in values:
+            if key is None or key not in keys or key not in values:
                 continue
             try:
                 v = _finite(key, values[key])
                 check(key, v)
-                write(key, v)  # refuses with InvalidValue before it writes anything
+                if write:
+                    apply_key(key, v)  # refuses with InvalidValue before it writes anything
+                elif key == self.lr_key:
+                    self._check_no_unknown_scheduler(key)
             except InvalidValue as exc:
                 errors.append(str(exc))
         if errors:
@@ -304,22 +312,7 @@ class OptimizerBinding:
         """Raise ``InvalidValue`` naming every bound key of ``values`` that ``apply`` would
         refuse for its value or for a scheduler it was not given; write nothing. Run at
         bind, so that a refused bind leaves the optimizer as it was."""
-        errors: list[str] = []
-        for key, check in (
-            (self.lr_key, _check_lr),
-            (self.weight_decay_key, _check_weight_decay),
-            (self.momentum_key, _check_momentum),
-        ):
-            if key is None or key not in values:
-                continue
-            try:
-                check(key, _finite(key, values[key]))
-                if key == self.lr_key:
-                    self._check_no_unknown_scheduler(key)
-            except InvalidValue as exc:
-                errors.append(str(exc))
-        if errors:
-            raise InvalidValue("; ".join(errors))
+        self._each(values, values, write=False)
 
     def inherit(self, earlier: OptimizerBinding) -> None:
         """Take over what ``earlier`` (a binding of the same optimizer, being replaced) knew
