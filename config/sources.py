@@ -178,8 +178,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise LayerError("files", _too_deep(path)) from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as exc:
-        reason = " ".join(str(exc).split())
-        raise LayerError("files", f"{path}: not valid {kind.upper()}: {reason}") from exc
+        reason = " ".join(_parse_error_text(exc).split())
+        # Not ``from exc``: a traceback of the chain would print PyYAML's own text, which
+        # quotes a line of the file.
+        raise LayerError("files", f"{path}: not valid {kind.upper()}: {reason}") from None
     if not isinstance(parsed, dict):
         raise LayerError("files", f"{path}: the top level must be a mapping of sections")
     if _depth_exceeds(parsed, MAX_FILE_DEPTH):
@@ -188,6 +190,62 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if where is not None:
         raise LayerError("files", f"{path}: {where}: {LONE_SURROGATE}", key=where)
     return parsed
+
+
+def _parse_error_text(exc: Exception) -> str:
+    """Why a file could not be parsed, by line and column, without the file's content.
+
+    PyYAML's own text of a ``MarkedYAMLError`` quotes the line it stopped at (with a caret
+    under the column), and that line may hold a secret (``api_key: s3cret``): it is built
+    here from the error's problem, context and marks instead. So are the few problems that
+    quote a name taken from the text (a tag, an anchor), as a value starting with ``!`` or
+    ``&`` that was meant as a string is read as one. The errors of ``tomllib`` and ``json``
+    name a position only (and a key, or a single character), so their text is kept."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc)
+    context, problem = _yaml_unquoted(exc.context), _yaml_unquoted(exc.problem)
+    context_mark, problem_mark = exc.context_mark, exc.problem_mark
+    parts = []
+    if context is not None:
+        same = (
+            problem_mark is not None
+            and context_mark is not None
+            and (context_mark.line, context_mark.column) == (problem_mark.line, problem_mark.column)
+        )
+        parts.append(context if same else context + _yaml_at(context_mark))
+    if problem is not None:
+        parts.append(problem + _yaml_at(problem_mark))
+    if exc.note is not None:
+        parts.append(exc.note)
+    return "; ".join(parts) or type(exc).__name__
+
+
+_YAML_QUOTING = {
+    "could not determine a constructor for the tag ": (
+        "could not determine a constructor for a tag (quote a value that starts with '!')"
+    ),
+    "found undefined tag handle ": (
+        "found an undefined tag handle (quote a value that starts with '!')"
+    ),
+    "duplicate tag handle ": "duplicate tag handle",
+    "found undefined alias ": "found an undefined alias",
+    "found duplicate anchor ": "found a duplicate anchor; first occurrence",
+}
+"""The problems of PyYAML that quote a name read from the text, by how they begin, and
+what is said instead."""
+
+
+def _yaml_unquoted(text: str | None) -> str | None:
+    if text is None:
+        return None
+    for start, instead in _YAML_QUOTING.items():
+        if text.startswith(start):
+            return instead
+    return text
+
+
+def _yaml_at(mark: yaml.Mark | None) -> str:
+    return "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _lone_surrogate_at(parsed: dict[str, Any]) -> str | None:
