@@ -419,11 +419,13 @@ class Daemon:
             self._push()
 
     def _broadcast(self, event: dict[str, Any]) -> None:
-        """An event for ``watch`` clients; sent from the loop, whichever thread has it."""
+        """An event for ``watch`` clients; sent from the loop, whichever thread has it. The
+        watch thread (a lone change) wakes the loop for it only if a client watches: that
+        wake-up would come just as the clients apply the change, on the same CPUs."""
         assert self.server is not None
         if self._on_loop():
             self.server.broadcast_event(event)
-        else:
+        elif self.server.has_watchers:
             self._post(self.server.broadcast_event, event)
 
     def _push(self) -> None:

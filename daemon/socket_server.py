@@ -135,6 +135,12 @@ class SocketServer:
         return [conn.info for conn in tuple(self._conns.values()) if conn.info is not None]
 
     @property
+    def has_watchers(self) -> bool:
+        """Whether a ``watch`` client is connected. Any thread (as ``clients``): the watch
+        thread asks before it wakes the loop for an event that nobody would get."""
+        return any(c.info is not None and c.info.watch for c in tuple(self._conns.values()))
+
+    @property
     def write_buffer_bytes(self) -> int:
         """Bytes the daemon holds for clients right now (transport buffers and queued events)."""
         return sum(

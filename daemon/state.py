@@ -35,6 +35,7 @@ FORMAT = 1
 VERSION_BLOCK = 1000
 _WRITER_LINGER_S = 0.25
 _WRITER_INTERVAL_S = 0.05
+_WRITER_SETTLE_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,12 @@ class StateWriter:
     States submitted while a write is in progress coalesce: only the newest is written
     next, and writes are at least ``interval_s`` apart, so a burst of changes costs a
     few writes, not one each. The thread starts on demand and ends after ``linger_s``
-    idle, so an idle daemon holds no thread for it. ``on_result(error)`` runs on that
-    thread after each write (``None`` on success). ``flush`` waits until everything
-    submitted is written (or has failed); ``close`` flushes and stops accepting states.
+    idle, so an idle daemon holds no thread for it. A write starts ``settle_s`` after
+    the submit that found the thread idle: the change was just pushed, and its clients
+    apply it in that time on the same CPUs (a save is a file created, written, fsynced
+    and renamed). ``on_result(error)`` runs on that thread after each write (``None`` on
+    success). ``flush`` waits until everything submitted is written (or has failed);
+    ``close`` flushes and stops accepting states.
     """
 
     def __init__(
@@ -155,12 +159,14 @@ class StateWriter:
         *,
         linger_s: float = _WRITER_LINGER_S,
         interval_s: float = _WRITER_INTERVAL_S,
+        settle_s: float = _WRITER_SETTLE_S,
         name: str = "hotknob-state-writer",
     ):
         self.store = store
         self._on_result = on_result
         self._linger_s = linger_s
         self._interval_s = interval_s
+        self._settle_s = settle_s
         self._name = name
         self._cond = threading.Condition()
         self._pending: SavedState | None = None
@@ -199,13 +205,15 @@ class StateWriter:
             thread.join(timeout)
 
     def _run(self) -> None:
-        next_write = 0.0
+        next_write = time.monotonic() + self._settle_s  # started by a submit
         while True:
             with self._cond:
                 if self._pending is None and not self._closed:
                     self._idle = True
                     self._cond.wait(self._linger_s)
                     self._idle = False
+                    if self._pending is not None:  # woken by a submit
+                        next_write = max(next_write, time.monotonic() + self._settle_s)
                 pause = next_write - time.monotonic()
                 if pause > 0 and not self._closed:
                     self._cond.wait_for(lambda: self._closed, pause)

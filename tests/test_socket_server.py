@@ -632,6 +632,21 @@ def test_events_go_to_watch_subscribers_only(harness: Harness, clients: list[Cli
     assert (plain.recv() or {}).get("type") == "update"
 
 
+def test_has_watchers_follows_the_watch_clients(harness: Harness, clients: list[Client]) -> None:
+    """What the watch thread asks before it wakes the loop for an event."""
+    plain = connect(harness, clients)
+    plain.hello("trainer")
+    wait_until(lambda: len(harness.server.clients) == 1, "its hello taken")
+    assert not harness.server.has_watchers
+    watcher = connect(harness, clients)
+    watcher.hello("hotknob-watch", watch=True)
+    wait_until(lambda: len(harness.server.clients) == 2, "the watcher's hello taken")
+    assert harness.server.has_watchers
+    watcher.close()
+    wait_until(lambda: len(harness.server.clients) == 1, "the watcher gone")
+    assert not harness.server.has_watchers
+
+
 def test_a_client_reported_error_closes_its_connection(
     harness: Harness, clients: list[Client]
 ) -> None:

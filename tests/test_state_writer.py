@@ -51,18 +51,22 @@ def test_a_burst_of_submits_is_a_few_writes_and_the_newest_is_on_disk(tmp_path: 
     assert results and all(error is None for error in results)
 
 
-def test_a_submit_after_an_idle_spell_is_written_at_once(tmp_path: Path) -> None:
+def test_a_submit_after_an_idle_spell_is_written_after_its_settle_time(tmp_path: Path) -> None:
     store = CountingStore(tmp_path, "w")
     written = threading.Event()
-    writer = StateWriter(store, lambda error: written.set(), linger_s=2.0, interval_s=0.05)
+    writer = StateWriter(
+        store, lambda error: written.set(), linger_s=2.0, interval_s=0.05, settle_s=0.01
+    )
+    started = time.monotonic()
     writer.submit(state(1))
     assert written.wait(2)
+    assert store.saved_at[0] - started >= 0.01  # a new thread settles too
     written.clear()
     time.sleep(0.2)  # the thread is idle now (past its pause), waiting for work
     submitted = time.monotonic()
     writer.submit(state(2))
     assert written.wait(2)
-    assert store.saved_at[-1] - submitted < 0.05
+    assert 0.01 <= store.saved_at[-1] - submitted < 0.05  # its settle time, not more
     writer.close()
     assert store.saved == [1, 2]
 
