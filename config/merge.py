@@ -20,7 +20,15 @@ from pydantic_core.core_schema import ErrorType
 
 from .errors import InvalidChange, Problem, UsageError
 from .keys import LONE_SURROGATE, KeyClash, is_text, unflatten
-from .schema import SECRET_MASK, hides, iter_leaves, mapping_keys, secret_keys, shown_value
+from .schema import (
+    SECRET_MASK,
+    hides,
+    iter_leaves,
+    mapping_keys,
+    numeric_keys,
+    secret_keys,
+    shown_value,
+)
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
@@ -85,6 +93,7 @@ class _SchemaFacts:
     paths: dict[str, tuple[str, ...]]
     secrets: frozenset[str]
     known: dict[str, bool]
+    numbers: frozenset[str] = frozenset()
 
     def is_known(self, key: str) -> bool:
         known = self.known.get(key)
@@ -100,7 +109,13 @@ def _facts(schema: type[BaseModel]) -> _SchemaFacts:
     keys = [leaf.key for leaf in iter_leaves(schema)]
     ordered = tuple((key, tuple(key.split("."))) for key in keys)
     return _SchemaFacts(
-        frozenset(keys), mapping_keys(schema), ordered, dict(ordered), secret_keys(schema), {}
+        frozenset(keys),
+        mapping_keys(schema),
+        ordered,
+        dict(ordered),
+        secret_keys(schema),
+        {},
+        numeric_keys(schema),
     )
 
 
@@ -175,6 +190,10 @@ def merge_layers(
                 continue
             merged[key] = value
             winners[key] = name
+    problems.extend(
+        Problem(key, winners[key], _NOT_A_NUMBER, merged[key])
+        for key in booleans_for_numbers(schema, merged)
+    )
     if problems:
         raise InvalidChange(problems)
 
@@ -389,6 +408,18 @@ def validate_leaves(
     ``ValidationError``; ``merge_layers`` says which layer is to blame."""
     model = schema.model_validate(leaves.nested)
     return (model, *_dumped(model, _facts(schema)))
+
+
+_NOT_A_NUMBER = "takes a number, and true/false is none (pydantic would read it as 1 or 0)"
+
+
+def booleans_for_numbers(schema: type[BaseModel], flat: Mapping[str, Any]) -> list[str]:
+    """The keys of ``flat`` that are leaves taking numbers only (``float``, ``int``) and
+    hold ``true`` or ``false``: a typo a schema's lax validation would pass as 1.0 or 0.0
+    (a learning rate of 1.0). One loop over ``flat``: the engine's short path asks it for
+    the values put."""
+    numbers = _facts(schema).numbers
+    return [key for key, value in flat.items() if type(value) is bool and key in numbers]
 
 
 _NOT_FINITE = "must be a finite number (the socket protocol cannot carry NaN or infinity)"

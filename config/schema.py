@@ -108,6 +108,30 @@ def mapping_keys(model: type[BaseModel]) -> frozenset[str]:
     )
 
 
+def is_number_only(annotation: Any) -> bool:
+    """Whether a leaf of this type takes numbers and nothing else (``float``, ``int``,
+    ``PositiveFloat``, ``float | None``). pydantic's lax mode reads ``true`` as 1 for such
+    a field: ``numeric_keys`` lets the merge refuse that first."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return is_number_only(get_args(annotation)[0])
+    if origin is Union or origin is UnionType:
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return bool(args) and all(is_number_only(arg) for arg in args)
+    return (
+        isinstance(annotation, type)
+        and issubclass(annotation, int | float)
+        and not issubclass(annotation, bool)
+    )
+
+
+def numeric_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The leaves of ``model`` that take numbers only (see ``is_number_only``)."""
+    return frozenset(
+        leaf.key for leaf in iter_leaves(model) if is_number_only(leaf.field.annotation)
+    )
+
+
 def leaf_map(model: type[BaseModel]) -> dict[str, Leaf]:
     return {leaf.key: leaf for leaf in iter_leaves(model)}
 

@@ -52,6 +52,7 @@ from hotknob.config.keys import key_from_etcd
 from hotknob.config.merge import (
     MAX_STATE_BYTES,
     LeafInput,
+    booleans_for_numbers,
     leaf_input,
     merge_dropping_invalid,
     non_finite,
@@ -334,6 +335,8 @@ class Engine:
         read_etcd_values(self.app, puts, put, origins, problems)
         if problems or not put or not self._fast_keys.issuperset(put):
             return False
+        if booleans_for_numbers(self.schema, put):
+            return False  # ``true`` for a number: the general path refuses it, and says why
         leaves = base.with_leaves(self.schema, put)
         try:
             model, values, flat = validate_leaves(self.schema, leaves)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PositiveFloat
 
 from hotknob.config import (
     DEFAULT_PRECEDENCE,
@@ -29,7 +29,7 @@ from hotknob.config import (
 )
 from hotknob.config.keys import etcd_key, key_from_etcd, key_path_fault, parse_text, unflatten
 from hotknob.config.merge import is_known, leaf_input, merge_dropping_invalid, validate_leaves
-from hotknob.config.schema import mapping_keys
+from hotknob.config.schema import mapping_keys, numeric_keys
 from hotknob.config.sources import MAX_FILE_DEPTH, Layer
 from tests.banded_schema import Banded
 
@@ -155,6 +155,9 @@ def test_later_file_wins_key_by_key(tmp_path: Path) -> None:
         ("sampling.top_k=1.5", "valid integer"),
         ("train.lr=NaN", "finite number"),
         ("train.lr=[1]", "valid number"),
+        ("train.lr=true", "true/false"),  # pydantic alone would read it as 1.0
+        ("sampling.top_k=false", "true/false"),
+        ("train.grad_clip=true", "true/false"),  # an optional number
     ],
 )
 def test_invalid_values_name_key_and_layer(assignment: str, fragment: str) -> None:
@@ -164,6 +167,24 @@ def test_invalid_values_name_key_and_layer(assignment: str, fragment: str) -> No
     assert problem.key == assignment.split("=")[0]
     assert problem.layer == "cli"
     assert fragment in problem.reason
+
+
+def test_only_leaves_that_take_numbers_alone_refuse_true_and_false() -> None:
+    class Flags(BaseModel):
+        scale: float = 1.0
+        steps: int = 1
+        limit: Optional[PositiveFloat] = None  # noqa: UP045 (the form schemas are written in)
+        either: float | str = 1.0
+        on: bool = False
+        anything: Any = None
+
+    assert numeric_keys(Flags) == {"scale", "steps", "limit"}
+    for key in ("either", "on", "anything"):  # their schema decides: true passes
+        snap = merge_layers(Flags, [defaults_layer(Flags), cli_layer([f"{key}=true"])])
+        assert snap.flat[key] in (True, "true")
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(Flags, [defaults_layer(Flags), cli_layer(["scale=true", "limit=false"])])
+    assert sorted(p.key for p in info.value.problems) == ["limit", "scale"]
 
 
 def test_unknown_key_from_each_layer_is_named() -> None:

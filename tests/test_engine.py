@@ -73,6 +73,7 @@ def test_accepts_one_revision_as_one_version(tmp_path: Path) -> None:
         ("train/not_a_field", b"1"),
         ("train/lr", b"NaN"),
         ("train/lr", b"\xff"),
+        ("train/lr", b"true"),  # not 1.0
     ],
 )
 def test_invalid_change_is_rejected_and_last_good_stays(

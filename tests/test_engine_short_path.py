@@ -57,7 +57,19 @@ class Params(BaseModel):
 
 
 PATHS = ["band/lo", "band/hi", "band/token", "steps", "workers", "tags", "tags/x", "nope"]
-RAWS = [b"0", b"0.5", b"2", b"-1", b"7", b'"long-token"', b'"ab"', b'{"a": 1}', b"NaN", b"\xff"]
+RAWS = [
+    b"0",
+    b"0.5",
+    b"2",
+    b"-1",
+    b"7",
+    b'"long-token"',
+    b'"ab"',
+    b'{"a": 1}',
+    b"NaN",
+    b"\xff",
+    b"true",
+]
 
 
 def make(tmp: Path, environ: dict[str, str], published: list[Published]) -> Engine:
