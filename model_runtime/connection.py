@@ -11,6 +11,17 @@ waking the thread to write it, keeps ``apply`` from handing the interpreter lock
 to that thread in the middle of a step (docs/performance.md). A malformed message
 from the daemon is answered with ``error``, as the protocol asks of either end; then
 the connection closes and is made again.
+
+What waits to be written is capped (``OUTBOX_MAX_BYTES``): a daemon that keeps its
+socket open but stops reading has the connection dropped and made again, rather
+than the training process's memory growing without end.
+
+A forked child (a DataLoader worker with the ``fork`` start method) inherits the
+socket and this module's pipe but not the thread. An at-fork hook closes the
+child's copies (the parent's connection stays as it was: closing an inherited fd
+closes only the child's), makes the locks new, and marks the connection closed and
+``forked``: ``send`` there does nothing, so it never writes into the parent's
+stream. The child does not reconnect by itself (16 workers would be 16 more clients).
 """
 
 from __future__ import annotations
@@ -18,12 +29,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
 
 if TYPE_CHECKING:
+    import selectors as _selectors
     import socket as _socket
 
 log = logging.getLogger("hotknob.model_runtime")
@@ -31,6 +44,11 @@ log = logging.getLogger("hotknob.model_runtime")
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 _CONNECT_TIMEOUT = 1.0
+OUTBOX_MAX_BYTES = 2 * protocol.MAX_LINE_BYTES
+"""The most bytes ``send`` leaves for the thread to write. A daemon that reads keeps the
+outbox near one message; two of the largest lines the protocol allows leave room for a
+whole one behind a half-written one. Past it the connection is dropped: the daemon's
+snapshot after the reconnect supersedes everything queued (``LiveConfig`` acks it again)."""
 
 StateCallback = Callable[[Mapping[str, Any], bool], None]
 """``on_state(message, is_snapshot)``; may raise ``ProtocolError`` to drop the connection."""
@@ -42,6 +60,7 @@ class DaemonConnection:
     ``start`` launches the thread; ``close`` stops and joins it (idempotent).
     ``send`` may be called from any thread and never blocks; messages sent while
     disconnected are dropped, because the daemon's fresh snapshot supersedes them.
+    In a forked child the connection is closed and ``forked`` is True (see the module).
     """
 
     def __init__(
@@ -62,7 +81,23 @@ class DaemonConnection:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._closed = False
+        self._forked = False
+        self._warned_forked = False
+        self._warned_full = False
+        # The socket and selector of the thread, kept where the at-fork hook finds them;
+        # each is made and stored under ``_fd_lock``, which a fork waits for.
+        self._fd_lock = threading.Lock()
+        self._attempt_sock: _socket.socket | None = None
+        self._selector: _selectors.BaseSelector | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        with _live_lock:
+            _live.add(self)
+
+    @property
+    def forked(self) -> bool:
+        """True in a process forked from the one that made this connection: there it is
+        closed, and the values it delivered stay as they were at the fork."""
+        return self._forked
 
     def start(self) -> None:
         self._thread.start()
@@ -71,6 +106,15 @@ class DaemonConnection:
         """Send ``message`` now if the socket takes it, else queue it for the thread; never
         blocks. Dropped while disconnected: the next snapshot supersedes it."""
         if self._closed:
+            if self._forked and not self._warned_forked:
+                self._warned_forked = True
+                log.warning(
+                    "live_forked_child path=%s pid=%d: this process was forked from the one "
+                    "that connected; its connection is closed and %s is not sent",
+                    self.path,
+                    os.getpid(),
+                    message.get("type"),
+                )
             return
         try:
             data = protocol.encode(message)
@@ -91,6 +135,14 @@ class DaemonConnection:
                 if sent == len(data):
                     return
                 data = data[sent:]
+            if len(self._out) + len(data) > OUTBOX_MAX_BYTES:
+                # The daemon is not reading: drop this connection (the thread sees
+                # ``_sock`` changed), with what is queued; the reconnect's snapshot
+                # supersedes it all.
+                self._sock = None
+                self._out = bytearray()
+                self._wake()
+                return
             self._out += data
             self._wake()  # the thread writes the rest; under the lock: ``close`` closes the pipe
 
@@ -104,9 +156,12 @@ class DaemonConnection:
         if self._thread.is_alive():
             self._thread.join()
         with self._send_lock:  # a ``send`` on another thread must not write to a closed fd
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1  # first: a child forked meanwhile closes neither
+            os.close(wake_r)
+            os.close(wake_w)
+        with _live_lock:  # only now: a child forked before this closes the socket it got
+            _live.discard(self)
 
     def _wake(self) -> None:
         if self._wake_w < 0:  # closed
@@ -126,7 +181,8 @@ class DaemonConnection:
         connected_before = False
         while not self._stop.is_set():
             try:
-                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                with self._fd_lock:
+                    sock = self._attempt_sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 try:
                     sock.settimeout(_CONNECT_TIMEOUT)
                     sock.connect(self.path)
@@ -140,7 +196,8 @@ class DaemonConnection:
                             "live_disconnected path=%s error=%s", self.path, self.last_error
                         )
                 finally:
-                    sock.close()
+                    sock.close()  # before forgetting it: a fork in between closes it again
+                    self._attempt_sock = None
             except OSError as exc:
                 self.last_error = exc.strerror or str(exc)
             except Exception as exc:  # the thread must outlive any surprise
@@ -160,12 +217,17 @@ class DaemonConnection:
             self._sock = sock
         inbuf = bytearray()
         got_state = False
-        with selectors.DefaultSelector() as sel:
+        with self._fd_lock:
+            sel = self._selector = selectors.DefaultSelector()
+        try:
             interest = selectors.EVENT_READ | selectors.EVENT_WRITE
             sel.register(sock, interest)
             sel.register(self._wake_r, selectors.EVENT_READ)
             try:
                 while not self._stop.is_set():
+                    if self._sock is not sock:  # ``send`` dropped it: the outbox was full
+                        self._drop_full()
+                        return got_state
                     wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0)
                     if wanted != interest:  # a system call: only when it changes
                         sel.modify(sock, wanted)
@@ -193,7 +255,23 @@ class DaemonConnection:
                 with self._send_lock:
                     self._sock = None
                     self._out = bytearray()
+        finally:
+            sel.close()  # before forgetting it: a fork in between closes it again
+            self._selector = None
         return got_state
+
+    def _drop_full(self) -> None:
+        self.last_error = (
+            f"the daemon read nothing while {OUTBOX_MAX_BYTES} bytes waited to be sent"
+        )
+        if not self._warned_full:
+            self._warned_full = True
+            log.warning(
+                "live_outbox_full path=%s limit_bytes=%d: the daemon is not reading; "
+                "reconnecting (what was queued is dropped, the new snapshot supersedes it)",
+                self.path,
+                OUTBOX_MAX_BYTES,
+            )
 
     def _say_error(self, sock: _socket.socket, text: str) -> None:
         """Tell the daemon why this connection is closing (best effort, never blocks)."""
@@ -228,3 +306,73 @@ class DaemonConnection:
         if len(inbuf) >= protocol.MAX_LINE_BYTES:
             raise protocol.ProtocolError("line exceeds the size limit")
         return got_state
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: close the inherited fds and mark this connection closed.
+
+        The parent's connection stays open (an fd closed here is the child's copy), and
+        nothing is logged: another thread may have held a logging lock at the fork.
+        """
+        self._forked = True
+        self._closed = True
+        self._send_lock = threading.Lock()
+        self._fd_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stop.set()
+        self._sock = None
+        self._out = bytearray()
+        for own in (self._attempt_sock, self._selector):
+            if own is not None:
+                try:
+                    own.close()
+                except (OSError, ValueError):  # already closed
+                    pass
+        self._attempt_sock = self._selector = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
+
+
+# Every connection not yet closed, for the at-fork hooks. A fork waits (``_before_fork``)
+# until no connection's thread is between making a socket and storing it, so that the
+# child finds every fd it inherited.
+_live: weakref.WeakSet[DaemonConnection] = weakref.WeakSet()
+_live_lock = threading.Lock()
+_forking: list[DaemonConnection] = []
+
+
+def _before_fork() -> None:
+    global _forking
+    _live_lock.acquire()
+    _forking = list(_live)
+    for conn in _forking:
+        conn._fd_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    global _forking
+    for conn in _forking:
+        conn._fd_lock.release()
+    _forking = []
+    _live_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _forking, _live_lock, _live
+    _live_lock = threading.Lock()
+    for conn in _forking:
+        conn._after_fork_in_child()
+    _live = weakref.WeakSet()
+    _forking = []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
