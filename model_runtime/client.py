@@ -26,9 +26,10 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NoReturn, Self, SupportsIndex
 
 from . import protocol
 from .binding import Binding, Handle
@@ -52,6 +53,13 @@ log = logging.getLogger("hotknob.model_runtime")
 
 _STATE_DICT_FORMAT = 1
 _HISTORY = 64
+
+_REENTERED = (
+    "LiveConfig.apply() (or load_state_dict) was called while an apply of the same LiveConfig "
+    "was running: from an on_change callback or a binding, or from another thread. Call "
+    "apply() at one safe point, on one thread; a callback must not call it (what arrives "
+    "meanwhile is applied, in order, at the next apply())"
+)
 
 
 def _report_nothing(step: int, **metrics: Any) -> None:
@@ -122,6 +130,8 @@ class LiveConfig:
         self._pending: State | None = None
         self._applied = NOTHING
         self._applied_step = 0
+        self._unacked = False  # the applied values came from another rank (``_apply_state``)
+        self._applying = threading.Lock()  # held while an apply runs: one at a time
         self._latest: State | None = None  # the newest state to converge to
         self._superseded: State | None = None  # the daemon's state a checkpoint replaced
         self._received: deque[State] = deque(maxlen=_HISTORY)
@@ -142,6 +152,7 @@ class LiveConfig:
         # ``live.report(step, loss=...)``: bound directly, since a delegating method would
         # double the per-step cost (see model_runtime/reporting.py and ``report`` below).
         self.report = self._reporter.report
+        _live_configs.add(self)
 
     @classmethod
     def connect(
@@ -251,6 +262,23 @@ class LiveConfig:
         return self._applied.version if pending is None else pending.version
 
     @property
+    def forked(self) -> bool:
+        """True in a process forked from the one that connected (a DataLoader worker with
+        the ``fork`` start method): there the values stay as they were at the fork, no
+        update comes, and nothing is sent to the daemon."""
+        return self._conn.forked
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (``os.register_at_fork``): locks that a thread of the parent
+        may have held at the fork are made new, and reports go nowhere (no thread sends
+        them: they would pile up). Nothing logged here: a logging lock may be held too."""
+        self._lock = threading.Lock()
+        self._applying = threading.Lock()
+        self._first_state.set()
+        self._reporter.forked()
+        self.report = _report_nothing
+
+    @property
     def socket_path(self) -> str:
         return self._path
 
@@ -267,6 +295,14 @@ class LiveConfig:
         Under a process group this is a collective every ``sync_every`` calls:
         every rank must call it the same number of times; it applies the state
         the ranks agree on, which may be older than the newest received.
+
+        One apply at a time: called again while one runs (from an ``on_change``
+        callback or a binding it runs, or from another thread) when it would
+        apply something, it raises ``RuntimeError`` and changes nothing; the
+        running apply goes on, and what arrived meanwhile waits for the next
+        call. Call it at one safe point, on one thread. (A callback's
+        exception is logged and reported in the ack, as any other.) With
+        nothing pending it returns False at once, nested or not.
         """
         if self._sync is not None:
             return self._sync.at_step(self, step)
@@ -274,21 +310,38 @@ class LiveConfig:
             return False
         return self._apply_pending(step)
 
+    def _begin_apply(self) -> None:
+        """Enter an apply (or a checkpoint load, or the ranks' agreement), or raise
+        ``RuntimeError`` if one is running: a nested one would apply and acknowledge out of
+        order. Leave with ``_end_apply``."""
+        if not self._applying.acquire(blocking=False):
+            raise RuntimeError(_REENTERED)
+
+    def _end_apply(self) -> None:
+        self._applying.release()
+
     def _apply_pending(self, step: int) -> bool:
-        with self._lock:
-            new, self._pending = self._pending, None
-            if new is None:
-                return False
-            old, self._applied = self._applied, new
-            self._applied_step = step
-        self._after_apply(old, new, step, ack=True)
-        return True
+        self._begin_apply()
+        try:
+            with self._lock:
+                new, self._pending = self._pending, None
+                if new is None:
+                    return False
+                old, self._applied = self._applied, new
+                self._applied_step = step
+                self._unacked = False
+            self._after_apply(old, new, step, ack=True)
+            return True
+        finally:
+            self._end_apply()
 
     def _apply_state(self, new: State, step: int, *, ack: bool) -> None:
         """Apply ``new`` (chosen by the ranks' agreement), pending or not.
 
         The pending state is cleared if it holds the same values. ``ack`` is False
-        for values that came from another rank, whose version is another daemon's.
+        for values that came from another rank, whose version is another daemon's; they
+        are acknowledged when this rank's daemon sends the same values (``_adopt``).
+        Called by ``StepSync.agree``, inside its ``_begin_apply``.
         """
         with self._lock:
             pending = self._pending
@@ -296,7 +349,27 @@ class LiveConfig:
                 self._pending = None
             old, self._applied = self._applied, new
             self._applied_step = step
+            self._unacked = not ack
         self._after_apply(old, new, step, ack=ack)
+
+    def _adopt(self, state: State) -> bool:
+        """If the applied values came from another rank unacknowledged and ``state``, sent
+        by this rank's daemon, holds the same values: make ``state`` the applied one (its
+        version is this daemon's) and acknowledge it at the step those values were applied.
+        Nothing runs: no value changes. True if it did."""
+        with self._lock:
+            applied = self._applied
+            if not self._unacked or state.digest != applied.digest:
+                return False
+            pending = self._pending
+            if pending is not None and pending.digest == state.digest:
+                self._pending = None
+            self._applied = state
+            self._unacked = False
+            step = self._applied_step
+        if type(step) is int and -protocol.MAX_INT <= step <= protocol.MAX_INT:
+            self._conn.send(protocol.applied(state.version, step))
+        return True
 
     def _after_apply(self, old: State, new: State, step: int, *, ack: bool) -> None:
         errors = self._hooks.run(old, new)
@@ -404,9 +477,11 @@ class LiveConfig:
             binding.inherit(earlier)
         binding.check(values)
         binding.apply(values, values)
+        # In the replaced binding's place, so that its checkpoint state is saved where the
+        # earlier one's was: a resumed run binds in the order the code first binds.
+        handle = self._hooks.add_binding(binding, in_place_of=[b for _, b in replaced])
         for earlier_handle, _ in replaced:
             earlier_handle.remove()
-        handle = self.add_binding(binding)
         table[slot] = [(h, b) for h, b in kept if not h.removed] + [(handle, binding)]
         return handle
 
@@ -440,8 +515,12 @@ class LiveConfig:
         """Make a checkpoint's values the applied ones.
 
         Bindings get their saved state back first (register them before
-        loading), then bindings and callbacks see the keys the checkpoint
-        changed, so every bound object agrees with ``values``. If the daemon has
+        loading, in the order the saving run first registered them: a rebind
+        keeps the place of the binding it replaced), then bindings and callbacks
+        see the keys the checkpoint changed, so every bound object agrees with
+        ``values``. A saved binding state that does not fit the binding in its
+        place (``OptimizerBinding``: other keys, or groups of other sizes) raises
+        ``ValueError`` and changes nothing. If the daemon has
         already sent a newer version than the checkpoint's, that state becomes
         pending and wins at the next ``apply``; else the checkpoint stays in force,
         and the daemon's state it replaced does not come back by itself (a reconnect
@@ -462,9 +541,17 @@ class LiveConfig:
         except protocol.ProtocolError as exc:
             raise ValueError(f"not a LiveConfig state_dict: {exc}") from exc
         step = state_dict.get("step", 0)
-        self._hooks.load_binding_states(state_dict.get("bindings") or [])
+        self._begin_apply()
+        try:
+            self._load(loaded, step, state_dict.get("bindings") or [])
+        finally:
+            self._end_apply()
+
+    def _load(self, loaded: State, step: Any, binding_states: list[Any]) -> None:
+        self._hooks.load_binding_states(binding_states)
         with self._lock:
             old, self._applied = self._applied, loaded
+            self._unacked = False
             self._applied_step = step if isinstance(step, int) else 0
             # The daemon's newest state: the one an earlier checkpoint replaced, if one did.
             latest = self._superseded or self._latest
@@ -500,6 +587,16 @@ class LiveConfig:
     def __repr__(self) -> str:
         return f"<LiveConfig {self._path} version={self.version} pending={self.pending_version}>"
 
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        """Refused (``pickle``, ``copy.copy``, ``copy.deepcopy``): a copy would share or
+        lose the connection, the background thread and the bindings."""
+        raise TypeError(
+            "a LiveConfig cannot be pickled or copied: it owns the connection to the daemon, "
+            "a background thread and the bindings. Pass what the other side needs instead "
+            "(live['train.lr'], or live.state_dict()['values'] as plain dicts), or call "
+            "LiveConfig.connect() in the worker process itself"
+        )
+
     # -- on the background thread ------------------------------------------------------
 
     def _on_message(self, message: Mapping[str, Any], is_snapshot: bool) -> None:
@@ -528,3 +625,16 @@ class LiveConfig:
             self._conn.send(protocol.applied(applied.version, step))
         if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough
             self._first_state.set()
+
+
+_live_configs: weakref.WeakSet[LiveConfig] = weakref.WeakSet()
+"""Every ``LiveConfig`` made in this process, for the at-fork hook."""
+
+
+def _after_fork_in_child() -> None:
+    for live in list(_live_configs):
+        live._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -21,13 +21,23 @@ rank syncs at the same call whatever steps it passes):
    versions: the ranks can disagree on which is newer, and one that kept the
    checkpoint would hold the others back until the next edit).
 2. Otherwise (a change is still on its way to some node) the ranks
-   ``all_gather`` their newest ``(revision, digest)``. The target is the newest
-   state of the rank with the lowest etcd revision (ties: the lowest rank): the
-   newest state that every rank has received or passed.
-3. One ``all_reduce(MIN)`` says whether every rank still holds the target's
-   values in its history of the last 64 received states. If so, each applies its
-   own copy. If not (a daemon coalesced past it), the owning rank sends the
-   values with ``broadcast_object_list``, and every rank applies those.
+   ``all_gather`` their newest ``(revision, digest)``. The candidates are the
+   newest states of the ranks at the lowest etcd revision, in rank order: the
+   newest states that every rank has received or passed. Usually there is one.
+   Several (different values at one revision) mean either that a node-local
+   edit (a file: the daemon keeps the etcd revision for it) has reached some
+   nodes and not others yet, or that the nodes' local layers differ.
+3. One ``all_reduce(MIN)`` says, for each candidate, whether every rank still
+   holds its values in its history of the last 64 received states. The target
+   is the first candidate that every rank holds: each applies its own copy
+   (an edit that only some ranks hold waits until every rank does). If every
+   rank holds none (a daemon coalesced past the target, or the local layers
+   differ: then a warning is logged once), the target is the lowest rank's
+   candidate: that rank sends the values with ``broadcast_object_list``, and
+   every rank applies those. A rank that applied values from another rank
+   acknowledges them at the first agreement on them after its own daemon sent
+   the same values, under its daemon's version, with the step they were
+   applied at.
 
 Every decision is a function of the collectives' results, so all ranks run the
 same collectives and apply the same values, whatever the timing. A rank whose
@@ -55,13 +65,25 @@ DEFAULT_SYNC_EVERY = 16
 
 
 def choose_source(held: Sequence[tuple[int, int]]) -> int:
-    """The group rank whose newest state every rank applies, given each rank's newest.
+    """The group rank whose newest state every rank applies when no rank holds another
+    candidate (``candidates``), given each rank's newest.
 
     ``held[r]`` is rank ``r``'s newest ``(revision, digest)``. etcd revisions are
     global, so the lowest one is the newest state that every rank has reached;
     among equal revisions (node-local layers differ) the lowest rank wins.
     """
     return min(range(len(held)), key=lambda r: (held[r][0], r))
+
+
+def candidates(held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ``(rank, digest)`` of each distinct newest state at the lowest revision, in rank
+    order: the states every rank has received or passed. The first is ``choose_source``'s."""
+    low = min(revision for revision, _ in held)
+    found: dict[int, int] = {}
+    for rank, (revision, digest) in enumerate(held):
+        if revision == low:
+            found.setdefault(digest, rank)
+    return [(rank, digest) for digest, rank in found.items()]
 
 
 class StepSync:
@@ -138,7 +160,17 @@ class StepSync:
         return self.agree(live, step)
 
     def agree(self, live: LiveConfig, step: int) -> bool:
-        """Run the protocol now and apply the agreed state; True if one was applied."""
+        """Run the protocol now and apply the agreed state; True if one was applied.
+
+        ``RuntimeError``, before any collective, if an apply of ``live`` is running (see
+        ``LiveConfig.apply``)."""
+        live._begin_apply()
+        try:
+            return self._agree(live, step)
+        finally:
+            live._end_apply()
+
+    def _agree(self, live: LiveConfig, step: int) -> bool:
         newest = live._latest
         assert newest is not None, "agree() before the first state"
         low, neg_high, neg_vote = self._min([newest.digest, -newest.digest, -self._vote])
@@ -150,20 +182,27 @@ class StepSync:
         elif low == -neg_high:
             return self._install(live, newest, step, ack=True)
         held = self._gather(newest.revision, newest.digest)
-        source = choose_source(held)
-        revision, digest = held[source]
-        mine = newest if newest.digest == digest else _find(live._received_states(), digest)
-        if revision == newest.revision and digest != newest.digest and digest not in self._warned:
+        options = candidates(held)
+        history = live._received_states()
+        copies = [newest if newest.digest == d else _find(history, d) for _, d in options]
+        everyone = self._min([0 if c is None else 1 for c in copies])
+        for held_by_all, copy in zip(everyone, copies, strict=True):
+            if held_by_all:
+                assert copy is not None
+                return self._install(live, copy, step, ack=True)
+        source, digest = options[0]
+        mine = copies[0]
+        revision = held[source][0]
+        disagree = len(options) > 1 and revision == newest.revision and digest != newest.digest
+        if disagree and digest not in self._warned:
             self._warned.add(digest)
             log.warning(
-                "live_ranks_disagree revision=%d: daemons hold different values at one etcd "
-                "revision (node-local layers differ?); rank %d's values win",
+                "live_ranks_disagree revision=%d: daemons hold different values at one "
+                "etcd revision and no rank holds the others' (node-local layers "
+                "differ?); rank %d's values win",
                 revision,
                 source,
             )
-        if self.all_true(mine is not None):
-            assert mine is not None
-            return self._install(live, mine, step, ack=True)
         payload = self._broadcast(mine, source)
         if mine is not None:
             return self._install(live, mine, step, ack=True)
@@ -174,13 +213,17 @@ class StepSync:
 
     @staticmethod
     def _install(live: LiveConfig, state: State, step: int, *, ack: bool) -> bool:
+        """Apply ``state`` unless it is what is applied; ``ack`` if this rank's daemon sent
+        it. The same values, applied unacknowledged from another rank, are acknowledged
+        now (``LiveConfig._adopt``), at the step they were applied."""
         applied = live._applied
-        if state is applied or (
-            state.digest == applied.digest
-            and state.version == applied.version
-            and state.revision == applied.revision
-        ):
+        if state is applied:
             return False
+        if state.digest == applied.digest:
+            if ack and live._adopt(state):
+                return False
+            if state.version == applied.version and state.revision == applied.revision:
+                return False
         live._apply_state(state, step, ack=ack)
         return True
 

@@ -10,14 +10,22 @@ Registered and run on the training thread only (in ``LiveConfig.apply`` or
   and the old one if it takes two arguments;
 * one that raises is logged and reported in the returned errors (they go to the
   daemon in the ``applied`` acknowledgement); the others still run;
+* one removed while they run (by an earlier callback) does not run any more, from
+  that moment on; one registered meanwhile first runs at the next change;
 * with nothing registered, running them costs one check.
+
+Bindings' checkpoint states are saved and restored by registration order; a
+binding that replaces another (``add_binding(..., in_place_of=...)``, as a rebind of
+an optimizer does) takes the replaced one's place in that order, so a resumed run
+that binds the same objects in the same order gets each state back where it was
+saved.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from types import MappingProxyType
 from typing import Any
@@ -69,10 +77,24 @@ class Hooks:
         self._callbacks[ident] = _Callback(key, fn, _wants_old(fn))
         return Handle(partial(self._callbacks.pop, ident, None))
 
-    def add_binding(self, binding: Binding) -> Handle:
+    def add_binding(self, binding: Binding, *, in_place_of: Collection[Binding] = ()) -> Handle:
+        """Register ``binding`` last, or, if it replaces registered bindings (``in_place_of``),
+        in the place of the first of them, and take those out: its checkpoint state is then
+        saved where theirs was (see the module doc)."""
         ident = next(self._ids)
-        self._bindings[ident] = binding
-        return Handle(partial(self._bindings.pop, ident, None))
+        bindings = self._bindings
+        replaced = [k for k, b in bindings.items() if any(b is r for r in in_place_of)]
+        if not replaced:
+            bindings[ident] = binding
+        else:  # rebuilt in place: each ``Handle`` holds this dict's ``pop``
+            items = list(bindings.items())
+            bindings.clear()
+            for key, kept in items:
+                if key == replaced[0]:
+                    bindings[ident] = binding
+                elif key not in replaced:
+                    bindings[key] = kept
+        return Handle(partial(bindings.pop, ident, None))
 
     def run(self, old: State, new: State) -> list[dict[str, str]]:
         """Run what the change from ``old`` to ``new`` concerns; the errors, if any."""
@@ -84,7 +106,10 @@ class Hooks:
             return []
         errors: list[dict[str, str]] = []
         changed_view = MappingProxyType(changed)
-        for binding in list(self._bindings.values()) if changed else ():
+        bindings = self._bindings
+        for ident, binding in list(bindings.items()) if changed else ():
+            if bindings.get(ident) is not binding:
+                continue  # removed (or replaced) by a binding that ran before it
             try:
                 binding.apply(new.flat_view, changed_view)
             except Exception as exc:
@@ -92,9 +117,10 @@ class Hooks:
                 log.exception("live_binding_failed binding=%s version=%d", name, new.version)
                 errors.append({"binding": name, "error": f"{type(exc).__name__}: {exc}"})
         touched = prefixes([*changed, *removed])
-        for callback in list(self._callbacks.values()):
-            if callback.key not in touched:
-                continue
+        callbacks = self._callbacks
+        for ident, callback in list(callbacks.items()):
+            if callback.key not in touched or callbacks.get(ident) is not callback:
+                continue  # not concerned, or removed by a callback that ran before it
             value = _value(new, callback.key)
             try:
                 if callback.wants_old:
@@ -115,17 +141,49 @@ class Hooks:
         return states
 
     def load_binding_states(self, saved: list[Any]) -> None:
-        """Give each binding its state from ``binding_states``, in registration order."""
+        """Give each binding its state from ``binding_states``, in registration order.
+
+        All or nothing: a state that a binding refuses (an ``OptimizerBinding`` refuses
+        one saved for other keys or other param groups) raises ``ValueError`` naming
+        both, after the bindings already given theirs got their own back."""
         bindings = list(self._bindings.values())
         if any(s is not None for s in saved) and len(saved) != len(bindings):
             raise ValueError(
                 f"checkpoint holds state for {len(saved)} bindings but {len(bindings)} are "
                 "registered: bind the same objects before load_state_dict"
             )
-        for binding, state in zip(bindings, saved, strict=False):
-            if state is None:
-                continue
-            load = getattr(binding, "load_state_dict", None)
-            if not callable(load):
-                raise ValueError(f"{type(binding).__name__} cannot load its checkpointed state")
-            load(state)
+        restore: list[tuple[Callable[[Any], object], Any]] = []
+        try:
+            for i, (binding, state) in enumerate(zip(bindings, saved, strict=False)):
+                if state is None:
+                    continue
+                load = getattr(binding, "load_state_dict", None)
+                if not callable(load):
+                    raise ValueError(f"{type(binding).__name__} cannot load its checkpointed state")
+                save = getattr(binding, "state_dict", None)
+                before = save() if callable(save) else None
+                try:
+                    load(state)
+                except Exception as exc:
+                    raise ValueError(
+                        f"the checkpoint's binding state {i} (in registration order, from 0) "
+                        f"does not fit the binding registered there ({_describe(binding)}): "
+                        f"{exc}; register the same bindings (bind_optimizer the same "
+                        "optimizers, for the same keys) in the same order as the run that "
+                        "saved it, before load_state_dict"
+                    ) from exc
+                if before is not None:
+                    restore.append((load, before))
+        except BaseException:
+            for load, before in reversed(restore):
+                load(before)
+            raise
+
+
+def _describe(binding: Binding) -> str:
+    """A binding's class and, for one that says so, the keys it drives."""
+    keys = getattr(binding, "keys", None)
+    name = type(binding).__name__
+    if isinstance(keys, Collection) and not isinstance(keys, str):
+        return f"{name} for {', '.join(sorted(map(str, keys)))}"
+    return name

@@ -29,7 +29,9 @@ see the change.
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, MutableMapping, MutableSequence
 from typing import Any
@@ -43,6 +45,7 @@ from .errors import InvalidValue
 __all__ = ["OptimizerBinding"]
 
 _FLOORED = (lrs.CosineAnnealingLR, lrs.CosineAnnealingWarmRestarts)
+_SCHEDULER_TYPES = (lrs.LRScheduler, lrs.ReduceLROnPlateau)
 
 
 def _num(x: Any) -> float:
@@ -83,6 +86,52 @@ def _scheduler_bases(scheduler: Any, optimizer: Optimizer) -> list[float] | None
     if base_lrs is not None and len(base_lrs) == len(optimizer.param_groups):
         return [_num(b) for b in base_lrs]
     return None
+
+
+def _optimizers(optimizer: Any) -> list[Any]:
+    """``optimizer`` and the ones it wraps (its ``optimizer`` attribute, a few levels down):
+    a scheduler may have been given any of them."""
+    chain = [optimizer]
+    for _ in range(4):
+        inner = getattr(chain[-1], "optimizer", None)
+        if inner is None or any(inner is o for o in chain):
+            break
+        chain.append(inner)
+    return chain
+
+
+def _schedulers_of(optimizer: Any, known: list[Any]) -> list[Any]:
+    """Every torch scheduler alive that drives ``optimizer`` (or one it wraps), but those
+    in ``known``: found among the objects that refer to it (``gc.get_referrers``: one
+    pass over the process's tracked objects, tens of ms per million), so run only at bind
+    and when a live lr is about to change, never per step. A scheduler whose ``__dict__``
+    was materialised (``state_dict()`` does that) is referred to through it."""
+    targets = _optimizers(optimizer)
+    known_dicts = [vars(k) for k in known if hasattr(k, "__dict__")]
+    found: dict[int, Any] = {}
+
+    def drives(obj: Any) -> bool:
+        return any(getattr(obj, "optimizer", None) is t for t in targets)
+
+    for ref in gc.get_referrers(*targets):
+        if isinstance(ref, _SCHEDULER_TYPES):
+            if drives(ref) and not any(ref is k for k in known):
+                found[id(ref)] = ref
+        elif (
+            type(ref) is dict
+            and "last_epoch" in ref
+            and any(ref.get("optimizer") is t for t in targets)
+            and not any(ref is d for d in known_dicts)
+        ):
+            for owner in gc.get_referrers(ref):
+                if isinstance(owner, _SCHEDULER_TYPES) and getattr(owner, "__dict__", None) is ref:
+                    found[id(owner)] = owner
+    return list(found.values())
+
+
+def _progress(scheduler: Any) -> tuple[Any, Any]:
+    """What changes when a scheduler steps."""
+    return getattr(scheduler, "last_epoch", None), getattr(scheduler, "_step_count", None)
 
 
 def _cosine(scheduler: Any) -> Any:
@@ -179,6 +228,10 @@ class OptimizerBinding:
     group is held at 0. With no scheduler given, lr is refused while a param
     group has ``initial_lr``: torch's schedulers add it, and a schedule the
     binding does not know about would undo each live change at its next step.
+    For the same reason a change of lr is refused while a torch scheduler of the
+    optimizer that the binding was not given has been made, or has stepped, since
+    the binding was (a main schedule made after a warmup in a hand-written loop):
+    bind again with it.
     """
 
     def __init__(
@@ -203,6 +256,11 @@ class OptimizerBinding:
         if bases is None:
             bases = self._own_bases = [_num(g["lr"]) for g in groups]
         self._ratios = _ratios(bases)
+        # The schedulers of this optimizer the binding was not given, as they stand now: one
+        # made or stepped later is found when a live lr would change (``_check_others``).
+        self._others = {
+            id(s): (weakref.ref(s), _progress(s)) for s in _schedulers_of(optimizer, self._known())
+        }
         # A group without the key is never written; 0 keeps it out of the reference choice.
         self._wd_ratios = _ratios(
             [_num(g["weight_decay"]) if "weight_decay" in g else 0.0 for g in groups]
@@ -264,22 +322,50 @@ class OptimizerBinding:
         if errors:
             raise InvalidValue("; ".join(errors))
 
+    def _bound(self) -> dict[str, str | None]:
+        return {
+            "lr": self.lr_key,
+            "weight_decay": self.weight_decay_key,
+            "momentum": self.momentum_key,
+        }
+
+    def _group_sizes(self) -> list[int]:
+        return [len(g["params"]) for g in self.optimizer.param_groups]
+
     def state_dict(self) -> dict[str, Any]:
-        """The binding's own state: group ratios and, where no scheduler keeps one, the bases."""
+        """The binding's own state: group ratios and, where no scheduler keeps one, the bases;
+        and what it is for (the keys it drives, how many params each group has), which
+        ``load_state_dict`` checks."""
         own = None if self._own_bases is None else list(self._own_bases)
         return {
             "ratios": list(self._ratios),
             "own_bases": own,
             "weight_decay_ratios": list(self._wd_ratios),
+            "keys": self._bound(),
+            "group_sizes": self._group_sizes(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved for the same groups.
+        """Restore what :meth:`state_dict` saved for the same keys and groups.
 
-        A state saved before weight-decay ratios were kept has none: the ones taken
-        at bind stay.
+        ``InvalidValue``, and nothing changes, if it was saved by a binding of other keys
+        or of param groups with other numbers of params (another optimizer, most likely).
+        A state saved before weight-decay ratios were kept has none: the ones taken at
+        bind stay; one saved before the keys and group sizes were kept is not checked
+        for them.
         """
         n = len(self.optimizer.param_groups)
+        keys = state.get("keys")
+        if keys is not None and dict(keys) != self._bound():
+            raise InvalidValue(
+                f"binding state is for the keys {dict(keys)}, this binding drives {self._bound()}"
+            )
+        sizes = state.get("group_sizes")
+        if sizes is not None and list(sizes) != self._group_sizes():
+            raise InvalidValue(
+                f"binding state is for param groups of {list(sizes)} params, the optimizer's "
+                f"have {self._group_sizes()}"
+            )
         ratios = [float(r) for r in state["ratios"]]
         own = state.get("own_bases")
         saved_wd = state.get("weight_decay_ratios")
@@ -297,6 +383,24 @@ class OptimizerBinding:
             self._own_bases = [float(b) for b in own]
         if wd_ratios is not None:
             self._wd_ratios = wd_ratios
+
+    def _known(self) -> list[Any]:
+        return list({id(s): s for s in _walk(self.scheduler)}.values())
+
+    def _check_others(self, key: str) -> None:
+        """Refuse a change of lr while a scheduler the binding was not given has been made,
+        or has stepped, since the bind: at its next step it would undo the change."""
+        for s in _schedulers_of(self.optimizer, self._known()):
+            seen = self._others.get(id(s))
+            if seen is not None and seen[0]() is s and seen[1] == _progress(s):
+                continue  # there at bind and idle since (a warmup done with): harmless
+            raise InvalidValue(
+                f"{key}: the optimizer has a learning-rate scheduler the binding was not "
+                f"given ({type(s).__name__}, made or stepped since the bind): pass it as "
+                "scheduler= to bind_optimizer (bind the optimizer again with it), or its "
+                "schedule undoes live changes; two that both step: combine them in "
+                "SequentialLR or ChainedScheduler and pass that"
+            )
 
     def _check_no_unknown_scheduler(self, key: str) -> None:
         if self.scheduler is None and any("initial_lr" in g for g in self.optimizer.param_groups):
@@ -355,7 +459,9 @@ class OptimizerBinding:
                 old if math.isclose(old, new, rel_tol=1e-12, abs_tol=0.0) else new
                 for old, new in zip(old_bases, new_bases, strict=True)
             ]
-        schedulers = list({id(s): s for s in _walk(self.scheduler)}.values())
+        if new_bases != old_bases:
+            self._check_others(key)  # before anything is written
+        schedulers = self._known()
         one_cycle = any(isinstance(s, lrs.OneCycleLR) for s in schedulers)
         cosine = _cosine(self.scheduler)
         floor = float(cosine.eta_min) if cosine is not None else 0.0

@@ -196,6 +196,13 @@ class MetricsReporter:
         # (through a reference kept to this method) finds no name and keeps nothing.
         self._buffers = {}
 
+    def forked(self) -> None:
+        """In a forked child (no thread sends there): stopped as ``stop`` leaves it, with
+        nothing sent, so that a ``report`` made through a kept reference keeps nothing."""
+        self._stopped = True
+        self._take_lock = threading.Lock()  # a thread of the parent may have held it
+        self._buffers = {}
+
     def flush(self) -> bool:
         """Send one message now if anything was reported since the last; True if one was sent."""
         message = self.take()

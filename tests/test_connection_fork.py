@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -69,6 +70,11 @@ def fork_child(body: Callable[[], Mapping[str, Any]]) -> tuple[int, dict[str, An
     os.close(go_r)
     try:
         result = json.loads(read_all(report_r))
+    except BaseException:  # a child that hangs (the failure looked for) must not outlive it
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(go_w)
+        raise
     finally:
         os.close(report_r)
     return pid, result, go_w
@@ -197,6 +203,42 @@ def test_a_child_forked_from_a_live_config_leaves_the_daemon_to_the_parent(
                 live.close()
                 stub.wait_for(lambda: stub.connections == 0)  # while the child is alive
                 assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+            finally:
+                end_child(pid, go_w)
+        finally:
+            live.close()
+
+
+def test_a_forked_live_config_does_not_hang_on_a_held_lock_and_keeps_no_reports(
+    sock_path: str,
+) -> None:
+    """A thread of the parent holds the LiveConfig's lock at the fork (its connection thread
+    does, while it takes a state in): the child's ``apply`` must not wait for it for ever,
+    and its reports, which no thread sends there, must not pile up."""
+    with DaemonStub(sock_path, BASE, version=7) as stub:
+        live = LiveConfig.connect(sock_path, timeout=5, client="trainer")
+        try:
+            stub.wait_for(lambda: [m["version"] for m in stub.messages("applied")] == [7])
+            report = live.report  # a reference kept before the fork, as a loop would
+            report(1, loss=1.0)
+            version = stub.push({"train": {"lr": 0.5}})
+            eventually(lambda: live.pending_version == version)
+
+            def in_child() -> dict[str, Any]:
+                applied = live.apply(5)
+                report(2, loss=2.0)
+                live.report(3, loss=3.0)
+                return {
+                    "forked": live.forked,
+                    "applied": applied,
+                    "kept": {k: list(v) for k, v in live._reporter._buffers.items()},
+                }
+
+            with live._lock:  # held by this thread at the fork
+                pid, child, go_w = fork_child(in_child)
+            try:
+                assert child == {"forked": True, "applied": True, "kept": {}}
+                assert not live.forked
             finally:
                 end_child(pid, go_w)
         finally:

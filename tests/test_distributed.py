@@ -170,6 +170,55 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def tie_worker(rank: int, rdzv: str, out: Path) -> None:
+    """Two ranks, each with its own stub daemon, through file edits: the daemon keeps the
+    etcd revision for those, so the ranks cannot tell by revision which values are newer."""
+    import logging
+
+    import torch.distributed as dist
+
+    from hotknob.model_runtime import LiveConfig
+    from tests.daemon_stub import DaemonStub
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=2)
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("hotknob.model_runtime").addHandler(handler)
+    steps: list[list[Any]] = []
+    versions: list[int] = []
+    with DaemonStub(str(out / f"tie-{rank}.sock"), {"train": {"lr": 0.001}}) as stub:
+        live = LiveConfig.connect(stub.path, timeout=10, distributed=True, sync_every=1)
+        step = 0
+
+        def phase(lr: float | None, version: int | None = None) -> None:
+            nonlocal step
+            if lr is not None:
+                stub.revision -= 1  # a file edit: the same etcd revision
+                if version is not None:
+                    stub.version = version - 1
+                stub.push({"train": {"lr": lr}})
+                stub.wait_for(lambda: live._received_states()[-1].flat["train.lr"] == lr)
+            dist.barrier()
+            for _ in range(2):
+                step += 1
+                steps.append([step, live.apply(step), live["train.lr"]])
+                versions.append(live.version)
+
+        phase(0.002 if rank == 0 else None)  # 1: only rank 0 holds the edit yet
+        phase(None if rank == 0 else 0.002)  # 2: now both do
+        phase(0.003 if rank == 0 else 0.004)  # 3: the nodes' files differ: rank 0's win
+        phase(None if rank == 0 else 0.003, version=3)  # 4: rank 1's daemon sends them too
+        phase(0.005 if rank == 0 else 0.006)  # 5: again, and then
+        phase(None if rank == 0 else 0.005, version=6)  # 6: under another version
+        stub.wait_for(lambda: len(stub.messages("applied")) == 4)
+        acked = [[m["version"], m["step"]] for m in stub.messages("applied")]
+        live.close()
+    result = {"steps": steps, "versions": versions, "acked": acked, "warned": warned}
+    (out / f"tie-{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
 # -- the tests --------------------------------------------------------------------------
 
 
@@ -347,8 +396,60 @@ def test_protocol_cases_two_ranks_each_with_its_own_daemon(tmp_path: Path) -> No
     assert r0["acked"] == [1, 2, 3, 4, 5]
 
 
+def _run_two_ranks(kind: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Run ``python -m tests.test_distributed KIND RANK ...`` for ranks 0 and 1; their
+    results."""
+    procs = []
+    for rank in range(2):
+        log = open(tmp_path / f"{kind}-{rank}.log", "wb")  # noqa: SIM115 (the child keeps it)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.test_distributed", kind, str(rank),
+                 str(tmp_path / "rdzv"), str(tmp_path)],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        log.close()
+    try:
+        for p in procs:
+            p.wait(timeout=45)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, (tmp_path / f"{kind}-{rank}.log").read_text()
+    return [json.loads((tmp_path / f"{kind}-{r}.json").read_text()) for r in range(2)]
+
+
+def test_a_file_edit_waits_for_every_rank_and_values_from_another_rank_are_acked_later(
+    tmp_path: Path,
+) -> None:
+    r0, r1 = _run_two_ranks("tie", tmp_path)
+    assert r0["steps"] == r1["steps"]
+    lr_at = {step: lr for step, _, lr in r0["steps"]}
+    applied_at = [step for step, applied, _ in r0["steps"] if applied]
+    # 1: a file edit (same revision) only rank 0 holds is not applied; 2: once both do, it is.
+    assert [lr_at[s] for s in (1, 2, 3)] == [0.001, 0.001, 0.002]
+    # 3: neither holds the other's values at that revision: rank 0's win (5); 4: rank 1's
+    # daemon sends them at the same version, 6: at another (its 6): nothing is applied
+    # again, and rank 1 acknowledges them then, at the step they were applied.
+    assert [lr_at[s] for s in (5, 8, 9, 12)] == [0.003, 0.003, 0.005, 0.005]
+    assert applied_at == [3, 5, 9]
+    assert r0["acked"] == [[1, 0], [2, 3], [3, 5], [4, 9]]
+    assert r1["acked"] == [[1, 0], [2, 3], [3, 5], [6, 9]]
+    assert r1["versions"][-1] == 6  # its own daemon's numbering, once acknowledged
+    # Only the real disagreements (3 and 5) are warned of, on the rank that lost.
+    assert r0["warned"] == []
+    assert len(r1["warned"]) == 2
+    assert all(w.startswith("live_ranks_disagree revision=100") for w in r1["warned"])
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "protocol":
         protocol_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[1] == "tie":
+        tie_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     else:
         worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))

@@ -553,3 +553,102 @@ def test_what_the_socket_cannot_take_is_written_by_the_thread_whole_and_in_order
         assert seen == list(range(300))
         conn.close()
     listener.close()
+
+
+def test_a_callback_removed_by_an_earlier_one_does_not_run(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    calls: list[str] = []
+    later: list[Any] = []
+
+    def first(value: float) -> None:
+        calls.append("first")
+        for handle in later:
+            handle.remove()
+
+    class RemovingBinding(RecordingBinding):
+        def apply(self, values: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
+            super().apply(values, changed)
+            later[1].remove()
+
+    remover, removed_binding = RemovingBinding(), RecordingBinding()
+    live.add_binding(remover)
+    later.append(live.on_change("train.lr", lambda v: calls.append("second")))
+    later.append(live.add_binding(removed_binding))
+    live.on_change("train.lr", first)
+    later.append(live.on_change("train.lr", lambda v: calls.append("third")))
+    stub.push(with_values(train={"lr": 0.2}))
+    eventually(lambda: live.pending_version == 8)
+    assert live.apply(1) is True
+    # "second" ran before "first" removed it; "third" and the binding were removed first.
+    assert calls == ["second", "first"]
+    assert len(remover.calls) == 1 and removed_binding.calls == []
+
+
+def test_apply_from_a_callback_is_refused_and_nothing_is_applied_out_of_order(
+    stub: DaemonStub, live: LiveConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[float] = []
+    nested: list[bool] = []
+
+    def first(value: float) -> None:
+        if value == 0.2:
+            stub.push(with_values(train={"lr": 0.3}, sampling={"temperature": 0.3}))
+            eventually(lambda: live.pending_version == 9)
+            nested.append(live.apply(11))  # raises: never appended
+
+    live.on_change("train.lr", first)
+    live.on_change("sampling.temperature", seen.append)
+    stub.push(with_values(train={"lr": 0.2}, sampling={"temperature": 0.2}))
+    eventually(lambda: live.pending_version == 8)
+    assert live.apply(10) is True
+    assert nested == [] and live.version == 8 and seen == [0.2]
+    assert "apply() at one safe point, on one thread" in caplog.text
+    stub.wait_for(lambda: len(acks(stub)) == 2)
+    (error,) = stub.messages("applied")[1]["errors"]
+    assert error["error"].startswith("RuntimeError: LiveConfig.apply() (or load_state_dict)")
+    # What arrived meanwhile waits for the next apply, in order.
+    assert live.pending_version == 9
+    assert live.apply(12) is True and seen == [0.2, 0.3]
+    stub.wait_for(lambda: len(acks(stub)) == 3)
+    assert acks(stub) == [(7, 0), (8, 10), (9, 12)]
+
+
+def test_apply_from_another_thread_while_one_runs_is_refused(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    inside, release = threading.Event(), threading.Event()
+    seen: list[float] = []
+
+    def slow(value: float) -> None:
+        seen.append(value)
+        inside.set()
+        release.wait(5)
+
+    live.on_change("train.lr", slow)
+    stub.push(with_values(train={"lr": 0.2}))
+    eventually(lambda: live.pending_version == 8)
+    worker = threading.Thread(target=live.apply, args=(10,))
+    worker.start()
+    try:
+        assert inside.wait(5)
+        stub.push(with_values(train={"lr": 0.3}))
+        eventually(lambda: live.pending_version == 9)
+        with pytest.raises(RuntimeError, match="on one thread"):
+            live.apply(11)
+    finally:
+        release.set()
+        worker.join(5)
+    assert live.version == 8 and seen == [0.2]
+    assert live.apply(12) is True and seen == [0.2, 0.3]
+    stub.wait_for(lambda: len(acks(stub)) == 3)
+    assert acks(stub) == [(7, 0), (8, 10), (9, 12)]
+
+
+def test_a_live_config_cannot_be_pickled_or_copied(live: LiveConfig) -> None:
+    import copy
+    import pickle
+
+    for make_copy in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match=r"cannot be pickled or copied.*LiveConfig.connect"):
+            make_copy(live)

@@ -770,3 +770,134 @@ def test_a_refused_bind_writes_nothing(stub: DaemonStub, live: LiveConfig) -> No
     with pytest.raises(InvalidValue, match="initial_lr"):
         live.bind_optimizer(opt)
     assert [dict(g, params=None) for g in opt.param_groups] == before
+
+
+# --- checkpointed binding states go back to the binding that saved them -------------------
+
+
+def _two_group_sgd(head_ratio: float) -> torch.optim.SGD:
+    """A Linear's weight and bias in two groups, the bias's lr ``head_ratio`` times the
+    weight's."""
+    layer = torch.nn.Linear(2, 2)
+    groups: list[dict[str, Any]] = [
+        {"params": [layer.weight], "lr": 0.1},
+        {"params": [layer.bias], "lr": 0.1 * head_ratio},
+    ]
+    return torch.optim.SGD(groups, lr=0.1)
+
+
+def _lr_only(live: LiveConfig, opt: torch.optim.Optimizer) -> Any:
+    return live.bind_optimizer(opt, weight_decay=None, momentum=None)
+
+
+def test_a_rebind_keeps_its_place_for_the_checkpoint(stub: DaemonStub) -> None:
+    # Bind A, bind B, then bind A again (as after add_param_group): the new binding of A
+    # takes the old one's place, so a resumed run that binds A then B gets each its own.
+    version = stub.push({"train": {"lr": 0.1}})
+    with LiveConfig.connect(stub.path, timeout=5) as live:
+        stub.wait_for(lambda: live.version == version)
+        a, b = _two_group_sgd(0.1), _two_group_sgd(2.0)
+        _lr_only(live, a)
+        _lr_only(live, b)
+        _lr_only(live, a)
+        saved = live.state_dict()
+    assert [s["ratios"] for s in saved["bindings"]] == [
+        pytest.approx([1.0, 0.1]),
+        pytest.approx([1.0, 2.0]),
+    ]
+    with LiveConfig.connect(stub.path, timeout=5) as live:
+        a, b = _two_group_sgd(0.1), _two_group_sgd(2.0)
+        _lr_only(live, a)
+        _lr_only(live, b)
+        live.load_state_dict(saved)
+        version = stub.push({"train": {"lr": 1.0}})
+        stub.wait_for(lambda: live.pending_version == version)
+        live.apply(1)
+        assert _lrs(a) == pytest.approx([1.0, 0.1])
+        assert _lrs(b) == pytest.approx([1.0, 2.0])
+
+
+def test_a_binding_state_saved_for_other_keys_or_groups_is_refused_and_nothing_changes(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    a = _two_group_sgd(0.1)
+    b = torch.optim.SGD(
+        [{"params": list(torch.nn.Linear(2, 2).parameters()), "lr": 0.1},
+         {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.3}],
+        lr=0.1,
+    )  # fmt: skip
+    _lr_only(live, a)
+    _lr_only(live, b)
+    saved = live.state_dict()
+    with LiveConfig.connect(stub.path, timeout=5) as resumed:
+        first = _lr_only(resumed, _two_group_sgd(0.5))
+        second = _lr_only(resumed, _two_group_sgd(0.5))  # not b: groups of 1 and 1 params
+        before = resumed.state_dict()["bindings"]
+        with pytest.raises(ValueError, match=r"binding state 1 .*param groups of \[2, 1\]"):
+            resumed.load_state_dict(saved)
+        assert resumed.state_dict()["bindings"] == before  # the first got its own back
+        assert not first.removed and not second.removed
+    with LiveConfig.connect(stub.path, timeout=5) as resumed:
+        resumed.bind_optimizer(_two_group_sgd(0.5), weight_decay=None)  # lr and momentum
+        _lr_only(resumed, b)
+        with pytest.raises(ValueError, match=r"binding state 0 .*for the keys"):
+            resumed.load_state_dict(saved)
+
+
+def test_binding_states_saved_without_keys_and_group_sizes_still_load(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    _lr_only(live, _two_group_sgd(0.1))
+    saved = live.state_dict()
+    for state in saved["bindings"]:
+        del state["keys"], state["group_sizes"]  # as saved before they were kept
+    with LiveConfig.connect(stub.path, timeout=5) as resumed:
+        opt = _two_group_sgd(0.5)
+        _lr_only(resumed, opt)
+        resumed.load_state_dict(saved)
+        version = stub.push({"train": {"lr": 0.3}})
+        stub.wait_for(lambda: resumed.pending_version == version)
+        resumed.apply(1)
+        assert _lrs(opt) == pytest.approx([0.3, 0.03])
+
+
+# --- a scheduler made after the bind ------------------------------------------------------
+
+
+@pytest.mark.parametrize("materialised", [False, True])
+def test_a_scheduler_made_after_the_bind_refuses_a_live_lr_until_bound_with_it(
+    materialised: bool,
+) -> None:
+    # A hand-written loop: a warmup given to the binding, then a main schedule made
+    # after it. Its next step would undo a live change: refused until bound with it.
+    opt = torch.optim.SGD(_model().parameters(), lr=1.0)
+    warm = lrs.LinearLR(opt, 0.1, total_iters=2)
+    binding = OptimizerBinding(opt, warm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            _train_step(opt)
+            warm.step()
+        main = lrs.LambdaLR(opt, lambda e: 0.9**e)
+        _train_step(opt)
+        main.step()
+        if materialised:  # a checkpoint: the schedulers' __dict__ now refer to opt
+            warm.state_dict()
+            main.state_dict()
+        before = _lrs(opt)
+        with pytest.raises(
+            InvalidValue, match=r"LambdaLR.*pass it as scheduler= to bind_optimizer"
+        ):
+            _set(binding, lr=0.1, momentum=0.5)
+        assert _lrs(opt) == before
+        assert opt.param_groups[0]["momentum"] == 0.5  # the other keys still apply
+        # The way out: bind again with it. The warmup, idle since, is no obstacle.
+        binding = OptimizerBinding(opt, main)
+        _set(binding, lr=0.1)
+        _train_step(opt)
+        main.step()
+        assert _lrs(opt) == pytest.approx([0.1 * 0.9**2])
+        # The warmup stepped again: it drives the optimizer too, and is refused.
+        warm.step()
+        with pytest.raises(InvalidValue, match="LinearLR"):
+            _set(binding, lr=0.2)
