@@ -2,6 +2,9 @@
 
 Exit codes: 0 ok, 1 invalid input or rejected change, 2 usage, 3 cannot reach
 etcd or the daemon. Every error is one line on stderr, never a traceback.
+
+Each command is offered only the shared options it reads (``COMMAND_OPTIONS``):
+one it does not take is a usage error, never silently ignored.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from hotknob.config import DEFAULT_SCHEMA, HotknobError, UsageError
 from hotknob.config.merge import DEFAULT_PRECEDENCE
@@ -20,6 +25,8 @@ Handler = Callable[[argparse.Namespace], int]
 # gRPC's C core prints its own INFO lines (a failed TLS handshake, say) to stderr; the error
 # that matters reaches the user as hotknob's one line. Set before grpc is first imported.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,50 +42,148 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
-def common_options() -> _Parser:
-    p = _Parser(add_help=False)
-    g = p.add_argument_group("common options")
-    g.add_argument("--app", default=_env("HOTKNOB_APP", "default"), help="application name")
-    g.add_argument("--schema", default=_env("HOTKNOB_SCHEMA", DEFAULT_SCHEMA), help="module:Class")
-    g.add_argument(
-        "--config", action="append", default=[], metavar="FILE", help="config file (repeatable)"
-    )
-    g.add_argument(
-        "--set",
-        dest="assignments",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="pin a value for the life of the process (repeatable; the cli layer)",
-    )
-    g.add_argument(
-        "--etcd-endpoints",
-        default=_env("HOTKNOB_ETCD_ENDPOINTS"),
-        help="comma-separated host:port list (env HOTKNOB_ETCD_ENDPOINTS); none = no etcd layer",
-    )
-    g.add_argument("--etcd-user", default=_env("HOTKNOB_ETCD_USER"))
-    g.add_argument(
-        "--etcd-password",
-        default=_env("HOTKNOB_ETCD_PASSWORD"),
-        help="prefer the env var HOTKNOB_ETCD_PASSWORD",
-    )
-    g.add_argument("--etcd-ca", default=_env("HOTKNOB_ETCD_CA"), help="CA certificate (TLS)")
-    g.add_argument("--etcd-cert", default=_env("HOTKNOB_ETCD_CERT"), help="client certificate")
-    g.add_argument("--etcd-key", default=_env("HOTKNOB_ETCD_KEY"), help="client key")
-    g.add_argument("--etcd-timeout", type=float, default=5.0, help="seconds per etcd call")
-    g.add_argument("--env-prefix", default=DEFAULT_ENV_PREFIX)
-    g.add_argument("--precedence", default=",".join(DEFAULT_PRECEDENCE))
-    g.add_argument("--socket", default=_env("HOTKNOB_SOCKET"), help="daemon socket path")
-    g.add_argument("--state-dir", default=_env("HOTKNOB_STATE_DIR"), help="last-known-good dir")
-    g.add_argument("--metrics-addr", default=_env("HOTKNOB_METRICS_ADDR"), help="host:port")
-    g.add_argument("--log-level", default="info")
-    return p
+@dataclass(frozen=True)
+class _Option:
+    """A shared option: its heading in ``--help``, how argparse reads it, and the value a
+    command that does not take it sees (so that shared code such as ``Context.from_args``
+    reads one shape of namespace; it is never an environment variable's)."""
+
+    flag: str
+    section: str
+    unused: Any
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return str(self.kwargs.get("dest") or self.flag.lstrip("-").replace("-", "_"))
+
+
+APP = "application"
+LAYERS = "schema and layer"
+ETCD = "etcd"
+DAEMON = "daemon"
+SOCKET_DEFAULT = "$XDG_RUNTIME_DIR/hotknob/<app>.sock, else /tmp/hotknob-<uid>/<app>.sock"
+
+
+def _options() -> list[_Option]:
+    """Every shared option; defaults from the environment are read when the parser is built."""
+    return [
+        _Option("--app", APP, "default", dict(
+            default=_env("HOTKNOB_APP", "default"), metavar="NAME",
+            help="application name: the etcd prefix /hotknob/<app>/, the default socket "
+            "path and the state file (env HOTKNOB_APP, else 'default')",
+        )),
+        _Option("--schema", LAYERS, DEFAULT_SCHEMA, dict(
+            default=_env("HOTKNOB_SCHEMA", DEFAULT_SCHEMA), metavar="MODULE:CLASS",
+            help=f"the pydantic model of the configuration (env HOTKNOB_SCHEMA, else "
+            f"{DEFAULT_SCHEMA})",
+        )),
+        _Option("--config", LAYERS, [], dict(
+            action="append", default=[], metavar="FILE",
+            help="config file, YAML / TOML / JSON by extension: the files layer "
+            "(repeatable; a later file wins)",
+        )),
+        _Option("--set", LAYERS, [], dict(
+            dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+            help="pin a value for the life of the process: the cli layer (repeatable)",
+        )),
+        _Option("--env-prefix", LAYERS, DEFAULT_ENV_PREFIX, dict(
+            default=DEFAULT_ENV_PREFIX, metavar="PREFIX",
+            help="prefix of the env layer's variables, used as given, separator included "
+            "(case does not matter): --env-prefix MY_ reads MY_TRAIN__LR, and --env-prefix "
+            "MY reads MYTRAIN__LR and refuses MY_TRAIN__LR as naming no field (default: "
+            "%(default)s)",
+        )),
+        _Option("--precedence", LAYERS, ",".join(DEFAULT_PRECEDENCE), dict(
+            default=",".join(DEFAULT_PRECEDENCE), metavar="LAYERS",
+            help="the layers, lowest first, each once (default: %(default)s)",
+        )),
+        _Option("--etcd-endpoints", ETCD, None, dict(
+            default=_env("HOTKNOB_ETCD_ENDPOINTS"), metavar="HOST:PORT[,...]",
+            help="etcd members, comma-separated (env HOTKNOB_ETCD_ENDPOINTS; none: no etcd)",
+        )),
+        _Option("--etcd-user", ETCD, None, dict(
+            default=_env("HOTKNOB_ETCD_USER"), metavar="USER",
+            help="etcd user (env HOTKNOB_ETCD_USER)",
+        )),
+        _Option("--etcd-password", ETCD, None, dict(
+            default=_env("HOTKNOB_ETCD_PASSWORD"), metavar="PASSWORD",
+            help="etcd password (env HOTKNOB_ETCD_PASSWORD: prefer it, since other users "
+            "can read a flag in the process list)",
+        )),
+        _Option("--etcd-ca", ETCD, None, dict(
+            default=_env("HOTKNOB_ETCD_CA"), metavar="FILE",
+            help="CA certificate for TLS (env HOTKNOB_ETCD_CA)",
+        )),
+        _Option("--etcd-cert", ETCD, None, dict(
+            default=_env("HOTKNOB_ETCD_CERT"), metavar="FILE",
+            help="client certificate for TLS (env HOTKNOB_ETCD_CERT)",
+        )),
+        _Option("--etcd-key", ETCD, None, dict(
+            default=_env("HOTKNOB_ETCD_KEY"), metavar="FILE",
+            help="client key for TLS (env HOTKNOB_ETCD_KEY)",
+        )),
+        _Option("--etcd-timeout", ETCD, 5.0, dict(
+            type=float, default=5.0, metavar="SECONDS",
+            help="seconds per etcd call (default: %(default)s)",
+        )),
+        _Option("--socket", DAEMON, None, dict(
+            default=_env("HOTKNOB_SOCKET"), metavar="PATH",
+            help=f"the daemon's Unix socket (env HOTKNOB_SOCKET, else {SOCKET_DEFAULT})",
+        )),
+        _Option("--state-dir", DAEMON, None, dict(
+            default=_env("HOTKNOB_STATE_DIR"), metavar="DIR",
+            help="where the last-known-good snapshot and the version counter are kept "
+            "(env HOTKNOB_STATE_DIR, else $XDG_STATE_HOME/hotknob, else "
+            "~/.local/state/hotknob)",
+        )),
+        _Option("--metrics-addr", DAEMON, None, dict(
+            default=_env("HOTKNOB_METRICS_ADDR"), metavar="HOST:PORT",
+            help="serve Prometheus /metrics and /healthz there (env HOTKNOB_METRICS_ADDR; "
+            "default: not served)",
+        )),
+        _Option("--log-level", DAEMON, "info", dict(
+            default="info", type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
+            help=f"{', '.join(LOG_LEVELS)} (default: %(default)s)",
+        )),
+    ]  # fmt: skip
+
+
+_LAYERS = ("--schema", "--config", "--set", "--env-prefix", "--precedence")
+_ETCD = tuple(f"--etcd-{name}" for name in ("endpoints", "user", "password", "ca", "cert", "key"))
+_ETCD += ("--etcd-timeout",)
+
+# The shared options each command reads (check the handler before adding one).
+COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "run": ("--app", *_LAYERS, *_ETCD, "--socket", "--state-dir", "--metrics-addr", "--log-level"),
+    "get": ("--app", *_LAYERS, *_ETCD),
+    "explain": ("--app", *_LAYERS, *_ETCD),
+    # each file alone over the defaults: no other layer, no etcd
+    "validate": ("--schema", "--precedence"),
+    "set": ("--app", *_LAYERS, *_ETCD),
+    "unset": ("--app", *_LAYERS, *_ETCD),
+    "rollback": ("--app", *_LAYERS, *_ETCD),
+    # the schema only to mask secret values
+    "history": ("--app", "--schema", *_ETCD),
+    "status": ("--app", "--schema", *_ETCD),
+    "watch": ("--app", "--socket"),
+    # its own app, config, socket and state dir; only the etcd it uses is the caller's
+    "demo": _ETCD,
+}
+
+# Where an option means something else for one command.
+HELP_FOR: dict[tuple[str, str], str] = {
+    ("demo", "--etcd-endpoints"): "the etcd to use (env HOTKNOB_ETCD_ENDPOINTS); none: start "
+    "a throwaway one. The demo writes only under its own app, /hotknob/demo-<random>/, "
+    "and deletes those keys at the end",
+}
+SHARED_FLAGS = frozenset(option.flag for option in _options())
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import cmd_config, cmd_etcd, cmd_live
 
-    common = common_options()
+    options = {option.flag: option for option in _options()}
     parser = _Parser(
         prog="hotknob",
         description="Retune a running training or inference process without a restart.",
@@ -86,14 +191,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
-        p.set_defaults(handler=handler)
+        p = sub.add_parser(name, help=help, description=help)
+        taken = COMMAND_OPTIONS[name]
+        groups: dict[str, Any] = {}
+        for flag in taken:
+            option = options[flag]
+            if option.section not in groups:
+                groups[option.section] = p.add_argument_group(f"{option.section} options")
+            kwargs = dict(option.kwargs)
+            kwargs["help"] = HELP_FOR.get((name, flag), kwargs["help"])
+            groups[option.section].add_argument(flag, **kwargs)
+        p.set_defaults(
+            handler=handler,
+            **{o.dest: o.unused for o in options.values() if o.flag not in taken},
+        )
         return p
 
     cmd_config.register(add)
     cmd_etcd.register(add)
     cmd_live.register(add)
     return parser
+
+
+def _refuse(args: argparse.Namespace, extra: list[str]) -> None:
+    """A usage error for arguments no parser took: one line, naming a shared option that
+    this command does not take as such (argparse would only say "unrecognized")."""
+    command = getattr(args, "command", None)
+    for arg in extra:
+        flag = arg.partition("=")[0]
+        if command and flag in SHARED_FLAGS:
+            raise UsageError(
+                f"{command}: {flag} is not an option of this command (see hotknob {command} --help)"
+            )
+    raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,7 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not argv:
             parser.print_help()
             return 2
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _refuse(args, extra)
         if not getattr(args, "handler", None):
             parser.print_help()
             return 2

@@ -1,12 +1,19 @@
 """``hotknob demo``: the whole path, for real, in about half a minute.
 
-A throwaway etcd (or ``HOTKNOB_ETCD_ENDPOINTS``), a daemon, and
-``examples/train.py`` training a small model; part-way through the learning
-rate is lowered with ``hotknob set`` (and later two keys change in one
-transaction); the demo prints the step at which each change landed, what
-``hotknob status`` shows, and writes ``demo.png``: loss and learning rate
-against step with every applied change marked. Everything it started is
-stopped at the end, also on Ctrl-C.
+A throwaway etcd (or the one ``--etcd-endpoints`` / ``HOTKNOB_ETCD_ENDPOINTS``
+names), a daemon, and ``examples/train.py`` training a small model; part-way
+through the learning rate is raised with ``hotknob set`` (and later two keys
+change in one transaction); the demo prints the step at which each change
+landed and writes ``demo.png``: loss and learning rate against step with every
+applied change marked. Everything it started is stopped at the end, also on
+Ctrl-C.
+
+It runs under an app of its own, ``demo-<random>``, so on a shared etcd it
+never reads or writes a user's keys; it deletes what it wrote there
+(``/hotknob/demo-<random>/``) at the end. Its children see none of the
+caller's ``HOTKNOB_*`` variables but the etcd ones it passes on (a schema, a
+metrics port or a ``HOTKNOB_PARAM_*`` value meant for a real job would change
+or break the demo).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,16 +33,32 @@ from pathlib import Path
 from typing import Any
 
 from hotknob.config import HotknobError, Unavailable
+from hotknob.config.keys import ROOT
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
 def register_demo(add: Add, handler: Callable[[argparse.Namespace], int]) -> None:
     p = add("demo", handler, "run etcd, the daemon and a training run; change lr live; plot it")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--step-delay", type=float, default=0.02)
-    p.add_argument("--output", default="demo.png", help="where to write the plot")
-    p.add_argument("--trainer", default=None, help="path to examples/train.py")
+    p.add_argument(
+        "--steps", type=int, default=400, metavar="N", help="training steps (default: %(default)s)"
+    )
+    p.add_argument(
+        "--step-delay",
+        type=float,
+        default=0.02,
+        metavar="SECONDS",
+        help="pause per step (default: %(default)s)",
+    )
+    p.add_argument(
+        "--output", default="demo.png", metavar="FILE", help="the plot (default: %(default)s)"
+    )
+    p.add_argument(
+        "--trainer",
+        default=None,
+        metavar="FILE",
+        help="path to examples/train.py (default: found in the current folder or the checkout)",
+    )
 
 
 def _find_trainer(explicit: str | None) -> Path:
@@ -67,10 +91,13 @@ class Demo:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="hotknob-demo-"))
-        self.app = args.app if args.app != "default" else "demo"
+        self.app = f"demo-{secrets.token_hex(4)}"  # its own: never a user's keys
         self.procs: list[subprocess.Popen[bytes]] = []
         self.etcd: Any = None
-        self.common: list[str] = []
+        self.shared_etcd = False  # one the caller named: what the demo wrote is deleted
+        self.env = _child_env({})
+        self.etcd_args = ["--etcd-timeout", str(args.etcd_timeout)]
+        self.layer_args: list[str] = []
 
     def spawn(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start a child and register it for cleanup, with Ctrl-C held off in between,
@@ -86,10 +113,14 @@ class Demo:
     def say(self, text: str) -> None:
         print(f"\n== {text}", flush=True)
 
-    def run_cli(self, *args: str, check: bool = True) -> str:
+    def run_cli(self, *args: str, layers: bool = True, check: bool = True) -> str:
+        """Run ``hotknob ARGS`` against the demo's etcd (``layers``: with its app and config)."""
         cmd = ["hotknob", *args]
         print("$ " + " ".join(cmd), flush=True)
-        result = subprocess.run(_hotknob(*args, *self.common), capture_output=True, text=True)
+        extra = [*self.etcd_args, *(self.layer_args if layers else ["--app", self.app])]
+        result = subprocess.run(
+            _hotknob(*args, *extra), capture_output=True, text=True, env=self.env
+        )
         out = (result.stdout + result.stderr).rstrip()
         if out:
             print(out, flush=True)
@@ -97,23 +128,42 @@ class Demo:
             raise HotknobError(f"`{' '.join(cmd)}` exited with {result.returncode}")
         return result.stdout
 
-    def start_etcd(self) -> str:
-        endpoints = os.environ.get("HOTKNOB_ETCD_ENDPOINTS")
-        if endpoints:
-            self.say(f"using etcd at {endpoints}")
-            return endpoints
+    def start_etcd(self) -> None:
+        """The caller's etcd (``--etcd-endpoints``, else ``HOTKNOB_ETCD_ENDPOINTS``), with
+        its user, password and TLS files, or a throwaway one; passed on to the children in
+        their environment (a password on a command line is visible to every user)."""
+        args = self.args
+        if args.etcd_endpoints:
+            self.shared_etcd = True
+            self.env = _child_env(
+                {
+                    "HOTKNOB_ETCD_ENDPOINTS": args.etcd_endpoints,
+                    "HOTKNOB_ETCD_USER": args.etcd_user,
+                    "HOTKNOB_ETCD_PASSWORD": args.etcd_password,
+                    "HOTKNOB_ETCD_CA": args.etcd_ca,
+                    "HOTKNOB_ETCD_CERT": args.etcd_cert,
+                    "HOTKNOB_ETCD_KEY": args.etcd_key,
+                }
+            )
+            self.say(
+                f"using etcd at {args.etcd_endpoints}, under the app {self.app} "
+                f"(its keys, {ROOT}/{self.app}/, are deleted at the end)"
+            )
+            return
         from .local_etcd import LocalEtcd
 
         self.etcd = LocalEtcd(self.tmp / "etcd")
         self.etcd.start()
+        self.env = _child_env({"HOTKNOB_ETCD_ENDPOINTS": str(self.etcd.endpoint)})
         self.say(f"started a throwaway etcd at {self.etcd.endpoint}")
-        return str(self.etcd.endpoint)
 
     def start_daemon(self, sock: Path) -> None:
+        cmd = _hotknob(
+            "run", *self.layer_args, *self.etcd_args, "--socket", str(sock),
+            "--state-dir", str(self.tmp / "state"), "--log-level", "info",
+        )  # fmt: skip
         with open(self.tmp / "daemon.log", "wb") as log:
-            proc = self.spawn(
-                _hotknob("run", *self.common, "--log-level", "info"), stdout=log, stderr=log
-            )
+            proc = self.spawn(cmd, stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + 20
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -126,15 +176,11 @@ class Demo:
         args = self.args
         trainer = _find_trainer(args.trainer)
         print(f"working folder: {self.tmp} (removed at the end)", flush=True)
-        endpoints = self.start_etcd()
+        self.start_etcd()
         config = self.tmp / "config.yaml"
         shutil.copy(trainer.parent / "config.yaml", config)
         sock = self.tmp / "hotknob.sock"
-        self.common = [
-            "--app", self.app, "--etcd-endpoints", endpoints, "--config", str(config),
-            "--socket", str(sock), "--state-dir", str(self.tmp / "state"),
-        ]  # fmt: skip
-        self.run_cli("unset", "train.lr", "train.momentum")  # a clean slate on a shared etcd
+        self.layer_args = ["--app", self.app, "--config", str(config)]
         self.start_daemon(sock)
         self.say("where each value comes from")
         self.run_cli("explain", "train")
@@ -144,6 +190,7 @@ class Demo:
         trainer_proc = self.spawn(
             [sys.executable, str(trainer), "--socket", str(sock), "--steps", str(args.steps),
              "--step-delay", str(args.step_delay), "--log", str(log_path), "--print-every", "50"],
+            env=self.env,
         )  # fmt: skip
         plan = [
             (int(args.steps * 0.35), ["train.lr=0.2"], "the loss is stuck: raise lr"),
@@ -176,7 +223,7 @@ class Demo:
         if len(landed) < 2:
             raise HotknobError(f"expected 2 live changes to land, saw {len(landed)}")
         self.say("hotknob history train.lr")
-        self.run_cli("history", "train.lr", "--limit", "5")
+        self.run_cli("history", "train.lr", "--limit", "5", layers=False)
         output = Path(args.output)
         plot(records, output)
         self.say(f"wrote {output.resolve()}")
@@ -191,9 +238,43 @@ class Demo:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        if self.shared_etcd:
+            self.delete_keys()
         if self.etcd is not None:
             self.etcd.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def delete_keys(self) -> None:
+        """Delete every key under the demo's own app from the caller's etcd (the daemon is
+        stopped by now, so its status entries are gone with their leases)."""
+        from .context import etcd_options
+        from .etcd_store import EtcdStore
+
+        prefix = f"{ROOT}/{self.app}/"
+        options = etcd_options(self.args)
+        assert options is not None
+        store: EtcdStore | None = None
+        try:
+            store = EtcdStore(options)
+            kvs, _ = store.read_prefix(prefix)
+            if kvs:
+                store.commit({}, list(kvs))
+        except HotknobError as exc:
+            print(
+                f"hotknob: warning: could not delete the demo's keys under {prefix}: {exc}",
+                file=sys.stderr,
+            )
+        finally:
+            if store is not None:
+                store.close()
+
+
+def _child_env(etcd: dict[str, str | None]) -> dict[str, str]:
+    """The environment of the demo's children: the caller's without any ``HOTKNOB_*``
+    variable, plus the etcd settings given (those that are set)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTKNOB_")}
+    env.update({k: v for k, v in etcd.items() if v})
+    return env
 
 
 def plot(records: list[dict[str, Any]], output: Path) -> None:

@@ -1,7 +1,7 @@
 """Making a socket path safe to listen on, before the server binds it.
 
 The folder is created 0700 (or, if it exists, must belong to this user or root
-and must not be writable by others unless sticky); one daemon at a time holds the
+and must not be writable by group or others unless sticky); one daemon at a time holds the
 path (a lock file beside the socket); a stale socket file (nothing listening) is
 removed; a live daemon's socket, and anything that is not a socket, is never touched.
 """
@@ -43,7 +43,10 @@ def prepare_folder(folder: Path) -> None:
     if st.st_uid not in (os.getuid(), 0):
         raise SocketPathError(f"{folder} belongs to uid {st.st_uid}, not to this user")
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise SocketPathError(f"{folder} is writable by others: anyone could replace the socket")
+        raise SocketPathError(
+            f"{folder} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}, "
+            "not sticky): another user could replace the socket"
+        )
 
 
 def lock_socket_path(path: Path) -> int | None:

@@ -74,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=200, help="steps, with --guard")
     args = parser.parse_args(argv)
 
-    common: list[str] = []
+    common: list[str] = []  # for status, get and set
     if args.app:
         common += ["--app", args.app]
     if args.etcd_endpoints:
         common += ["--etcd-endpoints", args.etcd_endpoints]
+    layers = list(common)  # for get and set, which merge the layers (status reads only etcd)
     for path in args.config:
-        common += ["--config", path]
+        layers += ["--config", path]
 
     started = time.monotonic()
     best, stale, changes, last_step = float("inf"), 0, 0, -1
@@ -105,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if stale < args.patience:
             continue
-        lr = float(hotknob(common, "get", "train.lr"))
+        lr = float(hotknob(layers, "get", "train.lr"))
         new_lr = lr * args.factor
         if new_lr < args.min_lr:
             print(f"train.lr {lr:g} is at the floor ({args.min_lr:g}): done", flush=True)
             break
         guard = ["--guard", args.guard, "--window", str(args.window)] if args.guard else []
-        written = hotknob(common, "set", f"train.lr={new_lr:.6g}", *guard)
+        written = hotknob(layers, "set", f"train.lr={new_lr:.6g}", *guard)
         changes += 1
         print(
             f"{time.monotonic() - started:5.1f}s  plateau: train.lr {lr:g} -> {new_lr:.6g} "

@@ -306,7 +306,10 @@ def test_secret_values_appear_in_no_log_explain_status_or_event(
         explain = run_cli("explain", *common)
         explain_json = run_cli("explain", "--json", *common)
         get = run_cli("get", "--json", *common)
-        status = run_cli("status", "--json", *common)
+        # status takes no layer options (it reads only etcd): not the --set of ``common``
+        status = run_cli(
+            "status", "--json", "--app", APP, "--etcd-endpoints", etcd.endpoint, *schema
+        )
         for done in (explain, explain_json, get, status):
             assert done.returncode == 0, done.stderr
         layers = json.loads(explain_json.stdout)["keys"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import re
 import signal
 import struct
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_proc import hotknob_cmd
+from tests.etcd_server import EtcdServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,3 +96,48 @@ def test_demo_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "a process the demo started outlived it"
         time.sleep(0.1)
     assert not (tmp_path / "x.png").exists()
+
+
+def etcd_keys(etcd: EtcdServer) -> dict[str, str]:
+    out = json.loads(etcd.etcdctl("get", "/", "--prefix", "-w", "json").stdout)
+    return {
+        base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]).decode()
+        for kv in out.get("kvs") or []
+    }
+
+
+def test_demo_uses_the_etcd_it_is_given_and_leaves_a_users_keys_alone(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    users = {
+        "/hotknob/demo/config/train/lr": "0.5",  # README's hand-run example uses --app demo
+        "/hotknob/demo/config/train/momentum": "0.9",
+        "/hotknob/mine/config/train/lr": "0.3",
+    }
+    for key, value in users.items():
+        etcd.etcdctl("put", key, value)
+    env = {
+        **os.environ,
+        "HOTKNOB_ETCD_ENDPOINTS": "127.0.0.1:1",  # the flag wins over the variable
+        # meant for a real job: the demo's children must not see them
+        "HOTKNOB_APP": "mine",
+        "HOTKNOB_PARAM_TRAIN__LR": "0.3",  # would shadow the demo's live changes
+        "HOTKNOB_METRICS_ADDR": "256.0.0.1:1",  # would stop its daemon from starting
+    }
+    png = tmp_path / "demo.png"
+    done = subprocess.run(
+        hotknob_cmd(
+            "demo", "--etcd-endpoints", etcd.endpoint, "--steps", "160", "--step-delay", "0.03",
+            "--output", str(png),
+        ),
+        capture_output=True, text=True, timeout=110, cwd=ROOT, stdin=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    match = re.search(r"using etcd at (\S+), under the app (demo-[0-9a-f]+)", done.stdout)
+    assert match and match.group(1) == etcd.endpoint, done.stdout[:2000]
+    assert "throwaway" not in done.stdout
+    assert len(re.findall(r"version \d+ applied at step \d+", done.stdout)) == 2, done.stdout
+    assert png.exists()
+    # Only the user's keys are left, as they were: the demo wrote under its own app only,
+    # and deleted all of it at the end.
+    assert etcd_keys(etcd) == users

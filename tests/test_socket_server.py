@@ -513,13 +513,15 @@ def test_a_file_that_is_not_a_socket_is_never_removed(short_dir: Path) -> None:
         h.stop()
 
 
-def test_a_folder_writable_by_others_is_refused(short_dir: Path) -> None:
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_folder_writable_by_group_or_others_is_refused(short_dir: Path, mode: int) -> None:
     h = Harness(short_dir)
     try:
         h.path.parent.mkdir()
-        os.chmod(h.path.parent, 0o777)
-        with pytest.raises(SocketPathError, match="writable by others"):
+        os.chmod(h.path.parent, mode)
+        with pytest.raises(SocketPathError, match="writable by group or others") as caught:
             h.run(h.server.start())
+        assert f"mode {mode:o}" in str(caught.value)
         assert not h.path.exists()
     finally:
         h.stop()
