@@ -155,11 +155,16 @@ def _write(
     texts[meta_key(ctx.app)] = json.dumps(
         {"time": time.time(), "by": f"{getpass.getuser()}@{socket.gethostname()}", "what": header}
     )
+    guard_warnings: list[str] = []
     with ctx.store() as store:
         record = None
         if guard is not None:
-            guard_path, record = record_for_set(
-                store, ctx.app, guard, diff, current.values, secrets
+            # The old values the daemon rejects (never in force): a revert deletes them.
+            not_in_force = frozenset(p.key for p in dropped) | frozenset(
+                p.key for p in rejected_on_top(ctx.schema, ctx.precedence, layers, current.values)
+            )
+            guard_path, record, guard_warnings = record_for_set(
+                store, ctx.app, guard, diff, current.values, secrets, not_in_force & diff.keys()
             )
             texts[guard_path] = record.to_json()
         checked = {meta_key(ctx.app): store.mod_revision(meta_key(ctx.app), revision)}
@@ -186,6 +191,8 @@ def _write(
         if record is not None:
             print(describe(record))
     _warn_shadowed(snapshot, shadowed, secrets)
+    for warning in guard_warnings:
+        print(f"hotknob: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -40,7 +40,12 @@ def register(add: Add) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=int, default=0, help="exit after N events (0 = until Ctrl-C)")
 
-    p = add("status", cmd_status, "show every connected process and what it applied")
+    p = add(
+        "status",
+        cmd_status,
+        "show every process connected to the app's daemons and what it applied, and the "
+        "guarded changes: read from etcd, where the daemons publish them (needs etcd)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     from .demo import cmd_demo, register_demo
@@ -171,7 +176,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     if guards:
         headers = ["GUARD", "STATE", "CHANGE", "EXPR", "OUTCOME"]
-        print(render(headers, guards_table(guards, secrets=secrets)) + "\n")
+        rows = guards_table(guards, secrets=secrets, processes=entries)
+        print(render(headers, rows) + "\n")
     if not entries:
         print(f"no process of app {ctx.app!r} has reported (revision {revision})")
         return 0

@@ -6,7 +6,7 @@ shadow it now.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -71,34 +71,29 @@ def revert_plan(
     layers: Sequence[Layer],
     keys: Sequence[str],
     old: Mapping[str, Any],
+    rejected: Collection[str] = (),
 ) -> tuple[dict[str, Any], list[str]]:
-    """The etcd values to put back for ``keys`` (``old``: the ones they had; a key not in
-    it did not exist) and the keys to delete, checked as ``set`` checks a write: the etcd
-    layer of ``layers`` with them, merged with the other layers, also as the top layer.
+    """The etcd values to put back for ``keys`` and the keys to delete: exactly the state
+    before the change. ``old`` holds the values they had (a key not in it did not exist);
+    a key of ``rejected`` had a value the daemon rejected when the change was made (never
+    in force: the layers below etcd were), and is deleted so that what was in force
+    comes back.
 
-    An old value that the daemon rejects on its own (written around hotknob, or invalid
-    under this schema) is deleted instead: what the layers below etcd say comes back.
-    Raises ``InvalidChange`` naming the problems if the daemon would reject it even so.
+    It is checked as ``set`` checks a write: the etcd layer of ``layers`` with it, merged
+    with the other layers, also as the top layer. Raises ``InvalidChange`` naming the
+    problems if the daemon would reject it (a rule across fields that a later edit of
+    another key now relies on, or an old value that the schema no longer takes): nothing
+    else is tried, so that a revert never writes a value nobody set.
     """
-    restore = dict(old)
-    delete = [k for k in keys if k not in old]
+    restore = {k: v for k, v in old.items() if k not in rejected}
+    delete = [k for k in keys if k not in restore]
     in_force = next(layer for layer in layers if layer.name == "etcd").values
-    while True:
-        values = {k: v for k, v in in_force.items() if k not in keys}
-        values.update(restore)
-        problems: list[Problem] = []
-        try:
-            validate_etcd_state(schema, precedence, layers, values)
-        except InvalidChange as exc:
-            problems = list(exc.problems)
-        if not problems:  # valid only because env or cli shadows it: not written either
-            on_top = rejected_on_top(schema, precedence, layers, values)
-            problems = [p for p in on_top if p.key in restore]
-        if not problems:
-            return restore, delete
-        own = {p.key for p in problems if p.layer == "etcd" and p.key in restore}
-        if not own:
-            raise InvalidChange(problems)
-        for key in sorted(own):  # a key may be named twice (a union's members)
-            del restore[key]
-            delete.append(key)
+    values = {k: v for k, v in in_force.items() if k not in keys}
+    values.update(restore)
+    validate_etcd_state(schema, precedence, layers, values)
+    # Valid only because env or cli shadows it: not written either.
+    on_top = rejected_on_top(schema, precedence, layers, values)
+    problems = [p for p in on_top if p.key in restore]
+    if problems:
+        raise InvalidChange(problems)
+    return restore, delete

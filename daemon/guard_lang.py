@@ -15,9 +15,16 @@ comparison; ``baseline(name)`` names it explicitly. Parentheses group either
 arithmetic or whole conditions; the parser checks that numbers and conditions
 are not mixed (``(loss < 1) * 2`` is refused). Comparisons do not chain.
 
+Whitespace around the guard (the newline a YAML ``guard: |`` block or ``$(cat file)``
+leaves) is stripped first; inside it, only spaces and tabs separate tokens.
 Malformed input raises ``GuardSyntaxError`` (an ``InvalidInput``, exit code 1)
-whose message names the 1-based column and what was expected there. Evaluation
-is plain float arithmetic over a mapping: nothing in the text can reach Python.
+whose message, one line with control characters escaped, names the 1-based column
+(of the stripped text) and what was expected there. Evaluation is plain float
+arithmetic over a mapping: nothing in the text can reach Python.
+
+A condition joined by ``and`` is False as soon as any part is False, whatever the
+order of the parts and whether the others can be evaluated; only when no part is
+False and a part reads a value that is missing is there no verdict (``MissingValue``).
 """
 
 from __future__ import annotations
@@ -49,16 +56,33 @@ _ARITH: dict[str, Callable[[float, float], float]] = {
 }
 
 
+def escaped(text: str) -> str:
+    """``text`` with every character that is not printable (a newline, a tab, a control or
+    format character, a lone surrogate) written as its Python escape: one line, as typed."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for ch in text
+    )
+
+
 class GuardSyntaxError(InvalidInput):
-    """A guard that cannot be parsed; ``position`` is the 0-based offset of the problem."""
+    """A guard that cannot be parsed; ``position`` is the 0-based offset of the problem.
+
+    The message is one line: control characters of the text (and of the problem, which
+    may quote it) are escaped."""
 
     def __init__(self, text: str, position: int, problem: str) -> None:
         self.text = text
         self.position = position
         self.problem = problem
         near = text[position : position + 12]
-        where = f'near "{near}"' if near else "at the end"
-        super().__init__(f'invalid guard "{text}": {problem} at column {position + 1} ({where})')
+        where = f'near "{escaped(near)}"' if near else "at the end"
+        super().__init__(
+            f'invalid guard "{escaped(text)}": {escaped(problem)} at column {position + 1} '
+            f"({where})"
+        )
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -127,6 +151,7 @@ def tokenize(text: str) -> list[Token]:
         else:
             hint = " (use 'and')" if ch == "&" else ""
             hint = " (division is not supported: multiply instead)" if ch == "/" else hint
+            hint = " (write the guard on one line)" if ch in "\r\n" else hint
             raise GuardSyntaxError(text, i, f'unexpected character "{ch}"{hint}')
     tokens.append(Token("end", "", n))
     return tokens
@@ -383,7 +408,18 @@ def _value(node: Numeric, values: Mapping[str, float], baselines: Mapping[str, f
 
 def _holds(node: Condition, values: Mapping[str, float], baselines: Mapping[str, float]) -> bool:
     if isinstance(node, And):
-        return all(_holds(part, values, baselines) for part in node.parts)
+        # Any False part makes the whole False, wherever it stands: a part that cannot be
+        # evaluated (a value missing) leaves no verdict only if no other part is False.
+        missing: MissingValue | None = None
+        for part in node.parts:
+            try:
+                if not _holds(part, values, baselines):
+                    return False
+            except MissingValue as exc:
+                missing = missing or exc
+        if missing is not None:
+            raise missing
+        return True
     left = _value(node.left, values, baselines)
     right = _value(node.right, values, baselines)
     if math.isnan(left) or math.isnan(right):
@@ -404,7 +440,8 @@ class Guard:
     def holds(self, values: Mapping[str, float], baselines: Mapping[str, float]) -> bool:
         """Whether the condition holds; NaN on either side of a comparison fails it.
 
-        Raises ``MissingValue`` if a metric or baseline it reads is not given.
+        Raises ``MissingValue`` if a metric or baseline it reads is not given, unless a
+        part of an ``and`` that can be evaluated is False (then the whole is False).
         """
         return _holds(self.root, values, baselines)
 
@@ -432,10 +469,11 @@ def parse_guard(text: str) -> Guard:
     reads none: no report could ever make it fail or let it pass)."""
     if not isinstance(text, str):
         raise GuardSyntaxError(str(text), 0, "a guard must be text")
+    text = text.strip()  # a YAML block's or a file's last newline is not part of it
     root = _Parser(text).parse()
     metrics: set[str] = set()
     baselines: set[str] = set()
     _collect(root, metrics, baselines)
     if not metrics:  # a baseline alone is a constant: such a guard could never end
         raise GuardSyntaxError(text, 0, "a guard must read at least one reported metric")
-    return Guard(text.strip(), root, frozenset(metrics), frozenset(baselines))
+    return Guard(text, root, frozenset(metrics), frozenset(baselines))

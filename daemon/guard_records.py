@@ -6,19 +6,32 @@ record at ``/hotknob/<app>/guards/<id>`` (JSON)::
     {"id": "...", "guard": "loss < 1.5 * baseline", "window": 300, "patience": 3,
      "keys": {"train.lr": {"old": 0.0003, "existed": true, "new": 3.0}},
      "baselines": {"<node>/<client>": {"loss": 0.41}},
+     "processes": ["<node>/<client>"],
      "state": "armed", "created": 1700000000.0, "by": "me@host"}
 
 A key the schema keeps secret carries ``"secret": true``: the record holds its
 real old value (a revert writes it back), and whatever shows the record (``status``,
 the daemon's log and ``watch``) masks it, even where the schema is not at hand.
+A key whose old value the daemon rejected when the change was made (written around
+hotknob: it was never in force, the layers below etcd were) carries ``"rejected": true``:
+a revert deletes it rather than write that value back.
+
+``processes`` names the processes that had a status entry when the change was written:
+they ran the configuration before it. A process of the list that (re)connects and
+acknowledges the change is watched (after a daemon restart, or a reconnect); one that is
+not in it and whose daemon never saw it acknowledge a state before the change is a
+process that started after the change, and is never judged by the guard. A record
+without the list (written by an older hotknob) counts the processes of its baselines.
 
 Because the record and the changed keys are written by one transaction, they
 share its revision R: while the record is ``armed`` it is never rewritten, so its
 mod revision *is* R, and "nobody changed the keys since" means "their mod
 revision is still R". Daemons end a guard by rewriting the record once, with
 ``state`` ``reverted``, ``passed``, ``superseded`` or ``blocked`` (it failed, but
-no revert the daemon would accept exists) and an ``outcome`` (an object); every
-such write compares the record's mod revision to R, so exactly one ending wins.
+no revert the daemon would accept exists) or ``abandoned`` (every process it watched
+left before its window ended, or none ever applied the change: the change stays and
+nothing judged it) and an ``outcome`` (an object); every such write compares the
+record's mod revision to R, so exactly one ending wins.
 
 The baselines are read by ``set`` from what the daemons publish in the status
 entries just before the change is written: each process's mean of its last 32
@@ -36,7 +49,7 @@ import math
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +60,12 @@ from hotknob.config.schema import SECRET_MASK, hides
 from hotknob.config.sources import read_config_file
 
 from .etcd_store import EtcdStore
-from .guard_lang import Guard, parse_guard
+from .guard_lang import Guard, escaped, parse_guard
 from .reports import decode_value
 
 ARMED, REVERTED, PASSED, SUPERSEDED = "armed", "reverted", "passed", "superseded"
-BLOCKED = "blocked"
-STATES = (ARMED, REVERTED, PASSED, SUPERSEDED, BLOCKED)
+BLOCKED, ABANDONED = "blocked", "abandoned"
+STATES = (ARMED, REVERTED, PASSED, SUPERSEDED, BLOCKED, ABANDONED)
 DEFAULT_PATIENCE = 3
 
 
@@ -84,11 +97,13 @@ class KeyChange:
     existed: bool
     new: Any
     secret: bool = False  # its values are never shown (the schema's ``hides``)
+    rejected: bool = False  # ``old`` was rejected by the daemon: never in force
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if not self.secret:  # records of other keys stay as they were
-            data.pop("secret")
+        for flag in ("secret", "rejected"):
+            if not data[flag]:  # records of other keys stay as they were
+                data.pop(flag)
         return data
 
 
@@ -100,6 +115,7 @@ class GuardRecord:
     patience: int
     keys: dict[str, KeyChange]
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    processes: list[str] | None = None  # None: a record of an older hotknob
     state: str = ARMED
     created: float = 0.0
     by: str = ""
@@ -108,8 +124,9 @@ class GuardRecord:
     def to_json(self) -> str:
         data = asdict(self)
         data["keys"] = {k: v.to_dict() for k, v in self.keys.items()}
-        if self.outcome is None:
-            data.pop("outcome")
+        for name in ("outcome", "processes"):
+            if data[name] is None:
+                data.pop(name)
         return json.dumps(data, allow_nan=False, sort_keys=True)
 
     @classmethod
@@ -134,6 +151,7 @@ class GuardRecord:
                     bool(v.get("existed", True)),
                     v.get("new"),
                     v.get("secret") is True,
+                    v.get("rejected") is True,
                 )
                 for k, v in dict(data["keys"]).items()
             }
@@ -141,6 +159,8 @@ class GuardRecord:
                 str(proc): {str(m): float(x) for m, x in dict(values).items()}
                 for proc, values in dict(data.get("baselines") or {}).items()
             }
+            listed = data.get("processes")
+            processes = None if listed is None else [str(name) for name in list(listed)]
             record = cls(
                 id=str(data["id"]),
                 guard=str(data["guard"]),
@@ -148,6 +168,7 @@ class GuardRecord:
                 patience=int(data.get("patience", DEFAULT_PATIENCE)),
                 keys=keys,
                 baselines=baselines,
+                processes=processes,
                 state=str(data.get("state", ARMED)),
                 created=float(data.get("created", 0.0)),
                 by=str(data.get("by", "")),
@@ -162,6 +183,11 @@ class GuardRecord:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed guard record: {exc}") from None
         return record
+
+    def applied_before(self) -> frozenset[str]:
+        """The processes (``<node>/<client>``) known to have run the configuration before
+        the change: those listed in ``processes``, and those with a baseline."""
+        return frozenset([*(self.processes or ()), *self.baselines])
 
 
 # --- building one, for ``set --guard`` ------------------------------------------------------
@@ -218,31 +244,41 @@ def spec_from_args(args: argparse.Namespace) -> GuardSpec | None:
     return GuardSpec(guard, window, patience)
 
 
-def read_baselines(
-    store: EtcdStore, app: str, metrics: frozenset[str]
+def read_status_entries(store: EtcdStore, app: str) -> dict[str, dict[str, Any]]:
+    """The status entries of ``app``'s processes by name (``<node>/<client>``); one that
+    is not a JSON object (written around hotknob) is left out."""
+    prefix = status_prefix(app)
+    kvs, _ = store.read_prefix(prefix)
+    entries: dict[str, dict[str, Any]] = {}
+    for key, raw in sorted(kvs.items()):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries[key[len(prefix) :]] = entry
+    return entries
+
+
+def baselines_from(
+    entries: Mapping[str, Mapping[str, Any]], app: str, metrics: frozenset[str]
 ) -> dict[str, dict[str, float]]:
-    """Each reporting process's recent mean of each of ``metrics``, from the status entries.
+    """Each reporting process's recent mean of each of ``metrics``, from its status entry.
 
     Raises ``InvalidInput`` if one of ``metrics`` has no finite value from any
     process: a baseline needs reports from before the change.
     """
-    if not metrics:
-        return {}
-    prefix = status_prefix(app)
-    kvs, _ = store.read_prefix(prefix)
     baselines: dict[str, dict[str, float]] = {}
-    for key, raw in sorted(kvs.items()):
-        try:
-            means = json.loads(raw).get("metrics", {}).get("mean", {})
-        except (ValueError, AttributeError):
-            continue
+    for name, entry in sorted(entries.items()):
+        reported = entry.get("metrics")
+        means = reported.get("mean") if isinstance(reported, dict) else None
         found = {}
-        for name in metrics:
-            value = decode_value(means.get(name)) if isinstance(means, dict) else None
+        for metric in metrics:
+            value = decode_value(means.get(metric)) if isinstance(means, dict) else None
             if value is not None and math.isfinite(value):
-                found[name] = value
+                found[metric] = value
         if found:
-            baselines[key[len(prefix) :]] = found
+            baselines[name] = found
     missing = sorted(m for m in metrics if not any(m in b for b in baselines.values()))
     if missing:
         raise InvalidInput(
@@ -253,18 +289,74 @@ def read_baselines(
     return baselines
 
 
+def read_baselines(
+    store: EtcdStore, app: str, metrics: frozenset[str]
+) -> dict[str, dict[str, float]]:
+    """``baselines_from`` the status entries read now (nothing is read for no metrics)."""
+    if not metrics:
+        return {}
+    return baselines_from(read_status_entries(store, app), app, metrics)
+
+
+_NAMES_SHOWN = 8
+
+
+def unreported_warning(
+    entries: Mapping[str, Mapping[str, Any]], app: str, guard: Guard
+) -> str | None:
+    """A warning for ``set`` if no process's status entry reports a metric the guard reads
+    (a typo such as ``los``, or a run that does not report it): such a guard judges
+    nothing and would stay armed. None if each is reported, or if an entry was written
+    without some of its metrics (too many to tell)."""
+    reported: set[str] = set()
+    for entry in entries.values():
+        metrics = entry.get("metrics")
+        left_out = entry.get("left_out")
+        if isinstance(left_out, list) and "metrics" in left_out:
+            return None
+        if not isinstance(metrics, dict):
+            continue
+        if metrics.get("omitted"):
+            return None
+        for part in ("latest", "mean"):
+            names = metrics.get(part)
+            if isinstance(names, dict):
+                reported.update(str(name) for name in names)
+    missing = sorted(guard.metrics - reported)
+    if not missing:
+        return None
+    if reported:
+        shown = sorted(reported)
+        more = f", ... ({len(shown)} in all)" if len(shown) > _NAMES_SHOWN else ""
+        they = "they report " + ", ".join(escaped(n[:40]) for n in shown[:_NAMES_SHOWN]) + more
+    elif entries:
+        they = "none has reported a metric yet"
+    else:
+        they = "no process has applied or reported anything yet"
+    return (
+        f"no process of app {app!r} reports {', '.join(missing)} ({they}): the guard "
+        "judges nothing until one does (`hotknob status` shows what each process reports)"
+    )
+
+
 def build_record(
     spec: GuardSpec,
     diff: Mapping[str, tuple[Any, Any]],
     previous: Mapping[str, Any],
     baselines: dict[str, dict[str, float]],
     secrets: frozenset[str] = frozenset(),
+    *,
+    rejected: frozenset[str] = frozenset(),
+    processes: list[str] | None = None,
 ) -> GuardRecord:
     """The record for a change of the dotted keys in ``diff`` (old, new), given the etcd
     values before it (``previous``, to tell a key that was absent from one set to null);
-    the keys that ``secrets`` hides are marked secret."""
+    the keys that ``secrets`` hides are marked secret, and those of ``rejected`` whose
+    old value the daemon rejected (not in force) are marked so. ``processes``: the
+    processes running when the change is written (see the module's docstring)."""
     keys = {
-        k: KeyChange(old, k in previous, new, hides(k, secrets)) for k, (old, new) in diff.items()
+        k: KeyChange(old, k in previous, new, hides(k, secrets), k in rejected and k in previous)
+        for k, (old, new) in diff.items()
     }
     return GuardRecord(
         id=new_guard_id(),
@@ -273,6 +365,7 @@ def build_record(
         patience=spec.patience,
         keys=keys,
         baselines=baselines,
+        processes=processes,
         created=time.time(),
         by=f"{getpass.getuser()}@{socket.gethostname()}",
     )
@@ -308,14 +401,21 @@ def record_for_set(
     diff: Mapping[str, tuple[Any, Any]],
     previous: Mapping[str, Any],
     secrets: frozenset[str] = frozenset(),
-) -> tuple[str, GuardRecord]:
-    """The etcd key and record that ``set --guard`` writes in its transaction.
+    rejected: frozenset[str] = frozenset(),
+) -> tuple[str, GuardRecord, list[str]]:
+    """The etcd key and record that ``set --guard`` writes in its transaction, and the
+    warnings to print (``unreported_warning``). ``rejected``: the changed keys whose
+    value in etcd the daemon rejects (not in force).
 
     Raises ``InvalidInput`` when the guard needs a baseline that no process reports.
     """
-    baselines = read_baselines(store, app, spec.guard.baselines)
-    record = build_record(spec, diff, previous, baselines, secrets)
-    return guard_key(app, record.id), record
+    entries = read_status_entries(store, app)
+    baselines = baselines_from(entries, app, spec.guard.baselines) if spec.guard.baselines else {}
+    record = build_record(
+        spec, diff, previous, baselines, secrets, rejected=rejected, processes=sorted(entries)
+    )
+    warning = unreported_warning(entries, app, spec.guard)
+    return guard_key(app, record.id), record, [warning] if warning else []
 
 
 def hidden_keys(record: GuardRecord, secrets: frozenset[str] = frozenset()) -> set[str]:
@@ -347,11 +447,46 @@ def shown_record(record: GuardRecord, secrets: frozenset[str] = frozenset()) -> 
     return data
 
 
+def waiting_hint(record: GuardRecord, entries: Sequence[Mapping[str, Any]]) -> str:
+    """For an armed guard that no process has reported to yet (as the status ``entries``
+    show): what it waits for, e.g. a metric nobody reports. Empty if one has reported."""
+    watched = []
+    for entry in entries:
+        windows = entry.get("guards")
+        window = windows.get(record.id) if isinstance(windows, dict) else None
+        if isinstance(window, dict):
+            if window.get("reported") is True:
+                return ""
+            watched.append(entry)
+    try:
+        metrics = sorted(parse_guard(record.guard).metrics)
+    except InvalidInput:
+        return ""
+    reported: set[str] = set()
+    for entry in watched or entries:
+        found = entry.get("metrics")
+        latest = found.get("latest") if isinstance(found, dict) else None
+        if isinstance(latest, dict):
+            reported.update(str(name) for name in latest)
+    missing = [m for m in metrics if m not in reported]
+    if not watched:
+        return "no report yet: no process has applied the change"
+    if missing and reported:
+        shown = ", ".join(escaped(n[:40]) for n in sorted(reported)[:_NAMES_SHOWN])
+        return f"no report yet: no process reports {', '.join(missing)} (they report {shown})"
+    return f"no report yet of {', '.join(metrics)} from the {len(watched)} process(es) watched"
+
+
 def guards_table(
-    records: list[GuardRecord], limit: int = 10, secrets: frozenset[str] = frozenset()
+    records: list[GuardRecord],
+    limit: int = 10,
+    secrets: frozenset[str] = frozenset(),
+    processes: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[list[Any]]:
     """Rows ``GUARD, STATE, KEYS, EXPR, OUTCOME`` for ``status``: armed ones, then the newest.
-    Values of hidden keys (``hidden_keys``) are masked."""
+    Values of hidden keys (``hidden_keys``) are masked. Given the status entries
+    (``processes``), an armed guard that nobody has reported to yet says what it waits for
+    (``waiting_hint``)."""
     armed = [r for r in records if r.state == ARMED]
     ended = [r for r in records if r.state != ARMED][-limit:]
     rows = []
@@ -363,5 +498,7 @@ def guards_table(
             for k, c in sorted(r.keys.items())
         )
         reason = (r.outcome or {}).get("reason", "")
+        if r.state == ARMED and processes is not None:
+            reason = waiting_hint(r, processes)
         rows.append([r.id, r.state, keys, f"{r.guard} (window {r.window})", reason])
     return rows

@@ -4,21 +4,37 @@ A guarded change is a record in etcd (see ``guard_records``) written in the same
 transaction as the change, at revision R. Every daemon of the app watches the
 records and, for its own processes:
 
-* a process is *watched* from the step at which it acknowledged a state of
-  revision ≥ R (the step the change landed in it), for ``window`` steps;
-* each ``metrics`` report of a watched process is checked: a NaN or ±inf value
-  of a metric the guard reads reverts at once; otherwise the guard is evaluated
-  on the mean of the values reported since the previous report, against that
-  process's baseline (else the mean of all processes' baselines), and
-  ``patience`` failures in a row revert;
-* every report after that acknowledgement is checked for NaN and ±inf; if a
-  process's step goes below the start of its window (it reloaded an earlier
-  checkpoint), its window starts again at that step;
+* a process is *watched* only if it applied the change: it ran a state from before
+  R and then acknowledged one of revision ≥ R. It ran one before R if this daemon saw
+  it acknowledge one (on this connection), or if the record lists it among the
+  processes that had a status entry when the change was written (so that it is
+  watched again after a daemon restart or a reconnect). A process that started after
+  the change (its first acknowledgement is already at or after R, and it is not
+  listed) never ran without the change: it is never judged, nor waited for. A
+  process is known by its name (``<node>/<client>``);
+* it is watched from the step at which it acknowledged the first state of revision
+  ≥ R (the step the change landed in it), for ``window`` steps: a report at a step
+  ≥ start + ``window`` is not judged (it marks the process done);
+* each ``metrics`` report within a watched process's window is checked: a NaN or
+  ±inf value of a metric the guard reads reverts at once; otherwise the guard is
+  evaluated on the mean of the values reported since the previous report, against
+  that process's baseline (else the mean of all processes' baselines), and
+  ``patience`` failures in a row revert; if a process's step goes below the start
+  of its window (it reloaded an earlier checkpoint), its window starts again at
+  that step;
 * when every watched process that reported has passed its window, on this
   daemon and, as their status entries show, on every other daemon of the app,
   the guard has *passed*. A process of another daemon is taken as done once its
   status shows a report at or after (its latest acknowledgement's step +
-  ``window``): never earlier than its own daemon would say.
+  ``window``): never earlier than its own daemon would say. A process that left
+  before the end of its window is no longer waited for; the outcome names it,
+  with the failures in a row it had when it left (fewer than ``patience``: a
+  departure is not a failure);
+* a guard with no process left that could judge it (every watched process left
+  before the end of its window, or none ever applied the change) for
+  ``ABANDON_AFTER_S`` seconds (time for a reconnect or a daemon restart), on this
+  daemon and, as the status entries show, on every other one, ends *abandoned*:
+  the change stays, and the outcome says who left when.
 
 A revert is ONE etcd transaction: the previous values of exactly the changed
 keys (deleting the ones the change created), the record marked ``reverted``
@@ -26,17 +42,22 @@ with the evidence, and the who/when annotation. It compares the mod revision
 of the record and of each changed key with R, so it lands only if nobody has
 changed those keys since (else the guard is marked ``superseded``) and only
 once across daemons. Before it is written, the etcd layer in force with the
-old values restored is merged and validated as ``set`` does it: an old value
-the daemon rejects (it was never in force) is deleted instead, so that what
-was in force comes back; if the daemon would still reject the revert (a rule
-across fields that a later edit now relies on), nothing is restored and the
-guard ends ``blocked``, with the reason. Then ``change_reverted`` is logged and
+old values restored is merged and validated as ``set`` does it (``revert_plan``):
+an old value the record marks ``rejected`` (the daemon rejected it when the change
+was made: it was never in force) is deleted instead, so that what was in force
+comes back; if the daemon would reject that state (a rule across fields that a
+later edit now relies on), nothing is restored and the guard ends ``blocked``,
+with the reason. No other value is ever written. Then ``change_reverted`` is logged and
 sent to ``watch`` clients; the config watcher delivers the restored values
 like any other change.
 
 Guards survive a restart: an armed record read at start is armed again (its
-mod revision is R, since armed records are never rewritten); processes are
-watched again from their first acknowledgement after the restart.
+mod revision is R, since armed records are never rewritten); the processes it
+lists are watched again from their first acknowledgement after the restart (with
+``LiveConfig``, that carries the step at which it applied the state it holds: its
+window resumes if the restarted daemon's state is that one, and else starts again
+at the step it applies the new one). The failures in a row counted before the
+restart are not kept.
 
 Everything here runs on the daemon's event loop except etcd calls, which run
 on one worker thread and post their result back; the watch runs on its own
@@ -48,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -67,6 +89,7 @@ from .etcd_store import ConflictError, EtcdChange, EtcdOptions, EtcdStore
 from .etcd_watcher import EtcdWatcher
 from .guard_lang import Guard, GuardSyntaxError, MissingValue, parse_guard
 from .guard_records import (
+    ABANDONED,
     ARMED,
     BLOCKED,
     PASSED,
@@ -81,13 +104,27 @@ from .guard_records import (
 )
 from .logs import get_logger
 from .reports import Report, encode_value, mean_of
-from .status import remote_in_window, status_name
+from .status import remote_in_window, remote_watching, status_name
 
 Post = Callable[..., None]
 _ACKS_KEPT = 64
 _EVIDENCE_KEPT = 8
 _REMOTE_CHECK_EVERY_S = 0.5
+_LEFT_NAMED = 3  # departures named in a reason; the outcome's ``left`` has them all
 _OUTCOME_LOGGED_APART = frozenset({"revision", "time", "node"})
+
+ABANDON_AFTER_S = 30.0
+"""How long a guard may have no process that could judge it before it ends ``abandoned``:
+time for a process to reconnect, or for a daemon to restart and its processes to come
+back. ``HOTKNOB_GUARD_ABANDON_AFTER_S`` sets it."""
+
+
+def _abandon_after_s() -> float:
+    try:
+        value = float(os.environ.get("HOTKNOB_GUARD_ABANDON_AFTER_S", ABANDON_AFTER_S))
+    except ValueError:
+        return ABANDON_AFTER_S
+    return value if value >= 0 and value < float("inf") else ABANDON_AFTER_S
 
 
 class ConfigInForce(Protocol):
@@ -118,8 +155,12 @@ class _Active:
     record: GuardRecord
     guard: Guard
     revision: int
+    before: frozenset[str] = frozenset()  # status names known to have run a state before R
     started: dict[str, int] = field(default_factory=dict)
-    failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # evidence kept
+    in_a_row: dict[str, tuple[int, int]] = field(default_factory=dict)  # failures, first step
+    last_step: dict[str, int] = field(default_factory=dict)  # of each watched one's report
+    left: dict[str, dict[str, Any]] = field(default_factory=dict)  # gone before its window ended
     reported: set[str] = field(default_factory=set)
     passed: set[str] = field(default_factory=set)
     busy: bool = False
@@ -127,6 +168,7 @@ class _Active:
     checked_at: float = 0.0
     waiting: list[str] = field(default_factory=list)  # their processes still in the window
     recheck: asyncio.TimerHandle | None = None  # the next look at the others, when due
+    orphan: asyncio.TimerHandle | None = None  # the look for anyone left to judge it, when due
 
 
 class GuardManager:
@@ -163,7 +205,11 @@ class GuardManager:
         self._active: dict[str, _Active] = {}
         self._resolving: set[str] = set()
         self._acks: dict[str, deque[tuple[int, int]]] = {}
+        # Connected, but what they applied is unknown here (acknowledged with a version of
+        # a daemon before this one: a restart that did not keep its versions).
+        self._unknown: set[str] = set()
         self._stopped = False
+        self._abandon_after = _abandon_after_s()
         self.log = get_logger("hotknob.guards", app=app, node=node)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -186,23 +232,55 @@ class GuardManager:
 
     def on_applied(self, client: str, revision: int | None, step: int) -> None:
         if revision is None:
+            self._unknown.add(client)
             return
+        self._unknown.discard(client)
         self._acks.setdefault(client, deque(maxlen=_ACKS_KEPT)).append((revision, step))
         for active in self._active.values():
             if client not in active.started and revision >= active.revision:
-                active.started[client] = step
+                start = self._applied_at(active, client)
+                if start is None:
+                    continue  # started after the change: nothing to compare it with
+                active.started[client] = start
                 active.passed.discard(client)  # back under that name: watched anew
+                active.left.pop(client, None)
+                self._cancel_orphan(active)
+
+    def _applied_at(self, active: _Active, client: str) -> int | None:
+        """The step at which ``client`` applied the change: its first acknowledgement of a
+        state of revision ≥ R after running one before R (acknowledged on this connection,
+        or listed in the record: see the module's docstring); None if it never did."""
+        ran_before = status_name(self.node, client) in active.before
+        for revision, step in self._acks.get(client, ()):
+            if revision < active.revision:
+                ran_before = True
+            elif ran_before:
+                return step
+        return None
 
     def on_disconnect(self, client: str) -> None:
-        """A process that went away mid-window is no longer waited for; one that had
-        completed its window still counts as done (it may go as soon as it is)."""
+        """A process that went away mid-window is no longer waited for (the outcome will
+        name it); one that had completed its window still counts as done (it may go as
+        soon as it is). A guard with nobody left to judge it may end ``abandoned``."""
         self._acks.pop(client, None)
+        self._unknown.discard(client)
         for guard_id, active in list(self._active.items()):
-            active.started.pop(client, None)
+            start = active.started.pop(client, None)
+            in_a_row, _ = active.in_a_row.pop(client, (0, 0))
             active.failures.pop(client, None)
+            last = active.last_step.pop(client, None)
             if client not in active.passed:
+                if start is not None:
+                    active.left[client] = {
+                        "client": client,
+                        "from": start,
+                        "step": last,
+                        "reported": client in active.reported,
+                        "failures": in_a_row,
+                    }
                 active.reported.discard(client)
             self._maybe_passed(guard_id, active)
+            self._maybe_orphaned(guard_id, active)
 
     def windows_of(self, client: str) -> dict[str, dict[str, Any]]:
         """For ``client``'s status entry: each guard watching it, with the step its window
@@ -219,10 +297,11 @@ class GuardManager:
         }
 
     def on_report(self, client: str, report: Report) -> None:
-        """Check ``report`` for every guard that watches ``client`` (one that acknowledged
-        the change). A step below the window's start means the process went back to an
-        earlier checkpoint: its window starts again at that step (so it is watched for
-        ``window`` steps from there), and the report is checked like any other."""
+        """Check ``report`` for every guard that watches ``client`` (one that applied the
+        change), if it is inside the window. A step below the window's start means the
+        process went back to an earlier checkpoint: its window starts again at that step
+        (so it is watched for ``window`` steps from there), and the report is checked like
+        any other."""
         for guard_id, active in list(self._active.items()):
             start = active.started.get(client)
             if active.busy or start is None:
@@ -230,6 +309,7 @@ class GuardManager:
             if report.step < start:
                 start = active.started[client] = report.step
                 active.passed.discard(client)
+            active.last_step[client] = report.step
             self._check(guard_id, active, client, start, report)
 
     def _check(
@@ -240,6 +320,11 @@ class GuardManager:
         if not values:
             return  # this process does not report what the guard reads
         active.reported.add(client)
+        if report.step >= start + active.record.window:
+            # Past its own window: done, and what it reports now is not judged.
+            active.passed.add(client)
+            self._maybe_passed(guard_id, active)
+            return
         bad = report.non_finite(guard.metrics)
         if bad:
             name, value = sorted(bad.items())[0]
@@ -254,6 +339,9 @@ class GuardManager:
             holds = None
         failures = active.failures.setdefault(client, [])
         if holds is False:
+            count, first = active.in_a_row.get(client, (0, report.step))
+            count += 1
+            active.in_a_row[client] = (count, first)
             failures.append(
                 {
                     "client": client,
@@ -264,19 +352,17 @@ class GuardManager:
                     ),
                 }
             )
-            del failures[:-_EVIDENCE_KEPT]
-            if len(failures) >= active.record.patience:
+            del failures[:-_EVIDENCE_KEPT]  # the evidence kept; the count is apart
+            if count >= active.record.patience:
                 reason = (
-                    f"{guard.text!r} failed on {len(failures)} reports in a row from {client} "
-                    f"(steps {failures[0]['step']}..{report.step})"
+                    f"{guard.text!r} failed on {count} reports in a row from {client} "
+                    f"(steps {first}..{report.step})"
                 )
                 self._revert(guard_id, active, reason, failures[-active.record.patience :])
                 return
         elif holds is True:
             failures.clear()
-        if report.step >= start + active.record.window:
-            active.passed.add(client)
-            self._maybe_passed(guard_id, active)
+            active.in_a_row.pop(client, None)
 
     def _baselines(self, record: GuardRecord, client: str) -> dict[str, float]:
         """``client``'s own baseline of each metric, else the mean of all processes' ones."""
@@ -342,11 +428,122 @@ class GuardManager:
             # Asked again, whether or not anyone reports: all may have stopped by now.
             self._recheck(guard_id, active, _REMOTE_CHECK_EVERY_S)
             return
-        outcome = {
+        outcome: dict[str, Any] = {
             "reason": f"held for {active.record.window} steps",
             "clients": sorted(active.passed),
         }
+        left = [gone for gone in self._left(active) if gone["reported"]]
+        if left:
+            outcome["reason"] += "; " + self._left_text(active, left)
+            outcome["left"] = left
         self._finish(guard_id, active, PASSED, outcome)
+
+    @staticmethod
+    def _left(active: _Active) -> list[dict[str, Any]]:
+        """The processes that left before the end of their window, by name."""
+        return [active.left[name] for name in sorted(active.left)]
+
+    @staticmethod
+    def _left_text(active: _Active, left: list[dict[str, Any]]) -> str:
+        """``left`` for a reason: who left when, and with how many failures in a row."""
+        window, patience = active.record.window, active.record.patience
+        parts = []
+        for gone in left[:_LEFT_NAMED]:
+            step = gone["step"]
+            if step is None or not gone["reported"]:
+                names = ", ".join(sorted(active.guard.metrics))
+                text = f"{gone['client']} left before reporting {names}"
+            else:
+                text = (
+                    f"{gone['client']} left at step {step}, {step - gone['from']} of its "
+                    f"{window} steps in"
+                )
+            if gone["failures"]:
+                text += (
+                    f", with {gone['failures']} failed report(s) in a row recorded "
+                    f"(patience {patience})"
+                )
+            parts.append(text)
+        if len(left) > _LEFT_NAMED:
+            parts.append(f"and {len(left) - _LEFT_NAMED} more left before their window ended")
+        return "; ".join(parts)
+
+    # --- a guard nobody is left to judge --------------------------------------------------------
+
+    def _can_judge_here(self, active: _Active) -> bool:
+        """Whether a process of this daemon is watched, or connected and not yet at the
+        change (it ran a state before it, and may apply it at its next step), or listed
+        in the record and connected with a state this daemon does not know (it applies
+        this daemon's at its next step)."""
+        if active.started:
+            return True
+        if any(status_name(self.node, c) in active.before for c in self._unknown):
+            return True
+        return any(acks and acks[-1][0] < active.revision for acks in self._acks.values())
+
+    def _maybe_orphaned(self, guard_id: str, active: _Active) -> None:
+        """If no process of this daemon can judge the guard any more, look again in
+        ``ABANDON_AFTER_S`` seconds (a process may reconnect meanwhile)."""
+        if active.busy or self._stopped or active.orphan is not None:
+            return
+        if self._can_judge_here(active) or (active.reported and active.reported <= active.passed):
+            return  # watched, or ``_maybe_passed`` ends it
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (a test driving the manager by hand)
+            return
+
+        def due() -> None:
+            active.orphan = None
+            if not self._stopped and self._active.get(guard_id) is active:
+                self._orphan_due(guard_id, active)
+
+        active.orphan = loop.call_later(self._abandon_after, due)
+
+    def _cancel_orphan(self, active: _Active) -> None:
+        if active.orphan is not None:
+            active.orphan.cancel()
+            active.orphan = None
+
+    def _orphan_due(self, guard_id: str, active: _Active) -> None:
+        if active.busy or self._can_judge_here(active):
+            return
+        if active.reported and active.reported <= active.passed:
+            self._maybe_passed(guard_id, active)
+            return
+        future = self._worker.submit(self._store.read_prefix, status_prefix(self.app))
+        self._then(future, self._orphan_checked, guard_id, active)
+
+    def _orphan_checked(
+        self,
+        guard_id: str,
+        active: _Active,
+        result: tuple[Mapping[str, bytes], int] | BaseException,
+    ) -> None:
+        if self._active.get(guard_id) is not active or active.busy:
+            return
+        if self._can_judge_here(active) or (active.reported and active.reported <= active.passed):
+            self._maybe_orphaned(guard_id, active)
+            return
+        if isinstance(result, BaseException):
+            self.log.warning("guard_check_failed", guard=guard_id, error=str(result))
+            self._maybe_orphaned(guard_id, active)
+            return
+        kvs, _ = result
+        others = remote_watching(kvs, status_prefix(self.app), self.node, guard_id, active.revision)
+        if others:  # their daemons end it; asked again in case they all go too
+            self._maybe_orphaned(guard_id, active)
+            return
+        left = self._left(active)
+        if left:
+            reason = "no process left to judge it: " + self._left_text(active, left)
+        else:
+            reason = (
+                "no process that ran the configuration before the change applied it "
+                f"within {self._abandon_after:g} s"
+            )
+        outcome: dict[str, Any] = {"reason": reason + "; the change stays", "left": left}
+        self._finish(guard_id, active, ABANDONED, outcome)
 
     # --- records (from the guard watch, on the loop) ------------------------------------------
 
@@ -417,11 +614,11 @@ class GuardManager:
         except GuardSyntaxError as exc:
             self.log.warning("guard_record_invalid", guard=record.id, error=str(exc))
             return
-        active = _Active(record, guard, revision)
-        for client, acks in self._acks.items():
-            steps = [step for rev, step in acks if rev >= revision]
-            if steps:
-                active.started[client] = steps[0]
+        active = _Active(record, guard, revision, record.applied_before())
+        for client in self._acks:
+            start = self._applied_at(active, client)
+            if start is not None:
+                active.started[client] = start
         self._active[record.id] = active
         self.log.info(
             "guard_armed",
@@ -432,9 +629,12 @@ class GuardManager:
             patience=record.patience,
             revision=revision,
         )
+        self._maybe_orphaned(record.id, active)
 
     def _drop(self, guard_id: str, record: GuardRecord | None) -> None:
         active = self._active.pop(guard_id, None)
+        if active is not None:
+            self._cancel_orphan(active)
         if active is not None and record is not None:
             self.log.info("guard_ended", guard=guard_id, state=record.state)
 
@@ -455,8 +655,8 @@ class GuardManager:
             return
         except (TypeError, ValueError) as exc:  # an old value JSON cannot carry: as recorded
             self.log.warning("guard_revert_unchecked", guard=guard_id, error=str(exc))
-            restore = {k: c.old for k, c in record.keys.items() if c.existed}
-            delete = [k for k, c in record.keys.items() if not c.existed]
+            restore = {k: c.old for k, c in record.keys.items() if c.existed and not c.rejected}
+            delete = [k for k in record.keys if k not in restore]
         # What was put back, as the record and the log show it: a secret's value is masked
         # (the record's ``keys`` keep the real one).
         hidden = self._hidden(record)
@@ -483,14 +683,19 @@ class GuardManager:
         )
 
     def _plan_revert(self, keys: Mapping[str, KeyChange]) -> tuple[dict[str, Any], list[str]]:
-        """The old values to put back and the keys to delete (dotted), checked against the
+        """The old values to put back and the keys to delete (dotted: those the change
+        created, and those whose old value the daemon had rejected), checked against the
         configuration in force (``revert_plan``); unchecked without one."""
         old = {k: c.old for k, c in keys.items() if c.existed}
+        rejected = {k for k, c in keys.items() if c.rejected}
         config = self._config() if self._config is not None else None
         if config is None or "etcd" not in config.layers:
-            return old, [k for k in keys if k not in old]
+            restore = {k: v for k, v in old.items() if k not in rejected}
+            return restore, [k for k in keys if k not in restore]
         layers = list(dict(config.layers).values())
-        return revert_plan(config.schema, tuple(config.precedence), layers, list(keys), old)
+        return revert_plan(
+            config.schema, tuple(config.precedence), layers, list(keys), old, rejected
+        )
 
     def _finish(
         self,
@@ -577,7 +782,7 @@ class GuardManager:
             )
         else:
             fields = {k: v for k, v in outcome.items() if k not in _OUTCOME_LOGGED_APART}
-            log = self.log.warning if ended.state == BLOCKED else self.log.info
+            log = self.log.warning if ended.state in (BLOCKED, ABANDONED) else self.log.info
             log(
                 "guard_" + ended.state,
                 guard=guard_id,

@@ -226,12 +226,11 @@ class StatusPublisher:
         self._drop_store()
 
 
-def remote_in_window(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
-    """The processes of other daemons (status entries under ``prefix``) that are still
-    inside the window of guard ``guard_id``, by name (``<node>/<client>``): as their own
-    daemon says in their entry (``GuardManager.windows_of``), watched (they reported what
-    the guard reads since the change reached them) and not done."""
-    waiting = []
+def _others(
+    kvs: Mapping[str, bytes], prefix: str, node: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The status entries under ``prefix`` of other daemons' processes, by name
+    (``<node>/<client>``), decoded; this daemon's own are left out (it knows them exactly)."""
     for key, raw in sorted(kvs.items()):
         name = key[len(prefix) :]
         try:
@@ -242,7 +241,17 @@ def remote_in_window(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id:
             continue
         owner = entry.get("node")
         if owner == node or (not isinstance(owner, str) and name.startswith(node + "/")):
-            continue  # this daemon's own: known exactly
+            continue
+        yield name, entry
+
+
+def remote_in_window(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
+    """The processes of other daemons (status entries under ``prefix``) that are still
+    inside the window of guard ``guard_id``, by name (``<node>/<client>``): as their own
+    daemon says in their entry (``GuardManager.windows_of``), watched (they reported what
+    the guard reads since the change reached them) and not done."""
+    waiting = []
+    for name, entry in _others(kvs, prefix, node):
         windows = entry.get("guards")
         window = windows.get(guard_id) if isinstance(windows, dict) else None
         if not isinstance(window, dict):
@@ -250,3 +259,22 @@ def remote_in_window(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id:
         if window.get("reported") is True and window.get("done") is not True:
             waiting.append(name)
     return waiting
+
+
+def remote_watching(
+    kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str, revision: int
+) -> list[str]:
+    """The processes of other daemons (status entries under ``prefix``) that may still
+    judge guard ``guard_id`` (guarding revision ``revision``), by name: watched by it on
+    their daemon (their entry lists it, done or not: their daemon ends it), or not yet at
+    the change (their entry's revision is below it: they may apply it at their next
+    step). While there are any, this daemon does not end the guard as abandoned."""
+    found = []
+    for name, entry in _others(kvs, prefix, node):
+        windows = entry.get("guards")
+        applied = entry.get("revision")
+        if (isinstance(windows, dict) and isinstance(windows.get(guard_id), dict)) or (
+            isinstance(applied, int) and not isinstance(applied, bool) and applied < revision
+        ):
+            found.append(name)
+    return found

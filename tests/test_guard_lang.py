@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -123,9 +124,10 @@ def test_no_python_reaches_evaluation() -> None:
     ("text", "column", "fragment"),
     [
         ("", 1, "empty guard"),
-        ("   ", 4, "empty guard"),
+        ("   ", 1, "empty guard"),  # stripped first: nothing is left
+        ("\n", 1, "empty guard"),
         ("loss", 1, "must be a condition"),
-        ("loss < ", 8, "expected a number"),
+        ("loss < ", 7, "expected a number"),  # at the end of "loss <"
         ("loss < * 2", 8, 'found "*"'),
         ("loss << 2", 7, 'found "<"'),
         ("loss < 2 and", 13, "found the end"),
@@ -178,3 +180,58 @@ def test_a_guard_that_reads_no_metric_is_refused(text: str) -> None:
     with pytest.raises(GuardSyntaxError, match="must read at least one reported metric"):
         parse_guard(text)
     assert parse_guard("loss < baseline(loss) + 1").metrics == {"loss"}
+
+
+@pytest.mark.parametrize(
+    "text", ["loss < 3 and grad < 5", "grad < 5 and loss < 3", "grad < 5 and (x < 1 and loss < 3)"]
+)
+def test_a_false_part_of_and_fails_it_whatever_the_order(text: str) -> None:
+    # grad (and x) missing from the report: the failing part decides, wherever it stands.
+    guard = parse_guard(text)
+    assert guard.holds({"loss": 100.0}, {}) is False
+    with pytest.raises(MissingValue):  # no part fails: no verdict
+        guard.holds({"loss": 1.0}, {})
+    assert guard.holds({"loss": 1.0, "grad": 1.0, "x": 0.0}, {}) is True
+    assert guard.holds({"loss": math.nan, "grad": 1.0, "x": 0.0}, {}) is False
+
+
+@pytest.mark.parametrize(
+    "text", ["loss < 2\n", "  loss < 2 \r\n", "\tloss < 2\n\n", "loss < 2 and loss > 0\n"]
+)
+def test_whitespace_around_a_guard_is_ignored(text: str) -> None:
+    guard = parse_guard(text)
+    assert guard.text == text.strip()
+    assert guard.holds({"loss": 1.0}, {}) and not guard.holds({"loss": 3.0}, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("loss < 2\nand loss > 0", r'invalid guard "loss < 2\nand loss > 0": unexpected'),
+        ("loss <\x1b[2J 2", r'unexpected character "\x1b" at column 7 (near "\x1b[2J 2")'),
+    ],
+)
+def test_an_error_is_one_line_with_control_characters_escaped(text: str, shown: str) -> None:
+    with pytest.raises(GuardSyntaxError) as info:
+        parse_guard(text)
+    message = str(info.value)
+    assert "\n" not in message and "\x1b" not in message, repr(message)
+    assert shown in message, message
+
+
+def test_a_guard_file_with_a_yaml_block_is_read(tmp_path: Path) -> None:
+    import argparse
+
+    from hotknob.daemon.guard_records import add_guard_options, spec_from_args
+
+    parser = argparse.ArgumentParser()
+    add_guard_options(parser)
+    for name, body in (
+        ("block.yaml", "guard: |\n  loss < 2\nwindow: 10\n"),
+        ("folded.yaml", "guard: >\n  loss < 2 and\n  loss > 0\nwindow: 10\n"),
+    ):
+        path = tmp_path / name
+        path.write_text(body)
+        spec = spec_from_args(parser.parse_args(["--guard-file", str(path)]))
+        assert spec is not None and spec.window == 10
+        assert "\n" not in spec.guard.text and spec.guard.text.startswith("loss < 2"), spec

@@ -1,0 +1,285 @@
+"""Guarded changes: which processes a guard judges, when, and how it ends (real etcd, a
+real daemon, raw clients)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon_proc import DaemonProcess, RawClient, run_cli
+from tests.etcd_server import EtcdServer
+from tests.test_guards import (
+    APP,
+    P,
+    guard_records,
+    guarded_set,
+    kv,
+    metrics,
+    processes,
+    report_until_published,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+QUICK_ABANDON = {"HOTKNOB_GUARD_ABANDON_AFTER_S": "1"}
+
+
+def ack(client: RawClient, version: int, step: int) -> None:
+    client.send({"type": "applied", "version": version, "step": step})
+
+
+def step_in_status(etcd: EtcdServer, client: str) -> Any:
+    """The step of ``client``'s latest report, as its status entry shows it (None: none)."""
+    mine = [p for p in processes(etcd) if p["client"] == client]
+    return mine[0].get("metrics", {}).get("step") if mine else None
+
+
+def ended(etcd: EtcdServer, timeout: float = 30.0) -> dict[str, Any]:
+    """The first guard record that is no longer armed."""
+    return dict(
+        wait_for(
+            "the guard to end",
+            lambda: [r for r in guard_records(etcd) if r["state"] != "armed"],
+            timeout,
+        )[0]
+    )
+
+
+def test_a_run_that_starts_after_the_change_is_not_judged_and_a_guard_left_alone_is_abandoned(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    with DaemonProcess(tmp_path, endpoints=etcd.endpoint, env=QUICK_ABANDON) as daemon:
+        with RawClient(daemon.socket_path, "run1") as run1:
+            ack(run1, run1.snapshot["version"], 0)
+            report_until_published(run1, etcd, "run1", range(1, 4))  # loss 1.0
+            out = guarded_set(
+                etcd, "train.lr=0.5", "--guard", "loss < 2 * baseline", "--window", "100"
+            )
+            ack(run1, run1.next_update()["version"], 1000)
+            wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+            for step in range(1001, 1050):
+                run1.send(metrics(step, loss=0.9))
+        # run1 ended mid-window. The next run starts under the change (its first state
+        # already holds it) with the high loss of a fresh run: nothing to compare it with.
+        with RawClient(daemon.socket_path, "run2") as run2:
+            ack(run2, run2.snapshot["version"], 0)
+            for step in (1, 2, 3, 4):
+                run2.send(metrics(step, loss=8.0))
+            record = ended(etcd)
+        assert record["state"] == "abandoned", record
+        reason = record["outcome"]["reason"]
+        assert "run1 left at step 1049, 49 of its 100 steps in" in reason, reason
+        assert "run2" not in reason and "the change stays" in reason
+        assert record["outcome"]["left"] == [
+            {"client": "run1", "from": 1000, "step": 1049, "reported": True, "failures": 0}
+        ]
+        assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
+        assert not daemon.events("change_reverted")
+        (logged,) = wait_for("guard_abandoned logged", lambda: daemon.events("guard_abandoned"))
+        assert logged["level"] == "warning" and logged["reason"] == reason
+
+
+def test_a_guard_no_process_ever_applied_is_abandoned(etcd: EtcdServer, tmp_path: Path) -> None:
+    with DaemonProcess(tmp_path, endpoints=etcd.endpoint, env=QUICK_ABANDON) as daemon:
+        out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "10")
+        with RawClient(daemon.socket_path, "late") as late:  # connects after the change
+            ack(late, late.snapshot["version"], 0)
+            late.send(metrics(1, loss="nan"))
+            record = ended(etcd)
+        assert record["state"] == "abandoned"
+        assert (
+            "no process that ran the configuration before the change applied it"
+            in (record["outcome"]["reason"])
+        )
+        assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
+
+
+def test_a_process_past_its_window_is_not_judged(etcd: EtcdServer, tmp_path: Path) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path, "c1") as c1,
+        RawClient(daemon.socket_path, "c2") as c2,
+    ):
+        for client in (c1, c2):
+            ack(client, client.snapshot["version"], 0)
+        out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
+        for client in (c1, c2):
+            ack(client, client.next_update()["version"], 10)
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        c2.send(metrics(11, loss=1.0))  # c2, slower: mid-window
+        for step in range(11, 30):  # c1: through its window (steps 10..29), all good
+            c1.send(metrics(step, loss=1.0))
+        # At and after step 30 (10 + 20), c1's reports are no longer judged: neither
+        # failures nor a NaN revert.
+        for step, loss in ((30, 100.0), (31, 100.0), (100, 100.0), (101, "nan"), (102, 100.0)):
+            c1.send(metrics(step, loss=loss))
+        wait_for(
+            "c1's last report in status",
+            lambda: step_in_status(etcd, "c1") == 102,
+        )
+        assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+        c2.send(metrics(30, loss=1.0))  # c2 is done too
+        record = ended(etcd)
+        assert record["state"] == "passed", record
+        assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
+        assert not daemon.events("change_reverted")
+
+
+def test_a_revert_that_a_later_edit_makes_invalid_ends_blocked_not_with_a_third_value(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # The rule is reported on band.hi itself: the old hi (10, valid and in force) must not
+    # be taken for a value the daemon had rejected, and deleted (hi = 100, a value nobody set).
+    schema = ["--schema", "tests.field_rule_schema:FieldRule"]
+    etcd.etcdctl("put", P + "band/hi", "10")
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=schema) as daemon,
+        RawClient(daemon.socket_path, "c1") as client,
+    ):
+        assert client.snapshot["values"]["band"] == {"lo": 0.0, "hi": 10.0}
+        ack(client, client.snapshot["version"], 0)
+        out = guarded_set(etcd, *schema, "band.hi=20", "--guard", "loss < 3", "--window", "50")
+        assert "rejected" not in guard_records(etcd)[0]["keys"]["band.hi"]
+        ack(client, client.next_update()["version"], 1)
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        later = guarded_set(etcd, *schema, "band.lo=15")  # holds only while hi is 20
+        ack(client, client.next_update()["version"], 2)
+        for step in (3, 4, 5):
+            client.send(metrics(step, loss=9.0))
+        record = ended(etcd)
+        assert record["state"] == "blocked", record
+        reason = record["outcome"]["reason"]
+        assert "not reverted" in reason and "hi must not be below lo" in reason, reason
+        assert kv(etcd, P + "band/hi") == ("20", out["revision"])
+        assert kv(etcd, P + "band/lo") == ("15", later["revision"])
+        assert not daemon.events("change_reverted")
+        assert client.no_message()
+
+
+def test_patience_over_the_evidence_kept_still_reverts(etcd: EtcdServer, tmp_path: Path) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path, "c1") as client,
+    ):
+        ack(client, client.snapshot["version"], 0)
+        guard = ["--guard", "loss < 3", "--window", "1000", "--patience", "10"]
+        guarded_set(etcd, "train.lr=0.5", *guard)
+        ack(client, client.next_update()["version"], 1)
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        for step in range(2, 11):  # 9 failures, then a good report: the count starts again
+            client.send(metrics(step, loss=100.0))
+        client.send(metrics(11, loss=1.0))
+        for step in range(12, 21):  # 9 more in a row: still one short
+            client.send(metrics(step, loss=100.0))
+        wait_for(
+            "the reports in status",
+            lambda: step_in_status(etcd, "c1") == 20,
+        )
+        assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+        client.send(metrics(21, loss=100.0))  # the 10th in a row
+        (event,) = wait_for("the revert", lambda: daemon.events("change_reverted"), 15)
+        assert "failed on 10 reports in a row from c1 (steps 12..21)" in event["reason"]
+        assert [e["step"] for e in event["evidence"]] == list(range(14, 22))  # the last 8
+
+
+def test_a_process_that_leaves_with_failures_is_named_in_the_passed_outcome(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path, "c1") as c1,
+    ):
+        c2 = RawClient(daemon.socket_path, "c2")
+        for client in (c1, c2):
+            ack(client, client.snapshot["version"], 0)
+        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
+        for client in (c1, c2):
+            ack(client, client.next_update()["version"], 10)
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        c2.send(metrics(11, loss=50.0))
+        c2.send(metrics(12, loss=80.0))  # two failures of patience 3, then it crashes
+        wait_for(
+            "c2's reports in status",
+            lambda: step_in_status(etcd, "c2") == 12,
+        )
+        c2.close()
+        for step in range(11, 31):
+            c1.send(metrics(step, loss=1.0))
+        record = ended(etcd)
+        assert record["state"] == "passed", record
+        reason = record["outcome"]["reason"]
+        assert reason == (
+            "held for 20 steps; c2 left at step 12, 2 of its 20 steps in, with 2 failed "
+            "report(s) in a row recorded (patience 3)"
+        ), reason
+        assert record["outcome"]["clients"] == ["c1"]
+        assert record["outcome"]["left"] == [
+            {"client": "c2", "from": 10, "step": 12, "reported": True, "failures": 2}
+        ]
+
+
+def test_set_warns_of_a_metric_no_process_reports_and_status_says_what_a_guard_waits_for(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path, "c1") as client,
+    ):
+        ack(client, client.snapshot["version"], 0)
+        report_until_published(client, etcd, "c1", range(1, 4))
+        done = run_cli(
+            "set", "--app", APP, "--etcd-endpoints", etcd.endpoint, "train.lr=0.5",
+            "--guard", "los < 3", "--window", "10",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("hotknob: warning: no process of app 't' reports los"), line
+        assert "they report loss" in line
+        assert kv(etcd, P + "train/lr")[0] == "0.5"
+        ack(client, client.next_update()["version"], 4)
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        client.send(metrics(5, loss=1.0))
+        wait_for(
+            "the window in status",
+            lambda: step_in_status(etcd, "c1") == 5 and processes(etcd)[0].get("guards"),
+        )
+        status = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint)
+        assert status.returncode == 0, status.stderr
+        assert "no report yet: no process reports los (they report loss)" in status.stdout
+        # Spelled right, the metric is reported: no warning.
+        done = run_cli(
+            "set", "--app", APP, "--etcd-endpoints", etcd.endpoint, "train.momentum=0.5",
+            "--guard", "loss < 3", "--window", "10",
+        )  # fmt: skip
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_a_listed_process_that_comes_back_is_judged_and_not_given_up_on(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # It had a status entry when the change was written: after a reconnect (or a daemon
+    # restart) it is watched again, although this connection never saw a state before R.
+    # While it holds a state this daemon does not know (a version of a daemon before a
+    # crash), it may still apply the change: the guard is not abandoned meanwhile.
+    with DaemonProcess(tmp_path, endpoints=etcd.endpoint, env=QUICK_ABANDON) as daemon:
+        with RawClient(daemon.socket_path, "c1") as client:
+            ack(client, client.snapshot["version"], 0)
+            report_until_published(client, etcd, "c1", range(1, 4))
+            out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "50")
+            ack(client, client.next_update()["version"], 5)
+            wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        wait_for("c1 gone", lambda: daemon.events("client_disconnected"))
+        with RawClient(daemon.socket_path, "c1") as client:
+            ack(client, 10**9, 6)  # a version this daemon never published
+            time.sleep(2.5)  # over HOTKNOB_GUARD_ABANDON_AFTER_S
+            assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+            ack(client, client.snapshot["version"], 7)
+            client.send(metrics(8, loss="nan"))
+            record = ended(etcd)
+        assert record["state"] == "reverted", record
+        assert record["outcome"]["reason"] == "c1 reported loss=nan at step 8"
+        assert kv(etcd, P + "train/lr") == (None, 0) and out["revision"] > 0
