@@ -177,8 +177,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
         parsed = parse_config_text(text, kind)
     except RecursionError:
         raise LayerError("files", _too_deep(path)) from None
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as exc:
-        reason = " ".join(_parse_error_text(exc).split())
+    except Exception as exc:
+        if kind == "yaml" and not isinstance(exc, yaml.YAMLError):
+            # An explicit tag on a value that is not of its kind (``!!int abc``, ``!!bool
+            # x``): PyYAML's constructor raises whatever its conversion raises, quoting
+            # the value (which may be a secret), with no position.
+            reason = _YAML_TAG_FAILED.format(type(exc).__name__)
+        elif isinstance(exc, yaml.YAMLError | tomllib.TOMLDecodeError | ValueError):
+            reason = " ".join(_parse_error_text(exc).split())
+        else:
+            raise
         # Not ``from exc``: a traceback of the chain would print PyYAML's own text, which
         # quotes a line of the file.
         raise LayerError("files", f"{path}: not valid {kind.upper()}: {reason}") from None
@@ -190,6 +198,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if where is not None:
         raise LayerError("files", f"{path}: {where}: {LONE_SURROGATE}", key=where)
     return parsed
+
+
+_YAML_TAG_FAILED = (
+    "a value could not be made into the type its explicit tag names (such as !!int, "
+    "!!float, !!bool or !!timestamp; {}); drop the tag or fix the value"
+)
 
 
 def _parse_error_text(exc: Exception) -> str:

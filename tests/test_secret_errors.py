@@ -84,6 +84,23 @@ def test_a_yaml_error_names_the_line_and_not_its_content(
     assert SECRET not in shown, shown
 
 
+@pytest.mark.parametrize("tag", ["!!int", "!!float", "!!bool", "!!timestamp"])
+def test_a_value_its_yaml_tag_cannot_make_is_refused_without_quoting_it(
+    tmp_path: Path, tag: str
+) -> None:
+    """PyYAML's constructors raise what the conversion raises (ValueError, KeyError,
+    AttributeError), quoting the value; one of them used to escape as a traceback."""
+    path = tmp_path / "tagged.yaml"
+    path.write_text(f"service:\n  api_key: {tag} {SECRET}\n")
+    with pytest.raises(LayerError) as info:
+        read_config_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not valid YAML: ") and "explicit tag" in message
+    assert SECRET not in message and SECRET.lower() not in message
+    shown = "".join(traceback.format_exception(info.value))
+    assert SECRET not in shown and SECRET.lower() not in shown, shown
+
+
 BROKEN_TOML_AND_JSON = [
     ("unclosed.toml", '[service]\napi_key = "{S}\n', "line 2"),
     ("bare.toml", "[service]\napi_key = {S}\n", "line 2"),
