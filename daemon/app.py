@@ -249,6 +249,8 @@ class Daemon:
         self._etcd_feed.cancel()
         if self.http:
             self.http.stop()
+        if self.guards is not None:
+            self.guards.stopping()  # the disconnects of the close below are no leaving
         if self.server:
             await self.server.close()
         loop = asyncio.get_running_loop()

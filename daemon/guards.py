@@ -217,6 +217,12 @@ class GuardManager:
     def start(self) -> None:
         self._watcher.start()
 
+    def stopping(self) -> None:
+        """The daemon is stopping (before its socket closes): the disconnects that follow
+        are its own doing, not processes leaving, and no guard ends from now on. A guard
+        still armed is picked up again by the next daemon (see the module's docstring)."""
+        self._stopped = True
+
     def stop(self) -> None:
         """Blocking: stop the watch, finish or drop queued etcd calls, close the client."""
         self._stopped = True
@@ -261,7 +267,10 @@ class GuardManager:
     def on_disconnect(self, client: str) -> None:
         """A process that went away mid-window is no longer waited for (the outcome will
         name it); one that had completed its window still counts as done (it may go as
-        soon as it is). A guard with nobody left to judge it may end ``abandoned``."""
+        soon as it is). A guard with nobody left to judge it may end ``abandoned``. Not
+        while the daemon stops: it closed the connection, the process did not leave."""
+        if self._stopped:
+            return
         self._acks.pop(client, None)
         self._unknown.discard(client)
         for guard_id, active in list(self._active.items()):
@@ -411,7 +420,7 @@ class GuardManager:
         result: tuple[Mapping[str, bytes], int] | BaseException,
     ) -> None:
         active.checking = False
-        if self._active.get(guard_id) is not active or active.busy:
+        if self._stopped or self._active.get(guard_id) is not active or active.busy:
             return
         if not active.reported or not active.reported <= active.passed:
             return  # a process went back to an earlier step meanwhile
@@ -520,7 +529,7 @@ class GuardManager:
         active: _Active,
         result: tuple[Mapping[str, bytes], int] | BaseException,
     ) -> None:
-        if self._active.get(guard_id) is not active or active.busy:
+        if self._stopped or self._active.get(guard_id) is not active or active.busy:
             return
         if self._can_judge_here(active) or (active.reported and active.reported <= active.passed):
             self._maybe_orphaned(guard_id, active)
@@ -706,7 +715,10 @@ class GuardManager:
         puts: dict[str, str] | None = None,
         deletes: list[str] | None = None,
     ) -> None:
-        """Write the ending (and for a revert, the restored values) in one transaction."""
+        """Write the ending (and for a revert, the restored values) in one transaction; not
+        once the daemon is stopping."""
+        if self._stopped:
+            return
         active.busy = True
         record = active.record
         ended = dataclasses.replace(

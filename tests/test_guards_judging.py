@@ -283,3 +283,28 @@ def test_a_listed_process_that_comes_back_is_judged_and_not_given_up_on(
         assert record["state"] == "reverted", record
         assert record["outcome"]["reason"] == "c1 reported loss=nan at step 8"
         assert kv(etcd, P + "train/lr") == (None, 0) and out["revision"] > 0
+
+
+def test_a_daemon_that_stops_mid_window_leaves_the_guard_armed(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """A clean stop (a restart, a rollout) closes every connection: that is the daemon's
+    doing, not processes leaving, and the guard must stay armed for the next daemon (it
+    ended ``passed`` on the word of the process already done)."""
+    with DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon:
+        with RawClient(daemon.socket_path, "c1") as c1, RawClient(daemon.socket_path, "c2") as c2:
+            for client in (c1, c2):
+                ack(client, client.snapshot["version"], 0)
+            guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
+            for client in (c1, c2):
+                ack(client, client.next_update()["version"], 10)
+            wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+            c2.send(metrics(11, loss=1.0))  # c2: mid-window (steps 10..29)
+            for step in range(11, 31):  # c1: through its window
+                c1.send(metrics(step, loss=1.0))
+            wait_for("c1's last report in status", lambda: step_in_status(etcd, "c1") == 30)
+            assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+            assert daemon.stop() == 0
+        log = daemon.log()
+    assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+    assert "event_failed" not in log and "Traceback" not in log
