@@ -274,6 +274,7 @@ class LiveConfig:
         them: they would pile up). Nothing logged here: a logging lock may be held too."""
         self._lock = threading.Lock()
         self._applying = threading.Lock()
+        self._first_state = threading.Event()  # its lock, too, may have been held
         self._first_state.set()
         self._reporter.forked()
         self.report = _report_nothing

@@ -234,7 +234,9 @@ def test_a_forked_live_config_does_not_hang_on_a_held_lock_and_keeps_no_reports(
                     "kept": {k: list(v) for k, v in live._reporter._buffers.items()},
                 }
 
-            with live._lock:  # held by this thread at the fork
+            # Held by this thread at the fork: the LiveConfig's lock, and that of its
+            # first-state event (the connection thread takes both as a state comes in).
+            with live._lock, live._first_state._cond:
                 pid, child, go_w = fork_child(in_child)
             try:
                 assert child == {"forked": True, "applied": True, "kept": {}}
