@@ -1,18 +1,21 @@
 """``hotknob run``: the sidecar's lifecycle — start in order, serve, stop in reverse.
 
-Start: static layers (defaults, env, cli) and the files are read and must be
-valid; etcd is read at one revision and watched from the next (or, if etcd
-cannot be reached within ``etcd_start_timeout``, the last-known-good from the
-state dir is served and the watch keeps retrying); the socket opens last,
-when there is a configuration to serve. The event loop runs the engine:
-watcher threads hand their events over with ``call_soon_threadsafe``, the one
-hop from a library thread into the loop — except an etcd change that comes
+Start: the socket path and the state file are taken first (each by a lock held
+for the daemon's life; either held by another daemon stops the start at once,
+before anything is read or written); static layers (defaults, env, cli) and
+the files are read and must be valid; etcd is read at one revision and watched
+from the next (or, if etcd cannot be reached within ``etcd_start_timeout``, the
+last-known-good from the state dir is served and the watch keeps retrying); the
+socket opens last, when there is a configuration to serve. The event loop runs
+the engine: watcher threads hand their events over with ``call_soon_threadsafe``,
+the one hop from a library thread into the loop — except an etcd change that comes
 alone, which the watch thread validates, publishes and writes to the clients
 itself (``_take_inline``), without that hop. Either way the engine and the push
 state are used under ``_lock``.
 
 Signals only request things: SIGTERM/SIGINT a stop (a second SIGINT forces
-it), SIGHUP a re-read of the files. Stop runs in reverse start order and
+it; one during the start's wait for etcd abandons the start: no socket is
+opened), SIGHUP a re-read of the files. Stop runs in reverse start order and
 is bounded in time.
 """
 
@@ -50,6 +53,10 @@ from .status import StatusPublisher
 from .throttle import Throttle
 
 PUSH_EVERY_S = 0.002
+
+
+class _StartAbandoned(Exception):
+    """A stop was asked for during the start: it ends there, as a normal stop."""
 
 
 @dataclass
@@ -108,6 +115,8 @@ class Daemon:
         self._push_due: Published | None = None
         self._push_soon = Throttle(PUSH_EVERY_S, self._push)
         self.engine: Engine | None = None
+        self.store: StateStore | None = None
+        self._abandoned = False
         self.server: SocketServer | None = None
         self.files: FileLayerWatcher | None = None
         self.etcd: EtcdWatcher | None = None
@@ -129,7 +138,11 @@ class Daemon:
             # Before the start, which may wait for etcd: a SIGHUP or SIGTERM then must not
             # kill the daemon (a reload during the start is taken like any early event).
             self._install_signals()
-            await self._start()
+            try:
+                await self._start()
+            except _StartAbandoned:
+                self._abandoned = True
+                return 0
             self.ready.set()
             self.log.info(
                 "daemon_ready",
@@ -149,8 +162,6 @@ class Daemon:
         ctx = self.ctx
         if self.options.metrics_addr:  # bound first: a port in use stops the start cleanly
             self.http = MetricsServer(self.options.metrics_addr, self.metrics, self.health)
-        file_state = self._start_files()
-        layers = [*self.static_layers, files_layer(ctx.schema, file_state.files)]
         self.server = SocketServer(
             self.options.socket_path,
             self._current,
@@ -159,6 +170,12 @@ class Daemon:
             on_disconnect=self.feedback.on_disconnect,
         )
         server = self.server
+        # Both locks before the state is read or written: a daemon that finds either
+        # held by another one stops here, and the other's state file stays as it was.
+        server.reserve()
+        self.store = self._lock_state()
+        file_state = self._start_files()
+        layers = [*self.static_layers, files_layer(ctx.schema, file_state.files)]
         self.metrics.clients.set_function(lambda: _count(server, watch=False))
         self.metrics.watchers.set_function(lambda: _count(server, watch=True))
         self.engine = Engine(
@@ -166,7 +183,7 @@ class Daemon:
             app=ctx.app,
             precedence=ctx.precedence,
             layers=layers,
-            store=StateStore(self.options.state_dir, ctx.app),
+            store=self.store,
             publish=self._publish,
             broadcast=self._broadcast,
             on_accepted=self._count_accepted,
@@ -174,6 +191,9 @@ class Daemon:
         )
         kvs, revision = await self._start_etcd()
         self._etcd_at_start = ctx.etcd is not None and kvs is not None
+        if self.stopping.is_set():
+            self.log.info("start_abandoned", reason="stop requested")
+            raise _StartAbandoned
         with self._lock:
             self.engine.start(kvs, revision)
         self._started = True
@@ -205,6 +225,16 @@ class Daemon:
             # The port chosen, when asked for port 0, is known only from here.
             self.log.info("metrics_listening", host=self.http.host, port=self.http.port)
 
+    def _lock_state(self) -> StateStore:
+        """The state file, locked for this daemon's life. Raises ``StateInUse`` if another
+        daemon holds it; if the lock cannot be taken at all (the state dir cannot be
+        written), the daemon goes on unlocked, as it serves when it cannot save."""
+        store = StateStore(self.options.state_dir, self.ctx.app)
+        problem = store.lock(f"pid {os.getpid()}, socket {self.options.socket_path}")
+        if problem is not None:
+            self.log.warning("state_lock_unavailable", path=str(store.lock_path), error=problem)
+        return store
+
     def _start_files(self) -> FileLayerState:
         if not self.ctx.config_files:
             return FileLayerState(files=())
@@ -226,16 +256,24 @@ class Daemon:
             on_connection=lambda up, detail: self._post(self._on_etcd_connection, up, detail),
         )
         self.etcd.start()
+        # Until the first read, the timeout, or a stop asked for (then the start ends).
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._initial_event, self.stopping)]
         try:
-            await asyncio.wait_for(self._initial_event.wait(), self.options.etcd_start_timeout)
-        except TimeoutError:
-            if self._initial_etcd is None:  # else it came just as the wait timed out
-                self.log.warning(
-                    "etcd_unavailable_at_start",
-                    endpoints=",".join(self.ctx.etcd.endpoints),
-                    waited_s=self.options.etcd_start_timeout,
-                )
-                return None, 0
+            await asyncio.wait(
+                waits, timeout=self.options.etcd_start_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.stopping.is_set():
+            return None, 0
+        if self._initial_etcd is None:
+            self.log.warning(
+                "etcd_unavailable_at_start",
+                endpoints=",".join(self.ctx.etcd.endpoints),
+                waited_s=self.options.etcd_start_timeout,
+            )
+            return None, 0
         assert self._initial_etcd is not None
         kvs, revision = self._initial_etcd
         self._initial_etcd = None
@@ -267,8 +305,10 @@ class Daemon:
             # the final state is saved now, marked clean.
             with self._lock:
                 self.engine.close()
+        if self.store is not None:
+            self.store.unlock()  # last: the state file is this daemon's until here
         self._remove_signals()
-        if self.ready.is_set():  # a start that failed says so in its one error line
+        if self.ready.is_set() or self._abandoned:  # a failed start says so in its error line
             self.log.info("daemon_stopped")
 
     # --- signals -------------------------------------------------------------------------------

@@ -160,6 +160,18 @@ class Engine:
         cli) or the files are invalid: the daemon must not start on them.
         """
         saved = self.store.load() if self.store else None
+        aside = self.store.set_aside if self.store else None
+        if aside is not None:
+            # Not fatal (a daemon must come up), but loud: versions restart at 1 below
+            # what clients and checkpoints may hold (docs/reliability.md says what to do).
+            self.log.error(
+                "state_file_unreadable",
+                path=str(aside.path),
+                reason=aside.reason,
+                moved_to=str(aside.moved_to) if aside.moved_to else None,
+                move_error=aside.move_error,
+                versions="restart at 1",
+            )
         if etcd is None:
             saved_etcd = saved.etcd if saved else {}
             self.layers["etcd"] = Layer("etcd", saved_etcd, dict.fromkeys(saved_etcd, "saved"))

@@ -109,6 +109,7 @@ class SocketServer:
         self._server: asyncio.AbstractServer | None = None
         self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file
         self._lock_fd: int | None = None
+        self._reserved = False
         self._conns: dict[int, Connection] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
         self._next_id = 1
@@ -148,19 +149,29 @@ class SocketServer:
             for conn in tuple(self._conns.values())
         )
 
-    async def start(self) -> None:
-        """Listen on the path. Raises ``SocketInUse`` or ``SocketPathError``."""
-        if self._server is not None or self._close_task is not None:
-            raise RuntimeError("a SocketServer is started once")
-        self._loop_thread = threading.get_ident()
+    def reserve(self) -> None:
+        """Take the path for this server (its lock, held until ``close``; a stale socket
+        removed) without listening yet: a daemon does so before it touches anything a
+        daemon on this path owns. ``start`` does it if not done. Raises ``SocketInUse``
+        or ``SocketPathError``."""
+        if self._reserved:
+            return
         prepare_folder(self._path.parent)
-        self._lock_fd = lock_socket_path(self._path)  # held until ``close``
+        self._lock_fd = lock_socket_path(self._path)
         try:
             if clear_stale_socket(self._path):
                 self._log.info("stale_socket_removed", path=str(self._path))
         except BaseException:
             self._release_lock()
             raise
+        self._reserved = True
+
+    async def start(self) -> None:
+        """Listen on the path. Raises ``SocketInUse`` or ``SocketPathError``."""
+        if self._server is not None or self._close_task is not None:
+            raise RuntimeError("a SocketServer is started once")
+        self._loop_thread = threading.get_ident()
+        self.reserve()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
@@ -291,6 +302,7 @@ class SocketServer:
         return "ok" if (st.st_dev, st.st_ino) == bound else "replaced"
 
     def _release_lock(self) -> None:
+        self._reserved = False
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             os.close(fd)  # the lock goes with it

@@ -15,12 +15,27 @@ published nothing after it, so a restart on the same values keeps its version.
 
 A write is all-or-nothing (temp file, fsync, rename); writes are serialised, a
 snapshot older than the one on disk is never written over it, and the ceiling on
-disk never goes down. A failed write is reported to the caller (``save_now``) or to
-``on_error`` (the writer) and never takes the daemon down.
+disk never goes down. A write that raises the ceiling, or that says ``clean``, also
+fsyncs the folder after the rename, so a power loss cannot bring back a file with
+a lower ceiling; the per-change snapshots in between skip that (losing one brings
+back a file with the same ceiling, which is safe). A failed write is reported to
+the caller (``save_now``) or to ``on_error`` (the writer) and never takes the
+daemon down.
+
+One daemon at a time uses a state file: it holds ``<app>.state.lock`` beside it
+(``StateStore.lock``) for its whole life. Two daemons on one file would each write
+their own ceiling over the other's, and versions would go backwards.
+
+A file that is there but cannot be read as this format (truncated, corrupt, written
+by another format) is moved aside to ``<name>.unreadable-<UTC time>`` by ``load``,
+never overwritten, and counts as no file: versions restart at 1.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import tempfile
@@ -30,6 +45,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hotknob.config.errors import HotknobError
 
 FORMAT = 1
 VERSION_BLOCK = 1000
@@ -58,14 +75,80 @@ class SavedState:
         return max(self.version, self.version_ceiling) + 1
 
 
+class StateInUse(HotknobError):
+    """Another daemon holds the state file's lock: it serves the same app from the same
+    state dir (another ``--socket``), and the two would undo each other's versions."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A state file ``load`` could not read: why, and where it went (``moved_to`` None,
+    with ``move_error``, if it could not be moved)."""
+
+    path: Path
+    reason: str
+    moved_to: Path | None
+    move_error: str | None = None
+
+
+class _Unreadable(Exception):
+    pass
+
+
 class StateStore:
     """``<state-dir>/<app>.state.json``; ``save`` may be called from several threads."""
 
     def __init__(self, state_dir: Path, app: str):
         self.path = Path(state_dir) / f"{app}.state.json"
+        self.lock_path = Path(state_dir) / f"{app}.state.lock"
+        self.set_aside: SetAside | None = None  # what the last ``load`` moved aside
         self._lock = threading.Lock()
+        self._lock_fd: int | None = None
         self._written_version = -1
         self._ceiling = 0
+
+    def lock(self, holder: str = "") -> str | None:
+        """Hold ``<app>.state.lock`` until ``unlock``; raises ``StateInUse`` if another
+        daemon holds it. ``holder`` (who this is: pid, socket) is written into the lock
+        file, so that a daemon refused names who holds it.
+
+        None when locked; else why the lock could not be taken at all (the folder cannot
+        be created or written): the daemon goes on unlocked then, as it does when it cannot
+        save, rather than not serving.
+        """
+        if self._lock_fd is not None:
+            return None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            return f"{self.lock_path}: {exc.strerror or exc}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return f"{self.lock_path}: {exc.strerror or exc}"
+            held_by = _read_holder(self.lock_path)
+            raise StateInUse(
+                f"{self.path} is in use (another daemon holds {self.lock_path}"
+                + (f": {held_by})" if held_by else ")")
+            ) from None
+        self._lock_fd = fd
+        if holder:
+            with contextlib.suppress(OSError):  # only a name for a refused daemon's message
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder.encode("utf-8", "replace") + b"\n", 0)
+        return None
+
+    def unlock(self) -> None:
+        """Let the lock go (the lock file stays: removing it would race with the next
+        daemon)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     @property
     def ceiling(self) -> int:
@@ -73,28 +156,43 @@ class StateStore:
         return self._ceiling
 
     def load(self) -> SavedState | None:
-        """The saved state, or None if there is none or it cannot be read (never raises).
+        """The saved state, or None if there is none (never raises).
 
-        A file written before versions were reserved (no ``version_ceiling``) was saved
-        before every push, so its version is the highest published: it counts as clean.
+        A file that is there but cannot be read as this format is moved aside (to
+        ``<name>.unreadable-<UTC time>``, so that neither it is lost nor a save writes
+        over it) and counts as none; ``set_aside`` then says what happened, for the
+        caller to report. A file written before versions were reserved (no
+        ``version_ceiling``) was saved before every push, so its version is the highest
+        published: it counts as clean.
         """
+        self.set_aside = None
         try:
-            data = json.loads(self.path.read_text("utf-8"))
-            if data.get("format") != FORMAT:
-                return None
-            version = int(data["version"])
-            reserved = "version_ceiling" in data
-            return SavedState(
-                version=version,
-                revision=int(data["revision"]),
-                values=dict(data["values"]),
-                etcd=dict(data.get("etcd", {})),
-                saved_at=float(data.get("saved_at", 0.0)),
-                version_ceiling=int(data["version_ceiling"]) if reserved else version,
-                clean=bool(data.get("clean", False)) if reserved else True,
-            )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            text = self.path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:
+            self._set_aside(f"cannot read it: {exc.strerror or exc}")
+            return None
+        try:
+            return _parse(text)
+        except _Unreadable as exc:
+            self._set_aside(str(exc))
+            return None
+
+    def _set_aside(self, reason: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
+        n = 1
+        while os.path.lexists(target):  # no other daemon renames here: it holds the lock
+            target = self.path.with_name(f"{self.path.name}.unreadable-{stamp}-{n}")
+            n += 1
+        try:
+            os.rename(self.path, target)
+            _fsync_folder(self.path.parent)
+        except OSError as exc:
+            self.set_aside = SetAside(self.path, reason, None, exc.strerror or str(exc))
+        else:
+            self.set_aside = SetAside(self.path, reason, target)
 
     def save(self, state: SavedState) -> bool:
         """Write ``state`` atomically; False if a newer snapshot is already on disk.
@@ -116,12 +214,15 @@ class StateStore:
                 "version_ceiling": ceiling,
                 "clean": state.clean,
             }
-            self._write(json.dumps(payload, sort_keys=True, allow_nan=False))
+            # The folder too where a power loss must not bring back the file before:
+            # a new ceiling (a lower one would come back), a clean stop.
+            durable = ceiling > self._ceiling or state.clean
+            self._write(json.dumps(payload, sort_keys=True, allow_nan=False), durable)
             self._written_version = state.version
             self._ceiling = ceiling
             return True
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, durable: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
@@ -136,6 +237,65 @@ class StateStore:
             except OSError:
                 pass
             raise
+        if durable:
+            _fsync_folder(self.path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_holder(lock_path: Path) -> str:
+    """What the daemon holding ``lock_path`` wrote into it (``pid …, socket …``), or ""."""
+    try:
+        with open(lock_path, "rb") as f:
+            return f.read(512).decode("utf-8", "replace").strip().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _parse(text: bytes) -> SavedState:
+    """A state file's contents; raises ``_Unreadable`` saying why they are not a state."""
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        what = "empty" if not text.strip() else f"not JSON ({exc})"
+        raise _Unreadable(f"{what}; {len(text)} bytes (truncated or corrupt)") from None
+    if not isinstance(data, dict):
+        raise _Unreadable(f"not a state: a JSON {type(data).__name__}, not an object")
+    if data.get("format") != FORMAT:
+        raise _Unreadable(f"format {data.get('format')!r}; this daemon reads format {FORMAT}")
+    try:
+        version = _count(data, "version")
+        reserved = "version_ceiling" in data
+        values, etcd = data["values"], data.get("etcd", {})
+        if not isinstance(values, dict) or not isinstance(etcd, dict):
+            raise ValueError("values and etcd must be objects")
+        return SavedState(
+            version=version,
+            revision=_count(data, "revision"),
+            values=values,
+            etcd=etcd,
+            saved_at=float(data.get("saved_at", 0.0)),
+            version_ceiling=_count(data, "version_ceiling") if reserved else version,
+            clean=data.get("clean", False) is True if reserved else True,
+        )
+    except KeyError as exc:
+        raise _Unreadable(f"no {exc.args[0]!r} field") from None
+    except (ValueError, TypeError) as exc:
+        raise _Unreadable(f"a field of the wrong type: {exc}") from None
+
+
+def _count(data: Mapping[str, Any], name: str) -> int:
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} is {value!r}, not a whole number 0 or more")
+    return value
 
 
 class StateWriter:
