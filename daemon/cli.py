@@ -1,7 +1,9 @@
 """The ``hotknob`` command line: parsing, dispatch, and turning errors into exit codes.
 
 Exit codes: 0 ok, 1 invalid input or rejected change, 2 usage, 3 cannot reach
-etcd or the daemon. Every error is one line on stderr, never a traceback.
+etcd or the daemon. Every error is one line on stderr, never a traceback (the last
+line: ``run`` logging JSON lines also logs a failed start as ``daemon_start_failed``
+just before it).
 
 Each command is offered only the shared options it reads (``COMMAND_OPTIONS``):
 one it does not take is a usage error, never silently ignored.
@@ -70,7 +72,8 @@ def _options() -> list[_Option]:
     return [
         _Option("--app", APP, "default", dict(
             default=_env("HOTKNOB_APP", "default"), metavar="NAME",
-            help="application name: the etcd prefix /hotknob/<app>/, the default socket "
+            help="application name, 1 to 100 letters, digits, '.', '_' or '-' (starting "
+            "with a letter or digit): the etcd prefix /hotknob/<app>/, the default socket "
             "path and the state file (env HOTKNOB_APP, else 'default')",
         )),
         _Option("--schema", LAYERS, DEFAULT_SCHEMA, dict(
@@ -226,8 +229,49 @@ def _refuse(args: argparse.Namespace, extra: list[str]) -> None:
     raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
 
 
+def _check_names(args: argparse.Namespace) -> None:
+    """Refuse, before a command does anything, an app name or an etcd endpoint that is
+    malformed (a usage error: the app names the state file, the socket and the etcd
+    keys; an endpoint that cannot be parsed must not read as an etcd that is down)."""
+    from .context import check_app_name, etcd_options
+
+    taken = COMMAND_OPTIONS.get(args.command, ())
+    if "--app" in taken:
+        check_app_name(args.app)
+    if "--etcd-endpoints" in taken:
+        etcd_options(args)
+
+
+def _log_start_failed(exc: HotknobError, args: argparse.Namespace, handled: bool) -> None:
+    """``hotknob run`` failed to start: say so as a log event too, when the daemon logs
+    JSON lines (stderr not a terminal), since a collector of those drops the plain line
+    (which still follows, as the last line on stderr).
+
+    ``run`` configures its logging first thing (``logs.configure``); an error found before
+    its handler ran (a malformed app name or endpoint) configures it here, as ``run``
+    would have. With console logging (a terminal) the plain line is all there is."""
+    import structlog
+
+    from . import logs
+
+    try:
+        if not handled:
+            logs.configure(level=args.log_level)
+        if not isinstance(
+            structlog.get_config()["processors"][-1], structlog.processors.JSONRenderer
+        ):
+            return
+        structlog.get_logger("hotknob").critical(
+            "daemon_start_failed", error=str(exc), exit_code=exc.exit_code
+        )
+    except Exception:  # a log that fails must not hide the plain line
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace | None = None
+    handled = False  # whether the command's handler ran
     try:
         parser = build_parser()
         if not argv:
@@ -239,8 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "handler", None):
             parser.print_help()
             return 2
+        _check_names(args)
+        handled = True
         return int(args.handler(args))
     except HotknobError as exc:
+        if args is not None and getattr(args, "command", None) == "run":
+            _log_start_failed(exc, args, handled)  # before the plain line: that one is last
         print(f"hotknob: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

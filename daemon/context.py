@@ -7,6 +7,7 @@ Reading the layers is kept here so that ``run``, ``get``, ``explain`` and
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 from hotknob.config import (
     Layer,
     Snapshot,
+    UsageError,
     cli_layer,
     defaults_layer,
     env_layer,
@@ -32,6 +34,23 @@ from hotknob.config.merge import merge_dropping_invalid
 
 from .etcd_store import EtcdOptions, EtcdStore
 
+# An app name is a path segment of the etcd keys (/hotknob/<app>/...), the name of the
+# default socket and of the state file: nothing that leaves its folder (``/``, ``..``),
+# nothing empty or hidden, nothing a shell or a URL would need quoted.
+APP_NAME_MAX = 100
+_APP_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{APP_NAME_MAX - 1}}}")
+
+
+def check_app_name(name: str) -> str:
+    """``name`` if it is a valid app name, else ``UsageError`` saying what is allowed."""
+    if not _APP_NAME.fullmatch(name):
+        shown = repr(name if len(name) <= 60 else name[:60] + "...")
+        raise UsageError(
+            f"invalid app name {shown} (--app or HOTKNOB_APP): an app name is 1 to "
+            f"{APP_NAME_MAX} letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
 
 @dataclass(frozen=True)
 class Context:
@@ -40,6 +59,9 @@ class Context:
     precedence: tuple[str, ...]
     config_files: tuple[Path, ...]
     etcd: EtcdOptions | None
+
+    def __post_init__(self) -> None:
+        check_app_name(self.app)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Context:
@@ -54,8 +76,6 @@ class Context:
     @contextmanager
     def store(self) -> Iterator[EtcdStore]:
         """An etcd client for one command; ``Unavailable`` if no endpoints were given."""
-        from hotknob.config import UsageError
-
         if self.etcd is None:
             raise UsageError("no etcd endpoints: pass --etcd-endpoints or HOTKNOB_ETCD_ENDPOINTS")
         store = EtcdStore(self.etcd)

@@ -220,7 +220,7 @@ class EtcdStore:
             is_secure = secure if secure is not None else o.tls
             endpoints.append(
                 pyetcd.Endpoint(
-                    host,
+                    f"[{host}]" if ":" in host else host,  # an IPv6 address: gRPC's form
                     port,
                     secure=is_secure,
                     creds=creds if is_secure else None,

@@ -7,6 +7,8 @@ options and errors can be used without touching a connection.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -138,31 +140,59 @@ class EtcdOptions:
         return self.ca_cert is not None or self.cert_cert is not None
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_.])?")  # a name or IPv4
+_ENDPOINT_FORMS = "want host:port, [ipv6]:port or http(s)://host:port"
+
+
 def parse_endpoint(text: str) -> tuple[str, int, bool | None]:
     """``host:port``, ``http://host:port`` or ``https://host:port`` → (host, port, secure).
 
-    ``secure`` is ``None`` when no scheme says so (TLS options then decide). IPv6 hosts
-    are written in brackets: ``[::1]:2379``.
+    ``secure`` is ``None`` when no scheme says so (TLS options then decide). The port
+    may be left out (2379). The host is a name or an IPv4 address; an IPv6 address is
+    written in brackets: ``[::1]:2379``. Anything else (``host:port:extra``, a port
+    that is not a number from 1 to 65535, an empty host, ``::::``) is a ``UsageError``.
     """
+
+    def malformed(why: str) -> UsageError:
+        return UsageError(f"malformed etcd endpoint {text!r}: {why} ({_ENDPOINT_FORMS})")
+
     rest, secure = text.strip(), None
     for scheme, is_secure in (("http://", False), ("https://", True)):
         if rest.lower().startswith(scheme):
             rest, secure = rest[len(scheme) :], is_secure
-    rest = rest.rstrip("/")
-    host, port_text = rest, ""
+            break
+    if rest.endswith("/"):  # http://host:port/, as a URL is often written
+        rest = rest[:-1]
     if rest.startswith("["):
-        host, _, after = rest[1:].partition("]")
-        port_text = after[1:] if after.startswith(":") else after
-    elif rest.count(":") == 1:
-        host, port_text = rest.split(":")
-    try:
-        port = int(port_text) if port_text else DEFAULT_PORT
-    except ValueError:
-        port = -1
-    if not host or "/" in rest or not 0 < port < 65536:
-        raise UsageError(
-            f"malformed etcd endpoint {text!r} (want host:port or http(s)://host:port)"
-        )
+        host, closed, after = rest[1:].partition("]")
+        if not closed:
+            raise malformed("no ']' after the IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise malformed(f"{host!r} is not an IPv6 address") from None
+        if after and not after.startswith(":"):
+            raise malformed(f"{after!r} after the address")
+        port_text = after[1:] if after else None
+    else:
+        if rest.count(":") > 1:
+            try:
+                ipaddress.IPv6Address(rest)
+            except ValueError:
+                raise malformed("more than one ':'") from None
+            raise malformed("an IPv6 address needs brackets, as in [::1]:2379")
+        host, colon, port_text_ = rest.partition(":")
+        port_text = port_text_ if colon else None
+        if not host:
+            raise malformed("no host")
+        if not _HOST_NAME.fullmatch(host):
+            raise malformed(f"{host!r} is not a host name or address")
+    if port_text is None:
+        port = DEFAULT_PORT
+    elif port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536:
+        port = int(port_text)
+    else:
+        raise malformed(f"the port {port_text!r} is not a number from 1 to 65535")
     return host, port, secure
 
 

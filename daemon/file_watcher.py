@@ -16,7 +16,7 @@ the last good state. So:
   writer pauses (where the platform reports closes: inotify does), or at the
   latest ``close_wait_s`` after the first write, should the writer keep it open;
   meanwhile a change to another watched file is reported as usual, with the held
-  file's last contents;
+  file's last contents (an explicit ``reload``, SIGHUP, waits for the close too);
 - a file that is briefly absent (deleted mid-rename) is waited for; it is an
   error only if it is still missing ``missing_grace_s`` later.
 """
@@ -276,11 +276,38 @@ class FileLayerWatcher:
         """Read every file now (SIGHUP); report a change only if the contents differ.
 
         Unlike a filesystem event, an explicit reload reports a missing or
-        invalid file at once, even one it reported before.
+        invalid file at once, even one it reported before. Like an event, it does
+        not read a file a writer still holds open (written in place, not yet
+        closed): it waits for that close, for at most ``close_wait_s``, so it
+        blocks the caller that long at worst.
         """
         if self._state is None:
             raise RuntimeError("FileLayerWatcher.start() has not been called")
+        if not self._wait_for_writers():
+            return
         self._check(explicit=True)
+
+    def _wait_for_writers(self) -> bool:
+        """Wait until no watched file is held open by a writer, or ``close_wait_s`` has
+        passed (a file then held is read as it stands, as the event path would by then).
+        False if the watcher stopped meanwhile."""
+        with self._cond:
+            deadline = time.monotonic() + self._close_wait_s
+            logged = False
+            while not self._stopping:
+                now = time.monotonic()
+                until = self._writes_open_until(now)
+                if until is None or now >= deadline:
+                    break
+                if not logged:
+                    held = frozenset(self._open_since)
+                    self._log.info(
+                        "config_reload_waits_for_writer",
+                        paths=[str(p) for p in self._paths if not held.isdisjoint(_names([p]))],
+                    )
+                    logged = True
+                self._cond.wait(min(until, deadline) - now)
+            return not self._stopping
 
     def stop(self) -> None:
         """Stop watching; joins the observer's threads and the worker. Idempotent."""
@@ -325,6 +352,7 @@ class FileLayerWatcher:
         with self._cond:
             if closed:
                 self._open_since.pop(name, None)
+                self._cond.notify_all()  # a reload may be waiting for this close
             else:
                 self._open_since.setdefault(name, time.monotonic())
 

@@ -228,3 +228,22 @@ def test_auth_wrong_password_and_token_expiry() -> None:
             assert good.read_prefix(P)[0] == {P + "a": b"1"}
         finally:
             good.close()
+
+
+def test_an_ipv6_endpoint_reaches_etcd() -> None:
+    """``[::1]:port``: gRPC needs the brackets, which the client library's endpoint left
+    out (it dialled ``::1:port`` and timed out)."""
+    port = free_port()
+    urls = f"http://127.0.0.1:{port},http://[::1]:{port}"
+    server = EtcdServer(client_port=port, extra_args=["--listen-client-urls", urls])
+    server.start()
+    try:
+        s = EtcdStore(EtcdOptions(endpoints=(f"[::1]:{port}",), timeout=3.0))
+        try:
+            s.put(P + "train/lr", "0.5")
+            values, _ = s.read_prefix(P)
+            assert values == {P + "train/lr": b"0.5"}
+        finally:
+            s.close()
+    finally:
+        server.stop()
