@@ -132,6 +132,7 @@ class LiveConfig:
         self._applied_step = 0
         self._unacked = False  # the applied values came from another rank (``_apply_state``)
         self._applying = threading.Lock()  # held while an apply runs: one at a time
+        self._apply_owner: int | None = None  # the thread that holds ``_applying``
         self._latest: State | None = None  # the newest state to converge to
         self._superseded: State | None = None  # the daemon's state a checkpoint replaced
         self._received: deque[State] = deque(maxlen=_HISTORY)
@@ -274,6 +275,7 @@ class LiveConfig:
         them: they would pile up). Nothing logged here: a logging lock may be held too."""
         self._lock = threading.Lock()
         self._applying = threading.Lock()
+        self._apply_owner = None
         self._first_state = threading.Event()  # its lock, too, may have been held
         self._first_state.set()
         self._reporter.forked()
@@ -297,13 +299,15 @@ class LiveConfig:
         every rank must call it the same number of times; it applies the state
         the ranks agree on, which may be older than the newest received.
 
-        One apply at a time: called again while one runs (from an ``on_change``
-        callback or a binding it runs, or from another thread) when it would
-        apply something, it raises ``RuntimeError`` and changes nothing; the
-        running apply goes on, and what arrived meanwhile waits for the next
-        call. Call it at one safe point, on one thread. (A callback's
-        exception is logged and reported in the ack, as any other.) With
-        nothing pending it returns False at once, nested or not.
+        One apply at a time. Called from another thread while one runs (request
+        threads of a server that each call it), it returns False at once and
+        changes nothing: the running apply is applying the newest state. Called
+        from inside a running apply (an ``on_change`` callback or a binding it
+        runs) when it would apply something, it raises ``RuntimeError`` and
+        changes nothing; the running apply goes on, and what arrived meanwhile
+        waits for the next call. (A callback's exception is logged and reported in
+        the ack, as any other.) With nothing pending it returns False at once.
+        Under a process group, call it on one thread only.
         """
         if self._sync is not None:
             return self._sync.at_step(self, step)
@@ -311,18 +315,28 @@ class LiveConfig:
             return False
         return self._apply_pending(step)
 
-    def _begin_apply(self) -> None:
-        """Enter an apply (or a checkpoint load, or the ranks' agreement), or raise
-        ``RuntimeError`` if one is running: a nested one would apply and acknowledge out of
-        order. Leave with ``_end_apply``."""
-        if not self._applying.acquire(blocking=False):
-            raise RuntimeError(_REENTERED)
+    def _begin_apply(self, *, other_thread_ok: bool = False) -> bool:
+        """Enter an apply (or a checkpoint load, or the ranks' agreement): True, to be left
+        with ``_end_apply``. If one is running: on this thread (nested, from a callback),
+        ``RuntimeError``, since it would apply and acknowledge out of order; on another
+        thread, False if ``other_thread_ok`` (that one applies the newest state), else
+        ``RuntimeError`` too."""
+        if self._applying.acquire(blocking=False):
+            self._apply_owner = threading.get_ident()
+            return True
+        # Cleared before each release: a stale value is None or another thread's, never
+        # this thread's, so a call from another thread is not taken for a nested one.
+        if other_thread_ok and self._apply_owner != threading.get_ident():
+            return False
+        raise RuntimeError(_REENTERED)
 
     def _end_apply(self) -> None:
+        self._apply_owner = None
         self._applying.release()
 
     def _apply_pending(self, step: int) -> bool:
-        self._begin_apply()
+        if not self._begin_apply(other_thread_ok=True):
+            return False  # another thread is applying
         try:
             with self._lock:
                 new, self._pending = self._pending, None
