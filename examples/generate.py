@@ -1,15 +1,22 @@
 """A tiny character-level language model that samples with live settings from a hotknob daemon.
 
-Run a daemon first (``hotknob run --app demo --config examples/config.yaml``),
-then ``python examples/generate.py --app demo --requests 5 --token-delay 0.02``;
-while it writes, change a knob with ``hotknob set --app demo sampling.temperature=0``
+Run a daemon first (``hotknob run --app demo --config examples/config.yaml
+--etcd-endpoints 127.0.0.1:2379``), then ``python examples/generate.py --app demo
+--requests 5 --token-delay 0.02``; while it writes, change a knob with
+``hotknob set --app demo --etcd-endpoints 127.0.0.1:2379 sampling.temperature=0``
 and the next token is drawn greedily. A change lands at a token boundary, never
 inside a token: ``live.apply(i)`` runs just before global token ``i`` is drawn.
 
 The model is a small GRU trained for a few seconds on the paragraphs below
 (``--train-seconds 0`` keeps its random weights). Each request prints its
 sampling settings, then the text as it is drawn, with ``[vN: key=value]`` where
-a change took effect. ``--log FILE`` writes one JSON object per token.
+a change took effect (``[vN: max_new_tokens=... ends the request]`` where a
+change ends a request). ``--log FILE`` writes one JSON object per token.
+
+Sampling values follow :mod:`hotknob.model_runtime.sampling`'s rules: ``None``
+means a knob's "off" value where it has one, an invalid update is refused whole
+(reported in the ack, previous params kept), a removed key keeps the value in
+force with a warning. :class:`LiveSampling` lives there now.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from hotknob.model_runtime import DaemonUnavailable, LiveConfig
-from hotknob.model_runtime.sampling import SamplingParams, sample
+from hotknob.model_runtime.errors import InvalidValue
+from hotknob.model_runtime.sampling import LiveSampling, SamplingParams, sample
 
 CORPUS = """\
 The harbour town woke before the sun. Fishing boats left the quay in a long line,
@@ -159,27 +167,6 @@ class TokenEvent:
     applied: bool
 
 
-class LiveSampling:
-    """The ``SamplingParams`` in force, rebuilt only when a ``sampling.*`` value changes.
-
-    The rebuild runs inside ``live.apply`` (an ``on_change`` callback), so
-    between changes every token reuses the same params object. A value that
-    ``SamplingParams`` refuses raises there: the client logs it and reports it
-    in the acknowledgement, and the previous params stay in force.
-    """
-
-    def __init__(self, live: LiveConfig, section: str = "sampling") -> None:
-        self._section = section
-        self.params = SamplingParams.from_values(live.values, section)
-        self._handle = live.on_change(section, self._rebuild)
-
-    def _rebuild(self, values: Any) -> None:
-        self.params = SamplingParams.from_values({self._section: values}, self._section)
-
-    def close(self) -> None:
-        self._handle.remove()
-
-
 @contextmanager
 def _live_sampling(live: LiveConfig, given: LiveSampling | None) -> Iterator[LiveSampling]:
     if given is not None:
@@ -248,12 +235,28 @@ def describe(params: SamplingParams, since: SamplingParams | None = None) -> str
 class _Printer:
     """Streams a request's text, marking where a new sampling setting took effect."""
 
-    def __init__(self, model: CharModel, request: int, log: Any, delay: float) -> None:
+    def __init__(
+        self,
+        model: CharModel,
+        request: int,
+        log: Any,
+        delay: float,
+        params: SamplingParams | None = None,
+    ) -> None:
         self._model = model
         self._request = request
         self._log = log
         self._delay = delay
-        self._params: SamplingParams | None = None
+        self._params = params
+
+    def finish(self, params: SamplingParams, version: int) -> None:
+        """Mark a change that took effect at the boundary that ended the request."""
+        if self._params is not None and params is not self._params:
+            changed = describe(params, self._params) or "no sampling change"
+            if params.max_new_tokens != self._params.max_new_tokens:
+                changed += " ends the request"
+            print(f"[v{version}: {changed}]", end="", flush=True)
+            self._params = params
 
     def __call__(self, event: TokenEvent) -> None:
         if self._params is not None and event.params is not self._params:
@@ -307,8 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     log = open(args.log, "a", buffering=1) if args.log else None  # noqa: SIM115 - closed below
+    try:
+        sampling = LiveSampling(live)
+    except InvalidValue as exc:
+        print(f"error: the daemon's sampling values are refused: {exc}", file=sys.stderr)
+        if log:
+            log.close()
+        live.close()
+        return 1
     print(f"connected: version {live.version}", flush=True)
-    sampling = LiveSampling(live)
     index = 0
     try:
         for request in range(args.requests):
@@ -316,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt = prompts[request % len(prompts)]
             header = describe(sampling.params)
             print(f"\nrequest {request} (v{live.version}: {header})\n{prompt}", end="", flush=True)
-            printer = _Printer(model, request, log, args.token_delay)
+            printer = _Printer(model, request, log, args.token_delay, sampling.params)
             tokens = generate(
                 live,
                 model,
@@ -328,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 sampling=sampling,
             )
             index += len(tokens)
+            printer.finish(sampling.params, live.version)
             print(flush=True)
     finally:
         sampling.close()

@@ -4,23 +4,59 @@
 repetition penalty (CTRL-style, on tokens in ``prev_tokens``), temperature
 (0 means greedy: only the argmax survives), top-k, top-p, min-p. Dropped
 tokens are ``-inf``. :func:`sample` draws one token per row from the result.
+
+Numerics: every value :class:`SamplingParams` accepts is safe. The penalty and
+the temperature are computed in float64 and clamped to float32's finite range,
+so a tiny or huge penalty or temperature saturates instead of giving
+``inf``/``nan``; ``-inf`` and ``nan`` logits count as masked and stay masked;
+every row keeps at least its top token (a row with no finite logit keeps its
+first token).
+
+Live values (:meth:`SamplingParams.from_values`, :class:`LiveSampling`):
+
+* ``None`` means the knob's "off" value where one exists: ``top_p`` -> 1.0,
+  ``top_k`` -> 0, ``min_p`` -> 0.0, ``repetition_penalty`` -> 1.0.
+  ``temperature`` and ``max_new_tokens`` have no "off" value: ``None`` there is
+  refused like any other invalid value.
+* An invalid value refuses the whole update: :class:`LiveSampling` raises inside
+  ``live.apply``, the error is logged and reported in the ``applied`` ack's
+  ``errors``, and the previous params stay in force (all or nothing: a
+  served set is always one the schema and this module both accept).
+* A key missing from the live values (removed from the schema, or never there)
+  keeps the value in force (at start: the field's default) and logs a warning
+  naming the key and the value used.
+
+Servers: read one :class:`SamplingParams` object per request (``LiveSampling.params``
+or ``SamplingParams.from_values(live.values)``, each read once), never
+``live["sampling.temperature"]`` then ``live["sampling.top_p"]``: an apply from
+another thread between the two reads mixes two versions. Call ``live.apply``
+from one control loop (or per request/token: a concurrent ``apply`` from another
+thread returns ``False`` and the change lands at the next call).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .errors import InvalidValue
 
-__all__ = ["SamplingParams", "filter_logits", "sample"]
+if TYPE_CHECKING:
+    from .client import LiveConfig
 
-_F32_TINY = 2.0**-149  # float32's smallest positive value: smaller rounds to 0 there
+__all__ = ["LiveSampling", "SamplingParams", "filter_logits", "sample"]
+
+log = logging.getLogger(__name__)
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+# The value ``None`` stands for, per knob that has an "off" value.
+_OFF: dict[str, float | int] = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 @dataclass(frozen=True)
@@ -69,11 +105,23 @@ class SamplingParams:
                 raise InvalidValue(f"sampling.{name}: must be {rule}, got {getattr(self, name)!r}")
 
     @classmethod
-    def from_values(cls, values: Mapping[str, Any], section: str = "sampling") -> SamplingParams:
+    def from_values(
+        cls,
+        values: Mapping[str, Any],
+        section: str = "sampling",
+        *,
+        base: SamplingParams | None = None,
+        warn_missing: bool = False,
+    ) -> SamplingParams:
         """Build from nested (``{"sampling": {...}}``) or flat (``{"sampling.top_p": ...}``)
-        values; unknown keys are ignored, missing ones keep their defaults. A flat key
-        wins over the same key nested."""
-        known = {f.name for f in fields(cls)}
+        values; unknown keys are ignored. A flat key wins over the same key nested.
+
+        ``None`` means the knob's "off" value where it has one (``top_p`` 1.0, ``top_k`` 0,
+        ``min_p`` 0.0, ``repetition_penalty`` 1.0); elsewhere it is refused. A missing key
+        takes its value from ``base`` (default: the field defaults); with ``warn_missing``
+        each one logs a warning naming the key and the value used. Raises
+        :class:`InvalidValue` for a value out of range."""
+        known = [f.name for f in fields(cls)]
         found: dict[str, Any] = {}
         nested = values.get(section)
         if isinstance(nested, Mapping):
@@ -82,7 +130,57 @@ class SamplingParams:
         for key, v in values.items():
             if isinstance(key, str) and key.startswith(prefix) and key[len(prefix) :] in known:
                 found[key[len(prefix) :]] = v
+        for name, v in list(found.items()):
+            if v is None and name in _OFF:
+                found[name] = _OFF[name]
+        start = base if base is not None else cls()
+        for name in known:
+            if name not in found:
+                found[name] = getattr(start, name)
+                if warn_missing:
+                    log.warning(
+                        "sampling_key_missing key=%s.%s using=%r (%s)",
+                        section,
+                        name,
+                        found[name],
+                        "the value in force" if base is not None else "the default",
+                    )
         return cls(**found)
+
+
+class LiveSampling:
+    """The :class:`SamplingParams` in force for a :class:`LiveConfig`, rebuilt in
+    ``live.apply`` whenever a ``section`` value changes.
+
+    ``params`` is one immutable object, replaced whole: read it once per request (or
+    token) for a consistent set, from any thread. An update that
+    :meth:`SamplingParams.from_values` refuses raises inside ``live.apply``: it is logged
+    and reported in the ``applied`` ack's errors, and the previous params stay in force.
+    Construction raises :class:`InvalidValue` if the current values are refused.
+    Call :meth:`close` (or use it as a context manager) to unregister.
+    """
+
+    def __init__(self, live: LiveConfig, section: str = "sampling") -> None:
+        self._section = section
+        self.params: SamplingParams = SamplingParams.from_values(
+            live.values, section, warn_missing=True
+        )
+        self._handle = live.on_change(section, self._rebuild)
+
+    def _rebuild(self, values: Any) -> None:
+        new = values if isinstance(values, Mapping) else {}
+        self.params = SamplingParams.from_values(
+            {self._section: new}, self._section, base=self.params, warn_missing=True
+        )
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def __enter__(self) -> LiveSampling:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _penalize(logits: Tensor, prev_tokens: Tensor, penalty: float) -> Tensor:
@@ -98,8 +196,12 @@ def _penalize(logits: Tensor, prev_tokens: Tensor, penalty: float) -> Tensor:
     prev = torch.where((prev >= 0) & (prev < vocab), prev, vocab)  # a spare column takes padding
     seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
     seen = seen.scatter_(1, prev, True)[:, :vocab]
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    # float64 and a clamp: a tiny or huge penalty saturates at float32's range instead of
+    # overflowing to inf (and, after the temperature shift, nan).
+    wide = logits.double()
+    penalized = torch.where(wide > 0, wide / penalty, wide * penalty)
+    penalized = penalized.clamp(-_F32_MAX, _F32_MAX).float()
+    return torch.where(seen & (logits > -math.inf), penalized, logits)
 
 
 def _keep_only(logits: Tensor, keep: Tensor) -> Tensor:
@@ -118,7 +220,12 @@ def filter_logits(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got {tuple(logits.shape)}")
-    out = logits.float()
+    raw = logits.float()
+    # nan and -inf are masked and stay masked; +inf and float64 values beyond float32's
+    # range saturate at its largest finite value.
+    masked = ~(raw > -math.inf)
+    out = raw.nan_to_num(nan=-math.inf, posinf=_F32_MAX).clamp(min=-_F32_MAX)
+    out = out.masked_fill(masked, -math.inf)
     vocab = out.shape[1]
     if prev_tokens is not None and params.repetition_penalty != 1.0:
         out = _penalize(out, prev_tokens, params.repetition_penalty)
@@ -128,12 +235,12 @@ def filter_logits(
     if params.temperature != 1.0:
         # Each row's max goes to 0 first (the softmax and every filter below are unchanged
         # by the shift), so a tiny temperature sends the other tokens to -inf rather than
-        # the top ones to +inf, where the softmax turns them into nan.
-        out = out - out.amax(dim=1, keepdim=True)
-        if params.temperature >= _F32_TINY:
-            out = out / params.temperature
-        else:  # it would round to 0 in float32, and the max's 0 / 0 be nan: take the limit
-            out = out.masked_fill(out < 0, -math.inf)
+        # the top ones to +inf. In float64 the shift cannot overflow and the max stays
+        # exactly 0 / T = 0; -inf stays -inf, so a huge temperature flattens only the
+        # tokens that are not masked.
+        wide = out.double()
+        top = wide.amax(dim=1, keepdim=True).nan_to_num(neginf=0.0)  # an all-masked row
+        out = ((wide - top) / params.temperature).float()
     if 0 < params.top_k < vocab:
         idx = out.topk(params.top_k, dim=1).indices
         out = _keep_only(out, torch.zeros_like(out, dtype=torch.bool).scatter_(1, idx, True))
@@ -147,6 +254,16 @@ def filter_logits(
     if params.min_p > 0.0:
         top = out.max(dim=1, keepdim=True).values
         out = _keep_only(out, out >= top + math.log(params.min_p))
+    return _keep_one(out)
+
+
+def _keep_one(out: Tensor) -> Tensor:
+    # Every step above keeps each row's top token; this is the backstop for a row whose
+    # logits were all masked: it keeps its first token.
+    empty = ~(out > -math.inf).any(dim=1)
+    if bool(empty.any()):
+        out = out.clone()
+        out[empty, 0] = 0.0
     return out
 
 
@@ -162,5 +279,5 @@ def sample(
     filtered = filter_logits(logits, params, prev_tokens)
     if params.temperature == 0:
         return filtered.argmax(dim=1)
-    probs = filtered.softmax(dim=1)
+    probs = filtered.softmax(dim=1).nan_to_num(nan=0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -236,3 +237,54 @@ def test_the_script_reports_a_missing_daemon_in_one_line(tmp_path: Path) -> None
     assert result.returncode == 3
     assert result.stderr.startswith("error: no hotknob daemon at ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_script_refuses_an_invalid_initial_value_in_one_line_and_disconnects(
+    sock_path: str,
+) -> None:
+    with DaemonStub(sock_path, with_sampling(temperature=-1.0), version=1) as server:
+        result = subprocess.run(
+            [*(sys.executable, str(SCRIPT), "--socket", sock_path, "--train-seconds", "0")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("error: ")
+        assert "sampling.temperature" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        server.wait_for(lambda: server.connections == 0)
+
+
+def test_a_change_that_ends_the_request_is_marked(
+    model: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before, after = gen.SamplingParams(max_new_tokens=24), gen.SamplingParams(max_new_tokens=5)
+    printer = gen._Printer(model, 0, None, 0.0, before)
+    event = gen.TokenEvent(0, 0, 1, torch.zeros(model.vocab_size), before, 7, False)
+    printer(event)
+    printer.finish(before, 7)
+    assert "[" not in capsys.readouterr().out
+    printer.finish(after, 8)
+    assert capsys.readouterr().out == "[v8: max_new_tokens=5 ends the request]"
+
+
+def test_null_means_off_and_a_removed_key_keeps_its_value_with_a_warning(
+    stub: DaemonStub, live: LiveConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with gen.LiveSampling(live) as sampling:
+        stub.push(with_sampling(temperature=0.0, top_p=None, top_k=7))
+        stub.wait_for(lambda: live.pending_version == 8)
+        assert live.apply(1)
+        assert sampling.params == gen.SamplingParams(temperature=0.0, top_k=7, max_new_tokens=24)
+        stub.wait_for(lambda: any(a["version"] == 8 for a in _acks(stub)))
+        assert not next(a for a in _acks(stub) if a["version"] == 8).get("errors")
+
+        values = with_sampling(temperature=0.5)
+        del values["sampling"]["top_k"]
+        stub.push(values)
+        stub.wait_for(lambda: live.pending_version == 9)
+        with caplog.at_level(logging.WARNING, logger="hotknob.model_runtime.sampling"):
+            assert live.apply(2)
+        assert sampling.params.temperature == 0.5 and sampling.params.top_k == 7
+        assert "key=sampling.top_k using=7" in caplog.text
