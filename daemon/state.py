@@ -122,7 +122,14 @@ class StateStore:
             return None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # 0644: another user's daemon on a shared state dir must be able to open it
+            # and be refused, not go on unlocked and lower the version ceiling.
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:
+            try:  # there and not ours to write: flock works on a read-only descriptor
+                fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                return f"{self.lock_path}: {exc.strerror or exc}"
         except OSError as exc:
             return f"{self.lock_path}: {exc.strerror or exc}"
         try:
@@ -242,10 +249,15 @@ class StateStore:
 
 
 def _fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` survive a power loss."""
+    """Make a rename in ``folder`` survive a power loss, where the file system can: one
+    that refuses to sync a folder (EINVAL, ENOTSUP) has the rename done all the same,
+    and failing the save for it would send every change through a synchronous save."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 

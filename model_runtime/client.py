@@ -301,7 +301,8 @@ class LiveConfig:
 
         One apply at a time. Called from another thread while one runs (request
         threads of a server that each call it), it returns False at once and
-        changes nothing: the running apply is applying the newest state. Called
+        changes nothing: a state that came after the running apply began is
+        applied at the next call. Called
         from inside a running apply (an ``on_change`` callback or a binding it
         runs) when it would apply something, it raises ``RuntimeError`` and
         changes nothing; the running apply goes on, and what arrived meanwhile

@@ -122,6 +122,62 @@ def test_a_state_dir_that_cannot_hold_a_lock_is_no_reason_not_to_serve(tmp_path:
     assert problem is not None and "state.lock" in problem
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act as another user")
+def test_another_user_s_daemon_on_a_shared_state_dir_is_refused_too(tmp_path: Path) -> None:
+    """Another user cannot write the lock file: it must still take the lock (read-only) and
+    be refused, not go on unlocked and lower the ceiling the holder wrote."""
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="hotknob-shared-"))
+    try:
+        shared.chmod(0o777)
+        holder = StateStore(shared, "x")
+        assert holder.lock("pid 1, socket /a.sock") is None
+        holder.save(saved(5, ceiling=6000))
+        read_r, read_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the other user
+            code = 1
+            try:
+                os.close(read_r)
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    StateStore(shared, "x").lock("pid 2")
+                    os.write(read_w, b"locked")
+                except state_module.StateInUse as exc:
+                    os.write(read_w, f"refused: {exc}".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(read_w)
+        with os.fdopen(read_r, "rb") as f:
+            said = f.read().decode()
+        os.waitpid(pid, 0)
+        assert said.startswith("refused: ") and "pid 1, socket /a.sock" in said, said
+        holder.unlock()
+    finally:
+        subprocess.run(["rm", "-rf", str(shared)], check=False)
+
+
+def test_a_folder_that_cannot_be_synced_does_not_fail_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some file systems refuse fsync on a folder (EINVAL): the rename is done, the save
+    and its ceiling stand (else every change went through a synchronous save)."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(state_module.os, "fsync", fsync)
+    store = StateStore(tmp_path, "x")
+    assert store.save(saved(1, ceiling=1001))
+    assert store.ceiling == 1001
+
+
 # --- an unreadable state file ----------------------------------------------------------------
 
 
