@@ -94,6 +94,8 @@ class Daemon:
         self._lock = threading.RLock()
         self._loop_thread: int | None = None
         self._inline_ok = False  # started, early events replayed, not stopping
+        self._reloading = False  # a SIGHUP re-read is running (``_on_sighup``)
+        self._reload_again = False  # and another was asked for meanwhile
         # Changes and full reads from the etcd watch thread, to the engine in group commits
         # (or, for a change that comes alone, on the watch thread itself).
         self._etcd_feed = EtcdFeed(
@@ -341,18 +343,38 @@ class Daemon:
                 pass
 
     def _on_sighup(self) -> None:
+        """On the loop. One re-read at a time (it may wait for a file's writer): signals
+        that come meanwhile make one more after it, not one thread each."""
         self.log.info("files_reload_requested")
-        files = self.files
-        if files is None:
+        if self.files is None:
             return
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        self._reread()
+
+    def _reread(self) -> None:
+        files = self.files
+        assert files is not None
 
         def reread() -> None:
-            files.reload()  # what changed on disk reaches ``_on_files`` as usual
-            # And what the files say is offered again, changed or not: contents the engine
-            # rejected before may fit now (another layer changed since).
-            self._post(self._on_files, files.state)
+            try:
+                files.reload()  # what changed on disk reaches ``_on_files`` as usual
+                # And what the files say is offered again, changed or not: contents the
+                # engine rejected before may fit now (another layer changed since).
+                self._post(self._on_files, files.state)
+            finally:
+                self._post(self._reread_done)
 
         asyncio.get_running_loop().run_in_executor(None, reread)
+
+    def _reread_done(self) -> None:
+        if self._reload_again and not self.stopping.is_set():
+            self._reload_again = False
+            self._reread()
+        else:
+            self._reloading = self._reload_again = False
 
     # --- events from other threads ---------------------------------------------------------------
 

@@ -192,6 +192,35 @@ def test_sighup_rereads_files(tmp_path: Path) -> None:
         assert client.next_update()["values"]["train"]["lr"] == 0.4
 
 
+def test_a_burst_of_sighups_while_a_writer_holds_a_file_is_one_wait_then_one_reread(
+    tmp_path: Path,
+) -> None:
+    """Each re-read waits for the file's writer: a burst of signals makes one more re-read
+    after the running one, not a waiting thread each (they held the executor's threads,
+    and the stop queued behind them)."""
+    config = tmp_path / "params.yaml"
+    config.write_text("train:\n  lr: 0.1\n")
+    with (
+        DaemonProcess(tmp_path, configs=[config]) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        with open(config, "r+") as writer:  # an in-place writer, holding the file open
+            writer.truncate(0)
+            writer.write("train:\n  lr: 0.4\n")
+            writer.flush()
+            time.sleep(0.2)  # the watcher has seen the open for writing
+            for _ in range(10):
+                daemon.signal(signal.SIGHUP)
+                time.sleep(0.02)
+            deadline = time.monotonic() + 5
+            while len(daemon.events("files_reload_requested")) < 10:
+                assert time.monotonic() < deadline, "the signals were not all taken"
+                time.sleep(0.02)
+        assert client.next_update()["values"]["train"]["lr"] == 0.4
+        time.sleep(0.3)  # the one re-read after it (the file is closed now: no wait)
+        assert len(daemon.events("config_reload_waits_for_writer")) == 1
+
+
 def test_twenty_clients_one_stuck(etcd: EtcdServer, tmp_path: Path) -> None:
     with DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon:
         stuck = RawClient(daemon.socket_path, name="stuck")
