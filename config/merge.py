@@ -13,21 +13,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any, get_args
+from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
-from pydantic_core.core_schema import ErrorType
 
+from .blame import clash, is_custom, masked_input, secret_texts
+from .blame import reason as blamed
 from .errors import InvalidChange, Problem, UsageError
 from .keys import LONE_SURROGATE, KeyClash, is_text, unflatten
 from .schema import (
-    SECRET_MASK,
-    hides,
     iter_leaves,
     mapping_keys,
     numeric_keys,
     secret_keys,
-    shown_value,
 )
 from .sources import LAYERS, Layer
 
@@ -200,20 +198,20 @@ def merge_layers(
     try:
         nested = _nest_leaves(merged, facts.paths) if all_leaves else unflatten(merged)
     except KeyClash as exc:  # a key below a mapping leaf, and that leaf set to a non-mapping
-        raise InvalidChange(_clash(exc, merged, winners)) from exc
+        raise InvalidChange(clash(exc, merged, winners)) from exc
     try:
         model = schema.model_validate(nested)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        custom = any(_is_custom(err["type"]) for err in errors)
-        quoted = _secret_texts(schema, merged, facts.secrets) if custom else []
+        custom = any(is_custom(err["type"]) for err in errors)
+        quoted = secret_texts(schema, merged, facts.secrets) if custom else []
         for err in errors:
             key = _loc_to_key(err["loc"])
             leaf = next((k for k in winners if key == k or key.startswith(k + ".")), key)
-            reason = _reason(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
+            reason = blamed(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
             value = err["input"]
             if not facts.is_known(leaf):  # a section's or the whole model's input: its secrets
-                value = _masked_input(leaf, value, facts)
+                value = masked_input(leaf, value, facts.is_known, facts.secrets)
             problems.append(Problem(leaf, winners.get(leaf, "defaults"), reason, value))
         # Not ``from exc``: pydantic's own text of the error quotes every input in full,
         # secrets too, and a traceback of the chain would print it.
@@ -244,116 +242,6 @@ def merge_layers(
         layers=MappingProxyType(said),
         precedence=tuple(precedence),
     )
-
-
-_CUSTOM_ERROR_TYPES = frozenset({"value_error", "assertion_error"})
-"""The error types of a schema's own validators (a ``ValueError`` or an ``assert``): their
-message is whatever the validator wrote, and it may quote the value. So may that of a
-``PydanticCustomError``, whose type is the validator's own: any type pydantic does not
-define counts too."""
-
-_PYDANTIC_ERROR_TYPES = frozenset(get_args(ErrorType))
-
-
-def _is_custom(error_type: str) -> bool:
-    """Whether an error's message is one that a validator of the schema wrote."""
-    return error_type in _CUSTOM_ERROR_TYPES or error_type not in _PYDANTIC_ERROR_TYPES
-
-
-def _reason(
-    error_type: str,
-    message: str,
-    secrets: frozenset[str],
-    key: str,
-    leaf: str,
-    quoted: Sequence[str] = (),
-) -> str:
-    """The reason a Problem gives for a pydantic error. For a secret key, a message that a
-    schema's validator wrote is withheld, since it may quote the secret; pydantic's own
-    messages ("String should have at least 12 characters") never hold the input. A
-    validator's message about any other key (a rule across fields, a section's or the
-    whole model's validator) may quote a secret too: each of ``quoted``
-    (``_secret_texts``) in it is masked."""
-    custom = _is_custom(error_type)
-    if custom and (key in secrets or leaf in secrets):
-        return (
-            "refused by a validator of the schema (its message is withheld for a secret "
-            f"key; error type {error_type})"
-        )
-    if custom:
-        for text in quoted:  # longest first: a secret inside another is masked with it
-            message = message.replace(text, SECRET_MASK)
-    return message
-
-
-def _secret_texts(
-    schema: type[BaseModel], merged: Mapping[str, Any], secrets: frozenset[str]
-) -> list[str]:
-    """The secret values a validator's message may quote, longest first: those of the keys
-    of ``merged`` that are not shown (``hides``), and the defaults of the schema's secret
-    keys (a validator may quote one that no layer set). Each string, and for another value
-    its ``str()``, also as ``repr`` and JSON write it within quotes (escaped). None is no
-    secret; an empty text is never masked."""
-    found: set[str] = set()
-    stack: list[Any] = [v for k, v in merged.items() if hides(k, secrets)]
-    for leaf in iter_leaves(schema):
-        if leaf.key in secrets and not leaf.field.is_required():
-            try:
-                stack.append(leaf.field.get_default(call_default_factory=True))
-            except Exception:  # a factory that fails, or needs the other fields: none to mask
-                continue
-    while stack:
-        node = stack.pop()
-        if isinstance(node, SecretStr | SecretBytes):
-            node = node.get_secret_value()
-        if isinstance(node, bytes):
-            node = node.decode("utf-8", "replace")
-        if node is None:
-            continue
-        if isinstance(node, Mapping):
-            stack.extend(node.values())
-        elif isinstance(node, list | tuple | set | frozenset):
-            stack.extend(node)
-        else:
-            text = node if isinstance(node, str) else str(node)
-            found.update((text, repr(text)[1:-1], json.dumps(text)[1:-1]))
-    found.discard("")
-    return sorted(found, key=len, reverse=True)
-
-
-def _masked_input(key: str, value: Any, facts: _SchemaFacts) -> Any:
-    """The input of a section (or of the whole model, ``key`` "") that a validator refused,
-    as a problem may carry it: each leaf's value as ``shown_value`` shows it, secrets
-    masked. A value that is neither a leaf's nor a section's mapping (an unknown key, a
-    model instance) is shown only where ``hides`` allows."""
-    if not facts.is_known(key) and isinstance(value, Mapping):
-        return {
-            name: _masked_input(f"{key}.{name}" if key else str(name), item, facts)
-            for name, item in value.items()
-        }
-    return shown_value(key, value, facts.secrets)
-
-
-def _clash(exc: KeyClash, merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:
-    """Both keys of a clash, each with its own layer, so that a live layer's key can be
-    dropped whichever of the two it is. A side that lies inside a mapping leaf's value
-    (``model.w.head`` of ``model.w: {"head": 1}``) is named by that leaf."""
-
-    def owner(key: str) -> str:
-        if key in winners:
-            return key
-        return next((k for k in winners if key.startswith(k + ".")), key)
-
-    one, other = owner(exc.key), owner(exc.other)
-    return [
-        Problem(
-            a,
-            winners.get(a, "defaults"),
-            f"conflicts with {b} (from {winners.get(b)})",
-            merged.get(a),
-        )
-        for a, b in ((one, other), (other, one))
-    ]
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
         phase(None)
         live.close()
     result = {"steps": steps, "acked": acked, "version": live.version, "refused": refused}
-    (out / f"proto-{rank}.json").write_text(json.dumps(result))
+    (out / f"protocol-{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
@@ -348,28 +348,7 @@ def test_choose_source_takes_the_lowest_revision_then_the_lowest_rank() -> None:
 
 
 def test_protocol_cases_two_ranks_each_with_its_own_daemon(tmp_path: Path) -> None:
-    procs = []
-    for rank in range(2):
-        log = open(tmp_path / f"proto-{rank}.log", "wb")  # noqa: SIM115 (the child keeps it)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.test_distributed", "protocol", str(rank),
-                 str(tmp_path / "rdzv"), str(tmp_path)],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-        log.close()
-    try:
-        for p in procs:
-            p.wait(timeout=45)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, (tmp_path / f"proto-{rank}.log").read_text()
-    r0, r1 = (json.loads((tmp_path / f"proto-{r}.json").read_text()) for r in range(2))
+    r0, r1 = _run_two_ranks("protocol", tmp_path)
     assert "different sync_every (from 2 to 4)" in r0["refused"] == r1["refused"]
     assert r0["steps"] == r1["steps"]
     lr_at = {step: lr for step, _, lr in r0["steps"]}

@@ -1,0 +1,134 @@
+"""What a merge says about a value it refused: the key and the layer to blame, in words
+that quote no secret.
+
+A schema's own validators write their messages, and pydantic hands them the input, secrets
+and all: a message about a secret key is withheld, and a message about any other key has
+every secret value it quotes masked (``reason``, ``secret_texts``); the input of a section
+or of the whole model that a validator refused is shown with its secret leaves masked
+(``masked_input``). A clash of a key below a mapping leaf with that leaf's value names both
+sides, each with its layer (``clash``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, get_args
+
+from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic_core.core_schema import ErrorType
+
+from .errors import Problem
+from .keys import KeyClash
+from .schema import SECRET_MASK, hides, iter_leaves, shown_value
+
+_CUSTOM_ERROR_TYPES = frozenset({"value_error", "assertion_error"})
+"""The error types of a schema's own validators (a ``ValueError`` or an ``assert``): their
+message is whatever the validator wrote, and it may quote the value. So may that of a
+``PydanticCustomError``, whose type is the validator's own: any type pydantic does not
+define counts too."""
+
+_PYDANTIC_ERROR_TYPES = frozenset(get_args(ErrorType))
+
+
+def is_custom(error_type: str) -> bool:
+    """Whether an error's message is one that a validator of the schema wrote."""
+    return error_type in _CUSTOM_ERROR_TYPES or error_type not in _PYDANTIC_ERROR_TYPES
+
+
+def reason(
+    error_type: str,
+    message: str,
+    secrets: frozenset[str],
+    key: str,
+    leaf: str,
+    quoted: Sequence[str] = (),
+) -> str:
+    """The reason a Problem gives for a pydantic error. For a secret key, a message that a
+    schema's validator wrote is withheld, since it may quote the secret; pydantic's own
+    messages ("String should have at least 12 characters") never hold the input. A
+    validator's message about any other key (a rule across fields, a section's or the
+    whole model's validator) may quote a secret too: each of ``quoted``
+    (``secret_texts``) in it is masked."""
+    custom = is_custom(error_type)
+    if custom and (key in secrets or leaf in secrets):
+        return (
+            "refused by a validator of the schema (its message is withheld for a secret "
+            f"key; error type {error_type})"
+        )
+    if custom:
+        for text in quoted:  # longest first: a secret inside another is masked with it
+            message = message.replace(text, SECRET_MASK)
+    return message
+
+
+def secret_texts(
+    schema: type[BaseModel], merged: Mapping[str, Any], secrets: frozenset[str]
+) -> list[str]:
+    """The secret values a validator's message may quote, longest first: those of the keys
+    of ``merged`` that are not shown (``hides``), and the defaults of the schema's secret
+    keys (a validator may quote one that no layer set). Each string, and for another value
+    its ``str()``, also as ``repr`` and JSON write it within quotes (escaped). None is no
+    secret; an empty text is never masked."""
+    found: set[str] = set()
+    stack: list[Any] = [v for k, v in merged.items() if hides(k, secrets)]
+    for leaf in iter_leaves(schema):
+        if leaf.key in secrets and not leaf.field.is_required():
+            try:
+                stack.append(leaf.field.get_default(call_default_factory=True))
+            except Exception:  # a factory that fails, or needs the other fields: none to mask
+                continue
+    while stack:
+        node = stack.pop()
+        if isinstance(node, SecretStr | SecretBytes):
+            node = node.get_secret_value()
+        if isinstance(node, bytes):
+            node = node.decode("utf-8", "replace")
+        if node is None:
+            continue
+        if isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple | set | frozenset):
+            stack.extend(node)
+        else:
+            text = node if isinstance(node, str) else str(node)
+            found.update((text, repr(text)[1:-1], json.dumps(text)[1:-1]))
+    found.discard("")
+    return sorted(found, key=len, reverse=True)
+
+
+def masked_input(
+    key: str, value: Any, is_known: Callable[[str], bool], secrets: frozenset[str]
+) -> Any:
+    """The input of a section (or of the whole model, ``key`` "") that a validator refused,
+    as a problem may carry it: each leaf's value as ``shown_value`` shows it, secrets
+    masked. A value that is neither a leaf's nor a section's mapping (an unknown key, a
+    model instance) is shown only where ``hides`` allows."""
+    if not is_known(key) and isinstance(value, Mapping):
+        return {
+            name: masked_input(f"{key}.{name}" if key else str(name), item, is_known, secrets)
+            for name, item in value.items()
+        }
+    return shown_value(key, value, secrets)
+
+
+def clash(exc: KeyClash, merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:
+    """Both keys of a clash, each with its own layer, so that a live layer's key can be
+    dropped whichever of the two it is. A side that lies inside a mapping leaf's value
+    (``model.w.head`` of ``model.w: {"head": 1}``) is named by that leaf."""
+
+    def owner(key: str) -> str:
+        if key in winners:
+            return key
+        return next((k for k in winners if key.startswith(k + ".")), key)
+
+    one, other = owner(exc.key), owner(exc.other)
+    return [
+        Problem(
+            a,
+            winners.get(a, "defaults"),
+            f"conflicts with {b} (from {winners.get(b)})",
+            merged.get(a),
+        )
+        for a, b in ((one, other), (other, one))
+    ]
