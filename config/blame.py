@@ -36,7 +36,7 @@ def is_custom(error_type: str) -> bool:
     return error_type in _CUSTOM_ERROR_TYPES or error_type not in _PYDANTIC_ERROR_TYPES
 
 
-def reason(
+def reason_for(
     error_type: str,
     message: str,
     secrets: frozenset[str],

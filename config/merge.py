@@ -17,16 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
-from .blame import clash, is_custom, masked_input, secret_texts
-from .blame import reason as blamed
+from .blame import clash, is_custom, masked_input, reason_for, secret_texts
 from .errors import InvalidChange, Problem, UsageError
 from .keys import LONE_SURROGATE, KeyClash, is_text, unflatten
-from .schema import (
-    iter_leaves,
-    mapping_keys,
-    numeric_keys,
-    secret_keys,
-)
+from .schema import iter_leaves, mapping_keys, numeric_keys, secret_keys
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
@@ -208,7 +202,7 @@ def merge_layers(
         for err in errors:
             key = _loc_to_key(err["loc"])
             leaf = next((k for k in winners if key == k or key.startswith(k + ".")), key)
-            reason = blamed(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
+            reason = reason_for(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
             value = err["input"]
             if not facts.is_known(leaf):  # a section's or the whole model's input: its secrets
                 value = masked_input(leaf, value, facts.is_known, facts.secrets)
