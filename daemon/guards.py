@@ -170,6 +170,12 @@ class _Active:
     recheck: asyncio.TimerHandle | None = None  # the next look at the others, when due
     orphan: asyncio.TimerHandle | None = None  # the look for anyone left to judge it, when due
 
+    @property
+    def done_here(self) -> bool:
+        """Every process of this daemon that reported since the change is done with its
+        window (and at least one did)."""
+        return bool(self.reported) and self.reported <= self.passed
+
 
 class GuardManager:
     """Guards of one app on one daemon. ``start``/``stop`` own a watch thread and a worker.
@@ -385,7 +391,7 @@ class GuardManager:
     def _maybe_passed(self, guard_id: str, active: _Active) -> None:
         """Pass the guard once this daemon's watched processes are done and, as their
         status entries show, no other daemon's process may still be inside the window."""
-        if active.busy or not active.reported or not active.reported <= active.passed:
+        if active.busy or not active.done_here:
             return
         now = time.monotonic()
         if active.checking:
@@ -401,17 +407,28 @@ class GuardManager:
         """Ask ``_maybe_passed`` again in ``delay`` seconds (once; on the loop)."""
         if active.recheck is not None:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not on a loop (a test driving the manager by hand)
-            return
 
         def again() -> None:
             active.recheck = None
-            if not self._stopped and self._active.get(guard_id) is active:
-                self._maybe_passed(guard_id, active)
+            self._maybe_passed(guard_id, active)
 
-        active.recheck = loop.call_later(delay, again)
+        active.recheck = self._later(delay, guard_id, active, again)
+
+    def _later(
+        self, delay: float, guard_id: str, active: _Active, fn: Callable[[], None]
+    ) -> asyncio.TimerHandle | None:
+        """Run ``fn`` on the loop in ``delay`` seconds, unless the daemon stops or the guard
+        ends meanwhile; None when not on a loop (a test driving the manager by hand)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+
+        def due() -> None:
+            if not self._stopped and self._active.get(guard_id) is active:
+                fn()
+
+        return loop.call_later(delay, due)
 
     def _remote_checked(
         self,
@@ -422,7 +439,7 @@ class GuardManager:
         active.checking = False
         if self._stopped or self._active.get(guard_id) is not active or active.busy:
             return
-        if not active.reported or not active.reported <= active.passed:
+        if not active.done_here:
             return  # a process went back to an earlier step meanwhile
         if isinstance(result, BaseException):
             self.log.warning("guard_check_failed", guard=guard_id, error=str(result))
@@ -495,19 +512,14 @@ class GuardManager:
         ``ABANDON_AFTER_S`` seconds (a process may reconnect meanwhile)."""
         if active.busy or self._stopped or active.orphan is not None:
             return
-        if self._can_judge_here(active) or (active.reported and active.reported <= active.passed):
+        if self._can_judge_here(active) or active.done_here:
             return  # watched, or ``_maybe_passed`` ends it
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not on a loop (a test driving the manager by hand)
-            return
 
         def due() -> None:
             active.orphan = None
-            if not self._stopped and self._active.get(guard_id) is active:
-                self._orphan_due(guard_id, active)
+            self._orphan_due(guard_id, active)
 
-        active.orphan = loop.call_later(self._abandon_after, due)
+        active.orphan = self._later(self._abandon_after, guard_id, active, due)
 
     def _cancel_orphan(self, active: _Active) -> None:
         if active.orphan is not None:
@@ -517,7 +529,7 @@ class GuardManager:
     def _orphan_due(self, guard_id: str, active: _Active) -> None:
         if active.busy or self._can_judge_here(active):
             return
-        if active.reported and active.reported <= active.passed:
+        if active.done_here:
             self._maybe_passed(guard_id, active)
             return
         future = self._worker.submit(self._store.read_prefix, status_prefix(self.app))
@@ -531,7 +543,7 @@ class GuardManager:
     ) -> None:
         if self._stopped or self._active.get(guard_id) is not active or active.busy:
             return
-        if self._can_judge_here(active) or (active.reported and active.reported <= active.passed):
+        if self._can_judge_here(active) or active.done_here:
             self._maybe_orphaned(guard_id, active)
             return
         if isinstance(result, BaseException):

@@ -62,6 +62,11 @@ _REENTERED = (
 )
 
 
+def _ackable(step: Any) -> bool:
+    """Whether an ack can carry ``step`` as it is (a plain ``int`` the protocol takes)."""
+    return type(step) is int and -protocol.MAX_INT <= step <= protocol.MAX_INT
+
+
 def _report_nothing(step: int, **metrics: Any) -> None:
     """``report`` after ``close``."""
 
@@ -70,17 +75,6 @@ def _text_only(error: Mapping[str, str]) -> dict[str, str]:
     """An ack's error entry with text that is not valid UTF-8 (an exception quoting a path
     of undecodable bytes) escaped: else the whole ack could not be sent."""
     return {k: v.encode("utf-8", "backslashreplace").decode("utf-8") for k, v in error.items()}
-
-
-def _innermost(optimizer: Any) -> Any:
-    """The optimizer a wrapper drives (its ``optimizer`` attribute, a few levels down), or
-    ``optimizer`` itself: a wrapper shares the inner one's param groups and state."""
-    for _ in range(4):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
-            break
-        optimizer = inner
-    return optimizer
 
 
 def _default_client_name() -> str:
@@ -383,7 +377,7 @@ class LiveConfig:
             self._applied = state
             self._unacked = False
             step = self._applied_step
-        if type(step) is int and -protocol.MAX_INT <= step <= protocol.MAX_INT:
+        if _ackable(step):
             self._conn.send(protocol.applied(state.version, step))
         return True
 
@@ -397,7 +391,7 @@ class LiveConfig:
         # per change, not per step) and the change goes unacknowledged: ``status`` does not
         # show it and guards do not watch the process, as they could not place its window.
         number = step  # the common case, on the training thread: nothing to do
-        if type(step) is not int or not -protocol.MAX_INT <= step <= protocol.MAX_INT:
+        if not _ackable(step):
             converted = self._step_for_ack(step, new)
             if converted is None:
                 return
@@ -479,14 +473,14 @@ class LiveConfig:
         given) writes nothing, and the earlier binding stays. Imports torch only
         here.
         """
-        from .optim import OptimizerBinding
+        from .optim import OptimizerBinding, optimizer_chain
 
         binding = OptimizerBinding(
             optimizer, scheduler, lr=lr, weight_decay=weight_decay, momentum=momentum
         )
         values = self._applied.flat_view
         table = self._optimizer_bindings
-        slot = id(_innermost(optimizer))
+        slot = id(optimizer_chain(optimizer)[-1])  # a wrapper shares the inner one's groups
         kept = [(h, b) for h, b in table.get(slot, []) if not h.removed]
         replaced = [(h, b) for h, b in kept if b.keys & binding.keys]
         for _, earlier in replaced:

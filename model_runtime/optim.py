@@ -88,13 +88,14 @@ def _scheduler_bases(scheduler: Any, optimizer: Optimizer) -> list[float] | None
     return None
 
 
-def _optimizers(optimizer: Any) -> list[Any]:
-    """``optimizer`` and the ones it wraps (its ``optimizer`` attribute, a few levels down):
-    a scheduler may have been given any of them."""
+def optimizer_chain(optimizer: Any) -> list[Any]:
+    """``optimizer`` and the ones it wraps (its ``optimizer`` attribute, a few levels down),
+    outermost first: a scheduler may have been given any of them, and the last one holds
+    the param groups and state that all of them share."""
     chain = [optimizer]
     for _ in range(4):
         inner = getattr(chain[-1], "optimizer", None)
-        if inner is None or any(inner is o for o in chain):
+        if inner is None or any(inner is o for o in chain) or not hasattr(inner, "param_groups"):
             break
         chain.append(inner)
     return chain
@@ -106,7 +107,7 @@ def _schedulers_of(optimizer: Any, known: list[Any]) -> list[Any]:
     pass over the process's tracked objects, tens of ms per million), so run only at bind
     and when a live lr is about to change, never per step. A scheduler whose ``__dict__``
     was materialised (``state_dict()`` does that) is referred to through it."""
-    targets = _optimizers(optimizer)
+    targets = optimizer_chain(optimizer)
     known_dicts = [vars(k) for k in known if hasattr(k, "__dict__")]
     found: dict[int, Any] = {}
 

@@ -260,11 +260,11 @@ def filter_logits(
 def _keep_one(out: Tensor) -> Tensor:
     # Every step above keeps each row's top token; this is the backstop for a row whose
     # logits were all masked: it keeps its first token.
-    empty = ~(out > -math.inf).any(dim=1)
-    if bool(empty.any()):
-        out = out.clone()
-        out[empty, 0] = 0.0
-    return out
+    # No ``if`` on a tensor: on a GPU that would wait for the device at every token.
+    empty = ~(out > -math.inf).any(dim=1, keepdim=True)
+    first = torch.zeros_like(out, dtype=torch.bool)
+    first[:, 0] = True
+    return out.masked_fill(empty & first, 0.0)
 
 
 def sample(
