@@ -49,6 +49,7 @@ from hotknob.config import (
 )
 from hotknob.config.errors import Problem
 from hotknob.config.keys import key_from_etcd
+from hotknob.config.leafwise import model_with, validate_puts
 from hotknob.config.merge import (
     MAX_STATE_BYTES,
     LeafInput,
@@ -83,13 +84,20 @@ def _noop(_: Any) -> None:
 @dataclass
 class _Pending:
     """The short path's accepted changes whose etcd layer and snapshot are not built yet
-    (within a group commit): the newest model and values (its version, revision and
-    flat values are the engine's own) and every value put since the last build."""
+    (within a group commit): the newest values (its version, revision and flat values
+    are the engine's own), the newest model, less the values validated leaf by leaf
+    since it (``validated``: ``model_with`` adds them when the snapshot is built), and
+    every value put since the last build."""
 
     model: BaseModel
     values: dict[str, Any]
+    validated: dict[tuple[str, ...], Any] = field(default_factory=dict)
     put: dict[str, Any] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def built_model(self) -> BaseModel:
+        return model_with(self.model, self.validated) if self.validated else self.model
 
 
 class Engine:
@@ -128,6 +136,7 @@ class Engine:
         # ``_take_puts``: the layers' merged leaves, and the layers they were merged from.
         self._leaf_input: LeafInput | None = None
         self._leaf_input_of: tuple[Layer, ...] = ()
+        self._unfolded: dict[str, Any] = {}  # puts validated leaf by leaf, not in it yet
         self._fast_keys: frozenset[str] = frozenset()  # leaves no layer above etcd sets
         # How many bytes of JSON the state may still grow by before ``MAX_STATE_BYTES``:
         # measured when a merge is accepted, spent by the short path at a bound per put.
@@ -333,10 +342,10 @@ class Engine:
             if layers != self._leaf_input_of:
                 self._leaf_input_of = layers
                 self._leaf_input = leaf_input(self.schema, self.layers, self.precedence)
+                self._unfolded = {}  # the layers hold them
                 above = [self.layers[n].values for n in self._above_etcd if n in self.layers]
                 self._fast_keys = self._leaf_keys.difference(*above)
-        base = self._leaf_input
-        if base is None or self.snapshot is None or self._restart.pending:
+        if self._leaf_input is None or self.snapshot is None or self._restart.pending:
             return False
         growth = _growth_bound(puts)
         if growth > self._room:
@@ -349,12 +358,20 @@ class Engine:
             return False
         if booleans_for_numbers(self.schema, put):
             return False  # ``true`` for a number: the general path refuses it, and says why
-        leaves = base.with_leaves(self.schema, put)
-        try:
-            model, values, flat = validate_leaves(self.schema, leaves)
+        pending = self._pending
+        in_force = self.snapshot.values if pending is None else pending.values
+        leaves: LeafInput | None = None
+        try:  # each value alone where the schema allows, else the whole model
+            alone = validate_puts(self.schema, in_force, self._flat, put)
+            if alone is None:
+                leaves = self._folded_leaf_input().with_leaves(self.schema, put)
+                model, values, flat = validate_leaves(self.schema, leaves)
+                changed = changed_keys(self._flat, flat)
+            else:
+                values, flat, changed = alone.values, alone.flat, alone.changed
         except ValidationError:
             return False  # the general path says why, and who is to blame
-        changed = changed_keys(self._flat, flat)  # what is in force is finite: check these
+        # What is in force is finite, valid text: check what changed.
         if not changed or non_finite(changed) or not_text(changed):
             return False  # nothing to push, or what no client could be sent: the merge says why
         if self._restart.held_back(flat):
@@ -365,12 +382,15 @@ class Engine:
         self._room -= growth
         self.version += 1
         self.revision = max(self.revision, revision)
-        self._leaf_input = leaves
-        pending = self._pending
         if pending is None:
-            pending = self._pending = _Pending(model, values)
+            pending = self._pending = _Pending(self.snapshot.model, values)
+        pending.values = values
+        if alone is None:
+            self._leaf_input = leaves
+            pending.model, pending.validated = model, {}
         else:
-            pending.model, pending.values = model, values
+            self._unfolded.update(put)
+            pending.validated.update(alone.validated)
         pending.put.update(put)
         pending.origins.update(origins)
         self._after_push.append(
@@ -415,6 +435,14 @@ class Engine:
             self._build(pending, etcd, etcd_values, sources)
         return published
 
+    def _folded_leaf_input(self) -> LeafInput:
+        """``_leaf_input`` with the puts validated leaf by leaf since it was made."""
+        assert self._leaf_input is not None
+        if self._unfolded:
+            self._leaf_input = self._leaf_input.with_leaves(self.schema, self._unfolded)
+            self._unfolded = {}
+        return self._leaf_input
+
     def _build(
         self,
         pending: _Pending,
@@ -429,7 +457,7 @@ class Engine:
         }
         self._leaf_input_of = tuple(self.layers.values())  # ``_leaf_input``: the same keys
         self.snapshot = Snapshot(
-            model=pending.model,
+            model=pending.built_model,
             values=MappingProxyType(pending.values),
             flat=MappingProxyType(self._flat),
             sources=MappingProxyType(sources),

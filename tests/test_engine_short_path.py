@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -45,19 +45,46 @@ class Band(BaseModel):
         return self
 
 
+class Opts(BaseModel):
+    """No rule across fields: each value is validated alone (``config.leafwise``)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
+
+    mode: Literal["fast", "slow"] = "fast"
+    rate: float | None = Field(None, gt=0)
+    label: str = Field("x", max_length=5)
+
+
 class Params(BaseModel):
-    """Cross-field rules, a secret, a restart-only key and a dict-typed field."""
+    """Cross-field rules, a secret, a restart-only key, a dict-typed field, and a section
+    whose values are validated alone."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     band: Band = Field(default_factory=Band)
+    opts: Opts = Field(default_factory=Opts)
     steps: int = Field(1, ge=1)
     workers: int = Field(1, ge=1, json_schema_extra={"live": False})
     tags: dict[str, int] = Field(default_factory=dict)
 
 
-PATHS = ["band/lo", "band/hi", "band/token", "steps", "workers", "tags", "tags/x", "nope"]
+PATHS = [
+    "band/lo",
+    "band/hi",
+    "band/token",
+    "opts/mode",
+    "opts/rate",
+    "opts/label",
+    "steps",
+    "workers",
+    "tags",
+    "tags/x",
+    "nope",
+]
 RAWS = [
+    b'"fast"',
+    b'" slow "',
+    b"null",
     b"0",
     b"0.5",
     b"2",
@@ -102,6 +129,8 @@ def seen(engine: Engine, published: list[Published]) -> str:
         {
             "published": [(p.version, p.revision, p.values, p.sources, p.flat) for p in published],
             "snapshot": (
+                snapshot.model.model_dump(mode="json"),
+                type(snapshot.model).__name__,
                 dict(snapshot.values),
                 dict(snapshot.flat),
                 dict(snapshot.sources),
@@ -131,6 +160,9 @@ GOOD = {
     "band/lo": [b"0", b"0.25", b"0.5"],
     "band/hi": [b"0.5", b"2", b"7"],
     "band/token": [b'"long-token"', b'"other-token"'],
+    "opts/mode": [b'"fast"', b'"slow"', b'"slow "'],
+    "opts/rate": [b"0.5", b"2", b"null", b"0"],
+    "opts/label": [b'"ab"', b'" ab "', b'"toolong"'],
     "steps": [b"2", b"3", b"7"],
     "tags": [b'{"a": 1}', b"{}"],
 }
@@ -181,6 +213,32 @@ def test_short_path_does_what_the_general_path_does(
         general.on_etcd_change(revision, puts, gone)
         assert seen(short, short_out) == seen(general, general_out)
     assert saved(short) == saved(general)
+    short.close()
+    general.close()
+
+
+def test_a_value_validated_alone_then_deleted_is_gone_from_the_next_whole_validation(
+    tmp_path: Path,
+) -> None:
+    """``opts.label`` is validated alone and kept out of the short path's input until a
+    whole validation needs it; deleted in between (the general path), it must not come
+    back when ``band.lo`` is validated with the whole model."""
+    changes: Changes = [
+        ({"opts/label": b'"ab"'}, set()),
+        ({}, {"opts/label"}),
+        ({"band/lo": b"0.5"}, set()),
+    ]
+    short_out: list[Published] = []
+    general_out: list[Published] = []
+    short = make(tmp_path / "short", {}, short_out)
+    general = general_only(make(tmp_path / "general", {}, general_out))
+    for engine in (short, general):
+        engine.start({}, 1)
+    for revision, puts, gone in as_events(changes):
+        short.on_etcd_change(revision, puts, gone)
+        general.on_etcd_change(revision, puts, gone)
+    assert short_out[-1].flat["opts.label"] == "x"  # the default again
+    assert seen(short, short_out) == seen(general, general_out)
     short.close()
     general.close()
 

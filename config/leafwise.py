@@ -1,0 +1,216 @@
+"""Validating a live change leaf by leaf, where the schema lets that give what a whole
+validation gives.
+
+A lone etcd put changes one leaf. Validating the whole model for it (and dumping the
+whole model, and diffing every key) is most of the daemon's work on that change, and
+on CPUs just back from idle it costs ~170 µs where validating the one value costs ~45
+(docs/performance.md, tenth round). The two agree only if nothing but the leaf's own
+type looks at the value: no validator or serializer of a model on its path (they may
+read other fields, or be changed by this one), no post-init, no custom schema, no
+alias or exclusion on the leaf, and a type whose core schema calls no function of the
+user's. ``leaf_check`` decides that once per key; ``validate_puts`` uses it, and
+declines (``None``) a change with any key that fails it, which the whole validation
+then takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated, Any
+
+from pydantic import BaseModel, TypeAdapter
+from pydantic.fields import FieldInfo
+
+from .schema import secret_keys
+
+# Core schema types that validate and dump a value by themselves: no function of the
+# user's, no model or dataclass (with validators of their own), no reference.
+_PLAIN = frozenset(
+    {
+        "any",
+        "none",
+        "bool",
+        "int",
+        "float",
+        "decimal",
+        "str",
+        "bytes",
+        "date",
+        "time",
+        "datetime",
+        "timedelta",
+        "uuid",
+        "literal",
+        "enum",
+        "nullable",
+        "union",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "dict",
+    }
+)
+_NOT_SCHEMAS = frozenset({"metadata", "cls", "members", "expected", "sub_type"})
+
+
+def _plain(node: Any) -> bool:
+    """Whether every schema in the core schema ``node`` is one of ``_PLAIN``, none has a
+    serializer of its own, and none names a function."""
+    if isinstance(node, list | tuple):
+        return all(_plain(item) for item in node)
+    if not isinstance(node, dict):
+        return not callable(node) or isinstance(node, type)
+    if "type" in node and (node["type"] not in _PLAIN or "serialization" in node):
+        return False
+    return all(_plain(value) for key, value in node.items() if key not in _NOT_SCHEMAS)
+
+
+_DECORATOR_KINDS = (
+    "validators",
+    "field_validators",
+    "root_validators",
+    "field_serializers",
+    "model_serializers",
+    "model_validators",
+    "computed_fields",
+)
+
+
+def _plain_model(cls: type[BaseModel]) -> bool:
+    """Whether validating ``cls`` is validating each of its fields alone: no validator,
+    serializer or computed field, no post-init, no ``__init__`` or core schema of its own."""
+    decorators = cls.__pydantic_decorators__
+    return (
+        not any(getattr(decorators, kind) for kind in _DECORATOR_KINDS)
+        and getattr(cls, "__pydantic_post_init__", None) is None
+        and not getattr(cls, "__pydantic_custom_init__", False)
+        and not getattr(cls, "__pydantic_root_model__", False)
+        and cls.__get_pydantic_core_schema__.__func__  # type: ignore[attr-defined]
+        is BaseModel.__get_pydantic_core_schema__.__func__  # type: ignore[attr-defined]
+    )
+
+
+def _plain_field(field: FieldInfo) -> bool:
+    return (
+        field.alias is None
+        and field.serialization_alias is None
+        and field.validation_alias is None
+        and not field.exclude
+        and field.discriminator is None
+    )
+
+
+@dataclass(frozen=True)
+class LeafCheck:
+    """How one leaf's value is validated and dumped alone: its type, with the constraints
+    and the config its model gives it."""
+
+    path: tuple[str, ...]
+    adapter: TypeAdapter[Any]
+
+
+@lru_cache(maxsize=1024)
+def leaf_check(schema: type[BaseModel], key: str) -> LeafCheck | None:
+    """The ``LeafCheck`` of the leaf ``key`` of ``schema``; None if validating it alone
+    could differ from validating the model (see the module's docstring), or ``key``
+    is no plain leaf of it."""
+    if key in secret_keys(schema):
+        return None  # the clients get its revealed value: the whole path does that
+    path = tuple(key.split("."))
+    model: Any = schema
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not _plain_model(model) or not _plain_field(field) or field.metadata:
+            return None
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    field = model.model_fields.get(path[-1])
+    if field is None or not _plain_model(model) or not _plain_field(field):
+        return None
+    annotation: Any = (
+        Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+    )
+    try:
+        adapter: TypeAdapter[Any] = TypeAdapter(annotation, config=model.model_config)
+    except Exception:  # a type TypeAdapter takes no config for: the whole path takes it
+        return None
+    return LeafCheck(path, adapter) if _plain(adapter.core_schema) else None
+
+
+@dataclass(frozen=True)
+class LeafChanges:
+    """What ``validate_puts`` makes of a change: the validated values by path (for
+    ``model_with``), and the values in force, nested and by dotted key, in JSON form,
+    with the keys whose value changed."""
+
+    validated: dict[tuple[str, ...], Any]
+    values: dict[str, Any]
+    flat: dict[str, Any]
+    changed: dict[str, Any]
+
+
+def validate_puts(
+    schema: type[BaseModel],
+    values: Mapping[str, Any],
+    flat: Mapping[str, Any],
+    puts: Mapping[str, Any],
+) -> LeafChanges | None:
+    """The state after ``puts`` (leaves of ``schema`` to raw values) on the state in force
+    (``values``, a validated model's JSON dump, and ``flat``, the same by dotted key),
+    each leaf validated alone: what ``validate_leaves`` and ``changed_keys`` give. None if
+    a key of ``puts`` cannot be validated alone. Raises ``ValidationError``. Nothing given
+    is edited: the sections on the puts' paths are copied."""
+    checks: list[tuple[str, LeafCheck]] = []
+    for key in puts:
+        check = leaf_check(schema, key)
+        if check is None:
+            return None
+        checks.append((key, check))
+    validated: dict[tuple[str, ...], Any] = {}
+    dumped: dict[tuple[str, ...], Any] = {}
+    new_flat = dict(flat)
+    changed: dict[str, Any] = {}
+    for key, check in checks:
+        value = validated[check.path] = check.adapter.validate_python(puts[key])
+        new = dumped[check.path] = new_flat[key] = check.adapter.dump_python(value, mode="json")
+        old = flat.get(key, changed)  # a key not there before is a change
+        if type(old) is not type(new) or old != new:
+            changed[key] = new
+    return LeafChanges(validated, _values_with(values, dumped), new_flat, changed)
+
+
+def model_with(model: BaseModel, validated: Mapping[tuple[str, ...], Any]) -> BaseModel:
+    """A copy of ``model`` with the values ``validate_puts`` validated (by path), the
+    sections on their paths copied the same way; not validated again."""
+    here, below = _by_name(validated)
+    for name, inner in below.items():
+        here[name] = model_with(getattr(model, name), inner)
+    return model.model_copy(update=here)
+
+
+def _by_name(
+    changes: Mapping[tuple[str, ...], Any],
+) -> tuple[dict[str, Any], dict[str, dict[tuple[str, ...], Any]]]:
+    """``changes`` (paths to values) split into the values of this level's own fields and,
+    per section, the changes below it."""
+    here: dict[str, Any] = {}
+    below: dict[str, dict[tuple[str, ...], Any]] = {}
+    for (name, *rest), value in changes.items():
+        if rest:
+            below.setdefault(name, {})[tuple(rest)] = value
+        else:
+            here[name] = value
+    return here, below
+
+
+def _values_with(
+    values: Mapping[str, Any], changes: Mapping[tuple[str, ...], Any]
+) -> dict[str, Any]:
+    here, below = _by_name(changes)
+    for name, inner in below.items():
+        here[name] = _values_with(values[name], inner)
+    return {**values, **here}
