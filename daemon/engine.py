@@ -1,4 +1,4 @@
-"""The engine: every change is merged and validated whole, versioned, published and persisted.
+"""The engine: every change is merged, validated, versioned, published and persisted.
 
 The engine owns the current layers and the last good ``Snapshot``. A live
 change (an etcd revision, a new set of file contents) becomes a candidate:
@@ -9,6 +9,8 @@ the value the daemon started with and are reported as pending a restart. The usu
 etcd change, values put at leaves that no higher layer sets, takes a short path
 (``_take_puts``): the same candidate, validated and pushed before the layer and the
 snapshot are built; ``tests/test_engine_short_path.py`` holds it to the general one.
+Where the schema lets validating a value alone give what validating the whole model
+gives (``config.leafwise``), only the values put are validated, dumped and diffed.
 
 Versions strictly increase across restarts, crashes included, and no disk write
 waits on the push path (see ``state``): a version is published only under the
