@@ -6,7 +6,8 @@ and all: a message about a secret key is withheld, and a message about any other
 every secret value it quotes masked (``reason``, ``secret_texts``); the input of a section
 or of the whole model that a validator refused is shown with its secret leaves masked
 (``masked_input``). A clash of a key below a mapping leaf with that leaf's value names both
-sides, each with its layer (``clash``).
+sides, each with its layer (``clash``). A valid value that pydantic cannot turn into JSON
+is named with its layer (``unsendable``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, get_args
 
-from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic import BaseModel, SecretBytes, SecretStr, TypeAdapter
 from pydantic_core.core_schema import ErrorType
 
 from .errors import Problem
@@ -132,3 +133,26 @@ def clash(exc: KeyClash, merged: Mapping[str, Any], winners: Mapping[str, str]) 
         )
         for a, b in ((one, other), (other, one))
     ]
+
+
+_ANY: TypeAdapter[Any] = TypeAdapter(Any)
+UNSENDABLE = (
+    "cannot be sent to clients: pydantic cannot turn it into JSON "
+    "(nested more deeply than its serializer goes, about 250 levels?)"
+)
+
+
+def unsendable(merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:
+    """A problem for each value given that pydantic cannot dump to JSON; if none is (a
+    schema's own type made the value that cannot be dumped), for each value given by a
+    layer other than the defaults. The value itself is left out: a log line or an event
+    carrying it could fail the same way."""
+    bad = []
+    for key, value in merged.items():
+        try:
+            _ANY.dump_python(value, mode="json")
+        except ValueError:
+            bad.append(key)
+    if not bad:
+        bad = [key for key in merged if winners.get(key, "defaults") != "defaults"]
+    return [Problem(key, winners.get(key, "defaults"), UNSENDABLE) for key in bad or [""]]

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
-from .schema import secret_keys
+from .schema import iter_leaves, secret_keys
 
 # Core schema types that validate and dump a value by themselves: no function of the
 # user's, no model or dataclass (with validators of their own), no reference.
@@ -68,6 +68,17 @@ def _plain(node: Any) -> bool:
     return all(_plain(value) for key, value in node.items() if key not in _NOT_SCHEMAS)
 
 
+def _reads_the_clock(node: Any) -> bool:
+    """Whether the core schema ``node`` holds a constraint against the current time
+    (``FutureDatetime``, ``PastDate``): a value valid when put may be refused later, by a
+    whole validation of any change, which validating another value alone would miss."""
+    if isinstance(node, dict):
+        return "now_op" in node or any(_reads_the_clock(value) for value in node.values())
+    if isinstance(node, list | tuple):
+        return any(_reads_the_clock(item) for item in node)
+    return False
+
+
 _DECORATOR_KINDS = (
     "validators",
     "field_validators",
@@ -79,17 +90,36 @@ _DECORATOR_KINDS = (
 )
 
 
+# What a whole validation calls on the schema (and ``model_with`` on each model): a class
+# that overrides one may change what it gives.
+_BASE_METHODS = ("__get_pydantic_core_schema__", "model_validate", "model_dump", "model_copy")
+
+
+def _same_function(cls: type, name: str) -> bool:
+    def function(owner: type) -> Any:
+        attribute = getattr(owner, name)
+        return getattr(attribute, "__func__", attribute)
+
+    return function(cls) is function(BaseModel)
+
+
 def _plain_model(cls: type[BaseModel]) -> bool:
     """Whether validating ``cls`` is validating each of its fields alone: no validator,
-    serializer or computed field, no post-init, no ``__init__`` or core schema of its own."""
+    serializer or computed field, no post-init, no ``__init__``, core schema, validation,
+    dump or copy of its own, and no cached property (a copy would keep a stale one)."""
     decorators = cls.__pydantic_decorators__
     return (
         not any(getattr(decorators, kind) for kind in _DECORATOR_KINDS)
         and getattr(cls, "__pydantic_post_init__", None) is None
         and not getattr(cls, "__pydantic_custom_init__", False)
         and not getattr(cls, "__pydantic_root_model__", False)
-        and cls.__get_pydantic_core_schema__.__func__  # type: ignore[attr-defined]
-        is BaseModel.__get_pydantic_core_schema__.__func__  # type: ignore[attr-defined]
+        and cls.__copy__ is BaseModel.__copy__
+        and all(_same_function(cls, name) for name in _BASE_METHODS)
+        and not any(
+            isinstance(attribute, cached_property)
+            for owner in cls.__mro__
+            for attribute in vars(owner).values()
+        )
     )
 
 
@@ -99,6 +129,7 @@ def _plain_field(field: FieldInfo) -> bool:
         and field.serialization_alias is None
         and field.validation_alias is None
         and not field.exclude
+        and getattr(field, "exclude_if", None) is None  # pydantic 2.11 and later
         and field.discriminator is None
     )
 
@@ -110,6 +141,18 @@ class LeafCheck:
 
     path: tuple[str, ...]
     adapter: TypeAdapter[Any]
+    order: int  # the leaf's place in the schema: ``changed`` lists keys in that order
+
+
+@lru_cache(maxsize=64)
+def _leaf_order(schema: type[BaseModel]) -> dict[str, int] | None:
+    """Each leaf's place in ``schema``; None if no key of it may be validated alone."""
+    try:
+        if _reads_the_clock(schema.__pydantic_core_schema__):
+            return None
+    except AttributeError:  # a schema not built yet: the whole path builds it
+        return None
+    return {leaf.key: place for place, leaf in enumerate(iter_leaves(schema))}
 
 
 @lru_cache(maxsize=1024)
@@ -117,6 +160,16 @@ def leaf_check(schema: type[BaseModel], key: str) -> LeafCheck | None:
     """The ``LeafCheck`` of the leaf ``key`` of ``schema``; None if validating it alone
     could differ from validating the model (see the module's docstring), or ``key``
     is no plain leaf of it."""
+    try:
+        return _leaf_check(schema, key)
+    except Exception:  # a schema shape this module does not know: the whole path takes it
+        return None
+
+
+def _leaf_check(schema: type[BaseModel], key: str) -> LeafCheck | None:
+    order = _leaf_order(schema)
+    if order is None or key not in order:
+        return None
     if key in secret_keys(schema):
         return None  # the clients get its revealed value: the whole path does that
     path = tuple(key.split("."))
@@ -134,11 +187,8 @@ def leaf_check(schema: type[BaseModel], key: str) -> LeafCheck | None:
     annotation: Any = (
         Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
     )
-    try:
-        adapter: TypeAdapter[Any] = TypeAdapter(annotation, config=model.model_config)
-    except Exception:  # a type TypeAdapter takes no config for: the whole path takes it
-        return None
-    return LeafCheck(path, adapter) if _plain(adapter.core_schema) else None
+    adapter: TypeAdapter[Any] = TypeAdapter(annotation, config=model.model_config)
+    return LeafCheck(path, adapter, order[key]) if _plain(adapter.core_schema) else None
 
 
 @dataclass(frozen=True)
@@ -162,21 +212,28 @@ def validate_puts(
     """The state after ``puts`` (leaves of ``schema`` to raw values) on the state in force
     (``values``, a validated model's JSON dump, and ``flat``, the same by dotted key),
     each leaf validated alone: what ``validate_leaves`` and ``changed_keys`` give. None if
-    a key of ``puts`` cannot be validated alone. Raises ``ValidationError``. Nothing given
-    is edited: the sections on the puts' paths are copied."""
+    a key of ``puts`` cannot be validated alone, or a value valid for it cannot be
+    dumped (nested deeper than pydantic serializes): the whole path says why. Raises
+    ``ValidationError``, as a whole validation would, before anything is dumped. Nothing
+    given is edited: the sections on the puts' paths are copied."""
     checks: list[tuple[str, LeafCheck]] = []
     for key in puts:
         check = leaf_check(schema, key)
         if check is None:
             return None
         checks.append((key, check))
-    validated: dict[tuple[str, ...], Any] = {}
+    if len(checks) > 1:
+        checks.sort(key=lambda item: item[1].order)
+    validated = {check.path: check.adapter.validate_python(puts[key]) for key, check in checks}
     dumped: dict[tuple[str, ...], Any] = {}
     new_flat = dict(flat)
     changed: dict[str, Any] = {}
     for key, check in checks:
-        value = validated[check.path] = check.adapter.validate_python(puts[key])
-        new = dumped[check.path] = new_flat[key] = check.adapter.dump_python(value, mode="json")
+        try:
+            new = check.adapter.dump_python(validated[check.path], mode="json")
+        except ValueError:  # pydantic's serialization errors are ValueErrors
+            return None
+        dumped[check.path] = new_flat[key] = new
         old = flat.get(key, changed)  # a key not there before is a change
         if type(old) is not type(new) or old != new:
             changed[key] = new

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
-from .blame import clash, is_custom, masked_input, reason_for, secret_texts
+from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
 from .errors import InvalidChange, Problem, UsageError
 from .keys import LONE_SURROGATE, KeyClash, is_text, unflatten
 from .schema import iter_leaves, mapping_keys, numeric_keys, secret_keys
@@ -211,7 +211,13 @@ def merge_layers(
         # secrets too, and a traceback of the chain would print it.
         raise InvalidChange(problems) from None
 
-    values, flat = _dumped(model, facts)
+    try:
+        values, flat = _dumped(model, facts)
+    except ValueError:  # pydantic's serialization errors: a value nested too deeply
+        raise InvalidChange(unsendable(merged, winners)) from None
+    except KeyError as exc:  # a leaf the dump left out (``exclude_if``)
+        key = str(exc.args[0])
+        raise InvalidChange([Problem(key, winners.get(key, "defaults"), _LEFT_OUT)]) from None
     problems = [
         Problem(key, winners.get(key, "defaults"), _NOT_FINITE, flat[key])
         for key in non_finite(flat)
@@ -292,6 +298,10 @@ def validate_leaves(
     return (model, *_dumped(model, _facts(schema)))
 
 
+_LEFT_OUT = (
+    "is left out of the configuration's JSON by the schema (exclude_if), so no client "
+    "could be sent it"
+)
 _NOT_A_NUMBER = "takes a number, and true/false is none (pydantic would read it as 1 or 0)"
 
 

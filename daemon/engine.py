@@ -37,7 +37,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from hotknob.config import (
     InvalidChange,
@@ -71,12 +71,6 @@ from .logs import get_logger
 from .published import Published
 from .restart_only import RestartOnly
 from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
-
-
-def _growth_bound(puts: Mapping[str, bytes]) -> int:
-    """At most how many bytes of JSON ``puts`` add to the state: a value's JSON is at most
-    six times its text (a control character becomes ``\\u00XX``), plus quotes and its key."""
-    return sum(6 * len(raw) + len(path) + 16 for path, raw in puts.items())
 
 
 def _noop(_: Any) -> None:
@@ -349,9 +343,6 @@ class Engine:
                 self._fast_keys = self._leaf_keys.difference(*above)
         if self._leaf_input is None or self.snapshot is None or self._restart.pending:
             return False
-        growth = _growth_bound(puts)
-        if growth > self._room:
-            return False  # the general path measures the state it would make
         put: dict[str, Any] = {}
         origins: dict[str, str] = {}
         problems: list[Problem] = []
@@ -371,11 +362,16 @@ class Engine:
                 changed = changed_keys(self._flat, flat)
             else:
                 values, flat, changed = alone.values, alone.flat, alone.changed
-        except ValidationError:
+        except ValueError:  # invalid (``ValidationError``), or a value pydantic cannot dump
             return False  # the general path says why, and who is to blame
         # What is in force is finite, valid text: check what changed.
         if not changed or non_finite(changed) or not_text(changed):
             return False  # nothing to push, or what no client could be sent: the merge says why
+        # The state grows by at most the changed values' JSON (measured: a short text can
+        # make a long value, ``0`` a datetime); near the limit, the merge measures it all.
+        growth = state_bytes(changed)
+        if growth > self._room:
+            return False
         if self._restart.held_back(flat):
             return False  # a restart-only key's value to hold back
         # No restart-only key is pending or held back: ``RestartOnly.track`` has nothing to

@@ -4,6 +4,7 @@ the whole model gives, and decline every schema where it could not."""
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Annotated, Any, Literal
 
 import pytest
@@ -14,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FutureDatetime,
     PlainSerializer,
     PrivateAttr,
     RootModel,
@@ -24,7 +26,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
+from hotknob.config.keys import parse_text
 from hotknob.config.leafwise import leaf_check, model_with, validate_puts
 from hotknob.config.merge import LeafInput, changed_keys, validate_leaves
 from hotknob.config.schema import MLParams, iter_leaves
@@ -237,3 +241,86 @@ def test_an_unknown_key_is_declined() -> None:
     assert leaf_check(Wide, "knobs.nope") is None
     assert leaf_check(Wide, "nope.rate") is None
     assert leaf_check(Wide, "knobs") is None  # a section, not a leaf
+
+
+def _schema(section: type[BaseModel]) -> type[BaseModel]:
+    return type(
+        "Schema",
+        (BaseModel,),
+        {"__annotations__": {"sec": section}, "sec": Field(default_factory=section)},
+    )
+
+
+def test_a_schema_that_overrides_what_a_whole_validation_calls_is_declined() -> None:
+    class Validates(BaseModel):
+        knobs: Knobs = Field(default_factory=Knobs)
+
+        @classmethod
+        def model_validate(cls, obj: Any, **kwargs: Any) -> Validates:
+            return super().model_validate(obj, **kwargs)
+
+    class Dumps(BaseModel):
+        knobs: Knobs = Field(default_factory=Knobs)
+
+        def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+            return super().model_dump(**kwargs)
+
+    class OwnSchema(BaseModel):
+        v: int = 1
+
+        @staticmethod
+        def __get_pydantic_core_schema__(source: Any, handler: Any) -> Any:
+            return handler(source)
+
+    class Cached(BaseModel):
+        v: int = 1
+
+        @functools.cached_property
+        def twice(self) -> int:
+            return 2 * self.v
+
+    assert leaf_check(Validates, "knobs.rate") is None
+    assert leaf_check(Dumps, "knobs.rate") is None
+    assert leaf_check(_schema(OwnSchema), "sec.v") is None  # no ``__func__``: no crash
+    assert leaf_check(_schema(Cached), "sec.v") is None  # a copy would keep ``twice``
+
+
+def test_a_field_excluded_on_a_condition_is_declined() -> None:
+    if "exclude_if" not in FieldInfo.__slots__:
+        pytest.skip("this pydantic has no exclude_if")
+    assert _check(int, v=Field(1, exclude_if=lambda v: v == 0)) is None
+
+
+def test_a_rule_against_the_clock_anywhere_declines_every_key() -> None:
+    """A ``FutureDatetime`` valid when put may be refused by the next whole validation,
+    of any change: validating another value alone would let the change through."""
+
+    class Job(BaseModel):
+        lr: float = 0.1
+        stop_at: FutureDatetime | None = None
+
+    assert leaf_check(_schema(Job), "sec.lr") is None
+
+
+def test_the_changed_keys_come_in_schema_order() -> None:
+    _model, values, flat = validate_leaves(Wide, LeafInput({}))
+    alone = validate_puts(Wide, values, flat, {"top": 9, "knobs.steps": 4, "knobs.rate": 0.25})
+    assert alone is not None
+    assert list(alone.changed) == ["knobs.rate", "knobs.steps", "top"]
+
+
+def test_a_value_pydantic_cannot_dump_is_left_to_the_whole_validation() -> None:
+    """Nested more deeply than pydantic serializes: declined (None), not raised; an
+    invalid value beside it is refused first, as a whole validation refuses it."""
+
+    class Loose(BaseModel):
+        extra: dict[str, Any] = Field(default_factory=dict)
+        steps: int = Field(1, ge=1)
+
+    schema = _schema(Loose)
+    deep = parse_text('{"x":' + "[" * 256 + "]" * 256 + "}")
+    _model, values, flat = validate_leaves(schema, LeafInput({}))
+    assert leaf_check(schema, "sec.extra") is not None
+    assert validate_puts(schema, values, flat, {"sec.extra": deep}) is None
+    with pytest.raises(ValidationError):
+        validate_puts(schema, values, flat, {"sec.extra": deep, "sec.steps": 0})

@@ -520,3 +520,43 @@ def test_a_key_under_a_mapping_leaf_is_known_and_one_under_another_leaf_is_not()
     assert is_known(Loose, "weights") and is_known(Loose, "weights.head")
     assert is_known(Loose, "weights.a.b")  # what the mapping holds is the schema's to check
     assert not is_known(Loose, "x.y") and not is_known(Loose, "nope")
+
+
+class _Loose(BaseModel):
+    extra: dict[str, Any] = Field(default_factory=dict)
+    steps: int = 1
+
+
+class _LooseRoot(BaseModel):
+    sec: _Loose = Field(default_factory=_Loose)
+
+
+def test_a_value_nested_deeper_than_pydantic_dumps_is_refused_with_its_key() -> None:
+    """Valid, but pydantic's serializer stops at about 250 levels: refused, naming the key
+    and its layer (it raised a ValueError out of the merge, and out of the daemon's
+    watch thread)."""
+    deep = '{"x":' + "[" * 256 + "]" * 256 + "}"
+    etcd = etcd_layer(APP, {etcd_key(APP, "sec.extra"): deep, etcd_key(APP, "sec.steps"): "2"})
+    with pytest.raises(InvalidChange) as caught:
+        merge_layers(_LooseRoot, [defaults_layer(_LooseRoot), etcd])
+    [problem] = caught.value.problems
+    assert (problem.key, problem.layer) == ("sec.extra", "etcd")
+    assert "JSON" in problem.reason and problem.value is None
+
+
+def test_a_leaf_the_schema_leaves_out_of_its_dump_is_refused() -> None:
+    if "exclude_if" not in Field(1).__slots__:
+        pytest.skip("this pydantic has no exclude_if")
+
+    class Clipped(BaseModel):
+        clip: float = Field(1.0, exclude_if=lambda v: v == 0)
+
+    class Root(BaseModel):
+        sec: Clipped = Field(default_factory=Clipped)
+
+    etcd = etcd_layer(APP, {etcd_key(APP, "sec.clip"): "0"})
+    with pytest.raises(InvalidChange) as caught:
+        merge_layers(Root, [defaults_layer(Root), etcd])
+    [problem] = caught.value.problems
+    assert (problem.key, problem.layer) == ("sec.clip", "etcd")
+    assert "exclude_if" in problem.reason

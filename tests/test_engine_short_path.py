@@ -11,6 +11,7 @@ compared side by side.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,17 +100,22 @@ RAWS = [
 ]
 
 
-def make(tmp: Path, environ: dict[str, str], published: list[Published]) -> Engine:
+def make(
+    tmp: Path,
+    environ: dict[str, str],
+    published: list[Published],
+    schema: type[BaseModel] = Params,
+) -> Engine:
     events: list[dict[str, Any]] = []
     engine = Engine(
-        schema=Params,
+        schema=schema,
         app=APP,
         precedence=DEFAULT_PRECEDENCE,
         layers=[
-            defaults_layer(Params),
-            env_layer(Params, environ=environ),
+            defaults_layer(schema),
+            env_layer(schema, environ=environ),
             cli_layer([]),
-            files_layer(Params, []),
+            files_layer(schema, []),
         ],
         store=StateStore(tmp, APP),
         publish=published.append,
@@ -406,3 +412,42 @@ def test_a_group_builds_its_layer_and_snapshot_once_and_ends_on_its_newest_state
     assert published[-1].sources["band.lo"] == "defaults"
     assert dict(engine.layers["etcd"].values) == {"steps": 7}
     assert engine.snapshot is not None and dict(engine.snapshot.flat) == dict(published[-1].flat)
+
+
+class Loose(BaseModel):
+    extra: dict[str, Any] = Field(default_factory=dict)
+    times: list[datetime] = Field(default_factory=list)
+    steps: int = 1
+
+
+class LooseParams(BaseModel):
+    sec: Loose = Field(default_factory=Loose)
+
+
+@pytest.mark.parametrize(
+    "path, raw",
+    [
+        # Valid, but nested deeper than pydantic serializes: the dump raised out of the
+        # engine, on either path.
+        pytest.param("sec/extra", b'{"x":' + b"[" * 256 + b"]" * 256 + b"}", id="too-deep"),
+        # 50 KB of text that makes 575 KB of JSON: the short path's bound on the state's
+        # growth took 6 bytes of JSON per byte of text, and published it over the limit.
+        pytest.param("sec/times", b"[" + b",".join([b"0"] * 25000) + b"]", id="grows-past-limit"),
+    ],
+)
+def test_a_value_no_client_could_be_sent_is_refused_on_either_path(
+    tmp_path: Path, path: str, raw: bytes
+) -> None:
+    outs: list[list[Published]] = [[], []]
+    short = make(tmp_path / "short", {}, outs[0], LooseParams)
+    general = general_only(make(tmp_path / "general", {}, outs[1], LooseParams))
+    for engine in (short, general):
+        engine.start({}, 1)
+        engine.on_etcd_change(2, {P + path: raw, P + "sec/steps": b"3"}, frozenset())
+        engine.on_etcd_change(3, {P + "sec/steps": b"4"}, frozenset())  # and it goes on
+    assert seen(short, outs[0]) == seen(general, outs[1])
+    assert [p.flat["sec.steps"] for p in outs[0]] == [1, 4]
+    [rejected] = [e for e in short.events if e["event"] == "change_rejected"]  # type: ignore[attr-defined]
+    assert rejected["problems"][0]["key"] == path.replace("/", ".")
+    short.close()
+    general.close()
