@@ -135,7 +135,7 @@ class Engine:
         self._unfolded: dict[str, Any] = {}  # puts validated leaf by leaf, not in it yet
         self._fast_keys: frozenset[str] = frozenset()  # leaves no layer above etcd sets
         # How many bytes of JSON the state may still grow by before ``MAX_STATE_BYTES``:
-        # measured when a merge is accepted, spent by the short path at a bound per put.
+        # measured when a merge is accepted, spent by the short path by each change's JSON.
         self._room = 0
         self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
         self._closed = False
@@ -352,10 +352,16 @@ class Engine:
         if booleans_for_numbers(self.schema, put):
             return False  # ``true`` for a number: the general path refuses it, and says why
         pending = self._pending
-        in_force = self.snapshot.values if pending is None else pending.values
+        # The merged state the puts change: the snapshot's, or the group's newest. (Not
+        # ``self._flat``: in a group, a restart-only key's new value may be merged but not
+        # yet pending; merged, ``held_back`` below sees it.)
+        if pending is None:
+            merged, merged_flat = self.snapshot.values, self.snapshot.flat
+        else:
+            merged, merged_flat = pending.values, self._flat
         leaves: LeafInput | None = None
         try:  # each value alone where the schema allows, else the whole model
-            alone = validate_puts(self.schema, in_force, self._flat, put)
+            alone = validate_puts(self.schema, merged, merged_flat, put)
             if alone is None:
                 leaves = self._folded_leaf_input().with_leaves(self.schema, put)
                 model, values, flat = validate_leaves(self.schema, leaves)

@@ -201,7 +201,7 @@ def as_events(changes: Changes) -> list[tuple[int, dict[str, bytes], frozenset[s
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(changes=st.lists(change, min_size=1, max_size=12), shadow=st.booleans())
 def test_short_path_does_what_the_general_path_does(
@@ -219,6 +219,26 @@ def test_short_path_does_what_the_general_path_does(
         general.on_etcd_change(revision, puts, gone)
         assert seen(short, short_out) == seen(general, general_out)
     assert saved(short) == saved(general)
+    short.close()
+    general.close()
+
+
+def test_a_restart_only_value_put_earlier_in_a_group_is_not_published(
+    tmp_path: Path,
+) -> None:
+    """In one group: ``workers`` (restart-only) is merged but not yet reported pending
+    when ``opts.label`` comes; validated alone on the merged values, the label's state
+    carried the new ``workers`` to clients while its flat values held the running one."""
+    events = as_events([({"workers": b"2"}, set()), ({"opts/label": b'"ab"'}, set())])
+    short_out: list[Published] = []
+    general_out: list[Published] = []
+    short = make(tmp_path / "short", {}, short_out)
+    general = general_only(make(tmp_path / "general", {}, general_out))
+    for engine in (short, general):
+        engine.start({}, 1)
+        engine.on_etcd_changes(events)
+    assert short_out[-1].values["workers"] == 1 and short_out[-1].flat["opts.label"] == "ab"
+    assert seen(short, short_out) == seen(general, general_out)
     short.close()
     general.close()
 
@@ -250,7 +270,7 @@ def test_a_value_validated_alone_then_deleted_is_gone_from_the_next_whole_valida
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(changes=st.lists(change, min_size=1, max_size=12), cut=st.integers(0, 12))
 def test_a_group_on_the_short_path_does_what_the_general_path_does(
