@@ -193,6 +193,20 @@ def general_only(engine: Engine) -> Engine:
 Changes = list[tuple[dict[str, bytes], set[str]]]
 
 
+def side_by_side(
+    tmp: Path, schema: type[BaseModel] = Params
+) -> tuple[tuple[Engine, list[Published]], tuple[Engine, list[Published]]]:
+    """An engine with the short path and one without it, each started with no etcd
+    values, with what each publishes."""
+    short_out: list[Published] = []
+    general_out: list[Published] = []
+    short = make(tmp / "short", {}, short_out, schema)
+    general = general_only(make(tmp / "general", {}, general_out, schema))
+    for engine in (short, general):
+        engine.start({}, 1)
+    return (short, short_out), (general, general_out)
+
+
 def as_events(changes: Changes) -> list[tuple[int, dict[str, bytes], frozenset[str]]]:
     return [
         (revision, {P + path: raw for path, raw in puts.items()}, frozenset(P + p for p in gone))
@@ -230,12 +244,8 @@ def test_a_restart_only_value_put_earlier_in_a_group_is_not_published(
     when ``opts.label`` comes; validated alone on the merged values, the label's state
     carried the new ``workers`` to clients while its flat values held the running one."""
     events = as_events([({"workers": b"2"}, set()), ({"opts/label": b'"ab"'}, set())])
-    short_out: list[Published] = []
-    general_out: list[Published] = []
-    short = make(tmp_path / "short", {}, short_out)
-    general = general_only(make(tmp_path / "general", {}, general_out))
+    (short, short_out), (general, general_out) = side_by_side(tmp_path)
     for engine in (short, general):
-        engine.start({}, 1)
         engine.on_etcd_changes(events)
     assert short_out[-1].values["workers"] == 1 and short_out[-1].flat["opts.label"] == "ab"
     assert seen(short, short_out) == seen(general, general_out)
@@ -254,12 +264,7 @@ def test_a_value_validated_alone_then_deleted_is_gone_from_the_next_whole_valida
         ({}, {"opts/label"}),
         ({"band/lo": b"0.5"}, set()),
     ]
-    short_out: list[Published] = []
-    general_out: list[Published] = []
-    short = make(tmp_path / "short", {}, short_out)
-    general = general_only(make(tmp_path / "general", {}, general_out))
-    for engine in (short, general):
-        engine.start({}, 1)
+    (short, short_out), (general, general_out) = side_by_side(tmp_path)
     for revision, puts, gone in as_events(changes):
         short.on_etcd_change(revision, puts, gone)
         general.on_etcd_change(revision, puts, gone)
@@ -458,15 +463,12 @@ class LooseParams(BaseModel):
 def test_a_value_no_client_could_be_sent_is_refused_on_either_path(
     tmp_path: Path, path: str, raw: bytes
 ) -> None:
-    outs: list[list[Published]] = [[], []]
-    short = make(tmp_path / "short", {}, outs[0], LooseParams)
-    general = general_only(make(tmp_path / "general", {}, outs[1], LooseParams))
+    (short, short_out), (general, general_out) = side_by_side(tmp_path, LooseParams)
     for engine in (short, general):
-        engine.start({}, 1)
         engine.on_etcd_change(2, {P + path: raw, P + "sec/steps": b"3"}, frozenset())
         engine.on_etcd_change(3, {P + "sec/steps": b"4"}, frozenset())  # and it goes on
-    assert seen(short, outs[0]) == seen(general, outs[1])
-    assert [p.flat["sec.steps"] for p in outs[0]] == [1, 4]
+    assert seen(short, short_out) == seen(general, general_out)
+    assert [p.flat["sec.steps"] for p in short_out] == [1, 4]
     [rejected] = [e for e in short.events if e["event"] == "change_rejected"]  # type: ignore[attr-defined]
     assert rejected["problems"][0]["key"] == path.replace("/", ".")
     short.close()
