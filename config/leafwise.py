@@ -6,11 +6,12 @@ whole model, and diffing every key) is most of the daemon's work on that change,
 on CPUs just back from idle it costs ~170 µs where validating the one value costs ~45
 (docs/performance.md, tenth round). The two agree only if nothing but the leaf's own
 type looks at the value: no validator or serializer of a model on its path (they may
-read other fields, or be changed by this one), no post-init, no custom schema, no
-alias or exclusion on the leaf, and a type whose core schema calls no function of the
-user's. ``leaf_check`` decides that once per key; ``validate_puts`` uses it, and
-declines (``None``) a change with any key that fails it, which the whole validation
-then takes.
+read other fields, or be changed by this one), no post-init, no core schema,
+validation, dump or copy a model overrides, no cached property, no alias or exclusion
+on the leaf, a type whose core schema calls no function of the user's, and no rule
+against the clock anywhere in the schema (a whole validation re-checks every value).
+``leaf_check`` decides that once per key; ``validate_puts`` uses it, and declines
+(``None``) a change with any key that fails it, which the whole validation then takes.
 """
 
 from __future__ import annotations
