@@ -187,6 +187,32 @@ def _copied(value: Any) -> Any:
     return value
 
 
+def by_first_part(
+    changes: Mapping[tuple[str, ...], Any],
+) -> tuple[dict[str, Any], dict[str, dict[tuple[str, ...], Any]]]:
+    """``changes`` (paths to values) split into the values set at this level and, per
+    name, the changes below it (their paths without the name)."""
+    here: dict[str, Any] = {}
+    below: dict[str, dict[tuple[str, ...], Any]] = {}
+    for (name, *rest), value in changes.items():
+        if rest:
+            below.setdefault(name, {})[tuple(rest)] = value
+        else:
+            here[name] = value
+    return here, below
+
+
+def nested_with(
+    nested: Mapping[str, Any], changes: Mapping[tuple[str, ...], Any]
+) -> dict[str, Any]:
+    """A copy of ``nested`` with a value set at each path of ``changes``: only the mappings
+    on those paths are copied (a missing one is made), the rest is shared."""
+    here, below = by_first_part(changes)
+    for name, inner in below.items():
+        here[name] = nested_with(nested.get(name) or {}, inner)
+    return {**nested, **here}
+
+
 def get_dotted(nested: Mapping[str, Any], key: str) -> Any:
     node: Any = nested
     for part in key.split("."):

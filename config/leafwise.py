@@ -24,6 +24,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
+from .keys import by_first_part, nested_with
 from .schema import iter_leaves, secret_keys
 
 # Core schema types that validate and dump a value by themselves: no function of the
@@ -238,37 +239,13 @@ def validate_puts(
         old = flat.get(key, changed)  # a key not there before is a change
         if type(old) is not type(new) or old != new:
             changed[key] = new
-    return LeafChanges(validated, _values_with(values, dumped), new_flat, changed)
+    return LeafChanges(validated, nested_with(values, dumped), new_flat, changed)
 
 
 def model_with(model: BaseModel, validated: Mapping[tuple[str, ...], Any]) -> BaseModel:
     """A copy of ``model`` with the values ``validate_puts`` validated (by path), the
     sections on their paths copied the same way; not validated again."""
-    here, below = _by_name(validated)
+    here, below = by_first_part(validated)
     for name, inner in below.items():
         here[name] = model_with(getattr(model, name), inner)
     return model.model_copy(update=here)
-
-
-def _by_name(
-    changes: Mapping[tuple[str, ...], Any],
-) -> tuple[dict[str, Any], dict[str, dict[tuple[str, ...], Any]]]:
-    """``changes`` (paths to values) split into the values of this level's own fields and,
-    per section, the changes below it."""
-    here: dict[str, Any] = {}
-    below: dict[str, dict[tuple[str, ...], Any]] = {}
-    for (name, *rest), value in changes.items():
-        if rest:
-            below.setdefault(name, {})[tuple(rest)] = value
-        else:
-            here[name] = value
-    return here, below
-
-
-def _values_with(
-    values: Mapping[str, Any], changes: Mapping[tuple[str, ...], Any]
-) -> dict[str, Any]:
-    here, below = _by_name(changes)
-    for name, inner in below.items():
-        here[name] = _values_with(values[name], inner)
-    return {**values, **here}

@@ -19,7 +19,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
 from .errors import InvalidChange, Problem, UsageError
-from .keys import LONE_SURROGATE, KeyClash, is_text, unflatten
+from .keys import LONE_SURROGATE, KeyClash, is_text, nested_with, unflatten
 from .schema import iter_leaves, mapping_keys, numeric_keys, secret_keys
 from .sources import LAYERS, Layer
 
@@ -256,18 +256,7 @@ class LeafInput:
         """This input with ``values`` (leaves of ``schema``) replaced: only the sections on
         their paths are copied."""
         paths = _facts(schema).paths
-        nested = dict(self.nested)
-        copied: set[tuple[str, ...]] = set()
-        for key in values:
-            *sections, leaf = paths[key]
-            node = nested
-            for depth, part in enumerate(sections, start=1):
-                if tuple(sections[:depth]) not in copied:
-                    copied.add(tuple(sections[:depth]))
-                    node[part] = dict(node.get(part) or {})
-                node = node[part]
-            node[leaf] = values[key]
-        return LeafInput(nested)
+        return LeafInput(nested_with(self.nested, {paths[key]: v for key, v in values.items()}))
 
 
 def leaf_input(

@@ -32,6 +32,19 @@ def ack(client: RawClient, version: int, step: int) -> None:
     client.send({"type": "applied", "version": version, "step": step})
 
 
+def arm_guard(etcd: EtcdServer, daemon: DaemonProcess, *clients: RawClient) -> dict[str, Any]:
+    """``clients`` apply the state at step 0, ``train.lr=0.5`` is set with the guard
+    ``loss < 3`` over 20 steps, they apply it at step 10, and the guard is armed; the
+    set's output."""
+    for client in clients:
+        ack(client, client.snapshot["version"], 0)
+    out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
+    for client in clients:
+        ack(client, client.next_update()["version"], 10)
+    wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+    return out
+
+
 def step_in_status(etcd: EtcdServer, client: str) -> Any:
     """The step of ``client``'s latest report, as its status entry shows it (None: none)."""
     mine = [p for p in processes(etcd) if p["client"] == client]
@@ -104,12 +117,7 @@ def test_a_process_past_its_window_is_not_judged(etcd: EtcdServer, tmp_path: Pat
         RawClient(daemon.socket_path, "c1") as c1,
         RawClient(daemon.socket_path, "c2") as c2,
     ):
-        for client in (c1, c2):
-            ack(client, client.snapshot["version"], 0)
-        out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
-        for client in (c1, c2):
-            ack(client, client.next_update()["version"], 10)
-        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        out = arm_guard(etcd, daemon, c1, c2)
         c2.send(metrics(11, loss=1.0))  # c2, slower: mid-window
         for step in range(11, 30):  # c1: through its window (steps 10..29), all good
             c1.send(metrics(step, loss=1.0))
@@ -194,12 +202,7 @@ def test_a_process_that_leaves_with_failures_is_named_in_the_passed_outcome(
         RawClient(daemon.socket_path, "c1") as c1,
     ):
         c2 = RawClient(daemon.socket_path, "c2")
-        for client in (c1, c2):
-            ack(client, client.snapshot["version"], 0)
-        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
-        for client in (c1, c2):
-            ack(client, client.next_update()["version"], 10)
-        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        arm_guard(etcd, daemon, c1, c2)
         c2.send(metrics(11, loss=50.0))
         c2.send(metrics(12, loss=80.0))  # two failures of patience 3, then it crashes
         wait_for(
@@ -293,12 +296,7 @@ def test_a_daemon_that_stops_mid_window_leaves_the_guard_armed(
     ended ``passed`` on the word of the process already done)."""
     with DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon:
         with RawClient(daemon.socket_path, "c1") as c1, RawClient(daemon.socket_path, "c2") as c2:
-            for client in (c1, c2):
-                ack(client, client.snapshot["version"], 0)
-            guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
-            for client in (c1, c2):
-                ack(client, client.next_update()["version"], 10)
-            wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+            arm_guard(etcd, daemon, c1, c2)
             c2.send(metrics(11, loss=1.0))  # c2: mid-window (steps 10..29)
             for step in range(11, 31):  # c1: through its window
                 c1.send(metrics(step, loss=1.0))
