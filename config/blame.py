@@ -7,7 +7,10 @@ every secret value it quotes masked (``reason``, ``secret_texts``); the input of
 or of the whole model that a validator refused is shown with its secret leaves masked
 (``masked_input``). A clash of a key below a mapping leaf with that leaf's value names both
 sides, each with its layer (``clash``). A valid value that pydantic cannot turn into JSON
-is named with its layer (``unsendable``).
+is named with its layer (``unsendable``). An exception that the schema's own code raised
+instead of a validation error (a before-validator handed a value of another type, a
+post-init, a computed field) names no key: the values to blame are found by trying
+(``raised_by_schema``).
 """
 
 from __future__ import annotations
@@ -143,16 +146,72 @@ UNSENDABLE = (
 
 
 def unsendable(merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:
-    """A problem for each value given that pydantic cannot dump to JSON; if none is (a
-    schema's own type made the value that cannot be dumped), for each value given by a
-    layer other than the defaults. The value itself is left out: a log line or an event
-    carrying it could fail the same way."""
+    """A problem for each value given that pydantic cannot dump to JSON (none if each can:
+    then the schema's own code made what cannot be dumped, ``raised_by_schema``). The
+    value itself is left out: a log line or an event carrying it could fail the same way."""
     bad = []
     for key, value in merged.items():
         try:
             _ANY.dump_python(value, mode="json")
         except ValueError:
             bad.append(key)
-    if not bad:
-        bad = [key for key in merged if winners.get(key, "defaults") != "defaults"]
-    return [Problem(key, winners.get(key, "defaults"), UNSENDABLE) for key in bad or [""]]
+    return [Problem(key, winners.get(key, "defaults"), UNSENDABLE) for key in bad]
+
+
+_MESSAGE_CHARS = 300
+
+
+def raised_by_schema(
+    exc: Exception,
+    merged: Mapping[str, Any],
+    winners: Mapping[str, str],
+    defaults: Mapping[str, Any],
+    fails: Callable[[dict[str, Any]], bool],
+    secrets: frozenset[str],
+    quoted: Sequence[str] = (),
+) -> list[Problem]:
+    """Problems for ``exc``, raised by the schema's own code while the merge of ``merged``
+    was validated or dumped (pydantic turns only a validator's ``ValueError`` or ``assert``
+    into a validation error; ``v.strip()`` on a number raises ``AttributeError``).
+
+    Nothing says which key it was, so each value a layer gives (not the defaults) is set
+    back to its default, one at a time: those without which it no longer ``fails`` are
+    blamed. If none is, every value a layer gives is (it takes two of them together), or,
+    if it raises on the defaults alone, the whole model (key "", the defaults). The reason
+    is the exception's type and message; the message is withheld for a secret key, and any
+    secret it quotes (``quoted``: ``secret_texts``) is masked for the others."""
+    given = [key for key in merged if winners.get(key, "defaults") != "defaults"]
+    blamed = [key for key in given if not fails(_with_defaults(merged, [key], defaults))]
+    if not blamed and given and fails(_with_defaults(merged, given, defaults)):
+        given = []  # it raises on the defaults alone: the schema itself is at fault
+    kind = type(exc).__name__
+    message = str(exc)
+    for text in quoted:  # longest first, as ``reason_for`` masks them
+        message = message.replace(text, SECRET_MASK)
+    if len(message) > _MESSAGE_CHARS:
+        message = message[: _MESSAGE_CHARS - 1] + "…"
+    said = f"the schema's own code raised {kind}" + (f": {message}" if message else "")
+
+    def reason(key: str) -> str:
+        if hides(key, secrets):
+            return f"the schema's own code raised {kind} (its message is withheld for a secret key)"
+        return said
+
+    keys = blamed or given or [""]
+    return [
+        Problem(key, winners.get(key, "defaults"), reason(key), merged.get(key)) for key in keys
+    ]
+
+
+def _with_defaults(
+    merged: Mapping[str, Any], keys: Sequence[str], defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``merged`` with ``keys`` at their defaults (left out where there is none: a key
+    inside a mapping leaf)."""
+    trial = dict(merged)
+    for key in keys:
+        if key in defaults:
+            trial[key] = defaults[key]
+        else:
+            del trial[key]
+    return trial

@@ -17,7 +17,15 @@ from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
-from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
+from .blame import (
+    clash,
+    is_custom,
+    masked_input,
+    raised_by_schema,
+    reason_for,
+    secret_texts,
+    unsendable,
+)
 from .errors import InvalidChange, Problem, UsageError
 from .keys import LONE_SURROGATE, KeyClash, is_text, nested_with, unflatten
 from .schema import iter_leaves, mapping_keys, numeric_keys, secret_keys
@@ -143,8 +151,37 @@ def _leaf_values(
                 node = node[part]
             flat[key] = node
     except (KeyError, TypeError, IndexError):
-        raise KeyError(key) from None
+        raise _LeftOut(key) from None
     return flat
+
+
+class _LeftOut(KeyError):
+    """A leaf of the schema missing from a model's dump (``exclude_if`` dropped it)."""
+
+
+def _raised(
+    schema: type[BaseModel],
+    exc: Exception,
+    merged: Mapping[str, Any],
+    winners: Mapping[str, str],
+    layers: Mapping[str, Layer],
+    facts: _SchemaFacts,
+) -> list[Problem]:
+    """``raised_by_schema``'s problems for ``exc``, raised by the schema's own code while
+    ``merged`` was validated or dumped: each trial validates and dumps the whole model."""
+
+    def fails(trial: dict[str, Any]) -> bool:
+        try:
+            _dumped(schema.model_validate(unflatten(trial)), facts)
+        except ValidationError:
+            return False
+        except Exception:
+            return True
+        return False
+
+    defaults = layers["defaults"].values if "defaults" in layers else {}
+    quoted = secret_texts(schema, merged, facts.secrets) if facts.secrets else []
+    return raised_by_schema(exc, merged, winners, defaults, fails, facts.secrets, quoted)
 
 
 def merge_layers(
@@ -210,14 +247,19 @@ def merge_layers(
         # Not ``from exc``: pydantic's own text of the error quotes every input in full,
         # secrets too, and a traceback of the chain would print it.
         raise InvalidChange(problems) from None
+    except Exception as exc:  # the schema's own code raised, naming no key
+        raise InvalidChange(_raised(schema, exc, merged, winners, by_name, facts)) from None
 
     try:
         values, flat = _dumped(model, facts)
-    except ValueError:  # pydantic's serialization errors: a value nested too deeply
-        raise InvalidChange(unsendable(merged, winners)) from None
-    except KeyError as exc:  # a leaf the dump left out (``exclude_if``)
+    except _LeftOut as exc:  # a leaf the dump left out (``exclude_if``)
         key = str(exc.args[0])
         raise InvalidChange([Problem(key, winners.get(key, "defaults"), _LEFT_OUT)]) from None
+    except Exception as exc:  # a value nested too deeply to dump, or a computed field raised
+        problems = unsendable(merged, winners)
+        if not problems:
+            problems = _raised(schema, exc, merged, winners, by_name, facts)
+        raise InvalidChange(problems) from None
     problems = [
         Problem(key, winners.get(key, "defaults"), _NOT_FINITE, flat[key])
         for key in non_finite(flat)

@@ -368,8 +368,8 @@ class Engine:
                 changed = changed_keys(self._flat, flat)
             else:
                 values, flat, changed = alone.values, alone.flat, alone.changed
-        except ValueError:  # invalid (``ValidationError``), or a value pydantic cannot dump
-            return False  # the general path says why, and who is to blame
+        except Exception:  # invalid (``ValidationError``), a value pydantic cannot dump, or
+            return False  # the schema's own code raised: the general path says why, and who
         # What is in force is finite, valid text: check what changed.
         if not changed or non_finite(changed) or not_text(changed):
             return False  # nothing to push, or what no client could be sent: the merge says why

@@ -82,12 +82,14 @@ def schedule(seed: int, count: int) -> list[str]:
     return (first + [rng.choice(KINDS) for _ in range(max(0, count - len(KINDS)))])[:count]
 
 
-def wait_for(what: str, done: Callable[[], bool], timeout: float = CONVERGE_S) -> None:
+def wait_for(what: str, done: Callable[[], Any], timeout: float = CONVERGE_S) -> Any:
+    """``done()``'s first true value, asked every 10 ms; AssertionError after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not done():
+    while not (value := done()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.01)
+    return value
 
 
 def _saved_version(state_file: Path) -> int | None:

@@ -1,0 +1,171 @@
+"""A schema whose own code raises (not a validation error) refuses the change clearly.
+
+A before-validator handed a value of another type, a post-init or a computed field can
+raise anything (``AttributeError``, ``ZeroDivisionError``); pydantic passes it on
+naming no key. The merge names the key and layer to blame all the same, by trying each
+value given at its default, and the daemon, the engine and the CLI treat it as any
+other refusal: nothing invalid is pushed, nothing crashes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from hotknob.config import (
+    InvalidChange,
+    cli_layer,
+    defaults_layer,
+    env_layer,
+    etcd_layer,
+    merge_layers,
+)
+from hotknob.config.keys import config_prefix
+from hotknob.config.merge import DEFAULT_PRECEDENCE, merge_dropping_invalid
+from hotknob.config.sources import Layer
+from hotknob.daemon.engine import Engine
+from hotknob.daemon.socket_server import Published
+from hotknob.daemon.state import StateStore
+from tests.daemon_proc import DaemonProcess, RawClient, run_cli
+from tests.etcd_server import EtcdServer
+from tests.fault_episodes import wait_for
+from tests.raising_schema import Raising, RaisingAlways
+
+APP = "raises"
+P = config_prefix(APP)
+SCHEMA = ["--schema", "tests.raising_schema:Raising"]
+
+
+def refused(*layers: Layer, schema: type = Raising) -> InvalidChange:
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(schema, [defaults_layer(schema), *layers])
+    return info.value
+
+
+def etcd(values: dict[str, bytes]) -> Layer:
+    return etcd_layer(APP, {P + path: raw for path, raw in values.items()})
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "raised"),
+    [
+        ("train/mode", b"3", "AttributeError: 'int' object has no attribute 'strip'"),
+        ("train/lr", b"0", "ZeroDivisionError: float division by zero"),  # on the dump
+    ],
+)
+def test_the_value_that_makes_the_schema_raise_is_named_with_its_layer(
+    path: str, raw: bytes, raised: str
+) -> None:
+    good = {"train/warmup": b"5", "auth/user": b'"ada"'}
+    exc = refused(etcd({**good, path: raw}), cli_layer(["train.cooldown=0"]))
+    (problem,) = exc.problems
+    key = path.replace("/", ".")
+    assert (problem.key, problem.layer) == (key, "etcd")
+    assert problem.reason == f"the schema's own code raised {raised}"
+    assert str(problem) == f"{key} (from etcd): the schema's own code raised {raised}"
+
+
+def test_two_values_that_raise_only_together_are_both_named() -> None:
+    exc = refused(etcd({"train/warmup": b"5"}), cli_layer(["train.cooldown=3"]))
+    assert {(p.key, p.layer) for p in exc.problems} == {
+        ("train.warmup", "etcd"),
+        ("train.cooldown", "cli"),
+    }
+    assert {p.reason for p in exc.problems} == {
+        "the schema's own code raised TypeError: warmup and cooldown together"
+    }
+
+
+def test_a_schema_that_raises_on_its_defaults_blames_no_value() -> None:
+    exc = refused(cli_layer(["x=3"]), schema=RaisingAlways)
+    (problem,) = exc.problems
+    assert (problem.key, problem.layer) == ("", "defaults")
+    assert "RuntimeError: this schema cannot be built" in problem.reason
+
+
+def test_no_secret_is_quoted_in_the_reason() -> None:
+    # Its own message, quoting the secret, is withheld for a secret key...
+    exc = refused(etcd({"auth/token": b'"xsecret-value-99"'}))
+    (problem,) = exc.problems
+    assert (problem.key, problem.layer) == ("auth.token", "etcd")
+    assert "KeyError" in problem.reason and "withheld" in problem.reason
+    assert "xsecret-value-99" not in str(exc)
+    # ...and masked in a message about another key.
+    exc = refused(etcd({"auth/token": b'"tok-secret-5678"', "auth/user": b'"root"'}))
+    assert [p.key for p in exc.problems] == ["auth.user"]
+    assert "LookupError: root may not use **********" in exc.problems[0].reason
+    assert "tok-secret-5678" not in str(exc)
+
+
+def test_dropping_invalid_drops_only_the_value_that_raises() -> None:
+    live = etcd({"train/mode": b"3", "train/lr": b"0.5", "train/warmup": b"4"})
+    snap, dropped = merge_dropping_invalid(Raising, [defaults_layer(Raising), live])
+    assert [(p.key, p.layer) for p in dropped] == [("train.mode", "etcd")]
+    assert snap.flat["train.lr"] == 0.5 and snap.flat["train.warmup"] == 4
+    assert snap.flat["train.mode"] == "cosine"
+
+
+def test_the_engine_rejects_the_change_and_keeps_going(tmp_path: Path) -> None:
+    published: list[Published] = []
+    engine = Engine(
+        schema=Raising,
+        app=APP,
+        precedence=DEFAULT_PRECEDENCE,
+        layers=[defaults_layer(Raising), env_layer(Raising, environ={}), cli_layer([])],
+        store=StateStore(tmp_path, APP),
+        publish=published.append,
+        broadcast=[].append,
+    )
+    engine.start({P + "train/lr": b"0.5"}, 5)
+    with capture_logs() as logs:
+        engine.on_etcd_change(6, {P + "train/lr": b"0"}, [])  # a lone put: the short path
+        engine.on_etcd_change(7, {P + "train/mode": b"3"}, [P + "train/warmup"])  # the general
+        engine.on_etcd_change(8, {P + "train/lr": b"0.25"}, [])
+    rejected = [e for e in logs if e["event"] == "change_rejected"]
+    assert [(e["key"], e["revision"]) for e in rejected] == [("train.lr", 6), ("train.mode", 7)]
+    assert "ZeroDivisionError" in rejected[0]["reason"]
+    assert "AttributeError" in rejected[1]["reason"]
+    assert [p.version for p in published] == [1, 2]
+    assert published[-1].flat["train.lr"] == 0.25 and published[-1].flat["train.mode"] == "cosine"
+
+
+def test_validate_prints_one_line_and_exits_1(tmp_path: Path) -> None:
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"train": {"mode": 3}}))
+    done = run_cli("validate", *SCHEMA, str(config))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    said = (done.stdout + done.stderr).strip()
+    assert said == (
+        f"{config}: train.mode: the schema's own code raised AttributeError: "
+        "'int' object has no attribute 'strip'"
+    )
+
+
+def test_a_daemon_refuses_the_value_and_serves_the_next(etcd: EtcdServer, tmp_path: Path) -> None:
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, app=APP, extra=SCHEMA) as daemon,
+        RawClient(daemon.socket_path, "trainer") as client,
+    ):
+        assert client.snapshot["values"]["train"]["mode"] == "cosine"
+        # ``set`` checks first, and writes nothing...
+        done = run_cli(
+            "set", *SCHEMA, "--app", APP, "--etcd-endpoints", etcd.endpoint, "train.mode=3"
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert "train.mode (from etcd): the schema's own code raised AttributeError" in done.stderr
+        # ...and a value written around it is refused by the daemon.
+        etcd.etcdctl("put", P + "train/mode", "3")
+        (rejected,) = wait_for("the rejection", lambda: daemon.events("change_rejected"))
+        assert rejected["key"] == "train.mode" and "AttributeError" in rejected["reason"]
+        etcd.etcdctl("put", P + "train/lr", "0")
+        wait_for("two rejections", lambda: len(daemon.events("change_rejected")) == 2)
+        etcd.etcdctl("put", P + "train/mode", '"linear"')
+        update = client.next_update()
+        assert update["changed"] == {"train.mode": "linear"}
+        assert update["values"]["train"]["lr"] == 0.1
+        assert not daemon.events("event_failed")
+        assert daemon.proc is not None and daemon.proc.poll() is None
