@@ -96,7 +96,10 @@ def secret_texts(
             stack.extend(node)
         else:
             text = node if isinstance(node, str) else str(node)
-            found.update((text, repr(text)[1:-1], json.dumps(text)[1:-1]))
+            # As validated, too: pydantic's own string options strip it and change its case.
+            for form in {text, text.strip()}:
+                for cased in (form, form.lower(), form.upper()):
+                    found.update((cased, repr(cased)[1:-1], json.dumps(cased)[1:-1]))
     found.discard("")
     return sorted(found, key=len, reverse=True)
 
@@ -160,13 +163,25 @@ def unsendable(merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Pr
 
 _MESSAGE_CHARS = 300
 
+SCHEMA_FAULTS = (Exception, SystemExit)
+"""What a schema's own code may raise, as a merge takes it: anything but a stop that
+someone asked for (``KeyboardInterrupt``). A validator's ``sys.exit()`` is its fault too."""
+
+VALID, INVALID, RAISED = "valid", "invalid", "raised"
+Outcome = tuple[str, BaseException | None]
+"""What a trial merge gave: ``VALID``, ``INVALID`` (a validation error), or ``RAISED``
+with the exception of the schema's own code."""
+
+_ONE_BY_ONE_LIMIT = 256
+
 
 def raised_by_schema(
-    exc: Exception,
+    exc: BaseException,
     merged: Mapping[str, Any],
     winners: Mapping[str, str],
     defaults: Mapping[str, Any],
-    fails: Callable[[dict[str, Any]], bool],
+    fixed: frozenset[str],
+    outcome: Callable[[dict[str, Any]], Outcome],
     secrets: frozenset[str],
     quoted: Sequence[str] = (),
 ) -> list[Problem]:
@@ -174,33 +189,87 @@ def raised_by_schema(
     was validated or dumped (pydantic turns only a validator's ``ValueError`` or ``assert``
     into a validation error; ``v.strip()`` on a number raises ``AttributeError``).
 
-    Nothing says which key it was, so each value a layer gives (not the defaults) is set
-    back to its default, one at a time: those without which it no longer ``fails`` are
-    blamed. If none is, every value a layer gives is (it takes two of them together), or,
-    if it raises on the defaults alone, the whole model (key "", the defaults). The reason
-    is the exception's type and message; the message is withheld for a secret key, and any
-    secret it quotes (``quoted``: ``secret_texts``) is masked for the others."""
+    Nothing says which key it was, so it is found by trying (``outcome`` of a merge of
+    other values). The values a layer gives are set back to their defaults (all but
+    ``fixed``: required keys, which have none); if that still raises, the schema itself
+    is at fault (the key "", or the required values given). Else the values that raise
+    on the defaults alone are blamed, each with what it raised, found by halving the
+    given values (a half that merges cleanly is innocent). If none does (it takes two
+    together), the values each of which, set back alone, lets the whole merge through;
+    failing those too, every value given. The reason is the exception's type and
+    message, on one line; the message is withheld for a secret key, and any secret it
+    quotes (``quoted``: ``secret_texts``) is masked for the others."""
     given = [key for key in merged if winners.get(key, "defaults") != "defaults"]
-    blamed = [key for key in given if not fails(_with_defaults(merged, [key], defaults))]
-    if not blamed and given and fails(_with_defaults(merged, given, defaults)):
-        given = []  # it raises on the defaults alone: the schema itself is at fault
-    kind = type(exc).__name__
-    message = str(exc)
+    movable = [key for key in given if key not in fixed]
+    base = _with_defaults(merged, movable, defaults)
+    blamed: dict[str, BaseException]
+    if outcome(base)[0] == RAISED:
+        blamed = dict.fromkeys([key for key in given if key in fixed] or [""], exc)
+    else:
+        blamed = _raising_alone(base, movable, merged, outcome)
+        if not blamed and len(movable) <= _ONE_BY_ONE_LIMIT:
+            blamed = {
+                key: exc
+                for key in movable
+                if outcome(_with_defaults(merged, [key], defaults))[0] == VALID
+            }
+        blamed = blamed or dict.fromkeys(given or [""], exc)
+    return [
+        Problem(
+            key,
+            winners.get(key, "defaults"),
+            _raised_reason(raised, hides(key, secrets), quoted),
+            merged.get(key),
+        )
+        for key, raised in blamed.items()
+    ]
+
+
+def _raised_reason(exc: BaseException, secret: bool, quoted: Sequence[str]) -> str:
+    said = f"the schema's own code raised {type(exc).__name__}"
+    if secret:
+        return f"{said} (its message is withheld for a secret key)"
+    message = one_line(exc, quoted)
+    return f"{said}: {message}" if message else said
+
+
+def _raising_alone(
+    base: dict[str, Any],
+    keys: list[str],
+    merged: Mapping[str, Any],
+    outcome: Callable[[dict[str, Any]], Outcome],
+) -> dict[str, BaseException]:
+    """The ``keys`` whose value alone on ``base`` makes the merge raise, with what each
+    raised. A group that merges cleanly holds none; any other is halved (a validation
+    error may hide a raise)."""
+    if not keys:
+        return {}
+    trial = dict(base)
+    trial.update((key, merged[key]) for key in keys)
+    result, raised = outcome(trial)
+    if result == VALID:
+        return {}
+    if len(keys) == 1:
+        return {keys[0]: raised} if raised is not None else {}
+    middle = len(keys) // 2
+    return {
+        **_raising_alone(base, keys[:middle], merged, outcome),
+        **_raising_alone(base, keys[middle:], merged, outcome),
+    }
+
+
+def one_line(exc: BaseException, quoted: Sequence[str] = ()) -> str:
+    """``exc``'s message on one line, each of ``quoted`` masked, at most ``_MESSAGE_CHARS``."""
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose own ``__str__`` fails: its type says enough
+        return ""
     for text in quoted:  # longest first, as ``reason_for`` masks them
         message = message.replace(text, SECRET_MASK)
+    message = " ".join(message.split())
     if len(message) > _MESSAGE_CHARS:
         message = message[: _MESSAGE_CHARS - 1] + "…"
-    said = f"the schema's own code raised {kind}" + (f": {message}" if message else "")
-
-    def reason(key: str) -> str:
-        if hides(key, secrets):
-            return f"the schema's own code raised {kind} (its message is withheld for a secret key)"
-        return said
-
-    keys = blamed or given or [""]
-    return [
-        Problem(key, winners.get(key, "defaults"), reason(key), merged.get(key)) for key in keys
-    ]
+    return message
 
 
 def _with_defaults(

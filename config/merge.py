@@ -18,6 +18,11 @@ from typing import Any
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from .blame import (
+    INVALID,
+    RAISED,
+    SCHEMA_FAULTS,
+    VALID,
+    Outcome,
     clash,
     is_custom,
     masked_input,
@@ -161,7 +166,7 @@ class _LeftOut(KeyError):
 
 def _raised(
     schema: type[BaseModel],
-    exc: Exception,
+    exc: BaseException,
     merged: Mapping[str, Any],
     winners: Mapping[str, str],
     layers: Mapping[str, Layer],
@@ -170,18 +175,19 @@ def _raised(
     """``raised_by_schema``'s problems for ``exc``, raised by the schema's own code while
     ``merged`` was validated or dumped: each trial validates and dumps the whole model."""
 
-    def fails(trial: dict[str, Any]) -> bool:
+    def outcome(trial: dict[str, Any]) -> Outcome:
         try:
             _dumped(schema.model_validate(unflatten(trial)), facts)
-        except ValidationError:
-            return False
-        except Exception:
-            return True
-        return False
+        except (ValidationError, KeyClash):
+            return INVALID, None
+        except SCHEMA_FAULTS as raised:
+            return RAISED, raised
+        return VALID, None
 
     defaults = layers["defaults"].values if "defaults" in layers else {}
+    fixed = facts.leaves.difference(defaults)
     quoted = secret_texts(schema, merged, facts.secrets) if facts.secrets else []
-    return raised_by_schema(exc, merged, winners, defaults, fails, facts.secrets, quoted)
+    return raised_by_schema(exc, merged, winners, defaults, fixed, outcome, facts.secrets, quoted)
 
 
 def merge_layers(
@@ -247,7 +253,7 @@ def merge_layers(
         # Not ``from exc``: pydantic's own text of the error quotes every input in full,
         # secrets too, and a traceback of the chain would print it.
         raise InvalidChange(problems) from None
-    except Exception as exc:  # the schema's own code raised, naming no key
+    except SCHEMA_FAULTS as exc:  # the schema's own code raised, naming no key
         raise InvalidChange(_raised(schema, exc, merged, winners, by_name, facts)) from None
 
     try:
@@ -255,7 +261,7 @@ def merge_layers(
     except _LeftOut as exc:  # a leaf the dump left out (``exclude_if``)
         key = str(exc.args[0])
         raise InvalidChange([Problem(key, winners.get(key, "defaults"), _LEFT_OUT)]) from None
-    except Exception as exc:  # a value nested too deeply to dump, or a computed field raised
+    except SCHEMA_FAULTS as exc:  # a value nested too deeply to dump, or a computed field raised
         problems = unsendable(merged, winners)
         if not problems:
             problems = _raised(schema, exc, merged, winners, by_name, facts)

@@ -23,7 +23,8 @@ from pydantic_core import to_jsonable_python
 from pydantic_settings import EnvSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
-from .errors import InvalidChange, LayerError, Problem, UsageError
+from .blame import SCHEMA_FAULTS, one_line
+from .errors import InvalidChange, LayerError, Problem, SchemaLoadError, UsageError
 from .keys import (
     LONE_SURROGATE,
     NotText,
@@ -34,7 +35,7 @@ from .keys import (
     parse_text,
     shown_text,
 )
-from .schema import iter_leaves
+from .schema import iter_leaves, secret_keys
 
 LAYERS = ("defaults", "files", "etcd", "env", "cli")
 LIVE_LAYERS = frozenset({"files", "etcd"})
@@ -73,14 +74,27 @@ def _leaf_keys(schema: type[BaseModel]) -> frozenset[str]:
 
 
 def defaults_layer(schema: type[BaseModel]) -> Layer:
-    """The schema's own defaults; a required field without one is simply absent."""
+    """The schema's own defaults. A required field is absent, and so is one whose default
+    factory takes the other fields' values (pydantic makes that default as it validates).
+    Raises ``SchemaLoadError`` for a default that cannot be made or turned into JSON (its
+    factory raised): the schema itself is broken."""
     values: dict[str, Any] = {}
+    secrets = secret_keys(schema)
     for leaf in iter_leaves(schema):
-        if not leaf.field.is_required():
-            default = leaf.field.get_default(call_default_factory=True)
+        field = leaf.field
+        if field.is_required() or getattr(field, "default_factory_takes_validated_data", False):
+            continue
+        try:
+            default = field.get_default(call_default_factory=True)
             if isinstance(default, SecretStr | SecretBytes):
                 default = default.get_secret_value()  # the value, not its "****" rendering
             values[leaf.key] = to_jsonable_python(default)
+        except SCHEMA_FAULTS as exc:
+            message = "" if leaf.key in secrets else one_line(exc)  # it may quote the secret
+            said = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+            raise SchemaLoadError(
+                f"the schema's default of {leaf.key} cannot be made: {said}"
+            ) from None
     return Layer("defaults", values, dict.fromkeys(values, "schema"))
 
 

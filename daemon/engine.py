@@ -54,6 +54,7 @@ from hotknob.config.keys import key_from_etcd
 from hotknob.config.leafwise import model_with, validate_puts
 from hotknob.config.merge import (
     MAX_STATE_BYTES,
+    SCHEMA_FAULTS,
     LeafInput,
     booleans_for_numbers,
     leaf_input,
@@ -368,8 +369,8 @@ class Engine:
                 changed = changed_keys(self._flat, flat)
             else:
                 values, flat, changed = alone.values, alone.flat, alone.changed
-        except Exception:  # invalid (``ValidationError``), a value pydantic cannot dump, or
-            return False  # the schema's own code raised: the general path says why, and who
+        except SCHEMA_FAULTS:  # invalid (``ValidationError``), a value pydantic cannot dump,
+            return False  # or the schema's own code raised: the general path says why, and who
         # What is in force is finite, valid text: check what changed.
         if not changed or non_finite(changed) or not_text(changed):
             return False  # nothing to push, or what no client could be sent: the merge says why

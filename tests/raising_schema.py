@@ -16,6 +16,7 @@ class Train(BaseModel):
     mode: str = "cosine"
     warmup: int = 0
     cooldown: int = 0
+    total: int = 100
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -31,6 +32,8 @@ class Train(BaseModel):
     def one_schedule_end(self) -> Train:
         if self.warmup and self.cooldown:
             raise TypeError("warmup and cooldown together")  # two keys together
+        if self.warmup > self.total:
+            raise ValueError("warmup must not exceed total")  # a plain validation error
         return self
 
 
@@ -51,6 +54,9 @@ class Auth(BaseModel):
         token = info.data.get("token")
         if token is not None and value == "root":
             raise LookupError(f"root may not use {token.get_secret_value()}")  # another's secret
+        if token is not None and value == "admin":
+            shown = token.get_secret_value().strip().upper()
+            raise LookupError(f"admin may not use {shown}")  # the secret, changed
         return value
 
 
@@ -66,3 +72,53 @@ class RaisingAlways(BaseModel):
 
     def model_post_init(self, context: Any) -> None:
         raise RuntimeError("this schema cannot be built")
+
+
+class RaisingRequired(BaseModel):
+    """A required key (no default to set it back to) beside a value that raises."""
+
+    name: str
+    lr: float = 0.1
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def inverse_lr(self) -> float:
+        return 1 / self.lr
+
+
+class BadMessage(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+class OddRaises(BaseModel):
+    """Exceptions awkward to report: a message over lines, a message that cannot be made,
+    a validator that exits."""
+
+    a: int = 0
+
+    @field_validator("a")
+    @classmethod
+    def odd(cls, value: int) -> int:
+        if value == 1:
+            raise RuntimeError("first line\nTraceback (most recent call last):\n  second line")
+        if value == 2:
+            raise BadMessage()
+        if value == 3:
+            raise SystemExit("bye")
+        return value
+
+
+def _boom() -> int:
+    raise RuntimeError("factory boom")
+
+
+class FactoryRaises(BaseModel):
+    a: int = Field(default_factory=_boom)
+
+
+class FactoryTakesData(BaseModel):
+    """A default made from the other fields as pydantic validates them."""
+
+    a: int = 1
+    b: int = Field(default_factory=lambda data: 10 // data["a"])

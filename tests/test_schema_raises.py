@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from hotknob.config import (
     InvalidChange,
+    SchemaLoadError,
     cli_layer,
     defaults_layer,
     env_layer,
@@ -32,7 +33,14 @@ from hotknob.daemon.state import StateStore
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
 from tests.fault_episodes import wait_for
-from tests.raising_schema import Raising, RaisingAlways
+from tests.raising_schema import (
+    FactoryRaises,
+    FactoryTakesData,
+    OddRaises,
+    Raising,
+    RaisingAlways,
+    RaisingRequired,
+)
 
 APP = "raises"
 P = config_prefix(APP)
@@ -79,6 +87,69 @@ def test_two_values_that_raise_only_together_are_both_named() -> None:
     }
 
 
+def test_two_values_that_each_raise_are_each_named_with_what_it_raised() -> None:
+    values = {"train/mode": b"3", "train/lr": b"0", "train/warmup": b"5", "auth/user": b'"ada"'}
+    exc = refused(etcd(values))
+    assert sorted((p.key, p.reason) for p in exc.problems) == [
+        ("train.lr", "the schema's own code raised ZeroDivisionError: float division by zero"),
+        (
+            "train.mode",
+            "the schema's own code raised AttributeError: 'int' object has no attribute 'strip'",
+        ),
+    ]
+    snap, dropped = merge_dropping_invalid(Raising, [defaults_layer(Raising), etcd(values)])
+    assert sorted(p.key for p in dropped) == ["train.lr", "train.mode"]
+    assert snap.flat["train.warmup"] == 5 and snap.flat["auth.user"] == "ada"
+
+
+def test_a_rule_the_trials_break_does_not_move_the_blame() -> None:
+    # Set back alone, ``total`` would break ``warmup <= total``: a validation error, which
+    # hides the raise but does not make ``total`` its cause.
+    values = {"train/total": b"1000", "train/warmup": b"500", "train/lr": b"0"}
+    exc = refused(etcd(values))
+    assert [(p.key, p.layer) for p in exc.problems] == [("train.lr", "etcd")]
+    snap, dropped = merge_dropping_invalid(Raising, [defaults_layer(Raising), etcd(values)])
+    assert [p.key for p in dropped] == ["train.lr"]
+    assert (snap.flat["train.total"], snap.flat["train.warmup"]) == (1000, 500)
+
+
+def test_a_required_value_is_kept_when_another_raises() -> None:
+    live = etcd({"name": b'"resnet"', "lr": b"0"})
+    exc = refused(live, schema=RaisingRequired)
+    assert [(p.key, p.layer) for p in exc.problems] == [("lr", "etcd")]
+    snap, dropped = merge_dropping_invalid(RaisingRequired, [defaults_layer(RaisingRequired), live])
+    assert [p.key for p in dropped] == ["lr"]
+    assert dict(snap.flat) == {"name": "resnet", "lr": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("1", "RuntimeError: first line Traceback (most recent call last): second line"),
+        ("2", "BadMessage"),  # its message cannot be made: the type says it
+        ("3", "SystemExit: bye"),  # a validator's ``sys.exit()`` is no stop of the daemon
+    ],
+)
+def test_an_awkward_exception_is_reported_on_one_line(value: str, reason: str) -> None:
+    exc = refused(cli_layer([f"a={value}"]), schema=OddRaises)
+    assert [(p.key, p.layer, p.reason) for p in exc.problems] == [
+        ("a", "cli", f"the schema's own code raised {reason}")
+    ]
+
+
+def test_a_default_that_cannot_be_made_is_a_clear_schema_error() -> None:
+    with pytest.raises(SchemaLoadError) as info:
+        defaults_layer(FactoryRaises)
+    assert str(info.value) == "the schema's default of a cannot be made: RuntimeError: factory boom"
+    # A factory that takes the validated fields is pydantic's to call: no default here.
+    assert dict(defaults_layer(FactoryTakesData).values) == {"a": 1}
+    snap = merge_layers(FactoryTakesData, [defaults_layer(FactoryTakesData), cli_layer(["a=5"])])
+    assert dict(snap.flat) == {"a": 5, "b": 2}
+    exc = refused(cli_layer(["a=0"]), schema=FactoryTakesData)
+    assert [(p.key, p.layer) for p in exc.problems] == [("a", "cli")]
+    assert "ZeroDivisionError" in exc.problems[0].reason
+
+
 def test_a_schema_that_raises_on_its_defaults_blames_no_value() -> None:
     exc = refused(cli_layer(["x=3"]), schema=RaisingAlways)
     (problem,) = exc.problems
@@ -98,6 +169,10 @@ def test_no_secret_is_quoted_in_the_reason() -> None:
     assert [p.key for p in exc.problems] == ["auth.user"]
     assert "LookupError: root may not use **********" in exc.problems[0].reason
     assert "tok-secret-5678" not in str(exc)
+    # ...also as validated: stripped and in upper case.
+    exc = refused(etcd({"auth/token": b'" tok-secret-5678 "', "auth/user": b'"admin"'}))
+    assert "LookupError: admin may not use **********" in exc.problems[0].reason
+    assert "TOK-SECRET-5678" not in str(exc)
 
 
 def test_dropping_invalid_drops_only_the_value_that_raises() -> None:
