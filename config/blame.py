@@ -7,10 +7,8 @@ every secret value it quotes masked (``reason``, ``secret_texts``); the input of
 or of the whole model that a validator refused is shown with its secret leaves masked
 (``masked_input``). A clash of a key below a mapping leaf with that leaf's value names both
 sides, each with its layer (``clash``). A valid value that pydantic cannot turn into JSON
-is named with its layer (``unsendable``). An exception that the schema's own code raised
-instead of a validation error (a before-validator handed a value of another type, a
-post-init, a computed field) names no key: the values to blame are found by trying
-(``raised_by_schema``).
+is named with its layer (``unsendable``); an exception the schema's own code raised
+instead of a validation error, by ``raised.raised_by_schema``.
 """
 
 from __future__ import annotations
@@ -72,8 +70,10 @@ def secret_texts(
     """The secret values a validator's message may quote, longest first: those of the keys
     of ``merged`` that are not shown (``hides``), and the defaults of the schema's secret
     keys (a validator may quote one that no layer set). Each string, and for another value
-    its ``str()``, also as ``repr`` and JSON write it within quotes (escaped). None is no
-    secret; an empty text is never masked."""
+    its ``str()``, also as validated (stripped, in lower and in upper case, as pydantic's
+    string options leave it), and each of those as ``repr`` and JSON write it within
+    quotes (escaped) and as ``repr`` shows its UTF-8 bytes. None is no secret; an empty text
+    is never masked. A secret quoted in part (a prefix) cannot be found."""
     found: set[str] = set()
     stack: list[Any] = [v for k, v in merged.items() if hides(k, secrets)]
     for leaf in iter_leaves(schema):
@@ -99,7 +99,15 @@ def secret_texts(
             # As validated, too: pydantic's own string options strip it and change its case.
             for form in {text, text.strip()}:
                 for cased in (form, form.lower(), form.upper()):
-                    found.update((cased, repr(cased)[1:-1], json.dumps(cased)[1:-1]))
+                    found.update(
+                        (
+                            cased,
+                            repr(cased)[1:-1],
+                            json.dumps(cased)[1:-1],
+                            cased.replace("'", "\\'"),  # ``repr`` of text with both quotes
+                            repr(cased.encode("utf-8", "replace"))[2:-1],  # as bytes
+                        )
+                    )
     found.discard("")
     return sorted(found, key=len, reverse=True)
 
@@ -159,128 +167,3 @@ def unsendable(merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Pr
         except ValueError:
             bad.append(key)
     return [Problem(key, winners.get(key, "defaults"), UNSENDABLE) for key in bad]
-
-
-_MESSAGE_CHARS = 300
-
-SCHEMA_FAULTS = (Exception, SystemExit)
-"""What a schema's own code may raise, as a merge takes it: anything but a stop that
-someone asked for (``KeyboardInterrupt``). A validator's ``sys.exit()`` is its fault too."""
-
-VALID, INVALID, RAISED = "valid", "invalid", "raised"
-Outcome = tuple[str, BaseException | None]
-"""What a trial merge gave: ``VALID``, ``INVALID`` (a validation error), or ``RAISED``
-with the exception of the schema's own code."""
-
-_ONE_BY_ONE_LIMIT = 256
-
-
-def raised_by_schema(
-    exc: BaseException,
-    merged: Mapping[str, Any],
-    winners: Mapping[str, str],
-    defaults: Mapping[str, Any],
-    fixed: frozenset[str],
-    outcome: Callable[[dict[str, Any]], Outcome],
-    secrets: frozenset[str],
-    quoted: Sequence[str] = (),
-) -> list[Problem]:
-    """Problems for ``exc``, raised by the schema's own code while the merge of ``merged``
-    was validated or dumped (pydantic turns only a validator's ``ValueError`` or ``assert``
-    into a validation error; ``v.strip()`` on a number raises ``AttributeError``).
-
-    Nothing says which key it was, so it is found by trying (``outcome`` of a merge of
-    other values). The values a layer gives are set back to their defaults (all but
-    ``fixed``: required keys, which have none); if that still raises, the schema itself
-    is at fault (the key "", or the required values given). Else the values that raise
-    on the defaults alone are blamed, each with what it raised, found by halving the
-    given values (a half that merges cleanly is innocent). If none does (it takes two
-    together), the values each of which, set back alone, lets the whole merge through;
-    failing those too, every value given. The reason is the exception's type and
-    message, on one line; the message is withheld for a secret key, and any secret it
-    quotes (``quoted``: ``secret_texts``) is masked for the others."""
-    given = [key for key in merged if winners.get(key, "defaults") != "defaults"]
-    movable = [key for key in given if key not in fixed]
-    base = _with_defaults(merged, movable, defaults)
-    blamed: dict[str, BaseException]
-    if outcome(base)[0] == RAISED:
-        blamed = dict.fromkeys([key for key in given if key in fixed] or [""], exc)
-    else:
-        blamed = _raising_alone(base, movable, merged, outcome)
-        if not blamed and len(movable) <= _ONE_BY_ONE_LIMIT:
-            blamed = {
-                key: exc
-                for key in movable
-                if outcome(_with_defaults(merged, [key], defaults))[0] == VALID
-            }
-        blamed = blamed or dict.fromkeys(given or [""], exc)
-    return [
-        Problem(
-            key,
-            winners.get(key, "defaults"),
-            _raised_reason(raised, hides(key, secrets), quoted),
-            merged.get(key),
-        )
-        for key, raised in blamed.items()
-    ]
-
-
-def _raised_reason(exc: BaseException, secret: bool, quoted: Sequence[str]) -> str:
-    said = f"the schema's own code raised {type(exc).__name__}"
-    if secret:
-        return f"{said} (its message is withheld for a secret key)"
-    message = one_line(exc, quoted)
-    return f"{said}: {message}" if message else said
-
-
-def _raising_alone(
-    base: dict[str, Any],
-    keys: list[str],
-    merged: Mapping[str, Any],
-    outcome: Callable[[dict[str, Any]], Outcome],
-) -> dict[str, BaseException]:
-    """The ``keys`` whose value alone on ``base`` makes the merge raise, with what each
-    raised. A group that merges cleanly holds none; any other is halved (a validation
-    error may hide a raise)."""
-    if not keys:
-        return {}
-    trial = dict(base)
-    trial.update((key, merged[key]) for key in keys)
-    result, raised = outcome(trial)
-    if result == VALID:
-        return {}
-    if len(keys) == 1:
-        return {keys[0]: raised} if raised is not None else {}
-    middle = len(keys) // 2
-    return {
-        **_raising_alone(base, keys[:middle], merged, outcome),
-        **_raising_alone(base, keys[middle:], merged, outcome),
-    }
-
-
-def one_line(exc: BaseException, quoted: Sequence[str] = ()) -> str:
-    """``exc``'s message on one line, each of ``quoted`` masked, at most ``_MESSAGE_CHARS``."""
-    try:
-        message = str(exc)
-    except Exception:  # an exception whose own ``__str__`` fails: its type says enough
-        return ""
-    for text in quoted:  # longest first, as ``reason_for`` masks them
-        message = message.replace(text, SECRET_MASK)
-    message = " ".join(message.split())
-    if len(message) > _MESSAGE_CHARS:
-        message = message[: _MESSAGE_CHARS - 1] + "…"
-    return message
-
-
-def _with_defaults(
-    merged: Mapping[str, Any], keys: Sequence[str], defaults: Mapping[str, Any]
-) -> dict[str, Any]:
-    """``merged`` with ``keys`` at their defaults (left out where there is none: a key
-    inside a mapping leaf)."""
-    trial = dict(merged)
-    for key in keys:
-        if key in defaults:
-            trial[key] = defaults[key]
-        else:
-            del trial[key]
-    return trial

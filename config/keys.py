@@ -163,8 +163,8 @@ class KeyClash(ValueError):
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     """``{"train.lr": 1}`` -> ``{"train": {"lr": 1}}``; a leaf and a section may not clash.
 
-    A mapping value is copied, never edited: ``{"tags": {"a": 1}, "tags.b": 2}`` gives
-    ``{"tags": {"a": 1, "b": 2}}`` and leaves the caller's ``{"a": 1}`` as it was.
+    A mapping or list value is copied, never edited: ``{"tags": {"a": 1}, "tags.b": 2}``
+    gives ``{"tags": {"a": 1, "b": 2}}`` and leaves the caller's ``{"a": 1}`` as it was.
     Raises ``KeyClash`` naming both keys of a clash."""
     nested: dict[str, Any] = {}
     for key, value in flat.items():
@@ -177,13 +177,17 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = child
         if isinstance(node.get(parts[-1]), dict):
             raise KeyClash(key, next((k for k in flat if k.startswith(key + ".")), key))
-        node[parts[-1]] = _copied(value)
+        node[parts[-1]] = copied(value)
     return nested
 
 
-def _copied(value: Any) -> Any:
+def copied(value: Any) -> Any:
+    """``value`` with each mapping and list in it copied: what a validator gets to keep
+    (one that edits its input in place must not edit a layer's own values)."""
     if isinstance(value, Mapping):
-        return {k: _copied(v) for k, v in value.items()}
+        return {k: copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copied(v) for v in value]
     return value
 
 

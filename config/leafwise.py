@@ -7,9 +7,10 @@ on CPUs just back from idle it costs ~170 µs where validating the one value cos
 (docs/performance.md, tenth round). The two agree only if nothing but the leaf's own
 type looks at the value: no validator or serializer of a model on its path (they may
 read other fields, or be changed by this one), no post-init, no core schema,
-validation, dump or copy a model overrides, no cached property, no alias or exclusion
-on the leaf, a type whose core schema calls no function of the user's, and no rule
-against the clock anywhere in the schema (a whole validation re-checks every value).
+validation, dump or copy a model overrides, no cached property, no default factory
+that takes the other fields' values, no alias or exclusion on the leaf, a type whose
+core schema calls no function of the user's, and no rule against the clock anywhere in
+the schema (a whole validation re-checks every value).
 ``leaf_check`` decides that once per key; ``validate_puts`` uses it, and declines
 (``None``) a change with any key that fails it, which the whole validation then takes.
 """
@@ -108,7 +109,8 @@ def _same_function(cls: type, name: str) -> bool:
 def _plain_model(cls: type[BaseModel]) -> bool:
     """Whether validating ``cls`` is validating each of its fields alone: no validator,
     serializer or computed field, no post-init, no ``__init__``, core schema, validation,
-    dump or copy of its own, and no cached property (a copy would keep a stale one)."""
+    dump or copy of its own, no cached property (a copy would keep a stale one), and no
+    default factory that takes the other fields' values."""
     decorators = cls.__pydantic_decorators__
     return (
         not any(getattr(decorators, kind) for kind in _DECORATOR_KINDS)
@@ -117,6 +119,10 @@ def _plain_model(cls: type[BaseModel]) -> bool:
         and not getattr(cls, "__pydantic_root_model__", False)
         and cls.__copy__ is BaseModel.__copy__
         and all(_same_function(cls, name) for name in _BASE_METHODS)
+        and not any(  # a default made from the other fields would follow them
+            getattr(field, "default_factory_takes_validated_data", False)
+            for field in cls.model_fields.values()
+        )
         and not any(
             isinstance(attribute, cached_property)
             for owner in cls.__mro__

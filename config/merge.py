@@ -17,22 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
-from .blame import (
-    INVALID,
-    RAISED,
-    SCHEMA_FAULTS,
-    VALID,
-    Outcome,
-    clash,
-    is_custom,
-    masked_input,
-    raised_by_schema,
-    reason_for,
-    secret_texts,
-    unsendable,
-)
+from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
 from .errors import InvalidChange, Problem, UsageError
-from .keys import LONE_SURROGATE, KeyClash, is_text, nested_with, unflatten
+from .keys import LONE_SURROGATE, KeyClash, copied, is_text, nested_with, unflatten
+from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
 from .schema import iter_leaves, mapping_keys, numeric_keys, secret_keys
 from .sources import LAYERS, Layer
 
@@ -68,6 +56,14 @@ class Snapshot:
 
     def winner(self, key: str) -> str:
         return self.sources[key]
+
+
+def _owner(key: str, winners: Mapping[str, str]) -> str:
+    """The key of ``winners`` that ``key`` is or lies under, the deepest one (a key of a
+    mapping leaf, ``weights.head``, over the leaf's whole mapping); else ``key``."""
+    if key in winners:
+        return key
+    return max((k for k in winners if key.startswith(k + ".")), key=len, default=key)
 
 
 def _loc_to_key(loc: Iterable[Any]) -> str:
@@ -131,15 +127,19 @@ def is_known(schema: type[BaseModel], key: str) -> bool:
 
 
 def _nest_leaves(flat: Mapping[str, Any], paths: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
-    """``unflatten`` for keys that are all leaves of the schema (no clash is possible)."""
+    """``unflatten`` for keys that are all leaves of the schema (no clash is possible); a
+    mapping or list value is copied, as there."""
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         *sections, leaf = paths[key]
         node = nested
         for part in sections:
             node = node.setdefault(part, {})
-        node[leaf] = value
+        node[leaf] = copied(value) if type(value) in _CONTAINERS else value
     return nested
+
+
+_CONTAINERS = frozenset({dict, list, MappingProxyType})
 
 
 def _leaf_values(
@@ -236,6 +236,7 @@ def merge_layers(
         nested = _nest_leaves(merged, facts.paths) if all_leaves else unflatten(merged)
     except KeyClash as exc:  # a key below a mapping leaf, and that leaf set to a non-mapping
         raise InvalidChange(clash(exc, merged, winners)) from exc
+    raised: BaseException | None = None
     try:
         model = schema.model_validate(nested)
     except ValidationError as exc:
@@ -244,7 +245,7 @@ def merge_layers(
         quoted = secret_texts(schema, merged, facts.secrets) if custom else []
         for err in errors:
             key = _loc_to_key(err["loc"])
-            leaf = next((k for k in winners if key == k or key.startswith(k + ".")), key)
+            leaf = _owner(key, winners)
             reason = reason_for(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
             value = err["input"]
             if not facts.is_known(leaf):  # a section's or the whole model's input: its secrets
@@ -254,18 +255,22 @@ def merge_layers(
         # secrets too, and a traceback of the chain would print it.
         raise InvalidChange(problems) from None
     except SCHEMA_FAULTS as exc:  # the schema's own code raised, naming no key
-        raise InvalidChange(_raised(schema, exc, merged, winners, by_name, facts)) from None
-
-    try:
-        values, flat = _dumped(model, facts)
-    except _LeftOut as exc:  # a leaf the dump left out (``exclude_if``)
-        key = str(exc.args[0])
-        raise InvalidChange([Problem(key, winners.get(key, "defaults"), _LEFT_OUT)]) from None
-    except SCHEMA_FAULTS as exc:  # a value nested too deeply to dump, or a computed field raised
-        problems = unsendable(merged, winners)
-        if not problems:
-            problems = _raised(schema, exc, merged, winners, by_name, facts)
-        raise InvalidChange(problems) from None
+        raised = exc
+    else:
+        try:
+            values, flat = _dumped(model, facts)
+        except _LeftOut as exc:  # a leaf the dump left out (``exclude_if``)
+            key = str(exc.args[0])
+            raise InvalidChange([Problem(key, winners.get(key, "defaults"), _LEFT_OUT)]) from None
+        except SCHEMA_FAULTS as exc:  # a value nested too deeply to dump, or the schema raised
+            raised = exc
+            problems = unsendable(merged, winners)
+    if raised is not None:
+        # Out of the ``except``: were the trials interrupted (Ctrl-C), the traceback would
+        # carry ``raised``, and its message may quote a secret.
+        raise InvalidChange(
+            problems or _raised(schema, raised, merged, winners, by_name, facts)
+        ) from None
     problems = [
         Problem(key, winners.get(key, "defaults"), _NOT_FINITE, flat[key])
         for key in non_finite(flat)
@@ -331,7 +336,7 @@ def validate_leaves(
     the same by dotted key, as ``merge_layers`` makes them, except that NaN and infinity
     are let through: the caller checks what changed with ``non_finite``. Raises
     ``ValidationError``; ``merge_layers`` says which layer is to blame."""
-    model = schema.model_validate(leaves.nested)
+    model = schema.model_validate(copied(leaves.nested))  # a validator may edit its input
     return (model, *_dumped(model, _facts(schema)))
 
 

@@ -23,7 +23,6 @@ from pydantic_core import to_jsonable_python
 from pydantic_settings import EnvSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
-from .blame import SCHEMA_FAULTS, one_line
 from .errors import InvalidChange, LayerError, Problem, SchemaLoadError, UsageError
 from .keys import (
     LONE_SURROGATE,
@@ -35,6 +34,7 @@ from .keys import (
     parse_text,
     shown_text,
 )
+from .raised import SCHEMA_FAULTS, one_line
 from .schema import iter_leaves, secret_keys
 
 LAYERS = ("defaults", "files", "etcd", "env", "cli")

@@ -10,9 +10,20 @@ other refusal: nothing invalid is pushed, nothing crashes.
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import (
+    BaseModel,
+    SecretBytes,
+    SecretStr,
+    ValidationInfo,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 from structlog.testing import capture_logs
 
 from hotknob.config import (
@@ -244,3 +255,179 @@ def test_a_daemon_refuses_the_value_and_serves_the_next(etcd: EtcdServer, tmp_pa
         assert update["values"]["train"]["lr"] == 0.1
         assert not daemon.events("event_failed")
         assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+# --- the blame's harder cases -----------------------------------------------------------
+
+
+class _Pairs(BaseModel):
+    a: int = 0
+    b: int = 0
+    c: int = 0
+    d: int = 0
+    e: int = 0  # innocent
+
+    @model_validator(mode="after")
+    def pairs(self) -> _Pairs:
+        if (self.a and self.b) or (self.c and self.d):
+            raise TypeError("a pair together")
+        return self
+
+
+def test_two_pairs_that_raise_together_leave_an_innocent_value_alone() -> None:
+    values = {"a": 1, "b": 1, "c": 1, "d": 1, "e": 42}
+    layers = [defaults_layer(_Pairs), Layer("etcd", values, dict.fromkeys(values, "put"))]
+    snap, dropped = merge_dropping_invalid(_Pairs, layers)
+    assert snap.flat["e"] == 42
+    kept = {key for key in "abcd" if snap.flat[key]}
+    assert len(dropped) == 2 and kept in ({"a", "c"}, {"a", "d"}, {"b", "c"}, {"b", "d"})
+
+
+class _Context(BaseModel):
+    warmup: int = 0
+    cooldown: int = 0
+    other: int = 0
+    mode: str = "plain"
+
+    @model_validator(mode="after")
+    def rules(self) -> _Context:
+        if self.mode == "x" and not self.warmup:
+            raise TypeError("mode x needs a warmup")
+        if self.warmup and self.cooldown:
+            raise TypeError("warmup and cooldown together")
+        return self
+
+
+def test_a_value_that_raises_only_on_the_defaults_is_not_blamed_in_its_context() -> None:
+    # ``mode=x`` raises beside the default warmup, not beside the files' warmup: the
+    # fault is etcd's cooldown, and etcd's other value stays.
+    layers = [
+        defaults_layer(_Context),
+        Layer("files", {"warmup": 5}),
+        Layer("etcd", {"cooldown": 3, "other": 7}),
+        cli_layer(["mode=x"]),
+    ]
+    exc = refused(*layers[1:], schema=_Context)
+    assert [(p.key, p.layer) for p in exc.problems] == [("cooldown", "etcd")]
+    snap, dropped = merge_dropping_invalid(_Context, layers)
+    assert [p.key for p in dropped] == ["cooldown"] and snap.flat["other"] == 7
+
+
+class _Flaky(BaseModel):
+    a: int = 0
+    b: int = 0
+
+    @model_validator(mode="after")
+    def lazy(self) -> _Flaky:
+        _FLAKY["calls"] += 1
+        if _FLAKY["calls"] == 1:
+            raise RuntimeError("registry not ready")
+        return self
+
+
+_FLAKY = {"calls": 0}
+
+
+def test_a_schema_that_raises_once_and_not_again_is_blamed_itself() -> None:
+    _FLAKY["calls"] = 0
+    exc = refused(etcd({"a": b"1", "b": b"2"}), schema=_Flaky)
+    assert [(p.key, p.layer) for p in exc.problems] == [("", "defaults")]
+    assert "RuntimeError: registry not ready" in exc.problems[0].reason
+
+
+class _Appends(BaseModel):
+    tags: list[str] = ["a"]
+    lr: float = 0.1
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def add_base(cls, value: Any) -> Any:
+        value.append("base")  # edits its input in place
+        return value
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def inverse_lr(self) -> float:
+        return 1 / self.lr
+
+
+def test_a_validator_that_edits_its_input_edits_no_layer() -> None:
+    live = Layer("etcd", {"tags": ["x"], "lr": 0})
+    defaults = defaults_layer(_Appends)
+    snap, dropped = merge_dropping_invalid(_Appends, [defaults, live])
+    assert [p.key for p in dropped] == ["lr"]
+    assert snap.flat["tags"] == ["x", "base"]  # one append, however many trials
+    assert defaults.values["tags"] == ["a"] and live.values["tags"] == ["x"]
+
+
+def test_an_interrupt_during_the_trials_carries_no_secret() -> None:
+    calls = {"n": 0}
+
+    class Interrupted(BaseModel):
+        token: SecretStr = SecretStr("default")
+        lr: float = 0.1
+
+        @model_validator(mode="after")
+        def check(self) -> Interrupted:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt  # Ctrl-C during the first trial
+            if self.lr == 0:
+                raise RuntimeError(f"lr 0 with {self.token.get_secret_value()}")
+            return self
+
+    values = {"token": "sup3r-secret-tok", "lr": 0}
+    with pytest.raises(KeyboardInterrupt) as info:
+        merge_layers(Interrupted, [defaults_layer(Interrupted), Layer("etcd", values)])
+    assert "sup3r-secret-tok" not in "".join(traceback.format_exception(info.value))
+
+
+class _Quoting(BaseModel):
+    token: SecretStr = SecretStr("dflt")
+    blob: SecretBytes = SecretBytes(b"dflt")
+    user: str = "ops"
+
+    @field_validator("user")
+    @classmethod
+    def check(cls, value: str, info: ValidationInfo) -> str:
+        token, blob = info.data["token"], info.data["blob"]
+        if token.get_secret_value() == "dflt" and blob.get_secret_value() == b"dflt":
+            return value  # raises only beside a secret given, as that is what it quotes
+        if value == "k":
+            raise KeyError(f'user "{value}" may not use {info.data["token"].get_secret_value()}')
+        if value == "b":
+            raise LookupError(f"user b may not use {info.data['blob'].get_secret_value()!r}")
+        return value
+
+
+@pytest.mark.parametrize(
+    ("values", "secret"),
+    [
+        ({"token": "o'brien-secret", "user": "k"}, "brien-secret"),  # repr escapes the '
+        ({"blob": "pässwörd-secret", "user": "b"}, "ss-w"),  # shown as bytes: b'p\xc3\xa4ss-w..'
+    ],
+)
+def test_a_secret_quoted_as_repr_shows_it_is_masked(values: dict[str, str], secret: str) -> None:
+    exc = refused(Layer("etcd", values), schema=_Quoting)
+    (problem,) = [p for p in exc.problems if p.key == "user"]
+    assert "**********" in problem.reason and secret not in problem.reason
+
+
+def test_the_short_path_leaves_a_default_made_from_other_fields_to_the_whole(
+    tmp_path: Path,
+) -> None:
+    published: list[Published] = []
+    engine = Engine(
+        schema=FactoryTakesData,
+        app=APP,
+        precedence=DEFAULT_PRECEDENCE,
+        layers=[defaults_layer(FactoryTakesData), env_layer(FactoryTakesData, environ={})],
+        store=StateStore(tmp_path, APP),
+        publish=published.append,
+        broadcast=[].append,
+    )
+    engine.start({}, 1)
+    engine.on_etcd_change(2, {P + "a": b"5"}, [])
+    assert published[-1].flat == {"a": 5, "b": 2}  # b follows a, as pydantic makes it
+    engine.on_etcd_change(3, {P + "a": b"0"}, [])  # b's factory divides by a: refused
+    assert [p.version for p in published] == [1, 2] and published[-1].flat["a"] == 5
