@@ -19,7 +19,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
 from .errors import InvalidChange, Problem, UsageError
-from .keys import LONE_SURROGATE, KeyClash, copied, is_text, nested_with, unflatten
+from .keys import LONE_SURROGATE, KeyClash, copied, is_text, nested_with
 from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
 from .schema import iter_leaves, mapping_keys, numeric_keys, secret_keys
 from .sources import LAYERS, Layer
@@ -142,6 +142,48 @@ def _nest_leaves(flat: Mapping[str, Any], paths: Mapping[str, tuple[str, ...]]) 
 _CONTAINERS = frozenset({dict, list, MappingProxyType})
 
 
+def _drop_below(
+    merged: dict[str, Any],
+    winners: dict[str, str],
+    given: Mapping[str, Any],
+    leaves: frozenset[str],
+) -> None:
+    """Take out of ``merged`` (lower layers' values) the keys that lie below a key of
+    ``given`` (a key of a mapping, ``weights.head``, below ``weights``): a layer that gives
+    a value whole replaces what lower layers gave inside it."""
+    for key in [k for k in merged if k not in leaves]:
+        parts = key.split(".")
+        if any(".".join(parts[:end]) in given for end in range(1, len(parts))):
+            del merged[key]
+            del winners[key]
+
+
+def _nest_by_precedence(
+    flat: Mapping[str, Any], winners: Mapping[str, str], rank: Mapping[str, int]
+) -> dict[str, Any]:
+    """``flat`` (keys of any depth, what is left of each layer's after ``_drop_below``)
+    nested: a shallower key first, so that a key of a mapping (``weights.head``) lands in
+    the mapping given whole (``weights``) and replaces what is there, mapping or not. Below
+    a lower layer's None (a section that is None by default) it starts a mapping; below
+    any other value that is no mapping, it raises ``KeyClash``."""
+    nested: dict[str, Any] = {}
+    for key in sorted(flat, key=lambda k: k.count(".")):
+        parts = key.split(".")
+        node = nested
+        for depth, part in enumerate(parts[:-1], start=1):
+            child = node.get(part)
+            if not isinstance(child, dict):
+                if part in node:
+                    owner = _owner(".".join(parts[:depth]), winners)
+                    lower = rank[winners.get(owner, "defaults")] < rank[winners[key]]
+                    if child is not None or not lower:
+                        raise KeyClash(key, owner)
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = copied(flat[key])
+    return nested
+
+
 def _leaf_values(
     values: Mapping[str, Any], ordered: tuple[tuple[str, tuple[str, ...]], ...]
 ) -> dict[str, Any]:
@@ -171,13 +213,15 @@ def _raised(
     winners: Mapping[str, str],
     layers: Mapping[str, Layer],
     facts: _SchemaFacts,
+    nest: Callable[[Mapping[str, Any]], dict[str, Any]],
 ) -> list[Problem]:
     """``raised_by_schema``'s problems for ``exc``, raised by the schema's own code while
-    ``merged`` was validated or dumped: each trial validates and dumps the whole model."""
+    ``merged`` was validated or dumped: each trial nests (``nest``), validates and dumps
+    the whole model."""
 
     def outcome(trial: dict[str, Any]) -> Outcome:
         try:
-            _dumped(schema.model_validate(unflatten(trial)), facts)
+            _dumped(schema.model_validate(nest(trial)), facts)
         except (ValidationError, KeyClash):
             return INVALID, None
         except SCHEMA_FAULTS as raised:
@@ -214,7 +258,10 @@ def merge_layers(
         layer = by_name[name]
         problems.extend(layer.problems)
         values = layer.values
-        if leaves.issuperset(values):  # the usual case: every key a leaf, checked at C speed
+        only_leaves = leaves.issuperset(values)  # the usual case, checked at C speed
+        if not (only_leaves and all_leaves):  # lower layers' keys of a mapping it replaces
+            _drop_below(merged, winners, values, leaves)
+        if only_leaves:
             merged.update(values)
             winners.update(dict.fromkeys(values, name))
             continue
@@ -232,8 +279,15 @@ def merge_layers(
     if problems:
         raise InvalidChange(problems)
 
+    rank = {name: place for place, name in enumerate(order)}
+
+    def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+        if all_leaves:
+            return _nest_leaves(flat, facts.paths)
+        return _nest_by_precedence(flat, winners, rank)
+
     try:
-        nested = _nest_leaves(merged, facts.paths) if all_leaves else unflatten(merged)
+        nested = nest(merged)
     except KeyClash as exc:  # a key below a mapping leaf, and that leaf set to a non-mapping
         raise InvalidChange(clash(exc, merged, winners)) from exc
     raised: BaseException | None = None
@@ -269,7 +323,7 @@ def merge_layers(
         # Out of the ``except``: were the trials interrupted (Ctrl-C), the traceback would
         # carry ``raised``, and its message may quote a secret.
         raise InvalidChange(
-            problems or _raised(schema, raised, merged, winners, by_name, facts)
+            problems or _raised(schema, raised, merged, winners, by_name, facts, nest)
         ) from None
     problems = [
         Problem(key, winners.get(key, "defaults"), _NOT_FINITE, flat[key])

@@ -560,3 +560,59 @@ def test_a_leaf_the_schema_leaves_out_of_its_dump_is_refused() -> None:
     [problem] = caught.value.problems
     assert (problem.key, problem.layer) == ("sec.clip", "etcd")
     assert "exclude_if" in problem.reason
+
+
+# --- keys of a mapping across layers -----------------------------------------------------------
+
+
+class _Nested(BaseModel):
+    """A mapping of mappings, a mapping of models, and a section that is None by default."""
+
+    class Entry(BaseModel):
+        a: int = 0
+
+    class Opt(BaseModel):
+        a: int = 1
+        b: str = "x"
+
+    extra: dict[str, Any] = Field(default_factory=lambda: {"opt": {"beta": 0.9}, "n": 1})
+    by: dict[str, Entry] = Field(default_factory=lambda: {"one": _Nested.Entry()})
+    opt: Optional[Opt] = None  # noqa: UP045 - the spelling under test
+    weights: dict[str, float] = Field(default_factory=lambda: {"head": 1.0, "body": 0.5})
+
+
+def test_a_layer_that_gives_a_mapping_whole_shadows_lower_keys_inside_it() -> None:
+    etcd = Layer("etcd", {"weights.head": 5.0})
+    cli = cli_layer(['weights={"head": 9, "body": 9}'])
+    snap = merge_layers(_Nested, [defaults_layer(_Nested), etcd, cli])
+    assert snap.flat["weights"] == {"head": 9.0, "body": 9.0}
+    assert snap.sources["weights"] == "cli"
+    # ...while a higher layer's key inside a lower layer's mapping changes that key only.
+    snap = merge_layers(
+        _Nested,
+        [
+            defaults_layer(_Nested),
+            Layer("etcd", {"weights": {"head": 2}}),
+            cli_layer(["weights.head=7"]),
+        ],
+    )
+    assert snap.flat["weights"] == {"head": 7.0}
+
+
+def test_a_key_of_a_mapping_replaces_a_mapping_below_it() -> None:
+    cli = cli_layer(['extra.opt={"beta": 0.5}'])
+    snap = merge_layers(_Nested, [defaults_layer(_Nested), cli])
+    assert snap.flat["extra"] == {"opt": {"beta": 0.5}, "n": 1}
+    snap = merge_layers(_Nested, [defaults_layer(_Nested), cli_layer(["extra.opt=null"])])
+    assert snap.flat["extra"] == {"opt": None, "n": 1}
+
+
+def test_an_error_inside_a_mapping_blames_the_layer_of_the_key_inside_it() -> None:
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Nested, [defaults_layer(_Nested), cli_layer(['by.one.a="nope"'])])
+    assert [(p.key, p.layer) for p in info.value.problems] == [("by.one.a", "cli")]
+
+
+def test_a_key_below_a_section_that_is_none_by_default_starts_it() -> None:
+    snap = merge_layers(_Nested, [defaults_layer(_Nested), cli_layer(["opt.a=3"])])
+    assert snap.flat["opt"] == {"a": 3, "b": "x"}
