@@ -90,7 +90,9 @@ def secret_texts(
             node = node.decode("utf-8", "replace")
         if node is None:
             continue
-        if isinstance(node, Mapping):
+        if isinstance(node, BaseModel):  # a leaf's model that holds secrets
+            stack.extend(getattr(node, name) for name in type(node).model_fields)
+        elif isinstance(node, Mapping):
             stack.extend(node.values())
         elif isinstance(node, list | tuple | set | frozenset):
             stack.extend(node)

@@ -15,13 +15,13 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
 from .errors import InvalidChange, Problem, UsageError
 from .keys import LONE_SURROGATE, KeyClash, copied, is_text, nested_with
 from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
-from .schema import iter_leaves, mapping_keys, numeric_keys, secret_keys
+from .schema import iter_leaves, mapping_keys, numeric_keys, revealed, secret_keys
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
@@ -550,7 +550,8 @@ def _blamed_for_a_rule(
 def _reveal_secrets(
     model: BaseModel, values: dict[str, Any], secrets: frozenset[str]
 ) -> dict[str, Any]:
-    """``values`` with each secret's real value, not pydantic's ``**********``.
+    """``values`` with each secret's real value, not pydantic's ``**********`` (also in a
+    leaf that holds secrets: a model, a mapping of them).
 
     Clients need the real value (they get it over a socket only their own user can
     open); everything that shows values to people masks them (``mask_secrets``).
@@ -559,15 +560,12 @@ def _reveal_secrets(
         node: Any = model
         for part in key.split("."):
             node = getattr(node, part, None)
-        if isinstance(node, SecretStr | SecretBytes):
-            secret = node.get_secret_value()
-            if isinstance(secret, bytes):
-                secret = secret.decode("utf-8", "replace")
-            *sections, leaf = key.split(".")
-            target = values
-            for part in sections:
-                target = target[part]
-            target[leaf] = secret
+        *sections, leaf = key.split(".")
+        target = values
+        for part in sections:
+            target = target[part]
+        if leaf in target:
+            target[leaf] = revealed(node)
     return values
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from .errors import SchemaLoadError
 
@@ -143,10 +144,36 @@ def restart_only_keys(model: type[BaseModel]) -> frozenset[str]:
 SECRET_MASK = "**********"
 
 
-def _is_secret(annotation: Any) -> bool:
-    if isinstance(annotation, type) and issubclass(annotation, SecretStr | SecretBytes):
-        return True
-    return any(_is_secret(arg) for arg in get_args(annotation))
+def _is_secret(annotation: Any, seen: frozenset[type] = frozenset()) -> bool:
+    """Whether a value of this type is or holds a secret: ``SecretStr``, ``SecretBytes``,
+    a model with one among its fields, or a container or union of such (a leaf typed
+    ``Optional[Creds]`` or ``dict[str, SecretStr]`` is secret as a whole)."""
+    if isinstance(annotation, type):
+        if issubclass(annotation, SecretStr | SecretBytes):
+            return True
+        if issubclass(annotation, BaseModel) and annotation not in seen:
+            inside = seen | {annotation}
+            return any(_is_secret(f.annotation, inside) for f in annotation.model_fields.values())
+    return any(_is_secret(arg, seen) for arg in get_args(annotation))
+
+
+def revealed(value: Any) -> Any:
+    """``value`` in JSON form (as ``to_jsonable_python`` makes it) with each secret in it,
+    however deep, as its value rather than pydantic's ``**********``: what clients get."""
+    return to_jsonable_python(_unmasked(value))
+
+
+def _unmasked(value: Any) -> Any:
+    if isinstance(value, SecretStr | SecretBytes):
+        secret = value.get_secret_value()
+        return secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
+    if isinstance(value, BaseModel):
+        return _unmasked(value.model_dump())  # Python mode keeps the secrets as objects
+    if isinstance(value, Mapping):
+        return {key: _unmasked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_unmasked(item) for item in value]
+    return value
 
 
 class SecretKeys(frozenset[str]):

@@ -18,8 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, SecretBytes, SecretStr
-from pydantic_core import to_jsonable_python
+from pydantic import BaseModel
 from pydantic_settings import EnvSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
@@ -35,7 +34,7 @@ from .keys import (
     shown_text,
 )
 from .raised import SCHEMA_FAULTS, one_line
-from .schema import iter_leaves, secret_keys
+from .schema import iter_leaves, revealed, secret_keys
 
 LAYERS = ("defaults", "files", "etcd", "env", "cli")
 LIVE_LAYERS = frozenset({"files", "etcd"})
@@ -85,10 +84,8 @@ def defaults_layer(schema: type[BaseModel]) -> Layer:
         if field.is_required() or getattr(field, "default_factory_takes_validated_data", False):
             continue
         try:
-            default = field.get_default(call_default_factory=True)
-            if isinstance(default, SecretStr | SecretBytes):
-                default = default.get_secret_value()  # the value, not its "****" rendering
-            values[leaf.key] = to_jsonable_python(default)
+            # Secrets as their values, not their "****" rendering (also inside a model).
+            values[leaf.key] = revealed(field.get_default(call_default_factory=True))
         except SCHEMA_FAULTS as exc:
             message = "" if leaf.key in secrets else one_line(exc)  # it may quote the secret
             said = f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -441,3 +441,37 @@ def test_values_under_keys_outside_the_schema_are_masked_in_the_log_and_watch(
     assert_hidden(
         (section, typo), log=log, watch=text, watch_json=as_json, get=get.stdout + get.stderr
     )
+
+
+class _Creds(BaseModel):
+    user: str = "ada"
+    token: SecretStr = SecretStr("s3cret-default")
+
+
+class _HeldSecrets(BaseModel):
+    """Leaves that hold secrets inside them: a model, a mapping of them, a list of models."""
+
+    opt: _Creds | None = Field(default_factory=_Creds)
+    keys: dict[str, SecretStr] = Field(default_factory=lambda: {"hf": SecretStr("hf_abc123")})
+    many: list[_Creds] = Field(default_factory=lambda: [_Creds()])
+    lr: float = 0.1
+
+
+def test_a_leaf_that_holds_secrets_reaches_clients_whole_and_is_shown_nowhere() -> None:
+    from hotknob.config import cli_layer, defaults_layer, merge_layers
+    from hotknob.config.schema import secret_keys, shown_value
+
+    secrets = secret_keys(_HeldSecrets)
+    assert set(secrets) == {"opt", "keys", "many"}
+    defaults = defaults_layer(_HeldSecrets)
+    assert defaults.values["opt"] == {"user": "ada", "token": "s3cret-default"}
+    cli = cli_layer(['opt.token="given-secret"', 'keys={"hf": "hf_given"}'])
+    snap = merge_layers(_HeldSecrets, [defaults, cli])
+    # Clients get the values themselves, as for a secret leaf...
+    assert snap.values["opt"] == {"user": "ada", "token": "given-secret"}
+    assert snap.values["keys"] == {"hf": "hf_given"}
+    assert snap.values["many"] == [{"user": "ada", "token": "s3cret-default"}]
+    # ...and whatever shows a value to people masks the whole leaf, and keys inside it.
+    for key in ("opt", "keys", "many", "opt.token", "keys.hf"):
+        assert shown_value(key, "x", secrets) == SECRET_MASK
+    assert shown_value("lr", 0.1, secrets) == 0.1
