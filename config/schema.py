@@ -70,7 +70,13 @@ class Leaf:
 
 
 def _is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    """A field typed as a model is a section, its fields keys below it; a ``RootModel``
+    (one value, not fields) is a leaf."""
+    return (
+        isinstance(annotation, type)
+        and issubclass(annotation, BaseModel)
+        and not getattr(annotation, "__pydantic_root_model__", False)
+    )
 
 
 def _is_live(field: FieldInfo) -> bool:

@@ -73,19 +73,20 @@ def _leaf_keys(schema: type[BaseModel]) -> frozenset[str]:
 
 
 def defaults_layer(schema: type[BaseModel]) -> Layer:
-    """The schema's own defaults. A required field is absent, and so is one whose default
-    factory takes the other fields' values (pydantic makes that default as it validates).
-    Raises ``SchemaLoadError`` for a default that cannot be made or turned into JSON (its
-    factory raised): the schema itself is broken."""
+    """The schema's own defaults, each leaf's as pydantic would make it: from the default
+    of the section that holds it where that section has one (``i: Inner = Inner(a=7)``),
+    else its own. A required field is absent, so are the leaves of a required section, and
+    so is a field whose default factory takes the other fields' values (pydantic makes
+    that default as it validates). Raises ``SchemaLoadError`` for a default that cannot be
+    made or turned into JSON (its factory raised): the schema itself is broken."""
     values: dict[str, Any] = {}
     secrets = secret_keys(schema)
     for leaf in iter_leaves(schema):
-        field = leaf.field
-        if field.is_required() or getattr(field, "default_factory_takes_validated_data", False):
-            continue
         try:
-            # Secrets as their values, not their "****" rendering (also inside a model).
-            values[leaf.key] = revealed(field.get_default(call_default_factory=True))
+            default = _leaf_default(schema, leaf.key.split("."))
+            if default is not _ABSENT:
+                # Secrets as their values, not their "****" rendering (also inside a model).
+                values[leaf.key] = revealed(default)
         except SCHEMA_FAULTS as exc:
             message = "" if leaf.key in secrets else one_line(exc)  # it may quote the secret
             said = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
@@ -93,6 +94,25 @@ def defaults_layer(schema: type[BaseModel]) -> Layer:
                 f"the schema's default of {leaf.key} cannot be made: {said}"
             ) from None
     return Layer("defaults", values, dict.fromkeys(values, "schema"))
+
+
+_ABSENT: Any = object()
+
+
+def _leaf_default(schema: type[BaseModel], path: list[str]) -> Any:
+    """The default of the leaf at ``path``; ``_ABSENT`` if pydantic makes none by itself."""
+    model: Any = schema
+    made: Any = _ABSENT  # the default of the section reached so far, once one has one
+    for part in path:
+        field = model.model_fields[part]
+        if made is not _ABSENT:
+            made = made.get(part, _ABSENT) if isinstance(made, Mapping) else getattr(made, part)
+        elif field.is_required() or getattr(field, "default_factory_takes_validated_data", False):
+            return _ABSENT
+        else:
+            made = field.get_default(call_default_factory=True)
+        model = field.annotation
+    return made
 
 
 # --- files -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from pydantic import BaseModel, Field, PositiveFloat
+from pydantic import BaseModel, Field, PositiveFloat, RootModel
 
 from hotknob.config import (
     DEFAULT_PRECEDENCE,
@@ -616,3 +616,54 @@ def test_an_error_inside_a_mapping_blames_the_layer_of_the_key_inside_it() -> No
 def test_a_key_below_a_section_that_is_none_by_default_starts_it() -> None:
     snap = merge_layers(_Nested, [defaults_layer(_Nested), cli_layer(["opt.a=3"])])
     assert snap.flat["opt"] == {"a": 3, "b": "x"}
+
+
+class _Inner(BaseModel):
+    a: int = 1
+    b: str = "x"
+
+
+class _SectionDefaults(BaseModel):
+    given: _Inner = _Inner(a=7, b="seven")  # a default instance
+    made: _Inner = Field(default_factory=lambda: _Inner(a=9))
+    plain: _Inner = Field(default_factory=_Inner)
+
+
+class _Required(BaseModel):
+    req: _Inner  # no default: pydantic requires it
+
+
+def test_a_section_s_own_default_gives_its_leaves_defaults() -> None:
+    assert dict(defaults_layer(_SectionDefaults).values) == {
+        "given.a": 7,
+        "given.b": "seven",
+        "made.a": 9,
+        "made.b": "x",
+        "plain.a": 1,
+        "plain.b": "x",
+    }
+    snap = merge_layers(_SectionDefaults, [defaults_layer(_SectionDefaults)])
+    assert snap.flat["given.a"] == _SectionDefaults().given.a == 7
+
+
+def test_a_required_section_must_be_given() -> None:
+    assert dict(defaults_layer(_Required).values) == {}
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Required, [defaults_layer(_Required)])
+    assert [p.key for p in info.value.problems] == ["req"]
+    snap = merge_layers(_Required, [defaults_layer(_Required), cli_layer(["req.a=2"])])
+    assert dict(snap.flat) == {"req.a": 2, "req.b": "x"}
+
+
+class _Tags(RootModel[list[str]]):
+    pass
+
+
+class _WithRoot(BaseModel):
+    lr: float = 0.1
+    tags: _Tags = _Tags(["a"])
+
+
+def test_a_root_model_field_is_one_leaf() -> None:
+    snap = merge_layers(_WithRoot, [defaults_layer(_WithRoot), cli_layer(['tags=["x", "y"]'])])
+    assert dict(snap.flat) == {"lr": 0.1, "tags": ["x", "y"]}
