@@ -221,7 +221,7 @@ def _raised(
 
     def outcome(trial: dict[str, Any]) -> Outcome:
         try:
-            _dumped(schema.model_validate(nest(trial)), facts)
+            _dumped(_validated(schema, nest(trial)), facts)
         except (ValidationError, KeyClash):
             return INVALID, None
         except SCHEMA_FAULTS as raised:
@@ -292,7 +292,7 @@ def merge_layers(
         raise InvalidChange(clash(exc, merged, winners)) from exc
     raised: BaseException | None = None
     try:
-        model = schema.model_validate(nested)
+        model = _validated(schema, nested)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         custom = any(is_custom(err["type"]) for err in errors)
@@ -390,7 +390,7 @@ def validate_leaves(
     the same by dotted key, as ``merge_layers`` makes them, except that NaN and infinity
     are let through: the caller checks what changed with ``non_finite``. Raises
     ``ValidationError``; ``merge_layers`` says which layer is to blame."""
-    model = schema.model_validate(copied(leaves.nested))  # a validator may edit its input
+    model = _validated(schema, copied(leaves.nested))  # a validator may edit its input
     return (model, *_dumped(model, _facts(schema)))
 
 
@@ -481,8 +481,14 @@ def _finite(value: Any) -> bool:
     return True
 
 
+def _validated(schema: type[BaseModel], nested: Mapping[str, Any]) -> BaseModel:
+    """``schema`` validated from ``nested``, whose keys are the fields' names (a key is a
+    name, ``a``, whatever alias the field reads by: ``Field(alias="A")``)."""
+    return schema.model_validate(nested, by_name=True)
+
+
 def _dumped(model: BaseModel, facts: _SchemaFacts) -> tuple[dict[str, Any], dict[str, Any]]:
-    values = _reveal_secrets(model, model.model_dump(mode="json"), facts.secrets)
+    values = _reveal_secrets(model, model.model_dump(mode="json", by_alias=False), facts.secrets)
     return values, _leaf_values(values, facts.ordered)
 
 

@@ -69,7 +69,7 @@ class Leaf:
     live: bool
 
 
-def _is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
+def is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
     """A field typed as a model is a section, its fields keys below it; a ``RootModel``
     (one value, not fields) is a leaf."""
     return (
@@ -88,7 +88,7 @@ def iter_leaves(model: type[BaseModel], prefix: str = "") -> Iterator[Leaf]:
     """Every leaf of ``model`` in declaration order, nested sections flattened."""
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        if _is_section(field.annotation):
+        if is_section(field.annotation):
             yield from iter_leaves(field.annotation, f"{key}.")
         else:
             yield Leaf(key, field, _is_live(field))
@@ -174,7 +174,7 @@ def _unmasked(value: Any) -> Any:
         secret = value.get_secret_value()
         return secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
     if isinstance(value, BaseModel):
-        return _unmasked(value.model_dump())  # Python mode keeps the secrets as objects
+        return _unmasked(value.model_dump(by_alias=False))  # Python mode keeps secrets as objects
     if isinstance(value, Mapping):
         return {key: _unmasked(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

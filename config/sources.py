@@ -8,17 +8,19 @@ problem is reported with the key and the layer it came from.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 from pydantic_settings import EnvSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
@@ -34,7 +36,7 @@ from .keys import (
     shown_text,
 )
 from .raised import SCHEMA_FAULTS, one_line
-from .schema import iter_leaves, revealed, secret_keys
+from .schema import is_section, iter_leaves, revealed, secret_keys
 
 LAYERS = ("defaults", "files", "etcd", "env", "cli")
 LIVE_LAYERS = frozenset({"files", "etcd"})
@@ -411,7 +413,7 @@ def env_layer(
     rather than ignored, so a typo in a container spec does not go unnoticed.
     """
     source = EnvSettingsSource(
-        schema,  # type: ignore[arg-type]  # any model works; the source reads only its fields
+        _by_name(schema),  # type: ignore[arg-type]  # any model works: it reads only the fields
         env_prefix=prefix,
         env_nested_delimiter="__",
         case_sensitive=False,
@@ -441,12 +443,41 @@ def env_layer(
         if name.lower().startswith(lowered):
             key = name[len(prefix) :].lower().replace("__", ".")
             top = key.split(".", 1)[0]
-            if top not in schema.model_fields:
+            if top not in {field.lower() for field in schema.model_fields}:
                 shown = shown_text(name)
                 problems.append(
                     Problem(shown_text(key), "env", f"{shown} names no field of the schema")
                 )
     return Layer("env", values, origins, tuple(problems))
+
+
+@lru_cache(maxsize=16)
+def _by_name(schema: type[BaseModel]) -> type[BaseModel]:
+    """``schema`` as the env source is to read it: every field, in every section, by its
+    name, as every key is (``PREFIX_SEC__A``), never by an alias (pydantic-settings reads
+    an aliased field from the variable its alias names, without the prefix: an alias
+    ``path`` would read ``PATH``). ``schema`` itself if it has no alias."""
+    if not _aliased(schema):
+        return schema
+    fields: dict[str, Any] = {}
+    for name, info in schema.model_fields.items():
+        plain = copy.copy(info)
+        plain.alias = plain.validation_alias = plain.serialization_alias = None
+        plain.alias_priority = None
+        annotation = info.annotation
+        if is_section(annotation):
+            annotation = _by_name(annotation)
+        fields[name] = (annotation, plain)
+    return create_model(schema.__name__, **fields)
+
+
+def _aliased(schema: type[BaseModel]) -> bool:
+    return any(
+        info.alias is not None
+        or info.validation_alias is not None
+        or (is_section(info.annotation) and _aliased(info.annotation))
+        for info in schema.model_fields.values()
+    )
 
 
 def _env_value(value: Any) -> Any:

@@ -667,3 +667,29 @@ class _WithRoot(BaseModel):
 def test_a_root_model_field_is_one_leaf() -> None:
     snap = merge_layers(_WithRoot, [defaults_layer(_WithRoot), cli_layer(['tags=["x", "y"]'])])
     assert dict(snap.flat) == {"lr": 0.1, "tags": ["x", "y"]}
+
+
+class _AliasSection(BaseModel):
+    lr: float = Field(0.1, alias="LR")
+
+
+class _Aliased(BaseModel):
+    """Fields read by an alias: every layer gives them by name, as every key is one."""
+
+    a: int = Field(1, alias="A")
+    v: int = Field(2, validation_alias="vv")
+    sec: _AliasSection = Field(default_factory=_AliasSection, alias="Section")
+    Top: int = 0  # a field name in upper case
+
+
+def test_a_field_read_by_an_alias_is_set_by_its_name_in_every_layer() -> None:
+    files = files_layer(_Aliased, [(Path("c.yaml"), {"a": 5, "sec": {"lr": 0.7}})])
+    snap = merge_layers(_Aliased, [defaults_layer(_Aliased), files, cli_layer(["v=9"])])
+    assert dict(snap.flat) == {"a": 5, "v": 9, "sec.lr": 0.7, "Top": 0}
+    environ = {"HOTKNOB_PARAM_A": "6", "HOTKNOB_PARAM_SEC__LR": "0.9", "HOTKNOB_PARAM_TOP": "8"}
+    # A variable named by an alias alone is no variable of hotknob's (pydantic-settings
+    # would read one without the prefix: an alias ``path`` would read ``PATH``).
+    env = env_layer(_Aliased, environ={**environ, "A": "77", "LR": "0.5"})
+    assert (dict(env.values), env.problems) == ({"a": 6, "sec.lr": 0.9, "Top": 8}, ())
+    snap = merge_layers(_Aliased, [defaults_layer(_Aliased), env])
+    assert dict(snap.flat) == {"a": 6, "v": 2, "sec.lr": 0.9, "Top": 8}
