@@ -21,7 +21,7 @@ from .blame import clash, is_custom, masked_input, reason_for, secret_texts, uns
 from .errors import InvalidChange, Problem, UsageError
 from .keys import LONE_SURROGATE, KeyClash, copied, is_text, nested_with
 from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
-from .schema import iter_leaves, mapping_keys, numeric_keys, revealed, secret_keys
+from .schema import holds_key, iter_leaves, mapping_keys, numeric_keys, revealed, secret_keys
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
@@ -70,13 +70,21 @@ def _loc_to_key(loc: Iterable[Any]) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _known(key: str, leaves: frozenset[str], mappings: frozenset[str]) -> bool:
+def _known(key: str, leaves: frozenset[str], mappings: Mapping[str, Any]) -> bool:
     """A key is known if it is a leaf or lies below a leaf that holds a mapping (a dict-typed
-    field); a key below any other leaf (``train.lr.x``) is not a key of the schema."""
+    field, an optional model) and that leaf's type may hold it (``holds_key``); a key below
+    any other leaf (``train.lr.x``) is not a key of the schema."""
     if key in leaves:
         return True
     parts = key.split(".")
-    return any(".".join(parts[:i]) in mappings for i in range(1, len(parts)))
+    for end in range(1, len(parts)):
+        annotation = mappings.get(".".join(parts[:end]), _NO_LEAF)
+        if annotation is not _NO_LEAF:
+            return holds_key(annotation, parts[end:])
+    return False
+
+
+_NO_LEAF: Any = object()
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,7 @@ class _SchemaFacts:
     """
 
     leaves: frozenset[str]
-    mappings: frozenset[str]
+    mappings: dict[str, Any]  # each leaf that holds a mapping, and its type
     ordered: tuple[tuple[str, tuple[str, ...]], ...]
     paths: dict[str, tuple[str, ...]]
     secrets: frozenset[str]
@@ -107,11 +115,13 @@ class _SchemaFacts:
 
 @lru_cache(maxsize=64)
 def _facts(schema: type[BaseModel]) -> _SchemaFacts:
-    keys = [leaf.key for leaf in iter_leaves(schema)]
+    all_leaves = list(iter_leaves(schema))
+    keys = [leaf.key for leaf in all_leaves]
     ordered = tuple((key, tuple(key.split("."))) for key in keys)
+    mappings = mapping_keys(schema)
     return _SchemaFacts(
         frozenset(keys),
-        mapping_keys(schema),
+        {leaf.key: leaf.field.annotation for leaf in all_leaves if leaf.key in mappings},
         ordered,
         dict(ordered),
         secret_keys(schema),

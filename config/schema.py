@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import UnionType
@@ -106,6 +106,35 @@ def holds_mapping(annotation: Any) -> bool:
         return any(holds_mapping(arg) for arg in get_args(annotation))
     kind = origin if origin is not None else annotation
     return isinstance(kind, type) and issubclass(kind, Mapping | BaseModel)
+
+
+def holds_key(annotation: Any, parts: Sequence[str]) -> bool:
+    """Whether a value of this type may hold the key ``parts`` below it: a mapping any key,
+    a model its fields (any key if it allows extra ones), ``Any`` anything, a union what
+    any of its types may; a number or a text nothing (``weights.a.b`` of a ``dict[str,
+    float]`` is no key, as ``train.lr.x`` is none). A typo below a model (``opt.tokn``)
+    is no key either: the model would drop it without a word."""
+    if not parts or annotation is Any or annotation is object:
+        return True
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return holds_key(get_args(annotation)[0], parts)
+    if origin is Union or origin is UnionType:
+        return any(holds_key(arg, parts) for arg in get_args(annotation))
+    kind = origin if origin is not None else annotation
+    if not isinstance(kind, type):
+        return True  # a type variable, a forward reference: validation decides
+    if issubclass(kind, BaseModel):
+        if getattr(kind, "__pydantic_root_model__", False):
+            return holds_key(kind.model_fields["root"].annotation, parts)
+        if kind.model_config.get("extra") == "allow":
+            return True
+        field = kind.model_fields.get(parts[0])
+        return field is not None and holds_key(field.annotation, parts[1:])
+    if issubclass(kind, Mapping):
+        args = get_args(annotation)
+        return holds_key(args[1] if len(args) == 2 else Any, parts[1:])
+    return False
 
 
 def mapping_keys(model: type[BaseModel]) -> frozenset[str]:

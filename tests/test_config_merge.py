@@ -518,8 +518,28 @@ def test_a_key_whose_etcd_path_reads_back_as_another_or_none_has_a_fault(key: st
 
 def test_a_key_under_a_mapping_leaf_is_known_and_one_under_another_leaf_is_not() -> None:
     assert is_known(Loose, "weights") and is_known(Loose, "weights.head")
-    assert is_known(Loose, "weights.a.b")  # what the mapping holds is the schema's to check
+    assert not is_known(Loose, "weights.a.b")  # below a number, as ``x.y`` is
     assert not is_known(Loose, "x.y") and not is_known(Loose, "nope")
+
+
+class _Creds(BaseModel):
+    user: str = "ada"
+
+
+class _Held(BaseModel):
+    opt: Optional[_Creds] = None  # noqa: UP045 - the spelling under test
+    by: dict[str, _Creds] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+def test_a_typo_below_a_model_a_leaf_holds_is_no_key() -> None:
+    # The model would drop it without a word (pydantic ignores extra keys by default).
+    assert is_known(_Held, "opt.user") and is_known(_Held, "by.one.user")
+    assert not is_known(_Held, "opt.usr") and not is_known(_Held, "by.one.usr")
+    assert is_known(_Held, "extra.a.b.c")  # ``Any`` holds anything
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Held, [defaults_layer(_Held), cli_layer(["opt.usr=1"])])
+    assert str(info.value) == "opt.usr (from cli): not a key of the schema"
 
 
 class _Loose(BaseModel):
