@@ -447,11 +447,13 @@ def test_unset_of_a_key_of_a_mapping_field_twice(etcd: EtcdServer) -> None:
     before = revision(etcd)
     done = hk(etcd, "unset", *WEIGHTED, "weights.head")  # as `unset train.lr` twice
     assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr
-    done = hk(etcd, "unset", *WEIGHTED, "weights.never.set")
+    done = hk(etcd, "unset", *WEIGHTED, "weights.never")
     assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr
     assert revision(etcd) == before
     line = one_line_error(hk(etcd, "unset", *WEIGHTED, "train.lr.x"), 1)
     assert "train.lr.x: not a key of the schema" in line
+    line = one_line_error(hk(etcd, "unset", *WEIGHTED, "weights.never.set"), 1)
+    assert "weights.never.set: not a key of the schema" in line  # below a number, as above
 
 
 def test_rollback_leaves_paths_that_are_no_keys_as_they_are(etcd: EtcdServer) -> None:
