@@ -156,16 +156,20 @@ UNSENDABLE = (
     "cannot be sent to clients: pydantic cannot turn it into JSON "
     "(nested more deeply than its serializer goes, about 250 levels?)"
 )
+_NOT_UTF8 = "cannot be sent to clients: bytes that are not UTF-8 text have no JSON form"
 
 
 def unsendable(merged: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:
     """A problem for each value given that pydantic cannot dump to JSON (none if each can:
-    then the schema's own code made what cannot be dumped, ``raised_by_schema``). The
-    value itself is left out: a log line or an event carrying it could fail the same way."""
-    bad = []
+    then the schema's own code made what cannot be dumped, ``raised.raised_by_schema``).
+    The value itself is left out: a log line or an event carrying it could fail the same
+    way."""
+    problems = []
     for key, value in merged.items():
         try:
             _ANY.dump_python(value, mode="json")
+        except UnicodeDecodeError:  # bytes (YAML's ``!!binary``) that are no UTF-8 text
+            problems.append(Problem(key, winners.get(key, "defaults"), _NOT_UTF8))
         except ValueError:
-            bad.append(key)
-    return [Problem(key, winners.get(key, "defaults"), UNSENDABLE) for key in bad]
+            problems.append(Problem(key, winners.get(key, "defaults"), UNSENDABLE))
+    return problems

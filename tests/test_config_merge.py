@@ -713,3 +713,17 @@ def test_a_field_read_by_an_alias_is_set_by_its_name_in_every_layer() -> None:
     assert (dict(env.values), env.problems) == ({"a": 6, "sec.lr": 0.9, "Top": 8}, ())
     snap = merge_layers(_Aliased, [defaults_layer(_Aliased), env])
     assert dict(snap.flat) == {"a": 6, "v": 2, "sec.lr": 0.9, "Top": 8}
+
+
+class _Raw(BaseModel):
+    raw: bytes = b"abc"
+
+
+def test_bytes_that_are_no_utf8_text_are_refused_with_that_reason() -> None:
+    files = Layer("files", {"raw": b"\xff\xfe"})  # as YAML's ``!!binary /w==`` gives them
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Raw, [defaults_layer(_Raw), files])
+    assert str(info.value) == (
+        "raw (from files): cannot be sent to clients: bytes that are not UTF-8 text have no "
+        "JSON form"
+    )
