@@ -21,7 +21,15 @@ from .blame import clash, is_custom, masked_input, reason_for, secret_texts, uns
 from .errors import InvalidChange, Problem, UsageError
 from .keys import LONE_SURROGATE, KeyClash, copied, is_text, nested_with
 from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
-from .schema import holds_key, iter_leaves, mapping_keys, numeric_keys, revealed, secret_keys
+from .schema import (
+    holds_bool_for_number,
+    holds_key,
+    iter_leaves,
+    mapping_keys,
+    numeric_keys,
+    revealed,
+    secret_keys,
+)
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
@@ -102,7 +110,7 @@ class _SchemaFacts:
     paths: dict[str, tuple[str, ...]]
     secrets: frozenset[str]
     known: dict[str, bool]
-    numbers: frozenset[str] = frozenset()
+    numbers: Mapping[str, Any]  # the leaves taking numbers (or holding them), their types
 
     def is_known(self, key: str) -> bool:
         known = self.known.get(key)
@@ -408,16 +416,26 @@ _LEFT_OUT = (
     "is left out of the configuration's JSON by the schema (exclude_if), so no client "
     "could be sent it"
 )
-_NOT_A_NUMBER = "takes a number, and true/false is none (pydantic would read it as 1 or 0)"
+_NOT_A_NUMBER = "takes numbers only, and true/false is none (pydantic would read it as 1 or 0)"
 
 
 def booleans_for_numbers(schema: type[BaseModel], flat: Mapping[str, Any]) -> list[str]:
-    """The keys of ``flat`` that are leaves taking numbers only (``float``, ``int``) and
-    hold ``true`` or ``false``: a typo a schema's lax validation would pass as 1.0 or 0.0
-    (a learning rate of 1.0). One loop over ``flat``: the engine's short path asks it for
-    the values put."""
+    """The keys of ``flat`` that hold ``true`` or ``false`` where the schema takes a number
+    only, at the leaf or inside it (``[true]`` for a ``list[float]``): a typo a schema's
+    lax validation would pass as 1.0 or 0.0 (a learning rate of 1.0). One loop over
+    ``flat``, a type test for most values: the engine's short path asks it for the values
+    put."""
     numbers = _facts(schema).numbers
-    return [key for key, value in flat.items() if type(value) is bool and key in numbers]
+    return [
+        key
+        for key, value in flat.items()
+        if type(value) in _MAY_HOLD_BOOLS
+        and key in numbers
+        and holds_bool_for_number(numbers[key], value)
+    ]
+
+
+_MAY_HOLD_BOOLS = frozenset({bool, list, dict, MappingProxyType})
 
 
 _NOT_FINITE = "must be a finite number (the socket protocol cannot carry NaN or infinity)"

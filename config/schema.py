@@ -14,8 +14,9 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from enum import Enum
 from types import UnionType
-from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeGuard, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
@@ -145,15 +146,19 @@ def mapping_keys(model: type[BaseModel]) -> frozenset[str]:
 
 
 def is_number_only(annotation: Any) -> bool:
-    """Whether a leaf of this type takes numbers and nothing else (``float``, ``int``,
-    ``PositiveFloat``, ``float | None``). pydantic's lax mode reads ``true`` as 1 for such
-    a field: ``numeric_keys`` lets the merge refuse that first."""
+    """Whether a value of this type is a number and nothing else (``float``, ``int``,
+    ``PositiveFloat``, ``float | None``, ``Literal[1, 2]``, an ``Enum`` of numbers).
+    pydantic's lax mode reads ``true`` as 1 for it: the merge refuses that first."""
     origin = get_origin(annotation)
     if origin is Annotated:
         return is_number_only(get_args(annotation)[0])
     if origin is Union or origin is UnionType:
         args = [arg for arg in get_args(annotation) if arg is not type(None)]
         return bool(args) and all(is_number_only(arg) for arg in args)
+    if origin is Literal:
+        return all(_a_number(arg) for arg in get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return all(_a_number(member.value) for member in annotation)
     return (
         isinstance(annotation, type)
         and issubclass(annotation, int | float)
@@ -161,11 +166,46 @@ def is_number_only(annotation: Any) -> bool:
     )
 
 
-def numeric_keys(model: type[BaseModel]) -> frozenset[str]:
-    """The leaves of ``model`` that take numbers only (see ``is_number_only``)."""
-    return frozenset(
-        leaf.key for leaf in iter_leaves(model) if is_number_only(leaf.field.annotation)
-    )
+def _a_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def holds_bool_for_number(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` is or holds ``true``/``false`` where ``annotation`` takes a number
+    only: the leaf itself, or an item of a list, tuple or set, or a value of a mapping
+    (``[true, false]`` for a ``tuple[float, ...]``), where every type a union allows
+    would take it for a number."""
+    if type(value) is bool:
+        return is_number_only(annotation)
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return holds_bool_for_number(get_args(annotation)[0], value)
+    if origin is Union or origin is UnionType:
+        arms = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return bool(arms) and all(holds_bool_for_number(arm, value) for arm in arms)
+    args = get_args(annotation)
+    kind = origin if origin is not None else annotation
+    if not isinstance(kind, type) or not args:
+        return False
+    if isinstance(value, list) and issubclass(kind, tuple) and args[-1] is not Ellipsis:
+        return any(holds_bool_for_number(a, v) for a, v in zip(args, value, strict=False))
+    if isinstance(value, list) and issubclass(kind, list | tuple | AbstractSet):
+        return any(holds_bool_for_number(args[0], item) for item in value)
+    if isinstance(value, Mapping) and issubclass(kind, Mapping) and len(args) == 2:
+        return any(holds_bool_for_number(args[1], item) for item in value.values())
+    return False
+
+
+def numeric_keys(model: type[BaseModel]) -> dict[str, Any]:
+    """The leaves of ``model`` that take numbers only, or hold such (a ``list[float]``, a
+    ``dict[str, int]``), and their types (see ``holds_bool_for_number``)."""
+    return {
+        leaf.key: leaf.field.annotation
+        for leaf in iter_leaves(model)
+        if holds_bool_for_number(leaf.field.annotation, True)
+        or holds_bool_for_number(leaf.field.annotation, [True])
+        or holds_bool_for_number(leaf.field.annotation, {"": True})
+    }
 
 
 def leaf_map(model: type[BaseModel]) -> dict[str, Leaf]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import pytest
 from pydantic import BaseModel, Field, PositiveFloat, RootModel
@@ -178,7 +179,7 @@ def test_only_leaves_that_take_numbers_alone_refuse_true_and_false() -> None:
         on: bool = False
         anything: Any = None
 
-    assert numeric_keys(Flags) == {"scale", "steps", "limit"}
+    assert set(numeric_keys(Flags)) == {"scale", "steps", "limit"}
     for key in ("either", "on", "anything"):  # their schema decides: true passes
         snap = merge_layers(Flags, [defaults_layer(Flags), cli_layer([f"{key}=true"])])
         assert snap.flat[key] in (True, "true")
@@ -727,3 +728,35 @@ def test_bytes_that_are_no_utf8_text_are_refused_with_that_reason() -> None:
         "raw (from files): cannot be sent to clients: bytes that are not UTF-8 text have no "
         "JSON form"
     )
+
+
+class _Workers(Enum):
+    ONE = 1
+    FOUR = 4
+
+
+class _NumberLike(BaseModel):
+    workers: _Workers = _Workers.FOUR
+    bits: Literal[8, 16, 32] = 16
+    scale: tuple[float, float] = (1.0, 1.0)
+    sizes: list[int] = Field(default_factory=lambda: [1])
+    weights: dict[str, float] = Field(default_factory=dict)
+    mode: Literal["a", 1] = "a"  # takes text too: true is pydantic's to refuse
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["workers=true", "bits=false", "scale=[1, true]", "sizes=[2, false]", 'weights={"a": true}'],
+)
+def test_true_or_false_where_only_numbers_are_taken_is_refused(given: str) -> None:
+    key = given.split("=")[0]
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_NumberLike, [defaults_layer(_NumberLike), cli_layer([given])])
+    assert [(p.key, p.layer) for p in info.value.problems] == [(key, "cli")]
+    assert "true/false is none" in info.value.problems[0].reason
+
+
+def test_numbers_where_only_numbers_are_taken_are_fine() -> None:
+    given = ["workers=1", "bits=8", "scale=[1, 2]", "sizes=[2, 3]", 'weights={"a": 1}']
+    snap = merge_layers(_NumberLike, [defaults_layer(_NumberLike), cli_layer(given)])
+    assert snap.flat["scale"] == [1.0, 2.0] and snap.flat["workers"] == 1
