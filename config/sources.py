@@ -36,7 +36,7 @@ from .keys import (
     shown_text,
 )
 from .raised import SCHEMA_FAULTS, one_line
-from .schema import is_section, iter_leaves, revealed, secret_keys
+from .schema import is_section, iter_leaves, mapping_keys, revealed, secret_keys
 
 LAYERS = ("defaults", "files", "etcd", "env", "cli")
 LIVE_LAYERS = frozenset({"files", "etcd"})
@@ -420,8 +420,11 @@ def env_layer(
     )
     if environ is None:
         environ = os.environ
-    else:
-        source.env_vars = {k.lower(): v for k, v in environ.items()}
+    # A variable for a key inside a mapping (``PREFIX_WEIGHTS__HEAD``) sets that key, as
+    # ``--set weights.head`` does: pydantic-settings would make it the whole mapping, its
+    # value left as text. The source reads the others.
+    inside, others = _keys_inside_mappings(schema, prefix, environ)
+    source.env_vars = {name.lower(): value for name, value in others.items()}
     try:
         nested = source()
     except SettingsError as exc:
@@ -437,6 +440,11 @@ def env_layer(
         except NotText:
             name = prefix + key.upper().replace(".", "__")
             problems.append(Problem(shown_text(key), "env", f"{name}: {LONE_SURROGATE}"))
+    for key, (name, text) in inside.items():
+        try:
+            values[key] = parse_text(text)
+        except NotText:
+            problems.append(Problem(shown_text(key), "env", f"{name}: {LONE_SURROGATE}"))
     origins = {key: prefix + key.upper().replace(".", "__") for key in values}
     lowered = prefix.lower()
     for name in environ:
@@ -449,6 +457,25 @@ def env_layer(
                     Problem(shown_text(key), "env", f"{shown} names no field of the schema")
                 )
     return Layer("env", values, origins, tuple(problems))
+
+
+def _keys_inside_mappings(
+    schema: type[BaseModel], prefix: str, environ: Mapping[str, str]
+) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """The variables under ``prefix`` that name a key inside a leaf holding a mapping (by
+    dotted key: the variable's name and value), and all the others."""
+    mappings = mapping_keys(schema)
+    lowered = prefix.lower()
+    inside: dict[str, tuple[str, str]] = {}
+    others: dict[str, str] = {}
+    for name, value in environ.items():
+        if name.lower().startswith(lowered):
+            parts = name[len(prefix) :].lower().split("__")
+            if any(".".join(parts[:end]) in mappings for end in range(1, len(parts))):
+                inside[".".join(parts)] = (name, value)
+                continue
+        others[name] = value
+    return inside, others
 
 
 @lru_cache(maxsize=16)

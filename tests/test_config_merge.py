@@ -760,3 +760,15 @@ def test_numbers_where_only_numbers_are_taken_are_fine() -> None:
     given = ["workers=1", "bits=8", "scale=[1, 2]", "sizes=[2, 3]", 'weights={"a": 1}']
     snap = merge_layers(_NumberLike, [defaults_layer(_NumberLike), cli_layer(given)])
     assert snap.flat["scale"] == [1.0, 2.0] and snap.flat["workers"] == 1
+
+
+def test_an_env_variable_for_a_key_inside_a_mapping_sets_that_key() -> None:
+    # As ``--set weights.head=2`` does: the value is JSON text, the rest of the mapping stays.
+    env = env_layer(Loose, environ={"HOTKNOB_PARAM_WEIGHTS__HEAD": "2"})
+    assert dict(env.values) == {"weights.head": 2}
+    defaults = Layer("defaults", {"x": 1.0, "weights": {"head": 1.0, "body": 0.5}})
+    snap = merge_layers(Loose, [defaults, env])
+    assert snap.flat["weights"] == {"head": 2.0, "body": 0.5}
+    # The mapping's own variable gives it whole.
+    env = env_layer(Loose, environ={"HOTKNOB_PARAM_WEIGHTS": '{"head": 3}'})
+    assert merge_layers(Loose, [defaults, env]).flat["weights"] == {"head": 3.0}
