@@ -42,11 +42,35 @@ def _select(snapshot: Snapshot, key: str | None) -> list[str]:
     return inside
 
 
+_NONE: Any = object()
+
+
+def _inside_a_leaf(flat: dict[str, Any], key: str) -> Any:
+    """The value at ``key`` inside the value of the leaf it lies below (``weights.head`` of
+    ``weights``; a masked leaf stays masked); ``_NONE`` if no leaf holds it."""
+    leaf = next((k for k in flat if key.startswith(k + ".")), None)
+    if leaf is None:
+        return _NONE
+    node = flat[leaf]
+    if node == SECRET_MASK:
+        return node
+    for part in key[len(leaf) + 1 :].split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise InvalidInput(f"{key}: {leaf} holds no such key")
+        node = node[part]
+    return node
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
     snapshot, _ = current_snapshot(ctx, args)
-    keys = _select(snapshot, args.key)
     flat = mask_secrets(dict(snapshot.flat), secret_keys(ctx.schema))
+    if args.key is not None and args.key not in flat:
+        inside = _inside_a_leaf(flat, args.key)  # ``weights.head``: a key of a mapping
+        if inside is not _NONE:
+            print(dumps(inside) if args.json else fmt(inside))
+            return 0
+    keys = _select(snapshot, args.key)
     if args.json:
         if args.key in flat:
             print(dumps(flat[args.key]))

@@ -456,6 +456,14 @@ def test_unset_of_a_key_of_a_mapping_field_twice(etcd: EtcdServer) -> None:
     assert "weights.never.set: not a key of the schema" in line  # below a number, as above
 
 
+def test_get_of_a_key_of_a_mapping_field_shows_the_value_inside(etcd: EtcdServer) -> None:
+    assert hk(etcd, "set", *WEIGHTED, "weights.head=0.5").returncode == 0
+    done = hk(etcd, "get", *WEIGHTED, "weights.head")
+    assert (done.returncode, done.stdout.strip()) == (0, "0.5"), done.stderr
+    line = one_line_error(hk(etcd, "get", *WEIGHTED, "weights.nope"), 1)
+    assert line == "hotknob: weights.nope: weights holds no such key"
+
+
 def test_rollback_leaves_paths_that_are_no_keys_as_they_are(etcd: EtcdServer) -> None:
     """The target revision held paths that name no key: they cannot be restored as keys,
     and rollback neither writes nor deletes them; the keys are rolled back."""
