@@ -26,9 +26,11 @@ from .schema import (
     holds_key,
     iter_leaves,
     mapping_keys,
+    may_hold_container,
     numeric_keys,
     revealed,
     secret_keys,
+    types_at,
 )
 from .sources import LAYERS, Layer
 
@@ -111,6 +113,7 @@ class _SchemaFacts:
     secrets: frozenset[str]
     known: dict[str, bool]
     numbers: Mapping[str, Any]  # the leaves taking numbers (or holding them), their types
+    containers: bool  # whether any leaf may hold a list or a mapping
 
     def is_known(self, key: str) -> bool:
         known = self.known.get(key)
@@ -135,6 +138,7 @@ def _facts(schema: type[BaseModel]) -> _SchemaFacts:
         secret_keys(schema),
         {},
         numeric_keys(schema),
+        any(may_hold_container(leaf.field.annotation) for leaf in all_leaves),
     )
 
 
@@ -318,6 +322,27 @@ def merge_layers(
         for err in errors:
             key = _loc_to_key(err["loc"])
             leaf = _owner(key, winners)
+            # Inside a leaf's value (a model a mapping holds, an optional model): the keys
+            # given below ``key`` made it, and the leaf's own value if a layer gave it.
+            below = (
+                [k for k in winners if k.startswith(key + ".")]
+                if leaf != key or (key in facts.mappings)
+                else []
+            )
+            if below:
+                if winners.get(leaf, "defaults") != "defaults":
+                    below.insert(0, leaf)
+                kind, message = err["type"], err["msg"]
+                problems.extend(
+                    Problem(
+                        k,
+                        winners[k],
+                        reason_for(kind, message, facts.secrets, k, k, quoted),
+                        merged[k],
+                    )
+                    for k in below
+                )
+                continue
             reason = reason_for(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
             value = err["input"]
             if not facts.is_known(leaf):  # a section's or the whole model's input: its secrets
@@ -408,8 +433,10 @@ def validate_leaves(
     the same by dotted key, as ``merge_layers`` makes them, except that NaN and infinity
     are let through: the caller checks what changed with ``non_finite``. Raises
     ``ValidationError``; ``merge_layers`` says which layer is to blame."""
-    model = _validated(schema, copied(leaves.nested))  # a validator may edit its input
-    return (model, *_dumped(model, _facts(schema)))
+    facts = _facts(schema)
+    nested = copied(leaves.nested) if facts.containers else leaves.nested  # a validator
+    model = _validated(schema, nested)  # may edit its input: not the layers' own lists
+    return (model, *_dumped(model, facts))
 
 
 _LEFT_OUT = (
@@ -421,18 +448,33 @@ _NOT_A_NUMBER = "takes numbers only, and true/false is none (pydantic would read
 
 def booleans_for_numbers(schema: type[BaseModel], flat: Mapping[str, Any]) -> list[str]:
     """The keys of ``flat`` that hold ``true`` or ``false`` where the schema takes a number
-    only, at the leaf or inside it (``[true]`` for a ``list[float]``): a typo a schema's
-    lax validation would pass as 1.0 or 0.0 (a learning rate of 1.0). One loop over
-    ``flat``, a type test for most values: the engine's short path asks it for the values
-    put."""
-    numbers = _facts(schema).numbers
-    return [
-        key
-        for key, value in flat.items()
-        if type(value) in _MAY_HOLD_BOOLS
-        and key in numbers
-        and holds_bool_for_number(numbers[key], value)
-    ]
+    only, at the leaf or inside it (``[true]`` for a ``list[float]``, ``weights.head=true``
+    for a ``dict[str, float]``): a typo a schema's lax validation would pass as 1.0 or 0.0
+    (a learning rate of 1.0). One loop over ``flat``, a type test for most values: the
+    engine's short path asks it for the values put."""
+    facts = _facts(schema)
+    found = []
+    for key, value in flat.items():
+        if type(value) not in _MAY_HOLD_BOOLS:
+            continue
+        annotation = facts.numbers.get(key)
+        if annotation is not None:
+            if holds_bool_for_number(annotation, value):
+                found.append(key)
+        elif key not in facts.leaves:  # a key inside a leaf that holds a mapping
+            types = _types_inside(key, facts.mappings)
+            if types and all(holds_bool_for_number(t, value) for t in types):
+                found.append(key)
+    return found
+
+
+def _types_inside(key: str, mappings: Mapping[str, Any]) -> list[Any]:
+    parts = key.split(".")
+    for end in range(1, len(parts)):
+        annotation = mappings.get(".".join(parts[:end]))
+        if annotation is not None:
+            return types_at(annotation, parts[end:])
+    return []
 
 
 _MAY_HOLD_BOOLS = frozenset({bool, list, dict, MappingProxyType})
@@ -511,8 +553,9 @@ def _finite(value: Any) -> bool:
 
 def _validated(schema: type[BaseModel], nested: Mapping[str, Any]) -> BaseModel:
     """``schema`` validated from ``nested``, whose keys are the fields' names (a key is a
-    name, ``a``, whatever alias the field reads by: ``Field(alias="A")``)."""
-    return schema.model_validate(nested, by_name=True)
+    name, ``a``, whatever alias the field reads by: ``Field(alias="A")``), and only names
+    (an alias may be another field's name)."""
+    return schema.model_validate(nested, by_alias=False, by_name=True)
 
 
 def _dumped(model: BaseModel, facts: _SchemaFacts) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -8,13 +8,17 @@ hot-pushes it and reports a change to it as pending a restart.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import importlib
 import os
 import sys
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import PurePath
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeGuard, Union, get_args, get_origin
 
@@ -138,6 +142,39 @@ def holds_key(annotation: Any, parts: Sequence[str]) -> bool:
     return False
 
 
+def may_hold_container(annotation: Any) -> bool:
+    """Whether a value of this type may be or hold a list or a mapping (which a validator
+    could edit in place): anything but a number, a text, a date, an enum and the like."""
+    if annotation is Any or annotation is object:
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return False
+    if origin is Annotated:
+        return may_hold_container(get_args(annotation)[0])
+    if origin is Union or origin is UnionType:
+        return any(may_hold_container(arg) for arg in get_args(annotation))
+    if origin is not None or not isinstance(annotation, type):
+        return True  # ``list[int]``, ``dict[str, float]``, ``tuple[int, int]``...
+    return not issubclass(annotation, _SCALARS)
+
+
+_SCALARS = (
+    int,
+    float,
+    str,
+    bytes,
+    Enum,
+    type(None),
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    decimal.Decimal,
+    uuid.UUID,
+    PurePath,
+)
+
+
 def mapping_keys(model: type[BaseModel]) -> frozenset[str]:
     """The leaves of ``model`` that hold a mapping (see ``holds_mapping``)."""
     return frozenset(
@@ -172,9 +209,9 @@ def _a_number(value: Any) -> bool:
 
 def holds_bool_for_number(annotation: Any, value: Any) -> bool:
     """Whether ``value`` is or holds ``true``/``false`` where ``annotation`` takes a number
-    only: the leaf itself, or an item of a list, tuple or set, or a value of a mapping
-    (``[true, false]`` for a ``tuple[float, ...]``), where every type a union allows
-    would take it for a number."""
+    only: the leaf itself, or an item of a list, tuple or set, a value of a mapping, a
+    field of a model (``[true, false]`` for a ``tuple[float, ...]``), where every type a
+    union allows would take it for a number."""
     if type(value) is bool:
         return is_number_only(annotation)
     origin = get_origin(annotation)
@@ -183,8 +220,10 @@ def holds_bool_for_number(annotation: Any, value: Any) -> bool:
     if origin is Union or origin is UnionType:
         arms = [arg for arg in get_args(annotation) if arg is not type(None)]
         return bool(arms) and all(holds_bool_for_number(arm, value) for arm in arms)
-    args = get_args(annotation)
     kind = origin if origin is not None else annotation
+    if isinstance(value, Mapping) and isinstance(kind, type) and issubclass(kind, BaseModel):
+        return _model_holds_bool_for_number(kind, value)
+    args = get_args(annotation)
     if not isinstance(kind, type) or not args:
         return False
     if isinstance(value, list) and issubclass(kind, tuple) and args[-1] is not Ellipsis:
@@ -196,15 +235,62 @@ def holds_bool_for_number(annotation: Any, value: Any) -> bool:
     return False
 
 
+def _model_holds_bool_for_number(model: type[BaseModel], value: Mapping[str, Any]) -> bool:
+    fields = model.model_fields
+    return any(
+        holds_bool_for_number(fields[name].annotation, item)
+        for name, item in value.items()
+        if name in fields
+    )
+
+
+def _mentions_numbers(annotation: Any, seen: frozenset[type] = frozenset()) -> bool:
+    """Whether a number-only type is part of this type anywhere (``list[float]``, a model
+    with an ``int`` field): a leaf of such a type is checked for ``true``/``false``."""
+    if is_number_only(annotation):
+        return True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation in seen:
+            return False
+        inside = seen | {annotation}
+        return any(
+            _mentions_numbers(f.annotation, inside) for f in annotation.model_fields.values()
+        )
+    return any(_mentions_numbers(arg, seen) for arg in get_args(annotation))
+
+
+def types_at(annotation: Any, parts: Sequence[str]) -> list[Any]:
+    """The types the value at ``parts`` below a value of this type may have: a model's
+    field's, a mapping's values', each arm's of a union (``[Any]`` where that is not
+    known; none where no arm holds such a key)."""
+    if not parts:
+        return [annotation]
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return types_at(get_args(annotation)[0], parts)
+    if origin is Union or origin is UnionType:
+        return [t for arg in get_args(annotation) for t in types_at(arg, parts)]
+    kind = origin if origin is not None else annotation
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        if getattr(kind, "__pydantic_root_model__", False):
+            return types_at(kind.model_fields["root"].annotation, parts)
+        field = kind.model_fields.get(parts[0])
+        return types_at(field.annotation, parts[1:]) if field is not None else []
+    if isinstance(kind, type) and issubclass(kind, Mapping):
+        args = get_args(annotation)
+        return types_at(args[1], parts[1:]) if len(args) == 2 else [Any]
+    if isinstance(kind, type) and kind is not object:
+        return []  # a number, a text: it holds no key
+    return [Any]
+
+
 def numeric_keys(model: type[BaseModel]) -> dict[str, Any]:
     """The leaves of ``model`` that take numbers only, or hold such (a ``list[float]``, a
     ``dict[str, int]``), and their types (see ``holds_bool_for_number``)."""
     return {
         leaf.key: leaf.field.annotation
         for leaf in iter_leaves(model)
-        if holds_bool_for_number(leaf.field.annotation, True)
-        or holds_bool_for_number(leaf.field.annotation, [True])
-        or holds_bool_for_number(leaf.field.annotation, {"": True})
+        if _mentions_numbers(leaf.field.annotation)
     }
 
 

@@ -107,11 +107,11 @@ def _leaf_default(schema: type[BaseModel], path: list[str]) -> Any:
     made: Any = _ABSENT  # the default of the section reached so far, once one has one
     for part in path:
         field = model.model_fields[part]
-        if made is not _ABSENT:
+        if made is not _ABSENT:  # what the section's default holds, if it holds it
             made = made.get(part, _ABSENT) if isinstance(made, Mapping) else getattr(made, part)
-        elif field.is_required() or getattr(field, "default_factory_takes_validated_data", False):
-            return _ABSENT
-        else:
+        if made is _ABSENT:  # else the field's own default (a section's, inside a dict)
+            if field.is_required() or getattr(field, "default_factory_takes_validated_data", False):
+                return _ABSENT
             made = field.get_default(call_default_factory=True)
         model = field.annotation
     return made
@@ -464,16 +464,21 @@ def _keys_inside_mappings(
 ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
     """The variables under ``prefix`` that name a key inside a leaf holding a mapping (by
     dotted key: the variable's name and value), and all the others."""
-    mappings = mapping_keys(schema)
+    mappings = {key.lower(): key for key in mapping_keys(schema)}  # a variable's case is none
     lowered = prefix.lower()
     inside: dict[str, tuple[str, str]] = {}
     others: dict[str, str] = {}
     for name, value in environ.items():
         if name.lower().startswith(lowered):
             parts = name[len(prefix) :].lower().split("__")
-            if any(".".join(parts[:end]) in mappings for end in range(1, len(parts))):
-                inside[".".join(parts)] = (name, value)
-                continue
+            for end in range(1, len(parts)):
+                leaf = mappings.get(".".join(parts[:end]))
+                if leaf is not None:
+                    inside[".".join([leaf, *parts[end:]])] = (name, value)
+                    break
+            else:
+                others[name] = value
+            continue
         others[name] = value
     return inside, others
 

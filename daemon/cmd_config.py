@@ -54,6 +54,8 @@ def _inside_a_leaf(flat: dict[str, Any], key: str) -> Any:
     node = flat[leaf]
     if node == SECRET_MASK:
         return node
+    if not isinstance(node, dict):  # ``train.lr.x``: no leaf holds it
+        raise InvalidInput(f"{key}: not a key of the schema")
     for part in key[len(leaf) + 1 :].split("."):
         if not isinstance(node, dict) or part not in node:
             raise InvalidInput(f"{key}: {leaf} holds no such key")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pytest
-from pydantic import BaseModel, Field, PositiveFloat, RootModel
+from pydantic import BaseModel, Field, PositiveFloat, RootModel, model_validator
 
 from hotknob.config import (
     DEFAULT_PRECEDENCE,
@@ -179,7 +179,9 @@ def test_only_leaves_that_take_numbers_alone_refuse_true_and_false() -> None:
         on: bool = False
         anything: Any = None
 
-    assert set(numeric_keys(Flags)) == {"scale", "steps", "limit"}
+    assert {"scale", "steps", "limit"} <= set(numeric_keys(Flags)) and "on" not in numeric_keys(
+        Flags
+    )
     for key in ("either", "on", "anything"):  # their schema decides: true passes
         snap = merge_layers(Flags, [defaults_layer(Flags), cli_layer([f"{key}=true"])])
         assert snap.flat[key] in (True, "true")
@@ -772,3 +774,82 @@ def test_an_env_variable_for_a_key_inside_a_mapping_sets_that_key() -> None:
     # The mapping's own variable gives it whole.
     env = env_layer(Loose, environ={"HOTKNOB_PARAM_WEIGHTS": '{"head": 3}'})
     assert merge_layers(Loose, [defaults, env]).flat["weights"] == {"head": 3.0}
+
+
+# --- a third review: keys inside leaves ---------------------------------------------------------
+
+
+class _Band(BaseModel):
+    lo: float = 0.0
+    hi: float = 1.0
+
+    @model_validator(mode="after")
+    def ordered(self) -> _Band:
+        if self.lo > self.hi:
+            raise ValueError("lo must not exceed hi")
+        return self
+
+
+class _Inside(BaseModel):
+    lr: float = 0.1
+    weights: dict[str, float] = Field(default_factory=lambda: {"head": 1.0})
+    bands: dict[str, _Band] = Field(default_factory=lambda: {"a": _Band(), "b": _Band()})
+    opt: Optional[_Band] = None  # noqa: UP045 - the spelling under test
+    headW: dict[str, float] = Field(default_factory=lambda: {"a": 1.0, "b": 2.0})
+
+
+@pytest.mark.parametrize(
+    "given", ["weights.head=true", "weights.new=false", "opt.lo=true", 'bands.a={"hi": true}']
+)
+def test_true_or_false_given_inside_a_leaf_where_a_number_is_taken_is_refused(given: str) -> None:
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Inside, [defaults_layer(_Inside), cli_layer([given])])
+    assert [p.key for p in info.value.problems] == [given.split("=")[0]]
+    assert "true/false is none" in info.value.problems[0].reason
+
+
+def test_a_rule_inside_a_model_a_leaf_holds_blames_the_keys_given_below_it() -> None:
+    etcd = Layer("etcd", {"bands.a.hi": 5.0, "bands.b.lo": 3.0, "lr": 0.2})  # b: lo > hi
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Inside, [defaults_layer(_Inside), etcd])
+    assert [(p.key, p.layer) for p in info.value.problems] == [("bands.b.lo", "etcd")]
+    snap, dropped = merge_dropping_invalid(_Inside, [defaults_layer(_Inside), etcd])
+    assert [p.key for p in dropped] == ["bands.b.lo"]  # a.hi and lr stay
+    assert snap.flat["bands"]["a"]["hi"] == 5.0 and snap.flat["lr"] == 0.2
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Inside, [defaults_layer(_Inside), cli_layer(["opt.lo=3", "opt.hi=1"])])
+    assert [(p.key, p.layer) for p in info.value.problems] == [("opt.lo", "cli"), ("opt.hi", "cli")]
+
+
+def test_an_env_variable_inside_a_mapping_whose_name_has_upper_case() -> None:
+    env = env_layer(_Inside, environ={"HOTKNOB_PARAM_HEADW__A": "5"})
+    assert dict(env.values) == {"headW.a": 5}
+    snap = merge_layers(_Inside, [defaults_layer(_Inside), env])
+    assert snap.flat["headW"] == {"a": 5.0, "b": 2.0}
+
+
+class _Swapped(BaseModel):
+    a: int = Field(1, alias="b")  # an alias that is another field's name
+    b: int = 2
+
+
+def test_an_alias_that_is_another_field_s_name_takes_nothing_of_it() -> None:
+    snap = merge_layers(_Swapped, [defaults_layer(_Swapped), cli_layer(["a=10"])])
+    assert dict(snap.flat) == {"a": 10, "b": 2}
+
+
+class _In(BaseModel):
+    a: int = 1
+
+
+class _Outer(BaseModel):
+    x: int = 0
+    inner: _In = _In(a=5)
+
+
+class _DictDefault(BaseModel):
+    outer: _Outer = {"x": 1}  # type: ignore[assignment]  # a dict default, as pydantic takes
+
+
+def test_a_section_default_given_as_a_dict_keeps_the_defaults_of_the_sections_inside() -> None:
+    assert dict(defaults_layer(_DictDefault).values) == {"outer.x": 1, "outer.inner.a": 5}
