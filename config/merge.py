@@ -67,6 +67,40 @@ class Snapshot:
     def winner(self, key: str) -> str:
         return self.sources[key]
 
+    def shadowing(self, layer: str, key: str) -> str | None:
+        """The highest layer above ``layer`` whose value wins over what ``layer`` gives at
+        ``key``: one that gives ``key`` itself or a value ``key`` lies inside (``weights``
+        over ``weights.head``); None if none does."""
+        order = [name for name in self.precedence if name in self.layers]
+        if layer not in order:
+            return None
+        parts = key.split(".")
+        covering = {".".join(parts[:end]) for end in range(1, len(parts) + 1)}
+        for name in reversed(order[order.index(layer) + 1 :]):
+            if not covering.isdisjoint(self.layers[name]):
+                return name
+        return None
+
+
+def value_at(flat: Mapping[str, Any], key: str) -> Any:
+    """The value at ``key`` in a state by dotted key: a leaf's, or one inside a leaf's
+    value (``weights.head``); None if there is none."""
+    if key in flat:
+        return flat[key]
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        node = flat.get(".".join(parts[:end]), _NO_VALUE)
+        if node is not _NO_VALUE:
+            for part in parts[end:]:
+                if not isinstance(node, Mapping) or part not in node:
+                    return None
+                node = node[part]
+            return node
+    return None
+
+
+_NO_VALUE: Any = object()
+
 
 def _owner(key: str, winners: Mapping[str, str]) -> str:
     """The key of ``winners`` that ``key`` is or lies under, the deepest one (a key of a

@@ -18,6 +18,7 @@ from typing import Any
 
 from hotknob.config import InvalidChange, Snapshot
 from hotknob.config.errors import Problem
+from hotknob.config.merge import value_at
 from hotknob.config.schema import mask_secrets, shown_value
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -28,14 +29,12 @@ class Announcer:
         self,
         log: Any,
         *,
-        precedence: Sequence[str],
         secrets: frozenset[str],
         broadcast: EventSink,
         on_accepted: Callable[[str, int], None],
         on_rejected: Callable[[str], None],
     ) -> None:
         self.log = log
-        self._rank = {name: i for i, name in enumerate(precedence)}
         self._secrets = secrets
         self._broadcast = broadcast
         self._on_accepted = on_accepted
@@ -77,17 +76,16 @@ class Announcer:
 
     def shadowed(self, snapshot: Snapshot, layer: str, edited: Mapping[str, Any]) -> None:
         """Warn of each key ``layer`` edited whose value a higher layer's still wins."""
-        rank = self._rank
         for key in edited:
-            winner = snapshot.sources.get(key)
-            if winner is not None and rank.get(winner, -1) > rank.get(layer, -1):
+            winner = snapshot.shadowing(layer, key)  # also over a key inside a mapping
+            if winner is not None:
                 self.log.warning(
                     "update_shadowed",
                     key=key,
                     layer=layer,
                     value=self.shown(key, edited[key]),
                     winner=winner,
-                    effective=self.shown(key, snapshot.flat.get(key)),
+                    effective=self.shown(key, value_at(snapshot.flat, key)),
                 )
 
     def rejected(

@@ -91,12 +91,33 @@ def explain_rows(snapshot: Snapshot, keys: list[str]) -> list[dict[str, Any]]:
     rows = []
     for key in keys:
         winner = snapshot.sources[key]
-        layers = {name: said[key] for name, said in snapshot.layers.items() if key in said}
+        layers: dict[str, Any] = {}
+        given: dict[str, list[str]] = {}  # each layer's keys at ``key`` or inside its value
+        for name, said in snapshot.layers.items():
+            inside = {k[len(key) + 1 :]: v for k, v in said.items() if k.startswith(key + ".")}
+            if key in said or inside:
+                # A layer's keys inside the value (``weights.head``) are shown with it.
+                whole = said.get(key)
+                if not inside:
+                    layers[name] = whole
+                elif isinstance(whole, dict):
+                    layers[name] = {**whole, **inside}
+                else:
+                    layers[name] = inside
+                given[name] = ([key] if key in said else []) + [f"{key}.{k}" for k in inside]
         value = snapshot.flat[key]
         if key in secrets:
             layers = {name: SECRET_MASK if v is not None else v for name, v in layers.items()}
             value = SECRET_MASK if value is not None else value
-        shadowed = [name for name in layers if name in LIVE_LAYERS and rank[name] < rank[winner]]
+        shadowed = [
+            name
+            for name in layers
+            if name in LIVE_LAYERS
+            and (
+                rank[name] < rank[winner]
+                or any(snapshot.shadowing(name, k) is not None for k in given[name])
+            )
+        ]
         rows.append(
             {
                 "key": key,

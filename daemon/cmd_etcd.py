@@ -19,7 +19,13 @@ from typing import Any
 from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
 from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, key_path_fault, to_text
-from hotknob.config.merge import changed_keys, is_known, merge_dropping_invalid
+from hotknob.config.merge import (
+    Snapshot,
+    changed_keys,
+    is_known,
+    merge_dropping_invalid,
+    value_at,
+)
 from hotknob.config.schema import leaf_map, secret_keys, shown_value
 from hotknob.config.sources import parse_assignment
 
@@ -88,11 +94,11 @@ def _print_diff(
     )
 
 
-def _warn_shadowed(snapshot: Any, keys: list[str], secrets: frozenset[str]) -> None:
+def _warn_shadowed(snapshot: Snapshot, keys: list[str], secrets: frozenset[str]) -> None:
     for key in keys:
-        effective = shown_value(key, snapshot.flat[key], secrets)
+        effective = shown_value(key, value_at(snapshot.flat, key), secrets)
         print(
-            f"hotknob: warning: {key} is shadowed by the {snapshot.sources[key]} layer "
+            f"hotknob: warning: {key} is shadowed by the {snapshot.shadowing('etcd', key)} layer "
             f"(effective value {fmt(effective)}): the etcd value has no effect "
             "while that is set",
             file=sys.stderr,

@@ -145,7 +145,6 @@ class Engine:
         self._restart = RestartOnly(restart_only, self.log)
         self._announce = Announcer(
             self.log,
-            precedence=self.precedence,
             secrets=secret_keys(schema),
             broadcast=broadcast,
             on_accepted=on_accepted,

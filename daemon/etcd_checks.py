@@ -28,8 +28,7 @@ def validate_etcd_state(
     others = [layer for layer in layers if layer.name != "etcd"]
     candidate = Layer("etcd", new_etcd, dict.fromkeys(new_etcd, "set"))
     snapshot = merge_layers(schema, [*others, candidate], precedence)
-    rank = {n: i for i, n in enumerate(precedence)}
-    shadowed = [k for k in new_etcd if rank.get(snapshot.sources.get(k, "etcd"), 0) > rank["etcd"]]
+    shadowed = [k for k in new_etcd if snapshot.shadowing("etcd", k) is not None]
     return snapshot, shadowed
 
 

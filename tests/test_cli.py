@@ -464,6 +464,17 @@ def test_get_of_a_key_of_a_mapping_field_shows_the_value_inside(etcd: EtcdServer
     assert line == "hotknob: weights.nope: weights holds no such key"
 
 
+def test_set_warns_of_a_key_of_a_mapping_a_higher_layer_gives_whole(etcd: EtcdServer) -> None:
+    done = hk(etcd, "set", *WEIGHTED, "--set", 'weights={"head": 9}', "weights.head=0.5")
+    assert done.returncode == 0 and etcd_value(etcd, "weights/head") == "0.5", done.stderr
+    assert done.stderr.strip() == (
+        "hotknob: warning: weights.head is shadowed by the cli layer (effective value 9.0): "
+        "the etcd value has no effect while that is set"
+    )
+    done = hk(etcd, "explain", *WEIGHTED, "--set", 'weights={"head": 9}', "weights")
+    assert done.returncode == 0 and '{"head":0.5}*' in done.stdout, done.stdout
+
+
 def test_rollback_leaves_paths_that_are_no_keys_as_they_are(etcd: EtcdServer) -> None:
     """The target revision held paths that name no key: they cannot be restored as keys,
     and rollback neither writes nor deletes them; the keys are rolled back."""

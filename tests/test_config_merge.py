@@ -853,3 +853,15 @@ class _DictDefault(BaseModel):
 
 def test_a_section_default_given_as_a_dict_keeps_the_defaults_of_the_sections_inside() -> None:
     assert dict(defaults_layer(_DictDefault).values) == {"outer.x": 1, "outer.inner.a": 5}
+
+
+def test_a_key_inside_a_mapping_is_shadowed_by_a_higher_layer_s_whole_mapping() -> None:
+    etcd = Layer("etcd", {"weights.head": 5.0, "lr": 0.2})
+    cli = cli_layer(['weights={"head": 9}'])
+    snap = merge_layers(_Inside, [defaults_layer(_Inside), etcd, cli])
+    assert snap.shadowing("etcd", "weights.head") == "cli"
+    assert snap.shadowing("etcd", "lr") is None and snap.shadowing("cli", "weights") is None
+    # A key inside a lower layer's whole mapping shadows nothing of it but that key.
+    snap = merge_layers(_Inside, [defaults_layer(_Inside), Layer("etcd", {"weights.x": 1.0})])
+    assert snap.shadowing("defaults", "weights") is None
+    assert snap.shadowing("defaults", "weights.x") == "etcd"

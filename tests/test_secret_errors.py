@@ -279,7 +279,6 @@ def test_a_live_layer_s_keys_dropped_for_a_rule_are_announced_without_the_secret
     secrets = secret_keys(Guarded)
     announcer = Announcer(
         Log(),
-        precedence=("defaults", "files", "etcd", "env", "cli"),
         secrets=secrets,
         broadcast=events.append,
         on_accepted=lambda layer, version: None,
