@@ -351,6 +351,9 @@ def merge_layers(
         model = _validated(schema, nested)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
+        # A default made from the other fields is not made once any of them failed: that
+        # says nothing of its own (``default_factory_not_called``) beside their errors.
+        errors = [e for e in errors if e["type"] != "default_factory_not_called"] or errors
         custom = any(is_custom(err["type"]) for err in errors)
         quoted = secret_texts(schema, merged, facts.secrets) if custom else []
         for err in errors:

@@ -865,3 +865,17 @@ def test_a_key_inside_a_mapping_is_shadowed_by_a_higher_layer_s_whole_mapping() 
     snap = merge_layers(_Inside, [defaults_layer(_Inside), Layer("etcd", {"weights.x": 1.0})])
     assert snap.shadowing("defaults", "weights") is None
     assert snap.shadowing("defaults", "weights.x") == "etcd"
+
+
+class _Derived(BaseModel):
+    a: int = 1
+    lr: float = 0.1
+    derived: int = Field(default_factory=lambda data: data["a"] * 2)
+
+
+def test_a_default_made_from_other_fields_adds_nothing_to_their_errors() -> None:
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Derived, [defaults_layer(_Derived), cli_layer(['lr="x"'])])
+    assert [p.key for p in info.value.problems] == ["lr"]
+    snap = merge_layers(_Derived, [defaults_layer(_Derived), cli_layer(["a=4"])])
+    assert snap.flat["derived"] == 8
