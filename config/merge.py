@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
 from .errors import InvalidChange, Problem, UsageError
 from .keys import LONE_SURROGATE, KeyClash, copied, is_text, nested_with
+from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
 from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
 from .schema import (
     holds_bool_for_number,
@@ -80,34 +81,6 @@ class Snapshot:
             if not covering.isdisjoint(self.layers[name]):
                 return name
         return None
-
-
-def value_at(flat: Mapping[str, Any], key: str) -> Any:
-    """The value at ``key`` in a state by dotted key: a leaf's, or one inside a leaf's
-    value (``weights.head``); None if there is none."""
-    if key in flat:
-        return flat[key]
-    parts = key.split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        node = flat.get(".".join(parts[:end]), _NO_VALUE)
-        if node is not _NO_VALUE:
-            for part in parts[end:]:
-                if not isinstance(node, Mapping) or part not in node:
-                    return None
-                node = node[part]
-            return node
-    return None
-
-
-_NO_VALUE: Any = object()
-
-
-def _owner(key: str, winners: Mapping[str, str]) -> str:
-    """The key of ``winners`` that ``key`` is or lies under, the deepest one (a key of a
-    mapping leaf, ``weights.head``, over the leaf's whole mapping); else ``key``."""
-    if key in winners:
-        return key
-    return max((k for k in winners if key.startswith(k + ".")), key=len, default=key)
 
 
 def _loc_to_key(loc: Iterable[Any]) -> str:
@@ -180,64 +153,6 @@ def is_known(schema: type[BaseModel], key: str) -> bool:
     """Whether ``key`` is a key of ``schema``, as the merge takes it: a leaf, or a key under
     a leaf that holds a mapping (``weights.head``)."""
     return _facts(schema).is_known(key)
-
-
-def _nest_leaves(flat: Mapping[str, Any], paths: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
-    """``unflatten`` for keys that are all leaves of the schema (no clash is possible); a
-    mapping or list value is copied, as there."""
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        *sections, leaf = paths[key]
-        node = nested
-        for part in sections:
-            node = node.setdefault(part, {})
-        node[leaf] = copied(value) if type(value) in _CONTAINERS else value
-    return nested
-
-
-_CONTAINERS = frozenset({dict, list, MappingProxyType})
-
-
-def _drop_below(
-    merged: dict[str, Any],
-    winners: dict[str, str],
-    given: Mapping[str, Any],
-    leaves: frozenset[str],
-) -> None:
-    """Take out of ``merged`` (lower layers' values) the keys that lie below a key of
-    ``given`` (a key of a mapping, ``weights.head``, below ``weights``): a layer that gives
-    a value whole replaces what lower layers gave inside it."""
-    for key in [k for k in merged if k not in leaves]:
-        parts = key.split(".")
-        if any(".".join(parts[:end]) in given for end in range(1, len(parts))):
-            del merged[key]
-            del winners[key]
-
-
-def _nest_by_precedence(
-    flat: Mapping[str, Any], winners: Mapping[str, str], rank: Mapping[str, int]
-) -> dict[str, Any]:
-    """``flat`` (keys of any depth, what is left of each layer's after ``_drop_below``)
-    nested: a shallower key first, so that a key of a mapping (``weights.head``) lands in
-    the mapping given whole (``weights``) and replaces what is there, mapping or not. Below
-    a lower layer's None (a section that is None by default) it starts a mapping; below
-    any other value that is no mapping, it raises ``KeyClash``."""
-    nested: dict[str, Any] = {}
-    for key in sorted(flat, key=lambda k: k.count(".")):
-        parts = key.split(".")
-        node = nested
-        for depth, part in enumerate(parts[:-1], start=1):
-            child = node.get(part)
-            if not isinstance(child, dict):
-                if part in node:
-                    owner = _owner(".".join(parts[:depth]), winners)
-                    lower = rank[winners.get(owner, "defaults")] < rank[winners[key]]
-                    if child is not None or not lower:
-                        raise KeyClash(key, owner)
-                child = node[part] = {}
-            node = child
-        node[parts[-1]] = copied(flat[key])
-    return nested
 
 
 def _leaf_values(
@@ -316,7 +231,7 @@ def merge_layers(
         values = layer.values
         only_leaves = leaves.issuperset(values)  # the usual case, checked at C speed
         if not (only_leaves and all_leaves):  # lower layers' keys of a mapping it replaces
-            _drop_below(merged, winners, values, leaves)
+            drop_below(merged, winners, values, leaves)
         if only_leaves:
             merged.update(values)
             winners.update(dict.fromkeys(values, name))
@@ -339,8 +254,8 @@ def merge_layers(
 
     def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
         if all_leaves:
-            return _nest_leaves(flat, facts.paths)
-        return _nest_by_precedence(flat, winners, rank)
+            return nest_leaves(flat, facts.paths)
+        return nest_by_precedence(flat, winners, rank)
 
     try:
         nested = nest(merged)
@@ -358,7 +273,7 @@ def merge_layers(
         quoted = secret_texts(schema, merged, facts.secrets) if custom else []
         for err in errors:
             key = _loc_to_key(err["loc"])
-            leaf = _owner(key, winners)
+            leaf = owner(key, winners)
             # Inside a leaf's value (a model a mapping holds, an optional model): the keys
             # given below ``key`` made it, and the leaf's own value if a layer gave it.
             below = (
@@ -460,7 +375,7 @@ def leaf_input(
         if layer.problems or not facts.leaves.issuperset(layer.values):
             return None
         merged.update(layer.values)
-    return LeafInput(_nest_leaves(merged, facts.paths))
+    return LeafInput(nest_leaves(merged, facts.paths))
 
 
 def validate_leaves(

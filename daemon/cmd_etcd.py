@@ -19,13 +19,8 @@ from typing import Any
 from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
 from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, key_path_fault, to_text
-from hotknob.config.merge import (
-    Snapshot,
-    changed_keys,
-    is_known,
-    merge_dropping_invalid,
-    value_at,
-)
+from hotknob.config.merge import Snapshot, changed_keys, is_known, merge_dropping_invalid
+from hotknob.config.nesting import value_at
 from hotknob.config.schema import leaf_map, secret_keys, shown_value
 from hotknob.config.sources import parse_assignment
 
