@@ -114,32 +114,13 @@ def holds_mapping(annotation: Any) -> bool:
 
 
 def holds_key(annotation: Any, parts: Sequence[str]) -> bool:
-    """Whether a value of this type may hold the key ``parts`` below it: a mapping any key,
-    a model its fields (any key if it allows extra ones), ``Any`` anything, a union what
-    any of its types may; a number or a text nothing (``weights.a.b`` of a ``dict[str,
-    float]`` is no key, as ``train.lr.x`` is none). A typo below a model (``opt.tokn``)
-    is no key either: the model would drop it without a word."""
-    if not parts or annotation is Any or annotation is object:
-        return True
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return holds_key(get_args(annotation)[0], parts)
-    if origin is Union or origin is UnionType:
-        return any(holds_key(arg, parts) for arg in get_args(annotation))
-    kind = origin if origin is not None else annotation
-    if not isinstance(kind, type):
-        return True  # a type variable, a forward reference: validation decides
-    if issubclass(kind, BaseModel):
-        if getattr(kind, "__pydantic_root_model__", False):
-            return holds_key(kind.model_fields["root"].annotation, parts)
-        if kind.model_config.get("extra") == "allow":
-            return True
-        field = kind.model_fields.get(parts[0])
-        return field is not None and holds_key(field.annotation, parts[1:])
-    if issubclass(kind, Mapping):
-        args = get_args(annotation)
-        return holds_key(args[1] if len(args) == 2 else Any, parts[1:])
-    return False
+    """Whether a value of this type may hold the key ``parts`` below it (``types_at``): a
+    mapping any key, a model its fields (any key if it allows extra ones), ``Any``
+    anything, a union what any of its types may; a number or a text nothing
+    (``weights.a.b`` of a ``dict[str, float]`` is no key, as ``train.lr.x`` is none). A
+    typo below a model (``opt.tokn``) is no key either: the model would drop it without a
+    word."""
+    return bool(types_at(annotation, parts))
 
 
 def may_hold_container(annotation: Any) -> bool:
@@ -261,10 +242,13 @@ def _mentions_numbers(annotation: Any, seen: frozenset[type] = frozenset()) -> b
 
 def types_at(annotation: Any, parts: Sequence[str]) -> list[Any]:
     """The types the value at ``parts`` below a value of this type may have: a model's
-    field's, a mapping's values', each arm's of a union (``[Any]`` where that is not
-    known; none where no arm holds such a key)."""
+    field's (any, if it allows extra fields), a mapping's values', each arm's of a union
+    (``[Any]`` where that is not known, as for ``Any``; none where no arm holds such a
+    key: below a number, a text, a model without such a field)."""
     if not parts:
         return [annotation]
+    if annotation is Any or annotation is object:
+        return [Any]
     origin = get_origin(annotation)
     if origin is Annotated:
         return types_at(get_args(annotation)[0], parts)
@@ -275,13 +259,15 @@ def types_at(annotation: Any, parts: Sequence[str]) -> list[Any]:
         if getattr(kind, "__pydantic_root_model__", False):
             return types_at(kind.model_fields["root"].annotation, parts)
         field = kind.model_fields.get(parts[0])
-        return types_at(field.annotation, parts[1:]) if field is not None else []
+        if field is None:
+            return [Any] if kind.model_config.get("extra") == "allow" else []
+        return types_at(field.annotation, parts[1:])
     if isinstance(kind, type) and issubclass(kind, Mapping):
         args = get_args(annotation)
         return types_at(args[1], parts[1:]) if len(args) == 2 else [Any]
-    if isinstance(kind, type) and kind is not object:
+    if isinstance(kind, type):
         return []  # a number, a text: it holds no key
-    return [Any]
+    return [Any]  # a type variable, a forward reference: validation decides
 
 
 def numeric_keys(model: type[BaseModel]) -> dict[str, Any]:
