@@ -10,6 +10,7 @@ from .errors import (
     Unavailable,
     UsageError,
 )
+from .files import read_config_file
 from .merge import DEFAULT_PRECEDENCE, Snapshot, changed_keys, merge_layers, parse_precedence
 from .schema import DEFAULT_SCHEMA, MLParams, iter_leaves, load_schema, restart_only_keys
 from .sources import (
@@ -20,7 +21,6 @@ from .sources import (
     env_layer,
     etcd_layer,
     files_layer,
-    read_config_file,
     read_files_layer,
 )
 

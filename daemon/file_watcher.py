@@ -51,7 +51,7 @@ from watchdog.observers import Observer
 from watchdog.utils import UnsupportedLibcError
 
 from hotknob.config.errors import LayerError
-from hotknob.config.sources import read_config_file
+from hotknob.config.files import read_config_file
 
 # Opened and closed-without-write are left out: they are what our own reads cause. Attribute
 # changes stay in: a chmod can make an unreadable file readable.

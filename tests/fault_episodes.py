@@ -40,8 +40,8 @@ from typing import Any
 
 from hotknob.config import MLParams, defaults_layer, etcd_layer, files_layer, merge_layers
 from hotknob.config.errors import HotknobError
+from hotknob.config.files import read_config_file
 from hotknob.config.keys import flatten
-from hotknob.config.sources import read_config_file
 from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from hotknob.model_runtime import LiveConfig
 from hotknob.model_runtime.received import thaw
