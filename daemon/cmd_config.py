@@ -134,7 +134,11 @@ def explain_rows(snapshot: Snapshot, keys: list[str]) -> list[dict[str, Any]]:
 def cmd_explain(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
     snapshot, revision = current_snapshot(ctx, args)
-    rows = explain_rows(snapshot, _select(snapshot, args.key))
+    key = args.key
+    if key is not None and key not in snapshot.flat:  # ``weights.head``: its leaf's row
+        _inside_a_leaf(dict(snapshot.flat), key)  # a key no leaf holds is refused, as in get
+        key = next((k for k in snapshot.flat if key.startswith(k + ".")), key)
+    rows = explain_rows(snapshot, _select(snapshot, key))
     if args.json:
         print(dumps({"revision": revision, "precedence": list(ctx.precedence), "keys": rows}))
         return 0

@@ -462,6 +462,10 @@ def test_get_of_a_key_of_a_mapping_field_shows_the_value_inside(etcd: EtcdServer
     assert (done.returncode, done.stdout.strip()) == (0, "0.5"), done.stderr
     line = one_line_error(hk(etcd, "get", *WEIGHTED, "weights.nope"), 1)
     assert line == "hotknob: weights.nope: weights holds no such key"
+    done = hk(etcd, "explain", *WEIGHTED, "weights.head")  # the row of the leaf that holds it
+    assert done.returncode == 0 and done.stdout.splitlines()[1].startswith("weights "), done.stdout
+    line = one_line_error(hk(etcd, "explain", *WEIGHTED, "weights.nope"), 1)
+    assert line == "hotknob: weights.nope: weights holds no such key"
 
 
 def test_set_warns_of_a_key_of_a_mapping_a_higher_layer_gives_whole(etcd: EtcdServer) -> None:
