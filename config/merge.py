@@ -24,7 +24,6 @@ from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
 from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
 from .schema import (
     holds_bool_for_number,
-    holds_key,
     iter_leaves,
     mapping_keys,
     may_hold_container,
@@ -89,16 +88,21 @@ def _loc_to_key(loc: Iterable[Any]) -> str:
 
 def _known(key: str, leaves: frozenset[str], mappings: Mapping[str, Any]) -> bool:
     """A key is known if it is a leaf or lies below a leaf that holds a mapping (a dict-typed
-    field, an optional model) and that leaf's type may hold it (``holds_key``); a key below
-    any other leaf (``train.lr.x``) is not a key of the schema."""
-    if key in leaves:
-        return True
+    field, an optional model) and that leaf's type may hold it (``_types_inside``); a key
+    below any other leaf (``train.lr.x``) is not a key of the schema."""
+    return key in leaves or bool(_types_inside(key, mappings))
+
+
+def _types_inside(key: str, mappings: Mapping[str, Any]) -> list[Any]:
+    """The types the value at ``key`` may have inside the leaf of ``mappings`` (leaves that
+    hold a mapping, and their types) it lies below (``types_at``); none if it lies below
+    no such leaf, or the leaf's type holds no such key."""
     parts = key.split(".")
     for end in range(1, len(parts)):
         annotation = mappings.get(".".join(parts[:end]), _NO_LEAF)
         if annotation is not _NO_LEAF:
-            return holds_key(annotation, parts[end:])
-    return False
+            return types_at(annotation, parts[end:])
+    return []
 
 
 _NO_LEAF: Any = object()
@@ -205,6 +209,53 @@ def _raised(
     return raised_by_schema(exc, merged, winners, defaults, fixed, outcome, facts.secrets, quoted)
 
 
+def _refused(
+    schema: type[BaseModel],
+    exc: ValidationError,
+    merged: Mapping[str, Any],
+    winners: Mapping[str, str],
+    facts: _SchemaFacts,
+) -> list[Problem]:
+    """A problem for each of pydantic's errors, named by the key and the layer to blame."""
+    problems: list[Problem] = []
+    errors = exc.errors(include_url=False)
+    # A default made from the other fields is not made once any of them failed: that
+    # says nothing of its own (``default_factory_not_called``) beside their errors.
+    errors = [e for e in errors if e["type"] != "default_factory_not_called"] or errors
+    custom = any(is_custom(err["type"]) for err in errors)
+    quoted = secret_texts(schema, merged, facts.secrets) if custom else []
+    for err in errors:
+        key = _loc_to_key(err["loc"])
+        leaf = owner(key, winners)
+        # Inside a leaf's value (a model a mapping holds, an optional model): the keys
+        # given below ``key`` made it, and the leaf's own value if a layer gave it.
+        below = (
+            [k for k in winners if k.startswith(key + ".")]
+            if leaf != key or (key in facts.mappings)
+            else []
+        )
+        if below:
+            if winners.get(leaf, "defaults") != "defaults":
+                below.insert(0, leaf)
+            kind, message = err["type"], err["msg"]
+            problems.extend(
+                Problem(
+                    k,
+                    winners[k],
+                    reason_for(kind, message, facts.secrets, k, k, quoted),
+                    merged[k],
+                )
+                for k in below
+            )
+            continue
+        reason = reason_for(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
+        value = err["input"]
+        if not facts.is_known(leaf):  # a section's or the whole model's input: its secrets
+            value = masked_input(leaf, value, facts.is_known, facts.secrets)
+        problems.append(Problem(leaf, winners.get(leaf, "defaults"), reason, value))
+    return problems
+
+
 def merge_layers(
     schema: type[BaseModel],
     layers: Iterable[Layer],
@@ -265,44 +316,9 @@ def merge_layers(
     try:
         model = _validated(schema, nested)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        # A default made from the other fields is not made once any of them failed: that
-        # says nothing of its own (``default_factory_not_called``) beside their errors.
-        errors = [e for e in errors if e["type"] != "default_factory_not_called"] or errors
-        custom = any(is_custom(err["type"]) for err in errors)
-        quoted = secret_texts(schema, merged, facts.secrets) if custom else []
-        for err in errors:
-            key = _loc_to_key(err["loc"])
-            leaf = owner(key, winners)
-            # Inside a leaf's value (a model a mapping holds, an optional model): the keys
-            # given below ``key`` made it, and the leaf's own value if a layer gave it.
-            below = (
-                [k for k in winners if k.startswith(key + ".")]
-                if leaf != key or (key in facts.mappings)
-                else []
-            )
-            if below:
-                if winners.get(leaf, "defaults") != "defaults":
-                    below.insert(0, leaf)
-                kind, message = err["type"], err["msg"]
-                problems.extend(
-                    Problem(
-                        k,
-                        winners[k],
-                        reason_for(kind, message, facts.secrets, k, k, quoted),
-                        merged[k],
-                    )
-                    for k in below
-                )
-                continue
-            reason = reason_for(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
-            value = err["input"]
-            if not facts.is_known(leaf):  # a section's or the whole model's input: its secrets
-                value = masked_input(leaf, value, facts.is_known, facts.secrets)
-            problems.append(Problem(leaf, winners.get(leaf, "defaults"), reason, value))
         # Not ``from exc``: pydantic's own text of the error quotes every input in full,
         # secrets too, and a traceback of the chain would print it.
-        raise InvalidChange(problems) from None
+        raise InvalidChange(_refused(schema, exc, merged, winners, facts)) from None
     except SCHEMA_FAULTS as exc:  # the schema's own code raised, naming no key
         raised = exc
     else:
@@ -418,15 +434,6 @@ def booleans_for_numbers(schema: type[BaseModel], flat: Mapping[str, Any]) -> li
             if types and all(holds_bool_for_number(t, value) for t in types):
                 found.append(key)
     return found
-
-
-def _types_inside(key: str, mappings: Mapping[str, Any]) -> list[Any]:
-    parts = key.split(".")
-    for end in range(1, len(parts)):
-        annotation = mappings.get(".".join(parts[:end]))
-        if annotation is not None:
-            return types_at(annotation, parts[end:])
-    return []
 
 
 _MAY_HOLD_BOOLS = frozenset({bool, list, dict, MappingProxyType})

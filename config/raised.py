@@ -113,7 +113,8 @@ def _blamed(
 ) -> dict[str, BaseException]:
     """``raised_by_schema``'s values to blame for ``exc``, each with what it raised."""
     try:
-        result, raised = trials.run(_with_defaults(merged, movable, defaults))
+        base = _with_defaults(merged, movable, defaults)  # every value given set back
+        result, raised = trials.run(base)
         if result == RAISED and raised is not None:
             return dict.fromkeys([key for key in given if key not in movable] or [""], raised)
         singles: dict[str, Outcome] = {}
@@ -124,7 +125,6 @@ def _blamed(
             cured = _cured(trials, merged, movable, defaults)
         if cured:
             return dict.fromkeys(cured, exc)
-        base = _with_defaults(merged, movable, defaults)
         alone = _raising_alone(trials, base, movable, merged)
         if alone and trials.run(_with_defaults(merged, list(alone), defaults))[0] != RAISED:
             return alone

@@ -113,16 +113,6 @@ def holds_mapping(annotation: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, Mapping | BaseModel)
 
 
-def holds_key(annotation: Any, parts: Sequence[str]) -> bool:
-    """Whether a value of this type may hold the key ``parts`` below it (``types_at``): a
-    mapping any key, a model its fields (any key if it allows extra ones), ``Any``
-    anything, a union what any of its types may; a number or a text nothing
-    (``weights.a.b`` of a ``dict[str, float]`` is no key, as ``train.lr.x`` is none). A
-    typo below a model (``opt.tokn``) is no key either: the model would drop it without a
-    word."""
-    return bool(types_at(annotation, parts))
-
-
 def may_hold_container(annotation: Any) -> bool:
     """Whether a value of this type may be or hold a list or a mapping (which a validator
     could edit in place): anything but a number, a text, a date, an enum and the like."""
@@ -243,8 +233,10 @@ def _mentions_numbers(annotation: Any, seen: frozenset[type] = frozenset()) -> b
 def types_at(annotation: Any, parts: Sequence[str]) -> list[Any]:
     """The types the value at ``parts`` below a value of this type may have: a model's
     field's (any, if it allows extra fields), a mapping's values', each arm's of a union
-    (``[Any]`` where that is not known, as for ``Any``; none where no arm holds such a
-    key: below a number, a text, a model without such a field)."""
+    (``[Any]`` where that is not known, as for ``Any``). None where no arm holds such a
+    key: below a number or a text (``weights.a.b`` of a ``dict[str, float]``, as
+    ``train.lr.x``), or a model without such a field (a typo, ``opt.tokn``, that the
+    model would drop without a word): then it is no key of the schema."""
     if not parts:
         return [annotation]
     if annotation is Any or annotation is object:
