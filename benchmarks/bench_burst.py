@@ -12,8 +12,11 @@ at each apply, not every value); what matters is that the daemon keeps up:
 - the daemon's RSS (``VmRSS``) grows ≤ 10 MB from idle (one client connected) to
   just after the burst, and stays ≤ 75 MB.
 
-The achieved put rate is reported too: if the writer cannot reach the target on a
-busy machine, the figures hold for the rate reached. A second round on the same etcd
+The writers run at a lower priority (``WRITER_NICE``): on a machine with two cores they
+took as much CPU as etcd or the daemon (~0.6-0.8 of a core for 2,000 puts/s), and in
+production the writers (operators, scripts) are elsewhere. The rate they reach is a
+goal of its own (``MIN_RATE``), so that yielding can never make the burst lighter
+unseen. A second round on the same etcd
 gives the same burst to a bare etcd-sdk-python watch alone (the daemon and its client
 stopped, so that they do not share the machine): the figures of that round say what
 the machine and the client library can do, as the baseline of the latency benchmark
@@ -35,9 +38,11 @@ from benchmarks.support import (
     Etcd,
     Figure,
     Worker,
+    at_least,
     at_most,
     drive,
     live_worker,
+    percentile,
     reset_value,
     start_workers,
     stop_all,
@@ -46,7 +51,9 @@ from benchmarks.support import (
 
 NAME = "burst"
 RATE = 2000.0
+MIN_RATE = 0.98 * RATE
 WRITERS = 4
+WRITER_NICE = 10
 
 
 def _lag_growth_ms(sent: dict[int, float], records: list[tuple[int, float]]) -> float:
@@ -58,6 +65,11 @@ def _lag_growth_ms(sent: dict[int, float], records: list[tuple[int, float]]) -> 
     if not first or not last:
         return float("nan")
     return statistics.median(last) - statistics.median(first)
+
+
+def _lags_ms(sent: dict[int, float], records: list[tuple[int, float]]) -> list[float]:
+    """Put -> applied of each value applied (the client coalesces: most are never seen)."""
+    return [(t - sent[v]) * 1000 for v, t in records if v in sent]
 
 
 def _last_value(etcd: Etcd) -> int:
@@ -90,7 +102,9 @@ def run(quick: bool) -> dict[str, Any]:
         start_workers(workers)
         time.sleep(0.5)
         rss_idle = daemon.rss_mb()
-        sent, results, _ = drive(etcd, workers, count, RATE, threads=WRITERS, settle_s=1.0)
+        sent, results, _ = drive(
+            etcd, workers, count, RATE, threads=WRITERS, settle_s=1.0, writer_nice=WRITER_NICE
+        )
         rss_after = daemon.rss_mb()
         last = _last_value(etcd)
         stop_all(daemon, *workers)
@@ -100,7 +114,14 @@ def run(quick: bool) -> dict[str, Any]:
         workers = [watch_worker(workdir, etcd.endpoint, timeout=seconds + 30)]
         start_workers(workers)
         base_sent, base_results, _ = drive(
-            etcd, workers, count, RATE, threads=WRITERS, settle_s=1.0, first=count + 1
+            etcd,
+            workers,
+            count,
+            RATE,
+            threads=WRITERS,
+            settle_s=1.0,
+            first=count + 1,
+            writer_nice=WRITER_NICE,
         )
         base_last = _last_value(etcd)
     finally:
@@ -110,9 +131,13 @@ def run(quick: bool) -> dict[str, Any]:
     base_records = [(v, t) for v, t in base_results[0]["clients"][0]]
     span = max(sent.values()) - min(sent.values())
     figures = [
-        Figure("puts per second reached", (count - 1) / span if span > 0 else None, "1/s"),
+        at_least(
+            "puts per second reached", (count - 1) / span if span > 0 else None, MIN_RATE, "1/s"
+        ),
         at_most("last put -> applied", _last_ms(sent, records, last), 100, "ms"),
         at_most("lag growth through the burst", _lag_growth_ms(sent, records), 10, "ms"),
+        Figure("put -> applied p50, values applied", percentile(_lags_ms(sent, records), 50), "ms"),
+        Figure("put -> applied p99, values applied", percentile(_lags_ms(sent, records), 99), "ms"),
         Figure("daemon RSS idle (1 client)", rss_idle, "MB"),
         at_most("daemon RSS after the burst", rss_after, 75, "MB"),
         at_most("daemon RSS growth", rss_after - rss_idle, 10, "MB"),
@@ -123,8 +148,19 @@ def run(quick: bool) -> dict[str, Any]:
             "ms",
         ),
         Figure("baseline watch alone: lag growth", _lag_growth_ms(base_sent, base_records), "ms"),
+        Figure(
+            "baseline watch alone: put -> seen p99",
+            percentile(_lags_ms(base_sent, base_records), 99),
+            "ms",
+        ),
     ]
     return {
         "figures": [f.as_dict() for f in figures],
-        "params": {"rate_per_s": RATE, "seconds": seconds, "puts": count, "writers": WRITERS},
+        "params": {
+            "rate_per_s": RATE,
+            "seconds": seconds,
+            "puts": count,
+            "writers": WRITERS,
+            "writer_nice": WRITER_NICE,
+        },
     }

@@ -63,6 +63,12 @@ def at_most(name: str, value: float | None, limit: float, unit: str, goal: str =
     return Figure(name, value, unit, goal or f"<= {limit:g} {unit}", ok)
 
 
+def at_least(name: str, value: float | None, limit: float, unit: str) -> Figure:
+    """A figure whose goal is ``value >= limit``; a missing value is a miss."""
+    ok = value is not None and not math.isnan(value) and value >= limit
+    return Figure(name, value, unit, f">= {limit:g} {unit}", ok)
+
+
 def percentile(samples: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100) with linear interpolation; NaN for no samples."""
     if not samples:
@@ -339,20 +345,38 @@ def relay_workers(workdir: Path, endpoint: str, *, timeout: float) -> list[Worke
     return [server, client]
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice`` (Linux: per thread). Lowering a
+    priority needs no privilege; raising it back would, hence only on threads of their
+    own."""
+    if nice and sys.platform == "linux":
+        os.setpriority(
+            os.PRIO_PROCESS,
+            threading.get_native_id(),
+            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice,
+        )
+
+
 def paced_puts(
-    puts: Sequence[Callable[[int], None]], values: Sequence[int], rate: float
+    puts: Sequence[Callable[[int], None]], values: Sequence[int], rate: float, *, nice: int = 0
 ) -> dict[int, float]:
     """Send ``values`` at ``rate`` per second, value ``i`` due at ``start + i / rate``.
 
     Returns each value's send time (taken just before its put). With several ``puts``
     (each its own client), value ``i`` goes through ``puts[i % len(puts)]`` on a thread
     of its own, so one put that blocks does not hold back the others.
+
+    ``nice`` > 0 runs the writers at a lower priority: a load generator that shares the
+    machine with what it measures should yield the CPU to it (``bench_burst``). They
+    then fall behind the schedule only when nothing else wants the CPU less; what
+    they reached shows in the send times.
     """
     sent: dict[int, float] = {}
     lock = threading.Lock()
     start = time.monotonic() + 0.05
 
     def run(indices: range, do_put: Callable[[int], None]) -> None:
+        _lower_priority(nice)
         for i in indices:
             delay = start + i / rate - time.monotonic()
             if delay > 0:
@@ -362,7 +386,7 @@ def paced_puts(
             with lock:
                 sent[values[i]] = t
 
-    if len(puts) == 1:
+    if len(puts) == 1 and not nice:
         run(range(len(values)), puts[0])
         return sent
     pool = [
@@ -406,16 +430,18 @@ def drive(
     first: int = 1,
     settle_s: float = 0.05,
     timeout: float = 60.0,
+    writer_nice: int = 0,
 ) -> tuple[dict[int, float], list[dict[str, Any]], float]:
     """Put ``count`` values (``first``, ``first + 1``, ...) at ``rate``, then, ``settle_s``
-    later, ``STOP_VALUE``; ``threads`` writers (each its own client) share the puts.
+    later, ``STOP_VALUE``; ``threads`` writers (each its own client) share the puts, at
+    ``writer_nice`` (``paced_puts``).
 
     Returns the send times, each worker's records, and the send time of the last value.
     """
     values = list(range(first, first + count))
     clients = [etcd.client() for _ in range(threads)]
     try:
-        sent = paced_puts([etcd_put(c) for c in clients], values, rate)
+        sent = paced_puts([etcd_put(c) for c in clients], values, rate, nice=writer_nice)
         last_sent = max(sent.values())
         time.sleep(settle_s)
         clients[0].put(ETCD_KEY, str(STOP_VALUE))
