@@ -327,18 +327,23 @@ def live_worker(
     return Worker("live", args, workdir)
 
 
-def watch_worker(workdir: Path, endpoint: str, *, timeout: float) -> Worker:
-    """A process with a bare etcd-sdk-python watch on the key: the same-run baseline."""
-    return Worker("watch", ["--endpoint", endpoint, "--timeout", str(timeout)], workdir)
+def watch_worker(
+    workdir: Path, endpoint: str, *, timeout: float, prefix: str = CONFIG_PREFIX
+) -> Worker:
+    """A process with a bare etcd-sdk-python watch on ``prefix``: the same-run baseline."""
+    args = ["--endpoint", endpoint, "--timeout", str(timeout), "--prefix", prefix]
+    return Worker("watch", args, workdir)
 
 
-def relay_workers(workdir: Path, endpoint: str, *, timeout: float) -> list[Worker]:
-    """The architecture floor (see ``benchmarks.worker``): its server, then its client.
-    Start the server first: the client connects to the server's socket."""
+def relay_workers(
+    workdir: Path, endpoint: str, *, timeout: float, prefix: str = CONFIG_PREFIX
+) -> list[Worker]:
+    """The architecture floor (see ``benchmarks.worker``), watching ``prefix``: its server,
+    then its client. Start the server first: the client connects to the server's socket."""
     path = str(workdir / "relay.sock")
     server = Worker(
         "relay-server",
-        ["--endpoint", endpoint, "--socket", path, "--timeout", str(timeout)],
+        ["--endpoint", endpoint, "--socket", path, "--timeout", str(timeout), "--prefix", prefix],
         workdir,
     )
     client = Worker("relay", ["--socket", path, "--timeout", str(timeout)], workdir)
@@ -402,9 +407,14 @@ def paced_puts(
     return sent
 
 
-def etcd_put(client: Any) -> Callable[[int], None]:
+def etcd_put(
+    client: Any, keys: Sequence[str] = (ETCD_KEY,), first: int = 1
+) -> Callable[[int], None]:
+    """A put of ``value`` to ``keys[(value - first) % len(keys)]``: with several keys, the
+    values take them in turn."""
+
     def put(value: int) -> None:
-        client.put(ETCD_KEY, str(value))
+        client.put(keys[(value - first) % len(keys)], str(value))
 
     return put
 
@@ -431,20 +441,24 @@ def drive(
     settle_s: float = 0.05,
     timeout: float = 60.0,
     writer_nice: int = 0,
+    keys: Sequence[str] = (ETCD_KEY,),
 ) -> tuple[dict[int, float], list[dict[str, Any]], float]:
     """Put ``count`` values (``first``, ``first + 1``, ...) at ``rate``, then, ``settle_s``
     later, ``STOP_VALUE``; ``threads`` writers (each its own client) share the puts, at
-    ``writer_nice`` (``paced_puts``).
+    ``writer_nice`` (``paced_puts``). With several ``keys`` the values take them in turn
+    (``etcd_put``) and each key gets ``STOP_VALUE``.
 
     Returns the send times, each worker's records, and the send time of the last value.
     """
     values = list(range(first, first + count))
     clients = [etcd.client() for _ in range(threads)]
     try:
-        sent = paced_puts([etcd_put(c) for c in clients], values, rate, nice=writer_nice)
+        puts = [etcd_put(c, keys, first) for c in clients]
+        sent = paced_puts(puts, values, rate, nice=writer_nice)
         last_sent = max(sent.values())
         time.sleep(settle_s)
-        clients[0].put(ETCD_KEY, str(STOP_VALUE))
+        for key in keys:
+            clients[0].put(key, str(STOP_VALUE))
     finally:
         for c in clients:
             c.close()

@@ -18,6 +18,10 @@ Roles:
   polling loop; hotknob skips the second for a change that comes alone); no merge,
   validation, versions or state.
 
+``watch`` and ``relay-server`` watch ``--prefix`` (default: the daemon's config prefix);
+the latency benchmark gives each reader a prefix of its own, so that each put wakes
+one reader's chain only.
+
 Each prints ``ready`` once it is connected, stops when every client has seen
 ``STOP_VALUE`` (or after ``--timeout`` seconds), and writes its records to ``--out``
 as JSON: ``{"clients": [[[value, time], ...], ...], "pid": PID}``.
@@ -90,7 +94,7 @@ def run_watch(args: argparse.Namespace) -> dict[str, Any]:
             if value == STOP_VALUE:
                 done.set()
 
-    watch_id = client.add_watch_prefix_callback(CONFIG_PREFIX, on_response)
+    watch_id = client.add_watch_prefix_callback(args.prefix, on_response)
     _ready()
     try:
         done.wait(args.timeout)
@@ -133,7 +137,7 @@ def run_relay_server(args: argparse.Namespace) -> dict[str, Any]:
                 loop.call_soon_threadsafe(push, int(event.value))
 
         server = await asyncio.start_unix_server(on_client, args.socket)
-        watch_id = client.add_watch_prefix_callback(CONFIG_PREFIX, on_response)
+        watch_id = client.add_watch_prefix_callback(args.prefix, on_response)
         _ready()
         try:
             await asyncio.wait_for(done.wait(), args.timeout)
@@ -217,6 +221,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--poll", type=float, default=5e-5)
+    parser.add_argument("--prefix", default=CONFIG_PREFIX)
     args = parser.parse_args()
     result = ROLES[args.role](args)
     result["pid"] = os.getpid()
