@@ -396,9 +396,13 @@ class LiveConfig:
             if converted is None:
                 return
             number = converted
-        if ack:
-            extra: dict[str, Any] = {"errors": [_text_only(e) for e in errors]} if errors else {}
-            self._conn.send(protocol.applied(new.version, number, **extra))
+        if not ack:
+            return
+        if errors:
+            errors_sent = [_text_only(e) for e in errors]
+            self._conn.send(protocol.applied(new.version, number, errors=errors_sent))
+        else:  # the usual ack, on the training thread: formatted, not encoded
+            self._conn.send_line(protocol.applied_line(new.version, number), protocol.APPLIED)
 
     def _step_for_ack(self, step: Any, new: State) -> int | None:
         """``step`` converted for the ack (and kept for a reconnect's ack and ``state_dict``),

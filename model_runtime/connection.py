@@ -106,20 +106,19 @@ class DaemonConnection:
         """Send ``message`` now if the socket takes it, else queue it for the thread; never
         blocks. Dropped while disconnected: the next snapshot supersedes it."""
         if self._closed:
-            if self._forked and not self._warned_forked:
-                self._warned_forked = True
-                log.warning(
-                    "live_forked_child path=%s pid=%d: this process was forked from the one "
-                    "that connected; its connection is closed and %s is not sent",
-                    self.path,
-                    os.getpid(),
-                    message.get("type"),
-                )
+            self._not_sent(message.get("type"))
             return
         try:
             data = protocol.encode(message)
         except protocol.ProtocolError:
             log.exception("live_message_unencodable type=%s", message.get("type"))
+            return
+        self.send_line(data, message.get("type"))
+
+    def send_line(self, data: bytes, kind: object) -> None:
+        """``send`` for a message already encoded (``kind``: its type, for the log)."""
+        if self._closed:
+            self._not_sent(kind)
             return
         with self._send_lock:
             sock = self._sock
@@ -145,6 +144,17 @@ class DaemonConnection:
                 return
             self._out += data
             self._wake()  # the thread writes the rest; under the lock: ``close`` closes the pipe
+
+    def _not_sent(self, kind: object) -> None:
+        if self._forked and not self._warned_forked:
+            self._warned_forked = True
+            log.warning(
+                "live_forked_child path=%s pid=%d: this process was forked from the one "
+                "that connected; its connection is closed and %s is not sent",
+                self.path,
+                os.getpid(),
+                kind,
+            )
 
     def close(self) -> None:
         """Stop and join the thread and close the socket; idempotent."""

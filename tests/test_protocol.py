@@ -61,6 +61,16 @@ def test_applied_numbers_are_bounded() -> None:
 
 
 @pytest.mark.parametrize(
+    ("version", "step"),
+    [(0, 0), (1, -1), (7, 1200), (protocol.MAX_INT, -protocol.MAX_INT), (2, protocol.MAX_INT)],
+)
+def test_the_formatted_ack_is_the_encoded_one(version: int, step: int) -> None:
+    line = protocol.applied_line(version, step)
+    assert line == protocol.encode(protocol.applied(version, step))
+    _hello_then(protocol.decode(line))
+
+
+@pytest.mark.parametrize(
     "errors",
     [["boom"], [[1, 2]], {"key": "x"}, [{"key": 1}], "boom"],
 )
