@@ -15,8 +15,10 @@ at each apply, not every value); what matters is that the daemon keeps up:
 The writers run at a lower priority (``WRITER_NICE``): on a machine with two cores they
 took as much CPU as etcd or the daemon (~0.6-0.8 of a core for 2,000 puts/s), and in
 production the writers (operators, scripts) are elsewhere. The rate they reach is a
-goal of its own (``MIN_RATE``), so that yielding can never make the burst lighter
-unseen. A second round on the same etcd
+goal of its own (``MIN_RATE``, 95 % of the target), so that yielding can never make
+the burst lighter unseen. Not 100 %: the rate is counted from the first put to the
+last, and a put slow at the end (at either priority) takes tens of ms off it (1,956-2,000/s
+at nice 5 and 10 alike). A second round on the same etcd
 gives the same burst to a bare etcd-sdk-python watch alone (the daemon and its client
 stopped, so that they do not share the machine): the figures of that round say what
 the machine and the client library can do, as the baseline of the latency benchmark
@@ -51,7 +53,7 @@ from benchmarks.support import (
 
 NAME = "burst"
 RATE = 2000.0
-MIN_RATE = 0.98 * RATE
+MIN_RATE = 0.95 * RATE
 WRITERS = 4
 WRITER_NICE = 10
 
