@@ -43,6 +43,7 @@ from benchmarks.support import (
     at_least,
     at_most,
     drive,
+    latencies_ms,
     live_worker,
     percentile,
     reset_value,
@@ -67,11 +68,6 @@ def _lag_growth_ms(sent: dict[int, float], records: list[tuple[int, float]]) -> 
     if not first or not last:
         return float("nan")
     return statistics.median(last) - statistics.median(first)
-
-
-def _lags_ms(sent: dict[int, float], records: list[tuple[int, float]]) -> list[float]:
-    """Put -> applied of each value applied (the client coalesces: most are never seen)."""
-    return [(t - sent[v]) * 1000 for v, t in records if v in sent]
 
 
 def _last_value(etcd: Etcd) -> int:
@@ -134,12 +130,16 @@ def run(quick: bool) -> dict[str, Any]:
     span = max(sent.values()) - min(sent.values())
     figures = [
         at_least(
-            "puts per second reached", (count - 1) / span if span > 0 else None, MIN_RATE, "1/s"
+            "puts per second reached", (len(sent) - 1) / span if span > 0 else None, MIN_RATE, "1/s"
         ),
         at_most("last put -> applied", _last_ms(sent, records, last), 100, "ms"),
         at_most("lag growth through the burst", _lag_growth_ms(sent, records), 10, "ms"),
-        Figure("put -> applied p50, values applied", percentile(_lags_ms(sent, records), 50), "ms"),
-        Figure("put -> applied p99, values applied", percentile(_lags_ms(sent, records), 99), "ms"),
+        Figure(
+            "put -> applied p50, values applied", percentile(latencies_ms(sent, records), 50), "ms"
+        ),
+        Figure(
+            "put -> applied p99, values applied", percentile(latencies_ms(sent, records), 99), "ms"
+        ),
         Figure("daemon RSS idle (1 client)", rss_idle, "MB"),
         at_most("daemon RSS after the burst", rss_after, 75, "MB"),
         at_most("daemon RSS growth", rss_after - rss_idle, 10, "MB"),
@@ -152,7 +152,7 @@ def run(quick: bool) -> dict[str, Any]:
         Figure("baseline watch alone: lag growth", _lag_growth_ms(base_sent, base_records), "ms"),
         Figure(
             "baseline watch alone: put -> seen p99",
-            percentile(_lags_ms(base_sent, base_records), 99),
+            percentile(latencies_ms(base_sent, base_records), 99),
             "ms",
         ),
     ]

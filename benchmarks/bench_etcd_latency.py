@@ -1,10 +1,10 @@
 """etcd put → applied in a client process, against a bare etcd watch in the same run.
 
-One etcd, one ``hotknob run`` watching it, and two child processes: one with a
+One etcd, one ``hotknob run`` watching it, and three readers in child processes: a
 ``LiveConfig`` that spins ``apply(step)`` (a ``POLL_S`` sleep between calls) and records
-when each value is applied, and one with a bare etcd-sdk-python prefix watch that
-records when its callback sees each value (the baseline: what any Python process
-watching etcd itself would get). Latencies run from the moment just before a put to
+when each value is applied; a bare etcd-sdk-python prefix watch that records when its
+callback sees each value (the baseline: what any Python process watching etcd itself
+would get); and the floor (below). Latencies run from the moment just before a put to
 the moment it is seen, on the same clock. The first ``WARMUP`` values of each reader
 are left out (connections and caches warming up).
 

@@ -377,33 +377,41 @@ def paced_puts(
     they reached shows in the send times.
     """
     sent: dict[int, float] = {}
+    failed: list[BaseException] = []
     lock = threading.Lock()
     start = time.monotonic() + 0.05
 
     def run(indices: range, do_put: Callable[[int], None]) -> None:
-        _lower_priority(nice)
-        for i in indices:
-            delay = start + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            t = time.monotonic()
-            do_put(values[i])
-            with lock:
-                sent[values[i]] = t
+        try:
+            _lower_priority(nice)
+            for i in indices:
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                t = time.monotonic()
+                do_put(values[i])
+                with lock:
+                    sent[values[i]] = t
+        except BaseException as exc:  # a writer that stopped: the run is no run at that rate
+            failed.append(exc)
 
     if len(puts) == 1 and not nice:
         run(range(len(values)), puts[0])
-        return sent
-    pool = [
-        threading.Thread(
-            target=run, args=(range(k, len(values), len(puts)), put), name=f"bench-writer-{k}"
-        )
-        for k, put in enumerate(puts)
-    ]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    else:
+        pool = [
+            threading.Thread(
+                target=run, args=(range(k, len(values), len(puts)), put), name=f"bench-writer-{k}"
+            )
+            for k, put in enumerate(puts)
+        ]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    if failed:
+        raise RuntimeError(f"a writer failed after {len(sent)} of {len(values)} puts") from failed[
+            0
+        ]
     return sent
 
 

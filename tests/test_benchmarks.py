@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from benchmarks.__main__ import FAMILIES, families, normalize, render_table, summarize
-from benchmarks.support import Figure, at_most, latencies_ms, percentile
+from benchmarks.support import Figure, at_most, etcd_put, latencies_ms, paced_puts, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 MACHINE_KEYS = {"cpu_model", "cores", "memory_gb", "python", "torch", "etcd"}
@@ -127,3 +127,32 @@ def test_table_and_summary_show_misses_and_errors() -> None:
 
 def test_the_issue_families_come_first() -> None:
     assert families()[: len(FAMILIES)] == list(FAMILIES)
+
+
+@pytest.mark.parametrize(("writers", "nice"), [(1, 0), (1, 5), (3, 0)])
+def test_a_writer_that_fails_fails_the_run(writers: int, nice: int) -> None:
+    """A put that raises must not leave a lighter run that reads as the rate asked for."""
+
+    def put(value: int) -> None:
+        if value == 5:
+            raise ConnectionError("etcd went away")
+
+    with pytest.raises(RuntimeError, match="a writer failed") as caught:
+        paced_puts([put] * writers, list(range(1, 13)), 2000.0, nice=nice)
+    assert isinstance(caught.value.__cause__, ConnectionError)
+
+
+def test_values_take_the_keys_in_turn() -> None:
+    class Client:
+        def __init__(self) -> None:
+            self.puts: list[tuple[str, str]] = []
+
+        def put(self, key: str, value: str) -> None:
+            self.puts.append((key, value))
+
+    client = Client()
+    put = etcd_put(client, ("a", "b", "c"), first=1)
+    for value in range(1, 8):
+        put(value)
+    assert [key for key, _ in client.puts] == ["a", "b", "c", "a", "b", "c", "a"]
+    assert [value for _, value in client.puts] == [str(v) for v in range(1, 8)]
