@@ -95,6 +95,10 @@ class _Batch:
     changes: list[EtcdChange]
 
 
+_DeleteEvent = pyetcd.events.DeleteEvent
+_NONE: frozenset[str] = frozenset()
+
+
 def _key(raw: bytes) -> str:
     return raw.decode("utf-8", errors="surrogateescape")
 
@@ -550,13 +554,20 @@ class EtcdStore:
             if isinstance(item, BaseException) or item is None:
                 deliver(map_error(item or etcd_exc.ConnectionFailedError(), options, what))
                 return
+            found = item.events
+            if len(found) == 1 and not isinstance(found[0], _DeleteEvent):
+                # The usual response, one put: its change without the grouping's work.
+                e = found[0]
+                change = EtcdChange(int(e.mod_revision), {_key(e.key): bytes(e.value)}, _NONE)
+                deliver(_Batch(int(item.header.revision), [change]))
+                return
             events = (
                 (
                     int(e.mod_revision),
                     _key(e.key),
-                    None if isinstance(e, pyetcd.events.DeleteEvent) else bytes(e.value),
+                    None if isinstance(e, _DeleteEvent) else bytes(e.value),
                 )
-                for e in item.events
+                for e in found
             )
             deliver(_Batch(int(item.header.revision), group_by_revision(events)))
 
