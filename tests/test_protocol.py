@@ -110,3 +110,17 @@ def test_an_integer_too_large_for_a_float_decodes_as_an_infinity() -> None:
     assert protocol.decode_number(message["latest"]["a"]) == float("inf")
     assert protocol.decode_number(-(10**400)) == float("-inf")
     assert protocol.decode_number(10**300) == 1e300
+
+
+def test_encode_writes_what_json_writes_and_refuses_what_it_cannot() -> None:
+    message = {
+        "type": "update",
+        "values": {"a": [1, 2.5, None, True, 'é \u2028 "q" \\ \n', {"x": 1e300}], "b": {}},
+    }
+    expected = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
+    assert protocol.encode(message) == expected.encode("utf-8")
+    looped: dict[str, object] = {"type": "event"}
+    looped["self"] = looped  # no message holds one; refused, not a crash
+    for bad in ({"type": "x", "v": float("nan")}, {"type": "x", "v": object()}, looped):
+        with pytest.raises(protocol.ProtocolError, match="cannot encode message"):
+            protocol.encode(bad)
