@@ -53,7 +53,8 @@ class Snapshot:
     """A merged, validated configuration: frozen, built aside and swapped whole.
 
     ``values`` is the nested JSON form sent to clients; ``flat`` the same by
-    dotted key; ``sources`` the winning layer of every key; ``layers`` what
+    dotted key; ``sources`` the winning layer of every key (of a leaf that holds a
+    mapping, the highest layer that gave it or a key inside it); ``layers`` what
     every layer said (flat), for ``explain``.
     """
 
@@ -350,6 +351,11 @@ def merge_layers(
         key, reason = too_large
         raise InvalidChange([Problem(key, winners.get(key, "defaults"), reason, flat[key])])
     sources = {key: winners.get(key, "defaults") for key in flat}
+    for key, name in winners.items():
+        if key not in sources:  # a key inside a leaf's mapping (``weights.head``): the leaf
+            leaf = owner(key, sources)  # is from the highest layer that gave it a part
+            if leaf in sources and rank[name] > rank[sources[leaf]]:
+                sources[leaf] = name
     # A layer's values are already a read-only copy of its own (``Layer.__post_init__``).
     said = {name: by_name[name].values for name in order}
     return Snapshot(

@@ -8,11 +8,13 @@ hot-pushes it and reports a change to it as pending a restart.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import decimal
 import importlib
 import os
 import sys
+import typing
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -110,7 +112,19 @@ def holds_mapping(annotation: Any) -> bool:
     if origin is Union or origin is UnionType:
         return any(holds_mapping(arg) for arg in get_args(annotation))
     kind = origin if origin is not None else annotation
-    return isinstance(kind, type) and issubclass(kind, Mapping | BaseModel)
+    return isinstance(kind, type) and (
+        issubclass(kind, Mapping | BaseModel) or dataclasses.is_dataclass(kind)
+    )
+
+
+def _dataclass_inputs(kind: type) -> dict[str, Any]:
+    """The fields a (standard or pydantic) dataclass takes, and their types (``Any`` where
+    the annotations cannot be resolved)."""
+    try:
+        hints = typing.get_type_hints(kind, include_extras=True)
+    except Exception:  # a forward reference that does not resolve: validation decides
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(kind) if f.init}
 
 
 def may_hold_container(annotation: Any) -> bool:
@@ -257,6 +271,9 @@ def types_at(annotation: Any, parts: Sequence[str]) -> list[Any]:
     if isinstance(kind, type) and issubclass(kind, Mapping):
         args = get_args(annotation)
         return types_at(args[1], parts[1:]) if len(args) == 2 else [Any]
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):  # as a model, no extras
+        inputs = _dataclass_inputs(kind)
+        return types_at(inputs[parts[0]], parts[1:]) if parts[0] in inputs else []
     if isinstance(kind, type):
         return []  # a number, a text: it holds no key
     return [Any]  # a type variable, a forward reference: validation decides

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from enum import Enum
 from pathlib import Path
@@ -621,6 +622,12 @@ def test_a_layer_that_gives_a_mapping_whole_shadows_lower_keys_inside_it() -> No
         ],
     )
     assert snap.flat["weights"] == {"head": 7.0}
+    # The leaf is from the highest layer that gave it a part: explain's FROM, the sources
+    # sent to clients.
+    assert snap.sources["weights"] == "cli"
+    snap = merge_layers(_Nested, [defaults_layer(_Nested), cli_layer(["weights.head=7"])])
+    assert snap.sources["weights"] == "cli"
+    assert snap.sources["extra"] == "defaults"
 
 
 def test_a_key_of_a_mapping_replaces_a_mapping_below_it() -> None:
@@ -880,3 +887,25 @@ def test_a_default_made_from_other_fields_adds_nothing_to_their_errors() -> None
     assert [p.key for p in info.value.problems] == ["lr"]
     snap = merge_layers(_Derived, [defaults_layer(_Derived), cli_layer(["a=4"])])
     assert snap.flat["derived"] == 8
+
+
+@dataclasses.dataclass
+class _DataclassInner:
+    a: int = 1
+    b: float = 0.5
+
+
+class _WithDataclass(BaseModel):
+    inner: _DataclassInner = Field(default_factory=_DataclassInner)
+
+
+def test_a_dataclass_section_takes_keys_inside_it_as_a_model_does() -> None:
+    # As env (``HOTKNOB_PARAM_INNER__A``) already could, ``--set inner.a`` and etcd's
+    # ``inner/a`` set a field of a dataclass section; a typo or true for a number is refused.
+    snap = merge_layers(_WithDataclass, [defaults_layer(_WithDataclass), cli_layer(["inner.a=4"])])
+    assert snap.flat["inner"] == {"a": 4, "b": 0.5}
+    assert snap.sources["inner"] == "cli"
+    assert is_known(_WithDataclass, "inner.a") and not is_known(_WithDataclass, "inner.c")
+    for given, reason in (("inner.c=4", "not a key"), ("inner.a=true", "true/false")):
+        with pytest.raises(InvalidChange, match=reason):
+            merge_layers(_WithDataclass, [defaults_layer(_WithDataclass), cli_layer([given])])
