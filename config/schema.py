@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 from pathlib import PurePath
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeGuard, Union, get_args, get_origin
@@ -117,9 +118,10 @@ def holds_mapping(annotation: Any) -> bool:
     )
 
 
+@lru_cache(maxsize=256)
 def _dataclass_inputs(kind: type) -> dict[str, Any]:
     """The fields a (standard or pydantic) dataclass takes, and their types (``Any`` where
-    the annotations cannot be resolved)."""
+    the annotations cannot be resolved); resolved once per class (the caller only reads)."""
     try:
         hints = typing.get_type_hints(kind, include_extras=True)
     except Exception:  # a forward reference that does not resolve: validation decides
