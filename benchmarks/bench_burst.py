@@ -42,15 +42,14 @@ from benchmarks.support import (
     Worker,
     at_least,
     at_most,
-    drive,
     latencies_ms,
     live_worker,
     percentile,
-    reset_value,
     start_workers,
     stop_all,
     watch_worker,
 )
+from benchmarks.writers import drive, reset_value
 
 NAME = "burst"
 RATE = 2000.0

@@ -44,7 +44,6 @@ from benchmarks.support import (
     Figure,
     Worker,
     at_most,
-    drive,
     latencies_ms,
     live_worker,
     percentile,
@@ -53,6 +52,7 @@ from benchmarks.support import (
     stop_all,
     watch_worker,
 )
+from benchmarks.writers import drive
 
 NAME = "etcd_latency"
 WARMUP = 10

@@ -22,14 +22,13 @@ from benchmarks.support import (
     Figure,
     Worker,
     at_most,
-    drive,
     latencies_ms,
     live_worker,
     percentile,
-    reset_value,
     start_workers,
     stop_all,
 )
+from benchmarks.writers import drive, reset_value
 
 NAME = "fanout"
 SIZES = (1, 16, 64)

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from benchmarks.__main__ import FAMILIES, families, normalize, render_table, summarize
-from benchmarks.support import Figure, at_most, etcd_put, latencies_ms, paced_puts, percentile
+from benchmarks.support import Figure, at_most, latencies_ms, percentile
+from benchmarks.writers import etcd_put, paced_puts
 
 ROOT = Path(__file__).resolve().parent.parent
 MACHINE_KEYS = {"cpu_model", "cores", "memory_gb", "python", "torch", "etcd"}
