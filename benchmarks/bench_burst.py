@@ -127,18 +127,15 @@ def run(quick: bool) -> dict[str, Any]:
     records = [(v, t) for v, t in results[0]["clients"][0]]
     base_records = [(v, t) for v, t in base_results[0]["clients"][0]]
     span = max(sent.values()) - min(sent.values())
+    lags = latencies_ms(sent, records)
     figures = [
         at_least(
             "puts per second reached", (len(sent) - 1) / span if span > 0 else None, MIN_RATE, "1/s"
         ),
         at_most("last put -> applied", _last_ms(sent, records, last), 100, "ms"),
         at_most("lag growth through the burst", _lag_growth_ms(sent, records), 10, "ms"),
-        Figure(
-            "put -> applied p50, values applied", percentile(latencies_ms(sent, records), 50), "ms"
-        ),
-        Figure(
-            "put -> applied p99, values applied", percentile(latencies_ms(sent, records), 99), "ms"
-        ),
+        Figure("put -> applied p50, values applied", percentile(lags, 50), "ms"),
+        Figure("put -> applied p99, values applied", percentile(lags, 99), "ms"),
         Figure("daemon RSS idle (1 client)", rss_idle, "MB"),
         at_most("daemon RSS after the burst", rss_after, 75, "MB"),
         at_most("daemon RSS growth", rss_after - rss_idle, 10, "MB"),
