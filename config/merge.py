@@ -461,6 +461,25 @@ def state_bytes(values: Mapping[str, Any]) -> int:
 _STATE_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+def entry_bytes(key: str, value: Any) -> int:
+    """``state_bytes({key: value})``. A number, ``true``, ``false`` or ``null`` is counted
+    from its text without the encoder, whose setup costs a lone change ~15 us on CPUs just
+    back from idle (docs/performance.md, thirteenth round); anything else is encoded."""
+    kind = type(value)
+    if kind is int or kind is float:  # as JSON writes them; the caller checked it finite
+        text = int.__repr__(value) if kind is int else float.__repr__(value)
+        return len(text) + _entry_frame_bytes(key)
+    if kind is bool or value is None:
+        return (4 if value in (True, None) else 5) + _entry_frame_bytes(key)
+    return state_bytes({key: value})
+
+
+@lru_cache(maxsize=1024)
+def _entry_frame_bytes(key: str) -> int:
+    """What ``{"key":}`` takes around a value, as ``state_bytes`` counts it."""
+    return state_bytes({key: None}) - 4
+
+
 def oversized(
     values: Mapping[str, Any], flat: Mapping[str, Any], winners: Mapping[str, str]
 ) -> tuple[str, str] | None:

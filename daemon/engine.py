@@ -50,13 +50,14 @@ from hotknob.config import (
     restart_only_keys,
 )
 from hotknob.config.errors import Problem
-from hotknob.config.keys import key_from_etcd
-from hotknob.config.leafwise import model_with, validate_puts
+from hotknob.config.keys import NotText, key_from_etcd, nested_with, parse_text
+from hotknob.config.leafwise import LeafCheck, leaf_check, model_with, validate_puts
 from hotknob.config.merge import (
     MAX_STATE_BYTES,
     SCHEMA_FAULTS,
     LeafInput,
     booleans_for_numbers,
+    entry_bytes,
     leaf_input,
     merge_dropping_invalid,
     non_finite,
@@ -76,6 +77,10 @@ from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
 
 def _noop(_: Any) -> None:
     return None
+
+
+_PLAIN_JSON = frozenset({str, int, float, bool, type(None)})
+_NOTHING = object()
 
 
 @dataclass
@@ -135,6 +140,8 @@ class Engine:
         self._leaf_input_of: tuple[Layer, ...] = ()
         self._unfolded: dict[str, Any] = {}  # puts validated leaf by leaf, not in it yet
         self._fast_keys: frozenset[str] = frozenset()  # leaves no layer above etcd sets
+        # ``_take_lone_put``: the etcd paths of ``_fast_keys`` it met, with key and check.
+        self._ways: dict[str, tuple[str, LeafCheck]] = {}
         # How many bytes of JSON the state may still grow by before ``MAX_STATE_BYTES``:
         # measured when a merge is accepted, spent by the short path by each change's JSON.
         self._room = 0
@@ -341,8 +348,14 @@ class Engine:
                 self._unfolded = {}  # the layers hold them
                 above = [self.layers[n].values for n in self._above_etcd if n in self.layers]
                 self._fast_keys = self._leaf_keys.difference(*above)
+                self._ways = {}
         if self._leaf_input is None or self.snapshot is None or self._restart.pending:
             return False
+        if self._pending is None and len(puts) == 1:
+            [(path, raw)] = puts.items()
+            if self._take_lone_put(revision, path, raw):
+                self.last_change_seconds = time.perf_counter() - started
+                return True
         put: dict[str, Any] = {}
         origins: dict[str, str] = {}
         problems: list[Problem] = []
@@ -382,19 +395,95 @@ class Engine:
             return False  # a restart-only key's value to hold back
         # No restart-only key is pending or held back: ``RestartOnly.track`` has nothing to
         # do for this change.
+        if alone is None:
+            self._leaf_input = leaves
+            whole: BaseModel | None = model
+            validated: Mapping[tuple[str, ...], Any] = {}
+        else:
+            self._unfolded.update(put)
+            whole, validated = None, alone.validated
+        self._take_short(revision, put, origins, values, flat, changed, growth, validated, whole)
+        self.last_change_seconds = time.perf_counter() - started
+        return True
+
+    def _take_lone_put(self, revision: int, path: str, raw: bytes | str) -> bool:
+        """``_take_puts`` for its commonest change, outside a group's pending state: one
+        plain value (a number, a string, ``true``, ``null``) put at a leaf that is
+        validated alone. The same checks give the same state, each done for the one
+        value, without the loops and records that serve many (docs/performance.md,
+        thirteenth round). False, with nothing done: ``_take_puts`` decides, by its own
+        checks."""
+        assert self.snapshot is not None
+        way = self._ways.get(path)
+        if way is None:
+            key = key_from_etcd(self.app, path)
+            check = leaf_check(self.schema, key) if key in self._fast_keys else None
+            if key is None or check is None:
+                return False
+            way = self._ways[path] = (key, check)
+        key, check = way
+        try:
+            value = parse_text(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        except (UnicodeDecodeError, NotText):
+            return False
+        if type(value) not in _PLAIN_JSON:
+            return False
+        if type(value) is bool and booleans_for_numbers(self.schema, {key: value}):
+            return False
+        try:  # as ``validate_puts`` does it, for one value
+            validated = check.adapter.validate_python(value)
+            new = check.adapter.dump_python(validated, mode="json")
+        except SCHEMA_FAULTS:  # the short path's checks say why, or decline
+            return False
+        old = self.snapshot.flat.get(key, _NOTHING)
+        if type(new) not in _PLAIN_JSON or (type(old) is type(new) and old == new):
+            return False
+        changed = {key: new}
+        if non_finite(changed) or not_text(changed):
+            return False  # what no client could be sent: the merge says why
+        growth = entry_bytes(key, new)
+        if growth > self._room:
+            return False
+        flat = dict(self.snapshot.flat)
+        flat[key] = new
+        if self._restart.held_back(flat):
+            return False
+        values = nested_with(self.snapshot.values, {check.path: new})
+        self._unfolded[key] = value
+        validated_at = {check.path: validated}
+        self._take_short(
+            revision, {key: value}, {key: path}, values, flat, changed, growth, validated_at, None
+        )
+        return True
+
+    def _take_short(
+        self,
+        revision: int,
+        put: dict[str, Any],
+        origins: dict[str, str],
+        values: dict[str, Any],
+        flat: dict[str, Any],
+        changed: dict[str, Any],
+        growth: int,
+        validated: Mapping[tuple[str, ...], Any],
+        whole: BaseModel | None,
+    ) -> None:
+        """Take a change the short path accepted: ``values`` and ``flat`` are in force,
+        ``validated`` holds the values validated alone, by path, and ``whole`` the model
+        if the puts were validated with it instead. Pushed now, or at the group's end."""
+        assert self.snapshot is not None
         before, self._flat = self._flat, flat
         self._room -= growth
         self.version += 1
         self.revision = max(self.revision, revision)
+        pending = self._pending
         if pending is None:
             pending = self._pending = _Pending(self.snapshot.model, values)
         pending.values = values
-        if alone is None:
-            self._leaf_input = leaves
-            pending.model, pending.validated = model, {}
+        if whole is not None:
+            pending.model, pending.validated = whole, {}
         else:
-            self._unfolded.update(put)
-            pending.validated.update(alone.validated)
+            pending.validated.update(validated)
         pending.put.update(put)
         pending.origins.update(origins)
         self._after_push.append(
@@ -407,8 +496,6 @@ class Engine:
                 self._settle(push=self._save_and_publish)
             finally:
                 self._run_after_push()
-        self.last_change_seconds = time.perf_counter() - started
-        return True
 
     def _settle(
         self, push: Callable[[Published, Mapping[str, Any]], None] | None = None

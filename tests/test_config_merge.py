@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel, Field, PositiveFloat, RootModel, model_validator
 
 from hotknob.config import (
@@ -31,7 +33,14 @@ from hotknob.config import (
 )
 from hotknob.config.files import MAX_FILE_DEPTH
 from hotknob.config.keys import etcd_key, key_from_etcd, key_path_fault, parse_text, unflatten
-from hotknob.config.merge import is_known, leaf_input, merge_dropping_invalid, validate_leaves
+from hotknob.config.merge import (
+    entry_bytes,
+    is_known,
+    leaf_input,
+    merge_dropping_invalid,
+    state_bytes,
+    validate_leaves,
+)
 from hotknob.config.schema import mapping_keys, numeric_keys
 from hotknob.config.sources import Layer
 from tests.banded_schema import Banded
@@ -906,6 +915,21 @@ def test_a_dataclass_section_takes_keys_inside_it_as_a_model_does() -> None:
     assert snap.flat["inner"] == {"a": 4, "b": 0.5}
     assert snap.sources["inner"] == "cli"
     assert is_known(_WithDataclass, "inner.a") and not is_known(_WithDataclass, "inner.c")
-    for given, reason in (("inner.c=4", "not a key"), ("inner.a=true", "true/false")):
+    for setting, reason in (("inner.c=4", "not a key"), ("inner.a=true", "true/false")):
         with pytest.raises(InvalidChange, match=reason):
-            merge_layers(_WithDataclass, [defaults_layer(_WithDataclass), cli_layer([given])])
+            merge_layers(_WithDataclass, [defaults_layer(_WithDataclass), cli_layer([setting])])
+
+
+@given(
+    key=st.text(max_size=12),
+    value=st.one_of(
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=20),
+        st.lists(st.integers(), max_size=3),
+    ),
+)
+def test_entry_bytes_counts_what_state_bytes_counts(key: str, value: Any) -> None:
+    assert entry_bytes(key, value) == state_bytes({key: value})

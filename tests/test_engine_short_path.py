@@ -324,6 +324,88 @@ def test_a_lone_valid_put_takes_the_short_path(
     assert accepted[0]["new"]["band.token"] != "long-token"  # the log masks it
 
 
+def test_a_lone_plain_put_takes_the_lone_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One plain value put at a leaf validated alone: neither the merge nor the short
+    path's loop over the puts (``validate_puts``) runs, and the change is the same."""
+    published: list[Published] = []
+    engine = make(tmp_path, {}, published)
+    engine.start({}, 1)
+    short_path_only(monkeypatch)
+
+    def no_loop(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("validate_puts ran")
+
+    monkeypatch.setattr(engine_module, "validate_puts", no_loop)
+    with capture_logs() as logs:
+        engine.on_etcd_change(2, {P + "opts/rate": b"0.5"}, frozenset())
+        engine.on_etcd_change(3, {P + "opts/label": b'" ab "'}, frozenset())
+        engine.on_etcd_change(4, {P + "steps": b"7"}, frozenset())
+    assert engine.version == 4
+    assert published[-1].flat["opts.rate"] == 0.5
+    assert published[-1].flat["opts.label"] == "ab"  # the model's config strips it
+    assert published[-1].values["steps"] == 7
+    assert published[-1].sources["opts.label"] == "etcd"
+    assert engine.layers["etcd"].origins["opts.rate"] == P + "opts/rate"
+    assert engine.snapshot is not None and engine.snapshot.model.opts.rate == 0.5
+    accepted = [e for e in logs if e["event"] == "change_accepted"]
+    assert [e["version"] for e in accepted] == [2, 3, 4]
+    assert saved(engine)[2]["opts"]["rate"] == 0.5
+
+
+LONE_RAWS = [
+    b"true",
+    b"false",
+    b"null",
+    b"NaN",
+    b"1e999",
+    b"-1",
+    b"0",
+    b"0.5",
+    b"7",
+    b"\xff",
+    b'"\\ud800"',
+    b'"fast"',
+    b'" slow "',
+    b'"toolong"',
+    b"[1]",
+    b'{"a": 1}',
+]
+
+
+@pytest.mark.parametrize("path", ["opts/rate", "opts/label", "opts/mode", "steps", "workers"])
+def test_each_lone_put_ends_as_on_the_general_path(tmp_path: Path, path: str) -> None:
+    """Every kind of value, valid or not, put alone where the lone way may take it: the
+    same versions, states, snapshot, layers and events as the general path's, put after
+    put (a ``true`` for a number, NaN, a lone surrogate, a value that changes nothing)."""
+    (short, short_out), (general, general_out) = side_by_side(tmp_path)
+    for revision, raw in enumerate([*LONE_RAWS, *LONE_RAWS], start=2):
+        short.on_etcd_change(revision, {P + path: raw}, frozenset())
+        general.on_etcd_change(revision, {P + path: raw}, frozenset())
+        assert seen(short, short_out) == seen(general, general_out), raw
+    assert saved(short) == saved(general)
+
+
+class PlainLeaves(BaseModel):
+    """Plain leaves with pydantic's own defaults: a float that takes NaN and infinity."""
+
+    rate: float = 1.0
+    name: str = "a"
+
+
+@pytest.mark.parametrize("path", ["rate", "name"])
+def test_each_lone_put_at_a_loose_leaf_ends_as_on_the_general_path(
+    tmp_path: Path, path: str
+) -> None:
+    (short, short_out), (general, general_out) = side_by_side(tmp_path, PlainLeaves)
+    for revision, raw in enumerate([*LONE_RAWS, b'"inf"', b'"-Infinity"', b"2"], start=2):
+        short.on_etcd_change(revision, {P + path: raw}, frozenset())
+        general.on_etcd_change(revision, {P + path: raw}, frozenset())
+        assert seen(short, short_out) == seen(general, general_out), raw
+    assert saved(short) == saved(general)
+
+
 def test_versions_reserved_on_the_short_path_save_the_new_etcd_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
