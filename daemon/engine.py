@@ -10,7 +10,9 @@ etcd change, values put at leaves that no higher layer sets, takes a short path
 (``_take_puts``): the same candidate, validated and pushed before the layer and the
 snapshot are built; ``tests/test_engine_short_path.py`` holds it to the general one.
 Where the schema lets validating a value alone give what validating the whole model
-gives (``config.leafwise``), only the values put are validated, dumped and diffed.
+gives (``config.leafwise``), only the values put are validated, dumped and diffed;
+the commonest change of all, one plain value put alone, has those checks written for
+the one value (``_take_lone_put``), held to the general path by the same tests.
 
 Versions strictly increase across restarts, crashes included, and no disk write
 waits on the push path (see ``state``): a version is published only under the
