@@ -470,7 +470,7 @@ def entry_bytes(key: str, value: Any) -> int:
         text = int.__repr__(value) if kind is int else float.__repr__(value)
         return len(text) + _entry_frame_bytes(key)
     if kind is bool or value is None:
-        return (4 if value in (True, None) else 5) + _entry_frame_bytes(key)
+        return (5 if value is False else 4) + _entry_frame_bytes(key)  # true, null: 4
     return state_bytes({key: value})
 
 
