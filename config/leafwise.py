@@ -26,6 +26,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
 from .keys import by_first_part, nested_with
+from .raised import SCHEMA_FAULTS
 from .schema import iter_leaves, secret_keys
 
 # Core schema types that validate and dump a value by themselves: no function of the
@@ -255,3 +256,36 @@ def model_with(model: BaseModel, validated: Mapping[tuple[str, ...], Any]) -> Ba
     for name, inner in below.items():
         here[name] = model_with(getattr(model, name), inner)
     return model.model_copy(update=here)
+
+
+_PLAIN_JSON = frozenset({str, int, float, bool, type(None)})
+_NOTHING: Any = object()
+
+
+def validate_plain_put(
+    check: LeafCheck,
+    key: str,
+    value: Any,
+    values: Mapping[str, Any],
+    flat: Mapping[str, Any],
+) -> LeafChanges | None:
+    """``validate_puts`` of ``{key: value}`` for a plain value (a number, a text, a boolean,
+    null) that ``check`` dumps to one: the same state, without the loops and records that
+    serve many puts (docs/performance.md, thirteenth round: the commonest live change).
+    None where that is not so (another kind of value or dump), and where the value is
+    invalid, changes nothing, or the type's code raised: ``validate_puts`` or the whole
+    path then decides, and says why."""
+    if type(value) not in _PLAIN_JSON:
+        return None
+    try:
+        validated = check.adapter.validate_python(value)
+        new = check.adapter.dump_python(validated, mode="json")
+    except SCHEMA_FAULTS:
+        return None
+    old = flat.get(key, _NOTHING)
+    if type(new) not in _PLAIN_JSON or (type(old) is type(new) and old == new):
+        return None
+    new_flat = dict(flat)
+    new_flat[key] = new
+    path = check.path
+    return LeafChanges({path: validated}, nested_with(values, {path: new}), new_flat, {key: new})

@@ -12,7 +12,8 @@ snapshot are built; ``tests/test_engine_short_path.py`` holds it to the general 
 Where the schema lets validating a value alone give what validating the whole model
 gives (``config.leafwise``), only the values put are validated, dumped and diffed;
 the commonest change of all, one plain value put alone, has those checks written for
-the one value (``_take_lone_put``), held to the general path by the same tests.
+the one value (``_take_lone_put``, ``leafwise.validate_plain_put``), held to the general
+path by the same tests.
 
 Versions strictly increase across restarts, crashes included, and no disk write
 waits on the push path (see ``state``): a version is published only under the
@@ -52,8 +53,14 @@ from hotknob.config import (
     restart_only_keys,
 )
 from hotknob.config.errors import Problem
-from hotknob.config.keys import NotText, key_from_etcd, nested_with, parse_text
-from hotknob.config.leafwise import LeafCheck, leaf_check, model_with, validate_puts
+from hotknob.config.keys import NotText, key_from_etcd, parse_text
+from hotknob.config.leafwise import (
+    LeafCheck,
+    leaf_check,
+    model_with,
+    validate_plain_put,
+    validate_puts,
+)
 from hotknob.config.merge import (
     MAX_STATE_BYTES,
     SCHEMA_FAULTS,
@@ -79,10 +86,6 @@ from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
 
 def _noop(_: Any) -> None:
     return None
-
-
-_PLAIN_JSON = frozenset({str, int, float, bool, type(None)})
-_NOTHING = object()
 
 
 @dataclass
@@ -428,33 +431,26 @@ class Engine:
             value = parse_text(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
         except (UnicodeDecodeError, NotText):
             return False
-        if type(value) not in _PLAIN_JSON:
-            return False
         if type(value) is bool and booleans_for_numbers(self.schema, {key: value}):
             return False
-        try:  # as ``validate_puts`` does it, for one value
-            validated = check.adapter.validate_python(value)
-            new = check.adapter.dump_python(validated, mode="json")
-        except SCHEMA_FAULTS:  # the short path's checks say why, or decline
-            return False
-        old = self.snapshot.flat.get(key, _NOTHING)
-        if type(new) not in _PLAIN_JSON or (type(old) is type(new) and old == new):
-            return False
-        changed = {key: new}
-        if non_finite(changed) or not_text(changed):
+        snapshot = self.snapshot
+        lone = validate_plain_put(check, key, value, snapshot.values, snapshot.flat)
+        if lone is None or non_finite(lone.changed) or not_text(lone.changed):
             return False  # what no client could be sent: the merge says why
-        growth = entry_bytes(key, new)
-        if growth > self._room:
+        growth = entry_bytes(key, lone.changed[key])
+        if growth > self._room or self._restart.held_back(lone.flat):
             return False
-        flat = dict(self.snapshot.flat)
-        flat[key] = new
-        if self._restart.held_back(flat):
-            return False
-        values = nested_with(self.snapshot.values, {check.path: new})
         self._unfolded[key] = value
-        validated_at = {check.path: validated}
         self._take_short(
-            revision, {key: value}, {key: path}, values, flat, changed, growth, validated_at, None
+            revision,
+            {key: value},
+            {key: path},
+            lone.values,
+            lone.flat,
+            lone.changed,
+            growth,
+            lone.validated,
+            None,
         )
         return True
 

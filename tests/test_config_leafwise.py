@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from hotknob.config.keys import parse_text
-from hotknob.config.leafwise import leaf_check, model_with, validate_puts
+from hotknob.config.leafwise import leaf_check, model_with, validate_plain_put, validate_puts
 from hotknob.config.merge import LeafInput, changed_keys, validate_leaves
 from hotknob.config.schema import MLParams, iter_leaves
 
@@ -136,6 +136,41 @@ def test_alone_gives_what_the_whole_model_gives(
     assert list(alone.values) == list(new_values)  # the same order: clients get the same JSON
     assert alone.changed == changed_keys(flat, new_flat)
     assert model_with(model, alone.validated) == new_model
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=st.lists(puts, max_size=3).map(dict), put=puts)
+def test_one_plain_value_alone_gives_what_validate_puts_gives(
+    first: dict[str, Any], put: tuple[str, Any]
+) -> None:
+    """``validate_plain_put``: the same state as ``validate_puts`` where it takes the value,
+    and where it declines, a value ``validate_puts`` refuses, another kind of value or
+    dump, or one that changes nothing."""
+    try:
+        _, values, flat = whole(Wide, LeafInput({}).with_leaves(Wide, first), {})
+    except ValidationError:
+        _, values, flat = whole(Wide, LeafInput({}), {})
+    key, value = put
+    check = leaf_check(Wide, key)
+    assert check is not None
+    lone = validate_plain_put(check, key, value, values, flat)
+    try:
+        alone = validate_puts(Wide, values, flat, {key: value})
+    except ValidationError:
+        assert lone is None
+        return
+    if lone is None:
+        plain = (str, int, float, bool, type(None))
+        assert (
+            alone is None
+            or not alone.changed
+            or type(value) not in plain
+            or type(alone.flat[key]) not in plain
+        )
+        return
+    assert alone is not None
+    assert (lone.values, lone.flat, lone.changed) == (alone.values, alone.flat, alone.changed)
+    assert lone.validated == alone.validated
 
 
 def test_nothing_given_is_edited() -> None:
