@@ -13,7 +13,7 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
@@ -68,11 +68,26 @@ def _shown_diff(
 
 
 def _print_diff(
-    diff: Mapping[str, tuple[Any, Any]], as_json: bool, header: str, secrets: frozenset[str]
+    diff: Mapping[str, tuple[Any, Any]],
+    as_json: bool,
+    header: str,
+    secrets: frozenset[str],
+    existed: Collection[str],
+    deleted: Collection[str],
 ) -> None:
+    """The change as a table (or JSON): a key not in etcd before shows ``-`` as its old
+    value, a key deleted ``(deleted)`` as its new one; ``null`` is a value like any other
+    (None alone could not tell a key set to null from one deleted)."""
     diff = _shown_diff(diff, secrets)
     if as_json:
-        print(dumps({k: {"old": o, "new": n} for k, (o, n) in diff.items()}))
+        print(
+            dumps(
+                {
+                    k: {"old": o, "new": n, "existed": k in existed, "deleted": k in deleted}
+                    for k, (o, n) in diff.items()
+                }
+            )
+        )
         return
     print(header)
     if not diff:
@@ -82,7 +97,11 @@ def _print_diff(
         render(
             ["KEY", "OLD", "NEW"],
             [
-                [k, "-" if o is None else fmt(o), "(deleted)" if n is None else fmt(n)]
+                [
+                    k,
+                    fmt(o) if k in existed else "-",
+                    "(deleted)" if k in deleted else fmt(n),
+                ]
                 for k, (o, n) in diff.items()
             ],
         )
@@ -147,10 +166,12 @@ def _write(
         k: (current.values.get(k), None if k in deletes and k not in puts else new_etcd.get(k))
         for k in changed_keys(base, new_etcd)
     }
+    existed = current.values.keys()
+    deleted = sorted(k for k in diff if k not in new_etcd)
     secrets = secret_keys(ctx.schema)
     if args.dry_run or not diff:
         title = f"dry run at revision {revision}: would write" if args.dry_run else "nothing to do"
-        _print_diff(diff, args.json, title, secrets)
+        _print_diff(diff, args.json, title, secrets, existed, deleted)
         _warn_shadowed(snapshot, shadowed, secrets)
         return 0
     texts[meta_key(ctx.app)] = json.dumps(
@@ -183,12 +204,13 @@ def _write(
         result: dict[str, Any] = {
             "revision": written,
             "changed": {k: n for k, (_, n) in _shown_diff(diff, secrets).items()},
+            "deleted": deleted,  # their "changed" value is null, as is a key set to null
         }
         if record is not None:
             result["guard"] = record.id
         print(dumps(result))
     else:
-        _print_diff(diff, False, f"{header} at revision {written}", secrets)
+        _print_diff(diff, False, f"{header} at revision {written}", secrets, existed, deleted)
         if record is not None:
             print(describe(record))
     _warn_shadowed(snapshot, shadowed, secrets)

@@ -167,6 +167,37 @@ def test_dry_run_and_shadow_warning(etcd: EtcdServer) -> None:
     assert etcd_value(etcd, "train/lr") == "0.3"
 
 
+def test_a_key_set_to_null_is_not_shown_as_deleted(etcd: EtcdServer) -> None:
+    """``null`` is a value (``train.grad_clip=null``: no clipping), not a deletion: the
+    diff of ``set``, ``unset`` and ``--dry-run`` tells the two apart, and an old value
+    of null from a key that was not in etcd."""
+
+    def row(done: subprocess.CompletedProcess[str]) -> list[str]:
+        assert done.returncode == 0, done.stderr
+        (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("train.grad_clip")]
+        return line.split()
+
+    assert row(hk(etcd, "set", "train.grad_clip=null")) == ["train.grad_clip", "-", "null"]
+    assert etcd_value(etcd, "train/grad_clip") == "null"
+    assert row(hk(etcd, "set", "train.grad_clip=1.5")) == ["train.grad_clip", "null", "1.5"]
+    assert row(hk(etcd, "set", "train.grad_clip=null")) == ["train.grad_clip", "1.5", "null"]
+    dry = hk(etcd, "unset", "train.grad_clip", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {
+        "train.grad_clip": {"old": None, "new": None, "existed": True, "deleted": True}
+    }
+    done = hk(etcd, "unset", "train.grad_clip", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["deleted"] == ["train.grad_clip"]
+    assert etcd_value(etcd, "train/grad_clip") is None
+    done = hk(etcd, "set", "train.grad_clip=null", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["changed"] == {"train.grad_clip": None} and out["deleted"] == []
+    hk(etcd, "set", "train.grad_clip=2")
+    assert row(hk(etcd, "unset", "train.grad_clip")) == ["train.grad_clip", "2", "(deleted)"]
+
+
 def test_unset_is_one_transaction(etcd: EtcdServer) -> None:
     hk(etcd, "set", "train.lr=0.3", "train.momentum=0.2")
     before = revision(etcd)

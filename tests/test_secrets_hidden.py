@@ -245,7 +245,14 @@ def test_set_history_unset_and_rollback_show_no_secret(etcd: EtcdServer) -> None
         hk(etcd, "set", "--dry-run", "--json", f"service.api_key={dry}")
     )
     diff = json.loads(shown["set --dry-run --json"])
-    assert diff == {"service.api_key": {"old": SECRET_MASK, "new": SECRET_MASK}}
+    assert diff == {
+        "service.api_key": {
+            "old": SECRET_MASK,
+            "new": SECRET_MASK,
+            "existed": True,
+            "deleted": False,
+        }
+    }
     done = hk(etcd, "set", "--json", f"service.api_key={second}")
     shown["set --json"] = ok(done)
     assert json.loads(done.stdout)["changed"] == {"service.api_key": SECRET_MASK}
