@@ -21,7 +21,7 @@ from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, key_path_fault, to_text
 from hotknob.config.merge import Snapshot, changed_keys, is_known, merge_dropping_invalid
 from hotknob.config.nesting import value_at
-from hotknob.config.schema import leaf_map, secret_keys, shown_value
+from hotknob.config.schema import leaf_map, restart_only_keys, secret_keys, shown_value
 from hotknob.config.sources import parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
@@ -119,6 +119,18 @@ def _warn_shadowed(snapshot: Snapshot, keys: list[str], secrets: frozenset[str])
         )
 
 
+def _warn_restart_only(ctx: Context, diff: Mapping[str, Any]) -> None:
+    """A restart-only key (``json_schema_extra={"live": False}``) changes nothing live: the
+    daemon reports it as pending a restart. Said here, so ``set`` is not taken to have
+    changed it in the running processes."""
+    for key in sorted(restart_only_keys(ctx.schema) & diff.keys()):
+        print(
+            f"hotknob: warning: {key} is restart-only: the processes keep the value the "
+            "daemon started with until the daemon restarts (it reports it as pending a restart)",
+            file=sys.stderr,
+        )
+
+
 def _write(
     ctx: Context,
     args: argparse.Namespace,
@@ -173,6 +185,7 @@ def _write(
         title = f"dry run at revision {revision}: would write" if args.dry_run else "nothing to do"
         _print_diff(diff, args.json, title, secrets, existed, deleted)
         _warn_shadowed(snapshot, shadowed, secrets)
+        _warn_restart_only(ctx, diff)
         return 0
     texts[meta_key(ctx.app)] = json.dumps(
         {"time": time.time(), "by": f"{getpass.getuser()}@{socket.gethostname()}", "what": header}
@@ -214,6 +227,7 @@ def _write(
         if record is not None:
             print(describe(record))
     _warn_shadowed(snapshot, shadowed, secrets)
+    _warn_restart_only(ctx, diff)
     for warning in guard_warnings:
         print(f"hotknob: warning: {warning}", file=sys.stderr)
     return 0

@@ -167,6 +167,19 @@ def test_dry_run_and_shadow_warning(etcd: EtcdServer) -> None:
     assert etcd_value(etcd, "train/lr") == "0.3"
 
 
+def test_set_of_a_restart_only_key_warns_that_nothing_changes_live(etcd: EtcdServer) -> None:
+    done = hk(etcd, "set", "train.batch_size=64", "train.lr=0.2")
+    assert done.returncode == 0, done.stderr
+    assert etcd_value(etcd, "train/batch_size") == "64"
+    (warning,) = done.stderr.strip().splitlines()
+    assert warning.startswith("hotknob: warning: train.batch_size is restart-only:"), warning
+    for args in (("set", "train.lr=0.3"), ("set", "train.batch_size=64")):  # no change to it
+        done = hk(etcd, *args)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+    done = hk(etcd, "unset", "train.batch_size", "--dry-run")
+    assert done.returncode == 0 and "train.batch_size is restart-only" in done.stderr
+
+
 def test_a_key_set_to_null_is_not_shown_as_deleted(etcd: EtcdServer) -> None:
     """``null`` is a value (``train.grad_clip=null``: no clipping), not a deletion: the
     diff of ``set``, ``unset`` and ``--dry-run`` tells the two apart, and an old value
