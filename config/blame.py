@@ -22,7 +22,8 @@ from pydantic_core.core_schema import ErrorType
 
 from .errors import Problem
 from .keys import KeyClash
-from .schema import SECRET_MASK, hides, iter_leaves, shown_value
+from .schema import iter_leaves
+from .secrecy import SECRET_MASK, hides, shown_value
 
 _CUSTOM_ERROR_TYPES = frozenset({"value_error", "assertion_error"})
 """The error types of a schema's own validators (a ``ValueError`` or an ``assert``): their

@@ -27,7 +27,8 @@ from pydantic.fields import FieldInfo
 
 from .keys import by_first_part, nested_with
 from .raised import SCHEMA_FAULTS
-from .schema import iter_leaves, secret_keys
+from .schema import iter_leaves
+from .secrecy import secret_keys
 
 # Core schema types that validate and dump a value by themselves: no function of the
 # user's, no model or dataclass (with validators of their own), no reference.

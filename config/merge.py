@@ -28,10 +28,9 @@ from .schema import (
     mapping_keys,
     may_hold_container,
     numeric_keys,
-    revealed,
-    secret_keys,
     types_at,
 )
+from .secrecy import revealed, secret_keys
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS

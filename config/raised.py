@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .errors import Problem
-from .schema import SECRET_MASK, hides
+from .secrecy import SECRET_MASK, hides
 
 SCHEMA_FAULTS = (Exception, SystemExit)
 """What a schema's own code may raise, as a merge takes it: anything but a stop that

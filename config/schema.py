@@ -3,7 +3,8 @@
 A schema is any pydantic model whose fields are sections (nested models) or
 leaves. Keys are dotted paths into it (``train.lr``). A leaf marked
 ``json_schema_extra={"live": False}`` is restart-only: the daemon never
-hot-pushes it and reports a change to it as pending a restart.
+hot-pushes it and reports a change to it as pending a restart. Which leaves hold
+secrets, and how values are masked, is ``secrecy``'s job.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 import typing
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import Enum
@@ -25,9 +26,8 @@ from pathlib import PurePath
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeGuard, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
-from pydantic_core import to_jsonable_python
 
 from .errors import SchemaLoadError
 
@@ -297,188 +297,6 @@ def leaf_map(model: type[BaseModel]) -> dict[str, Leaf]:
 
 def restart_only_keys(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(leaf.key for leaf in iter_leaves(model) if not leaf.live)
-
-
-SECRET_MASK = "**********"
-
-
-def _is_secret(annotation: Any, seen: frozenset[type] = frozenset()) -> bool:
-    """Whether a value of this type is or holds a secret: ``SecretStr``, ``SecretBytes``,
-    a model with one among its fields, or a container or union of such (a leaf typed
-    ``Optional[Creds]`` or ``dict[str, SecretStr]`` is secret as a whole)."""
-    if isinstance(annotation, type):
-        if issubclass(annotation, SecretStr | SecretBytes):
-            return True
-        if issubclass(annotation, BaseModel) and annotation not in seen:
-            inside = seen | {annotation}
-            return any(_is_secret(f.annotation, inside) for f in annotation.model_fields.values())
-    return any(_is_secret(arg, seen) for arg in get_args(annotation))
-
-
-def revealed(value: Any) -> Any:
-    """``value`` in JSON form (as ``to_jsonable_python`` makes it) with each secret in it,
-    however deep, as its value rather than pydantic's ``**********``: what clients get."""
-    return to_jsonable_python(_unmasked(value))
-
-
-def _unmasked(value: Any) -> Any:
-    if isinstance(value, SecretStr | SecretBytes):
-        secret = value.get_secret_value()
-        return secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
-    if isinstance(value, BaseModel):
-        return _unmasked(value.model_dump(by_alias=False))  # Python mode keeps secrets as objects
-    if isinstance(value, Mapping):
-        return {key: _unmasked(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_unmasked(item) for item in value]
-    return value
-
-
-class SecretKeys(frozenset[str]):
-    """The secret leaves of a schema, which also know the schema's other leaves and which
-    of them hold a mapping.
-
-    A value under a key that is not a leaf (a section key holding a JSON object, a
-    mistyped key) may well be a secret meant for a leaf nearby: when the schema has any
-    secret, such a value is never shown either (``hides``). A key under a leaf that holds
-    a mapping (``weights.head`` of ``weights: dict[str, float]``) is part of that leaf's
-    value, so it is shown or hidden as that leaf is. A plain frozenset of keys masks those
-    keys, and the keys under them, only.
-
-    The schema's facts go with the keys wherever the set goes: a copy, a pickle, and the
-    result of a set operation with another set (``|``, ``&``, ``-``, ``^`` and their
-    named forms) are ``SecretKeys`` too. Had they fallen back to a plain frozenset, a
-    mistyped key's value would silently be shown. (``set | SecretKeys`` is the one form
-    that cannot keep them: a mutable set on the left builds its own result.)
-    """
-
-    __slots__ = ("leaves", "mappings")
-    leaves: frozenset[str]
-    mappings: frozenset[str]
-
-    def __new__(
-        cls, secrets: Iterable[str], leaves: Iterable[str], mappings: Iterable[str] = ()
-    ) -> SecretKeys:
-        made = super().__new__(cls, secrets)
-        object.__setattr__(made, "leaves", frozenset(leaves))
-        object.__setattr__(made, "mappings", frozenset(mappings))
-        return made
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"SecretKeys is immutable: cannot set {name!r}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (frozenset(self), self.leaves, self.mappings))
-
-    def shows(self, key: str) -> bool:
-        """Whether the value of ``key`` may be shown, by this schema's rule (``hides``)."""
-        if key in self:
-            return False
-        if key in self.leaves or not self:
-            return True
-        owner = _owner(key, self.mappings)
-        return owner is not None and owner not in self
-
-    def _like(self, keys: Iterable[str], other: object = None) -> SecretKeys:
-        """``keys`` with this set's facts; with those of ``other`` too if it has them, a
-        key then being shown only where both would show it. ``NotImplemented`` (an
-        operand that is no set) is passed on, so that Python raises its usual error."""
-        if keys is NotImplemented:
-            return NotImplemented
-        if isinstance(other, SecretKeys):
-            return SecretKeys(keys, self.leaves & other.leaves, self.mappings & other.mappings)
-        return SecretKeys(keys, self.leaves, self.mappings)
-
-    def copy(self) -> SecretKeys:
-        return self
-
-    def __or__(self, other: AbstractSet[Any]) -> SecretKeys:
-        return self._like(frozenset.__or__(self, other), other)
-
-    def __and__(self, other: AbstractSet[Any]) -> SecretKeys:
-        return self._like(frozenset.__and__(self, other), other)
-
-    def __sub__(self, other: AbstractSet[Any]) -> SecretKeys:
-        return self._like(frozenset.__sub__(self, other), other)
-
-    def __xor__(self, other: AbstractSet[Any]) -> SecretKeys:
-        return self._like(frozenset.__xor__(self, other), other)
-
-    def __ror__(self, other: AbstractSet[Any]) -> SecretKeys:
-        return self._like(frozenset.__or__(frozenset(self), other), other)
-
-    def __rand__(self, other: AbstractSet[Any]) -> SecretKeys:
-        return self._like(frozenset.__and__(frozenset(self), other), other)
-
-    def __rsub__(self, other: AbstractSet[Any]) -> SecretKeys:
-        if not isinstance(other, AbstractSet):
-            return NotImplemented
-        return self._like(frozenset(other) - frozenset(self), other)
-
-    def __rxor__(self, other: AbstractSet[Any]) -> SecretKeys:
-        return self._like(frozenset.__xor__(frozenset(self), other), other)
-
-    def union(self, *others: Iterable[Any]) -> SecretKeys:
-        return self._like(frozenset.union(self, *others), _facts_of(others))
-
-    def intersection(self, *others: Iterable[Any]) -> SecretKeys:
-        return self._like(frozenset.intersection(self, *others), _facts_of(others))
-
-    def difference(self, *others: Iterable[Any]) -> SecretKeys:
-        return self._like(frozenset.difference(self, *others), _facts_of(others))
-
-    def symmetric_difference(self, other: Iterable[Any]) -> SecretKeys:
-        return self._like(frozenset.symmetric_difference(self, other), other)
-
-
-def _facts_of(others: tuple[Iterable[Any], ...]) -> SecretKeys | None:
-    """The one ``SecretKeys`` among ``others`` whose facts a named set operation combines
-    (several: their facts combined, as ``_like`` does)."""
-    found: SecretKeys | None = None
-    for other in others:
-        if isinstance(other, SecretKeys):
-            found = other if found is None else found._like(found, other)
-    return found
-
-
-def _owner(key: str, leaves: AbstractSet[str]) -> str | None:
-    """The key of ``leaves`` that ``key`` lies under (``weights`` for ``weights.head``)."""
-    parts = key.split(".")
-    return next(
-        (owner for i in range(1, len(parts)) if (owner := ".".join(parts[:i])) in leaves), None
-    )
-
-
-def secret_keys(model: type[BaseModel]) -> SecretKeys:
-    """Leaves typed ``SecretStr``/``SecretBytes`` (or optional ones): never shown or logged."""
-    leaves = list(iter_leaves(model))
-    return SecretKeys(
-        (leaf.key for leaf in leaves if _is_secret(leaf.field.annotation)),
-        (leaf.key for leaf in leaves),
-        (leaf.key for leaf in leaves if holds_mapping(leaf.field.annotation)),
-    )
-
-
-def hides(key: str, secrets: frozenset[str]) -> bool:
-    """Whether the value of ``key`` must not be shown: a secret key or a key under one; for
-    a schema with secrets (``SecretKeys``), also any key that is neither a leaf of it nor
-    under a leaf that holds a mapping (``SecretKeys.shows``)."""
-    if not secrets:
-        return False
-    if isinstance(secrets, SecretKeys):
-        return not secrets.shows(key)
-    return key in secrets or _owner(key, secrets) is not None
-
-
-def shown_value(key: str, value: Any, secrets: frozenset[str]) -> Any:
-    """``value`` as it may be shown to people or logged: the mask if ``key`` ``hides`` it
-    (None stays None: that a key is unset is no secret)."""
-    return SECRET_MASK if value is not None and hides(key, secrets) else value
-
-
-def mask_secrets(values: Mapping[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
-    """``values`` (flat dotted keys) with each hidden key's value (``hides``) masked."""
-    return {k: shown_value(k, v, secrets) for k, v in values.items()}
 
 
 def load_schema(spec: str) -> type[BaseModel]:

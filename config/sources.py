@@ -34,7 +34,8 @@ from .keys import (
     shown_text,
 )
 from .raised import SCHEMA_FAULTS, one_line
-from .schema import is_section, iter_leaves, mapping_keys, revealed, secret_keys
+from .schema import is_section, iter_leaves, mapping_keys
+from .secrecy import revealed, secret_keys
 
 LAYERS = ("defaults", "files", "etcd", "env", "cli")
 LIVE_LAYERS = frozenset({"files", "etcd"})

@@ -19,7 +19,7 @@ from typing import Any
 from hotknob.config import InvalidChange, Snapshot
 from hotknob.config.errors import Problem
 from hotknob.config.nesting import value_at
-from hotknob.config.schema import mask_secrets, shown_value
+from hotknob.config.secrecy import mask_secrets, shown_value
 
 EventSink = Callable[[dict[str, Any]], None]
 

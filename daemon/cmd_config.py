@@ -10,7 +10,7 @@ from typing import Any
 from hotknob.config import InvalidChange, LayerError, Snapshot, merge_layers
 from hotknob.config.errors import InvalidInput
 from hotknob.config.files import read_config_file
-from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
+from hotknob.config.secrecy import SECRET_MASK, mask_secrets, secret_keys
 from hotknob.config.sources import LIVE_LAYERS, defaults_layer, files_layer
 
 from .context import Context, current_snapshot

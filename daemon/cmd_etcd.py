@@ -21,7 +21,8 @@ from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, key_path_fault, to_text
 from hotknob.config.merge import Snapshot, changed_keys, is_known, merge_dropping_invalid
 from hotknob.config.nesting import value_at
-from hotknob.config.schema import leaf_map, restart_only_keys, secret_keys, shown_value
+from hotknob.config.schema import leaf_map, restart_only_keys
+from hotknob.config.secrecy import secret_keys, shown_value
 from hotknob.config.sources import parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped

@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 
 from hotknob.config import Unavailable, UsageError
 from hotknob.config.keys import status_prefix
-from hotknob.config.schema import secret_keys
+from hotknob.config.secrecy import secret_keys
 from hotknob.model_runtime import protocol
 
 from .context import Context, static_layers

@@ -74,7 +74,8 @@ from hotknob.config.merge import (
     state_bytes,
     validate_leaves,
 )
-from hotknob.config.schema import iter_leaves, secret_keys
+from hotknob.config.schema import iter_leaves
+from hotknob.config.secrecy import secret_keys
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink

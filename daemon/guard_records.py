@@ -57,7 +57,7 @@ from typing import Any
 from hotknob.config import InvalidInput, UsageError
 from hotknob.config.files import read_config_file
 from hotknob.config.keys import ROOT, status_prefix
-from hotknob.config.schema import SECRET_MASK, hides
+from hotknob.config.secrecy import SECRET_MASK, hides
 
 from .etcd_store import EtcdStore
 from .guard_lang import Guard, escaped, parse_guard

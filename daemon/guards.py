@@ -81,7 +81,7 @@ from pydantic import BaseModel
 
 from hotknob.config import HotknobError, InvalidChange, Layer
 from hotknob.config.keys import etcd_key, status_prefix, to_text
-from hotknob.config.schema import secret_keys
+from hotknob.config.secrecy import secret_keys
 
 from .announce import EventSink
 from .etcd_checks import revert_plan

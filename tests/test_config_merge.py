@@ -410,7 +410,7 @@ def test_load_schema_errors() -> None:
 
 
 def test_snapshot_holds_real_secret_values_and_mask_hides_them() -> None:
-    from hotknob.config.schema import SECRET_MASK, mask_secrets, secret_keys
+    from hotknob.config.secrecy import SECRET_MASK, mask_secrets, secret_keys
     from tests.secret_schema import Params
 
     snap = merge_layers(

@@ -21,15 +21,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from hotknob.config.schema import (
-    SECRET_MASK,
-    MLParams,
-    SecretKeys,
-    TrainParams,
-    hides,
-    mask_secrets,
-    secret_keys,
-)
+from hotknob.config.schema import MLParams, TrainParams
+from hotknob.config.secrecy import SECRET_MASK, SecretKeys, hides, mask_secrets, secret_keys
 from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
 from tests.etcd_server import EtcdServer
 from tests.secret_schema import Params
@@ -143,7 +136,7 @@ def metrics(step: int, **values: Any) -> dict[str, Any]:
 
 
 def test_keys_outside_a_schema_with_secrets_are_hidden_and_others_shown() -> None:
-    from hotknob.config.schema import hides
+    from hotknob.config.secrecy import hides
 
     secrets = secret_keys(Params)
     assert hides("service.api_key", secrets) and hides("service.backup_key", secrets)
@@ -466,7 +459,7 @@ class _HeldSecrets(BaseModel):
 
 def test_a_leaf_that_holds_secrets_reaches_clients_whole_and_is_shown_nowhere() -> None:
     from hotknob.config import cli_layer, defaults_layer, merge_layers
-    from hotknob.config.schema import secret_keys, shown_value
+    from hotknob.config.secrecy import secret_keys, shown_value
 
     secrets = secret_keys(_HeldSecrets)
     assert set(secrets) == {"opt", "keys", "many"}
