@@ -7,8 +7,6 @@ layer whose value won (or the layer that sent an unreadable one).
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
 from .errors import InvalidChange, Problem, UsageError
-from .keys import LONE_SURROGATE, KeyClash, copied, is_text, nested_with
+from .keys import KeyClash, copied, nested_with
 from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
 from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
 from .schema import (
@@ -31,6 +29,7 @@ from .schema import (
     types_at,
 )
 from .secrecy import revealed, secret_keys
+from .sendable import NOT_FINITE, non_finite, not_text_problems, oversized
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
@@ -337,7 +336,7 @@ def merge_layers(
             problems or _raised(schema, raised, merged, winners, by_name, facts, nest)
         ) from None
     problems = [
-        Problem(key, winners.get(key, "defaults"), _NOT_FINITE, flat[key])
+        Problem(key, winners.get(key, "defaults"), NOT_FINITE, flat[key])
         for key in non_finite(flat)
     ]
     if problems:  # a schema that allows NaN or infinity: no client could be sent it
@@ -345,7 +344,7 @@ def merge_layers(
     try:
         too_large = oversized(values, flat, winners)
     except UnicodeEncodeError:  # a lone surrogate, which UTF-8 cannot carry to a client
-        raise InvalidChange(_not_text(flat, winners)) from None
+        raise InvalidChange(not_text_problems(flat, winners)) from None
     if too_large is not None:
         key, reason = too_large
         raise InvalidChange([Problem(key, winners.get(key, "defaults"), reason, flat[key])])
@@ -442,96 +441,6 @@ def booleans_for_numbers(schema: type[BaseModel], flat: Mapping[str, Any]) -> li
 
 
 _MAY_HOLD_BOOLS = frozenset({bool, list, dict, MappingProxyType})
-
-
-_NOT_FINITE = "must be a finite number (the socket protocol cannot carry NaN or infinity)"
-
-MAX_STATE_BYTES = 448 * 1024
-"""The most a state's values may take as JSON. A protocol line holds at most 1 MiB, and an
-``update`` carries the values twice over at worst (as ``values`` and as ``changed``), a
-``snapshot`` the values and their sources: this leaves both room to spare."""
-
-
-def state_bytes(values: Mapping[str, Any]) -> int:
-    """The size of ``values`` (sections are plain dicts) as JSON, as the protocol sends it."""
-    return len(_STATE_ENCODER.encode(dict(values)).encode("utf-8"))
-
-
-_STATE_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-def entry_bytes(key: str, value: Any) -> int:
-    """``state_bytes({key: value})``. A number, ``true``, ``false`` or ``null`` is counted
-    from its text without the encoder, whose setup costs a lone change ~15 us on CPUs just
-    back from idle (docs/performance.md, thirteenth round); anything else is encoded."""
-    kind = type(value)
-    if kind is int or kind is float:  # as JSON writes them; the caller checked it finite
-        text = int.__repr__(value) if kind is int else float.__repr__(value)
-        return len(text) + _entry_frame_bytes(key)
-    if kind is bool or value is None:
-        return (5 if value is False else 4) + _entry_frame_bytes(key)  # true, null: 4
-    return state_bytes({key: value})
-
-
-@lru_cache(maxsize=1024)
-def _entry_frame_bytes(key: str) -> int:
-    """What ``{"key":}`` takes around a value, as ``state_bytes`` counts it."""
-    return state_bytes({key: None}) - 4
-
-
-def oversized(
-    values: Mapping[str, Any], flat: Mapping[str, Any], winners: Mapping[str, str]
-) -> tuple[str, str] | None:
-    """None if ``values`` fit in ``MAX_STATE_BYTES``; else the key to blame and why the state
-    cannot be sent: the largest value a layer other than the defaults set (a live one can
-    drop it), else the largest value."""
-    size = state_bytes(values)
-    if size <= MAX_STATE_BYTES:
-        return None
-    sizes = {key: state_bytes({"": value}) for key, value in flat.items()}
-    given = [key for key in sizes if winners.get(key, "defaults") != "defaults"]
-    key = max(given or sizes, key=sizes.__getitem__)
-    return key, (
-        f"makes the configuration {size} bytes as JSON, over the {MAX_STATE_BYTES} that "
-        f"the socket protocol carries (this value: {sizes[key]} bytes)"
-    )
-
-
-def _not_text(flat: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:
-    """A problem for each key whose value holds a lone surrogate. The layers refuse such
-    text where they parse it; this catches one that a schema's default or validator
-    made. The value is left out: no log line or event could carry it either."""
-    keys = not_text(flat) or [""]  # every string of a state is in some leaf's value
-    return [Problem(key, winners.get(key, "defaults"), LONE_SURROGATE) for key in keys]
-
-
-_PLAIN = frozenset({float, int, bool, type(None)})
-
-
-def not_text(flat: Mapping[str, Any]) -> list[str]:
-    """The keys whose value is, or holds, a string with a lone surrogate (one loop that
-    passes numbers by: this runs for every change the engine's short path takes)."""
-    return [key for key, value in flat.items() if type(value) not in _PLAIN and not is_text(value)]
-
-
-def non_finite(flat: Mapping[str, Any]) -> list[str]:
-    """The keys whose value is, or holds, a float that is NaN or infinite."""
-    return [
-        key
-        for key, value in flat.items()
-        if (type(value) is float and not math.isfinite(value))
-        or (type(value) in (dict, list) and not _finite(value))
-    ]
-
-
-def _finite(value: Any) -> bool:
-    if type(value) is float:
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return True
 
 
 def _validated(schema: type[BaseModel], nested: Mapping[str, Any]) -> BaseModel:

@@ -62,20 +62,16 @@ from hotknob.config.leafwise import (
     validate_puts,
 )
 from hotknob.config.merge import (
-    MAX_STATE_BYTES,
     SCHEMA_FAULTS,
     LeafInput,
     booleans_for_numbers,
-    entry_bytes,
     leaf_input,
     merge_dropping_invalid,
-    non_finite,
-    not_text,
-    state_bytes,
     validate_leaves,
 )
 from hotknob.config.schema import iter_leaves
 from hotknob.config.secrecy import secret_keys
+from hotknob.config.sendable import MAX_STATE_BYTES, entry_bytes, non_finite, not_text, state_bytes
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink

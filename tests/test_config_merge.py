@@ -33,15 +33,9 @@ from hotknob.config import (
 )
 from hotknob.config.files import MAX_FILE_DEPTH
 from hotknob.config.keys import etcd_key, key_from_etcd, key_path_fault, parse_text, unflatten
-from hotknob.config.merge import (
-    entry_bytes,
-    is_known,
-    leaf_input,
-    merge_dropping_invalid,
-    state_bytes,
-    validate_leaves,
-)
+from hotknob.config.merge import is_known, leaf_input, merge_dropping_invalid, validate_leaves
 from hotknob.config.schema import mapping_keys, numeric_keys
+from hotknob.config.sendable import entry_bytes, state_bytes
 from hotknob.config.sources import Layer
 from tests.banded_schema import Banded
 
@@ -501,7 +495,7 @@ def test_a_clash_inside_a_mapping_leaf_names_the_leaf_and_drops_the_live_key() -
 
 
 def test_a_state_too_large_blames_the_value_a_live_layer_set() -> None:
-    from hotknob.config.merge import MAX_STATE_BYTES
+    from hotknob.config.sendable import MAX_STATE_BYTES
 
     defaults = Layer("defaults", {**defaults_layer(_Open).values, "prompt": "p" * 300_000})
     etcd = Layer("etcd", {"note": "n" * (MAX_STATE_BYTES - 250_000), "lr": 0.5})

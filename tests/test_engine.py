@@ -333,7 +333,7 @@ def test_saved_etcd_values_the_schema_no_longer_has_are_dropped_without_etcd(
 
 
 def test_a_state_too_large_for_the_socket_protocol_is_rejected(tmp_path: Path) -> None:
-    from hotknob.config.merge import MAX_STATE_BYTES
+    from hotknob.config.sendable import MAX_STATE_BYTES
 
     class Noted(BaseModel):
         model_config = ConfigDict(extra="forbid")
