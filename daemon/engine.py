@@ -78,7 +78,8 @@ from .announce import Announcer, EventSink
 from .logs import get_logger
 from .published import Published
 from .restart_only import RestartOnly
-from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
+from .state import StateStore
+from .state_keeper import StateKeeper
 
 
 def _noop(_: Any) -> None:
@@ -130,7 +131,6 @@ class Engine:
         self.current: Published | None = None
         self.version = 0
         self.revision = 0
-        self.state_write_error: str | None = None
         self.last_change_seconds = 0.0
         self._batching = False
         self._deferred: Callable[[], Published | None] | None = None  # a group's newest state
@@ -149,8 +149,8 @@ class Engine:
         self._room = 0
         self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
         self._closed = False
-        self._writer = StateWriter(store, self._on_saved) if store is not None else None
         self.log = get_logger("hotknob.engine", app=app)
+        self._keeper = StateKeeper(store, self.log) if store is not None else None
         self._restart = RestartOnly(restart_only, self.log)
         self._announce = Announcer(
             self.log,
@@ -159,6 +159,11 @@ class Engine:
             on_accepted=on_accepted,
             on_rejected=on_rejected,
         )
+
+    @property
+    def state_write_error(self) -> str | None:
+        """Why the last write of the state file failed (None once one succeeds)."""
+        return self._keeper.error if self._keeper is not None else None
 
     @property
     def pending_restart(self) -> Mapping[str, Any]:
@@ -173,19 +178,7 @@ class Engine:
         Raises ``InvalidChange`` if the layers that are not live (defaults, env,
         cli) or the files are invalid: the daemon must not start on them.
         """
-        saved = self.store.load() if self.store else None
-        aside = self.store.set_aside if self.store else None
-        if aside is not None:
-            # Not fatal (a daemon must come up), but loud: versions restart at 1 below
-            # what clients and checkpoints may hold (docs/reliability.md says what to do).
-            self.log.error(
-                "state_file_unreadable",
-                path=str(aside.path),
-                reason=aside.reason,
-                moved_to=str(aside.moved_to) if aside.moved_to else None,
-                move_error=aside.move_error,
-                versions="restart at 1",
-            )
+        saved = self._keeper.load() if self._keeper is not None else None
         if etcd is None:
             saved_etcd = saved.etcd if saved else {}
             self.layers["etcd"] = Layer("etcd", saved_etcd, dict.fromkeys(saved_etcd, "saved"))
@@ -214,10 +207,10 @@ class Engine:
         self.revision = revision  # what later changes of any layer are published at
         self.snapshot, self.current, self._flat = snapshot, published, dict(published.flat)
         self._room = MAX_STATE_BYTES - state_bytes(snapshot.values)
-        if self.store is not None:
+        if self._keeper is not None:
             # Before anything is served: the file no longer says "clean", and the ceiling
             # covers this version.
-            self._reserve(published)
+            self._keeper.reserve(published, self.layers["etcd"].values)
         self._publish(published)
         self.log.info("config_loaded", version=self.version, revision=revision)
         return published
@@ -231,15 +224,9 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
-            self._writer.close()
-        if self.store is None or self.current is None:
-            return
-        saved = self._saved(self.current, ceiling=self.store.ceiling, clean=True)
-        try:
-            self.store.save(saved)
-        except OSError as exc:
-            self._write_failed(exc)
+        if self._keeper is not None:  # closed before the start made a state: nothing to save
+            final = self.current
+            self._keeper.close(final, self.layers["etcd"].values if final is not None else {})
 
     # --- live changes --------------------------------------------------------------------------
 
@@ -637,58 +624,11 @@ class Engine:
         """Publish ``published`` and save it with ``etcd``'s values (default: the etcd
         layer's)."""
         self.current = published
-        if self.store is None:
-            self._publish(published)
-        elif published.version > self.store.ceiling:
-            self._reserve(published, etcd)
+        if self._keeper is None:
             self._publish(published)
         else:
-            self._publish(published)
-            # After the push: the writer's thread then competes with nothing on the way out.
-            assert self._writer is not None
-            self._writer.submit(self._saved(published, ceiling=self.store.ceiling, etcd=etcd))
-
-    def _reserve(self, published: Published, etcd: Mapping[str, Any] | None = None) -> None:
-        """Save ``published`` now, with a ceiling ``VERSION_BLOCK`` above it (rare: one
-        version in ``VERSION_BLOCK``). On failure the ceiling stays, so the next change
-        tries again; the change is still published, as the daemon must keep serving."""
-        assert self.store is not None
-        saved = self._saved(published, ceiling=published.version + VERSION_BLOCK, etcd=etcd)
-        try:
-            self.store.save(saved)
-        except OSError as exc:
-            self._write_failed(exc)
-            return
-        self.state_write_error = None
-
-    def _saved(
-        self,
-        published: Published,
-        *,
-        ceiling: int,
-        clean: bool = False,
-        etcd: Mapping[str, Any] | None = None,
-    ) -> SavedState:
-        return SavedState(
-            version=published.version,
-            revision=published.revision,
-            values=published.values,
-            etcd=dict(self.layers["etcd"].values if etcd is None else etcd),
-            version_ceiling=ceiling,
-            clean=clean,
-        )
-
-    def _on_saved(self, error: OSError | None) -> None:
-        """The background writer's report, on its thread."""
-        if error is None:
-            self.state_write_error = None
-        else:
-            self._write_failed(error)
-
-    def _write_failed(self, exc: OSError) -> None:
-        assert self.store is not None
-        self.state_write_error = f"{self.store.path}: {exc.strerror or exc}"
-        self.log.error("state_write_failed", path=str(self.store.path), error=str(exc))
+            etcd = self.layers["etcd"].values if etcd is None else etcd
+            self._keeper.publish(published, etcd, self._publish)
 
     def _published(
         self, snapshot: Snapshot, revision: int, flat: dict[str, Any] | None = None

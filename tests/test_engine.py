@@ -129,8 +129,8 @@ def test_restart_after_a_crash_starts_above_every_version_reserved(tmp_path: Pat
     for revision in range(6, 9):
         engine.on_etcd_change(revision, {P + "train/lr": str(revision / 100).encode()}, [])
     assert engine.version == 4
-    assert engine._writer is not None
-    engine._writer.flush()  # the saved snapshot is the newest; still no clean stop
+    assert engine._keeper is not None
+    engine._keeper.flush()  # the saved snapshot is the newest; still no clean stop
     again = make_engine(tmp_path)
     files_start(again)
     again.start({P + "train/lr": b"0.08"}, 8)  # the same values: still a new version
@@ -154,16 +154,16 @@ def test_kill_right_after_a_push_never_reissues_its_version(tmp_path: Path) -> N
     engine.on_etcd_change(6, {P + "train/lr": b"0.02"}, [])
     pushed = published[-1]
     assert pushed.version == 2 and pushed.flat["train.lr"] == 0.02
-    assert engine._writer is not None
-    engine._writer.flush()  # joined here only so that nothing writes after the copy below
+    assert engine._keeper is not None
+    engine._keeper.flush()  # joined here only so that nothing writes after the copy below
     state_file.write_bytes(before_push)
     for lr in (b"0.01", b"0.03"):
         restarted = make_engine(tmp_path)
         files_start(restarted)
         restarted.start({P + "train/lr": lr}, 7)
         assert restarted.version > pushed.version
-        assert restarted._writer is not None
-        restarted._writer.flush()
+        assert restarted._keeper is not None
+        restarted._keeper.flush()
         state_file.write_bytes(before_push)
 
 
@@ -209,8 +209,8 @@ def test_start_without_etcd_after_a_crash_serves_the_newest_saved_values(tmp_pat
     files_start(engine)
     engine.start({P + "train/lr": b"0.07"}, 5)
     engine.on_etcd_change(6, {P + "train/lr": b"0.09"}, [])
-    assert engine._writer is not None
-    engine._writer.flush()
+    assert engine._keeper is not None
+    engine._keeper.flush()
     later = make_engine(tmp_path)
     files_start(later)
     later.start(None, 0)

@@ -155,8 +155,8 @@ def seen(engine: Engine, published: list[Published]) -> str:
 
 
 def saved(engine: Engine) -> Any:
-    assert engine._writer is not None and engine.store is not None
-    engine._writer.flush()
+    assert engine._keeper is not None and engine.store is not None
+    engine._keeper.flush()
     state = engine.store.load()
     assert state is not None
     return (state.version, state.revision, dict(state.values), dict(state.etcd))
