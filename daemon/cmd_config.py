@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hotknob.config import InvalidChange, LayerError, Snapshot, merge_layers
+from hotknob.config import InvalidChange, LayerError, Snapshot, merge_layers, restart_only_keys
 from hotknob.config.errors import InvalidInput
 from hotknob.config.files import read_config_file
 from hotknob.config.secrecy import SECRET_MASK, mask_secrets, secret_keys
@@ -89,6 +89,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 def explain_rows(snapshot: Snapshot, keys: list[str]) -> list[dict[str, Any]]:
     rank = {name: i for i, name in enumerate(snapshot.precedence)}
     secrets = secret_keys(type(snapshot.model))
+    restart_only = restart_only_keys(type(snapshot.model))
     rows = []
     for key in keys:
         winner = snapshot.sources[key]
@@ -126,6 +127,7 @@ def explain_rows(snapshot: Snapshot, keys: list[str]) -> list[dict[str, Any]]:
                 "from": winner,
                 "layers": layers,
                 "shadowed": shadowed,
+                "restart_only": key in restart_only,
             }
         )
     return rows
@@ -152,10 +154,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
             else:
                 mark = "*" if name in row["shadowed"] else ""
                 cells.append(fmt(row["layers"][name]) + mark)
-        table.append([row["key"], fmt(row["value"]), row["from"], *cells])
+        value = fmt(row["value"]) + ("^" if row["restart_only"] else "")
+        table.append([row["key"], value, row["from"], *cells])
     print(render(["KEY", "VALUE", "FROM", *order], table))
+    notes = []
     if any(row["shadowed"] for row in rows):
-        print("\n* a live value (files or etcd) shadowed by a higher layer: it has no effect")
+        notes.append("* a live value (files or etcd) shadowed by a higher layer: it has no effect")
+    if any(row["restart_only"] for row in rows):
+        notes.append(
+            "^ restart-only: the processes keep the value the daemon started with; this one "
+            "takes effect when the daemon restarts"
+        )
+    if notes:
+        print("\n" + "\n".join(notes))
     return 0
 
 
