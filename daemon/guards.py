@@ -13,8 +13,11 @@ records and, for its own processes:
   listed) never ran without the change: it is never judged, nor waited for. A
   process is known by its name (``<node>/<client>``);
 * it is watched from the step at which it acknowledged the first state of revision
-  ≥ R (the step the change landed in it), for ``window`` steps: a report at a step
-  ≥ start + ``window`` is not judged (it marks the process done);
+  ≥ R (the step the change landed in it), for ``window`` steps. A report holds the
+  steps after the previous report's: one that holds no step below start + ``window``
+  is not judged, and marks the process done, if the last judged report held; while
+  failures in a row are short of ``patience``, the process is watched on past its
+  window (``_check``);
 * each ``metrics`` report within a watched process's window is checked: a NaN or
   ±inf value of a metric the guard reads reverts at once; otherwise the guard is
   evaluated on the mean of the values reported since the previous report, against
@@ -25,8 +28,7 @@ records and, for its own processes:
 * when every watched process that reported has passed its window, on this
   daemon and, as their status entries show, on every other daemon of the app,
   the guard has *passed*. A process of another daemon is taken as done once its
-  status shows a report at or after (its latest acknowledgement's step +
-  ``window``): never earlier than its own daemon would say. A process that left
+  own daemon says so in its status entry (``windows_of``). A process that left
   before the end of its window is no longer waited for; the outcome names it,
   with the failures in a row it had when it left (fewer than ``patience``: a
   departure is not a failure);
@@ -321,22 +323,42 @@ class GuardManager:
             start = active.started.get(client)
             if active.busy or start is None:
                 continue
+            previous = active.last_step.get(client)
             if report.step < start:
                 start = active.started[client] = report.step
                 active.passed.discard(client)
+                previous = None  # a new window: this report is its first
             active.last_step[client] = report.step
-            self._check(guard_id, active, client, start, report)
+            self._check(guard_id, active, client, start, report, previous)
 
     def _check(
-        self, guard_id: str, active: _Active, client: str, start: int, report: Report
+        self,
+        guard_id: str,
+        active: _Active,
+        client: str,
+        start: int,
+        report: Report,
+        previous: int | None,
     ) -> None:
+        """Judge ``report`` if it holds a step of ``client``'s window, or if its last judged
+        reports failed (then the process is watched on until one holds or ``patience`` of
+        them fail); else mark the process done.
+
+        A report holds the values of the steps after the previous report's (``previous``)
+        up to its own: one at or past the window's end may still hold steps inside it, and
+        the first after the change always does. So a window shorter than the steps between
+        two reports is still judged, and the window's end does not pass a process whose
+        metric is failing at that moment."""
         guard = active.guard
         values = {m: v for m in guard.metrics if (v := report.value(m)) is not None}
         if not values:
             return  # this process does not report what the guard reads
         active.reported.add(client)
-        if report.step >= start + active.record.window:
-            # Past its own window: done, and what it reports now is not judged.
+        end = start + active.record.window
+        inside = report.step < end or previous is None or previous + 1 < end
+        if not inside and client not in active.in_a_row:
+            # Past its own window, its last judged report held: done, and what it
+            # reports now is not judged.
             active.passed.add(client)
             self._maybe_passed(guard_id, active)
             return
@@ -378,6 +400,9 @@ class GuardManager:
         elif holds is True:
             failures.clear()
             active.in_a_row.pop(client, None)
+        if report.step >= end and client not in active.in_a_row:
+            active.passed.add(client)  # its window is over, and its last judged report held
+            self._maybe_passed(guard_id, active)
 
     def _baselines(self, record: GuardRecord, client: str) -> dict[str, float]:
         """``client``'s own baseline of each metric, else the mean of all processes' ones."""
