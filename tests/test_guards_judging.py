@@ -137,40 +137,35 @@ def test_a_process_past_its_window_is_not_judged(etcd: EtcdServer, tmp_path: Pat
         assert not daemon.events("change_reverted")
 
 
+@pytest.mark.parametrize(
+    ("losses", "state"),
+    [
+        ((100.0, 100.0, 100.0), "reverted"),  # fails on, past the window: patience reached
+        ((100.0, 1.0), "passed"),  # past the window, a report holds: done
+    ],
+)
 def test_a_window_shorter_than_the_steps_between_reports_is_still_judged(
-    etcd: EtcdServer, tmp_path: Path
+    etcd: EtcdServer, tmp_path: Path, losses: tuple[float, ...], state: str
 ) -> None:
     """Reports come about once a second: a fast loop's window of 20 steps may end before
     the first report after the change, which holds the window's steps all the same. It
     is judged, and a process whose last judged reports fail is watched past its window
-    until one holds or ``patience`` (3) of them fail."""
+    until one holds (done) or ``patience`` (3) of them fail (reverted)."""
     with (
         DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
         RawClient(daemon.socket_path, "c1") as c1,
     ):
-        arm_guard(etcd, daemon, c1)  # applied at step 10: its window is steps 10..29
-        for step in (60, 110, 160):  # each report holds ~50 steps, all of them failing
-            c1.send(metrics(step, loss=100.0))
+        out = arm_guard(etcd, daemon, c1)  # applied at step 10: its window is steps 10..29
+        for step, loss in zip((60, 110, 160), losses, strict=False):  # ~50 steps a report
+            c1.send(metrics(step, loss=loss))
         record = ended(etcd)
-        assert record["state"] == "reverted", record
-        (event,) = wait_for("the revert", lambda: daemon.events("change_reverted"))
-        assert "failed on 3 reports in a row from c1 (steps 60..160)" in event["reason"]
-
-
-def test_a_process_past_its_window_passes_once_a_judged_report_holds(
-    etcd: EtcdServer, tmp_path: Path
-) -> None:
-    with (
-        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
-        RawClient(daemon.socket_path, "c1") as c1,
-    ):
-        out = arm_guard(etcd, daemon, c1)
-        c1.send(metrics(60, loss=100.0))  # the whole window in one report: it fails
-        c1.send(metrics(110, loss=1.0))  # past the window, and it holds: done
-        record = ended(etcd)
-        assert record["state"] == "passed", record
-        assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
-        assert not daemon.events("change_reverted")
+        assert record["state"] == state, record
+        if state == "reverted":
+            (event,) = wait_for("the revert", lambda: daemon.events("change_reverted"))
+            assert "failed on 3 reports in a row from c1 (steps 60..160)" in event["reason"]
+        else:
+            assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
+            assert not daemon.events("change_reverted")
 
 
 def test_a_revert_that_a_later_edit_makes_invalid_ends_blocked_not_with_a_third_value(
