@@ -291,7 +291,10 @@ class LiveConfig:
 
         Under a process group this is a collective every ``sync_every`` calls:
         every rank must call it the same number of times; it applies the state
-        the ranks agree on, which may be older than the newest received.
+        the ranks agree on, which may be older than the newest received, and returns
+        True on every rank or on none: True when the agreed values changed (the same
+        values renumbered by a restarted daemon are taken in and acknowledged, and
+        return False).
 
         One apply at a time. Called from another thread while one runs (request
         threads of a server that each call it), it returns False at once and

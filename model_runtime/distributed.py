@@ -214,16 +214,24 @@ class StepSync:
     @staticmethod
     def _install(live: LiveConfig, state: State, step: int, *, ack: bool) -> bool:
         """Apply ``state`` unless it is what is applied; ``ack`` if this rank's daemon sent
-        it. The same values, applied unacknowledged from another rank, are acknowledged
-        now (``LiveConfig._adopt``), at the step they were applied."""
+        it. True if the values changed: the same on every rank, since every rank held the
+        same agreed values before and holds them after.
+
+        The same values, applied unacknowledged from another rank, are acknowledged now
+        (``LiveConfig._adopt``), at the step they were applied. The same values under
+        another version or revision (this rank's daemon restarted and renumbered its
+        state) are taken in and acknowledged at this call, but count as no change: a rank
+        whose daemon did not restart sees none, and ``apply`` must not return True on some
+        ranks only (a training loop may enter a collective on it)."""
         applied = live._applied
         if state is applied:
             return False
         if state.digest == applied.digest:
             if ack and live._adopt(state):
                 return False
-            if state.version == applied.version and state.revision == applied.revision:
-                return False
+            if state.version != applied.version or state.revision != applied.revision:
+                live._apply_state(state, step, ack=ack)
+            return False
         live._apply_state(state, step, ack=ack)
         return True
 
