@@ -11,6 +11,7 @@ module alone. What it guarantees to callers:
       HotknobError
       +-- Unavailable            cannot reach etcd (retryable); one line naming the endpoints
       |   +-- TooLargeError      a message from etcd over the receive limit
+      |   +-- NoSpaceError       etcd over its space quota (NOSPACE): no writes until compacted
       +-- AuthError              bad credentials or no permission
       +-- CompactedError         the revision asked for was compacted away
       +-- ConflictError          a compare in ``commit`` failed; nothing was written
@@ -56,6 +57,7 @@ from .etcd_types import (
     FutureRevisionError,
     History,
     HistoryEntry,
+    NoSpaceError,
     TokenExpired,
     TooLargeError,
     group_by_revision,
@@ -72,6 +74,7 @@ __all__ = [
     "FutureRevisionError",
     "History",
     "HistoryEntry",
+    "NoSpaceError",
     "TooLargeError",
     "group_by_revision",
     "map_error",
@@ -152,6 +155,12 @@ def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobErr
         return CompactedError(f"etcd {what}: {details}")
     if code == grpc.StatusCode.OUT_OF_RANGE and "future" in details:
         return FutureRevisionError(f"etcd {what}: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "database space exceeded" in details:
+        return NoSpaceError(
+            f"etcd at {where} is out of space ({what}: {details}): it takes no writes until "
+            "its history is compacted, it is defragmented and its NOSPACE alarm disarmed "
+            '(docs/deploy.md, "etcd\'s space")'
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         return TooLargeError(f"cannot take etcd's answer from {where} ({what}): {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -75,6 +75,16 @@ class TooLargeError(Unavailable):
     """
 
 
+class NoSpaceError(Unavailable):
+    """etcd is out of space (its NOSPACE alarm: ``mvcc: database space exceeded``).
+
+    etcd keeps every revision until its history is compacted; past its backend quota
+    (2 GiB by default) it refuses every write, ours and everyone's, until an operator
+    compacts, defragments and disarms the alarm. Not our fault to fix, nor the caller's:
+    retryable like an unreachable etcd, with a message that says what to do.
+    """
+
+
 @dataclass(frozen=True)
 class EtcdOptions:
     """How to reach etcd. ``password`` is left out of the repr, and of every message."""

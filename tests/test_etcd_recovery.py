@@ -23,9 +23,9 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
+from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore, NoSpaceError
 from hotknob.daemon.etcd_watcher import EtcdWatcher
-from tests.daemon_proc import DaemonProcess, RawClient
+from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdCluster, EtcdServer
 from tests.test_etcd_watcher import Recorder, watch
 
@@ -398,3 +398,54 @@ def test_an_expired_token_is_renewed_without_breaking_the_watch() -> None:
             assert rec.changes[-1].puts == {P + "train/lr": b"0.2"}
             assert [up for up, _ in rec.connection] == [True]
             assert w.last_revision == rec.changes[-1].revision
+
+
+# --- 6. an etcd out of space ---------------------------------------------------------------------
+
+
+def test_an_etcd_out_of_space_is_named_and_nothing_is_lost_once_it_is_freed(
+    tmp_path: Path,
+) -> None:
+    """Past its quota etcd refuses every write (its NOSPACE alarm). ``set`` and the daemon's
+    status publisher say so in words that name the cause, not "cannot reach etcd"; the
+    daemon serves on, and once an operator frees etcd the next change lands."""
+    with EtcdServer(extra_args=["--quota-backend-bytes", str(4 * MIB)]) as etcd:
+        store = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,)))
+        env = {"HOTKNOB_ETCD_ENDPOINTS": etcd.endpoint}
+        try:
+            with (
+                DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+                RawClient(daemon.socket_path) as client,
+            ):
+                blob = "x" * (256 * 1024)
+                with pytest.raises(NoSpaceError) as full:
+                    for n in range(200):
+                        store.commit({f"/junk/{n}": blob}, [])
+                assert "out of space" in str(full.value)
+                assert "NOSPACE" in str(full.value)
+
+                done = run_cli("set", "--app", "t", "train.lr=0.3", env=env)
+                assert done.returncode == 3, done.stderr
+                assert done.stderr.count("\n") == 1
+                assert "is out of space" in done.stderr
+                assert "cannot reach" not in done.stderr
+
+                version = client.snapshot["version"]
+                client.send({"type": "applied", "version": version, "step": 1})
+                deadline = time.monotonic() + 10
+                while not daemon.events("status_publish_failed"):
+                    assert time.monotonic() < deadline, daemon.log()
+                    time.sleep(0.05)
+                assert "is out of space" in daemon.events("status_publish_failed")[0]["error"]
+                assert client.no_message(0.3)
+
+                etcd.etcdctl("del", "--prefix", "/junk/")  # a plain delete is still taken
+                store.compact(store.current_revision())
+                etcd.etcdctl("defrag")
+                etcd.etcdctl("alarm", "disarm")
+                done = run_cli("set", "--app", "t", "train.lr=0.3", env=env)
+                assert done.returncode == 0, done.stderr
+                update = client.next_update()
+                assert update["changed"] == {"train.lr": 0.3}
+        finally:
+            store.close()
