@@ -47,6 +47,7 @@ from .guards import GuardManager
 from .logs import get_logger
 from .metrics import Metrics, MetricsServer
 from .published import Published
+from .reports import REPORT_STATUS_EVERY_S
 from .socket_server import SocketServer
 from .state import StateStore
 from .status import StatusPublisher
@@ -67,6 +68,7 @@ class DaemonOptions:
     node: str = field(default_factory=socket.gethostname)
     etcd_start_timeout: float = 1.0
     status_ttl: int = 10
+    status_every: float = REPORT_STATUS_EVERY_S
 
 
 def default_state_dir() -> Path:
@@ -109,7 +111,11 @@ class Daemon:
         self._changes_inline = self.metrics.etcd_changes.labels("watch_thread")
         self._changes_in_loop = self.metrics.etcd_changes.labels("loop")
         self.feedback = ClientFeedback(
-            app=ctx.app, node=options.node, metrics=self.metrics, revision_of=self._revisions.get
+            app=ctx.app,
+            node=options.node,
+            metrics=self.metrics,
+            revision_of=self._revisions.get,
+            report_every=options.status_every,
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
         # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every

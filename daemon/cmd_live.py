@@ -19,7 +19,7 @@ from hotknob.model_runtime import protocol
 
 from .context import Context, static_layers
 from .guard_records import guards_table, read_records, shown_record
-from .reports import metrics_summary
+from .reports import REPORT_STATUS_EVERY_S, metrics_summary
 from .table import dumps, fmt, render
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -35,6 +35,15 @@ def register(add: Add) -> None:
         help="seconds to wait for etcd at start before serving the last-known-good",
     )
     p.add_argument("--status-ttl", type=int, default=10, help="lease TTL of status entries")
+    p.add_argument(
+        "--status-every",
+        type=float,
+        default=REPORT_STATUS_EVERY_S,
+        metavar="SECONDS",
+        help="the most often a process's metric reports alone rewrite its status entry in "
+        "etcd (an applied change, or a guard's progress, rewrites it at once; default "
+        "%(default)g)",
+    )
 
     p = add("watch", cmd_watch, "stream accepted and rejected changes as they happen")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -60,6 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(level=args.log_level)
     if args.status_ttl < 2:  # its lease is kept alive every third of it: 0 would spin
         raise UsageError(f"--status-ttl must be 2 seconds or more, got {args.status_ttl}")
+    if not 0 <= args.status_every <= 3600:
+        raise UsageError(f"--status-every must be 0 to 3600 seconds, got {args.status_every}")
     if not args.etcd_start_timeout >= 0:
         raise UsageError(f"--etcd-start-timeout must be 0 or more, got {args.etcd_start_timeout}")
     ctx = Context.from_args(args)
@@ -69,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics_addr,
         etcd_start_timeout=args.etcd_start_timeout,
         status_ttl=args.status_ttl,
+        status_every=args.status_every,
     )
     if args.node:
         options.node = args.node

@@ -3,14 +3,26 @@ Prometheus.
 
 Every version brings one ack per client, and each status entry is an etcd write that
 in a burst or with many clients would compete with the changes themselves: entries go
-to the status publisher at most every ``STATUS_EVERY_S``, the newest per client. A
-report's entry goes at once (it includes the last ack). All on the event loop; the
-status publisher and the guards are set once the daemon has started them.
+to the status publisher at most every ``STATUS_EVERY_S``, the newest per client.
+
+Reports come about once a second from every process, for as long as the job runs, and
+etcd keeps every revision until its history is compacted: a status entry per report
+would grow etcd by ~1.6 MB an hour per process (a hundred 8-GPU nodes would fill its
+default 2 GiB quota in under two hours; docs/deploy.md, "etcd's space"). So what a
+report alone changes (the metrics' values) is published at most every ``report_every``
+seconds per process, the newest, and the last one when reports stop; the entry goes at
+once when the report changes more than values (``_shape``: the process's first report,
+a metric it starts reporting, what the entry says of the guards watching the process,
+which other daemons read to end a guard), or with an ack. Guards and Prometheus see
+every report as it comes. All on the event loop; the status publisher and the guards
+are set once the daemon has started them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +31,13 @@ from .guards import GuardManager
 from .logs import get_logger
 from .metrics import Metrics
 from .published import ClientInfo
-from .reports import MAX_METRICS, MAX_NAME_CHARS, ClientReports, decode_report
+from .reports import (
+    MAX_METRICS,
+    MAX_NAME_CHARS,
+    REPORT_STATUS_EVERY_S,
+    ClientReports,
+    decode_report,
+)
 from .status import StatusPublisher
 from .throttle import Throttle
 
@@ -28,9 +46,16 @@ STATUS_EVERY_S = 0.2
 
 class ClientFeedback:
     def __init__(
-        self, *, app: str, node: str, metrics: Metrics, revision_of: Callable[[int], int | None]
+        self,
+        *,
+        app: str,
+        node: str,
+        metrics: Metrics,
+        revision_of: Callable[[int], int | None],
+        report_every: float = REPORT_STATUS_EVERY_S,
     ) -> None:
         self.node = node
+        self.report_every = report_every
         self.metrics = metrics
         self.revision_of = revision_of
         self.status: StatusPublisher | None = None
@@ -40,6 +65,12 @@ class ClientFeedback:
         self._status_due: dict[str, dict[str, Any]] = {}
         self._warned_names: set[str] = set()  # clients told their extra names are dropped
         self._status_soon = Throttle(STATUS_EVERY_S, self._flush_status)
+        # Per client: when its entry was last published and its shape then (``_shape``); a
+        # report's entry held back, and the timer that publishes it.
+        self._published_at: dict[str, float] = {}
+        self._published_shape: dict[str, tuple[Any, frozenset[str]]] = {}
+        self._held: dict[str, dict[str, Any]] = {}
+        self._held_timers: dict[str, asyncio.TimerHandle] = {}
 
     def on_applied(self, client: ClientInfo, message: dict[str, Any]) -> None:
         version = int(message["version"])
@@ -79,14 +110,23 @@ class ClientFeedback:
         if self.guards is not None:
             self.guards.on_report(client.name, report)
         if self.status is not None:
-            entry = self.reports.status_entry(
-                client.name, self._client_entry(client), replace=False
+            name = client.name
+            entry = self._with_guards(
+                name,
+                self.reports.status_entry(name, self._client_entry(client), replace=False),
             )
-            self._status_due.pop(client.name, None)  # this entry is newer: it includes the ack
-            self.status.publish(client.name, self._with_guards(client.name, entry))
+            if name in self._status_due:
+                self._status_due[name] = entry  # newer, with the ack: it goes with the ack
+            elif _shape(entry) != self._published_shape.get(name) or (
+                time.monotonic() - self._published_at.get(name, -math.inf) >= self.report_every
+            ):
+                self._publish(name, entry)
+            else:
+                self._hold(name, entry)
 
     def on_disconnect(self, client: ClientInfo) -> None:
         self._status_due.pop(client.name, None)
+        self._forget_published(client.name)
         for name in self.reports.metric_names(client.name):  # its series go with it
             with contextlib.suppress(KeyError):
                 self.metrics.client_metric.remove(client.name, name)
@@ -104,8 +144,10 @@ class ClientFeedback:
         return {**entry, "guards": windows} if windows else entry
 
     def cancel(self) -> None:
-        """Drop a status flush still due (at stop)."""
+        """Drop a status flush still due, and the reports' entries held back (at stop)."""
         self._status_soon.cancel()
+        for name in list(self._held_timers):
+            self._forget_published(name)
 
     def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
         entry: dict[str, Any] = {"client": client.name, "pid": client.pid, "node": self.node}
@@ -114,6 +156,49 @@ class ClientFeedback:
 
     def _flush_status(self) -> None:
         due, self._status_due = self._status_due, {}
+        for name, entry in due.items():
+            self._publish(name, entry)
+
+    def _publish(self, name: str, entry: dict[str, Any]) -> None:
+        """Publish ``entry`` now; a report's entry held back is older: dropped."""
+        self._held.pop(name, None)
+        timer = self._held_timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        self._published_at[name] = time.monotonic()
+        self._published_shape[name] = _shape(entry)
         if self.status is not None:
-            for name, entry in due.items():
-                self.status.publish(name, entry)
+            self.status.publish(name, entry)
+
+    def _hold(self, name: str, entry: dict[str, Any]) -> None:
+        """Keep ``entry`` (metrics only changed) to publish ``report_every`` after the last
+        entry, the newest by then, so that a process's last reports are published too."""
+        self._held[name] = entry
+        if name not in self._held_timers:
+            wait = self._published_at[name] + self.report_every - time.monotonic()
+            loop = asyncio.get_running_loop()
+            self._held_timers[name] = loop.call_later(max(0.0, wait), self._release, name)
+
+    def _release(self, name: str) -> None:
+        self._held_timers.pop(name, None)
+        entry = self._held.pop(name, None)
+        if entry is not None:
+            self._publish(name, entry)
+
+    def _forget_published(self, name: str) -> None:
+        self._published_at.pop(name, None)
+        self._published_shape.pop(name, None)
+        self._held.pop(name, None)
+        timer = self._held_timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+
+def _shape(entry: dict[str, Any]) -> tuple[Any, frozenset[str]]:
+    """What a status entry says beyond its metrics' values: the guards watching the
+    process, and the names it reports. A report that changes it is published at once (a
+    process's first report; a metric it starts reporting, which a guarded ``set`` looks
+    for; a guard's window, which other daemons wait on)."""
+    metrics = entry.get("metrics")
+    latest = metrics.get("latest") if isinstance(metrics, dict) else None
+    return entry.get("guards"), frozenset(latest) if isinstance(latest, dict) else frozenset()

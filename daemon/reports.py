@@ -37,6 +37,9 @@ MAX_NAME_CHARS = 200
 """The longest metric name kept, in characters: the runtime's own limit too."""
 STATUS_METRICS_BYTES = 256 * 1024
 """The most a status entry's ``metrics`` part takes as JSON; names past it are left out."""
+REPORT_STATUS_EVERY_S = 5.0
+"""Default of ``hotknob run --status-every``: the most often a process's reports alone
+rewrite its status entry in etcd (``feedback.ClientFeedback``)."""
 
 
 decode_value = protocol.decode_number

@@ -6,15 +6,18 @@ shows what every process reported with ``live.report`` (the mean of its last
 ``hotknob set train.lr=...`` changes it; the run applies it at its next step,
 without a restart. Run it beside a training run::
 
-    hotknob run --app demo --config examples/config.yaml --etcd-endpoints 127.0.0.1:2379 &
+    hotknob run --app demo --config examples/config.yaml --etcd-endpoints 127.0.0.1:2379 \\
+        --status-every 1 &
     python examples/train.py --app demo --steps 5000 --step-delay 0.01 &
     python examples/tune_live.py --app demo --etcd-endpoints 127.0.0.1:2379 \\
         --config examples/config.yaml
 
 Every ``--interval`` seconds it takes the mean reported loss over all
-processes. If that has not improved on the best seen by ``--min-improvement``
-(relative) for ``--patience`` looks in a row, it sets ``train.lr`` to
-``--factor`` times its value. Each change may carry a guard
+processes (the daemon rewrites a process's metrics in etcd at most every
+``--status-every`` seconds, 5 by default: 1 above, for a tuner that looks
+often; a look that finds no newer step is skipped). If that has not improved
+on the best seen by ``--min-improvement`` (relative) for ``--patience`` looks
+in a row, it sets ``train.lr`` to ``--factor`` times its value. Each change may carry a guard
 (``--guard 'loss < 1.5 * baseline'``), so a change that hurts undoes itself.
 """
 

@@ -276,6 +276,8 @@ def test_invalid_start_input_is_one_line_and_exit_1(tmp_path: Path) -> None:
     [
         ("--status-ttl", "0", "--status-ttl must be 2 seconds or more, got 0"),
         ("--etcd-start-timeout", "-1", "--etcd-start-timeout must be 0 or more"),
+        ("--status-every", "-1", "--status-every must be 0 to 3600 seconds, got -1.0"),
+        ("--status-every", "nan", "--status-every must be 0 to 3600 seconds, got nan"),
     ],
 )
 def test_nonsense_timings_are_a_usage_error(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import math
 import time
+from typing import Any
 
 from structlog.testing import capture_logs
 
@@ -104,3 +107,91 @@ def test_the_metrics_part_of_a_status_entry_is_bounded() -> None:
 
 def test_the_daemon_keeps_the_runtimes_limits() -> None:
     assert (MAX_METRICS, MAX_NAME_CHARS) == (reporting.MAX_METRICS, reporting.MAX_NAME_CHARS)
+
+
+class _Published:
+    """Records what the feedback hands the status publisher, with when."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[float, str, dict[str, Any]]] = []
+
+    def publish(self, client: str, entry: dict[str, Any]) -> None:
+        self.entries.append((time.monotonic(), client, entry))
+
+    def remove(self, client: str) -> None:
+        pass
+
+    def steps(self) -> list[int]:
+        return [entry["metrics"]["step"] for _, _, entry in self.entries]
+
+
+class _Windows:
+    """The guards' part the feedback asks for: each client's windows, set by the test."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def windows_of(self, client: str) -> dict[str, dict[str, Any]]:
+        return self.windows.get(client, {})
+
+    def on_report(self, client: str, report: object) -> None:
+        pass
+
+    def on_applied(self, client: str, revision: int | None, step: int) -> None:
+        pass
+
+    def on_disconnect(self, client: str) -> None:
+        pass
+
+
+def test_reports_alone_rewrite_a_status_entry_at_most_every_report_every() -> None:
+    """Reports every 20 ms for 0.5 s, ``report_every`` 0.2 s: the first report's entry at
+    once, then one entry per 0.2 s with the newest metrics, and the last report's entry
+    after the reports stop; a change of what the entry says of guards, or of the names it
+    reports, goes at once, and so does an ack, with the newest metrics."""
+    published = _Published()
+    windows = _Windows()
+
+    async def scenario() -> None:
+        feedback = ClientFeedback(
+            app="a", node="n", metrics=Metrics(), revision_of=lambda v: 7, report_every=0.2
+        )
+        feedback.status = published  # type: ignore[assignment]
+        feedback.guards = windows  # type: ignore[assignment]
+        client = ClientInfo(id=1, name="c", pid=1, uid=0, connected_at=time.time())
+        for step in range(1, 26):
+            feedback.on_metrics(client, _report(step, loss=[float(step)]))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.25)
+        steady = list(published.entries)
+        # A guard now watches the process: the next report's entry goes at once.
+        windows.windows["c"] = {"g1": {"from": 30, "reported": False, "done": False}}
+        feedback.on_metrics(client, _report(30, loss=[1.0]))
+        assert published.steps()[-1] == 30
+        feedback.on_metrics(client, _report(31, loss=[1.0]))  # the same windows: held
+        assert published.steps()[-1] == 30
+        # An ack goes at once (its throttle is idle), with the newest metrics (31's, held
+        # back until then); the report right after it is held back again (33).
+        feedback.on_applied(client, {"type": "applied", "version": 3, "step": 32})
+        feedback.on_metrics(client, _report(33, loss=[1.0]))
+        # Another ack within STATUS_EVERY_S is due, not sent; a report then goes with it,
+        # and the one held back (33) is dropped: the ack's entry is newer.
+        feedback.on_applied(client, {"type": "applied", "version": 4, "step": 34})
+        feedback.on_metrics(client, _report(35, loss=[1.0]))
+        await asyncio.sleep(0.3)
+        # A metric the process starts reporting goes at once (a guarded set looks for it).
+        feedback.on_metrics(client, _report(36, loss=[1.0], grad_norm=[2.0]))
+        feedback.on_metrics(client, _report(37, loss=[1.0], grad_norm=[2.0]))  # held
+        feedback.cancel()
+        times = [t for t, _, _ in steady]
+        assert steady[0][2]["metrics"]["step"] == 1
+        assert steady[-1][2]["metrics"]["step"] == 25  # the last report, published late
+        assert 3 <= len(steady) <= 5, [e["metrics"]["step"] for _, _, e in steady]
+        assert all(b - a >= 0.19 for a, b in itertools.pairwise(times)), times
+        after = published.entries[len(steady) :]
+        assert [e["metrics"]["step"] for _, _, e in after] == [30, 31, 35, 36]
+        assert after[1][2]["version"] == 3 and after[1][2]["step"] == 32
+        assert after[2][2]["version"] == 4 and after[2][2]["step"] == 34
+        assert after[2][0] - after[1][0] >= 0.19
+
+    asyncio.run(scenario())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from hotknob.model_runtime import LiveConfig
 from tests.daemon_proc import DaemonProcess, run_cli
 from tests.etcd_server import EtcdServer
@@ -104,6 +105,47 @@ def test_status_entry_of_a_dead_daemon_vanishes_with_its_lease(
                 time.sleep(0.2)
     finally:
         daemon.stop()
+
+
+def test_reports_rewrite_a_status_entry_at_most_every_status_every(
+    etcd: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reports every 0.1 s for 3 s to a daemon at ``--status-every 1``: etcd gets the
+    process's entry at its first report and then about once a second (not thirty
+    times), the last one holding the last report; an applied change goes at once."""
+    monkeypatch.setenv("HOTKNOB_REPORT_EVERY_S", "0.1")
+    extra = ["--node", "n3", "--status-every", "1"]
+    store = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,)))
+    key = f"/hotknob/{APP}/status/n3/p"
+    try:
+        with (
+            DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=extra) as daemon,
+            LiveConfig.connect(socket=daemon.socket_path, timeout=10, client="p") as live,
+        ):
+            start = store.current_revision()
+            step = 0
+            began = time.monotonic()
+            while time.monotonic() - began < 3.0:
+                step += 1
+                live.apply(step)
+                live.report(step, loss=1.0 / step)
+                time.sleep(0.01)
+            last = step
+            time.sleep(1.5)  # the last report's entry, held back, goes out
+            writes = [e for e in store.history(key, prefix=False, limit=100).entries]
+            writes = [e for e in writes if e.revision > start]
+            assert 3 <= len(writes) <= 6, [e.revision for e in writes]
+            assert json.loads(writes[0].value or b"{}")["metrics"]["step"] == last
+
+            etcd.etcdctl("put", P + "train/lr", "0.3")
+            wait_pending(live, live.version + 1)
+            live.apply(last + 1)
+            deadline = time.monotonic() + 0.9  # well within --status-every
+            while json.loads(store.read_prefix(key)[0][key])["version"] != live.version:
+                assert time.monotonic() < deadline, "the ack's entry was held back"
+                time.sleep(0.02)
+    finally:
+        store.close()
 
 
 def test_daemon_killed_and_restarted_mid_training(etcd: EtcdServer, tmp_path: Path) -> None:
