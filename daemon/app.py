@@ -249,6 +249,7 @@ class Daemon:
         self.files = FileLayerWatcher(
             list(self.ctx.config_files),
             on_change=lambda state: self._post(self._on_files, state),
+            on_error=lambda path, exc: self._post(self._on_file_error, path, exc),
         )
         return self.files.start()
 
@@ -460,6 +461,25 @@ class Daemon:
         assert self.engine is not None
         with self._lock:
             self.engine.on_files(state.files)
+
+    def _on_file_error(self, path: Path, exc: Exception) -> None:
+        """A config file that cannot be read (not valid YAML, gone, too deep): nothing
+        changes, and ``watch`` clients hear of it as well as the log (``file_invalid``), so
+        that whoever is editing the file sees why the edit did not land."""
+        if not self._started or self.server is None or self.engine is None:
+            return  # before the start the log line is all there is: no watcher yet
+        current = self.engine.current
+        self._broadcast(
+            {
+                "type": "event",
+                "event": "file_invalid",
+                "layer": "files",
+                "path": str(path),
+                "reason": str(exc),
+                "version": current.version if current is not None else None,
+                "time": time.time(),
+            }
+        )
 
     # --- engine and server glue ---------------------------------------------------------------
 

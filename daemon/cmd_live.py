@@ -117,6 +117,14 @@ def _describe(event: dict[str, Any]) -> str:
         return f"{when} REJECTED rev {event.get('revision')} [{event.get('layer')}] {reasons}"
     if kind == "change_reverted":
         return f"{when} REVERTED {json.dumps(event.get('restored', {}))}: {event.get('reason')}"
+    if kind == "file_invalid":
+        return (
+            f"{when} REJECTED [files] {event.get('reason')} "
+            f"(v{event.get('version')} stays in force)"
+        )
+    if kind == "etcd_path_ignored":
+        where = f"rev {event.get('revision')} [etcd] {event.get('path')}"
+        return f"{when} IGNORED {where}: {event.get('reason')}"
     return f"{when} {kind} {json.dumps(event)}"
 
 

@@ -178,6 +178,38 @@ def test_file_edit_is_one_update_and_half_written_file_none(tmp_path: Path) -> N
         assert daemon.events("change_rejected")
 
 
+def test_a_watcher_hears_why_a_file_edit_did_not_land(tmp_path: Path) -> None:
+    """An unparsable or vanished config file changes nothing; ``watch`` says so (before,
+    only the daemon's log did, and whoever was editing saw nothing)."""
+    from hotknob.daemon.cmd_live import _describe
+
+    config = tmp_path / "params.yaml"
+    config.write_text("train:\n  lr: 0.1\n")
+    with (
+        DaemonProcess(tmp_path, configs=[config]) as daemon,
+        RawClient(daemon.socket_path, watch=True) as watcher,
+    ):
+        version = watcher.snapshot["version"]
+        config.write_text("train:\n  lr: [0.3\n")
+        event = watcher.next()
+        assert event["event"] == "file_invalid" and event["layer"] == "files"
+        assert event["path"] == str(config) and event["version"] == version
+        assert "not valid YAML" in event["reason"]
+        line = _describe(event)
+        assert "REJECTED [files]" in line and "not valid YAML" in line
+        assert line.endswith(f"(v{version} stays in force)")
+        config.unlink()
+        gone = watcher.next()
+        assert gone["event"] == "file_invalid" and "no such file" in gone["reason"]
+        config.write_text("train:\n  lr: 0.3\n")
+        accepted = watcher.next()
+        while accepted["type"] != "event":  # the update itself comes too
+            accepted = watcher.next()
+        assert accepted["event"] == "change_accepted"
+        assert accepted["changed"] == {"train.lr": 0.3}
+        assert len(daemon.events("config_file_invalid")) == 2
+
+
 def test_sighup_rereads_files(tmp_path: Path) -> None:
     config = tmp_path / "params.json"
     config.write_text('{"train": {"lr": 0.1}}')
