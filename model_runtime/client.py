@@ -538,8 +538,11 @@ class LiveConfig:
         ``values``. A saved binding state that does not fit the binding in its
         place (``OptimizerBinding``: other keys, or groups of other sizes) raises
         ``ValueError`` and changes nothing. If the daemon has
-        already sent a newer version than the checkpoint's, that state becomes
-        pending and wins at the next ``apply``; else the checkpoint stays in force,
+        already sent a state newer than the checkpoint's (a higher version, or one built
+        from a later etcd revision: etcd moved on since the checkpoint was saved, which
+        also tells a daemon that restarted without its state dir, its versions begun
+        again at 1), that state becomes pending and wins at the next ``apply``; else
+        the checkpoint stays in force,
         and the daemon's state it replaced does not come back by itself (a reconnect
         that re-sends exactly that state changes nothing). Anything else the daemon
         sends after the load is a new edit and is applied as usual.
@@ -572,7 +575,7 @@ class LiveConfig:
             self._applied_step = step if isinstance(step, int) else 0
             # The daemon's newest state: the one an earlier checkpoint replaced, if one did.
             latest = self._superseded or self._latest
-            newer = latest is not None and latest.version > loaded.version
+            newer = latest is not None and _newer_than(latest, loaded)
             self._pending = latest if newer else None
             if newer:
                 self._superseded = None
@@ -642,6 +645,15 @@ class LiveConfig:
             self._conn.send(protocol.applied(applied.version, step))
         if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough
             self._first_state.set()
+
+
+def _newer_than(daemon: State, checkpoint: State) -> bool:
+    """Whether the daemon's state is newer than a checkpoint's: a higher version (its own
+    numbering), or built from a later etcd revision. Versions alone miss a daemon whose
+    numbering began again (a state dir lost with its pod): its version 1 would lose to a
+    checkpoint's 40 and bring back values etcd no longer holds; etcd's revisions are one
+    numbering for every daemon and never go back."""
+    return daemon.version > checkpoint.version or daemon.revision > checkpoint.revision
 
 
 _live_configs: weakref.WeakSet[LiveConfig] = weakref.WeakSet()

@@ -148,6 +148,39 @@ def test_reports_rewrite_a_status_entry_at_most_every_status_every(
         store.close()
 
 
+def test_a_checkpoint_does_not_bring_back_values_etcd_changed_under_a_daemon_that_lost_its_state(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """A job saves a checkpoint at lr 0.3 and dies; the operator sets lr 0.01; the job comes
+    back on a daemon with a new state dir (a pod rescheduled with an emptyDir), whose
+    versions begin again at 1, below the checkpoint's. Loading the checkpoint must not put
+    lr 0.3 back over what etcd holds (before, it did, silently, until the next edit)."""
+    first = DaemonProcess(tmp_path / "a", endpoints=etcd.endpoint)
+    (tmp_path / "a").mkdir()
+    with first:
+        for lr in ("0.1", "0.2", "0.3"):
+            etcd.etcdctl("put", P + "train/lr", lr)
+        with LiveConfig.connect(socket=first.socket_path, timeout=10) as live:
+            deadline = time.monotonic() + 10
+            while live.pending_version < 4 and live.version < 4:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            live.apply(100)
+            saved = live.state_dict()
+    assert saved["version"] >= 4 and saved["values"]["train"]["lr"] == 0.3
+    etcd.etcdctl("put", P + "train/lr", "0.01")
+    (tmp_path / "b").mkdir()
+    with (
+        DaemonProcess(tmp_path / "b", endpoints=etcd.endpoint) as second,
+        LiveConfig.connect(socket=second.socket_path, timeout=10) as resumed,
+    ):
+        assert resumed.version < saved["version"] and resumed["train.lr"] == 0.01
+        resumed.load_state_dict(saved)
+        assert resumed["train.lr"] == 0.3  # the checkpoint's, until the next apply
+        assert resumed.apply(101) is True
+        assert resumed["train.lr"] == 0.01
+
+
 def test_daemon_killed_and_restarted_mid_training(etcd: EtcdServer, tmp_path: Path) -> None:
     daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint).start()
     opt = make_optimizer()
