@@ -100,6 +100,19 @@ def _connect(path: Path, timeout: float = 3.0) -> socket.socket:
     return sock
 
 
+def _age(seconds: float) -> str:
+    """How long ago, to the unit that matters: ``7.1s``, ``5m06s``, ``3h04m``, ``2d03h``.
+    An entry from a host whose clock is ahead is ``0.0s``, not a negative age."""
+    if seconds < 59.95:  # what rounds to 60.0 is a minute
+        return f"{max(0.0, seconds):.1f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
 def _describe(event: dict[str, Any]) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
     kind = event.get("event", "?")
@@ -204,7 +217,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = []
     for e in entries:
         when = e.get("time")
-        age = f"{now - when:.1f}s" if _is_number(when) and math.isfinite(when) else "-"
+        age = _age(now - when) if _is_number(when) and math.isfinite(when) else "-"
         rank = e.get("rank")
         rows.append(
             [

@@ -443,6 +443,21 @@ def test_status_shows_entries_of_any_shape(etcd: EtcdServer) -> None:
     assert keys == ["node1/c", "node1/d"]
 
 
+def test_status_ages_read_in_the_unit_that_matters(etcd: EtcdServer) -> None:
+    status = f"/hotknob/{APP}/status/"
+    now = time.time()
+    ages = {"hours": now - 3 * 3600 - 30, "days": now - 2 * 86400 - 100, "ahead": now + 50}
+    for name, when in ages.items():
+        entry = {"client": name, "version": 1, "step": 5, "time": when}
+        etcd.etcdctl("put", status + f"node1/{name}", json.dumps(entry))
+    done = hk(etcd, "status")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    assert rows["node1/hours"][4] == "3h00m"
+    assert rows["node1/days"][4] == "2d00h"
+    assert rows["node1/ahead"][4] == "0.0s"  # another host's clock ahead: no negative age
+
+
 def test_a_write_landing_while_set_checks_makes_it_fail_and_write_nothing(
     etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
