@@ -161,10 +161,7 @@ class ClientFeedback:
 
     def _publish(self, name: str, entry: dict[str, Any]) -> None:
         """Publish ``entry`` now; a report's entry held back is older: dropped."""
-        self._held.pop(name, None)
-        timer = self._held_timers.pop(name, None)
-        if timer is not None:
-            timer.cancel()
+        self._drop_held(name)
         self._published_at[name] = time.monotonic()
         self._published_shape[name] = _shape(entry)
         if self.status is not None:
@@ -185,13 +182,16 @@ class ClientFeedback:
         if entry is not None:
             self._publish(name, entry)
 
-    def _forget_published(self, name: str) -> None:
-        self._published_at.pop(name, None)
-        self._published_shape.pop(name, None)
+    def _drop_held(self, name: str) -> None:
         self._held.pop(name, None)
         timer = self._held_timers.pop(name, None)
         if timer is not None:
             timer.cancel()
+
+    def _forget_published(self, name: str) -> None:
+        self._published_at.pop(name, None)
+        self._published_shape.pop(name, None)
+        self._drop_held(name)
 
 
 def _shape(entry: dict[str, Any]) -> tuple[Any, frozenset[str]]:
