@@ -161,12 +161,14 @@ def test_a_checkpoint_does_not_bring_back_values_etcd_changed_under_a_daemon_tha
         for lr in ("0.1", "0.2", "0.3"):
             etcd.etcdctl("put", P + "train/lr", lr)
         with LiveConfig.connect(socket=first.socket_path, timeout=10) as live:
+            opt = make_optimizer()
+            live.bind_optimizer(opt)
             deadline = time.monotonic() + 10
             while live.pending_version < 4 and live.version < 4:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             live.apply(100)
-            saved = live.state_dict()
+            saved, saved_opt = live.state_dict(), opt.state_dict()
     assert saved["version"] >= 4 and saved["values"]["train"]["lr"] == 0.3
     etcd.etcdctl("put", P + "train/lr", "0.01")
     (tmp_path / "b").mkdir()
@@ -175,10 +177,15 @@ def test_a_checkpoint_does_not_bring_back_values_etcd_changed_under_a_daemon_tha
         LiveConfig.connect(socket=second.socket_path, timeout=10) as resumed,
     ):
         assert resumed.version < saved["version"] and resumed["train.lr"] == 0.01
+        opt = make_optimizer()  # resuming: bind first, then load (docs/schedulers.md)
+        resumed.bind_optimizer(opt)
+        opt.load_state_dict(saved_opt)
         resumed.load_state_dict(saved)
         assert resumed["train.lr"] == 0.3  # the checkpoint's, until the next apply
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.3)
         assert resumed.apply(101) is True
         assert resumed["train.lr"] == 0.01
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
 def test_daemon_killed_and_restarted_mid_training(etcd: EtcdServer, tmp_path: Path) -> None:
