@@ -88,6 +88,18 @@ def test_quick_run_latencies_rest_on_values_that_arrived(
         assert 0 < fig["value"] <= due, (name, fig)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quick_run_counts_fewer_status_writes_at_the_default_than_at_every_report(
+    quick_run: tuple[dict[str, Any], str],
+) -> None:
+    report, _ = quick_run
+    figures = {f["name"]: f["value"] for f in report["benchmarks"]["etcd_writes"]["figures"]}
+    default = next(v for k, v in figures.items() if "per process-second" in k and "default" in k)
+    every = figures["status entries per process-second, every report"]
+    assert 0 < default < every, figures
+
+
 def test_percentile_interpolates_and_is_nan_for_nothing() -> None:
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
