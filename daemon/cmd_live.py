@@ -130,6 +130,12 @@ def _describe(event: dict[str, Any]) -> str:
         return f"{when} REJECTED rev {event.get('revision')} [{event.get('layer')}] {reasons}"
     if kind == "change_reverted":
         return f"{when} REVERTED {json.dumps(event.get('restored', {}))}: {event.get('reason')}"
+    if kind.startswith("guard_"):
+        outcome = kind.removeprefix("guard_").upper()
+        return (
+            f"{when} GUARD {outcome} {event.get('guard')} (the change at rev "
+            f"{event.get('guarded_revision')}): {event.get('reason')}"
+        )
     if kind == "file_invalid":
         return (
             f"{when} REJECTED [files] {event.get('reason')} "

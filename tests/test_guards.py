@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from hotknob.daemon.cli import main as cli_main
+from hotknob.daemon.cmd_live import _describe
 from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
 from tests.etcd_server import EtcdServer, free_port
@@ -313,6 +314,9 @@ def test_a_guard_that_holds_reverts_nothing_and_is_marked_passed(
         assert logged["guarded_revision"] == out["revision"] and logged["clients"] == ["c1"]
         event = next_event(watcher, "guard_passed")
         assert event["guard"] == out["guard"] and event["revision"] > out["revision"]
+        line = _describe(event)  # as `hotknob watch` shows it
+        assert f"GUARD PASSED {out['guard']} (the change at rev {out['revision']})" in line
+        assert line.endswith(": held for 20 steps")
 
 
 def test_a_guard_survives_a_daemon_restart_and_nan_reverts_at_once(
