@@ -163,6 +163,12 @@ def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobErr
         )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         return TooLargeError(f"cannot take etcd's answer from {where} ({what}): {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT and "too many operations" in details:
+        return InvalidInput(
+            f"etcd {what}: {details}: etcd takes at most its --max-txn-ops operations (128 "
+            "by default) in one transaction, and hotknob writes every key of a change, and a "
+            "record of who made it, in one: change fewer keys at once, or raise the limit"
+        )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(f"etcd {what}: {details}")
     if isinstance(exc, etcd_exc.NoServerAvailableError):

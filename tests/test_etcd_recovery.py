@@ -449,3 +449,17 @@ def test_an_etcd_out_of_space_is_named_and_nothing_is_lost_once_it_is_freed(
                 assert update["changed"] == {"train.lr": 0.3}
         finally:
             store.close()
+
+
+def test_a_transaction_over_etcds_operation_limit_is_named() -> None:
+    """etcd refuses a transaction of more operations than its ``--max-txn-ops``: ``set``
+    says which limit, in one line, and writes nothing."""
+    with EtcdServer(extra_args=["--max-txn-ops", "3"]) as etcd:
+        env = {"HOTKNOB_ETCD_ENDPOINTS": etcd.endpoint}
+        keys = ["train.lr=0.1", "train.momentum=0.5", "train.weight_decay=0.01"]
+        done = run_cli("set", "--app", "t", *keys, env=env)  # three keys and who wrote them
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.count("\n") == 1
+        assert "too many operations" in done.stderr and "--max-txn-ops" in done.stderr
+        assert etcd.etcdctl("get", "--prefix", "/hotknob/t/").stdout == ""
+        assert run_cli("set", "--app", "t", *keys[:2], env=env).returncode == 0
