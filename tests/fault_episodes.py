@@ -92,6 +92,23 @@ def wait_for(what: str, done: Callable[[], Any], timeout: float = CONVERGE_S) ->
     return value
 
 
+def _block_with_a_file(state_dir: Path, aside: Path) -> None:
+    """Move ``state_dir`` to ``aside`` and put a regular file at its path. A save the daemon
+    had in flight may make the folder again between the two: what it wrote is newer, so it
+    joins ``aside`` and the file is tried again."""
+    state_dir.rename(aside)
+    for _ in range(100):
+        try:
+            state_dir.write_text("a file in the way\n")
+            return
+        except IsADirectoryError:
+            with contextlib.suppress(OSError):  # the save may still be writing: next turn
+                for path in state_dir.iterdir():
+                    os.replace(path, aside / path.name)
+                state_dir.rmdir()
+    raise AssertionError(f"{state_dir} keeps coming back as a folder")
+
+
 def _saved_version(state_file: Path) -> int | None:
     try:
         return int(json.loads(state_file.read_text())["version"])
@@ -421,8 +438,7 @@ class FaultHarness:
         state_dir = self.daemon.state_dir
         aside = state_dir.with_name("state.aside")
         failures_before = len(self._events("state_write_failed"))
-        state_dir.rename(aside)
-        state_dir.write_text("a file in the way\n")
+        _block_with_a_file(state_dir, aside)
         try:
             self.put_valid(strict=True)
             self.edits(strict=True)
