@@ -20,9 +20,7 @@ are set once the daemon has started them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,12 +63,11 @@ class ClientFeedback:
         self._status_due: dict[str, dict[str, Any]] = {}
         self._warned_names: set[str] = set()  # clients told their extra names are dropped
         self._status_soon = Throttle(STATUS_EVERY_S, self._flush_status)
-        # Per client: when its entry was last published and its shape then (``_shape``); a
-        # report's entry held back, and the timer that publishes it.
-        self._published_at: dict[str, float] = {}
+        # Per client: its entry's shape when last published (``_shape``), a report's entry
+        # held back, and the throttle that publishes those at most every ``report_every``.
         self._published_shape: dict[str, tuple[Any, frozenset[str]]] = {}
         self._held: dict[str, dict[str, Any]] = {}
-        self._held_timers: dict[str, asyncio.TimerHandle] = {}
+        self._report_soon: dict[str, Throttle] = {}
 
     def on_applied(self, client: ClientInfo, message: dict[str, Any]) -> None:
         version = int(message["version"])
@@ -117,12 +114,11 @@ class ClientFeedback:
             )
             if name in self._status_due:
                 self._status_due[name] = entry  # newer, with the ack: it goes with the ack
-            elif _shape(entry) != self._published_shape.get(name) or (
-                time.monotonic() - self._published_at.get(name, -math.inf) >= self.report_every
-            ):
+            elif _shape(entry) != self._published_shape.get(name):
                 self._publish(name, entry)
             else:
-                self._hold(name, entry)
+                self._held[name] = entry
+                self._throttle(name)()  # now, or the newest when ``report_every`` is up
 
     def on_disconnect(self, client: ClientInfo) -> None:
         self._status_due.pop(client.name, None)
@@ -146,7 +142,7 @@ class ClientFeedback:
     def cancel(self) -> None:
         """Drop a status flush still due, and the reports' entries held back (at stop)."""
         self._status_soon.cancel()
-        for name in list(self._held_timers):
+        for name in list(self._report_soon):
             self._forget_published(name)
 
     def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
@@ -160,38 +156,35 @@ class ClientFeedback:
             self._publish(name, entry)
 
     def _publish(self, name: str, entry: dict[str, Any]) -> None:
-        """Publish ``entry`` now; a report's entry held back is older: dropped."""
-        self._drop_held(name)
-        self._published_at[name] = time.monotonic()
+        """Publish ``entry`` now; a report's entry held back is older: dropped, and the next
+        one waits ``report_every`` from now."""
+        self._held.pop(name, None)
+        throttle = self._throttle(name)
+        throttle.cancel()
+        throttle.ran()
         self._published_shape[name] = _shape(entry)
         if self.status is not None:
             self.status.publish(name, entry)
 
-    def _hold(self, name: str, entry: dict[str, Any]) -> None:
-        """Keep ``entry`` (metrics only changed) to publish ``report_every`` after the last
-        entry, the newest by then, so that a process's last reports are published too."""
-        self._held[name] = entry
-        if name not in self._held_timers:
-            wait = self._published_at[name] + self.report_every - time.monotonic()
-            loop = asyncio.get_running_loop()
-            self._held_timers[name] = loop.call_later(max(0.0, wait), self._release, name)
+    def _throttle(self, name: str) -> Throttle:
+        throttle = self._report_soon.get(name)
+        if throttle is None:
+            throttle = self._report_soon[name] = Throttle(
+                self.report_every, lambda: self._release(name)
+            )
+        return throttle
 
     def _release(self, name: str) -> None:
-        self._held_timers.pop(name, None)
-        entry = self._held.pop(name, None)
+        entry = self._held.get(name)
         if entry is not None:
             self._publish(name, entry)
 
-    def _drop_held(self, name: str) -> None:
-        self._held.pop(name, None)
-        timer = self._held_timers.pop(name, None)
-        if timer is not None:
-            timer.cancel()
-
     def _forget_published(self, name: str) -> None:
-        self._published_at.pop(name, None)
         self._published_shape.pop(name, None)
-        self._drop_held(name)
+        self._held.pop(name, None)
+        throttle = self._report_soon.pop(name, None)
+        if throttle is not None:
+            throttle.cancel()
 
 
 def _shape(entry: dict[str, Any]) -> tuple[Any, frozenset[str]]:
