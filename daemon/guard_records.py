@@ -23,6 +23,11 @@ not in it and whose daemon never saw it acknowledge a state before the change is
 process that started after the change, and is never judged by the guard. A record
 without the list (written by an older hotknob) counts the processes of its baselines.
 
+``reporting`` names those of them whose entry showed a metric the guard reads: once
+such a process applied the change, the guard does not pass before its first report
+since (for ``REPORT_WAIT_S`` at most: see ``guards``), as its reports may come later
+than the others'. A record without it (written by an older hotknob) waits for none.
+
 Because the record and the changed keys are written by one transaction, they
 share its revision R: while the record is ``armed`` it is never rewritten, so its
 mod revision *is* R, and "nobody changed the keys since" means "their mod
@@ -116,6 +121,7 @@ class GuardRecord:
     keys: dict[str, KeyChange]
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     processes: list[str] | None = None  # None: a record of an older hotknob
+    reporting: list[str] | None = None  # None: a record of an older hotknob
     state: str = ARMED
     created: float = 0.0
     by: str = ""
@@ -124,7 +130,7 @@ class GuardRecord:
     def to_json(self) -> str:
         data = asdict(self)
         data["keys"] = {k: v.to_dict() for k, v in self.keys.items()}
-        for name in ("outcome", "processes"):
+        for name in ("outcome", "processes", "reporting"):
             if data[name] is None:
                 data.pop(name)
         return json.dumps(data, allow_nan=False, sort_keys=True)
@@ -159,8 +165,7 @@ class GuardRecord:
                 str(proc): {str(m): float(x) for m, x in dict(values).items()}
                 for proc, values in dict(data.get("baselines") or {}).items()
             }
-            listed = data.get("processes")
-            processes = None if listed is None else [str(name) for name in list(listed)]
+            processes, reporting = (_names(data, name) for name in ("processes", "reporting"))
             record = cls(
                 id=str(data["id"]),
                 guard=str(data["guard"]),
@@ -169,6 +174,7 @@ class GuardRecord:
                 keys=keys,
                 baselines=baselines,
                 processes=processes,
+                reporting=reporting,
                 state=str(data.get("state", ARMED)),
                 created=float(data.get("created", 0.0)),
                 by=str(data.get("by", "")),
@@ -188,6 +194,16 @@ class GuardRecord:
         """The processes (``<node>/<client>``) known to have run the configuration before
         the change: those listed in ``processes``, and those with a baseline."""
         return frozenset([*(self.processes or ()), *self.baselines])
+
+
+def _names(data: Mapping[str, Any], field_name: str) -> list[str] | None:
+    """A record's list of process names (None if absent); ``TypeError`` if not a list."""
+    listed = data.get(field_name)
+    if listed is None:
+        return None
+    if not isinstance(listed, list):
+        raise TypeError(f"{field_name} must be a list of process names")
+    return [str(name) for name in listed]
 
 
 # --- building one, for ``set --guard`` ------------------------------------------------------
@@ -301,6 +317,25 @@ def read_baselines(
 _NAMES_SHOWN = 8
 
 
+def _reported_names(entry: Mapping[str, Any]) -> set[str] | None:
+    """The metric names a status entry shows reports of; None if it was written without
+    some of its metrics (too many to tell)."""
+    metrics = entry.get("metrics")
+    left_out = entry.get("left_out")
+    if isinstance(left_out, list) and "metrics" in left_out:
+        return None
+    if not isinstance(metrics, dict):
+        return set()
+    if metrics.get("omitted"):
+        return None
+    reported: set[str] = set()
+    for part in ("latest", "mean"):
+        names = metrics.get(part)
+        if isinstance(names, dict):
+            reported.update(str(name) for name in names)
+    return reported
+
+
 def unreported_warning(
     entries: Mapping[str, Mapping[str, Any]], app: str, guard: Guard
 ) -> str | None:
@@ -310,18 +345,10 @@ def unreported_warning(
     without some of its metrics (too many to tell)."""
     reported: set[str] = set()
     for entry in entries.values():
-        metrics = entry.get("metrics")
-        left_out = entry.get("left_out")
-        if isinstance(left_out, list) and "metrics" in left_out:
+        names = _reported_names(entry)
+        if names is None:
             return None
-        if not isinstance(metrics, dict):
-            continue
-        if metrics.get("omitted"):
-            return None
-        for part in ("latest", "mean"):
-            names = metrics.get(part)
-            if isinstance(names, dict):
-                reported.update(str(name) for name in names)
+        reported |= names
     missing = sorted(guard.metrics - reported)
     if not missing:
         return None
@@ -339,6 +366,16 @@ def unreported_warning(
     )
 
 
+def reporting_processes(entries: Mapping[str, Mapping[str, Any]], guard: Guard) -> list[str]:
+    """The processes (by status name) whose entry shows a report of a metric ``guard``
+    reads, or was written without some of its metrics (too many to tell: counted in)."""
+    return sorted(
+        name
+        for name, entry in entries.items()
+        if (names := _reported_names(entry)) is None or guard.metrics & names
+    )
+
+
 def build_record(
     spec: GuardSpec,
     diff: Mapping[str, tuple[Any, Any]],
@@ -348,12 +385,14 @@ def build_record(
     *,
     rejected: frozenset[str] = frozenset(),
     processes: list[str] | None = None,
+    reporting: list[str] | None = None,
 ) -> GuardRecord:
     """The record for a change of the dotted keys in ``diff`` (old, new), given the etcd
     values before it (``previous``, to tell a key that was absent from one set to null);
     the keys that ``secrets`` hides are marked secret, and those of ``rejected`` whose
     old value the daemon rejected (not in force) are marked so. ``processes``: the
-    processes running when the change is written (see the module's docstring)."""
+    processes running when the change is written, ``reporting``: those of them that
+    report what the guard reads (see the module's docstring)."""
     keys = {
         k: KeyChange(old, k in previous, new, hides(k, secrets), k in rejected and k in previous)
         for k, (old, new) in diff.items()
@@ -366,6 +405,7 @@ def build_record(
         keys=keys,
         baselines=baselines,
         processes=processes,
+        reporting=reporting,
         created=time.time(),
         by=f"{getpass.getuser()}@{socket.gethostname()}",
     )
@@ -412,7 +452,14 @@ def record_for_set(
     entries = read_status_entries(store, app)
     baselines = baselines_from(entries, app, spec.guard.baselines) if spec.guard.baselines else {}
     record = build_record(
-        spec, diff, previous, baselines, secrets, rejected=rejected, processes=sorted(entries)
+        spec,
+        diff,
+        previous,
+        baselines,
+        secrets,
+        rejected=rejected,
+        processes=sorted(entries),
+        reporting=reporting_processes(entries, spec.guard),
     )
     warning = unreported_warning(entries, app, spec.guard)
     return guard_key(app, record.id), record, [warning] if warning else []
@@ -449,15 +496,29 @@ def shown_record(record: GuardRecord, secrets: frozenset[str] = frozenset()) -> 
 
 def waiting_hint(record: GuardRecord, entries: Sequence[Mapping[str, Any]]) -> str:
     """For an armed guard that no process has reported to yet (as the status ``entries``
-    show): what it waits for, e.g. a metric nobody reports. Empty if one has reported."""
+    show): what it waits for, e.g. a metric nobody reports. Once one has: the processes
+    it waits to hear from (they applied the change and reported what it reads before it,
+    nothing since), else empty."""
     watched = []
+    heard = False
+    silent = []
     for entry in entries:
         windows = entry.get("guards")
         window = windows.get(record.id) if isinstance(windows, dict) else None
         if isinstance(window, dict):
             if window.get("reported") is True:
-                return ""
+                heard = True
+            elif window.get("done") is not True and entry.get("key") in (record.reporting or ()):
+                silent.append(str(entry["key"]))
             watched.append(entry)
+    if heard:
+        if not silent:
+            return ""
+        more = f" and {len(silent) - _NAMES_SHOWN} more" if len(silent) > _NAMES_SHOWN else ""
+        return (
+            f"waiting for the first report since the change from "
+            f"{', '.join(escaped(n) for n in sorted(silent)[:_NAMES_SHOWN])}{more}"
+        )
     try:
         metrics = sorted(parse_guard(record.guard).metrics)
     except InvalidInput:

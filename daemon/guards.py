@@ -28,10 +28,13 @@ records and, for its own processes:
 * when every watched process that reported has passed its window, on this
   daemon and, as their status entries show, on every other daemon of the app,
   the guard has *passed*. A process of another daemon is taken as done once its
-  own daemon says so in its status entry (``windows_of``). A process that left
-  before the end of its window is no longer waited for; the outcome names it,
-  with the failures in a row it had when it left (fewer than ``patience``: a
-  departure is not a failure);
+  own daemon says so in its status entry (``windows_of``). A watched process that
+  reported what the guard reads before the change (the record's ``reporting``) but
+  has not since is waited for, ``REPORT_WAIT_S`` at most (its reports may come every
+  few seconds, after the others are done); the outcome names those it passed
+  without (``unheard``). A process that left before the end of its window is no
+  longer waited for; the outcome names it, with the failures in a row it had when
+  it left (fewer than ``patience``: a departure is not a failure);
 * a guard with no process left that could judge it (every watched process left
   before the end of its window, or none ever applied the change) for
   ``ABANDON_AFTER_S`` seconds (time for a reconnect or a daemon restart), on this
@@ -106,7 +109,7 @@ from .guard_records import (
 )
 from .logs import get_logger
 from .reports import Report, encode_value, mean_of
-from .status import remote_in_window, remote_watching, status_name
+from .status import remote_in_window, remote_unheard, remote_watching, status_name
 
 Post = Callable[..., None]
 _ACKS_KEPT = 64
@@ -120,13 +123,19 @@ ABANDON_AFTER_S = 30.0
 time for a process to reconnect, or for a daemon to restart and its processes to come
 back. ``HOTKNOB_GUARD_ABANDON_AFTER_S`` sets it."""
 
+REPORT_WAIT_S = 30.0
+"""How long a guard waits, before it passes, for the first report since the change of a
+process that applied it and reported what the guard reads before it (the record's
+``reporting``): its reports may come every few seconds, or later than the others'.
+``HOTKNOB_GUARD_REPORT_WAIT_S`` sets it."""
 
-def _abandon_after_s() -> float:
+
+def _seconds_from_env(name: str, default: float) -> float:
     try:
-        value = float(os.environ.get("HOTKNOB_GUARD_ABANDON_AFTER_S", ABANDON_AFTER_S))
+        value = float(os.environ.get(name, default))
     except ValueError:
-        return ABANDON_AFTER_S
-    return value if value >= 0 and value < float("inf") else ABANDON_AFTER_S
+        return default
+    return value if value >= 0 and value < float("inf") else default
 
 
 class ConfigInForce(Protocol):
@@ -159,6 +168,9 @@ class _Active:
     revision: int
     before: frozenset[str] = frozenset()  # status names known to have run a state before R
     started: dict[str, int] = field(default_factory=dict)
+    started_at: dict[str, float] = field(default_factory=dict)  # monotonic, when seen applied
+    expected: frozenset[str] = frozenset()  # status names that report what the guard reads
+    unheard_since: dict[str, float] = field(default_factory=dict)  # other daemons' ones
     failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # evidence kept
     in_a_row: dict[str, tuple[int, int]] = field(default_factory=dict)  # failures, first step
     last_step: dict[str, int] = field(default_factory=dict)  # of each watched one's report
@@ -217,7 +229,8 @@ class GuardManager:
         # a daemon before this one: a restart that did not keep its versions).
         self._unknown: set[str] = set()
         self._stopped = False
-        self._abandon_after = _abandon_after_s()
+        self._abandon_after = _seconds_from_env("HOTKNOB_GUARD_ABANDON_AFTER_S", ABANDON_AFTER_S)
+        self._report_wait = _seconds_from_env("HOTKNOB_GUARD_REPORT_WAIT_S", REPORT_WAIT_S)
         self.log = get_logger("hotknob.guards", app=app, node=node)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -256,6 +269,7 @@ class GuardManager:
                 if start is None:
                     continue  # started after the change: nothing to compare it with
                 active.started[client] = start
+                active.started_at[client] = time.monotonic()
                 active.passed.discard(client)  # back under that name: watched anew
                 active.left.pop(client, None)
                 self._cancel_orphan(active)
@@ -283,6 +297,7 @@ class GuardManager:
         self._unknown.discard(client)
         for guard_id, active in list(self._active.items()):
             start = active.started.pop(client, None)
+            active.started_at.pop(client, None)
             in_a_row, _ = active.in_a_row.pop(client, (0, 0))
             active.failures.pop(client, None)
             last = active.last_step.pop(client, None)
@@ -419,6 +434,12 @@ class GuardManager:
         if active.busy or not active.done_here:
             return
         now = time.monotonic()
+        awaited, _ = self._awaited_here(active, now)
+        if awaited:
+            self._note_waiting(guard_id, active, [status_name(self.node, c) for c in awaited])
+            due = min(active.started_at[c] for c in awaited) + self._report_wait
+            self._recheck(guard_id, active, max(due - now, 0.0))
+            return
         if active.checking:
             return  # its answer comes back to ``_remote_checked``
         if now - active.checked_at < _REMOTE_CHECK_EVERY_S:
@@ -470,12 +491,18 @@ class GuardManager:
             self.log.warning("guard_check_failed", guard=guard_id, error=str(result))
             self._recheck(guard_id, active, _REMOTE_CHECK_EVERY_S)
             return
+        now = time.monotonic()
+        if self._awaited_here(active, now)[0]:  # one came back meanwhile (a reconnect)
+            self._maybe_passed(guard_id, active)
+            return
         kvs, _ = result
-        waiting = remote_in_window(kvs, status_prefix(self.app), self.node, guard_id)
-        if waiting:
-            if waiting != active.waiting:
-                self.log.info("guard_waiting", guard=guard_id, processes=",".join(waiting))
-            active.waiting = waiting
+        prefix = status_prefix(self.app)
+        waiting = remote_in_window(kvs, prefix, self.node, guard_id)
+        awaited, unheard = self._awaited_remote(
+            active, remote_unheard(kvs, prefix, self.node, guard_id), now
+        )
+        if waiting or awaited:
+            self._note_waiting(guard_id, active, sorted(waiting + awaited))
             # Asked again, whether or not anyone reports: all may have stopped by now.
             self._recheck(guard_id, active, _REMOTE_CHECK_EVERY_S)
             return
@@ -487,7 +514,53 @@ class GuardManager:
         if left:
             outcome["reason"] += "; " + self._left_text(active, left)
             outcome["left"] = left
+        unheard = sorted(self._awaited_here(active, now)[1] + unheard)
+        if unheard:
+            names = ", ".join(unheard[:_LEFT_NAMED])
+            more = f" and {len(unheard) - _LEFT_NAMED} more" if len(unheard) > _LEFT_NAMED else ""
+            outcome["reason"] += (
+                f"; {names}{more} applied it but reported no "
+                f"{', '.join(sorted(active.guard.metrics))} within {self._report_wait:g} s"
+            )
+            outcome["unheard"] = unheard
         self._finish(guard_id, active, PASSED, outcome)
+
+    def _awaited_here(self, active: _Active, now: float) -> tuple[list[str], list[str]]:
+        """This daemon's processes that applied the change and reported what the guard
+        reads before it (the record's ``reporting``) but nothing since: the guard waits for
+        those (first list, client names) for ``REPORT_WAIT_S``, and no longer for the
+        others (second list, status names, for the outcome)."""
+        awaited: list[str] = []
+        unheard: list[str] = []
+        for client, since in active.started_at.items():
+            name = status_name(self.node, client)
+            if name not in active.expected or client in active.reported:
+                continue
+            if now - since < self._report_wait:
+                awaited.append(client)
+            else:
+                unheard.append(name)
+        return awaited, unheard
+
+    def _awaited_remote(
+        self, active: _Active, silent: list[str], now: float
+    ) -> tuple[list[str], list[str]]:
+        """``_awaited_here`` for other daemons' processes that applied the change and have
+        not reported since (``silent``, by name); the time runs from when this daemon first
+        saw them so."""
+        awaited: list[str] = []
+        unheard: list[str] = []
+        for name in silent:
+            if name not in active.expected:
+                continue
+            since = active.unheard_since.setdefault(name, now)
+            (awaited if now - since < self._report_wait else unheard).append(name)
+        return awaited, unheard
+
+    def _note_waiting(self, guard_id: str, active: _Active, waiting: list[str]) -> None:
+        if waiting != active.waiting:
+            self.log.info("guard_waiting", guard=guard_id, processes=",".join(waiting))
+        active.waiting = waiting
 
     @staticmethod
     def _left(active: _Active) -> list[dict[str, Any]]:
@@ -660,11 +733,19 @@ class GuardManager:
         except GuardSyntaxError as exc:
             self.log.warning("guard_record_invalid", guard=record.id, error=str(exc))
             return
-        active = _Active(record, guard, revision, record.applied_before())
+        active = _Active(
+            record,
+            guard,
+            revision,
+            record.applied_before(),
+            expected=frozenset(record.reporting or ()),
+        )
+        now = time.monotonic()
         for client in self._acks:
             start = self._applied_at(active, client)
             if start is not None:
                 active.started[client] = start
+                active.started_at[client] = now
         self._active[record.id] = active
         self.log.info(
             "guard_armed",

@@ -261,6 +261,18 @@ def remote_in_window(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id:
     return waiting
 
 
+def remote_unheard(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
+    """The processes of other daemons that applied the change guard ``guard_id`` watches
+    (their entry lists the guard) and have not reported what it reads since, by name."""
+    unheard = []
+    for name, entry in _others(kvs, prefix, node):
+        windows = entry.get("guards")
+        window = windows.get(guard_id) if isinstance(windows, dict) else None
+        if isinstance(window, dict) and True not in (window.get("reported"), window.get("done")):
+            unheard.append(name)
+    return unheard
+
+
 def remote_watching(
     kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str, revision: int
 ) -> list[str]:

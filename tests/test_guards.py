@@ -462,14 +462,18 @@ def test_a_process_done_with_its_window_may_leave_at_once(etcd: EtcdServer, tmp_
 
 @contextmanager
 def two_nodes(
-    etcd: EtcdServer, tmp_path: Path
+    etcd: EtcdServer, tmp_path: Path, env: dict[str, str] | None = None
 ) -> Iterator[tuple[DaemonProcess, DaemonProcess, RawClient, RawClient]]:
     """Two daemons (nodes n1, n2), a process on each, both at step 0 of the first state."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    a, b = (
+        DaemonProcess(tmp_path / d, endpoints=etcd.endpoint, extra=["--node", n], env=env)
+        for d, n in (("a", "n1"), ("b", "n2"))
+    )
     with (
-        DaemonProcess(tmp_path / "a", endpoints=etcd.endpoint, extra=["--node", "n1"]) as d1,
-        DaemonProcess(tmp_path / "b", endpoints=etcd.endpoint, extra=["--node", "n2"]) as d2,
+        a as d1,
+        b as d2,
         RawClient(d1.socket_path, "c1") as c1,
         RawClient(d2.socket_path, "c2") as c2,
     ):
@@ -478,22 +482,67 @@ def two_nodes(
         yield d1, d2, c1, c2
 
 
-def test_a_remote_process_that_reports_nothing_after_the_change_is_not_waited_for(
+def c2_awaited(
+    etcd: EtcdServer, d1: DaemonProcess, d2: DaemonProcess, c1: RawClient, c2: RawClient, guard: str
+) -> dict[str, Any]:
+    """``train.lr=0.5`` set with ``guard`` over 20 steps, applied by both at step 10; c1 runs
+    through its window, and n1 waits for c2's first report since the change. The set's
+    output."""
+    out = guarded_set(etcd, "train.lr=0.5", "--guard", guard, "--window", "20")
+    for client in (c1, c2):
+        client.send({"type": "applied", "version": client.next_update()["version"], "step": 10})
+    wait_for("armed on both", lambda: d1.events("guard_armed") and d2.events("guard_armed"))
+    for step in range(11, 32):
+        c1.send(metrics(step, loss=1.0))
+    (waiting, *_) = wait_for("n1 to wait for c2", lambda: d1.events("guard_waiting"))
+    assert waiting["processes"] == "n2/c2"
+    assert guard_records(etcd)[0]["state"] == "armed"
+    return out
+
+
+def test_a_remote_process_that_reports_nothing_after_the_change_is_waited_for_a_while(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
-    with two_nodes(etcd, tmp_path) as (d1, d2, c1, c2):
+    # It reported loss before the change, so the guard waits for its first report since
+    # (HOTKNOB_GUARD_REPORT_WAIT_S, 30 s by default); it evaluates, silent: then it passes,
+    # and the outcome says who was not heard from.
+    quick = {"HOTKNOB_GUARD_REPORT_WAIT_S": "2"}
+    with two_nodes(etcd, tmp_path, env=quick) as (d1, d2, c1, c2):
         c2.send(metrics(5, loss=1.0))  # before the change; then it evaluates, silent
         wait_for(
             "c2 in status",
             lambda: any(p["key"].endswith("n2/c2") and p.get("metrics") for p in processes(etcd)),
         )
-        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
-        for client in (c1, c2):
-            client.send({"type": "applied", "version": client.next_update()["version"], "step": 10})
-        wait_for("armed on both", lambda: d1.events("guard_armed") and d2.events("guard_armed"))
-        for step in range(11, 32):  # c1 runs through its window
-            c1.send(metrics(step, loss=1.0))
-        wait_for("the guard to pass", lambda: guard_records(etcd)[0]["state"] == "passed")
+        out = c2_awaited(etcd, d1, d2, c1, c2, "loss < 3")
+        assert guard_records(etcd)[0]["reporting"] == ["n2/c2"]
+        record = wait_for(
+            "the guard to pass",
+            lambda: (r := guard_records(etcd)[0])["state"] == "passed" and r,
+        )
+        outcome = record["outcome"]
+        assert outcome["unheard"] == ["n2/c2"], outcome
+        assert "n2/c2 applied it but reported no loss within 2 s" in outcome["reason"], outcome
+        assert time.time() - outcome["time"] < 30
+        assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
+
+
+def test_a_remote_process_whose_reports_come_after_the_others_are_done_can_revert(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # Found by hand: a node whose process reports every 5 s got a change that made its loss
+    # 50x, and the guard passed on the other node's reports before it said a word.
+    with two_nodes(etcd, tmp_path) as (d1, d2, c1, c2):
+        for client, name in ((c1, "c1"), (c2, "c2")):
+            report_until_published(client, etcd, name, range(1, 4))
+        c2_awaited(etcd, d1, d2, c1, c2, "loss < 2 * baseline")
+        assert guard_records(etcd)[0]["reporting"] == ["n1/c1", "n2/c2"]
+        time.sleep(1.0)  # n1 asks again every 0.5 s, and keeps waiting
+        assert guard_records(etcd)[0]["state"] == "armed"
+        for step in (20, 30, 40):  # its reports come now: each holds 10 steps, 50x the loss
+            c2.send(metrics(step, loss=50.0))
+        (event,) = wait_for("the revert", lambda: d2.events("change_reverted"))
+        assert "from c2" in event["reason"], event
+        assert guard_records(etcd)[0]["state"] == "reverted"
 
 
 def test_edits_of_other_keys_do_not_move_a_remote_process_s_window(
@@ -710,6 +759,7 @@ def test_malformed_records_are_skipped_and_the_others_armed(
         {"id": "0f", "guard": "loss < 3", "window": 10, "keys": keys, "created": 1e999},
         {"id": "0g", "guard": "loss < 3", "window": 10, "keys": keys,
          "baselines": {"n/c": {"loss": 1e999}}},
+        {"id": "0h", "guard": "loss < 3", "window": 10, "keys": keys, "reporting": "n/c"},
     ]  # fmt: skip
     for record in bad:
         text = json.dumps(record).replace("Infinity", "1e999")
@@ -726,11 +776,11 @@ def test_malformed_records_are_skipped_and_the_others_armed(
         (armed,) = wait_for("the valid guard armed", lambda: daemon.events("guard_armed"))
         assert armed["guard"] == out["guard"]
         wait_for(
-            "every bad record reported", lambda: len(daemon.events("guard_record_invalid")) >= 7
+            "every bad record reported", lambda: len(daemon.events("guard_record_invalid")) >= 8
         )
         invalid = daemon.events("guard_record_invalid")
         names = {e.get("key", e.get("guard", "")).rsplit("/", 1)[-1] for e in invalid}
-        assert names == {"0a", "0b", "0c", "0d", "0e", "0f", "0g"}
+        assert names == {"0a", "0b", "0c", "0d", "0e", "0f", "0g", "0h"}
         assert not daemon.events("event_failed") and not daemon.events("guard_record_failed")
 
 

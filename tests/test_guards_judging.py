@@ -4,6 +4,8 @@ real daemon, raw clients)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -337,3 +339,70 @@ def test_a_daemon_that_stops_mid_window_leaves_the_guard_armed(
         log = daemon.log()
     assert [r["state"] for r in guard_records(etcd)] == ["armed"]
     assert "event_failed" not in log and "Traceback" not in log
+
+
+@contextmanager
+def reported_before(
+    etcd: EtcdServer, tmp_path: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[DaemonProcess, RawClient, RawClient, RawClient]]:
+    """A daemon (node n1) and three processes at step 0 of the first state; c1 and c2
+    reported loss 1.0 (published in status), c3 reports nothing (a data loader, say)."""
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--node", "n1"], env=env) as d,
+        RawClient(d.socket_path, "c1") as c1,
+        RawClient(d.socket_path, "c2") as c2,
+        RawClient(d.socket_path, "c3") as c3,
+    ):
+        for client in (c1, c2, c3):
+            ack(client, client.snapshot["version"], 0)
+        for client, name in ((c1, "c1"), (c2, "c2")):
+            report_until_published(client, etcd, name, range(1, 4))
+        yield d, c1, c2, c3
+
+
+def test_a_process_that_reported_before_the_change_is_waited_for_one_that_did_not_is_not(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # c1 runs through its window first: the guard waits for c2's first report since the
+    # change (it reports every few seconds), which fails it; c3 holds nothing back.
+    with reported_before(etcd, tmp_path) as (daemon, c1, c2, c3):
+        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 2 * baseline", "--window", "20")
+        assert guard_records(etcd)[0]["reporting"] == ["n1/c1", "n1/c2"]
+        for client in (c1, c2, c3):
+            ack(client, client.next_update()["version"], 10)
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        for step in range(11, 32):
+            c1.send(metrics(step, loss=1.0))
+        (waiting,) = wait_for("the wait for c2", lambda: daemon.events("guard_waiting"))
+        assert waiting["processes"] == "n1/c2"
+        hint = "waiting for the first report since the change from n1/c2"
+        wait_for(
+            "status to say so",
+            lambda: (
+                hint in run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint).stdout
+            ),
+        )
+        assert guard_records(etcd)[0]["state"] == "armed"
+        c2.send(metrics(40, loss=9.0))  # holds steps 11..40: the window's, 9x its baseline
+        c2.send(metrics(41, loss=9.0))
+        c2.send(metrics(42, loss=9.0))
+        assert ended(etcd)["state"] == "reverted"
+        (event,) = daemon.events("change_reverted")
+        assert "from c2 (steps 40..42)" in event["reason"], event
+
+
+def test_a_guard_that_held_names_who_it_did_not_hear_from_in_status(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    quick = {"HOTKNOB_GUARD_REPORT_WAIT_S": "1"}
+    with reported_before(etcd, tmp_path, env=quick) as (daemon, c1, c2, c3):
+        guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "20")
+        for client in (c1, c2, c3):
+            ack(client, client.next_update()["version"], 10)
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        for step in range(11, 32):
+            c1.send(metrics(step, loss=1.0))
+        record = ended(etcd)
+        assert record["state"] == "passed" and record["outcome"]["unheard"] == ["n1/c2"]
+        shown = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint)
+        assert "n1/c2 applied it but reported no loss within 1 s" in shown.stdout, shown.stdout
