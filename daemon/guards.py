@@ -115,6 +115,11 @@ Post = Callable[..., None]
 _ACKS_KEPT = 64
 _EVIDENCE_KEPT = 8
 _REMOTE_CHECK_EVERY_S = 0.5
+_REMOTE_CHECK_MAX_S = 4.0
+"""A daemon done with a guard reads the others' status entries (every process of the app)
+every 0.5 s, then, while they are not done, twice as long after each read, up to 4 s: with a
+hundred daemons that wait on a slow one, etcd serves a few reads a second, not hundreds."""
+_WAITING_NAMED = 20
 _LEFT_NAMED = 3  # departures named in a reason; the outcome's ``left`` has them all
 _OUTCOME_LOGGED_APART = frozenset({"revision", "time", "node"})
 
@@ -180,6 +185,7 @@ class _Active:
     busy: bool = False
     checking: bool = False  # a read of the other daemons' processes is in flight
     checked_at: float = 0.0
+    check_every: float = _REMOTE_CHECK_EVERY_S  # doubled after each read that finds a wait
     waiting: list[str] = field(default_factory=list)  # their processes still in the window
     recheck: asyncio.TimerHandle | None = None  # the next look at the others, when due
     orphan: asyncio.TimerHandle | None = None  # the look for anyone left to judge it, when due
@@ -442,8 +448,8 @@ class GuardManager:
             return
         if active.checking:
             return  # its answer comes back to ``_remote_checked``
-        if now - active.checked_at < _REMOTE_CHECK_EVERY_S:
-            self._recheck(guard_id, active, active.checked_at + _REMOTE_CHECK_EVERY_S - now)
+        if now - active.checked_at < active.check_every:
+            self._recheck(guard_id, active, active.checked_at + active.check_every - now)
             return
         active.checking, active.checked_at = True, now
         future = self._worker.submit(self._store.read_prefix, status_prefix(self.app))
@@ -504,7 +510,8 @@ class GuardManager:
         if waiting or awaited:
             self._note_waiting(guard_id, active, sorted(waiting + awaited))
             # Asked again, whether or not anyone reports: all may have stopped by now.
-            self._recheck(guard_id, active, _REMOTE_CHECK_EVERY_S)
+            active.check_every = min(active.check_every * 2, _REMOTE_CHECK_MAX_S)
+            self._recheck(guard_id, active, active.check_every)
             return
         outcome: dict[str, Any] = {
             "reason": f"held for {active.record.window} steps",
@@ -558,8 +565,13 @@ class GuardManager:
         return awaited, unheard
 
     def _note_waiting(self, guard_id: str, active: _Active, waiting: list[str]) -> None:
+        """Log whom the guard waits for, when that changes (the first 20 names, and a count:
+        a hundred nodes' processes would make lines of kilobytes)."""
         if waiting != active.waiting:
-            self.log.info("guard_waiting", guard=guard_id, processes=",".join(waiting))
+            shown = ",".join(waiting[:_WAITING_NAMED])
+            if len(waiting) > _WAITING_NAMED:
+                shown += f",(+{len(waiting) - _WAITING_NAMED} more)"
+            self.log.info("guard_waiting", guard=guard_id, processes=shown, count=len(waiting))
         active.waiting = waiting
 
     @staticmethod

@@ -735,6 +735,40 @@ def test_a_guard_passes_only_when_every_node_s_processes_are_done(
         assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
 
 
+def etcd_ranges(etcd: EtcdServer) -> float:
+    """How many Range (read) calls etcd has served, from its metrics."""
+    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("grpc_server_handled_total{") and 'grpc_method="Range"' in line
+    )
+
+
+def test_a_daemon_waiting_on_another_node_reads_its_status_less_and_less_often(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # n1 is done; n2's process, which reported before the change, is silent since. n1
+    # reads every process's status entry to know when n2's is done: every 0.5 s at first,
+    # then twice as long after each read, up to 4 s (with a hundred daemons waiting on one
+    # slow node, hundreds of reads a second of the whole status prefix otherwise): 3 reads
+    # in 6 s, 12 at a steady 0.5 s. The daemons' watchers read too (a probe of a silent
+    # stream every 3 s): counted over 6 s before the guard, on the same daemons.
+    with two_nodes(etcd, tmp_path) as (d1, d2, c1, c2):
+        report_until_published(c2, etcd, "c2", range(1, 4))  # then it goes silent
+        before = etcd_ranges(etcd)
+        time.sleep(6.0)
+        background = etcd_ranges(etcd) - before
+        c2_awaited(etcd, d1, d2, c1, c2, "loss < 3")
+        before = etcd_ranges(etcd)
+        time.sleep(6.0)
+        reads = etcd_ranges(etcd) - before - background
+        assert reads <= 6, (reads, background)
+        assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+        assert d1.events("guard_waiting")[-1]["count"] == 1
+
+
 def test_a_process_of_another_node_still_in_its_window_can_revert(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
