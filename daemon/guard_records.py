@@ -498,27 +498,26 @@ def waiting_hint(record: GuardRecord, entries: Sequence[Mapping[str, Any]]) -> s
     """For an armed guard that no process has reported to yet (as the status ``entries``
     show): what it waits for, e.g. a metric nobody reports. Once one has: the processes
     it waits to hear from (they applied the change and reported what it reads before it,
-    nothing since), else empty."""
+    nothing since), else those still inside their window, else empty."""
     watched = []
     heard = False
-    silent = []
+    silent, inside = [], []
     for entry in entries:
         windows = entry.get("guards")
         window = windows.get(record.id) if isinstance(windows, dict) else None
         if isinstance(window, dict):
+            open_ = window.get("done") is not True
             if window.get("reported") is True:
                 heard = True
-            elif window.get("done") is not True and entry.get("key") in (record.reporting or ()):
+                if open_:
+                    inside.append(str(entry.get("key")))
+            elif open_ and entry.get("key") in (record.reporting or ()):
                 silent.append(str(entry["key"]))
             watched.append(entry)
     if heard:
-        if not silent:
-            return ""
-        more = f" and {len(silent) - _NAMES_SHOWN} more" if len(silent) > _NAMES_SHOWN else ""
-        return (
-            f"waiting for the first report since the change from "
-            f"{', '.join(escaped(n) for n in sorted(silent)[:_NAMES_SHOWN])}{more}"
-        )
+        if silent:
+            return "waiting for the first report since the change from " + _some(silent)
+        return "waiting for the end of the window of " + _some(inside) if inside else ""
     try:
         metrics = sorted(parse_guard(record.guard).metrics)
     except InvalidInput:
@@ -536,6 +535,12 @@ def waiting_hint(record: GuardRecord, entries: Sequence[Mapping[str, Any]]) -> s
         shown = ", ".join(escaped(n[:40]) for n in sorted(reported)[:_NAMES_SHOWN])
         return f"no report yet: no process reports {', '.join(missing)} (they report {shown})"
     return f"no report yet of {', '.join(metrics)} from the {len(watched)} process(es) watched"
+
+
+def _some(names: list[str]) -> str:
+    """``a, b, c and 4 more``: the first ``_NAMES_SHOWN`` of ``names``, sorted."""
+    shown = ", ".join(escaped(n) for n in sorted(names)[:_NAMES_SHOWN])
+    return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
 
 
 def guards_table(

@@ -720,6 +720,13 @@ def test_a_guard_passes_only_when_every_node_s_processes_are_done(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
     with two_nodes_mid_window(etcd, tmp_path) as (_, _, _, c2, out):
+        hint = "waiting for the end of the window of n2/c2"  # n1's c1 is done
+        wait_for(
+            "status to say whom the guard waits for",
+            lambda: (
+                hint in run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint).stdout
+            ),
+        )
         # Once n2's process is done too, n2 sees that n1's are (from their status): passed.
         wait_for(
             "c1's last report in status",
