@@ -79,7 +79,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard
 
 from pydantic import BaseModel
@@ -89,10 +88,11 @@ from hotknob.config.keys import etcd_key, status_prefix, to_text
 from hotknob.config.secrecy import secret_keys
 
 from .announce import EventSink
+from .armed_guard import REMOTE_CHECK_EVERY_S, ArmedGuard
 from .etcd_checks import revert_plan
 from .etcd_store import ConflictError, EtcdChange, EtcdOptions, EtcdStore
 from .etcd_watcher import EtcdWatcher
-from .guard_lang import Guard, GuardSyntaxError, MissingValue, parse_guard
+from .guard_lang import GuardSyntaxError, MissingValue, parse_guard
 from .guard_records import (
     ABANDONED,
     ARMED,
@@ -114,13 +114,12 @@ from .status import remote_in_window, remote_unheard, remote_watching, status_na
 Post = Callable[..., None]
 _ACKS_KEPT = 64
 _EVIDENCE_KEPT = 8
-_REMOTE_CHECK_EVERY_S = 0.5
 _REMOTE_CHECK_MAX_S = 4.0
 """A daemon done with a guard reads the others' status entries (every process of the app)
-every 0.5 s, then, while they are not done, twice as long after each read, up to 4 s: with a
-hundred daemons that wait on a slow one, etcd serves a few reads a second, not hundreds."""
+every 0.5 s (``REMOTE_CHECK_EVERY_S``), then, while they are not done, twice as long after
+each read, up to 4 s: with a hundred daemons that wait on a slow one, etcd serves a few
+reads a second, not hundreds."""
 _WAITING_NAMED = 20
-_LEFT_NAMED = 3  # departures named in a reason; the outcome's ``left`` has them all
 _OUTCOME_LOGGED_APART = frozenset({"revision", "time", "node"})
 
 ABANDON_AFTER_S = 30.0
@@ -166,37 +165,6 @@ def _jsonable(values: Mapping[str, float]) -> dict[str, float | str]:
     return {k: encode_value(v) for k, v in values.items()}
 
 
-@dataclass
-class _Active:
-    record: GuardRecord
-    guard: Guard
-    revision: int
-    before: frozenset[str] = frozenset()  # status names known to have run a state before R
-    started: dict[str, int] = field(default_factory=dict)
-    started_at: dict[str, float] = field(default_factory=dict)  # monotonic, when seen applied
-    expected: frozenset[str] = frozenset()  # status names that report what the guard reads
-    unheard_since: dict[str, float] = field(default_factory=dict)  # other daemons' ones
-    failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # evidence kept
-    in_a_row: dict[str, tuple[int, int]] = field(default_factory=dict)  # failures, first step
-    last_step: dict[str, int] = field(default_factory=dict)  # of each watched one's report
-    left: dict[str, dict[str, Any]] = field(default_factory=dict)  # gone before its window ended
-    reported: set[str] = field(default_factory=set)
-    passed: set[str] = field(default_factory=set)
-    busy: bool = False
-    checking: bool = False  # a read of the other daemons' processes is in flight
-    checked_at: float = 0.0
-    check_every: float = _REMOTE_CHECK_EVERY_S  # doubled after each read that finds a wait
-    waiting: list[str] = field(default_factory=list)  # their processes still in the window
-    recheck: asyncio.TimerHandle | None = None  # the next look at the others, when due
-    orphan: asyncio.TimerHandle | None = None  # the look for anyone left to judge it, when due
-
-    @property
-    def done_here(self) -> bool:
-        """Every process of this daemon that reported since the change is done with its
-        window (and at least one did)."""
-        return bool(self.reported) and self.reported <= self.passed
-
-
 class GuardManager:
     """Guards of one app on one daemon. ``start``/``stop`` own a watch thread and a worker.
 
@@ -228,7 +196,7 @@ class GuardManager:
             name="hotknob-guard-watch",
         )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotknob-guards")
-        self._active: dict[str, _Active] = {}
+        self._active: dict[str, ArmedGuard] = {}
         self._resolving: set[str] = set()
         self._acks: dict[str, deque[tuple[int, int]]] = {}
         # Connected, but what they applied is unknown here (acknowledged with a version of
@@ -280,7 +248,7 @@ class GuardManager:
                 active.left.pop(client, None)
                 self._cancel_orphan(active)
 
-    def _applied_at(self, active: _Active, client: str) -> int | None:
+    def _applied_at(self, active: ArmedGuard, client: str) -> int | None:
         """The step at which ``client`` applied the change: its first acknowledgement of a
         state of revision ≥ R after running one before R (acknowledged on this connection,
         or listed in the record: see the module's docstring); None if it never did."""
@@ -355,7 +323,7 @@ class GuardManager:
     def _check(
         self,
         guard_id: str,
-        active: _Active,
+        active: ArmedGuard,
         client: str,
         start: int,
         report: Report,
@@ -434,13 +402,13 @@ class GuardManager:
         means = {name: mean_of(vs) for name, vs in pooled.items()}
         return {**means, **record.baselines.get(status_name(self.node, client), {})}
 
-    def _maybe_passed(self, guard_id: str, active: _Active) -> None:
+    def _maybe_passed(self, guard_id: str, active: ArmedGuard) -> None:
         """Pass the guard once this daemon's watched processes are done and, as their
         status entries show, no other daemon's process may still be inside the window."""
         if active.busy or not active.done_here:
             return
         now = time.monotonic()
-        awaited, _ = self._awaited_here(active, now)
+        awaited, _ = active.awaited_here(self.node, self._report_wait, now)
         if awaited:
             self._note_waiting(guard_id, active, [status_name(self.node, c) for c in awaited])
             due = min(active.started_at[c] for c in awaited) + self._report_wait
@@ -455,7 +423,7 @@ class GuardManager:
         future = self._worker.submit(self._store.read_prefix, status_prefix(self.app))
         self._then(future, self._remote_checked, guard_id, active)
 
-    def _recheck(self, guard_id: str, active: _Active, delay: float) -> None:
+    def _recheck(self, guard_id: str, active: ArmedGuard, delay: float) -> None:
         """Ask ``_maybe_passed`` again in ``delay`` seconds (once; on the loop)."""
         if active.recheck is not None:
             return
@@ -467,7 +435,7 @@ class GuardManager:
         active.recheck = self._later(delay, guard_id, active, again)
 
     def _later(
-        self, delay: float, guard_id: str, active: _Active, fn: Callable[[], None]
+        self, delay: float, guard_id: str, active: ArmedGuard, fn: Callable[[], None]
     ) -> asyncio.TimerHandle | None:
         """Run ``fn`` on the loop in ``delay`` seconds, unless the daemon stops or the guard
         ends meanwhile; None when not on a loop (a test driving the manager by hand)."""
@@ -485,7 +453,7 @@ class GuardManager:
     def _remote_checked(
         self,
         guard_id: str,
-        active: _Active,
+        active: ArmedGuard,
         result: tuple[Mapping[str, bytes], int] | BaseException,
     ) -> None:
         active.checking = False
@@ -495,18 +463,19 @@ class GuardManager:
             return  # a process went back to an earlier step meanwhile
         if isinstance(result, BaseException):
             self.log.warning("guard_check_failed", guard=guard_id, error=str(result))
-            self._recheck(guard_id, active, _REMOTE_CHECK_EVERY_S)
+            self._recheck(guard_id, active, REMOTE_CHECK_EVERY_S)
             return
         now = time.monotonic()
-        if self._awaited_here(active, now)[0]:  # one came back meanwhile (a reconnect)
+        if active.awaited_here(self.node, self._report_wait, now)[
+            0
+        ]:  # one came back meanwhile (a reconnect)
             self._maybe_passed(guard_id, active)
             return
         kvs, _ = result
         prefix = status_prefix(self.app)
         waiting = remote_in_window(kvs, prefix, self.node, guard_id)
-        awaited, unheard = self._awaited_remote(
-            active, remote_unheard(kvs, prefix, self.node, guard_id), now
-        )
+        silent = remote_unheard(kvs, prefix, self.node, guard_id)
+        awaited, unheard = active.awaited_remote(silent, self._report_wait, now)
         if waiting or awaited:
             self._note_waiting(guard_id, active, sorted(waiting + awaited))
             # Asked again, whether or not anyone reports: all may have stopped by now.
@@ -517,54 +486,17 @@ class GuardManager:
             "reason": f"held for {active.record.window} steps",
             "clients": sorted(active.passed),
         }
-        left = [gone for gone in self._left(active) if gone["reported"]]
+        left = [gone for gone in active.departures() if gone["reported"]]
         if left:
-            outcome["reason"] += "; " + self._left_text(active, left)
+            outcome["reason"] += "; " + active.departures_text(left)
             outcome["left"] = left
-        unheard = sorted(self._awaited_here(active, now)[1] + unheard)
+        unheard = sorted(active.awaited_here(self.node, self._report_wait, now)[1] + unheard)
         if unheard:
-            names = ", ".join(unheard[:_LEFT_NAMED])
-            more = f" and {len(unheard) - _LEFT_NAMED} more" if len(unheard) > _LEFT_NAMED else ""
-            outcome["reason"] += (
-                f"; {names}{more} applied it but reported no "
-                f"{', '.join(sorted(active.guard.metrics))} within {self._report_wait:g} s"
-            )
+            outcome["reason"] += "; " + active.unheard_text(unheard, self._report_wait)
             outcome["unheard"] = unheard
         self._finish(guard_id, active, PASSED, outcome)
 
-    def _awaited_here(self, active: _Active, now: float) -> tuple[list[str], list[str]]:
-        """This daemon's processes that applied the change and reported what the guard
-        reads before it (the record's ``reporting``) but nothing since: the guard waits for
-        those (first list, client names) for ``REPORT_WAIT_S``, and no longer for the
-        others (second list, status names, for the outcome)."""
-        awaited: list[str] = []
-        unheard: list[str] = []
-        for client, since in active.started_at.items():
-            name = status_name(self.node, client)
-            if name not in active.expected or client in active.reported:
-                continue
-            if now - since < self._report_wait:
-                awaited.append(client)
-            else:
-                unheard.append(name)
-        return awaited, unheard
-
-    def _awaited_remote(
-        self, active: _Active, silent: list[str], now: float
-    ) -> tuple[list[str], list[str]]:
-        """``_awaited_here`` for other daemons' processes that applied the change and have
-        not reported since (``silent``, by name); the time runs from when this daemon first
-        saw them so."""
-        awaited: list[str] = []
-        unheard: list[str] = []
-        for name in silent:
-            if name not in active.expected:
-                continue
-            since = active.unheard_since.setdefault(name, now)
-            (awaited if now - since < self._report_wait else unheard).append(name)
-        return awaited, unheard
-
-    def _note_waiting(self, guard_id: str, active: _Active, waiting: list[str]) -> None:
+    def _note_waiting(self, guard_id: str, active: ArmedGuard, waiting: list[str]) -> None:
         """Log whom the guard waits for, when that changes (the first 20 names, and a count:
         a hundred nodes' processes would make lines of kilobytes)."""
         if waiting != active.waiting:
@@ -574,39 +506,9 @@ class GuardManager:
             self.log.info("guard_waiting", guard=guard_id, processes=shown, count=len(waiting))
         active.waiting = waiting
 
-    @staticmethod
-    def _left(active: _Active) -> list[dict[str, Any]]:
-        """The processes that left before the end of their window, by name."""
-        return [active.left[name] for name in sorted(active.left)]
-
-    @staticmethod
-    def _left_text(active: _Active, left: list[dict[str, Any]]) -> str:
-        """``left`` for a reason: who left when, and with how many failures in a row."""
-        window, patience = active.record.window, active.record.patience
-        parts = []
-        for gone in left[:_LEFT_NAMED]:
-            step = gone["step"]
-            if step is None or not gone["reported"]:
-                names = ", ".join(sorted(active.guard.metrics))
-                text = f"{gone['client']} left before reporting {names}"
-            else:
-                text = (
-                    f"{gone['client']} left at step {step}, {step - gone['from']} of its "
-                    f"{window} steps in"
-                )
-            if gone["failures"]:
-                text += (
-                    f", with {gone['failures']} failed report(s) in a row recorded "
-                    f"(patience {patience})"
-                )
-            parts.append(text)
-        if len(left) > _LEFT_NAMED:
-            parts.append(f"and {len(left) - _LEFT_NAMED} more left before their window ended")
-        return "; ".join(parts)
-
     # --- a guard nobody is left to judge --------------------------------------------------------
 
-    def _can_judge_here(self, active: _Active) -> bool:
+    def _can_judge_here(self, active: ArmedGuard) -> bool:
         """Whether a process of this daemon is watched, or connected and not yet at the
         change (it ran a state before it, and may apply it at its next step), or listed
         in the record and connected with a state this daemon does not know (it applies
@@ -617,7 +519,7 @@ class GuardManager:
             return True
         return any(acks and acks[-1][0] < active.revision for acks in self._acks.values())
 
-    def _maybe_orphaned(self, guard_id: str, active: _Active) -> None:
+    def _maybe_orphaned(self, guard_id: str, active: ArmedGuard) -> None:
         """If no process of this daemon can judge the guard any more, look again in
         ``ABANDON_AFTER_S`` seconds (a process may reconnect meanwhile)."""
         if active.busy or self._stopped or active.orphan is not None:
@@ -631,12 +533,12 @@ class GuardManager:
 
         active.orphan = self._later(self._abandon_after, guard_id, active, due)
 
-    def _cancel_orphan(self, active: _Active) -> None:
+    def _cancel_orphan(self, active: ArmedGuard) -> None:
         if active.orphan is not None:
             active.orphan.cancel()
             active.orphan = None
 
-    def _orphan_due(self, guard_id: str, active: _Active) -> None:
+    def _orphan_due(self, guard_id: str, active: ArmedGuard) -> None:
         if active.busy or self._can_judge_here(active):
             return
         if active.done_here:
@@ -648,7 +550,7 @@ class GuardManager:
     def _orphan_checked(
         self,
         guard_id: str,
-        active: _Active,
+        active: ArmedGuard,
         result: tuple[Mapping[str, bytes], int] | BaseException,
     ) -> None:
         if self._stopped or self._active.get(guard_id) is not active or active.busy:
@@ -665,9 +567,9 @@ class GuardManager:
         if others:  # their daemons end it; asked again in case they all go too
             self._maybe_orphaned(guard_id, active)
             return
-        left = self._left(active)
+        left = active.departures()
         if left:
-            reason = "no process left to judge it: " + self._left_text(active, left)
+            reason = "no process left to judge it: " + active.departures_text(left)
         else:
             reason = (
                 "no process that ran the configuration before the change applied it "
@@ -745,7 +647,7 @@ class GuardManager:
         except GuardSyntaxError as exc:
             self.log.warning("guard_record_invalid", guard=record.id, error=str(exc))
             return
-        active = _Active(
+        active = ArmedGuard(
             record,
             guard,
             revision,
@@ -780,7 +682,7 @@ class GuardManager:
     # --- ending a guard (etcd calls on the worker) ----------------------------------------------
 
     def _revert(
-        self, guard_id: str, active: _Active, reason: str, evidence: list[dict[str, Any]]
+        self, guard_id: str, active: ArmedGuard, reason: str, evidence: list[dict[str, Any]]
     ) -> None:
         record = active.record
         outcome: dict[str, Any] = {"reason": reason, "evidence": evidence}
@@ -839,7 +741,7 @@ class GuardManager:
     def _finish(
         self,
         guard_id: str,
-        active: _Active,
+        active: ArmedGuard,
         state: str,
         outcome: dict[str, Any],
         puts: dict[str, str] | None = None,
@@ -871,7 +773,7 @@ class GuardManager:
         self._then(future, self._finished, guard_id, active, ended)
 
     def _finished(
-        self, guard_id: str, active: _Active, ended: GuardRecord, result: int | BaseException
+        self, guard_id: str, active: ArmedGuard, ended: GuardRecord, result: int | BaseException
     ) -> None:
         record = active.record
         if isinstance(result, ConflictError):
