@@ -458,6 +458,23 @@ def test_status_ages_read_in_the_unit_that_matters(etcd: EtcdServer) -> None:
     assert rows["node1/ahead"][4] == "0.0s"  # another host's clock ahead: no negative age
 
 
+def test_status_says_how_old_each_process_s_latest_report_is(etcd: EtcdServer) -> None:
+    # STEP and AGE are the applied change's: a process that stopped reporting (hung, or
+    # done) looked like one that reports every step; the METRICS column says.
+    status = f"/hotknob/{APP}/status/"
+    now = time.time()
+    metrics = {"step": 3176, "time": now - 125, "latest": {"loss": 0.41}, "mean": {}}
+    entry = {"client": "a", "version": 1, "step": 5, "time": now - 3600, "metrics": metrics}
+    etcd.etcdctl("put", status + "node1/a", json.dumps(entry))
+    odd = {**entry, "metrics": {**metrics, "time": "soon"}}  # written around hotknob
+    etcd.etcdctl("put", status + "node1/b", json.dumps(odd))
+    done = hk(etcd, "status")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
+    assert rows["node1/a"].endswith("loss=0.41 (step 3176, 2m05s ago)"), rows
+    assert rows["node1/b"].endswith("loss=0.41"), rows
+
+
 def test_a_write_landing_while_set_checks_makes_it_fail_and_write_nothing(
     etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
