@@ -673,11 +673,20 @@ class GuardManager:
         self._maybe_orphaned(record.id, active)
 
     def _drop(self, guard_id: str, record: GuardRecord | None) -> None:
+        """Stop watching a guard: ended (``record`` says how), or its record deleted
+        (None): by hand, the way to end a guard that waits on a stuck process."""
         active = self._active.pop(guard_id, None)
-        if active is not None:
-            self._cancel_orphan(active)
-        if active is not None and record is not None:
+        if active is None:
+            return
+        self._cancel_orphan(active)
+        if record is not None:
             self.log.info("guard_ended", guard=guard_id, state=record.state)
+        else:
+            self.log.info(
+                "guard_removed",
+                guard=guard_id,
+                reason="its record was deleted from etcd: no longer watched, nothing reverted",
+            )
 
     # --- ending a guard (etcd calls on the worker) ----------------------------------------------
 

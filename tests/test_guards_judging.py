@@ -15,6 +15,7 @@ from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
 from tests.test_guards import (
     APP,
+    G,
     P,
     guard_records,
     guarded_set,
@@ -406,3 +407,19 @@ def test_a_guard_that_held_names_who_it_did_not_hear_from_in_status(
         assert record["state"] == "passed" and record["outcome"]["unheard"] == ["n1/c2"]
         shown = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint)
         assert "n1/c2 applied it but reported no loss within 1 s" in shown.stdout, shown.stdout
+
+
+def test_a_guard_whose_record_is_deleted_by_hand_stops_watching_and_reverts_nothing(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # The way to end a guard that waits on a stuck process (README): delete its record.
+    with reported_before(etcd, tmp_path) as (daemon, c1, c2, c3):
+        out = arm_guard(etcd, daemon, c1, c2, c3)
+        etcd.etcdctl("del", G + out["guard"])
+        (removed,) = wait_for("the guard removed", lambda: daemon.events("guard_removed"))
+        assert removed["guard"] == out["guard"] and "nothing reverted" in removed["reason"]
+        for step in (11, 12, 13):
+            c1.send(metrics(step, loss="nan"))
+        wait_for("the reports in status", lambda: step_in_status(etcd, "c1") == 13)
+        assert not daemon.events("change_reverted")
+        assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
