@@ -114,7 +114,7 @@ class Daemon:
             app=ctx.app,
             node=options.node,
             metrics=self.metrics,
-            revision_of=self._revisions.get,
+            revision_of=self._revision_of,
             report_every=options.status_every,
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
@@ -196,6 +196,7 @@ class Daemon:
             broadcast=self._broadcast,
             on_accepted=self._count_accepted,
             on_rejected=lambda layer: self.metrics.rejected.labels(layer).inc(),
+            on_unchanged=lambda revision: self._post(self._revision_unchanged, revision),
         )
         kvs, revision = await self._start_etcd()
         self._etcd_at_start = ctx.etcd is not None and kvs is not None
@@ -225,6 +226,7 @@ class Daemon:
                 post=self._post,
                 broadcast=self.server.broadcast_event,
                 config=lambda: self.engine,
+                revision_of=self._revision_of,
             )
             self.guards.start()
             self.feedback.guards = self.guards
@@ -517,6 +519,22 @@ class Daemon:
             self.server.broadcast_event(event)
         elif self.server.has_watchers:
             self._post(self.server.broadcast_event, event)
+
+    def _revision_of(self, version: int) -> int | None:
+        """The etcd revision whose configuration ``version`` is: the one it was built at,
+        or for the version in force, the newest etcd revision taken without a change of
+        values (an edit of a value already in force, or of a key a higher layer holds)."""
+        engine = self.engine
+        if engine is not None and version == engine.version:
+            return engine.revision
+        return self._revisions.get(version)
+
+    def _revision_unchanged(self, revision: int) -> None:
+        """On the loop: etcd's revision ``revision`` changed no value in force; the
+        processes running the state in force run its configuration."""
+        self.feedback.on_revision_unchanged()
+        if self.guards is not None:
+            self.guards.on_revision_unchanged(revision)
 
     def _push(self) -> None:
         with self._lock:

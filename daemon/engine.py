@@ -118,8 +118,10 @@ class Engine:
         broadcast: EventSink = _noop,
         on_accepted: Callable[[str, int], None] = lambda layer, version: None,
         on_rejected: Callable[[str], None] = lambda layer: None,
+        on_unchanged: Callable[[int], None] = lambda revision: None,
     ):
         self.schema = schema
+        self._on_unchanged = on_unchanged
         self.app = app
         self.precedence = tuple(precedence)
         self.layers: dict[str, Layer] = {layer.name: layer for layer in layers}
@@ -594,6 +596,10 @@ class Engine:
         changed = changed_keys(self._flat, flat)
         if not changed:
             self.snapshot = snapshot
+            if layer == "etcd" and revision:
+                # The state in force is now etcd's at this revision too, unchanged (its
+                # values were already in force, or a higher layer holds its keys).
+                self._after_push.append(partial(self._on_unchanged, self.revision))
             if not self._batching:
                 self._run_after_push()
             return

@@ -83,7 +83,9 @@ class ClientFeedback:
         # Debug only: with many clients every version brings one ack per client.
         self.log.debug("change_applied", client=client.name, version=version, step=message["step"])
         if self.guards is not None:
-            self.guards.on_applied(client.name, entry["revision"], int(message["step"]))
+            self.guards.on_applied(
+                client.name, entry["revision"], int(message["step"]), version=version
+            )
         if self.status is not None:
             self._status_due[client.name] = self._with_guards(
                 client.name, self.reports.status_entry(client.name, entry, replace=True)
@@ -119,6 +121,23 @@ class ClientFeedback:
             else:
                 self._held[name] = entry
                 self._throttle(name)()  # now, or the newest when ``report_every`` is up
+
+    def on_revision_unchanged(self) -> None:
+        """An etcd revision changed no value in force: the entries of the processes that
+        run the state in force say its revision now (``revision_of``), so that ``status``
+        and other daemons' guards see the change reached them."""
+        if self.status is None:
+            return
+        for name, entry in self.reports.stored_fields():
+            version = entry.get("version")
+            revision = self.revision_of(version) if isinstance(version, int) else None
+            if revision is None or entry.get("revision") == revision:
+                continue
+            fields = {**entry, "revision": revision}
+            self._status_due[name] = self._with_guards(
+                name, self.reports.status_entry(name, fields, replace=True)
+            )
+            self._status_soon()
 
     def on_disconnect(self, client: ClientInfo) -> None:
         self._status_due.pop(client.name, None)

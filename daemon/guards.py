@@ -181,6 +181,7 @@ class GuardManager:
         post: Post,
         broadcast: EventSink,
         config: Callable[[], ConfigInForce | None] | None = None,
+        revision_of: Callable[[int], int | None] = lambda version: None,
     ) -> None:
         self.app = app
         self.node = node
@@ -199,6 +200,11 @@ class GuardManager:
         self._active: dict[str, ArmedGuard] = {}
         self._resolving: set[str] = set()
         self._acks: dict[str, deque[tuple[int, int]]] = {}
+        # The version each process acknowledged last, and the etcd revision whose
+        # configuration a version is now (later than the one it was built at once an
+        # etcd revision changed no value in force: the process runs that one's too).
+        self._versions: dict[str, int] = {}
+        self._revision_of = revision_of
         # Connected, but what they applied is unknown here (acknowledged with a version of
         # a daemon before this one: a restart that did not keep its versions).
         self._unknown: set[str] = set()
@@ -231,7 +237,11 @@ class GuardManager:
 
     # --- what the processes say (from the socket server, on the loop) --------------------------
 
-    def on_applied(self, client: str, revision: int | None, step: int) -> None:
+    def on_applied(
+        self, client: str, revision: int | None, step: int, version: int | None = None
+    ) -> None:
+        if version is not None:
+            self._versions[client] = version
         if revision is None:
             self._unknown.add(client)
             return
@@ -268,6 +278,7 @@ class GuardManager:
         if self._stopped:
             return
         self._acks.pop(client, None)
+        self._versions.pop(client, None)
         self._unknown.discard(client)
         for guard_id, active in list(self._active.items()):
             start = active.started.pop(client, None)
@@ -517,7 +528,29 @@ class GuardManager:
             return True
         if any(status_name(self.node, c) in active.before for c in self._unknown):
             return True
-        return any(acks and acks[-1][0] < active.revision for acks in self._acks.values())
+        return any(
+            acks and acks[-1][0] < active.revision and not self._unchanged_for(c, active)
+            for c, acks in self._acks.items()
+        )
+
+    def _unchanged_for(self, client: str, active: ArmedGuard) -> bool:
+        """Whether ``client``, last seen applying a state from before the change, runs the
+        change's configuration with that state: the change altered no value in force on
+        this daemon (its values were already in force, or a higher layer holds its keys),
+        so no new state comes for it."""
+        acks = self._acks.get(client)
+        version = self._versions.get(client)
+        if not acks or acks[-1][0] >= active.revision or version is None:
+            return False
+        now = self._revision_of(version)
+        return now is not None and now >= active.revision
+
+    def on_revision_unchanged(self, revision: int) -> None:
+        """etcd's ``revision`` changed no value in force: a guarded change at or before it
+        may have no process left that will apply it (``_can_judge_here``)."""
+        for guard_id, active in list(self._active.items()):
+            if active.revision <= revision:
+                self._maybe_orphaned(guard_id, active)
 
     def _maybe_orphaned(self, guard_id: str, active: ArmedGuard) -> None:
         """If no process of this daemon can judge the guard any more, look again in
@@ -570,6 +603,11 @@ class GuardManager:
         left = active.departures()
         if left:
             reason = "no process left to judge it: " + active.departures_text(left)
+        elif any(self._unchanged_for(c, active) for c in self._acks):
+            reason = (
+                "the change altered no value in force (its values were already in force, "
+                "or a higher layer holds its keys): nothing to judge"
+            )
         else:
             reason = (
                 "no process that ran the configuration before the change applied it "

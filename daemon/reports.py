@@ -192,6 +192,10 @@ class ClientReports:
         }
         return {"metrics": _bounded(metrics)}
 
+    def stored_fields(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each client's stored status fields (its last acknowledgement's), by name."""
+        return list(self._entries.items())
+
     def status_entry(
         self, client: str, fields: Mapping[str, Any], *, replace: bool
     ) -> dict[str, Any]:

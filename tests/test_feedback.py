@@ -137,7 +137,9 @@ class _Windows:
     def on_report(self, client: str, report: object) -> None:
         pass
 
-    def on_applied(self, client: str, revision: int | None, step: int) -> None:
+    def on_applied(
+        self, client: str, revision: int | None, step: int, version: int | None = None
+    ) -> None:
         pass
 
     def on_disconnect(self, client: str) -> None:

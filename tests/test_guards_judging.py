@@ -423,3 +423,47 @@ def test_a_guard_whose_record_is_deleted_by_hand_stops_watching_and_reverts_noth
         wait_for("the reports in status", lambda: step_in_status(etcd, "c1") == 13)
         assert not daemon.events("change_reverted")
         assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
+
+
+def test_a_guarded_change_that_alters_no_value_in_force_ends_with_nothing_to_judge(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # train.lr=0.02 in etcd while the file already holds 0.02: etcd changed, the values in
+    # force did not, and no process gets a new state to apply. The guard stayed armed as
+    # long as the processes ran ("no process has applied the change"); the status
+    # entries kept the revision before the change, as if it had not reached them.
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  lr: 0.02\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    daemons = [
+        DaemonProcess(
+            tmp_path / d, endpoints=etcd.endpoint, configs=[config], extra=["--node", d],
+            env=QUICK_ABANDON,
+        )
+        for d in ("a", "b")
+    ]  # fmt: skip
+    with (
+        daemons[0] as da,
+        daemons[1] as db,
+        RawClient(da.socket_path, "c1") as c1,
+        RawClient(db.socket_path, "c2") as c2,
+    ):
+        for client in (c1, c2):
+            ack(client, client.snapshot["version"], 0)
+            client.send(metrics(1, loss=1.0))
+        out = guarded_set(etcd, "train.lr=0.02", "--guard", "loss < 3", "--window", "20")
+        record = ended(etcd)
+        assert record["state"] == "abandoned", record
+        assert "altered no value in force" in record["outcome"]["reason"], record
+        for client in (c1, c2):
+            assert client.no_message()  # nothing to apply
+        for name in ("c1", "c2"):
+            entry = wait_for(
+                f"{name}'s entry at the change's revision",
+                lambda n=name: [
+                    p for p in processes(etcd)
+                    if p["client"] == n and p["revision"] >= out["revision"]
+                ],
+            )[0]  # fmt: skip
+            assert entry["version"] == 1
