@@ -116,6 +116,7 @@ class Daemon:
             metrics=self.metrics,
             revision_of=self._revision_of,
             report_every=options.status_every,
+            pinned=self._pinned,
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
         # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every
@@ -528,6 +529,17 @@ class Daemon:
         if engine is not None and version == engine.version:
             return engine.revision
         return self._revisions.get(version)
+
+    def _pinned(self) -> dict[str, str]:
+        """The keys a layer above etcd holds here (env, ``--set``), with that layer: an etcd
+        edit of them takes no effect on this daemon. In status entries, so that ``set``,
+        run elsewhere, can say so."""
+        engine = self.engine
+        snapshot = engine.snapshot if engine is not None else None
+        if engine is None or snapshot is None:
+            return {}
+        above = frozenset(engine.precedence[engine.precedence.index("etcd") + 1 :])
+        return {key: layer for key, layer in snapshot.sources.items() if layer in above}
 
     def _revision_unchanged(self, revision: int) -> None:
         """On the loop: etcd's revision ``revision`` changed no value in force; the

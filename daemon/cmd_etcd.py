@@ -13,7 +13,7 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
@@ -28,7 +28,14 @@ from hotknob.config.sources import parse_assignment
 from .context import Context, read_all_layers, warn_dropped
 from .etcd_checks import rejected_on_top, validate_etcd_state
 from .etcd_store import ConflictError, EtcdStore
-from .guard_records import GuardSpec, add_guard_options, describe, record_for_set, spec_from_args
+from .guard_records import (
+    GuardSpec,
+    add_guard_options,
+    describe,
+    read_status_entries,
+    record_for_set,
+    spec_from_args,
+)
 from .table import dumps, fmt, render
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -120,6 +127,27 @@ def _warn_shadowed(snapshot: Snapshot, keys: list[str], secrets: frozenset[str])
         )
 
 
+def _pinned_on_daemons(store: EtcdStore, app: str, keys: Iterable[str]) -> list[str]:
+    """Warnings for the ``keys`` that a layer above etcd (env, ``--set``) holds on some
+    daemon, as their processes' status entries say (``pinned``): an etcd edit of them
+    has no effect there, and ``set``, run elsewhere, cannot see that layer itself."""
+    held: dict[tuple[str, str], list[str]] = {}
+    wanted = set(keys)
+    for name, entry in read_status_entries(store, app).items():
+        pinned = entry.get("pinned")
+        if not isinstance(pinned, dict):
+            continue
+        for key, layer in pinned.items():
+            if key in wanted and isinstance(layer, str):
+                held.setdefault((key, layer), []).append(name)
+    return [
+        f"{key} is held by the {layer} layer on the daemon of {len(names)} process(es) "
+        f"({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''}): the etcd "
+        "value has no effect there while that is set"
+        for (key, layer), names in sorted(held.items())
+    ]
+
+
 def _warn_restart_only(ctx: Context, diff: Mapping[str, Any]) -> None:
     """A restart-only key (``json_schema_extra={"live": False}``) changes nothing live: the
     daemon reports it as pending a restart. Said here, so ``set`` is not taken to have
@@ -203,6 +231,7 @@ def _write(
                 store, ctx.app, guard, diff, current.values, secrets, not_in_force & diff.keys()
             )
             texts[guard_path] = record.to_json()
+        pinned_warnings = _pinned_on_daemons(store, ctx.app, diff)
         checked = {meta_key(ctx.app): store.mod_revision(meta_key(ctx.app), revision)}
         try:
             written = store.commit(
@@ -229,7 +258,7 @@ def _write(
             print(describe(record))
     _warn_shadowed(snapshot, shadowed, secrets)
     _warn_restart_only(ctx, diff)
-    for warning in guard_warnings:
+    for warning in [*pinned_warnings, *guard_warnings]:
         print(f"hotknob: warning: {warning}", file=sys.stderr)
     return 0
 

@@ -51,7 +51,9 @@ class ClientFeedback:
         metrics: Metrics,
         revision_of: Callable[[int], int | None],
         report_every: float = REPORT_STATUS_EVERY_S,
+        pinned: Callable[[], dict[str, str]] = dict,
     ) -> None:
+        self.pinned = pinned
         self.node = node
         self.report_every = report_every
         self.metrics = metrics
@@ -167,6 +169,9 @@ class ClientFeedback:
     def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
         entry: dict[str, Any] = {"client": client.name, "pid": client.pid, "node": self.node}
         entry.update({k: v for k, v in client.extra.items() if k in ("rank", "world_size")})
+        pinned = self.pinned()
+        if pinned:  # keys env or --set hold on this daemon: ``set`` warns of editing them
+            entry["pinned"] = pinned
         return entry
 
     def _flush_status(self) -> None:

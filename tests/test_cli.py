@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from hotknob.config.schema import TrainParams
-from tests.daemon_proc import DaemonProcess, hotknob_cmd, run_cli
+from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
 from tests.etcd_server import EtcdServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -590,3 +590,36 @@ def test_rollback_to_a_value_that_cannot_be_read_is_refused(etcd: EtcdServer) ->
     line = one_line_error(hk(etcd, "rollback", "--to-revision", str(target)), 1)
     assert "train.momentum (from etcd): not valid text" in line
     assert revision(etcd) == before
+
+
+def test_set_warns_of_a_key_the_environment_of_a_daemon_holds(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # The daemon's container pins train.lr in its environment; set, run elsewhere, cannot
+    # see that layer: it read the daemons' status entries, which say so.
+    pin = {"HOTKNOB_PARAM_TRAIN__LR": "0.001"}
+    with (
+        DaemonProcess(
+            tmp_path, app=APP, endpoints=etcd.endpoint, extra=["--node", "n1"], env=pin
+        ) as d,
+        RawClient(d.socket_path, "p1") as client,
+    ):
+        client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        wait_for_status = time.monotonic() + 20
+        while "pinned" not in (etcd_entry := _status_entry(etcd, "n1/p1")):
+            assert time.monotonic() < wait_for_status, etcd_entry
+            time.sleep(0.1)
+        assert etcd_entry["pinned"] == {"train.lr": "env"}
+        done = hk(etcd, "set", "train.lr=0.01")
+        assert done.returncode == 0, done.stderr
+        assert (
+            "warning: train.lr is held by the env layer on the daemon of 1 process(es) (n1/p1): "
+            "the etcd value has no effect there" in done.stderr
+        ), done.stderr
+        done = hk(etcd, "set", "train.momentum=0.5")
+        assert done.returncode == 0 and "held by" not in done.stderr, done.stderr
+
+
+def _status_entry(etcd: EtcdServer, name: str) -> dict[str, Any]:
+    done = etcd.etcdctl("get", f"/hotknob/{APP}/status/{name}", "--print-value-only")
+    return dict(json.loads(done.stdout)) if done.stdout.strip() else {}
