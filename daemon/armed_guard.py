@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .guard_lang import Guard
-from .guard_records import GuardRecord
+from .guard_records import GuardRecord, some_names
 from .status import status_name
 
 REMOTE_CHECK_EVERY_S = 0.5
@@ -88,10 +88,9 @@ class ArmedGuard:
     def unheard_text(self, unheard: list[str], wait: float) -> str:
         """For a passed outcome's reason: the processes (``unheard``, by name) it passed
         without, after waiting ``wait`` seconds for their first report since the change."""
-        names = ", ".join(unheard[:_LEFT_NAMED])
-        more = f" and {len(unheard) - _LEFT_NAMED} more" if len(unheard) > _LEFT_NAMED else ""
         metrics = ", ".join(sorted(self.guard.metrics))
-        return f"{names}{more} applied it but reported no {metrics} within {wait:g} s"
+        names = some_names(unheard, _LEFT_NAMED)
+        return f"{names} applied it but reported no {metrics} within {wait:g} s"
 
     def departures(self) -> list[dict[str, Any]]:
         """The processes that left before the end of their window, by name."""

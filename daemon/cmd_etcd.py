@@ -34,6 +34,7 @@ from .guard_records import (
     describe,
     read_status_entries,
     record_for_set,
+    some_names,
     spec_from_args,
 )
 from .table import dumps, fmt, render
@@ -127,13 +128,13 @@ def _warn_shadowed(snapshot: Snapshot, keys: list[str], secrets: frozenset[str])
         )
 
 
-def _pinned_on_daemons(store: EtcdStore, app: str, keys: Iterable[str]) -> list[str]:
+def _pinned_on_daemons(entries: Mapping[str, Mapping[str, Any]], keys: Iterable[str]) -> list[str]:
     """Warnings for the ``keys`` that a layer above etcd (env, ``--set``) holds on some
-    daemon, as their processes' status entries say (``pinned``): an etcd edit of them
+    daemon, as their processes' status ``entries`` say (``pinned``): an etcd edit of them
     has no effect there, and ``set``, run elsewhere, cannot see that layer itself."""
     held: dict[tuple[str, str], list[str]] = {}
     wanted = set(keys)
-    for name, entry in read_status_entries(store, app).items():
+    for name, entry in entries.items():
         pinned = entry.get("pinned")
         if not isinstance(pinned, dict):
             continue
@@ -142,8 +143,7 @@ def _pinned_on_daemons(store: EtcdStore, app: str, keys: Iterable[str]) -> list[
                 held.setdefault((key, layer), []).append(name)
     return [
         f"{key} is held by the {layer} layer on the daemon of {len(names)} process(es) "
-        f"({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''}): the etcd "
-        "value has no effect there while that is set"
+        f"({some_names(names, 3)}): the etcd value has no effect there while that is set"
         for (key, layer), names in sorted(held.items())
     ]
 
@@ -222,16 +222,17 @@ def _write(
     guard_warnings: list[str] = []
     with ctx.store() as store:
         record = None
+        entries = read_status_entries(store, ctx.app)  # the daemons' processes, once
         if guard is not None:
             # The old values the daemon rejects (never in force): a revert deletes them.
             not_in_force = frozenset(p.key for p in dropped) | frozenset(
                 p.key for p in rejected_on_top(ctx.schema, ctx.precedence, layers, current.values)
             )
             guard_path, record, guard_warnings = record_for_set(
-                store, ctx.app, guard, diff, current.values, secrets, not_in_force & diff.keys()
+                entries, ctx.app, guard, diff, current.values, secrets, not_in_force & diff.keys()
             )
             texts[guard_path] = record.to_json()
-        pinned_warnings = _pinned_on_daemons(store, ctx.app, diff)
+        pinned_warnings = _pinned_on_daemons(entries, diff)
         checked = {meta_key(ctx.app): store.mod_revision(meta_key(ctx.app), revision)}
         try:
             written = store.commit(

@@ -54,7 +54,7 @@ import math
 import secrets
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -435,7 +435,7 @@ def read_records(store: EtcdStore, app: str) -> list[GuardRecord]:
 
 
 def record_for_set(
-    store: EtcdStore,
+    entries: Mapping[str, Mapping[str, Any]],
     app: str,
     spec: GuardSpec,
     diff: Mapping[str, tuple[Any, Any]],
@@ -444,12 +444,12 @@ def record_for_set(
     rejected: frozenset[str] = frozenset(),
 ) -> tuple[str, GuardRecord, list[str]]:
     """The etcd key and record that ``set --guard`` writes in its transaction, and the
-    warnings to print (``unreported_warning``). ``rejected``: the changed keys whose
-    value in etcd the daemon rejects (not in force).
+    warnings to print (``unreported_warning``), given the status ``entries`` read just
+    before (``read_status_entries``). ``rejected``: the changed keys whose value in etcd
+    the daemon rejects (not in force).
 
     Raises ``InvalidInput`` when the guard needs a baseline that no process reports.
     """
-    entries = read_status_entries(store, app)
     baselines = baselines_from(entries, app, spec.guard.baselines) if spec.guard.baselines else {}
     record = build_record(
         spec,
@@ -516,8 +516,8 @@ def waiting_hint(record: GuardRecord, entries: Sequence[Mapping[str, Any]]) -> s
             watched.append(entry)
     if heard:
         if silent:
-            return "waiting for the first report since the change from " + _some(silent)
-        return "waiting for the end of the window of " + _some(inside) if inside else ""
+            return "waiting for the first report since the change from " + some_names(silent)
+        return "waiting for the end of the window of " + some_names(inside) if inside else ""
     try:
         metrics = sorted(parse_guard(record.guard).metrics)
     except InvalidInput:
@@ -537,10 +537,10 @@ def waiting_hint(record: GuardRecord, entries: Sequence[Mapping[str, Any]]) -> s
     return f"no report yet of {', '.join(metrics)} from the {len(watched)} process(es) watched"
 
 
-def _some(names: list[str]) -> str:
-    """``a, b, c and 4 more``: the first ``_NAMES_SHOWN`` of ``names``, sorted."""
-    shown = ", ".join(escaped(n) for n in sorted(names)[:_NAMES_SHOWN])
-    return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
+def some_names(names: Collection[str], limit: int = _NAMES_SHOWN) -> str:
+    """``a, b, c and 4 more``: the first ``limit`` of ``names``, sorted."""
+    shown = ", ".join(escaped(n) for n in sorted(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def guards_table(

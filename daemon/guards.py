@@ -109,7 +109,7 @@ from .guard_records import (
 )
 from .logs import get_logger
 from .reports import Report, encode_value, mean_of
-from .status import remote_in_window, remote_unheard, remote_watching, status_name
+from .status import remote_open_windows, remote_watching, status_name
 
 Post = Callable[..., None]
 _ACKS_KEPT = 64
@@ -199,11 +199,10 @@ class GuardManager:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotknob-guards")
         self._active: dict[str, ArmedGuard] = {}
         self._resolving: set[str] = set()
-        self._acks: dict[str, deque[tuple[int, int]]] = {}
-        # The version each process acknowledged last, and the etcd revision whose
-        # configuration a version is now (later than the one it was built at once an
-        # etcd revision changed no value in force: the process runs that one's too).
-        self._versions: dict[str, int] = {}
+        # Each process's acknowledgements: (revision, step, version). ``revision_of`` gives
+        # the etcd revision whose configuration a version is now: later than the one it was
+        # built at once an etcd revision changed no value in force (``_unchanged_for``).
+        self._acks: dict[str, deque[tuple[int, int, int | None]]] = {}
         self._revision_of = revision_of
         # Connected, but what they applied is unknown here (acknowledged with a version of
         # a daemon before this one: a restart that did not keep its versions).
@@ -240,13 +239,11 @@ class GuardManager:
     def on_applied(
         self, client: str, revision: int | None, step: int, version: int | None = None
     ) -> None:
-        if version is not None:
-            self._versions[client] = version
         if revision is None:
             self._unknown.add(client)
             return
         self._unknown.discard(client)
-        self._acks.setdefault(client, deque(maxlen=_ACKS_KEPT)).append((revision, step))
+        self._acks.setdefault(client, deque(maxlen=_ACKS_KEPT)).append((revision, step, version))
         for active in self._active.values():
             if client not in active.started and revision >= active.revision:
                 start = self._applied_at(active, client)
@@ -263,7 +260,7 @@ class GuardManager:
         state of revision ≥ R after running one before R (acknowledged on this connection,
         or listed in the record: see the module's docstring); None if it never did."""
         ran_before = status_name(self.node, client) in active.before
-        for revision, step in self._acks.get(client, ()):
+        for revision, step, _ in self._acks.get(client, ()):
             if revision < active.revision:
                 ran_before = True
             elif ran_before:
@@ -278,7 +275,6 @@ class GuardManager:
         if self._stopped:
             return
         self._acks.pop(client, None)
-        self._versions.pop(client, None)
         self._unknown.discard(client)
         for guard_id, active in list(self._active.items()):
             start = active.started.pop(client, None)
@@ -477,15 +473,13 @@ class GuardManager:
             self._recheck(guard_id, active, REMOTE_CHECK_EVERY_S)
             return
         now = time.monotonic()
-        if active.awaited_here(self.node, self._report_wait, now)[
-            0
-        ]:  # one came back meanwhile (a reconnect)
+        awaited_here, unheard_here = active.awaited_here(self.node, self._report_wait, now)
+        if awaited_here:  # one came back meanwhile (a reconnect)
             self._maybe_passed(guard_id, active)
             return
         kvs, _ = result
         prefix = status_prefix(self.app)
-        waiting = remote_in_window(kvs, prefix, self.node, guard_id)
-        silent = remote_unheard(kvs, prefix, self.node, guard_id)
+        waiting, silent = remote_open_windows(kvs, prefix, self.node, guard_id)
         awaited, unheard = active.awaited_remote(silent, self._report_wait, now)
         if waiting or awaited:
             self._note_waiting(guard_id, active, sorted(waiting + awaited))
@@ -501,7 +495,7 @@ class GuardManager:
         if left:
             outcome["reason"] += "; " + active.departures_text(left)
             outcome["left"] = left
-        unheard = sorted(active.awaited_here(self.node, self._report_wait, now)[1] + unheard)
+        unheard = sorted(unheard_here + unheard)
         if unheard:
             outcome["reason"] += "; " + active.unheard_text(unheard, self._report_wait)
             outcome["unheard"] = unheard
@@ -529,8 +523,9 @@ class GuardManager:
         if any(status_name(self.node, c) in active.before for c in self._unknown):
             return True
         return any(
-            acks and acks[-1][0] < active.revision and not self._unchanged_for(c, active)
+            acks[-1][0] < active.revision and not self._unchanged_for(c, active)
             for c, acks in self._acks.items()
+            if acks
         )
 
     def _unchanged_for(self, client: str, active: ArmedGuard) -> bool:
@@ -539,8 +534,10 @@ class GuardManager:
         this daemon (its values were already in force, or a higher layer holds its keys),
         so no new state comes for it."""
         acks = self._acks.get(client)
-        version = self._versions.get(client)
-        if not acks or acks[-1][0] >= active.revision or version is None:
+        if not acks:
+            return False
+        revision, _, version = acks[-1]
+        if revision >= active.revision or version is None:
             return False
         now = self._revision_of(version)
         return now is not None and now >= active.revision

@@ -245,32 +245,23 @@ def _others(
         yield name, entry
 
 
-def remote_in_window(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
-    """The processes of other daemons (status entries under ``prefix``) that are still
-    inside the window of guard ``guard_id``, by name (``<node>/<client>``): as their own
-    daemon says in their entry (``GuardManager.windows_of``), watched (they reported what
-    the guard reads since the change reached them) and not done."""
-    waiting = []
+def remote_open_windows(
+    kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str
+) -> tuple[list[str], list[str]]:
+    """The processes of other daemons (status entries under ``prefix``) whose window of
+    guard ``guard_id`` is not done, as their own daemon says in their entry
+    (``GuardManager.windows_of``), by name (``<node>/<client>``): those that reported what
+    the guard reads since the change reached them (still inside their window), and those
+    that have not yet."""
+    inside: list[str] = []
+    unheard: list[str] = []
     for name, entry in _others(kvs, prefix, node):
         windows = entry.get("guards")
         window = windows.get(guard_id) if isinstance(windows, dict) else None
-        if not isinstance(window, dict):
-            continue  # not watched by this guard on its daemon
-        if window.get("reported") is True and window.get("done") is not True:
-            waiting.append(name)
-    return waiting
-
-
-def remote_unheard(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
-    """The processes of other daemons that applied the change guard ``guard_id`` watches
-    (their entry lists the guard) and have not reported what it reads since, by name."""
-    unheard = []
-    for name, entry in _others(kvs, prefix, node):
-        windows = entry.get("guards")
-        window = windows.get(guard_id) if isinstance(windows, dict) else None
-        if isinstance(window, dict) and True not in (window.get("reported"), window.get("done")):
-            unheard.append(name)
-    return unheard
+        if not isinstance(window, dict) or window.get("done") is True:
+            continue  # not watched by this guard on its daemon, or done
+        (inside if window.get("reported") is True else unheard).append(name)
+    return inside, unheard
 
 
 def remote_watching(
