@@ -28,6 +28,7 @@ from hotknob.config.sources import parse_assignment
 from .context import Context, read_all_layers, warn_dropped
 from .etcd_checks import rejected_on_top, validate_etcd_state
 from .etcd_store import ConflictError, EtcdStore
+from .etcd_types import History
 from .guard_records import (
     GuardSpec,
     add_guard_options,
@@ -57,7 +58,7 @@ def register(add: Add) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("history", cmd_history, "past values of KEY (or of every key) from etcd's revisions")
-    p.add_argument("key", nargs="?")
+    p.add_argument("key", nargs="?", help="a key, or a section: every key under it")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -326,13 +327,30 @@ def cmd_unset(args: argparse.Namespace) -> int:
     return _write(ctx, args, {}, list(args.keys), "deleted", sections=True)
 
 
+def _history(ctx: Context, store: EtcdStore, key: str | None, limit: int) -> History:
+    """The history of every key (``key`` None), or of ``key`` and, for a section, of every
+    key under it (``unset`` of a section deletes those): the key's own etcd path and the
+    paths below it, read apart so that a sibling sharing its text (``samplingx`` of
+    ``sampling``) is not taken in. No history for a key that is neither of the schema
+    (``is_known``, or a section) nor ever in etcd is a typo: ``InvalidInput``."""
+    if key is None:
+        return store.history(ctx.prefix, prefix=True, limit=limit)
+    target = etcd_key(ctx.app, key)
+    own = store.history(target, prefix=False, limit=limit)
+    below = store.history(target + "/", prefix=True, limit=limit)
+    entries = sorted([*own.entries, *below.entries], key=lambda e: (-e.revision, e.key))
+    a_section = any(k.startswith(key + ".") for k in leaf_map(ctx.schema))
+    if not entries and not is_known(ctx.schema, key) and not a_section:
+        raise InvalidInput(f"{key}: not a key of the schema, and etcd holds no history of it")
+    return History(entries[:limit], own.reached_compaction or below.reached_compaction)
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
     if args.limit <= 0:
         raise UsageError("--limit must be positive")
-    target = etcd_key(ctx.app, args.key) if args.key else ctx.prefix
     with ctx.store() as store:
-        result = store.history(target, prefix=args.key is None, limit=args.limit)
+        result = _history(ctx, store, args.key, args.limit)
         times = _write_times(store, ctx.app)
     secrets = secret_keys(ctx.schema)
     rows: list[dict[str, Any]] = []

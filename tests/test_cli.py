@@ -263,6 +263,35 @@ def test_history_and_compaction(etcd: EtcdServer) -> None:
     assert len(limited) == 1
 
 
+def test_history_of_a_section_and_of_a_typo(etcd: EtcdServer) -> None:
+    """A section's history holds its keys' (as ``unset`` of a section deletes them), and
+    the section's own key; a key that is neither in the schema nor ever in etcd is a typo,
+    not "no history"."""
+    assert hk(etcd, "set", "sampling.temperature=0.7", "sampling.top_p=0.9").returncode == 0
+    assert hk(etcd, "set", "sampling.top_k=40").returncode == 0
+    etcd.etcdctl("put", P + "sampling", '{"min_p": 0.1}')  # the section's own key
+    etcd.etcdctl("put", P + "samplingx/y", "1")  # shares the text, not the section
+    done = hk(etcd, "history", "sampling", "--json")
+    assert done.returncode == 0, done.stderr
+    keys = [e["key"] for e in json.loads(done.stdout)["entries"]]
+    assert keys == ["sampling", "sampling.top_k", "sampling.temperature", "sampling.top_p"]
+    limited = json.loads(hk(etcd, "history", "sampling", "--limit", "2", "--json").stdout)
+    assert [e["key"] for e in limited["entries"]] == ["sampling", "sampling.top_k"]
+    table = hk(etcd, "history", "sampling")
+    assert "sampling.top_k" in table.stdout and "40" in table.stdout
+    line = one_line_error(hk(etcd, "history", "sampling.temprature"), 1)
+    assert "sampling.temprature" in line and "not a key of the schema" in line
+    # A key no schema has now but etcd held once (an older schema's) has its history.
+    etcd.etcdctl("put", P + "retired/knob", "1")
+    etcd.etcdctl("del", P + "retired/knob")
+    done = hk(etcd, "history", "retired.knob", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [e["value"] for e in json.loads(done.stdout)["entries"]] == [None, "1"]
+    # A key of the schema never set is no mistake.
+    done = hk(etcd, "history", "train.warmup_steps")
+    assert done.returncode == 0 and "(no history)" in done.stdout, done.stderr
+
+
 def test_rollback_restores_in_one_revision(etcd: EtcdServer) -> None:
     hk(etcd, "set", "train.lr=0.1", "train.momentum=0.5")
     target = revision(etcd)
