@@ -7,7 +7,8 @@ problem's key, layer and reason); a live edit that a higher layer hides is a war
 without its value). Secret values are masked in all of them, and so, for a schema with
 secrets, are the values of keys that are not leaves of it nor under a leaf that holds a
 mapping; long values are cut.
-The daemon's counters hear of each through ``on_accepted`` / ``on_rejected``.
+The daemon's counters hear of each through ``on_accepted`` / ``on_rejected`` (the latter
+with the etcd revision and the reason: status entries say that a daemon rejected one).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Announcer:
         secrets: frozenset[str],
         broadcast: EventSink,
         on_accepted: Callable[[str, int], None],
-        on_rejected: Callable[[str], None],
+        on_rejected: Callable[[str, int, str], None],
     ) -> None:
         self.log = log
         self._secrets = secrets
@@ -134,7 +135,7 @@ class Announcer:
                 "time": time.time(),
             }
         )
-        self._on_rejected(layer)
+        self._on_rejected(layer, revision, str(exc))
 
     def ignored(self, revision: int, faults: Sequence[Problem]) -> None:
         """Etcd paths under the prefix that name no key (``train.lr``, ``train//lr``): each

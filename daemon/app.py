@@ -117,6 +117,7 @@ class Daemon:
             revision_of=self._revision_of,
             report_every=options.status_every,
             pinned=self._pinned,
+            revision_in_force=lambda: self.engine.revision if self.engine is not None else 0,
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
         # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every
@@ -196,7 +197,7 @@ class Daemon:
             publish=self._publish,
             broadcast=self._broadcast,
             on_accepted=self._count_accepted,
-            on_rejected=lambda layer: self.metrics.rejected.labels(layer).inc(),
+            on_rejected=self._on_rejected,
             on_unchanged=lambda revision: self._post(self._revision_unchanged, revision),
         )
         kvs, revision = await self._start_etcd()
@@ -540,6 +541,12 @@ class Daemon:
             return {}
         above = frozenset(engine.precedence[engine.precedence.index("etcd") + 1 :])
         return {key: layer for key, layer in snapshot.sources.items() if layer in above}
+
+    def _on_rejected(self, layer: str, revision: int, reason: str) -> None:
+        """From the engine, on the loop or the watch thread (a lone change)."""
+        self.metrics.rejected.labels(layer).inc()
+        if layer == "etcd" and revision:
+            self._post(self.feedback.on_etcd_rejected, revision, reason)
 
     def _revision_unchanged(self, revision: int) -> None:
         """On the loop: etcd's revision ``revision`` changed no value in force; the

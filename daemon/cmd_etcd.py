@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import math
 import socket
 import sys
 import time
@@ -39,6 +40,7 @@ from .guard_records import (
     spec_from_args,
 )
 from .table import dumps, fmt, render
+from .wait_applied import Applied, NotApplied, wait_applied
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -48,6 +50,7 @@ def register(add: Add) -> None:
     p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_wait_option(p)
     add_guard_options(p)  # --guard, --window, --patience, --guard-file (guard_records.py)
 
     p = add("unset", cmd_unset, "delete keys from etcd in one transaction")
@@ -56,6 +59,7 @@ def register(add: Add) -> None:
     )
     p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_wait_option(p)
 
     p = add("history", cmd_history, "past values of KEY (or of every key) from etcd's revisions")
     p.add_argument("key", nargs="?", help="a key, or a section: every key under it")
@@ -66,6 +70,27 @@ def register(add: Add) -> None:
     p.add_argument("--to-revision", type=int, required=True, metavar="REV")
     p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_wait_option(p)
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return seconds
+
+
+def _add_wait_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        type=_seconds,
+        metavar="SECONDS",
+        help="then wait until every process of the app runs the change (read from their "
+        "status); exit 1 if a daemon rejects it or one has not applied it in time",
+    )
 
 
 def _shown_diff(
@@ -245,6 +270,15 @@ def _write(
                 f"another write landed at revision {landed} after this one was checked "
                 f"(at revision {revision}); nothing was written: run it again"
             ) from None
+    if not args.json:
+        _print_diff(diff, False, f"{header} at revision {written}", secrets, existed, deleted)
+        if record is not None:
+            print(describe(record))
+    _warn_shadowed(snapshot, shadowed, secrets)
+    _warn_restart_only(ctx, diff)
+    for warning in [*pinned_warnings, *guard_warnings]:
+        print(f"hotknob: warning: {warning}", file=sys.stderr)
+    applied = _wait(ctx, written, args.wait, quiet=args.json) if args.wait else None
     if args.json:
         result: dict[str, Any] = {
             "revision": written,
@@ -253,16 +287,28 @@ def _write(
         }
         if record is not None:
             result["guard"] = record.id
+        if applied is not None:
+            result["wait"] = applied.as_dict()
         print(dumps(result))
-    else:
-        _print_diff(diff, False, f"{header} at revision {written}", secrets, existed, deleted)
-        if record is not None:
-            print(describe(record))
-    _warn_shadowed(snapshot, shadowed, secrets)
-    _warn_restart_only(ctx, diff)
-    for warning in [*pinned_warnings, *guard_warnings]:
-        print(f"hotknob: warning: {warning}", file=sys.stderr)
+    if applied is not None and not applied.ok:
+        raise NotApplied(applied.failure(args.wait))
     return 0
+
+
+def _wait(ctx: Context, written: int, timeout: float, *, quiet: bool) -> Applied:
+    """``--wait``: until every process runs revision ``written`` (``wait_applied``); says
+    how it went unless ``quiet`` (``--json`` has it in its object)."""
+    with ctx.store() as store:
+        applied = wait_applied(lambda: read_status_entries(store, ctx.app), written, timeout)
+    if not (applied.applied or applied.rejected or applied.behind):
+        print(
+            f"hotknob: warning: no process of app {ctx.app!r} is connected to a daemon "
+            "(no status entry): none has applied it",
+            file=sys.stderr,
+        )
+    elif applied.ok and not quiet:
+        print(applied.summary())
+    return applied
 
 
 def _deleted_keys(ctx: Context, in_etcd: Mapping[str, Any], keys: list[str]) -> list[str]:

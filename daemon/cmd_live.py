@@ -233,7 +233,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 fmt(e.get("step", "-")),
                 age,
                 fmt(e.get("pid", "-")),
-                _errors_text(e.get("errors")),
+                _errors_text(e),
                 _metrics_text(e, now),
             ]
         )
@@ -250,14 +250,20 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _errors_text(errors: Any) -> str:
-    """``errors`` of a status entry: a list of ``{"error": ...}`` objects, one line."""
-    if not errors:
-        return ""
+def _errors_text(entry: dict[str, Any]) -> str:
+    """A status entry's ``errors`` (a list of ``{"error": ...}`` objects: what the process's
+    callbacks raised) and the etcd revision its daemon rejected, if any, on one line."""
+    errors = entry.get("errors") or []
     items = errors if isinstance(errors, list) else [errors]
-    return "; ".join(
-        fmt(x["error"]) if isinstance(x, dict) and "error" in x else fmt(x) for x in items
-    )
+    texts = [fmt(x["error"]) if isinstance(x, dict) and "error" in x else fmt(x) for x in items]
+    rejected = entry.get("rejected")
+    if isinstance(rejected, dict) and "revision" in rejected:
+        texts.insert(
+            0,
+            f"its daemon rejected revision {fmt(rejected['revision'])}: "
+            f"{fmt(rejected.get('reason', ''))}",
+        )
+    return "; ".join(texts)
 
 
 def _metrics_text(entry: dict[str, Any], now: float) -> str:

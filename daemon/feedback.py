@@ -40,6 +40,7 @@ from .status import StatusPublisher
 from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
+_DAEMON_FIELDS = ("pinned", "rejected")  # what an entry says of its daemon (``_daemon_fields``)
 
 
 class ClientFeedback:
@@ -52,8 +53,11 @@ class ClientFeedback:
         revision_of: Callable[[int], int | None],
         report_every: float = REPORT_STATUS_EVERY_S,
         pinned: Callable[[], dict[str, str]] = dict,
+        revision_in_force: Callable[[], int] = lambda: 0,
     ) -> None:
         self.pinned = pinned
+        self.revision_in_force = revision_in_force
+        self._rejected: dict[str, Any] | None = None  # the newest etcd revision rejected
         self.node = node
         self.report_every = report_every
         self.metrics = metrics
@@ -128,18 +132,33 @@ class ClientFeedback:
         """An etcd revision changed no value in force: the entries of the processes that
         run the state in force say its revision now (``revision_of``), so that ``status``
         and other daemons' guards see the change reached them."""
-        if self.status is None:
-            return
         for name, entry in self.reports.stored_fields():
             version = entry.get("version")
             revision = self.revision_of(version) if isinstance(version, int) else None
-            if revision is None or entry.get("revision") == revision:
-                continue
-            fields = {**entry, "revision": revision}
-            self._status_due[name] = self._with_guards(
-                name, self.reports.status_entry(name, fields, replace=True)
-            )
-            self._status_soon()
+            if revision is not None and entry.get("revision") != revision:
+                self._republish(name, {**entry, "revision": revision})
+
+    def on_etcd_rejected(self, revision: int, reason: str) -> None:
+        """This daemon rejected etcd's ``revision``: its processes stay at an earlier one.
+        Their entries say so (``rejected``: the revision and the reason, until a later
+        revision is taken), so that ``status`` and ``set --wait``, run elsewhere, can tell
+        a change refused here from one not applied yet."""
+        if self._rejected is not None and self._rejected["revision"] >= revision:
+            return
+        self._rejected = {"revision": revision, "reason": _cut(reason)}
+        for name, entry in self.reports.stored_fields():
+            self._republish(name, entry)
+
+    def _republish(self, name: str, fields: dict[str, Any]) -> None:
+        """Publish ``name``'s stored ``fields``, changed, as its new stored fields."""
+        if self.status is None:
+            return
+        fields = {k: v for k, v in fields.items() if k not in _DAEMON_FIELDS}
+        fields.update(self._daemon_fields())
+        self._status_due[name] = self._with_guards(
+            name, self.reports.status_entry(name, fields, replace=True)
+        )
+        self._status_soon()
 
     def on_disconnect(self, client: ClientInfo) -> None:
         self._status_due.pop(client.name, None)
@@ -169,10 +188,25 @@ class ClientFeedback:
     def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
         entry: dict[str, Any] = {"client": client.name, "pid": client.pid, "node": self.node}
         entry.update({k: v for k, v in client.extra.items() if k in ("rank", "world_size")})
+        return {**entry, **self._daemon_fields()}
+
+    def _daemon_fields(self) -> dict[str, Any]:
+        """What an entry says of its daemon: the keys env or ``--set`` hold on it (``set``
+        warns of editing them), and the etcd revision it rejected, if none taken since."""
+        fields: dict[str, Any] = {}
         pinned = self.pinned()
-        if pinned:  # keys env or --set hold on this daemon: ``set`` warns of editing them
-            entry["pinned"] = pinned
-        return entry
+        if pinned:
+            fields["pinned"] = pinned
+        rejected = self._rejection()
+        if rejected:
+            fields["rejected"] = rejected
+        return fields
+
+    def _rejection(self) -> dict[str, Any] | None:
+        rejected = self._rejected
+        if rejected is not None and self.revision_in_force() >= rejected["revision"]:
+            self._rejected = rejected = None  # a later revision was taken
+        return rejected
 
     def _flush_status(self) -> None:
         due, self._status_due = self._status_due, {}
@@ -209,6 +243,10 @@ class ClientFeedback:
         throttle = self._report_soon.pop(name, None)
         if throttle is not None:
             throttle.cancel()
+
+
+def _cut(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _shape(entry: dict[str, Any]) -> tuple[Any, frozenset[str]]:

@@ -1,0 +1,142 @@
+"""``set --wait``: wait until the app's processes run a revision, read from their status.
+
+Each daemon publishes one status entry per connected process (``status.py``): the etcd
+revision whose configuration the process applied (``revision``) and, when the daemon
+rejected a later etcd revision, that one and why (``rejected``). A written change has
+reached a process once its entry's revision is the written one or later (a later
+revision holds it, or a revert of it: either way the process runs what etcd says
+now); a process whose daemon rejected it will not run it, however long one waits.
+The entries are read again every ``POLL_S`` until every process has one or the other,
+or the time is up. A process that appears meanwhile is waited for too (it connected
+and runs the newest state); one whose entry vanishes (it left, or its daemon did) is
+no longer waited for, and is named.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+from hotknob.config.errors import HotknobError
+
+from .guard_records import some_names
+
+POLL_S = 0.25
+
+Entries = Mapping[str, Mapping[str, Any]]
+
+
+class NotApplied(HotknobError):
+    """The change was written, but not every process took it in time (exit 1)."""
+
+    exit_code = 1
+
+
+@dataclass
+class Applied:
+    """Where the processes stand with revision ``revision``, by ``<node>/<client>`` name."""
+
+    revision: int
+    applied: dict[str, Any] = field(default_factory=dict)  # name -> the step it applied at
+    rejected: dict[str, str] = field(default_factory=dict)  # name -> its daemon's reason
+    behind: dict[str, Any] = field(default_factory=dict)  # name -> the revision it runs
+    left: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to wait for: every process applied it, or its daemon rejected it."""
+        return not self.behind
+
+    @property
+    def ok(self) -> bool:
+        """Every process applied it."""
+        return not self.behind and not self.rejected
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "applied": sorted(self.applied),
+            "rejected": dict(sorted(self.rejected.items())),
+            "behind": sorted(self.behind),
+            "left": sorted(self.left),
+            "seconds": round(self.seconds, 3),
+        }
+
+    def summary(self) -> str:
+        """One line: how many took it, in how long, and who left meanwhile."""
+        count = len(self.applied)
+        took = "the only process" if count == 1 else f"all {count} processes"
+        if self.rejected or self.behind:
+            took = f"{count} of {count + len(self.rejected) + len(self.behind)} processes"
+        text = f"applied by {took} within {self.seconds:.1f} s"
+        if self.left:
+            text += f" ({some_names(self.left)} left meanwhile)"
+        return text
+
+    def failure(self, timeout: float) -> str:
+        """Why the wait failed, in one line (the change stays written)."""
+        total = len(self.applied) + len(self.rejected) + len(self.behind)
+        parts = []
+        if self.rejected:
+            reason = min(self.rejected.items())[1]
+            parts.append(
+                f"rejected by the daemon of {len(self.rejected)} of {total} processes "
+                f"({some_names(self.rejected)}): {reason}"
+            )
+        if self.behind:
+            shown = some_names([f"{n} (at revision {r})" for n, r in self.behind.items()])
+            parts.append(
+                f"not applied within {timeout:g} s by {len(self.behind)} of {total} "
+                f"processes: {shown}"
+            )
+        return f"revision {self.revision} is written, but " + "; ".join(parts)
+
+
+def classify(entries: Entries, revision: int, into: Applied) -> None:
+    """Sort the processes of ``entries`` by where they stand with ``revision``."""
+    into.applied, into.rejected, into.behind = {}, {}, {}
+    for name, entry in entries.items():
+        runs = entry.get("revision")
+        rejected = entry.get("rejected")
+        if _is_int(runs) and runs >= revision:
+            into.applied[name] = entry.get("step")
+        elif (
+            isinstance(rejected, Mapping)
+            and _is_int(rejected.get("revision"))
+            and rejected["revision"] >= revision
+        ):
+            into.rejected[name] = str(rejected.get("reason", "no reason given"))
+        else:
+            into.behind[name] = runs if _is_int(runs) else "-"
+
+
+def wait_applied(
+    read: Callable[[], Entries],
+    revision: int,
+    timeout: float,
+    *,
+    poll: float = POLL_S,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Applied:
+    """Read the entries (``read``) until every process runs ``revision`` or later, or its
+    daemon rejected it, or ``timeout`` seconds are up: where they stand then."""
+    start = clock()
+    result = Applied(revision)
+    seen: set[str] = set()
+    while True:
+        entries = read()
+        gone = seen - entries.keys()
+        result.left = sorted({*result.left, *gone} - entries.keys())  # unless back since
+        seen |= entries.keys()
+        classify(entries, revision, result)
+        result.seconds = clock() - start
+        if result.done or result.seconds >= timeout:
+            return result
+        sleep(min(poll, max(0.0, timeout - result.seconds)))
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,224 @@
+"""``set --wait``: until every process runs the change, from the daemons' status entries.
+
+Real etcd, real daemons and clients speaking the protocol; ``wait_applied`` itself is
+also checked on entries given by hand (it reads them through a function).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, Field
+
+from hotknob.config.schema import SamplingSchema, TrainParams
+from hotknob.daemon.wait_applied import wait_applied
+from tests.daemon_proc import DaemonProcess, RawClient, run_cli
+from tests.etcd_server import EtcdServer
+
+pytestmark = pytest.mark.timeout(120)
+
+APP = "wait"
+
+
+class StrictSampling(SamplingSchema):
+    temperature: float = Field(1.0, ge=0, le=1.2)
+
+
+class Strict(BaseModel):
+    """A stricter schema on one node (a rolling upgrade, say): ``temperature <= 1.2``."""
+
+    train: TrainParams = Field(default_factory=TrainParams)
+    sampling: StrictSampling = Field(default_factory=StrictSampling)
+
+
+def hk(etcd: EtcdServer, *args: str) -> Any:
+    return run_cli(*args, "--app", APP, "--etcd-endpoints", etcd.endpoint)
+
+
+class Acking:
+    """A client that acknowledges each update it gets (as ``LiveConfig.apply`` would),
+    until ``paused``."""
+
+    def __init__(self, daemon: DaemonProcess, name: str):
+        self.client = RawClient(daemon.socket_path, name)
+        self.paused = threading.Event()
+        self._stop = threading.Event()
+        self.step = 0
+        self._ack(self.client.snapshot)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _ack(self, message: dict[str, Any]) -> None:
+        self.step += 1
+        self.client.send({"type": "applied", "version": message["version"], "step": self.step})
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self.client.next(timeout=0.2)
+            except TimeoutError:
+                continue
+            except (EOFError, OSError):
+                return
+            if message["type"] == "update" and not self.paused.is_set():
+                self._ack(message)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()
+
+
+@pytest.fixture
+def two_nodes(etcd: EtcdServer, tmp_path: Path) -> Iterator[tuple[Acking, Acking]]:
+    """n1 with the built-in schema, n2 with ``Strict``; one acking client on each."""
+    with (
+        DaemonProcess(
+            tmp_path / "n1", app=APP, endpoints=etcd.endpoint, extra=["--node", "n1"]
+        ) as d1,
+        DaemonProcess(
+            tmp_path / "n2",
+            app=APP,
+            endpoints=etcd.endpoint,
+            extra=["--node", "n2", "--schema", "tests.test_set_wait:Strict"],
+        ) as d2,
+    ):
+        clients = Acking(d1, "p1"), Acking(d2, "p2")
+        try:
+            deadline = time.monotonic() + 20
+            while len(_entries(etcd)) < 2:
+                assert time.monotonic() < deadline, _entries(etcd)
+                time.sleep(0.1)
+            yield clients
+        finally:
+            for client in clients:
+                client.close()
+
+
+def _entries(etcd: EtcdServer) -> dict[str, dict[str, Any]]:
+    done = etcd.etcdctl("get", f"/hotknob/{APP}/status/", "--prefix", "-w", "json")
+    prefix = f"/hotknob/{APP}/status/"
+    entries = {}
+    for kv in json.loads(done.stdout).get("kvs", []):
+        name = base64.b64decode(kv["key"]).decode()[len(prefix) :]
+        entries[name] = json.loads(base64.b64decode(kv["value"]))
+    return entries
+
+
+def test_set_wait_returns_once_every_process_applied(
+    etcd: EtcdServer, two_nodes: tuple[Acking, Acking]
+) -> None:
+    done = hk(etcd, "set", "sampling.temperature=1.1", "--wait", "30")
+    assert done.returncode == 0, done.stderr
+    assert "applied by all 2 processes within" in done.stdout
+    written = int(done.stdout.split("wrote at revision ")[1].split()[0])
+    entries = _entries(etcd)
+    assert all(e["revision"] >= written for e in entries.values()), entries
+
+
+def test_set_wait_fails_on_a_daemon_that_rejects_it_and_status_says_why(
+    etcd: EtcdServer, two_nodes: tuple[Acking, Acking]
+) -> None:
+    done = hk(etcd, "set", "sampling.temperature=1.5", "--wait", "60", "--json")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    (line,) = done.stderr.strip().splitlines()
+    assert "is written, but rejected by the daemon of 1 of 2 processes (n2/p2)" in line
+    assert "sampling.temperature (from etcd): Input should be less than or equal to 1.2" in line
+    result = json.loads(done.stdout)
+    wait = result["wait"]
+    assert wait["applied"] == ["n1/p1"] and list(wait["rejected"]) == ["n2/p2"]
+    assert wait["behind"] == [] and wait["seconds"] < 60  # it did not wait out the time
+    status = hk(etcd, "status")
+    assert f"its daemon rejected revision {result['revision']}: sampling.temperature" in (
+        status.stdout
+    )
+    # A change that n2 takes clears it.
+    done = hk(etcd, "set", "sampling.temperature=0.5", "--wait", "30")
+    assert done.returncode == 0, done.stderr
+    assert "rejected" not in _entries(etcd)["n2/p2"]
+    assert "rejected" not in hk(etcd, "status").stdout
+
+
+def test_set_wait_names_a_process_that_has_not_applied_it_in_time(
+    etcd: EtcdServer, two_nodes: tuple[Acking, Acking]
+) -> None:
+    first, _ = two_nodes
+    before = _entries(etcd)["n1/p1"]["revision"]
+    first.paused.set()  # a rank stuck in a long step
+    done = hk(etcd, "set", "train.lr=0.02", "--wait", "1")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    (line,) = done.stderr.strip().splitlines()
+    assert f"not applied within 1 s by 1 of 2 processes: n1/p1 (at revision {before})" in line, line
+    assert "wrote at revision" in done.stdout  # the change stays written
+    first.paused.clear()
+    # unset and rollback take it too; the next change reaches the paused one as well.
+    done = hk(etcd, "unset", "train.lr", "--wait", "30")
+    assert done.returncode == 0 and "applied by all 2 processes" in done.stdout, done.stderr
+
+
+def test_set_wait_with_no_process_and_a_bad_wait(etcd: EtcdServer) -> None:
+    done = hk(etcd, "set", "train.lr=0.02", "--wait", "5")
+    assert done.returncode == 0, done.stderr
+    assert "no process of app 'wait' is connected to a daemon" in done.stderr
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        done = hk(etcd, "set", "train.lr=0.03", "--wait", bad)
+        assert done.returncode == 2 and "not a positive number of seconds" in done.stderr
+    assert "0.03" not in hk(etcd, "get", "train.lr").stdout
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def test_wait_applied_follows_processes_that_come_and_go() -> None:
+    """Entries read in turn: p2 catches up, p3 leaves, p4 appears at the revision."""
+    reads = iter(
+        [
+            {"n/p1": {"revision": 10}, "n/p2": {"revision": 9}, "n/p3": {"revision": 9}},
+            {"n/p1": {"revision": 10}, "n/p2": {"revision": 9}},
+            {"n/p1": {"revision": 12}, "n/p2": {"revision": 10}, "n/p4": {"revision": 11}},
+        ]
+    )
+    now = [0.0]
+    result = wait_applied(
+        lambda: next(reads),
+        10,
+        30,
+        clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+    )
+    assert result.ok and sorted(result.applied) == ["n/p1", "n/p2", "n/p4"]
+    assert result.left == ["n/p3"] and result.seconds == pytest.approx(0.5)
+    assert result.summary() == "applied by all 3 processes within 0.5 s (n/p3 left meanwhile)"
+
+
+def test_wait_applied_stops_at_its_time_and_tells_rejected_from_behind() -> None:
+    entries = {
+        "n/p1": {"revision": 7, "step": 3},
+        "n/p2": {"revision": 5, "rejected": {"revision": 7, "reason": "too hot"}},
+        "n/p3": {"revision": 5, "rejected": {"revision": 6, "reason": "an older one"}},
+        "n/p4": {"step": 0},  # no revision yet
+    }
+    clock = FakeClock()
+    result = wait_applied(lambda: entries, 7, 2, clock=clock.now, sleep=clock.sleep)
+    assert not result.ok and not result.done and result.seconds == pytest.approx(2.0)
+    assert result.applied == {"n/p1": 3} and result.rejected == {"n/p2": "too hot"}
+    assert result.behind == {"n/p3": 5, "n/p4": "-"}
+    assert result.failure(2) == (
+        "revision 7 is written, but rejected by the daemon of 1 of 4 processes (n/p2): too hot; "
+        "not applied within 2 s by 2 of 4 processes: n/p3 (at revision 5), n/p4 (at revision -)"
+    )
