@@ -3,8 +3,10 @@
 It needs nothing but the ``hotknob`` command line: ``hotknob status --json``
 shows what every process reported with ``live.report`` (the mean of its last
 32 values of each metric), ``hotknob get train.lr`` the rate in force, and
-``hotknob set train.lr=...`` changes it; the run applies it at its next step,
-without a restart. Run it beside a training run::
+``hotknob set train.lr=... --wait`` changes it and waits until every process runs
+it (the run applies it at its next step, without a restart; a daemon that rejects
+it, or a process that does not apply it within ``--apply-timeout``, stops the tuner).
+Run it beside a training run::
 
     hotknob run --app demo --config examples/config.yaml --etcd-endpoints 127.0.0.1:2379 \\
         --status-every 1 &
@@ -58,6 +60,12 @@ def reported_loss(common: list[str], metric: str) -> tuple[float, int] | None:
     return sum(values) / len(values), max(steps)
 
 
+def _furthest_step(common: list[str]) -> int:
+    """The furthest step at which a process applied the configuration it runs."""
+    steps = [p.get("step") for p in hotknob(common, "status")["processes"]]
+    return max((s for s in steps if isinstance(s, int)), default=-1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--app", default=None, help="daemon app name (or HOTKNOB_APP)")
@@ -75,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         "--guard", default=None, help="guard each change, e.g. 'loss < 2 * baseline'"
     )
     parser.add_argument("--window", type=int, default=200, help="steps, with --guard")
+    parser.add_argument(
+        "--apply-timeout",
+        type=float,
+        default=60.0,
+        help="seconds for every process to apply a change (set --wait), else stop",
+    )
     args = parser.parse_args(argv)
 
     common: list[str] = []  # for status, get and set
@@ -95,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{time.monotonic() - started:5.1f}s  waiting for {args.metric} reports")
             continue
         value, step = seen
-        if step == last_step:
-            continue  # nothing new since the last look
+        if step <= last_step:
+            continue  # nothing new since the last look (or since the last change applied)
         last_step = step
         if value < best * (1 - args.min_improvement):
             best, stale = value, 0
@@ -115,14 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.lr {lr:g} is at the floor ({args.min_lr:g}): done", flush=True)
             break
         guard = ["--guard", args.guard, "--window", str(args.window)] if args.guard else []
-        written = hotknob(layers, "set", f"train.lr={new_lr:.6g}", *guard)
+        wait = ["--wait", f"{args.apply_timeout:g}"]
+        written = hotknob(layers, "set", f"train.lr={new_lr:.6g}", *guard, *wait)
         changes += 1
+        applied = written["wait"]
         print(
             f"{time.monotonic() - started:5.1f}s  plateau: train.lr {lr:g} -> {new_lr:.6g} "
-            f"(etcd revision {written['revision']})",
+            f"(etcd revision {written['revision']}, applied by {len(applied['applied'])} "
+            f"process(es) within {applied['seconds']:.1f}s)",
             flush=True,
         )
-        best, stale = value, 0
+        # Judged afresh from the processes' first reports at the new rate.
+        best, stale, last_step = float("inf"), 0, max(step, _furthest_step(common))
     return 0
 
 
