@@ -24,6 +24,13 @@ def status_prefix(app: str) -> str:
     return f"{ROOT}/{app}/status/"
 
 
+def meta_key(app: str) -> str:
+    """Written in the same transaction as every change made with hotknob (``set``, a guard's
+    revert): who and when. It lies outside the config prefix, so daemons never see it;
+    ``history`` reads it back by revision, since etcd itself keeps no timestamps."""
+    return f"{ROOT}/{app}/meta/last-write"
+
+
 def etcd_key(app: str, key: str) -> str:
     return config_prefix(app) + key.replace(".", "/")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
 from hotknob.config.errors import HotknobError, InvalidInput
-from hotknob.config.keys import ROOT, etcd_key, key_from_etcd, key_path_fault, to_text
+from hotknob.config.keys import etcd_key, key_from_etcd, key_path_fault, meta_key, to_text
 from hotknob.config.merge import Snapshot, changed_keys, is_known, merge_dropping_invalid
 from hotknob.config.nesting import value_at
 from hotknob.config.schema import leaf_map, restart_only_keys
@@ -473,15 +473,6 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 _ABSENT = object()
-
-
-def meta_key(app: str) -> str:
-    """Written in the same transaction as every change made with hotknob: who and when.
-
-    It lies outside the config prefix, so daemons never see it; ``history``
-    reads it back by revision, since etcd itself keeps no timestamps.
-    """
-    return f"{ROOT}/{app}/meta/last-write"
 
 
 def _write_times(store: EtcdStore, app: str) -> dict[int, dict[str, Any]]:

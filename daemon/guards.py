@@ -41,20 +41,9 @@ records and, for its own processes:
   daemon and, as the status entries show, on every other one, ends *abandoned*:
   the change stays, and the outcome says who left when.
 
-A revert is ONE etcd transaction: the previous values of exactly the changed
-keys (deleting the ones the change created), the record marked ``reverted``
-with the evidence, and the who/when annotation. It compares the mod revision
-of the record and of each changed key with R, so it lands only if nobody has
-changed those keys since (else the guard is marked ``superseded``) and only
-once across daemons. Before it is written, the etcd layer in force with the
-old values restored is merged and validated as ``set`` does it (``revert_plan``):
-an old value the record marks ``rejected`` (the daemon rejected it when the change
-was made: it was never in force) is deleted instead, so that what was in force
-comes back; if the daemon would reject that state (a rule across fields that a
-later edit now relies on), nothing is restored and the guard ends ``blocked``,
-with the reason. No other value is ever written. Then ``change_reverted`` is logged and
-sent to ``watch`` clients; the config watcher delivers the restored values
-like any other change.
+A guard's ending (and a revert's old values) is ONE etcd transaction that lands only if
+nobody changed the guarded keys since, once across daemons, and a revert only if the
+daemon would take it: ``guard_ending.py``.
 
 Guards survive a restart: an armed record read at start is armed again (its
 mod revision is R, since armed records are never rewritten); the processes it
@@ -72,40 +61,29 @@ thread like the config watcher.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol, TypeGuard
+from typing import Any, TypeGuard
 
-from pydantic import BaseModel
-
-from hotknob.config import HotknobError, InvalidChange, Layer
-from hotknob.config.keys import etcd_key, status_prefix, to_text
-from hotknob.config.secrecy import secret_keys
+from hotknob.config import HotknobError
+from hotknob.config.keys import status_prefix
 
 from .announce import EventSink
 from .armed_guard import REMOTE_CHECK_EVERY_S, ArmedGuard
-from .etcd_checks import revert_plan
-from .etcd_store import ConflictError, EtcdChange, EtcdOptions, EtcdStore
+from .etcd_store import EtcdChange, EtcdOptions, EtcdStore
 from .etcd_watcher import EtcdWatcher
+from .guard_ending import ConfigInForce, GuardEnding
 from .guard_lang import GuardSyntaxError, MissingValue, parse_guard
 from .guard_records import (
     ABANDONED,
     ARMED,
-    BLOCKED,
     PASSED,
-    REVERTED,
-    SUPERSEDED,
     GuardRecord,
-    KeyChange,
     guard_key,
     guards_prefix,
-    hidden_keys,
-    masked_if,
 )
 from .logs import get_logger
 from .reports import Report, encode_value, mean_of
@@ -120,7 +98,6 @@ every 0.5 s (``REMOTE_CHECK_EVERY_S``), then, while they are not done, twice as 
 each read, up to 4 s: with a hundred daemons that wait on a slow one, etcd serves a few
 reads a second, not hundreds."""
 _WAITING_NAMED = 20
-_OUTCOME_LOGGED_APART = frozenset({"revision", "time", "node"})
 
 ABANDON_AFTER_S = 30.0
 """How long a guard may have no process that could judge it before it ends ``abandoned``:
@@ -140,25 +117,6 @@ def _seconds_from_env(name: str, default: float) -> float:
     except ValueError:
         return default
     return value if value >= 0 and value < float("inf") else default
-
-
-class ConfigInForce(Protocol):
-    """What a revert is validated against: the daemon's engine (schema, precedence, layers)."""
-
-    @property
-    def schema(self) -> type[BaseModel]: ...
-
-    @property
-    def precedence(self) -> tuple[str, ...]: ...
-
-    @property
-    def layers(self) -> Mapping[str, Layer]: ...
-
-
-def _meta_key(app: str) -> str:
-    from .cmd_etcd import meta_key
-
-    return meta_key(app)
 
 
 def _jsonable(values: Mapping[str, float]) -> dict[str, float | str]:
@@ -186,8 +144,6 @@ class GuardManager:
         self.app = app
         self.node = node
         self._post = post
-        self._config = config
-        self._broadcast = broadcast
         self._store = EtcdStore(options)
         self._watcher = EtcdWatcher(
             options,
@@ -211,6 +167,19 @@ class GuardManager:
         self._abandon_after = _seconds_from_env("HOTKNOB_GUARD_ABANDON_AFTER_S", ABANDON_AFTER_S)
         self._report_wait = _seconds_from_env("HOTKNOB_GUARD_REPORT_WAIT_S", REPORT_WAIT_S)
         self.log = get_logger("hotknob.guards", app=app, node=node)
+        self._ending = GuardEnding(
+            app=app,
+            node=node,
+            log=self.log,
+            broadcast=broadcast,
+            commit=lambda puts, deletes, expect: self._worker.submit(
+                self._store.commit, puts, deletes, expect_mod_revisions=expect
+            ),
+            then=self._then,
+            ended=lambda guard_id: self._active.pop(guard_id, None),
+            stopped=lambda: self._stopped,
+            config=config,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -363,7 +332,7 @@ class GuardManager:
             name, value = sorted(bad.items())[0]
             evidence = [{"client": client, "step": report.step, "values": _jsonable(values)}]
             reason = f"{client} reported {name}={encode_value(value)} at step {report.step}"
-            self._revert(guard_id, active, reason, evidence)
+            self._ending.revert(guard_id, active, reason, evidence)
             return
         baselines = self._baselines(active.record, client)
         try:
@@ -391,7 +360,7 @@ class GuardManager:
                     f"{guard.text!r} failed on {count} reports in a row from {client} "
                     f"(steps {first}..{report.step})"
                 )
-                self._revert(guard_id, active, reason, failures[-active.record.patience :])
+                self._ending.revert(guard_id, active, reason, failures[-active.record.patience :])
                 return
         elif holds is True:
             failures.clear()
@@ -499,7 +468,7 @@ class GuardManager:
         if unheard:
             outcome["reason"] += "; " + active.unheard_text(unheard, self._report_wait)
             outcome["unheard"] = unheard
-        self._finish(guard_id, active, PASSED, outcome)
+        self._ending.finish(guard_id, active, PASSED, outcome)
 
     def _note_waiting(self, guard_id: str, active: ArmedGuard, waiting: list[str]) -> None:
         """Log whom the guard waits for, when that changes (the first 20 names, and a count:
@@ -611,7 +580,7 @@ class GuardManager:
                 f"within {self._abandon_after:g} s"
             )
         outcome: dict[str, Any] = {"reason": reason + "; the change stays", "left": left}
-        self._finish(guard_id, active, ABANDONED, outcome)
+        self._ending.finish(guard_id, active, ABANDONED, outcome)
 
     # --- records (from the guard watch, on the loop) ------------------------------------------
 
@@ -721,174 +690,6 @@ class GuardManager:
                 "guard_removed",
                 guard=guard_id,
                 reason="its record was deleted from etcd: no longer watched, nothing reverted",
-            )
-
-    # --- ending a guard (etcd calls on the worker) ----------------------------------------------
-
-    def _revert(
-        self, guard_id: str, active: ArmedGuard, reason: str, evidence: list[dict[str, Any]]
-    ) -> None:
-        record = active.record
-        outcome: dict[str, Any] = {"reason": reason, "evidence": evidence}
-        try:
-            restore, delete = self._plan_revert(record.keys)
-        except InvalidChange as exc:
-            why = "; ".join(str(p) for p in exc.problems)
-            outcome["reason"] = f"{reason}; not reverted, the daemon would reject it: {why}"
-            outcome["rejected"] = [str(p) for p in exc.problems]
-            self._finish(guard_id, active, BLOCKED, outcome)
-            return
-        except (TypeError, ValueError) as exc:  # an old value JSON cannot carry: as recorded
-            self.log.warning("guard_revert_unchecked", guard=guard_id, error=str(exc))
-            restore = {k: c.old for k, c in record.keys.items() if c.existed and not c.rejected}
-            delete = [k for k in record.keys if k not in restore]
-        # What was put back, as the record and the log show it: a secret's value is masked
-        # (the record's ``keys`` keep the real one).
-        hidden = self._hidden(record)
-        outcome["restored"] = {
-            k: masked_if(restore.get(k), k in hidden) for k in sorted(record.keys)
-        }
-        puts = {etcd_key(self.app, k): to_text(v) for k, v in restore.items()}
-        deletes = [etcd_key(self.app, k) for k in delete]
-        puts[_meta_key(self.app)] = json.dumps(
-            {
-                "time": time.time(),
-                "by": f"hotknob-guard@{self.node}",
-                "what": f"guard {guard_id} reverted",
-            }
-        )
-        self._finish(guard_id, active, REVERTED, outcome, puts, deletes)
-
-    def _hidden(self, record: GuardRecord) -> set[str]:
-        """The keys of ``record`` whose values are never shown: marked secret in it, or
-        hidden by the schema in force."""
-        config = self._config() if self._config is not None else None
-        return hidden_keys(
-            record, secret_keys(config.schema) if config is not None else frozenset()
-        )
-
-    def _plan_revert(self, keys: Mapping[str, KeyChange]) -> tuple[dict[str, Any], list[str]]:
-        """The old values to put back and the keys to delete (dotted: those the change
-        created, and those whose old value the daemon had rejected), checked against the
-        configuration in force (``revert_plan``); unchecked without one."""
-        old = {k: c.old for k, c in keys.items() if c.existed}
-        rejected = {k for k, c in keys.items() if c.rejected}
-        config = self._config() if self._config is not None else None
-        if config is None or "etcd" not in config.layers:
-            restore = {k: v for k, v in old.items() if k not in rejected}
-            return restore, [k for k in keys if k not in restore]
-        layers = list(dict(config.layers).values())
-        return revert_plan(
-            config.schema, tuple(config.precedence), layers, list(keys), old, rejected
-        )
-
-    def _finish(
-        self,
-        guard_id: str,
-        active: ArmedGuard,
-        state: str,
-        outcome: dict[str, Any],
-        puts: dict[str, str] | None = None,
-        deletes: list[str] | None = None,
-    ) -> None:
-        """Write the ending (and for a revert, the restored values) in one transaction; not
-        once the daemon is stopping."""
-        if self._stopped:
-            return
-        active.busy = True
-        record = active.record
-        ended = dataclasses.replace(
-            record,
-            state=state,
-            outcome={
-                **outcome,
-                "time": time.time(),
-                "node": self.node,
-                "revision": active.revision,
-            },
-        )
-        writes = {**(puts or {}), guard_key(self.app, guard_id): ended.to_json()}
-        expect = {guard_key(self.app, guard_id): active.revision}
-        if state != SUPERSEDED:
-            expect.update({etcd_key(self.app, k): active.revision for k in record.keys})
-        future = self._worker.submit(
-            self._store.commit, writes, deletes or [], expect_mod_revisions=expect
-        )
-        self._then(future, self._finished, guard_id, active, ended)
-
-    def _finished(
-        self, guard_id: str, active: ArmedGuard, ended: GuardRecord, result: int | BaseException
-    ) -> None:
-        record = active.record
-        if isinstance(result, ConflictError):
-            if guard_key(self.app, guard_id) in result.current:
-                self._active.pop(guard_id, None)  # another daemon ended it; the watch says how
-                return
-            outcome = {"reason": "the guarded keys were changed since", "changed": result.current}
-            self._finish(guard_id, active, SUPERSEDED, outcome)
-            return
-        if isinstance(result, BaseException):
-            active.busy = False  # the next report tries again
-            self.log.warning(
-                "guard_write_failed", guard=guard_id, state=ended.state, error=str(result)
-            )
-            return
-        self._active.pop(guard_id, None)
-        outcome = ended.outcome or {}
-        if ended.state == REVERTED:
-            hidden = self._hidden(record)
-            recorded: Any = outcome.get("restored")
-            put_back: dict[str, Any] = recorded or {
-                k: c.old if c.existed else None for k, c in record.keys.items()
-            }
-            restored = {k: masked_if(v, k in hidden) for k, v in put_back.items()}
-            replaced = {k: masked_if(c.new, k in hidden) for k, c in record.keys.items()}
-            self.log.warning(
-                "change_reverted",
-                guard=guard_id,
-                key=",".join(sorted(record.keys)),
-                restored=restored,
-                replaced=replaced,
-                reason=outcome.get("reason"),
-                evidence=outcome.get("evidence"),
-                guarded_revision=active.revision,
-                revision=result,
-            )
-            self._broadcast(
-                {
-                    "type": "event",
-                    "event": "change_reverted",
-                    "guard": guard_id,
-                    "restored": restored,
-                    "replaced": replaced,
-                    "reason": outcome.get("reason"),
-                    "evidence": outcome.get("evidence"),
-                    "guarded_revision": active.revision,
-                    "revision": result,
-                    "time": time.time(),
-                }
-            )
-        else:
-            fields = {k: v for k, v in outcome.items() if k not in _OUTCOME_LOGGED_APART}
-            log = self.log.warning if ended.state in (BLOCKED, ABANDONED) else self.log.info
-            log(
-                "guard_" + ended.state,
-                guard=guard_id,
-                key=",".join(sorted(record.keys)),
-                guarded_revision=active.revision,
-                revision=result,
-                **fields,
-            )
-            self._broadcast(
-                {
-                    "type": "event",
-                    "event": "guard_" + ended.state,
-                    "guard": guard_id,
-                    "reason": outcome.get("reason"),
-                    "guarded_revision": active.revision,
-                    "revision": result,
-                    "time": time.time(),
-                }
             )
 
     def _mod_revision(self, key: str) -> int:
