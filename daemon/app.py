@@ -254,6 +254,7 @@ class Daemon:
             list(self.ctx.config_files),
             on_change=lambda state: self._post(self._on_files, state),
             on_error=lambda path, exc: self._post(self._on_file_error, path, exc),
+            on_readable=lambda: self._post(self.feedback.config_files_problem, "unreadable", None),
         )
         return self.files.start()
 
@@ -464,7 +465,11 @@ class Daemon:
             return
         assert self.engine is not None
         with self._lock:
-            self.engine.on_files(state.files)
+            taken = self.engine.on_files(state.files)
+        # Read whole: nothing is unreadable now; rejected, the hook said why (``_on_rejected``).
+        self.feedback.config_files_problem("unreadable", None)
+        if taken:
+            self.feedback.config_files_problem("rejected", None)
 
     def _on_file_error(self, path: Path, exc: Exception) -> None:
         """A config file that cannot be read (not valid YAML, gone, too deep): nothing
@@ -472,6 +477,7 @@ class Daemon:
         that whoever is editing the file sees why the edit did not land."""
         if not self._started or self.server is None or self.engine is None:
             return  # before the start the log line is all there is: no watcher yet
+        self.feedback.config_files_problem("unreadable", f"{path}: {exc}")
         current = self.engine.current
         self._broadcast(
             {
@@ -547,6 +553,8 @@ class Daemon:
         self.metrics.rejected.labels(layer).inc()
         if layer == "etcd" and revision:
             self._post(self.feedback.on_etcd_rejected, revision, reason)
+        elif layer == "files":
+            self._post(self.feedback.config_files_problem, "rejected", reason)
 
     def _revision_unchanged(self, revision: int) -> None:
         """On the loop: etcd's revision ``revision`` changed no value in force; the

@@ -252,18 +252,25 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
 
 def _errors_text(entry: dict[str, Any]) -> str:
     """A status entry's ``errors`` (a list of ``{"error": ...}`` objects: what the process's
-    callbacks raised) and the etcd revision its daemon rejected, if any, on one line."""
+    callbacks raised), and what its daemon refused (``rejected``: an etcd revision;
+    ``config_files``: its files), if anything, on one line."""
     errors = entry.get("errors") or []
     items = errors if isinstance(errors, list) else [errors]
     texts = [fmt(x["error"]) if isinstance(x, dict) and "error" in x else fmt(x) for x in items]
+    daemon = []
     rejected = entry.get("rejected")
     if isinstance(rejected, dict) and "revision" in rejected:
-        texts.insert(
-            0,
+        daemon.append(
             f"its daemon rejected revision {fmt(rejected['revision'])}: "
-            f"{fmt(rejected.get('reason', ''))}",
+            f"{fmt(rejected.get('reason', ''))}"
         )
-    return "; ".join(texts)
+    files = entry.get("config_files")
+    if isinstance(files, dict):
+        if "rejected" in files:
+            daemon.append(f"its daemon rejected its config files: {fmt(files['rejected'])}")
+        if "unreadable" in files:
+            daemon.append(f"its daemon cannot read a config file: {fmt(files['unreadable'])}")
+    return "; ".join([*daemon, *texts])
 
 
 def _metrics_text(entry: dict[str, Any], now: float) -> str:

@@ -307,13 +307,14 @@ class Engine:
         candidate = Layer("etcd", values, origins, tuple(problems))
         self._try_layer(candidate, revision, edited)
 
-    def on_files(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
-        """New parsed contents of the config files (the watcher has already deduplicated)."""
+    def on_files(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> bool:
+        """New parsed contents of the config files (the watcher has already deduplicated).
+        False if they were rejected (announced, with the reason, as any rejection)."""
         if self._closed:
-            return
+            return False
         candidate = files_layer(self.schema, files)
         edited = changed_keys(self.layers["files"].values, candidate.values)
-        self._try_layer(candidate, self.revision, edited)
+        return self._try_layer(candidate, self.revision, edited)
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -571,16 +572,17 @@ class Engine:
         self.layers["etcd"] = candidate.without(p.key for p in problems)
         return snapshot
 
-    def _try_layer(self, candidate: Layer, revision: int, edited: Mapping[str, Any]) -> None:
+    def _try_layer(self, candidate: Layer, revision: int, edited: Mapping[str, Any]) -> bool:
         layers = dict(self.layers)
         layers[candidate.name] = candidate
         try:
             snapshot = merge_layers(self.schema, layers.values(), self.precedence)
         except InvalidChange as exc:
             self._announce.rejected(candidate.name, revision, self.version, exc, edited, self._flat)
-            return
+            return False
         self.layers = layers
         self._accept(snapshot, candidate.name, revision, edited)
+        return True
 
     def _accept(
         self, snapshot: Snapshot, layer: str, revision: int, edited: Mapping[str, Any]

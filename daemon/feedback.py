@@ -40,7 +40,8 @@ from .status import StatusPublisher
 from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
-_DAEMON_FIELDS = ("pinned", "rejected")  # what an entry says of its daemon (``_daemon_fields``)
+# What an entry says of its daemon (``_daemon_fields``).
+_DAEMON_FIELDS = ("pinned", "rejected", "config_files")
 
 
 class ClientFeedback:
@@ -58,6 +59,7 @@ class ClientFeedback:
         self.pinned = pinned
         self.revision_in_force = revision_in_force
         self._rejected: dict[str, Any] | None = None  # the newest etcd revision rejected
+        self._config_files: dict[str, str] = {}  # "rejected", "unreadable": why
         self.node = node
         self.report_every = report_every
         self.metrics = metrics
@@ -146,6 +148,23 @@ class ClientFeedback:
         if self._rejected is not None and self._rejected["revision"] >= revision:
             return
         self._rejected = {"revision": revision, "reason": _cut(reason)}
+        self._republish_all()
+
+    def config_files_problem(self, kind: str, reason: str | None) -> None:
+        """What is wrong with this daemon's config files, by ``kind``: ``rejected`` (they
+        read, but the configuration they make is invalid: the last good one stays in
+        force) or ``unreadable`` (one does not parse, or is gone); ``reason`` None: that
+        kind is over. The entries say so (``config_files``), so that ``status``, run
+        elsewhere, shows why an edit of a ConfigMap or a file in git did not land."""
+        before = dict(self._config_files)
+        if reason is None:
+            self._config_files.pop(kind, None)
+        else:
+            self._config_files[kind] = _cut(reason)
+        if self._config_files != before:
+            self._republish_all()
+
+    def _republish_all(self) -> None:
         for name, entry in self.reports.stored_fields():
             self._republish(name, entry)
 
@@ -192,7 +211,8 @@ class ClientFeedback:
 
     def _daemon_fields(self) -> dict[str, Any]:
         """What an entry says of its daemon: the keys env or ``--set`` hold on it (``set``
-        warns of editing them), and the etcd revision it rejected, if none taken since."""
+        warns of editing them), the etcd revision it rejected, if none taken since, and
+        what is wrong with its config files, if anything."""
         fields: dict[str, Any] = {}
         pinned = self.pinned()
         if pinned:
@@ -200,6 +220,8 @@ class ClientFeedback:
         rejected = self._rejection()
         if rejected:
             fields["rejected"] = rejected
+        if self._config_files:
+            fields["config_files"] = dict(self._config_files)
         return fields
 
     def _rejection(self) -> dict[str, Any] | None:

@@ -11,7 +11,8 @@ the last good state. So:
 - a save that emits several filesystem events is one change, and a ``touch``
   is none (the parsed contents are equal);
 - a half-written or unparsable file changes nothing: ``on_error`` is told, and
-  the last good state stays in force until the file parses again;
+  the last good state stays in force until the file parses again (``on_readable``
+  is told then, whether or not its contents changed);
 - a file written in place is read once its writer closes it, not while a slow
   writer pauses (where the platform reports closes: inotify does), or at the
   latest ``close_wait_s`` after the first write, should the writer keep it open;
@@ -174,7 +175,7 @@ def _watched_folders(paths: Sequence[Path]) -> list[Path]:
 class FileLayerWatcher:
     """Watches config files through their folders with watchdog; reports each real change once.
 
-    ``on_change`` and ``on_error`` run on the watcher's own thread (or on the
+    ``on_change``, ``on_error`` and ``on_readable`` run on the watcher's own thread (or on the
     caller's, for ``reload``), one at a time and in order; they must not block
     for long. ``on_change`` gets the whole new state, never a partial one.
     """
@@ -185,6 +186,7 @@ class FileLayerWatcher:
         on_change: Callable[[FileLayerState], None],
         *,
         on_error: Callable[[Path, Exception], None] | None = None,
+        on_readable: Callable[[], None] | None = None,
         debounce_s: float = 0.05,
         settle_s: float = 0.01,
         max_wait_s: float = 0.5,
@@ -198,6 +200,7 @@ class FileLayerWatcher:
         self._paths = tuple(Path(p) for p in paths)
         self._on_change = on_change
         self._on_error = on_error
+        self._on_readable = on_readable
         self._debounce_s = debounce_s
         self._settle_s = min(settle_s, debounce_s)
         self._max_wait_s = max(max_wait_s, debounce_s)
@@ -479,7 +482,9 @@ class FileLayerWatcher:
             self._missing_since = None
         if invalid or missing:
             return
-        self._reported.clear()
+        if self._reported:  # every file reads again, changed or not
+            self._reported.clear()
+            self._call(self._on_readable, "on_readable")
         new_state = FileLayerState(tuple(files))
         old_state = self.state
         if not self._swap(new_state):
@@ -490,10 +495,16 @@ class FileLayerWatcher:
             if _fingerprint(new) != _fingerprint(old)
         ]
         self._log.info("config_files_changed", paths=changed)
+        self._call(self._on_change, "on_change", new_state)
+
+    def _call(self, callback: Callable[..., None] | None, name: str, *args: Any) -> None:
+        """A callback's failure is logged; the watcher goes on."""
+        if callback is None:
+            return
         try:
-            self._on_change(new_state)
+            callback(*args)
         except Exception:
-            self._log.exception("config_file_callback_failed", callback="on_change")
+            self._log.exception("config_file_callback_failed", callback=name)
 
     def _handle_missing(self, missing: list[tuple[Path, Exception]], explicit: bool) -> None:
         now = time.monotonic()
@@ -520,8 +531,4 @@ class FileLayerWatcher:
             return
         self._reported[path] = reason
         self._log.warning("config_file_invalid", path=str(path), reason=reason)
-        if self._on_error is not None:
-            try:
-                self._on_error(path, exc)
-            except Exception:
-                self._log.exception("config_file_callback_failed", callback="on_error")
+        self._call(self._on_error, "on_error", path, exc)

@@ -1,7 +1,8 @@
-"""``set --wait``: until every process runs the change, from the daemons' status entries.
+"""Did a change land everywhere: ``set --wait``, and what ``status`` says of a daemon that
+refused one (an etcd revision, its config files), from the daemons' status entries.
 
-Real etcd, real daemons and clients speaking the protocol; ``wait_applied`` itself is
-also checked on entries given by hand (it reads them through a function).
+Real etcd, real daemons, real files and clients speaking the protocol; ``wait_applied``
+itself is also checked on entries given by hand (it reads them through a function).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,12 @@ class Acking:
         self._thread.join(5)
         self.client.close()
 
+    def __enter__(self) -> Acking:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @pytest.fixture
 def two_nodes(etcd: EtcdServer, tmp_path: Path) -> Iterator[tuple[Acking, Acking]]:
@@ -87,7 +94,7 @@ def two_nodes(etcd: EtcdServer, tmp_path: Path) -> Iterator[tuple[Acking, Acking
             tmp_path / "n2",
             app=APP,
             endpoints=etcd.endpoint,
-            extra=["--node", "n2", "--schema", "tests.test_set_wait:Strict"],
+            extra=["--node", "n2", "--schema", "tests.test_rollout:Strict"],
         ) as d2,
     ):
         clients = Acking(d1, "p1"), Acking(d2, "p2")
@@ -161,6 +168,63 @@ def test_set_wait_names_a_process_that_has_not_applied_it_in_time(
     # unset and rollback take it too; the next change reaches the paused one as well.
     done = hk(etcd, "unset", "train.lr", "--wait", "30")
     assert done.returncode == 0 and "applied by all 2 processes" in done.stdout, done.stderr
+
+
+def test_status_says_when_a_daemon_refuses_its_config_files(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """A ConfigMap or a file in git edited to an invalid value, or to text that does not
+    parse: the daemon keeps the last good state; ``status``, run anywhere, says why."""
+    config = tmp_path / "config.yaml"
+    good = "train:\n  lr: 0.1\n"
+    config.write_text(good)
+    extra = ["--node", "n1", "--config", str(config)]
+    with (
+        DaemonProcess(tmp_path, app=APP, endpoints=etcd.endpoint, extra=extra) as daemon,
+        Acking(daemon, "p1") as _,
+    ):
+        _wait_entry(etcd, "n1/p1", lambda e: "revision" in e)
+        _save(config, "train:\n  lr: -1\n")
+        entry = _wait_entry(etcd, "n1/p1", lambda e: "config_files" in e)
+        assert (
+            "train.lr (from files): Input should be greater than 0"
+            in (entry["config_files"]["rejected"])
+        )
+        status = hk(etcd, "status").stdout
+        assert "its daemon rejected its config files: train.lr (from files)" in status
+        _save(config, "train: [unclosed\n")
+        entry = _wait_entry(etcd, "n1/p1", lambda e: "unreadable" in e.get("config_files", {}))
+        assert str(config) in entry["config_files"]["unreadable"]
+        assert "rejected" in entry["config_files"]  # the last contents read are still refused
+        status = hk(etcd, "status").stdout
+        assert f"its daemon cannot read a config file: {config}" in status
+        # Back to the refused contents: readable again, still refused.
+        _save(config, "train:\n  lr: -1\n")
+        entry = _wait_entry(etcd, "n1/p1", lambda e: "unreadable" not in e["config_files"])
+        assert "rejected" in entry["config_files"]
+        # Fixed: nothing to say.
+        _save(config, good)
+        _wait_entry(etcd, "n1/p1", lambda e: "config_files" not in e)
+        assert "its daemon" not in hk(etcd, "status").stdout
+
+
+def _save(path: Path, text: str) -> None:
+    """As editors and the kubelet do: write aside, then rename over."""
+    aside = path.with_suffix(".tmp")
+    aside.write_text(text)
+    aside.replace(path)
+
+
+def _wait_entry(
+    etcd: EtcdServer, name: str, ready: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while True:
+        entry = _entries(etcd).get(name, {})
+        if ready(entry):
+            return entry
+        assert time.monotonic() < deadline, entry
+        time.sleep(0.1)
 
 
 def test_set_wait_with_no_process_and_a_bad_wait(etcd: EtcdServer) -> None:
