@@ -2,7 +2,7 @@
 
 A throwaway etcd (or the one ``--etcd-endpoints`` / ``HOTKNOB_ETCD_ENDPOINTS``
 names), a daemon, and ``examples/train.py`` training a small model; part-way
-through the learning rate is raised with ``hotknob set`` (and later two keys
+through the learning rate is raised with ``hotknob set --wait`` (and later two keys
 change in one transaction); the demo prints the step at which each change
 landed and writes ``demo.png``: loss and learning rate against step with every
 applied change marked. Everything it started is stopped at the end, also on
@@ -207,7 +207,7 @@ class Demo:
             if plan and step >= plan[0][0]:
                 _, pairs, why = plan.pop(0)
                 self.say(f"step {step}: {why}")
-                self.run_cli("set", *pairs)
+                self.run_cli("set", *pairs, "--wait", "30")
             time.sleep(0.02)
         if trainer_proc.returncode != 0:
             raise HotknobError(f"the trainer exited with {trainer_proc.returncode}")
