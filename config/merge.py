@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
@@ -20,20 +19,13 @@ from .errors import InvalidChange, Problem, UsageError
 from .keys import KeyClash, copied, nested_with
 from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
 from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
-from .schema import (
-    holds_bool_for_number,
-    iter_leaves,
-    mapping_keys,
-    may_hold_container,
-    numeric_keys,
-    types_at,
-)
-from .secrecy import revealed, secret_keys
+from .schema import holds_bool_for_number
+from .schema_facts import LeftOut, SchemaFacts, leaf_values, schema_facts, types_inside
+from .secrecy import revealed
 from .sendable import NOT_FINITE, non_finite, not_text_problems, oversized
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
-_KNOWN_CACHE_LIMIT = 4096
 
 
 def parse_precedence(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -85,108 +77,13 @@ def _loc_to_key(loc: Iterable[Any]) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _known(key: str, leaves: frozenset[str], mappings: Mapping[str, Any]) -> bool:
-    """A key is known if it is a leaf or lies below a leaf that holds a mapping (a dict-typed
-    field, an optional model) and that leaf's type may hold it (``_types_inside``); a key
-    below any other leaf (``train.lr.x``) is not a key of the schema."""
-    return key in leaves or bool(_types_inside(key, mappings))
-
-
-def _types_inside(key: str, mappings: Mapping[str, Any]) -> list[Any]:
-    """The types the value at ``key`` may have inside the leaf of ``mappings`` (leaves that
-    hold a mapping, and their types) it lies below (``types_at``); none if it lies below
-    no such leaf, or the leaf's type holds no such key."""
-    parts = key.split(".")
-    for end in range(1, len(parts)):
-        annotation = mappings.get(".".join(parts[:end]), _NO_LEAF)
-        if annotation is not _NO_LEAF:
-            return types_at(annotation, parts[end:])
-    return []
-
-
-_NO_LEAF: Any = object()
-
-
-@dataclass(frozen=True)
-class _SchemaFacts:
-    """What a merge needs to know of a schema, worked out once per schema class.
-
-    A merge runs per live change (thousands a second in a burst); walking the
-    schema's fields each time was most of its cost. Schema classes do not change
-    once defined, so the facts are cached by class.
-    """
-
-    leaves: frozenset[str]
-    mappings: dict[str, Any]  # each leaf that holds a mapping, and its type
-    ordered: tuple[tuple[str, tuple[str, ...]], ...]
-    paths: dict[str, tuple[str, ...]]
-    secrets: frozenset[str]
-    known: dict[str, bool]
-    numbers: Mapping[str, Any]  # the leaves taking numbers (or holding them), their types
-    containers: bool  # whether any leaf may hold a list or a mapping
-
-    def is_known(self, key: str) -> bool:
-        known = self.known.get(key)
-        if known is None:
-            known = _known(key, self.leaves, self.mappings)
-            if len(self.known) < _KNOWN_CACHE_LIMIT:  # junk keys must not grow it for ever
-                self.known[key] = known
-        return known
-
-
-@lru_cache(maxsize=64)
-def _facts(schema: type[BaseModel]) -> _SchemaFacts:
-    all_leaves = list(iter_leaves(schema))
-    keys = [leaf.key for leaf in all_leaves]
-    ordered = tuple((key, tuple(key.split("."))) for key in keys)
-    mappings = mapping_keys(schema)
-    return _SchemaFacts(
-        frozenset(keys),
-        {leaf.key: leaf.field.annotation for leaf in all_leaves if leaf.key in mappings},
-        ordered,
-        dict(ordered),
-        secret_keys(schema),
-        {},
-        numeric_keys(schema),
-        any(may_hold_container(leaf.field.annotation) for leaf in all_leaves),
-    )
-
-
-def is_known(schema: type[BaseModel], key: str) -> bool:
-    """Whether ``key`` is a key of ``schema``, as the merge takes it: a leaf, or a key under
-    a leaf that holds a mapping (``weights.head``)."""
-    return _facts(schema).is_known(key)
-
-
-def _leaf_values(
-    values: Mapping[str, Any], ordered: tuple[tuple[str, tuple[str, ...]], ...]
-) -> dict[str, Any]:
-    """Every leaf of the nested ``values`` by dotted key, in schema order (one loop: this
-    runs for every candidate state)."""
-    flat: dict[str, Any] = {}
-    key = ""
-    try:
-        for key, path in ordered:
-            node: Any = values
-            for part in path:
-                node = node[part]
-            flat[key] = node
-    except (KeyError, TypeError, IndexError):
-        raise _LeftOut(key) from None
-    return flat
-
-
-class _LeftOut(KeyError):
-    """A leaf of the schema missing from a model's dump (``exclude_if`` dropped it)."""
-
-
 def _raised(
     schema: type[BaseModel],
     exc: BaseException,
     merged: Mapping[str, Any],
     winners: Mapping[str, str],
     layers: Mapping[str, Layer],
-    facts: _SchemaFacts,
+    facts: SchemaFacts,
     nest: Callable[[Mapping[str, Any]], dict[str, Any]],
 ) -> list[Problem]:
     """``raised_by_schema``'s problems for ``exc``, raised by the schema's own code while
@@ -213,7 +110,7 @@ def _refused(
     exc: ValidationError,
     merged: Mapping[str, Any],
     winners: Mapping[str, str],
-    facts: _SchemaFacts,
+    facts: SchemaFacts,
 ) -> list[Problem]:
     """A problem for each of pydantic's errors, named by the key and the layer to blame."""
     problems: list[Problem] = []
@@ -267,7 +164,7 @@ def merge_layers(
     """
     by_name = {layer.name: layer for layer in layers}
     order = [name for name in precedence if name in by_name]
-    facts = _facts(schema)
+    facts = schema_facts(schema)
     is_known = facts.is_known
 
     problems: list[Problem] = []
@@ -323,7 +220,7 @@ def merge_layers(
     else:
         try:
             values, flat = _dumped(model, facts)
-        except _LeftOut as exc:  # a leaf the dump left out (``exclude_if``)
+        except LeftOut as exc:  # a leaf the dump left out (``exclude_if``)
             key = str(exc.args[0])
             raise InvalidChange([Problem(key, winners.get(key, "defaults"), _LEFT_OUT)]) from None
         except SCHEMA_FAULTS as exc:  # a value nested too deeply to dump, or the schema raised
@@ -377,7 +274,7 @@ class LeafInput:
     def with_leaves(self, schema: type[BaseModel], values: Mapping[str, Any]) -> LeafInput:
         """This input with ``values`` (leaves of ``schema``) replaced: only the sections on
         their paths are copied."""
-        paths = _facts(schema).paths
+        paths = schema_facts(schema).paths
         return LeafInput(nested_with(self.nested, {paths[key]: v for key, v in values.items()}))
 
 
@@ -386,7 +283,7 @@ def leaf_input(
 ) -> LeafInput | None:
     """What ``merge_layers`` validates, from ``layers``. None if a layer holds a key that
     is not a leaf of the schema, or a problem: only ``merge_layers`` deals with those."""
-    facts = _facts(schema)
+    facts = schema_facts(schema)
     merged: dict[str, Any] = {}
     for name in precedence:
         layer = layers.get(name)
@@ -405,7 +302,7 @@ def validate_leaves(
     the same by dotted key, as ``merge_layers`` makes them, except that NaN and infinity
     are let through: the caller checks what changed with ``non_finite``. Raises
     ``ValidationError``; ``merge_layers`` says which layer is to blame."""
-    facts = _facts(schema)
+    facts = schema_facts(schema)
     nested = copied(leaves.nested) if facts.containers else leaves.nested  # a validator
     model = _validated(schema, nested)  # may edit its input: not the layers' own lists
     return (model, *_dumped(model, facts))
@@ -424,7 +321,7 @@ def booleans_for_numbers(schema: type[BaseModel], flat: Mapping[str, Any]) -> li
     for a ``dict[str, float]``): a typo a schema's lax validation would pass as 1.0 or 0.0
     (a learning rate of 1.0). One loop over ``flat``, a type test for most values: the
     engine's short path asks it for the values put."""
-    facts = _facts(schema)
+    facts = schema_facts(schema)
     found = []
     for key, value in flat.items():
         if type(value) not in _MAY_HOLD_BOOLS:
@@ -434,7 +331,7 @@ def booleans_for_numbers(schema: type[BaseModel], flat: Mapping[str, Any]) -> li
             if holds_bool_for_number(annotation, value):
                 found.append(key)
         elif key not in facts.leaves:  # a key inside a leaf that holds a mapping
-            types = _types_inside(key, facts.mappings)
+            types = types_inside(key, facts.mappings)
             if types and all(holds_bool_for_number(t, value) for t in types):
                 found.append(key)
     return found
@@ -450,9 +347,9 @@ def _validated(schema: type[BaseModel], nested: Mapping[str, Any]) -> BaseModel:
     return schema.model_validate(nested, by_alias=False, by_name=True)
 
 
-def _dumped(model: BaseModel, facts: _SchemaFacts) -> tuple[dict[str, Any], dict[str, Any]]:
+def _dumped(model: BaseModel, facts: SchemaFacts) -> tuple[dict[str, Any], dict[str, Any]]:
     values = _reveal_secrets(model, model.model_dump(mode="json", by_alias=False), facts.secrets)
-    return values, _leaf_values(values, facts.ordered)
+    return values, leaf_values(values, facts.ordered)
 
 
 def merge_dropping_invalid(

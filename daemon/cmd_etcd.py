@@ -20,9 +20,10 @@ from typing import Any
 from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
 from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import etcd_key, key_from_etcd, key_path_fault, meta_key, to_text
-from hotknob.config.merge import Snapshot, changed_keys, is_known, merge_dropping_invalid
+from hotknob.config.merge import Snapshot, changed_keys, merge_dropping_invalid
 from hotknob.config.nesting import value_at
 from hotknob.config.schema import leaf_map, restart_only_keys
+from hotknob.config.schema_facts import is_known
 from hotknob.config.secrecy import secret_keys, shown_value
 from hotknob.config.sources import parse_assignment
 

@@ -33,8 +33,9 @@ from hotknob.config import (
 )
 from hotknob.config.files import MAX_FILE_DEPTH
 from hotknob.config.keys import etcd_key, key_from_etcd, key_path_fault, parse_text, unflatten
-from hotknob.config.merge import is_known, leaf_input, merge_dropping_invalid, validate_leaves
+from hotknob.config.merge import leaf_input, merge_dropping_invalid, validate_leaves
 from hotknob.config.schema import mapping_keys, numeric_keys
+from hotknob.config.schema_facts import is_known
 from hotknob.config.sendable import entry_bytes, state_bytes
 from hotknob.config.sources import Layer
 from tests.banded_schema import Banded
