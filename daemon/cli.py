@@ -184,7 +184,7 @@ SHARED_FLAGS = frozenset(option.flag for option in _options())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cmd_config, cmd_etcd, cmd_live
+    from . import cmd_config, cmd_etcd, cmd_history, cmd_live
 
     options = {option.flag: option for option in _options()}
     parser = _Parser(
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd_config.register(add)
     cmd_etcd.register(add)
+    cmd_history.register(add)
     cmd_live.register(add)
     return parser
 
