@@ -40,7 +40,7 @@ from .guard_records import (
     spec_from_args,
 )
 from .table import dumps, fmt, render
-from .wait_applied import Applied, NotApplied, wait_applied
+from .wait_applied import Applied, NotApplied, WatchedEntries, wait_applied
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -294,7 +294,7 @@ def _wait(ctx: Context, written: int, timeout: float, *, quiet: bool) -> Applied
     """``--wait``: until every process runs revision ``written`` (``wait_applied``); says
     how it went unless ``quiet`` (``--json`` has it in its object)."""
     with ctx.store() as store:
-        applied = wait_applied(lambda: read_status_entries(store, ctx.app), written, timeout)
+        applied = wait_applied(WatchedEntries(store, ctx.app), written, timeout)
     if not (applied.applied or applied.rejected or applied.behind):
         print(
             f"hotknob: warning: no process of app {ctx.app!r} is connected to a daemon "

@@ -263,8 +263,13 @@ def spec_from_args(args: argparse.Namespace) -> GuardSpec | None:
 def read_status_entries(store: EtcdStore, app: str) -> dict[str, dict[str, Any]]:
     """The status entries of ``app``'s processes by name (``<node>/<client>``); one that
     is not a JSON object (written around hotknob) is left out."""
+    kvs, _ = store.read_prefix(status_prefix(app))
+    return status_entries(app, kvs)
+
+
+def status_entries(app: str, kvs: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """``read_status_entries`` of keys and values read (or watched) under the prefix."""
     prefix = status_prefix(app)
-    kvs, _ = store.read_prefix(prefix)
     entries: dict[str, dict[str, Any]] = {}
     for key, raw in sorted(kvs.items()):
         try:

@@ -6,24 +6,26 @@ rejected a later etcd revision, that one and why (``rejected``). A written chang
 reached a process once its entry's revision is the written one or later (a later
 revision holds it, or a revert of it: either way the process runs what etcd says
 now); a process whose daemon rejected it will not run it, however long one waits.
-The entries are read again every ``POLL_S`` until every process has one or the other,
-or the time is up. A process that appears meanwhile is waited for too (it connected
-and runs the newest state); one whose entry vanishes (it left, or its daemon did) is
-no longer waited for, and is named.
+The entries are read once and then followed with a watch (``WatchedEntries``: on a
+hundred nodes a read of them all is half a megabyte, a watch sends what changes), until
+every process has one or the other, or the time is up. A process that appears
+meanwhile is waited for too (it connected and runs the newest state); one whose entry
+vanishes (it left, or its daemon did) is no longer waited for, and is named.
 """
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from hotknob.config.errors import HotknobError
+from hotknob.config.keys import status_prefix
 
-from .guard_records import some_names
-
-POLL_S = 0.25
+from .etcd_store import EtcdStore, WatchItem
+from .guard_records import some_names, status_entries
 
 Entries = Mapping[str, Mapping[str, Any]]
 
@@ -113,21 +115,21 @@ def classify(entries: Entries, revision: int, into: Applied) -> None:
 
 
 def wait_applied(
-    read: Callable[[], Entries],
+    next_entries: Callable[[float], Entries],
     revision: int,
     timeout: float,
     *,
-    poll: float = POLL_S,
     clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> Applied:
-    """Read the entries (``read``) until every process runs ``revision`` or later, or its
-    daemon rejected it, or ``timeout`` seconds are up: where they stand then."""
+    """Follow the entries (``next_entries(wait)``: the current ones, once something
+    changed or ``wait`` seconds passed) until every process runs ``revision`` or later,
+    or its daemon rejected it, or ``timeout`` seconds are up: where they stand then."""
     start = clock()
     result = Applied(revision)
     seen: set[str] = set()
+    wait = 0.0
     while True:
-        entries = read()
+        entries = next_entries(wait)
         gone = seen - entries.keys()
         result.left = sorted({*result.left, *gone} - entries.keys())  # unless back since
         seen |= entries.keys()
@@ -135,7 +137,42 @@ def wait_applied(
         result.seconds = clock() - start
         if result.done or result.seconds >= timeout:
             return result
-        sleep(min(poll, max(0.0, timeout - result.seconds)))
+        wait = timeout - result.seconds
+
+
+class WatchedEntries:
+    """An app's status entries, read once and kept current by a watch of their prefix.
+
+    Call it with the seconds it may wait for a change (``wait_applied``'s
+    ``next_entries``). The watch ends when ``store`` closes; an error it reports (etcd
+    lost) is raised.
+    """
+
+    def __init__(self, store: EtcdStore, app: str) -> None:
+        self._app = app
+        self._prefix = status_prefix(app)
+        kvs, read_at = store.read_prefix(self._prefix)
+        self._kvs: dict[str, bytes] = dict(kvs)
+        self._changes: queue.SimpleQueue[WatchItem] = queue.SimpleQueue()
+        store.watch_prefix(self._prefix, read_at + 1, self._changes.put)
+
+    def __call__(self, wait: float) -> Entries:
+        try:
+            item = self._changes.get(timeout=wait) if wait > 0 else self._changes.get_nowait()
+            while True:
+                self._take(item)
+                item = self._changes.get_nowait()
+        except queue.Empty:
+            pass
+        return status_entries(self._app, self._kvs)
+
+    def _take(self, item: WatchItem) -> None:
+        if isinstance(item, HotknobError):
+            raise item
+        for change in item:
+            for key in change.deletes:
+                self._kvs.pop(key, None)
+            self._kvs.update(change.puts)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

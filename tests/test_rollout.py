@@ -19,9 +19,10 @@ import pytest
 from pydantic import BaseModel, Field
 
 from hotknob.config.schema import SamplingSchema, TrainParams
-from hotknob.daemon.wait_applied import wait_applied
+from hotknob.daemon.wait_applied import Entries, wait_applied
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
+from tests.test_guards import etcd_ranges
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -170,6 +171,28 @@ def test_set_wait_names_a_process_that_has_not_applied_it_in_time(
     assert done.returncode == 0 and "applied by all 2 processes" in done.stdout, done.stderr
 
 
+def test_set_wait_follows_the_entries_with_a_watch_not_a_read_each_time(
+    etcd: EtcdServer, two_nodes: tuple[Acking, Acking]
+) -> None:
+    """On a hundred nodes a read of every status entry is half a megabyte: the wait reads
+    them once, then follows what changes (counted from etcd's own metrics)."""
+    first, _ = two_nodes
+    before = etcd_ranges(etcd)
+    assert hk(etcd, "set", "train.lr=0.02").returncode == 0
+    plain = etcd_ranges(etcd) - before
+    before = etcd_ranges(etcd)
+    time.sleep(3)
+    idle = etcd_ranges(etcd) - before  # the daemons' own reads (their watches' checks)
+    first.paused.set()  # so that the wait lasts its 3 s
+    before = etcd_ranges(etcd)
+    done = hk(etcd, "set", "train.lr=0.03", "--wait", "3")
+    waited = etcd_ranges(etcd) - before
+    assert done.returncode == 1 and "not applied within 3 s" in done.stderr, done.stderr
+    # One read of the entries, and some slack for the daemons' own: a read every 0.25 s
+    # would be 12 more.
+    assert waited - idle <= plain + 3, (plain, idle, waited)
+
+
 def test_status_says_when_a_daemon_refuses_its_config_files(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
@@ -238,14 +261,19 @@ def test_set_wait_with_no_process_and_a_bad_wait(etcd: EtcdServer) -> None:
 
 
 class FakeClock:
-    def __init__(self) -> None:
+    """Entries given in turn, each after ``step`` seconds (at most the wait allowed)."""
+
+    def __init__(self, reads: Callable[[], Entries], step: float = 0.25) -> None:
         self.t = 0.0
+        self.reads = reads
+        self.step = step
 
     def now(self) -> float:
         return self.t
 
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
+    def next_entries(self, wait: float) -> Entries:
+        self.t += min(wait, self.step)
+        return self.reads()
 
 
 def test_wait_applied_follows_processes_that_come_and_go() -> None:
@@ -257,14 +285,8 @@ def test_wait_applied_follows_processes_that_come_and_go() -> None:
             {"n/p1": {"revision": 12}, "n/p2": {"revision": 10}, "n/p4": {"revision": 11}},
         ]
     )
-    now = [0.0]
-    result = wait_applied(
-        lambda: next(reads),
-        10,
-        30,
-        clock=lambda: now[0],
-        sleep=lambda s: now.__setitem__(0, now[0] + s),
-    )
+    clock = FakeClock(lambda: next(reads))
+    result = wait_applied(clock.next_entries, 10, 30, clock=clock.now)
     assert result.ok and sorted(result.applied) == ["n/p1", "n/p2", "n/p4"]
     assert result.left == ["n/p3"] and result.seconds == pytest.approx(0.5)
     assert result.summary() == "applied by all 3 processes within 0.5 s (n/p3 left meanwhile)"
@@ -277,8 +299,8 @@ def test_wait_applied_stops_at_its_time_and_tells_rejected_from_behind() -> None
         "n/p3": {"revision": 5, "rejected": {"revision": 6, "reason": "an older one"}},
         "n/p4": {"step": 0},  # no revision yet
     }
-    clock = FakeClock()
-    result = wait_applied(lambda: entries, 7, 2, clock=clock.now, sleep=clock.sleep)
+    clock = FakeClock(lambda: entries)
+    result = wait_applied(clock.next_entries, 7, 2, clock=clock.now)
     assert not result.ok and not result.done and result.seconds == pytest.approx(2.0)
     assert result.applied == {"n/p1": 3} and result.rejected == {"n/p2": "too hot"}
     assert result.behind == {"n/p3": 5, "n/p4": "-"}
