@@ -1,7 +1,10 @@
 """Publishing what each connected process applied to etcd, on a lease, so dead ones vanish.
 
-Entries live at ``/hotknob/<app>/status/<node>/<client>`` as JSON (version,
-revision, step, time, pid, rank, errors, metrics). All writes happen on this
+Entries live at ``/hotknob/<app>/status/<node>/<client>`` as JSON: what the process
+applied and reports (version, revision, step, time, pid, rank, errors, metrics), the
+guards watching it (guards), and what its daemon says of itself (pinned: the keys env
+or ``--set`` hold there; rejected: an etcd revision it refused; config_files: what is
+wrong with its files; see ``feedback.py``). All writes happen on this
 publisher's own thread: the event loop only drops the newest entry per
 client into a dict, so a slow or absent etcd never delays a change. The
 lease is kept alive every ``ttl / 3`` and re-granted if etcd lost it; on
