@@ -596,6 +596,9 @@ class Daemon:
             "watchers": _count(server, watch=True),
             "pending_restart": dict(engine.pending_restart) if engine else {},
             "state_write_error": engine.state_write_error if engine else None,
+            # Refused, while the last good state stays in force: not a fault of the daemon.
+            "rejected": self.feedback.rejected,
+            "config_files": self.feedback.config_files,
         }
 
 

@@ -164,6 +164,17 @@ class ClientFeedback:
         if self._config_files != before:
             self._republish_all()
 
+    @property
+    def config_files(self) -> dict[str, str]:
+        """What is wrong with the config files now (``config_files_problem``), for
+        ``/healthz``: a daemon without etcd publishes no status entries."""
+        return dict(self._config_files)
+
+    @property
+    def rejected(self) -> dict[str, Any] | None:
+        """The etcd revision this daemon rejected, if none taken since (``/healthz``)."""
+        return self._rejection()
+
     def _republish_all(self) -> None:
         for name, entry in self.reports.stored_fields():
             self._republish(name, entry)

@@ -85,6 +85,40 @@ def test_healthz_is_not_ok_once_the_socket_file_is_removed_or_replaced(tmp_path:
     assert proc.proc is not None and proc.proc.returncode == 0
 
 
+def test_healthz_says_what_is_wrong_with_the_config_files(tmp_path: Path) -> None:
+    """A daemon without etcd publishes no status entries: its ``/healthz`` is where an
+    invalid or unparsable config file shows (the daemon still serves its last good state:
+    still ok)."""
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  lr: 0.1\n")
+    proc, port = daemon(tmp_path, extra=("--config", str(config)))
+
+    def save(text: str) -> None:
+        aside = tmp_path / "aside.yaml"
+        aside.write_text(text)
+        aside.replace(config)
+
+    with proc:
+        code, body = health(port)
+        assert code == 200 and body["config_files"] == {}, body
+        save("train:\n  lr: -1\n")
+        body = wait_for(
+            lambda: (b := health(port)[1])["config_files"] and b, "the rejection in /healthz"
+        )
+        assert body["ok"] is True
+        assert (
+            "train.lr (from files): Input should be greater than 0"
+            in (body["config_files"]["rejected"])
+        )
+        save("train: [unclosed\n")
+        body = wait_for(
+            lambda: "unreadable" in (b := health(port)[1])["config_files"] and b, "unreadable"
+        )
+        assert str(config) in body["config_files"]["unreadable"]
+        save("train:\n  lr: 0.2\n")
+        wait_for(lambda: health(port)[1]["config_files"] == {}, "fixed")
+
+
 # --- names: one per connection ---------------------------------------------------------------
 
 
