@@ -167,8 +167,15 @@ def test_set_wait_names_a_process_that_has_not_applied_it_in_time(
     assert "wrote at revision" in done.stdout  # the change stays written
     first.paused.clear()
     # unset and rollback take it too; the next change reaches the paused one as well.
+    written = int(done.stdout.split("wrote at revision ")[1].split()[0])
     done = hk(etcd, "unset", "train.lr", "--wait", "30")
     assert done.returncode == 0 and "applied by all 2 processes" in done.stdout, done.stderr
+    done = hk(etcd, "rollback", "--to-revision", str(written), "--wait", "30", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["changed"] == {"train.lr": 0.02}
+    assert result["wait"]["applied"] == ["n1/p1", "n2/p2"] and not result["wait"]["behind"]
+    assert all(e["revision"] >= result["revision"] for e in _entries(etcd).values())
 
 
 def test_set_wait_follows_the_entries_with_a_watch_not_a_read_each_time(
