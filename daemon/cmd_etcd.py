@@ -29,7 +29,7 @@ from hotknob.config.sources import parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
 from .etcd_checks import rejected_on_top, validate_etcd_state
-from .etcd_store import ConflictError
+from .etcd_store import ConflictError, EtcdStore
 from .guard_records import (
     GuardSpec,
     add_guard_options,
@@ -265,39 +265,39 @@ def _write(
                 f"another write landed at revision {landed} after this one was checked "
                 f"(at revision {revision}); nothing was written: run it again"
             ) from None
-    if not args.json:
-        _print_diff(diff, False, f"{header} at revision {written}", secrets, existed, deleted)
-        if record is not None:
-            print(describe(record))
-    _warn_shadowed(snapshot, shadowed, secrets)
-    _warn_restart_only(ctx, diff)
-    for warning in [*pinned_warnings, *guard_warnings]:
-        print(f"hotknob: warning: {warning}", file=sys.stderr)
-    applied = _wait(ctx, written, args.wait, quiet=args.json) if args.wait else None
-    if args.json:
-        result: dict[str, Any] = {
-            "revision": written,
-            "changed": {k: n for k, (_, n) in _shown_diff(diff, secrets).items()},
-            "deleted": deleted,  # their "changed" value is null, as is a key set to null
-        }
-        if record is not None:
-            result["guard"] = record.id
-        if applied is not None:
-            result["wait"] = applied.as_dict()
-        print(dumps(result))
-    if applied is not None and not applied.ok:
-        raise NotApplied(applied.failure(args.wait))
+        if not args.json:
+            _print_diff(diff, False, f"{header} at revision {written}", secrets, existed, deleted)
+            if record is not None:
+                print(describe(record))
+        _warn_shadowed(snapshot, shadowed, secrets)
+        _warn_restart_only(ctx, diff)
+        for warning in [*pinned_warnings, *guard_warnings]:
+            print(f"hotknob: warning: {warning}", file=sys.stderr)
+        # --wait follows the status entries on this connection, after the commit.
+        applied = _wait(store, ctx.app, written, args.wait, args.json) if args.wait else None
+        if args.json:
+            result: dict[str, Any] = {
+                "revision": written,
+                "changed": {k: n for k, (_, n) in _shown_diff(diff, secrets).items()},
+                "deleted": deleted,  # their "changed" value is null, as is a key set to null
+            }
+            if record is not None:
+                result["guard"] = record.id
+            if applied is not None:
+                result["wait"] = applied.as_dict()
+            print(dumps(result))
+        if applied is not None and not applied.ok:
+            raise NotApplied(applied.failure(args.wait))
     return 0
 
 
-def _wait(ctx: Context, written: int, timeout: float, *, quiet: bool) -> Applied:
+def _wait(store: EtcdStore, app: str, written: int, timeout: float, quiet: bool) -> Applied:
     """``--wait``: until every process runs revision ``written`` (``wait_applied``); says
     how it went unless ``quiet`` (``--json`` has it in its object)."""
-    with ctx.store() as store:
-        applied = wait_applied(WatchedEntries(store, ctx.app), written, timeout)
+    applied = wait_applied(WatchedEntries(store, app), written, timeout)
     if not (applied.applied or applied.rejected or applied.behind):
         print(
-            f"hotknob: warning: no process of app {ctx.app!r} is connected to a daemon "
+            f"hotknob: warning: no process of app {app!r} is connected to a daemon "
             "(no status entry): none has applied it",
             file=sys.stderr,
         )

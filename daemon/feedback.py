@@ -236,9 +236,10 @@ class ClientFeedback:
         return fields
 
     def _rejection(self) -> dict[str, Any] | None:
+        """The newest etcd revision rejected, unless a later one was taken since."""
         rejected = self._rejected
         if rejected is not None and self.revision_in_force() >= rejected["revision"]:
-            self._rejected = rejected = None  # a later revision was taken
+            return None
         return rejected
 
     def _flush_status(self) -> None:

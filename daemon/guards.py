@@ -66,7 +66,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeGuard
+from typing import Any
 
 from hotknob.config import HotknobError
 from hotknob.config.keys import status_prefix
@@ -710,7 +710,3 @@ class GuardManager:
             self._post(fn, *args, result)
 
         future.add_done_callback(done)
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)

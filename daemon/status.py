@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from hotknob.config import HotknobError, InvalidInput
 from hotknob.config.keys import status_prefix
@@ -280,7 +280,12 @@ def remote_watching(
         windows = entry.get("guards")
         applied = entry.get("revision")
         if (isinstance(windows, dict) and isinstance(windows.get(guard_id), dict)) or (
-            isinstance(applied, int) and not isinstance(applied, bool) and applied < revision
+            is_int(applied) and applied < revision
         ):
             found.append(name)
     return found
+
+
+def is_int(value: Any) -> TypeGuard[int]:
+    """An integer field of a status entry (written by anyone: ``true`` is no integer)."""
+    return isinstance(value, int) and not isinstance(value, bool)

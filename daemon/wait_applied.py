@@ -19,13 +19,14 @@ import queue
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 from hotknob.config.errors import HotknobError
 from hotknob.config.keys import status_prefix
 
 from .etcd_store import EtcdStore, WatchItem
 from .guard_records import some_names, status_entries
+from .status import is_int
 
 Entries = Mapping[str, Mapping[str, Any]]
 
@@ -67,11 +68,9 @@ class Applied:
         }
 
     def summary(self) -> str:
-        """One line: how many took it, in how long, and who left meanwhile."""
+        """One line, once all took it (``ok``): how many, in how long, who left meanwhile."""
         count = len(self.applied)
         took = "the only process" if count == 1 else f"all {count} processes"
-        if self.rejected or self.behind:
-            took = f"{count} of {count + len(self.rejected) + len(self.behind)} processes"
         text = f"applied by {took} within {self.seconds:.1f} s"
         if self.left:
             text += f" ({some_names(self.left)} left meanwhile)"
@@ -102,16 +101,16 @@ def classify(entries: Entries, revision: int, into: Applied) -> None:
     for name, entry in entries.items():
         runs = entry.get("revision")
         rejected = entry.get("rejected")
-        if _is_int(runs) and runs >= revision:
+        if is_int(runs) and runs >= revision:
             into.applied[name] = entry.get("step")
         elif (
             isinstance(rejected, Mapping)
-            and _is_int(rejected.get("revision"))
+            and is_int(rejected.get("revision"))
             and rejected["revision"] >= revision
         ):
             into.rejected[name] = str(rejected.get("reason", "no reason given"))
         else:
-            into.behind[name] = runs if _is_int(runs) else "-"
+            into.behind[name] = runs if is_int(runs) else "-"
 
 
 def wait_applied(
@@ -152,7 +151,7 @@ class WatchedEntries:
         self._app = app
         self._prefix = status_prefix(app)
         kvs, read_at = store.read_prefix(self._prefix)
-        self._kvs: dict[str, bytes] = dict(kvs)
+        self._entries = status_entries(app, kvs)  # each entry decoded once, when it changes
         self._changes: queue.SimpleQueue[WatchItem] = queue.SimpleQueue()
         store.watch_prefix(self._prefix, read_at + 1, self._changes.put)
 
@@ -164,16 +163,12 @@ class WatchedEntries:
                 item = self._changes.get_nowait()
         except queue.Empty:
             pass
-        return status_entries(self._app, self._kvs)
+        return self._entries
 
     def _take(self, item: WatchItem) -> None:
         if isinstance(item, HotknobError):
             raise item
         for change in item:
-            for key in change.deletes:
-                self._kvs.pop(key, None)
-            self._kvs.update(change.puts)
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+            for key in [*change.deletes, *change.puts]:  # a put that is no entry drops it
+                self._entries.pop(key[len(self._prefix) :], None)
+            self._entries.update(status_entries(self._app, change.puts))
