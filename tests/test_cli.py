@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -500,7 +501,10 @@ def test_status_says_how_old_each_process_s_latest_report_is(etcd: EtcdServer) -
     done = hk(etcd, "status")
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
-    assert rows["node1/a"].endswith("loss=0.41 (step 3176, 2m05s ago)"), rows
+    # The report is 125 s old when written; the CLI reads it a moment later (seconds on a
+    # loaded machine), so the age shown is 2m05s or a little more, never less.
+    age = re.search(r"loss=0\.41 \(step 3176, 2m(\d\d)s ago\)$", rows["node1/a"])
+    assert age is not None and 5 <= int(age.group(1)) <= 35, rows
     assert rows["node1/b"].endswith("loss=0.41"), rows
 
 
