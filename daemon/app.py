@@ -221,6 +221,7 @@ class Daemon:
             )
             self.status.start()
             self.feedback.status = self.status
+            self.feedback.start_looking(self.server.sent)
             self.guards = GuardManager(
                 app=ctx.app,
                 node=self.options.node,

@@ -20,14 +20,16 @@ are set once the daemon has started them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .guards import GuardManager
 from .logs import get_logger
 from .metrics import Metrics
+from .pending import CHECK_EVERY_S, PendingStates, Sent
 from .published import ClientInfo
 from .reports import (
     MAX_METRICS,
@@ -76,9 +78,16 @@ class ClientFeedback:
         self._published_shape: dict[str, tuple[Any, frozenset[str]]] = {}
         self._held: dict[str, dict[str, Any]] = {}
         self._report_soon: dict[str, Throttle] = {}
+        # Per client: the version it last acknowledged, and whether it holds a later one
+        # unapplied (``pending.py``), looked at every ``CHECK_EVERY_S`` once started.
+        self._acked: dict[str, int] = {}
+        self.pending = PendingStates()
+        self._look_timer: asyncio.TimerHandle | None = None
 
     def on_applied(self, client: ClientInfo, message: dict[str, Any]) -> None:
         version = int(message["version"])
+        self._acked[client.name] = version
+        self.pending.forget(client.name)  # what it holds now is looked at afresh
         entry = self._client_entry(client)
         entry.update(
             version=version,
@@ -95,7 +104,7 @@ class ClientFeedback:
                 client.name, entry["revision"], int(message["step"]), version=version
             )
         if self.status is not None:
-            self._status_due[client.name] = self._with_guards(
+            self._status_due[client.name] = self._decorated(
                 client.name, self.reports.status_entry(client.name, entry, replace=True)
             )
             self._status_soon()
@@ -118,7 +127,7 @@ class ClientFeedback:
             self.guards.on_report(client.name, report)
         if self.status is not None:
             name = client.name
-            entry = self._with_guards(
+            entry = self._decorated(
                 name,
                 self.reports.status_entry(name, self._client_entry(client), replace=False),
             )
@@ -185,12 +194,37 @@ class ClientFeedback:
             return
         fields = {k: v for k, v in fields.items() if k not in _DAEMON_FIELDS}
         fields.update(self._daemon_fields())
-        self._status_due[name] = self._with_guards(
+        self._status_due[name] = self._decorated(
             name, self.reports.status_entry(name, fields, replace=True)
         )
         self._status_soon()
 
+    def look_for_pending(self, sent: Iterable[Sent]) -> None:
+        """Compare what each process was sent (``sent``) with what it acknowledged; the
+        entries of those found holding a state unapplied, or no longer, are published
+        again (``pending.py``)."""
+        for name in self.pending.look(sent, self._acked, time.time()):
+            fields = self.reports.fields_of(name)
+            if fields is not None:
+                self._republish(name, fields)
+
+    def start_looking(self, sent: Callable[[], Iterable[Sent]]) -> None:
+        """Look for processes holding a state unapplied every ``CHECK_EVERY_S`` (on the
+        loop, until ``cancel``): ``sent()`` says what each was sent last."""
+        loop = asyncio.get_running_loop()
+
+        def look() -> None:
+            self._look_timer = loop.call_later(CHECK_EVERY_S, look)
+            try:
+                self.look_for_pending(sent())
+            except Exception as exc:  # the daemon never dies of a status entry
+                self.log.exception("pending_look_failed", error=str(exc))
+
+        self._look_timer = loop.call_later(CHECK_EVERY_S, look)
+
     def on_disconnect(self, client: ClientInfo) -> None:
+        self._acked.pop(client.name, None)
+        self.pending.forget(client.name)
         self._status_due.pop(client.name, None)
         self._forget_published(client.name)
         for name in self.reports.metric_names(client.name):  # its series go with it
@@ -203,15 +237,28 @@ class ClientFeedback:
         if self.status is not None:
             self.status.remove(client.name)
 
-    def _with_guards(self, client: str, entry: dict[str, Any]) -> dict[str, Any]:
+    def _decorated(self, client: str, entry: dict[str, Any]) -> dict[str, Any]:
         """``entry`` with the windows of the guards watching ``client`` (other daemons read
-        them to know when a guard may pass), if any."""
+        them to know when a guard may pass), if any, and the state it holds unapplied
+        (``pending``), if a look found one."""
         windows = self.guards.windows_of(client) if self.guards is not None else {}
-        return {**entry, "guards": windows} if windows else entry
+        pending = self.pending.field(client)
+        if not windows and pending is None:
+            return entry
+        entry = dict(entry)
+        if windows:
+            entry["guards"] = windows
+        if pending is not None:
+            entry["pending"] = pending
+        return entry
 
     def cancel(self) -> None:
-        """Drop a status flush still due, and the reports' entries held back (at stop)."""
+        """Drop a status flush still due, the reports' entries held back and the looks for
+        states unapplied (at stop)."""
         self._status_soon.cancel()
+        if self._look_timer is not None:
+            self._look_timer.cancel()
+            self._look_timer = None
         for name in list(self._report_soon):
             self._forget_published(name)
 

@@ -196,6 +196,10 @@ class ClientReports:
         """Each client's stored status fields (its last acknowledgement's), by name."""
         return list(self._entries.items())
 
+    def fields_of(self, client: str) -> dict[str, Any] | None:
+        """``client``'s stored status fields, if any."""
+        return self._entries.get(client)
+
     def status_entry(
         self, client: str, fields: Mapping[str, Any], *, replace: bool
     ) -> dict[str, Any]:

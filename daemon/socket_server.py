@@ -57,6 +57,7 @@ import structlog
 from hotknob.config.merge import changed_keys
 from hotknob.model_runtime import protocol
 
+from .pending import Sent
 from .published import ClientInfo, Published
 from .socket_conn import CLOSE_GRACE_S, Connection, Stuck
 from .socket_path import (
@@ -134,6 +135,15 @@ class SocketServer:
         metrics endpoint reads it while the loop adds and drops connections, so the
         connections are copied in one step (C code, under the interpreter lock) first."""
         return [conn.info for conn in tuple(self._conns.values()) if conn.info is not None]
+
+    def sent(self) -> list[Sent]:
+        """The newest state sent to each connected process (not the ``watch`` clients), for
+        the looks for states held unapplied (``pending.py``). Any thread, as ``clients``."""
+        return [
+            Sent(conn.info.name, last.version, last.revision)
+            for conn in tuple(self._conns.values())
+            if conn.info is not None and not conn.info.watch and (last := conn.last_sent)
+        ]
 
     @property
     def has_watchers(self) -> bool:

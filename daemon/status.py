@@ -19,6 +19,7 @@ that key is written again), while the rest of the batch goes on.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -289,3 +290,8 @@ def remote_watching(
 def is_int(value: Any) -> TypeGuard[int]:
     """An integer field of a status entry (written by anyone: ``true`` is no integer)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_time(value: Any) -> TypeGuard[int | float]:
+    """A time field of a status entry (seconds since the epoch): a finite number."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -26,7 +26,7 @@ from hotknob.config.keys import status_prefix
 
 from .etcd_store import EtcdStore, WatchItem
 from .guard_records import some_names, status_entries
-from .status import is_int
+from .status import is_int, is_time
 
 Entries = Mapping[str, Mapping[str, Any]]
 
@@ -45,6 +45,8 @@ class Applied:
     applied: dict[str, Any] = field(default_factory=dict)  # name -> the step it applied at
     rejected: dict[str, str] = field(default_factory=dict)  # name -> its daemon's reason
     behind: dict[str, Any] = field(default_factory=dict)  # name -> the revision it runs
+    # Of those behind, the ones that hold it unapplied (``pending``): name -> since when.
+    holding: dict[str, float] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -63,6 +65,7 @@ class Applied:
             "applied": sorted(self.applied),
             "rejected": dict(sorted(self.rejected.items())),
             "behind": sorted(self.behind),
+            "holding": sorted(self.holding),
             "left": sorted(self.left),
             "seconds": round(self.seconds, 3),
         }
@@ -76,8 +79,10 @@ class Applied:
             text += f" ({some_names(self.left)} left meanwhile)"
         return text
 
-    def failure(self, timeout: float) -> str:
-        """Why the wait failed, in one line (the change stays written)."""
+    def failure(self, timeout: float, now: float | None = None) -> str:
+        """Why the wait failed, in one line (the change stays written); ``now``: the wall
+        time, for how long a process has held the change unapplied."""
+        now = time.time() if now is None else now
         total = len(self.applied) + len(self.rejected) + len(self.behind)
         parts = []
         if self.rejected:
@@ -87,17 +92,30 @@ class Applied:
                 f"({some_names(self.rejected)}): {reason}"
             )
         if self.behind:
-            shown = some_names([f"{n} (at revision {r})" for n, r in self.behind.items()])
+            shown = some_names([self._behind_text(n, r, now) for n, r in self.behind.items()])
             parts.append(
                 f"not applied within {timeout:g} s by {len(self.behind)} of {total} "
                 f"processes: {shown}"
             )
+            if self.holding and len(self.holding) == len(self.behind):
+                who = "it has" if len(self.behind) == 1 else "each has"
+                parts[-1] += (
+                    f"; {who} it and takes it at its next apply (a long step, or a server "
+                    "with no requests): wait longer, or see `hotknob status`"
+                )
         return f"revision {self.revision} is written, but " + "; ".join(parts)
+
+    def _behind_text(self, name: str, runs: Any, now: float) -> str:
+        since = self.holding.get(name)
+        if since is None:
+            return f"{name} (at revision {runs})"
+        held = max(0.0, now - since)
+        return f"{name} (at revision {runs}; has it, unapplied for {held:.0f} s)"
 
 
 def classify(entries: Entries, revision: int, into: Applied) -> None:
     """Sort the processes of ``entries`` by where they stand with ``revision``."""
-    into.applied, into.rejected, into.behind = {}, {}, {}
+    into.applied, into.rejected, into.behind, into.holding = {}, {}, {}, {}
     for name, entry in entries.items():
         runs = entry.get("revision")
         rejected = entry.get("rejected")
@@ -111,6 +129,14 @@ def classify(entries: Entries, revision: int, into: Applied) -> None:
             into.rejected[name] = str(rejected.get("reason", "no reason given"))
         else:
             into.behind[name] = runs if is_int(runs) else "-"
+            holds = entry.get("pending")
+            if (
+                isinstance(holds, Mapping)
+                and is_int(holds.get("revision"))
+                and holds["revision"] >= revision
+                and is_time(holds.get("since"))
+            ):
+                into.holding[name] = holds["since"]
 
 
 def wait_applied(

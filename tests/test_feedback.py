@@ -197,3 +197,37 @@ def test_reports_alone_rewrite_a_status_entry_at_most_every_report_every() -> No
         assert after[2][0] - after[1][0] >= 0.19
 
     asyncio.run(scenario())
+
+
+def test_a_process_holding_a_state_unapplied_says_so_in_its_entry_until_its_ack() -> None:
+    """The looks (``look_for_pending``, every second in a daemon) put ``pending`` into the
+    entry of a process that holds a later version than it acknowledged; a report's entry
+    keeps it, and the process's next acknowledgement drops it."""
+    from hotknob.daemon.pending import Sent
+
+    published = _Published()
+
+    async def scenario() -> None:
+        feedback = ClientFeedback(
+            app="a", node="n", metrics=Metrics(), revision_of=lambda v: 10 * v, report_every=0
+        )
+        feedback.status = published  # type: ignore[assignment]
+        client = ClientInfo(id=1, name="c", pid=1, uid=0, connected_at=time.time())
+        feedback.on_applied(client, {"type": "applied", "version": 1, "step": 0})
+        await asyncio.sleep(0.25)
+        sent = [Sent("c", 2, 20)]
+        feedback.look_for_pending(sent)
+        feedback.look_for_pending(sent)
+        await asyncio.sleep(0.25)
+        held = published.entries[-1][2]
+        assert held["pending"]["revision"] == 20 and held["revision"] == 10, held
+        assert held["step"] == 0 and held["version"] == 1
+        feedback.on_metrics(client, _report(5, loss=[1.0]))
+        assert published.entries[-1][2]["pending"]["revision"] == 20
+        feedback.on_applied(client, {"type": "applied", "version": 2, "step": 6})
+        await asyncio.sleep(0.25)
+        feedback.cancel()
+        done = published.entries[-1][2]
+        assert "pending" not in done and done["revision"] == 20 and done["step"] == 6, done
+
+    asyncio.run(scenario())

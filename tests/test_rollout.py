@@ -159,17 +159,24 @@ def test_set_wait_names_a_process_that_has_not_applied_it_in_time(
 ) -> None:
     first, _ = two_nodes
     before = _entries(etcd)["n1/p1"]["revision"]
-    first.paused.set()  # a rank stuck in a long step
-    done = hk(etcd, "set", "train.lr=0.02", "--wait", "1")
+    first.paused.set()  # a rank in a long step: it has the update, and no apply comes
+    done = hk(etcd, "set", "train.lr=0.02", "--wait", "5")
     assert done.returncode == 1, (done.stdout, done.stderr)
     (line,) = done.stderr.strip().splitlines()
-    assert f"not applied within 1 s by 1 of 2 processes: n1/p1 (at revision {before})" in line, line
+    # Its daemon looks every second: held at two looks in a row, it is ``pending``.
+    held = f"not applied within 5 s by 1 of 2 processes: n1/p1 (at revision {before}; has it, "
+    assert held + "unapplied for " in line, line
+    assert "; it has it and takes it at its next apply (a long step" in line, line
     assert "wrote at revision" in done.stdout  # the change stays written
+    written = int(done.stdout.split("wrote at revision ")[1].split()[0])
+    assert _entries(etcd)["n1/p1"]["pending"]["revision"] == written
+    row = next(r for r in hk(etcd, "status").stdout.splitlines() if r.startswith("n1/p1"))
+    assert f"{before} ({written} pending " in row, row
     first.paused.clear()
     # unset and rollback take it too; the next change reaches the paused one as well.
-    written = int(done.stdout.split("wrote at revision ")[1].split()[0])
     done = hk(etcd, "unset", "train.lr", "--wait", "30")
     assert done.returncode == 0 and "applied by all 2 processes" in done.stdout, done.stderr
+    assert "pending" not in _entries(etcd)["n1/p1"]  # its acknowledgement cleared it
     done = hk(etcd, "rollback", "--to-revision", str(written), "--wait", "30", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -314,4 +321,29 @@ def test_wait_applied_stops_at_its_time_and_tells_rejected_from_behind() -> None
     assert result.failure(2) == (
         "revision 7 is written, but rejected by the daemon of 1 of 4 processes (n/p2): too hot; "
         "not applied within 2 s by 2 of 4 processes: n/p3 (at revision 5), n/p4 (at revision -)"
+    )
+
+
+def test_wait_applied_tells_a_process_holding_it_unapplied() -> None:
+    entries = {
+        "n/slow": {"revision": 5, "pending": {"revision": 7, "since": 1000.0}},
+        "n/idle": {"revision": 5, "pending": {"revision": 6, "since": 990.0}},  # an older one
+        "n/odd": {"revision": 5, "pending": {"revision": 7, "since": "soon"}},  # by hand
+    }
+    clock = FakeClock(lambda: entries)
+    result = wait_applied(clock.next_entries, 7, 2, clock=clock.now)
+    assert sorted(result.behind) == ["n/idle", "n/odd", "n/slow"]
+    assert result.holding == {"n/slow": 1000.0} and result.as_dict()["holding"] == ["n/slow"]
+    assert result.failure(2, now=1012.4) == (
+        "revision 7 is written, but not applied within 2 s by 3 of 3 processes: n/idle (at "
+        "revision 5), n/odd (at revision 5), n/slow (at revision 5; has it, unapplied for 12 s)"
+    )
+    # When every one behind holds it, the line says what that means.
+    held = {"n/slow": entries["n/slow"], "n/fast": {"revision": 7, "step": 9}}
+    clock = FakeClock(lambda: held)
+    result = wait_applied(clock.next_entries, 7, 2, clock=clock.now)
+    assert result.failure(2, now=1003.0) == (
+        "revision 7 is written, but not applied within 2 s by 1 of 2 processes: n/slow (at "
+        "revision 5; has it, unapplied for 3 s); it has it and takes it at its next apply (a "
+        "long step, or a server with no requests): wait longer, or see `hotknob status`"
     )
