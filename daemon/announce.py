@@ -8,7 +8,8 @@ without its value). Secret values are masked in all of them, and so, for a schem
 secrets, are the values of keys that are not leaves of it nor under a leaf that holds a
 mapping; long values are cut.
 The daemon's counters hear of each through ``on_accepted`` / ``on_rejected`` (the latter
-with the etcd revision and the reason: status entries say that a daemon rejected one).
+with the etcd revision, the reason and the keys the change edited: status entries say
+that a daemon rejected one, until those keys are edited again).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Announcer:
         secrets: frozenset[str],
         broadcast: EventSink,
         on_accepted: Callable[[str, int], None],
-        on_rejected: Callable[[str, int, str], None],
+        on_rejected: Callable[[str, int, str, tuple[str, ...]], None],
     ) -> None:
         self.log = log
         self._secrets = secrets
@@ -135,7 +136,7 @@ class Announcer:
                 "time": time.time(),
             }
         )
-        self._on_rejected(layer, revision, str(exc))
+        self._on_rejected(layer, revision, str(exc), tuple(edited))
 
     def ignored(self, revision: int, faults: Sequence[Problem]) -> None:
         """Etcd paths under the prefix that name no key (``train.lr``, ``train//lr``): each

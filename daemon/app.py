@@ -47,6 +47,7 @@ from .guards import GuardManager
 from .logs import get_logger
 from .metrics import Metrics, MetricsServer
 from .published import Published
+from .refused import RefusedKeys
 from .reports import REPORT_STATUS_EVERY_S
 from .socket_server import SocketServer
 from .state import StateStore
@@ -110,6 +111,7 @@ class Daemon:
         self._accepted_counters: dict[str, Any] = {}
         self._changes_inline = self.metrics.etcd_changes.labels("watch_thread")
         self._changes_in_loop = self.metrics.etcd_changes.labels("loop")
+        self.refused = RefusedKeys(ctx.app)  # etcd values refused: under ``_lock``
         self.feedback = ClientFeedback(
             app=ctx.app,
             node=options.node,
@@ -117,7 +119,7 @@ class Daemon:
             revision_of=self._revision_of,
             report_every=options.status_every,
             pinned=self._pinned,
-            revision_in_force=lambda: self.engine.revision if self.engine is not None else 0,
+            refused=lambda: self.refused.newest,
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
         # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every
@@ -413,7 +415,11 @@ class Daemon:
             return
         assert self.engine is not None
         with self._lock:
+            before = self.refused.newest
+            self.refused.clear()  # what the read refuses is said again as it is read
             self.engine.on_etcd_snapshot(kvs, revision)
+            if self.refused.newest != before:
+                self._post(self.feedback.refusals_changed)
 
     def _on_etcd_changes(self, changes: Iterable[EtcdChange]) -> None:
         if not self._started:
@@ -421,8 +427,10 @@ class Daemon:
             self._early.append(lambda: self._on_etcd_changes(early))
             return
         assert self.engine is not None
+        changes = list(changes)
         with self._lock:
             self.engine.on_etcd_changes(_counted(changes, self._changes_in_loop))
+            self._took(changes)
 
     def _take_inline(self, change: EtcdChange) -> bool:
         """A lone etcd change, on the watch thread: accept or reject it and push it here.
@@ -440,10 +448,25 @@ class Daemon:
 
     def _on_lone_etcd_change(self, change: EtcdChange) -> None:
         assert self.engine is not None
+        # Before the push, whose acks the loop may take before this returns: the keys the
+        # change edits run what etcd says, unless the engine rejects it (which refuses
+        # them again, at this revision). Under ``_lock`` (``_take_inline``).
+        if self.refused:
+            self._took((change,))
         try:  # not a group: the engine may push it with the least work first
             self.engine.on_etcd_change(change.revision, change.puts, change.deletes)
         finally:
             self._changes_inline.inc()
+
+    def _took(self, changes: Iterable[EtcdChange]) -> None:
+        """The keys each of ``changes`` edited run what etcd says now, unless the engine
+        rejected that change (``RefusedKeys.taken``). On the loop, after the engine had
+        them (a group's acks come after); on the watch thread, before (see above)."""
+        changed = False
+        for change in changes:
+            changed |= self.refused.taken(change.revision, [*change.puts, *change.deletes])
+        if changed:
+            self._post(self.feedback.refusals_changed)
 
     def _on_etcd_connection(self, up: bool, detail: str) -> None:
         """The watcher's transitions. Its first ``up`` (whenever the start's read and
@@ -549,11 +572,13 @@ class Daemon:
         above = frozenset(engine.precedence[engine.precedence.index("etcd") + 1 :])
         return {key: layer for key, layer in snapshot.sources.items() if layer in above}
 
-    def _on_rejected(self, layer: str, revision: int, reason: str) -> None:
-        """From the engine, on the loop or the watch thread (a lone change)."""
+    def _on_rejected(self, layer: str, revision: int, reason: str, keys: tuple[str, ...]) -> None:
+        """From the engine, on the loop or the watch thread (a lone change), under
+        ``_lock``: ``keys``, the keys the change edited, keep the values in force."""
         self.metrics.rejected.labels(layer).inc()
         if layer == "etcd" and revision:
-            self._post(self.feedback.on_etcd_rejected, revision, reason)
+            if self.refused.refused(revision, reason, keys):
+                self._post(self.feedback.refusals_changed)
         elif layer == "files":
             self._post(self.feedback.config_files_problem, "rejected", reason)
 

@@ -117,7 +117,7 @@ class Engine:
         publish: Callable[[Published], None] = _noop,
         broadcast: EventSink = _noop,
         on_accepted: Callable[[str, int], None] = lambda layer, version: None,
-        on_rejected: Callable[[str, int, str], None] = lambda layer, revision, reason: None,
+        on_rejected: Callable[[str, int, str, tuple[str, ...]], None] = lambda *rejection: None,
         on_unchanged: Callable[[int], None] = lambda revision: None,
     ):
         self.schema = schema

@@ -31,6 +31,7 @@ from .logs import get_logger
 from .metrics import Metrics
 from .pending import CHECK_EVERY_S, PendingStates, Sent
 from .published import ClientInfo
+from .refused import cut
 from .reports import (
     MAX_METRICS,
     MAX_NAME_CHARS,
@@ -56,11 +57,10 @@ class ClientFeedback:
         revision_of: Callable[[int], int | None],
         report_every: float = REPORT_STATUS_EVERY_S,
         pinned: Callable[[], dict[str, str]] = dict,
-        revision_in_force: Callable[[], int] = lambda: 0,
+        refused: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self.pinned = pinned
-        self.revision_in_force = revision_in_force
-        self._rejected: dict[str, Any] | None = None  # the newest etcd revision rejected
+        self.refused = refused  # the etcd values this daemon refused and runs without
         self._config_files: dict[str, str] = {}  # "rejected", "unreadable": why
         self.node = node
         self.report_every = report_every
@@ -149,14 +149,11 @@ class ClientFeedback:
             if revision is not None and entry.get("revision") != revision:
                 self._republish(name, {**entry, "revision": revision})
 
-    def on_etcd_rejected(self, revision: int, reason: str) -> None:
-        """This daemon rejected etcd's ``revision``: its processes stay at an earlier one.
-        Their entries say so (``rejected``: the revision and the reason, until a later
-        revision is taken), so that ``status`` and ``set --wait``, run elsewhere, can tell
-        a change refused here from one not applied yet."""
-        if self._rejected is not None and self._rejected["revision"] >= revision:
-            return
-        self._rejected = {"revision": revision, "reason": _cut(reason)}
+    def refusals_changed(self) -> None:
+        """What this daemon refused of etcd (``refused``, ``refused.py``) changed: its
+        processes' entries say so (``rejected``: the newest refused revision, why, and the
+        keys whose etcd values they run without), so that ``status`` and ``set --wait``,
+        run elsewhere, can tell a change refused here from one not applied yet."""
         self._republish_all()
 
     def config_files_problem(self, kind: str, reason: str | None) -> None:
@@ -169,7 +166,7 @@ class ClientFeedback:
         if reason is None:
             self._config_files.pop(kind, None)
         else:
-            self._config_files[kind] = _cut(reason)
+            self._config_files[kind] = cut(reason)
         if self._config_files != before:
             self._republish_all()
 
@@ -181,8 +178,9 @@ class ClientFeedback:
 
     @property
     def rejected(self) -> dict[str, Any] | None:
-        """The etcd revision this daemon rejected, if none taken since (``/healthz``)."""
-        return self._rejection()
+        """The newest etcd revision this daemon refused and still runs without, if any
+        (``/healthz``)."""
+        return self.refused()
 
     def _republish_all(self) -> None:
         for name, entry in self.reports.stored_fields():
@@ -275,19 +273,12 @@ class ClientFeedback:
         pinned = self.pinned()
         if pinned:
             fields["pinned"] = pinned
-        rejected = self._rejection()
+        rejected = self.refused()
         if rejected:
             fields["rejected"] = rejected
         if self._config_files:
             fields["config_files"] = dict(self._config_files)
         return fields
-
-    def _rejection(self) -> dict[str, Any] | None:
-        """The newest etcd revision rejected, unless a later one was taken since."""
-        rejected = self._rejected
-        if rejected is not None and self.revision_in_force() >= rejected["revision"]:
-            return None
-        return rejected
 
     def _flush_status(self) -> None:
         due, self._status_due = self._status_due, {}
@@ -324,10 +315,6 @@ class ClientFeedback:
         throttle = self._report_soon.pop(name, None)
         if throttle is not None:
             throttle.cancel()
-
-
-def _cut(text: str, limit: int = 500) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _shape(entry: dict[str, Any]) -> tuple[Any, frozenset[str]]:

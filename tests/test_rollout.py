@@ -147,7 +147,15 @@ def test_set_wait_fails_on_a_daemon_that_rejects_it_and_status_says_why(
     assert f"its daemon rejected revision {result['revision']}: sampling.temperature" in (
         status.stdout
     )
-    # A change that n2 takes clears it.
+    # A change of another key that both take leaves it: 1.5 is still in etcd, and n2
+    # runs without it.
+    done = hk(etcd, "set", "train.lr=0.05", "--wait", "30")
+    assert done.returncode == 0 and "applied by all 2 processes" in done.stdout, done.stderr
+    rejected = _entries(etcd)["n2/p2"]["rejected"]
+    assert rejected["revision"] == result["revision"], rejected
+    assert rejected["keys"] == ["sampling.temperature"], rejected
+    assert f"its daemon rejected revision {result['revision']}" in hk(etcd, "status").stdout
+    # A change of that key that n2 takes clears it.
     done = hk(etcd, "set", "sampling.temperature=0.5", "--wait", "30")
     assert done.returncode == 0, done.stderr
     assert "rejected" not in _entries(etcd)["n2/p2"]

@@ -282,7 +282,7 @@ def test_a_live_layer_s_keys_dropped_for_a_rule_are_announced_without_the_secret
         secrets=secrets,
         broadcast=events.append,
         on_accepted=lambda layer, version: None,
-        on_rejected=lambda layer, revision, reason: None,
+        on_rejected=lambda layer, revision, reason, keys: None,
     )
     etcd = {"service.api_key": SECRET, "service.backup_key": SECRET, "mode": "closed"}
     layers = [defaults_layer(Guarded), Layer("etcd", etcd)]
