@@ -274,7 +274,7 @@ def _write(
         for warning in [*pinned_warnings, *guard_warnings]:
             print(f"hotknob: warning: {warning}", file=sys.stderr)
         # --wait follows the status entries on this connection, after the commit.
-        applied = _wait(store, ctx.app, written, args.wait, args.json) if args.wait else None
+        applied = _wait(store, ctx.app, written, diff, args.wait, args.json) if args.wait else None
         if args.json:
             result: dict[str, Any] = {
                 "revision": written,
@@ -291,10 +291,13 @@ def _write(
     return 0
 
 
-def _wait(store: EtcdStore, app: str, written: int, timeout: float, quiet: bool) -> Applied:
-    """``--wait``: until every process runs revision ``written`` (``wait_applied``); says
-    how it went unless ``quiet`` (``--json`` has it in its object)."""
-    applied = wait_applied(WatchedEntries(store, app), written, timeout)
+def _wait(
+    store: EtcdStore, app: str, written: int, keys: Collection[str], timeout: float, quiet: bool
+) -> Applied:
+    """``--wait``: until every process runs revision ``written``, which wrote ``keys``
+    (``wait_applied``); says how it went unless ``quiet`` (``--json`` has it in its
+    object)."""
+    applied = wait_applied(WatchedEntries(store, app), written, timeout, keys=keys)
     if not (applied.applied or applied.rejected or applied.behind):
         print(
             f"hotknob: warning: no process of app {app!r} is connected to a daemon "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,20 +113,25 @@ class Applied:
         return f"{name} (at revision {runs}; has it, unapplied for {held:.0f} s)"
 
 
-def classify(entries: Entries, revision: int, into: Applied) -> None:
-    """Sort the processes of ``entries`` by where they stand with ``revision``."""
+def classify(entries: Entries, revision: int, into: Applied, keys: Collection[str] = ()) -> None:
+    """Sort the processes of ``entries`` by where they stand with ``revision``, which
+    wrote ``keys`` (none given: judged by revisions alone).
+
+    A process whose daemon refused one of ``keys`` at ``revision`` or later runs without
+    it whatever revision it runs (the daemon took a later change of another key, or a
+    full read of etcd at a later revision dropped it): rejected. Otherwise one that runs
+    ``revision`` or later applied it, and one behind it whose daemon refused a later
+    revision will not run it either."""
     into.applied, into.rejected, into.behind, into.holding = {}, {}, {}, {}
     for name, entry in entries.items():
         runs = entry.get("revision")
-        rejected = entry.get("rejected")
-        if is_int(runs) and runs >= revision:
+        refused = _refusal(entry.get("rejected"), revision)
+        if refused is not None and _refuses_any(refused, keys):
+            into.rejected[name] = str(refused.get("reason", "no reason given"))
+        elif is_int(runs) and runs >= revision:
             into.applied[name] = entry.get("step")
-        elif (
-            isinstance(rejected, Mapping)
-            and is_int(rejected.get("revision"))
-            and rejected["revision"] >= revision
-        ):
-            into.rejected[name] = str(rejected.get("reason", "no reason given"))
+        elif refused is not None:
+            into.rejected[name] = str(refused.get("reason", "no reason given"))
         else:
             into.behind[name] = runs if is_int(runs) else "-"
             holds = entry.get("pending")
@@ -139,16 +144,30 @@ def classify(entries: Entries, revision: int, into: Applied) -> None:
                 into.holding[name] = holds["since"]
 
 
+def _refusal(rejected: Any, revision: int) -> Mapping[str, Any] | None:
+    """An entry's ``rejected`` field, if it is of ``revision`` or later."""
+    if isinstance(rejected, Mapping) and is_int(rejected.get("revision")):
+        return rejected if rejected["revision"] >= revision else None
+    return None
+
+
+def _refuses_any(refused: Mapping[str, Any], keys: Collection[str]) -> bool:
+    held = refused.get("keys")
+    return isinstance(held, list) and any(key in held for key in keys)
+
+
 def wait_applied(
     next_entries: Callable[[float], Entries],
     revision: int,
     timeout: float,
     *,
     clock: Callable[[], float] = time.monotonic,
+    keys: Collection[str] = (),
 ) -> Applied:
     """Follow the entries (``next_entries(wait)``: the current ones, once something
-    changed or ``wait`` seconds passed) until every process runs ``revision`` or later,
-    or its daemon rejected it, or ``timeout`` seconds are up: where they stand then."""
+    changed or ``wait`` seconds passed) until every process runs ``revision`` (which
+    wrote ``keys``) or later, or its daemon rejected it, or ``timeout`` seconds are up:
+    where they stand then (``classify``)."""
     start = clock()
     result = Applied(revision)
     seen: set[str] = set()
@@ -158,7 +177,7 @@ def wait_applied(
         gone = seen - entries.keys()
         result.left = sorted({*result.left, *gone} - entries.keys())  # unless back since
         seen |= entries.keys()
-        classify(entries, revision, result)
+        classify(entries, revision, result, keys)
         result.seconds = clock() - start
         if result.done or result.seconds >= timeout:
             return result

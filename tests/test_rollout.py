@@ -355,3 +355,19 @@ def test_wait_applied_tells_a_process_holding_it_unapplied() -> None:
         "revision 5; has it, unapplied for 3 s); it has it and takes it at its next apply (a "
         "long step, or a server with no requests): wait longer, or see `hotknob status`"
     )
+
+
+def test_wait_applied_tells_a_refused_key_from_a_later_revision_run() -> None:
+    # Both run revision 12, past the written 10; n/p2's daemon refused temperature at 12
+    # (a full read of etcd after a reconnect, say): it runs without the written value.
+    refused = {"revision": 12, "reason": "too hot", "keys": ["sampling.temperature"]}
+    entries = {
+        "n/p1": {"revision": 12, "step": 4},
+        "n/p2": {"revision": 12, "step": 4, "rejected": refused},
+    }
+    clock = FakeClock(lambda: entries)
+    result = wait_applied(clock.next_entries, 10, 2, clock=clock.now, keys=["sampling.temperature"])
+    assert result.applied == {"n/p1": 4} and result.rejected == {"n/p2": "too hot"}
+    # A write of another key: n/p2 runs it (its refusal is of a key not written).
+    result = wait_applied(clock.next_entries, 10, 2, clock=clock.now, keys=["train.lr"])
+    assert result.ok and sorted(result.applied) == ["n/p1", "n/p2"]
