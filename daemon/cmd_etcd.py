@@ -31,6 +31,8 @@ from .context import Context, read_all_layers, warn_dropped
 from .etcd_checks import rejected_on_top, validate_etcd_state
 from .etcd_store import ConflictError, EtcdStore
 from .guard_records import (
+    PASSED,
+    GuardRecord,
     GuardSpec,
     add_guard_options,
     describe,
@@ -41,6 +43,7 @@ from .guard_records import (
 )
 from .table import dumps, fmt, render
 from .wait_applied import Applied, NotApplied, WatchedEntries, wait_applied
+from .wait_verdict import GuardVerdict, verdict_text, wait_verdict
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -275,6 +278,10 @@ def _write(
             print(f"hotknob: warning: {warning}", file=sys.stderr)
         # --wait follows the status entries on this connection, after the commit.
         applied = _wait(store, ctx.app, written, diff, args.wait, args.json) if args.wait else None
+        verdict: GuardRecord | None = None
+        if record is not None and applied is not None and applied.ok:
+            # A guarded change is settled by its guard: its verdict, in the time left.
+            verdict = wait_verdict(store, guard_path, max(0.0, args.wait - applied.seconds))
         if args.json:
             result: dict[str, Any] = {
                 "revision": written,
@@ -285,10 +292,26 @@ def _write(
                 result["guard"] = record.id
             if applied is not None:
                 result["wait"] = applied.as_dict()
+            if record is not None and applied is not None and applied.ok:
+                result["verdict"] = _verdict_dict(verdict)
             print(dumps(result))
         if applied is not None and not applied.ok:
             raise NotApplied(applied.failure(args.wait))
+        if record is not None and applied is not None:
+            text = verdict_text(record.id, verdict, args.wait)
+            if verdict is None or verdict.state != PASSED:
+                raise GuardVerdict(text)
+            if not args.json:
+                print(text)
     return 0
+
+
+def _verdict_dict(record: GuardRecord | None) -> dict[str, Any]:
+    """``--json``'s ``verdict``: the guard's state then (``gone``: no record), and its
+    outcome once it ended."""
+    if record is None:
+        return {"state": "gone"}
+    return {"state": record.state, "outcome": record.outcome or {}}
 
 
 def _wait(
