@@ -279,8 +279,11 @@ def _write(
         # --wait follows the status entries on this connection, after the commit.
         applied = _wait(store, ctx.app, written, diff, args.wait, args.json) if args.wait else None
         verdict: GuardRecord | None = None
-        if record is not None and applied is not None and applied.ok:
-            # A guarded change is settled by its guard: its verdict, in the time left.
+        # A guarded change is settled by its guard: its verdict, in the time left (once
+        # some process applied it: with none, nothing can judge it).
+        judged: GuardRecord | None = None
+        if record is not None and applied is not None and applied.ok and applied.applied:
+            judged = record
             verdict = wait_verdict(store, guard_path, max(0.0, args.wait - applied.seconds))
         if args.json:
             result: dict[str, Any] = {
@@ -292,13 +295,13 @@ def _write(
                 result["guard"] = record.id
             if applied is not None:
                 result["wait"] = applied.as_dict()
-            if record is not None and applied is not None and applied.ok:
+            if judged is not None:
                 result["verdict"] = _verdict_dict(verdict)
             print(dumps(result))
         if applied is not None and not applied.ok:
             raise NotApplied(applied.failure(args.wait))
-        if record is not None and applied is not None:
-            text = verdict_text(record.id, verdict, args.wait)
+        if judged is not None:
+            text = verdict_text(judged.id, verdict, args.wait)
             if verdict is None or verdict.state != PASSED:
                 raise GuardVerdict(text)
             if not args.json:
