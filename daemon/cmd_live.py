@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from hotknob.config import Unavailable, UsageError
 from hotknob.config.keys import status_prefix
@@ -18,8 +18,8 @@ from hotknob.model_runtime import protocol
 
 from .context import Context, static_layers
 from .guard_records import guards_table, read_records, shown_record
-from .reports import REPORT_STATUS_EVERY_S, metrics_summary
-from .status import is_time
+from .reports import REPORT_STATUS_EVERY_S
+from .status_view import TABLE_HEADERS, summary_lines, table_rows
 from .table import dumps, fmt, render
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -56,6 +56,12 @@ def register(add: Add) -> None:
         "guarded changes: read from etcd, where the daemons publish them (needs etcd)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="instead of a row per process: how many run each revision (naming those "
+        "behind), each error and who has it, what they report and who is longest silent",
+    )
 
     from .demo import cmd_demo, register_demo
 
@@ -98,19 +104,6 @@ def _connect(path: Path, timeout: float = 3.0) -> socket.socket:
             f"no hotknob daemon at {path} ({exc.strerror or exc}): start one with `hotknob run`"
         ) from exc
     return sock
-
-
-def _age(seconds: float) -> str:
-    """How long ago, to the unit that matters: ``7.1s``, ``5m06s``, ``3h04m``, ``2d03h``.
-    An entry from a host whose clock is ahead is ``0.0s``, not a negative age."""
-    if seconds < 59.95:  # what rounds to 60.0 is a minute
-        return f"{max(0.0, seconds):.1f}s"
-    whole = round(seconds)
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 def _describe(event: dict[str, Any]) -> str:
@@ -220,83 +213,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no process of app {ctx.app!r} has reported (revision {revision})")
         return 0
-    rows = []
-    for e in entries:
-        when = e.get("time")
-        age = _age(now - when) if is_time(when) else "-"
-        rank = e.get("rank")
-        rows.append(
-            [
-                e["key"] + (f" (rank {fmt(rank)})" if rank is not None else ""),
-                fmt(e.get("version", "-")),
-                _revision_text(e, now),
-                fmt(e.get("step", "-")),
-                age,
-                fmt(e.get("pid", "-")),
-                _errors_text(e),
-                _metrics_text(e, now),
-            ]
-        )
-    headers = ["PROCESS", "VERSION", "REVISION", "STEP", "AGE", "PID", "ERRORS", "METRICS"]
-    print(render(headers, rows))
+    if args.summary:
+        print("\n".join(summary_lines(entries, revision, now)))
+        return 0
+    print(render(TABLE_HEADERS, table_rows(entries, now)))
     return 0
-
-
-# A status entry is whatever a client reported, published as it came, or anything written
-# around hotknob: each field is shown only in the shape hotknob writes, or as text.
-
-
-def _is_number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _revision_text(entry: dict[str, Any], now: float) -> str:
-    """The etcd revision the process runs, and the one it holds unapplied, if its daemon
-    found one (``pending``: it takes it at its next ``apply``): ``212 (215 pending 41s)``."""
-    runs = entry.get("revision")
-    text = fmt(runs) if runs is not None else "-"
-    pending = entry.get("pending")
-    if isinstance(pending, dict) and "revision" in pending:
-        since = pending.get("since")
-        held = f" {_age(now - since)}" if is_time(since) else ""
-        text += f" ({fmt(pending['revision'])} pending{held})"
-    return text
-
-
-def _errors_text(entry: dict[str, Any]) -> str:
-    """A status entry's ``errors`` (a list of ``{"error": ...}`` objects: what the process's
-    callbacks raised), and what its daemon refused (``rejected``: an etcd revision;
-    ``config_files``: its files), if anything, on one line."""
-    errors = entry.get("errors") or []
-    items = errors if isinstance(errors, list) else [errors]
-    texts = [fmt(x["error"]) if isinstance(x, dict) and "error" in x else fmt(x) for x in items]
-    daemon = []
-    rejected = entry.get("rejected")
-    if isinstance(rejected, dict) and "revision" in rejected:
-        daemon.append(
-            f"its daemon rejected revision {fmt(rejected['revision'])}: "
-            f"{fmt(rejected.get('reason', ''))}"
-        )
-    files = entry.get("config_files")
-    if isinstance(files, dict):
-        if "rejected" in files:
-            daemon.append(f"its daemon rejected its config files: {fmt(files['rejected'])}")
-        if "unreadable" in files:
-            daemon.append(f"its daemon cannot read a config file: {fmt(files['unreadable'])}")
-    return "; ".join([*daemon, *texts])
-
-
-def _metrics_text(entry: dict[str, Any], now: float) -> str:
-    """The latest reported values, and the step and age of the report that brought them
-    (``loss=0.41 (step 3176, 1.2s ago)``): STEP and AGE are the applied change's, and a
-    process that stopped reporting shows here."""
-    metrics = entry.get("metrics")
-    if metrics is None:
-        return ""
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("latest", {}), dict):
-        return "?"
-    text = metrics_summary(entry)
-    step, when = metrics.get("step"), metrics.get("time")
-    if _is_number(step) and is_time(when):
-        text += f" (step {fmt(step)}, {_age(now - when)} ago)"
-    return text

@@ -98,10 +98,11 @@ class Applied:
                 f"processes: {shown}"
             )
             if self.holding and len(self.holding) == len(self.behind):
-                who = "it has" if len(self.behind) == 1 else "each has"
+                who = "it" if len(self.behind) == 1 else "each of them"
                 parts[-1] += (
-                    f"; {who} it and takes it at its next apply (a long step, or a server "
-                    "with no requests): wait longer, or see `hotknob status`"
+                    f"; the change was sent to {who}, to be taken at the next apply (a long "
+                    "step, a server with no requests, or a hung process): wait longer, or "
+                    "see `hotknob status`"
                 )
         return f"revision {self.revision} is written, but " + "; ".join(parts)
 
@@ -110,7 +111,7 @@ class Applied:
         if since is None:
             return f"{name} (at revision {runs})"
         held = max(0.0, now - since)
-        return f"{name} (at revision {runs}; has it, unapplied for {held:.0f} s)"
+        return f"{name} (at revision {runs}; sent it {held:.0f} s ago, not applied yet)"
 
 
 def classify(entries: Entries, revision: int, into: Applied, keys: Collection[str] = ()) -> None:

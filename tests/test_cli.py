@@ -508,6 +508,18 @@ def test_status_says_how_old_each_process_s_latest_report_is(etcd: EtcdServer) -
     assert rows["node1/b"].endswith("loss=0.41"), rows
 
 
+def test_status_summary_counts_the_processes_by_revision(etcd: EtcdServer) -> None:
+    status = f"/hotknob/{APP}/status/"
+    for name, revision in (("n1/a", 9), ("n1/b", 9), ("n2/a", 7)):
+        entry = {"client": name[3:], "node": name[:2], "version": 1, "revision": revision}
+        etcd.etcdctl("put", status + name, json.dumps(entry))
+    done = hk(etcd, "status", "--summary")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("3 processes on 2 nodes, etcd at revision "), lines
+    assert lines[1:] == ["revision 9: 2 processes", "revision 7: 1 process: n2/a", "reports: none"]
+
+
 def test_a_write_landing_while_set_checks_makes_it_fail_and_write_nothing(
     etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

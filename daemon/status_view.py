@@ -1,0 +1,185 @@
+"""How ``status`` shows the daemons' status entries: a row per process, or a summary of
+them all (``--summary``: on a hundred nodes the rows run to hundreds of lines, and what
+an operator looks for is who is not like the others).
+
+A status entry is whatever a client reported, published as it came, or anything written
+around hotknob: each field is shown only in the shape hotknob writes, or as text.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeGuard
+
+from .guard_records import some_names
+from .reports import metrics_summary
+from .status import is_int, is_time
+from .table import fmt
+
+TABLE_HEADERS = ["PROCESS", "VERSION", "REVISION", "STEP", "AGE", "PID", "ERRORS", "METRICS"]
+Entry = Mapping[str, Any]
+
+
+def table_rows(entries: Sequence[Entry], now: float) -> list[list[Any]]:
+    """One row per process (``TABLE_HEADERS``); ``now``: the wall time, for ages."""
+    rows = []
+    for e in entries:
+        when = e.get("time")
+        rank = e.get("rank")
+        rows.append(
+            [
+                e["key"] + (f" (rank {fmt(rank)})" if rank is not None else ""),
+                fmt(e.get("version", "-")),
+                revision_text(e, now),
+                fmt(e.get("step", "-")),
+                age_text(now - when) if is_time(when) else "-",
+                fmt(e.get("pid", "-")),
+                errors_text(e),
+                metrics_text(e, now),
+            ]
+        )
+    return rows
+
+
+def age_text(seconds: float) -> str:
+    """How long ago, to the unit that matters: ``7.1s``, ``5m06s``, ``3h04m``, ``2d03h``.
+    An entry from a host whose clock is ahead is ``0.0s``, not a negative age."""
+    if seconds < 59.95:  # what rounds to 60.0 is a minute
+        return f"{max(0.0, seconds):.1f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def revision_text(entry: Entry, now: float) -> str:
+    """The etcd revision the process runs, and the one it holds unapplied, if its daemon
+    found one (``pending``: it takes it at its next ``apply``): ``212 (215 pending 41s)``."""
+    runs = entry.get("revision")
+    text = fmt(runs) if runs is not None else "-"
+    pending = entry.get("pending")
+    if isinstance(pending, dict) and "revision" in pending:
+        since = pending.get("since")
+        held = f" {age_text(now - since)}" if is_time(since) else ""
+        text += f" ({fmt(pending['revision'])} pending{held})"
+    return text
+
+
+def errors_text(entry: Entry) -> str:
+    """A status entry's ``errors`` (a list of ``{"error": ...}`` objects: what the process's
+    callbacks raised), and what its daemon refused (``rejected``: an etcd revision;
+    ``config_files``: its files), if anything, on one line."""
+    errors = entry.get("errors") or []
+    items = errors if isinstance(errors, list) else [errors]
+    texts = [fmt(x["error"]) if isinstance(x, dict) and "error" in x else fmt(x) for x in items]
+    daemon = []
+    rejected = entry.get("rejected")
+    if isinstance(rejected, dict) and "revision" in rejected:
+        daemon.append(
+            f"its daemon rejected revision {fmt(rejected['revision'])}: "
+            f"{fmt(rejected.get('reason', ''))}"
+        )
+    files = entry.get("config_files")
+    if isinstance(files, dict):
+        if "rejected" in files:
+            daemon.append(f"its daemon rejected its config files: {fmt(files['rejected'])}")
+        if "unreadable" in files:
+            daemon.append(f"its daemon cannot read a config file: {fmt(files['unreadable'])}")
+    return "; ".join([*daemon, *texts])
+
+
+def metrics_text(entry: Entry, now: float) -> str:
+    """The latest reported values, and the step and age of the report that brought them
+    (``loss=0.41 (step 3176, 1.2s ago)``): STEP and AGE are the applied change's, and a
+    process that stopped reporting shows here."""
+    metrics = entry.get("metrics")
+    if metrics is None:
+        return ""
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("latest", {}), dict):
+        return "?"
+    text = metrics_summary(entry)
+    step, when = metrics.get("step"), metrics.get("time")
+    if _is_number(step) and is_time(when):
+        text += f" (step {fmt(step)}, {age_text(now - when)} ago)"
+    return text
+
+
+def summary_lines(entries: Sequence[Entry], revision: int, now: float) -> list[str]:
+    """``status --summary``: how many processes on how many nodes; how many run each etcd
+    revision (naming those behind the newest, and how many of them were sent a newer one
+    they have not applied); each distinct error, with how many have it and who; and what
+    they report, with the process longest silent (it stopped reporting: hung, or done)."""
+    nodes = {str(e.get("node") or e["key"].partition("/")[0]) for e in entries}
+    lines = [
+        f"{_processes(len(entries))} on {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
+        f"etcd at revision {revision}"
+    ]
+    by_revision: dict[Any, list[Entry]] = {}
+    for e in entries:
+        runs = e.get("revision")
+        by_revision.setdefault(runs if is_int(runs) else None, []).append(e)
+    numbered = sorted((r for r in by_revision if r is not None), reverse=True)
+    for runs in [*numbered, *([None] if None in by_revision else [])]:
+        group = by_revision[runs]
+        line = f"{'no revision' if runs is None else f'revision {runs}'}: {_processes(len(group))}"
+        if numbered and runs != numbered[0]:
+            line += f": {some_names([e['key'] for e in group])}"
+            line += _holding(group, now)
+        lines.append(line)
+    errors: dict[str, list[str]] = {}
+    for e in entries:
+        text = errors_text(e)
+        if text:
+            errors.setdefault(text, []).append(e["key"])
+    for text, names in sorted(errors.items(), key=lambda item: -len(item[1])):
+        lines.append(f"error of {_processes(len(names))} ({some_names(names)}): {text}")
+    lines.append(_reports_line(entries, now))
+    return lines
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def _holding(group: Sequence[Entry], now: float) -> str:
+    """`` (2 were sent revision 215, not applied yet: the longest for 41s)``, or nothing."""
+    held = [e["pending"] for e in group if isinstance(e.get("pending"), Mapping)]
+    revisions = [p["revision"] for p in held if is_int(p.get("revision"))]
+    if not revisions:
+        return ""
+    since = [p["since"] for p in held if is_time(p.get("since"))]
+    longest = f": the longest for {age_text(now - min(since))}" if since else ""
+    were = "was" if len(revisions) == 1 else "were"
+    return f" ({len(revisions)} {were} sent revision {max(revisions)}, not applied yet{longest})"
+
+
+def _reports_line(entries: Sequence[Entry], now: float) -> str:
+    """What the processes report: how many do, which metrics, and which one has been
+    silent longest, since when."""
+    names: Counter[str] = Counter()
+    oldest: tuple[float, str] | None = None
+    reporting = 0
+    for e in entries:
+        metrics = e.get("metrics")
+        latest = metrics.get("latest") if isinstance(metrics, Mapping) else None
+        if not isinstance(latest, Mapping) or not latest:
+            continue
+        reporting += 1
+        names.update(str(name) for name in latest)
+        when = metrics.get("time") if isinstance(metrics, Mapping) else None
+        if is_time(when) and (oldest is None or when < oldest[0]):
+            oldest = (when, e["key"])
+    if not reporting:
+        return "reports: none"
+    shown = ", ".join(sorted(names)[:8]) + (f" (+{len(names) - 8})" if len(names) > 8 else "")
+    text = f"reports: {reporting} of {_processes(len(entries))} report {shown}"
+    if oldest is not None:
+        text += f"; the longest silent: {oldest[1]}, last report {age_text(now - oldest[0])} ago"
+    return text

@@ -1,0 +1,54 @@
+"""``status --summary`` on entries given by hand: revisions, errors and reports, as an
+operator of a hundred nodes reads them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hotknob.daemon.status_view import summary_lines, table_rows
+
+NOW = 10_000.0
+
+
+def entry(key: str, revision: Any, **fields: Any) -> dict[str, Any]:
+    return {"key": key, "node": key.split("/")[0], "revision": revision, **fields}
+
+
+def test_a_summary_names_who_is_not_like_the_others() -> None:
+    loss = {"latest": {"loss": 0.4}, "step": 9, "time": NOW - 2}
+    entries = [
+        *[entry(f"n{i}/rank{j}", 212, metrics=loss) for i in range(3) for j in range(4)],
+        entry("n3/rank0", 210, metrics={**loss, "time": NOW - 125}),
+        entry("n3/rank1", 210, pending={"revision": 212, "since": NOW - 41}, metrics=loss),
+        entry(
+            "n4/rank0",
+            211,
+            rejected={"revision": 212, "reason": "train.lr (from etcd): too big"},
+            metrics={"latest": {"loss": 0.5, "grad_norm": 2.0}, "time": NOW - 1},
+        ),
+        entry("n4/rank1", "soon", errors=[{"error": "callback failed"}]),  # by hand
+    ]
+    assert summary_lines(entries, 230, NOW) == [
+        "16 processes on 5 nodes, etcd at revision 230",
+        "revision 212: 12 processes",
+        "revision 211: 1 process: n4/rank0",
+        "revision 210: 2 processes: n3/rank0, n3/rank1 (1 was sent revision 212, not applied "
+        "yet: the longest for 41.0s)",
+        "no revision: 1 process: n4/rank1",
+        "error of 1 process (n4/rank0): its daemon rejected revision 212: train.lr (from etcd): "
+        "too big",
+        "error of 1 process (n4/rank1): callback failed",
+        "reports: 15 of 16 processes report grad_norm, loss; the longest silent: n3/rank0, "
+        "last report 2m05s ago",
+    ]
+
+
+def test_a_summary_of_processes_all_alike() -> None:
+    entries = [entry("a/p1", 7), entry("a/p2", 7)]
+    assert summary_lines(entries, 7, NOW) == [
+        "2 processes on 1 node, etcd at revision 7",
+        "revision 7: 2 processes",
+        "reports: none",
+    ]
+    # The table has them as before, a row each.
+    assert [row[0] for row in table_rows(entries, NOW)] == ["a/p1", "a/p2"]
