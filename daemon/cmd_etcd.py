@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-from hotknob.config import InvalidChange, Problem, UsageError, etcd_layer
+from hotknob.config import InvalidChange, Problem, Unavailable, UsageError, etcd_layer
 from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import etcd_key, key_path_fault, meta_key, to_text
 from hotknob.config.merge import Snapshot, changed_keys, merge_dropping_invalid
@@ -284,7 +284,13 @@ def _write(
         judged: GuardRecord | None = None
         if record is not None and applied is not None and applied.ok and applied.applied:
             judged = record
-            verdict = wait_verdict(store, guard_path, max(0.0, args.wait - applied.seconds))
+            try:
+                verdict = wait_verdict(store, guard_path, max(0.0, args.wait - applied.seconds))
+            except Unavailable as exc:  # etcd lost meanwhile: the change stays
+                raise Unavailable(
+                    f"revision {written} is written and applied, but the wait for guard "
+                    f"{record.id}'s verdict failed: {exc}"
+                ) from exc
         if args.json:
             result: dict[str, Any] = {
                 "revision": written,
@@ -323,7 +329,11 @@ def _wait(
     """``--wait``: until every process runs revision ``written``, which wrote ``keys``
     (``wait_applied``); says how it went unless ``quiet`` (``--json`` has it in its
     object)."""
-    applied = wait_applied(WatchedEntries(store, app), written, timeout, keys=keys)
+    try:
+        applied = wait_applied(WatchedEntries(store, app), written, timeout, keys=keys)
+    except Unavailable as exc:  # etcd lost meanwhile: the change stays written
+        message = f"revision {written} is written, but the wait for it failed: {exc}"
+        raise Unavailable(message) from exc
     if not (applied.applied or applied.rejected or applied.behind):
         print(
             f"hotknob: warning: no process of app {app!r} is connected to a daemon "

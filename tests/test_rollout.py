@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from hotknob.config.schema import SamplingSchema, TrainParams
 from hotknob.daemon.wait_applied import Entries, wait_applied
-from tests.daemon_proc import DaemonProcess, RawClient, run_cli
+from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
 from tests.etcd_server import EtcdServer
 from tests.test_guards import etcd_ranges
 
@@ -270,6 +272,32 @@ def _wait_entry(
             return entry
         assert time.monotonic() < deadline, entry
         time.sleep(0.1)
+
+
+def test_set_wait_that_loses_etcd_says_the_change_is_written(
+    etcd: EtcdServer, two_nodes: tuple[Acking, Acking]
+) -> None:
+    first, _ = two_nodes
+    first.paused.set()  # so that the wait goes on until etcd is gone
+    done = subprocess.Popen(
+        hotknob_cmd("set", "train.lr=0.03", "--wait", "60", "--app", APP),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "HOTKNOB_ETCD_ENDPOINTS": etcd.endpoint},
+    )
+    deadline = time.monotonic() + 30
+    while "0.03" not in etcd.etcdctl("get", f"/hotknob/{APP}/config/train/lr").stdout:
+        assert time.monotonic() < deadline and done.poll() is None, done.communicate()
+        time.sleep(0.1)
+    etcd.kill()
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 3, (out, err)
+    (line,) = err.strip().splitlines()
+    assert line.startswith("hotknob: revision "), line
+    assert " is written, but the wait for it failed: " in line, line
+    assert "cannot reach etcd" in line, line
 
 
 def test_set_wait_with_no_process_and_a_bad_wait(etcd: EtcdServer) -> None:
