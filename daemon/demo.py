@@ -189,7 +189,8 @@ class Demo:
         self.say(f"training {trainer.name} for {args.steps} steps")
         trainer_proc = self.spawn(
             [sys.executable, str(trainer), "--socket", str(sock), "--steps", str(args.steps),
-             "--step-delay", str(args.step_delay), "--log", str(log_path), "--print-every", "50"],
+             "--step-delay", str(args.step_delay), "--log-file", str(log_path),
+             "--print-every", "50"],
             env=self.env,
         )  # fmt: skip
         plan = [

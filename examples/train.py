@@ -5,8 +5,15 @@ then ``python examples/train.py --app demo``; while it trains, change the
 learning rate with ``hotknob set --app demo train.lr=0.01`` and watch the
 ``lr`` column change at the next step.
 
-Each step prints ``step loss lr version``; ``--log FILE`` also writes one JSON
+Each step prints ``step loss lr version``; ``--log-file FILE`` also writes one JSON
 object per step, which ``hotknob demo`` plots.
+
+Under ``torchrun`` (``python -m torch.distributed.run --nproc-per-node 2 examples/train.py
+--app demo --log-file run-{rank}.jsonl``) every rank trains its own batches of a
+``DistributedDataParallel`` model over gloo, and the ranks take each change at the same
+step (``LiveConfig.connect(distributed=True)``); rank 0 prints, and ``{rank}`` in
+``--log-file`` names each rank's file (``--log`` would be taken by torchrun for its own
+``--log-dir``).
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hotknob.model_runtime import LiveConfig
@@ -39,16 +48,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step")
     parser.add_argument("--scheduler", choices=["none", "cosine", "step"], default="none")
-    parser.add_argument("--log", default=None, help="write one JSON line per step here")
+    parser.add_argument(
+        "--log-file", default=None, help="write one JSON line per step here ({rank}: the rank's)"
+    )
     parser.add_argument("--print-every", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
+    rank = 0
+    if distributed:
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+    torch.manual_seed(args.seed)  # the same data and first weights on every rank
     generator = torch.Generator().manual_seed(args.seed)
     x, y = make_data(4096, 16, generator)
-    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
-    live = LiveConfig.connect(socket=args.socket, app=args.app, timeout=30)
+    generator.manual_seed(args.seed + rank)  # each rank its own batches
+    net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
+    model: nn.Module = nn.parallel.DistributedDataParallel(net) if distributed else net
+    live = LiveConfig.connect(socket=args.socket, app=args.app, timeout=30, distributed=distributed)
     optimizer = torch.optim.SGD(model.parameters(), lr=live["train.lr"], momentum=0.0)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     if args.scheduler == "cosine":
@@ -56,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.scheduler == "step":
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.steps // 4, gamma=0.5)
     live.bind_optimizer(optimizer, scheduler)
-    log = open(args.log, "a", buffering=1) if args.log else None  # noqa: SIM115 - closed below
-    print(f"connected: version {live.version}, lr {live['train.lr']}", flush=True)
+    path = args.log_file.replace("{rank}", str(rank)) if args.log_file else None
+    log = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - closed below
+    say = print if rank == 0 else lambda *a, **k: None
+    say(f"connected: version {live.version}, lr {live['train.lr']}", flush=True)
     try:
         for step in range(args.steps):
             changed = live.apply(step)  # the safe point: pending changes land here, acked
@@ -78,17 +98,19 @@ def main(argv: list[str] | None = None) -> int:
             record = {"step": step, "loss": value, "lr": lr, "version": live.version}
             if changed:
                 record["applied"] = live.version
-                print(f"step {step}: applied version {live.version}, lr now {lr:.6g}", flush=True)
+                say(f"step {step}: applied version {live.version}, lr now {lr:.6g}", flush=True)
             if log:
                 log.write(json.dumps(record) + "\n")
             if step % args.print_every == 0 or not math.isfinite(value):
-                print(f"step {step:5d}  loss {value:.5f}  lr {lr:.6g}  v{live.version}", flush=True)
+                say(f"step {step:5d}  loss {value:.5f}  lr {lr:.6g}  v{live.version}", flush=True)
             if args.step_delay:
                 time.sleep(args.step_delay)
     finally:
         if log:
             log.close()
         live.close()
+        if distributed:
+            dist.destroy_process_group()
     return 0
 
 

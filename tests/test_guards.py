@@ -159,7 +159,10 @@ def test_a_diverging_lr_is_reverted_by_its_guard_and_training_recovers(
     daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint, configs=[config]).start()
     train_args = ["--socket", str(daemon.socket_path), "--steps", "20000", "--step-delay", "0.01"]
     train = subprocess.Popen(
-        [sys.executable, str(TRAIN), *train_args, "--log", str(step_log), "--print-every", "1000"],
+        [
+            *(sys.executable, str(TRAIN), *train_args),
+            *("--log-file", str(step_log), "--print-every", "1000"),
+        ],
         env={**os.environ, "HOTKNOB_REPORT_EVERY_S": "0.1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -37,7 +37,7 @@ def test_the_tuner_halves_the_rate_of_a_live_run_and_waits_for_it(
             [
                 *(sys.executable, str(ROOT / "examples" / "train.py"), "--app", APP),
                 *("--socket", str(daemon.socket_path), "--steps", "100000"),
-                *("--step-delay", "0.005", "--log", str(log), "--print-every", "100000"),
+                *("--step-delay", "0.005", "--log-file", str(log), "--print-every", "100000"),
             ],
             env=env,
             stdout=subprocess.DEVNULL,
