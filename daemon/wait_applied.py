@@ -74,7 +74,8 @@ class Applied:
         """One line, once all took it (``ok``): how many, in how long, who left meanwhile."""
         count = len(self.applied)
         took = "the only process" if count == 1 else f"all {count} processes"
-        text = f"applied by {took} within {self.seconds:.1f} s"
+        shown = f"{self.seconds:.2f}" if self.seconds < 1 else f"{self.seconds:.1f}"
+        text = f"applied by {took} within {shown} s"
         if self.left:
             text += f" ({some_names(self.left)} left meanwhile)"
         return text

@@ -339,7 +339,7 @@ def test_wait_applied_follows_processes_that_come_and_go() -> None:
     result = wait_applied(clock.next_entries, 10, 30, clock=clock.now)
     assert result.ok and sorted(result.applied) == ["n/p1", "n/p2", "n/p4"]
     assert result.left == ["n/p3"] and result.seconds == pytest.approx(0.5)
-    assert result.summary() == "applied by all 3 processes within 0.5 s (n/p3 left meanwhile)"
+    assert result.summary() == "applied by all 3 processes within 0.50 s (n/p3 left meanwhile)"
 
 
 def test_wait_applied_stops_at_its_time_and_tells_rejected_from_behind() -> None:
