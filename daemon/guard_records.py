@@ -67,6 +67,8 @@ from hotknob.config.secrecy import SECRET_MASK, hides
 from .etcd_store import EtcdStore
 from .guard_lang import Guard, escaped, parse_guard
 from .reports import decode_value
+from .status import is_int, is_time
+from .table import age_text
 
 ARMED, REVERTED, PASSED, SUPERSEDED = "armed", "reverted", "passed", "superseded"
 BLOCKED, ABANDONED = "blocked", "abandoned"
@@ -499,14 +501,19 @@ def shown_record(record: GuardRecord, secrets: frozenset[str] = frozenset()) -> 
     return data
 
 
-def waiting_hint(record: GuardRecord, entries: Sequence[Mapping[str, Any]]) -> str:
+def waiting_hint(
+    record: GuardRecord, entries: Sequence[Mapping[str, Any]], now: float | None = None
+) -> str:
     """For an armed guard that no process has reported to yet (as the status ``entries``
     show): what it waits for, e.g. a metric nobody reports. Once one has: the processes
     it waits to hear from (they applied the change and reported what it reads before it,
-    nothing since), else those still inside their window, else empty."""
+    nothing since), else those still inside their window, with the one furthest from its
+    end (a process that stopped reporting inside its window holds the guard: hung, say),
+    else empty. ``now``: the wall time, for the age of its last report."""
     watched = []
     heard = False
-    silent, inside = [], []
+    silent: list[str] = []
+    inside: list[Mapping[str, Any]] = []
     for entry in entries:
         windows = entry.get("guards")
         window = windows.get(record.id) if isinstance(windows, dict) else None
@@ -515,14 +522,18 @@ def waiting_hint(record: GuardRecord, entries: Sequence[Mapping[str, Any]]) -> s
             if window.get("reported") is True:
                 heard = True
                 if open_:
-                    inside.append(str(entry.get("key")))
+                    inside.append(entry)
             elif open_ and entry.get("key") in (record.reporting or ()):
                 silent.append(str(entry["key"]))
             watched.append(entry)
     if heard:
         if silent:
             return "waiting for the first report since the change from " + some_names(silent)
-        return "waiting for the end of the window of " + some_names(inside) if inside else ""
+        if not inside:
+            return ""
+        names = [str(entry.get("key")) for entry in inside]
+        text = "waiting for the end of the window of " + some_names(names)
+        return text + _furthest(record, inside, time.time() if now is None else now)
     try:
         metrics = sorted(parse_guard(record.guard).metrics)
     except InvalidInput:
@@ -540,6 +551,31 @@ def waiting_hint(record: GuardRecord, entries: Sequence[Mapping[str, Any]]) -> s
         shown = ", ".join(escaped(n[:40]) for n in sorted(reported)[:_NAMES_SHOWN])
         return f"no report yet: no process reports {', '.join(missing)} (they report {shown})"
     return f"no report yet of {', '.join(metrics)} from the {len(watched)} process(es) watched"
+
+
+def _furthest(record: GuardRecord, inside: Sequence[Mapping[str, Any]], now: float) -> str:
+    """``; the furthest from its end: n17/rank3, at step 120 of a window to 210, last report
+    5m02s ago``, from the entries' windows and reports; empty if none says its step."""
+    furthest: tuple[int, Mapping[str, Any], int, int] | None = None
+    for entry in inside:
+        window = entry["guards"][record.id]
+        metrics = entry.get("metrics")
+        step = metrics.get("step") if isinstance(metrics, Mapping) else None
+        start = window.get("from")
+        if not (is_int(step) and is_int(start)):
+            continue
+        end = start + record.window
+        if furthest is None or end - step > furthest[0]:
+            furthest = (end - step, entry, step, end)
+    if furthest is None:
+        return ""
+    _, entry, step, end = furthest
+    text = f"; the furthest from its end: {escaped(str(entry.get('key')))}, at step {step} of a "
+    text += f"window to {end}"
+    when = entry["metrics"].get("time")
+    if is_time(when):
+        text += f", last report {age_text(now - when)} ago"
+    return text
 
 
 def some_names(names: Collection[str], limit: int = _NAMES_SHOWN) -> str:

@@ -15,7 +15,7 @@ from typing import Any, TypeGuard
 from .guard_records import some_names
 from .reports import metrics_summary
 from .status import is_int, is_time
-from .table import fmt
+from .table import age_text, fmt
 
 TABLE_HEADERS = ["PROCESS", "VERSION", "REVISION", "STEP", "AGE", "PID", "ERRORS", "METRICS"]
 Entry = Mapping[str, Any]
@@ -40,19 +40,6 @@ def table_rows(entries: Sequence[Entry], now: float) -> list[list[Any]]:
             ]
         )
     return rows
-
-
-def age_text(seconds: float) -> str:
-    """How long ago, to the unit that matters: ``7.1s``, ``5m06s``, ``3h04m``, ``2d03h``.
-    An entry from a host whose clock is ahead is ``0.0s``, not a negative age."""
-    if seconds < 59.95:  # what rounds to 60.0 is a minute
-        return f"{max(0.0, seconds):.1f}s"
-    whole = round(seconds)
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 def _is_number(value: Any) -> TypeGuard[int | float]:

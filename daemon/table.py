@@ -37,6 +37,19 @@ _ESCAPES = {
 }
 
 
+def age_text(seconds: float) -> str:
+    """How long ago, to the unit that matters: ``7.1s``, ``5m06s``, ``3h04m``, ``2d03h``.
+    An entry from a host whose clock is ahead is ``0.0s``, not a negative age."""
+    if seconds < 59.95:  # what rounds to 60.0 is a minute
+        return f"{max(0.0, seconds):.1f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
 def render(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table, columns aligned; control characters in cells escaped."""
     body = [[str(c).translate(_ESCAPES) for c in row] for row in rows]

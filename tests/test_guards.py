@@ -723,7 +723,8 @@ def test_a_guard_passes_only_when_every_node_s_processes_are_done(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
     with two_nodes_mid_window(etcd, tmp_path) as (_, _, _, c2, out):
-        hint = "waiting for the end of the window of n2/c2"  # n1's c1 is done
+        hint = "waiting for the end of the window of n2/c2; the furthest from its end: n2/c2, "
+        hint += "at step 11 of a window to 30, last report "  # n1's c1 is done
         wait_for(
             "status to say whom the guard waits for",
             lambda: (

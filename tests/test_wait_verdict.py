@@ -1,5 +1,6 @@
 """``set --guard ... --wait``: once the change is applied, the guard's verdict. Real etcd,
-a real daemon, a process speaking the protocol (acks and reports by hand)."""
+a real daemon, a process speaking the protocol (acks and reports by hand). And what
+``status`` says an armed guard waits for, which a wait that ran out sends one to."""
 
 from __future__ import annotations
 
@@ -119,4 +120,40 @@ def test_a_verdict_line_for_each_ending() -> None:
     )
     assert verdict_text("g1", None, 9) == (
         "guard g1: its record is gone from etcd, so no verdict will come"
+    )
+
+
+def test_an_armed_guard_says_which_process_is_furthest_from_its_window_s_end() -> None:
+    from hotknob.daemon.guard_records import waiting_hint
+
+    record = GuardRecord.from_json(
+        json.dumps(
+            {
+                "id": "g1",
+                "guard": "loss < 2",
+                "window": 100,
+                "keys": {"train.lr": {"old": 1, "new": 2}},
+            }
+        )
+    )
+
+    def entry(key: str, start: int, step: int, when: float, done: bool = False) -> dict[str, Any]:
+        window = {"from": start, "reported": True, "done": done}
+        metrics = {"latest": {"loss": 1.0}, "step": step, "time": when}
+        return {"key": key, "guards": {"g1": window}, "metrics": metrics}
+
+    entries = [
+        entry("n1/a", 10, 200, 990.0, done=True),
+        entry("n1/b", 10, 95, 995.0),
+        entry("n2/a", 12, 30, 700.0),  # stopped reporting at step 30: hung, say
+    ]
+    assert waiting_hint(record, entries, now=1000.0) == (
+        "waiting for the end of the window of n1/b, n2/a; the furthest from its end: n2/a, "
+        "at step 30 of a window to 112, last report 5m00s ago"
+    )
+    # A report without a step (written by hand): the names alone.
+    entries[2]["metrics"].pop("step")
+    entries[1]["metrics"].pop("step")
+    assert waiting_hint(record, entries, now=1000.0) == (
+        "waiting for the end of the window of n1/b, n2/a"
     )
