@@ -501,7 +501,8 @@ class Daemon:
         that whoever is editing the file sees why the edit did not land."""
         if not self._started or self.server is None or self.engine is None:
             return  # before the start the log line is all there is: no watcher yet
-        self.feedback.config_files_problem("unreadable", f"{path}: {exc}")
+        reason = str(exc) if str(path) in str(exc) else f"{path}: {exc}"  # the path once
+        self.feedback.config_files_problem("unreadable", reason)
         current = self.engine.current
         self._broadcast(
             {

@@ -60,7 +60,7 @@ def register(add: Add) -> None:
         "--summary",
         action="store_true",
         help="instead of a row per process: how many run each revision (naming those "
-        "behind), each error and who has it, what they report and who is longest silent",
+        "behind), each error and who has it, what they report and whose report is oldest",
     )
 
     from .demo import cmd_demo, register_demo

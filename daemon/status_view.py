@@ -102,7 +102,8 @@ def summary_lines(entries: Sequence[Entry], revision: int, now: float) -> list[s
     """``status --summary``: how many processes on how many nodes; how many run each etcd
     revision (naming those behind the newest, and how many of them were sent a newer one
     they have not applied); each distinct error, with how many have it and who; and what
-    they report, with the process longest silent (it stopped reporting: hung, or done)."""
+    they report, with the oldest latest report and whose it is (a process that stopped
+    reporting: hung, or done)."""
     nodes = {str(e.get("node") or e["key"].partition("/")[0]) for e in entries}
     lines = [
         f"{_processes(len(entries))} on {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
@@ -167,6 +168,6 @@ def _reports_line(entries: Sequence[Entry], now: float) -> str:
         return "reports: none"
     shown = ", ".join(sorted(names)[:8]) + (f" (+{len(names) - 8})" if len(names) > 8 else "")
     text = f"reports: {reporting} of {_processes(len(entries))} report {shown}"
-    if oldest is not None:
-        text += f"; the longest silent: {oldest[1]}, last report {age_text(now - oldest[0])} ago"
+    if oldest is not None:  # published at most every --status-every (5 s): older is silence
+        text += f"; the oldest: {oldest[1]}'s, {age_text(now - oldest[0])} ago"
     return text

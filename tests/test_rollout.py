@@ -241,7 +241,8 @@ def test_status_says_when_a_daemon_refuses_its_config_files(
         assert "its daemon rejected its config files: train.lr (from files)" in status
         _save(config, "train: [unclosed\n")
         entry = _wait_entry(etcd, "n1/p1", lambda e: "unreadable" in e.get("config_files", {}))
-        assert str(config) in entry["config_files"]["unreadable"]
+        unreadable = entry["config_files"]["unreadable"]
+        assert unreadable.count(str(config)) == 1 and "not valid YAML" in unreadable, unreadable
         assert "rejected" in entry["config_files"]  # the last contents read are still refused
         status = hk(etcd, "status").stdout
         assert f"its daemon cannot read a config file: {config}" in status

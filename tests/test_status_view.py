@@ -38,8 +38,7 @@ def test_a_summary_names_who_is_not_like_the_others() -> None:
         "error of 1 process (n4/rank0): its daemon rejected revision 212: train.lr (from etcd): "
         "too big",
         "error of 1 process (n4/rank1): callback failed",
-        "reports: 15 of 16 processes report grad_norm, loss; the longest silent: n3/rank0, "
-        "last report 2m05s ago",
+        "reports: 15 of 16 processes report grad_norm, loss; the oldest: n3/rank0's, 2m05s ago",
     ]
 
 
