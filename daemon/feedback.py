@@ -31,7 +31,7 @@ from .logs import get_logger
 from .metrics import Metrics
 from .pending import CHECK_EVERY_S, PendingStates, Sent
 from .published import ClientInfo
-from .refused import cut
+from .refused import REASON_CHARS
 from .reports import (
     MAX_METRICS,
     MAX_NAME_CHARS,
@@ -40,6 +40,7 @@ from .reports import (
     decode_report,
 )
 from .status import StatusPublisher
+from .table import cut
 from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
@@ -166,7 +167,7 @@ class ClientFeedback:
         if reason is None:
             self._config_files.pop(kind, None)
         else:
-            self._config_files[kind] = cut(reason)
+            self._config_files[kind] = cut(reason, REASON_CHARS)
         if self._config_files != before:
             self._republish_all()
 

@@ -20,7 +20,10 @@ from typing import Any
 
 from hotknob.config.keys import key_from_etcd
 
+from .table import cut
+
 REASON_CHARS = 500
+"""The longest reason a status entry carries: it says why, not all of it."""
 
 
 class RefusedKeys:
@@ -39,7 +42,7 @@ class RefusedKeys:
     def refused(self, revision: int, reason: str, keys: Iterable[str]) -> bool:
         """Etcd's ``revision`` was rejected: its ``keys`` keep the values in force. True
         if ``newest`` changed."""
-        entry = (revision, cut(reason))
+        entry = (revision, cut(reason, REASON_CHARS))
         for key in keys:
             self._keys[key] = entry
         return self._update()
@@ -72,8 +75,3 @@ class RefusedKeys:
         changed = newest != self.newest
         self.newest = newest
         return changed
-
-
-def cut(text: str, limit: int = REASON_CHARS) -> str:
-    """``text`` cut to ``limit`` characters: a status entry says why, not all of it."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."

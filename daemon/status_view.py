@@ -15,8 +15,9 @@ from typing import Any, TypeGuard
 from .guard_records import some_names
 from .reports import metrics_summary
 from .status import is_int, is_time
-from .table import age_text, fmt
+from .table import age_text, cut, fmt
 
+ERRORS_CHARS = 100
 TABLE_HEADERS = ["PROCESS", "VERSION", "REVISION", "STEP", "AGE", "PID", "ERRORS", "METRICS"]
 Entry = Mapping[str, Any]
 
@@ -35,7 +36,7 @@ def table_rows(entries: Sequence[Entry], now: float) -> list[list[Any]]:
                 fmt(e.get("step", "-")),
                 age_text(now - when) if is_time(when) else "-",
                 fmt(e.get("pid", "-")),
-                errors_text(e),
+                errors_cell(e),
                 metrics_text(e, now),
             ]
         )
@@ -59,10 +60,10 @@ def revision_text(entry: Entry, now: float) -> str:
     return text
 
 
-def errors_text(entry: Entry) -> str:
-    """A status entry's ``errors`` (a list of ``{"error": ...}`` objects: what the process's
-    callbacks raised), and what its daemon refused (``rejected``: an etcd revision;
-    ``config_files``: its files), if anything, on one line."""
+def error_parts(entry: Entry) -> list[str]:
+    """What its daemon refused (``rejected``: an etcd revision; ``config_files``: its
+    files), then a status entry's ``errors`` (a list of ``{"error": ...}`` objects: what
+    the process's callbacks raised): one text each."""
     errors = entry.get("errors") or []
     items = errors if isinstance(errors, list) else [errors]
     texts = [fmt(x["error"]) if isinstance(x, dict) and "error" in x else fmt(x) for x in items]
@@ -79,7 +80,19 @@ def errors_text(entry: Entry) -> str:
             daemon.append(f"its daemon rejected its config files: {fmt(files['rejected'])}")
         if "unreadable" in files:
             daemon.append(f"its daemon cannot read a config file: {fmt(files['unreadable'])}")
-    return "; ".join([*daemon, *texts])
+    return [*daemon, *texts]
+
+
+def errors_cell(entry: Entry) -> str:
+    """A row's ERRORS: every error, if they fit in ``ERRORS_CHARS``; else the first, cut
+    to fit (a long parse error would widen every row), and how many more. ``--summary``
+    and ``--json`` have them whole."""
+    parts = error_parts(entry)
+    whole = "; ".join(parts)
+    if len(whole) <= ERRORS_CHARS:
+        return whole
+    more = f" (+{len(parts) - 1} more: status --summary)" if len(parts) > 1 else ""
+    return cut(parts[0], ERRORS_CHARS) + more
 
 
 def metrics_text(entry: Entry, now: float) -> str:
@@ -123,8 +136,7 @@ def summary_lines(entries: Sequence[Entry], revision: int, now: float) -> list[s
         lines.append(line)
     errors: dict[str, list[str]] = {}
     for e in entries:
-        text = errors_text(e)
-        if text:
+        for text in error_parts(e):
             errors.setdefault(text, []).append(e["key"])
     for text, names in sorted(errors.items(), key=lambda item: -len(item[1])):
         lines.append(f"error of {_processes(len(names))} ({some_names(names)}): {text}")

@@ -244,8 +244,11 @@ def test_status_says_when_a_daemon_refuses_its_config_files(
         unreadable = entry["config_files"]["unreadable"]
         assert unreadable.count(str(config)) == 1 and "not valid YAML" in unreadable, unreadable
         assert "rejected" in entry["config_files"]  # the last contents read are still refused
-        status = hk(etcd, "status").stdout
-        assert f"its daemon cannot read a config file: {config}" in status
+        status = hk(etcd, "status").stdout  # a row: the first error, and how many more
+        assert "its daemon rejected its config files: train.lr (from files)" in status
+        assert "(+1 more: status --summary)" in status, status
+        status = hk(etcd, "status", "--summary").stdout  # each error whole
+        assert f"its daemon cannot read a config file: {config}: not valid YAML" in status
         # Back to the refused contents: readable again, still refused.
         _save(config, "train:\n  lr: -1\n")
         entry = _wait_entry(etcd, "n1/p1", lambda e: "unreadable" not in e["config_files"])

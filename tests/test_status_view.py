@@ -51,3 +51,23 @@ def test_a_summary_of_processes_all_alike() -> None:
     ]
     # The table has them as before, a row each.
     assert [row[0] for row in table_rows(entries, NOW)] == ["a/p1", "a/p2"]
+
+
+def test_a_row_s_errors_fit_or_are_cut_with_a_count() -> None:
+    from hotknob.daemon.status_view import ERRORS_CHARS, errors_cell
+
+    short = entry("a/p1", 7, errors=[{"error": "boom"}, {"error": "bad"}])
+    assert errors_cell(short) == "boom; bad"
+    unreadable = "/etc/hotknob/config.yaml: not valid YAML: " + "x" * 300
+    long = entry("a/p2", 7, config_files={"unreadable": unreadable}, errors=["boom"])
+    cell = errors_cell(long)
+    first, more = cell.split(" (+")
+    assert first.startswith("its daemon cannot read a config file: /etc/hotknob/config.yaml")
+    assert len(first) == ERRORS_CHARS and first.endswith("...")
+    assert more == "1 more: status --summary)"
+    # The summary has each whole, on its own line.
+    lines = summary_lines([long], 7, NOW)
+    assert f"error of 1 process (a/p2): its daemon cannot read a config file: {unreadable}" in (
+        lines
+    )
+    assert "error of 1 process (a/p2): boom" in lines
