@@ -464,6 +464,8 @@ class Daemon:
         them (a group's acks come after); on the watch thread, before (see above)."""
         changed = False
         for change in changes:
+            if not self.refused:
+                break  # nothing held (the common case), or nothing left to clear
             changed |= self.refused.taken(change.revision, [*change.puts, *change.deletes])
         if changed:
             self._post(self.feedback.refusals_changed)
