@@ -112,7 +112,7 @@ class Applied:
         if since is None:
             return f"{name} (at revision {runs})"
         held = max(0.0, now - since)
-        return f"{name} (at revision {runs}; sent it {held:.0f} s ago, not applied yet)"
+        return f"{name} (at revision {runs}; sent it, nothing applied for {held:.0f} s)"
 
 
 def classify(entries: Entries, revision: int, into: Applied, keys: Collection[str] = ()) -> None:
