@@ -55,8 +55,9 @@ def register(add: Add) -> None:
         "show every process connected to the app's daemons and what it applied, and the "
         "guarded changes: read from etcd, where the daemons publish them (needs etcd)",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument(
+    shown = p.add_mutually_exclusive_group()  # --json has every entry whole
+    shown.add_argument("--json", action="store_true", help="machine-readable output")
+    shown.add_argument(
         "--summary",
         action="store_true",
         help="instead of a row per process: how many run each revision (naming those "

@@ -518,6 +518,8 @@ def test_status_summary_counts_the_processes_by_revision(etcd: EtcdServer) -> No
     lines = done.stdout.splitlines()
     assert lines[0].startswith("3 processes on 2 nodes, etcd at revision "), lines
     assert lines[1:] == ["revision 9: 2 processes", "revision 7: 1 process: n2/a", "reports: none"]
+    done = hk(etcd, "status", "--summary", "--json")  # --json has every entry whole
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr, done.stderr
 
 
 def test_a_write_landing_while_set_checks_makes_it_fail_and_write_nothing(
