@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import Any
 from hotknob.config import Layer, files_layer
 from hotknob.model_runtime.protocol import default_socket_path
 
+from . import signals
 from .context import Context
 from .engine import Engine
 from .etcd_feed import EtcdFeed
@@ -97,8 +97,7 @@ class Daemon:
         self._lock = threading.RLock()
         self._loop_thread: int | None = None
         self._inline_ok = False  # started, early events replayed, not stopping
-        self._reloading = False  # a SIGHUP re-read is running (``_on_sighup``)
-        self._reload_again = False  # and another was asked for meanwhile
+        self._rereads = signals.Rereads(self._reread, self.stopping)  # on SIGHUP
         # Changes and full reads from the etcd watch thread, to the engine in group commits
         # (or, for a change that comes alone, on the watch thread itself).
         self._etcd_feed = EtcdFeed(
@@ -149,7 +148,7 @@ class Daemon:
         try:
             # Before the start, which may wait for etcd: a SIGHUP or SIGTERM then must not
             # kill the daemon (a reload during the start is taken like any early event).
-            self._install_signals()
+            signals.install(self.request_stop, self._on_sighup, self.log)
             try:
                 await self._start()
             except _StartAbandoned:
@@ -324,72 +323,29 @@ class Daemon:
                 self.engine.close()
         if self.store is not None:
             self.store.unlock()  # last: the state file is this daemon's until here
-        self._remove_signals()
+        signals.remove()
         if self.ready.is_set() or self._abandoned:  # a failed start says so in its error line
             self.log.info("daemon_stopped")
 
     # --- signals -------------------------------------------------------------------------------
 
-    def _install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        interrupts = 0
-
-        def on_interrupt() -> None:
-            nonlocal interrupts
-            interrupts += 1
-            if interrupts > 1:
-                self.log.warning("forced_exit")
-                os._exit(130)
-            self.request_stop()
-
-        try:
-            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-            loop.add_signal_handler(signal.SIGINT, on_interrupt)
-            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        except (RuntimeError, ValueError):
-            pass  # not the main thread (tests run a daemon in a thread): no signals there
-
-    def _remove_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            try:
-                loop.remove_signal_handler(sig)
-            except (RuntimeError, ValueError):
-                pass
-
     def _on_sighup(self) -> None:
-        """On the loop. One re-read at a time (it may wait for a file's writer): signals
-        that come meanwhile make one more after it, not one thread each."""
+        """On the loop: re-read the config files (one re-read at a time: ``Rereads``)."""
         self.log.info("files_reload_requested")
-        if self.files is None:
-            return
-        if self._reloading:
-            self._reload_again = True
-            return
-        self._reloading = True
-        self._reread()
+        if self.files is not None:
+            self._rereads.request()
 
     def _reread(self) -> None:
+        """On a worker thread (``Rereads``)."""
         files = self.files
         assert files is not None
-
-        def reread() -> None:
-            try:
-                files.reload()  # what changed on disk reaches ``_on_files`` as usual
-                # And what the files say is offered again, changed or not: contents the
-                # engine rejected before may fit now (another layer changed since).
-                self._post(self._on_files, files.state)
-            finally:
-                self._post(self._reread_done)
-
-        asyncio.get_running_loop().run_in_executor(None, reread)
-
-    def _reread_done(self) -> None:
-        if self._reload_again and not self.stopping.is_set():
-            self._reload_again = False
-            self._reread()
-        else:
-            self._reloading = self._reload_again = False
+        try:
+            files.reload()  # what changed on disk reaches ``_on_files`` as usual
+            # And what the files say is offered again, changed or not: contents the
+            # engine rejected before may fit now (another layer changed since).
+            self._post(self._on_files, files.state)
+        finally:
+            self._post(self._rereads.done)
 
     # --- events from other threads ---------------------------------------------------------------
 
