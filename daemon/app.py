@@ -231,6 +231,7 @@ class Daemon:
                 broadcast=self.server.broadcast_event,
                 config=lambda: self.engine,
                 revision_of=self._revision_of,
+                watching=self.feedback.guard_watching,
             )
             self.guards.start()
             self.feedback.guards = self.guards

@@ -198,6 +198,15 @@ class ClientFeedback:
         )
         self._status_soon()
 
+    def guard_watching(self, clients: list[str]) -> None:
+        """A guard armed here watches ``clients`` from now (they applied the change before
+        its record arrived): their entries are published again with its window, which
+        other daemons wait on; a process silent since would otherwise never show it."""
+        for name in clients:
+            fields = self.reports.fields_of(name)
+            if fields is not None:
+                self._republish(name, fields)
+
     def look_for_pending(self, sent: Iterable[Sent]) -> None:
         """Compare what each process was sent (``sent``) with what it acknowledged; the
         entries of those found holding a state unapplied, or no longer, are published

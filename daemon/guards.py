@@ -140,8 +140,13 @@ class GuardManager:
         broadcast: EventSink,
         config: Callable[[], ConfigInForce | None] | None = None,
         revision_of: Callable[[int], int | None] = lambda version: None,
+        watching: Callable[[list[str]], None] = lambda clients: None,
     ) -> None:
         self.app = app
+        # Told of the processes a guard armed here watches at once (they applied the change
+        # before the record reached this daemon): their status entries must show the
+        # window now, for other daemons to wait on it, not at their next report.
+        self._watching = watching
         self.node = node
         self._post = post
         self._store = EtcdStore(options)
@@ -665,6 +670,8 @@ class GuardManager:
                 active.started[client] = start
                 active.started_at[client] = now
         self._active[record.id] = active
+        if active.started:
+            self._watching(sorted(active.started))
         self.log.info(
             "guard_armed",
             guard=record.id,

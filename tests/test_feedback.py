@@ -231,3 +231,52 @@ def test_a_process_holding_a_state_unapplied_says_so_in_its_entry_until_its_ack(
         assert "pending" not in done and done["revision"] == 20 and done["step"] == 6, done
 
     asyncio.run(scenario())
+
+
+def test_a_guard_armed_after_a_process_applied_the_change_shows_its_window_at_once() -> None:
+    """The change and its guard record land in one etcd transaction, but a daemon hears of
+    them on two watches: a process may apply the change before its daemon arms the guard.
+    Its entry must then show the window at once (other daemons wait on it to pass the
+    guard), not at its next report, which a silent process never sends."""
+    from hotknob.daemon.etcd_store import EtcdOptions
+    from hotknob.daemon.guard_records import GuardRecord
+    from hotknob.daemon.guards import GuardManager
+
+    published = _Published()
+
+    async def scenario() -> None:
+        feedback = ClientFeedback(app="a", node="n", metrics=Metrics(), revision_of=lambda v: v)
+        guards = GuardManager(
+            app="a",
+            node="n",
+            options=EtcdOptions(),  # never started: no etcd is reached
+            post=lambda fn, *args: fn(*args),
+            broadcast=lambda event: None,
+            watching=feedback.guard_watching,
+        )
+        feedback.status = published  # type: ignore[assignment]
+        feedback.guards = guards
+        client = ClientInfo(id=1, name="c", pid=1, uid=0, connected_at=time.time())
+        # Versions stand for revisions here: 5 before the change, 10 the change.
+        feedback.on_applied(client, {"type": "applied", "version": 5, "step": 0})
+        feedback.on_applied(client, {"type": "applied", "version": 10, "step": 7})
+        await asyncio.sleep(0.25)
+        assert "guards" not in published.entries[-1][2]
+        record = GuardRecord.from_json(
+            json.dumps(
+                {
+                    "id": "g1",
+                    "guard": "loss < 2",
+                    "window": 20,
+                    "keys": {"train.lr": {"old": 1, "new": 2}},
+                }
+            )
+        )
+        guards._arm(record, 10)  # the record's watch, late
+        await asyncio.sleep(0.25)
+        feedback.cancel()
+        entry = published.entries[-1][2]
+        assert entry["guards"] == {"g1": {"from": 7, "reported": False, "done": False}}
+        assert entry["revision"] == 10 and entry["step"] == 7
+
+    asyncio.run(scenario())
