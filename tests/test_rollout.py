@@ -170,11 +170,11 @@ def test_set_wait_names_a_process_that_has_not_applied_it_in_time(
     first, _ = two_nodes
     before = _entries(etcd)["n1/p1"]["revision"]
     first.paused.set()  # a rank in a long step: it has the update, and no apply comes
-    done = hk(etcd, "set", "train.lr=0.02", "--wait", "5")
+    done = hk(etcd, "set", "train.lr=0.02", "--wait", "8")
     assert done.returncode == 1, (done.stdout, done.stderr)
     (line,) = done.stderr.strip().splitlines()
     # Its daemon looks every second: held at two looks in a row, it is ``pending``.
-    held = f"not applied within 5 s by 1 of 2 processes: n1/p1 (at revision {before}; sent it,"
+    held = f"not applied within 8 s by 1 of 2 processes: n1/p1 (at revision {before}; sent it,"
     assert held in line and ", nothing applied for " in line, line
     assert "; the change was sent to it, to be taken at the next apply (a long step" in line
     assert "wrote at revision" in done.stdout  # the change stays written

@@ -77,12 +77,12 @@ def test_set_wait_with_a_guard_returns_its_verdict(etcd: EtcdServer, tmp_path: P
         apply_next(client, 35)  # the revert
 
         # Undecided when the time is up: exit 1, the guard still armed.
-        done = set_in_background(etcd, "train.lr=0.07", *guard, "--window", "1000", "--wait", "3")
+        done = set_in_background(etcd, "train.lr=0.07", *guard, "--window", "1000", "--wait", "6")
         apply_next(client, 40)
         out, err = done.communicate(timeout=60)
         assert done.returncode == 1, (out, err)
         (line,) = err.strip().splitlines()
-        assert "the change is applied, but guard " in line and "not decided within 3 s" in line
+        assert "the change is applied, but guard " in line and "not decided within 6 s" in line
         assert "(it watches 1000 steps)" in line, line
 
 
