@@ -202,16 +202,17 @@ class ClientFeedback:
         """A guard armed here watches ``clients`` from now (they applied the change before
         its record arrived): their entries are published again with its window, which
         other daemons wait on; a process silent since would otherwise never show it."""
-        for name in clients:
-            fields = self.reports.fields_of(name)
-            if fields is not None:
-                self._republish(name, fields)
+        self._republish_named(clients)
 
     def look_for_pending(self, sent: Iterable[Sent]) -> None:
         """Compare what each process was sent (``sent``) with what it acknowledged; the
         entries of those found holding a state unapplied, or no longer, are published
         again (``pending.py``)."""
-        for name in self.pending.look(sent, self._acked, time.time()):
+        self._republish_named(self.pending.look(sent, self._acked, time.time()))
+
+    def _republish_named(self, names: Iterable[str]) -> None:
+        """Publish the entries of ``names`` again, from their stored fields, if any."""
+        for name in names:
             fields = self.reports.fields_of(name)
             if fields is not None:
                 self._republish(name, fields)

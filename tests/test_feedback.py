@@ -239,8 +239,8 @@ def test_a_guard_armed_after_a_process_applied_the_change_shows_its_window_at_on
     Its entry must then show the window at once (other daemons wait on it to pass the
     guard), not at its next report, which a silent process never sends."""
     from hotknob.daemon.etcd_store import EtcdOptions
-    from hotknob.daemon.guard_records import GuardRecord
     from hotknob.daemon.guards import GuardManager
+    from tests.test_wait_verdict import guard_record
 
     published = _Published()
 
@@ -262,17 +262,7 @@ def test_a_guard_armed_after_a_process_applied_the_change_shows_its_window_at_on
         feedback.on_applied(client, {"type": "applied", "version": 10, "step": 7})
         await asyncio.sleep(0.25)
         assert "guards" not in published.entries[-1][2]
-        record = GuardRecord.from_json(
-            json.dumps(
-                {
-                    "id": "g1",
-                    "guard": "loss < 2",
-                    "window": 20,
-                    "keys": {"train.lr": {"old": 1, "new": 2}},
-                }
-            )
-        )
-        guards._arm(record, 10)  # the record's watch, late
+        guards._arm(guard_record(20), 10)  # the record's watch, late
         await asyncio.sleep(0.25)
         feedback.cancel()
         entry = published.entries[-1][2]

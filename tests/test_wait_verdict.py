@@ -20,6 +20,12 @@ from tests.test_guards import APP, metrics, report_until_published, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 
+def guard_record(window: int, **fields: Any) -> GuardRecord:
+    """Guard ``g1``, ``loss < 2`` over ``window`` steps on ``train.lr``, as read from etcd."""
+    record = {"id": "g1", "guard": "loss < 2", "window": window, **fields}
+    return GuardRecord.from_json(json.dumps({**record, "keys": {"train.lr": {"old": 1, "new": 2}}}))
+
+
 def set_in_background(etcd: EtcdServer, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         hotknob_cmd("set", "--app", APP, "--etcd-endpoints", etcd.endpoint, *args),
@@ -89,18 +95,7 @@ def test_set_wait_with_a_guard_returns_its_verdict(etcd: EtcdServer, tmp_path: P
 def test_a_verdict_line_for_each_ending() -> None:
     def record(state: str, reason: str | None) -> GuardRecord:
         outcome = None if reason is None else {"reason": reason}
-        return GuardRecord.from_json(
-            json.dumps(
-                {
-                    "id": "g1",
-                    "guard": "loss < 2",
-                    "window": 5,
-                    "keys": {"train.lr": {"old": 1, "new": 2}},
-                    "state": state,
-                    "outcome": outcome,
-                }
-            )
-        )
+        return guard_record(5, state=state, outcome=outcome)
 
     assert verdict_text("g1", record(PASSED, "held for 5 steps"), 9) == (
         "guard g1 passed the change: held for 5 steps"
@@ -126,16 +121,7 @@ def test_a_verdict_line_for_each_ending() -> None:
 def test_an_armed_guard_says_which_process_is_furthest_from_its_window_s_end() -> None:
     from hotknob.daemon.guard_records import waiting_hint
 
-    record = GuardRecord.from_json(
-        json.dumps(
-            {
-                "id": "g1",
-                "guard": "loss < 2",
-                "window": 100,
-                "keys": {"train.lr": {"old": 1, "new": 2}},
-            }
-        )
-    )
+    record = guard_record(100)
 
     def entry(key: str, start: int, step: int, when: float, done: bool = False) -> dict[str, Any]:
         window = {"from": start, "reported": True, "done": done}
