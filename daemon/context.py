@@ -128,11 +128,19 @@ def read_all_layers(
 
 
 def current_snapshot(ctx: Context, args: argparse.Namespace) -> tuple[Snapshot, int]:
-    """The configuration a daemon started now would serve; etcd keys it would reject are
-    left out, each with a warning line on stderr."""
+    """The configuration a daemon started now with no state of its own would serve; etcd
+    keys it would reject are left out, each with a warning line on stderr, and a line
+    more saying that a daemon that ran those keys keeps what it ran (``Engine``'s
+    ``_merge_sanitized``), which this command cannot see."""
     layers, _, revision = read_all_layers(ctx, args)
     snapshot, dropped = merge_dropping_invalid(ctx.schema, layers, ctx.precedence)
     warn_dropped(dropped)
+    if dropped:
+        print(
+            "hotknob: warning: shown without those values; a daemon keeps running what it "
+            "ran for them (`hotknob status` shows each process's revision)",
+            file=sys.stderr,
+        )
     return snapshot, revision
 
 

@@ -196,7 +196,7 @@ class Engine:
             self.layers["etcd"] = etcd_layer(self.app, {})
         # The saved values too: written under an older schema, they may not fit this one.
         read = self._read_etcd(etcd, revision) if etcd is not None else self.layers["etcd"]
-        snapshot = self._merge_sanitized(read, revision)
+        snapshot = self._merge_sanitized(read, revision, kept=saved.etcd if saved else None)
         self._restart.start(snapshot.flat)
         published = self._published(snapshot, revision)
         if saved is None:
@@ -237,7 +237,7 @@ class Engine:
         if self._closed:
             return
         before = self.layers["etcd"].values
-        snapshot = self._merge_sanitized(self._read_etcd(kvs, revision), revision)
+        snapshot = self._merge_sanitized(self._read_etcd(kvs, revision), revision, kept=before)
         edited = changed_keys(before, self.layers["etcd"].values)
         # Below the revision in force: etcd was restored from a backup, and its count
         # goes on from there. Published revisions follow etcd's, as clients compare them.
@@ -555,11 +555,20 @@ class Engine:
     def _merge(self) -> Snapshot:
         return merge_layers(self.schema, self.layers.values(), self.precedence)
 
-    def _merge_sanitized(self, candidate: Layer, revision: int) -> Snapshot:
+    def _merge_sanitized(
+        self, candidate: Layer, revision: int, kept: Mapping[str, Any] | None = None
+    ) -> Snapshot:
         """Merge a whole etcd layer (a full read, or the saved values); the keys that make
         it invalid are dropped one round at a time (``merge_dropping_invalid``), each round
         announced as a rejection. Raises ``InvalidChange`` only if the other layers are
-        invalid without etcd."""
+        invalid without etcd.
+
+        ``kept``: the etcd values this daemon ran before the read (those in force, or the
+        state file's at a start). A dropped key keeps its value from there, as a change
+        refused on the way keeps the value in force: a daemon restarted, or one that read
+        etcd whole again, does not trade the value it ran for a lower layer's (a default
+        200 times the learning rate it ran) because etcd now holds a value it refuses. A
+        kept value that no longer fits (the schema changed) is dropped too."""
 
         def announce(exc: InvalidChange, problems: list[Problem]) -> None:
             dropped = {p.key: candidate.values.get(p.key) for p in problems}
@@ -569,8 +578,49 @@ class Engine:
         snapshot, problems = merge_dropping_invalid(
             self.schema, [*others, candidate], self.precedence, on_drop=announce
         )
-        self.layers["etcd"] = candidate.without(p.key for p in problems)
+        layer = candidate.without(p.key for p in problems)
+        restore = {p.key: kept[p.key] for p in problems if kept and p.key in kept}
+        if restore:
+            paths = {key: candidate.origins.get(key, "kept") for key in restore}
+            layer, snapshot = self._with_kept(others, layer, snapshot, restore, paths, revision)
+        self.layers["etcd"] = layer
         return snapshot
+
+    def _with_kept(
+        self,
+        others: list[Layer],
+        layer: Layer,
+        snapshot: Snapshot,
+        restore: Mapping[str, Any],
+        paths: Mapping[str, str],
+        revision: int,
+    ) -> tuple[Layer, Snapshot]:
+        """``layer`` with the ``restore`` values its refused keys ran before (at their etcd
+        ``paths``), and the merge of it; those that no longer fit are left out (logged)."""
+        candidate = Layer("etcd", {**layer.values, **restore}, {**layer.origins, **paths})
+        try:
+            merged, unfit = merge_dropping_invalid(
+                self.schema, [*others, candidate], self.precedence
+            )
+        except InvalidChange:  # cannot be: ``layer`` alone merged; keep what it gave
+            return layer, snapshot
+        unfit_keys = {p.key for p in unfit}
+        kept = sorted(set(restore) - unfit_keys)
+        if kept:
+            self.log.warning(
+                "etcd_value_kept",
+                revision=revision,
+                keys=kept,
+                detail="etcd holds a value this daemon refuses: it runs the one it ran before",
+            )
+        if unfit_keys:
+            self.log.warning(
+                "etcd_value_not_kept",
+                revision=revision,
+                keys=sorted(unfit_keys),
+                detail="the value this daemon ran before no longer fits the schema",
+            )
+        return candidate.without(unfit_keys), merged
 
     def _try_layer(self, candidate: Layer, revision: int, edited: Mapping[str, Any]) -> bool:
         layers = dict(self.layers)

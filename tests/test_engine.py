@@ -275,6 +275,91 @@ def test_invalid_keys_in_start_snapshot_are_dropped(tmp_path: Path) -> None:
     assert any(e["event"] == "change_rejected" for e in logs)
 
 
+def test_a_restart_on_a_value_it_refuses_keeps_the_value_it_ran(tmp_path: Path) -> None:
+    """etcd now holds a value the daemon refused on the way (written with etcdctl): the
+    running daemon kept 0.2; restarted, it must not trade 0.2 for the default 0.001."""
+    engine = make_engine(tmp_path)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.2"}, 5)
+    engine.on_etcd_change(6, {P + "train/lr": b"-1"}, [])  # refused: 0.2 stays
+    assert engine.current is not None and engine.current.flat["train.lr"] == 0.2
+    version = engine.version
+    engine.close()
+
+    later = make_engine(tmp_path)
+    files_start(later)
+    with capture_logs() as logs:
+        later.start({P + "train/lr": b"-1", P + "train/momentum": b"0.5"}, 7)
+    assert later.current is not None
+    assert later.current.flat["train.lr"] == 0.2
+    assert later.current.flat["train.momentum"] == 0.5  # the key beside it is taken
+    assert later.current.sources["train.lr"] == "etcd"
+    assert later.version == version + 1  # new values (momentum): a new version
+    (rejected,) = [e for e in logs if e["event"] == "change_rejected"]
+    assert rejected["key"] == "train.lr" and "greater than 0" in rejected["reason"]
+    (kept,) = [e for e in logs if e["event"] == "etcd_value_kept"]
+    assert kept["keys"] == ["train.lr"] and kept["revision"] == 7
+    later.close()
+
+
+def test_a_restart_with_nothing_else_changed_keeps_its_version(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.2"}, 5)
+    engine.on_etcd_change(6, {P + "train/lr": b"0"}, [])  # refused
+    version = engine.version
+    engine.close()
+    later = make_engine(tmp_path)
+    files_start(later)
+    later.start({P + "train/lr": b"0"}, 6)
+    assert later.current is not None and later.current.flat["train.lr"] == 0.2
+    assert later.version == version  # a clean stop, the same values: the same version
+    later.close()
+
+
+def test_a_full_read_on_a_value_it_refuses_keeps_the_value_in_force(tmp_path: Path) -> None:
+    published: list[Published] = []
+    engine = make_engine(tmp_path, published=published)
+    files_start(engine)
+    engine.start({P + "train/lr": b"0.2", P + "sampling/top_p": b"0.9"}, 5)
+    # After a compaction the watch reads etcd whole: lr is now refused, top_p gone.
+    with capture_logs() as logs:
+        engine.on_etcd_snapshot({P + "train/lr": b'"fast"'}, 30)
+    assert engine.current is not None
+    assert engine.current.flat["train.lr"] == 0.2
+    assert engine.current.flat["sampling.top_p"] == 1.0  # deleted in etcd: the default
+    assert engine.layers["etcd"].values == {"train.lr": 0.2}
+    assert any(e["event"] == "etcd_value_kept" for e in logs)
+    assert any(e["event"] == "change_rejected" and e["key"] == "train.lr" for e in logs)
+    # A valid value at the next change is taken as any other.
+    engine.on_etcd_change(31, {P + "train/lr": b"0.05"}, [])
+    assert engine.current.flat["train.lr"] == 0.05
+    engine.close()
+
+
+def test_a_kept_value_the_schema_no_longer_takes_is_dropped_too(tmp_path: Path) -> None:
+    class Older(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        lr: float = Field(0.1, gt=0)
+
+    class Newer(BaseModel):  # the next release bounds lr above
+        model_config = ConfigDict(extra="forbid")
+        lr: float = Field(0.1, gt=0, le=1)
+
+    old = make_engine(tmp_path, schema=Older)
+    old.start({P + "lr": b"5"}, 3)
+    old.close()
+    new = make_engine(tmp_path, schema=Newer)
+    with capture_logs() as logs:
+        new.start({P + "lr": b"-1"}, 4)  # refused; and the 5 it ran no longer fits
+    assert new.current is not None and new.current.flat == {"lr": 0.1}
+    assert new.layers["etcd"].values == {}
+    (unfit,) = [e for e in logs if e["event"] == "etcd_value_not_kept"]
+    assert unfit["keys"] == ["lr"]
+    assert not any(e["event"] == "etcd_value_kept" for e in logs)
+    new.close()
+
+
 def test_a_full_read_that_breaks_a_rule_across_fields_drops_only_the_keys_behind_it(
     tmp_path: Path,
 ) -> None:

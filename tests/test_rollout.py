@@ -164,6 +164,36 @@ def test_set_wait_fails_on_a_daemon_that_rejects_it_and_status_says_why(
     assert "rejected" not in hk(etcd, "status").stdout
 
 
+def test_a_daemon_restarted_on_a_value_it_refused_runs_what_it_ran(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """A node with a stricter schema refused temperature 1.5 and ran 1.1; restarted (a pod
+    rescheduled, say) while etcd still holds 1.5, it must go on with 1.1, not the schema's
+    default 1.0, and its processes' entries must still say what it refuses."""
+    strict = DaemonProcess(
+        tmp_path / "n2",
+        app=APP,
+        endpoints=etcd.endpoint,
+        extra=["--node", "n2", "--schema", "tests.test_rollout:Strict"],
+    )
+    with strict, Acking(strict, "p2"):
+        assert hk(etcd, "set", "sampling.temperature=1.1", "--wait", "30").returncode == 0
+        refused = hk(etcd, "set", "sampling.temperature=1.5", "--wait", "30")
+        assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    written = int(refused.stdout.split("wrote at revision ")[1].split()[0])
+    with strict, Acking(strict, "p2") as client:
+        assert client.client.snapshot["values"]["sampling"]["temperature"] == 1.1
+        assert strict.events("etcd_value_kept")[-1]["keys"] == ["sampling.temperature"]
+        deadline = time.monotonic() + 20
+        while "rejected" not in _entries(etcd).get("n2/p2", {}):
+            assert time.monotonic() < deadline, _entries(etcd)
+            time.sleep(0.1)
+        rejected = _entries(etcd)["n2/p2"]["rejected"]
+        assert rejected["keys"] == ["sampling.temperature"], rejected
+        assert rejected["revision"] >= written, rejected
+        assert "less than or equal to 1.2" in rejected["reason"], rejected
+
+
 def test_set_wait_names_a_process_that_has_not_applied_it_in_time(
     etcd: EtcdServer, two_nodes: tuple[Acking, Acking]
 ) -> None:
