@@ -195,8 +195,11 @@ class Engine:
         else:
             self.layers["etcd"] = etcd_layer(self.app, {})
         # The saved values too: written under an older schema, they may not fit this one.
-        read = self._read_etcd(etcd, revision) if etcd is not None else self.layers["etcd"]
-        snapshot = self._merge_sanitized(read, revision, kept=saved.etcd if saved else None)
+        if etcd is not None:  # a key etcd holds and this schema refuses: what it ran before
+            kept = saved.etcd if saved else None
+            snapshot = self._merge_sanitized(self._read_etcd(etcd, revision), revision, kept)
+        else:
+            snapshot = self._merge_sanitized(self.layers["etcd"], revision)
         self._restart.start(snapshot.flat)
         published = self._published(snapshot, revision)
         if saved is None:

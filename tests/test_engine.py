@@ -414,6 +414,7 @@ def test_saved_etcd_values_the_schema_no_longer_has_are_dropped_without_etcd(
         new.start(None, 0)  # etcd unreachable: the last-known-good values
     assert new.current is not None and new.current.flat == {"lr": 0.5}
     assert any(e["event"] == "change_rejected" for e in logs)
+    assert not any(e["event"].startswith("etcd_value_") for e in logs)  # nothing to keep
     new.close()
 
 
