@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hotknob.config import Layer, files_layer
+from hotknob.config import Layer, files_layer, restart_only_keys
 from hotknob.model_runtime.protocol import default_socket_path
 
 from . import signals
@@ -119,6 +119,7 @@ class Daemon:
             report_every=options.status_every,
             pinned=self._pinned,
             refused=lambda: self.refused.newest,
+            restart_pending=self._restart_pending,
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
         # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every
@@ -179,6 +180,7 @@ class Daemon:
             on_applied=self.feedback.on_applied,
             on_metrics=self.feedback.on_metrics,
             on_disconnect=self.feedback.on_disconnect,
+            restart_only=restart_only_keys(ctx.schema),
         )
         server = self.server
         # Both locks before the state is read or written: a daemon that finds either
@@ -200,6 +202,7 @@ class Daemon:
             on_accepted=self._count_accepted,
             on_rejected=self._on_rejected,
             on_unchanged=lambda revision: self._post(self._revision_unchanged, revision),
+            on_restart_pending=lambda: self._post(self.feedback.daemon_fields_changed),
         )
         kvs, revision = await self._start_etcd()
         self._etcd_at_start = ctx.etcd is not None and kvs is not None
@@ -482,6 +485,11 @@ class Daemon:
         if counter is None:
             counter = self._accepted_counters[layer] = self.metrics.accepted.labels(layer)
         counter.inc()
+
+    def _restart_pending(self) -> list[str]:
+        """The restart-only keys whose new value this daemon holds back from its processes."""
+        engine = self.engine
+        return sorted(engine.pending_restart) if engine is not None else []
 
     def _current(self) -> Published:
         assert self.engine is not None and self.engine.current is not None

@@ -178,8 +178,9 @@ def _warn_restart_only(ctx: Context, diff: Mapping[str, Any]) -> None:
     changed it in the running processes."""
     for key in sorted(restart_only_keys(ctx.schema) & diff.keys()):
         print(
-            f"hotknob: warning: {key} is restart-only: the processes keep the value the "
-            "daemon started with until the daemon restarts (it reports it as pending a restart)",
+            f"hotknob: warning: {key} is restart-only: a running process keeps the value it "
+            "started with (`status` shows those waiting for a restart); a process started "
+            "after its daemon restarted gets the new one",
             file=sys.stderr,
         )
 

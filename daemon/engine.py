@@ -119,6 +119,7 @@ class Engine:
         on_accepted: Callable[[str, int], None] = lambda layer, version: None,
         on_rejected: Callable[[str, int, str, tuple[str, ...]], None] = lambda *rejection: None,
         on_unchanged: Callable[[int], None] = lambda revision: None,
+        on_restart_pending: Callable[[], None] = lambda: None,
     ):
         self.schema = schema
         self._on_unchanged = on_unchanged
@@ -153,7 +154,7 @@ class Engine:
         self._closed = False
         self.log = get_logger("hotknob.engine", app=app)
         self._keeper = StateKeeper(store, self.log) if store is not None else None
-        self._restart = RestartOnly(restart_only, self.log)
+        self._restart = RestartOnly(restart_only, self.log, on_restart_pending)
         self._announce = Announcer(
             self.log,
             secrets=secret_keys(schema),

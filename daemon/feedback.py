@@ -45,7 +45,7 @@ from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
 # What an entry says of its daemon (``_daemon_fields``).
-_DAEMON_FIELDS = ("pinned", "rejected", "config_files")
+_DAEMON_FIELDS = ("pinned", "rejected", "config_files", "restart_pending")
 
 
 class ClientFeedback:
@@ -59,9 +59,11 @@ class ClientFeedback:
         report_every: float = REPORT_STATUS_EVERY_S,
         pinned: Callable[[], dict[str, str]] = dict,
         refused: Callable[[], dict[str, Any] | None] = lambda: None,
+        restart_pending: Callable[[], list[str]] = list,
     ) -> None:
         self.pinned = pinned
         self.refused = refused  # the etcd values this daemon refused and runs without
+        self.restart_pending = restart_pending  # restart-only keys it holds back
         self._config_files: dict[str, str] = {}  # "rejected", "unreadable": why
         self.node = node
         self.report_every = report_every
@@ -98,6 +100,8 @@ class ClientFeedback:
         )
         if message.get("errors"):
             entry["errors"] = message["errors"]
+        if message.get("held"):  # restart-only keys it runs as it started, not as sent
+            entry["held"] = sorted(message["held"])
         # Debug only: with many clients every version brings one ack per client.
         self.log.debug("change_applied", client=client.name, version=version, step=message["step"])
         if self.guards is not None:
@@ -149,6 +153,11 @@ class ClientFeedback:
             revision = self.revision_of(version) if isinstance(version, int) else None
             if revision is not None and entry.get("revision") != revision:
                 self._republish(name, {**entry, "revision": revision})
+
+    def daemon_fields_changed(self) -> None:
+        """What an entry says of its daemon changed (the restart-only keys it holds back
+        from its processes: ``restart_pending``): every entry says it again."""
+        self._republish_all()
 
     def refusals_changed(self) -> None:
         """What this daemon refused of etcd (``refused``, ``refused.py``) changed: its
@@ -289,6 +298,9 @@ class ClientFeedback:
             fields["rejected"] = rejected
         if self._config_files:
             fields["config_files"] = dict(self._config_files)
+        waiting = self.restart_pending()
+        if waiting:
+            fields["restart_pending"] = waiting
         return fields
 
     def _flush_status(self) -> None:

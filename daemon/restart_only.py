@@ -9,18 +9,21 @@ its wanted value is the running one again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hotknob.config import Snapshot
 
 
 class RestartOnly:
-    def __init__(self, keys: frozenset[str], log: Any):
+    def __init__(
+        self, keys: frozenset[str], log: Any, on_pending: Callable[[], None] = lambda: None
+    ):
         self.keys = keys
         self.running: dict[str, Any] = {}  # by dotted key: the values clients keep
         self.pending: dict[str, Any] = {}  # by dotted key: the values a restart would bring
         self._log = log
+        self._on_pending = on_pending  # the keys pending a restart changed
 
     def start(self, flat: Mapping[str, Any]) -> None:
         """The daemon started with ``flat`` (by dotted key): those values are the running ones."""
@@ -50,6 +53,7 @@ class RestartOnly:
     def track(self, snapshot: Snapshot, layer: str) -> None:
         """Update what is pending after ``layer``'s change made ``snapshot``; warn of a new
         wanted value."""
+        before = set(self.pending)
         for key, running in self.running.items():
             wanted = snapshot.flat.get(key)
             if wanted != running:
@@ -60,6 +64,8 @@ class RestartOnly:
                 self.pending[key] = wanted
             else:
                 self.pending.pop(key, None)
+        if set(self.pending) != before:
+            self._on_pending()
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:

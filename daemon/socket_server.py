@@ -48,7 +48,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,10 @@ class SocketServer:
         log: Any = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
+        restart_only: Iterable[str] = (),
     ):
         self._path = Path(path)
+        self._restart_only = sorted(restart_only)  # named in each snapshot
         self._current = current
         self._on_applied = on_applied
         self._on_metrics = on_metrics
@@ -523,7 +525,11 @@ class SocketServer:
             if data is None:
                 if sent is None:
                     message = protocol.snapshot(
-                        target.version, target.revision, target.values, target.sources
+                        target.version,
+                        target.revision,
+                        target.values,
+                        target.sources,
+                        self._restart_only,
                     )
                 else:
                     changed = changed_keys(sent.flat, target.flat)

@@ -62,8 +62,10 @@ def revision_text(entry: Entry, now: float) -> str:
 
 def error_parts(entry: Entry) -> list[str]:
     """What its daemon refused (``rejected``: an etcd revision; ``config_files``: its
-    files), then a status entry's ``errors`` (a list of ``{"error": ...}`` objects: what
-    the process's callbacks raised): one text each."""
+    files), the restart-only keys whose new value waits for a restart (``restart_pending``:
+    held back by its daemon; ``held``: by the process), then a status entry's ``errors``
+    (a list of ``{"error": ...}`` objects: what the process's callbacks raised): one text
+    each."""
     errors = entry.get("errors") or []
     items = errors if isinstance(errors, list) else [errors]
     texts = [fmt(x["error"]) if isinstance(x, dict) and "error" in x else fmt(x) for x in items]
@@ -80,6 +82,15 @@ def error_parts(entry: Entry) -> list[str]:
             daemon.append(f"its daemon rejected its config files: {fmt(files['rejected'])}")
         if "unreadable" in files:
             daemon.append(f"its daemon cannot read a config file: {fmt(files['unreadable'])}")
+    waiting = [
+        key
+        for field in ("restart_pending", "held")  # its daemon's hold, and its own
+        if isinstance(entry.get(field), list)
+        for key in entry[field]
+    ]
+    if waiting:
+        keys = ", ".join(fmt(key) for key in sorted(set(map(str, waiting))))
+        daemon.append(f"runs {keys} as it started: the new value waits for a restart")
     return [*daemon, *texts]
 
 

@@ -37,12 +37,14 @@ from .connection import DaemonConnection
 from .errors import DaemonUnavailable
 from .hooks import Hooks
 from .received import (
+    ABSENT,
     MISSING,
     NOTHING,
     State,
     get_dotted,
     state_from_message,
     thaw,
+    with_held,
 )
 from .reporting import MetricsReporter, step_number
 
@@ -130,6 +132,10 @@ class LiveConfig:
         self._latest: State | None = None  # the newest state to converge to
         self._superseded: State | None = None  # the daemon's state a checkpoint replaced
         self._received: deque[State] = deque(maxlen=_HISTORY)
+        # The schema's restart-only keys, as the daemon's last snapshot named them: once a
+        # state is applied, each is held at the value the process runs (``_hold``).
+        self._restart_only: frozenset[str] = frozenset()
+        self._held_said: set[tuple[str, str]] = set()  # (key, daemon's value) logged
         self._lock = threading.Lock()
         self._first_state = threading.Event()
         self._hooks = Hooks()
@@ -401,9 +407,11 @@ class LiveConfig:
             number = converted
         if not ack:
             return
-        if errors:
-            errors_sent = [_text_only(e) for e in errors]
-            self._conn.send(protocol.applied(new.version, number, errors=errors_sent))
+        if errors or new.held:
+            fields: dict[str, Any] = {"held": list(new.held)} if new.held else {}
+            if errors:
+                fields["errors"] = [_text_only(e) for e in errors]
+            self._conn.send(protocol.applied(new.version, number, **fields))
         else:  # the usual ack, on the training thread: formatted, not encoded
             self._conn.send_line(protocol.applied_line(new.version, number), protocol.APPLIED)
 
@@ -620,7 +628,42 @@ class LiveConfig:
     # -- on the background thread ------------------------------------------------------
 
     def _on_message(self, message: Mapping[str, Any], is_snapshot: bool) -> None:
-        self._receive(state_from_message(message), is_snapshot)
+        if is_snapshot:
+            self._restart_only = protocol.restart_only_keys(message)
+        state = state_from_message(message)
+        if self._restart_only:
+            state = self._hold(state)
+        self._receive(state, is_snapshot)
+
+    def _hold(self, state: State) -> State:
+        """``state`` with each restart-only key at the value this process runs, once it has
+        applied one: a daemon holds such a key at the value it started with, and a daemon
+        restarted after the key changed (its container, by a probe; or by hand, for a new
+        flag) started with the new value. Only a restart of the process takes that."""
+        applied = self._applied
+        if applied is NOTHING:  # the first state: what the process starts with
+            return state
+        running = {}
+        for key in self._restart_only:
+            value = applied.flat.get(key, ABSENT)
+            if value is ABSENT:  # a field that holds a mapping
+                value = get_dotted(applied.values, key, ABSENT)
+            if value is not ABSENT:
+                running[key] = value
+        held = with_held(state, running)
+        for key in held.held:
+            wanted = thaw(get_dotted(state.values, key))
+            said = (key, repr(wanted))
+            if said not in self._held_said:
+                self._held_said.add(said)
+                log.warning(
+                    "live_restart_only_held key=%s running=%.200r daemon=%.200r: a restart-only "
+                    "key keeps the value this process started with; a restart takes the new one",
+                    key,
+                    thaw(running[key]),
+                    wanted,
+                )
+        return held
 
     def _receive(self, state: State, is_snapshot: bool) -> None:
         """Keep ``state`` as pending unless it is exactly what is already applied, or the
@@ -642,7 +685,8 @@ class LiveConfig:
                 self._pending = None if up_to_date else state
             step = self._applied_step
         if up_to_date and is_snapshot:
-            self._conn.send(protocol.applied(applied.version, step))
+            held = {"held": list(state.held)} if state.held else {}
+            self._conn.send(protocol.applied(applied.version, step, **held))
         if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough
             self._first_state.set()
 

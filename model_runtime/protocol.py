@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -148,6 +148,32 @@ def _require_errors(message: Mapping[str, Any]) -> None:
         raise ProtocolError('"errors" must be a list of objects whose values are strings')
 
 
+MAX_HELD_KEYS: Final = 1000
+
+
+def _require_held(message: Mapping[str, Any]) -> None:
+    """An ``applied`` message's optional ``held``: the restart-only keys the process runs at
+    the value it started with, not the daemon's (a list of key strings)."""
+    held = message.get("held", [])
+    if (
+        not isinstance(held, list)
+        or len(held) > MAX_HELD_KEYS
+        or not all(isinstance(key, str) and len(key) <= 256 for key in held)
+    ):
+        raise ProtocolError(
+            f'"held" must be a list of at most {MAX_HELD_KEYS} keys of at most 256 characters'
+        )
+
+
+def restart_only_keys(message: Mapping[str, Any]) -> frozenset[str]:
+    """A ``snapshot``'s ``restart_only`` keys (none if it has no such field); raises
+    ``ProtocolError`` if it is not a list of strings."""
+    keys = message.get("restart_only", [])
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise ProtocolError('"restart_only" must be a list of key strings')
+    return frozenset(keys)
+
+
 def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> None:
     """Check a message a client sent to the daemon; raise ``ProtocolError`` if invalid.
 
@@ -177,6 +203,7 @@ def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> 
         require_int(message, "version")
         require_int(message, "step", minimum=-MAX_INT)
         _require_errors(message)
+        _require_held(message)
     elif kind == METRICS:
         require_int(message, "step", minimum=-MAX_INT)
         latest = message.get("latest")
@@ -229,15 +256,25 @@ def hello(client: str, pid: int | None = None, **extra: Any) -> dict[str, Any]:
 
 
 def snapshot(
-    version: int, revision: int, values: Mapping[str, Any], sources: Mapping[str, str]
+    version: int,
+    revision: int,
+    values: Mapping[str, Any],
+    sources: Mapping[str, str],
+    restart_only: Sequence[str] = (),
 ) -> dict[str, Any]:
-    return {
+    """The whole state; ``restart_only``, the schema's restart-only keys, if it has any: a
+    process holds each at the value it started with (``LiveConfig``), so that a restarted
+    daemon does not hand a running process a value only a restart may bring."""
+    message = {
         "type": SNAPSHOT,
         "version": version,
         "revision": revision,
         "values": values,
         "sources": sources,
     }
+    if restart_only:
+        message["restart_only"] = list(restart_only)
+    return message
 
 
 def update(

@@ -14,6 +14,7 @@ from typing import Any
 from . import protocol
 
 MISSING: Any = object()
+ABSENT: Any = object()  # a default for ``get_dotted`` (``MISSING`` asks it to raise)
 
 
 def freeze(value: Any) -> Any:
@@ -101,7 +102,7 @@ class State:
     (only distributed sync needs it), from a plain copy of the frozen values.
     """
 
-    __slots__ = ("_digest", "flat", "flat_view", "revision", "values", "version")
+    __slots__ = ("_digest", "flat", "flat_view", "held", "revision", "values", "version")
 
     def __init__(
         self,
@@ -116,6 +117,9 @@ class State:
         self.flat = flat
         self.flat_view: Mapping[str, Any] = MappingProxyType(flat)
         self._digest: int | None = None
+        self.held: tuple[str, ...] = ()
+        """Restart-only keys held at the value the process started with, not the daemon's
+        (``LiveConfig``'s ``_hold``): its ack names them."""
 
     @classmethod
     def build(cls, version: int, revision: int, values: Mapping[str, Any]) -> State:
@@ -135,6 +139,31 @@ class State:
 
 
 NOTHING = State.build(-1, 0, {})
+
+
+def with_held(state: State, running: Mapping[str, Any]) -> State:
+    """``state`` with the restart-only keys of ``running`` (by dotted key: a leaf, or a
+    field that holds a mapping) at those values, marked ``held``; ``state`` itself if none
+    differs (the type counts: ``1`` is not ``1.0``). A key ``state`` lacks is not held."""
+    held = {}
+    for key, value in running.items():
+        sent = state.flat.get(key, ABSENT)  # a leaf: one look-up, on every update
+        if sent is ABSENT:
+            sent = get_dotted(state.values, key, ABSENT)
+        if sent is not ABSENT and (type(sent) is not type(value) or sent != value):
+            held[key] = value
+    if not held:
+        return state
+    values = thaw(state.values)
+    for key, value in held.items():
+        node = values
+        *sections, leaf = key.split(".")
+        for part in sections:
+            node = node[part]
+        node[leaf] = thaw(value)
+    new = State.build(state.version, state.revision, values)
+    new.held = tuple(sorted(held))
+    return new
 
 
 def state_from_message(message: Mapping[str, Any]) -> State:

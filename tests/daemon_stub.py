@@ -32,9 +32,15 @@ def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class DaemonStub:
     def __init__(
-        self, path: str | os.PathLike[str], values: Mapping[str, Any], *, version: int = 1
+        self,
+        path: str | os.PathLike[str],
+        values: Mapping[str, Any],
+        *,
+        version: int = 1,
+        restart_only: tuple[str, ...] = (),
     ) -> None:
         self.path = os.fspath(path)
+        self.restart_only = restart_only  # named in each snapshot
         self.values: dict[str, Any] = dict(values)
         self.version = version
         self.revision = 100
@@ -165,5 +171,7 @@ class DaemonStub:
                 self.received.append(message)
                 if message["type"] == protocol.HELLO:
                     sources = dict.fromkeys(_flat(self.values), "stub")
-                    snap = protocol.snapshot(self.version, self.revision, self.values, sources)
+                    snap = protocol.snapshot(
+                        self.version, self.revision, self.values, sources, self.restart_only
+                    )
                     sock.sendall(protocol.encode(snap))

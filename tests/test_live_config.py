@@ -297,6 +297,76 @@ def test_restart_with_same_values_records_the_version_without_callbacks(
         live.close()
 
 
+def test_a_restart_only_key_keeps_the_value_the_process_started_with(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon (restarted after the key changed) sends a restart-only key at another value
+    than the process runs: the process keeps its own, says so in its ack, and logs it once;
+    the live keys beside it are applied as usual."""
+    seen: list[Any] = []
+    with (
+        DaemonStub(sock_path, BASE, version=7, restart_only=("train.momentum",)) as stub,
+        LiveConfig.connect(sock_path, timeout=5) as live,
+    ):
+        live.on_change("train.momentum", seen.append)
+        assert live["train.momentum"] == 0.9  # the first state: what it starts with
+        with caplog.at_level("WARNING", logger="hotknob.model_runtime"):
+            version = stub.push(with_values(train={"momentum": 0.5, "lr": 0.004}))
+            eventually(lambda: live.pending_version == version)
+            assert live.apply(1) is True
+            assert live["train.lr"] == 0.004 and live["train.momentum"] == 0.9
+            assert live.values["train"]["momentum"] == 0.9 and seen == []
+            stub.wait_for(lambda: len(stub.messages("applied")) == 2)
+            assert stub.messages("applied")[-1] == {
+                "type": "applied",
+                "version": version,
+                "step": 1,
+                "held": ["train.momentum"],
+            }
+            version = stub.push(with_values(train={"momentum": 0.5, "lr": 0.005}))
+            eventually(lambda: live.pending_version == version)
+            assert live.apply(2) is True and live["train.momentum"] == 0.9
+        said = [r for r in caplog.records if "live_restart_only_held" in r.getMessage()]
+        assert len(said) == 1, said  # once per value the daemon wants
+        assert "running=0.9 daemon=0.5" in said[0].getMessage()
+        # Sent its own value again: nothing held, a plain ack.
+        version = stub.push(with_values(train={"momentum": 0.9, "lr": 0.006}))
+        eventually(lambda: live.pending_version == version)
+        assert live.apply(3) is True
+        stub.wait_for(lambda: stub.messages("applied")[-1]["version"] == version)
+        assert "held" not in stub.messages("applied")[-1]
+
+
+def test_a_restart_only_mapping_is_held_whole_and_the_type_counts(sock_path: str) -> None:
+    with (
+        DaemonStub(sock_path, BASE, version=7, restart_only=("sampling", "train.lr")) as stub,
+        LiveConfig.connect(sock_path, timeout=5) as live,
+    ):
+        version = stub.push(
+            with_values(sampling={"temperature": 0.5}, train={"lr": 0.001, "momentum": 0.8})
+        )
+        eventually(lambda: live.pending_version == version)
+        assert live.apply(1) is True
+        assert live.values["sampling"] == {"temperature": 1.0, "top_p": 1.0}
+        assert live["train.momentum"] == 0.8 and live["train.lr"] == 0.001
+        values = with_values(train={"lr": 1}, sampling={})  # 1 is not the float 0.001...
+        values["sampling"] = dict(BASE["sampling"])
+        version = stub.push(values)
+        eventually(lambda: live.pending_version == version)
+        live.apply(2)
+        assert live["train.lr"] == 0.001 and type(live["train.lr"]) is float
+
+
+def test_without_restart_only_keys_named_nothing_is_held(sock_path: str) -> None:
+    with (
+        DaemonStub(sock_path, BASE, version=7) as stub,
+        LiveConfig.connect(sock_path, timeout=5) as live,
+    ):
+        version = stub.push(with_values(train={"momentum": 0.5}))
+        eventually(lambda: live.pending_version == version)
+        assert live.apply(1) is True and live["train.momentum"] == 0.5
+
+
 def test_malformed_line_from_the_daemon_drops_only_that_connection(
     stub: DaemonStub, live: LiveConfig
 ) -> None:

@@ -124,3 +124,26 @@ def test_encode_writes_what_json_writes_and_refuses_what_it_cannot() -> None:
     for bad in ({"type": "x", "v": float("nan")}, {"type": "x", "v": object()}, looped):
         with pytest.raises(protocol.ProtocolError, match="cannot encode message"):
             protocol.encode(bad)
+
+
+@pytest.mark.parametrize("held", [["train.batch_size"], []])
+def test_an_ack_may_name_the_restart_only_keys_it_holds(held: list[str]) -> None:
+    _hello_then(protocol.decode(protocol.encode(protocol.applied(3, 9, held=held))))
+
+
+@pytest.mark.parametrize(
+    "held", ["train.batch_size", [1], ["x" * 257], ["k"] * (protocol.MAX_HELD_KEYS + 1)]
+)
+def test_held_keys_must_be_a_short_list_of_short_strings(held: object) -> None:
+    with pytest.raises(protocol.ProtocolError, match='"held"'):
+        _hello_then({"type": "applied", "version": 1, "step": 1, "held": held})
+
+
+def test_a_snapshot_names_restart_only_keys_only_when_there_are_some() -> None:
+    plain = protocol.snapshot(1, 2, {"a": 1}, {"a": "defaults"})
+    assert "restart_only" not in plain and protocol.restart_only_keys(plain) == frozenset()
+    named = protocol.snapshot(1, 2, {"a": 1}, {"a": "defaults"}, ["a"])
+    assert named["restart_only"] == ["a"] and protocol.restart_only_keys(named) == {"a"}
+    for bad in ("a", [1], {"a": 1}):
+        with pytest.raises(protocol.ProtocolError, match='"restart_only"'):
+            protocol.restart_only_keys({**named, "restart_only": bad})

@@ -64,3 +64,28 @@ def test_a_new_wanted_value_is_said_once_and_forgotten_when_undone() -> None:
     assert keys.pending == {"train.batch_size": 128}
     keys.track(snapshot({}, {"train.batch_size": 32}), "etcd")
     assert keys.pending == {}
+
+
+def test_a_change_of_the_keys_pending_is_told() -> None:
+    told: list[dict[str, Any]] = []
+    keys = RestartOnly(frozenset({"train.batch_size"}), get_logger("hotknob.test"))
+    keys._on_pending = lambda: told.append(dict(keys.pending))
+    keys.start({"train.batch_size": 32})
+    keys.track(snapshot({}, {"train.batch_size": 64}), "etcd")
+    keys.track(snapshot({}, {"train.batch_size": 128}), "etcd")  # the same key: not told
+    keys.track(snapshot({}, {"train.batch_size": 32}), "etcd")
+    assert told == [{"train.batch_size": 64}, {}]
+
+
+def test_a_process_holds_restart_only_keys_at_the_values_it_runs() -> None:
+    from hotknob.model_runtime.received import State, with_held
+
+    sent = State.build(9, 90, {"train": {"batch_size": 64, "lr": 0.2}, "opts": {"a": 1}})
+    same = with_held(sent, {"train.lr": 0.2, "gone.key": 1})
+    assert same is sent and same.held == ()
+    held = with_held(sent, {"train.batch_size": 32, "opts": {"a": 2}})
+    assert held.held == ("opts", "train.batch_size")
+    assert held.flat == {"train.batch_size": 32, "train.lr": 0.2, "opts.a": 2}
+    assert (held.version, held.revision) == (9, 90)
+    assert sent.flat["train.batch_size"] == 64  # the state as sent is not edited
+    assert with_held(sent, {"train.batch_size": 64.0}).flat["train.batch_size"] == 64.0

@@ -217,6 +217,73 @@ def test_daemon_killed_and_restarted_mid_training(etcd: EtcdServer, tmp_path: Pa
         daemon.stop()
 
 
+def _entry_field(etcd: EtcdServer, client: str, field: str, timeout: float = 20.0) -> object:
+    """``field`` of ``client``'s status entry, once it has one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = {e["client"]: e for e in status_entries(etcd)}
+        if field in entries.get(client, {}):
+            return entries[client][field]
+        assert time.monotonic() < deadline, entries
+        time.sleep(0.1)
+
+
+def test_a_restarted_daemon_never_changes_a_restart_only_key_of_a_running_process(
+    etcd: EtcdServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``train.batch_size`` changed while the run goes on: its daemon holds it back. The
+    daemon's container restarted (a liveness probe) starts with the new value: the running
+    process still keeps the one it started with; only a process started now gets it."""
+    daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--node", "n1"]).start()
+    try:
+        with LiveConfig.connect(socket=daemon.socket_path, timeout=10, client="trainer") as live:
+            changes: list[tuple[object, object]] = []
+            live.on_change("train.batch_size", lambda new, old: changes.append((new, old)))
+            assert live["train.batch_size"] == 32
+            live.apply(0)
+            done = run_cli(
+                "set", "train.batch_size=64", "--app", APP, "--etcd-endpoints", etcd.endpoint
+            )
+            assert done.returncode == 0, done.stderr
+            assert "a running process keeps the value it started with" in done.stderr
+            # Its daemon holds it back, and says so in the process's entry.
+            assert _entry_field(etcd, "trainer", "restart_pending") == ["train.batch_size"]
+
+            daemon.stop()
+            daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--node", "n1"])
+            daemon.start()
+            with caplog.at_level("WARNING", logger="hotknob.model_runtime"):
+                # The restarted daemon's snapshot is applied (a new version) and acknowledged
+                # with train.batch_size held: the process's entry says so.
+                step, deadline = 0, time.monotonic() + 20
+                while True:
+                    step += 1
+                    live.apply(step)
+                    entry = {e["client"]: e for e in status_entries(etcd)}.get("trainer", {})
+                    if "held" in entry:
+                        break
+                    assert time.monotonic() < deadline, entry
+                    time.sleep(0.05)
+            held = entry["held"]
+            assert held == ["train.batch_size"]
+            assert live["train.batch_size"] == 32 and changes == []
+            assert "live_restart_only_held key=train.batch_size running=32 daemon=64" in (
+                caplog.text
+            )
+            status = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint)
+            assert "runs train.batch_size as it started" in status.stdout, status.stdout
+            # A live key still goes through.
+            etcd.etcdctl("put", P + "train/lr", "0.02")
+            wait_pending(live, live.version + 1)
+            assert live.apply(step + 1) is True
+            assert live["train.lr"] == pytest.approx(0.02) and live["train.batch_size"] == 32
+        # A process started now starts with the daemon's value.
+        with LiveConfig.connect(socket=daemon.socket_path, timeout=10, client="fresh") as fresh:
+            assert fresh["train.batch_size"] == 64
+    finally:
+        daemon.stop()
+
+
 def test_sampling_change_reaches_an_inference_loop(etcd: EtcdServer, tmp_path: Path) -> None:
     from hotknob.model_runtime.sampling import SamplingParams, sample
 

@@ -71,3 +71,17 @@ def test_a_row_s_errors_fit_or_are_cut_with_a_count() -> None:
         lines
     )
     assert "error of 1 process (a/p2): boom" in lines
+
+
+def test_keys_waiting_for_a_restart_are_said_once_whoever_holds_them() -> None:
+    from hotknob.daemon.status_view import error_parts
+
+    both = entry("a/p1", 7, restart_pending=["train.batch_size"], held=["train.batch_size"])
+    assert error_parts(both) == [
+        "runs train.batch_size as it started: the new value waits for a restart"
+    ]
+    process = entry("a/p2", 7, held=["model.width", "train.batch_size"])
+    assert error_parts(process) == [
+        "runs model.width, train.batch_size as it started: the new value waits for a restart"
+    ]
+    assert error_parts(entry("a/p3", 7, restart_pending="not a list")) == []
