@@ -187,15 +187,13 @@ class Daemon:
         # held by another one stops here, and the other's state file stays as it was.
         server.reserve()
         self.store = self._lock_state()
-        file_state = self._start_files()
-        layers = [*self.static_layers, files_layer(ctx.schema, file_state.files)]
         self.metrics.clients.set_function(lambda: _count(server, watch=False))
         self.metrics.watchers.set_function(lambda: _count(server, watch=True))
         self.engine = Engine(
             schema=ctx.schema,
             app=ctx.app,
             precedence=ctx.precedence,
-            layers=layers,
+            layers=[*self.static_layers, files_layer(ctx.schema, [])],  # files: at ``start``
             store=self.store,
             publish=self._publish,
             broadcast=self._broadcast,
@@ -204,13 +202,15 @@ class Daemon:
             on_unchanged=lambda revision: self._post(self._revision_unchanged, revision),
             on_restart_pending=lambda: self._post(self.feedback.daemon_fields_changed),
         )
+        file_state = self._start_files(self.engine.saved_files(ctx.config_files))
         kvs, revision = await self._start_etcd()
         self._etcd_at_start = ctx.etcd is not None and kvs is not None
         if self.stopping.is_set():
             self.log.info("start_abandoned", reason="stop requested")
             raise _StartAbandoned
         with self._lock:
-            self.engine.start(kvs, revision)
+            self.engine.start(kvs, revision, files=file_state.files)
+        self._files_refused_at_start()
         self._started = True
         for replay in self._early:
             replay()
@@ -253,7 +253,9 @@ class Daemon:
             self.log.warning("state_lock_unavailable", path=str(store.lock_path), error=problem)
         return store
 
-    def _start_files(self) -> FileLayerState:
+    def _start_files(self, ran: Mapping[Path, Mapping[str, Any]]) -> FileLayerState:
+        """Read and watch the config files; one that cannot be read starts as it was when
+        the daemon last ran (``ran``, from the state file), if it holds that file."""
         if not self.ctx.config_files:
             return FileLayerState(files=())
         self.files = FileLayerWatcher(
@@ -262,7 +264,24 @@ class Daemon:
             on_error=lambda path, exc: self._post(self._on_file_error, path, exc),
             on_readable=lambda: self._post(self.feedback.config_files_problem, "unreadable", None),
         )
-        return self.files.start()
+        return self.files.start(ran)
+
+    def _files_refused_at_start(self) -> None:
+        """Say what the start refused of the config files, and ran without: a file it could
+        not read, or files that made the configuration invalid (``Engine.start``)."""
+        assert self.engine is not None
+        unreadable = self.files.unreadable_at_start if self.files is not None else {}
+        for path, reason in unreadable.items():
+            self.log.warning(
+                "config_file_unreadable_at_start",
+                path=str(path),
+                reason=reason,
+                detail="started on the contents it had when this daemon last ran",
+            )
+        if unreadable:
+            self.feedback.config_files_problem("unreadable", "; ".join(unreadable.values()))
+        if self.engine.files_refused is not None:
+            self.feedback.config_files_problem("rejected", self.engine.files_refused)
 
     async def _start_etcd(self) -> tuple[Mapping[str, bytes] | None, int]:
         if self.ctx.etcd is None:

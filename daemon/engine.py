@@ -78,8 +78,10 @@ from .announce import Announcer, EventSink
 from .logs import get_logger
 from .published import Published
 from .restart_only import RestartOnly
-from .state import StateStore
+from .state import SavedState, StateStore
 from .state_keeper import StateKeeper
+
+_NOT_READ = object()
 
 
 def _noop(_: Any) -> None:
@@ -152,6 +154,10 @@ class Engine:
         self._room = 0
         self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
         self._closed = False
+        self._saved: SavedState | object | None = _NOT_READ  # the state file, read once
+        self.files_refused: str | None = None
+        """Why the config files were refused at the start, which ran on their saved
+        contents instead (``_first_merge``); None if they were not."""
         self.log = get_logger("hotknob.engine", app=app)
         self._keeper = StateKeeper(store, self.log) if store is not None else None
         self._restart = RestartOnly(restart_only, self.log, on_restart_pending)
@@ -175,13 +181,40 @@ class Engine:
 
     # --- start ---------------------------------------------------------------------------------
 
-    def start(self, etcd: Mapping[str, bytes] | None, revision: int) -> Published:
+    def saved_files(self, paths: Sequence[Path]) -> dict[Path, Mapping[str, Any]]:
+        """The contents of the config files ``paths`` as the saved state ran them, by path;
+        none unless it ran these very files, in this order. Reads the state file (once:
+        ``start`` uses what it read)."""
+        saved = self._load_saved()
+        if saved is None or [path for path, _ in saved.files] != [str(p) for p in paths]:
+            return {}
+        return {Path(path): contents for path, contents in saved.files}
+
+    def _load_saved(self) -> SavedState | None:
+        if self._saved is _NOT_READ:
+            self._saved = self._keeper.load() if self._keeper is not None else None
+        return self._saved  # type: ignore[return-value]
+
+    def start(
+        self,
+        etcd: Mapping[str, bytes] | None,
+        revision: int,
+        files: Sequence[tuple[Path, Mapping[str, Any]]] | None = None,
+    ) -> Published:
         """Build the first snapshot; with ``etcd`` None, serve the last-known-good etcd values.
 
+        ``files``: the config files' contents (the files layer is built from them), if
+        the daemon has any; then, if they make the configuration invalid and the state
+        file holds the contents those same files had as the daemon ran them, it starts on
+        those, and ``files_refused`` says why (``_first_merge``).
+
         Raises ``InvalidChange`` if the layers that are not live (defaults, env,
-        cli) or the files are invalid: the daemon must not start on them.
+        cli) or the files are invalid (with no saved contents to start on instead): the
+        daemon must not start on them.
         """
-        saved = self._keeper.load() if self._keeper is not None else None
+        saved = self._load_saved()
+        if files is not None:
+            self._files_in_force(files)
         if etcd is None:
             saved_etcd = saved.etcd if saved else {}
             self.layers["etcd"] = Layer("etcd", saved_etcd, dict.fromkeys(saved_etcd, "saved"))
@@ -195,12 +228,7 @@ class Engine:
             )
         else:
             self.layers["etcd"] = etcd_layer(self.app, {})
-        # The saved values too: written under an older schema, they may not fit this one.
-        if etcd is not None:  # a key etcd holds and this schema refuses: what it ran before
-            kept = saved.etcd if saved else None
-            snapshot = self._merge_sanitized(self._read_etcd(etcd, revision), revision, kept)
-        else:
-            snapshot = self._merge_sanitized(self.layers["etcd"], revision)
+        snapshot = self._first_merge(etcd, revision, saved, files)
         self._restart.start(snapshot.flat)
         published = self._published(snapshot, revision)
         if saved is None:
@@ -220,6 +248,53 @@ class Engine:
         self._publish(published)
         self.log.info("config_loaded", version=self.version, revision=revision)
         return published
+
+    def _first_merge(
+        self,
+        etcd: Mapping[str, bytes] | None,
+        revision: int,
+        saved: SavedState | None,
+        files: Sequence[tuple[Path, Mapping[str, Any]]] | None,
+    ) -> Snapshot:
+        """``start``'s merge. A config file that makes the configuration invalid at a
+        restart (edited while the daemon ran, which refused it and ran on) does not stop
+        the daemon: it starts on the contents those files had as it ran them, if the
+        state file holds them, as a refused edit leaves the last good contents in force.
+        The next valid save is taken as any edit."""
+
+        def merge() -> Snapshot:
+            # The saved values too: written under an older schema, they may not fit it.
+            if etcd is None:
+                return self._merge_sanitized(self.layers["etcd"], revision)
+            kept = saved.etcd if saved else None  # what it ran, for a key it now refuses
+            return self._merge_sanitized(self._read_etcd(etcd, revision), revision, kept)
+
+        try:
+            return merge()
+        except InvalidChange as exc:
+            ran = self.saved_files([path for path, _ in files]) if files is not None else {}
+            blamed = any(p.layer in ("files", "") for p in exc.problems)
+            if not ran or not blamed or list(ran.items()) == list(files or ()):
+                raise
+            refused = exc
+        self._files_in_force(list(ran.items()))
+        try:
+            snapshot = merge()
+        except InvalidChange:
+            raise refused from None  # the saved contents do not help: the files' reason
+        self.files_refused = str(refused)
+        self.log.warning(
+            "config_files_refused_at_start",
+            reason=str(refused),
+            detail="started on the contents the config files had when this daemon last ran",
+        )
+        return snapshot
+
+    def _files_in_force(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
+        """The files layer is now built from ``files``; the state file saves them."""
+        self.layers["files"] = files_layer(self.schema, files)
+        if self._keeper is not None:
+            self._keeper.files_in_force(files)
 
     def close(self) -> None:
         """Stop taking changes; save the final state synchronously, marked clean.
@@ -318,7 +393,11 @@ class Engine:
             return False
         candidate = files_layer(self.schema, files)
         edited = changed_keys(self.layers["files"].values, candidate.values)
-        return self._try_layer(candidate, self.revision, edited)
+        if not self._try_layer(candidate, self.revision, edited):
+            return False
+        if self._keeper is not None:
+            self._keeper.files_in_force(files)
+        return True
 
     # --- internals -----------------------------------------------------------------------------
 

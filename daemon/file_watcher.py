@@ -210,6 +210,7 @@ class FileLayerWatcher:
         self._log = log if log is not None else structlog.get_logger(__name__)
 
         self._state: FileLayerState | None = None
+        self.unreadable_at_start: dict[Path, str] = {}  # files ``start`` took as they ran
         self._fingerprint: Hashable = None
         self._check_lock = threading.RLock()
         self._reported: dict[Path, str] = {}
@@ -235,12 +236,16 @@ class FileLayerWatcher:
             raise RuntimeError("FileLayerWatcher.start() has not been called")
         return self._state
 
-    def start(self) -> FileLayerState:
+    def start(self, ran: Mapping[Path, Mapping[str, Any]] | None = None) -> FileLayerState:
         """Read every file once, then watch their folders; returns the initial state.
 
         Raises ``LayerError`` (and starts nothing) if any file is missing or
-        unreadable. A change made between the first read and the watch being in
-        place is not lost: the files are read once more as soon as it is.
+        unreadable, unless ``ran`` holds contents for it (what the file held when the
+        daemon last ran): then those stand for it, the problem is kept in
+        ``unreadable_at_start`` (by path, why) and reported as any later one (``on_error``
+        is not called for it), and the file is read again at its next event. A change made
+        between the first read and the watch being in place is not lost: the files are
+        read once more as soon as it is.
         """
         if self._state is not None or self._stopping:
             raise RuntimeError("a FileLayerWatcher can be started once, and not after stop()")
@@ -248,8 +253,16 @@ class FileLayerWatcher:
         for path in self._paths:
             try:
                 files.append((path, self._read_file(path)))
-            except OSError as exc:
-                raise LayerError("files", f"{path}: cannot read: {exc}") from exc
+            except (LayerError, OSError) as exc:
+                error = exc if isinstance(exc, LayerError) else None
+                reason = str(exc) if error else f"{path}: cannot read: {exc}"
+                if ran is None or path not in ran:
+                    if error is not None:
+                        raise
+                    raise LayerError("files", reason) from exc
+                files.append((path, ran[path]))
+                self.unreadable_at_start[path] = reason
+                self._reported[path] = str(exc)  # said again only if it changes; cleared on a read
         initial = FileLayerState(tuple(files))
 
         observer = Observer()

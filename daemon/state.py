@@ -64,6 +64,9 @@ class SavedState:
     revision: int
     values: Mapping[str, Any]
     etcd: Mapping[str, Any] = field(default_factory=dict)
+    files: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    """Each config file's contents in the state, by path, in ``--config`` order: a daemon
+    restarted on files it cannot read or refuses starts on these (``Engine.start``)."""
     saved_at: float = 0.0
     version_ceiling: int = 0
     clean: bool = False
@@ -217,6 +220,7 @@ class StateStore:
                 "revision": state.revision,
                 "values": state.values,
                 "etcd": state.etcd,
+                "files": [[path, contents] for path, contents in state.files],
                 "saved_at": time.time(),
                 "version_ceiling": ceiling,
                 "clean": state.clean,
@@ -293,6 +297,7 @@ def _parse(text: bytes) -> SavedState:
             revision=_count(data, "revision"),
             values=values,
             etcd=etcd,
+            files=_files(data.get("files", [])),
             saved_at=float(data.get("saved_at", 0.0)),
             version_ceiling=_count(data, "version_ceiling") if reserved else version,
             clean=data.get("clean", False) is True if reserved else True,
@@ -301,6 +306,20 @@ def _parse(text: bytes) -> SavedState:
         raise _Unreadable(f"no {exc.args[0]!r} field") from None
     except (ValueError, TypeError) as exc:
         raise _Unreadable(f"a field of the wrong type: {exc}") from None
+
+
+def _files(raw: Any) -> tuple[tuple[str, Mapping[str, Any]], ...]:
+    """A state file's ``files``: a list of ``[path, contents]`` (none in a file written
+    before they were saved)."""
+    if not isinstance(raw, list) or not all(
+        isinstance(item, list)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], dict)
+        for item in raw
+    ):
+        raise ValueError("files must be a list of [path, contents] pairs")
+    return tuple((path, contents) for path, contents in raw)
 
 
 def _count(data: Mapping[str, Any], name: str) -> int:

@@ -14,7 +14,9 @@ A failed write is logged (``state_write_failed``) and kept in ``error`` (for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .published import Published
@@ -24,6 +26,9 @@ from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
 class StateKeeper:
     def __init__(self, store: StateStore, log: Any) -> None:
         self.store = store
+        self.files: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+        """The config files' contents in force, by path, saved with each state (set with
+        ``files_in_force`` when the files layer in force changes)."""
         self.error: str | None = None  # the last write's failure, until a write succeeds
         self._log = log
         self._writer = StateWriter(store, self._on_saved)
@@ -59,18 +64,31 @@ class StateKeeper:
         else:
             push(published)
             # After the push: the writer's thread then competes with nothing on the way out.
-            self._writer.submit(_saved(published, etcd, ceiling=self.store.ceiling))
+            self._writer.submit(self._saved(published, etcd, ceiling=self.store.ceiling))
 
     def reserve(self, published: Published, etcd: Mapping[str, Any]) -> None:
         """Save ``published`` now, with a ceiling ``VERSION_BLOCK`` above it. On failure the
         ceiling stays, so the next change tries again; the change is still published, as
         the daemon must keep serving."""
         try:
-            self.store.save(_saved(published, etcd, ceiling=published.version + VERSION_BLOCK))
+            self.store.save(self._saved(published, etcd, ceiling=published.version + VERSION_BLOCK))
         except OSError as exc:
             self._write_failed(exc)
             return
         self.error = None
+
+    def files_in_force(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
+        """Save ``files`` (each config file's parsed contents) with the next states, as JSON
+        holds them: a YAML or TOML date as its ISO text, which the schema reads back as
+        the date. Contents JSON cannot hold at all (a NaN nobody validated) are not saved:
+        a restart then has no contents of those files to start on."""
+        try:
+            self.files = tuple(
+                (str(path), json.loads(json.dumps(contents, default=str, allow_nan=False)))
+                for path, contents in files
+            )
+        except (TypeError, ValueError):
+            self.files = ()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the writer has saved what was submitted; False on timeout."""
@@ -84,7 +102,7 @@ class StateKeeper:
         if current is None:
             return
         try:
-            self.store.save(_saved(current, etcd, ceiling=self.store.ceiling, clean=True))
+            self.store.save(self._saved(current, etcd, ceiling=self.store.ceiling, clean=True))
         except OSError as exc:
             self._write_failed(exc)
 
@@ -99,15 +117,15 @@ class StateKeeper:
         self.error = f"{self.store.path}: {exc.strerror or exc}"
         self._log.error("state_write_failed", path=str(self.store.path), error=str(exc))
 
-
-def _saved(
-    published: Published, etcd: Mapping[str, Any], *, ceiling: int, clean: bool = False
-) -> SavedState:
-    return SavedState(
-        version=published.version,
-        revision=published.revision,
-        values=published.values,
-        etcd=dict(etcd),
-        version_ceiling=ceiling,
-        clean=clean,
-    )
+    def _saved(
+        self, published: Published, etcd: Mapping[str, Any], *, ceiling: int, clean: bool = False
+    ) -> SavedState:
+        return SavedState(
+            version=published.version,
+            revision=published.revision,
+            values=published.values,
+            etcd=dict(etcd),
+            files=self.files,
+            version_ceiling=ceiling,
+            clean=clean,
+        )

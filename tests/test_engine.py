@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from hotknob.config import InvalidChange, MLParams, cli_layer, defaults_layer, env_layer
 from hotknob.config.merge import DEFAULT_PRECEDENCE
 from hotknob.daemon.engine import Engine
+from hotknob.daemon.logs import get_logger
 from hotknob.daemon.socket_server import Published
 from hotknob.daemon.state import StateStore
 from tests.banded_schema import Banded
@@ -358,6 +359,63 @@ def test_a_kept_value_the_schema_no_longer_takes_is_dropped_too(tmp_path: Path) 
     assert unfit["keys"] == ["lr"]
     assert not any(e["event"] == "etcd_value_kept" for e in logs)
     new.close()
+
+
+def test_a_restart_on_config_files_it_refuses_starts_on_their_saved_contents(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.yaml"
+    engine = make_engine(tmp_path)
+    engine.start({}, 1, files=[(config, {"train": {"lr": 0.05}})])
+    assert engine.files_refused is None
+    engine.on_files([(config, {"train": {"lr": 0.07}})])  # taken: what the state file saves
+    engine.on_files([(config, {"train": {"lr": -7}})])  # refused: 0.07 stays in force
+    engine.close()
+
+    later = make_engine(tmp_path)
+    assert later.saved_files([config]) == {config: {"train": {"lr": 0.07}}}
+    assert later.saved_files([tmp_path / "other.yaml"]) == {}  # not the files it ran
+    with capture_logs() as logs:
+        later.start({}, 1, files=[(config, {"train": {"lr": -7}})])
+    assert later.current is not None and later.current.flat["train.lr"] == 0.07
+    assert later.files_refused is not None and "train.lr (from files)" in later.files_refused
+    assert any(e["event"] == "config_files_refused_at_start" for e in logs)
+    # The next valid contents are taken as any edit.
+    assert later.on_files([(config, {"train": {"lr": 0.09}})])
+    assert later.current.flat["train.lr"] == 0.09
+    later.close()
+
+
+def test_file_contents_are_saved_as_json_holds_them(tmp_path: Path) -> None:
+    import datetime
+    import math
+
+    from hotknob.daemon.state_keeper import StateKeeper
+
+    keeper = StateKeeper(StateStore(tmp_path, APP), get_logger("hotknob.test"))
+    config = tmp_path / "c.yaml"
+    keeper.files_in_force([(config, {"run": {"since": datetime.date(2026, 11, 30)}})])
+    assert keeper.files == ((str(config), {"run": {"since": "2026-11-30"}}),)
+    keeper.files_in_force([(config, {"x": math.nan})])  # nothing a state file can hold
+    assert keeper.files == ()
+
+
+def test_files_it_never_ran_or_a_static_layer_at_fault_still_refuse_to_start(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.yaml"
+    first = make_engine(tmp_path)
+    with pytest.raises(InvalidChange, match=r"train\.lr"):  # no state file: nothing ran
+        first.start({}, 1, files=[(config, {"train": {"lr": -1}})])
+    ran = make_engine(tmp_path)
+    ran.start({}, 1, files=[(config, {"train": {"lr": 0.05}})])
+    ran.close()
+    other = tmp_path / "other.yaml"
+    with pytest.raises(InvalidChange, match=r"train\.lr"):  # ran other files
+        make_engine(tmp_path).start({}, 1, files=[(other, {"train": {"lr": -1}})])
+    pinned = make_engine(tmp_path, cli_layer(["train.momentum=7"]))
+    with pytest.raises(InvalidChange, match=r"train\.momentum"):  # --set at fault
+        pinned.start({}, 1, files=[(config, {"train": {"lr": 0.06}})])
 
 
 def test_a_full_read_that_breaks_a_rule_across_fields_drops_only_the_keys_behind_it(

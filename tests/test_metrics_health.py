@@ -119,6 +119,60 @@ def test_healthz_says_what_is_wrong_with_the_config_files(tmp_path: Path) -> Non
         wait_for(lambda: health(port)[1]["config_files"] == {}, "fixed")
 
 
+def test_a_restart_on_config_files_it_cannot_take_runs_them_as_they_were(
+    tmp_path: Path,
+) -> None:
+    """A config file edited into something invalid while the daemon ran (refused, the last
+    good contents in force), then the daemon restarted (its container, by a probe): it
+    starts on the contents the files had as it ran them, says why in ``/healthz``, and
+    takes the next valid save. The same for a file it cannot parse at all."""
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  lr: 0.1\n")
+    proc, port = daemon(tmp_path, extra=("--config", str(config)))
+    with proc:
+        pass  # its state file now holds the contents it ran
+    for bad, problem, reason in (
+        ("train:\n  lr: -1\n", "rejected", "train.lr (from files): Input should be greater"),
+        ("train: [unclosed\n", "unreadable", str(config)),
+    ):
+        config.write_text(bad)
+        with proc:
+            code, body = health(port)
+            assert code == 200 and body["ok"] is True, body
+            assert reason in body["config_files"][problem], body
+            with RawClient(proc.socket_path) as client:
+                assert client.snapshot["values"]["train"]["lr"] == 0.1
+            event = "config_files_refused_at_start"
+            if problem == "unreadable":
+                event = "config_file_unreadable_at_start"
+            assert proc.events(event), proc.log(since_start=True)
+        assert proc.proc is not None and proc.proc.returncode == 0
+    with proc, RawClient(proc.socket_path) as client:
+        aside = tmp_path / "aside.yaml"
+        aside.write_text("train:\n  lr: 0.3\n")
+        aside.replace(config)
+        assert client.next_update()["values"]["train"]["lr"] == 0.3
+        wait_for(lambda: health(port)[1]["config_files"] == {}, "the files taken again")
+
+
+def test_a_first_start_on_an_invalid_config_file_still_fails(tmp_path: Path) -> None:
+    """No state file: nothing ran before, so nothing to start on instead."""
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  lr: -1\n")
+    proc, _ = daemon(tmp_path, extra=("--config", str(config)))
+    with pytest.raises(RuntimeError, match="daemon exited with 1"):
+        proc.start()
+    assert "train.lr (from files): Input should be greater than 0" in proc.log()
+    other = tmp_path / "other.yaml"  # a state file of other files does not help either
+    config.write_text("train:\n  lr: 0.1\n")
+    with proc:
+        pass
+    other.write_text("train:\n  lr: -1\n")
+    proc2, _ = daemon(tmp_path, extra=("--config", str(other)))
+    with pytest.raises(RuntimeError, match="daemon exited with 1"):
+        proc2.start()
+
+
 # --- names: one per connection ---------------------------------------------------------------
 
 
