@@ -66,7 +66,6 @@ from hotknob.config.merge import (
     LeafInput,
     booleans_for_numbers,
     leaf_input,
-    merge_dropping_invalid,
     validate_leaves,
 )
 from hotknob.config.schema import iter_leaves
@@ -75,6 +74,7 @@ from hotknob.config.sendable import MAX_STATE_BYTES, entry_bytes, non_finite, no
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink
+from .full_read import merge_full_read
 from .logs import get_logger
 from .published import Published
 from .restart_only import RestartOnly
@@ -641,69 +641,30 @@ class Engine:
     def _merge_sanitized(
         self, candidate: Layer, revision: int, kept: Mapping[str, Any] | None = None
     ) -> Snapshot:
-        """Merge a whole etcd layer (a full read, or the saved values); the keys that make
-        it invalid are dropped one round at a time (``merge_dropping_invalid``), each round
-        announced as a rejection. Raises ``InvalidChange`` only if the other layers are
-        invalid without etcd.
-
-        ``kept``: the etcd values this daemon ran before the read (those in force, or the
-        state file's at a start). A dropped key keeps its value from there, as a change
-        refused on the way keeps the value in force: a daemon restarted, or one that read
-        etcd whole again, does not trade the value it ran for a lower layer's (a default
-        200 times the learning rate it ran) because etcd now holds a value it refuses. A
-        kept value that no longer fits (the schema changed) is dropped too."""
+        """Merge a whole etcd layer (a full read, or the saved values) and make it the etcd
+        layer: the keys that make it invalid are dropped, each round announced as a
+        rejection, and each keeps its value in ``kept`` (what this daemon ran before the
+        read: the values in force, or the state file's at a start), if it has one
+        (``full_read.py``). Raises ``InvalidChange`` only if the other layers are invalid
+        without etcd."""
 
         def announce(exc: InvalidChange, problems: list[Problem]) -> None:
             dropped = {p.key: candidate.values.get(p.key) for p in problems}
             self._announce.rejected("etcd", revision, self.version, exc, dropped, self._flat)
 
         others = [layer for name, layer in self.layers.items() if name != "etcd"]
-        snapshot, problems = merge_dropping_invalid(
-            self.schema, [*others, candidate], self.precedence, on_drop=announce
+        layer, snapshot = merge_full_read(
+            self.schema,
+            others,
+            candidate,
+            self.precedence,
+            kept=kept,
+            on_drop=announce,
+            log=self.log,
+            revision=revision,
         )
-        layer = candidate.without(p.key for p in problems)
-        restore = {p.key: kept[p.key] for p in problems if kept and p.key in kept}
-        if restore:
-            paths = {key: candidate.origins.get(key, "kept") for key in restore}
-            layer, snapshot = self._with_kept(others, layer, snapshot, restore, paths, revision)
         self.layers["etcd"] = layer
         return snapshot
-
-    def _with_kept(
-        self,
-        others: list[Layer],
-        layer: Layer,
-        snapshot: Snapshot,
-        restore: Mapping[str, Any],
-        paths: Mapping[str, str],
-        revision: int,
-    ) -> tuple[Layer, Snapshot]:
-        """``layer`` with the ``restore`` values its refused keys ran before (at their etcd
-        ``paths``), and the merge of it; those that no longer fit are left out (logged)."""
-        candidate = Layer("etcd", {**layer.values, **restore}, {**layer.origins, **paths})
-        try:
-            merged, unfit = merge_dropping_invalid(
-                self.schema, [*others, candidate], self.precedence
-            )
-        except InvalidChange:  # cannot be: ``layer`` alone merged; keep what it gave
-            return layer, snapshot
-        unfit_keys = {p.key for p in unfit}
-        kept = sorted(set(restore) - unfit_keys)
-        if kept:
-            self.log.warning(
-                "etcd_value_kept",
-                revision=revision,
-                keys=kept,
-                detail="etcd holds a value this daemon refuses: it runs the one it ran before",
-            )
-        if unfit_keys:
-            self.log.warning(
-                "etcd_value_not_kept",
-                revision=revision,
-                keys=sorted(unfit_keys),
-                detail="the value this daemon ran before no longer fits the schema",
-            )
-        return candidate.without(unfit_keys), merged
 
     def _try_layer(self, candidate: Layer, revision: int, edited: Mapping[str, Any]) -> bool:
         layers = dict(self.layers)
