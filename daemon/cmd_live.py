@@ -32,9 +32,18 @@ def register(add: Add) -> None:
         "--etcd-start-timeout",
         type=float,
         default=1.0,
-        help="seconds to wait for etcd at start before serving the last-known-good",
+        metavar="SECONDS",
+        help="how long to wait for etcd at start before serving the last-known-good "
+        "(default %(default)g)",
     )
-    p.add_argument("--status-ttl", type=int, default=10, help="lease TTL of status entries")
+    p.add_argument(
+        "--status-ttl",
+        type=int,
+        default=10,
+        metavar="SECONDS",
+        help="the lease of the status entries: those of a daemon that died vanish this long "
+        "after (2 or more; default %(default)d)",
+    )
     p.add_argument(
         "--status-every",
         type=float,
