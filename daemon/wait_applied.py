@@ -47,6 +47,9 @@ class Applied:
     behind: dict[str, Any] = field(default_factory=dict)  # name -> the revision it runs
     # Of those behind, the ones that hold it unapplied (``pending``): name -> since when.
     holding: dict[str, float] = field(default_factory=dict)
+    # Of those that applied it, the ones that run some of its restart-only keys as they
+    # started (held back by the daemon, or by the process): name -> those keys.
+    restart: dict[str, list[str]] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -66,6 +69,7 @@ class Applied:
             "rejected": dict(sorted(self.rejected.items())),
             "behind": sorted(self.behind),
             "holding": sorted(self.holding),
+            "restart": sorted(self.restart),
             "left": sorted(self.left),
             "seconds": round(self.seconds, 3),
         }
@@ -78,6 +82,11 @@ class Applied:
         text = f"applied by {took} within {shown} s"
         if self.left:
             text += f" ({some_names(self.left)} left meanwhile)"
+        if self.restart:
+            keys = ", ".join(sorted({key for held in self.restart.values() for key in held}))
+            waiting = len(self.restart)
+            whom = "it" if count == 1 else f"{waiting} of them ({some_names(self.restart)})"
+            text += f"; {keys} restart-only: waits for a restart of {whom}"
         return text
 
     def failure(self, timeout: float, now: float | None = None) -> str:
@@ -125,6 +134,7 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
     ``revision`` or later applied it, and one behind it whose daemon refused a later
     revision will not run it either."""
     into.applied, into.rejected, into.behind, into.holding = {}, {}, {}, {}
+    into.restart = {}
     for name, entry in entries.items():
         runs = entry.get("revision")
         refused = _refusal(entry.get("rejected"), revision)
@@ -132,6 +142,9 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
             into.rejected[name] = str(refused.get("reason", "no reason given"))
         elif is_int(runs) and runs >= revision:
             into.applied[name] = entry.get("step")
+            waiting = _waits_for_restart(entry, keys)
+            if waiting:
+                into.restart[name] = waiting
         elif refused is not None:
             into.rejected[name] = str(refused.get("reason", "no reason given"))
         else:
@@ -144,6 +157,18 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
                 and is_time(holds.get("since"))
             ):
                 into.holding[name] = holds["since"]
+
+
+def _waits_for_restart(entry: Mapping[str, Any], keys: Collection[str]) -> list[str]:
+    """Those of ``keys`` that ``entry``'s process runs as it started: restart-only keys its
+    daemon holds back (``restart_pending``) or it holds itself (``held``)."""
+    held = {
+        key
+        for field_name in ("restart_pending", "held")
+        if isinstance(entry.get(field_name), list)
+        for key in entry[field_name]
+    }
+    return sorted(key for key in keys if key in held)
 
 
 def _refusal(rejected: Any, revision: int) -> Mapping[str, Any] | None:

@@ -435,3 +435,22 @@ def test_wait_applied_tells_a_refused_key_from_a_later_revision_run() -> None:
     # A write of another key: n/p2 runs it (its refusal is of a key not written).
     result = wait_applied(clock.next_entries, 10, 2, clock=clock.now, keys=["train.lr"])
     assert result.ok and sorted(result.applied) == ["n/p1", "n/p2"]
+
+
+def test_wait_applied_says_which_processes_wait_for_a_restart() -> None:
+    entries = {
+        "n/p1": {"revision": 7, "step": 3, "restart_pending": ["train.batch_size"]},  # daemon
+        "n/p2": {"revision": 7, "step": 4, "held": ["train.batch_size"]},  # the process
+        "n/p3": {"revision": 8, "step": 5},  # started since: runs it
+        "n/p4": {"revision": 7, "step": 6, "held": ["model.width"]},  # not a key written
+    }
+    clock = FakeClock(lambda: entries)
+    result = wait_applied(clock.next_entries, 7, 2, clock=clock.now, keys=["train.batch_size"])
+    assert result.ok and result.restart == {
+        "n/p1": ["train.batch_size"],
+        "n/p2": ["train.batch_size"],
+    }
+    assert result.as_dict()["restart"] == ["n/p1", "n/p2"]
+    assert result.summary().endswith(
+        "; train.batch_size restart-only: waits for a restart of 2 of them (n/p1, n/p2)"
+    )

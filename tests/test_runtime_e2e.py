@@ -242,10 +242,18 @@ def test_a_restarted_daemon_never_changes_a_restart_only_key_of_a_running_proces
             assert live["train.batch_size"] == 32
             live.apply(0)
             done = run_cli(
-                "set", "train.batch_size=64", "--app", APP, "--etcd-endpoints", etcd.endpoint
+                "set",
+                "train.batch_size=64",
+                "--wait",
+                "30",
+                "--app",
+                APP,
+                "--etcd-endpoints",
+                etcd.endpoint,
             )
             assert done.returncode == 0, done.stderr
             assert "a running process keeps the value it started with" in done.stderr
+            assert "train.batch_size restart-only: waits for a restart of it" in done.stdout
             # Its daemon holds it back, and says so in the process's entry.
             assert _entry_field(etcd, "trainer", "restart_pending") == ["train.batch_size"]
 
