@@ -578,12 +578,19 @@ class LiveConfig:
     def _load(self, loaded: State, step: Any, binding_states: list[Any]) -> None:
         self._hooks.load_binding_states(binding_states)
         with self._lock:
-            old, self._applied = self._applied, loaded
-            self._unacked = False
-            self._applied_step = step if isinstance(step, int) else 0
             # The daemon's newest state: the one an earlier checkpoint replaced, if one did.
             latest = self._superseded or self._latest
             newer = latest is not None and _newer_than(latest, loaded)
+            if newer and self._restart_only:
+                # A resumed run starts with the daemon's restart-only values, at once: read
+                # after the load (a data loader built with the batch size), they must not
+                # change at the first apply.
+                assert latest is not None
+                loaded = with_held(loaded, _values_of(latest, self._restart_only))
+                loaded.held = ()
+            old, self._applied = self._applied, loaded
+            self._unacked = False
+            self._applied_step = step if isinstance(step, int) else 0
             self._pending = latest if newer else None
             if newer:
                 self._superseded = None
@@ -643,13 +650,7 @@ class LiveConfig:
         applied = self._applied
         if applied is NOTHING:  # the first state: what the process starts with
             return state
-        running = {}
-        for key in self._restart_only:
-            value = applied.flat.get(key, ABSENT)
-            if value is ABSENT:  # a field that holds a mapping
-                value = get_dotted(applied.values, key, ABSENT)
-            if value is not ABSENT:
-                running[key] = value
+        running = _values_of(applied, self._restart_only)
         held = with_held(state, running)
         for key in held.held:
             wanted = thaw(get_dotted(state.values, key))
@@ -689,6 +690,18 @@ class LiveConfig:
             self._conn.send(protocol.applied(applied.version, step, **held))
         if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough
             self._first_state.set()
+
+
+def _values_of(state: State, keys: frozenset[str]) -> dict[str, Any]:
+    """``state``'s values of ``keys`` it has (leaves, or fields that hold a mapping)."""
+    values = {}
+    for key in keys:
+        value = state.flat.get(key, ABSENT)
+        if value is ABSENT:  # a field that holds a mapping
+            value = get_dotted(state.values, key, ABSENT)
+        if value is not ABSENT:
+            values[key] = value
+    return values
 
 
 def _newer_than(daemon: State, checkpoint: State) -> bool:

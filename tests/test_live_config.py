@@ -357,6 +357,36 @@ def test_a_restart_only_mapping_is_held_whole_and_the_type_counts(sock_path: str
         assert live["train.lr"] == 0.001 and type(live["train.lr"]) is float
 
 
+def test_a_resumed_run_takes_the_daemon_s_restart_only_values_at_the_load(
+    sock_path: str,
+) -> None:
+    """The daemon's state is newer than the checkpoint: it wins at the next apply, and its
+    restart-only values already at the load, since what the process builds with them
+    (a data loader) is built after the load, before that apply."""
+    seen: list[Any] = []
+    daemon_values = with_values(train={"momentum": 0.5})
+    with (
+        DaemonStub(sock_path, daemon_values, version=9, restart_only=("train.momentum",)),
+        LiveConfig.connect(sock_path, timeout=5) as live,
+    ):
+        live.on_change("train.momentum", seen.append)
+        checkpoint = {
+            "format": 1,
+            "version": 5,
+            "revision": 50,
+            "step": 1000,
+            "values": with_values(train={"momentum": 0.9, "lr": 0.002}),
+            "bindings": [],
+        }
+        live.load_state_dict(checkpoint)
+        assert live["train.momentum"] == 0.5 and live["train.lr"] == 0.002
+        assert live.apply(1001) is True
+        assert live["train.lr"] == 0.001 and live["train.momentum"] == 0.5 and seen == []
+        # A checkpoint newer than the daemon's state keeps its own, restart-only ones too.
+        live.load_state_dict({**checkpoint, "version": 20, "revision": 500})
+        assert live["train.momentum"] == 0.9 and seen == [0.9]
+
+
 def test_without_restart_only_keys_named_nothing_is_held(sock_path: str) -> None:
     with (
         DaemonStub(sock_path, BASE, version=7) as stub,
