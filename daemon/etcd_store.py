@@ -47,6 +47,7 @@ from pyetcd.client import EtcdTokenCallCredentials
 
 from hotknob.config.errors import HotknobError, InvalidInput, Unavailable, UsageError
 
+from .etcd_client import ClosableClient
 from .etcd_types import (
     MIN_KEEPALIVE_S,
     AuthError,
@@ -253,7 +254,7 @@ class EtcdStore:
         attempts = 3 * len(endpoints) if o.user else 1
         while True:
             try:
-                client = pyetcd.MultiEndpointEtcd3Client(
+                client = ClosableClient(
                     endpoints, timeout=o.timeout, user=o.user, password=o.password, failover=True
                 )
                 break

@@ -247,3 +247,63 @@ def test_an_ipv6_endpoint_reaches_etcd() -> None:
             s.close()
     finally:
         server.stop()
+
+
+_RACE = """
+import random, sys, threading, time
+import pyetcd
+from pyetcd import exceptions as etcd_exc
+from hotknob.daemon.etcd_client import ClosableClient
+
+outcomes = {"made": 0, "refused": 0}
+for _ in range(int(sys.argv[1])):
+    client = ClosableClient([pyetcd.Endpoint("127.0.0.1", 1, secure=False)], timeout=1)
+
+    def make() -> None:
+        time.sleep(random.uniform(0, 0.0005))
+        try:
+            for name in ("kvstub", "leasestub", "authstub", "clusterstub", "maintenancestub"):
+                getattr(client, name)
+            client.get_watcher()
+            outcomes["made"] += 1
+        except etcd_exc.ConnectionFailedError:
+            outcomes["refused"] += 1
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    time.sleep(random.uniform(0, 0.0005))
+    client.close()
+    thread.join()
+print(outcomes["made"], outcomes["refused"])
+"""
+
+
+def test_closing_the_client_while_another_thread_makes_its_stubs_never_crashes() -> None:
+    """gRPC ends the whole process with a segmentation fault when a stub is made from a
+    channel another thread just closed (a daemon stopped while its start waited for etcd
+    did, now and then). The same race, a few hundred times, in a process of its own: it
+    ends normally, each stub made before the close or refused after it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _RACE, "400"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    made, refused = map(int, done.stdout.split())
+    assert made + refused == 400
+
+
+def test_a_closed_client_refuses_to_make_a_stub() -> None:
+    import pyetcd
+    from pyetcd import exceptions as etcd_exc
+
+    from hotknob.daemon.etcd_client import ClosableClient
+
+    client = ClosableClient([pyetcd.Endpoint("127.0.0.1", 1, secure=False)], timeout=1)
+    assert client.kvstub is client.kvstub  # made once, kept
+    client.close()
+    with pytest.raises(etcd_exc.ConnectionFailedError):
+        client.leasestub  # noqa: B018 - the property makes the stub
+    with pytest.raises(etcd_exc.ConnectionFailedError):
+        client.get_watcher()
