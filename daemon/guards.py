@@ -453,7 +453,7 @@ class GuardManager:
             return
         kvs, _ = result
         prefix = status_prefix(self.app)
-        waiting, silent = remote_open_windows(kvs, prefix, self.node, guard_id)
+        waiting, silent = remote_open_windows(kvs, prefix, self.node, guard_id, active.revision)
         awaited, unheard = active.awaited_remote(silent, self._report_wait, now)
         if waiting or awaited:
             self._note_waiting(guard_id, active, sorted(waiting + awaited))

@@ -250,22 +250,45 @@ def _others(
 
 
 def remote_open_windows(
-    kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str
+    kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str, revision: int
 ) -> tuple[list[str], list[str]]:
     """The processes of other daemons (status entries under ``prefix``) whose window of
-    guard ``guard_id`` is not done, as their own daemon says in their entry
-    (``GuardManager.windows_of``), by name (``<node>/<client>``): those that reported what
-    the guard reads since the change reached them (still inside their window), and those
-    that have not yet."""
+    guard ``guard_id`` (guarding ``revision``) is not done, as their own daemon says in
+    their entry (``GuardManager.windows_of``), by name (``<node>/<client>``): those that
+    reported what the guard reads since the change reached them (still inside their
+    window), and those that have not yet.
+
+    The second list also has the processes whose entry shows no window of the guard yet,
+    unless their daemon refused the change: the change may not have reached them, or
+    their daemon not yet published the window (the change and the guard's record come
+    on two watches, and a loaded machine publishes late). The caller waits only for
+    those the guard expects to hear from (``ArmedGuard.awaited_remote``), and for a
+    while: without them, a guard passed on this daemon's processes within a tenth of a
+    second while another node's process, 50 times the loss, had not been heard of yet."""
     inside: list[str] = []
     unheard: list[str] = []
     for name, entry in _others(kvs, prefix, node):
         windows = entry.get("guards")
         window = windows.get(guard_id) if isinstance(windows, dict) else None
+        if window is None:
+            if not _refused_at(entry, revision):
+                unheard.append(name)
+            continue
         if not isinstance(window, dict) or window.get("done") is True:
-            continue  # not watched by this guard on its daemon, or done
+            continue  # done on its daemon
         (inside if window.get("reported") is True else unheard).append(name)
     return inside, unheard
+
+
+def _refused_at(entry: Mapping[str, Any], revision: int) -> bool:
+    """Whether ``entry``'s daemon refused etcd's ``revision`` or a later one (``rejected``):
+    the change will not reach its process."""
+    rejected = entry.get("rejected")
+    return (
+        isinstance(rejected, Mapping)
+        and is_int(rejected.get("revision"))
+        and rejected["revision"] >= revision
+    )
 
 
 def remote_watching(

@@ -113,3 +113,28 @@ def test_an_entry_over_the_size_bound_is_written_without_its_large_parts(
         assert _value(etcd, publisher.key("p")) == {"version": 4, "left_out": ["metrics", "errors"]}
     finally:
         publisher.stop()
+
+
+def test_a_guard_waits_for_other_nodes_processes_it_has_not_seen_a_window_of() -> None:
+    """Another daemon's process whose entry shows no window of the guard yet (the change
+    or the window not yet published) is among those not heard from, unless its daemon
+    refused the change; one done on its daemon is not waited for."""
+    import json
+
+    from hotknob.daemon.status import remote_open_windows
+
+    prefix = "/hotknob/t/status/"
+    guard = "g1"
+    entries = {
+        "n1/here": {"revision": 8, "guards": {guard: {"reported": True}}},  # this node's
+        "n2/late": {"revision": 7},  # the change not yet published
+        "n2/open": {"revision": 8, "guards": {guard: {"reported": False}}},
+        "n3/inside": {"revision": 8, "guards": {guard: {"reported": True}}},
+        "n3/done": {"revision": 8, "guards": {guard: {"reported": True, "done": True}}},
+        "n4/refused": {"revision": 7, "rejected": {"revision": 8, "reason": "too hot"}},
+        "n4/older": {"revision": 7, "rejected": {"revision": 5, "reason": "an old one"}},
+    }
+    kvs = {prefix + name: json.dumps(entry).encode() for name, entry in entries.items()}
+    inside, unheard = remote_open_windows(kvs, prefix, "n1", guard, 8)
+    assert inside == ["n3/inside"]
+    assert sorted(unheard) == ["n2/late", "n2/open", "n4/older"]
