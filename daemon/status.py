@@ -310,6 +310,18 @@ def remote_watching(
     return found
 
 
+def waiting_for_restart(entry: Mapping[str, Any]) -> set[str]:
+    """The restart-only keys ``entry``'s process runs as it started, their new value waiting
+    for a restart: held back by its daemon (``restart_pending``) or by the process
+    itself (``held``, after its daemon restarted alone)."""
+    return {
+        str(key)
+        for name in ("restart_pending", "held")
+        if isinstance(entry.get(name), list)
+        for key in entry[name]
+    }
+
+
 def is_int(value: Any) -> TypeGuard[int]:
     """An integer field of a status entry (written by anyone: ``true`` is no integer)."""
     return isinstance(value, int) and not isinstance(value, bool)

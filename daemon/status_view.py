@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 
 from .guard_records import some_names
 from .reports import metrics_summary
-from .status import is_int, is_time
+from .status import is_int, is_time, waiting_for_restart
 from .table import age_text, cut, fmt
 
 ERRORS_CHARS = 100
@@ -82,14 +82,9 @@ def error_parts(entry: Entry) -> list[str]:
             daemon.append(f"its daemon rejected its config files: {fmt(files['rejected'])}")
         if "unreadable" in files:
             daemon.append(f"its daemon cannot read a config file: {fmt(files['unreadable'])}")
-    waiting = [
-        key
-        for field in ("restart_pending", "held")  # its daemon's hold, and its own
-        if isinstance(entry.get(field), list)
-        for key in entry[field]
-    ]
+    waiting = waiting_for_restart(entry)
     if waiting:
-        keys = ", ".join(fmt(key) for key in sorted(set(map(str, waiting))))
+        keys = ", ".join(fmt(key) for key in sorted(waiting))
         daemon.append(f"runs {keys} as it started: the new value waits for a restart")
     return [*daemon, *texts]
 

@@ -26,7 +26,7 @@ from hotknob.config.keys import status_prefix
 
 from .etcd_store import EtcdStore, WatchItem
 from .guard_records import some_names, status_entries
-from .status import is_int, is_time
+from .status import is_int, is_time, waiting_for_restart
 
 Entries = Mapping[str, Mapping[str, Any]]
 
@@ -142,7 +142,7 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
             into.rejected[name] = str(refused.get("reason", "no reason given"))
         elif is_int(runs) and runs >= revision:
             into.applied[name] = entry.get("step")
-            waiting = _waits_for_restart(entry, keys)
+            waiting = sorted(waiting_for_restart(entry).intersection(keys))
             if waiting:
                 into.restart[name] = waiting
         elif refused is not None:
@@ -157,18 +157,6 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
                 and is_time(holds.get("since"))
             ):
                 into.holding[name] = holds["since"]
-
-
-def _waits_for_restart(entry: Mapping[str, Any], keys: Collection[str]) -> list[str]:
-    """Those of ``keys`` that ``entry``'s process runs as it started: restart-only keys its
-    daemon holds back (``restart_pending``) or it holds itself (``held``)."""
-    held = {
-        key
-        for field_name in ("restart_pending", "held")
-        if isinstance(entry.get(field_name), list)
-        for key in entry[field_name]
-    }
-    return sorted(key for key in keys if key in held)
 
 
 def _refusal(rejected: Any, revision: int) -> Mapping[str, Any] | None:
