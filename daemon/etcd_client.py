@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 import pyetcd
+from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 
@@ -52,6 +53,25 @@ class ClosableClient(pyetcd.MultiEndpointEtcd3Client):
             if self._closed:
                 raise etcd_exc.ConnectionFailedError("the etcd client is closed")
             return super().get_watcher()
+
+    def start_watch(self, request: Any) -> Any:
+        """A watch call on the channel in use, with the client's token: ``WatchStream``
+        reads it. etcd's ``Watch`` is a two-way stream; called here as a one-request
+        stream (the request, then the client's half of the stream closed, which etcd
+        takes as no more requests, keeping the watch), so that with the channel's
+        ``SingleThreadedUnaryStream`` option the thread that reads the responses takes
+        them from gRPC itself, with no hand-over from gRPC's own thread on the way."""
+        with self._closing:
+            if self._closed:
+                raise etcd_exc.ConnectionFailedError("the etcd client is closed")
+            call = self._stubs.get("watch")
+            if call is None:
+                call = self._stubs["watch"] = self.channel.unary_stream(
+                    "/etcdserverpb.Watch/Watch",
+                    request_serializer=etcdrpc.WatchRequest.SerializeToString,
+                    response_deserializer=etcdrpc.WatchResponse.FromString,
+                )
+            return call(request, credentials=self.call_credentials, metadata=self.metadata)
 
     def close(self) -> None:
         with self._closing:

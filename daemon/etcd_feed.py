@@ -20,10 +20,10 @@ and runs its first code slowly; the watch thread is already running when a chang
 arrives. Measured in ``docs/performance.md``: the lone change reaches clients
 ~0.2 ms sooner.
 
-The spacing matters under a burst: the watch thread and the client library's own
-thread need the interpreter lock to read the watch stream, and a loop that took each
-revision as it came would hold the lock nearly all the time, so that the stream, not
-the daemon, fell behind (docs/performance.md).
+The spacing matters under a burst: the watch thread needs the interpreter lock to read
+the watch stream, and a loop that took each revision as it came would hold the lock
+nearly all the time, so that the stream, not the daemon, fell behind
+(docs/performance.md).
 """
 
 from __future__ import annotations

@@ -27,7 +27,10 @@ module alone. What it guarantees to callers:
   (the client library itself moves only on a few gRPC codes).
 
 ``watch_prefix`` is the low-level stream used by ``EtcdWatcher``: it groups each watch
-response's events by revision, so one transaction is one ``EtcdChange``.
+response's events by revision, so one transaction is one ``EtcdChange``. Each watch is
+a gRPC stream of its own, read on a thread of its own (``etcd_stream``), not the client
+library's watcher; a watch etcd refuses raises what it said (a permission denied is an
+``AuthError``).
 """
 
 from __future__ import annotations
@@ -40,14 +43,17 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+import grpc.experimental
 import pyetcd
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 from pyetcd.client import EtcdTokenCallCredentials
+from pyetcd.etcdrpc import kv_pb2
 
 from hotknob.config.errors import HotknobError, InvalidInput, Unavailable, UsageError
 
 from .etcd_client import ClosableClient
+from .etcd_stream import WatchCanceled, WatchStream, watch_request
 from .etcd_types import (
     MIN_KEEPALIVE_S,
     AuthError,
@@ -99,12 +105,26 @@ class _Batch:
     changes: list[EtcdChange]
 
 
-_DeleteEvent = pyetcd.events.DeleteEvent
+_PUT = kv_pb2.Event.PUT
+_DELETE = kv_pb2.Event.DELETE
 _NONE: frozenset[str] = frozenset()
 
 
 def _key(raw: bytes) -> str:
     return raw.decode("utf-8", errors="surrogateescape")
+
+
+def _changes(events: Any) -> list[EtcdChange]:
+    """A watch response's events (``mvccpb.Event``), one change per revision."""
+    return group_by_revision(
+        (e.kv.mod_revision, _key(e.kv.key), None if e.type == _DELETE else e.kv.value)
+        for e in events
+    )
+
+
+def _prefix_end(prefix: str) -> bytes:
+    """The range end that covers every key starting with ``prefix``."""
+    return pyetcd.utils.prefix_range_end(prefix.encode("utf-8", errors="surrogateescape"))
 
 
 def _bytes(value: str | bytes) -> bytes:
@@ -141,6 +161,14 @@ def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobErr
     if isinstance(exc, etcd_exc.RevisionCompactedError):
         rev = exc.compacted_revision
         return CompactedError(f"etcd {what}: revision compacted (oldest kept: {rev})", rev)
+    if isinstance(exc, WatchCanceled):
+        reason = exc.reason.removeprefix("etcdserver: ")
+        if "permission denied" in reason:
+            user = f" as user {options.user!r}" if options.user else ""
+            return AuthError(f"etcd {what}{user} at {where}: {reason}")
+        if "compacted" in reason:
+            return CompactedError(f"etcd {what}: {reason}")
+        return Unavailable(f"etcd at {where} cancelled the {what}: {reason}")
     rpc = _rpc_error(exc)
     code = rpc.code() if rpc is not None and hasattr(rpc, "code") else None
     details = ""
@@ -201,12 +229,12 @@ class EtcdStore:
         self._client: Any = None
         self._closed = False
         self._auth_lock = threading.Lock()
-        self._watch_threads: list[threading.Thread] = []
+        self._streams: list[WatchStream] = []
 
     def __repr__(self) -> str:
         return f"EtcdStore({self.options.describe()})"
 
-    def _grpc_options(self) -> list[tuple[str, int]]:
+    def _grpc_options(self) -> list[tuple[str, Any]]:
         o = self.options
         return [
             ("grpc.keepalive_time_ms", int(max(o.keepalive_time, MIN_KEEPALIVE_S) * 1000)),
@@ -219,6 +247,8 @@ class EtcdStore:
             # etcd sends every revision a watch missed in one message, and a range read
             # in one: gRPC's default 4 MiB limit refused those outright.
             ("grpc.max_receive_message_length", o.max_receive_bytes),
+            # A watch's responses read on the watch's own thread (``etcd_client``).
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
         ]
 
     def _build(self) -> Any:
@@ -333,11 +363,6 @@ class EtcdStore:
                 client.call_credentials = grpc.metadata_call_credentials(
                     EtcdTokenCallCredentials(response.token)
                 )
-            # A watch stream the library opens later on this client takes these.
-            watcher = client._stubs.get("watcher")
-            if watcher is not None:
-                watcher._metadata = client.metadata
-                watcher._credentials = client.call_credentials
 
     def read_prefix(self, prefix: str, revision: int | None = None) -> tuple[dict[str, bytes], int]:
         """Every key under ``prefix`` and its value, at ``revision`` (default: now).
@@ -416,7 +441,11 @@ class EtcdStore:
     ) -> list[EtcdChange]:
         """All changes in [start, head]; ``newest >= start`` promises at least one event."""
         got: queue.SimpleQueue[_Batch | HotknobError] = queue.SimpleQueue()
-        client, watch_id = self._add_watch(key, prefix, start, got.put)
+
+        def on_response(response: Any) -> None:
+            got.put(_Batch(response.header.revision, _changes(response.events)))
+
+        stream = self._add_watch(key, prefix, start, on_response, got.put)
         changes: list[EtcdChange] = []
         try:
             while True:
@@ -440,8 +469,10 @@ class EtcdStore:
                 ):
                     return changes
         finally:
-            with contextlib.suppress(Exception):
-                client.cancel_watch(watch_id)
+            stream.cancel()
+            with self._lock:
+                if stream in self._streams:
+                    self._streams.remove(stream)
 
     def commit(
         self,
@@ -545,60 +576,49 @@ class EtcdStore:
     ) -> None:
         """Stream changes under ``prefix`` from ``start_revision`` into ``deliver``.
 
-        ``deliver`` runs on the client's watch thread and must be quick. It gets a list
-        of changes (one per revision, possibly empty: a progress notice) or a mapped
-        error, after which the stream is over. The stream ends when the store closes.
+        ``deliver`` runs on the watch's thread and must be quick. It gets a list of changes
+        (one per revision, possibly empty: a progress notice) or a mapped error, after
+        which the stream is over. The stream ends when the store closes.
         """
 
-        def on_batch(item: _Batch | HotknobError) -> None:
-            deliver(item if isinstance(item, HotknobError) else item.changes)
+        def on_response(response: Any) -> None:
+            found = response.events
+            if len(found) == 1 and found[0].type == _PUT:
+                # The usual response, one put: its change without the grouping's work.
+                kv = found[0].kv
+                deliver([EtcdChange(kv.mod_revision, {_key(kv.key): kv.value}, _NONE)])
+            else:
+                deliver(_changes(found))
 
-        self._add_watch(prefix, True, start_revision, on_batch)
+        self._add_watch(prefix, True, start_revision, on_response, deliver)
 
     def _add_watch(
         self,
         key: str,
         prefix: bool,
         start_revision: int,
-        deliver: Callable[[_Batch | HotknobError], None],
-    ) -> tuple[Any, int]:
-        """Register a watch; returns (client, watch id) so that it can be cancelled."""
+        on_response: Callable[[Any], None],
+        on_error: Callable[[HotknobError], None],
+    ) -> WatchStream:
+        """Open a watch of its own (``etcd_stream``); ``cancel`` it to end it.
+        ``on_error`` gets the mapped reason the stream ended, unless it was cancelled."""
         options = self.options
         what = f"watch {key}"
 
-        def on_response(item: Any) -> None:
-            if isinstance(item, BaseException) or item is None:
-                deliver(map_error(item or etcd_exc.ConnectionFailedError(), options, what))
-                return
-            found = item.events
-            if len(found) == 1 and not isinstance(found[0], _DeleteEvent):
-                # The usual response, one put: its change without the grouping's work.
-                e = found[0]
-                change = EtcdChange(int(e.mod_revision), {_key(e.key): bytes(e.value)}, _NONE)
-                deliver(_Batch(int(item.header.revision), [change]))
-                return
-            events = (
-                (
-                    int(e.mod_revision),
-                    _key(e.key),
-                    None if isinstance(e, _DeleteEvent) else bytes(e.value),
-                )
-                for e in found
-            )
-            deliver(_Batch(int(item.header.revision), group_by_revision(events)))
+        def on_end(exc: BaseException | None) -> None:
+            on_error(map_error(exc or etcd_exc.ConnectionFailedError(), options, what))
 
-        def add(c: Any) -> tuple[Any, int]:
-            if prefix:
-                watch_id = c.add_watch_prefix_callback(
-                    key, on_response, start_revision=start_revision
-                )
-            else:
-                watch_id = c.add_watch_callback(key, on_response, start_revision=start_revision)
-            thread = getattr(c.watcher, "_callback_thread", None)
-            if isinstance(thread, threading.Thread):
-                with self._lock:
-                    self._watch_threads.append(thread)
-            return c, int(watch_id)
+        range_end = _prefix_end(key) if prefix else None
+        request = watch_request(key, range_end, start_revision)
+
+        def add(c: Any) -> WatchStream:
+            stream = WatchStream(request, on_response, on_end, name=f"hotknob-etcd-watch {key}")
+            with self._lock:
+                if self._closed:
+                    raise Unavailable(f"etcd client for {options.describe()} is closed")
+                self._streams.append(stream)
+            stream.open(c.start_watch, options.timeout)
+            return stream
 
         return self._call(f"{what} from revision {start_revision}", add, idempotent=False)
 
@@ -607,10 +627,11 @@ class EtcdStore:
         with self._lock:
             self._closed = True
             client, self._client = self._client, None
-            threads, self._watch_threads = self._watch_threads, []
+            streams, self._streams = self._streams, []
+        for stream in streams:  # first: the client's close then cancels nothing of ours
+            stream.cancel()
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(join_timeout)
+        for stream in streams:
+            stream.join(join_timeout)

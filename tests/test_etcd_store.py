@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 
 import pytest
@@ -190,6 +191,50 @@ def test_watch_prefix_from_a_revision_and_after_compaction(store: EtcdStore) -> 
     assert item.compact_revision == rev + 2
 
 
+def test_a_watch_sees_a_put_at_once_and_nothing_after_the_store_closes(store: EtcdStore) -> None:
+    _, start = store.read_prefix(P)
+    got: queue.SimpleQueue[WatchItem] = queue.SimpleQueue()
+    store.watch_prefix(P, start + 1, got.put)
+    rev = store.put(P + "a", "1")
+    assert got.get(timeout=5) == [EtcdChange(rev, {P + "a": b"1"}, frozenset())]
+    rev = store.commit({}, [P + "a"])
+    assert got.get(timeout=5) == [EtcdChange(rev, {}, frozenset({P + "a"}))]
+    watching = {t for t in threading.enumerate() if t.name.startswith("hotknob-etcd-watch")}
+    assert watching
+    store.close()  # cancels the watch: no error is delivered for it
+    for thread in watching:
+        thread.join(5)
+        assert not thread.is_alive()
+    with pytest.raises(queue.Empty):
+        got.get(timeout=0.3)
+
+
+def test_a_watch_etcd_refuses_is_an_auth_error_not_a_silent_one() -> None:
+    """etcd answers a watch of keys the user may not read by cancelling it at once
+    (``permission denied``); the client library's watcher dropped that reason and its
+    watch waited for ever. Here it is the error it is."""
+    with EtcdServer() as etcd:
+        etcd.etcdctl("user", "add", "root:rootpw")
+        etcd.etcdctl("user", "grant-role", "root", "root")
+        etcd.etcdctl("role", "add", "t-only")
+        etcd.etcdctl("role", "grant-permission", "t-only", "--prefix=true", "read", P)
+        etcd.etcdctl("user", "add", "app:apppw")
+        etcd.etcdctl("user", "grant-role", "app", "t-only")
+        etcd.etcdctl("auth", "enable")
+        store = EtcdStore(
+            EtcdOptions(endpoints=(etcd.endpoint,), user="app", password="apppw", timeout=3.0)
+        )
+        try:
+            got: queue.SimpleQueue[WatchItem] = queue.SimpleQueue()
+            store.watch_prefix(P, 0, got.put)  # its own prefix: allowed
+            with pytest.raises(AuthError) as info:
+                store.watch_prefix("/hotknob/other/", 0, got.put)
+            assert "permission denied" in str(info.value)
+            assert "apppw" not in str(info.value)
+        finally:
+            store.close()
+
+
 def test_unreachable_endpoint_is_one_clear_line_without_password() -> None:
     port = free_port()
     opts = EtcdOptions(endpoints=(f"127.0.0.1:{port}",), user="root", password="hunter2",
@@ -254,6 +299,7 @@ import random, sys, threading, time
 import pyetcd
 from pyetcd import exceptions as etcd_exc
 from hotknob.daemon.etcd_client import ClosableClient
+from hotknob.daemon.etcd_stream import watch_request
 
 outcomes = {"made": 0, "refused": 0}
 for _ in range(int(sys.argv[1])):
@@ -265,6 +311,7 @@ for _ in range(int(sys.argv[1])):
             for name in ("kvstub", "leasestub", "authstub", "clusterstub", "maintenancestub"):
                 getattr(client, name)
             client.get_watcher()
+            client.start_watch(watch_request("/x/", None, 0)).cancel()
             outcomes["made"] += 1
         except etcd_exc.ConnectionFailedError:
             outcomes["refused"] += 1
@@ -307,3 +354,5 @@ def test_a_closed_client_refuses_to_make_a_stub() -> None:
         client.leasestub  # noqa: B018 - the property makes the stub
     with pytest.raises(etcd_exc.ConnectionFailedError):
         client.get_watcher()
+    with pytest.raises(etcd_exc.ConnectionFailedError):
+        client.start_watch(None)
