@@ -70,9 +70,12 @@ class WatchStream:
     def open(self, start_call: Callable[[Any], Any], timeout: float | None) -> None:
         """Start the call (``start_call(request)`` returns it) and wait for etcd to create
         the watch; raise what refused it, or ``WatchTimedOut``."""
-        self._call = start_call(self._request)
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
+        call = self._call = start_call(self._request)
+        if self._cancelled:  # ``cancel`` came while the call was being made
+            call.cancel()
+        thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        thread.start()
+        self._thread = thread  # only now: ``join`` from another thread needs it started
         if not self._created.wait(timeout):
             self.cancel()
             raise etcd_exc.WatchTimedOut()

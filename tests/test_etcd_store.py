@@ -209,6 +209,38 @@ def test_a_watch_sees_a_put_at_once_and_nothing_after_the_store_closes(store: Et
         got.get(timeout=0.3)
 
 
+def test_closing_the_store_while_a_watch_is_being_opened() -> None:
+    """A hung member never answers a watch's creation; a close meanwhile (a stop, or the
+    watcher giving the member up) ends the opening at once, with an error, and raises
+    nothing itself (it once tried to join the watch's thread before it had started)."""
+    with EtcdServer() as etcd:
+        store = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,), timeout=20.0))
+        store.read_prefix(P)  # connected
+        outcome: list[BaseException | None] = []
+
+        def open_watch() -> None:
+            try:
+                store.watch_prefix(P, 0, lambda item: None)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        etcd.pause()
+        try:
+            for delay in (0.0, 0.001, 0.01, 0.2):
+                opener = threading.Thread(target=open_watch)
+                opener.start()
+                time.sleep(delay)
+                store.close()
+                opener.join(10)
+                assert not opener.is_alive(), "the opening did not end with the close"
+                assert isinstance(outcome[-1], Unavailable), outcome[-1]
+                store = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,), timeout=20.0))
+        finally:
+            etcd.resume()
+            store.close()
+
+
 def test_a_watch_etcd_refuses_is_an_auth_error_not_a_silent_one() -> None:
     """etcd answers a watch of keys the user may not read by cancelling it at once
     (``permission denied``); the client library's watcher dropped that reason and its
