@@ -8,7 +8,8 @@ start still waited for an unreachable etcd did so, now and then: the watch threa
 its first stub as the stop closed the client. Here making a stub and closing the client
 exclude each other, and a stub asked for after the close raises the library's
 ``ConnectionFailedError`` (``Unavailable`` to the adapter). Calls already made are
-cancelled by the close, as gRPC does safely.
+cancelled by the close, as gRPC does safely. The watches (``start_watch``: the adapter
+reads them itself, not through the library's watcher) are made the same way.
 """
 
 from __future__ import annotations
@@ -47,12 +48,6 @@ class ClosableClient(pyetcd.MultiEndpointEtcd3Client):
     clusterstub = _guarded("clusterstub")
     leasestub = _guarded("leasestub")
     maintenancestub = _guarded("maintenancestub")
-
-    def get_watcher(self) -> Any:
-        with self._closing:
-            if self._closed:
-                raise etcd_exc.ConnectionFailedError("the etcd client is closed")
-            return super().get_watcher()
 
     def start_watch(self, request: Any) -> Any:
         """A watch call on the channel in use, with the client's token: ``WatchStream``

@@ -342,7 +342,6 @@ for _ in range(int(sys.argv[1])):
         try:
             for name in ("kvstub", "leasestub", "authstub", "clusterstub", "maintenancestub"):
                 getattr(client, name)
-            client.get_watcher()
             client.start_watch(watch_request("/x/", None, 0)).cancel()
             outcomes["made"] += 1
         except etcd_exc.ConnectionFailedError:
@@ -384,7 +383,5 @@ def test_a_closed_client_refuses_to_make_a_stub() -> None:
     client.close()
     with pytest.raises(etcd_exc.ConnectionFailedError):
         client.leasestub  # noqa: B018 - the property makes the stub
-    with pytest.raises(etcd_exc.ConnectionFailedError):
-        client.get_watcher()
     with pytest.raises(etcd_exc.ConnectionFailedError):
         client.start_watch(None)
