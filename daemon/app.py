@@ -11,7 +11,9 @@ the engine: watcher threads hand their events over with ``call_soon_threadsafe``
 the one hop from a library thread into the loop — except an etcd change that comes
 alone, which the watch thread validates, publishes and writes to the clients
 itself (``_take_inline``), without that hop. Either way the engine and the push
-state are used under ``_lock``.
+state are used under ``_lock``. That thread then waits ``TAIL_AFTER_S`` before the
+rest of the change's work (``Engine.finish``), so that the clients apply it first on
+these CPUs; the loop runs that rest first if a client's message comes before.
 
 Signals only request things: SIGTERM/SIGINT a stop (a second SIGINT forces
 it; one during the start's wait for etcd abandons the start: no socket is
@@ -22,6 +24,7 @@ is bounded in time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import threading
@@ -55,6 +58,10 @@ from .status import StatusPublisher
 from .throttle import Throttle
 
 PUSH_EVERY_S = 0.002
+# How long after pushing a lone change the watch thread waits before the rest of its
+# work (the layer, the snapshot, the save, ``change_accepted``): longer than a client
+# takes to apply it, here ~0.3 ms at p50 (docs/performance.md, twenty-first round).
+TAIL_AFTER_S = 0.0015
 
 
 class _StartAbandoned(Exception):
@@ -177,9 +184,9 @@ class Daemon:
         self.server = SocketServer(
             self.options.socket_path,
             self._current,
-            on_applied=self.feedback.on_applied,
-            on_metrics=self.feedback.on_metrics,
-            on_disconnect=self.feedback.on_disconnect,
+            on_applied=self._tail_first(self.feedback.on_applied),
+            on_metrics=self._tail_first(self.feedback.on_metrics),
+            on_disconnect=self._tail_first(self.feedback.on_disconnect),
             restart_only=restart_only_keys(ctx.schema),
         )
         server = self.server
@@ -423,6 +430,9 @@ class Daemon:
             if not self._inline_ok or self._push_due is not None or not self._push_soon.idle():
                 return False
             self._dispatch(self._on_lone_etcd_change, (change,))
+        if self.engine is not None and self.engine.holds_tail:
+            time.sleep(TAIL_AFTER_S)  # not under ``_lock``: the loop goes on meanwhile
+            self._finish_tail()
         return True
 
     def _on_lone_etcd_change(self, change: EtcdChange) -> None:
@@ -433,9 +443,27 @@ class Daemon:
         if self.refused:
             self._took((change,))
         try:  # not a group: the engine may push it with the least work first
-            self.engine.on_etcd_change(change.revision, change.puts, change.deletes)
+            self.engine.on_etcd_change(change.revision, change.puts, change.deletes, hold_tail=True)
         finally:
             self._changes_inline.inc()
+
+    def _finish_tail(self) -> None:
+        """Run the rest of a lone change's work, if the engine holds it (``_lock``)."""
+        engine = self.engine
+        if engine is not None and engine.holds_tail:
+            with self._lock:
+                self._dispatch(engine.finish, ())
+
+    def _tail_first(self, handler: Callable[..., None]) -> Callable[..., None]:
+        """``handler`` for what a client sends, run after a held tail: a client's ack
+        of a version never comes before that version's ``change_accepted``."""
+
+        @functools.wraps(handler)
+        def handle(*args: Any) -> None:
+            self._finish_tail()
+            handler(*args)
+
+        return handle
 
     def _took(self, changes: Iterable[EtcdChange]) -> None:
         """The keys each of ``changes`` edited run what etcd says now, unless the engine

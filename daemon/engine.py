@@ -9,6 +9,10 @@ the value the daemon started with and are reported as pending a restart. The usu
 etcd change, values put at leaves that no higher layer sets, takes a short path
 (``_take_puts``): the same candidate, validated and pushed before the layer and the
 snapshot are built; ``tests/test_engine_short_path.py`` holds it to the general one.
+A caller that pushes a lone change on a thread of its own may have the rest of that
+change's work (the layer and the snapshot built, the state saved, ``change_accepted``)
+held as its *tail* (``hold_tail``), to run it once the clients had the change
+(``finish``); every other call runs a held tail first, so none sees it missing.
 Where the schema lets validating a value alone give what validating the whole model
 gives (``config.leafwise``), only the values put are validated, dumped and diffed;
 the commonest change of all, one plain value put alone, has those checks written for
@@ -141,6 +145,9 @@ class Engine:
         self._deferred: Callable[[], Published | None] | None = None  # a group's newest state
         self._pending: _Pending | None = None  # only within a group: see ``_settle``
         self._after_push: list[Callable[[], None]] = []
+        self._tail: list[Callable[[], None]] = []  # a lone change's work after its push
+        self._hold_asked = False  # ``on_etcd_change(hold_tail=True)`` is running
+        self._holding = False  # the short path is pushing a change whose tail is held
         self._flat: dict[str, Any] = {}
         # ``_take_puts``: the layers' merged leaves, and the layers they were merged from.
         self._leaf_input: LeafInput | None = None
@@ -178,6 +185,32 @@ class Engine:
     def pending_restart(self) -> Mapping[str, Any]:
         """Restart-only keys whose wanted value waits for a restart, with that value."""
         return self._restart.pending
+
+    @property
+    def holds_tail(self) -> bool:
+        """Whether a lone change's work after its push is held (``finish`` runs it)."""
+        return bool(self._tail)
+
+    def finish(self) -> None:
+        """Run the held tail of a change, if any: its etcd layer and snapshot built, its
+        state handed to the writer, its ``change_accepted`` line and event, in that order.
+        Each step runs even if one before it raised; the first error is raised after."""
+        tail, self._tail = self._tail, []
+        error: Exception | None = None
+        for step in tail:
+            try:
+                step()
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def _then(self, step: Callable[[], None]) -> None:
+        """Run ``step``, a change's work after its push: now, or in the held tail."""
+        if self._holding:
+            self._tail.append(step)
+        else:
+            step()
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -304,6 +337,7 @@ class Engine:
         """
         if self._closed:
             return
+        self.finish()
         self._closed = True
         if self._keeper is not None:  # closed before the start made a state: nothing to save
             final = self.current
@@ -315,6 +349,7 @@ class Engine:
         """A full read of the prefix (after a resync): diff against what is in force."""
         if self._closed:
             return
+        self.finish()
         before = self.layers["etcd"].values
         snapshot = self._merge_sanitized(self._read_etcd(kvs, revision), revision, kept=before)
         edited = changed_keys(before, self.layers["etcd"].values)
@@ -333,6 +368,7 @@ class Engine:
         accepted state is built, published and saved, once, at the end, so a burst costs
         one push instead of one per revision. Clients coalesce to the newest state anyway.
         """
+        self.finish()
         self._batching = True
         try:
             for revision, puts, deletes in changes:
@@ -348,15 +384,35 @@ class Engine:
                 self._run_after_push()
 
     def on_etcd_change(
-        self, revision: int, puts: Mapping[str, bytes], deletes: Iterable[str]
+        self,
+        revision: int,
+        puts: Mapping[str, bytes],
+        deletes: Iterable[str],
+        *,
+        hold_tail: bool = False,
     ) -> None:
         """All events of one etcd revision: one change, accepted or rejected whole. A path
         in it that names no key (``train.lr``, ``train//lr``: ``etcd_path_fault``) is no
         part of the change: it is ignored with a warning (``etcd_path_ignored``), as every
         reader of etcd ignores it, and the keys beside it are taken or refused as if it
-        were not there. A key outside the schema is part of the change, and refuses it."""
+        were not there. A key outside the schema is part of the change, and refuses it.
+
+        ``hold_tail``: if the change takes the short path, its work after the push is held
+        for ``finish`` (the caller runs it soon; any other call runs it first). If this
+        raises, nothing is held."""
         if self._closed:
             return
+        self.finish()
+        self._hold_asked = hold_tail
+        try:
+            self._change(revision, puts, deletes)
+        except BaseException:
+            self.finish()
+            raise
+        finally:
+            self._hold_asked = False
+
+    def _change(self, revision: int, puts: Mapping[str, bytes], deletes: Iterable[str]) -> None:
         if not deletes and self._take_puts(revision, puts):
             return
         published = self._settle()  # the general path starts from built layers
@@ -391,6 +447,7 @@ class Engine:
         False if they were rejected (announced, with the reason, as any rejection)."""
         if self._closed:
             return False
+        self.finish()
         candidate = files_layer(self.schema, files)
         edited = changed_keys(self.layers["files"].values, candidate.values)
         if not self._try_layer(candidate, self.revision, edited):
@@ -560,10 +617,12 @@ class Engine:
         if self._batching:  # the group's newest state is built and published at its end
             self._deferred = self._settle
         else:
+            self._holding = self._hold_asked
             try:
                 self._settle(push=self._save_and_publish)
             finally:
-                self._run_after_push()
+                self._then(self._run_after_push)
+                self._holding = False
 
     def _settle(
         self, push: Callable[[Published, Mapping[str, Any]], None] | None = None
@@ -591,7 +650,7 @@ class Engine:
             if push is not None:
                 push(published, etcd_values)
         finally:
-            self._build(pending, etcd, etcd_values, sources)
+            self._then(partial(self._build, pending, etcd, etcd_values, sources))
         return published
 
     def _folded_leaf_input(self) -> LeafInput:
@@ -730,7 +789,7 @@ class Engine:
             self._publish(published)
         else:
             etcd = self.layers["etcd"].values if etcd is None else etcd
-            self._keeper.publish(published, etcd, self._publish)
+            self._keeper.publish(published, etcd, self._publish, then=self._then)
 
     def _published(
         self, snapshot: Snapshot, revision: int, flat: dict[str, Any] | None = None

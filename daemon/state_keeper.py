@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .published import Published
 from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
+
+
+def _now(step: Callable[[], None]) -> None:
+    step()
 
 
 class StateKeeper:
@@ -55,16 +60,19 @@ class StateKeeper:
         published: Published,
         etcd: Mapping[str, Any],
         push: Callable[[Published], None],
+        then: Callable[[Callable[[], None]], None] = _now,
     ) -> None:
         """``push`` ``published`` and save it with ``etcd`` (the etcd values it came from):
-        first if its version is above the ceiling, else after the push."""
+        first if its version is above the ceiling, else after the push, when ``then``
+        runs the save it is given (at once, by default)."""
         if published.version > self.store.ceiling:
             self.reserve(published, etcd)
             push(published)
         else:
             push(published)
             # After the push: the writer's thread then competes with nothing on the way out.
-            self._writer.submit(self._saved(published, etcd, ceiling=self.store.ceiling))
+            saved = self._saved(published, etcd, ceiling=self.store.ceiling)
+            then(partial(self._writer.submit, saved))
 
     def reserve(self, published: Published, etcd: Mapping[str, Any]) -> None:
         """Save ``published`` now, with a ceiling ``VERSION_BLOCK`` above it. On failure the

@@ -92,14 +92,15 @@ class DaemonProcess:
         except OSError:
             return ""
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, *names: str) -> list[dict[str, Any]]:
+        """The log's JSON lines whose event is one of ``names``, in the order logged."""
         found = []
         for line in self.log().splitlines():
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if event.get("event") == name:
+            if event.get("event") in names:
                 found.append(event)
         return found
 

@@ -422,6 +422,34 @@ def test_bursts_go_through_the_loop_and_a_lone_change_never_overtakes_them(
         store.close()
 
 
+def test_a_lone_change_is_accepted_before_a_client_acks_it(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The watch thread runs a lone change's work after the push (``change_accepted``
+    among it) a little later, once the clients had it; an ack that comes first makes the
+    loop run that work before the ack: no version is acked before it was accepted."""
+    from hotknob.model_runtime import protocol
+
+    daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--log-level", "debug"])
+    with daemon, RawClient(daemon.socket_path) as client:
+        versions = []
+        for lr in ("0.02", "0.03", "0.04"):
+            put(etcd, "train/lr", lr)
+            update = client.next_update()
+            client.send(protocol.applied(update["version"], 1))  # at once
+            versions.append(update["version"])
+        deadline = time.monotonic() + 5
+        while len(daemon.events("change_applied")) < len(versions):
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.01)
+        order = [
+            (e["event"], e["version"]) for e in daemon.events("change_accepted", "change_applied")
+        ]
+        for version in versions:
+            accepted = order.index(("change_accepted", version))
+            assert accepted < order.index(("change_applied", version)), order
+
+
 def daemon_with_metrics(tmp_path: Path, etcd: EtcdServer) -> tuple[DaemonProcess, int]:
     """A daemon on ``etcd`` serving its metrics, and the metrics port."""
     port = free_port()
