@@ -13,7 +13,7 @@ alone, which the watch thread validates, publishes and writes to the clients
 itself (``_take_inline``), without that hop. Either way the engine and the push
 state are used under ``_lock``. That thread then waits ``TAIL_AFTER_S`` before the
 rest of the change's work (``Engine.finish``), so that the clients apply it first on
-these CPUs; the loop runs that rest first if a client's message comes before.
+these CPUs; what a client sends meanwhile waits for it, in order (``_tail_first``).
 
 Signals only request things: SIGTERM/SIGINT a stop (a second SIGINT forces
 it; one during the start's wait for etcd abandons the start: no socket is
@@ -103,6 +103,9 @@ class Daemon:
         # the etcd watch thread while it handles a lone change itself.
         self._lock = threading.RLock()
         self._loop_thread: int | None = None
+        # What clients sent while a lone change's tail was held (``_tail_first``).
+        self._after_tail: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._after_tail_timer: asyncio.TimerHandle | None = None
         self._inline_ok = False  # started, early events replayed, not stopping
         self._rereads = signals.Rereads(self._reread, self.stopping)  # on SIGHUP
         # Changes and full reads from the etcd watch thread, to the engine in group commits
@@ -337,6 +340,7 @@ class Daemon:
             self.guards.stopping()  # the disconnects of the close below are no leaving
         if self.server:
             await self.server.close()
+        self._handle_after_tail()  # what clients sent before they were gone
         loop = asyncio.get_running_loop()
         components = (self.guards, self.status, self.etcd, self.files)
         blocking = [w.stop for w in components if w is not None]
@@ -456,14 +460,35 @@ class Daemon:
 
     def _tail_first(self, handler: Callable[..., None]) -> Callable[..., None]:
         """``handler`` for what a client sends, run after a held tail: a client's ack
-        of a version never comes before that version's ``change_accepted``."""
+        of a version never comes before that version's ``change_accepted``.
+
+        While a tail is held, what clients send waits, in order, until ``TAIL_AFTER_S``
+        after the first of it, and the tail runs first: handled at once, the ack of the
+        change would run the tail on the loop just as the client that sent it returns
+        from ``apply``, on these CPUs. On the loop."""
 
         @functools.wraps(handler)
         def handle(*args: Any) -> None:
-            self._finish_tail()
-            handler(*args)
+            engine = self.engine
+            if not self._after_tail and (engine is None or not engine.holds_tail):
+                handler(*args)
+                return
+            self._after_tail.append((handler, args))
+            if self._after_tail_timer is None:
+                loop = asyncio.get_running_loop()
+                self._after_tail_timer = loop.call_later(TAIL_AFTER_S, self._handle_after_tail)
 
         return handle
+
+    def _handle_after_tail(self) -> None:
+        """On the loop: run a held tail, then what clients sent meanwhile, in order."""
+        if self._after_tail_timer is not None:
+            self._after_tail_timer.cancel()
+            self._after_tail_timer = None
+        self._finish_tail()
+        waiting, self._after_tail = self._after_tail, []
+        for handler, args in waiting:
+            self._dispatch(handler, args)
 
     def _took(self, changes: Iterable[EtcdChange]) -> None:
         """The keys each of ``changes`` edited run what etcd says now, unless the engine
