@@ -189,7 +189,7 @@ class Daemon:
             self._current,
             on_applied=self._tail_first(self.feedback.on_applied),
             on_metrics=self._tail_first(self.feedback.on_metrics),
-            on_disconnect=self._tail_first(self.feedback.on_disconnect),
+            on_disconnect=self._tail_first(self.feedback.on_disconnect, wait=False),
             restart_only=restart_only_keys(ctx.schema),
         )
         server = self.server
@@ -452,25 +452,35 @@ class Daemon:
             self._changes_inline.inc()
 
     def _finish_tail(self) -> None:
-        """Run the rest of a lone change's work, if the engine holds it (``_lock``)."""
+        """Run the rest of a lone change's work, if the engine holds it (``_lock``):
+        when this returns, no thread is running it."""
         engine = self.engine
         if engine is not None and engine.holds_tail:
-            with self._lock:
-                self._dispatch(engine.finish, ())
+            with self._lock:  # another thread may be running it: wait for that
+                if engine.holds_tail:
+                    self._dispatch(engine.finish, ())
 
-    def _tail_first(self, handler: Callable[..., None]) -> Callable[..., None]:
+    def _tail_first(
+        self, handler: Callable[..., None], *, wait: bool = True
+    ) -> Callable[..., None]:
         """``handler`` for what a client sends, run after a held tail: a client's ack
         of a version never comes before that version's ``change_accepted``.
 
         While a tail is held, what clients send waits, in order, until ``TAIL_AFTER_S``
         after the first of it, and the tail runs first: handled at once, the ack of the
         change would run the tail on the loop just as the client that sent it returns
-        from ``apply``, on these CPUs. On the loop."""
+        from ``apply``, on these CPUs. Without ``wait`` (a client gone: the server has
+        checked that no other connection has its name, and one may take it at once),
+        the tail and what waits run now, then ``handler``. On the loop."""
 
         @functools.wraps(handler)
         def handle(*args: Any) -> None:
             engine = self.engine
             if not self._after_tail and (engine is None or not engine.holds_tail):
+                handler(*args)
+                return
+            if not wait:
+                self._handle_after_tail()
                 handler(*args)
                 return
             self._after_tail.append((handler, args))

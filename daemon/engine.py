@@ -188,20 +188,27 @@ class Engine:
 
     @property
     def holds_tail(self) -> bool:
-        """Whether a lone change's work after its push is held (``finish`` runs it)."""
-        return bool(self._tail)
+        """Whether a lone change's work after its push is held (``finish`` runs it), from
+        before that push until its last step has run: a client may answer the push before
+        the engine has returned, or while another thread runs the tail, and the answer
+        must wait for it (read without the lock, from the loop)."""
+        return self._holding or bool(self._tail)
 
     def finish(self) -> None:
-        """Run the held tail of a change, if any: its etcd layer and snapshot built, its
-        state handed to the writer, its ``change_accepted`` line and event, in that order.
+        """Run the held tail of a change, if any: its state handed to the writer, its etcd
+        layer and snapshot built, its ``change_accepted`` line and event, in that order.
         Each step runs even if one before it raised; the first error is raised after."""
-        tail, self._tail = self._tail, []
+        # Each step leaves the tail once it has run: ``holds_tail`` stays true (for the
+        # loop, which reads it without the lock) until the last one is done.
+        tail = self._tail
         error: Exception | None = None
-        for step in tail:
+        while tail:
             try:
-                step()
+                tail[0]()
             except Exception as exc:
                 error = error or exc
+            finally:
+                del tail[0]
         if error is not None:
             raise error
 

@@ -129,3 +129,21 @@ def test_a_push_that_raises_holds_nothing(tmp_path: Path) -> None:
     assert not engine.holds_tail
     assert engine.snapshot is not None and engine.snapshot.flat["steps"] == 7
     assert engine.version == 2
+
+
+def test_the_tail_is_held_from_the_push_until_its_last_step_has_run(tmp_path: Path) -> None:
+    """The loop reads ``holds_tail`` without the lock to know whether a client's answer
+    must wait: it is already true as the change is pushed (a client may answer before
+    the engine returns), and stays true while ``finish`` runs, until its last step."""
+    during_push: list[bool] = []
+    engine = make(tmp_path, {}, [])
+    engine.start({}, 1)
+    engine._publish = lambda published: during_push.append(engine.holds_tail)  # type: ignore[method-assign]
+    engine.on_etcd_change(2, {P + "steps": b"7"}, [], hold_tail=True)
+    assert during_push == [True]
+    during_tail: list[bool] = []
+    engine._announce._broadcast = lambda event: during_tail.append(engine.holds_tail)
+    engine.finish()
+    assert during_tail == [True] and not engine.holds_tail  # change_accepted's event, last
+    engine.on_etcd_change(3, {P + "steps": b"8"}, [], hold_tail=False)
+    assert during_push == [True, False] and during_tail == [True, False]
