@@ -11,9 +11,12 @@ the engine: watcher threads hand their events over with ``call_soon_threadsafe``
 the one hop from a library thread into the loop — except an etcd change that comes
 alone, which the watch thread validates, publishes and writes to the clients
 itself (``_take_inline``), without that hop. Either way the engine and the push
-state are used under ``_lock``. That thread then waits ``TAIL_AFTER_S`` before the
-rest of the change's work (``Engine.finish``), so that the clients apply it first on
-these CPUs; what a client sends meanwhile waits for it, in order (``_tail_first``).
+state are used under ``_lock``. The rest of that change's work (``Engine.finish``)
+runs ``TAIL_AFTER_S`` later, so that the clients apply it first on these CPUs: on the
+loop when an ``Alarm`` (a timerfd, armed by the watch thread without waking the loop)
+goes off, or where there is none, on the watch thread after a sleep. Any other call
+into the engine runs it first; what a client sends meanwhile waits for it, in order
+(``_tail_first``).
 
 Signals only request things: SIGTERM/SIGINT a stop (a second SIGINT forces
 it; one during the start's wait for etcd abandons the start: no socket is
@@ -39,6 +42,7 @@ from hotknob.config import Layer, files_layer, restart_only_keys
 from hotknob.model_runtime.protocol import default_socket_path
 
 from . import signals
+from .alarm import Alarm
 from .context import Context
 from .engine import Engine
 from .etcd_feed import EtcdFeed
@@ -58,9 +62,9 @@ from .status import StatusPublisher
 from .throttle import Throttle
 
 PUSH_EVERY_S = 0.002
-# How long after pushing a lone change the watch thread waits before the rest of its
-# work (the layer, the snapshot, the save, ``change_accepted``): longer than a client
-# takes to apply it, here ~0.3 ms at p50 (docs/performance.md, twenty-first round).
+# How long after pushing a lone change the rest of its work waits (the layer, the
+# snapshot, the save, ``change_accepted``): longer than a client takes to apply it,
+# here ~0.3 ms at p50 (docs/performance.md, twenty-first round).
 TAIL_AFTER_S = 0.0015
 
 
@@ -106,6 +110,9 @@ class Daemon:
         # What clients sent while a lone change's tail was held (``_tail_first``).
         self._after_tail: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self._after_tail_timer: asyncio.TimerHandle | None = None
+        # Runs a lone change's held tail on the loop, armed by the watch thread (Linux);
+        # made at the start, closed at the stop, both under ``_lock``.
+        self._alarm: Alarm | None = None
         self._inline_ok = False  # started, early events replayed, not stopping
         self._rereads = signals.Rereads(self._reread, self.stopping)  # on SIGHUP
         # Changes and full reads from the etcd watch thread, to the engine in group commits
@@ -225,6 +232,7 @@ class Daemon:
         for replay in self._early:
             replay()
         self._early.clear()
+        self._open_alarm()
         self._inline_ok = True
         await self.server.start()
         if ctx.etcd is not None:
@@ -350,6 +358,7 @@ class Daemon:
                 await asyncio.wait_for(loop.run_in_executor(None, stop), remaining)
             except TimeoutError:
                 self.log.warning("stop_timed_out", component=getattr(stop, "__qualname__", ""))
+        self._close_alarm()
         if self.engine is not None:
             # Nothing is published any more (the socket is closed, the watchers stopped):
             # the final state is saved now, marked clean.
@@ -434,10 +443,50 @@ class Daemon:
             if not self._inline_ok or self._push_due is not None or not self._push_soon.idle():
                 return False
             self._dispatch(self._on_lone_etcd_change, (change,))
-        if self.engine is not None and self.engine.holds_tail:
-            time.sleep(TAIL_AFTER_S)  # not under ``_lock``: the loop goes on meanwhile
-            self._finish_tail()
+            engine = self.engine
+            if engine is None or not engine.holds_tail or self._arm_alarm():
+                return True  # the loop runs the tail when the alarm goes off
+        time.sleep(TAIL_AFTER_S)  # no alarm: here, not under ``_lock`` (the loop goes on)
+        self._finish_tail()
         return True
+
+    def _open_alarm(self) -> None:
+        """On the loop, at the start: the alarm for held tails, if this system has one."""
+        alarm = Alarm.create()
+        if alarm is None:
+            return
+        assert self._loop is not None
+        self._loop.add_reader(alarm.fileno(), self._on_alarm)
+        with self._lock:
+            self._alarm = alarm
+
+    def _close_alarm(self) -> None:
+        """On the loop, at the stop (no lone change comes any more)."""
+        with self._lock:
+            alarm, self._alarm = self._alarm, None
+        if alarm is not None:
+            asyncio.get_running_loop().remove_reader(alarm.fileno())
+            alarm.close()
+
+    def _arm_alarm(self) -> bool:
+        """Arm the alarm for a held tail (``_lock``); False if there is none, or arming
+        failed (the caller then runs the tail itself)."""
+        alarm = self._alarm
+        if alarm is None:
+            return False
+        try:
+            alarm.arm(TAIL_AFTER_S)
+        except OSError as exc:
+            self.log.error("alarm_failed", error=str(exc))
+            return False
+        return True
+
+    def _on_alarm(self) -> None:
+        """On the loop: the alarm went off; run a held tail (if a call has not already)
+        and what clients sent meanwhile."""
+        if self._alarm is not None:
+            self._alarm.clear()
+        self._handle_after_tail()
 
     def _on_lone_etcd_change(self, change: EtcdChange) -> None:
         assert self.engine is not None

@@ -45,8 +45,12 @@ class DaemonProcess:
         configs: Sequence[Path] = (),
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        before_main: str = "",
     ):
+        """``before_main``: Python run in the daemon's process before the CLI's ``main``
+        (a test that sets one of the daemon's constants)."""
         self.workdir = workdir
+        self.before_main = before_main
         self.app = app
         self.socket_path = workdir / "sock" / f"{app}.sock"
         self.state_dir = workdir / "state"
@@ -68,8 +72,13 @@ class DaemonProcess:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        command = hotknob_cmd(*self.args)
+        if self.before_main:
+            main = "import sys\nfrom hotknob.daemon.cli import main\nsys.exit(main())"
+            code = f"{self.before_main}\n{main}"
+            command = [sys.executable, "-c", code, *self.args]
         self.proc = subprocess.Popen(
-            hotknob_cmd(*self.args), stdout=log, stderr=log, env=self.env, stdin=subprocess.DEVNULL
+            command, stdout=log, stderr=log, env=self.env, stdin=subprocess.DEVNULL
         )
         log.close()
         deadline = time.monotonic() + timeout

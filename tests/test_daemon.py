@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -422,15 +423,25 @@ def test_bursts_go_through_the_loop_and_a_lone_change_never_overtakes_them(
         store.close()
 
 
+# Without the alarm: what a system without timerfd runs (the watch thread sleeps).
+NO_ALARM = "import hotknob.daemon.alarm as alarm\nalarm.Alarm.create = lambda: None"
+
+
+@pytest.mark.parametrize("before_main", ["", NO_ALARM], ids=["alarm", "no alarm"])
 def test_a_lone_change_is_accepted_before_a_client_acks_it(
-    etcd: EtcdServer, tmp_path: Path
+    etcd: EtcdServer, tmp_path: Path, before_main: str
 ) -> None:
-    """The watch thread runs a lone change's work after the push (``change_accepted``
-    among it) a little later, once the clients had it; an ack that comes first makes the
-    loop run that work before the ack: no version is acked before it was accepted."""
+    """A lone change's work after the push (``change_accepted`` among it) runs a little
+    later, once the clients had it; an ack that comes first makes the loop run that work
+    before the ack: no version is acked before it was accepted."""
     from hotknob.model_runtime import protocol
 
-    daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=["--log-level", "debug"])
+    daemon = DaemonProcess(
+        tmp_path,
+        endpoints=etcd.endpoint,
+        extra=["--log-level", "debug"],
+        before_main=before_main,
+    )
     with daemon, RawClient(daemon.socket_path) as client:
         versions = []
         for lr in ("0.02", "0.03", "0.04"):
@@ -448,6 +459,34 @@ def test_a_lone_change_is_accepted_before_a_client_acks_it(
         for version in versions:
             accepted = order.index(("change_accepted", version))
             assert accepted < order.index(("change_applied", version)), order
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the alarm is a timerfd")
+def test_a_change_right_after_a_lone_one_is_not_held_back_by_its_tail(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The watch thread arms an alarm for a lone change's tail and goes back to etcd at
+    once: the next change is pushed without waiting for that tail (which it runs first),
+    and its own tail runs when the alarm goes off, with nothing else coming. Here the
+    tail waits 3 s instead of 1.5 ms, so that what waits for it is plain to see."""
+    tail_s = 3.0
+    set_tail = f"import hotknob.daemon.app as app\napp.TAIL_AFTER_S = {tail_s}"
+    daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint, before_main=set_tail)
+    with daemon, RawClient(daemon.socket_path) as client:
+        put(etcd, "train/lr", "0.02")
+        first = client.next_update()["version"]
+        time.sleep(0.05)  # a lone change: not within the feed's drain spacing of the first
+        sent = time.monotonic()
+        put(etcd, "train/lr", "0.03")
+        second = client.next_update()["version"]
+        assert time.monotonic() - sent < tail_s / 2
+        accepted = [e["version"] for e in daemon.events("change_accepted")]
+        assert first in accepted and second not in accepted  # the first's tail ran first
+        deadline = sent + tail_s + 10
+        while second not in [e["version"] for e in daemon.events("change_accepted")]:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        assert time.monotonic() - sent >= tail_s / 2  # the alarm, not an early call
 
 
 def daemon_with_metrics(tmp_path: Path, etcd: EtcdServer) -> tuple[DaemonProcess, int]:
