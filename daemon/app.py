@@ -11,12 +11,9 @@ the engine: watcher threads hand their events over with ``call_soon_threadsafe``
 the one hop from a library thread into the loop — except an etcd change that comes
 alone, which the watch thread validates, publishes and writes to the clients
 itself (``_take_inline``), without that hop. Either way the engine and the push
-state are used under ``_lock``. The rest of that change's work (``Engine.finish``)
-runs ``TAIL_AFTER_S`` later, so that the clients apply it first on these CPUs: on the
-loop when an ``Alarm`` (a timerfd, armed by the watch thread without waking the loop)
-goes off, or where there is none, on the watch thread after a sleep. Any other call
-into the engine runs it first; what a client sends meanwhile waits for it, in order
-(``_tail_first``).
+state are used under ``_lock``. The rest of that change's work runs a little later,
+once the clients applied it, and what they send meanwhile waits for it
+(``held_tail.HeldTail``).
 
 Signals only request things: SIGTERM/SIGINT a stop (a second SIGINT forces
 it; one during the start's wait for etcd abandons the start: no socket is
@@ -27,7 +24,6 @@ is bounded in time.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import socket
 import threading
@@ -42,7 +38,6 @@ from hotknob.config import Layer, files_layer, restart_only_keys
 from hotknob.model_runtime.protocol import default_socket_path
 
 from . import signals
-from .alarm import Alarm
 from .context import Context
 from .engine import Engine
 from .etcd_feed import EtcdFeed
@@ -51,6 +46,7 @@ from .etcd_watcher import EtcdWatcher
 from .feedback import ClientFeedback
 from .file_watcher import FileLayerState, FileLayerWatcher
 from .guards import GuardManager
+from .held_tail import HeldTail
 from .logs import get_logger
 from .metrics import Metrics, MetricsServer
 from .published import Published
@@ -62,10 +58,6 @@ from .status import StatusPublisher
 from .throttle import Throttle
 
 PUSH_EVERY_S = 0.002
-# How long after pushing a lone change the rest of its work waits (the layer, the
-# snapshot, the save, ``change_accepted``): longer than a client takes to apply it,
-# here ~0.3 ms at p50 (docs/performance.md, twenty-first round).
-TAIL_AFTER_S = 0.0015
 
 
 class _StartAbandoned(Exception):
@@ -107,12 +99,8 @@ class Daemon:
         # the etcd watch thread while it handles a lone change itself.
         self._lock = threading.RLock()
         self._loop_thread: int | None = None
-        # What clients sent while a lone change's tail was held (``_tail_first``).
-        self._after_tail: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
-        self._after_tail_timer: asyncio.TimerHandle | None = None
-        # Runs a lone change's held tail on the loop, armed by the watch thread (Linux);
-        # made at the start, closed at the stop, both under ``_lock``.
-        self._alarm: Alarm | None = None
+        # A lone change's work after its push, and what clients send meanwhile.
+        self.tail = HeldTail(lambda: self.engine, self._lock, self._dispatch, self.log)
         self._inline_ok = False  # started, early events replayed, not stopping
         self._rereads = signals.Rereads(self._reread, self.stopping)  # on SIGHUP
         # Changes and full reads from the etcd watch thread, to the engine in group commits
@@ -194,9 +182,9 @@ class Daemon:
         self.server = SocketServer(
             self.options.socket_path,
             self._current,
-            on_applied=self._tail_first(self.feedback.on_applied),
-            on_metrics=self._tail_first(self.feedback.on_metrics),
-            on_disconnect=self._tail_first(self.feedback.on_disconnect, wait=False),
+            on_applied=self.tail.first(self.feedback.on_applied),
+            on_metrics=self.tail.first(self.feedback.on_metrics),
+            on_disconnect=self.tail.first(self.feedback.on_disconnect, wait=False),
             restart_only=restart_only_keys(ctx.schema),
         )
         server = self.server
@@ -232,7 +220,7 @@ class Daemon:
         for replay in self._early:
             replay()
         self._early.clear()
-        self._open_alarm()
+        self.tail.open(asyncio.get_running_loop())
         self._inline_ok = True
         await self.server.start()
         if ctx.etcd is not None:
@@ -348,7 +336,7 @@ class Daemon:
             self.guards.stopping()  # the disconnects of the close below are no leaving
         if self.server:
             await self.server.close()
-        self._handle_after_tail()  # what clients sent before they were gone
+        self.tail.flush()  # what clients sent before they were gone
         loop = asyncio.get_running_loop()
         components = (self.guards, self.status, self.etcd, self.files)
         blocking = [w.stop for w in components if w is not None]
@@ -358,7 +346,7 @@ class Daemon:
                 await asyncio.wait_for(loop.run_in_executor(None, stop), remaining)
             except TimeoutError:
                 self.log.warning("stop_timed_out", component=getattr(stop, "__qualname__", ""))
-        self._close_alarm()
+        self.tail.close(loop)
         if self.engine is not None:
             # Nothing is published any more (the socket is closed, the watchers stopped):
             # the final state is saved now, marked clean.
@@ -443,50 +431,10 @@ class Daemon:
             if not self._inline_ok or self._push_due is not None or not self._push_soon.idle():
                 return False
             self._dispatch(self._on_lone_etcd_change, (change,))
-            engine = self.engine
-            if engine is None or not engine.holds_tail or self._arm_alarm():
-                return True  # the loop runs the tail when the alarm goes off
-        time.sleep(TAIL_AFTER_S)  # no alarm: here, not under ``_lock`` (the loop goes on)
-        self._finish_tail()
+            if self.tail.later():
+                return True
+        self.tail.wait_and_finish()
         return True
-
-    def _open_alarm(self) -> None:
-        """On the loop, at the start: the alarm for held tails, if this system has one."""
-        alarm = Alarm.create()
-        if alarm is None:
-            return
-        assert self._loop is not None
-        self._loop.add_reader(alarm.fileno(), self._on_alarm)
-        with self._lock:
-            self._alarm = alarm
-
-    def _close_alarm(self) -> None:
-        """On the loop, at the stop (no lone change comes any more)."""
-        with self._lock:
-            alarm, self._alarm = self._alarm, None
-        if alarm is not None:
-            asyncio.get_running_loop().remove_reader(alarm.fileno())
-            alarm.close()
-
-    def _arm_alarm(self) -> bool:
-        """Arm the alarm for a held tail (``_lock``); False if there is none, or arming
-        failed (the caller then runs the tail itself)."""
-        alarm = self._alarm
-        if alarm is None:
-            return False
-        try:
-            alarm.arm(TAIL_AFTER_S)
-        except OSError as exc:
-            self.log.error("alarm_failed", error=str(exc))
-            return False
-        return True
-
-    def _on_alarm(self) -> None:
-        """On the loop: the alarm went off; run a held tail (if a call has not already)
-        and what clients sent meanwhile."""
-        if self._alarm is not None:
-            self._alarm.clear()
-        self._handle_after_tail()
 
     def _on_lone_etcd_change(self, change: EtcdChange) -> None:
         assert self.engine is not None
@@ -499,55 +447,6 @@ class Daemon:
             self.engine.on_etcd_change(change.revision, change.puts, change.deletes, hold_tail=True)
         finally:
             self._changes_inline.inc()
-
-    def _finish_tail(self) -> None:
-        """Run the rest of a lone change's work, if the engine holds it (``_lock``):
-        when this returns, no thread is running it."""
-        engine = self.engine
-        if engine is not None and engine.holds_tail:
-            with self._lock:  # another thread may be running it: wait for that
-                if engine.holds_tail:
-                    self._dispatch(engine.finish, ())
-
-    def _tail_first(
-        self, handler: Callable[..., None], *, wait: bool = True
-    ) -> Callable[..., None]:
-        """``handler`` for what a client sends, run after a held tail: a client's ack
-        of a version never comes before that version's ``change_accepted``.
-
-        While a tail is held, what clients send waits, in order, until ``TAIL_AFTER_S``
-        after the first of it, and the tail runs first: handled at once, the ack of the
-        change would run the tail on the loop just as the client that sent it returns
-        from ``apply``, on these CPUs. Without ``wait`` (a client gone: the server has
-        checked that no other connection has its name, and one may take it at once),
-        the tail and what waits run now, then ``handler``. On the loop."""
-
-        @functools.wraps(handler)
-        def handle(*args: Any) -> None:
-            engine = self.engine
-            if not self._after_tail and (engine is None or not engine.holds_tail):
-                handler(*args)
-                return
-            if not wait:
-                self._handle_after_tail()
-                handler(*args)
-                return
-            self._after_tail.append((handler, args))
-            if self._after_tail_timer is None:
-                loop = asyncio.get_running_loop()
-                self._after_tail_timer = loop.call_later(TAIL_AFTER_S, self._handle_after_tail)
-
-        return handle
-
-    def _handle_after_tail(self) -> None:
-        """On the loop: run a held tail, then what clients sent meanwhile, in order."""
-        if self._after_tail_timer is not None:
-            self._after_tail_timer.cancel()
-            self._after_tail_timer = None
-        self._finish_tail()
-        waiting, self._after_tail = self._after_tail, []
-        for handler, args in waiting:
-            self._dispatch(handler, args)
 
     def _took(self, changes: Iterable[EtcdChange]) -> None:
         """The keys each of ``changes`` edited run what etcd says now, unless the engine

@@ -470,7 +470,7 @@ def test_a_change_right_after_a_lone_one_is_not_held_back_by_its_tail(
     and its own tail runs when the alarm goes off, with nothing else coming. Here the
     tail waits 3 s instead of 1.5 ms, so that what waits for it is plain to see."""
     tail_s = 3.0
-    set_tail = f"import hotknob.daemon.app as app\napp.TAIL_AFTER_S = {tail_s}"
+    set_tail = f"import hotknob.daemon.held_tail as held\nheld.TAIL_AFTER_S = {tail_s}"
     daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint, before_main=set_tail)
     with daemon, RawClient(daemon.socket_path) as client:
         put(etcd, "train/lr", "0.02")
