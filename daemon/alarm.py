@@ -1,7 +1,7 @@
 """A one-shot timer that any thread arms and an event loop waits on: Linux's timerfd.
 
 The etcd watch thread pushes a lone change and leaves the rest of its work (its tail)
-for a little later, once the clients have applied it (``daemon/app.py``). Something has
+for a little later, once the clients have applied it (``daemon/held_tail.py``). Something has
 to run that tail then. Sleeping on the watch thread holds back the next change that
 etcd sends meanwhile; ``loop.call_soon_threadsafe`` would wake the event loop at once,
 just as the clients apply the change on the same CPUs. A timerfd does neither:

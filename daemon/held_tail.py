@@ -14,8 +14,9 @@ tail ``TAIL_AFTER_S`` later and keeps the order a reader of the log expects:
   is held is handled after it, in order (``first``): no version is acknowledged before
   it was accepted.
 
-The engine and the push state are used under the daemon's lock; ``finish`` and the
-arming take it, and so wait for a tail another thread is running.
+The engine and the push state are used under the daemon's lock: ``finish`` takes it,
+and so waits for a tail another thread is running; ``later`` (the arming) is called
+with it held.
 """
 
 from __future__ import annotations
