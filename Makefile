@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# The suite runs in this many worker processes (most tests wait on etcd, daemons and
+# timeouts, not on the CPU); each test file stays on one worker (module-wide fixtures and
+# counts). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: venv test lint typecheck unit demo bench faults clean install-check
 
@@ -33,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test: lint unit install-check
 

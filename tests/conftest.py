@@ -52,6 +52,19 @@ def _test_threads() -> set[threading.Thread]:
     }
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Escape what a test's captured output holds that is not valid UTF-8 (a log line
+    quoting an undecodable path, as some tests make on purpose): the report must cross to
+    the parallel run's controller, which takes only valid UTF-8."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+        for title, text in report.sections
+    ]
+
+
 @pytest.fixture
 def sock_path() -> Iterator[str]:
     """A socket path in a fresh folder, short on purpose: a Unix socket path holds 107 bytes."""

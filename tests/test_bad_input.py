@@ -473,7 +473,7 @@ SOCKET_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("data", "fragment"), SOCKET_CASES)
+@pytest.mark.parametrize(("data", "fragment"), SOCKET_CASES, ids=[f for _, f in SOCKET_CASES])
 def test_socket_protocol_violations(live_setup: LiveSetup, data: bytes, fragment: str) -> None:
     INPUTS["socket protocol cases (daemon)"] += 1
     assert_error_then_closed(exchange(live_setup.daemon.socket_path, data), fragment)
