@@ -188,7 +188,7 @@ def run(quick: bool) -> dict[str, Any]:
     """The figures: the plain step, and the overhead at each ``sync_every``."""
     from hotknob.model_runtime.distributed import DEFAULT_SYNC_EVERY
 
-    steps, repeats = (40, 3) if quick else (300, 5)
+    steps, repeats = (20, 2) if quick else (300, 5)
     medians = measure(steps, repeats)
     plain, agreement = medians["None"], medians["agreement"]
     figures: list[dict[str, Any]] = [

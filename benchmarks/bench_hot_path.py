@@ -233,7 +233,7 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    count = 60 if quick else 400
+    count = 30 if quick else 400
     cold_daemon = daemon_side(count, GAP_S)
     warm_daemon = daemon_side(count, 0.0)
     live = runtime_side(count, GAP_S, bare=False)
