@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import select
 import shutil
 import signal
@@ -77,6 +78,31 @@ def percentile(samples: Sequence[float], q: float) -> float:
     low = math.floor(pos)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def ratio_interval(
+    numerator: Sequence[float],
+    denominator: Sequence[float],
+    q: float,
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A bootstrap interval (``level``, percentile method) of ``percentile(numerator, q) /
+    percentile(denominator, q)``: each sample drawn again with replacement, ``resamples``
+    times, the same draws for the same ``seed``. NaNs for an empty sample. How far one
+    run's ratio could have fallen on the same machine, not a promise for another run."""
+    if not numerator or not denominator:
+        return math.nan, math.nan
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(resamples):
+        top = percentile(rng.choices(numerator, k=len(numerator)), q)
+        bottom = percentile(rng.choices(denominator, k=len(denominator)), q)
+        ratios.append(top / bottom if bottom else math.inf)
+    tail = (1.0 - level) / 2 * 100.0
+    return percentile(ratios, tail), percentile(ratios, 100.0 - tail)
 
 
 def latencies_ms(sent: dict[int, float], received: Iterable[tuple[int, float]]) -> list[float]:

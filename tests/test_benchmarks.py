@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from benchmarks.__main__ import FAMILIES, families, normalize, render_table, summarize
-from benchmarks.support import Figure, at_most, latencies_ms, percentile
+from benchmarks.support import Figure, at_most, latencies_ms, percentile, ratio_interval
 from benchmarks.writers import etcd_put, paced_puts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,3 +170,24 @@ def test_values_take_the_keys_in_turn() -> None:
         put(value)
     assert [key for key, _ in client.puts] == ["a", "b", "c", "a", "b", "c", "a"]
     assert [value for _, value in client.puts] == [str(v) for v in range(1, 8)]
+
+
+def test_a_ratio_interval_brackets_the_ratio_and_narrows_with_more_values() -> None:
+    rng = random.Random(1)
+    few_top = [rng.lognormvariate(0.3, 0.4) for _ in range(100)]
+    few_bottom = [rng.lognormvariate(0.0, 0.4) for _ in range(100)]
+    many_top = [rng.lognormvariate(0.3, 0.4) for _ in range(3000)]
+    many_bottom = [rng.lognormvariate(0.0, 0.4) for _ in range(3000)]
+    for q in (50, 99):
+        few = ratio_interval(few_top, few_bottom, q, resamples=300)
+        many = ratio_interval(many_top, many_bottom, q, resamples=300)
+        for (low, high), top, bottom in ((few, few_top, few_bottom), (many, many_top, many_bottom)):
+            assert low < percentile(top, q) / percentile(bottom, q) < high
+        assert many[1] - many[0] < few[1] - few[0]
+    # exp(0.3): the true ratio at every percentile of these two distributions.
+    low, high = ratio_interval(many_top, many_bottom, 50, resamples=300)
+    assert low < math.exp(0.3) < high
+    assert ratio_interval(many_top, many_bottom, 50, resamples=50, seed=7) == ratio_interval(
+        many_top, many_bottom, 50, resamples=50, seed=7
+    )
+    assert all(math.isnan(x) for x in ratio_interval([], many_bottom, 50))
