@@ -89,10 +89,10 @@ def candidates(held: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 class StepSync:
     """The collectives behind a distributed ``LiveConfig``; built by ``LiveConfig.connect``.
 
-    Raises ``ValueError`` if torch.distributed is not initialised, if this process
-    is not in ``group``, or if ``sync_every`` is not a positive integer; and, after one
-    collective (``check_same_settings``), on every rank if the ranks were given
-    different ``sync_every``: their agreements would fall on different ``apply`` calls.
+    Raises ``ValueError`` if torch.distributed is not initialised or if this process
+    is not in ``group``; and, after one collective (``check_same_settings``), on every
+    rank if any rank's ``sync_every`` is not a positive integer or the ranks were given
+    different ones: their agreements would fall on different ``apply`` calls.
     """
 
     def __init__(self, group: Any = None, sync_every: int | None = None) -> None:
@@ -105,8 +105,12 @@ class StepSync:
                 "call torch.distributed.init_process_group() before LiveConfig.connect()"
             )
         every = DEFAULT_SYNC_EVERY if sync_every is None else sync_every
+        # Refused in ``check_same_settings``, after its collective: raised here, on this
+        # rank alone, it would leave the other ranks waiting in theirs.
+        self._invalid = ""
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"sync_every must be an integer >= 1, not {sync_every!r}")
+            self._invalid = f"sync_every must be an integer >= 1, not {sync_every!r}"
+            every = 0
         self._torch = torch
         self._dist = dist
         self._group = group
@@ -126,8 +130,16 @@ class StepSync:
         self._vote = 0  # on a checkpoint loaded since the last agreement (see the module doc)
 
     def check_same_settings(self) -> None:
-        """One collective: ``ValueError`` on every rank unless all have this ``sync_every``."""
+        """One collective: ``ValueError`` on every rank unless all have this ``sync_every``,
+        and it is valid (an invalid one counts as 0 in the collective)."""
         low, neg_high = self._min([self.sync_every, -self.sync_every])
+        if self._invalid:
+            raise ValueError(self._invalid)
+        if low < 1:
+            raise ValueError(
+                "another rank was given a sync_every that is not an integer >= 1: every "
+                "rank must pass the same one"
+            )
         if low != -neg_high:
             raise ValueError(
                 f"the ranks were given different sync_every (from {low} to {-neg_high}): "

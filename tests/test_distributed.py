@@ -123,6 +123,13 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
             refused = ""
         except ValueError as exc:
             refused = str(exc)
+        # ... and so is a sync_every that one rank alone was given wrong: on every rank,
+        # with no rank left waiting in the collective.
+        try:
+            LiveConfig.connect(stub.path, timeout=10, distributed=True, sync_every=3 - 3 * rank)
+            invalid = ""
+        except ValueError as exc:
+            invalid = str(exc)
         live = LiveConfig.connect(stub.path, timeout=10, distributed=True, sync_every=3)
         step = 0
 
@@ -165,7 +172,13 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
         phase(None)
         phase(None)
         live.close()
-    result = {"steps": steps, "acked": acked, "version": live.version, "refused": refused}
+    result = {
+        "steps": steps,
+        "acked": acked,
+        "version": live.version,
+        "refused": refused,
+        "invalid": invalid,
+    }
     (out / f"protocol-{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -351,6 +364,8 @@ def test_choose_source_takes_the_lowest_revision_then_the_lowest_rank() -> None:
 def test_protocol_cases_two_ranks_each_with_its_own_daemon(tmp_path: Path) -> None:
     r0, r1 = _run_two_ranks("protocol", tmp_path)
     assert "different sync_every (from 2 to 4)" in r0["refused"] == r1["refused"]
+    assert "another rank was given a sync_every that is not an integer >= 1" in r0["invalid"]
+    assert "sync_every must be an integer >= 1, not 0" in r1["invalid"]
     assert r0["steps"] == r1["steps"]
     lr_at = {step: lr for step, _, lr in r0["steps"]}
     applied_at = [step for step, applied, _ in r0["steps"] if applied]
