@@ -204,6 +204,9 @@ def _write(
     The commit holds only if no other write made with hotknob (each writes ``meta_key``)
     landed since the state that was checked was read; else nothing is written and the
     command fails, to be run again."""
+    # Before anything is read: without etcd its layer reads as empty, and a dry run or an
+    # ``unset`` would report what etcd holds as absent.
+    ctx.require_etcd()
     layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
     if sections:

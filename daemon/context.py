@@ -73,12 +73,16 @@ class Context:
             etcd=etcd_options(args),
         )
 
-    @contextmanager
-    def store(self) -> Iterator[EtcdStore]:
-        """An etcd client for one command; ``Unavailable`` if no endpoints were given."""
+    def require_etcd(self) -> EtcdOptions:
+        """The etcd options; ``UsageError`` if no etcd endpoints were given."""
         if self.etcd is None:
             raise UsageError("no etcd endpoints: pass --etcd-endpoints or HOTKNOB_ETCD_ENDPOINTS")
-        store = EtcdStore(self.etcd)
+        return self.etcd
+
+    @contextmanager
+    def store(self) -> Iterator[EtcdStore]:
+        """An etcd client for one command; ``UsageError`` if no endpoints were given."""
+        store = EtcdStore(self.require_etcd())
         try:
             yield store
         finally:

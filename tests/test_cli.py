@@ -115,6 +115,21 @@ def test_error_exit_codes(etcd: EtcdServer, tmp_path: Path) -> None:
     one_line_error(run_cli("frobnicate"), 2)
 
 
+def test_every_write_without_etcd_endpoints_is_a_usage_error() -> None:
+    # Without endpoints the etcd layer reads as empty: a dry run or an unset would report
+    # what etcd may hold as absent ("nothing to do") and exit 0.
+    env = {"HOTKNOB_ETCD_ENDPOINTS": ""}
+    for args in (
+        ("set", "train.lr=0.1"),
+        ("set", "--dry-run", "train.lr=0.1"),
+        ("unset", "train.lr"),
+        ("unset", "--dry-run", "train.lr"),
+        ("rollback", "--to-revision", "2"),
+    ):
+        line = one_line_error(run_cli(*args, "--app", APP, env=env), 2)
+        assert line == "hotknob: no etcd endpoints: pass --etcd-endpoints or HOTKNOB_ETCD_ENDPOINTS"
+
+
 def test_a_rejected_etcd_value_is_ignored_as_the_daemon_does(etcd: EtcdServer) -> None:
     etcd.etcdctl("put", P + "train/lr", "banana")  # written around hotknob's validation
     done = hk(etcd, "get", "train.lr")
