@@ -92,7 +92,7 @@ T = TypeVar("T")
 
 # etcd cuts a watch catch-up response after this many revisions (mvcc watchBatchMaxRevs).
 _WATCH_BATCH_REVS = 1000
-# With no event promised, how long a history replay waits for a first batch.
+# With no event promised, how long a history replay waits for a (next) batch.
 _QUIET_S = 1.0
 
 
@@ -439,7 +439,15 @@ class EtcdStore:
     def _replay(
         self, key: str, prefix: bool, start: int, head: int, newest: int
     ) -> list[EtcdChange]:
-        """All changes in [start, head]; ``newest >= start`` promises at least one event."""
+        """All changes in [start, head]; ``newest`` (the newest mod revision of the keys
+        that exist at ``head``) is a put that must come, if it is ``>= start``.
+
+        A batch cut at ``_WATCH_BATCH_REVS`` does not say whether more follow: etcd sends
+        the next one at once if there is one, and nothing if not. Past ``newest`` only
+        deletes can follow (of keys absent at ``head``): for one key that exists at
+        ``head`` none can, and otherwise they are waited for a quiet while (``_QUIET_S``,
+        ten times etcd's pause between catch-up batches), not for a lost etcd's timeout.
+        """
         got: queue.SimpleQueue[_Batch | HotknobError] = queue.SimpleQueue()
 
         def on_response(response: Any) -> None:
@@ -447,9 +455,10 @@ class EtcdStore:
 
         stream = self._add_watch(key, prefix, start, on_response, got.put)
         changes: list[EtcdChange] = []
+        last = start - 1
         try:
             while True:
-                expect = bool(changes) or newest >= start
+                expect = newest > last
                 try:
                     item = got.get(timeout=self.options.timeout if expect else _QUIET_S)
                 except queue.Empty:
@@ -463,11 +472,13 @@ class EtcdStore:
                 if isinstance(item, HotknobError):
                     raise item
                 changes += [c for c in item.changes if c.revision <= head]
-                last = item.changes[-1].revision if item.changes else 0
+                last = max(last, item.changes[-1].revision if item.changes else 0)
                 if last >= head or (
                     item.header_revision >= head and len(item.changes) < _WATCH_BATCH_REVS
                 ):
                     return changes
+                if not prefix and 0 < newest <= last:
+                    return changes  # the key's last put is in, and it exists at ``head``
         finally:
             stream.cancel()
             with self._lock:

@@ -148,6 +148,31 @@ def test_history_of_a_prefix_groups_a_transaction(store: EtcdStore) -> None:
     ]
 
 
+def test_history_whose_catch_up_fills_whole_batches(store: EtcdStore) -> None:
+    # etcd cuts a watch's catch-up at 1,000 revisions and says nothing when none follow:
+    # a history of exactly 1,000 changes, with a later write elsewhere, once waited for
+    # a next batch until its timeout and failed as "cannot reach etcd".
+    key = P + "train/lr"
+    revs = [store.put(key, str(i)) for i in range(1000)]
+    store.put("/other", "noise")
+    history = store.history(key, prefix=False, limit=2000)
+    assert [e.revision for e in history.entries] == revs[::-1]
+    # Under a prefix a delete (of a key absent now) may follow a full batch whose last
+    # change is the newest put: it is waited for and kept. 1,000 + 1 + 999 changes, then it.
+    other = P + "train/momentum"
+    store.put(other, "0.9")
+    revs = [store.put(key, str(i)) for i in range(999)]
+    gone = store.commit({}, [other])
+    store.put("/other", "noise")
+    entries = store.history(P, prefix=True, limit=5000).entries
+    assert len(entries) == 2001
+    assert entries[:3] == [
+        HistoryEntry(other, None, gone),
+        HistoryEntry(key, b"998", revs[-1]),
+        HistoryEntry(key, b"997", revs[-2]),
+    ]
+
+
 def test_history_stops_cleanly_at_compaction(store: EtcdStore) -> None:
     key = P + "k"
     revs = [store.put(key, str(i)) for i in range(6)]
