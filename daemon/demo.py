@@ -6,7 +6,7 @@ through the learning rate is raised with ``hotknob set --wait`` (and later two k
 change in one transaction); the demo prints the step at which each change
 landed and writes ``demo.png``: loss and learning rate against step with every
 applied change marked. Everything it started is stopped at the end, also on
-Ctrl-C.
+Ctrl-C, SIGTERM or SIGHUP (a closed terminal).
 
 It runs under an app of its own, ``demo-<random>``, so on a shared etcd it
 never reads or writes a user's keys; it deletes what it wrote there
@@ -87,9 +87,22 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """One of ``_STOP_SIGNALS`` arrived: raised where the demo was, as Ctrl-C is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class Demo:
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self._holding = False  # a stop signal now is kept for later (``_on_signal``)
+        self._held: int | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="hotknob-demo-"))
         self.app = f"demo-{secrets.token_hex(4)}"  # its own: never a user's keys
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -99,15 +112,25 @@ class Demo:
         self.etcd_args = ["--etcd-timeout", str(args.etcd_timeout)]
         self.layer_args: list[str] = []
 
+    def on_signal(self, signum: int, frame: object) -> None:
+        """The handler of ``_STOP_SIGNALS``: raise ``Stopped``, unless one is held off."""
+        if self._holding:
+            self._held = signum
+            return
+        raise Stopped(signum)
+
     def spawn(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        """Start a child and register it for cleanup, with Ctrl-C held off in between,
-        so no child can be started and then forgotten."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        """Start a child and register it for cleanup, with stop signals held off in
+        between, so no child can be started and then forgotten. Held off by the handler,
+        not by a blocked signal mask, which the child would inherit."""
+        self._holding = True
         try:
             proc = subprocess.Popen(cmd, **kwargs)
             self.procs.append(proc)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            self._holding = False
+            if self._held is not None:
+                raise Stopped(self._held)
         return proc
 
     def say(self, text: str) -> None:
@@ -231,6 +254,7 @@ class Demo:
         return 0
 
     def cleanup(self) -> None:
+        self._holding = True  # another stop signal must not cut the cleanup short
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -319,10 +343,15 @@ def plot(records: list[dict[str, Any]], output: Path) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     demo = Demo(args)
+    previous = {signum: signal.signal(signum, demo.on_signal) for signum in _STOP_SIGNALS}
     try:
         return demo.run()
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything the demo started", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{what}: stopping everything the demo started", file=sys.stderr)
+        return 128 + signum
     finally:
         demo.cleanup()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

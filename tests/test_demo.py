@@ -36,6 +36,17 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _status_field(pid: int, name: str) -> str | None:
+    """A field of ``/proc/PID/status``; None if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next(
+        (line.split()[1] for line in text.splitlines() if line.startswith(name + ":")), None
+    )
+
+
 def workdir_of(output: str) -> str:
     match = re.search(r"working folder: (\S+)", output)
     assert match, output
@@ -67,7 +78,14 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert processes_mentioning(workdir) == []
 
 
-def test_demo_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "said"),
+    [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "SIGTERM")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_demo_stops_everything_on_ctrl_c_or_sigterm(
+    tmp_path: Path, signum: signal.Signals, said: str
+) -> None:
     proc = subprocess.Popen(
         hotknob_cmd(
             "demo", "--steps", "2000", "--step-delay", "0.02", "--output", str(tmp_path / "x.png")
@@ -86,11 +104,15 @@ def test_demo_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         assert line and time.monotonic() < deadline, output
         output += line
     workdir = workdir_of(output)
-    assert processes_mentioning(workdir), "the demo's daemon should be running"
-    proc.send_signal(signal.SIGINT)
+    children = processes_mentioning(workdir)
+    assert children, "the demo's daemon should be running"
+    for pid in children:  # none started with a stop signal blocked
+        blocked = int(_status_field(pid, "SigBlk") or "0", 16)
+        assert not blocked & (1 << (signal.SIGINT - 1) | 1 << (signal.SIGTERM - 1)), pid
+    proc.send_signal(signum)
     rest, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 130, output + rest
-    assert "stopping everything" in rest
+    assert proc.returncode == 128 + signum, output + rest
+    assert f"{said}: stopping everything" in rest
     deadline = time.monotonic() + 10
     while processes_mentioning(workdir):
         assert time.monotonic() < deadline, "a process the demo started outlived it"
