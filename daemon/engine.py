@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -387,6 +387,7 @@ class Engine:
                 published = deferred() if deferred is not None else None
                 if published is not None:
                     self._save_and_publish(published)
+                self._refresh_sources()
             finally:  # a push that raised must not hold the group's reports back
                 self._run_after_push()
 
@@ -758,6 +759,8 @@ class Engine:
         changed = changed_keys(self._flat, flat)
         if not changed:
             self.snapshot = snapshot
+            if not self._batching:  # a group's state is published at its end, then this
+                self._refresh_sources()
             if layer == "etcd" and revision:
                 # The state in force is now etcd's at this revision too, unchanged (its
                 # values were already in force, or a higher layer holds its keys).
@@ -780,6 +783,17 @@ class Engine:
             finally:
                 self._run_after_push()
         self.last_change_seconds = time.perf_counter() - started
+
+    def _refresh_sources(self) -> None:
+        """After a change that moved a key's winning layer but no value (a file now sets
+        what etcd does, to the same value): ``current`` takes the snapshot's ``sources``,
+        which a client that connects is given. No version and no push: nothing changed
+        that a client applies, and an update does not carry ``sources``."""
+        current, snapshot = self.current, self.snapshot
+        if current is None or snapshot is None or self._pending is not None or self.holds_tail:
+            return  # a lone change's state not built yet: its own sources are current's
+        if current.sources != snapshot.sources:
+            self.current = replace(current, sources=dict(snapshot.sources))
 
     def _run_after_push(self) -> None:
         reports, self._after_push = self._after_push, []

@@ -265,6 +265,29 @@ def test_delete_falls_back_to_lower_layer(tmp_path: Path) -> None:
     assert engine.current.sources["train.lr"] == "defaults"
 
 
+def test_a_new_winning_layer_with_the_same_value_is_in_sources_but_not_pushed(
+    tmp_path: Path,
+) -> None:
+    # etcd now sets each key to the value it had from defaults: no value changed, so no
+    # version and no push, but a client that connects is told where each value comes from.
+    published: list[Published] = []
+    engine = make_engine(tmp_path, published=published)
+    files_start(engine)
+    engine.start({}, 1)
+    assert engine.current is not None and engine.current.sources["train.momentum"] == "defaults"
+    engine.on_etcd_change(2, {P + "train/momentum": b"0.9"}, [])  # a lone put
+    engine.on_etcd_change(3, {P + "train/lr": b"0.001", P + "train/warmup_steps": b"0"}, [])
+    engine.on_etcd_changes(  # a group
+        [(4, {P + "train/weight_decay": b"0.0"}, frozenset()), (5, {P + "train/lr": b"1e-3"}, [])]
+    )
+    engine.finish()
+    assert (engine.version, len(published)) == (1, 1)
+    sources = engine.current.sources
+    assert [sources[f"train.{k}"] for k in ("momentum", "lr", "warmup_steps", "weight_decay")] == [
+        "etcd"
+    ] * 4, sources
+
+
 def test_invalid_keys_in_start_snapshot_are_dropped(tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
     files_start(engine)
