@@ -102,7 +102,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if len(data) > MAX_FILE_BYTES:
         raise LayerError("files", f"{path}: larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is dropped
     except UnicodeDecodeError as exc:
         raise LayerError("files", f"{path}: not valid UTF-8 (byte {exc.start})") from exc
     if not text.strip():
@@ -131,7 +131,32 @@ def read_config_file(path: Path) -> dict[str, Any]:
     where = _lone_surrogate_at(parsed) if "\\" in text else None  # only escapes make one
     if where is not None:
         raise LayerError("files", f"{path}: {where}: {LONE_SURROGATE}", key=where)
+    twice = _dotted_twice(parsed)
+    if twice is not None:
+        raise LayerError(
+            "files",
+            f"{path}: duplicate key {twice!r}: given nested and with dots in a name too",
+            key=twice,
+        )
     return parsed
+
+
+def _dotted_twice(parsed: dict[str, Any]) -> str | None:
+    """A dotted key that ``parsed`` gives twice, spelled two ways (``{"train": {"lr": 1},
+    "train.lr": 2}``), which the parsers' own duplicate checks cannot see; else None."""
+    seen: set[str] = set()
+    stack: list[tuple[str, Any]] = [("", parsed)]
+    while stack:
+        prefix, node = stack.pop()
+        for name, value in node.items():
+            key = f"{prefix}{name}"
+            if isinstance(value, dict) and value:
+                stack.append((key + ".", value))
+            elif key in seen:
+                return key
+            else:
+                seen.add(key)
+    return None
 
 
 _YAML_TAG_FAILED = (

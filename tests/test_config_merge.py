@@ -237,6 +237,9 @@ def test_etcd_keys_outside_prefix_are_ignored() -> None:
         ("list.yaml", b"- 1\n- 2\n", "top level must be a mapping"),
         ("dup.yaml", b"train:\n  lr: 1\n  lr: 2\n", "duplicate key"),
         ("dup.json", b'{"train": {"lr": 1, "lr": 2}}', "duplicate key"),
+        ("dotted.json", b'{"train": {"lr": 1}, "train.lr": 2}', "duplicate key 'train.lr'"),
+        ("dotted.yaml", b"train.lr: 2\ntrain:\n  lr: 1\n", "duplicate key 'train.lr'"),
+        ("dotted.toml", b'"train.lr" = 2\n[train]\nlr = 1\n', "duplicate key 'train.lr'"),
         ("alias.yaml", b"a: &x [1]\nb: *x\n", "aliases are not allowed"),
         ("nan.json", b'{"train": {"lr": NaN}}', "not allowed"),
         ("unhashable.yaml", b"? [a, b]\n: 1\n", "found unhashable key"),
@@ -256,6 +259,22 @@ def test_unreadable_files_get_a_clear_error(
     assert str(path) in str(info.value)
     assert fragment in str(info.value)
     assert info.value.layer == "files"
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("bom.yaml", b"train:\n  lr: 0.5\n"),
+        ("bom.json", b'{"train": {"lr": 0.5}}'),
+        ("bom.toml", b"[train]\nlr = 0.5\n"),
+    ],
+)
+def test_a_byte_order_mark_is_read_past_in_every_format(
+    tmp_path: Path, name: str, content: bytes
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content)
+    assert read_config_file(path) == {"train": {"lr": 0.5}}
 
 
 def test_missing_file(tmp_path: Path) -> None:
