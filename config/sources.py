@@ -233,8 +233,20 @@ def env_layer(
             problems.append(Problem(shown_text(key), "env", f"{name}: {LONE_SURROGATE}"))
     origins = {key: prefix + key.upper().replace(".", "__") for key in values}
     lowered = prefix.lower()
+    spelled: dict[str, str] = {}  # each variable's name in lower case: the first spelling
     for name in environ:
         if name.lower().startswith(lowered):
+            first = spelled.setdefault(name.lower(), name)
+            if first != name:  # case does not count: which one wins would be chance
+                key = name[len(prefix) :].lower().replace("__", ".")
+                problems.append(
+                    Problem(
+                        shown_text(key),
+                        "env",
+                        f"{shown_text(first)} and {shown_text(name)} both set it (the case "
+                        "of a name does not count): keep one",
+                    )
+                )
             key = name[len(prefix) :].lower().replace("__", ".")
             top = key.split(".", 1)[0]
             if top not in {field.lower() for field in schema.model_fields}:

@@ -65,6 +65,11 @@ class Context:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Context:
+        if getattr(args, "env_prefix", None) == "":
+            raise UsageError(
+                "--env-prefix is empty: every variable of the environment would be read as "
+                "a key (give one such as MY_)"
+            )
         return cls(
             app=args.app,
             schema=load_schema(args.schema),

@@ -214,6 +214,16 @@ def test_env_var_naming_no_field_is_reported() -> None:
         merge_layers(MLParams, [defaults_layer(MLParams), layer])
 
 
+def test_two_env_variables_that_differ_only_in_case_are_refused() -> None:
+    for environ in (
+        {"HOTKNOB_PARAM_TRAIN__LR": "0.4", "hotknob_param_train__lr": "0.5"},
+        {"hotknob_param_train__lr": "0.5", "HOTKNOB_PARAM_TRAIN__LR": "0.4"},
+    ):
+        layer = env_layer(MLParams, environ=environ)
+        with pytest.raises(InvalidChange, match=r"train.lr \(from env\): .* both set it"):
+            merge_layers(MLParams, [defaults_layer(MLParams), layer])
+
+
 def test_etcd_value_not_utf8_is_a_problem() -> None:
     layer = etcd_layer(APP, {f"/hotknob/{APP}/config/train/lr": b"\xff\xfe"})
     with pytest.raises(InvalidChange, match=r"train.lr \(from etcd\): value is not valid UTF-8"):
