@@ -294,8 +294,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # a reader that stopped early (``| head``): not an error
+        _drop_output()
         return 0
+    except OSError as exc:  # stdout on a full disk, most likely: one line, as for any error
+        try:
+            sys.stdout.flush()
+        except OSError:
+            _drop_output()
+        command = getattr(args, "command", None)
+        written = handled and command in ("set", "unset", "rollback")
+        hint = " (the change may be written: `hotknob history` shows it)" if written else ""
+        print(f"hotknob: {exc}{hint}", file=sys.stderr)
+        return 1
+
+
+def _drop_output() -> None:
+    """Send what stdout still holds to /dev/null: at exit Python flushes it again, and
+    would print that error too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no stdout at all
+        pass
 
 
 if __name__ == "__main__":

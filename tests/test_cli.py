@@ -134,6 +134,26 @@ def test_every_write_without_etcd_endpoints_is_a_usage_error() -> None:
         assert line == "hotknob: no etcd endpoints: pass --etcd-endpoints or HOTKNOB_ETCD_ENDPOINTS"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(etcd: EtcdServer) -> None:
+    def to_full(*args: str) -> subprocess.CompletedProcess[str]:
+        with open("/dev/full", "w") as full:
+            return subprocess.run(
+                hotknob_cmd(*args, "--app", APP, "--etcd-endpoints", etcd.endpoint),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                timeout=30,
+            )
+
+    line = one_line_error(to_full("get"), 1)
+    assert line == "hotknob: [Errno 28] No space left on device"
+    line = one_line_error(to_full("set", "train.lr=0.3"), 1)
+    assert "No space left on device (the change may be written" in line
+    assert etcd_value(etcd, "train/lr") == "0.3"
+
+
 def test_a_rejected_etcd_value_is_ignored_as_the_daemon_does(etcd: EtcdServer) -> None:
     etcd.etcdctl("put", P + "train/lr", "banana")  # written around hotknob's validation
     done = hk(etcd, "get", "train.lr")
