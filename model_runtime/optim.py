@@ -222,13 +222,16 @@ class OptimizerBinding:
       gives group ``i`` ``W * ratio_i``, so a no-decay group (0) stays at 0.
       If every group is at 0, every group takes ``W``.
     * momentum (``betas[0]`` for the Adam kinds): every group takes the live
-      value, except that a group at 0 while another group is not stays at 0.
+      value, except that a group at 0 while another group is not stays at 0. A
+      group that goes from 0 to more than 0 starts its params' momentum afresh.
 
     After ``optimizer.add_param_group`` lr and weight_decay are refused until the
     optimizer is bound again (the new group has no ratio); so is momentum if a
-    group is held at 0. With no scheduler given, lr is refused while a param
-    group has ``initial_lr``: torch's schedulers add it, and a schedule the
-    binding does not know about would undo each live change at its next step.
+    group is held at 0. A binding made again takes over what the groups no longer
+    show from the one it replaces (``inherit``). With no scheduler given, lr is
+    refused while a param group has ``initial_lr``: torch's schedulers add it, and
+    a schedule the binding does not know about would undo each live change at its
+    next step.
     For the same reason a change of lr is refused while a torch scheduler of the
     optimizer that the binding was not given has been made, or has stepped, since
     the binding was (a main schedule made after a warmup in a hand-written loop):
@@ -263,9 +266,12 @@ class OptimizerBinding:
             id(s): (weakref.ref(s), _progress(s)) for s in _schedulers_of(optimizer, self._known())
         }
         # A group without the key is never written; 0 keeps it out of the reference choice.
-        self._wd_ratios = _ratios(
-            [_num(g["weight_decay"]) if "weight_decay" in g else 0.0 for g in groups]
-        )
+        decays = [_num(g["weight_decay"]) if "weight_decay" in g else 0.0 for g in groups]
+        self._wd_ratios = _ratios(decays)
+        # The weight decay ratio 1 stands for: the reference group's at bind, then the last
+        # live value that was not 0. A group added during a live 0 is measured against it
+        # (``inherit``), as it would have been had it been added before.
+        self._wd_scale = next((d for d in decays if d != 0), 0.0)
         momenta = [_momentum_of(g) for g in groups]
         present = [m for m in momenta if m is not None]
         mixed = 0 in present and any(m != 0 for m in present)
@@ -421,21 +427,68 @@ class OptimizerBinding:
 
     def inherit(self, earlier: OptimizerBinding) -> None:
         """Take over what ``earlier`` (a binding of the same optimizer, being replaced) knew
-        and the param groups no longer show: the weight-decay ratios when every group's
-        weight decay is 0 now (a live 0 set them all), and which groups' momentum is held
-        at 0 when every group's momentum is 0 now (a live 0 again). Groups added since
-        keep what this binding took from them. Anything the groups do show is theirs: to
-        give a no-decay group decay, or a held group momentum, set it in the optimizer
-        and bind again."""
+        and the param groups no longer show. The groups it knew (the first ones) decide:
+
+        * weight decay: if each of them that has the key is at 0 (a live 0 set them
+          all), they keep ``earlier``'s ratios. A group added since takes its ratio
+          relative to the weight decay ratio 1 stood for before that 0 (the reference
+          group's at the earlier bind, or the last live value that was not 0), as it
+          would have if it had been added before the live 0; ratio 1 if there was none
+          (every group at 0 since the earlier bind: each takes the live value).
+        * momentum: if each of them is at 0 (a live 0 again), they keep which of them
+          ``earlier`` held at 0. A group added since is held if it is at 0 while another
+          group is not, a known group that ``earlier`` did not hold counting as not 0.
+        * lr, when both bindings have a scheduler that keeps no bases
+          (``ReduceLROnPlateau``) and so track their own: the known groups keep
+          ``earlier``'s bases, so that a bind again undoes none of the scheduler's cuts;
+          a group added since gets its lr divided by the reference group's cut (its lr
+          over its base), so the bind itself changes no lr; the ratios follow from
+          these bases. Without a scheduler the current lr is the base (one set by
+          hand holds), and nothing is carried.
+
+        Anything else the groups show is theirs: to give a no-decay group decay, or a
+        held group momentum, set it in the optimizer and bind again."""
         groups = self.optimizer.param_groups
         known = min(len(groups), len(earlier._wd_ratios))
-        decays = [_num(g["weight_decay"]) for g in groups if "weight_decay" in g]
+        decays = [_num(g["weight_decay"]) for g in groups[:known] if "weight_decay" in g]
         if earlier.weight_decay_key is not None and decays and not any(decays):
+            scale = earlier._wd_scale
             self._wd_ratios[:known] = earlier._wd_ratios[:known]
-        momenta = {m for m in (_momentum_of(g) for g in groups) if m is not None}
-        if earlier.momentum_key is not None and momenta == {0.0}:
-            known = min(len(groups), len(earlier._momentum_held))
-            self._momentum_held[:known] = earlier._momentum_held[:known]
+            for i in range(known, len(groups)):
+                added = _num(groups[i].get("weight_decay", 0.0))
+                self._wd_ratios[i] = added / scale if scale != 0 else 1.0
+            self._wd_scale = scale
+        momenta = [_momentum_of(g) for g in groups]
+        known = min(len(groups), len(earlier._momentum_held))
+        present = [m for m in momenta[:known] if m is not None]
+        if earlier.momentum_key is not None and present and not any(present):
+            held = earlier._momentum_held[:known]
+            # A known group not held counts as not 0: it is at 0 only for the live 0.
+            stand_in = [
+                None if m is None else (0.0 if h else 1.0)
+                for m, h in zip(momenta[:known], held, strict=True)
+            ]
+            others = [m for m in stand_in + momenta[known:] if m is not None]
+            mixed = 0 in others and any(m != 0 for m in others)
+            self._momentum_held = held + [mixed and m == 0 for m in momenta[known:]]
+        before = earlier._own_bases
+        if (
+            self.scheduler is not None
+            and earlier.scheduler is not None
+            and self._own_bases is not None
+            and before is not None
+            and self.lr_key is not None
+            and earlier.lr_key is not None
+        ):
+            known = min(len(groups), len(before))
+            current = [_num(g["lr"]) for g in groups]
+            reference = earlier._reference()
+            cut = 1.0
+            if reference < known and before[reference] != 0 and current[reference] != 0:
+                cut = current[reference] / before[reference]
+            bases = before[:known] + [lr / cut for lr in current[known:]]
+            self._own_bases = bases
+            self._ratios = _ratios(bases)
 
     def _bases(self, key: str) -> list[float]:
         n = len(self.optimizer.param_groups)
@@ -517,6 +570,8 @@ class OptimizerBinding:
         having = [i for i, g in enumerate(groups) if "weight_decay" in g]
         if not having:
             return
+        if live != 0:
+            self._wd_scale = live
         current = [_num(g.get("weight_decay", 0.0)) for g in groups]
         reference = next((i for i in having if self._wd_ratios[i] != 0), having[0])
         in_force = current[reference] == live
@@ -535,9 +590,10 @@ class OptimizerBinding:
             if i < len(held) and held[i]:
                 continue
             if "momentum" in group:
+                from_zero = _num(group["momentum"]) == 0
                 _put(group, "momentum", m)
                 if m > 0:
-                    self._add_momentum_buffers(group)
+                    self._momentum_buffers(group, fresh=from_zero)
             elif "betas" in group:
                 betas = group["betas"]
                 if isinstance(betas[0], torch.Tensor):
@@ -545,19 +601,35 @@ class OptimizerBinding:
                 else:
                     group["betas"] = (m, *tuple(betas)[1:])
 
-    def _add_momentum_buffers(self, group: Mapping[str, Any]) -> None:
-        """Give each param of an RMSprop group that has state the zero ``momentum_buffer``
-        RMSprop makes at a param's first step, but only if momentum is > 0 then: its
-        later steps read the buffer whenever momentum is > 0. RMSprop's state is known by
-        its ``square_avg`` rather than by the optimizer's class, so that a wrapper around
-        one (which shares its param groups and state) is covered too."""
+    def _momentum_buffers(self, group: Mapping[str, Any], *, fresh: bool) -> None:
+        """Fit the ``momentum_buffer`` of each param of ``group`` that has state to a
+        momentum now > 0; ``fresh`` when it was 0 until now.
+
+        Torch leaves the buffer alone while momentum is 0, so one kept from before would
+        move the param by a velocity from then at the first step back: coming from 0,
+        an RMSprop param's buffer is set to zeros and any other param's (SGD's) is
+        dropped, which is what each optimizer has at a param's first step (SGD makes the
+        buffer from the gradient then). Between two values that are not 0 a buffer is
+        kept; only an RMSprop param that has none gets the zero one, as RMSprop makes it
+        only if momentum is > 0 at the first step and reads it at every later step with
+        momentum > 0. RMSprop's state is known by its ``square_avg`` rather than by the
+        optimizer's class, so that a wrapper around one (which shares its param groups
+        and state) is covered too."""
         state = getattr(self.optimizer, "state", None) or {}
         for p in group["params"]:
             param_state = state.get(p)
-            if param_state and "square_avg" in param_state and "momentum_buffer" not in param_state:
-                param_state["momentum_buffer"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format
-                )
+            if not param_state:
+                continue
+            if "square_avg" in param_state:
+                buffer = param_state.get("momentum_buffer")
+                if buffer is None:
+                    param_state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                elif fresh:
+                    buffer.zero_()  # in place, as a captured graph may hold it
+            elif fresh:
+                param_state.pop("momentum_buffer", None)
 
 
 def _position(cosine: Any, bases: list[float], lrs_now: list[float], floor: float) -> float:

@@ -566,6 +566,41 @@ def test_rmsprop_momentum_from_zero_after_its_first_step(foreach: bool) -> None:
     assert all(opt.state[p]["momentum_buffer"].abs().sum() > 0 for p in m.parameters())
 
 
+@pytest.mark.parametrize("kind", ["sgd", "rmsprop"])
+def test_momentum_back_on_after_a_live_zero_starts_afresh(kind: str) -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt: torch.optim.Optimizer
+    if kind == "sgd":
+        opt = torch.optim.SGD([p], lr=1.0, momentum=0.9)
+    else:
+        opt = torch.optim.RMSprop([p], lr=0.1, momentum=0.9)
+    binding = OptimizerBinding(opt)
+
+    def step(grad: float) -> float:
+        before = p.item()
+        opt.zero_grad()
+        p.grad = torch.tensor([grad])
+        opt.step()
+        return p.item() - before
+
+    for _ in range(5):
+        step(1.0)  # a velocity against a gradient of +1
+    _set(binding, momentum=0.0)
+    for _ in range(20):
+        step(-1.0)  # the buffer is not updated while momentum is 0
+    _set(binding, momentum=0.9)
+    if kind == "sgd":
+        assert "momentum_buffer" not in opt.state[p]  # made from the gradient next step
+        assert step(-1.0) == pytest.approx(1.0)  # lr * grad, as at a first step
+    else:
+        assert torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p))
+        assert step(-1.0) > 0  # the old buffer moved it by about -2
+    # Between two values above 0 the buffer is kept.
+    buffer = opt.state[p]["momentum_buffer"].clone()
+    _set(binding, momentum=0.5)
+    assert torch.equal(opt.state[p]["momentum_buffer"], buffer)
+
+
 # --- a scheduler the binding was not given ----------------------------------------------
 
 
@@ -761,6 +796,62 @@ def test_a_rebind_after_a_live_zero_keeps_the_no_decay_group(
     stub.wait_for(lambda: live.pending_version == version)
     live.apply(2)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_a_rebind_after_a_live_zero_and_add_param_group_keeps_the_decay_and_momentum(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    m = _model()
+    opt = torch.optim.AdamW(m[0].parameters(), lr=1.0, weight_decay=0.01, betas=(0.9, 0.999))
+    live.bind_optimizer(opt)
+    version = stub.push({"train": {"lr": 1.0, "weight_decay": 0.0, "momentum": 0.0}})
+    stub.wait_for(lambda: live.pending_version == version)
+    live.apply(1)
+    opt.add_param_group({"params": m[1].parameters()})  # takes the defaults: 0.01 and 0.9
+    live.bind_optimizer(opt)
+    version = stub.push({"train": {"lr": 1.0, "weight_decay": 0.05, "momentum": 0.9}})
+    stub.wait_for(lambda: live.pending_version == version)
+    live.apply(2)
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([0.05, 0.05])
+    assert [g["betas"][0] for g in opt.param_groups] == [0.9, 0.9]
+
+
+def test_groups_added_during_a_live_zero_are_measured_against_the_value_before_it() -> None:
+    m = _model()
+    groups: list[dict[str, Any]] = [
+        {"params": [m[0].weight], "weight_decay": 0.1, "momentum": 0.9},
+        {"params": [m[0].bias], "weight_decay": 0.0, "momentum": 0.0},  # no decay, held
+    ]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    earlier = OptimizerBinding(opt)
+    _set(earlier, weight_decay=0.2)  # ratio 1 stands for 0.2 now, not the 0.1 at bind
+    _set(earlier, weight_decay=0.0, momentum=0.0)
+    opt.add_param_group({"params": [m[1].weight], "weight_decay": 0.1, "momentum": 0.0})
+    opt.add_param_group({"params": [m[1].bias], "weight_decay": 0.0, "momentum": 0.9})
+    binding = OptimizerBinding(opt)
+    binding.inherit(earlier)
+    assert binding.weight_decay_ratios == pytest.approx((1.0, 0.0, 0.5, 0.0))
+    _set(binding, weight_decay=0.4, momentum=0.8)
+    assert _wds(opt) == pytest.approx([0.4, 0.0, 0.2, 0.0])
+    # The third group is at 0 while the first (at 0 for the live 0 only) is not: held.
+    assert [g["momentum"] for g in opt.param_groups] == [0.8, 0.0, 0.0, 0.8]
+
+
+def test_a_rebind_under_reduce_on_plateau_keeps_its_cuts(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    opt = _sgd(1.0)
+    sched = lrs.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    live.bind_optimizer(opt, sched)
+    for loss in (1.0, 2.0, 3.0):
+        sched.step(loss)
+    assert _lrs(opt) == pytest.approx([0.25, 0.025])  # two cuts
+    extra = torch.nn.Linear(1, 1)
+    opt.add_param_group({"params": extra.parameters(), "lr": 0.0025})  # base 0.01 at this cut
+    live.bind_optimizer(opt, sched)  # the live lr is still 1.0
+    assert _lrs(opt) == pytest.approx([0.25, 0.025, 0.0025])
+    _push_and_apply(stub, live, 0.5, 1)
+    assert _lrs(opt) == pytest.approx([0.125, 0.0125, 0.00125])
 
 
 def test_a_refused_bind_writes_nothing(stub: DaemonStub, live: LiveConfig) -> None:
