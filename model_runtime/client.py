@@ -552,7 +552,8 @@ class LiveConfig:
         again at 1), that state becomes pending and wins at the next ``apply``; else
         the checkpoint stays in force,
         and the daemon's state it replaced does not come back by itself (a reconnect
-        that re-sends exactly that state changes nothing). Anything else the daemon
+        that re-sends that state, the same values at the same etcd revision, changes
+        nothing, whatever version a restarted daemon gives it). Anything else the daemon
         sends after the load is a new edit and is applied as usual.
 
         Under torch.distributed the ranks decide together, at the next agreement:
@@ -668,14 +669,16 @@ class LiveConfig:
 
     def _receive(self, state: State, is_snapshot: bool) -> None:
         """Keep ``state`` as pending unless it is exactly what is already applied, or the
-        daemon's state a loaded checkpoint replaced, sent again."""
+        daemon's state a loaded checkpoint replaced, sent again: its values at its etcd
+        revision, under any version (a daemon restarted after a crash numbers its state
+        anew, above the one it had)."""
         with self._lock:
             self._received.append(state)
             applied = self._applied
             superseded = self._superseded
             if (
                 superseded is not None
-                and state.same_as(superseded)
+                and state.flat == superseded.flat
                 and state.revision == superseded.revision
             ):
                 up_to_date = True  # sent again: the loaded checkpoint stays in force

@@ -492,8 +492,9 @@ def test_an_ack_whose_error_text_is_not_valid_utf8_is_still_sent(
     assert "run-\\udcff" in ack["errors"][0]["error"]
 
 
+@pytest.mark.parametrize("again", [3, 4], ids=["same-version", "renumbered-after-a-crash"])
 def test_a_loaded_checkpoint_outlives_a_reconnect_that_resends_the_replaced_state(
-    sock_path: str,
+    sock_path: str, again: int
 ) -> None:
     with DaemonStub(sock_path, BASE, version=3):
         live = LiveConfig.connect(sock_path, timeout=5)
@@ -504,14 +505,15 @@ def test_a_loaded_checkpoint_outlives_a_reconnect_that_resends_the_replaced_stat
     try:
         # The daemon comes back with the state the checkpoint replaced: nothing was
         # edited, so the checkpoint stays in force (and the daemon hears what is).
-        with DaemonStub(sock_path, BASE, version=3) as same:
+        # (A daemon restarted after a crash numbers the same state above the one it had.)
+        with DaemonStub(sock_path, BASE, version=again) as same:
             same.wait_for(lambda: acks(same) == [(8, 0)])  # the checkpoint's step
             assert live.pending_version == 8 and live.apply(2) is False
             assert live["train.lr"] == 99.0
             # An edit is a real change, whatever its version number; after it the
             # daemon's state wins again, the replaced one included.
-            assert same.push(with_values(train={"lr": 0.25})) == 4
-            eventually(lambda: live.pending_version == 4)
+            assert same.push(with_values(train={"lr": 0.25})) == again + 1
+            eventually(lambda: live.pending_version == again + 1)
             assert live.apply(3) is True and live["train.lr"] == 0.25
         with DaemonStub(sock_path, BASE, version=3):
             eventually(lambda: live.pending_version == 3)
