@@ -482,8 +482,9 @@ class Daemon:
         assert self.engine is not None
         with self._lock:
             taken = self.engine.on_files(state.files)
-        # Read whole: nothing is unreadable now; rejected, the hook said why (``_on_rejected``).
-        self.feedback.config_files_problem("unreadable", None)
+        # A file that cannot be read may be in it with its last good contents: the watcher
+        # says when every file reads again (``on_readable``). Rejected, the hook said why
+        # (``_on_rejected``).
         if taken:
             self.feedback.config_files_problem("rejected", None)
 

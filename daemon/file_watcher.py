@@ -11,15 +11,18 @@ the last good state. So:
 - a save that emits several filesystem events is one change, and a ``touch``
   is none (the parsed contents are equal);
 - a half-written or unparsable file changes nothing: ``on_error`` is told, and
-  the last good state stays in force until the file parses again (``on_readable``
-  is told then, whether or not its contents changed);
+  its last good contents stay in force until it parses again (``on_readable`` is
+  told once every file parses, whether or not its contents changed); meanwhile a
+  change to another watched file is reported as usual, with the unparsable file's
+  last good contents, and ``on_error`` is told of that file again after it;
 - a file written in place is read once its writer closes it, not while a slow
   writer pauses (where the platform reports closes: inotify does), or at the
   latest ``close_wait_s`` after the first write, should the writer keep it open;
   meanwhile a change to another watched file is reported as usual, with the held
   file's last contents (an explicit ``reload``, SIGHUP, waits for the close too);
-- a file that is briefly absent (deleted mid-rename) is waited for; it is an
-  error only if it is still missing ``missing_grace_s`` later.
+- a file that is briefly absent (deleted mid-rename) is waited for: no change is
+  reported until it is back, for at most ``missing_grace_s``; still missing then,
+  it is an error, and is taken as an unparsable file is.
 """
 
 from __future__ import annotations
@@ -177,7 +180,10 @@ class FileLayerWatcher:
 
     ``on_change``, ``on_error`` and ``on_readable`` run on the watcher's own thread (or on the
     caller's, for ``reload``), one at a time and in order; they must not block
-    for long. ``on_change`` gets the whole new state, never a partial one.
+    for long. ``on_change`` gets the whole new state, never a partial one: a file that
+    cannot be read is in it with its last good contents. So that a listener that takes
+    ``on_change`` for "every file reads" is not misled, ``on_error`` is told again after it
+    of each file that does not.
     """
 
     def __init__(
@@ -213,8 +219,8 @@ class FileLayerWatcher:
         self.unreadable_at_start: dict[Path, str] = {}  # files ``start`` took as they ran
         self._fingerprint: Hashable = None
         self._check_lock = threading.RLock()
-        self._reported: dict[Path, str] = {}
-        self._missing_since: float | None = None
+        self._reported: dict[Path, Exception] = {}  # a file that cannot be read, and why
+        self._missing_since: dict[Path, float] = {}  # since when each missing file is
 
         self._cond = threading.Condition()
         self._due: float | None = None
@@ -262,7 +268,7 @@ class FileLayerWatcher:
                     raise LayerError("files", reason) from exc
                 files.append((path, ran[path]))
                 self.unreadable_at_start[path] = reason
-                self._reported[path] = str(exc)  # said again only if it changes; cleared on a read
+                self._reported[path] = exc  # said again only if it changes; cleared on a read
         initial = FileLayerState(tuple(files))
 
         observer = Observer()
@@ -471,11 +477,17 @@ class FileLayerWatcher:
             self._recheck_at(time.monotonic() + _FOLDER_RETRY_S)
 
     def _read_and_compare(self, *, explicit: bool, held: frozenset[str]) -> None:
-        """Read every file (but those in ``held``, names of files a writer still has open,
-        which keep their last good contents) and report the new state if it differs."""
+        """Read every file and report the new state if it differs.
+
+        A file that cannot be read keeps its last good contents, as one in ``held`` (names
+        of files a writer still has open) does without being read: a change to another
+        file is reported with them. A missing file is waited for first: while one has been
+        missing for less than ``missing_grace_s`` (and the read is no explicit reload),
+        nothing is reported but the problem of a file that does not parse."""
         files: list[tuple[Path, Mapping[str, Any]]] = []
-        missing: list[tuple[Path, Exception]] = []
-        invalid: list[tuple[Path, Exception]] = []
+        read: list[Path] = []
+        failed: dict[Path, Exception] = {}
+        missing: list[Path] = []
         for path, last in zip(self._paths, self.state.files, strict=True):
             if held and not held.isdisjoint(_names([path])):
                 files.append(last)
@@ -483,32 +495,42 @@ class FileLayerWatcher:
             try:
                 files.append((path, self._read_file(path)))
             except (LayerError, OSError) as exc:
-                if os.path.exists(path):
-                    invalid.append((path, exc))
-                else:
-                    missing.append((path, exc))
-        for path, error in invalid:
-            self._report(path, error, explicit)
-        if missing:
-            self._handle_missing(missing, explicit)
-        else:
-            self._missing_since = None
-        if invalid or missing:
+                files.append(last)
+                failed[path] = exc
+                if not os.path.exists(path):
+                    missing.append(path)
+            else:
+                read.append(path)
+        awaited = self._awaited(missing, explicit)
+        if awaited:  # it may be mid-rename: the files are read again when its grace ends
+            for path, error in failed.items():
+                if path not in awaited:
+                    self._report(path, error, False)
             return
-        if self._reported:  # every file reads again, changed or not
-            self._reported.clear()
+        recovered = [path for path in read if path in self._reported]
+        for path in recovered:
+            del self._reported[path]
+        if recovered and not self._reported and not failed:  # every file reads again
             self._call(self._on_readable, "on_readable")
         new_state = FileLayerState(tuple(files))
         old_state = self.state
-        if not self._swap(new_state):
-            return
-        changed = [
-            str(path)
-            for (path, new), (_, old) in zip(new_state.files, old_state.files, strict=True)
-            if _fingerprint(new) != _fingerprint(old)
-        ]
-        self._log.info("config_files_changed", paths=changed)
-        self._call(self._on_change, "on_change", new_state)
+        changed = self._swap(new_state)
+        if changed:
+            paths = [
+                str(path)
+                for (path, new), (_, old) in zip(new_state.files, old_state.files, strict=True)
+                if _fingerprint(new) != _fingerprint(old)
+            ]
+            self._log.info("config_files_changed", paths=paths)
+            self._call(self._on_change, "on_change", new_state)
+        # After a change, or a file read again, a listener may think every file reads: each
+        # that does not (read now, or held and reported before) is told of again.
+        again = explicit or changed or bool(recovered)
+        for path in self._paths:
+            if path in failed:
+                self._report(path, failed[path], again)
+            elif path in self._reported:
+                self._report(path, self._reported[path], again)
 
     def _call(self, callback: Callable[..., None] | None, name: str, *args: Any) -> None:
         """A callback's failure is logged; the watcher goes on."""
@@ -519,16 +541,22 @@ class FileLayerWatcher:
         except Exception:
             self._log.exception("config_file_callback_failed", callback=name)
 
-    def _handle_missing(self, missing: list[tuple[Path, Exception]], explicit: bool) -> None:
+    def _awaited(self, missing: list[Path], explicit: bool) -> frozenset[Path]:
+        """Of the files found ``missing``, those missing for less than ``missing_grace_s``
+        (none, for an explicit reload, which reports them at once); a check is due when the
+        first of their graces ends."""
         now = time.monotonic()
-        if self._missing_since is None:
-            self._missing_since = now
-        overdue = now - self._missing_since >= self._missing_grace_s
-        if explicit or overdue:
-            for path, exc in missing:
-                self._report(path, exc, explicit)
-        else:
-            self._recheck_at(self._missing_since + self._missing_grace_s)
+        self._missing_since = {path: self._missing_since.get(path, now) for path in missing}
+        if explicit:
+            return frozenset()
+        ends = {
+            path: since + self._missing_grace_s
+            for path, since in self._missing_since.items()
+            if now < since + self._missing_grace_s
+        }
+        if ends:
+            self._recheck_at(min(ends.values()))
+        return frozenset(ends)
 
     def _swap(self, state: FileLayerState) -> bool:
         fingerprint = _fingerprint([contents for _, contents in state.files])
@@ -537,11 +565,12 @@ class FileLayerWatcher:
         self._state, self._fingerprint = state, fingerprint
         return True
 
-    def _report(self, path: Path, exc: Exception, explicit: bool) -> None:
-        """Tell ``on_error`` once per distinct problem (every time, for an explicit reload)."""
+    def _report(self, path: Path, exc: Exception, again: bool) -> None:
+        """Tell ``on_error`` once per distinct problem of a file (and the same one ``again``)."""
         reason = str(exc)
-        if not explicit and self._reported.get(path) == reason:
+        before = self._reported.get(path)
+        if not again and before is not None and str(before) == reason:
             return
-        self._reported[path] = reason
+        self._reported[path] = exc
         self._log.warning("config_file_invalid", path=str(path), reason=reason)
         self._call(self._on_error, "on_error", path, exc)

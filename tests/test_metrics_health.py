@@ -119,6 +119,34 @@ def test_healthz_says_what_is_wrong_with_the_config_files(tmp_path: Path) -> Non
         wait_for(lambda: health(port)[1]["config_files"] == {}, "fixed")
 
 
+def test_an_edit_of_one_file_lands_while_another_is_unparsable_and_healthz_says_so(
+    tmp_path: Path,
+) -> None:
+    """The unparsable file keeps its last good contents; an edit of the other file is
+    applied meanwhile, and ``/healthz`` goes on naming the file that does not parse."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train:\n  lr: 0.05\n")
+    b.write_text("sampling:\n  top_p: 0.9\n")
+    proc, port = daemon(tmp_path, extra=("--config", str(a), "--config", str(b)))
+
+    def save(target: Path, text: str) -> None:
+        aside = tmp_path / "aside.yaml"
+        aside.write_text(text)
+        aside.replace(target)
+
+    with proc:
+        version = health(port)[1]["version"]
+        save(b, "sampling: [unclosed\n")
+        wait_for(lambda: "unreadable" in health(port)[1]["config_files"], "b unreadable")
+        save(a, "train:\n  lr: 0.07\n")
+        body = wait_for(lambda: (h := health(port)[1])["version"] > version and h, "a's edit")
+        assert str(b) in body["config_files"]["unreadable"], body
+        time.sleep(0.5)  # and it stays said
+        assert str(b) in health(port)[1]["config_files"]["unreadable"]
+        save(b, "sampling:\n  top_p: 0.5\n")
+        wait_for(lambda: health(port)[1]["config_files"] == {}, "b fixed")
+
+
 def test_a_restart_on_config_files_it_cannot_take_runs_them_as_they_were(
     tmp_path: Path,
 ) -> None:
