@@ -124,6 +124,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         # Not ``from exc``: a traceback of the chain would print PyYAML's own text, which
         # quotes a line of the file.
         raise LayerError("files", f"{path}: not valid {kind.upper()}: {reason}") from None
+    if parsed is None:  # YAML of comments alone
+        raise LayerError("files", f"{path}: no values in it (only comments)")
     if not isinstance(parsed, dict):
         raise LayerError("files", f"{path}: the top level must be a mapping of sections")
     if _depth_exceeds(parsed, MAX_FILE_DEPTH):

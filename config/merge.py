@@ -152,6 +152,18 @@ def _refused(
     return problems
 
 
+def _not_a_key(key: str, value: Any, leaves: frozenset[str]) -> str:
+    """Why ``key``, which names no leaf, is refused: a section given a value (``train: 5``,
+    or ``train:`` with every key under it commented out) is said to be one."""
+    below = sorted(leaf for leaf in leaves if leaf.startswith(key + "."))
+    if not below:
+        return "not a key of the schema"
+    shown = ", ".join(below[:3]) + (", ..." if len(below) > 3 else "")
+    if value is None:
+        return f"a section given nothing: set its keys ({shown}) or leave it out"
+    return f"a section, not one value: set its keys ({shown})"
+
+
 def merge_layers(
     schema: type[BaseModel],
     layers: Iterable[Layer],
@@ -186,7 +198,7 @@ def merge_layers(
         all_leaves = False
         for key, value in values.items():
             if not is_known(key):
-                problems.append(Problem(key, name, "not a key of the schema", value))
+                problems.append(Problem(key, name, _not_a_key(key, value, leaves), value))
                 continue
             merged[key] = value
             winners[key] = name

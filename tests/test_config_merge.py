@@ -214,6 +214,21 @@ def test_env_var_naming_no_field_is_reported() -> None:
         merge_layers(MLParams, [defaults_layer(MLParams), layer])
 
 
+@pytest.mark.parametrize(
+    ("layer", "reason"),
+    [
+        (cli_layer(["train=5"]), "a section, not one value: set its keys (train.batch_size, "),
+        (files_layer(MLParams, [(Path("c.yaml"), {"train": None})]), "a section given nothing"),
+        (cli_layer(["trian=5"]), "not a key of the schema"),
+    ],
+    ids=["value", "nothing", "typo"],
+)
+def test_a_section_given_a_value_is_said_to_be_a_section(layer: Layer, reason: str) -> None:
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(MLParams, [defaults_layer(MLParams), layer])
+    assert reason in str(info.value)
+
+
 def test_two_env_variables_that_differ_only_in_case_are_refused() -> None:
     for environ in (
         {"HOTKNOB_PARAM_TRAIN__LR": "0.4", "hotknob_param_train__lr": "0.5"},
@@ -245,6 +260,7 @@ def test_etcd_keys_outside_prefix_are_ignored() -> None:
         ("bad.toml", b"[train\nlr=1", "not valid TOML"),
         ("latin1.yaml", "train:\n  lr: 0.1 # caf\xe9\n".encode("latin-1"), "not valid UTF-8"),
         ("list.yaml", b"- 1\n- 2\n", "top level must be a mapping"),
+        ("comments.yaml", b"# train:\n#   lr: 0.1\n", "no values in it (only comments)"),
         ("dup.yaml", b"train:\n  lr: 1\n  lr: 2\n", "duplicate key"),
         ("dup.json", b'{"train": {"lr": 1, "lr": 2}}', "duplicate key"),
         ("dotted.json", b'{"train": {"lr": 1}, "train.lr": 2}', "duplicate key 'train.lr'"),
