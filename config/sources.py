@@ -9,6 +9,7 @@ problem is reported with the key and the layer it came from.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from .keys import (
     shown_text,
 )
 from .raised import SCHEMA_FAULTS, one_line
-from .schema import is_section, iter_leaves, mapping_keys
+from .schema import is_section, iter_leaves, mapping_keys, may_hold_container
 from .secrecy import revealed, secret_keys
 
 LAYERS = ("defaults", "files", "etcd", "env", "cli")
@@ -214,7 +215,8 @@ def env_layer(
     try:
         nested = source()
     except SettingsError as exc:
-        raise LayerError("env", f"environment variable under {prefix}: {exc}") from exc
+        said = _not_json(schema, prefix, others)  # which variable, which key, and why
+        raise LayerError("env", said or f"environment variable under {prefix}: {exc}") from exc
     leaves = _leaf_keys(schema)
     values: dict[str, Any] = {}
     problems = []
@@ -255,6 +257,37 @@ def env_layer(
                     Problem(shown_text(key), "env", f"{shown} names no field of the schema")
                 )
     return Layer("env", values, origins, tuple(problems))
+
+
+def _not_json(schema: type[BaseModel], prefix: str, environ: Mapping[str, str]) -> str | None:
+    """The first variable under ``prefix`` that pydantic-settings reads as JSON (a section,
+    or a field that may hold a list or a mapping) and that is not JSON, as a line naming
+    it, its key and the parser's reason (not the value: it may be a secret); else None."""
+    leaves = {leaf.key: leaf for leaf in iter_leaves(schema)}
+    lowered = prefix.lower()
+    for name, value in environ.items():
+        if not name.lower().startswith(lowered):
+            continue
+        dotted = name[len(prefix) :].lower().replace("__", ".")
+        key = next((k for k in leaves if k.lower() == dotted), None)
+        if key is not None:
+            complex_value = may_hold_container(leaves[key].field.annotation)
+        else:
+            key = next((k for k in leaves if k.lower().startswith(dotted + ".")), None)
+            complex_value = key is not None
+            key = key[: len(dotted)] if key is not None else None
+        if not complex_value or key is None:
+            continue
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            reason = (
+                f"{exc.msg} at character {exc.pos}"
+                if isinstance(exc, json.JSONDecodeError)
+                else str(exc)
+            )
+            return f"{shown_text(name)} ({key}): not valid JSON: {reason}"
+    return None
 
 
 def _keys_inside_mappings(

@@ -34,7 +34,7 @@ from hotknob.config import (
 from hotknob.config.files import MAX_FILE_DEPTH
 from hotknob.config.keys import etcd_key, key_from_etcd, key_path_fault, parse_text, unflatten
 from hotknob.config.merge import leaf_input, merge_dropping_invalid, validate_leaves
-from hotknob.config.schema import mapping_keys, numeric_keys
+from hotknob.config.schema import TrainParams, mapping_keys, numeric_keys
 from hotknob.config.schema_facts import is_known
 from hotknob.config.sendable import entry_bytes, state_bytes
 from hotknob.config.sources import Layer
@@ -227,6 +227,28 @@ def test_a_section_given_a_value_is_said_to_be_a_section(layer: Layer, reason: s
     with pytest.raises(InvalidChange) as info:
         merge_layers(MLParams, [defaults_layer(MLParams), layer])
     assert reason in str(info.value)
+
+
+class _Weighted(BaseModel):
+    train: TrainParams = Field(default_factory=TrainParams)
+    weights: dict[str, float] = Field(default_factory=dict)
+
+
+@pytest.mark.parametrize(
+    ("schema", "name", "said"),
+    [
+        (MLParams, "HOTKNOB_PARAM_TRAIN", "HOTKNOB_PARAM_TRAIN (train): not valid JSON: "),
+        (_Weighted, "hotknob_param_weights", "hotknob_param_weights (weights): not valid JSON: "),
+    ],
+    ids=["section", "mapping"],
+)
+def test_an_env_variable_read_as_json_that_is_not_names_itself_and_its_key(
+    schema: type[BaseModel], name: str, said: str
+) -> None:
+    with pytest.raises(LayerError) as info:
+        env_layer(schema, environ={name: '{"lr": 0.1'})
+    assert str(info.value).startswith(said), str(info.value)
+    assert "0.1" not in str(info.value)  # the value is not quoted: it may be a secret
 
 
 def test_two_env_variables_that_differ_only_in_case_are_refused() -> None:
