@@ -688,7 +688,9 @@ class LiveConfig:
                 up_to_date = state.same_as(applied)
                 self._pending = None if up_to_date else state
             step = self._applied_step
-        if up_to_date and is_snapshot:
+        # A step no ack can carry (``apply(5.5)``: logged at that apply) is not sent: the
+        # daemon would close the connection, and each reconnect would send it again.
+        if up_to_date and is_snapshot and _ackable(step):
             held = {"held": list(state.held)} if state.held else {}
             self._conn.send(protocol.applied(applied.version, step, **held))
         if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough

@@ -492,6 +492,26 @@ def test_an_ack_whose_error_text_is_not_valid_utf8_is_still_sent(
     assert "run-\\udcff" in ack["errors"][0]["error"]
 
 
+def test_a_step_no_ack_can_carry_is_not_sent_again_at_a_reconnect(sock_path: str) -> None:
+    # apply(5.5) applies unacknowledged (logged); a reconnect must not send 5.5 in the
+    # snapshot's ack: a daemon closes a connection on it, and it would be sent each time.
+    with DaemonStub(sock_path, BASE, version=3) as stub:
+        live = LiveConfig.connect(sock_path, timeout=5)
+        version = stub.push(with_values(train={"lr": 0.5}))
+        eventually(lambda: live.pending_version == version)
+        assert live.apply(5.5) is True  # type: ignore[arg-type]  # a user's fractional epoch
+        assert acks(stub) == [(3, 0)]
+    try:
+        with DaemonStub(sock_path, with_values(train={"lr": 0.5}), version=version) as again:
+            again.wait_for(lambda: again.messages("hello"))
+            eventually(lambda: live.pending_version == version)
+            time.sleep(0.3)
+            assert again.messages("applied") == []
+            assert live.apply(6) is False and live["train.lr"] == 0.5
+    finally:
+        live.close()
+
+
 @pytest.mark.parametrize("again", [3, 4], ids=["same-version", "renumbered-after-a-crash"])
 def test_a_loaded_checkpoint_outlives_a_reconnect_that_resends_the_replaced_state(
     sock_path: str, again: int
