@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidValue
+from .received import get_dotted
 
 if TYPE_CHECKING:
     from .client import LiveConfig
@@ -124,6 +125,8 @@ class SamplingParams:
         known = [f.name for f in fields(cls)]
         found: dict[str, Any] = {}
         nested = values.get(section)
+        if not isinstance(nested, Mapping) and "." in section:  # a section inside another
+            nested = get_dotted(values, section, None)
         if isinstance(nested, Mapping):
             found.update({k: v for k, v in nested.items() if k in known})
         prefix = section + "."
@@ -222,8 +225,9 @@ def filter_logits(
         raise ValueError(f"logits must be [batch, vocab], got {tuple(logits.shape)}")
     raw = logits.float()
     # nan and -inf are masked and stay masked; +inf and float64 values beyond float32's
-    # range saturate at its largest finite value.
-    masked = ~(raw > -math.inf)
+    # range saturate at its largest finite value (masked is read before the float32
+    # conversion, which makes -1e300 -inf).
+    masked = ~(logits > -math.inf)
     out = raw.nan_to_num(nan=-math.inf, posinf=_F32_MAX).clamp(min=-_F32_MAX)
     out = out.masked_fill(masked, -math.inf)
     vocab = out.shape[1]
@@ -231,7 +235,8 @@ def filter_logits(
         out = _penalize(out, prev_tokens, params.repetition_penalty)
     if params.temperature == 0:
         top = out.argmax(dim=1, keepdim=True)
-        return _keep_only(out, torch.zeros_like(out, dtype=torch.bool).scatter_(1, top, True))
+        kept = _keep_only(out, torch.zeros_like(out, dtype=torch.bool).scatter_(1, top, True))
+        return _keep_one(kept)  # a row with no finite logit keeps its first token
     if params.temperature != 1.0:
         # Each row's max goes to 0 first (the softmax and every filter below are unchanged
         # by the shift), so a tiny temperature sends the other tokens to -inf rather than

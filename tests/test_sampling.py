@@ -221,3 +221,24 @@ def test_bad_shapes_raise() -> None:
         filter_logits(
             torch.zeros(2, 5), SamplingParams(repetition_penalty=2.0), torch.zeros(3, 1).long()
         )
+
+
+def test_a_section_inside_another_is_read_from_nested_values() -> None:
+    values = {"gen": {"sampling": {"temperature": 0.2, "top_k": 5}}}
+    params = SamplingParams.from_values(values, section="gen.sampling")
+    assert (params.temperature, params.top_k) == (0.2, 5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0])
+def test_a_row_with_no_finite_logit_keeps_its_first_token_at_every_temperature(
+    temperature: float,
+) -> None:
+    logits = torch.tensor([[-math.inf, math.nan, -math.inf]])
+    out = filter_logits(logits, SamplingParams(temperature=temperature))
+    assert out[0].tolist() == [0.0, -math.inf, -math.inf]
+
+
+def test_float64_logits_below_float32s_range_saturate_and_are_not_masked() -> None:
+    logits = torch.tensor([[-1e301, -1e300, -1e302]], dtype=torch.float64)
+    out = filter_logits(logits, SamplingParams(temperature=1.0))
+    assert torch.isfinite(out).all(), out  # every token may still be drawn
