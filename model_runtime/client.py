@@ -42,6 +42,7 @@ from .received import (
     NOTHING,
     State,
     get_dotted,
+    same_values,
     state_from_message,
     thaw,
     with_held,
@@ -73,10 +74,33 @@ def _report_nothing(step: int, **metrics: Any) -> None:
     """``report`` after ``close``."""
 
 
+ACK_ERRORS_MAX = 20
+ACK_ERROR_CHARS_MAX = 2000
+"""An ack carries at most this many error entries, each text cut to this many characters:
+an exception's text can be of any size, and an ack over the protocol's line limit could not
+be sent at all (the log has each error whole)."""
+
+
+def _ack_errors(errors: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The ``errors`` of an ack: at most ``ACK_ERRORS_MAX`` (and a last entry saying how many
+    more), each cut and with text that is not valid UTF-8 (an exception quoting a path of
+    undecodable bytes) escaped: else the whole ack could not be sent."""
+    kept = [_text_only(e) for e in errors[:ACK_ERRORS_MAX]]
+    if len(errors) > ACK_ERRORS_MAX:
+        kept.append({"error": f"and {len(errors) - ACK_ERRORS_MAX} more (in the process's log)"})
+    return kept
+
+
 def _text_only(error: Mapping[str, str]) -> dict[str, str]:
-    """An ack's error entry with text that is not valid UTF-8 (an exception quoting a path
-    of undecodable bytes) escaped: else the whole ack could not be sent."""
-    return {k: v.encode("utf-8", "backslashreplace").decode("utf-8") for k, v in error.items()}
+    return {
+        k: _cut(v.encode("utf-8", "backslashreplace").decode("utf-8")) for k, v in error.items()
+    }
+
+
+def _cut(text: str) -> str:
+    if len(text) <= ACK_ERROR_CHARS_MAX:
+        return text
+    return f"{text[:ACK_ERROR_CHARS_MAX]}... ({len(text) - ACK_ERROR_CHARS_MAX} more characters)"
 
 
 def _default_client_name() -> str:
@@ -410,7 +434,7 @@ class LiveConfig:
         if errors or new.held:
             fields: dict[str, Any] = {"held": list(new.held)} if new.held else {}
             if errors:
-                fields["errors"] = [_text_only(e) for e in errors]
+                fields["errors"] = _ack_errors(errors)
             self._conn.send(protocol.applied(new.version, number, **fields))
         else:  # the usual ack, on the training thread: formatted, not encoded
             self._conn.send_line(protocol.applied_line(new.version, number), protocol.APPLIED)
@@ -678,7 +702,7 @@ class LiveConfig:
             superseded = self._superseded
             if (
                 superseded is not None
-                and state.flat == superseded.flat
+                and same_values(state.flat, superseded.flat)
                 and state.revision == superseded.revision
             ):
                 up_to_date = True  # sent again: the loaded checkpoint stays in force

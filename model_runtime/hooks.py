@@ -100,7 +100,12 @@ class Hooks:
         """Run what the change from ``old`` to ``new`` concerns; the errors, if any."""
         if not self._bindings and not self._callbacks:
             return []
-        changed = {k: v for k, v in new.flat.items() if old.flat.get(k, MISSING) != v}
+        before = old.flat
+        changed = {  # a change of type counts (protocol.md): 1 -> 1.0, 0 -> False
+            k: v
+            for k, v in new.flat.items()
+            if (o := before.get(k, MISSING)) != v or type(o) is not type(v)
+        }
         removed = old.flat.keys() - new.flat.keys()  # a daemon restarted on another schema
         if not changed and not removed:
             return []

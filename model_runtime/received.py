@@ -135,7 +135,13 @@ class State:
         return digest
 
     def same_as(self, other: State) -> bool:
-        return self.version == other.version and self.flat == other.flat
+        return self.version == other.version and same_values(self.flat, other.flat)
+
+
+def same_values(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two flat states hold the same values, of the same types: ``1`` is not ``1.0``
+    nor ``True`` (protocol.md: a change of type counts)."""
+    return a == b and all(type(v) is type(b[k]) for k, v in a.items())
 
 
 NOTHING = State.build(-1, 0, {})

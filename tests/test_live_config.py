@@ -776,3 +776,40 @@ def test_a_live_config_cannot_be_pickled_or_copied(live: LiveConfig) -> None:
     for make_copy in (pickle.dumps, copy.copy, copy.deepcopy):
         with pytest.raises(TypeError, match=r"cannot be pickled or copied.*LiveConfig.connect"):
             make_copy(live)
+
+
+def test_an_ack_carries_errors_cut_to_size_however_long_or_many(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    from hotknob.model_runtime.client import ACK_ERROR_CHARS_MAX, ACK_ERRORS_MAX
+
+    def fails(value: float) -> None:
+        raise ValueError("x" * 2_000_000)  # an exception quoting a whole batch, say
+
+    for _ in range(ACK_ERRORS_MAX + 5):
+        live.on_change("train.lr", fails)
+    version = stub.push(with_values(train={"lr": 0.5}))
+    eventually(lambda: live.pending_version == version)
+    assert live.apply(3) is True
+    stub.wait_for(lambda: (version, 3) in acks(stub))  # the ack is sent, not dropped
+    [ack] = [m for m in stub.messages("applied") if m["version"] == version]
+    assert len(ack["errors"]) == ACK_ERRORS_MAX + 1
+    assert ack["errors"][-1] == {"error": "and 5 more (in the process's log)"}
+    first = ack["errors"][0]["error"]
+    assert first.startswith("ValueError: xxx") and len(first) < ACK_ERROR_CHARS_MAX + 40
+
+
+def test_a_value_that_changes_only_its_type_runs_its_callbacks(
+    stub: DaemonStub, live: LiveConfig
+) -> None:
+    # protocol.md: a change of type counts (1 -> 1.0); 1 == 1.0 == True in Python.
+    seen: list[Any] = []
+    version = stub.push(with_values(train={"lr": 1}))
+    eventually(lambda: live.pending_version == version)
+    assert live.apply(1) is True
+    live.on_change("train.lr", seen.append)
+    for value in (1.0, True):
+        version = stub.push(with_values(train={"lr": value}))
+        eventually(lambda v=version: live.pending_version == v)
+        assert live.apply(2) is True
+    assert [(v, type(v)) for v in seen] == [(1.0, float), (True, bool)]
