@@ -338,7 +338,7 @@ def _wait(
     except Unavailable as exc:  # etcd lost meanwhile: the change stays written
         message = f"revision {written} is written, but the wait for it failed: {exc}"
         raise Unavailable(message) from exc
-    if not (applied.applied or applied.rejected or applied.behind):
+    if not (applied.applied or applied.failed or applied.rejected or applied.behind):
         print(
             f"hotknob: warning: no process of app {app!r} is connected to a daemon "
             "(no status entry): none has applied it",

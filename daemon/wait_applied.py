@@ -44,6 +44,9 @@ class Applied:
     revision: int
     applied: dict[str, Any] = field(default_factory=dict)  # name -> the step it applied at
     rejected: dict[str, str] = field(default_factory=dict)  # name -> its daemon's reason
+    # Of those that run it, the ones whose apply raised (a binding refused a value, a
+    # callback failed): name -> the first error. They may not run it as meant.
+    failed: dict[str, str] = field(default_factory=dict)
     behind: dict[str, Any] = field(default_factory=dict)  # name -> the revision it runs
     # Of those behind, the ones that hold it unapplied (``pending``): name -> since when.
     holding: dict[str, float] = field(default_factory=dict)
@@ -60,13 +63,14 @@ class Applied:
 
     @property
     def ok(self) -> bool:
-        """Every process applied it."""
-        return not self.behind and not self.rejected
+        """Every process applied it, with no error."""
+        return not self.behind and not self.rejected and not self.failed
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "applied": sorted(self.applied),
             "rejected": dict(sorted(self.rejected.items())),
+            "failed": dict(sorted(self.failed.items())),
             "behind": sorted(self.behind),
             "holding": sorted(self.holding),
             "restart": sorted(self.restart),
@@ -93,8 +97,14 @@ class Applied:
         """Why the wait failed, in one line (the change stays written); ``now``: the wall
         time, for how long a process has held the change unapplied."""
         now = time.time() if now is None else now
-        total = len(self.applied) + len(self.rejected) + len(self.behind)
+        total = len(self.applied) + len(self.failed) + len(self.rejected) + len(self.behind)
         parts = []
+        if self.failed:
+            error = min(self.failed.items())[1]
+            parts.append(
+                f"applied with an error by {len(self.failed)} of {total} processes "
+                f"({some_names(self.failed)}): {error}"
+            )
         if self.rejected:
             reason = min(self.rejected.items())[1]
             parts.append(
@@ -134,12 +144,16 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
     ``revision`` or later applied it, and one behind it whose daemon refused a later
     revision will not run it either."""
     into.applied, into.rejected, into.behind, into.holding = {}, {}, {}, {}
-    into.restart = {}
+    into.restart, into.failed = {}, {}
     for name, entry in entries.items():
         runs = entry.get("revision")
         refused = _refusal(entry.get("rejected"), revision)
         if refused is not None and _refuses_any(refused, keys):
             into.rejected[name] = str(refused.get("reason", "no reason given"))
+        elif is_int(runs) and runs >= revision and _first_error(entry) is not None:
+            # Its ack of what it runs said what raised (its binding or a callback refused
+            # a value: the values before may still be in force there), so not applied.
+            into.failed[name] = str(_first_error(entry))
         elif is_int(runs) and runs >= revision:
             into.applied[name] = entry.get("step")
             waiting = sorted(waiting_for_restart(entry).intersection(keys))
@@ -157,6 +171,20 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
                 and is_time(holds.get("since"))
             ):
                 into.holding[name] = holds["since"]
+
+
+def _first_error(entry: Mapping[str, Any]) -> str | None:
+    """The first of the errors the process's last ack carried (``{"error": ...}`` objects,
+    with the ``key`` or ``binding`` that raised), if any."""
+    errors = entry.get("errors")
+    if not isinstance(errors, list) or not errors:
+        return None
+    first = errors[0]
+    if not isinstance(first, Mapping):
+        return str(first)
+    where = first.get("key") or first.get("binding")
+    text = str(first.get("error", "no reason given"))
+    return f"{where}: {text}" if where else text
 
 
 def _refusal(rejected: Any, revision: int) -> Mapping[str, Any] | None:

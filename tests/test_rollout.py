@@ -59,9 +59,14 @@ class Acking:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    errors: list[dict[str, str]] | None = None  # what its acks of updates say raised
+
     def _ack(self, message: dict[str, Any]) -> None:
         self.step += 1
-        self.client.send({"type": "applied", "version": message["version"], "step": self.step})
+        ack = {"type": "applied", "version": message["version"], "step": self.step}
+        if self.errors and message["type"] == "update":
+            ack["errors"] = self.errors
+        self.client.send(ack)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -131,6 +136,23 @@ def test_set_wait_returns_once_every_process_applied(
     written = int(done.stdout.split("wrote at revision ")[1].split()[0])
     entries = _entries(etcd)
     assert all(e["revision"] >= written for e in entries.values()), entries
+
+
+def test_set_wait_fails_on_a_process_whose_apply_raised(
+    etcd: EtcdServer, two_nodes: tuple[Acking, Acking]
+) -> None:
+    """A callback or a binding that refuses the value: the process acks what it runs, with
+    the error; the values before may still be in force there. Not "applied"."""
+    first, _ = two_nodes
+    first.errors = [{"key": "sampling.temperature", "error": "ValueError: too hot for me"}]
+    done = hk(etcd, "set", "sampling.temperature=1.1", "--wait", "30", "--json")
+    assert done.returncode == 1, done.stderr
+    assert (
+        "applied with an error by 1 of 2 processes (n1/p1): sampling.temperature: "
+        "ValueError: too hot for me"
+    ) in done.stderr
+    wait = json.loads(done.stdout)["wait"]
+    assert wait["applied"] == ["n2/p2"] and list(wait["failed"]) == ["n1/p1"]
 
 
 def test_set_wait_fails_on_a_daemon_that_rejects_it_and_status_says_why(
