@@ -153,6 +153,8 @@ def _describe(event: dict[str, Any]) -> str:
 def cmd_watch(args: argparse.Namespace) -> int:
     from .app import socket_path_for
 
+    if args.count < 0:
+        raise UsageError("--count must be 0 (until Ctrl-C) or more")
     path = socket_path_for(args.app, args.socket)
     sock = _connect(path)
     sock.settimeout(None)

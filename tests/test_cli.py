@@ -112,6 +112,8 @@ def test_error_exit_codes(etcd: EtcdServer, tmp_path: Path) -> None:
         assert line == "hotknob: train.nope: not a key of the schema"
     line = one_line_error(run_cli("explain", "--precedence", "cli,env"), 2)
     assert "--precedence" in line
+    line = one_line_error(run_cli("watch", "--count", "-1"), 2)
+    assert "--count must be 0" in line
     line = one_line_error(run_cli("get", "--env-prefix", ""), 2)
     assert "--env-prefix is empty" in line
     done = run_cli("run", "--env-prefix", "")  # its log line, then the error's
