@@ -430,6 +430,12 @@ class EtcdStore:
                     raise
                 start, compacted = exc.compact_revision, True
         entries: list[HistoryEntry] = []
+        if compacted:  # a key last written before the compaction point: the value in force
+            entries += [
+                HistoryEntry(_key(kv.key), kv.value, int(kv.mod_revision))
+                for kv in response.kvs
+                if int(kv.mod_revision) < start
+            ]
         for change in reversed(changes):
             entries += [HistoryEntry(k, None, change.revision) for k in sorted(change.deletes)]
             entries += [HistoryEntry(k, v, change.revision) for k, v in sorted(change.puts.items())]

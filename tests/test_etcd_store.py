@@ -184,6 +184,17 @@ def test_history_stops_cleanly_at_compaction(store: EtcdStore) -> None:
     assert [e.value for e in history.entries] == [b"5", b"4", b"3"]
     with pytest.raises(CompactedError):
         store.read_prefix(P, revision=revs[1])
+    # A key last written before the compaction point has its value in force as its one
+    # entry: "(no history)" would say it never had one.
+    other = P + "old"
+    store.commit({other: "7"})
+    before = store.put(key, "6")
+    store.compact(before)
+    history = store.history(other, prefix=False, limit=10)
+    assert history.reached_compaction and history.entries[0].value == b"7"
+    assert len(history.entries) == 1
+    entries = store.history(P, prefix=True, limit=10).entries
+    assert [(e.key, e.value) for e in entries] == [(key, b"6"), (other, b"7")]
 
 
 def test_read_at_a_future_revision_is_invalid_input(store: EtcdStore) -> None:
