@@ -286,6 +286,8 @@ def _write(
         # A guarded change is settled by its guard: its verdict, in the time left (once
         # some process applied it: with none, nothing can judge it).
         judged: GuardRecord | None = None
+        # No process applied it (none is connected): nothing judges it in this wait.
+        unjudged = record is not None and applied is not None and applied.ok and not applied.applied
         if record is not None and applied is not None and applied.ok and applied.applied:
             judged = record
             try:
@@ -307,9 +309,17 @@ def _write(
                 result["wait"] = applied.as_dict()
             if judged is not None:
                 result["verdict"] = _verdict_dict(verdict)
+            elif unjudged:
+                result["verdict"] = {"state": "armed", "outcome": {}}
             print(dumps(result))
         if applied is not None and not applied.ok:
             raise NotApplied(applied.failure(args.wait))
+        if unjudged:
+            assert record is not None
+            raise GuardVerdict(
+                f"guard {record.id} is armed, but no process applied the change, so "
+                "nothing judged it: it ends abandoned if none does (`hotknob status`)"
+            )
         if judged is not None:
             text = verdict_text(judged.id, verdict, args.wait)
             if verdict is None or verdict.state != PASSED:

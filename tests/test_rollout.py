@@ -364,6 +364,15 @@ def test_set_wait_with_no_process_and_a_bad_wait(etcd: EtcdServer) -> None:
         done = hk(etcd, "set", "train.lr=0.03", "--wait", bad)
         assert done.returncode == 2 and "not a positive number of seconds" in done.stderr
     assert "0.03" not in hk(etcd, "get", "train.lr").stdout
+    # With a guard, exit 0 says the guard passed it: with no process, nothing judged it.
+    done = hk(etcd, "set", "train.lr=0.04", "--guard", "loss < 3", "--window", "10")
+    assert done.returncode == 0, done.stderr  # no process to take a baseline from is fine
+    done = hk(etcd, "set", "train.lr=0.05", "--guard", "loss < 3", "--window", "10", "--wait", "2")
+    assert done.returncode == 1, done.stderr
+    assert "is armed, but no process applied the change, so nothing judged it" in done.stderr
+    done = hk(etcd, "set", "train.lr=0.06", "--guard", "loss < 3", "--window", "10", "--wait", "2",
+              "--json")  # fmt: skip
+    assert done.returncode == 1 and json.loads(done.stdout)["verdict"]["state"] == "armed"
 
 
 class FakeClock:
