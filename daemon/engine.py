@@ -441,7 +441,7 @@ class Engine:
         faults: list[Problem] = []
         read_etcd_values(self.app, puts, put, origins, problems, faults=faults)
         if faults:  # paths that name no key: ignored, each with a warning; the rest goes on
-            self._announce.ignored(revision, faults)
+            self._in_order(partial(self._announce.ignored, revision, faults))
             if not put and not problems and not edited:
                 return
         values.update(put)
@@ -739,7 +739,10 @@ class Engine:
         try:
             snapshot = merge_layers(self.schema, layers.values(), self.precedence)
         except InvalidChange as exc:
-            self._announce.rejected(candidate.name, revision, self.version, exc, edited, self._flat)
+            rejected = self._announce.rejected
+            self._in_order(
+                partial(rejected, candidate.name, revision, self.version, exc, edited, self._flat)
+            )
             return False
         self.layers = layers
         self._accept(snapshot, candidate.name, revision, edited)
@@ -794,6 +797,15 @@ class Engine:
             return  # a lone change's state not built yet: its own sources are current's
         if current.sources != snapshot.sources:
             self.current = replace(current, sources=dict(snapshot.sources))
+
+    def _in_order(self, report: Callable[[], None]) -> None:
+        """Run ``report`` (a change refused or ignored) now, or, within a group, after the
+        reports of the changes before it, which wait for the group's push: the log and
+        ``watch`` tell the changes in the order they came."""
+        if self._batching:
+            self._after_push.append(report)
+        else:
+            report()
 
     def _run_after_push(self) -> None:
         reports, self._after_push = self._after_push, []

@@ -645,3 +645,29 @@ def test_a_full_read_ignores_paths_that_are_no_keys_with_a_warning(tmp_path: Pat
         engine.on_etcd_snapshot({P + "train/lr": b"0.02", P + "//train/lr": b"0.3"}, 9)
     assert [e["path"] for e in logs if e["event"] == "etcd_path_ignored"] == [P + "//train/lr"]
     assert engine.version == 2 and published[-1].flat["train.lr"] == 0.02
+
+
+def test_a_group_tells_its_changes_in_the_order_they_came(tmp_path: Path) -> None:
+    # In a group the accepted changes are told after its one push: a refused or ignored one
+    # between them waits for that too, else watch and the log put it first.
+    events: list[dict[str, Any]] = []
+    engine = make_engine(tmp_path, events=events)
+    files_start(engine)
+    engine.start({}, 1)
+    engine.on_etcd_changes(
+        [
+            (2, {P + "train/lr": b"0.2"}, frozenset()),
+            (3, {P + "train/lr": b"-1"}, frozenset()),
+            (4, {P + "train/lr": b"0.3"}, frozenset()),
+            (5, {P + "train/lr": b"-2"}, frozenset()),
+            (6, {P + "train/lr": b"0.4", P + "train.lr": b"1"}, frozenset()),  # one ignored
+        ]
+    )
+    told = [(e["event"], e["revision"]) for e in events if "revision" in e]
+    assert told == [
+        ("change_accepted", 2),
+        ("change_rejected", 3),
+        ("change_accepted", 4),
+        ("change_rejected", 5),
+        *[(e, 6) for e in ("etcd_path_ignored", "change_accepted")],
+    ], told
