@@ -16,6 +16,14 @@ a metric it starts reporting, what the entry says of the guards watching the pro
 which other daemons read to end a guard), or with an ack. Guards and Prometheus see
 every report as it comes. All on the event loop; the status publisher and the guards
 are set once the daemon has started them.
+
+A process that neither acks nor reports after it connects (one whose daemon restarted
+while a value changed: it acks the new snapshot only at its next ``apply``, a minute
+later in a long step) still gets an entry, from the looks for states held unapplied
+(``pending.py``): once it has held its first state unapplied at two looks in a row, an
+entry with no version or revision and its ``pending`` field, so that ``status`` lists
+it and ``set --wait`` waits for it. One write per such connection; a process that acks
+its snapshot at once writes nothing more.
 """
 
 from __future__ import annotations
@@ -85,11 +93,15 @@ class ClientFeedback:
         # unapplied (``pending.py``), looked at every ``CHECK_EVERY_S`` once started.
         self._acked: dict[str, int] = {}
         self.pending = PendingStates()
+        # The clients whose stored fields the looks made, before an ack or a report said
+        # who they are (pid, rank): the first of those replaces them.
+        self._unnamed: set[str] = set()
         self._look_timer: asyncio.TimerHandle | None = None
 
     def on_applied(self, client: ClientInfo, message: dict[str, Any]) -> None:
         version = int(message["version"])
         self._acked[client.name] = version
+        self._unnamed.discard(client.name)  # its fields are replaced: see below
         self.pending.forget(client.name)  # what it holds now is looked at afresh
         entry = self._client_entry(client)
         entry.update(
@@ -132,9 +144,11 @@ class ClientFeedback:
             self.guards.on_report(client.name, report)
         if self.status is not None:
             name = client.name
+            replace = name in self._unnamed  # the looks' fields, without its pid and rank
+            self._unnamed.discard(name)
             entry = self._decorated(
                 name,
-                self.reports.status_entry(name, self._client_entry(client), replace=False),
+                self.reports.status_entry(name, self._client_entry(client), replace=replace),
             )
             if name in self._status_due:
                 self._status_due[name] = entry  # newer, with the ack: it goes with the ack
@@ -216,8 +230,16 @@ class ClientFeedback:
     def look_for_pending(self, sent: Iterable[Sent]) -> None:
         """Compare what each process was sent (``sent``) with what it acknowledged; the
         entries of those found holding a state unapplied, or no longer, are published
-        again (``pending.py``)."""
-        self._republish_named(self.pending.look(sent, self._acked, time.time()))
+        again (``pending.py``). One found holding its first state unapplied that has no
+        entry (it neither acked nor reported since it connected) gets one: with no
+        version or revision, so that ``status`` and ``set --wait`` see it behind."""
+        for name in self.pending.look(sent, self._acked, time.time()):
+            fields = self.reports.fields_of(name)
+            if fields is None and self.pending.field(name) is not None:
+                fields = {"client": name, "node": self.node}  # its pid: at its ack or report
+                self._unnamed.add(name)
+            if fields is not None:
+                self._republish(name, fields)
 
     def _republish_named(self, names: Iterable[str]) -> None:
         """Publish the entries of ``names`` again, from their stored fields, if any."""
@@ -242,6 +264,7 @@ class ClientFeedback:
 
     def on_disconnect(self, client: ClientInfo) -> None:
         self._acked.pop(client.name, None)
+        self._unnamed.discard(client.name)
         self.pending.forget(client.name)
         self._status_due.pop(client.name, None)
         self._forget_published(client.name)

@@ -7,10 +7,13 @@ while an inference server that applies per request has no requests. ``status`` a
 ``set --wait``, run elsewhere, then see a process that does not run the written revision,
 and cannot tell it from one whose daemon never sent it. So a daemon looks at its
 clients every ``CHECK_EVERY_S``: a process that was sent a version later than the one it
-last acknowledged, at two looks in a row (so at least ``CHECK_EVERY_S`` ago: a process
-that applies within a second writes no extra entry), gets ``pending``: the etcd revision
-of the newest state sent to it, and since when it has held a state unapplied (wall
-time, from the first look that saw it). Its next acknowledgement clears it.
+last acknowledged, or that has acknowledged none since it connected (a process whose
+daemon restarted while a value changed reconnects to a state it does not run, and acks
+it only at its next ``apply``), at two looks in a row (so at least ``CHECK_EVERY_S`` ago:
+a process that applies within a second writes no extra entry), gets ``pending``: the
+etcd revision of the newest state sent to it, and since when it has held a state
+unapplied (wall time, from the first look that saw it). Its next acknowledgement clears
+it.
 
 The looks cost nothing on a change's way: they read what the socket server already
 keeps, on the event loop, once a second.
@@ -43,13 +46,14 @@ class PendingStates:
 
     def look(self, sent: Iterable[Sent], acknowledged: Mapping[str, int], now: float) -> set[str]:
         """Compare what was sent to each process with the version it last acknowledged
-        (a process not in ``acknowledged`` has not acknowledged its first state yet, and
-        is left alone); return the names whose ``pending`` field changed."""
+        (a process not in ``acknowledged`` has acknowledged nothing since it connected:
+        whatever it was sent, it has not applied); return the names whose ``pending``
+        field changed."""
         changed: set[str] = set()
         behind: dict[str, float] = {}
         for s in sent:
             acked = acknowledged.get(s.client)
-            if acked is None or s.version <= acked:
+            if acked is not None and s.version <= acked:
                 continue
             first_seen = self._behind.get(s.client)
             behind[s.client] = now if first_seen is None else first_seen

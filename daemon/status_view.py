@@ -119,10 +119,10 @@ def metrics_text(entry: Entry, now: float) -> str:
 
 def summary_lines(entries: Sequence[Entry], revision: int, now: float) -> list[str]:
     """``status --summary``: how many processes on how many nodes; how many run each etcd
-    revision (naming those behind the newest, and how many of them were sent a newer one
-    they have not applied); each distinct error, with how many have it and who; and what
-    they report, with the oldest latest report and whose it is (a process that stopped
-    reporting: hung, or done)."""
+    revision (naming those behind the newest, and those that run none yet, and how many of
+    them were sent a newer one they have not applied); each distinct error, with how many
+    have it and who; and what they report, with the oldest latest report and whose it is
+    (a process that stopped reporting: hung, or done)."""
     nodes = {str(e.get("node") or e["key"].partition("/")[0]) for e in entries}
     lines = [
         f"{_processes(len(entries))} on {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
@@ -136,7 +136,7 @@ def summary_lines(entries: Sequence[Entry], revision: int, now: float) -> list[s
     for runs in [*numbered, *([None] if None in by_revision else [])]:
         group = by_revision[runs]
         line = f"{'no revision' if runs is None else f'revision {runs}'}: {_processes(len(group))}"
-        if numbered and runs != numbered[0]:
+        if runs is None or runs != numbered[0]:  # none yet: behind, whatever others run
             line += f": {some_names([e['key'] for e in group])}"
             line += _holding(group, now)
         lines.append(line)

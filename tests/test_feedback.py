@@ -114,12 +114,17 @@ class _Published:
 
     def __init__(self) -> None:
         self.entries: list[tuple[float, str, dict[str, Any]]] = []
+        self.removed: list[str] = []
 
     def publish(self, client: str, entry: dict[str, Any]) -> None:
         self.entries.append((time.monotonic(), client, entry))
 
     def remove(self, client: str) -> None:
-        pass
+        self.removed.append(client)
+
+    def of(self, client: str) -> list[dict[str, Any]]:
+        """The entries published for ``client``, in order."""
+        return [entry for _, name, entry in self.entries if name == client]
 
     def steps(self) -> list[int]:
         return [entry["metrics"]["step"] for _, _, entry in self.entries]
@@ -268,5 +273,106 @@ def test_a_guard_armed_after_a_process_applied_the_change_shows_its_window_at_on
         entry = published.entries[-1][2]
         assert entry["guards"] == {"g1": {"from": 7, "reported": False, "done": False}}
         assert entry["revision"] == 10 and entry["step"] == 7
+
+    asyncio.run(scenario())
+
+
+def test_a_connected_process_that_has_not_acked_gets_an_entry_that_says_so() -> None:
+    """A process that reconnected to its restarted daemon while a value changed holds a
+    snapshot it does not run, and acks it only at its next ``apply`` (a minute later in a
+    long step): it neither acks nor reports until then. Its entry, from the looks, says it
+    runs no revision and holds the one sent (``status`` lists it, ``set --wait`` waits
+    for it); a process that acks its snapshot at once writes its ack's entry alone."""
+    from hotknob.daemon.pending import Sent
+    from hotknob.daemon.wait_applied import Applied, classify
+
+    published = _Published()
+
+    async def scenario() -> None:
+        feedback = ClientFeedback(
+            app="a", node="n", metrics=Metrics(), revision_of=lambda v: 10 * v, report_every=0
+        )
+        feedback.status = published  # type: ignore[assignment]
+        now = time.time()
+        slow = ClientInfo(id=1, name="slow", pid=11, uid=0, connected_at=now, extra={"rank": 1})
+        fast = ClientInfo(id=2, name="fast", pid=12, uid=0, connected_at=now)
+        sent = [Sent("slow", 2, 20), Sent("fast", 2, 20)]
+        feedback.look_for_pending(sent)  # both just connected: nothing to say yet
+        feedback.on_applied(fast, {"type": "applied", "version": 2, "step": 5})
+        feedback.look_for_pending(sent)
+        feedback.look_for_pending(sent)  # nothing new: nothing written again
+        await asyncio.sleep(0.25)
+        (fast_entry,) = published.of("fast")
+        assert fast_entry["version"] == 2 and fast_entry["revision"] == 20, fast_entry
+        assert fast_entry["pid"] == 12 and "pending" not in fast_entry, fast_entry
+        (slow_entry,) = published.of("slow")
+        assert slow_entry["client"] == "slow" and slow_entry["node"] == "n", slow_entry
+        assert "version" not in slow_entry and "revision" not in slow_entry, slow_entry
+        assert slow_entry["pending"]["revision"] == 20, slow_entry
+        # ``set --wait`` counts it behind, holding the change unapplied.
+        applied = Applied(20)
+        classify({"n/slow": slow_entry, "n/fast": fast_entry}, 20, applied)
+        assert applied.applied == {"n/fast": 5} and applied.behind == {"n/slow": "-"}
+        assert list(applied.holding) == ["n/slow"]
+        # A newer state sent: its entry says that one is held.
+        sent = [Sent("slow", 3, 30), Sent("fast", 3, 30)]
+        feedback.on_applied(fast, {"type": "applied", "version": 3, "step": 6})
+        feedback.look_for_pending(sent)
+        await asyncio.sleep(0.25)
+        assert published.of("slow")[-1]["pending"]["revision"] == 30
+        assert len(published.of("slow")) == 2 and len(published.of("fast")) == 2
+        # Its first report says who it is; the entry still says what it holds.
+        feedback.on_metrics(slow, _report(1, loss=[1.0]))
+        reported = published.of("slow")[-1]
+        assert reported["pid"] == 11 and reported["rank"] == 1, reported
+        assert reported["pending"]["revision"] == 30 and "revision" not in reported
+        # Its ack: an entry as any other's.
+        feedback.on_applied(slow, {"type": "applied", "version": 3, "step": 1})
+        await asyncio.sleep(0.25)
+        feedback.look_for_pending(sent)
+        feedback.look_for_pending(sent)
+        feedback.cancel()
+        acked = published.of("slow")[-1]
+        assert acked["version"] == 3 and acked["revision"] == 30 and acked["pid"] == 11, acked
+        assert "pending" not in acked, acked
+        assert len(published.of("fast")) == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_process_that_leaves_before_its_first_ack_takes_its_entry_with_it() -> None:
+    from hotknob.daemon.pending import Sent
+
+    published = _Published()
+
+    async def scenario() -> None:
+        feedback = ClientFeedback(
+            app="a", node="n", metrics=Metrics(), revision_of=lambda v: 10 * v, report_every=0
+        )
+        feedback.status = published  # type: ignore[assignment]
+        client = ClientInfo(id=1, name="c", pid=11, uid=0, connected_at=time.time())
+        sent = [Sent("c", 2, 20)]
+        feedback.look_for_pending(sent)
+        feedback.look_for_pending(sent)
+        await asyncio.sleep(0.25)
+        assert published.of("c")[-1]["pending"]["revision"] == 20
+        feedback.on_disconnect(client)
+        assert published.removed == ["c"]
+        count = len(published.entries)
+        feedback.look_for_pending([])  # gone: nothing written for it again
+        feedback.look_for_pending([])
+        await asyncio.sleep(0.25)
+        assert len(published.entries) == count
+        # Back under its name: a new connection, looked at afresh.
+        again = ClientInfo(id=2, name="c", pid=13, uid=0, connected_at=time.time())
+        feedback.look_for_pending(sent)
+        await asyncio.sleep(0.25)
+        assert len(published.entries) == count
+        feedback.look_for_pending(sent)
+        await asyncio.sleep(0.25)
+        assert published.of("c")[-1]["pending"]["revision"] == 20
+        feedback.on_metrics(again, _report(1, loss=[1.0]))
+        assert published.of("c")[-1]["pid"] == 13
+        feedback.cancel()
 
     asyncio.run(scenario())

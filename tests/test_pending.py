@@ -47,9 +47,17 @@ def test_a_process_caught_up_or_gone_is_no_longer_pending() -> None:
     assert pending.field("b") is None
 
 
-def test_a_process_that_acknowledged_nothing_yet_is_left_alone() -> None:
+def test_a_process_that_acknowledged_nothing_since_it_connected_is_pending() -> None:
+    """A process that reconnected to its restarted daemon holds a snapshot it does not run
+    until its next ``apply``: it has acknowledged nothing, and is behind what it was sent.
+    One that acknowledges its snapshot at once is not."""
     pending = PendingStates()
-    sent = [Sent("connecting", 7, 70)]
-    for now in (0.0, 1.0, 2.0):
-        assert pending.look(sent, {}, now=now) == set()
-    assert pending.field("connecting") is None
+    sent = [Sent("slow", 7, 70), Sent("fast", 7, 70)]
+    acked: dict[str, int] = {}
+    assert pending.look(sent, acked, now=0.0) == set()
+    acked["fast"] = 7  # acknowledged its snapshot between the looks
+    pending.forget("fast")
+    assert pending.look(sent, acked, now=1.0) == {"slow"}
+    assert pending.field("slow") == {"revision": 70, "since": 0.0}
+    assert pending.field("fast") is None
+    assert pending.look(sent, acked, now=2.0) == set()

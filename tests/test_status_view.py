@@ -85,3 +85,20 @@ def test_keys_waiting_for_a_restart_are_said_once_whoever_holds_them() -> None:
         "runs model.width, train.batch_size as it started: the new value waits for a restart"
     ]
     assert error_parts(entry("a/p3", 7, restart_pending="not a list")) == []
+
+
+def test_processes_that_applied_nothing_yet_are_named_with_what_they_hold() -> None:
+    """Processes connected to a restarted daemon that have not acked its snapshot yet: their
+    entries have no revision, and say what they were sent (``pending``)."""
+    holding = [
+        {"key": f"n1/p{i}", "node": "n1", "pending": {"revision": 30, "since": NOW - 9 - i}}
+        for i in range(2)
+    ]
+    assert summary_lines(holding, 30, NOW) == [
+        "2 processes on 1 node, etcd at revision 30",
+        "no revision: 2 processes: n1/p0, n1/p1 (2 were sent revision 30, not applied yet: "
+        "the longest for 10.0s)",
+        "reports: none",
+    ]
+    row = table_rows(holding[:1], NOW)[0]
+    assert row[:3] == ["n1/p0", "-", "- (30 pending 9.0s)"], row
