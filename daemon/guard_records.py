@@ -14,7 +14,8 @@ real old value (a revert writes it back), and whatever shows the record (``statu
 the daemon's log and ``watch``) masks it, even where the schema is not at hand.
 A key whose old value the daemon rejected when the change was made (written around
 hotknob: it was never in force, the layers below etcd were) carries ``"rejected": true``:
-a revert deletes it rather than write that value back.
+a revert deletes it rather than write that value back. So does one whose old value JSON
+cannot carry (etcd's ``1e999``, an infinity), which the record holds as its text.
 
 ``processes`` names the processes that had a status entry when the change was written:
 they ran the configuration before it. A process of the list that (re)connects and
@@ -66,7 +67,7 @@ from hotknob.config.secrecy import SECRET_MASK, hides
 
 from .etcd_store import EtcdStore
 from .guard_lang import Guard, escaped, parse_guard
-from .reports import decode_value
+from .reports import HISTORY, decode_value
 from .status import is_int, is_time
 from .table import age_text
 
@@ -288,10 +289,13 @@ def baselines_from(
 ) -> dict[str, dict[str, float]]:
     """Each reporting process's recent mean of each of ``metrics``, from its status entry.
 
-    Raises ``InvalidInput`` if one of ``metrics`` has no finite value from any
-    process: a baseline needs reports from before the change.
+    Raises ``InvalidInput`` if one of ``metrics`` has no finite mean from any process: a
+    baseline needs reports from before the change. It says which processes report the
+    metric with a mean that is not finite (a NaN or an infinity among their last
+    ``HISTORY`` values), apart from a metric that no process reports.
     """
     baselines: dict[str, dict[str, float]] = {}
+    not_finite: dict[str, list[str]] = {}  # by metric: the processes whose mean is not finite
     for name, entry in sorted(entries.items()):
         reported = entry.get("metrics")
         means = reported.get("mean") if isinstance(reported, dict) else None
@@ -300,14 +304,28 @@ def baselines_from(
             value = decode_value(means.get(metric)) if isinstance(means, dict) else None
             if value is not None and math.isfinite(value):
                 found[metric] = value
+            elif value is not None:
+                not_finite.setdefault(metric, []).append(name)
         if found:
             baselines[name] = found
     missing = sorted(m for m in metrics if not any(m in b for b in baselines.values()))
-    if missing:
+    unreported = [m for m in missing if m not in not_finite]
+    problems, hints = [], []
+    if unreported:
+        problems.append(f"no process of app {app!r} reports {', '.join(unreported)} yet")
+        hints.append("call live.report in the run")
+    for m in missing:
+        if m in not_finite:
+            problems.append(
+                f"the mean of {m} over the last {HISTORY} reports of "
+                f"{some_names(not_finite[m])} is not finite (a NaN or an infinity among them)"
+            )
+    if len(problems) > len(hints):
+        hints.append("wait until the last reports hold none")
+    if problems:
         raise InvalidInput(
-            f"no process of app {app!r} reports {', '.join(missing)} yet: the guard's baseline "
-            "is taken from reports before the change (call live.report in the run), "
-            "or write the guard without 'baseline'"
+            f"{'; '.join(problems)}: the guard's baseline is taken from reports before the "
+            f"change ({', or '.join(hints)}), or write the guard without 'baseline'"
         )
     return baselines
 
@@ -397,13 +415,18 @@ def build_record(
     """The record for a change of the dotted keys in ``diff`` (old, new), given the etcd
     values before it (``previous``, to tell a key that was absent from one set to null);
     the keys that ``secrets`` hides are marked secret, and those of ``rejected`` whose
-    old value the daemon rejected (not in force) are marked so. ``processes``: the
+    old value the daemon rejected (not in force) are marked so, as is one whose old value
+    JSON cannot carry (``_storable``). ``processes``: the
     processes running when the change is written, ``reporting``: those of them that
     report what the guard reads (see the module's docstring)."""
-    keys = {
-        k: KeyChange(old, k in previous, new, hides(k, secrets), k in rejected and k in previous)
-        for k, (old, new) in diff.items()
-    }
+    keys = {}
+    for k, (old, new) in diff.items():
+        # An old value JSON cannot carry (etcd's ``1e999``, an infinity) was not in force
+        # (a schema refuses it), and no revert could write it back: stored as its text,
+        # and marked rejected, so that a revert deletes it.
+        old, non_finite = _storable(old)
+        refused = k in rejected or non_finite
+        keys[k] = KeyChange(old, k in previous, new, hides(k, secrets), refused and k in previous)
     return GuardRecord(
         id=new_guard_id(),
         guard=spec.guard.text,
@@ -416,6 +439,16 @@ def build_record(
         created=time.time(),
         by=f"{getpass.getuser()}@{socket.gethostname()}",
     )
+
+
+def _storable(value: Any) -> tuple[Any, bool]:
+    """``value`` as a record holds it, and whether it had to be changed for that: one with
+    a non-finite number, which JSON cannot carry, becomes its text (``"Infinity"``)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(value), True
+    return value, False
 
 
 def describe(record: GuardRecord) -> str:

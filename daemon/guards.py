@@ -36,7 +36,8 @@ records and, for its own processes:
   longer waited for; the outcome names it, with the failures in a row it had when
   it left (fewer than ``patience``: a departure is not a failure);
 * a guard with no process left that could judge it (every watched process left
-  before the end of its window, or none ever applied the change) for
+  before the end of its window, or none ever applied the change; one whose daemon
+  refused the change, or holds all its keys in a layer above etcd, never will) for
   ``ABANDON_AFTER_S`` seconds (time for a reconnect or a daemon restart), on this
   daemon and, as the status entries show, on every other one, ends *abandoned*:
   the change stays, and the outcome says who left when.
@@ -64,7 +65,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -84,10 +85,11 @@ from .guard_records import (
     GuardRecord,
     guard_key,
     guards_prefix,
+    some_names,
 )
 from .logs import get_logger
 from .reports import Report, encode_value, mean_of
-from .status import remote_open_windows, remote_watching, status_name
+from .status import refused_here, remote_open_windows, remote_watching, status_name
 
 Post = Callable[..., None]
 _ACKS_KEPT = 64
@@ -453,7 +455,9 @@ class GuardManager:
             return
         kvs, _ = result
         prefix = status_prefix(self.app)
-        waiting, silent = remote_open_windows(kvs, prefix, self.node, guard_id, active.revision)
+        waiting, silent = remote_open_windows(
+            kvs, prefix, self.node, guard_id, active.revision, active.record.keys
+        )
         awaited, unheard = active.awaited_remote(silent, self._report_wait, now)
         if waiting or awaited:
             self._note_waiting(guard_id, active, sorted(waiting + awaited))
@@ -487,20 +491,33 @@ class GuardManager:
 
     # --- a guard nobody is left to judge --------------------------------------------------------
 
-    def _can_judge_here(self, active: ArmedGuard) -> bool:
-        """Whether a process of this daemon is watched, or connected and not yet at the
-        change (it ran a state before it, and may apply it at its next step), or listed
-        in the record and connected with a state this daemon does not know (it applies
-        this daemon's at its next step)."""
+    def _watched_here(self, active: ArmedGuard) -> bool:
+        """Whether a process of this daemon is watched, or listed in the record and
+        connected with a state this daemon does not know (it applies this daemon's at its
+        next step)."""
         if active.started:
             return True
-        if any(status_name(self.node, c) in active.before for c in self._unknown):
-            return True
-        return any(
-            acks[-1][0] < active.revision and not self._unchanged_for(c, active)
+        return any(status_name(self.node, c) in active.before for c in self._unknown)
+
+    def _behind(self, active: ArmedGuard) -> list[str]:
+        """The connected processes of this daemon last seen applying a state from before
+        the change that may still apply it at their next step: the change altered a value
+        in force here (``_unchanged_for``)."""
+        return [
+            c
             for c, acks in self._acks.items()
-            if acks
-        )
+            if acks and acks[-1][0] < active.revision and not self._unchanged_for(c, active)
+        ]
+
+    def _can_judge_here(self, active: ArmedGuard, refused: Collection[str] = ()) -> bool:
+        """Whether a process of this daemon is watched (``_watched_here``), or connected
+        and not yet at the change (``_behind``: it ran a state before it, and may apply it
+        at its next step), unless it is one of ``refused``: its daemon, this one, refused
+        the change (as its status entry says: ``refused_here``), so no state with it
+        comes for it."""
+        if self._watched_here(active):
+            return True
+        return any(c not in refused for c in self._behind(active))
 
     def _unchanged_for(self, client: str, active: ArmedGuard) -> bool:
         """Whether ``client``, last seen applying a state from before the change, runs the
@@ -524,12 +541,16 @@ class GuardManager:
                 self._maybe_orphaned(guard_id, active)
 
     def _maybe_orphaned(self, guard_id: str, active: ArmedGuard) -> None:
-        """If no process of this daemon can judge the guard any more, look again in
-        ``ABANDON_AFTER_S`` seconds (a process may reconnect meanwhile)."""
+        """If no process of this daemon is watched by the guard, look in
+        ``ABANDON_AFTER_S`` seconds whether any can still judge it (a process may
+        reconnect, or one not yet at the change apply it, meanwhile)."""
         if active.busy or self._stopped or active.orphan is not None:
             return
-        if self._can_judge_here(active) or active.done_here:
+        if self._watched_here(active) or active.done_here:
             return  # watched, or ``_maybe_passed`` ends it
+        # A process not yet at the change does not put the look off: whether this daemon
+        # refused the change, which it then never applies, is known here only from the
+        # status entries that the look reads (``_orphan_checked``).
 
         def due() -> None:
             active.orphan = None
@@ -543,7 +564,7 @@ class GuardManager:
             active.orphan = None
 
     def _orphan_due(self, guard_id: str, active: ArmedGuard) -> None:
-        if active.busy or self._can_judge_here(active):
+        if active.busy or self._watched_here(active):
             return
         if active.done_here:
             self._maybe_passed(guard_id, active)
@@ -559,7 +580,7 @@ class GuardManager:
     ) -> None:
         if self._stopped or self._active.get(guard_id) is not active or active.busy:
             return
-        if self._can_judge_here(active) or active.done_here:
+        if self._watched_here(active) or active.done_here:
             self._maybe_orphaned(guard_id, active)
             return
         if isinstance(result, BaseException):
@@ -567,13 +588,23 @@ class GuardManager:
             self._maybe_orphaned(guard_id, active)
             return
         kvs, _ = result
-        others = remote_watching(kvs, status_prefix(self.app), self.node, guard_id, active.revision)
+        prefix = status_prefix(self.app)
+        refused = refused_here(kvs, prefix, self.node, self._behind(active), active.revision)
+        if self._can_judge_here(active, refused):  # one may still apply it: looked at again
+            self._maybe_orphaned(guard_id, active)
+            return
+        keys = active.record.keys
+        others = remote_watching(kvs, prefix, self.node, guard_id, active.revision, keys)
         if others:  # their daemons end it; asked again in case they all go too
             self._maybe_orphaned(guard_id, active)
             return
         left = active.departures()
-        if left:
-            reason = "no process left to judge it: " + active.departures_text(left)
+        gone = [active.departures_text(left)] if left else []
+        if refused:
+            names = some_names([status_name(self.node, c) for c in refused])
+            gone.append(f"the daemon of {names} refused the change (`hotknob status` says why)")
+        if gone:
+            reason = "no process left to judge it: " + "; ".join(gone)
         elif any(self._unchanged_for(c, active) for c in self._acks):
             reason = (
                 "the change altered no value in force (its values were already in force, "

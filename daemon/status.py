@@ -22,7 +22,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, TypeGuard
 
 from hotknob.config import HotknobError, InvalidInput
@@ -250,28 +250,35 @@ def _others(
 
 
 def remote_open_windows(
-    kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str, revision: int
+    kvs: Mapping[str, bytes],
+    prefix: str,
+    node: str,
+    guard_id: str,
+    revision: int,
+    keys: Collection[str] = (),
 ) -> tuple[list[str], list[str]]:
     """The processes of other daemons (status entries under ``prefix``) whose window of
-    guard ``guard_id`` (guarding ``revision``) is not done, as their own daemon says in
-    their entry (``GuardManager.windows_of``), by name (``<node>/<client>``): those that
-    reported what the guard reads since the change reached them (still inside their
-    window), and those that have not yet.
+    guard ``guard_id`` (guarding ``revision``, a change of the dotted ``keys``) is not
+    done, as their own daemon says in their entry (``GuardManager.windows_of``), by name
+    (``<node>/<client>``): those that reported what the guard reads since the change
+    reached them (still inside their window), and those that have not yet.
 
     The second list also has the processes whose entry shows no window of the guard yet,
-    unless their daemon refused the change: the change may not have reached them, or
-    their daemon not yet published the window (the change and the guard's record come
-    on two watches, and a loaded machine publishes late). The caller waits only for
-    those the guard expects to hear from (``ArmedGuard.awaited_remote``), and for a
-    while: without them, a guard passed on this daemon's processes within a tenth of a
-    second while another node's process, 50 times the loss, had not been heard of yet."""
+    unless they will never apply the change (``never_applies``: their daemon refused it,
+    or holds every one of its keys in a layer above etcd): the change may not have
+    reached them, or their daemon not yet published the window (the change and the
+    guard's record come on two watches, and a loaded machine publishes late). The
+    caller waits only for those the guard expects to hear from
+    (``ArmedGuard.awaited_remote``), and for a while: without them, a guard passed on
+    this daemon's processes within a tenth of a second while another node's process, 50
+    times the loss, had not been heard of yet."""
     inside: list[str] = []
     unheard: list[str] = []
     for name, entry in _others(kvs, prefix, node):
         windows = entry.get("guards")
         window = windows.get(guard_id) if isinstance(windows, dict) else None
         if window is None:
-            if not _refused_at(entry, revision):
+            if not never_applies(entry, revision, keys):
                 unheard.append(name)
             continue
         if not isinstance(window, dict) or window.get("done") is True:
@@ -280,33 +287,62 @@ def remote_open_windows(
     return inside, unheard
 
 
-def _refused_at(entry: Mapping[str, Any], revision: int) -> bool:
-    """Whether ``entry``'s daemon refused etcd's ``revision`` or a later one (``rejected``):
-    the change will not reach its process."""
+def never_applies(entry: Mapping[str, Any], revision: int, keys: Collection[str] = ()) -> bool:
+    """Whether ``entry``'s process will never apply the change of the dotted ``keys`` at
+    etcd's ``revision``, as its daemon says: it refused that revision or a later one
+    (``rejected``), or a layer above etcd (env, ``--set``) holds every one of the keys
+    there (``pinned``), so that no state comes for it."""
     rejected = entry.get("rejected")
-    return (
+    if (
         isinstance(rejected, Mapping)
         and is_int(rejected.get("revision"))
         and rejected["revision"] >= revision
-    )
+    ):
+        return True
+    pinned = entry.get("pinned")
+    return bool(keys) and isinstance(pinned, Mapping) and all(k in pinned for k in keys)
 
 
 def remote_watching(
-    kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str, revision: int
+    kvs: Mapping[str, bytes],
+    prefix: str,
+    node: str,
+    guard_id: str,
+    revision: int,
+    keys: Collection[str] = (),
 ) -> list[str]:
     """The processes of other daemons (status entries under ``prefix``) that may still
-    judge guard ``guard_id`` (guarding revision ``revision``), by name: watched by it on
-    their daemon (their entry lists it, done or not: their daemon ends it), or not yet at
-    the change (their entry's revision is below it: they may apply it at their next
-    step). While there are any, this daemon does not end the guard as abandoned."""
+    judge guard ``guard_id`` (guarding revision ``revision``, a change of the dotted
+    ``keys``), by name: watched by it on their daemon (their entry lists it, done or not:
+    their daemon ends it), or not yet at the change (their entry's revision is below it:
+    they may apply it at their next step), unless they never will (``never_applies``).
+    While there are any, this daemon does not end the guard as abandoned."""
     found = []
     for name, entry in _others(kvs, prefix, node):
         windows = entry.get("guards")
         applied = entry.get("revision")
         if (isinstance(windows, dict) and isinstance(windows.get(guard_id), dict)) or (
-            is_int(applied) and applied < revision
+            is_int(applied) and applied < revision and not never_applies(entry, revision, keys)
         ):
             found.append(name)
+    return found
+
+
+def refused_here(
+    kvs: Mapping[str, bytes], prefix: str, node: str, clients: Collection[str], revision: int
+) -> set[str]:
+    """Those of ``clients``, processes of daemon ``node``, whose status entry under
+    ``prefix`` says that their daemon refused etcd's ``revision`` or a later one. A
+    daemon's guards learn of its own refusals only so, from what it published."""
+    found = set()
+    for client in clients:
+        raw = kvs.get(prefix + status_name(node, client))
+        try:
+            entry = json.loads(raw) if raw is not None else None
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and never_applies(entry, revision):
+            found.add(client)
     return found
 
 
