@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,8 +99,15 @@ def test_etcd_killed_and_restarted_during_a_stream(etcd: EtcdServer, tmp_path: P
             seen_lr.append(update["values"]["train"]["lr"])
             if seen_lr[-1] == written[-1]:
                 break
-        # The daemon takes every value, in order, each with its version.
-        accepted = [e for e in daemon.events("change_accepted") if "train.lr" in e["new"]]
+
+        # The daemon takes every value, in order, each with its version (the line of a lone
+        # change is logged after its push: the client may have it first).
+        def accepted_now() -> list[dict[str, Any]]:
+            events = daemon.events("change_accepted")
+            return [e for e in events if "train.lr" in e["new"]]
+
+        while len(accepted := accepted_now()) < len(written) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [e["new"]["train.lr"] for e in accepted] == written, "no change is lost"
         taken = [e["version"] for e in accepted]
         assert taken == list(range(taken[0], taken[0] + len(taken)))
