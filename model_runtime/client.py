@@ -289,8 +289,9 @@ class LiveConfig:
     @property
     def forked(self) -> bool:
         """True in a process forked from the one that connected (a DataLoader worker with
-        the ``fork`` start method): there the values stay as they were at the fork, no
-        update comes, and nothing is sent to the daemon."""
+        the ``fork`` start method): there no update comes after the fork (a state the
+        parent held pending at the fork is applied at the child's next ``apply``), and
+        nothing is sent to the daemon."""
         return self._conn.forked
 
     def _after_fork_in_child(self) -> None:
