@@ -37,7 +37,10 @@ def prepare_folder(folder: Path) -> None:
         pass
     except OSError as exc:
         raise SocketPathError(f"cannot create {folder}: {exc}") from exc
-    st = os.stat(folder)
+    try:
+        st = os.stat(folder)
+    except OSError as exc:  # a symlink to nothing, say
+        raise SocketPathError(f"cannot use {folder} for the socket: {exc.strerror or exc}") from exc
     if not stat.S_ISDIR(st.st_mode):
         raise SocketPathError(f"{folder} is not a folder")
     if st.st_uid not in (os.getuid(), 0):
@@ -105,6 +108,11 @@ def clear_stale_socket(path: Path) -> bool:
         probe.close()
     if code == errno.ENOENT:
         return False
+    if code in (errno.EACCES, errno.EPERM):  # another user's: not ours to remove either
+        raise SocketPathError(
+            f"{path} is another user's socket (cannot connect: {os.strerror(code)}); "
+            "not taking it over"
+        )
     if code != errno.ECONNREFUSED:
         detail = "a daemon is listening" if code in (0, errno.EAGAIN) else os.strerror(code)
         raise SocketInUse(f"{path} is in use ({detail}); not taking it over")

@@ -128,13 +128,13 @@ class StateStore:
             # 0644: another user's daemon on a shared state dir must be able to open it
             # and be refused, not go on unlocked and lower the version ceiling.
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except PermissionError:
-            try:  # there and not ours to write: flock works on a read-only descriptor
-                fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                return f"{self.lock_path}: {exc.strerror or exc}"
         except OSError as exc:
-            return f"{self.lock_path}: {exc.strerror or exc}"
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return f"{self.lock_path}: {exc.strerror or exc}"
+            try:  # not ours to write, or a read-only volume: flock works read-only too
+                fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as again:
+                return f"{self.lock_path}: {again.strerror or again}"
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

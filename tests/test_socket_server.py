@@ -202,6 +202,15 @@ def connect(harness: Harness, clients: list[Client]) -> Client:
     return c
 
 
+def test_a_socket_folder_that_is_a_symlink_to_nothing_is_a_clear_error(tmp_path: Path) -> None:
+    from hotknob.daemon.socket_path import prepare_folder
+
+    folder = tmp_path / "sock"
+    folder.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(SocketPathError, match=r"cannot use .*sock for the socket: No such file"):
+        prepare_folder(folder)
+
+
 def test_hello_is_answered_with_a_snapshot(harness: Harness, clients: list[Client]) -> None:
     c = connect(harness, clients)
     snap = c.hello("trainer-3", rank=3, node="n1")

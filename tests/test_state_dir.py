@@ -7,6 +7,7 @@ folder fsyncs are observed by wrapping ``os.fsync`` and ``os.replace``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,6 +114,29 @@ def test_the_state_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> Non
     one.unlock()
     assert two.lock("pid 2") is None
     two.unlock()
+
+
+def test_a_lock_file_on_a_read_only_volume_is_still_locked_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state dir on a volume mounted read-only (the lock file there from before): the
+    read-write open fails with EROFS, not a permission error; the lock is still taken
+    read-only, and a second daemon on the dir is refused, not let in unlocked."""
+    one, two = StateStore(tmp_path / "s", "x"), StateStore(tmp_path / "s", "x")
+    assert one.lock("pid 1") is None  # the lock file exists, as on the volume before
+    one.unlock()
+    real_open = os.open
+
+    def read_only(path: Any, flags: int, *args: Any) -> int:
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(state_module.os, "open", read_only)
+    assert one.lock("pid 1") is None
+    with pytest.raises(state_module.StateInUse):
+        two.lock("pid 2")
+    one.unlock()
 
 
 def test_a_state_dir_that_cannot_hold_a_lock_is_no_reason_not_to_serve(tmp_path: Path) -> None:
