@@ -361,6 +361,10 @@ def test_a_file_written_in_place_is_read_once_its_writer_closes_it(tmp_path: Pat
     target = tmp_path / "config.yaml"
     target.write_text(lr_yaml(0.1))
     with watching(target, close_wait_s=DEADLINE_S) as (_, recorder):
+        # The watcher's first check (right after its start) done: on a loaded machine it
+        # could read the half-written file before the write's event reached the watcher,
+        # which is what makes it wait for the close.
+        recorder.settle()
         with open(target, "w") as f:
             f.write("train:\n  lr: 0.5")  # parses as it stands: "e-3" is still to come
             f.flush()
