@@ -159,8 +159,25 @@ class EtcdServer:
             os.kill(self._proc.pid, sig)
 
     def pause(self) -> None:
-        """SIGSTOP: the process keeps its sockets open but answers nothing (a hung server)."""
+        """SIGSTOP: the process keeps its sockets open but answers nothing (a hung server).
+        Returns once every thread of it has stopped: the signal is delivered as the process
+        is next scheduled, and on a loaded machine it could still answer a request made
+        just after ``kill`` returned."""
         self._signal(signal.SIGSTOP)
+        if self._proc is None:
+            return
+        tasks = Path(f"/proc/{self._proc.pid}/task")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                states = [
+                    (t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()
+                ]
+            except (OSError, IndexError):
+                return  # gone, or no /proc: as before
+            if all(state in ("T", "t") for state in states):
+                return
+            time.sleep(0.001)
 
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
