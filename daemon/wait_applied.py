@@ -148,12 +148,13 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
     for name, entry in entries.items():
         runs = entry.get("revision")
         refused = _refusal(entry.get("rejected"), revision)
+        error = _first_error(entry)
         if refused is not None and _refuses_any(refused, keys):
             into.rejected[name] = str(refused.get("reason", "no reason given"))
-        elif is_int(runs) and runs >= revision and _first_error(entry) is not None:
+        elif is_int(runs) and runs >= revision and error is not None:
             # Its ack of what it runs said what raised (its binding or a callback refused
             # a value: the values before may still be in force there), so not applied.
-            into.failed[name] = str(_first_error(entry))
+            into.failed[name] = error
         elif is_int(runs) and runs >= revision:
             into.applied[name] = entry.get("step")
             waiting = sorted(waiting_for_restart(entry).intersection(keys))
