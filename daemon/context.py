@@ -7,7 +7,6 @@ Reading the layers is kept here so that ``run``, ``get``, ``explain`` and
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,24 +30,16 @@ from hotknob.config import (
 from hotknob.config.errors import Problem
 from hotknob.config.keys import config_prefix
 from hotknob.config.merge import merge_dropping_invalid
+from hotknob.model_runtime.protocol import APP_NAME, APP_NAME_RULE
 
 from .etcd_store import EtcdOptions, EtcdStore
-
-# An app name is a path segment of the etcd keys (/hotknob/<app>/...), the name of the
-# default socket and of the state file: nothing that leaves its folder (``/``, ``..``),
-# nothing empty or hidden, nothing a shell or a URL would need quoted.
-APP_NAME_MAX = 100
-_APP_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{APP_NAME_MAX - 1}}}")
 
 
 def check_app_name(name: str) -> str:
     """``name`` if it is a valid app name, else ``UsageError`` saying what is allowed."""
-    if not _APP_NAME.fullmatch(name):
+    if not APP_NAME.fullmatch(name):
         shown = repr(name if len(name) <= 60 else name[:60] + "...")
-        raise UsageError(
-            f"invalid app name {shown} (--app or HOTKNOB_APP): an app name is 1 to "
-            f"{APP_NAME_MAX} letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
+        raise UsageError(f"invalid app name {shown} (--app or HOTKNOB_APP): {APP_NAME_RULE}")
     return name
 
 

@@ -209,7 +209,9 @@ class LiveConfig:
 
         Raises ``DaemonUnavailable`` if no snapshot arrives within ``timeout``
         seconds (under a group: on every rank, if any rank got none), and
-        ``ValueError`` for a distributed request without an initialised group.
+        ``ValueError`` for a distributed request without an initialised group, an
+        invalid app name, or a socket path too long for a Unix socket (at once, on
+        every rank of a group).
         """
         sync = None
         name = client or _default_client_name()
@@ -223,10 +225,22 @@ class LiveConfig:
         elif sync_every is not None:
             raise ValueError("sync_every needs distributed=True or a process_group")
         app_name = app or os.environ.get("HOTKNOB_APP") or "default"
+        problem = None
         if socket is not None:
             path = os.fspath(socket)
+        elif not protocol.APP_NAME.fullmatch(app_name):
+            path = ""
+            problem = f"invalid app name {app_name[:60]!r} (app= or HOTKNOB_APP): "
+            problem += protocol.APP_NAME_RULE
         else:
             path = str(protocol.default_socket_path(app_name))
+        problem = problem or protocol.socket_path_problem(path)
+        # At once, not after ``timeout`` (no daemon could be reached there); under a group
+        # on every rank (``connect`` is a collective: no rank is left waiting in one).
+        if sync is not None and not sync.all_true(problem is None):
+            raise ValueError(problem or "another rank has no usable socket path")
+        if problem is not None:
+            raise ValueError(problem)
         live = cls(path, name, hello_extra, sync)
         live._conn.start()
         got_state = live._first_state.wait(timeout)

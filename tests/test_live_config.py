@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -813,3 +814,19 @@ def test_a_value_that_changes_only_its_type_runs_its_callbacks(
         eventually(lambda v=version: live.pending_version == v)
         assert live.apply(2) is True
     assert [(v, type(v)) for v in seen] == [(1.0, float), (True, bool)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "said"),
+    [
+        ({"app": "../etc"}, "invalid app name '../etc' (app= or HOTKNOB_APP): an app name is"),
+        ({"socket": "/tmp/" + "s" * 120}, "bytes, longer than a Unix socket's path may be (107)"),
+    ],
+    ids=["app-name", "long-path"],
+)
+def test_connect_refuses_at_once_what_no_daemon_could_be_reached_at(
+    kwargs: dict[str, Any], said: str
+) -> None:
+    # Before: DaemonUnavailable, once the whole timeout had passed.
+    with pytest.raises(ValueError, match=re.escape(said)):
+        LiveConfig.connect(timeout=2, **kwargs)
