@@ -287,17 +287,20 @@ def remote_open_windows(
     return inside, unheard
 
 
+def refusal(rejected: Any, revision: int) -> Mapping[str, Any] | None:
+    """A status entry's ``rejected`` field, if it is of etcd's ``revision`` or later: its
+    daemon refused that change, or one after it."""
+    if isinstance(rejected, Mapping) and is_int(rejected.get("revision")):
+        return rejected if rejected["revision"] >= revision else None
+    return None
+
+
 def never_applies(entry: Mapping[str, Any], revision: int, keys: Collection[str] = ()) -> bool:
     """Whether ``entry``'s process will never apply the change of the dotted ``keys`` at
     etcd's ``revision``, as its daemon says: it refused that revision or a later one
     (``rejected``), or a layer above etcd (env, ``--set``) holds every one of the keys
     there (``pinned``), so that no state comes for it."""
-    rejected = entry.get("rejected")
-    if (
-        isinstance(rejected, Mapping)
-        and is_int(rejected.get("revision"))
-        and rejected["revision"] >= revision
-    ):
+    if refusal(entry.get("rejected"), revision) is not None:
         return True
     pinned = entry.get("pinned")
     return bool(keys) and isinstance(pinned, Mapping) and all(k in pinned for k in keys)

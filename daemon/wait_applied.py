@@ -26,7 +26,7 @@ from hotknob.config.keys import status_prefix
 
 from .etcd_store import EtcdStore, WatchItem
 from .guard_records import some_names, status_entries
-from .status import is_int, is_time, waiting_for_restart
+from .status import is_int, is_time, refusal, waiting_for_restart
 
 Entries = Mapping[str, Mapping[str, Any]]
 
@@ -147,7 +147,7 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
     into.restart, into.failed = {}, {}
     for name, entry in entries.items():
         runs = entry.get("revision")
-        refused = _refusal(entry.get("rejected"), revision)
+        refused = refusal(entry.get("rejected"), revision)
         error = _first_error(entry)
         if refused is not None and _refuses_any(refused, keys):
             into.rejected[name] = str(refused.get("reason", "no reason given"))
@@ -186,13 +186,6 @@ def _first_error(entry: Mapping[str, Any]) -> str | None:
     where = first.get("key") or first.get("binding")
     text = str(first.get("error", "no reason given"))
     return f"{where}: {text}" if where else text
-
-
-def _refusal(rejected: Any, revision: int) -> Mapping[str, Any] | None:
-    """An entry's ``rejected`` field, if it is of ``revision`` or later."""
-    if isinstance(rejected, Mapping) and is_int(rejected.get("revision")):
-        return rejected if rejected["revision"] >= revision else None
-    return None
 
 
 def _refuses_any(refused: Mapping[str, Any], keys: Collection[str]) -> bool:
