@@ -86,6 +86,11 @@ from .state import SavedState, StateStore
 from .state_keeper import StateKeeper
 
 _NOT_READ = object()
+_FIXED_LAYERS = ("defaults", "env", "cli")  # ``_files_alone``: set at the start, for good
+_ALONE_NOTE = (
+    " (checked without the layers above the files: a value they shadow takes effect where"
+    " they do not set its key)"
+)
 
 
 def _noop(_: Any) -> None:
@@ -303,6 +308,8 @@ class Engine:
         The next valid save is taken as any edit."""
 
         def merge() -> Snapshot:
+            if "files" in self.layers:
+                self._files_alone(self.layers["files"])
             # The saved values too: written under an older schema, they may not fit it.
             if etcd is None:
                 return self._merge_sanitized(self.layers["etcd"], revision)
@@ -738,6 +745,8 @@ class Engine:
         layers[candidate.name] = candidate
         try:
             snapshot = merge_layers(self.schema, layers.values(), self.precedence)
+            if candidate.name == "files":
+                self._files_alone(candidate)
         except InvalidChange as exc:
             rejected = self._announce.rejected
             self._in_order(
@@ -747,6 +756,24 @@ class Engine:
         self.layers = layers
         self._accept(snapshot, candidate.name, revision, edited)
         return True
+
+    def _files_alone(self, files: Layer) -> None:
+        """Raise ``InvalidChange`` unless the files layer is valid over the fixed layers below
+        it alone (the defaults, in the default order), as ``hotknob validate`` checks them.
+
+        A file value that etcd shadows now takes effect once the key leaves etcd: unchecked,
+        it would make that ``unset`` (or a daemon started on an etcd without the key) fail
+        for a value nobody is editing. A file value env or ``--set`` shadows would take
+        effect in any container without them.
+        """
+        order = self.precedence[: self.precedence.index("files") + 1]
+        below = [name for name in order if name in _FIXED_LAYERS and name in self.layers]
+        try:
+            merge_layers(self.schema, [*(self.layers[n] for n in below), files], order)
+        except InvalidChange as exc:
+            raise InvalidChange(
+                [replace(p, reason=p.reason + _ALONE_NOTE) for p in exc.problems]
+            ) from None
 
     def _accept(
         self, snapshot: Snapshot, layer: str, revision: int, edited: Mapping[str, Any]

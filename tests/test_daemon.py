@@ -526,26 +526,60 @@ def etcd_changes_by_path(metrics_port: int) -> dict[str, float]:
 
 
 def test_sighup_offers_the_files_again_even_unchanged(etcd: EtcdServer, tmp_path: Path) -> None:
-    """A file edit rejected as a whole may fit once another layer changes: SIGHUP offers
-    the files to the engine again, changed on disk or not."""
+    """A file edit rejected as a whole (valid alone, not with what etcd holds) may fit once
+    another layer changes: SIGHUP offers the files to the engine again, changed on disk
+    or not."""
     config = tmp_path / "params.yaml"
-    config.write_text("train:\n  lr: 0.1\n  momentum: 0.9\n")
+    config.write_text("band:\n  hi: 4\n")
+    banded = ["--schema", "tests.banded_schema:Banded"]
     with (
-        DaemonProcess(tmp_path, endpoints=etcd.endpoint, configs=[config]) as daemon,
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, configs=[config], extra=banded) as daemon,
         RawClient(daemon.socket_path) as client,
     ):
-        config.write_text("train:\n  lr: -1\n  momentum: 0.5\n")  # rejected: lr
+        put(etcd, "band/lo", "2")
+        assert client.next_update()["values"]["band"] == {"lo": 2, "hi": 4}
+        config.write_text("band:\n  hi: 1.5\n")  # rejected: lo 2 (etcd) > hi 1.5
         deadline = time.monotonic() + 10
         while not daemon.events("change_rejected"):
             assert time.monotonic() < deadline, "the edit was never rejected"
             time.sleep(0.05)
-        put(etcd, "train/lr", "0.01")  # etcd, above files, now sets lr: the file would fit
-        assert client.next_update()["values"]["train"] == {
-            **client.snapshot["values"]["train"],
-            "lr": 0.01,
-        }
+        put(etcd, "band/lo", "1")  # now the file would fit
+        assert client.next_update()["values"]["band"] == {"lo": 1, "hi": 4}
         daemon.signal(signal.SIGHUP)
-        assert client.next_update()["values"]["train"]["momentum"] == 0.5
+        assert client.next_update()["values"]["band"] == {"lo": 1, "hi": 1.5}
+
+
+def test_a_file_value_etcd_shadows_is_refused_and_never_blocks_an_unset(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """An invalid file value is refused though etcd shadows it now: taken in, it would take
+    effect (and be refused) only when the key leaves etcd, and ``unset`` would be refused
+    for a file nobody is editing."""
+    from tests.daemon_proc import run_cli
+
+    config = tmp_path / "params.yaml"
+    config.write_text("train:\n  lr: 0.05\n")
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, configs=[config]) as daemon,
+        RawClient(daemon.socket_path) as client,
+    ):
+        put(etcd, "train/lr", "0.1")
+        assert client.next_update()["changed"] == {"train.lr": 0.1}
+        config.write_text("train:\n  lr: -1\n  momentum: 0.5\n")
+        deadline = time.monotonic() + 10
+        while not daemon.events("change_rejected"):
+            assert time.monotonic() < deadline, "the edit was never rejected"
+            time.sleep(0.05)
+        (rejected,) = daemon.events("change_rejected")
+        assert rejected["layer"] == "files" and "train.lr (from files)" in rejected["reason"]
+        assert client.no_message(0.3)
+
+        endpoints = ["--app", APP, "--etcd-endpoints", etcd.endpoint]
+        done = run_cli("unset", "train.lr", *endpoints)
+        assert done.returncode == 0, done.stderr
+        update = client.next_update()
+        assert update["changed"] == {"train.lr": 0.05}  # the file's last good value
+        assert update["values"]["train"]["momentum"] == 0.9  # the refused edit stays out
 
 
 def test_signals_while_the_start_waits_for_etcd(tmp_path: Path) -> None:

@@ -441,6 +441,47 @@ def test_files_it_never_ran_or_a_static_layer_at_fault_still_refuse_to_start(
         pinned.start({}, 1, files=[(config, {"train": {"lr": 0.06}})])
 
 
+def test_a_file_value_a_higher_layer_shadows_is_checked_all_the_same(tmp_path: Path) -> None:
+    """The files must be valid over the defaults alone, as ``hotknob validate`` checks them:
+    a value etcd shadows takes effect once the key leaves etcd, and that delete must not
+    be refused for it."""
+    config = tmp_path / "config.yaml"
+    events: list[dict[str, Any]] = []
+    engine = make_engine(tmp_path, events=events)
+    engine.start({P + "train/lr": b"0.1"}, 5, files=[(config, {"train": {"lr": 0.05}})])
+    assert not engine.on_files([(config, {"train": {"lr": -1.0, "momentum": 0.5}})])
+    (rejected,) = [e for e in events if e.get("event") == "change_rejected"]
+    assert rejected["layer"] == "files"
+    assert [p["key"] for p in rejected["problems"]] == ["train.lr"]
+    assert "without the layers above the files" in rejected["problems"][0]["reason"]
+    assert engine.layers["files"].values == {"train.lr": 0.05}  # the last good contents
+    assert engine.current is not None and engine.current.flat["train.momentum"] == 0.9
+
+    engine.on_etcd_change(6, {}, [P + "train/lr"])  # the key leaves etcd: taken
+    assert engine.current.flat["train.lr"] == 0.05
+    assert engine.current.sources["train.lr"] == "files"
+    engine.close()
+
+
+def test_a_start_on_files_invalid_under_a_pinned_key_is_refused(tmp_path: Path) -> None:
+    """``--set`` (or env) pinning the key does not make an invalid file value acceptable at a
+    start either; a restart on such an edit starts on the files' saved contents."""
+    config = tmp_path / "config.yaml"
+    pinned = make_engine(tmp_path, cli_layer(["train.lr=0.1"]))
+    with pytest.raises(InvalidChange, match=r"train\.lr \(from files\)"):
+        pinned.start({}, 1, files=[(config, {"train": {"lr": -1}})])
+
+    ran = make_engine(tmp_path, cli_layer(["train.lr=0.1"]))
+    ran.start({}, 1, files=[(config, {"train": {"lr": 0.05}})])
+    ran.close()
+    later = make_engine(tmp_path, cli_layer(["train.lr=0.1"]))
+    later.start({}, 1, files=[(config, {"train": {"lr": -1}})])
+    assert later.files_refused is not None and "train.lr (from files)" in later.files_refused
+    assert later.layers["files"].values == {"train.lr": 0.05}
+    assert later.current is not None and later.current.flat["train.lr"] == 0.1
+    later.close()
+
+
 def test_a_full_read_that_breaks_a_rule_across_fields_drops_only_the_keys_behind_it(
     tmp_path: Path,
 ) -> None:
