@@ -121,6 +121,7 @@ class Daemon:
             node=options.node,
             metrics=self.metrics,
             revision_of=self._revision_of,
+            built_at=self._revisions.get,
             report_every=options.status_every,
             pinned=self._pinned,
             refused=lambda: self.refused.newest,

@@ -64,6 +64,7 @@ class ClientFeedback:
         node: str,
         metrics: Metrics,
         revision_of: Callable[[int], int | None],
+        built_at: Callable[[int], int | None] = lambda version: None,
         report_every: float = REPORT_STATUS_EVERY_S,
         pinned: Callable[[], dict[str, str]] = dict,
         refused: Callable[[], dict[str, Any] | None] = lambda: None,
@@ -77,6 +78,7 @@ class ClientFeedback:
         self.report_every = report_every
         self.metrics = metrics
         self.revision_of = revision_of
+        self.built_at = built_at  # the etcd revision a version was built at
         self.status: StatusPublisher | None = None
         self.guards: GuardManager | None = None
         self.reports = ClientReports()
@@ -104,12 +106,8 @@ class ClientFeedback:
         self._unnamed.discard(client.name)  # its fields are replaced: see below
         self.pending.forget(client.name)  # what it holds now is looked at afresh
         entry = self._client_entry(client)
-        entry.update(
-            version=version,
-            revision=self.revision_of(version),
-            step=message["step"],
-            time=time.time(),
-        )
+        entry.update(version=version, **self._revisions(version))
+        entry.update(step=message["step"], time=time.time())
         if message.get("errors"):
             entry["errors"] = message["errors"]
         if message.get("held"):  # restart-only keys it runs as it started, not as sent
@@ -166,7 +164,19 @@ class ClientFeedback:
             version = entry.get("version")
             revision = self.revision_of(version) if isinstance(version, int) else None
             if revision is not None and entry.get("revision") != revision:
-                self._republish(name, {**entry, "revision": revision})
+                fields = {k: v for k, v in entry.items() if k != "built"}
+                self._republish(name, {**fields, **self._revisions(version)})
+
+    def _revisions(self, version: Any) -> dict[str, Any]:
+        """An entry's ``revision``: the etcd revision whose configuration its process runs;
+        and ``built``, the revision its state was built at, where older: a later revision
+        changed no value in force here. A guard on another node does not wait for such a
+        process to apply a change that altered nothing for it (``status.unchanged_by``)."""
+        revision = self.revision_of(version) if isinstance(version, int) else None
+        built = self.built_at(version) if isinstance(version, int) else None
+        if built is not None and revision is not None and built < revision:
+            return {"revision": revision, "built": built}
+        return {"revision": revision}
 
     def daemon_fields_changed(self) -> None:
         """What an entry says of its daemon changed (the restart-only keys it holds back

@@ -28,7 +28,9 @@ records and, for its own processes:
 * when every watched process that reported has passed its window, on this
   daemon and, as their status entries show, on every other daemon of the app,
   the guard has *passed*. A process of another daemon is taken as done once its
-  own daemon says so in its status entry (``windows_of``). A watched process that
+  own daemon says so in its status entry (``windows_of``); one for which the change
+  altered no value in force, as its entry says (``status.unchanged_by``), is not
+  waited for, no more than one of this daemon (``_unchanged_for``). A watched process that
   reported what the guard reads before the change (the record's ``reporting``) but
   has not since is waited for, ``REPORT_WAIT_S`` at most (its reports may come every
   few seconds, after the others are done); the outcome names those it passed

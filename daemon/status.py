@@ -265,7 +265,8 @@ def remote_open_windows(
 
     The second list also has the processes whose entry shows no window of the guard yet,
     unless they will never apply the change (``never_applies``: their daemon refused it,
-    or holds every one of its keys in a layer above etcd): the change may not have
+    or holds every one of its keys in a layer above etcd) or run it already
+    (``unchanged_by``: it altered no value in force there): the change may not have
     reached them, or their daemon not yet published the window (the change and the
     guard's record come on two watches, and a loaded machine publishes late). The
     caller waits only for those the guard expects to hear from
@@ -278,7 +279,7 @@ def remote_open_windows(
         windows = entry.get("guards")
         window = windows.get(guard_id) if isinstance(windows, dict) else None
         if window is None:
-            if not never_applies(entry, revision, keys):
+            if not never_applies(entry, revision, keys) and not unchanged_by(entry, revision):
                 unheard.append(name)
             continue
         if not isinstance(window, dict) or window.get("done") is True:
@@ -304,6 +305,15 @@ def never_applies(entry: Mapping[str, Any], revision: int, keys: Collection[str]
         return True
     pinned = entry.get("pinned")
     return bool(keys) and isinstance(pinned, Mapping) and all(k in pinned for k in keys)
+
+
+def unchanged_by(entry: Mapping[str, Any], revision: int) -> bool:
+    """Whether etcd's ``revision`` altered no value in force for ``entry``'s process, as its
+    daemon says: the process runs that revision's configuration (``revision``) with a
+    state built before it (``built``), so no new state comes for it. A daemon restarted
+    since builds a new state: its processes are waited for until it arms the guard."""
+    applied, built = entry.get("revision"), entry.get("built")
+    return is_int(applied) and is_int(built) and built < revision <= applied
 
 
 def remote_watching(

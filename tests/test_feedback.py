@@ -238,6 +238,45 @@ def test_a_process_holding_a_state_unapplied_says_so_in_its_entry_until_its_ack(
     asyncio.run(scenario())
 
 
+def test_an_entry_says_when_its_state_is_older_than_the_revision_it_runs() -> None:
+    """A revision that changed no value in force moves the entries' ``revision`` past the
+    one their state was ``built`` at; so does an ack of that state afterwards. Guards on
+    other nodes read the two (``status.unchanged_by``)."""
+    published = _Published()
+    now = {"revision": 10}  # version 1, built at revision 10, in force
+
+    async def scenario() -> None:
+        feedback = ClientFeedback(
+            app="a",
+            node="n",
+            metrics=Metrics(),
+            revision_of=lambda v: now["revision"],
+            built_at=lambda v: 10,
+            report_every=0,
+        )
+        feedback.status = published  # type: ignore[assignment]
+        first = ClientInfo(id=1, name="c", pid=1, uid=0, connected_at=time.time())
+        feedback.on_applied(first, {"type": "applied", "version": 1, "step": 0})
+        await asyncio.sleep(0.25)
+        assert published.entries[-1][2]["revision"] == 10
+        assert "built" not in published.entries[-1][2]
+
+        now["revision"] = 12  # etcd's revision 12 altered nothing here
+        feedback.on_revision_unchanged()
+        await asyncio.sleep(0.25)
+        entry = published.entries[-1][2]
+        assert (entry["revision"], entry["built"]) == (12, 10), entry
+
+        later = ClientInfo(id=2, name="d", pid=2, uid=0, connected_at=time.time())
+        feedback.on_applied(later, {"type": "applied", "version": 1, "step": 3})
+        await asyncio.sleep(0.25)
+        feedback.cancel()
+        entry = [e for _, name, e in published.entries if name == "d"][-1]
+        assert (entry["revision"], entry["built"]) == (12, 10), entry
+
+    asyncio.run(scenario())
+
+
 def test_a_guard_armed_after_a_process_applied_the_change_shows_its_window_at_once() -> None:
     """The change and its guard record land in one etcd transaction, but a daemon hears of
     them on two watches: a process may apply the change before its daemon arms the guard.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -139,13 +139,27 @@ def test_other_daemons_processes_that_will_never_apply_the_change_are_not_counte
         "n3/pinned-behind": {"revision": 7, "pinned": lr},
         "n3/pinned-in-part": {"revision": 8, "pinned": {"train.momentum": "env"}},
         "n4/watched": {"revision": 8, "guards": {guard: {"reported": False}}},
+        # Its daemon took revision 9 with a state built at 7: the change altered nothing.
+        "n5/unchanged": {"revision": 9, "built": 7},
+        "n5/unchanged-behind": {"revision": 7, "built": 6},  # not at the change yet
+        "n5/built-at-it": {"revision": 9, "built": 8},  # applied it: its daemon not armed yet
     }
     kvs = {prefix + name: json.dumps(entry).encode() for name, entry in entries.items()}
     keys = ["train.lr"]
-    assert remote_watching(kvs, prefix, "n1", guard, 8, keys) == ["n2/behind", "n4/watched"]
+    assert remote_watching(kvs, prefix, "n1", guard, 8, keys) == [
+        "n2/behind",
+        "n4/watched",
+        "n5/unchanged-behind",
+    ]
     inside, unheard = remote_open_windows(kvs, prefix, "n1", guard, 8, keys)
     assert inside == []
-    assert unheard == ["n2/behind", "n3/pinned-in-part", "n4/watched"]
+    assert unheard == [
+        "n2/behind",
+        "n3/pinned-in-part",
+        "n4/watched",
+        "n5/built-at-it",
+        "n5/unchanged-behind",
+    ]
     both = ["train.lr", "train.momentum"]
     _, unheard = remote_open_windows(kvs, prefix, "n1", guard, 8, both)
     assert unheard == [
@@ -154,29 +168,35 @@ def test_other_daemons_processes_that_will_never_apply_the_change_are_not_counte
         "n3/pinned-behind",
         "n3/pinned-in-part",
         "n4/watched",
+        "n5/built-at-it",
+        "n5/unchanged-behind",
     ]
 
 
-def test_a_remote_process_whose_daemon_pins_the_key_is_not_waited_for_nor_named(
-    etcd: EtcdServer, tmp_path: Path
+def guard_passes_without_waiting_for_c2(
+    etcd: EtcdServer,
+    tmp_path: Path,
+    n2: list[str],
+    c2_says_so: Callable[[dict[str, Any], int], bool],
 ) -> None:
-    # n2 holds train.lr with --set: the change alters nothing there, and c2 never applies
-    # it. It reported loss before the change and goes on: it was waited for, then named
-    # in the outcome as one that "applied it but reported no loss".
+    """A guarded ``train.lr=0.05`` over c1 (on n1) and c2 (on n2, run with ``n2`` besides),
+    both reporting loss before it. The change alters nothing on n2, and c2 never applies
+    it; once c2's entry says so (``c2_says_so(entry, revision)``), the guard passes on c1's
+    window alone, neither waiting for c2 nor naming it."""
     quick = {"HOTKNOB_GUARD_REPORT_WAIT_S": "2"}
     with (
-        two_daemons(etcd, tmp_path, ["--set", "train.lr=0.3"], quick) as (d1, d2),
+        two_daemons(etcd, tmp_path, n2, quick) as (d1, d2),
         RawClient(d1.socket_path, "c1") as c1,
         RawClient(d2.socket_path, "c2") as c2,
     ):
         for client, name in ((c1, "c1"), (c2, "c2")):
             ack(client, client.snapshot["version"], 0)
             report_until_published(client, etcd, name, range(1, 4))
-        assert (entry_of(etcd, "c2") or {}).get("pinned") == {"train.lr": "cli"}
         out = guarded_set(etcd, "train.lr=0.05", "--guard", "loss < 3", "--window", "20")
         assert guard_records(etcd)[0]["reporting"] == ["n1/c1", "n2/c2"]
         ack(c1, c1.next_update()["version"], 10)
         wait_for("armed on both", lambda: d1.events("guard_armed") and d2.events("guard_armed"))
+        wait_for("c2's entry", lambda: c2_says_so(entry_of(etcd, "c2") or {}, out["revision"]))
         for step in range(11, 32):
             c1.send(metrics(step, loss=1.0))
             c2.send(metrics(step, loss=1.0))
@@ -187,6 +207,34 @@ def test_a_remote_process_whose_daemon_pins_the_key_is_not_waited_for_nor_named(
         assert not d1.events("guard_waiting"), d1.events("guard_waiting")
         assert c2.no_message()
         assert kv(etcd, P + "train/lr") == ("0.05", out["revision"])
+
+
+def test_a_remote_process_whose_daemon_pins_the_key_is_not_waited_for_nor_named(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # n2 holds train.lr with --set. c2 was waited for, then named in the outcome as one
+    # that "applied it but reported no loss".
+    guard_passes_without_waiting_for_c2(
+        etcd,
+        tmp_path,
+        ["--set", "train.lr=0.3"],
+        lambda entry, _: entry.get("pinned") == {"train.lr": "cli"},
+    )
+
+
+def test_a_remote_process_that_runs_the_guarded_value_already_is_not_waited_for(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    # n2's config file holds train.lr 0.05. Its daemon says so in c2's entry: it runs the
+    # change's revision with a state built before it. c2 was waited for, then named.
+    config = tmp_path / "n2.yaml"
+    config.write_text("train:\n  lr: 0.05\n")
+
+    def unchanged(entry: dict[str, Any], revision: int) -> bool:
+        built = entry.get("built")
+        return entry.get("revision") == revision and isinstance(built, int) and built < revision
+
+    guard_passes_without_waiting_for_c2(etcd, tmp_path, ["--config", str(config)], unchanged)
 
 
 def test_set_guard_over_an_infinite_value_in_etcd_records_it_as_rejected(
