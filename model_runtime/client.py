@@ -621,12 +621,12 @@ class LiveConfig:
             # The daemon's newest state: the one an earlier checkpoint replaced, if one did.
             latest = self._superseded or self._latest
             newer = latest is not None and _newer_than(latest, loaded)
-            if newer and self._restart_only:
+            running = self._running_restart_only(latest if newer else None)
+            if running:
                 # A resumed run starts with the daemon's restart-only values, at once: read
                 # after the load (a data loader built with the batch size), they must not
                 # change at the first apply.
-                assert latest is not None
-                loaded = with_held(loaded, _values_of(latest, self._restart_only))
+                loaded = with_held(loaded, running)
                 loaded.held = ()
             old, self._applied = self._applied, loaded
             self._unacked = False
@@ -641,6 +641,24 @@ class LiveConfig:
         if self._sync is not None:
             self._sync.loaded(newer=newer)
         self._hooks.run(old, loaded)
+
+    def _running_restart_only(self, newer: State | None) -> dict[str, Any]:
+        """The restart-only values a loaded checkpoint takes: the daemon's (``newer``, its
+        state newer than the checkpoint), else none (the checkpoint's stand).
+
+        Under a group, the values the ranks agreed on, which every rank holds whatever its
+        daemon says: each rank decides alone whether its daemon is newer (``_load`` runs no
+        collective), and two daemons may hold different restart-only values (one restarted
+        after a restart-only ``set``). Taken from one rank's own daemon, a batch size read
+        right after the load would differ across ranks, and the next agreement would
+        change it on some ranks only. In the usual case (the daemons agree) these are the
+        daemon's values as well."""
+        if not self._restart_only:
+            return {}
+        if self._sync is not None:
+            agreed = self._applied
+            return {} if agreed is NOTHING else _values_of(agreed, self._restart_only)
+        return {} if newer is None else _values_of(newer, self._restart_only)
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -233,6 +233,35 @@ def tie_worker(rank: int, rdzv: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def restart_only_worker(rank: int, rdzv: str, out: Path) -> None:
+    """Two ranks, each with its own stub daemon, load a checkpoint that rank 0's daemon is
+    newer than (version 5 over 3) and rank 1's is not (version 1): each rank decides that
+    alone, at the load."""
+    import torch.distributed as dist
+
+    from hotknob.model_runtime import LiveConfig
+    from tests.daemon_stub import DaemonStub
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=2)
+    base = {"train": {"lr": 0.001, "batch_size": 64}}
+    version = 5 if rank == 0 else 1
+    restart_only = ("train.batch_size",)
+    with DaemonStub(out / f"ro-{rank}.sock", base, version=version, restart_only=restart_only):
+        live = LiveConfig.connect(
+            str(out / f"ro-{rank}.sock"), timeout=10, distributed=True, sync_every=1
+        )
+        saved = live.state_dict()
+        saved["version"] = 3
+        saved["values"]["train"] = {"lr": 0.5, "batch_size": 16}
+        live.load_state_dict(saved)
+        loaded = [live["train.batch_size"], live["train.lr"]]
+        steps = [[step, live.apply(step), live["train.batch_size"]] for step in range(1, 4)]
+        live.close()
+    result = {"loaded": loaded, "steps": steps}
+    (out / f"restart_only-{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
 # -- the tests --------------------------------------------------------------------------
 
 
@@ -391,6 +420,19 @@ def test_protocol_cases_two_ranks_each_with_its_own_daemon(tmp_path: Path) -> No
     assert r0["acked"] == [1, 2, 3, 4, 5]
 
 
+def test_a_checkpoint_loaded_on_every_rank_keeps_the_agreed_restart_only_values(
+    tmp_path: Path,
+) -> None:
+    """Only rank 0's daemon is newer than the checkpoint: rank 0 took its daemon's batch
+    size at the load and rank 1 the checkpoint's, so a data loader built right after the
+    load differed across ranks. Every rank keeps the values the ranks agreed on."""
+    r0, r1 = _run_two_ranks("restart_only", tmp_path)
+    assert r0["loaded"] == r1["loaded"] == [64, 0.5]
+    assert r0["steps"] == r1["steps"]
+    # Rank 0's daemon is newer: both take their daemons' state back, at the first call.
+    assert r0["steps"] == [[1, True, 64], [2, False, 64], [3, False, 64]]
+
+
 def _run_two_ranks(kind: str, tmp_path: Path) -> list[dict[str, Any]]:
     """Run ``python -m tests.test_distributed KIND RANK ...`` for ranks 0 and 1; their
     results."""
@@ -450,5 +492,7 @@ if __name__ == "__main__":
         protocol_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "tie":
         tie_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[1] == "restart_only":
+        restart_only_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     else:
         worker(int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
