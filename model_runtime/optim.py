@@ -614,10 +614,11 @@ class OptimizerBinding:
         only if momentum is > 0 at the first step and reads it at every later step with
         momentum > 0. RMSprop's state is known by its ``square_avg`` rather than by the
         optimizer's class, so that a wrapper around one (which shares its param groups
-        and state) is covered too."""
-        state = getattr(self.optimizer, "state", None) or {}
+        and state) is covered too, and so is one that keeps the state in an optimizer of
+        its own (``_param_states``)."""
+        states = self._param_states()
         for p in group["params"]:
-            param_state = state.get(p)
+            param_state = next((s[p] for s in states if s.get(p)), None)
             if not param_state:
                 continue
             if "square_avg" in param_state:
@@ -630,6 +631,20 @@ class OptimizerBinding:
                     buffer.zero_()  # in place, as a captured graph may hold it
             elif fresh:
                 param_state.pop("momentum_buffer", None)
+
+
+    def _param_states(self) -> list[Mapping[Any, Any]]:
+        """The per-param state of the optimizer, and of the one it keeps its params' state
+        in where that is not shared: ``ZeroRedundancyOptimizer`` (torch.distributed) copies
+        its param groups' settings into an optimizer of its own (``optim``) at each step,
+        and only that one holds the state (of this rank's shard)."""
+        found: list[Mapping[Any, Any]] = []
+        for optimizer in optimizer_chain(self.optimizer):
+            for holder in (optimizer, getattr(optimizer, "optim", None)):
+                state = getattr(holder, "state", None)
+                if isinstance(state, Mapping) and state and not any(state is s for s in found):
+                    found.append(state)
+        return found
 
 
 def _position(cosine: Any, bases: list[float], lrs_now: list[float], floor: float) -> float:

@@ -566,14 +566,39 @@ def test_rmsprop_momentum_from_zero_after_its_first_step(foreach: bool) -> None:
     assert all(opt.state[p]["momentum_buffer"].abs().sum() > 0 for p in m.parameters())
 
 
-@pytest.mark.parametrize("kind", ["sgd", "rmsprop"])
-def test_momentum_back_on_after_a_live_zero_starts_afresh(kind: str) -> None:
+@pytest.fixture(scope="module")
+def gloo_world_of_one(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A torch.distributed group of this process alone: what ``ZeroRedundancyOptimizer``
+    needs to be built."""
+    import torch.distributed as dist
+
+    rendezvous = tmp_path_factory.mktemp("gloo") / "rdzv"
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "rmsprop", "zero-sgd", "zero-rmsprop"])
+def test_momentum_back_on_after_a_live_zero_starts_afresh(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
     p = torch.nn.Parameter(torch.zeros(1))
     opt: torch.optim.Optimizer
-    if kind == "sgd":
-        opt = torch.optim.SGD([p], lr=1.0, momentum=0.9)
+    rmsprop = kind.endswith("rmsprop")
+    cls: type[torch.optim.Optimizer] = torch.optim.RMSprop if rmsprop else torch.optim.SGD
+    lr = 0.1 if rmsprop else 1.0
+    if kind.startswith("zero"):
+        # Its state lives in an optimizer of its own (``.optim``), not shared with it.
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        request.getfixturevalue("gloo_world_of_one")
+        opt = ZeroRedundancyOptimizer([p], optimizer_class=cls, lr=lr, momentum=0.9)
+        state = opt.optim.state
     else:
-        opt = torch.optim.RMSprop([p], lr=0.1, momentum=0.9)
+        opt = cls([p], lr=lr, momentum=0.9)
+        state = opt.state
     binding = OptimizerBinding(opt)
 
     def step(grad: float) -> float:
@@ -589,16 +614,16 @@ def test_momentum_back_on_after_a_live_zero_starts_afresh(kind: str) -> None:
     for _ in range(20):
         step(-1.0)  # the buffer is not updated while momentum is 0
     _set(binding, momentum=0.9)
-    if kind == "sgd":
-        assert "momentum_buffer" not in opt.state[p]  # made from the gradient next step
+    if not rmsprop:
+        assert "momentum_buffer" not in state[p]  # made from the gradient next step
         assert step(-1.0) == pytest.approx(1.0)  # lr * grad, as at a first step
     else:
-        assert torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p))
+        assert torch.equal(state[p]["momentum_buffer"], torch.zeros_like(p))
         assert step(-1.0) > 0  # the old buffer moved it by about -2
     # Between two values above 0 the buffer is kept.
-    buffer = opt.state[p]["momentum_buffer"].clone()
+    buffer = state[p]["momentum_buffer"].clone()
     _set(binding, momentum=0.5)
-    assert torch.equal(opt.state[p]["momentum_buffer"], buffer)
+    assert torch.equal(state[p]["momentum_buffer"], buffer)
 
 
 # --- a scheduler the binding was not given ----------------------------------------------
