@@ -213,7 +213,7 @@ class StepSync:
                 "etcd revision and no rank holds the others' (node-local layers "
                 "differ?); rank %d's values win",
                 revision,
-                source,
+                self._global_rank(source),
             )
         payload = self._broadcast(mine, source)
         if mine is not None:
@@ -246,6 +246,13 @@ class StepSync:
             return False
         live._apply_state(state, step, ack=ack)
         return True
+
+    def _global_rank(self, group_rank: int) -> int:
+        """The global rank of the group's rank ``group_rank``: what client names and
+        ``status`` say (``-rankN``), also under a ``process_group`` of some ranks."""
+        if self._group is None:
+            return group_rank
+        return int(self._dist.get_global_rank(self._group, group_rank))
 
     # -- collectives: tensors on the group's device, results as Python ints ---------------
 

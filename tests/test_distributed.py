@@ -262,6 +262,34 @@ def restart_only_worker(rank: int, rdzv: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def subgroup_worker(rank: int, rdzv: str, out: Path) -> None:
+    """Four ranks in two groups of two (``process_group=``), each rank with its own stub
+    daemon; the two daemons of a group hold different values at one revision."""
+    import logging
+
+    import torch.distributed as dist
+
+    from hotknob.model_runtime import LiveConfig
+    from tests.daemon_stub import DaemonStub
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=4)
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank makes both
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("hotknob.model_runtime").addHandler(handler)
+    path = out / f"group-{rank}.sock"
+    with DaemonStub(path, {"train": {"lr": 0.001 * (rank + 1)}}):
+        live = LiveConfig.connect(
+            str(path), timeout=10, distributed=True, process_group=groups[rank // 2]
+        )
+        lr = live["train.lr"]
+        live.close()
+    (out / f"subgroup-{rank}.json").write_text(json.dumps({"lr": lr, "warned": warned}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 # -- the tests --------------------------------------------------------------------------
 
 
@@ -433,11 +461,22 @@ def test_a_checkpoint_loaded_on_every_rank_keeps_the_agreed_restart_only_values(
     assert r0["steps"] == [[1, True, 64], [2, False, 64], [3, False, 64]]
 
 
-def _run_two_ranks(kind: str, tmp_path: Path) -> list[dict[str, Any]]:
-    """Run ``python -m tests.test_distributed KIND RANK ...`` for ranks 0 and 1; their
-    results."""
+def test_under_a_process_group_the_warning_names_the_global_rank(tmp_path: Path) -> None:
+    """``live_ranks_disagree`` named the winner by its rank in the group: "rank 0's values
+    win" on ranks 2 and 3, whose group's first rank is global rank 2, as status names it."""
+    results = _run_two_ranks("subgroup", tmp_path, world=4)
+    assert [r["lr"] for r in results] == [0.001, 0.001, 0.003, 0.003]
+    warned = [[w for w in r["warned"] if w.startswith("live_ranks_disagree")] for r in results]
+    assert [len(w) for w in warned] == [0, 1, 0, 1]  # the ranks whose values lost say so
+    assert "rank 0's values win" in warned[1][0], warned
+    assert "rank 2's values win" in warned[3][0], warned
+
+
+def _run_two_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[dict[str, Any]]:
+    """Run ``python -m tests.test_distributed KIND RANK ...`` for each rank of ``world``
+    (ranks 0 and 1); their results."""
     procs = []
-    for rank in range(2):
+    for rank in range(world):
         log = open(tmp_path / f"{kind}-{rank}.log", "wb")  # noqa: SIM115 (the child keeps it)
         procs.append(
             subprocess.Popen(
@@ -457,7 +496,7 @@ def _run_two_ranks(kind: str, tmp_path: Path) -> list[dict[str, Any]]:
                 p.wait()
     for rank, p in enumerate(procs):
         assert p.returncode == 0, (tmp_path / f"{kind}-{rank}.log").read_text()
-    return [json.loads((tmp_path / f"{kind}-{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp_path / f"{kind}-{r}.json").read_text()) for r in range(world)]
 
 
 def test_a_file_edit_waits_for_every_rank_and_values_from_another_rank_are_acked_later(
@@ -492,6 +531,8 @@ if __name__ == "__main__":
         protocol_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "tie":
         tie_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[1] == "subgroup":
+        subgroup_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "restart_only":
         restart_only_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     else:
