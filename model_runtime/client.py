@@ -246,12 +246,27 @@ class LiveConfig:
         got_state = live._first_state.wait(timeout)
         everyone = got_state if sync is None else sync.all_true(got_state)
         if not everyone:
-            reason = live._conn.last_error if not got_state else "another rank got no snapshot"
+            # Under a group every rank is here: which ranks got nothing is one more
+            # collective, so that each names them.
+            silent = sync.ranks_without(got_state) if sync is not None else []
+            reason = live._conn.last_error
             live.close()
+            if got_state:  # this rank's daemon answered; another rank's did not
+                raise DaemonUnavailable(
+                    f"rank(s) {', '.join(map(str, silent))} got no snapshot from their "
+                    f"hotknob daemon within {timeout:g} s (this rank's, at {path}, "
+                    "answered): start one on their nodes, or check the socket they are given",
+                    path=path,
+                    app=app_name,
+                )
+            where = (
+                "" if socket is not None else f"start one with `hotknob run --app {app_name}`, or "
+            )
             raise DaemonUnavailable(
-                f"no hotknob daemon at {path} after {timeout:g} s: start one with "
-                f"`hotknob run --app {app_name}`, or pass socket= / set HOTKNOB_SOCKET"
-                + (f" (last error: {reason})" if reason else ""),
+                f"no hotknob daemon at {path} after {timeout:g} s: {where}pass socket= / set "
+                "HOTKNOB_SOCKET"
+                + (f" (last error: {reason})" if reason else "")
+                + (f" (ranks without one: {', '.join(map(str, silent))})" if silent else ""),
                 path=path,
                 app=app_name,
             )

@@ -158,6 +158,11 @@ class StepSync:
         """True on every rank iff ``flag`` is True on every rank (one collective)."""
         return self._min([1 if flag else 0])[0] == 1
 
+    def ranks_without(self, flag: bool) -> list[int]:
+        """The global ranks where ``flag`` is False (one collective, on every rank)."""
+        flags = self._gather_ints(1 if flag else 0)
+        return [self._global_rank(r) for r, f in enumerate(flags) if not f]
+
     def loaded(self, *, newer: bool) -> None:
         """A checkpoint was loaded; ``newer`` if this rank's daemon had sent a newer state.
         The ranks decide at the next agreement (``agree``)."""
@@ -263,6 +268,12 @@ class StepSync:
         tensor = self._tensor(values)
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MIN, group=self._group)
         return [int(v) for v in tensor.tolist()]
+
+    def _gather_ints(self, value: int) -> list[int]:
+        mine = self._tensor([value])
+        parts = [self._torch.empty_like(mine) for _ in range(self.group_size)]
+        self._dist.all_gather(parts, mine, group=self._group)
+        return [int(p[0]) for p in parts]
 
     def _gather(self, revision: int, digest: int) -> list[tuple[int, int]]:
         mine = self._tensor([revision, digest])

@@ -632,7 +632,6 @@ class OptimizerBinding:
             elif fresh:
                 param_state.pop("momentum_buffer", None)
 
-
     def _param_states(self) -> list[Mapping[Any, Any]]:
         """The per-param state of the optimizer, and of the one it keeps its params' state
         in where that is not shared: ``ZeroRedundancyOptimizer`` (torch.distributed) copies

@@ -290,6 +290,30 @@ def subgroup_worker(rank: int, rdzv: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def absent_worker(rank: int, rdzv: str, out: Path) -> None:
+    """Two ranks; only rank 0's node has a daemon (a stub)."""
+    import torch.distributed as dist
+
+    from hotknob.model_runtime import DaemonUnavailable, LiveConfig
+    from tests.daemon_stub import DaemonStub
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=2)
+    path = out / f"absent-{rank}.sock"
+    stub = DaemonStub(path, {"train": {"lr": 0.001}}) if rank == 0 else None
+    if stub is not None:
+        stub.start()
+    try:
+        LiveConfig.connect(str(path), timeout=2, distributed=True)
+        error = ""
+    except DaemonUnavailable as exc:
+        error = str(exc)
+    finally:
+        if stub is not None:
+            stub.stop()
+    (out / f"absent-{rank}.json").write_text(json.dumps({"error": error}))
+    dist.destroy_process_group()
+
+
 # -- the tests --------------------------------------------------------------------------
 
 
@@ -472,6 +496,17 @@ def test_under_a_process_group_the_warning_names_the_global_rank(tmp_path: Path)
     assert "rank 2's values win" in warned[3][0], warned
 
 
+def test_a_rank_whose_daemon_answered_names_the_rank_that_got_nothing(tmp_path: Path) -> None:
+    """Rank 0's daemon is up, rank 1's is not: rank 0's error said there was no daemon at
+    its own socket and told it to start one there."""
+    r0, r1 = _run_two_ranks("absent", tmp_path)
+    assert r0["error"].startswith("rank(s) 1 got no snapshot from their hotknob daemon"), r0
+    assert "absent-0.sock, answered" in r0["error"]
+    assert r1["error"].startswith("no hotknob daemon at "), r1
+    assert "absent-1.sock after 2 s: pass socket=" in r1["error"]  # socket= was given
+    assert "(ranks without one: 1)" in r1["error"]
+
+
 def _run_two_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[dict[str, Any]]:
     """Run ``python -m tests.test_distributed KIND RANK ...`` for each rank of ``world``
     (ranks 0 and 1); their results."""
@@ -531,6 +566,8 @@ if __name__ == "__main__":
         protocol_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "tie":
         tie_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[1] == "absent":
+        absent_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "subgroup":
         subgroup_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "restart_only":
