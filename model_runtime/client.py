@@ -428,21 +428,29 @@ class LiveConfig:
     def _adopt(self, state: State) -> bool:
         """If the applied values came from another rank unacknowledged and ``state``, sent
         by this rank's daemon, holds the same values: make ``state`` the applied one (its
-        version is this daemon's) and acknowledge it at the step those values were applied.
-        Nothing runs: no value changes. True if it did."""
+        version is this daemon's) and acknowledge it (``_renumbered``). True if it did."""
         with self._lock:
-            applied = self._applied
-            if not self._unacked or state.digest != applied.digest:
+            if not self._unacked or state.digest != self._applied.digest:
                 return False
+        self._renumbered(state, ack=True)
+        return True
+
+    def _renumbered(self, state: State, *, ack: bool) -> None:
+        """Make ``state``, which holds the applied values under another version or revision
+        (this rank's daemon's own, or the one it renumbered them with at a restart), the
+        applied one; ``ack`` it at the step those values were applied, as a single process
+        does (``_receive``): ``status``, checkpoints and guards place the change there.
+        Nothing runs: no value changes. Called by ``StepSync.agree``."""
+        with self._lock:
             pending = self._pending
             if pending is not None and pending.digest == state.digest:
                 self._pending = None
             self._applied = state
-            self._unacked = False
+            self._unacked = not ack
             step = self._applied_step
-        if _ackable(step):
-            self._conn.send(protocol.applied(state.version, step))
-        return True
+        if ack and _ackable(step):
+            held = {"held": list(state.held)} if state.held else {}
+            self._conn.send(protocol.applied(state.version, step, **held))
 
     def _after_apply(self, old: State, new: State, step: int, *, ack: bool) -> None:
         errors = self._hooks.run(old, new)

@@ -237,9 +237,10 @@ class StepSync:
         The same values, applied unacknowledged from another rank, are acknowledged now
         (``LiveConfig._adopt``), at the step they were applied. The same values under
         another version or revision (this rank's daemon restarted and renumbered its
-        state) are taken in and acknowledged at this call, but count as no change: a rank
-        whose daemon did not restart sees none, and ``apply`` must not return True on some
-        ranks only (a training loop may enter a collective on it)."""
+        state) are taken in and acknowledged, also at the step they were applied, and
+        count as no change: a rank whose daemon did not restart sees none, and ``apply``
+        must not return True on some ranks only (a training loop may enter a collective
+        on it)."""
         applied = live._applied
         if state is applied:
             return False
@@ -247,7 +248,7 @@ class StepSync:
             if ack and live._adopt(state):
                 return False
             if state.version != applied.version or state.revision != applied.revision:
-                live._apply_state(state, step, ack=ack)
+                live._renumbered(state, ack=ack)
             return False
         live._apply_state(state, step, ack=ack)
         return True
