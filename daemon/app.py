@@ -208,6 +208,12 @@ class Daemon:
             on_unchanged=lambda revision: self._post(self._revision_unchanged, revision),
             on_restart_pending=lambda: self._post(self.feedback.daemon_fields_changed),
         )
+        engine = self.engine
+        # Read at each scrape, as ``/healthz`` reads them: the engine sets the latency once
+        # its change is published, after the push (``_push`` runs within it), and moves its
+        # revision without a push for a revision that changed no value in force.
+        self.metrics.last_change_latency.set_function(lambda: engine.last_change_seconds)
+        self.metrics.revision.set_function(lambda: engine.revision)
         file_state = self._start_files(self.engine.saved_files(ctx.config_files))
         kvs, revision = await self._start_etcd()
         self._etcd_at_start = ctx.etcd is not None and kvs is not None
@@ -601,9 +607,6 @@ class Daemon:
             if self.server is not None:
                 self.server.publish(published)
             self.metrics.version.set(published.version)
-            self.metrics.revision.set(published.revision)
-            if self.engine is not None:
-                self.metrics.last_change_latency.set(self.engine.last_change_seconds)
 
     def health(self) -> dict[str, Any]:
         """For ``/healthz`` (the HTTP thread). Not ok before the first snapshot is in force,

@@ -59,6 +59,7 @@ class Connection:
         self.busy = False
         self.writer_task: asyncio.Task[None] | None = None
         self.reason: str | None = None
+        self.said_ack_ignored = False  # ``applied_ignored`` is logged once per connection
         self.lock = threading.RLock()
         self._loop = asyncio.get_running_loop()
         self._out: socket.socket | None = None
@@ -69,12 +70,27 @@ class Connection:
         return self.writer.transport.is_closing()
 
     def open_side_channel(self) -> None:
-        """Let other threads write to this client (``send_from_thread``). Loop thread."""
+        """Let other threads write to this client (``send_from_thread``). Loop thread.
+
+        Opened once the client said ``hello`` (it costs a file descriptor, and a
+        connection that has not said it is sent nothing). Without a descriptor to spare
+        (the process is at its limit) the connection goes on without one: every state
+        then goes through the loop, a little later, as it does for a busy client."""
         fd = self.writer.get_extra_info("socket").fileno()
-        out = socket.socket(fileno=os.dup(fd))
+        try:
+            out = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return
         out.setblocking(False)
         with self.lock:
             self._out = out
+
+    def offered_version(self) -> int | None:
+        """The newest version this connection was sent or has waiting to be sent (None
+        before the first): a process can have applied no later one. Any thread."""
+        with self.lock:
+            states = (self.last_sent, self.pending)
+        return max((state.version for state in states if state is not None), default=None)
 
     def idle(self) -> bool:
         """Whether a state may be written now, ahead of the writer task: one was sent

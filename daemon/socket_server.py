@@ -22,12 +22,18 @@ What is guaranteed:
   that reads slowly receives fewer updates, each with ``changed`` computed
   against what *it* was last sent, and always ends on the newest state; it never
   delays other clients. The daemon's memory per client is bounded: the writer
-  waits for the transport to drain after each line, a client whose drain stays
-  blocked past ``drain_timeout`` or whose buffer passes ``max_write_buffer`` is
-  disconnected.
+  waits for the transport to drain after each line, a client that takes nothing of it
+  for ``drain_timeout`` (one that reads, however slowly, is not stuck) or whose buffer
+  passes ``max_write_buffer`` is disconnected.
 - Errors: a malformed line, an unknown type, a wrong protocol, a message before
-  ``hello``, a line over ``protocol.MAX_LINE_BYTES`` or invalid UTF-8 gets an
-  ``error`` line and that connection alone is closed.
+  ``hello``, a line over ``protocol.MAX_LINE_BYTES``, invalid UTF-8 or a lone surrogate
+  gets an ``error`` line and that connection alone is closed; so does a connection that
+  sends no ``hello`` within ``hello_timeout``. An ``applied`` for a version newer than
+  any the connection was sent is ignored (``applied_ignored``): no process applied it.
+- Resources: a connection costs one file descriptor until its ``hello``, two after
+  (``socket_conn``). A process out of descriptors cannot accept: that is one log line
+  (``accept_failed``) at most every ``ACCEPT_FAILED_LOG_EVERY_S``, not the loop's
+  traceback per attempt, and connections wait in the backlog until descriptors are free.
 - Names: each connected client's ``ClientInfo.name`` is unique. A ``hello`` with a
   name another connection has gets ``<name>-2`` (or the first free number), logged
   as ``client_renamed``; the client is told nothing (the protocol has no field for it).
@@ -36,7 +42,8 @@ What is guaranteed:
 
 Log events: ``socket_listening``, ``stale_socket_removed``, ``client_connected``,
 ``client_renamed``, ``client_disconnected``, ``client_refused``, ``client_error``,
-``callback_failed``, ``event_dropped``, ``publish_out_of_order``, ``socket_closed``.
+``applied_ignored``, ``accept_failed``, ``callback_failed``, ``event_dropped``,
+``publish_out_of_order``, ``socket_closed``.
 """
 
 from __future__ import annotations
@@ -44,10 +51,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
+import json
 import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,11 +77,21 @@ from .socket_path import (
     lock_socket_path,
     prepare_folder,
 )
+from .table import cut
 
 __all__ = ["ClientInfo", "Published", "SocketInUse", "SocketPathError", "SocketServer"]
 
 DEFAULT_MAX_WRITE_BUFFER = 4 * 1024 * 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_HELLO_TIMEOUT_S = 30.0
+"""How long a connection may stay open without its ``hello``: long enough to type one
+into ``socat``; each such connection holds a file descriptor."""
+DRAIN_CHECK_S = 1.0
+"""While a client is slow to take a line, how often the server looks whether it took any
+of it: a client is dropped for taking nothing for ``drain_timeout``, not for being slow."""
+ACCEPT_FAILED_LOG_EVERY_S = 10.0
+LOGGED_EXTRA_FIELDS = 16
+LOGGED_EXTRA_CHARS = 200
 
 _PEERCRED = struct.Struct("3i")
 _HELLO_FIELDS = frozenset({"type", "protocol", "client", "pid"})
@@ -97,8 +117,11 @@ class SocketServer:
         log: Any = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
+        hello_timeout: float | None = None,
         restart_only: Iterable[str] = (),
     ):
+        """``hello_timeout``: ``DEFAULT_HELLO_TIMEOUT_S`` if None, read when the server is
+        made (a test's daemon sets it before)."""
         self._path = Path(path)
         self._restart_only = sorted(restart_only)  # named in each snapshot
         self._current = current
@@ -109,7 +132,12 @@ class SocketServer:
         self._log = log if log is not None else structlog.get_logger(__name__)
         self._max_write_buffer = max_write_buffer
         self._drain_timeout = drain_timeout
+        self._hello_timeout = DEFAULT_HELLO_TIMEOUT_S if hello_timeout is None else hello_timeout
         self._server: asyncio.AbstractServer | None = None
+        self._listening_fd: int | None = None
+        self._loop_handler: Any = None  # the loop's exception handler before ``start``
+        self._accept_failures = 0  # since ``accept_failed`` was last logged
+        self._accept_failed_at = float("-inf")
         self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file
         self._lock_fd: int | None = None
         self._reserved = False
@@ -204,7 +232,44 @@ class SocketServer:
             self._remove_socket_file()
             self._release_lock()
             raise
+        loop = asyncio.get_running_loop()
+        self._listening_fd = sock.fileno()
+        self._loop_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._on_loop_exception)
         self._log.info("socket_listening", path=str(self._path))
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The loop's exception handler while the server listens. A failed ``accept`` on
+        this server's socket (the process is out of file descriptors, or the system out of
+        memory) is said in one line, ``accept_failed``: the loop reports each failure with
+        a traceback and tries again many times a second, which would bury the log. What
+        else the loop reports goes where it went before."""
+        sock = context.get("socket")
+        exc = context.get("exception")
+        fd = self._listening_fd
+        if fd is not None and isinstance(exc, OSError) and sock is not None and sock.fileno() == fd:
+            self._accept_failed(exc)
+        elif self._loop_handler is not None:
+            self._loop_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log ``accept_failed`` at most every ``ACCEPT_FAILED_LOG_EVERY_S``, with how many
+        accepts failed since the last line (this one's included)."""
+        self._accept_failures += 1
+        now = time.monotonic()
+        if now - self._accept_failed_at < ACCEPT_FAILED_LOG_EVERY_S:
+            return
+        self._log.error(
+            "accept_failed",
+            error=exc.strerror or str(exc),
+            failures=self._accept_failures,
+            detail="new connections wait until descriptors are free: raise the daemon's "
+            "limit (ulimit -n), or find what holds connections to the socket open",
+        )
+        self._accept_failures = 0
+        self._accept_failed_at = now
 
     def publish(self, new: Published) -> None:
         """Make ``new`` the state every client converges to; a version not newer is ignored.
@@ -282,6 +347,10 @@ class SocketServer:
         if self._server is not None:
             self._server.close()
             self._remove_socket_file()
+            loop = asyncio.get_running_loop()
+            if loop.get_exception_handler() == self._on_loop_exception:
+                loop.set_exception_handler(self._loop_handler)
+            self._listening_fd = None
         for conn in list(self._conns.values()):
             conn.drop("daemon closing")
         if self._handlers:
@@ -334,6 +403,9 @@ class SocketServer:
         self._handlers.add(task)
         try:
             await self._serve(reader, writer)
+        except Exception:  # this connection's own fault: one log line, the others go on
+            self._log.exception("client_error", error="internal error in the connection")
+            writer.transport.abort()
         finally:
             self._handlers.discard(task)
 
@@ -358,7 +430,6 @@ class SocketServer:
             elif self._close_task is not None:
                 conn.drop("daemon closing")
             else:
-                conn.open_side_channel()
                 self._conns[conn_id] = conn
                 conn.writer_task = asyncio.create_task(self._write_loop(conn))
                 await self._read_loop(conn)
@@ -366,11 +437,20 @@ class SocketServer:
             await self._finish(conn)
 
     async def _read_loop(self, conn: Connection) -> None:
-        """Handle lines until EOF or an error; a last line without a newline still counts."""
+        """Handle lines until EOF or an error; a last line without a newline still counts.
+        A connection that sends no ``hello`` within ``hello_timeout`` is closed."""
         eof = False
+        hello_by = time.monotonic() + self._hello_timeout
         while not eof and not conn.closing:
             try:
-                line = await conn.reader.readuntil(b"\n")
+                if conn.info is None:
+                    left = hello_by - time.monotonic()
+                    line = await asyncio.wait_for(conn.reader.readuntil(b"\n"), max(left, 0))
+                else:
+                    line = await conn.reader.readuntil(b"\n")
+            except TimeoutError:
+                self._reject(conn, f'no "hello" within {self._hello_timeout:g} s')
+                return
             except asyncio.IncompleteReadError as exc:
                 line, eof = exc.partial, True
             except asyncio.LimitOverrunError:
@@ -412,9 +492,32 @@ class SocketServer:
             return
         assert conn.info is not None
         if kind == protocol.APPLIED:
-            self._call(conn, self._on_applied, conn.info, message)
+            if self._was_offered(conn, message["version"]):
+                self._call(conn, self._on_applied, conn.info, message)
         elif kind == protocol.METRICS:
             self._call(conn, self._on_metrics, conn.info, message)
+
+    def _was_offered(self, conn: Connection, version: int) -> bool:
+        """Whether ``version`` is one this connection may have applied: none newer than
+        the newest it was sent (or has waiting: a client may ack the state it runs before
+        it reads its snapshot). A newer one is no state of this daemon's for that process,
+        and recorded it would show in ``status`` as applied: it is ignored, and logged
+        once per connection (``applied_ignored``), not refused, since the process behind
+        it may be well (a run resumed from a checkpoint acks the version it loaded), and
+        an ``error`` would close its connection at every reconnect."""
+        offered = conn.offered_version()
+        if offered is not None and version <= offered:
+            return True
+        if not conn.said_ack_ignored:
+            conn.said_ack_ignored = True
+            conn.log.warning(
+                "applied_ignored",
+                version=version,
+                newest_sent=offered,
+                reason="newer than any version this connection was sent; "
+                "further ones on this connection are ignored without a line",
+            )
+        return False
 
     def _unique_name(self, requested: str) -> str:
         """``requested``, or if a connected client has it, ``requested-2``, ``-3``... (the
@@ -435,6 +538,7 @@ class SocketServer:
         name = self._unique_name(requested)
         if name != requested:
             conn.log.info("client_renamed", requested=requested, client=name, pid=pid)
+        conn.open_side_channel()
         info = ClientInfo(
             id=conn.id,
             name=name,
@@ -455,7 +559,7 @@ class SocketServer:
                 conn.info = info
                 conn.offer(state)
         conn.log = conn.log.bind(client=info.name, pid=pid)
-        conn.log.info("client_connected", **info.extra)
+        conn.log.info("client_connected", **_logged_extra(info.extra))
         conn.wake.set()
 
     def _call(self, conn: Connection, callback: Callable[..., None] | None, *args: Any) -> None:
@@ -485,8 +589,10 @@ class SocketServer:
                     continue
                 if conn.last_sent is not None and target.version <= conn.last_sent.version:
                     continue
-                await self._send(conn, self._message_for(conn.last_sent, target))
+                data = self._message_for(conn.last_sent, target)
+                # Sent before the wait for the client to take it: its ack may come first.
                 conn.last_sent = target
+                await self._send(conn, data)
         except Stuck as exc:
             conn.log.warning("client_error", error=str(exc))
             conn.drop(str(exc), abort=True)
@@ -507,12 +613,19 @@ class SocketServer:
         if transport.get_write_buffer_size() > self._max_write_buffer:
             raise Stuck(f"not reading: over {self._max_write_buffer} bytes waiting")
         conn.write(data)
-        if transport.get_write_buffer_size() == 0:
-            return
-        try:
-            await asyncio.wait_for(conn.writer.drain(), self._drain_timeout)
-        except TimeoutError:
-            raise Stuck(f"not reading: blocked for {self._drain_timeout:g} s") from None
+        left = transport.get_write_buffer_size()
+        took_at = time.monotonic()
+        while left:
+            wait = took_at + self._drain_timeout - time.monotonic()
+            if wait <= 0:
+                raise Stuck(f"not reading: took nothing for {self._drain_timeout:g} s")
+            try:
+                await asyncio.wait_for(conn.writer.drain(), min(wait, DRAIN_CHECK_S))
+                return
+            except TimeoutError:
+                now_left = transport.get_write_buffer_size()
+                if now_left < left:  # it reads, however slowly
+                    left, took_at = now_left, time.monotonic()
 
     def _message_for(self, sent: Published | None, target: Published) -> bytes:
         """The encoded snapshot (``sent`` is None) or update; shared by clients at one version."""
@@ -570,3 +683,29 @@ class SocketServer:
                 return
             with contextlib.suppress(protocol.ProtocolError):
                 conn.write(self._message_for(conn.last_sent, target))
+
+
+def _logged_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``hello``'s extra fields as ``client_connected`` logs them: each as
+    ``extra_<name>``, so that none takes the place of what the daemon logs itself (the
+    kernel's ``uid`` and ``peer_pid``, ``client_id``, ``event``) or of the logger's own
+    arguments, and one named like a credential is still masked by its name. A client may
+    send a MiB of them: the first ``LOGGED_EXTRA_FIELDS`` are logged, a value longer than
+    ``LOGGED_EXTRA_CHARS`` (as JSON) cut to that, and ``extra_fields_not_logged`` counts
+    the rest."""
+    logged: dict[str, Any] = {}
+    for name, value in itertools.islice(extra.items(), LOGGED_EXTRA_FIELDS):
+        shown: Any = value
+        if isinstance(value, str):
+            shown = cut(value, LOGGED_EXTRA_CHARS)
+        else:
+            try:
+                text = json.dumps(value)
+            except RecursionError:
+                text = "(not shown: nested too deeply)"
+            if len(text) > LOGGED_EXTRA_CHARS:
+                shown = cut(text, LOGGED_EXTRA_CHARS)
+        logged[f"extra_{cut(name, 64)}"] = shown
+    if len(extra) > LOGGED_EXTRA_FIELDS:
+        logged["extra_fields_not_logged"] = len(extra) - LOGGED_EXTRA_FIELDS
+    return logged

@@ -63,6 +63,15 @@ def _reject_constant(name: str) -> Any:
 # call that passes options. Both are stateless between calls, so threads may share them.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# What a decoded line is written back as to check that it is text (``_require_text``): it
+# may hold the infinity a number too large for a float reads as.
+_TEXT_CHECK = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+# The escape of a surrogate (``\ud800`` to ``\udfff``): in a pair, one character beyond
+# the first 65,536; alone, no character at all.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+LONE_SURROGATE: Final = (
+    'line is not valid text (a lone surrogate: an escape from "\\ud800" to "\\udfff" not in a pair)'
+)
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
@@ -90,8 +99,9 @@ def encode(message: Mapping[str, Any]) -> bytes:
 def decode(line: bytes | str) -> dict[str, Any]:
     """Parse one line into a message dict with a string ``type``.
 
-    Checks only the framing (size, UTF-8, JSON object, ``type``); the meaning
-    of each field is checked by ``validate_client_message`` or by the client.
+    Checks only the framing (size, UTF-8, JSON object, ``type``, text that is valid
+    Unicode); the meaning of each field is checked by ``validate_client_message`` or by
+    the client.
     """
     if isinstance(line, str):
         line = line.encode("utf-8")
@@ -122,10 +132,27 @@ def decode(line: bytes | str) -> dict[str, Any]:
         raise ProtocolError("line is nested too deeply to decode") from None
     if not isinstance(message, dict):
         raise ProtocolError("message must be a JSON object")
+    if b"\\u" in line and _SURROGATE_ESCAPE.search(line):
+        _require_text(message)
     kind = message.get("type")
     if not isinstance(kind, str):
         raise ProtocolError('message needs a string "type"')
     return message
+
+
+def _require_text(message: dict[str, Any]) -> None:
+    """Raise ``ProtocolError`` if a string of ``message`` (a key or a value) holds a lone
+    surrogate. JSON text may escape one (``"\\ud800"``), and it decodes to a Python
+    string that no UTF-8 output takes: a client name or a metric name holding one would
+    break every scrape of ``/metrics`` and that client's status entry, so it is refused
+    here, as invalid UTF-8 is, and as every config layer refuses it. Only a line with a
+    surrogate's escape is checked: no other way into a decoded string has one."""
+    try:
+        _TEXT_CHECK.encode(message).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(LONE_SURROGATE) from None
+    except RecursionError:
+        raise ProtocolError("line is nested too deeply to decode") from None
 
 
 def require_int(message: Mapping[str, Any], field: str, *, minimum: int = 0) -> int:
@@ -187,7 +214,8 @@ def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> 
         if said_hello:
             raise ProtocolError('"hello" was already sent on this connection')
         protocol = message.get("protocol")
-        if protocol != PROTOCOL_VERSION:
+        # The integer itself: ``true`` and ``1.0`` equal 1 in Python, not in the protocol.
+        if type(protocol) is not int or protocol != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"unsupported protocol {protocol!r}: this daemon speaks {PROTOCOL_VERSION}"
             )
