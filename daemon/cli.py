@@ -22,10 +22,15 @@ from hotknob.config import DEFAULT_SCHEMA, HotknobError, UsageError
 from hotknob.config.merge import DEFAULT_PRECEDENCE
 from hotknob.config.sources import DEFAULT_ENV_PREFIX
 
+from .etcd_types import timeout_problem
+
 Handler = Callable[[argparse.Namespace], int]
 
 # gRPC's C core prints its own INFO lines (a failed TLS handshake, say) to stderr; the error
 # that matters reaches the user as hotknob's one line. Set before grpc is first imported.
+# Not NONE: that also silences the line of a fatal check, and the process aborts unexplained.
+# Its ERROR lines came from TLS files it could not load, which are refused before it sees
+# them (``EtcdOptions.check_tls_files``).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -42,6 +47,18 @@ class _Parser(argparse.ArgumentParser):
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
+
+
+def _seconds(text: str) -> float:
+    """``--etcd-timeout``'s value: refused here, not as an etcd that cannot be reached."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    why = timeout_problem(seconds)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -127,8 +144,8 @@ def _options() -> list[_Option]:
             help="client key for TLS (env HOTKNOB_ETCD_KEY)",
         )),
         _Option("--etcd-timeout", ETCD, 5.0, dict(
-            type=float, default=5.0, metavar="SECONDS",
-            help="seconds per etcd call (default: %(default)s)",
+            type=_seconds, default=5.0, metavar="SECONDS",
+            help="seconds per etcd call, above 0 (default: %(default)s)",
         )),
         _Option("--socket", DAEMON, None, dict(
             default=_env("HOTKNOB_SOCKET"), metavar="PATH",

@@ -90,9 +90,12 @@ class Context:
 
 
 def etcd_options(args: argparse.Namespace) -> EtcdOptions | None:
+    """The etcd options given, ``None`` without endpoints; ``UsageError`` for options
+    that cannot work, TLS files that cannot be loaded included (before any command,
+    ``run`` too, has done anything: such files do not mend by waiting)."""
     if not args.etcd_endpoints:
         return None
-    return EtcdOptions.from_strings(
+    options = EtcdOptions.from_strings(
         args.etcd_endpoints,
         user=args.etcd_user,
         password=args.etcd_password,
@@ -101,6 +104,8 @@ def etcd_options(args: argparse.Namespace) -> EtcdOptions | None:
         cert_key=args.etcd_key,
         timeout=args.etcd_timeout,
     )
+    options.check_tls_files()
+    return options
 
 
 def static_layers(ctx: Context, args: argparse.Namespace) -> list[Layer]:

@@ -17,7 +17,7 @@ module alone. What it guarantees to callers:
       +-- ConflictError          a compare in ``commit`` failed; nothing was written
       +-- InvalidInput           a bad request (duplicate key in a commit)
       |   +-- FutureRevisionError  a read at a revision etcd has not reached
-      +-- UsageError             a malformed endpoint
+      +-- UsageError             a malformed endpoint, TLS files that do not load
 
   The password never appears in a message or a repr;
 - an expired or invalid auth token is renewed once and the call retried (the client
@@ -65,6 +65,7 @@ from .etcd_types import (
     History,
     HistoryEntry,
     NoSpaceError,
+    PrefixState,
     TokenExpired,
     TooLargeError,
     group_by_revision,
@@ -82,6 +83,7 @@ __all__ = [
     "History",
     "HistoryEntry",
     "NoSpaceError",
+    "PrefixState",
     "TooLargeError",
     "group_by_revision",
     "map_error",
@@ -177,6 +179,11 @@ def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobErr
     details = details.removeprefix("etcdserver: ")
     if code == grpc.StatusCode.UNAUTHENTICATED or "auth token" in details:
         return TokenExpired(f"etcd {what}: {details or 'unauthenticated'}")
+    if "user name is empty" in details and options.user is None:  # etcd has auth on
+        return AuthError(
+            f"etcd {what} at {where}: etcd requires authentication: give a user "
+            "(--etcd-user or HOTKNOB_ETCD_USER) and its password (HOTKNOB_ETCD_PASSWORD)"
+        )
     if "authentication" in details or code == grpc.StatusCode.PERMISSION_DENIED:
         user = f" as user {options.user!r}" if options.user else ""
         return AuthError(f"etcd {what}{user} at {where}: {details}")
@@ -196,7 +203,9 @@ def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobErr
         return InvalidInput(
             f"etcd {what}: {details}: etcd takes at most its --max-txn-ops operations (128 "
             "by default) in one transaction, and hotknob writes every key of a change, and a "
-            "record of who made it, in one: change fewer keys at once, or raise the limit"
+            "record of who made it, in one: change fewer keys at once (a section or mapping "
+            "with more keys than that: unset its keys a few at a time, each a change of its "
+            "own), or raise etcd's --max-txn-ops"
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(f"etcd {what}: {details}")
@@ -255,6 +264,9 @@ class EtcdStore:
         o = self.options
         creds = None
         if o.tls or any(parse_endpoint(e)[2] for e in o.endpoints):
+            # Again at each build, not only at the start: files replaced since (a
+            # certificate renewed before its key) are refused here, not by gRPC.
+            o.check_tls_files()
             try:
                 if o.ca_cert is not None:
                     creds = pyetcd.MultiEndpointEtcd3Client.get_secure_creds(
@@ -370,33 +382,23 @@ class EtcdStore:
         Returns the values and the response header's revision: the state is consistent
         at that revision, so a watch from revision + 1 misses nothing.
         """
-        values, _, header_revision = self.read_prefix_state(prefix, revision)
-        return values, header_revision
+        state = self.read_prefix_state(prefix, revision)
+        return state.values, state.revision
 
-    def read_prefix_state(
-        self, prefix: str, revision: int | None = None
-    ) -> tuple[dict[str, bytes], dict[str, int], int]:
-        """As ``read_prefix``, with each key's mod revision: (values, mod revisions,
-        header revision)."""
+    def read_prefix_state(self, prefix: str, revision: int | None = None) -> PrefixState:
+        """As ``read_prefix``, with each key's mod revision and the cluster's id.
+
+        At a past ``revision``, raises ``CompactedError`` below etcd's compaction point
+        and ``FutureRevisionError`` above its current revision."""
         rev = None if revision is None or revision <= 0 else revision
+        at = "" if rev is None else f" at revision {rev}"
         response = self._call(
-            f"read {prefix}", lambda c: c.get_prefix_response(prefix, revision=rev)
+            f"read {prefix}{at}", lambda c: c.get_prefix_response(prefix, revision=rev)
         )
         values = {_key(kv.key): bytes(kv.value) for kv in response.kvs}
         mods = {_key(kv.key): int(kv.mod_revision) for kv in response.kvs}
-        return values, mods, int(response.header.revision)
-
-    def prefix_mod_revisions(self, prefix: str, revision: int) -> dict[str, int]:
-        """Each key under ``prefix`` as of ``revision`` and the revision that last changed
-        it; keys only, no values. Raises ``CompactedError`` below etcd's compaction point
-        and ``FutureRevisionError`` above its current revision."""
-        if revision <= 0:
-            raise InvalidInput(f"no revision {revision} to read {prefix} at")
-        response = self._call(
-            f"read {prefix} at revision {revision}",
-            lambda c: c.get_prefix_response(prefix, revision=revision, keys_only=True),
-        )
-        return {_key(kv.key): int(kv.mod_revision) for kv in response.kvs}
+        header = response.header
+        return PrefixState(values, mods, int(header.revision), int(header.cluster_id))
 
     def mod_revision(self, key: str, revision: int | None = None) -> int:
         """The revision that last changed ``key`` as of ``revision`` (default: now); 0 if

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+import ssl
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -18,6 +19,9 @@ from hotknob.config.errors import HotknobError, InvalidInput, Unavailable, Usage
 DEFAULT_PORT = 2379
 # etcd answers client pings more often than every 5 s with GOAWAY "too_many_pings".
 MIN_KEEPALIVE_S = 5.0
+# The longest time limit of one etcd call: an hour is past any answer worth waiting for,
+# and far below what a thread's wait takes (a wait of 1e10 s raises OverflowError).
+MAX_TIMEOUT_S = 3600.0
 
 
 class AuthError(HotknobError):
@@ -115,6 +119,14 @@ class EtcdOptions:
             parse_endpoint(text)
         if (self.user is None) != (self.password is None):
             raise UsageError("etcd auth needs both a user and a password")
+        if (self.cert_cert is None) != (self.cert_key is None):
+            raise UsageError(
+                "etcd TLS needs both a client certificate and its key (--etcd-cert and "
+                "--etcd-key), or neither"
+            )
+        why = timeout_problem(self.timeout)
+        if why is not None:
+            raise UsageError(f"etcd timeout (--etcd-timeout) {why}")
 
     @classmethod
     def from_strings(
@@ -149,6 +161,74 @@ class EtcdOptions:
     @property
     def tls(self) -> bool:
         return self.ca_cert is not None or self.cert_cert is not None
+
+    def check_tls_files(self) -> None:
+        """Refuse TLS files that cannot work, with a ``UsageError`` naming the file: one
+        that cannot be read, a CA or client certificate file that holds no PEM
+        certificate, a key that is not a PEM private key without a passphrase, or one
+        that does not match the client certificate.
+
+        gRPC would find out only as it connects, again on every try, and tell it in lines
+        of its own on stderr; its error then says only that etcd cannot be reached. Each
+        file is loaded here as gRPC loads it, with the ``ssl`` module, on no security
+        policy of its own (level 0: a weak key is for the server to refuse, not us).
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        if self.ca_cert is not None:
+            _load_tls_file(
+                "CA certificate (--etcd-ca)",
+                self.ca_cert,
+                lambda: context.load_verify_locations(cafile=self.ca_cert),
+            )
+        if self.cert_cert is None or self.cert_key is None:
+            return
+        cert, key = self.cert_cert, self.cert_key
+        _load_tls_file(
+            "client certificate (--etcd-cert)",
+            cert,
+            lambda: context.load_verify_locations(cafile=cert),
+        )
+
+        def encrypted() -> bytes:
+            raise UsageError(
+                f"etcd client key (--etcd-key) {key} is encrypted: gRPC takes no passphrase, "
+                "give the key unencrypted"
+            )
+
+        _load_tls_file(
+            "client key (--etcd-key)",
+            key,
+            lambda: context.load_cert_chain(cert, key, password=encrypted),
+            mismatch=f"does not match the client certificate (--etcd-cert) {cert}",
+        )
+
+
+def timeout_problem(seconds: float) -> str | None:
+    """Why ``seconds`` cannot be the time limit of one etcd call, or ``None``.
+
+    0 or less, ``nan`` and ``inf`` (gRPC takes no endless deadline) each make every
+    call fail at once, which would read as an etcd that cannot be reached."""
+    if 0 < seconds <= MAX_TIMEOUT_S:  # nan is neither
+        return None
+    return f"must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g}, not {seconds:g}"
+
+
+def _load_tls_file(
+    what: str, path: str, load: Callable[[], None], *, mismatch: str | None = None
+) -> None:
+    """Run ``load``; a file it cannot take is a ``UsageError`` naming ``what`` and ``path``."""
+    try:
+        load()
+    except OSError as exc:
+        if not isinstance(exc, ssl.SSLError):
+            reason = exc.strerror or str(exc)
+            raise UsageError(f"cannot read etcd {what} {path}: {reason}") from exc
+        if mismatch is not None and exc.reason == "KEY_VALUES_MISMATCH":
+            raise UsageError(f"etcd {what} {path} {mismatch}") from exc
+        kind = "private key" if mismatch is not None else "certificate"
+        detail = f" ({exc.reason})" if exc.reason else ""
+        raise UsageError(f"etcd {what} {path} holds no PEM {kind} that loads{detail}") from exc
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_.])?")  # a name or IPv4
@@ -205,6 +285,17 @@ def parse_endpoint(text: str) -> tuple[str, int, bool | None]:
     else:
         raise malformed(f"the port {port_text!r} is not a number from 1 to 65535")
     return host, port, secure
+
+
+class PrefixState(NamedTuple):
+    """A prefix as read at one revision: each key's value and the revision that last
+    changed it, the revision the read is consistent at, and the id of the etcd cluster
+    that answered (the same for every member of one cluster)."""
+
+    values: dict[str, bytes]
+    mods: dict[str, int]
+    revision: int
+    cluster_id: int
 
 
 class EtcdChange(NamedTuple):

@@ -16,10 +16,12 @@ The contract (each point is tested against a real etcd):
 - when etcd has compacted past that revision, the prefix is read again in full and
   delivered through ``on_snapshot``; the consumer diffs it against what it had. So it
   is when a catch-up is too large for the client to take, and when etcd's history no
-  longer leads to what was delivered: before each resume the keys under the prefix as
-  of the last delivered revision are read (keys and mod revisions only) and compared.
-  That catches etcd restored from a backup (below that revision) and etcd wiped and
-  written again (possibly past it); the consumer takes the new revisions as they are;
+  longer leads to what was delivered: before each resume the prefix as of the last
+  delivered revision is read and compared, each key's value and mod revision, and the
+  id of the cluster that answers. That catches etcd restored from a backup (below that
+  revision), another cluster, and etcd wiped and written again (possibly past it, or
+  the same keys at the same revisions with other values); the consumer takes the new
+  revisions as they are;
 - a hung server (alive but silent, e.g. SIGSTOP) is detected within
   ``hung_after + options.timeout`` seconds: after ``hung_after`` seconds without a
   message the watcher probes with a linearizable read, and a failed probe counts as a
@@ -50,13 +52,14 @@ from typing import TypeAlias
 
 import structlog
 
-from hotknob.config.errors import HotknobError
+from hotknob.config.errors import HotknobError, UsageError
 from hotknob.daemon.etcd_store import (
     CompactedError,
     EtcdChange,
     EtcdOptions,
     EtcdStore,
     FutureRevisionError,
+    PrefixState,
     TooLargeError,
     WatchItem,
 )
@@ -65,8 +68,12 @@ log = structlog.get_logger(__name__)
 
 _STOP = object()
 
-# A full read: values, each key's mod revision, and the revision it is consistent at.
-_State: TypeAlias = tuple[dict[str, bytes], dict[str, int], int]
+# Each key under the prefix: the revision that last changed it, and its value's hash.
+_Seen: TypeAlias = dict[str, tuple[int, int]]
+
+
+def _seen(state: PrefixState) -> _Seen:
+    return {key: (state.mods[key], hash(value)) for key, value in state.values.items()}
 
 
 def _close_soon(stores: list[EtcdStore]) -> None:
@@ -133,11 +140,13 @@ class EtcdWatcher:
         self._racing: list[EtcdStore] = []  # the stores of a first read under way
         self._queue: queue.SimpleQueue[WatchItem | object] | None = None
         self._last_revision = 0
-        # Each key under the prefix as delivered, and the revision that last changed it.
-        self._mods: dict[str, int] = {}
+        # Each key under the prefix as delivered, and the cluster that delivered it.
+        self._seen: _Seen = {}
+        self._cluster_id: int | None = None
         self._last_message = 0.0
         self._delivered = False  # the current stream has handed over a message
         self._connected: bool | None = None
+        self._refused: str | None = None  # the client's refusal of its options, as logged
         self._started = False
 
     @property
@@ -192,7 +201,7 @@ class EtcdWatcher:
             store: EtcdStore | None = None
             watching_since: float | None = None
             try:
-                first: _State | None = None
+                first: PrefixState | None = None
                 if need_snapshot and not self._ready.is_set() and len(endpoints) > 1:
                     attempt, store, first = self._read_from_any()
                 else:
@@ -203,11 +212,10 @@ class EtcdWatcher:
                 if not need_snapshot and self._history_changed(store):
                     need_snapshot = True
                 if need_snapshot:
-                    values, mods, revision = (
-                        first if first is not None else store.read_prefix_state(self.prefix)
-                    )
-                    self._last_revision, self._mods = revision, mods
-                    self._call(self._on_snapshot, values, revision)
+                    state = first if first is not None else store.read_prefix_state(self.prefix)
+                    self._last_revision, self._seen = state.revision, _seen(state)
+                    self._cluster_id = state.cluster_id
+                    self._call(self._on_snapshot, state.values, state.revision)
                     need_snapshot = False
                     self._ready.set()
                 self._last_message = time.monotonic()
@@ -217,6 +225,7 @@ class EtcdWatcher:
                 self._set_connected(
                     True, f"watching {self.prefix} on {endpoint} from {self._last_revision + 1}"
                 )
+                self._refused = None
                 self._pump(store, inbox)
             except HotknobError as exc:
                 if self._stopping.is_set():
@@ -238,6 +247,11 @@ class EtcdWatcher:
                 ):
                     self._backoff.reset()
                 self._set_connected(False, str(exc))
+                if isinstance(exc, UsageError) and str(exc) != self._refused:
+                    # TLS files replaced since the start by ones that do not load: not
+                    # etcd's fault, and said as such, once, not only as etcd lost.
+                    self._refused = str(exc)
+                    log.error("etcd_tls_files_refused", prefix=self.prefix, detail=str(exc))
                 attempt += 1
                 self._stopping.wait(self._backoff.next())
             finally:
@@ -258,7 +272,7 @@ class EtcdWatcher:
             self._store, self._queue = store, inbox
             return True
 
-    def _read_from_any(self) -> tuple[int, EtcdStore, _State]:
+    def _read_from_any(self) -> tuple[int, EtcdStore, PrefixState]:
         """The first full read, from the endpoints in overlapping turns; the first
         answer is taken.
 
@@ -280,10 +294,10 @@ class EtcdWatcher:
         """
         endpoints = self.options.endpoints
         stores = [self._new_store(endpoint) for endpoint in endpoints]
-        results: queue.SimpleQueue[tuple[int, _State | HotknobError]] = queue.SimpleQueue()
+        results: queue.SimpleQueue[tuple[int, PrefixState | HotknobError]] = queue.SimpleQueue()
 
         def read(index: int) -> None:
-            got: _State | HotknobError
+            got: PrefixState | HotknobError
             try:
                 got = stores[index].read_prefix_state(self.prefix)
             except HotknobError as exc:
@@ -310,7 +324,7 @@ class EtcdWatcher:
             name = f"{self._thread.name}-read-{index}"
             threading.Thread(target=read, args=(index,), name=name, daemon=True).start()
 
-        winner: tuple[int, _State] | None = None
+        winner: tuple[int, PrefixState] | None = None
         try:
             ask(0)
             asked = 1
@@ -358,14 +372,16 @@ class EtcdWatcher:
         A watch from the last delivered revision + 1 is right only on the same history.
         etcd restored from a backup is below that revision; a cluster wiped and written
         again may be past it, with other changes at the same revisions, and a watch
-        would then skip its earlier revisions. Both show in the keys under the prefix
-        as of that revision and the revisions that last changed them: read keys-only,
-        compared with what was delivered. Compacted, the read raises ``CompactedError``
-        and the prefix is read again all the same. One small read per reconnect, none
-        while a stream is up.
+        would then skip its earlier revisions. So the prefix is read as of that
+        revision and compared with what was delivered: the id of the cluster, and each
+        key's mod revision and value (its hash). Values too: a wiped etcd written again
+        by the same script gives the same keys the same revisions, and a member wiped
+        and started again with the same name and peer URLs keeps its cluster's id.
+        Compacted, the read raises ``CompactedError`` and the prefix is read again all
+        the same. One read of the prefix per reconnect, none while a stream is up.
         """
         try:
-            now = store.prefix_mod_revisions(self.prefix, self._last_revision)
+            now = store.read_prefix_state(self.prefix, self._last_revision)
         except FutureRevisionError:
             log.warning(
                 "etcd_revision_went_back",
@@ -374,9 +390,20 @@ class EtcdWatcher:
                 detail="etcd restored from a backup? reading the prefix again",
             )
             return True
-        if now == self._mods:
+        if now.cluster_id != self._cluster_id:
+            log.warning(
+                "etcd_cluster_changed",
+                prefix=self.prefix,
+                last_delivered=self._last_revision,
+                cluster_id=f"{now.cluster_id:x}",
+                was=f"{self._cluster_id or 0:x}",
+                detail="another etcd cluster answers: reading the prefix again",
+            )
+            return True
+        seen = _seen(now)
+        if seen == self._seen:
             return False
-        differ = [k for k in now.keys() | self._mods.keys() if now.get(k) != self._mods.get(k)]
+        differ = [k for k in seen.keys() | self._seen.keys() if seen.get(k) != self._seen.get(k)]
         log.warning(
             "etcd_history_changed",
             prefix=self.prefix,
@@ -405,9 +432,9 @@ class EtcdWatcher:
                     continue
                 self._last_revision = change.revision
                 for key in change.deletes:
-                    self._mods.pop(key, None)
-                for key in change.puts:
-                    self._mods[key] = change.revision
+                    self._seen.pop(key, None)
+                for key, value in change.puts.items():
+                    self._seen[key] = (change.revision, hash(value))
                 self._call(self._on_change, change)
 
         return deliver
