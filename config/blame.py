@@ -13,17 +13,19 @@ instead of a validation error, by ``raised.raised_by_schema``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, get_args
 
-from pydantic import BaseModel, SecretBytes, SecretStr, TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 from pydantic_core.core_schema import ErrorType
 
 from .errors import Problem
 from .keys import KeyClash
+from .raised import SCHEMA_FAULTS, schema_code
 from .schema import iter_leaves
-from .secrecy import SECRET_MASK, hides, shown_value
+from .secrecy import SECRET_MASK, SECRET_TYPES, hides, shown_value
 
 _CUSTOM_ERROR_TYPES = frozenset({"value_error", "assertion_error"})
 """The error types of a schema's own validators (a ``ValueError`` or an ``assert``): their
@@ -80,12 +82,12 @@ def secret_texts(
     for leaf in iter_leaves(schema):
         if leaf.key in secrets and not leaf.field.is_required():
             try:
-                stack.append(leaf.field.get_default(call_default_factory=True))
-            except Exception:  # a factory that fails, or needs the other fields: none to mask
+                stack.append(schema_code(leaf.field.get_default, call_default_factory=True))
+            except SCHEMA_FAULTS:  # a factory that fails, or needs the other fields: none to mask
                 continue
     while stack:
         node = stack.pop()
-        if isinstance(node, SecretStr | SecretBytes):
+        if isinstance(node, SECRET_TYPES):
             node = node.get_secret_value()
         if isinstance(node, bytes):
             node = node.decode("utf-8", "replace")
@@ -93,6 +95,8 @@ def secret_texts(
             continue
         if isinstance(node, BaseModel):  # a leaf's model that holds secrets
             stack.extend(getattr(node, name) for name in type(node).model_fields)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            stack.extend(getattr(node, field.name, None) for field in dataclasses.fields(node))
         elif isinstance(node, Mapping):
             stack.extend(node.values())
         elif isinstance(node, list | tuple | set | frozenset):

@@ -7,20 +7,37 @@ layer whose value won (or the layer that sent an unreadable one).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, RootModel, ValidationError
 
 from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
 from .errors import InvalidChange, Problem, UsageError
 from .keys import KeyClash, copied, nested_with
 from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
-from .raised import INVALID, RAISED, SCHEMA_FAULTS, VALID, Outcome, raised_by_schema
+from .raised import (
+    INVALID,
+    RAISED,
+    SCHEMA_FAULTS,
+    VALID,
+    Outcome,
+    as_fault,
+    raised_by_schema,
+    raised_in_schema,
+)
 from .schema import holds_bool_for_number
-from .schema_facts import LeftOut, SchemaFacts, leaf_values, schema_facts, types_inside
+from .schema_facts import (
+    LeftOut,
+    SchemaFacts,
+    computed_values,
+    leaf_values,
+    schema_facts,
+    types_inside,
+)
 from .secrecy import revealed
 from .sendable import NOT_FINITE, non_finite, not_text_problems, oversized
 from .sources import LAYERS, Layer
@@ -43,9 +60,11 @@ class Snapshot:
     """A merged, validated configuration: frozen, built aside and swapped whole.
 
     ``values`` is the nested JSON form sent to clients; ``flat`` the same by
-    dotted key; ``sources`` the winning layer of every key (of a leaf that holds a
-    mapping, the highest layer that gave it or a key inside it); ``layers`` what
-    every layer said (flat), for ``explain``.
+    dotted key (each leaf, then each computed field: a client sees its value change as
+    any other's); ``sources`` the winning layer of every key (of a leaf that holds a
+    mapping, the highest layer that gave it or a key inside it; of a computed field,
+    ``defaults``: the schema makes it, no layer gives it); ``layers`` what every layer
+    said (flat), for ``explain``.
     """
 
     model: BaseModel
@@ -96,7 +115,7 @@ def _raised(
         except (ValidationError, KeyClash):
             return INVALID, None
         except SCHEMA_FAULTS as raised:
-            return RAISED, raised
+            return RAISED, raised_in_schema(raised)
         return VALID, None
 
     defaults = layers["defaults"].values if "defaults" in layers else {}
@@ -123,6 +142,15 @@ def _refused(
     for err in errors:
         key = _loc_to_key(err["loc"])
         leaf = owner(key, winners)
+        if key not in facts.leaves and leaf == key and key not in facts.mappings:
+            # A section's rule (a model validator; the whole model's, at ``key`` ""): the
+            # keys below it that a layer gave made it fail, each from its own layer.
+            prefix = f"{key}." if key else ""
+            given = [k for k, by in winners.items() if k.startswith(prefix) and by != "defaults"]
+            reason = reason_for(err["type"], err["msg"], facts.secrets, key, key, quoted)
+            problems.extend(Problem(k, winners[k], reason, merged[k]) for k in given)
+            if given:
+                continue
         # Inside a leaf's value (a model a mapping holds, an optional model): the keys
         # given below ``key`` made it, and the leaf's own value if a layer gave it.
         below = (
@@ -150,6 +178,37 @@ def _refused(
             value = masked_input(leaf, value, facts.is_known, facts.secrets)
         problems.append(Problem(leaf, winners.get(leaf, "defaults"), reason, value))
     return problems
+
+
+def _not_held(model: BaseModel, key: str) -> str | None:
+    """Why the validated ``model`` holds no value at ``key``, a key below a leaf: the model
+    or dataclass reached on its path has no field of that name, so it dropped the value
+    as an extra one (a key of the other member of a union, ``pet.bark`` while ``pet`` is
+    a ``Cat``; the schema has it, so it passed as a key). None if the value is held, or
+    may not be: below a mapping (whose validator may leave keys out), a list, a text."""
+    node: Any = model
+    parts = key.split(".")
+    for place, part in enumerate(parts):
+        while isinstance(node, RootModel):
+            node = node.root
+        kind = type(node).__name__
+        if isinstance(node, BaseModel):
+            extra = node.model_extra or {}
+            held = part in type(node).model_fields or part in extra
+            node = extra[part] if part in extra else getattr(node, part, None)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            names = {field.name for field in dataclasses.fields(node)}
+            held = part in names or part in getattr(node, "__dict__", {})
+            node = getattr(node, part, None)
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+            continue
+        else:
+            return None
+        if not held:
+            where = ".".join(parts[:place])
+            return f"{where} holds a {kind}, which has no field {part!r}: it would drop the value"
+    return None
 
 
 def _not_a_key(key: str, value: Any, leaves: frozenset[str]) -> str:
@@ -228,7 +287,7 @@ def merge_layers(
         # secrets too, and a traceback of the chain would print it.
         raise InvalidChange(_refused(schema, exc, merged, winners, facts)) from None
     except SCHEMA_FAULTS as exc:  # the schema's own code raised, naming no key
-        raised = exc
+        raised = raised_in_schema(exc)
     else:
         try:
             values, flat = _dumped(model, facts)
@@ -236,7 +295,7 @@ def merge_layers(
             key = str(exc.args[0])
             raise InvalidChange([Problem(key, winners.get(key, "defaults"), _LEFT_OUT)]) from None
         except SCHEMA_FAULTS as exc:  # a value nested too deeply to dump, or the schema raised
-            raised = exc
+            raised = raised_in_schema(exc)
             problems = unsendable(merged, winners)
     if raised is not None:
         # Out of the ``except``: were the trials interrupted (Ctrl-C), the traceback would
@@ -244,6 +303,14 @@ def merge_layers(
         raise InvalidChange(
             problems or _raised(schema, raised, merged, winners, by_name, facts, nest)
         ) from None
+    if not all_leaves:  # keys below a leaf: each held by what the leaf's value became
+        problems = [
+            Problem(key, winners[key], reason, merged[key])
+            for key in merged
+            if key not in leaves and (reason := _not_held(model, key)) is not None
+        ]
+        if problems:
+            raise InvalidChange(problems)
     problems = [
         Problem(key, winners.get(key, "defaults"), NOT_FINITE, flat[key])
         for key in non_finite(flat)
@@ -355,13 +422,31 @@ _MAY_HOLD_BOOLS = frozenset({bool, list, dict, MappingProxyType})
 def _validated(schema: type[BaseModel], nested: Mapping[str, Any]) -> BaseModel:
     """``schema`` validated from ``nested``, whose keys are the fields' names (a key is a
     name, ``a``, whatever alias the field reads by: ``Field(alias="A")``), and only names
-    (an alias may be another field's name)."""
-    return schema.model_validate(nested, by_alias=False, by_name=True)
+    (an alias may be another field's name). What the schema's code raises that is no
+    ``Exception`` comes out as ``as_fault`` says."""
+    try:
+        return schema.model_validate(nested, by_alias=False, by_name=True)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise as_fault(exc) from None
 
 
 def _dumped(model: BaseModel, facts: SchemaFacts) -> tuple[dict[str, Any], dict[str, Any]]:
-    values = _reveal_secrets(model, model.model_dump(mode="json", by_alias=False), facts.secrets)
-    return values, leaf_values(values, facts.ordered)
+    """``model``'s values, nested and by dotted key (JSON form, secrets revealed); as in
+    ``_validated``, what the schema's code (a serializer, a computed field) raises that is
+    no ``Exception`` comes out as ``as_fault`` says."""
+    try:
+        dumped = model.model_dump(mode="json", by_alias=False)
+        values = _reveal_secrets(model, dumped, facts.secrets, facts.leaves)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise as_fault(exc) from None
+    flat = leaf_values(values, facts.ordered)
+    if facts.computed:
+        flat.update(computed_values(values, facts.computed))
+    return values, flat
 
 
 def merge_dropping_invalid(
@@ -426,15 +511,18 @@ def _blamed_for_a_rule(
 
 
 def _reveal_secrets(
-    model: BaseModel, values: dict[str, Any], secrets: frozenset[str]
+    model: BaseModel, values: dict[str, Any], secrets: frozenset[str], leaves: frozenset[str]
 ) -> dict[str, Any]:
-    """``values`` with each secret's real value, not pydantic's ``**********`` (also in a
-    leaf that holds secrets: a model, a mapping of them).
+    """``values`` with each secret leaf's real value, not pydantic's ``**********`` (also
+    in a leaf that holds secrets: a model, a mapping of them). A computed field is left as
+    the dump made it (a serializer of the schema's may have made it).
 
     Clients need the real value (they get it over a socket only their own user can
     open); everything that shows values to people masks them (``mask_secrets``).
     """
     for key in secrets:
+        if key not in leaves:
+            continue
         node: Any = model
         for part in key.split("."):
             node = getattr(node, part, None)

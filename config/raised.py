@@ -3,22 +3,83 @@
 Pydantic turns only a validator's ``ValueError`` or ``assert`` into a validation error
 that names its key. Anything else the schema's code raises (``v.strip()`` on a number in
 a before-validator, a computed field or a post-init dividing by zero, a default factory
-that fails) comes out as it is, naming no key. The merge still has to say which value to
-blame, and a daemon reading etcd anew has to drop only the values at fault: they are
-found by trial merges (``raised_by_schema``).
+that fails) comes out as it is, naming no key; what is no ``Exception`` (``SystemExit``,
+``KeyboardInterrupt``) comes out of the merge as ``SchemaRaised`` (``as_fault``). The
+merge still has to say which value to blame, and a daemon reading etcd anew has to drop
+only the values at fault: they are found by trial merges (``raised_by_schema``).
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import Problem
 from .secrecy import SECRET_MASK, hides
 
-SCHEMA_FAULTS = (Exception, SystemExit)
-"""What a schema's own code may raise, as a merge takes it: anything but a stop that
-someone asked for (``KeyboardInterrupt``). A validator's ``sys.exit()`` is its fault too."""
+_T = TypeVar("_T")
+
+SCHEMA_FAULTS = (Exception,)
+"""What a schema's own code may raise, as a merge takes it. What it raises that is no
+``Exception`` comes out of the merge's calls into it as ``SchemaRaised`` (``as_fault``),
+so that whatever takes the schema's faults takes those too: no thread dies of one."""
+
+
+class SchemaRaised(Exception):
+    """A ``BaseException`` that is no ``Exception``, raised by the schema's own code (see
+    ``as_fault``), as one; ``raised`` is what was raised, which the refusal names."""
+
+    def __init__(self, raised: BaseException) -> None:
+        super().__init__(raised)
+        self.raised = raised
+
+
+def as_fault(exc: BaseException) -> BaseException:
+    """What a call into the schema's own code raises for ``exc``, a ``BaseException`` that
+    is no ``Exception``: ``SchemaRaised``, to be refused like an invalid value, as the
+    schema's fault; or ``exc`` itself, passed on, where it is a stop that is no fault:
+
+    - ``GeneratorExit``, which closes a generator: one that took it for a refusal and
+      went on would break that protocol (Python reports it as an error);
+    - a ``KeyboardInterrupt`` that may be a real Ctrl-C: one on the main thread while
+      SIGINT's handler is Python's own (``signal.default_int_handler``, which raises
+      it). A command (``hotknob get``, ``set``) stops on it, exit 130, also when it is
+      the schema that raised it: the two cannot be told apart.
+
+    Anything else is the schema's: ``SystemExit`` (a validator's ``sys.exit()``), a
+    ``BaseException`` class of its own, and a ``KeyboardInterrupt`` off the main thread
+    (where no signal is delivered: the daemon's etcd watch thread) or while SIGINT is
+    handled otherwise. The daemon handles SIGINT on its loop (``daemon/signals.py``: it
+    stops the daemon cleanly), so within it a ``KeyboardInterrupt`` is never a Ctrl-C."""
+    if isinstance(exc, GeneratorExit) or (isinstance(exc, KeyboardInterrupt) and _may_be_ctrl_c()):
+        return exc
+    return SchemaRaised(exc)
+
+
+def _may_be_ctrl_c() -> bool:
+    return (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+
+
+def schema_code(call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``call(*args, **kwargs)``, which runs the schema's own code, with what that raises
+    that is no ``Exception`` as ``as_fault`` says."""
+    try:
+        return call(*args, **kwargs)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise as_fault(exc) from None
+
+
+def raised_in_schema(exc: BaseException) -> BaseException:
+    """What the schema's own code raised, for the exception a merge caught of it."""
+    return exc.raised if isinstance(exc, SchemaRaised) else exc
+
 
 VALID, INVALID, RAISED = "valid", "invalid", "raised"
 Outcome = tuple[str, BaseException | None]

@@ -26,8 +26,9 @@ from pathlib import PurePath
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeGuard, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Secret
 from pydantic.fields import FieldInfo
+from typing_extensions import is_typeddict
 
 from .errors import SchemaLoadError
 
@@ -102,6 +103,17 @@ def iter_leaves(model: type[BaseModel], prefix: str = "") -> Iterator[Leaf]:
             yield Leaf(key, field, _is_live(field))
 
 
+def computed_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """The dotted keys of the computed fields of ``model`` and of its sections, and their
+    types: values the schema makes from its fields and dumps beside them, which no layer
+    sets."""
+    for name, computed in model.model_computed_fields.items():
+        yield f"{prefix}{name}", computed.return_type
+    for name, field in model.model_fields.items():
+        if is_section(field.annotation):
+            yield from computed_fields(field.annotation, f"{prefix}{name}.")
+
+
 def holds_mapping(annotation: Any) -> bool:
     """Whether a leaf of this type may hold a mapping (``dict[str, float]``, an optional model
     or dict, ``Any``): only below such a leaf may a dotted key go on (``weights.head``)."""
@@ -122,11 +134,32 @@ def holds_mapping(annotation: Any) -> bool:
 def _dataclass_inputs(kind: type) -> dict[str, Any]:
     """The fields a (standard or pydantic) dataclass takes, and their types (``Any`` where
     the annotations cannot be resolved); resolved once per class (the caller only reads)."""
-    try:
-        hints = typing.get_type_hints(kind, include_extras=True)
-    except Exception:  # a forward reference that does not resolve: validation decides
-        hints = {}
+    hints = _type_hints(kind)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(kind) if f.init}
+
+
+@lru_cache(maxsize=256)
+def _type_hints(kind: type) -> dict[str, Any]:
+    """``kind``'s resolved annotations (none where they cannot be resolved); once per class
+    (the caller only reads)."""
+    try:
+        return typing.get_type_hints(kind, include_extras=True)
+    except Exception:  # a forward reference that does not resolve: validation decides
+        return {}
+
+
+def field_types(kind: Any) -> tuple[Any, ...] | None:
+    """The types of the fields of a model, a (standard or pydantic) dataclass or a
+    TypedDict (``Any`` where the annotations cannot be resolved), each field's, also one
+    not taken at init (it is dumped all the same); None for any other type."""
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return tuple(field.annotation for field in kind.model_fields.values())
+    if is_typeddict(kind):
+        return tuple(_type_hints(kind).values())
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        hints = _type_hints(kind)
+        return tuple(hints.get(f.name, Any) for f in dataclasses.fields(kind))
+    return None
 
 
 def may_hold_container(annotation: Any) -> bool:
@@ -171,10 +204,11 @@ def mapping_keys(model: type[BaseModel]) -> frozenset[str]:
 
 def is_number_only(annotation: Any) -> bool:
     """Whether a value of this type is a number and nothing else (``float``, ``int``,
-    ``PositiveFloat``, ``float | None``, ``Literal[1, 2]``, an ``Enum`` of numbers).
-    pydantic's lax mode reads ``true`` as 1 for it: the merge refuses that first."""
+    ``PositiveFloat``, ``float | None``, ``Literal[1, 2]``, an ``Enum`` of numbers, a
+    ``Secret[int]``). pydantic's lax mode reads ``true`` as 1 for it: the merge refuses
+    that first."""
     origin = get_origin(annotation)
-    if origin is Annotated:
+    if origin is Annotated or origin is Secret:
         return is_number_only(get_args(annotation)[0])
     if origin is Union or origin is UnionType:
         args = [arg for arg in get_args(annotation) if arg is not type(None)]

@@ -3,8 +3,8 @@
 A merge runs per live change (thousands a second in a burst); walking the schema's
 fields each time was most of its cost. Schema classes do not change once defined, so
 the facts (``SchemaFacts``: its leaves, which of them hold mappings or numbers, their
-paths, its secrets) are cached by class (``schema_facts``), and so is whether a key is
-one of the schema's (``is_known``).
+paths, its computed fields, its secrets) are cached by class (``schema_facts``), and so
+is whether a key is one of the schema's (``is_known``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .schema import iter_leaves, mapping_keys, may_hold_container, numeric_keys, types_at
+from .schema import (
+    computed_fields,
+    iter_leaves,
+    mapping_keys,
+    may_hold_container,
+    numeric_keys,
+    types_at,
+)
 from .secrecy import secret_keys
 
 _KNOWN_CACHE_LIMIT = 4096
@@ -61,6 +68,7 @@ class SchemaFacts:
     known: dict[str, bool]
     numbers: Mapping[str, Any]  # the leaves taking numbers (or holding them), their types
     containers: bool  # whether any leaf may hold a list or a mapping
+    computed: tuple[tuple[str, tuple[str, ...]], ...] = ()  # the computed fields' keys, paths
 
     def is_known(self, key: str) -> bool:
         known = self.known.get(key)
@@ -86,6 +94,7 @@ def schema_facts(schema: type[BaseModel]) -> SchemaFacts:
         {},
         numeric_keys(schema),
         any(may_hold_container(leaf.field.annotation) for leaf in all_leaves),
+        tuple((key, tuple(key.split("."))) for key, _ in computed_fields(schema)),
     )
 
 
@@ -110,6 +119,24 @@ def leaf_values(
             flat[key] = node
     except (KeyError, TypeError, IndexError):
         raise LeftOut(key) from None
+    return flat
+
+
+def computed_values(
+    values: Mapping[str, Any], computed: tuple[tuple[str, tuple[str, ...]], ...]
+) -> dict[str, Any]:
+    """The computed fields' values in the nested ``values``, by dotted key. One that is not
+    there (a serializer of the schema's left it out) is no key of the state: no client
+    was sent it."""
+    flat: dict[str, Any] = {}
+    for key, path in computed:
+        node: Any = values
+        for part in path:
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            flat[key] = node
     return flat
 
 

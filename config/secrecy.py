@@ -1,7 +1,8 @@
 """Secret keys: which leaves of a schema hold secrets, and how values are shown or logged.
 
-A leaf typed ``SecretStr`` or ``SecretBytes`` (or holding one: ``Optional[Creds]``,
-``dict[str, SecretStr]``) is a secret: clients get its value (``revealed``), but
+A leaf typed ``SecretStr``, ``SecretBytes`` or pydantic's ``Secret[T]`` (or holding one:
+``Optional[Creds]``, ``dict[str, SecretStr]``, a dataclass or a TypedDict with a secret
+field) is a secret: clients get its value (``revealed``), but
 everything that shows or logs values (``set``, ``get``, ``history``, the daemon's log,
 ``watch``) shows ``SECRET_MASK`` instead (``hides``, ``shown_value``, ``mask_secrets``).
 For a schema with any secret, a value under a key that is no leaf of it is hidden too
@@ -12,44 +13,56 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
-from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic import BaseModel, Secret, SecretBytes, SecretStr, TypeAdapter
 from pydantic_core import to_jsonable_python
 
-from .schema import holds_mapping, iter_leaves
+from .schema import computed_fields, field_types, holds_mapping, iter_leaves
 
 SECRET_MASK = "**********"
+
+SECRET_TYPES = (SecretStr, SecretBytes, Secret)
+"""The types whose values pydantic masks: ``Secret[int]``'s values are ``Secret``s."""
 
 
 def _is_secret(annotation: Any, seen: frozenset[type] = frozenset()) -> bool:
     """Whether a value of this type is or holds a secret: ``SecretStr``, ``SecretBytes``,
-    a model with one among its fields, or a container or union of such (a leaf typed
-    ``Optional[Creds]`` or ``dict[str, SecretStr]`` is secret as a whole)."""
+    ``Secret[T]``, a model, a dataclass or a TypedDict with one among its fields, or a
+    container or union of such (a leaf typed ``Optional[Creds]``, ``dict[str, SecretStr]``
+    or a dataclass that holds a ``SecretStr`` is secret as a whole)."""
+    if get_origin(annotation) is Secret:
+        return True
     if isinstance(annotation, type):
-        if issubclass(annotation, SecretStr | SecretBytes):
+        if issubclass(annotation, SECRET_TYPES):
             return True
-        if issubclass(annotation, BaseModel) and annotation not in seen:
+        fields = field_types(annotation) if annotation not in seen else None
+        if fields is not None:
             inside = seen | {annotation}
-            return any(_is_secret(f.annotation, inside) for f in annotation.model_fields.values())
+            return any(_is_secret(field, inside) for field in fields)
     return any(_is_secret(arg, seen) for arg in get_args(annotation))
+
+
+_AS_PYTHON: TypeAdapter[Any] = TypeAdapter(Any)
 
 
 def revealed(value: Any) -> Any:
     """``value`` in JSON form (as ``to_jsonable_python`` makes it) with each secret in it,
-    however deep, as its value rather than pydantic's ``**********``: what clients get."""
-    return to_jsonable_python(_unmasked(value))
+    however deep, as its value rather than pydantic's ``**********``: what clients get.
+
+    It is dumped in Python mode first, as pydantic dumps it (a model, a dataclass: their
+    fields as a dict, each serializer and exclusion of theirs applied), which keeps each
+    secret an object whose value can be read."""
+    return to_jsonable_python(_unmasked(_AS_PYTHON.dump_python(value, by_alias=False)))
 
 
 def _unmasked(value: Any) -> Any:
-    if isinstance(value, SecretStr | SecretBytes):
+    if isinstance(value, SECRET_TYPES):
         secret = value.get_secret_value()
         return secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
-    if isinstance(value, BaseModel):
-        return _unmasked(value.model_dump(by_alias=False))  # Python mode keeps secrets as objects
     if isinstance(value, Mapping):
         return {key: _unmasked(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple | AbstractSet):
         return [_unmasked(item) for item in value]
     return value
 
@@ -170,10 +183,16 @@ def _owner(key: str, leaves: AbstractSet[str]) -> str | None:
 
 
 def secret_keys(model: type[BaseModel]) -> SecretKeys:
-    """Leaves typed ``SecretStr``/``SecretBytes`` (or optional ones): never shown or logged."""
+    """Leaves that are or hold secrets (``_is_secret``): never shown or logged. For a schema
+    with secrets, its computed fields too: one may well be made from a secret (a URL with
+    a password in it)."""
     leaves = list(iter_leaves(model))
+    secrets = [leaf.key for leaf in leaves if _is_secret(leaf.field.annotation)]
+    computed = dict(computed_fields(model))
+    if secrets or any(_is_secret(kind) for kind in computed.values()):
+        secrets.extend(computed)
     return SecretKeys(
-        (leaf.key for leaf in leaves if _is_secret(leaf.field.annotation)),
+        secrets,
         (leaf.key for leaf in leaves),
         (leaf.key for leaf in leaves if holds_mapping(leaf.field.annotation)),
     )

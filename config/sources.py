@@ -34,7 +34,7 @@ from .keys import (
     parse_text,
     shown_text,
 )
-from .raised import SCHEMA_FAULTS, one_line
+from .raised import SCHEMA_FAULTS, one_line, raised_in_schema, schema_code
 from .schema import is_section, iter_leaves, mapping_keys, may_hold_container
 from .secrecy import revealed, secret_keys
 
@@ -82,11 +82,12 @@ def defaults_layer(schema: type[BaseModel]) -> Layer:
     secrets = secret_keys(schema)
     for leaf in iter_leaves(schema):
         try:
-            default = _leaf_default(schema, leaf.key.split("."))
+            default = schema_code(_leaf_default, schema, leaf.key.split("."))
             if default is not _ABSENT:
                 # Secrets as their values, not their "****" rendering (also inside a model).
-                values[leaf.key] = revealed(default)
-        except SCHEMA_FAULTS as exc:
+                values[leaf.key] = schema_code(revealed, default)
+        except SCHEMA_FAULTS as caught:
+            exc = raised_in_schema(caught)
             message = "" if leaf.key in secrets else one_line(exc)  # it may quote the secret
             said = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
             raise SchemaLoadError(

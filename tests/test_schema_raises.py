@@ -130,7 +130,7 @@ def test_a_required_value_is_kept_when_another_raises() -> None:
     assert [(p.key, p.layer) for p in exc.problems] == [("lr", "etcd")]
     snap, dropped = merge_dropping_invalid(RaisingRequired, [defaults_layer(RaisingRequired), live])
     assert [p.key for p in dropped] == ["lr"]
-    assert dict(snap.flat) == {"name": "resnet", "lr": 0.1}
+    assert dict(snap.flat) == {"name": "resnet", "lr": 0.1, "inverse_lr": 10.0}
 
 
 @pytest.mark.parametrize(
