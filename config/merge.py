@@ -211,6 +211,26 @@ def _not_held(model: BaseModel, key: str) -> str | None:
     return None
 
 
+def _problems_besides(
+    schema: type[BaseModel],
+    rest: dict[str, Any],
+    winners: Mapping[str, str],
+    facts: SchemaFacts,
+    nest: Callable[[Mapping[str, Any]], dict[str, Any]],
+) -> list[Problem]:
+    """The schema's problems with ``rest``, the values left once the keys already at fault
+    (not a key of the schema, a boolean for a number) are out: so that one typo does not
+    hide an out-of-range value beside it (``validate`` of a file lists every problem).
+    None where they cannot be told apart from those keys' (a clash, the schema raising)."""
+    try:
+        _validated(schema, nest(rest))
+    except ValidationError as exc:
+        return _refused(schema, exc, rest, winners, facts)
+    except Exception:  # the problems already found are the ones reported
+        return []
+    return []
+
+
 def _not_a_key(key: str, value: Any, leaves: frozenset[str]) -> str:
     """Why ``key``, which names no leaf, is refused: a section given a value (``train: 5``,
     or ``train:`` with every key under it commented out) is said to be one."""
@@ -265,15 +285,16 @@ def merge_layers(
         Problem(key, winners[key], _NOT_A_NUMBER, merged[key])
         for key in booleans_for_numbers(schema, merged)
     )
-    if problems:
-        raise InvalidChange(problems)
-
     rank = {name: place for place, name in enumerate(order)}
 
     def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
         if all_leaves:
             return nest_leaves(flat, facts.paths)
         return nest_by_precedence(flat, winners, rank)
+
+    if problems:
+        rest = {k: v for k, v in merged.items() if k not in {p.key for p in problems}}
+        raise InvalidChange([*problems, *_problems_besides(schema, rest, winners, facts, nest)])
 
     try:
         nested = nest(merged)
