@@ -470,6 +470,41 @@ def _dumped(model: BaseModel, facts: SchemaFacts) -> tuple[dict[str, Any], dict[
     return values, flat
 
 
+FIXED_LAYERS = ("defaults", "env", "cli")
+"""The layers set at a daemon's start, for good (``files_alone``)."""
+_ALONE_NOTE = (
+    " (checked without the layers above the files: a value they shadow takes effect where"
+    " they do not set its key)"
+)
+
+
+def files_alone(
+    schema: type[BaseModel], layers: Iterable[Layer], precedence: Sequence[str]
+) -> None:
+    """Raise ``InvalidChange`` unless the ``files`` layer of ``layers`` is valid over the
+    fixed layers below it alone (the defaults, in the default order), as ``hotknob
+    validate`` checks a file; nothing if there is no files layer.
+
+    A file value that etcd shadows now takes effect once the key leaves etcd: unchecked,
+    it would make that ``unset`` (or a daemon started on an etcd without the key) fail
+    for a value nobody is editing. A file value env or ``--set`` shadows would take
+    effect in any container without them. So the daemon refuses such files as any
+    invalid ones, and so do the commands that read them (``get``, ``explain``, ``set``).
+    """
+    by_name = {layer.name: layer for layer in layers}
+    files = by_name.get("files")
+    if files is None:
+        return
+    order = precedence[: list(precedence).index("files") + 1]
+    below = [by_name[n] for n in order if n in FIXED_LAYERS and n in by_name]
+    try:
+        merge_layers(schema, [*below, files], order)
+    except InvalidChange as exc:
+        raise InvalidChange(
+            [dataclasses.replace(p, reason=p.reason + _ALONE_NOTE) for p in exc.problems]
+        ) from None
+
+
 def merge_dropping_invalid(
     schema: type[BaseModel],
     layers: Iterable[Layer],

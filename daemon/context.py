@@ -29,7 +29,7 @@ from hotknob.config import (
 )
 from hotknob.config.errors import Problem
 from hotknob.config.keys import config_prefix
-from hotknob.config.merge import merge_dropping_invalid
+from hotknob.config.merge import files_alone, merge_dropping_invalid
 from hotknob.model_runtime.protocol import APP_NAME, APP_NAME_RULE
 
 from .etcd_store import EtcdOptions, EtcdStore
@@ -120,9 +120,12 @@ def static_layers(ctx: Context, args: argparse.Namespace) -> list[Layer]:
 def read_all_layers(
     ctx: Context, args: argparse.Namespace
 ) -> tuple[list[Layer], Mapping[str, bytes], int]:
-    """Every layer as it stands now; etcd is read once, at one revision."""
+    """Every layer as it stands now; etcd is read once, at one revision. Raises
+    ``InvalidChange`` if the config files are invalid over the defaults alone, which a
+    daemon refuses even where a higher layer shadows the value (``files_alone``)."""
     layers = static_layers(ctx, args)
     layers.append(read_files_layer(ctx.schema, ctx.config_files))
+    files_alone(ctx.schema, layers, ctx.precedence)
     kvs: Mapping[str, bytes] = {}
     revision = 0
     if ctx.etcd is not None:

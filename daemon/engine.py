@@ -69,6 +69,7 @@ from hotknob.config.merge import (
     SCHEMA_FAULTS,
     LeafInput,
     booleans_for_numbers,
+    files_alone,
     leaf_input,
     validate_leaves,
 )
@@ -86,11 +87,6 @@ from .state import SavedState, StateStore
 from .state_keeper import StateKeeper
 
 _NOT_READ = object()
-_FIXED_LAYERS = ("defaults", "env", "cli")  # ``_files_alone``: set at the start, for good
-_ALONE_NOTE = (
-    " (checked without the layers above the files: a value they shadow takes effect where"
-    " they do not set its key)"
-)
 
 
 def _noop(_: Any) -> None:
@@ -758,22 +754,9 @@ class Engine:
         return True
 
     def _files_alone(self, files: Layer) -> None:
-        """Raise ``InvalidChange`` unless the files layer is valid over the fixed layers below
-        it alone (the defaults, in the default order), as ``hotknob validate`` checks them.
-
-        A file value that etcd shadows now takes effect once the key leaves etcd: unchecked,
-        it would make that ``unset`` (or a daemon started on an etcd without the key) fail
-        for a value nobody is editing. A file value env or ``--set`` shadows would take
-        effect in any container without them.
-        """
-        order = self.precedence[: self.precedence.index("files") + 1]
-        below = [name for name in order if name in _FIXED_LAYERS and name in self.layers]
-        try:
-            merge_layers(self.schema, [*(self.layers[n] for n in below), files], order)
-        except InvalidChange as exc:
-            raise InvalidChange(
-                [replace(p, reason=p.reason + _ALONE_NOTE) for p in exc.problems]
-            ) from None
+        """``files_alone``: the files layer ``files`` must be valid over the fixed layers
+        below it alone, not only with what etcd, env and ``--set`` shadow now."""
+        files_alone(self.schema, [*self.layers.values(), files], self.precedence)
 
     def _accept(
         self, snapshot: Snapshot, layer: str, revision: int, edited: Mapping[str, Any]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import subprocess
@@ -28,6 +29,12 @@ class Weighted(BaseModel):
 
     train: TrainParams = Field(default_factory=TrainParams)
     weights: dict[str, float] = Field(default_factory=dict)
+
+
+class Dated(BaseModel):
+    """A schema with a date, which YAML reads as no JSON value: ``tests.test_cli:Dated``."""
+
+    since: datetime.date = datetime.date(2019, 1, 1)
 
 
 def hk(
@@ -467,6 +474,25 @@ def test_set_checks_a_value_a_higher_layer_shadows(etcd: EtcdServer) -> None:
     assert etcd_value(etcd, "train/momentum") == "0.5" and etcd_value(etcd, "train/lr") == "-5"
 
 
+def test_a_file_value_a_higher_layer_shadows_is_checked_by_the_commands_too(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """A daemon refuses a config file with an invalid value that env, ``--set`` or etcd
+    shadows; ``get``, ``explain`` and ``set`` given that file said nothing and exit 0."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr: -0.5\n")
+    pinned = ["--config", str(config), "--set", "train.lr=0.1"]
+    for command in (["get", "train.lr"], ["explain", "train.lr"]):
+        line = one_line_error(run_cli(*command, *pinned), 1)
+        assert "train.lr (from files)" in line and "greater than 0" in line, line
+        assert "without the layers above the files" in line
+    hk(etcd, "set", "train.lr=0.2")
+    before = revision(etcd)
+    line = one_line_error(hk(etcd, "set", "train.momentum=0.5", "--config", str(config)), 1)
+    assert "train.lr (from files)" in line
+    assert revision(etcd) == before
+
+
 def test_rollback_to_a_revision_below_one_is_a_usage_error(etcd: EtcdServer) -> None:
     hk(etcd, "set", "train.lr=0.1")
     before = revision(etcd)
@@ -478,15 +504,16 @@ def test_rollback_to_a_revision_below_one_is_a_usage_error(etcd: EtcdServer) -> 
 
 def test_explain_shows_a_shadowed_value_that_is_not_json(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("train:\n  lr: 2020-01-01\n")  # a date: shadowed, so the merge is fine
-    args = ("--config", str(config), "--set", "train.lr=0.1")
-    done = run_cli("explain", "train.lr", *args)
+    config.write_text("since: 2020-01-01\n")  # a date, which no JSON value is
+    args = ("--schema", "tests.test_cli:Dated", "--config", str(config))
+    args += ("--set", 'since="2021-01-01"')
+    done = run_cli("explain", "since", *args)
     assert done.returncode == 0, done.stderr
     assert "2020-01-01*" in done.stdout
     done = run_cli("explain", "--json", *args)
     assert done.returncode == 0, done.stderr
     rows = {row["key"]: row for row in json.loads(done.stdout)["keys"]}
-    assert rows["train.lr"]["layers"]["files"] == "2020-01-01"
+    assert rows["since"]["layers"]["files"] == "2020-01-01"
 
 
 def test_files_no_parser_refuses_are_refused_clearly(tmp_path: Path) -> None:
