@@ -1,9 +1,10 @@
 """A small real training run that takes its hyper-parameters live from a hotknob daemon.
 
-Run a daemon first (``hotknob run --app demo --config examples/config.yaml``),
-then ``python examples/train.py --app demo``; while it trains, change the
-learning rate with ``hotknob set --app demo train.lr=0.01`` and watch the
-``lr`` column change at the next step.
+Run an etcd and a daemon first (``export HOTKNOB_ETCD_ENDPOINTS=127.0.0.1:2379``, then
+``hotknob run --app demo --config examples/config.yaml``), then ``python
+examples/train.py --app demo``; while it trains, change the learning rate with
+``hotknob set --app demo train.lr=0.01`` (it writes etcd: without the endpoints it is a
+usage error) and watch the ``lr`` column change at the next step.
 
 Each step prints ``step loss lr version``; ``--log-file FILE`` also writes one JSON
 object per step, which ``hotknob demo`` plots.
