@@ -165,6 +165,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "^ restart-only: the processes keep the value the daemon started with; this one "
             "takes effect when the daemon restarts"
         )
+    unread = [
+        f"{layer} (no {option} given)"
+        for layer, option, read in (
+            ("files", "--config", bool(ctx.config_files)),
+            ("etcd", "--etcd-endpoints", ctx.etcd is not None),
+        )
+        if not read
+    ]
+    if unread:  # its "-" is no "nothing there": a daemon's own layers may hold values
+        notes.append(
+            f"- not read here: {', '.join(unread)}; what each process runs: `hotknob status`"
+        )
     if notes:
         print("\n" + "\n".join(notes))
     return 0

@@ -94,11 +94,13 @@ def test_get_and_explain_show_provenance(etcd: EtcdServer, tmp_path: Path) -> No
     assert rows["train.weight_decay"]["from"] == "defaults"
     table = hk(etcd, "explain", "train.momentum", "--config", str(config), env=env).stdout
     assert "0.2*" in table and "shadowed by a higher layer" in table
-    assert "restart-only" not in table
+    assert "restart-only" not in table and "not read here" not in table
     assert rows["train.batch_size"]["restart_only"] is True
     assert not any(row["restart_only"] for key, row in rows.items() if key != "train.batch_size")
     table = hk(etcd, "explain", "train.batch_size").stdout
     assert "32^" in table and "^ restart-only:" in table
+    # Its "-" under files is no "nothing there": no file was read.
+    assert "- not read here: files (no --config given); what each process runs" in table
 
 
 def test_error_exit_codes(etcd: EtcdServer, tmp_path: Path) -> None:
