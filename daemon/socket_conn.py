@@ -59,7 +59,7 @@ class Connection:
         self.busy = False
         self.writer_task: asyncio.Task[None] | None = None
         self.reason: str | None = None
-        self.said_ack_ignored = False  # ``applied_ignored`` is logged once per connection
+        self.said_unknown_version = False  # ``applied_unknown_version``: once per connection
         self.lock = threading.RLock()
         self._loop = asyncio.get_running_loop()
         self._out: socket.socket | None = None

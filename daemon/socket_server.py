@@ -29,7 +29,8 @@ What is guaranteed:
   ``hello``, a line over ``protocol.MAX_LINE_BYTES``, invalid UTF-8 or a lone surrogate
   gets an ``error`` line and that connection alone is closed; so does a connection that
   sends no ``hello`` within ``hello_timeout``. An ``applied`` for a version newer than
-  any the connection was sent is ignored (``applied_ignored``): no process applied it.
+  any the connection was sent is recorded, and logged once (``applied_unknown_version``):
+  the process runs a state this daemon does not know.
 - Resources: a connection costs one file descriptor until its ``hello``, two after
   (``socket_conn``). A process out of descriptors cannot accept: that is one log line
   (``accept_failed``) at most every ``ACCEPT_FAILED_LOG_EVERY_S``, not the loop's
@@ -42,7 +43,7 @@ What is guaranteed:
 
 Log events: ``socket_listening``, ``stale_socket_removed``, ``client_connected``,
 ``client_renamed``, ``client_disconnected``, ``client_refused``, ``client_error``,
-``applied_ignored``, ``accept_failed``, ``callback_failed``, ``event_dropped``,
+``applied_unknown_version``, ``accept_failed``, ``callback_failed``, ``event_dropped``,
 ``publish_out_of_order``, ``socket_closed``.
 """
 
@@ -492,32 +493,30 @@ class SocketServer:
             return
         assert conn.info is not None
         if kind == protocol.APPLIED:
-            if self._was_offered(conn, message["version"]):
-                self._call(conn, self._on_applied, conn.info, message)
+            self._note_unknown_version(conn, message["version"])
+            self._call(conn, self._on_applied, conn.info, message)
         elif kind == protocol.METRICS:
             self._call(conn, self._on_metrics, conn.info, message)
 
-    def _was_offered(self, conn: Connection, version: int) -> bool:
-        """Whether ``version`` is one this connection may have applied: none newer than
-        the newest it was sent (or has waiting: a client may ack the state it runs before
-        it reads its snapshot). A newer one is no state of this daemon's for that process,
-        and recorded it would show in ``status`` as applied: it is ignored, and logged
-        once per connection (``applied_ignored``), not refused, since the process behind
-        it may be well (a run resumed from a checkpoint acks the version it loaded), and
-        an ``error`` would close its connection at every reconnect."""
+    def _note_unknown_version(self, conn: Connection, version: int) -> None:
+        """Log, once per connection (``applied_unknown_version``), an ack of a version
+        newer than any this connection was sent (or has waiting: a client may ack the state
+        it runs before it reads its snapshot). It is recorded all the same: the process
+        runs a state this daemon does not know (a checkpoint's, or one of a daemon before
+        a restart that did not keep its versions), which ``status`` shows (that version,
+        no revision) and a guard waits on, since the process may still apply the change.
+        It is not refused: an ``error`` would close the connection at every reconnect."""
         offered = conn.offered_version()
-        if offered is not None and version <= offered:
-            return True
-        if not conn.said_ack_ignored:
-            conn.said_ack_ignored = True
-            conn.log.warning(
-                "applied_ignored",
-                version=version,
-                newest_sent=offered,
-                reason="newer than any version this connection was sent; "
-                "further ones on this connection are ignored without a line",
-            )
-        return False
+        if (offered is not None and version <= offered) or conn.said_unknown_version:
+            return
+        conn.said_unknown_version = True
+        conn.log.warning(
+            "applied_unknown_version",
+            version=version,
+            newest_sent=offered,
+            detail="a version this connection was never sent: the process runs a state "
+            "this daemon does not know; further ones on this connection are not logged",
+        )
 
     def _unique_name(self, requested: str) -> str:
         """``requested``, or if a connected client has it, ``requested-2``, ``-3``... (the

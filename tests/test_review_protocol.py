@@ -192,22 +192,22 @@ def harness(harness_dir: Path) -> Iterator[Harness]:
         h.stop()
 
 
-def test_an_ack_of_a_version_never_sent_is_ignored_with_one_line(harness: Harness) -> None:
+def test_an_ack_of_a_version_never_sent_is_recorded_with_one_line(harness: Harness) -> None:
+    # The process runs a state this daemon does not know (a checkpoint's, a crashed
+    # daemon's): status shows it, and a guard waits on it (test_guards_judging).
     c = Client(harness.path)
     try:
         c.hello("acker")
         c.send({"type": "applied", "version": 1_000_000_000, "step": 5})
         c.send({"type": "applied", "version": 2, "step": 6})  # not yet sent either
         c.send({"type": "applied", "version": 1, "step": 7})
-        wait_until(lambda: len(harness.applied) == 1, "the ack of the version sent")
-        assert [m["version"] for _, m in harness.applied] == [1]
-        [ignored] = harness.events("applied_ignored")
-        assert (ignored["version"], ignored["newest_sent"]) == (1_000_000_000, 1)
+        wait_until(lambda: len(harness.applied) == 3, "the acks")
+        assert [m["version"] for _, m in harness.applied] == [1_000_000_000, 2, 1]
+        [unknown] = harness.events("applied_unknown_version")
+        assert (unknown["version"], unknown["newest_sent"]) == (1_000_000_000, 1)
         harness.publish(make_state(2, lr=0.3))  # the connection is still served
         update = c.recv()
         assert update is not None and update["version"] == 2
-        c.send({"type": "applied", "version": 2, "step": 8})
-        wait_until(lambda: len(harness.applied) == 2, "the ack of the update")
     finally:
         c.close()
 
@@ -218,7 +218,7 @@ def test_an_ack_sent_with_the_hello_before_the_snapshot_is_read_counts(harness: 
         hello = protocol.encode(protocol.hello("eager"))
         c.send(hello + protocol.encode(protocol.applied(1, 0)))
         wait_until(lambda: len(harness.applied) == 1, "the ack")
-        assert not harness.events("applied_ignored")
+        assert not harness.events("applied_unknown_version")
     finally:
         c.close()
 
