@@ -29,7 +29,13 @@ from hotknob.config.sources import parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
 from .etcd_checks import rejected_on_top, validate_etcd_state
-from .etcd_store import ConflictError, EtcdStore
+from .etcd_store import (
+    CompactedError,
+    ConflictError,
+    EtcdStore,
+    FutureRevisionError,
+    NoSpaceError,
+)
 from .guard_records import (
     PASSED,
     GuardRecord,
@@ -65,7 +71,13 @@ def register(add: Add) -> None:
     _add_wait_option(p)
 
     p = add("rollback", cmd_rollback, "restore the whole config to its state at a revision")
-    p.add_argument("--to-revision", type=int, required=True, metavar="REV")
+    p.add_argument(
+        "--to-revision",
+        type=int,
+        required=True,
+        metavar="REV",
+        help="an etcd revision (`hotknob history` lists those that changed the config)",
+    )
     p.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_wait_option(p)
@@ -87,7 +99,8 @@ def _add_wait_option(p: argparse.ArgumentParser) -> None:
         type=_seconds,
         metavar="SECONDS",
         help="then wait until every process of the app runs the change (read from their "
-        "status); exit 1 if a daemon rejects it or one has not applied it in time",
+        "status); exit 1 if a daemon rejects it, one has not applied it in time, or no "
+        "process is connected to a daemon of the app",
     )
 
 
@@ -238,12 +251,17 @@ def _write(
     existed = current.values.keys()
     deleted = sorted(k for k in diff if k not in new_etcd)
     secrets = secret_keys(ctx.schema)
-    if args.dry_run or not diff:
-        title = f"dry run at revision {revision}: would write" if args.dry_run else "nothing to do"
+    if args.dry_run:
+        title = f"dry run at revision {revision}: would write"
         _print_diff(diff, args.json, title, secrets, existed, deleted)
         _warn_shadowed(snapshot, shadowed, secrets)
         _warn_restart_only(ctx, diff)
         return 0
+    if not diff:
+        _warn_shadowed(snapshot, shadowed, secrets)
+        held = "no value of those keys" if sections else "those values already"
+        text = f"nothing to do: etcd holds {held} (at revision {revision})"
+        return _unchanged(ctx, args, revision, text)
     texts[meta_key(ctx.app)] = json.dumps(
         {"time": time.time(), "by": f"{getpass.getuser()}@{socket.gethostname()}", "what": header}
     )
@@ -272,6 +290,13 @@ def _write(
                 f"another write landed at revision {landed} after this one was checked "
                 f"(at revision {revision}); nothing was written: run it again"
             ) from None
+        except NoSpaceError:
+            raise  # refused by etcd: nothing was written
+        except Unavailable as exc:  # the answer lost: etcd may have taken the write
+            look = f"hotknob history {next(iter(diff))}" if len(diff) == 1 else "hotknob history"
+            raise Unavailable(
+                f"{exc}; the change may have been written: `{look}` shows whether it was"
+            ) from exc
         if not args.json:
             _print_diff(diff, False, f"{header} at revision {written}", secrets, existed, deleted)
             if record is not None:
@@ -320,6 +345,8 @@ def _write(
                 f"guard {record.id} is armed, but no process applied the change, so "
                 "nothing judged it: it ends abandoned if none does (`hotknob status`)"
             )
+        if applied is not None and applied.nobody:
+            raise NotApplied(applied.failure(args.wait))
         if judged is not None:
             text = verdict_text(judged.id, verdict, args.wait)
             if verdict is None or verdict.state != PASSED:
@@ -348,15 +375,30 @@ def _wait(
     except Unavailable as exc:  # etcd lost meanwhile: the change stays written
         message = f"revision {written} is written, but the wait for it failed: {exc}"
         raise Unavailable(message) from exc
-    if not (applied.applied or applied.failed or applied.rejected or applied.behind):
-        print(
-            f"hotknob: warning: no process of app {app!r} is connected to a daemon "
-            "(no status entry): none has applied it",
-            file=sys.stderr,
-        )
-    elif applied.ok and not quiet:
+    if applied.ok and not applied.nobody and not quiet:
         print(applied.summary())
     return applied
+
+
+def _unchanged(ctx: Context, args: argparse.Namespace, revision: int, text: str) -> int:
+    """Nothing to write: says so (``--json``: the shape of a write, with nothing changed,
+    at ``revision``, the one checked), and with ``--wait`` waits as after a write, for
+    every process to run the newest value etcd holds under the app's config."""
+    result: dict[str, Any] = {"revision": revision, "changed": {}, "deleted": []}
+    if not args.json:
+        print(text)
+    applied = None
+    if args.wait:
+        with ctx.store() as store:
+            _, mods, *_ = store.read_prefix_state(ctx.prefix, revision)
+            newest = max(mods.values(), default=0)
+            applied = _wait(store, ctx.app, newest, (), args.wait, args.json)
+        result["wait"] = applied.as_dict()
+    if args.json:
+        print(dumps(result))
+    if applied is not None and (applied.nobody or not applied.ok):
+        raise NotApplied(applied.failure(args.wait))
+    return 0
 
 
 def _deleted_keys(ctx: Context, in_etcd: Mapping[str, Any], keys: list[str]) -> list[str]:
@@ -422,11 +464,23 @@ def cmd_unset(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    if args.to_revision < 1:  # etcd reads a revision of 0 or less as "now"
+    # etcd reads a revision of 0 or less as "now"; one past int64 it cannot be asked for
+    if not 1 <= args.to_revision <= _MAX_REVISION:
         raise UsageError(f"--to-revision must be a revision (1 or more), got {args.to_revision}")
     ctx = Context.from_args(args)
     with ctx.store() as store:
-        then, _ = store.read_prefix(ctx.prefix, revision=args.to_revision)
+        try:
+            then, _ = store.read_prefix(ctx.prefix, revision=args.to_revision)
+        except CompactedError:
+            raise InvalidInput(
+                f"cannot roll back to revision {args.to_revision}: etcd compacted it away, and "
+                "keeps no state that old (`hotknob history` lists the revisions it keeps)"
+            ) from None
+        except FutureRevisionError:
+            raise InvalidInput(
+                f"cannot roll back to revision {args.to_revision}: etcd is only at revision "
+                f"{store.current_revision()}"
+            ) from None
     # A path that names no key (``train.lr``, ``train//lr``) cannot be restored as a key,
     # and is not one that the rollback could make invalid: it is skipped with a warning,
     # and whatever etcd holds at that path now is left as it is. A value that cannot be
@@ -441,13 +495,16 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             f"{args.to_revision}: {fault.reason}; rollback leaves that path as it is",
             file=sys.stderr,
         )
-    layers, _, _ = read_all_layers(ctx, args)
+    layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
     puts = {k: v for k, v in old.values.items() if current.values.get(k, _ABSENT) != v}
     deletes = [k for k in current.values if k not in old.values]
     if not puts and not deletes:
-        print(f"the config already equals its state at revision {args.to_revision}")
-        return 0
+        text = f"nothing to do: the config already equals its state at revision {args.to_revision}"
+        if args.dry_run:
+            print("{}" if args.json else text)
+            return 0
+        return _unchanged(ctx, args, revision, text)
     try:
         return _write(ctx, args, puts, deletes, f"rolled back to revision {args.to_revision}")
     except InvalidChange as exc:
@@ -458,3 +515,4 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 _ABSENT = object()
+_MAX_REVISION = 2**63 - 1  # etcd's revisions are int64

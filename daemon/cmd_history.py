@@ -29,7 +29,9 @@ from .table import dumps, render
 def register(add: Add) -> None:
     p = add("history", cmd_history, "past values of KEY (or of every key) from etcd's revisions")
     p.add_argument("key", nargs="?", metavar="KEY", help="a key, or a section: every key under it")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument(
+        "--limit", type=int, default=20, metavar="N", help="the newest N changes (default 20)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

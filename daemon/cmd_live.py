@@ -132,7 +132,16 @@ def _describe(event: dict[str, Any]) -> str:
         reasons = "; ".join(f"{p.get('key')}: {p.get('reason')}" for p in event.get("problems", []))
         return f"{when} REJECTED rev {event.get('revision')} [{event.get('layer')}] {reasons}"
     if kind == "change_reverted":
-        return f"{when} REVERTED {json.dumps(event.get('restored', {}))}: {event.get('reason')}"
+        deleted = event.get("deleted") or []
+        replaced = event.get("replaced") or {}
+        changes = " ".join(
+            f"{k}={'(deleted)' if k in deleted else fmt(v)} (was {fmt(replaced.get(k))})"
+            for k, v in (event.get("restored") or {}).items()
+        )
+        return (
+            f"{when} REVERTED rev {event.get('revision')} by guard {event.get('guard')} (the "
+            f"change at rev {event.get('guarded_revision')}): {changes}: {event.get('reason')}"
+        )
     if kind.startswith("guard_"):
         outcome = kind.removeprefix("guard_").upper()
         return (

@@ -119,6 +119,8 @@ class GuardEnding:
         outcome["restored"] = {
             k: masked_if(restore.get(k), k in hidden) for k in sorted(record.keys)
         }
+        # A deleted key's "restored" value is null, as is a key restored to null.
+        outcome["deleted"] = sorted(delete)
         puts = {etcd_key(self.app, k): to_text(v) for k, v in restore.items()}
         deletes = [etcd_key(self.app, k) for k in delete]
         puts[meta_key(self.app)] = json.dumps(
@@ -212,11 +214,15 @@ class GuardEnding:
             }
             restored = {k: masked_if(v, k in hidden) for k, v in put_back.items()}
             replaced = {k: masked_if(c.new, k in hidden) for k, c in record.keys.items()}
+            deleted = outcome.get("deleted")
+            if not isinstance(deleted, list):
+                deleted = sorted(k for k, c in record.keys.items() if not c.existed)
             self.log.warning(
                 "change_reverted",
                 guard=guard_id,
                 key=",".join(sorted(record.keys)),
                 restored=restored,
+                deleted=deleted,
                 replaced=replaced,
                 reason=outcome.get("reason"),
                 evidence=outcome.get("evidence"),
@@ -229,6 +235,7 @@ class GuardEnding:
                     "event": "change_reverted",
                     "guard": guard_id,
                     "restored": restored,
+                    "deleted": deleted,
                     "replaced": replaced,
                     "reason": outcome.get("reason"),
                     "evidence": outcome.get("evidence"),

@@ -368,6 +368,8 @@ class GuardManager:
                 reason = (
                     f"{guard.text!r} failed on {count} reports in a row from {client} "
                     f"(steps {first}..{report.step})"
+                    if count > 1
+                    else f"{guard.text!r} failed on the report from {client} at step {report.step}"
                 )
                 self._ending.revert(guard_id, active, reason, failures[-active.record.patience :])
                 return

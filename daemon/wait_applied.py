@@ -10,7 +10,13 @@ The entries are read once and then followed with a watch (``WatchedEntries``: on
 hundred nodes a read of them all is half a megabyte, a watch sends what changes), until
 every process has one or the other, or the time is up. A process that appears
 meanwhile is waited for too (it connected and runs the newest state); one whose entry
-vanishes (it left, or its daemon did) is no longer waited for, and is named.
+vanishes (it left, or its daemon did) is no longer waited for, and is named. With no
+entry at all (no process connected, or its daemon restarting) nothing has applied it: the
+wait goes on until one appears, or the time is up, and fails then.
+
+A process seen rejecting it stays rejected for the rest of the wait: its daemon's refusal
+lasts only while etcd holds the value it refused, so a revert (a guard's, within a second)
+clears it, and that process, then at the revert's revision, never ran the change.
 """
 
 from __future__ import annotations
@@ -57,13 +63,19 @@ class Applied:
     seconds: float = 0.0
 
     @property
+    def nobody(self) -> bool:
+        """No process has a status entry: none is there to apply it."""
+        return not (self.applied or self.failed or self.rejected or self.behind)
+
+    @property
     def done(self) -> bool:
-        """Nothing left to wait for: every process applied it, or its daemon rejected it."""
-        return not self.behind
+        """Nothing left to wait for: every process applied it, or its daemon rejected it
+        (and there is one)."""
+        return not self.behind and not self.nobody
 
     @property
     def ok(self) -> bool:
-        """Every process applied it, with no error."""
+        """Every process applied it, with no error (none did if there is none: ``nobody``)."""
         return not self.behind and not self.rejected and not self.failed
 
     def as_dict(self) -> dict[str, Any]:
@@ -97,6 +109,13 @@ class Applied:
         """Why the wait failed, in one line (the change stays written); ``now``: the wall
         time, for how long a process has held the change unapplied."""
         now = time.time() if now is None else now
+        if self.nobody:
+            left = f" ({some_names(self.left)} left meanwhile)" if self.left else ""
+            return (
+                f"revision {self.revision} is written, but no process is connected to a daemon "
+                f"of the app (no status entry within {timeout:g} s){left}, so none applied it: "
+                "see `hotknob status`"
+            )
         total = len(self.applied) + len(self.failed) + len(self.rejected) + len(self.behind)
         parts = []
         if self.failed:
@@ -134,23 +153,35 @@ class Applied:
         return f"{name} (at revision {runs}; sent it, nothing applied for {held:.0f} s)"
 
 
-def classify(entries: Entries, revision: int, into: Applied, keys: Collection[str] = ()) -> None:
+def classify(
+    entries: Entries,
+    revision: int,
+    into: Applied,
+    keys: Collection[str] = (),
+    seen_rejected: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """Sort the processes of ``entries`` by where they stand with ``revision``, which
     wrote ``keys`` (none given: judged by revisions alone).
 
     A process whose daemon refused one of ``keys`` at ``revision`` or later runs without
     it whatever revision it runs (the daemon took a later change of another key, or a
-    full read of etcd at a later revision dropped it): rejected. Otherwise one that runs
-    ``revision`` or later applied it, and one behind it whose daemon refused a later
-    revision will not run it either."""
+    full read of etcd at a later revision dropped it): rejected. So is one that an
+    earlier look found rejecting it (``seen_rejected``: name -> reason), whatever its
+    entry says now. Otherwise one that runs ``revision`` or later applied it, and one
+    behind it whose daemon refused a later revision will not run it either.
+
+    Returns the processes whose daemon refused one of ``keys``: name -> its reason."""
     into.applied, into.rejected, into.behind, into.holding = {}, {}, {}, {}
     into.restart, into.failed = {}, {}
+    refusing: dict[str, str] = {}
     for name, entry in entries.items():
         runs = entry.get("revision")
         refused = refusal(entry.get("rejected"), revision)
         error = _first_error(entry)
         if refused is not None and _refuses_any(refused, keys):
-            into.rejected[name] = str(refused.get("reason", "no reason given"))
+            into.rejected[name] = refusing[name] = str(refused.get("reason", "no reason given"))
+        elif seen_rejected and name in seen_rejected:
+            into.rejected[name] = seen_rejected[name]
         elif is_int(runs) and runs >= revision and error is not None:
             # Its ack of what it runs said what raised (its binding or a callback refused
             # a value: the values before may still be in force there), so not applied.
@@ -172,6 +203,7 @@ def classify(entries: Entries, revision: int, into: Applied, keys: Collection[st
                 and is_time(holds.get("since"))
             ):
                 into.holding[name] = holds["since"]
+    return refusing
 
 
 def _first_error(entry: Mapping[str, Any]) -> str | None:
@@ -204,17 +236,18 @@ def wait_applied(
     """Follow the entries (``next_entries(wait)``: the current ones, once something
     changed or ``wait`` seconds passed) until every process runs ``revision`` (which
     wrote ``keys``) or later, or its daemon rejected it, or ``timeout`` seconds are up:
-    where they stand then (``classify``)."""
+    where they stand then (``classify``; one seen rejecting it stays rejected)."""
     start = clock()
     result = Applied(revision)
     seen: set[str] = set()
+    rejected: dict[str, str] = {}
     wait = 0.0
     while True:
         entries = next_entries(wait)
         gone = seen - entries.keys()
         result.left = sorted({*result.left, *gone} - entries.keys())  # unless back since
         seen |= entries.keys()
-        classify(entries, revision, result, keys)
+        rejected.update(classify(entries, revision, result, keys, rejected))
         result.seconds = clock() - start
         if result.done or result.seconds >= timeout:
             return result
@@ -238,19 +271,26 @@ class WatchedEntries:
         store.watch_prefix(self._prefix, read_at + 1, self._changes.put)
 
     def __call__(self, wait: float) -> Entries:
+        """The entries once something changed, or after ``wait`` seconds. What is queued is
+        taken at once, up to an entry that says its daemon refused a change: given back
+        then, before a later one (a revert's) can clear it."""
         try:
             item = self._changes.get(timeout=wait) if wait > 0 else self._changes.get_nowait()
-            while True:
-                self._take(item)
+            while not self._take(item):
                 item = self._changes.get_nowait()
         except queue.Empty:
             pass
         return self._entries
 
-    def _take(self, item: WatchItem) -> None:
+    def _take(self, item: WatchItem) -> bool:
+        """Take a watch answer; True if one of its entries holds a refusal."""
         if isinstance(item, HotknobError):
             raise item
+        refusing = False
         for change in item:
             for key in [*change.deletes, *change.puts]:  # a put that is no entry drops it
                 self._entries.pop(key[len(self._prefix) :], None)
-            self._entries.update(status_entries(self._app, change.puts))
+            taken = status_entries(self._app, change.puts)
+            self._entries.update(taken)
+            refusing |= any(isinstance(e.get("rejected"), Mapping) for e in taken.values())
+        return refusing

@@ -4,8 +4,7 @@ It needs nothing but the ``hotknob`` command line: ``hotknob status --json``
 shows what every process reported with ``live.report`` (the mean of its last
 32 values of each metric), ``hotknob get train.lr`` the rate in force, and
 ``hotknob set train.lr=... --wait`` changes it and waits until every process runs
-it (the run applies it at its next step, without a restart; a daemon that rejects
-it, or a process that does not apply it within ``--apply-timeout``, stops the tuner).
+it (the run applies it at its next step, without a restart).
 Run it beside a training run::
 
     hotknob run --app demo --config examples/config.yaml --etcd-endpoints 127.0.0.1:2379 \\
@@ -20,7 +19,13 @@ processes (the daemon rewrites a process's metrics in etcd at most every
 often; a look that finds no newer step is skipped). If that has not improved
 on the best seen by ``--min-improvement`` (relative) for ``--patience`` looks
 in a row, it sets ``train.lr`` to ``--factor`` times its value. Each change may carry a guard
-(``--guard 'loss < 1.5 * baseline'``), so a change that hurts undoes itself.
+(``--guard 'loss < 1.5 * baseline'``), so a change that hurts undoes itself: the tuner
+then waits for the guard's verdict too (``set --guard ... --wait``: its window, in
+steps), says so if the guard reverted the change, and goes on at the rate restored
+(a reverted change counts towards ``--max-changes``). It stops, with one line and exit
+status 1, when a change does not land as meant within ``--apply-timeout`` seconds: a
+daemon rejects it, a process does not apply it, or the guard has not decided by then
+(make ``--apply-timeout`` cover the window).
 """
 
 from __future__ import annotations
@@ -33,17 +38,49 @@ import time
 from typing import Any
 
 
-def hotknob(common: list[str], *args: str) -> Any:
-    """Run one ``hotknob`` command with ``--json``; its output, parsed."""
+class Stop(Exception):
+    """The tuner cannot go on: why, in one line."""
+
+
+def run_hotknob(common: list[str], *args: str, timeout: float = 60) -> tuple[int, Any, str]:
+    """Run one ``hotknob`` command with ``--json``: its exit status, its output parsed
+    (None if there is none) and its error line."""
     done = subprocess.run(
         [sys.executable, "-m", "hotknob.daemon.cli", *args, *common, "--json"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip() or f"hotknob {args[0]} exited {done.returncode}")
-    return json.loads(done.stdout)
+    error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    try:
+        output = json.loads(done.stdout) if done.stdout.strip() else None
+    except ValueError:
+        output = None
+    return done.returncode, output, error or f"hotknob {args[0]} exited {done.returncode}"
+
+
+def hotknob(common: list[str], *args: str) -> Any:
+    """Run one ``hotknob`` command with ``--json``; its output, parsed."""
+    code, output, error = run_hotknob(common, *args)
+    if code != 0 or output is None:
+        raise Stop(error)
+    return output
+
+
+def change_rate(layers: list[str], lr: float, guard: list[str], timeout: float) -> dict[str, Any]:
+    """``set train.lr=LR --wait``, with the guard if any: what ``--json`` says, once every
+    process runs it and the guard passed it or reverted it. Anything else stops the
+    tuner (``Stop``): a rejection, a process behind, a guard with no verdict in time."""
+    args = ("set", f"train.lr={lr:.6g}", *guard, "--wait", f"{timeout:g}")
+    code, written, error = run_hotknob(layers, *args, timeout=timeout + 60)
+    if written is None:
+        raise Stop(error)
+    state = (written.get("verdict") or {}).get("state")
+    if code == 0 or state == "reverted":
+        return dict(written)
+    if state == "armed" and written["wait"]["applied"]:
+        error += " (give --apply-timeout the time the guard's window takes)"
+    raise Stop(error)
 
 
 def reported_loss(common: list[str], metric: str) -> tuple[float, int] | None:
@@ -87,10 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         "--apply-timeout",
         type=float,
         default=60.0,
-        help="seconds for every process to apply a change (set --wait), else stop",
+        help="seconds for every process to apply a change and, with --guard, for the guard "
+        "to pass or revert it: its whole window of steps (set --wait); else stop",
     )
     args = parser.parse_args(argv)
+    try:
+        return tune(args)
+    except Stop as exc:
+        print(f"tune_live: stopped: {exc.args[0].removeprefix('hotknob: ')}", flush=True)
+        return 1
 
+
+def tune(args: argparse.Namespace) -> int:
+    """The loop: look every ``--interval`` seconds, halve on a plateau."""
     common: list[str] = []  # for status, get and set
     if args.app:
         common += ["--app", args.app]
@@ -129,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.lr {lr:g} is at the floor ({args.min_lr:g}): done", flush=True)
             break
         guard = ["--guard", args.guard, "--window", str(args.window)] if args.guard else []
-        wait = ["--wait", f"{args.apply_timeout:g}"]
-        written = hotknob(layers, "set", f"train.lr={new_lr:.6g}", *guard, *wait)
+        written = change_rate(layers, new_lr, guard, args.apply_timeout)
         changes += 1
         applied = written["wait"]
         print(
@@ -139,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
             f"process(es) within {applied['seconds']:.1f}s)",
             flush=True,
         )
+        verdict = written.get("verdict")
+        if verdict is not None:
+            reverted = verdict["state"] == "reverted"
+            print(
+                f"{time.monotonic() - started:5.1f}s  guard {written['guard']} "
+                f"{'reverted' if reverted else 'passed'} it: {verdict['outcome'].get('reason')}"
+                + (f"; going on at train.lr {lr:g}" if reverted else ""),
+                flush=True,
+            )
         # Judged afresh from the processes' first reports at the new rate.
         best, stale, last_step = float("inf"), 0, max(step, _furthest_step(common))
     return 0

@@ -195,7 +195,6 @@ def test_a_diverging_lr_is_reverted_by_its_guard_and_training_recovers(
         finally:
             store.close()
             watch.close()
-        assert '{"train.lr": 0.1}' in shown and "failed on 3 reports in a row" in shown
 
         (reverted,) = wait_for("the revert logged", lambda: daemon.events("change_reverted"))
         assert reverted["restored"] == {"train.lr": 0.1}
@@ -206,6 +205,11 @@ def test_a_diverging_lr_is_reverted_by_its_guard_and_training_recovers(
         assert all(e["values"]["loss"] >= 1.5 * baseline for e in reverted["evidence"])
         revert = reverted["revision"]
         assert guarded < unrelated < revert
+        assert (
+            f"REVERTED rev {revert} by guard {out['guard']} (the change at rev {guarded}): "
+            in shown
+        )
+        assert "train.lr=0.1 (was 2.0): " in shown and "failed on 3 reports in a row" in shown
 
         # ONE etcd revision restored the key, ended the guard and annotated who did it.
         assert kv(etcd, P + "train/lr") == ("0.1", revert)

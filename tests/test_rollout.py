@@ -357,9 +357,10 @@ def test_set_wait_that_loses_etcd_says_the_change_is_written(
 
 
 def test_set_wait_with_no_process_and_a_bad_wait(etcd: EtcdServer) -> None:
-    done = hk(etcd, "set", "train.lr=0.02", "--wait", "5")
-    assert done.returncode == 0, done.stderr
-    assert "no process of app 'wait' is connected to a daemon" in done.stderr
+    # Written, but nobody runs it: exit 1, not "applied everywhere".
+    done = hk(etcd, "set", "train.lr=0.02", "--wait", "1")
+    assert done.returncode == 1, done.stderr
+    assert "no process is connected to a daemon of the app" in done.stderr
     for bad in ("0", "-1", "nan", "inf", "soon"):
         done = hk(etcd, "set", "train.lr=0.03", "--wait", bad)
         assert done.returncode == 2 and "not a positive number of seconds" in done.stderr
