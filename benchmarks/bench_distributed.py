@@ -115,6 +115,10 @@ def _worker(rank: int, rdzv: str, socket_path: str, out: str, steps: int, repeat
                 live.close()
     if rank == 0:
         Path(out).write_text(json.dumps(times))
+    # Every rank done before any tears its group down: a rank that left while another
+    # was still in a collective once ended in an abort ("terminate called without an
+    # active exception") of the one left, in a loaded suite run.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -259,12 +259,12 @@ class LiveConfig:
                     path=path,
                     app=app_name,
                 )
-            where = (
-                "" if socket is not None else f"start one with `hotknob run --app {app_name}`, or "
-            )
+            if socket is None:
+                how = f"`hotknob run --app {app_name}`, or pass socket= / set HOTKNOB_SOCKET"
+            else:  # the socket it was given: a daemon started there
+                how = f"`hotknob run --app {app_name} --socket {path}`"
             raise DaemonUnavailable(
-                f"no hotknob daemon at {path} after {timeout:g} s: {where}pass socket= / set "
-                "HOTKNOB_SOCKET"
+                f"no hotknob daemon at {path} after {timeout:g} s: start one with {how}"
                 + (f" (last error: {reason})" if reason else "")
                 + (f" (ranks without one: {', '.join(map(str, silent))})" if silent else ""),
                 path=path,

@@ -503,7 +503,12 @@ def test_a_rank_whose_daemon_answered_names_the_rank_that_got_nothing(tmp_path: 
     assert r0["error"].startswith("rank(s) 1 got no snapshot from their hotknob daemon"), r0
     assert "absent-0.sock, answered" in r0["error"]
     assert r1["error"].startswith("no hotknob daemon at "), r1
-    assert "absent-1.sock after 2 s: pass socket=" in r1["error"]  # socket= was given
+    assert (
+        "absent-1.sock after 2 s: start one with `hotknob run --app default --socket "
+        in (
+            r1["error"]  # at the socket it was given, not at the app's default one
+        )
+    )
     assert "(ranks without one: 1)" in r1["error"]
 
 
