@@ -12,7 +12,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from hotknob.model_runtime import protocol
 from tests.daemon_proc import DaemonProcess, RawClient
 from tests.etcd_server import EtcdServer, free_port
-from tests.test_metrics_health import health, samples
+from tests.test_metrics_health import health, samples, wait_for
 from tests.test_socket_server import Client, Harness, make_state, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -44,14 +44,6 @@ class Slow(BaseModel):
         if value == 0.5:
             time.sleep(SLOW_S)
         return value
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-    return result
 
 
 class Line:

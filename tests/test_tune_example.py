@@ -24,6 +24,22 @@ ROOT = Path(__file__).resolve().parent.parent
 APP = "tune"
 
 
+def start_training(daemon: DaemonProcess, *extra: str) -> subprocess.Popen[str]:
+    """examples/train.py on ``daemon``'s socket, reporting every 0.2 s, for long enough."""
+    env = {**os.environ, "HOTKNOB_REPORT_EVERY_S": "0.2"}
+    return subprocess.Popen(
+        [
+            *(sys.executable, str(ROOT / "examples" / "train.py"), "--app", APP),
+            *("--socket", str(daemon.socket_path), "--steps", "100000"),
+            *("--step-delay", "0.005", "--print-every", "100000", *extra),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_the_tuner_halves_the_rate_of_a_live_run_and_waits_for_it(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
@@ -32,17 +48,7 @@ def test_the_tuner_halves_the_rate_of_a_live_run_and_waits_for_it(
     extra = ["--config", str(config), "--status-every", "0.5", "--node", "n1"]
     with DaemonProcess(tmp_path, app=APP, endpoints=etcd.endpoint, extra=extra) as daemon:
         log = tmp_path / "train.jsonl"
-        env = {**os.environ, "HOTKNOB_REPORT_EVERY_S": "0.2"}
-        train = subprocess.Popen(
-            [
-                *(sys.executable, str(ROOT / "examples" / "train.py"), "--app", APP),
-                *("--socket", str(daemon.socket_path), "--steps", "100000"),
-                *("--step-delay", "0.005", "--log-file", str(log), "--print-every", "100000"),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        train = start_training(daemon, "--log-file", str(log))
         try:
             # --min-improvement 1: no look improves, so each (with a newer step) is a
             # plateau: 0.2 -> 0.1, then 0.05 would be under --min-lr: done.
@@ -85,17 +91,7 @@ def test_the_tuner_reports_a_revert_goes_on_and_stops_cleanly_without_a_verdict(
         *("--interval", "0.3", "--patience", "1", "--min-improvement", "1", "--duration", "60"),
     ]
     with DaemonProcess(tmp_path, app=APP, endpoints=etcd.endpoint, extra=extra) as daemon:
-        env = {**os.environ, "HOTKNOB_REPORT_EVERY_S": "0.2"}
-        train = subprocess.Popen(
-            [
-                *(sys.executable, str(ROOT / "examples" / "train.py"), "--app", APP),
-                *("--socket", str(daemon.socket_path), "--steps", "100000"),
-                *("--step-delay", "0.005", "--print-every", "100000"),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        train = start_training(daemon)
         try:
             # A guard that always fails: each halving is reverted, and the tuner goes on.
             reverting = ["--guard", "loss < 0.00001", "--window", "30", "--max-changes", "2"]
