@@ -107,7 +107,12 @@ class ClientFeedback:
         self.pending.forget(client.name)  # what it holds now is looked at afresh
         entry = self._client_entry(client)
         entry.update(version=version, **self._revisions(version))
-        entry.update(step=message["step"], time=time.time())
+        # ``at``: an ack sent again at a reconnect (a daemon restarted) says when the
+        # process applied that version; the entry's age counts from then. Never later
+        # than now: a clock ahead would make an age below zero.
+        now = time.time()
+        at = message.get("at")
+        entry.update(step=message["step"], time=now if at is None else min(at, now))
         if message.get("errors"):
             entry["errors"] = message["errors"]
         if message.get("held"):  # restart-only keys it runs as it started, not as sent

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -150,6 +151,7 @@ class LiveConfig:
         self._pending: State | None = None
         self._applied = NOTHING
         self._applied_step = 0
+        self._applied_at = 0.0  # when (wall time) the applied state was applied
         self._unacked = False  # the applied values came from another rank (``_apply_state``)
         self._applying = threading.Lock()  # held while an apply runs: one at a time
         self._apply_owner: int | None = None  # the thread that holds ``_applying``
@@ -401,7 +403,7 @@ class LiveConfig:
                 if new is None:
                     return False
                 old, self._applied = self._applied, new
-                self._applied_step = step
+                self._applied_step, self._applied_at = step, time.time()
                 self._unacked = False
             self._after_apply(old, new, step, ack=True)
             return True
@@ -421,7 +423,7 @@ class LiveConfig:
             if pending is not None and pending.digest == new.digest:
                 self._pending = None
             old, self._applied = self._applied, new
-            self._applied_step = step
+            self._applied_step, self._applied_at = step, time.time()
             self._unacked = not ack
         self._after_apply(old, new, step, ack=ack)
 
@@ -447,10 +449,10 @@ class LiveConfig:
                 self._pending = None
             self._applied = state
             self._unacked = not ack
-            step = self._applied_step
+            step, at = self._applied_step, self._applied_at
         if ack and _ackable(step):
             held = {"held": list(state.held)} if state.held else {}
-            self._conn.send(protocol.applied(state.version, step, **held))
+            self._conn.send(protocol.applied(state.version, step, at=at, **held))
 
     def _after_apply(self, old: State, new: State, step: int, *, ack: bool) -> None:
         errors = self._hooks.run(old, new)
@@ -654,6 +656,7 @@ class LiveConfig:
             old, self._applied = self._applied, loaded
             self._unacked = False
             self._applied_step = step if isinstance(step, int) else 0
+            self._applied_at = time.time()
             self._pending = latest if newer else None
             if newer:
                 self._superseded = None
@@ -767,12 +770,13 @@ class LiveConfig:
                 self._latest = state
                 up_to_date = state.same_as(applied)
                 self._pending = None if up_to_date else state
-            step = self._applied_step
+            step, at = self._applied_step, self._applied_at
         # A step no ack can carry (``apply(5.5)``: logged at that apply) is not sent: the
         # daemon would close the connection, and each reconnect would send it again.
         if up_to_date and is_snapshot and _ackable(step):
             held = {"held": list(state.held)} if state.held else {}
-            self._conn.send(protocol.applied(applied.version, step, **held))
+            # ``at``: the values were applied then, not at this reconnect (``status``'s age).
+            self._conn.send(protocol.applied(applied.version, step, at=at, **held))
         if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough
             self._first_state.set()
 

@@ -193,6 +193,17 @@ def _require_held(message: Mapping[str, Any]) -> None:
         )
 
 
+def _require_at(message: Mapping[str, Any]) -> None:
+    """An ``applied`` message's optional ``at``: when (seconds since the epoch) the process
+    applied the version it acknowledges, sent with the ack again at a reconnect, so that
+    the status entry's age counts from the apply and not from the reconnect."""
+    at = message.get("at")
+    if at is not None and (
+        isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at)
+    ):
+        raise ProtocolError('"at" must be a finite number of seconds since the epoch')
+
+
 def restart_only_keys(message: Mapping[str, Any]) -> frozenset[str]:
     """A ``snapshot``'s ``restart_only`` keys (none if it has no such field); raises
     ``ProtocolError`` if it is not a list of strings."""
@@ -233,6 +244,7 @@ def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> 
         require_int(message, "step", minimum=-MAX_INT)
         _require_errors(message)
         _require_held(message)
+        _require_at(message)
     elif kind == METRICS:
         require_int(message, "step", minimum=-MAX_INT)
         latest = message.get("latest")

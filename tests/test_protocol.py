@@ -139,6 +139,15 @@ def test_held_keys_must_be_a_short_list_of_short_strings(held: object) -> None:
         _hello_then({"type": "applied", "version": 1, "step": 1, "held": held})
 
 
+def test_an_ack_may_say_when_it_applied_the_version_as_a_finite_number() -> None:
+    _hello_then(protocol.decode(protocol.encode(protocol.applied(3, 9, at=1796000000.5))))
+    for at in ("yesterday", True, [1]):
+        with pytest.raises(protocol.ProtocolError, match='"at"'):
+            _hello_then({"type": "applied", "version": 1, "step": 1, "at": at})
+    with pytest.raises(protocol.ProtocolError):  # no JSON number is infinite either
+        protocol.decode(b'{"type":"applied","version":1,"step":1,"at":Infinity}\n')
+
+
 def test_a_snapshot_names_restart_only_keys_only_when_there_are_some() -> None:
     plain = protocol.snapshot(1, 2, {"a": 1}, {"a": "defaults"})
     assert "restart_only" not in plain and protocol.restart_only_keys(plain) == frozenset()

@@ -292,6 +292,48 @@ def test_a_restarted_daemon_never_changes_a_restart_only_key_of_a_running_proces
         daemon.stop()
 
 
+def test_a_clean_daemon_restart_keeps_the_age_of_the_change_in_status(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The process acks its state again at the reconnect; its entry's time was that of the
+    reconnect, so ``status`` showed an old change (AGE) as just made."""
+
+    def entry() -> dict | None:
+        mine = [e for e in status_entries(etcd) if e["client"] == "trainer"]
+        return mine[0] if mine else None
+
+    daemon = DaemonProcess(tmp_path, endpoints=etcd.endpoint).start()
+    try:
+        with LiveConfig.connect(socket=daemon.socket_path, timeout=10, client="trainer") as live:
+            etcd.etcdctl("put", P + "train/lr", "0.004")
+            wait_pending(live, live.version + 1)
+            before = time.time()
+            assert live.apply(7) is True
+            applied = time.time()
+            deadline = time.monotonic() + 10
+            while (first := entry()) is None or first["version"] != live.version:
+                assert time.monotonic() < deadline, first
+                time.sleep(0.1)
+            assert before <= first["time"] <= time.time()
+            time.sleep(1.5)
+            assert daemon.stop() == 0
+            deadline = time.monotonic() + 10
+            while entry() is not None:  # a clean stop takes its entries away
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            daemon.start()  # the same state dir: the same version, clean
+            restarted = time.time()
+            deadline = time.monotonic() + 10
+            while (again := entry()) is None or again["pid"] != first["pid"]:
+                assert time.monotonic() < deadline, again
+                time.sleep(0.1)
+            live.apply(8)  # nothing new
+            assert again["version"] == first["version"] and again["step"] == 7
+            assert before <= again["time"] <= applied < restarted, (again, restarted)
+    finally:
+        daemon.stop()
+
+
 def test_sampling_change_reaches_an_inference_loop(etcd: EtcdServer, tmp_path: Path) -> None:
     from hotknob.model_runtime.sampling import SamplingParams, sample
 
