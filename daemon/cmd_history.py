@@ -14,10 +14,10 @@ from typing import Any
 
 from hotknob.config import UsageError
 from hotknob.config.errors import InvalidInput
-from hotknob.config.keys import etcd_key, key_from_etcd, meta_key
+from hotknob.config.keys import NotText, etcd_key, key_from_etcd, meta_key, parse_text
 from hotknob.config.schema import leaf_map
 from hotknob.config.schema_facts import is_known
-from hotknob.config.secrecy import secret_keys, shown_value
+from hotknob.config.secrecy import SECRET_MASK, hides, secret_keys
 
 from .cmd_etcd import Add
 from .context import Context
@@ -62,19 +62,23 @@ def cmd_history(args: argparse.Namespace) -> int:
         times = _write_times(store, ctx.app)
     secrets = secret_keys(ctx.schema)
     rows: list[dict[str, Any]] = []
+    texts: list[str] = []
     for entry in result.entries:
         key = key_from_etcd(ctx.app, entry.key) or entry.key
-        value = None if entry.value is None else entry.value.decode("utf-8", "replace")
+        text = None if entry.value is None else entry.value.decode("utf-8", "replace")
+        # The stored text whole: a section key's JSON object may hold a secret.
+        masked = text is not None and hides(key, secrets)
         rows.append(
             {
                 "key": key,
-                # The stored text whole: a section key's JSON object may hold a secret.
-                "value": shown_value(key, value, secrets),
+                "value": SECRET_MASK if masked else _typed(text),
+                "deleted": text is None,
                 "revision": entry.revision,
                 "time": times.get(entry.revision, {}).get("time"),
                 "by": times.get(entry.revision, {}).get("by"),
             }
         )
+        texts.append("(deleted)" if text is None else SECRET_MASK if masked else text)
     note = "older history was compacted away" if result.reached_compaction else None
     if args.json:
         print(dumps({"entries": rows, "note": note}))
@@ -85,9 +89,9 @@ def cmd_history(args: argparse.Namespace) -> int:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])) if r["time"] else "-",
             r["by"] or "-",
             r["key"],
-            "(deleted)" if r["value"] is None else r["value"],
+            text,
         ]
-        for r in rows
+        for r, text in zip(rows, texts, strict=True)
     ]
     headers = ["REVISION", "TIME", "BY", "KEY", "VALUE"]
     print(render(headers, table) if table else "(no history)")
@@ -96,6 +100,17 @@ def cmd_history(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}")
     return 0
+
+
+def _typed(text: str | None) -> Any:
+    """The value as the daemon reads ``text``: JSON text, or a bare word as a string (so is
+    text that JSON allows and UTF-8 cannot carry)."""
+    if text is None:
+        return None
+    try:
+        return parse_text(text)
+    except NotText:
+        return text
 
 
 def _write_times(store: EtcdStore, app: str) -> dict[int, dict[str, Any]]:

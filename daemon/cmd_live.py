@@ -159,44 +159,108 @@ def _describe(event: dict[str, Any]) -> str:
     return f"{when} {kind} {json.dumps(event)}"
 
 
+RECONNECT_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # then every 2 s, for as long as it runs
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     from .app import socket_path_for
 
     if args.count < 0:
         raise UsageError("--count must be 0 (until Ctrl-C) or more")
     path = socket_path_for(args.app, args.socket)
-    sock = _connect(path)
-    sock.settimeout(None)
+    sock = _connect(path)  # no daemon at the start is an error; later, one is waited for
+    watch = _Watch(args, path)
     try:
-        sock.sendall(protocol.encode(protocol.hello("hotknob-watch", watch=True)))
-        reader = sock.makefile("rb")
-        seen = 0
-        for line in reader:
-            message = protocol.decode(line)
-            kind = message.get("type")
-            if kind == protocol.SNAPSHOT:
-                if not args.json:
-                    print(
-                        f"watching {args.app}: version {message['version']} "
-                        f"rev {message['revision']} (Ctrl-C to stop)",
-                        flush=True,
-                    )
-                continue
-            if kind == protocol.ERROR:
-                raise Unavailable(f"daemon refused: {message.get('error')}")
-            if kind != protocol.EVENT:
-                continue
-            print(json.dumps(message) if args.json else _describe(message), flush=True)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
-        else:
-            raise Unavailable(f"the daemon at {path} closed the connection")
+        while watch.stream(sock):
+            sock.close()
+            watch.say_gone()
+            sock = _reconnect(path)
     except KeyboardInterrupt:
         pass
     finally:
         sock.close()
     return 0
+
+
+def _reconnect(path: Path) -> socket.socket:
+    attempt = 0
+    while True:
+        time.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+        attempt += 1
+        try:
+            return _connect(path)
+        except Unavailable:
+            continue
+
+
+class _Watch:
+    """What ``watch`` printed so far, across the connections to a daemon that restarts."""
+
+    def __init__(self, args: argparse.Namespace, path: Path) -> None:
+        self.args = args
+        self.path = path
+        self.seen = 0
+        self.reconnected = False
+
+    def stream(self, sock: socket.socket) -> bool:
+        """Print the events from ``sock``: False once ``--count`` of them are printed, True
+        when the connection is lost."""
+        sock.settimeout(None)
+        try:
+            sock.sendall(protocol.encode(protocol.hello("hotknob-watch", watch=True)))
+            with sock.makefile("rb") as reader:
+                for line in reader:
+                    if not line.endswith(b"\n"):  # cut off as the daemon went away
+                        return True
+                    if not self.show(protocol.decode(line)):
+                        return False
+        except OSError:
+            pass
+        return True
+
+    def show(self, message: dict[str, Any]) -> bool:
+        """Print ``message`` if it is for people; False once ``--count`` events are."""
+        kind = message.get("type")
+        if kind == protocol.SNAPSHOT:
+            self.say_watching(message)
+        elif kind == protocol.ERROR:
+            raise Unavailable(f"daemon refused: {message.get('error')}")
+        elif kind == protocol.EVENT:
+            print(json.dumps(message) if self.args.json else _describe(message), flush=True)
+            self.seen += 1
+        return not self.args.count or self.seen < self.args.count
+
+    def say_watching(self, snapshot: dict[str, Any]) -> None:
+        at = f"version {snapshot['version']} rev {snapshot['revision']}"
+        if self.args.json:
+            if self.reconnected:
+                line = {"type": "reconnected", "time": time.time()}
+                line |= {"version": snapshot["version"], "revision": snapshot["revision"]}
+                print(json.dumps(line), flush=True)
+        elif self.reconnected:
+            print(
+                f"{_clock()} reconnected: watching {self.args.app}: {at} (events while the "
+                f"daemon was away were not seen)",
+                flush=True,
+            )
+        else:
+            print(f"watching {self.args.app}: {at} (Ctrl-C to stop)", flush=True)
+
+    def say_gone(self) -> None:
+        self.reconnected = True
+        if self.args.json:
+            line = {"type": "disconnected", "time": time.time(), "socket": str(self.path)}
+            print(json.dumps(line), flush=True)
+            return
+        print(
+            f"{_clock()} lost the daemon at {self.path}: reconnecting (events until it is "
+            f"back are not seen)",
+            flush=True,
+        )
+
+
+def _clock() -> str:
+    return time.strftime("%H:%M:%S", time.localtime())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
