@@ -117,6 +117,9 @@ class ClientFeedback:
             entry["errors"] = message["errors"]
         if message.get("held"):  # restart-only keys it runs as it started, not as sent
             entry["held"] = sorted(message["held"])
+        agreed = message.get("agreed")
+        if agreed is not None:  # another rank's values, in place of this version's
+            entry["agreed"] = {"rank": agreed["rank"], "revision": agreed["revision"]}
         # Debug only: with many clients every version brings one ack per client.
         self.log.debug("change_applied", client=client.name, version=version, step=message["step"])
         if self.guards is not None:

@@ -371,6 +371,22 @@ def waiting_for_restart(entry: Mapping[str, Any]) -> set[str]:
     }
 
 
+def agreed_rank(entry: Mapping[str, Any]) -> int | None:
+    """The rank whose values ``entry``'s process runs in place of its daemon's (``agreed``:
+    the ranks of a torch.distributed group agreed on them, and its daemon holds others at
+    that etcd revision), if it said so in its ack."""
+    agreed = entry.get("agreed")
+    rank = agreed.get("rank") if isinstance(agreed, Mapping) else None
+    return rank if is_int(rank) else None
+
+
+def agreed_text(rank: int) -> str:
+    """What ``status`` and ``set --wait`` say of a process that runs rank ``rank``'s values
+    (``agreed_rank``)."""
+    why = "its daemon's differ: node-local layers differ?"
+    return f"runs the values agreed with rank {rank} ({why})"
+
+
 def is_int(value: Any) -> TypeGuard[int]:
     """An integer field of a status entry (written by anyone: ``true`` is no integer)."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 
 from .guard_records import some_names
 from .reports import metrics_summary
-from .status import is_int, is_time, waiting_for_restart
+from .status import agreed_rank, agreed_text, is_int, is_time, waiting_for_restart
 from .table import age_text, cut, fmt
 
 ERRORS_CHARS = 100
@@ -63,7 +63,8 @@ def revision_text(entry: Entry, now: float) -> str:
 def error_parts(entry: Entry) -> list[str]:
     """What its daemon refused (``rejected``: an etcd revision; ``config_files``: its
     files), the restart-only keys whose new value waits for a restart (``restart_pending``:
-    held back by its daemon; ``held``: by the process), then a status entry's ``errors``
+    held back by its daemon; ``held``: by the process), the rank whose values it runs in
+    place of its daemon's (``agreed``), then a status entry's ``errors``
     (a list of ``{"error": ...}`` objects: what the process's callbacks raised): one text
     each."""
     errors = entry.get("errors") or []
@@ -86,6 +87,9 @@ def error_parts(entry: Entry) -> list[str]:
     if waiting:
         keys = ", ".join(fmt(key) for key in sorted(waiting))
         daemon.append(f"runs {keys} as it started: the new value waits for a restart")
+    rank = agreed_rank(entry)
+    if rank is not None:
+        daemon.append(agreed_text(rank))
     return [*daemon, *texts]
 
 

@@ -32,7 +32,7 @@ from hotknob.config.keys import status_prefix
 
 from .etcd_store import EtcdStore, WatchItem
 from .guard_records import some_names, status_entries
-from .status import is_int, is_time, refusal, waiting_for_restart
+from .status import agreed_rank, agreed_text, is_int, is_time, refusal, waiting_for_restart
 
 Entries = Mapping[str, Mapping[str, Any]]
 
@@ -59,6 +59,10 @@ class Applied:
     # Of those that applied it, the ones that run some of its restart-only keys as they
     # started (held back by the daemon, or by the process): name -> those keys.
     restart: dict[str, list[str]] = field(default_factory=dict)
+    # Of those that applied it or are behind, the ranks of a torch.distributed group that
+    # run the values the ranks agreed on, another rank's, in place of their daemon's (the
+    # nodes' local layers differ): name -> that rank. One behind is not holding it.
+    agreed: dict[str, int] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -86,6 +90,7 @@ class Applied:
             "behind": sorted(self.behind),
             "holding": sorted(self.holding),
             "restart": sorted(self.restart),
+            "agreed": dict(sorted(self.agreed.items())),
             "left": sorted(self.left),
             "seconds": round(self.seconds, 3),
         }
@@ -103,6 +108,8 @@ class Applied:
             waiting = len(self.restart)
             whom = "it" if count == 1 else f"{waiting} of them ({some_names(self.restart)})"
             text += f"; {keys} restart-only: waits for a restart of {whom}"
+        if self.agreed:
+            text += "; " + some_names([f"{n} {agreed_text(r)}" for n, r in self.agreed.items()])
         return text
 
     def failure(self, timeout: float, now: float | None = None) -> str:
@@ -146,6 +153,9 @@ class Applied:
         return f"revision {self.revision} is written, but " + "; ".join(parts)
 
     def _behind_text(self, name: str, runs: Any, now: float) -> str:
+        rank = self.agreed.get(name)
+        if rank is not None:
+            return f"{name} (at revision {runs}; {agreed_text(rank)})"
         since = self.holding.get(name)
         if since is None:
             return f"{name} (at revision {runs})"
@@ -172,10 +182,11 @@ def classify(
 
     Returns the processes whose daemon refused one of ``keys``: name -> its reason."""
     into.applied, into.rejected, into.behind, into.holding = {}, {}, {}, {}
-    into.restart, into.failed = {}, {}
+    into.restart, into.failed, into.agreed = {}, {}, {}
     refusing: dict[str, str] = {}
     for name, entry in entries.items():
         runs = entry.get("revision")
+        rank = agreed_rank(entry)
         refused = refusal(entry.get("rejected"), revision)
         error = _first_error(entry)
         if refused is not None and _refuses_any(refused, keys):
@@ -188,6 +199,8 @@ def classify(
             into.failed[name] = error
         elif is_int(runs) and runs >= revision:
             into.applied[name] = entry.get("step")
+            if rank is not None:
+                into.agreed[name] = rank
             waiting = sorted(waiting_for_restart(entry).intersection(keys))
             if waiting:
                 into.restart[name] = waiting
@@ -196,7 +209,9 @@ def classify(
         else:
             into.behind[name] = runs if is_int(runs) else "-"
             holds = entry.get("pending")
-            if (
+            if rank is not None:
+                into.agreed[name] = rank  # not hung: it runs the ranks' agreed values
+            elif (
                 isinstance(holds, Mapping)
                 and is_int(holds.get("revision"))
                 and holds["revision"] >= revision

@@ -153,6 +153,8 @@ class LiveConfig:
         self._applied_step = 0
         self._applied_at = 0.0  # when (wall time) the applied state was applied
         self._unacked = False  # the applied values came from another rank (``_apply_state``)
+        # What ``_tell_agreed`` last told this connection's daemon, if anything.
+        self._agreed_told: tuple[int, int, int] | None = None
         self._applying = threading.Lock()  # held while an apply runs: one at a time
         self._apply_owner: int | None = None  # the thread that holds ``_applying``
         self._latest: State | None = None  # the newest state to converge to
@@ -453,6 +455,33 @@ class LiveConfig:
         if ack and _ackable(step):
             held = {"held": list(state.held)} if state.held else {}
             self._conn.send(protocol.applied(state.version, step, at=at, **held))
+
+    def _tell_agreed(self, rank: int) -> None:
+        """Tell the daemon that this process runs, in place of its newest state, the values
+        the ranks agreed on, rank ``rank``'s (``applied`` with ``agreed``): when they were
+        applied unacknowledged (``_apply_state``) and that state, at the same etcd revision,
+        holds other values (the nodes' local layers differ), which this rank will not apply
+        while the others run theirs. Without it, ``status`` and ``set --wait`` see a process
+        that holds a state unapplied, as a hung one does. Once per state of the daemon's and
+        connection; called by ``StepSync.agree`` only when it installs another rank's
+        values, so ``apply``'s steady state costs nothing more."""
+        with self._lock:
+            applied, newest = self._applied, self._latest
+            if (
+                not self._unacked
+                or newest is None
+                or newest.revision != applied.revision
+                or newest.digest == applied.digest
+            ):
+                return
+            told = (newest.version, applied.revision, rank)
+            if told == self._agreed_told:
+                return
+            self._agreed_told = told
+            step, at = self._applied_step, self._applied_at
+        if _ackable(step):
+            agreed = {"rank": rank, "revision": applied.revision}
+            self._conn.send(protocol.applied(newest.version, step, at=at, agreed=agreed))
 
     def _after_apply(self, old: State, new: State, step: int, *, ack: bool) -> None:
         errors = self._hooks.run(old, new)
@@ -756,6 +785,8 @@ class LiveConfig:
         revision, under any version (a daemon restarted after a crash numbers its state
         anew, above the one it had)."""
         with self._lock:
+            if is_snapshot:  # a new connection: its daemon was told nothing yet
+                self._agreed_told = None
             self._received.append(state)
             applied = self._applied
             superseded = self._superseded

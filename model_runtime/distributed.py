@@ -37,7 +37,10 @@ rank syncs at the same call whatever steps it passes):
    every rank applies those. A rank that applied values from another rank
    acknowledges them at the first agreement on them after its own daemon sent
    the same values, under its daemon's version, with the step they were
-   applied at.
+   applied at. Until then, if its daemon's newest state is at the same etcd
+   revision with other values (the local layers differ), it tells its daemon
+   that it runs the agreed values in that state's place (``LiveConfig._tell_agreed``),
+   so that ``status`` and ``set --wait`` do not take it for a hung process.
 
 Every decision is a function of the collectives' results, so all ranks run the
 same collectives and apply the same values, whatever the timing. A rank whose
@@ -226,7 +229,9 @@ class StepSync:
         from .received import State
 
         state = State.build(payload["version"], payload["revision"], payload["values"])
-        return self._install(live, state, step, ack=False)
+        changed = self._install(live, state, step, ack=False)
+        live._tell_agreed(self._global_rank(source))
+        return changed
 
     @staticmethod
     def _install(live: LiveConfig, state: State, step: int, *, ack: bool) -> bool:

@@ -204,6 +204,23 @@ def _require_at(message: Mapping[str, Any]) -> None:
         raise ProtocolError('"at" must be a finite number of seconds since the epoch')
 
 
+def _require_agreed(message: Mapping[str, Any]) -> None:
+    """An ``applied`` message's optional ``agreed``: the process runs, in place of the
+    version it names, the values the ranks of a torch.distributed group agreed on, another
+    rank's state (``{"rank": N, "revision": R}``: that rank's global rank, and the etcd
+    revision of that state)."""
+    agreed = message.get("agreed")
+    if agreed is None:
+        return
+    if not isinstance(agreed, dict) or not all(
+        type(agreed.get(name)) is int and 0 <= agreed[name] <= MAX_INT
+        for name in ("rank", "revision")
+    ):
+        raise ProtocolError(
+            f'"agreed" must be an object with integers "rank" and "revision" from 0 to {MAX_INT}'
+        )
+
+
 def restart_only_keys(message: Mapping[str, Any]) -> frozenset[str]:
     """A ``snapshot``'s ``restart_only`` keys (none if it has no such field); raises
     ``ProtocolError`` if it is not a list of strings."""
@@ -245,6 +262,7 @@ def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> 
         _require_errors(message)
         _require_held(message)
         _require_at(message)
+        _require_agreed(message)
     elif kind == METRICS:
         require_int(message, "step", minimum=-MAX_INT)
         latest = message.get("latest")

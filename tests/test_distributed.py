@@ -150,9 +150,12 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
         phase(None if rank == 0 else 0.004, revision=103)  # rank 1 jumps past 0.003
         phase(0.004 if rank == 0 else None, revision=103)  # now both hold 0.004
         phase(0.005 if rank == 0 else 0.006, revision=104)  # same revision, other values
-        last_ack = 5 if rank == 0 else 3  # rank 1's daemon never sent 0.003 nor 0.005
+        # Rank 1's daemon never sent 0.003 nor 0.005; it is told that rank 1 runs rank 0's
+        # 0.005 in place of its 0.006 (its version 4, at the same revision).
+        last_ack = 5 if rank == 0 else 4
         stub.wait_for(lambda: stub.messages("applied")[-1]["version"] == last_ack)
         acked = [m["version"] for m in stub.messages("applied")]
+        agreed = [m.get("agreed") for m in stub.messages("applied")]
         # 6: a checkpoint loaded on every rank stays in force over the daemons' older
         # states, as in a single process; 7: an edit after it is applied.
         saved = live.state_dict()
@@ -175,6 +178,7 @@ def protocol_worker(rank: int, rdzv: str, out: Path) -> None:
     result = {
         "steps": steps,
         "acked": acked,
+        "agreed": agreed,
         "version": live.version,
         "refused": refused,
         "invalid": invalid,
@@ -225,8 +229,8 @@ def tie_worker(rank: int, rdzv: str, out: Path) -> None:
         phase(0.005 if rank == 0 else 0.006)  # 5: again, and then
         phase(None if rank == 0 else 0.005, version=6)  # 6: under another version
         phase(None if rank == 0 else 0.005, version=20)  # 7: its daemon restarted, renumbered
-        stub.wait_for(lambda: len(stub.messages("applied")) == 4 + rank)
-        acked = [[m["version"], m["step"]] for m in stub.messages("applied")]
+        stub.wait_for(lambda: len(stub.messages("applied")) == 4 + 3 * rank)
+        acked = [[m["version"], m["step"], m.get("agreed")] for m in stub.messages("applied")]
         live.close()
     result = {"steps": steps, "versions": versions, "acked": acked, "warned": warned}
     (out / f"tie-{rank}.json").write_text(json.dumps(result))
@@ -287,6 +291,29 @@ def subgroup_worker(rank: int, rdzv: str, out: Path) -> None:
         live.close()
     (out / f"subgroup-{rank}.json").write_text(json.dumps({"lr": lr, "warned": warned}))
     dist.barrier()
+    dist.destroy_process_group()
+
+
+def layers_worker(rank: int, rdzv: str, out: Path) -> None:
+    """Two ranks, each with its own real daemon (its socket in ``layers-socket-RANK``),
+    applying every call until ``stop`` exists; each value change logged with its step."""
+    import torch.distributed as dist
+
+    from hotknob.model_runtime import LiveConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=2)
+    path = (out / f"layers-socket-{rank}").read_text()
+    live = LiveConfig.connect(path, timeout=20, distributed=True, sync_every=1)
+    changes = [[0, live["train.lr"], live["train.momentum"]]]
+    (out / f"layers-ready-{rank}").touch()
+    step = 0
+    while step % 20 or not _agreed_flag((out / "stop").exists()):
+        step += 1
+        if live.apply(step):
+            changes.append([step, live["train.lr"], live["train.momentum"]])
+        time.sleep(0.005)
+    live.close()
+    (out / f"layers-{rank}.json").write_text(json.dumps({"changes": changes}))
     dist.destroy_process_group()
 
 
@@ -467,9 +494,13 @@ def test_protocol_cases_two_ranks_each_with_its_own_daemon(tmp_path: Path) -> No
     # 8: any rank's daemon newer than the checkpoint: both take their daemons' state back.
     assert [lr_at[s] for s in (22, 23, 24, 25, 26, 27)] == [0.8, 0.8, 0.007, 0.007, 0.007, 0.007]
     assert applied_at == [3, 9, 12, 15, 21, 24]
-    # Rank 1 never acknowledges values that its own daemon did not send (0.003).
-    assert r1["acked"] == [1, 2, 3]
+    # Rank 1 never acknowledges values that its own daemon did not send (0.003, 0.005);
+    # it says it runs rank 0's 0.005 in place of its daemon's 0.006 (version 4), which
+    # is at the same revision, not 0.003 in place of 0.004, a later revision it holds.
+    assert r1["acked"] == [1, 2, 3, 4]
+    assert r1["agreed"] == [None, None, None, {"rank": 0, "revision": 104}]
     assert r0["acked"] == [1, 2, 3, 4, 5]
+    assert r0["agreed"] == [None] * 5
 
 
 def test_a_checkpoint_loaded_on_every_rank_keeps_the_agreed_restart_only_values(
@@ -512,9 +543,8 @@ def test_a_rank_whose_daemon_answered_names_the_rank_that_got_nothing(tmp_path: 
     assert "(ranks without one: 1)" in r1["error"]
 
 
-def _run_two_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[dict[str, Any]]:
-    """Run ``python -m tests.test_distributed KIND RANK ...`` for each rank of ``world``
-    (ranks 0 and 1); their results."""
+def _start_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[subprocess.Popen[bytes]]:
+    """Start ``python -m tests.test_distributed KIND RANK ...`` for each rank of ``world``."""
     procs = []
     for rank in range(world):
         log = open(tmp_path / f"{kind}-{rank}.log", "wb")  # noqa: SIM115 (the child keeps it)
@@ -526,6 +556,13 @@ def _run_two_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[dict[str, 
             )
         )  # fmt: skip
         log.close()
+    return procs
+
+
+def _run_two_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[dict[str, Any]]:
+    """Run ``python -m tests.test_distributed KIND RANK ...`` for each rank of ``world``
+    (ranks 0 and 1); their results."""
+    procs = _start_ranks(kind, tmp_path, world)
     try:
         for p in procs:
             p.wait(timeout=45)
@@ -553,12 +590,23 @@ def test_a_file_edit_waits_for_every_rank_and_values_from_another_rank_are_acked
     # again, and rank 1 acknowledges them then, at the step they were applied.
     assert [lr_at[s] for s in (5, 8, 9, 12)] == [0.003, 0.003, 0.005, 0.005]
     assert applied_at == [3, 5, 9]
-    assert r0["acked"] == [[1, 0], [2, 3], [3, 5], [4, 9]]
+    assert r0["acked"] == [[1, 0, None], [2, 3, None], [3, 5, None], [4, 9, None]]
     # 7: the same values again under a new version (a daemon restarted without its state
     # dir): no value changes, so apply is False on every rank alike, and rank 1
     # acknowledges the new version at the step those values were applied, as a single
     # process does (it said the call that took it: status moved the change later).
-    assert r1["acked"] == [[1, 0], [2, 3], [3, 5], [6, 9], [20, 9]]
+    # Until its daemon sends rank 0's values (3, 5), rank 1 says it runs them in place
+    # of its daemon's, once per state of its daemon (its 3 and 4).
+    by_rank_0 = {"rank": 0, "revision": 100}
+    assert r1["acked"] == [
+        [1, 0, None],
+        [2, 3, None],
+        [3, 5, by_rank_0],
+        [3, 5, None],
+        [4, 9, by_rank_0],
+        [6, 9, None],
+        [20, 9, None],
+    ]
     assert r1["versions"][-1] == 20  # its own daemon's numbering, once acknowledged
     assert r0["versions"][-1] == 4
     # Only the real disagreements (3 and 5) are warned of, on the rank that lost.
@@ -567,11 +615,63 @@ def test_a_file_edit_waits_for_every_rank_and_values_from_another_rank_are_acked
     assert all(w.startswith("live_ranks_disagree revision=100") for w in r1["warned"])
 
 
+def test_a_rank_that_runs_another_rank_s_values_is_shown_so_and_counted_by_set_wait(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The nodes' local layers differ (node A's daemon sets momentum): both ranks run rank
+    0's values, and rank 1 never acknowledges them, its daemon's being others. ``set
+    --wait`` called rank 1 a hung process (or, right after connect, ignored it), and
+    ``status`` showed it pending, without its rank; it runs the change like rank 0."""
+    etcd.etcdctl("put", P + "train/lr", "0.5")
+    node_a = DaemonProcess(
+        tmp_path / "a",
+        endpoints=etcd.endpoint,
+        extra=["--node", "nA", "--set", "train.momentum=0.5"],
+    )
+    node_b = DaemonProcess(tmp_path / "b", endpoints=etcd.endpoint, extra=["--node", "nB"])
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for rank, node in enumerate((node_a.start(), node_b.start())):
+            (tmp_path / f"layers-socket-{rank}").write_text(str(node.socket_path))
+        procs = _start_ranks("layers", tmp_path)
+        ready = [tmp_path / f"layers-ready-{r}" for r in range(2)]
+        wait_for(lambda: all(p.exists() for p in ready), 45, "ranks ready", procs)
+        done = run_cli(
+            "set", "--app", APP, "--etcd-endpoints", etcd.endpoint, "train.lr=0.3", "--wait", "15"
+        )
+        said = done.stdout + done.stderr
+        assert done.returncode == 0, said
+        assert "applied by all 2 processes" in said, said
+        assert "runs the values agreed with rank 0 (its daemon's differ" in said, said
+        (rank1,) = [e for e in status_entries(etcd) if e.get("rank") == 1]
+        assert rank1["agreed"]["rank"] == 0 and "pending" not in rank1, rank1
+        shown = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint)
+        (row,) = [line for line in shown.stdout.splitlines() if "-rank1" in line]
+        assert "(rank 1)" in row and "runs the values agreed with rank 0" in row, shown.stdout
+    finally:
+        (tmp_path / "stop").touch()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        node_a.stop()
+        node_b.stop()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, (tmp_path / f"layers-{r}.log").read_text()
+    r0, r1 = [json.loads((tmp_path / f"layers-{r}.json").read_text()) for r in range(2)]
+    assert r0["changes"] == r1["changes"]  # the same values, at the same steps
+    assert r0["changes"][0][1:] == [0.5, 0.5] and r0["changes"][-1][1:] == [0.3, 0.5]
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "protocol":
         protocol_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "tie":
         tie_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[1] == "layers":
+        layers_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "absent":
         absent_worker(int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "subgroup":

@@ -415,3 +415,64 @@ def test_a_process_that_leaves_before_its_first_ack_takes_its_entry_with_it() ->
         feedback.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_rank_that_runs_another_rank_s_values_says_so_and_is_counted_as_applied() -> None:
+    """The nodes' local layers differ: the ranks agree on rank 0's values, and rank 1's
+    daemon holds others at the same revision, which rank 1 never applies. It was shown
+    holding them (``pending``), without its rank, and ``set --wait`` called it hung,
+    though it runs the change. Its ack with ``agreed`` says what it runs instead."""
+    from hotknob.daemon.pending import Sent
+    from hotknob.daemon.status_view import summary_lines, table_rows
+    from hotknob.daemon.wait_applied import Applied, classify
+
+    published = _Published()
+
+    async def scenario() -> None:
+        feedback = ClientFeedback(
+            app="a", node="n", metrics=Metrics(), revision_of=lambda v: 10 * v, report_every=0
+        )
+        feedback.status = published  # type: ignore[assignment]
+        now = time.time()
+        rank1 = ClientInfo(id=1, name="r1", pid=11, uid=0, connected_at=now, extra={"rank": 1})
+        sent = [Sent("r1", 2, 20)]
+        feedback.look_for_pending(sent)
+        agreed = {"rank": 0, "revision": 20}
+        feedback.on_applied(rank1, {"type": "applied", "version": 2, "step": 4, "agreed": agreed})
+        feedback.look_for_pending(sent)
+        feedback.look_for_pending(sent)
+        await asyncio.sleep(0.25)
+        entry = published.of("r1")[-1]
+        assert entry["agreed"] == agreed and entry["rank"] == 1, entry
+        assert entry["revision"] == 20 and entry["step"] == 4 and "pending" not in entry
+        row = table_rows([{**entry, "key": "n/r1"}], time.time())[0]
+        assert row[0] == "n/r1 (rank 1)"
+        assert "runs the values agreed with rank 0 (its daemon's differ" in row[6], row
+        assert any(
+            "agreed with rank 0" in line
+            for line in summary_lines([{**entry, "key": "n/r1"}], 20, now)
+        )
+        # ``set --wait`` of revision 20: applied, and says how.
+        applied = Applied(20)
+        classify({"n/r1": entry}, 20, applied)
+        assert applied.ok and applied.applied == {"n/r1": 4} and applied.agreed == {"n/r1": 0}
+        assert "n/r1 runs the values agreed with rank 0" in applied.summary()
+        # A later revision its daemon sends and the ranks do not take (rank 0's daemon
+        # sent nothing for it): behind, held, but not hung: what it runs instead.
+        feedback.look_for_pending([Sent("r1", 3, 30)])
+        feedback.look_for_pending([Sent("r1", 3, 30)])
+        await asyncio.sleep(0.25)
+        behind = published.of("r1")[-1]
+        assert behind["pending"]["revision"] == 30 and behind["agreed"] == agreed
+        classify({"n/r1": behind}, 30, applied)
+        assert applied.behind == {"n/r1": 20} and not applied.holding
+        failure = applied.failure(10)
+        assert "n/r1 (at revision 20; runs the values agreed with rank 0" in failure, failure
+        assert "hung" not in failure
+        # Its daemon sends the agreed values: a plain ack, and the note goes.
+        feedback.on_applied(rank1, {"type": "applied", "version": 3, "step": 4})
+        await asyncio.sleep(0.25)
+        feedback.cancel()
+        assert "agreed" not in published.of("r1")[-1]
+
+    asyncio.run(scenario())

@@ -156,3 +156,18 @@ def test_a_snapshot_names_restart_only_keys_only_when_there_are_some() -> None:
     for bad in ("a", [1], {"a": 1}):
         with pytest.raises(protocol.ProtocolError, match='"restart_only"'):
             protocol.restart_only_keys({**named, "restart_only": bad})
+
+
+def test_an_ack_may_say_it_runs_another_rank_s_agreed_values() -> None:
+    agreed = {"rank": 0, "revision": 1240}
+    _hello_then(protocol.decode(protocol.encode(protocol.applied(3, 9, agreed=agreed))))
+    for bad in (
+        0,
+        [0, 1240],
+        {"rank": 0},
+        {"rank": -1, "revision": 5},
+        {"rank": True, "revision": 5},
+        {"rank": 0, "revision": 2**63},
+    ):
+        with pytest.raises(protocol.ProtocolError, match='"agreed"'):
+            _hello_then({"type": "applied", "version": 1, "step": 1, "agreed": bad})
