@@ -654,9 +654,13 @@ class SocketServer:
 
     async def _finish(self, conn: Connection) -> None:
         self._conns.pop(conn.id, None)
-        if conn.writer_task is not None:
-            conn.writer_task.cancel()
-            await asyncio.wait({conn.writer_task})
+        task = conn.writer_task
+        # Cancelled again until it ends: a cancel that lands as the drain it waits on
+        # completes can be lost (``asyncio.wait_for`` before Python 3.12 then returns the
+        # drain's result), and the writer would wait on for a wake-up that never comes.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
         if conn.reason == "closed":
             self._flush_pending(conn)
         conn.drop(conn.reason or "closed")
