@@ -339,8 +339,8 @@ class MuteProxy:
 def test_a_commit_whose_answer_is_lost_says_it_may_be_written(etcd: EtcdServer) -> None:
     proxy = MuteProxy(etcd.client_port)
     try:
-        done = run_cli("set", "train.lr=0.2", "--app", APP, "--etcd-timeout", "2",
-                       "--etcd-endpoints", f"127.0.0.1:{proxy.port}", timeout=60)  # fmt: skip
+        endpoints = ("--etcd-endpoints", f"127.0.0.1:{proxy.port}", "--etcd-timeout", "2")
+        done = run_cli("set", "train.lr=0.2", "--app", APP, *endpoints, timeout=60)
     finally:
         proxy.close()
     line = one_line(done, 3)
