@@ -281,6 +281,9 @@ def test_two_files_in_one_folder_one_change_holds_both(tmp_path: Path) -> None:
     base.write_text(lr_yaml(0.1))
     override.write_text("[train]\nlr = 0.2\n")
     with watching(base, override) as (_, recorder):
+        # After the watcher's first check (right after its start): on a loaded machine it
+        # could read the override's new contents before the base was written.
+        recorder.settle()
         override.write_text("[train]\nlr = 0.4\n")
         base.write_text(lr_yaml(0.3))
         recorder.wait_for(lambda: len(recorder.changes) >= 1)
