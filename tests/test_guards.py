@@ -106,13 +106,14 @@ def next_event(watcher: RawClient, name: str) -> dict[str, Any]:
 
 
 class Watch:
-    """``hotknob watch`` against a daemon, its lines read on a thread into a queue."""
+    """``hotknob watch ARGS`` against a daemon, its stdout lines read on a thread into a
+    queue (its stderr kept, for the message of a watch that ended)."""
 
-    def __init__(self, daemon: DaemonProcess) -> None:
+    def __init__(self, daemon: DaemonProcess, *args: str) -> None:
         self.proc = subprocess.Popen(
-            hotknob_cmd("watch", "--app", APP, "--socket", str(daemon.socket_path)),
+            hotknob_cmd("watch", "--app", APP, "--socket", str(daemon.socket_path), *args),
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
         )
@@ -136,14 +137,29 @@ class Watch:
                 raise AssertionError(f"watch printed no {fragment!r} line: {seen}") from None
         return seen
 
+    def next(self, timeout: float = 20.0) -> str:
+        """The next line; if none comes, says why (the exit code and stderr of a watch that
+        ended)."""
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            stderr = ""
+            if self.proc.poll() is not None and self.proc.stderr is not None:
+                stderr = self.proc.stderr.read()
+            message = f"watch printed nothing (rc {self.proc.poll()}): {stderr}"
+            raise AssertionError(message) from None
+
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         self.thread.join(timeout=10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 # --- a real training run ------------------------------------------------------------------

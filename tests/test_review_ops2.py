@@ -7,10 +7,6 @@ Real etcd, real daemons, and the CLI as a user runs it.
 from __future__ import annotations
 
 import json
-import queue
-import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +14,9 @@ from typing import Any
 import pytest
 
 from hotknob.config.secrecy import SECRET_MASK
-from tests.daemon_proc import DaemonProcess, hotknob_cmd, run_cli
+from tests.daemon_proc import DaemonProcess, run_cli
 from tests.etcd_server import EtcdServer
+from tests.test_guards import Watch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,50 +82,6 @@ def test_history_json_masks_secrets_as_before(etcd: EtcdServer) -> None:
 
 
 # --- watch across a restart of its daemon ----------------------------------------------------
-
-
-class Watch:
-    """``hotknob watch ARGS`` against ``daemon``, its stdout lines read into a queue."""
-
-    def __init__(self, daemon: DaemonProcess, *args: str) -> None:
-        socket_path = str(daemon.socket_path)
-        self.proc = subprocess.Popen(
-            hotknob_cmd("watch", "--app", APP, "--socket", socket_path, *args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.thread = threading.Thread(target=self._read, name="test-watch-reader")
-        self.thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def next(self, timeout: float = 20.0) -> str:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            stderr = ""
-            if self.proc.poll() is not None and self.proc.stderr is not None:
-                stderr = self.proc.stderr.read()
-            message = f"watch printed nothing (rc {self.proc.poll()}): {stderr}"
-            raise AssertionError(message) from None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.thread.join(timeout=10)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 def test_watch_reconnects_when_its_daemon_restarts(etcd: EtcdServer, tmp_path: Path) -> None:
