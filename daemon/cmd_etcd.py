@@ -37,11 +37,13 @@ from .etcd_store import (
     NoSpaceError,
 )
 from .guard_records import (
+    KEEP_ENDED,
     PASSED,
     GuardRecord,
     GuardSpec,
     add_guard_options,
     describe,
+    prune_ended,
     read_status_entries,
     record_for_set,
     some_names,
@@ -303,6 +305,8 @@ def _write(
                 print(describe(record))
         _warn_shadowed(snapshot, shadowed, secrets)
         _warn_restart_only(ctx, diff)
+        if record is not None:
+            guard_warnings += _prune_ended(store, ctx.app, args)
         for warning in [*pinned_warnings, *guard_warnings]:
             print(f"hotknob: warning: {warning}", file=sys.stderr)
         # --wait follows the status entries on this connection, after the commit.
@@ -354,6 +358,18 @@ def _write(
             if not args.json:
                 print(text)
     return 0
+
+
+def _prune_ended(store: EtcdStore, app: str, args: argparse.Namespace) -> list[str]:
+    """After a guarded write: the ended guards' records but the newest ``--keep-ended`` are
+    deleted (``prune_ended``). The change is written whatever happens here: a failure is
+    a warning, and the next guarded ``set`` tries again."""
+    keep = getattr(args, "keep_ended", None)
+    try:
+        prune_ended(store, app, KEEP_ENDED if keep is None else keep)
+    except HotknobError as exc:
+        return [f"the change is written, but old ended guards' records stay in etcd: {exc}"]
+    return []
 
 
 def _verdict_dict(record: GuardRecord | None) -> dict[str, Any]:

@@ -37,7 +37,9 @@ revision is still R". Daemons end a guard by rewriting the record once, with
 no revert the daemon would accept exists) or ``abandoned`` (every process it watched
 left before its window ended, or none ever applied the change: the change stays and
 nothing judged it) and an ``outcome`` (an object); every such write compares the
-record's mod revision to R, so exactly one ending wins.
+record's mod revision to R, so exactly one ending wins. An ended record is
+never written again; each guarded ``set`` deletes those but the newest ``KEEP_ENDED``
+(``prune_ended``).
 
 The baselines are read by ``set`` from what the daemons publish in the status
 entries just before the change is written: each process's mean of its last 32
@@ -66,6 +68,7 @@ from hotknob.config.keys import ROOT, status_prefix
 from hotknob.config.secrecy import SECRET_MASK, hides
 
 from .etcd_store import EtcdStore
+from .etcd_types import ConflictError
 from .guard_lang import Guard, escaped, parse_guard
 from .reports import HISTORY, decode_value
 from .status import is_int, is_time
@@ -75,6 +78,11 @@ ARMED, REVERTED, PASSED, SUPERSEDED = "armed", "reverted", "passed", "superseded
 BLOCKED, ABANDONED = "blocked", "abandoned"
 STATES = (ARMED, REVERTED, PASSED, SUPERSEDED, BLOCKED, ABANDONED)
 DEFAULT_PATIENCE = 3
+KEEP_ENDED = 100
+"""How many ended guards' records a guarded ``set`` leaves in etcd, the newest
+(``--keep-ended``): a tuner that guards a change every minute would otherwise add 1,440
+records a day, which every ``status`` and every daemon's start reads whole."""
+_PRUNE_BATCH = 64  # deletes per transaction: etcd takes at most 128 operations in one
 
 
 def guards_prefix(app: str) -> str:
@@ -225,6 +233,12 @@ def add_guard_options(p: argparse.ArgumentParser) -> None:
         help=f"failed reports in a row (default {DEFAULT_PATIENCE})",
     )
     g.add_argument("--guard-file", metavar="FILE", help="guard, window, patience in YAML/TOML/JSON")
+    g.add_argument(
+        "--keep-ended",
+        type=int,
+        metavar="N",
+        help=f"ended guards' records to leave in etcd, the newest (default {KEEP_ENDED})",
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> GuardSpec | None:
@@ -249,10 +263,13 @@ def spec_from_args(args: argparse.Namespace) -> GuardSpec | None:
         patience = patience if patience is not None else data.get("patience")
         if not isinstance(text, str):
             raise InvalidInput(f"{args.guard_file}: needs a text field 'guard'")
+    keep = getattr(args, "keep_ended", None)
     if text is None:
-        if window is not None or patience is not None:
-            raise UsageError("--window and --patience need --guard or --guard-file")
+        if window is not None or patience is not None or keep is not None:
+            raise UsageError("--window, --patience and --keep-ended need --guard or --guard-file")
         return None
+    if keep is not None and keep < 0:
+        raise UsageError(f"--keep-ended must be a whole number >= 0, got {keep}")
     guard = parse_guard(text)
     if window is None:
         raise UsageError("a guard needs --window STEPS (how long to watch the change)")
@@ -472,6 +489,35 @@ def read_records(store: EtcdStore, app: str) -> list[GuardRecord]:
         except ValueError:
             continue
     return records
+
+
+def prune_ended(store: EtcdStore, app: str, keep: int = KEEP_ENDED) -> int:
+    """Delete the records of ``app``'s ended guards but the newest ``keep``; how many
+    were deleted.
+
+    An ended record is final (no daemon writes it again), so deleting it changes nothing
+    a daemon does: one watching the prefix stops nothing, as it watches no ended guard.
+    Each delete is conditional on the mod revision read, so a record written again since
+    (by hand) stays; so do records that do not parse (written around hotknob) and armed
+    ones. Ids sort by creation time (``new_guard_id``), and so do the keys."""
+    state = store.read_prefix_state(guards_prefix(app))
+    ended = []
+    for key, raw in sorted(state.values.items()):
+        try:
+            if GuardRecord.from_json(raw).state != ARMED:
+                ended.append(key)
+        except ValueError:
+            continue
+    old = ended[: max(0, len(ended) - keep)]
+    deleted = 0
+    for start in range(0, len(old), _PRUNE_BATCH):
+        batch = old[start : start + _PRUNE_BATCH]
+        try:
+            store.commit({}, batch, expect_mod_revisions={k: state.mods[k] for k in batch})
+        except ConflictError:
+            continue  # one was written again since it was read: this batch stays, for now
+        deleted += len(batch)
+    return deleted
 
 
 def record_for_set(
