@@ -312,13 +312,20 @@ def _write(
         # --wait follows the status entries on this connection, after the commit.
         applied = _wait(store, ctx.app, written, diff, args.wait, args.json) if args.wait else None
         verdict: GuardRecord | None = None
-        # A guarded change is settled by its guard: its verdict, in the time left (once
-        # some process applied it: with none, nothing can judge it).
+        # A guarded change is settled by its guard: its verdict, in the time left, once
+        # each process applied it or never will (its daemon rejected it, or its apply
+        # raised) and some did: the guard judges those. With none, nothing can judge it.
         judged: GuardRecord | None = None
         # No process applied it (none is connected): nothing judges it in this wait.
         unjudged = record is not None and applied is not None and applied.ok and not applied.applied
-        if record is not None and applied is not None and applied.ok and applied.applied:
+        if record is not None and applied is not None and applied.applied and not applied.behind:
             judged = record
+            if not applied.ok:  # said now: the fleet runs two configurations meanwhile
+                print(
+                    f"hotknob: warning: {applied.failure(args.wait)}; waiting for guard "
+                    f"{record.id}'s verdict where it applied",
+                    file=sys.stderr,
+                )
             try:
                 verdict = wait_verdict(store, guard_path, max(0.0, args.wait - applied.seconds))
             except Unavailable as exc:  # etcd lost meanwhile: the change stays
@@ -342,7 +349,12 @@ def _write(
                 result["verdict"] = {"state": "armed", "outcome": {}}
             print(dumps(result))
         if applied is not None and not applied.ok:
-            raise NotApplied(applied.failure(args.wait))
+            text = applied.failure(args.wait)
+            if judged is not None:
+                text += "; where it applied, " + verdict_text(
+                    judged.id, verdict, args.wait, by_all=False
+                )
+            raise NotApplied(text)
         if unjudged:
             assert record is not None
             raise GuardVerdict(

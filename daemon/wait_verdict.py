@@ -68,15 +68,19 @@ def wait_verdict(
                     return record
 
 
-def verdict_text(guard_id: str, record: GuardRecord | None, timeout: float) -> str:
+def verdict_text(
+    guard_id: str, record: GuardRecord | None, timeout: float, *, by_all: bool = True
+) -> str:
     """One line: what the guard decided (``passed`` is the only good one), or that it had
-    not decided within ``timeout`` seconds."""
+    not decided within ``timeout`` seconds. ``by_all`` False: not every process applied
+    the change (the line follows why, and says nothing of it)."""
     if record is None:
         return f"guard {guard_id}: its record is gone from etcd, so no verdict will come"
     reason = (record.outcome or {}).get("reason", "")
     if record.state == ARMED:
+        applied = "the change is applied, but " if by_all else ""
         return (
-            f"the change is applied, but guard {guard_id} has not decided within {timeout:g} s "
+            f"{applied}guard {guard_id} has not decided within {timeout:g} s "
             f"(it watches {record.window} steps); `hotknob status` follows it"
         )
     text = f"guard {guard_id} {_ENDINGS.get(record.state, record.state)}"
