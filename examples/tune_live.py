@@ -76,7 +76,10 @@ def change_rate(layers: list[str], lr: float, guard: list[str], timeout: float) 
     if written is None:
         raise Stop(error)
     state = (written.get("verdict") or {}).get("state")
-    if code == 0 or state == "reverted":
+    wait = written.get("wait") or {}
+    # A rejection stops it even if the guard reverted the change where it applied: a
+    # daemon that refuses this rate would refuse the next one too.
+    if code == 0 or (state == "reverted" and not wait.get("rejected") and not wait.get("failed")):
         return dict(written)
     if state == "armed" and written["wait"]["applied"]:
         error += " (give --apply-timeout the time the guard's window takes)"

@@ -4,12 +4,18 @@ Real etcd, two real daemons (one with a stricter schema), raw clients."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
+import threading
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
+from pydantic import BaseModel, Field
 
+from hotknob.config.schema import SamplingSchema, TrainParams
 from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd
 from tests.etcd_server import EtcdServer
 from tests.test_guards import metrics, processes, wait_for
@@ -78,3 +84,71 @@ def test_a_rejection_elsewhere_still_reports_the_guard_s_verdict(
     else:
         assert result["verdict"]["state"] == "reverted"
         assert f"; where it applied, guard {result['guard']} reverted the change" in last
+
+
+class SlowLr(TrainParams):
+    lr: float = Field(1e-3, ge=1e-3)
+
+
+class NoLowerLr(BaseModel):
+    """A node that refuses a learning rate below 1e-3 (an old schema, say)."""
+
+    train: SlowLr = Field(default_factory=SlowLr)
+    sampling: SamplingSchema = Field(default_factory=SamplingSchema)
+
+
+def _tuner() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "examples" / "tune_live.py"
+    spec = importlib.util.spec_from_file_location("tune_live", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_tuner_stops_at_a_rejection_though_the_guard_reverted_elsewhere(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The guard's verdict now comes with a rejection; a revert alone lets the tuner go on,
+    but a daemon that refuses its rate would refuse the next one as well: it stops."""
+    tuner = _tuner()
+    no_lower = ["--schema", "tests.test_guard_wait_rejected:NoLowerLr"]
+    with (
+        DaemonProcess(
+            tmp_path / "n1", app=APP, endpoints=etcd.endpoint, extra=["--node", "n1"]
+        ) as d1,
+        DaemonProcess(
+            tmp_path / "n2", app=APP, endpoints=etcd.endpoint, extra=["--node", "n2", *no_lower]
+        ) as d2,
+        RawClient(d1.socket_path, "c1") as c1,
+        RawClient(d2.socket_path, "c2") as c2,
+    ):
+        for client in (c1, c2):
+            _ack(client, client.snapshot["version"], 0)
+            client.send(metrics(1, loss=1.0))
+        wait_for("both entries with a report", lambda: len(processes(etcd)) == 2)
+        outcome: dict[str, Any] = {}
+
+        def change() -> None:
+            common = ["--app", APP, "--etcd-endpoints", etcd.endpoint]
+            guard = ["--guard", "loss < 2", "--window", "5"]
+            try:
+                outcome["written"] = tuner.change_rate(common, 5e-4, guard, 60)
+            except tuner.Stop as exc:
+                outcome["stop"] = str(exc)
+
+        thread = threading.Thread(target=change)
+        thread.start()
+        try:
+            update = c1.next_update()
+            assert update["changed"] == {"train.lr": 5e-4}
+            _ack(c1, update["version"], 10)
+            wait_for("n1 armed the guard", lambda: d1.events("guard_armed"))
+            for step in range(11, 20):
+                c1.send(metrics(step, loss=5.0))
+        finally:
+            thread.join(90)
+    assert "written" not in outcome, outcome
+    stop = outcome["stop"]
+    assert "rejected by the daemon of 1 of 2 processes (n2/c2): train.lr" in stop
+    assert "; where it applied, guard " in stop and "reverted the change" in stop
