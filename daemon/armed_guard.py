@@ -39,6 +39,9 @@ class ArmedGuard:
     left: dict[str, dict[str, Any]] = field(default_factory=dict)  # gone before its window ended
     reported: set[str] = field(default_factory=set)
     passed: set[str] = field(default_factory=set)
+    # Past their window with no report of what the guard reads (a typo in the guard, or a
+    # run that does not report it): done, unjudged. Nothing of theirs can judge it.
+    unjudged: set[str] = field(default_factory=set)
     busy: bool = False
     checking: bool = False  # a read of the other daemons' processes is in flight
     checked_at: float = 0.0
@@ -84,6 +87,19 @@ class ArmedGuard:
             since = self.unheard_since.setdefault(name, now)
             (awaited if now - since < wait else unheard).append(name)
         return awaited, unheard
+
+    @property
+    def judging_here(self) -> bool:
+        """Whether a process of this daemon watched by the guard may still judge it: one
+        not past its window without a report of what the guard reads (``unjudged``)."""
+        return any(client not in self.unjudged for client in self.started)
+
+    def unjudged_text(self, unjudged: list[str]) -> str:
+        """For an outcome's reason: the processes (``unjudged``, by name) whose window
+        ended with no report of what the guard reads."""
+        metrics = ", ".join(sorted(self.guard.metrics))
+        names = some_names(unjudged, _LEFT_NAMED)
+        return f"{names} reported no {metrics} in the {self.record.window} steps of its window"
 
     def unheard_text(self, unheard: list[str], wait: float) -> str:
         """For a passed outcome's reason: the processes (``unheard``, by name) it passed

@@ -17,7 +17,9 @@ records and, for its own processes:
   steps after the previous report's: one that holds no step below start + ``window``
   is not judged, and marks the process done, if the last judged report held; while
   failures in a row are short of ``patience``, the process is watched on past its
-  window (``_check``);
+  window (``_check``). One whose reports pass the end of its window with none of what
+  the guard reads (a typo, or a run that does not report it) is done, *unjudged*: it
+  neither holds the guard up nor can judge it (``_unjudged``);
 * each ``metrics`` report within a watched process's window is checked: a NaN or
   ±inf value of a metric the guard reads reverts at once; otherwise the guard is
   evaluated on the mean of the values reported since the previous report, against
@@ -38,8 +40,9 @@ records and, for its own processes:
   longer waited for; the outcome names it, with the failures in a row it had when
   it left (fewer than ``patience``: a departure is not a failure);
 * a guard with no process left that could judge it (every watched process left
-  before the end of its window, or none ever applied the change; one whose daemon
-  refused the change, or holds all its keys in a layer above etcd, never will) for
+  before the end of its window or is unjudged, or none ever applied the change; one
+  whose daemon refused the change, or holds all its keys in a layer above etcd, never
+  will) for
   ``ABANDON_AFTER_S`` seconds (time for a reconnect or a daemon restart), on this
   daemon and, as the status entries show, on every other one, ends *abandoned*:
   the change stays, and the outcome says who left when.
@@ -230,6 +233,7 @@ class GuardManager:
                 active.started[client] = start
                 active.started_at[client] = time.monotonic()
                 active.passed.discard(client)  # back under that name: watched anew
+                active.unjudged.discard(client)
                 active.left.pop(client, None)
                 self._cancel_orphan(active)
 
@@ -260,6 +264,7 @@ class GuardManager:
             in_a_row, _ = active.in_a_row.pop(client, (0, 0))
             active.failures.pop(client, None)
             last = active.last_step.pop(client, None)
+            active.unjudged.discard(client)  # named as having left before reporting
             if client not in active.passed:
                 if start is not None:
                     active.left[client] = {
@@ -281,7 +286,8 @@ class GuardManager:
             guard_id: {
                 "from": start,
                 "reported": client in active.reported,
-                "done": client in active.passed,
+                "done": client in active.passed or client in active.unjudged,
+                **({"unjudged": True} if client in active.unjudged else {}),
             }
             for guard_id, active in self._active.items()
             if (start := active.started.get(client)) is not None
@@ -301,6 +307,7 @@ class GuardManager:
             if report.step < start:
                 start = active.started[client] = report.step
                 active.passed.discard(client)
+                active.unjudged.discard(client)
                 previous = None  # a new window: this report is its first
             active.last_step[client] = report.step
             self._check(guard_id, active, client, start, report, previous)
@@ -325,10 +332,15 @@ class GuardManager:
         metric is failing at that moment."""
         guard = active.guard
         values = {m: v for m in guard.metrics if (v := report.value(m)) is not None}
-        if not values:
-            return  # this process does not report what the guard reads
-        active.reported.add(client)
         end = start + active.record.window
+        if not values:  # this process does not report what the guard reads
+            if report.step >= end and client not in active.reported:
+                self._unjudged(guard_id, active, client, report.step)
+            return
+        active.reported.add(client)
+        if active.unjudged and client in active.unjudged:  # it reports it after all
+            active.unjudged.discard(client)
+            self._watching([client])
         inside = report.step < end or previous is None or previous + 1 < end
         if not inside and client not in active.in_a_row:
             # Past its own window, its last judged report held: done, and what it
@@ -379,6 +391,19 @@ class GuardManager:
         if report.step >= end and client not in active.in_a_row:
             active.passed.add(client)  # its window is over, and its last judged report held
             self._maybe_passed(guard_id, active)
+
+    def _unjudged(self, guard_id: str, active: ArmedGuard, client: str, step: int) -> None:
+        """``client``'s reports passed the end of its window with none of what the guard
+        reads: it is done, unjudged. Its entry says so (other daemons neither wait for it
+        nor leave the guard to this daemon for it); with no process here left to judge
+        the guard, it may end ``abandoned`` (``_maybe_orphaned``), where it would
+        otherwise stay armed for as long as the process runs."""
+        if client in active.unjudged:
+            return
+        active.unjudged.add(client)
+        self.log.info("guard_unjudged", guard=guard_id, client=client, step=step)
+        self._watching([client])
+        self._maybe_orphaned(guard_id, active)
 
     def _baselines(self, record: GuardRecord, client: str) -> dict[str, float]:
         """``client``'s own baseline of each metric, else the mean of all processes' ones."""
@@ -481,6 +506,10 @@ class GuardManager:
         if unheard:
             outcome["reason"] += "; " + active.unheard_text(unheard, self._report_wait)
             outcome["unheard"] = unheard
+        unjudged = sorted(status_name(self.node, c) for c in active.unjudged)
+        if unjudged:
+            outcome["reason"] += "; " + active.unjudged_text(unjudged)
+            outcome["unjudged"] = unjudged
         self._ending.finish(guard_id, active, PASSED, outcome)
 
     def _note_waiting(self, guard_id: str, active: ArmedGuard, waiting: list[str]) -> None:
@@ -499,7 +528,7 @@ class GuardManager:
         """Whether a process of this daemon is watched, or listed in the record and
         connected with a state this daemon does not know (it applies this daemon's at its
         next step)."""
-        if active.started:
+        if active.judging_here:
             return True
         return any(status_name(self.node, c) in active.before for c in self._unknown)
 
@@ -607,6 +636,9 @@ class GuardManager:
         if refused:
             names = some_names([status_name(self.node, c) for c in refused])
             gone.append(f"the daemon of {names} refused the change (`hotknob status` says why)")
+        unjudged = sorted(status_name(self.node, c) for c in active.unjudged)
+        if unjudged:
+            gone.append(active.unjudged_text(unjudged))
         if gone:
             reason = "no process left to judge it: " + "; ".join(gone)
         elif any(self._unchanged_for(c, active) for c in self._acks):
@@ -620,6 +652,8 @@ class GuardManager:
                 f"within {self._abandon_after:g} s"
             )
         outcome: dict[str, Any] = {"reason": reason + "; the change stays", "left": left}
+        if unjudged:
+            outcome["unjudged"] = unjudged
         self._ending.finish(guard_id, active, ABANDONED, outcome)
 
     # --- records (from the guard watch, on the loop) ------------------------------------------

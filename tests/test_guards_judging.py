@@ -467,3 +467,69 @@ def test_a_guarded_change_that_alters_no_value_in_force_ends_with_nothing_to_jud
                 ],
             )[0]  # fmt: skip
             assert entry["version"] == 1
+
+
+def test_a_guard_no_process_reports_the_metric_of_ends_abandoned_after_the_window(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """A typo (``los``): the process reports ``loss`` through its window and past it, so
+    nothing judges the guard; it ends ``abandoned`` and names why, where it used to stay
+    armed for as long as the run went on."""
+    extra = ["--node", "n1"]
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, env=QUICK_ABANDON, extra=extra) as d,
+        RawClient(d.socket_path, "c1") as c1,
+    ):
+        ack(c1, c1.snapshot["version"], 0)
+        out = guarded_set(etcd, "train.lr=0.5", "--guard", "los < 3", "--window", "5")
+        ack(c1, c1.next_update()["version"], 10)
+        wait_for("the guard to be armed", lambda: d.events("guard_armed"))
+        for step in range(11, 15):  # inside the window: waited for, as before
+            c1.send(metrics(step, loss=1.0))
+        wait_for("step 14 in status", lambda: step_in_status(etcd, "c1") == 14)
+        time.sleep(1.5)  # past QUICK_ABANDON: still inside its window, so still armed
+        assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+        c1.send(metrics(15, loss=1.0))  # the window (steps 10..14) is over
+        record = ended(etcd)
+        (unjudged,) = d.events("guard_unjudged")
+        assert unjudged["client"] == "c1" and unjudged["step"] == 15
+    assert record["state"] == "abandoned", record
+    assert record["outcome"]["reason"] == (
+        "no process left to judge it: n1/c1 reported no los in the 5 steps of its window; "
+        "the change stays"
+    )
+    assert record["outcome"]["unjudged"] == ["n1/c1"]
+    assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
+
+
+def test_a_guard_passed_by_one_process_names_the_one_that_reported_nothing_it_reads(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    extra = ["--node", "n1"]
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, extra=extra) as d,
+        RawClient(d.socket_path, "c1") as c1,
+        RawClient(d.socket_path, "c2") as c2,
+    ):
+        arm_guard(etcd, d, c1, c2)  # loss < 3 over 20 steps, from step 10
+        for step in range(11, 31):
+            c2.send(metrics(step, tokens=100.0))  # never loss: past its window, unjudged
+        wait_for("c2 unjudged", lambda: d.events("guard_unjudged"))
+
+        def c2_window() -> Any:
+            windows = next(p for p in processes(etcd) if p["client"] == "c2").get("guards")
+            return [w for w in (windows or {}).values() if w.get("unjudged")]
+
+        # Its entry says so: another node's daemon neither waits for it nor leaves the
+        # guard to this one for it.
+        (window,) = wait_for("c2's window published as unjudged", c2_window)
+        assert window == {"from": 10, "reported": False, "done": True, "unjudged": True}
+        assert [r["state"] for r in guard_records(etcd)] == ["armed"], "c1 still judges it"
+        for step in range(11, 31):
+            c1.send(metrics(step, loss=1.0))
+        record = ended(etcd)
+    assert record["state"] == "passed", record
+    assert record["outcome"]["reason"] == (
+        "held for 20 steps; n1/c2 reported no loss in the 20 steps of its window"
+    )
+    assert record["outcome"]["unjudged"] == ["n1/c2"]
