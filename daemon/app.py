@@ -125,6 +125,7 @@ class Daemon:
             report_every=options.status_every,
             pinned=self._pinned,
             refused=lambda: self.refused.newest,
+            refused_before=lambda: self.refused.cleared,
             restart_pending=self._restart_pending,
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one

@@ -53,7 +53,7 @@ from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
 # What an entry says of its daemon (``_daemon_fields``).
-_DAEMON_FIELDS = ("pinned", "rejected", "config_files", "restart_pending")
+_DAEMON_FIELDS = ("pinned", "rejected", "rejected_before", "config_files", "restart_pending")
 
 
 class ClientFeedback:
@@ -68,10 +68,12 @@ class ClientFeedback:
         report_every: float = REPORT_STATUS_EVERY_S,
         pinned: Callable[[], dict[str, str]] = dict,
         refused: Callable[[], dict[str, Any] | None] = lambda: None,
+        refused_before: Callable[[], dict[str, Any]] = dict,
         restart_pending: Callable[[], list[str]] = list,
     ) -> None:
         self.pinned = pinned
         self.refused = refused  # the etcd values this daemon refused and runs without
+        self.refused_before = refused_before  # those it refused and has cleared since
         self.restart_pending = restart_pending  # restart-only keys it holds back
         self._config_files: dict[str, str] = {}  # "rejected", "unreadable": why
         self.node = node
@@ -195,7 +197,9 @@ class ClientFeedback:
         """What this daemon refused of etcd (``refused``, ``refused.py``) changed: its
         processes' entries say so (``rejected``: the newest refused revision, why, and the
         keys whose etcd values they run without), so that ``status`` and ``set --wait``,
-        run elsewhere, can tell a change refused here from one not applied yet."""
+        run elsewhere, can tell a change refused here from one not applied yet. They also
+        say the refusals cleared since (``rejected_before``): this entry may be the first
+        written since the refusal, which a later revision cleared before it was."""
         self._republish_all()
 
     def config_files_problem(self, kind: str, reason: str | None) -> None:
@@ -328,7 +332,9 @@ class ClientFeedback:
 
     def _daemon_fields(self) -> dict[str, Any]:
         """What an entry says of its daemon: the keys env or ``--set`` hold on it (``set``
-        warns of editing them), the etcd revision it rejected, if none taken since, and
+        warns of editing them), the etcd revision it rejected, if none taken since, the
+        refusals a revision taken since cleared (``set --wait`` of a refused revision
+        tells by them that this process never ran it, though it runs a later one), and
         what is wrong with its config files, if anything."""
         fields: dict[str, Any] = {}
         pinned = self.pinned()
@@ -337,6 +343,9 @@ class ClientFeedback:
         rejected = self.refused()
         if rejected:
             fields["rejected"] = rejected
+        before = self.refused_before()
+        if before:
+            fields["rejected_before"] = before
         if self._config_files:
             fields["config_files"] = dict(self._config_files)
         waiting = self.restart_pending()

@@ -3,8 +3,9 @@
 Entries live at ``/hotknob/<app>/status/<node>/<client>`` as JSON: what the process
 applied and reports (version, revision, step, time, pid, rank, errors, metrics), the
 guards watching it (guards), and what its daemon says of itself (pinned: the keys env
-or ``--set`` hold there; rejected: an etcd revision it refused; config_files: what is
-wrong with its files; see ``feedback.py``). All writes happen on this
+or ``--set`` hold there; rejected: an etcd revision it refused, and runs without;
+rejected_before: the refusals it has cleared since, by key, for ``set --wait``;
+config_files: what is wrong with its files; see ``feedback.py``). All writes happen on this
 publisher's own thread: the event loop only drops the newest entry per
 client into a dict, so a slow or absent etcd never delays a change. The
 lease is kept alive every ``ttl / 3`` and re-granted if etcd lost it; on
@@ -290,7 +291,10 @@ def remote_open_windows(
 
 def refusal(rejected: Any, revision: int) -> Mapping[str, Any] | None:
     """A status entry's ``rejected`` field, if it is of etcd's ``revision`` or later: its
-    daemon refused that change, or one after it."""
+    daemon refused that change, or one after it, and runs without it now. Its refusals
+    cleared since (``rejected_before``) do not count here: the guards ask whether a
+    process will still apply a state at the change or past it, and one whose daemon took
+    a later revision of the refused keys will (its guard watches it from then on)."""
     if isinstance(rejected, Mapping) and is_int(rejected.get("revision")):
         return rejected if rejected["revision"] >= revision else None
     return None

@@ -66,7 +66,9 @@ def error_parts(entry: Entry) -> list[str]:
     held back by its daemon; ``held``: by the process), the rank whose values it runs in
     place of its daemon's (``agreed``), then a status entry's ``errors``
     (a list of ``{"error": ...}`` objects: what the process's callbacks raised): one text
-    each."""
+    each. The refusals its daemon has cleared since (``rejected_before``) are no error:
+    it runs what etcd says for those keys now (they are for ``set --wait``, and in
+    ``--json``)."""
     errors = entry.get("errors") or []
     items = errors if isinstance(errors, list) else [errors]
     texts = [fmt(x["error"]) if isinstance(x, dict) and "error" in x else fmt(x) for x in items]

@@ -16,7 +16,10 @@ wait goes on until one appears, or the time is up, and fails then.
 
 A process seen rejecting it stays rejected for the rest of the wait: its daemon's refusal
 lasts only while etcd holds the value it refused, so a revert (a guard's, within a second)
-clears it, and that process, then at the revert's revision, never ran the change.
+clears it, and that process, then at the revert's revision, never ran the change. A
+refusal cleared before any entry said it (entries are written at most every 0.2 s: a
+tuner writes ``1.5`` and then ``0.5``) is in the entries still, in ``rejected_before``:
+the runs of refusals its daemon has cleared since, by key.
 """
 
 from __future__ import annotations
@@ -175,10 +178,12 @@ def classify(
 
     A process whose daemon refused one of ``keys`` at ``revision`` or later runs without
     it whatever revision it runs (the daemon took a later change of another key, or a
-    full read of etcd at a later revision dropped it): rejected. So is one that an
-    earlier look found rejecting it (``seen_rejected``: name -> reason), whatever its
-    entry says now. Otherwise one that runs ``revision`` or later applied it, and one
-    behind it whose daemon refused a later revision will not run it either.
+    full read of etcd at a later revision dropped it): rejected. So is one whose daemon
+    refused ``revision`` for one of ``keys`` and has cleared that since (a later revision
+    it took edited the key: ``rejected_before``), and one that an earlier look found
+    rejecting it (``seen_rejected``: name -> reason), whatever its entry says now.
+    Otherwise one that runs ``revision`` or later applied it, and one behind it whose
+    daemon refuses a later revision now will not run it either.
 
     Returns the processes whose daemon refused one of ``keys``: name -> its reason."""
     into.applied, into.rejected, into.behind, into.holding = {}, {}, {}, {}
@@ -188,9 +193,12 @@ def classify(
         runs = entry.get("revision")
         rank = agreed_rank(entry)
         refused = refusal(entry.get("rejected"), revision)
+        cleared = _refused_before(entry.get("rejected_before"), revision, keys)
         error = _first_error(entry)
         if refused is not None and _refuses_any(refused, keys):
             into.rejected[name] = refusing[name] = str(refused.get("reason", "no reason given"))
+        elif cleared is not None:
+            into.rejected[name] = refusing[name] = cleared
         elif seen_rejected and name in seen_rejected:
             into.rejected[name] = seen_rejected[name]
         elif is_int(runs) and runs >= revision and error is not None:
@@ -238,6 +246,23 @@ def _first_error(entry: Mapping[str, Any]) -> str | None:
 def _refuses_any(refused: Mapping[str, Any], keys: Collection[str]) -> bool:
     held = refused.get("keys")
     return isinstance(held, list) and any(key in held for key in keys)
+
+
+def _refused_before(before: Any, revision: int, keys: Collection[str]) -> str | None:
+    """Why the daemon refused etcd's ``revision`` for one of ``keys``, as a status entry's
+    ``rejected_before`` says (by key, a run of refusals since cleared: ``since`` to
+    ``revision``, every revision between them that edited the key refused, and the
+    newest's ``reason``); None if it does not say so."""
+    if not isinstance(before, Mapping):
+        return None
+    for key in keys:
+        run = before.get(key)
+        if not isinstance(run, Mapping):
+            continue
+        since, newest = run.get("since"), run.get("revision")
+        if is_int(since) and is_int(newest) and since <= revision <= newest:
+            return str(run.get("reason", "no reason given"))
+    return None
 
 
 def wait_applied(

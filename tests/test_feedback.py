@@ -476,3 +476,72 @@ def test_a_rank_that_runs_another_rank_s_values_says_so_and_is_counted_as_applie
         assert "agreed" not in published.of("r1")[-1]
 
     asyncio.run(scenario())
+
+
+def test_a_refusal_cleared_before_its_entry_was_written_still_reaches_set_wait() -> None:
+    """Status entries go at most every ``STATUS_EVERY_S``: a refusal (temperature 1.5 at
+    revision 11) and the revision that clears it (0.5 at 12) within one such window
+    leave no entry with ``rejected``. The entry written then must still tell ``set
+    --wait`` of revision 11 that this process never ran it (``rejected_before``), without
+    making it rejected for later revisions, nor an error in ``status``."""
+    from hotknob.daemon.refused import RefusedKeys
+    from hotknob.daemon.status_view import summary_lines, table_rows
+    from hotknob.daemon.wait_applied import Applied, classify
+
+    published = _Published()
+    refused = RefusedKeys("a")
+    revisions = {1: 10, 2: 12, 3: 13}  # version -> the etcd revision it was built at
+    temperature = "/hotknob/a/config/sampling/temperature"
+    reason = "sampling.temperature (from etcd): Input should be less than or equal to 1.2"
+
+    async def scenario() -> None:
+        feedback = ClientFeedback(
+            app="a",
+            node="n",
+            metrics=Metrics(),
+            revision_of=revisions.get,
+            report_every=0,
+            refused=lambda: refused.newest,
+            refused_before=lambda: refused.cleared,
+        )
+        feedback.status = published  # type: ignore[assignment]
+        client = ClientInfo(id=1, name="c", pid=1, uid=0, connected_at=time.time())
+        feedback.on_applied(client, {"type": "applied", "version": 1, "step": 1})
+        assert len(published.of("c")) == 1  # at once: the throttle's window opens
+        # Within the window: 11 refused, then 12 (0.5) taken, pushed and acknowledged.
+        if refused.refused(11, reason, ["sampling.temperature"]):
+            feedback.refusals_changed()
+        if refused.taken(12, [temperature]):
+            feedback.refusals_changed()
+        feedback.on_applied(client, {"type": "applied", "version": 2, "step": 2})
+        assert len(published.of("c")) == 1  # nothing written yet
+        await asyncio.sleep(0.3)
+        assert len(published.of("c")) == 2  # the newest entry only
+        entry = published.of("c")[-1]
+        assert entry["revision"] == 12 and "rejected" not in entry, entry
+        entries = {"n/c": entry}
+        applied = Applied(11)
+        classify(entries, 11, applied, keys=["sampling.temperature"])
+        assert applied.rejected == {"n/c": reason} and not applied.applied, applied
+        # Not for the revision that cleared it, nor for keys it does not name.
+        classify(entries, 12, applied, keys=["sampling.temperature"])
+        assert applied.ok and applied.applied == {"n/c": 2}, applied
+        classify(entries, 11, applied, keys=["train.lr"])
+        assert applied.ok and applied.applied == {"n/c": 2}, applied
+        # A later revision that writes another key: applied, and its entry still says it.
+        feedback.on_applied(client, {"type": "applied", "version": 3, "step": 3})
+        await asyncio.sleep(0.3)
+        feedback.cancel()
+        entry = published.of("c")[-1]
+        assert entry["revision"] == 13 and "sampling.temperature" in entry["rejected_before"]
+        classify({"n/c": entry}, 13, applied, keys=["train.lr"])
+        assert applied.ok and applied.applied == {"n/c": 3}, applied
+        classify({"n/c": entry}, 11, applied, keys=["sampling.temperature"])
+        assert applied.rejected == {"n/c": reason}, applied
+        # ``status``: no error in force.
+        row = table_rows([{**entry, "key": "n/c"}], time.time())[0]
+        assert row[6] == "", row
+        lines = summary_lines([{**entry, "key": "n/c"}], 13, time.time())
+        assert not any("rejected" in line or "error" in line for line in lines), lines
+
+    asyncio.run(scenario())

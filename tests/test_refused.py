@@ -1,9 +1,10 @@
 """``RefusedKeys``: the etcd values a daemon refused and still runs without, which its
-processes' status entries carry as ``rejected`` until those keys are edited again."""
+processes' status entries carry as ``rejected`` until those keys are edited again, and
+those it refused and cleared since, which they carry as ``rejected_before``."""
 
 from __future__ import annotations
 
-from hotknob.daemon.refused import REASON_CHARS, RefusedKeys
+from hotknob.daemon.refused import CLEARED_REASON_CHARS, KEEP_CLEARED, REASON_CHARS, RefusedKeys
 
 PATH = "/hotknob/app/config/"
 
@@ -31,7 +32,8 @@ def test_a_refusal_lasts_until_a_later_revision_taken_edits_its_keys() -> None:
     assert refused.taken(14, [PATH + "sampling/top_k", PATH + "train/lr"])
     assert refused.newest == {"revision": 10, "reason": "too hot", "keys": ["sampling.temperature"]}
     assert refused.taken(15, [PATH + "sampling/temperature"])
-    assert not refused and refused.newest is None
+    assert refused.newest is None
+    assert set(refused.cleared) == {"sampling.temperature", "sampling.top_k", "train.lr"}
 
 
 def test_a_full_read_says_again_what_it_refuses() -> None:
@@ -49,3 +51,144 @@ def test_a_long_reason_is_cut() -> None:
     assert refused.newest is not None
     reason = refused.newest["reason"]
     assert len(reason) == REASON_CHARS and reason.endswith("...")
+
+
+TEMPERATURE = PATH + "sampling/temperature"
+
+
+def test_a_cleared_refusal_is_kept_with_the_first_and_newest_revision_refused() -> None:
+    """Refused at 10, again at 11, cleared at 12: a wait on 10 must still say refused."""
+    refused = RefusedKeys("app")
+    assert refused.cleared == {}
+    refused.refused(10, "too hot", ["sampling.temperature"])
+    assert refused.refused(11, "still too hot", ["sampling.temperature"])
+    assert refused.cleared == {}  # in force: ``newest`` says it
+    assert not refused.taken(12, [PATH + "train/lr"])  # another key: nothing cleared
+    assert refused.taken(12, [TEMPERATURE])
+    assert refused.newest is None and refused  # something is held: what was cleared
+    run = {"since": 10, "revision": 11, "reason": "still too hot"}
+    assert refused.cleared == {"sampling.temperature": run}
+    # Taken revisions after that change nothing.
+    before = refused.cleared
+    assert not refused.taken(13, [TEMPERATURE, PATH + "train/lr"])
+    assert refused.cleared is before
+    # Refused anew: a new run, and the cleared one stays until that one is cleared too.
+    assert refused.refused(20, "too cold", ["sampling.temperature"])
+    assert refused.cleared == {"sampling.temperature": run}
+    assert refused.taken(21, [TEMPERATURE])
+    assert refused.cleared == {
+        "sampling.temperature": {"since": 20, "revision": 20, "reason": "too cold"}
+    }
+
+
+def test_a_change_that_comes_alone_and_is_refused_again_goes_on_with_the_run() -> None:
+    """A change that comes alone clears its keys before the engine judges it (``taken``,
+    then ``refused`` at the same revision, if the engine rejects it): that is no take."""
+    refused = RefusedKeys("app")
+    refused.refused(10, "too hot", ["sampling.temperature"])
+    refused.taken(11, [TEMPERATURE])
+    refused.refused(15, "too hot", ["sampling.temperature"])
+    refused.taken(16, [TEMPERATURE])  # the daemon's own order for a lone change 16...
+    refused.refused(16, "much too hot", ["sampling.temperature"])  # ...that it rejects
+    assert refused.newest is not None and refused.newest["revision"] == 16
+    # The run before stays as it was, not replaced by the one that went on.
+    assert refused.cleared == {
+        "sampling.temperature": {"since": 10, "revision": 10, "reason": "too hot"}
+    }
+    refused.taken(17, [TEMPERATURE])
+    assert refused.newest is None
+    assert refused.cleared == {
+        "sampling.temperature": {"since": 15, "revision": 16, "reason": "much too hot"}
+    }
+
+
+def test_a_group_s_refusals_come_before_its_takes() -> None:
+    """In a group commit every refusal is reported first, then each revision taken: 10
+    refused, 11 taken, in one group, clears the refusal of 10."""
+    refused = RefusedKeys("app")
+    refused.refused(10, "too hot", ["sampling.temperature"])
+    assert not refused.taken(10, [TEMPERATURE])
+    assert refused.taken(11, [TEMPERATURE])
+    assert refused.cleared["sampling.temperature"]["since"] == 10
+    assert refused.newest is None
+
+
+def test_only_the_keys_cleared_most_recently_are_kept() -> None:
+    refused = RefusedKeys("app")
+    count = KEEP_CLEARED + 4
+    for i in range(count):
+        refused.refused(100 + 2 * i, "no", [f"train.k{i}"])
+        assert refused.taken(101 + 2 * i, [PATH + f"train/k{i}"])
+        assert len(refused.cleared) == min(i + 1, KEEP_CLEARED)
+    assert set(refused.cleared) == {f"train.k{i}" for i in range(4, count)}
+    # A key cleared again is the most recent: it stays, the oldest goes.
+    refused.refused(200, "no", ["train.k4"])
+    refused.taken(201, [PATH + "train/k4"])
+    refused.refused(202, "no", ["train.k0"])
+    refused.taken(203, [PATH + "train/k0"])
+    assert "train.k4" in refused.cleared and "train.k5" not in refused.cleared
+    assert refused.cleared["train.k4"]["since"] == 200 and "train.k0" in refused.cleared
+
+
+def test_a_full_read_keeps_what_was_cleared_and_clears_what_it_takes() -> None:
+    refused = RefusedKeys("app")
+    refused.refused(10, "too hot", ["sampling.temperature"])
+    refused.taken(11, [TEMPERATURE])
+    refused.refused(12, "too many", ["sampling.top_k"])
+    refused.refused(13, "too big", ["train.lr"])
+    old = refused.cleared["sampling.temperature"]
+    # The read at 30: top_k still refused (the run goes on), train.lr taken (cleared).
+    assert refused.clear()
+    refused.refused(30, "too many", ["sampling.top_k"])
+    assert refused.newest == {"revision": 30, "reason": "too many", "keys": ["sampling.top_k"]}
+    assert refused.cleared == {
+        "sampling.temperature": old,
+        "train.lr": {"since": 13, "revision": 13, "reason": "too big"},
+    }
+    refused.taken(31, [PATH + "sampling/top_k"])
+    assert refused.cleared["sampling.top_k"] == {
+        "since": 12,
+        "revision": 30,
+        "reason": "too many",
+    }
+    # A read that refuses nothing clears every refusal, and keeps them.
+    refused.refused(40, "too big", ["train.lr"])
+    refused.clear()
+    assert refused.newest is None
+    assert refused.cleared["train.lr"] == {"since": 40, "revision": 40, "reason": "too big"}
+    # A change taken after it: the read is over, and a later refusal is a new run.
+    refused.taken(41, [PATH + "train/batch_size"])
+    refused.refused(42, "too big", ["train.lr"])
+    refused.taken(43, [PATH + "train/lr"])
+    assert refused.cleared["train.lr"]["since"] == 42
+
+
+def test_a_revision_below_a_cleared_run_forgets_it() -> None:
+    """Etcd restored from a backup counts on from below: its revisions will name other
+    changes, and a cleared run over them would call a taken one refused."""
+    refused = RefusedKeys("app")
+    refused.refused(20, "too big", ["train.lr"])
+    refused.taken(21, [PATH + "train/lr"])
+    refused.refused(50, "too hot", ["sampling.temperature"])
+    refused.refused(60, "too many", ["sampling.top_k"])
+    refused.taken(61, [TEMPERATURE, PATH + "sampling/top_k"])
+    assert set(refused.cleared) == {"sampling.temperature", "train.lr", "sampling.top_k"}
+    # Restored to revision 40: a read there, then a change at 45 of another key.
+    refused.clear()
+    assert refused.taken(45, [PATH + "model/width"])  # the entries say it again
+    assert set(refused.cleared) == {"train.lr"}
+    # The read's refusals, below what was refused before, start anew too.
+    refused.refused(70, "too hot", ["sampling.temperature"])
+    refused.clear()
+    refused.refused(65, "too hot", ["sampling.temperature"])
+    assert refused.newest is not None and refused.newest["revision"] == 65
+    refused.taken(66, [TEMPERATURE])
+    assert refused.cleared["sampling.temperature"]["since"] == 65
+
+
+def test_a_cleared_refusal_keeps_a_short_reason() -> None:
+    refused = RefusedKeys("app")
+    refused.refused(3, "x" * 2000, ["train.lr"])
+    refused.taken(4, [PATH + "train/lr"])
+    reason = refused.cleared["train.lr"]["reason"]
+    assert len(reason) == CLEARED_REASON_CHARS and reason.endswith("...")

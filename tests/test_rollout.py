@@ -21,7 +21,9 @@ import pytest
 from pydantic import BaseModel, Field
 
 from hotknob.config.schema import SamplingSchema, TrainParams
-from hotknob.daemon.wait_applied import Entries, wait_applied
+from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
+from hotknob.daemon.guard_records import status_entries
+from hotknob.daemon.wait_applied import Entries, WatchedEntries, wait_applied
 from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
 from tests.etcd_server import EtcdServer
 from tests.test_guards import etcd_ranges
@@ -184,6 +186,47 @@ def test_set_wait_fails_on_a_daemon_that_rejects_it_and_status_says_why(
     assert done.returncode == 0, done.stderr
     assert "rejected" not in _entries(etcd)["n2/p2"]
     assert "rejected" not in hk(etcd, "status").stdout
+
+
+def test_set_wait_tells_a_refusal_cleared_before_any_entry_said_it(
+    etcd: EtcdServer, two_nodes: tuple[Acking, Acking]
+) -> None:
+    """A tuner writes temperature 1.5 and then 0.5, back to back, within the 0.2 s a
+    daemon waits between two writes of its status entries: n2 refuses 1.5, takes 0.5,
+    and the entry that said 1.5 was refused was never written. ``set --wait`` of the 1.5
+    revision must still say n2 rejected it, not that it applied it (n2/p2 runs a later
+    revision), and ``status`` must not show an error: n2 runs what etcd says now."""
+    store = EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,), timeout=5))
+    config = f"/hotknob/{APP}/config/"
+    try:
+        # An entry just written on each node: the next one waits for the rest of 0.2 s.
+        lr = store.put(config + "train/lr", "0.05")
+        deadline = time.monotonic() + 20
+        while not all(e.get("revision", 0) >= lr for e in _read_entries(store).values()):
+            assert time.monotonic() < deadline, _read_entries(store)
+            time.sleep(0.005)
+        hot = store.put(config + "sampling/temperature", "1.5")
+        cool = store.put(config + "sampling/temperature", "0.5")
+        assert cool == hot + 1
+        result = wait_applied(WatchedEntries(store, APP), hot, 30, keys=["sampling.temperature"])
+        assert result.done and list(result.applied) == ["n1/p1"], result
+        assert list(result.rejected) == ["n2/p2"], result
+        assert "less than or equal to 1.2" in result.rejected["n2/p2"], result
+        # 0.5 is applied everywhere: n2's cleared refusal is not of that revision.
+        result = wait_applied(WatchedEntries(store, APP), cool, 30, keys=["sampling.temperature"])
+        assert result.ok and sorted(result.applied) == ["n1/p1", "n2/p2"], result
+    finally:
+        store.close()
+    entry = _entries(etcd)["n2/p2"]
+    run = entry["rejected_before"]["sampling.temperature"]
+    assert "rejected" not in entry and run["since"] == run["revision"] == hot, entry
+    status = hk(etcd, "status")
+    assert status.returncode == 0 and "rejected" not in status.stdout, status.stdout
+
+
+def _read_entries(store: EtcdStore) -> dict[str, dict[str, Any]]:
+    kvs, _ = store.read_prefix(f"/hotknob/{APP}/status/")
+    return status_entries(APP, kvs)
 
 
 def test_a_daemon_restarted_on_a_value_it_refused_runs_what_it_ran(
