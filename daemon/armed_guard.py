@@ -99,7 +99,8 @@ class ArmedGuard:
         ended with no report of what the guard reads."""
         metrics = ", ".join(sorted(self.guard.metrics))
         names = some_names(unjudged, _LEFT_NAMED)
-        return f"{names} reported no {metrics} in the {self.record.window} steps of its window"
+        whose = "its window" if len(unjudged) == 1 else "their windows"
+        return f"{names} reported no {metrics} in the {self.record.window} steps of {whose}"
 
     def unheard_text(self, unheard: list[str], wait: float) -> str:
         """For a passed outcome's reason: the processes (``unheard``, by name) it passed

@@ -94,7 +94,13 @@ from .guard_records import (
 )
 from .logs import get_logger
 from .reports import Report, encode_value, mean_of
-from .status import refused_here, remote_open_windows, remote_watching, status_name
+from .status import (
+    refused_here,
+    remote_open_windows,
+    remote_unjudged,
+    remote_watching,
+    status_name,
+)
 
 Post = Callable[..., None]
 _ACKS_KEPT = 64
@@ -506,11 +512,18 @@ class GuardManager:
         if unheard:
             outcome["reason"] += "; " + active.unheard_text(unheard, self._report_wait)
             outcome["unheard"] = unheard
-        unjudged = sorted(status_name(self.node, c) for c in active.unjudged)
+        unjudged = self._unjudged_names(active, kvs)
         if unjudged:
             outcome["reason"] += "; " + active.unjudged_text(unjudged)
             outcome["unjudged"] = unjudged
         self._ending.finish(guard_id, active, PASSED, outcome)
+
+    def _unjudged_names(self, active: ArmedGuard, kvs: Mapping[str, bytes]) -> list[str]:
+        """Every daemon's processes done unjudged (``_unjudged``): this one's, and the
+        others' as their entries (``kvs``, read just now) say, by name."""
+        here = [status_name(self.node, c) for c in active.unjudged]
+        there = remote_unjudged(kvs, status_prefix(self.app), self.node, active.record.id)
+        return sorted({*here, *there})
 
     def _note_waiting(self, guard_id: str, active: ArmedGuard, waiting: list[str]) -> None:
         """Log whom the guard waits for, when that changes (the first 20 names, and a count:
@@ -636,7 +649,7 @@ class GuardManager:
         if refused:
             names = some_names([status_name(self.node, c) for c in refused])
             gone.append(f"the daemon of {names} refused the change (`hotknob status` says why)")
-        unjudged = sorted(status_name(self.node, c) for c in active.unjudged)
+        unjudged = self._unjudged_names(active, kvs)
         if unjudged:
             gone.append(active.unjudged_text(unjudged))
         if gone:

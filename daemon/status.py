@@ -333,16 +333,36 @@ def remote_watching(
     ``keys``), by name: watched by it on their daemon (their entry lists it, done or not:
     their daemon ends it), or not yet at the change (their entry's revision is below it:
     they may apply it at their next step), unless they never will (``never_applies``).
-    While there are any, this daemon does not end the guard as abandoned."""
+    While there are any, this daemon does not end the guard as abandoned. One whose
+    window its daemon calls ``unjudged`` (past its end with no report of what the guard
+    reads) cannot judge it: left out, or two daemons whose processes are all so would
+    each leave the guard to the other."""
     found = []
     for name, entry in _others(kvs, prefix, node):
-        windows = entry.get("guards")
+        window = _window(entry, guard_id)
         applied = entry.get("revision")
-        if (isinstance(windows, dict) and isinstance(windows.get(guard_id), dict)) or (
+        if (window is not None and window.get("unjudged") is not True) or (
             is_int(applied) and applied < revision and not never_applies(entry, revision, keys)
         ):
             found.append(name)
     return found
+
+
+def remote_unjudged(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
+    """The processes of other daemons whose window of guard ``guard_id`` their daemon calls
+    ``unjudged`` in their entry, by name: an ending's outcome names them."""
+    return [
+        name
+        for name, entry in _others(kvs, prefix, node)
+        if (window := _window(entry, guard_id)) is not None and window.get("unjudged") is True
+    ]
+
+
+def _window(entry: Mapping[str, Any], guard_id: str) -> Mapping[str, Any] | None:
+    """What ``entry`` says of its process's window of guard ``guard_id``, if anything."""
+    windows = entry.get("guards")
+    window = windows.get(guard_id) if isinstance(windows, dict) else None
+    return window if isinstance(window, dict) else None
 
 
 def refused_here(

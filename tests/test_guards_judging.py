@@ -533,3 +533,37 @@ def test_a_guard_passed_by_one_process_names_the_one_that_reported_nothing_it_re
         "held for 20 steps; n1/c2 reported no loss in the 20 steps of its window"
     )
     assert record["outcome"]["unjudged"] == ["n1/c2"]
+
+
+def test_a_guard_nobody_on_two_nodes_judged_is_abandoned_naming_both(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """Each daemon's process is done unjudged; each daemon sees the other's process watched
+    by the guard, and would leave the guard to it if an unjudged window counted."""
+    with (
+        DaemonProcess(
+            tmp_path / "n1", endpoints=etcd.endpoint, env=QUICK_ABANDON, extra=["--node", "n1"]
+        ) as d1,
+        DaemonProcess(
+            tmp_path / "n2", endpoints=etcd.endpoint, env=QUICK_ABANDON, extra=["--node", "n2"]
+        ) as d2,
+        RawClient(d1.socket_path, "c1") as c1,
+        RawClient(d2.socket_path, "c2") as c2,
+    ):
+        for client in (c1, c2):
+            ack(client, client.snapshot["version"], 0)
+        wait_for("both entries", lambda: len(processes(etcd)) == 2)
+        guarded_set(etcd, "train.lr=0.5", "--guard", "los < 3", "--window", "5")
+        for client in (c1, c2):
+            ack(client, client.next_update()["version"], 10)
+        for daemon in (d1, d2):
+            wait_for("the guard armed", lambda d=daemon: d.events("guard_armed"))
+        for step in range(11, 17):
+            for client in (c1, c2):
+                client.send(metrics(step, loss=1.0))
+        record = ended(etcd)
+    assert record["state"] == "abandoned", record
+    assert record["outcome"]["unjudged"] == ["n1/c1", "n2/c2"]
+    reason = record["outcome"]["reason"]
+    assert reason.startswith("no process left to judge it: n1/c1") and "n2/c2" in reason, reason
+    assert reason.endswith("reported no los in the 5 steps of their windows; the change stays")
