@@ -293,8 +293,11 @@ def merge_layers(
         return nest_by_precedence(flat, winners, rank)
 
     if problems:
-        rest = {k: v for k, v in merged.items() if k not in {p.key for p in problems}}
-        raise InvalidChange([*problems, *_problems_besides(schema, rest, winners, facts, nest)])
+        faulty = {p.key for p in problems}
+        rest = {k: v for k, v in merged.items() if k not in faulty}
+        # Who gave each of ``rest`` alone: the keys at fault are not there to blame again.
+        given = {k: winners[k] for k in rest}
+        raise InvalidChange([*problems, *_problems_besides(schema, rest, given, facts, nest)])
 
     try:
         nested = nest(merged)

@@ -387,6 +387,24 @@ def test_a_key_below_a_mapping_leaf_clashing_with_a_non_mapping_names_both() -> 
     assert [(p.key, p.layer) for p in dropped] == [("weights", "etcd")]
 
 
+class Tagged(BaseModel):
+    tags: dict[str, int] = Field(default_factory=dict)
+
+
+def test_a_boolean_below_a_mapping_given_a_text_names_both_keys() -> None:
+    """``tags`` a text and ``tags.x`` a boolean in one layer (one etcd revision): the
+    boolean is at fault on its own, and the rest is validated without it, which blamed
+    the keys given below ``tags`` and looked up the one already left out (a KeyError out
+    of the merge, found by the short path's property test)."""
+    etcd = Layer("etcd", {"tags": "fast", "tags.x": True})
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(Tagged, [defaults_layer(Tagged), etcd])
+    found = {(p.key, p.layer) for p in info.value.problems}
+    assert found == {("tags.x", "etcd"), ("tags", "etcd")}, info.value.problems
+    snap, dropped = merge_dropping_invalid(Tagged, [defaults_layer(Tagged), etcd])
+    assert snap.flat["tags"] == {} and {p.key for p in dropped} == {"tags", "tags.x"}
+
+
 def test_a_broken_rule_across_fields_drops_the_live_keys_behind_it() -> None:
     defaults = defaults_layer(Banded)
     etcd = Layer("etcd", {"band.lo": 5.0, "steps": 3})  # lo > hi: pydantic blames "band"
