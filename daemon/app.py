@@ -116,6 +116,9 @@ class Daemon:
         self._changes_inline = self.metrics.etcd_changes.labels("watch_thread")
         self._changes_in_loop = self.metrics.etcd_changes.labels("loop")
         self.refused = RefusedKeys(ctx.app)  # etcd values refused: under ``_lock``
+        # A group's changes, those from ``_untaken_from`` on not taken yet: under ``_lock``.
+        self._untaken: list[EtcdChange] = []
+        self._untaken_from = 0
         self.feedback = ClientFeedback(
             app=ctx.app,
             node=options.node,
@@ -410,10 +413,12 @@ class Daemon:
             return
         assert self.engine is not None
         with self._lock:
-            before = self.refused.newest
-            self.refused.clear()  # what the read refuses is said again as it is read
+            before = self.refused.newest, self.refused.cleared
+            # What the read refuses is said again as it is read, at its revision; the
+            # refusals cleared before stay, unless the read is below them (a restore).
+            self.refused.clear(revision)
             self.engine.on_etcd_snapshot(kvs, revision)
-            if self.refused.newest != before:
+            if (self.refused.newest, self.refused.cleared) != before:
                 self._post(self.feedback.refusals_changed)
 
     def _on_etcd_changes(self, changes: Iterable[EtcdChange]) -> None:
@@ -424,8 +429,16 @@ class Daemon:
         assert self.engine is not None
         changes = list(changes)
         with self._lock:
-            self.engine.on_etcd_changes(_counted(changes, self._changes_in_loop))
-            self._took(changes)
+            # A group's refusals are reported after its push, all of them, in order
+            # (``_on_rejected``): each takes the changes before it first (``_untaken``),
+            # and the rest are taken here, after the engine had them.
+            self._untaken, self._untaken_from = changes, 0
+            try:
+                self.engine.on_etcd_changes(_counted(changes, self._changes_in_loop))
+                untaken = changes[self._untaken_from :]
+            finally:
+                self._untaken, self._untaken_from = [], 0
+            self._took(untaken)
 
     def _take_inline(self, change: EtcdChange) -> bool:
         """A lone etcd change, on the watch thread: accept or reject it and push it here.
@@ -459,7 +472,8 @@ class Daemon:
     def _took(self, changes: Iterable[EtcdChange]) -> None:
         """The keys each of ``changes`` edited run what etcd says now, unless the engine
         rejected that change (``RefusedKeys.taken``). On the loop, after the engine had
-        them (a group's acks come after); on the watch thread, before (see above)."""
+        them (a group's acks come after), each before a later one's refusal (see
+        ``_on_rejected``); on the watch thread, before (see above)."""
         changed = False
         for change in changes:
             if not self.refused:
@@ -584,6 +598,17 @@ class Daemon:
         ``_lock``: ``keys``, the keys the change edited, keep the values in force."""
         self.metrics.rejected.labels(layer).inc()
         if layer == "etcd" and revision:
+            # In a group, the revisions before this one are taken first: one that took a
+            # key this one refuses again ends the run of refusals before (0.9 taken, then
+            # 1.6 refused, in one group), which would otherwise go on through it, as if
+            # this daemon had refused 0.9 too (``RefusedKeys``).
+            untaken, start = self._untaken, self._untaken_from
+            end = start
+            while end < len(untaken) and untaken[end].revision < revision:
+                end += 1
+            if end > start:
+                self._untaken_from = end
+                self._took(untaken[start:end])
             if self.refused.refused(revision, reason, keys):
                 self._post(self.feedback.refusals_changed)
         elif layer == "files":

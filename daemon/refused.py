@@ -73,13 +73,17 @@ class RefusedKeys:
         self._app = app
         self._keys: dict[str, _Run] = {}  # in force
         # Ended by the event being taken now (``_ending_at``: a taken revision, or a full
-        # read, None until its first refusal gives its revision), which may refuse the
-        # same keys again: the run goes on then. A change that comes alone is cleared of
-        # its keys' refusals before the engine judges it (``taken``, then ``refused``),
-        # and a full read clears every refusal before it says again what it refuses.
+        # read's, None until its first refusal gives it if the read did not), which may
+        # refuse the same keys again: the run goes on then. A change that comes alone is
+        # cleared of its keys' refusals before the engine judges it (``taken``, then
+        # ``refused``), and a full read clears every refusal before it says again what it
+        # refuses. In a group, the daemon takes the revisions before each refusal first.
         self._ending: dict[str, _Run] = {}
         self._ending_at: int | None = None
         self._cleared: dict[str, _Run] = {}  # ended for good, the one ended last at the end
+        # The newest revision of a run in ``_cleared`` (or more): ``taken`` of a revision
+        # at or past it, with nothing in force or ending, can change nothing.
+        self._top = 0
         self.newest: dict[str, Any] | None = None
         """The newest refusal still in force: ``revision``, ``reason``, and ``keys``, every
         key still refused (by any revision); None if none is. Replaced whole on a change."""
@@ -111,6 +115,11 @@ class RefusedKeys:
         """Etcd's ``revision``, which edited ``paths``, was not rejected: the keys it edited
         run what etcd says now (a refusal of this same revision stays). True if
         ``newest`` or ``cleared`` changed."""
+        if not self._keys and not self._ending and revision >= self._top:
+            # Every lone change once a refusal was cleared comes here (the daemon asks
+            # while anything is held): it must cost about what a check did before.
+            self._ending_at = revision
+            return False
         went_back = self._went_back(revision)
         self._settle()
         self._ending_at = revision
@@ -127,19 +136,30 @@ class RefusedKeys:
         # entries say is the same, and is not made again.
         return (ended or went_back) and self._update()
 
-    def clear(self) -> bool:
-        """A full read of etcd: what it refuses is said again (``refused``) as it is read;
-        the rest is cleared. What was cleared before stays."""
+    def clear(self, revision: int | None = None) -> bool:
+        """A full read of etcd at ``revision``: what it refuses is said again (``refused``,
+        at that revision) as it is read; the rest is cleared. What was cleared before
+        stays, unless the read is below it (etcd restored from a backup: ``_went_back``).
+
+        The read is the event that ends the runs it does not say again: a refusal at
+        another revision that comes next (a change of the key refused in a group, before
+        any revision is taken) starts a new run, since the read took the key. None: the
+        revision is not known; the read's first refusal gives it."""
         self._settle()
         self._ending, self._keys = self._keys, {}
-        self._ending_at = None
-        return self._update()
+        self._ending_at = revision
+        # Forgotten now, not at the next change: the entries written for what the read
+        # changes would carry them, and a ``set --wait`` of that next change, whose
+        # revision may fall among them, would read it as refused.
+        went_back = revision is not None and self._went_back(revision)
+        return self._update() or went_back
 
     def _settle(self) -> None:
         """The event that ended the runs in ``_ending`` is over: they are cleared for good."""
         for key, run in self._ending.items():
             self._cleared.pop(key, None)
             self._cleared[key] = run
+            self._top = max(self._top, run.revision)
         for key in list(self._cleared)[: max(0, len(self._cleared) - KEEP_CLEARED)]:
             del self._cleared[key]
         self._ending = {}
@@ -147,15 +167,15 @@ class RefusedKeys:
     def _went_back(self, revision: int) -> bool:
         """Forget the cleared runs that etcd's ``revision`` shows stale: one below the newest
         revision of a cleared run means that etcd was restored from a backup and counts on
-        from there, so those revisions will name other changes. (Revisions come in order:
-        a group's refusals come before its ``taken``, but a run ends only at ``taken``.)
-        True if any was forgotten."""
+        from there, so those revisions will name other changes. (Revisions come in order,
+        and a run ends only at ``taken`` or a full read.) True if any was forgotten."""
         runs = chain(self._ending.values(), self._cleared.values())
         if all(run.revision <= revision for run in runs):
             return False
         for held in (self._ending, self._cleared):
             for key in [k for k, run in held.items() if run.revision >= revision]:
                 del held[key]
+        self._top = max((run.revision for run in self._cleared.values()), default=0)
         return True
 
     def _update(self) -> bool:

@@ -4,6 +4,8 @@ those it refused and cleared since, which they carry as ``rejected_before``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from hotknob.daemon.refused import CLEARED_REASON_CHARS, KEEP_CLEARED, REASON_CHARS, RefusedKeys
 
 PATH = "/hotknob/app/config/"
@@ -192,3 +194,79 @@ def test_a_cleared_refusal_keeps_a_short_reason() -> None:
     refused.taken(4, [PATH + "train/lr"])
     reason = refused.cleared["train.lr"]["reason"]
     assert len(reason) == CLEARED_REASON_CHARS and reason.endswith("...")
+
+
+def test_a_full_read_ends_the_runs_it_does_not_say_again() -> None:
+    """A read at 20 that takes the key (etcd holds a value this daemon accepts) clears its
+    refusal; a refusal of the key at 22 that comes next, before any revision is taken (a
+    group's), is a new run: the read ran what etcd held, so 20 and what it took were not
+    refused."""
+    refused = RefusedKeys("app")
+    refused.refused(10, "too hot", ["sampling.temperature"])
+    assert refused.clear(20)
+    assert refused.newest is None
+    refused.refused(22, "much too hot", ["sampling.temperature"])
+    assert refused.cleared == {
+        "sampling.temperature": {"since": 10, "revision": 10, "reason": "too hot"}
+    }
+    refused.taken(23, [TEMPERATURE])
+    assert refused.cleared == {
+        "sampling.temperature": {"since": 22, "revision": 22, "reason": "much too hot"}
+    }
+    # The read's own refusals, at its revision, go on with the run in force.
+    refused.refused(30, "too big", ["train.lr"])
+    refused.clear(40)
+    refused.refused(40, "too big", ["train.lr"])
+    assert refused.newest is not None and refused.newest["revision"] == 40
+    refused.taken(41, [PATH + "train/lr"])
+    assert refused.cleared["train.lr"] == {"since": 30, "revision": 40, "reason": "too big"}
+
+
+def test_a_full_read_below_a_cleared_run_forgets_it_at_once() -> None:
+    """Etcd restored from a backup: the read of it is below the runs cleared since, which it
+    forgets then, not at the next change. The entries written for what the read changes
+    must not carry them to a ``set --wait`` of that next change, whose revision may be
+    among them."""
+    refused = RefusedKeys("app")
+    refused.refused(20, "too big", ["train.lr"])
+    refused.taken(21, [PATH + "train/lr"])
+    refused.refused(50, "too hot", ["sampling.temperature"])
+    refused.refused(60, "too hot", ["sampling.temperature"])
+    refused.taken(61, [TEMPERATURE])
+    refused.refused(62, "too many", ["sampling.top_k"])  # in force
+    assert refused.clear(40)
+    assert set(refused.cleared) == {"train.lr"} and refused.newest is None
+    assert not refused.taken(45, [PATH + "model/width"])  # nothing more to forget
+    # A read above them keeps them.
+    assert not refused.clear(70)
+    assert set(refused.cleared) == {"train.lr"}
+
+
+def test_taken_does_no_work_per_cleared_run_while_nothing_is_in_force() -> None:
+    """The daemon calls ``taken`` for every change that comes alone once a refusal was
+    cleared (``if self.refused:``, on the watch thread before the push): with nothing in
+    force, it must not go through the cleared runs each time (16 of them, say)."""
+    import sys
+
+    refused = RefusedKeys("app")
+    revision = 10
+    for i in range(KEEP_CLEARED):
+        refused.refused(revision, "no", [f"train.k{i}"])
+        refused.taken(revision + 1, [PATH + f"train/k{i}"])
+        revision += 2
+    assert refused and refused.newest is None and len(refused.cleared) == KEEP_CLEARED
+    refused.taken(revision, [PATH + "train/lr"])  # the event that cleared the last is over
+    calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        changed = refused.taken(revision + 1, [PATH + "train/lr"])
+    finally:
+        sys.setprofile(None)
+    assert not changed
+    assert calls == ["taken"], calls  # no helper, no generator over the runs
+    assert len(refused.cleared) == KEEP_CLEARED
