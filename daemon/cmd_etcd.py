@@ -51,7 +51,7 @@ from .guard_records import (
 )
 from .table import dumps, fmt, render
 from .wait_applied import Applied, NotApplied, WatchedEntries, wait_applied
-from .wait_verdict import GuardVerdict, verdict_text, wait_verdict
+from .wait_verdict import GuardVerdict, read_verdict, verdict_text, wait_verdict
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -306,7 +306,7 @@ def _write(
         _warn_shadowed(snapshot, shadowed, secrets)
         _warn_restart_only(ctx, diff)
         if record is not None:
-            guard_warnings += _prune_ended(store, ctx.app, args)
+            guard_warnings += _prune_ended(store, ctx.app, args, record.id)
         for warning in [*pinned_warnings, *guard_warnings]:
             print(f"hotknob: warning: {warning}", file=sys.stderr)
         # --wait follows the status entries on this connection, after the commit.
@@ -345,8 +345,8 @@ def _write(
                 result["wait"] = applied.as_dict()
             if judged is not None:
                 result["verdict"] = _verdict_dict(verdict)
-            elif unjudged:
-                result["verdict"] = {"state": "armed", "outcome": {}}
+            elif record is not None and applied is not None:
+                result["verdict"] = _verdict_now(store, guard_path, record.id, written)
             print(dumps(result))
         if applied is not None and not applied.ok:
             text = applied.failure(args.wait)
@@ -372,16 +372,29 @@ def _write(
     return 0
 
 
-def _prune_ended(store: EtcdStore, app: str, args: argparse.Namespace) -> list[str]:
+def _prune_ended(store: EtcdStore, app: str, args: argparse.Namespace, written: str) -> list[str]:
     """After a guarded write: the ended guards' records but the newest ``--keep-ended`` are
-    deleted (``prune_ended``). The change is written whatever happens here: a failure is
-    a warning, and the next guarded ``set`` tries again."""
+    deleted (``prune_ended``), never the one just ``written`` (a revert on a NaN may have
+    ended it already, and ``--wait`` reads its verdict). The change is written whatever
+    happens here: a failure is a warning, and the next guarded ``set`` tries again."""
     keep = getattr(args, "keep_ended", None)
     try:
-        prune_ended(store, app, KEEP_ENDED if keep is None else keep)
+        prune_ended(store, app, KEEP_ENDED if keep is None else keep, spare=(written,))
     except HotknobError as exc:
         return [f"the change is written, but old ended guards' records stay in etcd: {exc}"]
     return []
+
+
+def _verdict_now(store: EtcdStore, path: str, guard_id: str, written: int) -> dict[str, Any]:
+    """``--json``'s ``verdict`` of a guarded ``--wait`` that did not wait for it (no process
+    applied the change, every daemon rejected it, or some process is behind): the guard
+    as it is now, so that the object always has one."""
+    try:
+        return _verdict_dict(read_verdict(store, path))
+    except Unavailable as exc:  # etcd lost meanwhile: the change stays
+        raise Unavailable(
+            f"revision {written} is written, but the read of guard {guard_id} failed: {exc}"
+        ) from exc
 
 
 def _verdict_dict(record: GuardRecord | None) -> dict[str, Any]:

@@ -491,9 +491,12 @@ def read_records(store: EtcdStore, app: str) -> list[GuardRecord]:
     return records
 
 
-def prune_ended(store: EtcdStore, app: str, keep: int = KEEP_ENDED) -> int:
-    """Delete the records of ``app``'s ended guards but the newest ``keep``; how many
-    were deleted.
+def prune_ended(
+    store: EtcdStore, app: str, keep: int = KEEP_ENDED, spare: Collection[str] = ()
+) -> int:
+    """Delete the records of ``app``'s ended guards but the newest ``keep``, and but the
+    guards of ``spare`` (ids: the one the caller just wrote, which may have ended already,
+    and whose verdict it may wait for); how many were deleted.
 
     An ended record is final (no daemon writes it again), so deleting it changes nothing
     a daemon does: one watching the prefix stops nothing, as it watches no ended guard.
@@ -501,13 +504,15 @@ def prune_ended(store: EtcdStore, app: str, keep: int = KEEP_ENDED) -> int:
     (by hand) stays; so do records that do not parse (written around hotknob) and armed
     ones. Ids sort by creation time (``new_guard_id``), and so do the keys."""
     state = store.read_prefix_state(guards_prefix(app))
+    spared = {guard_key(app, guard_id) for guard_id in spare}
     ended = []
     for key, raw in sorted(state.values.items()):
         try:
-            if GuardRecord.from_json(raw).state != ARMED:
-                ended.append(key)
+            record = GuardRecord.from_json(raw)
         except ValueError:
             continue
+        if record.state != ARMED and key not in spared:
+            ended.append(key)
     old = ended[: max(0, len(ended) - keep)]
     deleted = 0
     for start in range(0, len(old), _PRUNE_BATCH):

@@ -19,7 +19,8 @@ records and, for its own processes:
   failures in a row are short of ``patience``, the process is watched on past its
   window (``_check``). One whose reports pass the end of its window with none of what
   the guard reads (a typo, or a run that does not report it) is done, *unjudged*: it
-  neither holds the guard up nor can judge it (``_unjudged``);
+  neither holds the guard up nor can judge it (``_unjudged``), and what it reports of
+  it later does not count: nothing of its window was judged;
 * each ``metrics`` report within a watched process's window is checked: a NaN or
   ±inf value of a metric the guard reads reverts at once; otherwise the guard is
   evaluated on the mean of the values reported since the previous report, against
@@ -35,8 +36,9 @@ records and, for its own processes:
   waited for, no more than one of this daemon (``_unchanged_for``). A watched process that
   reported what the guard reads before the change (the record's ``reporting``) but
   has not since is waited for, ``REPORT_WAIT_S`` at most (its reports may come every
-  few seconds, after the others are done); the outcome names those it passed
-  without (``unheard``). A process that left before the end of its window is no
+  few seconds, after the others are done), and so is one that has not applied the
+  change yet, of this daemon as of another (``_behind_here``); the outcome names those
+  it passed without (``unheard``). A process that left before the end of its window is no
   longer waited for; the outcome names it, with the failures in a row it had when
   it left (fewer than ``patience``: a departure is not a failure);
 * a guard with no process left that could judge it (every watched process left
@@ -270,8 +272,9 @@ class GuardManager:
             in_a_row, _ = active.in_a_row.pop(client, (0, 0))
             active.failures.pop(client, None)
             last = active.last_step.pop(client, None)
-            active.unjudged.discard(client)  # named as having left before reporting
-            if client not in active.passed:
+            # One done with its window, passed or unjudged, stays so: it did not leave
+            # before the end of its window, and the outcome names it for what it was.
+            if client not in active.passed and client not in active.unjudged:
                 if start is not None:
                     active.left[client] = {
                         "client": client,
@@ -339,15 +342,20 @@ class GuardManager:
         guard = active.guard
         values = {m: v for m in guard.metrics if (v := report.value(m)) is not None}
         end = start + active.record.window
-        if not values:  # this process does not report what the guard reads
-            if report.step >= end and client not in active.reported:
-                self._unjudged(guard_id, active, client, report.step)
+        if not values:  # this report has none of what the guard reads
+            if report.step >= end:
+                self._past_window_unread(guard_id, active, client, report.step)
+            return
+        inside = report.step < end or previous is None or previous + 1 < end
+        if not inside and client not in active.reported:
+            # What it reads came only past the window: nothing of the window was judged, so
+            # the process is done unjudged, not passed (a guard passed on it judged nothing).
+            self._unjudged(guard_id, active, client, report.step)
             return
         active.reported.add(client)
-        if active.unjudged and client in active.unjudged:  # it reports it after all
+        if client in active.unjudged:  # back at a step inside its window: judged from now
             active.unjudged.discard(client)
             self._watching([client])
-        inside = report.step < end or previous is None or previous + 1 < end
         if not inside and client not in active.in_a_row:
             # Past its own window, its last judged report held: done, and what it
             # reports now is not judged.
@@ -398,6 +406,21 @@ class GuardManager:
             active.passed.add(client)  # its window is over, and its last judged report held
             self._maybe_passed(guard_id, active)
 
+    def _past_window_unread(
+        self, guard_id: str, active: ArmedGuard, client: str, step: int
+    ) -> None:
+        """``client`` reported past the end of its window (at ``step``), with none of what the
+        guard reads: its window is over. It is done unjudged if nothing of it was judged;
+        passed if its last judged report held, though what the guard reads came only inside
+        the window (a metric reported now and then, or no longer: such a process used to
+        keep the guard armed for as long as it ran); watched on while its last judged
+        reports failed (``in_a_row``)."""
+        if client not in active.reported:
+            self._unjudged(guard_id, active, client, step)
+        elif client not in active.in_a_row and client not in active.passed:
+            active.passed.add(client)
+            self._maybe_passed(guard_id, active)
+
     def _unjudged(self, guard_id: str, active: ArmedGuard, client: str, step: int) -> None:
         """``client``'s reports passed the end of its window with none of what the guard
         reads: it is done, unjudged. Its entry says so (other daemons neither wait for it
@@ -409,6 +432,7 @@ class GuardManager:
         active.unjudged.add(client)
         self.log.info("guard_unjudged", guard=guard_id, client=client, step=step)
         self._watching([client])
+        self._maybe_passed(guard_id, active)  # it may have been waited for (``awaited_here``)
         self._maybe_orphaned(guard_id, active)
 
     def _baselines(self, record: GuardRecord, client: str) -> dict[str, float]:
@@ -442,9 +466,14 @@ class GuardManager:
         self._then(future, self._remote_checked, guard_id, active)
 
     def _recheck(self, guard_id: str, active: ArmedGuard, delay: float) -> None:
-        """Ask ``_maybe_passed`` again in ``delay`` seconds (once; on the loop)."""
+        """Ask ``_maybe_passed`` again in ``delay`` seconds (once; on the loop). One asked for
+        later already is put forward: a wait for a silent process (``REPORT_WAIT_S``) must
+        not hold up the look that is due once it is done (it reported, or was unjudged)."""
         if active.recheck is not None:
-            return
+            if active.recheck.when() <= asyncio.get_running_loop().time() + delay:
+                return
+            active.recheck.cancel()
+            active.recheck = None
 
         def again() -> None:
             active.recheck = None
@@ -493,6 +522,7 @@ class GuardManager:
         waiting, silent = remote_open_windows(
             kvs, prefix, self.node, guard_id, active.revision, active.record.keys
         )
+        silent += self._behind_here(active, kvs)
         awaited, unheard = active.awaited_remote(silent, self._report_wait, now)
         if waiting or awaited:
             self._note_waiting(guard_id, active, sorted(waiting + awaited))
@@ -517,6 +547,17 @@ class GuardManager:
             outcome["reason"] += "; " + active.unjudged_text(unjudged)
             outcome["unjudged"] = unjudged
         self._ending.finish(guard_id, active, PASSED, outcome)
+
+    def _behind_here(self, active: ArmedGuard, kvs: Mapping[str, bytes]) -> list[str]:
+        """This daemon's connected processes not yet at the change (``_behind``: sent it,
+        to apply at their next step), unless this daemon refused it (their entries in
+        ``kvs`` say so), by name: waited for like another daemon's not yet at it
+        (``remote_open_windows``). A process of a slow rank that reported what the guard
+        reads before the change is otherwise never judged: the guard passed on the
+        others' windows before it applied the change."""
+        behind = self._behind(active)
+        refused = refused_here(kvs, status_prefix(self.app), self.node, behind, active.revision)
+        return [status_name(self.node, c) for c in behind if c not in refused]
 
     def _unjudged_names(self, active: ArmedGuard, kvs: Mapping[str, bytes]) -> list[str]:
         """Every daemon's processes done unjudged (``_unjudged``): this one's, and the

@@ -68,6 +68,14 @@ def wait_verdict(
                     return record
 
 
+def read_verdict(store: EtcdStore, path: str) -> GuardRecord | None:
+    """The guard record at ``path`` as it is now, with no wait: for ``--json`` when the
+    wait for the processes ended without the verdict waited for (every daemon rejected
+    the change, or some process is behind); None if it is gone."""
+    kvs, _ = store.read_prefix(path)
+    return _record(kvs.get(path))
+
+
 def verdict_text(
     guard_id: str, record: GuardRecord | None, timeout: float, *, by_all: bool = True
 ) -> str:

@@ -81,7 +81,8 @@ def change_rate(layers: list[str], lr: float, guard: list[str], timeout: float) 
     # daemon that refuses this rate would refuse the next one too.
     if code == 0 or (state == "reverted" and not wait.get("rejected") and not wait.get("failed")):
         return dict(written)
-    if state == "armed" and written["wait"]["applied"]:
+    # More time helps only a guard that watched every process: a rejection stops it anyway.
+    if state == "armed" and wait.get("applied") and not wait.get("rejected"):
         error += " (give --apply-timeout the time the guard's window takes)"
     raise Stop(error)
 

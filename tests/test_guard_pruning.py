@@ -118,3 +118,12 @@ def test_a_bad_keep_ended_is_a_usage_error_before_anything_is_written(
     assert fragment in done.stderr
     assert set(read_prefix(etcd, G)) == {G + i for i in ended}
     assert kv(etcd, f"/hotknob/{APP}/config/train/lr") == (None, 0)
+
+
+def test_the_guard_a_set_just_wrote_is_spared_though_it_ended_already(etcd: EtcdServer) -> None:
+    """A revert on a NaN can end the new guard within the milliseconds between the commit
+    and the prune's read; ``--wait`` then reads its verdict from that record."""
+    ended = _put_ended(etcd, 3)
+    with closing(EtcdStore(EtcdOptions(endpoints=(etcd.endpoint,)))) as store:
+        assert prune_ended(store, APP, keep=0, spare=(ended[0],)) == 2
+    assert set(read_prefix(etcd, G)) == {G + ended[0]}
