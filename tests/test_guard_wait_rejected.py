@@ -8,6 +8,8 @@ import importlib.util
 import json
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,17 +31,21 @@ def _ack(client: RawClient, version: int, step: int) -> None:
     client.send({"type": "applied", "version": version, "step": step})
 
 
-@pytest.mark.parametrize("report", ["good", "bad"])
-def test_a_rejection_elsewhere_still_reports_the_guard_s_verdict(
-    etcd: EtcdServer, tmp_path: Path, report: str
-) -> None:
-    strict = ["--schema", "tests.test_rollout:Strict"]  # sampling.temperature <= 1.2
+@contextmanager
+def _two_nodes(
+    etcd: EtcdServer, tmp_path: Path, schema: str
+) -> Iterator[tuple[DaemonProcess, RawClient, RawClient]]:
+    """n1 with the built-in schema and n2 with ``schema``, one client on each that applied
+    the first state and reported a loss of 1.0; n1's daemon and the two clients."""
     with (
         DaemonProcess(
             tmp_path / "n1", app=APP, endpoints=etcd.endpoint, extra=["--node", "n1"]
         ) as d1,
         DaemonProcess(
-            tmp_path / "n2", app=APP, endpoints=etcd.endpoint, extra=["--node", "n2", *strict]
+            tmp_path / "n2",
+            app=APP,
+            endpoints=etcd.endpoint,
+            extra=["--node", "n2", "--schema", schema],
         ) as d2,
         RawClient(d1.socket_path, "c1") as c1,
         RawClient(d2.socket_path, "c2") as c2,
@@ -48,6 +54,15 @@ def test_a_rejection_elsewhere_still_reports_the_guard_s_verdict(
             _ack(client, client.snapshot["version"], 0)
             client.send(metrics(1, loss=1.0))
         wait_for("both entries with a report", lambda: len(processes(etcd)) == 2)
+        yield d1, c1, c2
+
+
+@pytest.mark.parametrize("report", ["good", "bad"])
+def test_a_rejection_elsewhere_still_reports_the_guard_s_verdict(
+    etcd: EtcdServer, tmp_path: Path, report: str
+) -> None:
+    strict = "tests.test_rollout:Strict"  # sampling.temperature <= 1.2
+    with _two_nodes(etcd, tmp_path, strict) as (d1, c1, c2):
         setting = subprocess.Popen(
             hotknob_cmd(
                 "set", "sampling.temperature=1.5", "--app", APP,
@@ -112,21 +127,8 @@ def test_the_example_tuner_stops_at_a_rejection_though_the_guard_reverted_elsewh
     """The guard's verdict now comes with a rejection; a revert alone lets the tuner go on,
     but a daemon that refuses its rate would refuse the next one as well: it stops."""
     tuner = _tuner()
-    no_lower = ["--schema", "tests.test_guard_wait_rejected:NoLowerLr"]
-    with (
-        DaemonProcess(
-            tmp_path / "n1", app=APP, endpoints=etcd.endpoint, extra=["--node", "n1"]
-        ) as d1,
-        DaemonProcess(
-            tmp_path / "n2", app=APP, endpoints=etcd.endpoint, extra=["--node", "n2", *no_lower]
-        ) as d2,
-        RawClient(d1.socket_path, "c1") as c1,
-        RawClient(d2.socket_path, "c2") as c2,
-    ):
-        for client in (c1, c2):
-            _ack(client, client.snapshot["version"], 0)
-            client.send(metrics(1, loss=1.0))
-        wait_for("both entries with a report", lambda: len(processes(etcd)) == 2)
+    no_lower = "tests.test_guard_wait_rejected:NoLowerLr"
+    with _two_nodes(etcd, tmp_path, no_lower) as (d1, c1, _):
         outcome: dict[str, Any] = {}
 
         def change() -> None:
