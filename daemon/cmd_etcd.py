@@ -38,8 +38,6 @@ from .etcd_store import (
 )
 from .guard_records import (
     KEEP_ENDED,
-    PASSED,
-    GuardRecord,
     GuardSpec,
     add_guard_options,
     describe,
@@ -49,9 +47,8 @@ from .guard_records import (
     some_names,
     spec_from_args,
 )
+from .settled import Guarded, Settled, finish, json_fields, settle
 from .table import dumps, fmt, render
-from .wait_applied import Applied, NotApplied, WatchedEntries, wait_applied
-from .wait_verdict import GuardVerdict, read_verdict, verdict_text, wait_verdict
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -310,65 +307,16 @@ def _write(
         for warning in [*pinned_warnings, *guard_warnings]:
             print(f"hotknob: warning: {warning}", file=sys.stderr)
         # --wait follows the status entries on this connection, after the commit.
-        applied = _wait(store, ctx.app, written, diff, args.wait, args.json) if args.wait else None
-        verdict: GuardRecord | None = None
-        # A guarded change is settled by its guard: its verdict, in the time left, once
-        # each process applied it or never will (its daemon rejected it, or its apply
-        # raised) and some did: the guard judges those. With none, nothing can judge it.
-        judged: GuardRecord | None = None
-        # No process applied it (none is connected): nothing judges it in this wait.
-        unjudged = record is not None and applied is not None and applied.ok and not applied.applied
-        if record is not None and applied is not None and applied.applied and not applied.behind:
-            judged = record
-            if not applied.ok:  # said now: the fleet runs two configurations meanwhile
-                print(
-                    f"hotknob: warning: {applied.failure(args.wait)}; waiting for guard "
-                    f"{record.id}'s verdict where it applied",
-                    file=sys.stderr,
-                )
-            try:
-                verdict = wait_verdict(store, guard_path, max(0.0, args.wait - applied.seconds))
-            except Unavailable as exc:  # etcd lost meanwhile: the change stays
-                raise Unavailable(
-                    f"revision {written} is written and applied, but the wait for guard "
-                    f"{record.id}'s verdict failed: {exc}"
-                ) from exc
+        guarded = Guarded(record, guard_path) if record is not None else None
+        settled = settle(store, ctx.app, written, diff, guarded, args.wait or 0.0, args.json)
         if args.json:
             result: dict[str, Any] = {
                 "revision": written,
                 "changed": {k: n for k, (_, n) in _shown_diff(diff, secrets).items()},
                 "deleted": deleted,  # their "changed" value is null, as is a key set to null
             }
-            if record is not None:
-                result["guard"] = record.id
-            if applied is not None:
-                result["wait"] = applied.as_dict()
-            if judged is not None:
-                result["verdict"] = _verdict_dict(verdict)
-            elif record is not None and applied is not None:
-                result["verdict"] = _verdict_now(store, guard_path, record.id, written)
-            print(dumps(result))
-        if applied is not None and not applied.ok:
-            text = applied.failure(args.wait)
-            if judged is not None:
-                text += "; where it applied, " + verdict_text(
-                    judged.id, verdict, args.wait, by_all=False
-                )
-            raise NotApplied(text)
-        if unjudged:
-            assert record is not None
-            raise GuardVerdict(
-                f"guard {record.id} is armed, but no process applied the change, so "
-                "nothing judged it: it ends abandoned if none does (`hotknob status`)"
-            )
-        if applied is not None and applied.nobody:
-            raise NotApplied(applied.failure(args.wait))
-        if judged is not None:
-            text = verdict_text(judged.id, verdict, args.wait)
-            if verdict is None or verdict.state != PASSED:
-                raise GuardVerdict(text)
-            if not args.json:
-                print(text)
+            print(dumps({**result, **json_fields(settled, store, guarded)}))
+        finish(settled, args.json)
     return 0
 
 
@@ -385,42 +333,6 @@ def _prune_ended(store: EtcdStore, app: str, args: argparse.Namespace, written: 
     return []
 
 
-def _verdict_now(store: EtcdStore, path: str, guard_id: str, written: int) -> dict[str, Any]:
-    """``--json``'s ``verdict`` of a guarded ``--wait`` that did not wait for it (no process
-    applied the change, every daemon rejected it, or some process is behind): the guard
-    as it is now, so that the object always has one."""
-    try:
-        return _verdict_dict(read_verdict(store, path))
-    except Unavailable as exc:  # etcd lost meanwhile: the change stays
-        raise Unavailable(
-            f"revision {written} is written, but the read of guard {guard_id} failed: {exc}"
-        ) from exc
-
-
-def _verdict_dict(record: GuardRecord | None) -> dict[str, Any]:
-    """``--json``'s ``verdict``: the guard's state then (``gone``: no record), and its
-    outcome once it ended."""
-    if record is None:
-        return {"state": "gone"}
-    return {"state": record.state, "outcome": record.outcome or {}}
-
-
-def _wait(
-    store: EtcdStore, app: str, written: int, keys: Collection[str], timeout: float, quiet: bool
-) -> Applied:
-    """``--wait``: until every process runs revision ``written``, which wrote ``keys``
-    (``wait_applied``); says how it went unless ``quiet`` (``--json`` has it in its
-    object)."""
-    try:
-        applied = wait_applied(WatchedEntries(store, app), written, timeout, keys=keys)
-    except Unavailable as exc:  # etcd lost meanwhile: the change stays written
-        message = f"revision {written} is written, but the wait for it failed: {exc}"
-        raise Unavailable(message) from exc
-    if applied.ok and not applied.nobody and not quiet:
-        print(applied.summary())
-    return applied
-
-
 def _unchanged(ctx: Context, args: argparse.Namespace, revision: int, text: str) -> int:
     """Nothing to write: says so (``--json``: the shape of a write, with nothing changed,
     at ``revision``, the one checked), and with ``--wait`` waits as after a write, for
@@ -428,17 +340,16 @@ def _unchanged(ctx: Context, args: argparse.Namespace, revision: int, text: str)
     result: dict[str, Any] = {"revision": revision, "changed": {}, "deleted": []}
     if not args.json:
         print(text)
-    applied = None
+    settled = Settled(revision, 0.0)
     if args.wait:
         with ctx.store() as store:
             _, mods, *_ = store.read_prefix_state(ctx.prefix, revision)
             newest = max(mods.values(), default=0)
-            applied = _wait(store, ctx.app, newest, (), args.wait, args.json)
-        result["wait"] = applied.as_dict()
+            settled = settle(store, ctx.app, newest, (), None, args.wait, args.json)
+            result.update(json_fields(settled, store, None))
     if args.json:
         print(dumps(result))
-    if applied is not None and (applied.nobody or not applied.ok):
-        raise NotApplied(applied.failure(args.wait))
+    finish(settled, args.json)
     return 0
 
 
