@@ -1,4 +1,4 @@
-"""The writers of the benchmarks: etcd puts on a schedule, from threads that can yield the CPU.
+"""The writers of the benchmarks: etcd puts on a schedule, from one thread or several.
 
 Send times are ``time.monotonic()``, taken just before each put (see ``support``); the
 figures of a run hold for the rate its writers reached.
@@ -6,8 +6,6 @@ figures of a run hold for the rate its writers reached.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,31 +14,16 @@ from typing import Any
 from benchmarks.support import ETCD_KEY, STOP_VALUE, Etcd, Worker
 
 
-def _lower_priority(nice: int) -> None:
-    """Raise the calling thread's nice value by ``nice`` (Linux: per thread). Lowering a
-    priority needs no privilege; raising it back would, hence only on threads of their
-    own."""
-    if nice and sys.platform == "linux":
-        os.setpriority(
-            os.PRIO_PROCESS,
-            threading.get_native_id(),
-            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice,
-        )
-
-
 def paced_puts(
-    puts: Sequence[Callable[[int], None]], values: Sequence[int], rate: float, *, nice: int = 0
+    puts: Sequence[Callable[[int], None]], values: Sequence[int], rate: float
 ) -> dict[int, float]:
     """Send ``values`` at ``rate`` per second, value ``i`` due at ``start + i / rate``.
 
     Returns each value's send time (taken just before its put). With several ``puts``
     (each its own client), value ``i`` goes through ``puts[i % len(puts)]`` on a thread
-    of its own, so one put that blocks does not hold back the others.
-
-    ``nice`` > 0 runs the writers at a lower priority: a load generator that shares the
-    machine with what it measures should yield the CPU to it (``bench_burst``). They
-    then fall behind the schedule only when nothing else wants the CPU less; what
-    they reached shows in the send times.
+    of its own, so one put that blocks does not hold back the others. A writer behind
+    the schedule puts at once until it has caught up; what the writers reached shows in
+    the send times.
     """
     sent: dict[int, float] = {}
     failed: list[BaseException] = []
@@ -49,7 +32,6 @@ def paced_puts(
 
     def run(indices: range, do_put: Callable[[int], None]) -> None:
         try:
-            _lower_priority(nice)
             for i in indices:
                 delay = start + i / rate - time.monotonic()
                 if delay > 0:
@@ -61,7 +43,7 @@ def paced_puts(
         except BaseException as exc:  # a writer that stopped: the run is no run at that rate
             failed.append(exc)
 
-    if len(puts) == 1 and not nice:
+    if len(puts) == 1:
         run(range(len(values)), puts[0])
     else:
         pool = [
@@ -103,12 +85,11 @@ def drive(
     first: int = 1,
     settle_s: float = 0.05,
     timeout: float = 60.0,
-    writer_nice: int = 0,
     keys: Sequence[str] = (ETCD_KEY,),
 ) -> tuple[dict[int, float], list[dict[str, Any]], float]:
     """Put ``count`` values (``first``, ``first + 1``, ...) at ``rate``, then, ``settle_s``
-    later, ``STOP_VALUE``; ``threads`` writers (each its own client) share the puts, at
-    ``writer_nice`` (``paced_puts``). With several ``keys`` the values take them in turn
+    later, ``STOP_VALUE``; ``threads`` writers (each its own client) share the puts
+    (``paced_puts``). With several ``keys`` the values take them in turn
     (``etcd_put``) and each key gets ``STOP_VALUE``.
 
     Returns the send times, each worker's records, and the send time of the last value.
@@ -117,7 +98,7 @@ def drive(
     clients = [etcd.client() for _ in range(threads)]
     try:
         puts = [etcd_put(c, keys, first) for c in clients]
-        sent = paced_puts(puts, values, rate, nice=writer_nice)
+        sent = paced_puts(puts, values, rate)
         last_sent = max(sent.values())
         time.sleep(settle_s)
         for key in keys:

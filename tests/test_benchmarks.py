@@ -143,8 +143,8 @@ def test_the_issue_families_come_first() -> None:
     assert families()[: len(FAMILIES)] == list(FAMILIES)
 
 
-@pytest.mark.parametrize(("writers", "nice"), [(1, 0), (1, 5), (3, 0)])
-def test_a_writer_that_fails_fails_the_run(writers: int, nice: int) -> None:
+@pytest.mark.parametrize("writers", [1, 3])
+def test_a_writer_that_fails_fails_the_run(writers: int) -> None:
     """A put that raises must not leave a lighter run that reads as the rate asked for."""
 
     def put(value: int) -> None:
@@ -152,7 +152,7 @@ def test_a_writer_that_fails_fails_the_run(writers: int, nice: int) -> None:
             raise ConnectionError("etcd went away")
 
     with pytest.raises(RuntimeError, match="a writer failed") as caught:
-        paced_puts([put] * writers, list(range(1, 13)), 2000.0, nice=nice)
+        paced_puts([put] * writers, list(range(1, 13)), 2000.0)
     assert isinstance(caught.value.__cause__, ConnectionError)
 
 
