@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -79,7 +80,10 @@ class SamplingParams:
         for f in fields(self):
             v = getattr(self, f.name)
             want = int if f.type in (int, "int") else float
-            if isinstance(v, bool) or not isinstance(v, int | float):
+            # ``numbers.Real`` takes numpy's scalars too (``np.int64`` from ``np.arange``,
+            # ``np.float32``): each is converted to a plain ``int`` or ``float`` below.
+            number = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            if not number:
                 raise InvalidValue(f"sampling.{f.name}: expected a number, got {v!r}")
             try:
                 finite = math.isfinite(v)
@@ -160,6 +164,9 @@ class LiveSampling:
     :meth:`SamplingParams.from_values` refuses raises inside ``live.apply``: it is logged
     and reported in the ``applied`` ack's errors, and the previous params stay in force.
     Construction raises :class:`InvalidValue` if the current values are refused.
+    Construct it on the thread that calls ``live.apply`` (or before another thread
+    starts to): like every ``on_change`` registration, it is not safe against an apply
+    running on another thread, and a change applied meanwhile would be missed.
     Call :meth:`close` (or use it as a context manager) to unregister.
     """
 
