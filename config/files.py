@@ -7,6 +7,8 @@ secret)."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -80,7 +82,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """Parse one config file (YAML, TOML or JSON by extension) into a nested dict.
 
     Raises ``LayerError`` (layer ``files``) naming the file and the reason for a
-    missing, unreadable, empty, oversized, non-UTF-8 or unparsable file, one nested
+    missing, unreadable, empty, oversized, non-UTF-8 or unparsable file, one that is no
+    regular file (a named pipe would block the read for ever), one nested
     more than ``MAX_FILE_DEPTH`` levels deep, one whose top level is not a mapping, or
     one with a lone surrogate (an escape such as ``"\\ud800"``, which JSON and YAML
     allow and UTF-8 cannot carry) in a key or a value.
@@ -93,12 +96,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
             "files", f"{path}: unknown config format {path.suffix!r} (use .yaml, .toml or .json)"
         )
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        data = _read_regular_file(path)
     except FileNotFoundError:
         raise LayerError("files", f"{path}: no such file") from None
     except OSError as exc:
         raise LayerError("files", f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if data is None:
+        raise LayerError("files", f"{path}: not a regular file (a named pipe or a device)")
     if len(data) > MAX_FILE_BYTES:
         raise LayerError("files", f"{path}: larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
     try:
@@ -141,6 +145,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
             key=twice,
         )
     return parsed
+
+
+def _read_regular_file(path: Path) -> bytes | None:
+    """The first ``MAX_FILE_BYTES + 1`` bytes of ``path``; None if it is no regular file.
+
+    Opened without blocking, and refused unread if it is not a regular file: opening a
+    named pipe (a FIFO) waits for a writer, and reading one for its end, forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read(MAX_FILE_BYTES + 1)
 
 
 def _dotted_twice(parsed: dict[str, Any]) -> str | None:

@@ -22,7 +22,12 @@ the last good state. So:
   file's last contents (an explicit ``reload``, SIGHUP, waits for the close too);
 - a file that is briefly absent (deleted mid-rename) is waited for: no change is
   reported until it is back, for at most ``missing_grace_s``; still missing then,
-  it is an error, and is taken as an unparsable file is.
+  it is an error, and is taken as an unparsable file is;
+- a folder above the files renamed, replaced or reached through a symlink that is
+  swapped (a release folder's ``current`` link) sends no event into the folders
+  watched: while all is quiet they are looked at every ``_FOLDER_POLL_S``, and a
+  path that names another folder now is watched anew and its files read at once;
+- a relative path names the file from the folder the watcher was made in, for good.
 """
 
 from __future__ import annotations
@@ -147,6 +152,7 @@ def _names(paths: Sequence[Path]) -> frozenset[str]:
 
 
 _FOLDER_RETRY_S = 0.5  # how often a folder that cannot be watched (not there) is tried
+_FOLDER_POLL_S = 1.0  # how often, when all is quiet, the watched folders are looked at
 
 
 def _inode(folder: Path) -> int | None:
@@ -204,6 +210,9 @@ class FileLayerWatcher:
         if not paths:
             raise ValueError("FileLayerWatcher needs at least one path")
         self._paths = tuple(Path(p) for p in paths)
+        # Where each file is read and watched: a relative path names a file from the folder
+        # the daemon started in, for good, even once that folder is deleted or replaced.
+        self._where = tuple(Path(os.path.abspath(p)) for p in self._paths)
         self._on_change = on_change
         self._on_error = on_error
         self._on_readable = on_readable
@@ -226,7 +235,7 @@ class FileLayerWatcher:
         self._due: float | None = None
         self._first_event: float | None = None
         self._early_due: float | None = None
-        self._names = _names(self._paths)
+        self._names = _names(self._where)
         self._open_since: dict[str, float] = {}  # a watched file written, not yet closed
         self._await_close = False
         self._stopping = False
@@ -256,9 +265,9 @@ class FileLayerWatcher:
         if self._state is not None or self._stopping:
             raise RuntimeError("a FileLayerWatcher can be started once, and not after stop()")
         files = []
-        for path in self._paths:
+        for path, where in zip(self._paths, self._where, strict=True):
             try:
-                files.append((path, self._read_file(path)))
+                files.append((path, self._read_file(where)))
             except (LayerError, OSError) as exc:
                 error = exc if isinstance(exc, LayerError) else None
                 reason = str(exc) if error else f"{path}: cannot read: {exc}"
@@ -272,8 +281,8 @@ class FileLayerWatcher:
         initial = FileLayerState(tuple(files))
 
         observer = Observer()
-        folders = _watched_folders(self._paths)
-        signal = _Signal(self._signal, self._written, _targets(self._paths, folders))
+        folders = _watched_folders(self._where)
+        signal = _Signal(self._signal, self._written, _targets(self._where, folders))
         watches = {}
         try:
             for folder in folders:
@@ -325,7 +334,11 @@ class FileLayerWatcher:
                     held = frozenset(self._open_since)
                     self._log.info(
                         "config_reload_waits_for_writer",
-                        paths=[str(p) for p in self._paths if not held.isdisjoint(_names([p]))],
+                        paths=[
+                            str(path)
+                            for path, where in zip(self._paths, self._where, strict=True)
+                            if not held.isdisjoint(_names([where]))
+                        ],
                     )
                     logged = True
                 self._cond.wait(min(until, deadline) - now)
@@ -398,24 +411,29 @@ class FileLayerWatcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and self._due is None:
-                    self._cond.wait()
+                if not self._stopping and self._due is None:
+                    self._cond.wait(_FOLDER_POLL_S)
                 if self._stopping:
                     return
-                assert self._due is not None
-                now = time.monotonic()
-                delay = self._due - now
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                # A file a writer still holds keeps its last contents in this check, and is
-                # read at its close (which signals) or when its wait runs out (``_due``).
-                self._due = self._writes_open_until(now)
-                held = frozenset(self._open_since) if self._due is not None else frozenset()
-                self._first_event = None
-                self._early_due = None
+                due = self._due
+                quiet = due is None
+                if due is not None:
+                    now = time.monotonic()
+                    delay = due - now
+                    if delay > 0:
+                        self._cond.wait(delay)
+                        continue
+                    # A file a writer still holds keeps its last contents in this check, and
+                    # is read at its close (which signals) or when its wait runs out (``_due``).
+                    self._due = self._writes_open_until(now)
+                    held = frozenset(self._open_since) if self._due is not None else frozenset()
+                    self._first_event = None
+                    self._early_due = None
             try:
-                self._check(explicit=False, held=held)
+                if quiet:
+                    self._look_at_folders()
+                else:
+                    self._check(explicit=False, held=held)
             except Exception:
                 self._log.exception("config_file_check_failed")
 
@@ -428,6 +446,21 @@ class FileLayerWatcher:
             finally:
                 self._follow_links()
 
+    def _look_at_folders(self) -> None:
+        """Check the files at once if a watched folder's path no longer names the folder
+        watched, or the files are in other folders now: a rename, or a symlink swap, of a
+        folder *above* them (a release folder's ``current`` link, a folder renamed away
+        and made again) sends no event into the folders watched."""
+        with self._check_lock:
+            moved = set(_watched_folders(self._where)) != set(self._watches)
+            if moved or self._gone_folders():
+                self._signal(complete=True)
+
+    def _gone_folders(self) -> list[Path]:
+        """The watched folders whose path names another folder now, or none: deleted (the
+        watch went with it), renamed away, or reached through a symlink since swapped."""
+        return [f for f, ino in self._watch_inodes.items() if _inode(f) != ino]
+
     def _follow_links(self) -> None:
         """Watch the folders the files are in now, and only those (and know the files by
         the names they have now).
@@ -439,13 +472,12 @@ class FileLayerWatcher:
         (and maybe made again) is watched anew; one that cannot be watched (not there)
         is logged and tried again every ``_FOLDER_RETRY_S``.
         """
-        self._names = _names(self._paths)
+        self._names = _names(self._where)
         observer, handler = self._observer, self._handler
         if observer is None or handler is None:
             return
-        folders = _watched_folders(self._paths)
-        # A folder deleted (or deleted and made again) took its watch with it.
-        gone = [f for f, ino in self._watch_inodes.items() if _inode(f) != ino]
+        folders = _watched_folders(self._where)
+        gone = self._gone_folders()
         if set(folders) == set(self._watches) and not gone:
             return
         for folder in [f for f in self._watches if f not in folders or f in gone]:
@@ -469,7 +501,7 @@ class FileLayerWatcher:
                 continue
             self._watch_inodes[folder] = _inode(folder)
             added = True
-        handler.targets = _targets(self._paths, folders)
+        handler.targets = _targets(self._where, folders)
         self._log.info("config_folders_watched", folders=[str(f) for f in self._watches])
         if added:
             self._signal()
@@ -488,16 +520,16 @@ class FileLayerWatcher:
         read: list[Path] = []
         failed: dict[Path, Exception] = {}
         missing: list[Path] = []
-        for path, last in zip(self._paths, self.state.files, strict=True):
-            if held and not held.isdisjoint(_names([path])):
+        for path, where, last in zip(self._paths, self._where, self.state.files, strict=True):
+            if held and not held.isdisjoint(_names([where])):
                 files.append(last)
                 continue
             try:
-                files.append((path, self._read_file(path)))
+                files.append((path, self._read_file(where)))
             except (LayerError, OSError) as exc:
                 files.append(last)
                 failed[path] = exc
-                if not os.path.exists(path):
+                if not os.path.exists(where):
                     missing.append(path)
             else:
                 read.append(path)
