@@ -24,6 +24,8 @@ from hotknob.config.nesting import value_at
 from hotknob.config.secrecy import mask_secrets, shown_value
 
 EventSink = Callable[[dict[str, Any]], None]
+MAX_LISTED = 100
+"""The most problems, and edited keys, a rejection's log line and event name one by one."""
 
 
 class Announcer:
@@ -101,9 +103,15 @@ class Announcer:
     ) -> None:
         """A rejected change of ``layer``: the values it would have set (``edited``, None
         for a key it removed) and those still in force (``in_force``, by dotted key), of
-        ``version``."""
-        new = {k: _short(self.shown(k, v)) for k, v in edited.items()}
-        old = {k: _short(self.shown(k, in_force.get(k))) for k in edited}
+        ``version``.
+
+        The log line and the event name the first ``MAX_LISTED`` problems and edited keys
+        and count the rest (``unlisted``): a file with ten thousand unknown keys made an
+        event over the socket's line limit, which was dropped, so ``watch`` clients never
+        heard of the rejection."""
+        listed = list(edited)[:MAX_LISTED]
+        new = {k: _short(self.shown(k, edited[k])) for k in listed}
+        old = {k: _short(self.shown(k, in_force.get(k))) for k in listed}
         problems = [
             {
                 "key": p.key,
@@ -111,31 +119,38 @@ class Announcer:
                 "reason": p.reason,
                 "value": _short(self.shown(p.key, p.value)),
             }
-            for p in exc.problems
+            for p in exc.problems[:MAX_LISTED]
         ]
+        unlisted = {
+            "problems": len(exc.problems) - len(problems),
+            "keys": len(edited) - len(listed),
+        }
+        more = f"; and {unlisted['problems']} more" if unlisted["problems"] else ""
         self.log.warning(
             "change_rejected",
-            key=",".join(p["key"] for p in problems),
+            key=",".join(p["key"] for p in problems) + (",..." if more else ""),
             layer=layer,
             old=old,
             new=new,
-            reason=str(exc),
+            reason="; ".join(str(p) for p in exc.problems[:MAX_LISTED]) + more,
             revision=revision,
             version=version,
+            **({"unlisted": unlisted} if any(unlisted.values()) else {}),
         )
-        self._broadcast(
-            {
-                "type": "event",
-                "event": "change_rejected",
-                "layer": layer,
-                "revision": revision,
-                "version": version,
-                "old": old,
-                "new": new,
-                "problems": problems,
-                "time": time.time(),
-            }
-        )
+        event: dict[str, Any] = {
+            "type": "event",
+            "event": "change_rejected",
+            "layer": layer,
+            "revision": revision,
+            "version": version,
+            "old": old,
+            "new": new,
+            "problems": problems,
+            "time": time.time(),
+        }
+        if any(unlisted.values()):
+            event["unlisted"] = unlisted
+        self._broadcast(event)
         self._on_rejected(layer, revision, str(exc), tuple(edited))
 
     def ignored(self, revision: int, faults: Sequence[Problem]) -> None:

@@ -130,6 +130,9 @@ def _describe(event: dict[str, Any]) -> str:
         )
     if kind == "change_rejected":
         reasons = "; ".join(f"{p.get('key')}: {p.get('reason')}" for p in event.get("problems", []))
+        unlisted = (event.get("unlisted") or {}).get("problems")
+        if unlisted:
+            reasons += f"; and {unlisted} more"
         return f"{when} REJECTED rev {event.get('revision')} [{event.get('layer')}] {reasons}"
     if kind == "change_reverted":
         deleted = event.get("deleted") or []
