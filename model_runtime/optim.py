@@ -88,6 +88,23 @@ def _scheduler_bases(scheduler: Any, optimizer: Optimizer) -> list[float] | None
     return None
 
 
+def _own_bases(scheduler: Any, optimizer: Optimizer) -> list[float]:
+    """The bases a binding keeps itself where no scheduler keeps one for every group: each
+    group's lr; but where a scheduler keeps ``base_lrs`` for the first groups only (groups
+    added with ``add_param_group`` after it was made, which torch's recursive schedulers
+    step too), those, and for each group added the base its lr stands for at the point the
+    schedule has reached (its lr over the reference group's lr / base), so that the bind
+    changes no lr and a live lr is still a base."""
+    current = [_num(g["lr"]) for g in optimizer.param_groups]
+    known = next((s.base_lrs for s in _walk(scheduler) if hasattr(s, "base_lrs")), None)
+    if known is None or len(known) >= len(current) or isinstance(scheduler, lrs.OneCycleLR):
+        return current  # OneCycleLR's base is ``max_lr``, which an added group lacks
+    bases = [_num(b) for b in known]
+    reference = next((i for i, b in enumerate(bases) if b != 0 and current[i] != 0), None)
+    cut = 1.0 if reference is None else current[reference] / bases[reference]
+    return bases + [lr / cut for lr in current[len(bases) :]]
+
+
 def optimizer_chain(optimizer: Any) -> list[Any]:
     """``optimizer`` and the ones it wraps (its ``optimizer`` attribute, a few levels down),
     outermost first: a scheduler may have been given any of them, and the last one holds
@@ -197,6 +214,13 @@ def _ratios(values: list[float]) -> list[float]:
     return [v / reference if reference != 0 else 1.0 for v in values]
 
 
+def _overflow(key: str, value: float) -> InvalidValue:
+    return InvalidValue(
+        f"{key}: {value!r} is too large: a value derived from it for a param group (by the "
+        "group's ratio or the schedule) is not a finite float"
+    )
+
+
 def _groups_changed(key: str) -> InvalidValue:
     return InvalidValue(f"{key}: the optimizer's param groups changed since bind: bind it again")
 
@@ -258,7 +282,7 @@ class OptimizerBinding:
         bases = _scheduler_bases(scheduler, optimizer)
         self._own_bases: list[float] | None = None
         if bases is None:
-            bases = self._own_bases = [_num(g["lr"]) for g in groups]
+            bases = self._own_bases = _own_bases(scheduler, optimizer)
         self._ratios = _ratios(bases)
         # The schedulers of this optimizer the binding was not given, as they stand now: one
         # made or stepped later is found when a live lr would change (``_check_others``).
@@ -320,10 +344,7 @@ class OptimizerBinding:
             try:
                 v = _finite(key, values[key])
                 check(key, v)
-                if write:
-                    apply_key(key, v)  # refuses with InvalidValue before it writes anything
-                elif key == self.lr_key:
-                    self._check_no_unknown_scheduler(key)
+                apply_key(key, v, write=write)  # refuses with InvalidValue before it writes
             except InvalidValue as exc:
                 errors.append(str(exc))
         if errors:
@@ -386,7 +407,7 @@ class OptimizerBinding:
                 f"binding state is for {len(ratios)} param groups, optimizer has {n}"
             )
         self._ratios = ratios
-        if own is not None and self._own_bases is not None:
+        if own is not None:  # also where the loaded scheduler keeps fewer bases than groups
             self._own_bases = [float(b) for b in own]
         if wd_ratios is not None:
             self._wd_ratios = wd_ratios
@@ -439,7 +460,8 @@ class OptimizerBinding:
           ``earlier`` held at 0. A group added since is held if it is at 0 while another
           group is not, a known group that ``earlier`` did not hold counting as not 0.
         * lr, when both bindings have a scheduler that keeps no bases
-          (``ReduceLROnPlateau``) and so track their own: the known groups keep
+          (``ReduceLROnPlateau``), or none for a group added after it was made, and so
+          track their own: the known groups keep
           ``earlier``'s bases, so that a bind again undoes none of the scheduler's cuts;
           a group added since gets its lr divided by the reference group's cut (its lr
           over its base), so the bind itself changes no lr; the ratios follow from
@@ -501,7 +523,9 @@ class OptimizerBinding:
             raise _groups_changed(key)
         return list(bases)
 
-    def _apply_lr(self, key: str, live: float) -> None:
+    def _apply_lr(self, key: str, live: float, *, write: bool) -> None:
+        """Apply a live lr; without ``write``, only refuse it where applying would (but for a
+        scheduler made or stepped since the bind, which ``check`` at the bind cannot meet)."""
         groups = self.optimizer.param_groups
         self._check_no_unknown_scheduler(key)
         old_bases = self._bases(key)
@@ -513,13 +537,14 @@ class OptimizerBinding:
                 old if math.isclose(old, new, rel_tol=1e-12, abs_tol=0.0) else new
                 for old, new in zip(old_bases, new_bases, strict=True)
             ]
-        if new_bases != old_bases:
+        if write and new_bases != old_bases:
             self._check_others(key)  # before anything is written
         schedulers = self._known()
         one_cycle = any(isinstance(s, lrs.OneCycleLR) for s in schedulers)
         cosine = _cosine(self.scheduler)
         floor = float(cosine.eta_min) if cosine is not None else 0.0
-        current = [_num(g["lr"]) for g in groups]  # as they were before any group is written
+        current = [_num(g["lr"]) for g in groups]
+        writes: list[tuple[Any, Any, float]] = []  # all made after every value is known finite
         touched = False
         for i, group in enumerate(groups):
             old, new = old_bases[i], new_bases[i]
@@ -537,22 +562,31 @@ class OptimizerBinding:
                 return new if v == old else v * f
 
             if self.scheduler is None or old == 0:
-                _put(group, "lr", new)
+                writes.append((group, "lr", new))
             elif old != floor:
-                _put(group, "lr", floor + (current[i] - floor) * (new - floor) / (old - floor))
+                lr = floor + (current[i] - floor) * (new - floor) / (old - floor)
+                writes.append((group, "lr", lr))
             else:
                 # A base at the cosine floor stays there, so its lr tells nothing of where
                 # the schedule stands; take that from the others or from the closed form.
                 position = _position(cosine, old_bases, current, floor)
-                _put(group, "lr", floor + (new - floor) * position)
+                writes.append((group, "lr", floor + (new - floor) * position))
             for k in ("initial_lr", *(("max_lr", "min_lr") if one_cycle else ())):
                 if k in group:
-                    _put(group, k, scaled(group[k], k == "min_lr"))
+                    writes.append((group, k, scaled(group[k], k == "min_lr")))
             for s in schedulers:
                 for attr in ("base_lrs", "max_lrs", "min_lrs"):
                     seq = getattr(s, attr, None)
-                    if isinstance(seq, list) and len(seq) == len(groups):
-                        _put(seq, i, scaled(seq[i], attr == "min_lrs"))
+                    if isinstance(seq, list) and i < len(seq):  # shorter: groups added
+                        writes.append((seq, i, scaled(seq[i], attr == "min_lrs")))
+        if not all(math.isfinite(v) for v in new_bases) or any(
+            not math.isfinite(v) for _, _, v in writes
+        ):
+            raise _overflow(key, live)
+        if not write:
+            return
+        for container, k, v in writes:
+            _put(container, k, v)
         if self._own_bases is not None:
             self._own_bases = new_bases
         if touched:
@@ -563,12 +597,14 @@ class OptimizerBinding:
                         for g in groups
                     ]
 
-    def _apply_weight_decay(self, key: str, live: float) -> None:
+    def _apply_weight_decay(self, key: str, live: float, *, write: bool) -> None:
         groups = self.optimizer.param_groups
         if len(groups) != len(self._wd_ratios):
             raise _groups_changed(key)
         having = [i for i, g in enumerate(groups) if "weight_decay" in g]
-        if not having:
+        if not all(math.isfinite(live * self._wd_ratios[i]) for i in having):
+            raise _overflow(key, live)
+        if not having or not write:
             return
         if live != 0:
             self._wd_scale = live
@@ -581,11 +617,13 @@ class OptimizerBinding:
                 continue  # as for lr: ``live * ratio`` may differ from it in the last place
             _put(groups[i], "weight_decay", new)
 
-    def _apply_momentum(self, key: str, m: float) -> None:
+    def _apply_momentum(self, key: str, m: float, *, write: bool) -> None:
         groups = self.optimizer.param_groups
         held = self._momentum_held
         if len(groups) != len(held) and any(held):
             raise _groups_changed(key)  # which groups are held is known only for those at bind
+        if not write:
+            return
         for i, group in enumerate(groups):
             if i < len(held) and held[i]:
                 continue
