@@ -243,6 +243,10 @@ class FileLayerWatcher:
         self._handler: _Signal | None = None
         self._watches: dict[Path, Any] = {}
         self._watch_inodes: dict[Path, int | None] = {}  # of each folder, when its watch began
+        # Logged once each, not at every retry: the folders that cannot be watched now,
+        # and the folders watched as last logged.
+        self._unwatchable: set[Path] = set()
+        self._logged_watches: list[str] | None = None
         self._worker: threading.Thread | None = None
 
     @property
@@ -470,7 +474,7 @@ class FileLayerWatcher:
         watched from now on, the old one no longer, and the files are read once more,
         so an edit made before the new watch was in place is not lost. A folder deleted
         (and maybe made again) is watched anew; one that cannot be watched (not there)
-        is logged and tried again every ``_FOLDER_RETRY_S``.
+        is tried again every ``_FOLDER_RETRY_S``, and logged once, not at every try.
         """
         self._names = _names(self._where)
         observer, handler = self._observer, self._handler
@@ -496,13 +500,25 @@ class FileLayerWatcher:
                     handler, str(folder), recursive=False, event_filter=_EVENTS_OF_INTEREST
                 )
             except OSError as exc:
-                self._log.warning("config_folder_watch_failed", folder=str(folder), error=str(exc))
+                if folder not in self._unwatchable:
+                    self._unwatchable.add(folder)
+                    self._log.warning(
+                        "config_folder_watch_failed",
+                        folder=str(folder),
+                        error=str(exc),
+                        retry_every_s=_FOLDER_RETRY_S,
+                    )
                 unwatched = True
                 continue
+            self._unwatchable.discard(folder)
             self._watch_inodes[folder] = _inode(folder)
             added = True
+        self._unwatchable &= set(folders)
         handler.targets = _targets(self._where, folders)
-        self._log.info("config_folders_watched", folders=[str(f) for f in self._watches])
+        watched = [str(f) for f in self._watches]
+        if watched != self._logged_watches:
+            self._logged_watches = watched
+            self._log.info("config_folders_watched", folders=watched)
         if added:
             self._signal()
         if unwatched:  # no event can come from there: look again in a while

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,24 @@ def test_a_relative_config_path_still_names_its_file_once_its_folder_is_deployed
         assert "config_file_check_failed" not in daemon.log(since_start=True)
     finally:
         daemon.stop()
+
+
+def test_a_folder_gone_for_a_while_is_logged_once_not_at_every_retry(tmp_path: Path) -> None:
+    """The watcher tries a folder that is not there every half second; it said so at
+    every try (two lines a second, for as long as the folder stayed away)."""
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "config.yaml"
+    path.write_text(lr_yaml(0.01))
+    with DaemonProcess(tmp_path, configs=[path]) as daemon, RawClient(daemon.socket_path) as client:
+        assert client.no_message(QUIET_S)
+        shutil.rmtree(tmp_path / "conf")
+        assert client.no_message(3.0)  # six tries
+        (tmp_path / "conf").mkdir()
+        path.write_text(lr_yaml(0.03))
+        assert lr_of(client.next_update()) == 0.03
+        back = [[], [str(tmp_path / "conf")]]  # the watch is made again just after the read
+        deadline = time.monotonic() + 5
+        while (watched := [e["folders"] for e in daemon.events("config_folders_watched")]) != back:
+            assert time.monotonic() < deadline, watched
+            time.sleep(0.05)
+        assert len(daemon.events("config_folder_watch_failed")) == 1
