@@ -41,6 +41,13 @@ rank syncs at the same call whatever steps it passes):
    revision with other values (the local layers differ), it tells its daemon
    that it runs the agreed values in that state's place (``LiveConfig._tell_agreed``),
    so that ``status`` and ``set --wait`` do not take it for a hung process.
+   The same collective gives the lowest and highest revision of the states the
+   ranks run; the ranks keep those values, and apply nothing, if a rank runs a
+   later state than the target (an edit reverted before some ranks got it: the
+   ranks run the revert already), or if all run values agreed at the target's
+   revision, no rank holds a candidate and some rank is past it (the candidates
+   lost to the values run there, or are edits the ranks past it cannot get). A
+   loaded checkpoint's revision counts as none here: it may be another etcd's.
 
 Every decision is a function of the collectives' results, so all ranks run the
 same collectives and apply the same values, whatever the timing. A rank whose
@@ -131,6 +138,10 @@ class StepSync:
         )
         self._warned: set[int] = set()
         self._vote = 0  # on a checkpoint loaded since the last agreement (see the module doc)
+        # The loaded checkpoint's state while the ranks run it (taken at the agreement after
+        # the load): its revision may be another etcd's, so it orders nothing here.
+        self._checkpoint: State | None = None
+        self._just_loaded = False
 
     def check_same_settings(self) -> None:
         """One collective: ``ValueError`` on every rank unless all have this ``sync_every``,
@@ -170,6 +181,7 @@ class StepSync:
         """A checkpoint was loaded; ``newer`` if this rank's daemon had sent a newer state.
         The ranks decide at the next agreement (``agree``)."""
         self._vote = max(self._vote, 2 if newer else 1)
+        self._just_loaded = True
 
     def at_step(self, live: LiveConfig, step: int) -> bool:
         """``LiveConfig.apply`` under a group: a countdown, and an agreement when it runs out."""
@@ -195,6 +207,8 @@ class StepSync:
         assert newest is not None, "agree() before the first state"
         low, neg_high, neg_vote = self._min([newest.digest, -newest.digest, -self._vote])
         self._vote = 0
+        if self._just_loaded:  # the loaded checkpoint is the state applied now
+            self._just_loaded, self._checkpoint = False, live._applied
         if -neg_vote == 2:  # a daemon is newer than the loaded checkpoint somewhere
             live._take_back_superseded()
             newest = live._latest
@@ -203,16 +217,31 @@ class StepSync:
             return self._install(live, newest, step, ack=True)
         held = self._gather(newest.revision, newest.digest)
         options = candidates(held)
+        source, digest = options[0]
+        revision = held[source][0]
         history = live._received_states()
         copies = [newest if newest.digest == d else _find(history, d) for _, d in options]
-        everyone = self._min([0 if c is None else 1 for c in copies])
+        # With the flags, the lowest and highest revision of the states the ranks run; a
+        # checkpoint's counts as 0: saved against another etcd (a move, a restore), its
+        # revision may be above any this one holds, and would hold back every edit.
+        applied = 0 if live._applied is self._checkpoint else live._applied.revision
+        *everyone, low_applied, neg_high_applied = self._min(
+            [0 if c is None else 1 for c in copies] + [applied, -applied]
+        )
+        if -neg_high_applied > revision:
+            # A rank runs a later state (the same values as the others: an edit reverted
+            # before some ranks got it, the revert acknowledged): going back would reorder.
+            return False
         for held_by_all, copy in zip(everyone, copies, strict=True):
             if held_by_all:
                 assert copy is not None
                 return self._install(live, copy, step, ack=True)
-        source, digest = options[0]
+        if low_applied == revision and any(r > revision for r, _ in held):
+            # The values run were agreed at this revision, and the ranks still at it hold
+            # values that lost to them there (local layers differ) or an edit that the
+            # ranks past it can no longer get: keep them until those ranks move on.
+            return False
         mine = copies[0]
-        revision = held[source][0]
         disagree = len(options) > 1 and revision == newest.revision and digest != newest.digest
         if disagree and digest not in self._warned:
             self._warned.add(digest)
