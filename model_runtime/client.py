@@ -104,6 +104,25 @@ def _cut(text: str) -> str:
     return f"{text[:ACK_ERROR_CHARS_MAX]}... ({len(text) - ACK_ERROR_CHARS_MAX} more characters)"
 
 
+def _hello_problem(client: str, extra: Mapping[str, Any]) -> str | None:
+    """Why the daemon would refuse this ``hello`` (or it could not be sent at all), or None:
+    else each reconnect would be refused, and ``connect`` would wait out its timeout."""
+    try:
+        message = protocol.hello(client, **extra)
+        protocol.validate_client_message(message, said_hello=False)
+        protocol.encode(message)
+    except protocol.ProtocolError as exc:
+        return f"the hello (client= and the extra keyword arguments) is refused: {exc}"
+    return None
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute where that still fits a Unix socket: a relative one would be
+    found anew from the working directory at each reconnect, which the process may change."""
+    absolute = os.path.abspath(path)
+    return path if protocol.socket_path_problem(absolute) else absolute
+
+
 def _default_client_name() -> str:
     import socket
 
@@ -214,8 +233,11 @@ class LiveConfig:
         Raises ``DaemonUnavailable`` if no snapshot arrives within ``timeout``
         seconds (under a group: on every rank, if any rank got none), and
         ``ValueError`` for a distributed request without an initialised group, an
-        invalid app name, or a socket path too long for a Unix socket (at once, on
-        every rank of a group).
+        invalid app name, a socket path too long for a Unix socket, or a hello the
+        daemon would refuse (``client``, or an extra argument: not JSON, too large)
+        (at once, on every rank of a group). A relative socket path is made absolute
+        here, where it still fits: reconnects then find it whatever the working
+        directory. Interrupted (Ctrl-C), it leaves no client behind.
         """
         sync = None
         name = client or _default_client_name()
@@ -238,23 +260,35 @@ class LiveConfig:
             problem += protocol.APP_NAME_RULE
         else:
             path = str(protocol.default_socket_path(app_name))
-        problem = problem or protocol.socket_path_problem(path)
-        # At once, not after ``timeout`` (no daemon could be reached there); under a group
-        # on every rank (``connect`` is a collective: no rank is left waiting in one).
+        problem = problem or protocol.socket_path_problem(path) or _hello_problem(name, hello_extra)
+        # At once, not after ``timeout`` (no daemon could be reached there, or would take
+        # this hello); under a group on every rank (``connect`` is a collective: no rank is
+        # left waiting in one).
         if sync is not None and not sync.all_true(problem is None):
-            raise ValueError(problem or "another rank has no usable socket path")
+            raise ValueError(problem or "another rank has no usable socket path or hello")
         if problem is not None:
             raise ValueError(problem)
+        path = _absolute(path)
         live = cls(path, name, hello_extra, sync)
-        live._conn.start()
-        got_state = live._first_state.wait(timeout)
+        try:
+            live._start(timeout, app_name, given=socket is not None)
+        except BaseException:  # an interrupted wait must not leave a client connecting
+            live.close()
+            raise
+        return live
+
+    def _start(self, timeout: float, app_name: str, *, given: bool) -> None:
+        """``connect``'s wait for the first state (``given``: the socket was passed)."""
+        sync, path = self._sync, self._path
+        self._conn.start()
+        got_state = self._first_state.wait(timeout)
         everyone = got_state if sync is None else sync.all_true(got_state)
         if not everyone:
             # Under a group every rank is here: which ranks got nothing is one more
             # collective, so that each names them.
             silent = sync.ranks_without(got_state) if sync is not None else []
-            reason = live._conn.last_error
-            live.close()
+            reason = self._conn.last_error
+            self.close()
             if got_state:  # this rank's daemon answered; another rank's did not
                 raise DaemonUnavailable(
                     f"rank(s) {', '.join(map(str, silent))} got no snapshot from their "
@@ -263,7 +297,7 @@ class LiveConfig:
                     path=path,
                     app=app_name,
                 )
-            if socket is None:
+            if not given:
                 how = f"`hotknob run --app {app_name}`, or pass socket= / set HOTKNOB_SOCKET"
             else:  # the socket it was given: a daemon started there
                 how = f"`hotknob run --app {app_name} --socket {path}`"
@@ -275,10 +309,9 @@ class LiveConfig:
                 app=app_name,
             )
         if sync is None:
-            live._apply_pending(0)
+            self._apply_pending(0)
         else:
-            sync.agree(live, 0)
-        return live
+            sync.agree(self, 0)
 
     # -- what the process has applied -------------------------------------------------
 

@@ -77,6 +77,7 @@ class DaemonConnection:
         self._sock: _socket.socket | None = None
         self._out = bytearray()
         self.last_error = ""
+        self._daemon_said = ""  # the daemon's ``error`` on the current connection, if any
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -227,6 +228,7 @@ class DaemonConnection:
             self._sock = sock
         inbuf = bytearray()
         got_state = False
+        self._daemon_said = ""
         with self._fd_lock:
             sel = self._selector = selectors.DefaultSelector()
         try:
@@ -251,8 +253,9 @@ class DaemonConnection:
                                 del self._out[: sock.send(self._out)]
                         if mask & selectors.EVENT_READ:
                             data = sock.recv(65536)
-                            if not data:
-                                self.last_error = "the daemon closed the connection"
+                            if not data:  # why, if the daemon said (a refused hello)
+                                said = self._daemon_said
+                                self.last_error = said or "the daemon closed the connection"
                                 return got_state
                             inbuf += data
                             got_state |= self._read_lines(inbuf)
@@ -311,7 +314,7 @@ class DaemonConnection:
                 self._on_state(message, kind == protocol.SNAPSHOT)
                 got_state = True
             elif kind == protocol.ERROR:
-                self.last_error = f"daemon: {message.get('error')}"
+                self.last_error = self._daemon_said = f"daemon: {message.get('error')}"
                 log.warning("live_daemon_error path=%s error=%s", self.path, message.get("error"))
         if len(inbuf) >= protocol.MAX_LINE_BYTES:
             raise protocol.ProtocolError("line exceeds the size limit")
