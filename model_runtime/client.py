@@ -581,8 +581,16 @@ class LiveConfig:
 
         ``key`` may be a leaf (``train.lr``) or a section (``train``: fires once
         when any key under it changes). Not called for the values in force at
-        registration; read ``live[key]`` for those.
+        registration; read ``live[key]`` for those. A key the values in force do not
+        have (a typo, ``train.lrr``) is registered all the same, since a mapping-valued
+        key may gain it later, with a warning: else it would never fire, unseen.
         """
+        if key not in self:
+            log.warning(
+                "live_on_change_unknown_key key=%.200s: no such key in the values in force "
+                "(a typo?); the callback runs only if a change brings it",
+                key,
+            )
         return self._hooks.on_change(key, fn)
 
     def add_binding(self, binding: Binding) -> Handle:

@@ -153,3 +153,22 @@ def test_connect_says_why_the_daemon_closed_the_connection(sock_path: str) -> No
         done.set()
         server.join()
         listener.close()
+
+
+def test_on_change_warns_of_a_key_the_values_do_not_have(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``on_change("train.lrr", ...)``, a typo, never fired, and nothing said so."""
+    from tests.daemon_stub import DaemonStub
+
+    values = {"train": {"lr": 0.001}, "tags": {}}
+    with (
+        DaemonStub(str(tmp_path / "s.sock"), values) as stub,
+        LiveConfig.connect(stub.path, timeout=5, client="typo") as live,
+    ):
+        caplog.clear()
+        for key in ("train.lr", "train", "tags"):
+            live.on_change(key, lambda new: None)
+        assert "live_on_change_unknown_key" not in caplog.text
+        live.on_change("train.lrr", lambda new: None)
+        assert "live_on_change_unknown_key key=train.lrr" in caplog.text
