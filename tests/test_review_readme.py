@@ -1,0 +1,52 @@
+"""What README.md promises about the CLI's options, checked where the program differs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_proc import hotknob_cmd
+
+
+def run_cli_without_etcd(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI run to completion with no ``HOTKNOB_ETCD_*`` variable of the caller's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTKNOB_ETCD_")}
+    return subprocess.run(
+        hotknob_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="README: a client certificate without its key is a usage error (exit 2), and an "
+    "option is never ignored; with no etcd endpoints `get --etcd-cert FILE` exits 0",
+)
+def test_a_client_certificate_without_its_key_is_refused_without_endpoints(
+    tmp_path: Path,
+) -> None:
+    cert = tmp_path / "client.pem"
+    cert.write_text("not a certificate\n")
+    result = run_cli_without_etcd("get", "train.lr", "--etcd-cert", str(cert))
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "--etcd-key" in result.stderr
+
+
+def test_a_client_certificate_without_its_key_is_refused_with_endpoints(
+    tmp_path: Path,
+) -> None:
+    """The same flags with an endpoint: refused before etcd is asked (none runs there)."""
+    cert = tmp_path / "client.pem"
+    cert.write_text("not a certificate\n")
+    result = run_cli_without_etcd(
+        "get", "train.lr", "--etcd-endpoints", "127.0.0.1:1", "--etcd-cert", str(cert)
+    )
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "--etcd-key" in result.stderr
