@@ -94,9 +94,24 @@ def etcd_options(args: argparse.Namespace) -> EtcdOptions | None:
     that cannot work, TLS files that cannot be loaded included (before any command,
     ``run`` too, has done anything: such files do not mend by waiting)."""
     if not args.etcd_endpoints:
+        # No etcd to use them on, but the user, password and TLS files given are checked
+        # all the same: a certificate without its key, or a file that does not load, is a
+        # usage error with or without endpoints (else it surfaced only once they were set).
+        given = (args.etcd_user, args.etcd_password, args.etcd_ca, args.etcd_cert, args.etcd_key)
+        if any(given):
+            _options(args, endpoints=_CHECK_ONLY_ENDPOINT).check_tls_files()
         return None
-    options = EtcdOptions.from_strings(
-        args.etcd_endpoints,
+    options = _options(args, endpoints=args.etcd_endpoints)
+    options.check_tls_files()
+    return options
+
+
+_CHECK_ONLY_ENDPOINT = "127.0.0.1:2379"  # stands for the missing endpoints in a check only
+
+
+def _options(args: argparse.Namespace, *, endpoints: str) -> EtcdOptions:
+    return EtcdOptions.from_strings(
+        endpoints,
         user=args.etcd_user,
         password=args.etcd_password,
         ca_cert=args.etcd_ca,
@@ -104,8 +119,6 @@ def etcd_options(args: argparse.Namespace) -> EtcdOptions | None:
         cert_key=args.etcd_key,
         timeout=args.etcd_timeout,
     )
-    options.check_tls_files()
-    return options
 
 
 def static_layers(ctx: Context, args: argparse.Namespace) -> list[Layer]:

@@ -10,6 +10,8 @@ import pytest
 
 from tests.daemon_proc import hotknob_cmd
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def run_cli_without_etcd(*args: str) -> subprocess.CompletedProcess[str]:
     """The CLI run to completion with no ``HOTKNOB_ETCD_*`` variable of the caller's."""
@@ -24,14 +26,11 @@ def run_cli_without_etcd(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README: a client certificate without its key is a usage error (exit 2), and an "
-    "option is never ignored; with no etcd endpoints `get --etcd-cert FILE` exits 0",
-)
 def test_a_client_certificate_without_its_key_is_refused_without_endpoints(
     tmp_path: Path,
 ) -> None:
+    """README: a client certificate without its key is a usage error (exit 2); with no
+    etcd endpoints, `get --etcd-cert FILE` printed the value and exited 0."""
     cert = tmp_path / "client.pem"
     cert.write_text("not a certificate\n")
     result = run_cli_without_etcd("get", "train.lr", "--etcd-cert", str(cert))
@@ -50,3 +49,15 @@ def test_a_client_certificate_without_its_key_is_refused_with_endpoints(
     )
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "--etcd-key" in result.stderr
+
+
+def test_a_ca_file_that_does_not_load_is_refused_without_endpoints(tmp_path: Path) -> None:
+    result = run_cli_without_etcd("get", "train.lr", "--etcd-ca", str(tmp_path / "none.pem"))
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "none.pem" in result.stderr
+
+
+def test_no_etcd_option_at_all_still_reads_the_local_layers() -> None:
+    result = run_cli_without_etcd("get", "train.lr")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
