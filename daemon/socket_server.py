@@ -98,6 +98,12 @@ _PEERCRED = struct.Struct("3i")
 _HELLO_FIELDS = frozenset({"type", "protocol", "client", "pid"})
 
 
+def _retries_serving(context: dict[str, Any]) -> bool:
+    """Whether the loop's report is of its own retry to serve a listening socket (it
+    names no socket then, only the callback)."""
+    return "_start_serving" in str(context.get("message", ""))
+
+
 class SocketServer:
     """Serves protocol 1 on a Unix socket; start once, ``close`` idempotently.
 
@@ -138,6 +144,7 @@ class SocketServer:
         self._listening_fd: int | None = None
         self._loop_handler: Any = None  # the loop's exception handler before ``start``
         self._accept_failures = 0  # since ``accept_failed`` was last logged
+        self._accept_ever_failed = False
         self._accept_failed_at = float("-inf")
         self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file
         self._lock_fd: int | None = None
@@ -243,13 +250,17 @@ class SocketServer:
         """The loop's exception handler while the server listens. A failed ``accept`` on
         this server's socket (the process is out of file descriptors, or the system out of
         memory) is said in one line, ``accept_failed``: the loop reports each failure with
-        a traceback and tries again many times a second, which would bury the log. What
-        else the loop reports goes where it went before."""
+        a traceback and tries again many times a second, which would bury the log. After
+        such a failure the loop also retries a moment later (``_start_serving``), even
+        once the server is closed, where the retry fails on the closed socket: that is
+        dropped. What else the loop reports goes where it went before."""
         sock = context.get("socket")
         exc = context.get("exception")
         fd = self._listening_fd
         if fd is not None and isinstance(exc, OSError) and sock is not None and sock.fileno() == fd:
             self._accept_failed(exc)
+        elif fd is None and self._accept_ever_failed and _retries_serving(context):
+            self._log.debug("accept_retry_after_close", error=str(exc))
         elif self._loop_handler is not None:
             self._loop_handler(loop, context)
         else:
@@ -259,6 +270,7 @@ class SocketServer:
         """Log ``accept_failed`` at most every ``ACCEPT_FAILED_LOG_EVERY_S``, with how many
         accepts failed since the last line (this one's included)."""
         self._accept_failures += 1
+        self._accept_ever_failed = True
         now = time.monotonic()
         if now - self._accept_failed_at < ACCEPT_FAILED_LOG_EVERY_S:
             return
@@ -348,9 +360,7 @@ class SocketServer:
         if self._server is not None:
             self._server.close()
             self._remove_socket_file()
-            loop = asyncio.get_running_loop()
-            if loop.get_exception_handler() == self._on_loop_exception:
-                loop.set_exception_handler(self._loop_handler)
+            # The handler stays: a retry of a failed accept may still be due (see it).
             self._listening_fd = None
         for conn in list(self._conns.values()):
             conn.drop("daemon closing")

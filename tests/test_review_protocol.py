@@ -323,3 +323,36 @@ def test_the_revision_gauge_follows_a_revision_that_changed_nothing(
         wait_for(lambda: health(port)[1]["revision"] == changed + 1, "healthz's revision")
         wait_for(lambda: samples(port)[gauge] == changed + 1, "the gauge's revision")
         assert client.no_message(0.3)  # nothing pushed: no value changed
+
+
+def test_a_stop_while_accepts_fail_leaves_no_traceback(tmp_path: Path) -> None:
+    """asyncio retries a failed accept a moment later, even once the server is closed:
+    a daemon stopped while out of descriptors logged that retry's traceback on the closed
+    socket, a line that is not JSON. The retry comes every 10 ms here, not every second,
+    so that it falls within the stop."""
+    limit = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "import asyncio.constants\n"
+        "asyncio.constants.ACCEPT_RETRY_DELAY = 0.01\n"
+        "import hotknob.daemon.socket_server as server\n"
+        "server.DEFAULT_HELLO_TIMEOUT_S = 30.0"
+    )
+    daemon = DaemonProcess(tmp_path, app=APP, before_main=limit).start()
+    idle = []
+    try:
+        for _ in range(90):  # each holds a descriptor of the daemon's until its hello
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(str(daemon.socket_path))
+            except BlockingIOError:
+                pass  # the backlog is full: it waits
+            idle.append(s)
+        wait_for(lambda: daemon.events("accept_failed"), "accept_failed logged")
+        assert daemon.stop() == 0
+    finally:
+        for s in idle:
+            s.close()
+        daemon.stop()
+    json_lines_only(daemon)
