@@ -543,14 +543,16 @@ def test_a_rank_whose_daemon_answered_names_the_rank_that_got_nothing(tmp_path: 
     assert "(ranks without one: 1)" in r1["error"]
 
 
-def _start_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[subprocess.Popen[bytes]]:
-    """Start ``python -m tests.test_distributed KIND RANK ...`` for each rank of ``world``."""
+def _start_ranks(
+    kind: str, tmp_path: Path, world: int = 2, module: str = "tests.test_distributed"
+) -> list[subprocess.Popen[bytes]]:
+    """Start ``python -m MODULE KIND RANK ...`` for each rank of ``world``."""
     procs = []
     for rank in range(world):
         log = open(tmp_path / f"{kind}-{rank}.log", "wb")  # noqa: SIM115 (the child keeps it)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "tests.test_distributed", kind, str(rank),
+                [sys.executable, "-m", module, kind, str(rank),
                  str(tmp_path / "rdzv"), str(tmp_path)],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
@@ -559,10 +561,12 @@ def _start_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[subprocess.P
     return procs
 
 
-def _run_two_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[dict[str, Any]]:
-    """Run ``python -m tests.test_distributed KIND RANK ...`` for each rank of ``world``
-    (ranks 0 and 1); their results."""
-    procs = _start_ranks(kind, tmp_path, world)
+def _run_two_ranks(
+    kind: str, tmp_path: Path, world: int = 2, module: str = "tests.test_distributed"
+) -> list[dict[str, Any]]:
+    """Run ``python -m MODULE KIND RANK ...`` for each rank of ``world`` (ranks 0 and 1);
+    their results."""
+    procs = _start_ranks(kind, tmp_path, world, module)
     try:
         for p in procs:
             p.wait(timeout=45)

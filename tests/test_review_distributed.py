@@ -16,11 +16,9 @@ import pytest
 
 from tests.daemon_proc import DaemonProcess
 from tests.etcd_server import EtcdServer
-from tests.test_distributed import P, _start_ranks, status_entries, wait_for
+from tests.test_distributed import P, _run_two_ranks, _start_ranks, status_entries, wait_for
 
 pytestmark = pytest.mark.timeout(90)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_differing_local_layers_do_not_flip_while_an_edit_reaches_one_node_first(
@@ -134,30 +132,9 @@ def checkpoint_worker(rank: int, rdzv: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _run_ranks(kind: str, tmp_path: Path, world: int = 2) -> list[dict[str, Any]]:
-    """Run ``python -m tests.test_review_distributed KIND RANK ...`` for each rank."""
-    procs = []
-    for rank in range(world):
-        log = open(tmp_path / f"{kind}-{rank}.log", "wb")  # noqa: SIM115 (the child keeps it)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.test_review_distributed", kind, str(rank),
-                 str(tmp_path / "rdzv"), str(tmp_path)],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-        log.close()
-    try:
-        for p in procs:
-            p.wait(timeout=45)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, (tmp_path / f"{kind}-{rank}.log").read_text()
-    return [json.loads((tmp_path / f"{kind}-{r}.json").read_text()) for r in range(world)]
+def _run_ranks(kind: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Run ``python -m tests.test_review_distributed KIND RANK ...`` for two ranks."""
+    return _run_two_ranks(kind, tmp_path, module="tests.test_review_distributed")
 
 
 def test_an_edit_reverted_before_one_node_saw_it_is_not_applied_after_the_revert(

@@ -258,6 +258,21 @@ def test_a_client_that_reads_slowly_is_not_dropped_as_not_reading(harness_dir: P
         h.stop()
 
 
+def idle_connections(daemon: DaemonProcess, count: int = 90) -> list[socket.socket]:
+    """``count`` connections that say no hello: each holds a descriptor of the daemon's
+    until its hello is late (those past the backlog wait in it)."""
+    idle = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(str(daemon.socket_path))
+        except BlockingIOError:
+            pass  # the backlog is full: it waits
+        idle.append(s)
+    return idle
+
+
 def test_out_of_file_descriptors_is_one_log_line_and_serving_resumes(tmp_path: Path) -> None:
     limit = (
         "import resource\n"
@@ -266,15 +281,7 @@ def test_out_of_file_descriptors_is_one_log_line_and_serving_resumes(tmp_path: P
         "server.DEFAULT_HELLO_TIMEOUT_S = 3.0"
     )
     with DaemonProcess(tmp_path, app=APP, before_main=limit) as daemon:
-        idle = []
-        for _ in range(90):  # each holds a descriptor of the daemon's until its hello
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                s.connect(str(daemon.socket_path))
-            except BlockingIOError:
-                pass  # the backlog is full: it waits
-            idle.append(s)
+        idle = idle_connections(daemon)
         failed = wait_for(lambda: daemon.events("accept_failed"), "accept_failed logged")
         assert failed[0]["failures"] >= 1 and "open files" in failed[0]["error"]
         time.sleep(1.5)  # the loop retries many times a second meanwhile
@@ -339,16 +346,9 @@ def test_a_stop_while_accepts_fail_leaves_no_traceback(tmp_path: Path) -> None:
         "server.DEFAULT_HELLO_TIMEOUT_S = 30.0"
     )
     daemon = DaemonProcess(tmp_path, app=APP, before_main=limit).start()
-    idle = []
+    idle: list[socket.socket] = []
     try:
-        for _ in range(90):  # each holds a descriptor of the daemon's until its hello
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                s.connect(str(daemon.socket_path))
-            except BlockingIOError:
-                pass  # the backlog is full: it waits
-            idle.append(s)
+        idle = idle_connections(daemon)
         wait_for(lambda: daemon.events("accept_failed"), "accept_failed logged")
         assert daemon.stop() == 0
     finally:
