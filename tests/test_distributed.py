@@ -17,7 +17,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -619,13 +620,15 @@ def test_a_file_edit_waits_for_every_rank_and_values_from_another_rank_are_acked
     assert all(w.startswith("live_ranks_disagree revision=100") for w in r1["warned"])
 
 
-def test_a_rank_that_runs_another_rank_s_values_is_shown_so_and_counted_by_set_wait(
+@contextmanager
+def layered_ranks(
     etcd: EtcdServer, tmp_path: Path
-) -> None:
-    """The nodes' local layers differ (node A's daemon sets momentum): both ranks run rank
-    0's values, and rank 1 never acknowledges them, its daemon's being others. ``set
-    --wait`` called rank 1 a hung process (or, right after connect, ignored it), and
-    ``status`` showed it pending, without its rank; it runs the change like rank 0."""
+) -> Iterator[tuple[DaemonProcess, DaemonProcess, list[subprocess.Popen[bytes]]]]:
+    """Two nodes whose local layers differ (node A's daemon sets momentum 0.5, node B's
+    does not), lr 0.5 in etcd, and one ``layers`` rank on each, ready: the two daemons and
+    the ranks. On the way out the ranks are told to stop (a node stopped with SIGSTOP is
+    resumed first) and waited for, and the daemons stopped; each rank's results are then
+    in ``layers-RANK.json``."""
     etcd.etcdctl("put", P + "train/lr", "0.5")
     node_a = DaemonProcess(
         tmp_path / "a",
@@ -637,9 +640,33 @@ def test_a_rank_that_runs_another_rank_s_values_is_shown_so_and_counted_by_set_w
     try:
         for rank, node in enumerate((node_a.start(), node_b.start())):
             (tmp_path / f"layers-socket-{rank}").write_text(str(node.socket_path))
-        procs = _start_ranks("layers", tmp_path)
+        procs += _start_ranks("layers", tmp_path)
         ready = [tmp_path / f"layers-ready-{r}" for r in range(2)]
         wait_for(lambda: all(p.exists() for p in ready), 45, "ranks ready", procs)
+        yield node_a, node_b, procs
+    finally:
+        for node in (node_a, node_b):
+            if node.proc is not None and node.proc.poll() is None:
+                node.signal(signal.SIGCONT)
+        (tmp_path / "stop").touch()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        node_a.stop()
+        node_b.stop()
+
+
+def test_a_rank_that_runs_another_rank_s_values_is_shown_so_and_counted_by_set_wait(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The nodes' local layers differ (node A's daemon sets momentum): both ranks run rank
+    0's values, and rank 1 never acknowledges them, its daemon's being others. ``set
+    --wait`` called rank 1 a hung process (or, right after connect, ignored it), and
+    ``status`` showed it pending, without its rank; it runs the change like rank 0."""
+    with layered_ranks(etcd, tmp_path) as (_, _, procs):
         done = run_cli(
             "set", "--app", APP, "--etcd-endpoints", etcd.endpoint, "train.lr=0.3", "--wait", "15"
         )
@@ -652,16 +679,6 @@ def test_a_rank_that_runs_another_rank_s_values_is_shown_so_and_counted_by_set_w
         shown = run_cli("status", "--app", APP, "--etcd-endpoints", etcd.endpoint)
         (row,) = [line for line in shown.stdout.splitlines() if "-rank1" in line]
         assert "(rank 1)" in row and "runs the values agreed with rank 0" in row, shown.stdout
-    finally:
-        (tmp_path / "stop").touch()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        node_a.stop()
-        node_b.stop()
     for r, p in enumerate(procs):
         assert p.returncode == 0, (tmp_path / f"layers-{r}.log").read_text()
     r0, r1 = [json.loads((tmp_path / f"layers-{r}.json").read_text()) for r in range(2)]

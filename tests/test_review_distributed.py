@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_proc import DaemonProcess
 from tests.etcd_server import EtcdServer
-from tests.test_distributed import P, _run_two_ranks, _start_ranks, status_entries, wait_for
+from tests.test_distributed import P, _run_two_ranks, layered_ranks, status_entries, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -27,20 +25,7 @@ def test_differing_local_layers_do_not_flip_while_an_edit_reaches_one_node_first
     """Node A's daemon sets momentum 0.5, node B's does not (0.9): both ranks run rank 0's
     values. An lr edit that reached node A while node B's daemon was stopped made both
     ranks run rank 1's momentum (0.9), which had lost the agreement, until B caught up."""
-    etcd.etcdctl("put", P + "train/lr", "0.5")
-    node_a = DaemonProcess(
-        tmp_path / "a",
-        endpoints=etcd.endpoint,
-        extra=["--node", "nA", "--set", "train.momentum=0.5"],
-    )
-    node_b = DaemonProcess(tmp_path / "b", endpoints=etcd.endpoint, extra=["--node", "nB"])
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for rank, node in enumerate((node_a.start(), node_b.start())):
-            (tmp_path / f"layers-socket-{rank}").write_text(str(node.socket_path))
-        procs = _start_ranks("layers", tmp_path)
-        ready = [tmp_path / f"layers-ready-{r}" for r in range(2)]
-        wait_for(lambda: all(p.exists() for p in ready), 45, "ranks ready", procs)
+    with layered_ranks(etcd, tmp_path) as (_, node_b, procs):
         (before,) = {e["revision"] for e in status_entries(etcd)}
         node_b.signal(signal.SIGSTOP)
         etcd.etcdctl("put", P + "train/lr", "0.3")
@@ -52,18 +37,6 @@ def test_differing_local_layers_do_not_flip_while_an_edit_reaches_one_node_first
             "both ranks at the edit",
             procs,
         )
-    finally:
-        if node_b.proc is not None and node_b.proc.poll() is None:
-            node_b.signal(signal.SIGCONT)
-        (tmp_path / "stop").touch()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        node_a.stop()
-        node_b.stop()
     for r, p in enumerate(procs):
         assert p.returncode == 0, (tmp_path / f"layers-{r}.log").read_text()
     r0, r1 = [json.loads((tmp_path / f"layers-{r}.json").read_text()) for r in range(2)]
