@@ -432,12 +432,7 @@ def test_four_ranks_two_daemons_apply_every_change_at_the_same_step(
             node_b.signal(signal.SIGCONT)
         (out / "abort").touch()
         (out / "release").touch()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        _reap(procs)
         writer.close()
         node_a.stop()
         node_b.stop()
@@ -542,6 +537,16 @@ def test_a_rank_whose_daemon_answered_names_the_rank_that_got_nothing(tmp_path: 
         )
     )
     assert "(ranks without one: 1)" in r1["error"]
+
+
+def _reap(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+    """Wait for each rank to end (told to stop), killing one that takes over ``timeout``."""
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _start_ranks(
@@ -649,12 +654,7 @@ def layered_ranks(
             if node.proc is not None and node.proc.poll() is None:
                 node.signal(signal.SIGCONT)
         (tmp_path / "stop").touch()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        _reap(procs)
         node_a.stop()
         node_b.stop()
 
