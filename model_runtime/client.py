@@ -735,7 +735,7 @@ class LiveConfig:
                 self._superseded = latest
                 self._latest = loaded  # what the ranks converge to, under a group
         if self._sync is not None:
-            self._sync.loaded(newer=newer)
+            self._sync.loaded(loaded, newer=newer)
         self._hooks.run(old, loaded)
 
     def _running_restart_only(self, newer: State | None) -> dict[str, Any]:

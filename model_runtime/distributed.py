@@ -138,10 +138,9 @@ class StepSync:
         )
         self._warned: set[int] = set()
         self._vote = 0  # on a checkpoint loaded since the last agreement (see the module doc)
-        # The loaded checkpoint's state while the ranks run it (taken at the agreement after
-        # the load): its revision may be another etcd's, so it orders nothing here.
+        # The loaded checkpoint's state, which the ranks run until they apply another: its
+        # revision may be another etcd's, so it orders nothing here.
         self._checkpoint: State | None = None
-        self._just_loaded = False
 
     def check_same_settings(self) -> None:
         """One collective: ``ValueError`` on every rank unless all have this ``sync_every``,
@@ -177,11 +176,11 @@ class StepSync:
         flags = self._gather_ints(1 if flag else 0)
         return [self._global_rank(r) for r, f in enumerate(flags) if not f]
 
-    def loaded(self, *, newer: bool) -> None:
-        """A checkpoint was loaded; ``newer`` if this rank's daemon had sent a newer state.
-        The ranks decide at the next agreement (``agree``)."""
+    def loaded(self, state: State, *, newer: bool) -> None:
+        """A checkpoint was loaded (``state``, now the applied one); ``newer`` if this
+        rank's daemon had sent a newer state. The ranks decide at the next agreement."""
         self._vote = max(self._vote, 2 if newer else 1)
-        self._just_loaded = True
+        self._checkpoint = state
 
     def at_step(self, live: LiveConfig, step: int) -> bool:
         """``LiveConfig.apply`` under a group: a countdown, and an agreement when it runs out."""
@@ -207,8 +206,6 @@ class StepSync:
         assert newest is not None, "agree() before the first state"
         low, neg_high, neg_vote = self._min([newest.digest, -newest.digest, -self._vote])
         self._vote = 0
-        if self._just_loaded:  # the loaded checkpoint is the state applied now
-            self._just_loaded, self._checkpoint = False, live._applied
         if -neg_vote == 2:  # a daemon is newer than the loaded checkpoint somewhere
             live._take_back_superseded()
             newest = live._latest
