@@ -115,8 +115,25 @@ class NotText(ValueError):
     variables, command-line arguments). It cannot be written as UTF-8, so no client could
     ever be sent it, nor the state that holds it."""
 
-    def __init__(self) -> None:
-        super().__init__(LONE_SURROGATE)
+    def __init__(self, reason: str = LONE_SURROGATE) -> None:
+        super().__init__(reason)
+
+
+class DuplicateKey(NotText):
+    """JSON text whose object gives one name twice (``{"a": 1, "a": 2}``): JSON keeps the
+    last and drops the other without a word, where a config file that does so is
+    refused. A ``NotText``: no value can be made of it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"its JSON gives the key {shown_text(name)!r} twice: keep one")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    made = dict(pairs)
+    if len(made) != len(pairs):
+        names = [name for name, _ in pairs]
+        raise DuplicateKey(next(k for at, k in enumerate(names) if k in names[:at]))
+    return made
 
 
 def is_text(value: Any) -> bool:
@@ -237,7 +254,9 @@ def _no_constants(name: str) -> Any:
     raise ValueError(name)
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constants)  # made once: stateless, shared
+_DECODER = json.JSONDecoder(  # made once: stateless, shared
+    parse_constant=_no_constants, object_pairs_hook=_unique
+)
 
 
 def parse_text(text: str) -> Any:
@@ -247,11 +266,14 @@ def parse_text(text: str) -> Any:
     clear reason. ``NaN`` and ``Infinity`` are not JSON and stay strings: a number field
     rejects them (and a float the schema lets through as NaN or infinity, the merge rejects).
     Raises ``NotText`` if the value holds a lone surrogate (``"\\ud800"``), which JSON
-    allows and UTF-8 cannot carry.
+    allows and UTF-8 cannot carry, and ``DuplicateKey`` (a ``NotText``) if an object in it
+    gives one name twice.
     """
     stripped = text.strip()
     try:  # ``raw_decode``: ``decode`` would run two whitespace regexes, cold, per value
         value, end = _DECODER.raw_decode(stripped)
+    except DuplicateKey:
+        raise
     except (ValueError, RecursionError):  # nested too deeply to decode: a string, rejected
         value, end = text, -1
     if end != len(stripped):

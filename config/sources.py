@@ -26,6 +26,7 @@ from .errors import InvalidChange, LayerError, Problem, SchemaLoadError, UsageEr
 from .files import read_config_file
 from .keys import (
     LONE_SURROGATE,
+    DuplicateKey,
     NotText,
     etcd_path_fault,
     flatten,
@@ -35,7 +36,7 @@ from .keys import (
     shown_text,
 )
 from .raised import SCHEMA_FAULTS, one_line, raised_in_schema, schema_code
-from .schema import is_section, iter_leaves, mapping_keys, may_hold_container
+from .schema import is_section, iter_leaves, may_hold_container
 from .secrecy import revealed, secret_keys
 
 LAYERS = ("defaults", "files", "etcd", "env", "cli")
@@ -183,8 +184,8 @@ def read_etcd_values(
             continue
         try:
             values[key] = parse_text(text)
-        except NotText:
-            problems.append(Problem(key, "etcd", LONE_SURROGATE))
+        except NotText as exc:
+            problems.append(Problem(key, "etcd", str(exc)))
 
 
 # --- env ---------------------------------------------------------------------------------------
@@ -226,16 +227,31 @@ def env_layer(
         # pydantic-settings decodes a section's JSON itself: check what it gives, too.
         try:
             values[key] = _env_value(value)
+        except DuplicateKey:
+            continue  # said below, of the variable's own text
         except NotText:
             name = prefix + key.upper().replace(".", "__")
             problems.append(Problem(shown_text(key), "env", f"{name}: {LONE_SURROGATE}"))
+    # pydantic-settings decodes a section's or a container's JSON itself, keeping the last
+    # of a key given twice: each variable's own text says so.
+    lowered = prefix.lower()
+    for name, text in others.items():
+        if name.lower().startswith(lowered):
+            try:
+                parse_text(text)
+            except DuplicateKey as exc:
+                key = name[len(prefix) :].lower().replace("__", ".")
+                problems.append(Problem(shown_text(key), "env", f"{shown_text(name)}: {exc}"))
+            except NotText:
+                pass  # a lone surrogate: said of the value pydantic-settings gave
     for key, (name, text) in inside.items():
         try:
             values[key] = parse_text(text)
-        except NotText:
-            problems.append(Problem(shown_text(key), "env", f"{name}: {LONE_SURROGATE}"))
+        except NotText as exc:
+            problems.append(Problem(shown_text(key), "env", f"{shown_text(name)}: {exc}"))
+    values.update(_nulls_of_fields(schema, prefix, others, values))
     origins = {key: prefix + key.upper().replace(".", "__") for key in values}
-    lowered = prefix.lower()
+    problems.extend(_given_twice(prefix, environ))
     spelled: dict[str, str] = {}  # each variable's name in lower case: the first spelling
     for name in environ:
         if name.lower().startswith(lowered):
@@ -258,6 +274,79 @@ def env_layer(
                     Problem(shown_text(key), "env", f"{shown} names no field of the schema")
                 )
     return Layer("env", values, origins, tuple(problems))
+
+
+def _nulls_of_fields(
+    schema: type[BaseModel], prefix: str, environ: Mapping[str, str], values: Mapping[str, Any]
+) -> dict[str, None]:
+    """The fields of the model itself whose variable holds ``null`` and that no other
+    variable gives a value at or below: pydantic-settings reads such a variable as JSON
+    where the field may hold a model, a list or a mapping (``PREFIX_OPT`` for ``opt:
+    Optional[Creds]``), and drops the ``None`` it gets. That ``null`` is a value as
+    ``--set opt=null`` gives it: it overrides a lower layer's, and a section's is refused
+    as a file's ``train:`` with nothing under it is."""
+    fields = {name.lower(): name for name in schema.model_fields}
+    lowered = prefix.lower()
+    nulls: dict[str, None] = {}
+    for name, text in environ.items():
+        if not name.lower().startswith(lowered):
+            continue
+        field_name = fields.get(name[len(prefix) :].lower())
+        if field_name is None or field_name in values:
+            continue
+        if any(key.startswith(field_name + ".") for key in values):
+            continue
+        try:
+            if parse_text(text) is None:
+                nulls[field_name] = None
+        except NotText:
+            continue
+    return nulls
+
+
+_MISSING: Any = object()
+
+
+def _given_twice(prefix: str, environ: Mapping[str, str]) -> list[Problem]:
+    """A problem for each key that two variables under ``prefix`` give: one the key's own
+    (``PREFIX_TRAIN__LR``), the other a section or mapping holding it as JSON
+    (``PREFIX_TRAIN='{"lr": 0.5}'``), or ``null`` for it all (``PREFIX_OPT=null``).
+    pydantic-settings would keep one of them and drop the other without a word; a file
+    that gives a key twice is refused, and so is this."""
+    lowered = prefix.lower()
+    named = {
+        name: name[len(prefix) :].lower().split("__")
+        for name in environ
+        if name.lower().startswith(lowered)
+    }
+    problems: list[Problem] = []
+    for outer, outer_parts in named.items():
+        depth = len(outer_parts)
+        whole: Any = _MISSING
+        for inner, inner_parts in named.items():
+            if len(inner_parts) <= depth or inner_parts[:depth] != outer_parts:
+                continue
+            if whole is _MISSING:
+                try:
+                    whole = json.loads(environ[outer])
+                except (ValueError, RecursionError):
+                    break  # not JSON: read as text, so it gives no key below it
+            node = whole
+            for part in inner_parts[depth:] if whole is not None else ():  # null: none
+                if not isinstance(node, Mapping):
+                    break
+                node = next((v for k, v in node.items() if str(k).lower() == part), _MISSING)
+                if node is _MISSING:
+                    break
+            else:
+                problems.append(
+                    Problem(
+                        shown_text(".".join(inner_parts)),
+                        "env",
+                        f"{shown_text(outer)} and {shown_text(inner)} both set it: keep one",
+                    )
+                )
+    return problems
 
 
 def _not_json(schema: type[BaseModel], prefix: str, environ: Mapping[str, str]) -> str | None:
@@ -294,9 +383,15 @@ def _not_json(schema: type[BaseModel], prefix: str, environ: Mapping[str, str]) 
 def _keys_inside_mappings(
     schema: type[BaseModel], prefix: str, environ: Mapping[str, str]
 ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
-    """The variables under ``prefix`` that name a key inside a leaf holding a mapping (by
-    dotted key: the variable's name and value), and all the others."""
-    mappings = {key.lower(): key for key in mapping_keys(schema)}  # a variable's case is none
+    """The variables under ``prefix`` that name a key inside a leaf (by dotted key: the
+    variable's name and value), and all the others.
+
+    Inside a leaf that holds a mapping such a key is one, as ``--set weights.head`` is;
+    inside any other leaf it is none, and the merge refuses it by its own name, as it
+    does ``--set seed.x``. pydantic-settings would drop it (``PREFIX_SEED__X``, for a
+    field ``seed`` of the model itself: a typo gone unnoticed) or make it the leaf's
+    value (``PREFIX_TRAIN__LR__X``: refused as ``train.lr``, not a number)."""
+    leaves = {key.lower(): key for key in _leaf_keys(schema)}  # a variable's case is none
     lowered = prefix.lower()
     inside: dict[str, tuple[str, str]] = {}
     others: dict[str, str] = {}
@@ -304,7 +399,7 @@ def _keys_inside_mappings(
         if name.lower().startswith(lowered):
             parts = name[len(prefix) :].lower().split("__")
             for end in range(1, len(parts)):
-                leaf = mappings.get(".".join(parts[:end]))
+                leaf = leaves.get(".".join(parts[:end]))
                 if leaf is not None:
                     inside[".".join([leaf, *parts[end:]])] = (name, value)
                     break
@@ -371,8 +466,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise InvalidChange([Problem(shown_text(key), "cli", f"the key is {LONE_SURROGATE}")])
     try:
         return key, parse_text(value)
-    except NotText:
-        raise InvalidChange([Problem(key, "cli", LONE_SURROGATE)]) from None
+    except NotText as exc:
+        raise InvalidChange([Problem(key, "cli", str(exc))]) from None
 
 
 def cli_layer(assignments: Sequence[str]) -> Layer:
