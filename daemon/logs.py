@@ -68,6 +68,31 @@ def _stamp_utc(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
     return event
 
 
+class _Sink:
+    """Where the lines are written: a write that fails is dropped, never raised.
+
+    A log line is written from wherever the event happened (a client's callback, a
+    watch thread, the stop itself). The reader of a pipe gone (a log collector that
+    died, ``hotknob run 2>&1 | head``), or a full disk under a log file, would
+    otherwise raise there: the daemon would stop, halfway and without a word (its
+    final state not saved), because nobody reads its log."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def write(self, text: str) -> int:
+        try:
+            return self._out.write(text)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._out.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def configure(*, json: bool | None = None, level: str = "info", file: TextIO | None = None) -> None:
     """Configure structlog for the process (the daemon and the CLI call this once).
 
@@ -92,7 +117,7 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=structlog.WriteLoggerFactory(file=_Sink(out)),  # type: ignore[arg-type]  # a file enough
         cache_logger_on_first_use=False,
     )
     # Library loggers (grpc, watchdog) go to stderr at warning and above, never as tracebacks.

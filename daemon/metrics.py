@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +19,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hotknob.config import UsageError
 from hotknob.config.sources import LIVE_LAYERS
+
+from .logs import get_logger
 
 REQUEST_TIMEOUT_S = 10.0
 """How long a connection to the metrics port may stay silent: each one holds a thread."""
@@ -120,9 +123,20 @@ class MetricsServer:
     def __init__(self, addr: str, metrics: Metrics, health: Callable[[], dict[str, Any]]):
         family, sockaddr = _resolve(addr, *parse_addr(addr))
         metrics_ref, health_ref = metrics, health
+        log = get_logger("hotknob.metrics")
 
         class Server(ThreadingHTTPServer):
             address_family = family
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                """A request that failed: one log line, not the traceback the standard
+                library prints on stderr among the JSON lines. A peer that went away
+                before its answer (a probe or a scrape that timed out) is no fault here."""
+                exc = sys.exc_info()[1]
+                if isinstance(exc, ConnectionError | TimeoutError):
+                    log.debug("metrics_client_gone", peer=str(client_address), error=str(exc))
+                else:
+                    log.exception("metrics_request_failed", peer=str(client_address))
 
         class Handler(BaseHTTPRequestHandler):
             # A connection that sends nothing (or stops halfway) is closed after this,

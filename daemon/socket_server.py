@@ -204,6 +204,11 @@ class SocketServer:
         or ``SocketPathError``."""
         if self._reserved:
             return
+        # Before anything is made or read: a path no socket can have would otherwise fail
+        # only at the bind, after the start read etcd and wrote the state file.
+        too_long = protocol.socket_path_problem(str(self._path))
+        if too_long is not None:
+            raise SocketPathError(too_long)
         prepare_folder(self._path.parent)
         self._lock_fd = lock_socket_path(self._path)
         try:
