@@ -111,6 +111,17 @@ class ArmedGuard:
         names = some_names(unheard, _LEFT_NAMED)
         return f"{names} applied it but reported no {metrics} within {wait:g} s"
 
+    def unseen_text(self, unseen: list[str], wait: float) -> str:
+        """For a passed outcome's reason: the processes (``unseen``, by name) that reported
+        what the guard reads before the change and had no status entry for ``wait``
+        seconds (they left, or their daemon was away: it restarted, say)."""
+        metrics = ", ".join(sorted(self.guard.metrics))
+        names = some_names(unseen, _LEFT_NAMED)
+        return (
+            f"{names} reported {metrics} before the change, then had no status entry for "
+            f"{wait:g} s (it left, or its daemon was away)"
+        )
+
     def departures(self) -> list[dict[str, Any]]:
         """The processes that left before the end of their window, by name."""
         return [self.left[name] for name in sorted(self.left)]

@@ -17,7 +17,7 @@ from hotknob.config.secrecy import secret_keys
 from hotknob.model_runtime import protocol
 
 from .context import Context, static_layers
-from .guard_records import guards_table, read_records, shown_record
+from .guard_records import guards_table, read_guards, shown_record
 from .reports import REPORT_STATUS_EVERY_S
 from .status_view import TABLE_HEADERS, summary_lines, table_rows
 from .table import dumps, fmt, render
@@ -271,7 +271,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     prefix = status_prefix(ctx.app)
     with ctx.store() as store:
         kvs, revision = store.read_prefix(prefix)
-        guards = read_records(store, ctx.app)
+        guards, guarded_at = read_guards(store, ctx.app)
     entries = []
     now = time.time()
     for key, raw in sorted(kvs.items()):
@@ -296,7 +296,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     if guards:
         headers = ["GUARD", "STATE", "CHANGE", "EXPR", "OUTCOME"]
-        rows = guards_table(guards, secrets=secrets, processes=entries)
+        rows = guards_table(guards, secrets=secrets, processes=entries, revisions=guarded_at)
         print(render(headers, rows) + "\n")
     if not entries:
         print(f"no process of app {ctx.app!r} has reported (revision {revision})")

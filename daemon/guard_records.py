@@ -71,7 +71,7 @@ from .etcd_store import EtcdStore
 from .etcd_types import ConflictError
 from .guard_lang import Guard, escaped, parse_guard
 from .reports import HISTORY, decode_value
-from .status import is_int, is_time
+from .status import is_int, is_time, never_applies, unchanged_by, waiting_for_restart
 from .table import age_text
 
 ARMED, REVERTED, PASSED, SUPERSEDED = "armed", "reverted", "passed", "superseded"
@@ -251,6 +251,7 @@ def spec_from_args(args: argparse.Namespace) -> GuardSpec | None:
     text: Any = args.guard
     window: Any = args.window
     patience: Any = args.patience
+    from_file: set[str] = set()  # the fields whose value the file gave
     if args.guard_file:
         if args.guard:
             raise UsageError("give either --guard or --guard-file, not both")
@@ -259,6 +260,9 @@ def spec_from_args(args: argparse.Namespace) -> GuardSpec | None:
         if unknown:
             raise InvalidInput(f"{args.guard_file}: unknown field(s) {', '.join(unknown)}")
         text = data.get("guard")
+        for name in ("window", "patience"):
+            if getattr(args, name) is None and data.get(name) is not None:
+                from_file.add(name)
         window = window if window is not None else data.get("window")
         patience = patience if patience is not None else data.get("patience")
         if not isinstance(text, str):
@@ -272,10 +276,15 @@ def spec_from_args(args: argparse.Namespace) -> GuardSpec | None:
         raise UsageError(f"--keep-ended must be a whole number >= 0, got {keep}")
     guard = parse_guard(text)
     if window is None:
-        raise UsageError("a guard needs --window STEPS (how long to watch the change)")
+        where = f" (or 'window' in {args.guard_file})" if args.guard_file else ""
+        raise UsageError(f"a guard needs --window STEPS{where} (how long to watch the change)")
     patience = DEFAULT_PATIENCE if patience is None else patience
     for name, value in (("window", window), ("patience", patience)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if name in from_file:  # the file's content, not the command line: invalid input
+                raise InvalidInput(
+                    f"{args.guard_file}: {name} must be a whole number >= 1, got {value!r}"
+                )
             raise UsageError(f"--{name} must be a whole number >= 1, got {value!r}")
     return GuardSpec(guard, window, patience)
 
@@ -481,14 +490,22 @@ def describe(record: GuardRecord) -> str:
 
 def read_records(store: EtcdStore, app: str) -> list[GuardRecord]:
     """Every well-formed guard record of ``app``, oldest first."""
-    kvs, _ = store.read_prefix(guards_prefix(app))
-    records = []
-    for _, raw in sorted(kvs.items()):
+    return read_guards(store, app)[0]
+
+
+def read_guards(store: EtcdStore, app: str) -> tuple[list[GuardRecord], dict[str, int]]:
+    """``read_records``, and each record's mod revision by id: an armed one's is the
+    revision of the change it guards (the two were written in one transaction)."""
+    state = store.read_prefix_state(guards_prefix(app))
+    records, revisions = [], {}
+    for key, raw in sorted(state.values.items()):
         try:
-            records.append(GuardRecord.from_json(raw))
+            record = GuardRecord.from_json(raw)
         except ValueError:
             continue
-    return records
+        records.append(record)
+        revisions[record.id] = state.mods[key]
+    return records, revisions
 
 
 def prune_ended(
@@ -586,14 +603,18 @@ def shown_record(record: GuardRecord, secrets: frozenset[str] = frozenset()) -> 
 
 
 def waiting_hint(
-    record: GuardRecord, entries: Sequence[Mapping[str, Any]], now: float | None = None
+    record: GuardRecord,
+    entries: Sequence[Mapping[str, Any]],
+    now: float | None = None,
+    revision: int | None = None,
 ) -> str:
     """For an armed guard that no process has reported to yet (as the status ``entries``
     show): what it waits for, e.g. a metric nobody reports. Once one has: the processes
     it waits to hear from (they applied the change and reported what it reads before it,
     nothing since), else those still inside their window, with the one furthest from its
     end (a process that stopped reporting inside its window holds the guard: hung, say),
-    else empty. ``now``: the wall time, for the age of its last report."""
+    else empty. ``now``: the wall time, for the age of its last report. ``revision``: the
+    change's (the armed record's mod revision), to tell why no process applied it."""
     watched = []
     heard = False
     silent: list[str] = []
@@ -630,11 +651,53 @@ def waiting_hint(
             reported.update(str(name) for name in latest)
     missing = [m for m in metrics if m not in reported]
     if not watched:
-        return "no report yet: no process has applied the change"
+        return _why_none_applied(record, entries, revision)
     if missing and reported:
         shown = ", ".join(escaped(n[:40]) for n in sorted(reported)[:_NAMES_SHOWN])
         return f"no report yet: no process reports {', '.join(missing)} (they report {shown})"
     return f"no report yet of {', '.join(metrics)} from the {len(watched)} process(es) watched"
+
+
+def _why_none_applied(
+    record: GuardRecord, entries: Sequence[Mapping[str, Any]], revision: int | None
+) -> str:
+    """For an armed guard that no process's entry shows a window of: why. None connected
+    (those it watched left, say); or, for each process, its daemon refused the change or
+    holds its keys above etcd, or the change altered no value in force there: nothing to
+    judge, and the guard ends abandoned; else none has applied it yet."""
+    if not entries:
+        return (
+            "no process is connected to a daemon of the app (one that left is not waited "
+            "for): it ends abandoned unless one that ran the change comes back"
+        )
+    if revision is not None:
+        keys = list(record.keys)
+        refused: list[str] = []
+        unchanged: list[str] = []
+        held: list[str] = []
+        for entry in entries:
+            name = str(entry.get("key"))
+            if never_applies(entry, revision, keys):
+                refused.append(name)
+            elif unchanged_by(entry, revision):
+                (held if set(keys) <= waiting_for_restart(entry) else unchanged).append(name)
+            else:
+                break  # one that may still apply it
+        else:
+            parts = []
+            if held:
+                parts.append(
+                    f"{some_names(held)} keep{'s' if len(held) == 1 else ''} "
+                    f"{', '.join(sorted(keys))} as started (restart-only)"
+                )
+            if unchanged:
+                parts.append(f"the change altered no value in force for {some_names(unchanged)}")
+            if refused:
+                parts.append(
+                    f"the daemon of {some_names(refused)} refused it or holds its keys above etcd"
+                )
+            return "nothing to judge: " + "; ".join(parts) + " (it ends abandoned)"
+    return "no report yet: no process has applied the change"
 
 
 def _furthest(record: GuardRecord, inside: Sequence[Mapping[str, Any]], now: float) -> str:
@@ -673,11 +736,12 @@ def guards_table(
     limit: int = 10,
     secrets: frozenset[str] = frozenset(),
     processes: Sequence[Mapping[str, Any]] | None = None,
+    revisions: Mapping[str, int] | None = None,
 ) -> list[list[Any]]:
     """Rows ``GUARD, STATE, KEYS, EXPR, OUTCOME`` for ``status``: armed ones, then the newest.
     Values of hidden keys (``hidden_keys``) are masked. Given the status entries
     (``processes``), an armed guard that nobody has reported to yet says what it waits for
-    (``waiting_hint``)."""
+    (``waiting_hint``; ``revisions``: each record's mod revision, by id)."""
     armed = [r for r in records if r.state == ARMED]
     ended = [r for r in records if r.state != ARMED][-limit:]
     rows = []
@@ -690,6 +754,6 @@ def guards_table(
         )
         reason = (r.outcome or {}).get("reason", "")
         if r.state == ARMED and processes is not None:
-            reason = waiting_hint(r, processes)
+            reason = waiting_hint(r, processes, revision=(revisions or {}).get(r.id))
         rows.append([r.id, r.state, keys, f"{r.guard} (window {r.window})", reason])
     return rows

@@ -76,7 +76,7 @@ from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from hotknob.config import HotknobError
+from hotknob.config import HotknobError, restart_only_keys
 from hotknob.config.keys import status_prefix
 
 from .announce import EventSink
@@ -180,9 +180,13 @@ class GuardManager:
         # built at once an etcd revision changed no value in force (``_unchanged_for``).
         self._acks: dict[str, deque[tuple[int, int, int | None]]] = {}
         self._revision_of = revision_of
+        self._config = config
         # Connected, but what they applied is unknown here (acknowledged with a version of
         # a daemon before this one: a restart that did not keep its versions).
         self._unknown: set[str] = set()
+        # Every process connected here that acknowledged or reported something: whose
+        # status entries are this daemon's own (``status._others``), whatever their node.
+        self._clients: set[str] = set()
         self._stopped = False
         self._abandon_after = _seconds_from_env("HOTKNOB_GUARD_ABANDON_AFTER_S", ABANDON_AFTER_S)
         self._report_wait = _seconds_from_env("HOTKNOB_GUARD_REPORT_WAIT_S", REPORT_WAIT_S)
@@ -228,6 +232,7 @@ class GuardManager:
     def on_applied(
         self, client: str, revision: int | None, step: int, version: int | None = None
     ) -> None:
+        self._clients.add(client)
         if revision is None:
             self._unknown.add(client)
             return
@@ -266,6 +271,7 @@ class GuardManager:
             return
         self._acks.pop(client, None)
         self._unknown.discard(client)
+        self._clients.discard(client)
         for guard_id, active in list(self._active.items()):
             start = active.started.pop(client, None)
             active.started_at.pop(client, None)
@@ -308,6 +314,7 @@ class GuardManager:
         process went back to an earlier checkpoint: its window starts again at that step
         (so it is watched for ``window`` steps from there), and the report is checked like
         any other."""
+        self._clients.add(client)
         for guard_id, active in list(self._active.items()):
             start = active.started.get(client)
             if active.busy or start is None:
@@ -520,12 +527,13 @@ class GuardManager:
         kvs, _ = result
         prefix = status_prefix(self.app)
         waiting, silent = remote_open_windows(
-            kvs, prefix, self.node, guard_id, active.revision, active.record.keys
+            kvs, prefix, self.node, guard_id, active.revision, active.record.keys, self._mine()
         )
         silent += self._behind_here(active, kvs)
         awaited, unheard = active.awaited_remote(silent, self._report_wait, now)
-        if waiting or awaited:
-            self._note_waiting(guard_id, active, sorted(waiting + awaited))
+        gone, unseen = active.awaited_remote(self._absent(active, kvs), self._report_wait, now)
+        if waiting or awaited or gone:
+            self._note_waiting(guard_id, active, sorted(waiting + awaited + gone))
             # Asked again, whether or not anyone reports: all may have stopped by now.
             active.check_every = min(active.check_every * 2, _REMOTE_CHECK_MAX_S)
             self._recheck(guard_id, active, active.check_every)
@@ -542,6 +550,9 @@ class GuardManager:
         if unheard:
             outcome["reason"] += "; " + active.unheard_text(unheard, self._report_wait)
             outcome["unheard"] = unheard
+        if unseen:
+            outcome["reason"] += "; " + active.unseen_text(unseen, self._report_wait)
+            outcome["unseen"] = unseen
         unjudged = self._unjudged_names(active, kvs)
         if unjudged:
             outcome["reason"] += "; " + active.unjudged_text(unjudged)
@@ -559,12 +570,32 @@ class GuardManager:
         refused = refused_here(kvs, status_prefix(self.app), self.node, behind, active.revision)
         return [status_name(self.node, c) for c in behind if c not in refused]
 
+    def _absent(self, active: ArmedGuard, kvs: Mapping[str, bytes]) -> list[str]:
+        """The processes that reported what the guard reads before the change (the record's
+        ``reporting``) with no status entry now (``kvs``), but for this daemon's own: one
+        that left is named as such (``left``). Their daemon may be restarting (its entries
+        went with it, or with its lease): they are waited for as a silent one is, where the
+        guard used to pass at once on the other daemons' processes without a word of them,
+        and then named (``unseen``)."""
+        prefix = status_prefix(self.app)
+        present = {key[len(prefix) :] for key in kvs}
+        here = self._mine() | {status_name(self.node, c) for c in active.left}
+        here |= {status_name(self.node, c) for c in (*active.passed, *active.unjudged)}
+        return sorted(n for n in active.expected if n not in present and n not in here)
+
     def _unjudged_names(self, active: ArmedGuard, kvs: Mapping[str, bytes]) -> list[str]:
         """Every daemon's processes done unjudged (``_unjudged``): this one's, and the
         others' as their entries (``kvs``, read just now) say, by name."""
         here = [status_name(self.node, c) for c in active.unjudged]
-        there = remote_unjudged(kvs, status_prefix(self.app), self.node, active.record.id)
+        there = remote_unjudged(
+            kvs, status_prefix(self.app), self.node, active.record.id, self._mine()
+        )
         return sorted({*here, *there})
+
+    def _mine(self) -> set[str]:
+        """This daemon's connected processes, by name: the status entries it writes. Another
+        daemon of the app may have the same node name (on one host, by default)."""
+        return {status_name(self.node, c) for c in self._clients}
 
     def _note_waiting(self, guard_id: str, active: ArmedGuard, waiting: list[str]) -> None:
         """Log whom the guard waits for, when that changes (the first 20 names, and a count:
@@ -619,6 +650,22 @@ class GuardManager:
             return False
         now = self._revision_of(version)
         return now is not None and now >= active.revision
+
+    def _unchanged_reason(self, active: ArmedGuard) -> str:
+        """Why no process of this daemon got a state with the change: its keys are all
+        restart-only (held back until a restart, which no guard window sees), or it
+        altered no value in force."""
+        config = self._config() if self._config is not None else None
+        keys = sorted(active.record.keys)
+        if config is not None and set(keys) <= restart_only_keys(config.schema):
+            return (
+                f"the change is of restart-only keys ({', '.join(keys)}): a running process "
+                "keeps the value it started with, so nothing judged it"
+            )
+        return (
+            "the change altered no value in force (its values were already in force, "
+            "or a higher layer holds its keys): nothing to judge"
+        )
 
     def on_revision_unchanged(self, revision: int) -> None:
         """etcd's ``revision`` changed no value in force: a guarded change at or before it
@@ -681,7 +728,9 @@ class GuardManager:
             self._maybe_orphaned(guard_id, active)
             return
         keys = active.record.keys
-        others = remote_watching(kvs, prefix, self.node, guard_id, active.revision, keys)
+        others = remote_watching(
+            kvs, prefix, self.node, guard_id, active.revision, keys, self._mine()
+        )
         if others:  # their daemons end it; asked again in case they all go too
             self._maybe_orphaned(guard_id, active)
             return
@@ -696,10 +745,7 @@ class GuardManager:
         if gone:
             reason = "no process left to judge it: " + "; ".join(gone)
         elif any(self._unchanged_for(c, active) for c in self._acks):
-            reason = (
-                "the change altered no value in force (its values were already in force, "
-                "or a higher layer holds its keys): nothing to judge"
-            )
+            reason = self._unchanged_reason(active)
         else:
             reason = (
                 "no process that ran the configuration before the change applied it "

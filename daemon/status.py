@@ -232,10 +232,15 @@ class StatusPublisher:
 
 
 def _others(
-    kvs: Mapping[str, bytes], prefix: str, node: str
+    kvs: Mapping[str, bytes], prefix: str, node: str, mine: Collection[str] | None = None
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The status entries under ``prefix`` of other daemons' processes, by name
-    (``<node>/<client>``), decoded; this daemon's own are left out (it knows them exactly)."""
+    (``<node>/<client>``), decoded; this daemon's own are left out (it knows them exactly).
+
+    Its own are those of ``mine`` (the names of its connected processes) where given, else
+    those of its ``node``. Two daemons of one app may share a node name (two on one host,
+    where ``--node`` defaults to the host's name): each that took the other's processes
+    for its own passed a guard while a process of the other was still inside its window."""
     for key, raw in sorted(kvs.items()):
         name = key[len(prefix) :]
         try:
@@ -245,7 +250,10 @@ def _others(
         if not isinstance(entry, dict):
             continue
         owner = entry.get("node")
-        if owner == node or (not isinstance(owner, str) and name.startswith(node + "/")):
+        if mine is not None:
+            if name in mine:
+                continue
+        elif owner == node or (not isinstance(owner, str) and name.startswith(node + "/")):
             continue
         yield name, entry
 
@@ -257,6 +265,7 @@ def remote_open_windows(
     guard_id: str,
     revision: int,
     keys: Collection[str] = (),
+    mine: Collection[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """The processes of other daemons (status entries under ``prefix``) whose window of
     guard ``guard_id`` (guarding ``revision``, a change of the dotted ``keys``) is not
@@ -273,10 +282,11 @@ def remote_open_windows(
     caller waits only for those the guard expects to hear from
     (``ArmedGuard.awaited_remote``), and for a while: without them, a guard passed on
     this daemon's processes within a tenth of a second while another node's process, 50
-    times the loss, had not been heard of yet."""
+    times the loss, had not been heard of yet. ``mine``: this daemon's processes, by
+    name (``_others``)."""
     inside: list[str] = []
     unheard: list[str] = []
-    for name, entry in _others(kvs, prefix, node):
+    for name, entry in _others(kvs, prefix, node, mine):
         windows = entry.get("guards")
         window = windows.get(guard_id) if isinstance(windows, dict) else None
         if window is None:
@@ -327,6 +337,7 @@ def remote_watching(
     guard_id: str,
     revision: int,
     keys: Collection[str] = (),
+    mine: Collection[str] | None = None,
 ) -> list[str]:
     """The processes of other daemons (status entries under ``prefix``) that may still
     judge guard ``guard_id`` (guarding revision ``revision``, a change of the dotted
@@ -336,9 +347,9 @@ def remote_watching(
     While there are any, this daemon does not end the guard as abandoned. One whose
     window its daemon calls ``unjudged`` (past its end with no report of what the guard
     reads) cannot judge it: left out, or two daemons whose processes are all so would
-    each leave the guard to the other."""
+    each leave the guard to the other. ``mine``: this daemon's processes (``_others``)."""
     found = []
-    for name, entry in _others(kvs, prefix, node):
+    for name, entry in _others(kvs, prefix, node, mine):
         window = _window(entry, guard_id)
         applied = entry.get("revision")
         if (window is not None and window.get("unjudged") is not True) or (
@@ -348,12 +359,19 @@ def remote_watching(
     return found
 
 
-def remote_unjudged(kvs: Mapping[str, bytes], prefix: str, node: str, guard_id: str) -> list[str]:
+def remote_unjudged(
+    kvs: Mapping[str, bytes],
+    prefix: str,
+    node: str,
+    guard_id: str,
+    mine: Collection[str] | None = None,
+) -> list[str]:
     """The processes of other daemons whose window of guard ``guard_id`` their daemon calls
-    ``unjudged`` in their entry, by name: an ending's outcome names them."""
+    ``unjudged`` in their entry, by name: an ending's outcome names them. ``mine``: this
+    daemon's processes (``_others``)."""
     return [
         name
-        for name, entry in _others(kvs, prefix, node)
+        for name, entry in _others(kvs, prefix, node, mine)
         if (window := _window(entry, guard_id)) is not None and window.get("unjudged") is True
     ]
 
