@@ -24,7 +24,10 @@ daemon down.
 
 One daemon at a time uses a state file: it holds ``<app>.state.lock`` beside it
 (``StateStore.lock``) for its whole life. Two daemons on one file would each write
-their own ceiling over the other's, and versions would go backwards.
+their own ceiling over the other's, and versions would go backwards. On a state dir
+it cannot write and that has no lock file (a read-only volume), it holds the state
+file itself instead; with neither file there is nothing to lock, and it goes on
+unlocked.
 
 A file that is there but cannot be read as this format (truncated, corrupt, written
 by another format) is moved aside to ``<name>.unreadable-<UTC time>`` by ``load``,
@@ -109,6 +112,7 @@ class StateStore:
         self.set_aside: SetAside | None = None  # what the last ``load`` moved aside
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
+        self._state_fd: int | None = None  # the state file's own lock (``_lock_state_file``)
         self._written_version = -1
         self._ceiling = 0
 
@@ -117,11 +121,16 @@ class StateStore:
         daemon holds it. ``holder`` (who this is: pid, socket) is written into the lock
         file, so that a daemon refused names who holds it.
 
+        A state dir this daemon cannot write, with no lock file in it (a read-only volume
+        the lock file was never created on): the state file itself is locked, opened
+        read-only, and held across this daemon's own writes of it (``_write``); a daemon
+        that holds the lock file is refused too while another holds the state file.
+
         None when locked; else why the lock could not be taken at all (the folder cannot
-        be created or written): the daemon goes on unlocked then, as it does when it cannot
-        save, rather than not serving.
+        be created or written, and holds neither file): the daemon goes on unlocked then,
+        as it does when it cannot save, rather than not serving.
         """
-        if self._lock_fd is not None:
+        if self._lock_fd is not None or self._state_fd is not None:
             return None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -134,7 +143,25 @@ class StateStore:
             try:  # not ours to write, or a read-only volume: flock works read-only too
                 fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as again:
-                return f"{self.lock_path}: {again.strerror or again}"
+                if again.errno != errno.ENOENT:
+                    return f"{self.lock_path}: {again.strerror or again}"
+                return self._lock_state_file(f"{self.lock_path}: {again.strerror or again}")
+        problem = self._lock_lock_file(fd)
+        if problem is not None:
+            return problem
+        if _held_elsewhere(self.path):
+            # A daemon that found no lock file and could not create one holds the state
+            # file itself (``_lock_state_file``).
+            self.unlock()
+            raise StateInUse(f"{self.path} is in use (another daemon holds a lock on it)")
+        if holder:
+            with contextlib.suppress(OSError):  # only a name for a refused daemon's message
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder.encode("utf-8", "replace") + b"\n", 0)
+        return None
+
+    def _lock_lock_file(self, fd: int) -> str | None:
+        """Take the lock file's lock on ``fd`` (or close it and raise ``StateInUse``)."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -147,18 +174,46 @@ class StateStore:
                 + (f": {held_by})" if held_by else ")")
             ) from None
         self._lock_fd = fd
-        if holder:
-            with contextlib.suppress(OSError):  # only a name for a refused daemon's message
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, holder.encode("utf-8", "replace") + b"\n", 0)
+        return None
+
+    def _lock_state_file(self, no_lock_file: str) -> str | None:
+        """No lock file, and none can be created: lock the state file itself, read-only.
+        None when locked; else why not (there is no state file either: nothing to lock)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            return f"{no_lock_file}; {self.path}: {exc.strerror or exc}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return f"{no_lock_file}; {self.path}: {exc.strerror or exc}"
+            raise StateInUse(f"{self.path} is in use (another daemon holds a lock on it)") from None
+        self._state_fd = fd
+        # A daemon that can write the folder may have created the lock file meanwhile and
+        # locked it before this lock was taken (it looks at the state file after its own
+        # lock): take the lock file's too, or be refused by it.
+        try:
+            lock_fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            self._lock_lock_file(lock_fd)
+        except StateInUse:
+            self.unlock()
+            raise
         return None
 
     def unlock(self) -> None:
         """Let the lock go (the lock file stays: removing it would race with the next
         daemon)."""
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)
+        with self._lock:
+            fds = (self._lock_fd, self._state_fd)
+            self._lock_fd = self._state_fd = None
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
 
     @property
     def ceiling(self) -> int:
@@ -236,18 +291,30 @@ class StateStore:
     def _write(self, text: str, durable: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        held: int | None = None
         try:
+            if self._state_fd is not None:
+                # The lock is on the state file itself: lock the new file before it takes
+                # the name, so that the name never points at a file no one holds.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = os.dup(fd)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
+            if held is not None:
+                os.close(held)
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
             raise
+        if held is not None:
+            old, self._state_fd = self._state_fd, held
+            if old is not None:
+                os.close(old)  # the file before, renamed over
         if durable:
             _fsync_folder(self.path.parent)
 
@@ -264,6 +331,21 @@ def _fsync_folder(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _held_elsewhere(path: Path) -> bool:
+    """Whether another daemon holds ``path`` locked (False if it cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # and with it the lock, if taken
+    return False
 
 
 def _read_holder(lock_path: Path) -> str:
