@@ -197,6 +197,21 @@ def _warn_restart_only(ctx: Context, diff: Mapping[str, Any]) -> None:
         )
 
 
+def _restart_only_guard(ctx: Context, diff: Mapping[str, Any]) -> list[str]:
+    """A warning for a guard on a change of restart-only keys alone: no running process
+    applies it (each keeps the value it started with, and one started after the change is
+    not judged), so the guard can never judge it and ends abandoned."""
+    keys = sorted(diff.keys())
+    if not keys or not set(keys) <= restart_only_keys(ctx.schema):
+        return []
+    return [
+        f"the guard can never judge this change: {', '.join(keys)} "
+        f"{'is' if len(keys) == 1 else 'are'} restart-only, so no running process applies "
+        "it (and one started after it is not judged): the guard ends abandoned, the change "
+        "stays"
+    ]
+
+
 def _write(
     ctx: Context,
     args: argparse.Namespace,
@@ -250,14 +265,40 @@ def _write(
     existed = current.values.keys()
     deleted = sorted(k for k in diff if k not in new_etcd)
     secrets = secret_keys(ctx.schema)
+    # The old values the daemon rejects (never in force): a guard's revert deletes them.
+    not_in_force: frozenset[str] = frozenset()
+    if guard is not None:
+        not_in_force = frozenset(p.key for p in dropped) | frozenset(
+            p.key for p in rejected_on_top(ctx.schema, ctx.precedence, layers, current.values)
+        )
     if args.dry_run:
+        dry_warnings: list[str] = []
+        if guard is not None and diff:
+            # The checks of the real run (a baseline that no process reports is refused),
+            # on the status entries read now; nothing is written.
+            with ctx.store() as store:
+                entries = read_status_entries(store, ctx.app)
+            _, _, dry_warnings = record_for_set(
+                entries, ctx.app, guard, diff, current.values, secrets, not_in_force & diff.keys()
+            )
+            dry_warnings += _restart_only_guard(ctx, diff)
         title = f"dry run at revision {revision}: would write"
         _print_diff(diff, args.json, title, secrets, existed, deleted)
         _warn_shadowed(snapshot, shadowed, secrets)
         _warn_restart_only(ctx, diff)
+        if guard is not None and not diff:
+            dry_warnings.append("no guard would be armed: the change alters nothing in etcd")
+        for warning in dry_warnings:
+            print(f"hotknob: warning: {warning}", file=sys.stderr)
         return 0
     if not diff:
         _warn_shadowed(snapshot, shadowed, secrets)
+        if guard is not None:
+            print(
+                "hotknob: warning: no guard was armed: nothing changed, so there is "
+                "nothing for it to judge",
+                file=sys.stderr,
+            )
         held = "no value of those keys" if sections else "those values already"
         text = f"nothing to do: etcd holds {held} (at revision {revision})"
         return _unchanged(ctx, args, revision, text)
@@ -269,13 +310,10 @@ def _write(
         record = None
         entries = read_status_entries(store, ctx.app)  # the daemons' processes, once
         if guard is not None:
-            # The old values the daemon rejects (never in force): a revert deletes them.
-            not_in_force = frozenset(p.key for p in dropped) | frozenset(
-                p.key for p in rejected_on_top(ctx.schema, ctx.precedence, layers, current.values)
-            )
             guard_path, record, guard_warnings = record_for_set(
                 entries, ctx.app, guard, diff, current.values, secrets, not_in_force & diff.keys()
             )
+            guard_warnings += _restart_only_guard(ctx, diff)
             texts[guard_path] = record.to_json()
         pinned_warnings = _pinned_on_daemons(entries, diff)
         checked = {meta_key(ctx.app): store.mod_revision(meta_key(ctx.app), revision)}

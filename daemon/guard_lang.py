@@ -9,7 +9,11 @@ A guard says what must keep holding after a change, e.g. ``loss < 1.5 * baseline
     unary      := "-" unary | atom
     atom       := NUMBER | METRIC | "baseline" | "baseline" "(" METRIC ")" | "(" guard-or-sum ")"
 
-``METRIC`` is a name a process reports (``loss``, ``grad_norm``, ``eval.loss``).
+``METRIC`` is a name a process reports (``loss``, ``grad_norm``, ``eval.loss``,
+``train/loss``): ASCII letters, digits, ``_`` and ``.``, starting with a letter or ``_``,
+its parts joined by ``/`` with no spaces around it. There is no division, so a ``/``
+there is never one; a name whose last part is a number (``loss/2``) is refused as the
+division it looks like.
 A bare ``baseline`` means the baseline of the one metric named in the same
 comparison; ``baseline(name)`` names it explicitly. Parentheses group either
 arithmetic or whole conditions; the parser checks that numbers and conditions
@@ -104,6 +108,17 @@ def _is_name_char(ch: str) -> bool:
     return ch.isascii() and (ch.isalnum() or ch in "_.")
 
 
+def _is_part_start(ch: str) -> bool:
+    """Whether ``ch`` may follow a "/" inside a metric name (``train/loss``, ``layer/0/norm``)."""
+    return ch.isascii() and (ch.isalnum() or ch == "_")
+
+
+_DIVISION = (
+    "division is not supported: multiply instead; a metric name may join its parts "
+    'with "/", no spaces around it, as in train/loss'
+)
+
+
 def tokenize(text: str) -> list[Token]:
     """Numbers, names, operators and parentheses; anything else is a ``GuardSyntaxError``."""
     if len(text) > MAX_GUARD_CHARS:
@@ -136,11 +151,20 @@ def tokenize(text: str) -> list[Token]:
             tokens.append(Token("num", literal, start, value))
         elif _is_name_start(ch):
             start = i
-            while i < n and _is_name_char(text[i]):
+            while i < n and (
+                _is_name_char(text[i]) or (text[i] == "/" and _is_part_start(text[i + 1 : i + 2]))
+            ):
                 i += 1
             name = text[start:i]
-            if name.endswith(".") or ".." in name:
+            if any(part.endswith(".") or ".." in part for part in name.split("/")):
                 raise GuardSyntaxError(text, start, f'malformed metric name "{name}"')
+            last = name.rsplit("/", 1)[-1]
+            if last != name and last.replace(".", "").isdigit():
+                raise GuardSyntaxError(
+                    text,
+                    start + len(name) - len(last) - 1,
+                    f'"{name}" ends in a number after "/": {_DIVISION}',
+                )
             tokens.append(Token("name", name, start))
         elif text.startswith(("<=", ">=", "==", "!="), i):
             tokens.append(Token("op", text[i : i + 2], i))
@@ -150,7 +174,7 @@ def tokenize(text: str) -> list[Token]:
             i += 1
         else:
             hint = " (use 'and')" if ch == "&" else ""
-            hint = " (division is not supported: multiply instead)" if ch == "/" else hint
+            hint = f" ({_DIVISION})" if ch == "/" else hint
             hint = " (write the guard on one line)" if ch in "\r\n" else hint
             raise GuardSyntaxError(text, i, f'unexpected character "{ch}"{hint}')
     tokens.append(Token("end", "", n))
