@@ -31,15 +31,19 @@ class InvalidInput(HotknobError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One reason a configuration is invalid: which key, from which layer, and why."""
+    """One reason a configuration is invalid: which key, from which layer, and why;
+    ``origin``: where in that layer, when a layer has several places (the config file of
+    the files layer that gave the key)."""
 
     key: str
     layer: str
     reason: str
     value: object = None
+    origin: str = ""
 
     def __str__(self) -> str:
-        where = f"{self.key} (from {self.layer})" if self.layer else self.key
+        source = f"{self.layer}: {self.origin}" if self.origin else self.layer
+        where = f"{self.key} (from {source})" if self.layer else self.key
         return f"{where}: {self.reason}"
 
 

@@ -251,9 +251,37 @@ def merge_layers(
     """Merge ``layers`` (lowest precedence first per ``precedence``) and validate the result.
 
     Raises ``InvalidChange`` listing every problem: unknown keys, unreadable
-    values, and schema violations, each with the key and its layer.
+    values, and schema violations, each with the key and its layer, and for a key of the
+    files layer, the file that gave it (``Problem.origin``): with several ``--config``
+    files, "from files" alone does not say which to fix.
     """
     by_name = {layer.name: layer for layer in layers}
+    try:
+        return _merged(schema, by_name, precedence)
+    except InvalidChange as exc:
+        files = by_name.get("files")
+        if files is None or not files.origins:
+            raise
+        problems = [_with_file(p, files.origins) for p in exc.problems]
+        raise InvalidChange(problems) from exc.__cause__
+
+
+def _with_file(problem: Problem, origins: Mapping[str, str]) -> Problem:
+    """``problem`` naming the file that gave its key, or its nearest key above (a key
+    inside a mapping the file gave), if it is of the files layer; else as it is."""
+    if problem.layer != "files" or problem.origin:
+        return problem
+    key = problem.key
+    while key not in origins:
+        if "." not in key:
+            return problem  # a section, or the whole model: its keys may come from many files
+        key = key.rsplit(".", 1)[0]
+    return dataclasses.replace(problem, origin=origins[key])
+
+
+def _merged(
+    schema: type[BaseModel], by_name: Mapping[str, Layer], precedence: Sequence[str]
+) -> Snapshot:
     order = [name for name in precedence if name in by_name]
     facts = schema_facts(schema)
     is_known = facts.is_known

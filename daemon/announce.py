@@ -118,6 +118,7 @@ class Announcer:
                 "layer": p.layer,
                 "reason": p.reason,
                 "value": _short(self.shown(p.key, p.value)),
+                **({"path": p.origin} if p.origin else {}),
             }
             for p in exc.problems[:MAX_LISTED]
         ]

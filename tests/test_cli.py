@@ -487,12 +487,12 @@ def test_a_file_value_a_higher_layer_shadows_is_checked_by_the_commands_too(
     pinned = ["--config", str(config), "--set", "train.lr=0.1"]
     for command in (["get", "train.lr"], ["explain", "train.lr"]):
         line = one_line_error(run_cli(*command, *pinned), 1)
-        assert "train.lr (from files)" in line and "greater than 0" in line, line
+        assert f"train.lr (from files: {config})" in line and "greater than 0" in line, line
         assert "without the layers above the files" in line
     hk(etcd, "set", "train.lr=0.2")
     before = revision(etcd)
     line = one_line_error(hk(etcd, "set", "train.momentum=0.5", "--config", str(config)), 1)
-    assert "train.lr (from files)" in line
+    assert f"train.lr (from files: {config})" in line
     assert revision(etcd) == before
 
 

@@ -571,7 +571,8 @@ def test_a_file_value_etcd_shadows_is_refused_and_never_blocks_an_unset(
             assert time.monotonic() < deadline, "the edit was never rejected"
             time.sleep(0.05)
         (rejected,) = daemon.events("change_rejected")
-        assert rejected["layer"] == "files" and "train.lr (from files)" in rejected["reason"]
+        assert rejected["layer"] == "files"
+        assert f"train.lr (from files: {config})" in rejected["reason"]
         assert client.no_message(0.3)
 
         endpoints = ["--app", APP, "--etcd-endpoints", etcd.endpoint]

@@ -7,6 +7,7 @@ etcd, files and sockets.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -401,7 +402,8 @@ def test_a_restart_on_config_files_it_refuses_starts_on_their_saved_contents(
     with capture_logs() as logs:
         later.start({}, 1, files=[(config, {"train": {"lr": -7}})])
     assert later.current is not None and later.current.flat["train.lr"] == 0.07
-    assert later.files_refused is not None and "train.lr (from files)" in later.files_refused
+    assert later.files_refused is not None
+    assert f"train.lr (from files: {config})" in later.files_refused
     assert any(e["event"] == "config_files_refused_at_start" for e in logs)
     # The next valid contents are taken as any edit.
     assert later.on_files([(config, {"train": {"lr": 0.09}})])
@@ -454,6 +456,7 @@ def test_a_file_value_a_higher_layer_shadows_is_checked_all_the_same(tmp_path: P
     assert rejected["layer"] == "files"
     assert [p["key"] for p in rejected["problems"]] == ["train.lr"]
     assert "without the layers above the files" in rejected["problems"][0]["reason"]
+    assert rejected["problems"][0]["path"] == str(config)  # which --config to fix
     assert engine.layers["files"].values == {"train.lr": 0.05}  # the last good contents
     assert engine.current is not None and engine.current.flat["train.momentum"] == 0.9
 
@@ -468,7 +471,7 @@ def test_a_start_on_files_invalid_under_a_pinned_key_is_refused(tmp_path: Path) 
     start either; a restart on such an edit starts on the files' saved contents."""
     config = tmp_path / "config.yaml"
     pinned = make_engine(tmp_path, cli_layer(["train.lr=0.1"]))
-    with pytest.raises(InvalidChange, match=r"train\.lr \(from files\)"):
+    with pytest.raises(InvalidChange, match=re.escape(f"train.lr (from files: {config})")):
         pinned.start({}, 1, files=[(config, {"train": {"lr": -1}})])
 
     ran = make_engine(tmp_path, cli_layer(["train.lr=0.1"]))
@@ -476,7 +479,8 @@ def test_a_start_on_files_invalid_under_a_pinned_key_is_refused(tmp_path: Path) 
     ran.close()
     later = make_engine(tmp_path, cli_layer(["train.lr=0.1"]))
     later.start({}, 1, files=[(config, {"train": {"lr": -1}})])
-    assert later.files_refused is not None and "train.lr (from files)" in later.files_refused
+    assert later.files_refused is not None
+    assert f"train.lr (from files: {config})" in later.files_refused
     assert later.layers["files"].values == {"train.lr": 0.05}
     assert later.current is not None and later.current.flat["train.lr"] == 0.1
     later.close()

@@ -107,7 +107,7 @@ def test_healthz_says_what_is_wrong_with_the_config_files(tmp_path: Path) -> Non
         )
         assert body["ok"] is True
         assert (
-            "train.lr (from files): Input should be greater than 0"
+            f"train.lr (from files: {config}): Input should be greater than 0"
             in (body["config_files"]["rejected"])
         )
         save("train: [unclosed\n")
@@ -160,7 +160,7 @@ def test_a_restart_on_config_files_it_cannot_take_runs_them_as_they_were(
     with proc:
         pass  # its state file now holds the contents it ran
     for bad, problem, reason in (
-        ("train:\n  lr: -1\n", "rejected", "train.lr (from files): Input should be greater"),
+        ("train:\n  lr: -1\n", "rejected", f"train.lr (from files: {config}): Input should be"),
         ("train: [unclosed\n", "unreadable", str(config)),
     ):
         config.write_text(bad)
@@ -190,7 +190,7 @@ def test_a_first_start_on_an_invalid_config_file_still_fails(tmp_path: Path) -> 
     proc, _ = daemon(tmp_path, extra=("--config", str(config)))
     with pytest.raises(RuntimeError, match="daemon exited with 1"):
         proc.start()
-    assert "train.lr (from files): Input should be greater than 0" in proc.log()
+    assert f"train.lr (from files: {config}): Input should be greater than 0" in proc.log()
     other = tmp_path / "other.yaml"  # a state file of other files does not help either
     config.write_text("train:\n  lr: 0.1\n")
     with proc:

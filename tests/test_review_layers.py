@@ -196,3 +196,32 @@ def test_a_section_variable_that_gives_a_key_twice_is_refused() -> None:
         "hotknob: train (from env): HOTKNOB_PARAM_TRAIN: its JSON gives the key 'lr' twice: "
         "keep one"
     )
+
+
+def test_a_refused_file_value_names_the_file_among_several(tmp_path: Path) -> None:
+    # "train.lr (from files)" did not say which of the --config files to fix.
+    good, bad = tmp_path / "base.yaml", tmp_path / "override.yaml"
+    good.write_text("train:\n  lr: 0.1\n  momentum: 0.5\n")
+    bad.write_text("train:\n  lr: -1\n  weight_decay: 0.01\n")
+    refused = _cli("get", "train.lr", "--config", str(good), "--config", str(bad), env={})
+    assert refused.returncode == 1
+    assert f"train.lr (from files: {bad}): Input should be greater than 0" in refused.stderr
+    assert str(good) not in refused.stderr
+
+
+def test_a_problem_of_a_mapping_names_the_file_that_gave_it(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    files = files_layer(_Top, [(first, {"seed": 3}), (second, {"weights": {"head": "x"}})])
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Top, [defaults_layer(_Top), files])
+    assert [(p.key, p.layer, p.origin) for p in info.value.problems] == [
+        ("weights", "files", str(second))
+    ]
+    assert str(info.value).startswith(f"weights (from files: {second}): ")
+
+
+def test_a_problem_of_another_layer_names_no_file(tmp_path: Path) -> None:
+    files = files_layer(_Top, [(tmp_path / "c.yaml", {"seed": 3})])
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(_Top, [defaults_layer(_Top), files, cli_layer(["seed=-x"])])
+    assert [(p.key, p.layer, p.origin) for p in info.value.problems] == [("seed", "cli", "")]

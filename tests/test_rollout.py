@@ -329,18 +329,18 @@ def test_status_says_when_a_daemon_refuses_its_config_files(
         _save(config, "train:\n  lr: -1\n")
         entry = _wait_entry(etcd, "n1/p1", lambda e: "config_files" in e)
         assert (
-            "train.lr (from files): Input should be greater than 0"
+            f"train.lr (from files: {config}): Input should be greater than 0"
             in (entry["config_files"]["rejected"])
         )
         status = hk(etcd, "status").stdout
-        assert "its daemon rejected its config files: train.lr (from files)" in status
+        assert "its daemon rejected its config files: train.lr (from files: /" in status
         _save(config, "train: [unclosed\n")
         entry = _wait_entry(etcd, "n1/p1", lambda e: "unreadable" in e.get("config_files", {}))
         unreadable = entry["config_files"]["unreadable"]
         assert unreadable.count(str(config)) == 1 and "not valid YAML" in unreadable, unreadable
         assert "rejected" in entry["config_files"]  # the last contents read are still refused
         status = hk(etcd, "status").stdout  # a row: the first error, and how many more
-        assert "its daemon rejected its config files: train.lr (from files)" in status
+        assert "its daemon rejected its config files: train.lr (from files: /" in status
         assert "(+1 more: status --summary)" in status, status
         status = hk(etcd, "status", "--summary").stdout  # each error whole
         assert f"its daemon cannot read a config file: {config}: not valid YAML" in status
