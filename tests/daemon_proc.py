@@ -21,14 +21,18 @@ def hotknob_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "hotknob.daemon.cli", *args]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> Any:
-    """Run the CLI to completion; returns the CompletedProcess (text)."""
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, drop: str = ""
+) -> Any:
+    """Run the CLI to completion; returns the CompletedProcess (text). ``drop``: the
+    caller's variables whose names start with it are left out (``HOTKNOB_``)."""
+    base = {k: v for k, v in os.environ.items() if not (drop and k.startswith(drop))}
     return subprocess.run(
         hotknob_cmd(*args),
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**base, **(env or {})},
         stdin=subprocess.DEVNULL,
     )
 

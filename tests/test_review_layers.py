@@ -3,7 +3,6 @@ the commands that show the result (``get``, ``explain``)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from hotknob.config import (
     files_layer,
     merge_layers,
 )
-from tests.daemon_proc import hotknob_cmd
+from tests.daemon_proc import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,15 +52,8 @@ def _env_merge(environ: dict[str, str]) -> InvalidChange | None:
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The CLI run to completion, without the caller's ``HOTKNOB_*`` variables."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("HOTKNOB_")}
-    return subprocess.run(
-        hotknob_cmd(*args),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**base, **env},
-        stdin=subprocess.DEVNULL,
-    )
+    result: subprocess.CompletedProcess[str] = run_cli(*args, env=env, drop="HOTKNOB_")
+    return result
 
 
 @pytest.mark.parametrize("name", ["HOTKNOB_PARAM_SEED__X", "HOTKNOB_PARAM_seed__typo"])

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_proc import hotknob_cmd
+from tests.daemon_proc import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def run_cli_without_etcd(*args: str) -> subprocess.CompletedProcess[str]:
     """The CLI run to completion with no ``HOTKNOB_ETCD_*`` variable of the caller's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTKNOB_ETCD_")}
-    return subprocess.run(
-        hotknob_cmd(*args),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
+    result: subprocess.CompletedProcess[str] = run_cli(*args, drop="HOTKNOB_ETCD_")
+    return result
 
 
 def test_a_client_certificate_without_its_key_is_refused_without_endpoints(
