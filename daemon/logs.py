@@ -120,8 +120,36 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
         logger_factory=structlog.WriteLoggerFactory(file=_Sink(out)),  # type: ignore[arg-type]  # a file enough
         cache_logger_on_first_use=False,
     )
-    # Library loggers (grpc, watchdog) go to stderr at warning and above, never as tracebacks.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    # Library loggers (grpc, watchdog, asyncio) at warning and above: the same lines, with
+    # the library's logger name, so that a log of JSON lines stays one (watchdog warns at
+    # a stop that came while its emitter thread was ending). As ``logging.basicConfig``
+    # did: not where a program or a test runner set up logging itself.
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, _LibraryLines)]
+    if root.handlers and not ours:
+        return
+    for old in ours:
+        root.removeHandler(old)
+    handler = _LibraryLines(_Sink(out))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.stdlib.add_logger_name,
+                _stamp_utc,
+                _drop_sensitive,
+                structlog.processors.format_exc_info,
+            ],
+        )
+    )
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+class _LibraryLines(logging.StreamHandler):
+    """The handler ``configure`` puts on the root logger (so that a second call replaces
+    it, and a handler of someone else's is left alone)."""
 
 
 def get_logger(name: str = "hotknob", **bound: Any) -> Any:

@@ -6,6 +6,7 @@ import datetime
 import io
 import json
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -76,3 +77,33 @@ def test_the_time_stamp_is_structlogs_iso_utc_form(captured: io.StringIO) -> Non
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
     when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     assert before - datetime.timedelta(milliseconds=1) <= when <= after
+
+
+def test_a_library_s_warning_is_a_json_line_too() -> None:
+    # Seen at a daemon's stop: watchdog's "InotifyEmitter.queue_events() called when the
+    # thread is inactive" came as "name: message" among the JSON lines. Run in a fresh
+    # interpreter: under pytest the root logger has the runner's handlers, left alone.
+    code = (
+        "import logging\n"
+        "from hotknob.daemon import logs\n"
+        "logs.configure(json=True)\n"
+        "logs.configure(json=True)\n"  # a second call replaces its handler, adds none
+        "logging.getLogger('watchdog.observers.inotify').warning('emitter %s', 'inactive')\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    logging.getLogger('asyncio').exception('callback failed')\n"
+        "logging.getLogger('grpc').info('below warning: not shown')\n"
+        "logs.get_logger().info('own_event', a=1)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(e["event"], e.get("logger"), e["level"]) for e in lines] == [
+        ("emitter inactive", "watchdog.observers.inotify", "warning"),
+        ("callback failed", "asyncio", "error"),
+        ("own_event", None, "info"),
+    ]
+    assert "ZeroDivisionError" in lines[1]["exception"]
+    assert all("timestamp" in e for e in lines)
