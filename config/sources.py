@@ -240,7 +240,7 @@ def env_layer(
             try:
                 parse_text(text)
             except DuplicateKey as exc:
-                key = name[len(prefix) :].lower().replace("__", ".")
+                key = _env_key(prefix, name)
                 problems.append(Problem(shown_text(key), "env", f"{shown_text(name)}: {exc}"))
             except NotText:
                 pass  # a lone surrogate: said of the value pydantic-settings gave
@@ -253,11 +253,12 @@ def env_layer(
     origins = {key: prefix + key.upper().replace(".", "__") for key in values}
     problems.extend(_given_twice(prefix, environ))
     spelled: dict[str, str] = {}  # each variable's name in lower case: the first spelling
+    fields = {field.lower() for field in schema.model_fields}
     for name in environ:
         if name.lower().startswith(lowered):
+            key = _env_key(prefix, name)
             first = spelled.setdefault(name.lower(), name)
             if first != name:  # case does not count: which one wins would be chance
-                key = name[len(prefix) :].lower().replace("__", ".")
                 problems.append(
                     Problem(
                         shown_text(key),
@@ -266,14 +267,19 @@ def env_layer(
                         "of a name does not count): keep one",
                     )
                 )
-            key = name[len(prefix) :].lower().replace("__", ".")
             top = key.split(".", 1)[0]
-            if top not in {field.lower() for field in schema.model_fields}:
+            if top not in fields:
                 shown = shown_text(name)
                 problems.append(
                     Problem(shown_text(key), "env", f"{shown} names no field of the schema")
                 )
     return Layer("env", values, origins, tuple(problems))
+
+
+def _env_key(prefix: str, name: str) -> str:
+    """The dotted key a variable under ``prefix`` names, in lower case (``PREFIX_TRAIN__LR``:
+    ``train.lr``)."""
+    return name[len(prefix) :].lower().replace("__", ".")
 
 
 def _nulls_of_fields(
@@ -358,7 +364,7 @@ def _not_json(schema: type[BaseModel], prefix: str, environ: Mapping[str, str]) 
     for name, value in environ.items():
         if not name.lower().startswith(lowered):
             continue
-        dotted = name[len(prefix) :].lower().replace("__", ".")
+        dotted = _env_key(prefix, name)
         key = next((k for k in leaves if k.lower() == dotted), None)
         if key is not None:
             complex_value = may_hold_container(leaves[key].field.annotation)

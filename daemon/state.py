@@ -162,17 +162,15 @@ class StateStore:
 
     def _lock_lock_file(self, fd: int) -> str | None:
         """Take the lock file's lock on ``fd`` (or close it and raise ``StateInUse``)."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return f"{self.lock_path}: {exc.strerror or exc}"
+        failed = _flock_or_close(fd)
+        if failed is not None:
+            if failed.errno not in _HELD:
+                return f"{self.lock_path}: {failed.strerror or failed}"
             held_by = _read_holder(self.lock_path)
             raise StateInUse(
                 f"{self.path} is in use (another daemon holds {self.lock_path}"
                 + (f": {held_by})" if held_by else ")")
-            ) from None
+            )
         self._lock_fd = fd
         return None
 
@@ -183,13 +181,11 @@ class StateStore:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             return f"{no_lock_file}; {self.path}: {exc.strerror or exc}"
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return f"{no_lock_file}; {self.path}: {exc.strerror or exc}"
-            raise StateInUse(f"{self.path} is in use (another daemon holds a lock on it)") from None
+        failed = _flock_or_close(fd)
+        if failed is not None:
+            if failed.errno not in _HELD:
+                return f"{no_lock_file}; {self.path}: {failed.strerror or failed}"
+            raise StateInUse(f"{self.path} is in use (another daemon holds a lock on it)")
         self._state_fd = fd
         # A daemon that can write the folder may have created the lock file meanwhile and
         # locked it before this lock was taken (it looks at the state file after its own
@@ -333,6 +329,20 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+"""What ``flock`` without waiting fails with when another holds the lock."""
+
+
+def _flock_or_close(fd: int) -> OSError | None:
+    """Lock ``fd`` at once (exclusive); None if locked, else why not, ``fd`` closed."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        return exc
+    return None
+
+
 def _held_elsewhere(path: Path) -> bool:
     """Whether another daemon holds ``path`` locked (False if it cannot be opened)."""
     try:
@@ -342,7 +352,7 @@ def _held_elsewhere(path: Path) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        return exc.errno in _HELD
     finally:
         os.close(fd)  # and with it the lock, if taken
     return False
