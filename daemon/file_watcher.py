@@ -10,8 +10,10 @@ the last good state. So:
 
 - a save that emits several filesystem events is one change, and a ``touch``
   is none (the parsed contents are equal);
-- a half-written or unparsable file changes nothing: ``on_error`` is told, and
-  its last good contents stay in force until it parses again (``on_readable`` is
+- a half-written or unparsable file changes nothing: ``on_error`` is told once it
+  still does not parse ``debounce_s`` later (a read may meet a writer between its
+  truncate and its write), and its last good contents stay in force until it
+  parses again (``on_readable`` is
   told once every file parses, whether or not its contents changed); meanwhile a
   change to another watched file is reported as usual, with the unparsable file's
   last good contents, and ``on_error`` is told of that file again after it;
@@ -230,6 +232,7 @@ class FileLayerWatcher:
         self._check_lock = threading.RLock()
         self._reported: dict[Path, Exception] = {}  # a file that cannot be read, and why
         self._missing_since: dict[Path, float] = {}  # since when each missing file is
+        self._bad_since: dict[Path, float] = {}  # since when each file there does not read
 
         self._cond = threading.Condition()
         self._due: float | None = None
@@ -529,9 +532,9 @@ class FileLayerWatcher:
 
         A file that cannot be read keeps its last good contents, as one in ``held`` (names
         of files a writer still has open) does without being read: a change to another
-        file is reported with them. A missing file is waited for first: while one has been
-        missing for less than ``missing_grace_s`` (and the read is no explicit reload),
-        nothing is reported but the problem of a file that does not parse."""
+        file is reported with them. A file that cannot be read is waited for first (see
+        ``_awaited``; not by an explicit reload): while one is in its grace, nothing is
+        reported but the problems of the files whose grace is over."""
         files: list[tuple[Path, Mapping[str, Any]]] = []
         read: list[Path] = []
         failed: dict[Path, Exception] = {}
@@ -549,8 +552,8 @@ class FileLayerWatcher:
                     missing.append(path)
             else:
                 read.append(path)
-        awaited = self._awaited(missing, explicit)
-        if awaited:  # it may be mid-rename: the files are read again when its grace ends
+        awaited = self._awaited(failed, missing, explicit)
+        if awaited:  # mid-rename or mid-write: the files are read again when its grace ends
             for path, error in failed.items():
                 if path not in awaited:
                     self._report(path, error, False)
@@ -589,18 +592,30 @@ class FileLayerWatcher:
         except Exception:
             self._log.exception("config_file_callback_failed", callback=name)
 
-    def _awaited(self, missing: list[Path], explicit: bool) -> frozenset[Path]:
-        """Of the files found ``missing``, those missing for less than ``missing_grace_s``
-        (none, for an explicit reload, which reports them at once); a check is due when the
-        first of their graces ends."""
+    def _awaited(
+        self, failed: Mapping[Path, Exception], missing: list[Path], explicit: bool
+    ) -> frozenset[Path]:
+        """Of the files that could not be read, those given a moment more (none, for an
+        explicit reload, which reports them at once); a check is due when the first of
+        their graces ends.
+
+        A file found ``missing`` waits ``missing_grace_s``: it may be mid-rename. One
+        that is there but does not read waits ``debounce_s``: a read can beat the events,
+        and meet a file that a writer has truncated and not yet written (an empty file,
+        or half of one) before the truncate's event has reached the watcher."""
         now = time.monotonic()
         self._missing_since = {path: self._missing_since.get(path, now) for path in missing}
+        self._bad_since = {
+            path: self._bad_since.get(path, now) for path in failed if path not in missing
+        }
         if explicit:
             return frozenset()
+        graces = [(self._missing_since, self._missing_grace_s), (self._bad_since, self._debounce_s)]
         ends = {
-            path: since + self._missing_grace_s
-            for path, since in self._missing_since.items()
-            if now < since + self._missing_grace_s
+            path: since + grace
+            for sinces, grace in graces
+            for path, since in sinces.items()
+            if now < since + grace
         }
         if ends:
             self._recheck_at(min(ends.values()))

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from hotknob.config.errors import LayerError
+from hotknob.config.files import read_config_file
 from hotknob.daemon.file_watcher import FileLayerState, FileLayerWatcher
 
 DEBOUNCE_S = 0.05
@@ -260,6 +261,38 @@ def test_touch_and_an_equal_rewrite_are_no_change(tmp_path: Path) -> None:
         target.write_text("# same values, other order\ntrain: {momentum: 0.9, lr: 0.1}\n")
         recorder.settle()
         recorder.settle()
+    assert recorder.changes == []
+    assert recorder.errors == []
+
+
+def test_a_file_read_between_a_truncate_and_its_write_is_no_error(tmp_path: Path) -> None:
+    """The read can beat the events: on a loaded machine the watcher may read a file
+    that a writer has just truncated before the truncate's event reaches it. The read
+    here is made to land there (the writer truncates, the file is read, the writer
+    writes the same contents back); an empty file seen once, then whole again, is
+    neither an error nor a change."""
+    target = tmp_path / "config.yaml"
+    target.write_text(lr_yaml(0.1))
+    armed, raced = threading.Event(), threading.Event()
+
+    def read_mid_write(path: Path) -> Mapping[str, Any]:
+        if path != target or not armed.is_set() or raced.is_set():
+            return read_config_file(path)
+        raced.set()
+        with open(path, "r+") as writer:
+            writer.truncate(0)
+            try:
+                return read_config_file(path)
+            finally:
+                writer.write(lr_yaml(0.1))
+
+    with watching(target, read_file=read_mid_write) as (_, recorder):
+        recorder.settle()  # the start's own reads and checks are over
+        armed.set()
+        os.utime(target)  # an event: the watcher checks, and meets the writer mid-write
+        recorder.settle()
+        recorder.settle()
+    assert raced.is_set()
     assert recorder.changes == []
     assert recorder.errors == []
 
