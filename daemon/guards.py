@@ -373,7 +373,8 @@ class GuardManager:
         if bad:
             name, value = sorted(bad.items())[0]
             evidence = [{"client": client, "step": report.step, "values": _jsonable(values)}]
-            reason = f"{client} reported {name}={encode_value(value)} at step {report.step}"
+            who = status_name(self.node, client)
+            reason = f"{who} reported {name}={encode_value(value)} at step {report.step}"
             self._ending.revert(guard_id, active, reason, evidence)
             return
         baselines = self._baselines(active.record, client)
@@ -398,11 +399,12 @@ class GuardManager:
             )
             del failures[:-_EVIDENCE_KEPT]  # the evidence kept; the count is apart
             if count >= active.record.patience:
+                who = status_name(self.node, client)
                 reason = (
-                    f"{guard.text!r} failed on {count} reports in a row from {client} "
+                    f"{guard.text!r} failed on {count} reports in a row from {who} "
                     f"(steps {first}..{report.step})"
                     if count > 1
-                    else f"{guard.text!r} failed on the report from {client} at step {report.step}"
+                    else f"{guard.text!r} failed on the report from {who} at step {report.step}"
                 )
                 self._ending.revert(guard_id, active, reason, failures[-active.record.patience :])
                 return

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -372,7 +373,7 @@ def test_a_guard_survives_a_daemon_restart_and_nan_reverts_at_once(
             assert update["changed"] == {"train.lr": 0.001}
         # The restored value can reach the client before the revert's log line is written.
         (event,) = wait_for("the revert logged", lambda: daemon.events("change_reverted"))
-        assert event["reason"] == "c1 reported loss=nan at step 8"
+        assert event["reason"] == "n1/c1 reported loss=nan at step 8"
         assert event["restored"] == {"train.lr": None}
         assert kv(etcd, P + "train/lr") == (None, 0)
         (record,) = guard_records(etcd)
@@ -564,7 +565,7 @@ def test_a_remote_process_whose_reports_come_after_the_others_are_done_can_rever
         for step in (20, 30, 40):  # its reports come now: each holds 10 steps, 50x the loss
             c2.send(metrics(step, loss=50.0))
         (event,) = wait_for("the revert", lambda: d2.events("change_reverted"))
-        assert "from c2" in event["reason"], event
+        assert "from n2/c2" in event["reason"], event
         assert guard_records(etcd)[0]["state"] == "reverted"
 
 
@@ -708,7 +709,7 @@ def test_a_process_that_goes_back_to_an_earlier_step_is_watched_from_there(
         client.send(metrics(915, loss=1.0))
         client.send(metrics(916, loss="nan"))
         (event,) = wait_for("the revert on NaN", lambda: daemon.events("change_reverted"))
-        assert event["reason"] == "c1 reported loss=nan at step 916"
+        assert event["reason"] == f"{socket.gethostname()}/c1 reported loss=nan at step 916"
         (record,) = guard_records(etcd)
         assert record["state"] == "reverted"
 
@@ -806,7 +807,7 @@ def test_a_process_of_another_node_still_in_its_window_can_revert(
     with two_nodes_mid_window(etcd, tmp_path) as (_, d2, _, c2, _):
         c2.send(metrics(15, loss="nan"))  # inside c2's window
         (event,) = wait_for("the revert", lambda: d2.events("change_reverted"))
-        assert event["reason"] == "c2 reported loss=nan at step 15"
+        assert event["reason"] == "n2/c2 reported loss=nan at step 15"
         assert [r["state"] for r in guard_records(etcd)] == ["reverted"]
 
 

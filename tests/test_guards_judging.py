@@ -3,6 +3,7 @@ real daemon, raw clients)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from tests.test_guards import (
 
 pytestmark = pytest.mark.timeout(120)
 
+HOST = socket.gethostname()  # the node name of a daemon given no --node
 QUICK_ABANDON = {"HOTKNOB_GUARD_ABANDON_AFTER_S": "1"}
 
 
@@ -165,7 +167,7 @@ def test_a_window_shorter_than_the_steps_between_reports_is_still_judged(
         assert record["state"] == state, record
         if state == "reverted":
             (event,) = wait_for("the revert", lambda: daemon.events("change_reverted"))
-            assert "failed on 3 reports in a row from c1 (steps 60..160)" in event["reason"]
+            assert f"failed on 3 reports in a row from {HOST}/c1 (steps 60..160)" in event["reason"]
         else:
             assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
             assert not daemon.events("change_reverted")
@@ -224,7 +226,7 @@ def test_patience_over_the_evidence_kept_still_reverts(etcd: EtcdServer, tmp_pat
         assert [r["state"] for r in guard_records(etcd)] == ["armed"]
         client.send(metrics(21, loss=100.0))  # the 10th in a row
         (event,) = wait_for("the revert", lambda: daemon.events("change_reverted"), 15)
-        assert "failed on 10 reports in a row from c1 (steps 12..21)" in event["reason"]
+        assert f"failed on 10 reports in a row from {HOST}/c1 (steps 12..21)" in event["reason"]
         assert [e["step"] for e in event["evidence"]] == list(range(14, 22))  # the last 8
 
 
@@ -318,7 +320,7 @@ def test_a_listed_process_that_comes_back_is_judged_and_not_given_up_on(
             client.send(metrics(8, loss="nan"))
             record = ended(etcd)
         assert record["state"] == "reverted", record
-        assert record["outcome"]["reason"] == "c1 reported loss=nan at step 8"
+        assert record["outcome"]["reason"] == f"{HOST}/c1 reported loss=nan at step 8"
         assert kv(etcd, P + "train/lr") == (None, 0) and out["revision"] > 0
 
 
@@ -389,7 +391,7 @@ def test_a_process_that_reported_before_the_change_is_waited_for_one_that_did_no
         c2.send(metrics(42, loss=9.0))
         assert ended(etcd)["state"] == "reverted"
         (event,) = daemon.events("change_reverted")
-        assert "from c2 (steps 40..42)" in event["reason"], event
+        assert "from n1/c2 (steps 40..42)" in event["reason"], event
 
 
 def test_a_guard_that_held_names_who_it_did_not_hear_from_in_status(

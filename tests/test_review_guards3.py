@@ -252,7 +252,7 @@ def test_a_slow_process_of_the_same_daemon_is_waited_for_until_it_applies_the_ch
             c2.send(metrics(step, loss=10.0))
         record = ended(etcd)
     assert record["state"] == "reverted", record
-    assert "from c2" in record["outcome"]["reason"], record
+    assert "from n1/c2" in record["outcome"]["reason"], record
     assert out["revision"] and kv(etcd, P + "train/lr") == (None, 0)  # the change created it
 
 

@@ -71,7 +71,7 @@ def test_two_daemons_of_one_app_on_one_host_wait_for_each_other_s_processes(
             c2.send(metrics(step, loss=100.0))
         record = ended(etcd)
     assert record["state"] == "reverted", record
-    assert "from c2" in record["outcome"]["reason"], record
+    assert "from host1/c2" in record["outcome"]["reason"], record
     assert record["outcome"]["revision"] == out["revision"]
     assert kv(etcd, P + "train/lr") == (None, 0)  # the change made it: the revert deleted it
 
@@ -241,4 +241,4 @@ def test_a_guard_waits_for_the_processes_of_a_daemon_that_restarts_meanwhile(
         finally:
             d2.stop()
     assert record["state"] == "reverted", record
-    assert "from c2" in record["outcome"]["reason"], record
+    assert "from n2/c2" in record["outcome"]["reason"], record

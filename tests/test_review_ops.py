@@ -246,7 +246,7 @@ def test_watch_tells_a_revert_to_null_from_one_that_deletes(
     assert "train.grad_clip=null (was 5.0): " in to_null, to_null
     assert "train.grad_clip=(deleted) (was 5.0): " in deleted, deleted
     # One failed report: said as one, not "1 reports in a row (steps 31..31)".
-    assert "'loss < 0.00001' failed on the report from c1 at step " in deleted, deleted
+    assert "'loss < 0.00001' failed on the report from n1/c1 at step " in deleted, deleted
 
 
 # --- rollback to a revision etcd does not hold ------------------------------------------------
