@@ -273,15 +273,24 @@ def _write(
         )
     if args.dry_run:
         dry_warnings: list[str] = []
-        if guard is not None and diff:
-            # The checks of the real run (a baseline that no process reports is refused),
-            # on the status entries read now; nothing is written.
+        if diff:
+            # The checks and warnings of the real run (a key a daemon's env pins; for a
+            # guard, a baseline that no process reports is refused), on the status
+            # entries read now; nothing is written.
             with ctx.store() as store:
                 entries = read_status_entries(store, ctx.app)
-            _, _, dry_warnings = record_for_set(
-                entries, ctx.app, guard, diff, current.values, secrets, not_in_force & diff.keys()
-            )
-            dry_warnings += _restart_only_guard(ctx, diff)
+            dry_warnings += _pinned_on_daemons(entries, diff)
+            if guard is not None:
+                _, _, guard_warnings = record_for_set(
+                    entries,
+                    ctx.app,
+                    guard,
+                    diff,
+                    current.values,
+                    secrets,
+                    not_in_force & diff.keys(),
+                )
+                dry_warnings += guard_warnings + _restart_only_guard(ctx, diff)
         title = f"dry run at revision {revision}: would write"
         _print_diff(diff, args.json, title, secrets, existed, deleted)
         _warn_shadowed(snapshot, shadowed, secrets)

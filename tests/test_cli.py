@@ -734,12 +734,16 @@ def test_set_warns_of_a_key_the_environment_of_a_daemon_holds(
             assert time.monotonic() < wait_for_status, etcd_entry
             time.sleep(0.1)
         assert etcd_entry["pinned"] == {"train.lr": "env"}
-        done = hk(etcd, "set", "train.lr=0.01")
-        assert done.returncode == 0, done.stderr
-        assert (
+        held = (
             "warning: train.lr is held by the env layer on the daemon of 1 process(es) (n1/p1): "
-            "the etcd value has no effect there" in done.stderr
-        ), done.stderr
+            "the etcd value has no effect there"
+        )
+        before = revision(etcd)
+        done = hk(etcd, "set", "--dry-run", "train.lr=0.01")  # a dry run warns as the real one
+        assert done.returncode == 0 and held in done.stderr, done.stderr
+        assert revision(etcd) == before
+        done = hk(etcd, "set", "train.lr=0.01")
+        assert done.returncode == 0 and held in done.stderr, done.stderr
         done = hk(etcd, "set", "train.momentum=0.5")
         assert done.returncode == 0 and "held by" not in done.stderr, done.stderr
 
