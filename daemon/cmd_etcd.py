@@ -281,7 +281,7 @@ def _write(
                 entries = read_status_entries(store, ctx.app)
             dry_warnings += _pinned_on_daemons(entries, diff)
             if guard is not None:
-                _, _, guard_warnings = record_for_set(
+                _, _, would_warn = record_for_set(
                     entries,
                     ctx.app,
                     guard,
@@ -290,7 +290,7 @@ def _write(
                     secrets,
                     not_in_force & diff.keys(),
                 )
-                dry_warnings += guard_warnings + _restart_only_guard(ctx, diff)
+                dry_warnings += would_warn + _restart_only_guard(ctx, diff)
         title = f"dry run at revision {revision}: would write"
         _print_diff(diff, args.json, title, secrets, existed, deleted)
         _warn_shadowed(snapshot, shadowed, secrets)
