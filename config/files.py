@@ -24,8 +24,12 @@ MAX_FILE_DEPTH = 64  # mappings and lists within one another: far beyond any rea
 FILE_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 
 
+_YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _Strict:
-    """Refuses duplicate keys and YAML aliases (no alias bombs) in a PyYAML loader."""
+    """Refuses duplicate keys, YAML aliases (no alias bombs) and merge keys (``<<``, which
+    merge what an alias names) in a PyYAML loader."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):  # type: ignore[attr-defined]
@@ -38,6 +42,15 @@ class _Strict:
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            # Unchecked, a merge key ends in "no constructor for a tag (quote a value that
+            # starts with '!')", about a '!' the file does not hold.
+            if key_node.tag == _YAML_MERGE_TAG:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    "YAML merge keys ('<<') are not allowed in config files",
+                    key_node.start_mark,
+                )
             key = self.construct_object(key_node, deep=deep)  # type: ignore[attr-defined]
             try:
                 hash(key)

@@ -211,6 +211,37 @@ def _not_held(model: BaseModel, key: str) -> str | None:
     return None
 
 
+def _dropped_inside(model: BaseModel, key: str, given: Mapping[str, Any]) -> list[Problem]:
+    """A problem (layer left blank) for each key inside ``given``, the mapping a layer gave
+    whole at the leaf ``key``, at which the validated ``model`` holds no value
+    (``_not_held``): a typo in a model given whole (``inner: {a: 2, zz: 1}`` for ``inner:
+    Optional[Inner]``), which pydantic drops without a word, where ``inner.zz`` given alone
+    is refused. Only what the model keeps is walked into, and only the values that are
+    mappings: a ``dict[str, float]`` costs one look per key."""
+    node: Any = model
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    dropped: list[Problem] = []
+    stack: list[tuple[Any, Mapping[str, Any], str]] = [(node, given, key)]
+    while stack:
+        node, given, where = stack.pop()
+        while isinstance(node, RootModel):
+            node = node.root
+        if not isinstance(node, BaseModel | Mapping) and not (
+            dataclasses.is_dataclass(node) and not isinstance(node, type)
+        ):
+            continue  # a list, a text, a secret: nothing in it is a key
+        for part, value in given.items():
+            inside = f"{where}.{part}"
+            reason = _not_held(model, inside)
+            if reason is not None:
+                dropped.append(Problem(inside, "", reason, value))
+            elif isinstance(value, Mapping):
+                child = node.get(part) if isinstance(node, Mapping) else getattr(node, part, None)
+                stack.append((child, value, inside))
+    return dropped
+
+
 def _problems_besides(
     schema: type[BaseModel],
     rest: dict[str, Any],
@@ -355,14 +386,20 @@ def _merged(
         raise InvalidChange(
             problems or _raised(schema, raised, merged, winners, by_name, facts, nest)
         ) from None
+    problems = [  # keys inside a model given whole: held as if each were given alone
+        dataclasses.replace(problem, layer=winners[key])
+        for key in facts.mappings
+        if isinstance(merged.get(key), Mapping) and winners.get(key, "defaults") != "defaults"
+        for problem in _dropped_inside(model, key, merged[key])
+    ]
     if not all_leaves:  # keys below a leaf: each held by what the leaf's value became
-        problems = [
+        problems += [
             Problem(key, winners[key], reason, merged[key])
             for key in merged
             if key not in leaves and (reason := _not_held(model, key)) is not None
         ]
-        if problems:
-            raise InvalidChange(problems)
+    if problems:
+        raise InvalidChange(problems)
     problems = [
         Problem(key, winners.get(key, "defaults"), NOT_FINITE, flat[key])
         for key in non_finite(flat)

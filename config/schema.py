@@ -347,6 +347,14 @@ def load_schema(spec: str) -> type[BaseModel]:
         module = importlib.import_module(module_name)
     except Exception as exc:
         raise SchemaLoadError(f"cannot import schema module {module_name!r}: {exc}") from exc
+    except SystemExit as exc:
+        # A script's top-level code (``sys.exit()``, argparse reading hotknob's own
+        # arguments) ran: left to itself it ends the command with the script's exit code,
+        # 0 too, and ``validate`` in a git hook would pass without checking anything.
+        raise SchemaLoadError(
+            f"cannot import schema module {module_name!r}: it called sys.exit({exc.code!r}) "
+            "at import (does it run a script's code? keep the schema in a module of its own)"
+        ) from None
     target: Any = module
     for part in attr.split("."):
         try:
