@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import shutil
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hotknob.config import HotknobError, Unavailable
+from hotknob.config import HotknobError, Unavailable, UsageError
 from hotknob.config.keys import ROOT
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -136,20 +137,54 @@ class Demo:
     def say(self, text: str) -> None:
         print(f"\n== {text}", flush=True)
 
-    def run_cli(self, *args: str, layers: bool = True, check: bool = True) -> str:
-        """Run ``hotknob ARGS`` against the demo's etcd (``layers``: with its app and config)."""
+    def run_cli(
+        self,
+        *args: str,
+        layers: bool = True,
+        check: bool = True,
+        trainer: subprocess.Popen[bytes] | None = None,
+    ) -> str:
+        """Run ``hotknob ARGS`` against the demo's etcd (``layers``: with its app and config).
+
+        ``trainer``: the training run a ``set --wait`` waits for. Once it has exited (a run
+        too short for the change, or one that failed), the command is given a few seconds,
+        then stopped: its ``--wait`` could only time out, 30 s later, with no process left.
+        """
         cmd = ["hotknob", *args]
         print("$ " + " ".join(cmd), flush=True)
         extra = [*self.etcd_args, *(self.layer_args if layers else ["--app", self.app])]
-        result = subprocess.run(
-            _hotknob(*args, *extra), capture_output=True, text=True, env=self.env
+        proc = subprocess.Popen(
+            _hotknob(*args, *extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
         )
-        out = (result.stdout + result.stderr).rstrip()
+        try:
+            ended_at: float | None = None  # when the trainer was first seen gone
+            while proc.poll() is None:
+                if trainer is not None and trainer.poll() is not None:
+                    ended_at = ended_at or time.monotonic()
+                    if time.monotonic() - ended_at > 3:
+                        proc.terminate()
+                        break
+                time.sleep(0.02)
+            stdout, stderr = proc.communicate()  # a few lines: no pipe fills meanwhile
+        finally:
+            if proc.poll() is None:  # interrupted: the command goes with the demo
+                proc.kill()
+                proc.wait()
+        out = (stdout + stderr).rstrip()
         if out:
             print(out, flush=True)
-        if check and result.returncode != 0:
-            raise HotknobError(f"`{' '.join(cmd)}` exited with {result.returncode}")
-        return result.stdout
+        if check and proc.returncode != 0:
+            if trainer is not None and trainer.poll() is not None:
+                raise HotknobError(
+                    f"the trainer exited (code {trainer.returncode}) before `{' '.join(cmd)}` "
+                    "saw the change applied: give the demo more --steps or a longer --step-delay"
+                )
+            raise HotknobError(f"`{' '.join(cmd)}` exited with {proc.returncode}")
+        return stdout
 
     def start_etcd(self) -> None:
         """The caller's etcd (``--etcd-endpoints``, else ``HOTKNOB_ETCD_ENDPOINTS``), with
@@ -231,7 +266,7 @@ class Demo:
             if plan and step >= plan[0][0]:
                 _, pairs, why = plan.pop(0)
                 self.say(f"step {step}: {why}")
-                self.run_cli("set", *pairs, "--wait", "30")
+                self.run_cli("set", *pairs, "--wait", "30", trainer=trainer_proc)
             time.sleep(0.02)
         if trainer_proc.returncode != 0:
             raise HotknobError(f"the trainer exited with {trainer_proc.returncode}")
@@ -341,7 +376,21 @@ def plot(records: list[dict[str, Any]], output: Path) -> None:
     plt.close(fig)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse what could only fail once etcd, the daemon and the trainer run: a trainer
+    that cannot take ``--steps`` or ``--step-delay`` exits with a traceback, and a plot
+    into a folder that does not exist fails after the whole run."""
+    if args.steps < 1:
+        raise UsageError(f"demo: --steps must be 1 or more, got {args.steps}")
+    if not 0 <= args.step_delay < math.inf:
+        raise UsageError(f"demo: --step-delay must be 0 or more seconds, got {args.step_delay}")
+    folder = Path(args.output).parent
+    if not folder.is_dir():
+        raise UsageError(f"demo: --output: no folder {str(folder)!r} to write the plot in")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    _check_args(args)
     demo = Demo(args)
     previous = {signum: signal.signal(signum, demo.on_signal) for signum in _STOP_SIGNALS}
     try:

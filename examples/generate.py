@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -294,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", default=None, help="write one JSON line per token here")
     parser.add_argument("--connect-timeout", type=float, default=30.0, help="seconds")
     args = parser.parse_args(argv)
+    # Refused here, in one line (exit 2), not as a traceback part-way through a request:
+    # a negative or NaN delay fails in ``time.sleep``, an empty prompt in ``generate``.
+    if args.requests < 0:
+        parser.error(f"--requests must be 0 or more, got {args.requests}")
+    if not 0 <= args.token_delay < math.inf:
+        parser.error(f"--token-delay must be 0 or more seconds, got {args.token_delay}")
+    if args.prompt == "":
+        parser.error("--prompt must hold at least one character")
 
     model = build_model(args.seed, 0.0 if args.no_train else args.train_seconds)
     prompts = [args.prompt] if args.prompt is not None else list(PROMPTS)
@@ -309,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    log = open(args.log, "a", buffering=1) if args.log else None  # noqa: SIM115 - closed below
+    try:
+        log = open(args.log, "a", buffering=1) if args.log else None  # noqa: SIM115 - closed below
+    except OSError as exc:  # a missing folder, say: one line, and the daemon let go
+        print(f"error: --log: {exc}", file=sys.stderr)
+        live.close()
+        return 1
     try:
         sampling = LiveSampling(live)
     except InvalidValue as exc:

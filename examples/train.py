@@ -6,8 +6,9 @@ examples/train.py --app demo``; while it trains, change the learning rate with
 ``hotknob set --app demo train.lr=0.01`` (it writes etcd: without the endpoints it is a
 usage error) and watch the ``lr`` column change at the next step.
 
-Each step prints ``step loss lr version``; ``--log-file FILE`` also writes one JSON
-object per step, which ``hotknob demo`` plots.
+Every ``--print-every`` steps (20) it prints ``step loss lr version``, and a line at each
+change applied; ``--log-file FILE`` also writes one JSON object per step, which
+``hotknob demo`` plots.
 
 Under ``torchrun`` (``python -m torch.distributed.run --nproc-per-node 2 examples/train.py
 --app demo --log-file run-{rank}.jsonl``) every rank trains its own batches of a
@@ -55,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-every", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # Refused here, in one line (exit 2), not as a traceback once the run has connected:
+    # a negative or NaN delay fails in ``time.sleep``, ``--print-every 0`` in ``step % 0``.
+    if args.steps < 0:
+        parser.error(f"--steps must be 0 or more, got {args.steps}")
+    if not 0 <= args.step_delay < math.inf:
+        parser.error(f"--step-delay must be 0 or more seconds, got {args.step_delay}")
+    if args.print_every < 1:
+        parser.error(f"--print-every must be 1 or more, got {args.print_every}")
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
     rank = 0
@@ -73,10 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     elif args.scheduler == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.steps // 4, gamma=0.5)
+        # At least 1: StepLR divides by it at every step (``--steps 3`` would give 0).
+        step_size = max(1, args.steps // 4)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.5)
     live.bind_optimizer(optimizer, scheduler)
     path = args.log_file.replace("{rank}", str(rank)) if args.log_file else None
-    log = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - closed below
+    try:
+        log = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - closed below
+    except OSError as exc:  # a missing folder, say: one line, and the daemon let go
+        print(f"error: --log-file: {exc}", file=sys.stderr)
+        live.close()
+        if distributed:
+            dist.destroy_process_group()
+        return 1
     say = print if rank == 0 else lambda *a, **k: None
     say(f"connected: version {live.version}, lr {live['train.lr']}", flush=True)
     try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -132,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         "to pass or revert it: its whole window of steps (set --wait); else stop",
     )
     args = parser.parse_args(argv)
+    # Refused here, in one line (exit 2): a negative or NaN interval fails in
+    # ``time.sleep``, with a traceback, at the first look.
+    if not 0 <= args.interval < math.inf:
+        parser.error(f"--interval must be 0 or more seconds, got {args.interval}")
     try:
         return tune(args)
     except Stop as exc:
