@@ -271,14 +271,16 @@ class LiveConfig:
         path = _absolute(path)
         live = cls(path, name, hello_extra, sync)
         try:
-            live._start(timeout, app_name, given=socket is not None)
+            given = socket is not None or bool(os.environ.get("HOTKNOB_SOCKET"))
+            live._start(timeout, app_name, given=given)
         except BaseException:  # an interrupted wait must not leave a client connecting
             live.close()
             raise
         return live
 
     def _start(self, timeout: float, app_name: str, *, given: bool) -> None:
-        """``connect``'s wait for the first state (``given``: the socket was passed)."""
+        """``connect``'s wait for the first state (``given``: the socket was passed, or
+        ``HOTKNOB_SOCKET`` named it)."""
         sync, path = self._sync, self._path
         self._conn.start()
         got_state = self._first_state.wait(timeout)
@@ -299,7 +301,7 @@ class LiveConfig:
                 )
             if not given:
                 how = f"`hotknob run --app {app_name}`, or pass socket= / set HOTKNOB_SOCKET"
-            else:  # the socket it was given: a daemon started there
+            else:  # the socket it was given, or the variable named: a daemon started there
                 how = f"`hotknob run --app {app_name} --socket {path}`"
             raise DaemonUnavailable(
                 f"no hotknob daemon at {path} after {timeout:g} s: start one with {how}"

@@ -119,6 +119,19 @@ def test_no_daemon_raises_daemon_unavailable_quickly(sock_path: str) -> None:
     assert isinstance(info.value, LiveConfigError)
 
 
+def test_no_daemon_at_the_socket_hotknob_socket_names_says_to_start_one_there(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hint was "start one with `hotknob run --app myjob`, or ... set HOTKNOB_SOCKET",
+    # set already: a daemon started so listens elsewhere.
+    monkeypatch.setenv("HOTKNOB_SOCKET", sock_path)
+    with pytest.raises(DaemonUnavailable) as info:
+        LiveConfig.connect(timeout=0.2, app="myjob")
+    message = str(info.value)
+    assert f"start one with `hotknob run --app myjob --socket {sock_path}`" in message, message
+    assert "set HOTKNOB_SOCKET" not in message
+
+
 def test_distributed_needs_an_initialised_group(stub: DaemonStub) -> None:
     with pytest.raises(ValueError, match="distributed"):
         LiveConfig.connect(stub.path, timeout=1, distributed=True)
