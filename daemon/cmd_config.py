@@ -141,8 +141,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _inside_a_leaf(dict(snapshot.flat), key)  # a key no leaf holds is refused, as in get
         key = next((k for k in snapshot.flat if key.startswith(k + ".")), key)
     rows = explain_rows(snapshot, _select(snapshot, key))
+    # A layer not read here (its option not given) is no "nothing there": a daemon's own
+    # --config or etcd may hold values.
+    unread = [
+        (layer, option)
+        for layer, option, read in (
+            ("files", "--config", bool(ctx.config_files)),
+            ("etcd", "--etcd-endpoints", ctx.etcd is not None),
+        )
+        if not read
+    ]
     if args.json:
-        print(dumps({"revision": revision, "precedence": list(ctx.precedence), "keys": rows}))
+        document = {
+            "revision": revision if ctx.etcd is not None else None,  # no etcd, no revision
+            "precedence": list(ctx.precedence),
+            "not_read": [layer for layer, _ in unread],
+            "keys": rows,
+        }
+        print(dumps(document))
         return 0
     order = list(ctx.precedence)
     table = []
@@ -165,18 +181,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "^ restart-only: the processes keep the value the daemon started with; this one "
             "takes effect when the daemon restarts"
         )
-    unread = [
-        f"{layer} (no {option} given)"
-        for layer, option, read in (
-            ("files", "--config", bool(ctx.config_files)),
-            ("etcd", "--etcd-endpoints", ctx.etcd is not None),
-        )
-        if not read
-    ]
-    if unread:  # its "-" is no "nothing there": a daemon's own layers may hold values
-        notes.append(
-            f"- not read here: {', '.join(unread)}; what each process runs: `hotknob status`"
-        )
+    if unread:
+        said = ", ".join(f"{layer} (no {option} given)" for layer, option in unread)
+        notes.append(f"- not read here: {said}; what each process runs: `hotknob status`")
     if notes:
         print("\n" + "\n".join(notes))
     return 0

@@ -84,7 +84,9 @@ def test_get_and_explain_show_provenance(etcd: EtcdServer, tmp_path: Path) -> No
         etcd, "explain", "--json", "--config", str(config), "--set", "sampling.top_k=3", env=env
     )
     assert done.returncode == 0, done.stderr
-    rows = {row["key"]: row for row in json.loads(done.stdout)["keys"]}
+    document = json.loads(done.stdout)
+    assert document["not_read"] == [] and document["revision"] == revision(etcd)
+    rows = {row["key"]: row for row in document["keys"]}
     assert rows["train.lr"]["from"] == "etcd"
     assert rows["train.lr"]["layers"] == {"defaults": 0.001, "files": 0.1, "etcd": 0.01}
     assert rows["train.momentum"]["from"] == "env"
@@ -515,7 +517,10 @@ def test_explain_shows_a_shadowed_value_that_is_not_json(tmp_path: Path) -> None
     assert "2020-01-01*" in done.stdout
     done = run_cli("explain", "--json", *args)
     assert done.returncode == 0, done.stderr
-    rows = {row["key"]: row for row in json.loads(done.stdout)["keys"]}
+    document = json.loads(done.stdout)
+    # No etcd given: no revision (it read none), and said so, as the table's note says it.
+    assert document["revision"] is None and document["not_read"] == ["etcd"], document
+    rows = {row["key"]: row for row in document["keys"]}
     assert rows["since"]["layers"]["files"] == "2020-01-01"
 
 
