@@ -271,6 +271,8 @@ def _not_a_key(key: str, value: Any, leaves: frozenset[str]) -> str:
     shown = ", ".join(below[:3]) + (", ..." if len(below) > 3 else "")
     if value is None:
         return f"a section given nothing: set its keys ({shown}) or leave it out"
+    if isinstance(value, list):  # TOML's ``[[train]]``, YAML's ``- lr: 1``: one too many levels
+        return f"a section, not a list: set its keys ({shown}) in it, not in items of a list"
     return f"a section, not one value: set its keys ({shown})"
 
 

@@ -100,3 +100,17 @@ def test_a_typo_inside_a_model_given_whole_is_refused(tmp_path: Path) -> None:
     result = run_cli("get", *schema, "--config", str(path), "--json", "inner", env=env)
     assert result.returncode == 0, result
     assert result.stdout.split() == ["{", '"a":', "2,", '"b":', '"x"', "}"]
+
+
+def test_a_section_given_a_list_is_said_to_be_one(tmp_path: Path) -> None:
+    """TOML's ``[[sampling]]`` (an array of tables) and YAML's ``- lr: 0.1`` under a
+    section were refused as "a section, not one value", which does not say what is
+    wrong with a list."""
+    toml = tmp_path / "conf.toml"
+    toml.write_text("[[sampling]]\ntop_p = 0.5\n")
+    yaml = tmp_path / "conf.yaml"
+    yaml.write_text("train:\n  - lr: 0.1\n")
+    result = run_cli("validate", str(toml), str(yaml))
+    assert result.returncode == 1, result
+    assert f"{toml}: sampling: a section, not a list: set its keys (" in result.stdout
+    assert f"{yaml}: train: a section, not a list: set its keys (" in result.stdout
