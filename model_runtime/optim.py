@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import weakref
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, MutableMapping, MutableSequence
@@ -116,6 +117,23 @@ def optimizer_chain(optimizer: Any) -> list[Any]:
             break
         chain.append(inner)
     return chain
+
+
+def _check_drives(scheduler: Any, optimizer: Any) -> None:
+    """Refuse a scheduler (or a child of it) that drives an optimizer other than
+    ``optimizer``, one it wraps or one that wraps it: in a loop with two optimizers (a
+    GAN's) the two schedulers are easily swapped, and the binding would take the other
+    optimizer's bases for this one's and rescale the other's schedule at every live lr, the
+    bind included."""
+    own = optimizer_chain(optimizer)[-1]
+    for s in _walk(scheduler):
+        driven = getattr(s, "optimizer", None)
+        if driven is not None and optimizer_chain(driven)[-1] is not own:
+            raise InvalidValue(
+                f"the scheduler given ({type(s).__name__}) drives another optimizer "
+                f"({type(driven).__name__}), not the one bound ({type(optimizer).__name__}): "
+                "pass this optimizer's own scheduler"
+            )
 
 
 def _schedulers_of(optimizer: Any, known: list[Any]) -> list[Any]:
@@ -221,6 +239,13 @@ def _overflow(key: str, value: float) -> InvalidValue:
     )
 
 
+def _underflow(key: str, value: float) -> InvalidValue:
+    return InvalidValue(
+        f"{key}: {value!r} is too small: the base it gives a param group (by the group's "
+        "ratio) is not a normal float"
+    )
+
+
 def _groups_changed(key: str) -> InvalidValue:
     return InvalidValue(f"{key}: the optimizer's param groups changed since bind: bind it again")
 
@@ -274,6 +299,7 @@ class OptimizerBinding:
         groups = optimizer.param_groups
         if not groups:
             raise InvalidValue("optimizer has no param groups")
+        _check_drives(scheduler, optimizer)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.lr_key = lr
@@ -583,6 +609,13 @@ class OptimizerBinding:
             not math.isfinite(v) for _, _, v in writes
         ):
             raise _overflow(key, live)
+        # A base below the normal floats loses its digits, or becomes 0: a recursive
+        # schedule's lr then stays at 0, and a way back scales by a factor that overflows.
+        if any(
+            r != 0 and new != old and abs(new) < sys.float_info.min
+            for r, old, new in zip(self._ratios, old_bases, new_bases, strict=True)
+        ):
+            raise _underflow(key, live)
         if not write:
             return
         for container, k, v in writes:
