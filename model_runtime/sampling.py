@@ -152,7 +152,14 @@ class SamplingParams:
                         found[name],
                         "the value in force" if base is not None else "the default",
                     )
-        return cls(**found)
+        try:
+            return cls(**found)
+        except InvalidValue as exc:
+            if section == "sampling":
+                raise
+            # The checks name the default section's keys; name the keys the values came
+            # from, else an operator looks for ``sampling.top_p`` in a schema that has none.
+            raise InvalidValue(f"{section}.{str(exc).removeprefix('sampling.')}") from None
 
 
 class LiveSampling:
@@ -164,18 +171,31 @@ class LiveSampling:
     :meth:`SamplingParams.from_values` refuses raises inside ``live.apply``: it is logged
     and reported in the ``applied`` ack's errors, and the previous params stay in force.
     Construction raises :class:`InvalidValue` if the current values are refused.
-    Construct it on the thread that calls ``live.apply`` (or before another thread
-    starts to): like every ``on_change`` registration, it is not safe against an apply
-    running on another thread, and a change applied meanwhile would be missed.
+    It may run on any thread, an apply running on another meanwhile included (a request
+    thread of a server where others call ``live.apply``): a change applied between the
+    read of the values and the registration is caught up with here, not missed.
     Call :meth:`close` (or use it as a context manager) to unregister.
     """
 
     def __init__(self, live: LiveConfig, section: str = "sampling") -> None:
         self._section = section
-        self.params: SamplingParams = SamplingParams.from_values(
-            live.values, section, warn_missing=True
-        )
+        values = live.values
+        self.params: SamplingParams = SamplingParams.from_values(values, section, warn_missing=True)
         self._handle = live.on_change(section, self._rebuild)
+        # An apply on another thread may have swapped the values after the read above and
+        # run its callbacks before this one was registered: its change would never reach
+        # ``params``. ``live.values`` is replaced before the callbacks run, so once it is
+        # still the object the params were built from (checked after each build), every
+        # later change runs ``_rebuild``.
+        try:
+            while live.values is not values:
+                values = live.values
+                self.params = SamplingParams.from_values(
+                    values, section, base=self.params, warn_missing=True
+                )
+        except InvalidValue:
+            self._handle.remove()
+            raise
 
     def _rebuild(self, values: Any) -> None:
         new = values if isinstance(values, Mapping) else {}
