@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hotknob.config import Layer, files_layer, restart_only_keys
+from hotknob.config.secrecy import hides, secret_keys
 from hotknob.model_runtime.protocol import default_socket_path
 
 from . import signals
@@ -130,6 +131,7 @@ class Daemon:
             refused=lambda: self.refused.newest,
             refused_before=lambda: self.refused.cleared,
             restart_pending=self._restart_pending,
+            secrets=secret_keys(ctx.schema),
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
         # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every
@@ -184,13 +186,16 @@ class Daemon:
         ctx = self.ctx
         if self.options.metrics_addr:  # bound first: a port in use stops the start cleanly
             self.http = MetricsServer(self.options.metrics_addr, self.metrics, self.health)
+        restart_only, secrets = restart_only_keys(ctx.schema), secret_keys(ctx.schema)
         self.server = SocketServer(
             self.options.socket_path,
             self._current,
             on_applied=self.tail.first(self.feedback.on_applied),
             on_metrics=self.tail.first(self.feedback.on_metrics),
             on_disconnect=self.tail.first(self.feedback.on_disconnect, wait=False),
-            restart_only=restart_only_keys(ctx.schema),
+            restart_only=restart_only,
+            # A process logs the values of a restart-only key it holds: not of these.
+            secret=[key for key in restart_only if hides(key, secrets)],
         )
         server = self.server
         # Both locks before the state is read or written: a daemon that finds either

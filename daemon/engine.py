@@ -168,10 +168,11 @@ class Engine:
         contents instead (``_first_merge``); None if they were not."""
         self.log = get_logger("hotknob.engine", app=app)
         self._keeper = StateKeeper(store, self.log) if store is not None else None
-        self._restart = RestartOnly(restart_only, self.log, on_restart_pending)
+        secrets = secret_keys(schema)
+        self._restart = RestartOnly(restart_only, self.log, on_restart_pending, secrets)
         self._announce = Announcer(
             self.log,
-            secrets=secret_keys(schema),
+            secrets=secrets,
             broadcast=broadcast,
             on_accepted=on_accepted,
             on_rejected=on_rejected,
@@ -184,8 +185,9 @@ class Engine:
 
     @property
     def pending_restart(self) -> Mapping[str, Any]:
-        """Restart-only keys whose wanted value waits for a restart, with that value."""
-        return self._restart.pending
+        """Restart-only keys whose wanted value waits for a restart, with that value as it
+        may be shown (``/healthz``): a secret's masked."""
+        return self._restart.shown_pending()
 
     @property
     def holds_tail(self) -> bool:

@@ -34,6 +34,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from hotknob.config.secrecy import hides
+from hotknob.model_runtime import protocol
+
 from .guards import GuardManager
 from .logs import get_logger
 from .metrics import Metrics
@@ -47,13 +50,29 @@ from .reports import (
     ClientReports,
     decode_report,
 )
-from .status import StatusPublisher
+from .status import StatusPublisher, is_int
 from .table import cut
 from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
 # What an entry says of its daemon (``_daemon_fields``).
 _DAEMON_FIELDS = ("pinned", "rejected", "rejected_before", "config_files", "restart_pending")
+
+
+def _shown_errors(errors: list[dict[str, str]], secrets: frozenset[str]) -> list[dict[str, str]]:
+    """An ack's ``errors`` as the status entry (etcd, ``status``) may show them: the message
+    of an error about a key the schema keeps secret (``hides``) is withheld, as a
+    validator's is, since it may quote the value (an ``on_change`` callback's ``auth
+    failed for key ...``); its exception type (``RuntimeError: ...``) is kept."""
+    shown = []
+    for error in errors:
+        key = error.get("key")
+        if key is not None and "error" in error and hides(key, secrets):
+            kind = error["error"].split(":", 1)[0]
+            said = f"{kind} " if kind.replace(".", "").isidentifier() else ""
+            error = {**error, "error": f"{said}(its message is withheld for a secret key)"}
+        shown.append(error)
+    return shown
 
 
 class ClientFeedback:
@@ -70,8 +89,10 @@ class ClientFeedback:
         refused: Callable[[], dict[str, Any] | None] = lambda: None,
         refused_before: Callable[[], dict[str, Any]] = dict,
         restart_pending: Callable[[], list[str]] = list,
+        secrets: frozenset[str] = frozenset(),
     ) -> None:
         self.pinned = pinned
+        self.secrets = secrets  # the schema's (``secret_keys``): see ``_shown_errors``
         self.refused = refused  # the etcd values this daemon refused and runs without
         self.refused_before = refused_before  # those it refused and has cleared since
         self.restart_pending = restart_pending  # restart-only keys it holds back
@@ -116,7 +137,7 @@ class ClientFeedback:
         at = message.get("at")
         entry.update(step=message["step"], time=now if at is None else min(at, now))
         if message.get("errors"):
-            entry["errors"] = message["errors"]
+            entry["errors"] = _shown_errors(message["errors"], self.secrets)
         if message.get("held"):  # restart-only keys it runs as it started, not as sent
             entry["held"] = sorted(message["held"])
         agreed = message.get("agreed")
@@ -326,8 +347,16 @@ class ClientFeedback:
             self._forget_published(name)
 
     def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
+        """The fields of ``client``'s entry that its ``hello`` gave. ``rank`` and
+        ``world_size`` only as integers from 0 to ``protocol.MAX_INT``: a ``hello`` may
+        hold any JSON up to 1 MiB there, which every rewrite of the entry (each ack,
+        every ``STATUS_EVERY_S`` in a flood of them) would otherwise copy into etcd's
+        history."""
         entry: dict[str, Any] = {"client": client.name, "pid": client.pid, "node": self.node}
-        entry.update({k: v for k, v in client.extra.items() if k in ("rank", "world_size")})
+        for name in ("rank", "world_size"):
+            value = client.extra.get(name)
+            if is_int(value) and 0 <= value <= protocol.MAX_INT:
+                entry[name] = value
         return {**entry, **self._daemon_fields()}
 
     def _daemon_fields(self) -> dict[str, Any]:

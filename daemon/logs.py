@@ -104,7 +104,11 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_dumps)
         if json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # A plain traceback: with ``rich`` installed the default one prints each frame's
+        # local variables, a secret's value among them.
+        else structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[

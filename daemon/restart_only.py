@@ -4,7 +4,8 @@ A field marked restart-only (``json_schema_extra={"live": False}``) is never hot
 A change to it is still validated and accepted into the layers and the snapshot
 (``explain`` shows it), but what clients get keeps the running value, and the key is
 reported as pending a restart (``restart_pending``, once per new wanted value) until
-its wanted value is the running one again.
+its wanted value is the running one again. A secret key's values are masked wherever
+they are reported (the log line, ``/healthz``): clients get them, people do not.
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hotknob.config import Snapshot
+from hotknob.config.secrecy import mask_secrets, shown_value
 
 
 class RestartOnly:
     def __init__(
-        self, keys: frozenset[str], log: Any, on_pending: Callable[[], None] = lambda: None
+        self,
+        keys: frozenset[str],
+        log: Any,
+        on_pending: Callable[[], None] = lambda: None,
+        secrets: frozenset[str] = frozenset(),
     ):
         self.keys = keys
+        self.secrets = secrets  # the schema's (``secret_keys``): their values are never shown
         self.running: dict[str, Any] = {}  # by dotted key: the values clients keep
         self.pending: dict[str, Any] = {}  # by dotted key: the values a restart would bring
         self._log = log
@@ -28,6 +35,10 @@ class RestartOnly:
     def start(self, flat: Mapping[str, Any]) -> None:
         """The daemon started with ``flat`` (by dotted key): those values are the running ones."""
         self.running = {key: flat[key] for key in self.keys if key in flat}
+
+    def shown_pending(self) -> dict[str, Any]:
+        """``pending`` as it may be shown (``/healthz``): a secret's value masked."""
+        return mask_secrets(self.pending, self.secrets)
 
     def held_back(self, wanted: Mapping[str, Any]) -> dict[str, Any]:
         """The keys whose running value differs from ``wanted`` (by dotted key; the type
@@ -59,7 +70,11 @@ class RestartOnly:
             if wanted != running:
                 if self.pending.get(key, running) != wanted:
                     self._log.warning(
-                        "restart_pending", key=key, running=running, wanted=wanted, layer=layer
+                        "restart_pending",
+                        key=key,
+                        running=shown_value(key, running, self.secrets),
+                        wanted=shown_value(key, wanted, self.secrets),
+                        layer=layer,
                     )
                 self.pending[key] = wanted
             else:

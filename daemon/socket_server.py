@@ -25,6 +25,8 @@ What is guaranteed:
   waits for the transport to drain after each line, a client that takes nothing of it
   for ``drain_timeout`` (one that reads, however slowly, is not stuck) or whose buffer
   passes ``max_write_buffer`` is disconnected.
+- Turns: a connection's reader hands the loop on after ``READ_SLICE_S`` of lines it
+  already holds, so a client flooding acks or reports never holds up the others.
 - Errors: a malformed line, an unknown type, a wrong protocol, a message before
   ``hello``, a line over ``protocol.MAX_LINE_BYTES``, invalid UTF-8 or a lone surrogate
   gets an ``error`` line and that connection alone is closed; so does a connection that
@@ -91,6 +93,11 @@ DRAIN_CHECK_S = 1.0
 """While a client is slow to take a line, how often the server looks whether it took any
 of it: a client is dropped for taking nothing for ``drain_timeout``, not for being slow."""
 ACCEPT_FAILED_LOG_EVERY_S = 10.0
+READ_SLICE_S = 0.005
+"""The longest one connection's reader handles lines it already holds before it lets the
+loop run others: a line in the buffer is read without a wait, so a client that floods acks
+or reports (2 MiB of them buffered: tens of thousands) would hold the loop for a second
+(every other client's hello, writer and events, the status and guard timers)."""
 LOGGED_EXTRA_FIELDS = 16
 LOGGED_EXTRA_CHARS = 200
 
@@ -126,11 +133,14 @@ class SocketServer:
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
         hello_timeout: float | None = None,
         restart_only: Iterable[str] = (),
+        secret: Iterable[str] = (),
     ):
         """``hello_timeout``: ``DEFAULT_HELLO_TIMEOUT_S`` if None, read when the server is
-        made (a test's daemon sets it before)."""
+        made (a test's daemon sets it before). ``restart_only`` and ``secret`` (those of
+        them the schema keeps secret) are named in each snapshot."""
         self._path = Path(path)
-        self._restart_only = sorted(restart_only)  # named in each snapshot
+        self._restart_only = sorted(restart_only)
+        self._secret = sorted(secret)
         self._current = current
         self._on_applied = on_applied
         self._on_metrics = on_metrics
@@ -457,6 +467,7 @@ class SocketServer:
         A connection that sends no ``hello`` within ``hello_timeout`` is closed."""
         eof = False
         hello_by = time.monotonic() + self._hello_timeout
+        slice_from = time.monotonic()  # ``READ_SLICE_S``: when this reader last yielded
         while not eof and not conn.closing:
             try:
                 if conn.info is None:
@@ -479,6 +490,9 @@ class SocketServer:
                 return
             if line.strip() and not self._handle_line(conn, line):
                 return
+            if time.monotonic() - slice_from >= READ_SLICE_S:
+                await asyncio.sleep(0)  # the others' turn; one clock read a line otherwise
+                slice_from = time.monotonic()
         conn.reason = conn.reason or "closed"
 
     def _handle_line(self, conn: Connection, line: bytes) -> bool:
@@ -657,6 +671,7 @@ class SocketServer:
                         target.values,
                         target.sources,
                         self._restart_only,
+                        self._secret,
                     )
                 else:
                     changed = changed_keys(sent.flat, target.flat)

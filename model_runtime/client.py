@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from .distributed import StepSync
 
 log = logging.getLogger("hotknob.model_runtime")
+SECRET_SHOWN = "**********"  # a secret's value in a log line, as the daemon shows one
 
 _STATE_DICT_FORMAT = 1
 _HISTORY = 64
@@ -182,6 +183,7 @@ class LiveConfig:
         # The schema's restart-only keys, as the daemon's last snapshot named them: once a
         # state is applied, each is held at the value the process runs (``_hold``).
         self._restart_only: frozenset[str] = frozenset()
+        self._secret: frozenset[str] = frozenset()  # of those, the ones whose values not to log
         self._held_said: set[tuple[str, str]] = set()  # (key, daemon's value) logged
         self._lock = threading.Lock()
         self._first_state = threading.Event()
@@ -793,6 +795,7 @@ class LiveConfig:
     def _on_message(self, message: Mapping[str, Any], is_snapshot: bool) -> None:
         if is_snapshot:
             self._restart_only = protocol.restart_only_keys(message)
+            self._secret = protocol.secret_keys(message)
         state = state_from_message(message)
         if self._restart_only:
             state = self._hold(state)
@@ -813,12 +816,17 @@ class LiveConfig:
             said = (key, repr(wanted))
             if said not in self._held_said:
                 self._held_said.add(said)
+                was, now = (
+                    (SECRET_SHOWN, SECRET_SHOWN)
+                    if key in self._secret
+                    else (thaw(running[key]), wanted)
+                )
                 log.warning(
                     "live_restart_only_held key=%s running=%.200r daemon=%.200r: a restart-only "
                     "key keeps the value this process started with; a restart takes the new one",
                     key,
-                    thaw(running[key]),
-                    wanted,
+                    was,
+                    now,
                 )
         return held
 

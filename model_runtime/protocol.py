@@ -224,9 +224,19 @@ def _require_agreed(message: Mapping[str, Any]) -> None:
 def restart_only_keys(message: Mapping[str, Any]) -> frozenset[str]:
     """A ``snapshot``'s ``restart_only`` keys (none if it has no such field); raises
     ``ProtocolError`` if it is not a list of strings."""
-    keys = message.get("restart_only", [])
+    return _key_list(message, "restart_only")
+
+
+def secret_keys(message: Mapping[str, Any]) -> frozenset[str]:
+    """A ``snapshot``'s ``secret`` keys (none if it has no such field); raises
+    ``ProtocolError`` if it is not a list of strings."""
+    return _key_list(message, "secret")
+
+
+def _key_list(message: Mapping[str, Any], field: str) -> frozenset[str]:
+    keys = message.get(field, [])
     if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
-        raise ProtocolError('"restart_only" must be a list of key strings')
+        raise ProtocolError(f'"{field}" must be a list of key strings')
     return frozenset(keys)
 
 
@@ -320,10 +330,13 @@ def snapshot(
     values: Mapping[str, Any],
     sources: Mapping[str, str],
     restart_only: Sequence[str] = (),
+    secret: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The whole state; ``restart_only``, the schema's restart-only keys, if it has any: a
     process holds each at the value it started with (``LiveConfig``), so that a restarted
-    daemon does not hand a running process a value only a restart may bring."""
+    daemon does not hand a running process a value only a restart may bring. ``secret``,
+    those of them the schema keeps secret: a process that says it holds one does not log
+    its values."""
     message = {
         "type": SNAPSHOT,
         "version": version,
@@ -333,6 +346,8 @@ def snapshot(
     }
     if restart_only:
         message["restart_only"] = list(restart_only)
+    if secret:
+        message["secret"] = list(secret)
     return message
 
 

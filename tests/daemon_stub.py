@@ -38,9 +38,11 @@ class DaemonStub:
         *,
         version: int = 1,
         restart_only: tuple[str, ...] = (),
+        secret: tuple[str, ...] = (),
     ) -> None:
         self.path = os.fspath(path)
         self.restart_only = restart_only  # named in each snapshot
+        self.secret = secret  # likewise: those of them a process must not log
         self.values: dict[str, Any] = dict(values)
         self.version = version
         self.revision = 100
@@ -172,6 +174,11 @@ class DaemonStub:
                 if message["type"] == protocol.HELLO:
                     sources = dict.fromkeys(_flat(self.values), "stub")
                     snap = protocol.snapshot(
-                        self.version, self.revision, self.values, sources, self.restart_only
+                        self.version,
+                        self.revision,
+                        self.values,
+                        sources,
+                        self.restart_only,
+                        self.secret,
                     )
                     sock.sendall(protocol.encode(snap))

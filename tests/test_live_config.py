@@ -351,6 +351,32 @@ def test_a_restart_only_key_keeps_the_value_the_process_started_with(
         assert "held" not in stub.messages("applied")[-1]
 
 
+def test_a_restart_only_secret_it_holds_is_logged_without_its_values(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart-only key the snapshot names ``secret`` (a key the schema keeps secret): the
+    process still holds it and says so, but logs no value of it; the log line of a process
+    ends in the logs an operator reads."""
+    with (
+        DaemonStub(
+            sock_path,
+            BASE,
+            version=7,
+            restart_only=("train.momentum",),
+            secret=("train.momentum",),
+        ) as stub,
+        LiveConfig.connect(sock_path, timeout=5) as live,
+        caplog.at_level("WARNING", logger="hotknob.model_runtime"),
+    ):
+        version = stub.push(with_values(train={"momentum": 0.5, "lr": 0.004}))
+        eventually(lambda: live.pending_version == version)
+        assert live.apply(1) is True and live["train.momentum"] == 0.9
+    said = [r.getMessage() for r in caplog.records if "live_restart_only_held" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "key=train.momentum running='**********' daemon='**********'" in said[0], said
+    assert "0.9" not in said[0] and "0.5" not in said[0]
+
+
 def test_a_restart_only_mapping_is_held_whole_and_the_type_counts(sock_path: str) -> None:
     with (
         DaemonStub(sock_path, BASE, version=7, restart_only=("sampling", "train.lr")) as stub,
