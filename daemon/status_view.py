@@ -12,12 +12,15 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
+from .guard_lang import escaped
 from .guard_records import some_names
 from .reports import metrics_summary
 from .status import agreed_rank, agreed_text, is_int, is_time, waiting_for_restart
 from .table import age_text, cut, fmt
 
 ERRORS_CHARS = 100
+PROCESS_CHARS = 60
+ERRORS_SHOWN = 10
 TABLE_HEADERS = ["PROCESS", "VERSION", "REVISION", "STEP", "AGE", "PID", "ERRORS", "METRICS"]
 Entry = Mapping[str, Any]
 
@@ -30,7 +33,7 @@ def table_rows(entries: Sequence[Entry], now: float) -> list[list[Any]]:
         rank = e.get("rank")
         rows.append(
             [
-                e["key"] + (f" (rank {fmt(rank)})" if rank is not None else ""),
+                name_cell(e["key"]) + (f" (rank {fmt(rank)})" if rank is not None else ""),
                 fmt(e.get("version", "-")),
                 revision_text(e, now),
                 fmt(e.get("step", "-")),
@@ -41,6 +44,17 @@ def table_rows(entries: Sequence[Entry], now: float) -> list[list[Any]]:
             ]
         )
     return rows
+
+
+def name_cell(name: str) -> str:
+    """A row's PROCESS: ``<node>/<client>``, cut in the middle past ``PROCESS_CHARS`` (a
+    client may name itself with 256 characters, and every row is aligned on the widest;
+    its node and the end of its name, a rank say, still tell it apart). ``--json`` has it
+    whole."""
+    if len(name) <= PROCESS_CHARS:
+        return name
+    head = (PROCESS_CHARS - 3) // 2
+    return name[:head] + "..." + name[-(PROCESS_CHARS - 3 - head) :]
 
 
 def _is_number(value: Any) -> TypeGuard[int | float]:
@@ -127,8 +141,9 @@ def summary_lines(entries: Sequence[Entry], revision: int, now: float) -> list[s
     """``status --summary``: how many processes on how many nodes; how many run each etcd
     revision (naming those behind the newest, and those that run none yet, and how many of
     them were sent a newer one they have not applied); each distinct error, with how many
-    have it and who; and what they report, with the oldest latest report and whose it is
-    (a process that stopped reporting: hung, or done)."""
+    have it and who (the ``ERRORS_SHOWN`` most common; the others counted); and what they
+    report, with the oldest latest report and whose it is (a process that stopped
+    reporting: hung, or done)."""
     nodes = {str(e.get("node") or e["key"].partition("/")[0]) for e in entries}
     lines = [
         f"{_processes(len(entries))} on {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
@@ -150,8 +165,18 @@ def summary_lines(entries: Sequence[Entry], revision: int, now: float) -> list[s
     for e in entries:
         for text in error_parts(e):
             errors.setdefault(text, []).append(e["key"])
-    for text, names in sorted(errors.items(), key=lambda item: -len(item[1])):
-        lines.append(f"error of {_processes(len(names))} ({some_names(names)}): {text}")
+    # The most common first, and only the first ``ERRORS_SHOWN``: an error quoting a rank
+    # or a step is distinct in every process, and would make this as long as the table.
+    ranked = sorted(errors.items(), key=lambda item: -len(item[1]))
+    for text, names in ranked[:ERRORS_SHOWN]:
+        # Escaped, as the table's cells are: a traceback's newlines would break the lines.
+        lines.append(f"error of {_processes(len(names))} ({some_names(names)}): {escaped(text)}")
+    if len(ranked) > ERRORS_SHOWN:
+        rest = {name for _, names in ranked[ERRORS_SHOWN:] for name in names}
+        lines.append(
+            f"and {len(ranked) - ERRORS_SHOWN} more distinct errors, of "
+            f"{_processes(len(rest))}: status --json has them all"
+        )
     lines.append(_reports_line(entries, now))
     return lines
 
@@ -190,8 +215,9 @@ def _reports_line(entries: Sequence[Entry], now: float) -> str:
             oldest = (when, e["key"])
     if not reporting:
         return "reports: none"
-    shown = ", ".join(sorted(names)[:8]) + (f" (+{len(names) - 8})" if len(names) > 8 else "")
+    shown = ", ".join(escaped(name) for name in sorted(names)[:8])
+    shown += f" (+{len(names) - 8})" if len(names) > 8 else ""
     text = f"reports: {reporting} of {_processes(len(entries))} report {shown}"
     if oldest is not None:  # published at most every --status-every (5 s): older is silence
-        text += f"; the oldest: {oldest[1]}'s, {age_text(now - oldest[0])} ago"
+        text += f"; the oldest: {escaped(oldest[1])}'s, {age_text(now - oldest[0])} ago"
     return text
