@@ -2,7 +2,8 @@
 
 The whole candidate is validated at once: a value that is fine alone but
 invalid beside another is caught, and every problem names its key and the
-layer whose value won (or the layer that sent an unreadable one).
+layer whose value won (or the layer that sent an unreadable one). What the schema
+makes of the values, and why it refuses which key, is in ``model_check``.
 """
 
 from __future__ import annotations
@@ -13,32 +14,25 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, RootModel, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from .blame import clash, is_custom, masked_input, reason_for, secret_texts, unsendable
+from .blame import clash, unsendable
 from .errors import InvalidChange, Problem, UsageError
 from .keys import KeyClash, copied, nested_with
+from .model_check import (
+    dropped_inside,
+    dumped,
+    not_a_key,
+    not_held,
+    problems_besides,
+    raised_problems,
+    refused_problems,
+    validated,
+)
 from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
-from .raised import (
-    INVALID,
-    RAISED,
-    SCHEMA_FAULTS,
-    VALID,
-    Outcome,
-    as_fault,
-    raised_by_schema,
-    raised_in_schema,
-)
+from .raised import SCHEMA_FAULTS, raised_in_schema
 from .schema import holds_bool_for_number
-from .schema_facts import (
-    LeftOut,
-    SchemaFacts,
-    computed_values,
-    leaf_values,
-    schema_facts,
-    types_inside,
-)
-from .secrecy import revealed
+from .schema_facts import LeftOut, schema_facts, types_inside
 from .sendable import NOT_FINITE, non_finite, not_text_problems, oversized
 from .sources import LAYERS, Layer
 
@@ -90,190 +84,6 @@ class Snapshot:
             if not covering.isdisjoint(self.layers[name]):
                 return name
         return None
-
-
-def _loc_to_key(loc: Iterable[Any]) -> str:
-    return ".".join(str(part) for part in loc)
-
-
-def _raised(
-    schema: type[BaseModel],
-    exc: BaseException,
-    merged: Mapping[str, Any],
-    winners: Mapping[str, str],
-    layers: Mapping[str, Layer],
-    facts: SchemaFacts,
-    nest: Callable[[Mapping[str, Any]], dict[str, Any]],
-) -> list[Problem]:
-    """``raised_by_schema``'s problems for ``exc``, raised by the schema's own code while
-    ``merged`` was validated or dumped: each trial nests (``nest``), validates and dumps
-    the whole model."""
-
-    def outcome(trial: dict[str, Any]) -> Outcome:
-        try:
-            _dumped(_validated(schema, nest(trial)), facts)
-        except (ValidationError, KeyClash):
-            return INVALID, None
-        except SCHEMA_FAULTS as raised:
-            return RAISED, raised_in_schema(raised)
-        return VALID, None
-
-    defaults = layers["defaults"].values if "defaults" in layers else {}
-    fixed = facts.leaves.difference(defaults)
-    quoted = secret_texts(schema, merged, facts.secrets) if facts.secrets else []
-    return raised_by_schema(exc, merged, winners, defaults, fixed, outcome, facts.secrets, quoted)
-
-
-def _refused(
-    schema: type[BaseModel],
-    exc: ValidationError,
-    merged: Mapping[str, Any],
-    winners: Mapping[str, str],
-    facts: SchemaFacts,
-) -> list[Problem]:
-    """A problem for each of pydantic's errors, named by the key and the layer to blame."""
-    problems: list[Problem] = []
-    errors = exc.errors(include_url=False)
-    # A default made from the other fields is not made once any of them failed: that
-    # says nothing of its own (``default_factory_not_called``) beside their errors.
-    errors = [e for e in errors if e["type"] != "default_factory_not_called"] or errors
-    custom = any(is_custom(err["type"]) for err in errors)
-    quoted = secret_texts(schema, merged, facts.secrets) if custom else []
-    for err in errors:
-        key = _loc_to_key(err["loc"])
-        leaf = owner(key, winners)
-        if key not in facts.leaves and leaf == key and key not in facts.mappings:
-            # A section's rule (a model validator; the whole model's, at ``key`` ""): the
-            # keys below it that a layer gave made it fail, each from its own layer.
-            prefix = f"{key}." if key else ""
-            given = [k for k, by in winners.items() if k.startswith(prefix) and by != "defaults"]
-            reason = reason_for(err["type"], err["msg"], facts.secrets, key, key, quoted)
-            problems.extend(Problem(k, winners[k], reason, merged[k]) for k in given)
-            if given:
-                continue
-        # Inside a leaf's value (a model a mapping holds, an optional model): the keys
-        # given below ``key`` made it, and the leaf's own value if a layer gave it.
-        below = (
-            [k for k in winners if k.startswith(key + ".")]
-            if leaf != key or (key in facts.mappings)
-            else []
-        )
-        if below:
-            if winners.get(leaf, "defaults") != "defaults":
-                below.insert(0, leaf)
-            kind, message = err["type"], err["msg"]
-            problems.extend(
-                Problem(
-                    k,
-                    winners[k],
-                    reason_for(kind, message, facts.secrets, k, k, quoted),
-                    merged[k],
-                )
-                for k in below
-            )
-            continue
-        reason = reason_for(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
-        value = err["input"]
-        if not facts.is_known(leaf):  # a section's or the whole model's input: its secrets
-            value = masked_input(leaf, value, facts.is_known, facts.secrets)
-        problems.append(Problem(leaf, winners.get(leaf, "defaults"), reason, value))
-    return problems
-
-
-def _not_held(model: BaseModel, key: str) -> str | None:
-    """Why the validated ``model`` holds no value at ``key``, a key below a leaf: the model
-    or dataclass reached on its path has no field of that name, so it dropped the value
-    as an extra one (a key of the other member of a union, ``pet.bark`` while ``pet`` is
-    a ``Cat``; the schema has it, so it passed as a key). None if the value is held, or
-    may not be: below a mapping (whose validator may leave keys out), a list, a text."""
-    node: Any = model
-    parts = key.split(".")
-    for place, part in enumerate(parts):
-        while isinstance(node, RootModel):
-            node = node.root
-        kind = type(node).__name__
-        if isinstance(node, BaseModel):
-            extra = node.model_extra or {}
-            held = part in type(node).model_fields or part in extra
-            node = extra[part] if part in extra else getattr(node, part, None)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-            names = {field.name for field in dataclasses.fields(node)}
-            held = part in names or part in getattr(node, "__dict__", {})
-            node = getattr(node, part, None)
-        elif isinstance(node, Mapping) and part in node:
-            node = node[part]
-            continue
-        else:
-            return None
-        if not held:
-            where = ".".join(parts[:place])
-            return f"{where} holds a {kind}, which has no field {part!r}: it would drop the value"
-    return None
-
-
-def _dropped_inside(model: BaseModel, key: str, given: Mapping[str, Any]) -> list[Problem]:
-    """A problem (layer left blank) for each key inside ``given``, the mapping a layer gave
-    whole at the leaf ``key``, at which the validated ``model`` holds no value
-    (``_not_held``): a typo in a model given whole (``inner: {a: 2, zz: 1}`` for ``inner:
-    Optional[Inner]``), which pydantic drops without a word, where ``inner.zz`` given alone
-    is refused. Only what the model keeps is walked into, and only the values that are
-    mappings: a ``dict[str, float]`` costs one look per key."""
-    node: Any = model
-    for part in key.split("."):
-        node = getattr(node, part, None)
-    dropped: list[Problem] = []
-    stack: list[tuple[Any, Mapping[str, Any], str]] = [(node, given, key)]
-    while stack:
-        node, given, where = stack.pop()
-        while isinstance(node, RootModel):
-            node = node.root
-        if not isinstance(node, BaseModel | Mapping) and not (
-            dataclasses.is_dataclass(node) and not isinstance(node, type)
-        ):
-            continue  # a list, a text, a secret: nothing in it is a key
-        for part, value in given.items():
-            inside = f"{where}.{part}"
-            reason = _not_held(model, inside)
-            if reason is not None:
-                dropped.append(Problem(inside, "", reason, value))
-            elif isinstance(value, Mapping):
-                child = node.get(part) if isinstance(node, Mapping) else getattr(node, part, None)
-                stack.append((child, value, inside))
-    return dropped
-
-
-def _problems_besides(
-    schema: type[BaseModel],
-    rest: dict[str, Any],
-    winners: Mapping[str, str],
-    facts: SchemaFacts,
-    nest: Callable[[Mapping[str, Any]], dict[str, Any]],
-) -> list[Problem]:
-    """The schema's problems with ``rest``, the values left once the keys already at fault
-    (not a key of the schema, a boolean for a number) are out: so that one typo does not
-    hide an out-of-range value beside it (``validate`` of a file lists every problem).
-    None where they cannot be told apart from those keys' (a clash, the schema raising)."""
-    try:
-        _validated(schema, nest(rest))
-    except ValidationError as exc:
-        return _refused(schema, exc, rest, winners, facts)
-    except Exception:  # the problems already found are the ones reported
-        return []
-    return []
-
-
-def _not_a_key(key: str, value: Any, leaves: frozenset[str]) -> str:
-    """Why ``key``, which names no leaf, is refused: a section given a value (``train: 5``,
-    or ``train:`` with every key under it commented out) is said to be one."""
-    below = sorted(leaf for leaf in leaves if leaf.startswith(key + "."))
-    if not below:
-        return "not a key of the schema"
-    shown = ", ".join(below[:3]) + (", ..." if len(below) > 3 else "")
-    if value is None:
-        return f"a section given nothing: set its keys ({shown}) or leave it out"
-    if isinstance(value, list):  # TOML's ``[[train]]``, YAML's ``- lr: 1``: one too many levels
-        return f"a section, not a list: set its keys ({shown}) in it, not in items of a list"
-    return f"a section, not one value: set its keys ({shown})"
 
 
 def merge_layers(
@@ -338,7 +148,7 @@ def _merged(
         all_leaves = False
         for key, value in values.items():
             if not is_known(key):
-                problems.append(Problem(key, name, _not_a_key(key, value, leaves), value))
+                problems.append(Problem(key, name, not_a_key(key, value, leaves), value))
                 continue
             merged[key] = value
             winners[key] = name
@@ -358,7 +168,7 @@ def _merged(
         rest = {k: v for k, v in merged.items() if k not in faulty}
         # Who gave each of ``rest`` alone: the keys at fault are not there to blame again.
         given = {k: winners[k] for k in rest}
-        raise InvalidChange([*problems, *_problems_besides(schema, rest, given, facts, nest)])
+        raise InvalidChange([*problems, *problems_besides(schema, rest, given, facts, nest)])
 
     try:
         nested = nest(merged)
@@ -366,16 +176,16 @@ def _merged(
         raise InvalidChange(clash(exc, merged, winners)) from exc
     raised: BaseException | None = None
     try:
-        model = _validated(schema, nested)
+        model = validated(schema, nested)
     except ValidationError as exc:
         # Not ``from exc``: pydantic's own text of the error quotes every input in full,
         # secrets too, and a traceback of the chain would print it.
-        raise InvalidChange(_refused(schema, exc, merged, winners, facts)) from None
+        raise InvalidChange(refused_problems(schema, exc, merged, winners, facts)) from None
     except SCHEMA_FAULTS as exc:  # the schema's own code raised, naming no key
         raised = raised_in_schema(exc)
     else:
         try:
-            values, flat = _dumped(model, facts)
+            values, flat = dumped(model, facts)
         except LeftOut as exc:  # a leaf the dump left out (``exclude_if``)
             key = str(exc.args[0])
             raise InvalidChange([Problem(key, winners.get(key, "defaults"), _LEFT_OUT)]) from None
@@ -386,19 +196,19 @@ def _merged(
         # Out of the ``except``: were the trials interrupted (Ctrl-C), the traceback would
         # carry ``raised``, and its message may quote a secret.
         raise InvalidChange(
-            problems or _raised(schema, raised, merged, winners, by_name, facts, nest)
+            problems or raised_problems(schema, raised, merged, winners, by_name, facts, nest)
         ) from None
     problems = [  # keys inside a model given whole: held as if each were given alone
         dataclasses.replace(problem, layer=winners[key])
         for key in facts.mappings
         if isinstance(merged.get(key), Mapping) and winners.get(key, "defaults") != "defaults"
-        for problem in _dropped_inside(model, key, merged[key])
+        for problem in dropped_inside(model, key, merged[key])
     ]
     if not all_leaves:  # keys below a leaf: each held by what the leaf's value became
         problems += [
             Problem(key, winners[key], reason, merged[key])
             for key in merged
-            if key not in leaves and (reason := _not_held(model, key)) is not None
+            if key not in leaves and (reason := not_held(model, key)) is not None
         ]
     if problems:
         raise InvalidChange(problems)
@@ -474,8 +284,8 @@ def validate_leaves(
     ``ValidationError``; ``merge_layers`` says which layer is to blame."""
     facts = schema_facts(schema)
     nested = copied(leaves.nested) if facts.containers else leaves.nested  # a validator
-    model = _validated(schema, nested)  # may edit its input: not the layers' own lists
-    return (model, *_dumped(model, facts))
+    model = validated(schema, nested)  # may edit its input: not the layers' own lists
+    return (model, *dumped(model, facts))
 
 
 _LEFT_OUT = (
@@ -508,36 +318,6 @@ def booleans_for_numbers(schema: type[BaseModel], flat: Mapping[str, Any]) -> li
 
 
 _MAY_HOLD_BOOLS = frozenset({bool, list, dict, MappingProxyType})
-
-
-def _validated(schema: type[BaseModel], nested: Mapping[str, Any]) -> BaseModel:
-    """``schema`` validated from ``nested``, whose keys are the fields' names (a key is a
-    name, ``a``, whatever alias the field reads by: ``Field(alias="A")``), and only names
-    (an alias may be another field's name). What the schema's code raises that is no
-    ``Exception`` comes out as ``as_fault`` says."""
-    try:
-        return schema.model_validate(nested, by_alias=False, by_name=True)
-    except Exception:
-        raise
-    except BaseException as exc:
-        raise as_fault(exc) from None
-
-
-def _dumped(model: BaseModel, facts: SchemaFacts) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``model``'s values, nested and by dotted key (JSON form, secrets revealed); as in
-    ``_validated``, what the schema's code (a serializer, a computed field) raises that is
-    no ``Exception`` comes out as ``as_fault`` says."""
-    try:
-        dumped = model.model_dump(mode="json", by_alias=False)
-        values = _reveal_secrets(model, dumped, facts.secrets, facts.leaves)
-    except Exception:
-        raise
-    except BaseException as exc:
-        raise as_fault(exc) from None
-    flat = leaf_values(values, facts.ordered)
-    if facts.computed:
-        flat.update(computed_values(values, facts.computed))
-    return values, flat
 
 
 FIXED_LAYERS = ("defaults", "env", "cli")
@@ -634,31 +414,6 @@ def _blamed_for_a_rule(
         text = "; ".join(sorted(set(reasons.values())))
         near = dict.fromkeys(live.values, text)
     return [Problem(key, name, reason, live.values[key]) for key, reason in near.items()]
-
-
-def _reveal_secrets(
-    model: BaseModel, values: dict[str, Any], secrets: frozenset[str], leaves: frozenset[str]
-) -> dict[str, Any]:
-    """``values`` with each secret leaf's real value, not pydantic's ``**********`` (also
-    in a leaf that holds secrets: a model, a mapping of them). A computed field is left as
-    the dump made it (a serializer of the schema's may have made it).
-
-    Clients need the real value (they get it over a socket only their own user can
-    open); everything that shows values to people masks them (``mask_secrets``).
-    """
-    for key in secrets:
-        if key not in leaves:
-            continue
-        node: Any = model
-        for part in key.split("."):
-            node = getattr(node, part, None)
-        *sections, leaf = key.split(".")
-        target = values
-        for part in sections:
-            target = target[part]
-        if leaf in target:
-            target[leaf] = revealed(node)
-    return values
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
