@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from hotknob.config import Layer, files_layer, restart_only_keys
-from hotknob.config.secrecy import hides, secret_keys
+from hotknob.config.schema_facts import schema_facts
+from hotknob.config.secrecy import hides
 from hotknob.model_runtime.protocol import default_socket_path
 
 from . import signals
@@ -131,7 +132,7 @@ class Daemon:
             refused=lambda: self.refused.newest,
             refused_before=lambda: self.refused.cleared,
             restart_pending=self._restart_pending,
-            secrets=secret_keys(ctx.schema),
+            secrets=schema_facts(ctx.schema).secrets,
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
         # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every
@@ -186,7 +187,7 @@ class Daemon:
         ctx = self.ctx
         if self.options.metrics_addr:  # bound first: a port in use stops the start cleanly
             self.http = MetricsServer(self.options.metrics_addr, self.metrics, self.health)
-        restart_only, secrets = restart_only_keys(ctx.schema), secret_keys(ctx.schema)
+        restart_only, secrets = restart_only_keys(ctx.schema), schema_facts(ctx.schema).secrets
         self.server = SocketServer(
             self.options.socket_path,
             self._current,

@@ -74,7 +74,7 @@ from hotknob.config.merge import (
     validate_leaves,
 )
 from hotknob.config.schema import iter_leaves
-from hotknob.config.secrecy import secret_keys
+from hotknob.config.schema_facts import schema_facts
 from hotknob.config.sendable import MAX_STATE_BYTES, entry_bytes, non_finite, not_text, state_bytes
 from hotknob.config.sources import read_etcd_values
 
@@ -168,7 +168,7 @@ class Engine:
         contents instead (``_first_merge``); None if they were not."""
         self.log = get_logger("hotknob.engine", app=app)
         self._keeper = StateKeeper(store, self.log) if store is not None else None
-        secrets = secret_keys(schema)
+        secrets = schema_facts(schema).secrets  # cached by class: computed once
         self._restart = RestartOnly(restart_only, self.log, on_restart_pending, secrets)
         self._announce = Announcer(
             self.log,
