@@ -1,12 +1,14 @@
 """The one adapter between hotknob and the etcd client library (``pyetcd``).
 
-Every call into the client lives here, so the client can be swapped by rewriting this
-module alone. What it guarantees to callers:
+Every call into the client lives here or in the modules beside it that this one uses
+(``etcd_client``, ``etcd_stream``, ``etcd_errors``), so the client can be swapped by
+rewriting those alone. What it guarantees to callers:
 
 - reads of a prefix are one range request: one consistent state and its revision;
 - ``commit`` is one transaction: all puts and deletes land at one revision, or nothing
   does (a failed compare raises ``ConflictError`` and writes nothing);
-- every client or gRPC error is mapped here, with ``raise ... from exc``::
+- every client or gRPC error is mapped (``etcd_errors.map_error``), with
+  ``raise ... from exc``::
 
       HotknobError
       +-- Unavailable            cannot reach etcd (retryable); one line naming the endpoints
@@ -26,20 +28,18 @@ module alone. What it guarantees to callers:
 - a call that may be retried moves to the next endpoint first, whatever the error
   (the client library itself moves only on a few gRPC codes).
 
-``watch_prefix`` is the low-level stream used by ``EtcdWatcher``: it groups each watch
-response's events by revision, so one transaction is one ``EtcdChange``. Each watch is
-a gRPC stream of its own, read on a thread of its own (``etcd_stream``), not the client
-library's watcher; a watch etcd refuses raises what it said (a permission denied is an
-``AuthError``).
+``history`` replays a watch (``etcd_history``). ``watch_prefix`` is the low-level
+stream used by ``EtcdWatcher``: it groups each watch response's events by revision, so
+one transaction is one ``EtcdChange``. Each watch is a gRPC stream of its own, read on a
+thread of its own (``etcd_stream``), not the client library's watcher; a watch etcd
+refuses raises what it said (a permission denied is an ``AuthError``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -53,7 +53,9 @@ from pyetcd.etcdrpc import kv_pb2
 from hotknob.config.errors import HotknobError, InvalidInput, Unavailable, UsageError
 
 from .etcd_client import ClosableClient
-from .etcd_stream import WatchCanceled, WatchStream, watch_request
+from .etcd_errors import map_error, next_endpoint
+from .etcd_history import read_history
+from .etcd_stream import WatchStream, key_text, response_changes, watch_request
 from .etcd_types import (
     MIN_KEEPALIVE_S,
     AuthError,
@@ -92,36 +94,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-# etcd cuts a watch catch-up response after this many revisions (mvcc watchBatchMaxRevs).
-_WATCH_BATCH_REVS = 1000
-# With no event promised, how long a history replay waits for a (next) batch.
-_QUIET_S = 1.0
-
-
 WatchItem: TypeAlias = list[EtcdChange] | HotknobError
 
-
-@dataclass(frozen=True)
-class _Batch:
-    header_revision: int
-    changes: list[EtcdChange]
-
-
 _PUT = kv_pb2.Event.PUT
-_DELETE = kv_pb2.Event.DELETE
 _NONE: frozenset[str] = frozenset()
-
-
-def _key(raw: bytes) -> str:
-    return raw.decode("utf-8", errors="surrogateescape")
-
-
-def _changes(events: Any) -> list[EtcdChange]:
-    """A watch response's events (``mvccpb.Event``), one change per revision."""
-    return group_by_revision(
-        (e.kv.mod_revision, _key(e.kv.key), None if e.type == _DELETE else e.kv.value)
-        for e in events
-    )
 
 
 def _prefix_end(prefix: str) -> bytes:
@@ -131,97 +107,6 @@ def _prefix_end(prefix: str) -> bytes:
 
 def _bytes(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8")
-
-
-def _rpc_error(exc: BaseException) -> grpc.RpcError | None:
-    """The gRPC error behind ``exc``; the client re-raises its own types from inside it."""
-    for candidate in (exc, exc.__context__, exc.__cause__):
-        if isinstance(candidate, grpc.RpcError):
-            return candidate
-    return None
-
-
-def _next_endpoint(client: Any) -> None:
-    """Make ``client``'s next call go to another endpoint.
-
-    The client library moves on only after UNAVAILABLE, DEADLINE_EXCEEDED or INTERNAL;
-    an endpoint that answers anything else (an HTTP 404 from a proxy or a wrong port is
-    UNIMPLEMENTED) would be asked again. Marking it failed makes the library pick the
-    next one that has not failed (for ``time_retry`` seconds); its cached stubs are
-    bound to the old channel, so they go too.
-    """
-    with contextlib.suppress(Exception):
-        client.endpoint_in_use.fail()
-        client._clear_old_stubs()
-
-
-def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobError:
-    """Translate a client/gRPC error from ``what`` (e.g. "read /p/") into hotknob's tree."""
-    if isinstance(exc, HotknobError):
-        return exc
-    where = options.describe()
-    if isinstance(exc, etcd_exc.RevisionCompactedError):
-        rev = exc.compacted_revision
-        return CompactedError(f"etcd {what}: revision compacted (oldest kept: {rev})", rev)
-    if isinstance(exc, WatchCanceled):
-        reason = exc.reason.removeprefix("etcdserver: ")
-        if "permission denied" in reason:
-            user = f" as user {options.user!r}" if options.user else ""
-            return AuthError(f"etcd {what}{user} at {where}: {reason}")
-        if "compacted" in reason:
-            return CompactedError(f"etcd {what}: {reason}")
-        return Unavailable(f"etcd at {where} cancelled the {what}: {reason}")
-    rpc = _rpc_error(exc)
-    code = rpc.code() if rpc is not None and hasattr(rpc, "code") else None
-    details = ""
-    if rpc is not None and hasattr(rpc, "details"):
-        details = (rpc.details() or "").splitlines()[0] if rpc.details() else ""
-    details = details.removeprefix("etcdserver: ")
-    if code == grpc.StatusCode.UNAUTHENTICATED or "auth token" in details:
-        return TokenExpired(f"etcd {what}: {details or 'unauthenticated'}")
-    if "user name is empty" in details and options.user is None:  # etcd has auth on
-        return AuthError(
-            f"etcd {what} at {where}: etcd requires authentication: give a user "
-            "(--etcd-user or HOTKNOB_ETCD_USER) and its password (HOTKNOB_ETCD_PASSWORD)"
-        )
-    if "authentication" in details or code == grpc.StatusCode.PERMISSION_DENIED:
-        user = f" as user {options.user!r}" if options.user else ""
-        return AuthError(f"etcd {what}{user} at {where}: {details}")
-    if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
-        return CompactedError(f"etcd {what}: {details}")
-    if code == grpc.StatusCode.OUT_OF_RANGE and "future" in details:
-        return FutureRevisionError(f"etcd {what}: {details}")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "database space exceeded" in details:
-        return NoSpaceError(
-            f"etcd at {where} is out of space ({what}: {details}): it takes no writes until "
-            "its history is compacted, it is defragmented and its NOSPACE alarm disarmed "
-            '(docs/deploy.md, "etcd\'s space")'
-        )
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
-        return TooLargeError(f"cannot take etcd's answer from {where} ({what}): {details}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT and "too many operations" in details:
-        return InvalidInput(
-            f"etcd {what}: {details}: etcd takes at most its --max-txn-ops operations (128 "
-            "by default) in one transaction, and hotknob writes every key of a change, and a "
-            "record of who made it, in one: change fewer keys at once (a section or mapping "
-            "with more keys than that: unset its keys a few at a time, each a change of its "
-            "own), or raise etcd's --max-txn-ops"
-        )
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidInput(f"etcd {what}: {details}")
-    if isinstance(exc, etcd_exc.NoServerAvailableError):
-        reason = "no endpoint available (all failed recently)"
-    elif isinstance(exc, etcd_exc.ConnectionTimeoutError | etcd_exc.WatchTimedOut) or (
-        code == grpc.StatusCode.DEADLINE_EXCEEDED
-    ):
-        reason = f"no answer within {options.timeout:g}s"
-    elif isinstance(exc, etcd_exc.ConnectionFailedError) or code == grpc.StatusCode.UNAVAILABLE:
-        reason = f"connection failed ({details})" if details else "connection failed"
-    elif code == grpc.StatusCode.CANCELLED:
-        reason = "request cancelled (client closed)"
-    else:
-        reason = details or type(exc).__name__
-    return Unavailable(f"cannot reach etcd at {where} ({what}): {reason}")
 
 
 class EtcdStore:
@@ -348,7 +233,7 @@ class EtcdStore:
                     continue
                 tries -= 1
                 if isinstance(err, Unavailable) and tries > 0 and not self._closed:
-                    _next_endpoint(client)
+                    next_endpoint(client)
                     continue
                 raise err from exc
 
@@ -385,113 +270,39 @@ class EtcdStore:
         state = self.read_prefix_state(prefix, revision)
         return state.values, state.revision
 
-    def read_prefix_state(self, prefix: str, revision: int | None = None) -> PrefixState:
+    def read_prefix_state(
+        self, prefix: str, revision: int | None = None, *, what: str | None = None
+    ) -> PrefixState:
         """As ``read_prefix``, with each key's mod revision and the cluster's id.
 
         At a past ``revision``, raises ``CompactedError`` below etcd's compaction point
-        and ``FutureRevisionError`` above its current revision."""
+        and ``FutureRevisionError`` above its current revision. ``what`` names the read
+        in an error (default: ``read PREFIX``)."""
         rev = None if revision is None or revision <= 0 else revision
         at = "" if rev is None else f" at revision {rev}"
         response = self._call(
-            f"read {prefix}{at}", lambda c: c.get_prefix_response(prefix, revision=rev)
+            what or f"read {prefix}{at}", lambda c: c.get_prefix_response(prefix, revision=rev)
         )
-        values = {_key(kv.key): bytes(kv.value) for kv in response.kvs}
-        mods = {_key(kv.key): int(kv.mod_revision) for kv in response.kvs}
-        header = response.header
-        return PrefixState(values, mods, int(header.revision), int(header.cluster_id))
+        return _prefix_state(response)
+
+    def read_key_state(
+        self, key: str, revision: int | None = None, *, what: str | None = None
+    ) -> PrefixState:
+        """As ``read_prefix_state``, of the one key ``key`` (no entry if it does not exist)."""
+        response = self._call(
+            what or f"read {key}", lambda c: c.get_response(key, revision=revision)
+        )
+        return _prefix_state(response)
 
     def mod_revision(self, key: str, revision: int | None = None) -> int:
         """The revision that last changed ``key`` as of ``revision`` (default: now); 0 if
         the key did not exist then."""
-        response = self._call(f"read {key}", lambda c: c.get_response(key, revision=revision))
-        return int(response.kvs[0].mod_revision) if response.kvs else 0
+        return self.read_key_state(key, revision).mods.get(key, 0)
 
     def history(self, key_or_prefix: str, *, prefix: bool, limit: int) -> History:
-        """The latest ``limit`` changes to a key (or every key under a prefix), newest first.
-
-        etcd keeps history as events, and reads at a revision cannot see deletes, so
-        this replays a watch from the oldest revision kept (etcd's compaction point,
-        then ``reached_compaction`` is set) up to the current revision. etcd sends the
-        catch-up in batches of whole revisions, each headed by the then-current
-        revision and holding every event up to it unless cut at ``_WATCH_BATCH_REVS``.
-        """
-        what = f"history of {key_or_prefix}"
-        if prefix:
-            response = self._call(what, lambda c: c.get_prefix_response(key_or_prefix))
-        else:
-            response = self._call(what, lambda c: c.get_response(key_or_prefix))
-        head = int(response.header.revision)
-        newest = max((int(kv.mod_revision) for kv in response.kvs), default=0)
-        start, compacted = 1, False
-        while True:
-            try:
-                changes = self._replay(key_or_prefix, prefix, start, head, newest)
-                break
-            except CompactedError as exc:
-                if exc.compact_revision is None or exc.compact_revision <= start:
-                    raise
-                start, compacted = exc.compact_revision, True
-        entries: list[HistoryEntry] = []
-        if compacted:  # a key last written before the compaction point: the value in force
-            entries += [
-                HistoryEntry(_key(kv.key), kv.value, int(kv.mod_revision))
-                for kv in response.kvs
-                if int(kv.mod_revision) < start
-            ]
-        for change in reversed(changes):
-            entries += [HistoryEntry(k, None, change.revision) for k in sorted(change.deletes)]
-            entries += [HistoryEntry(k, v, change.revision) for k, v in sorted(change.puts.items())]
-        entries.sort(key=lambda e: (-e.revision, e.key))
-        return History(entries[:limit], compacted)
-
-    def _replay(
-        self, key: str, prefix: bool, start: int, head: int, newest: int
-    ) -> list[EtcdChange]:
-        """All changes in [start, head]; ``newest`` (the newest mod revision of the keys
-        that exist at ``head``) is a put that must come, if it is ``>= start``.
-
-        A batch cut at ``_WATCH_BATCH_REVS`` does not say whether more follow: etcd sends
-        the next one at once if there is one, and nothing if not. Past ``newest`` only
-        deletes can follow (of keys absent at ``head``): for one key that exists at
-        ``head`` none can, and otherwise they are waited for a quiet while (``_QUIET_S``,
-        ten times etcd's pause between catch-up batches), not for a lost etcd's timeout.
-        """
-        got: queue.SimpleQueue[_Batch | HotknobError] = queue.SimpleQueue()
-
-        def on_response(response: Any) -> None:
-            got.put(_Batch(response.header.revision, _changes(response.events)))
-
-        stream = self._add_watch(key, prefix, start, on_response, got.put)
-        changes: list[EtcdChange] = []
-        last = start - 1
-        try:
-            while True:
-                expect = newest > last
-                try:
-                    item = got.get(timeout=self.options.timeout if expect else _QUIET_S)
-                except queue.Empty:
-                    if expect:
-                        reason = f"no answer within {self.options.timeout:g}s"
-                        raise Unavailable(
-                            f"cannot reach etcd at {self.options.describe()} "
-                            f"(history of {key}): {reason}"
-                        ) from None
-                    return changes
-                if isinstance(item, HotknobError):
-                    raise item
-                changes += [c for c in item.changes if c.revision <= head]
-                last = max(last, item.changes[-1].revision if item.changes else 0)
-                if last >= head or (
-                    item.header_revision >= head and len(item.changes) < _WATCH_BATCH_REVS
-                ):
-                    return changes
-                if not prefix and 0 < newest <= last:
-                    return changes  # the key's last put is in, and it exists at ``head``
-        finally:
-            stream.cancel()
-            with self._lock:
-                if stream in self._streams:
-                    self._streams.remove(stream)
+        """The latest ``limit`` changes to a key (or every key under a prefix), newest
+        first (``etcd_history``)."""
+        return read_history(self, key_or_prefix, prefix=prefix, limit=limit)
 
     def commit(
         self,
@@ -605,13 +416,13 @@ class EtcdStore:
             if len(found) == 1 and found[0].type == _PUT:
                 # The usual response, one put: its change without the grouping's work.
                 kv = found[0].kv
-                deliver([EtcdChange(kv.mod_revision, {_key(kv.key): kv.value}, _NONE)])
+                deliver([EtcdChange(kv.mod_revision, {key_text(kv.key): kv.value}, _NONE)])
             else:
-                deliver(_changes(found))
+                deliver(response_changes(found))
 
-        self._add_watch(prefix, True, start_revision, on_response, deliver)
+        self.open_watch(prefix, True, start_revision, on_response, deliver)
 
-    def _add_watch(
+    def open_watch(
         self,
         key: str,
         prefix: bool,
@@ -619,8 +430,10 @@ class EtcdStore:
         on_response: Callable[[Any], None],
         on_error: Callable[[HotknobError], None],
     ) -> WatchStream:
-        """Open a watch of its own (``etcd_stream``); ``cancel`` it to end it.
-        ``on_error`` gets the mapped reason the stream ended, unless it was cancelled."""
+        """Open a watch of its own (``etcd_stream``) of ``key`` or, with ``prefix``, every
+        key under it, from ``start_revision``; ``on_response`` gets each raw response.
+        ``on_error`` gets the mapped reason the stream ended, unless it was cancelled
+        (``end_watch``, or the store's ``close``)."""
         options = self.options
         what = f"watch {key}"
 
@@ -641,6 +454,13 @@ class EtcdStore:
 
         return self._call(f"{what} from revision {start_revision}", add, idempotent=False)
 
+    def end_watch(self, stream: WatchStream) -> None:
+        """Cancel a stream ``open_watch`` opened, before the store closes."""
+        stream.cancel()
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+
     def close(self, join_timeout: float = 5.0) -> None:
         """Close the client: cancels calls and watches, and waits for the watch thread."""
         with self._lock:
@@ -654,3 +474,11 @@ class EtcdStore:
                 client.close()
         for stream in streams:
             stream.join(join_timeout)
+
+
+def _prefix_state(response: Any) -> PrefixState:
+    """A range response's keys, values and mod revisions, its revision and cluster id."""
+    values = {key_text(kv.key): bytes(kv.value) for kv in response.kvs}
+    mods = {key_text(kv.key): int(kv.mod_revision) for kv in response.kvs}
+    header = response.header
+    return PrefixState(values, mods, int(header.revision), int(header.cluster_id))

@@ -22,6 +22,11 @@ from typing import Any
 
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
+from pyetcd.etcdrpc import kv_pb2
+
+from .etcd_types import EtcdChange, group_by_revision
+
+_DELETE = kv_pb2.Event.DELETE
 
 
 class WatchCanceled(Exception):
@@ -30,6 +35,19 @@ class WatchCanceled(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason or "cancelled by etcd"
         super().__init__(self.reason)
+
+
+def key_text(raw: bytes) -> str:
+    """An etcd key as text; bytes that are not UTF-8 kept as surrogates, not refused."""
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def response_changes(events: Any) -> list[EtcdChange]:
+    """A watch response's events (``mvccpb.Event``), one change per revision."""
+    return group_by_revision(
+        (e.kv.mod_revision, key_text(e.kv.key), None if e.type == _DELETE else e.kv.value)
+        for e in events
+    )
 
 
 def watch_request(key: str, range_end: bytes | None, start_revision: int) -> Any:
