@@ -1,5 +1,6 @@
 """hotknob.config: the schema, the layer sources, and the precedence merge with provenance."""
 
+from .environ import env_layer
 from .errors import (
     HotknobError,
     InvalidChange,
@@ -18,7 +19,6 @@ from .sources import (
     Layer,
     cli_layer,
     defaults_layer,
-    env_layer,
     etcd_layer,
     files_layer,
     read_files_layer,
