@@ -117,6 +117,13 @@ class ClientFeedback:
         # Per client: the version it last acknowledged, and whether it holds a later one
         # unapplied (``pending.py``), looked at every ``CHECK_EVERY_S`` once started.
         self._acked: dict[str, int] = {}
+        # Per client: its connection's id and its last ack as sent. The same ack again on
+        # that connection says nothing new, and a client that repeats it in a loop would
+        # otherwise rewrite its status entry every ``STATUS_EVERY_S``, push its earlier
+        # acks out of what the guards keep, and reset the looks for a state it holds
+        # unapplied at each one. (Another connection under the name, a process that took
+        # it at once, is another process: its first ack is written.)
+        self._last_ack: dict[str, tuple[int, dict[str, Any]]] = {}
         self.pending = PendingStates()
         # The clients whose stored fields the looks made, before an ack or a report said
         # who they are (pid, rank): the first of those replaces them.
@@ -125,6 +132,12 @@ class ClientFeedback:
 
     def on_applied(self, client: ClientInfo, message: dict[str, Any]) -> None:
         version = int(message["version"])
+        # Debug only: with many clients every version brings one ack per client.
+        self.log.debug("change_applied", client=client.name, version=version, step=message["step"])
+        ack = (client.id, message)
+        if self._last_ack.get(client.name) == ack:
+            return  # a repeat (``_last_ack``): nothing to write, to guard or to look at
+        self._last_ack[client.name] = ack
         self._acked[client.name] = version
         self._unnamed.discard(client.name)  # its fields are replaced: see below
         self.pending.forget(client.name)  # what it holds now is looked at afresh
@@ -143,8 +156,6 @@ class ClientFeedback:
         agreed = message.get("agreed")
         if agreed is not None:  # another rank's values, in place of this version's
             entry["agreed"] = {"rank": agreed["rank"], "revision": agreed["revision"]}
-        # Debug only: with many clients every version brings one ack per client.
-        self.log.debug("change_applied", client=client.name, version=version, step=message["step"])
         if self.guards is not None:
             self.guards.on_applied(
                 client.name, entry["revision"], int(message["step"]), version=version
@@ -307,6 +318,7 @@ class ClientFeedback:
 
     def on_disconnect(self, client: ClientInfo) -> None:
         self._acked.pop(client.name, None)
+        self._last_ack.pop(client.name, None)
         self._unnamed.discard(client.name)
         self.pending.forget(client.name)
         self._status_due.pop(client.name, None)

@@ -25,8 +25,9 @@ What is guaranteed:
   waits for the transport to drain after each line, a client that takes nothing of it
   for ``drain_timeout`` (one that reads, however slowly, is not stuck) or whose buffer
   passes ``max_write_buffer`` is disconnected.
-- Turns: a connection's reader hands the loop on after ``READ_SLICE_S`` of lines it
-  already holds, so a client flooding acks or reports never holds up the others.
+- Turns: a connection's reader hands the loop on after ``READ_SLICE_S`` or
+  ``READ_SLICE_LINES`` of lines it already holds, so a client flooding acks or reports
+  never holds up the others.
 - Errors: a malformed line, an unknown type, a wrong protocol, a message before
   ``hello``, a line over ``protocol.MAX_LINE_BYTES``, invalid UTF-8 or a lone surrogate
   gets an ``error`` line and that connection alone is closed; so does a connection that
@@ -37,6 +38,11 @@ What is guaranteed:
   (``socket_conn``). A process out of descriptors cannot accept: that is one log line
   (``accept_failed``) at most every ``ACCEPT_FAILED_LOG_EVERY_S``, not the loop's
   traceback per attempt, and connections wait in the backlog until descriptors are free.
+- Log volume: a ``client_error`` that a client causes (junk, no ``hello``, an ``error``
+  line, not reading) is logged at most ``CLIENT_ERRORS_LOGGED`` times every
+  ``CLIENT_ERROR_LOG_EVERY_S``; the rest are counted, in one ``client_errors_not_logged``
+  line when that time is up: a client that reconnects in a loop sending junk would
+  otherwise write a line per connection for as long as it runs.
 - Names: each connected client's ``ClientInfo.name`` is unique. A ``hello`` with a
   name another connection has gets ``<name>-2`` (or the first free number), logged
   as ``client_renamed``; the client is told nothing (the protocol has no field for it).
@@ -46,7 +52,7 @@ What is guaranteed:
 Log events: ``socket_listening``, ``stale_socket_removed``, ``client_connected``,
 ``client_renamed``, ``client_disconnected``, ``client_refused``, ``client_error``,
 ``applied_unknown_version``, ``accept_failed``, ``callback_failed``, ``event_dropped``,
-``publish_out_of_order``, ``socket_closed``.
+``publish_out_of_order``, ``socket_closed``, ``client_errors_not_logged``.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ from .socket_path import (
     prepare_folder,
 )
 from .table import cut
+from .throttle import LogLimit
 
 __all__ = ["ClientInfo", "Published", "SocketInUse", "SocketPathError", "SocketServer"]
 
@@ -98,6 +105,14 @@ READ_SLICE_S = 0.005
 loop run others: a line in the buffer is read without a wait, so a client that floods acks
 or reports (2 MiB of them buffered: tens of thousands) would hold the loop for a second
 (every other client's hello, writer and events, the status and guard timers)."""
+READ_SLICE_LINES = 256
+"""And the most lines it handles in one turn: a line the daemon has nothing to do for (an
+ack repeated) takes microseconds, and thousands of them in one turn would still keep the
+others' lines waiting behind them."""
+CLIENT_ERROR_LOG_EVERY_S = 10.0
+CLIENT_ERRORS_LOGGED = 20
+"""At most this many ``client_error`` lines a client caused every ``CLIENT_ERROR_LOG_EVERY_S``:
+enough to see each of a few misbehaving clients, not a line per connection of one in a loop."""
 LOGGED_EXTRA_FIELDS = 16
 LOGGED_EXTRA_CHARS = 200
 
@@ -172,6 +187,10 @@ class SocketServer:
         self._publish_lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self._close_task: asyncio.Task[None] | None = None
+        self._error_lines = LogLimit(
+            CLIENT_ERROR_LOG_EVERY_S, CLIENT_ERRORS_LOGGED, self._errors_not_logged
+        )
+        self._last_unlogged_error = ""
 
     @property
     def path(self) -> Path:
@@ -357,7 +376,7 @@ class SocketServer:
             if conn.closing:
                 continue
             if conn.event_bytes + len(data) > self._max_write_buffer:
-                conn.log.warning("client_error", error="too slow to take events")
+                self._client_error(conn, error="too slow to take events")
                 conn.drop("too slow to take events", abort=True)
                 continue
             with conn.lock:
@@ -389,6 +408,7 @@ class SocketServer:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
+        self._error_lines.flush()
         if self._server is not None:
             await self._server.wait_closed()
             self._log.info("socket_closed", path=str(self._path))
@@ -468,6 +488,7 @@ class SocketServer:
         eof = False
         hello_by = time.monotonic() + self._hello_timeout
         slice_from = time.monotonic()  # ``READ_SLICE_S``: when this reader last yielded
+        lines = 0  # ``READ_SLICE_LINES``: handled since then
         while not eof and not conn.closing:
             try:
                 if conn.info is None:
@@ -490,9 +511,10 @@ class SocketServer:
                 return
             if line.strip() and not self._handle_line(conn, line):
                 return
-            if time.monotonic() - slice_from >= READ_SLICE_S:
+            lines += 1
+            if lines >= READ_SLICE_LINES or time.monotonic() - slice_from >= READ_SLICE_S:
                 await asyncio.sleep(0)  # the others' turn; one clock read a line otherwise
-                slice_from = time.monotonic()
+                slice_from, lines = time.monotonic(), 0
         conn.reason = conn.reason or "closed"
 
     def _handle_line(self, conn: Connection, line: bytes) -> bool:
@@ -500,7 +522,7 @@ class SocketServer:
         try:
             message = protocol.decode(line)
             if message["type"] == protocol.ERROR:
-                conn.log.warning("client_error", error=str(message.get("error")), side="client")
+                self._client_error(conn, error=str(message.get("error")), side="client")
                 conn.drop("the client reported an error")
                 return False
             protocol.validate_client_message(message, said_hello=conn.info is not None)
@@ -511,9 +533,27 @@ class SocketServer:
         return True
 
     def _reject(self, conn: Connection, reason: str) -> None:
-        conn.log.warning("client_error", error=reason)
+        self._client_error(conn, error=reason)
         self._flush_pending(conn)
         conn.drop(f"protocol error: {reason}", reply=reason)
+
+    def _client_error(self, conn: Connection, *, error: str, **fields: Any) -> None:
+        """Log ``client_error`` for what ``conn``'s client did, within ``CLIENT_ERRORS_LOGGED``
+        every ``CLIENT_ERROR_LOG_EVERY_S``; past it, the line is counted (``LogLimit``)."""
+        if self._error_lines.allow():
+            conn.log.warning("client_error", error=error, **fields)
+        else:
+            self._last_unlogged_error = error
+
+    def _errors_not_logged(self, count: int) -> None:
+        self._log.warning(
+            "client_errors_not_logged",
+            count=count,
+            last_error=cut(self._last_unlogged_error, LOGGED_EXTRA_CHARS),
+            detail=f"clients caused more than {CLIENT_ERRORS_LOGGED} client_error lines in "
+            f"{CLIENT_ERROR_LOG_EVERY_S:g} s: look for a process that reconnects in a loop "
+            "(the logged lines name its peer_pid)",
+        )
 
     def _dispatch(self, conn: Connection, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -622,7 +662,7 @@ class SocketServer:
                 conn.last_sent = target
                 await self._send(conn, data)
         except Stuck as exc:
-            conn.log.warning("client_error", error=str(exc))
+            self._client_error(conn, error=str(exc))
             conn.drop(str(exc), abort=True)
         except protocol.ProtocolError as exc:
             conn.log.error("client_error", error=f"cannot encode the state: {exc}")

@@ -1,4 +1,5 @@
-"""Run a function at most every so often on the event loop; calls in between coalesce."""
+"""Run a function at most every so often on the event loop; calls in between coalesce.
+And log a kind of line at most so often, counting the rest (``LogLimit``)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,45 @@ class Throttle:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class LogLimit:
+    """At most ``most`` lines of a kind per ``every`` seconds; the rest are counted, and the
+    count is said by ``summary(count)`` once that window is up (or at ``flush``).
+
+    For lines a peer causes at will: a client that reconnects in a loop, sending junk,
+    brings one line per connection, which unbounded would fill the disk and bury every
+    other line. Loop thread only; ``flush`` at the end, so that no timer outlives it."""
+
+    def __init__(self, every: float, most: int, summary: Callable[[int], None]):
+        self.every = every
+        self.most = most
+        self._summary = summary
+        self._window_end = float("-inf")
+        self._in_window = 0
+        self._held = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def allow(self) -> bool:
+        """Whether to log this line now; False: it is counted for the summary."""
+        now = time.monotonic()
+        if now >= self._window_end:
+            self._window_end = now + self.every
+            self._in_window = 0
+        self._in_window += 1
+        if self._in_window <= self.most:
+            return True
+        self._held += 1
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._window_end - now, self.flush)
+        return False
+
+    def flush(self) -> None:
+        """Say the lines not logged since the last summary, if any, now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, 0
+        if held:
+            self._summary(held)
