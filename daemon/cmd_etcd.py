@@ -221,6 +221,7 @@ def _write(
     guard: GuardSpec | None = None,
     *,
     sections: bool = False,
+    computed_at: int | None = None,
 ) -> int:
     """Validate the etcd layer after ``puts``/``deletes`` (dotted keys) and commit them at once.
 
@@ -229,8 +230,10 @@ def _write(
     without it (``rollback``) exactly the keys given are deleted. With ``guard``, its
     record (see guard_records.py) is written in the same transaction.
     The commit holds only if no other write made with hotknob (each writes ``meta_key``)
-    landed since the state that was checked was read; else nothing is written and the
-    command fails, to be run again."""
+    landed since the state that was checked was read, or since ``computed_at``, the
+    revision the caller read to make ``puts`` and ``deletes`` (``rollback``: a write in
+    between would stay, and the config would not be its state at the revision asked
+    for); else nothing is written and the command fails, to be run again."""
     # Before anything is read: without etcd its layer reads as empty, and a dry run or an
     # ``unset`` would report what etcd holds as absent.
     ctx.require_etcd()
@@ -325,7 +328,8 @@ def _write(
             guard_warnings += _restart_only_guard(ctx, diff)
             texts[guard_path] = record.to_json()
         pinned_warnings = _pinned_on_daemons(entries, diff)
-        checked = {meta_key(ctx.app): store.mod_revision(meta_key(ctx.app), revision)}
+        checked_at = revision if computed_at is None else min(revision, computed_at)
+        checked = {meta_key(ctx.app): store.mod_revision(meta_key(ctx.app), checked_at)}
         try:
             written = store.commit(
                 texts, [etcd_key(ctx.app, k) for k in deletes], expect_mod_revisions=checked
@@ -334,7 +338,7 @@ def _write(
             (landed,) = exc.current.values()
             raise ConcurrentWrite(
                 f"another write landed at revision {landed} after this one was checked "
-                f"(at revision {revision}); nothing was written: run it again"
+                f"(at revision {checked_at}); nothing was written: run it again"
             ) from None
         except NoSpaceError:
             raise  # refused by etcd: nothing was written
@@ -505,7 +509,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             return 0
         return _unchanged(ctx, args, revision, text)
     try:
-        return _write(ctx, args, puts, deletes, f"rolled back to revision {args.to_revision}")
+        header = f"rolled back to revision {args.to_revision}"
+        return _write(ctx, args, puts, deletes, header, computed_at=revision)
     except InvalidChange as exc:
         problems = [
             Problem(p.key, p.layer, f"rollback target invalid: {p.reason}") for p in exc.problems

@@ -3,7 +3,8 @@ change and, for a guarded one, for the guard's verdict; what ``--json`` says of 
 how the command ends (exit 0, or the error that says why not).
 
 The change is written whatever happens here: an etcd lost meanwhile, a process behind, a
-daemon that rejected it or a guard that reverted it are each said, never undone.
+daemon that rejected it, another operator's write that changed its keys again before the
+processes ran it, or a guard that reverted it are each said, never undone.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from hotknob.config import Unavailable
+from hotknob.config.keys import config_prefix, etcd_key
 
-from .etcd_store import EtcdStore
+from .etcd_store import CompactedError, EtcdStore, PrefixState
 from .guard_records import PASSED, GuardRecord
 from .wait_applied import Applied, NotApplied, WatchedEntries, wait_applied
 from .wait_verdict import GuardVerdict, read_verdict, verdict_text, wait_verdict
@@ -60,7 +62,11 @@ def settle(
     settled = Settled(written, timeout)
     if not timeout:
         return settled
-    applied = settled.applied = _wait(store, app, written, keys, timeout, quiet)
+    applied = settled.applied = _wait(store, app, written, keys, timeout)
+    if guarded is None:  # a guarded one's guard says if another write superseded it
+        _find_overwritten(store, app, written, keys, applied)
+    if applied.ok and not applied.nobody and not quiet:
+        print(applied.summary())
     if guarded is None:
         return settled
     record = guarded.record
@@ -134,18 +140,59 @@ def finish(settled: Settled, quiet: bool) -> None:
 
 
 def _wait(
-    store: EtcdStore, app: str, written: int, keys: Collection[str], timeout: float, quiet: bool
+    store: EtcdStore, app: str, written: int, keys: Collection[str], timeout: float
 ) -> Applied:
     """``--wait``: until every process runs revision ``written``, which wrote ``keys``
-    (``wait_applied``); says how it went unless ``quiet``."""
+    (``wait_applied``)."""
     try:
-        applied = wait_applied(WatchedEntries(store, app), written, timeout, keys=keys)
+        return wait_applied(WatchedEntries(store, app), written, timeout, keys=keys)
     except Unavailable as exc:  # etcd lost meanwhile: the change stays written
         message = f"revision {written} is written, but the wait for it failed: {exc}"
         raise Unavailable(message) from exc
-    if applied.ok and not applied.nobody and not quiet:
-        print(applied.summary())
-    return applied
+
+
+def _find_overwritten(
+    store: EtcdStore, app: str, written: int, keys: Collection[str], applied: Applied
+) -> None:
+    """Of the processes that run revision ``written`` or later, those whose revision holds
+    other values of its ``keys`` (another operator's ``set`` of the same key landed
+    since: they run that one's values, whether or not they ran these in between):
+    ``applied.overtaken``, and the keys, with the revision that last changed each,
+    ``applied.overwritten``. A process runs etcd's state at its revision, so that state
+    says whether this change is in force there. A state etcd compacted away cannot be
+    compared: such a process counts as running it."""
+    later = sorted({runs for runs in applied.runs.values() if runs > written})
+    if not keys or not later:
+        return
+    prefix = config_prefix(app)
+    try:
+        then = store.read_prefix_state(prefix, written)
+        for at in later:
+            state = store.read_prefix_state(prefix, at)
+            changed = {
+                key: _last_change(state, etcd_key(app, key))
+                for key in keys
+                if _under(then, etcd_key(app, key)) != _under(state, etcd_key(app, key))
+            }
+            if changed:
+                applied.overwritten.update(changed)
+                applied.overtaken += [n for n, runs in applied.runs.items() if runs == at]
+    except CompactedError:
+        return
+    except Unavailable as exc:  # etcd lost meanwhile: the change stays written
+        message = f"revision {written} is written, but the wait for it failed: {exc}"
+        raise Unavailable(message) from exc
+
+
+def _under(state: PrefixState, path: str) -> dict[str, bytes]:
+    """The values at ``path`` and below it (a section's keys) in ``state``."""
+    return {k: v for k, v in state.values.items() if k == path or k.startswith(path + "/")}
+
+
+def _last_change(state: PrefixState, path: str) -> int | None:
+    """The revision that last changed a value at or below ``path`` in ``state``; None if
+    there is none left (a later write deleted them)."""
+    return max((state.mods[k] for k in _under(state, path)), default=None)
 
 
 def _verdict_now(store: EtcdStore, guarded: Guarded, written: int) -> dict[str, Any]:

@@ -68,6 +68,13 @@ class Applied:
     agreed: dict[str, int] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # Of those that applied it, the revision each runs (the written one or later).
+    runs: dict[str, int] = field(default_factory=dict)
+    # The written keys that a later write changed again, as the revision some process of
+    # ``applied`` runs holds them (``settled``): key -> that write's revision (None: it
+    # deleted them). Those processes run that write's values, not this change's.
+    overwritten: dict[str, int | None] = field(default_factory=dict)
+    overtaken: list[str] = field(default_factory=list)  # those processes
 
     @property
     def nobody(self) -> bool:
@@ -82,8 +89,9 @@ class Applied:
 
     @property
     def ok(self) -> bool:
-        """Every process applied it, with no error (none did if there is none: ``nobody``)."""
-        return not self.behind and not self.rejected and not self.failed
+        """Every process applied it, with no error, and runs it (none did if there is none:
+        ``nobody``)."""
+        return not self.behind and not self.rejected and not self.failed and not self.overtaken
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +103,8 @@ class Applied:
             "restart": sorted(self.restart),
             "agreed": dict(sorted(self.agreed.items())),
             "left": sorted(self.left),
+            "overwritten": dict(sorted(self.overwritten.items())),
+            "overtaken": sorted(self.overtaken),
             "seconds": round(self.seconds, 3),
         }
 
@@ -114,6 +124,21 @@ class Applied:
         if self.agreed:
             text += "; " + some_names([f"{n} {agreed_text(r)}" for n, r in self.agreed.items()])
         return text
+
+    def overwritten_text(self) -> str:
+        """Why some processes at its revision or later do not run the change, in one
+        line's part: another write changed some of its keys again since."""
+        changes = [
+            f"{key} (deleted it)" if at is None else f"{key} (again, at revision {at})"
+            for key, at in sorted(self.overwritten.items())
+        ]
+        total = len(self.applied)
+        look = "hotknob history" if len(changes) > 1 else f"hotknob history {min(self.overwritten)}"
+        return (
+            f"a later write changed {', '.join(changes)}: {len(self.overtaken)} of {total} "
+            f"processes ({some_names(self.overtaken)}) run its values, not this change's "
+            f"(`{look}`)"
+        )
 
     def failure(self, timeout: float, now: float | None = None) -> str:
         """Why the wait failed, in one line (the change stays written); ``now``: the wall
@@ -153,6 +178,8 @@ class Applied:
                     "step, a server with no requests, or a hung process): wait longer, or "
                     "see `hotknob status`"
                 )
+        if self.overtaken:
+            parts.append(self.overwritten_text())
         return f"revision {self.revision} is written, but " + "; ".join(parts)
 
     def _behind_text(self, name: str, runs: Any, now: float) -> str:
@@ -183,11 +210,12 @@ def classify(
     it took edited the key: ``rejected_before``), and one that an earlier look found
     rejecting it (``seen_rejected``: name -> reason), whatever its entry says now.
     Otherwise one that runs ``revision`` or later applied it, and one behind it whose
-    daemon refuses a later revision now will not run it either.
+    daemon refused ``revision`` itself (or, with no ``keys``, a later one) will not run
+    it either; one whose daemon refused only a later write of other keys is behind.
 
     Returns the processes whose daemon refused one of ``keys``: name -> its reason."""
     into.applied, into.rejected, into.behind, into.holding = {}, {}, {}, {}
-    into.restart, into.failed, into.agreed = {}, {}, {}
+    into.restart, into.failed, into.agreed, into.runs = {}, {}, {}, {}
     refusing: dict[str, str] = {}
     for name, entry in entries.items():
         runs = entry.get("revision")
@@ -207,12 +235,13 @@ def classify(
             into.failed[name] = error
         elif is_int(runs) and runs >= revision:
             into.applied[name] = entry.get("step")
+            into.runs[name] = runs
             if rank is not None:
                 into.agreed[name] = rank
             waiting = sorted(waiting_for_restart(entry).intersection(keys))
             if waiting:
                 into.restart[name] = waiting
-        elif refused is not None:
+        elif refused is not None and _refused_it(refused, revision, keys):
             into.rejected[name] = str(refused.get("reason", "no reason given"))
         else:
             into.behind[name] = runs if is_int(runs) else "-"
@@ -227,6 +256,16 @@ def classify(
             ):
                 into.holding[name] = holds["since"]
     return refusing
+
+
+def _refused_it(refused: Mapping[str, Any], revision: int, keys: Collection[str]) -> bool:
+    """Whether a refusal of a process behind, one that names none of ``keys``, keeps it
+    from running the change at ``revision``: with no keys known, any refusal from there on
+    does; else only one of that very revision (a rule across keys may name another key).
+    One of a later revision refused another write (an operator's ``set`` of another key
+    that this daemon's schema refuses): the daemon took this change, and the process runs
+    it at its next apply."""
+    return not keys or refused.get("revision") == revision
 
 
 def _first_error(entry: Mapping[str, Any]) -> str | None:
