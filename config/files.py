@@ -6,6 +6,7 @@ secret)."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -182,7 +183,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is dropped
     except UnicodeDecodeError as exc:
-        raise LayerError("files", f"{path}: not valid UTF-8 (byte {exc.start})") from exc
+        raise LayerError("files", f"{path}: not valid UTF-8 ({_why_not_utf8(data, exc)})") from exc
     if not text.strip():
         raise LayerError("files", f"{path}: file is empty")
     try:
@@ -219,6 +220,24 @@ def read_config_file(path: Path) -> dict[str, Any]:
             key=twice,
         )
     return parsed
+
+
+_OTHER_UNICODE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),  # before UTF-16's: it starts with the same two bytes
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _why_not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    """Where the text stops being UTF-8; or, for text saved as UTF-16 or UTF-32 (as some
+    Windows tools save text by default), that encoding and what to do: "byte 0" alone
+    does not tell a user that the whole file is in another encoding."""
+    for bom, encoding in _OTHER_UNICODE_BOMS:
+        if data.startswith(bom):
+            return f"it starts with a {encoding} byte-order mark: save it as UTF-8"
+    return f"byte {exc.start}"
 
 
 def _read_regular_file(path: Path) -> bytes | None:

@@ -29,6 +29,9 @@ the last good state. So:
   swapped (a release folder's ``current`` link) sends no event into the folders
   watched: while all is quiet they are looked at every ``_FOLDER_POLL_S``, and a
   path that names another folder now is watched anew and its files read at once;
+- a file written through another name for it, which sends no event into its folder (a
+  file bind-mounted into a container and edited on the host, a hard link), is found
+  changed by its size and times, looked at with the folders while all is quiet;
 - a relative path names the file from the folder the watcher was made in, for good.
 """
 
@@ -164,6 +167,16 @@ def _inode(folder: Path) -> int | None:
         return None
 
 
+def _file_stat(path: Path) -> tuple[int, ...] | None:
+    """What tells, without reading it, that a file may hold something new: the file the
+    name leads to, its size and its times; None if it cannot be looked at."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _watched_folders(paths: Sequence[Path]) -> list[Path]:
     """The folder of each path, plus the real file's folder when a symlink leads elsewhere.
 
@@ -181,6 +194,21 @@ def _watched_folders(paths: Sequence[Path]) -> list[Path]:
             if candidate not in folders:
                 folders.append(candidate)
     return folders
+
+
+def _watch(observer: Any, handler: FileSystemEventHandler, folder: Path) -> Any:
+    """Watch ``folder`` itself, even where its path ends in a symlink (``conf -> /srv/conf``).
+
+    Not following it, inotify would watch the link and not the folder it leads to, and
+    no save of a file in there would ever be seen. Its events still name the files by
+    the path given, and a swap of the link is found as a folder renamed above is."""
+    return observer.schedule(
+        handler,
+        str(folder),
+        recursive=False,
+        event_filter=_EVENTS_OF_INTEREST,
+        follow_symlink=True,
+    )
 
 
 class FileLayerWatcher:
@@ -233,6 +261,7 @@ class FileLayerWatcher:
         self._reported: dict[Path, Exception] = {}  # a file that cannot be read, and why
         self._missing_since: dict[Path, float] = {}  # since when each missing file is
         self._bad_since: dict[Path, float] = {}  # since when each file there does not read
+        self._file_stats: dict[Path, tuple[int, ...] | None] = {}  # as each was last read
 
         self._cond = threading.Condition()
         self._due: float | None = None
@@ -293,9 +322,7 @@ class FileLayerWatcher:
         watches = {}
         try:
             for folder in folders:
-                watches[folder] = observer.schedule(
-                    signal, str(folder), recursive=False, event_filter=_EVENTS_OF_INTEREST
-                )
+                watches[folder] = _watch(observer, signal, folder)
             observer.start()
         except OSError as exc:
             observer.unschedule_all()
@@ -448,6 +475,7 @@ class FileLayerWatcher:
 
     def _check(self, *, explicit: bool, held: frozenset[str] = frozenset()) -> None:
         with self._check_lock:
+            self._file_stats = {where: _file_stat(where) for where in self._where}
             try:
                 self._read_and_compare(explicit=explicit, held=held)
             finally:
@@ -457,11 +485,21 @@ class FileLayerWatcher:
         """Check the files at once if a watched folder's path no longer names the folder
         watched, or the files are in other folders now: a rename, or a symlink swap, of a
         folder *above* them (a release folder's ``current`` link, a folder renamed away
-        and made again) sends no event into the folders watched."""
+        and made again) sends no event into the folders watched. Check them after the
+        debounce if one was written without an event (see ``_written_unseen``)."""
         with self._check_lock:
             moved = set(_watched_folders(self._where)) != set(self._watches)
             if moved or self._gone_folders():
                 self._signal(complete=True)
+            elif self._written_unseen():
+                self._signal()
+
+    def _written_unseen(self) -> bool:
+        """Whether a file's size or times changed since it was last read. A write through
+        another name for the file (a file bind-mounted into a container and edited in place
+        on the host, a hard link in another folder) sends no event into the folder watched:
+        without this, the file would be read again only at some other event."""
+        return any(_file_stat(where) != self._file_stats.get(where) for where in self._where)
 
     def _gone_folders(self) -> list[Path]:
         """The watched folders whose path names another folder now, or none: deleted (the
@@ -499,9 +537,7 @@ class FileLayerWatcher:
             if folder in self._watches:
                 continue
             try:
-                self._watches[folder] = observer.schedule(
-                    handler, str(folder), recursive=False, event_filter=_EVENTS_OF_INTEREST
-                )
+                self._watches[folder] = _watch(observer, handler, folder)
             except OSError as exc:
                 if folder not in self._unwatchable:
                     self._unwatchable.add(folder)
@@ -558,7 +594,9 @@ class FileLayerWatcher:
                 if path not in awaited:
                     self._report(path, error, False)
             return
-        recovered = [path for path in read if path in self._reported]
+        # A file given twice (``--config a.yaml --config a.yaml``) is read twice: each of
+        # its problems is still one, said and cleared once.
+        recovered = [path for path in dict.fromkeys(read) if path in self._reported]
         for path in recovered:
             del self._reported[path]
         if recovered and not self._reported and not failed:  # every file reads again
@@ -577,7 +615,7 @@ class FileLayerWatcher:
         # After a change, or a file read again, a listener may think every file reads: each
         # that does not (read now, or held and reported before) is told of again.
         again = explicit or changed or bool(recovered)
-        for path in self._paths:
+        for path in dict.fromkeys(self._paths):
             if path in failed:
                 self._report(path, failed[path], again)
             elif path in self._reported:
