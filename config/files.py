@@ -1,8 +1,8 @@
 """Config files: YAML, TOML or JSON read strictly into one nested mapping, or refused
 with the file and the reason (``read_config_file``): no duplicate key, no YAML alias or
 tag that builds objects, nothing nested more than ``MAX_FILE_DEPTH`` deep, no text UTF-8
-cannot carry, and no error message that quotes the file's content (it may hold a
-secret)."""
+cannot carry, no YAML number read otherwise than the other layers read its text, and no
+error message that quotes the file's content (it may hold a secret)."""
 
 from __future__ import annotations
 
@@ -130,6 +130,79 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictYamlLoader)
 
 
+def _compose_yaml(text: str) -> yaml.Node | None:
+    """The nodes of ``text``, which ``_load_yaml`` read, composed by the loader that read it."""
+    if _CParser is not None and _FAST_YAML_UNLIKE.search(text) is None:
+        try:
+            return yaml.compose(text, Loader=_FastStrictYamlLoader)
+        except Exception:
+            pass
+    return yaml.compose(text, Loader=_StrictYamlLoader)
+
+
+_YAML_OCTAL = (
+    "an integer with a leading 0, which YAML reads as octal (010 as 8, where --set, env "
+    "and etcd read 10)",
+    "write it without the leading 0, or quote it for text",
+)
+_YAML_BASE_60 = (
+    "a number with a ':' in it, which YAML reads in base 60 (1:30 as 90, where --set, env "
+    "and etcd refuse it)",
+    "write the number itself, or quote it for text",
+)
+
+
+def _read_otherwise(text: str) -> tuple[str, str] | None:
+    """Why YAML 1.1 (PyYAML's) reads the number ``text`` as another number than the same
+    digits give in every other layer, and what to write instead; None if it does not.
+
+    A leading 0 makes an integer octal (``010`` is 8) and a ``:`` makes a number base 60
+    (``1:30`` is 90): a value that silently becomes another than the one typed, where
+    ``--set``, env and etcd read ``010`` as 10 and refuse ``1:30``. ``07`` or ``00`` read
+    the same both ways, and are taken."""
+    if ":" in text:
+        return _YAML_BASE_60
+    digits = text.replace("_", "").lstrip("+-")
+    octal = len(digits) > 1 and digits[0] == "0" and digits.isdigit()
+    if octal and int(digits, 8) != int(digits):
+        return _YAML_OCTAL
+    return None
+
+
+_YAML_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
+_MAY_READ_OTHERWISE = re.compile(r"(?<![\w.])[-+]?0[0-9_]|[0-9]:[0-5]?[0-9]")
+"""What such a number may look like: only a text with it is composed again to look."""
+
+
+def _number_read_otherwise(text: str) -> tuple[str, tuple[str, str], yaml.Mark] | None:
+    """The first number of the YAML ``text`` that YAML reads as another number than the
+    other layers do (``_read_otherwise``): its dotted key, why and what to write instead,
+    and where it is; None if there is none.
+
+    The loaders read YAML as YAML 1.1 defines it; this is the config files' own rule,
+    looked for in the nodes (a value's text is gone once it is made a number), and only
+    in a text where ``_MAY_READ_OTHERWISE`` finds what may be one."""
+    if _MAY_READ_OTHERWISE.search(text) is None:
+        return None
+    root = _compose_yaml(text)
+    stack: list[tuple[str, yaml.Node]] = [] if root is None else [("", root)]
+    while stack:
+        key, node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            pairs = [
+                (f"{key}.{name.value}" if key else str(name.value), value)
+                for name, value in node.value
+            ]
+            stack.extend(reversed(pairs))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((key, item) for item in reversed(node.value))
+        elif node.tag in _YAML_NUMBER_TAGS:
+            why = _read_otherwise(str(node.value))
+            if why is not None:
+                return key, why, node.start_mark
+    return None
+
+
 def _json_object_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -161,7 +234,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     regular file (a named pipe would block the read for ever), one nested
     more than ``MAX_FILE_DEPTH`` levels deep, one whose top level is not a mapping, or
     one with a lone surrogate (an escape such as ``"\\ud800"``, which JSON and YAML
-    allow and UTF-8 cannot carry) in a key or a value.
+    allow and UTF-8 cannot carry) in a key or a value, or a YAML number that YAML reads
+    as another number than ``--set``, env and etcd read the same text (``010`` as octal
+    8, ``1:30`` in base 60).
     What it returns is at most that deep, so code that walks it recursively is safe.
     """
     path = Path(path)
@@ -219,6 +294,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
             f"{path}: duplicate key {twice!r}: given nested and with dots in a name too",
             key=twice,
         )
+    otherwise = _number_read_otherwise(text) if kind == "yaml" else None
+    if otherwise is not None:
+        key, (problem, instead), mark = otherwise
+        raise LayerError("files", f"{path}: {key}: {problem}{_yaml_at(mark)}: {instead}", key=key)
     return parsed
 
 

@@ -262,9 +262,13 @@ _DECODER = json.JSONDecoder(  # made once: stateless, shared
 def parse_text(text: str) -> Any:
     """A JSON-text value (``0.0003``, ``true``, ``"cosine"``); a bare word stays a string.
 
-    So does text nested too deeply to decode (``[[[[...``): the schema rejects it with a
-    clear reason. ``NaN`` and ``Infinity`` are not JSON and stay strings: a number field
-    rejects them (and a float the schema lets through as NaN or infinity, the merge rejects).
+    Whitespace around the value is no part of it, a bare word's as a number's: ``cosine``
+    written with a newline after it (``echo cosine | etcdctl put ...``) or after ``= ``
+    (``--set "sched.name = cosine"``) is ``cosine``, as `` 0.5`` is 0.5. Quoted, it is kept
+    (``" cosine "``). Text nested too deeply to decode (``[[[[...``) stays a string too:
+    the schema rejects it with a clear reason. ``NaN`` and ``Infinity`` are not JSON and
+    stay strings: a number field rejects them (and a float the schema lets through as NaN
+    or infinity, the merge rejects).
     Raises ``NotText`` if the value holds a lone surrogate (``"\\ud800"``), which JSON
     allows and UTF-8 cannot carry, and ``DuplicateKey`` (a ``NotText``) if an object in it
     gives one name twice.
@@ -275,9 +279,9 @@ def parse_text(text: str) -> Any:
     except DuplicateKey:
         raise
     except (ValueError, RecursionError):  # nested too deeply to decode: a string, rejected
-        value, end = text, -1
+        value, end = stripped, -1
     if end != len(stripped):
-        value = text
+        value = stripped
     # Only an escape (``\\u``) or text that is not ASCII can give a lone surrogate: the
     # usual value skips the walk.
     if (not stripped.isascii() or "\\u" in stripped) and not is_text(value):
