@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .binding import Binding, Handle, StatefulBinding
     from .client import LiveConfig
-    from .errors import DaemonUnavailable, LiveConfigError
+    from .errors import DaemonUnavailable, InvalidValue, LiveConfigError
 
 # Loaded on first use: the daemon imports ``protocol`` from this package and needs
 # nothing else of it (``LiveConfig`` brings the connection and state modules).
@@ -21,6 +21,7 @@ _HOMES = {
     "StatefulBinding": ".binding",
     "LiveConfig": ".client",
     "DaemonUnavailable": ".errors",
+    "InvalidValue": ".errors",
     "LiveConfigError": ".errors",
 }
 
@@ -32,10 +33,17 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(home, __name__), name)
 
 
+def __dir__() -> list[str]:
+    """The loaded names and the lazy ones: ``help()`` and tab completion list what
+    ``dir()`` lists, and the lazy names are not in the module's namespace until used."""
+    return sorted({*globals(), *_HOMES})
+
+
 __all__ = [
     "Binding",
     "DaemonUnavailable",
     "Handle",
+    "InvalidValue",
     "LiveConfig",
     "LiveConfigError",
     "StatefulBinding",
