@@ -61,6 +61,13 @@ from .throttle import Throttle
 
 PUSH_EVERY_S = 0.002
 
+LOOP_ANSWER_S = 2.0
+"""How long ``/healthz`` waits for the event loop to run a no-op. A loop that cannot
+within this is blocked (a handler stuck or looping): it serves its processes nothing,
+so the daemon is not ok, and a liveness probe restarts it. Below the timeouts of the
+readiness and liveness probes in deploy/kubernetes/job.yaml and of the image's
+HEALTHCHECK (3 s and more)."""
+
 
 class _StartAbandoned(Exception):
     """A stop was asked for during the start: it ends there, as a normal stop."""
@@ -643,13 +650,20 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         """For ``/healthz`` (the HTTP thread). Not ok before the first snapshot is in force,
         nor once the socket path no longer leads to the socket this daemon bound (removed
-        or replaced): processes cannot reach the daemon then, though it still runs."""
+        or replaced), nor while the event loop does not answer (``loop``: ``blocked``):
+        processes cannot be served then, though the process still runs and this thread
+        still answers."""
         engine = self.engine
         server = self.server
         socket_file = server.socket_file() if server else "not_listening"
+        loop = _loop_state(self._loop, self._on_loop())
+        if loop == "blocked":
+            self.log.warning("event_loop_blocked", waited_s=LOOP_ANSWER_S)
+        ready = self.ready.is_set() and engine and engine.current
         return {
-            "ok": bool(self.ready.is_set() and engine and engine.current and socket_file == "ok"),
+            "ok": bool(ready and socket_file == "ok" and loop == "ok"),
             "socket": socket_file,
+            "loop": loop,
             "version": engine.version if engine else 0,
             "revision": engine.revision if engine else 0,
             "etcd_connected": self.etcd_connected if self.ctx.etcd else None,
@@ -661,6 +675,22 @@ class Daemon:
             "rejected": self.feedback.rejected,
             "config_files": self.feedback.config_files,
         }
+
+
+def _loop_state(loop: asyncio.AbstractEventLoop | None, on_loop: bool) -> str:
+    """``ok`` if the event loop runs a no-op within ``LOOP_ANSWER_S`` (at once when asked
+    from the loop itself), ``blocked`` if it does not, ``not_running`` before it starts
+    and once it has closed."""
+    if loop is None or loop.is_closed():
+        return "not_running"
+    if on_loop:
+        return "ok"
+    answered = threading.Event()
+    try:
+        loop.call_soon_threadsafe(answered.set)
+    except RuntimeError:  # closed since the check above: the daemon is stopping
+        return "not_running"
+    return "ok" if answered.wait(LOOP_ANSWER_S) else "blocked"
 
 
 def _count(server: SocketServer | None, *, watch: bool) -> int:

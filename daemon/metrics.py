@@ -25,6 +25,16 @@ from .logs import get_logger
 REQUEST_TIMEOUT_S = 10.0
 """How long a connection to the metrics port may stay silent: each one holds a thread."""
 
+MAX_CONNECTIONS = 256
+"""Connections served at once, each on a thread of its own for up to ``REQUEST_TIMEOUT_S``:
+one more is closed at once, so that many slow or stalled peers cannot take the memory of
+the daemon (and of the pod, under its limit) one thread at a time."""
+
+LISTEN_BACKLOG = 128
+"""Connections the kernel queues before they are accepted. With the standard library's 5,
+the handshake of a sixth is dropped and its client sends it again only a second later: a
+burst of scrapes and probes, or a few slow peers, would make a probe miss a 1 s timeout."""
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -124,9 +134,35 @@ class MetricsServer:
         family, sockaddr = _resolve(addr, *parse_addr(addr))
         metrics_ref, health_ref = metrics, health
         log = get_logger("hotknob.metrics")
+        most = MAX_CONNECTIONS
+        slots = threading.BoundedSemaphore(most)
 
         class Server(ThreadingHTTPServer):
             address_family = family
+            request_queue_size = LISTEN_BACKLOG
+            refusing = False  # said once per run of refusals, not once per connection
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                """A thread for the connection while fewer than ``MAX_CONNECTIONS`` are
+                served; else it is closed at once, and its peer tries again."""
+                if not slots.acquire(blocking=False):
+                    if not self.refusing:
+                        self.refusing = True
+                        log.warning("metrics_connections_refused", max_connections=most)
+                    self.shutdown_request(request)
+                    return
+                self.refusing = False
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:  # no thread started: nothing else gives the slot back
+                    slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
 
             def handle_error(self, request: Any, client_address: Any) -> None:
                 """A request that failed: one log line, not the traceback the standard
@@ -144,6 +180,15 @@ class MetricsServer:
             timeout = REQUEST_TIMEOUT_S
 
             def do_GET(self) -> None:
+                self.wfile.write(self._answer())
+
+            def do_HEAD(self) -> None:
+                """As GET, without the body: what HTTP asks of every server, and what
+                some uptime checkers send."""
+                self._answer()
+
+            def _answer(self) -> bytes:
+                """Sends the status line and headers for the path; returns the body."""
                 if self.path.split("?")[0] == "/metrics":
                     body, ctype, code = metrics_ref.exposition(), CONTENT_TYPE_LATEST, 200
                 elif self.path.split("?")[0] == "/healthz":
@@ -156,7 +201,7 @@ class MetricsServer:
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                return body
 
             def log_message(self, format: str, *args: Any) -> None:
                 return None
