@@ -292,7 +292,7 @@ _LEFT_OUT = (
     "is left out of the configuration's JSON by the schema (exclude_if), so no client "
     "could be sent it"
 )
-_NOT_A_NUMBER = "takes numbers only, and true/false is none (pydantic would read it as 1 or 0)"
+_NOT_A_NUMBER = "takes no true/false here: pydantic would read it as the number 1 or 0"
 
 
 def booleans_for_numbers(schema: type[BaseModel], flat: Mapping[str, Any]) -> list[str]:

@@ -228,13 +228,66 @@ def _a_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal`` or an ``Enum`` allows; None for any other type."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return tuple(member.value for member in annotation)
+    return None
+
+
+_NO_BOOL_ARMS = (str, bytes, type(None), list, tuple, dict, AbstractSet, Mapping, Sequence)
+"""Types whose lax validation refuses ``true``/``false`` outright: as an arm of a union
+beside a number, they leave the number to read it."""
+
+
+def reads_bool_as_number(annotation: Any) -> bool:
+    """Whether pydantic's lax validation makes ``true``/``false`` the number 1 or 0 here,
+    rather than keeping a boolean or refusing it: a number-only type (``is_number_only``);
+    a ``Literal`` or ``Enum`` with a member 1 or 0 and no boolean one (``Literal["fast",
+    1]``: ``true`` matches 1); a union whose arms keep no boolean as one and one of which
+    reads it as a number (``float | str``: 1.0). Not where an arm may take a boolean
+    (``bool``, ``Any``, a type this does not know)."""
+    origin = get_origin(annotation)
+    if origin is Annotated or origin is Secret:
+        return reads_bool_as_number(get_args(annotation)[0])
+    if origin is Union or origin is UnionType:
+        arms = [arg for arg in get_args(annotation) if arg is not type(None)]
+        reading = [arm for arm in arms if reads_bool_as_number(arm)]
+        return bool(reading) and all(arm in reading or _takes_no_bool(arm) for arm in arms)
+    if is_number_only(annotation):
+        return True
+    choices = _choices(annotation)
+    if choices is None or any(type(c) is bool for c in choices):
+        return False
+    return any(_a_number(c) and c in (0, 1) for c in choices)
+
+
+def _takes_no_bool(annotation: Any) -> bool:
+    """Whether lax validation refuses ``true``/``false`` for this type outright (a text, a
+    container, a model, a ``Literal`` or ``Enum`` of texts)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _takes_no_bool(get_args(annotation)[0])
+    choices = _choices(annotation)
+    if choices is not None:
+        return not any(c in (0, 1) for c in choices)  # ``True == 1``: it would match
+    kind = origin if origin is not None else annotation
+    if not isinstance(kind, type):
+        return False
+    return issubclass(kind, BaseModel) or (
+        issubclass(kind, _NO_BOOL_ARMS) and not issubclass(kind, bool)
+    )
+
+
 def holds_bool_for_number(annotation: Any, value: Any) -> bool:
-    """Whether ``value`` is or holds ``true``/``false`` where ``annotation`` takes a number
-    only: the leaf itself, or an item of a list, tuple or set, a value of a mapping, a
-    field of a model (``[true, false]`` for a ``tuple[float, ...]``), where every type a
-    union allows would take it for a number."""
+    """Whether ``value`` is or holds ``true``/``false`` where ``annotation`` would read it
+    as a number (``reads_bool_as_number``): the leaf itself, or an item of a list, tuple
+    or set, a value of a mapping, a field of a model (``[true, false]`` for a
+    ``tuple[float, ...]``), where every type a union allows would take it for a number."""
     if type(value) is bool:
-        return is_number_only(annotation)
+        return reads_bool_as_number(annotation)
     origin = get_origin(annotation)
     if origin is Annotated:
         return holds_bool_for_number(get_args(annotation)[0], value)
@@ -268,7 +321,7 @@ def _model_holds_bool_for_number(model: type[BaseModel], value: Mapping[str, Any
 def _mentions_numbers(annotation: Any, seen: frozenset[type] = frozenset()) -> bool:
     """Whether a number-only type is part of this type anywhere (``list[float]``, a model
     with an ``int`` field): a leaf of such a type is checked for ``true``/``false``."""
-    if is_number_only(annotation):
+    if reads_bool_as_number(annotation):
         return True
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         if annotation in seen:

@@ -188,12 +188,13 @@ def test_only_leaves_that_take_numbers_alone_refuse_true_and_false() -> None:
     assert {"scale", "steps", "limit"} <= set(numeric_keys(Flags)) and "on" not in numeric_keys(
         Flags
     )
-    for key in ("either", "on", "anything"):  # their schema decides: true passes
+    for key in ("on", "anything"):  # an arm that keeps a boolean: true passes, as true
         snap = merge_layers(Flags, [defaults_layer(Flags), cli_layer([f"{key}=true"])])
-        assert snap.flat[key] in (True, "true")
+        assert snap.flat[key] is True  # ``is``: 1.0 == True, and pydantic made 1.0 of it
+    given = ["scale=true", "limit=false", "either=true"]  # ``float | str``: the float takes it
     with pytest.raises(InvalidChange) as info:
-        merge_layers(Flags, [defaults_layer(Flags), cli_layer(["scale=true", "limit=false"])])
-    assert sorted(p.key for p in info.value.problems) == ["limit", "scale"]
+        merge_layers(Flags, [defaults_layer(Flags), cli_layer(given)])
+    assert sorted(p.key for p in info.value.problems) == ["either", "limit", "scale"]
 
 
 def test_unknown_key_from_each_layer_is_named() -> None:
@@ -840,7 +841,7 @@ class _NumberLike(BaseModel):
     scale: tuple[float, float] = (1.0, 1.0)
     sizes: list[int] = Field(default_factory=lambda: [1])
     weights: dict[str, float] = Field(default_factory=dict)
-    mode: Literal["a", 1] = "a"  # takes text too: true is pydantic's to refuse
+    mode: Literal["a", 1] = "a"  # takes text too, and pydantic would match true to 1
 
 
 @pytest.mark.parametrize(
@@ -852,7 +853,40 @@ def test_true_or_false_where_only_numbers_are_taken_is_refused(given: str) -> No
     with pytest.raises(InvalidChange) as info:
         merge_layers(_NumberLike, [defaults_layer(_NumberLike), cli_layer([given])])
     assert [(p.key, p.layer) for p in info.value.problems] == [(key, "cli")]
-    assert "true/false is none" in info.value.problems[0].reason
+    assert "takes no true/false" in info.value.problems[0].reason
+
+
+class _MixedArms(BaseModel):
+    text_or_number: float | str = "x"
+    choice: Literal["fast", "slow", 1, 2] = "fast"
+    maybe_number: int | list[int] | None = None
+    flag_or_number: bool | float = 1.0
+    anything_or_number: Any | float = 1.0
+
+
+@pytest.mark.parametrize(
+    "given", ["text_or_number=true", "choice=true", "mode=true", "maybe_number=false"]
+)
+def test_true_or_false_that_a_union_or_literal_would_read_as_a_number_is_refused(
+    given: str,
+) -> None:
+    """pydantic reads ``true`` as 1.0 for ``float | str`` (no arm keeps a boolean, the
+    float takes it) and as 1 for a ``Literal`` with a member 1: a typo that became a
+    number without a word."""
+    key = given.split("=")[0]
+    schema = _MixedArms if key != "mode" else _NumberLike
+    with pytest.raises(InvalidChange) as info:
+        merge_layers(schema, [defaults_layer(schema), cli_layer([given])])
+    assert [(p.key, p.layer) for p in info.value.problems] == [(key, "cli")]
+    assert "takes no true/false" in info.value.problems[0].reason
+
+
+def test_true_where_an_arm_takes_a_boolean_stays_a_boolean() -> None:
+    given = ["flag_or_number=true", "anything_or_number=false", "choice=1", "text_or_number=0.5"]
+    snap = merge_layers(_MixedArms, [defaults_layer(_MixedArms), cli_layer(given)])
+    values = {k: snap.values[k] for k in ("flag_or_number", "anything_or_number", "choice")}
+    assert values == {"flag_or_number": True, "anything_or_number": False, "choice": 1}
+    assert type(snap.values["flag_or_number"]) is bool
 
 
 def test_numbers_where_only_numbers_are_taken_are_fine() -> None:
@@ -902,7 +936,7 @@ def test_true_or_false_given_inside_a_leaf_where_a_number_is_taken_is_refused(gi
     with pytest.raises(InvalidChange) as info:
         merge_layers(_Inside, [defaults_layer(_Inside), cli_layer([given])])
     assert [p.key for p in info.value.problems] == [given.split("=")[0]]
-    assert "true/false is none" in info.value.problems[0].reason
+    assert "takes no true/false" in info.value.problems[0].reason
 
 
 def test_a_rule_inside_a_model_a_leaf_holds_blames_the_keys_given_below_it() -> None:
