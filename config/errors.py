@@ -54,6 +54,11 @@ class InvalidChange(InvalidInput):
         self.problems = tuple(problems)
         super().__init__("; ".join(str(p) for p in self.problems) or "invalid configuration")
 
+    def __reduce__(self) -> tuple[type[InvalidChange], tuple[tuple[Problem, ...]]]:
+        # Made again from its problems, not its message: a pickled error (a config checked
+        # in a process pool) comes back whole.
+        return (type(self), (self.problems,))
+
 
 class LayerError(InvalidInput):
     """A layer could not be read at all (an unparsable file, a malformed value)."""
@@ -62,6 +67,9 @@ class LayerError(InvalidInput):
         self.layer = layer
         self.key = key
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[LayerError], tuple[str, str, str]]:
+        return (type(self), (self.layer, str(self), self.key))
 
 
 class SchemaLoadError(InvalidInput):

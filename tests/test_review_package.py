@@ -240,3 +240,21 @@ def test_daemon_and_runtime_run_without_torch(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     assert lines[0] == "0.01 False"
     assert lines[1].startswith("bind_optimizer:") and "torch" in lines[1]
+
+
+def test_config_errors_come_back_whole_from_a_pickle() -> None:
+    """A configuration checked in a process pool sends its error back pickled: the errors
+    whose constructor takes more than a message must come back whole, not raise in
+    ``pickle.loads`` or come back with their message split into characters."""
+    import pickle
+
+    from hotknob.config import InvalidChange, LayerError, Problem
+
+    problem = Problem("train.lr", "cli", "must be > 0", -1, "--set")
+    for error in (
+        InvalidChange([problem]),
+        LayerError("files", "a.yaml: not valid YAML", key="train.lr"),
+    ):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert vars(back) == vars(error)
