@@ -32,6 +32,13 @@ from .schema_facts import SchemaFacts, computed_values, leaf_values
 from .secrecy import revealed
 from .sources import Layer
 
+_TEXT_LAYERS = frozenset({"cli", "env", "etcd"})
+_QUOTE_IT = (
+    " (a value there is JSON text: a text that reads as a number, true/false or null is "
+    "one, so give it in quotes, as '\"1e3\"')"
+)
+"""What a text field refused from a layer of JSON text (``--set k.name=1e3``) needs."""
+
 
 def loc_to_key(loc: Iterable[Any]) -> str:
     return ".".join(str(part) for part in loc)
@@ -115,6 +122,8 @@ def refused_problems(
             continue
         reason = reason_for(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
         value = err["input"]
+        if err["type"] == "string_type" and winners.get(leaf) in _TEXT_LAYERS:
+            reason += _QUOTE_IT
         if not facts.is_known(leaf):  # a section's or the whole model's input: its secrets
             value = masked_input(leaf, value, facts.is_known, facts.secrets)
         problems.append(Problem(leaf, winners.get(leaf, "defaults"), reason, value))

@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from hotknob.config import LayerError, cli_layer, env_layer, etcd_layer, read_config_file
+from hotknob.config import Layer, LayerError, cli_layer, env_layer, etcd_layer, read_config_file
 from hotknob.config.keys import parse_text
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
@@ -142,3 +142,26 @@ def test_a_word_put_from_echo_reaches_processes_without_its_newline(
         update = client.next_update()
     assert update["changed"] == {"k.count": 5}
     assert update["values"]["k"] == {"name": "hello", "mode": "slow", "count": 5, "ids": [1]}
+
+
+@pytest.mark.parametrize("layer", ["cli", "etcd", "env"])
+def test_a_text_field_given_a_number_says_to_quote_it(layer: str) -> None:
+    """``--set k.name=1e3`` is the number 1000.0 (a value there is JSON text), which a text
+    field refuses: the refusal says to give it in quotes, not only that it is no text."""
+    from hotknob.config import InvalidChange, defaults_layer, merge_layers
+
+    if layer == "cli":
+        given = cli_layer(["k.name=1e3"])
+    elif layer == "etcd":
+        given = etcd_layer("a", {"/hotknob/a/config/k/name": b"1e3"})
+    else:
+        given = env_layer(Params, environ={"HOTKNOB_PARAM_K__NAME": "1e3"})
+    with pytest.raises(InvalidChange) as caught:
+        merge_layers(Params, [defaults_layer(Params), given])
+    [problem] = caught.value.problems
+    assert (problem.key, problem.layer) == ("k.name", layer)
+    assert "valid string" in problem.reason and "give it in quotes" in problem.reason
+    # From a file the text is YAML's or TOML's to read: no such hint.
+    with pytest.raises(InvalidChange) as caught:
+        merge_layers(Params, [defaults_layer(Params), Layer("files", {"k.name": 7})])
+    assert "quotes" not in caught.value.problems[0].reason
