@@ -25,7 +25,8 @@ from hotknob.config.secrecy import mask_secrets, shown_value
 
 EventSink = Callable[[dict[str, Any]], None]
 MAX_LISTED = 100
-"""The most problems, and edited keys, a rejection's log line and event name one by one."""
+"""The most problems, and edited keys, a rejection's log line and event name one by one;
+the most keys an accepted change's log line names."""
 
 
 class Announcer:
@@ -52,17 +53,25 @@ class Announcer:
         changed: dict[str, Any],
         before: Mapping[str, Any],
     ) -> None:
-        """An accepted change; ``before`` is the state it replaced, by dotted key."""
+        """An accepted change; ``before`` is the state it replaced, by dotted key.
+
+        The log line names the first ``MAX_LISTED`` keys and cuts a long value, as a
+        rejection's does: a file's mapping of 5000 weights made one line of 140 kB, which
+        a log collector splits into pieces that are no JSON. The event for ``watch``
+        clients carries the values whole."""
         old = mask_secrets({k: before.get(k) for k in changed}, self._secrets)
         changed = mask_secrets(changed, self._secrets)
+        listed = list(changed)[:MAX_LISTED]
+        unlisted = len(changed) - len(listed)
         self.log.info(
             "change_accepted",
-            key=",".join(changed),
-            old=old,
-            new=changed,
+            key=",".join(listed) + (",..." if unlisted else ""),
+            old={k: _bounded(old[k]) for k in listed},
+            new={k: _bounded(changed[k]) for k in listed},
             layer=layer,
             version=version,
             revision=revision,
+            **({"unlisted": {"keys": unlisted}} if unlisted else {}),
         )
         self._broadcast(
             {
@@ -179,6 +188,16 @@ class Announcer:
         leaves nor under a leaf that holds a mapping (``hides``): a section key holding a
         JSON object, a mistyped key."""
         return shown_value(key, value, self._secrets)
+
+
+def _bounded(value: Any, limit: int = 200) -> Any:
+    """``value`` as an accepted change's log line shows it: a scalar as ``_short`` does, and
+    a list or a mapping as it is unless its ``repr`` is longer than ``limit`` (then cut,
+    as ``_short`` cuts it): a small section stays JSON, and a big one does not fill the
+    line."""
+    if isinstance(value, int | float | bool | str | bytes) or value is None:
+        return _short(value, limit)
+    return value if len(repr(value)) <= limit else _short(value, limit)
 
 
 def _short(value: Any, limit: int = 200) -> Any:

@@ -36,7 +36,6 @@ from typing import Any
 
 from hotknob.config import Layer, files_layer, restart_only_keys
 from hotknob.config.schema_facts import schema_facts
-from hotknob.config.secrecy import hides
 from hotknob.model_runtime.protocol import default_socket_path
 
 from . import signals
@@ -202,8 +201,9 @@ class Daemon:
             on_metrics=self.tail.first(self.feedback.on_metrics),
             on_disconnect=self.tail.first(self.feedback.on_disconnect, wait=False),
             restart_only=restart_only,
-            # A process logs the values of a restart-only key it holds: not of these.
-            secret=[key for key in restart_only if hides(key, secrets)],
+            # Values a process never logs nor reports: of a restart-only key it holds, nor
+            # in the text of a callback's or a binding's failure (``hooks``).
+            secret=sorted(secrets),
         )
         server = self.server
         # Both locks before the state is read or written: a daemon that finds either

@@ -110,6 +110,7 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
             colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
     )
+    threshold = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -118,16 +119,16 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.WriteLoggerFactory(file=_Sink(out)),  # type: ignore[arg-type]  # a file enough
         cache_logger_on_first_use=False,
     )
-    # Library loggers (grpc, watchdog, asyncio) at warning and above: the same lines, with
-    # the library's logger name, so that a log of JSON lines stays one (watchdog warns at
-    # a stop that came while its emitter thread was ending). As ``logging.basicConfig``
-    # did: not where a program or a test runner set up logging itself.
+    # Library loggers (grpc, watchdog, asyncio) at warning and above, at ``level`` and above
+    # where it is higher (``--log-level error`` drops a library's warning as it does ours):
+    # the same lines, with the library's logger name, so that a log of JSON lines stays
+    # one (watchdog warns at a stop that came while its emitter thread was ending). As
+    # ``logging.basicConfig`` did: not where a program or a test runner set up logging
+    # itself.
     root = logging.getLogger()
     ours = [h for h in root.handlers if isinstance(h, _LibraryLines)]
     if root.handlers and not ours:
@@ -148,7 +149,7 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
         )
     )
     root.addHandler(handler)
-    root.setLevel(logging.WARNING)
+    root.setLevel(max(logging.WARNING, threshold))
 
 
 class _LibraryLines(logging.StreamHandler):

@@ -151,8 +151,8 @@ class SocketServer:
         secret: Iterable[str] = (),
     ):
         """``hello_timeout``: ``DEFAULT_HELLO_TIMEOUT_S`` if None, read when the server is
-        made (a test's daemon sets it before). ``restart_only`` and ``secret`` (those of
-        them the schema keeps secret) are named in each snapshot."""
+        made (a test's daemon sets it before). ``restart_only`` and ``secret`` (the keys the
+        schema keeps secret) are named in each snapshot."""
         self._path = Path(path)
         self._restart_only = sorted(restart_only)
         self._secret = sorted(secret)

@@ -183,7 +183,7 @@ class LiveConfig:
         # The schema's restart-only keys, as the daemon's last snapshot named them: once a
         # state is applied, each is held at the value the process runs (``_hold``).
         self._restart_only: frozenset[str] = frozenset()
-        self._secret: frozenset[str] = frozenset()  # of those, the ones whose values not to log
+        self._secret: frozenset[str] = frozenset()  # the keys whose values not to log
         self._held_said: set[tuple[str, str]] = set()  # (key, daemon's value) logged
         self._lock = threading.Lock()
         self._first_state = threading.Event()
@@ -796,6 +796,7 @@ class LiveConfig:
         if is_snapshot:
             self._restart_only = protocol.restart_only_keys(message)
             self._secret = protocol.secret_keys(message)
+            self._hooks.secret = self._secret  # a failure's text masks their values
         state = state_from_message(message)
         if self._restart_only:
             state = self._hold(state)

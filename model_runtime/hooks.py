@@ -9,7 +9,9 @@ Registered and run on the training thread only (in ``LiveConfig.apply`` or
   key under it changed or went away, with the new value (None for a key that is gone),
   and the old one if it takes two arguments;
 * one that raises is logged and reported in the returned errors (they go to the
-  daemon in the ``applied`` acknowledgement); the others still run;
+  daemon in the ``applied`` acknowledgement); the others still run. The value of a key
+  in ``secret`` is masked in both: a callback that raises ``auth failed with <token>``
+  would otherwise write the token to the process's log;
 * one removed while they run (by an earlier callback) does not run any more, from
   that moment on; one registered meanwhile first runs at the next change;
 * with nothing registered, running them costs one check.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import traceback
 from collections.abc import Callable, Collection
 from functools import partial
 from types import MappingProxyType
@@ -34,6 +37,8 @@ from .binding import Binding, Handle
 from .received import MISSING, State, get_dotted, prefixes
 
 log = logging.getLogger("hotknob.model_runtime")
+
+SECRET_SHOWN = "**********"  # a secret's value in a log line, as the daemon shows one
 
 
 class _Callback:
@@ -71,6 +76,9 @@ class Hooks:
         self._ids = itertools.count()
         self._bindings: dict[int, Binding] = {}
         self._callbacks: dict[int, _Callback] = {}
+        self.secret: frozenset[str] = frozenset()
+        """The keys whose values are secret, as the daemon's snapshot names them (set by
+        ``LiveConfig``): their values never appear in what a failure logs or reports."""
 
     def on_change(self, key: str, fn: Callable[..., None]) -> Handle:
         ident = next(self._ids)
@@ -119,8 +127,9 @@ class Hooks:
                 binding.apply(new.flat_view, changed_view)
             except Exception as exc:
                 name = type(binding).__name__
-                log.exception("live_binding_failed binding=%s version=%d", name, new.version)
-                errors.append({"binding": name, "error": f"{type(exc).__name__}: {exc}"})
+                said = _Failure(exc, self._secret_texts(old, new))
+                said.log("live_binding_failed binding=%s version=%d", name, new.version)
+                errors.append({"binding": name, "error": said.error})
         touched = prefixes([*changed, *removed])
         callbacks = self._callbacks
         for ident, callback in list(callbacks.items()):
@@ -133,9 +142,21 @@ class Hooks:
                 else:
                     callback.fn(value)
             except Exception as exc:
-                log.exception("live_callback_failed key=%s version=%d", callback.key, new.version)
-                errors.append({"key": callback.key, "error": f"{type(exc).__name__}: {exc}"})
+                said = _Failure(exc, self._secret_texts(old, new))
+                said.log("live_callback_failed key=%s version=%d", callback.key, new.version)
+                errors.append({"key": callback.key, "error": said.error})
         return errors
+
+    def _secret_texts(self, old: State, new: State) -> tuple[str, ...]:
+        """The secret values of ``old`` and ``new`` as a failure's text may quote them
+        (as given, and as their ``repr`` writes them inside its quotes), longest first."""
+        texts: set[str] = set()
+        for key in self.secret:
+            for state in (old, new):
+                value = state.flat.get(key)
+                if isinstance(value, str) and value:
+                    texts.update((value, repr(value)[1:-1]))
+        return tuple(sorted(texts, key=len, reverse=True))
 
     def binding_states(self) -> list[Any]:
         """Each binding's own checkpoint state (``None`` for one that keeps none)."""
@@ -183,6 +204,31 @@ class Hooks:
             for load, before in reversed(restore):
                 load(before)
             raise
+
+
+class _Failure:
+    """A binding's or callback's exception as the log and the ack say it, with every
+    secret value in its text (``secrets``) masked."""
+
+    def __init__(self, exc: Exception, secrets: tuple[str, ...]) -> None:
+        self._exc = exc
+        self._secrets = secrets
+        self.error = self._masked(f"{type(exc).__name__}: {exc}")
+
+    def _masked(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, SECRET_SHOWN)
+        return text
+
+    def log(self, message: str, *args: Any) -> None:
+        """Log the failure with its traceback; one that quotes a secret is logged as text,
+        masked, since a handler would format the exception itself, secret and all."""
+        told = "".join(traceback.format_exception(self._exc))
+        masked = self._masked(told)
+        if masked == told:
+            log.error(message, *args, exc_info=self._exc)
+        else:
+            log.error(message + "\n%s", *args, masked.rstrip("\n"))
 
 
 def _describe(binding: Binding) -> str:
