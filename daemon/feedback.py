@@ -151,6 +151,16 @@ class ClientFeedback:
         entry.update(step=message["step"], time=now if at is None else min(at, now))
         if message.get("errors"):
             entry["errors"] = _shown_errors(message["errors"], self.secrets)
+            # Said in the daemon's log too, not only in etcd: an operator reading the log
+            # in an incident sees which process could not take which version, and why.
+            self.log.warning(
+                "change_applied_with_errors",
+                client=client.name,
+                version=version,
+                step=message["step"],
+                errors=[{k: cut(str(v), 200) for k, v in e.items()} for e in entry["errors"][:5]],
+                **({"more_errors": len(entry["errors"]) - 5} if len(entry["errors"]) > 5 else {}),
+            )
         if message.get("held"):  # restart-only keys it runs as it started, not as sent
             entry["held"] = sorted(message["held"])
         agreed = message.get("agreed")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, Field
 
+from hotknob.model_runtime import protocol
 from hotknob.model_runtime.hooks import Hooks
 from hotknob.model_runtime.received import State
 from tests.daemon_proc import DaemonProcess, RawClient
@@ -236,3 +237,29 @@ def test_a_live_config_masks_a_secret_its_callback_quotes_from_a_real_daemon(
     said = "\n".join(runtime_log.text)
     _assert_hidden(said)
     assert f"token {SECRET_SHOWN} refused" in said
+
+
+def test_a_process_s_failed_apply_is_in_the_daemon_s_log(tmp_path: Path) -> None:
+    """An ack that carries errors (a callback that raised) was kept in the process's status
+    entry only: the daemon's log, read in an incident, did not say which process could not
+    take which version. It says so now, a secret key's message withheld as in the entry."""
+    extra = ["--schema", "tests.secret_schema:Params"]
+    with DaemonProcess(tmp_path, extra=extra) as daemon:
+        with RawClient(daemon.socket_path, name="cb") as client:
+            version = client.snapshot["version"]
+            errors = [
+                {"key": "train.lr", "error": "ValueError: lr too high for warmup"},
+                {"key": "service.api_key", "error": f"RuntimeError: token {NEW_SECRET} refused"},
+            ]
+            client.send(protocol.applied(version, 7, errors=errors))
+            deadline = time.monotonic() + 10
+            while not daemon.events("change_applied_with_errors"):
+                assert time.monotonic() < deadline, daemon.log()
+                time.sleep(0.02)
+        [event] = daemon.events("change_applied_with_errors")
+    assert (event["client"], event["version"], event["step"]) == ("cb", version, 7)
+    assert event["level"] == "warning"
+    assert event["errors"][0] == errors[0]
+    assert event["errors"][1]["key"] == "service.api_key"
+    assert "withheld" in event["errors"][1]["error"]
+    _assert_hidden(daemon.log())
