@@ -580,7 +580,7 @@ class LiveConfig:
 
     # -- registrations -----------------------------------------------------------------
 
-    def on_change(self, key: str, fn: Callable[..., None]) -> Handle:
+    def on_change(self, key: str, fn: Callable[..., object]) -> Handle:
         """Call ``fn(new)`` or ``fn(new, old)`` in ``apply`` whenever ``key``'s value changes.
 
         ``key`` may be a leaf (``train.lr``) or a section (``train``: fires once

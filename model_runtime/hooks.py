@@ -44,13 +44,13 @@ SECRET_SHOWN = "**********"  # a secret's value in a log line, as the daemon sho
 class _Callback:
     __slots__ = ("fn", "key", "wants_old")
 
-    def __init__(self, key: str, fn: Callable[..., None], wants_old: bool) -> None:
+    def __init__(self, key: str, fn: Callable[..., object], wants_old: bool) -> None:
         self.key = key
         self.fn = fn
         self.wants_old = wants_old
 
 
-def _wants_old(fn: Callable[..., None]) -> bool:
+def _wants_old(fn: Callable[..., object]) -> bool:
     import inspect
 
     try:
@@ -80,7 +80,7 @@ class Hooks:
         """The keys whose values are secret, as the daemon's snapshot names them (set by
         ``LiveConfig``): their values never appear in what a failure logs or reports."""
 
-    def on_change(self, key: str, fn: Callable[..., None]) -> Handle:
+    def on_change(self, key: str, fn: Callable[..., object]) -> Handle:
         ident = next(self._ids)
         self._callbacks[ident] = _Callback(key, fn, _wants_old(fn))
         return Handle(partial(self._callbacks.pop, ident, None))
