@@ -626,7 +626,16 @@ class LiveConfig:
         given) writes nothing, and the earlier binding stays. Imports torch only
         here.
         """
-        from .optim import OptimizerBinding, optimizer_chain
+        try:
+            from .optim import OptimizerBinding, optimizer_chain
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch":
+                raise
+            raise ModuleNotFoundError(
+                "bind_optimizer needs torch, which this Python cannot import: install it "
+                "(pip install 'hotknob[torch]', or the torch build for your machine)",
+                name="torch",
+            ) from exc
 
         binding = OptimizerBinding(
             optimizer, scheduler, lr=lr, weight_decay=weight_decay, momentum=momentum

@@ -43,7 +43,7 @@ _BLOCKED = {names!r}
 class _Blocked:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in _BLOCKED:
-            raise ImportError(f"No module named {{name!r}} (not installed here)")
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         return None
 
 
@@ -239,7 +239,8 @@ def test_daemon_and_runtime_run_without_torch(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[0] == "0.01 False"
-    assert lines[1].startswith("bind_optimizer:") and "torch" in lines[1]
+    assert lines[1].startswith("bind_optimizer: bind_optimizer needs torch"), lines[1]
+    assert "pip install" in lines[1], lines[1]
 
 
 def test_config_errors_come_back_whole_from_a_pickle() -> None:
