@@ -12,8 +12,8 @@ step ``group["lr"]`` recursively, ``LambdaLR`` recomputes from ``base_lrs``,
   which is ``lr * f`` when ``eta_min`` is 0; a group whose ``B0`` is ``eta_min``
   takes its place in the schedule from another group, else the closed form);
 * ``scheduler.base_lrs`` and ``group["initial_lr"]`` are scaled by ``f``;
-* OneCycleLR's ``group["max_lr"]`` / ``["min_lr"]``, CyclicLR's ``max_lrs`` and
-  ReduceLROnPlateau's ``min_lrs`` are scaled by ``f``;
+* OneCycleLR's ``group["max_lr"]`` / ``["min_lr"]``, SWALR's ``group["swa_lr"]``,
+  CyclicLR's ``max_lrs`` and ReduceLROnPlateau's ``min_lrs`` are scaled by ``f``;
 * ``scheduler._last_lr`` is refreshed, so ``get_last_lr()`` reports what the
   optimizer holds right after the change.
 
@@ -40,12 +40,16 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
+from torch.optim.swa_utils import SWALR
 
 from .errors import InvalidValue
 
 __all__ = ["OptimizerBinding"]
 
 _FLOORED = (lrs.CosineAnnealingLR, lrs.CosineAnnealingWarmRestarts)
+# Per-group keys in lr units that a schedule heads for rather than starts from: from a
+# base of 0 they stay as they are (a base becomes the new value).
+_GROUP_TARGETS = ("min_lr", "swa_lr")
 _SCHEDULER_TYPES = (lrs.LRScheduler, lrs.ReduceLROnPlateau)
 
 
@@ -168,6 +172,19 @@ def _schedulers_of(optimizer: Any, known: list[Any]) -> list[Any]:
 def _progress(scheduler: Any) -> tuple[Any, Any]:
     """What changes when a scheduler steps."""
     return getattr(scheduler, "last_epoch", None), getattr(scheduler, "_step_count", None)
+
+
+def _group_lr_keys(schedulers: list[Any]) -> tuple[str, ...]:
+    """The keys of a param group, in lr units, that the schedulers compute from and a
+    change of base scales: ``initial_lr``; OneCycleLR's ``max_lr`` / ``min_lr``; SWALR's
+    ``swa_lr``, the rate it anneals to and then holds, so that left alone it would undo a
+    live lr at its next step."""
+    keys = ["initial_lr"]
+    if any(isinstance(s, lrs.OneCycleLR) for s in schedulers):
+        keys += ["max_lr", "min_lr"]
+    if any(isinstance(s, SWALR) for s in schedulers):
+        keys.append("swa_lr")
+    return tuple(keys)
 
 
 def _cosine(scheduler: Any) -> Any:
@@ -441,13 +458,19 @@ class OptimizerBinding:
     def _known(self) -> list[Any]:
         return list({id(s): s for s in _walk(self.scheduler)}.values())
 
-    def _check_others(self, key: str) -> None:
+    def _check_others(self, key: str) -> list[Any]:
         """Refuse a change of lr while a scheduler the binding was not given has been made,
-        or has stepped, since the bind: at its next step it would undo the change."""
+        or has stepped, since the bind: at its next step it would undo the change. Return
+        the others, there at the bind and idle since: harmless, but their bases follow the
+        change, so that binding one of them later (the main schedule of a hand-written
+        warmup loop, made at the start) does not take a base from before it and scale the
+        lr, already at the live base, a second time."""
+        idle = []
         for s in _schedulers_of(self.optimizer, self._known()):
             seen = self._others.get(id(s))
             if seen is not None and seen[0]() is s and seen[1] == _progress(s):
-                continue  # there at bind and idle since (a warmup done with): harmless
+                idle.append(s)  # a warmup done with, or a schedule still to come
+                continue
             raise InvalidValue(
                 f"{key}: the optimizer has a learning-rate scheduler the binding was not "
                 f"given ({type(s).__name__}, made or stepped since the bind): pass it as "
@@ -455,6 +478,7 @@ class OptimizerBinding:
                 "schedule undoes live changes; two that both step: combine them in "
                 "SequentialLR or ChainedScheduler and pass that"
             )
+        return idle
 
     def _check_no_unknown_scheduler(self, key: str) -> None:
         if self.scheduler is None and any("initial_lr" in g for g in self.optimizer.param_groups):
@@ -563,10 +587,11 @@ class OptimizerBinding:
                 old if math.isclose(old, new, rel_tol=1e-12, abs_tol=0.0) else new
                 for old, new in zip(old_bases, new_bases, strict=True)
             ]
+        idle: list[Any] = []
         if write and new_bases != old_bases:
-            self._check_others(key)  # before anything is written
+            idle = self._check_others(key)  # before anything is written
         schedulers = self._known()
-        one_cycle = any(isinstance(s, lrs.OneCycleLR) for s in schedulers)
+        group_keys = _group_lr_keys(schedulers + idle)
         cosine = _cosine(self.scheduler)
         floor = float(cosine.eta_min) if cosine is not None else 0.0
         current = [_num(g["lr"]) for g in groups]
@@ -597,10 +622,10 @@ class OptimizerBinding:
                 # the schedule stands; take that from the others or from the closed form.
                 position = _position(cosine, old_bases, current, floor)
                 writes.append((group, "lr", floor + (new - floor) * position))
-            for k in ("initial_lr", *(("max_lr", "min_lr") if one_cycle else ())):
+            for k in group_keys:
                 if k in group:
-                    writes.append((group, k, scaled(group[k], k == "min_lr")))
-            for s in schedulers:
+                    writes.append((group, k, scaled(group[k], k in _GROUP_TARGETS)))
+            for s in schedulers + idle:
                 for attr in ("base_lrs", "max_lrs", "min_lrs"):
                     seq = getattr(s, attr, None)
                     if isinstance(seq, list) and i < len(seq):  # shorter: groups added
