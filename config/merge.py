@@ -85,6 +85,38 @@ class Snapshot:
                 return name
         return None
 
+    def shadowing_part(self, layer: str, key: str) -> str | None:
+        """The highest layer above ``layer`` that wins over what ``layer`` gives at ``key``
+        or over a part of it: ``shadowing``, or one that gives a key inside the mapping
+        ``layer`` gives (``weights.head`` over a file's ``weights`` that holds ``head``), or
+        any key below a value that is no mapping (``opt.beta`` over a file's ``opt: null``).
+        A key a higher layer adds beside the mapping's own (``weights.tail`` over a file's
+        ``{"head": 2}``) shadows nothing of it: the file's ``head`` is still in force."""
+        whole = self.shadowing(layer, key)
+        if whole is not None or key not in self.layers.get(layer, {}):
+            return whole
+        given = self.layers[layer][key]
+        order = [name for name in self.precedence if name in self.layers]
+        prefix = key + "."
+        for name in reversed(order[order.index(layer) + 1 :]):
+            inside = [
+                k[len(prefix) :].split(".") for k in self.layers[name] if k.startswith(prefix)
+            ]
+            if inside and (
+                not isinstance(given, Mapping) or any(_holds(given, parts) for parts in inside)
+            ):
+                return name
+        return None
+
+
+def _holds(node: Any, parts: Sequence[str]) -> bool:
+    """Whether the nested mapping ``node`` has a value at the path ``parts``, None or not."""
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
 
 def merge_layers(
     schema: type[BaseModel],

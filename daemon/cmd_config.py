@@ -87,7 +87,6 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def explain_rows(snapshot: Snapshot, keys: list[str]) -> list[dict[str, Any]]:
-    rank = {name: i for i, name in enumerate(snapshot.precedence)}
     secrets = secret_keys(type(snapshot.model))
     restart_only = restart_only_keys(type(snapshot.model))
     rows = []
@@ -111,14 +110,13 @@ def explain_rows(snapshot: Snapshot, keys: list[str]) -> list[dict[str, Any]]:
         if key in secrets:
             layers = {name: SECRET_MASK if v is not None else v for name, v in layers.items()}
             value = SECRET_MASK if value is not None else value
+        # Not "below the winner": of a mapping, the winner is the highest layer that gave
+        # a key inside it, which leaves in force the keys a lower layer gave beside it.
         shadowed = [
             name
             for name in layers
             if name in LIVE_LAYERS
-            and (
-                rank[name] < rank[winner]
-                or any(snapshot.shadowing(name, k) is not None for k in given[name])
-            )
+            and any(snapshot.shadowing_part(name, k) is not None for k in given[name])
         ]
         rows.append(
             {

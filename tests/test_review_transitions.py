@@ -1,0 +1,112 @@
+"""The layers changing under a running daemon: what the process gets at each step, and
+what ``explain`` says of it, with a real etcd and a real daemon."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from tests.daemon_proc import DaemonProcess, RawClient, run_cli
+from tests.etcd_server import EtcdServer
+
+pytestmark = pytest.mark.timeout(60)
+
+APP = "moves"
+SCHEMA = "tests.test_review_transitions:Weighted"
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class _Opt(BaseModel):
+    beta: float = 0.5
+
+
+class Weighted(BaseModel):
+    """A schema with a plain leaf, a mapping leaf and an optional model, which layers may
+    split."""
+
+    lr: float = 0.1
+    weights: dict[str, float] = {"head": 1.0}
+    opt: _Opt | None = None
+
+
+def _explain(etcd: EtcdServer, config: Path, key: str) -> dict[str, Any]:
+    """``hotknob explain KEY --json``'s row of ``key``, read as the daemon reads it."""
+    done = run_cli(
+        "explain",
+        key,
+        "--json",
+        "--app",
+        APP,
+        "--schema",
+        SCHEMA,
+        "--config",
+        str(config),
+        "--etcd-endpoints",
+        etcd.endpoint,
+        env={"PYTHONPATH": ROOT},
+        drop="HOTKNOB_",
+    )
+    assert done.returncode == 0, done.stderr
+    rows: list[dict[str, Any]] = json.loads(done.stdout)["keys"]
+    return next(row for row in rows if row["key"] == key)
+
+
+def _daemon(tmp_path: Path, etcd: EtcdServer, config: Path) -> DaemonProcess:
+    return DaemonProcess(
+        tmp_path,
+        app=APP,
+        endpoints=etcd.endpoint,
+        configs=[config],
+        extra=["--schema", SCHEMA],
+        env={"PYTHONPATH": ROOT},
+    )
+
+
+def test_a_file_mapping_beside_an_etcd_key_inside_it_is_not_marked_shadowed(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    # The file gives ``weights`` {tail: 3}, etcd ``weights.head``: the process runs both,
+    # and removing the file's ``tail`` would change what it runs. ``explain`` marked the
+    # file's value "shadowed by a higher layer: it has no effect", since etcd is the
+    # mapping's FROM.
+    config = tmp_path / "c.yaml"
+    config.write_text("weights:\n  tail: 3.0\n")
+    with _daemon(tmp_path, etcd, config) as daemon, RawClient(daemon.socket_path) as client:
+        etcd.etcdctl("put", f"/hotknob/{APP}/config/weights/head", "4")
+        update = client.next_update()
+        assert update["changed"] == {"weights": {"tail": 3.0, "head": 4.0}}
+        row = _explain(etcd, config, "weights")
+    assert row["value"] == update["values"]["weights"]
+    assert row["from"] == "etcd"
+    assert row["layers"]["files"] == {"tail": 3.0}
+    assert row["shadowed"] == []
+
+
+def test_a_file_mapping_whose_key_etcd_sets_is_still_marked_shadowed(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    # The file's ``head`` has no effect while etcd sets ``weights.head``: its edit is a
+    # shadowed one, which ``explain`` marks.
+    config = tmp_path / "c.yaml"
+    config.write_text("weights:\n  head: 2.0\n  tail: 3.0\n")
+    etcd.etcdctl("put", f"/hotknob/{APP}/config/weights/head", "4")
+    row = _explain(etcd, config, "weights")
+    assert row["value"] == {"head": 4.0, "tail": 3.0}
+    assert row["shadowed"] == ["files"]
+
+
+def test_a_file_null_an_etcd_key_inside_replaces_is_marked_shadowed(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    # ``opt.beta`` in etcd turns the file's ``opt: null`` into a model: nothing of the
+    # file's value is left in force.
+    config = tmp_path / "c.yaml"
+    config.write_text("opt: null\n")
+    etcd.etcdctl("put", f"/hotknob/{APP}/config/opt/beta", "0.9")
+    row = _explain(etcd, config, "opt")
+    assert row["value"] == {"beta": 0.9}
+    assert row["shadowed"] == ["files"]
