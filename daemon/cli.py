@@ -11,18 +11,43 @@ one it does not take is a usage error, never silently ignored.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import signal
+import threading
+from types import FrameType
 
-from hotknob.config import DEFAULT_SCHEMA, HotknobError, UsageError
-from hotknob.config.merge import DEFAULT_PRECEDENCE
-from hotknob.config.sources import DEFAULT_ENV_PREFIX
 
-from .etcd_types import timeout_problem
+def _interrupted_while_loading(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C while the modules below load: exit 130, as once ``main`` runs."""
+    raise SystemExit(130)
+
+
+# Loading pydantic and the rest takes a third of a second or more, before ``main`` can
+# catch anything: a Ctrl-C then printed a traceback from inside whichever import it landed
+# in. Only while this module loads, and only in place of Python's own handler.
+_QUIET_LOAD = (
+    threading.current_thread() is threading.main_thread()
+    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+)
+if _QUIET_LOAD:
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+try:
+    import argparse
+    import os
+    import sys
+    from collections.abc import Callable, Sequence
+    from dataclasses import dataclass, field
+    from typing import Any
+
+    from hotknob.config import DEFAULT_SCHEMA, HotknobError, UsageError
+    from hotknob.config.merge import DEFAULT_PRECEDENCE
+    from hotknob.config.sources import DEFAULT_ENV_PREFIX
+
+    from .etcd_types import timeout_problem
+    from .guard_lang import escaped
+finally:
+    if _QUIET_LOAD:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -307,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HotknobError as exc:
         if args is not None and getattr(args, "command", None) == "run":
             _log_start_failed(exc, args, handled)  # before the plain line: that one is last
-        print(f"hotknob: {exc}", file=sys.stderr)
+        print(f"hotknob: {_shown(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
@@ -324,6 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " (the change may be written: `hotknob history` shows it)" if written else ""
         print(f"hotknob: {exc}{hint}", file=sys.stderr)
         return 1
+
+
+def _shown(message: str) -> str:
+    """``message`` with the control characters of each line escaped: a key or a value it
+    quotes may come from etcd, written by anyone, and an escape sequence there would
+    reach the terminal. Its line breaks stay (``demo`` ends one with the daemon's log)."""
+    return "\n".join(escaped(line) for line in message.split("\n"))
 
 
 def _drop_output() -> None:

@@ -17,6 +17,7 @@ from hotknob.config.secrecy import secret_keys
 from hotknob.model_runtime import protocol
 
 from .context import Context, static_layers
+from .guard_lang import escaped
 from .guard_records import guards_table, read_guards, shown_record
 from .reports import REPORT_STATUS_EVERY_S
 from .status_view import TABLE_HEADERS, summary_lines, table_rows
@@ -56,7 +57,13 @@ def register(add: Add) -> None:
 
     p = add("watch", cmd_watch, "stream accepted and rejected changes as they happen")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--count", type=int, default=0, help="exit after N events (0 = until Ctrl-C)")
+    p.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        metavar="N",
+        help="exit after N events (default 0: until Ctrl-C)",
+    )
 
     p = add(
         "status",
@@ -162,6 +169,13 @@ def _describe(event: dict[str, Any]) -> str:
     return f"{when} {kind} {json.dumps(event)}"
 
 
+def _line(event: dict[str, Any]) -> str:
+    """``event`` as one line for a terminal: the keys, values and paths it quotes come
+    from etcd or a config file, written by anyone, and a newline or an escape sequence
+    there would break the line or reach the terminal (``escaped``, as a table's cells)."""
+    return escaped(_describe(event))
+
+
 RECONNECT_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # then every 2 s, for as long as it runs
 
 
@@ -229,7 +243,7 @@ class _Watch:
         elif kind == protocol.ERROR:
             raise Unavailable(f"daemon refused: {message.get('error')}")
         elif kind == protocol.EVENT:
-            print(json.dumps(message) if self.args.json else _describe(message), flush=True)
+            print(json.dumps(message) if self.args.json else _line(message), flush=True)
             self.seen += 1
         return not self.args.count or self.seen < self.args.count
 
@@ -280,8 +294,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         except ValueError:
             entry = None
         if not isinstance(entry, dict):  # not what a daemon writes: written around hotknob
+            name = escaped(key[len(prefix) :])  # as the table's cells: it may hold anything
             print(
-                f"hotknob: warning: skipping status entry {key[len(prefix) :]}: not a JSON object",
+                f"hotknob: warning: skipping status entry {name}: not a JSON object",
                 file=sys.stderr,
             )
             continue

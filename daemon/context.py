@@ -33,6 +33,7 @@ from hotknob.config.merge import files_alone, merge_dropping_invalid
 from hotknob.model_runtime.protocol import APP_NAME, APP_NAME_RULE
 
 from .etcd_store import EtcdOptions, EtcdStore
+from .guard_lang import escaped
 
 
 def check_app_name(name: str) -> str:
@@ -166,8 +167,12 @@ def current_snapshot(ctx: Context, args: argparse.Namespace) -> tuple[Snapshot, 
 
 
 def warn_dropped(dropped: list[Problem]) -> None:
+    """A warning line per etcd value left out. The key is an etcd path's, written by
+    anyone: a newline or an escape sequence in it is shown escaped, not sent to the
+    terminal (``escaped``)."""
     for problem in dropped:
         print(
-            f"hotknob: warning: ignoring etcd value of {problem.key}: {problem.reason}",
+            f"hotknob: warning: ignoring etcd value of {escaped(problem.key)}: "
+            f"{escaped(problem.reason)}",
             file=sys.stderr,
         )
