@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json as _json
 import logging
+import os
 import sys
 import time
 from collections.abc import MutableMapping
@@ -107,7 +108,9 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
         # A plain traceback: with ``rich`` installed the default one prints each frame's
         # local variables, a secret's value among them.
         else structlog.dev.ConsoleRenderer(
-            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+            # NO_COLOR (no-color.org): set to anything but empty, no colours on a terminal.
+            colors=out.isatty() and not os.environ.get("NO_COLOR"),
+            exception_formatter=structlog.dev.plain_traceback,
         )
     )
     threshold = logging.getLevelNamesMapping()[level.upper()]

@@ -3,6 +3,7 @@ binding never shows a secret's value, and ``--log-level`` holds for a library's 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import subprocess
@@ -263,3 +264,31 @@ def test_a_process_s_failed_apply_is_in_the_daemon_s_log(tmp_path: Path) -> None
     assert event["errors"][1]["key"] == "service.api_key"
     assert "withheld" in event["errors"][1]["error"]
     _assert_hidden(daemon.log())
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("no_color", "colored"), [(None, True), ("1", False)])
+def test_no_color_turns_the_console_log_s_colours_off_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, no_color: str | None, colored: bool
+) -> None:
+    """``NO_COLOR`` set: the console log on a terminal has no escape sequence."""
+    import structlog
+
+    from hotknob.daemon import logs
+
+    if no_color is None:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    else:
+        monkeypatch.setenv("NO_COLOR", no_color)
+    out = _Terminal()
+    logs.configure(json=False, file=out)
+    try:
+        logs.get_logger("hotknob.test").warning("change_rejected", key="train.lr")
+    finally:
+        structlog.reset_defaults()
+    assert "change_rejected" in out.getvalue()
+    assert ("\x1b[" in out.getvalue()) is colored, repr(out.getvalue())
