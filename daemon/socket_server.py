@@ -179,7 +179,10 @@ class SocketServer:
         self._next_id = 1
         self._last_version: int | None = None
         self._encoded: dict[int | None, bytes] = {}
-        self._encoded_version: int | None = None
+        # The state those lines are of: the object, not its version. A state can be
+        # published again at its version with other ``sources`` and ``revision`` (a write
+        # that moved a key to another layer without changing its value).
+        self._encoded_for: Published | None = None
         self._loop_thread: int | None = None
         # Held while a state is published (and while a new client takes its first one):
         # a client registers either before a publish, which then offers it the state,
@@ -699,9 +702,9 @@ class SocketServer:
         """The encoded snapshot (``sent`` is None) or update; shared by clients at one version."""
         key = None if sent is None else sent.version
         with self._encode_lock:
-            if self._encoded_version != target.version:
+            if self._encoded_for is not target:
                 self._encoded = {}
-                self._encoded_version = target.version
+                self._encoded_for = target
             data = self._encoded.get(key)
             if data is None:
                 if sent is None:

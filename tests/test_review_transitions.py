@@ -4,6 +4,7 @@ what ``explain`` says of it, with a real etcd and a real daemon."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,28 @@ def test_a_file_null_an_etcd_key_inside_replaces_is_marked_shadowed(
     row = _explain(etcd, config, "opt")
     assert row["value"] == {"beta": 0.9}
     assert row["shadowed"] == ["files"]
+
+
+def test_a_process_that_connects_after_a_key_moved_layer_is_told_its_new_source(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    # ``set lr=0.3`` over a file's ``lr: 0.3`` moves the key to etcd without changing its
+    # value: the state in force is published again at its version, with etcd as the
+    # source. The server kept the snapshot it had encoded for that version, so a process
+    # connecting later was told ``files``, as ``explain`` was not.
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 0.3\n")
+    with _daemon(tmp_path, etcd, config) as daemon:
+        with RawClient(daemon.socket_path, name="before") as before:
+            assert before.snapshot["sources"]["lr"] == "files"
+        etcd.etcdctl("put", f"/hotknob/{APP}/config/lr", "0.3")
+        deadline = time.monotonic() + 10
+        while True:
+            with RawClient(daemon.socket_path, name="after") as after:
+                source = after.snapshot["sources"]["lr"]
+            if source == "etcd" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert source == "etcd"
+    assert after.snapshot["values"]["lr"] == 0.3
+    assert _explain(etcd, config, "lr")["from"] == "etcd"
