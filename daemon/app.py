@@ -603,8 +603,13 @@ class Daemon:
         snapshot = engine.snapshot if engine is not None else None
         if engine is None or snapshot is None:
             return {}
-        above = frozenset(engine.precedence[engine.precedence.index("etcd") + 1 :])
-        return {key: layer for key, layer in snapshot.sources.items() if layer in above}
+        # The keys those layers give themselves, not the sources of the leaves: of a
+        # mapping, the source is the highest layer that gave any key inside it, and an env
+        # variable for ``weights.tail`` holds that key, not the etcd value of ``weights``.
+        pinned: dict[str, str] = {}
+        for name in engine.precedence[engine.precedence.index("etcd") + 1 :]:  # highest last
+            pinned.update(dict.fromkeys(snapshot.layers.get(name, ()), name))
+        return pinned
 
     def _on_rejected(self, layer: str, revision: int, reason: str, keys: tuple[str, ...]) -> None:
         """From the engine, on the loop or the watch thread (a lone change), under

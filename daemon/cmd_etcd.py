@@ -48,6 +48,7 @@ from .guard_records import (
     spec_from_args,
 )
 from .settled import Guarded, Settled, finish, json_fields, settle
+from .status import pinned_by
 from .table import dumps, fmt, render
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -174,8 +175,9 @@ def _pinned_on_daemons(entries: Mapping[str, Mapping[str, Any]], keys: Iterable[
         pinned = entry.get("pinned")
         if not isinstance(pinned, dict):
             continue
-        for key, layer in pinned.items():
-            if key in wanted and isinstance(layer, str):
+        for key in wanted:
+            layer = pinned_by(pinned, key)
+            if layer is not None:
                 held.setdefault((key, layer), []).append(name)
     return [
         f"{key} is held by the {layer} layer on the daemon of {len(names)} process(es) "

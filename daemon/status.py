@@ -318,7 +318,23 @@ def never_applies(entry: Mapping[str, Any], revision: int, keys: Collection[str]
     if refusal(entry.get("rejected"), revision) is not None:
         return True
     pinned = entry.get("pinned")
-    return bool(keys) and isinstance(pinned, Mapping) and all(k in pinned for k in keys)
+    return (
+        bool(keys)
+        and isinstance(pinned, Mapping)
+        and all(pinned_by(pinned, k) is not None for k in keys)
+    )
+
+
+def pinned_by(pinned: Mapping[str, Any], key: str) -> str | None:
+    """The layer above etcd that holds ``key`` on a daemon, as its processes' ``pinned``
+    says: one that gives the key itself or a value it lies inside (``weights`` given whole
+    holds ``weights.head``); None if none does, or the entry says no layer."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        layer = pinned.get(".".join(parts[:end]))
+        if layer is not None:
+            return layer if isinstance(layer, str) else None
+    return None
 
 
 def unchanged_by(entry: Mapping[str, Any], revision: int) -> bool:

@@ -136,3 +136,52 @@ def test_a_process_that_connects_after_a_key_moved_layer_is_told_its_new_source(
     assert source == "etcd"
     assert after.snapshot["values"]["lr"] == 0.3
     assert _explain(etcd, config, "lr")["from"] == "etcd"
+
+
+def _set(etcd: EtcdServer, *assignments: str) -> Any:
+    return run_cli(
+        "set",
+        *assignments,
+        "--app",
+        APP,
+        "--schema",
+        SCHEMA,
+        "--etcd-endpoints",
+        etcd.endpoint,
+        env={"PYTHONPATH": ROOT},
+        drop="HOTKNOB_",
+    )
+
+
+def test_an_env_key_inside_a_mapping_pins_that_key_not_the_whole_mapping(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    # ``HOTKNOB_PARAM_WEIGHTS__TAIL`` holds ``weights.tail`` on that daemon; an etcd value of
+    # ``weights`` still reaches its process for every other key. The daemon published
+    # ``weights`` as pinned (the mapping's source is env), so ``set weights=...`` warned
+    # that it had no effect there, and ``set --wait`` could skip that process.
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 0.1\n")
+    daemon = DaemonProcess(
+        tmp_path,
+        app=APP,
+        endpoints=etcd.endpoint,
+        configs=[config],
+        extra=["--schema", SCHEMA, "--node", "n1"],
+        env={"PYTHONPATH": ROOT, "HOTKNOB_PARAM_WEIGHTS__TAIL": "2"},
+    )
+    with daemon, RawClient(daemon.socket_path, name="p1") as client:
+        client.send({"type": "applied", "version": client.snapshot["version"], "step": 1})
+        deadline = time.monotonic() + 10
+        status = f"/hotknob/{APP}/status/"
+        while not etcd.etcdctl("get", "--prefix", status, "--keys-only").stdout.strip():
+            assert time.monotonic() < deadline, "no status entry"
+            time.sleep(0.05)
+        whole = _set(etcd, 'weights={"a": 1}')
+        update = client.next_update()
+        inside = _set(etcd, "weights.tail=5")
+    assert whole.returncode == 0, whole.stderr
+    assert update["values"]["weights"] == {"a": 1.0, "tail": 2.0}  # it took effect there
+    assert "held by the env layer" not in whole.stderr, whole.stderr
+    assert inside.returncode == 0, inside.stderr
+    assert "weights.tail is held by the env layer" in inside.stderr, inside.stderr
