@@ -186,11 +186,24 @@ def _pinned_on_daemons(entries: Mapping[str, Mapping[str, Any]], keys: Iterable[
     ]
 
 
+def _restart_only_written(ctx: Context, keys: Iterable[str]) -> set[str]:
+    """The restart-only keys that ``keys`` (dotted) write: such a key itself, or one inside
+    it (``weights.head`` of a restart-only mapping ``weights``), which changes it all the
+    same."""
+    restart_only = restart_only_keys(ctx.schema)
+    return {
+        key
+        for written in keys
+        for key in restart_only
+        if written == key or written.startswith(f"{key}.")
+    }
+
+
 def _warn_restart_only(ctx: Context, diff: Mapping[str, Any]) -> None:
     """A restart-only key (``json_schema_extra={"live": False}``) changes nothing live: the
     daemon reports it as pending a restart. Said here, so ``set`` is not taken to have
     changed it in the running processes."""
-    for key in sorted(restart_only_keys(ctx.schema) & diff.keys()):
+    for key in sorted(_restart_only_written(ctx, diff)):
         print(
             f"hotknob: warning: {key} is restart-only: a running process keeps the value it "
             "started with (`status` shows those waiting for a restart); a process started "
@@ -203,9 +216,9 @@ def _restart_only_guard(ctx: Context, diff: Mapping[str, Any]) -> list[str]:
     """A warning for a guard on a change of restart-only keys alone: no running process
     applies it (each keeps the value it started with, and one started after the change is
     not judged), so the guard can never judge it and ends abandoned."""
-    keys = sorted(diff.keys())
-    if not keys or not set(keys) <= restart_only_keys(ctx.schema):
+    if not diff or any(not _restart_only_written(ctx, [key]) for key in diff):
         return []
+    keys = sorted(diff.keys())
     return [
         f"the guard can never judge this change: {', '.join(keys)} "
         f"{'is' if len(keys) == 1 else 'are'} restart-only, so no running process applies "

@@ -4,8 +4,9 @@ A field marked restart-only (``json_schema_extra={"live": False}``) is never hot
 A change to it is still validated and accepted into the layers and the snapshot
 (``explain`` shows it), but what clients get keeps the running value, and the key is
 reported as pending a restart (``restart_pending``, once per new wanted value) until
-its wanted value is the running one again. A secret key's values are masked wherever
-they are reported (the log line, ``/healthz``): clients get them, people do not.
+its wanted value is the running one again (``restart_pending_cleared``). A secret key's
+values are masked wherever they are reported (the log line, ``/healthz``): clients get
+them, people do not.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from typing import Any
 
 from hotknob.config import Snapshot
 from hotknob.config.secrecy import mask_secrets, shown_value
+
+# What an operator does about a ``restart_pending`` key: a process restarted alone gets
+# the running value again from this daemon, so the daemon is what must restart.
+_PENDING_DETAIL = (
+    "running processes keep the running value: restart this daemon (then the processes) "
+    "for them to take the wanted one"
+)
 
 
 class RestartOnly:
@@ -75,12 +83,26 @@ class RestartOnly:
                         running=shown_value(key, running, self.secrets),
                         wanted=shown_value(key, wanted, self.secrets),
                         layer=layer,
+                        detail=_PENDING_DETAIL,
                     )
                 self.pending[key] = wanted
-            else:
-                self.pending.pop(key, None)
+            elif key in self.pending:
+                self._cleared(key, running, layer)
         if set(self.pending) != before:
             self._on_pending()
+
+    def _cleared(self, key: str, running: Any, layer: str) -> None:
+        """``key`` is wanted at its running value again (the change reverted before any
+        restart): no restart is needed for it any more. Said, as its ``restart_pending``
+        was, so that an operator who saw that one does not restart for nothing."""
+        del self.pending[key]
+        self._log.info(
+            "restart_pending_cleared",
+            key=key,
+            running=shown_value(key, running, self.secrets),
+            layer=layer,
+            detail="wanted at its running value again: no restart is needed for it",
+        )
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
