@@ -17,7 +17,7 @@ import os
 import sys
 import typing
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import Enum
@@ -384,6 +384,16 @@ def leaf_map(model: type[BaseModel]) -> dict[str, Leaf]:
 
 def restart_only_keys(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(leaf.key for leaf in iter_leaves(model) if not leaf.live)
+
+
+def restart_only_written(keys: Iterable[str], restart_only: Iterable[str]) -> set[str]:
+    """Of the ``restart_only`` keys, those that the dotted ``keys`` write: such a key
+    itself, or one inside it (``weights.head`` of a restart-only mapping ``weights``),
+    which changes it all the same."""
+    written = list(keys)
+    return {
+        key for key in restart_only if any(w == key or w.startswith(f"{key}.") for w in written)
+    }
 
 
 def load_schema(spec: str) -> type[BaseModel]:

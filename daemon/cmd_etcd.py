@@ -22,7 +22,7 @@ from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import etcd_key, key_path_fault, meta_key, to_text
 from hotknob.config.merge import Snapshot, changed_keys, merge_dropping_invalid
 from hotknob.config.nesting import value_at
-from hotknob.config.schema import leaf_map, restart_only_keys
+from hotknob.config.schema import leaf_map, restart_only_keys, restart_only_written
 from hotknob.config.schema_facts import is_known
 from hotknob.config.secrecy import secret_keys, shown_value
 from hotknob.config.sources import parse_assignment
@@ -187,16 +187,8 @@ def _pinned_on_daemons(entries: Mapping[str, Mapping[str, Any]], keys: Iterable[
 
 
 def _restart_only_written(ctx: Context, keys: Iterable[str]) -> set[str]:
-    """The restart-only keys that ``keys`` (dotted) write: such a key itself, or one inside
-    it (``weights.head`` of a restart-only mapping ``weights``), which changes it all the
-    same."""
-    restart_only = restart_only_keys(ctx.schema)
-    return {
-        key
-        for written in keys
-        for key in restart_only
-        if written == key or written.startswith(f"{key}.")
-    }
+    """The restart-only keys that ``keys`` (dotted) write (``restart_only_written``)."""
+    return restart_only_written(keys, restart_only_keys(ctx.schema))
 
 
 def _warn_restart_only(ctx: Context, diff: Mapping[str, Any]) -> None:

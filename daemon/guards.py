@@ -78,6 +78,7 @@ from typing import Any
 
 from hotknob.config import HotknobError, restart_only_keys
 from hotknob.config.keys import status_prefix
+from hotknob.config.schema import restart_only_written
 
 from .announce import EventSink
 from .armed_guard import REMOTE_CHECK_EVERY_S, ArmedGuard
@@ -659,7 +660,8 @@ class GuardManager:
         altered no value in force."""
         config = self._config() if self._config is not None else None
         keys = sorted(active.record.keys)
-        if config is not None and set(keys) <= restart_only_keys(config.schema):
+        restart_only = restart_only_keys(config.schema) if config is not None else frozenset()
+        if keys and all(restart_only_written([key], restart_only) for key in keys):
             return (
                 f"the change is of restart-only keys ({', '.join(keys)}): a running process "
                 "keeps the value it started with, so nothing judged it"

@@ -32,6 +32,7 @@ from typing import Any
 
 from hotknob.config.errors import HotknobError
 from hotknob.config.keys import status_prefix
+from hotknob.config.schema import restart_only_written
 
 from .etcd_store import EtcdStore, WatchItem
 from .guard_records import some_names, status_entries
@@ -238,7 +239,7 @@ def classify(
             into.runs[name] = runs
             if rank is not None:
                 into.agreed[name] = rank
-            waiting = _restart_written(waiting_for_restart(entry), keys)
+            waiting = sorted(restart_only_written(keys, waiting_for_restart(entry)))
             if waiting:
                 into.restart[name] = waiting
         elif refused is not None and _refused_it(refused, revision, keys):
@@ -256,17 +257,6 @@ def classify(
             ):
                 into.holding[name] = holds["since"]
     return refusing
-
-
-def _restart_written(waiting: Collection[str], keys: Collection[str]) -> list[str]:
-    """Of the restart-only keys a process runs as it started (``waiting``), those that the
-    written ``keys`` change: such a key itself, or one inside it (``weights.head`` of a
-    restart-only mapping ``weights``)."""
-    return sorted(
-        key
-        for key in waiting
-        if any(written == key or written.startswith(f"{key}.") for written in keys)
-    )
 
 
 def _refused_it(refused: Mapping[str, Any], revision: int, keys: Collection[str]) -> bool:

@@ -107,3 +107,31 @@ def test_a_restart_only_change_reverted_before_a_restart_says_none_is_needed(
         32,
         "etcd",
     )
+
+
+def test_a_guard_on_a_key_inside_a_restart_only_mapping_ends_saying_so(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The guard of ``weights.head`` alone judges nothing (the running process keeps the
+    ``weights`` it started with) and ends abandoned: its outcome said the change altered no
+    value in force, as for a value already in force, where it is of a restart-only key."""
+    from tests.test_guards import guarded_set, metrics, report_until_published
+    from tests.test_guards_judging import ack, ended
+
+    env = {"HOTKNOB_GUARD_ABANDON_AFTER_S": "1"}
+    extra = [*MAPPED, "--node", "n1"]
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint, env=env, extra=extra) as daemon,
+        RawClient(daemon.socket_path, "c1") as c1,
+    ):
+        ack(c1, c1.snapshot["version"], 0)
+        report_until_published(c1, etcd, "c1", range(1, 4))
+        guarded_set(etcd, *MAPPED, "weights.head=2", "--guard", "loss < 3", "--window", "5")
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        for step in range(4, 12):
+            c1.send(metrics(step, loss=1.0))
+        record = ended(etcd)
+    assert record["state"] == "abandoned", record
+    assert record["outcome"]["reason"].startswith(
+        "the change is of restart-only keys (weights.head): a running process keeps"
+    ), record
