@@ -391,7 +391,8 @@ class LiveConfig:
         not take at once is left to the background thread).
 
         Under a process group this is a collective every ``sync_every`` calls:
-        every rank must call it the same number of times; it applies the state
+        every rank must call it the same number of times, with the same steps (steps
+        that differ at an agreement raise ``ValueError`` on every rank); it applies the state
         the ranks agree on, which may be older than the newest received, and returns
         True on every rank or on none: True when the agreed values changed (the same
         values renumbered by a restarted daemon are taken in and acknowledged, and

@@ -7,19 +7,23 @@ which received state to apply; it runs in the training thread, inside
 ``LiveConfig.apply`` (and once in ``LiveConfig.connect``), never in a background
 thread.
 
-The protocol, every ``sync_every``-th ``apply`` call (counted in calls, so every
-rank syncs at the same call whatever steps it passes):
+The protocol, every ``sync_every``-th ``apply`` call (counted in calls: every rank
+must call ``apply`` as often as the others, with the same steps):
 
 1. Every rank puts the digest ``d`` of the newest state its daemon sent into one
-   ``all_reduce(MIN)`` of ``[d, -d, -v]``. Equal minimum and maximum mean every rank
-   holds the same values: each applies its own newest state. This is the whole
-   cost in the steady state: one collective of three int64. ``v`` is a rank's vote
+   ``all_reduce(MIN)`` of ``[d, -d, v, -v, s, -s]``. Equal minimum and maximum mean
+   every rank holds the same values: each applies its own newest state. This is the whole
+   cost in the steady state: one collective of six int64. ``s`` is the step passed to
+   this ``apply``: different steps raise ``ValueError`` on every rank (a rank that
+   called ``apply`` more often than the others, see ``check_same_step``). ``v`` is a rank's vote
    on a checkpoint loaded since the last agreement (0: none, 1: the checkpoint is
    newer than this rank's daemon's state, 2: the daemon's is newer). If any rank
    votes 2, every rank takes its daemon's state back from the checkpoint and goes
    on to step 2, so that all end on the same values (each daemon numbers its own
    versions: the ranks can disagree on which is newer, and one that kept the
-   checkpoint would hold the others back until the next edit).
+   checkpoint would hold the others back until the next edit). Some ranks voting 0 and
+   others not (a checkpoint loaded on some ranks only) raise ``ValueError`` on every
+   rank (``check_loaded_everywhere``).
 2. Otherwise (a change is still on its way to some node) the ranks
    ``all_gather`` their newest ``(revision, digest)``. The candidates are the
    newest states of the ranks at the lowest etcd revision, in rank order: the
@@ -61,8 +65,11 @@ on the current CUDA device: call ``torch.cuda.set_device`` before ``connect``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+from .reporting import step_number
 
 if TYPE_CHECKING:
     from .client import LiveConfig
@@ -204,8 +211,13 @@ class StepSync:
     def _agree(self, live: LiveConfig, step: int) -> bool:
         newest = live._latest
         assert newest is not None, "agree() before the first state"
-        low, neg_high, neg_vote = self._min([newest.digest, -newest.digest, -self._vote])
+        my_step = _step_pair(step)
+        low, neg_high, low_vote, neg_vote, low_step, neg_high_step = self._min(
+            [newest.digest, -newest.digest, self._vote, -self._vote, *my_step]
+        )
+        check_same_step(low_step, -neg_high_step)
         self._vote = 0
+        check_loaded_everywhere(low_vote, -neg_vote)
         if -neg_vote == 2:  # a daemon is newer than the loaded checkpoint somewhere
             live._take_back_superseded()
             newest = live._latest
@@ -293,24 +305,44 @@ class StepSync:
 
     # -- collectives: tensors on the group's device, results as Python ints ---------------
 
+    @contextmanager
+    def _explained(self) -> Iterator[None]:
+        """Add to a collective's failure (the backend's timeout, a peer gone) which collective
+        it was and what to check: the backend's own text names neither hotknob nor ``apply``,
+        and the usual cause, a rank that called ``apply`` fewer times or died, is elsewhere.
+        The exception keeps its type, for code that handles the backend's errors."""
+        try:
+            yield
+        except Exception as exc:
+            exc.add_note(
+                f"hotknob: rank {self.rank} was in the ranks' agreement on live config "
+                f"(LiveConfig.connect, or apply every {self.sync_every} calls) when it failed: "
+                "another rank did not reach it in the process group's timeout (it called "
+                "apply() fewer times than this one, is stuck, or died: see its log)"
+            )
+            raise
+
     def _tensor(self, values: list[int]) -> Any:
         return self._torch.tensor(values, dtype=self._torch.int64).to(self._device)
 
     def _min(self, values: list[int]) -> list[int]:
         tensor = self._tensor(values)
-        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MIN, group=self._group)
+        with self._explained():
+            self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MIN, group=self._group)
         return [int(v) for v in tensor.tolist()]
 
     def _gather_ints(self, value: int) -> list[int]:
         mine = self._tensor([value])
         parts = [self._torch.empty_like(mine) for _ in range(self.group_size)]
-        self._dist.all_gather(parts, mine, group=self._group)
+        with self._explained():
+            self._dist.all_gather(parts, mine, group=self._group)
         return [int(p[0]) for p in parts]
 
     def _gather(self, revision: int, digest: int) -> list[tuple[int, int]]:
         mine = self._tensor([revision, digest])
         parts = [self._torch.empty_like(mine) for _ in range(self.group_size)]
-        self._dist.all_gather(parts, mine, group=self._group)
+        with self._explained():
+            self._dist.all_gather(parts, mine, group=self._group)
         return [(int(p[0]), int(p[1])) for p in parts]
 
     def _broadcast(self, mine: State | None, source: int) -> dict[str, Any]:
@@ -324,11 +356,60 @@ class StepSync:
                 "revision": mine.revision,
                 "values": thaw(mine.values),
             }
-        self._dist.broadcast_object_list(
-            payload, group=self._group, group_src=source, device=self._device
-        )
+        with self._explained():
+            self._dist.broadcast_object_list(
+                payload, group=self._group, group_src=source, device=self._device
+            )
         result: dict[str, Any] = payload[0]
         return result
+
+
+_NO_STEP = 2**63 - 1
+"""A step that is no integer counts as this in both entries of ``_step_pair``: the largest
+int64, which neither minimum takes while another rank passes an integer."""
+
+
+def _step_pair(step: Any) -> list[int]:
+    """``[s, -s]`` for the agreement's ``all_reduce(MIN)``, which then gives the lowest and
+    (negated) highest step the ranks passed; ``[_NO_STEP] * 2`` for a step that is no integer
+    (``LiveConfig.apply`` logs it at the apply), which is left out of the comparison."""
+    try:
+        number = step_number(step)  # also bounds a plain int: the tensor holds an int64
+    except (TypeError, ValueError):
+        return [_NO_STEP, _NO_STEP]
+    return [number, -number]
+
+
+def check_same_step(low: int, high: int) -> None:
+    """``ValueError`` unless every rank passed the same step to the ``apply`` call that ran
+    this agreement (``low``/``high``: the lowest and highest integer step; ``low > high``
+    when no rank passed one). Run on every rank with the collective's result, so all raise.
+
+    Different steps at one agreement mean ranks that count their steps differently, or, far
+    more often, one that called ``apply`` more or fewer times than the others: its
+    agreements then meet the others' at other calls, or another collective. Each rank would
+    also acknowledge the change at its own step, and ``status`` and guards place it there."""
+    if low < high:
+        raise ValueError(
+            f"apply() was given different steps on the ranks at one agreement (from {low} "
+            f"to {high}): every rank must call apply() as often as the others, each time "
+            "with the same step"
+        )
+
+
+def check_loaded_everywhere(low_vote: int, high_vote: int) -> None:
+    """``ValueError`` if some ranks loaded a checkpoint since the last agreement and others
+    did not (``low_vote``/``high_vote``: the lowest and highest vote). Run on every rank
+    with the collective's result, so all raise.
+
+    The ranks would no longer run the same values, and the agreement, which starts from
+    values every rank shares, could not bring them back together at one call: ``apply``
+    would return True on the ranks that loaded and False on the others."""
+    if low_vote == 0 < high_vote:
+        raise ValueError(
+            "load_state_dict() was called on some ranks only since the last agreement: "
+            "call it on every rank, with the same checkpoint, between the same apply() calls"
+        )
 
 
 def _find(states: Sequence[State], digest: int) -> State | None:
