@@ -36,7 +36,7 @@ from . import protocol
 from .binding import Binding, Handle
 from .connection import DaemonConnection
 from .errors import DaemonUnavailable
-from .hooks import Hooks
+from .hooks import SECRET_SHOWN, Hooks
 from .received import (
     ABSENT,
     MISSING,
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from .distributed import StepSync
 
 log = logging.getLogger("hotknob.model_runtime")
-SECRET_SHOWN = "**********"  # a secret's value in a log line, as the daemon shows one
 
 _STATE_DICT_FORMAT = 1
 _HISTORY = 64

@@ -12,10 +12,9 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +23,7 @@ from hotknob.daemon import metrics as metrics_module
 from hotknob.daemon.metrics import Metrics, MetricsServer
 from tests.daemon_proc import DaemonProcess, RawClient
 from tests.etcd_server import free_port
+from tests.test_metrics_health import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,14 +36,6 @@ def get(port: int, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-    return result
 
 
 def daemon(tmp_path: Path, before_main: str = "") -> tuple[DaemonProcess, int]:

@@ -8,10 +8,7 @@ set one by one (``weights.head``), as any mapping's are.
 from __future__ import annotations
 
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hotknob.config.schema import TrainParams
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
+from tests.fault_episodes import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,14 +42,6 @@ def hk(etcd: EtcdServer, *args: str) -> subprocess.CompletedProcess[str]:
 def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert done.returncode == 0, (done.stdout, done.stderr)
     return done
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def started(etcd: EtcdServer, tmp_path: Path) -> DaemonProcess:
@@ -93,14 +83,14 @@ def test_a_restart_only_change_reverted_before_a_restart_says_none_is_needed(
     with started(etcd, tmp_path) as daemon, RawClient(daemon.socket_path, "p1") as client:
         client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
         ok(hk(etcd, "set", "train.batch_size=64"))
-        (pending,) = wait_for("restart_pending", lambda: daemon.events("restart_pending"))
+        (pending,) = wait_for("restart_pending", lambda: daemon.events("restart_pending"), 20)
         assert (pending["key"], pending["wanted"]) == ("train.batch_size", 64)
         # ... saying who must restart: a process restarted alone gets 32 again.
         assert "restart this daemon" in pending["detail"], pending
         done = ok(hk(etcd, "set", "train.batch_size=32", "--wait", "20"))
         assert "waits for a restart" not in done.stdout, done.stdout
         (cleared,) = wait_for(
-            "restart_pending_cleared", lambda: daemon.events("restart_pending_cleared")
+            "restart_pending_cleared", lambda: daemon.events("restart_pending_cleared"), 20
         )
     assert (cleared["key"], cleared["running"], cleared["layer"]) == (
         "train.batch_size",
@@ -127,7 +117,7 @@ def test_a_guard_on_a_key_inside_a_restart_only_mapping_ends_saying_so(
         ack(c1, c1.snapshot["version"], 0)
         report_until_published(c1, etcd, "c1", range(1, 4))
         guarded_set(etcd, *MAPPED, "weights.head=2", "--guard", "loss < 3", "--window", "5")
-        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"), 20)
         for step in range(4, 12):
             c1.send(metrics(step, loss=1.0))
         record = ended(etcd)
