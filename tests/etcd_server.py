@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 _START_ATTEMPTS = 3
+_PROBE_S = 5.0  # the longest one health probe may take
 
 
 def find_binary(name: str) -> str:
@@ -131,6 +132,9 @@ class EtcdServer:
                 self.stop()
                 if not fresh or self._initial_cluster or attempt == _START_ATTEMPTS - 1:
                     raise
+            except BaseException:
+                self.stop()  # the caller never gets this object, so nothing else would
+                raise
                 shutil.rmtree(self.data_dir / "data", ignore_errors=True)
                 self.client_port, self.peer_port = free_port(), free_port()
         raise AssertionError("unreachable")
@@ -142,7 +146,13 @@ class EtcdServer:
             if self._proc is not None and self._proc.poll() is not None:
                 break
             if _port_open(self.client_port):
-                done = self.etcdctl("endpoint", "health", check=False, timeout=2.0)
+                # On a loaded machine etcdctl itself can take seconds to start: a probe
+                # that runs out of time is one more "not yet", not the end of the wait.
+                probe_s = max(2.0, min(_PROBE_S, deadline - time.monotonic()))
+                try:
+                    done = self.etcdctl("endpoint", "health", check=False, timeout=probe_s)
+                except subprocess.TimeoutExpired:
+                    continue
                 if done.returncode == 0:
                     return
             time.sleep(0.05)

@@ -1,0 +1,55 @@
+"""The throwaway etcd every integration test starts: its start must survive a slow probe.
+
+CI once failed at a fixture's setup: on a loaded machine one ``etcdctl endpoint health``
+probe ran past its own time limit, the ``TimeoutExpired`` ended the whole start, and the
+etcd it had launched was left running (the suite's leak check then failed the test too).
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.etcd_server import EtcdServer
+
+
+def test_a_probe_that_runs_out_of_time_is_one_more_try_not_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = EtcdServer.etcdctl
+    calls: list[tuple[str, ...]] = []
+
+    def first_probe_hangs(self: EtcdServer, *args: str, **kwargs: object):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        if len(calls) == 1:
+            raise subprocess.TimeoutExpired(["etcdctl", *args], 2.0)
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EtcdServer, "etcdctl", first_probe_hangs)
+    server = EtcdServer()
+    try:
+        server.start()
+        assert server.running()
+        assert len(calls) >= 2, "the start returned without probing again"
+        server.etcdctl("put", "k", "v")
+        assert server.etcdctl("get", "k", "--print-value-only").stdout.strip() == "v"
+    finally:
+        server.close()
+
+
+def test_a_start_that_is_interrupted_leaves_no_etcd_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(self: EtcdServer, timeout: float = 10.0) -> None:
+        assert self.running()  # launched, then the wait is cut short
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EtcdServer, "wait_healthy", interrupted)
+    server = EtcdServer()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            server.start()
+        assert not server.running(), "the launched etcd outlived its failed start"
+    finally:
+        server.close()
