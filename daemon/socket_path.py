@@ -68,7 +68,8 @@ def lock_socket_path(path: Path) -> int | None:
     fd = None
     while fd is None:
         try:
-            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            # Not blocking: a FIFO in the lock file's place would hold the start forever.
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             try:  # created here, then opened as above (by whichever daemon made it)
                 os.close(os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o644))

@@ -30,8 +30,9 @@ file itself instead; with neither file there is nothing to lock, and it goes on
 unlocked.
 
 A file that is there but cannot be read as this format (truncated, corrupt, written
-by another format) is moved aside to ``<name>.unreadable-<UTC time>`` by ``load``,
-never overwritten, and counts as no file: versions restart at 1.
+by another format, not a regular file, a count above the protocol's 2^63 - 1) is moved
+aside to ``<name>.unreadable-<UTC time>`` by ``load``, never overwritten, and counts as
+no file: versions restart at 1.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from hotknob.config.errors import HotknobError
+from hotknob.model_runtime.protocol import MAX_INT
 
 FORMAT = 1
 VERSION_BLOCK = 1000
@@ -133,7 +136,7 @@ class StateStore:
         if self._lock_fd is not None or self._state_fd is not None:
             return None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _make_folder(self.path.parent)
             # 0644: another user's daemon on a shared state dir must be able to open it
             # and be refused, not go on unlocked and lower the version ceiling.
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -141,7 +144,7 @@ class StateStore:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 return f"{self.lock_path}: {exc.strerror or exc}"
             try:  # not ours to write, or a read-only volume: flock works read-only too
-                fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.lock_path, _READ_ONLY)
             except OSError as again:
                 if again.errno != errno.ENOENT:
                     return f"{self.lock_path}: {again.strerror or again}"
@@ -178,7 +181,7 @@ class StateStore:
         """No lock file, and none can be created: lock the state file itself, read-only.
         None when locked; else why not (there is no state file either: nothing to lock)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path, _READ_ONLY)
         except OSError as exc:
             return f"{no_lock_file}; {self.path}: {exc.strerror or exc}"
         failed = _flock_or_close(fd)
@@ -191,7 +194,7 @@ class StateStore:
         # locked it before this lock was taken (it looks at the state file after its own
         # lock): take the lock file's too, or be refused by it.
         try:
-            lock_fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            lock_fd = os.open(self.lock_path, _READ_ONLY)
         except OSError:
             return None
         try:
@@ -228,7 +231,7 @@ class StateStore:
         """
         self.set_aside = None
         try:
-            text = self.path.read_bytes()
+            text = _read_regular(self.path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
@@ -285,7 +288,7 @@ class StateStore:
             return True
 
     def _write(self, text: str, durable: bool) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_folder(self.path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         held: int | None = None
         try:
@@ -315,6 +318,16 @@ class StateStore:
             _fsync_folder(self.path.parent)
 
 
+def _make_folder(folder: Path) -> None:
+    """Create the state dir if missing. Something else by its name (a file) is said as
+    ENOTDIR, as it is when a folder above it is a file: "File exists" named a state file
+    or a lock file that does not exist."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)) from None
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` survive a power loss, where the file system can: one
     that refuses to sync a folder (EINVAL, ENOTSUP) has the rename done all the same,
@@ -327,6 +340,25 @@ def _fsync_folder(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+_READ_ONLY = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+"""How the state and lock files are opened to read or lock: a FIFO put in their place
+would block a plain open until some writer came, and the daemon with it, SIGTERM too."""
+
+
+def _read_regular(path: Path) -> bytes:
+    """The contents of the file at ``path``; OSError if it is not a regular file."""
+    fd = os.open(path, _READ_ONLY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # closed with ``f``
+            return f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 _HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
@@ -346,7 +378,7 @@ def _flock_or_close(fd: int) -> OSError | None:
 def _held_elsewhere(path: Path) -> bool:
     """Whether another daemon holds ``path`` locked (False if it cannot be opened)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, _READ_ONLY)
     except OSError:
         return False
     try:
@@ -374,12 +406,16 @@ def _parse(text: bytes) -> SavedState:
     except (UnicodeDecodeError, ValueError) as exc:
         what = "empty" if not text.strip() else f"not JSON ({exc})"
         raise _Unreadable(f"{what}; {len(text)} bytes (truncated or corrupt)") from None
+    except RecursionError:  # nested deeper than the parser goes: no state is
+        raise _Unreadable(f"JSON nested too deep; {len(text)} bytes (corrupt)") from None
     if not isinstance(data, dict):
         raise _Unreadable(f"not a state: a JSON {type(data).__name__}, not an object")
     if data.get("format") != FORMAT:
         raise _Unreadable(f"format {data.get('format')!r}; this daemon reads format {FORMAT}")
     try:
-        version = _count(data, "version")
+        # Below the protocol's limit, with room for the next: a client cannot acknowledge
+        # a version above it, nor would any process ever see the next one published.
+        version = _count(data, "version", MAX_INT - 1)
         reserved = "version_ceiling" in data
         values, etcd = data["values"], data.get("etcd", {})
         if not isinstance(values, dict) or not isinstance(etcd, dict):
@@ -391,12 +427,12 @@ def _parse(text: bytes) -> SavedState:
             etcd=etcd,
             files=_files(data.get("files", [])),
             saved_at=float(data.get("saved_at", 0.0)),
-            version_ceiling=_count(data, "version_ceiling") if reserved else version,
+            version_ceiling=_count(data, "version_ceiling", MAX_INT - 1) if reserved else version,
             clean=data.get("clean", False) is True if reserved else True,
         )
     except KeyError as exc:
         raise _Unreadable(f"no {exc.args[0]!r} field") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:  # Overflow: too large for a float
         raise _Unreadable(f"a field of the wrong type: {exc}") from None
 
 
@@ -414,10 +450,10 @@ def _files(raw: Any) -> tuple[tuple[str, Mapping[str, Any]], ...]:
     return tuple((path, contents) for path, contents in raw)
 
 
-def _count(data: Mapping[str, Any], name: str) -> int:
+def _count(data: Mapping[str, Any], name: str, most: int = MAX_INT) -> int:
     value = data[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} is {value!r}, not a whole number 0 or more")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise ValueError(f"{name} is {value!r}, not a whole number from 0 to {most}")
     return value
 
 
