@@ -25,7 +25,7 @@ from hotknob.config.nesting import value_at
 from hotknob.config.schema import leaf_map, restart_only_keys, restart_only_written
 from hotknob.config.schema_facts import is_known
 from hotknob.config.secrecy import secret_keys, shown_value
-from hotknob.config.sources import parse_assignment
+from hotknob.config.sources import Layer, parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
 from .etcd_checks import rejected_on_top, validate_etcd_state
@@ -120,16 +120,23 @@ def _print_diff(
     secrets: frozenset[str],
     existed: Collection[str],
     deleted: Collection[str],
+    unreadable: Collection[str] = (),
 ) -> None:
     """The change as a table (or JSON): a key not in etcd before shows ``-`` as its old
-    value, a key deleted ``(deleted)`` as its new one; ``null`` is a value like any other
-    (None alone could not tell a key set to null from one deleted)."""
+    value, one whose etcd value cannot be read (``_unreadable``) ``(unreadable)``, a key
+    deleted ``(deleted)`` as its new one; ``null`` is a value like any other (None alone
+    could not tell a key set to null from one deleted)."""
     diff = _shown_diff(diff, secrets)
     if as_json:
         print(
             dumps(
                 {
-                    k: {"old": o, "new": n, "existed": k in existed, "deleted": k in deleted}
+                    k: {
+                        "old": o,
+                        "new": n,
+                        "existed": k in existed or k in unreadable,
+                        "deleted": k in deleted,
+                    }
                     for k, (o, n) in diff.items()
                 }
             )
@@ -145,7 +152,7 @@ def _print_diff(
             [
                 [
                     k,
-                    fmt(o) if k in existed else "-",
+                    fmt(o) if k in existed else "(unreadable)" if k in unreadable else "-",
                     "(deleted)" if k in deleted else fmt(n),
                 ]
                 for k, (o, n) in diff.items()
@@ -246,8 +253,9 @@ def _write(
     ctx.require_etcd()
     layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
+    unreadable = _unreadable(current)
     if sections:
-        deletes = _deleted_keys(ctx, current.values, deletes)
+        deletes = _deleted_keys(ctx, current.origins, deletes)
     touched = {*puts, *deletes}
     # Keys already in etcd that the daemon rejects are left as they are, and out of the check;
     # so are those that would be rejected but for a higher layer that shadows them.
@@ -268,9 +276,13 @@ def _write(
     if rejected:  # valid only because env or cli shadows it: it must not be written either
         raise InvalidChange(rejected)
     texts = {etcd_key(ctx.app, k): _text(k, v) for k, v in puts.items()}
+    # A value that cannot be read is in no layer, so no diff of the layers shows it
+    # going: deleted, it is a change all the same (else ``unset`` of it, or a rollback to
+    # a revision without it, would say "nothing to do" and leave it in etcd).
+    gone = [k for k in deletes if k in unreadable and k not in puts]
     diff = {
         k: (current.values.get(k), None if k in deletes and k not in puts else new_etcd.get(k))
-        for k in changed_keys(base, new_etcd)
+        for k in [*changed_keys(base, new_etcd), *gone]
     }
     existed = current.values.keys()
     deleted = sorted(k for k in diff if k not in new_etcd)
@@ -302,7 +314,7 @@ def _write(
                 )
                 dry_warnings += would_warn + _restart_only_guard(ctx, diff)
         title = f"dry run at revision {revision}: would write"
-        _print_diff(diff, args.json, title, secrets, existed, deleted)
+        _print_diff(diff, args.json, title, secrets, existed, deleted, unreadable)
         _warn_shadowed(snapshot, shadowed, secrets)
         _warn_restart_only(ctx, diff)
         if guard is not None and not diff:
@@ -355,7 +367,15 @@ def _write(
                 f"{exc}; the change may have been written: `{look}` shows whether it was"
             ) from exc
         if not args.json:
-            _print_diff(diff, False, f"{header} at revision {written}", secrets, existed, deleted)
+            _print_diff(
+                diff,
+                False,
+                f"{header} at revision {written}",
+                secrets,
+                existed,
+                deleted,
+                unreadable,
+            )
             if record is not None:
                 print(describe(record))
         _warn_shadowed(snapshot, shadowed, secrets)
@@ -432,6 +452,12 @@ def _deleted_keys(ctx: Context, in_etcd: Mapping[str, Any], keys: list[str]) -> 
     return list(found)
 
 
+def _unreadable(layer: Layer) -> frozenset[str]:
+    """The keys whose etcd value ``layer`` could not read (not UTF-8, a lone surrogate):
+    a path that names a key (in ``origins``) with no value."""
+    return frozenset(k for k in layer.origins if k not in layer.values)
+
+
 class ConcurrentWrite(HotknobError):
     """Another hotknob write landed between reading and committing: nothing was written."""
 
@@ -497,8 +523,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     # read refuses the rollback.
     faults: list[Problem] = []
     old = etcd_layer(ctx.app, then, faults=faults)
-    if old.problems:
-        raise InvalidChange(list(old.problems))
+    if old.problems:  # said to be the target's, not a fault of what etcd holds now
+        where = f"in the rollback target, revision {args.to_revision}"
+        raise InvalidChange(
+            [Problem(p.key, p.layer, f"{p.reason} ({where})") for p in old.problems]
+        )
     for fault in faults:
         print(
             f"hotknob: warning: ignoring etcd value of {fault.key} at revision "
@@ -508,7 +537,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
     puts = {k: v for k, v in old.values.items() if current.values.get(k, _ABSENT) != v}
-    deletes = [k for k in current.values if k not in old.values]
+    # With the keys whose value cannot be read now (``_unreadable``): absent then, they go.
+    deletes = [k for k in current.origins if k not in old.values]
     if not puts and not deletes:
         text = f"nothing to do: the config already equals its state at revision {args.to_revision}"
         if args.dry_run:
