@@ -30,6 +30,10 @@ from .etcd_types import (
 
 __all__ = ["map_error", "next_endpoint"]
 
+# etcd's own refusals (UNAVAILABLE, "etcdserver: ...") when it cannot commit or confirm
+# a read: what a member says when its cluster has lost its majority.
+_NO_QUORUM = ("no leader", "request timed out", "unhealthy cluster")
+
 
 def _rpc_error(exc: BaseException) -> grpc.RpcError | None:
     """The gRPC error behind ``exc``; the client re-raises its own types from inside it."""
@@ -74,6 +78,7 @@ def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobErr
     details = ""
     if rpc is not None and hasattr(rpc, "details"):
         details = (rpc.details() or "").splitlines()[0] if rpc.details() else ""
+    from_etcd = details.startswith("etcdserver: ")  # etcd answered, and said why not
     details = details.removeprefix("etcdserver: ")
     if code == grpc.StatusCode.UNAUTHENTICATED or "auth token" in details:
         return TokenExpired(f"etcd {what}: {details or 'unauthenticated'}")
@@ -109,10 +114,20 @@ def map_error(exc: BaseException, options: EtcdOptions, what: str) -> HotknobErr
         return InvalidInput(f"etcd {what}: {details}")
     if isinstance(exc, etcd_exc.NoServerAvailableError):
         reason = "no endpoint available (all failed recently)"
-    elif isinstance(exc, etcd_exc.ConnectionTimeoutError | etcd_exc.WatchTimedOut) or (
-        code == grpc.StatusCode.DEADLINE_EXCEEDED
+    elif (
+        isinstance(exc, etcd_exc.ConnectionTimeoutError | etcd_exc.WatchTimedOut)
+        or code == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The same deadline, when etcd's side of the call ends it before the client's
+        # does and answers in Go's words.
+        or (code == grpc.StatusCode.UNKNOWN and details == "context deadline exceeded")
     ):
         reason = f"no answer within {options.timeout:g}s"
+    elif code == grpc.StatusCode.UNAVAILABLE and from_etcd:
+        # Not "connection failed": the member took the call and refused it, and with a
+        # cluster that lost its majority the fault lies with the other members.
+        reason = f"the member could not serve it: {details}"
+        if details.startswith(_NO_QUORUM):
+            reason += " (a majority of etcd's members must be up and reach each other)"
     elif isinstance(exc, etcd_exc.ConnectionFailedError) or code == grpc.StatusCode.UNAVAILABLE:
         reason = f"connection failed ({details})" if details else "connection failed"
     elif code == grpc.StatusCode.CANCELLED:

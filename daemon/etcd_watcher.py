@@ -286,7 +286,10 @@ class EtcdWatcher:
         failed is asked again every ``next_after`` seconds while one that has not
         failed yet is still out (for up to ``options.timeout``): the survivors of a
         hung leader refuse reads until they have elected another, which takes a second
-        or two.
+        or two. It is asked again with a new store: the client library keeps an endpoint
+        that failed out of use for ``options.time_retry`` seconds, so the failed store
+        would refuse at once, asking nothing, and its refusal ("all failed recently")
+        would replace the reason the endpoint failed.
 
         Returns the index of the endpoint that answered, its store (kept, to watch on)
         and what it read. The other stores are closed, which ends their reads. When
@@ -320,6 +323,10 @@ class EtcdWatcher:
         began = last_new = time.monotonic()
 
         def ask(index: int) -> None:
+            if index in errors:
+                with self._lock:  # ``stop`` closes what ``_racing`` holds
+                    spent, stores[index] = stores[index], self._new_store(endpoints[index])
+                _close_soon([spent])
             out.add(index)
             name = f"{self._thread.name}-read-{index}"
             threading.Thread(target=read, args=(index,), name=name, daemon=True).start()
