@@ -747,9 +747,12 @@ class LiveConfig:
             else:
                 self._superseded = latest
                 self._latest = loaded  # what the ranks converge to, under a group
-        if self._sync is not None:
-            self._sync.loaded(loaded, newer=newer)
-        self._hooks.run(old, loaded)
+        if self._sync is None:
+            self._hooks.run(old, loaded)
+            return
+        self._sync.loaded(loaded, newer=newer)
+        with self._sync.uncounted():
+            self._hooks.run(old, loaded)
 
     def _running_restart_only(self, newer: State | None) -> dict[str, Any]:
         """The restart-only values a loaded checkpoint takes: the daemon's (``newer``, its

@@ -201,7 +201,21 @@ class StepSync:
         if self._countdown > 0:
             return False
         self._countdown = self.sync_every
-        return self.agree(live, step)
+        with self.uncounted():
+            return self.agree(live, step)
+
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Calls of ``apply`` made inside (an ``on_change`` callback's, during an agreement
+        or a checkpoint load: refused, or a no-op) leave the countdown as it was. They are
+        not the loop's: counted, on the ranks whose callbacks make them, they would move
+        those ranks' agreements one call off the others', to meet another collective
+        (DDP's) there, or to apply a change at another call than the others."""
+        countdown = self._countdown
+        try:
+            yield
+        finally:
+            self._countdown = countdown
 
     def agree(self, live: LiveConfig, step: int) -> bool:
         """Run the protocol now and apply the agreed state; True if one was applied.

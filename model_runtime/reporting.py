@@ -84,7 +84,11 @@ def step_number(step: Any) -> int:
     except TypeError:
         if not isinstance(step, numbers.Real):
             raise TypeError(f"a step must be an integer, not {type(step).__name__}") from None
-        value = float(step)
+        try:
+            value = float(step)
+        except (OverflowError, ValueError):  # a ``Fraction`` past a float's range
+            bound = protocol.MAX_INT
+            raise ValueError(f"a step must be within +-{bound}, not {step!r:.80}") from None
         if not value.is_integer():
             raise ValueError(f"a step must be a whole number, not {step!r}") from None
         number = int(value)
