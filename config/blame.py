@@ -51,7 +51,8 @@ def reason_for(
 ) -> str:
     """The reason a Problem gives for a pydantic error. For a secret key, a message that a
     schema's validator wrote is withheld, since it may quote the secret; pydantic's own
-    messages ("String should have at least 12 characters") never hold the input. A
+    messages do not quote the input, but may tell of it (its length): for a secret key
+    ``model_check`` says them through ``secrecy.refusal_shown`` instead. A
     validator's message about any other key (a rule across fields, a section's or the
     whole model's validator) may quote a secret too: each of ``quoted``
     (``secret_texts``) in it is masked."""

@@ -26,6 +26,7 @@ from pydantic_settings.exceptions import SettingsError
 from .errors import LayerError, Problem
 from .keys import LONE_SURROGATE, DuplicateKey, NotText, flatten, is_text, parse_text, shown_text
 from .schema import is_section, iter_leaves, may_hold_container
+from .secrecy import hides, secret_keys
 from .sources import DEFAULT_ENV_PREFIX, Layer, leaf_keys
 
 __all__ = ["env_layer"]
@@ -217,6 +218,10 @@ def _not_json(schema: type[BaseModel], prefix: str, environ: Mapping[str, str]) 
         try:
             json.loads(value)
         except ValueError as exc:
+            if _holds_secret(schema, key):  # where the text broke tells of the secret in it
+                return (
+                    f"{shown_text(name)} ({key}): not valid JSON (the reason is withheld: secret)"
+                )
             reason = (
                 f"{exc.msg} at character {exc.pos}"
                 if isinstance(exc, json.JSONDecodeError)
@@ -224,6 +229,13 @@ def _not_json(schema: type[BaseModel], prefix: str, environ: Mapping[str, str]) 
             )
             return f"{shown_text(name)} ({key}): not valid JSON: {reason}"
     return None
+
+
+def _holds_secret(schema: type[BaseModel], key: str) -> bool:
+    """Whether the value given for ``key`` (a leaf, or a section as a whole) may hold a
+    secret: ``key`` is hidden (``hides``) or a secret leaf is under it."""
+    secrets = secret_keys(schema)
+    return hides(key, secrets) or any(s.startswith(f"{key}.") for s in secrets)
 
 
 def _keys_inside_mappings(

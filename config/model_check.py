@@ -9,10 +9,11 @@ and the layer whose value won. ``merge`` calls them; they know nothing of preced
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, RootModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from .blame import is_custom, masked_input, reason_for, secret_texts
 from .errors import Problem
@@ -29,7 +30,7 @@ from .raised import (
     raised_in_schema,
 )
 from .schema_facts import SchemaFacts, computed_values, leaf_values
-from .secrecy import revealed
+from .secrecy import hides, refusal_shown, revealed
 from .sources import Layer
 
 _TEXT_LAYERS = frozenset({"cli", "env", "etcd"})
@@ -95,7 +96,7 @@ def refused_problems(
             # keys below it that a layer gave made it fail, each from its own layer.
             prefix = f"{key}." if key else ""
             given = [k for k, by in winners.items() if k.startswith(prefix) and by != "defaults"]
-            reason = reason_for(err["type"], err["msg"], facts.secrets, key, key, quoted)
+            reason = _reason(err, facts, key, key, quoted)
             problems.extend(Problem(k, winners[k], reason, merged[k]) for k in given)
             if given:
                 continue
@@ -109,18 +110,11 @@ def refused_problems(
         if below:
             if winners.get(leaf, "defaults") != "defaults":
                 below.insert(0, leaf)
-            kind, message = err["type"], err["msg"]
             problems.extend(
-                Problem(
-                    k,
-                    winners[k],
-                    reason_for(kind, message, facts.secrets, k, k, quoted),
-                    merged[k],
-                )
-                for k in below
+                Problem(k, winners[k], _reason(err, facts, k, k, quoted), merged[k]) for k in below
             )
             continue
-        reason = reason_for(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
+        reason = _reason(err, facts, key, leaf, quoted)
         value = err["input"]
         if err["type"] == "string_type" and winners.get(leaf) in _TEXT_LAYERS:
             reason += _QUOTE_IT
@@ -128,6 +122,25 @@ def refused_problems(
             value = masked_input(leaf, value, facts.is_known, facts.secrets)
         problems.append(Problem(leaf, winners.get(leaf, "defaults"), reason, value))
     return problems
+
+
+def _reason(
+    err: ErrorDetails, facts: SchemaFacts, key: str, leaf: str, quoted: Sequence[str]
+) -> str:
+    """Why pydantic refused ``err``'s value, at ``key`` (within the leaf ``leaf``). For a
+    secret key (a key under a secret leaf, one of a mapping of secrets, too) nothing that
+    derives from the value is said: a validator's own message is withheld (``reason_for``)
+    and pydantic's own says the rule, not the value's length (``refusal_shown``)."""
+    secret = (
+        key in facts.secrets
+        or leaf in facts.secrets
+        or any(facts.is_known(k) and hides(k, facts.secrets) for k in (key, leaf))
+    )
+    if not secret:
+        return reason_for(err["type"], err["msg"], facts.secrets, key, leaf, quoted)
+    if is_custom(err["type"]):
+        return reason_for(err["type"], err["msg"], frozenset({key}), key, leaf)
+    return refusal_shown(err["type"], err["msg"], err.get("ctx"))
 
 
 def not_held(model: BaseModel, key: str) -> str | None:

@@ -6,7 +6,8 @@ field) is a secret: clients get its value (``revealed``), but
 everything that shows or logs values (``set``, ``get``, ``history``, the daemon's log,
 ``watch``) shows ``SECRET_MASK`` instead (``hides``, ``shown_value``, ``mask_secrets``).
 For a schema with any secret, a value under a key that is no leaf of it is hidden too
-(``SecretKeys``).
+(``SecretKeys``). Why a secret's value was refused is said without what pydantic's message
+tells of the value itself, such as its length (``refusal_shown``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, Secret, SecretBytes, SecretStr, TypeAdapter
-from pydantic_core import to_jsonable_python
+from pydantic_core import PydanticKnownError, to_jsonable_python
 
 from .schema import computed_fields, field_types, holds_mapping, iter_leaves
 
@@ -218,3 +219,44 @@ def shown_value(key: str, value: Any, secrets: frozenset[str]) -> Any:
 def mask_secrets(values: Mapping[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
     """``values`` (flat dotted keys) with each hidden key's value (``hides``) masked."""
     return {k: shown_value(k, v, secrets) for k, v in values.items()}
+
+
+_SCHEMA_CONTEXT = frozenset(
+    {
+        "field_type", "min_length", "max_length", "gt", "ge", "lt", "le", "multiple_of",
+        "pattern", "expected", "max_digits", "decimal_places", "whole_digits", "class_name",
+        "class", "discriminator", "expected_tags", "expected_schemes", "expected_version",
+        "tz_expected", "encoding",
+    }
+)  # fmt: skip
+"""The context entries of pydantic's errors that come from the schema (a bound, a pattern,
+an expected type or tag). Any other entry comes from the refused value: its length
+(``actual_length``), a parser's account of it (``error``: where a JSON text broke), a tag
+or a timezone it holds."""
+
+_WITHHELD = "withheld: secret"
+
+
+def refusal_shown(error_type: str, message: str, context: Mapping[str, Any] | None) -> str:
+    """pydantic's own ``message`` (of ``error_type``, made from ``context``) about a
+    refused value of a secret key, as it may be shown: the rule that the value broke
+    stays ("at least 12 items": the schema's), what the message tells of the value itself
+    ("not 5": its length) is withheld. A validator's own message is no business of this:
+    it may quote anything, so it is withheld whole (``blame.reason_for``)."""
+    context = context or {}
+    if all(name in _SCHEMA_CONTEXT for name in context):
+        return message
+    if error_type in ("too_short", "too_long"):
+        short = error_type == "too_short"
+        bound = context.get("min_length" if short else "max_length")
+        items = "item" if bound == 1 else "items"
+        return (
+            f"{context.get('field_type', 'Value')} should have "
+            f"{'at least' if short else 'at most'} {bound} {items} after validation "
+            f"(too {'short' if short else 'long'}; its length is {_WITHHELD})"
+        )
+    kept = {name: v if name in _SCHEMA_CONTEXT else f"({_WITHHELD})" for name, v in context.items()}
+    try:
+        return PydanticKnownError(error_type, kept).message()  # type: ignore[arg-type]
+    except Exception:  # a context entry of a type that cannot be a text: say nothing of it
+        return f"refused ({error_type}; its message is {_WITHHELD})"
