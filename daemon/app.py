@@ -222,6 +222,7 @@ class Daemon:
             broadcast=self._broadcast,
             on_accepted=self._count_accepted,
             on_rejected=self._on_rejected,
+            on_still_refused=self._on_still_refused,
             on_unchanged=lambda revision: self._post(self._revision_unchanged, revision),
             on_restart_pending=lambda: self._post(self.feedback.daemon_fields_changed),
         )
@@ -631,6 +632,14 @@ class Daemon:
                 self._post(self.feedback.refusals_changed)
         elif layer == "files":
             self._post(self.feedback.config_files_problem, "rejected", reason)
+
+    def _on_still_refused(self, revision: int, reason: str, keys: tuple[str, ...]) -> None:
+        """From the engine, under ``_lock``: a full read refused again etcd values this
+        daemon refused and reported before, unchanged since. No new rejection (neither
+        counted nor reported), but they stay refused: the status entries and ``/healthz``
+        say so as before the read."""
+        if self.refused.refused(revision, reason, keys):
+            self._post(self.feedback.refusals_changed)
 
     def _revision_unchanged(self, revision: int) -> None:
         """On the loop: etcd's revision ``revision`` changed no value in force; the

@@ -125,11 +125,13 @@ class Engine:
         broadcast: EventSink = _noop,
         on_accepted: Callable[[str, int], None] = lambda layer, version: None,
         on_rejected: Callable[[str, int, str, tuple[str, ...]], None] = lambda *rejection: None,
+        on_still_refused: Callable[[int, str, tuple[str, ...]], None] = lambda *refusal: None,
         on_unchanged: Callable[[int], None] = lambda revision: None,
         on_restart_pending: Callable[[], None] = lambda: None,
     ):
         self.schema = schema
         self._on_unchanged = on_unchanged
+        self._on_still_refused = on_still_refused
         self.app = app
         self.precedence = tuple(precedence)
         self.layers: dict[str, Layer] = {layer.name: layer for layer in layers}
@@ -163,6 +165,10 @@ class Engine:
         self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
         self._closed = False
         self._saved: SavedState | object | None = _NOT_READ  # the state file, read once
+        # The raw etcd values refused and reported, by dotted key, that no revision taken
+        # since edited: a full read that refuses one again (a resync after a compaction)
+        # does not report it again (``_merge_sanitized``), as nobody wrote it again.
+        self._reported: dict[str, bytes | str] = {}
         self.files_refused: str | None = None
         """Why the config files were refused at the start, which ran on their saved
         contents instead (``_first_merge``); None if they were not."""
@@ -312,7 +318,8 @@ class Engine:
             if etcd is None:
                 return self._merge_sanitized(self.layers["etcd"], revision)
             kept = saved.etcd if saved else None  # what it ran, for a key it now refuses
-            return self._merge_sanitized(self._read_etcd(etcd, revision), revision, kept)
+            candidate = self._read_etcd(etcd, revision)
+            return self._merge_sanitized(candidate, revision, kept, raw=etcd)
 
         try:
             return merge()
@@ -362,8 +369,12 @@ class Engine:
         if self._closed:
             return
         self.finish()
+        if revision < self.revision:
+            # etcd restored from a backup: its values were written again, in another history.
+            self._reported = {}
         before = self.layers["etcd"].values
-        snapshot = self._merge_sanitized(self._read_etcd(kvs, revision), revision, kept=before)
+        candidate = self._read_etcd(kvs, revision)
+        snapshot = self._merge_sanitized(candidate, revision, kept=before, raw=kvs)
         edited = changed_keys(before, self.layers["etcd"].values)
         # Below the revision in force: etcd was restored from a backup, and its count
         # goes on from there. Published revisions follow etcd's, as clients compare them.
@@ -416,6 +427,9 @@ class Engine:
         if self._closed:
             return
         self.finish()
+        if self._reported:  # an edit of a key refused before is a new write: said anew
+            for path in (*puts, *deletes):
+                self._reported.pop(key_from_etcd(self.app, path) or "", None)
         self._hold_asked = hold_tail
         try:
             self._change(revision, puts, deletes)
@@ -453,7 +467,12 @@ class Engine:
         edited.update(put)
         edited.update((problem.key, None) for problem in problems)
         candidate = Layer("etcd", values, origins, tuple(problems))
-        self._try_layer(candidate, revision, edited)
+        if not self._try_layer(candidate, revision, edited):
+            # Reported: every value of the revision is refused, and stays in etcd.
+            for path, raw in puts.items():
+                key = key_from_etcd(self.app, path)
+                if key is not None:
+                    self._reported[key] = raw
 
     def on_files(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> bool:
         """New parsed contents of the config files (the watcher has already deduplicated).
@@ -711,18 +730,42 @@ class Engine:
         return merge_layers(self.schema, self.layers.values(), self.precedence)
 
     def _merge_sanitized(
-        self, candidate: Layer, revision: int, kept: Mapping[str, Any] | None = None
+        self,
+        candidate: Layer,
+        revision: int,
+        kept: Mapping[str, Any] | None = None,
+        *,
+        raw: Mapping[str, bytes | str] | None = None,
     ) -> Snapshot:
         """Merge a whole etcd layer (a full read, or the saved values) and make it the etcd
         layer: the keys that make it invalid are dropped, each round announced as a
         rejection, and each keeps its value in ``kept`` (what this daemon ran before the
         read: the values in force, or the state file's at a start), if it has one
         (``full_read.py``). Raises ``InvalidChange`` only if the other layers are invalid
-        without etcd."""
+        without etcd.
+
+        ``raw``: the read's raw values, by etcd path (None: saved values, not read). A
+        round that drops only keys whose raw value was refused and reported before, and
+        not edited since (``_reported``), is not announced again: watchers and the log
+        would read it as a new bad write. It stays refused (``on_still_refused``)."""
+        reported: Mapping[str, bytes | str] = self._reported
+        now: dict[str, bytes | str] = {}
+        repeated: set[str] = set()
 
         def announce(exc: InvalidChange, problems: list[Problem]) -> None:
             dropped = {p.key: candidate.values.get(p.key) for p in problems}
-            self._announce.rejected("etcd", revision, self.version, exc, dropped, self._flat)
+            if raw is None:
+                self._announce.rejected("etcd", revision, self.version, exc, dropped, self._flat)
+                return
+            values = {key: raw.get(candidate.origins.get(key, "")) for key in dropped}
+            now.update((key, value) for key, value in values.items() if value is not None)
+            if values and all(
+                v is not None and reported.get(key) == v for key, v in values.items()
+            ):
+                repeated.update(dropped)
+                self._on_still_refused(revision, str(exc), tuple(dropped))
+            else:
+                self._announce.rejected("etcd", revision, self.version, exc, dropped, self._flat)
 
         others = [layer for name, layer in self.layers.items() if name != "etcd"]
         layer, snapshot = merge_full_read(
@@ -734,8 +777,11 @@ class Engine:
             on_drop=announce,
             log=self.log,
             revision=revision,
+            repeated=repeated,
         )
         self.layers["etcd"] = layer
+        if raw is not None:  # the keys it takes, or etcd no longer holds, are refused no more
+            self._reported = now
         return snapshot
 
     def _try_layer(self, candidate: Layer, revision: int, edited: Mapping[str, Any]) -> bool:

@@ -10,7 +10,7 @@ rate the process ran, at its next step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -30,13 +30,18 @@ def merge_full_read(
     on_drop: Callable[[InvalidChange, list[Problem]], None],
     log: Any,
     revision: int,
+    repeated: Collection[str] = (),
 ) -> tuple[Layer, Snapshot]:
     """The etcd layer to keep (``candidate`` less the keys that make the configuration
     invalid, those back at their ``kept`` values where they have one), and the merge of it
     with the ``others``. The keys are dropped one round at a time, each round told to
     ``on_drop`` (``merge_dropping_invalid``). A kept value that no longer fits (the schema
     changed) is dropped too. Raises ``InvalidChange`` only if the other layers are invalid
-    without etcd."""
+    without etcd.
+
+    ``repeated``: the dropped keys whose refusal ``on_drop`` did not say again (refused
+    before, not written since), filled as it hears of them: that each keeps its value is
+    not said again either."""
     snapshot, problems = merge_dropping_invalid(
         schema, [*others, candidate], precedence, on_drop=on_drop
     )
@@ -51,7 +56,7 @@ def merge_full_read(
     except InvalidChange:  # cannot be: ``layer`` alone merged; keep what it gave
         return layer, snapshot
     unfit_keys = {p.key for p in unfit}
-    taken = sorted(set(restore) - unfit_keys)
+    taken = sorted(set(restore) - unfit_keys - set(repeated))
     if taken:
         log.warning(
             "etcd_value_kept",
