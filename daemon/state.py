@@ -5,7 +5,7 @@ daemon started while etcd is down can serve the values it last accepted.
 
 Versions are reserved in blocks so that no change waits for a disk: the file
 records a ``version_ceiling``, and the daemon never publishes a version above the
-ceiling that is on disk. Raising the ceiling (``save_now``, with fsync) happens once
+ceiling that is on disk. Raising the ceiling (``save``, with fsync) happens once
 per ``VERSION_BLOCK`` versions. The snapshot itself is written by ``StateWriter`` on
 a thread of its own, coalesced to the newest state. A daemon that starts after a
 crash (even a SIGKILL right after a push, before any snapshot was saved) begins
@@ -19,7 +19,7 @@ disk never goes down. A write that raises the ceiling, or that says ``clean``, a
 fsyncs the folder after the rename, so a power loss cannot bring back a file with
 a lower ceiling; the per-change snapshots in between skip that (losing one brings
 back a file with the same ceiling, which is safe). A failed write is reported to
-the caller (``save_now``) or to ``on_error`` (the writer) and never takes the
+the caller (``save``) or to ``on_result`` (the writer) and never takes the
 daemon down.
 
 One daemon at a time uses a state file: it holds ``<app>.state.lock`` beside it
@@ -467,14 +467,15 @@ class StateWriter:
     the submit that found the thread idle: the change was just pushed, and its clients
     apply it in that time on the same CPUs (a save is a file created, written, fsynced
     and renamed). ``on_result(error)`` runs on that thread after each write (``None`` on
-    success). ``flush`` waits until everything submitted is written (or has failed);
-    ``close`` flushes and stops accepting states.
+    success; any exception the save raised, not only an ``OSError``: the thread goes on to
+    the next state either way). ``flush`` waits until everything submitted is written (or
+    has failed); ``close`` flushes and stops accepting states.
     """
 
     def __init__(
         self,
         store: StateStore,
-        on_result: Callable[[OSError | None], None],
+        on_result: Callable[[Exception | None], None],
         *,
         linger_s: float = _WRITER_LINGER_S,
         interval_s: float = _WRITER_INTERVAL_S,
@@ -543,10 +544,10 @@ class StateWriter:
                     return
                 self._busy = True
             next_write = time.monotonic() + self._interval_s
-            error: OSError | None = None
+            error: Exception | None = None
             try:
                 self.store.save(state)
-            except OSError as exc:
+            except Exception as exc:  # a bug past OSError must not end the saving, nor ``flush``
                 error = exc
             try:
                 self._on_result(error)

@@ -8,8 +8,15 @@ engine's states need of them, so that versions keep increasing across restarts:
 - any other state is saved after its push, by the writer's thread, coalesced;
 - at a clean stop the final state is saved synchronously, marked clean.
 
-A failed write is logged (``state_write_failed``) and kept in ``error`` (for
-``/healthz``), never raised: the daemon keeps serving, and the next change tries again.
+A failed write is kept in ``error`` (for ``/healthz``), never raised: the daemon keeps
+serving, and the next change tries again. Once a reservation has failed, the versions
+published are not reserved, whatever a try does to the next change: until a save
+succeeds, the writer's thread tries again (with the ceiling raised) after each push, so
+that no change waits for a disk that fails slowly (EIO after its retries, a hung mount).
+
+A failure is logged (``state_write_failed``) when writes start failing, when the reason
+changes and at most every ``STATE_WRITE_WARN_EVERY_S`` while they go on, with the count
+of those not logged; ``state_write_recovered`` once one succeeds again.
 """
 
 from __future__ import annotations
@@ -22,6 +29,12 @@ from typing import Any
 
 from .published import Published
 from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
+from .throttle import Repeats
+
+STATE_WRITE_WARN_EVERY_S = 60.0
+"""While the state cannot be written, each change tries again (a stream of changes brings
+hundreds of tries a second): ``state_write_failed`` is logged when that starts, when its
+reason changes, and then at most this often."""
 
 
 def _now(step: Callable[[], None]) -> None:
@@ -36,6 +49,11 @@ class StateKeeper:
         ``files_in_force`` when the files layer in force changes)."""
         self.error: str | None = None  # the last write's failure, until a write succeeds
         self._log = log
+        self._failing = Repeats(STATE_WRITE_WARN_EVERY_S)
+        # The first version published above the ceiling on disk since a reservation
+        # failed; None once a save succeeds. Set and read on several threads: a stale
+        # read costs one try more on the engine's thread, or one on the writer's.
+        self._unreserved: int | None = None
         self._writer = StateWriter(store, self._on_saved)
 
     def load(self) -> SavedState | None:
@@ -65,25 +83,29 @@ class StateKeeper:
         """``push`` ``published`` and save it with ``etcd`` (the etcd values it came from):
         first if its version is above the ceiling, else after the push, when ``then``
         runs the save it is given (at once, by default)."""
-        if published.version > self.store.ceiling:
+        if published.version > self.store.ceiling and self._unreserved is None:
             self.reserve(published, etcd)
             push(published)
-        else:
-            push(published)
-            # After the push: the writer's thread then competes with nothing on the way out.
-            saved = self._saved(published, etcd, ceiling=self.store.ceiling)
-            then(partial(self._writer.submit, saved))
+            return
+        push(published)
+        # After the push: the writer's thread then competes with nothing on the way out.
+        ceiling = self.store.ceiling
+        if published.version > ceiling:  # a reservation failed: the writer tries again
+            ceiling = published.version + VERSION_BLOCK
+        then(partial(self._writer.submit, self._saved(published, etcd, ceiling=ceiling)))
 
     def reserve(self, published: Published, etcd: Mapping[str, Any]) -> None:
         """Save ``published`` now, with a ceiling ``VERSION_BLOCK`` above it. On failure the
-        ceiling stays, so the next change tries again; the change is still published, as
-        the daemon must keep serving."""
+        ceiling stays, and the writer tries again with the next change (``publish``); the
+        change is still published, as the daemon must keep serving."""
         try:
             self.store.save(self._saved(published, etcd, ceiling=published.version + VERSION_BLOCK))
-        except OSError as exc:
+        except Exception as exc:  # OSError, or a bug: either way the change is published
+            if self._unreserved is None:
+                self._unreserved = published.version
             self._write_failed(exc)
             return
-        self.error = None
+        self._write_succeeded()
 
     def files_in_force(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
         """Save ``files`` (each config file's parsed contents) with the next states, as JSON
@@ -111,19 +133,52 @@ class StateKeeper:
             return
         try:
             self.store.save(self._saved(current, etcd, ceiling=self.store.ceiling, clean=True))
-        except OSError as exc:
-            self._write_failed(exc)
+        except Exception as exc:
+            self._write_failed(exc, last=True)
+        else:
+            self._write_succeeded()
 
-    def _on_saved(self, error: OSError | None) -> None:
+    def _on_saved(self, error: Exception | None) -> None:
         """The writer's report, on its thread."""
         if error is None:
-            self.error = None
+            self._write_succeeded()
         else:
             self._write_failed(error)
 
-    def _write_failed(self, exc: OSError) -> None:
-        self.error = f"{self.store.path}: {exc.strerror or exc}"
-        self._log.error("state_write_failed", path=str(self.store.path), error=str(exc))
+    def _write_failed(self, exc: Exception, *, last: bool = False) -> None:
+        """``last``: the final save, said whatever the time (with the count of the
+        failures not said before it)."""
+        unreserved = self._unreserved
+        if isinstance(exc, OSError):
+            self.error = f"{self.store.path}: {exc.strerror or exc}"
+        else:  # no input is known to bring one: say what it was, as the writer does
+            self.error = f"{self.store.path}: not saved: {type(exc).__name__}: {exc}"
+        # By ``error``, not the exception's text: that names the save's temp file, new
+        # at each try. A reservation's failure is a new one: versions are at stake now.
+        reason = self.error if unreserved is None else f"{self.error} (reservation)"
+        counts = self._failing.failed(reason, say=last)
+        if counts is None:
+            return
+        fields: dict[str, Any] = {}
+        if unreserved is not None:
+            fields["versions"] = (
+                f"{unreserved} and later are not reserved on disk: a daemon restarted "
+                "before the state is saved again may publish them again, with other values"
+            )
+        self._log.error(
+            "state_write_failed",
+            path=str(self.store.path),
+            error=str(exc) if isinstance(exc, OSError) else self.error,
+            **counts,
+            **fields,
+        )
+
+    def _write_succeeded(self) -> None:
+        self.error = None
+        self._unreserved = None
+        counts = self._failing.succeeded()
+        if counts is not None:
+            self._log.info("state_write_recovered", path=str(self.store.path), **counts)
 
     def _saved(
         self, published: Published, etcd: Mapping[str, Any], *, ceiling: int, clean: bool = False

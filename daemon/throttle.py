@@ -1,9 +1,11 @@
 """Run a function at most every so often on the event loop; calls in between coalesce.
-And log a kind of line at most so often, counting the rest (``LogLimit``)."""
+And log a kind of line at most so often, counting the rest (``LogLimit``), or a failure
+that every try repeats once, counting the tries (``Repeats``)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 
@@ -92,3 +94,46 @@ class LogLimit:
         held, self._held = self._held, 0
         if held:
             self._summary(held)
+
+
+class Repeats:
+    """When to log a failure that each try repeats (a state dir that cannot be written,
+    where each change tries again): when it starts, when its reason changes, and at most
+    every ``every`` seconds while it lasts; the tries in between are counted, and said in
+    the next line (``not_logged``), or in the one that says it ended (``succeeded``).
+
+    Any thread, no timer: the tries come from several threads, and a failure no try
+    repeats has nothing new to say."""
+
+    def __init__(self, every: float):
+        self.every = every
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+        self._failures = 0
+        self._not_logged = 0
+        self._logged_at = float("-inf")
+
+    def failed(self, reason: str, *, say: bool = False) -> dict[str, int] | None:
+        """A try failed for ``reason``: the counts to log it with (``failures`` since it
+        started, ``not_logged`` since the line before), or None if it is only counted.
+        ``say``: log it whatever the time (a last try, whose line no later one follows)."""
+        with self._lock:
+            self._failures += 1
+            now = time.monotonic()
+            if not say and reason == self._reason and now - self._logged_at < self.every:
+                self._not_logged += 1
+                return None
+            counts = {"failures": self._failures, "not_logged": self._not_logged}
+            self._reason, self._logged_at, self._not_logged = reason, now, 0
+            return counts
+
+    def succeeded(self) -> dict[str, int] | None:
+        """A try succeeded: the counts of the failure it ends, to log that with, or None if
+        none was going on."""
+        with self._lock:
+            if self._reason is None:
+                return None
+            counts = {"failures": self._failures, "not_logged": self._not_logged}
+            self._reason, self._logged_at = None, float("-inf")
+            self._failures = self._not_logged = 0
+            return counts

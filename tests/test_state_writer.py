@@ -31,7 +31,7 @@ def state(version: int) -> SavedState:
 
 def test_a_burst_of_submits_is_a_few_writes_and_the_newest_is_on_disk(tmp_path: Path) -> None:
     store = CountingStore(tmp_path, "w")
-    results: list[OSError | None] = []
+    results: list[Exception | None] = []
     writer = StateWriter(store, results.append, linger_s=0.5, interval_s=0.1)
     started = time.monotonic()
     for version in range(1, 501):
