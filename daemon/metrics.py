@@ -187,6 +187,20 @@ class MetricsServer:
                 some uptime checkers send."""
                 self._answer()
 
+            def _not_allowed(self) -> None:
+                """A method these read-only paths do not take: 405 and what they allow,
+                as HTTP asks, where the standard handler says 501 (a method unknown to the
+                server), which reads as a server that cannot do HTTP."""
+                body = b"method not allowed: GET or HEAD\n"
+                self.send_response(405)
+                self.send_header("Allow", "GET, HEAD")
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed
+
             def _answer(self) -> bytes:
                 """Sends the status line and headers for the path; returns the body."""
                 if self.path.split("?")[0] == "/metrics":

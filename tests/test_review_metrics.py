@@ -186,6 +186,20 @@ def test_head_answers_as_get_without_the_body(tmp_path: Path) -> None:
                 assert length > 0
 
 
+def test_a_method_the_paths_do_not_take_gets_405_and_what_they_allow(tmp_path: Path) -> None:
+    proc, port = daemon(tmp_path)
+    with proc:
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            with http_connection(port) as connection:
+                connection.request(method, "/healthz", body=b"{}")
+                response = connection.getresponse()
+                body = response.read()
+            assert response.status == 405, method
+            assert response.getheader("Allow") == "GET, HEAD"
+            assert b"GET or HEAD" in body
+        assert get(port, "/healthz")[0] == 200  # still serving
+
+
 # --- series of processes that come and go ---------------------------------------------------
 
 
