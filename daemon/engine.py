@@ -82,6 +82,7 @@ from .announce import Announcer, EventSink
 from .full_read import merge_full_read
 from .logs import get_logger
 from .published import Published
+from .refused import ReportedValues
 from .restart_only import RestartOnly
 from .state import SavedState, StateStore
 from .state_keeper import StateKeeper
@@ -165,10 +166,7 @@ class Engine:
         self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
         self._closed = False
         self._saved: SavedState | object | None = _NOT_READ  # the state file, read once
-        # The raw etcd values refused and reported, by dotted key, that no revision taken
-        # since edited: a full read that refuses one again (a resync after a compaction)
-        # does not report it again (``_merge_sanitized``), as nobody wrote it again.
-        self._reported: dict[str, bytes | str] = {}
+        self._reported = ReportedValues(app)  # refused, reported, not written since
         self.files_refused: str | None = None
         """Why the config files were refused at the start, which ran on their saved
         contents instead (``_first_merge``); None if they were not."""
@@ -369,9 +367,8 @@ class Engine:
         if self._closed:
             return
         self.finish()
-        if revision < self.revision:
-            # etcd restored from a backup: its values were written again, in another history.
-            self._reported = {}
+        if revision < self.revision:  # etcd restored from a backup
+            self._reported.forget()
         before = self.layers["etcd"].values
         candidate = self._read_etcd(kvs, revision)
         snapshot = self._merge_sanitized(candidate, revision, kept=before, raw=kvs)
@@ -427,9 +424,7 @@ class Engine:
         if self._closed:
             return
         self.finish()
-        if self._reported:  # an edit of a key refused before is a new write: said anew
-            for path in (*puts, *deletes):
-                self._reported.pop(key_from_etcd(self.app, path) or "", None)
+        self._reported.edited((*puts, *deletes))
         self._hold_asked = hold_tail
         try:
             self._change(revision, puts, deletes)
@@ -468,11 +463,7 @@ class Engine:
         edited.update((problem.key, None) for problem in problems)
         candidate = Layer("etcd", values, origins, tuple(problems))
         if not self._try_layer(candidate, revision, edited):
-            # Reported: every value of the revision is refused, and stays in etcd.
-            for path, raw in puts.items():
-                key = key_from_etcd(self.app, path)
-                if key is not None:
-                    self._reported[key] = raw
+            self._reported.refused(puts)  # reported: each value stays in etcd, refused
 
     def on_files(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> bool:
         """New parsed contents of the config files (the watcher has already deduplicated).
@@ -748,7 +739,6 @@ class Engine:
         round that drops only keys whose raw value was refused and reported before, and
         not edited since (``_reported``), is not announced again: watchers and the log
         would read it as a new bad write. It stays refused (``on_still_refused``)."""
-        reported: Mapping[str, bytes | str] = self._reported
         now: dict[str, bytes | str] = {}
         repeated: set[str] = set()
 
@@ -759,9 +749,7 @@ class Engine:
                 return
             values = {key: raw.get(candidate.origins.get(key, "")) for key in dropped}
             now.update((key, value) for key, value in values.items() if value is not None)
-            if values and all(
-                v is not None and reported.get(key) == v for key, v in values.items()
-            ):
+            if self._reported.repeated(values):
                 repeated.update(dropped)
                 self._on_still_refused(revision, str(exc), tuple(dropped))
             else:
@@ -781,7 +769,7 @@ class Engine:
         )
         self.layers["etcd"] = layer
         if raw is not None:  # the keys it takes, or etcd no longer holds, are refused no more
-            self._reported = now
+            self._reported.replace(now)
         return snapshot
 
     def _try_layer(self, candidate: Layer, revision: int, edited: Mapping[str, Any]) -> bool:

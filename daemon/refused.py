@@ -26,7 +26,7 @@ from any thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -190,3 +190,42 @@ class RefusedKeys:
         self.newest = newest
         self.cleared = cleared
         return changed
+
+
+class ReportedValues:
+    """The raw etcd values, by dotted key, that this daemon refused and reported and that no
+    revision it has seen since edited. A full read that refuses one of them again (a resync
+    after a compaction) is no new bad write, and is not reported again (``Engine``'s
+    ``_merge_sanitized``): watchers and the log would take it for one. Under the daemon's
+    lock, as the engine is."""
+
+    def __init__(self, app: str) -> None:
+        self._app = app
+        self._raw: dict[str, bytes | str] = {}
+
+    def edited(self, paths: Iterable[str]) -> None:
+        """A revision put or deleted ``paths``: what it wrote there is new, refused or not."""
+        if self._raw:
+            for path in paths:
+                self._raw.pop(key_from_etcd(self._app, path) or "", None)
+
+    def refused(self, puts: Mapping[str, bytes]) -> None:
+        """A revision with ``puts`` was refused whole and reported."""
+        for path, raw in puts.items():
+            key = key_from_etcd(self._app, path)
+            if key is not None:
+                self._raw[key] = raw
+
+    def repeated(self, values: Mapping[str, bytes | str | None]) -> bool:
+        """Whether ``values`` (raw, by key; None: not read) are all values reported before."""
+        return bool(values) and all(
+            v is not None and self._raw.get(key) == v for key, v in values.items()
+        )
+
+    def replace(self, values: Mapping[str, bytes | str]) -> None:
+        """After a full read: what it refused is what stays reported."""
+        self._raw = dict(values)
+
+    def forget(self) -> None:
+        """etcd restored from a backup: its values were written again, in another history."""
+        self._raw = {}
