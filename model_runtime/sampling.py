@@ -31,7 +31,9 @@ or ``SamplingParams.from_values(live.values)``, each read once), never
 ``live["sampling.temperature"]`` then ``live["sampling.top_p"]``: an apply from
 another thread between the two reads mixes two versions. Call ``live.apply``
 from one control loop (or per request/token: a concurrent ``apply`` from another
-thread returns ``False`` and the change lands at the next call).
+thread returns ``False`` and the change lands at the next call). A pre-fork server
+connects in each worker, after the fork: a connection made before it stays the parent's,
+and a worker's ``LiveSampling`` on it says so in the log at its first read.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -59,6 +63,10 @@ log = logging.getLogger(__name__)
 _F32_MAX = float(torch.finfo(torch.float32).max)
 # The value ``None`` stands for, per knob that has an "off" value.
 _OFF: dict[str, float | int] = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+# The missing keys :class:`LiveSampling` has warned of, for the whole process: a schema
+# without ``min_p`` would otherwise log a warning per key at every change, and at every
+# request of a server that makes a ``LiveSampling`` per request.
+_MISSING_SAID: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,7 @@ class SamplingParams:
         *,
         base: SamplingParams | None = None,
         warn_missing: bool = False,
+        said: set[str] | None = None,
     ) -> SamplingParams:
         """Build from nested (``{"sampling": {...}}``) or flat (``{"sampling.top_p": ...}``)
         values; unknown keys are ignored. A flat key wins over the same key nested.
@@ -124,8 +133,10 @@ class SamplingParams:
         ``None`` means the knob's "off" value where it has one (``top_p`` 1.0, ``top_k`` 0,
         ``min_p`` 0.0, ``repetition_penalty`` 1.0); elsewhere it is refused. A missing key
         takes its value from ``base`` (default: the field defaults); with ``warn_missing``
-        each one logs a warning naming the key and the value used. Raises
-        :class:`InvalidValue` for a value out of range."""
+        each one logs a warning naming the key and the value used; given ``said`` (a set of
+        dotted keys, updated here), only a key not in it, and a key found again leaves it, so
+        that a key stays told of once while it is missing, however many builds share the set.
+        Raises :class:`InvalidValue` for a value out of range."""
         known = [f.name for f in fields(cls)]
         found: dict[str, Any] = {}
         nested = values.get(section)
@@ -142,16 +153,21 @@ class SamplingParams:
                 found[name] = _OFF[name]
         start = base if base is not None else cls()
         for name in known:
-            if name not in found:
-                found[name] = getattr(start, name)
-                if warn_missing:
-                    log.warning(
-                        "sampling_key_missing key=%s.%s using=%r (%s)",
-                        section,
-                        name,
-                        found[name],
-                        "the value in force" if base is not None else "the default",
-                    )
+            if name in found:
+                if said is not None:
+                    said.discard(f"{section}.{name}")  # a later removal is told again
+                continue
+            found[name] = getattr(start, name)
+            if warn_missing and (said is None or f"{section}.{name}" not in said):
+                if said is not None:
+                    said.add(f"{section}.{name}")
+                log.warning(
+                    "sampling_key_missing key=%s.%s using=%r (%s)",
+                    section,
+                    name,
+                    found[name],
+                    "the value in force" if base is not None else "the default",
+                )
         try:
             return cls(**found)
         except InvalidValue as exc:
@@ -175,12 +191,22 @@ class LiveSampling:
     thread of a server where others call ``live.apply``): a change applied between the
     read of the values and the registration is caught up with here, not missed.
     Call :meth:`close` (or use it as a context manager) to unregister.
+
+    In a process forked from the one that connected (a worker of a pre-fork server that
+    connected before forking) no change comes any more: the first read of ``params`` there
+    logs ``live_sampling_forked`` (once per process). Connect in each worker after the fork.
     """
 
     def __init__(self, live: LiveConfig, section: str = "sampling") -> None:
         self._section = section
+        # True where no change can come any more: a process forked from the one that
+        # connected (a worker of a pre-fork server that connected before forking). Told
+        # at the first read of ``params``: nothing may be logged in the at-fork hook.
+        self._forked = live.forked
         values = live.values
-        self.params: SamplingParams = SamplingParams.from_values(values, section, warn_missing=True)
+        self._params = SamplingParams.from_values(
+            values, section, warn_missing=True, said=_MISSING_SAID
+        )
         self._handle = live.on_change(section, self._rebuild)
         # An apply on another thread may have swapped the values after the read above and
         # run its callbacks before this one was registered: its change would never reach
@@ -190,27 +216,72 @@ class LiveSampling:
         try:
             while live.values is not values:
                 values = live.values
-                self.params = SamplingParams.from_values(
-                    values, section, base=self.params, warn_missing=True
+                self._params = SamplingParams.from_values(
+                    values, section, base=self._params, warn_missing=True, said=_MISSING_SAID
                 )
         except InvalidValue:
             self._handle.remove()
             raise
+        _live_samplings.add(self)
+
+    @property
+    def params(self) -> SamplingParams:
+        """The params in force: one immutable object, replaced whole by an apply."""
+        if self._forked:
+            self._say_forked()
+        return self._params
+
+    def _say_forked(self) -> None:
+        global _forked_said
+        self._forked = False
+        if _forked_said:  # once per process: a worker may make one per request
+            return
+        _forked_said = True
+        log.warning(
+            "live_sampling_forked pid=%d section=%s: this process was forked from the one "
+            "that connected (a worker of a pre-fork server): its sampling settings stay "
+            "as they were at the fork and no change reaches it, nor does hotknob status "
+            "show it; connect in each worker after the fork (LiveConfig.connect(), then "
+            "LiveSampling)",
+            os.getpid(),
+            self._section,
+        )
 
     def _rebuild(self, values: Any) -> None:
         new = values if isinstance(values, Mapping) else {}
-        self.params = SamplingParams.from_values(
-            {self._section: new}, self._section, base=self.params, warn_missing=True
+        self._params = SamplingParams.from_values(
+            {self._section: new},
+            self._section,
+            base=self._params,
+            warn_missing=True,
+            said=_MISSING_SAID,
         )
 
     def close(self) -> None:
         self._handle.remove()
+        _live_samplings.discard(self)
 
     def __enter__(self) -> LiveSampling:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_live_samplings: weakref.WeakSet[LiveSampling] = weakref.WeakSet()
+"""Every ``LiveSampling`` made in this process, for the at-fork hook."""
+_forked_said = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_said
+    _forked_said = False
+    for sampling in list(_live_samplings):
+        sampling._forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _penalize(logits: Tensor, prev_tokens: Tensor, penalty: float) -> Tensor:
