@@ -7,21 +7,26 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hotknob.config import Unavailable, UsageError
-from hotknob.config.keys import status_prefix
+from hotknob.config.keys import config_prefix, status_prefix
 from hotknob.config.secrecy import secret_keys
 from hotknob.model_runtime import protocol
 
 from .context import Context, static_layers
+from .etcd_types import CompactedError, FutureRevisionError
 from .guard_lang import escaped
 from .guard_records import guards_table, read_guards, shown_record
 from .reports import REPORT_STATUS_EVERY_S
+from .status import is_int
 from .status_view import TABLE_HEADERS, summary_lines, table_rows
 from .table import dumps, fmt, render
+
+if TYPE_CHECKING:
+    from .etcd_store import EtcdStore
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -280,6 +285,34 @@ def _clock() -> str:
     return time.strftime("%H:%M:%S", time.localtime())
 
 
+SAME_LOOKS = 8
+"""The most older revisions ``same_configuration`` reads the config at (one read each)."""
+
+
+def same_configuration(
+    store: EtcdStore, app: str, entries: Sequence[Mapping[str, Any]]
+) -> set[int]:
+    """The revisions processes run, below the newest that any runs, at which the app's
+    config in etcd is what it is at the newest. A daemon started again reads the config at
+    etcd's revision of then, which status entries move on without a config change, and its
+    processes say that one while the others still say the revision of the last change: not
+    behind, though the numbers differ. A revision etcd compacted away is not compared (its
+    processes stay named as behind: they may be)."""
+    runs = sorted({e["revision"] for e in entries if is_int(e.get("revision"))}, reverse=True)
+    same: set[int] = set()
+    if len(runs) < 2:
+        return same
+    prefix = config_prefix(app)
+    try:
+        newest = store.read_prefix_state(prefix, runs[0]).values
+        for older in runs[1 : SAME_LOOKS + 1]:
+            if store.read_prefix_state(prefix, older).values == newest:
+                same.add(older)
+    except (CompactedError, FutureRevisionError):  # older ones are compacted too
+        pass
+    return same
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
     prefix = status_prefix(ctx.app)
@@ -317,7 +350,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no process of app {ctx.app!r} has reported (revision {revision})")
         return 0
     if args.summary:
-        print("\n".join(summary_lines(entries, revision, now)))
+        with ctx.store() as store:
+            same = same_configuration(store, ctx.app, entries)
+        print("\n".join(summary_lines(entries, revision, now, same)))
         return 0
     print(render(TABLE_HEADERS, table_rows(entries, now)))
     return 0

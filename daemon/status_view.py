@@ -9,7 +9,7 @@ around hotknob: each field is shown only in the shape hotknob writes, or as text
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, TypeGuard
 
 from .guard_lang import escaped
@@ -137,13 +137,17 @@ def metrics_text(entry: Entry, now: float) -> str:
     return text
 
 
-def summary_lines(entries: Sequence[Entry], revision: int, now: float) -> list[str]:
+def summary_lines(
+    entries: Sequence[Entry], revision: int, now: float, same: Collection[int] = ()
+) -> list[str]:
     """``status --summary``: how many processes on how many nodes; how many run each etcd
     revision (naming those behind the newest, and those that run none yet, and how many of
     them were sent a newer one they have not applied); each distinct error, with how many
     have it and who (the ``ERRORS_SHOWN`` most common; the others counted); and what they
     report, with the oldest latest report and whose it is (a process that stopped
-    reporting: hung, or done)."""
+    reporting: hung, or done). ``same``: revisions below the newest run whose
+    configuration in etcd is the newest's (``cmd_live.same_configuration``): their
+    processes are not behind, and are not named as if they were."""
     nodes = {str(e.get("node") or e["key"].partition("/")[0]) for e in entries}
     lines = [
         f"{_processes(len(entries))} on {len(nodes)} node{'s' if len(nodes) != 1 else ''}, "
@@ -157,7 +161,9 @@ def summary_lines(entries: Sequence[Entry], revision: int, now: float) -> list[s
     for runs in [*numbered, *([None] if None in by_revision else [])]:
         group = by_revision[runs]
         line = f"{'no revision' if runs is None else f'revision {runs}'}: {_processes(len(group))}"
-        if runs is None or runs != numbered[0]:  # none yet: behind, whatever others run
+        if runs is not None and runs != numbered[0] and runs in same:
+            line += f" (the configuration of revision {numbered[0]}: none changed since)"
+        elif runs is None or runs != numbered[0]:  # none yet: behind, whatever others run
             line += f": {some_names([e['key'] for e in group])}"
             line += _holding(group, now)
         lines.append(line)

@@ -181,6 +181,10 @@ class Applied:
                 )
         if self.overtaken:
             parts.append(self.overwritten_text())
+        # Not counted in the total above: a process that exited, or one whose daemon died
+        # (it runs what it ran before, unseen until that daemon is back).
+        if self.left:
+            parts.append(f"{some_names(self.left)} left meanwhile")
         return f"revision {self.revision} is written, but " + "; ".join(parts)
 
     def _behind_text(self, name: str, runs: Any, now: float) -> str:
