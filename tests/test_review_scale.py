@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from hotknob.daemon.wait_applied import Applied
 from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
 from tests.etcd_server import EtcdServer
+from tests.test_guards import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,17 +40,6 @@ while True:
     live.report(step, loss=1.0)
     time.sleep(0.05)
 """
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
