@@ -285,6 +285,27 @@ def _clock() -> str:
     return time.strftime("%H:%M:%S", time.localtime())
 
 
+def _status_entries(kvs: Mapping[str, bytes], prefix: str) -> list[dict[str, Any]]:
+    """The status entries read under ``prefix``, each with its ``key`` (the name after the
+    prefix); one that is no JSON object (written around hotknob) is skipped with a warning."""
+    entries = []
+    for key, raw in sorted(kvs.items()):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):  # not what a daemon writes: written around hotknob
+            name = escaped(key[len(prefix) :])  # as the table's cells: it may hold anything
+            print(
+                f"hotknob: warning: skipping status entry {name}: not a JSON object",
+                file=sys.stderr,
+            )
+            continue
+        entry["key"] = key[len(prefix) :]
+        entries.append(entry)
+    return entries
+
+
 SAME_LOOKS = 8
 """The most older revisions ``same_configuration`` reads the config at (one read each)."""
 
@@ -316,25 +337,14 @@ def same_configuration(
 def cmd_status(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
     prefix = status_prefix(ctx.app)
+    same: set[int] = set()
     with ctx.store() as store:
         kvs, revision = store.read_prefix(prefix)
         guards, guarded_at = read_guards(store, ctx.app)
-    entries = []
+        entries = _status_entries(kvs, prefix)
+        if args.summary and entries:  # on the same connection: one per command
+            same = same_configuration(store, ctx.app, entries)
     now = time.time()
-    for key, raw in sorted(kvs.items()):
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            entry = None
-        if not isinstance(entry, dict):  # not what a daemon writes: written around hotknob
-            name = escaped(key[len(prefix) :])  # as the table's cells: it may hold anything
-            print(
-                f"hotknob: warning: skipping status entry {name}: not a JSON object",
-                file=sys.stderr,
-            )
-            continue
-        entry["key"] = key[len(prefix) :]
-        entries.append(entry)
     # A guarded change's values stay in its record (a revert writes them back); what is
     # shown of a secret key's is the mask.
     secrets = secret_keys(ctx.schema)
@@ -350,8 +360,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no process of app {ctx.app!r} has reported (revision {revision})")
         return 0
     if args.summary:
-        with ctx.store() as store:
-            same = same_configuration(store, ctx.app, entries)
         print("\n".join(summary_lines(entries, revision, now, same)))
         return 0
     print(render(TABLE_HEADERS, table_rows(entries, now)))
