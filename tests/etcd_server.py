@@ -132,11 +132,13 @@ class EtcdServer:
                 self.stop()
                 if not fresh or self._initial_cluster or attempt == _START_ATTEMPTS - 1:
                     raise
+                # Most often another process took a port between free_port() and the
+                # bind: the next try starts afresh on new ports.
+                shutil.rmtree(self.data_dir / "data", ignore_errors=True)
+                self.client_port, self.peer_port = free_port(), free_port()
             except BaseException:
                 self.stop()  # the caller never gets this object, so nothing else would
                 raise
-                shutil.rmtree(self.data_dir / "data", ignore_errors=True)
-                self.client_port, self.peer_port = free_port(), free_port()
         raise AssertionError("unreachable")
 
     def wait_healthy(self, timeout: float = 10.0) -> None:

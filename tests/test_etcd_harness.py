@@ -1,4 +1,5 @@
-"""The throwaway etcd every integration test starts: its start must survive a slow probe.
+"""The throwaway etcd every integration test starts: its start must survive a slow probe
+and a port that another process took first.
 
 CI once failed at a fixture's setup: on a loaded machine one ``etcdctl endpoint health``
 probe ran past its own time limit, the ``TimeoutExpired`` ended the whole start, and the
@@ -7,6 +8,7 @@ etcd it had launched was left running (the suite's leak check then failed the te
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
@@ -53,3 +55,30 @@ def test_a_start_that_is_interrupted_leaves_no_etcd_behind(
         assert not server.running(), "the launched etcd outlived its failed start"
     finally:
         server.close()
+
+
+def test_a_port_taken_between_the_pick_and_the_bind_is_retried_on_new_ports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CI failed once on this: the retry after "bind: address already in use" kept the
+    # taken port, so all three tries clashed the same way.
+    from tests import etcd_server
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    taken_port = int(taken.getsockname()[1])
+    real_free_port = etcd_server.free_port
+    picks = iter([taken_port])
+    monkeypatch.setattr(etcd_server, "free_port", lambda: next(picks, None) or real_free_port())
+    server = EtcdServer()
+    try:
+        assert server.client_port == taken_port
+        server.start()
+        assert server.running()
+        assert server.client_port != taken_port
+        server.etcdctl("put", "k", "v")
+        assert server.etcdctl("get", "k", "--print-value-only").stdout.strip() == "v"
+    finally:
+        server.close()
+        taken.close()
