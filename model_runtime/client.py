@@ -166,6 +166,7 @@ class LiveConfig:
     ) -> None:
         """Use ``connect``; this only prepares the object and starts nothing."""
         self._path = path
+        self._client = client
         self._sync = sync
         self._pending: State | None = None
         self._applied = NOTHING
@@ -360,7 +361,8 @@ class LiveConfig:
         """True in a process forked from the one that connected (a DataLoader worker with
         the ``fork`` start method): there no update comes after the fork (a state the
         parent held pending at the fork is applied at the child's next ``apply``), and
-        nothing is sent to the daemon."""
+        nothing is sent to the daemon. The child's first ``apply`` logs
+        ``live_config_forked``."""
         return self._conn.forked
 
     def _after_fork_in_child(self) -> None:
@@ -374,6 +376,21 @@ class LiveConfig:
         self._first_state.set()
         self._reporter.forked()
         self.report = _report_nothing
+        # Said at the child's first apply (its caller expects changes), by an instance
+        # attribute that shadows the method once: nothing on the path of later calls.
+        self.apply = self._first_apply_in_forked_child  # type: ignore[method-assign]
+
+    def _first_apply_in_forked_child(self, step: int) -> bool:
+        self.__dict__.pop("apply", None)
+        log.warning(
+            "live_config_forked pid=%d client=%s: this process was forked from the one "
+            "that connected (a DataLoader worker, a worker of a pre-fork server): no "
+            "change reaches it after the fork, nor does hotknob status show it; connect "
+            "in this process, after the fork, for its own changes",
+            os.getpid(),
+            self._client,
+        )
+        return self.apply(step)
 
     @property
     def socket_path(self) -> str:

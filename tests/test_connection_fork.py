@@ -8,6 +8,7 @@ the parent's stream. Real forks, real Unix sockets; the child reports through a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -263,3 +264,42 @@ def test_forking_while_the_thread_reconnects_never_hangs(sock_path: str) -> None
             time.sleep(0.01)
     finally:
         conn.close()
+
+
+def test_a_forked_child_that_applies_is_told_once_that_no_change_comes(
+    sock_path: str,
+) -> None:
+    """The review's case: a DataLoader worker or a pre-fork server's worker that inherited
+    the connection and calls ``apply`` for changes got ``False`` for ever, silently."""
+    with DaemonStub(sock_path, BASE, version=7) as stub:
+        live = LiveConfig.connect(sock_path, timeout=5, client="trainer")
+        try:
+            stub.wait_for(lambda: [m["version"] for m in stub.messages("applied")] == [7])
+            version = stub.push({"train": {"lr": 0.5}})
+            eventually(lambda: live.pending_version == version)
+
+            def in_child() -> dict[str, Any]:
+                said: list[str] = []
+                handler = logging.Handler()
+                handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+                logging.getLogger("hotknob.model_runtime").addHandler(handler)
+                first = live.apply(5)  # the state held at the fork: still applied
+                later = [live.apply(6), live.apply(7)]
+                return {"first": first, "later": later, "lr": live["train.lr"], "said": said}
+
+            pid, child, go_w = fork_child(in_child)
+            try:
+                forked = [m for m in child["said"] if m.startswith("live_config_forked")]
+                assert len(forked) == 1, child["said"]
+                assert f"pid={pid} client=trainer" in forked[0]
+                assert "connect in this process" in forked[0]
+                assert child["first"] is True and child["later"] == [False, False]
+                assert child["lr"] == 0.5
+            finally:
+                end_child(pid, go_w)
+
+            # The parent's apply says nothing of it, and its object was not changed.
+            assert "apply" not in vars(live)
+            assert live.apply(9)
+        finally:
+            live.close()
