@@ -284,7 +284,7 @@ class GuardManager:
             if client not in active.passed and client not in active.unjudged:
                 if start is not None:
                     active.left[client] = {
-                        "client": client,
+                        "client": status_name(self.node, client),  # as other reasons name it
                         "from": start,
                         "step": last,
                         "reported": client in active.reported,
@@ -543,7 +543,7 @@ class GuardManager:
             return
         outcome: dict[str, Any] = {
             "reason": f"held for {active.record.window} steps",
-            "clients": sorted(active.passed),
+            "clients": sorted(status_name(self.node, c) for c in active.passed),
         }
         left = [gone for gone in active.departures() if gone["reported"]]
         if left:

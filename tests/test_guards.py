@@ -335,7 +335,7 @@ def test_a_guard_that_holds_reverts_nothing_and_is_marked_passed(
         # Logged and sent to watchers (the outcome's own revision must not clash).
         (logged,) = wait_for("guard_passed logged", lambda: daemon.events("guard_passed"))
         assert logged["guard"] == out["guard"] and logged["reason"] == "held for 20 steps"
-        assert logged["guarded_revision"] == out["revision"] and logged["clients"] == ["c1"]
+        assert logged["guarded_revision"] == out["revision"] and logged["clients"] == ["n1/c1"]
         event = next_event(watcher, "guard_passed")
         assert event["guard"] == out["guard"] and event["revision"] > out["revision"]
         line = _describe(event)  # as `hotknob watch` shows it

@@ -90,10 +90,10 @@ def test_a_run_that_starts_after_the_change_is_not_judged_and_a_guard_left_alone
             record = ended(etcd)
         assert record["state"] == "abandoned", record
         reason = record["outcome"]["reason"]
-        assert "run1 left at step 1049, 49 of its 100 steps in" in reason, reason
+        assert f"{HOST}/run1 left at step 1049, 49 of its 100 steps in" in reason, reason
         assert "run2" not in reason and "the change stays" in reason
         assert record["outcome"]["left"] == [
-            {"client": "run1", "from": 1000, "step": 1049, "reported": True, "failures": 0}
+            {"client": f"{HOST}/run1", "from": 1000, "step": 1049, "reported": True, "failures": 0}
         ]
         assert kv(etcd, P + "train/lr") == ("0.5", out["revision"])
         assert not daemon.events("change_reverted")
@@ -252,12 +252,13 @@ def test_a_process_that_leaves_with_failures_is_named_in_the_passed_outcome(
         assert record["state"] == "passed", record
         reason = record["outcome"]["reason"]
         assert reason == (
-            "held for 20 steps; c2 left at step 12, 2 of its 20 steps in, with 2 failed "
+            f"held for 20 steps; {HOST}/c2 left at step 12, 2 of its 20 steps in, with 2 failed "
             "report(s) in a row recorded (patience 3)"
         ), reason
-        assert record["outcome"]["clients"] == ["c1"]
+        # Named as every other reason names a process: <node>/<client>, one of a hundred.
+        assert record["outcome"]["clients"] == [f"{HOST}/c1"]
         assert record["outcome"]["left"] == [
-            {"client": "c2", "from": 10, "step": 12, "reported": True, "failures": 2}
+            {"client": f"{HOST}/c2", "from": 10, "step": 12, "reported": True, "failures": 2}
         ]
 
 

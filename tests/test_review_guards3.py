@@ -193,7 +193,7 @@ def test_a_process_that_stops_reporting_what_the_guard_reads_past_its_window_is_
         record = ended(etcd, timeout=15)
     assert record["state"] == "passed", record
     assert record["outcome"]["reason"] == "held for 5 steps"
-    assert record["outcome"]["clients"] == ["c1"] and "unjudged" not in record["outcome"]
+    assert record["outcome"]["clients"] == ["n1/c1"] and "unjudged" not in record["outcome"]
     assert not d.events("guard_unjudged")
 
 
