@@ -37,7 +37,7 @@ network I/O itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -79,6 +79,8 @@ from hotknob.config.sendable import MAX_STATE_BYTES, entry_bytes, non_finite, no
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink
+from .file_watcher import fingerprint
+from .files_apart import Files, Refused, edited_files, take_apart
 from .full_read import merge_full_read
 from .logs import get_logger
 from .published import Published
@@ -167,6 +169,10 @@ class Engine:
         self._closed = False
         self._saved: SavedState | object | None = _NOT_READ  # the state file, read once
         self._reported = ReportedValues(app)  # refused, reported, not written since
+        self._files: Files = ()  # the config files' contents in force
+        # A config file's refused contents, announced: not announced again while the file
+        # keeps them (another file's edit tries it again: ``files_apart``).
+        self._files_said: dict[Path, Hashable] = {}
         self.files_refused: str | None = None
         """Why the config files were refused at the start, which ran on their saved
         contents instead (``_first_merge``); None if they were not."""
@@ -342,6 +348,7 @@ class Engine:
 
     def _files_in_force(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
         """The files layer is now built from ``files``; the state file saves them."""
+        self._files = tuple(files)
         self.layers["files"] = files_layer(self.schema, files)
         if self._keeper is not None:
             self._keeper.files_in_force(files)
@@ -467,17 +474,72 @@ class Engine:
 
     def on_files(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> bool:
         """New parsed contents of the config files (the watcher has already deduplicated).
-        False if they were rejected (announced, with the reason, as any rejection)."""
+        True if they were taken whole. A file whose edit the schema refuses does not hold
+        back the edits of the others (``files_apart``): theirs are taken, it keeps its
+        contents in force and its refusal is announced, with the reason, as any (once
+        while it keeps the contents refused); False then."""
         if self._closed:
             return False
         self.finish()
-        candidate = files_layer(self.schema, files)
-        edited = changed_keys(self.layers["files"].values, candidate.values)
-        if not self._try_layer(candidate, self.revision, edited):
-            return False
+        now = tuple(files)
+        checked = self._check_files(now)
+        if isinstance(checked, InvalidChange):
+            apart = take_apart(self._files, now, self._files_error)
+            if not apart.taken or not apart.refused:  # nothing to take apart: refused whole
+                self._files_refused([Refused(tuple(edited_files(self._files, now)), checked, now)])
+                return False
+            self._files_refused(apart.refused)
+            now, checked = apart.files, self._check_files(apart.files)
+            assert not isinstance(checked, InvalidChange)  # ``take_apart`` checked it
+        else:
+            self._files_said.clear()
+        layer, snapshot = checked
+        edited = changed_keys(self.layers["files"].values, layer.values)
+        self.layers = {**self.layers, "files": layer}
+        for path in edited_files(self._files, now):
+            self._files_said.pop(path, None)
+        self._files = now
         if self._keeper is not None:
-            self._keeper.files_in_force(files)
-        return True
+            self._keeper.files_in_force(now)
+        self._accept(snapshot, "files", self.revision, edited)
+        return not self._files_said
+
+    def _check_files(self, files: Files) -> tuple[Layer, Snapshot] | InvalidChange:
+        """The files layer of ``files`` and the configuration it makes, or why it is not
+        valid (over the layers in force, and over the fixed layers alone)."""
+        layer = files_layer(self.schema, files)
+        try:
+            snapshot = merge_layers(
+                self.schema, {**self.layers, "files": layer}.values(), self.precedence
+            )
+            self._files_alone(layer)
+        except InvalidChange as exc:
+            return exc
+        return layer, snapshot
+
+    def _files_error(self, files: Files) -> InvalidChange | None:
+        checked = self._check_files(files)
+        return checked if isinstance(checked, InvalidChange) else None
+
+    def _files_refused(self, refused: Sequence[Refused]) -> None:
+        """Announce each refusal of ``refused``, but one of contents already announced
+        that the files still have."""
+        in_force = dict(self._files)
+        for refusal in refused:
+            tried = dict(refusal.tried)
+            seen = {path: fingerprint(tried[path]) for path in refusal.paths}
+            if seen and all(self._files_said.get(p) == f for p, f in seen.items()):
+                continue
+            self._files_said.update(seen)
+            before = tried | {path: in_force.get(path, {}) for path in refusal.paths}
+            edited = changed_keys(
+                files_layer(self.schema, list(before.items())).values,
+                files_layer(self.schema, refusal.tried).values,
+            )
+            rejected = partial(
+                self._announce.rejected, "files", self.revision, self.version, refusal.error
+            )
+            self._in_order(partial(rejected, edited, self._flat))
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -777,8 +839,6 @@ class Engine:
         layers[candidate.name] = candidate
         try:
             snapshot = merge_layers(self.schema, layers.values(), self.precedence)
-            if candidate.name == "files":
-                self._files_alone(candidate)
         except InvalidChange as exc:
             rejected = self._announce.rejected
             self._in_order(

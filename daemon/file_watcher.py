@@ -91,15 +91,15 @@ class FileLayerState:
     files: tuple[tuple[Path, Mapping[str, Any]], ...]
 
 
-def _fingerprint(value: Any) -> Hashable:
+def fingerprint(value: Any) -> Hashable:
     """A comparable form of parsed contents that tells ``1``, ``1.0`` and ``true`` apart.
 
     Recursive: ``read_config_file`` returns nothing nested more than ``MAX_FILE_DEPTH``
     levels deep (a ``read_file`` given in its place must keep to that too)."""
     if isinstance(value, Mapping):
-        return ("map", tuple(sorted((repr(k), _fingerprint(v)) for k, v in value.items())))
+        return ("map", tuple(sorted((repr(k), fingerprint(v)) for k, v in value.items())))
     if isinstance(value, list | tuple):
-        return ("list", tuple(_fingerprint(v) for v in value))
+        return ("list", tuple(fingerprint(v) for v in value))
     return (type(value).__qualname__, repr(value))
 
 
@@ -608,7 +608,7 @@ class FileLayerWatcher:
             paths = [
                 str(path)
                 for (path, new), (_, old) in zip(new_state.files, old_state.files, strict=True)
-                if _fingerprint(new) != _fingerprint(old)
+                if fingerprint(new) != fingerprint(old)
             ]
             self._log.info("config_files_changed", paths=paths)
             self._call(self._on_change, "on_change", new_state)
@@ -660,10 +660,10 @@ class FileLayerWatcher:
         return frozenset(ends)
 
     def _swap(self, state: FileLayerState) -> bool:
-        fingerprint = _fingerprint([contents for _, contents in state.files])
-        if self._state is not None and fingerprint == self._fingerprint:
+        seen = fingerprint([contents for _, contents in state.files])
+        if self._state is not None and seen == self._fingerprint:
             return False
-        self._state, self._fingerprint = state, fingerprint
+        self._state, self._fingerprint = state, seen
         return True
 
     def _report(self, path: Path, exc: Exception, again: bool) -> None:
