@@ -29,6 +29,7 @@ from .keys import by_first_part, nested_with
 from .raised import SCHEMA_FAULTS
 from .schema import iter_leaves
 from .secrecy import secret_keys
+from .sendable import holds_sets, non_finite, sort_sets
 
 # Core schema types that validate and dump a value by themselves: no function of the
 # user's, no model or dataclass (with validators of their own), no reference.
@@ -152,6 +153,7 @@ class LeafCheck:
     path: tuple[str, ...]
     adapter: TypeAdapter[Any]
     order: int  # the leaf's place in the schema: ``changed`` lists keys in that order
+    sets: bool = False  # its value may hold a set: ``sort_sets`` orders its dump
 
 
 @lru_cache(maxsize=64)
@@ -198,7 +200,9 @@ def _leaf_check(schema: type[BaseModel], key: str) -> LeafCheck | None:
         Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
     )
     adapter: TypeAdapter[Any] = TypeAdapter(annotation, config=model.model_config)
-    return LeafCheck(path, adapter, order[key]) if _plain(adapter.core_schema) else None
+    if not _plain(adapter.core_schema):
+        return None
+    return LeafCheck(path, adapter, order[key], holds_sets(field.annotation))
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,8 @@ def validate_puts(
     if len(checks) > 1:
         checks.sort(key=lambda item: item[1].order)
     validated = {check.path: check.adapter.validate_python(puts[key]) for key, check in checks}
+    if non_finite(puts):  # valid: a type of ``Any`` would dump it as null; the whole path
+        return None  # refuses it as given
     dumped: dict[tuple[str, ...], Any] = {}
     new_flat = dict(flat)
     changed: dict[str, Any] = {}
@@ -243,6 +249,8 @@ def validate_puts(
             new = check.adapter.dump_python(validated[check.path], mode="json")
         except ValueError:  # pydantic's serialization errors are ValueErrors
             return None
+        if check.sets:
+            sort_sets(validated[check.path], new)  # as the whole path sends it
         dumped[check.path] = new_flat[key] = new
         old = flat.get(key, changed)  # a key not there before is a change
         if type(old) is not type(new) or old != new:
@@ -276,8 +284,8 @@ def validate_plain_put(
     None where that is not so (another kind of value or dump), and where the value is
     invalid, changes nothing, or the type's code raised: ``validate_puts`` or the whole
     path then decides, and says why."""
-    if type(value) not in _PLAIN_JSON:
-        return None
+    if type(value) not in _PLAIN_JSON or (type(value) is float and value - value != 0.0):
+        return None  # not finite: a type that dumps it as null must not take it
     try:
         validated = check.adapter.validate_python(value)
         new = check.adapter.dump_python(validated, mode="json")

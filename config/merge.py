@@ -32,8 +32,16 @@ from .model_check import (
 from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
 from .raised import SCHEMA_FAULTS, raised_in_schema
 from .schema import holds_bool_for_number
-from .schema_facts import LeftOut, schema_facts, types_inside
-from .sendable import NOT_FINITE, non_finite, not_text_problems, oversized
+from .schema_facts import LeftOut, SchemaFacts, schema_facts, types_inside
+from .sendable import (
+    NOT_FINITE,
+    holds_any,
+    holds_sets,
+    non_finite,
+    not_text_problems,
+    oversized,
+    sort_sets,
+)
 from .sources import LAYERS, Layer
 
 DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
@@ -188,6 +196,11 @@ def _merged(
         Problem(key, winners[key], _NOT_A_NUMBER, merged[key])
         for key in booleans_for_numbers(schema, merged)
     )
+    # Refused as given: a field of ``Any`` (``dict[str, Any]``) would dump it as null, and
+    # the processes would get null for a YAML ``.inf`` or an etcd ``1e999``.
+    problems.extend(
+        Problem(key, winners[key], NOT_FINITE, merged[key]) for key in non_finite(merged)
+    )
     rank = {name: place for place, name in enumerate(order)}
 
     def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,7 +230,7 @@ def _merged(
         raised = raised_in_schema(exc)
     else:
         try:
-            values, flat = dumped(model, facts)
+            values, flat = _dumped(model, facts)
         except LeftOut as exc:  # a leaf the dump left out (``exclude_if``)
             key = str(exc.args[0])
             raise InvalidChange([Problem(key, winners.get(key, "defaults"), _LEFT_OUT)]) from None
@@ -313,11 +326,24 @@ def validate_leaves(
     """Validate a ``LeafInput``: the model, its values (JSON form, secrets revealed) and
     the same by dotted key, as ``merge_layers`` makes them, except that NaN and infinity
     are let through: the caller checks what changed with ``non_finite``. Raises
-    ``ValidationError``; ``merge_layers`` says which layer is to blame."""
+    ``ValidationError``, and ``ValueError`` for NaN or infinity given to a schema with a
+    field of ``Any`` (whose dump would hide it); ``merge_layers`` says which layer is to
+    blame."""
     facts = schema_facts(schema)
     nested = copied(leaves.nested) if facts.containers else leaves.nested  # a validator
     model = validated(schema, nested)  # may edit its input: not the layers' own lists
-    return (model, *dumped(model, facts))
+    if holds_any(schema) and non_finite(leaves.nested):
+        raise ValueError(NOT_FINITE)  # which a field of ``Any`` would dump as null
+    return (model, *_dumped(model, facts))
+
+
+def _dumped(model: BaseModel, facts: SchemaFacts) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``dumped``, with each set in one order whatever the process (``sort_sets``); the
+    flat values are the nested ones' own objects, so both are sorted."""
+    values, flat = dumped(model, facts)
+    if holds_sets(type(model)):
+        sort_sets(model, values)
+    return values, flat
 
 
 _LEFT_OUT = (

@@ -7,11 +7,15 @@ has no NaN or infinity), every string valid text (UTF-8 cannot carry a lone surr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from functools import lru_cache
-from typing import Any
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel
 
 from .errors import Problem
 from .keys import LONE_SURROGATE, is_text
@@ -104,3 +108,87 @@ def _finite(value: Any) -> bool:
     if isinstance(value, list):
         return all(_finite(v) for v in value)
     return True
+
+
+# --- sets ------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def holds_sets(annotation: Any) -> bool:
+    """Whether a value of ``annotation`` (a schema class, a field's type) may hold a set
+    anywhere in it: worked out once per type, so that a schema without one pays nothing
+    for ``sort_sets``."""
+    return _holds(annotation, _SET_TYPES, set())
+
+
+@lru_cache(maxsize=256)
+def holds_any(annotation: Any) -> bool:
+    """Whether a value of ``annotation`` may hold a value of ``Any`` (or ``object``), whose
+    JSON dump turns NaN and infinity into null where a float's keeps them."""
+    return _holds(annotation, _ANY_TYPES, set())
+
+
+_SET_TYPES: frozenset[Any] = frozenset({set, frozenset, AbstractSet})
+_ANY_TYPES: frozenset[Any] = frozenset({Any, object})
+
+
+def _holds(annotation: Any, wanted: frozenset[Any], seen: set[int]) -> bool:
+    if id(annotation) in seen:  # a model that refers to itself
+        return False
+    seen.add(id(annotation))
+    try:
+        if annotation in wanted or get_origin(annotation) in wanted:
+            return True
+    except TypeError:  # unhashable metadata of an ``Annotated``
+        return False
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        fields: list[Any] = [field.annotation for field in annotation.model_fields.values()]
+        return any(_holds(inner, wanted, seen) for inner in fields)
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        fields = [field.type for field in dataclasses.fields(annotation)]
+        return any(_holds(inner, wanted, seen) for inner in fields if not isinstance(inner, str))
+    return any(_holds(inner, wanted, seen) for inner in get_args(annotation))
+
+
+def sort_sets(value: Any, dumped: Any) -> None:
+    """Put each set's items in ``dumped`` (``value``'s JSON dump) in one order, in place.
+
+    pydantic dumps a set in its iteration order, which for text depends on the process's
+    hash seed: two daemons (two nodes, or one restarted) would send the same set as two
+    different lists, so that the ranks of one job disagree on the values and a restart
+    changes them for nothing. Only a part of ``dumped`` with ``value``'s shape is touched
+    (a serializer of the schema's may have made another)."""
+    if isinstance(value, BaseModel):
+        if isinstance(dumped, dict):
+            for name in type(value).model_fields:
+                if name in dumped:
+                    sort_sets(getattr(value, name, None), dumped[name])
+    elif isinstance(value, AbstractSet):
+        if isinstance(dumped, list) and len(dumped) == len(value):
+            dumped.sort(key=_set_order)
+    elif isinstance(value, Mapping):
+        if isinstance(dumped, dict):
+            for key, inner in value.items():
+                if isinstance(key, str) and key in dumped:
+                    sort_sets(inner, dumped[key])
+    elif isinstance(value, list | tuple):
+        if isinstance(dumped, list) and len(dumped) == len(value):
+            for inner, dumped_inner in zip(value, dumped, strict=True):
+                sort_sets(inner, dumped_inner)
+    elif dataclasses.is_dataclass(value) and isinstance(dumped, dict):
+        for field in dataclasses.fields(value):
+            if field.name in dumped:
+                sort_sets(getattr(value, field.name, None), dumped[field.name])
+
+
+def _set_order(item: Any) -> tuple[int, Any, str]:
+    """Numbers by value, then texts, then anything else by its JSON text: one total order."""
+    kind = type(item)
+    if kind is int or kind is float:
+        return (0, item, "")
+    if kind is str:
+        return (1, 0, item)
+    return (2, 0, _SORTED_ENCODER.encode(item))
+
+
+_SORTED_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
