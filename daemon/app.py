@@ -434,6 +434,7 @@ class Daemon:
             self.engine.on_etcd_snapshot(kvs, revision)
             if (self.refused.newest, self.refused.cleared) != before:
                 self._post(self.feedback.refusals_changed)
+            self._files_again()
 
     def _on_etcd_changes(self, changes: Iterable[EtcdChange]) -> None:
         if not self._started:
@@ -453,6 +454,16 @@ class Daemon:
             finally:
                 self._untaken, self._untaken_from = [], 0
             self._took(untaken)
+            self._files_again()
+
+    def _files_again(self) -> None:
+        """Under ``_lock``, after an etcd change: config files refused now are offered
+        again, as a SIGHUP does. A file value refused beside an etcd value (``band.hi``
+        below etcd's ``band.lo``) fits once etcd drops that value, and no edit of the file
+        would come to take it."""
+        engine, files = self.engine, self.files
+        if files is not None and engine is not None and engine.refusing_files:
+            self._post(self._on_files, files.state)
 
     def _take_inline(self, change: EtcdChange) -> bool:
         """A lone etcd change, on the watch thread: accept or reject it and push it here.
@@ -482,6 +493,7 @@ class Daemon:
             self.engine.on_etcd_change(change.revision, change.puts, change.deletes, hold_tail=True)
         finally:
             self._changes_inline.inc()
+        self._files_again()
 
     def _took(self, changes: Iterable[EtcdChange]) -> None:
         """The keys each of ``changes`` edited run what etcd says now, unless the engine
@@ -517,12 +529,12 @@ class Daemon:
             return
         assert self.engine is not None
         with self._lock:
-            taken = self.engine.on_files(state.files)
+            self.engine.on_files(state.files)
+            rejected = self.engine.files_rejected
         # A file that cannot be read may be in it with its last good contents: the watcher
-        # says when every file reads again (``on_readable``). Rejected, the hook said why
-        # (``_on_rejected``).
-        if taken:
-            self.feedback.config_files_problem("rejected", None)
+        # says when every file reads again (``on_readable``). What is refused now is each
+        # file's reason, which no later edit of another file leaves stale.
+        self.feedback.config_files_problem("rejected", rejected)
 
     def _on_file_error(self, path: Path, exc: Exception) -> None:
         """A config file that cannot be read (not valid YAML, gone, too deep): nothing
@@ -630,8 +642,7 @@ class Daemon:
                 self._took(untaken[start:end])
             if self.refused.refused(revision, reason, keys):
                 self._post(self.feedback.refusals_changed)
-        elif layer == "files":
-            self._post(self.feedback.config_files_problem, "rejected", reason)
+        # A files refusal: ``_on_files`` says what is refused once the edit is taken apart.
 
     def _on_still_refused(self, revision: int, reason: str, keys: tuple[str, ...]) -> None:
         """From the engine, under ``_lock``: a full read refused again etcd values this

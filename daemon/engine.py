@@ -170,9 +170,10 @@ class Engine:
         self._saved: SavedState | object | None = _NOT_READ  # the state file, read once
         self._reported = ReportedValues(app)  # refused, reported, not written since
         self._files: Files = ()  # the config files' contents in force
-        # A config file's refused contents, announced: not announced again while the file
-        # keeps them (another file's edit tries it again: ``files_apart``).
-        self._files_said: dict[Path, Hashable] = {}
+        # Each config file that has refused contents now, with those contents, announced,
+        # and why they are refused: not announced again while the file keeps them (another
+        # file's edit tries it again: ``files_apart``); gone once it no longer has them.
+        self._files_said: dict[Path, tuple[Hashable, str]] = {}
         self.files_refused: str | None = None
         """Why the config files were refused at the start, which ran on their saved
         contents instead (``_first_merge``); None if they were not."""
@@ -339,6 +340,12 @@ class Engine:
         except InvalidChange:
             raise refused from None  # the saved contents do not help: the files' reason
         self.files_refused = str(refused)
+        # Said here, and in ``status``: the next edit of another file does not say it again.
+        self._files_said = {
+            path: (fingerprint(contents), self.files_refused)
+            for path, contents in files or ()
+            if fingerprint(contents) != fingerprint(ran.get(path, {}))
+        }
         self.log.warning(
             "config_files_refused_at_start",
             reason=str(refused),
@@ -476,33 +483,59 @@ class Engine:
         """New parsed contents of the config files (the watcher has already deduplicated).
         True if they were taken whole. A file whose edit the schema refuses does not hold
         back the edits of the others (``files_apart``): theirs are taken, it keeps its
-        contents in force and its refusal is announced, with the reason, as any (once
-        while it keeps the contents refused); False then."""
+        contents in force and its refusal is announced, with its own reason, as any (once
+        while it keeps the contents refused); False then, and ``files_rejected`` says why."""
         if self._closed:
             return False
         self.finish()
-        now = tuple(files)
+        now = given = tuple(files)
         checked = self._check_files(now)
         if isinstance(checked, InvalidChange):
             apart = take_apart(self._files, now, self._files_error)
-            if not apart.taken or not apart.refused:  # nothing to take apart: refused whole
-                self._files_refused([Refused(tuple(edited_files(self._files, now)), checked, now)])
+            # Each file with its own reason, even where none is taken: a file refused and
+            # said before, unchanged, is no part of another file's refusal.
+            refused = apart.refused or (
+                Refused(tuple(edited_files(self._files, now)), checked, now),
+            )
+            self._files_refused(refused)
+            if not apart.taken:
+                self._files_still_refused(given)
                 return False
-            self._files_refused(apart.refused)
             now, checked = apart.files, self._check_files(apart.files)
             assert not isinstance(checked, InvalidChange)  # ``take_apart`` checked it
-        else:
-            self._files_said.clear()
         layer, snapshot = checked
         edited = changed_keys(self.layers["files"].values, layer.values)
         self.layers = {**self.layers, "files": layer}
-        for path in edited_files(self._files, now):
-            self._files_said.pop(path, None)
         self._files = now
+        self._files_still_refused(given)
         if self._keeper is not None:
             self._keeper.files_in_force(now)
         self._accept(snapshot, "files", self.revision, edited)
         return not self._files_said
+
+    @property
+    def refusing_files(self) -> bool:
+        """Whether some config file's contents now are refused (``files_rejected``): a
+        look-up cheap enough for every etcd change."""
+        return bool(self._files_said)
+
+    @property
+    def files_rejected(self) -> str | None:
+        """Why the config files' contents now are refused, each file that keeps its
+        contents in force instead (``on_files``); None if none does."""
+        reasons = dict.fromkeys(reason for _, reason in self._files_said.values())
+        return "; ".join(reasons) or None
+
+    def _files_still_refused(self, files: Files) -> None:
+        """Forget the refusals of the files ``files`` no longer hold refused: fixed (back
+        to the contents in force too), edited since, or taken now."""
+        now = {path: fingerprint(contents) for path, contents in files}
+        in_force = {path: fingerprint(contents) for path, contents in self._files}
+        self._files_said = {
+            path: (seen, reason)
+            for path, (seen, reason) in self._files_said.items()
+            if now.get(path) == seen and in_force.get(path) != seen
+        }
 
     def _check_files(self, files: Files) -> tuple[Layer, Snapshot] | InvalidChange:
         """The files layer of ``files`` and the configuration it makes, or why it is not
@@ -528,9 +561,10 @@ class Engine:
         for refusal in refused:
             tried = dict(refusal.tried)
             seen = {path: fingerprint(tried[path]) for path in refusal.paths}
-            if seen and all(self._files_said.get(p) == f for p, f in seen.items()):
+            said = all(self._files_said.get(p, (None,))[0] == f for p, f in seen.items())
+            self._files_said.update((p, (f, str(refusal.error))) for p, f in seen.items())
+            if seen and said:
                 continue
-            self._files_said.update(seen)
             before = tried | {path: in_force.get(path, {}) for path in refusal.paths}
             edited = changed_keys(
                 files_layer(self.schema, list(before.items())).values,
