@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hotknob.config import Unavailable, UsageError
+from hotknob.config import InvalidInput, Unavailable, UsageError
 from hotknob.config.keys import config_prefix, status_prefix
 from hotknob.config.secrecy import secret_keys
 from hotknob.model_runtime import protocol
@@ -190,6 +190,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if args.count < 0:
         raise UsageError("--count must be 0 (until Ctrl-C) or more")
     path = socket_path_for(args.app, args.socket)
+    too_long = protocol.socket_path_problem(str(path))
+    if too_long is not None:  # no daemon can listen there: "start one" would not help
+        raise InvalidInput(too_long)
     sock = _connect(path)  # no daemon at the start is an error; later, one is waited for
     watch = _Watch(args, path)
     try:

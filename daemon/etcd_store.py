@@ -49,6 +49,7 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 from pyetcd.client import EtcdTokenCallCredentials
 from pyetcd.etcdrpc import kv_pb2
+from pyetcd.transactions import BaseCompare
 
 from hotknob.config.errors import HotknobError, InvalidInput, Unavailable, UsageError
 
@@ -107,6 +108,15 @@ def _prefix_end(prefix: str) -> bytes:
 
 def _bytes(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8")
+
+
+class _LeaseIs(BaseCompare):
+    """A compare of the lease a key is on (0: none, or no such key), which the client
+    library does not offer."""
+
+    def build_compare(self, compare: Any) -> None:
+        compare.target = etcdrpc.Compare.LEASE
+        compare.lease = int(self.value)
 
 
 class EtcdStore:
@@ -352,6 +362,44 @@ class EtcdStore:
             f"put {key}", lambda c: c.put(key, _bytes(value), lease=lease), idempotent=False
         )
         return int(response.header.revision)
+
+    def put_on_lease(self, key: str, value: str | bytes, lease: int | None) -> bytes | None:
+        """Put ``key`` on ``lease`` (None: on none). Returns the value the key held if it
+        was on another lease until then (another writer's, or a stopped one's not yet
+        expired), else None. A key the lease holds already is written in one request;
+        otherwise it is read, then put (two: the value never travels twice in one)."""
+
+        def txn(c: Any) -> tuple[bool, list[Any]]:
+            t = c.transactions
+            ok, responses = c.transaction(
+                compare=[_LeaseIs(key) == (lease or 0)],
+                success=[t.put(key, _bytes(value), lease=lease)],
+                failure=[t.get(key)],
+            )
+            return bool(ok), list(responses)
+
+        ok, responses = self._call(f"put {key}", txn, idempotent=False)
+        if ok:
+            return None
+        self.put(key, value, lease=lease)
+        found = responses[0] if responses else []
+        if found and found[0][1].lease_id not in (0, lease or 0):
+            return bytes(found[0][0])
+        return None
+
+    def delete_on_lease(self, key: str, lease: int | None) -> bool:
+        """Delete ``key`` only if it is on ``lease`` (None: on none); True if it was. What
+        another writer put there since is left to it."""
+
+        def txn(c: Any) -> tuple[bool, list[Any]]:
+            t = c.transactions
+            ok, _ = c.transaction(
+                compare=[_LeaseIs(key) == (lease or 0)], success=[t.delete(key)], failure=[]
+            )
+            return bool(ok), []
+
+        ok, _ = self._call(f"delete {key}", txn, idempotent=False)
+        return bool(ok)
 
     def current_revision(self) -> int:
         """etcd's current revision (from a member status; needs no read permission)."""

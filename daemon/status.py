@@ -9,7 +9,10 @@ config_files: what is wrong with its files; see ``feedback.py``). All writes hap
 publisher's own thread: the event loop only drops the newest entry per
 client into a dict, so a slow or absent etcd never delays a change. The
 lease is kept alive every ``ttl / 3`` and re-granted if etcd lost it; on
-stop the lease is revoked, which removes every entry of this daemon at once.
+stop the lease is revoked, which removes every entry of this daemon at once. A process
+that leaves has its entry deleted only while it is on this daemon's lease: two daemons of
+one app with one node name write a process of one name at one key (``status_entry_shared``
+warns of it), and the one whose process left must not delete the other's.
 
 One entry that etcd refuses (too large for its request limit) must not hold back
 the others: an entry over ``MAX_ENTRY_BYTES`` is written without its ``metrics``
@@ -80,6 +83,7 @@ class StatusPublisher:
         self._failures = 0
         self._warned_at = float("-inf")
         self._refused: set[str] = set()  # keys whose entry etcd refused, until written again
+        self._shared: set[str] = set()  # keys found holding another daemon's process
         self.log = get_logger("hotknob.status", node=node)
 
     def key(self, client: str) -> str:
@@ -128,7 +132,9 @@ class StatusPublisher:
                     next_keepalive = time.monotonic() + self.ttl / 3
                 for key, entry in batch.items():
                     if entry is _DELETE:
-                        store.commit({}, [key])
+                        # Only its own: another daemon of this app and node may have
+                        # written a process of the same name there since.
+                        store.delete_on_lease(key, self._lease)
                         self._refused.discard(key)
                     else:
                         self._put(store, key, entry)
@@ -157,10 +163,11 @@ class StatusPublisher:
         reason = f"{len(whole)} bytes, over {MAX_ENTRY_BYTES}"
         for text in self._candidates(entry, whole):
             try:
-                store.put(key, text, lease=self._lease)
+                before = store.put_on_lease(key, text, self._lease)
             except (InvalidInput, TooLargeError) as exc:
                 reason = str(exc)
                 continue
+            self._note_shared(key, before, entry)
             if text is whole:
                 self._refused.discard(key)
             else:
@@ -178,6 +185,33 @@ class StatusPublisher:
         if left_out:
             rest = {k: v for k, v in entry.items() if k not in left_out}
             yield json.dumps({**rest, "left_out": left_out}, allow_nan=False)
+
+    def _note_shared(self, key: str, before: bytes | None, entry: Mapping[str, Any]) -> None:
+        """Warn, once per key, when ``key`` held another process's entry on another
+        daemon's lease: two daemons of one app share this node name (two on one host,
+        where ``--node`` defaults to its name), each with a process of this name. Their
+        entries overwrite each other, and ``status`` and ``set --wait`` see one process
+        where two run. The same process come back (its daemon restarted) is no such case."""
+        if before is None or key in self._shared:
+            return
+        try:
+            other = json.loads(before)
+        except ValueError:
+            return
+        if not isinstance(other, dict) or other.get("pid") == entry.get("pid"):
+            return
+        self._shared.add(key)
+        self.log.warning(
+            "status_entry_shared",
+            key=key,
+            pid=entry.get("pid"),
+            other_pid=other.get("pid"),
+            reason=(
+                "another daemon of this app and node name (or one stopped less than "
+                f"{self.ttl} s ago) has a process of the same name: their status entries "
+                "overwrite each other; give each daemon on a host its own --node"
+            ),
+        )
 
     def _refuse(self, key: str, event: str, **fields: Any) -> None:
         """Warn about ``key``'s entry once, until it is written whole again (a client
