@@ -403,14 +403,33 @@ def files_alone(
     files = by_name.get("files")
     if files is None:
         return
-    order = precedence[: list(precedence).index("files") + 1]
+    place = list(precedence).index("files") + 1
+    order = precedence[:place]
     below = [by_name[n] for n in order if n in FIXED_LAYERS and n in by_name]
     try:
         merge_layers(schema, [*below, files], order)
     except InvalidChange as exc:
+        above = [by_name[n].values for n in precedence[place:] if n in by_name]
         raise InvalidChange(
-            [dataclasses.replace(p, reason=p.reason + _ALONE_NOTE) for p in exc.problems]
+            [
+                dataclasses.replace(p, reason=p.reason + _ALONE_NOTE)
+                if _shadowed(p.key, above)
+                else p  # the note would send the reader looking for a layer that is not there
+                for p in exc.problems
+            ]
         ) from None
+
+
+def _shadowed(key: str, above: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a layer of ``above`` sets ``key``, a key under it or the section it is in
+    (any key, for a rule of the whole model: its problem has no key)."""
+    if not key:
+        return any(above)
+    for values in above:
+        for other in values:
+            if other == key or other.startswith(key + ".") or key.startswith(other + "."):
+                return True
+    return False
 
 
 def merge_dropping_invalid(

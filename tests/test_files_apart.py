@@ -135,3 +135,29 @@ def test_a_daemon_takes_a_files_edit_beside_another_file_it_refuses(tmp_path: Pa
         base.write_text("train:\n  lr: 0.07\n")
         assert client.next_update()["changed"] == {"train.lr": 0.07}
         wait_for(lambda: health(port)[1]["config_files"] == {})
+
+
+def test_the_note_on_files_checked_alone_only_where_a_layer_above_sets_the_key(
+    tmp_path: Path,
+) -> None:
+    """A review found the note "(checked without the layers above the files ...)" at
+    every start on a refused file, where no layer above set the key: it sent the reader
+    looking for a shadowing value that is not there."""
+    import pytest
+
+    from hotknob.config import InvalidChange
+
+    config = tmp_path / "config.yaml"
+    with pytest.raises(InvalidChange) as plain:
+        make_engine(tmp_path).start({}, 1, files=[(config, {"train": {"lr": -1}})])
+    assert "train.lr" in str(plain.value)
+    assert "without the layers above the files" not in str(plain.value)
+
+    # etcd sets the key: the note says why a value nobody runs now is refused.
+    events: list[dict[str, Any]] = []
+    shadowed = make_engine(tmp_path, events=events)
+    shadowed.start({"/hotknob/eng/config/train/lr": b"0.1"}, 1, files=[(config, BASE)])
+    assert not shadowed.on_files([(config, {"train": {"lr": -1}})])
+    (refused,) = rejections(events)
+    assert "without the layers above the files" in refused["problems"][0]["reason"]
+    shadowed.close()
