@@ -204,6 +204,7 @@ class Daemon:
             # Values a process never logs nor reports: of a restart-only key it holds, nor
             # in the text of a callback's or a binding's failure (``hooks``).
             secret=sorted(secrets),
+            app=ctx.app,  # a process that asked for another app refuses this daemon's values
         )
         server = self.server
         # Both locks before the state is read or written: a daemon that finds either

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -247,6 +248,7 @@ class _Watch:
         """Print ``message`` if it is for people; False once ``--count`` events are."""
         kind = message.get("type")
         if kind == protocol.SNAPSHOT:
+            self.check_app(message)
             self.say_watching(message)
         elif kind == protocol.ERROR:
             raise Unavailable(f"daemon refused: {message.get('error')}")
@@ -254,6 +256,22 @@ class _Watch:
             print(json.dumps(message) if self.args.json else _line(message), flush=True)
             self.seen += 1
         return not self.args.count or self.seen < self.args.count
+
+    def check_app(self, snapshot: dict[str, Any]) -> None:
+        """The daemon's app (its snapshot names it) is the one asked for: ``HOTKNOB_SOCKET``
+        left in a shell from another app would show that app's events as this one's. With
+        a socket given and no app asked for (no ``--app``, no ``HOTKNOB_APP``), the
+        daemon's app is shown instead."""
+        served = snapshot.get("app")
+        if not isinstance(served, str) or served == self.args.app:
+            return
+        if self.args.socket and self.args.app == "default" and not os.environ.get("HOTKNOB_APP"):
+            self.args.app = served
+            return
+        raise InvalidInput(
+            f"the daemon at {self.path} serves app {served!r}, not {self.args.app!r}: "
+            "check --socket (or HOTKNOB_SOCKET) and --app (or HOTKNOB_APP)"
+        )
 
     def say_watching(self, snapshot: dict[str, Any]) -> None:
         at = f"version {snapshot['version']} rev {snapshot['revision']}"

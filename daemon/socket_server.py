@@ -149,11 +149,13 @@ class SocketServer:
         hello_timeout: float | None = None,
         restart_only: Iterable[str] = (),
         secret: Iterable[str] = (),
+        app: str | None = None,
     ):
         """``hello_timeout``: ``DEFAULT_HELLO_TIMEOUT_S`` if None, read when the server is
         made (a test's daemon sets it before). ``restart_only`` and ``secret`` (the keys the
-        schema keeps secret) are named in each snapshot."""
+        schema keeps secret), and ``app``, are named in each snapshot."""
         self._path = Path(path)
+        self._app = app
         self._restart_only = sorted(restart_only)
         self._secret = sorted(secret)
         self._current = current
@@ -715,6 +717,7 @@ class SocketServer:
                         target.sources,
                         self._restart_only,
                         self._secret,
+                        self._app,
                     )
                 else:
                     changed = changed_keys(sent.flat, target.flat)

@@ -163,10 +163,16 @@ class LiveConfig:
         client: str,
         hello_extra: Mapping[str, Any],
         sync: StepSync | None = None,
+        app: str | None = None,
     ) -> None:
-        """Use ``connect``; this only prepares the object and starts nothing."""
+        """Use ``connect``; this only prepares the object and starts nothing. ``app``: the
+        app asked for, if one was; a daemon of another app is refused."""
         self._path = path
         self._client = client
+        self._app = app
+        # Why the daemon at the other end is refused (it serves another app), else None:
+        # none of its states is taken while it is.
+        self._wrong_app: str | None = None
         self._sync = sync
         self._pending: State | None = None
         self._applied = NOTHING
@@ -271,7 +277,7 @@ class LiveConfig:
         if problem is not None:
             raise ValueError(problem)
         path = _absolute(path)
-        live = cls(path, name, hello_extra, sync)
+        live = cls(path, name, hello_extra, sync, app=app or os.environ.get("HOTKNOB_APP"))
         try:
             given = socket is not None or bool(os.environ.get("HOTKNOB_SOCKET"))
             live._start(timeout, app_name, given=given)
@@ -285,14 +291,17 @@ class LiveConfig:
         ``HOTKNOB_SOCKET`` named it)."""
         sync, path = self._sync, self._path
         self._conn.start()
-        got_state = self._first_state.wait(timeout)
+        got_state = self._first_state.wait(timeout) and self._wrong_app is None
         everyone = got_state if sync is None else sync.all_true(got_state)
         if not everyone:
             # Under a group every rank is here: which ranks got nothing is one more
             # collective, so that each names them.
             silent = sync.ranks_without(got_state) if sync is not None else []
             reason = self._conn.last_error
+            wrong_app = self._wrong_app
             self.close()
+            if wrong_app is not None:  # at once: waiting would not make it another app's
+                raise ValueError(wrong_app)
             if got_state:  # this rank's daemon answered; another rank's did not
                 raise DaemonUnavailable(
                     f"rank(s) {', '.join(map(str, silent))} got no snapshot from their "
@@ -823,6 +832,14 @@ class LiveConfig:
 
     def _on_message(self, message: Mapping[str, Any], is_snapshot: bool) -> None:
         if is_snapshot:
+            served = message.get("app")
+            if self._app is not None and isinstance(served, str) and served != self._app:
+                self._refuse_app(served)
+                return
+            self._wrong_app = None
+        elif self._wrong_app is not None:
+            return  # an update of the daemon refused at its snapshot
+        if is_snapshot:
             self._restart_only = protocol.restart_only_keys(message)
             self._secret = protocol.secret_keys(message)
             self._hooks.secret = self._secret  # a failure's text masks their values
@@ -830,6 +847,21 @@ class LiveConfig:
         if self._restart_only:
             state = self._hold(state)
         self._receive(state, is_snapshot)
+
+    def _refuse_app(self, served: str) -> None:
+        """The daemon at the socket serves another app than the one asked for (a
+        ``HOTKNOB_SOCKET`` left from another job): none of its values may reach this
+        process. ``connect`` raises at once; after it, the values in force stay and the
+        connection's states are dropped until a daemon of the app asked for answers."""
+        said = self._wrong_app is not None
+        self._wrong_app = (
+            f"the hotknob daemon at {self._path} serves app {served!r}, not {self._app!r}: "
+            "check socket= (or HOTKNOB_SOCKET) and app= (or HOTKNOB_APP)"
+        )
+        if not self._first_state.is_set():
+            self._first_state.set()  # ``connect`` says why, without waiting for its timeout
+        elif not said:
+            log.error("live_wrong_app %s; the values in force stay", self._wrong_app)
 
     def _hold(self, state: State) -> State:
         """``state`` with each restart-only key at the value this process runs, once it has

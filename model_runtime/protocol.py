@@ -331,12 +331,13 @@ def snapshot(
     sources: Mapping[str, str],
     restart_only: Sequence[str] = (),
     secret: Sequence[str] = (),
+    app: str | None = None,
 ) -> dict[str, Any]:
     """The whole state; ``restart_only``, the schema's restart-only keys, if it has any: a
     process holds each at the value it started with (``LiveConfig``), so that a restarted
     daemon does not hand a running process a value only a restart may bring. ``secret``,
     those of them the schema keeps secret: a process that says it holds one does not log
-    its values."""
+    its values. ``app``: the daemon's app, which a client asked for another refuses."""
     message = {
         "type": SNAPSHOT,
         "version": version,
@@ -344,6 +345,8 @@ def snapshot(
         "values": values,
         "sources": sources,
     }
+    if app is not None:
+        message["app"] = app
     if restart_only:
         message["restart_only"] = list(restart_only)
     if secret:

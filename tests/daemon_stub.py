@@ -39,8 +39,10 @@ class DaemonStub:
         version: int = 1,
         restart_only: tuple[str, ...] = (),
         secret: tuple[str, ...] = (),
+        app: str | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        self.app = app  # named in each snapshot, as a daemon names its app
         self.restart_only = restart_only  # named in each snapshot
         self.secret = secret  # likewise: those of them a process must not log
         self.values: dict[str, Any] = dict(values)
@@ -180,5 +182,6 @@ class DaemonStub:
                         sources,
                         self.restart_only,
                         self.secret,
+                        self.app,
                     )
                     sock.sendall(protocol.encode(snap))
