@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -111,9 +112,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         status_ttl=args.status_ttl,
         status_every=args.status_every,
     )
-    if args.node:
+    if args.node is not None:
+        if not _NODE_NAME.fullmatch(args.node):
+            raise UsageError(
+                f"--node {args.node[:60]!r}: a node name is 1 to 253 letters, digits, '.', '_' "
+                "or '-', starting with a letter or digit, as a host name is (it is the "
+                "<node> of the status keys /hotknob/<app>/status/<node>/<client>)"
+            )
         options.node = args.node
     return run_daemon(ctx, static_layers(ctx, args), options)
+
+
+# One segment of the status keys: a ``/`` in it would make ``<node>/<client>`` ambiguous.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 
 def _connect(path: Path, timeout: float = 3.0) -> socket.socket:

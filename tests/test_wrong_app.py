@@ -20,7 +20,7 @@ import pytest
 
 from hotknob.model_runtime import LiveConfig
 
-from .daemon_proc import DaemonProcess, hotknob_cmd
+from .daemon_proc import DaemonProcess, hotknob_cmd, run_cli
 from .daemon_stub import DaemonStub
 from .test_state_dir import wait_for
 
@@ -97,3 +97,14 @@ def test_watch_refuses_a_daemon_of_another_app(tmp_path: Path) -> None:
         finally:
             shown.kill()
             shown.communicate()
+
+
+@pytest.mark.parametrize("node", ["x/y", "../..", "a b", "", ".n", "n\n1", "n" * 254])
+def test_run_refuses_a_node_name_that_is_no_key_segment(tmp_path: Path, node: str) -> None:
+    """The same review: ``--node x/y`` started, and its processes' ``<node>/<client>``
+    names could no longer be told apart."""
+    sock = str(tmp_path / "t.sock")
+    done = run_cli("run", "--app", "t", "--node", node, "--socket", sock, timeout=15)
+    assert done.returncode == 2, done
+    assert "a node name is 1 to 253 letters" in done.stderr
+    assert not (tmp_path / "t.sock").exists()
