@@ -31,7 +31,7 @@ from .model_check import (
 )
 from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
 from .raised import SCHEMA_FAULTS, raised_in_schema
-from .schema import holds_bool_for_number
+from .schema import by_field_names, holds_bool_for_number
 from .schema_facts import LeftOut, SchemaFacts, schema_facts, types_inside
 from .sendable import (
     NOT_FINITE,
@@ -188,7 +188,8 @@ def _merged(
         all_leaves = False
         for key, value in values.items():
             if not is_known(key):
-                problems.append(Problem(key, name, not_a_key(key, value, leaves), value))
+                why = not_a_key(key, value, leaves, by_field_names(schema, key))
+                problems.append(Problem(key, name, why, value))
                 continue
             merged[key] = value
             winners[key] = name

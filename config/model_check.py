@@ -225,9 +225,15 @@ def problems_besides(
     return []
 
 
-def not_a_key(key: str, value: Any, leaves: frozenset[str]) -> str:
+def not_a_key(key: str, value: Any, leaves: frozenset[str], named: str | None = None) -> str:
     """Why ``key``, which names no leaf, is refused: a section given a value (``train: 5``,
-    or ``train:`` with every key under it commented out) is said to be one."""
+    or ``train:`` with every key under it commented out) is said to be one, and an alias
+    (``named``: the key by its fields' names, ``schema.by_field_names``) is named."""
+    if named is not None:
+        return (
+            f"not a key of the schema: an alias of {named} (keys are the fields' names, "
+            f"in every layer: write {named})"
+        )
     below = sorted(leaf for leaf in leaves if leaf.startswith(key + "."))
     if not below:
         return "not a key of the schema"

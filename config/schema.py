@@ -88,6 +88,42 @@ def is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
     )
 
 
+def by_field_names(model: type[BaseModel], key: str) -> str | None:
+    """``key`` with the aliases in it (``Field(alias=...)``, a ``validation_alias`` or one
+    of its choices) read as their fields' names, if it has one and names a field or a
+    section then; else None. Keys are the fields' names in every layer: this only tells a
+    user who wrote an alias which name to write."""
+    parts, names = key.split("."), []
+    section: type[BaseModel] | None = model
+    aliased = False
+    for part in parts:
+        if section is None:
+            return None
+        fields = section.model_fields
+        if part in fields:
+            name = part
+        else:
+            name = next((n for n, f in fields.items() if part in _aliases(f)), "")
+            if not name:
+                return None
+            aliased = True
+        names.append(name)
+        annotation = fields[name].annotation
+        section = annotation if is_section(annotation) else None
+    return ".".join(names) if aliased else None
+
+
+def _aliases(field: FieldInfo) -> set[str]:
+    found = {field.alias} if isinstance(field.alias, str) else set()
+    given = field.validation_alias
+    if isinstance(given, str):
+        found.add(given)
+    for choice in getattr(given, "choices", ()):  # ``AliasChoices``
+        if isinstance(choice, str):
+            found.add(choice)
+    return found
+
+
 def _is_live(field: FieldInfo) -> bool:
     extra = field.json_schema_extra
     return not (isinstance(extra, dict) and extra.get("live") is False)
