@@ -456,6 +456,14 @@ class Daemon:
                 self._untaken, self._untaken_from = [], 0
             self._took(untaken)
             self._files_again()
+        self._guarded_keys_written(changes)
+
+    def _guarded_keys_written(self, changes: list[EtcdChange]) -> None:
+        """After etcd changes: a guard whose keys they wrote ends now (``on_config_changes``),
+        on the loop. Nothing to do, at the cost of one look-up, while no guard is armed."""
+        guards = self.guards
+        if guards is not None and guards.armed:
+            self._post(guards.on_config_changes, changes)
 
     def _files_again(self) -> None:
         """Under ``_lock``, after an etcd change: config files refused now are offered
@@ -495,6 +503,7 @@ class Daemon:
         finally:
             self._changes_inline.inc()
         self._files_again()
+        self._guarded_keys_written([change])
 
     def _took(self, changes: Iterable[EtcdChange]) -> None:
         """The keys each of ``changes`` edited run what etcd says now, unless the engine

@@ -77,7 +77,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from hotknob.config import HotknobError, restart_only_keys
-from hotknob.config.keys import status_prefix
+from hotknob.config.keys import etcd_key, key_from_etcd, status_prefix
 from hotknob.config.schema import restart_only_written
 
 from .announce import EventSink
@@ -90,6 +90,7 @@ from .guard_records import (
     ABANDONED,
     ARMED,
     PASSED,
+    SUPERSEDED,
     GuardRecord,
     guard_key,
     guards_prefix,
@@ -670,6 +671,37 @@ class GuardManager:
             "the change altered no value in force (its values were already in force, "
             "or a higher layer holds its keys): nothing to judge"
         )
+
+    @property
+    def armed(self) -> bool:
+        """Whether any guard is armed here: read on the etcd watch thread, for each change."""
+        return bool(self._active)
+
+    def on_config_changes(self, changes: Collection[EtcdChange]) -> None:
+        """On the loop, after the engine had ``changes``: a guard whose keys one of them
+        wrote (another ``set``, an ``unset``, a ``rollback``, an ``etcdctl put``) judges a
+        value no longer in etcd, and ends ``superseded`` now rather than at its verdict.
+        Every daemon of the app tries; the ending's transaction lets one of them."""
+        for guard_id, active in list(self._active.items()):
+            if active.busy:  # ending already (its own revert is one of these changes)
+                continue
+            for change in changes:
+                if change.revision <= active.revision:
+                    continue
+                written = {
+                    key_from_etcd(self.app, path) for path in (*change.puts, *change.deletes)
+                }
+                hit = sorted(key for key in active.record.keys if key in written)
+                if hit:
+                    outcome = {
+                        "reason": (
+                            f"the guarded keys were changed since ({', '.join(hit)} at "
+                            f"revision {change.revision}): the guard judges them no more"
+                        ),
+                        "changed": {etcd_key(self.app, key): change.revision for key in hit},
+                    }
+                    self._ending.finish(guard_id, active, SUPERSEDED, outcome)
+                    break
 
     def on_revision_unchanged(self, revision: int) -> None:
         """etcd's ``revision`` changed no value in force: a guarded change at or before it

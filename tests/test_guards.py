@@ -408,6 +408,33 @@ def test_a_change_made_after_the_guarded_one_wins_over_the_guard(
         assert event["guard"] == out["guard"] and "changed since" in event["reason"]
 
 
+def test_a_guard_stands_down_as_soon_as_its_keys_are_written_again(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """It judged the overwritten value until its verdict: ``status`` showed it armed for the
+    whole window, watching a change that no longer ran."""
+    with (
+        DaemonProcess(tmp_path, endpoints=etcd.endpoint) as daemon,
+        RawClient(daemon.socket_path, "c1") as client,
+    ):
+        client.send({"type": "applied", "version": client.snapshot["version"], "step": 0})
+        out = guarded_set(etcd, "train.lr=0.5", "--guard", "loss < 3", "--window", "1000")
+        update = client.next_update()
+        client.send({"type": "applied", "version": update["version"], "step": 1})
+        wait_for("the guard to be armed", lambda: daemon.events("guard_armed"))
+        etcd.etcdctl("put", P + "train/momentum", "0.5")  # another key: the guard goes on
+        assert client.next_update()["changed"] == {"train.momentum": 0.5}
+        assert [r["state"] for r in guard_records(etcd)] == ["armed"]
+        etcd.etcdctl("put", P + "train/lr", "0.25")  # no report comes, none is needed
+        (event,) = wait_for("the guard to stand down", lambda: daemon.events("guard_superseded"))
+        assert event["guard"] == out["guard"]
+        (record,) = guard_records(etcd)
+        assert record["state"] == "superseded" and record["id"] == out["guard"]
+        revision = kv(etcd, P + "train/lr")[1]
+        assert f"(train.lr at revision {revision})" in record["outcome"]["reason"]
+        assert not daemon.events("change_reverted")
+
+
 def test_a_revert_deletes_an_old_value_the_daemon_had_rejected(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
