@@ -48,11 +48,18 @@ DEFAULT_PRECEDENCE: tuple[str, ...] = LAYERS
 
 
 def parse_precedence(text: str | Sequence[str]) -> tuple[str, ...]:
-    """``"defaults,files,etcd,env,cli"`` -> a tuple, lowest first; every layer exactly once."""
+    """``"defaults,files,etcd,env,cli"`` -> a tuple, lowest first; every layer exactly once,
+    ``defaults`` first: it gives every key that has a default, so a layer below it could
+    never win (a live edit there would change nothing, without a word)."""
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     if sorted(names) != sorted(LAYERS) or len(set(names)) != len(names):
         raise UsageError(
             f"--precedence must name each of {','.join(LAYERS)} exactly once, got {','.join(names)}"
+        )
+    if names[0] != "defaults":
+        raise UsageError(
+            f"--precedence must start with defaults (the lowest layer: every layer below it "
+            f"would be shadowed for good), got {','.join(names)}"
         )
     return tuple(names)
 

@@ -32,6 +32,7 @@ from hotknob.config.keys import config_prefix
 from hotknob.config.merge import files_alone, merge_dropping_invalid
 from hotknob.model_runtime.protocol import APP_NAME, APP_NAME_RULE
 
+from .etcd_checks import shadowed_by_files
 from .etcd_store import EtcdOptions, EtcdStore
 from .guard_lang import escaped
 
@@ -155,7 +156,14 @@ def current_snapshot(ctx: Context, args: argparse.Namespace) -> tuple[Snapshot, 
     more saying that a daemon that ran those keys keeps what it ran (``Engine``'s
     ``_merge_sanitized``), which this command cannot see."""
     layers, _, revision = read_all_layers(ctx, args)
+    # An etcd value the config files shadow from above (``--precedence`` with the files
+    # over etcd) and would refuse once they drop its key: the daemon refuses it too.
+    under = shadowed_by_files(ctx.schema, ctx.precedence, layers)
+    if under:
+        keys = [p.key for p in under]
+        layers = [layer.without(keys) if layer.name == "etcd" else layer for layer in layers]
     snapshot, dropped = merge_dropping_invalid(ctx.schema, layers, ctx.precedence)
+    dropped = [*under, *dropped]
     warn_dropped(dropped)
     if dropped:
         print(

@@ -79,6 +79,7 @@ from hotknob.config.sendable import MAX_STATE_BYTES, entry_bytes, non_finite, no
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink
+from .etcd_checks import shadowed_by_files
 from .file_watcher import fingerprint
 from .files_apart import Files, Refused, edited_files, take_apart
 from .full_read import merge_full_read
@@ -166,6 +167,7 @@ class Engine:
         # measured when a merge is accepted, spent by the short path by each change's JSON.
         self._room = 0
         self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
+        self._files_above_etcd = "files" in self._above_etcd
         self._closed = False
         self._saved: SavedState | object | None = _NOT_READ  # the state file, read once
         self._reported = ReportedValues(app)  # refused, reported, not written since
@@ -852,6 +854,17 @@ class Engine:
                 self._announce.rejected("etcd", revision, self.version, exc, dropped, self._flat)
 
         others = [layer for name, layer in self.layers.items() if name != "etcd"]
+        if self._files_above_etcd:
+            under = shadowed_by_files(self.schema, self.precedence, [*others, candidate])
+            if under:
+                announce(InvalidChange(under), under)
+                keys = [p.key for p in under]
+                back = {key: kept[key] for key in keys if kept and key in kept}
+                rest = candidate.without(keys)
+                origins = {key: candidate.origins.get(key, "kept") for key in back}
+                candidate = Layer(
+                    "etcd", {**rest.values, **back}, {**rest.origins, **origins}, rest.problems
+                )
         layer, snapshot = merge_full_read(
             self.schema,
             others,
@@ -873,6 +886,11 @@ class Engine:
         layers[candidate.name] = candidate
         try:
             snapshot = merge_layers(self.schema, layers.values(), self.precedence)
+            if candidate.name == "etcd" and self._files_above_etcd:
+                under = shadowed_by_files(self.schema, self.precedence, list(layers.values()))
+                under = [p for p in under if p.key in edited]  # not a value it holds already
+                if under:
+                    raise InvalidChange(under)
         except InvalidChange as exc:
             rejected = self._announce.rejected
             self._in_order(

@@ -7,12 +7,13 @@ shadow it now.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel
 
 from hotknob.config import InvalidChange, Layer, Problem, merge_layers
-from hotknob.config.merge import Snapshot
+from hotknob.config.merge import Snapshot, merge_dropping_invalid
 
 _BELOW_SHADOWING = ("defaults", "files")
 
@@ -30,6 +31,52 @@ def validate_etcd_state(
     snapshot = merge_layers(schema, [*others, candidate], precedence)
     shadowed = [k for k in new_etcd if snapshot.shadowing("etcd", k) is not None]
     return snapshot, shadowed
+
+
+def files_below_etcd(precedence: Sequence[str]) -> tuple[str, ...] | None:
+    """``precedence`` with the files layer moved just below etcd, if it is above it (the
+    order ``defaults,etcd,files,env,cli``); None if it is not."""
+    order = list(precedence)
+    if order.index("files") < order.index("etcd"):
+        return None
+    order.remove("files")
+    order.insert(order.index("etcd"), "files")
+    return tuple(order)
+
+
+_UNDER_FILES_NOTE = (
+    " (shadowed by the config files, which lie above etcd in --precedence: it would take"
+    " effect once the files no longer set that key)"
+)
+
+
+def shadowed_by_files(
+    schema: type[BaseModel], precedence: Sequence[str], layers: Sequence[Layer]
+) -> list[Problem]:
+    """The etcd keys of ``layers`` that are invalid under the files layer that shadows them,
+    where the order puts the files above etcd: empty otherwise.
+
+    The files are live: an edit that drops a key brings the etcd value under it into
+    force, and the daemon would then refuse that valid edit of the files for a value nobody
+    saw in force. So the daemon refuses such an etcd value as it comes, as ``set`` does
+    (``rejected_on_top``). Checked with the files just below etcd; the layers above etcd
+    that are set for good (env, ``--set``) keep shadowing it, as in the default order.
+    """
+    order = files_below_etcd(precedence)
+    files = next((layer.values for layer in layers if layer.name == "files"), None)
+    if order is None or not files:
+        return []
+    try:
+        _, dropped = merge_dropping_invalid(schema, layers, order)
+    except InvalidChange:  # the other layers in that order: no fault of etcd's
+        return []
+    # Only what the files shadow: a value refused in the order as given is refused there.
+    return [
+        replace(p, reason=p.reason + _UNDER_FILES_NOTE)
+        for p in dropped
+        if not p.key
+        or any(k == p.key or k.startswith(p.key + ".") or p.key.startswith(k + ".") for k in files)
+    ]
 
 
 def rejected_on_top(
