@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
@@ -31,12 +32,13 @@ from .model_check import (
 )
 from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
 from .raised import SCHEMA_FAULTS, raised_in_schema
-from .schema import by_field_names, holds_bool_for_number
+from .schema import by_field_names, holds_bool_for_number, restart_only_keys
 from .schema_facts import LeftOut, SchemaFacts, schema_facts, types_inside
 from .sendable import (
     NOT_FINITE,
     holds_any,
     holds_sets,
+    listed_bytes,
     non_finite,
     not_text_problems,
     oversized,
@@ -272,7 +274,7 @@ def _merged(
     if problems:  # a schema that allows NaN or infinity: no client could be sent it
         raise InvalidChange(problems)
     try:
-        too_large = oversized(values, flat, winners)
+        too_large = oversized(values, flat, winners, _listed(schema))
     except UnicodeEncodeError:  # a lone surrogate, which UTF-8 cannot carry to a client
         raise InvalidChange(not_text_problems(flat, winners)) from None
     if too_large is not None:
@@ -343,6 +345,13 @@ def validate_leaves(
     if holds_any(schema) and non_finite(leaves.nested):
         raise ValueError(NOT_FINITE)  # which a field of ``Any`` would dump as null
     return (model, *_dumped(model, facts))
+
+
+@lru_cache(maxsize=64)
+def _listed(schema: type[BaseModel]) -> int:
+    """The bytes a snapshot names ``schema``'s restart-only and secret keys in, once more
+    beside its values (``listed_bytes``): worked out once per schema."""
+    return listed_bytes(restart_only_keys(schema), schema_facts(schema).secrets)
 
 
 def _dumped(model: BaseModel, facts: SchemaFacts) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,8 +1,9 @@
 """What a state must be for the socket protocol to carry it to the clients.
 
 The merge (``merge.merge_layers``) and the engine's short path check every accepted state
-against these: its values as JSON within ``MAX_STATE_BYTES``, every number finite (JSON
-has no NaN or infinity), every string valid text (UTF-8 cannot carry a lone surrogate).
+against these: its values as JSON within ``MAX_STATE_BYTES`` and, with its dotted keys, within
+one protocol line (``oversized``), every number finite (JSON has no NaN or infinity), every
+string valid text (UTF-8 cannot carry a lone surrogate).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from functools import lru_cache
 from typing import Any, get_args, get_origin
@@ -55,22 +56,83 @@ def _entry_frame_bytes(key: str) -> int:
     return state_bytes({key: None}) - 4
 
 
+LINE_BYTES = 1024 * 1024
+"""``protocol.MAX_LINE_BYTES``, the longest line of the socket protocol (``config`` does not
+import the runtime's modules)."""
+LINE_FRAME_BYTES = 4096
+"""What a ``snapshot`` or ``update`` line holds beside the values and the dotted keys: its
+type, version, revision and app, with room to spare."""
+
+
 def oversized(
-    values: Mapping[str, Any], flat: Mapping[str, Any], winners: Mapping[str, str]
+    values: Mapping[str, Any],
+    flat: Mapping[str, Any],
+    winners: Mapping[str, str],
+    listed: int = 0,
 ) -> tuple[str, str] | None:
-    """None if ``values`` fit in ``MAX_STATE_BYTES``; else the key to blame and why the state
-    cannot be sent: the largest value a layer other than the defaults set (a live one can
-    drop it), else the largest value."""
+    """None if the state can be sent; else the key to blame and why not: the largest value
+    a layer other than the defaults set (a live one can drop it), else the largest value.
+
+    It can be sent if ``values`` fit in ``MAX_STATE_BYTES`` and its longest protocol line
+    fits in ``LINE_BYTES``: a ``snapshot`` names every dotted key beside the values (with
+    its layer), and an ``update`` to a client sent an older state may too (with its
+    value). Many keys with long dotted names take more than the values themselves (20,000
+    keys of 70 characters: 1.7 MB, for 0.2 MB of values). ``listed``: the bytes a snapshot
+    names the schema's restart-only and secret keys in (``listed_bytes``)."""
     size = state_bytes(values)
     if size <= MAX_STATE_BYTES:
-        return None
+        # A bound first, without encoding the keys (a few microseconds more at each merge
+        # otherwise): a character of a key takes at most 6 bytes as JSON (``\u0001``), and
+        # its quotes, its layer or the punctuation around its value 16 more; its value
+        # is in ``size``.
+        frame = LINE_FRAME_BYTES + listed
+        if 2 * size + sum(6 * len(key) + 16 for key in flat) + frame <= LINE_BYTES:
+            return None
+        keyed = keyed_bytes(flat)
+        line = size + keyed + frame
+        if line <= LINE_BYTES:
+            return None
+        why = (
+            f"makes a protocol line of the configuration {line} bytes: its values take {size} "
+            f"bytes as JSON and its {len(flat)} keys by dotted name {keyed} more, over the "
+            f"{LINE_BYTES} that one line of the socket protocol carries"
+        )
+    else:
+        why = (
+            f"makes the configuration {size} bytes as JSON, over the {MAX_STATE_BYTES} that "
+            "the socket protocol carries"
+        )
     sizes = {key: state_bytes({"": value}) for key, value in flat.items()}
     given = [key for key in sizes if winners.get(key, "defaults") != "defaults"]
     key = max(given or sizes, key=sizes.__getitem__)
-    return key, (
-        f"makes the configuration {size} bytes as JSON, over the {MAX_STATE_BYTES} that "
-        f"the socket protocol carries (this value: {sizes[key]} bytes)"
-    )
+    return key, f"{why} (this value: {sizes[key]} bytes)"
+
+
+def keyed_bytes(flat: Mapping[str, Any]) -> int:
+    """The most a protocol line takes for the dotted keys beside the values: a snapshot's
+    ``sources`` (each key with its layer; ``defaults`` is the longest name), or an update's
+    ``changed`` that holds every key (each with its value)."""
+    return max(state_bytes(dict.fromkeys(flat, "defaults")), state_bytes(flat))
+
+
+def listed_bytes(restart_only: Iterable[str], secret: Iterable[str]) -> int:
+    """What a snapshot's ``restart_only`` and ``secret`` lists take: each key once more."""
+    # ASCII escapes: at least as long as the UTF-8 the line carries them in.
+    return len(json.dumps(sorted(restart_only))) + len(json.dumps(sorted(secret)))
+
+
+def room(values: Mapping[str, Any], flat: Mapping[str, Any], listed: int = 0) -> int:
+    """How many bytes of JSON the values of a state that ``oversized`` passed may grow by
+    with the same keys (a change taken without a whole merge) and still be sent: each byte
+    adds one to the values and, at worst, one to an update's ``changed``."""
+    size = state_bytes(values)
+    free = LINE_BYTES - LINE_FRAME_BYTES - listed - size  # what the line leaves the keys
+    # A bound of ``keyed_bytes`` first, without encoding the keys (as ``oversized``): the
+    # exact count only where the line, not ``MAX_STATE_BYTES``, may be what limits.
+    keyed = size + sum(6 * len(key) + 16 for key in flat)
+    if (free - keyed) // 2 < MAX_STATE_BYTES - size:
+        keyed = keyed_bytes(flat)
+    return max(0, min(MAX_STATE_BYTES - size, (free - keyed) // 2))
 
 
 def not_text_problems(flat: Mapping[str, Any], winners: Mapping[str, str]) -> list[Problem]:

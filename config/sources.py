@@ -76,9 +76,10 @@ def defaults_layer(schema: type[BaseModel]) -> Layer:
     made or turned into JSON (its factory raised): the schema itself is broken."""
     values: dict[str, Any] = {}
     secrets = secret_keys(schema)
+    sections: dict[tuple[str, ...], Any] = {}  # each section's default, made once
     for leaf in iter_leaves(schema):
         try:
-            default = schema_code(_leaf_default, schema, leaf.key.split("."))
+            default = schema_code(_leaf_default, schema, leaf.key.split("."), sections)
             if default is not _ABSENT:
                 # Secrets as their values, not their "****" rendering (also inside a model).
                 values[leaf.key] = schema_code(revealed, default)
@@ -95,18 +96,29 @@ def defaults_layer(schema: type[BaseModel]) -> Layer:
 _ABSENT: Any = object()
 
 
-def _leaf_default(schema: type[BaseModel], path: list[str]) -> Any:
-    """The default of the leaf at ``path``; ``_ABSENT`` if pydantic makes none by itself."""
+def _leaf_default(
+    schema: type[BaseModel], path: list[str], sections: dict[tuple[str, ...], Any]
+) -> Any:
+    """The default of the leaf at ``path``; ``_ABSENT`` if pydantic makes none by itself.
+    ``sections``: the defaults of the sections made so far, by path, made once each (a
+    section's default is a copy each time it is made: once per leaf, a section of
+    thousands of leaves took seconds)."""
     model: Any = schema
     made: Any = _ABSENT  # the default of the section reached so far, once one has one
-    for part in path:
+    for depth, part in enumerate(path, 1):
         field = model.model_fields[part]
         if made is not _ABSENT:  # what the section's default holds, if it holds it
             made = made.get(part, _ABSENT) if isinstance(made, Mapping) else getattr(made, part)
         if made is _ABSENT:  # else the field's own default (a section's, inside a dict)
             if field.is_required() or getattr(field, "default_factory_takes_validated_data", False):
                 return _ABSENT
-            made = field.get_default(call_default_factory=True)
+            if depth < len(path):
+                key = tuple(path[:depth])
+                if key not in sections:
+                    sections[key] = field.get_default(call_default_factory=True)
+                made = sections[key]
+            else:
+                made = field.get_default(call_default_factory=True)
         model = field.annotation
     return made
 

@@ -148,6 +148,9 @@ def _describe(event: dict[str, Any]) -> str:
             f"{k}={fmt(v)} (was {fmt(event.get('old', {}).get(k))})"
             for k, v in event.get("changed", {}).items()
         )
+        more = (event.get("unlisted") or {}).get("keys")
+        if more:  # a change too large for one line of the protocol (``event_cut``)
+            changes += f" and {more} more keys"
         return (
             f"{when} accepted v{event.get('version')} rev {event.get('revision')} "
             f"[{event.get('layer')}] {changes}"

@@ -75,7 +75,14 @@ from hotknob.config.merge import (
 )
 from hotknob.config.schema import iter_leaves
 from hotknob.config.schema_facts import schema_facts
-from hotknob.config.sendable import MAX_STATE_BYTES, entry_bytes, non_finite, not_text, state_bytes
+from hotknob.config.sendable import (
+    entry_bytes,
+    listed_bytes,
+    non_finite,
+    not_text,
+    room,
+    state_bytes,
+)
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink
@@ -163,9 +170,11 @@ class Engine:
         self._fast_keys: frozenset[str] = frozenset()  # leaves no layer above etcd sets
         # ``_take_lone_put``: the etcd paths of ``_fast_keys`` it met, with key and check.
         self._ways: dict[str, tuple[str, LeafCheck]] = {}
-        # How many bytes of JSON the state may still grow by before ``MAX_STATE_BYTES``:
+        # How many bytes of JSON the state may still grow by and still be sent (``room``):
         # measured when a merge is accepted, spent by the short path by each change's JSON.
         self._room = 0
+        # What a snapshot names the restart-only and secret keys in: room taken from the line.
+        self._listed = listed_bytes(restart_only, schema_facts(schema).secrets)
         self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
         self._files_above_etcd = "files" in self._above_etcd
         self._closed = False
@@ -296,7 +305,7 @@ class Engine:
         published = self._published(snapshot, revision)
         self.revision = revision  # what later changes of any layer are published at
         self.snapshot, self.current, self._flat = snapshot, published, dict(published.flat)
-        self._room = MAX_STATE_BYTES - state_bytes(snapshot.values)
+        self._room = room(snapshot.values, snapshot.flat, self._listed)
         if self._keeper is not None:
             # Before anything is served: the file no longer says "clean", and the ceiling
             # covers this version.
@@ -930,7 +939,7 @@ class Engine:
                 self._run_after_push()
             return
         before, self._flat = self._flat, flat
-        self._room = MAX_STATE_BYTES - state_bytes(snapshot.values)
+        self._room = room(snapshot.values, snapshot.flat, self._listed)
         self.version += 1
         self.snapshot = snapshot
         self._after_push.append(

@@ -51,8 +51,8 @@ What is guaranteed:
 
 Log events: ``socket_listening``, ``stale_socket_removed``, ``client_connected``,
 ``client_renamed``, ``client_disconnected``, ``client_refused``, ``client_error``,
-``applied_unknown_version``, ``accept_failed``, ``callback_failed``, ``event_dropped``,
-``publish_out_of_order``, ``socket_closed``, ``client_errors_not_logged``.
+``applied_unknown_version``, ``accept_failed``, ``callback_failed``, ``event_cut``,
+``event_dropped``, ``publish_out_of_order``, ``socket_closed``, ``client_errors_not_logged``.
 """
 
 from __future__ import annotations
@@ -375,8 +375,12 @@ class SocketServer:
         try:
             data = protocol.encode({**event, "type": protocol.EVENT})
         except protocol.ProtocolError as exc:
-            self._log.error("event_dropped", error=str(exc))
-            return
+            fitted = _fitted_event(event)
+            if fitted is None:
+                self._log.error("event_dropped", error=str(exc))
+                return
+            data = fitted
+            self._log.warning("event_cut", event_name=event.get("event"), error=str(exc))
         for conn in watching:
             if conn.closing:
                 continue
@@ -762,6 +766,50 @@ class SocketServer:
                 return
             with contextlib.suppress(protocol.ProtocolError):
                 conn.write(self._message_for(conn.last_sent, target))
+
+
+_KEYED_EVENT_FIELDS = ("changed", "new", "old")
+"""An event's fields that map dotted keys to values: as many keys as a change touched."""
+
+
+def _fitted_event(event: Mapping[str, Any]) -> bytes | None:
+    """``event`` as one line within ``protocol.MAX_LINE_BYTES``, its keyed fields cut to the
+    keys whose entries fit (in the order the event gives them) and the keys left out
+    counted in ``unlisted.keys``, as a rejection's event counts those it does not list;
+    None if it has no such field or what is left does not fit either. A change of a few
+    thousand keys with long dotted names, or of two large mappings, makes ``changed`` and
+    ``old`` over a line: dropped, ``watch`` clients would not hear of the change at all."""
+    fields = [name for name in _KEYED_EVENT_FIELDS if isinstance(event.get(name), Mapping)]
+    if not fields:
+        return None
+    keys = list(dict.fromkeys(key for name in fields for key in event[name]))
+    unlisted = dict(event.get("unlisted") or {})
+    before = unlisted.get("keys", 0) if isinstance(unlisted.get("keys"), int) else 0
+    bare = {**event, **{name: {} for name in fields}, "type": protocol.EVENT}
+    try:  # with the largest count it may carry: its digits are part of the line
+        used = len(protocol.encode({**bare, "unlisted": {**unlisted, "keys": before + len(keys)}}))
+    except protocol.ProtocolError:
+        return None
+    kept = 0
+    for key in keys:
+        try:  # each entry as it is written inside its field, with a comma
+            used += sum(
+                len(protocol.encode({key: event[name][key]})) - 2
+                for name in fields
+                if key in event[name]
+            )
+        except protocol.ProtocolError:
+            break
+        if used > protocol.MAX_LINE_BYTES:
+            break
+        kept += 1
+    listed = set(keys[:kept])
+    cut_event = {name: {k: v for k, v in event[name].items() if k in listed} for name in fields}
+    unlisted["keys"] = before + len(keys) - kept
+    try:
+        return protocol.encode({**bare, **cut_event, "unlisted": unlisted})
+    except protocol.ProtocolError:
+        return None
 
 
 def _logged_extra(extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,8 @@ log = logging.getLogger("hotknob.model_runtime")
 
 _STATE_DICT_FORMAT = 1
 _HISTORY = 64
+DAEMON_SAID = "daemon: "
+"""How ``DaemonConnection.last_error`` begins an ``error`` line the daemon sent."""
 
 _REENTERED = (
     "LiveConfig.apply() (or load_state_dict) was called while an apply of the same LiveConfig "
@@ -185,7 +187,10 @@ class LiveConfig:
         self._apply_owner: int | None = None  # the thread that holds ``_applying``
         self._latest: State | None = None  # the newest state to converge to
         self._superseded: State | None = None  # the daemon's state a checkpoint replaced
-        self._received: deque[State] = deque(maxlen=_HISTORY)
+        # The states received, for the ranks' agreement to find one another rank runs
+        # (``distributed``): alone, the newest is all there is to keep. Each is a whole
+        # configuration, built anew: 64 of a large one took hundreds of MiB.
+        self._received: deque[State] = deque(maxlen=_HISTORY if sync is not None else 1)
         # The schema's restart-only keys, as the daemon's last snapshot named them: once a
         # state is applied, each is held at the value the process runs (``_hold``).
         self._restart_only: frozenset[str] = frozenset()
@@ -310,6 +315,17 @@ class LiveConfig:
                     path=path,
                     app=app_name,
                 )
+            ranks = ", ".join(map(str, silent))
+            if reason.startswith(DAEMON_SAID):
+                # A daemon is there and answered with an error (it cannot send its state,
+                # or refused this client): starting one, as below, would not help.
+                raise DaemonUnavailable(
+                    f"the hotknob daemon at {path} sent no state within {timeout:g} s; it "
+                    f"said: {reason[len(DAEMON_SAID) :]}"
+                    + (f" (ranks without a state: {ranks})" if ranks else ""),
+                    path=path,
+                    app=app_name,
+                )
             if not given:
                 how = f"`hotknob run --app {app_name}`, or pass socket= / set HOTKNOB_SOCKET"
             else:  # the socket it was given, or the variable named: a daemon started there
@@ -317,7 +333,7 @@ class LiveConfig:
             raise DaemonUnavailable(
                 f"no hotknob daemon at {path} after {timeout:g} s: start one with {how}"
                 + (f" (last error: {reason})" if reason else "")
-                + (f" (ranks without one: {', '.join(map(str, silent))})" if silent else ""),
+                + (f" (ranks without one: {ranks})" if ranks else ""),
                 path=path,
                 app=app_name,
             )
