@@ -313,6 +313,7 @@ def _log_start_failed(exc: HotknobError, args: argparse.Namespace, handled: bool
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _open_standard_descriptors()
     args: argparse.Namespace | None = None
     handled = False  # whether the command's handler ran
     try:
@@ -332,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HotknobError as exc:
         if args is not None and getattr(args, "command", None) == "run":
             _log_start_failed(exc, args, handled)  # before the plain line: that one is last
+            from . import logs
+
+            logs.drain()  # written by a thread of its own to a pipe: let it go out first
         print(f"hotknob: {_shown(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -349,6 +353,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " (the change may be written: `hotknob history` shows it)" if written else ""
         print(f"hotknob: {exc}{hint}", file=sys.stderr)
         return 1
+
+
+def _open_standard_descriptors() -> None:
+    """Open ``/dev/null`` on each of descriptors 0, 1 and 2 that is closed (a supervisor
+    that closed them, ``hotknob run 2>&-``), and give Python a stream for it.
+
+    Else the first files the daemon opens take those numbers, and what is written to
+    stderr (gRPC's own lines, written to descriptor 2 whatever ``sys.stderr`` is) lands
+    in its socket or its state file; and with no ``sys.stderr`` the start failed, exit 1
+    and not a word."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the process's
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
 
 
 def _shown(message: str) -> str:

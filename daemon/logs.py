@@ -14,12 +14,17 @@ second, and each line is one ``write``).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json as _json
 import logging
 import os
+import select
+import stat
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -94,12 +99,131 @@ class _Sink:
             pass
 
 
+HELD_LINES = 10_000
+"""The most lines held for an output that does not take them (``_HeldSink``); past that a
+line is dropped and counted."""
+
+DRAIN_AT_EXIT_S = 2.0
+"""How long the process waits at its exit for the lines held to be written: a stop is not
+held longer than this by an output nobody reads."""
+
+
+class _HeldSink(_Sink):
+    """For a pipe, a socket or a terminal: lines written by a thread of their own.
+
+    A write there blocks while its reader does not read (a log collector that stalled, a
+    FIFO nobody opened for reading, a terminal stopped with Ctrl-S). Lines are logged by
+    the etcd watch thread and the event loop, under the lock of the engine: with a
+    blocking write there, changes stopped reaching the processes, and a SIGTERM could not
+    stop the daemon. Here a line is handed over and the caller goes on; past
+    ``HELD_LINES`` held, lines are dropped and counted, and once the output takes lines
+    again a ``log_lines_dropped`` line says how many. The writer writes to the file
+    descriptor itself, not through ``sys.stderr``, so that no lock of that stream is held
+    while it waits (the exit flushes that stream)."""
+
+    def __init__(self, out: TextIO, fd: int) -> None:
+        super().__init__(out)
+        self._fd = fd
+        self._encoding = getattr(out, "encoding", None) or "utf-8"
+        self._lines: deque[str] = deque()
+        self._wake = threading.Event()
+        self._busy = False
+        self._dropped = 0
+        self._dropped_lock = threading.Lock()
+        writer = threading.Thread(target=self._run, name="hotknob-log-writer", daemon=True)
+        writer.start()
+
+    def write(self, text: str) -> int:
+        lines = self._lines
+        if len(lines) >= HELD_LINES:
+            with self._dropped_lock:
+                self._dropped += 1
+            return 0
+        lines.append(text)
+        # After the append: the writer clears the event before it takes what is held.
+        if not self._wake.is_set():
+            self._wake.set()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for what is held to be written; whether it was."""
+        deadline = time.monotonic() + timeout
+        while self._lines or self._busy:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def _run(self) -> None:
+        lines = self._lines
+        while True:
+            self._wake.wait()
+            self._busy = True
+            self._wake.clear()
+            try:
+                while lines:
+                    batch = [lines.popleft() for _ in range(min(len(lines), 512))]
+                    self._put("".join(batch))
+                    if self._dropped:
+                        with self._dropped_lock:
+                            count, self._dropped = self._dropped, 0
+                        get_logger().warning("log_lines_dropped", count=count, held=HELD_LINES)
+            finally:
+                self._busy = False
+
+    def _put(self, text: str) -> None:
+        data = memoryview(text.encode(self._encoding, "backslashreplace"))
+        while data:
+            try:
+                data = data[os.write(self._fd, data) :]
+            except BlockingIOError:  # the descriptor was made non-blocking by someone else
+                select.select([], [self._fd], [], 1.0)
+            except OSError:  # the reader gone, a full disk: dropped, as ``_Sink`` does
+                return
+
+
+_held_sinks: dict[int, _HeldSink] = {}  # by file descriptor: one writer each
+
+
+def _sink_for(out: TextIO) -> _Sink:
+    """``_HeldSink`` for an output whose write may block (a pipe, a socket, a terminal),
+    else ``_Sink``: a regular file (a full disk fails at once), ``/dev/null``, a stream
+    that is no file."""
+    try:
+        fd = out.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        return _Sink(out)
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or (stat.S_ISCHR(mode) and os.isatty(fd))):
+        return _Sink(out)
+    sink = _held_sinks.get(fd)
+    if sink is None or sink._out is not out:
+        if not _held_sinks:
+            atexit.register(drain)
+        sink = _held_sinks[fd] = _HeldSink(out, fd)
+    return sink
+
+
+def drain(timeout: float = DRAIN_AT_EXIT_S) -> None:
+    """Wait, up to ``timeout`` s in all, for the log lines held for a slow output to be
+    written (at the exit, and before the CLI's last line, which must come after them)."""
+    deadline = time.monotonic() + timeout
+    for sink in list(_held_sinks.values()):
+        sink.drain(max(0.0, deadline - time.monotonic()))
+
+
 def configure(*, json: bool | None = None, level: str = "info", file: TextIO | None = None) -> None:
     """Configure structlog for the process (the daemon and the CLI call this once).
 
     Lines go to ``file``, stderr by default (a benchmark that runs the engine in its
     own process writes them where they cost what they cost in the daemon, unseen)."""
     out = sys.stderr if file is None else file
+    if out is None:  # no stderr at all (Python sets it to None when descriptor 2 is closed)
+        out = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    sink = _sink_for(out)
     if json is None:
         json = not out.isatty()
     renderer: Any = (
@@ -123,7 +247,7 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
-        logger_factory=structlog.WriteLoggerFactory(file=_Sink(out)),  # type: ignore[arg-type]  # a file enough
+        logger_factory=structlog.WriteLoggerFactory(file=sink),  # type: ignore[arg-type]  # a file enough
         cache_logger_on_first_use=False,
     )
     # Library loggers (grpc, watchdog, asyncio) at warning and above, at ``level`` and above
@@ -138,7 +262,7 @@ def configure(*, json: bool | None = None, level: str = "info", file: TextIO | N
         return
     for old in ours:
         root.removeHandler(old)
-    handler = _LibraryLines(_Sink(out))
+    handler = _LibraryLines(sink)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

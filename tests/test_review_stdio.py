@@ -1,0 +1,179 @@
+"""Review of ``hotknob run`` under a supervisor's stdio: a log output nobody reads stalls
+neither the pushes to the processes nor the stop, and a daemon started with its stderr
+closed runs (on ``/dev/null``) instead of exiting 1 without a word."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon_proc import RawClient, hotknob_cmd
+from tests.etcd_server import EtcdServer
+
+pytestmark = pytest.mark.timeout(60)
+
+FILLER = b"filler\n"
+
+
+def _wait_for(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def _connect(proc: subprocess.Popen[bytes], path: Path, name: str = "c") -> RawClient:
+    """A client, once the daemon's socket takes one (its log cannot say it is ready)."""
+
+    def attempt() -> RawClient | None:
+        assert proc.poll() is None, f"daemon exited with {proc.returncode}"
+        try:
+            return RawClient(path, name)
+        except OSError:
+            return None
+
+    return _wait_for(attempt, 20, "the daemon's socket")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def full_fifo(tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """A FIFO whose reader does not read, its one page of buffer full: (read end, write
+    end). Any write to it blocks until the read end is read."""
+    path = tmp_path / "log.fifo"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 4096)
+    try:
+        while True:
+            os.write(writer, FILLER)
+    except BlockingIOError:
+        pass
+    os.set_blocking(writer, True)  # as a supervisor's pipe is
+    try:
+        yield reader, writer
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+class _Lines:
+    """The complete lines read from a FIFO so far (a line read in part waits for its end),
+    the filler left out."""
+
+    def __init__(self, reader: int) -> None:
+        self.reader = reader
+        self.rest = b""
+        self.events: list[dict[str, Any]] = []
+
+    def read(self) -> list[dict[str, Any]]:
+        while True:
+            try:
+                chunk = os.read(self.reader, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.rest += chunk
+        *lines, self.rest = self.rest.split(b"\n")
+        self.events += [json.loads(line) for line in lines if line and line != FILLER.strip()]
+        return self.events
+
+
+def test_a_log_nobody_reads_stalls_neither_the_pushes_nor_the_stop(
+    tmp_path: Path, etcd: EtcdServer, full_fifo: tuple[int, int]
+) -> None:
+    reader, writer = full_fifo
+    socket_path = tmp_path / "sock" / "s.sock"
+    socket_path.parent.mkdir(mode=0o700)
+    args = ["run", "--app", "s", "--socket", str(socket_path), "--etcd-endpoints", etcd.endpoint]
+    args += ["--state-dir", str(tmp_path / "state")]
+    # Few lines held, so that some are dropped, and counted, within the test.
+    code = "from hotknob.daemon import logs, cli\nlogs.HELD_LINES = 5\nsys.exit(cli.main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import sys\n{code}", *args],
+        stdout=writer,
+        stderr=writer,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        # A name that would start a fake line of its own, if its newline were written.
+        evil = 'x\n{"event": "fake_event", "level": "info"}'
+        client = _connect(proc, socket_path, evil)
+        for step, lr in enumerate((0.011, 0.012, 0.013)):
+            etcd.etcdctl("put", "/hotknob/s/config/train/lr", json.dumps(lr))
+            update = client.next_update(timeout=5)
+            assert update["values"]["train"]["lr"] == lr
+            client.send({"type": "applied", "version": update["version"], "step": step})
+
+        # The reader reads again: the lines held come out, and what was dropped is said.
+        log = _Lines(reader)
+
+        def dropped_said() -> bool:
+            return any(event["event"] == "log_lines_dropped" for event in log.read())
+
+        _wait_for(dropped_said, 10, "log_lines_dropped")
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+
+        def stopped() -> bool:
+            log.read()
+            return proc.poll() is not None
+
+        _wait_for(stopped, 10, "the daemon's exit")
+        assert proc.returncode == 0
+        seen = log.read()
+        assert log.rest == b""
+    finally:
+        _stop(proc)
+    names = [event["event"] for event in seen]
+    dropped = next(event for event in seen if event["event"] == "log_lines_dropped")
+    assert dropped["count"] > 0 and dropped["level"] == "warning"
+    assert "fake_event" not in names
+    assert names[-1] == "daemon_stopped", names
+    assert not socket_path.exists()
+
+
+def test_a_daemon_started_with_its_stderr_closed_runs_on_dev_null(tmp_path: Path) -> None:
+    socket_path = tmp_path / "sock" / "n.sock"
+    socket_path.parent.mkdir(mode=0o700)
+    args = ["run", "--app", "n", "--socket", str(socket_path), "--state-dir", str(tmp_path / "st")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTKNOB_")}
+    with open(tmp_path / "stdout", "wb") as out:
+        proc = subprocess.Popen(
+            hotknob_cmd(*args),
+            stdout=out,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=lambda: os.close(2),  # as ``hotknob run 2>&-``
+        )
+    try:
+        with _connect(proc, socket_path) as client:
+            assert client.snapshot["version"] >= 1
+            # What the daemon's libraries write to descriptor 2 goes nowhere, not into a
+            # file or a socket the daemon opened.
+            assert os.readlink(f"/proc/{proc.pid}/fd/2") == os.devnull
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        _stop(proc)
+    assert not socket_path.exists()
