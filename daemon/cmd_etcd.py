@@ -8,6 +8,7 @@ writes nothing. Keys a higher layer shadows are written but reported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import math
@@ -273,8 +274,8 @@ def _write(
     new_etcd.update(puts)
     snapshot, shadowed = validate_etcd_state(ctx.schema, ctx.precedence, layers, new_etcd)
     rejected = rejected_on_top(ctx.schema, ctx.precedence, layers, new_etcd)
-    if rejected:  # valid only because env or cli shadows it: it must not be written either
-        raise InvalidChange(rejected)
+    if rejected:  # valid only because a higher layer shadows it: not to be written either
+        raise InvalidChange([_shadowed_note(snapshot, p) for p in rejected])
     texts = {etcd_key(ctx.app, k): _text(k, v) for k, v in puts.items()}
     # A value that cannot be read is in no layer, so no diff of the layers shows it
     # going: deleted, it is a change all the same (else ``unset`` of it, or a rollback to
@@ -462,6 +463,25 @@ class ConcurrentWrite(HotknobError):
     """Another hotknob write landed between reading and committing: nothing was written."""
 
     exit_code = 1
+
+
+_SHADOWING = {
+    "files": ("the config files, which lie above etcd in --precedence", "the files no longer set"),
+    "env": ("an environment variable", "that variable no longer sets"),
+    "cli": ("--set", "--set no longer gives"),
+}
+
+
+def _shadowed_note(snapshot: Snapshot, problem: Problem) -> Problem:
+    """``problem`` of an etcd value that a higher layer shadows, saying so: the merged
+    configuration holds, and the refusal gave no reason why (the daemon, ``get`` and
+    ``explain`` name the files that shadow such a value)."""
+    winner = snapshot.shadowing("etcd", problem.key) if problem.key else None
+    if winner is None:
+        return problem
+    by, until = _SHADOWING.get(winner, (f"the {winner} layer", "that layer no longer sets"))
+    note = f" (shadowed by {by}: it would take effect once {until} that key)"
+    return dataclasses.replace(problem, reason=problem.reason + note)
 
 
 def _warn_invalid_shadowed(problem: Problem) -> None:
