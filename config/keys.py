@@ -292,3 +292,10 @@ def parse_text(text: str) -> Any:
 def to_text(value: Any) -> str:
     """The JSON text stored in etcd for ``value`` (the inverse of ``parse_text``)."""
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+class UnaskedApp(str):
+    """The app name ``default`` where neither ``--app`` nor ``HOTKNOB_APP`` named one, told
+    apart from ``--app default``: ``watch`` given a socket then shows the daemon's app,
+    where an app asked for refuses a daemon of another. (Here, not in the CLI's module,
+    which runs as ``__main__`` under ``python -m``: a class there is another class.)"""

@@ -40,6 +40,7 @@ try:
     from typing import Any
 
     from hotknob.config import DEFAULT_SCHEMA, HotknobError, UsageError
+    from hotknob.config.keys import UnaskedApp
     from hotknob.config.merge import DEFAULT_PRECEDENCE
     from hotknob.config.sources import DEFAULT_ENV_PREFIX
 
@@ -113,7 +114,7 @@ def _options() -> list[_Option]:
     """Every shared option; defaults from the environment are read when the parser is built."""
     return [
         _Option("--app", APP, "default", dict(
-            default=_env("HOTKNOB_APP", "default"), metavar="NAME",
+            default=_env("HOTKNOB_APP") or UnaskedApp("default"), metavar="NAME",
             help="application name, 1 to 100 letters, digits, '.', '_' or '-' (starting "
             "with a letter or digit): the etcd prefix /hotknob/<app>/, the default socket "
             "path and the state file (env HOTKNOB_APP, else 'default')",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import socket
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hotknob.config import InvalidInput, Unavailable, UsageError
-from hotknob.config.keys import config_prefix, status_prefix
+from hotknob.config.keys import UnaskedApp, config_prefix, status_prefix
 from hotknob.config.secrecy import secret_keys
 from hotknob.model_runtime import protocol
 
@@ -279,7 +278,7 @@ class _Watch:
         served = snapshot.get("app")
         if not isinstance(served, str) or served == self.args.app:
             return
-        if self.args.socket and self.args.app == "default" and not os.environ.get("HOTKNOB_APP"):
+        if self.args.socket and isinstance(self.args.app, UnaskedApp):
             self.args.app = served
             return
         raise InvalidInput(

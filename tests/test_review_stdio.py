@@ -177,3 +177,55 @@ def test_a_daemon_started_with_its_stderr_closed_runs_on_dev_null(tmp_path: Path
     finally:
         _stop(proc)
     assert not socket_path.exists()
+
+
+_DROPS = r"""
+import json, os, sys, threading, time
+from hotknob.daemon import logs
+logs.HELD_LINES = 5
+r, w = os.pipe()
+os.set_blocking(r, False)
+os.set_blocking(w, False)
+while True:  # the pipe full: the writer's first write waits for a reader
+    try:
+        os.write(w, b"#" * 4095 + b"\n")
+    except BlockingIOError:
+        break
+os.set_blocking(w, True)
+out = open(w, "w")
+logs.configure(json=True, file=out)
+log = logs.get_logger("t")
+for i in range(5):
+    log.info("n", i=i)
+time.sleep(0.3)  # taken by the writer, which now waits in its write
+for i in range(5, 15):
+    log.info("n", i=i)  # five held, five dropped
+got = b""
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline and b"log_lines_dropped" not in got:
+    try:
+        got += os.read(r, 65536)
+    except BlockingIOError:
+        time.sleep(0.01)
+time.sleep(0.3)
+try:
+    got += os.read(r, 65536)
+except BlockingIOError:
+    pass
+events = [json.loads(line) for line in got.split(b"\n") if line.startswith(b"{")]
+seen = sum(1 for e in events if e["event"] == "n")
+dropped = sum(e["count"] for e in events if e["event"] == "log_lines_dropped")
+print(json.dumps({"seen": seen, "dropped": dropped}))
+"""
+
+
+def test_the_count_of_dropped_lines_is_the_lines_dropped() -> None:
+    """A review found ``log_lines_dropped`` saying 1 where 1,640 lines were lost: the
+    report was itself dropped by a full queue, counted, and the next one said 1."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DROPS], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    counts = json.loads(done.stdout)
+    assert counts["dropped"] > 0, counts
+    assert counts["seen"] + counts["dropped"] == 15, counts

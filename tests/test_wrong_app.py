@@ -86,6 +86,12 @@ def test_watch_refuses_a_daemon_of_another_app(tmp_path: Path) -> None:
         assert refused.returncode == 1, refused
         assert "serves app 'ab', not 'a'" in refused.stderr
 
+        # ``--app default`` asks for that app as any other name does.
+        asked = subprocess.run(
+            [*watch, "--app", "default"], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert asked.returncode == 1 and "not 'default'" in asked.stderr, asked
+
         # No app asked for: it watches the daemon it was given, named as it is.
         shown = subprocess.Popen(
             watch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
