@@ -43,6 +43,7 @@ class ArmedGuard:
     # run that does not report it): done, unjudged. Nothing of theirs can judge it.
     unjudged: set[str] = field(default_factory=set)
     busy: bool = False
+    announced: bool = False  # its ending was sent to this daemon's ``watch`` clients
     checking: bool = False  # a read of the other daemons' processes is in flight
     checked_at: float = 0.0
     check_every: float = REMOTE_CHECK_EVERY_S  # doubled after each read that finds a wait

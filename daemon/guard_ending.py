@@ -193,7 +193,8 @@ class GuardEnding:
         record = active.record
         if isinstance(result, ConflictError):
             if guard_key(self.app, guard_id) in result.current:
-                self._ended(guard_id)  # another daemon ended it; the watch says how
+                # Another daemon ended it: still watched, busy, until the guard watch
+                # brings its record (``announce``), so that watchers here hear of it too.
                 return
             outcome = {"reason": "the guarded keys were changed since", "changed": result.current}
             self.finish(guard_id, active, SUPERSEDED, outcome)
@@ -207,42 +208,18 @@ class GuardEnding:
         self._ended(guard_id)
         outcome = ended.outcome or {}
         if ended.state == REVERTED:
-            hidden = self._hidden(record)
-            recorded: Any = outcome.get("restored")
-            put_back: dict[str, Any] = recorded or {
-                k: c.old if c.existed else None for k, c in record.keys.items()
-            }
-            restored = {k: masked_if(v, k in hidden) for k, v in put_back.items()}
-            replaced = {k: masked_if(c.new, k in hidden) for k, c in record.keys.items()}
-            deleted = outcome.get("deleted")
-            if not isinstance(deleted, list):
-                deleted = sorted(k for k, c in record.keys.items() if not c.existed)
+            event = self._event(ended, active.revision, result)
             self.log.warning(
                 "change_reverted",
                 guard=guard_id,
                 key=",".join(sorted(record.keys)),
-                restored=restored,
-                deleted=deleted,
-                replaced=replaced,
+                restored=event["restored"],
+                deleted=event["deleted"],
+                replaced=event["replaced"],
                 reason=outcome.get("reason"),
                 evidence=outcome.get("evidence"),
                 guarded_revision=active.revision,
                 revision=result,
-            )
-            self._broadcast(
-                {
-                    "type": "event",
-                    "event": "change_reverted",
-                    "guard": guard_id,
-                    "restored": restored,
-                    "deleted": deleted,
-                    "replaced": replaced,
-                    "reason": outcome.get("reason"),
-                    "evidence": outcome.get("evidence"),
-                    "guarded_revision": active.revision,
-                    "revision": result,
-                    "time": time.time(),
-                }
             )
         else:
             fields = {k: v for k, v in outcome.items() if k not in _OUTCOME_LOGGED_APART}
@@ -255,14 +232,43 @@ class GuardEnding:
                 revision=result,
                 **fields,
             )
-            self._broadcast(
-                {
-                    "type": "event",
-                    "event": "guard_" + ended.state,
-                    "guard": guard_id,
-                    "reason": outcome.get("reason"),
-                    "guarded_revision": active.revision,
-                    "revision": result,
-                    "time": time.time(),
-                }
-            )
+        self.announce(active, ended, result)
+
+    def announce(self, active: ArmedGuard, ended: GuardRecord, revision: int) -> None:
+        """Send ``watch`` clients the ending ``ended`` (written at ``revision``), once per
+        daemon: by the one that wrote it, and by every other that watched the guard, as
+        its guard watch brings the record (only the writer logs it)."""
+        if active.announced:
+            return
+        active.announced = True
+        self._broadcast(self._event(ended, active.revision, revision))
+
+    def _event(self, ended: GuardRecord, guarded_revision: int, revision: int) -> dict[str, Any]:
+        outcome = ended.outcome or {}
+        common = {
+            "type": "event",
+            "event": "guard_" + ended.state,
+            "guard": ended.id,
+            "reason": outcome.get("reason"),
+            "guarded_revision": guarded_revision,
+            "revision": revision,
+            "time": time.time(),
+        }
+        if ended.state != REVERTED:
+            return common
+        hidden = self._hidden(ended)
+        recorded: Any = outcome.get("restored")
+        put_back: dict[str, Any] = recorded or {
+            k: c.old if c.existed else None for k, c in ended.keys.items()
+        }
+        deleted = outcome.get("deleted")
+        if not isinstance(deleted, list):
+            deleted = sorted(k for k, c in ended.keys.items() if not c.existed)
+        return {
+            **common,
+            "event": "change_reverted",
+            "restored": {k: masked_if(v, k in hidden) for k, v in put_back.items()},
+            "deleted": deleted,
+            "replaced": {k: masked_if(c.new, k in hidden) for k, c in ended.keys.items()},
+            "evidence": outcome.get("evidence"),
+        }

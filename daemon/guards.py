@@ -190,6 +190,7 @@ class GuardManager:
         # status entries are this daemon's own (``status._others``), whatever their node.
         self._clients: set[str] = set()
         self._stopped = False
+        self._started = False  # its watch runs: etcd is there to read
         self._abandon_after = _seconds_from_env("HOTKNOB_GUARD_ABANDON_AFTER_S", ABANDON_AFTER_S)
         self._report_wait = _seconds_from_env("HOTKNOB_GUARD_REPORT_WAIT_S", REPORT_WAIT_S)
         self.log = get_logger("hotknob.guards", app=app, node=node)
@@ -210,6 +211,7 @@ class GuardManager:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._started = True
         self._watcher.start()
 
     def stopping(self) -> None:
@@ -691,17 +693,52 @@ class GuardManager:
                 written = {
                     key_from_etcd(self.app, path) for path in (*change.puts, *change.deletes)
                 }
-                hit = sorted(key for key in active.record.keys if key in written)
+                hit = {key: change.revision for key in active.record.keys if key in written}
                 if hit:
-                    outcome = {
-                        "reason": (
-                            f"the guarded keys were changed since ({', '.join(hit)} at "
-                            f"revision {change.revision}): the guard judges them no more"
-                        ),
-                        "changed": {etcd_key(self.app, key): change.revision for key in hit},
-                    }
-                    self._ending.finish(guard_id, active, SUPERSEDED, outcome)
+                    self._supersede(guard_id, active, hit)
                     break
+
+    def _supersede(self, guard_id: str, active: ArmedGuard, hit: Mapping[str, int]) -> None:
+        """End the guard ``superseded``: its keys ``hit`` were written since (at the revision
+        each maps to; 0: deleted, at a revision not known here)."""
+        said = [
+            f"{key} at revision {revision}" if revision else f"{key} deleted"
+            for key, revision in sorted(hit.items())
+        ]
+        outcome = {
+            "reason": (
+                f"the guarded keys were changed since ({', '.join(said)}): the guard judges "
+                "them no more"
+            ),
+            "changed": {etcd_key(self.app, key): revision for key, revision in hit.items()},
+        }
+        self._ending.finish(guard_id, active, SUPERSEDED, outcome)
+
+    def _written_since(self, active: ArmedGuard) -> None:
+        """Once armed: whether the guarded keys were written after the change already. Such
+        a write is seen by ``on_config_changes`` only while the guard is armed here, and
+        it may have come before: while this daemon was down (it reads the record back at
+        its start), or on the config watch ahead of the record on the guard watch."""
+        if not self._started:
+            return  # driven by hand, with no etcd: the ending's transaction checks them
+        keys = sorted(active.record.keys)
+        future = self._worker.submit(
+            lambda: {key: self._mod_revision(etcd_key(self.app, key)) for key in keys}
+        )
+        self._then(future, self._written_since_read, active.record.id, active)
+
+    def _written_since_read(
+        self, guard_id: str, active: ArmedGuard, result: Mapping[str, int] | BaseException
+    ) -> None:
+        if self._stopped or self._active.get(guard_id) is not active or active.busy:
+            return
+        if isinstance(result, BaseException):  # the ending's transaction still checks them
+            self.log.warning("guard_check_failed", guard=guard_id, error=str(result))
+            return
+        # A key absent now (mod revision 0) was deleted since: the change had written it.
+        hit = {k: r for k, r in result.items() if r > active.revision or r == 0}
+        if hit:
+            self._supersede(guard_id, active, hit)
 
     def on_revision_unchanged(self, revision: int) -> None:
         """etcd's ``revision`` changed no value in force: a guarded change at or before it
@@ -825,7 +862,7 @@ class GuardManager:
 
     def _take_changed_record(self, record: GuardRecord, revision: int) -> None:
         if record.state != ARMED:
-            self._drop(record.id, record)
+            self._drop(record.id, record, revision)
         elif record.id not in self._active:
             self._arm(record, revision)
 
@@ -886,17 +923,22 @@ class GuardManager:
             patience=record.patience,
             revision=revision,
         )
+        self._written_since(active)
         self._maybe_orphaned(record.id, active)
 
-    def _drop(self, guard_id: str, record: GuardRecord | None) -> None:
-        """Stop watching a guard: ended (``record`` says how), or its record deleted
-        (None): by hand, the way to end a guard that waits on a stuck process."""
+    def _drop(self, guard_id: str, record: GuardRecord | None, revision: int = 0) -> None:
+        """Stop watching a guard: ended (``record`` says how, written at ``revision``; 0:
+        read in a snapshot), or its record deleted (None): by hand, the way to end a guard
+        that waits on a stuck process. An ending another daemon wrote is sent to this
+        one's ``watch`` clients too: they watch the app, whichever daemon wrote it."""
         active = self._active.pop(guard_id, None)
         if active is None:
             return
         self._cancel_orphan(active)
         if record is not None:
             self.log.info("guard_ended", guard=guard_id, state=record.state)
+            if revision:
+                self._ending.announce(active, record, revision)
         else:
             self.log.info(
                 "guard_removed",

@@ -55,6 +55,9 @@ def test_a_guarded_set_keeps_the_newest_ended_and_every_other_record(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
     ended = _put_ended(etcd, 5)
+    # An armed guard as a guarded set leaves it: its keys hold what it set, written with it
+    # (a key not there would be one deleted since: the guard would stand down at once).
+    etcd.etcdctl("put", f"/hotknob/{APP}/config/train/lr", "0.2")
     etcd.etcdctl("put", G + "2019-armed", _record("2019-armed", "armed"))  # older than all
     etcd.etcdctl("put", G + "2019-junk", "not a record")
     other_app = _put_ended(etcd, 3, app="other")
