@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import socket
-import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from hotknob.config.merge import merge_layers
 from hotknob.config.sendable import MAX_STATE_BYTES, oversized, state_bytes
 from hotknob.config.sources import Layer, defaults_layer
 from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
-from hotknob.model_runtime import DaemonUnavailable, LiveConfig, protocol
+from hotknob.model_runtime import LiveConfig, protocol
 from tests.daemon_proc import DaemonProcess, RawClient
 from tests.etcd_server import EtcdServer
 from tests.test_guards import wait_for
@@ -186,42 +184,6 @@ def test_a_watcher_hears_of_a_change_too_large_for_one_line(
     assert listed[NARROWER_KEY] == 203 and event["old"][NARROWER_KEY] == 103
     assert set(event["old"]) == set(listed)
     assert not proc.events("event_dropped") and proc.events("event_cut")
-
-
-def test_connect_to_a_daemon_that_cannot_send_its_state_says_so(sock_path: str) -> None:
-    """A daemon whose state is over a line answers each ``hello`` with an ``error``: the
-    process was told "no hotknob daemon at PATH: start one with `hotknob run`", of a daemon
-    that was there (a second one fails to start on its socket). A server that answers as
-    such a daemon does."""
-    said = "the daemon cannot send its state: message of 1071309 bytes exceeds the limit"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    listener.listen()
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(2)
-                conn.recv(65536)  # the hello
-                conn.sendall(protocol.encode(protocol.error(said)))
-
-    server = threading.Thread(target=serve, name="refusing-daemon")
-    server.start()
-    try:
-        with pytest.raises(DaemonUnavailable) as refused:
-            LiveConfig.connect(sock_path, timeout=1)
-    finally:
-        stop.set()
-        server.join()
-        listener.close()
-    text = str(refused.value)
-    assert f"the hotknob daemon at {sock_path} sent no state within 1 s; it said: {said}" == text
 
 
 def test_a_lone_put_that_would_overflow_the_line_is_refused_not_pushed(tmp_path: Path) -> None:

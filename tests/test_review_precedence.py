@@ -4,30 +4,18 @@ files, and the commands that read and write the configuration."""
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hotknob.config import UsageError, parse_precedence
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
+from tests.test_guards import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 FILES_OVER_ETCD = "defaults,etcd,files,env,cli"  # git wins over live edits
-
-
-def _wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"not seen within {timeout} s: {what}")
 
 
 def _save(path: Path, text: str) -> None:
@@ -77,7 +65,7 @@ def test_files_over_etcd_an_invalid_etcd_value_the_files_shadow_is_refused(
                 events = daemon.events("change_rejected")
                 return {key for event in events for key in event["key"].split(",")}
 
-            _wait_for(
+            wait_for(
                 "both etcd values refused", lambda: {"train.lr", "train.momentum"} <= refused()
             )
             _save(config, "train:\n  weight_decay: 0.1\n")

@@ -123,7 +123,9 @@ def test_a_relative_socket_path_reaches_a_restarted_daemon_after_a_chdir(
 def test_connect_says_why_the_daemon_closed_the_connection(sock_path: str) -> None:
     """A daemon that answers the hello with an ``error`` and closes (a uid it does not
     allow): ``connect``'s message said "the daemon closed the connection" and lost the
-    reason the daemon gave."""
+    reason the daemon gave. Later it said "no hotknob daemon at PATH: start one with
+    `hotknob run`" of a daemon that was there (one whose state is over a protocol line
+    answers so too): starting a second one would not help."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path)
     listener.listen(8)
@@ -147,12 +149,16 @@ def test_connect_says_why_the_daemon_closed_the_connection(sock_path: str) -> No
     server = threading.Thread(target=refuse_every_hello)
     server.start()
     try:
-        with pytest.raises(DaemonUnavailable, match="uid 1234 may not use this socket"):
+        with pytest.raises(DaemonUnavailable) as refused:
             LiveConfig.connect(sock_path, timeout=1)
     finally:
         done.set()
         server.join()
         listener.close()
+    said = "uid 1234 may not use this socket"
+    assert str(refused.value) == (
+        f"the hotknob daemon at {sock_path} sent no state within 1 s; it said: {said}"
+    )
 
 
 def test_on_change_warns_of_a_key_the_values_do_not_have(

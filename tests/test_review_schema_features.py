@@ -8,7 +8,6 @@ Unit tests on the merge, and real daemons with a real etcd.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +63,6 @@ def test_a_set_dumps_in_sorted_order_at_every_depth() -> None:
     assert snap.values["inner"]["ids"] == [1, 8, 9, 10]  # by value: {8, 1} iterates as 8, 1
     assert snap.flat["by_name"] == {"a": ["x", "y", "z"]}
     assert snap.flat["inner.tags"] is snap.values["inner"]["tags"]
-
-
-@pytest.fixture
-def etcd() -> Iterator[EtcdServer]:
-    server = EtcdServer().start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def _daemon(tmp_path: Path, name: str, etcd: EtcdServer, **env: str) -> DaemonProcess:

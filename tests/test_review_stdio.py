@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,20 +18,11 @@ import pytest
 
 from tests.daemon_proc import RawClient, hotknob_cmd
 from tests.etcd_server import EtcdServer
+from tests.test_guards import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 FILLER = b"filler\n"
-
-
-def _wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def _connect(proc: subprocess.Popen[bytes], path: Path, name: str = "c") -> RawClient:
@@ -45,7 +35,7 @@ def _connect(proc: subprocess.Popen[bytes], path: Path, name: str = "c") -> RawC
         except OSError:
             return None
 
-    return _wait_for(attempt, 20, "the daemon's socket")
+    return wait_for("the daemon's socket", attempt, 20, every=0.02)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -131,7 +121,7 @@ def test_a_log_nobody_reads_stalls_neither_the_pushes_nor_the_stop(
         def dropped_said() -> bool:
             return any(event["event"] == "log_lines_dropped" for event in log.read())
 
-        _wait_for(dropped_said, 10, "log_lines_dropped")
+        wait_for("log_lines_dropped", dropped_said, 10, every=0.02)
         client.close()
         proc.send_signal(signal.SIGTERM)
 
@@ -139,7 +129,7 @@ def test_a_log_nobody_reads_stalls_neither_the_pushes_nor_the_stop(
             log.read()
             return proc.poll() is not None
 
-        _wait_for(stopped, 10, "the daemon's exit")
+        wait_for("the daemon's exit", stopped, 10, every=0.02)
         assert proc.returncode == 0
         seen = log.read()
         assert log.rest == b""
