@@ -31,6 +31,16 @@ def _errors(daemon: DaemonProcess) -> list[str]:
     return [line for line in daemon.log().splitlines() if '"level": "error"' in line]
 
 
+def two_daemons(tmp_path: Path, etcd: EtcdServer) -> list[DaemonProcess]:
+    """Daemons of one app on nodes n1 and n2, not started."""
+    daemons = []
+    for node in ("n1", "n2"):
+        (tmp_path / node).mkdir()
+        extra = ["--node", node, "--status-every", "0.5"]
+        daemons.append(DaemonProcess(tmp_path / node, endpoints=etcd.endpoint, extra=extra))
+    return daemons
+
+
 def test_a_guard_whose_key_was_written_while_its_daemons_were_down_stands_down_at_their_start(
     etcd: EtcdServer, tmp_path: Path
 ) -> None:
@@ -38,16 +48,7 @@ def test_a_guard_whose_key_was_written_while_its_daemons_were_down_stands_down_a
     one of the two guarded keys meanwhile. Started again, they read the armed record back:
     it stood armed, judging a change that no longer runs, until its verdict (a whole window
     of reports), where a write they see while it is armed ends it at once."""
-    daemons = []
-    for node in ("n1", "n2"):
-        (tmp_path / node).mkdir()
-        daemons.append(
-            DaemonProcess(
-                tmp_path / node,
-                endpoints=etcd.endpoint,
-                extra=["--node", node, "--status-every", "0.5"],
-            )
-        )
+    daemons = two_daemons(tmp_path, etcd)
     try:
         for daemon in daemons:
             daemon.start()
@@ -118,16 +119,7 @@ def test_every_daemon_s_watchers_hear_how_a_guard_ended_whichever_daemon_ended_i
     guarded key ends the first guard ``superseded``; a NaN reported on n1 reverts the
     second. Only the daemon whose transaction wrote an ending sent it to its watchers:
     a ``watch`` on any other node never heard that the change it watched was reverted."""
-    daemons = []
-    for node in ("n1", "n2"):
-        (tmp_path / node).mkdir()
-        daemons.append(
-            DaemonProcess(
-                tmp_path / node,
-                endpoints=etcd.endpoint,
-                extra=["--node", node, "--status-every", "0.5"],
-            )
-        )
+    daemons = two_daemons(tmp_path, etcd)
     try:
         for daemon in daemons:
             daemon.start()
