@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -176,38 +177,46 @@ def test_a_forked_child_closes_its_copy_and_never_writes_to_the_parents_stream(
         server.close()
 
 
-def test_a_child_forked_from_a_live_config_leaves_the_daemon_to_the_parent(
-    sock_path: str,
-) -> None:
+@contextmanager
+def pending_change(sock_path: str) -> Iterator[tuple[DaemonStub, LiveConfig, int]]:
+    """A ``LiveConfig`` of a stub daemon that applied version 7, and the version of a
+    change it has received and not applied yet (train.lr 0.5); closed at the end."""
     with DaemonStub(sock_path, BASE, version=7) as stub:
         live = LiveConfig.connect(sock_path, timeout=5, client="trainer")
         try:
             stub.wait_for(lambda: [m["version"] for m in stub.messages("applied")] == [7])
             version = stub.push({"train": {"lr": 0.5}})
             eventually(lambda: live.pending_version == version)
-
-            def in_child() -> dict[str, Any]:
-                applied = live.apply(5)  # acks, on a closed connection: nothing is sent
-                lr = live["train.lr"]
-                live.close()
-                return {"applied": applied, "lr": lr}
-
-            pid, child, go_w = fork_child(in_child)
-            try:
-                assert child == {"applied": True, "lr": 0.5}
-                assert live.apply(9)
-                stub.wait_for(lambda: len(stub.messages("applied")) == 2)
-                time.sleep(0.1)
-                acks = [(m["version"], m["step"]) for m in stub.messages("applied")]
-                assert acks == [(7, 0), (version, 9)], "the child's ack must not reach the daemon"
-                assert stub.connections == 1
-                live.close()
-                stub.wait_for(lambda: stub.connections == 0)  # while the child is alive
-                assert os.waitpid(pid, os.WNOHANG) == (0, 0)
-            finally:
-                end_child(pid, go_w)
+            yield stub, live, version
         finally:
             live.close()
+
+
+def test_a_child_forked_from_a_live_config_leaves_the_daemon_to_the_parent(
+    sock_path: str,
+) -> None:
+    with pending_change(sock_path) as (stub, live, version):
+
+        def in_child() -> dict[str, Any]:
+            applied = live.apply(5)  # acks, on a closed connection: nothing is sent
+            lr = live["train.lr"]
+            live.close()
+            return {"applied": applied, "lr": lr}
+
+        pid, child, go_w = fork_child(in_child)
+        try:
+            assert child == {"applied": True, "lr": 0.5}
+            assert live.apply(9)
+            stub.wait_for(lambda: len(stub.messages("applied")) == 2)
+            time.sleep(0.1)
+            acks = [(m["version"], m["step"]) for m in stub.messages("applied")]
+            assert acks == [(7, 0), (version, 9)], "the child's ack must not reach the daemon"
+            assert stub.connections == 1
+            live.close()
+            stub.wait_for(lambda: stub.connections == 0)  # while the child is alive
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+        finally:
+            end_child(pid, go_w)
 
 
 def test_a_forked_live_config_does_not_hang_on_a_held_lock_and_keeps_no_reports(
@@ -271,35 +280,28 @@ def test_a_forked_child_that_applies_is_told_once_that_no_change_comes(
 ) -> None:
     """The review's case: a DataLoader worker or a pre-fork server's worker that inherited
     the connection and calls ``apply`` for changes got ``False`` for ever, silently."""
-    with DaemonStub(sock_path, BASE, version=7) as stub:
-        live = LiveConfig.connect(sock_path, timeout=5, client="trainer")
+    with pending_change(sock_path) as (_, live, _):
+
+        def in_child() -> dict[str, Any]:
+            said: list[str] = []
+            handler = logging.Handler()
+            handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+            logging.getLogger("hotknob.model_runtime").addHandler(handler)
+            first = live.apply(5)  # the state held at the fork: still applied
+            later = [live.apply(6), live.apply(7)]
+            return {"first": first, "later": later, "lr": live["train.lr"], "said": said}
+
+        pid, child, go_w = fork_child(in_child)
         try:
-            stub.wait_for(lambda: [m["version"] for m in stub.messages("applied")] == [7])
-            version = stub.push({"train": {"lr": 0.5}})
-            eventually(lambda: live.pending_version == version)
-
-            def in_child() -> dict[str, Any]:
-                said: list[str] = []
-                handler = logging.Handler()
-                handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
-                logging.getLogger("hotknob.model_runtime").addHandler(handler)
-                first = live.apply(5)  # the state held at the fork: still applied
-                later = [live.apply(6), live.apply(7)]
-                return {"first": first, "later": later, "lr": live["train.lr"], "said": said}
-
-            pid, child, go_w = fork_child(in_child)
-            try:
-                forked = [m for m in child["said"] if m.startswith("live_config_forked")]
-                assert len(forked) == 1, child["said"]
-                assert f"pid={pid} client=trainer" in forked[0]
-                assert "connect in this process" in forked[0]
-                assert child["first"] is True and child["later"] == [False, False]
-                assert child["lr"] == 0.5
-            finally:
-                end_child(pid, go_w)
-
-            # The parent's apply says nothing of it, and its object was not changed.
-            assert "apply" not in vars(live)
-            assert live.apply(9)
+            forked = [m for m in child["said"] if m.startswith("live_config_forked")]
+            assert len(forked) == 1, child["said"]
+            assert f"pid={pid} client=trainer" in forked[0]
+            assert "connect in this process" in forked[0]
+            assert child["first"] is True and child["later"] == [False, False]
+            assert child["lr"] == 0.5
         finally:
-            live.close()
+            end_child(pid, go_w)
+
+        # The parent's apply says nothing of it, and its object was not changed.
+        assert "apply" not in vars(live)
+        assert live.apply(9)

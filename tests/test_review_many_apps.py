@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,9 @@ import pytest
 
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
+from tests.test_guards import wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -65,7 +54,9 @@ def test_apps_whose_names_are_prefixes_of_each_other_share_nothing(
         assert ca.next_update()["changed"] == {"train.lr": 0.25}
         for app in ("a", "ab"):
             wait_for(
-                f"{app}'s entry", lambda app=app: entry(etcd, f"/hotknob/{app}/status/n1/trainer")
+                f"{app}'s entry",
+                lambda app=app: entry(etcd, f"/hotknob/{app}/status/n1/trainer"),
+                timeout=15,
             )
         shown = run_cli("status", "--app", "a", "--json", "--etcd-endpoints", etcd.endpoint)
         assert shown.returncode == 0, shown.stderr
@@ -91,16 +82,22 @@ def test_a_process_leaving_keeps_the_same_named_process_of_another_daemon_of_its
     ):
         c1 = RawClient(d1.socket_path, name="trainer", pid=111)
         c1.send({"type": "applied", "version": c1.snapshot["version"], "step": 1})
-        wait_for("the first process's entry", lambda: (entry(etcd, key) or {}).get("pid") == 111)
+        wait_for(
+            "the first process's entry",
+            lambda: (entry(etcd, key) or {}).get("pid") == 111,
+            timeout=15,
+        )
         with RawClient(d2.socket_path, name="trainer", pid=222) as c2:
             c2.send({"type": "applied", "version": c2.snapshot["version"], "step": 1})
-            wait_for("the second's", lambda: (entry(etcd, key) or {}).get("pid") == 222)
+            wait_for("the second's", lambda: (entry(etcd, key) or {}).get("pid") == 222, timeout=15)
             c1.close()
             # The first daemon writes in order: once this entry is written, it has dealt
             # with its process that left.
             with RawClient(d1.socket_path, name="marker") as marker:
                 marker.send({"type": "applied", "version": marker.snapshot["version"], "step": 1})
-                wait_for("the marker", lambda: entry(etcd, "/hotknob/sn/status/h/marker"))
+                wait_for(
+                    "the marker", lambda: entry(etcd, "/hotknob/sn/status/h/marker"), timeout=15
+                )
                 assert (entry(etcd, key) or {}).get("pid") == 222
         warned = d2.events("status_entry_shared")
         assert warned and warned[0]["other_pid"] == 111, d2.log()
