@@ -14,6 +14,9 @@ Two measurements, both on rank 0 between barriers, medians over repeats:
 * for context, whole training runs with ``live.apply(step)`` at each
   ``sync_every`` against plain runs, interleaved in rotating order. On a loaded
   machine their difference is within the noise of the step itself.
+* for context, the memory a rank's history of 64 received states holds (the ranks'
+  agreement needs them) for a configuration of 3,000 leaves, one changing per update:
+  as the client builds them (sharing what did not change), and each built anew.
 
 Goal: at most 5 % of a plain step at the default ``sync_every``.
 
@@ -189,8 +192,38 @@ def measure(steps: int, repeats: int) -> dict[str, float]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def history_mib(width: int, built_beside: bool) -> float:
+    """MiB held by a rank's history of received states (``_HISTORY``, 64) of a configuration
+    of ``width`` leaves in one section plus ``train.lr``, each update one lr apart, decoded
+    from its JSON line as the connection's thread does: built beside the state before (as
+    the client does), or each anew (as it did up to the thirty-third round)."""
+    import gc
+    import tracemalloc
+
+    from hotknob.model_runtime.client import _HISTORY
+    from hotknob.model_runtime.received import State
+
+    def line(n: int) -> str:
+        weights = {f"expert_{i:05d}": 1.0 for i in range(width)}
+        return json.dumps({"train": {"lr": n / 1000}, "weights": weights})
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept: list[State] = []
+        for n in range(_HISTORY):
+            like = kept[-1] if built_beside and kept else None
+            kept.append(State.build(n, n, json.loads(line(n)), like))
+        gc.collect()
+        return (tracemalloc.get_traced_memory()[0] - before) / 2**20
+    finally:
+        tracemalloc.stop()
+
+
 def run(quick: bool) -> dict[str, Any]:
-    """The figures: the plain step, and the overhead at each ``sync_every``."""
+    """The figures: the plain step, and the overhead at each ``sync_every``; for context,
+    the memory a rank's history of received states holds."""
     from hotknob.model_runtime.distributed import DEFAULT_SYNC_EVERY
 
     steps, repeats = (20, 2) if quick else (300, 5)
@@ -217,6 +250,15 @@ def run(quick: bool) -> dict[str, Any]:
                 "name": f"whole-run difference, sync_every={every} (noisy)",
                 "value": (medians[str(every)] - plain) / plain * 100,
                 "unit": "%",
+            }
+        )
+    width = 3000
+    for beside, how in ((False, "each built anew"), (True, "each beside the one before")):
+        figures.append(
+            {
+                "name": f"a rank's 64 received states, {width:,} leaves, one changing: {how}",
+                "value": history_mib(width, beside),
+                "unit": "MiB",
             }
         )
     return {"figures": figures, "steps": steps, "repeats": repeats, "default": DEFAULT_SYNC_EVERY}

@@ -189,7 +189,8 @@ class LiveConfig:
         self._superseded: State | None = None  # the daemon's state a checkpoint replaced
         # The states received, for the ranks' agreement to find one another rank runs
         # (``distributed``): alone, the newest is all there is to keep. Each is a whole
-        # configuration, built anew: 64 of a large one took hundreds of MiB.
+        # configuration: 64 built anew took hundreds of MiB for a large one, where they
+        # share what did not change between them now (``State.build``'s ``like``).
         self._received: deque[State] = deque(maxlen=_HISTORY if sync is not None else 1)
         # The schema's restart-only keys, as the daemon's last snapshot named them: once a
         # state is applied, each is held at the value the process runs (``_hold``).
@@ -859,7 +860,11 @@ class LiveConfig:
             self._restart_only = protocol.restart_only_keys(message)
             self._secret = protocol.secret_keys(message)
             self._hooks.secret = self._secret  # a failure's text masks their values
-        state = state_from_message(message)
+        # A rank keeps the last states for the ranks' agreement: each shares with the one
+        # before all that did not change. Alone, it keeps one, and builds each anew.
+        received = self._received
+        like = received[-1] if received.maxlen != 1 and received else None
+        state = state_from_message(message, like)
         if self._restart_only:
             state = self._hold(state)
         self._receive(state, is_snapshot)

@@ -15,6 +15,7 @@ from . import protocol
 
 MISSING: Any = object()
 ABSENT: Any = object()  # a default for ``get_dotted`` (``MISSING`` asks it to raise)
+MOVED: Any = object()  # ``_shared_section``: a key appeared or went
 
 
 def freeze(value: Any) -> Any:
@@ -54,6 +55,58 @@ def _freeze_section(section: Mapping[str, Any], prefix: str, flat: dict[str, Any
         else:
             frozen[str(key)] = flat[dotted] = freeze(value)
     return MappingProxyType(frozen)
+
+
+def _shared_section(
+    section: Mapping[str, Any], old: Mapping[str, Any], prefix: str, flat: dict[str, Any]
+) -> Any:
+    """``_freeze_section`` of ``section`` beside ``old``, the same section frozen for the
+    state before: a leaf or section equal to the old one (the type counts) is the old
+    object, and ``old`` itself comes back if nothing in it changed. ``flat`` starts as a
+    copy of the old state's, so it keeps their entries (and its dotted key strings): the
+    states a rank keeps for the agreement share all but what changed between them.
+    ``MOVED`` where a key appears, goes or moves, or a leaf becomes a section or back: the
+    caller builds the state anew, so that its flat keys keep their order."""
+    if len(section) != len(old):
+        return MOVED
+    frozen: dict[str, Any] = {}
+    unchanged = True
+    for (key, value), was in zip(section.items(), old, strict=True):
+        if key != was:
+            return MOVED
+        before = old[key]
+        kind = type(value)
+        if kind is type(before) and kind in _SCALARS and value == before:
+            frozen[key] = before  # NaN is never equal: it is frozen below, and refused
+            continue
+        if isinstance(value, Mapping) and value:
+            if not (isinstance(before, Mapping) and before):
+                return MOVED  # a leaf became a section
+            new = _shared_section(value, before, f"{prefix}{key}.", flat)
+            if new is MOVED:
+                return MOVED
+        elif isinstance(before, Mapping) and before:
+            return MOVED  # a section became a leaf
+        else:
+            new = freeze(value)
+            if _same_leaf(new, before):
+                new = before
+            else:
+                flat[f"{prefix}{key}"] = new
+        frozen[key] = new
+        unchanged = unchanged and new is before
+    return old if unchanged else MappingProxyType(frozen)
+
+
+def _same_leaf(a: Any, b: Any) -> bool:
+    """Equal frozen leaves, of the same types all through (``1`` is not ``1.0``)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is tuple:
+        return len(a) == len(b) and all(_same_leaf(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Mapping):
+        return a.keys() == b.keys() and all(_same_leaf(v, b[k]) for k, v in a.items())
+    return bool(a == b)
 
 
 def thaw(value: Any) -> Any:
@@ -122,8 +175,17 @@ class State:
         (``LiveConfig``'s ``_hold``): its ack names them."""
 
     @classmethod
-    def build(cls, version: int, revision: int, values: Mapping[str, Any]) -> State:
-        flat: dict[str, Any] = {}
+    def build(
+        cls, version: int, revision: int, values: Mapping[str, Any], like: State | None = None
+    ) -> State:
+        """Frozen ``values``; beside ``like`` (the state received before), sharing with it
+        every section and leaf that did not change (``_shared_section``)."""
+        if like is not None:
+            flat = dict(like.flat)
+            frozen = _shared_section(values, like.values, "", flat)
+            if frozen is not MOVED:
+                return cls(version, revision, frozen, flat)
+        flat = {}
         frozen = _freeze_section(values, "", flat)
         return cls(version, revision, frozen, flat)
 
@@ -172,10 +234,10 @@ def with_held(state: State, running: Mapping[str, Any]) -> State:
     return new
 
 
-def state_from_message(message: Mapping[str, Any]) -> State:
+def state_from_message(message: Mapping[str, Any], like: State | None = None) -> State:
     protocol.require_int(message, "version")
     protocol.require_int(message, "revision")
     values = message.get("values")
     if not isinstance(values, dict):
         raise protocol.ProtocolError(f'"{message["type"]}" needs an object "values"')
-    return State.build(message["version"], message["revision"], values)
+    return State.build(message["version"], message["revision"], values, like)
