@@ -436,6 +436,7 @@ class Daemon:
             if (self.refused.newest, self.refused.cleared) != before:
                 self._post(self.feedback.refusals_changed)
             self._files_again()
+        self._guarded_keys_read_again()
 
     def _on_etcd_changes(self, changes: Iterable[EtcdChange]) -> None:
         if not self._started:
@@ -464,6 +465,14 @@ class Daemon:
         guards = self.guards
         if guards is not None and guards.armed:
             self._post(guards.on_config_changes, changes)
+
+    def _guarded_keys_read_again(self) -> None:
+        """After a full read of etcd (its watch broke, the history it missed compacted): a
+        write of guarded keys that came in it reached no ``on_config_changes``, so each
+        armed guard reads their mod revisions (``on_full_read``). One look-up while none is."""
+        guards = self.guards
+        if guards is not None and guards.armed:
+            self._post(guards.on_full_read)
 
     def _files_again(self) -> None:
         """Under ``_lock``, after an etcd change: config files refused now are offered

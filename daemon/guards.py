@@ -698,6 +698,15 @@ class GuardManager:
                     self._supersede(guard_id, active, hit)
                     break
 
+    def on_full_read(self) -> None:
+        """On the loop, after the config watch read etcd in full: the writes it missed
+        (compacted away while it was stopped, or etcd restarted) came as values, not as
+        changes, so a guard whose keys one of them wrote is found by their mod revisions
+        (``_written_since``), and ends ``superseded`` now rather than at its verdict."""
+        for active in list(self._active.values()):
+            if not active.busy:
+                self._written_since(active)
+
     def _supersede(self, guard_id: str, active: ArmedGuard, hit: Mapping[str, int]) -> None:
         """End the guard ``superseded``: its keys ``hit`` were written since (at the revision
         each maps to; 0: deleted, at a revision not known here)."""
