@@ -94,7 +94,7 @@ class Daemon:
         self.options = options
         self.static_layers = layers
         self.log = get_logger("hotknob.daemon", app=ctx.app)
-        self.metrics = Metrics()
+        self.metrics = Metrics(ctx.app, options.node)
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hotknob.config import UsageError
@@ -37,9 +37,14 @@ burst of scrapes and probes, or a few slow peers, would make a probe miss a 1 s 
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, app: str = "default", node: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Whose figures these are: the daemons of several apps on one host (or one
+        # Prometheus job) are told apart by a join on this, as with a ``build_info``.
+        Info("hotknob_daemon", "the app this daemon serves, and its node", registry=r).info(
+            {"app": app, "node": node}
+        )
         self.version = Gauge("hotknob_config_version", "version of the config in force", registry=r)
         self.revision = Gauge("hotknob_etcd_revision", "etcd revision in force", registry=r)
         self.accepted = Counter(

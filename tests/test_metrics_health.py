@@ -395,6 +395,14 @@ def test_change_counters_have_a_series_per_live_layer_from_the_start(tmp_path: P
             assert values.get(f'{counter}{{layer="{layer}"}}') == 0, (counter, layer)
 
 
+def test_the_daemon_names_its_app_and_node(tmp_path: Path) -> None:
+    """Two apps' daemons on one host, scraped by one job, are told apart by this series."""
+    proc, port = daemon(tmp_path, extra=("--node", "gpu-07"))
+    with proc:
+        values = samples(port)
+    assert values.get(f'hotknob_daemon_info{{app="{APP}",node="gpu-07"}}') == 1, values
+
+
 def test_a_host_with_both_families_listens_on_ipv4(monkeypatch: pytest.MonkeyPatch) -> None:
     """``localhost`` resolves to ::1 first on many hosts; a scraper set up with 127.0.0.1
     must still reach it, as it did before IPv6 hosts were supported."""
