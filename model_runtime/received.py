@@ -7,6 +7,7 @@ keys once, so ``apply`` only compares and swaps references.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -76,7 +77,11 @@ def _shared_section(
             return MOVED
         before = old[key]
         kind = type(value)
-        if kind is type(before) and kind in _SCALARS and value == before:
+        if (
+            kind is type(before)
+            and kind in _SCALARS
+            and (value == before if kind is not float else _same_float(value, before))
+        ):
             frozen[key] = before  # NaN is never equal: it is frozen below, and refused
             continue
         if isinstance(value, Mapping) and value:
@@ -99,14 +104,24 @@ def _shared_section(
 
 
 def _same_leaf(a: Any, b: Any) -> bool:
-    """Equal frozen leaves, of the same types all through (``1`` is not ``1.0``)."""
+    """Equal frozen leaves, of the same types all through (``1`` is not ``1.0``), a
+    mapping's keys in the same order (a process may build things in their order) and a
+    zero's sign the same (``_same_float``)."""
     if type(a) is not type(b):
         return False
     if type(a) is tuple:
         return len(a) == len(b) and all(_same_leaf(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, Mapping):
-        return a.keys() == b.keys() and all(_same_leaf(v, b[k]) for k, v in a.items())
+        return list(a) == list(b) and all(_same_leaf(v, b[k]) for k, v in a.items())
+    if type(a) is float:
+        return _same_float(a, b)
     return bool(a == b)
+
+
+def _same_float(a: float, b: float) -> bool:
+    """Equal floats, a zero's sign too: ``-0.0 == 0.0``, yet the daemon sent the one it
+    sent (the JSON of the values, and so the digest, tells them apart, as ``1 / x`` does)."""
+    return a == b and (a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b))
 
 
 def thaw(value: Any) -> Any:
@@ -229,7 +244,8 @@ def with_held(state: State, running: Mapping[str, Any]) -> State:
         for part in sections:
             node = node[part]
         node[leaf] = thaw(value)
-    new = State.build(state.version, state.revision, values)
+    # Beside ``state``: a rank keeps the held states, all but the held keys shared.
+    new = State.build(state.version, state.revision, values, like=state)
     new.held = tuple(sorted(held))
     return new
 
