@@ -138,6 +138,7 @@ class Daemon:
             refused=lambda: self.refused.newest,
             refused_before=lambda: self.refused.cleared,
             restart_pending=self._restart_pending,
+            restart_wanted=self._restart_wanted,
             secrets=schema_facts(ctx.schema).secrets,
         )
         # A change that comes alone is pushed at once; in a burst, clients get at most one
@@ -588,6 +589,11 @@ class Daemon:
         """The restart-only keys whose new value this daemon holds back from its processes."""
         engine = self.engine
         return sorted(engine.pending_restart) if engine is not None else []
+
+    def _restart_wanted(self) -> Mapping[str, Any]:
+        """Their wanted values (``Engine.restart_wanted``)."""
+        engine = self.engine
+        return engine.restart_wanted if engine is not None else {}
 
     def _current(self) -> Published:
         assert self.engine is not None and self.engine.current is not None

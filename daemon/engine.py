@@ -212,6 +212,12 @@ class Engine:
         return self._restart.shown_pending()
 
     @property
+    def restart_wanted(self) -> Mapping[str, Any]:
+        """The same keys with their wanted values, a secret's too: only to compare with what
+        a process runs (``feedback.ClientFeedback``), never to show."""
+        return MappingProxyType(self._restart.pending)
+
+    @property
     def holds_tail(self) -> bool:
         """Whether a lone change's work after its push is held (``finish`` runs it), from
         before that push until its last step has run: a client may answer the push before

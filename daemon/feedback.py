@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from hotknob.config.secrecy import hides
@@ -56,7 +56,16 @@ from .throttle import Throttle
 
 STATUS_EVERY_S = 0.2
 # What an entry says of its daemon (``_daemon_fields``).
-_DAEMON_FIELDS = ("pinned", "rejected", "rejected_before", "config_files", "restart_pending")
+# ``held``, the process's, is among them: which of its keys wait for a restart changes with
+# the value its daemon wants (``_waiting``).
+_DAEMON_FIELDS = (
+    "pinned",
+    "rejected",
+    "rejected_before",
+    "config_files",
+    "restart_pending",
+    "held",
+)
 
 
 def _shown_errors(errors: list[dict[str, str]], secrets: frozenset[str]) -> list[dict[str, str]]:
@@ -89,6 +98,7 @@ class ClientFeedback:
         refused: Callable[[], dict[str, Any] | None] = lambda: None,
         refused_before: Callable[[], dict[str, Any]] = dict,
         restart_pending: Callable[[], list[str]] = list,
+        restart_wanted: Callable[[], Mapping[str, Any]] = dict,
         secrets: frozenset[str] = frozenset(),
     ) -> None:
         self.pinned = pinned
@@ -96,6 +106,9 @@ class ClientFeedback:
         self.refused = refused  # the etcd values this daemon refused and runs without
         self.refused_before = refused_before  # those it refused and has cleared since
         self.restart_pending = restart_pending  # restart-only keys it holds back
+        # Their wanted values, a secret's too: only compared with a process's fingerprints
+        # (``_waiting``), never published nor logged.
+        self.restart_wanted = restart_wanted
         self._config_files: dict[str, str] = {}  # "rejected", "unreadable": why
         self.node = node
         self.report_every = report_every
@@ -124,6 +137,9 @@ class ClientFeedback:
         # unapplied at each one. (Another connection under the name, a process that took
         # it at once, is another process: its first ack is written.)
         self._last_ack: dict[str, tuple[int, dict[str, Any]]] = {}
+        # Per client: the restart-only keys its last ack held at the value it started with,
+        # and the fingerprints of those values (``held_digests``), if it sent them.
+        self._holds: dict[str, tuple[list[str], Mapping[str, Any] | None]] = {}
         self.pending = PendingStates()
         # The clients whose stored fields the looks made, before an ack or a report said
         # who they are (pid, rank): the first of those replaces them.
@@ -141,6 +157,10 @@ class ClientFeedback:
         self._acked[client.name] = version
         self._unnamed.discard(client.name)  # its fields are replaced: see below
         self.pending.forget(client.name)  # what it holds now is looked at afresh
+        if message.get("held"):  # restart-only keys it runs as it started, not as sent
+            self._holds[client.name] = (sorted(message["held"]), message.get("held_digests"))
+        else:
+            self._holds.pop(client.name, None)
         entry = self._client_entry(client)
         entry.update(version=version, **self._revisions(version))
         # ``at``: an ack sent again at a reconnect (a daemon restarted) says when the
@@ -161,8 +181,6 @@ class ClientFeedback:
                 errors=[{k: cut(str(v), 200) for k, v in e.items()} for e in entry["errors"][:5]],
                 **({"more_errors": len(entry["errors"]) - 5} if len(entry["errors"]) > 5 else {}),
             )
-        if message.get("held"):  # restart-only keys it runs as it started, not as sent
-            entry["held"] = sorted(message["held"])
         agreed = message.get("agreed")
         if agreed is not None:  # another rank's values, in place of this version's
             entry["agreed"] = {"rank": agreed["rank"], "revision": agreed["revision"]}
@@ -279,7 +297,7 @@ class ClientFeedback:
         if self.status is None:
             return
         fields = {k: v for k, v in fields.items() if k not in _DAEMON_FIELDS}
-        fields.update(self._daemon_fields())
+        fields.update(self._daemon_fields(name))
         self._status_due[name] = self._decorated(
             name, self.reports.status_entry(name, fields, replace=True)
         )
@@ -328,6 +346,7 @@ class ClientFeedback:
 
     def on_disconnect(self, client: ClientInfo) -> None:
         self._acked.pop(client.name, None)
+        self._holds.pop(client.name, None)
         self._last_ack.pop(client.name, None)
         self._unnamed.discard(client.name)
         self.pending.forget(client.name)
@@ -379,14 +398,17 @@ class ClientFeedback:
             value = client.extra.get(name)
             if is_int(value) and 0 <= value <= protocol.MAX_INT:
                 entry[name] = value
-        return {**entry, **self._daemon_fields()}
+        return {**entry, **self._daemon_fields(client.name)}
 
-    def _daemon_fields(self) -> dict[str, Any]:
+    def _daemon_fields(self, name: str) -> dict[str, Any]:
         """What an entry says of its daemon: the keys env or ``--set`` hold on it (``set``
         warns of editing them), the etcd revision it rejected, if none taken since, the
         refusals a revision taken since cleared (``set --wait`` of a refused revision
         tells by them that this process never ran it, though it runs a later one), and
-        what is wrong with its config files, if anything."""
+        what is wrong with its config files, if anything; and the restart-only keys that
+        wait for a restart of process ``name``, held back by its daemon (``restart_pending``)
+        or by the process itself (``held``), but those it runs at the value wanted
+        (``_waiting``)."""
         fields: dict[str, Any] = {}
         pinned = self.pinned()
         if pinned:
@@ -399,10 +421,35 @@ class ClientFeedback:
             fields["rejected_before"] = before
         if self._config_files:
             fields["config_files"] = dict(self._config_files)
-        waiting = self.restart_pending()
-        if waiting:
-            fields["restart_pending"] = waiting
+        pending, held = self._waiting(name, self.restart_pending())
+        if pending:
+            fields["restart_pending"] = pending
+        if held:
+            fields["held"] = held
         return fields
+
+    def _waiting(self, name: str, pending: list[str]) -> tuple[list[str], list[str]]:
+        """The keys of ``pending`` (held back by this daemon) and of those process ``name``
+        holds (its ack's ``held``) that wait for a restart of it: all, but those it holds at
+        the value this daemon wants, which its fingerprints (``held_digests``) say. The
+        scenario: it started with 32, its daemon was restarted alone after a ``set`` of 64
+        (it holds 64 back from then on, and the process holds 32), then 32 was set again:
+        the process runs what is wanted, and a restart would change nothing. A process that
+        runs a third value (it started with 16), or did not say what it runs (an older
+        runtime), still waits."""
+        held, digests = self._holds.get(name, ([], None))
+        if not held or not pending or digests is None:
+            return pending, held
+        wanted = self.restart_wanted()
+        runs_wanted = {
+            key
+            for key in set(held) & set(pending)
+            if key in digests and key in wanted and _digest_of(wanted[key]) == digests[key]
+        }
+        return (
+            [key for key in pending if key not in runs_wanted],
+            [key for key in held if key not in runs_wanted],
+        )
 
     def _flush_status(self) -> None:
         due, self._status_due = self._status_due, {}
@@ -439,6 +486,15 @@ class ClientFeedback:
         throttle = self._report_soon.pop(name, None)
         if throttle is not None:
             throttle.cancel()
+
+
+def _digest_of(value: Any) -> str | None:
+    """``value``'s fingerprint as a process makes it (``protocol.held_digest``); None for a
+    value JSON cannot carry, which no process runs."""
+    try:
+        return protocol.held_digest(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _shape(entry: dict[str, Any]) -> tuple[Any, frozenset[str]]:

@@ -71,12 +71,16 @@ class RestartOnly:
 
     def track(self, snapshot: Snapshot, layer: str) -> None:
         """Update what is pending after ``layer``'s change made ``snapshot``; warn of a new
-        wanted value."""
+        wanted value. ``on_pending`` is told of one too, not only of a key pending or no
+        longer: which processes run the wanted value already (a process restarted alone
+        holds the value it started with) changes with it (``feedback.ClientFeedback``)."""
         before = set(self.pending)
+        changed = False
         for key, running in self.running.items():
             wanted = snapshot.flat.get(key)
             if wanted != running:
                 if self.pending.get(key, running) != wanted:
+                    changed = True
                     self._log.warning(
                         "restart_pending",
                         key=key,
@@ -88,7 +92,7 @@ class RestartOnly:
                 self.pending[key] = wanted
             elif key in self.pending:
                 self._cleared(key, running, layer)
-        if set(self.pending) != before:
+        if changed or set(self.pending) != before:
             self._on_pending()
 
     def _cleared(self, key: str, running: Any, layer: str) -> None:

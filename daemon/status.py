@@ -454,7 +454,8 @@ def refused_here(
 def waiting_for_restart(entry: Mapping[str, Any]) -> set[str]:
     """The restart-only keys ``entry``'s process runs as it started, their new value waiting
     for a restart: held back by its daemon (``restart_pending``) or by the process
-    itself (``held``, after its daemon restarted alone)."""
+    itself (``held``, after its daemon restarted alone). Its daemon lists neither for a
+    key the process runs at the value wanted (``feedback.ClientFeedback._waiting``)."""
     return {
         str(key)
         for name in ("restart_pending", "held")

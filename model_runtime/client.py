@@ -533,8 +533,9 @@ class LiveConfig:
             self._unacked = not ack
             step, at = self._applied_step, self._applied_at
         if ack and _ackable(step):
-            held = {"held": list(state.held)} if state.held else {}
-            self._conn.send(protocol.applied(state.version, step, at=at, **held))
+            self._conn.send(
+                protocol.applied(state.version, step, at=at, **self._held_fields(state))
+            )
 
     def _tell_agreed(self, rank: int) -> None:
         """Tell the daemon that this process runs, in place of its newest state, the values
@@ -581,7 +582,7 @@ class LiveConfig:
         if not ack:
             return
         if errors or new.held:
-            fields: dict[str, Any] = {"held": list(new.held)} if new.held else {}
+            fields = self._held_fields(new)
             if errors:
                 fields["errors"] = _ack_errors(errors)
             self._conn.send(protocol.applied(new.version, number, **fields))
@@ -913,6 +914,19 @@ class LiveConfig:
                 )
         return held
 
+    def _held_fields(self, state: State) -> dict[str, Any]:
+        """An ack's fields for the restart-only keys ``state`` holds, if any: ``held``, and
+        the fingerprint of the value this process runs for each (``held_digests``). Its
+        daemon knows the value wanted: a process that runs it (it started with the value
+        etcd holds again, after its daemon restarted alone) waits for no restart."""
+        if not state.held:
+            return {}
+        digests = {
+            key: protocol.held_digest(thaw(value))
+            for key, value in _values_of(state, frozenset(state.held)).items()
+        }
+        return {"held": list(state.held), "held_digests": digests}
+
     def _receive(self, state: State, is_snapshot: bool) -> None:
         """Keep ``state`` as pending unless it is exactly what is already applied, or the
         daemon's state a loaded checkpoint replaced, sent again: its values at its etcd
@@ -939,7 +953,7 @@ class LiveConfig:
         # A step no ack can carry (``apply(5.5)``: logged at that apply) is not sent: the
         # daemon would close the connection, and each reconnect would send it again.
         if up_to_date and is_snapshot and _ackable(step):
-            held = {"held": list(state.held)} if state.held else {}
+            held = self._held_fields(state)
             # ``at``: the values were applied then, not at this reconnect (``status``'s age).
             self._conn.send(protocol.applied(applied.version, step, at=at, **held))
         if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough

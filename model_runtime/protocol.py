@@ -25,6 +25,7 @@ without a protocol bump.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -193,6 +194,48 @@ def _require_held(message: Mapping[str, Any]) -> None:
         )
 
 
+HELD_DIGEST_CHARS: Final = 32
+_HEX_DIGEST = re.compile(f"[0-9a-f]{{{HELD_DIGEST_CHARS}}}")
+# A value as ``held_digest`` reads it: one text per value on both ends.
+_CANONICAL = json.JSONEncoder(
+    separators=(",", ":"), sort_keys=True, allow_nan=False, ensure_ascii=False
+)
+
+
+def held_digest(value: Any) -> str:
+    """The fingerprint of a restart-only key's ``value`` (JSON form) for ``held_digests``:
+    BLAKE2b of 16 bytes of its JSON, with no spaces and a mapping's keys sorted (the type
+    counts: ``1`` is not ``1.0``). It travels only over the local socket, which carries
+    the values themselves; the daemon publishes and logs none."""
+    return hashlib.blake2b(
+        _CANONICAL.encode(value).encode(), digest_size=HELD_DIGEST_CHARS // 2
+    ).hexdigest()
+
+
+def _require_held_digests(message: Mapping[str, Any]) -> None:
+    """An ``applied`` message's optional ``held_digests``: the fingerprint (``held_digest``)
+    of the value the process runs for each of its ``held`` keys (``{KEY: D}``). Its
+    daemon, which knows the value wanted, tells by it a process that runs that value from
+    one that runs a third."""
+    digests = message.get("held_digests")
+    if digests is None:
+        return
+    held = set(message.get("held", []))  # checked before: a list of strings
+    if not (
+        isinstance(digests, dict)
+        and len(digests) <= MAX_HELD_KEYS
+        and all(key in held and _is_hex_digest(digest) for key, digest in digests.items())
+    ):
+        raise ProtocolError(
+            f'"held_digests" must be an object {{KEY: D}}: each D {HELD_DIGEST_CHARS} '
+            'lowercase hex digits, each KEY one of "held"'
+        )
+
+
+def _is_hex_digest(value: Any) -> bool:
+    return isinstance(value, str) and _HEX_DIGEST.fullmatch(value) is not None
+
+
 def _require_at(message: Mapping[str, Any]) -> None:
     """An ``applied`` message's optional ``at``: when (seconds since the epoch) the process
     applied the version it acknowledges, sent with the ack again at a reconnect, so that
@@ -271,6 +314,7 @@ def validate_client_message(message: Mapping[str, Any], *, said_hello: bool) -> 
         require_int(message, "step", minimum=-MAX_INT)
         _require_errors(message)
         _require_held(message)
+        _require_held_digests(message)
         _require_at(message)
         _require_agreed(message)
     elif kind == METRICS:

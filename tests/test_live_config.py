@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hotknob.model_runtime import DaemonUnavailable, LiveConfig
+from hotknob.model_runtime import DaemonUnavailable, LiveConfig, protocol
 from hotknob.model_runtime.errors import LiveConfigError
 
 from .daemon_stub import DaemonStub
@@ -336,6 +336,8 @@ def test_a_restart_only_key_keeps_the_value_the_process_started_with(
                 "version": version,
                 "step": 1,
                 "held": ["train.momentum"],
+                # The value it runs, 0.9, for its daemon to compare with the one wanted.
+                "held_digests": {"train.momentum": protocol.held_digest(0.9)},
             }
             version = stub.push(with_values(train={"momentum": 0.5, "lr": 0.005}))
             eventually(lambda: live.pending_version == version)
@@ -687,8 +689,6 @@ def test_what_the_socket_cannot_take_is_written_by_the_thread_whole_and_in_order
     sock_path: str,
 ) -> None:
     """A daemon that stops reading: messages pile up in the client, none is lost or cut."""
-    from hotknob.model_runtime import protocol
-
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path)
     listener.listen(1)

@@ -72,9 +72,11 @@ def test_a_change_of_the_keys_pending_is_told() -> None:
     keys._on_pending = lambda: told.append(dict(keys.pending))
     keys.start({"train.batch_size": 32})
     keys.track(snapshot({}, {"train.batch_size": 64}), "etcd")
-    keys.track(snapshot({}, {"train.batch_size": 128}), "etcd")  # the same key: not told
+    keys.track(snapshot({}, {"train.batch_size": 128}), "etcd")  # another wanted value
+    keys.track(snapshot({}, {"train.batch_size": 128}), "files")  # the same: not told
     keys.track(snapshot({}, {"train.batch_size": 32}), "etcd")
-    assert told == [{"train.batch_size": 64}, {}]
+    # A new wanted value of a key pending is told too: which processes run it changes.
+    assert told == [{"train.batch_size": 64}, {"train.batch_size": 128}, {}]
 
 
 def test_a_process_holds_restart_only_keys_at_the_values_it_runs() -> None:
