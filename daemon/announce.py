@@ -87,19 +87,37 @@ class Announcer:
         )
         self._on_accepted(layer, version)
 
-    def shadowed(self, snapshot: Snapshot, layer: str, edited: Mapping[str, Any]) -> None:
-        """Warn of each key ``layer`` edited whose value a higher layer's still wins."""
-        for key in edited:
-            winner = snapshot.shadowing(layer, key)  # also over a key inside a mapping
-            if winner is not None:
-                self.log.warning(
-                    "update_shadowed",
-                    key=key,
-                    layer=layer,
-                    value=self.shown(key, edited[key]),
-                    winner=winner,
-                    effective=self.shown(key, value_at(snapshot.flat, key)),
-                )
+    def shadowed(
+        self,
+        snapshot: Snapshot,
+        layer: str,
+        edited: Mapping[str, Any],
+        before: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Warn of each key ``layer`` edited whose value a higher layer's still wins. Given
+        ``before``, the layer's values before the edit, a mapping it gave before too is
+        looked at by the keys inside it that changed: a higher layer may set one of those
+        alone (etcd's ``weights.head`` over a file's ``weights``), where it sets no value
+        of the mapping whole."""
+        for key, value in edited.items():
+            old = before.get(key) if before is not None else None
+            if snapshot.shadowing(layer, key) is None and _both_mappings(old, value):
+                for inner, inner_value in edits_inside(key, old, value).items():
+                    self._shadowed(snapshot, layer, inner, inner_value)
+            else:
+                self._shadowed(snapshot, layer, key, value)
+
+    def _shadowed(self, snapshot: Snapshot, layer: str, key: str, value: Any) -> None:
+        winner = snapshot.shadowing(layer, key)  # also over a key inside a mapping
+        if winner is not None:
+            self.log.warning(
+                "update_shadowed",
+                key=key,
+                layer=layer,
+                value=self.shown(key, value),
+                winner=winner,
+                effective=self.shown(key, value_at(snapshot.flat, key)),
+            )
 
     def rejected(
         self,
@@ -188,6 +206,29 @@ class Announcer:
         leaves nor under a leaf that holds a mapping (``hides``): a section key holding a
         JSON object, a mistyped key."""
         return shown_value(key, value, self._secrets)
+
+
+def _both_mappings(old: Any, new: Any) -> bool:
+    return isinstance(old, Mapping) and isinstance(new, Mapping)
+
+
+def edits_inside(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted keys inside the mapping at ``key`` whose values differ from ``old`` to
+    ``new`` (the type counts), each with its new value (None: gone), down to the values
+    that are no mappings on both sides."""
+    edits: dict[str, Any] = {}
+    for name, value in new.items():
+        inner = f"{key}.{name}"
+        was = old.get(name, _GONE)
+        if _both_mappings(was, value):
+            edits.update(edits_inside(inner, was, value))
+        elif was is _GONE or type(was) is not type(value) or was != value:
+            edits[inner] = value
+    edits.update((f"{key}.{name}", None) for name in old if name not in new)
+    return edits
+
+
+_GONE: Any = object()
 
 
 def _bounded(value: Any, limit: int = 200) -> Any:

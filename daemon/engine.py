@@ -407,7 +407,7 @@ class Engine:
         # Below the revision in force: etcd was restored from a backup, and its count
         # goes on from there. Published revisions follow etcd's, as clients compare them.
         self.revision = min(self.revision, revision)
-        self._accept(snapshot, "etcd", revision, edited)
+        self._accept(snapshot, "etcd", revision, edited, before)
 
     def on_etcd_changes(
         self, changes: Iterable[tuple[int, Mapping[str, bytes], Iterable[str]]]
@@ -521,13 +521,14 @@ class Engine:
             now, checked = apart.files, self._check_files(apart.files)
             assert not isinstance(checked, InvalidChange)  # ``take_apart`` checked it
         layer, snapshot = checked
-        edited = changed_keys(self.layers["files"].values, layer.values)
+        before = self.layers["files"].values
+        edited = changed_keys(before, layer.values)
         self.layers = {**self.layers, "files": layer}
         self._files = now
         self._files_still_refused(given)
         if self._keeper is not None:
             self._keeper.files_in_force(now)
-        self._accept(snapshot, "files", self.revision, edited)
+        self._accept(snapshot, "files", self.revision, edited, before)
         return not self._files_said
 
     @property
@@ -912,8 +913,8 @@ class Engine:
                 partial(rejected, candidate.name, revision, self.version, exc, edited, self._flat)
             )
             return False
-        self.layers = layers
-        self._accept(snapshot, candidate.name, revision, edited)
+        before, self.layers = self.layers[candidate.name].values, layers
+        self._accept(snapshot, candidate.name, revision, edited, before)
         return True
 
     def _files_alone(self, files: Layer) -> None:
@@ -922,13 +923,21 @@ class Engine:
         files_alone(self.schema, [*self.layers.values(), files], self.precedence)
 
     def _accept(
-        self, snapshot: Snapshot, layer: str, revision: int, edited: Mapping[str, Any]
+        self,
+        snapshot: Snapshot,
+        layer: str,
+        revision: int,
+        edited: Mapping[str, Any],
+        before: Mapping[str, Any] | None = None,
     ) -> None:
+        """Take ``snapshot``, made by ``layer``'s change of the keys ``edited`` (to their new
+        values; ``before``: that layer's values before it, if known), and push it."""
         started = time.perf_counter()
         if revision:
             self.revision = max(self.revision, revision)
         # Warnings only: they wait until after the push (``_run_after_push``).
-        self._after_push.append(partial(self._announce.shadowed, snapshot, layer, edited))
+        warn = partial(self._announce.shadowed, snapshot, layer, edited, before)
+        self._after_push.append(warn)
         self._after_push.append(partial(self._restart.track, snapshot, layer))
         flat = dict(snapshot.flat)
         flat.update(self._restart.running)
