@@ -101,7 +101,11 @@ class Announcer:
         of the mapping whole."""
         for key, value in edited.items():
             old = before.get(key) if before is not None else None
-            if snapshot.shadowing(layer, key) is None and _both_mappings(old, value):
+            if (
+                isinstance(old, Mapping)
+                and isinstance(value, Mapping)
+                and snapshot.shadowing(layer, key) is None
+            ):
                 for inner, inner_value in edits_inside(key, old, value).items():
                     self._shadowed(snapshot, layer, inner, inner_value)
             else:
@@ -208,10 +212,6 @@ class Announcer:
         return shown_value(key, value, self._secrets)
 
 
-def _both_mappings(old: Any, new: Any) -> bool:
-    return isinstance(old, Mapping) and isinstance(new, Mapping)
-
-
 def edits_inside(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """The dotted keys inside the mapping at ``key`` whose values differ from ``old`` to
     ``new`` (the type counts), each with its new value (None: gone), down to the values
@@ -220,7 +220,7 @@ def edits_inside(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> di
     for name, value in new.items():
         inner = f"{key}.{name}"
         was = old.get(name, _GONE)
-        if _both_mappings(was, value):
+        if isinstance(was, Mapping) and isinstance(value, Mapping):
             edits.update(edits_inside(inner, was, value))
         elif was is _GONE or type(was) is not type(value) or was != value:
             edits[inner] = value
