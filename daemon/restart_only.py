@@ -36,7 +36,8 @@ class RestartOnly:
         self.keys = keys
         self.secrets = secrets  # the schema's (``secret_keys``): their values are never shown
         self.running: dict[str, Any] = {}  # by dotted key: the values clients keep
-        self.pending: dict[str, Any] = {}  # by dotted key: the values a restart would bring
+        # By dotted key: the values a restart would bring. Never edited: ``track`` replaces it.
+        self.pending: dict[str, Any] = {}
         self._log = log
         self._on_pending = on_pending  # the keys pending a restart changed
 
@@ -51,11 +52,7 @@ class RestartOnly:
     def held_back(self, wanted: Mapping[str, Any]) -> dict[str, Any]:
         """The keys whose running value differs from ``wanted`` (by dotted key; the type
         counts), with that running value."""
-        return {
-            k: v
-            for k, v in self.running.items()
-            if k not in wanted or type(wanted[k]) is not type(v) or wanted[k] != v
-        }
+        return {k: v for k, v in self.running.items() if k not in wanted or not _same(wanted[k], v)}
 
     def in_force(self, values: Mapping[str, Any], flat: Mapping[str, Any]) -> dict[str, Any]:
         """``values`` (nested, JSON form; ``flat`` the same by dotted key) as clients get
@@ -74,12 +71,18 @@ class RestartOnly:
         wanted value. ``on_pending`` is told of one too, not only of a key pending or no
         longer: which processes run the wanted value already (a process restarted alone
         holds the value it started with) changes with it (``feedback.ClientFeedback``)."""
-        before = set(self.pending)
+        # Built aside and swapped whole: the loop reads ``pending`` (status entries, through
+        # ``Engine.pending_restart``) without the daemon's lock while a lone change is taken
+        # on the watch thread, and a dict edited in place while read raised there.
+        before = self.pending
+        pending = dict(before)
         changed = False
         for key, running in self.running.items():
             wanted = snapshot.flat.get(key)
-            if wanted != running:
-                if self.pending.get(key, running) != wanted:
+            # The type counts, as for what clients get (``held_back``): a key wanted at 1.0
+            # that runs at 1 is held back, and a restart changes it.
+            if not _same(wanted, running):
+                if not _same(pending.get(key, running), wanted):
                     changed = True
                     self._log.warning(
                         "restart_pending",
@@ -89,17 +92,18 @@ class RestartOnly:
                         layer=layer,
                         detail=_PENDING_DETAIL,
                     )
-                self.pending[key] = wanted
-            elif key in self.pending:
+                pending[key] = wanted
+            elif key in pending:
+                del pending[key]
                 self._cleared(key, running, layer)
-        if changed or set(self.pending) != before:
+        self.pending = pending
+        if changed or pending.keys() != before.keys():
             self._on_pending()
 
     def _cleared(self, key: str, running: Any, layer: str) -> None:
         """``key`` is wanted at its running value again (the change reverted before any
         restart): no restart is needed for it any more. Said, as its ``restart_pending``
         was, so that an operator who saw that one does not restart for nothing."""
-        del self.pending[key]
         self._log.info(
             "restart_pending_cleared",
             key=key,
@@ -107,6 +111,11 @@ class RestartOnly:
             layer=layer,
             detail="wanted at its running value again: no restart is needed for it",
         )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two values are the same, of the same type: ``1`` is not ``1.0`` nor ``True``."""
+    return type(a) is type(b) and a == b
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
