@@ -182,6 +182,18 @@ def _describe(event: dict[str, Any]) -> str:
             f"{when} REJECTED [files] {event.get('reason')} "
             f"(v{event.get('version')} stays in force)"
         )
+    if kind == "restart_pending":
+        return (
+            f"{when} RESTART-ONLY rev {event.get('revision')} [{event.get('layer')}] "
+            f"{event.get('key')}={fmt(event.get('wanted'))} waits for a restart of the daemon "
+            f"and its processes (they run {fmt(event.get('running'))})"
+        )
+    if kind == "restart_pending_cleared":
+        return (
+            f"{when} RESTART-ONLY rev {event.get('revision')} [{event.get('layer')}] "
+            f"{event.get('key')} is wanted at the value run again, "
+            f"{fmt(event.get('running'))}: no restart is needed for it"
+        )
     if kind == "etcd_path_ignored":
         where = f"rev {event.get('revision')} [etcd] {event.get('path')}"
         return f"{when} IGNORED {where}: {event.get('reason')}"

@@ -191,7 +191,7 @@ class Engine:
         self.log = get_logger("hotknob.engine", app=app)
         self._keeper = StateKeeper(store, self.log) if store is not None else None
         secrets = schema_facts(schema).secrets  # cached by class: computed once
-        self._restart = RestartOnly(restart_only, self.log, on_restart_pending, secrets)
+        self._restart = RestartOnly(restart_only, self.log, on_restart_pending, secrets, broadcast)
         self._announce = Announcer(
             self.log,
             secrets=secrets,
@@ -938,7 +938,7 @@ class Engine:
         # Warnings only: they wait until after the push (``_run_after_push``).
         warn = partial(self._announce.shadowed, snapshot, layer, edited, before)
         self._after_push.append(warn)
-        self._after_push.append(partial(self._restart.track, snapshot, layer))
+        self._after_push.append(partial(self._restart.track, snapshot, layer, self.revision))
         flat = dict(snapshot.flat)
         flat.update(self._restart.running)
         changed = changed_keys(self._flat, flat)

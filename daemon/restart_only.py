@@ -4,13 +4,14 @@ A field marked restart-only (``json_schema_extra={"live": False}``) is never hot
 A change to it is still validated and accepted into the layers and the snapshot
 (``explain`` shows it), but what clients get keeps the running value, and the key is
 reported as pending a restart (``restart_pending``, once per new wanted value) until
-its wanted value is the running one again (``restart_pending_cleared``). A secret key's
-values are masked wherever they are reported (the log line, ``/healthz``): clients get
-them, people do not.
+its wanted value is the running one again (``restart_pending_cleared``): each a log line
+and an event for ``watch`` clients. A secret key's values are masked wherever they are
+reported (the log line, the event, ``/healthz``): clients get them, people do not.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ class RestartOnly:
         log: Any,
         on_pending: Callable[[], None] = lambda: None,
         secrets: frozenset[str] = frozenset(),
+        broadcast: Callable[[dict[str, Any]], None] = lambda event: None,
     ):
         self.keys = keys
         self.secrets = secrets  # the schema's (``secret_keys``): their values are never shown
@@ -40,6 +42,8 @@ class RestartOnly:
         self.pending: dict[str, Any] = {}
         self._log = log
         self._on_pending = on_pending  # the keys pending a restart changed
+        self._broadcast = broadcast  # to ``watch`` clients: a change that altered nothing
+        # in force (the key held back) is no ``change_accepted``, and was heard of nowhere
 
     def start(self, flat: Mapping[str, Any]) -> None:
         """The daemon started with ``flat`` (by dotted key): those values are the running ones."""
@@ -66,7 +70,7 @@ class RestartOnly:
             _set_dotted(copied, key, value)
         return copied
 
-    def track(self, snapshot: Snapshot, layer: str) -> None:
+    def track(self, snapshot: Snapshot, layer: str, revision: int = 0) -> None:
         """Update what is pending after ``layer``'s change made ``snapshot``; warn of a new
         wanted value. ``on_pending`` is told of one too, not only of a key pending or no
         longer: which processes run the wanted value already (a process restarted alone
@@ -84,33 +88,39 @@ class RestartOnly:
             if not _same(wanted, running):
                 if not _same(pending.get(key, running), wanted):
                     changed = True
-                    self._log.warning(
-                        "restart_pending",
-                        key=key,
-                        running=shown_value(key, running, self.secrets),
-                        wanted=shown_value(key, wanted, self.secrets),
-                        layer=layer,
-                        detail=_PENDING_DETAIL,
-                    )
+                    said = {
+                        "key": key,
+                        "running": shown_value(key, running, self.secrets),
+                        "wanted": shown_value(key, wanted, self.secrets),
+                        "layer": layer,
+                        "revision": revision,
+                    }
+                    self._log.warning("restart_pending", **said, detail=_PENDING_DETAIL)
+                    self._event("restart_pending", said)
                 pending[key] = wanted
             elif key in pending:
                 del pending[key]
-                self._cleared(key, running, layer)
+                self._cleared(key, running, layer, revision)
         self.pending = pending
         if changed or pending.keys() != before.keys():
             self._on_pending()
 
-    def _cleared(self, key: str, running: Any, layer: str) -> None:
+    def _cleared(self, key: str, running: Any, layer: str, revision: int) -> None:
         """``key`` is wanted at its running value again (the change reverted before any
         restart): no restart is needed for it any more. Said, as its ``restart_pending``
         was, so that an operator who saw that one does not restart for nothing."""
-        self._log.info(
-            "restart_pending_cleared",
-            key=key,
-            running=shown_value(key, running, self.secrets),
-            layer=layer,
-            detail="wanted at its running value again: no restart is needed for it",
-        )
+        said = {
+            "key": key,
+            "running": shown_value(key, running, self.secrets),
+            "layer": layer,
+            "revision": revision,
+        }
+        detail = "wanted at its running value again: no restart is needed for it"
+        self._log.info("restart_pending_cleared", **said, detail=detail)
+        self._event("restart_pending_cleared", said)
+
+    def _event(self, name: str, said: Mapping[str, Any]) -> None:
+        self._broadcast({"type": "event", "event": name, **said, "time": time.time()})
 
 
 def _same(a: Any, b: Any) -> bool:
