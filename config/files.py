@@ -75,6 +75,24 @@ class _StrictYamlLoader(_Strict, yaml.SafeLoader):
     for the errors a user is shown."""
 
 
+_JSON_EXPONENT = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?[eE][-+]?[0-9]+$")
+"""A number with an exponent as JSON writes it (``1e-3``, ``6.02e23``, ``1.0e3``), which
+YAML 1.1 reads as text unless it has a '.' and a signed exponent: ``lr: 1e-3`` would be
+the string "1e-3" where ``--set``, env and etcd read the number 0.001, a field of ``int``
+would refuse ``1e3`` that ``--set`` takes as 1000, and one of ``Any`` would hold text. A
+number here too, as YAML 1.2 reads it."""
+
+
+def _reads_exponents(loader: type[Any]) -> type[Any]:
+    # On the loader class alone: PyYAML copies the resolvers into it before adding one,
+    # so ``yaml.SafeLoader`` (which other code may use) is left as it is.
+    loader.add_implicit_resolver("tag:yaml.org,2002:float", _JSON_EXPONENT, list("-0123456789"))
+    return loader
+
+
+_reads_exponents(_StrictYamlLoader)
+
+
 _CParser: Any
 try:
     from yaml._yaml import CParser as _CParser
@@ -100,6 +118,8 @@ if _CParser is not None:
             yaml.composer.Composer.__init__(self)
             yaml.constructor.SafeConstructor.__init__(self)
             yaml.resolver.Resolver.__init__(self)
+
+    _reads_exponents(_FastStrictYamlLoader)
 
 
 _FAST_YAML_UNLIKE = re.compile(r"[\t\x85\u2028\u2029\ufeff]|[|>][-+0-9]*#|!(?:\s|$)")

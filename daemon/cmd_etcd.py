@@ -21,11 +21,12 @@ from typing import Any
 from hotknob.config import InvalidChange, Problem, Unavailable, UsageError, etcd_layer
 from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import etcd_key, key_path_fault, meta_key, to_text
-from hotknob.config.merge import Snapshot, changed_keys, merge_dropping_invalid
+from hotknob.config.merge import Snapshot, changed_keys, merge_dropping_invalid, same_value
 from hotknob.config.nesting import value_at
 from hotknob.config.schema import leaf_map, restart_only_keys, restart_only_written
 from hotknob.config.schema_facts import is_known
 from hotknob.config.secrecy import secret_keys, shown_value
+from hotknob.config.sendable import non_finite
 from hotknob.config.sources import Layer, parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
@@ -133,8 +134,8 @@ def _print_diff(
             dumps(
                 {
                     k: {
-                        "old": o,
-                        "new": n,
+                        "old": _json_value(o),
+                        "new": _json_value(n),
                         "existed": k in existed or k in unreadable,
                         "deleted": k in deleted,
                     }
@@ -160,6 +161,13 @@ def _print_diff(
             ],
         )
     )
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as ``--json`` can print it: an etcd value that reads as a number too large
+    for a float (``1e999``, put with etcdctl; never in force) as its text, ``Infinity``,
+    in a string: as a number it would make the output no JSON at all."""
+    return fmt(value) if non_finite({"": value}) else value
 
 
 def _warn_shadowed(snapshot: Snapshot, keys: list[str], secrets: frozenset[str]) -> None:
@@ -556,7 +564,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         )
     layers, _, revision = read_all_layers(ctx, args)
     current = next(layer for layer in layers if layer.name == "etcd")
-    puts = {k: v for k, v in old.values.items() if current.values.get(k, _ABSENT) != v}
+    # ``same_value``, not ``!=``: a rollback from ``0.0`` to ``-0.0``, or from ``{"a": true}``
+    # to ``{"a": 1}``, restores a value that ``==`` takes for the one etcd holds now.
+    puts = {
+        k: v
+        for k, v in old.values.items()
+        if k not in current.values or not same_value(current.values[k], v)
+    }
     # With the keys whose value cannot be read now (``_unreadable``): absent then, they go.
     deletes = [k for k in current.origins if k not in old.values]
     if not puts and not deletes:
@@ -575,5 +589,4 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         raise InvalidChange(problems) from None
 
 
-_ABSENT = object()
 _MAX_REVISION = 2**63 - 1  # etcd's revisions are int64

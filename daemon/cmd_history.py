@@ -18,6 +18,7 @@ from hotknob.config.keys import NotText, etcd_key, key_from_etcd, meta_key, pars
 from hotknob.config.schema import leaf_map
 from hotknob.config.schema_facts import is_known
 from hotknob.config.secrecy import SECRET_MASK, hides, secret_keys
+from hotknob.config.sendable import non_finite
 
 from .cmd_etcd import Add
 from .context import Context
@@ -104,13 +105,16 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def _typed(text: str | None) -> Any:
     """The value as the daemon reads ``text``: JSON text, or a bare word as a string (so is
-    text that JSON allows and UTF-8 cannot carry)."""
+    text that JSON allows and UTF-8 cannot carry, and a number too large for a float,
+    ``1e999``: read, it is infinity, which ``--json`` could only print as ``Infinity``,
+    no JSON at all)."""
     if text is None:
         return None
     try:
-        return parse_text(text)
+        value = parse_text(text)
     except NotText:
         return text
+    return text if non_finite({"": value}) else value
 
 
 def _write_times(store: EtcdStore, app: str) -> dict[int, dict[str, Any]]:
