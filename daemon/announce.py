@@ -20,6 +20,7 @@ from typing import Any
 
 from hotknob.config import InvalidChange, Snapshot
 from hotknob.config.errors import Problem
+from hotknob.config.merge import same_value
 from hotknob.config.nesting import value_at
 from hotknob.config.secrecy import mask_secrets, shown_value
 
@@ -222,7 +223,7 @@ def edits_inside(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> di
         was = old.get(name, _GONE)
         if isinstance(was, Mapping) and isinstance(value, Mapping):
             edits.update(edits_inside(inner, was, value))
-        elif was is _GONE or type(was) is not type(value) or was != value:
+        elif was is _GONE or not same_value(was, value):
             edits[inner] = value
     edits.update((f"{key}.{name}", None) for name in old if name not in new)
     return edits

@@ -18,6 +18,7 @@ import atexit
 import functools
 import json as _json
 import logging
+import math
 import os
 import select
 import stat
@@ -49,11 +50,30 @@ def _drop_sensitive(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
 
 # One encoder for every line (``json.dumps`` with options builds a new one per call);
 # what JSON cannot carry is logged as its ``repr``.
-_ENCODER = _json.JSONEncoder(default=repr)
+_ENCODER = _json.JSONEncoder(default=repr, allow_nan=False)
 
 
 def _dumps(event: Any, **_: Any) -> str:
-    return _ENCODER.encode(event)
+    try:
+        return _ENCODER.encode(event)
+    except ValueError:
+        # A number JSON has no text for (a refused ``1e999`` read as infinity): written
+        # as ``Infinity`` it would make the line no JSON for a log collector.
+        try:
+            return _ENCODER.encode(_finite(event))
+        except (ValueError, RecursionError):
+            return _ENCODER.encode({"event": "log_line_unwritable", "line": repr(event)})
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with each float that is not finite as its text (``'inf'``, ``'nan'``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 _stamp_cache: tuple[int, str] = (-1, "")  # (the second, its date and time formatted)

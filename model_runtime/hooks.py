@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import traceback
 from collections.abc import Callable, Collection
 from functools import partial
@@ -34,7 +35,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .binding import Binding, Handle
-from .received import MISSING, State, get_dotted, prefixes
+from .received import MISSING, State, _same_leaf, get_dotted, prefixes
 
 log = logging.getLogger("hotknob.model_runtime")
 
@@ -66,6 +67,10 @@ def _value(state: State, key: str) -> Any:
     """The value at ``key`` (a leaf or a section); None if ``state`` has no such key."""
     value = state.flat.get(key, MISSING)
     return get_dotted(state.values, key, None) if value is MISSING else value
+
+
+# Frozen values that ``==`` may take for equal while they differ: ``(1,) == (1.0,)``.
+_CONTAINERS = frozenset({tuple, MappingProxyType})
 
 
 class Hooks:
@@ -109,10 +114,20 @@ class Hooks:
         if not self._bindings and not self._callbacks:
             return []
         before = old.flat
-        changed = {  # a change of type counts (protocol.md): 1 -> 1.0, 0 -> False
+        # A change of type counts (protocol.md): 1 -> 1.0, 0 -> False; and a zero's sign,
+        # inside a list or mapping too: the daemon pushes 0.0 -> -0.0 and [1] -> [1.0].
+        changed = {
             k: v
             for k, v in new.flat.items()
-            if (o := before.get(k, MISSING)) != v or type(o) is not type(v)
+            if (o := before.get(k, MISSING)) is not v
+            and (
+                type(o) is not type(v)
+                or o != v
+                or (
+                    type(v) is float and v == 0.0 and math.copysign(1.0, v) != math.copysign(1.0, o)
+                )
+                or (type(v) in _CONTAINERS and not _same_leaf(o, v))
+            )
         }
         removed = old.flat.keys() - new.flat.keys()  # a daemon restarted on another schema
         if not changed and not removed:
