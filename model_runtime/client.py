@@ -507,7 +507,26 @@ class LiveConfig:
             old, self._applied = self._applied, new
             self._applied_step, self._applied_at = step, time.time()
             self._unacked = not ack
+            if old is NOTHING and self._restart_only:
+                self._hold_received()
         self._after_apply(old, new, step, ack=ack)
+
+    def _hold_received(self) -> None:
+        """Hold the states received so far (``_hold``) at the restart-only values of the
+        first state applied, under ``_lock``. They came before anything was applied, so
+        they are as the daemon sent them; under a group the first state applied may be
+        another rank's, whose daemon holds other restart-only values (it started before a
+        restart-only ``set``, this one after). Unheld, this rank's newest would never show
+        the values it runs, so it would never acknowledge them, and, chosen at a later
+        agreement, it would change a restart-only key on every rank."""
+        applied = self._applied
+        held = {id(state): self._hold(state, applied) for state in self._received}
+        self._received = deque(held.values(), maxlen=self._received.maxlen)
+        latest, pending = self._latest, self._pending
+        if latest is not None:
+            self._latest = held.get(id(latest), latest)
+        if pending is not None:
+            self._pending = held.get(id(pending), pending)
 
     def _adopt(self, state: State) -> bool:
         """If the applied values came from another rank unacknowledged and ``state``, sent
@@ -543,9 +562,12 @@ class LiveConfig:
         applied unacknowledged (``_apply_state``) and that state, at the same etcd revision,
         holds other values (the nodes' local layers differ), which this rank will not apply
         while the others run theirs. Without it, ``status`` and ``set --wait`` see a process
-        that holds a state unapplied, as a hung one does. Once per state of the daemon's and
+        that holds a state unapplied, as a hung one does. The ack names the restart-only
+        keys the process runs at other values than that state's (``held``), as any ack
+        does: without them its daemon would drop them from the process's entry, which then
+        no longer said that they wait for a restart. Once per state of the daemon's and
         connection; called by ``StepSync.agree`` only when it installs another rank's
-        values, so ``apply``'s steady state costs nothing more."""
+        values or keeps them, so ``apply``'s steady state costs nothing more."""
         with self._lock:
             applied, newest = self._applied, self._latest
             if (
@@ -562,7 +584,10 @@ class LiveConfig:
             step, at = self._applied_step, self._applied_at
         if _ackable(step):
             agreed = {"rank": rank, "revision": applied.revision}
-            self._conn.send(protocol.applied(newest.version, step, at=at, agreed=agreed))
+            # ``newest`` is held at the values this process runs (``_hold``), so its held
+            # keys and their values are those of the values run, another rank's.
+            held = self._held_fields(newest)
+            self._conn.send(protocol.applied(newest.version, step, at=at, agreed=agreed, **held))
 
     def _after_apply(self, old: State, new: State, step: int, *, ack: bool) -> None:
         errors = self._hooks.run(old, new)
@@ -866,9 +891,10 @@ class LiveConfig:
         received = self._received
         like = received[-1] if received.maxlen != 1 and received else None
         state = state_from_message(message, like)
+        applied = self._applied
         if self._restart_only:
-            state = self._hold(state)
-        self._receive(state, is_snapshot)
+            state = self._hold(state, applied)
+        self._receive(state, is_snapshot, held_at=applied)
 
     def _refuse_app(self, served: str) -> None:
         """The daemon at the socket serves another app than the one asked for (a
@@ -885,12 +911,11 @@ class LiveConfig:
         elif not said:
             log.error("live_wrong_app %s; the values in force stay", self._wrong_app)
 
-    def _hold(self, state: State) -> State:
-        """``state`` with each restart-only key at the value this process runs, once it has
-        applied one: a daemon holds such a key at the value it started with, and a daemon
-        restarted after the key changed (its container, by a probe; or by hand, for a new
-        flag) started with the new value. Only a restart of the process takes that."""
-        applied = self._applied
+    def _hold(self, state: State, applied: State) -> State:
+        """``state`` with each restart-only key at the value this process runs (``applied``),
+        once it has applied one: a daemon holds such a key at the value it started with, and
+        a daemon restarted after the key changed (its container, by a probe; or by hand, for
+        a new flag) started with the new value. Only a restart of the process takes that."""
         if applied is NOTHING:  # the first state: what the process starts with
             return state
         running = _values_of(applied, self._restart_only)
@@ -927,14 +952,19 @@ class LiveConfig:
         }
         return {"held": list(state.held), "held_digests": digests}
 
-    def _receive(self, state: State, is_snapshot: bool) -> None:
+    def _receive(self, state: State, is_snapshot: bool, held_at: State = NOTHING) -> None:
         """Keep ``state`` as pending unless it is exactly what is already applied, or the
         daemon's state a loaded checkpoint replaced, sent again: its values at its etcd
         revision, under any version (a daemon restarted after a crash numbers its state
-        anew, above the one it had)."""
+        anew, above the one it had). ``held_at``: the applied state ``state`` was held at
+        (``_hold``)."""
         with self._lock:
             if is_snapshot:  # a new connection: its daemon was told nothing yet
                 self._agreed_told = None
+            if held_at is NOTHING and self._applied is not NOTHING and self._restart_only:
+                # The first apply came in between: it held those received before it
+                # (``_hold_received``), and this one is held here.
+                state = self._hold(state, self._applied)
             self._received.append(state)
             applied = self._applied
             superseded = self._superseded

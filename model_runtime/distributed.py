@@ -45,10 +45,12 @@ must call ``apply`` as often as the others, with the same steps):
    every rank applies those. A rank that applied values from another rank
    acknowledges them at the first agreement on them after its own daemon sent
    the same values, under its daemon's version, with the step they were
-   applied at. Until then, if its daemon's newest state is at the same etcd
-   revision with other values (the local layers differ), it tells its daemon
-   that it runs the agreed values in that state's place (``LiveConfig._tell_agreed``),
-   so that ``status`` and ``set --wait`` do not take it for a hung process.
+   applied at (its daemon's states are held at the restart-only values it runs,
+   so a daemon that holds other ones sends the same values too). Until then, if
+   its daemon's newest state is at the same etcd revision with other values (the
+   local layers differ), it tells its daemon that it runs the agreed values in
+   that state's place (``LiveConfig._tell_agreed``), so that ``status`` and
+   ``set --wait`` do not take it for a hung process.
    The same collective gives the lowest and highest revision of the states the
    ranks run; the ranks keep those values, and apply nothing, if a rank runs a
    later state than the target (an edit reverted before some ranks got it: the
@@ -154,6 +156,10 @@ class StepSync:
         # The loaded checkpoint's state, which the ranks run until they apply another: its
         # revision may be another etcd's, so it orders nothing here.
         self._checkpoint: State | None = None
+        # The group rank whose values this rank last installed unacknowledged, if any
+        # (``LiveConfig._tell_agreed``: an agreement that keeps them says so again to a
+        # daemon that sent a state since, or was restarted).
+        self._source: int | None = None
 
     def check_same_settings(self) -> None:
         """One collective: ``ValueError`` on every rank unless all have this ``sync_every``,
@@ -267,6 +273,7 @@ class StepSync:
         if -neg_high_applied > revision:
             # A rank runs a later state (the same values as the others: an edit reverted
             # before some ranks got it, the revert acknowledged): going back would reorder.
+            self._tell_agreed(live)
             return False
         for held_by_all, copy in zip(everyone, copies, strict=True):
             if held_by_all:
@@ -276,6 +283,7 @@ class StepSync:
             # The values run were agreed at this revision, and the ranks still at it hold
             # values that lost to them there (local layers differ) or an edit that the
             # ranks past it can no longer get: keep them until those ranks move on.
+            self._tell_agreed(live)
             return False
         mine = copies[0]
         disagree = len(options) > 1 and revision == newest.revision and digest != newest.digest
@@ -295,8 +303,24 @@ class StepSync:
 
         state = State.build(payload["version"], payload["revision"], payload["values"])
         changed = self._install(live, state, step, ack=False)
-        live._tell_agreed(self._global_rank(source))
+        self._source = source
+        self._tell_agreed(live)
         return changed
+
+    def _tell_agreed(self, live: LiveConfig) -> None:
+        """This rank runs the values it installed from another rank, ``_source``: if its
+        daemon's newest state holds them (``LiveConfig._adopt``: once held at the
+        restart-only values run, ``_hold``), acknowledge that state; else tell its daemon
+        that it runs them in that state's place (``LiveConfig._tell_agreed``, which does
+        nothing if it was told, or the values were acknowledged since). Also when the ranks
+        keep those values: its daemon may have sent a state since, or restarted."""
+        source = self._source
+        if source is None:
+            return
+        newest = live._latest
+        if newest is not None and live._adopt(newest):
+            return
+        live._tell_agreed(self._global_rank(source))
 
     @staticmethod
     def _install(live: LiveConfig, state: State, step: int, *, ack: bool) -> bool:
