@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hotknob.config import Snapshot
+from hotknob.config.merge import same_value
 from hotknob.config.secrecy import mask_secrets, shown_value
 
 # What an operator does about a ``restart_pending`` key: a process restarted alone gets
@@ -124,8 +125,10 @@ class RestartOnly:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Whether two values are the same, of the same type: ``1`` is not ``1.0`` nor ``True``."""
-    return type(a) is type(b) and a == b
+    """Whether two values are the same as a process runs them: of the same types all
+    through (``1`` is not ``1.0`` nor ``True``, ``[1]`` not ``[1.0]``), each zero of the
+    same sign (``same_value``, as the daemon's diff compares them)."""
+    return same_value(a, b)
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
