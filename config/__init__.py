@@ -1,5 +1,6 @@
 """hotknob.config: the schema, the layer sources, and the precedence merge with provenance."""
 
+from .changes import changed_keys
 from .environ import env_layer
 from .errors import (
     HotknobError,
@@ -12,7 +13,7 @@ from .errors import (
     UsageError,
 )
 from .files import read_config_file
-from .merge import DEFAULT_PRECEDENCE, Snapshot, changed_keys, merge_layers, parse_precedence
+from .merge import DEFAULT_PRECEDENCE, Snapshot, merge_layers, parse_precedence
 from .schema import DEFAULT_SCHEMA, MLParams, iter_leaves, load_schema, restart_only_keys
 from .sources import (
     LAYERS,

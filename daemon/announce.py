@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hotknob.config import InvalidChange, Snapshot
+from hotknob.config.changes import same_value
 from hotknob.config.errors import Problem
-from hotknob.config.merge import same_value
 from hotknob.config.nesting import value_at
 from hotknob.config.secrecy import mask_secrets, shown_value
 

@@ -19,9 +19,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from hotknob.config import InvalidChange, Problem, Unavailable, UsageError, etcd_layer
+from hotknob.config.changes import changed_keys, same_value
 from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import etcd_key, key_path_fault, meta_key, to_text
-from hotknob.config.merge import Snapshot, changed_keys, merge_dropping_invalid, same_value
+from hotknob.config.merge import Snapshot, merge_dropping_invalid
 from hotknob.config.nesting import value_at
 from hotknob.config.schema import leaf_map, restart_only_keys, restart_only_written
 from hotknob.config.schema_facts import is_known

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hotknob.config import Snapshot
-from hotknob.config.merge import same_value
+from hotknob.config.changes import same_value
 from hotknob.config.secrecy import mask_secrets, shown_value
 
 # What an operator does about a ``restart_pending`` key: a process restarted alone gets

@@ -73,7 +73,7 @@ from typing import Any
 
 import structlog
 
-from hotknob.config.merge import changed_keys
+from hotknob.config.changes import changed_keys
 from hotknob.model_runtime import protocol
 
 from .pending import Sent

@@ -28,9 +28,10 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from hotknob.config.changes import changed_keys
 from hotknob.config.keys import parse_text
 from hotknob.config.leafwise import leaf_check, model_with, validate_plain_put, validate_puts
-from hotknob.config.merge import LeafInput, changed_keys, validate_leaves
+from hotknob.config.merge import LeafInput, validate_leaves
 from hotknob.config.schema import MLParams, iter_leaves
 
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, Field
 
+from hotknob.config.changes import changed_keys, same_value
 from hotknob.config.files import read_config_file
-from hotknob.config.merge import changed_keys, same_value
 from hotknob.model_runtime.client import LiveConfig
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer

@@ -26,7 +26,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from hotknob.config.merge import changed_keys
+from hotknob.config.changes import changed_keys
 from hotknob.daemon.socket_server import (
     ClientInfo,
     Published,
