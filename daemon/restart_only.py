@@ -127,8 +127,15 @@ class RestartOnly:
 def _same(a: Any, b: Any) -> bool:
     """Whether two values are the same as a process runs them: of the same types all
     through (``1`` is not ``1.0`` nor ``True``, ``[1]`` not ``[1.0]``), each zero of the
-    same sign (``same_value``, as the daemon's diff compares them)."""
-    return same_value(a, b)
+    same sign (``same_value``, as the daemon's diff compares them). Called for every lone
+    etcd put (``held_back``): an int or a text, the usual restart-only value, is told at
+    once."""
+    kind = type(a)
+    return kind is type(b) and a == b and (kind not in _SUBTLE or same_value(a, b))
+
+
+# The types whose equal values may still differ (``same_value``).
+_SUBTLE = frozenset({float, list, tuple, dict})
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
