@@ -46,7 +46,13 @@ def same_value(a: Any, b: Any) -> bool:
     types all through, each zero of the same sign. ``==`` takes ``-0.0`` for ``0.0`` and
     ``[1]`` for ``[1.0]`` or ``[True]``: a change from one to the other would never reach
     the processes, which keep running the old value while ``get`` shows the new one.
-    Without recursion: values may nest deeply."""
+    Without recursion: values may nest deeply. A value of another kind (an int, a text:
+    the usual restart-only value, compared on every lone etcd put) is decided at once."""
+    kind = type(a)
+    if kind is not type(b) or a != b:
+        return False
+    if kind is not float and kind not in _CONTAINERS:
+        return True
     stack = [(a, b)]
     while stack:
         a, b = stack.pop()
@@ -61,3 +67,19 @@ def same_value(a: Any, b: Any) -> bool:
         elif isinstance(a, Mapping):  # equal: the same names
             stack.extend((value, b[name]) for name, value in a.items())
     return True
+
+
+def edits_inside(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted keys inside the mapping at ``key`` whose values differ from ``old`` to
+    ``new`` (``same_value``), each with its new value (None: gone), down to the values
+    that are no mappings on both sides."""
+    edits: dict[str, Any] = {}
+    for name, value in new.items():
+        inner = f"{key}.{name}"
+        was = old.get(name, _GONE)
+        if isinstance(was, Mapping) and isinstance(value, Mapping):
+            edits.update(edits_inside(inner, was, value))
+        elif was is _GONE or not same_value(was, value):
+            edits[inner] = value
+    edits.update((f"{key}.{name}", None) for name in old if name not in new)
+    return edits

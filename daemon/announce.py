@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hotknob.config import InvalidChange, Snapshot
-from hotknob.config.changes import same_value
+from hotknob.config.changes import edits_inside
 from hotknob.config.errors import Problem
 from hotknob.config.nesting import value_at
 from hotknob.config.secrecy import mask_secrets, shown_value
@@ -93,15 +93,15 @@ class Announcer:
         snapshot: Snapshot,
         layer: str,
         edited: Mapping[str, Any],
-        before: Mapping[str, Any] | None = None,
+        before: Mapping[str, Any],
     ) -> None:
-        """Warn of each key ``layer`` edited whose value a higher layer's still wins. Given
-        ``before``, the layer's values before the edit, a mapping it gave before too is
+        """Warn of each key ``layer`` edited whose value a higher layer's still wins.
+        ``before`` holds the layer's values before the edit: a mapping it gave before too is
         looked at by the keys inside it that changed: a higher layer may set one of those
         alone (etcd's ``weights.head`` over a file's ``weights``), where it sets no value
         of the mapping whole."""
         for key, value in edited.items():
-            old = before.get(key) if before is not None else None
+            old = before.get(key)
             if (
                 isinstance(old, Mapping)
                 and isinstance(value, Mapping)
@@ -211,25 +211,6 @@ class Announcer:
         leaves nor under a leaf that holds a mapping (``hides``): a section key holding a
         JSON object, a mistyped key."""
         return shown_value(key, value, self._secrets)
-
-
-def edits_inside(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """The dotted keys inside the mapping at ``key`` whose values differ from ``old`` to
-    ``new`` (the type counts), each with its new value (None: gone), down to the values
-    that are no mappings on both sides."""
-    edits: dict[str, Any] = {}
-    for name, value in new.items():
-        inner = f"{key}.{name}"
-        was = old.get(name, _GONE)
-        if isinstance(was, Mapping) and isinstance(value, Mapping):
-            edits.update(edits_inside(inner, was, value))
-        elif was is _GONE or not same_value(was, value):
-            edits[inner] = value
-    edits.update((f"{key}.{name}", None) for name in old if name not in new)
-    return edits
-
-
-_GONE: Any = object()
 
 
 def _bounded(value: Any, limit: int = 200) -> Any:

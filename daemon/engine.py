@@ -928,10 +928,10 @@ class Engine:
         layer: str,
         revision: int,
         edited: Mapping[str, Any],
-        before: Mapping[str, Any] | None = None,
+        before: Mapping[str, Any],
     ) -> None:
         """Take ``snapshot``, made by ``layer``'s change of the keys ``edited`` (to their new
-        values; ``before``: that layer's values before it, if known), and push it."""
+        values; ``before``: that layer's values before it), and push it."""
         started = time.perf_counter()
         if revision:
             self.revision = max(self.revision, revision)

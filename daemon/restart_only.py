@@ -57,7 +57,9 @@ class RestartOnly:
     def held_back(self, wanted: Mapping[str, Any]) -> dict[str, Any]:
         """The keys whose running value differs from ``wanted`` (by dotted key; the type
         counts), with that running value."""
-        return {k: v for k, v in self.running.items() if k not in wanted or not _same(wanted[k], v)}
+        return {
+            k: v for k, v in self.running.items() if k not in wanted or not same_value(wanted[k], v)
+        }
 
     def in_force(self, values: Mapping[str, Any], flat: Mapping[str, Any]) -> dict[str, Any]:
         """``values`` (nested, JSON form; ``flat`` the same by dotted key) as clients get
@@ -86,8 +88,8 @@ class RestartOnly:
             wanted = snapshot.flat.get(key)
             # The type counts, as for what clients get (``held_back``): a key wanted at 1.0
             # that runs at 1 is held back, and a restart changes it.
-            if not _same(wanted, running):
-                if not _same(pending.get(key, running), wanted):
+            if not same_value(wanted, running):
+                if not same_value(pending.get(key, running), wanted):
                     changed = True
                     said = {
                         "key": key,
@@ -122,20 +124,6 @@ class RestartOnly:
 
     def _event(self, name: str, said: Mapping[str, Any]) -> None:
         self._broadcast({"type": "event", "event": name, **said, "time": time.time()})
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether two values are the same as a process runs them: of the same types all
-    through (``1`` is not ``1.0`` nor ``True``, ``[1]`` not ``[1.0]``), each zero of the
-    same sign (``same_value``, as the daemon's diff compares them). Called for every lone
-    etcd put (``held_back``): an int or a text, the usual restart-only value, is told at
-    once."""
-    kind = type(a)
-    return kind is type(b) and a == b and (kind not in _SUBTLE or same_value(a, b))
-
-
-# The types whose equal values may still differ (``same_value``).
-_SUBTLE = frozenset({float, list, tuple, dict})
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:

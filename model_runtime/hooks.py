@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .binding import Binding, Handle
-from .received import MISSING, State, _same_leaf, get_dotted, prefixes
+from .received import MISSING, State, get_dotted, prefixes, same_leaf
 
 log = logging.getLogger("hotknob.model_runtime")
 
@@ -126,7 +126,7 @@ class Hooks:
                 or (
                     type(v) is float and v == 0.0 and math.copysign(1.0, v) != math.copysign(1.0, o)
                 )
-                or (type(v) in _CONTAINERS and not _same_leaf(o, v))
+                or (type(v) in _CONTAINERS and not same_leaf(o, v))
             )
         }
         removed = old.flat.keys() - new.flat.keys()  # a daemon restarted on another schema

@@ -94,7 +94,7 @@ def _shared_section(
             return MOVED  # a section became a leaf
         else:
             new = freeze(value)
-            if _same_leaf(new, before):
+            if same_leaf(new, before):
                 new = before
             else:
                 flat[f"{prefix}{key}"] = new
@@ -103,16 +103,16 @@ def _shared_section(
     return old if unchanged else MappingProxyType(frozen)
 
 
-def _same_leaf(a: Any, b: Any) -> bool:
+def same_leaf(a: Any, b: Any) -> bool:
     """Equal frozen leaves, of the same types all through (``1`` is not ``1.0``), a
     mapping's keys in the same order (a process may build things in their order) and a
     zero's sign the same (``_same_float``)."""
     if type(a) is not type(b):
         return False
     if type(a) is tuple:
-        return len(a) == len(b) and all(_same_leaf(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_leaf(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, Mapping):
-        return list(a) == list(b) and all(_same_leaf(v, b[k]) for k, v in a.items())
+        return list(a) == list(b) and all(same_leaf(v, b[k]) for k, v in a.items())
     if type(a) is float:
         return _same_float(a, b)
     return bool(a == b)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hotknob.daemon.announce import edits_inside
+from hotknob.config.changes import edits_inside
 from hotknob.daemon.logs import _dumps
 from hotknob.model_runtime import LiveConfig
 from tests.daemon_stub import DaemonStub

@@ -17,8 +17,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from hotknob.config import cli_layer, defaults_layer, env_layer, files_layer
+from hotknob.config.changes import edits_inside
 from hotknob.config.merge import DEFAULT_PRECEDENCE
-from hotknob.daemon.announce import edits_inside
 from hotknob.daemon.engine import Engine
 from hotknob.daemon.socket_server import Published
 from tests.daemon_proc import DaemonProcess, RawClient
