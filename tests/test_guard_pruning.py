@@ -18,7 +18,9 @@ from tests.test_guards import APP, G, kv, read_prefix, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-KEYS = {"train.lr": {"old": 0.1, "existed": True, "new": 0.2}}
+# Not the key the guarded sets below write: a guard whose key is written again stands down
+# (``superseded``), and its record, ended and old, would be pruned by whoever came next.
+KEYS = {"train.momentum": {"old": 0.9, "existed": True, "new": 0.8}}
 
 
 def _record(guard_id: str, state: str) -> str:
@@ -57,7 +59,7 @@ def test_a_guarded_set_keeps_the_newest_ended_and_every_other_record(
     ended = _put_ended(etcd, 5)
     # An armed guard as a guarded set leaves it: its keys hold what it set, written with it
     # (a key not there would be one deleted since: the guard would stand down at once).
-    etcd.etcdctl("put", f"/hotknob/{APP}/config/train/lr", "0.2")
+    etcd.etcdctl("put", f"/hotknob/{APP}/config/train/momentum", "0.8")
     etcd.etcdctl("put", G + "2019-armed", _record("2019-armed", "armed"))  # older than all
     etcd.etcdctl("put", G + "2019-junk", "not a record")
     other_app = _put_ended(etcd, 3, app="other")
