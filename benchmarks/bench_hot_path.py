@@ -17,6 +17,11 @@ needs a quieter measurement. Here each half runs in one process, nothing else go
 - **the machine**: a 300-iteration Python loop right after a ``GAP_S`` sleep and back
   to back. On a machine whose idle CPUs are slow to come back the ratio is large, and
   every stage of a change pays it (``docs/performance.md``, fourth round).
+- **the calls each half makes**: the function calls (Python and built-in) of one lone
+  change in the daemon and of one update in the runtime, counted by ``cProfile`` in
+  runs of their own. A count does not move with the machine's load: between two
+  versions of the code it tells added work from drift that the times cannot tell apart
+  (``docs/performance.md``, thirty-fourth round).
 
 Context figures only: no goal is judged here.
 """
@@ -24,6 +29,7 @@ Context figures only: no goal is judged here.
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import json
 import os
 import shutil
@@ -49,6 +55,73 @@ PREFIX = f"/hotknob/{APP}/config/"
 
 def _p50_us(samples: list[float]) -> float:
     return statistics.median(samples) * 1e6 if samples else float("nan")
+
+
+class CallCounter:
+    """Counts the function calls a method makes (its own included), by ``cProfile``, in
+    each call after the first ``skip``: exact where a time is noisy. ``close`` puts the
+    method back."""
+
+    def __init__(self, owner: type, name: str, skip: int) -> None:
+        self._owner, self._name = owner, name
+        self._original = original = getattr(owner, name)
+        self._profile = cProfile.Profile()
+        self._skip = skip
+        self.calls = 0
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls <= skip:
+                return original(*args, **kwargs)
+            self._profile.enable()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._profile.disable()
+
+        setattr(owner, name, counted)
+
+    def close(self) -> float:
+        """Put the method back; the calls per counted call (NaN if none was counted)."""
+        setattr(self._owner, self._name, self._original)
+        counted = self.calls - self._skip
+        if counted <= 0:
+            return float("nan")
+        total = sum(
+            entry.callcount
+            for entry in self._profile.getstats()
+            if "_lsprof.Profiler" not in str(entry.code)  # its ``disable``, once a call
+        )
+        return total / counted
+
+
+def daemon_calls(count: int) -> float:
+    """Function calls per lone etcd change, all of the engine's work on it (the push and
+    what follows it), after ``count // 4`` uncounted ones."""
+    from hotknob.daemon.engine import Engine
+
+    counter = CallCounter(Engine, "on_etcd_change", skip=count // 4)
+    try:
+        daemon_side(count, 0.0)
+    finally:
+        per_change = counter.close()
+    return per_change
+
+
+def runtime_calls(count: int) -> tuple[float, float]:
+    """Function calls per update on the connection's thread (the line read, its state
+    built and kept pending) and per ``apply`` that applies one."""
+    from hotknob.model_runtime.client import LiveConfig
+    from hotknob.model_runtime.connection import DaemonConnection
+
+    skip = count // 4
+    reads = CallCounter(DaemonConnection, "_read_lines", skip=skip + 1)  # and the snapshot
+    applies = CallCounter(LiveConfig, "_apply_pending", skip=skip)
+    try:
+        runtime_side(count, 0.002, bare=False)
+    finally:
+        per_read, per_apply = reads.close(), applies.close()
+    return per_read, per_apply
 
 
 def daemon_side(count: int, gap: float) -> float:
@@ -240,6 +313,9 @@ def run(quick: bool) -> dict[str, Any]:
     bare = runtime_side(count, GAP_S, bare=True)
     cold_loop = python_loop(count, GAP_S)
     warm_loop = python_loop(count, 0.0)
+    counted = 40 if quick else 200
+    daemon_per_change = daemon_calls(counted)
+    read_per_update, apply_per_update = runtime_calls(counted)
     figures = [
         Figure("daemon: lone change -> written, one every 20 ms", cold_daemon * 1e6, "us"),
         Figure("daemon: lone change -> written, back to back", warm_daemon * 1e6, "us"),
@@ -248,6 +324,9 @@ def run(quick: bool) -> dict[str, Any]:
         Figure("300-iteration Python loop after a 20 ms sleep", cold_loop * 1e6, "us"),
         Figure("300-iteration Python loop, back to back", warm_loop * 1e6, "us"),
         Figure("cold / warm, that loop", cold_loop / warm_loop, "x"),
+        Figure("daemon: function calls per lone change", daemon_per_change, "calls"),
+        Figure("runtime: function calls per update, connection thread", read_per_update, "calls"),
+        Figure("runtime: function calls per apply that applies", apply_per_update, "calls"),
     ]
     return {
         "figures": [f.as_dict() for f in figures],

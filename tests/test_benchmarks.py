@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from benchmarks.__main__ import FAMILIES, families, normalize, render_table, summarize
+from benchmarks.bench_hot_path import CallCounter
 from benchmarks.support import Figure, at_most, latencies_ms, percentile, ratio_interval
 from benchmarks.writers import etcd_put, paced_puts
 
@@ -99,6 +100,20 @@ def test_quick_run_counts_fewer_status_writes_at_the_default_than_at_every_repor
     default = next(v for k, v in figures.items() if "per process-second" in k and "default" in k)
     every = figures["status entries per process-second, every report"]
     assert 0 < default < every, figures
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quick_run_counts_the_calls_on_each_half_of_a_change(
+    quick_run: tuple[dict[str, Any], str],
+) -> None:
+    report, _ = quick_run
+    figures = {f["name"]: f["value"] for f in report["benchmarks"]["hot_path"]["figures"]}
+    calls = {name: value for name, value in figures.items() if "function calls" in name}
+    assert len(calls) == 3, figures
+    # A lone change passes through the engine, the socket server and the log; an update
+    # through the decoder and the state's build; an apply swaps and acknowledges.
+    assert all(value is not None and value >= 10 for value in calls.values()), calls
 
 
 def test_percentile_interpolates_and_is_nan_for_nothing() -> None:
@@ -191,3 +206,24 @@ def test_a_ratio_interval_brackets_the_ratio_and_narrows_with_more_values() -> N
         many_top, many_bottom, 50, resamples=50, seed=7
     )
     assert all(math.isnan(x) for x in ratio_interval([], many_bottom, 50))
+
+
+class _Counted:
+    def work(self, items: list[int]) -> int:
+        return len(items) + abs(-1)
+
+
+def test_a_call_counter_counts_each_call_after_those_skipped_and_puts_the_method_back() -> None:
+    original = _Counted.work
+    counter = CallCounter(_Counted, "work", skip=2)
+    counted = _Counted()
+    assert [counted.work([1, 2]) for _ in range(5)] == [3] * 5
+    assert counter.calls == 5
+    assert counter.close() == 3  # ``work`` itself, ``len`` and ``abs``, in each of 3 calls
+    assert _Counted.work is original
+
+
+def test_a_call_counter_that_counted_nothing_says_so() -> None:
+    counter = CallCounter(_Counted, "work", skip=1)
+    _Counted().work([])
+    assert math.isnan(counter.close())
