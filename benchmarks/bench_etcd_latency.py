@@ -16,7 +16,7 @@ spinning), and none waits for the CPU behind another reader's work on the same p
 With the three readers on the same puts (up to the twelfth round), the two cores ran
 up to seven processes' work at every put: the baseline's watch took ~1.9 ms instead of
 ~1.0 (it queued behind the daemon's and the floor's work) and most of hotknob's own
-work was hidden in that queue (docs/performance.md, twelfth round).
+work was hidden in that queue (docs/performance-history.md, twelfth round).
 
 Goal: hotknob's p50 ≤ 1.4 x and p99 ≤ 1.3 x the baseline's (confd, rendering a file,
 measured 1.4 x / 1.3 x on this kind of machine).
@@ -62,7 +62,7 @@ from benchmarks.writers import drive
 NAME = "etcd_latency"
 # Values per reader in a full run. The p99 is the 15th slowest of them: over 500 (the
 # fifth slowest) the p99 ratio of one run moved by up to 0.28 between consecutive
-# windows of the same run (docs/performance.md, twenty-second round).
+# windows of the same run (docs/performance-history.md, twenty-second round).
 COUNT = 1500
 WARMUP = 10
 RATE = 50.0

@@ -16,12 +16,12 @@ needs a quieter measurement. Here each half runs in one process, nothing else go
   its poll seeing the value.
 - **the machine**: a 300-iteration Python loop right after a ``GAP_S`` sleep and back
   to back. On a machine whose idle CPUs are slow to come back the ratio is large, and
-  every stage of a change pays it (``docs/performance.md``, fourth round).
+  every stage of a change pays it (``docs/performance-history.md``, fourth round).
 - **the calls each half makes**: the function calls (Python and built-in) of one lone
   change in the daemon and of one update in the runtime, counted by ``cProfile`` in
   runs of their own. A count does not move with the machine's load: between two
   versions of the code it tells added work from drift that the times cannot tell apart
-  (``docs/performance.md``, thirty-fourth round).
+  (``docs/performance-history.md``, thirty-fourth round).
 
 Context figures only: no goal is judged here.
 """

@@ -4,7 +4,7 @@ validation gives.
 A lone etcd put changes one leaf. Validating the whole model for it (and dumping the
 whole model, and diffing every key) is most of the daemon's work on that change, and
 on CPUs just back from idle it costs ~170 µs where validating the one value costs ~45
-(docs/performance.md, tenth round). The two agree only if nothing but the leaf's own
+(docs/performance-history.md, tenth round). The two agree only if nothing but the leaf's own
 type looks at the value: no validator or serializer of a model on its path (they may
 read other fields, or be changed by this one), no post-init, no core schema,
 validation, dump or copy a model overrides, no cached property, no default factory
@@ -280,7 +280,7 @@ def validate_plain_put(
 ) -> LeafChanges | None:
     """``validate_puts`` of ``{key: value}`` for a plain value (a number, a text, a boolean,
     null) that ``check`` dumps to one: the same state, without the loops and records that
-    serve many puts (docs/performance.md, thirteenth round: the commonest live change).
+    serve many puts (docs/performance-history.md, thirteenth round: the commonest live change).
     None where that is not so (another kind of value or dump), and where the value is
     invalid, changes nothing, or the type's code raised: ``validate_puts`` or the whole
     path then decides, and says why."""

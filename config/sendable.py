@@ -40,7 +40,7 @@ _STATE_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 def entry_bytes(key: str, value: Any) -> int:
     """``state_bytes({key: value})``. A number, ``true``, ``false`` or ``null`` is counted
     from its text without the encoder, whose setup costs a lone change ~15 us on CPUs just
-    back from idle (docs/performance.md, thirteenth round); anything else is encoded."""
+    back from idle (docs/performance-history.md, thirteenth round); anything else is encoded."""
     kind = type(value)
     if kind is int or kind is float:  # as JSON writes them; the caller checked it finite
         text = int.__repr__(value) if kind is int else float.__repr__(value)

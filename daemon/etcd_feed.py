@@ -17,13 +17,13 @@ revision)``) into one queue; the loop drains it. Guarantees:
 
 Why inline: on a machine whose idle CPUs sleep, every thread woken costs a wake-up
 and runs its first code slowly; the watch thread is already running when a change
-arrives. Measured in ``docs/performance.md``: the lone change reaches clients
-~0.2 ms sooner.
+arrives. Measured in ``docs/performance-history.md`` (fourth round): the lone change
+reaches clients ~0.2 ms sooner.
 
 The spacing matters under a burst: the watch thread needs the interpreter lock to read
 the watch stream, and a loop that took each revision as it came would hold the lock
 nearly all the time, so that the stream, not the daemon, fell behind
-(docs/performance.md).
+(docs/performance-history.md, third round).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ event classes) before a callback sees it. Here the watch is etcd's ``Watch`` cal
 a one-request stream (``ClosableClient.start_watch``, with the library's ``etcdrpc``
 messages), on a channel whose ``SingleThreadedUnaryStream`` option lets this thread
 take each raw ``WatchResponse`` from gRPC itself: put -> callback ~90 us sooner at p50
-than the library's watcher, measured in the same run (``docs/performance.md``,
+than the library's watcher, measured in the same run (``docs/performance-history.md``,
 twentieth round).
 
 A stream here also says why etcd cancelled it (``WatchCanceled``: a permission denied,

@@ -3,7 +3,7 @@
 The etcd watch thread pushes a change that comes alone itself (``Daemon._take_inline``)
 and the engine holds the rest of its work (the etcd layer and snapshot, the saved
 state, ``change_accepted``: ``Engine.finish``) so that the clients apply the change
-first on these CPUs (docs/performance.md, twenty-first round). ``HeldTail`` runs that
+first on these CPUs (docs/performance-history.md, twenty-first round). ``HeldTail`` runs that
 tail ``TAIL_AFTER_S`` later and keeps the order a reader of the log expects:
 
 - **when**: on the loop when an ``Alarm`` goes off (a timerfd the watch thread arms
@@ -33,7 +33,7 @@ from .engine import Engine
 
 # How long after pushing a lone change the rest of its work waits (the layer, the
 # snapshot, the save, ``change_accepted``): longer than a client takes to apply it,
-# here ~0.3 ms at p50 (docs/performance.md, twenty-first round).
+# here ~0.3 ms at p50 (docs/performance-history.md, twenty-first round).
 TAIL_AFTER_S = 0.0015
 
 Dispatch = Callable[[Callable[..., None], tuple[Any, ...]], None]

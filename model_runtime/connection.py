@@ -8,7 +8,7 @@ of the user, or torch. The training thread never waits on the socket: ``send``
 (an ``applied`` ack, in ``apply``) writes without blocking, and what the socket
 does not take at once is left to the thread. Writing the ack there, rather than
 waking the thread to write it, keeps ``apply`` from handing the interpreter lock
-to that thread in the middle of a step (docs/performance.md). A malformed message
+to that thread in the middle of a step (docs/performance-history.md). A malformed message
 from the daemon is answered with ``error``, as the protocol asks of either end; then
 the connection closes and is made again.
 

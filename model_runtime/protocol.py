@@ -419,7 +419,7 @@ def applied(version: int, step: int, **extra: Any) -> dict[str, Any]:
 def applied_line(version: int, step: int) -> bytes:
     """``encode(applied(version, step))``, formatted directly: the ack of a change without
     errors, written in ``apply`` on the training thread, where the encoder's way cost
-    ~15 µs a change, cold (docs/performance.md, twelfth round). Both are plain ``int``s
+    ~15 µs a change, cold (docs/performance-history.md, twelfth round). Both are plain ``int``s
     within ``MAX_INT`` (the caller checks the step; a version comes from ``require_int``)."""
     return b'{"type":"applied","version":%d,"step":%d}\n' % (version, step)
 

@@ -532,7 +532,8 @@ class FaultHarness:
     def _await_reports(self, writes: list[Write], timeout: float = 5.0) -> None:
         """Wait, at most ``timeout``, for the daemon's log lines of the strict ``writes``.
 
-        A change is pushed first and logged just after (``docs/performance.md``): a client
+        A change is pushed first and logged just after (``docs/performance-history.md``,
+        twenty-first round): a client
         can have applied it a moment before its line is written. What is still missing
         after the wait, ``check`` reports."""
         with contextlib.suppress(AssertionError):

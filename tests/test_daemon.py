@@ -341,7 +341,8 @@ def test_nonsense_timings_are_a_usage_error(
 
 
 def test_a_lone_change_is_pushed_from_the_watch_thread(etcd: EtcdServer, tmp_path: Path) -> None:
-    """No hand-over to the event loop for a change that comes alone (docs/performance.md)."""
+    """No hand-over to the event loop for a change that comes alone
+    (docs/performance-history.md, fourth round)."""
     daemon_proc, metrics_port = daemon_with_metrics(tmp_path, etcd)
     with daemon_proc as daemon, RawClient(daemon.socket_path, watch=True) as client:
         for i, lr in enumerate(("0.02", "0.03")):
