@@ -18,13 +18,16 @@ rank applies; see that module for the protocol.
 
 ``values``, ``version`` and ``live[key]`` always describe what the process has
 applied, never what is merely pending.
+
+Two jobs live beside this module: ``restart_only`` holds each received state's
+restart-only keys at the values the process runs, and ``finding`` holds what
+``connect`` checks before it waits and says when no state came.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
@@ -35,10 +38,11 @@ from typing import TYPE_CHECKING, Any, NoReturn, Self, SupportsIndex
 from . import protocol
 from .binding import Binding, Handle
 from .connection import DaemonConnection
-from .errors import DaemonUnavailable
-from .hooks import SECRET_SHOWN, Hooks
+from .errors import DaemonUnavailable as DaemonUnavailable
+from .finding import DAEMON_SAID as DAEMON_SAID
+from .finding import absolute, default_client_name, no_state, where_to_connect
+from .hooks import Hooks
 from .received import (
-    ABSENT,
     MISSING,
     NOTHING,
     State,
@@ -49,6 +53,7 @@ from .received import (
     with_held,
 )
 from .reporting import MetricsReporter, step_number
+from .restart_only import RestartOnlyHold, held_fields
 
 if TYPE_CHECKING:
     from .distributed import StepSync
@@ -57,8 +62,6 @@ log = logging.getLogger("hotknob.model_runtime")
 
 _STATE_DICT_FORMAT = 1
 _HISTORY = 64
-DAEMON_SAID = "daemon: "
-"""How ``DaemonConnection.last_error`` begins an ``error`` line the daemon sent."""
 
 _REENTERED = (
     "LiveConfig.apply() (or load_state_dict) was called while an apply of the same LiveConfig "
@@ -104,39 +107,6 @@ def _cut(text: str) -> str:
     if len(text) <= ACK_ERROR_CHARS_MAX:
         return text
     return f"{text[:ACK_ERROR_CHARS_MAX]}... ({len(text) - ACK_ERROR_CHARS_MAX} more characters)"
-
-
-def _hello_problem(client: str, extra: Mapping[str, Any]) -> str | None:
-    """Why the daemon would refuse this ``hello`` (or it could not be sent at all), or None:
-    else each reconnect would be refused, and ``connect`` would wait out its timeout."""
-    try:
-        message = protocol.hello(client, **extra)
-        protocol.validate_client_message(message, said_hello=False)
-        protocol.encode(message)
-    except protocol.ProtocolError as exc:
-        return f"the hello (client= and the extra keyword arguments) is refused: {exc}"
-    return None
-
-
-def _absolute(path: str) -> str:
-    """``path`` made absolute where that still fits a Unix socket: a relative one would be
-    found anew from the working directory at each reconnect, which the process may change."""
-    absolute = os.path.abspath(path)
-    return path if protocol.socket_path_problem(absolute) else absolute
-
-
-def _default_client_name() -> str:
-    import socket
-
-    name = f"{socket.gethostname()}-{os.getpid()}"
-    dist = sys.modules.get("torch.distributed")  # only if the process already imported it
-    if dist is not None:
-        try:
-            if dist.is_available() and dist.is_initialized():
-                name += f"-rank{dist.get_rank()}"
-        except Exception:  # a half-initialised group must not stop the connect
-            pass
-    return name
 
 
 class LiveConfig:
@@ -192,11 +162,7 @@ class LiveConfig:
         # configuration: 64 built anew took hundreds of MiB for a large one, where they
         # share what did not change between them now (``State.build``'s ``like``).
         self._received: deque[State] = deque(maxlen=_HISTORY if sync is not None else 1)
-        # The schema's restart-only keys, as the daemon's last snapshot named them: once a
-        # state is applied, each is held at the value the process runs (``_hold``).
-        self._restart_only: frozenset[str] = frozenset()
-        self._secret: frozenset[str] = frozenset()  # the keys whose values not to log
-        self._held_said: set[tuple[str, str]] = set()  # (key, daemon's value) logged
+        self._restart_only = RestartOnlyHold()
         self._lock = threading.Lock()
         self._first_state = threading.Event()
         self._hooks = Hooks()
@@ -254,7 +220,7 @@ class LiveConfig:
         directory. Interrupted (Ctrl-C), it leaves no client behind.
         """
         sync = None
-        name = client or _default_client_name()
+        name = client or default_client_name()
         if distributed or process_group is not None:
             from .distributed import StepSync
 
@@ -265,16 +231,7 @@ class LiveConfig:
         elif sync_every is not None:
             raise ValueError("sync_every needs distributed=True or a process_group")
         app_name = app or os.environ.get("HOTKNOB_APP") or "default"
-        problem = None
-        if socket is not None:
-            path = os.fspath(socket)
-        elif not protocol.APP_NAME.fullmatch(app_name):
-            path = ""
-            problem = f"invalid app name {app_name[:60]!r} (app= or HOTKNOB_APP): "
-            problem += protocol.APP_NAME_RULE
-        else:
-            path = str(protocol.default_socket_path(app_name))
-        problem = problem or protocol.socket_path_problem(path) or _hello_problem(name, hello_extra)
+        path, problem = where_to_connect(socket, app_name, name, hello_extra)
         # At once, not after ``timeout`` (no daemon could be reached there, or would take
         # this hello); under a group on every rank (``connect`` is a collective: no rank is
         # left waiting in one).
@@ -282,7 +239,7 @@ class LiveConfig:
             raise ValueError(problem or "another rank has no usable socket path or hello")
         if problem is not None:
             raise ValueError(problem)
-        path = _absolute(path)
+        path = absolute(path)
         live = cls(path, name, hello_extra, sync, app=app or os.environ.get("HOTKNOB_APP"))
         try:
             given = socket is not None or bool(os.environ.get("HOTKNOB_SOCKET"))
@@ -308,35 +265,14 @@ class LiveConfig:
             self.close()
             if wrong_app is not None:  # at once: waiting would not make it another app's
                 raise ValueError(wrong_app)
-            if got_state:  # this rank's daemon answered; another rank's did not
-                raise DaemonUnavailable(
-                    f"rank(s) {', '.join(map(str, silent))} got no snapshot from their "
-                    f"hotknob daemon within {timeout:g} s (this rank's, at {path}, "
-                    "answered): start one on their nodes, or check the socket they are given",
-                    path=path,
-                    app=app_name,
-                )
-            ranks = ", ".join(map(str, silent))
-            if reason.startswith(DAEMON_SAID):
-                # A daemon is there and answered with an error (it cannot send its state,
-                # or refused this client): starting one, as below, would not help.
-                raise DaemonUnavailable(
-                    f"the hotknob daemon at {path} sent no state within {timeout:g} s; it "
-                    f"said: {reason[len(DAEMON_SAID) :]}"
-                    + (f" (ranks without a state: {ranks})" if ranks else ""),
-                    path=path,
-                    app=app_name,
-                )
-            if not given:
-                how = f"`hotknob run --app {app_name}`, or pass socket= / set HOTKNOB_SOCKET"
-            else:  # the socket it was given, or the variable named: a daemon started there
-                how = f"`hotknob run --app {app_name} --socket {path}`"
-            raise DaemonUnavailable(
-                f"no hotknob daemon at {path} after {timeout:g} s: start one with {how}"
-                + (f" (last error: {reason})" if reason else "")
-                + (f" (ranks without one: {ranks})" if ranks else ""),
-                path=path,
-                app=app_name,
+            raise no_state(
+                path,
+                app_name,
+                timeout,
+                given=given,
+                reason=reason,
+                silent=silent,
+                got_state=got_state,
             )
         if sync is None:
             self._apply_pending(0)
@@ -507,20 +443,20 @@ class LiveConfig:
             old, self._applied = self._applied, new
             self._applied_step, self._applied_at = step, time.time()
             self._unacked = not ack
-            if old is NOTHING and self._restart_only:
+            if old is NOTHING and self._restart_only.keys:
                 self._hold_received()
         self._after_apply(old, new, step, ack=ack)
 
     def _hold_received(self) -> None:
-        """Hold the states received so far (``_hold``) at the restart-only values of the
-        first state applied, under ``_lock``. They came before anything was applied, so
-        they are as the daemon sent them; under a group the first state applied may be
-        another rank's, whose daemon holds other restart-only values (it started before a
-        restart-only ``set``, this one after). Unheld, this rank's newest would never show
-        the values it runs, so it would never acknowledge them, and, chosen at a later
-        agreement, it would change a restart-only key on every rank."""
+        """Hold the states received so far (``RestartOnlyHold.hold``) at the restart-only
+        values of the first state applied, under ``_lock``. They came before anything was
+        applied, so they are as the daemon sent them; under a group the first state applied
+        may be another rank's, whose daemon holds other restart-only values (it started
+        before a restart-only ``set``, this one after). Unheld, this rank's newest would
+        never show the values it runs, so it would never acknowledge them, and, chosen at a
+        later agreement, it would change a restart-only key on every rank."""
         applied = self._applied
-        held = {id(state): self._hold(state, applied) for state in self._received}
+        held = {id(state): self._restart_only.hold(state, applied) for state in self._received}
         self._received = deque(held.values(), maxlen=self._received.maxlen)
         latest, pending = self._latest, self._pending
         if latest is not None:
@@ -552,9 +488,7 @@ class LiveConfig:
             self._unacked = not ack
             step, at = self._applied_step, self._applied_at
         if ack and _ackable(step):
-            self._conn.send(
-                protocol.applied(state.version, step, at=at, **self._held_fields(state))
-            )
+            self._conn.send(protocol.applied(state.version, step, at=at, **held_fields(state)))
 
     def _tell_agreed(self, rank: int) -> None:
         """Tell the daemon that this process runs, in place of its newest state, the values
@@ -584,9 +518,9 @@ class LiveConfig:
             step, at = self._applied_step, self._applied_at
         if _ackable(step):
             agreed = {"rank": rank, "revision": applied.revision}
-            # ``newest`` is held at the values this process runs (``_hold``), so its held
-            # keys and their values are those of the values run, another rank's.
-            held = self._held_fields(newest)
+            # ``newest`` is held at the values this process runs (``RestartOnlyHold.hold``), so
+            # its held keys and their values are those of the values run, another rank's.
+            held = held_fields(newest)
             self._conn.send(protocol.applied(newest.version, step, at=at, agreed=agreed, **held))
 
     def _after_apply(self, old: State, new: State, step: int, *, ack: bool) -> None:
@@ -607,7 +541,7 @@ class LiveConfig:
         if not ack:
             return
         if errors or new.held:
-            fields = self._held_fields(new)
+            fields = held_fields(new)
             if errors:
                 fields["errors"] = _ack_errors(errors)
             self._conn.send(protocol.applied(new.version, number, **fields))
@@ -798,7 +732,8 @@ class LiveConfig:
             # The daemon's newest state: the one an earlier checkpoint replaced, if one did.
             latest = self._superseded or self._latest
             newer = latest is not None and _newer_than(latest, loaded)
-            running = self._running_restart_only(latest if newer else None)
+            agreed = self._applied if self._sync is not None else None
+            running = self._restart_only.at_load(latest if newer else None, agreed)
             if running:
                 # A resumed run starts with the daemon's restart-only values, at once: read
                 # after the load (a data loader built with the batch size), they must not
@@ -822,24 +757,6 @@ class LiveConfig:
         self._sync.loaded(loaded, newer=newer)
         with self._sync.uncounted():
             self._hooks.run(old, loaded)
-
-    def _running_restart_only(self, newer: State | None) -> dict[str, Any]:
-        """The restart-only values a loaded checkpoint takes: the daemon's (``newer``, its
-        state newer than the checkpoint), else none (the checkpoint's stand).
-
-        Under a group, the values the ranks agreed on, which every rank holds whatever its
-        daemon says: each rank decides alone whether its daemon is newer (``_load`` runs no
-        collective), and two daemons may hold different restart-only values (one restarted
-        after a restart-only ``set``). Taken from one rank's own daemon, a batch size read
-        right after the load would differ across ranks, and the next agreement would
-        change it on some ranks only. In the usual case (the daemons agree) these are the
-        daemon's values as well."""
-        if not self._restart_only:
-            return {}
-        if self._sync is not None:
-            agreed = self._applied
-            return {} if agreed is NOTHING else _values_of(agreed, self._restart_only)
-        return {} if newer is None else _values_of(newer, self._restart_only)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -883,17 +800,17 @@ class LiveConfig:
         elif self._wrong_app is not None:
             return  # an update of the daemon refused at its snapshot
         if is_snapshot:
-            self._restart_only = protocol.restart_only_keys(message)
-            self._secret = protocol.secret_keys(message)
-            self._hooks.secret = self._secret  # a failure's text masks their values
+            self._restart_only.keys = protocol.restart_only_keys(message)
+            secret = self._restart_only.secret = protocol.secret_keys(message)
+            self._hooks.secret = secret  # a failure's text masks their values
         # A rank keeps the last states for the ranks' agreement: each shares with the one
         # before all that did not change. Alone, it keeps one, and builds each anew.
         received = self._received
         like = received[-1] if received.maxlen != 1 and received else None
         state = state_from_message(message, like)
         applied = self._applied
-        if self._restart_only:
-            state = self._hold(state, applied)
+        if self._restart_only.keys:
+            state = self._restart_only.hold(state, applied)
         self._receive(state, is_snapshot, held_at=applied)
 
     def _refuse_app(self, served: str) -> None:
@@ -911,60 +828,19 @@ class LiveConfig:
         elif not said:
             log.error("live_wrong_app %s; the values in force stay", self._wrong_app)
 
-    def _hold(self, state: State, applied: State) -> State:
-        """``state`` with each restart-only key at the value this process runs (``applied``),
-        once it has applied one: a daemon holds such a key at the value it started with, and
-        a daemon restarted after the key changed (its container, by a probe; or by hand, for
-        a new flag) started with the new value. Only a restart of the process takes that."""
-        if applied is NOTHING:  # the first state: what the process starts with
-            return state
-        running = _values_of(applied, self._restart_only)
-        held = with_held(state, running)
-        for key in held.held:
-            wanted = thaw(get_dotted(state.values, key))
-            said = (key, repr(wanted))
-            if said not in self._held_said:
-                self._held_said.add(said)
-                was, now = (
-                    (SECRET_SHOWN, SECRET_SHOWN)
-                    if key in self._secret
-                    else (thaw(running[key]), wanted)
-                )
-                log.warning(
-                    "live_restart_only_held key=%s running=%.200r daemon=%.200r: a restart-only "
-                    "key keeps the value this process started with; a restart takes the new one",
-                    key,
-                    was,
-                    now,
-                )
-        return held
-
-    def _held_fields(self, state: State) -> dict[str, Any]:
-        """An ack's fields for the restart-only keys ``state`` holds, if any: ``held``, and
-        the fingerprint of the value this process runs for each (``held_digests``). Its
-        daemon knows the value wanted: a process that runs it (it started with the value
-        etcd holds again, after its daemon restarted alone) waits for no restart."""
-        if not state.held:
-            return {}
-        digests = {
-            key: protocol.held_digest(thaw(value))
-            for key, value in _values_of(state, frozenset(state.held)).items()
-        }
-        return {"held": list(state.held), "held_digests": digests}
-
     def _receive(self, state: State, is_snapshot: bool, held_at: State = NOTHING) -> None:
         """Keep ``state`` as pending unless it is exactly what is already applied, or the
         daemon's state a loaded checkpoint replaced, sent again: its values at its etcd
         revision, under any version (a daemon restarted after a crash numbers its state
         anew, above the one it had). ``held_at``: the applied state ``state`` was held at
-        (``_hold``)."""
+        (``RestartOnlyHold.hold``)."""
         with self._lock:
             if is_snapshot:  # a new connection: its daemon was told nothing yet
                 self._agreed_told = None
-            if held_at is NOTHING and self._applied is not NOTHING and self._restart_only:
+            if held_at is NOTHING and self._applied is not NOTHING and self._restart_only.keys:
                 # The first apply came in between: it held those received before it
                 # (``_hold_received``), and this one is held here.
-                state = self._hold(state, self._applied)
+                state = self._restart_only.hold(state, self._applied)
             self._received.append(state)
             applied = self._applied
             superseded = self._superseded
@@ -983,23 +859,11 @@ class LiveConfig:
         # A step no ack can carry (``apply(5.5)``: logged at that apply) is not sent: the
         # daemon would close the connection, and each reconnect would send it again.
         if up_to_date and is_snapshot and _ackable(step):
-            held = self._held_fields(state)
+            held = held_fields(state)
             # ``at``: the values were applied then, not at this reconnect (``status``'s age).
             self._conn.send(protocol.applied(applied.version, step, at=at, **held))
         if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough
             self._first_state.set()
-
-
-def _values_of(state: State, keys: frozenset[str]) -> dict[str, Any]:
-    """``state``'s values of ``keys`` it has (leaves, or fields that hold a mapping)."""
-    values = {}
-    for key in keys:
-        value = state.flat.get(key, ABSENT)
-        if value is ABSENT:  # a field that holds a mapping
-            value = get_dotted(state.values, key, ABSENT)
-        if value is not ABSENT:
-            values[key] = value
-    return values
 
 
 def _newer_than(daemon: State, checkpoint: State) -> bool:

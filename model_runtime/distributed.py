@@ -310,10 +310,10 @@ class StepSync:
     def _tell_agreed(self, live: LiveConfig) -> None:
         """This rank runs the values it installed from another rank, ``_source``: if its
         daemon's newest state holds them (``LiveConfig._adopt``: once held at the
-        restart-only values run, ``_hold``), acknowledge that state; else tell its daemon
-        that it runs them in that state's place (``LiveConfig._tell_agreed``, which does
-        nothing if it was told, or the values were acknowledged since). Also when the ranks
-        keep those values: its daemon may have sent a state since, or restarted."""
+        restart-only values run, ``RestartOnlyHold.hold``), acknowledge that state; else
+        tell its daemon that it runs them in that state's place (``LiveConfig._tell_agreed``,
+        which does nothing if it was told, or the values were acknowledged since). Also when
+        the ranks keep those values: its daemon may have sent a state since, or restarted."""
         source = self._source
         if source is None:
             return

@@ -187,7 +187,7 @@ class State:
         self._digest: int | None = None
         self.held: tuple[str, ...] = ()
         """Restart-only keys held at the value the process started with, not the daemon's
-        (``LiveConfig``'s ``_hold``): its ack names them."""
+        (``restart_only.RestartOnlyHold.hold``): its ack names them."""
 
     @classmethod
     def build(

@@ -657,7 +657,7 @@ def test_import_does_not_pull_torch_or_pydantic() -> None:
 def test_client_name_carries_the_rank_only_if_torch_distributed_is_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from hotknob.model_runtime.client import _default_client_name
+    from hotknob.model_runtime.finding import default_client_name as _default_client_name
 
     base = f"{socket.gethostname()}-{os.getpid()}"
     monkeypatch.delitem(sys.modules, "torch.distributed", raising=False)
