@@ -16,8 +16,10 @@ held as its *tail* (``hold_tail``), to run it once the clients had the change
 Where the schema lets validating a value alone give what validating the whole model
 gives (``config.leafwise``), only the values put are validated, dumped and diffed;
 the commonest change of all, one plain value put alone, has those checks written for
-the one value (``_take_lone_put``, ``leafwise.validate_plain_put``), held to the general
-path by the same tests.
+the one value (``ShortPath.lone_put``, ``leafwise.validate_plain_put``), held to the
+general path by the same tests. What the short path keeps from one change to the next
+(the layers' merged leaves) is ``short_path``'s; the config files' contents in force and
+their refusals are ``config_files``'s.
 
 Versions strictly increase across restarts, crashes included, and no disk write
 waits on the push path (see ``state``): a version is published only under the
@@ -37,8 +39,8 @@ network I/O itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -52,48 +54,26 @@ from hotknob.config import (
     Snapshot,
     changed_keys,
     etcd_layer,
-    files_layer,
     merge_layers,
     restart_only_keys,
 )
 from hotknob.config.errors import Problem
-from hotknob.config.keys import NotText, key_from_etcd, parse_text
-from hotknob.config.leafwise import (
-    LeafCheck,
-    leaf_check,
-    model_with,
-    validate_plain_put,
-    validate_puts,
-)
-from hotknob.config.merge import (
-    SCHEMA_FAULTS,
-    LeafInput,
-    booleans_for_numbers,
-    files_alone,
-    leaf_input,
-    validate_leaves,
-)
-from hotknob.config.schema import iter_leaves
+from hotknob.config.keys import key_from_etcd
+from hotknob.config.leafwise import validate_puts
+from hotknob.config.merge import SCHEMA_FAULTS, LeafInput, booleans_for_numbers, validate_leaves
 from hotknob.config.schema_facts import schema_facts
-from hotknob.config.sendable import (
-    entry_bytes,
-    listed_bytes,
-    non_finite,
-    not_text,
-    room,
-    state_bytes,
-)
+from hotknob.config.sendable import listed_bytes, non_finite, not_text, room, state_bytes
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink
+from .config_files import ConfigFiles
 from .etcd_checks import shadowed_by_files
-from .file_watcher import fingerprint
-from .files_apart import Files, Refused, edited_files, take_apart
 from .full_read import merge_full_read
 from .logs import get_logger
 from .published import Published
 from .refused import ReportedValues
 from .restart_only import RestartOnly
+from .short_path import Pending, ShortPath
 from .state import SavedState, StateStore
 from .state_keeper import StateKeeper
 
@@ -102,25 +82,6 @@ _NOT_READ = object()
 
 def _noop(_: Any) -> None:
     return None
-
-
-@dataclass
-class _Pending:
-    """The short path's accepted changes whose etcd layer and snapshot are not built yet
-    (within a group commit): the newest values (its version, revision and flat values
-    are the engine's own), the newest model, less the values validated leaf by leaf
-    since it (``validated``: ``model_with`` adds them when the snapshot is built), and
-    every value put since the last build."""
-
-    model: BaseModel
-    values: dict[str, Any]
-    validated: dict[tuple[str, ...], Any] = field(default_factory=dict)
-    put: dict[str, Any] = field(default_factory=dict)
-    origins: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def built_model(self) -> BaseModel:
-        return model_with(self.model, self.validated) if self.validated else self.model
 
 
 class Engine:
@@ -149,7 +110,6 @@ class Engine:
         self.store = store
         self._publish = publish
         restart_only = restart_only_keys(schema)
-        self._leaf_keys = frozenset(leaf.key for leaf in iter_leaves(schema)) - restart_only
         self.snapshot: Snapshot | None = None
         self.current: Published | None = None
         self.version = 0
@@ -157,41 +117,30 @@ class Engine:
         self.last_change_seconds = 0.0
         self._batching = False
         self._deferred: Callable[[], Published | None] | None = None  # a group's newest state
-        self._pending: _Pending | None = None  # only within a group: see ``_settle``
+        self._pending: Pending | None = None  # only within a group: see ``_settle``
         self._after_push: list[Callable[[], None]] = []
         self._tail: list[Callable[[], None]] = []  # a lone change's work after its push
         self._hold_asked = False  # ``on_etcd_change(hold_tail=True)`` is running
         self._holding = False  # the short path is pushing a change whose tail is held
         self._flat: dict[str, Any] = {}
-        # ``_take_puts``: the layers' merged leaves, and the layers they were merged from.
-        self._leaf_input: LeafInput | None = None
-        self._leaf_input_of: tuple[Layer, ...] = ()
-        self._unfolded: dict[str, Any] = {}  # puts validated leaf by leaf, not in it yet
-        self._fast_keys: frozenset[str] = frozenset()  # leaves no layer above etcd sets
-        # ``_take_lone_put``: the etcd paths of ``_fast_keys`` it met, with key and check.
-        self._ways: dict[str, tuple[str, LeafCheck]] = {}
         # How many bytes of JSON the state may still grow by and still be sent (``room``):
         # measured when a merge is accepted, spent by the short path by each change's JSON.
         self._room = 0
         # What a snapshot names the restart-only and secret keys in: room taken from the line.
         self._listed = listed_bytes(restart_only, schema_facts(schema).secrets)
-        self._above_etcd = self.precedence[self.precedence.index("etcd") + 1 :]
-        self._files_above_etcd = "files" in self._above_etcd
+        self._files_above_etcd = "files" in self.precedence[self.precedence.index("etcd") + 1 :]
         self._closed = False
         self._saved: SavedState | object | None = _NOT_READ  # the state file, read once
         self._reported = ReportedValues(app)  # refused, reported, not written since
-        self._files: Files = ()  # the config files' contents in force
-        # Each config file that has refused contents now, with those contents, announced,
-        # and why they are refused: not announced again while the file keeps them (another
-        # file's edit tries it again: ``files_apart``); gone once it no longer has them.
-        self._files_said: dict[Path, tuple[Hashable, str]] = {}
         self.files_refused: str | None = None
         """Why the config files were refused at the start, which ran on their saved
         contents instead (``_first_merge``); None if they were not."""
         self.log = get_logger("hotknob.engine", app=app)
         self._keeper = StateKeeper(store, self.log) if store is not None else None
+        self._files = ConfigFiles(schema, self.precedence, self._keeper)
         secrets = schema_facts(schema).secrets  # cached by class: computed once
         self._restart = RestartOnly(restart_only, self.log, on_restart_pending, secrets, broadcast)
+        self._short = ShortPath(schema, app, self.precedence, restart_only, self._restart)
         self._announce = Announcer(
             self.log,
             secrets=secrets,
@@ -285,7 +234,7 @@ class Engine:
         """
         saved = self._load_saved()
         if files is not None:
-            self._files_in_force(files)
+            self.layers["files"] = self._files.run_on(files)
         if etcd is None:
             saved_etcd = saved.etcd if saved else {}
             self.layers["etcd"] = Layer("etcd", saved_etcd, dict.fromkeys(saved_etcd, "saved"))
@@ -335,7 +284,7 @@ class Engine:
 
         def merge() -> Snapshot:
             if "files" in self.layers:
-                self._files_alone(self.layers["files"])
+                self._files.alone(self.layers["files"], self.layers)
             # The saved values too: written under an older schema, they may not fit it.
             if etcd is None:
                 return self._merge_sanitized(self.layers["etcd"], revision)
@@ -351,31 +300,19 @@ class Engine:
             if not ran or not blamed or list(ran.items()) == list(files or ()):
                 raise
             refused = exc
-        self._files_in_force(list(ran.items()))
+        self.layers["files"] = self._files.run_on(list(ran.items()))
         try:
             snapshot = merge()
         except InvalidChange:
             raise refused from None  # the saved contents do not help: the files' reason
         self.files_refused = str(refused)
-        # Said here, and in ``status``: the next edit of another file does not say it again.
-        self._files_said = {
-            path: (fingerprint(contents), self.files_refused)
-            for path, contents in files or ()
-            if fingerprint(contents) != fingerprint(ran.get(path, {}))
-        }
+        self._files.refused_at_start(files or (), ran, self.files_refused)
         self.log.warning(
             "config_files_refused_at_start",
             reason=str(refused),
             detail="started on the contents the config files had when this daemon last ran",
         )
         return snapshot
-
-    def _files_in_force(self, files: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
-        """The files layer is now built from ``files``; the state file saves them."""
-        self._files = tuple(files)
-        self.layers["files"] = files_layer(self.schema, files)
-        if self._keeper is not None:
-            self._keeper.files_in_force(files)
 
     def close(self) -> None:
         """Stop taking changes; save the final state synchronously, marked clean.
@@ -505,93 +442,34 @@ class Engine:
         if self._closed:
             return False
         self.finish()
-        now = given = tuple(files)
-        checked = self._check_files(now)
-        if isinstance(checked, InvalidChange):
-            apart = take_apart(self._files, now, self._files_error)
-            # Each file with its own reason, even where none is taken: a file refused and
-            # said before, unchanged, is no part of another file's refusal.
-            refused = apart.refused or (
-                Refused(tuple(edited_files(self._files, now)), checked, now),
-            )
-            self._files_refused(refused)
-            if not apart.taken:
-                self._files_still_refused(given)
-                return False
-            now, checked = apart.files, self._check_files(apart.files)
-            assert not isinstance(checked, InvalidChange)  # ``take_apart`` checked it
-        layer, snapshot = checked
+        taken = self._files.take(tuple(files), self.layers, self._files_refusal)
+        if taken is None:
+            return False
+        layer, snapshot = taken
         before = self.layers["files"].values
         edited = changed_keys(before, layer.values)
         self.layers = {**self.layers, "files": layer}
-        self._files = now
-        self._files_still_refused(given)
-        if self._keeper is not None:
-            self._keeper.files_in_force(now)
         self._accept(snapshot, "files", self.revision, edited, before)
-        return not self._files_said
+        return not self._files.refusing
 
     @property
     def refusing_files(self) -> bool:
         """Whether some config file's contents now are refused (``files_rejected``): a
         look-up cheap enough for every etcd change."""
-        return bool(self._files_said)
+        return self._files.refusing
 
     @property
     def files_rejected(self) -> str | None:
         """Why the config files' contents now are refused, each file that keeps its
         contents in force instead (``on_files``); None if none does."""
-        reasons = dict.fromkeys(reason for _, reason in self._files_said.values())
-        return "; ".join(reasons) or None
+        return self._files.rejected
 
-    def _files_still_refused(self, files: Files) -> None:
-        """Forget the refusals of the files ``files`` no longer hold refused: fixed (back
-        to the contents in force too), edited since, or taken now."""
-        now = {path: fingerprint(contents) for path, contents in files}
-        in_force = {path: fingerprint(contents) for path, contents in self._files}
-        self._files_said = {
-            path: (seen, reason)
-            for path, (seen, reason) in self._files_said.items()
-            if now.get(path) == seen and in_force.get(path) != seen
-        }
-
-    def _check_files(self, files: Files) -> tuple[Layer, Snapshot] | InvalidChange:
-        """The files layer of ``files`` and the configuration it makes, or why it is not
-        valid (over the layers in force, and over the fixed layers alone)."""
-        layer = files_layer(self.schema, files)
-        try:
-            snapshot = merge_layers(
-                self.schema, {**self.layers, "files": layer}.values(), self.precedence
-            )
-            self._files_alone(layer)
-        except InvalidChange as exc:
-            return exc
-        return layer, snapshot
-
-    def _files_error(self, files: Files) -> InvalidChange | None:
-        checked = self._check_files(files)
-        return checked if isinstance(checked, InvalidChange) else None
-
-    def _files_refused(self, refused: Sequence[Refused]) -> None:
-        """Announce each refusal of ``refused``, but one of contents already announced
-        that the files still have."""
-        in_force = dict(self._files)
-        for refusal in refused:
-            tried = dict(refusal.tried)
-            seen = {path: fingerprint(tried[path]) for path in refusal.paths}
-            said = all(self._files_said.get(p, (None,))[0] == f for p, f in seen.items())
-            self._files_said.update((p, (f, str(refusal.error))) for p, f in seen.items())
-            if seen and said:
-                continue
-            before = tried | {path: in_force.get(path, {}) for path in refusal.paths}
-            edited = changed_keys(
-                files_layer(self.schema, list(before.items())).values,
-                files_layer(self.schema, refusal.tried).values,
-            )
-            rejected = partial(
-                self._announce.rejected, "files", self.revision, self.version, refusal.error
-            )
-            self._in_order(partial(rejected, edited, self._flat))
+    def _files_refusal(self, error: InvalidChange, edited: Mapping[str, Any]) -> None:
+        """Announce a refused edit of the config files (``ConfigFiles.take``) in order."""
+        rejected = self._announce.rejected
+        self._in_order(
+            partial(rejected, "files", self.revision, self.version, error, edited, self._flat)
+        )
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -601,7 +479,7 @@ class Engine:
 
         The candidate is the merged leaves with the new values, validated whole, as the
         general path validates it; its state is pushed first, and the etcd layer, the
-        snapshot and the reports are built after (docs/performance.md: on this kind of
+        snapshot and the reports are built after (docs/performance-history.md: on this kind of
         machine each object built before the push cost the change microseconds). In a
         group commit the layer and the snapshot are built once, for the group's last such
         change (``_settle``), not for each revision.
@@ -609,27 +487,37 @@ class Engine:
         one that changes nothing, or one of another kind).
         """
         started = time.perf_counter()
-        if self._pending is None:  # else ``self.layers`` lags; ``_leaf_input`` is current
+        short = self._short
+        if self._pending is None:  # else ``self.layers`` lags; ``short.leaves`` is current
             layers = tuple(self.layers.values())
-            if layers != self._leaf_input_of:
-                self._leaf_input_of = layers
-                self._leaf_input = leaf_input(self.schema, self.layers, self.precedence)
-                self._unfolded = {}  # the layers hold them
-                above = [self.layers[n].values for n in self._above_etcd if n in self.layers]
-                self._fast_keys = self._leaf_keys.difference(*above)
-                self._ways = {}
-        if self._leaf_input is None or self.snapshot is None or self._restart.pending:
+            # Compared here, not in ``follow``: the usual change finds them equal, at no call.
+            if layers != short.layers_of:
+                short.follow(self.layers, layers)
+        if short.leaves is None or self.snapshot is None or self._restart.pending:
             return False
         if self._pending is None and len(puts) == 1:
             [(path, raw)] = puts.items()
-            if self._take_lone_put(revision, path, raw):
+            lone = short.lone_put(path, raw, self.snapshot, self._room)
+            if lone is not None:
+                key, value, changes, growth = lone
+                self._take_short(
+                    revision,
+                    {key: value},
+                    {key: path},
+                    changes.values,
+                    changes.flat,
+                    changes.changed,
+                    growth,
+                    changes.validated,
+                    None,
+                )
                 self.last_change_seconds = time.perf_counter() - started
                 return True
         put: dict[str, Any] = {}
         origins: dict[str, str] = {}
         problems: list[Problem] = []
         read_etcd_values(self.app, puts, put, origins, problems)
-        if problems or not put or not self._fast_keys.issuperset(put):
+        if problems or not put or not short.fast_keys.issuperset(put):
             return False
         if booleans_for_numbers(self.schema, put):
             return False  # ``true`` for a number: the general path refuses it, and says why
@@ -645,7 +533,7 @@ class Engine:
         try:  # each value alone where the schema allows, else the whole model
             alone = validate_puts(self.schema, merged, merged_flat, put)
             if alone is None:
-                leaves = self._folded_leaf_input().with_leaves(self.schema, put)
+                leaves = short.leaves_with(put)
                 model, values, flat = validate_leaves(self.schema, leaves)
                 changed = changed_keys(self._flat, flat)
             else:
@@ -665,57 +553,14 @@ class Engine:
         # No restart-only key is pending or held back: ``RestartOnly.track`` has nothing to
         # do for this change.
         if alone is None:
-            self._leaf_input = leaves
+            short.leaves = leaves
             whole: BaseModel | None = model
             validated: Mapping[tuple[str, ...], Any] = {}
         else:
-            self._unfolded.update(put)
+            short.unfolded.update(put)
             whole, validated = None, alone.validated
         self._take_short(revision, put, origins, values, flat, changed, growth, validated, whole)
         self.last_change_seconds = time.perf_counter() - started
-        return True
-
-    def _take_lone_put(self, revision: int, path: str, raw: bytes | str) -> bool:
-        """``_take_puts`` for its commonest change, outside a group's pending state: one
-        plain value (a number, a string, ``true``, ``null``) put at a leaf that is
-        validated alone. The same checks give the same state, each done for the one
-        value, without the loops and records that serve many (docs/performance.md,
-        thirteenth round). False, with nothing done: ``_take_puts`` decides, by its own
-        checks."""
-        assert self.snapshot is not None
-        way = self._ways.get(path)
-        if way is None:
-            key = key_from_etcd(self.app, path)
-            check = leaf_check(self.schema, key) if key in self._fast_keys else None
-            if key is None or check is None:
-                return False
-            way = self._ways[path] = (key, check)
-        key, check = way
-        try:
-            value = parse_text(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-        except (UnicodeDecodeError, NotText):
-            return False
-        if type(value) is bool and booleans_for_numbers(self.schema, {key: value}):
-            return False
-        snapshot = self.snapshot
-        lone = validate_plain_put(check, key, value, snapshot.values, snapshot.flat)
-        if lone is None or non_finite(lone.changed) or not_text(lone.changed):
-            return False  # what no client could be sent: the merge says why
-        growth = entry_bytes(key, lone.changed[key])
-        if growth > self._room or self._restart.held_back(lone.flat):
-            return False
-        self._unfolded[key] = value
-        self._take_short(
-            revision,
-            {key: value},
-            {key: path},
-            lone.values,
-            lone.flat,
-            lone.changed,
-            growth,
-            lone.validated,
-            None,
-        )
         return True
 
     def _take_short(
@@ -740,7 +585,7 @@ class Engine:
         self.revision = max(self.revision, revision)
         pending = self._pending
         if pending is None:
-            pending = self._pending = _Pending(self.snapshot.model, values)
+            pending = self._pending = Pending(self.snapshot.model, values)
         pending.values = values
         if whole is not None:
             pending.model, pending.validated = whole, {}
@@ -790,17 +635,9 @@ class Engine:
             self._then(partial(self._build, pending, etcd, etcd_values, sources))
         return published
 
-    def _folded_leaf_input(self) -> LeafInput:
-        """``_leaf_input`` with the puts validated leaf by leaf since it was made."""
-        assert self._leaf_input is not None
-        if self._unfolded:
-            self._leaf_input = self._leaf_input.with_leaves(self.schema, self._unfolded)
-            self._unfolded = {}
-        return self._leaf_input
-
     def _build(
         self,
-        pending: _Pending,
+        pending: Pending,
         etcd: Layer,
         etcd_values: dict[str, Any],
         sources: dict[str, str],
@@ -810,7 +647,7 @@ class Engine:
             **self.layers,
             "etcd": Layer("etcd", etcd_values, {**etcd.origins, **pending.origins}),
         }
-        self._leaf_input_of = tuple(self.layers.values())  # ``_leaf_input``: the same keys
+        self._short.layers_of = tuple(self.layers.values())  # its leaves: the same keys
         self.snapshot = Snapshot(
             model=pending.built_model,
             values=MappingProxyType(pending.values),
@@ -916,11 +753,6 @@ class Engine:
         before, self.layers = self.layers[candidate.name].values, layers
         self._accept(snapshot, candidate.name, revision, edited, before)
         return True
-
-    def _files_alone(self, files: Layer) -> None:
-        """``files_alone``: the files layer ``files`` must be valid over the fixed layers
-        below it alone, not only with what etcd, env and ``--set`` shadow now."""
-        files_alone(self.schema, [*self.layers.values(), files], self.precedence)
 
     def _accept(
         self,
