@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
+from .finding import DAEMON_SAID
 
 if TYPE_CHECKING:
     import selectors as _selectors
@@ -314,7 +315,7 @@ class DaemonConnection:
                 self._on_state(message, kind == protocol.SNAPSHOT)
                 got_state = True
             elif kind == protocol.ERROR:
-                self.last_error = self._daemon_said = f"daemon: {message.get('error')}"
+                self.last_error = self._daemon_said = f"{DAEMON_SAID}{message.get('error')}"
                 log.warning("live_daemon_error path=%s error=%s", self.path, message.get("error"))
         if len(inbuf) >= protocol.MAX_LINE_BYTES:
             raise protocol.ProtocolError("line exceeds the size limit")
