@@ -15,7 +15,8 @@ What is guaranteed:
   it listens; every peer's uid is checked with ``SO_PEERCRED`` and a uid that is
   not allowed gets an ``error`` and is closed. A stale socket file (nothing
   listening) is replaced; a live daemon's socket is never taken over
-  (``SocketInUse``), and anything that is not a socket is never removed.
+  (``SocketInUse``), and anything that is not a socket is never removed. The
+  listening end (path, bind, failed accepts, the socket file) is ``socket_listen``.
 - Order: ``hello`` first, answered at once by a ``snapshot`` of ``current()``;
   then one ``update`` per state the client has not yet been sent.
 - Coalescing: each client has one pending slot and its own writer task. A client
@@ -42,7 +43,7 @@ What is guaranteed:
   line, not reading) is logged at most ``CLIENT_ERRORS_LOGGED`` times every
   ``CLIENT_ERROR_LOG_EVERY_S``; the rest are counted, in one ``client_errors_not_logged``
   line when that time is up: a client that reconnects in a loop sending junk would
-  otherwise write a line per connection for as long as it runs.
+  otherwise write a line per connection for as long as it runs (``client_log``).
 - Names: each connected client's ``ClientInfo.name`` is unique. A ``hello`` with a
   name another connection has gets ``<name>-2`` (or the first free number), logged
   as ``client_renamed``; the client is told nothing (the protocol has no field for it).
@@ -59,9 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import itertools
-import json
 import os
 import socket
 import struct
@@ -76,18 +74,17 @@ import structlog
 from hotknob.config.changes import changed_keys
 from hotknob.model_runtime import protocol
 
+from .client_log import CLIENT_ERROR_LOG_EVERY_S as CLIENT_ERROR_LOG_EVERY_S
+from .client_log import CLIENT_ERRORS_LOGGED as CLIENT_ERRORS_LOGGED
+from .client_log import LOGGED_EXTRA_CHARS as LOGGED_EXTRA_CHARS
+from .client_log import LOGGED_EXTRA_FIELDS as LOGGED_EXTRA_FIELDS
+from .client_log import ClientErrors, logged_extra
 from .pending import Sent
 from .published import ClientInfo, Published
 from .socket_conn import CLOSE_GRACE_S, Connection, Stuck
-from .socket_path import (
-    SocketInUse,
-    SocketPathError,
-    clear_stale_socket,
-    lock_socket_path,
-    prepare_folder,
-)
-from .table import cut
-from .throttle import LogLimit
+from .socket_listen import ACCEPT_FAILED_LOG_EVERY_S as ACCEPT_FAILED_LOG_EVERY_S
+from .socket_listen import Listener
+from .socket_path import SocketInUse, SocketPathError
 
 __all__ = ["ClientInfo", "Published", "SocketInUse", "SocketPathError", "SocketServer"]
 
@@ -99,7 +96,6 @@ into ``socat``; each such connection holds a file descriptor."""
 DRAIN_CHECK_S = 1.0
 """While a client is slow to take a line, how often the server looks whether it took any
 of it: a client is dropped for taking nothing for ``drain_timeout``, not for being slow."""
-ACCEPT_FAILED_LOG_EVERY_S = 10.0
 READ_SLICE_S = 0.005
 """The longest one connection's reader handles lines it already holds before it lets the
 loop run others: a line in the buffer is read without a wait, so a client that floods acks
@@ -109,21 +105,9 @@ READ_SLICE_LINES = 256
 """And the most lines it handles in one turn: a line the daemon has nothing to do for (an
 ack repeated) takes microseconds, and thousands of them in one turn would still keep the
 others' lines waiting behind them."""
-CLIENT_ERROR_LOG_EVERY_S = 10.0
-CLIENT_ERRORS_LOGGED = 20
-"""At most this many ``client_error`` lines a client caused every ``CLIENT_ERROR_LOG_EVERY_S``:
-enough to see each of a few misbehaving clients, not a line per connection of one in a loop."""
-LOGGED_EXTRA_FIELDS = 16
-LOGGED_EXTRA_CHARS = 200
 
 _PEERCRED = struct.Struct("3i")
 _HELLO_FIELDS = frozenset({"type", "protocol", "client", "pid"})
-
-
-def _retries_serving(context: dict[str, Any]) -> bool:
-    """Whether the loop's report is of its own retry to serve a listening socket (it
-    names no socket then, only the callback)."""
-    return "_start_serving" in str(context.get("message", ""))
 
 
 class SocketServer:
@@ -154,7 +138,6 @@ class SocketServer:
         """``hello_timeout``: ``DEFAULT_HELLO_TIMEOUT_S`` if None, read when the server is
         made (a test's daemon sets it before). ``restart_only`` and ``secret`` (the keys the
         schema keeps secret), and ``app``, are named in each snapshot."""
-        self._path = Path(path)
         self._app = app
         self._restart_only = sorted(restart_only)
         self._secret = sorted(secret)
@@ -164,18 +147,10 @@ class SocketServer:
         self._on_disconnect = on_disconnect
         self._allowed_uids = frozenset({os.getuid()}) if allowed_uids is None else allowed_uids
         self._log = log if log is not None else structlog.get_logger(__name__)
+        self._listener = Listener(Path(path), self._log)
         self._max_write_buffer = max_write_buffer
         self._drain_timeout = drain_timeout
         self._hello_timeout = DEFAULT_HELLO_TIMEOUT_S if hello_timeout is None else hello_timeout
-        self._server: asyncio.AbstractServer | None = None
-        self._listening_fd: int | None = None
-        self._loop_handler: Any = None  # the loop's exception handler before ``start``
-        self._accept_failures = 0  # since ``accept_failed`` was last logged
-        self._accept_ever_failed = False
-        self._accept_failed_at = float("-inf")
-        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file
-        self._lock_fd: int | None = None
-        self._reserved = False
         self._conns: dict[int, Connection] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
         self._next_id = 1
@@ -192,14 +167,11 @@ class SocketServer:
         self._publish_lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self._close_task: asyncio.Task[None] | None = None
-        self._error_lines = LogLimit(
-            CLIENT_ERROR_LOG_EVERY_S, CLIENT_ERRORS_LOGGED, self._errors_not_logged
-        )
-        self._last_unlogged_error = ""
+        self._client_errors = ClientErrors(self._log)
 
     @property
     def path(self) -> Path:
-        return self._path
+        return self._listener.path
 
     @property
     def clients(self) -> list[ClientInfo]:
@@ -236,92 +208,14 @@ class SocketServer:
         removed) without listening yet: a daemon does so before it touches anything a
         daemon on this path owns. ``start`` does it if not done. Raises ``SocketInUse``
         or ``SocketPathError``."""
-        if self._reserved:
-            return
-        # Before anything is made or read: a path no socket can have would otherwise fail
-        # only at the bind, after the start read etcd and wrote the state file.
-        too_long = protocol.socket_path_problem(str(self._path))
-        if too_long is not None:
-            raise SocketPathError(too_long)
-        prepare_folder(self._path.parent)
-        self._lock_fd = lock_socket_path(self._path)
-        try:
-            if clear_stale_socket(self._path):
-                self._log.info("stale_socket_removed", path=str(self._path))
-        except BaseException:
-            self._release_lock()
-            raise
-        self._reserved = True
+        self._listener.reserve()
 
     async def start(self) -> None:
         """Listen on the path. Raises ``SocketInUse`` or ``SocketPathError``."""
-        if self._server is not None or self._close_task is not None:
+        if self._listener.listening or self._close_task is not None:
             raise RuntimeError("a SocketServer is started once")
         self._loop_thread = threading.get_ident()
-        self.reserve()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            try:
-                sock.bind(str(self._path))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise SocketInUse(f"{self._path}: another daemon took it just now") from exc
-                raise SocketPathError(f"cannot bind {self._path}: {exc}") from exc
-            st = os.stat(self._path)
-            self._bound = (st.st_dev, st.st_ino)
-            # Not yet listening: nobody can connect before the mode is 0600.
-            os.chmod(self._path, 0o600)
-            self._server = await asyncio.start_unix_server(
-                self._handle, sock=sock, limit=protocol.MAX_LINE_BYTES - 1
-            )
-        except BaseException:
-            sock.close()
-            self._remove_socket_file()
-            self._release_lock()
-            raise
-        loop = asyncio.get_running_loop()
-        self._listening_fd = sock.fileno()
-        self._loop_handler = loop.get_exception_handler()
-        loop.set_exception_handler(self._on_loop_exception)
-        self._log.info("socket_listening", path=str(self._path))
-
-    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """The loop's exception handler while the server listens. A failed ``accept`` on
-        this server's socket (the process is out of file descriptors, or the system out of
-        memory) is said in one line, ``accept_failed``: the loop reports each failure with
-        a traceback and tries again many times a second, which would bury the log. After
-        such a failure the loop also retries a moment later (``_start_serving``), even
-        once the server is closed, where the retry fails on the closed socket: that is
-        dropped. What else the loop reports goes where it went before."""
-        sock = context.get("socket")
-        exc = context.get("exception")
-        fd = self._listening_fd
-        if fd is not None and isinstance(exc, OSError) and sock is not None and sock.fileno() == fd:
-            self._accept_failed(exc)
-        elif fd is None and self._accept_ever_failed and _retries_serving(context):
-            self._log.debug("accept_retry_after_close", error=str(exc))
-        elif self._loop_handler is not None:
-            self._loop_handler(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """Log ``accept_failed`` at most every ``ACCEPT_FAILED_LOG_EVERY_S``, with how many
-        accepts failed since the last line (this one's included)."""
-        self._accept_failures += 1
-        self._accept_ever_failed = True
-        now = time.monotonic()
-        if now - self._accept_failed_at < ACCEPT_FAILED_LOG_EVERY_S:
-            return
-        self._log.error(
-            "accept_failed",
-            error=exc.strerror or str(exc),
-            failures=self._accept_failures,
-            detail="new connections wait until descriptors are free: raise the daemon's "
-            "limit (ulimit -n), or find what holds connections to the socket open",
-        )
-        self._accept_failures = 0
-        self._accept_failed_at = now
+        await self._listener.listen(self._handle)
 
     def publish(self, new: Published) -> None:
         """Make ``new`` the state every client converges to; a version not newer is ignored.
@@ -385,7 +279,7 @@ class SocketServer:
             if conn.closing:
                 continue
             if conn.event_bytes + len(data) > self._max_write_buffer:
-                self._client_error(conn, error="too slow to take events")
+                self._client_errors.report(conn.log, error="too slow to take events")
                 conn.drop("too slow to take events", abort=True)
                 continue
             with conn.lock:
@@ -400,11 +294,7 @@ class SocketServer:
         await asyncio.shield(self._close_task)
 
     async def _close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._remove_socket_file()
-            # The handler stays: a retry of a failed accept may still be due (see it).
-            self._listening_fd = None
+        self._listener.stop_listening()
         for conn in list(self._conns.values()):
             conn.drop("daemon closing")
         if self._handlers:
@@ -417,40 +307,17 @@ class SocketServer:
                 task.cancel()
             if late:
                 await asyncio.wait(late)
-        self._error_lines.flush()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._log.info("socket_closed", path=str(self._path))
-        self._release_lock()
+        self._client_errors.flush()
+        await self._listener.closed()
 
     def socket_file(self) -> str:
         """Whether the path still leads to the socket this server bound: ``"ok"``,
         ``"missing"`` (removed: nobody can connect any more) or ``"replaced"`` (another
         file is there now); ``"not_listening"`` before the start and after the close. Any
         thread."""
-        bound = self._bound
-        if bound is None or self._server is None or self._close_task is not None:
+        if self._close_task is not None:
             return "not_listening"
-        try:
-            st = os.stat(self._path)
-        except OSError:  # removed, or a folder on the way is gone or closed to us
-            return "missing"
-        return "ok" if (st.st_dev, st.st_ino) == bound else "replaced"
-
-    def _release_lock(self) -> None:
-        self._reserved = False
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)  # the lock goes with it
-
-    def _remove_socket_file(self) -> None:
-        """Unlink the socket only if it is still the one this server bound."""
-        try:
-            st = os.lstat(self._path)
-            if self._bound is not None and (st.st_dev, st.st_ino) == self._bound:
-                self._path.unlink()
-        except FileNotFoundError:
-            pass
+        return self._listener.socket_file()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -531,7 +398,7 @@ class SocketServer:
         try:
             message = protocol.decode(line)
             if message["type"] == protocol.ERROR:
-                self._client_error(conn, error=str(message.get("error")), side="client")
+                self._client_errors.report(conn.log, error=str(message.get("error")), side="client")
                 conn.drop("the client reported an error")
                 return False
             protocol.validate_client_message(message, said_hello=conn.info is not None)
@@ -542,27 +409,9 @@ class SocketServer:
         return True
 
     def _reject(self, conn: Connection, reason: str) -> None:
-        self._client_error(conn, error=reason)
+        self._client_errors.report(conn.log, error=reason)
         self._flush_pending(conn)
         conn.drop(f"protocol error: {reason}", reply=reason)
-
-    def _client_error(self, conn: Connection, *, error: str, **fields: Any) -> None:
-        """Log ``client_error`` for what ``conn``'s client did, within ``CLIENT_ERRORS_LOGGED``
-        every ``CLIENT_ERROR_LOG_EVERY_S``; past it, the line is counted (``LogLimit``)."""
-        if self._error_lines.allow():
-            conn.log.warning("client_error", error=error, **fields)
-        else:
-            self._last_unlogged_error = error
-
-    def _errors_not_logged(self, count: int) -> None:
-        self._log.warning(
-            "client_errors_not_logged",
-            count=count,
-            last_error=cut(self._last_unlogged_error, LOGGED_EXTRA_CHARS),
-            detail=f"clients caused more than {CLIENT_ERRORS_LOGGED} client_error lines in "
-            f"{CLIENT_ERROR_LOG_EVERY_S:g} s: look for a process that reconnects in a loop "
-            "(the logged lines name its peer_pid)",
-        )
 
     def _dispatch(self, conn: Connection, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -636,7 +485,7 @@ class SocketServer:
                 conn.info = info
                 conn.offer(state)
         conn.log = conn.log.bind(client=info.name, pid=pid)
-        conn.log.info("client_connected", **_logged_extra(info.extra))
+        conn.log.info("client_connected", **logged_extra(info.extra))
         conn.wake.set()
 
     def _call(self, conn: Connection, callback: Callable[..., None] | None, *args: Any) -> None:
@@ -671,7 +520,7 @@ class SocketServer:
                 conn.last_sent = target
                 await self._send(conn, data)
         except Stuck as exc:
-            self._client_error(conn, error=str(exc))
+            self._client_errors.report(conn.log, error=str(exc))
             conn.drop(str(exc), abort=True)
         except protocol.ProtocolError as exc:
             conn.log.error("client_error", error=f"cannot encode the state: {exc}")
@@ -810,29 +659,3 @@ def _fitted_event(event: Mapping[str, Any]) -> bytes | None:
         return protocol.encode({**bare, **cut_event, "unlisted": unlisted})
     except protocol.ProtocolError:
         return None
-
-
-def _logged_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``hello``'s extra fields as ``client_connected`` logs them: each as
-    ``extra_<name>``, so that none takes the place of what the daemon logs itself (the
-    kernel's ``uid`` and ``peer_pid``, ``client_id``, ``event``) or of the logger's own
-    arguments, and one named like a credential is still masked by its name. A client may
-    send a MiB of them: the first ``LOGGED_EXTRA_FIELDS`` are logged, a value longer than
-    ``LOGGED_EXTRA_CHARS`` (as JSON) cut to that, and ``extra_fields_not_logged`` counts
-    the rest."""
-    logged: dict[str, Any] = {}
-    for name, value in itertools.islice(extra.items(), LOGGED_EXTRA_FIELDS):
-        shown: Any = value
-        if isinstance(value, str):
-            shown = cut(value, LOGGED_EXTRA_CHARS)
-        else:
-            try:
-                text = json.dumps(value)
-            except RecursionError:
-                text = "(not shown: nested too deeply)"
-            if len(text) > LOGGED_EXTRA_CHARS:
-                shown = cut(text, LOGGED_EXTRA_CHARS)
-        logged[f"extra_{cut(name, 64)}"] = shown
-    if len(extra) > LOGGED_EXTRA_FIELDS:
-        logged["extra_fields_not_logged"] = len(extra) - LOGGED_EXTRA_FIELDS
-    return logged
