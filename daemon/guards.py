@@ -17,10 +17,10 @@ records and, for its own processes:
   steps after the previous report's: one that holds no step below start + ``window``
   is not judged, and marks the process done, if the last judged report held; while
   failures in a row are short of ``patience``, the process is watched on past its
-  window (``_check``). One whose reports pass the end of its window with none of what
-  the guard reads (a typo, or a run that does not report it) is done, *unjudged*: it
-  neither holds the guard up nor can judge it (``_unjudged``), and what it reports of
-  it later does not count: nothing of its window was judged;
+  window (``guard_judging``). One whose reports pass the end of its window with none of
+  what the guard reads (a typo, or a run that does not report it) is done, *unjudged*:
+  it neither holds the guard up nor can judge it (``ReportJudge._unjudged``), and what
+  it reports of it later does not count: nothing of its window was judged;
 * each ``metrics`` report within a watched process's window is checked: a NaN or
   ±inf value of a metric the guard reads reverts at once; otherwise the guard is
   evaluated on the mean of the values reported since the previous report, against
@@ -77,7 +77,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from hotknob.config import HotknobError, restart_only_keys
-from hotknob.config.keys import etcd_key, key_from_etcd, status_prefix
+from hotknob.config.keys import status_prefix
 from hotknob.config.schema import restart_only_written
 
 from .announce import EventSink
@@ -85,19 +85,20 @@ from .armed_guard import REMOTE_CHECK_EVERY_S, ArmedGuard
 from .etcd_store import EtcdChange, EtcdOptions, EtcdStore
 from .etcd_watcher import EtcdWatcher
 from .guard_ending import ConfigInForce, GuardEnding
-from .guard_lang import GuardSyntaxError, MissingValue, parse_guard
+from .guard_judging import ReportJudge
+from .guard_lang import GuardSyntaxError, parse_guard
 from .guard_records import (
     ABANDONED,
     ARMED,
     PASSED,
-    SUPERSEDED,
     GuardRecord,
     guard_key,
     guards_prefix,
     some_names,
 )
+from .guard_superseding import Superseding
 from .logs import get_logger
-from .reports import Report, encode_value, mean_of
+from .reports import Report
 from .status import (
     refused_here,
     remote_open_windows,
@@ -108,7 +109,6 @@ from .status import (
 
 Post = Callable[..., None]
 _ACKS_KEPT = 64
-_EVIDENCE_KEPT = 8
 _REMOTE_CHECK_MAX_S = 4.0
 """A daemon done with a guard reads the others' status entries (every process of the app)
 every 0.5 s (``REMOTE_CHECK_EVERY_S``), then, while they are not done, twice as long after
@@ -134,10 +134,6 @@ def _seconds_from_env(name: str, default: float) -> float:
     except ValueError:
         return default
     return value if value >= 0 and value < float("inf") else default
-
-
-def _jsonable(values: Mapping[str, float]) -> dict[str, float | str]:
-    return {k: encode_value(v) for k, v in values.items()}
 
 
 class GuardManager:
@@ -206,6 +202,25 @@ class GuardManager:
             ended=lambda guard_id: self._active.pop(guard_id, None),
             stopped=lambda: self._stopped,
             config=config,
+        )
+        self._superseding = Superseding(
+            app=app,
+            log=self.log,
+            active=self._active,
+            finish=self._ending.finish,
+            submit=self._worker.submit,
+            mod_revision=self._mod_revision,
+            then=self._then,
+            etcd_there=lambda: self._started,
+            stopped=lambda: self._stopped,
+        )
+        self._judge = ReportJudge(
+            node=node,
+            log=self.log,
+            revert=self._ending.revert,
+            maybe_passed=self._maybe_passed,
+            maybe_orphaned=self._maybe_orphaned,
+            watching=watching,
         )
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -330,132 +345,7 @@ class GuardManager:
                 active.unjudged.discard(client)
                 previous = None  # a new window: this report is its first
             active.last_step[client] = report.step
-            self._check(guard_id, active, client, start, report, previous)
-
-    def _check(
-        self,
-        guard_id: str,
-        active: ArmedGuard,
-        client: str,
-        start: int,
-        report: Report,
-        previous: int | None,
-    ) -> None:
-        """Judge ``report`` if it holds a step of ``client``'s window, or if its last judged
-        reports failed (then the process is watched on until one holds or ``patience`` of
-        them fail); else mark the process done.
-
-        A report holds the values of the steps after the previous report's (``previous``)
-        up to its own: one at or past the window's end may still hold steps inside it, and
-        the first after the change always does. So a window shorter than the steps between
-        two reports is still judged, and the window's end does not pass a process whose
-        metric is failing at that moment."""
-        guard = active.guard
-        values = {m: v for m in guard.metrics if (v := report.value(m)) is not None}
-        end = start + active.record.window
-        if not values:  # this report has none of what the guard reads
-            if report.step >= end:
-                self._past_window_unread(guard_id, active, client, report.step)
-            return
-        inside = report.step < end or previous is None or previous + 1 < end
-        if not inside and client not in active.reported:
-            # What it reads came only past the window: nothing of the window was judged, so
-            # the process is done unjudged, not passed (a guard passed on it judged nothing).
-            self._unjudged(guard_id, active, client, report.step)
-            return
-        active.reported.add(client)
-        if client in active.unjudged:  # back at a step inside its window: judged from now
-            active.unjudged.discard(client)
-            self._watching([client])
-        if not inside and client not in active.in_a_row:
-            # Past its own window, its last judged report held: done, and what it
-            # reports now is not judged.
-            active.passed.add(client)
-            self._maybe_passed(guard_id, active)
-            return
-        bad = report.non_finite(guard.metrics)
-        if bad:
-            name, value = sorted(bad.items())[0]
-            evidence = [{"client": client, "step": report.step, "values": _jsonable(values)}]
-            who = status_name(self.node, client)
-            reason = f"{who} reported {name}={encode_value(value)} at step {report.step}"
-            self._ending.revert(guard_id, active, reason, evidence)
-            return
-        baselines = self._baselines(active.record, client)
-        try:
-            holds = guard.holds(values, baselines)
-        except MissingValue:
-            holds = None
-        failures = active.failures.setdefault(client, [])
-        if holds is False:
-            count, first = active.in_a_row.get(client, (0, report.step))
-            count += 1
-            active.in_a_row[client] = (count, first)
-            failures.append(
-                {
-                    "client": client,
-                    "step": report.step,
-                    "values": _jsonable(values),
-                    "baselines": _jsonable(
-                        {m: baselines[m] for m in guard.baselines if m in baselines}
-                    ),
-                }
-            )
-            del failures[:-_EVIDENCE_KEPT]  # the evidence kept; the count is apart
-            if count >= active.record.patience:
-                who = status_name(self.node, client)
-                reason = (
-                    f"{guard.text!r} failed on {count} reports in a row from {who} "
-                    f"(steps {first}..{report.step})"
-                    if count > 1
-                    else f"{guard.text!r} failed on the report from {who} at step {report.step}"
-                )
-                self._ending.revert(guard_id, active, reason, failures[-active.record.patience :])
-                return
-        elif holds is True:
-            failures.clear()
-            active.in_a_row.pop(client, None)
-        if report.step >= end and client not in active.in_a_row:
-            active.passed.add(client)  # its window is over, and its last judged report held
-            self._maybe_passed(guard_id, active)
-
-    def _past_window_unread(
-        self, guard_id: str, active: ArmedGuard, client: str, step: int
-    ) -> None:
-        """``client`` reported past the end of its window (at ``step``), with none of what the
-        guard reads: its window is over. It is done unjudged if nothing of it was judged;
-        passed if its last judged report held, though what the guard reads came only inside
-        the window (a metric reported now and then, or no longer: such a process used to
-        keep the guard armed for as long as it ran); watched on while its last judged
-        reports failed (``in_a_row``)."""
-        if client not in active.reported:
-            self._unjudged(guard_id, active, client, step)
-        elif client not in active.in_a_row and client not in active.passed:
-            active.passed.add(client)
-            self._maybe_passed(guard_id, active)
-
-    def _unjudged(self, guard_id: str, active: ArmedGuard, client: str, step: int) -> None:
-        """``client``'s reports passed the end of its window with none of what the guard
-        reads: it is done, unjudged. Its entry says so (other daemons neither wait for it
-        nor leave the guard to this daemon for it); with no process here left to judge
-        the guard, it may end ``abandoned`` (``_maybe_orphaned``), where it would
-        otherwise stay armed for as long as the process runs."""
-        if client in active.unjudged:
-            return
-        active.unjudged.add(client)
-        self.log.info("guard_unjudged", guard=guard_id, client=client, step=step)
-        self._watching([client])
-        self._maybe_passed(guard_id, active)  # it may have been waited for (``awaited_here``)
-        self._maybe_orphaned(guard_id, active)
-
-    def _baselines(self, record: GuardRecord, client: str) -> dict[str, float]:
-        """``client``'s own baseline of each metric, else the mean of all processes' ones."""
-        pooled: dict[str, list[float]] = {}
-        for values in record.baselines.values():
-            for name, value in values.items():
-                pooled.setdefault(name, []).append(value)
-        means = {name: mean_of(vs) for name, vs in pooled.items()}
-        return {**means, **record.baselines.get(status_name(self.node, client), {})}
+            self._judge.check(guard_id, active, client, start, report, previous)
 
     def _maybe_passed(self, guard_id: str, active: ArmedGuard) -> None:
         """Pass the guard once this daemon's watched processes are done and, as their
@@ -590,8 +480,8 @@ class GuardManager:
         return sorted(n for n in active.expected if n not in present and n not in here)
 
     def _unjudged_names(self, active: ArmedGuard, kvs: Mapping[str, bytes]) -> list[str]:
-        """Every daemon's processes done unjudged (``_unjudged``): this one's, and the
-        others' as their entries (``kvs``, read just now) say, by name."""
+        """Every daemon's processes done unjudged (``ReportJudge._unjudged``): this one's,
+        and the others' as their entries (``kvs``, read just now) say, by name."""
         here = [status_name(self.node, c) for c in active.unjudged]
         there = remote_unjudged(
             kvs, status_prefix(self.app), self.node, active.record.id, self._mine()
@@ -681,73 +571,13 @@ class GuardManager:
 
     def on_config_changes(self, changes: Collection[EtcdChange]) -> None:
         """On the loop, after the engine had ``changes``: a guard whose keys one of them
-        wrote (another ``set``, an ``unset``, a ``rollback``, an ``etcdctl put``) judges a
-        value no longer in etcd, and ends ``superseded`` now rather than at its verdict.
-        Every daemon of the app tries; the ending's transaction lets one of them."""
-        for guard_id, active in list(self._active.items()):
-            if active.busy:  # ending already (its own revert is one of these changes)
-                continue
-            for change in changes:
-                if change.revision <= active.revision:
-                    continue
-                written = {
-                    key_from_etcd(self.app, path) for path in (*change.puts, *change.deletes)
-                }
-                hit = {key: change.revision for key in active.record.keys if key in written}
-                if hit:
-                    self._supersede(guard_id, active, hit)
-                    break
+        wrote ends ``superseded`` (``Superseding.on_config_changes``)."""
+        self._superseding.on_config_changes(changes)
 
     def on_full_read(self) -> None:
-        """On the loop, after the config watch read etcd in full: the writes it missed
-        (compacted away while it was stopped, or etcd restarted) came as values, not as
-        changes, so a guard whose keys one of them wrote is found by their mod revisions
-        (``_written_since``), and ends ``superseded`` now rather than at its verdict."""
-        for active in list(self._active.values()):
-            if not active.busy:
-                self._written_since(active)
-
-    def _supersede(self, guard_id: str, active: ArmedGuard, hit: Mapping[str, int]) -> None:
-        """End the guard ``superseded``: its keys ``hit`` were written since (at the revision
-        each maps to; 0: deleted, at a revision not known here)."""
-        said = [
-            f"{key} at revision {revision}" if revision else f"{key} deleted"
-            for key, revision in sorted(hit.items())
-        ]
-        outcome = {
-            "reason": (
-                f"the guarded keys were changed since ({', '.join(said)}): the guard judges "
-                "them no more"
-            ),
-            "changed": {etcd_key(self.app, key): revision for key, revision in hit.items()},
-        }
-        self._ending.finish(guard_id, active, SUPERSEDED, outcome)
-
-    def _written_since(self, active: ArmedGuard) -> None:
-        """Once armed: whether the guarded keys were written after the change already. Such
-        a write is seen by ``on_config_changes`` only while the guard is armed here, and
-        it may have come before: while this daemon was down (it reads the record back at
-        its start), or on the config watch ahead of the record on the guard watch."""
-        if not self._started:
-            return  # driven by hand, with no etcd: the ending's transaction checks them
-        keys = sorted(active.record.keys)
-        future = self._worker.submit(
-            lambda: {key: self._mod_revision(etcd_key(self.app, key)) for key in keys}
-        )
-        self._then(future, self._written_since_read, active.record.id, active)
-
-    def _written_since_read(
-        self, guard_id: str, active: ArmedGuard, result: Mapping[str, int] | BaseException
-    ) -> None:
-        if self._stopped or self._active.get(guard_id) is not active or active.busy:
-            return
-        if isinstance(result, BaseException):  # the ending's transaction still checks them
-            self.log.warning("guard_check_failed", guard=guard_id, error=str(result))
-            return
-        # A key absent now (mod revision 0) was deleted since: the change had written it.
-        hit = {k: r for k, r in result.items() if r > active.revision or r == 0}
-        if hit:
-            self._supersede(guard_id, active, hit)
+        """On the loop, after the config watch read etcd in full: a guard whose keys were
+        written meanwhile ends ``superseded`` (``Superseding.on_full_read``)."""
+        self._superseding.on_full_read()
 
     def on_revision_unchanged(self, revision: int) -> None:
         """etcd's ``revision`` changed no value in force: a guarded change at or before it
@@ -932,7 +762,7 @@ class GuardManager:
             patience=record.patience,
             revision=revision,
         )
-        self._written_since(active)
+        self._superseding.written_since(active)
         self._maybe_orphaned(record.id, active)
 
     def _drop(self, guard_id: str, record: GuardRecord | None, revision: int = 0) -> None:
