@@ -3,31 +3,30 @@
 Every write is checked first: the resulting configuration is merged with all
 the layers this command can see and validated whole, so an invalid value
 writes nothing. Keys a higher layer shadows are written but reported.
+How a change is shown is write_diff.py's job; the warnings that a written value has
+no effect somewhere are no_effect.py's.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import getpass
 import json
 import math
 import socket
 import sys
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hotknob.config import InvalidChange, Problem, Unavailable, UsageError, etcd_layer
 from hotknob.config.changes import changed_keys, same_value
 from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import etcd_key, key_path_fault, meta_key, to_text
-from hotknob.config.merge import Snapshot, merge_dropping_invalid
-from hotknob.config.nesting import value_at
-from hotknob.config.schema import leaf_map, restart_only_keys, restart_only_written
+from hotknob.config.merge import merge_dropping_invalid
+from hotknob.config.schema import leaf_map
 from hotknob.config.schema_facts import is_known
-from hotknob.config.secrecy import secret_keys, shown_value
-from hotknob.config.sendable import non_finite
+from hotknob.config.secrecy import secret_keys
 from hotknob.config.sources import Layer, parse_assignment
 
 from .context import Context, read_all_layers, warn_dropped
@@ -47,12 +46,19 @@ from .guard_records import (
     prune_ended,
     read_status_entries,
     record_for_set,
-    some_names,
     spec_from_args,
 )
+from .no_effect import (
+    pinned_on_daemons,
+    restart_only_guard,
+    shadowed_note,
+    warn_invalid_shadowed,
+    warn_restart_only,
+    warn_shadowed,
+)
 from .settled import Guarded, Settled, finish, json_fields, settle
-from .status import pinned_by
-from .table import dumps, fmt, render
+from .table import dumps
+from .write_diff import print_diff, shown_diff
 
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -107,135 +113,6 @@ def _add_wait_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _shown_diff(
-    diff: Mapping[str, tuple[Any, Any]], secrets: frozenset[str]
-) -> dict[str, tuple[Any, Any]]:
-    """``diff`` as it may be shown: the values of secret keys (``hides``) masked."""
-    return {
-        k: (shown_value(k, o, secrets), shown_value(k, n, secrets)) for k, (o, n) in diff.items()
-    }
-
-
-def _print_diff(
-    diff: Mapping[str, tuple[Any, Any]],
-    as_json: bool,
-    header: str,
-    secrets: frozenset[str],
-    existed: Collection[str],
-    deleted: Collection[str],
-    unreadable: Collection[str] = (),
-) -> None:
-    """The change as a table (or JSON): a key not in etcd before shows ``-`` as its old
-    value, one whose etcd value cannot be read (``_unreadable``) ``(unreadable)``, a key
-    deleted ``(deleted)`` as its new one; ``null`` is a value like any other (None alone
-    could not tell a key set to null from one deleted)."""
-    diff = _shown_diff(diff, secrets)
-    if as_json:
-        print(
-            dumps(
-                {
-                    k: {
-                        "old": _json_value(o),
-                        "new": _json_value(n),
-                        "existed": k in existed or k in unreadable,
-                        "deleted": k in deleted,
-                    }
-                    for k, (o, n) in diff.items()
-                }
-            )
-        )
-        return
-    print(header)
-    if not diff:
-        print("(no change)")
-        return
-    print(
-        render(
-            ["KEY", "OLD", "NEW"],
-            [
-                [
-                    k,
-                    fmt(o) if k in existed else "(unreadable)" if k in unreadable else "-",
-                    "(deleted)" if k in deleted else fmt(n),
-                ]
-                for k, (o, n) in diff.items()
-            ],
-        )
-    )
-
-
-def _json_value(value: Any) -> Any:
-    """``value`` as ``--json`` can print it: an etcd value that reads as a number too large
-    for a float (``1e999``, put with etcdctl; never in force) as its text, ``Infinity``,
-    in a string: as a number it would make the output no JSON at all."""
-    return fmt(value) if non_finite({"": value}) else value
-
-
-def _warn_shadowed(snapshot: Snapshot, keys: list[str], secrets: frozenset[str]) -> None:
-    for key in keys:
-        effective = shown_value(key, value_at(snapshot.flat, key), secrets)
-        print(
-            f"hotknob: warning: {key} is shadowed by the {snapshot.shadowing('etcd', key)} layer "
-            f"(effective value {fmt(effective)}): the etcd value has no effect "
-            "while that is set",
-            file=sys.stderr,
-        )
-
-
-def _pinned_on_daemons(entries: Mapping[str, Mapping[str, Any]], keys: Iterable[str]) -> list[str]:
-    """Warnings for the ``keys`` that a layer above etcd (env, ``--set``) holds on some
-    daemon, as their processes' status ``entries`` say (``pinned``): an etcd edit of them
-    has no effect there, and ``set``, run elsewhere, cannot see that layer itself."""
-    held: dict[tuple[str, str], list[str]] = {}
-    wanted = set(keys)
-    for name, entry in entries.items():
-        pinned = entry.get("pinned")
-        if not isinstance(pinned, dict):
-            continue
-        for key in wanted:
-            layer = pinned_by(pinned, key)
-            if layer is not None:
-                held.setdefault((key, layer), []).append(name)
-    return [
-        f"{key} is held by the {layer} layer on the daemon of {len(names)} process(es) "
-        f"({some_names(names, 3)}): the etcd value has no effect there while that is set"
-        for (key, layer), names in sorted(held.items())
-    ]
-
-
-def _restart_only_written(ctx: Context, keys: Iterable[str]) -> set[str]:
-    """The restart-only keys that ``keys`` (dotted) write (``restart_only_written``)."""
-    return restart_only_written(keys, restart_only_keys(ctx.schema))
-
-
-def _warn_restart_only(ctx: Context, diff: Mapping[str, Any]) -> None:
-    """A restart-only key (``json_schema_extra={"live": False}``) changes nothing live: the
-    daemon reports it as pending a restart. Said here, so ``set`` is not taken to have
-    changed it in the running processes."""
-    for key in sorted(_restart_only_written(ctx, diff)):
-        print(
-            f"hotknob: warning: {key} is restart-only: a running process keeps the value it "
-            "started with (`status` shows those waiting for a restart); a process started "
-            "after its daemon restarted gets the new one",
-            file=sys.stderr,
-        )
-
-
-def _restart_only_guard(ctx: Context, diff: Mapping[str, Any]) -> list[str]:
-    """A warning for a guard on a change of restart-only keys alone: no running process
-    applies it (each keeps the value it started with, and one started after the change is
-    not judged), so the guard can never judge it and ends abandoned."""
-    if not diff or any(not _restart_only_written(ctx, [key]) for key in diff):
-        return []
-    keys = sorted(diff.keys())
-    return [
-        f"the guard can never judge this change: {', '.join(keys)} "
-        f"{'is' if len(keys) == 1 else 'are'} restart-only, so no running process applies "
-        "it (and one started after it is not judged): the guard ends abandoned, the change "
-        "stays"
-    ]
-
-
 def _write(
     ctx: Context,
     args: argparse.Namespace,
@@ -275,7 +152,7 @@ def _write(
     for problem in rejected_on_top(ctx.schema, ctx.precedence, layers, current.values):
         if problem.key not in touched and problem.key not in ignored:
             ignored.add(problem.key)
-            _warn_invalid_shadowed(problem)
+            warn_invalid_shadowed(problem)
     base = {k: v for k, v in current.values.items() if k not in ignored}
     new_etcd = dict(base)
     for key in deletes:
@@ -284,7 +161,7 @@ def _write(
     snapshot, shadowed = validate_etcd_state(ctx.schema, ctx.precedence, layers, new_etcd)
     rejected = rejected_on_top(ctx.schema, ctx.precedence, layers, new_etcd)
     if rejected:  # valid only because a higher layer shadows it: not to be written either
-        raise InvalidChange([_shadowed_note(snapshot, p) for p in rejected])
+        raise InvalidChange([shadowed_note(snapshot, p) for p in rejected])
     texts = {etcd_key(ctx.app, k): _text(k, v) for k, v in puts.items()}
     # A value that cannot be read is in no layer, so no diff of the layers shows it
     # going: deleted, it is a change all the same (else ``unset`` of it, or a rollback to
@@ -311,7 +188,7 @@ def _write(
             # entries read now; nothing is written.
             with ctx.store() as store:
                 entries = read_status_entries(store, ctx.app)
-            dry_warnings += _pinned_on_daemons(entries, diff)
+            dry_warnings += pinned_on_daemons(entries, diff)
             if guard is not None:
                 _, _, would_warn = record_for_set(
                     entries,
@@ -322,18 +199,18 @@ def _write(
                     secrets,
                     not_in_force & diff.keys(),
                 )
-                dry_warnings += would_warn + _restart_only_guard(ctx, diff)
+                dry_warnings += would_warn + restart_only_guard(ctx, diff)
         title = f"dry run at revision {revision}: would write"
-        _print_diff(diff, args.json, title, secrets, existed, deleted, unreadable)
-        _warn_shadowed(snapshot, shadowed, secrets)
-        _warn_restart_only(ctx, diff)
+        print_diff(diff, args.json, title, secrets, existed, deleted, unreadable)
+        warn_shadowed(snapshot, shadowed, secrets)
+        warn_restart_only(ctx, diff)
         if guard is not None and not diff:
             dry_warnings.append("no guard would be armed: the change alters nothing in etcd")
         for warning in dry_warnings:
             print(f"hotknob: warning: {warning}", file=sys.stderr)
         return 0
     if not diff:
-        _warn_shadowed(snapshot, shadowed, secrets)
+        warn_shadowed(snapshot, shadowed, secrets)
         if guard is not None:
             print(
                 "hotknob: warning: no guard was armed: nothing changed, so there is "
@@ -354,9 +231,9 @@ def _write(
             guard_path, record, guard_warnings = record_for_set(
                 entries, ctx.app, guard, diff, current.values, secrets, not_in_force & diff.keys()
             )
-            guard_warnings += _restart_only_guard(ctx, diff)
+            guard_warnings += restart_only_guard(ctx, diff)
             texts[guard_path] = record.to_json()
-        pinned_warnings = _pinned_on_daemons(entries, diff)
+        pinned_warnings = pinned_on_daemons(entries, diff)
         checked_at = revision if computed_at is None else min(revision, computed_at)
         checked = {meta_key(ctx.app): store.mod_revision(meta_key(ctx.app), checked_at)}
         try:
@@ -377,7 +254,7 @@ def _write(
                 f"{exc}; the change may have been written: `{look}` shows whether it was"
             ) from exc
         if not args.json:
-            _print_diff(
+            print_diff(
                 diff,
                 False,
                 f"{header} at revision {written}",
@@ -388,8 +265,8 @@ def _write(
             )
             if record is not None:
                 print(describe(record))
-        _warn_shadowed(snapshot, shadowed, secrets)
-        _warn_restart_only(ctx, diff)
+        warn_shadowed(snapshot, shadowed, secrets)
+        warn_restart_only(ctx, diff)
         if record is not None:
             guard_warnings += _prune_ended(store, ctx.app, args, record.id)
         for warning in [*pinned_warnings, *guard_warnings]:
@@ -400,7 +277,7 @@ def _write(
         if args.json:
             result: dict[str, Any] = {
                 "revision": written,
-                "changed": {k: n for k, (_, n) in _shown_diff(diff, secrets).items()},
+                "changed": {k: n for k, (_, n) in shown_diff(diff, secrets).items()},
                 "deleted": deleted,  # their "changed" value is null, as is a key set to null
             }
             print(dumps({**result, **json_fields(settled, store, guarded)}))
@@ -472,33 +349,6 @@ class ConcurrentWrite(HotknobError):
     """Another hotknob write landed between reading and committing: nothing was written."""
 
     exit_code = 1
-
-
-_SHADOWING = {
-    "files": ("the config files, which lie above etcd in --precedence", "the files no longer set"),
-    "env": ("an environment variable", "that variable no longer sets"),
-    "cli": ("--set", "--set no longer gives"),
-}
-
-
-def _shadowed_note(snapshot: Snapshot, problem: Problem) -> Problem:
-    """``problem`` of an etcd value that a higher layer shadows, saying so: the merged
-    configuration holds, and the refusal gave no reason why (the daemon, ``get`` and
-    ``explain`` name the files that shadow such a value)."""
-    winner = snapshot.shadowing("etcd", problem.key) if problem.key else None
-    if winner is None:
-        return problem
-    by, until = _SHADOWING.get(winner, (f"the {winner} layer", "that layer no longer sets"))
-    note = f" (shadowed by {by}: it would take effect once {until} that key)"
-    return dataclasses.replace(problem, reason=problem.reason + note)
-
-
-def _warn_invalid_shadowed(problem: Problem) -> None:
-    print(
-        f"hotknob: warning: the etcd value of {problem.key} is invalid ({problem.reason}); "
-        "it has no effect only while a higher layer sets that key",
-        file=sys.stderr,
-    )
 
 
 def _text(key: str, value: Any) -> str:
