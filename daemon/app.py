@@ -11,9 +11,10 @@ the engine: watcher threads hand their events over with ``call_soon_threadsafe``
 the one hop from a library thread into the loop — except an etcd change that comes
 alone, which the watch thread validates, publishes and writes to the clients
 itself (``_take_inline``), without that hop. Either way the engine and the push
-state are used under ``_lock``. The rest of that change's work runs a little later,
-once the clients applied it, and what they send meanwhile waits for it
-(``held_tail.HeldTail``).
+state (``push.Pusher``) are used under ``_lock``. The rest of that change's work runs
+a little later, once the clients applied it, and what they send meanwhile waits for it
+(``held_tail.HeldTail``). The config files' events reach the engine on their own path
+(``files_feed.FilesFeed``).
 
 Signals only request things: SIGTERM/SIGINT a stop (a second SIGINT forces
 it; one during the start's wait for etcd abandons the start: no socket is
@@ -28,7 +29,6 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,18 +45,18 @@ from .etcd_feed import EtcdFeed
 from .etcd_store import EtcdChange, EtcdStore
 from .etcd_watcher import EtcdWatcher
 from .feedback import ClientFeedback
-from .file_watcher import FileLayerState, FileLayerWatcher
+from .files_feed import FilesFeed
 from .guards import GuardManager
 from .held_tail import HeldTail
 from .logs import get_logger
 from .metrics import Metrics, MetricsServer
 from .published import Published
+from .push import Pusher
 from .refused import RefusedKeys
 from .reports import REPORT_STATUS_EVERY_S
 from .socket_server import SocketServer
 from .state import StateStore
 from .status import StatusPublisher
-from .throttle import Throttle
 
 PUSH_EVERY_S = 0.002
 
@@ -102,15 +102,21 @@ class Daemon:
         self._early: list[Callable[[], None]] = []
         self._initial_etcd: tuple[Mapping[str, bytes], int] | None = None
         self._initial_event = asyncio.Event()
-        self._revisions: OrderedDict[int, int] = OrderedDict()
         # Held while the engine or the push state is used: by the loop's handlers, and by
         # the etcd watch thread while it handles a lone change itself.
         self._lock = threading.RLock()
         self._loop_thread: int | None = None
+        # Clients get a lone change at once, a burst's newest at most every PUSH_EVERY_S.
+        self.pushes = Pusher(
+            PUSH_EVERY_S,
+            lock=self._lock,
+            on_loop=self._on_loop,
+            post=self._post,
+            metrics=self.metrics,
+        )
         # A lone change's work after its push, and what clients send meanwhile.
         self.tail = HeldTail(lambda: self.engine, self._lock, self._dispatch, self.log)
         self._inline_ok = False  # started, early events replayed, not stopping
-        self._rereads = signals.Rereads(self._reread, self.stopping)  # on SIGHUP
         # Changes and full reads from the etcd watch thread, to the engine in group commits
         # (or, for a change that comes alone, on the watch thread itself).
         self._etcd_feed = EtcdFeed(
@@ -132,7 +138,7 @@ class Daemon:
             node=options.node,
             metrics=self.metrics,
             revision_of=self._revision_of,
-            built_at=self._revisions.get,
+            built_at=self.pushes.built_at.get,
             report_every=options.status_every,
             pinned=self._pinned,
             refused=lambda: self.refused.newest,
@@ -141,16 +147,22 @@ class Daemon:
             restart_wanted=self._restart_wanted,
             secrets=schema_facts(ctx.schema).secrets,
         )
-        # A change that comes alone is pushed at once; in a burst, clients get at most one
-        # update per PUSH_EVERY_S, so that decoding, applying and acknowledging every
-        # revision does not take the CPU the daemon needs to keep up.
-        self._push_due: Published | None = None
-        self._push_soon = Throttle(PUSH_EVERY_S, self._push)
+        # The config files' events, on their way to the engine (``FilesFeed.start``).
+        self.files = FilesFeed(
+            ctx.config_files,
+            lock=self._lock,
+            post=self._post,
+            broadcast=self.pushes.broadcast,
+            feedback=self.feedback,
+            started=lambda: self._started,
+            early=self._early,
+            stopping=self.stopping,
+            log=self.log,
+        )
         self.engine: Engine | None = None
         self.store: StateStore | None = None
         self._abandoned = False
         self.server: SocketServer | None = None
-        self.files: FileLayerWatcher | None = None
         self.etcd: EtcdWatcher | None = None
         self.status: StatusPublisher | None = None
         self.guards: GuardManager | None = None
@@ -207,7 +219,7 @@ class Daemon:
             secret=sorted(secrets),
             app=ctx.app,  # a process that asked for another app refuses this daemon's values
         )
-        server = self.server
+        server = self.pushes.server = self.server
         # Both locks before the state is read or written: a daemon that finds either
         # held by another one stops here, and the other's state file stays as it was.
         server.reserve()
@@ -220,8 +232,8 @@ class Daemon:
             precedence=ctx.precedence,
             layers=[*self.static_layers, files_layer(ctx.schema, [])],  # files: at ``start``
             store=self.store,
-            publish=self._publish,
-            broadcast=self._broadcast,
+            publish=self.pushes.publish,
+            broadcast=self.pushes.broadcast,
             on_accepted=self._count_accepted,
             on_rejected=self._on_rejected,
             on_still_refused=self._on_still_refused,
@@ -230,11 +242,11 @@ class Daemon:
         )
         engine = self.engine
         # Read at each scrape, as ``/healthz`` reads them: the engine sets the latency once
-        # its change is published, after the push (``_push`` runs within it), and moves its
-        # revision without a push for a revision that changed no value in force.
+        # its change is published, after the push (``Pusher.push`` runs within it), and
+        # moves its revision without a push for a revision that changed no value in force.
         self.metrics.last_change_latency.set_function(lambda: engine.last_change_seconds)
         self.metrics.revision.set_function(lambda: engine.revision)
-        file_state = self._start_files(self.engine.saved_files(ctx.config_files))
+        file_state = self.files.start(engine, engine.saved_files(ctx.config_files))
         kvs, revision = await self._start_etcd()
         self._etcd_at_start = ctx.etcd is not None and kvs is not None
         if self.stopping.is_set():
@@ -242,7 +254,7 @@ class Daemon:
             raise _StartAbandoned
         with self._lock:
             self.engine.start(kvs, revision, files=file_state.files)
-        self._files_refused_at_start()
+        self.files.refused_at_start()
         self._started = True
         for replay in self._early:
             replay()
@@ -286,36 +298,6 @@ class Daemon:
             self.log.warning("state_lock_unavailable", path=str(store.lock_path), error=problem)
         return store
 
-    def _start_files(self, ran: Mapping[Path, Mapping[str, Any]]) -> FileLayerState:
-        """Read and watch the config files; one that cannot be read starts as it was when
-        the daemon last ran (``ran``, from the state file), if it holds that file."""
-        if not self.ctx.config_files:
-            return FileLayerState(files=())
-        self.files = FileLayerWatcher(
-            list(self.ctx.config_files),
-            on_change=lambda state: self._post(self._on_files, state),
-            on_error=lambda path, exc: self._post(self._on_file_error, path, exc),
-            on_readable=lambda: self._post(self.feedback.config_files_problem, "unreadable", None),
-        )
-        return self.files.start(ran)
-
-    def _files_refused_at_start(self) -> None:
-        """Say what the start refused of the config files, and ran without: a file it could
-        not read, or files that made the configuration invalid (``Engine.start``)."""
-        assert self.engine is not None
-        unreadable = self.files.unreadable_at_start if self.files is not None else {}
-        for path, reason in unreadable.items():
-            self.log.warning(
-                "config_file_unreadable_at_start",
-                path=str(path),
-                reason=reason,
-                detail="started on the contents it had when this daemon last ran",
-            )
-        if unreadable:
-            self.feedback.config_files_problem("unreadable", "; ".join(unreadable.values()))
-        if self.engine.files_refused is not None:
-            self.feedback.config_files_problem("rejected", self.engine.files_refused)
-
     async def _start_etcd(self) -> tuple[Mapping[str, bytes] | None, int]:
         if self.ctx.etcd is None:
             self.log.info("etcd_disabled", reason="no --etcd-endpoints")
@@ -355,7 +337,7 @@ class Daemon:
         deadline = time.monotonic() + 5.0
         self._inline_ok = False
         self.feedback.cancel()
-        self._push_soon.cancel()
+        self.pushes.soon.cancel()
         self._etcd_feed.cancel()
         if self.http:
             self.http.stop()
@@ -365,7 +347,7 @@ class Daemon:
             await self.server.close()
         self.tail.flush()  # what clients sent before they were gone
         loop = asyncio.get_running_loop()
-        components = (self.guards, self.status, self.etcd, self.files)
+        components = (self.guards, self.status, self.etcd, self.files.watcher)
         blocking = [w.stop for w in components if w is not None]
         for stop in blocking:
             remaining = max(0.1, deadline - time.monotonic())
@@ -390,20 +372,7 @@ class Daemon:
     def _on_sighup(self) -> None:
         """On the loop: re-read the config files (one re-read at a time: ``Rereads``)."""
         self.log.info("files_reload_requested")
-        if self.files is not None:
-            self._rereads.request()
-
-    def _reread(self) -> None:
-        """On a worker thread (``Rereads``)."""
-        files = self.files
-        assert files is not None
-        try:
-            files.reload()  # what changed on disk reaches ``_on_files`` as usual
-            # And what the files say is offered again, changed or not: contents the
-            # engine rejected before may fit now (another layer changed since).
-            self._post(self._on_files, files.state)
-        finally:
-            self._post(self._rereads.done)
+        self.files.reread()
 
     # --- events from other threads ---------------------------------------------------------------
 
@@ -436,7 +405,7 @@ class Daemon:
             self.engine.on_etcd_snapshot(kvs, revision)
             if (self.refused.newest, self.refused.cleared) != before:
                 self._post(self.feedback.refusals_changed)
-            self._files_again()
+            self.files.again()
         self._guarded_keys_read_again()
 
     def _on_etcd_changes(self, changes: Iterable[EtcdChange]) -> None:
@@ -457,7 +426,7 @@ class Daemon:
             finally:
                 self._untaken, self._untaken_from = [], 0
             self._took(untaken)
-            self._files_again()
+            self.files.again()
         self._guarded_keys_written(changes)
 
     def _guarded_keys_written(self, changes: list[EtcdChange]) -> None:
@@ -475,15 +444,6 @@ class Daemon:
         if guards is not None and guards.armed:
             self._post(guards.on_full_read)
 
-    def _files_again(self) -> None:
-        """Under ``_lock``, after an etcd change: config files refused now are offered
-        again, as a SIGHUP does. A file value refused beside an etcd value (``band.hi``
-        below etcd's ``band.lo``) fits once etcd drops that value, and no edit of the file
-        would come to take it."""
-        engine, files = self.engine, self.files
-        if files is not None and engine is not None and engine.refusing_files:
-            self._post(self._on_files, files.state)
-
     def _take_inline(self, change: EtcdChange) -> bool:
         """A lone etcd change, on the watch thread: accept or reject it and push it here.
 
@@ -493,7 +453,7 @@ class Daemon:
         if not self._inline_ok:
             return False
         with self._lock:
-            if not self._inline_ok or self._push_due is not None or not self._push_soon.idle():
+            if not self._inline_ok or self.pushes.due is not None or not self.pushes.soon.idle():
                 return False
             self._dispatch(self._on_lone_etcd_change, (change,))
             if self.tail.later():
@@ -512,7 +472,7 @@ class Daemon:
             self.engine.on_etcd_change(change.revision, change.puts, change.deletes, hold_tail=True)
         finally:
             self._changes_inline.inc()
-        self._files_again()
+        self.files.again()
         self._guarded_keys_written([change])
 
     def _took(self, changes: Iterable[EtcdChange]) -> None:
@@ -543,40 +503,6 @@ class Daemon:
             if was:
                 self.log.warning("etcd_disconnected", detail=detail)
 
-    def _on_files(self, state: FileLayerState) -> None:
-        if not self._started:
-            self._early.append(lambda: self._on_files(state))
-            return
-        assert self.engine is not None
-        with self._lock:
-            self.engine.on_files(state.files)
-            rejected = self.engine.files_rejected
-        # A file that cannot be read may be in it with its last good contents: the watcher
-        # says when every file reads again (``on_readable``). What is refused now is each
-        # file's reason, which no later edit of another file leaves stale.
-        self.feedback.config_files_problem("rejected", rejected)
-
-    def _on_file_error(self, path: Path, exc: Exception) -> None:
-        """A config file that cannot be read (not valid YAML, gone, too deep): nothing
-        changes, and ``watch`` clients hear of it as well as the log (``file_invalid``), so
-        that whoever is editing the file sees why the edit did not land."""
-        if not self._started or self.server is None or self.engine is None:
-            return  # before the start the log line is all there is: no watcher yet
-        reason = str(exc) if str(path) in str(exc) else f"{path}: {exc}"  # the path once
-        self.feedback.config_files_problem("unreadable", reason)
-        current = self.engine.current
-        self._broadcast(
-            {
-                "type": "event",
-                "event": "file_invalid",
-                "layer": "files",
-                "path": str(path),
-                "reason": str(exc),
-                "version": current.version if current is not None else None,
-                "time": time.time(),
-            }
-        )
-
     # --- engine and server glue ---------------------------------------------------------------
 
     def _count_accepted(self, layer: str, version: int) -> None:
@@ -602,28 +528,6 @@ class Daemon:
     def _on_loop(self) -> bool:
         return self._loop_thread in (None, threading.get_ident())
 
-    def _publish(self, published: Published) -> None:
-        """Push ``published`` to the clients, now or within ``PUSH_EVERY_S`` (newest wins).
-
-        On the watch thread (a lone change, ``_take_inline``), now: the push throttle
-        was idle, and it counts this push."""
-        self._push_due = published
-        if self._on_loop():
-            self._push_soon()
-        else:
-            self._push_soon.ran()
-            self._push()
-
-    def _broadcast(self, event: dict[str, Any]) -> None:
-        """An event for ``watch`` clients; sent from the loop, whichever thread has it. The
-        watch thread (a lone change) wakes the loop for it only if a client watches: that
-        wake-up would come just as the clients apply the change, on the same CPUs."""
-        assert self.server is not None
-        if self._on_loop():
-            self.server.broadcast_event(event)
-        elif self.server.has_watchers:
-            self._post(self.server.broadcast_event, event)
-
     def _revision_of(self, version: int) -> int | None:
         """The etcd revision whose configuration ``version`` is: the one it was built at,
         or for the version in force, the newest etcd revision taken without a change of
@@ -631,7 +535,7 @@ class Daemon:
         engine = self.engine
         if engine is not None and version == engine.version:
             return engine.revision
-        return self._revisions.get(version)
+        return self.pushes.built_at.get(version)
 
     def _pinned(self) -> dict[str, str]:
         """The keys a layer above etcd holds here (env, ``--set``), with that layer: an etcd
@@ -667,7 +571,7 @@ class Daemon:
                 self._took(untaken[start:end])
             if self.refused.refused(revision, reason, keys):
                 self._post(self.feedback.refusals_changed)
-        # A files refusal: ``_on_files`` says what is refused once the edit is taken apart.
+        # A files refusal: ``FilesFeed`` says what is refused once the edit is taken apart.
 
     def _on_still_refused(self, revision: int, reason: str, keys: tuple[str, ...]) -> None:
         """From the engine, under ``_lock``: a full read refused again etcd values this
@@ -683,19 +587,6 @@ class Daemon:
         self.feedback.on_revision_unchanged()
         if self.guards is not None:
             self.guards.on_revision_unchanged(revision)
-
-    def _push(self) -> None:
-        with self._lock:
-            published, self._push_due = self._push_due, None
-            if published is None:
-                return
-            # Before the push: a client's ack can come back before ``publish`` returns.
-            self._revisions[published.version] = published.revision
-            while len(self._revisions) > 1024:
-                self._revisions.popitem(last=False)
-            if self.server is not None:
-                self.server.publish(published)
-            self.metrics.version.set(published.version)
 
     def health(self) -> dict[str, Any]:
         """For ``/healthz`` (the HTTP thread). Not ok before the first snapshot is in force,
