@@ -51,7 +51,7 @@ from pyetcd.client import EtcdTokenCallCredentials
 from pyetcd.etcdrpc import kv_pb2
 from pyetcd.transactions import BaseCompare
 
-from hotknob.config.errors import HotknobError, InvalidInput, Unavailable, UsageError
+from hotknob.config.errors import HotknobError, InvalidInput, Unavailable
 
 from .etcd_client import ClosableClient
 from .etcd_errors import map_error, next_endpoint
@@ -160,17 +160,14 @@ class EtcdStore:
         creds = None
         if o.tls or any(parse_endpoint(e)[2] for e in o.endpoints):
             # Again at each build, not only at the start: files replaced since (a
-            # certificate renewed before its key) are refused here, not by gRPC.
-            o.check_tls_files()
-            try:
-                if o.ca_cert is not None:
-                    creds = pyetcd.MultiEndpointEtcd3Client.get_secure_creds(
-                        o.ca_cert, cert_key=o.cert_key, cert_cert=o.cert_cert
-                    )
-                else:
-                    creds = grpc.ssl_channel_credentials()
-            except OSError as exc:
-                raise UsageError(f"cannot read etcd TLS files: {exc}") from exc
+            # certificate renewed before its key) are refused here, not by gRPC, which
+            # gets the very bytes checked.
+            if o.ca_cert is not None:
+                ca, key, cert = o.checked_tls_bytes()
+                creds = grpc.ssl_channel_credentials(ca, key, cert)
+            else:
+                o.check_tls_files()
+                creds = grpc.ssl_channel_credentials()
         endpoints = []
         for text in o.endpoints:
             host, port, secure = parse_endpoint(text)

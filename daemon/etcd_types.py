@@ -203,6 +203,50 @@ class EtcdOptions:
             mismatch=f"does not match the client certificate (--etcd-cert) {cert}",
         )
 
+    def checked_tls_bytes(self) -> tuple[bytes, bytes | None, bytes | None]:
+        """The CA certificate, client key and client certificate files' bytes (None for a
+        file not given), as ``check_tls_files`` took them: read before the check and after
+        it, and the check made again until both reads agree. gRPC takes these bytes, not the
+        files: a file replaced between the check and gRPC's own read (a certificate renewed
+        while the daemon reconnects) would reach gRPC unchecked, and it would say so only
+        on stderr, at each try. ``UsageError`` if a file cannot be read, does not load, or
+        keeps changing (``TLS_READS`` checks)."""
+        assert self.ca_cert is not None
+        before = self._tls_bytes()
+        for _ in range(TLS_READS):
+            self.check_tls_files()
+            after = self._tls_bytes()
+            if after == before:
+                return after
+            before = after
+        raise UsageError(
+            f"etcd TLS files keep changing while read ({TLS_READS} checks): "
+            f"{', '.join(p for p in (self.ca_cert, self.cert_key, self.cert_cert) if p)}"
+        )
+
+    def _tls_bytes(self) -> tuple[bytes, bytes | None, bytes | None]:
+        assert self.ca_cert is not None
+        return (
+            _read_tls("CA certificate (--etcd-ca)", self.ca_cert),
+            None if self.cert_key is None else _read_tls("client key (--etcd-key)", self.cert_key),
+            None
+            if self.cert_cert is None
+            else _read_tls("client certificate (--etcd-cert)", self.cert_cert),
+        )
+
+
+TLS_READS = 3
+"""How many times ``checked_tls_bytes`` checks files that change under it before it gives
+up: a renewal writes each file once."""
+
+
+def _read_tls(what: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read etcd {what} {path}: {exc.strerror or exc}") from exc
+
 
 def timeout_problem(seconds: float) -> str | None:
     """Why ``seconds`` cannot be the time limit of one etcd call, or ``None``.
