@@ -128,7 +128,6 @@ class Engine:
         self._room = 0
         # What a snapshot names the restart-only and secret keys in: room taken from the line.
         self._listed = listed_bytes(restart_only, schema_facts(schema).secrets)
-        self._files_above_etcd = "files" in self.precedence[self.precedence.index("etcd") + 1 :]
         self._closed = False
         self._saved: SavedState | object | None = _NOT_READ  # the state file, read once
         self._reported = ReportedValues(app)  # refused, reported, not written since
@@ -141,6 +140,7 @@ class Engine:
         secrets = schema_facts(schema).secrets  # cached by class: computed once
         self._restart = RestartOnly(restart_only, self.log, on_restart_pending, secrets, broadcast)
         self._short = ShortPath(schema, app, self.precedence, restart_only, self._restart)
+        self._files_above_etcd = "files" in self._short.above_etcd
         self._announce = Announcer(
             self.log,
             secrets=secrets,

@@ -84,7 +84,8 @@ class ShortPath:
         self._precedence = tuple(precedence)
         self._restart = restart
         self._leaf_keys = frozenset(leaf.key for leaf in iter_leaves(schema)) - restart_only
-        self._above_etcd = self._precedence[self._precedence.index("etcd") + 1 :]
+        self.above_etcd = self._precedence[self._precedence.index("etcd") + 1 :]
+        """The layers above etcd, by precedence."""
         self.leaves: LeafInput | None = None
         """The layers' merged leaves (None until ``follow``, or if a layer holds a key
         that is no leaf: then no change takes the short path)."""
@@ -107,7 +108,7 @@ class ShortPath:
         self.layers_of = of
         self.leaves = leaf_input(self._schema, layers, self._precedence)
         self.unfolded = {}  # the layers hold them
-        above = [layers[n].values for n in self._above_etcd if n in layers]
+        above = [layers[n].values for n in self.above_etcd if n in layers]
         self.fast_keys = self._leaf_keys.difference(*above)
         self._ways = {}
 
