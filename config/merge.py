@@ -9,7 +9,7 @@ makes of the values, and why it refuses which key, is in ``model_check``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .blame import clash, unsendable
+from .bools_as_numbers import holds_bool_for_number
 from .errors import InvalidChange, Problem, UsageError
 from .keys import KeyClash, copied, nested_with
 from .model_check import (
@@ -32,7 +33,7 @@ from .model_check import (
 )
 from .nesting import drop_below, nest_by_precedence, nest_leaves, owner
 from .raised import SCHEMA_FAULTS, raised_in_schema
-from .schema import by_field_names, holds_bool_for_number, restart_only_keys
+from .schema import by_field_names, restart_only_keys
 from .schema_facts import LeftOut, SchemaFacts, schema_facts, types_inside
 from .sendable import (
     NOT_FINITE,
@@ -447,64 +448,3 @@ def _shadowed(key: str, above: Sequence[Mapping[str, Any]]) -> bool:
             if other == key or other.startswith(key + ".") or key.startswith(other + "."):
                 return True
     return False
-
-
-def merge_dropping_invalid(
-    schema: type[BaseModel],
-    layers: Iterable[Layer],
-    precedence: Sequence[str] = DEFAULT_PRECEDENCE,
-    *,
-    layer: str = "etcd",
-    on_drop: Callable[[InvalidChange, list[Problem]], None] | None = None,
-) -> tuple[Snapshot, list[Problem]]:
-    """Merge, dropping the keys of ``layer`` that make the result invalid, as the daemon does.
-
-    A live layer can hold a value nobody validated (written with etcdctl); the
-    daemon never applies it, so views of the configuration must not fail on it.
-    Keys are dropped one round at a time: first those a problem names with ``layer``;
-    failing those (a rule across fields, which pydantic reports on a section or on the
-    whole model), the keys of ``layer`` at, under or above the problems' keys, else all
-    of them. ``on_drop(error, problems)`` hears of each round. Returns the snapshot and
-    the problems of the dropped keys. If the other layers are invalid without ``layer``,
-    their ``InvalidChange`` is raised: then ``layer`` is not to blame.
-    """
-    current = list(layers)
-    dropped: list[Problem] = []
-    while True:
-        try:
-            return merge_layers(schema, current, precedence), dropped
-        except InvalidChange as exc:
-            bad = [p for p in exc.problems if p.layer == layer]
-            if not bad:
-                bad = _blamed_for_a_rule(schema, current, precedence, layer, exc)
-            dropped.extend(bad)
-            if on_drop is not None:
-                on_drop(exc, bad)
-            keys = {p.key for p in bad}
-            current = [lay.without(keys) if lay.name == layer else lay for lay in current]
-
-
-def _blamed_for_a_rule(
-    schema: type[BaseModel],
-    layers: list[Layer],
-    precedence: Sequence[str],
-    name: str,
-    exc: InvalidChange,
-) -> list[Problem]:
-    """The keys of layer ``name`` to drop for problems that name none of its keys; re-raises
-    the other layers' own ``InvalidChange`` if they are invalid without it."""
-    live = next((lay for lay in layers if lay.name == name and lay.values), None)
-    if live is None:
-        raise exc
-    merge_layers(schema, [lay for lay in layers if lay.name != name], precedence)
-    reasons = {p.key: p.reason for p in exc.problems}
-    near = {
-        key: reason
-        for key in live.values
-        for at, reason in reasons.items()
-        if at and (key == at or key.startswith(at + ".") or at.startswith(key + "."))
-    }
-    if not near:  # a rule over the whole model
-        text = "; ".join(sorted(set(reasons.values())))
-        near = dict.fromkeys(live.values, text)
-    return [Problem(key, name, reason, live.values[key]) for key, reason in near.items()]

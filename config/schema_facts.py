@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .bools_as_numbers import numeric_keys
 from .schema import (
     computed_fields,
     iter_leaves,
     mapping_keys,
     may_hold_container,
-    numeric_keys,
     types_at,
 )
 from .secrecy import secret_keys

@@ -21,9 +21,9 @@ from typing import Any
 
 from hotknob.config import InvalidChange, Problem, Unavailable, UsageError, etcd_layer
 from hotknob.config.changes import changed_keys, same_value
+from hotknob.config.dropping_invalid import merge_dropping_invalid
 from hotknob.config.errors import HotknobError, InvalidInput
 from hotknob.config.keys import etcd_key, key_path_fault, meta_key, to_text
-from hotknob.config.merge import merge_dropping_invalid
 from hotknob.config.schema import leaf_map
 from hotknob.config.schema_facts import is_known
 from hotknob.config.secrecy import secret_keys

@@ -27,9 +27,10 @@ from hotknob.config import (
     parse_precedence,
     read_files_layer,
 )
+from hotknob.config.dropping_invalid import merge_dropping_invalid
 from hotknob.config.errors import Problem
 from hotknob.config.keys import config_prefix
-from hotknob.config.merge import files_alone, merge_dropping_invalid
+from hotknob.config.merge import files_alone
 from hotknob.model_runtime.protocol import APP_NAME, APP_NAME_RULE
 
 from .etcd_checks import shadowed_by_files

@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from hotknob.config import InvalidChange, Layer, Problem, merge_layers
-from hotknob.config.merge import Snapshot, merge_dropping_invalid
+from hotknob.config.dropping_invalid import merge_dropping_invalid
+from hotknob.config.merge import Snapshot
 
 _BELOW_SHADOWING = ("defaults", "files")
 

@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from hotknob.config import InvalidChange, Layer, Snapshot
+from hotknob.config.dropping_invalid import merge_dropping_invalid
 from hotknob.config.errors import Problem
-from hotknob.config.merge import merge_dropping_invalid
 
 
 def merge_full_read(

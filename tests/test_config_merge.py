@@ -31,10 +31,12 @@ from hotknob.config import (
     read_config_file,
     restart_only_keys,
 )
+from hotknob.config.bools_as_numbers import numeric_keys
+from hotknob.config.dropping_invalid import merge_dropping_invalid
 from hotknob.config.files import MAX_FILE_DEPTH
 from hotknob.config.keys import etcd_key, key_from_etcd, key_path_fault, parse_text, unflatten
-from hotknob.config.merge import leaf_input, merge_dropping_invalid, validate_leaves
-from hotknob.config.schema import TrainParams, mapping_keys, numeric_keys
+from hotknob.config.merge import leaf_input, validate_leaves
+from hotknob.config.schema import TrainParams, mapping_keys
 from hotknob.config.schema_facts import is_known
 from hotknob.config.sendable import entry_bytes, state_bytes
 from hotknob.config.sources import Layer

@@ -32,7 +32,8 @@ from hotknob.config import (
     merge_layers,
     read_config_file,
 )
-from hotknob.config.merge import DEFAULT_PRECEDENCE, merge_dropping_invalid
+from hotknob.config.dropping_invalid import merge_dropping_invalid
+from hotknob.config.merge import DEFAULT_PRECEDENCE
 from hotknob.config.schema import TrainParams
 from hotknob.config.sources import parse_assignment
 from hotknob.daemon.engine import Engine

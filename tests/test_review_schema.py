@@ -33,7 +33,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from typing_extensions import TypedDict
 
 from hotknob.config import InvalidChange, merge_layers
-from hotknob.config.merge import merge_dropping_invalid
+from hotknob.config.dropping_invalid import merge_dropping_invalid
 from hotknob.config.secrecy import SECRET_MASK, mask_secrets, revealed, secret_keys
 from hotknob.config.sources import Layer, defaults_layer
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli

@@ -35,8 +35,9 @@ from hotknob.config import (
     etcd_layer,
     merge_layers,
 )
+from hotknob.config.dropping_invalid import merge_dropping_invalid
 from hotknob.config.keys import config_prefix
-from hotknob.config.merge import DEFAULT_PRECEDENCE, merge_dropping_invalid
+from hotknob.config.merge import DEFAULT_PRECEDENCE
 from hotknob.config.sources import Layer
 from hotknob.daemon.engine import Engine
 from hotknob.daemon.socket_server import Published

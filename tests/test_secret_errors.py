@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from hotknob.config import InvalidChange, LayerError, merge_layers, read_config_file
-from hotknob.config.merge import merge_dropping_invalid
+from hotknob.config.dropping_invalid import merge_dropping_invalid
 from hotknob.config.secrecy import SECRET_MASK, mask_secrets, secret_keys, shown_value
 from hotknob.config.sources import Layer, defaults_layer
 from hotknob.daemon.announce import Announcer

@@ -1,6 +1,6 @@
 """The two YAML loaders of config files read the same texts to the same values.
 
-``config.files`` reads YAML with libyaml's parser under PyYAML's Python composer and
+``config.strict_yaml`` reads YAML with libyaml's parser under PyYAML's Python composer and
 constructor (the fast loader) and falls back to PyYAML all in Python (the reference) for
 whatever the fast one refuses, and for texts with what the two read otherwise (the gate,
 ``_FAST_YAML_UNLIKE``). So: where both accept a text, they read the same values of the
@@ -18,11 +18,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from config import files
+from config import strict_yaml
 from config.errors import LayerError
 from config.files import parse_config_text, read_config_file
 
-pytestmark = pytest.mark.skipif(files._CParser is None, reason="PyYAML without libyaml")
+pytestmark = pytest.mark.skipif(strict_yaml._CParser is None, reason="PyYAML without libyaml")
 
 
 def _typed(value: Any) -> Any:
@@ -60,11 +60,11 @@ def _shown(text: str) -> tuple[str, Any]:
 def _check_agree(text: str) -> tuple[str, Any]:
     """What the fast loader makes of ``text`` where the gate lets it be asked, after
     checking it against the reference and what a user is shown."""
-    reference = _outcome(files._StrictYamlLoader, text)
-    if files._FAST_YAML_UNLIKE.search(text) is not None:
+    reference = _outcome(strict_yaml._StrictYamlLoader, text)
+    if strict_yaml._FAST_YAML_UNLIKE.search(text) is not None:
         assert _shown(text) == reference
         return ("not asked", None)
-    fast = _outcome(files._FastStrictYamlLoader, text)
+    fast = _outcome(strict_yaml._FastStrictYamlLoader, text)
     if fast[0] == "ok" and not (reference[0] == "error" and _flow_collection_in(text)):
         assert reference == fast, f"the fast loader read {text!r} otherwise"
     assert _shown(text) == (fast if fast[0] == "ok" else reference)
@@ -79,10 +79,10 @@ def _flow_collection_in(text: str) -> bool:
 
 @pytest.mark.parametrize("text", ["key: {b? } # c\n", "a: [b? >+]\n"])
 def test_libyaml_reads_a_few_malformed_flow_collections(text: str) -> None:
-    # Documented in ``_load_yaml``: the fast loader answers, where the reference refuses.
-    assert files._FAST_YAML_UNLIKE.search(text) is None
-    assert _outcome(files._StrictYamlLoader, text)[0] == "error"
-    assert _outcome(files._FastStrictYamlLoader, text)[0] == "ok"
+    # Documented in ``load_yaml``: the fast loader answers, where the reference refuses.
+    assert strict_yaml._FAST_YAML_UNLIKE.search(text) is None
+    assert _outcome(strict_yaml._StrictYamlLoader, text)[0] == "error"
+    assert _outcome(strict_yaml._FastStrictYamlLoader, text)[0] == "ok"
 
 
 ACCEPTED = [
@@ -155,8 +155,8 @@ def test_the_fast_loader_reads_a_text_as_the_reference_does(text: str) -> None:
 
 @pytest.mark.parametrize("text", ACCEPTED)
 def test_the_fast_loader_answers_for_a_valid_text(text: str) -> None:
-    assert _outcome(files._StrictYamlLoader, text)[0] == "ok"
-    expected = "not asked" if files._FAST_YAML_UNLIKE.search(text) else "ok"
+    assert _outcome(strict_yaml._StrictYamlLoader, text)[0] == "ok"
+    expected = "not asked" if strict_yaml._FAST_YAML_UNLIKE.search(text) else "ok"
     assert _check_agree(text)[0] == expected
 
 
@@ -179,8 +179,8 @@ def test_an_invalid_text_is_refused(text: str, tmp_path: Path) -> None:
     ],
 )
 def test_a_text_the_two_read_otherwise_is_left_to_the_reference(text: str) -> None:
-    assert files._FAST_YAML_UNLIKE.search(text) is not None
-    assert _shown(text) == _outcome(files._StrictYamlLoader, text)
+    assert strict_yaml._FAST_YAML_UNLIKE.search(text) is not None
+    assert _shown(text) == _outcome(strict_yaml._StrictYamlLoader, text)
 
 
 def test_the_reference_alone_answers_for_a_text_the_fast_loader_refuses(
@@ -188,11 +188,11 @@ def test_the_reference_alone_answers_for_a_text_the_fast_loader_refuses(
 ) -> None:
     # The fast path is used where it accepts: with the reference made to fail, a valid
     # text still reads, and an invalid one gets the reference's failure.
-    class Broken(files._StrictYamlLoader):
+    class Broken(strict_yaml._StrictYamlLoader):
         def get_single_data(self) -> Any:
             raise AssertionError("the reference loader was asked")
 
-    monkeypatch.setattr(files, "_StrictYamlLoader", Broken)
+    monkeypatch.setattr(strict_yaml, "_StrictYamlLoader", Broken)
     assert parse_config_text("train:\n  lr: 0.1\n", "yaml") == {"train": {"lr": 0.1}}
     with pytest.raises(AssertionError, match="the reference loader was asked"):
         parse_config_text("a: 1\na: 2\n", "yaml")
@@ -204,7 +204,7 @@ def test_a_refusal_is_worded_and_placed_as_the_reference_words_it() -> None:
     with pytest.raises(yaml.YAMLError) as raised:
         parse_config_text("a: 1\nb: [1, 2\n", "yaml")
     with pytest.raises(yaml.YAMLError) as reference:
-        yaml.load("a: 1\nb: [1, 2\n", Loader=files._StrictYamlLoader)
+        yaml.load("a: 1\nb: [1, 2\n", Loader=strict_yaml._StrictYamlLoader)
     assert str(raised.value) == str(reference.value)
     assert "did not find expected" not in str(raised.value)
 
