@@ -6,12 +6,13 @@ daemon started while etcd is down can serve the values it last accepted.
 Versions are reserved in blocks so that no change waits for a disk: the file
 records a ``version_ceiling``, and the daemon never publishes a version above the
 ceiling that is on disk. Raising the ceiling (``save``, with fsync) happens once
-per ``VERSION_BLOCK`` versions. The snapshot itself is written by ``StateWriter`` on
-a thread of its own, coalesced to the newest state. A daemon that starts after a
-crash (even a SIGKILL right after a push, before any snapshot was saved) begins
-above the ceiling, so it never reissues a version a client may have seen. Only a
-clean stop writes ``clean: true``, with the final state, synchronously: that daemon
-published nothing after it, so a restart on the same values keeps its version.
+per ``VERSION_BLOCK`` versions. The snapshot itself is written by ``StateWriter``
+(``state_writer.py``) on a thread of its own, coalesced to the newest state. A daemon
+that starts after a crash (even a SIGKILL right after a push, before any snapshot was
+saved) begins above the ceiling, so it never reissues a version a client may have
+seen. Only a clean stop writes ``clean: true``, with the final state, synchronously:
+that daemon published nothing after it, so a restart on the same values keeps its
+version.
 
 A write is all-or-nothing (temp file, fsync, rename); writes are serialised, a
 snapshot older than the one on disk is never written over it, and the ceiling on
@@ -29,10 +30,10 @@ it cannot write and that has no lock file (a read-only volume), it holds the sta
 file itself instead; with neither file there is nothing to lock, and it goes on
 unlocked.
 
-A file that is there but cannot be read as this format (truncated, corrupt, written
-by another format, not a regular file, a count above the protocol's 2^63 - 1) is moved
-aside to ``<name>.unreadable-<UTC time>`` by ``load``, never overwritten, and counts as
-no file: versions restart at 1.
+A file that is there but cannot be read as this format (``state_format.py``:
+truncated, corrupt, written by another format, not a regular file, a count above the
+protocol's 2^63 - 1) is moved aside to ``<name>.unreadable-<UTC time>`` by ``load``,
+never overwritten, and counts as no file: versions restart at 1.
 """
 
 from __future__ import annotations
@@ -40,48 +41,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hotknob.config.errors import HotknobError
-from hotknob.model_runtime.protocol import MAX_INT
 
-FORMAT = 1
+from .state_format import SavedState, Unreadable, decode, encode
+
 VERSION_BLOCK = 1000
-_WRITER_LINGER_S = 0.25
-_WRITER_INTERVAL_S = 0.05
-_WRITER_SETTLE_S = 0.005
-
-
-@dataclass(frozen=True)
-class SavedState:
-    """``version_ceiling``: no version above it was published; ``clean``: a clean stop
-    wrote this, and nothing was published after it."""
-
-    version: int
-    revision: int
-    values: Mapping[str, Any]
-    etcd: Mapping[str, Any] = field(default_factory=dict)
-    files: tuple[tuple[str, Mapping[str, Any]], ...] = ()
-    """Each config file's contents in the state, by path, in ``--config`` order: a daemon
-    restarted on files it cannot read or refuses starts on these (``Engine.start``)."""
-    saved_at: float = 0.0
-    version_ceiling: int = 0
-    clean: bool = False
-
-    def next_version(self) -> int:
-        """The lowest version a new daemon may publish for values that differ from these."""
-        if self.clean:
-            return self.version + 1
-        return max(self.version, self.version_ceiling) + 1
 
 
 class StateInUse(HotknobError):
@@ -100,10 +72,6 @@ class SetAside:
     reason: str
     moved_to: Path | None
     move_error: str | None = None
-
-
-class _Unreadable(Exception):
-    pass
 
 
 class StateStore:
@@ -238,8 +206,8 @@ class StateStore:
             self._set_aside(f"cannot read it: {exc.strerror or exc}")
             return None
         try:
-            return _parse(text)
-        except _Unreadable as exc:
+            return decode(text)
+        except Unreadable as exc:
             self._set_aside(str(exc))
             return None
 
@@ -268,21 +236,11 @@ class StateStore:
             if state.version < self._written_version:
                 return False
             ceiling = max(self._ceiling, state.version_ceiling)
-            payload = {
-                "format": FORMAT,
-                "version": state.version,
-                "revision": state.revision,
-                "values": state.values,
-                "etcd": state.etcd,
-                "files": [[path, contents] for path, contents in state.files],
-                "saved_at": time.time(),
-                "version_ceiling": ceiling,
-                "clean": state.clean,
-            }
+            text = encode(state, ceiling, time.time())
             # The folder too where a power loss must not bring back the file before:
             # a new ceiling (a lower one would come back), a clean stop.
             durable = ceiling > self._ceiling or state.clean
-            self._write(json.dumps(payload, sort_keys=True, allow_nan=False), durable)
+            self._write(text, durable)
             self._written_version = state.version
             self._ceiling = ceiling
             return True
@@ -397,163 +355,3 @@ def _read_holder(lock_path: Path) -> str:
             return f.read(512).decode("utf-8", "replace").strip().splitlines()[0]
     except (OSError, IndexError):
         return ""
-
-
-def _parse(text: bytes) -> SavedState:
-    """A state file's contents; raises ``_Unreadable`` saying why they are not a state."""
-    try:
-        data = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        what = "empty" if not text.strip() else f"not JSON ({exc})"
-        raise _Unreadable(f"{what}; {len(text)} bytes (truncated or corrupt)") from None
-    except RecursionError:  # nested deeper than the parser goes: no state is
-        raise _Unreadable(f"JSON nested too deep; {len(text)} bytes (corrupt)") from None
-    if not isinstance(data, dict):
-        raise _Unreadable(f"not a state: a JSON {type(data).__name__}, not an object")
-    if data.get("format") != FORMAT:
-        raise _Unreadable(f"format {data.get('format')!r}; this daemon reads format {FORMAT}")
-    try:
-        # Below the protocol's limit, with room for the next: a client cannot acknowledge
-        # a version above it, nor would any process ever see the next one published.
-        version = _count(data, "version", MAX_INT - 1)
-        reserved = "version_ceiling" in data
-        values, etcd = data["values"], data.get("etcd", {})
-        if not isinstance(values, dict) or not isinstance(etcd, dict):
-            raise ValueError("values and etcd must be objects")
-        return SavedState(
-            version=version,
-            revision=_count(data, "revision"),
-            values=values,
-            etcd=etcd,
-            files=_files(data.get("files", [])),
-            saved_at=float(data.get("saved_at", 0.0)),
-            version_ceiling=_count(data, "version_ceiling", MAX_INT - 1) if reserved else version,
-            clean=data.get("clean", False) is True if reserved else True,
-        )
-    except KeyError as exc:
-        raise _Unreadable(f"no {exc.args[0]!r} field") from None
-    except (ValueError, TypeError, OverflowError) as exc:  # Overflow: too large for a float
-        raise _Unreadable(f"a field of the wrong type: {exc}") from None
-
-
-def _files(raw: Any) -> tuple[tuple[str, Mapping[str, Any]], ...]:
-    """A state file's ``files``: a list of ``[path, contents]`` (none in a file written
-    before they were saved)."""
-    if not isinstance(raw, list) or not all(
-        isinstance(item, list)
-        and len(item) == 2
-        and isinstance(item[0], str)
-        and isinstance(item[1], dict)
-        for item in raw
-    ):
-        raise ValueError("files must be a list of [path, contents] pairs")
-    return tuple((path, contents) for path, contents in raw)
-
-
-def _count(data: Mapping[str, Any], name: str, most: int = MAX_INT) -> int:
-    value = data[name]
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
-        raise ValueError(f"{name} is {value!r}, not a whole number from 0 to {most}")
-    return value
-
-
-class StateWriter:
-    """Saves the newest submitted state on a background thread; never blocks the caller.
-
-    States submitted while a write is in progress coalesce: only the newest is written
-    next, and writes are at least ``interval_s`` apart, so a burst of changes costs a
-    few writes, not one each. The thread starts on demand and ends after ``linger_s``
-    idle, so an idle daemon holds no thread for it. A write starts ``settle_s`` after
-    the submit that found the thread idle: the change was just pushed, and its clients
-    apply it in that time on the same CPUs (a save is a file created, written, fsynced
-    and renamed). ``on_result(error)`` runs on that thread after each write (``None`` on
-    success; any exception the save raised, not only an ``OSError``: the thread goes on to
-    the next state either way). ``flush`` waits until everything submitted is written (or
-    has failed); ``close`` flushes and stops accepting states.
-    """
-
-    def __init__(
-        self,
-        store: StateStore,
-        on_result: Callable[[Exception | None], None],
-        *,
-        linger_s: float = _WRITER_LINGER_S,
-        interval_s: float = _WRITER_INTERVAL_S,
-        settle_s: float = _WRITER_SETTLE_S,
-        name: str = "hotknob-state-writer",
-    ):
-        self.store = store
-        self._on_result = on_result
-        self._linger_s = linger_s
-        self._interval_s = interval_s
-        self._settle_s = settle_s
-        self._name = name
-        self._cond = threading.Condition()
-        self._pending: SavedState | None = None
-        self._busy = False
-        self._idle = False  # the thread waits for a state (not in its pause between writes)
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def submit(self, state: SavedState) -> None:
-        """Have ``state`` written soon, replacing any state not yet written."""
-        with self._cond:
-            if self._closed:
-                return
-            self._pending = state
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-            elif self._idle:
-                # Only an idle thread needs waking: one in its pause takes the newest
-                # state when the pause ends, so a burst of submits costs no wake-ups.
-                self._cond.notify()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until no state is pending or being written; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
-
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Write what is pending, then stop the thread; later submits are ignored."""
-        self.flush(timeout)
-        with self._cond:
-            self._closed = True
-            thread = self._thread
-            self._cond.notify_all()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-    def _run(self) -> None:
-        next_write = time.monotonic() + self._settle_s  # started by a submit
-        while True:
-            with self._cond:
-                if self._pending is None and not self._closed:
-                    self._idle = True
-                    self._cond.wait(self._linger_s)
-                    self._idle = False
-                    if self._pending is not None:  # woken by a submit
-                        next_write = max(next_write, time.monotonic() + self._settle_s)
-                pause = next_write - time.monotonic()
-                if pause > 0 and not self._closed:
-                    self._cond.wait_for(lambda: self._closed, pause)
-                state, self._pending = self._pending, None
-                if state is None:
-                    self._thread = None
-                    self._cond.notify_all()
-                    return
-                self._busy = True
-            next_write = time.monotonic() + self._interval_s
-            error: Exception | None = None
-            try:
-                self.store.save(state)
-            except Exception as exc:  # a bug past OSError must not end the saving, nor ``flush``
-                error = exc
-            try:
-                self._on_result(error)
-            except Exception:  # a failing reporter must not stop the saving
-                pass
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()

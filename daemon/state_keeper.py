@@ -1,7 +1,8 @@
 """The engine's side of the state file: when each accepted state is saved, and how.
 
-``StateStore`` and ``StateWriter`` (``state.py``) do the writing; this decides what the
-engine's states need of them, so that versions keep increasing across restarts:
+``StateStore`` (``state.py``) and ``StateWriter`` (``state_writer.py``) do the writing;
+this decides what the engine's states need of them, so that versions keep increasing
+across restarts:
 
 - no version is published above the ceiling on disk: a state that would be is saved
   first, synchronously, with a ceiling ``VERSION_BLOCK`` above it (once per block);
@@ -28,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from .published import Published
-from .state import VERSION_BLOCK, SavedState, StateStore, StateWriter
+from .state import VERSION_BLOCK, StateStore
+from .state_format import SavedState
+from .state_writer import StateWriter
 from .throttle import Repeats
 
 STATE_WRITE_WARN_EVERY_S = 60.0

@@ -23,8 +23,10 @@ from structlog.testing import capture_logs
 from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from hotknob.daemon.logs import get_logger
 from hotknob.daemon.published import Published
-from hotknob.daemon.state import VERSION_BLOCK, SavedState, StateStore, StateWriter
+from hotknob.daemon.state import VERSION_BLOCK, StateStore
+from hotknob.daemon.state_format import SavedState
 from hotknob.daemon.state_keeper import StateKeeper
+from hotknob.daemon.state_writer import StateWriter
 from hotknob.daemon.throttle import Repeats
 from tests.daemon_proc import DaemonProcess, RawClient
 from tests.etcd_server import EtcdServer, free_port

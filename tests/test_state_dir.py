@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from hotknob.daemon import state as state_module
-from hotknob.daemon.state import SavedState, StateStore
+from hotknob.daemon.state import StateStore
+from hotknob.daemon.state_format import SavedState
 from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
 from tests.etcd_server import free_port
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from hotknob.daemon.state import SavedState, StateInUse, StateStore
+from hotknob.daemon.state import StateInUse, StateStore
+from hotknob.daemon.state_format import SavedState
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 
 pytestmark = pytest.mark.timeout(90)

@@ -10,7 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from hotknob.daemon.state import SavedState, StateStore, StateWriter
+from hotknob.daemon.state import StateStore
+from hotknob.daemon.state_format import SavedState
+from hotknob.daemon.state_writer import StateWriter
 
 
 class CountingStore(StateStore):
