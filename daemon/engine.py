@@ -18,8 +18,9 @@ gives (``config.leafwise``), only the values put are validated, dumped and diffe
 the commonest change of all, one plain value put alone, has those checks written for
 the one value (``ShortPath.lone_put``, ``leafwise.validate_plain_put``), held to the
 general path by the same tests. What the short path keeps from one change to the next
-(the layers' merged leaves) is ``short_path``'s; the config files' contents in force and
-their refusals are ``config_files``'s.
+(the layers' merged leaves) and its checks are ``short_path``'s; the config files'
+contents in force and their refusals are ``config_files``'s; a full read of etcd made
+the etcd layer, its refused keys and what is said of them, ``sanitized_read``'s.
 
 Versions strictly increase across restarts, crashes included, and no disk write
 waits on the push path (see ``state``): a version is published only under the
@@ -28,7 +29,7 @@ version ceiling already on disk (raising it, with fsync, once per
 writer, coalesced; ``close`` saves the final state synchronously and marks it clean.
 At start, a clean saved state with the same values keeps its version (clients apply
 nothing); otherwise the version starts above everything the last daemon could have
-published.
+published. What a start takes from the state file is ``saved_start``'s.
 
 Calls are serialized by the caller (the daemon holds one lock around them: they come
 from its event loop, or from the etcd watch thread for a change that comes alone);
@@ -59,25 +60,23 @@ from hotknob.config import (
 )
 from hotknob.config.errors import Problem
 from hotknob.config.keys import key_from_etcd
-from hotknob.config.leafwise import validate_puts
-from hotknob.config.merge import SCHEMA_FAULTS, LeafInput, booleans_for_numbers, validate_leaves
 from hotknob.config.schema_facts import schema_facts
-from hotknob.config.sendable import listed_bytes, non_finite, not_text, room, state_bytes
+from hotknob.config.sendable import listed_bytes, room
 from hotknob.config.sources import read_etcd_values
 
 from .announce import Announcer, EventSink
 from .config_files import ConfigFiles
 from .etcd_checks import shadowed_by_files
-from .full_read import merge_full_read
 from .logs import get_logger
 from .published import Published
 from .refused import ReportedValues
 from .restart_only import RestartOnly
+from .sanitized_read import SanitizedRead
+from .saved_start import SavedStart
 from .short_path import Pending, ShortPath
-from .state import SavedState, StateStore
+from .state import StateStore
+from .state_format import SavedState
 from .state_keeper import StateKeeper
-
-_NOT_READ = object()
 
 
 def _noop(_: Any) -> None:
@@ -103,7 +102,6 @@ class Engine:
     ):
         self.schema = schema
         self._on_unchanged = on_unchanged
-        self._on_still_refused = on_still_refused
         self.app = app
         self.precedence = tuple(precedence)
         self.layers: dict[str, Layer] = {layer.name: layer for layer in layers}
@@ -129,14 +127,11 @@ class Engine:
         # What a snapshot names the restart-only and secret keys in: room taken from the line.
         self._listed = listed_bytes(restart_only, schema_facts(schema).secrets)
         self._closed = False
-        self._saved: SavedState | object | None = _NOT_READ  # the state file, read once
         self._reported = ReportedValues(app)  # refused, reported, not written since
-        self.files_refused: str | None = None
-        """Why the config files were refused at the start, which ran on their saved
-        contents instead (``_first_merge``); None if they were not."""
         self.log = get_logger("hotknob.engine", app=app)
         self._keeper = StateKeeper(store, self.log) if store is not None else None
         self._files = ConfigFiles(schema, self.precedence, self._keeper)
+        self._saved_start = SavedStart(self._keeper, self._files, self.log)
         secrets = schema_facts(schema).secrets  # cached by class: computed once
         self._restart = RestartOnly(restart_only, self.log, on_restart_pending, secrets, broadcast)
         self._short = ShortPath(schema, app, self.precedence, restart_only, self._restart)
@@ -147,6 +142,16 @@ class Engine:
             broadcast=broadcast,
             on_accepted=on_accepted,
             on_rejected=on_rejected,
+        )
+        self._full_reads = SanitizedRead(
+            schema,
+            app,
+            self.precedence,
+            announce=self._announce,
+            reported=self._reported,
+            on_still_refused=on_still_refused,
+            files_above_etcd=self._files_above_etcd,
+            log=self.log,
         )
 
     @property
@@ -201,19 +206,17 @@ class Engine:
 
     # --- start ---------------------------------------------------------------------------------
 
-    def saved_files(self, paths: Sequence[Path]) -> dict[Path, Mapping[str, Any]]:
-        """The contents of the config files ``paths`` as the saved state ran them, by path;
-        none unless it ran these very files, in this order. Reads the state file (once:
-        ``start`` uses what it read)."""
-        saved = self._load_saved()
-        if saved is None or [path for path, _ in saved.files] != [str(p) for p in paths]:
-            return {}
-        return {Path(path): contents for path, contents in saved.files}
+    @property
+    def files_refused(self) -> str | None:
+        """Why the config files were refused at the start, which ran on their saved
+        contents instead (``SavedStart.first_merge``); None if they were not."""
+        return self._saved_start.files_refused
 
-    def _load_saved(self) -> SavedState | None:
-        if self._saved is _NOT_READ:
-            self._saved = self._keeper.load() if self._keeper is not None else None
-        return self._saved  # type: ignore[return-value]
+    def saved_files(self, paths: Sequence[Path]) -> dict[Path, Mapping[str, Any]]:
+        """The contents of the config files ``paths`` as the saved state ran them, by path
+        (``SavedStart.saved_files``). Reads the state file (once: ``start`` uses what it
+        read)."""
+        return self._saved_start.saved_files(paths)
 
     def start(
         self,
@@ -226,13 +229,13 @@ class Engine:
         ``files``: the config files' contents (the files layer is built from them), if
         the daemon has any; then, if they make the configuration invalid and the state
         file holds the contents those same files had as the daemon ran them, it starts on
-        those, and ``files_refused`` says why (``_first_merge``).
+        those, and ``files_refused`` says why (``SavedStart.first_merge``).
 
         Raises ``InvalidChange`` if the layers that are not live (defaults, env,
         cli) or the files are invalid (with no saved contents to start on instead): the
         daemon must not start on them.
         """
-        saved = self._load_saved()
+        saved = self._saved_start.saved()
         if files is not None:
             self.layers["files"] = self._files.run_on(files)
         if etcd is None:
@@ -250,13 +253,7 @@ class Engine:
             self.layers["etcd"] = etcd_layer(self.app, {})
         snapshot = self._first_merge(etcd, revision, saved, files)
         self._restart.start(snapshot.flat)
-        published = self._published(snapshot, revision)
-        if saved is None:
-            self.version = 1
-        elif saved.clean and dict(saved.values) == dict(published.values):
-            self.version = saved.version
-        else:
-            self.version = saved.next_version()
+        self.version = self._saved_start.first_version(self._published(snapshot, revision).values)
         published = self._published(snapshot, revision)
         self.revision = revision  # what later changes of any layer are published at
         self.snapshot, self.current, self._flat = snapshot, published, dict(published.flat)
@@ -276,11 +273,8 @@ class Engine:
         saved: SavedState | None,
         files: Sequence[tuple[Path, Mapping[str, Any]]] | None,
     ) -> Snapshot:
-        """``start``'s merge. A config file that makes the configuration invalid at a
-        restart (edited while the daemon ran, which refused it and ran on) does not stop
-        the daemon: it starts on the contents those files had as it ran them, if the
-        state file holds them, as a refused edit leaves the last good contents in force.
-        The next valid save is taken as any edit."""
+        """``start``'s merge: on the config files' saved contents if theirs are refused
+        (``SavedStart.first_merge``)."""
 
         def merge() -> Snapshot:
             if "files" in self.layers:
@@ -289,30 +283,10 @@ class Engine:
             if etcd is None:
                 return self._merge_sanitized(self.layers["etcd"], revision)
             kept = saved.etcd if saved else None  # what it ran, for a key it now refuses
-            candidate = self._read_etcd(etcd, revision)
+            candidate = self._full_reads.read(etcd, revision)
             return self._merge_sanitized(candidate, revision, kept, raw=etcd)
 
-        try:
-            return merge()
-        except InvalidChange as exc:
-            ran = self.saved_files([path for path, _ in files]) if files is not None else {}
-            blamed = any(p.layer in ("files", "") for p in exc.problems)
-            if not ran or not blamed or list(ran.items()) == list(files or ()):
-                raise
-            refused = exc
-        self.layers["files"] = self._files.run_on(list(ran.items()))
-        try:
-            snapshot = merge()
-        except InvalidChange:
-            raise refused from None  # the saved contents do not help: the files' reason
-        self.files_refused = str(refused)
-        self._files.refused_at_start(files or (), ran, self.files_refused)
-        self.log.warning(
-            "config_files_refused_at_start",
-            reason=str(refused),
-            detail="started on the contents the config files had when this daemon last ran",
-        )
-        return snapshot
+        return self._saved_start.first_merge(self.layers, files, merge)
 
     def close(self) -> None:
         """Stop taking changes; save the final state synchronously, marked clean.
@@ -338,7 +312,7 @@ class Engine:
         if revision < self.revision:  # etcd restored from a backup
             self._reported.forget()
         before = self.layers["etcd"].values
-        candidate = self._read_etcd(kvs, revision)
+        candidate = self._full_reads.read(kvs, revision)
         snapshot = self._merge_sanitized(candidate, revision, kept=before, raw=kvs)
         edited = changed_keys(before, self.layers["etcd"].values)
         # Below the revision in force: etcd was restored from a backup, and its count
@@ -513,53 +487,28 @@ class Engine:
                 )
                 self.last_change_seconds = time.perf_counter() - started
                 return True
-        put: dict[str, Any] = {}
-        origins: dict[str, str] = {}
-        problems: list[Problem] = []
-        read_etcd_values(self.app, puts, put, origins, problems)
-        if problems or not put or not short.fast_keys.issuperset(put):
-            return False
-        if booleans_for_numbers(self.schema, put):
-            return False  # ``true`` for a number: the general path refuses it, and says why
         pending = self._pending
         # The merged state the puts change: the snapshot's, or the group's newest. (Not
         # ``self._flat``: in a group, a restart-only key's new value may be merged but not
-        # yet pending; merged, ``held_back`` below sees it.)
+        # yet pending; merged, ``held_back`` sees it.)
         if pending is None:
             merged, merged_flat = self.snapshot.values, self.snapshot.flat
         else:
             merged, merged_flat = pending.values, self._flat
-        leaves: LeafInput | None = None
-        try:  # each value alone where the schema allows, else the whole model
-            alone = validate_puts(self.schema, merged, merged_flat, put)
-            if alone is None:
-                leaves = short.leaves_with(put)
-                model, values, flat = validate_leaves(self.schema, leaves)
-                changed = changed_keys(self._flat, flat)
-            else:
-                values, flat, changed = alone.values, alone.flat, alone.changed
-        except SCHEMA_FAULTS:  # invalid (``ValidationError``), a value pydantic cannot dump,
-            return False  # or the schema's own code raised: the general path says why, and who
-        # What is in force is finite, valid text: check what changed.
-        if not changed or non_finite(changed) or not_text(changed):
-            return False  # nothing to push, or what no client could be sent: the merge says why
-        # The state grows by at most the changed values' JSON (measured: a short text can
-        # make a long value, ``0`` a datetime); near the limit, the merge measures it all.
-        growth = state_bytes(changed)
-        if growth > self._room:
+        taken = short.puts(puts, merged, merged_flat, self._flat, self._room)
+        if taken is None:
             return False
-        if self._restart.held_back(flat):
-            return False  # a restart-only key's value to hold back
-        # No restart-only key is pending or held back: ``RestartOnly.track`` has nothing to
-        # do for this change.
-        if alone is None:
-            short.leaves = leaves
-            whole: BaseModel | None = model
-            validated: Mapping[tuple[str, ...], Any] = {}
-        else:
-            short.unfolded.update(put)
-            whole, validated = None, alone.validated
-        self._take_short(revision, put, origins, values, flat, changed, growth, validated, whole)
+        self._take_short(
+            revision,
+            taken.put,
+            taken.origins,
+            taken.values,
+            taken.flat,
+            taken.changed,
+            taken.growth,
+            taken.validated,
+            taken.whole,
+        )
         self.last_change_seconds = time.perf_counter() - started
         return True
 
@@ -659,18 +608,6 @@ class Engine:
             precedence=self.precedence,
         )
 
-    def _read_etcd(self, kvs: Mapping[str, bytes], revision: int) -> Layer:
-        """The etcd layer of a full read; each path in it that names no key is ignored
-        with a warning, as in a change (``on_etcd_change``)."""
-        faults: list[Problem] = []
-        layer = etcd_layer(self.app, kvs, faults=faults)
-        if faults:
-            self._announce.ignored(revision, faults)
-        return layer
-
-    def _merge(self) -> Snapshot:
-        return merge_layers(self.schema, self.layers.values(), self.precedence)
-
     def _merge_sanitized(
         self,
         candidate: Layer,
@@ -680,58 +617,13 @@ class Engine:
         raw: Mapping[str, bytes | str] | None = None,
     ) -> Snapshot:
         """Merge a whole etcd layer (a full read, or the saved values) and make it the etcd
-        layer: the keys that make it invalid are dropped, each round announced as a
-        rejection, and each keeps its value in ``kept`` (what this daemon ran before the
-        read: the values in force, or the state file's at a start), if it has one
-        (``full_read.py``). Raises ``InvalidChange`` only if the other layers are invalid
-        without etcd.
-
-        ``raw``: the read's raw values, by etcd path (None: saved values, not read). A
-        round that drops only keys whose raw value was refused and reported before, and
-        not edited since (``_reported``), is not announced again: watchers and the log
-        would read it as a new bad write. It stays refused (``on_still_refused``)."""
-        now: dict[str, bytes | str] = {}
-        repeated: set[str] = set()
-
-        def announce(exc: InvalidChange, problems: list[Problem]) -> None:
-            dropped = {p.key: candidate.values.get(p.key) for p in problems}
-            if raw is None:
-                self._announce.rejected("etcd", revision, self.version, exc, dropped, self._flat)
-                return
-            values = {key: raw.get(candidate.origins.get(key, "")) for key in dropped}
-            now.update((key, value) for key, value in values.items() if value is not None)
-            if self._reported.repeated(values):
-                repeated.update(dropped)
-                self._on_still_refused(revision, str(exc), tuple(dropped))
-            else:
-                self._announce.rejected("etcd", revision, self.version, exc, dropped, self._flat)
-
-        others = [layer for name, layer in self.layers.items() if name != "etcd"]
-        if self._files_above_etcd:
-            under = shadowed_by_files(self.schema, self.precedence, [*others, candidate])
-            if under:
-                announce(InvalidChange(under), under)
-                keys = [p.key for p in under]
-                back = {key: kept[key] for key in keys if kept and key in kept}
-                rest = candidate.without(keys)
-                origins = {key: candidate.origins.get(key, "kept") for key in back}
-                candidate = Layer(
-                    "etcd", {**rest.values, **back}, {**rest.origins, **origins}, rest.problems
-                )
-        layer, snapshot = merge_full_read(
-            self.schema,
-            others,
-            candidate,
-            self.precedence,
-            kept=kept,
-            on_drop=announce,
-            log=self.log,
-            revision=revision,
-            repeated=repeated,
+        layer (``SanitizedRead.merge``: ``kept``, what this daemon ran before the read;
+        ``raw``, the read's raw values). Raises ``InvalidChange`` only if the other layers
+        are invalid without etcd."""
+        layer, snapshot = self._full_reads.merge(
+            self.layers, candidate, revision, self.version, self._flat, kept, raw=raw
         )
         self.layers["etcd"] = layer
-        if raw is not None:  # the keys it takes, or etcd no longer holds, are refused no more
-            self._reported.replace(now)
         return snapshot
 
     def _try_layer(self, candidate: Layer, revision: int, edited: Mapping[str, Any]) -> bool:

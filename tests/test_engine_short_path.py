@@ -337,7 +337,7 @@ def test_a_lone_plain_put_takes_the_lone_way(
     def no_loop(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("validate_puts ran")
 
-    monkeypatch.setattr(engine_module, "validate_puts", no_loop)
+    monkeypatch.setattr("hotknob.daemon.short_path.validate_puts", no_loop)
     with capture_logs() as logs:
         engine.on_etcd_change(2, {P + "opts/rate": b"0.5"}, frozenset())
         engine.on_etcd_change(3, {P + "opts/label": b'" ab "'}, frozenset())
