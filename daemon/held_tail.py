@@ -1,10 +1,11 @@
 """A lone etcd change's work after its push, run a little later: its *tail*.
 
-The etcd watch thread pushes a change that comes alone itself (``Daemon._take_inline``)
-and the engine holds the rest of its work (the etcd layer and snapshot, the saved
-state, ``change_accepted``: ``Engine.finish``) so that the clients apply the change
-first on these CPUs (docs/performance-history.md, twenty-first round). ``HeldTail`` runs that
-tail ``TAIL_AFTER_S`` later and keeps the order a reader of the log expects:
+The etcd watch thread pushes a change that comes alone itself
+(``EtcdIntake._take_inline``) and the engine holds the rest of its work (the etcd layer
+and snapshot, the saved state, ``change_accepted``: ``Engine.finish``) so that the
+clients apply the change first on these CPUs (docs/performance-history.md, twenty-first
+round). ``HeldTail`` runs that tail ``TAIL_AFTER_S`` later and keeps the order a reader
+of the log expects:
 
 - **when**: on the loop when an ``Alarm`` goes off (a timerfd the watch thread arms
   without waking anything, and goes back to etcd); where there is none (not Linux),

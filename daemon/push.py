@@ -3,9 +3,9 @@
 A change that comes alone is pushed at once; in a burst, clients get at most one update
 per ``every`` seconds (newest wins), so that decoding, applying and acknowledging every
 revision does not take the CPU the daemon needs to keep up. The engine publishes on the
-event loop, or on the etcd watch thread for a change that comes alone (the daemon's
-``_take_inline``): there the push is made at once, on that thread, and events for
-``watch`` clients are handed to the loop, which alone sends them.
+event loop, or on the etcd watch thread for a change that comes alone
+(``EtcdIntake._take_inline``): there the push is made at once, on that thread, and
+events for ``watch`` clients are handed to the loop, which alone sends them.
 
 Each push also records the etcd revision its configuration was built at, by version,
 before the clients can acknowledge it: the daemon answers from it which revision a
