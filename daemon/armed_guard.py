@@ -11,8 +11,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from .guard_display import some_names
 from .guard_lang import Guard
-from .guard_records import GuardRecord, some_names
+from .guard_records import GuardRecord
 from .status import status_name
 
 REMOTE_CHECK_EVERY_S = 0.5

@@ -38,16 +38,8 @@ from .etcd_store import (
     FutureRevisionError,
     NoSpaceError,
 )
-from .guard_records import (
-    KEEP_ENDED,
-    GuardSpec,
-    add_guard_options,
-    describe,
-    prune_ended,
-    read_status_entries,
-    record_for_set,
-    spec_from_args,
-)
+from .guard_records import KEEP_ENDED, prune_ended, read_status_entries
+from .guarded_set import GuardSpec, add_guard_options, describe, record_for_set, spec_from_args
 from .no_effect import (
     pinned_on_daemons,
     restart_only_guard,

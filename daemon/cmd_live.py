@@ -19,8 +19,9 @@ from hotknob.model_runtime import protocol
 
 from .context import Context, static_layers
 from .etcd_types import CompactedError, FutureRevisionError
+from .guard_display import guards_table, shown_record
 from .guard_lang import escaped
-from .guard_records import guards_table, read_guards, shown_record
+from .guard_records import read_guards
 from .reports import REPORT_STATUS_EVERY_S
 from .status import is_int
 from .status_view import TABLE_HEADERS, summary_lines, table_rows

@@ -33,6 +33,7 @@ from .announce import EventSink
 from .armed_guard import ArmedGuard
 from .etcd_checks import revert_plan
 from .etcd_store import ConflictError
+from .guard_display import hidden_keys, masked_if
 from .guard_records import (
     ABANDONED,
     BLOCKED,
@@ -41,8 +42,6 @@ from .guard_records import (
     GuardRecord,
     KeyChange,
     guard_key,
-    hidden_keys,
-    masked_if,
 )
 
 _OUTCOME_LOGGED_APART = frozenset({"revision", "time", "node"})

@@ -23,7 +23,7 @@ from hotknob.config.schema import restart_only_keys, restart_only_written
 from hotknob.config.secrecy import shown_value
 
 from .context import Context
-from .guard_records import some_names
+from .guard_display import some_names
 from .status import pinned_by
 from .table import fmt
 

@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, TypeGuard
 
+from .guard_display import some_names
 from .guard_lang import escaped
-from .guard_records import some_names
 from .reports import metrics_summary
 from .status import agreed_rank, agreed_text, is_int, is_time, waiting_for_restart
 from .table import age_text, cut, fmt

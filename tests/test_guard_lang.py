@@ -222,7 +222,7 @@ def test_an_error_is_one_line_with_control_characters_escaped(text: str, shown: 
 def test_a_guard_file_with_a_yaml_block_is_read(tmp_path: Path) -> None:
     import argparse
 
-    from hotknob.daemon.guard_records import add_guard_options, spec_from_args
+    from hotknob.daemon.guarded_set import add_guard_options, spec_from_args
 
     parser = argparse.ArgumentParser()
     add_guard_options(parser)

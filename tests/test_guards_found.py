@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from hotknob.config import InvalidInput
-from hotknob.daemon.guard_records import baselines_from
+from hotknob.daemon.guarded_set import baselines_from
 from hotknob.daemon.status import remote_open_windows, remote_watching
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer

@@ -257,7 +257,7 @@ def test_a_slow_process_of_the_same_daemon_is_waited_for_until_it_applies_the_ch
 
 
 def test_a_look_due_sooner_puts_forward_the_one_asked_for_later() -> None:
-    """The guard's next look (``_recheck``) was asked for in 20 s, to end the wait for a
+    """The guard's next look (``Passing.recheck``) was asked for in 20 s, to end the wait for a
     silent process that reported before the change; that process is then done (it went
     unjudged, or reported and held) within the half second after the last read of the
     other daemons' entries, so the look due then is asked for in a fraction of a second.
@@ -276,11 +276,11 @@ def test_a_look_due_sooner_puts_forward_the_one_asked_for_later() -> None:
         guards._arm(guard_record(5), 10)
         active = guards._active["g1"]
         looks: list[float] = []
-        guards._maybe_passed = lambda guard_id, a: looks.append(time.monotonic())  # type: ignore[method-assign]
+        guards._passing.maybe_passed = lambda guard_id, a: looks.append(time.monotonic())  # type: ignore[method-assign]
         start = time.monotonic()
-        guards._recheck("g1", active, 20.0)
-        guards._recheck("g1", active, 0.05)
-        guards._recheck("g1", active, 10.0)  # later than the one pending: changes nothing
+        guards._passing.recheck("g1", active, 20.0)
+        guards._passing.recheck("g1", active, 0.05)
+        guards._passing.recheck("g1", active, 10.0)  # later than the one pending: changes nothing
         await asyncio.sleep(0.5)
         return [look - start for look in looks]
 

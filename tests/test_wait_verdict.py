@@ -119,7 +119,7 @@ def test_a_verdict_line_for_each_ending() -> None:
 
 
 def test_an_armed_guard_says_which_process_is_furthest_from_its_window_s_end() -> None:
-    from hotknob.daemon.guard_records import waiting_hint
+    from hotknob.daemon.guard_display import waiting_hint
 
     record = guard_record(100)
 
