@@ -33,6 +33,9 @@ the last good state. So:
   file bind-mounted into a container and edited on the host, a hard link), is found
   changed by its size and times, looked at with the folders while all is quiet;
 - a relative path names the file from the folder the watcher was made in, for good.
+
+The folders' watches are kept by ``folder_watch``; how long a file that cannot be read
+is waited for, by ``read_grace``.
 """
 
 from __future__ import annotations
@@ -46,42 +49,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from watchdog.events import (
-    DirAttribEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirModifiedEvent,
-    DirMovedEvent,
-    FileAttribEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-from watchdog.utils import UnsupportedLibcError
 
 from hotknob.config.errors import LayerError
 from hotknob.config.files import read_config_file
 
-# Opened and closed-without-write are left out: they are what our own reads cause. Attribute
-# changes stay in: a chmod can make an unreadable file readable.
-_EVENTS_OF_INTEREST: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileClosedEvent,
-    FileAttribEvent,
-    DirAttribEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirModifiedEvent,
-    DirMovedEvent,
-]
+from .folder_watch import FolderWatches, event_names
+from .read_grace import ReadGraces
 
 
 @dataclass(frozen=True)
@@ -103,68 +76,7 @@ def fingerprint(value: Any) -> Hashable:
     return (type(value).__qualname__, repr(value))
 
 
-def _reports_closes(observer: Any) -> bool:
-    """Whether ``observer`` reports a file closed after a write (inotify does; others don't)."""
-    try:
-        from watchdog.observers.inotify import InotifyObserver
-    except (ImportError, UnsupportedLibcError):  # not on this platform
-        return False
-    return isinstance(observer, InotifyObserver)
-
-
-class _Signal(FileSystemEventHandler):
-    """Turns every event delivered to it into one call of ``notify(complete)``.
-
-    ``complete`` is True for a rename onto one of ``targets``: an atomic save (or a
-    ConfigMap ``..data`` swap) has finished, so the file can be read at once. Before
-    that, ``written(path, closed)`` is told of each write to a file and each close
-    after one.
-    """
-
-    def __init__(
-        self,
-        notify: Callable[[bool], None],
-        written: Callable[[str, bool], None],
-        targets: frozenset[str],
-    ):
-        self._notify = notify
-        self._written = written
-        self.targets = targets  # replaced whole when the watched folders change
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if isinstance(event, FileModifiedEvent | FileClosedEvent):
-            self._written(os.fsdecode(event.src_path), isinstance(event, FileClosedEvent))
-        elif isinstance(event, FileDeletedEvent | FileMovedEvent):
-            # The name now leads to another file (renamed onto) or to none: a writer that
-            # still holds the old one is not writing what the name holds.
-            self._written(os.fsdecode(event.src_path), True)
-            if isinstance(event, FileMovedEvent):
-                self._written(os.fsdecode(event.dest_path), True)
-        dest = getattr(event, "dest_path", "")
-        self._notify(bool(dest) and os.fsdecode(dest) in self.targets)
-
-
-def _targets(paths: Sequence[Path], folders: Sequence[Path]) -> frozenset[str]:
-    """The names a rename onto which finishes a save: each file, and each folder's ``..data``."""
-    targets = {os.path.abspath(p) for p in paths}
-    targets.update(os.path.join(folder, "..data") for folder in folders)
-    return frozenset(targets)
-
-
-def _names(paths: Sequence[Path]) -> frozenset[str]:
-    """The names events may give each file by: as given, and where a symlink leads."""
-    return frozenset(name for p in paths for name in (os.path.abspath(p), os.path.realpath(p)))
-
-
-_FOLDER_RETRY_S = 0.5  # how often a folder that cannot be watched (not there) is tried
 _FOLDER_POLL_S = 1.0  # how often, when all is quiet, the watched folders are looked at
-
-
-def _inode(folder: Path) -> int | None:
-    try:
-        return os.stat(folder).st_ino
-    except OSError:
-        return None
 
 
 def _file_stat(path: Path) -> tuple[int, ...] | None:
@@ -175,40 +87,6 @@ def _file_stat(path: Path) -> tuple[int, ...] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _watched_folders(paths: Sequence[Path]) -> list[Path]:
-    """The folder of each path, plus the real file's folder when a symlink leads elsewhere.
-
-    A symlink into a subfolder of its own folder (the ConfigMap layout) needs no
-    extra watch: the swap of ``..data`` happens in the link's own folder.
-    """
-    folders: list[Path] = []
-    for path in paths:
-        folder = Path(os.path.abspath(path)).parent
-        candidates = [folder]
-        real_folder = Path(os.path.realpath(path)).parent
-        if not real_folder.is_relative_to(Path(os.path.realpath(folder))):
-            candidates.append(real_folder)
-        for candidate in candidates:
-            if candidate not in folders:
-                folders.append(candidate)
-    return folders
-
-
-def _watch(observer: Any, handler: FileSystemEventHandler, folder: Path) -> Any:
-    """Watch ``folder`` itself, even where its path ends in a symlink (``conf -> /srv/conf``).
-
-    Not following it, inotify would watch the link and not the folder it leads to, and
-    no save of a file in there would ever be seen. Its events still name the files by
-    the path given, and a swap of the link is found as a folder renamed above is."""
-    return observer.schedule(
-        handler,
-        str(folder),
-        recursive=False,
-        event_filter=_EVENTS_OF_INTEREST,
-        follow_symlink=True,
-    )
 
 
 class FileLayerWatcher:
@@ -249,7 +127,6 @@ class FileLayerWatcher:
         self._debounce_s = debounce_s
         self._settle_s = min(settle_s, debounce_s)
         self._max_wait_s = max(max_wait_s, debounce_s)
-        self._missing_grace_s = missing_grace_s
         self._close_wait_s = max(close_wait_s, 0.0)
         self._read_file = read_file
         self._log = log if log is not None else structlog.get_logger(__name__)
@@ -259,26 +136,20 @@ class FileLayerWatcher:
         self._fingerprint: Hashable = None
         self._check_lock = threading.RLock()
         self._reported: dict[Path, Exception] = {}  # a file that cannot be read, and why
-        self._missing_since: dict[Path, float] = {}  # since when each missing file is
-        self._bad_since: dict[Path, float] = {}  # since when each file there does not read
+        self._graces = ReadGraces(missing_grace_s, self._debounce_s, self._recheck_at)
         self._file_stats: dict[Path, tuple[int, ...] | None] = {}  # as each was last read
 
         self._cond = threading.Condition()
         self._due: float | None = None
         self._first_event: float | None = None
         self._early_due: float | None = None
-        self._names = _names(self._where)
+        self._names = event_names(self._where)
         self._open_since: dict[str, float] = {}  # a watched file written, not yet closed
         self._await_close = False
         self._stopping = False
-        self._observer: Any = None
-        self._handler: _Signal | None = None
-        self._watches: dict[Path, Any] = {}
-        self._watch_inodes: dict[Path, int | None] = {}  # of each folder, when its watch began
-        # Logged once each, not at every retry: the folders that cannot be watched now,
-        # and the folders watched as last logged.
-        self._unwatchable: set[Path] = set()
-        self._logged_watches: list[str] | None = None
+        self._folders = FolderWatches(
+            self._where, self._signal, self._written, self._recheck_at, self._log
+        )
         self._worker: threading.Thread | None = None
 
     @property
@@ -316,21 +187,12 @@ class FileLayerWatcher:
                 self._reported[path] = exc  # said again only if it changes; cleared on a read
         initial = FileLayerState(tuple(files))
 
-        observer = Observer()
-        folders = _watched_folders(self._where)
-        signal = _Signal(self._signal, self._written, _targets(self._where, folders))
-        watches = {}
         try:
-            for folder in folders:
-                watches[folder] = _watch(observer, signal, folder)
-            observer.start()
+            self._folders.start()
         except OSError as exc:
-            observer.unschedule_all()
             raise LayerError("files", f"cannot watch config folders: {exc}") from exc
         self._swap(initial)
-        self._observer, self._handler, self._watches = observer, signal, watches
-        self._watch_inodes = {folder: _inode(folder) for folder in watches}
-        self._await_close = _reports_closes(observer)
+        self._await_close = self._folders.reports_closes
         self._worker = threading.Thread(target=self._run, name="hotknob-file-watcher", daemon=True)
         self._worker.start()
         self._signal()
@@ -371,7 +233,7 @@ class FileLayerWatcher:
                         paths=[
                             str(path)
                             for path, where in zip(self._paths, self._where, strict=True)
-                            if not held.isdisjoint(_names([where]))
+                            if not held.isdisjoint(event_names([where]))
                         ],
                     )
                     logged = True
@@ -383,10 +245,7 @@ class FileLayerWatcher:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        observer, self._observer = self._observer, None
-        if observer is not None:
-            observer.stop()
-            observer.join()
+        self._folders.stop()
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
             worker.join()
@@ -479,7 +338,9 @@ class FileLayerWatcher:
             try:
                 self._read_and_compare(explicit=explicit, held=held)
             finally:
-                self._follow_links()
+                # A link swapped since may have given the files other names and folders.
+                self._names = event_names(self._where)
+                self._folders.follow()
 
     def _look_at_folders(self) -> None:
         """Check the files at once if a watched folder's path no longer names the folder
@@ -488,8 +349,7 @@ class FileLayerWatcher:
         and made again) sends no event into the folders watched. Check them after the
         debounce if one was written without an event (see ``_written_unseen``)."""
         with self._check_lock:
-            moved = set(_watched_folders(self._where)) != set(self._watches)
-            if moved or self._gone_folders():
+            if self._folders.moved():
                 self._signal(complete=True)
             elif self._written_unseen():
                 self._signal()
@@ -501,82 +361,20 @@ class FileLayerWatcher:
         without this, the file would be read again only at some other event."""
         return any(_file_stat(where) != self._file_stats.get(where) for where in self._where)
 
-    def _gone_folders(self) -> list[Path]:
-        """The watched folders whose path names another folder now, or none: deleted (the
-        watch went with it), renamed away, or reached through a symlink since swapped."""
-        return [f for f, ino in self._watch_inodes.items() if _inode(f) != ino]
-
-    def _follow_links(self) -> None:
-        """Watch the folders the files are in now, and only those (and know the files by
-        the names they have now).
-
-        A symlink swapped to a file in another folder (``ln -sfn``, a rename of a new
-        link) moves the real file out of the folders watched so far: its folder is
-        watched from now on, the old one no longer, and the files are read once more,
-        so an edit made before the new watch was in place is not lost. A folder deleted
-        (and maybe made again) is watched anew; one that cannot be watched (not there)
-        is tried again every ``_FOLDER_RETRY_S``, and logged once, not at every try.
-        """
-        self._names = _names(self._where)
-        observer, handler = self._observer, self._handler
-        if observer is None or handler is None:
-            return
-        folders = _watched_folders(self._where)
-        gone = self._gone_folders()
-        if set(folders) == set(self._watches) and not gone:
-            return
-        for folder in [f for f in self._watches if f not in folders or f in gone]:
-            watch = self._watches.pop(folder)
-            self._watch_inodes.pop(folder, None)
-            try:
-                observer.unschedule(watch)
-            except (KeyError, OSError):  # already gone with its folder
-                pass
-        added = unwatched = False
-        for folder in folders:
-            if folder in self._watches:
-                continue
-            try:
-                self._watches[folder] = _watch(observer, handler, folder)
-            except OSError as exc:
-                if folder not in self._unwatchable:
-                    self._unwatchable.add(folder)
-                    self._log.warning(
-                        "config_folder_watch_failed",
-                        folder=str(folder),
-                        error=str(exc),
-                        retry_every_s=_FOLDER_RETRY_S,
-                    )
-                unwatched = True
-                continue
-            self._unwatchable.discard(folder)
-            self._watch_inodes[folder] = _inode(folder)
-            added = True
-        self._unwatchable &= set(folders)
-        handler.targets = _targets(self._where, folders)
-        watched = [str(f) for f in self._watches]
-        if watched != self._logged_watches:
-            self._logged_watches = watched
-            self._log.info("config_folders_watched", folders=watched)
-        if added:
-            self._signal()
-        if unwatched:  # no event can come from there: look again in a while
-            self._recheck_at(time.monotonic() + _FOLDER_RETRY_S)
-
     def _read_and_compare(self, *, explicit: bool, held: frozenset[str]) -> None:
         """Read every file and report the new state if it differs.
 
         A file that cannot be read keeps its last good contents, as one in ``held`` (names
         of files a writer still has open) does without being read: a change to another
         file is reported with them. A file that cannot be read is waited for first (see
-        ``_awaited``; not by an explicit reload): while one is in its grace, nothing is
+        ``ReadGraces``; not by an explicit reload): while one is in its grace, nothing is
         reported but the problems of the files whose grace is over."""
         files: list[tuple[Path, Mapping[str, Any]]] = []
         read: list[Path] = []
         failed: dict[Path, Exception] = {}
         missing: list[Path] = []
         for path, where, last in zip(self._paths, self._where, self.state.files, strict=True):
-            if held and not held.isdisjoint(_names([where])):
+            if held and not held.isdisjoint(event_names([where])):
                 files.append(last)
                 continue
             try:
@@ -588,7 +386,7 @@ class FileLayerWatcher:
                     missing.append(path)
             else:
                 read.append(path)
-        awaited = self._awaited(failed, missing, explicit)
+        awaited = self._graces.awaited(failed, missing, explicit)
         if awaited:  # mid-rename or mid-write: the files are read again when its grace ends
             for path, error in failed.items():
                 if path not in awaited:
@@ -629,35 +427,6 @@ class FileLayerWatcher:
             callback(*args)
         except Exception:
             self._log.exception("config_file_callback_failed", callback=name)
-
-    def _awaited(
-        self, failed: Mapping[Path, Exception], missing: list[Path], explicit: bool
-    ) -> frozenset[Path]:
-        """Of the files that could not be read, those given a moment more (none, for an
-        explicit reload, which reports them at once); a check is due when the first of
-        their graces ends.
-
-        A file found ``missing`` waits ``missing_grace_s``: it may be mid-rename. One
-        that is there but does not read waits ``debounce_s``: a read can beat the events,
-        and meet a file that a writer has truncated and not yet written (an empty file,
-        or half of one) before the truncate's event has reached the watcher."""
-        now = time.monotonic()
-        self._missing_since = {path: self._missing_since.get(path, now) for path in missing}
-        self._bad_since = {
-            path: self._bad_since.get(path, now) for path in failed if path not in missing
-        }
-        if explicit:
-            return frozenset()
-        graces = [(self._missing_since, self._missing_grace_s), (self._bad_since, self._debounce_s)]
-        ends = {
-            path: since + grace
-            for sinces, grace in graces
-            for path, since in sinces.items()
-            if now < since + grace
-        }
-        if ends:
-            self._recheck_at(min(ends.values()))
-        return frozenset(ends)
 
     def _swap(self, state: FileLayerState) -> bool:
         seen = fingerprint([contents for _, contents in state.files])

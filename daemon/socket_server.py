@@ -26,15 +26,8 @@ What is guaranteed:
   waits for the transport to drain after each line, a client that takes nothing of it
   for ``drain_timeout`` (one that reads, however slowly, is not stuck) or whose buffer
   passes ``max_write_buffer`` is disconnected.
-- Turns: a connection's reader hands the loop on after ``READ_SLICE_S`` or
-  ``READ_SLICE_LINES`` of lines it already holds, so a client flooding acks or reports
-  never holds up the others.
-- Errors: a malformed line, an unknown type, a wrong protocol, a message before
-  ``hello``, a line over ``protocol.MAX_LINE_BYTES``, invalid UTF-8 or a lone surrogate
-  gets an ``error`` line and that connection alone is closed; so does a connection that
-  sends no ``hello`` within ``hello_timeout``. An ``applied`` for a version newer than
-  any the connection was sent is recorded, and logged once (``applied_unknown_version``):
-  the process runs a state this daemon does not know.
+- Reading: a connection's lines (its turns, its errors, its ``hello`` and the name it
+  gets, its acks) are read and acted on by ``socket_read``.
 - Resources: a connection costs one file descriptor until its ``hello``, two after
   (``socket_conn``). A process out of descriptors cannot accept: that is one log line
   (``accept_failed``) at most every ``ACCEPT_FAILED_LOG_EVERY_S``, not the loop's
@@ -44,9 +37,6 @@ What is guaranteed:
   ``CLIENT_ERROR_LOG_EVERY_S``; the rest are counted, in one ``client_errors_not_logged``
   line when that time is up: a client that reconnects in a loop sending junk would
   otherwise write a line per connection for as long as it runs (``client_log``).
-- Names: each connected client's ``ClientInfo.name`` is unique. A ``hello`` with a
-  name another connection has gets ``<name>-2`` (or the first free number), logged
-  as ``client_renamed``; the client is told nothing (the protocol has no field for it).
 - Callbacks (``on_applied``, ``on_metrics``, ``on_disconnect``) run in the loop;
   an exception in one is logged (``callback_failed``), never propagated.
 
@@ -74,17 +64,16 @@ import structlog
 from hotknob.config.changes import changed_keys
 from hotknob.model_runtime import protocol
 
-from .client_log import CLIENT_ERROR_LOG_EVERY_S as CLIENT_ERROR_LOG_EVERY_S
-from .client_log import CLIENT_ERRORS_LOGGED as CLIENT_ERRORS_LOGGED
-from .client_log import LOGGED_EXTRA_CHARS as LOGGED_EXTRA_CHARS
-from .client_log import LOGGED_EXTRA_FIELDS as LOGGED_EXTRA_FIELDS
 from .client_log import ClientErrors, logged_extra
+from .event_fit import fitted_event
 from .pending import Sent
 from .published import ClientInfo, Published
 from .socket_conn import CLOSE_GRACE_S, Connection, Stuck
 from .socket_listen import ACCEPT_FAILED_LOG_EVERY_S as ACCEPT_FAILED_LOG_EVERY_S
 from .socket_listen import Listener
 from .socket_path import SocketInUse, SocketPathError
+from .socket_read import READ_SLICE_S as READ_SLICE_S
+from .socket_read import ClientReader, run_callback
 
 __all__ = ["ClientInfo", "Published", "SocketInUse", "SocketPathError", "SocketServer"]
 
@@ -96,18 +85,8 @@ into ``socat``; each such connection holds a file descriptor."""
 DRAIN_CHECK_S = 1.0
 """While a client is slow to take a line, how often the server looks whether it took any
 of it: a client is dropped for taking nothing for ``drain_timeout``, not for being slow."""
-READ_SLICE_S = 0.005
-"""The longest one connection's reader handles lines it already holds before it lets the
-loop run others: a line in the buffer is read without a wait, so a client that floods acks
-or reports (2 MiB of them buffered: tens of thousands) would hold the loop for a second
-(every other client's hello, writer and events, the status and guard timers)."""
-READ_SLICE_LINES = 256
-"""And the most lines it handles in one turn: a line the daemon has nothing to do for (an
-ack repeated) takes microseconds, and thousands of them in one turn would still keep the
-others' lines waiting behind them."""
 
 _PEERCRED = struct.Struct("3i")
-_HELLO_FIELDS = frozenset({"type", "protocol", "client", "pid"})
 
 
 class SocketServer:
@@ -142,15 +121,12 @@ class SocketServer:
         self._restart_only = sorted(restart_only)
         self._secret = sorted(secret)
         self._current = current
-        self._on_applied = on_applied
-        self._on_metrics = on_metrics
         self._on_disconnect = on_disconnect
         self._allowed_uids = frozenset({os.getuid()}) if allowed_uids is None else allowed_uids
         self._log = log if log is not None else structlog.get_logger(__name__)
         self._listener = Listener(Path(path), self._log)
         self._max_write_buffer = max_write_buffer
         self._drain_timeout = drain_timeout
-        self._hello_timeout = DEFAULT_HELLO_TIMEOUT_S if hello_timeout is None else hello_timeout
         self._conns: dict[int, Connection] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
         self._next_id = 1
@@ -168,6 +144,15 @@ class SocketServer:
         self._encode_lock = threading.Lock()
         self._close_task: asyncio.Task[None] | None = None
         self._client_errors = ClientErrors(self._log)
+        self._reader = ClientReader(
+            hello_timeout=DEFAULT_HELLO_TIMEOUT_S if hello_timeout is None else hello_timeout,
+            client_errors=self._client_errors,
+            connections=self._conns,
+            admit=self._admit,
+            flush_pending=self._flush_pending,
+            on_applied=on_applied,
+            on_metrics=on_metrics,
+        )
 
     @property
     def path(self) -> Path:
@@ -269,7 +254,7 @@ class SocketServer:
         try:
             data = protocol.encode({**event, "type": protocol.EVENT})
         except protocol.ProtocolError as exc:
-            fitted = _fitted_event(event)
+            fitted = fitted_event(event)
             if fitted is None:
                 self._log.error("event_dropped", error=str(exc))
                 return
@@ -354,126 +339,14 @@ class SocketServer:
             else:
                 self._conns[conn_id] = conn
                 conn.writer_task = asyncio.create_task(self._write_loop(conn))
-                await self._read_loop(conn)
+                await self._reader.read(conn)
         finally:
             await self._finish(conn)
 
-    async def _read_loop(self, conn: Connection) -> None:
-        """Handle lines until EOF or an error; a last line without a newline still counts.
-        A connection that sends no ``hello`` within ``hello_timeout`` is closed."""
-        eof = False
-        hello_by = time.monotonic() + self._hello_timeout
-        slice_from = time.monotonic()  # ``READ_SLICE_S``: when this reader last yielded
-        lines = 0  # ``READ_SLICE_LINES``: handled since then
-        while not eof and not conn.closing:
-            try:
-                if conn.info is None:
-                    left = hello_by - time.monotonic()
-                    line = await asyncio.wait_for(conn.reader.readuntil(b"\n"), max(left, 0))
-                else:
-                    line = await conn.reader.readuntil(b"\n")
-            except TimeoutError:
-                self._reject(conn, f'no "hello" within {self._hello_timeout:g} s')
-                return
-            except asyncio.IncompleteReadError as exc:
-                line, eof = exc.partial, True
-            except asyncio.LimitOverrunError:
-                self._reject(conn, f"line exceeds the {protocol.MAX_LINE_BYTES}-byte limit")
-                return
-            except OSError as exc:
-                conn.reason = conn.reason or f"read failed: {exc}"
-                return
-            if conn.closing:
-                return
-            if line.strip() and not self._handle_line(conn, line):
-                return
-            lines += 1
-            if lines >= READ_SLICE_LINES or time.monotonic() - slice_from >= READ_SLICE_S:
-                await asyncio.sleep(0)  # the others' turn; one clock read a line otherwise
-                slice_from, lines = time.monotonic(), 0
-        conn.reason = conn.reason or "closed"
-
-    def _handle_line(self, conn: Connection, line: bytes) -> bool:
-        """Act on one line; False when the connection is to be closed."""
-        try:
-            message = protocol.decode(line)
-            if message["type"] == protocol.ERROR:
-                self._client_errors.report(conn.log, error=str(message.get("error")), side="client")
-                conn.drop("the client reported an error")
-                return False
-            protocol.validate_client_message(message, said_hello=conn.info is not None)
-        except protocol.ProtocolError as exc:
-            self._reject(conn, str(exc))
-            return False
-        self._dispatch(conn, message)
-        return True
-
-    def _reject(self, conn: Connection, reason: str) -> None:
-        self._client_errors.report(conn.log, error=reason)
-        self._flush_pending(conn)
-        conn.drop(f"protocol error: {reason}", reply=reason)
-
-    def _dispatch(self, conn: Connection, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == protocol.HELLO:
-            self._accept_hello(conn, message)
-            return
-        assert conn.info is not None
-        if kind == protocol.APPLIED:
-            self._note_unknown_version(conn, message["version"])
-            self._call(conn, self._on_applied, conn.info, message)
-        elif kind == protocol.METRICS:
-            self._call(conn, self._on_metrics, conn.info, message)
-
-    def _note_unknown_version(self, conn: Connection, version: int) -> None:
-        """Log, once per connection (``applied_unknown_version``), an ack of a version
-        newer than any this connection was sent (or has waiting: a client may ack the state
-        it runs before it reads its snapshot). It is recorded all the same: the process
-        runs a state this daemon does not know (a checkpoint's, or one of a daemon before
-        a restart that did not keep its versions), which ``status`` shows (that version,
-        no revision) and a guard waits on, since the process may still apply the change.
-        It is not refused: an ``error`` would close the connection at every reconnect."""
-        offered = conn.offered_version()
-        if (offered is not None and version <= offered) or conn.said_unknown_version:
-            return
-        conn.said_unknown_version = True
-        conn.log.warning(
-            "applied_unknown_version",
-            version=version,
-            newest_sent=offered,
-            detail="a version this connection was never sent: the process runs a state "
-            "this daemon does not know; further ones on this connection are not logged",
-        )
-
-    def _unique_name(self, requested: str) -> str:
-        """``requested``, or if a connected client has it, ``requested-2``, ``-3``... (the
-        first free one): what the daemon keeps per client (status entries, metric series,
-        guard windows) is keyed by name, and two processes under one name would overwrite
-        each other's and the first to leave would take both with it. A ``/`` becomes ``_``
-        in a status key, so names equal after that count as the same. Loop thread."""
-        taken = {c.info.name.replace("/", "_") for c in self._conns.values() if c.info is not None}
-        name, n = requested, 1
-        while name.replace("/", "_") in taken:
-            n += 1
-            name = f"{requested}-{n}"
-        return name
-
-    def _accept_hello(self, conn: Connection, message: dict[str, Any]) -> None:
-        pid = message.get("pid", conn.peer_pid)
-        requested = message.get("client", "")
-        name = self._unique_name(requested)
-        if name != requested:
-            conn.log.info("client_renamed", requested=requested, client=name, pid=pid)
+    def _admit(self, conn: Connection, info: ClientInfo) -> None:
+        """Make ``conn`` the client ``info`` (its ``hello`` taken) and give it its first
+        state, ``current()``. Loop thread."""
         conn.open_side_channel()
-        info = ClientInfo(
-            id=conn.id,
-            name=name,
-            pid=pid,
-            uid=conn.uid,
-            connected_at=conn.connected_at,
-            extra={k: v for k, v in message.items() if k not in _HELLO_FIELDS},
-            peer_pid=conn.peer_pid,
-        )
         with self._publish_lock:
             try:
                 state = self._current()
@@ -484,17 +357,9 @@ class SocketServer:
             with conn.lock:
                 conn.info = info
                 conn.offer(state)
-        conn.log = conn.log.bind(client=info.name, pid=pid)
+        conn.log = conn.log.bind(client=info.name, pid=info.pid)
         conn.log.info("client_connected", **logged_extra(info.extra))
         conn.wake.set()
-
-    def _call(self, conn: Connection, callback: Callable[..., None] | None, *args: Any) -> None:
-        if callback is None:
-            return
-        try:
-            callback(*args)
-        except Exception:
-            conn.log.exception("callback_failed", callback=getattr(callback, "__name__", "?"))
 
     async def _write_loop(self, conn: Connection) -> None:
         try:
@@ -601,7 +466,7 @@ class SocketServer:
             # (status entry, metric series, guard windows) is now the new connection's.
             name = conn.info.name
             if not any(c.info is not None and c.info.name == name for c in self._conns.values()):
-                self._call(conn, self._on_disconnect, conn.info)
+                run_callback(conn, self._on_disconnect, conn.info)
 
     def _flush_pending(self, conn: Connection) -> None:
         """Before an orderly close, send what is still pending: ``echo hello | socat`` gets
@@ -615,47 +480,3 @@ class SocketServer:
                 return
             with contextlib.suppress(protocol.ProtocolError):
                 conn.write(self._message_for(conn.last_sent, target))
-
-
-_KEYED_EVENT_FIELDS = ("changed", "new", "old")
-"""An event's fields that map dotted keys to values: as many keys as a change touched."""
-
-
-def _fitted_event(event: Mapping[str, Any]) -> bytes | None:
-    """``event`` as one line within ``protocol.MAX_LINE_BYTES``, its keyed fields cut to the
-    keys whose entries fit (in the order the event gives them) and the keys left out
-    counted in ``unlisted.keys``, as a rejection's event counts those it does not list;
-    None if it has no such field or what is left does not fit either. A change of a few
-    thousand keys with long dotted names, or of two large mappings, makes ``changed`` and
-    ``old`` over a line: dropped, ``watch`` clients would not hear of the change at all."""
-    fields = [name for name in _KEYED_EVENT_FIELDS if isinstance(event.get(name), Mapping)]
-    if not fields:
-        return None
-    keys = list(dict.fromkeys(key for name in fields for key in event[name]))
-    unlisted = dict(event.get("unlisted") or {})
-    before = unlisted.get("keys", 0) if isinstance(unlisted.get("keys"), int) else 0
-    bare = {**event, **{name: {} for name in fields}, "type": protocol.EVENT}
-    try:  # with the largest count it may carry: its digits are part of the line
-        used = len(protocol.encode({**bare, "unlisted": {**unlisted, "keys": before + len(keys)}}))
-    except protocol.ProtocolError:
-        return None
-    kept = 0
-    for key in keys:
-        try:  # each entry as it is written inside its field, with a comma
-            used += sum(
-                len(protocol.encode({key: event[name][key]})) - 2
-                for name in fields
-                if key in event[name]
-            )
-        except protocol.ProtocolError:
-            break
-        if used > protocol.MAX_LINE_BYTES:
-            break
-        kept += 1
-    listed = set(keys[:kept])
-    cut_event = {name: {k: v for k, v in event[name].items() if k in listed} for name in fields}
-    unlisted["keys"] = before + len(keys) - kept
-    try:
-        return protocol.encode({**bare, **cut_event, "unlisted": unlisted})
-    except protocol.ProtocolError:
-        return None

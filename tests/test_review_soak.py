@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from hotknob.config.keys import status_prefix
+from hotknob.daemon.client_log import CLIENT_ERRORS_LOGGED
 from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
-from hotknob.daemon.socket_server import CLIENT_ERRORS_LOGGED
 from hotknob.model_runtime import protocol
 from tests.daemon_proc import DaemonProcess, RawClient
 from tests.etcd_server import EtcdServer
@@ -80,9 +80,7 @@ def test_a_client_reconnecting_with_junk_in_a_loop_does_not_fill_the_log(
     logs ``client_error`` for the first of them only, and counts the rest in one
     ``client_errors_not_logged`` line, not one line per connection for as long as the
     loop runs."""
-    window = (
-        f"import hotknob.daemon.socket_server as s; s.CLIENT_ERROR_LOG_EVERY_S = {ERROR_WINDOW_S}"
-    )
+    window = f"import hotknob.daemon.client_log as c; c.CLIENT_ERROR_LOG_EVERY_S = {ERROR_WINDOW_S}"
     daemon = DaemonProcess(tmp_path, before_main=window)
     with daemon:
         began = time.monotonic()
