@@ -19,9 +19,11 @@ rank applies; see that module for the protocol.
 ``values``, ``version`` and ``live[key]`` always describe what the process has
 applied, never what is merely pending.
 
-Two jobs live beside this module: ``restart_only`` holds each received state's
-restart-only keys at the values the process runs, and ``finding`` holds what
-``connect`` checks before it waits and says when no state came.
+Jobs that live beside this module: ``restart_only`` holds each received state's
+restart-only keys at the values the process runs, ``finding`` holds what
+``connect`` checks before it waits and says when no state came, ``acks`` what an
+acknowledgement can carry, ``checkpoint`` the format of ``state_dict``, and
+``optimizer_slots`` which binding a new ``bind_optimizer`` replaces.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, Self, SupportsIndex
 
-from . import protocol
+from . import checkpoint, protocol
+from .acks import ack_errors, ackable, step_for_ack
 from .binding import Binding, Handle
 from .connection import DaemonConnection
 from .errors import DaemonUnavailable as DaemonUnavailable
@@ -49,18 +52,17 @@ from .received import (
     get_dotted,
     same_values,
     state_from_message,
-    thaw,
     with_held,
 )
-from .reporting import MetricsReporter, step_number
+from .reporting import MetricsReporter
 from .restart_only import RestartOnlyHold, held_fields
 
 if TYPE_CHECKING:
     from .distributed import StepSync
+    from .optimizer_slots import OptimizerSlots
 
 log = logging.getLogger("hotknob.model_runtime")
 
-_STATE_DICT_FORMAT = 1
 _HISTORY = 64
 
 _REENTERED = (
@@ -71,42 +73,8 @@ _REENTERED = (
 )
 
 
-def _ackable(step: Any) -> bool:
-    """Whether an ack can carry ``step`` as it is (a plain ``int`` the protocol takes)."""
-    return type(step) is int and -protocol.MAX_INT <= step <= protocol.MAX_INT
-
-
 def _report_nothing(step: int, **metrics: Any) -> None:
     """``report`` after ``close``."""
-
-
-ACK_ERRORS_MAX = 20
-ACK_ERROR_CHARS_MAX = 2000
-"""An ack carries at most this many error entries, each text cut to this many characters:
-an exception's text can be of any size, and an ack over the protocol's line limit could not
-be sent at all (the log has each error whole)."""
-
-
-def _ack_errors(errors: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The ``errors`` of an ack: at most ``ACK_ERRORS_MAX`` (and a last entry saying how many
-    more), each cut and with text that is not valid UTF-8 (an exception quoting a path of
-    undecodable bytes) escaped: else the whole ack could not be sent."""
-    kept = [_text_only(e) for e in errors[:ACK_ERRORS_MAX]]
-    if len(errors) > ACK_ERRORS_MAX:
-        kept.append({"error": f"and {len(errors) - ACK_ERRORS_MAX} more (in the process's log)"})
-    return kept
-
-
-def _text_only(error: Mapping[str, str]) -> dict[str, str]:
-    return {
-        k: _cut(v.encode("utf-8", "backslashreplace").decode("utf-8")) for k, v in error.items()
-    }
-
-
-def _cut(text: str) -> str:
-    if len(text) <= ACK_ERROR_CHARS_MAX:
-        return text
-    return f"{text[:ACK_ERROR_CHARS_MAX]}... ({len(text) - ACK_ERROR_CHARS_MAX} more characters)"
 
 
 class LiveConfig:
@@ -166,9 +134,7 @@ class LiveConfig:
         self._lock = threading.Lock()
         self._first_state = threading.Event()
         self._hooks = Hooks()
-        # ``bind_optimizer``'s bindings, by ``id`` of the optimizer they drive (a wrapper's
-        # inner one), so that binding it again for a key replaces the binding of that key.
-        self._optimizer_bindings: dict[int, list[tuple[Handle, Any]]] = {}
+        self._optimizer_slots: OptimizerSlots | None = None  # made at the first bind_optimizer
         self._closed = False
         self._conn = DaemonConnection(
             path,
@@ -487,7 +453,7 @@ class LiveConfig:
             self._applied = state
             self._unacked = not ack
             step, at = self._applied_step, self._applied_at
-        if ack and _ackable(step):
+        if ack and ackable(step):
             self._conn.send(protocol.applied(state.version, step, at=at, **held_fields(state)))
 
     def _tell_agreed(self, rank: int) -> None:
@@ -516,7 +482,7 @@ class LiveConfig:
                 return
             self._agreed_told = told
             step, at = self._applied_step, self._applied_at
-        if _ackable(step):
+        if ackable(step):
             agreed = {"rank": rank, "revision": applied.revision}
             # ``newest`` is held at the values this process runs (``RestartOnlyHold.hold``), so
             # its held keys and their values are those of the values run, another rank's.
@@ -533,7 +499,7 @@ class LiveConfig:
         # per change, not per step) and the change goes unacknowledged: ``status`` does not
         # show it and guards do not watch the process, as they could not place its window.
         number = step  # the common case, on the training thread: nothing to do
-        if not _ackable(step):
+        if not ackable(step):
             converted = self._step_for_ack(step, new)
             if converted is None:
                 return
@@ -543,24 +509,16 @@ class LiveConfig:
         if errors or new.held:
             fields = held_fields(new)
             if errors:
-                fields["errors"] = _ack_errors(errors)
+                fields["errors"] = ack_errors(errors)
             self._conn.send(protocol.applied(new.version, number, **fields))
         else:  # the usual ack, on the training thread: formatted, not encoded
             self._conn.send_line(protocol.applied_line(new.version, number), protocol.APPLIED)
 
     def _step_for_ack(self, step: Any, new: State) -> int | None:
         """``step`` converted for the ack (and kept for a reconnect's ack and ``state_dict``),
-        or None, logged, if it is no integer at all."""
-        try:
-            number = step_number(step)
-        except (TypeError, ValueError) as exc:
-            log.error(
-                "live_apply_step_unusable version=%d step=%.80r error=%s: applied, but the "
-                "daemon is not told; pass apply() an integer step",
-                new.version,
-                step,
-                exc,
-            )
+        or None, logged, if it is no integer at all (``acks.step_for_ack``)."""
+        number = step_for_ack(step, new.version)
+        if number is None:
             return None
         with self._lock:
             if self._applied is new:
@@ -630,7 +588,7 @@ class LiveConfig:
         here.
         """
         try:
-            from .optim import OptimizerBinding, optimizer_chain
+            from .optimizer_slots import OptimizerSlots
         except ModuleNotFoundError as exc:
             if exc.name != "torch":
                 raise
@@ -640,25 +598,17 @@ class LiveConfig:
                 name="torch",
             ) from exc
 
-        binding = OptimizerBinding(
-            optimizer, scheduler, lr=lr, weight_decay=weight_decay, momentum=momentum
+        slots = self._optimizer_slots
+        if slots is None:
+            slots = self._optimizer_slots = OptimizerSlots(self._hooks)
+        return slots.bind(
+            self._applied.flat_view,
+            optimizer,
+            scheduler,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
         )
-        values = self._applied.flat_view
-        table = self._optimizer_bindings
-        slot = id(optimizer_chain(optimizer)[-1])  # a wrapper shares the inner one's groups
-        kept = [(h, b) for h, b in table.get(slot, []) if not h.removed]
-        replaced = [(h, b) for h, b in kept if b.keys & binding.keys]
-        for _, earlier in replaced:
-            binding.inherit(earlier)
-        binding.check(values)
-        binding.apply(values, values)
-        # In the replaced binding's place, so that its checkpoint state is saved where the
-        # earlier one's was: a resumed run binds in the order the code first binds.
-        handle = self._hooks.add_binding(binding, in_place_of=[b for _, b in replaced])
-        for earlier_handle, _ in replaced:
-            earlier_handle.remove()
-        table[slot] = [(h, b) for h, b in kept if not h.removed] + [(handle, binding)]
-        return handle
 
     # -- reporting (model_runtime/reporting.py) ----------------------------------------
     #
@@ -677,14 +627,7 @@ class LiveConfig:
         """
         state = self._applied
         bindings = self._hooks.binding_states()
-        return {
-            "format": _STATE_DICT_FORMAT,
-            "version": state.version,
-            "revision": state.revision,
-            "step": self._applied_step,
-            "values": thaw(state.values),
-            "bindings": bindings,
-        }
+        return checkpoint.saved(state, self._applied_step, bindings)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Make a checkpoint's values the applied ones.
@@ -712,13 +655,7 @@ class LiveConfig:
         every rank takes its daemon's state back and the ranks agree on it as on any
         change; else the checkpoint stays in force on every rank.
         """
-        try:
-            fmt = state_dict.get("format", _STATE_DICT_FORMAT)
-            if fmt != _STATE_DICT_FORMAT:
-                raise ValueError(f"unsupported LiveConfig state_dict format {fmt!r}")
-            loaded = state_from_message({"type": "state_dict", **state_dict})
-        except protocol.ProtocolError as exc:
-            raise ValueError(f"not a LiveConfig state_dict: {exc}") from exc
+        loaded = checkpoint.read(state_dict)
         step = state_dict.get("step", 0)
         self._begin_apply()
         try:
@@ -731,7 +668,7 @@ class LiveConfig:
         with self._lock:
             # The daemon's newest state: the one an earlier checkpoint replaced, if one did.
             latest = self._superseded or self._latest
-            newer = latest is not None and _newer_than(latest, loaded)
+            newer = latest is not None and checkpoint.newer_than(latest, loaded)
             agreed = self._applied if self._sync is not None else None
             running = self._restart_only.at_load(latest if newer else None, agreed)
             if running:
@@ -858,21 +795,12 @@ class LiveConfig:
             step, at = self._applied_step, self._applied_at
         # A step no ack can carry (``apply(5.5)``: logged at that apply) is not sent: the
         # daemon would close the connection, and each reconnect would send it again.
-        if up_to_date and is_snapshot and _ackable(step):
+        if up_to_date and is_snapshot and ackable(step):
             held = held_fields(state)
             # ``at``: the values were applied then, not at this reconnect (``status``'s age).
             self._conn.send(protocol.applied(applied.version, step, at=at, **held))
         if not self._first_state.is_set():  # ``set`` takes a lock and notifies: once is enough
             self._first_state.set()
-
-
-def _newer_than(daemon: State, checkpoint: State) -> bool:
-    """Whether the daemon's state is newer than a checkpoint's: a higher version (its own
-    numbering), or built from a later etcd revision. Versions alone miss a daemon whose
-    numbering began again (a state dir lost with its pod): its version 1 would lose to a
-    checkpoint's 40 and bring back values etcd no longer holds; etcd's revisions are one
-    numbering for every daemon and never go back."""
-    return daemon.version > checkpoint.version or daemon.revision > checkpoint.revision
 
 
 _live_configs: weakref.WeakSet[LiveConfig] = weakref.WeakSet()

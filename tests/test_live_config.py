@@ -827,7 +827,7 @@ def test_a_live_config_cannot_be_pickled_or_copied(live: LiveConfig) -> None:
 def test_an_ack_carries_errors_cut_to_size_however_long_or_many(
     stub: DaemonStub, live: LiveConfig
 ) -> None:
-    from hotknob.model_runtime.client import ACK_ERROR_CHARS_MAX, ACK_ERRORS_MAX
+    from hotknob.model_runtime.acks import ACK_ERROR_CHARS_MAX, ACK_ERRORS_MAX
 
     def fails(value: float) -> None:
         raise ValueError("x" * 2_000_000)  # an exception quoting a whole batch, say
