@@ -1,8 +1,8 @@
 """The one adapter between hotknob and the etcd client library (``pyetcd``).
 
 Every call into the client lives here or in the modules beside it that this one uses
-(``etcd_client``, ``etcd_stream``, ``etcd_errors``), so the client can be swapped by
-rewriting those alone. What it guarantees to callers:
+(``etcd_connect``, ``etcd_client``, ``etcd_stream``, ``etcd_errors``), so the client can
+be swapped by rewriting those alone. What it guarantees to callers:
 
 - reads of a prefix are one range request: one consistent state and its revision;
 - ``commit`` is one transaction: all puts and deletes land at one revision, or nothing
@@ -23,8 +23,8 @@ rewriting those alone. What it guarantees to callers:
 
   The password never appears in a message or a repr;
 - an expired or invalid auth token is renewed once and the call retried (the client
-  library never refreshes its token). The token is renewed on the same client, so a
-  watch that client carries goes on;
+  library never refreshes its token). The token is renewed on the same client
+  (``etcd_connect``), so a watch that client carries goes on;
 - a call that may be retried moves to the next endpoint first, whatever the error
   (the client library itself moves only on a few gRPC codes).
 
@@ -42,23 +42,19 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias, TypeVar
 
-import grpc
-import grpc.experimental
 import pyetcd
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
-from pyetcd.client import EtcdTokenCallCredentials
 from pyetcd.etcdrpc import kv_pb2
 from pyetcd.transactions import BaseCompare
 
 from hotknob.config.errors import HotknobError, InvalidInput, Unavailable
 
-from .etcd_client import ClosableClient
+from .etcd_connect import Connector
 from .etcd_errors import map_error, next_endpoint
 from .etcd_history import read_history
 from .etcd_stream import WatchStream, key_text, response_changes, watch_request
 from .etcd_types import (
-    MIN_KEEPALIVE_S,
     AuthError,
     CompactedError,
     ConflictError,
@@ -132,86 +128,18 @@ class EtcdStore:
         self._lock = threading.Lock()
         self._client: Any = None
         self._closed = False
-        self._auth_lock = threading.Lock()
+        self._connector = Connector(options)
         self._streams: list[WatchStream] = []
 
     def __repr__(self) -> str:
         return f"EtcdStore({self.options.describe()})"
-
-    def _grpc_options(self) -> list[tuple[str, Any]]:
-        o = self.options
-        return [
-            ("grpc.keepalive_time_ms", int(max(o.keepalive_time, MIN_KEEPALIVE_S) * 1000)),
-            ("grpc.keepalive_timeout_ms", int(o.keepalive_timeout * 1000)),
-            ("grpc.http2.ping_timeout_ms", int(o.keepalive_timeout * 1000)),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.keepalive_permit_without_calls", 0),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-            # etcd sends every revision a watch missed in one message, and a range read
-            # in one: gRPC's default 4 MiB limit refused those outright.
-            ("grpc.max_receive_message_length", o.max_receive_bytes),
-            # A watch's responses read on the watch's own thread (``etcd_client``).
-            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
-        ]
-
-    def _build(self) -> Any:
-        o = self.options
-        creds = None
-        if o.tls or any(parse_endpoint(e)[2] for e in o.endpoints):
-            # Again at each build, not only at the start: files replaced since (a
-            # certificate renewed before its key) are refused here, not by gRPC, which
-            # gets the very bytes checked.
-            if o.ca_cert is not None:
-                ca, key, cert = o.checked_tls_bytes()
-                creds = grpc.ssl_channel_credentials(ca, key, cert)
-            else:
-                o.check_tls_files()
-                creds = grpc.ssl_channel_credentials()
-        endpoints = []
-        for text in o.endpoints:
-            host, port, secure = parse_endpoint(text)
-            is_secure = secure if secure is not None else o.tls
-            endpoints.append(
-                pyetcd.Endpoint(
-                    f"[{host}]" if ":" in host else host,  # an IPv6 address: gRPC's form
-                    port,
-                    secure=is_secure,
-                    creds=creds if is_secure else None,
-                    time_retry=o.time_retry,
-                    opts=self._grpc_options(),
-                )
-            )
-        # With credentials the client authenticates at once, on an endpoint it picks at
-        # random and without failing over: one dead member must not fail the build, so an
-        # endpoint that cannot be reached is tried again (another pick), a few times each.
-        attempts = 3 * len(endpoints) if o.user else 1
-        while True:
-            try:
-                client = ClosableClient(
-                    endpoints, timeout=o.timeout, user=o.user, password=o.password, failover=True
-                )
-                break
-            except Exception as exc:
-                err = map_error(exc, o, "authenticate")
-                attempts -= 1
-                if isinstance(err, Unavailable) and attempts > 0:
-                    continue
-                for endpoint in endpoints:
-                    endpoint.close()
-                raise err from exc
-        if not any(e.secure for e in endpoints):
-            # gRPC refuses call credentials on a plaintext channel; the token also
-            # travels as metadata, which is all etcd reads.
-            client.call_credentials = None
-        return client
 
     def _connect(self) -> Any:
         with self._lock:
             if self._closed:
                 raise Unavailable(f"etcd client for {self.options.describe()} is closed")
             if self._client is None:
-                self._client = self._build()
+                self._client = self._connector.build()
             return self._client
 
     def _drop(self, client: Any) -> None:
@@ -236,37 +164,13 @@ class EtcdStore:
                     if self.options.user is None:
                         self._drop(client)  # nothing to log in with: a fresh client
                     else:
-                        self._renew_token(client, token)
+                        self._connector.renew_token(client, token)
                     continue
                 tries -= 1
                 if isinstance(err, Unavailable) and tries > 0 and not self._closed:
                     next_endpoint(client)
                     continue
                 raise err from exc
-
-    def _renew_token(self, client: Any, stale: Any) -> None:
-        """Log in again and give ``client`` the new token, for the calls that follow.
-
-        The client is kept, not rebuilt: closing it would also end the watch it carries
-        (etcd checks the token when a watch is created, not on each event), and with a
-        short token TTL an idle watcher's probe would then break its own watch every
-        few seconds. ``stale`` is the token the failed call used: when another thread
-        has renewed it meanwhile, that one is used.
-        """
-        o = self.options
-        with self._auth_lock:
-            if client.metadata is not stale:
-                return
-            request = etcdrpc.AuthenticateRequest(name=o.user, password=o.password)
-            try:
-                response = client.authstub.Authenticate(request, client.timeout)
-            except Exception as exc:
-                raise map_error(exc, o, "authenticate") from exc
-            client.metadata = (("token", response.token),)
-            if client.call_credentials is not None:
-                client.call_credentials = grpc.metadata_call_credentials(
-                    EtcdTokenCallCredentials(response.token)
-                )
 
     def read_prefix(self, prefix: str, revision: int | None = None) -> tuple[dict[str, bytes], int]:
         """Every key under ``prefix`` and its value, at ``revision`` (default: now).

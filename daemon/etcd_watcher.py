@@ -53,6 +53,7 @@ from typing import TypeAlias
 import structlog
 
 from hotknob.config.errors import HotknobError, UsageError
+from hotknob.daemon.etcd_first_read import FirstRead
 from hotknob.daemon.etcd_store import (
     CompactedError,
     EtcdChange,
@@ -74,19 +75,6 @@ _Seen: TypeAlias = dict[str, tuple[int, int]]
 
 def _seen(state: PrefixState) -> _Seen:
     return {key: (state.mods[key], hash(value)) for key, value in state.values.items()}
-
-
-def _close_soon(stores: list[EtcdStore]) -> None:
-    """Close ``stores`` on a thread of their own: a store still logging in holds its lock
-    until that ends, and the caller must not wait for it."""
-    if not stores:
-        return
-
-    def close() -> None:
-        for store in stores:
-            store.close()
-
-    threading.Thread(target=close, name="hotknob-etcd-close", daemon=True).start()
 
 
 class Backoff:
@@ -137,7 +125,7 @@ class EtcdWatcher:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._store: EtcdStore | None = None
-        self._racing: list[EtcdStore] = []  # the stores of a first read under way
+        self._racing: FirstRead | None = None  # a first read under way
         self._queue: queue.SimpleQueue[WatchItem | object] | None = None
         self._last_revision = 0
         # Each key under the prefix as delivered, and the cluster that delivered it.
@@ -177,12 +165,13 @@ class EtcdWatcher:
         """Stop the thread and close the client; safe to call twice or before ``start``."""
         with self._lock:
             self._stopping.set()
-            store, pending, racing = self._store, self._queue, list(self._racing)
+            store, pending, racing = self._store, self._queue, self._racing
         if pending is not None:
             pending.put(_STOP)
         if store is not None:
             store.close()
-        _close_soon(racing)
+        if racing is not None:
+            racing.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -274,104 +263,28 @@ class EtcdWatcher:
 
     def _read_from_any(self) -> tuple[int, EtcdStore, PrefixState]:
         """The first full read, from the endpoints in overlapping turns; the first
-        answer is taken.
-
-        Tried one after the other, one hung member (its sockets open, nothing answered)
-        would hold the read for ``options.timeout`` before the next endpoint is asked:
-        longer than a daemon waits for etcd at its start, so it would start without
-        etcd's values although another member answers at once. So the next endpoint is
-        asked as soon as one fails, or when none has answered within ``next_after``
-        seconds, while the earlier reads go on; healthy endpoints answer well within
-        that, so the first in the list is the one used, as before. An endpoint that
-        failed is asked again every ``next_after`` seconds while one that has not
-        failed yet is still out (for up to ``options.timeout``): the survivors of a
-        hung leader refuse reads until they have elected another, which takes a second
-        or two. It is asked again with a new store: the client library keeps an endpoint
-        that failed out of use for ``options.time_retry`` seconds, so the failed store
-        would refuse at once, asking nothing, and its refusal ("all failed recently")
-        would replace the reason the endpoint failed.
-
-        Returns the index of the endpoint that answered, its store (kept, to watch on)
-        and what it read. The other stores are closed, which ends their reads. When
-        none answers, raises the error of the first endpoint in the list.
-        """
-        endpoints = self.options.endpoints
-        stores = [self._new_store(endpoint) for endpoint in endpoints]
-        results: queue.SimpleQueue[tuple[int, PrefixState | HotknobError]] = queue.SimpleQueue()
-
-        def read(index: int) -> None:
-            got: PrefixState | HotknobError
-            try:
-                got = stores[index].read_prefix_state(self.prefix)
-            except HotknobError as exc:
-                got = exc
-            except Exception as exc:  # the race must hear from every reader
-                got = HotknobError(f"etcd read {self.prefix} on {endpoints[index]}: {exc!r}")
-            results.put((index, got))
-
+        answer is taken (``etcd_first_read``). Returns the index of the endpoint that
+        answered, its store (kept, to watch on) and what it read."""
+        race = FirstRead(
+            self.options,
+            self.prefix,
+            self._new_store,
+            self._stopping,
+            next_after=self._next_after,
+            name=self._thread.name,
+        )
         with self._lock:
             stopping = self._stopping.is_set()
             if not stopping:
-                self._racing = stores
+                self._racing = race
         if stopping:
-            _close_soon(stores)
+            race.close()
             raise HotknobError("stopping")
-        out: set[int] = set()  # endpoints with a read under way
-        again: dict[int, float] = {}  # endpoints that failed: when to ask them again
-        errors: dict[int, HotknobError] = {}
-        asked = 0  # endpoints asked at least once (the first ``asked`` of the list)
-        began = last_new = time.monotonic()
-
-        def ask(index: int) -> None:
-            if index in errors:
-                with self._lock:  # ``stop`` closes what ``_racing`` holds
-                    spent, stores[index] = stores[index], self._new_store(endpoints[index])
-                _close_soon([spent])
-            out.add(index)
-            name = f"{self._thread.name}-read-{index}"
-            threading.Thread(target=read, args=(index,), name=name, daemon=True).start()
-
-        winner: tuple[int, PrefixState] | None = None
         try:
-            ask(0)
-            asked = 1
-            while winner is None and (out or again) and not self._stopping.is_set():
-                now = time.monotonic()
-                for index in [i for i, at in again.items() if at <= now]:
-                    del again[index]
-                    ask(index)
-                wake = [*again.values()]
-                if asked < len(stores):
-                    wake.append(last_new + self._next_after)
-                try:
-                    index, got = results.get(timeout=max(0.0, min(wake) - now) if wake else None)
-                except queue.Empty:
-                    if asked < len(stores) and time.monotonic() >= last_new + self._next_after:
-                        ask(asked)
-                        asked, last_new = asked + 1, time.monotonic()
-                    continue
-                out.discard(index)
-                if not isinstance(got, HotknobError):
-                    winner = (index, got)
-                    break
-                errors[index] = got
-                if asked < len(stores):
-                    ask(asked)
-                    asked, last_new = asked + 1, time.monotonic()
-                # Asked again only while an endpoint that has not failed yet is still
-                # out (it may be hung): with every endpoint down, the race ends at once.
-                fresh_out = any(i not in errors for i in out)
-                if fresh_out and time.monotonic() - began < self.options.timeout:
-                    again[index] = time.monotonic() + self._next_after
+            return race.read()
         finally:
             with self._lock:
-                self._racing = []
-            _close_soon([s for i, s in enumerate(stores) if winner is None or i != winner[0]])
-        if winner is None:
-            if not errors:
-                raise HotknobError("stopping")
-            raise errors[min(errors)]
-        return winner[0], stores[winner[0]], winner[1]
+                self._racing = None
 
     def _history_changed(self, store: EtcdStore) -> bool:
         """Whether etcd's history no longer leads to what was delivered.
