@@ -77,6 +77,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from .collectives import GroupCollectives
 from .reporting import step_number
 
 if TYPE_CHECKING:
@@ -121,36 +122,17 @@ class StepSync:
     """
 
     def __init__(self, group: Any = None, sync_every: int | None = None) -> None:
-        import torch
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
-                "distributed apply needs an initialised torch.distributed process group: "
-                "call torch.distributed.init_process_group() before LiveConfig.connect()"
-            )
         every = DEFAULT_SYNC_EVERY if sync_every is None else sync_every
+        invalid = isinstance(every, bool) or not isinstance(every, int) or every < 1
+        self._ops = GroupCollectives(group, 0 if invalid else every)
         # Refused in ``check_same_settings``, after its collective: raised here, on this
         # rank alone, it would leave the other ranks waiting in theirs.
         self._invalid = ""
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if invalid:
             self._invalid = f"sync_every must be an integer >= 1, not {sync_every!r}"
             every = 0
-        self._torch = torch
-        self._dist = dist
-        self._group = group
-        self.group_rank = dist.get_rank(group)
-        if self.group_rank < 0:
-            raise ValueError("this process is not a member of the given process_group")
-        self.group_size = dist.get_world_size(group)
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
         self.sync_every = every
         self._countdown = every
-        nccl = str(dist.get_backend(group)) == "nccl"
-        self._device = (
-            torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        )
         self._warned: set[int] = set()
         self._vote = 0  # on a checkpoint loaded since the last agreement (see the module doc)
         # The loaded checkpoint's state, which the ranks run until they apply another: its
@@ -164,7 +146,7 @@ class StepSync:
     def check_same_settings(self) -> None:
         """One collective: ``ValueError`` on every rank unless all have this ``sync_every``,
         and it is valid (an invalid one counts as 0 in the collective)."""
-        low, neg_high = self._min([self.sync_every, -self.sync_every])
+        low, neg_high = self._ops.min([self.sync_every, -self.sync_every])
         if self._invalid:
             raise ValueError(self._invalid)
         if low < 1:
@@ -180,20 +162,20 @@ class StepSync:
 
     def client_name(self, name: str) -> str:
         """``name`` ending in ``-rankN``, so the ranks sharing a daemon stay apart in status."""
-        suffix = f"-rank{self.rank}"
+        suffix = f"-rank{self._ops.rank}"
         return name if name.endswith(suffix) else name + suffix
 
     def hello_fields(self) -> dict[str, int]:
-        return {"rank": self.rank, "world_size": self.world_size}
+        return {"rank": self._ops.rank, "world_size": self._ops.world_size}
 
     def all_true(self, flag: bool) -> bool:
         """True on every rank iff ``flag`` is True on every rank (one collective)."""
-        return self._min([1 if flag else 0])[0] == 1
+        return self._ops.min([1 if flag else 0])[0] == 1
 
     def ranks_without(self, flag: bool) -> list[int]:
         """The global ranks where ``flag`` is False (one collective, on every rank)."""
-        flags = self._gather_ints(1 if flag else 0)
-        return [self._global_rank(r) for r, f in enumerate(flags) if not f]
+        flags = self._ops.gather_ints(1 if flag else 0)
+        return [self._ops.global_rank(r) for r, f in enumerate(flags) if not f]
 
     def loaded(self, state: State, *, newer: bool) -> None:
         """A checkpoint was loaded (``state``, now the applied one); ``newer`` if this
@@ -240,11 +222,11 @@ class StepSync:
         my_step = _step_pair(step)
         # The steady state: one collective of two int64, the fingerprint of what this rank
         # brings; equal everywhere, every rank brings the same digest, vote and step.
-        low, neg_high = self._min(_fold(newest.digest, self._vote, my_step[0]))
+        low, neg_high = self._ops.min(_fold(newest.digest, self._vote, my_step[0]))
         if low == -neg_high:
             same, high_vote = True, self._vote
         else:  # something differs: the whole of it, to tell what and to decide
-            low, neg_high, low_vote, neg_vote, low_step, neg_high_step = self._min(
+            low, neg_high, low_vote, neg_vote, low_step, neg_high_step = self._ops.min(
                 [newest.digest, -newest.digest, self._vote, -self._vote, *my_step]
             )
             check_same_step(low_step, -neg_high_step)
@@ -257,7 +239,7 @@ class StepSync:
             assert newest is not None
         elif same:
             return self._install(live, newest, step, ack=True)
-        held = self._gather(newest.revision, newest.digest)
+        held = self._ops.gather_pairs(newest.revision, newest.digest)
         options = candidates(held)
         source, digest = options[0]
         revision = held[source][0]
@@ -267,7 +249,7 @@ class StepSync:
         # checkpoint's counts as 0: saved against another etcd (a move, a restore), its
         # revision may be above any this one holds, and would hold back every edit.
         applied = 0 if live._applied is self._checkpoint else live._applied.revision
-        *everyone, low_applied, neg_high_applied = self._min(
+        *everyone, low_applied, neg_high_applied = self._ops.min(
             [0 if c is None else 1 for c in copies] + [applied, -applied]
         )
         if -neg_high_applied > revision:
@@ -294,7 +276,7 @@ class StepSync:
                 "etcd revision and no rank holds the others' (node-local layers "
                 "differ?); rank %d's values win",
                 revision,
-                self._global_rank(source),
+                self._ops.global_rank(source),
             )
         payload = self._broadcast(mine, source)
         if mine is not None:
@@ -320,7 +302,7 @@ class StepSync:
         newest = live._latest
         if newest is not None and live._adopt(newest):
             return
-        live._tell_agreed(self._global_rank(source))
+        live._tell_agreed(self._ops.global_rank(source))
 
     @staticmethod
     def _install(live: LiveConfig, state: State, step: int, *, ack: bool) -> bool:
@@ -347,71 +329,20 @@ class StepSync:
         live._apply_state(state, step, ack=ack)
         return True
 
-    def _global_rank(self, group_rank: int) -> int:
-        """The global rank of the group's rank ``group_rank``: what client names and
-        ``status`` say (``-rankN``), also under a ``process_group`` of some ranks."""
-        if self._group is None:
-            return group_rank
-        return int(self._dist.get_global_rank(self._group, group_rank))
-
-    # -- collectives: tensors on the group's device, results as Python ints ---------------
-
-    @contextmanager
-    def _explained(self) -> Iterator[None]:
-        """Add to a collective's failure (the backend's timeout, a peer gone) which collective
-        it was and what to check: the backend's own text names neither hotknob nor ``apply``,
-        and the usual cause, a rank that called ``apply`` fewer times or died, is elsewhere.
-        The exception keeps its type, for code that handles the backend's errors."""
-        try:
-            yield
-        except Exception as exc:
-            exc.add_note(
-                f"hotknob: rank {self.rank} was in the ranks' agreement on live config "
-                f"(LiveConfig.connect, or apply every {self.sync_every} calls) when it failed: "
-                "another rank did not reach it in the process group's timeout (it called "
-                "apply() fewer times than this one, is stuck, or died: see its log)"
-            )
-            raise
-
-    def _tensor(self, values: list[int]) -> Any:
-        return self._torch.tensor(values, dtype=self._torch.int64).to(self._device)
-
-    def _min(self, values: list[int]) -> list[int]:
-        tensor = self._tensor(values)
-        with self._explained():
-            self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MIN, group=self._group)
-        return [int(v) for v in tensor.tolist()]
-
-    def _gather_ints(self, value: int) -> list[int]:
-        mine = self._tensor([value])
-        parts = [self._torch.empty_like(mine) for _ in range(self.group_size)]
-        with self._explained():
-            self._dist.all_gather(parts, mine, group=self._group)
-        return [int(p[0]) for p in parts]
-
-    def _gather(self, revision: int, digest: int) -> list[tuple[int, int]]:
-        mine = self._tensor([revision, digest])
-        parts = [self._torch.empty_like(mine) for _ in range(self.group_size)]
-        with self._explained():
-            self._dist.all_gather(parts, mine, group=self._group)
-        return [(int(p[0]), int(p[1])) for p in parts]
-
     def _broadcast(self, mine: State | None, source: int) -> dict[str, Any]:
+        """The group rank ``source``'s state (``mine`` there) as a message's fields, on
+        every rank."""
         from .received import thaw
 
-        payload: list[Any] = [None]
-        if self.group_rank == source:
+        sent: dict[str, Any] | None = None
+        if self._ops.group_rank == source:
             assert mine is not None
-            payload[0] = {
+            sent = {
                 "version": mine.version,
                 "revision": mine.revision,
                 "values": thaw(mine.values),
             }
-        with self._explained():
-            self._dist.broadcast_object_list(
-                payload, group=self._group, group_src=source, device=self._device
-            )
-        result: dict[str, Any] = payload[0]
+        result: dict[str, Any] = self._ops.broadcast(sent, source)
         return result
 
 
