@@ -1,24 +1,8 @@
 """Apply live ``lr`` / ``weight_decay`` / ``momentum`` values to a torch optimizer.
 
 A live learning rate is a *base* rate: with a scheduler attached, the schedule
-keeps shaping it. Torch's schedulers disagree on where the base lives (some
-step ``group["lr"]`` recursively, ``LambdaLR`` recomputes from ``base_lrs``,
-``OneCycleLR`` from ``group["max_lr"]``/``["initial_lr"]``/``["min_lr"]``,
-``ReduceLROnPlateau`` only multiplies the current value), so a change from base
-``B0`` to ``B`` (``f = B / B0``) rewrites every place the schedule reads from:
-
-* the current ``group["lr"]`` becomes ``lr * f`` (for the cosine kinds with a
-  floor ``eta_min``: ``eta_min + (lr - eta_min)*(B - eta_min)/(B0 - eta_min)``,
-  which is ``lr * f`` when ``eta_min`` is 0; a group whose ``B0`` is ``eta_min``
-  takes its place in the schedule from another group, else the closed form);
-* ``scheduler.base_lrs`` and ``group["initial_lr"]`` are scaled by ``f``;
-* OneCycleLR's ``group["max_lr"]`` / ``["min_lr"]``, SWALR's ``group["swa_lr"]``,
-  CyclicLR's ``max_lrs`` and ReduceLROnPlateau's ``min_lrs`` are scaled by ``f``;
-* ``scheduler._last_lr`` is refreshed, so ``get_last_lr()`` reports what the
-  optimizer holds right after the change.
-
-The trajectory after the change is then the one a run started at base ``B``
-would follow from the same step. ``docs/schedulers.md`` has the table.
+keeps shaping it; ``lr_schedules`` says where each of torch's schedulers keeps
+its base and what a change of it rewrites (``docs/schedulers.md`` has the table).
 
 Several param groups keep the learning-rate and weight-decay ratios they had
 when the binding was made; a group whose momentum was 0 while another's was not
@@ -29,187 +13,35 @@ see the change.
 
 from __future__ import annotations
 
-import gc
 import math
 import sys
-import weakref
-from bisect import bisect_right
-from collections.abc import Iterator, Mapping, MutableMapping, MutableSequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
-from torch.optim import lr_scheduler as lrs
-from torch.optim.swa_utils import SWALR
 
 from .errors import InvalidValue
+from .group_values import num, put
+from .lr_schedules import (
+    OtherSchedulers,
+    check_drives,
+    own_bases,
+    rebase,
+    refresh_last_lr,
+    scheduler_bases,
+    walk,
+)
+from .momentum import GroupMomentum
 
 __all__ = ["OptimizerBinding"]
-
-_FLOORED = (lrs.CosineAnnealingLR, lrs.CosineAnnealingWarmRestarts)
-# Per-group keys in lr units that a schedule heads for rather than starts from: from a
-# base of 0 they stay as they are (a base becomes the new value).
-_GROUP_TARGETS = ("min_lr", "swa_lr")
-_SCHEDULER_TYPES = (lrs.LRScheduler, lrs.ReduceLROnPlateau)
-
-
-def _num(x: Any) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
-
-
-def _put(container: MutableMapping[str, Any] | MutableSequence[Any], key: Any, v: float) -> None:
-    """Store ``v`` at ``container[key]``; a tensor there is filled in place, never replaced."""
-    old = container[key]
-    if isinstance(old, torch.Tensor):
-        old.fill_(v)
-    else:
-        container[key] = v
-
-
-def _walk(scheduler: Any) -> Iterator[Any]:
-    """The scheduler and, for SequentialLR / ChainedScheduler, its children (depth first)."""
-    if scheduler is None:
-        return
-    yield scheduler
-    for child in getattr(scheduler, "_schedulers", ()) or ():
-        yield from _walk(child)
-
-
-def _scheduler_bases(scheduler: Any, optimizer: Optimizer) -> list[float] | None:
-    """The per-group base rates a scheduler computes from, or None if it keeps none."""
-    if scheduler is None or isinstance(scheduler, lrs.ReduceLROnPlateau):
-        return None
-    if isinstance(scheduler, lrs.OneCycleLR):
-        if not all("max_lr" in g for g in optimizer.param_groups):
-            return None  # a group added after the scheduler was made
-        return [_num(g["max_lr"]) for g in optimizer.param_groups]
-    for child in getattr(scheduler, "_schedulers", ()) or ():
-        bases = _scheduler_bases(child, optimizer)
-        if bases is not None:
-            return bases
-    base_lrs = getattr(scheduler, "base_lrs", None)
-    if base_lrs is not None and len(base_lrs) == len(optimizer.param_groups):
-        return [_num(b) for b in base_lrs]
-    return None
-
-
-def _own_bases(scheduler: Any, optimizer: Optimizer) -> list[float]:
-    """The bases a binding keeps itself where no scheduler keeps one for every group: each
-    group's lr; but where a scheduler keeps ``base_lrs`` for the first groups only (groups
-    added with ``add_param_group`` after it was made, which torch's recursive schedulers
-    step too), those, and for each group added the base its lr stands for at the point the
-    schedule has reached (its lr over the reference group's lr / base), so that the bind
-    changes no lr and a live lr is still a base."""
-    current = [_num(g["lr"]) for g in optimizer.param_groups]
-    known = next((s.base_lrs for s in _walk(scheduler) if hasattr(s, "base_lrs")), None)
-    if known is None or len(known) >= len(current) or isinstance(scheduler, lrs.OneCycleLR):
-        return current  # OneCycleLR's base is ``max_lr``, which an added group lacks
-    bases = [_num(b) for b in known]
-    reference = next((i for i, b in enumerate(bases) if b != 0 and current[i] != 0), None)
-    cut = 1.0 if reference is None else current[reference] / bases[reference]
-    return bases + [lr / cut for lr in current[len(bases) :]]
-
-
-def optimizer_chain(optimizer: Any) -> list[Any]:
-    """``optimizer`` and the ones it wraps (its ``optimizer`` attribute, a few levels down),
-    outermost first: a scheduler may have been given any of them, and the last one holds
-    the param groups and state that all of them share."""
-    chain = [optimizer]
-    for _ in range(4):
-        inner = getattr(chain[-1], "optimizer", None)
-        if inner is None or any(inner is o for o in chain) or not hasattr(inner, "param_groups"):
-            break
-        chain.append(inner)
-    return chain
-
-
-def _check_drives(scheduler: Any, optimizer: Any) -> None:
-    """Refuse a scheduler (or a child of it) that drives an optimizer other than
-    ``optimizer``, one it wraps or one that wraps it: in a loop with two optimizers (a
-    GAN's) the two schedulers are easily swapped, and the binding would take the other
-    optimizer's bases for this one's and rescale the other's schedule at every live lr, the
-    bind included."""
-    own = optimizer_chain(optimizer)[-1]
-    for s in _walk(scheduler):
-        driven = getattr(s, "optimizer", None)
-        if driven is not None and optimizer_chain(driven)[-1] is not own:
-            raise InvalidValue(
-                f"the scheduler given ({type(s).__name__}) drives another optimizer "
-                f"({type(driven).__name__}), not the one bound ({type(optimizer).__name__}): "
-                "pass this optimizer's own scheduler"
-            )
-
-
-def _schedulers_of(optimizer: Any, known: list[Any]) -> list[Any]:
-    """Every torch scheduler alive that drives ``optimizer`` (or one it wraps), but those
-    in ``known``: found among the objects that refer to it (``gc.get_referrers``: one
-    pass over the process's tracked objects, tens of ms per million), so run only at bind
-    and when a live lr is about to change, never per step. A scheduler whose ``__dict__``
-    was materialised (``state_dict()`` does that) is referred to through it."""
-    targets = optimizer_chain(optimizer)
-    known_dicts = [vars(k) for k in known if hasattr(k, "__dict__")]
-    found: dict[int, Any] = {}
-
-    def drives(obj: Any) -> bool:
-        return any(getattr(obj, "optimizer", None) is t for t in targets)
-
-    for ref in gc.get_referrers(*targets):
-        if isinstance(ref, _SCHEDULER_TYPES):
-            if drives(ref) and not any(ref is k for k in known):
-                found[id(ref)] = ref
-        elif (
-            type(ref) is dict
-            and "last_epoch" in ref
-            and any(ref.get("optimizer") is t for t in targets)
-            and not any(ref is d for d in known_dicts)
-        ):
-            for owner in gc.get_referrers(ref):
-                if isinstance(owner, _SCHEDULER_TYPES) and getattr(owner, "__dict__", None) is ref:
-                    found[id(owner)] = owner
-    return list(found.values())
-
-
-def _progress(scheduler: Any) -> tuple[Any, Any]:
-    """What changes when a scheduler steps."""
-    return getattr(scheduler, "last_epoch", None), getattr(scheduler, "_step_count", None)
-
-
-def _group_lr_keys(schedulers: list[Any]) -> tuple[str, ...]:
-    """The keys of a param group, in lr units, that the schedulers compute from and a
-    change of base scales: ``initial_lr``; OneCycleLR's ``max_lr`` / ``min_lr``; SWALR's
-    ``swa_lr``, the rate it anneals to and then holds, so that left alone it would undo a
-    live lr at its next step."""
-    keys = ["initial_lr"]
-    if any(isinstance(s, lrs.OneCycleLR) for s in schedulers):
-        keys += ["max_lr", "min_lr"]
-    if any(isinstance(s, SWALR) for s in schedulers):
-        keys.append("swa_lr")
-    return tuple(keys)
-
-
-def _cosine(scheduler: Any) -> Any:
-    """The active cosine schedule, whose ``eta_min`` is an absolute floor, else None."""
-    if isinstance(scheduler, _FLOORED):
-        return scheduler
-    if isinstance(scheduler, lrs.SequentialLR):
-        active = bisect_right(scheduler._milestones, scheduler.last_epoch)
-        return _cosine(scheduler._schedulers[active])
-    return None
-
-
-def _cosine_position(scheduler: Any) -> float:
-    """Where a cosine schedule stands between its base (1) and its floor (0), from its
-    closed form."""
-    if isinstance(scheduler, lrs.CosineAnnealingWarmRestarts):
-        return (1 + math.cos(math.pi * scheduler.T_cur / scheduler.T_i)) / 2
-    return (1 + math.cos(math.pi * scheduler.last_epoch / scheduler.T_max)) / 2
 
 
 def _finite(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | torch.Tensor):
         raise InvalidValue(f"{key}: expected a number, got {value!r}")
     try:
-        v = _num(value)
+        v = num(value)
     except OverflowError:
         raise InvalidValue(
             f"{key}: expected a finite number, got an integer too large for a float"
@@ -232,15 +64,6 @@ def _check_weight_decay(key: str, v: float) -> None:
 def _check_momentum(key: str, v: float) -> None:
     if not 0 <= v < 1:
         raise InvalidValue(f"{key}: momentum must be in [0, 1), got {v!r}")
-
-
-def _momentum_of(group: Mapping[str, Any]) -> float | None:
-    """A group's momentum (``betas[0]`` for the Adam kinds), or None if it has neither."""
-    if "momentum" in group:
-        return _num(group["momentum"])
-    if "betas" in group:
-        return _num(group["betas"][0])
-    return None
 
 
 def _ratios(values: list[float]) -> list[float]:
@@ -316,33 +139,27 @@ class OptimizerBinding:
         groups = optimizer.param_groups
         if not groups:
             raise InvalidValue("optimizer has no param groups")
-        _check_drives(scheduler, optimizer)
+        check_drives(scheduler, optimizer)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.lr_key = lr
         self.weight_decay_key = weight_decay
         self.momentum_key = momentum
-        bases = _scheduler_bases(scheduler, optimizer)
+        bases = scheduler_bases(scheduler, optimizer)
         self._own_bases: list[float] | None = None
         if bases is None:
-            bases = self._own_bases = _own_bases(scheduler, optimizer)
+            bases = self._own_bases = own_bases(scheduler, optimizer)
         self._ratios = _ratios(bases)
-        # The schedulers of this optimizer the binding was not given, as they stand now: one
-        # made or stepped later is found when a live lr would change (``_check_others``).
-        self._others = {
-            id(s): (weakref.ref(s), _progress(s)) for s in _schedulers_of(optimizer, self._known())
-        }
+        # The schedulers of this optimizer the binding was not given, as they stand now.
+        self._others = OtherSchedulers(optimizer, self._known())
         # A group without the key is never written; 0 keeps it out of the reference choice.
-        decays = [_num(g["weight_decay"]) if "weight_decay" in g else 0.0 for g in groups]
+        decays = [num(g["weight_decay"]) if "weight_decay" in g else 0.0 for g in groups]
         self._wd_ratios = _ratios(decays)
         # The weight decay ratio 1 stands for: the reference group's at bind, then the last
         # live value that was not 0. A group added during a live 0 is measured against it
         # (``inherit``), as it would have been had it been added before.
         self._wd_scale = next((d for d in decays if d != 0), 0.0)
-        momenta = [_momentum_of(g) for g in groups]
-        present = [m for m in momenta if m is not None]
-        mixed = 0 in present and any(m != 0 for m in present)
-        self._momentum_held = [mixed and m == 0 for m in momenta]
+        self._momentum = GroupMomentum(optimizer)
 
     @property
     def keys(self) -> frozenset[str]:
@@ -456,29 +273,7 @@ class OptimizerBinding:
             self._wd_ratios = wd_ratios
 
     def _known(self) -> list[Any]:
-        return list({id(s): s for s in _walk(self.scheduler)}.values())
-
-    def _check_others(self, key: str) -> list[Any]:
-        """Refuse a change of lr while a scheduler the binding was not given has been made,
-        or has stepped, since the bind: at its next step it would undo the change. Return
-        the others, there at the bind and idle since: harmless, but their bases follow the
-        change, so that binding one of them later (the main schedule of a hand-written
-        warmup loop, made at the start) does not take a base from before it and scale the
-        lr, already at the live base, a second time."""
-        idle = []
-        for s in _schedulers_of(self.optimizer, self._known()):
-            seen = self._others.get(id(s))
-            if seen is not None and seen[0]() is s and seen[1] == _progress(s):
-                idle.append(s)  # a warmup done with, or a schedule still to come
-                continue
-            raise InvalidValue(
-                f"{key}: the optimizer has a learning-rate scheduler the binding was not "
-                f"given ({type(s).__name__}, made or stepped since the bind): pass it as "
-                "scheduler= to bind_optimizer (bind the optimizer again with it), or its "
-                "schedule undoes live changes; two that both step: combine them in "
-                "SequentialLR or ChainedScheduler and pass that"
-            )
-        return idle
+        return list({id(s): s for s in walk(self.scheduler)}.values())
 
     def _check_no_unknown_scheduler(self, key: str) -> None:
         if self.scheduler is None and any("initial_lr" in g for g in self.optimizer.param_groups):
@@ -522,27 +317,15 @@ class OptimizerBinding:
         held group momentum, set it in the optimizer and bind again."""
         groups = self.optimizer.param_groups
         known = min(len(groups), len(earlier._wd_ratios))
-        decays = [_num(g["weight_decay"]) for g in groups[:known] if "weight_decay" in g]
+        decays = [num(g["weight_decay"]) for g in groups[:known] if "weight_decay" in g]
         if earlier.weight_decay_key is not None and decays and not any(decays):
             scale = earlier._wd_scale
             self._wd_ratios[:known] = earlier._wd_ratios[:known]
             for i in range(known, len(groups)):
-                added = _num(groups[i].get("weight_decay", 0.0))
+                added = num(groups[i].get("weight_decay", 0.0))
                 self._wd_ratios[i] = added / scale if scale != 0 else 1.0
             self._wd_scale = scale
-        momenta = [_momentum_of(g) for g in groups]
-        known = min(len(groups), len(earlier._momentum_held))
-        present = [m for m in momenta[:known] if m is not None]
-        if earlier.momentum_key is not None and present and not any(present):
-            held = earlier._momentum_held[:known]
-            # A known group not held counts as not 0: it is at 0 only for the live 0.
-            stand_in = [
-                None if m is None else (0.0 if h else 1.0)
-                for m, h in zip(momenta[:known], held, strict=True)
-            ]
-            others = [m for m in stand_in + momenta[known:] if m is not None]
-            mixed = 0 in others and any(m != 0 for m in others)
-            self._momentum_held = held + [mixed and m == 0 for m in momenta[known:]]
+        self._momentum.inherit(earlier._momentum, bound=earlier.momentum_key is not None)
         before = earlier._own_bases
         if (
             self.scheduler is not None
@@ -553,7 +336,7 @@ class OptimizerBinding:
             and earlier.lr_key is not None
         ):
             known = min(len(groups), len(before))
-            current = [_num(g["lr"]) for g in groups]
+            current = [num(g["lr"]) for g in groups]
             reference = earlier._reference()
             cut = 1.0
             if reference < known and before[reference] != 0 and current[reference] != 0:
@@ -566,7 +349,7 @@ class OptimizerBinding:
         n = len(self.optimizer.param_groups)
         if len(self._ratios) != n:
             raise _groups_changed(key)
-        bases = _scheduler_bases(self.scheduler, self.optimizer)
+        bases = scheduler_bases(self.scheduler, self.optimizer)
         if bases is None:
             bases = self._own_bases
         if bases is None or len(bases) != n:
@@ -576,7 +359,6 @@ class OptimizerBinding:
     def _apply_lr(self, key: str, live: float, *, write: bool) -> None:
         """Apply a live lr; without ``write``, only refuse it where applying would (but for a
         scheduler made or stepped since the bind, which ``check`` at the bind cannot meet)."""
-        groups = self.optimizer.param_groups
         self._check_no_unknown_scheduler(key)
         old_bases = self._bases(key)
         new_bases = [live * r for r in self._ratios]
@@ -589,47 +371,10 @@ class OptimizerBinding:
             ]
         idle: list[Any] = []
         if write and new_bases != old_bases:
-            idle = self._check_others(key)  # before anything is written
+            idle = self._others.idle(key, self._known())  # before anything is written
         schedulers = self._known()
-        group_keys = _group_lr_keys(schedulers + idle)
-        cosine = _cosine(self.scheduler)
-        floor = float(cosine.eta_min) if cosine is not None else 0.0
-        current = [_num(g["lr"]) for g in groups]
-        writes: list[tuple[Any, Any, float]] = []  # all made after every value is known finite
-        touched = False
-        for i, group in enumerate(groups):
-            old, new = old_bases[i], new_bases[i]
-            if new == old:
-                continue
-            touched = True
-            f = new / old if old != 0 else 0.0
-
-            def scaled(
-                x: Any, floor_kind: bool = False, f: float = f, old: float = old, new: float = new
-            ) -> float:
-                v = _num(x)
-                if old == 0:  # from 0 nothing scales: a base becomes ``new``, a floor stays
-                    return v if floor_kind else new
-                return new if v == old else v * f
-
-            if self.scheduler is None or old == 0:
-                writes.append((group, "lr", new))
-            elif old != floor:
-                lr = floor + (current[i] - floor) * (new - floor) / (old - floor)
-                writes.append((group, "lr", lr))
-            else:
-                # A base at the cosine floor stays there, so its lr tells nothing of where
-                # the schedule stands; take that from the others or from the closed form.
-                position = _position(cosine, old_bases, current, floor)
-                writes.append((group, "lr", floor + (new - floor) * position))
-            for k in group_keys:
-                if k in group:
-                    writes.append((group, k, scaled(group[k], k in _GROUP_TARGETS)))
-            for s in schedulers + idle:
-                for attr in ("base_lrs", "max_lrs", "min_lrs"):
-                    seq = getattr(s, attr, None)
-                    if isinstance(seq, list) and i < len(seq):  # shorter: groups added
-                        writes.append((seq, i, scaled(seq[i], attr == "min_lrs")))
+        # All made after every value is known finite.
+        writes = rebase(self.optimizer, self.scheduler, schedulers + idle, old_bases, new_bases)
         if not all(math.isfinite(v) for v in new_bases) or any(
             not math.isfinite(v) for _, _, v in writes
         ):
@@ -644,16 +389,11 @@ class OptimizerBinding:
         if not write:
             return
         for container, k, v in writes:
-            _put(container, k, v)
+            put(container, k, v)
         if self._own_bases is not None:
             self._own_bases = new_bases
-        if touched:
-            for s in schedulers:
-                if hasattr(s, "_last_lr"):
-                    s._last_lr = [
-                        g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
-                        for g in groups
-                    ]
+        if writes:  # a group's base changed (its lr is among the writes)
+            refresh_last_lr(schedulers, self.optimizer)
 
     def _apply_weight_decay(self, key: str, live: float, *, write: bool) -> None:
         groups = self.optimizer.param_groups
@@ -666,86 +406,17 @@ class OptimizerBinding:
             return
         if live != 0:
             self._wd_scale = live
-        current = [_num(g.get("weight_decay", 0.0)) for g in groups]
+        current = [num(g.get("weight_decay", 0.0)) for g in groups]
         reference = next((i for i in having if self._wd_ratios[i] != 0), having[0])
         in_force = current[reference] == live
         for i in having:
             new = live * self._wd_ratios[i]
             if in_force and math.isclose(current[i], new, rel_tol=1e-12, abs_tol=0.0):
                 continue  # as for lr: ``live * ratio`` may differ from it in the last place
-            _put(groups[i], "weight_decay", new)
+            put(groups[i], "weight_decay", new)
 
     def _apply_momentum(self, key: str, m: float, *, write: bool) -> None:
-        groups = self.optimizer.param_groups
-        held = self._momentum_held
-        if len(groups) != len(held) and any(held):
-            raise _groups_changed(key)  # which groups are held is known only for those at bind
-        if not write:
-            return
-        for i, group in enumerate(groups):
-            if i < len(held) and held[i]:
-                continue
-            if "momentum" in group:
-                from_zero = _num(group["momentum"]) == 0
-                _put(group, "momentum", m)
-                if m > 0:
-                    self._momentum_buffers(group, fresh=from_zero)
-            elif "betas" in group:
-                betas = group["betas"]
-                if isinstance(betas[0], torch.Tensor):
-                    betas[0].fill_(m)
-                else:
-                    group["betas"] = (m, *tuple(betas)[1:])
-
-    def _momentum_buffers(self, group: Mapping[str, Any], *, fresh: bool) -> None:
-        """Fit the ``momentum_buffer`` of each param of ``group`` that has state to a
-        momentum now > 0; ``fresh`` when it was 0 until now.
-
-        Torch leaves the buffer alone while momentum is 0, so one kept from before would
-        move the param by a velocity from then at the first step back: coming from 0,
-        an RMSprop param's buffer is set to zeros and any other param's (SGD's) is
-        dropped, which is what each optimizer has at a param's first step (SGD makes the
-        buffer from the gradient then). Between two values that are not 0 a buffer is
-        kept; only an RMSprop param that has none gets the zero one, as RMSprop makes it
-        only if momentum is > 0 at the first step and reads it at every later step with
-        momentum > 0. RMSprop's state is known by its ``square_avg`` rather than by the
-        optimizer's class, so that a wrapper around one (which shares its param groups
-        and state) is covered too, and so is one that keeps the state in an optimizer of
-        its own (``_param_states``)."""
-        states = self._param_states()
-        for p in group["params"]:
-            param_state = next((s[p] for s in states if s.get(p)), None)
-            if not param_state:
-                continue
-            if "square_avg" in param_state:
-                buffer = param_state.get("momentum_buffer")
-                if buffer is None:
-                    param_state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                elif fresh:
-                    buffer.zero_()  # in place, as a captured graph may hold it
-            elif fresh:
-                param_state.pop("momentum_buffer", None)
-
-    def _param_states(self) -> list[Mapping[Any, Any]]:
-        """The per-param state of the optimizer, and of the one it keeps its params' state
-        in where that is not shared: ``ZeroRedundancyOptimizer`` (torch.distributed) copies
-        its param groups' settings into an optimizer of its own (``optim``) at each step,
-        and only that one holds the state (of this rank's shard)."""
-        found: list[Mapping[Any, Any]] = []
-        for optimizer in optimizer_chain(self.optimizer):
-            for holder in (optimizer, getattr(optimizer, "optim", None)):
-                state = getattr(holder, "state", None)
-                if isinstance(state, Mapping) and state and not any(state is s for s in found):
-                    found.append(state)
-        return found
-
-
-def _position(cosine: Any, bases: list[float], lrs_now: list[float], floor: float) -> float:
-    """Where a cosine schedule stands, 1 at the base and 0 at the floor: from the first
-    group whose base is not the floor, else from the schedule's closed form."""
-    for base, lr in zip(bases, lrs_now, strict=True):
-        if base != floor:
-            return (lr - floor) / (base - floor)
-    return _cosine_position(cosine)
+        if not self._momentum.knows_groups():
+            raise _groups_changed(key)
+        if write:
+            self._momentum.write(m)

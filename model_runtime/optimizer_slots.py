@@ -20,7 +20,8 @@ from typing import Any
 
 from .binding import Handle
 from .hooks import Hooks
-from .optim import OptimizerBinding, optimizer_chain
+from .lr_schedules import optimizer_chain
+from .optim import OptimizerBinding
 
 
 class OptimizerSlots:
