@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .guard_display import some_names
-from .guard_lang import Guard
+from .guard_eval import Guard
 from .guard_records import GuardRecord
-from .status import status_name
+from .status_entries import status_name
 
 REMOTE_CHECK_EVERY_S = 0.5
 _LEFT_NAMED = 3  # departures named in a reason; the outcome's ``left`` has them all

@@ -38,7 +38,7 @@ from .etcd_store import (
     FutureRevisionError,
     NoSpaceError,
 )
-from .guard_records import KEEP_ENDED, prune_ended, read_status_entries
+from .guard_records import KEEP_ENDED, prune_ended
 from .guarded_set import GuardSpec, add_guard_options, describe, record_for_set, spec_from_args
 from .no_effect import (
     pinned_on_daemons,
@@ -49,6 +49,7 @@ from .no_effect import (
     warn_shadowed,
 )
 from .settled import Guarded, Settled, finish, json_fields, settle
+from .status_entries import read_status_entries
 from .table import dumps
 from .write_diff import print_diff, shown_diff
 

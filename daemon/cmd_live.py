@@ -23,7 +23,7 @@ from .guard_display import guards_table, shown_record
 from .guard_lang import escaped
 from .guard_records import read_guards
 from .reports import REPORT_STATUS_EVERY_S
-from .status import is_int
+from .status_entries import is_int
 from .status_view import TABLE_HEADERS, summary_lines, table_rows
 from .table import dumps, fmt, render
 

@@ -1,20 +1,10 @@
 """What clients say back: ``applied`` acks and ``metrics`` reports, to status, guards and
 Prometheus.
 
-Every version brings one ack per client, and each status entry is an etcd write that
-in a burst or with many clients would compete with the changes themselves: entries go
-to the status publisher at most every ``STATUS_EVERY_S``, the newest per client.
-
-Reports come about once a second from every process, for as long as the job runs, and
-etcd keeps every revision until its history is compacted: a status entry per report
-would grow etcd by ~1.6 MB an hour per process (a hundred 8-GPU nodes would fill its
-default 2 GiB quota in under two hours; docs/deploy.md, "etcd's space"). So what a
-report alone changes (the metrics' values) is published at most every ``report_every``
-seconds per process, the newest, and the last one when reports stop; the entry goes at
-once when the report changes more than values (``_shape``: the process's first report,
-a metric it starts reporting, what the entry says of the guards watching the process,
-which other daemons read to end a guard), or with an ack. Guards and Prometheus see
-every report as it comes. All on the event loop; the status publisher and the guards
+Each ack and report makes its process's status entry; when the entry goes to the
+status publisher (at most every ``STATUS_EVERY_S`` after acks, every ``report_every``
+for what a report alone changes) is ``status_pacing.py``'s to say. Guards and Prometheus
+see every report as it comes. All on the event loop; the status publisher and the guards
 are set once the daemon has started them.
 
 A process that neither acks nor reports after it connects (one whose daemon restarted
@@ -50,11 +40,11 @@ from .reports import (
     ClientReports,
     decode_report,
 )
-from .status import StatusPublisher, is_int
+from .status import StatusPublisher
+from .status_entries import is_int
+from .status_pacing import StatusPacing
 from .table import cut
-from .throttle import Throttle
 
-STATUS_EVERY_S = 0.2
 # What an entry says of its daemon (``_daemon_fields``).
 # ``held``, the process's, is among them: which of its keys wait for a restart changes with
 # the value its daemon wants (``_waiting``).
@@ -111,7 +101,6 @@ class ClientFeedback:
         self.restart_wanted = restart_wanted
         self._config_files: dict[str, str] = {}  # "rejected", "unreadable": why
         self.node = node
-        self.report_every = report_every
         self.metrics = metrics
         self.revision_of = revision_of
         self.built_at = built_at  # the etcd revision a version was built at
@@ -119,14 +108,8 @@ class ClientFeedback:
         self.guards: GuardManager | None = None
         self.reports = ClientReports()
         self.log = get_logger("hotknob.daemon", app=app)
-        self._status_due: dict[str, dict[str, Any]] = {}
         self._warned_names: set[str] = set()  # clients told their extra names are dropped
-        self._status_soon = Throttle(STATUS_EVERY_S, self._flush_status)
-        # Per client: its entry's shape when last published (``_shape``), a report's entry
-        # held back, and the throttle that publishes those at most every ``report_every``.
-        self._published_shape: dict[str, tuple[Any, frozenset[str]]] = {}
-        self._held: dict[str, dict[str, Any]] = {}
-        self._report_soon: dict[str, Throttle] = {}
+        self._pacing = StatusPacing(self._send, report_every)
         # Per client: the version it last acknowledged, and whether it holds a later one
         # unapplied (``pending.py``), looked at every ``CHECK_EVERY_S`` once started.
         self._acked: dict[str, int] = {}
@@ -189,10 +172,12 @@ class ClientFeedback:
                 client.name, entry["revision"], int(message["step"]), version=version
             )
         if self.status is not None:
-            self._status_due[client.name] = self._decorated(
-                client.name, self.reports.status_entry(client.name, entry, replace=True)
+            self._pacing.due(
+                client.name,
+                self._decorated(
+                    client.name, self.reports.status_entry(client.name, entry, replace=True)
+                ),
             )
-            self._status_soon()
 
     def on_metrics(self, client: ClientInfo, message: dict[str, Any]) -> None:
         report, refused = self.reports.add(client.name, decode_report(message))
@@ -218,13 +203,7 @@ class ClientFeedback:
                 name,
                 self.reports.status_entry(name, self._client_entry(client), replace=replace),
             )
-            if name in self._status_due:
-                self._status_due[name] = entry  # newer, with the ack: it goes with the ack
-            elif _shape(entry) != self._published_shape.get(name):
-                self._publish(name, entry)
-            else:
-                self._held[name] = entry
-                self._throttle(name)()  # now, or the newest when ``report_every`` is up
+            self._pacing.reported(name, entry)
 
     def on_revision_unchanged(self) -> None:
         """An etcd revision changed no value in force: the entries of the processes that
@@ -241,7 +220,8 @@ class ClientFeedback:
         """An entry's ``revision``: the etcd revision whose configuration its process runs;
         and ``built``, the revision its state was built at, where older: a later revision
         changed no value in force here. A guard on another node does not wait for such a
-        process to apply a change that altered nothing for it (``status.unchanged_by``)."""
+        process to apply a change that altered nothing for it
+        (``status_entries.unchanged_by``)."""
         revision = self.revision_of(version) if isinstance(version, int) else None
         built = self.built_at(version) if isinstance(version, int) else None
         if built is not None and revision is not None and built < revision:
@@ -298,10 +278,9 @@ class ClientFeedback:
             return
         fields = {k: v for k, v in fields.items() if k not in _DAEMON_FIELDS}
         fields.update(self._daemon_fields(name))
-        self._status_due[name] = self._decorated(
-            name, self.reports.status_entry(name, fields, replace=True)
+        self._pacing.due(
+            name, self._decorated(name, self.reports.status_entry(name, fields, replace=True))
         )
-        self._status_soon()
 
     def guard_watching(self, clients: list[str]) -> None:
         """A guard armed here watches ``clients`` from now (they applied the change before
@@ -350,8 +329,7 @@ class ClientFeedback:
         self._last_ack.pop(client.name, None)
         self._unnamed.discard(client.name)
         self.pending.forget(client.name)
-        self._status_due.pop(client.name, None)
-        self._forget_published(client.name)
+        self._pacing.forget(client.name)
         for name in self.reports.metric_names(client.name):  # its series go with it
             with contextlib.suppress(KeyError):
                 self.metrics.client_metric.remove(client.name, name)
@@ -380,12 +358,10 @@ class ClientFeedback:
     def cancel(self) -> None:
         """Drop a status flush still due, the reports' entries held back and the looks for
         states unapplied (at stop)."""
-        self._status_soon.cancel()
+        self._pacing.cancel()
         if self._look_timer is not None:
             self._look_timer.cancel()
             self._look_timer = None
-        for name in list(self._report_soon):
-            self._forget_published(name)
 
     def _client_entry(self, client: ClientInfo) -> dict[str, Any]:
         """The fields of ``client``'s entry that its ``hello`` gave. ``rank`` and
@@ -451,41 +427,9 @@ class ClientFeedback:
             [key for key in held if key not in runs_wanted],
         )
 
-    def _flush_status(self) -> None:
-        due, self._status_due = self._status_due, {}
-        for name, entry in due.items():
-            self._publish(name, entry)
-
-    def _publish(self, name: str, entry: dict[str, Any]) -> None:
-        """Publish ``entry`` now; a report's entry held back is older: dropped, and the next
-        one waits ``report_every`` from now."""
-        self._held.pop(name, None)
-        throttle = self._throttle(name)
-        throttle.cancel()
-        throttle.ran()
-        self._published_shape[name] = _shape(entry)
+    def _send(self, name: str, entry: dict[str, Any]) -> None:
         if self.status is not None:
             self.status.publish(name, entry)
-
-    def _throttle(self, name: str) -> Throttle:
-        throttle = self._report_soon.get(name)
-        if throttle is None:
-            throttle = self._report_soon[name] = Throttle(
-                self.report_every, lambda: self._release(name)
-            )
-        return throttle
-
-    def _release(self, name: str) -> None:
-        entry = self._held.get(name)
-        if entry is not None:
-            self._publish(name, entry)
-
-    def _forget_published(self, name: str) -> None:
-        self._published_shape.pop(name, None)
-        self._held.pop(name, None)
-        throttle = self._report_soon.pop(name, None)
-        if throttle is not None:
-            throttle.cancel()
 
 
 def _digest_of(value: Any) -> str | None:
@@ -495,13 +439,3 @@ def _digest_of(value: Any) -> str | None:
         return protocol.held_digest(value)
     except (TypeError, ValueError):
         return None
-
-
-def _shape(entry: dict[str, Any]) -> tuple[Any, frozenset[str]]:
-    """What a status entry says beyond its metrics' values: the guards watching the
-    process, and the names it reports. A report that changes it is published at once (a
-    process's first report; a metric it starts reporting, which a guarded ``set`` looks
-    for; a guard's window, which other daemons wait on)."""
-    metrics = entry.get("metrics")
-    latest = metrics.get("latest") if isinstance(metrics, dict) else None
-    return entry.get("guards"), frozenset(latest) if isinstance(latest, dict) else frozenset()

@@ -29,7 +29,7 @@ from .guard_ending import ConfigInForce
 from .guard_passing import Later
 from .guard_processes import ConnectedProcesses
 from .guard_records import ABANDONED
-from .status import refused_here, remote_watching, status_name
+from .status_entries import refused_here, remote_watching, status_name
 
 Settled = Callable[[str, ArmedGuard], None]
 

@@ -19,7 +19,7 @@ from hotknob.config.secrecy import SECRET_MASK, hides
 
 from .guard_lang import escaped, parse_guard
 from .guard_records import ARMED, GuardRecord
-from .status import is_int, is_time, never_applies, unchanged_by, waiting_for_restart
+from .status_entries import is_int, is_time, never_applies, unchanged_by, waiting_for_restart
 from .table import age_text
 
 NAMES_SHOWN = 8

@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .armed_guard import ArmedGuard
-from .guard_lang import MissingValue
+from .guard_eval import MissingValue
 from .guard_records import GuardRecord
 from .reports import Report, encode_value, mean_of
-from .status import status_name
+from .status_entries import status_name
 
 _EVIDENCE_KEPT = 8
 

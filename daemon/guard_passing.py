@@ -26,7 +26,7 @@ from hotknob.config.keys import status_prefix
 from .armed_guard import REMOTE_CHECK_EVERY_S, ArmedGuard
 from .guard_processes import ConnectedProcesses
 from .guard_records import PASSED
-from .status import refused_here, remote_open_windows, remote_unjudged, status_name
+from .status_entries import refused_here, remote_open_windows, remote_unjudged, status_name
 
 _REMOTE_CHECK_MAX_S = 4.0
 """A daemon done with a guard reads the others' status entries (every process of the app)

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .armed_guard import ArmedGuard
-from .status import status_name
+from .status_entries import status_name
 
 _ACKS_KEPT = 64
 

@@ -60,7 +60,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hotknob.config.keys import ROOT, status_prefix
+from hotknob.config.keys import ROOT
 
 from .etcd_store import EtcdStore
 from .etcd_types import ConflictError
@@ -197,30 +197,6 @@ def _names(data: Mapping[str, Any], field_name: str) -> list[str] | None:
     if not isinstance(listed, list):
         raise TypeError(f"{field_name} must be a list of process names")
     return [str(name) for name in listed]
-
-
-# --- the processes' status entries, as a guarded ``set`` reads them ---------------------------
-
-
-def read_status_entries(store: EtcdStore, app: str) -> dict[str, dict[str, Any]]:
-    """The status entries of ``app``'s processes by name (``<node>/<client>``); one that
-    is not a JSON object (written around hotknob) is left out."""
-    kvs, _ = store.read_prefix(status_prefix(app))
-    return status_entries(app, kvs)
-
-
-def status_entries(app: str, kvs: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
-    """``read_status_entries`` of keys and values read (or watched) under the prefix."""
-    prefix = status_prefix(app)
-    entries: dict[str, dict[str, Any]] = {}
-    for key, raw in sorted(kvs.items()):
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            entries[key[len(prefix) :]] = entry
-    return entries
 
 
 # --- reading them back, for ``status`` --------------------------------------------------------

@@ -26,7 +26,8 @@ from hotknob.config.secrecy import hides
 
 from .etcd_store import EtcdStore
 from .guard_display import NAMES_SHOWN, some_names
-from .guard_lang import Guard, escaped, parse_guard
+from .guard_eval import Guard
+from .guard_lang import escaped, parse_guard
 from .guard_records import (
     DEFAULT_PATIENCE,
     KEEP_ENDED,
@@ -34,9 +35,9 @@ from .guard_records import (
     KeyChange,
     guard_key,
     new_guard_id,
-    read_status_entries,
 )
 from .reports import HISTORY, decode_value
+from .status_entries import read_status_entries
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ from .guard_superseding import Superseding
 from .guard_watch import GuardWatch
 from .logs import get_logger
 from .reports import Report
-from .status import status_name
+from .status_entries import status_name
 
 Post = Callable[..., None]
 

@@ -24,7 +24,7 @@ from hotknob.config.secrecy import shown_value
 
 from .context import Context
 from .guard_display import some_names
-from .status import pinned_by
+from .status_entries import pinned_by
 from .table import fmt
 
 

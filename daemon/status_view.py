@@ -15,7 +15,7 @@ from typing import Any, TypeGuard
 from .guard_display import some_names
 from .guard_lang import escaped
 from .reports import metrics_summary
-from .status import agreed_rank, agreed_text, is_int, is_time, waiting_for_restart
+from .status_entries import agreed_rank, agreed_text, is_int, is_time, waiting_for_restart
 from .table import age_text, cut, fmt
 
 ERRORS_CHARS = 100

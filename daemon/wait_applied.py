@@ -36,8 +36,15 @@ from hotknob.config.schema import restart_only_written
 
 from .etcd_store import EtcdStore, WatchItem
 from .guard_display import some_names
-from .guard_records import status_entries
-from .status import agreed_rank, agreed_text, is_int, is_time, refusal, waiting_for_restart
+from .status_entries import (
+    agreed_rank,
+    agreed_text,
+    is_int,
+    is_time,
+    refusal,
+    status_entries,
+    waiting_for_restart,
+)
 
 Entries = Mapping[str, Mapping[str, Any]]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from hotknob.config.errors import InvalidInput
+from hotknob.daemon.guard_eval import MissingValue
 from hotknob.daemon.guard_lang import (
     MAX_DEPTH,
     GuardSyntaxError,
-    MissingValue,
     parse_guard,
     tokenize,
 )

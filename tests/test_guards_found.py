@@ -16,7 +16,7 @@ import pytest
 
 from hotknob.config import InvalidInput
 from hotknob.daemon.guarded_set import baselines_from
-from hotknob.daemon.status import remote_open_windows, remote_watching
+from hotknob.daemon.status_entries import remote_open_windows, remote_watching
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
 from tests.test_guards import (

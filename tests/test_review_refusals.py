@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
-from hotknob.daemon.guard_records import status_entries
+from hotknob.daemon.status_entries import status_entries
 from hotknob.daemon.wait_applied import WatchedEntries, wait_applied
 from tests.daemon_proc import DaemonProcess, hotknob_cmd
 from tests.etcd_server import EtcdServer

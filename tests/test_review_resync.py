@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
-from hotknob.daemon.guard_records import status_entries
+from hotknob.daemon.status_entries import status_entries
 from tests.daemon_proc import DaemonProcess, RawClient
 from tests.etcd_server import EtcdServer, free_port
 from tests.test_etcd_recovery import Relay

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from hotknob.config.schema import SamplingSchema, TrainParams
 from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
-from hotknob.daemon.guard_records import status_entries
+from hotknob.daemon.status_entries import status_entries
 from hotknob.daemon.wait_applied import Entries, WatchedEntries, wait_applied
 from tests.daemon_proc import DaemonProcess, RawClient, hotknob_cmd, run_cli
 from tests.etcd_server import EtcdServer

@@ -121,7 +121,7 @@ def test_a_guard_waits_for_other_nodes_processes_it_has_not_seen_a_window_of() -
     refused the change; one done on its daemon is not waited for."""
     import json
 
-    from hotknob.daemon.status import remote_open_windows
+    from hotknob.daemon.status_entries import remote_open_windows
 
     prefix = "/hotknob/t/status/"
     guard = "g1"
