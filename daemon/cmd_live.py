@@ -23,7 +23,7 @@ from .guard_display import guards_table, shown_record
 from .guard_lang import escaped
 from .guard_records import read_guards
 from .reports import REPORT_STATUS_EVERY_S
-from .status_entries import is_int
+from .status_entries import is_int, status_entries
 from .status_view import TABLE_HEADERS, summary_lines, table_rows
 from .table import dumps, fmt, render
 
@@ -332,25 +332,17 @@ def _clock() -> str:
     return time.strftime("%H:%M:%S", time.localtime())
 
 
-def _status_entries(kvs: Mapping[str, bytes], prefix: str) -> list[dict[str, Any]]:
-    """The status entries read under ``prefix``, each with its ``key`` (the name after the
-    prefix); one that is no JSON object (written around hotknob) is skipped with a warning."""
-    entries = []
-    for key, raw in sorted(kvs.items()):
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            entry = None
-        if not isinstance(entry, dict):  # not what a daemon writes: written around hotknob
-            name = escaped(key[len(prefix) :])  # as the table's cells: it may hold anything
-            print(
-                f"hotknob: warning: skipping status entry {name}: not a JSON object",
-                file=sys.stderr,
-            )
-            continue
-        entry["key"] = key[len(prefix) :]
-        entries.append(entry)
-    return entries
+def _status_entries(kvs: Mapping[str, bytes], app: str) -> list[dict[str, Any]]:
+    """The app's status entries, each with its ``key`` (its name under the prefix); one
+    that is no JSON object (written around hotknob) is skipped with a warning."""
+
+    def warn(name: str) -> None:  # escaped as the table's cells: it may hold anything
+        print(
+            f"hotknob: warning: skipping status entry {escaped(name)}: not a JSON object",
+            file=sys.stderr,
+        )
+
+    return [{**entry, "key": name} for name, entry in status_entries(app, kvs, warn).items()]
 
 
 SAME_LOOKS = 8
@@ -388,7 +380,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with ctx.store() as store:
         kvs, revision = store.read_prefix(prefix)
         guards, guarded_at = read_guards(store, ctx.app)
-        entries = _status_entries(kvs, prefix)
+        entries = _status_entries(kvs, ctx.app)
         if args.summary and entries:  # on the same connection: one per command
             same = same_configuration(store, ctx.app, entries)
     now = time.time()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, TypeGuard
 
 from hotknob.config.keys import status_prefix
@@ -43,17 +43,22 @@ def read_status_entries(store: EtcdStore, app: str) -> dict[str, dict[str, Any]]
     return status_entries(app, kvs)
 
 
-def status_entries(app: str, kvs: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
-    """``read_status_entries`` of keys and values read (or watched) under the prefix."""
+def status_entries(
+    app: str, kvs: Mapping[str, bytes], skipped: Callable[[str], object] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``read_status_entries`` of keys and values read (or watched) under the prefix, in
+    the order of their names; ``skipped`` is told the name of each one left out."""
     prefix = status_prefix(app)
     entries: dict[str, dict[str, Any]] = {}
     for key, raw in sorted(kvs.items()):
         try:
             entry = json.loads(raw)
         except ValueError:
-            continue
+            entry = None
         if isinstance(entry, dict):
             entries[key[len(prefix) :]] = entry
+        elif skipped is not None:
+            skipped(key[len(prefix) :])
     return entries
 
 
