@@ -21,7 +21,8 @@ What is guaranteed:
   then one ``update`` per state the client has not yet been sent.
 - Coalescing: each client has one pending slot and its own writer task. A client
   that reads slowly receives fewer updates, each with ``changed`` computed
-  against what *it* was last sent, and always ends on the newest state; it never
+  against what *it* was last sent (each line encoded once for the clients at one
+  version: ``state_messages``), and always ends on the newest state; it never
   delays other clients. The daemon's memory per client is bounded: the writer
   waits for the transport to drain after each line, a client that takes nothing of it
   for ``drain_timeout`` (one that reads, however slowly, is not stuck) or whose buffer
@@ -61,7 +62,6 @@ from typing import Any
 
 import structlog
 
-from hotknob.config.changes import changed_keys
 from hotknob.model_runtime import protocol
 
 from .client_log import ClientErrors, logged_extra
@@ -74,6 +74,7 @@ from .socket_listen import Listener
 from .socket_path import SocketInUse, SocketPathError
 from .socket_read import READ_SLICE_S as READ_SLICE_S
 from .socket_read import ClientReader, run_callback
+from .state_messages import StateMessages
 
 __all__ = ["ClientInfo", "Published", "SocketInUse", "SocketPathError", "SocketServer"]
 
@@ -117,9 +118,7 @@ class SocketServer:
         """``hello_timeout``: ``DEFAULT_HELLO_TIMEOUT_S`` if None, read when the server is
         made (a test's daemon sets it before). ``restart_only`` and ``secret`` (the keys the
         schema keeps secret), and ``app``, are named in each snapshot."""
-        self._app = app
-        self._restart_only = sorted(restart_only)
-        self._secret = sorted(secret)
+        self._messages = StateMessages(restart_only, secret, app)
         self._current = current
         self._on_disconnect = on_disconnect
         self._allowed_uids = frozenset({os.getuid()}) if allowed_uids is None else allowed_uids
@@ -131,17 +130,11 @@ class SocketServer:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._next_id = 1
         self._last_version: int | None = None
-        self._encoded: dict[int | None, bytes] = {}
-        # The state those lines are of: the object, not its version. A state can be
-        # published again at its version with other ``sources`` and ``revision`` (a write
-        # that moved a key to another layer without changing its value).
-        self._encoded_for: Published | None = None
         self._loop_thread: int | None = None
         # Held while a state is published (and while a new client takes its first one):
         # a client registers either before a publish, which then offers it the state,
         # or after, and gets the state from ``current()``.
         self._publish_lock = threading.Lock()
-        self._encode_lock = threading.Lock()
         self._close_task: asyncio.Task[None] | None = None
         self._client_errors = ClientErrors(self._log)
         self._reader = ClientReader(
@@ -232,7 +225,7 @@ class SocketServer:
         if conn.last_sent is not None and new.version <= conn.last_sent.version:
             return True  # its snapshot already had this state (a push held back by the throttle)
         try:
-            data = self._message_for(conn.last_sent, new)
+            data = self._messages.message_for(conn.last_sent, new)
         except protocol.ProtocolError:
             return False  # the writer reports it and closes the connection
         if on_loop:
@@ -380,7 +373,7 @@ class SocketServer:
                     continue
                 if conn.last_sent is not None and target.version <= conn.last_sent.version:
                     continue
-                data = self._message_for(conn.last_sent, target)
+                data = self._messages.message_for(conn.last_sent, target)
                 # Sent before the wait for the client to take it: its ack may come first.
                 conn.last_sent = target
                 await self._send(conn, data)
@@ -418,34 +411,6 @@ class SocketServer:
                 if now_left < left:  # it reads, however slowly
                     left, took_at = now_left, time.monotonic()
 
-    def _message_for(self, sent: Published | None, target: Published) -> bytes:
-        """The encoded snapshot (``sent`` is None) or update; shared by clients at one version."""
-        key = None if sent is None else sent.version
-        with self._encode_lock:
-            if self._encoded_for is not target:
-                self._encoded = {}
-                self._encoded_for = target
-            data = self._encoded.get(key)
-            if data is None:
-                if sent is None:
-                    message = protocol.snapshot(
-                        target.version,
-                        target.revision,
-                        target.values,
-                        target.sources,
-                        self._restart_only,
-                        self._secret,
-                        self._app,
-                    )
-                else:
-                    changed = changed_keys(sent.flat, target.flat)
-                    message = protocol.update(
-                        target.version, target.revision, changed, target.values
-                    )
-                data = protocol.encode(message)
-                self._encoded[key] = data
-            return data
-
     async def _finish(self, conn: Connection) -> None:
         self._conns.pop(conn.id, None)
         task = conn.writer_task
@@ -479,4 +444,4 @@ class SocketServer:
             if conn.last_sent is not None and target.version <= conn.last_sent.version:
                 return
             with contextlib.suppress(protocol.ProtocolError):
-                conn.write(self._message_for(conn.last_sent, target))
+                conn.write(self._messages.message_for(conn.last_sent, target))
