@@ -19,15 +19,12 @@ the total reaches 1,000 and records it):
 from __future__ import annotations
 
 import json
-import math
 import socket
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from hotknob.config import (
@@ -40,79 +37,36 @@ from hotknob.config import (
     merge_layers,
     read_config_file,
 )
-from hotknob.config.keys import config_prefix, flatten
-from hotknob.config.schema import iter_leaves
 from hotknob.daemon.engine import Engine
-from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from hotknob.daemon.socket_server import Published
-from hotknob.model_runtime import LiveConfig, protocol
-from tests.daemon_proc import DaemonProcess, RawClient
-from tests.etcd_server import EtcdServer
-from tests.fault_episodes import Trainer, thaw, wait_for
+from hotknob.model_runtime import protocol
+from hotknob.model_runtime.received import thaw
+from tests.bad_input_daemon import LiveSetup, assert_error_then_closed, exchange
+from tests.bad_inputs import (
+    APP,
+    FAST,
+    LEAVES,
+    assert_clear,
+    assert_deliverable,
+    change,
+    classic_files,
+    etcd_raw,
+    path_of,
+    protocol_lines,
+    random_files,
+    schema_or_junk_key,
+    text_files,
+    truncated_files,
+)
+from tests.daemon_proc import RawClient
 from tests.figures import record
+from tests.live_trainer import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-APP = "bad"
-PREFIX = config_prefix(APP)
-LEAVES = [leaf.key for leaf in iter_leaves(MLParams)]
 INPUTS: Counter[str] = Counter()
 REJECTED: Counter[str] = Counter()
 ACCEPTED: Counter[str] = Counter()
-FAST = settings(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-# --- strategies ----------------------------------------------------------------------------------
-
-json_junk = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=20,
-)
-classic_values = st.sampled_from(
-    [
-        "NaN", "nan", "Infinity", "-Infinity", "inf", "1e309", "-1e309", "1e-400",
-        "9" * 400, "-" + "9" * 400, "9" * 5000, "", " ", "null", "true", "[]", "{}",
-        '"0.1"', "0x10", "1_000", "0.1.2", "\x00", '{"lr": 0.1}', "[0.1]", "x" * (1 << 20),
-    ]
-)  # fmt: skip
-etcd_text = (
-    classic_values
-    | st.text(max_size=40)
-    | json_junk.map(json.dumps)
-    | st.floats().map(repr)
-    | st.integers(min_value=-(10**30), max_value=10**30).map(str)
-)
-etcd_raw = etcd_text.map(lambda t: t.encode("utf-8", "surrogatepass")) | st.binary(max_size=40)
-schema_or_junk_key = st.sampled_from(LEAVES) | st.sampled_from(
-    ["train.bogus", "bogus.x", "train.lr.deeper", "train", "sampling", "a.b.c.d", "x"]
-)
-
-
-def path_of(key: str) -> str:
-    return PREFIX + key.replace(".", "/")
-
-
-def assert_clear(exc: InvalidChange) -> None:
-    assert exc.problems, "an InvalidChange names its problems"
-    for problem in exc.problems:
-        assert problem.reason and problem.layer in ("etcd", "files", "defaults", ""), problem
-        assert str(problem)
-
-
-def assert_deliverable(values: Any) -> None:
-    """What a client would receive: validates against the schema and encodes as protocol JSON."""
-    MLParams.model_validate(values)
-    protocol.encode(protocol.snapshot(1, 1, values, {}))
-    for value in flatten(values).values():
-        assert not (isinstance(value, float) and not math.isfinite(value)), values
-
 
 # --- pure: etcd values, engine, files, protocol lines ---------------------------------------------
 
@@ -129,18 +83,6 @@ def test_etcd_values_yield_a_valid_state_or_a_clear_error(kvs: dict[str, bytes])
         REJECTED["etcd values (merge)"] += len(kvs)
         return
     assert_deliverable(thaw(snapshot.values))
-
-
-# Valid for every float leaf, so that some changes are accepted and then published.
-plausible_raw = st.floats(0.01, 0.9).map(lambda f: repr(f).encode())
-change = st.tuples(
-    st.dictionaries(
-        st.sampled_from(LEAVES) | schema_or_junk_key,
-        plausible_raw | plausible_raw | etcd_raw,
-        max_size=3,
-    ),
-    st.lists(schema_or_junk_key, max_size=2),
-)
 
 
 @settings(FAST, max_examples=150)
@@ -171,60 +113,6 @@ def test_engine_publishes_only_valid_states_with_rising_versions(
         assert_deliverable(thaw(state.values))
 
 
-def _nest(depth: int) -> str:
-    return '{"a":' * depth + "1" + "}" * depth
-
-
-classic_files = st.sampled_from(
-    [
-        ("yaml", b"a: &a [1,2]\nb: &b [*a,*a,*a,*a]\nc: [*b,*b,*b,*b]\n"),  # an alias bomb
-        ("yaml", b"train:\n  lr: 0.1\n  lr: 0.2\n"),  # duplicate keys
-        ("json", b'{"train": {"lr": 0.1, "lr": 0.2}}'),
-        ("toml", b"[train]\nlr = 0.1\nlr = 0.2\n"),
-        ("json", _nest(100_000).encode()),
-        ("yaml", ("[" * 100_000).encode()),
-        ("yaml", "train:\n  lr: 0.1\n".encode("utf-16")),
-        ("json", '{"train": {"lr": "\xe9"}}'.encode("latin-1")),
-        ("yaml", b"\x00\x01\x02\xff\xfe"),
-        ("json", b'{"train": {"lr": NaN}}'),
-        ("json", b'{"train": {"lr": Infinity}}'),
-        ("yaml", b"train:\n  lr: .nan\n"),
-        ("yaml", b"train:\n  lr: .inf\n"),
-        ("yaml", b"- 1\n- 2\n"),
-        ("toml", b"train = 1\n"),
-        ("yaml", b"!!python/object/apply:os.system ['true']\n"),
-        ("yaml", b""),
-        ("json", b"   \n"),
-    ]
-)
-valid_doc = st.fixed_dictionaries(
-    {
-        "train": st.fixed_dictionaries(
-            {"lr": st.floats(1e-5, 1.0), "warmup_steps": st.integers(0, 9)}
-        )
-    }
-)
-
-
-def _render(kind: str, doc: dict[str, Any]) -> bytes:
-    if kind == "json":
-        return json.dumps(doc).encode()
-    if kind == "toml":
-        train = doc["train"]
-        return f"[train]\nlr = {train['lr']!r}\nwarmup_steps = {train['warmup_steps']}\n".encode()
-    train = doc["train"]
-    return f"train:\n  lr: {train['lr']!r}\n  warmup_steps: {train['warmup_steps']}\n".encode()
-
-
-truncated_files = st.tuples(
-    st.sampled_from(["yaml", "json", "toml"]), valid_doc, st.floats(0, 1)
-).map(lambda t: (t[0], (data := _render(t[0], t[1]))[: int(len(data) * t[2])]))
-random_files = st.tuples(st.sampled_from(["yaml", "json", "toml"]), st.binary(max_size=200))
-text_files = st.tuples(
-    st.sampled_from(["yaml", "json", "toml"]), st.text(max_size=200).map(str.encode)
-)
-
-
 @settings(FAST, max_examples=300)
 @given(classic_files | truncated_files | random_files | text_files)
 def test_config_files_parse_to_a_valid_state_or_a_clear_error(
@@ -251,25 +139,6 @@ def test_config_files_parse_to_a_valid_state_or_a_clear_error(
     assert_deliverable(thaw(snapshot.values))
 
 
-client_message = st.fixed_dictionaries(
-    {"type": st.sampled_from(["hello", "applied", "metrics", "snapshot", "bogus", ""])},
-    optional={
-        "protocol": st.integers(-1, 3) | st.text(max_size=3) | st.none(),
-        "client": st.text(max_size=300) | st.integers(),
-        "pid": st.integers(-5, 10) | st.text(max_size=3),
-        "version": st.integers(-5, 10) | st.floats() | st.booleans(),
-        "step": st.integers(-5, 10) | st.none(),
-        "latest": st.dictionaries(st.text(max_size=5), st.floats(), max_size=2) | st.integers(),
-    },
-)
-protocol_lines = (
-    st.binary(max_size=200)
-    | st.text(max_size=200).map(str.encode)
-    | json_junk.map(lambda v: json.dumps(v).encode())
-    | client_message.map(lambda m: json.dumps(m).encode())
-)
-
-
 @settings(FAST, max_examples=250)
 @given(protocol_lines, st.booleans())
 def test_protocol_lines_are_a_message_or_a_clear_error(line: bytes, said_hello: bool) -> None:
@@ -285,49 +154,6 @@ def test_protocol_lines_are_a_message_or_a_clear_error(line: bytes, said_hello: 
 
 
 # --- a real daemon on a real etcd ----------------------------------------------------------------
-
-
-class LiveSetup:
-    def __init__(self, folder: Path):
-        self.etcd = EtcdServer("bad-input")
-        self.daemon = DaemonProcess(
-            folder, app=APP, endpoints=self.etcd.endpoint, extra=["--etcd-timeout", "2"]
-        )
-        self.store: EtcdStore | None = None
-        self.live: LiveConfig | None = None
-        self.trainer: Trainer | None = None
-        self.watcher: RawClient | None = None
-
-    def start(self) -> LiveSetup:
-        self.etcd.start()
-        self.daemon.start()
-        self.store = EtcdStore(EtcdOptions(endpoints=(self.etcd.endpoint,), timeout=5))
-        self.live = LiveConfig.connect(socket=self.daemon.socket_path, timeout=10, client="t")
-        self.trainer = Trainer(self.live).start()
-        self.watcher = RawClient(self.daemon.socket_path, name="observer")
-        return self
-
-    def close(self) -> None:
-        for closer in (self.trainer and self.trainer.stop, self.live and self.live.close):
-            if closer:
-                closer()
-        if self.watcher is not None:
-            self.watcher.close()
-        if self.store is not None:
-            self.store.close()
-        self.daemon.stop()
-        self.etcd.close()
-
-    def alive(self) -> bool:
-        return self.daemon.proc is not None and self.daemon.proc.poll() is None
-
-    def received(self) -> list[dict[str, Any]]:
-        """Every message the observer has been sent so far (it reads only when asked)."""
-        assert self.watcher is not None
-        out = []
-        while not self.watcher.no_message(0.05):
-            out.append(self.watcher.next())
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -397,33 +223,6 @@ def test_bad_etcd_values_through_a_real_daemon(live_setup: LiveSetup) -> None:
 
 
 # --- the daemon's socket -------------------------------------------------------------------------
-
-
-def exchange(path: Path, data: bytes, *, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Send ``data`` on a fresh connection, read until the daemon closes it; the lines it sent."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)  # EOF: a last line without a newline still counts
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the daemon closed mid-send (an over-long line): its reply is still readable
-        received = b""
-        try:
-            while chunk := sock.recv(1 << 16):
-                received += chunk
-        except ConnectionResetError:
-            pass
-    return [json.loads(line) for line in received.splitlines() if line.strip()]
-
-
-def assert_error_then_closed(replies: list[dict[str, Any]], fragment: str = "") -> None:
-    assert replies and replies[-1]["type"] == "error", replies
-    assert fragment in replies[-1]["error"], replies[-1]
-    for reply in replies[:-1]:
-        assert reply["type"] == "snapshot"
-        assert_deliverable(reply["values"])
 
 
 @settings(FAST, max_examples=120, phases=[Phase.generate])

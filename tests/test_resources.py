@@ -19,8 +19,8 @@ from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from hotknob.model_runtime import LiveConfig
 from tests.daemon_proc import DaemonProcess, RawClient
 from tests.etcd_server import EtcdServer
-from tests.fault_episodes import Trainer, wait_for
 from tests.figures import record
+from tests.live_trainer import Trainer, wait_for
 
 APP = "res"
 KEY = f"/hotknob/{APP}/config/train/warmup_steps"

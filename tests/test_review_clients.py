@@ -13,7 +13,7 @@ from hotknob.daemon.etcd_store import EtcdOptions, EtcdStore
 from hotknob.model_runtime import protocol
 from tests.daemon_proc import DaemonProcess, RawClient
 from tests.etcd_server import EtcdServer
-from tests.fault_episodes import wait_for
+from tests.live_trainer import wait_for
 
 CHUNKS = 16  # of 64 KiB per flooder: a read takes up to 256 KiB, thousands of acks
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hotknob.config.schema import TrainParams
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
-from tests.fault_episodes import wait_for
+from tests.live_trainer import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -44,7 +44,7 @@ from hotknob.daemon.socket_server import Published
 from hotknob.daemon.state import StateStore
 from tests.daemon_proc import DaemonProcess, RawClient, run_cli
 from tests.etcd_server import EtcdServer
-from tests.fault_episodes import wait_for
+from tests.live_trainer import wait_for
 from tests.raising_schema import (
     FactoryRaises,
     FactoryTakesData,
