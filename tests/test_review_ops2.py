@@ -16,6 +16,7 @@ import pytest
 from hotknob.config.secrecy import SECRET_MASK
 from tests.daemon_proc import DaemonProcess, run_cli
 from tests.etcd_server import EtcdServer
+from tests.live_trainer import wait_for
 from tests.test_guards import Watch
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,7 +118,9 @@ def test_watch_json_count_spans_a_restart(etcd: EtcdServer, tmp_path: Path) -> N
     with DaemonProcess(tmp_path, app=APP, endpoints=etcd.endpoint) as daemon:
         watch = Watch(daemon, "--json", "--count", "2")
         try:
-            time.sleep(1.0)  # the JSON form prints nothing until an event: let it connect
+            # The JSON form prints nothing until an event: the put waits until the daemon
+            # has the watch as a client (a fixed second was too short on a loaded machine).
+            wait_for("the watch to connect", lambda: daemon.events("client_connected"), 30)
             etcd.etcdctl("put", P + "train/lr", "0.25")
             first = json.loads(watch.next())
             assert first["type"] == "event" and first["changed"] == {"train.lr": 0.25}
