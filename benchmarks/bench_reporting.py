@@ -68,7 +68,7 @@ def reporter_ns(number: int, repeat: int) -> tuple[float, float, float]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    number = 200_000 if quick else 1_000_000
+    number = 50_000 if quick else 1_000_000
     live = live_report_ns(number, repeat=5)
     one, four, take = reporter_ns(number, repeat=5)
     return {
