@@ -271,35 +271,48 @@ class EtcdCluster:
 
     def __init__(self, size: int = 3) -> None:
         self._root = Path(tempfile.mkdtemp(prefix="hotknob-etcd-cluster-"))
-        ports = [(free_port(), free_port()) for _ in range(size)]
-        initial = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
         self.members = [
-            EtcdServer(
-                f"m{i}",
-                data_dir=self._root / f"m{i}",
-                client_port=client,
-                peer_port=peer,
-                initial_cluster=initial,
-            )
-            for i, (client, peer) in enumerate(ports)
+            EtcdServer(f"m{i}", data_dir=self._root / f"m{i}")  # ports: _new_ports
+            for i in range(size)
         ]
+        self._new_ports()
         for member in self.members:
             member.data_dir.mkdir(parents=True)
+
+    def _new_ports(self) -> None:
+        """Fresh client and peer ports for every member, and the initial cluster they name."""
+        for member in self.members:
+            member.client_port, member.peer_port = free_port(), free_port()
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member._initial_cluster = initial
 
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
     def start(self, timeout: float = 20.0) -> EtcdCluster:
-        for member in self.members:
-            member.launch()
-        try:
+        """Start every member and wait until each is healthy. A first start that fails
+        (most often another process took a port between ``free_port()`` and etcd's bind,
+        as with one server) is tried again from empty data dirs on new ports."""
+        for attempt in range(_START_ATTEMPTS):
             for member in self.members:
-                member.wait_healthy(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+                member.launch()
+            try:
+                for member in self.members:
+                    member.wait_healthy(timeout)
+                return self
+            except RuntimeError:
+                self.stop()
+                if attempt == _START_ATTEMPTS - 1:
+                    raise
+                for member in self.members:
+                    shutil.rmtree(member.data_dir / "data", ignore_errors=True)
+                self._new_ports()
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def leader(self) -> EtcdServer:
         """The member that reports itself as leader (``etcdctl endpoint status``)."""
