@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.cli_forks import server_pids
+
 pytest_plugins = ["tests.fixtures_etcd"]
 
 # Threads owned by libraries for the life of the process, not by a test.
@@ -22,14 +24,19 @@ _PROCESS_LIFETIME_THREADS = (
 )
 
 
-def _child_pids() -> set[int]:
-    me = os.getpid()
-    children: set[int] = set()
+def _children(pid: int) -> set[int]:
     try:
-        with open(f"/proc/{me}/task/{me}/children") as f:
-            children.update(int(p) for p in f.read().split())
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(p) for p in f.read().split()}
     except OSError:
-        pass
+        return set()
+
+
+def _child_pids() -> set[int]:
+    """This process's live children, and those of the server that forks the suite's
+    ``hotknob`` commands and daemons (``tests/cli_forks.py``), not the server itself."""
+    servers = server_pids()
+    children = _children(os.getpid()).union(*(_children(pid) for pid in servers)) - servers
     live = set()
     for pid in children:
         try:

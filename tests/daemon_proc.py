@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hotknob.model_runtime import protocol
+from tests import cli_forks
 
 
 def hotknob_cmd(*args: str) -> list[str]:
@@ -22,11 +23,21 @@ def hotknob_cmd(*args: str) -> list[str]:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, drop: str = ""
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    drop: str = "",
+    fresh: bool = False,
 ) -> Any:
     """Run the CLI to completion; returns the CompletedProcess (text). ``drop``: the
-    caller's variables whose names start with it are left out (``HOTKNOB_``)."""
+    caller's variables whose names start with it are left out (``HOTKNOB_``).
+
+    The command runs in a fork of a process that has imported the CLI already
+    (``tests/cli_forks.py``); ``fresh``: in a new interpreter, ``python -m
+    hotknob.daemon.cli``, for a test of what happens before ``main``."""
     base = {k: v for k, v in os.environ.items() if not (drop and k.startswith(drop))}
+    if not fresh and cli_forks.usable():
+        return cli_forks.run_forked(args, {**base, **(env or {})}, timeout)
     return subprocess.run(
         hotknob_cmd(*args),
         capture_output=True,
@@ -50,11 +61,16 @@ class DaemonProcess:
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
         before_main: str = "",
+        fresh: bool = False,
     ):
-        """``before_main``: Python run in the daemon's process before the CLI's ``main``
-        (a test that sets one of the daemon's constants)."""
+        """The daemon runs in a fork of a process that has imported the CLI already
+        (``tests/cli_forks.py``); ``fresh``: in a new interpreter, ``python -m
+        hotknob.daemon.cli``, as does one with ``before_main``: Python run before the
+        CLI's modules are imported and its ``main`` runs (a test that sets one of the
+        daemon's constants)."""
         self.workdir = workdir
         self.before_main = before_main
+        self.fresh = fresh or bool(before_main)
         self.app = app
         self.socket_path = workdir / "sock" / f"{app}.sock"
         self.state_dir = workdir / "state"
@@ -69,22 +85,16 @@ class DaemonProcess:
         self.env = {**os.environ, **(env or {})}
         if not endpoints:
             self.env.pop("HOTKNOB_ETCD_ENDPOINTS", None)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | cli_forks.ForkedProcess | None = None
         self._log_start = 0
 
     def start(self, timeout: float = 20.0) -> DaemonProcess:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        command = hotknob_cmd(*self.args)
-        if self.before_main:
-            main = "import sys\nfrom hotknob.daemon.cli import main\nsys.exit(main())"
-            code = f"{self.before_main}\n{main}"
-            command = [sys.executable, "-c", code, *self.args]
-        self.proc = subprocess.Popen(
-            command, stdout=log, stderr=log, env=self.env, stdin=subprocess.DEVNULL
-        )
-        log.close()
+        if self.fresh or not cli_forks.usable():
+            self.proc = self._popen()
+        else:
+            self.proc = cli_forks.start_forked(self.args, self.env, self.log_path, self.log_path)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -94,6 +104,16 @@ class DaemonProcess:
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"daemon not ready in {timeout} s:\n{self.log()}")
+
+    def _popen(self) -> subprocess.Popen[bytes]:
+        command = hotknob_cmd(*self.args)
+        if self.before_main:
+            main = "import sys\nfrom hotknob.daemon.cli import main\nsys.exit(main())"
+            command = [sys.executable, "-c", f"{self.before_main}\n{main}", *self.args]
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(
+                command, stdout=log, stderr=log, env=self.env, stdin=subprocess.DEVNULL
+            )
 
     def log(self, *, since_start: bool = False) -> str:
         """The daemon's log; with ``since_start``, only what this run wrote."""

@@ -4,7 +4,6 @@ comes back (the history it missed was compacted), and the guard stands down then
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -23,8 +22,8 @@ def _stopped(daemon: DaemonProcess) -> None:
     would see its watch break and come back before the write, not past a compaction."""
     assert daemon.proc is not None
     daemon.signal(signal.SIGSTOP)
-    _, status = os.waitpid(daemon.proc.pid, os.WUNTRACED)
-    assert os.WIFSTOPPED(status), status
+    stat = Path(f"/proc/{daemon.proc.pid}/stat")
+    wait_for("the daemon to stop", lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T")
 
 
 def test_a_guarded_key_written_while_the_daemon_was_stopped_ends_the_guard_after_its_full_read(
